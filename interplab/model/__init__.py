@@ -1,0 +1,6 @@
+"""The model: configuration, the hooked `Transformer`, loading, weight processing and generation."""
+
+from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
+from interplab.model.transformer import KVCache, Transformer
+
+__all__ = ["Activation", "KVCache", "ModelConfig", "Norm", "Positional", "RotaryStyle", "Transformer"]

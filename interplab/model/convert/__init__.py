@@ -1,0 +1,131 @@
+"""Converters from Hugging Face checkpoints: one module per family, registered by ``model_type``.
+
+A converter is a pair of pure functions:
+- ``config(hf: dict) -> ModelConfig`` reads the HF ``config.json``;
+- ``weights(ckpt: HFCheckpoint, cfg) -> Iterator[tuple[str, Tensor]]`` yields interplab weights (TransformerLens
+  names and shapes) one at a time, so loading never holds two copies of the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from interplab.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Converter:
+    model_types: tuple[str, ...]
+    config: Callable[[dict], ModelConfig]
+    weights: Callable[["HFCheckpoint", ModelConfig], Iterator[tuple[str, torch.Tensor]]]
+
+
+_REGISTRY: dict[str, Converter] = {}
+# families shipped with interplab: model_type -> module (imported on first use)
+_BUILTIN = {
+    "gpt2": "gpt2",
+    "gpt_neox": "neox",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gemma2": "gemma2",
+}
+
+
+def register(converter: Converter) -> Converter:
+    """Register a converter; a model_type may be claimed once."""
+    for t in converter.model_types:
+        if t in _REGISTRY and _REGISTRY[t] is not converter:
+            raise ValueError(f"a converter for model_type {t!r} is already registered")
+        _REGISTRY[t] = converter
+    return converter
+
+
+def supported_model_types() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_REGISTRY))
+
+
+def get_converter(model_type: str) -> Converter:
+    if model_type not in _REGISTRY and model_type in _BUILTIN:
+        importlib.import_module(f"interplab.model.convert.{_BUILTIN[model_type]}")
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[model_type]
+
+
+class HFCheckpoint:
+    """Lazy access to the tensors of a Hugging Face model folder: safetensors or pytorch .bin, sharded or not."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._where: dict[str, Path] = {}
+        self._bin_cache: tuple[Path, dict] | None = None
+        index = next((self.path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                      if (self.path / n).is_file()), None)
+        if index is not None:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._where = {k: self.path / v for k, v in weight_map.items()}
+        else:
+            single = next((self.path / n for n in ("model.safetensors", "pytorch_model.bin")
+                           if (self.path / n).is_file()), None)
+            if single is None:
+                raise FileNotFoundError(
+                    f"{self.path} has no model.safetensors, pytorch_model.bin or a sharded index of them"
+                )
+            for k in self._keys_of(single):
+                self._where[k] = single
+
+    def _keys_of(self, file: Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        return list(self._load_bin(file))
+
+    def _load_bin(self, file: Path) -> dict:
+        if self._bin_cache is None or self._bin_cache[0] != file:
+            self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        return self._bin_cache[1]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self._where.get(key)
+        if file is None:
+            raise KeyError(f"missing weight {key!r} in {self.path}")
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key)
+        return self._load_bin(file)[key]
+
+    def find_prefix(self, *candidates: str) -> str:
+        """The first prefix (e.g. ``"transformer."`` or ``""``) under which the checkpoint's keys live."""
+        for c in candidates:
+            if any(k.startswith(c) for k in self._where):
+                return c
+        raise KeyError(f"none of the prefixes {candidates} matches the weights in {self.path}")
+
+
+def split_heads_in(w: torch.Tensor, n: int) -> torch.Tensor:
+    """[n*d_head, d_model] (a torch Linear weight) -> [n, d_model, d_head]."""
+    return w.reshape(n, -1, w.shape[-1]).permute(0, 2, 1).contiguous()
+
+
+def split_heads_out(w: torch.Tensor, n: int) -> torch.Tensor:
+    """[d_model, n*d_head] (a torch Linear weight of the output projection) -> [n, d_head, d_model]."""
+    return w.T.reshape(n, -1, w.shape[0]).contiguous()

@@ -1,0 +1,326 @@
+"""The pieces of a transformer block: norms, rotary embeddings, attention and MLP, with hook points.
+
+Shapes use one vocabulary: batch pos d_model n_heads n_kv_heads d_head d_mlp. Per-head tensors
+(scores, pattern, per-head results, split inputs) are built only when a hook asks for them; otherwise
+attention runs through ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from interplab.hooks.points import HookPoint
+from interplab.hooks.site import Site, SiteKind
+from interplab.model.config import Activation, ModelConfig, Norm, RotaryStyle
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def _hp(kind: SiteKind, layer: int | None) -> HookPoint:
+    return HookPoint(Site(kind, layer))
+
+
+# ---------------------------------------------------------------------------------------------------
+class Normalization(nn.Module):
+    """LayerNorm or RMSNorm with ``hook_scale`` [batch pos 1] and ``hook_normalized`` (the output)."""
+
+    def __init__(self, cfg: ModelConfig, scale: HookPoint | None, normalized: HookPoint | None) -> None:
+        super().__init__()
+        self.kind = cfg.normalization
+        self.eps = cfg.norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        if self.kind is Norm.LAYERNORM:
+            self.b = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_scale = scale
+        self.hook_normalized = normalized
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        hooked = (self.hook_scale is not None and self.hook_scale.active) or (
+            self.hook_normalized is not None and self.hook_normalized.active
+        )
+        if not hooked:
+            if self.kind is Norm.LAYERNORM:
+                return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+            return _rms_norm(x, self.w, self.eps)
+        dtype = x.dtype
+        x = x.float()
+        if self.kind is Norm.LAYERNORM:
+            x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if self.hook_scale is not None:
+            scale = self.hook_scale(scale)
+        out = (x / scale).to(dtype) * self.w
+        if self.kind is Norm.LAYERNORM:
+            out = out + self.b
+        return self.hook_normalized(out) if self.hook_normalized is not None else out
+
+
+def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(dtype) * w
+
+
+def make_norm(cfg: ModelConfig, scale: HookPoint | None = None, normalized: HookPoint | None = None) -> nn.Module:
+    if cfg.normalization is Norm.NONE:
+        return _NoNorm(normalized)
+    return Normalization(cfg, scale, normalized)
+
+
+class _NoNorm(nn.Module):
+    def __init__(self, normalized: HookPoint | None) -> None:
+        super().__init__()
+        self.hook_normalized = normalized
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_normalized(x) if self.hook_normalized is not None else x
+
+
+# ---------------------------------------------------------------------------------------------------
+def rotary_tables(
+    cfg: ModelConfig, positions: Int[Tensor, "batch pos"], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [batch pos 1 rotary_dim] for the given absolute positions."""
+    dim = cfg.rotary_dim
+    assert dim is not None
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # batch pos dim/2
+    if cfg.rotary_style is RotaryStyle.NEOX:
+        angles = torch.cat([angles, angles], dim=-1)
+    else:
+        angles = angles.repeat_interleave(2, dim=-1)
+    return angles.cos()[:, :, None, :].to(dtype), angles.sin()[:, :, None, :].to(dtype)
+
+
+def apply_rotary(
+    x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor, style: RotaryStyle
+) -> Float[Tensor, "batch pos head d_head"]:
+    dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    if style is RotaryStyle.NEOX:
+        half = dim // 2
+        rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    else:
+        pairs = x_rot.unflatten(-1, (dim // 2, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    out = x_rot * cos + rotated * sin
+    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class AttnContext:
+    """What every layer's attention needs to know about the batch: key validity and positions."""
+
+    positions: Int[Tensor, "batch pos"]
+    key_valid: Bool[Tensor, "batch key_pos"] | None  # None: every key is a real token
+    rotary: tuple[Tensor, Tensor] | None = None
+    past_len: int = 0
+
+    def mask(self, q_len: int, window: int | None, causal: bool) -> Bool[Tensor, "batch 1 q k"] | None:
+        """Boolean mask (True = may attend), or None when plain causal attention needs none."""
+        k_len = self.past_len + q_len
+        if self.key_valid is None and window is None and (not causal or self.past_len == 0):
+            return None
+        device = self.positions.device
+        q_idx = torch.arange(self.past_len, k_len, device=device)[:, None]
+        k_idx = torch.arange(k_len, device=device)[None, :]
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        if causal:
+            allowed = k_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (q_idx - k_idx < window)
+        allowed = allowed[None, None]
+        if self.key_valid is not None:
+            allowed = allowed & self.key_valid[:, None, None, :]
+            # a padding query would see no key at all: let it see itself so no row is empty
+            allowed = allowed | (q_idx == k_idx)[None, None]
+        return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        h, kv, d, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
+        assert kv is not None and dh is not None
+        self.W_Q = nn.Parameter(torch.empty(h, d, dh))
+        self.W_K = nn.Parameter(torch.empty(kv, d, dh))
+        self.W_V = nn.Parameter(torch.empty(kv, d, dh))
+        self.W_O = nn.Parameter(torch.empty(h, dh, d))
+        self.b_Q = nn.Parameter(torch.zeros(h, dh), requires_grad=cfg.attn_bias)
+        self.b_K = nn.Parameter(torch.zeros(kv, dh), requires_grad=cfg.attn_bias)
+        self.b_V = nn.Parameter(torch.zeros(kv, dh), requires_grad=cfg.attn_bias)
+        self.b_O = nn.Parameter(torch.zeros(d), requires_grad=cfg.attn_bias)
+        if cfg.smear_keys:
+            self.smear = nn.Parameter(torch.zeros(kv))
+        for kind in (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.ROT_Q, SiteKind.ROT_K, SiteKind.ATTN_SCORES,
+                     SiteKind.PATTERN, SiteKind.Z, SiteKind.RESULT):
+            setattr(self, "hook_" + kind.value.split(".hook_")[1], _hp(kind, layer))
+        self._fused: tuple[tuple, Tensor, Tensor] | None = None
+
+    # fused QKV weights, cached while the weights are unchanged and no gradient is needed
+    def _qkv_weight(self) -> tuple[Tensor, Tensor]:
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if not need_grad and self._fused is not None and self._fused[0] == key:
+            return self._fused[1], self._fused[2]
+        d = self.cfg.d_model
+        w = torch.cat([t.permute(1, 0, 2).reshape(d, -1) for t in params[:3]], dim=1)
+        b = torch.cat([t.reshape(-1) for t in params[3:]])
+        if not need_grad:
+            self._fused = (key, w, b)
+        return w, b
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"] | None,
+        ctx: AttnContext,
+        split: tuple[Tensor, Tensor, Tensor] | None = None,
+        cache: LayerKV | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``x`` is the normalised residual stream, or ``split`` holds per-head normalised inputs
+        ([batch pos n_heads d_model] for Q, [batch pos n_kv_heads d_model] for K and V)."""
+        cfg = self.cfg
+        h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        if split is None:
+            assert x is not None
+            w, b = self._qkv_weight()
+            qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:2], h + 2 * kv, dh)
+            q, k, v = qkv.split([h, kv, kv], dim=2)
+        else:
+            q = torch.einsum("bphd,hde->bphe", split[0], self.W_Q) + self.b_Q
+            k = torch.einsum("bphd,hde->bphe", split[1], self.W_K) + self.b_K
+            v = torch.einsum("bphd,hde->bphe", split[2], self.W_V) + self.b_V
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cfg.smear_keys:
+            k = self._smear(k, cache)
+        if ctx.rotary is not None:
+            cos, sin = ctx.rotary
+            q = self.hook_rot_q(apply_rotary(q, cos, sin, cfg.rotary_style))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin, cfg.rotary_style))
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        mask = ctx.mask(q.shape[1], cfg.window_for(self.layer), cfg.causal)
+        explicit = self.hook_attn_scores.active or self.hook_pattern.active or cfg.attn_softcap is not None
+        z = self._explicit(q, k, v, mask, ctx) if explicit else self._sdpa(q, k, v, mask, ctx)
+        z = self.hook_z(z)
+        if self.hook_result.active:
+            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
+            return result.sum(dim=2) + self.b_O
+        return torch.addmm(self.b_O, z.reshape(-1, h * dh), self.W_O.reshape(h * dh, -1)).view(
+            *z.shape[:2], -1
+        )
+
+    def _smear(self, k: Tensor, cache: LayerKV | None) -> Tensor:
+        gate = torch.sigmoid(self.smear)[:, None]  # n_kv_heads 1
+        prev = cache.last_raw_k if cache is not None and cache.last_raw_k is not None else torch.zeros_like(k[:, :1])
+        if cache is not None:
+            cache.last_raw_k = k[:, -1:].detach()
+        shifted = torch.cat([prev, k[:, :-1]], dim=1)
+        return gate * k + (1 - gate) * shifted
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext) -> Tensor:
+        g = self.cfg.n_groups
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        kw = {}
+        if g > 1:
+            if _SDPA_GQA:
+                kw["enable_gqa"] = True
+            else:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        is_causal = mask is None and self.cfg.causal and q.shape[2] > 1
+        z = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / self.cfg.attn_scale, **kw
+        )
+        return z.transpose(1, 2)
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext) -> Tensor:
+        cfg = self.cfg
+        g = cfg.n_groups
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / cfg.attn_scale
+        if cfg.attn_softcap is not None:
+            scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
+        if mask is None and cfg.causal:
+            q_len, k_len = scores.shape[-2:]
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+
+
+@dataclass
+class LayerKV:
+    """Keys and values of earlier positions for one layer (generation)."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    last_raw_k: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+
+# ---------------------------------------------------------------------------------------------------
+_ACTIVATIONS = {
+    Activation.GELU: F.gelu,
+    Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"),
+    Activation.RELU: F.relu,
+    Activation.SILU: F.silu,
+    Activation.GELU_QUICK: lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+class MLP(nn.Module):
+    """``act(x W_in + b_in) W_out + b_out``, or gated: ``(act(x W_gate) * (x W_in + b_in)) W_out + b_out``."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        d, m = cfg.d_model, cfg.d_mlp
+        assert m is not None
+        self.gated = cfg.gated_mlp
+        self.act = _ACTIVATIONS[cfg.act_fn]
+        self.W_in = nn.Parameter(torch.empty(d, m))
+        self.b_in = nn.Parameter(torch.zeros(m), requires_grad=cfg.mlp_bias)
+        if self.gated:
+            self.W_gate = nn.Parameter(torch.empty(d, m))
+        self.W_out = nn.Parameter(torch.empty(m, d))
+        self.b_out = nn.Parameter(torch.zeros(d), requires_grad=cfg.mlp_bias)
+        self.hook_pre = _hp(SiteKind.MLP_PRE, layer)
+        self.hook_pre_linear = _hp(SiteKind.MLP_PRE_LINEAR, layer)
+        self.hook_post = _hp(SiteKind.MLP_POST, layer)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.gated:
+            pre = self.hook_pre((flat @ self.W_gate).view(*x.shape[:-1], -1))
+            linear = self.hook_pre_linear(torch.addmm(self.b_in, flat, self.W_in).view(*x.shape[:-1], -1))
+            post = self.hook_post(self.act(pre) * linear)
+        else:
+            pre = self.hook_pre(torch.addmm(self.b_in, flat, self.W_in).view(*x.shape[:-1], -1))
+            post = self.hook_post(self.act(pre))
+        return torch.addmm(self.b_out, post.reshape(-1, post.shape[-1]), self.W_out).view(*x.shape[:-1], -1)
+
+
+def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
+    """GPT-2 style: normal(0, init_range); output projections scaled by 1/sqrt(2 n_layers)."""
+    out_std = cfg.init_range / math.sqrt(2 * cfg.n_layers)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.startswith("W_"):
+            nn.init.normal_(p, std=out_std if leaf in ("W_O", "W_out") else cfg.init_range)

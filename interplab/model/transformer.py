@@ -1,0 +1,411 @@
+"""`Transformer`: one readable implementation of decoder-only (and bidirectional) transformers with a
+hook point on every activation, named as in TransformerLens.
+
+>>> from interplab.model import ModelConfig, Transformer
+>>> model = Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, d_vocab=100, n_ctx=32))
+>>> logits, cache = model.run_with_cache(torch.randint(0, 100, (2, 8)), names=["blocks.1.hook_resid_post"])
+>>> cache["resid_post", 1].shape
+torch.Size([2, 8, 64])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from interplab.hooks.cache import ActivationCache
+from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
+from interplab.hooks.site import Site, SiteKind
+from interplab.model.config import ModelConfig, Positional
+from interplab.model.layers import MLP, Attention, AttnContext, LayerKV, _hp, init_weights, make_norm, rotary_tables
+
+if TYPE_CHECKING:
+    from interplab.data.tokenizer import Tokenizer
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+
+
+class Unembed(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not cfg.tie_embeddings:
+            self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out), requires_grad=cfg.unembed_bias)
+
+
+class Block(nn.Module):
+    """``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``
+    (parallel blocks: both read ``resid_pre``)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.ln1 = make_norm(cfg, _hp(SiteKind.LN1_SCALE, layer), _hp(SiteKind.LN1_NORMALIZED, layer))
+        self.attn = Attention(cfg, layer)
+        if cfg.post_norms:
+            self.ln1_post = make_norm(cfg)
+        if cfg.has_mlp:
+            self.ln2 = make_norm(cfg, _hp(SiteKind.LN2_SCALE, layer), _hp(SiteKind.LN2_NORMALIZED, layer))
+            self.mlp = MLP(cfg, layer)
+            if cfg.post_norms:
+                self.ln2_post = make_norm(cfg)
+            self.hook_mlp_in = _hp(SiteKind.MLP_IN, layer)
+            self.hook_mlp_out = _hp(SiteKind.MLP_OUT, layer)
+        for kind in (SiteKind.RESID_PRE, SiteKind.Q_INPUT, SiteKind.K_INPUT, SiteKind.V_INPUT,
+                     SiteKind.ATTN_OUT, SiteKind.RESID_POST):
+            setattr(self, kind.value, _hp(kind, layer))
+        if cfg.has_mlp and not cfg.parallel_attn_mlp:
+            self.hook_resid_mid = _hp(SiteKind.RESID_MID, layer)
+
+    def hook_points(self) -> list[HookPoint]:
+        return [v for m in self.modules() for v in vars(m).values() if isinstance(v, HookPoint)]
+
+    def forward(
+        self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext, cache: LayerKV | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        resid = self.hook_resid_pre(resid)
+        if self.hook_q_input.active or self.hook_k_input.active or self.hook_v_input.active:
+            split = self._split_inputs(resid)
+            if self.ln1.hook_normalized.active or getattr(self.ln1, "hook_scale", None) and self.ln1.hook_scale.active:
+                # observed for caches; on this path Q/K/V read their own per-head normalised copies,
+                # so a replacement made at ln1 is not used (patch hook_q_input etc. instead)
+                self.ln1(resid)
+            attn_out = self.attn(None, ctx, split=split, cache=cache)
+        else:
+            attn_out = self.attn(self.ln1(resid), ctx, cache=cache)
+        if self.cfg.post_norms:
+            attn_out = self.ln1_post(attn_out)
+        attn_out = self.hook_attn_out(attn_out)
+        if not self.cfg.has_mlp:
+            return self.hook_resid_post(resid + attn_out)
+        if self.cfg.parallel_attn_mlp:
+            mlp_out = self._mlp(resid)
+            return self.hook_resid_post(resid + attn_out + mlp_out)
+        resid_mid = self.hook_resid_mid(resid + attn_out)
+        return self.hook_resid_post(resid_mid + self._mlp(resid_mid))
+
+    def _mlp(self, resid: Tensor) -> Tensor:
+        if self.hook_mlp_in.active:
+            resid = self.hook_mlp_in(resid.clone())
+        out = self.mlp(self.ln2(resid))
+        if self.cfg.post_norms:
+            out = self.ln2_post(out)
+        return self.hook_mlp_out(out)
+
+    def _split_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head copies of the residual stream feeding Q, K and V, each normalised separately
+        (ln1's own hooks do not fire on this path)."""
+        b, p, d = resid.shape
+        norm = _unhooked(self.ln1)
+        out = []
+        for point, n in ((self.hook_q_input, self.cfg.n_heads), (self.hook_k_input, self.cfg.n_kv_heads),
+                         (self.hook_v_input, self.cfg.n_kv_heads)):
+            copies = resid[:, :, None, :].expand(b, p, n, d).clone()
+            out.append(norm(point(copies)))
+        return out[0], out[1], out[2]
+
+
+def _unhooked(norm: nn.Module) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        saved = getattr(norm, "hook_scale", None), norm.hook_normalized
+        try:
+            if hasattr(norm, "hook_scale"):
+                norm.hook_scale = None
+            norm.hook_normalized = None
+            return norm(x)
+        finally:
+            if hasattr(norm, "hook_scale"):
+                norm.hook_scale = saved[0]
+            norm.hook_normalized = saved[1]
+
+    return run
+
+
+class Transformer(nn.Module):
+    """A transformer whose every activation is a hook point (see `interplab.hooks.SiteKind`)."""
+
+    def __init__(self, cfg: ModelConfig, *, init: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.hook_embed = _hp(SiteKind.EMBED, None)
+        if cfg.positional is Positional.LEARNED:
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = _hp(SiteKind.POS_EMBED, None)
+        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.n_layers)])
+        self.ln_final = make_norm(cfg, _hp(SiteKind.LN_FINAL_SCALE, None), _hp(SiteKind.LN_FINAL_NORMALIZED, None))
+        self.unembed = Unembed(cfg)
+        points = [p for p in vars(self).values() if isinstance(p, HookPoint)]
+        points += [p for m in self.ln_final.modules() for p in vars(m).values() if isinstance(p, HookPoint)]
+        for block in self.blocks:
+            points += block.hook_points()
+        self.hook_registry = HookRegistry(points, describe=self._describe_missing)
+        self.tokenizer: Tokenizer | None = None
+        if init:
+            init_weights(self, cfg)
+        self.eval()
+
+    # ---- the forward pass, in pieces ----------------------------------------------------------
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        *,
+        attention_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab_out"]:
+        """Logits for ``tokens``. ``attention_mask`` [batch pos] marks real tokens (1) and padding (0):
+        padding keys are never attended to and positions count real tokens only, so a left- or
+        right-padded batch gives each prompt's own logits at its real positions.
+        ``stop_at_layer=L`` returns the residual stream entering block L instead of logits."""
+        tokens = self._check_tokens(tokens, kv_cache)
+        ctx = self.context(tokens, attention_mask, kv_cache)
+        resid = self.embed_tokens(tokens, ctx)
+        resid = self.run_blocks(resid, ctx, stop=stop_at_layer, kv_cache=kv_cache)
+        if stop_at_layer is not None:
+            return resid
+        return self.unembed_resid(resid)
+
+    def context(
+        self, tokens: Tensor, attention_mask: Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> AttnContext:
+        """Positions, key validity and rotary tables for a batch (shared by every layer)."""
+        b, p = tokens.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is not None:
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}"
+                )
+            attention_mask = attention_mask.to(device=tokens.device, dtype=torch.bool)
+        if kv_cache is not None:
+            full = kv_cache.extend_mask(attention_mask, b, p, tokens.device)
+        else:
+            full = attention_mask
+        if full is not None and not bool(full.all()):
+            positions = (full.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            key_valid = full
+        else:
+            positions = torch.arange(past, past + p, device=tokens.device).expand(b, p)
+            key_valid = None
+        ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
+        if self.cfg.positional is Positional.ROTARY:
+            ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
+        return ctx
+
+    def embed_tokens(self, tokens: Int[Tensor, "batch pos"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
+        resid = self.embed.W_E[tokens]
+        if self.cfg.embed_scale is not None:
+            resid = resid * self.cfg.embed_scale
+        resid = self.hook_embed(resid)
+        if self.cfg.positional is Positional.LEARNED:
+            resid = resid + self.hook_pos_embed(self.pos_embed.W_pos[ctx.positions])
+        return resid
+
+    def run_blocks(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        ctx: AttnContext,
+        start: int = 0,
+        stop: int | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Run blocks ``start`` .. ``stop - 1`` on a residual stream."""
+        for layer in range(start, self.cfg.n_layers if stop is None else stop):
+            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
+        return resid
+
+    def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
+        x = self.ln_final(resid)
+        logits = x @ self.W_U + self.unembed.b_U
+        if self.cfg.logit_softcap is not None:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab_out"]:
+        return self.embed.W_E.T if self.cfg.tie_embeddings else self.unembed.W_U
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    @property
+    def hook_points(self) -> dict[str, HookPoint]:
+        return self.hook_registry.points
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.hook_registry.points)
+
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+    ) -> contextlib.AbstractContextManager[None]:
+        """``with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", fn)]): ...``; hooks are removed on exit,
+        also when the block raises."""
+        return self.hook_registry.scoped(fwd_hooks, bwd_hooks)
+
+    def run_with_hooks(
+        self,
+        tokens: Tensor,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        **kwargs: Any,
+    ) -> Tensor:
+        """Forward with hooks attached for this call only (follows the ambient grad mode)."""
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(tokens, **kwargs)
+
+    def run_with_cache(
+        self,
+        tokens: Tensor,
+        names: HookTarget | Sequence[HookTarget] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        grad: bool = False,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        **kwargs: Any,
+    ) -> tuple[Tensor, ActivationCache]:
+        """Logits and an `ActivationCache` of the named hook points (all of them if ``names`` is None).
+
+        Runs under ``torch.no_grad()`` unless ``grad=True``. ``fwd_hooks`` run before caching, so the
+        cache holds the (possibly patched) values the model used."""
+        if names is None:
+            targets: list[HookTarget] = [lambda _name: True]
+        elif isinstance(names, (str, Site, tuple)) or callable(names):
+            targets = [names]  # type: ignore[list-item]
+        else:
+            targets = list(names)
+        store: dict[str, Tensor] = {}
+
+        def save(act: Tensor, site: Site) -> None:
+            store[site.name] = act if grad else act.detach()
+            if device is not None:
+                store[site.name] = store[site.name].to(device)
+
+        hooks = list(fwd_hooks) + [(t, save) for t in targets]
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self.hooks(hooks):
+            logits = self(tokens, **kwargs)
+        return logits, ActivationCache(store, self)
+
+    def _describe_missing(self, name: str) -> str:
+        try:
+            site = Site.parse(name)
+        except ValueError:
+            return ""
+        if site.layer is not None and site.layer >= self.cfg.n_layers:
+            return f"unknown hook point {name!r}: the model has {self.cfg.n_layers} layers (0..{self.cfg.n_layers - 1})"
+        reasons = {
+            SiteKind.RESID_MID: "parallel or attention-only blocks have no resid_mid",
+            SiteKind.POS_EMBED: f"the model uses {self.cfg.positional.value} positions, not learned ones",
+            SiteKind.ROT_Q: "the model has no rotary embeddings",
+            SiteKind.ROT_K: "the model has no rotary embeddings",
+            SiteKind.MLP_PRE_LINEAR: "only gated MLPs have pre_linear",
+        }
+        mlp_kinds = {SiteKind.MLP_IN, SiteKind.MLP_PRE, SiteKind.MLP_POST, SiteKind.MLP_OUT, SiteKind.LN2_SCALE,
+                     SiteKind.LN2_NORMALIZED, SiteKind.MLP_PRE_LINEAR}
+        if site.kind in mlp_kinds and self.cfg.attn_only:
+            return f"unknown hook point {name!r}: the model is attention-only"
+        if site.kind in reasons:
+            return f"unknown hook point {name!r}: {reasons[site.kind]}"
+        return ""
+
+    def hook_shapes(self, batch: int = 1, pos: int = 4) -> dict[str, tuple[int, ...]]:
+        """The shape of every hook point for a [batch, pos] input."""
+        tokens = torch.zeros(batch, pos, dtype=torch.long, device=self.embed.W_E.device)
+        _, cache = self.run_with_cache(tokens)
+        return {name: tuple(cache[name].shape) for name in self.hook_names if name in cache}
+
+    # ---- misc ----------------------------------------------------------------------------------
+    def _check_tokens(self, tokens: Tensor, kv_cache: KVCache | None) -> Tensor:
+        if not isinstance(tokens, Tensor):
+            tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        total = tokens.shape[1] + (kv_cache.length if kv_cache is not None else 0)
+        if total > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {total} tokens is longer than the model's n_ctx={self.cfg.n_ctx}")
+        if tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.cfg.d_vocab:
+                bad = hi if hi >= self.cfg.d_vocab else lo
+                raise ValueError(f"token id {bad} is out of range: the vocabulary has d_vocab={self.cfg.d_vocab} ids")
+        return tokens.long()
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers)
+
+    def to_tokens(self, text: str | list[str], *, prepend_bos: bool = False, padding_side: str = "right") -> Tensor:
+        """Tokenise with the attached tokenizer (see `interplab.data.tokenizer`)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer attached (load one with interplab.data.load_tokenizer)")
+        return self.tokenizer.to_tokens(text, prepend_bos=prepend_bos, padding_side=padding_side)
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer attached")
+        return self.tokenizer.decode(tokens)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) to a folder."""
+        from interplab.model.io import save_model
+
+        return save_model(self, path)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"Transformer({c.name or c.architecture or 'model'}: {c.n_layers} layers, d_model {c.d_model}, "
+            f"{c.n_heads} heads, d_vocab {c.d_vocab}, n_ctx {c.n_ctx}, {self.n_params:,} params)"
+        )
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for incremental decoding."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [LayerKV() for _ in range(n_layers)]
+        self.mask: Tensor | None = None
+        self.length = 0
+
+    def extend_mask(self, attention_mask: Tensor | None, b: int, p: int, device: torch.device) -> Tensor | None:
+        new = attention_mask if attention_mask is not None else torch.ones(b, p, dtype=torch.bool, device=device)
+        if self.mask is None and attention_mask is None and self.length == 0:
+            self.length = p
+            return None
+        if self.mask is None:
+            self.mask = torch.ones(b, self.length, dtype=torch.bool, device=device)
+        self.mask = torch.cat([self.mask, new], dim=1)
+        self.length += p
+        return self.mask
+
+    def __iter__(self) -> Iterator[LayerKV]:
+        return iter(self.layers)

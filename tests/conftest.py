@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(int(os.environ.get("INTERPLAB_TEST_THREADS", "2")))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared is absent ({SHARED}): fixture tests need the shared folder beside the checkout")
+    return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
