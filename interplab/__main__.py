@@ -1,0 +1,3 @@
+from interplab.cli.main import main
+
+main()
