@@ -12,7 +12,7 @@ from interplab.cli.common import console, fail, set_threads
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory"),
-    steps: int = typer.Option(None, "--steps", help="optimizer steps (default: the preset's 2,000)"),
+    steps: int = typer.Option(None, "--steps", help="optimizer steps (default: the preset's 1,500)"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for this small model)"),
     fresh: bool = typer.Option(
         False, "--fresh", help="start over instead of continuing a run found in --out"

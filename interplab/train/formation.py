@@ -108,10 +108,8 @@ class FormationResult:
         )
 
     def markdown(self, every: int = 1) -> str:
-        head = (
-            "| step | tokens | val loss | max induction | max prev-token | repeated-half loss | ICL score |"
-        )
-        lines = [head, "|---:|---:|---:|---:|---:|---:|---:|"]
+        head = "| step | tokens | val loss | max induction | max prev-token | loss 1st half | loss repeated half | ICL score |"
+        lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         rows = self.table()
         keep = set(range(0, len(rows), every)) | {len(rows) - 1}
         if self.formation_step is not None:
@@ -120,7 +118,7 @@ class FormationResult:
             r = rows[i]
             lines.append(
                 f"| {r['step']} | {r['tokens']:,} | {_fmt(r['val_loss'])} | {r['max_induction']:.3f} | "
-                f"{r['max_prev_token']:.3f} | {r['repeated_loss_second']:.2f} | {_fmt(r['icl_score'])} |"
+                f"{r['max_prev_token']:.3f} | {r['repeated_loss_first']:.2f} | {r['repeated_loss_second']:.2f} | {_fmt(r['icl_score'])} |"
             )
         return "\n".join(lines)
 
@@ -289,12 +287,16 @@ def formation(
     run_dir: str | Path,
     *,
     n_seqs: int = 8,
-    half: int | None = None,
+    half: int = 50,
     seed: int = 0,
     val_seqs: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> FormationResult:
-    """Score every good checkpoint of a training run (``progress(done, total)`` after each)."""
+    """Score every good checkpoint of a training run (``progress(done, total)`` after each).
+
+    The induction and previous-token scores use ``n_seqs`` sequences of ``half`` random tokens repeated once
+    (50, as in the usual TransformerLens/ARENA evaluation, capped at n_ctx / 2); the held-out loss and the
+    in-context score use ``val_seqs`` windows of the run's validation split."""
     from interplab.model.io import load_native
     from interplab.train.config import TrainConfig
 
@@ -312,7 +314,7 @@ def formation(
     for i, ckpt in enumerate(checkpoints):
         model = load_native(ckpt.path)
         n_ctx = model.cfg.n_ctx
-        h = half or n_ctx // 2
+        h = min(half, n_ctx // 2)
         low = 2 if model.tokenizer is not None and model.tokenizer.bos_id is not None else 0
         tokens = repeated_random_tokens(n_seqs, h, d_vocab=model.cfg.d_vocab, seed=seed, low=low)
         patterns, logits = patterns_and_logits(model, tokens)

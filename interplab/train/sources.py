@@ -94,16 +94,16 @@ class CorpusSource:
 class TaskSource:
     """Fresh task examples every step (``Task.generate(batch_size, seed=f(seed, step))``)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        try:
-            from interplab.tasks import get_task
-        except ImportError:
-            raise ValueError(
-                f"data.source={cfg.data.source!r} needs interplab.tasks, which is not available"
-            ) from None
-        name = cfg.data.task
-        assert name is not None
-        self.task = get_task(name, **cfg.data.task_args)
+    def __init__(self, cfg: TrainConfig, task: Any = None) -> None:
+        if task is None:
+            try:
+                from interplab.tasks import get_task
+            except ImportError:
+                raise ValueError(f"data.source={cfg.data.source!r} needs interplab.tasks.get_task") from None
+            name = cfg.data.task
+            assert name is not None
+            task = get_task(name, **cfg.data.task_args)
+        self.task = task
         task_cfg = self.task.model_config()
         self.d_vocab = task_cfg.d_vocab
         self.d_vocab_out = task_cfg.d_vocab_out
@@ -147,8 +147,11 @@ def _slice_batch(batch: Any, rows: slice) -> Any:
     return batch[rows]
 
 
-def make_source(cfg: TrainConfig, *, progress: Any = None) -> CorpusSource | TaskSource:
-    return TaskSource(cfg) if cfg.data.task is not None else CorpusSource(cfg, progress=progress)
+def make_source(cfg: TrainConfig, *, task: Any = None, progress: Any = None) -> CorpusSource | TaskSource:
+    """The data source of a config (``task`` overrides ``data.source``: any object with the Task interface)."""
+    if task is not None or cfg.data.task is not None:
+        return TaskSource(cfg, task)
+    return CorpusSource(cfg, progress=progress)
 
 
 def rows_for(batch_size: int, micro: int, grad_accum: int, rank: int, world: int) -> slice:

@@ -168,17 +168,19 @@ def train(
     stop_after: int | None = None,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
+    task: Any = None,
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir``, continuing from its newest good checkpoint if it holds this run.
 
     ``stop_after=k`` stops after step k (writing a checkpoint) so the run can be resumed later.
+    ``task`` trains on a Task object (``generate/loss/metrics/model_config``) instead of ``cfg.data.source``.
     ``progress(event)`` receives dicts with ``event`` in {"setup", "step", "eval", "checkpoint", "done"}."""
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else _default_device()
     dist_info = _init_distributed(device)
     notify = progress if (progress is not None and dist_info.main) else (lambda event: None)
     try:
-        return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify)
+        return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify, task)
     finally:
         if dist_info.started:
             import torch.distributed as dist
@@ -194,6 +196,7 @@ def _train(
     device: torch.device,
     dist_info: _Dist,
     notify: ProgressFn,
+    task: Any,
 ) -> TrainResult:
     continuing = _check_run_dir(run_dir, cfg, resume)
     if dist_info.world > 1:
@@ -206,7 +209,7 @@ def _train(
             f"batch_size={cfg.batch_size} must be divisible by grad_accum x processes = {per_step}"
         )
     notify({"event": "setup", "message": "preparing data (tokenised once, then cached)"})
-    source = make_source(cfg, progress=lambda n: notify({"event": "setup", "tokens": n}))
+    source = make_source(cfg, task=task, progress=lambda n: notify({"event": "setup", "tokens": n}))
     model = build_model(cfg, source).to(device)
     if cfg.data.task is None and cfg.data.seq_len > model.cfg.n_ctx:
         raise ValueError(
