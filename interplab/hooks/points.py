@@ -15,7 +15,7 @@ import torch
 
 from interplab.hooks.site import Site, suggest
 
-HookFn = Callable[[torch.Tensor, Site], torch.Tensor | None]
+HookFn = Callable[[torch.Tensor, Site], Union[torch.Tensor, None]]
 #: what a hook may be attached to: a name, a Site, a (short, layer) tuple, or a filter over names
 HookTarget = Union[str, Site, tuple, Callable[[str], bool]]
 

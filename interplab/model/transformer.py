@@ -23,16 +23,7 @@ from interplab.hooks.cache import ActivationCache
 from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.config import ModelConfig, Positional
-from interplab.model.layers import (
-    MLP,
-    Attention,
-    AttnContext,
-    LayerKV,
-    _hp,
-    init_weights,
-    make_norm,
-    rotary_tables,
-)
+from interplab.model.layers import MLP, Attention, AttnContext, LayerKV, _hp, init_weights, make_norm, rotary_tables
 
 if TYPE_CHECKING:
     from interplab.data.tokenizer import Tokenizer
