@@ -269,10 +269,18 @@ def _plain(value: Any) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {where} settings {unknown}; valid: {sorted(known)}")
+        raise ValueError(f"unknown {where} settings {unknown}; valid: {sorted(fields)}")
+    data = dict(data)
+    for name, value in data.items():
+        # YAML 1.1 reads 1e-3 as a string; accept it where a float is expected
+        if isinstance(value, str) and str(fields[name].type).startswith("float"):
+            try:
+                data[name] = float(value)
+            except ValueError:
+                raise ValueError(f"{where}.{name}={value!r} is not a number") from None
     return cls(**data)
 
 

@@ -245,7 +245,7 @@ def _train(
     stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     tokens_per_step = cfg.batch_size * _seq_len(cfg, source)
     t0, loss_value, val_loss, step, written = time.perf_counter(), float("nan"), None, start, []
-    ckpt_seconds = 0.0
+    ckpt_seconds = eval_seconds = 0.0
     for step in range(start + 1, stop + 1):
         lr = cosine_lr(step - 1, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -284,9 +284,9 @@ def _train(
                 "elapsed_s": elapsed,
             }
             if step % cfg.eval_every == 0 or step == stop:
-                model.eval()
+                e0 = time.perf_counter()
                 metrics = _evaluate(source, model) if dist_info.main else {}
-                model.train()
+                eval_seconds += time.perf_counter() - e0
                 val_loss = metrics.get("val_loss", val_loss)
                 row.update(metrics)
             log.write(row)
@@ -318,7 +318,12 @@ def _train(
         skipped_checkpoints=tuple(skipped),
     )
     if dist_info.main:
-        report = {**result.to_dict(), "checkpoint_seconds": ckpt_seconds, "finished": step == cfg.steps}
+        report = {
+            **result.to_dict(),
+            "checkpoint_seconds": ckpt_seconds,
+            "eval_seconds": eval_seconds,
+            "finished": step == cfg.steps,
+        }
         atomic_write_json(run_dir / "report.json", report)
     log.close()
     notify({"event": "done", "step": step, "total": cfg.steps})
