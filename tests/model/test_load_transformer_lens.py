@@ -86,12 +86,12 @@ def to_tl_state(model: Transformer, normalization_type: str) -> dict[str, torch.
         if cfg.n_kv_heads != cfg.n_heads and leaf in ("W_K", "W_V", "b_K", "b_V"):
             name = name[: -len(leaf)] + "_" + leaf
         state[name] = tensor.clone()
-    for l in range(cfg.n_layers):
-        state[f"blocks.{l}.attn.mask"] = torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool).tril()
-        state[f"blocks.{l}.attn.IGNORE"] = torch.tensor(-1e5)
+    for layer in range(cfg.n_layers):
+        state[f"blocks.{layer}.attn.mask"] = torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool).tril()
+        state[f"blocks.{layer}.attn.IGNORE"] = torch.tensor(-1e5)
         if cfg.positional.value == "rotary":
-            state[f"blocks.{l}.attn.rotary_sin"] = torch.zeros(cfg.n_ctx, cfg.rotary_dim)
-            state[f"blocks.{l}.attn.rotary_cos"] = torch.ones(cfg.n_ctx, cfg.rotary_dim)
+            state[f"blocks.{layer}.attn.rotary_sin"] = torch.zeros(cfg.n_ctx, cfg.rotary_dim)
+            state[f"blocks.{layer}.attn.rotary_cos"] = torch.ones(cfg.n_ctx, cfg.rotary_dim)
     return state
 
 
