@@ -276,8 +276,8 @@ def tl_weights(
         # LNPre / RMSPre: the norm's weights were folded into the next layer; they are the identity
         ones, zeros = torch.ones(cfg.d_model), torch.zeros(cfg.d_model)
         norms = ["ln_final"] + [
-            f"blocks.{l}.{n}"
-            for l in range(cfg.n_layers)
+            f"blocks.{layer}.{n}"
+            for layer in range(cfg.n_layers)
             for n in ("ln1", "ln2")
             if n == "ln1" or cfg.has_mlp
         ]
