@@ -46,6 +46,7 @@ def _gpt2(**kw):
 
 VARIANTS = {
     "gpt2": lambda: _gpt2(),
+    "gpt2-untied": lambda: _gpt2(tie_word_embeddings=False),
     "neox-parallel-partial-rotary": lambda: _neox(rotary_pct=0.25),
     "neox-sequential-full-rotary": lambda: _neox(use_parallel_residual=False, rotary_pct=1.0),
     "neox-tied-no-bias": lambda: _neox(tie_word_embeddings=True, attention_bias=False, rotary_pct=0.5),

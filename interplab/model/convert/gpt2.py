@@ -28,6 +28,7 @@ def config(hf: dict) -> ModelConfig:
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         positional=Positional.LEARNED,
         attn_scale=(d / hf["n_head"]) ** 0.5 if hf.get("scale_attn_weights", True) else 1.0,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         name=hf.get("_name_or_path", ""),
         architecture="gpt2",
     )
@@ -36,7 +37,8 @@ def config(hf: dict) -> ModelConfig:
 def weights(ckpt: HFCheckpoint, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     p = ckpt.find_prefix("transformer.", "")
     h, d = cfg.n_heads, cfg.d_model
-    yield "embed.W_E", ckpt.get(p + "wte.weight")
+    w_e = ckpt.get(p + "wte.weight")
+    yield "embed.W_E", w_e
     yield "pos_embed.W_pos", ckpt.get(p + "wpe.weight")
     for layer in range(cfg.n_layers):
         b = f"{p}h.{layer}."
@@ -56,9 +58,9 @@ def weights(ckpt: HFCheckpoint, cfg: ModelConfig) -> Iterator[tuple[str, torch.T
         yield f"blocks.{layer}.mlp.b_out", ckpt.get(b + "mlp.c_proj.bias")
     yield "ln_final.w", ckpt.get(p + "ln_f.weight")
     yield "ln_final.b", ckpt.get(p + "ln_f.bias")
-    w_u = ckpt.get("lm_head.weight") if "lm_head.weight" in ckpt else ckpt.get(p + "wte.weight")
-    yield "unembed.W_U", w_u.T.contiguous()
-    yield "unembed.b_U", torch.zeros(cfg.d_vocab_out, dtype=w_u.dtype)
+    if not cfg.tie_embeddings:
+        yield "unembed.W_U", ckpt.get("lm_head.weight").T.contiguous()
+    yield "unembed.b_U", torch.zeros(cfg.d_vocab_out, dtype=w_e.dtype)
 
 
 register(Converter(("gpt2",), config, weights))
