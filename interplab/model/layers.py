@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from interplab.hooks.points import HookPoint
 from interplab.hooks.site import Site, SiteKind
-from interplab.model.config import Activation, ModelConfig, Norm, RotaryStyle
+from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -162,8 +162,10 @@ class Attention(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(d), requires_grad=cfg.attn_bias)
         if cfg.smear_keys:
             self.smear = nn.Parameter(torch.zeros(kv))
-        for kind in (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.ROT_Q, SiteKind.ROT_K, SiteKind.ATTN_SCORES,
-                     SiteKind.PATTERN, SiteKind.Z, SiteKind.RESULT):
+        kinds = [SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.ATTN_SCORES, SiteKind.PATTERN, SiteKind.Z, SiteKind.RESULT]
+        if cfg.positional is Positional.ROTARY:
+            kinds += [SiteKind.ROT_Q, SiteKind.ROT_K]
+        for kind in kinds:
             setattr(self, "hook_" + kind.value.split(".hook_")[1], _hp(kind, layer))
         self._fused: tuple[tuple, Tensor, Tensor] | None = None
 
@@ -303,7 +305,8 @@ class MLP(nn.Module):
         self.W_out = nn.Parameter(torch.empty(m, d))
         self.b_out = nn.Parameter(torch.zeros(d), requires_grad=cfg.mlp_bias)
         self.hook_pre = _hp(SiteKind.MLP_PRE, layer)
-        self.hook_pre_linear = _hp(SiteKind.MLP_PRE_LINEAR, layer)
+        if self.gated:
+            self.hook_pre_linear = _hp(SiteKind.MLP_PRE_LINEAR, layer)
         self.hook_post = _hp(SiteKind.MLP_POST, layer)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
