@@ -5,7 +5,9 @@ from interplab.hooks import HookPoint, HookRegistry, HookShapeError, Site, SiteK
 
 
 def make_registry():
-    points = [HookPoint(Site(SiteKind.RESID_PRE, layer)) for layer in range(3)] + [HookPoint(Site(SiteKind.EMBED))]
+    points = [HookPoint(Site(SiteKind.RESID_PRE, layer)) for layer in range(3)] + [
+        HookPoint(Site(SiteKind.EMBED))
+    ]
     return HookRegistry(points), points
 
 
@@ -18,7 +20,9 @@ def test_unhooked_point_returns_its_input_and_is_inactive():
 def test_hooks_run_in_order_and_chain_replacements():
     registry, points = make_registry()
     x = torch.ones(2)
-    with registry.scoped([(("resid_pre", 1), lambda a, s: a + 1), ("blocks.1.hook_resid_pre", lambda a, s: a * 10)]):
+    with registry.scoped(
+        [(("resid_pre", 1), lambda a, s: a + 1), ("blocks.1.hook_resid_pre", lambda a, s: a * 10)]
+    ):
         assert torch.equal(points[1](x), torch.full((2,), 20.0))
         assert points[0](x) is x
     assert not registry.any_active
@@ -53,7 +57,10 @@ def test_nested_scopes_and_the_same_function_twice():
 
 def test_wrong_shape_and_type_are_refused():
     registry, points = make_registry()
-    with registry.scoped([("hook_embed", lambda a, s: a[0])]), pytest.raises(HookShapeError, match=r"shape \(3,\), expected \(2, 3\)"):
+    with (
+        registry.scoped([("hook_embed", lambda a, s: a[0])]),
+        pytest.raises(HookShapeError, match=r"shape \(3,\), expected \(2, 3\)"),
+    ):
         points[3](torch.zeros(2, 3))
     with registry.scoped([("hook_embed", lambda a, s: "x")]), pytest.raises(TypeError, match="returned str"):
         points[3](torch.zeros(2, 3))

@@ -37,7 +37,11 @@ def test_sites_sort_and_hash():
 @pytest.mark.parametrize(
     ("value", "layer", "message"),
     [
-        ("blocks.0.hook_resid_psot", None, r"unknown site 'blocks\.0\.hook_resid_psot'; did you mean .*hook_resid_post"),
+        (
+            "blocks.0.hook_resid_psot",
+            None,
+            r"unknown site 'blocks\.0\.hook_resid_psot'; did you mean .*hook_resid_post",
+        ),
         ("resid_pots", 1, r"unknown site 'resid_pots'.*resid_post"),
         ("resid_pre", None, r"'resid_pre' is per layer: give a layer, e.g. \('resid_pre', 0\)"),
         ("hook_embed", 2, r"'hook_embed' \(hook_embed\) has no layer, got layer=2"),
@@ -64,4 +68,7 @@ def test_constructor_validation():
 
 
 def test_suggest():
-    assert suggest("blocks.0.hook_resid_pos", ["blocks.0.hook_resid_post", "hook_embed"])[0] == "blocks.0.hook_resid_post"
+    assert (
+        suggest("blocks.0.hook_resid_pos", ["blocks.0.hook_resid_post", "hook_embed"])[0]
+        == "blocks.0.hook_resid_post"
+    )
