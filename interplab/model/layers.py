@@ -206,7 +206,7 @@ class Attention(nn.Module):
             v = torch.einsum("bphd,hde->bphe", split[2], self.W_V) + self.b_V
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cfg.smear_keys:
-            k = self._smear(k, cache)
+            k = self._smear(k, ctx, cache)
         if ctx.rotary is not None:
             cos, sin = ctx.rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin, cfg.rotary_style))
@@ -224,12 +224,15 @@ class Attention(nn.Module):
             *z.shape[:2], -1
         )
 
-    def _smear(self, k: Tensor, cache: LayerKV | None) -> Tensor:
+    def _smear(self, k: Tensor, ctx: AttnContext, cache: LayerKV | None) -> Tensor:
         gate = torch.sigmoid(self.smear)[:, None]  # n_kv_heads 1
         prev = cache.last_raw_k if cache is not None and cache.last_raw_k is not None else torch.zeros_like(k[:, :1])
         if cache is not None:
-            cache.last_raw_k = k[:, -1:].detach()
+            cache.last_raw_k = k[:, -1:]
         shifted = torch.cat([prev, k[:, :-1]], dim=1)
+        if ctx.key_valid is not None:
+            # the first real token of a left-padded row has no previous key: do not mix in the padding's
+            shifted = shifted * (ctx.positions > 0)[:, :, None, None].to(k.dtype)
         return gate * k + (1 - gate) * shifted
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext) -> Tensor:
