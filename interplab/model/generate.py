@@ -142,7 +142,7 @@ def generate(
     final_mask = out_mask if out_mask is not None else torch.ones_like(out)
     text = None
     if model.tokenizer is not None:
-        text = tuple(model.to_string(row[m.bool()].tolist()) for row, m in zip(out, final_mask))
+        text = tuple(model.to_string(row[m.bool()].tolist()) for row, m in zip(out, final_mask, strict=True))
     return Generation(out, final_mask, width, text)
 
 
