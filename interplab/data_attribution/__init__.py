@@ -7,6 +7,7 @@ from interplab.data_attribution.methods import (
     Method,
     StepUpdates,
     ensemble,
+    formation_window,
     grad_cos,
     grad_dot,
     influence,
@@ -17,7 +18,7 @@ from interplab.data_attribution.methods import (
 )
 from interplab.data_attribution.params import ParamGroup, param_group
 from interplab.data_attribution.per_example import lm_loss, logits_of, objective_grad, per_example_grads
-from interplab.data_attribution.projection import Projector, ProjectionKind, jl_bound
+from interplab.data_attribution.projection import ProjectionKind, Projector, jl_bound
 from interplab.data_attribution.targets import (
     Target,
     composition_target,
@@ -31,9 +32,37 @@ from interplab.data_attribution.targets import (
 )
 
 __all__ = [
-    "CheckpointGrads", "Method", "ParamGroup", "Projector", "ProjectionKind", "StepUpdates", "Target", "auc",
-    "composition_target", "ensemble", "feature_target", "grad_cos", "grad_dot", "induction_target", "influence",
-    "jl_bound", "lds", "lm_loss", "logits_of", "loss_target", "neuron_target", "objective_grad", "param_group",
-    "parse_target", "per_example_grads", "prev_token_target", "repeated_tokens", "spearman", "tracin",
-    "tracin_per_checkpoint", "trajectory", "trak",
+    "CheckpointGrads",
+    "Method",
+    "ParamGroup",
+    "Projector",
+    "ProjectionKind",
+    "StepUpdates",
+    "Target",
+    "auc",
+    "composition_target",
+    "ensemble",
+    "feature_target",
+    "formation_window",
+    "grad_cos",
+    "grad_dot",
+    "induction_target",
+    "influence",
+    "jl_bound",
+    "lds",
+    "lm_loss",
+    "logits_of",
+    "loss_target",
+    "neuron_target",
+    "objective_grad",
+    "param_group",
+    "parse_target",
+    "per_example_grads",
+    "prev_token_target",
+    "repeated_tokens",
+    "spearman",
+    "tracin",
+    "tracin_per_checkpoint",
+    "trajectory",
+    "trak",
 ]

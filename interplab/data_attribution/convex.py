@@ -27,7 +27,7 @@ def digits(n_train: int = 600, n_test: int = 64, seed: int = 0) -> tuple[Tensor,
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     if n_train + n_test > len(y):
         raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the {len(y)} digits")
-    tr, te = perm[:n_train], perm[n_train:n_train + n_test]
+    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     return x[tr], y[tr], x[te], y[te]
 
 
@@ -57,8 +57,14 @@ def example_margin(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 def fit(x: Tensor, y: Tensor, *, l2: float = 1e-2, iters: int = 200) -> SoftmaxRegression:
     """Minimise mean cross-entropy + l2/2 ||W||^2 exactly (full-batch L-BFGS, float64)."""
     model = SoftmaxRegression(x.shape[1])
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=iters, tolerance_grad=1e-10, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        max_iter=iters,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -79,9 +85,12 @@ def hessian_of_mean_loss(model: SoftmaxRegression, x: Tensor, y: Tensor, l2: flo
     def objective(v: Tensor) -> Tensor:
         parts, i = {}, 0
         for n, s in zip(names, shapes):
-            parts[n] = v[i:i + s.numel()].reshape(s)
+            parts[n] = v[i : i + s.numel()].reshape(s)
             i += s.numel()
-        return F.cross_entropy(functional_call(model, parts, (x,)), y) + 0.5 * l2 * parts["linear.weight"].pow(2).sum()
+        return (
+            F.cross_entropy(functional_call(model, parts, (x,)), y)
+            + 0.5 * l2 * parts["linear.weight"].pow(2).sum()
+        )
 
     return hessian(objective)(flat)
 
@@ -100,13 +109,24 @@ class LDSResult:
         return {"lds": self.lds, "n_models": self.n_models, "n_train": self.n_train, "n_test": self.n_test}
 
 
-def lds_experiment(*, n_train: int = 600, n_test: int = 64, n_models: int = 50, fraction: float = 0.5,
-                   l2: float = 1e-2, proj_dim: int = 256, tracin_steps: int = 20, seed: int = 0) -> LDSResult:
+def lds_experiment(
+    *,
+    n_train: int = 600,
+    n_test: int = 64,
+    n_models: int = 50,
+    fraction: float = 0.5,
+    l2: float = 1e-2,
+    proj_dim: int = 256,
+    tracin_steps: int = 20,
+    seed: int = 0,
+) -> LDSResult:
     """Score influence, TRAK, TracIn, grad-dot and grad-cos by LDS on digits softmax regression."""
     x, y, xt, yt = digits(n_train, n_test, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     subsets = torch.rand(n_models, n_train, generator=gen) < fraction
-    actual = torch.stack([_test_losses(fit(x[s], y[s], l2=l2), xt, yt) for s in subsets])  # [n_models, n_test]
+    actual = torch.stack(
+        [_test_losses(fit(x[s], y[s], l2=l2), xt, yt) for s in subsets]
+    )  # [n_models, n_test]
 
     full = fit(x, y, l2=l2)
     group = param_group(full, "all")
@@ -130,13 +150,23 @@ def lds_experiment(*, n_train: int = 600, n_test: int = 64, n_models: int = 50, 
             p_test = F.softmax(model_m(xt), -1).gather(1, yt[:, None])[:, 0]
         # training on i raises margins along (1 - p_i) phi_i (trak() returns minus that change); the test
         # loss falls by (1 - p_test) per unit of test margin, so the two signs cancel
-        trak_scores.append(methods.trak(phi, phi_t, damping=0.0, ridge=l2 * n_train, weights=1 - p_train) * (1 - p_test)[:, None])
+        trak_scores.append(
+            methods.trak(phi, phi_t, damping=0.0, ridge=l2 * n_train, weights=1 - p_train)
+            * (1 - p_test)[:, None]
+        )
     scores["trak"] = methods.ensemble(trak_scores)
     # TracIn over checkpoints of a gradient-descent trajectory on the full data
-    scores["tracin"] = methods.tracin(_gd_checkpoints(x, y, xt, yt, l2=l2, steps=tracin_steps, group_spec="all"))
+    scores["tracin"] = methods.tracin(
+        _gd_checkpoints(x, y, xt, yt, l2=l2, steps=tracin_steps, group_spec="all")
+    )
     per_target = {k: lds(v, subsets, actual).tolist() for k, v in scores.items()}
-    return LDSResult({k: float(torch.tensor(v).mean()) for k, v in per_target.items()}, per_target,
-                     n_models, n_train, n_test)
+    return LDSResult(
+        {k: float(torch.tensor(v).mean()) for k, v in per_target.items()},
+        per_target,
+        n_models,
+        n_train,
+        n_test,
+    )
 
 
 def _test_losses(model: nn.Module, xt: Tensor, yt: Tensor) -> Tensor:
@@ -144,16 +174,22 @@ def _test_losses(model: nn.Module, xt: Tensor, yt: Tensor) -> Tensor:
         return F.cross_entropy(model(xt), yt, reduction="none")
 
 
-def _gd_checkpoints(x: Tensor, y: Tensor, xt: Tensor, yt: Tensor, *, l2: float, steps: int, group_spec: str,
-                    lr: float = 2.0) -> list[methods.CheckpointGrads]:
+def _gd_checkpoints(
+    x: Tensor, y: Tensor, xt: Tensor, yt: Tensor, *, l2: float, steps: int, group_spec: str, lr: float = 2.0
+) -> list[methods.CheckpointGrads]:
     model = SoftmaxRegression(x.shape[1])
     group = param_group(model, group_spec)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     out = []
     for step in range(steps):
-        out.append(methods.CheckpointGrads(
-            step, lr / len(y), per_example_grads(model, example_loss, (x, y), group),
-            per_example_grads(model, example_loss, (xt, yt), group)))
+        out.append(
+            methods.CheckpointGrads(
+                step,
+                lr / len(y),
+                per_example_grads(model, example_loss, (x, y), group),
+                per_example_grads(model, example_loss, (xt, yt), group),
+            )
+        )
         opt.zero_grad()
         (F.cross_entropy(model(x), y) + 0.5 * l2 * model.linear.weight.pow(2).sum()).backward()
         opt.step()

@@ -41,8 +41,10 @@ def lds(scores: Tensor, subsets: Tensor, actual: Tensor) -> Tensor:
     if subsets.shape[1] != scores.shape[-1]:
         raise ValueError(f"subsets cover {subsets.shape[1]} examples but scores cover {scores.shape[-1]}")
     if actual.shape != (subsets.shape[0], scores.shape[0]):
-        raise ValueError(f"actual must be [n_models={subsets.shape[0]}, n_target={scores.shape[0]}], "
-                         f"got {tuple(actual.shape)}")
+        raise ValueError(
+            f"actual must be [n_models={subsets.shape[0]}, n_target={scores.shape[0]}], "
+            f"got {tuple(actual.shape)}"
+        )
     predicted = subsets.double() @ scores.double().T  # [n_models, n_target]
     return spearman(predicted.T, actual.double().T)
 

@@ -67,8 +67,15 @@ def tracin_per_checkpoint(checkpoints: Sequence[CheckpointGrads]) -> Tensor:
     return torch.stack([grad_dot(c.train, c.target, c.lr) for c in checkpoints])
 
 
-def trak(train: Tensor, target: Tensor, *, damping: float = 1e-3, ridge: float = 0.0,
-         weights: Tensor | None = None, scale: float = 1.0) -> Tensor:
+def trak(
+    train: Tensor,
+    target: Tensor,
+    *,
+    damping: float = 1e-3,
+    ridge: float = 0.0,
+    weights: Tensor | None = None,
+    scale: float = 1.0,
+) -> Tensor:
     """TRAK (Park et al. 2023) on projected gradient features Phi [n, k]:
     score_i = -scale * phi_target^T (Phi^T Phi + (ridge + damping * mean_diag) I)^-1 phi_i * w_i,
     with w_i = 1 - p_i for classification (pass ``weights``), else 1. ``ridge`` is the model's own L2
@@ -90,8 +97,9 @@ def ensemble(scores: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(scores)).mean(0)
 
 
-def influence(hessian: Tensor, train: Tensor, target: Tensor, *, n_train: int | None = None,
-              damping: float = 0.0) -> Tensor:
+def influence(
+    hessian: Tensor, train: Tensor, target: Tensor, *, n_train: int | None = None, damping: float = 0.0
+) -> Tensor:
     """Influence functions (Koh & Liang 2017) with an exact Hessian of the mean training loss, for small models:
     adding example i with weight 1/n moves the parameters by -H^-1 g_i / n, so the target changes by
     -g_target^T H^-1 g_i / n."""
@@ -121,7 +129,26 @@ def trajectory(steps: Sequence[StepUpdates], n_examples: int) -> tuple[Tensor, T
     for t, s in enumerate(steps):
         if int(s.example_ids.max()) >= n_examples or int(s.example_ids.min()) < 0:
             raise ValueError(f"step {s.step}: example id out of range 0..{n_examples - 1}")
-        contrib = (-s.lr * (s.updates.double() @ s.target.double()))
+        contrib = -s.lr * (s.updates.double() @ s.target.double())
         scores.index_add_(0, s.example_ids.long(), contrib)
         mass[t] = contrib.abs().sum()
     return scores.float(), mass.float()
+
+
+def formation_window(
+    steps: Sequence[int], values: Sequence[float], lo: float = 0.1, hi: float = 0.9
+) -> tuple[int, int]:
+    """The steps over which a mechanism forms: from the last step still below ``lo`` of the score's total rise to
+    the first step above ``hi`` of it (e.g. the induction phase change). Needs a rising score."""
+    if len(steps) != len(values) or len(steps) < 2:
+        raise ValueError(f"need matching steps and values (at least 2), got {len(steps)} and {len(values)}")
+    order = sorted(range(len(steps)), key=lambda i: steps[i])
+    s = [steps[i] for i in order]
+    v = [values[i] for i in order]
+    base, peak = v[0], max(v)
+    if peak - base <= 0:
+        raise ValueError(f"the score never rises above its first value {base:.4g}: no formation to attribute")
+    lo_v, hi_v = base + lo * (peak - base), base + hi * (peak - base)
+    first_hi = next(i for i, x in enumerate(v) if x >= hi_v)
+    last_lo = max((i for i in range(first_hi + 1) if v[i] <= lo_v), default=0)
+    return s[last_lo], s[first_hi]

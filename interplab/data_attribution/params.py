@@ -64,7 +64,9 @@ def param_group(model: nn.Module, spec: str) -> ParamGroup:
         layer = _int(value, spec)
         n_layers = getattr(cfg, "n_layers", None)
         if n_layers is not None and not 0 <= layer < n_layers:
-            raise ValueError(f"parameter group {spec!r}: layer {layer} does not exist (the model has {n_layers} layers)")
+            raise ValueError(
+                f"parameter group {spec!r}: layer {layer} does not exist (the model has {n_layers} layers)"
+            )
         return layer
 
     def names(pred: Callable[[str], bool]) -> list[ParamSlice]:
@@ -87,12 +89,17 @@ def param_group(model: nn.Module, spec: str) -> ParamGroup:
         layer, head = layer_of(layer_s), _int(head_s, spec)
         n_heads = getattr(cfg, "n_heads", None)
         if n_heads is not None and not 0 <= head < n_heads:
-            raise ValueError(f"parameter group {spec!r}: head {head} does not exist (layer {layer} has {n_heads} heads)")
+            raise ValueError(
+                f"parameter group {spec!r}: head {head} does not exist (layer {layer} has {n_heads} heads)"
+            )
         if getattr(cfg, "n_kv_heads", n_heads) != n_heads:
             raise ValueError(f"parameter group {spec!r}: per-head groups need n_kv_heads == n_heads")
         pre = f"blocks.{layer}.attn."
-        slices = [ParamSlice(pre + w, 0, head) for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
-                  if pre + w in params and params[pre + w].requires_grad]
+        slices = [
+            ParamSlice(pre + w, 0, head)
+            for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+            if pre + w in params and params[pre + w].requires_grad
+        ]
     elif kind == "neuron":
         layer_s, _, n_s = arg.partition(".")
         layer, neuron = layer_of(layer_s), _int(n_s, spec)

@@ -99,7 +99,7 @@ def per_example_grads(
     out = []
     with _batchable_attention(model):
         for start in range(0, n, chunk_size):
-            chunk = tuple(e[start:start + chunk_size] for e in examples)
+            chunk = tuple(e[start : start + chunk_size] for e in examples)
             grads = per_ex(free, *chunk)
             out.append(group.flatten(grads, batched=True))
     return torch.cat(out)
@@ -114,11 +114,17 @@ def objective_grad(model: nn.Module, objective: Callable[[nn.Module], Tensor], g
     with torch.enable_grad():
         value = functional_call(bound, {"model." + k: v for k, v in merged.items()}, ())
         if not isinstance(value, Tensor) or value.dim() != 0:
-            raise ValueError(f"a target must return a scalar tensor, got {type(value).__name__} "
-                             f"{tuple(value.shape) if isinstance(value, Tensor) else ''}")
+            raise ValueError(
+                f"a target must return a scalar tensor, got {type(value).__name__} "
+                f"{tuple(value.shape) if isinstance(value, Tensor) else ''}"
+            )
         if not value.requires_grad:
-            raise ValueError("the target is not differentiable with respect to the chosen parameters "
-                             "(its value does not depend on them through differentiable operations)")
+            raise ValueError(
+                "the target is not differentiable with respect to the chosen parameters "
+                "(its value does not depend on them through differentiable operations)"
+            )
         grads = torch.autograd.grad(value, [leaves[k] for k in group.param_names], allow_unused=True)
-    by_name = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(group.param_names, grads)}
+    by_name = {
+        k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(group.param_names, grads)
+    }
     return group.flatten(by_name)

@@ -56,12 +56,21 @@ class Projector:
         else:
             # block SJLT: output split into nnz blocks, one random coordinate per block (so no collisions)
             bounds = [b * self.dim // self.nnz for b in range(self.nnz + 1)]
-            cols = torch.stack([lo + torch.randint(0, hi - lo, (self.d_in,), generator=gen)
-                                for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1).reshape(-1)
+            cols = torch.stack(
+                [
+                    lo + torch.randint(0, hi - lo, (self.d_in,), generator=gen)
+                    for lo, hi in zip(bounds[:-1], bounds[1:])
+                ],
+                dim=1,
+            ).reshape(-1)
             rows = torch.arange(self.d_in).repeat_interleave(self.nnz)
             signs = torch.randint(0, 2, (self.d_in * self.nnz,), generator=gen).float() * 2 - 1
-            m = torch.sparse_coo_tensor(torch.stack([cols, rows]), signs / math.sqrt(self.nnz),
-                                        (self.dim, self.d_in), check_invariants=False).coalesce()
+            m = torch.sparse_coo_tensor(
+                torch.stack([cols, rows]),
+                signs / math.sqrt(self.nnz),
+                (self.dim, self.d_in),
+                check_invariants=False,
+            ).coalesce()
         object.__setattr__(self, "_matrix", m)
         return m
 
@@ -78,7 +87,13 @@ class Projector:
         return torch.sparse.mm(m, g.T.contiguous()).T.contiguous()
 
     def to_dict(self) -> dict:
-        return {"d_in": self.d_in, "dim": self.dim, "seed": self.seed, "kind": self.kind.value, "nnz": self.nnz}
+        return {
+            "d_in": self.d_in,
+            "dim": self.dim,
+            "seed": self.seed,
+            "kind": self.kind.value,
+            "nnz": self.nnz,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Projector:

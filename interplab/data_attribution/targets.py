@@ -104,8 +104,10 @@ def neuron_target(model: nn.Module, layer: int, neuron: int, probe: Tensor) -> T
     """Mean post-activation of one MLP neuron over the probe tokens."""
     cfg = model.cfg  # type: ignore[attr-defined]
     if cfg.attn_only or not 0 <= layer < cfg.n_layers or not 0 <= neuron < cfg.d_mlp:
-        raise ValueError(f"neuron {layer}.{neuron} does not exist ({cfg.n_layers} layers, d_mlp={cfg.d_mlp}, "
-                         f"attn_only={cfg.attn_only})")
+        raise ValueError(
+            f"neuron {layer}.{neuron} does not exist ({cfg.n_layers} layers, d_mlp={cfg.d_mlp}, "
+            f"attn_only={cfg.attn_only})"
+        )
 
     def fn(m: nn.Module) -> Tensor:
         store: dict[str, Tensor] = {}
@@ -117,7 +119,9 @@ def neuron_target(model: nn.Module, layer: int, neuron: int, probe: Tensor) -> T
     return Target(f"neuron:{layer}.{neuron}", fn)
 
 
-def composition_target(model: nn.Module, kind: str, sender: tuple[int, int], receiver: tuple[int, int]) -> Target:
+def composition_target(
+    model: nn.Module, kind: str, sender: tuple[int, int], receiver: tuple[int, int]
+) -> Target:
     """Composition score (Elhage et al. 2021) between a sender head's OV circuit and a receiver head's
     Q, K or V input: ||M||_F / (||A||_F ||B||_F) for the product M of the two circuits."""
     if kind not in ("q", "k", "v"):
@@ -164,8 +168,12 @@ def parse_target(model: nn.Module, spec: str, probe: Tensor | None = None) -> Ta
         if kind == "composition":
             ckind, _, pair = arg.partition(":")
             s, r = pair.split("->")
-            return composition_target(model, ckind, tuple(int(x) for x in s.split(".")),  # type: ignore[arg-type]
-                                      tuple(int(x) for x in r.split(".")))  # type: ignore[arg-type]
+            return composition_target(
+                model,
+                ckind,
+                tuple(int(x) for x in s.split(".")),  # type: ignore[arg-type]
+                tuple(int(x) for x in r.split(".")),
+            )  # type: ignore[arg-type]
         if kind == "loss" and probe is not None:
             return loss_target(probe)
     except (ValueError, TypeError) as err:
