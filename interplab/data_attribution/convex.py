@@ -84,7 +84,7 @@ def hessian_of_mean_loss(model: SoftmaxRegression, x: Tensor, y: Tensor, l2: flo
 
     def objective(v: Tensor) -> Tensor:
         parts, i = {}, 0
-        for n, s in zip(names, shapes):
+        for n, s in zip(names, shapes, strict=True):
             parts[n] = v[i : i + s.numel()].reshape(s)
             i += s.numel()
         return (

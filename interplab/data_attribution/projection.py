@@ -59,7 +59,7 @@ class Projector:
             cols = torch.stack(
                 [
                     lo + torch.randint(0, hi - lo, (self.d_in,), generator=gen)
-                    for lo, hi in zip(bounds[:-1], bounds[1:])
+                    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
                 ],
                 dim=1,
             ).reshape(-1)
