@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from interplab.hooks.site import Site
@@ -131,7 +131,7 @@ class Route:
         return cls(site=str(site.name if isinstance(site, Site) else site), weights=weights, axis=axis,
                    unlabelled=unlabelled)  # fmt: skip
 
-    def mask(self, labels: Int[Tensor, "batch *pos"], shape: torch.Size, *, strength: float = 1.0) -> Tensor:
+    def mask(self, labels: Tensor, shape: torch.Size, *, strength: float = 1.0) -> Tensor:
         """The gradient mask for an activation of ``shape`` whose examples (or tokens) carry ``labels``."""
         dim = -2 if self.axis is Axis.HEAD else -1
         if len(shape) < 2 or shape[dim] != self.width:
