@@ -4,6 +4,7 @@ Every function takes a model and tokens and returns a frozen result with ``.plot
 See docs/analysis.md.
 """
 
+from interplab.analysis.attribution import PatchingComparison, attribution_patch, compare_patching
 from interplab.analysis.metrics import (
     AnswerLoss,
     CorrectProb,

@@ -133,11 +133,11 @@ class _BaseRun:
             kv.length = p0
             if self.mask is not None:
                 kv.mask = self.mask[:, :p0].repeat(n, 1).bool()
-            for l in range(layer, cfg.n_layers):
-                kv.layers[l].k = self.k[l][:, :p0].repeat(n, 1, 1, 1)
-                kv.layers[l].v = self.v[l][:, :p0].repeat(n, 1, 1, 1)
+            for later in range(layer, cfg.n_layers):
+                kv.layers[later].k = self.k[later][:, :p0].repeat(n, 1, 1, 1)
+                kv.layers[later].v = self.v[later][:, :p0].repeat(n, 1, 1, 1)
                 if self.raw_k is not None:
-                    kv.layers[l].last_raw_k = self.raw_k[l][:, p0 - 1 : p0].repeat(n, 1, 1, 1)
+                    kv.layers[later].last_raw_k = self.raw_k[later][:, p0 - 1 : p0].repeat(n, 1, 1, 1)
         ctx = model.context(torch.zeros(n * b, s, dtype=torch.long, device=resid.device), suffix_mask, kv)
         src = source.narrow(pos_dim(target), p0, source.shape[pos_dim(target)] - p0)
 
