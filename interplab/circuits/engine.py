@@ -46,13 +46,13 @@ class Ablation(str, Enum):
 class Spec:
     """How to compute a node for a batch: see the module docstring. Compared by identity."""
 
-    input: Int[Tensor, "batch"]
+    input: Int[Tensor, " batch"]
     """row of the engine's data set each example runs on"""
     patches: Mapping[Edge, Spec | Ablation] = field(default_factory=dict)
     """edges whose sender value comes from another spec (or an ablation)"""
     propagate: bool = False
     """unpatched edges carry the sender computed under this spec (True) or its clean output on ``input``"""
-    context: Int[Tensor, "batch"] | None = None
+    context: Int[Tensor, " batch"] | None = None
     """rows whose attention mask and positions heads use (default ``input``)"""
 
     def __post_init__(self) -> None:
@@ -194,7 +194,7 @@ class EdgeEngine:
                 out["logits.in"] = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
         return {k: v.contiguous() for k, v in out.items()}
 
-    def ensure_clean(self, rows: Int[Tensor, "batch"]) -> None:
+    def ensure_clean(self, rows: Int[Tensor, " batch"]) -> None:
         """Run (and cache) the ordinary forward on every row not yet cached."""
         missing = torch.unique(rows[self._store.row[rows] < 0])
         for start in range(0, missing.numel(), self.batch_size):

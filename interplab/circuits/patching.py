@@ -59,8 +59,8 @@ def _rows(rows: Tensor | Sequence[int]) -> Tensor:
 
 def path_patch_spec(
     engine: EdgeEngine,
-    base: Int[Tensor, "batch"],
-    source: Int[Tensor, "batch"] | Ablation,
+    base: Int[Tensor, " batch"],
+    source: Int[Tensor, " batch"] | Ablation,
     senders: Sequence[str | Node],
     receivers: Sequence[str | Node],
     *,
@@ -84,8 +84,8 @@ def path_patch_spec(
 
 def path_patch(
     engine: EdgeEngine,
-    base: Int[Tensor, "batch"],
-    source: Int[Tensor, "batch"] | Ablation,
+    base: Int[Tensor, " batch"],
+    source: Int[Tensor, " batch"] | Ablation,
     senders: Sequence[str | Node],
     receivers: Sequence[str | Node],
     *,
@@ -98,8 +98,8 @@ def path_patch(
 
 def patch_edges_spec(
     engine: EdgeEngine,
-    base: Int[Tensor, "batch"],
-    patches: Mapping[str | Edge, Int[Tensor, "batch"] | Ablation],
+    base: Int[Tensor, " batch"],
+    patches: Mapping[str | Edge, Int[Tensor, " batch"] | Ablation],
 ) -> Spec:
     """A patched model: each edge carries its sender's ordinary output on its source rows (or an ablation);
     all other edges carry the patched model's own values."""
@@ -121,8 +121,8 @@ def patch_edges_spec(
 
 def patch_edges(
     engine: EdgeEngine,
-    base: Int[Tensor, "batch"],
-    patches: Mapping[str | Edge, Int[Tensor, "batch"] | Ablation],
+    base: Int[Tensor, " batch"],
+    patches: Mapping[str | Edge, Int[Tensor, " batch"] | Ablation],
 ) -> Tensor:
     """Logits of the patched model of `patch_edges_spec`."""
     return engine.run(patch_edges_spec(engine, base, patches))
