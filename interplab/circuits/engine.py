@@ -202,6 +202,10 @@ class EdgeEngine:
             self._store.add(chunk, self._forward_clean(chunk))
             self.stats.clean_examples += chunk.numel()
 
+    def clear_cache(self) -> None:
+        """Forget the cached clean activations (memory); statistics are kept."""
+        self._store = _Store(self.tokens.shape[0])
+
     def clean_output(self, node: Node, rows: Tensor) -> Float[Tensor, "batch pos d_model"]:
         """``node``'s ordinary output (a sender) on data-set ``rows``."""
         self.ensure_clean(rows)
