@@ -85,7 +85,7 @@ class SparseDecode(torch.autograd.Function):
             W = W_dec.float()
             parts = [
                 torch.bmm(W[i], g.unsqueeze(-1)).squeeze(-1)
-                for i, g in zip(idx.split(_CHUNK), grad_out.split(_CHUNK))
+                for i, g in zip(idx.split(_CHUNK), grad_out.split(_CHUNK), strict=False)
             ]
             grad_vals = torch.cat(parts).to(vals.dtype)
         if ctx.needs_input_grad[2]:

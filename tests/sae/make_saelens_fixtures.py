@@ -20,7 +20,7 @@ for cls, extra in [
     sae = SAE.from_dict(cfg.to_dict())
     sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
     with torch.no_grad():
-        for name, p in sae.named_parameters():
+        for _name, p in sae.named_parameters():
             p.copy_(torch.randn_like(p) * 0.5)
         if hasattr(sae, "threshold"):
             sae.threshold.copy_(torch.rand(16) * 0.5)

@@ -60,7 +60,7 @@ def test_topk_sparse_kernels_match_dense_autograd():
     dense = scatter_latents(v.relu(), i, 64) @ W_dec
     dense_grads = torch.autograd.grad((dense * g).sum(), params)
     assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
-    for got, want in zip(sparse_grads, dense_grads):
+    for got, want in zip(sparse_grads, dense_grads, strict=False):
         assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
