@@ -30,8 +30,10 @@ def check_sae_fits(model, sae) -> str:
         model.hook_registry.resolve(hook)  # raises the model's own explanation
     width = model.hook_shapes(batch=1, pos=2)[hook][-1]
     if width != sae.cfg.d_in:
-        raise ValueError(f"the SAE reads {hook} with d_in={sae.cfg.d_in}, but the model's activation there has "
-                         f"width {width}: this SAE was trained on a different model or site")
+        raise ValueError(
+            f"the SAE reads {hook} with d_in={sae.cfg.d_in}, but the model's activation there has "
+            f"width {width}: this SAE was trained on a different model or site"
+        )
     return hook
 
 
@@ -41,7 +43,7 @@ def token_batches(tokens: TokenSource, batch_size: int, skip: int = 0) -> Iterat
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [n_seq, pos], got shape {tuple(tokens.shape)}")
         for start in range(skip * batch_size, tokens.shape[0], batch_size):
-            yield tokens[start:start + batch_size]
+            yield tokens[start : start + batch_size]
         return
     for i, batch in enumerate(tokens):
         if i >= skip:
@@ -130,7 +132,9 @@ def decoder_logit_effects(model, sae, features: Tensor | None = None) -> Float[T
     w_dec = sae.W_dec if features is None else sae.W_dec[features]
     d = w_dec.detach().float()
     if d.shape[-1] != model.cfg.d_model:
-        raise ValueError(f"logit effects need an SAE on a d_model-wide site; {sae.cfg.hook_name} has width {d.shape[-1]}")
+        raise ValueError(
+            f"logit effects need an SAE on a d_model-wide site; {sae.cfg.hook_name} has width {d.shape[-1]}"
+        )
     norm = model.ln_final
     if getattr(norm, "kind", None) is not None:
         from interplab.model.config import Norm

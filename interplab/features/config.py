@@ -50,8 +50,19 @@ class FeatureBuildConfig:
     """format version of this config"""
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "hist_bins", "batch_size", "window_left", "window_right", "n_samples", "logit_k",
-                     "cooc_k", "features_per_pass", "checkpoint_every", "max_cooc_features"):
+        for name in (
+            "top_k",
+            "hist_bins",
+            "batch_size",
+            "window_left",
+            "window_right",
+            "n_samples",
+            "logit_k",
+            "cooc_k",
+            "features_per_pass",
+            "checkpoint_every",
+            "max_cooc_features",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -59,7 +70,9 @@ class FeatureBuildConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if not 0 < self.hist_min < self.hist_max:
-            raise ValueError(f"need 0 < hist_min < hist_max, got hist_min={self.hist_min}, hist_max={self.hist_max}")
+            raise ValueError(
+                f"need 0 < hist_min < hist_max, got hist_min={self.hist_min}, hist_max={self.hist_max}"
+            )
 
     @property
     def window(self) -> int:

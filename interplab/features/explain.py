@@ -33,7 +33,9 @@ class Explanation:
 class Explainer(Protocol):
     name: str
 
-    def explain(self, record: dict[str, Any], vocab: dict[int, str], counts: dict[int, int]) -> Explanation: ...
+    def explain(
+        self, record: dict[str, Any], vocab: dict[int, str], counts: dict[int, int]
+    ) -> Explanation: ...
 
 
 class Simulator(Protocol):
@@ -82,9 +84,11 @@ class PromptExplainer:
             k = center - sum(1 for t in c["tokens"][:center] if t < 0)
             parts[k] = f"<<{parts[k]}>>"
             lines.append(f"({c['act']:.2f}) " + "".join(parts))
-        return ("Below are text snippets where a neuron of a language model fires; the token it fires most on is "
-                "marked <<like this>>, with the activation in brackets. In one short phrase, what does the neuron "
-                "detect?\n\n" + "\n".join(lines) + "\n\nExplanation:")
+        return (
+            "Below are text snippets where a neuron of a language model fires; the token it fires most on is "
+            "marked <<like this>>, with the activation in brackets. In one short phrase, what does the neuron "
+            "detect?\n\n" + "\n".join(lines) + "\n\nExplanation:"
+        )
 
     def explain(self, record, vocab, counts) -> Explanation:
         return Explanation(self.complete(self.prompt(record, vocab)).strip())
@@ -107,14 +111,15 @@ def correlation(a: list[float], b: list[float]) -> float:
     if n == 0:
         return 0.0
     ma, mb = sum(a) / n, sum(b) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
     va = sum((x - ma) ** 2 for x in a)
     vb = sum((y - mb) ** 2 for y in b)
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
 
 
-def score_explanation(explanation: Explanation, simulator: Simulator, contexts: list[dict],
-                      vocab: dict[int, str]) -> float:
+def score_explanation(
+    explanation: Explanation, simulator: Simulator, contexts: list[dict], vocab: dict[int, str]
+) -> float:
     """Correlation between simulated and true activations over every token of the held-out ``contexts``."""
     sim, true = [], []
     for c in contexts:
@@ -144,19 +149,34 @@ class AutoInterpResult:
     def save(self, path) -> None:
         from interplab.io import atomic_write_json
 
-        atomic_write_json(path, {"explainer": self.explainer, "explanations": self.explanations,
-                                 "scores": self.scores, "skipped_human": self.skipped_human})
+        atomic_write_json(
+            path,
+            {
+                "explainer": self.explainer,
+                "explanations": self.explanations,
+                "scores": self.scores,
+                "skipped_human": self.skipped_human,
+            },
+        )
 
 
-def auto_interp(store: FeatureStore, explainer: Explainer, simulator: Simulator | None = None, *,
-                features: Iterable[int] | None = None, overwrite_human: bool = False) -> AutoInterpResult:
+def auto_interp(
+    store: FeatureStore,
+    explainer: Explainer,
+    simulator: Simulator | None = None,
+    *,
+    features: Iterable[int] | None = None,
+    overwrite_human: bool = False,
+) -> AutoInterpResult:
     """Explain and score ``features`` (default: all that fire) and store the labels as ``auto:<name>``
     (human labels are kept unless ``overwrite_human``)."""
     simulator = simulator or TokenListSimulator()
     vocab, counts = store.vocab(), store.token_counts()
     window_left = store.meta().get("window_left", 0)
     human = store.labels(source="human")
-    feats = list(features) if features is not None else [r["feature"] for r in store.list_features(limit=10**9)]
+    feats = (
+        list(features) if features is not None else [r["feature"] for r in store.list_features(limit=10**9)]
+    )
     explanations, scores, skipped = {}, {}, []
     for f in feats:
         record = {**store.feature(f), "window_left": window_left}
@@ -169,4 +189,6 @@ def auto_interp(store: FeatureStore, explainer: Explainer, simulator: Simulator 
         score = score_explanation(expl, simulator, record["samples"], vocab)
         store.set_label(f, expl.text, source=f"auto:{explainer.name}", score=score)
         explanations[f], scores[f] = expl.text, score
-    return AutoInterpResult(explanations=explanations, scores=scores, explainer=explainer.name, skipped_human=skipped)
+    return AutoInterpResult(
+        explanations=explanations, scores=scores, explainer=explainer.name, skipped_human=skipped
+    )

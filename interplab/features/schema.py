@@ -28,17 +28,21 @@ SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
-meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+meta = Table(
+    "meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False)
+)
 
 vocab = Table(
-    "vocab", metadata,
+    "vocab",
+    metadata,
     Column("token", Integer, primary_key=True),
     Column("text", Text, nullable=False),
     Column("count", Integer, nullable=False),
 )
 
 features = Table(
-    "features", metadata,
+    "features",
+    metadata,
     Column("feature", Integer, primary_key=True, autoincrement=False),
     Column("n_fires", Integer, nullable=False),
     Column("density", Float, nullable=False),
@@ -54,7 +58,8 @@ Index("ix_features_density", features.c.density)
 Index("ix_features_top_token", features.c.top_token)
 
 contexts = Table(
-    "contexts", metadata,
+    "contexts",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("feature", Integer, nullable=False),
     Column("kind", Integer, nullable=False),  # 0: top activating, 1: uniform sample of firings
@@ -70,13 +75,15 @@ Index("ix_contexts_feature", contexts.c.feature, contexts.c.kind, contexts.c.ran
 Index("ix_contexts_token", contexts.c.center_token, contexts.c.act)
 
 passes = Table(
-    "passes", metadata,
+    "passes",
+    metadata,
     Column("first", Integer, primary_key=True, autoincrement=False),
     Column("last", Integer, nullable=False),
 )
 
 labels = Table(
-    "labels", metadata,
+    "labels",
+    metadata,
     Column("feature", Integer, primary_key=True, autoincrement=False),
     Column("explanation", Text, nullable=False),
     Column("source", String(64), nullable=False),  # "human" or "auto:<explainer>"
@@ -114,8 +121,12 @@ def _create_v1(conn) -> None:
         for index in table.indexes:
             index.create(conn, checkfirst=True)
     if conn.dialect.name == "sqlite":
-        conn.execute(text("CREATE VIRTUAL TABLE IF NOT EXISTS contexts_fts USING fts5(text, content='contexts', "
-                          "content_rowid='id', tokenize=\"unicode61 tokenchars '_'\")"))
+        conn.execute(
+            text(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS contexts_fts USING fts5(text, content='contexts', "
+                "content_rowid='id', tokenize=\"unicode61 tokenchars '_'\")"
+            )
+        )
 
 
 def _v1_to_v2(conn) -> None:
@@ -129,8 +140,10 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
     """Bring the database to schema ``target`` (creating it if empty); returns the version it had."""
     found = schema_version(engine)
     if found > SCHEMA_VERSION:
-        raise ValueError(f"the feature database has schema version {found}; this interplab reads up to "
-                         f"{SCHEMA_VERSION}: upgrade interplab")
+        raise ValueError(
+            f"the feature database has schema version {found}; this interplab reads up to "
+            f"{SCHEMA_VERSION}: upgrade interplab"
+        )
     for version in range(found + 1, target + 1):
         with engine.begin() as conn:
             MIGRATIONS[version](conn)

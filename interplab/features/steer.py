@@ -48,9 +48,17 @@ class SteeringResult:
     def plot(self):
         import plotly.graph_objects as go
 
-        return go.Figure(go.Table(header={"values": ["", "continuation"]},
-                                  cells={"values": [["baseline", f"steered ({self.mode.value} {self.value:g})"],
-                                                    [self.baseline_text, self.steered_text]]}))
+        return go.Figure(
+            go.Table(
+                header={"values": ["", "continuation"]},
+                cells={
+                    "values": [
+                        ["baseline", f"steered ({self.mode.value} {self.value:g})"],
+                        [self.baseline_text, self.steered_text],
+                    ]
+                },
+            )
+        )
 
 
 def steering_hook(sae, feature: int, value: float, mode: SteerMode):
@@ -110,7 +118,16 @@ def steer_generate(
     if prompt.numel() == 0:
         raise ValueError("the prompt is empty")
     base = greedy_continue(model, prompt, max_new_tokens)
-    steered = greedy_continue(model, prompt, max_new_tokens, [(hook, steering_hook(sae, feature, value, mode))])
-    return SteeringResult(feature=feature, value=float(value), mode=SteerMode(mode), prompt=prompt.tolist(),
-                          baseline=base, steered=steered, baseline_text=decode(model, base),
-                          steered_text=decode(model, steered))
+    steered = greedy_continue(
+        model, prompt, max_new_tokens, [(hook, steering_hook(sae, feature, value, mode))]
+    )
+    return SteeringResult(
+        feature=feature,
+        value=float(value),
+        mode=SteerMode(mode),
+        prompt=prompt.tolist(),
+        baseline=base,
+        steered=steered,
+        baseline_text=decode(model, base),
+        steered_text=decode(model, steered),
+    )

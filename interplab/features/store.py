@@ -44,7 +44,9 @@ class FeatureStore:
         if self.url.startswith("sqlite:///") and not create:
             file = Path(self.url.removeprefix("sqlite:///"))
             if not file.is_file():
-                raise FileNotFoundError(f"no feature database at {file} (build one with `interplab features build`)")
+                raise FileNotFoundError(
+                    f"no feature database at {file} (build one with `interplab features build`)"
+                )
         self.engine = create_engine(self.url)
         S.install_pragmas(self.engine)
         if create:
@@ -75,9 +77,12 @@ class FeatureStore:
     def write_vocab(self, strings: list[str], counts: list[int]) -> None:
         with self.engine.begin() as c:
             c.execute(delete(S.vocab))
-            rows = [{"token": i, "text": s, "count": int(n)} for i, (s, n) in enumerate(zip(strings, counts))]
+            rows = [
+                {"token": i, "text": s, "count": int(n)}
+                for i, (s, n) in enumerate(zip(strings, counts, strict=True))
+            ]
             for start in range(0, len(rows), 5000):
-                c.execute(insert(S.vocab), rows[start:start + 5000])
+                c.execute(insert(S.vocab), rows[start : start + 5000])
         self._vocab = None
 
     def vocab(self) -> dict[int, str]:
@@ -108,9 +113,13 @@ class FeatureStore:
         with self.engine.begin() as c:
             ids = [r["feature"] for r in rows]
             if self.sqlite:  # external-content full-text index: remove the old rows' entries first
-                c.execute(text("INSERT INTO contexts_fts(contexts_fts, rowid, text) SELECT 'delete', id, text "
-                               "FROM contexts WHERE feature IN (SELECT value FROM json_each(:ids))"),
-                          {"ids": json.dumps(ids)})
+                c.execute(
+                    text(
+                        "INSERT INTO contexts_fts(contexts_fts, rowid, text) SELECT 'delete', id, text "
+                        "FROM contexts WHERE feature IN (SELECT value FROM json_each(:ids))"
+                    ),
+                    {"ids": json.dumps(ids)},
+                )
             c.execute(delete(S.contexts).where(S.contexts.c.feature.in_(ids)))
             c.execute(delete(S.features).where(S.features.c.feature.in_(ids)))
             if rows:
@@ -121,8 +130,10 @@ class FeatureStore:
                     r["id"] = first + i
                 c.execute(insert(S.contexts), context_rows)
                 if self.sqlite:
-                    c.execute(text("INSERT INTO contexts_fts(rowid, text) VALUES (:id, :text)"),
-                              [{"id": r["id"], "text": r["text"]} for r in context_rows])
+                    c.execute(
+                        text("INSERT INTO contexts_fts(rowid, text) VALUES (:id, :text)"),
+                        [{"id": r["id"], "text": r["text"]} for r in context_rows],
+                    )
 
     def mark_pass_done(self, first: int, last: int) -> None:
         with self.engine.begin() as c:
@@ -144,15 +155,30 @@ class FeatureStore:
             row = c.execute(select(S.features).where(S.features.c.feature == index)).mappings().first()
             if row is None:
                 raise FeatureNotFound(index)
-            ctx = c.execute(select(S.contexts.c.kind, S.contexts.c.rank, S.contexts.c.token_index, S.contexts.c.act,
-                                   S.contexts.c.tokens, S.contexts.c.acts, S.contexts.c.text)
-                            .where(S.contexts.c.feature == index)
-                            .order_by(S.contexts.c.kind, S.contexts.c.rank)).mappings().all()
+            ctx = (
+                c.execute(
+                    select(
+                        S.contexts.c.kind,
+                        S.contexts.c.rank,
+                        S.contexts.c.token_index,
+                        S.contexts.c.act,
+                        S.contexts.c.tokens,
+                        S.contexts.c.acts,
+                        S.contexts.c.text,
+                    )
+                    .where(S.contexts.c.feature == index)
+                    .order_by(S.contexts.c.kind, S.contexts.c.rank)
+                )
+                .mappings()
+                .all()
+            )
             label = c.execute(select(S.labels).where(S.labels.c.feature == index)).mappings().first()
         out = dict(row)
         for key in ("hist", "logits", "cooc"):
             out[key] = json.loads(out[key])
-        contexts = [{**dict(r), "tokens": json.loads(r["tokens"]), "acts": json.loads(r["acts"])} for r in ctx]
+        contexts = [
+            {**dict(r), "tokens": json.loads(r["tokens"]), "acts": json.loads(r["acts"])} for r in ctx
+        ]
         out["top"] = [r for r in contexts if r["kind"] == 0]
         out["samples"] = [r for r in contexts if r["kind"] == 1]
         out["label"] = dict(label) if label is not None else None
@@ -161,8 +187,12 @@ class FeatureStore:
     def neighbours(self, index: int) -> tuple[int | None, int | None]:
         """The previous and next feature in the database."""
         with self.engine.connect() as c:
-            prev = c.execute(select(func.max(S.features.c.feature)).where(S.features.c.feature < index)).scalar()
-            nxt = c.execute(select(func.min(S.features.c.feature)).where(S.features.c.feature > index)).scalar()
+            prev = c.execute(
+                select(func.max(S.features.c.feature)).where(S.features.c.feature < index)
+            ).scalar()
+            nxt = c.execute(
+                select(func.min(S.features.c.feature)).where(S.features.c.feature > index)
+            ).scalar()
         return prev, nxt
 
     def random_feature(self, *, alive: bool = True, rng: random.Random | None = None) -> int | None:
@@ -178,57 +208,88 @@ class FeatureStore:
 
     def list_features(self, *, order: str = "feature", limit: int = 50, offset: int = 0) -> list[dict]:
         """Summary rows; ``order`` in feature, density, -density, loss_effect, -loss_effect, max_act."""
-        cols = {"feature": S.features.c.feature, "density": S.features.c.density,
-                "loss_effect": S.features.c.loss_effect, "max_act": S.features.c.max_act}
+        cols = {
+            "feature": S.features.c.feature,
+            "density": S.features.c.density,
+            "loss_effect": S.features.c.loss_effect,
+            "max_act": S.features.c.max_act,
+        }
         name = order.lstrip("-")
         if name not in cols:
             raise ValueError(f"unknown order {order!r}; valid: {sorted(cols)} (prefix - for descending)")
         key = cols[name].desc() if order.startswith("-") else cols[name]
         with self.engine.connect() as c:
-            q = (select(S.features.c.feature, S.features.c.density, S.features.c.max_act, S.features.c.loss_effect,
-                        S.features.c.top_token, S.labels.c.explanation)
-                 .outerjoin(S.labels, S.labels.c.feature == S.features.c.feature)
-                 .order_by(key, S.features.c.feature).limit(limit).offset(offset))
+            q = (
+                select(
+                    S.features.c.feature,
+                    S.features.c.density,
+                    S.features.c.max_act,
+                    S.features.c.loss_effect,
+                    S.features.c.top_token,
+                    S.labels.c.explanation,
+                )
+                .outerjoin(S.labels, S.labels.c.feature == S.features.c.feature)
+                .order_by(key, S.features.c.feature)
+                .limit(limit)
+                .offset(offset)
+            )
             return [dict(r) for r in c.execute(q).mappings()]
 
     def search_token(self, token: int, limit: int = 50) -> list[TokenHit]:
         """Features whose top contexts peak on ``token``, most often (then most strongly) first."""
         with self.engine.connect() as c:
-            q = (select(S.contexts.c.feature, func.count().label("n"), func.max(S.contexts.c.act).label("m"))
-                 .where(S.contexts.c.center_token == token, S.contexts.c.kind == 0)
-                 .group_by(S.contexts.c.feature)
-                 .order_by(func.count().desc(), func.max(S.contexts.c.act).desc(), S.contexts.c.feature)
-                 .limit(limit))
+            q = (
+                select(S.contexts.c.feature, func.count().label("n"), func.max(S.contexts.c.act).label("m"))
+                .where(S.contexts.c.center_token == token, S.contexts.c.kind == 0)
+                .group_by(S.contexts.c.feature)
+                .order_by(func.count().desc(), func.max(S.contexts.c.act).desc(), S.contexts.c.feature)
+                .limit(limit)
+            )
             return [TokenHit(int(f), int(n), float(m)) for f, n, m in c.execute(q)]
 
     def search_text(self, query: str, limit: int = 50) -> list[dict]:
         """Features whose explanation or top-context text matches ``query`` (full-text on SQLite)."""
         hits: dict[int, dict] = {}
         with self.engine.connect() as c:
-            for f, expl in c.execute(select(S.labels.c.feature, S.labels.c.explanation)
-                                     .where(S.labels.c.explanation.ilike(f"%{query}%")).limit(limit)):
+            for f, expl in c.execute(
+                select(S.labels.c.feature, S.labels.c.explanation)
+                .where(S.labels.c.explanation.ilike(f"%{query}%"))
+                .limit(limit)
+            ):
                 hits[f] = {"feature": f, "where": "explanation", "text": expl}
             if self.sqlite:
                 phrase = '"' + query.replace('"', '""') + '"'
-                rows = c.execute(text("SELECT c.feature, c.text FROM contexts_fts JOIN contexts c ON c.id = contexts_fts.rowid "
-                                      "WHERE contexts_fts MATCH :q ORDER BY contexts_fts.rank LIMIT :n"),
-                                 {"q": phrase, "n": limit * 4})
+                rows = c.execute(
+                    text(
+                        "SELECT c.feature, c.text FROM contexts_fts JOIN contexts c ON c.id = contexts_fts.rowid "
+                        "WHERE contexts_fts MATCH :q ORDER BY contexts_fts.rank LIMIT :n"
+                    ),
+                    {"q": phrase, "n": limit * 4},
+                )
             else:
-                rows = c.execute(select(S.contexts.c.feature, S.contexts.c.text)
-                                 .where(S.contexts.c.text.ilike(f"%{query}%")).limit(limit * 4))
+                rows = c.execute(
+                    select(S.contexts.c.feature, S.contexts.c.text)
+                    .where(S.contexts.c.text.ilike(f"%{query}%"))
+                    .limit(limit * 4)
+                )
             for f, t in rows:
                 hits.setdefault(f, {"feature": f, "where": "context", "text": t})
         return list(hits.values())[:limit]
 
     # ---- labels --------------------------------------------------------------------------------
-    def set_label(self, feature: int, explanation: str, *, source: str = "human", score: float | None = None) -> None:
+    def set_label(
+        self, feature: int, explanation: str, *, source: str = "human", score: float | None = None
+    ) -> None:
         with self.engine.begin() as c:
             if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
                 raise FeatureNotFound(feature)
             c.execute(delete(S.labels).where(S.labels.c.feature == feature))
             if explanation.strip():
-                c.execute(insert(S.labels).values(feature=feature, explanation=explanation.strip(), source=source,
-                                                  score=score))
+                c.execute(
+                    insert(S.labels).values(
+                        feature=feature, explanation=explanation.strip(), source=source, score=score
+                    )
+                )
 
     def labels(self, *, source: str | None = None) -> dict[int, dict]:
         q = select(S.labels)

@@ -68,15 +68,20 @@ class FeatureStats:
 
         dens = self.density[self.n_fires > 0].log10().tolist()
         fig = go.Figure(go.Histogram(x=dens, nbinsx=50))
-        fig.update_layout(title=f"feature density ({len(self.features)} features, {self.n_tokens} tokens)",
-                          xaxis_title="log10 density", yaxis_title="features")
+        fig.update_layout(
+            title=f"feature density ({len(self.features)} features, {self.n_tokens} tokens)",
+            xaxis_title="log10 density",
+            yaxis_title="features",
+        )
         return fig
 
     def save(self, path) -> None:
         """Write every tensor to one safetensors file (exact inverse: `FeatureStats.load`)."""
         from interplab.io import save_tensors
 
-        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        tensors = {
+            f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        }
         save_tensors(path, tensors, metadata={"n_tokens": str(self.n_tokens)})
 
     @classmethod
@@ -102,8 +107,14 @@ def sample_priority(index: Tensor, feature: Tensor, seed: int) -> Tensor:
 class StreamingFeatureStats:
     """Accumulates `FeatureStats` for ``d_sae`` features (optionally a range of them) over batches."""
 
-    def __init__(self, d_sae: int, cfg: FeatureBuildConfig, *, features: Tensor | None = None,
-                 cooccurrence: bool | None = None) -> None:
+    def __init__(
+        self,
+        d_sae: int,
+        cfg: FeatureBuildConfig,
+        *,
+        features: Tensor | None = None,
+        cooccurrence: bool | None = None,
+    ) -> None:
         self.cfg = cfg
         self.features = torch.arange(d_sae) if features is None else features.long()
         n, k, m, w = len(self.features), cfg.top_k, cfg.n_samples, cfg.window
@@ -113,8 +124,9 @@ class StreamingFeatureStats:
         self.n_fires = torch.zeros(n, dtype=torch.long)
         self.act_sum = torch.zeros(n, dtype=torch.float64)
         self.hist = torch.zeros(n, cfg.hist_bins, dtype=torch.long)
-        self.hist_edges = torch.logspace(math.log10(cfg.hist_min), math.log10(cfg.hist_max), cfg.hist_bins + 1,
-                                         dtype=torch.float64)
+        self.hist_edges = torch.logspace(
+            math.log10(cfg.hist_min), math.log10(cfg.hist_max), cfg.hist_bins + 1, dtype=torch.float64
+        )
         self._log_edges = self.hist_edges[1:-1].log().float()
         self.top_key = torch.full((n, k), -1, dtype=torch.long)
         self.top_tokens = torch.full((n, k, w), -1, dtype=torch.long)
@@ -125,8 +137,7 @@ class StreamingFeatureStats:
         self.sample_tokens = torch.full((n, m, w), -1, dtype=torch.long)
         self.sample_acts = torch.zeros(n, m, w)
         self.loss_sum = torch.zeros(n, dtype=torch.float64) if cfg.loss_effect else None
-        self.cooc = (torch.zeros(n, n, dtype=torch.long)
-                     if want_cooc and n <= cfg.max_cooc_features else None)
+        self.cooc = torch.zeros(n, n, dtype=torch.long) if want_cooc and n <= cfg.max_cooc_features else None
 
     # ---- one batch ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -168,15 +179,18 @@ class StreamingFeatureStats:
 
     def _cooccurrence(self, f_idx: Tensor, t_idx: Tensor, n_tok: int) -> None:
         n = len(self.features)
-        ind = torch.sparse_coo_tensor(torch.stack([t_idx, f_idx]), torch.ones(len(f_idx)), (n_tok, n),
-                                      check_invariants=False).coalesce()
+        ind = torch.sparse_coo_tensor(
+            torch.stack([t_idx, f_idx]), torch.ones(len(f_idx)), (n_tok, n), check_invariants=False
+        ).coalesce()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             pairs = torch.sparse.mm(ind.t().coalesce(), ind).coalesce()
         i, j = pairs.indices()
         self.cooc.view(-1).index_add_(0, i * n + j, pairs.values().round().long())
 
-    def _windows(self, acts_t: Tensor, feat: Tensor, index: Tensor, tokens: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    def _windows(
+        self, acts_t: Tensor, feat: Tensor, index: Tensor, tokens: Tensor, p: int
+    ) -> tuple[Tensor, Tensor]:
         """Token windows [.., window] around batch-local token ``index`` and the feature's activations there."""
         offs = torch.arange(-self.cfg.window_left, self.cfg.window_right + 1)
         seq, pos = index // p, index % p
@@ -201,10 +215,16 @@ class StreamingFeatureStats:
         all_key = torch.cat([self.top_key, cand_key], 1)
         best, pick = all_key.topk(self.cfg.top_k, dim=1)
         self.top_key = best
-        self.top_tokens = torch.cat([self.top_tokens, win_tok], 1).gather(1, pick[..., None].expand(-1, -1, self.cfg.window))
-        self.top_acts = torch.cat([self.top_acts, win_act], 1).gather(1, pick[..., None].expand(-1, -1, self.cfg.window))
+        self.top_tokens = torch.cat([self.top_tokens, win_tok], 1).gather(
+            1, pick[..., None].expand(-1, -1, self.cfg.window)
+        )
+        self.top_acts = torch.cat([self.top_acts, win_act], 1).gather(
+            1, pick[..., None].expand(-1, -1, self.cfg.window)
+        )
 
-    def _samples(self, acts_t: Tensor, f_idx: Tensor, t_idx: Tensor, values: Tensor, tokens: Tensor, p: int) -> None:
+    def _samples(
+        self, acts_t: Tensor, f_idx: Tensor, t_idx: Tensor, values: Tensor, tokens: Tensor, p: int
+    ) -> None:
         m = self.cfg.n_samples
         if m == 0 or len(f_idx) == 0:
             return
@@ -225,8 +245,12 @@ class StreamingFeatureStats:
         self.sample_index = torch.cat([self.sample_index, cand_index], 1).gather(1, pick)
         self.sample_val = torch.cat([self.sample_val, cand_val], 1).gather(1, pick)
         w = self.cfg.window
-        self.sample_tokens = torch.cat([self.sample_tokens, win_tok], 1).gather(1, pick[..., None].expand(-1, -1, w))
-        self.sample_acts = torch.cat([self.sample_acts, win_act], 1).gather(1, pick[..., None].expand(-1, -1, w))
+        self.sample_tokens = torch.cat([self.sample_tokens, win_tok], 1).gather(
+            1, pick[..., None].expand(-1, -1, w)
+        )
+        self.sample_acts = torch.cat([self.sample_acts, win_act], 1).gather(
+            1, pick[..., None].expand(-1, -1, w)
+        )
 
     # ---- results and checkpoints -------------------------------------------------------------
     def result(self) -> FeatureStats:
@@ -235,18 +259,40 @@ class StreamingFeatureStats:
         top_index = torch.where(valid, _LOW32 - (self.top_key & _LOW32), -1)
         svalid = self.sample_key >= 0
         return FeatureStats(
-            features=self.features, n_tokens=self.n_tokens, n_fires=self.n_fires.clone(),
-            act_sum=self.act_sum.clone(), hist=self.hist.clone(), hist_edges=self.hist_edges,
-            top_val=top_val, top_index=top_index, top_tokens=self.top_tokens.clone(),
-            top_acts=self.top_acts.clone(), sample_val=torch.where(svalid, self.sample_val, 0.0),
-            sample_index=torch.where(svalid, self.sample_index, -1), sample_tokens=self.sample_tokens.clone(),
+            features=self.features,
+            n_tokens=self.n_tokens,
+            n_fires=self.n_fires.clone(),
+            act_sum=self.act_sum.clone(),
+            hist=self.hist.clone(),
+            hist_edges=self.hist_edges,
+            top_val=top_val,
+            top_index=top_index,
+            top_tokens=self.top_tokens.clone(),
+            top_acts=self.top_acts.clone(),
+            sample_val=torch.where(svalid, self.sample_val, 0.0),
+            sample_index=torch.where(svalid, self.sample_index, -1),
+            sample_tokens=self.sample_tokens.clone(),
             sample_acts=self.sample_acts.clone(),
             loss_sum=None if self.loss_sum is None else self.loss_sum.clone(),
             cooc=None if self.cooc is None else self.cooc.clone(),
         )
 
-    _STATE = ("features", "n_fires", "act_sum", "hist", "top_key", "top_tokens", "top_acts", "sample_key",
-              "sample_index", "sample_val", "sample_tokens", "sample_acts", "loss_sum", "cooc")
+    _STATE = (
+        "features",
+        "n_fires",
+        "act_sum",
+        "hist",
+        "top_key",
+        "top_tokens",
+        "top_acts",
+        "sample_key",
+        "sample_index",
+        "sample_val",
+        "sample_tokens",
+        "sample_acts",
+        "loss_sum",
+        "cooc",
+    )
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {k: getattr(self, k) for k in self._STATE if getattr(self, k) is not None}

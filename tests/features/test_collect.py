@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HOOK, TinySAE, planted_sae, tiny_model
 
 from interplab.features import FeatureBuildConfig, collect_features
 from interplab.features.collect import ablation_loss_effect, decoder_logit_effects, top_logits
 from interplab.features.stream import StreamingFeatureStats
+from tests.features.planted import HOOK, TinySAE, planted_sae, tiny_model
 
 
 def test_planted_feature_fires_exactly_on_its_token(model, tokens):
@@ -37,7 +37,9 @@ def test_planted_feature_fires_exactly_on_its_token(model, tokens):
 def test_streaming_topk_equals_brute_force_sort(model, tokens):
     torch.manual_seed(3)
     sae = TinySAE(32, 24)
-    cfg = FeatureBuildConfig(top_k=7, n_samples=5, window_left=2, window_right=1, batch_size=3, loss_effect=False)
+    cfg = FeatureBuildConfig(
+        top_k=7, n_samples=5, window_left=2, window_right=1, batch_size=3, loss_effect=False
+    )
     stats = collect_features(model, sae, tokens, cfg)
     _, cache = model.run_with_cache(tokens, names=[HOOK])
     acts = sae.encode(cache[HOOK]).detach().reshape(-1, 24)
@@ -97,8 +99,13 @@ def test_resume_from_state_matches(model, tokens):
             raise Stop
 
     with pytest.raises(Stop):
-        collect_features(model, sae, tokens, FeatureBuildConfig(batch_size=4, top_k=4, n_samples=4,
-                                                                checkpoint_every=1), checkpoint=checkpoint)
+        collect_features(
+            model,
+            sae,
+            tokens,
+            FeatureBuildConfig(batch_size=4, top_k=4, n_samples=4, checkpoint_every=1),
+            checkpoint=checkpoint,
+        )
     state = StreamingFeatureStats(16, cfg)
     state.load_state_dict(saved)
     resumed = collect_features(model, sae, tokens, cfg, state=state)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import TinySAE, planted_sae
 
 from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
@@ -20,6 +19,7 @@ from interplab.features.explain import (
 )
 from interplab.features.steer import SteerMode, steer_generate, steering_hook
 from interplab.features.store import FeatureStore
+from tests.features.planted import TinySAE, planted_sae
 
 
 def _unembed_sae(model, tokens_by_feature):
@@ -71,8 +71,9 @@ def test_auto_interp_recovers_planted_tokens_and_keeps_human_labels(tmp_path, mo
     assert store.feature(0)["label"]["explanation"] == "my own words"
     assert store.feature(3)["label"]["source"] == "auto:token-enrichment"
     # a wrong explanation scores low; the simulator parses quoted token names
-    wrong = score_explanation(Explanation("fires on '#1'"), TokenListSimulator(), store.feature(3)["samples"],
-                              store.vocab())
+    wrong = score_explanation(
+        Explanation("fires on '#1'"), TokenListSimulator(), store.feature(3)["samples"], store.vocab()
+    )
     assert wrong < 0.5
     result.save(tmp_path / "interp.json")
     assert json.loads((tmp_path / "interp.json").read_text())["explainer"] == "token-enrichment"
@@ -80,7 +81,9 @@ def test_auto_interp_recovers_planted_tokens_and_keeps_human_labels(tmp_path, mo
 
 def test_prompt_explainer_marks_the_peak_token(tmp_path, model, tokens):
     sae = planted_sae(model, 3)
-    build_feature_db(tmp_path / "f.db", model, sae, tokens, FeatureBuildConfig(top_k=3, window_left=2, batch_size=8))
+    build_feature_db(
+        tmp_path / "f.db", model, sae, tokens, FeatureBuildConfig(top_k=3, window_left=2, batch_size=8)
+    )
     seen = []
 
     def complete(prompt: str) -> str:

@@ -6,13 +6,15 @@ import sqlite3
 
 import pytest
 import torch
-from conftest import TinySAE, planted_sae
 
 from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
 from interplab.features.store import FeatureNotFound, FeatureStore
+from tests.features.planted import TinySAE, planted_sae
 
-CFG = FeatureBuildConfig(top_k=4, n_samples=4, window_left=3, window_right=1, batch_size=4, checkpoint_every=1)
+CFG = FeatureBuildConfig(
+    top_k=4, n_samples=4, window_left=3, window_right=1, batch_size=4, checkpoint_every=1
+)
 
 
 def _sae():
@@ -41,7 +43,9 @@ def test_planted_database_contents(tmp_path, model, tokens):
 
 def test_building_twice_gives_the_same_database(tmp_path, model, tokens):
     build_feature_db(tmp_path / "a.db", model, _sae(), tokens, CFG)
-    build_feature_db(tmp_path / "b.db", model, _sae(), tokens, CFG.__class__(**{**CFG.to_dict(), "checkpoint_every": 0}))
+    build_feature_db(
+        tmp_path / "b.db", model, _sae(), tokens, CFG.__class__(**{**CFG.to_dict(), "checkpoint_every": 0})
+    )
     a, b = FeatureStore(tmp_path / "a.db").dump(), FeatureStore(tmp_path / "b.db").dump()
     a["meta"] = [r for r in a["meta"] if r[0] != "fingerprint"]
     b["meta"] = [r for r in b["meta"] if r[0] != "fingerprint"]
