@@ -16,6 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from interplab.features.store import FeatureNotFound, FeatureStore
 from interplab.web.runs import Artifact, find_artifacts, run_view
 from interplab.web.views import Links, feature_view, summary_rows
@@ -58,8 +64,6 @@ class Resources:
         self.meta = {name: s.meta() for name, s in self.stores.items()}
 
     def store(self, name: str) -> FeatureStore:
-        from fastapi import HTTPException
-
         if name not in self.stores:
             raise HTTPException(404, f"no feature database named {name!r}; served: {sorted(self.stores)}")
         return self.stores[name]
@@ -100,12 +104,6 @@ def create_app(
 ):
     """The web app. ``model``/``sae`` (objects or folders) serve steering and attention views; by default the
     paths recorded in each database are used."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
-    from fastapi.staticfiles import StaticFiles
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     from interplab.web import api
 
     res = Resources(dbs, model=model, sae=sae)

@@ -42,9 +42,12 @@ def context_html(ctx: dict[str, Any], vocab: dict[int, str], center: int, scale:
     for k, (tok, act) in enumerate(zip(ctx["tokens"], ctx["acts"], strict=True)):
         if tok < 0:
             continue
-        text = show_token(vocab.get(tok, f"#{tok}"))
+        raw = vocab.get(tok, f"#{tok}")
+        text = show_token(raw)
         alpha = 0.0 if scale <= 0 else max(0.0, min(1.0, act / scale))
         cls = "tok peak" if k == center else "tok"
+        if raw == f"#{tok}":  # no tokenizer: ids, spaced apart
+            cls += " id"
         style = f' style="background:rgba(255,110,0,{alpha:.3f})"' if alpha > 0 else ""
         parts.append(
             f'<span class="{cls}"{style} data-act="{act:.4g}" title="{escape(text)} #{tok}: {act:.4g}">'
