@@ -24,7 +24,7 @@ def test_feature_page_has_every_panel(client):
     assert r.status_code == 200
     for panel in ("hist-chart", "logit-chart", "top-contexts", "samples", "cooc", "steer", "label-form"):
         assert f'id="{panel}"' in r.text
-    assert r.text.count('class="tok peak"') >= 6  # each context marks its peak token
+    assert r.text.count('class="tok peak') >= 6  # each context marks its peak token
     assert "/static-vendor/plotly.min.js" in r.text and "cdn" not in r.text.lower()
     assert client.get("/static-vendor/plotly.min.js").status_code == 200
 
@@ -84,3 +84,23 @@ def test_missing_database_is_refused(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no feature database"):
         create_app([tmp_path / "nothing.db"])
+
+
+def test_static_export_is_self_contained(web_setup, tmp_path):
+    import re
+
+    from interplab.web.export import export_html
+
+    report = export_html(web_setup["db"], tmp_path / "site")
+    site = tmp_path / "site"
+    assert report.n_pages == 17
+    assert (site / "static" / "plotly.min.js").stat().st_size > 1_000_000
+    page = (site / "feature" / "3.html").read_text()
+    assert 'class="tok peak' in page and "../static/plotly.min.js" in page
+    assert 'href="../feature/4.html"' in page and 'id="label-form"' not in page
+    # every local link and asset of every page exists; nothing points at the network
+    for html in site.rglob("*.html"):
+        text = html.read_text()
+        assert "http://" not in text and "https://" not in text
+        for ref in re.findall(r'(?:href|src)="([^"#?]+)"', text):
+            assert (html.parent / ref).resolve().exists(), (html, ref)
