@@ -23,9 +23,20 @@ TokenSource = Tensor | Iterable[Tensor]
 Progress = Callable[[int, int | None], None]
 
 
+def decoder_directions(sae, features: Tensor | None = None) -> Float[Tensor, "feature d_in"]:
+    """What one unit of each feature adds to the hooked activation, in the model's units: ``W_dec[f]``
+    divided by the SAE's input scale when it normalises its inputs (``act_scale``)."""
+    w = sae.W_dec if features is None else sae.W_dec[features]
+    scale = getattr(sae, "act_scale", None)
+    w = w.detach().float()
+    return w / scale.detach().float() if scale is not None else w
+
+
 def check_sae_fits(model, sae) -> str:
     """The SAE's hook name, after checking that the model has it and its width matches ``d_in``."""
     hook = sae.cfg.hook_name
+    if not hook:
+        raise ValueError("the SAE's config has no hook_name: which activation of the model does it read?")
     if hook not in model.hook_registry:
         model.hook_registry.resolve(hook)  # raises the model's own explanation
     width = model.hook_shapes(batch=1, pos=2)[hook][-1]
@@ -84,7 +95,7 @@ def encode_batch(model, sae, tokens: Tensor, hook: str, features: Tensor, with_e
         acts = sae.encode(x.to(sae.W_enc.dtype))[..., features].float()
         effects = None
         if with_effects:
-            w_dec = sae.W_dec[features].float()  # feature d_in
+            w_dec = decoder_directions(sae, features)  # feature d_in
             effects = -acts * (grad.float() @ w_dec.T)
     return _Batch(acts, effects)
 
@@ -127,10 +138,9 @@ def collect_features(
 
 
 def decoder_logit_effects(model, sae, features: Tensor | None = None) -> Float[Tensor, "feature d_vocab"]:
-    """Direct effect of each feature's decoder direction on the logits: ``W_dec[f]`` through the final
+    """Direct effect of each feature's decoder direction on the logits: `decoder_directions` through the final
     norm's centering (LayerNorm) and weight, then ``W_U`` (the norm's scale is a positive factor and is left out)."""
-    w_dec = sae.W_dec if features is None else sae.W_dec[features]
-    d = w_dec.detach().float()
+    d = decoder_directions(sae, features)
     if d.shape[-1] != model.cfg.d_model:
         raise ValueError(
             f"logit effects need an SAE on a d_model-wide site; {sae.cfg.hook_name} has width {d.shape[-1]}"
@@ -161,9 +171,10 @@ def ablation_loss_effect(model, sae, tokens: Int[Tensor, "batch pos"], feature: 
         _, cache = model.run_with_cache(tokens, names=[hook])
         acts = sae.encode(cache[hook])[..., feature]
         base = _seq_loss(model(tokens), tokens)
+        direction = decoder_directions(sae, torch.tensor([feature]))[0]
         increases = []
         for b, p in acts.gt(0).nonzero().tolist():
-            remove = acts[b, p] * sae.W_dec[feature]
+            remove = acts[b, p] * direction
 
             def ablate(x: Tensor, _site, b=b, p=p, remove=remove) -> Tensor:
                 x = x.clone()

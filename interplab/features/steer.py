@@ -15,16 +15,16 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interplab.features.collect import check_sae_fits
+from interplab.features.collect import check_sae_fits, decoder_directions
 
 
 class SteerMode(str, Enum):
     """How the feature is steered at every position of the SAE's site."""
 
     ADD = "add"
-    """add ``value * W_dec[f]`` to the activation"""
+    """add ``value * d_f`` to the activation (``d_f``: the decoder direction in the model's units)"""
     CLAMP = "clamp"
-    """set the feature's activation to ``value``: add ``(value - a_f(x)) * W_dec[f]`` (the SAE error is kept)"""
+    """set the feature's activation to ``value``: add ``(value - a_f(x)) * d_f`` (the SAE error is kept)"""
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SteeringResult:
 def steering_hook(sae, feature: int, value: float, mode: SteerMode):
     """A forward hook for the SAE's site that steers ``feature``."""
     mode = SteerMode(mode)
-    direction = sae.W_dec[feature].detach()
+    direction = decoder_directions(sae, torch.tensor([feature]))[0]
 
     def hook(x: Tensor, _site) -> Tensor:
         d = direction.to(x.dtype)
