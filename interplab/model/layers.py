@@ -170,16 +170,17 @@ class Attention(nn.Module):
     # fused QKV weights, cached while the weights are unchanged and no gradient is needed
     def _qkv_weight(self) -> tuple[Tensor, Tensor]:
         params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if not need_grad and self._fused is not None and self._fused[0] == key:
-            return self._fused[1], self._fused[2]
         d = self.cfg.d_model
-        w = torch.cat([t.permute(1, 0, 2).reshape(d, -1) for t in params[:3]], dim=1)
-        b = torch.cat([t.reshape(-1) for t in params[3:]])
-        if not need_grad:
-            self._fused = (key, w, b)
-        return w, b
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if need_grad or not all(type(p) is nn.Parameter for p in params):
+            # training, or parameters swapped in by torch.func: build afresh, differentiably
+            w = torch.cat([t.permute(1, 0, 2).reshape(d, -1) for t in params[:3]], dim=1)
+            return w, torch.cat([t.reshape(-1) for t in params[3:]])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            w = torch.cat([t.permute(1, 0, 2).reshape(d, -1) for t in params[:3]], dim=1)
+            self._fused = (key, w, torch.cat([t.reshape(-1) for t in params[3:]]))
+        return self._fused[1], self._fused[2]
 
     def forward(
         self,
