@@ -130,8 +130,8 @@ class CheckpointConfig:
 class TrainConfig:
     """Everything that fixes a training run (the run directory's ``config.json``)."""
 
-    model: ModelConfig
-    """the architecture; d_vocab is set from the tokenizer or task"""
+    model: ModelConfig | None = None
+    """the architecture (d_vocab is set from the tokenizer or task); None only for a task: its own model"""
     data: DataConfig = field(default_factory=DataConfig)
     """the data source"""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -166,6 +166,10 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, dict):
                 object.__setattr__(self, key, _build(cls, value, key))
+        if self.model is None and self.data.task is None:
+            raise ValueError(
+                "a train config needs a 'model' section (only task sources have a default model)"
+            )
         try:
             object.__setattr__(self, "precision", Precision(self.precision))
         except ValueError:
@@ -182,7 +186,7 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}"
             )
-        if self.data.task is None and self.data.seq_len > self.model.n_ctx:
+        if self.model is not None and self.data.task is None and self.data.seq_len > self.model.n_ctx:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is longer than the model's n_ctx={self.model.n_ctx}"
             )
@@ -217,7 +221,9 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "model":
-                value = {k: v for k, v in value.to_dict().items() if k != "version"}
+                value = (
+                    None if value is None else {k: v for k, v in value.to_dict().items() if k != "version"}
+                )
             elif dataclasses.is_dataclass(value):
                 value = {g.name: _plain(getattr(value, g.name)) for g in dataclasses.fields(value)}
             else:
@@ -233,8 +239,6 @@ class TrainConfig:
             raise ValueError(
                 f"train config version {version} is newer than this interplab ({TRAIN_CONFIG_VERSION})"
             )
-        if "model" not in data:
-            raise ValueError("a train config needs a 'model' section")
         return _build(cls, data, "config")
 
     @classmethod

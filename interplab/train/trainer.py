@@ -116,15 +116,21 @@ def _default_device() -> torch.device:
 
 
 def build_model(cfg: TrainConfig, source: Any) -> Transformer:
-    """The model of a run: the config's architecture with the vocabulary of its data source."""
-    changes: dict[str, Any] = {"d_vocab": source.d_vocab}
-    if hasattr(source, "d_vocab_out"):
-        changes["d_vocab_out"] = source.d_vocab_out
-        changes["n_ctx"] = max(cfg.model.n_ctx, source.n_ctx)
-    elif cfg.model.d_vocab_out != cfg.model.d_vocab:
-        changes["d_vocab_out"] = source.d_vocab
+    """The model of a run: the config's architecture (or a task's own) with the data source's vocabulary."""
+    if cfg.model is None:
+        model_cfg = source.model_cfg
+    elif hasattr(source, "model_cfg"):  # a task: its vocabulary and length, the config's architecture
+        t = source.model_cfg
+        model_cfg = cfg.model.replace(
+            d_vocab=t.d_vocab, d_vocab_out=t.d_vocab_out, n_ctx=max(cfg.model.n_ctx, t.n_ctx)
+        )
+    else:
+        changes: dict[str, Any] = {"d_vocab": source.d_vocab}
+        if cfg.model.d_vocab_out == cfg.model.d_vocab:
+            changes["d_vocab_out"] = source.d_vocab
+        model_cfg = cfg.model.replace(**changes)
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model.replace(**changes))
+    model = Transformer(model_cfg)
     model.tokenizer = source.tokenizer
     return model
 
@@ -211,7 +217,7 @@ def _train(
     notify({"event": "setup", "message": "preparing data (tokenised once, then cached)"})
     source = make_source(cfg, task=task, progress=lambda n: notify({"event": "setup", "tokens": n}))
     model = build_model(cfg, source).to(device)
-    if cfg.data.task is None and cfg.data.seq_len > model.cfg.n_ctx:
+    if cfg.data.task is None and task is None and cfg.data.seq_len > model.cfg.n_ctx:
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} is longer than the model's n_ctx={model.cfg.n_ctx}"
         )
@@ -331,7 +337,7 @@ def _train(
 
 
 def _seq_len(cfg: TrainConfig, source: Any) -> int:
-    return getattr(source, "seq_len", None) or source.n_ctx
+    return getattr(source, "seq_len", None) or source.model_cfg.n_ctx
 
 
 def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.nn.Module:
@@ -345,7 +351,7 @@ def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.n
 def _to(batch: Any, device: torch.device) -> Any:
     import dataclasses
 
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
         return batch.to(device)
     if dataclasses.is_dataclass(batch):
         return dataclasses.replace(

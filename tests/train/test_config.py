@@ -1,4 +1,5 @@
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from interplab.model import ModelConfig
@@ -97,3 +98,24 @@ def test_cli_train_reports_empty_corpus(tmp_path, monkeypatch):
     )
     assert result.exit_code == 2 and "empty corpus" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["parens", "ioi", "modadd"])
+def test_task_presets_train_and_resume(tmp_path, name):
+    from safetensors.torch import load_file
+
+    from interplab.train import read_log, train
+
+    cfg = load_preset(name).override(
+        ["steps=4", "batch_size=8", "eval_batches=1", "checkpoints.log_spaced=2"]
+    )
+    assert cfg.model is None and cfg.data.task == name
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b", stop_after=2)
+    result = train(cfg, tmp_path / "b")
+    assert result.resumed_from == 2
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = read_log(tmp_path / "a")[-1]
+    assert "val_accuracy" in last and last["step"] == 4
