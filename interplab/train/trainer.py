@@ -240,6 +240,8 @@ def _train(
     ddp = _wrap(model, device, dist_info)
     bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and device.type == "cuda")
     schedule = set(cfg.checkpoints.steps(cfg.steps))
+    if resumed_from is not None and dist_info.main:
+        _truncate_log(run_dir, resumed_from)  # the steps after the checkpoint are trained again
     log = _Log(run_dir, cfg, dist_info.main)
     for item in skipped:
         log.write({"event": "skipped_checkpoint", "reason": item})
@@ -251,6 +253,9 @@ def _train(
     stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     tokens_per_step = cfg.batch_size * _seq_len(cfg, source)
     t0, loss_value, val_loss, step, written = time.perf_counter(), float("nan"), None, start, []
+    for row in read_log(run_dir) if resumed_from is not None else []:
+        loss_value = row.get("loss", loss_value)
+        val_loss = row.get("val_loss", val_loss)
     ckpt_seconds = eval_seconds = 0.0
     for step in range(start + 1, stop + 1):
         lr = cosine_lr(step - 1, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
@@ -373,6 +378,19 @@ def _evaluate(source: Any, model: torch.nn.Module) -> dict[str, float]:
         return source.evaluate(model)
     finally:
         model.train(was)
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop the log rows of steps after ``step`` (events without a step stay)."""
+    from interplab.io import atomic_write_text
+
+    file = run_dir / "log.jsonl"
+    if not file.is_file():
+        return
+    lines = file.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(file, "".join(line + "\n" for line in keep))
 
 
 class _Log:
