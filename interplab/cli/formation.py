@@ -46,14 +46,16 @@ def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
         "val loss",
         "max induction",
         "max prev-token",
-        "repeated-half loss",
+        "loss 1st half",
+        "loss repeated half",
         "ICL score",
     ):
         table.add_column(col, justify="right")
     rows = result.table()
     keep = set(range(0, len(rows), every)) | {len(rows) - 1}
     if result.formation_step is not None:
-        keep.add(result.steps.index(result.formation_step))
+        i = result.steps.index(result.formation_step)
+        keep.update({max(i - 1, 0), i})
     for i in sorted(keep):
         r = rows[i]
         style = "bold green" if r["step"] == result.formation_step else None
@@ -63,6 +65,7 @@ def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
             _f(r["val_loss"]),
             f"{r['max_induction']:.3f}",
             f"{r['max_prev_token']:.3f}",
+            f"{r['repeated_loss_first']:.2f}",
             f"{r['repeated_loss_second']:.2f}",
             _f(r["icl_score"]),
             style=style,

@@ -115,7 +115,8 @@ class FormationResult:
         rows = self.table()
         keep = set(range(0, len(rows), every)) | {len(rows) - 1}
         if self.formation_step is not None:
-            keep.add(self.steps.index(self.formation_step))
+            i = self.steps.index(self.formation_step)
+            keep.update({max(i - 1, 0), i})
         for i in sorted(keep):
             r = rows[i]
             lines.append(
