@@ -48,7 +48,7 @@ def plain_loop(cfg, source, steps: int, bf16: bool) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.log_every == 0:
-            float(loss)
+            float(loss.detach())
     return time.perf_counter() - t0
 
 
