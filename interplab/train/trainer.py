@@ -257,6 +257,8 @@ def _train(
         loss_value = row.get("loss", loss_value)
         val_loss = row.get("val_loss", val_loss)
     ckpt_seconds = eval_seconds = 0.0
+    # CPU time of this process in the loop, without evaluation and checkpoints (robust on a busy machine)
+    cpu0, cpu_aside = time.process_time(), 0.0
     for step in range(start + 1, stop + 1):
         lr = cosine_lr(step - 1, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -295,15 +297,16 @@ def _train(
                 "elapsed_s": elapsed,
             }
             if step % cfg.eval_every == 0 or step == stop:
-                e0 = time.perf_counter()
+                e0, ec0 = time.perf_counter(), time.process_time()
                 metrics = _evaluate(source, model) if dist_info.main else {}
                 eval_seconds += time.perf_counter() - e0
+                cpu_aside += time.process_time() - ec0
                 val_loss = metrics.get("val_loss", val_loss)
                 row.update(metrics)
             log.write(row)
             notify({"event": "step", **row, "total": cfg.steps})
         if step in schedule or step == stop:
-            c0 = time.perf_counter()
+            c0, cc0 = time.perf_counter(), time.process_time()
             if dist_info.main:
                 save_checkpoint(run_dir, step, model, optimizer, {"tokens": tokens_seen})
                 written.append(step)
@@ -312,7 +315,9 @@ def _train(
 
                 dist.barrier()
             ckpt_seconds += time.perf_counter() - c0
+            cpu_aside += time.process_time() - cc0
     seconds = time.perf_counter() - t0
+    train_cpu_seconds = time.process_time() - cpu0 - cpu_aside
     model.eval()
     if dist_info.main and step == cfg.steps:
         model.save(run_dir / "final")
@@ -333,6 +338,7 @@ def _train(
             **result.to_dict(),
             "checkpoint_seconds": ckpt_seconds,
             "eval_seconds": eval_seconds,
+            "train_cpu_seconds": train_cpu_seconds,
             "finished": step == cfg.steps,
         }
         atomic_write_json(run_dir / "report.json", report)
