@@ -64,7 +64,7 @@ def classes(tokens: Tensor) -> list[tuple[str, ...]]:
     """balanced / unbalanced, and for unbalanced strings which test fails (both may)."""
     eq, hz = count_equal(tokens).tolist(), horizon_ok(tokens).tolist()
     out = []
-    for e, h in zip(eq, hz):
+    for e, h in zip(eq, hz, strict=True):
         if e and h:
             out.append(("balanced",))
         else:
