@@ -195,4 +195,4 @@ def _connected(graph, keep: set[Edge]) -> set[Edge]:
     return {e for e in keep if e.receiver in reach}
 
 
-__all__ = ["EdgeScores", "acdc", "circuit_spec", "eap", "eap_circuit", "Slot"]
+__all__ = ["EdgeScores", "acdc", "circuit_spec", "eap", "eap_circuit"]
