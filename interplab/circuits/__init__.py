@@ -7,7 +7,25 @@ from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot
 from interplab.circuits.patching import patch_edges, patch_edges_spec, path_patch, path_patch_spec
 
 __all__ = [
-    "Ablation", "Circuit", "ComponentGraph", "DiscoveryTask", "Edge", "EdgeEngine", "EdgeScores", "EngineStats",
-    "Faithfulness", "Node", "NodeKind", "Slot", "Spec", "acdc", "clean", "eap", "eap_circuit", "patch_edges",
-    "patch_edges_spec", "path_patch", "path_patch_spec",
+    "Ablation",
+    "Circuit",
+    "ComponentGraph",
+    "DiscoveryTask",
+    "Edge",
+    "EdgeEngine",
+    "EdgeScores",
+    "EngineStats",
+    "Faithfulness",
+    "Node",
+    "NodeKind",
+    "Slot",
+    "Spec",
+    "acdc",
+    "clean",
+    "eap",
+    "eap_circuit",
+    "patch_edges",
+    "patch_edges_spec",
+    "path_patch",
+    "path_patch_spec",
 ]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from interplab.circuits.circuit import Circuit, DiscoveryTask, circuit_spec, faithfulness, kl_from, layout
 from interplab.circuits.engine import Ablation, EdgeEngine, Spec
-from interplab.circuits.graph import Edge, NodeKind, Slot
+from interplab.circuits.graph import Edge, NodeKind
 from interplab.model.transformer import Transformer
 
 

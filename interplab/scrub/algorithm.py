@@ -44,6 +44,8 @@ class ScrubTask:
     """1 for real tokens, 0 for padding, as in `Transformer.forward`"""
     classes: Callable[[Tensor], Sequence[str | tuple[str, ...]]] | None = None
     """``classes(tokens)`` -> a class name (or several) per row, for per-class losses"""
+    position: int = -1
+    """the position whose output the loss reads (used by circuit discovery's KL divergence)"""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -102,6 +102,7 @@ def paren_task(folder: str | Path, n_rows: int | None = None) -> ScrubTask:
         loss=loss,
         attention_mask=(tokens != PAD).long(),
         classes=classes,
+        position=0,
     )
 
 
