@@ -116,7 +116,7 @@ def scrub_command(
                     scrub_task,
                     hyp,
                     config,
-                    progress=lambda d, t: bar.update(job, completed=d, total=t),
+                    progress=lambda d, t, job=job: bar.update(job, completed=d, total=t),
                 )
             except ScrubError as err:
                 fail(str(err))
