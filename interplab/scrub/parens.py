@@ -12,8 +12,6 @@ Features (functions of the token rows):
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import torch
@@ -22,22 +20,12 @@ from torch import Tensor
 from interplab.model.transformer import Transformer
 from interplab.scrub.algorithm import ScrubTask
 from interplab.scrub.hypothesis import Claim, Hypothesis, feature
-
-START, PAD, END, OPEN, CLOSE = 0, 1, 2, 3, 4
-N_CTX = 42
+from interplab.tasks.parens import CLOSE, N_CTX, OPEN, PAD, load_paren_strings, paren_tokens
 
 
-def tokenize(strings: list[str], n_ctx: int = N_CTX) -> Tensor:
-    """``[start] + parens + [end]``, right-padded with ``[pad]`` to ``n_ctx``."""
-    out = torch.full((len(strings), n_ctx), PAD, dtype=torch.long)
-    for i, s in enumerate(strings):
-        if len(s) + 2 > n_ctx:
-            raise ValueError(f"string {i} has {len(s)} characters; at most {n_ctx - 2} fit")
-        bad = set(s) - {"(", ")"}
-        if bad:
-            raise ValueError(f"string {i} has characters {sorted(bad)}; only '(' and ')' are allowed")
-        out[i, : len(s) + 2] = torch.tensor([START] + [OPEN if c == "(" else CLOSE for c in s] + [END])
-    return out
+def tokenize(strings: list[str] | tuple[str, ...], n_ctx: int = N_CTX) -> Tensor:
+    """``[start] + parens + [end]``, right-padded with ``[pad]`` to ``n_ctx`` (`interplab.tasks.parens`)."""
+    return paren_tokens(strings, n_ctx)
 
 
 def _steps(tokens: Tensor) -> Tensor:
@@ -74,14 +62,10 @@ def classes(tokens: Tensor) -> list[tuple[str, ...]]:
     return out
 
 
-def load_data(folder: str | Path) -> tuple[list[str], Tensor]:
-    """The REMIX data set: strings and their labels (True = balanced)."""
-    path = Path(folder) / "remix_parens.jsonl.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in {folder}")
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for line in f]
-    return [r[0] for r in rows], torch.tensor([bool(r[1]) for r in rows])
+def load_data(folder: str | Path) -> tuple[tuple[str, ...], Tensor]:
+    """The REMIX data set: strings and their labels (True = balanced), in file order."""
+    strings, labels = load_paren_strings(Path(folder) / "remix_parens.jsonl.gz")
+    return strings, torch.tensor(labels)
 
 
 def paren_task(folder: str | Path, n_rows: int | None = None) -> ScrubTask:
@@ -112,10 +96,7 @@ def load_paren_model(folder: str | Path) -> Transformer:
     from interplab.model.load import load_model
 
     path = Path(folder) / "brackets_model_state_dict.pt"
-    try:
-        model = load_model(path)
-    except ModuleNotFoundError:  # a checkout whose load_model does not read TransformerLens checkpoints yet
-        model = _load_tl_state_dict(path)
+    model = load_model(path)
     # weight decay left ~2,500 subnormal weights (layer 2's dead MLP, the embedding); they change no output
     # at float32 precision but make CPU matrix products ~3x slower, so they become exact zeros
     with torch.no_grad():
@@ -123,30 +104,6 @@ def load_paren_model(folder: str | Path) -> Transformer:
         for p in model.parameters():
             p.masked_fill_(p.abs() < tiny, 0.0)
     return model
-
-
-def _load_tl_state_dict(path: Path) -> Transformer:
-    from interplab.model.config import ModelConfig
-
-    tl = json.loads((path.parent / "transformerlens_config.json").read_text())
-    cfg = ModelConfig(
-        d_model=tl["d_model"],
-        n_layers=tl["n_layers"],
-        n_heads=tl["n_heads"],
-        d_head=tl["d_head"],
-        d_mlp=tl["d_mlp"],
-        d_vocab=tl["d_vocab"],
-        d_vocab_out=tl["d_vocab_out"],
-        n_ctx=tl["n_ctx"],
-        act_fn=tl["act_fn"],
-        causal=tl["attention_dir"] == "causal",
-        unembed_bias=True,
-    )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = Transformer(cfg, init=False)
-    names = dict(model.named_parameters())
-    model.load_state_dict({k: v for k, v in state.items() if k in names}, strict=True)
-    return model.eval()
 
 
 def hypothesis_1a() -> Hypothesis:
