@@ -64,16 +64,23 @@ def bench_scrub(rounds: int, n: int) -> dict:
     per_forward = statistics.median(fwd_walls)
     return {
         "model": "planted-induction (2 layers, 2 heads, d_model 58, hand-built; see interplab.circuits.planted)",
-        "hypothesis": hyp.name, "n_examples": n, "rounds": rounds,
-        "wall_s_median": statistics.median(walls), "cpu_s_median": statistics.median(cpus),
-        "recovered": result.recovered.mean, "loss_scrubbed": result.loss_scrubbed.mean,
-        "loss_original": result.loss_original.mean, "loss_random": result.loss_random.mean,
-        "clean_example_forwards": f["clean_example_forwards"], "node_evaluations": f["node_evaluations"],
-        "engine_example_forwards_equivalent": f["clean_example_forwards"] + f["node_evaluations"] / f["n_nodes"],
+        "hypothesis": hyp.name,
+        "n_examples": n,
+        "rounds": rounds,
+        "wall_s_median": statistics.median(walls),
+        "cpu_s_median": statistics.median(cpus),
+        "recovered": result.recovered.mean,
+        "loss_scrubbed": result.loss_scrubbed.mean,
+        "loss_original": result.loss_original.mean,
+        "loss_random": result.loss_random.mean,
+        "clean_example_forwards": f["clean_example_forwards"],
+        "node_evaluations": f["node_evaluations"],
+        "engine_example_forwards_equivalent": f["clean_example_forwards"]
+        + f["node_evaluations"] / f["n_nodes"],
         "naive_example_forwards": f["naive_example_forwards"],
         "naive_wall_s_estimate": f["naive_example_forwards"] * per_forward,
         "note": "naive = one whole forward per input of the treeified model per example (original, baseline and "
-                "scrubbed runs); its time is estimated from the measured batched cost of one example-forward",
+        "scrubbed runs); its time is estimated from the measured batched cost of one example-forward",
     }
 
 
@@ -87,8 +94,9 @@ def bench_eap(rounds: int) -> dict:
     def metric(logits, rows):
         return logits[:, -1].log_softmax(-1)[torch.arange(rows.numel()), labels[rows]]
 
-    task = DiscoveryTask(name="random", tokens=tokens, clean=torch.arange(16), corrupt=torch.arange(16, 32),
-                         metric=metric)
+    task = DiscoveryTask(
+        name="random", tokens=tokens, clean=torch.arange(16), corrupt=torch.arange(16, 32), metric=metric
+    )
     engine = EdgeEngine(model, tokens)
     edges = engine.graph.edges
     eap_walls, eap_cpus = [], []
@@ -102,22 +110,37 @@ def bench_eap(rounds: int) -> dict:
     base = metric(engine.run(Spec(task.clean)), task.clean).mean()
 
     def exact():
-        return torch.stack([metric(engine.run(Spec(task.clean, {e: corrupt}, propagate=True)), task.clean).mean() - base
-                            for e in edges])
+        return torch.stack(
+            [
+                metric(engine.run(Spec(task.clean, {e: corrupt}, propagate=True)), task.clean).mean() - base
+                for e in edges
+            ]
+        )
 
     effects, exact_wall, exact_cpu = timed(exact)
     x, y = scores.scores, effects
     corr = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
     top = 50
-    overlap = len(set(torch.argsort(x.abs(), descending=True)[:top].tolist())
-                  & set(torch.argsort(y.abs(), descending=True)[:top].tolist())) / top
+    overlap = (
+        len(
+            set(torch.argsort(x.abs(), descending=True)[:top].tolist())
+            & set(torch.argsort(y.abs(), descending=True)[:top].tolist())
+        )
+        / top
+    )
     return {
         "model": "random 4 layers x 8 heads, d_model 256, MLPs, learned positions; batch 16 x 32 positions",
-        "n_edges": len(edges), "passes": scores.passes, "rounds": rounds,
-        "eap_wall_s_median": statistics.median(eap_walls), "eap_cpu_s_median": statistics.median(eap_cpus),
-        "exact_patching_wall_s": exact_wall, "exact_patching_cpu_s": exact_cpu,
-        "exact_patched_runs": len(edges), "speedup_wall": exact_wall / statistics.median(eap_walls),
-        "pearson_eap_vs_exact": corr, f"top{top}_overlap_eap_vs_exact": overlap,
+        "n_edges": len(edges),
+        "passes": scores.passes,
+        "rounds": rounds,
+        "eap_wall_s_median": statistics.median(eap_walls),
+        "eap_cpu_s_median": statistics.median(eap_cpus),
+        "exact_patching_wall_s": exact_wall,
+        "exact_patching_cpu_s": exact_cpu,
+        "exact_patched_runs": len(edges),
+        "speedup_wall": exact_wall / statistics.median(eap_walls),
+        "pearson_eap_vs_exact": corr,
+        f"top{top}_overlap_eap_vs_exact": overlap,
     }
 
 
@@ -130,8 +153,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
-                    "load_average": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "load_average": os.getloadavg(),
+        },
         "scrub_induction": bench_scrub(args.rounds, args.n),
         "eap_4l8h": bench_eap(args.rounds),
     }

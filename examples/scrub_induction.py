@@ -30,8 +30,10 @@ config = ScrubConfig(n_examples=1000, n_seeds=2, per_claim=False)
 for hypothesis in induction_steps("a0.0", "a1.0"):
     print(hypothesis.describe())
     result = scrub(model, task, hypothesis, config)
-    print(f"-> {result.recovered.mean:.1%} of the loss recovered (scrubbed {result.loss_scrubbed.mean:.3f}, "
-          f"original {result.loss_original.mean:.3f}, random {result.loss_random.mean:.3f})\n")
+    print(
+        f"-> {result.recovered.mean:.1%} of the loss recovered (scrubbed {result.loss_scrubbed.mean:.3f}, "
+        f"original {result.loss_original.mean:.3f}, random {result.loss_random.mean:.3f})\n"
+    )
 
 # %% [markdown]
 # ## Wrong hypotheses are rejected
@@ -39,8 +41,17 @@ for hypothesis in induction_steps("a0.0", "a1.0"):
 
 # %%
 wrong = [
-    Hypothesis(Claim("logits", children=[Claim("a1.0", next_token, children=[
-        Claim("a1.0.q", current_token), Claim("a1.0.v", next_token)])]), name="no key path"),
+    Hypothesis(
+        Claim(
+            "logits",
+            children=[
+                Claim(
+                    "a1.0", next_token, children=[Claim("a1.0.q", current_token), Claim("a1.0.v", next_token)]
+                )
+            ],
+        ),
+        name="no key path",
+    ),
     Hypothesis(Claim("logits", children=[Claim("a1.1", next_token)]), name="the noise head copies"),
 ]
 for hypothesis in wrong:

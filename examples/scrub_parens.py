@@ -34,6 +34,7 @@ print(result.table())
 # - **1a-both**: head 2.1's direct path also knows whether the counts are equal.
 # - **1a+m1**: additionally claims that MLP 1's direct path depends only on equal counts.
 
+
 # %%
 @feature
 def open_minus_close(tokens):
@@ -46,14 +47,44 @@ def horizon_and_count(tokens):
 
 
 refinements = [
-    Hypothesis(Claim("logits", children=[Claim("a1.0", open_minus_close), Claim("a2.0", open_minus_close),
-                                         Claim("a2.1", horizon_ok)]), name="1a-diff"),
-    Hypothesis(Claim("logits", children=[Claim("a1.0", count_equal), Claim("a2.0", count_equal),
-                                         Claim("a2.1", horizon_and_count)]), name="1a-both"),
-    Hypothesis(Claim("logits", children=[Claim("a1.0", count_equal), Claim("a2.0", count_equal),
-                                         Claim("a2.1", horizon_ok), Claim("m1", count_equal)]), name="1a+m1"),
+    Hypothesis(
+        Claim(
+            "logits",
+            children=[
+                Claim("a1.0", open_minus_close),
+                Claim("a2.0", open_minus_close),
+                Claim("a2.1", horizon_ok),
+            ],
+        ),
+        name="1a-diff",
+    ),
+    Hypothesis(
+        Claim(
+            "logits",
+            children=[
+                Claim("a1.0", count_equal),
+                Claim("a2.0", count_equal),
+                Claim("a2.1", horizon_and_count),
+            ],
+        ),
+        name="1a-both",
+    ),
+    Hypothesis(
+        Claim(
+            "logits",
+            children=[
+                Claim("a1.0", count_equal),
+                Claim("a2.0", count_equal),
+                Claim("a2.1", horizon_ok),
+                Claim("m1", count_equal),
+            ],
+        ),
+        name="1a+m1",
+    ),
 ]
 for hypothesis in refinements:
     r = scrub(model, task, hypothesis, ScrubConfig(n_examples=N, n_seeds=2, per_claim=False))
-    print(f"{hypothesis.name:<8} loss {r.loss_scrubbed}  recovered {r.recovered.mean:.1%}  "
-          + "  ".join(f"{k}: {c['scrubbed'].mean:.3f}" for k, c in r.per_class.items()))
+    print(
+        f"{hypothesis.name:<8} loss {r.loss_scrubbed}  recovered {r.recovered.mean:.1%}  "
+        + "  ".join(f"{k}: {c['scrubbed'].mean:.3f}" for k, c in r.per_class.items())
+    )

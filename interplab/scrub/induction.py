@@ -117,3 +117,49 @@ def induction_steps(prev_head: str = "a0.0", induction_head: str = "a1.0") -> li
             name=f"4. {i}'s query and value read the token embedding directly",
         ),
     ]
+
+
+def smeared_induction_steps(induction_head: str = "a0.0") -> list[Hypothesis]:
+    """Refinements for an induction head whose key input does the previous-token work itself (smeared keys,
+    as in the ``induction-2l`` preset): its key reads the embedding, no previous-token head is involved."""
+    i = induction_head
+    return [
+        Hypothesis(
+            Claim("logits", children=[Claim(i, next_token)]),
+            name=f"1. only {i}'s direct path matters, through the next token",
+        ),
+        Hypothesis(
+            Claim(
+                "logits",
+                children=[
+                    Claim(
+                        i,
+                        next_token,
+                        children=[
+                            Claim(f"{i}.q", current_token),
+                            Claim(f"{i}.k", previous_occurrence),
+                            Claim(f"{i}.v", copied_token),
+                        ],
+                    )
+                ],
+            ),
+            name=f"2. {i}: query = current token, key = where it occurred, value = what followed",
+        ),
+        Hypothesis(
+            Claim(
+                "logits",
+                children=[
+                    Claim(
+                        i,
+                        next_token,
+                        children=[
+                            Claim(f"{i}.q", current_token, children=[Claim("embed")]),
+                            Claim(f"{i}.k", previous_occurrence, children=[Claim("embed")]),
+                            Claim(f"{i}.v", copied_token, children=[Claim("embed")]),
+                        ],
+                    )
+                ],
+            ),
+            name=f"3. {i}'s query, key and value read only the token embedding",
+        ),
+    ]
