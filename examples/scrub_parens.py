@@ -46,41 +46,17 @@ def horizon_and_count(tokens):
     return torch.stack([horizon_ok(tokens), count_equal(tokens)], 1)
 
 
+def direct_paths(name, a10, a20, a21, *extra):
+    """Claims about the direct paths of 1.0, 2.0 and 2.1 (and any extra claims) into the logits."""
+    claims = [Claim("a1.0", a10), Claim("a2.0", a20), Claim("a2.1", a21), *extra]
+    return Hypothesis(Claim("logits", children=claims), name=name)
+
+
 refinements = [
-    Hypothesis(
-        Claim(
-            "logits",
-            children=[
-                Claim("a1.0", open_minus_close),
-                Claim("a2.0", open_minus_close),
-                Claim("a2.1", horizon_ok),
-            ],
-        ),
-        name="1a-diff",
-    ),
-    Hypothesis(
-        Claim(
-            "logits",
-            children=[
-                Claim("a1.0", count_equal),
-                Claim("a2.0", count_equal),
-                Claim("a2.1", horizon_and_count),
-            ],
-        ),
-        name="1a-both",
-    ),
-    Hypothesis(
-        Claim(
-            "logits",
-            children=[
-                Claim("a1.0", count_equal),
-                Claim("a2.0", count_equal),
-                Claim("a2.1", horizon_ok),
-                Claim("m1", count_equal),
-            ],
-        ),
-        name="1a+m1",
-    ),
+    direct_paths("1a-diff", open_minus_close, open_minus_close, horizon_ok),
+    direct_paths("1a-both", count_equal, count_equal, horizon_and_count),
+    direct_paths("1a-diff-both", open_minus_close, open_minus_close, horizon_and_count),
+    direct_paths("1a+m1", count_equal, count_equal, horizon_ok, Claim("m1", count_equal)),
 ]
 for hypothesis in refinements:
     r = scrub(model, task, hypothesis, ScrubConfig(n_examples=N, n_seeds=2, per_claim=False))
