@@ -35,7 +35,7 @@ from interplab.circuits import DiscoveryTask, EdgeEngine, Spec, eap  # noqa: E40
 from interplab.circuits.planted import induction_data, planted_induction  # noqa: E402
 from interplab.model import ModelConfig, Transformer  # noqa: E402
 from interplab.scrub import ScrubConfig, scrub  # noqa: E402
-from interplab.scrub.induction import induction_steps, induction_task  # noqa: E402
+from interplab.scrub.induction import induction_steps, induction_task, smeared_induction_steps  # noqa: E402
 
 
 def timed(fn):
@@ -44,11 +44,22 @@ def timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def bench_scrub(rounds: int, n: int) -> dict:
-    model = planted_induction()
-    tokens, _, _ = induction_data(4 * n, seed=1)
+def bench_scrub(rounds: int, n: int, model_path: str | None = None) -> dict:
+    if model_path is None:
+        model = planted_induction()
+        tokens, _, _ = induction_data(4 * n, seed=1)
+        hyp = induction_steps()[-1]
+        label = (
+            "planted-induction (2 layers, 2 heads, d_model 58, hand-built; see interplab.circuits.planted)"
+        )
+    else:  # a trained induction-2l model: its induction head is a0.0 (smeared keys)
+        from interplab.model.load import load_model
+
+        model = load_model(model_path)
+        tokens, _, _ = induction_data(4 * n, 32, 20, seed=1)
+        hyp = smeared_induction_steps("a0.0")[-1]
+        label = f"induction-2l trained with the preset ({model_path}); tokens < 32, length 20"
     task = induction_task(tokens)
-    hyp = induction_steps()[-1]
     config = ScrubConfig(n_examples=n, n_seeds=1, per_claim=False, batch_size=500)
     walls, cpus, fwd_walls = [], [], []
     result = None
@@ -63,7 +74,7 @@ def bench_scrub(rounds: int, n: int) -> dict:
     f = result.forwards
     per_forward = statistics.median(fwd_walls)
     return {
-        "model": "planted-induction (2 layers, 2 heads, d_model 58, hand-built; see interplab.circuits.planted)",
+        "model": label,
         "hypothesis": hyp.name,
         "n_examples": n,
         "rounds": rounds,
@@ -150,20 +161,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--induction-model", default=None, help="a trained induction-2l folder to scrub as well"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["all", "scrub", "eap"],
+        default="all",
+        help="run one part and update that part of an existing --out file",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = {
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-            "load_average": os.getloadavg(),
-        },
-        "scrub_induction": bench_scrub(args.rounds, args.n),
-        "eap_4l8h": bench_eap(args.rounds),
+    path = Path(args.out)
+    out = json.loads(path.read_text()) if args.only != "all" and path.is_file() else {}
+    out["machine"] = {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "load_average": os.getloadavg(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    if args.only in ("all", "scrub"):
+        out["scrub_induction"] = bench_scrub(args.rounds, args.n)
+        if args.induction_model:
+            out["scrub_induction_2l_trained"] = bench_scrub(args.rounds, args.n, args.induction_model)
+    if args.only in ("all", "eap"):
+        out["eap_4l8h"] = bench_eap(args.rounds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 
