@@ -189,3 +189,39 @@ def test_rope_scaling_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="rope scaling 'linear'"):
         load_model(tmp_path)
+
+
+def _legacy(variant: str, d: dict) -> dict:
+    """Rewrite a transformers-5 config.json the way real checkpoints on the hub were written (flat rope keys,
+    no layer_types), as Pythia, Llama-2, Qwen2 and Gemma-2 folders downloaded years ago still are."""
+    rope = d.pop("rope_parameters")
+    family = d["model_type"]
+    if family == "gpt_neox":
+        d["rotary_pct"], d["rotary_emb_base"] = rope["partial_rotary_factor"], rope["rope_theta"]
+    else:
+        d["rope_theta"], d["rope_scaling"] = rope["rope_theta"], None
+    d.pop("layer_types", None)
+    if family == "qwen2" and d.get("sliding_window") is None:
+        d["sliding_window"], d["use_sliding_window"] = 4096, False  # the old default: window off
+    return d
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "neox-parallel-partial-rotary",
+        "llama-gqa-theta",
+        "qwen2-gqa-bias",
+        "qwen2-tied-sliding",
+        "gemma2-sliding",
+        "mistral-sliding-window",
+    ],
+)
+def test_legacy_hub_configs(tmp_path, variant):
+    hf_model = _make(variant)
+    hf_model.save_pretrained(tmp_path)
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps(_legacy(variant, json.loads(cfg_file.read_text()))))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers reads it too
+    _parity(reloaded, tmp_path, seq=20)
+    _parity(hf_model, tmp_path, seq=20)
