@@ -225,3 +225,18 @@ def test_legacy_hub_configs(tmp_path, variant):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers reads it too
     _parity(reloaded, tmp_path, seq=20)
     _parity(hf_model, tmp_path, seq=20)
+
+
+def test_weights_file_inside_a_folder_loads_the_folder(tmp_path):
+    hf_model = _make("gpt2")
+    hf_model.save_pretrained(tmp_path)
+    _parity(hf_model, tmp_path / "model.safetensors")
+
+
+def test_legacy_non_zip_bin(tmp_path):
+    hf_model = _make("llama-mqa-tied-head-dim")
+    hf_model.save_pretrained(tmp_path)
+    _to_pytorch_bin(tmp_path)
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _parity(hf_model, tmp_path)
