@@ -40,7 +40,9 @@ def _gemma2(**kw):
 
 
 def _gpt2(**kw):
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, **kw)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0, **kw
+    )
     return cfg, transformers.GPT2LMHeadModel
 
 
@@ -240,3 +242,20 @@ def test_legacy_non_zip_bin(tmp_path):
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     _parity(hf_model, tmp_path)
+
+
+def test_tokenizer_json_is_attached(tmp_path):
+    from interplab.data.tokenizer import train_bpe
+
+    cfg, cls = _gpt2()
+    cfg.vocab_size = 300
+    hf_model = cls(cfg).eval()
+    hf_model.save_pretrained(tmp_path)
+    tok = train_bpe(["the cat sat on the mat\n"] * 20, vocab_size=300)
+    tok.save(tmp_path / "tokenizer.json")
+    model = load_model(tmp_path)
+    assert model.tokenizer is not None
+    tokens = model.to_tokens("the cat sat")
+    assert model.to_string(tokens[0]) == "the cat sat"
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=1e-4, rtol=0)
