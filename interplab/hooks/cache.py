@@ -82,7 +82,13 @@ class ActivationCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._store.values())
+        """Bytes of memory the cached tensors hold, each storage counted once: q, k and v share the fused
+        projection's storage, the per-head input copies are broadcast views of ``hook_resid_pre``."""
+        storages = {}
+        for t in self._store.values():
+            storage = t.untyped_storage()
+            storages[(storage.data_ptr(), t.device)] = storage.nbytes()
+        return sum(storages.values())
 
     def to(self, device: torch.device | str) -> ActivationCache:
         return ActivationCache({k: v.to(device) for k, v in self._store.items()}, self.model)

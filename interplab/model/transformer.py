@@ -23,7 +23,16 @@ from interplab.hooks.cache import ActivationCache
 from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.config import ModelConfig, Positional
-from interplab.model.layers import MLP, Attention, AttnContext, LayerKV, _hp, init_weights, make_norm, rotary_tables
+from interplab.model.layers import (
+    MLP,
+    Attention,
+    AttnContext,
+    LayerKV,
+    _hp,
+    init_weights,
+    make_norm,
+    rotary_tables,
+)
 
 if TYPE_CHECKING:
     from interplab.data.tokenizer import Tokenizer
@@ -81,7 +90,8 @@ class Block(nn.Module):
         self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext, cache: LayerKV | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre(resid)
-        if self.hook_q_input.active or self.hook_k_input.active or self.hook_v_input.active:
+        inputs = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
             split = self._split_inputs(resid)
             if self.ln1.hook_normalized.active or getattr(self.ln1, "hook_scale", None) and self.ln1.hook_scale.active:
                 # observed for caches; on this path Q/K/V read their own per-head normalised copies,
@@ -89,6 +99,11 @@ class Block(nn.Module):
                 self.ln1(resid)
             attn_out = self.attn(None, ctx, split=split, cache=cache)
         else:
+            if inputs[0].active or inputs[1].active or inputs[2].active:
+                # only read (cached): show broadcast views of the residual stream, no copies, no split path
+                b, p, d = resid.shape
+                for point, n in zip(inputs, (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.n_kv_heads), strict=True):
+                    point(resid[:, :, None, :].expand(b, p, n, d))
             attn_out = self.attn(self.ln1(resid), ctx, cache=cache)
         if self.cfg.post_norms:
             attn_out = self.ln1_post(attn_out)
@@ -102,8 +117,10 @@ class Block(nn.Module):
         return self.hook_resid_post(resid_mid + self._mlp(resid_mid))
 
     def _mlp(self, resid: Tensor) -> Tensor:
-        if self.hook_mlp_in.active:
+        if self.hook_mlp_in.intervened:  # a copy, so that patching mlp_in leaves resid_mid alone
             resid = self.hook_mlp_in(resid.clone())
+        elif self.hook_mlp_in.active:
+            self.hook_mlp_in(resid)
         out = self.mlp(self.ln2(resid))
         if self.cfg.post_norms:
             out = self.ln2_post(out)
@@ -303,8 +320,10 @@ class Transformer(nn.Module):
             if device is not None:
                 store[site.name] = store[site.name].to(device)
 
-        hooks = list(fwd_hooks) + [(t, save) for t in targets]
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self.hooks(hooks):
+        with (
+            torch.set_grad_enabled(grad and torch.is_grad_enabled()),
+            self.hook_registry.scoped(fwd_hooks, read_hooks=[(t, save) for t in targets]),
+        ):
             logits = self(tokens, **kwargs)
         return logits, ActivationCache(store, self)
 

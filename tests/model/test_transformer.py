@@ -171,17 +171,34 @@ def test_split_qkv_input_path_equals_the_normal_path(variant):
     tokens = tokens_for(model.cfg)
     names = lambda n: any(n.endswith(s) for s in ("hook_q", "hook_k", "hook_v", "hook_z"))  # noqa: E731
     plain, ref = model.run_with_cache(tokens, names=names)
-    split, got = model.run_with_cache(tokens, names=lambda n: names(n) or n.endswith("_input"))
+    # a forward hook (even one that returns None) may rewrite the copies: the model takes the split path
+    split, got = model.run_with_cache(
+        tokens, names=names, fwd_hooks=[(lambda n: n.endswith("_input"), lambda x, s: None)]
+    )
     assert_close(split, plain, atol=2e-5, rtol=1e-5)
     for name in ref:
         assert_close(got[name], ref[name], atol=2e-5, rtol=1e-5, msg=name)
-    # each copy of the residual stream is the residual stream itself
-    _, full = model.run_with_cache(tokens, names=lambda n: n.endswith(("_input", "resid_pre")))
-    for layer in range(model.cfg.n_layers):
-        resid = full["resid_pre", layer]
-        for short in ("q_input", "k_input", "v_input"):
-            copies = full[short, layer]
-            assert_close(copies, resid[:, :, None].expand_as(copies), atol=0, rtol=0)
+    # each copy of the residual stream is the residual stream itself, whether only read or rewritable
+    for fwd in ([], [(lambda n: n.endswith("_input"), lambda x, s: None)]):
+        _, full = model.run_with_cache(
+            tokens, names=lambda n: n.endswith(("_input", "resid_pre")), fwd_hooks=fwd
+        )
+        for layer in range(model.cfg.n_layers):
+            resid = full["resid_pre", layer]
+            for short in ("q_input", "k_input", "v_input"):
+                copies = full[short, layer]
+                assert_close(copies, resid[:, :, None].expand_as(copies), atol=0, rtol=0)
+
+
+def test_cached_per_head_inputs_are_views_and_the_cache_counts_shared_memory_once():
+    model = make_model("gpt2")
+    tokens = tokens_for(model.cfg)
+    _, resid = model.run_with_cache(tokens, names=lambda n: n.endswith("resid_pre"))
+    _, both = model.run_with_cache(tokens, names=lambda n: n.endswith(("_input", "resid_pre")))
+    assert resid.nbytes == model.cfg.n_layers * B * P * model.cfg.d_model * 4
+    assert both.nbytes == resid.nbytes
+    _, qkv = model.run_with_cache(tokens, names=lambda n: n.endswith(("hook_q", "hook_k", "hook_v")))
+    assert qkv.nbytes == model.cfg.n_layers * 3 * B * P * model.cfg.d_model * 4
 
 
 def test_patching_one_head_of_q_input_changes_only_that_head():
