@@ -102,7 +102,11 @@ class HookRegistry:
     """The hook points of one model, by canonical name, and scoped (un)registration."""
 
     def __init__(self, points: Iterable[HookPoint], describe: Callable[[str], str] | None = None) -> None:
-        self.points: dict[str, HookPoint] = {p.name: p for p in points}
+        self.points: dict[str, HookPoint] = {}
+        for p in points:
+            if p.name in self.points:
+                raise ValueError(f"two hook points are named {p.name!r}")
+            self.points[p.name] = p
         self._describe = describe
 
     def __contains__(self, name: object) -> bool:

@@ -87,3 +87,8 @@ def test_readers_see_the_replaced_value_and_cannot_replace_it():
         assert not points[3].intervened
     assert torch.equal(seen[0], x) and torch.equal(seen[1], x + 1)
     assert not registry.any_active
+
+
+def test_registry_refuses_two_points_with_one_name():
+    with pytest.raises(ValueError, match=r"two hook points are named 'hook_embed'"):
+        HookRegistry([HookPoint(Site(SiteKind.EMBED)), HookPoint(Site(SiteKind.EMBED))])

@@ -93,6 +93,18 @@ def test_hook_names_are_exactly_the_applicable_sites(variant):
 
 
 @pytest.mark.parametrize("variant", NAMES)
+def test_every_hook_point_object_is_registered_once_under_its_own_name(variant):
+    from interplab.hooks import HookPoint
+
+    model = make_model(variant)
+    found = [v for m in model.modules() for v in vars(m).values() if isinstance(v, HookPoint)]
+    assert len({id(p) for p in found}) == len(found) == len(model.hook_points)
+    assert all(model.hook_points[p.name] is p for p in found)
+    assert model.hook_points["ln_final.hook_normalized"] is model.ln_final.hook_normalized
+    assert model.hook_points["blocks.1.ln1.hook_normalized"] is model.blocks[1].ln1.hook_normalized
+
+
+@pytest.mark.parametrize("variant", NAMES)
 def test_every_hook_fires_once_with_its_documented_shape(variant):
     model = make_model(variant)
     tokens = tokens_for(model.cfg)
