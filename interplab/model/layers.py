@@ -249,8 +249,11 @@ class Attention(nn.Module):
         z = self._explicit(q, k, v, mask, ctx) if explicit else self._sdpa(q, k, v, mask, ctx)
         z = self.hook_z(z)
         if self.hook_result.active:
-            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
-            return result.sum(dim=2) + self.b_O
+            # every head's output in one batched matmul [head, batch*pos, d_model]; the hook sees a
+            # [batch pos head d_model] view of it (no copy)
+            zh = z.permute(2, 0, 1, 3).reshape(h, -1, dh)
+            result = torch.bmm(zh, self.W_O).view(h, *z.shape[:2], -1).permute(1, 2, 0, 3)
+            return self.hook_result(result).sum(dim=2) + self.b_O
         return torch.addmm(self.b_O, z.reshape(-1, h * dh), self.W_O.reshape(h * dh, -1)).view(
             *z.shape[:2], -1
         )
@@ -290,17 +293,18 @@ class Attention(nn.Module):
         g = cfg.n_groups
         if g > 1:
             k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / cfg.attn_scale
+        # [batch head q e] @ [batch head e k], then scale and mask in place (no more full-size temporaries)
+        scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).div_(cfg.attn_scale)
         if cfg.attn_softcap is not None:
             scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
         if mask is None and cfg.causal:
             q_len, k_len = scores.shape[-2:]
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill_(~mask, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
-        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        return torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
 
 
 @dataclass

@@ -236,7 +236,12 @@ class Transformer(nn.Module):
             resid = resid * self.cfg.embed_scale
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
-            resid = resid + self.hook_pos_embed(self.pos_embed.W_pos[ctx.positions])
+            if ctx.key_valid is None:  # positions are past .. past+pos in every row: a broadcast view
+                b, p, d = resid.shape
+                pos_embed = self.pos_embed.W_pos[ctx.past_len : ctx.past_len + p].expand(b, p, d)
+            else:
+                pos_embed = self.pos_embed.W_pos[ctx.positions]
+            resid = resid + self.hook_pos_embed(pos_embed)
         return resid
 
     def run_blocks(
