@@ -176,6 +176,7 @@ class Transformer(nn.Module):
             points += block.hook_points()
         self.hook_registry = HookRegistry(points, describe=self._describe_missing)
         self.tokenizer: Tokenizer | None = None
+        self._rotary_cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         if init:
             init_weights(self, cfg)
         self.eval()
@@ -225,8 +226,21 @@ class Transformer(nn.Module):
             key_valid = None
         ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
         if self.cfg.positional is Positional.ROTARY:
-            ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
+            if key_valid is None:  # every row has positions past .. past+p: slice the cached table
+                ctx.rotary = self._rotary_range(past, p, tokens.device)
+            else:
+                ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
         return ctx
+
+    def _rotary_range(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table of all n_ctx
+        positions computed once per dtype and device (the same values `rotary_tables` gives)."""
+        key = (self.embed.W_E.dtype, device)
+        table = self._rotary_cache.get(key)
+        if table is None:
+            table = rotary_tables(self.cfg, torch.arange(self.cfg.n_ctx, device=device)[None], key[0])
+            self._rotary_cache = {key: table}
+        return table[0][:, start : start + length], table[1][:, start : start + length]
 
     def embed_tokens(
         self, tokens: Int[Tensor, "batch pos"], ctx: AttnContext
@@ -384,7 +398,7 @@ class Transformer(nn.Module):
         if total > self.cfg.n_ctx:
             raise ValueError(f"sequence of {total} tokens is longer than the model's n_ctx={self.cfg.n_ctx}")
         if tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
             if lo < 0 or hi >= self.cfg.d_vocab:
                 bad = hi if hi >= self.cfg.d_vocab else lo
                 raise ValueError(
