@@ -404,3 +404,12 @@ def test_hook_shapes_lists_every_point():
     shapes = model.hook_shapes(batch=B, pos=P)
     assert set(shapes) == set(model.hook_names)
     assert shapes["blocks.0.attn.hook_pattern"] == (B, model.cfg.n_heads, P, P)
+
+
+def test_decompose_resid_names_what_is_missing():
+    model = make_model("gpt2")
+    _, cache = model.run_with_cache(tokens_for(model.cfg), names=lambda n: "resid" in n)
+    with pytest.raises(KeyError, match=r"decompose_resid needs 6 components, 6 not cached: \['hook_embed'"):
+        cache.decompose_resid()
+    with pytest.raises(ValueError, match="layer must be in 0..2, got 3"):
+        cache.decompose_resid(3)
