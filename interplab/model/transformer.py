@@ -338,9 +338,9 @@ class Transformer(nn.Module):
         store: dict[str, Tensor] = {}
 
         def save(act: Tensor, site: Site) -> None:
-            store[site.name] = act if grad else act.detach()
-            if device is not None:
-                store[site.name] = store[site.name].to(device)
+            if act.requires_grad and not grad:
+                act = act.detach()
+            store[site.name] = act if device is None else act.to(device)
 
         with (
             torch.set_grad_enabled(grad and torch.is_grad_enabled()),
