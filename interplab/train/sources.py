@@ -105,9 +105,11 @@ class TaskSource:
             task = get_task(name, **cfg.data.task_args)
         self.task = task
         task_cfg = self.task.model_config()
+        self.model_cfg = task_cfg
         self.d_vocab = task_cfg.d_vocab
         self.d_vocab_out = task_cfg.d_vocab_out
         self.n_ctx = task_cfg.n_ctx
+        self.seq_len = int(getattr(self.task, "seq_len", task_cfg.n_ctx))
         self.tokenizer = getattr(self.task, "tokenizer", None)
         self.batch_size = cfg.batch_size
         self.seed = cfg.seed
@@ -137,6 +139,8 @@ class TaskSource:
 def _slice_batch(batch: Any, rows: slice) -> Any:
     import dataclasses
 
+    if hasattr(batch, "select"):  # interplab.tasks.TaskBatch (slices its meta too)
+        return batch.select(rows)
     if dataclasses.is_dataclass(batch):
         changes = {
             f.name: getattr(batch, f.name)[rows]
