@@ -269,7 +269,7 @@ class DigitsSplitResult:
         ratio = self.summary().get("routed", {}).get("ratio_mean", float("nan"))
         fig.update_layout(
             title=f"Split autoencoder on 8x8 digits: reconstructions from each latent half (routed ratio {ratio:.1f}x)",
-            width=900, height=110 * len(rows) + 80, margin=dict(l=150, r=10, t=60, b=10),
+            width=900, height=75 * len(rows) + 80, margin=dict(l=150, r=10, t=60, b=10),
         )  # fmt: skip
         return fig
 
