@@ -262,3 +262,16 @@ def save_figure(fig: Any, path: str | Path) -> Path:
         else:
             tmp.write_bytes(fig.to_image(format=suffix[1:]))
     return path
+
+
+def save_result(result: Any, path: str | Path) -> Path:
+    """Save a result object: ``.json`` writes ``result.to_dict()``, ``.html``/``.png``/``.svg`` its ``plot()``."""
+    import json
+
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        from interplab.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
+        return path
+    return save_figure(result.plot(), path)

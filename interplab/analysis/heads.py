@@ -21,7 +21,6 @@ small ``d_head x d_head`` matrix ``W_O W_U W_E W_V`` that shares its non-zero ei
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,19 +154,10 @@ class HeadScores:
         return fig
 
     def save(self, path: str | Path) -> Path:
-        return _save(self, path)
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
 
-
-def _save(result: Any, path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix == ".json":
-        from interplab.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
-        return path
-    from interplab import plots
-
-    return plots.save_figure(result.plot(), path)
+        return save_result(self, path)
 
 
 def head_scores(
@@ -226,7 +216,10 @@ class AttentionPatterns:
         )
 
     def save(self, path: str | Path) -> Path:
-        return _save(self, path)
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
+
+        return save_result(self, path)
 
 
 def attention_patterns(

@@ -20,7 +20,6 @@ or a logit soft-cap break the exact sum.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +30,6 @@ from torch import Tensor
 
 from interplab.analysis.metrics import LogitDiff, _as_index
 from interplab.analysis.targets import token_labels
-
-
-def _save(result: Any, path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix == ".json":
-        from interplab.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
-        return path
-    from interplab import plots
-
-    return plots.save_figure(result.plot(), path)
 
 
 # ---- logit lens ------------------------------------------------------------------------------------
@@ -83,7 +70,10 @@ class LogitLensResult:
         )
 
     def save(self, path: str | Path) -> Path:
-        return _save(self, path)
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
+
+        return save_result(self, path)
 
 
 def _accumulated(model: Any, cache: Any) -> tuple[list[Tensor], tuple[str, ...]]:
@@ -142,6 +132,17 @@ def _direction(model: Any, answer: Tensor, wrong: Tensor, batch: int) -> tuple[T
         bias = bias + (getattr(norm, "b", torch.zeros_like(norm.w)) * u).sum(-1)
         u = u * norm.w
     return u, bias
+
+
+def _read_positions(positions: Tensor | int | None, batch: int, n_pos: int, device: torch.device) -> Tensor:
+    """One read position per example (default: the last; negative counts from the end)."""
+    if positions is None:
+        return torch.full((batch,), n_pos - 1, dtype=torch.long, device=device)
+    read = _as_index(positions, "positions")
+    read = read.expand(batch) if read.numel() == 1 else read
+    if read.numel() != batch:
+        raise ValueError(f"positions has {read.numel()} entries for a batch of {batch}")
+    return torch.where(read < 0, read + n_pos, read).to(device)
 
 
 class _Projector:
@@ -253,7 +254,10 @@ class DLAResult:
         return fig
 
     def save(self, path: str | Path) -> Path:
-        return _save(self, path)
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
+
+        return save_result(self, path)
 
 
 def direct_logit_attribution(
@@ -271,13 +275,7 @@ def direct_logit_attribution(
     cfg = model.cfg
     tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
     b, n_pos = tokens.shape
-    read = (
-        torch.full((b,), n_pos - 1, dtype=torch.long)
-        if positions is None
-        else _as_index(positions, "positions")
-    )
-    read = read.expand(b) if read.numel() == 1 else read
-    read = torch.where(read < 0, read + n_pos, read).to(tokens.device)
+    read = _read_positions(positions, b, n_pos, tokens.device)
     names = ["hook_embed"] + [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
     if cfg.normalization.value != "none":
         names.append("ln_final.hook_scale")
@@ -361,7 +359,10 @@ class ResidualDecomposition:
         return fig
 
     def save(self, path: str | Path) -> Path:
-        return _save(self, path)
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
+
+        return save_result(self, path)
 
 
 def residual_decomposition(
@@ -377,13 +378,7 @@ def residual_decomposition(
     cfg = model.cfg
     tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
     b, n_pos = tokens.shape
-    read = (
-        torch.full((b,), n_pos - 1, dtype=torch.long)
-        if positions is None
-        else _as_index(positions, "positions")
-    )
-    read = read.expand(b) if read.numel() == 1 else read
-    read = torch.where(read < 0, read + n_pos, read).to(tokens.device)
+    read = _read_positions(positions, b, n_pos, tokens.device)
     with torch.no_grad():
         names = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale"] + [
             f"blocks.{layer}.{kind}"

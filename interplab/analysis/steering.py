@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -113,15 +112,10 @@ class SteeringVector:
         return fig
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if path.suffix == ".json":
-            from interplab.io import atomic_write_text
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
 
-            atomic_write_text(path, json.dumps(self.to_dict()) + "\n")
-            return path
-        from interplab import plots
-
-        return plots.save_figure(self.plot(), path)
+        return save_result(self, path)
 
 
 def _read(model: Any, tokens: Tensor, site: Site, position: int) -> Tensor:
