@@ -201,6 +201,9 @@ class AttentionPatterns:
     layer: int = 0
     """the layer"""
 
+    def __repr__(self) -> str:
+        return f"AttentionPatterns(layer {self.layer}, {self.patterns.shape[0]} heads, {len(self.tokens)} tokens)"
+
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "tokens": list(self.tokens), "patterns": self.patterns.tolist()}
 

@@ -46,6 +46,12 @@ class LogitLensResult:
     tokens: tuple[str, ...]
     """position labels of example 0"""
 
+    def __repr__(self) -> str:
+        return (
+            f"LogitLensResult({len(self.layer_labels)} layers x {len(self.tokens) - 1} positions; "
+            f"final mean log p(next) {float(self.logprob_next[-1].mean()):.3f})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": list(self.layer_labels),
@@ -188,6 +194,13 @@ class DLAResult:
     """final norm bias and unembedding bias"""
     total: float
     """the model's logit difference"""
+
+    def __repr__(self) -> str:
+        lay, h = divmod(int(self.heads.abs().argmax()), self.heads.shape[1])
+        return (
+            f"DLAResult(total {self.total:.4f}, sum of components {self.sum_of_components():.4f}; "
+            f"largest head L{lay}H{h} {float(self.heads[lay, h]):.4f})"
+        )
 
     def sum_of_components(self) -> float:
         return float(
@@ -335,6 +348,10 @@ class ResidualDecomposition:
     """component names"""
     biases: float
     """final norm bias and unembedding bias"""
+
+    def __repr__(self) -> str:
+        final = float(self.accumulated[-1])
+        return f"ResidualDecomposition({len(self.component_labels)} components; final logit diff {final:.4f})"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -72,6 +72,12 @@ class SteeringVector:
     projections_b: Tensor
     """each B example's activation projected on the unit vector"""
 
+    def __repr__(self) -> str:
+        return (
+            f"SteeringVector({self.site}, norm {self.norm:.4g}; mean projection A "
+            f"{float(self.projections_a.mean()):.3g}, B {float(self.projections_b.mean()):.3g})"
+        )
+
     @property
     def norm(self) -> float:
         return float(self.vector.norm())
