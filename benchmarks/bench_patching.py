@@ -157,13 +157,7 @@ def main() -> None:
     dims = {"d_model": 256, "n_layers": 4, "n_heads": 8, "d_vocab": args.d_vocab, "n_ctx": 128}
     with tempfile.TemporaryDirectory() as tmp:
         ours, tl, peer = make_models(Path(tmp), **dims)
-    cases = []
-    for spec in args.cases.split(","):
-        shape, rounds = spec.split(":")
-        batch, n_pos = (int(x) for x in shape.split("x"))
-        case = run_case(ours, tl, batch, n_pos, int(rounds), args.budget, args.d_vocab)
-        print(json.dumps({k: v for k, v in case.items() if k != "wall_s_all"}), flush=True)
-        cases.append(case)
+    cases: list[dict] = []
     report = {
         "benchmark": "activation patching (resid_pre by layer x pos; head outputs z, all positions) and "
         "attribution patching of all heads; metric = mean logit difference at the last position",
@@ -178,7 +172,15 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    for spec in args.cases.split(","):
+        shape, rounds = spec.split(":")
+        batch, n_pos = (int(x) for x in shape.split("x"))
+        case = run_case(ours, tl, batch, n_pos, int(rounds), args.budget, args.d_vocab)
+        print(json.dumps({k: v for k, v in case.items() if k != "wall_s_all"}), flush=True)
+        cases.append(case)
+        out.write_text(
+            json.dumps(report, indent=2) + "\n"
+        )  # after every case, so a long run keeps its results
 
 
 if __name__ == "__main__":
