@@ -125,18 +125,22 @@ def run_case(ours, tl, batch, n_pos, rounds, budget, d_vocab):
             cpus[name].append(c)
             results[name] = res.detach().float()
     med = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
     case = {
         "batch": batch,
         "n_pos": n_pos,
         "rounds": rounds,
         "max_batch_tokens": budget,
         "wall_s_median": med,
-        "cpu_s_median": {k: statistics.median(v) for k, v in cpus.items()},
+        "cpu_s_median": cpu,
         "wall_s_all": walls,
         "speedup_resid_vs_peer": med["peer_resid"] / med["ours_resid"],
         "speedup_heads_vs_peer": med["peer_heads"] / med["ours_heads"],
         "speedup_attribution_vs_activation_heads": med["ours_heads"] / med["ours_attribution_heads"],
         "speedup_attribution_vs_peer_heads": med["peer_heads"] / med["ours_attribution_heads"],
+        "cpu_speedup_resid_vs_peer": cpu["peer_resid"] / cpu["ours_resid"],
+        "cpu_speedup_heads_vs_peer": cpu["peer_heads"] / cpu["ours_heads"],
+        "cpu_speedup_attribution_vs_activation_heads": cpu["ours_heads"] / cpu["ours_attribution_heads"],
         "max_abs_diff_resid": float((results["ours_resid"] - results["peer_resid"]).abs().max()),
         "max_abs_diff_heads": float((results["ours_heads"] - results["peer_heads"]).abs().max()),
         "n_patches_resid": int(results["ours_resid"].numel()),
