@@ -80,9 +80,11 @@ class SAEEvalReport:
         return path
 
     def __repr__(self) -> str:
-        return (f"SAEEvalReport({self.hook_name}: L0 {self.l0:.2f}, FVU {self.fvu:.4f}, CE recovered "
-                f"{self.ce_loss_recovered:.4f} (vs mean {self.ce_loss_recovered_vs_mean:.4f}), KL {self.kl_div:.4f}, "
-                f"dead {self.dead_fraction:.3f}, dense {self.dense_fraction:.3f}, {self.tokens} tokens)")
+        return (
+            f"SAEEvalReport({self.hook_name}: L0 {self.l0:.2f}, FVU {self.fvu:.4f}, CE recovered "
+            f"{self.ce_loss_recovered:.4f} (vs mean {self.ce_loss_recovered_vs_mean:.4f}), KL {self.kl_div:.4f}, "
+            f"dead {self.dead_fraction:.3f}, dense {self.dense_fraction:.3f}, {self.tokens} tokens)"
+        )
 
 
 @torch.no_grad()
@@ -117,7 +119,9 @@ def evaluate_sae(
             "clean": model(tokens),
             "spliced": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s: recon)]),
             "zero": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s: torch.zeros_like(a))]),
-            "mean": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s: mean_act.expand_as(a).clone())]),
+            "mean": model.run_with_hooks(
+                tokens, fwd_hooks=[(hook_out, lambda a, s: mean_act.expand_as(a).clone())]
+            ),
         }
         acc.add(tokens, logits, y[keep].float(), recon[keep].float(), out.feature_acts[keep])
     return acc.report(hook_out, dense_threshold)
@@ -139,7 +143,9 @@ class _Accumulator:
     def add(self, tokens: Tensor, logits: dict[str, Tensor], y: Tensor, recon: Tensor, acts: Tensor) -> None:
         target = tokens[:, 1:].reshape(-1)
         for key, lg in logits.items():
-            self.ce[key] += float(F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]).float(), target, reduction="sum"))
+            self.ce[key] += float(
+                F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]).float(), target, reduction="sum")
+            )
         logp = logits["clean"][:, :-1].float().log_softmax(-1)
         logq = logits["spliced"][:, :-1].float().log_softmax(-1)
         self.kl += float((logp.exp() * (logp - logq)).sum())
@@ -166,9 +172,21 @@ class _Accumulator:
 
         fvu = self.sq_err / total_var if total_var > 0 else float("nan")
         return SAEEvalReport(
-            hook_name=hook, tokens=n, l0=self.l0 / n, mse=self.sq_err / n, fvu=fvu, explained_variance=1 - fvu,
-            cosine=self.cos / n, ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_zero_ablation=ce["zero"],
-            ce_mean_ablation=ce["mean"], ce_loss_recovered=recovered("zero"), ce_loss_recovered_vs_mean=recovered("mean"),
-            kl_div=self.kl / m, dead_fraction=float((density == 0).float().mean()),
-            dense_fraction=float((density > dense_threshold).float().mean()), density=density,
+            hook_name=hook,
+            tokens=n,
+            l0=self.l0 / n,
+            mse=self.sq_err / n,
+            fvu=fvu,
+            explained_variance=1 - fvu,
+            cosine=self.cos / n,
+            ce_clean=ce["clean"],
+            ce_spliced=ce["spliced"],
+            ce_zero_ablation=ce["zero"],
+            ce_mean_ablation=ce["mean"],
+            ce_loss_recovered=recovered("zero"),
+            ce_loss_recovered_vs_mean=recovered("mean"),
+            kl_div=self.kl / m,
+            dead_fraction=float((density == 0).float().mean()),
+            dense_fraction=float((density > dense_threshold).float().mean()),
+            density=density,
         )
