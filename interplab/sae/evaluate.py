@@ -117,10 +117,10 @@ def evaluate_sae(
         mean_act = y[keep].mean(0)
         logits = {
             "clean": model(tokens),
-            "spliced": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s: recon)]),
+            "spliced": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s, r=recon: r)]),
             "zero": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s: torch.zeros_like(a))]),
             "mean": model.run_with_hooks(
-                tokens, fwd_hooks=[(hook_out, lambda a, s: mean_act.expand_as(a).clone())]
+                tokens, fwd_hooks=[(hook_out, lambda a, s, m=mean_act: m.expand_as(a).clone())]
             ),
         }
         acc.add(tokens, logits, y[keep].float(), recon[keep].float(), out.feature_acts[keep])
