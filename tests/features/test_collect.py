@@ -53,6 +53,8 @@ def test_streaming_topk_equals_brute_force_sort(model, tokens):
         assert int(stats.n_fires[f]) == int((col > 0).sum())
         # histogram counts every firing once
         assert int(stats.hist[f].sum()) == int((col > 0).sum())
+    fired = (acts > 0).float()
+    torch.testing.assert_close(stats.cooc.long(), (fired.T @ fired).long())
     # windows hold the right tokens and activations
     seq, pos = stats.top_index[0, 0] // 16, stats.top_index[0, 0] % 16
     want = [int(tokens[seq, q]) if 0 <= q < 16 else -1 for q in range(int(pos) - 2, int(pos) + 2)]
@@ -69,7 +71,7 @@ def test_batching_does_not_change_anything(model, tokens):
     torch.testing.assert_close(a.top_acts, b.top_acts)
     torch.testing.assert_close(a.loss_sum, b.loss_sum)
     # the co-occurrence of a feature with itself is its firing count
-    torch.testing.assert_close(a.cooc.diagonal(), a.n_fires)
+    torch.testing.assert_close(a.cooc.diagonal().long(), a.n_fires)
 
 
 def test_feature_ranges_match_one_pass(model, tokens):
