@@ -4,4 +4,13 @@ from interplab.hooks.cache import ActivationCache, ComponentStack
 from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookShapeError
 from interplab.hooks.site import Site, SiteKind
 
-__all__ = ["ActivationCache", "ComponentStack", "HookFn", "HookPoint", "HookRegistry", "HookShapeError", "Site", "SiteKind"]
+__all__ = [
+    "ActivationCache",
+    "ComponentStack",
+    "HookFn",
+    "HookPoint",
+    "HookRegistry",
+    "HookShapeError",
+    "Site",
+    "SiteKind",
+]

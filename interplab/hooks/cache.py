@@ -98,8 +98,10 @@ class ActivationCache:
             f"<tr><td><code>{k}</code></td><td>{list(v.shape)}</td><td>{v.dtype}</td></tr>"
             for k, v in self._store.items()
         )
-        return (f"<p>ActivationCache: {len(self)} hook points, {self.nbytes / 1e6:.2f} MB</p>"
-                f"<table><tr><th>hook</th><th>shape</th><th>dtype</th></tr>{rows}</table>")
+        return (
+            f"<p>ActivationCache: {len(self)} hook points, {self.nbytes / 1e6:.2f} MB</p>"
+            f"<table><tr><th>hook</th><th>shape</th><th>dtype</th></tr>{rows}</table>"
+        )
 
     # ---- structure-aware helpers ---------------------------------------------------------------
     def stack(self, kind: str | SiteKind, layers: list[int] | None = None) -> Tensor:
@@ -108,7 +110,9 @@ class ActivationCache:
         name = kind.value if isinstance(kind, SiteKind) else kind
         return torch.stack([self[Site.parse(name, layer)] for layer in layers])
 
-    def decompose_resid(self, layer: int | None = None, *, include_biases_in_heads: bool = False) -> ComponentStack:
+    def decompose_resid(
+        self, layer: int | None = None, *, include_biases_in_heads: bool = False
+    ) -> ComponentStack:
         """The residual stream entering ``layer`` (after the last block if None) as a sum of components:
         embed, pos_embed, then each layer's attn_out and mlp_out. They sum to that residual stream exactly."""
         layer = self.cfg.n_layers if layer is None else layer
@@ -118,19 +122,19 @@ class ActivationCache:
         if "hook_pos_embed" in self.model.hook_names:
             parts.append(self["hook_pos_embed"])
             labels.append("pos_embed")
-        for l in range(layer):
-            parts.append(self[("attn_out", l)])
-            labels.append(f"{l}_attn_out")
+        for lyr in range(layer):
+            parts.append(self[("attn_out", lyr)])
+            labels.append(f"{lyr}_attn_out")
             if self.cfg.has_mlp:
-                parts.append(self[("mlp_out", l)])
-                labels.append(f"{l}_mlp_out")
+                parts.append(self[("mlp_out", lyr)])
+                labels.append(f"{lyr}_mlp_out")
         return ComponentStack(torch.stack(parts), tuple(labels))
 
     def accumulated_resid(self, layer: int | None = None) -> ComponentStack:
         """resid_pre of every layer up to ``layer`` and, if None, the final resid_post: [layer+1, ...]."""
         layer = self.cfg.n_layers if layer is None else layer
-        parts = [self[("resid_pre", l)] for l in range(min(layer, self.cfg.n_layers))]
-        labels = [f"{l}_pre" for l in range(min(layer, self.cfg.n_layers))]
+        parts = [self[("resid_pre", lyr)] for lyr in range(min(layer, self.cfg.n_layers))]
+        labels = [f"{lyr}_pre" for lyr in range(min(layer, self.cfg.n_layers))]
         if layer == self.cfg.n_layers:
             parts.append(self[("resid_post", self.cfg.n_layers - 1)])
             labels.append("final_post")
@@ -141,11 +145,11 @@ class ActivationCache:
         Biases (b_O) are not included."""
         layer = self.cfg.n_layers if layer is None else layer
         parts, labels = [], []
-        for l in range(layer):
-            result = self[("result", l)]
+        for lyr in range(layer):
+            result = self[("result", lyr)]
             for h in range(result.shape[2]):
                 parts.append(result[:, :, h])
-                labels.append(f"L{l}H{h}")
+                labels.append(f"L{lyr}H{h}")
         return ComponentStack(torch.stack(parts), tuple(labels))
 
     def apply_ln_to_stack(self, stack: Tensor, layer: int | None = None) -> Tensor:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Union
 
 import torch
 
 from interplab.hooks.site import Site, suggest
 
-HookFn = Callable[[torch.Tensor, Site], Union[torch.Tensor, None]]
+HookFn = Callable[[torch.Tensor, Site], torch.Tensor | None]
 #: what a hook may be attached to: a name, a Site, a (short, layer) tuple, or a filter over names
-HookTarget = Union[str, Site, tuple, Callable[[str], bool]]
+HookTarget = str | Site | tuple | Callable[[str], bool]
 
 
 class HookShapeError(ValueError):

@@ -76,15 +76,11 @@ _GLOBAL_KINDS = frozenset(
 
 
 def _short_name(kind: SiteKind) -> str:
-    # "attn.hook_z" -> "z", "ln1.hook_scale" -> "scale" would clash, so norms keep their module name.
-    value = kind.value
-    module, _, leaf = value.rpartition(".")
+    # "attn.hook_z" -> "z", "mlp.hook_pre" -> "pre"; norms keep their module name ("ln1_scale") since
+    # three norms share the leaf names
+    module, _, leaf = kind.value.rpartition(".")
     leaf = leaf.removeprefix("hook_")
-    if module in ("ln1", "ln2", "ln_final"):
-        return f"{module}_{leaf}" if module != "ln_final" else f"ln_final_{leaf}"
-    if module == "mlp":
-        return {"pre": "pre", "post": "post", "pre_linear": "pre_linear"}[leaf]
-    return leaf
+    return f"{module}_{leaf}" if module.startswith("ln") else leaf
 
 
 _SHORT = {kind: _short_name(kind) for kind in SiteKind}
@@ -92,13 +88,7 @@ _SHORT = {kind: _short_name(kind) for kind in SiteKind}
 _ALIASES = {
     "scale": SiteKind.LN_FINAL_SCALE,
     "attn": SiteKind.PATTERN,
-    "attn_scores": SiteKind.ATTN_SCORES,
     "scores": SiteKind.ATTN_SCORES,
-    "pattern": SiteKind.PATTERN,
-    "rot_q": SiteKind.ROT_Q,
-    "rot_k": SiteKind.ROT_K,
-    "embed": SiteKind.EMBED,
-    "pos_embed": SiteKind.POS_EMBED,
     "mlp_pre": SiteKind.MLP_PRE,
     "mlp_post": SiteKind.MLP_POST,
 }
@@ -121,7 +111,7 @@ class Site:
             raise ValueError(f"site kind {self.kind.value!r} is per layer: give a layer")
         if not self.kind.per_layer and self.layer is not None:
             raise ValueError(f"site kind {self.kind.value!r} has no layer, got layer={self.layer}")
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+        if self.layer is not None and (type(self.layer) is not int or self.layer < 0):
             raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
 
     @property

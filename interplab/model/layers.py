@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from interplab.hooks.points import HookPoint
 from interplab.hooks.site import Site, SiteKind
-from interplab.model.config import Activation, ModelConfig, Norm, RotaryStyle
+from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -162,8 +162,10 @@ class Attention(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(d), requires_grad=cfg.attn_bias)
         if cfg.smear_keys:
             self.smear = nn.Parameter(torch.zeros(kv))
-        for kind in (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.ROT_Q, SiteKind.ROT_K, SiteKind.ATTN_SCORES,
-                     SiteKind.PATTERN, SiteKind.Z, SiteKind.RESULT):
+        kinds = [SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.ATTN_SCORES, SiteKind.PATTERN, SiteKind.Z, SiteKind.RESULT]
+        if cfg.positional is Positional.ROTARY:
+            kinds += [SiteKind.ROT_Q, SiteKind.ROT_K]
+        for kind in kinds:
             setattr(self, "hook_" + kind.value.split(".hook_")[1], _hp(kind, layer))
         self._fused: tuple[tuple, Tensor, Tensor] | None = None
 
@@ -204,7 +206,7 @@ class Attention(nn.Module):
             v = torch.einsum("bphd,hde->bphe", split[2], self.W_V) + self.b_V
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cfg.smear_keys:
-            k = self._smear(k, cache)
+            k = self._smear(k, ctx, cache)
         if ctx.rotary is not None:
             cos, sin = ctx.rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin, cfg.rotary_style))
@@ -222,12 +224,15 @@ class Attention(nn.Module):
             *z.shape[:2], -1
         )
 
-    def _smear(self, k: Tensor, cache: LayerKV | None) -> Tensor:
+    def _smear(self, k: Tensor, ctx: AttnContext, cache: LayerKV | None) -> Tensor:
         gate = torch.sigmoid(self.smear)[:, None]  # n_kv_heads 1
         prev = cache.last_raw_k if cache is not None and cache.last_raw_k is not None else torch.zeros_like(k[:, :1])
         if cache is not None:
-            cache.last_raw_k = k[:, -1:].detach()
+            cache.last_raw_k = k[:, -1:]
         shifted = torch.cat([prev, k[:, :-1]], dim=1)
+        if ctx.key_valid is not None:
+            # the first real token of a left-padded row has no previous key: do not mix in the padding's
+            shifted = shifted * (ctx.positions > 0)[:, :, None, None].to(k.dtype)
         return gate * k + (1 - gate) * shifted
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext) -> Tensor:
@@ -303,7 +308,8 @@ class MLP(nn.Module):
         self.W_out = nn.Parameter(torch.empty(m, d))
         self.b_out = nn.Parameter(torch.zeros(d), requires_grad=cfg.mlp_bias)
         self.hook_pre = _hp(SiteKind.MLP_PRE, layer)
-        self.hook_pre_linear = _hp(SiteKind.MLP_PRE_LINEAR, layer)
+        if self.gated:
+            self.hook_pre_linear = _hp(SiteKind.MLP_PRE_LINEAR, layer)
         self.hook_post = _hp(SiteKind.MLP_POST, layer)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
