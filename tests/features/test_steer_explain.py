@@ -19,11 +19,11 @@ from interplab.features.explain import (
 )
 from interplab.features.steer import SteerMode, steer_generate, steering_hook
 from interplab.features.store import FeatureStore
-from tests.features.planted import TinySAE, planted_sae
+from tests.features.planted import make_sae, planted_sae
 
 
 def _unembed_sae(model, tokens_by_feature):
-    sae = TinySAE(32, len(tokens_by_feature), hook_name="blocks.0.hook_resid_post")
+    sae = make_sae(32, len(tokens_by_feature), hook_name="blocks.0.hook_resid_post")
     with torch.no_grad():
         for f, u in enumerate(tokens_by_feature):
             sae.W_dec[f] = model.W_U[:, u] / model.W_U[:, u].norm()
