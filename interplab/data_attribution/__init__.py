@@ -32,6 +32,7 @@ from interplab.data_attribution.targets import (
 )
 
 __all__ = [
+    "ablation_check",
     "CheckpointGrads",
     "Method",
     "ParamGroup",
