@@ -64,12 +64,16 @@ class CorpusSource:
             self._perm = (epoch, torch.randperm(self.n_train, generator=g))
         return self._perm[1]
 
-    def batch(self, step: int, rows: slice) -> Tensor:
+    def indices(self, step: int, rows: slice = slice(None)) -> Tensor:
+        """Indices (in the training token store) of the sequences in batch ``step`` (training data attribution
+        reads them to know which examples each step trained on)."""
         start = step * self.batch_size
         index = torch.arange(start, start + self.batch_size)[rows]
         epochs, offsets = index // self.n_train, index % self.n_train
-        seq = torch.stack([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
-        return self.train.sequences(seq, self.seq_len)
+        return torch.stack([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+
+    def batch(self, step: int, rows: slice) -> Tensor:
+        return self.train.sequences(self.indices(step, rows), self.seq_len)
 
     def loss(self, model: torch.nn.Module, batch: Tensor) -> Tensor:
         return lm_loss(model(batch), batch)
