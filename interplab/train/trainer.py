@@ -270,9 +270,10 @@ def _train(
             )
             batch = _to(batch, device)
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or ddp is model else ddp.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = source.loss(ddp, batch) / cfg.grad_accum
-                loss.backward()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = source.loss(ddp, batch) / cfg.grad_accum
+                loss.backward()  # outside autocast, as PyTorch recommends
             total += loss.detach()
         if o.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
