@@ -27,7 +27,7 @@ class Precision(str, Enum):
 
     FP32 = "fp32"
     BF16 = "bf16"  # bf16 autocast
-    AUTO = "auto"  # bf16 on GPU, float32 on CPU (measured: bf16 slows the small CPU models, see docs/training.md)
+    AUTO = "auto"  # bf16 on GPUs and on CPUs with AMX bf16 units, else float32 (see docs/training.md)
 
 
 class Logger(str, Enum):

@@ -115,6 +115,23 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast pays off on ``device``: a GPU with bf16, or a CPU with AMX bf16 tile units.
+
+    Measured on a Xeon with AMX (benchmarks/results/train.json): bf16 autocast trains the 256-wide code-4l
+    about 1.5x faster per CPU second and the 128-wide induction-2l about 1.06x, with the same loss curve
+    and the same induction-head formation. Without AMX, bf16 matmuls are emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in fh)
+    except OSError:
+        return False
+
+
 def build_model(cfg: TrainConfig, source: Any) -> Transformer:
     """The model of a run: the config's architecture (or a task's own) with the data source's vocabulary."""
     if cfg.model is None:
@@ -238,7 +255,7 @@ def _train(
         if model.tokenizer is not None:
             model.tokenizer.save(run_dir / "tokenizer.json")
     ddp = _wrap(model, device, dist_info)
-    bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and device.type == "cuda")
+    bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and fast_bf16(device))
     schedule = set(cfg.checkpoints.steps(cfg.steps))
     if resumed_from is not None and dist_info.main:
         _truncate_log(run_dir, resumed_from)  # the steps after the checkpoint are trained again
