@@ -120,12 +120,14 @@ def train_command(
 def print_result(result: Any) -> None:
     for item in result.skipped_checkpoints:
         console.print(f"[yellow]skipped unusable checkpoint[/] {item}")
-    if result.resumed_from is not None:
+    if result.resumed_from is not None and result.resumed_from == result.step:
+        console.print(f"already trained to step {result.step} (nothing to do; use another --out to retrain)")
+    elif result.resumed_from is not None:
         console.print(f"resumed from step {result.resumed_from}")
     val = f", validation loss {result.val_loss:.3f}" if result.val_loss is not None else ""
     console.print(
-        f"step {result.step}: loss {result.loss:.3f}{val}; {result.tokens:,} tokens, "
-        f"{result.tokens_per_s:,.0f} tokens/s"
+        f"step {result.step}: loss {result.loss:.3f}{val}; {result.tokens:,} tokens"
+        + (f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s > 0 else "")
     )
     console.print(
         f"run directory: [bold]{result.run_dir}[/] (config.json, log.jsonl, "
