@@ -161,8 +161,13 @@ def main() -> None:
             flush=True,
         )
     shutil.rmtree(tmp, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():  # keep the other presets' results when only some were rerun
+        previous = json.loads(out.read_text()).get("presets", {})
+        results["presets"] = {**previous, **results["presets"]}
+        results["rounds_note"] = "presets may come from separate invocations; see each preset's seconds_all"
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
