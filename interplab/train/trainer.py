@@ -30,6 +30,7 @@ from interplab.train.checkpoint import (
     save_checkpoint,
 )
 from interplab.train.config import Precision, TrainConfig
+from interplab.train.log import RunLog, read_log, truncate_log
 from interplab.train.sources import cosine_lr, make_source, rows_for
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -76,13 +77,6 @@ class TrainResult:
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(Path(path), self.to_dict())
-
-
-def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    file = Path(run_dir) / "log.jsonl"
-    if not file.is_file():
-        return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -258,8 +252,8 @@ def _train(
     bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and fast_bf16(device))
     schedule = set(cfg.checkpoints.steps(cfg.steps))
     if resumed_from is not None and dist_info.main:
-        _truncate_log(run_dir, resumed_from)  # the steps after the checkpoint are trained again
-    log = _Log(run_dir, cfg, dist_info.main)
+        truncate_log(run_dir, resumed_from)  # the steps after the checkpoint are trained again
+    log = RunLog(run_dir, cfg, dist_info.main)
     for item in skipped:
         log.write({"event": "skipped_checkpoint", "reason": item})
     if resumed_from is not None:
@@ -402,73 +396,3 @@ def _evaluate(source: Any, model: torch.nn.Module) -> dict[str, float]:
         return source.evaluate(model)
     finally:
         model.train(was)
-
-
-def _truncate_log(run_dir: Path, step: int) -> None:
-    """Drop the log rows of steps after ``step`` (events without a step stay)."""
-    from interplab.io import atomic_write_text
-
-    file = run_dir / "log.jsonl"
-    if not file.is_file():
-        return
-    lines = file.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) <= step]
-    if len(keep) != len(lines):
-        atomic_write_text(file, "".join(line + "\n" for line in keep))
-
-
-class _Log:
-    """``log.jsonl`` (one JSON object per line, appended and flushed) plus optional TensorBoard / wandb."""
-
-    def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool) -> None:
-        self.fh = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115
-        self.sinks: list[Any] = []
-        if not main:
-            return
-        for logger in cfg.loggers:
-            if logger.value == "tensorboard":
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ImportError(
-                        "loggers=[tensorboard] needs tensorboard: pip install tensorboard"
-                    ) from None
-                self.sinks.append(("tb", SummaryWriter(str(run_dir / "tensorboard"))))
-            else:
-                try:
-                    import wandb
-                except ImportError:
-                    raise ImportError("loggers=[wandb] needs wandb: pip install wandb") from None
-                self.sinks.append(
-                    (
-                        "wandb",
-                        wandb.init(
-                            project="interplab",
-                            name=cfg.name or run_dir.name,
-                            config=cfg.to_dict(),
-                            dir=str(run_dir),
-                        ),
-                    )
-                )
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.fh is None:
-            return
-        self.fh.write(json.dumps({**row, "time": time.time()}) + "\n")
-        self.fh.flush()
-        step = row.get("step")
-        if step is None:
-            return
-        for kind, sink in self.sinks:
-            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-            if kind == "tb":
-                for k, v in numbers.items():
-                    sink.add_scalar(k, v, step)
-            else:
-                sink.log(numbers, step=step)
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-        for kind, sink in self.sinks:
-            sink.close() if kind == "tb" else sink.finish()

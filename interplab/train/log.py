@@ -1,0 +1,87 @@
+"""The run log: ``log.jsonl`` (one JSON object per logged step or event), plus optional TensorBoard / wandb."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from interplab.train.config import TrainConfig
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    file = Path(run_dir) / "log.jsonl"
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(run_dir: Path, step: int) -> None:
+    """Drop the log rows of steps after ``step`` (events without a step stay)."""
+    from interplab.io import atomic_write_text
+
+    file = run_dir / "log.jsonl"
+    if not file.is_file():
+        return
+    lines = file.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(file, "".join(line + "\n" for line in keep))
+
+
+class RunLog:
+    """``log.jsonl`` (one JSON object per line, appended and flushed) plus optional TensorBoard / wandb."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool) -> None:
+        self.fh = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115
+        self.sinks: list[Any] = []
+        if not main:
+            return
+        for logger in cfg.loggers:
+            if logger.value == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ImportError(
+                        "loggers=[tensorboard] needs tensorboard: pip install tensorboard"
+                    ) from None
+                self.sinks.append(("tb", SummaryWriter(str(run_dir / "tensorboard"))))
+            else:
+                try:
+                    import wandb
+                except ImportError:
+                    raise ImportError("loggers=[wandb] needs wandb: pip install wandb") from None
+                self.sinks.append(
+                    (
+                        "wandb",
+                        wandb.init(
+                            project="interplab",
+                            name=cfg.name or run_dir.name,
+                            config=cfg.to_dict(),
+                            dir=str(run_dir),
+                        ),
+                    )
+                )
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fh is None:
+            return
+        self.fh.write(json.dumps({**row, "time": time.time()}) + "\n")
+        self.fh.flush()
+        step = row.get("step")
+        if step is None:
+            return
+        for kind, sink in self.sinks:
+            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+            if kind == "tb":
+                for k, v in numbers.items():
+                    sink.add_scalar(k, v, step)
+            else:
+                sink.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        for kind, sink in self.sinks:
+            sink.close() if kind == "tb" else sink.finish()
