@@ -413,3 +413,16 @@ def test_decompose_resid_names_what_is_missing():
         cache.decompose_resid()
     with pytest.raises(ValueError, match="layer must be in 0..2, got 3"):
         cache.decompose_resid(3)
+
+
+@pytest.mark.parametrize("variant", NAMES)
+def test_caching_leaves_logits_bit_identical_except_where_attention_must_be_explicit(variant):
+    model = make_model(variant)
+    tokens = tokens_for(model.cfg)
+    with torch.no_grad():
+        plain = model(tokens)
+    logits, cache = model.run_with_cache(tokens, names=lambda n: not n.endswith(("attn_scores", "pattern")))
+    assert_close(logits, plain, atol=0, rtol=0)
+    # caching the pattern switches to the explicit softmax(q k^T / scale) v: equal up to float rounding
+    logits_all, _ = model.run_with_cache(tokens)
+    assert_close(logits_all, plain, atol=2e-5, rtol=1e-5)
