@@ -16,12 +16,25 @@ def builtin_model():
     from interplab.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    return Transformer(ModelConfig(d_model=128, n_layers=2, n_heads=4, d_vocab=1024, n_ctx=256,
-                                   positional="rotary", attn_only=True, smear_keys=True, name="builtin-2l"))
+    return Transformer(
+        ModelConfig(
+            d_model=128,
+            n_layers=2,
+            n_heads=4,
+            d_vocab=1024,
+            n_ctx=256,
+            positional="rotary",
+            attn_only=True,
+            smear_keys=True,
+            name="builtin-2l",
+        )
+    )
 
 
 def info(
-    path: Path = typer.Argument(None, help="model folder or file (interplab, Hugging Face or TransformerLens)"),
+    path: Path = typer.Argument(
+        None, help="model folder or file (interplab, Hugging Face or TransformerLens)"
+    ),
     builtin: bool = typer.Option(False, "--builtin", help="describe a small built-in random model instead"),
     hooks: bool = typer.Option(True, "--hooks/--no-hooks", help="list the hook points with their shapes"),
 ) -> None:

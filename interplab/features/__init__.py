@@ -1,1 +1,11 @@
-"""interplab.features"""
+"""Feature statistics (one streaming pass for all SAE features), the feature database, explanations, steering.
+
+>>> from interplab.features import FeatureBuildConfig, build_feature_db
+>>> build_feature_db("features.db", model, sae, tokens, FeatureBuildConfig())   # doctest: +SKIP
+"""
+
+from interplab.features.collect import collect_features
+from interplab.features.config import FeatureBuildConfig
+from interplab.features.stream import FeatureStats, StreamingFeatureStats
+
+__all__ = ["FeatureBuildConfig", "FeatureStats", "StreamingFeatureStats", "collect_features"]

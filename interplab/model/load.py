@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from interplab.model.config import ModelConfig
+from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES
 from interplab.model.transformer import Transformer
-
-TL_CONFIG_NAMES = ("transformerlens_config.json", "tl_config.json", "hooked_transformer_config.json")
 
 
 def load_model(
@@ -47,8 +46,11 @@ def load_model(
         from interplab.model import process
 
         process.process_weights(
-            model, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+            model,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
         )
     return model
 
@@ -56,6 +58,13 @@ def load_model(
 def _load(path: Path, *, device, dtype, tl_config) -> Transformer:
     from interplab.model.io import is_native, load_native
 
+    if (
+        path.is_file()
+        and tl_config is None
+        and _tl_config_in(path) is None
+        and (path.parent / "config.json").is_file()
+    ):
+        path = path.parent  # a weights file inside an interplab or Hugging Face folder: load the folder
     if path.is_dir() and is_native(path):
         return load_native(path, device=device, dtype=dtype)
     if tl_config is not None or path.is_file() or _tl_config_in(path) is not None:
@@ -87,8 +96,9 @@ def load_hf(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None)
         raise ValueError(f"{path / 'config.json'} has no model_type: is this a Hugging Face model folder?")
     converter = get_converter(model_type)
     cfg = converter.config(hf)
-    model = build_from_weights(cfg, converter.weights(HFCheckpoint(path), cfg), device=device, dtype=dtype,
-                               source=str(path))
+    model = build_from_weights(
+        cfg, converter.weights(HFCheckpoint(path), cfg), device=device, dtype=dtype, source=str(path)
+    )
     if (path / "tokenizer.json").is_file():
         from interplab.data.tokenizer import load_tokenizer
 
@@ -96,7 +106,9 @@ def load_hf(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None)
     return model
 
 
-def build_from_weights(cfg: ModelConfig, weights, *, device="cpu", dtype=None, source: str = "checkpoint") -> Transformer:
+def build_from_weights(
+    cfg: ModelConfig, weights, *, device="cpu", dtype=None, source: str = "checkpoint"
+) -> Transformer:
     """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model)."""
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
@@ -107,12 +119,19 @@ def build_from_weights(cfg: ModelConfig, weights, *, device="cpu", dtype=None, s
         if old is None:
             raise KeyError(f"{source}: converter produced unknown weight {name!r}")
         if tuple(tensor.shape) != tuple(old.shape):
-            raise ValueError(f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}")
-        tensor = tensor.to(device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None))
+            raise ValueError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
+            )
+        tensor = tensor.to(
+            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
+        )
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
         seen.add(name)
     missing = sorted(set(params) - seen)
     if missing:
-        raise KeyError(f"{source}: missing weight {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise KeyError(
+            f"{source}: missing weight {missing[0]!r}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     return model.eval()

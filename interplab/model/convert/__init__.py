@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from interplab.model.config import ModelConfig
+from interplab.model.config import Activation, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,26 @@ class HFCheckpoint:
         self.path = Path(path)
         self._where: dict[str, Path] = {}
         self._bin_cache: tuple[Path, dict] | None = None
-        index = next((self.path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                      if (self.path / n).is_file()), None)
+        index = next(
+            (
+                self.path / n
+                for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                if (self.path / n).is_file()
+            ),
+            None,
+        )
         if index is not None:
             weight_map = json.loads(index.read_text())["weight_map"]
             self._where = {k: self.path / v for k, v in weight_map.items()}
         else:
-            single = next((self.path / n for n in ("model.safetensors", "pytorch_model.bin")
-                           if (self.path / n).is_file()), None)
+            single = next(
+                (
+                    self.path / n
+                    for n in ("model.safetensors", "pytorch_model.bin")
+                    if (self.path / n).is_file()
+                ),
+                None,
+            )
             if single is None:
                 raise FileNotFoundError(
                     f"{self.path} has no model.safetensors, pytorch_model.bin or a sharded index of them"
@@ -93,7 +105,11 @@ class HFCheckpoint:
 
     def _load_bin(self, file: Path) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != file:
-            self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            self._bin_cache = (file, state)
         return self._bin_cache[1]
 
     def keys(self) -> list[str]:
@@ -129,3 +145,49 @@ def split_heads_in(w: torch.Tensor, n: int) -> torch.Tensor:
 def split_heads_out(w: torch.Tensor, n: int) -> torch.Tensor:
     """[d_model, n*d_head] (a torch Linear weight of the output projection) -> [n, d_head, d_model]."""
     return w.T.reshape(n, -1, w.shape[0]).contiguous()
+
+
+# Hugging Face ``hidden_act`` names -> interplab activations
+HF_ACTIVATIONS = {
+    "gelu_new": Activation.GELU_TANH,
+    "gelu_pytorch_tanh": Activation.GELU_TANH,
+    "gelu_fast": Activation.GELU_TANH,
+    "gelu": Activation.GELU,
+    "relu": Activation.RELU,
+    "silu": Activation.SILU,
+    "swish": Activation.SILU,
+    "quick_gelu": Activation.GELU_QUICK,
+}
+
+
+def hf_activation(name: str, family: str) -> Activation:
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(
+            f"{family} activation {name!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}"
+        )
+    return HF_ACTIVATIONS[name]
+
+
+def hf_rope(hf: dict, family: str, *, theta_key: str = "rope_theta") -> dict:
+    """The rotary parameters of an HF config (transformers 5 ``rope_parameters`` or the older flat keys),
+    refusing scaled variants (linear, dynamic, yarn, llama3 ...) that interplab does not implement."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(
+            f"{family} rope scaling {rope_type!r} is not supported by interplab (only unscaled rotary embeddings)"
+        )
+    rope.setdefault("rope_theta", hf.get(theta_key, 10000.0))
+    return rope
+
+
+def linear_in(ckpt: HFCheckpoint, key: str) -> torch.Tensor:
+    """A torch Linear weight [out, in] as interplab's [in, out]."""
+    return ckpt.get(key).T.contiguous()
+
+
+def bias_or_zeros(ckpt: HFCheckpoint, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A bias reshaped to ``shape``, or zeros when the checkpoint has none (bias-free layers)."""
+    if key in ckpt:
+        return ckpt.get(key).reshape(shape).contiguous()
+    return torch.zeros(shape, dtype=like.dtype)

@@ -1,0 +1,304 @@
+"""The edge-level intervention engine: run a model in which every edge may carry another input's value.
+
+A `Spec` says how to compute a node for a batch of examples: the row of the engine's data set each example
+runs on (``input``), per-edge overrides (``patches``: another `Spec` computes the sender's value for that
+edge, or an `Ablation`), and what the edges it does not override carry:
+
+- ``propagate=False`` (a treeified node, as causal scrubbing needs): the sender's ordinary output on ``input``;
+- ``propagate=True`` (a patched model, as path patching and ACDC need): the sender computed under this same
+  spec, so the effect of a patch flows to everything downstream.
+
+A receiving node's input is rebuilt as the sum of its senders' outputs, each from the spec its edge names.
+The engine computes this as the node's clean input on ``input`` plus, for every edge whose value differs,
+``value - clean value`` (equal up to float rounding; far fewer additions). Ordinary outputs of every node on
+every data-set row are computed once, in batched forward passes, and cached: identical (node, input)
+computations are shared by every path and every spec that needs them.
+
+Attention masks and positions of a head come from ``spec.context`` (default ``spec.input``).
+
+>>> engine = EdgeEngine(model, tokens)  # doctest: +SKIP
+>>> a, b = torch.arange(8), torch.arange(8, 16)
+>>> logits = engine.run(Spec(a, {engine.graph.edge("a0.0->a1.1.k"): Spec(b)}, propagate=True))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot
+from interplab.model.transformer import Transformer
+
+
+class Ablation(str, Enum):
+    """Values an edge can carry instead of another input's: zero, or the sender's mean over the data set."""
+
+    ZERO = "zero"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True, eq=False)
+class Spec:
+    """How to compute a node for a batch: see the module docstring. Compared by identity."""
+
+    input: Int[Tensor, " batch"]
+    """row of the engine's data set each example runs on"""
+    patches: Mapping[Edge, Spec | Ablation] = field(default_factory=dict)
+    """edges whose sender value comes from another spec (or an ablation)"""
+    propagate: bool = False
+    """unpatched edges carry the sender computed under this spec (True) or its clean output on ``input``"""
+    context: Int[Tensor, " batch"] | None = None
+    """rows whose attention mask and positions heads use (default ``input``)"""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input, Tensor) or self.input.dim() != 1:
+            raise ValueError(f"Spec.input must be a 1-d tensor of data-set rows, got {self.input!r}")
+        object.__setattr__(self, "input", self.input.long())
+        for edge, value in self.patches.items():
+            if not isinstance(edge, Edge):
+                raise TypeError(f"Spec.patches keys are Edges (graph.edge('a0.0->a1.0.k')), got {edge!r}")
+            if not isinstance(value, (Spec, Ablation)):
+                raise TypeError(
+                    f"patch for {edge.name} must be a Spec or an Ablation, got {type(value).__name__}"
+                )
+            if isinstance(value, Spec) and value.input.shape != self.input.shape:
+                raise ValueError(
+                    f"patch for {edge.name} has batch {tuple(value.input.shape)}, "
+                    f"the spec has {tuple(self.input.shape)}"
+                )
+        orders = [e.receiver.order for e in self.patches]
+        object.__setattr__(self, "_first_patched", min(orders, default=1 << 30))
+        object.__setattr__(self, "_patched", frozenset(e.receiver for e in self.patches))
+
+    def is_clean_for(self, node: Node) -> bool:
+        """True when ``node`` under this spec is just its ordinary output on ``input``."""
+        if (
+            self.context is not None
+            and node.kind is NodeKind.HEAD
+            and not torch.equal(self.context, self.input)
+        ):
+            return False
+        if self.propagate:
+            return node.order < self._first_patched  # type: ignore[attr-defined]
+        return node not in self._patched  # type: ignore[attr-defined]
+
+
+def clean(rows: Tensor) -> Spec:
+    """The ordinary forward pass on ``rows``."""
+    return Spec(torch.as_tensor(rows))
+
+
+@dataclass
+class EngineStats:
+    clean_examples: int = 0
+    """examples run through an ordinary (cached) forward pass"""
+    node_evaluations: int = 0
+    """example x node computations outside the cache (a head layer counts once per head evaluated)"""
+    patched_runs: int = 0
+    """calls of `EdgeEngine.run`"""
+
+
+class _Store:
+    """Per-node clean activations, kept in the chunks they were computed in, indexed by data-set row."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.chunk = torch.full((n_rows,), -1, dtype=torch.long)
+        self.offset = torch.zeros(n_rows, dtype=torch.long)
+        self.chunks: list[dict[str, Tensor]] = []
+
+    def missing(self, rows: Tensor) -> Tensor:
+        return torch.unique(rows[self.chunk[rows] < 0])
+
+    def add(self, rows: Tensor, values: dict[str, Tensor]) -> None:
+        self.chunk[rows] = len(self.chunks)
+        self.offset[rows] = torch.arange(rows.numel())
+        self.chunks.append(values)
+
+    def get(self, name: str, rows: Tensor) -> Tensor:
+        which = self.chunk[rows]
+        if len(self.chunks) == 1 or bool((which == which[0]).all()):
+            return self.chunks[int(which[0])][name][self.offset[rows]]
+        first = self.chunks[0][name]
+        out = first.new_empty((rows.numel(), *first.shape[1:]))
+        for c in torch.unique(which).tolist():
+            sel = which == c
+            out[sel] = self.chunks[c][name][self.offset[rows[sel]]]
+        return out
+
+
+class EdgeEngine:
+    """Runs a model over a fixed data set (``tokens`` rows) with edge-level interventions.
+
+    ``attention_mask`` [rows pos] marks real tokens (1) and padding (0), as in `Transformer.forward`.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokens: Int[Tensor, "rows pos"],
+        attention_mask: Tensor | None = None,
+        *,
+        batch_size: int = 512,
+        graph: ComponentGraph | None = None,
+    ) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [rows, pos], got shape {tuple(tokens.shape)}")
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}"
+            )
+        self.model = model
+        self.graph = graph or ComponentGraph(model.cfg)
+        self.tokens = tokens.long()
+        self.attention_mask = attention_mask
+        self.batch_size = batch_size
+        self.stats = EngineStats()
+        self._store = _Store(tokens.shape[0])
+        self._means: dict[str, Tensor] = {}
+        self._edges_into = {(r, s): self.graph.edges_into(r, s) for r in self.graph.nodes for s in r.slots}
+
+    # ---- clean activations -----------------------------------------------------------------------
+    def _mask(self, rows: Tensor) -> Tensor | None:
+        return None if self.attention_mask is None else self.attention_mask[rows]
+
+    def _forward_clean(self, rows: Tensor) -> dict[str, Tensor]:
+        """One ordinary batched forward; outputs of every sender and the clean input of every receiver."""
+        cfg, model = self.model.cfg, self.model
+        names = ["hook_embed", "hook_pos_embed"]
+        for layer in range(cfg.n_layers):
+            names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_result"]
+            if cfg.has_mlp:
+                names.append(f"blocks.{layer}.hook_mlp_out")
+                if not cfg.parallel_attn_mlp:
+                    names.append(f"blocks.{layer}.hook_resid_mid")
+        names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
+        names = [n for n in names if n in model.hook_registry]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(self.tokens[rows], names, attention_mask=self._mask(rows))
+        out: dict[str, Tensor] = {}
+        for node in self.graph.nodes:
+            if node.kind is NodeKind.EMBED:
+                out[node.name] = cache["hook_embed"]
+            elif node.kind is NodeKind.POS_EMBED:
+                out[node.name] = cache["hook_pos_embed"].expand_as(cache["hook_embed"])
+            elif node.kind is NodeKind.HEAD:
+                b_o = model.blocks[node.layer].attn.b_O / cfg.n_heads
+                out[node.name] = cache[f"blocks.{node.layer}.attn.hook_result"][:, :, node.head] + b_o
+                if node.head == 0:  # heads of a layer share resid_pre: one copy per layer
+                    out[f"{node.name}.in"] = cache[f"blocks.{node.layer}.hook_resid_pre"]
+            elif node.kind is NodeKind.MLP:
+                out[node.name] = cache[f"blocks.{node.layer}.hook_mlp_out"]
+                mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
+                out[f"{node.name}.in"] = cache[f"blocks.{node.layer}.{mid}"]
+            else:
+                out["logits.in"] = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def ensure_clean(self, rows: Int[Tensor, " batch"]) -> None:
+        """Run (and cache) the ordinary forward on every row not yet cached."""
+        missing = self._store.missing(rows)
+        for start in range(0, missing.numel(), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            self._store.add(chunk, self._forward_clean(chunk))
+            self.stats.clean_examples += chunk.numel()
+
+    def clear_cache(self) -> None:
+        """Forget the cached clean activations (memory); statistics are kept."""
+        self._store = _Store(self.tokens.shape[0])
+
+    def clean_output(self, node: Node, rows: Tensor) -> Float[Tensor, "batch pos d_model"]:
+        """``node``'s ordinary output (a sender) on data-set ``rows``."""
+        self.ensure_clean(rows)
+        return self._store.get(node.name, rows)
+
+    def clean_input(self, node: Node, rows: Tensor) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream ``node`` reads in the ordinary forward on ``rows``."""
+        self.ensure_clean(rows)
+        key = f"a{node.layer}.0.in" if node.kind is NodeKind.HEAD else f"{node.name}.in"
+        return self._store.get(key, rows)
+
+    def mean_output(self, node: Node) -> Float[Tensor, "pos d_model"]:
+        """``node``'s output averaged over every row of the data set (for mean ablation)."""
+        if not self._means:
+            sums: dict[str, Tensor] = {}
+            n = self.tokens.shape[0]
+            for start in range(0, n, self.batch_size):
+                acts = self._forward_clean(torch.arange(start, min(n, start + self.batch_size)))
+                for s in self.graph.senders_all:
+                    sums[s.name] = sums.get(s.name, 0) + acts[s.name].sum(0)
+            self._means = {k: v / n for k, v in sums.items()}
+        return self._means[node.name]
+
+    # ---- patched runs ----------------------------------------------------------------------------
+    def run(self, spec: Spec, node: Node | str | None = None) -> Tensor:
+        """The output of ``node`` (default: the logits, [batch pos d_vocab_out]) computed under ``spec``."""
+        target = self.graph.logits if node is None else self.graph.node(node)
+        self.stats.patched_runs += 1
+        with torch.no_grad():
+            return self._value(target, spec, {})
+
+    def _value(self, node: Node, spec: Spec, memo: dict) -> Tensor:
+        if node.kind is not NodeKind.LOGITS and spec.is_clean_for(node):
+            return self.clean_output(node, spec.input)
+        key = (node.name, id(spec))
+        if key in memo:
+            return memo[key][1]
+        rows = spec.input.numel()
+        if node.kind is NodeKind.HEAD:
+            self._heads(node.layer, spec, memo)  # type: ignore[arg-type]
+            return memo[key][1]
+        x = self._slot_input(node, Slot.IN, spec, memo)
+        if node.kind is NodeKind.MLP:
+            block = self.model.blocks[node.layer]
+            out = block.mlp(block.ln2(x))
+        else:
+            out = self.model.unembed_resid(x)
+        self.stats.node_evaluations += rows
+        memo[key] = (spec, out)  # keep spec alive so its id is not reused
+        return out
+
+    def _edge_value(self, edge: Edge, spec: Spec, memo: dict) -> Tensor | None:
+        """The value ``edge`` carries under ``spec``, or None when it is the clean value on spec.input."""
+        patch = spec.patches.get(edge)
+        if patch is None:
+            if not spec.propagate or spec.is_clean_for(edge.sender):
+                return None
+            return self._value(edge.sender, spec, memo)
+        if patch is Ablation.ZERO:
+            return torch.zeros_like(self.clean_output(edge.sender, spec.input[:1]))
+        if patch is Ablation.MEAN:
+            return self.mean_output(edge.sender)
+        return self._value(edge.sender, patch, memo)
+
+    def _slot_input(self, node: Node, slot: Slot, spec: Spec, memo: dict) -> Tensor:
+        x = self.clean_input(node, spec.input)
+        for edge in self._edges_into[(node, slot)]:
+            value = self._edge_value(edge, spec, memo)
+            if value is not None:
+                x = x + (value - self.clean_output(edge.sender, spec.input))
+        return x
+
+    def _heads(self, layer: int, spec: Spec, memo: dict) -> None:
+        """All heads of ``layer`` under ``spec`` at once (each with its own Q, K and V inputs)."""
+        model, cfg = self.model, self.model.cfg
+        block = model.blocks[layer]
+        heads = [n for n in self.graph.nodes if n.kind is NodeKind.HEAD and n.layer == layer]
+        split = []
+        for slot in (Slot.Q, Slot.K, Slot.V):
+            per_head = torch.stack([self._slot_input(h, slot, spec, memo) for h in heads], dim=2)
+            split.append(block.ln1(per_head))
+        ctx_rows = spec.input if spec.context is None else spec.context
+        tokens = self.tokens[ctx_rows]
+        ctx = model.context(tokens, self._mask(ctx_rows))
+        grabbed: list[Tensor] = []
+        with model.hooks([(f"blocks.{layer}.attn.hook_result", lambda t, _s: grabbed.append(t))]):
+            block.attn(None, ctx, split=(split[0], split[1], split[2]))
+        result = grabbed[0] + block.attn.b_O / cfg.n_heads
+        for h in heads:
+            memo[(h.name, id(spec))] = (spec, result[:, :, h.head])
+        self.stats.node_evaluations += spec.input.numel() * len(heads)

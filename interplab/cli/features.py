@@ -1,0 +1,228 @@
+"""``interplab features``: build a feature database for an SAE, export it as static pages, explain, steer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from interplab.cli.common import console, fail, set_threads
+
+features_app = typer.Typer(
+    help="Feature dashboards: build the feature database, export, explain, steer.", no_args_is_help=True
+)
+
+
+def load_tokens_file(path: Path):
+    """A [n_seq pos] token tensor from a safetensors file (key ``tokens``, or its only tensor)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        fail(f"no token file at {path}")
+    tensors = load_file(str(path))
+    if "tokens" in tensors:
+        return tensors["tokens"].long()
+    if len(tensors) != 1:
+        fail(f"{path} holds {sorted(tensors)}: name the token tensor 'tokens'")
+    return next(iter(tensors.values())).long()
+
+
+def corpus_tokens(name: str, model, split: str, n_seqs: int, seq_len: int):
+    import torch
+
+    try:
+        from interplab.data import build_token_store, open_corpus
+    except ImportError:
+        fail("--corpus needs interplab.data (token stores), which this installation lacks; use --tokens FILE")
+    if model.tokenizer is None:
+        fail(
+            "--corpus needs a model with a tokenizer (tokenizer.json in the model folder); use --tokens FILE"
+        )
+    store = build_token_store(open_corpus(name), model.tokenizer, split)
+    n = min(n_seqs, store.n_sequences(seq_len))
+    if n == 0:
+        fail(f"corpus {name!r} ({split}) has fewer than {seq_len} tokens")
+    return store.sequences(torch.arange(n), seq_len)
+
+
+def load_model_and_sae(model_dir: Path, sae_dir: Path):
+    from interplab import load_model
+
+    try:
+        model = load_model(model_dir)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        fail(f"cannot load the model: {err}")
+    try:
+        from interplab.sae import load_sae
+    except ImportError:
+        fail("interplab.sae is not available in this installation")
+    try:
+        sae = load_sae(sae_dir)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        fail(f"cannot load the SAE: {err}")
+    return model, sae
+
+
+class _Bar:
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done)
+
+
+@features_app.command("build")
+def build(
+    model_dir: Path = typer.Option(..., "--model", help="model folder"),
+    sae_dir: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)"),
+    out: Path = typer.Option(
+        Path("features.db"), "--out", help="feature database file (or a SQLAlchemy URL)"
+    ),
+    tokens: Path = typer.Option(None, "--tokens", help="safetensors file with a [n_seq pos] 'tokens' tensor"),
+    corpus: str = typer.Option(None, "--corpus", help="corpus name or folder (e.g. python-stdlib)"),
+    split: str = typer.Option("validation", help="corpus split"),
+    n_seqs: int = typer.Option(1024, "--n-seqs", help="sequences taken from the corpus"),
+    seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence (corpus)"),
+    top_k: int = typer.Option(20, "--top-k", help="top activating contexts per feature"),
+    batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
+    features_per_pass: int = typer.Option(0, "--features-per-pass", help="0: all features in one pass"),
+    checkpoint_every: int = typer.Option(
+        20, "--checkpoint-every", help="batches between resumable checkpoints"
+    ),
+    loss_effect: bool = typer.Option(
+        True, "--loss-effect/--no-loss-effect", help="estimate effects on the loss"
+    ),
+    cooccurrence: bool = typer.Option(True, "--cooccurrence/--no-cooccurrence"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="rebuild from scratch if the database exists"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
+) -> None:
+    """Collect every feature's statistics in one streaming pass and write the feature database (resumable:
+    run the same command again after an interruption)."""
+    from interplab.features import FeatureBuildConfig
+    from interplab.features.build import build_feature_db
+
+    set_threads(threads)
+    if (tokens is None) == (corpus is None):
+        fail("give exactly one of --tokens FILE or --corpus NAME")
+    model, sae = load_model_and_sae(model_dir, sae_dir)
+    toks = (
+        load_tokens_file(tokens)
+        if tokens is not None
+        else corpus_tokens(corpus, model, split, n_seqs, seq_len)
+    )
+    try:
+        cfg = FeatureBuildConfig(
+            top_k=top_k,
+            batch_size=batch_size,
+            features_per_pass=features_per_pass,
+            checkpoint_every=checkpoint_every,
+            loss_effect=loss_effect,
+            cooccurrence=cooccurrence,
+        )
+        bar = _Bar()
+        with bar.progress:
+            report = build_feature_db(
+                out,
+                model,
+                sae,
+                toks,
+                cfg,
+                model_path=model_dir,
+                sae_path=sae_dir,
+                overwrite=overwrite,
+                progress=bar,
+            )
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+        return
+    console.print(
+        f"[green]feature database[/] {out}: {report.n_features} features over {report.n_tokens:,} tokens"
+    )
+    console.print(f"browse it with:  interplab serve --db {out}")
+
+
+@features_app.command("export")
+def export(
+    db: Path = typer.Option(..., "--db", help="feature database"),
+    html: Path = typer.Option(..., "--html", help="output folder for the static site"),
+) -> None:
+    """Write a self-contained folder of HTML pages (index + one page per feature) to share or publish."""
+    from interplab.web.export import export_html
+
+    try:
+        report = export_html(db, html)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+        return
+    console.print(f"wrote {report.n_pages} pages ({report.n_bytes / 1e6:.1f} MB) to {html}/index.html")
+
+
+@features_app.command("explain")
+def explain(
+    db: Path = typer.Option(..., "--db", help="feature database"),
+    k: int = typer.Option(3, help="tokens named per explanation"),
+    overwrite_human: bool = typer.Option(False, "--overwrite-human", help="replace human labels too"),
+) -> None:
+    """Label every feature with the built-in explainer (most enriched peak tokens) and score the labels."""
+    from interplab.features.explain import TokenEnrichmentExplainer, auto_interp
+    from interplab.features.store import FeatureStore
+
+    try:
+        store = FeatureStore(db)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+        return
+    result = auto_interp(store, TokenEnrichmentExplainer(k=k), overwrite_human=overwrite_human)
+    scores = list(result.scores.values())
+    mean = sum(scores) / len(scores) if scores else float("nan")
+    console.print(
+        f"explained {len(scores)} features (mean score {mean:.3f}); kept {len(result.skipped_human)} "
+        "human labels"
+    )
+
+
+@features_app.command("steer")
+def steer(
+    model_dir: Path = typer.Option(..., "--model"),
+    sae_dir: Path = typer.Option(..., "--sae"),
+    feature: int = typer.Option(..., "--feature"),
+    value: float = typer.Option(10.0, "--value"),
+    mode: str = typer.Option("add", "--mode", help="add or clamp"),
+    prompt: str = typer.Option(..., "--prompt", help="text (or token ids if the model has no tokenizer)"),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
+) -> None:
+    """Generate greedily with and without steering a feature; print both continuations."""
+    from interplab.features.steer import SteerMode, steer_generate
+    from interplab.web.api import prompt_tokens
+
+    model, sae = load_model_and_sae(model_dir, sae_dir)
+    try:
+        result = steer_generate(
+            model,
+            sae,
+            prompt_tokens(model, prompt),
+            feature,
+            value,
+            SteerMode(mode),
+            max_new_tokens=max_new_tokens,
+        )
+    except ValueError as err:
+        fail(str(err))
+        return
+    console.print(f"[bold]baseline:[/] {result.baseline_text}", markup=True, highlight=False)
+    console.print(f"[bold]{mode} {value:g}:[/] {result.steered_text}", markup=True, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(features_app, name="features")

@@ -1,0 +1,161 @@
+"""Token stores: a corpus split tokenised once into a flat memory-mapped array on disk, cut into sequences.
+
+Stores are cached by content: the key hashes the corpus' contents, the split and the tokenizer, so a
+changed file or tokenizer gives a new store and an unchanged one is reused. Tokenisation streams documents
+in chunks, so the corpus never has to fit in memory. Documents are joined with the tokenizer's
+``<|bos|>`` token (a document boundary the model can see).
+
+>>> from interplab.data import open_corpus, corpus_tokenizer, build_token_store
+>>> corpus = open_corpus("python-stdlib")
+>>> tok = corpus_tokenizer(corpus, vocab_size=1024)
+>>> store = build_token_store(corpus, tok, "validation")
+>>> store.sequences(torch.tensor([0, 1]), seq_len=256).shape
+torch.Size([2, 256])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from interplab.data.corpus import Corpus, Split
+from interplab.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from interplab.io import atomic_path, atomic_write_json
+
+_CHUNK_DOCS = 64
+
+
+def cache_dir() -> Path:
+    """``$INTERPLAB_CACHE`` or ``~/.cache/interplab``."""
+    return Path(os.environ.get("INTERPLAB_CACHE", Path.home() / ".cache" / "interplab")).expanduser()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenStore:
+    """A flat array of token ids on disk (memory-mapped), read as fixed-length sequences."""
+
+    path: Path
+    """the ``.bin`` file of token ids"""
+    n_tokens: int
+    """number of tokens in the store"""
+    dtype: str
+    """numpy dtype of the ids (``uint16`` below 65,536 ids, else ``uint32``)"""
+
+    def array(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def n_sequences(self, seq_len: int) -> int:
+        return self.n_tokens // seq_len
+
+    def sequences(self, index: Int[Tensor, " n"], seq_len: int) -> Int[Tensor, "n seq_len"]:
+        """Sequences number ``index`` (non-overlapping windows of ``seq_len`` tokens), as a long tensor."""
+        n = self.n_sequences(seq_len)
+        if n == 0:
+            raise ValueError(f"the store has {self.n_tokens} tokens, fewer than one sequence of {seq_len}")
+        idx = index.long().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"sequence index out of range: the store has {n} sequences of {seq_len} tokens")
+        arr = self.array()
+        rows = (
+            np.stack([arr[i * seq_len : (i + 1) * seq_len] for i in idx])
+            if idx.size
+            else np.zeros((0, seq_len))
+        )
+        return torch.from_numpy(rows.astype(np.int64))
+
+
+def corpus_tokenizer(corpus: Corpus, vocab_size: int, *, cache: Path | None = None) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on the corpus' train split (cached by content and vocab size)."""
+    cache = cache or cache_dir()
+    key = hashlib.sha256(f"{corpus.fingerprint()}|bpe|{vocab_size}".encode()).hexdigest()[:16]
+    file = cache / "tokenizers" / f"{key}.json"
+    if file.is_file():
+        return load_tokenizer(file)
+    tok = train_bpe(corpus.documents(Split.TRAIN), vocab_size)
+    tok.save(file)
+    return tok
+
+
+def build_token_store(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    split: Split | str = Split.TRAIN,
+    *,
+    cache: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TokenStore:
+    """Tokenise one split of a corpus into a memory-mapped store, or reuse the cached one.
+
+    ``progress(n_tokens_so_far)`` is called after each chunk of documents."""
+    split = Split(split)
+    cache = cache or cache_dir()
+    tok_hash = hashlib.sha256(_tokenizer_text(tokenizer).encode()).hexdigest()
+    key = hashlib.sha256(f"{corpus.fingerprint()}|{split.value}|{tok_hash}".encode()).hexdigest()[:16]
+    folder = cache / "stores"
+    meta_file = folder / f"{key}.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        bin_file = folder / f"{key}.bin"
+        if (
+            bin_file.is_file()
+            and bin_file.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+        ):
+            return TokenStore(path=bin_file, n_tokens=meta["n_tokens"], dtype=meta["dtype"])
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    sep = tokenizer.bos_id
+    n_tokens = 0
+    bin_file = folder / f"{key}.bin"
+    with atomic_path(bin_file) as tmp, open(tmp, "wb") as out:
+        chunk: list[str] = []
+
+        def flush() -> None:
+            nonlocal n_tokens
+            ids: list[int] = []
+            for row in tokenizer.encode_batch(chunk):
+                if sep is not None:
+                    ids.append(sep)
+                ids.extend(row)
+            np.asarray(ids, dtype=dtype).tofile(out)
+            n_tokens += len(ids)
+            chunk.clear()
+            if progress is not None:
+                progress(n_tokens)
+
+        for doc in corpus.documents(split):
+            if doc:
+                chunk.append(doc)
+            if len(chunk) >= _CHUNK_DOCS:
+                flush()
+        if chunk:
+            flush()
+        out.flush()
+    if n_tokens == 0:
+        bin_file.unlink(missing_ok=True)
+        raise ValueError(f"corpus {corpus.name!r} has no text in its {split.value} split (empty corpus?)")
+    atomic_write_json(
+        meta_file,
+        {
+            "n_tokens": n_tokens,
+            "dtype": np.dtype(dtype).name,
+            "corpus": corpus.name,
+            "split": split.value,
+            "fingerprint": corpus.fingerprint(),
+        },
+    )
+    return TokenStore(path=bin_file, n_tokens=n_tokens, dtype=np.dtype(dtype).name)
+
+
+def _tokenizer_text(tokenizer: Tokenizer) -> str:
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None:
+        return backend.to_str()
+    return json.dumps({"itos": getattr(tokenizer, "itos", None)})

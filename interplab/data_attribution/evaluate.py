@@ -1,0 +1,60 @@
+"""How good is an attribution? Linear datamodeling score (LDS) and planted-data recovery (AUC)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Average ranks along the last dimension (ties share their mean rank)."""
+    x = x.double()
+    order = x.argsort(dim=-1)
+    ranks = torch.empty_like(x)
+    ranks.scatter_(-1, order, torch.arange(x.shape[-1], dtype=torch.float64).expand_as(x).contiguous())
+    # average ties
+    flat_x, flat_r = x.reshape(-1, x.shape[-1]), ranks.reshape(-1, x.shape[-1])
+    for row in range(flat_x.shape[0]):
+        vals, inverse, counts = torch.unique(flat_x[row], return_inverse=True, return_counts=True)
+        if len(vals) < flat_x.shape[1]:
+            sums = torch.zeros(len(vals), dtype=torch.float64).index_add_(0, inverse, flat_r[row])
+            flat_r[row] = (sums / counts)[inverse]
+    return flat_r.reshape(x.shape)
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation along the last dimension."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra = ra - ra.mean(-1, keepdim=True)
+    rb = rb - rb.mean(-1, keepdim=True)
+    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-30)
+
+
+def lds(scores: Tensor, subsets: Tensor, actual: Tensor) -> Tensor:
+    """Linear datamodeling score (Park et al. 2023).
+
+    scores [n_target, n_train]: attribution of each target to each training example;
+    subsets [n_models, n_train] bool: which examples each retrained model saw;
+    actual [n_models, n_target]: the target measured on each retrained model.
+    Returns the Spearman correlation between predicted (sum of scores over the subset) and actual target values
+    across models, per target [n_target]; its mean is the LDS."""
+    if subsets.shape[1] != scores.shape[-1]:
+        raise ValueError(f"subsets cover {subsets.shape[1]} examples but scores cover {scores.shape[-1]}")
+    if actual.shape != (subsets.shape[0], scores.shape[0]):
+        raise ValueError(
+            f"actual must be [n_models={subsets.shape[0]}, n_target={scores.shape[0]}], "
+            f"got {tuple(actual.shape)}"
+        )
+    predicted = subsets.double() @ scores.double().T  # [n_models, n_target]
+    return spearman(predicted.T, actual.double().T)
+
+
+def auc(scores: Tensor, positives: Tensor) -> float:
+    """Area under the ROC curve of ranking ``positives`` (bool [n]) above the rest by ``scores`` [n]
+    (the Mann-Whitney statistic; ties count half)."""
+    positives = positives.bool()
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUC needs positives and negatives, got {n_pos} and {n_neg}")
+    ranks = _ranks(scores.double()) + 1
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

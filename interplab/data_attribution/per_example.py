@@ -1,0 +1,131 @@
+"""Per-example gradients of a parameter group, through ``torch.func`` (vmap over grad), chunked to a memory budget.
+
+>>> group = param_group(model, "head:0.1")                                    # doctest: +SKIP
+>>> g = per_example_grads(model, lm_loss, tokens, group)                      # doctest: +SKIP
+>>> g.shape == (tokens.shape[0], group.numel)                                 # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from interplab.data_attribution.params import ParamGroup
+
+#: an objective: (model, one example's tensors without a batch dim...) -> scalar
+Objective = Callable[..., Tensor]
+
+
+def logits_of(model: nn.Module, tokens: Tensor) -> Tensor:
+    """The model's logits for ``tokens [batch pos]`` without the forward's input checks (which read tensor values
+    and so cannot run under vmap; `per_example_grads` checks the tokens beforehand)."""
+    if hasattr(model, "run_blocks"):
+        ctx = model.context(tokens)
+        return model.unembed_resid(model.run_blocks(model.embed_tokens(tokens, ctx), ctx))
+    return model(tokens)
+
+
+def lm_loss(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of one sequence ``tokens [pos]`` (the language-model training loss)."""
+    logits = logits_of(model, tokens[None])[0]
+    return F.cross_entropy(logits[:-1].float(), tokens[1:])
+
+
+class _Bound(nn.Module):
+    """Lets ``functional_call`` run an arbitrary objective over a model with swapped parameters."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, *example: Tensor) -> Tensor:
+        return self.objective(self.model, *example)
+
+
+@contextlib.contextmanager
+def _batchable_attention(model: nn.Module) -> Iterator[None]:
+    """Make attention take its explicit path (SDPA has no vmap batching rule on CPU and would loop)."""
+    points = getattr(model, "hook_points", None)
+    if points is None:
+        yield
+        return
+    names = [n for n in points if n.endswith("attn.hook_attn_scores")]
+
+    def observe(x: Tensor, site: object) -> None:
+        return None
+
+    with model.hooks(fwd_hooks=[(n, observe) for n in names]):  # type: ignore[operator]
+        yield
+
+
+def per_example_grads(
+    model: nn.Module,
+    objective: Objective,
+    examples: Tensor | tuple[Tensor, ...],
+    group: ParamGroup,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: float = 1e9,
+) -> Tensor:
+    """Gradients of ``objective(model, example)`` for each example, restricted to ``group``: [n, group.numel].
+
+    Chunked so that the per-example gradients of the group's full parameters stay under ``memory_budget``
+    bytes per chunk (or ``chunk_size`` examples)."""
+    examples = examples if isinstance(examples, tuple) else (examples,)
+    n = examples[0].shape[0]
+    if hasattr(model, "_check_tokens") and not examples[0].is_floating_point():
+        model._check_tokens(examples[0], None)
+    params = dict(model.named_parameters())
+    names = group.param_names
+    free = {k: params[k].detach() for k in names}
+    frozen = {k: v.detach() for k, v in params.items() if k not in free}
+    full_numel = sum(free[k].numel() for k in names)
+    if chunk_size is None:
+        chunk_size = max(1, int(memory_budget // (4 * max(full_numel, 1) * 3)))
+    bound = _Bound(model, objective)
+
+    def f(p: dict[str, Tensor], *example: Tensor) -> Tensor:
+        merged = {"model." + k: v for k, v in {**frozen, **p}.items()}
+        return functional_call(bound, merged, example)
+
+    per_ex = vmap(grad(f), in_dims=(None,) + (0,) * len(examples))
+    out = []
+    with _batchable_attention(model):
+        for start in range(0, n, chunk_size):
+            chunk = tuple(e[start : start + chunk_size] for e in examples)
+            grads = per_ex(free, *chunk)
+            out.append(group.flatten(grads, batched=True))
+    return torch.cat(out)
+
+
+def objective_grad(model: nn.Module, objective: Callable[[nn.Module], Tensor], group: ParamGroup) -> Tensor:
+    """The gradient of a scalar function of the model (a target) with respect to ``group``: [group.numel]."""
+    params = dict(model.named_parameters())
+    leaves = {k: params[k].detach().clone().requires_grad_(True) for k in group.param_names}
+    merged = {k: leaves.get(k, v.detach()) for k, v in params.items()}
+    bound = _Bound(model, lambda m: objective(m))
+    with torch.enable_grad():
+        value = functional_call(bound, {"model." + k: v for k, v in merged.items()}, ())
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            raise ValueError(
+                f"a target must return a scalar tensor, got {type(value).__name__} "
+                f"{tuple(value.shape) if isinstance(value, Tensor) else ''}"
+            )
+        if not value.requires_grad:
+            raise ValueError(
+                "the target is not differentiable with respect to the chosen parameters "
+                "(its value does not depend on them through differentiable operations)"
+            )
+        grads = torch.autograd.grad(value, [leaves[k] for k in group.param_names], allow_unused=True)
+    by_name = {
+        k: (g if g is not None else torch.zeros_like(leaves[k]))
+        for k, g in zip(group.param_names, grads, strict=True)
+    }
+    return group.flatten(by_name)

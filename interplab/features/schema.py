@@ -1,0 +1,152 @@
+"""The feature database's tables (SQLAlchemy Core), their versions and migrations.
+
+SQLite is the default (one file, WAL journal so the web app can read while a build writes); any SQLAlchemy
+URL works too (PostgreSQL: ``postgresql://...``), with full-text search falling back to ``ILIKE``.
+
+Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    inspect,
+    select,
+    text,
+)
+
+SCHEMA_VERSION = 2
+
+metadata = MetaData()
+
+meta = Table(
+    "meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False)
+)
+
+vocab = Table(
+    "vocab",
+    metadata,
+    Column("token", Integer, primary_key=True),
+    Column("text", Text, nullable=False),
+    Column("count", Integer, nullable=False),
+)
+
+features = Table(
+    "features",
+    metadata,
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("n_fires", Integer, nullable=False),
+    Column("density", Float, nullable=False),
+    Column("max_act", Float, nullable=False),
+    Column("mean_act", Float, nullable=False),
+    Column("loss_effect", Float),
+    Column("hist", Text, nullable=False),  # JSON list of counts per log-spaced bin (edges in meta)
+    Column("logits", Text, nullable=False),  # JSON {"pos": [[token, value]...], "neg": [...]}
+    Column("cooc", Text, nullable=False),  # JSON [[feature, jaccard, count]...]
+    Column("top_token", Integer),  # token at the strongest firing
+)
+Index("ix_features_density", features.c.density)
+Index("ix_features_top_token", features.c.top_token)
+
+contexts = Table(
+    "contexts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("feature", Integer, nullable=False),
+    Column("kind", Integer, nullable=False),  # 0: top activating, 1: uniform sample of firings
+    Column("rank", Integer, nullable=False),
+    Column("token_index", Integer, nullable=False),  # global index of the activating token in the corpus
+    Column("act", Float, nullable=False),
+    Column("center_token", Integer, nullable=False),
+    Column("tokens", Text, nullable=False),  # JSON token ids of the window (-1: outside the sequence)
+    Column("acts", Text, nullable=False),  # JSON activations over the window
+    Column("text", Text, nullable=False),  # the window as text (for search)
+)
+Index("ix_contexts_feature", contexts.c.feature, contexts.c.kind, contexts.c.rank)
+Index("ix_contexts_token", contexts.c.center_token, contexts.c.act)
+
+passes = Table(
+    "passes",
+    metadata,
+    Column("first", Integer, primary_key=True, autoincrement=False),
+    Column("last", Integer, nullable=False),
+)
+
+labels = Table(
+    "labels",
+    metadata,
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("explanation", Text, nullable=False),
+    Column("source", String(64), nullable=False),  # "human" or "auto:<explainer>"
+    Column("score", Float),
+)
+
+_V1_TABLES = (meta, vocab, features, contexts, passes)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def install_pragmas(engine: Engine) -> None:
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+
+
+def schema_version(engine: Engine) -> int:
+    """0 for an empty database."""
+    if not inspect(engine).has_table("meta"):
+        return 0
+    with engine.connect() as conn:
+        value = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+    return int(value) if value is not None else 0
+
+
+def _create_v1(conn) -> None:
+    for table in _V1_TABLES:
+        table.create(conn, checkfirst=True)
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+    if conn.dialect.name == "sqlite":
+        conn.execute(
+            text(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS contexts_fts USING fts5(text, content='contexts', "
+                "content_rowid='id', tokenize=\"unicode61 tokenchars '_'\")"
+            )
+        )
+
+
+def _v1_to_v2(conn) -> None:
+    labels.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _create_v1, 2: _v1_to_v2}
+
+
+def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
+    """Bring the database to schema ``target`` (creating it if empty); returns the version it had."""
+    found = schema_version(engine)
+    if found > SCHEMA_VERSION:
+        raise ValueError(
+            f"the feature database has schema version {found}; this interplab reads up to "
+            f"{SCHEMA_VERSION}: upgrade interplab"
+        )
+    for version in range(found + 1, target + 1):
+        with engine.begin() as conn:
+            MIGRATIONS[version](conn)
+            conn.execute(meta.delete().where(meta.c.key == "schema_version"))
+            conn.execute(meta.insert().values(key="schema_version", value=str(version)))
+    return found

@@ -1,0 +1,306 @@
+"""`StreamingFeatureStats`: per-feature statistics accumulated over batches of activations, all features at once.
+
+Every statistic is exact and independent of how the corpus is cut into batches: counts and sums add up,
+the histogram has fixed log-spaced edges, the top-k contexts are selected by an integer key (activation
+bits, then the earlier token wins ties), and the sampled contexts by a deterministic hash of (token,
+feature) ("bottom-k" sampling: a uniform sample without replacement of the feature's firings).
+
+>>> stats = StreamingFeatureStats(d_sae=8, cfg=FeatureBuildConfig(top_k=3))
+>>> stats.update(tokens, acts)          # tokens [batch pos], acts [batch pos d_sae]   # doctest: +SKIP
+>>> result = stats.result()             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interplab.features.config import FeatureBuildConfig
+
+_LOW32 = (1 << 32) - 1
+_MAX_TOKENS = 1 << 32
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """What one pass collected for a range of features (``features[i]`` is the SAE latent of row i)."""
+
+    features: Int[Tensor, " feature"]
+    n_tokens: int
+    n_fires: Int[Tensor, " feature"]
+    act_sum: Float[Tensor, " feature"]
+    hist: Int[Tensor, "feature bins"]
+    hist_edges: Float[Tensor, " edges"]
+    top_val: Float[Tensor, "feature k"]
+    top_index: Int[Tensor, "feature k"]
+    top_tokens: Int[Tensor, "feature k window"]
+    top_acts: Float[Tensor, "feature k window"]
+    sample_val: Float[Tensor, "feature m"]
+    sample_index: Int[Tensor, "feature m"]
+    sample_tokens: Int[Tensor, "feature m window"]
+    sample_acts: Float[Tensor, "feature m window"]
+    loss_sum: Float[Tensor, " feature"] | None
+    cooc: Int[Tensor, "feature feature"] | None
+
+    @property
+    def density(self) -> Float[Tensor, " feature"]:
+        """Fraction of tokens on which each feature fires (activation > 0)."""
+        return self.n_fires.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_act(self) -> Float[Tensor, " feature"]:
+        """Mean activation where the feature fires."""
+        return self.act_sum / self.n_fires.clamp(min=1)
+
+    @property
+    def loss_effect(self) -> Float[Tensor, " feature"] | None:
+        """Mean increase of the sequence's summed cross-entropy (nats) when one firing is ablated."""
+        return None if self.loss_sum is None else self.loss_sum / self.n_fires.clamp(min=1)
+
+    def plot(self):
+        """Feature density histogram (log10), the usual first look at an SAE."""
+        import plotly.graph_objects as go
+
+        dens = self.density[self.n_fires > 0].log10().tolist()
+        fig = go.Figure(go.Histogram(x=dens, nbinsx=50))
+        fig.update_layout(
+            title=f"feature density ({len(self.features)} features, {self.n_tokens} tokens)",
+            xaxis_title="log10 density",
+            yaxis_title="features",
+        )
+        return fig
+
+    def save(self, path) -> None:
+        """Write every tensor to one safetensors file (exact inverse: `FeatureStats.load`)."""
+        from interplab.io import save_tensors
+
+        tensors = {
+            f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        }
+        save_tensors(path, tensors, metadata={"n_tokens": str(self.n_tokens)})
+
+    @classmethod
+    def load(cls, path) -> FeatureStats:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            n_tokens = int(f.metadata()["n_tokens"])
+        names = [f.name for f in fields(cls)]
+        return cls(**{n: data.get(n) for n in names if n != "n_tokens"}, n_tokens=n_tokens)
+
+
+def sample_priority(index: Tensor, feature: Tensor, seed: int) -> Tensor:
+    """A deterministic pseudo-random non-negative int63 per (token index, feature) pair (splitmix64 steps)."""
+    x = index * 0x9E3779B1 + feature * 0x85EBCA77 + (seed + 1) * 0xC2B2AE3D
+    for mult in (0x4CF5AD432745937F, 0x2545F4914F6CDD1D):
+        x = x ^ (x >> 31)
+        x = x * (mult - (1 << 64) if mult >= 1 << 63 else mult)
+    return (x ^ (x >> 29)) & ((1 << 62) - 1)
+
+
+class StreamingFeatureStats:
+    """Accumulates `FeatureStats` for ``d_sae`` features (optionally a range of them) over batches."""
+
+    def __init__(
+        self,
+        d_sae: int,
+        cfg: FeatureBuildConfig,
+        *,
+        features: Tensor | None = None,
+        cooccurrence: bool | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.features = torch.arange(d_sae) if features is None else features.long()
+        n, k, m, w = len(self.features), cfg.top_k, cfg.n_samples, cfg.window
+        want_cooc = cfg.cooccurrence if cooccurrence is None else cooccurrence
+        self.n_tokens = 0
+        self.batches = 0
+        self.n_fires = torch.zeros(n, dtype=torch.long)
+        self.act_sum = torch.zeros(n, dtype=torch.float64)
+        self.hist = torch.zeros(n, cfg.hist_bins, dtype=torch.long)
+        self.hist_edges = torch.logspace(
+            math.log10(cfg.hist_min), math.log10(cfg.hist_max), cfg.hist_bins + 1, dtype=torch.float64
+        )
+        self._log_edges = self.hist_edges[1:-1].log().float()
+        self.top_key = torch.full((n, k), -1, dtype=torch.long)
+        self.top_tokens = torch.full((n, k, w), -1, dtype=torch.long)
+        self.top_acts = torch.zeros(n, k, w)
+        self.sample_key = torch.full((n, m), -1, dtype=torch.long)
+        self.sample_index = torch.full((n, m), -1, dtype=torch.long)
+        self.sample_val = torch.zeros(n, m)
+        self.sample_tokens = torch.full((n, m, w), -1, dtype=torch.long)
+        self.sample_acts = torch.zeros(n, m, w)
+        self.loss_sum = torch.zeros(n, dtype=torch.float64) if cfg.loss_effect else None
+        self.cooc = torch.zeros(n, n, dtype=torch.int32) if want_cooc and n <= cfg.max_cooc_features else None
+
+    # ---- one batch ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        acts: Float[Tensor, "batch pos feature"],
+        loss_grad: Float[Tensor, "batch pos d_in"] | None = None,
+        directions: Float[Tensor, "feature d_in"] | None = None,
+    ) -> None:
+        """Add one batch. ``acts`` holds this object's features only (in order). With ``loss_grad`` (the
+        gradient of the summed loss at the hooked activation) and ``directions`` (what one unit of each
+        feature adds there), the first-order loss increase of ablating each firing is accumulated."""
+        b, p, n = acts.shape
+        if n != len(self.features):
+            raise ValueError(f"acts has {n} features, this accumulator holds {len(self.features)}")
+        if tuple(tokens.shape) != (b, p):
+            raise ValueError(f"tokens {tuple(tokens.shape)} do not match acts {tuple(acts.shape)}")
+        if self.n_tokens + b * p > _MAX_TOKENS:
+            raise ValueError(f"the streaming key supports at most {_MAX_TOKENS} tokens")
+        dense = acts.detach().float().reshape(b * p, n)  # token feature
+        # everything below works on the firings only (SAEs are sparse: ~1% of entries)
+        t_idx, f_idx = (dense > 0).nonzero(as_tuple=True)  # sorted by token, then feature
+        values = dense[t_idx, f_idx]
+        self.n_fires += torch.bincount(f_idx, minlength=n)
+        self.act_sum.index_add_(0, f_idx, values.double())
+        if self.loss_sum is not None and loss_grad is not None and directions is not None:
+            proj = loss_grad.detach().float().reshape(b * p, -1) @ directions.float().T  # token feature
+            effect = -values * proj[t_idx, f_idx]
+            self.loss_sum.index_add_(0, f_idx, effect.double())
+        bins = torch.bucketize(values.log(), self._log_edges)
+        self.hist.view(-1).index_add_(0, f_idx * self.cfg.hist_bins + bins, torch.ones_like(bins))
+        if self.cooc is not None and self.n_tokens < self.cfg.cooc_max_tokens:
+            self._cooccurrence(t_idx, f_idx, b * p)
+        gidx = self.n_tokens + t_idx
+        # activations > 0 as int32 bits are ordered like the floats; the low word prefers earlier tokens
+        top_key = (values.view(torch.int32).long() << 32) | (_LOW32 - gidx)
+        self._merge("top", f_idx, top_key, t_idx, dense, tokens, p)
+        if self.cfg.n_samples:
+            prio = sample_priority(gidx, self.features[f_idx], self.cfg.seed)
+            self._merge("sample", f_idx, prio, t_idx, dense, tokens, p)
+        self.n_tokens += b * p
+        self.batches += 1
+
+    def _cooccurrence(self, t_idx: Tensor, f_idx: Tensor, n_tok: int) -> None:
+        """Count every ordered pair of features firing on the same token (firings are grouped by token).
+        The diagonal is each feature's firing count over the tokens counted (``cfg.cooc_max_tokens``)."""
+        if len(t_idx) == 0:
+            return
+        n = len(self.features)
+        counts = torch.bincount(t_idx, minlength=n_tok)
+        start = torch.cumsum(counts, 0) - counts
+        rep = counts[t_idx]
+        left = torch.repeat_interleave(torch.arange(len(t_idx)), rep)
+        offset = torch.arange(len(left)) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
+        right = start[t_idx[left]] + offset
+        self.cooc.view(-1).index_add_(
+            0, f_idx[left] * n + f_idx[right], torch.ones(len(left), dtype=self.cooc.dtype)
+        )
+
+    def _windows(
+        self, dense: Tensor, feat: Tensor, local: Tensor, tokens: Tensor, p: int
+    ) -> tuple[Tensor, Tensor]:
+        """Token windows [.., window] around batch-local token ``local`` and the feature's activations there."""
+        offs = torch.arange(-self.cfg.window_left, self.cfg.window_right + 1)
+        seq, pos = local // p, local % p
+        q = pos[..., None] + offs
+        valid = (q >= 0) & (q < p)
+        flat_tok = seq[..., None] * p + q.clamp(0, p - 1)
+        win_tok = torch.where(valid, tokens.reshape(-1)[flat_tok], -1)
+        win_act = torch.where(valid, dense[flat_tok, feat[..., None].expand_as(flat_tok)], 0.0)
+        return win_tok, win_act
+
+    def _merge(
+        self, which: str, f_idx: Tensor, key: Tensor, t_idx: Tensor, dense: Tensor, tokens: Tensor, p: int
+    ) -> None:
+        """Keep, per feature, the entries with the largest keys among the kept ones and this batch's.
+        Only the features that have a candidate beating their current k-th best are touched."""
+        table = getattr(self, f"{which}_key")  # feature k (-1: empty)
+        k = table.shape[1]
+        cand = key > table[f_idx, -1]
+        f_c, key_c, t_c = f_idx[cand], key[cand], t_idx[cand]
+        if len(key_c) == 0:
+            return
+        rows = torch.unique(f_c)  # the features to update, sorted
+        n = len(rows)
+        row_c = torch.searchsorted(rows, f_c)
+        all_row = torch.cat([torch.arange(n).repeat_interleave(k), row_c])
+        all_key = torch.cat([table[rows].flatten(), key_c])
+        order = torch.argsort(all_key, descending=True, stable=True)
+        order = order[torch.argsort(all_row[order], stable=True)]
+        sorted_rows = all_row[order]
+        rank = torch.arange(len(order)) - torch.searchsorted(sorted_rows, sorted_rows)
+        keep = order[rank < k]  # n * k entries, row-major, best first
+        src = keep - n * k  # >= 0: a candidate of this batch, else an old slot
+        is_new = src >= 0
+        new_local, new_f = t_c[src.clamp(min=0)], f_c[src.clamp(min=0)]
+        old_slot = rows.repeat_interleave(k) * k + keep.clamp(max=n * k - 1) % k
+        w = self.cfg.window
+        win_tok, win_act = self._windows(dense, new_f, new_local, tokens, p)
+        toks, acts = getattr(self, f"{which}_tokens"), getattr(self, f"{which}_acts")
+        toks[rows] = torch.where(is_new[:, None], win_tok, toks.view(-1, w)[old_slot]).view(n, k, w)
+        acts[rows] = torch.where(is_new[:, None], win_act, acts.view(-1, w)[old_slot]).view(n, k, w)
+        new_key = all_key[keep].view(n, k)
+        table[rows] = new_key
+        if which == "sample":
+            val = torch.where(is_new, dense[new_local, new_f], self.sample_val.flatten()[old_slot])
+            index = torch.where(is_new, self.n_tokens + new_local, self.sample_index.flatten()[old_slot])
+            self.sample_val[rows] = val.view(n, k)
+            self.sample_index[rows] = torch.where(new_key >= 0, index.view(n, k), -1)
+
+    # ---- results and checkpoints -------------------------------------------------------------
+    def result(self) -> FeatureStats:
+        valid = self.top_key >= 0
+        top_val = torch.where(valid, (self.top_key >> 32).int().view(torch.float32), 0.0)
+        top_index = torch.where(valid, _LOW32 - (self.top_key & _LOW32), -1)
+        svalid = self.sample_key >= 0
+        return FeatureStats(
+            features=self.features,
+            n_tokens=self.n_tokens,
+            n_fires=self.n_fires.clone(),
+            act_sum=self.act_sum.clone(),
+            hist=self.hist.clone(),
+            hist_edges=self.hist_edges,
+            top_val=top_val,
+            top_index=top_index,
+            top_tokens=self.top_tokens.clone(),
+            top_acts=self.top_acts.clone(),
+            sample_val=torch.where(svalid, self.sample_val, 0.0),
+            sample_index=torch.where(svalid, self.sample_index, -1),
+            sample_tokens=self.sample_tokens.clone(),
+            sample_acts=self.sample_acts.clone(),
+            loss_sum=None if self.loss_sum is None else self.loss_sum.clone(),
+            cooc=None if self.cooc is None else self.cooc.clone(),
+        )
+
+    _STATE = (
+        "features",
+        "n_fires",
+        "act_sum",
+        "hist",
+        "top_key",
+        "top_tokens",
+        "top_acts",
+        "sample_key",
+        "sample_index",
+        "sample_val",
+        "sample_tokens",
+        "sample_acts",
+        "loss_sum",
+        "cooc",
+    )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {k: getattr(self, k) for k in self._STATE if getattr(self, k) is not None}
+        state["counters"] = torch.tensor([self.n_tokens, self.batches])
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if not torch.equal(state["features"], self.features):
+            raise ValueError("checkpoint holds a different feature range")
+        for k in self._STATE:
+            if (k in state) != (getattr(self, k) is not None):
+                raise ValueError(f"checkpoint and config disagree about {k!r}")
+            if k in state:
+                setattr(self, k, state[k].clone())
+        self.n_tokens, self.batches = (int(v) for v in state["counters"])

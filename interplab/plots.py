@@ -1,0 +1,277 @@
+"""Shared Plotly helpers: every result's ``.plot()`` is built from these.
+
+Small and general: a labelled heatmap, line plots, a scatter plot, a token-highlight view, an
+interactive attention-pattern view, and `save_figure` (``.html`` self-contained, ``.png``/``.svg``
+through kaleido). Plotly is imported inside the functions so ``import interplab`` stays fast.
+
+>>> fig = heatmap(torch.randn(2, 3), x_labels=["a", "b", "c"], y_labels=["0", "1"], x_title="pos", y_title="layer")
+>>> save_figure(fig, "out.html")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DIVERGING = "RdBu"
+
+
+def _rows(values: Tensor | Sequence) -> list[list[float]]:
+    t = torch.as_tensor(values).detach().float().cpu()
+    if t.dim() != 2:
+        raise ValueError(f"a heatmap needs a 2-d array, got shape {tuple(t.shape)}")
+    return t.tolist()
+
+
+def _unique(labels: Sequence[str]) -> list[str]:
+    # Plotly merges equal category labels; keep duplicates apart with zero-width spaces.
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        n = seen.get(label, 0)
+        seen[label] = n + 1
+        out.append(label + "\u200b" * n)
+    return out
+
+
+def heatmap(
+    values: Tensor | Sequence,
+    *,
+    x_labels: Sequence[str] | None = None,
+    y_labels: Sequence[str] | None = None,
+    x_title: str = "",
+    y_title: str = "",
+    title: str = "",
+    colorbar_title: str = "",
+    diverging: bool = True,
+    zmid: float = 0.0,
+    text: Sequence[Sequence[str]] | None = None,
+) -> Any:
+    """A heatmap with labelled axes (row 0 at the top). Diverging colours centred on ``zmid`` by default;
+    ``text`` (same shape as ``values``) is written in the cells."""
+    import plotly.graph_objects as go
+
+    z = _rows(values)
+    n_rows, n_cols = len(z), len(z[0]) if z else 0
+    x = _unique([str(s) for s in x_labels]) if x_labels is not None else [str(i) for i in range(n_cols)]
+    y = _unique([str(s) for s in y_labels]) if y_labels is not None else [str(i) for i in range(n_rows)]
+    if len(x) != n_cols or len(y) != n_rows:
+        raise ValueError(f"labels ({len(y)} rows, {len(x)} columns) do not match values {n_rows}x{n_cols}")
+    kw: dict[str, Any] = (
+        {"colorscale": DIVERGING, "zmid": zmid, "reversescale": True}
+        if diverging
+        else {"colorscale": "Viridis"}
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x,
+            y=y,
+            colorbar={"title": colorbar_title},
+            hovertemplate=f"{y_title or 'y'}: %{{y}}<br>{x_title or 'x'}: %{{x}}<br>value: %{{z:.4g}}<extra></extra>",
+            **kw,
+        )
+    )
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white")
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
+    return fig
+
+
+def line(
+    series: Mapping[str, Tensor | Sequence],
+    *,
+    x_labels: Sequence[str] | None = None,
+    x_title: str = "",
+    y_title: str = "",
+    title: str = "",
+) -> Any:
+    """One line per named series over shared x labels."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, ys in series.items():
+        y = torch.as_tensor(ys).detach().float().cpu().tolist()
+        x = list(x_labels) if x_labels is not None else list(range(len(y)))
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white")
+    return fig
+
+
+def scatter(
+    x: Tensor | Sequence,
+    y: Tensor | Sequence,
+    *,
+    labels: Sequence[str] | None = None,
+    x_title: str = "",
+    y_title: str = "",
+    title: str = "",
+    diagonal: bool = False,
+) -> Any:
+    """Points with hover labels; ``diagonal`` draws y = x."""
+    import plotly.graph_objects as go
+
+    xs = torch.as_tensor(x).detach().float().cpu().reshape(-1).tolist()
+    ys = torch.as_tensor(y).detach().float().cpu().reshape(-1).tolist()
+    fig = go.Figure(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            text=list(labels) if labels is not None else None,
+            hovertemplate="%{text}<br>x: %{x:.4g}<br>y: %{y:.4g}<extra></extra>",
+        )
+    )
+    if diagonal and xs:
+        lo, hi = min(xs + ys), max(xs + ys)
+        fig.add_trace(
+            go.Scatter(
+                x=[lo, hi],
+                y=[lo, hi],
+                mode="lines",
+                line={"dash": "dash", "color": "grey"},
+                name="y = x",
+                hoverinfo="skip",
+            )
+        )
+    fig.update_layout(
+        title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white", showlegend=False
+    )
+    return fig
+
+
+def bars(
+    values: Tensor | Sequence,
+    labels: Sequence[str],
+    *,
+    x_title: str = "",
+    y_title: str = "",
+    title: str = "",
+) -> Any:
+    """A bar per labelled value (positive and negative bars coloured apart)."""
+    import plotly.graph_objects as go
+
+    v = torch.as_tensor(values).detach().float().cpu().reshape(-1).tolist()
+    if len(v) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(v)} values")
+    fig = go.Figure(
+        go.Bar(
+            x=_unique([str(s) for s in labels]),
+            y=v,
+            marker_color=["#b2182b" if x >= 0 else "#2166ac" for x in v],
+        )
+    )
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white")
+    return fig
+
+
+def token_highlight(
+    tokens: Sequence[str], values: Tensor | Sequence, *, title: str = "", value_name: str = "value"
+) -> Any:
+    """Tokens in a row, each coloured by its value (hover shows the number)."""
+    import plotly.graph_objects as go
+
+    v = torch.as_tensor(values).detach().float().cpu().reshape(-1).tolist()
+    if len(v) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(v)} values")
+    x = _unique([str(t) for t in tokens])
+    fig = go.Figure(
+        go.Heatmap(
+            z=[v],
+            x=x,
+            y=[value_name],
+            text=[[str(t) for t in tokens]],
+            texttemplate="%{text}",
+            colorscale=DIVERGING,
+            reversescale=True,
+            zmid=0,
+            hovertemplate="%{x}<br>" + value_name + ": %{z:.4g}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=title, template="plotly_white", height=220)
+    fig.update_xaxes(type="category", showticklabels=False)
+    return fig
+
+
+def attention_view(
+    patterns: Tensor,
+    tokens: Sequence[str],
+    *,
+    head_labels: Sequence[str] | None = None,
+    title: str = "attention patterns",
+) -> Any:
+    """Interactive attention patterns [head, query, key]: a menu chooses the head; hovering a cell shows
+    ``query token -> key token: weight``."""
+    import plotly.graph_objects as go
+
+    p = torch.as_tensor(patterns).detach().float().cpu()
+    if p.dim() != 3 or p.shape[1] != len(tokens) or p.shape[2] != len(tokens):
+        raise ValueError(f"patterns must be [head, {len(tokens)}, {len(tokens)}], got {tuple(p.shape)}")
+    heads = list(head_labels) if head_labels is not None else [f"H{h}" for h in range(p.shape[0])]
+    toks = _unique([str(t) for t in tokens])
+    fig = go.Figure()
+    for i, name in enumerate(heads):
+        fig.add_trace(
+            go.Heatmap(
+                z=p[i].tolist(),
+                x=toks,
+                y=toks,
+                colorscale="Blues",
+                zmin=0,
+                zmax=1,
+                visible=i == 0,
+                name=name,
+                hovertemplate="%{y} -> %{x}: %{z:.3f}<extra>" + name + "</extra>",
+            )
+        )
+    buttons = [
+        {
+            "label": name,
+            "method": "update",
+            "args": [{"visible": [j == i for j in range(len(heads))]}, {"title": f"{title}: {name}"}],
+        }
+        for i, name in enumerate(heads)
+    ]
+    fig.update_layout(
+        title=f"{title}: {heads[0]}",
+        template="plotly_white",
+        xaxis_title="key (source)",
+        yaxis_title="query (destination)",
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.15}],
+    )
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
+    return fig
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``.html`` (self-contained, works offline), ``.png`` or ``.svg`` (needs kaleido), atomically."""
+    from interplab.io import atomic_path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".html", ".png", ".svg"):
+        raise ValueError(f"cannot save a figure as {path.name!r}: use .html, .png or .svg")
+    with atomic_path(path) as tmp:
+        if suffix == ".html":
+            fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+        else:
+            tmp.write_bytes(fig.to_image(format=suffix[1:]))
+    return path
+
+
+def save_result(result: Any, path: str | Path) -> Path:
+    """Save a result object: ``.json`` writes ``result.to_dict()``, ``.html``/``.png``/``.svg`` its ``plot()``."""
+    import json
+
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        from interplab.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
+        return path
+    return save_figure(result.plot(), path)

@@ -1,0 +1,188 @@
+"""Activation stores: stream activations from a model over token batches (with a shuffle buffer), or cache
+them to disk once (see `interplab.sae.disk_store`) and read them back shuffled.
+
+Every store yields dicts ``{hook_name: Tensor[batch, d]}`` whose rows are aligned across hooks, so several
+SAEs (several layers, or a sweep of coefficients on one layer) train from one pass over the model.
+
+>>> stream = ActivationStream(model, token_batches, ["blocks.0.hook_resid_post"], batch_size=4096)
+>>> for batch in stream: ...  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interplab.hooks import Site
+
+ActivationBatch = dict[str, Tensor]
+
+
+class _Stop(Exception):
+    """Raised by the last capture hook to end a forward pass early (nothing after the hook is needed)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenFilter:
+    """Which token positions contribute activations."""
+
+    exclude_bos: bool = True
+    """drop position 0 of every sequence (the BOS / first token, whose activations are outliers)"""
+    pad_token_id: int | None = None
+    """drop positions holding this token (padding)"""
+    bos_token_id: int | None = None
+    """also drop any position holding this token (BOS inside packed sequences)"""
+
+    def mask(self, tokens: Int[Tensor, "batch pos"]) -> Tensor:
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        if self.exclude_bos:
+            keep[:, 0] = False
+        if self.pad_token_id is not None:
+            keep &= tokens != self.pad_token_id
+        if self.bos_token_id is not None:
+            keep &= tokens != self.bos_token_id
+        return keep
+
+
+def model_activations(
+    model: torch.nn.Module,
+    tokens: Int[Tensor, "batch pos"],
+    hooks: Sequence[str],
+    *,
+    token_filter: TokenFilter = TokenFilter(),
+    dtype: torch.dtype | None = None,
+) -> ActivationBatch:
+    """Activations [n_kept_tokens, d] at each hook for one token batch, stopping the forward after the last
+    hook. Positions are dropped by ``token_filter``; per-head sites are flattened to [n, n_heads * d_head]."""
+    names = [Site.parse(h).name for h in hooks]
+    missing = [n for n in names if n not in model.hook_points]
+    if missing:
+        model.hook_registry.resolve(missing[0])  # raises the model's own error (layer count, suggestions)
+    keep = token_filter.mask(tokens)
+    captured: dict[str, Tensor] = {}
+
+    def grab(act: Tensor, site: Site) -> None:
+        flat = act.reshape(act.shape[0], act.shape[1], -1)[keep]
+        captured[site.name] = flat if dtype is None else flat.to(dtype)
+        if len(captured) == len(names):
+            raise _Stop
+
+    with torch.no_grad(), model.hooks([(n, grab) for n in names]):
+        try:
+            model(tokens)
+        except _Stop:
+            pass
+    return {n: captured[n] for n in names}
+
+
+class ActivationStream:
+    """Shuffled activation batches streamed from a model over an iterable of token batches.
+
+    A buffer of ``buffer_tokens`` rows is filled, shuffled, and its first half served in batches; the
+    second half stays and mixes with the next fill (so consecutive batches come from many contexts).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        token_batches: Iterable[Tensor],
+        hooks: Sequence[str],
+        *,
+        batch_size: int = 4096,
+        buffer_tokens: int = 65536,
+        token_filter: TokenFilter = TokenFilter(),
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size <= 0 or buffer_tokens < 2 * batch_size:
+            raise ValueError(
+                f"need batch_size > 0 and buffer_tokens >= 2 * batch_size, got {batch_size}, {buffer_tokens}"
+            )
+        self.model = model
+        self.token_batches = token_batches
+        self.hooks = [Site.parse(h).name for h in hooks]
+        self.batch_size = batch_size
+        self.buffer_tokens = buffer_tokens
+        self.token_filter = token_filter
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.tokens_seen = 0
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        buffer: dict[str, list[Tensor]] = {h: [] for h in self.hooks}
+        rows = 0
+        source = iter(self.token_batches)
+        exhausted = False
+        while True:
+            while rows < self.buffer_tokens and not exhausted:
+                try:
+                    toks = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                acts = model_activations(
+                    self.model, _as_batch(toks), self.hooks, token_filter=self.token_filter
+                )
+                for h in self.hooks:
+                    buffer[h].append(acts[h])
+                rows += acts[self.hooks[0]].shape[0]
+                self.tokens_seen += acts[self.hooks[0]].shape[0]
+            if rows < self.batch_size:
+                return
+            merged = {h: torch.cat(buffer[h]) for h in self.hooks}
+            perm = torch.randperm(rows, generator=self.generator)
+            merged = {h: v[perm] for h, v in merged.items()}
+            serve = rows if exhausted else rows // 2
+            n_batches = serve // self.batch_size
+            for i in range(n_batches):
+                sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                yield {h: _to(v[sl], self.device) for h, v in merged.items()}
+            used = n_batches * self.batch_size
+            buffer = {h: [v[used:]] for h, v in merged.items()}
+            rows -= used
+            if exhausted:
+                return
+
+
+class TensorActivations:
+    """Shuffled batches from activations already in memory (``{hook: Tensor[n, d]}``), for ``epochs`` passes."""
+
+    def __init__(
+        self, acts: dict[str, Float[Tensor, "n d"]], *, batch_size: int = 4096, epochs: int = 1, seed: int = 0
+    ) -> None:
+        sizes = {h: v.shape[0] for h, v in acts.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"every hook needs the same number of rows, got {sizes}")
+        self.acts = acts
+        self.n = next(iter(sizes.values()))
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.epochs * (self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epochs):
+            perm = torch.randperm(self.n, generator=g)
+            for i in range(self.n // self.batch_size):
+                rows = perm[i * self.batch_size : (i + 1) * self.batch_size]
+                yield {h: v[rows] for h, v in self.acts.items()}
+
+
+def _as_batch(tokens: Tensor) -> Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2:
+        raise ValueError(f"token batches must be [batch, pos], got shape {tuple(tokens.shape)}")
+    return tokens.long()
+
+
+def _to(t: Tensor, device: torch.device | str | None) -> Tensor:
+    return t if device is None else t.to(device, non_blocking=True)

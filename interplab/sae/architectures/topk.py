@@ -1,0 +1,48 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations per token; AuxK loss revives dead latents.
+
+Training uses the sparse kernels (`interplab.sae.kernels`): the decoder and the encoder's backward touch
+only the k active latents of each token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from interplab.sae.base import SAE
+from interplab.sae.config import Architecture
+from interplab.sae.kernels import scatter_latents, sparse_decode, topk_encode
+from interplab.sae.registry import register_architecture
+
+
+@register_architecture
+class TopKSAE(SAE):
+    architecture = Architecture.TOPK
+    unit_norm_decoder = True
+    aux_weight = 1 / 32
+
+    def activation(self, pre: Tensor) -> Tensor:
+        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        return scatter_latents(vals.relu(), idx, self.cfg.d_sae)
+
+    def train_forward(self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None):
+        shape = x_in.shape
+        x2 = x_in.reshape(-1, shape[-1])
+        vals, idx = topk_encode(x2, self.W_enc, self.b_enc, self.cfg.k)
+        recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
+        counts = torch.bincount(idx[vals > 0], minlength=self.cfg.d_sae)
+        aux = self.aux_k_loss(x2, target.reshape(-1, target.shape[-1]) - recon.detach(), dead_mask)
+        return recon, None, recon.new_zeros(()), aux, counts
+
+    def aux_k_loss(self, x_in: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """Reconstruct the residual error from the top k_aux dead latents (normalised by the residual's
+        variance); 0 when no latent is dead."""
+        if dead_mask is None or not bool(dead_mask.any()):
+            return residual.new_zeros(())
+        n_dead = int(dead_mask.sum())
+        k_aux = min(self.cfg.d_in // 2, n_dead)
+        dead = dead_mask.nonzero().squeeze(-1)
+        vals, sub = topk_encode(x_in, self.W_enc[:, dead], self.b_enc[dead], k_aux)
+        est = sparse_decode(vals, sub, self.W_dec[dead])
+        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        return (est - residual).pow(2).sum(-1).mean() / denom

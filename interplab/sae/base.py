@@ -1,0 +1,218 @@
+"""`SAE`: the base class every architecture subclasses, and `SAEOutput`, what a forward or loss returns.
+
+An SAE reads x [..., d_in] at ``cfg.hook_name`` and reconstructs it (or, for a transcoder, the activation
+at ``cfg.hook_name_out``) as a sparse combination of decoder rows::
+
+    x_in  = x * act_scale - b_dec                     (b_dec only if cfg.apply_b_dec_to_input)
+    acts  = activation(x_in @ W_enc + b_enc)          [..., d_sae]   (the architecture's non-linearity)
+    recon = (acts @ W_dec + b_dec) / act_scale        [..., d_in]
+
+>>> from interplab.sae import SAEConfig, create_sae
+>>> sae = create_sae(SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4))
+>>> sae(torch.randn(3, 16)).feature_acts.shape
+torch.Size([3, 64])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from interplab.sae.config import Architecture, SAEConfig
+
+
+@dataclass(frozen=True)
+class SAEOutput:
+    """What `SAE.forward` and `SAE.loss` return. Loss fields are None after a plain forward; ``feature_acts``
+    is None after a sparse training step (TopK computes only the k active latents)."""
+
+    reconstruction: Tensor
+    """[..., d_in (or d_out)] the SAE's reconstruction, in the input's units"""
+    feature_acts: Tensor | None
+    """[..., d_sae] latent activations"""
+    loss: Tensor | None = None
+    """scalar total loss (mse + coefficient * sparsity + aux)"""
+    mse: Tensor | None = None
+    """scalar: squared error summed over d_in, mean over tokens (normalised units)"""
+    sparsity: Tensor | None = None
+    """scalar: the architecture's sparsity penalty before its coefficient (L1, L0 or 0 for TopK)"""
+    aux: Tensor | None = None
+    """scalar: auxiliary loss (AuxK for TopK, the gate reconstruction for Gated, else 0)"""
+    latent_counts: Tensor | None = None
+    """[d_sae] how many tokens each latent fired on in this batch"""
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder. Subclasses set ``architecture`` and implement `activation`."""
+
+    architecture: ClassVar[Architecture]
+    #: whether decoder rows are kept at unit norm during training
+    unit_norm_decoder: ClassVar[bool] = False
+    #: default weight of the auxiliary loss (AuxK: 1/32 as in Gao et al.; Gated's gate reconstruction: 1)
+    aux_weight: ClassVar[float] = 0.0
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if cfg.architecture is not self.architecture:
+            raise ValueError(
+                f"{type(self).__name__} is {self.architecture.value}, cfg says {cfg.architecture.value}"
+            )
+        self.cfg = cfg
+        d_out = cfg.d_in  # a transcoder reconstructs another site of the same width
+        dtype = cfg.dtype.torch
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_out, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32))
+        self.reset_parameters()
+
+    # ---- initialisation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit decoder rows (scaled to 0.1 when not kept at unit norm); encoder = decoder transpose."""
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in)
+        w = w / w.norm(dim=-1, keepdim=True)
+        if not self.unit_norm_decoder:
+            w = w * 0.1
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_b_dec(self, x: Float[Tensor, "n d_in"], method: str = "geometric_median") -> None:
+        """Set b_dec to the mean or geometric median (Weiszfeld iterations) of sample activations."""
+        x = x.float() * self.act_scale
+        if method == "mean":
+            center = x.mean(0)
+        elif method == "geometric_median":
+            center = x.mean(0)
+            for _ in range(50):
+                w = 1.0 / (x - center).norm(dim=-1).clamp_min(1e-8)
+                new = (w[:, None] * x).sum(0) / w.sum()
+                if (new - center).norm() < 1e-6 * center.norm().clamp_min(1e-8):
+                    center = new
+                    break
+                center = new
+        else:
+            raise ValueError(f"unknown b_dec init {method!r}; valid: mean, geometric_median")
+        self.b_dec.copy_(center)
+
+    @torch.no_grad()
+    def set_scale_from(self, x: Float[Tensor, "n d_in"]) -> None:
+        """Estimate the input scale (mean squared norm -> d_in) when cfg.normalize_activations asks for it."""
+        if self.cfg.normalize_activations.value != "none":
+            self.act_scale.fill_((self.cfg.d_in / x.float().pow(2).sum(-1).mean()).sqrt().item())
+
+    # ---- the forward pass ----------------------------------------------------------------------
+    def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        x_in = self._center(x)
+        return x_in @ self.W_enc.to(x_in.dtype) + self.b_enc.to(x_in.dtype)
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        raise NotImplementedError
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        self._check_input(x)
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        if acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"decode expects [..., d_sae={self.cfg.d_sae}], got {tuple(acts.shape)}")
+        out = acts @ self.W_dec.to(acts.dtype) + self.b_dec.to(acts.dtype)
+        return out / self.act_scale.to(out.dtype)
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> SAEOutput:
+        acts = self.encode(x)
+        return SAEOutput(reconstruction=self.decode(acts), feature_acts=acts)
+
+    def loss(
+        self,
+        x: Float[Tensor, "batch d_in"],
+        target: Float[Tensor, "batch d_in"] | None = None,
+        *,
+        coefficient: float = 0.0,
+        dead_mask: Tensor | None = None,
+        aux_coefficient: float | None = None,
+    ) -> SAEOutput:
+        """The training loss on a batch (``target`` is the transcoder's output activation, else x).
+
+        ``coefficient`` weights the sparsity penalty (L1 or L0); ``dead_mask`` [d_sae] marks latents that
+        have not fired for a while (used by TopK's AuxK loss); ``aux_coefficient`` overrides the
+        architecture's default ``aux_weight``."""
+        self._check_input(x)
+        target = x if target is None else target
+        x_in = self._center(x)
+        tgt = target.float() * self.act_scale
+        recon, acts, sparsity, aux, counts = self.train_forward(x_in, tgt, dead_mask)
+        mse = (recon - tgt).pow(2).sum(-1).mean()
+        aux_w = self.aux_weight if aux_coefficient is None else aux_coefficient
+        total = mse + coefficient * sparsity + aux_w * aux
+        return SAEOutput(
+            reconstruction=recon / self.act_scale,
+            feature_acts=acts,
+            loss=total,
+            mse=mse,
+            sparsity=sparsity,
+            aux=aux,
+            latent_counts=counts,
+        )
+
+    def train_forward(
+        self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+        """(normalised reconstruction, acts, sparsity penalty, aux loss, latent counts). Default: dense."""
+        acts = self.activation(x_in @ self.W_enc + self.b_enc)
+        recon = acts @ self.W_dec + self.b_dec
+        zero = recon.new_zeros(())
+        return recon.float(), acts, zero, zero, (acts > 0).sum(0)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _center(self, x: Tensor) -> Tensor:
+        x = x.to(self.W_enc.dtype) * self.act_scale.to(self.W_enc.dtype)
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
+            raise ValueError(
+                f"SAE expects inputs [..., d_in={self.cfg.d_in}]{where}, got shape {tuple(x.shape)}"
+            )
+
+    def decoder_norms(self) -> Float[Tensor, " d_sae"]:
+        return self.W_dec.norm(dim=-1)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale decoder rows to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the gradient component along each decoder row (keeps rows on the unit sphere)."""
+        if self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            self.W_dec.grad.sub_((self.W_dec.grad * w).sum(-1, keepdim=True) * w)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def save(self, path: str | Path) -> Path:
+        """Write SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` (see `interplab.sae.io`)."""
+        from interplab.sae.io import save_sae
+
+        return save_sae(self, path)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        extra = f", k={c.k}" if c.k else ""
+        site = f", hook={c.hook_name!r}" if c.hook_name else ""
+        out = f" -> {c.hook_name_out!r}" if c.hook_name_out else ""
+        return f"{type(self).__name__}(d_in={c.d_in}, d_sae={c.d_sae}{extra}{site}{out})"

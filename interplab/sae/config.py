@@ -1,0 +1,140 @@
+"""`SAEConfig`: what fixes a sparse autoencoder's shape and forward pass (training knobs live in `TrainConfig`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+SAE_CONFIG_VERSION = 1
+
+
+class Architecture(str, Enum):
+    """The SAE families interplab trains and loads (values are SAELens' ``architecture`` strings)."""
+
+    RELU = "standard"  # ReLU with an L1 penalty weighted by decoder norms (SAELens calls it "standard")
+    TOPK = "topk"  # keep the k largest pre-activations per token (Gao et al. 2024)
+    BATCHTOPK = (
+        "batchtopk"  # keep the k*batch largest over a batch; a threshold at inference (Bussmann et al.)
+    )
+    JUMPRELU = (
+        "jumprelu"  # z * H(z - threshold), L0 penalty via straight-through estimators (Rajamanoharan et al.)
+    )
+    GATED = "gated"  # gate and magnitude paths sharing W_enc (Rajamanoharan et al. 2024)
+
+    @classmethod
+    def parse(cls, value: str | Architecture) -> Architecture:
+        if isinstance(value, Architecture):
+            return value
+        aliases = {"relu": cls.RELU, "standard": cls.RELU, "l1": cls.RELU}
+        if value.lower() in aliases:
+            return aliases[value.lower()]
+        try:
+            return cls(value.lower())
+        except ValueError:
+            valid = ", ".join(sorted({a.value for a in cls} | set(aliases)))
+            raise ValueError(f"unsupported SAE architecture {value!r}; valid: {valid}") from None
+
+
+class Normalization(str, Enum):
+    """Input normalisation before encoding."""
+
+    NONE = "none"
+    #: scale inputs by a constant so that their mean squared norm is d_in (estimated once from data)
+    EXPECTED_AVERAGE_ONLY_IN = "expected_average_only_in"
+
+
+class DType(str, Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAEConfig:
+    """Shape and forward pass of a sparse autoencoder (a transcoder when ``hook_name_out`` is set)."""
+
+    d_in: int
+    """width of the activations read at ``hook_name``"""
+    d_sae: int
+    """number of latents (dictionary size)"""
+    architecture: Architecture = Architecture.RELU
+    """the SAE family (see `Architecture`)"""
+    hook_name: str = ""
+    """canonical site string the SAE reads (e.g. ``blocks.1.hook_resid_post``)"""
+    hook_name_out: str | None = None
+    """for transcoders: the site whose activation the SAE reconstructs; None for an ordinary SAE"""
+    k: int | None = None
+    """active latents per token for TopK / BatchTopK (required there, ignored elsewhere)"""
+    normalize_activations: Normalization = Normalization.NONE
+    """input normalisation (see `Normalization`)"""
+    apply_b_dec_to_input: bool = True
+    """subtract b_dec from the input before encoding (the pre-encoder bias); always False for transcoders,
+    whose b_dec lives in the output space"""
+    jumprelu_bandwidth: float = 0.05
+    """width of the rectangle kernel used by JumpReLU's straight-through estimators"""
+    jumprelu_init_threshold: float = 0.001
+    """initial JumpReLU threshold"""
+    dtype: DType = DType.FLOAT32
+    """dtype of the stored weights"""
+    model_name: str | None = None
+    """the model the SAE was trained on (informational)"""
+    version: int = SAE_CONFIG_VERSION
+    """config format version"""
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("architecture", Architecture.parse(self.architecture))
+        set_("normalize_activations", Normalization(self.normalize_activations))
+        set_("dtype", DType(self.dtype))
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.architecture in (Architecture.TOPK, Architecture.BATCHTOPK):
+            if self.k is None or not 0 < self.k <= self.d_sae:
+                raise ValueError(
+                    f"{self.architecture.name} needs 0 < k <= d_sae={self.d_sae}, got k={self.k!r}"
+                )
+        if self.jumprelu_bandwidth <= 0:
+            raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
+        if self.jumprelu_init_threshold < 0:
+            raise ValueError(f"jumprelu_init_threshold must be >= 0, got {self.jumprelu_init_threshold}")
+        if self.hook_name:
+            from interplab.hooks import Site
+
+            set_("hook_name", Site.parse(self.hook_name).name)
+        if self.hook_name_out:
+            from interplab.hooks import Site
+
+            set_("hook_name_out", Site.parse(self.hook_name_out).name)
+            set_("apply_b_dec_to_input", False)
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.hook_name_out is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Enum):
+                out[key] = value.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown SAEConfig fields {unknown}; valid: {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> SAEConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,112 @@
+"""Exact sampling of agreeing inputs: the data set grouped by feature value.
+
+For a feature f and rows x, `FeatureGroups.agreeing(x)` returns, for every row, a row drawn uniformly from
+the data set among those with f(row) == f(x). The grouping is computed once per feature (one call of the
+feature function on all rows), so sampling is a few tensor look-ups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from interplab.scrub.hypothesis import Feature
+
+
+class ScrubError(ValueError):
+    """A hypothesis cannot be scrubbed as stated; the message names the claim."""
+
+
+@dataclass
+class FeatureGroups:
+    """Rows grouped by the value of one feature."""
+
+    feature: Feature
+    where: str
+    """the claim it belongs to (for messages)"""
+    codes: Int[Tensor, " rows"]
+    """group id of every row"""
+    values: list[Hashable]
+    """the feature value of each group id"""
+    order: Int[Tensor, " pool"]
+    """the rows one may sample (the pool), sorted by group id"""
+    starts: Int[Tensor, " groups"]
+    counts: Int[Tensor, " groups"]
+
+    @classmethod
+    def build(cls, feature: Feature, tokens: Tensor, where: str, pool: Tensor | None = None) -> FeatureGroups:
+        """Group ``tokens``' rows by ``feature``; sample only from ``pool`` rows (default: all)."""
+        try:
+            raw = feature(tokens)
+        except Exception as err:  # the user's function: say whose it is
+            raise ScrubError(
+                f"claim {where}: feature {feature.name!r} raised {type(err).__name__}: {err}"
+            ) from err
+        if isinstance(raw, Tensor):
+            if raw.dim() == 0 or raw.shape[0] != tokens.shape[0]:
+                raise ScrubError(
+                    f"claim {where}: feature {feature.name!r} returned shape {tuple(raw.shape)}, "
+                    f"expected one value per row ({tokens.shape[0]},)"
+                )
+            if raw.dim() == 1:
+                uniq, codes = torch.unique(raw, return_inverse=True)
+                values: list[Hashable] = uniq.tolist()
+                return cls._from_codes(feature, where, codes, values, pool)
+            raw = [tuple(r) for r in raw.reshape(raw.shape[0], -1).tolist()]
+        try:
+            raw = list(raw)
+        except TypeError:
+            raise ScrubError(
+                f"claim {where}: feature {feature.name!r} returned {type(raw).__name__}, "
+                "expected a tensor or a sequence with one value per row"
+            ) from None
+        if len(raw) != tokens.shape[0]:
+            raise ScrubError(
+                f"claim {where}: feature {feature.name!r} returned {len(raw)} values "
+                f"for {tokens.shape[0]} rows"
+            )
+        index: dict[Hashable, int] = {}
+        codes_list = []
+        for i, value in enumerate(raw):
+            try:
+                code = index.setdefault(value, len(index))
+            except TypeError:
+                raise ScrubError(
+                    f"claim {where}: feature {feature.name!r} returned an unhashable value "
+                    f"{value!r} (row {i}); return numbers, strings or tuples"
+                ) from None
+            codes_list.append(code)
+        return cls._from_codes(feature, where, torch.tensor(codes_list, dtype=torch.long), list(index), pool)
+
+    @classmethod
+    def _from_codes(
+        cls, feature: Feature, where: str, codes: Tensor, values: list[Hashable], pool: Tensor | None
+    ) -> FeatureGroups:
+        pool = torch.arange(codes.numel()) if pool is None else pool.long()
+        order = pool[torch.argsort(codes[pool], stable=True)]
+        counts = torch.bincount(codes[pool], minlength=len(values))
+        starts = torch.cumsum(counts, 0) - counts
+        return cls(feature, where, codes, values, order, starts, counts)
+
+    def agreeing(self, rows: Int[Tensor, " batch"], generator: torch.Generator) -> Int[Tensor, " batch"]:
+        """For each row, a uniformly drawn row with the same feature value (possibly itself)."""
+        group = self.codes[rows]
+        empty = self.counts[group] == 0
+        if bool(empty.any()):
+            value = self.values[int(group[empty][0])]
+            raise ScrubError(
+                f"claim {self.where}: no input of the sampling pool agrees on feature "
+                f"{self.feature.name!r} = {value!r} (row {int(rows[empty][0])} has it); "
+                "use a larger pool or a coarser feature"
+            )
+        offset = (torch.rand(rows.shape, generator=generator) * self.counts[group]).long()
+        return self.order[self.starts[group] + offset.clamp(max=self.counts[group] - 1)]
+
+    def singletons(self, rows: Tensor) -> list[Hashable]:
+        """Values taken by ``rows`` that only one row of the data set has (resampling cannot change them)."""
+        group = torch.unique(self.codes[rows])
+        return [self.values[g] for g in group.tolist() if int(self.counts[g]) < 2]

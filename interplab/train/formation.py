@@ -1,0 +1,377 @@
+"""Formation analysis: evaluate every checkpoint of a run on repeated random tokens and held-out data,
+and find the step where the induction heads form.
+
+Per checkpoint: the induction and previous-token score of every head (`interplab.train.scores`), the loss
+on the first and the repeated half of random sequences, the held-out loss and the in-context-learning
+score (loss late in the context minus early in it).
+
+>>> result = formation("runs/induction-2l")
+>>> result.formation_step, result.table()[-1]
+>>> result.save("runs/induction-2l/formation")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interplab.io import atomic_write_json, atomic_write_text
+from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
+from interplab.train.scores import (
+    in_context_score,
+    induction_scores,
+    patterns_and_logits,
+    prev_token_scores,
+    repeated_random_tokens,
+    token_losses,
+)
+
+FORMED_THRESHOLD = 0.3
+"""a run "forms" induction heads when some head's induction score reaches this"""
+
+
+@dataclass(frozen=True)
+class FormationResult:
+    """Scores of every checkpoint of a run, in step order."""
+
+    run_dir: str
+    steps: tuple[int, ...]
+    tokens: tuple[int, ...]
+    induction: Float[Tensor, "ckpt layer head"]
+    prev_token: Float[Tensor, "ckpt layer head"]
+    repeated_loss_first: tuple[float, ...]
+    """loss on the first (unpredictable) half of repeated random tokens"""
+    repeated_loss_second: tuple[float, ...]
+    """loss on the repeated half: falls when induction works"""
+    val_loss: tuple[float | None, ...]
+    icl_score: tuple[float | None, ...]
+    """held-out loss late minus early in the context (more negative: more in-context learning)"""
+    formation_step: int | None
+    """first checkpoint where the best induction score passed halfway from its start to its peak
+    (None if no head ever reached `FORMED_THRESHOLD`)"""
+
+    @property
+    def max_induction(self) -> list[float]:
+        return self.induction.flatten(1).max(dim=1).values.tolist()
+
+    @property
+    def max_prev_token(self) -> list[float]:
+        return self.prev_token.flatten(1).max(dim=1).values.tolist()
+
+    def best_head(self) -> tuple[int, int]:
+        """(layer, head) with the highest induction score at the last checkpoint."""
+        last = self.induction[-1]
+        flat = int(last.argmax())
+        return flat // last.shape[1], flat % last.shape[1]
+
+    def table(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, step in enumerate(self.steps):
+            rows.append(
+                {
+                    "step": step,
+                    "tokens": self.tokens[i],
+                    "val_loss": self.val_loss[i],
+                    "max_induction": self.max_induction[i],
+                    "max_prev_token": self.max_prev_token[i],
+                    "repeated_loss_first": self.repeated_loss_first[i],
+                    "repeated_loss_second": self.repeated_loss_second[i],
+                    "icl_score": self.icl_score[i],
+                }
+            )
+        return rows
+
+    def summary(self) -> str:
+        """One paragraph saying whether and where the induction heads formed."""
+        layer, head = self.best_head()
+        mi = self.max_induction
+        if self.formation_step is None:
+            return (
+                f"no induction head formed: the best induction score reached {max(mi):.3f} "
+                f"(threshold {FORMED_THRESHOLD}) over {len(self.steps)} checkpoints"
+            )
+        i = self.steps.index(self.formation_step)
+        before = max(0, i - 1)
+        gap0 = self.repeated_loss_first[0] - self.repeated_loss_second[0]
+        gap1 = self.repeated_loss_first[-1] - self.repeated_loss_second[-1]
+        return (
+            f"induction heads formed at step {self.formation_step}: best induction score {mi[before]:.3f} "
+            f"at step {self.steps[before]} -> {mi[i]:.3f} at step {self.formation_step} -> {mi[-1]:.3f} at the "
+            f"end (head L{layer}H{head}); on repeated random tokens the repeated half's loss went from "
+            f"{gap0:.2f} to {gap1:.2f} nats below the first half's"
+        )
+
+    def markdown(self, every: int = 1) -> str:
+        head = "| step | tokens | val loss | max induction | max prev-token | loss 1st half | loss repeated half | ICL score |"
+        lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = self.table()
+        keep = set(range(0, len(rows), every)) | {len(rows) - 1}
+        if self.formation_step is not None:
+            keep.add(self.steps.index(self.formation_step))
+        for i in sorted(keep):
+            r = rows[i]
+            lines.append(
+                f"| {r['step']} | {r['tokens']:,} | {_fmt(r['val_loss'])} | {r['max_induction']:.3f} | "
+                f"{r['max_prev_token']:.3f} | {r['repeated_loss_first']:.2f} | {r['repeated_loss_second']:.2f} | {_fmt(r['icl_score'])} |"
+            )
+        return "\n".join(lines)
+
+    def plot(self) -> Any:
+        """Induction and previous-token score per head, losses and ICL score against step (Plotly)."""
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(
+            rows=2,
+            cols=2,
+            subplot_titles=(
+                "induction score per head",
+                "previous-token score per head",
+                "loss on repeated random tokens",
+                "held-out loss and in-context score",
+            ),
+        )
+        steps = list(self.steps)
+        n_layers, n_heads = self.induction.shape[1:]
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                name = f"L{layer}H{head}"
+                fig.add_scatter(
+                    x=steps,
+                    y=self.induction[:, layer, head].tolist(),
+                    name=name,
+                    legendgroup=name,
+                    mode="lines",
+                    row=1,
+                    col=1,
+                )
+                fig.add_scatter(
+                    x=steps,
+                    y=self.prev_token[:, layer, head].tolist(),
+                    name=name,
+                    legendgroup=name,
+                    mode="lines",
+                    showlegend=False,
+                    row=1,
+                    col=2,
+                )
+        fig.add_scatter(
+            x=steps, y=list(self.repeated_loss_first), name="first half", mode="lines", row=2, col=1
+        )
+        fig.add_scatter(
+            x=steps, y=list(self.repeated_loss_second), name="repeated half", mode="lines", row=2, col=1
+        )
+        if any(v is not None for v in self.val_loss):
+            fig.add_scatter(x=steps, y=list(self.val_loss), name="held-out loss", mode="lines", row=2, col=2)
+            fig.add_scatter(x=steps, y=list(self.icl_score), name="ICL score", mode="lines", row=2, col=2)
+        if self.formation_step is not None:
+            for row, col in ((1, 1), (1, 2), (2, 1), (2, 2)):
+                fig.add_vline(x=self.formation_step, line_dash="dot", line_color="gray", row=row, col=col)
+        fig.update_xaxes(title_text="step")
+        fig.update_yaxes(range=[0, 1], row=1, col=1)
+        fig.update_yaxes(range=[0, 1], row=1, col=2)
+        title = (
+            f"induction heads form at step {self.formation_step}"
+            if self.formation_step is not None
+            else "no induction head formed"
+        )
+        fig.update_layout(title=f"{Path(self.run_dir).name}: {title}", height=700, width=1100)
+        return fig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": self.run_dir,
+            "formation_step": self.formation_step,
+            "summary": self.summary(),
+            "steps": list(self.steps),
+            "tokens": list(self.tokens),
+            "induction": self.induction.tolist(),
+            "prev_token": self.prev_token.tolist(),
+            "repeated_loss_first": list(self.repeated_loss_first),
+            "repeated_loss_second": list(self.repeated_loss_second),
+            "val_loss": list(self.val_loss),
+            "icl_score": list(self.icl_score),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FormationResult:
+        return cls(
+            run_dir=data["run_dir"],
+            steps=tuple(data["steps"]),
+            tokens=tuple(data["tokens"]),
+            induction=torch.tensor(data["induction"]),
+            prev_token=torch.tensor(data["prev_token"]),
+            repeated_loss_first=tuple(data["repeated_loss_first"]),
+            repeated_loss_second=tuple(data["repeated_loss_second"]),
+            val_loss=tuple(data["val_loss"]),
+            icl_score=tuple(data["icl_score"]),
+            formation_step=data["formation_step"],
+        )
+
+    def save(self, folder: str | Path) -> dict[str, str | None]:
+        """Write ``formation.json``, ``formation.md`` (the table), ``formation.html`` and ``formation.png``.
+
+        Returns the written paths; ``png`` is None (with ``png_error``) when no static image backend works."""
+        from interplab.train.pictures import write_png
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "formation.json", self.to_dict())
+        atomic_write_text(folder / "formation.md", self.summary() + "\n\n" + self.markdown() + "\n")
+        fig = self.plot()
+        atomic_write_text(folder / "formation.html", fig.to_html(include_plotlyjs=True, full_html=True))
+        png, error = write_png(fig, folder / "formation.png", fallback=self._plot_matplotlib)
+        return {
+            "json": str(folder / "formation.json"),
+            "table": str(folder / "formation.md"),
+            "html": str(folder / "formation.html"),
+            "png": png,
+            "png_error": error,
+        }
+
+    def _plot_matplotlib(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+        steps = list(self.steps)
+        n_layers, n_heads = self.induction.shape[1:]
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                axes[0, 0].plot(steps, self.induction[:, layer, head], label=f"L{layer}H{head}")
+                axes[0, 1].plot(steps, self.prev_token[:, layer, head], label=f"L{layer}H{head}")
+        axes[0, 0].set_title("induction score per head")
+        axes[0, 1].set_title("previous-token score per head")
+        axes[0, 0].legend(fontsize=7, ncol=2)
+        axes[1, 0].plot(steps, self.repeated_loss_first, label="first half")
+        axes[1, 0].plot(steps, self.repeated_loss_second, label="repeated half")
+        axes[1, 0].set_title("loss on repeated random tokens")
+        axes[1, 0].legend()
+        if any(v is not None for v in self.val_loss):
+            axes[1, 1].plot(
+                steps, [math.nan if v is None else v for v in self.val_loss], label="held-out loss"
+            )
+            axes[1, 1].plot(steps, [math.nan if v is None else v for v in self.icl_score], label="ICL score")
+            axes[1, 1].legend()
+        axes[1, 1].set_title("held-out loss and in-context score")
+        for ax in axes.flat:
+            ax.set_xlabel("step")
+            if self.formation_step is not None:
+                ax.axvline(self.formation_step, color="gray", linestyle=":")
+        axes[0, 0].set_ylim(0, 1)
+        axes[0, 1].set_ylim(0, 1)
+        fig.suptitle(
+            f"induction heads form at step {self.formation_step}"
+            if self.formation_step is not None
+            else "no induction head formed"
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def find_formation_step(
+    steps: list[int], max_scores: list[float], threshold: float = FORMED_THRESHOLD
+) -> int | None:
+    """The first step where the best induction score passes halfway from its first value to its peak,
+    or None if the peak stays below ``threshold``."""
+    if not max_scores or max(max_scores) < threshold:
+        return None
+    half = (max_scores[0] + max(max_scores)) / 2
+    return next(s for s, v in zip(steps, max_scores, strict=True) if v >= half)
+
+
+def formation(
+    run_dir: str | Path,
+    *,
+    n_seqs: int = 8,
+    half: int = 50,
+    seed: int = 0,
+    val_seqs: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> FormationResult:
+    """Score every good checkpoint of a training run (``progress(done, total)`` after each).
+
+    The induction and previous-token scores use ``n_seqs`` sequences of ``half`` random tokens repeated once
+    (50, as in the usual TransformerLens/ARENA evaluation, capped at n_ctx / 2); the held-out loss and the
+    in-context score use ``val_seqs`` windows of the run's validation split."""
+    from interplab.model.io import load_native
+    from interplab.train.config import TrainConfig
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    checkpoints = [
+        c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None
+    ]
+    if not checkpoints:
+        raise ValueError(f"{run_dir} has no intact checkpoints to analyse")
+    val_tokens = _heldout_tokens(cfg, run_dir, val_seqs)
+    rows: list[dict[str, Any]] = []
+    for i, ckpt in enumerate(checkpoints):
+        model = load_native(ckpt.path)
+        n_ctx = model.cfg.n_ctx
+        h = min(half, n_ctx // 2)
+        low = 2 if model.tokenizer is not None and model.tokenizer.bos_id is not None else 0
+        tokens = repeated_random_tokens(n_seqs, h, d_vocab=model.cfg.d_vocab, seed=seed, low=low)
+        patterns, logits = patterns_and_logits(model, tokens)
+        losses = token_losses(model, tokens, logits=logits)
+        row: dict[str, Any] = {
+            "step": ckpt.step,
+            "tokens": int(json.loads((ckpt.path / "state.json").read_text()).get("tokens", 0)),
+            "induction": induction_scores(model, tokens, half=h, patterns=patterns),
+            "prev_token": prev_token_scores(model, tokens, patterns=patterns),
+            "first": float(losses[:, : h - 1].mean()),
+            "second": float(losses[:, h:].mean()),
+            "val": None,
+            "icl": None,
+        }
+        if val_tokens is not None:
+            val_losses = token_losses(model, val_tokens)
+            row["val"], row["icl"] = float(val_losses.mean()), in_context_score(val_losses)
+        rows.append(row)
+        if progress is not None:
+            progress(i + 1, len(checkpoints))
+    steps = [r["step"] for r in rows]
+    induction = torch.stack([r["induction"] for r in rows])
+    return FormationResult(
+        run_dir=str(run_dir),
+        steps=tuple(steps),
+        tokens=tuple(r["tokens"] for r in rows),
+        induction=induction,
+        prev_token=torch.stack([r["prev_token"] for r in rows]),
+        repeated_loss_first=tuple(r["first"] for r in rows),
+        repeated_loss_second=tuple(r["second"] for r in rows),
+        val_loss=tuple(r["val"] for r in rows),
+        icl_score=tuple(r["icl"] for r in rows),
+        formation_step=find_formation_step(steps, induction.flatten(1).max(dim=1).values.tolist()),
+    )
+
+
+def _heldout_tokens(cfg: Any, run_dir: Path, n: int) -> Tensor | None:
+    """Evenly spread held-out windows of the run's corpus (None for task runs or without a validation split)."""
+    if cfg.data.task is not None or cfg.data.val_fraction == 0 or not (run_dir / "tokenizer.json").is_file():
+        return None
+    from interplab.data import build_token_store, load_tokenizer, open_corpus
+
+    corpus = open_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction)
+    store = build_token_store(corpus, load_tokenizer(run_dir), "validation")
+    n_val = store.n_sequences(cfg.data.seq_len)
+    if n_val == 0:
+        return None
+    index = torch.linspace(0, n_val - 1, min(n, n_val)).round().long()
+    return store.sequences(index, cfg.data.seq_len)

@@ -1,0 +1,450 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, evaluation, JSONL log,
+scheduled atomic checkpoints, bit-exact resume, and data parallelism over ``torch.distributed``.
+
+Run under ``torchrun --nproc_per_node N`` and `train` joins the process group (gloo on CPU, nccl on GPU);
+each process trains on its share of the same global batch.
+
+>>> from interplab.train import load_preset, train
+>>> result = train(load_preset("induction-2l"), "runs/induction-2l")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interplab.io import atomic_write_json
+from interplab.model import Transformer
+from interplab.train.checkpoint import (
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from interplab.train.config import Precision, TrainConfig
+from interplab.train.sources import cosine_lr, make_source, rows_for
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    run_dir: Path
+    step: int
+    """the last step trained"""
+    loss: float
+    """training loss at the last step"""
+    val_loss: float | None
+    tokens: int
+    """tokens trained on"""
+    seconds: float
+    """wall time of the training loop (this invocation)"""
+    tokens_per_s: float
+    checkpoints: tuple[int, ...]
+    resumed_from: int | None = None
+    skipped_checkpoints: tuple[str, ...] = field(default=())
+    """checkpoints found unusable while resuming, with the reason"""
+
+    def log(self) -> list[dict[str, Any]]:
+        return read_log(self.run_dir)
+
+    def plot(self) -> Any:
+        """Training and validation loss against step (Plotly)."""
+        import plotly.graph_objects as go
+
+        rows = self.log()
+        train = [r for r in rows if "loss" in r]
+        val = [r for r in rows if "val_loss" in r]
+        fig = go.Figure()
+        fig.add_scatter(x=[r["step"] for r in train], y=[r["loss"] for r in train], name="train loss")
+        fig.add_scatter(x=[r["step"] for r in val], y=[r["val_loss"] for r in val], name="validation loss")
+        fig.update_layout(xaxis_title="step", yaxis_title="loss", title=str(self.run_dir))
+        return fig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(Path(path), self.to_dict())
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    file = Path(run_dir) / "log.jsonl"
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    started: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    started = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started = True
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), started=started)
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def build_model(cfg: TrainConfig, source: Any) -> Transformer:
+    """The model of a run: the config's architecture (or a task's own) with the data source's vocabulary."""
+    if cfg.model is None:
+        model_cfg = source.model_cfg
+    elif hasattr(source, "model_cfg"):  # a task: its vocabulary and length, the config's architecture
+        t = source.model_cfg
+        model_cfg = cfg.model.replace(
+            d_vocab=t.d_vocab, d_vocab_out=t.d_vocab_out, n_ctx=max(cfg.model.n_ctx, t.n_ctx)
+        )
+    else:
+        changes: dict[str, Any] = {"d_vocab": source.d_vocab}
+        if cfg.model.d_vocab_out == cfg.model.d_vocab:
+            changes["d_vocab_out"] = source.d_vocab
+        model_cfg = cfg.model.replace(**changes)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg)
+    model.tokenizer = source.tokenizer
+    return model
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if name.rsplit(".", 1)[-1].startswith("W_") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> bool:
+    """True if the run directory holds an earlier run of this config to continue."""
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(
+                f"{run_dir} is not empty and is not a training run; choose another output folder"
+            )
+        return False
+    if not resume:
+        raise ValueError(f"{run_dir} already holds a run; resume it or choose another output folder")
+    old = json.loads(cfg_file.read_text())
+    new = cfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new) if k != "steps" and old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(
+            f"{run_dir} was started with a different config (differs in {', '.join(diff)}); "
+            "resume with the same config or choose another output folder"
+        )
+    return True
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    device: str | torch.device | None = None,
+    progress: ProgressFn | None = None,
+    task: Any = None,
+) -> TrainResult:
+    """Train ``cfg`` into ``run_dir``, continuing from its newest good checkpoint if it holds this run.
+
+    ``stop_after=k`` stops after step k (writing a checkpoint) so the run can be resumed later.
+    ``task`` trains on a Task object (``generate/loss/metrics/model_config``) instead of ``cfg.data.source``.
+    ``progress(event)`` receives dicts with ``event`` in {"setup", "step", "eval", "checkpoint", "done"}."""
+    run_dir = Path(run_dir)
+    device = torch.device(device) if device is not None else _default_device()
+    dist_info = _init_distributed(device)
+    notify = progress if (progress is not None and dist_info.main) else (lambda event: None)
+    try:
+        return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify, task)
+    finally:
+        if dist_info.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    stop_after: int | None,
+    device: torch.device,
+    dist_info: _Dist,
+    notify: ProgressFn,
+    task: Any,
+) -> TrainResult:
+    continuing = _check_run_dir(run_dir, cfg, resume)
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every process has looked at the run folder before the first process writes to it
+    per_step = cfg.grad_accum * dist_info.world
+    if cfg.batch_size % per_step:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by grad_accum x processes = {per_step}"
+        )
+    notify({"event": "setup", "message": "preparing data (tokenised once, then cached)"})
+    source = make_source(cfg, task=task, progress=lambda n: notify({"event": "setup", "tokens": n}))
+    model = build_model(cfg, source).to(device)
+    if cfg.data.task is None and task is None and cfg.data.seq_len > model.cfg.n_ctx:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the model's n_ctx={model.cfg.n_ctx}"
+        )
+    model.train()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas)
+    start, resumed_from, skipped = 0, None, []
+    tokens_seen = 0
+    if continuing:
+        ckpt, bad = latest_good_checkpoint(run_dir)
+        skipped = [f"{c.path.name}: {reason}" for c, reason in bad]
+        if ckpt is not None:
+            state = load_checkpoint(ckpt.path, model, optimizer)
+            start, resumed_from, tokens_seen = ckpt.step, ckpt.step, int(state.get("tokens", 0))
+    if dist_info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(run_dir / "config.json")
+        if model.tokenizer is not None:
+            model.tokenizer.save(run_dir / "tokenizer.json")
+    ddp = _wrap(model, device, dist_info)
+    bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and device.type == "cuda")
+    schedule = set(cfg.checkpoints.steps(cfg.steps))
+    if resumed_from is not None and dist_info.main:
+        _truncate_log(run_dir, resumed_from)  # the steps after the checkpoint are trained again
+    log = _Log(run_dir, cfg, dist_info.main)
+    for item in skipped:
+        log.write({"event": "skipped_checkpoint", "reason": item})
+    if resumed_from is not None:
+        log.write({"event": "resume", "step": resumed_from})
+    elif dist_info.main and 0 in schedule and not list_checkpoints(run_dir):
+        save_checkpoint(run_dir, 0, model, optimizer, {"tokens": 0})
+        log.write({"step": 0, **_evaluate(source, model)})
+    stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    tokens_per_step = cfg.batch_size * _seq_len(cfg, source)
+    t0, loss_value, val_loss, step, written = time.perf_counter(), float("nan"), None, start, []
+    for row in read_log(run_dir) if resumed_from is not None else []:
+        loss_value = row.get("loss", loss_value)
+        val_loss = row.get("val_loss", val_loss)
+    ckpt_seconds = eval_seconds = 0.0
+    for step in range(start + 1, stop + 1):
+        lr = cosine_lr(step - 1, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = source.batch(
+                step - 1, rows_for(cfg.batch_size, micro, cfg.grad_accum, dist_info.rank, dist_info.world)
+            )
+            batch = _to(batch, device)
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or ddp is model else ddp.no_sync()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = source.loss(ddp, batch) / cfg.grad_accum
+                loss.backward()
+            total += loss.detach()
+        if o.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        if step % cfg.log_every == 0 or step == stop or step in schedule:
+            if dist_info.world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(total)
+                total /= dist_info.world
+            loss_value = float(total)
+            elapsed = time.perf_counter() - t0
+            rate = tokens_per_step * (step - start) / max(elapsed, 1e-9)
+            row = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "tokens": tokens_seen,
+                "tokens_per_s": rate,
+                "elapsed_s": elapsed,
+            }
+            if step % cfg.eval_every == 0 or step == stop:
+                e0 = time.perf_counter()
+                metrics = _evaluate(source, model) if dist_info.main else {}
+                eval_seconds += time.perf_counter() - e0
+                val_loss = metrics.get("val_loss", val_loss)
+                row.update(metrics)
+            log.write(row)
+            notify({"event": "step", **row, "total": cfg.steps})
+        if step in schedule or step == stop:
+            c0 = time.perf_counter()
+            if dist_info.main:
+                save_checkpoint(run_dir, step, model, optimizer, {"tokens": tokens_seen})
+                written.append(step)
+            if dist_info.world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+            ckpt_seconds += time.perf_counter() - c0
+    seconds = time.perf_counter() - t0
+    model.eval()
+    if dist_info.main and step == cfg.steps:
+        model.save(run_dir / "final")
+    result = TrainResult(
+        run_dir=run_dir,
+        step=step,
+        loss=loss_value,
+        val_loss=val_loss,
+        tokens=tokens_seen,
+        seconds=seconds,
+        tokens_per_s=tokens_per_step * (step - start) / max(seconds, 1e-9),
+        checkpoints=tuple(c.step for c in list_checkpoints(run_dir)),
+        resumed_from=resumed_from,
+        skipped_checkpoints=tuple(skipped),
+    )
+    if dist_info.main:
+        report = {
+            **result.to_dict(),
+            "checkpoint_seconds": ckpt_seconds,
+            "eval_seconds": eval_seconds,
+            "finished": step == cfg.steps,
+        }
+        atomic_write_json(run_dir / "report.json", report)
+    log.close()
+    notify({"event": "done", "step": step, "total": cfg.steps})
+    return result
+
+
+def _seq_len(cfg: TrainConfig, source: Any) -> int:
+    return getattr(source, "seq_len", None) or source.model_cfg.n_ctx
+
+
+def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.nn.Module:
+    if dist_info.world <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    import dataclasses
+
+    if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
+        return batch.to(device)
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(
+            batch,
+            **{
+                f.name: getattr(batch, f.name).to(device)
+                for f in dataclasses.fields(batch)
+                if isinstance(getattr(batch, f.name), torch.Tensor)
+            },
+        )
+    return batch
+
+
+@torch.no_grad()
+def _evaluate(source: Any, model: torch.nn.Module) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    try:
+        return source.evaluate(model)
+    finally:
+        model.train(was)
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop the log rows of steps after ``step`` (events without a step stay)."""
+    from interplab.io import atomic_write_text
+
+    file = run_dir / "log.jsonl"
+    if not file.is_file():
+        return
+    lines = file.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(file, "".join(line + "\n" for line in keep))
+
+
+class _Log:
+    """``log.jsonl`` (one JSON object per line, appended and flushed) plus optional TensorBoard / wandb."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool) -> None:
+        self.fh = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115
+        self.sinks: list[Any] = []
+        if not main:
+            return
+        for logger in cfg.loggers:
+            if logger.value == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ImportError(
+                        "loggers=[tensorboard] needs tensorboard: pip install tensorboard"
+                    ) from None
+                self.sinks.append(("tb", SummaryWriter(str(run_dir / "tensorboard"))))
+            else:
+                try:
+                    import wandb
+                except ImportError:
+                    raise ImportError("loggers=[wandb] needs wandb: pip install wandb") from None
+                self.sinks.append(
+                    (
+                        "wandb",
+                        wandb.init(
+                            project="interplab",
+                            name=cfg.name or run_dir.name,
+                            config=cfg.to_dict(),
+                            dir=str(run_dir),
+                        ),
+                    )
+                )
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.fh is None:
+            return
+        self.fh.write(json.dumps({**row, "time": time.time()}) + "\n")
+        self.fh.flush()
+        step = row.get("step")
+        if step is None:
+            return
+        for kind, sink in self.sinks:
+            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+            if kind == "tb":
+                for k, v in numbers.items():
+                    sink.add_scalar(k, v, step)
+            else:
+                sink.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        for kind, sink in self.sinks:
+            sink.close() if kind == "tb" else sink.finish()

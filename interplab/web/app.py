@@ -1,0 +1,245 @@
+"""The feature explorer: a FastAPI app over feature databases and run directories (``interplab serve``).
+
+>>> app = create_app(["features.db"], runs=["runs/"])        # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)            # doctest: +SKIP
+
+Pages: ``/`` (databases, runs, models, SAEs), ``/db/<name>/`` (feature list), ``/db/<name>/feature/<i>``,
+``/db/<name>/search``, ``/db/<name>/random``, ``/run/<i>`` (training curves and formation plots),
+``/attention`` (attention patterns for a typed prompt). JSON API under ``/api``: a feature, its label
+(POST to edit), steering (POST), attention patterns (POST). No asset comes from the network.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from interplab.features.store import FeatureNotFound, FeatureStore
+from interplab.web.runs import Artifact, find_artifacts, run_view
+from interplab.web.views import Links, feature_view, summary_rows
+
+WEB_DIR = Path(__file__).parent
+
+
+def plotly_js() -> Path:
+    """The plotly.js bundled with the plotly Python package (served locally, never from a CDN)."""
+    import plotly
+
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise FileNotFoundError(f"plotly.min.js not found at {path}: reinstall the plotly package")
+    return path
+
+
+def templates():
+    from fastapi.templating import Jinja2Templates
+
+    t = Jinja2Templates(directory=str(WEB_DIR / "templates"))
+    t.env.globals["fmt"] = lambda v, d=4: "—" if v is None else f"{v:.{d}g}"
+    return t
+
+
+class Resources:
+    """Feature databases by name, and the model / SAEs they were built from (loaded on first use)."""
+
+    def __init__(self, dbs: Sequence[str | Path], model: Any = None, sae: Any = None) -> None:
+        self.stores: dict[str, FeatureStore] = {}
+        for db in dbs:
+            store = FeatureStore(db)
+            name = Path(str(db)).stem if "://" not in str(db) else str(db).rsplit("/", 1)[-1]
+            while name in self.stores:
+                name += "_"
+            self.stores[name] = store
+        self._model, self._sae = model, sae
+        self._loaded: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.meta = {name: s.meta() for name, s in self.stores.items()}
+
+    def store(self, name: str) -> FeatureStore:
+        if name not in self.stores:
+            raise HTTPException(404, f"no feature database named {name!r}; served: {sorted(self.stores)}")
+        return self.stores[name]
+
+    def _load(self, key: str, value: Any, loader) -> Any:
+        if value is None or not isinstance(value, (str, Path)):
+            return value
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = loader(value)
+            return self._loaded[key]
+
+    def model(self, db: str | None = None):
+        from interplab import load_model
+
+        source = self._model if self._model is not None else (self.meta.get(db) or {}).get("model_path")
+        if source is None:
+            first = next((m.get("model_path") for m in self.meta.values() if m.get("model_path")), None)
+            source = first
+        return self._load(f"model:{source}", source, load_model)
+
+    def sae(self, db: str):
+        def load(path):
+            from interplab.sae import load_sae
+
+            return load_sae(path)
+
+        source = self._sae if self._sae is not None else self.meta[db].get("sae_path")
+        return self._load(f"sae:{source}", source, load)
+
+
+def create_app(
+    dbs: Sequence[str | Path] = (),
+    *,
+    runs: Sequence[str | Path] = (),
+    model: Any = None,
+    sae: Any = None,
+):
+    """The web app. ``model``/``sae`` (objects or folders) serve steering and attention views; by default the
+    paths recorded in each database are used."""
+    from interplab.web import api
+
+    res = Resources(dbs, model=model, sae=sae)
+    tpl = templates()
+    app = FastAPI(title="interplab feature explorer", docs_url="/api/docs", redoc_url=None)
+    app.state.resources = res
+    app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
+    artifacts: list[Artifact] = find_artifacts([Path(r) for r in runs])
+
+    @app.get("/static-vendor/plotly.min.js", include_in_schema=False)
+    def _plotly():
+        return FileResponse(
+            plotly_js(),
+            media_type="application/javascript",
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
+
+    def links(db: str) -> Links:
+        return Links(base=f"/db/{db}", static_base="/static", home_url="/")
+
+    def page(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
+        ctx.setdefault("links", Links(base="", static_base="/static", home_url="/"))
+        ctx.setdefault("plotly_url", "/static-vendor/plotly.min.js")
+        ctx.setdefault("static_site", False)
+        return tpl.TemplateResponse(request, name, ctx, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return page(request, "error.html", status=exc.status_code, code=exc.status_code, message=exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError):
+        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": msg}, status_code=422)
+        return page(request, "error.html", status=422, code=422, message=msg)
+
+    @app.get("/", response_class=HTMLResponse)
+    def home(request: Request):
+        dbs_info = []
+        for name, store in res.stores.items():
+            meta = res.meta[name]
+            dbs_info.append(
+                {
+                    "name": name,
+                    "n_features": store.n_features(),
+                    "meta": meta,
+                    "fingerprint": meta.get("fingerprint", {}),
+                }
+            )
+        return page(request, "home.html", dbs=dbs_info, artifacts=artifacts)
+
+    @app.get("/db/{db}/", response_class=HTMLResponse)
+    def feature_list(request: Request, db: str, order: str = "feature", page_no: int = 0):
+        store = res.store(db)
+        try:
+            rows = store.list_features(order=order, limit=100, offset=max(page_no, 0) * 100)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+        return page(
+            request,
+            "list.html",
+            db=db,
+            rows=summary_rows(rows, store.vocab()),
+            order=order,
+            page_no=page_no,
+            n=store.n_features(),
+            links=links(db),
+            meta=res.meta[db],
+        )
+
+    @app.get("/db/{db}/feature/{index}", response_class=HTMLResponse)
+    def feature_page(request: Request, db: str, index: int):
+        store = res.store(db)
+        try:
+            rec = store.feature(index)
+        except FeatureNotFound:
+            n = store.n_features()
+            raise HTTPException(
+                404, f"feature {index} is not in database {db!r} ({n} features: 0..{n - 1})"
+            ) from None
+        prev, nxt = store.neighbours(index)
+        return page(
+            request,
+            "feature.html",
+            db=db,
+            prev=prev,
+            next=nxt,
+            links=links(db),
+            meta=res.meta[db],
+            steering=True,
+            **feature_view(rec, res.meta[db], store.vocab()),
+        )
+
+    @app.get("/db/{db}/random")
+    def random_feature(db: str):
+        f = res.store(db).random_feature()
+        if f is None:
+            raise HTTPException(404, f"database {db!r} has no firing feature")
+        return RedirectResponse(f"/db/{db}/feature/{f}", status_code=303)
+
+    @app.get("/db/{db}/search", response_class=HTMLResponse)
+    def search(request: Request, db: str, q: str = "", token: str = ""):
+        store = res.store(db)
+        token_hits, text_hits, token_id = [], [], None
+        if token:
+            token_id = store.token_id(token)
+            if token_id is not None:
+                token_hits = store.search_token(token_id)
+        if q.strip():
+            text_hits = store.search_text(q.strip())
+        return page(
+            request,
+            "search.html",
+            db=db,
+            q=q,
+            token=token,
+            token_id=token_id,
+            token_hits=token_hits,
+            text_hits=text_hits,
+            links=links(db),
+            labels=store.labels(),
+        )
+
+    @app.get("/run/{index}", response_class=HTMLResponse)
+    def run_page(request: Request, index: int):
+        if not 0 <= index < len(artifacts):
+            raise HTTPException(404, f"no run {index}: {len(artifacts)} runs, models and SAEs are listed")
+        art = artifacts[index]
+        return page(request, "run.html", art=art, view=run_view(art.path))
+
+    @app.get("/attention", response_class=HTMLResponse)
+    def attention_page(request: Request):
+        return page(request, "attention.html", has_model=res.model() is not None)
+
+    api.add_routes(app, res)
+    return app

@@ -1,0 +1,111 @@
+// interplab feature explorer: charts (Plotly, bundled locally), label editing, steering, attention views.
+"use strict";
+window.interplab = (function () {
+  const cfg = { displayModeBar: false, responsive: true };
+  const margin = { l: 50, r: 10, t: 10, b: 40 };
+
+  function data(id) {
+    const el = document.getElementById(id);
+    return el ? JSON.parse(el.textContent) : null;
+  }
+
+  async function postJSON(url, body) {
+    const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    const out = await r.json();
+    if (!r.ok) throw new Error(out.error || r.statusText);
+    return out;
+  }
+
+  function featurePage() {
+    const d = data("feature-data");
+    if (window.Plotly && d) {
+      Plotly.newPlot("hist-chart", [{ type: "bar", x: d.hist.x, y: d.hist.y, marker: { color: "#d4580a" } }],
+        { margin, xaxis: { type: "log", title: "activation" }, yaxis: { title: "count" }, bargap: 0.05 }, cfg);
+      const pos = d.logits.pos.slice().reverse(), neg = d.logits.neg;
+      Plotly.newPlot("logit-chart", [
+        { type: "bar", orientation: "h", name: "promoted", y: pos.map((p, i) => p[0] + " \u200b".repeat(i + 1)), x: pos.map(p => p[1]), marker: { color: "#2a7ab8" } },
+        { type: "bar", orientation: "h", name: "suppressed", y: neg.map((p, i) => p[0] + " \u200c".repeat(i + 1)), x: neg.map(p => p[1]), marker: { color: "#b83a2a" } },
+      ], { margin: { l: 110, r: 10, t: 10, b: 30 }, showlegend: false, yaxis: { automargin: true, dtick: 1, tickfont: { size: 10 } } }, cfg);
+    }
+    const form = document.getElementById("label-form");
+    if (form) form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const status = document.getElementById("label-status");
+      const text = document.getElementById("label-input").value;
+      try {
+        const out = await postJSON(form.dataset.url, { explanation: text });
+        document.getElementById("label-text").textContent = out.explanation || "none yet";
+        status.textContent = "saved";
+      } catch (err) { status.textContent = "error: " + err.message; }
+    });
+    const steer = document.getElementById("steer-form");
+    if (steer) steer.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const out = document.getElementById("steer-out");
+      out.textContent = "generating\u2026";
+      try {
+        const r = await postJSON(steer.dataset.url, {
+          prompt: document.getElementById("steer-prompt").value, mode: document.getElementById("steer-mode").value,
+          value: parseFloat(document.getElementById("steer-value").value),
+          max_new_tokens: parseInt(document.getElementById("steer-n").value, 10) });
+        out.innerHTML = "";
+        for (const [name, text] of [["baseline", r.baseline_text], [r.mode + " " + r.value, r.steered_text]]) {
+          const row = document.createElement("div"); row.className = "steer-row";
+          const b = document.createElement("b"); b.textContent = name + ": "; row.appendChild(b);
+          row.appendChild(document.createTextNode(text)); out.appendChild(row);
+        }
+      } catch (err) { out.textContent = "error: " + err.message; }
+    });
+  }
+
+  function lines(container, curves) {
+    const box = document.getElementById(container);
+    if (!box || !window.Plotly) return;
+    for (const [name, c] of Object.entries(curves)) {
+      const div = document.createElement("div"); box.appendChild(div);
+      Plotly.newPlot(div, [{ x: c.x, y: c.y, mode: "lines+markers", marker: { size: 3 } }],
+        { margin: { l: 50, r: 10, t: 28, b: 30 }, title: { text: name, font: { size: 13 } } }, cfg);
+    }
+  }
+
+  function runPage() {
+    const d = data("run-data");
+    lines("curves", d.curves); lines("report-curves", d.report);
+  }
+
+  function attentionPage() {
+    let result = null;
+    const layerSel = document.getElementById("attn-layer"), headSel = document.getElementById("attn-head");
+    const status = document.getElementById("attn-status");
+    function draw() {
+      if (!result) return;
+      const z = result.patterns[+layerSel.value][+headSel.value];
+      const labels = result.tokens.map((t, i) => i + ":" + t);
+      Plotly.newPlot("attn-chart", [{ type: "heatmap", z, x: labels, y: labels, colorscale: "Oranges", zmin: 0, zmax: 1 }],
+        { margin: { l: 90, r: 10, t: 10, b: 90 }, yaxis: { autorange: "reversed", title: "query" }, xaxis: { title: "key" } }, cfg);
+    }
+    function fill(sel, n) { sel.innerHTML = ""; for (let i = 0; i < n; i++) sel.add(new Option(String(i), String(i))); }
+    layerSel.addEventListener("change", draw); headSel.addEventListener("change", draw);
+    document.getElementById("attn-form").addEventListener("submit", async (e) => {
+      e.preventDefault(); status.textContent = "running\u2026";
+      try {
+        result = await postJSON("/api/attention", { prompt: document.getElementById("attn-prompt").value });
+        fill(layerSel, result.patterns.length); fill(headSel, result.patterns[0].length);
+        status.textContent = result.tokens.length + " tokens"; draw();
+      } catch (err) { status.textContent = "error: " + err.message; }
+    });
+  }
+
+  function staticFilter() {
+    const box = document.getElementById("filter");
+    if (!box) return;
+    box.addEventListener("input", () => {
+      const q = box.value.toLowerCase();
+      for (const row of document.querySelectorAll("#feature-list tr.row"))
+        row.style.display = row.textContent.toLowerCase().includes(q) ? "" : "none";
+    });
+  }
+  document.addEventListener("DOMContentLoaded", staticFilter);
+
+  return { featurePage, runPage, attentionPage };
+})();

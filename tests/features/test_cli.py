@@ -1,0 +1,125 @@
+"""`interplab features ...` and `interplab serve` from the command line (thin wrappers over the library)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from interplab.cli.main import app
+from interplab.features import FeatureBuildConfig
+from interplab.features.build import build_feature_db
+from interplab.features.store import FeatureStore
+from tests.features.planted import planted_sae
+
+runner = CliRunner()
+
+
+def _real_sae(d_in: int, d_sae: int, hook: str):
+    sae_mod = pytest.importorskip("interplab.sae")
+    if not hasattr(sae_mod, "load_sae"):
+        pytest.skip("interplab.sae (the SAE module) is not merged into this checkout yet")
+    from interplab.sae import SAEConfig, create_sae
+
+    return create_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="relu", hook_name=hook))
+
+
+def test_build_export_explain_from_the_command_line(tmp_path, model, tokens):
+    from safetensors.torch import save_file
+
+    sae = _real_sae(32, 24, "blocks.0.hook_resid_post")
+    model.save(tmp_path / "model")
+    sae.save(tmp_path / "sae")
+    save_file({"tokens": tokens}, str(tmp_path / "tokens.safetensors"))
+    args = [
+        "features",
+        "build",
+        "--model",
+        str(tmp_path / "model"),
+        "--sae",
+        str(tmp_path / "sae"),
+        "--tokens",
+        str(tmp_path / "tokens.safetensors"),
+        "--out",
+        str(tmp_path / "f.db"),
+        "--top-k",
+        "5",
+        "--batch-size",
+        "8",
+    ]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "interplab serve --db" in r.output
+    store = FeatureStore(tmp_path / "f.db")
+    assert store.n_features() == 24 and store.meta()["n_tokens"] == tokens.numel()
+    r = runner.invoke(
+        app, ["features", "export", "--db", str(tmp_path / "f.db"), "--html", str(tmp_path / "site")]
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "site" / "feature" / "0.html").is_file()
+    r = runner.invoke(
+        app,
+        [
+            "features",
+            "steer",
+            "--model",
+            str(tmp_path / "model"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--feature",
+            "1",
+            "--value",
+            "0",
+            "--prompt",
+            "1 2 3",
+            "--max-new-tokens",
+            "3",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert r.output.count("#") >= 6
+
+
+def test_sae_on_a_mismatched_site_is_refused(tmp_path, model, tokens):
+    from safetensors.torch import save_file
+
+    sae = _real_sae(48, 8, "blocks.0.hook_resid_post")
+    model.save(tmp_path / "model")
+    sae.save(tmp_path / "sae")
+    save_file({"tokens": tokens}, str(tmp_path / "t.safetensors"))
+    r = runner.invoke(
+        app,
+        [
+            "features",
+            "build",
+            "--model",
+            str(tmp_path / "model"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--tokens",
+            str(tmp_path / "t.safetensors"),
+            "--out",
+            str(tmp_path / "f.db"),
+        ],
+    )
+    assert r.exit_code == 2
+    assert "d_in=48" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "f.db").exists() or FeatureStore(tmp_path / "f.db").n_features() == 0
+
+
+def test_explain_and_missing_database(tmp_path, model, tokens):
+    build_feature_db(
+        tmp_path / "f.db",
+        model,
+        planted_sae(model, 4),
+        tokens,
+        FeatureBuildConfig(top_k=4, window_left=2, batch_size=8),
+    )
+    r = runner.invoke(app, ["features", "explain", "--db", str(tmp_path / "f.db"), "--k", "1"])
+    assert r.exit_code == 0, r.output
+    assert "explained 4 features (mean score 1.000)" in r.output
+    r = runner.invoke(
+        app, ["features", "export", "--db", str(tmp_path / "none.db"), "--html", str(tmp_path / "s")]
+    )
+    assert r.exit_code == 2 and "no feature database" in r.output
+    r = runner.invoke(app, ["serve", "--db", str(tmp_path / "none.db")])
+    assert r.exit_code == 2 and "no feature database" in r.output

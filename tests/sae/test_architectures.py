@@ -1,0 +1,164 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from interplab.sae import Architecture, SAEConfig, create_sae, register_architecture, registered_architectures
+from interplab.sae.architectures import JumpReLUSAE, ReLUSAE
+from interplab.sae.kernels import scatter_latents, sparse_decode, topk_encode
+
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
+
+
+def make(arch: str, **kw) -> torch.nn.Module:
+    k = 4 if "topk" in arch else None
+    return create_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, k=k, **kw))
+
+
+def test_every_architecture_is_registered():
+    assert set(registered_architectures()) == set(Architecture)
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_architecture(type("Again", (ReLUSAE,), {}))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapes_and_gradients(arch):
+    sae = make(arch)
+    x = torch.randn(2, 5, 16)
+    out = sae(x)
+    assert out.reconstruction.shape == (2, 5, 16)
+    assert out.feature_acts.shape == (2, 5, 64)
+    assert_close(sae.decode(sae.encode(x)), out.reconstruction)
+    loss = sae.loss(x.reshape(-1, 16), coefficient=1e-2, dead_mask=torch.ones(64, dtype=torch.bool))
+    loss.loss.backward()
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert loss.latent_counts.shape == (64,)
+
+
+def test_topk_keeps_exactly_k():
+    sae = make("topk")
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive, so exactly k survive the ReLU
+    acts = sae.encode(torch.randn(7, 16))
+    assert ((acts != 0).sum(-1) == 4).all()
+
+
+def test_topk_sparse_kernels_match_dense_autograd():
+    x = torch.randn(33, 16)
+    W_enc = torch.randn(16, 64, requires_grad=True)
+    b_enc = torch.randn(64, requires_grad=True)
+    W_dec = torch.randn(64, 16, requires_grad=True)
+    params = [W_enc, b_enc, W_dec]
+    g = torch.randn(33, 16)
+    vals, idx = topk_encode(x, W_enc, b_enc, 5)
+    sparse = sparse_decode(vals, idx, W_dec)
+    sparse_grads = torch.autograd.grad((sparse * g).sum(), params)
+    v, i = (x @ W_enc + b_enc).topk(5, dim=-1)
+    dense = scatter_latents(v.relu(), i, 64) @ W_dec
+    dense_grads = torch.autograd.grad((dense * g).sum(), params)
+    assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    for got, want in zip(sparse_grads, dense_grads, strict=False):
+        assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_topk_input_gradient_matches_dense():
+    x = torch.randn(9, 16, requires_grad=True)
+    W_enc, b_enc = torch.randn(16, 64), torch.randn(64)
+    vals, idx = topk_encode(x, W_enc, b_enc, 3)
+    (vals * torch.arange(3.0)).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    v, _ = (x @ W_enc + b_enc).topk(3, dim=-1, sorted=False)
+    (v.relu() * torch.arange(3.0)).sum().backward()
+    assert_close(got, x.grad)
+
+
+def test_jumprelu_thresholds_and_ste():
+    sae = make("jumprelu")
+    assert isinstance(sae, JumpReLUSAE)
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    pre = torch.tensor([[0.1, 0.29, 0.31, 2.0] + [0.0] * 60])
+    acts = sae.activation(pre)
+    assert acts[0, :4].tolist() == pytest.approx([0.0, 0.0, 0.31, 2.0])
+    # the L0 penalty reaches the threshold through the straight-through estimator
+    x = torch.randn(64, 16)
+    g = torch.autograd.grad(sae.loss(x, coefficient=1.0).sparsity, sae.threshold)[0]
+    assert g.abs().sum() > 0 and (g <= 0).all()  # raising a threshold can only lower L0
+
+
+def test_unit_norm_decoder_kept():
+    sae = make("topk")
+    assert_close(sae.decoder_norms(), torch.ones(64))
+    opt = torch.optim.SGD(sae.parameters(), lr=0.5)
+    for _ in range(3):
+        sae.loss(torch.randn(32, 16)).loss.backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.normalize_decoder()
+        opt.zero_grad()
+    assert_close(sae.decoder_norms(), torch.ones(64))
+
+
+def test_batchtopk_inference_threshold():
+    sae = make("batchtopk")
+    x = torch.randn(256, 16)
+    for _ in range(50):
+        sae.loss(x)
+    assert float(sae.threshold) > 0
+    acts = sae.encode(x)
+    assert ((acts == 0) | (acts > sae.threshold)).all()
+
+
+def test_normalisation_scales_in_and_out():
+    sae = make("relu", normalize_activations="expected_average_only_in")
+    x = torch.randn(100, 16) * 7
+    sae.set_scale_from(x)
+    assert_close(float((x * sae.act_scale).pow(2).sum(-1).mean()), 16.0, rtol=1e-4, atol=0)
+    assert_close(sae(x).reconstruction, sae.decode(sae.encode(x)))
+
+
+def test_geometric_median_init():
+    sae = make("relu")
+    x = torch.randn(500, 16) * 0.1 + 3.0
+    x[:5] = 1000.0  # outliers move the mean, not the median
+    sae.init_b_dec(x, "geometric_median")
+    assert_close(sae.b_dec, torch.full((16,), 3.0), atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="unknown b_dec init"):
+        sae.init_b_dec(x, "median")
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"d_in": 0}, "d_in must be a positive int"),
+        ({"architecture": "topk"}, "needs 0 < k"),
+        ({"architecture": "matryoshka"}, "unsupported SAE architecture 'matryoshka'"),
+        ({"hook_name": "blocks.0.hook_nope"}, "hook_nope"),
+    ],
+)
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SAEConfig(**{"d_in": 16, "d_sae": 64, **kw})
+
+
+def test_wrong_d_in_names_the_hook():
+    sae = create_sae(SAEConfig(d_in=16, d_sae=32, hook_name="blocks.1.hook_resid_post"))
+    with pytest.raises(ValueError, match=r"d_in=16.*blocks.1.hook_resid_post.*\(4, 12\)"):
+        sae.encode(torch.randn(4, 12))
+
+
+def test_config_round_trip():
+    cfg = SAEConfig(
+        d_in=8,
+        d_sae=32,
+        architecture="topk",
+        k=3,
+        hook_name="blocks.0.hook_mlp_out",
+        hook_name_out="blocks.0.hook_resid_post",
+    )
+    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.is_transcoder

@@ -1,0 +1,108 @@
+"""The web app through its HTTP interface (no browser): pages, 404s, API, search, labels, steering, export."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+@pytest.fixture(scope="module")
+def client(web_app):
+    return TestClient(web_app)
+
+
+def test_home_lists_databases_runs_and_models(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    assert 'href="/db/tiny/"' in r.text
+    assert "train-tiny" in r.text and "final_loss" in r.text
+    assert "model" in r.text
+
+
+def test_feature_page_has_every_panel(client):
+    r = client.get("/db/tiny/feature/3")
+    assert r.status_code == 200
+    for panel in ("hist-chart", "logit-chart", "top-contexts", "samples", "cooc", "steer", "label-form"):
+        assert f'id="{panel}"' in r.text
+    assert r.text.count('class="tok peak') >= 6  # each context marks its peak token
+    assert "/static-vendor/plotly.min.js" in r.text and "cdn" not in r.text.lower()
+    assert client.get("/static-vendor/plotly.min.js").status_code == 200
+
+
+def test_out_of_range_feature_is_a_404_page(client):
+    r = client.get("/db/tiny/feature/999")
+    assert r.status_code == 404
+    assert "feature 999 is not in database" in r.text and "Traceback" not in r.text
+    assert client.get("/db/nope/feature/1").status_code == 404
+    assert client.get("/api/db/tiny/feature/999").json()["error"].startswith("feature 999")
+    assert client.get("/db/tiny/feature/abc").status_code == 422
+
+
+def test_search_by_token_and_text(client):
+    r = client.get("/db/tiny/search", params={"token": "#7"})
+    assert r.status_code == 200 and 'href="/db/tiny/feature/7"' in r.text
+    client.post("/api/db/tiny/feature/12/label", json={"explanation": "a random direction"})
+    r = client.get("/db/tiny/search", params={"q": "random direction"})
+    assert 'href="/db/tiny/feature/12"' in r.text
+    assert "no token" in client.get("/db/tiny/search", params={"token": "zzz"}).text
+
+
+def test_label_round_trip_and_navigation(client):
+    assert client.post("/api/db/tiny/feature/5/label", json={"explanation": "token five"}).status_code == 200
+    assert client.get("/api/db/tiny/feature/5").json()["label"]["explanation"] == "token five"
+    assert "token five" in client.get("/db/tiny/feature/5").text
+    page = client.get("/db/tiny/feature/5").text
+    assert 'href="/db/tiny/feature/4"' in page and 'href="/db/tiny/feature/6"' in page
+    r = client.get("/db/tiny/random", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/db/tiny/feature/")
+    assert client.post("/api/db/tiny/feature/99/label", json={"explanation": "x"}).status_code == 404
+
+
+def test_steering_and_attention_api(client, web_setup):
+    r = client.post(
+        "/api/db/tiny/feature/2/steer", json={"prompt": "1 2 3", "value": 0.0, "max_new_tokens": 4}
+    )
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["baseline"] == out["steered"] and len(out["steered"]) == 4
+    bad = client.post("/api/db/tiny/feature/2/steer", json={"prompt": "hello", "value": 1.0})
+    assert bad.status_code == 422 and "token ids" in bad.json()["error"]
+    bad = client.post("/api/db/tiny/feature/2/steer", json={"prompt": "1 2", "mode": "multiply"})
+    assert bad.status_code == 422 and "unknown mode" in bad.json()["error"]
+    r = client.post("/api/attention", json={"prompt": "4 5 6 7"})
+    pat = r.json()["patterns"]
+    assert len(pat) == 1 and len(pat[0]) == 2 and len(pat[0][0]) == 4
+    assert all(abs(sum(row) - 1) < 1e-3 for row in pat[0][0])
+
+
+def test_run_page_shows_curves(client):
+    r = client.get("/run/0")
+    assert r.status_code == 200 and "induction_score" in r.text and '"loss"' in r.text
+    assert client.get("/run/99").status_code == 404
+
+
+def test_missing_database_is_refused(tmp_path):
+    from interplab.web.app import create_app
+
+    with pytest.raises(FileNotFoundError, match="no feature database"):
+        create_app([tmp_path / "nothing.db"])
+
+
+def test_static_export_is_self_contained(web_setup, tmp_path):
+    import re
+
+    from interplab.web.export import export_html
+
+    report = export_html(web_setup["db"], tmp_path / "site")
+    site = tmp_path / "site"
+    assert report.n_pages == 17
+    assert (site / "static" / "plotly.min.js").stat().st_size > 1_000_000
+    page = (site / "feature" / "3.html").read_text()
+    assert 'class="tok peak' in page and "../static/plotly.min.js" in page
+    assert 'href="../feature/4.html"' in page and 'id="label-form"' not in page
+    # every local link and asset of every page exists; nothing points at the network
+    for html in site.rglob("*.html"):
+        text = html.read_text()
+        assert "http://" not in text and "https://" not in text
+        for ref in re.findall(r'(?:href|src)="([^"#?]+)"', text):
+            assert (html.parent / ref).resolve().exists(), (html, ref)
