@@ -67,6 +67,13 @@ def tokens_for(cfg: ModelConfig, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.d_vocab, (B, P), generator=torch.Generator().manual_seed(seed))
 
 
+def model_and_logits(variant: str):  # noqa: ANN201
+    model = make_model(variant)
+    tokens = tokens_for(model.cfg)
+    with torch.no_grad():
+        return model, tokens, model(tokens)
+
+
 # kinds whose forward hook switches to another (mathematically equal) computation, so float32 rounding
 # differs by ~1e-7: scores/pattern need the explicit softmax(q k^T) instead of the fused SDPA kernel; result
 # needs a per-head matmul then a sum over heads instead of one matmul over all heads; q/k/v_input need
@@ -122,10 +129,7 @@ def test_every_hook_fires_once_with_its_documented_shape(variant):
 
 @pytest.mark.parametrize("variant", NAMES)
 def test_replacing_each_activation_with_itself_changes_nothing(variant):
-    model = make_model(variant)
-    tokens = tokens_for(model.cfg)
-    with torch.no_grad():
-        plain = model(tokens)
+    model, tokens, plain = model_and_logits(variant)
     for site in all_sites(model.cfg):
         with torch.no_grad():
             observed = model.run_with_hooks(tokens, fwd_hooks=[(site, lambda x, s: None)])
@@ -417,10 +421,7 @@ def test_decompose_resid_names_what_is_missing():
 
 @pytest.mark.parametrize("variant", NAMES)
 def test_caching_leaves_logits_bit_identical_except_where_attention_must_be_explicit(variant):
-    model = make_model(variant)
-    tokens = tokens_for(model.cfg)
-    with torch.no_grad():
-        plain = model(tokens)
+    model, tokens, plain = model_and_logits(variant)
     logits, cache = model.run_with_cache(tokens, names=lambda n: not n.endswith(("attn_scores", "pattern")))
     assert_close(logits, plain, atol=0, rtol=0)
     # caching the pattern switches to the explicit softmax(q k^T / scale) v: equal up to float rounding
