@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.model.model_variants import VARIANTS, make_model
 from torch.testing import assert_close
 
 from interplab.model.generate import Generation, generate
+from tests.model.model_variants import VARIANTS, make_model
 
 CAUSAL = [name for name, cfg in VARIANTS.items() if cfg.causal]
 

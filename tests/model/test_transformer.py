@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.model.model_variants import VARIANTS, make_model
 from torch.testing import assert_close
 
 from interplab.hooks import Site, SiteKind
 from interplab.model import ModelConfig, Norm, Positional
+from tests.model.model_variants import VARIANTS, make_model
 
 B, P = 2, 7
 NAMES = sorted(VARIANTS)
