@@ -250,7 +250,9 @@ class Transformer(nn.Module):
             resid = resid * self.cfg.embed_scale
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
-            if ctx.key_valid is None:  # positions are past .. past+pos in every row: a broadcast view
+            if ctx.key_valid is None and not self.hook_pos_embed.active:
+                # positions are past .. past+pos in every row: a broadcast view of W_pos (never shown to a
+                # hook, which might write into it)
                 b, p, d = resid.shape
                 pos_embed = self.pos_embed.W_pos[ctx.past_len : ctx.past_len + p].expand(b, p, d)
             else:

@@ -427,3 +427,11 @@ def test_caching_leaves_logits_bit_identical_except_where_attention_must_be_expl
     # caching the pattern switches to the explicit softmax(q k^T / scale) v: equal up to float rounding
     logits_all, _ = model.run_with_cache(tokens)
     assert_close(logits_all, plain, atol=2e-5, rtol=1e-5)
+
+
+def test_cached_pos_embed_is_not_a_view_of_the_weights():
+    model = make_model("gpt2")
+    before = model.pos_embed.W_pos.detach().clone()
+    _, cache = model.run_with_cache(tokens_for(model.cfg), names="hook_pos_embed")
+    cache["hook_pos_embed"][0] += 1.0
+    assert torch.equal(model.pos_embed.W_pos, before)
