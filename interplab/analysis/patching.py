@@ -125,6 +125,12 @@ def source_activations(
     return values, {layer: cache[site_of(target, layer).name] for layer in layers}
 
 
+# targets whose hooks fire after the point where `Block.forward(keep=...)` drops positions
+_AFTER_KEEP = frozenset(
+    {PatchTarget.RESID_MID, PatchTarget.RESID_POST, PatchTarget.MLP_OUT, PatchTarget.MLP_POST}
+)
+
+
 class _BaseRun:
     """The base run's cached residual stream, keys and values, logits and metric values."""
 
@@ -178,15 +184,24 @@ class _BaseRun:
                 act[i * b : (i + 1) * b][sel] = src[sel]
             return act
 
+        keep = None
+        if self.read_pos is not None and (layer < cfg.n_layers - 1 or target not in _AFTER_KEEP):
+            # the last block's MLP only runs where the metric reads
+            keep = (self.read_pos - p0).clamp(min=0).repeat(n)[:, None]
         with model.hooks([(site_of(target, layer), patch)]):
-            out = model.run_blocks(resid, ctx, start=layer, kv_cache=kv)
-        return self._metric(out, n, p0)
+            out = model.run_blocks(resid, ctx, start=layer, kv_cache=kv, keep_last=keep)
+        return self._metric(out, n, p0, kept=keep is not None)
 
-    def _metric(self, out: Tensor, n: int, p0: int) -> Tensor:
+    def _metric(self, out: Tensor, n: int, p0: int, kept: bool) -> Tensor:
         b = self.tokens.shape[0]
         if self.read_pos is not None:
             rel = self.read_pos - p0
-            rows = out.view(n, b, out.shape[1], -1)[:, torch.arange(b, device=out.device), rel.clamp(min=0)]
+            if kept:
+                rows = out.view(n, b, -1)
+            else:
+                rows = out.view(n, b, out.shape[1], -1)[
+                    :, torch.arange(b, device=out.device), rel.clamp(min=0)
+                ]
             logits = self.model.unembed_resid(rows)
             vals = torch.stack([check_metric_output(self.metric.from_final(logits[i]), b) for i in range(n)])
             # a read position before the first recomputed one cannot see any patch: the base value holds
