@@ -187,3 +187,16 @@ def test_result_plot_and_save(model, pair, tmp_path):
 
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["dims"] == ["layer", "pos", "head"] and len(data["values"]) == 2
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_run_blocks_keep_last_equals_gathering_the_full_output(variant, pair):
+    model = make_model(**VARIANTS[variant])
+    tokens, _ = pair
+    ctx = model.context(tokens)
+    resid = model.embed_tokens(tokens, ctx)
+    keep = torch.tensor([[6, 0], [3, 3], [1, 5]])
+    with torch.no_grad():
+        full = model.run_blocks(resid, ctx)
+        kept = model.run_blocks(resid, ctx, keep_last=keep)
+    torch.testing.assert_close(kept, full.gather(1, keep[:, :, None].expand(-1, -1, full.shape[-1])))
