@@ -41,4 +41,10 @@ def test_digits_split_small():
     summary = result.summary()
     assert summary["routed"]["ratio_mean"] >= 2.0, summary
     assert summary["control"]["ratio_mean"] <= 1.2, summary
-    assert set(result.examples) == {"original", "routed_first", "routed_second", "control_first", "control_second"}
+    assert set(result.examples) == {
+        "original",
+        "routed_first",
+        "routed_second",
+        "control_first",
+        "control_second",
+    }
