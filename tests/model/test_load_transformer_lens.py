@@ -256,3 +256,20 @@ def test_parity_with_transformer_lens(tmp_path, variant):
     tokens = torch.randint(0, 50, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), model(tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("weights_key", "config_key"), [("state_dict", "cfg"), ("model", "config")])
+def test_checkpoint_with_embedded_config(tmp_path, weights_key, config_key):
+    model = Transformer(ModelConfig(**BASE, act_fn="relu"))
+    cfg = to_tl_config(model.cfg, "LN")
+    torch.save({weights_key: to_tl_state(model, "LN"), config_key: cfg, "step": 1000}, tmp_path / "ckpt.pth")
+    loaded = load_model(tmp_path / "ckpt.pth")
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), atol=1e-5, rtol=0)
+
+
+def test_not_a_state_dict_is_explained(tmp_path):
+    torch.save({"step": 3, "lr": [0.1]}, tmp_path / "opt.pt")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_model(tmp_path / "opt.pt", tl_config=to_tl_config(Transformer(ModelConfig(**BASE)).cfg, "LN"))
