@@ -273,3 +273,53 @@ def test_not_a_state_dict_is_explained(tmp_path):
     torch.save({"step": 3, "lr": [0.1]}, tmp_path / "opt.pt")
     with pytest.raises(ValueError, match="does not hold a state dict"):
         load_model(tmp_path / "opt.pt", tl_config=to_tl_config(Transformer(ModelConfig(**BASE)).cfg, "LN"))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(act_fn="gelu_new"),
+        dict(
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            n_key_value_heads=2,
+            act_fn="silu",
+        ),
+        dict(parallel_attn_mlp=True, act_fn="gelu", attention_dir="bidirectional", d_vocab_out=3),
+    ],
+    ids=["LN", "RMS-rotary-gqa", "parallel-bidirectional"],
+)
+def test_processing_equals_transformer_lens_processing(tmp_path, variant):
+    """fold_ln, center_writing_weights, center_unembed, fold_value_biases give TL's processed weights."""
+    tl = pytest.importorskip(
+        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
+    )
+    cfg = tl.HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=24, seed=0, **variant
+    )
+    model = tl.HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".b" in name or name.endswith(".w"):
+                p.normal_(1.0 if name.endswith(".w") else 0.0, 0.2)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "transformerlens_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
+    layernorm = cfg.normalization_type == "LN"
+    ours = load_model(
+        tmp_path / "model.pt",
+        fold_ln=True,
+        center_writing_weights=layernorm,
+        center_unembed=True,
+        fold_value_biases=True,
+    )
+    model.process_weights_(
+        fold_ln=True, center_writing_weights=True, center_unembed=True, refactor_factored_attn_matrices=False
+    )
+    theirs = {k.replace("._", "."): v for k, v in model.state_dict().items()}
+    compared = 0
+    for name, value in ours.state_dict().items():
+        if name in theirs:
+            torch.testing.assert_close(value, theirs[name], atol=1e-6, rtol=0)
+            compared += 1
+    assert compared >= 20
