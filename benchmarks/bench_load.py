@@ -204,6 +204,11 @@ def ratios(summary: dict, ours: str, peer: str) -> dict:
     }
 
 
+def scenario(model: dict, runs: dict[str, list[dict]], weight_bytes: int, ours: str, peer: str) -> dict:
+    summary = summarise(runs, weight_bytes)
+    return {"model": model, "summary": summary, "ratios": ratios(summary, ours, peer), "runs": runs}
+
+
 def interleaved(contenders: dict[str, tuple[Path, str]], rounds: int) -> dict[str, list[dict]]:
     """``contenders``: name -> (path, python). Rounds alternate the order."""
     names = list(contenders)
@@ -241,18 +246,13 @@ def main() -> None:
         runs = interleaved(
             {"interplab": (folder, sys.executable), "transformers": (folder, sys.executable)}, args.rounds
         )
-        summary = summarise(runs, weight_bytes)
-        scenarios["hf_folder"] = {
-            "model": {
-                "family": "gpt2 (random)",
-                **size,
-                "format": "safetensors",
-                "weights_mb": weight_bytes / 2**20,
-            },
-            "summary": summary,
-            "ratios": ratios(summary, "interplab", "transformers"),
-            "runs": runs,
-        }
+        scenarios["hf_folder"] = scenario(
+            {"family": "gpt2 (random)", **size, "format": "safetensors", "weights_mb": weight_bytes / 2**20},
+            runs,
+            weight_bytes,
+            "interplab",
+            "transformers",
+        )
         if args.tl_python:
             tl_folder = Path(tmp) / "tl"
             tl_folder.mkdir()
@@ -261,7 +261,6 @@ def main() -> None:
             runs = interleaved(
                 {"interplab_tl": (pt, sys.executable), "transformer_lens": (pt, args.tl_python)}, args.rounds
             )
-            summary = summarise(runs, tl_bytes)
             tl_version = subprocess.run(
                 [
                     args.tl_python,
@@ -272,19 +271,17 @@ def main() -> None:
                 text=True,
                 check=True,
             ).stdout.strip()
-            scenarios["transformer_lens_checkpoint"] = {
-                "model": {
-                    "family": "HookedTransformer GPT-2 style (random)",
-                    **size,
-                    "format": "torch .pt state dict",
-                    "weights_mb": tl_bytes / 2**20,
-                    "transformer_lens": tl_version,
-                    "peer_method": "HookedTransformer(cfg) + load_state_dict(torch.load(...))",
-                },
-                "summary": summary,
-                "ratios": ratios(summary, "interplab_tl", "transformer_lens"),
-                "runs": runs,
+            model = {
+                "family": "HookedTransformer GPT-2 style (random)",
+                **size,
+                "format": "torch .pt state dict",
+                "weights_mb": tl_bytes / 2**20,
+                "transformer_lens": tl_version,
+                "peer_method": "HookedTransformer(cfg) + load_state_dict(torch.load(...))",
             }
+            scenarios["transformer_lens_checkpoint"] = scenario(
+                model, runs, tl_bytes, "interplab_tl", "transformer_lens"
+            )
     result = {
         "benchmark": "load",
         "rounds": args.rounds,

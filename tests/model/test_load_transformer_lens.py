@@ -229,21 +229,10 @@ TL_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(TL_VARIANTS))
-def test_parity_with_transformer_lens(tmp_path, variant):
-    tl = pytest.importorskip(
-        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
-    )
+def _tl_checkpoint(tl, tmp_path, **variant):
+    """A random TransformerLens model (non-trivial biases and norm weights) saved as .pt + config JSON."""
     cfg = tl.HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        d_vocab=50,
-        n_ctx=24,
-        seed=0,
-        **TL_VARIANTS[variant],
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=24, seed=0, **variant
     )
     model = tl.HookedTransformer(cfg).eval()
     with torch.no_grad():
@@ -252,6 +241,15 @@ def test_parity_with_transformer_lens(tmp_path, variant):
                 p.normal_(1.0 if name.endswith(".w") else 0.0, 0.2)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "transformerlens_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
+    return model
+
+
+@pytest.mark.parametrize("variant", list(TL_VARIANTS))
+def test_parity_with_transformer_lens(tmp_path, variant):
+    tl = pytest.importorskip(
+        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
+    )
+    model = _tl_checkpoint(tl, tmp_path, **TL_VARIANTS[variant])
     ours = load_model(tmp_path / "model.pt")
     tokens = torch.randint(0, 50, (2, 20))
     with torch.no_grad():
@@ -295,16 +293,8 @@ def test_processing_equals_transformer_lens_processing(tmp_path, variant):
     tl = pytest.importorskip(
         "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
     )
-    cfg = tl.HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=24, seed=0, **variant
-    )
-    model = tl.HookedTransformer(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".b" in name or name.endswith(".w"):
-                p.normal_(1.0 if name.endswith(".w") else 0.0, 0.2)
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    (tmp_path / "transformerlens_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
+    model = _tl_checkpoint(tl, tmp_path, **variant)
+    cfg = model.cfg
     layernorm = cfg.normalization_type == "LN"
     ours = load_model(
         tmp_path / "model.pt",
