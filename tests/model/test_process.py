@@ -202,9 +202,46 @@ def _hf_gemma2():
     return cfg, transformers.Gemma2ForCausalLM
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2"])
+def _hf_qwen2():
+    cfg = transformers.Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=71,
+        max_position_embeddings=64,
+    )
+    return cfg, transformers.Qwen2ForCausalLM
+
+
+def _hf_mistral():
+    cfg = transformers.MistralConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=71,
+        max_position_embeddings=64,
+        sliding_window=5,
+    )
+    return cfg, transformers.MistralForCausalLM
+
+
+HF_FAMILIES = {
+    "gpt2": _hf_gpt2,
+    "neox": _hf_neox,
+    "llama": _hf_llama,
+    "mistral": _hf_mistral,
+    "qwen2": _hf_qwen2,
+    "gemma2": _hf_gemma2,
+}
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
 def test_hf_loaded_and_processed_matches_transformers(tmp_path, family):
-    cfg, cls = {"gpt2": _hf_gpt2, "neox": _hf_neox, "llama": _hf_llama, "gemma2": _hf_gemma2}[family]()
+    cfg, cls = HF_FAMILIES[family]()
     hf_model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
