@@ -141,8 +141,12 @@ def test_fold_layer_norm_refuses_a_bias_the_gate_cannot_take():
     model = random_model("tied-layernorm-gated-mqa")
     with torch.no_grad():
         model.blocks[1].ln2.b.fill_(0.1)
-    with pytest.raises(ValueError, match="gate"):
+    kept = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"blocks\.1\.ln2\.b .*gate"):
         fold_layer_norm(model)
+    assert model.cfg.tie_embeddings  # nothing changed, not even the tying
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, kept[k], atol=0, rtol=0)
 
 
 def test_process_weights_true_on_rmsnorm_refuses_before_changing_anything():
