@@ -313,3 +313,18 @@ def test_processing_equals_transformer_lens_processing(tmp_path, variant):
             torch.testing.assert_close(value, theirs[name], atol=1e-6, rtol=0)
             compared += 1
     assert compared >= 20
+
+
+def test_saving_over_the_checkpoint_leaves_the_loaded_model_alone(tmp_path):
+    """torch.save rewrites a file in place: loaded weights must not alias (memory-map) the file."""
+    model = Transformer(ModelConfig(**BASE))
+    cfg = to_tl_config(model.cfg, "LN")
+    torch.save(to_tl_state(model, "LN"), tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", tl_config=cfg)
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        before = loaded(tokens)
+    torch.save({k: torch.zeros_like(v) for k, v in to_tl_state(model, "LN").items()}, tmp_path / "ckpt.pt")
+    torch.save({"small": torch.zeros(1)}, tmp_path / "ckpt.pt")  # shorter file: a mapped page would fault
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), before, atol=0, rtol=0)

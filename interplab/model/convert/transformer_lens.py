@@ -215,10 +215,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         from safetensors.torch import load_file
 
         return load_file(str(path)), None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    # not memory-mapped: torch.save rewrites a file in place (same inode), so a training loop saving over the
+    # checkpoint would silently change (or crash, SIGBUS) a model whose weights still map the old file
+    data = torch.load(path, map_location="cpu", weights_only=True)
     embedded = None
     if isinstance(data, dict) and not all(isinstance(v, torch.Tensor) for v in data.values()):
         embedded = next((data[k] for k in _NESTED_CONFIG if isinstance(data.get(k), dict)), None)
