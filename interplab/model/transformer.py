@@ -93,8 +93,15 @@ class Block(nn.Module):
         return [v for m in self.modules() for v in vars(m).values() if isinstance(v, HookPoint)]
 
     def forward(
-        self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext, cache: LayerKV | None = None
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        ctx: AttnContext,
+        cache: LayerKV | None = None,
+        keep: Int[Tensor, "batch k"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``keep`` (query positions per example): after attention, which still reads every key, only these
+        positions go on through the MLP (its hooks, ``hook_resid_mid`` and ``hook_resid_post`` see [batch k]);
+        for readers of a few positions of the last block's output, e.g. batched patching."""
         resid = self.hook_resid_pre(resid)
         inputs = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
         if inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
@@ -120,6 +127,9 @@ class Block(nn.Module):
         if self.cfg.post_norms:
             attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
+        if keep is not None:
+            index = keep[:, :, None].expand(-1, -1, resid.shape[-1])
+            resid, attn_out = resid.gather(1, index), attn_out.gather(1, index)
         if not self.cfg.has_mlp:
             return self.hook_resid_post(resid + attn_out)
         if self.cfg.parallel_attn_mlp:
@@ -267,10 +277,14 @@ class Transformer(nn.Module):
         start: int = 0,
         stop: int | None = None,
         kv_cache: KVCache | None = None,
+        keep_last: Int[Tensor, "batch k"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """Run blocks ``start`` .. ``stop - 1`` on a residual stream."""
-        for layer in range(start, self.cfg.n_layers if stop is None else stop):
-            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
+        """Run blocks ``start`` .. ``stop - 1`` on a residual stream. ``keep_last``: the last block computes
+        its MLP only at these query positions and returns [batch k d_model] (see `Block.forward`)."""
+        stop = self.cfg.n_layers if stop is None else stop
+        for layer in range(start, stop):
+            keep = keep_last if layer == stop - 1 else None
+            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None, keep)
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
