@@ -435,3 +435,19 @@ def test_cached_pos_embed_is_not_a_view_of_the_weights():
     _, cache = model.run_with_cache(tokens_for(model.cfg), names="hook_pos_embed")
     cache["hook_pos_embed"][0] += 1.0
     assert torch.equal(model.pos_embed.W_pos, before)
+
+
+def test_read_hooks_through_model_hooks_see_what_forward_hooks_see():
+    model = make_model("rotary_neox_rms_gated_gqa")
+    tokens = tokens_for(model.cfg)
+    names = lambda n: n.endswith(("_input", "hook_result", "hook_mlp_in", "ln1.hook_scale"))  # noqa: E731
+    read, fwd = {}, {}
+    with torch.no_grad(), model.hooks(read_hooks=[(names, lambda x, s: read.__setitem__(s.name, x.clone()))]):
+        plain = model(tokens)
+    with torch.no_grad(), model.hooks([(names, lambda x, s: fwd.__setitem__(s.name, x.clone()))]):
+        model(tokens)
+    with torch.no_grad():
+        assert_close(plain, model(tokens), atol=0, rtol=0)
+    assert read.keys() == fwd.keys()
+    for name in read:
+        assert_close(read[name], fwd[name], atol=2e-5, rtol=1e-5, msg=name)
