@@ -39,8 +39,11 @@ def make_model():
     from interplab.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    return Transformer(ModelConfig(d_model=128, n_layers=2, n_heads=4, d_vocab=1024, n_ctx=128, act_fn="gelu",
-                                   name="bench-2l"))
+    return Transformer(
+        ModelConfig(
+            d_model=128, n_layers=2, n_heads=4, d_vocab=1024, n_ctx=128, act_fn="gelu", name="bench-2l"
+        )
+    )
 
 
 def make_sae(model, d_sae: int, tokens, density: float = 0.01):
@@ -71,7 +74,11 @@ def demo_tokens(n_tokens: int, seq_len: int = 128):
         return store.sequences(torch.arange(n), seq_len), "python-stdlib (BPE 1024, train split)", tok
     except Exception as err:  # the corpus needs the standard library's sources
         g = torch.Generator().manual_seed(0)
-        return torch.randint(0, 1024, (n_tokens // seq_len, seq_len), generator=g), f"random ids ({err})", None
+        return (
+            torch.randint(0, 1024, (n_tokens // seq_len, seq_len), generator=g),
+            f"random ids ({err})",
+            None,
+        )
 
 
 def ours(model, sae, tokens, path: Path, **cfg_kw) -> dict:
@@ -84,26 +91,46 @@ def ours(model, sae, tokens, path: Path, **cfg_kw) -> dict:
     build_feature_db(path, model, sae, tokens, cfg, overwrite=True)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
-    return {"wall_s": wall, "cpu_s": cpu, "db_bytes": size, "n_features": int(sae.cfg.d_sae),
-            "n_tokens": tokens.numel(), "tokens_per_s": tokens.numel() / wall,
-            "per_feature_s": wall / sae.cfg.d_sae}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "db_bytes": size,
+        "n_features": int(sae.cfg.d_sae),
+        "n_tokens": tokens.numel(),
+        "tokens_per_s": tokens.numel() / wall,
+        "per_feature_s": wall / sae.cfg.d_sae,
+    }
 
 
 def sd_prepare(model, sae, tokens, work: Path) -> None:
     from safetensors.torch import save_file
 
     c = model.cfg
-    tl = {"d_model": c.d_model, "d_head": c.d_head, "n_layers": c.n_layers, "n_ctx": c.n_ctx, "n_heads": c.n_heads,
-          "d_mlp": c.d_mlp, "d_vocab": c.d_vocab, "act_fn": "gelu", "normalization_type": "LN", "eps": c.norm_eps,
-          "positional_embedding_type": "standard", "default_prepend_bos": False}
-    (work / "spec.json").write_text(json.dumps({"tl_config": tl, "d_in": 128, "d_sae": int(sae.cfg.d_sae),
-                                                "hook_name": HOOK}))
+    tl = {
+        "d_model": c.d_model,
+        "d_head": c.d_head,
+        "n_layers": c.n_layers,
+        "n_ctx": c.n_ctx,
+        "n_heads": c.n_heads,
+        "d_mlp": c.d_mlp,
+        "d_vocab": c.d_vocab,
+        "act_fn": "gelu",
+        "normalization_type": "LN",
+        "eps": c.norm_eps,
+        "positional_embedding_type": "standard",
+        "default_prepend_bos": False,
+    }
+    (work / "spec.json").write_text(
+        json.dumps({"tl_config": tl, "d_in": 128, "d_sae": int(sae.cfg.d_sae), "hook_name": HOOK})
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "model.safetensors"))
     save_file({"tokens": tokens.contiguous()}, str(work / "tokens.safetensors"))
     with torch.no_grad():
         save_file({"logits": model(tokens[:2]).contiguous()}, str(work / "reference.safetensors"))
-    save_file({k: getattr(sae, k).detach().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
-              str(work / "sae.safetensors"))
+    save_file(
+        {k: getattr(sae, k).detach().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
+        str(work / "sae.safetensors"),
+    )
     if model.tokenizer is not None:
         model.tokenizer.save(work / "tokenizer.json")
 
@@ -113,8 +140,13 @@ def sd_run(python: str, work: Path, n_features: int) -> dict:
     out.unlink(missing_ok=True)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": ""}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([python, str(ROOT / "benchmarks" / "sd_runner.py"), str(work), str(n_features), str(out)],
-                          capture_output=True, text=True, env=env, cwd=str(work))
+    proc = subprocess.run(
+        [python, str(ROOT / "benchmarks" / "sd_runner.py"), str(work), str(n_features), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(work),
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -143,9 +175,17 @@ def compare_with_saedashboard(args, model, tokens_all) -> dict:
                     sd_error = f"SAEDashboard failed: {err}"
             row["interplab"] = ours(model, sae, tokens, work / "ours.db")
             rounds.append(row)
-    out = {"setting": {"model": "2 layers, d_model 128, 4 heads, d_vocab 1024 (random init)", "hook": HOOK,
-                       "d_sae": 2048, "tokens": f"{tokens.shape[0]} x {tokens.shape[1]}",
-                       "saedashboard_features": args.sd_features, "interplab_features": 2048}, "rounds": rounds}
+    out = {
+        "setting": {
+            "model": "2 layers, d_model 128, 4 heads, d_vocab 1024 (random init)",
+            "hook": HOOK,
+            "d_sae": 2048,
+            "tokens": f"{tokens.shape[0]} x {tokens.shape[1]}",
+            "saedashboard_features": args.sd_features,
+            "interplab_features": 2048,
+        },
+        "rounds": rounds,
+    }
     ours_pf = statistics.median(r["interplab"]["per_feature_s"] for r in rounds)
     out["interplab_per_feature_s"] = ours_pf
     out["interplab_total_s"] = statistics.median(r["interplab"]["wall_s"] for r in rounds)
@@ -155,9 +195,12 @@ def compare_with_saedashboard(args, model, tokens_all) -> dict:
     if sd_rows:
         sd_pf = statistics.median(r["total_s"] / r["n_features"] for r in sd_rows)
         out["saedashboard_per_feature_s"] = sd_pf
-        out["saedashboard_data_per_feature_s"] = statistics.median(r["data_s"] / r["n_features"] for r in sd_rows)
-        out["saedashboard_html_bytes_per_feature"] = statistics.median(r["html_bytes"] / r["n_features"]
-                                                                       for r in sd_rows)
+        out["saedashboard_data_per_feature_s"] = statistics.median(
+            r["data_s"] / r["n_features"] for r in sd_rows
+        )
+        out["saedashboard_html_bytes_per_feature"] = statistics.median(
+            r["html_bytes"] / r["n_features"] for r in sd_rows
+        )
         out["speedup_per_feature"] = sd_pf / ours_pf
         out["model_logit_max_abs_diff"] = max(r["logit_max_abs_diff"] for r in sd_rows)
     return out
@@ -184,9 +227,13 @@ def page_latency(args, model, tokens) -> dict:
         db = Path(tmp) / "big.db"
         build = ours(model, sae, tokens, db, cooccurrence=False)
         port = _free_port()
-        code = ("import sys, uvicorn; sys.path.insert(0, %r); from interplab.web.app import create_app; "
-                "uvicorn.run(create_app([%r]), host='127.0.0.1', port=%d, log_level='warning')") % (str(ROOT), str(db), port)
-        server = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        code = (
+            f"import sys, uvicorn; sys.path.insert(0, {str(ROOT)!r}); from interplab.web.app import create_app; "
+            f"uvicorn.run(create_app([{str(db)!r}]), host='127.0.0.1', port={port}, log_level='warning')"
+        )
+        server = subprocess.Popen(
+            [sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             for _ in range(200):
@@ -230,16 +277,27 @@ def page_latency(args, model, tokens) -> dict:
             server.wait(timeout=10)
     times.sort()
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1000  # noqa: E731
-    return {"n_features": args.latency_features, "db_build": build, "requests": len(times),
-            "concurrency": args.concurrency, "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99),
-            "mean_ms": statistics.mean(times) * 1000, "requests_per_s": len(times) / wall, "goal_p95_ms": 200}
+    return {
+        "n_features": args.latency_features,
+        "db_build": build,
+        "requests": len(times),
+        "concurrency": args.concurrency,
+        "p50_ms": q(0.5),
+        "p95_ms": q(0.95),
+        "p99_ms": q(0.99),
+        "mean_ms": statistics.mean(times) * 1000,
+        "requests_per_s": len(times) / wall,
+        "goal_p95_ms": 200,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "features.json"))
     ap.add_argument("--sd-python", default="/tmp/sd-venv/bin/python")
-    ap.add_argument("--sd-seqs", type=int, default=256, help="sequences of 128 tokens for the SAEDashboard comparison")
+    ap.add_argument(
+        "--sd-seqs", type=int, default=256, help="sequences of 128 tokens for the SAEDashboard comparison"
+    )
     ap.add_argument("--sd-features", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--large-tokens", type=int, default=1 << 20)
@@ -255,9 +313,16 @@ def main() -> None:
     model = make_model()
     tokens, source, tokenizer = demo_tokens(max(args.large_tokens, args.sd_seqs * 128, args.latency_tokens))
     model.tokenizer = tokenizer  # both tools decode token strings
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": 1,
-                          "load_average_at_start": os.getloadavg()},
-              "tokens_source": source, "torch": torch.__version__}
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": 1,
+            "load_average_at_start": os.getloadavg(),
+        },
+        "tokens_source": source,
+        "torch": torch.__version__,
+    }
     out = Path(args.out)
     if out.is_file():  # keep the parts not rerun
         result = {**json.loads(out.read_text()), **result}

@@ -50,18 +50,32 @@ def main() -> None:
     sae.cfg.metadata.hook_name = spec["hook_name"]
     sae.eval()
 
-    vis_cfg = SaeVisConfig(hook_point=spec["hook_name"], features=list(range(n_features)),
-                           minibatch_size_features=min(n_features, 64), minibatch_size_tokens=64, device="cpu")
+    vis_cfg = SaeVisConfig(
+        hook_point=spec["hook_name"],
+        features=list(range(n_features)),
+        minibatch_size_features=min(n_features, 64),
+        minibatch_size_tokens=64,
+        device="cpu",
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     data = SaeVisRunner(vis_cfg).run(encoder=sae, model=model, tokens=tokens)
-    t1, c1 = time.perf_counter(), time.process_time()
+    t1 = time.perf_counter()
     html = work / "sd_dashboard.html"
     save_feature_centric_vis(sae_vis_data=data, filename=html)
     t2, c2 = time.perf_counter(), time.process_time()
-    out.write_text(json.dumps({
-        "data_s": t1 - t0, "html_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c0,
-        "html_bytes": html.stat().st_size, "n_features": n_features, "logit_max_abs_diff": logit_diff,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "data_s": t1 - t0,
+                "html_s": t2 - t1,
+                "total_s": t2 - t0,
+                "cpu_s": c2 - c0,
+                "html_bytes": html.stat().st_size,
+                "n_features": n_features,
+                "logit_max_abs_diff": logit_diff,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
