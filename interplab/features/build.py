@@ -234,7 +234,7 @@ def feature_rows(
     loss = _rounded(stats.loss_effect[sl], 6) if stats.loss_effect is not None else [None] * n
     hist = stats.hist[sl].tolist()
     top_tok = stats.top_tokens[sl, 0, center].tolist()
-    names = [vocab.get(t, f"#{t}") for t in range(max(vocab) + 1)] if vocab else []
+    names = np.array([vocab.get(t, f"#{t}") for t in range(max(vocab, default=-1) + 1)] + [""], dtype=object)
     out, ctx = [], []
     for j in range(n):
         fires = n_fires[j] > 0
@@ -264,26 +264,39 @@ def feature_rows(
             acts = acts[sl].gather(1, order[..., None].expand(-1, -1, acts.shape[-1]))
         else:
             toks, acts = toks[sl], acts[sl]
-        index_l, val_l, toks_l, acts_l = index.tolist(), _rounded(val, 6), toks.tolist(), _rounded(acts)
-        for j in range(n):
-            for rank, gidx in enumerate(index_l[j]):
-                if gidx < 0:
-                    continue
-                ids = toks_l[j][rank]
-                ctx.append(
-                    {
-                        "feature": feats[j],
-                        "kind": kind,
-                        "rank": rank,
-                        "token_index": gidx,
-                        "act": val_l[j][rank],
-                        "center_token": ids[center],
-                        "tokens": json.dumps(ids),
-                        "acts": json.dumps(acts_l[j][rank]),
-                        "text": "".join(names[t] if t < len(names) else f"#{t}" for t in ids if t >= 0),
-                    }
-                )
+        valid = (index >= 0).nonzero().tolist()  # (feature row, rank), row-major
+        if not valid:
+            continue
+        rr, kk = torch.tensor(valid).T
+        tok_rows, act_rows = toks[rr, kk], acts[rr, kk]  # context window
+        tok_bytes = tok_rows.to(torch.int32).numpy().astype("<i4").tobytes()
+        act_bytes = act_rows.float().numpy().astype("<f4").tobytes()
+        w = tok_rows.shape[1]
+        centers = tok_rows[:, center].tolist()
+        gidx, vals = index[rr, kk].tolist(), _rounded(val[rr, kk], 6)
+        texts = _texts(tok_rows, names) if kind == 0 else [""] * len(valid)
+        for e, (j, rank) in enumerate(valid):
+            ctx.append(
+                {
+                    "feature": feats[j],
+                    "kind": kind,
+                    "rank": rank,
+                    "token_index": gidx[e],
+                    "act": vals[e],
+                    "center_token": centers[e],
+                    "tokens": tok_bytes[4 * w * e : 4 * w * (e + 1)],
+                    "acts": act_bytes[4 * w * e : 4 * w * (e + 1)],
+                    "text": texts[e],
+                }
+            )
     return out, ctx
+
+
+def _texts(tok_rows: torch.Tensor, names: np.ndarray) -> list[str]:
+    """Each window as text (``names[-1]`` is "" for positions outside the sequence)."""
+    ids = tok_rows.numpy()
+    ids = np.where((ids >= 0) & (ids < len(names) - 1), ids, len(names) - 1)
+    return ["".join(row) for row in names[ids].tolist()]
 
 
 def _cooc_rows(stats: FeatureStats, sl: slice, k: int) -> list[list[list]]:
