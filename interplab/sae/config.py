@@ -76,7 +76,8 @@ class SAEConfig:
     normalize_activations: Normalization = Normalization.NONE
     """input normalisation (see `Normalization`)"""
     apply_b_dec_to_input: bool = True
-    """subtract b_dec from the input before encoding (the pre-encoder bias)"""
+    """subtract b_dec from the input before encoding (the pre-encoder bias); always False for transcoders,
+    whose b_dec lives in the output space"""
     jumprelu_bandwidth: float = 0.05
     """width of the rectangle kernel used by JumpReLU's straight-through estimators"""
     jumprelu_init_threshold: float = 0.001
@@ -110,8 +111,11 @@ class SAEConfig:
             from interplab.hooks import Site
 
             set_("hook_name", Site.parse(self.hook_name).name)
-            if self.hook_name_out:
-                set_("hook_name_out", Site.parse(self.hook_name_out).name)
+        if self.hook_name_out:
+            from interplab.hooks import Site
+
+            set_("hook_name_out", Site.parse(self.hook_name_out).name)
+            set_("apply_b_dec_to_input", False)
 
     @property
     def is_transcoder(self) -> bool:

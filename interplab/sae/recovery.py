@@ -1,0 +1,105 @@
+"""Ground truth for SAEs: synthetic activations built from known sparse directions, and scores of how well
+an SAE's decoder recovers them (mean max cosine similarity, fraction recovered above a cosine)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticFeatures:
+    """x = sum_i c_i * f_i over n_features random unit directions f_i in d dimensions, each active
+    independently with ``probability`` and coefficient uniform in [min_coef, 1] when active."""
+
+    n_features: int = 256
+    """number of ground-truth directions"""
+    d: int = 64
+    """dimension of the activations"""
+    probability: float = 1 / 32
+    """chance that each feature is active on a token"""
+    min_coef: float = 0.0
+    """smallest coefficient of an active feature"""
+    seed: int = 0
+    """seed for the directions"""
+
+    def directions(self) -> Float[Tensor, "n_features d"]:
+        g = torch.Generator().manual_seed(self.seed)
+        f = torch.randn(self.n_features, self.d, generator=g)
+        return f / f.norm(dim=-1, keepdim=True)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Float[Tensor, "n d"]:
+        active = torch.rand(n, self.n_features, generator=generator) < self.probability
+        coef = self.min_coef + (1 - self.min_coef) * torch.rand(n, self.n_features, generator=generator)
+        return (active * coef) @ self.directions()
+
+    def batches(
+        self, batch_size: int, n_batches: int, seed: int = 1, key: str = "x"
+    ) -> Iterator[dict[str, Tensor]]:
+        g = torch.Generator().manual_seed(seed)
+        dirs = self.directions()
+        for _ in range(n_batches):
+            active = torch.rand(batch_size, self.n_features, generator=g) < self.probability
+            coef = self.min_coef + (1 - self.min_coef) * torch.rand(batch_size, self.n_features, generator=g)
+            yield {key: (active * coef) @ dirs}
+
+
+@dataclass(frozen=True)
+class FeatureRecovery:
+    """How well learned directions match true ones."""
+
+    max_cosine: Tensor
+    """[n_true] best |cosine| of each true direction with any learned direction"""
+    threshold: float
+    """the cosine above which a true direction counts as recovered"""
+
+    @property
+    def mean_max_cosine(self) -> float:
+        return float(self.max_cosine.mean())
+
+    @property
+    def fraction_recovered(self) -> float:
+        return float((self.max_cosine >= self.threshold).float().mean())
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureRecovery(mean_max_cosine={self.mean_max_cosine:.3f}, "
+            f"fraction_recovered={self.fraction_recovered:.3f} at cos>={self.threshold})"
+        )
+
+    def plot(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Histogram(x=self.max_cosine.tolist(), nbinsx=50))
+        fig.update_layout(
+            title=repr(self), xaxis_title="max cosine with a learned direction", yaxis_title="true features"
+        )
+        return fig
+
+    def save(self, path) -> None:
+        from interplab.io import atomic_write_json
+
+        atomic_write_json(
+            path,
+            {
+                "mean_max_cosine": self.mean_max_cosine,
+                "fraction_recovered": self.fraction_recovered,
+                "threshold": self.threshold,
+                "max_cosine": self.max_cosine.tolist(),
+            },
+        )
+
+
+def feature_recovery(
+    learned: Float[Tensor, "n_learned d"], true: Float[Tensor, "n_true d"], threshold: float = 0.9
+) -> FeatureRecovery:
+    """Score learned directions (e.g. an SAE's W_dec rows) against true ones by cosine similarity."""
+    if learned.shape[-1] != true.shape[-1]:
+        raise ValueError(f"learned directions have width {learned.shape[-1]}, true ones {true.shape[-1]}")
+    a = learned.float() / learned.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b = true.float() / true.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return FeatureRecovery(max_cosine=(b @ a.T).abs().amax(-1), threshold=threshold)

@@ -1,0 +1,391 @@
+"""Training SAEs: Adam with warmup/decay, sparsity-coefficient warmup, dead/dense latent tracking with AuxK
+or resampling, checkpoints, a JSONL log, a progress callback, several SAEs from one pass over the activations,
+and data-parallel training under torchrun (gradients all-reduced; each rank reads its own batches).
+
+Fast path: with ``autocast=True`` matmuls run in bfloat16 against float32 master weights, and TopK SAEs use
+the sparse kernels in `interplab.sae.kernels`.
+
+>>> result = train_saes({"l0": sae}, TensorActivations(acts, batch_size=4096), TrainConfig(total_steps=1000))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from interplab.io import atomic_write_json, save_tensors
+from interplab.sae.activations import ActivationBatch
+from interplab.sae.base import SAE
+from interplab.sae.config import Architecture
+
+
+class DeadHandling(str, Enum):
+    AUTO = "auto"  # AuxK for TopK/BatchTopK, resampling for the others
+    AUXK = "auxk"
+    RESAMPLE = "resample"
+    NONE = "none"
+
+
+class BDecInit(str, Enum):
+    GEOMETRIC_MEDIAN = "geometric_median"
+    MEAN = "mean"
+    ZEROS = "zeros"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train one SAE (every SAE in a joint run may have its own)."""
+
+    total_steps: int
+    """optimizer steps (the run also stops when the activations run out)"""
+    lr: float = 3e-4
+    """Adam learning rate after warm-up"""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas"""
+    warmup_steps: int = 100
+    """linear learning-rate warm-up from 0"""
+    decay_fraction: float = 0.2
+    """the last fraction of steps decays the learning rate linearly to 0"""
+    coefficient: float = 0.0
+    """sparsity coefficient: L1 weight for ReLU/Gated, L0 weight for JumpReLU (TopK ignores it)"""
+    coefficient_warmup_steps: int = 0
+    """linear warm-up of the sparsity coefficient from 0"""
+    dead_handling: DeadHandling = DeadHandling.AUTO
+    """how to treat latents that stop firing"""
+    dead_after_tokens: int = 1_000_000
+    """a latent that has not fired for this many tokens counts as dead"""
+    dense_threshold: float = 0.1
+    """a latent firing on more than this fraction of tokens (over the log window) counts as dense"""
+    resample_every: int = 2500
+    """steps between resamplings (with dead_handling=resample)"""
+    b_dec_init: BDecInit = BDecInit.GEOMETRIC_MEDIAN
+    """initial decoder bias from the first batch"""
+    autocast: bool = True
+    """bfloat16 matmuls with float32 master weights"""
+    log_every: int = 50
+    """steps between log rows (and progress callbacks)"""
+    checkpoint_every: int | None = None
+    """steps between checkpoints in the run folder (None: only the final SAE)"""
+    seed: int = 0
+    """seed for resampling"""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dead_handling", DeadHandling(self.dead_handling))
+        object.__setattr__(self, "b_dec_init", BDecInit(self.b_dec_init))
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {self.total_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.coefficient < 0:
+            raise ValueError(f"coefficient must be >= 0, got {self.coefficient}")
+
+    def lr_at(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        decay_start = self.total_steps * (1 - self.decay_fraction)
+        decay = (
+            1.0
+            if step < decay_start
+            else max(0.0, (self.total_steps - step) / max(self.total_steps - decay_start, 1))
+        )
+        return self.lr * warm * decay
+
+    def coefficient_at(self, step: int) -> float:
+        if not self.coefficient_warmup_steps:
+            return self.coefficient
+        return self.coefficient * min(1.0, (step + 1) / self.coefficient_warmup_steps)
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Handed to the ``progress`` callback every ``log_every`` steps: step and the latest metrics per SAE."""
+
+    step: int
+    total_steps: int
+    tokens: int
+    metrics: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The trained SAEs and their log (one row per logged step and SAE)."""
+
+    saes: dict[str, SAE]
+    history: list[dict[str, Any]] = field(repr=False)
+    tokens: int = 0
+    steps: int = 0
+
+    def final(self, name: str) -> dict[str, Any]:
+        rows = [r for r in self.history if r["sae"] == name]
+        return rows[-1] if rows else {}
+
+    def plot(self, metric: str = "fvu"):
+        from interplab.sae.plots import training_curves
+
+        return training_curves(self.history, metric)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        for name, sae in self.saes.items():
+            sae.save(path / "saes" / name)
+        atomic_write_json(
+            path / "train_summary.json",
+            {"tokens": self.tokens, "steps": self.steps, "final": {n: self.final(n) for n in self.saes}},
+        )
+        return path
+
+
+class _Trainer:
+    """State for one SAE: optimizer, firing statistics."""
+
+    def __init__(self, name: str, sae: SAE, cfg: TrainConfig) -> None:
+        self.name, self.sae, self.cfg = name, sae, cfg
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
+        d = sae.cfg.d_sae
+        self.since_fired = torch.zeros(d, dtype=torch.long)
+        self.window_counts = torch.zeros(d, dtype=torch.long)
+        self.window_tokens = 0
+        self.sums = {"loss": 0.0, "mse": 0.0, "fvu": 0.0, "l0": 0.0, "aux": 0.0, "sparsity": 0.0}
+        self.n = 0
+        dh = cfg.dead_handling
+        if dh is DeadHandling.AUTO:
+            topk = sae.cfg.architecture in (Architecture.TOPK, Architecture.BATCHTOPK)
+            dh = DeadHandling.AUXK if topk else DeadHandling.RESAMPLE
+        self.dead_handling = dh
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def dead_mask(self) -> Tensor:
+        return self.since_fired >= self.cfg.dead_after_tokens
+
+
+def train_saes(
+    saes: dict[str, SAE] | SAE,
+    batches: Iterable[ActivationBatch],
+    cfg: TrainConfig | dict[str, TrainConfig],
+    *,
+    run_dir: str | Path | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
+    """Train every SAE in ``saes`` on the same stream of batches (each reads ``batch[sae.cfg.hook_name]``,
+    and a transcoder's target ``batch[sae.cfg.hook_name_out]``). Writes ``log.jsonl``, checkpoints and the
+    final SAEs to ``run_dir`` when given. Under torch.distributed, gradients are averaged across ranks."""
+    if isinstance(saes, SAE):
+        saes = {"sae": saes}
+    cfgs = cfg if isinstance(cfg, dict) else {name: cfg for name in saes}
+    missing = sorted(set(saes) - set(cfgs))
+    if missing:
+        raise ValueError(f"no TrainConfig for SAEs {missing}")
+    trainers = [_Trainer(name, sae, cfgs[name]) for name, sae in saes.items()]
+    total_steps = max(t.cfg.total_steps for t in trainers)
+    run = Path(run_dir) if run_dir is not None else None
+    if run is not None and _is_main():
+        run.mkdir(parents=True, exist_ok=True)
+    log = open(run / "log.jsonl", "a") if run is not None and _is_main() else None  # noqa: SIM115
+    history: list[dict[str, Any]] = []
+    step = tokens = 0
+    try:
+        for batch in batches:
+            if step >= total_steps:
+                break
+            n_tok = next(iter(batch.values())).shape[0]
+            for t in trainers:
+                if step < t.cfg.total_steps:
+                    _step(t, batch, step)
+            step += 1
+            tokens += n_tok * _world()
+            if step % min(t.cfg.log_every for t in trainers) == 0 or step == total_steps:
+                rows = [_log_row(t, step, tokens) for t in trainers]
+                history += rows
+                if log is not None:
+                    log.writelines(json.dumps(r) + "\n" for r in rows)
+                    log.flush()
+                if progress is not None:
+                    progress(TrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
+            every = [t.cfg.checkpoint_every for t in trainers if t.cfg.checkpoint_every]
+            if run is not None and every and step % min(every) == 0 and _is_main():
+                _checkpoint(run / "checkpoints" / f"step_{step:08d}", trainers, step, tokens)
+    finally:
+        if log is not None:
+            log.close()
+    result = TrainResult(saes=dict(saes), history=history, tokens=tokens, steps=step)
+    if run is not None and _is_main():
+        result.save(run)
+    return result
+
+
+def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
+    sae, cfg = t.sae, t.cfg
+    x = _select(batch, sae.cfg.hook_name)
+    target = _select(batch, sae.cfg.hook_name_out) if sae.cfg.hook_name_out else None
+    if step == 0:
+        _initialise(sae, x, target, cfg)
+    for group in t.opt.param_groups:
+        group["lr"] = cfg.lr_at(step)
+    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if cfg.autocast else contextlib.nullcontext()
+    dead = t.dead_mask() if t.dead_handling is DeadHandling.AUXK else None
+    with ctx:
+        out = sae.loss(x, target, coefficient=cfg.coefficient_at(step), dead_mask=dead)
+    t.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    counts = out.latent_counts.detach().to(torch.long).cpu()
+    if _world() > 1:
+        _all_reduce_grads(sae)
+        counts = _all_reduce(counts)
+    if sae.unit_norm_decoder:
+        sae.remove_parallel_grad()
+    t.opt.step()
+    if sae.unit_norm_decoder:
+        sae.normalize_decoder()
+    n = x.shape[0] * _world()
+    t.since_fired = torch.where(counts > 0, 0, t.since_fired + n)
+    t.window_counts += counts
+    t.window_tokens += n
+    with torch.no_grad():
+        tgt = x if target is None else target
+        var = (tgt.float() - tgt.float().mean(0)).pow(2).sum(-1).mean() * sae.act_scale.pow(2)
+        for key, value in (
+            ("loss", out.loss),
+            ("mse", out.mse),
+            ("aux", out.aux),
+            ("sparsity", out.sparsity),
+        ):
+            t.sums[key] += float(value)
+        t.sums["fvu"] += float(out.mse / var.clamp_min(1e-12))
+        t.sums["l0"] += float(counts.sum()) / n
+    t.n += 1
+    if t.dead_handling is DeadHandling.RESAMPLE and (step + 1) % cfg.resample_every == 0:
+        resample_dead(t, x, target)
+
+
+@torch.no_grad()
+def _initialise(sae: SAE, x: Tensor, target: Tensor | None, cfg: TrainConfig) -> None:
+    sae.set_scale_from(x)
+    if cfg.b_dec_init is not BDecInit.ZEROS:
+        ref = x if target is None else target
+        sae.init_b_dec(ref[:4096].float(), cfg.b_dec_init.value)
+    if _world() > 1:  # every rank starts from rank 0's weights
+        import torch.distributed as dist
+
+        for t in [*sae.parameters(), *sae.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+@torch.no_grad()
+def resample_dead(t: _Trainer, x: Tensor, target: Tensor | None) -> int:
+    """Re-initialise dead latents towards inputs the SAE reconstructs worst (sampled with probability
+    proportional to squared error); their Adam moments are reset. Returns how many were resampled."""
+    sae = t.sae
+    dead = t.dead_mask().nonzero().squeeze(-1)
+    if dead.numel() == 0:
+        return 0
+    tgt = x if target is None else target
+    err = (sae(x).reconstruction.float() - tgt.float()).pow(2).sum(-1)
+    if float(err.sum()) <= 0:
+        return 0
+    rows = torch.multinomial(err / err.sum(), dead.numel(), replacement=True, generator=t.generator)
+    dirs = x[rows].float() * sae.act_scale - (sae.b_dec if sae.cfg.apply_b_dec_to_input else 0)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    alive = ~t.dead_mask()
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[dead] = dirs.to(sae.W_dec.dtype) * (
+        1.0 if sae.unit_norm_decoder else sae.W_dec[alive].norm(dim=-1).mean()
+    )
+    sae.W_enc[:, dead] = (dirs.T * enc_norm * 0.2).to(sae.W_enc.dtype)
+    sae.b_enc[dead] = 0.0
+    for p in (sae.W_dec, sae.W_enc, sae.b_enc):
+        state = t.opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state and p is sae.W_enc:
+                state[key][:, dead] = 0.0
+            elif key in state:
+                state[key][dead] = 0.0
+    t.since_fired[dead] = 0
+    return int(dead.numel())
+
+
+def _log_row(t: _Trainer, step: int, tokens: int) -> dict[str, Any]:
+    n = max(t.n, 1)
+    density = t.window_counts.float() / max(t.window_tokens, 1)
+    row = {
+        "sae": t.name,
+        "step": step,
+        "tokens": tokens,
+        "lr": t.cfg.lr_at(step - 1),
+        "coefficient": t.cfg.coefficient_at(step - 1),
+    }
+    row.update({k: v / n for k, v in t.sums.items()})
+    row["dead_fraction"] = float(t.dead_mask().float().mean())
+    row["dense_fraction"] = float((density > t.cfg.dense_threshold).float().mean())
+    t.sums = dict.fromkeys(t.sums, 0.0)
+    t.n = 0
+    t.window_counts.zero_()
+    t.window_tokens = 0
+    if not all(math.isfinite(v) for v in (row["loss"], row["mse"])):
+        raise FloatingPointError(
+            f"SAE {t.name!r} diverged at step {step}: loss={row['loss']}; lower lr or coefficient"
+        )
+    return row
+
+
+def _checkpoint(path: Path, trainers: list[_Trainer], step: int, tokens: int) -> None:
+    for t in trainers:
+        t.sae.save(path / t.name)
+        state = {
+            f"{i}.{k}": v
+            for i, s in enumerate(t.opt.state.values())
+            for k, v in s.items()
+            if isinstance(v, Tensor) and v.ndim > 0
+        }
+        state["since_fired"] = t.since_fired
+        save_tensors(path / t.name / "trainer_state.safetensors", state)
+    atomic_write_json(path / "state.json", {"step": step, "tokens": tokens})
+
+
+def _select(batch: ActivationBatch, hook: str | None) -> Tensor:
+    if hook and hook in batch:
+        return batch[hook]
+    if not hook and len(batch) == 1:
+        return next(iter(batch.values()))
+    raise KeyError(f"the activation batches have no {hook!r}; they hold {list(batch)}")
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
+
+
+def _all_reduce_grads(sae: SAE) -> None:
+    import torch.distributed as dist
+
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -1,0 +1,71 @@
+"""An SAE trained on a toy model's hidden layer, scored against the true features (the columns of W)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from interplab.sae import SAE, SAEConfig, create_sae
+from interplab.sae.recovery import FeatureRecovery, feature_recovery
+from interplab.sae.train import TrainConfig, train_saes
+from interplab.toy.model import ToyModel
+
+
+@dataclass(frozen=True)
+class ToySAEResult:
+    sae: SAE
+    recovery: FeatureRecovery
+    """scores of the represented true features (||W_i|| > ``min_norm``) against the SAE's decoder rows"""
+    represented: torch.Tensor
+    """[n_features] which features the toy model represents"""
+    fvu: float
+
+    def plot(self):
+        return self.recovery.plot()
+
+    def save(self, path) -> None:
+        from pathlib import Path
+
+        self.sae.save(Path(path) / "sae")
+        self.recovery.save(Path(path) / "recovery.json")
+
+
+def toy_sae(
+    model: ToyModel,
+    instance: int = 0,
+    *,
+    sae_cfg: SAEConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    batch_size: int = 1024,
+    min_norm: float = 0.5,
+    seed: int = 0,
+) -> ToySAEResult:
+    """Train an SAE on hidden activations h = W x of one instance and score it against the true feature
+    directions W[:, i] of the features the model represents."""
+    m, n = model.cfg.n_hidden, model.cfg.n_features
+    expected_active = float(model.probability[instance].sum())
+    k = max(1, min(m, math.ceil(2 * expected_active)))
+    sae_cfg = sae_cfg or SAEConfig(d_in=m, d_sae=2 * n, architecture="topk", k=k)
+    train_cfg = train_cfg or TrainConfig(
+        total_steps=400, lr=5e-3, warmup_steps=20, log_every=50, dead_after_tokens=20 * batch_size
+    )
+    g = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(train_cfg.total_steps):
+            # no `with no_grad()` around the yield: grad mode is global and would leak into the training step
+            h = model.hidden(model.generate_batch(batch_size, g))[:, instance].detach()
+            yield {"h": h}
+
+    sae = create_sae(sae_cfg)
+    result = train_saes({"toy": sae}, batches(), train_cfg)
+    W = model.W.detach()[instance]  # [m, n]
+    represented = W.norm(dim=0) > min_norm
+    if not represented.any():
+        raise ValueError(f"instance {instance} represents no feature (every ||W_i|| <= {min_norm})")
+    rec = feature_recovery(sae.W_dec.detach(), W.T[represented])
+    return ToySAEResult(
+        sae=sae, recovery=rec, represented=represented, fvu=result.final("toy").get("fvu", float("nan"))
+    )
