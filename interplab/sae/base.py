@@ -140,17 +140,21 @@ class SAE(nn.Module):
         coefficient: float = 0.0,
         dead_mask: Tensor | None = None,
         aux_coefficient: float | None = None,
+        with_counts: bool = True,
     ) -> SAEOutput:
         """The training loss on a batch (``target`` is the transcoder's output activation, else x).
 
         ``coefficient`` weights the sparsity penalty (L1 or L0); ``dead_mask`` [d_sae] marks latents that
         have not fired for a while (used by TopK's AuxK loss); ``aux_coefficient`` overrides the
-        architecture's default ``aux_weight``."""
+        architecture's default ``aux_weight``. ``with_counts=False`` skips the per-latent firing counts
+        of dense architectures (a full pass over [batch, d_sae]; the trainer samples them)."""
         self._check_input(x)
         target = x if target is None else target
         x_in = self._center(x)
         tgt = target.float() * self.act_scale
         recon, acts, sparsity, aux, counts = self.train_forward(x_in, tgt, dead_mask)
+        if counts is None and with_counts and acts is not None:
+            counts = (acts.detach() > 0).sum(0, dtype=torch.int32)
         mse = (recon - tgt).pow(2).sum(-1).mean()
         aux_w = self.aux_weight if aux_coefficient is None else aux_coefficient
         total = mse + coefficient * sparsity + aux_w * aux
@@ -166,12 +170,13 @@ class SAE(nn.Module):
 
     def train_forward(
         self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
-        """(normalised reconstruction, acts, sparsity penalty, aux loss, latent counts). Default: dense."""
-        acts = self.activation(x_in @ self.W_enc + self.b_enc)
-        recon = acts @ self.W_dec + self.b_dec
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
+        """(normalised reconstruction, acts, sparsity penalty, aux loss, latent counts or None to let `loss`
+        count non-zero acts). Default: dense."""
+        acts = self.activation(torch.addmm(self.b_enc, x_in, self.W_enc))
+        recon = torch.addmm(self.b_dec, acts, self.W_dec).float()
         zero = recon.new_zeros(())
-        return recon.float(), acts, zero, zero, (acts > 0).sum(0)
+        return recon, acts, zero, zero, None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _center(self, x: Tensor) -> Tensor:

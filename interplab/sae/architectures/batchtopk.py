@@ -35,4 +35,4 @@ class BatchTopKSAE(SAE):
                 self.threshold.mul_(0.99).add_(0.01 * positive.min().float())
         recon = (acts @ self.W_dec + self.b_dec).float()
         zero = recon.new_zeros(())
-        return recon, acts, zero, zero, (acts > 0).sum(0)
+        return recon, acts, zero, zero, None

@@ -41,4 +41,4 @@ class GatedSAE(SAE):
         # the gate path alone must reconstruct too (frozen decoder), so the gate learns which latents matter
         aux_recon = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         aux = (aux_recon.float() - target).pow(2).sum(-1).mean()
-        return recon, acts, l1, aux, (acts > 0).sum(0)
+        return recon, acts, l1, aux, None
