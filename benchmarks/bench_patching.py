@@ -49,8 +49,11 @@ def make_models(folder: Path, d_model: int, n_layers: int, n_heads: int, d_vocab
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_embd=d_model, n_layer=n_layers, n_head=n_heads, vocab_size=d_vocab, n_positions=n_ctx)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_embd=d_model, n_layer=n_layers, n_head=n_heads, vocab_size=d_vocab, n_positions=n_ctx
+        )
+    ).eval()
     hf.save_pretrained(folder)
     ours = load_model(folder)
     try:
@@ -68,7 +71,10 @@ def make_models(folder: Path, d_model: int, n_layers: int, n_heads: int, d_vocab
         except Exception:  # noqa: BLE001
             pass
     except ImportError as err:
-        tl, peer = None, f"not installable here ({err}); peer = interplab activation_patch_loop (one forward per patch)"
+        tl, peer = (
+            None,
+            f"not installable here ({err}); peer = interplab activation_patch_loop (one forward per patch)",
+        )
     return ours, tl, peer
 
 
@@ -76,7 +82,9 @@ def contenders(ours, tl, clean, corrupted, answer, wrong, budget):
     metric = LogitDiff(answer=answer, wrong=wrong)
     cfg = PatchConfig(max_batch_tokens=budget)
     out = {
-        "ours_resid": lambda: activation_patch(ours, clean, corrupted, metric, "resid_pre", config=cfg).values,
+        "ours_resid": lambda: (
+            activation_patch(ours, clean, corrupted, metric, "resid_pre", config=cfg).values
+        ),
         "ours_heads": lambda: activation_patch(ours, clean, corrupted, metric, "z", config=cfg).values,
         "ours_attribution_heads": lambda: attribution_patch(ours, clean, corrupted, metric, "z").values,
     }
@@ -117,17 +125,26 @@ def run_case(ours, tl, batch, n_pos, rounds, budget, d_vocab):
             cpus[name].append(c)
             results[name] = res.detach().float()
     med = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
     case = {
-        "batch": batch, "n_pos": n_pos, "rounds": rounds, "max_batch_tokens": budget,
-        "wall_s_median": med, "cpu_s_median": {k: statistics.median(v) for k, v in cpus.items()},
+        "batch": batch,
+        "n_pos": n_pos,
+        "rounds": rounds,
+        "max_batch_tokens": budget,
+        "wall_s_median": med,
+        "cpu_s_median": cpu,
         "wall_s_all": walls,
         "speedup_resid_vs_peer": med["peer_resid"] / med["ours_resid"],
         "speedup_heads_vs_peer": med["peer_heads"] / med["ours_heads"],
         "speedup_attribution_vs_activation_heads": med["ours_heads"] / med["ours_attribution_heads"],
         "speedup_attribution_vs_peer_heads": med["peer_heads"] / med["ours_attribution_heads"],
+        "cpu_speedup_resid_vs_peer": cpu["peer_resid"] / cpu["ours_resid"],
+        "cpu_speedup_heads_vs_peer": cpu["peer_heads"] / cpu["ours_heads"],
+        "cpu_speedup_attribution_vs_activation_heads": cpu["ours_heads"] / cpu["ours_attribution_heads"],
         "max_abs_diff_resid": float((results["ours_resid"] - results["peer_resid"]).abs().max()),
         "max_abs_diff_heads": float((results["ours_heads"] - results["peer_heads"]).abs().max()),
-        "n_patches_resid": int(results["ours_resid"].numel()), "n_patches_heads": int(results["ours_heads"].numel()),
+        "n_patches_resid": int(results["ours_resid"].numel()),
+        "n_patches_heads": int(results["ours_heads"].numel()),
     }
     return case
 
@@ -144,23 +161,30 @@ def main() -> None:
     dims = {"d_model": 256, "n_layers": 4, "n_heads": 8, "d_vocab": args.d_vocab, "n_ctx": 128}
     with tempfile.TemporaryDirectory() as tmp:
         ours, tl, peer = make_models(Path(tmp), **dims)
-    cases = []
+    cases: list[dict] = []
+    report = {
+        "benchmark": "activation patching (resid_pre by layer x pos; head outputs z, all positions) and "
+        "attribution patching of all heads; metric = mean logit difference at the last position",
+        "model": {"family": "random GPT-2 (transformers), same weights in both", **dims},
+        "peer": peer,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cases": cases,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.cases.split(","):
         shape, rounds = spec.split(":")
         batch, n_pos = (int(x) for x in shape.split("x"))
         case = run_case(ours, tl, batch, n_pos, int(rounds), args.budget, args.d_vocab)
         print(json.dumps({k: v for k, v in case.items() if k != "wall_s_all"}), flush=True)
         cases.append(case)
-    report = {
-        "benchmark": "activation patching (resid_pre by layer x pos; head outputs z, all positions) and "
-                     "attribution patching of all heads; metric = mean logit difference at the last position",
-        "model": {"family": "random GPT-2 (transformers), same weights in both", **dims},
-        "peer": peer, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(), "cases": cases,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        out.write_text(
+            json.dumps(report, indent=2) + "\n"
+        )  # after every case, so a long run keeps its results
 
 
 if __name__ == "__main__":

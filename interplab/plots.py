@@ -49,8 +49,10 @@ def heatmap(
     colorbar_title: str = "",
     diverging: bool = True,
     zmid: float = 0.0,
+    text: Sequence[Sequence[str]] | None = None,
 ) -> Any:
-    """A heatmap with labelled axes (row 0 at the top). Diverging colours centred on ``zmid`` by default."""
+    """A heatmap with labelled axes (row 0 at the top). Diverging colours centred on ``zmid`` by default;
+    ``text`` (same shape as ``values``) is written in the cells."""
     import plotly.graph_objects as go
 
     z = _rows(values)
@@ -139,6 +141,31 @@ def scatter(
     fig.update_layout(
         title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white", showlegend=False
     )
+    return fig
+
+
+def bars(
+    values: Tensor | Sequence,
+    labels: Sequence[str],
+    *,
+    x_title: str = "",
+    y_title: str = "",
+    title: str = "",
+) -> Any:
+    """A bar per labelled value (positive and negative bars coloured apart)."""
+    import plotly.graph_objects as go
+
+    v = torch.as_tensor(values).detach().float().cpu().reshape(-1).tolist()
+    if len(v) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(v)} values")
+    fig = go.Figure(
+        go.Bar(
+            x=_unique([str(s) for s in labels]),
+            y=v,
+            marker_color=["#b2182b" if x >= 0 else "#2166ac" for x in v],
+        )
+    )
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white")
     return fig
 
 
@@ -235,3 +262,16 @@ def save_figure(fig: Any, path: str | Path) -> Path:
         else:
             tmp.write_bytes(fig.to_image(format=suffix[1:]))
     return path
+
+
+def save_result(result: Any, path: str | Path) -> Path:
+    """Save a result object: ``.json`` writes ``result.to_dict()``, ``.html``/``.png``/``.svg`` its ``plot()``."""
+    import json
+
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        from interplab.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
+        return path
+    return save_figure(result.plot(), path)

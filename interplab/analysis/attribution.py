@@ -13,7 +13,6 @@ map of where to look otherwise; `compare_patching` measures how well it agrees w
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,15 +170,10 @@ class PatchingComparison:
         )
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if path.suffix == ".json":
-            from interplab.io import atomic_write_text
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
 
-            atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
-            return path
-        from interplab import plots
-
-        return plots.save_figure(self.plot(), path)
+        return save_result(self, path)
 
 
 def compare_patching(activation: PatchResult, attribution: PatchResult) -> PatchingComparison:

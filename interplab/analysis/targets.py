@@ -16,7 +16,6 @@ mlp_post            (layer, neuron)                (layer, pos, neuron)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -277,16 +276,10 @@ class PatchResult:
         )
 
     def save(self, path: str | Path) -> Path:
-        """``.html`` / ``.png`` (a picture) or ``.json`` (the numbers)."""
-        path = Path(path)
-        if path.suffix == ".json":
-            from interplab.io import atomic_write_text
+        """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
+        from interplab.plots import save_result
 
-            atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
-            return path
-        from interplab import plots
-
-        return plots.save_figure(self.plot(), path)
+        return save_result(self, path)
 
 
 def result_labels(

@@ -104,26 +104,31 @@ class EngineStats:
 
 
 class _Store:
-    """Growing per-node buffers of clean activations, indexed by data-set row."""
+    """Per-node clean activations, kept in the chunks they were computed in, indexed by data-set row."""
 
     def __init__(self, n_rows: int) -> None:
-        self.row = torch.full((n_rows,), -1, dtype=torch.long)
-        self.size = 0
-        self.buffers: dict[str, Tensor] = {}
+        self.chunk = torch.full((n_rows,), -1, dtype=torch.long)
+        self.offset = torch.zeros(n_rows, dtype=torch.long)
+        self.chunks: list[dict[str, Tensor]] = []
+
+    def missing(self, rows: Tensor) -> Tensor:
+        return torch.unique(rows[self.chunk[rows] < 0])
 
     def add(self, rows: Tensor, values: dict[str, Tensor]) -> None:
-        n = rows.numel()
-        for name, value in values.items():
-            buf = self.buffers.get(name)
-            if buf is None or buf.shape[0] < self.size + n:
-                cap = max(2 * (buf.shape[0] if buf is not None else 0), self.size + n, 64)
-                new = value.new_empty((cap, *value.shape[1:]))
-                if buf is not None:
-                    new[: self.size] = buf[: self.size]
-                self.buffers[name] = buf = new
-            buf[self.size : self.size + n] = value
-        self.row[rows] = torch.arange(self.size, self.size + n)
-        self.size += n
+        self.chunk[rows] = len(self.chunks)
+        self.offset[rows] = torch.arange(rows.numel())
+        self.chunks.append(values)
+
+    def get(self, name: str, rows: Tensor) -> Tensor:
+        which = self.chunk[rows]
+        if len(self.chunks) == 1 or bool((which == which[0]).all()):
+            return self.chunks[int(which[0])][name][self.offset[rows]]
+        first = self.chunks[0][name]
+        out = first.new_empty((rows.numel(), *first.shape[1:]))
+        for c in torch.unique(which).tolist():
+            sel = which == c
+            out[sel] = self.chunks[c][name][self.offset[rows[sel]]]
+        return out
 
 
 class EdgeEngine:
@@ -196,7 +201,7 @@ class EdgeEngine:
 
     def ensure_clean(self, rows: Int[Tensor, " batch"]) -> None:
         """Run (and cache) the ordinary forward on every row not yet cached."""
-        missing = torch.unique(rows[self._store.row[rows] < 0])
+        missing = self._store.missing(rows)
         for start in range(0, missing.numel(), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             self._store.add(chunk, self._forward_clean(chunk))
@@ -209,13 +214,13 @@ class EdgeEngine:
     def clean_output(self, node: Node, rows: Tensor) -> Float[Tensor, "batch pos d_model"]:
         """``node``'s ordinary output (a sender) on data-set ``rows``."""
         self.ensure_clean(rows)
-        return self._store.buffers[node.name][self._store.row[rows]]
+        return self._store.get(node.name, rows)
 
     def clean_input(self, node: Node, rows: Tensor) -> Float[Tensor, "batch pos d_model"]:
         """The residual stream ``node`` reads in the ordinary forward on ``rows``."""
         self.ensure_clean(rows)
         key = f"a{node.layer}.0.in" if node.kind is NodeKind.HEAD else f"{node.name}.in"
-        return self._store.buffers[key][self._store.row[rows]]
+        return self._store.get(key, rows)
 
     def mean_output(self, node: Node) -> Float[Tensor, "pos d_model"]:
         """``node``'s output averaged over every row of the data set (for mean ablation)."""

@@ -125,6 +125,7 @@ def objective_grad(model: nn.Module, objective: Callable[[nn.Module], Tensor], g
             )
         grads = torch.autograd.grad(value, [leaves[k] for k in group.param_names], allow_unused=True)
     by_name = {
-        k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(group.param_names, grads, strict=True)
+        k: (g if g is not None else torch.zeros_like(leaves[k]))
+        for k, g in zip(group.param_names, grads, strict=True)
     }
     return group.flatten(by_name)

@@ -272,7 +272,8 @@ def _cooc(stats: FeatureStats, i: int, k: int) -> list[list]:
     if stats.cooc is None or k == 0:
         return []
     row = stats.cooc[i].double()
-    union = stats.n_fires[i] + stats.n_fires - stats.cooc[i]
+    fires = stats.cooc.diagonal().double()  # firing counts over the tokens co-occurrence was counted on
+    union = fires[i] + fires - row
     jac = torch.where(union > 0, row / union.clamp(min=1), 0.0)
     jac[i] = 0.0
     vals, idx = jac.topk(min(k, len(jac)))

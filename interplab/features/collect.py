@@ -71,33 +71,33 @@ def n_batches(tokens: TokenSource, batch_size: int) -> int | None:
 @dataclass
 class _Batch:
     acts: Tensor
-    effects: Tensor | None
+    grad: Tensor | None
 
 
-def encode_batch(model, sae, tokens: Tensor, hook: str, features: Tensor, with_effects: bool) -> _Batch:
-    """SAE activations [batch pos feature] of ``features`` and (optionally) first-order ablation effects."""
+def encode_batch(model, sae, tokens: Tensor, hook: str, features: Tensor | None, with_grad: bool) -> _Batch:
+    """SAE activations [batch pos feature] of ``features`` (None: all) and, optionally, the gradient of the
+    summed next-token cross-entropy at the hooked activation."""
     holder: dict[str, Tensor] = {}
 
     def grab(x: Tensor, _site) -> Tensor:
-        if with_effects:
+        if with_grad:
             x = x.detach().requires_grad_(True)
         holder["x"] = x
         return x
 
-    with torch.set_grad_enabled(with_effects), model.hooks([(hook, grab)]):
+    grad = None
+    with torch.set_grad_enabled(with_grad), model.hooks([(hook, grab)]):
         logits = model(tokens)
-        if with_effects:
+        if with_grad:
             logp = torch.log_softmax(logits[:, :-1].float(), -1)
             loss = -logp.gather(-1, tokens[:, 1:, None]).sum()
             (grad,) = torch.autograd.grad(loss, holder["x"])
     x = holder["x"].detach()
     with torch.no_grad():
-        acts = sae.encode(x.to(sae.W_enc.dtype))[..., features].float()
-        effects = None
-        if with_effects:
-            w_dec = decoder_directions(sae, features)  # feature d_in
-            effects = -acts * (grad.float() @ w_dec.T)
-    return _Batch(acts, effects)
+        acts = sae.encode(x.to(sae.W_enc.dtype))
+        if features is not None:
+            acts = acts[..., features]
+    return _Batch(acts, grad)
 
 
 def collect_features(
@@ -120,6 +120,8 @@ def collect_features(
     cfg = cfg or FeatureBuildConfig()
     hook = check_sae_fits(model, sae)
     feats = torch.arange(sae.cfg.d_sae) if features is None else features.long()
+    subset = None if torch.equal(feats, torch.arange(sae.cfg.d_sae)) else feats
+    directions = decoder_directions(sae, feats) if cfg.loss_effect else None
     stats = state if state is not None else StreamingFeatureStats(sae.cfg.d_sae, cfg, features=feats)
     total = n_batches(tokens, cfg.batch_size)
     seq_len = None
@@ -128,8 +130,8 @@ def collect_features(
             seq_len = batch.shape[1]
         elif batch.shape[1] != seq_len:
             raise ValueError(f"all sequences must have the same length: got {batch.shape[1]} after {seq_len}")
-        out = encode_batch(model, sae, batch, hook, feats, cfg.loss_effect)
-        stats.update(batch, out.acts, out.effects)
+        out = encode_batch(model, sae, batch, hook, subset, cfg.loss_effect)
+        stats.update(batch, out.acts, out.grad, directions)
         if checkpoint is not None and cfg.checkpoint_every and stats.batches % cfg.checkpoint_every == 0:
             checkpoint(stats)
         if progress is not None:

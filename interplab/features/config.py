@@ -36,6 +36,8 @@ class FeatureBuildConfig:
     """estimate each feature's effect on the loss (one backward pass per batch, all features at once)"""
     cooccurrence: bool = True
     """count how often every pair of features fires on the same token"""
+    cooc_max_tokens: int = 65536
+    """co-occurrence is counted on the first this many tokens (pairs cost sum(L0^2) per token)"""
     cooc_k: int = 8
     """co-occurring features kept per feature (by Jaccard similarity)"""
     max_cooc_features: int = 8192

@@ -78,17 +78,14 @@ def steering_hook(sae, feature: int, value: float, mode: SteerMode):
 
 @torch.no_grad()
 def greedy_continue(model, prompt: Int[Tensor, " pos"], n_new: int, fwd_hooks=()) -> list[int]:
-    """Greedy decoding by full forward passes (the hooks apply to every step)."""
-    toks = prompt.clone()
-    out: list[int] = []
-    with model.hooks(list(fwd_hooks)):
-        for _ in range(n_new):
-            if toks.shape[0] >= model.cfg.n_ctx:
-                break
-            nxt = int(model(toks[None])[0, -1].argmax())
-            out.append(nxt)
-            toks = torch.cat([toks, torch.tensor([nxt])])
-    return out
+    """Greedy continuation (`interplab.model.generate` with the KV cache; the hooks apply at every step)."""
+    from interplab.model.generate import generate
+
+    n_new = min(n_new, model.cfg.n_ctx - prompt.shape[0])
+    if n_new <= 0:
+        return []
+    out = generate(model, prompt[None], max_new_tokens=n_new, fwd_hooks=list(fwd_hooks))
+    return out.new_tokens[0].tolist()
 
 
 def decode(model, ids: list[int]) -> str:

@@ -13,7 +13,6 @@ feature) ("bottom-k" sampling: a uniform sample without replacement of the featu
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -137,7 +136,7 @@ class StreamingFeatureStats:
         self.sample_tokens = torch.full((n, m, w), -1, dtype=torch.long)
         self.sample_acts = torch.zeros(n, m, w)
         self.loss_sum = torch.zeros(n, dtype=torch.float64) if cfg.loss_effect else None
-        self.cooc = torch.zeros(n, n, dtype=torch.long) if want_cooc and n <= cfg.max_cooc_features else None
+        self.cooc = torch.zeros(n, n, dtype=torch.int32) if want_cooc and n <= cfg.max_cooc_features else None
 
     # ---- one batch ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,10 +144,12 @@ class StreamingFeatureStats:
         self,
         tokens: Int[Tensor, "batch pos"],
         acts: Float[Tensor, "batch pos feature"],
-        loss_effects: Float[Tensor, "batch pos feature"] | None = None,
+        loss_grad: Float[Tensor, "batch pos d_in"] | None = None,
+        directions: Float[Tensor, "feature d_in"] | None = None,
     ) -> None:
-        """Add one batch. ``acts`` holds this object's features only (in order); ``loss_effects`` is the
-        estimated loss increase of ablating each firing (zero where a feature does not fire)."""
+        """Add one batch. ``acts`` holds this object's features only (in order). With ``loss_grad`` (the
+        gradient of the summed loss at the hooked activation) and ``directions`` (what one unit of each
+        feature adds there), the first-order loss increase of ablating each firing is accumulated."""
         b, p, n = acts.shape
         if n != len(self.features):
             raise ValueError(f"acts has {n} features, this accumulator holds {len(self.features)}")
@@ -156,101 +157,96 @@ class StreamingFeatureStats:
             raise ValueError(f"tokens {tuple(tokens.shape)} do not match acts {tuple(acts.shape)}")
         if self.n_tokens + b * p > _MAX_TOKENS:
             raise ValueError(f"the streaming key supports at most {_MAX_TOKENS} tokens")
-        acts_t = acts.detach().float().reshape(b * p, n).T.contiguous()  # feature token
-        fires = acts_t > 0
-        self.n_fires += fires.sum(1)
-        self.act_sum += acts_t.sum(1, dtype=torch.float64)
-        if self.loss_sum is not None and loss_effects is not None:
-            self.loss_sum += loss_effects.detach().reshape(b * p, n).sum(0, dtype=torch.float64)
-        f_idx, t_idx = fires.nonzero(as_tuple=True)
-        values = acts_t[f_idx, t_idx]
-        self._histogram(f_idx, values)
-        if self.cooc is not None:
-            self._cooccurrence(f_idx, t_idx, b * p)
-        self._top(acts_t, fires, tokens, p)
-        self._samples(acts_t, f_idx, t_idx, values, tokens, p)
+        dense = acts.detach().float().reshape(b * p, n)  # token feature
+        # everything below works on the firings only (SAEs are sparse: ~1% of entries)
+        t_idx, f_idx = (dense > 0).nonzero(as_tuple=True)  # sorted by token, then feature
+        values = dense[t_idx, f_idx]
+        self.n_fires += torch.bincount(f_idx, minlength=n)
+        self.act_sum.index_add_(0, f_idx, values.double())
+        if self.loss_sum is not None and loss_grad is not None and directions is not None:
+            proj = loss_grad.detach().float().reshape(b * p, -1) @ directions.float().T  # token feature
+            effect = -values * proj[t_idx, f_idx]
+            self.loss_sum.index_add_(0, f_idx, effect.double())
+        bins = torch.bucketize(values.log(), self._log_edges)
+        self.hist.view(-1).index_add_(0, f_idx * self.cfg.hist_bins + bins, torch.ones_like(bins))
+        if self.cooc is not None and self.n_tokens < self.cfg.cooc_max_tokens:
+            self._cooccurrence(t_idx, f_idx, b * p)
+        gidx = self.n_tokens + t_idx
+        # activations > 0 as int32 bits are ordered like the floats; the low word prefers earlier tokens
+        top_key = (values.view(torch.int32).long() << 32) | (_LOW32 - gidx)
+        self._merge("top", f_idx, top_key, t_idx, dense, tokens, p)
+        if self.cfg.n_samples:
+            prio = sample_priority(gidx, self.features[f_idx], self.cfg.seed)
+            self._merge("sample", f_idx, prio, t_idx, dense, tokens, p)
         self.n_tokens += b * p
         self.batches += 1
 
-    def _histogram(self, f_idx: Tensor, values: Tensor) -> None:
-        bins = torch.bucketize(values.log(), self._log_edges)
-        flat = f_idx * self.cfg.hist_bins + bins
-        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
-    def _cooccurrence(self, f_idx: Tensor, t_idx: Tensor, n_tok: int) -> None:
+    def _cooccurrence(self, t_idx: Tensor, f_idx: Tensor, n_tok: int) -> None:
+        """Count every ordered pair of features firing on the same token (firings are grouped by token).
+        The diagonal is each feature's firing count over the tokens counted (``cfg.cooc_max_tokens``)."""
+        if len(t_idx) == 0:
+            return
         n = len(self.features)
-        ind = torch.sparse_coo_tensor(
-            torch.stack([t_idx, f_idx]), torch.ones(len(f_idx)), (n_tok, n), check_invariants=False
-        ).coalesce()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            pairs = torch.sparse.mm(ind.t().coalesce(), ind).coalesce()
-        i, j = pairs.indices()
-        self.cooc.view(-1).index_add_(0, i * n + j, pairs.values().round().long())
+        counts = torch.bincount(t_idx, minlength=n_tok)
+        start = torch.cumsum(counts, 0) - counts
+        rep = counts[t_idx]
+        left = torch.repeat_interleave(torch.arange(len(t_idx)), rep)
+        offset = torch.arange(len(left)) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
+        right = start[t_idx[left]] + offset
+        self.cooc.view(-1).index_add_(
+            0, f_idx[left] * n + f_idx[right], torch.ones(len(left), dtype=self.cooc.dtype)
+        )
 
     def _windows(
-        self, acts_t: Tensor, feat: Tensor, index: Tensor, tokens: Tensor, p: int
+        self, dense: Tensor, feat: Tensor, local: Tensor, tokens: Tensor, p: int
     ) -> tuple[Tensor, Tensor]:
-        """Token windows [.., window] around batch-local token ``index`` and the feature's activations there."""
+        """Token windows [.., window] around batch-local token ``local`` and the feature's activations there."""
         offs = torch.arange(-self.cfg.window_left, self.cfg.window_right + 1)
-        seq, pos = index // p, index % p
+        seq, pos = local // p, local % p
         q = pos[..., None] + offs
         valid = (q >= 0) & (q < p)
-        qc = q.clamp(0, p - 1)
-        flat_tok = seq[..., None] * p + qc
+        flat_tok = seq[..., None] * p + q.clamp(0, p - 1)
         win_tok = torch.where(valid, tokens.reshape(-1)[flat_tok], -1)
-        win_act = torch.where(valid, acts_t[feat[..., None].expand_as(flat_tok), flat_tok], 0.0)
+        win_act = torch.where(valid, dense[flat_tok, feat[..., None].expand_as(flat_tok)], 0.0)
         return win_tok, win_act
 
-    def _top(self, acts_t: Tensor, fires: Tensor, tokens: Tensor, p: int) -> None:
-        n, n_tok = acts_t.shape
-        k = min(self.cfg.top_k, n_tok)
-        # activations > 0 as int32 bits are ordered like the floats; the low word prefers earlier tokens
-        order = _LOW32 - (self.n_tokens + torch.arange(n_tok))
-        key = (acts_t.view(torch.int32).long() << 32) | order
-        key = torch.where(fires, key, -1)
-        cand_key, cand_local = key.topk(k, dim=1)
-        feat = torch.arange(n)[:, None].expand_as(cand_local)
-        win_tok, win_act = self._windows(acts_t, feat, cand_local, tokens, p)
-        all_key = torch.cat([self.top_key, cand_key], 1)
-        best, pick = all_key.topk(self.cfg.top_k, dim=1)
-        self.top_key = best
-        self.top_tokens = torch.cat([self.top_tokens, win_tok], 1).gather(
-            1, pick[..., None].expand(-1, -1, self.cfg.window)
-        )
-        self.top_acts = torch.cat([self.top_acts, win_act], 1).gather(
-            1, pick[..., None].expand(-1, -1, self.cfg.window)
-        )
-
-    def _samples(
-        self, acts_t: Tensor, f_idx: Tensor, t_idx: Tensor, values: Tensor, tokens: Tensor, p: int
+    def _merge(
+        self, which: str, f_idx: Tensor, key: Tensor, t_idx: Tensor, dense: Tensor, tokens: Tensor, p: int
     ) -> None:
-        m = self.cfg.n_samples
-        if m == 0 or len(f_idx) == 0:
+        """Keep, per feature, the entries with the largest keys among the kept ones and this batch's.
+        Only the features that have a candidate beating their current k-th best are touched."""
+        table = getattr(self, f"{which}_key")  # feature k (-1: empty)
+        k = table.shape[1]
+        cand = key > table[f_idx, -1]
+        f_c, key_c, t_c = f_idx[cand], key[cand], t_idx[cand]
+        if len(key_c) == 0:
             return
-        n, n_tok = acts_t.shape
-        gidx = self.n_tokens + t_idx
-        prio = sample_priority(gidx, self.features[f_idx], self.cfg.seed)
-        dense = torch.full((n, n_tok), -1, dtype=torch.long)
-        dense[f_idx, t_idx] = prio
-        k = min(m, n_tok)
-        cand_key, cand_local = dense.topk(k, dim=1)
-        feat = torch.arange(n)[:, None].expand_as(cand_local)
-        win_tok, win_act = self._windows(acts_t, feat, cand_local, tokens, p)
-        cand_val = acts_t.gather(1, cand_local)
-        cand_index = torch.where(cand_key >= 0, self.n_tokens + cand_local, -1)
-        all_key = torch.cat([self.sample_key, cand_key], 1)
-        best, pick = all_key.topk(m, dim=1)
-        self.sample_key = best
-        self.sample_index = torch.cat([self.sample_index, cand_index], 1).gather(1, pick)
-        self.sample_val = torch.cat([self.sample_val, cand_val], 1).gather(1, pick)
+        rows = torch.unique(f_c)  # the features to update, sorted
+        n = len(rows)
+        row_c = torch.searchsorted(rows, f_c)
+        all_row = torch.cat([torch.arange(n).repeat_interleave(k), row_c])
+        all_key = torch.cat([table[rows].flatten(), key_c])
+        order = torch.argsort(all_key, descending=True, stable=True)
+        order = order[torch.argsort(all_row[order], stable=True)]
+        sorted_rows = all_row[order]
+        rank = torch.arange(len(order)) - torch.searchsorted(sorted_rows, sorted_rows)
+        keep = order[rank < k]  # n * k entries, row-major, best first
+        src = keep - n * k  # >= 0: a candidate of this batch, else an old slot
+        is_new = src >= 0
+        new_local, new_f = t_c[src.clamp(min=0)], f_c[src.clamp(min=0)]
+        old_slot = rows.repeat_interleave(k) * k + keep.clamp(max=n * k - 1) % k
         w = self.cfg.window
-        self.sample_tokens = torch.cat([self.sample_tokens, win_tok], 1).gather(
-            1, pick[..., None].expand(-1, -1, w)
-        )
-        self.sample_acts = torch.cat([self.sample_acts, win_act], 1).gather(
-            1, pick[..., None].expand(-1, -1, w)
-        )
+        win_tok, win_act = self._windows(dense, new_f, new_local, tokens, p)
+        toks, acts = getattr(self, f"{which}_tokens"), getattr(self, f"{which}_acts")
+        toks[rows] = torch.where(is_new[:, None], win_tok, toks.view(-1, w)[old_slot]).view(n, k, w)
+        acts[rows] = torch.where(is_new[:, None], win_act, acts.view(-1, w)[old_slot]).view(n, k, w)
+        new_key = all_key[keep].view(n, k)
+        table[rows] = new_key
+        if which == "sample":
+            val = torch.where(is_new, dense[new_local, new_f], self.sample_val.flatten()[old_slot])
+            index = torch.where(is_new, self.n_tokens + new_local, self.sample_index.flatten()[old_slot])
+            self.sample_val[rows] = val.view(n, k)
+            self.sample_index[rows] = torch.where(new_key >= 0, index.view(n, k), -1)
 
     # ---- results and checkpoints -------------------------------------------------------------
     def result(self) -> FeatureStats:

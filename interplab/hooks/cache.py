@@ -82,7 +82,13 @@ class ActivationCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._store.values())
+        """Bytes of memory the cached tensors hold, each storage counted once: q, k and v share the fused
+        projection's storage, the per-head input copies are broadcast views of ``hook_resid_pre``."""
+        storages = {}
+        for t in self._store.values():
+            storage = t.untyped_storage()
+            storages[(storage.data_ptr(), t.device)] = storage.nbytes()
+        return sum(storages.values())
 
     def to(self, device: torch.device | str) -> ActivationCache:
         return ActivationCache({k: v.to(device) for k, v in self._store.items()}, self.model)
@@ -110,14 +116,24 @@ class ActivationCache:
         name = kind.value if isinstance(kind, SiteKind) else kind
         return torch.stack([self[Site.parse(name, layer)] for layer in layers])
 
-    def decompose_resid(
-        self, layer: int | None = None, *, include_biases_in_heads: bool = False
-    ) -> ComponentStack:
+    def decompose_resid(self, layer: int | None = None) -> ComponentStack:
         """The residual stream entering ``layer`` (after the last block if None) as a sum of components:
         embed, pos_embed, then each layer's attn_out and mlp_out. They sum to that residual stream exactly."""
         layer = self.cfg.n_layers if layer is None else layer
         if not 0 <= layer <= self.cfg.n_layers:
             raise ValueError(f"layer must be in 0..{self.cfg.n_layers}, got {layer}")
+        needed = ["hook_embed"] + [n for n in ["hook_pos_embed"] if n in self.model.hook_names]
+        needed += [
+            f"blocks.{i}.hook_{part}_out"
+            for i in range(layer)
+            for part in ("attn", "mlp")[: 1 + self.cfg.has_mlp]
+        ]
+        missing = [n for n in needed if n not in self._store]
+        if missing:
+            raise KeyError(
+                f"decompose_resid needs {len(needed)} components, {len(missing)} not cached: {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}; cache them with run_with_cache(names=...)"
+            )
         parts, labels = [self["hook_embed"]], ["embed"]
         if "hook_pos_embed" in self.model.hook_names:
             parts.append(self["hook_pos_embed"])

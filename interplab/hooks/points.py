@@ -24,26 +24,35 @@ class HookShapeError(ValueError):
 
 
 class HookPoint:
-    """One named activation. Calling it runs the forward hooks and arms the backward hooks.
+    """One named activation. Calling it runs the forward hooks, arms the backward hooks and shows the
+    result to the readers.
 
-    The no-hook path is a single truth test, so unhooked points cost almost nothing; `active` lets
-    the model skip computing per-head tensors nobody asked for.
+    Three lists: ``fwd`` hooks may replace the activation, ``bwd`` hooks see its gradient, ``read`` hooks
+    only look (their return value is ignored; `Transformer.run_with_cache` uses them). The no-hook path
+    is one attribute test, so unhooked points cost almost nothing; `active` lets the model skip
+    computing per-head tensors nobody asked for, and `intervened` tells it whether a value it shows
+    might be replaced (or needs its own gradient), so it can show a cheap view otherwise.
+    Change the lists only through `HookRegistry` (it keeps `active` in sync).
     """
 
-    __slots__ = ("site", "name", "fwd", "bwd")
+    __slots__ = ("site", "name", "fwd", "bwd", "read", "active", "intervened")
 
     def __init__(self, site: Site) -> None:
         self.site = site
         self.name = site.name
         self.fwd: list[HookFn] = []
         self.bwd: list[HookFn] = []
+        self.read: list[HookFn] = []
+        self.active = False
+        self.intervened = False
 
-    @property
-    def active(self) -> bool:
-        return bool(self.fwd) or bool(self.bwd)
+    def sync(self) -> None:
+        """Recompute `active` and `intervened` after the lists changed."""
+        self.intervened = bool(self.fwd) or bool(self.bwd)
+        self.active = self.intervened or bool(self.read)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fwd and not self.bwd:
+        if not self.active:
             return x
         for fn in self.fwd:
             out = fn(x, self.site)
@@ -69,10 +78,12 @@ class HookPoint:
                 x = x.detach().requires_grad_(True)
             for fn in self.bwd:
                 x.register_hook(_grad_hook(fn, self.site))
+        for fn in self.read:
+            fn(x, self.site)
         return x
 
     def __repr__(self) -> str:
-        return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)})"
+        return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)}, read={len(self.read)})"
 
 
 def _grad_hook(fn: HookFn, site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
@@ -91,7 +102,11 @@ class HookRegistry:
     """The hook points of one model, by canonical name, and scoped (un)registration."""
 
     def __init__(self, points: Iterable[HookPoint], describe: Callable[[str], str] | None = None) -> None:
-        self.points: dict[str, HookPoint] = {p.name: p for p in points}
+        self.points: dict[str, HookPoint] = {}
+        for p in points:
+            if p.name in self.points:
+                raise ValueError(f"two hook points are named {p.name!r}")
+            self.points[p.name] = p
         self._describe = describe
 
     def __contains__(self, name: object) -> bool:
@@ -135,16 +150,20 @@ class HookRegistry:
         self,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        read_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
     ) -> Iterator[None]:
-        """Attach hooks for the duration of the ``with`` block; always detached afterwards."""
+        """Attach hooks for the duration of the ``with`` block; always detached afterwards.
+        ``read_hooks`` only look at the activation (after the forward hooks replaced it)."""
         # Resolve everything before attaching anything, so a bad name leaves no hook behind.
         plan = [(p, fn, "fwd") for target, fn in fwd_hooks for p in self.resolve(target)]
         plan += [(p, fn, "bwd") for target, fn in bwd_hooks for p in self.resolve(target)]
+        plan += [(p, fn, "read") for target, fn in read_hooks for p in self.resolve(target)]
         attached: list[tuple[HookPoint, HookFn, str]] = []
         try:
             for point, fn, way in plan:
                 getattr(point, way).append(fn)
                 attached.append((point, fn, way))
+                point.sync()
             yield
         finally:
             for point, fn, way in reversed(attached):
@@ -153,12 +172,15 @@ class HookRegistry:
                     if hooks[i] is fn:
                         del hooks[i]
                         break
+                point.sync()
 
     def clear(self) -> None:
         """Remove every hook (normally unnecessary: scoped hooks remove themselves)."""
         for p in self.points.values():
             p.fwd.clear()
             p.bwd.clear()
+            p.read.clear()
+            p.sync()
 
     @property
     def any_active(self) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -103,6 +103,8 @@ class Site:
 
     kind: SiteKind
     layer: int | None = None
+    name: str = field(init=False, repr=False, compare=False)
+    """The canonical string (TransformerLens' hook name), computed once."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, SiteKind):
@@ -113,13 +115,8 @@ class Site:
             raise ValueError(f"site kind {self.kind.value!r} has no layer, got layer={self.layer}")
         if self.layer is not None and (type(self.layer) is not int or self.layer < 0):
             raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
-
-    @property
-    def name(self) -> str:
-        """The canonical string (TransformerLens' hook name)."""
-        if self.layer is None:
-            return self.kind.value
-        return f"blocks.{self.layer}.{self.kind.value}"
+        name = self.kind.value if self.layer is None else f"blocks.{self.layer}.{self.kind.value}"
+        object.__setattr__(self, "name", name)
 
     def __str__(self) -> str:
         return self.name

@@ -41,24 +41,39 @@ class Normalization(nn.Module):
         self.hook_normalized = normalized
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        hooked = (self.hook_scale is not None and self.hook_scale.active) or (
-            self.hook_normalized is not None and self.hook_normalized.active
-        )
-        if not hooked:
-            if self.kind is Norm.LAYERNORM:
-                return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
-            return _rms_norm(x, self.w, self.eps)
+        if self.hook_scale is not None and self.hook_scale.intervened:
+            out = self._by_hooked_scale(x)
+        else:
+            out = self.normalize(x)
+            if (
+                self.hook_scale is not None and self.hook_scale.active
+            ):  # only read: report it, compute as usual
+                self.hook_scale(self.scale(x))
+        return out if self.hook_normalized is None else self.hook_normalized(out)
+
+    def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The norm without hooks."""
+        if self.kind is Norm.LAYERNORM:
+            return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+        return _rms_norm(x, self.w, self.eps)
+
+    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
+        """What the norm divides by: sqrt(variance + eps) (LayerNorm) or sqrt(mean square + eps) (RMSNorm)."""
+        xf = x.float()
+        if self.kind is Norm.LAYERNORM:
+            second_moment = torch.var_mean(xf, -1, keepdim=True, correction=0)[0]
+        else:
+            second_moment = xf.pow(2).mean(-1, keepdim=True)
+        return (second_moment + self.eps).sqrt()
+
+    def _by_hooked_scale(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
+        xf = x.float()
         if self.kind is Norm.LAYERNORM:
-            x = x - x.mean(-1, keepdim=True)
-        scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        if self.hook_scale is not None:
-            scale = self.hook_scale(scale)
-        out = (x / scale).to(dtype) * self.w
-        if self.kind is Norm.LAYERNORM:
-            out = out + self.b
-        return self.hook_normalized(out) if self.hook_normalized is not None else out
+            xf = xf - xf.mean(-1, keepdim=True)
+        scale = self.hook_scale((xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        out = (xf / scale).to(dtype) * self.w
+        return out + self.b if self.kind is Norm.LAYERNORM else out
 
 
 def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -68,7 +83,10 @@ def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return xf.to(dtype) * w
 
 
-def make_norm(cfg: ModelConfig, scale: HookPoint | None = None, normalized: HookPoint | None = None) -> nn.Module:
+def make_norm(
+    cfg: ModelConfig, scale: HookPoint | None = None, normalized: HookPoint | None = None
+) -> nn.Module:
+    """A norm with hook points (none for norms without a place in the hook vocabulary: post norms)."""
     if cfg.normalization is Norm.NONE:
         return _NoNorm(normalized)
     return Normalization(cfg, scale, normalized)
@@ -80,7 +98,10 @@ class _NoNorm(nn.Module):
         self.hook_normalized = normalized
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.hook_normalized(x) if self.hook_normalized is not None else x
+        return x if self.hook_normalized is None else self.hook_normalized(x)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return x
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,7 +111,9 @@ def rotary_tables(
     """cos and sin tables [batch pos 1 rotary_dim] for the given absolute positions."""
     dim = cfg.rotary_dim
     assert dim is not None
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (
+        cfg.rotary_base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    )
     angles = positions.to(torch.float32)[..., None] * inv_freq  # batch pos dim/2
     if cfg.rotary_style is RotaryStyle.NEOX:
         angles = torch.cat([angles, angles], dim=-1)
@@ -162,7 +185,15 @@ class Attention(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(d), requires_grad=cfg.attn_bias)
         if cfg.smear_keys:
             self.smear = nn.Parameter(torch.zeros(kv))
-        kinds = [SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.ATTN_SCORES, SiteKind.PATTERN, SiteKind.Z, SiteKind.RESULT]
+        kinds = [
+            SiteKind.Q,
+            SiteKind.K,
+            SiteKind.V,
+            SiteKind.ATTN_SCORES,
+            SiteKind.PATTERN,
+            SiteKind.Z,
+            SiteKind.RESULT,
+        ]
         if cfg.positional is Positional.ROTARY:
             kinds += [SiteKind.ROT_Q, SiteKind.ROT_K]
         for kind in kinds:
@@ -218,15 +249,22 @@ class Attention(nn.Module):
         z = self._explicit(q, k, v, mask, ctx) if explicit else self._sdpa(q, k, v, mask, ctx)
         z = self.hook_z(z)
         if self.hook_result.active:
-            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
-            return result.sum(dim=2) + self.b_O
+            # every head's output in one batched matmul [head, batch*pos, d_model]; the hook sees a
+            # [batch pos head d_model] view of it (no copy)
+            zh = z.permute(2, 0, 1, 3).reshape(h, -1, dh)
+            result = torch.bmm(zh, self.W_O).view(h, *z.shape[:2], -1).permute(1, 2, 0, 3)
+            return self.hook_result(result).sum(dim=2) + self.b_O
         return torch.addmm(self.b_O, z.reshape(-1, h * dh), self.W_O.reshape(h * dh, -1)).view(
             *z.shape[:2], -1
         )
 
     def _smear(self, k: Tensor, ctx: AttnContext, cache: LayerKV | None) -> Tensor:
         gate = torch.sigmoid(self.smear)[:, None]  # n_kv_heads 1
-        prev = cache.last_raw_k if cache is not None and cache.last_raw_k is not None else torch.zeros_like(k[:, :1])
+        prev = (
+            cache.last_raw_k
+            if cache is not None and cache.last_raw_k is not None
+            else torch.zeros_like(k[:, :1])
+        )
         if cache is not None:
             cache.last_raw_k = k[:, -1:]
         shifted = torch.cat([prev, k[:, :-1]], dim=1)
@@ -255,17 +293,18 @@ class Attention(nn.Module):
         g = cfg.n_groups
         if g > 1:
             k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / cfg.attn_scale
+        # [batch head q e] @ [batch head e k], then scale and mask in place (no more full-size temporaries)
+        scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).div_(cfg.attn_scale)
         if cfg.attn_softcap is not None:
             scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
         if mask is None and cfg.causal:
             q_len, k_len = scores.shape[-2:]
             mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill_(~mask, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
-        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        return torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
 
 
 @dataclass

@@ -58,6 +58,13 @@ def load_model(
 def _load(path: Path, *, device, dtype, tl_config) -> Transformer:
     from interplab.model.io import is_native, load_native
 
+    if (
+        path.is_file()
+        and tl_config is None
+        and _tl_config_in(path) is None
+        and (path.parent / "config.json").is_file()
+    ):
+        path = path.parent  # a weights file inside an interplab or Hugging Face folder: load the folder
     if path.is_dir() and is_native(path):
         return load_native(path, device=device, dtype=dtype)
     if tl_config is not None or path.is_file() or _tl_config_in(path) is not None:

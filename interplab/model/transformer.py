@@ -11,7 +11,7 @@ torch.Size([2, 8, 64])
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,16 @@ from interplab.hooks.cache import ActivationCache
 from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.config import ModelConfig, Positional
-from interplab.model.layers import MLP, Attention, AttnContext, LayerKV, _hp, init_weights, make_norm, rotary_tables
+from interplab.model.layers import (
+    MLP,
+    Attention,
+    AttnContext,
+    LayerKV,
+    _hp,
+    init_weights,
+    make_norm,
+    rotary_tables,
+)
 
 if TYPE_CHECKING:
     from interplab.data.tokenizer import Tokenizer
@@ -68,8 +77,14 @@ class Block(nn.Module):
                 self.ln2_post = make_norm(cfg)
             self.hook_mlp_in = _hp(SiteKind.MLP_IN, layer)
             self.hook_mlp_out = _hp(SiteKind.MLP_OUT, layer)
-        for kind in (SiteKind.RESID_PRE, SiteKind.Q_INPUT, SiteKind.K_INPUT, SiteKind.V_INPUT,
-                     SiteKind.ATTN_OUT, SiteKind.RESID_POST):
+        for kind in (
+            SiteKind.RESID_PRE,
+            SiteKind.Q_INPUT,
+            SiteKind.K_INPUT,
+            SiteKind.V_INPUT,
+            SiteKind.ATTN_OUT,
+            SiteKind.RESID_POST,
+        ):
             setattr(self, kind.value, _hp(kind, layer))
         if cfg.has_mlp and not cfg.parallel_attn_mlp:
             self.hook_resid_mid = _hp(SiteKind.RESID_MID, layer)
@@ -81,14 +96,26 @@ class Block(nn.Module):
         self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext, cache: LayerKV | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre(resid)
-        if self.hook_q_input.active or self.hook_k_input.active or self.hook_v_input.active:
+        inputs = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
             split = self._split_inputs(resid)
-            if self.ln1.hook_normalized.active or getattr(self.ln1, "hook_scale", None) and self.ln1.hook_scale.active:
+            if (
+                self.ln1.hook_normalized.active
+                or getattr(self.ln1, "hook_scale", None) is not None
+                and self.ln1.hook_scale.active
+            ):
                 # observed for caches; on this path Q/K/V read their own per-head normalised copies,
                 # so a replacement made at ln1 is not used (patch hook_q_input etc. instead)
                 self.ln1(resid)
             attn_out = self.attn(None, ctx, split=split, cache=cache)
         else:
+            if inputs[0].active or inputs[1].active or inputs[2].active:
+                # only read (cached): show broadcast views of the residual stream, no copies, no split path
+                b, p, d = resid.shape
+                for point, n in zip(
+                    inputs, (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.n_kv_heads), strict=True
+                ):
+                    point(resid[:, :, None, :].expand(b, p, n, d))
             attn_out = self.attn(self.ln1(resid), ctx, cache=cache)
         if self.cfg.post_norms:
             attn_out = self.ln1_post(attn_out)
@@ -102,8 +129,10 @@ class Block(nn.Module):
         return self.hook_resid_post(resid_mid + self._mlp(resid_mid))
 
     def _mlp(self, resid: Tensor) -> Tensor:
-        if self.hook_mlp_in.active:
+        if self.hook_mlp_in.intervened:  # a copy, so that patching mlp_in leaves resid_mid alone
             resid = self.hook_mlp_in(resid.clone())
+        elif self.hook_mlp_in.active:
+            self.hook_mlp_in(resid)
         out = self.mlp(self.ln2(resid))
         if self.cfg.post_norms:
             out = self.ln2_post(out)
@@ -113,29 +142,16 @@ class Block(nn.Module):
         """Per-head copies of the residual stream feeding Q, K and V, each normalised separately
         (ln1's own hooks do not fire on this path)."""
         b, p, d = resid.shape
-        norm = _unhooked(self.ln1)
+        norm = self.ln1.normalize  # ln1's own hooks do not fire on this path
         out = []
-        for point, n in ((self.hook_q_input, self.cfg.n_heads), (self.hook_k_input, self.cfg.n_kv_heads),
-                         (self.hook_v_input, self.cfg.n_kv_heads)):
+        for point, n in (
+            (self.hook_q_input, self.cfg.n_heads),
+            (self.hook_k_input, self.cfg.n_kv_heads),
+            (self.hook_v_input, self.cfg.n_kv_heads),
+        ):
             copies = resid[:, :, None, :].expand(b, p, n, d).clone()
             out.append(norm(point(copies)))
         return out[0], out[1], out[2]
-
-
-def _unhooked(norm: nn.Module) -> Callable[[Tensor], Tensor]:
-    def run(x: Tensor) -> Tensor:
-        saved = getattr(norm, "hook_scale", None), norm.hook_normalized
-        try:
-            if hasattr(norm, "hook_scale"):
-                norm.hook_scale = None
-            norm.hook_normalized = None
-            return norm(x)
-        finally:
-            if hasattr(norm, "hook_scale"):
-                norm.hook_scale = saved[0]
-            norm.hook_normalized = saved[1]
-
-    return run
 
 
 class Transformer(nn.Module):
@@ -150,7 +166,9 @@ class Transformer(nn.Module):
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = _hp(SiteKind.POS_EMBED, None)
         self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.n_layers)])
-        self.ln_final = make_norm(cfg, _hp(SiteKind.LN_FINAL_SCALE, None), _hp(SiteKind.LN_FINAL_NORMALIZED, None))
+        self.ln_final = make_norm(
+            cfg, _hp(SiteKind.LN_FINAL_SCALE, None), _hp(SiteKind.LN_FINAL_NORMALIZED, None)
+        )
         self.unembed = Unembed(cfg)
         points = [p for p in vars(self).values() if isinstance(p, HookPoint)]
         points += [p for m in self.ln_final.modules() for p in vars(m).values() if isinstance(p, HookPoint)]
@@ -158,6 +176,7 @@ class Transformer(nn.Module):
             points += block.hook_points()
         self.hook_registry = HookRegistry(points, describe=self._describe_missing)
         self.tokenizer: Tokenizer | None = None
+        self._rotary_cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         if init:
             init_weights(self, cfg)
         self.eval()
@@ -207,16 +226,36 @@ class Transformer(nn.Module):
             key_valid = None
         ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
         if self.cfg.positional is Positional.ROTARY:
-            ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
+            if key_valid is None:  # every row has positions past .. past+p: slice the cached table
+                ctx.rotary = self._rotary_range(past, p, tokens.device)
+            else:
+                ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
         return ctx
 
-    def embed_tokens(self, tokens: Int[Tensor, "batch pos"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
+    def _rotary_range(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table of all n_ctx
+        positions computed once per dtype and device (the same values `rotary_tables` gives)."""
+        key = (self.embed.W_E.dtype, device)
+        table = self._rotary_cache.get(key)
+        if table is None:
+            table = rotary_tables(self.cfg, torch.arange(self.cfg.n_ctx, device=device)[None], key[0])
+            self._rotary_cache = {key: table}
+        return table[0][:, start : start + length], table[1][:, start : start + length]
+
+    def embed_tokens(
+        self, tokens: Int[Tensor, "batch pos"], ctx: AttnContext
+    ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.embed.W_E[tokens]
         if self.cfg.embed_scale is not None:
             resid = resid * self.cfg.embed_scale
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
-            resid = resid + self.hook_pos_embed(self.pos_embed.W_pos[ctx.positions])
+            if ctx.key_valid is None:  # positions are past .. past+pos in every row: a broadcast view
+                b, p, d = resid.shape
+                pos_embed = self.pos_embed.W_pos[ctx.past_len : ctx.past_len + p].expand(b, p, d)
+            else:
+                pos_embed = self.pos_embed.W_pos[ctx.positions]
+            resid = resid + self.hook_pos_embed(pos_embed)
         return resid
 
     def run_blocks(
@@ -299,12 +338,14 @@ class Transformer(nn.Module):
         store: dict[str, Tensor] = {}
 
         def save(act: Tensor, site: Site) -> None:
-            store[site.name] = act if grad else act.detach()
-            if device is not None:
-                store[site.name] = store[site.name].to(device)
+            if act.requires_grad and not grad:
+                act = act.detach()
+            store[site.name] = act if device is None else act.to(device)
 
-        hooks = list(fwd_hooks) + [(t, save) for t in targets]
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self.hooks(hooks):
+        with (
+            torch.set_grad_enabled(grad and torch.is_grad_enabled()),
+            self.hook_registry.scoped(fwd_hooks, read_hooks=[(t, save) for t in targets]),
+        ):
             logits = self(tokens, **kwargs)
         return logits, ActivationCache(store, self)
 
@@ -322,8 +363,15 @@ class Transformer(nn.Module):
             SiteKind.ROT_K: "the model has no rotary embeddings",
             SiteKind.MLP_PRE_LINEAR: "only gated MLPs have pre_linear",
         }
-        mlp_kinds = {SiteKind.MLP_IN, SiteKind.MLP_PRE, SiteKind.MLP_POST, SiteKind.MLP_OUT, SiteKind.LN2_SCALE,
-                     SiteKind.LN2_NORMALIZED, SiteKind.MLP_PRE_LINEAR}
+        mlp_kinds = {
+            SiteKind.MLP_IN,
+            SiteKind.MLP_PRE,
+            SiteKind.MLP_POST,
+            SiteKind.MLP_OUT,
+            SiteKind.LN2_SCALE,
+            SiteKind.LN2_NORMALIZED,
+            SiteKind.MLP_PRE_LINEAR,
+        }
         if site.kind in mlp_kinds and self.cfg.attn_only:
             return f"unknown hook point {name!r}: the model is attention-only"
         if site.kind in reasons:
@@ -350,10 +398,12 @@ class Transformer(nn.Module):
         if total > self.cfg.n_ctx:
             raise ValueError(f"sequence of {total} tokens is longer than the model's n_ctx={self.cfg.n_ctx}")
         if tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
             if lo < 0 or hi >= self.cfg.d_vocab:
                 bad = hi if hi >= self.cfg.d_vocab else lo
-                raise ValueError(f"token id {bad} is out of range: the vocabulary has d_vocab={self.cfg.d_vocab} ids")
+                raise ValueError(
+                    f"token id {bad} is out of range: the vocabulary has d_vocab={self.cfg.d_vocab} ids"
+                )
         return tokens.long()
 
     @property
@@ -363,10 +413,14 @@ class Transformer(nn.Module):
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers)
 
-    def to_tokens(self, text: str | list[str], *, prepend_bos: bool = False, padding_side: str = "right") -> Tensor:
+    def to_tokens(
+        self, text: str | list[str], *, prepend_bos: bool = False, padding_side: str = "right"
+    ) -> Tensor:
         """Tokenise with the attached tokenizer (see `interplab.data.tokenizer`)."""
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer attached (load one with interplab.data.load_tokenizer)")
+            raise ValueError(
+                "this model has no tokenizer attached (load one with interplab.data.load_tokenizer)"
+            )
         return self.tokenizer.to_tokens(text, prepend_bos=prepend_bos, padding_side=padding_side)
 
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
@@ -396,8 +450,14 @@ class KVCache:
         self.mask: Tensor | None = None
         self.length = 0
 
-    def extend_mask(self, attention_mask: Tensor | None, b: int, p: int, device: torch.device) -> Tensor | None:
-        new = attention_mask if attention_mask is not None else torch.ones(b, p, dtype=torch.bool, device=device)
+    def extend_mask(
+        self, attention_mask: Tensor | None, b: int, p: int, device: torch.device
+    ) -> Tensor | None:
+        new = (
+            attention_mask
+            if attention_mask is not None
+            else torch.ones(b, p, dtype=torch.bool, device=device)
+        )
         if self.mask is None and attention_mask is None and self.length == 0:
             self.length = p
             return None

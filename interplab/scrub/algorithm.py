@@ -44,6 +44,8 @@ class ScrubTask:
     """1 for real tokens, 0 for padding, as in `Transformer.forward`"""
     classes: Callable[[Tensor], Sequence[str | tuple[str, ...]]] | None = None
     """``classes(tokens)`` -> a class name (or several) per row, for per-class losses"""
+    position: int = -1
+    """the position whose output the loss reads (used by circuit discovery's KL divergence)"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,9 +86,16 @@ class _Compiled:
 
 
 class _Scrubber:
-    def __init__(self, engine: EdgeEngine, hypothesis: Hypothesis, config: ScrubConfig, pool: Tensor) -> None:
+    def __init__(
+        self,
+        engine: EdgeEngine,
+        hypothesis: Hypothesis,
+        config: ScrubConfig,
+        pool: Tensor,
+        groups: dict[str, FeatureGroups],
+    ) -> None:
         self.engine, self.graph, self.config, self.pool = engine, engine.graph, config, pool
-        self.groups: dict[str, FeatureGroups] = {}
+        self.groups = groups  # shared by the variants of one hypothesis: each feature is computed once
         self.root = self._compile(hypothesis.root, None, "'logits'")
         self.n_specs = 0  # example-inputs the treeified model runs on (what a naive implementation would run)
         self.n_specs_baseline = 0
@@ -208,10 +217,9 @@ def scrub(
     if config.per_claim:
         paths = [p for p, c in hypothesis.claims() if c.feature is not None]
         variants += [(p, hypothesis.only(p)) for p in paths] + [((), hypothesis.only(None))]
-    scrubbers = [(path, _Scrubber(engine, h, config, pool)) for path, h in variants]
+    groups: dict[str, FeatureGroups] = {}
+    scrubbers = [(path, _Scrubber(engine, h, config, pool, groups)) for path, h in variants]
     main = scrubbers[0][1]
-    for _, s in scrubbers[1:]:
-        s.groups = main.groups
     n_batches = math.ceil(config.n_examples / config.batch_size)
     orig = torch.empty(config.n_examples)
     rand = torch.empty(config.n_seeds, config.n_examples)
@@ -246,7 +254,7 @@ def scrub(
             )
         )
     warnings = []
-    for g in main.groups.values():
+    for g in groups.values():
         single = g.singletons(refs)
         if single:
             warnings.append(

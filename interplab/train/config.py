@@ -130,8 +130,8 @@ class CheckpointConfig:
 class TrainConfig:
     """Everything that fixes a training run (the run directory's ``config.json``)."""
 
-    model: ModelConfig
-    """the architecture; d_vocab is set from the tokenizer or task"""
+    model: ModelConfig | None = None
+    """the architecture (d_vocab is set from the tokenizer or task); None only for a task: its own model"""
     data: DataConfig = field(default_factory=DataConfig)
     """the data source"""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -166,6 +166,10 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, dict):
                 object.__setattr__(self, key, _build(cls, value, key))
+        if self.model is None and self.data.task is None:
+            raise ValueError(
+                "a train config needs a 'model' section (only task sources have a default model)"
+            )
         try:
             object.__setattr__(self, "precision", Precision(self.precision))
         except ValueError:
@@ -182,7 +186,7 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}"
             )
-        if self.data.task is None and self.data.seq_len > self.model.n_ctx:
+        if self.model is not None and self.data.task is None and self.data.seq_len > self.model.n_ctx:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is longer than the model's n_ctx={self.model.n_ctx}"
             )
@@ -217,7 +221,9 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "model":
-                value = {k: v for k, v in value.to_dict().items() if k != "version"}
+                value = (
+                    None if value is None else {k: v for k, v in value.to_dict().items() if k != "version"}
+                )
             elif dataclasses.is_dataclass(value):
                 value = {g.name: _plain(getattr(value, g.name)) for g in dataclasses.fields(value)}
             else:
@@ -233,8 +239,6 @@ class TrainConfig:
             raise ValueError(
                 f"train config version {version} is newer than this interplab ({TRAIN_CONFIG_VERSION})"
             )
-        if "model" not in data:
-            raise ValueError("a train config needs a 'model' section")
         return _build(cls, data, "config")
 
     @classmethod
@@ -269,10 +273,18 @@ def _plain(value: Any) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {where} settings {unknown}; valid: {sorted(known)}")
+        raise ValueError(f"unknown {where} settings {unknown}; valid: {sorted(fields)}")
+    data = dict(data)
+    for name, value in data.items():
+        # YAML 1.1 reads 1e-3 as a string; accept it where a float is expected
+        if isinstance(value, str) and str(fields[name].type).startswith("float"):
+            try:
+                data[name] = float(value)
+            except ValueError:
+                raise ValueError(f"{where}.{name}={value!r} is not a number") from None
     return cls(**data)
 
 

@@ -64,12 +64,16 @@ class CorpusSource:
             self._perm = (epoch, torch.randperm(self.n_train, generator=g))
         return self._perm[1]
 
-    def batch(self, step: int, rows: slice) -> Tensor:
+    def indices(self, step: int, rows: slice = slice(None)) -> Tensor:
+        """Indices (in the training token store) of the sequences in batch ``step`` (training data attribution
+        reads them to know which examples each step trained on)."""
         start = step * self.batch_size
         index = torch.arange(start, start + self.batch_size)[rows]
         epochs, offsets = index // self.n_train, index % self.n_train
-        seq = torch.stack([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
-        return self.train.sequences(seq, self.seq_len)
+        return torch.stack([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+
+    def batch(self, step: int, rows: slice) -> Tensor:
+        return self.train.sequences(self.indices(step, rows), self.seq_len)
 
     def loss(self, model: torch.nn.Module, batch: Tensor) -> Tensor:
         return lm_loss(model(batch), batch)
@@ -105,9 +109,11 @@ class TaskSource:
             task = get_task(name, **cfg.data.task_args)
         self.task = task
         task_cfg = self.task.model_config()
+        self.model_cfg = task_cfg
         self.d_vocab = task_cfg.d_vocab
         self.d_vocab_out = task_cfg.d_vocab_out
         self.n_ctx = task_cfg.n_ctx
+        self.seq_len = int(getattr(self.task, "seq_len", task_cfg.n_ctx))
         self.tokenizer = getattr(self.task, "tokenizer", None)
         self.batch_size = cfg.batch_size
         self.seed = cfg.seed
@@ -137,6 +143,8 @@ class TaskSource:
 def _slice_batch(batch: Any, rows: slice) -> Any:
     import dataclasses
 
+    if hasattr(batch, "select"):  # interplab.tasks.TaskBatch (slices its meta too)
+        return batch.select(rows)
     if dataclasses.is_dataclass(batch):
         changes = {
             f.name: getattr(batch, f.name)[rows]

@@ -116,15 +116,21 @@ def _default_device() -> torch.device:
 
 
 def build_model(cfg: TrainConfig, source: Any) -> Transformer:
-    """The model of a run: the config's architecture with the vocabulary of its data source."""
-    changes: dict[str, Any] = {"d_vocab": source.d_vocab}
-    if hasattr(source, "d_vocab_out"):
-        changes["d_vocab_out"] = source.d_vocab_out
-        changes["n_ctx"] = max(cfg.model.n_ctx, source.n_ctx)
-    elif cfg.model.d_vocab_out != cfg.model.d_vocab:
-        changes["d_vocab_out"] = source.d_vocab
+    """The model of a run: the config's architecture (or a task's own) with the data source's vocabulary."""
+    if cfg.model is None:
+        model_cfg = source.model_cfg
+    elif hasattr(source, "model_cfg"):  # a task: its vocabulary and length, the config's architecture
+        t = source.model_cfg
+        model_cfg = cfg.model.replace(
+            d_vocab=t.d_vocab, d_vocab_out=t.d_vocab_out, n_ctx=max(cfg.model.n_ctx, t.n_ctx)
+        )
+    else:
+        changes: dict[str, Any] = {"d_vocab": source.d_vocab}
+        if cfg.model.d_vocab_out == cfg.model.d_vocab:
+            changes["d_vocab_out"] = source.d_vocab
+        model_cfg = cfg.model.replace(**changes)
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model.replace(**changes))
+    model = Transformer(model_cfg)
     model.tokenizer = source.tokenizer
     return model
 
@@ -211,7 +217,7 @@ def _train(
     notify({"event": "setup", "message": "preparing data (tokenised once, then cached)"})
     source = make_source(cfg, task=task, progress=lambda n: notify({"event": "setup", "tokens": n}))
     model = build_model(cfg, source).to(device)
-    if cfg.data.task is None and cfg.data.seq_len > model.cfg.n_ctx:
+    if cfg.data.task is None and task is None and cfg.data.seq_len > model.cfg.n_ctx:
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} is longer than the model's n_ctx={model.cfg.n_ctx}"
         )
@@ -234,6 +240,8 @@ def _train(
     ddp = _wrap(model, device, dist_info)
     bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and device.type == "cuda")
     schedule = set(cfg.checkpoints.steps(cfg.steps))
+    if resumed_from is not None and dist_info.main:
+        _truncate_log(run_dir, resumed_from)  # the steps after the checkpoint are trained again
     log = _Log(run_dir, cfg, dist_info.main)
     for item in skipped:
         log.write({"event": "skipped_checkpoint", "reason": item})
@@ -245,7 +253,10 @@ def _train(
     stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     tokens_per_step = cfg.batch_size * _seq_len(cfg, source)
     t0, loss_value, val_loss, step, written = time.perf_counter(), float("nan"), None, start, []
-    ckpt_seconds = 0.0
+    for row in read_log(run_dir) if resumed_from is not None else []:
+        loss_value = row.get("loss", loss_value)
+        val_loss = row.get("val_loss", val_loss)
+    ckpt_seconds = eval_seconds = 0.0
     for step in range(start + 1, stop + 1):
         lr = cosine_lr(step - 1, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -284,9 +295,9 @@ def _train(
                 "elapsed_s": elapsed,
             }
             if step % cfg.eval_every == 0 or step == stop:
-                model.eval()
+                e0 = time.perf_counter()
                 metrics = _evaluate(source, model) if dist_info.main else {}
-                model.train()
+                eval_seconds += time.perf_counter() - e0
                 val_loss = metrics.get("val_loss", val_loss)
                 row.update(metrics)
             log.write(row)
@@ -318,7 +329,12 @@ def _train(
         skipped_checkpoints=tuple(skipped),
     )
     if dist_info.main:
-        report = {**result.to_dict(), "checkpoint_seconds": ckpt_seconds, "finished": step == cfg.steps}
+        report = {
+            **result.to_dict(),
+            "checkpoint_seconds": ckpt_seconds,
+            "eval_seconds": eval_seconds,
+            "finished": step == cfg.steps,
+        }
         atomic_write_json(run_dir / "report.json", report)
     log.close()
     notify({"event": "done", "step": step, "total": cfg.steps})
@@ -326,7 +342,7 @@ def _train(
 
 
 def _seq_len(cfg: TrainConfig, source: Any) -> int:
-    return getattr(source, "seq_len", None) or source.n_ctx
+    return getattr(source, "seq_len", None) or source.model_cfg.n_ctx
 
 
 def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.nn.Module:
@@ -340,7 +356,7 @@ def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.n
 def _to(batch: Any, device: torch.device) -> Any:
     import dataclasses
 
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
         return batch.to(device)
     if dataclasses.is_dataclass(batch):
         return dataclasses.replace(
@@ -362,6 +378,19 @@ def _evaluate(source: Any, model: torch.nn.Module) -> dict[str, float]:
         return source.evaluate(model)
     finally:
         model.train(was)
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop the log rows of steps after ``step`` (events without a step stay)."""
+    from interplab.io import atomic_write_text
+
+    file = run_dir / "log.jsonl"
+    if not file.is_file():
+        return
+    lines = file.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(file, "".join(line + "\n" for line in keep))
 
 
 class _Log:

@@ -1,34 +1,26 @@
 """Shared fixtures: a tiny model and a planted SAE whose feature j fires exactly on token j.
 
-The SAE here is a minimal ReLU SAE with the attribute names of `interplab.sae.SAE` (cfg.d_in, cfg.d_sae,
-cfg.hook_name, W_enc, b_enc, W_dec, b_dec, encode, decode), so the tests exercise the same contract."""
+The SAEs are real `interplab.sae` ReLU SAEs whose weights are set by hand."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
-from torch import nn
 
 from interplab.model import ModelConfig, Transformer
+from interplab.sae import SAEConfig, create_sae
 
 HOOK = "blocks.0.hook_resid_pre"
 
 
-class TinySAE(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, hook_name: str = HOOK) -> None:
-        super().__init__()
-        self.cfg = SimpleNamespace(d_in=d_in, d_sae=d_sae, hook_name=hook_name, architecture="relu")
-        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae) / d_in**0.5)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.randn(d_sae, d_in) / d_in**0.5)
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        return acts @ self.W_dec + self.b_dec
+def make_sae(d_in: int, d_sae: int, hook_name: str = HOOK):
+    """A ReLU `interplab.sae.SAE` with random encoder/decoder (std 1/sqrt(d_in)) and zero biases."""
+    sae = create_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="relu", hook_name=hook_name))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae) / d_in**0.5)
+        sae.b_enc.zero_()
+        sae.W_dec.copy_(torch.randn(d_sae, d_in) / d_in**0.5)
+        sae.b_dec.zero_()
+    return sae
 
 
 def tiny_model(d_vocab: int = 40, n_ctx: int = 32) -> Transformer:
@@ -40,12 +32,12 @@ def tiny_model(d_vocab: int = 40, n_ctx: int = 32) -> Transformer:
     )
 
 
-def planted_sae(model: Transformer, d_sae: int) -> TinySAE:
+def planted_sae(model: Transformer, d_sae: int):
     """Feature j reads the embedding of token j with a threshold halfway between its own and the largest
     other token's projection, so it fires exactly on token j (the site is resid_pre of block 0 = W_E[token]
     under rotary positions)."""
     w_e = model.W_E.detach()
-    sae = TinySAE(model.cfg.d_model, d_sae)
+    sae = make_sae(model.cfg.d_model, d_sae)
     with torch.no_grad():
         for j in range(d_sae):
             d = w_e[j] / w_e[j].norm()

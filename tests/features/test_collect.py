@@ -8,7 +8,7 @@ import torch
 from interplab.features import FeatureBuildConfig, collect_features
 from interplab.features.collect import ablation_loss_effect, decoder_logit_effects, top_logits
 from interplab.features.stream import StreamingFeatureStats
-from tests.features.planted import HOOK, TinySAE, planted_sae, tiny_model
+from tests.features.planted import HOOK, make_sae, planted_sae, tiny_model
 
 
 def test_planted_feature_fires_exactly_on_its_token(model, tokens):
@@ -36,7 +36,7 @@ def test_planted_feature_fires_exactly_on_its_token(model, tokens):
 
 def test_streaming_topk_equals_brute_force_sort(model, tokens):
     torch.manual_seed(3)
-    sae = TinySAE(32, 24)
+    sae = make_sae(32, 24)
     cfg = FeatureBuildConfig(
         top_k=7, n_samples=5, window_left=2, window_right=1, batch_size=3, loss_effect=False
     )
@@ -53,6 +53,8 @@ def test_streaming_topk_equals_brute_force_sort(model, tokens):
         assert int(stats.n_fires[f]) == int((col > 0).sum())
         # histogram counts every firing once
         assert int(stats.hist[f].sum()) == int((col > 0).sum())
+    fired = (acts > 0).float()
+    torch.testing.assert_close(stats.cooc.long(), (fired.T @ fired).long())
     # windows hold the right tokens and activations
     seq, pos = stats.top_index[0, 0] // 16, stats.top_index[0, 0] % 16
     want = [int(tokens[seq, q]) if 0 <= q < 16 else -1 for q in range(int(pos) - 2, int(pos) + 2)]
@@ -61,7 +63,7 @@ def test_streaming_topk_equals_brute_force_sort(model, tokens):
 
 def test_batching_does_not_change_anything(model, tokens):
     torch.manual_seed(3)
-    sae = TinySAE(32, 16)
+    sae = make_sae(32, 16)
     a = collect_features(model, sae, tokens, FeatureBuildConfig(batch_size=24, top_k=4, n_samples=4))
     b = collect_features(model, sae, tokens, FeatureBuildConfig(batch_size=5, top_k=4, n_samples=4))
     for name in ("n_fires", "hist", "top_index", "top_tokens", "sample_index", "sample_tokens", "cooc"):
@@ -69,12 +71,12 @@ def test_batching_does_not_change_anything(model, tokens):
     torch.testing.assert_close(a.top_acts, b.top_acts)
     torch.testing.assert_close(a.loss_sum, b.loss_sum)
     # the co-occurrence of a feature with itself is its firing count
-    torch.testing.assert_close(a.cooc.diagonal(), a.n_fires)
+    torch.testing.assert_close(a.cooc.diagonal().long(), a.n_fires)
 
 
 def test_feature_ranges_match_one_pass(model, tokens):
     torch.manual_seed(3)
-    sae = TinySAE(32, 16)
+    sae = make_sae(32, 16)
     cfg = FeatureBuildConfig(batch_size=8, top_k=4, n_samples=4, cooccurrence=False)
     full = collect_features(model, sae, tokens, cfg)
     part = collect_features(model, sae, tokens, cfg, features=torch.arange(5, 11))
@@ -85,7 +87,7 @@ def test_feature_ranges_match_one_pass(model, tokens):
 
 def test_resume_from_state_matches(model, tokens):
     torch.manual_seed(3)
-    sae = TinySAE(32, 16)
+    sae = make_sae(32, 16)
     cfg = FeatureBuildConfig(batch_size=4, top_k=4, n_samples=4)
     full = collect_features(model, sae, tokens, cfg)
     saved = {}
@@ -114,7 +116,7 @@ def test_resume_from_state_matches(model, tokens):
 
 
 def test_logit_effect_of_unembedding_direction_ranks_its_token_first(model):
-    sae = TinySAE(32, 5)
+    sae = make_sae(32, 5)
     with torch.no_grad():
         for f, u in enumerate([3, 17, 0, 39, 22]):
             sae.W_dec[f] = model.W_U[:, u]
@@ -126,7 +128,7 @@ def test_logit_effect_of_unembedding_direction_ranks_its_token_first(model):
 def test_attribution_loss_effect_matches_exact_ablation_for_small_features():
     model = tiny_model()
     torch.manual_seed(5)
-    sae = TinySAE(32, 6)
+    sae = make_sae(32, 6)
     with torch.no_grad():
         sae.W_dec.mul_(1e-3)  # small decoder norms: the first-order estimate is accurate
     toks = torch.randint(0, 40, (3, 10), generator=torch.Generator().manual_seed(2))
@@ -138,9 +140,9 @@ def test_attribution_loss_effect_matches_exact_ablation_for_small_features():
 
 
 def test_sae_width_mismatch_is_refused(model, tokens):
-    sae = TinySAE(48, 8)
+    sae = make_sae(48, 8)
     with pytest.raises(ValueError, match="d_in=48"):
         collect_features(model, sae, tokens)
-    bad = TinySAE(32, 8, hook_name="blocks.5.hook_resid_pre")
+    bad = make_sae(32, 8, hook_name="blocks.5.hook_resid_pre")
     with pytest.raises(ValueError, match="1 layers"):
         collect_features(model, bad, tokens)

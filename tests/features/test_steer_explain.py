@@ -19,11 +19,11 @@ from interplab.features.explain import (
 )
 from interplab.features.steer import SteerMode, steer_generate, steering_hook
 from interplab.features.store import FeatureStore
-from tests.features.planted import TinySAE, planted_sae
+from tests.features.planted import make_sae, planted_sae
 
 
 def _unembed_sae(model, tokens_by_feature):
-    sae = TinySAE(32, len(tokens_by_feature), hook_name="blocks.0.hook_resid_post")
+    sae = make_sae(32, len(tokens_by_feature), hook_name="blocks.0.hook_resid_post")
     with torch.no_grad():
         for f, u in enumerate(tokens_by_feature):
             sae.W_dec[f] = model.W_U[:, u] / model.W_U[:, u].norm()
@@ -93,3 +93,16 @@ def test_prompt_explainer_marks_the_peak_token(tmp_path, model, tokens):
     result = auto_interp(FeatureStore(tmp_path / "f.db"), PromptExplainer(complete), features=[2])
     assert result.explanations[2] == "the token two"
     assert "<<#2>>" in seen[0]
+
+
+def test_steered_generation_matches_a_full_forward_loop(model):
+    torch.manual_seed(4)
+    sae = make_sae(32, 8, hook_name="blocks.0.hook_resid_post")
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    res = steer_generate(model, sae, prompt, feature=5, value=3.0, mode=SteerMode.CLAMP, max_new_tokens=5)
+    hook = steering_hook(sae, 5, 3.0, SteerMode.CLAMP)
+    toks = prompt.clone()
+    for _ in range(5):
+        logits = model.run_with_hooks(toks[None], fwd_hooks=[("blocks.0.hook_resid_post", hook)])
+        toks = torch.cat([toks, logits[0, -1].argmax()[None]])
+    assert res.steered == toks[5:].tolist()

@@ -10,7 +10,7 @@ import torch
 from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
 from interplab.features.store import FeatureNotFound, FeatureStore
-from tests.features.planted import TinySAE, planted_sae
+from tests.features.planted import make_sae, planted_sae
 
 CFG = FeatureBuildConfig(
     top_k=4, n_samples=4, window_left=3, window_right=1, batch_size=4, checkpoint_every=1
@@ -19,7 +19,7 @@ CFG = FeatureBuildConfig(
 
 def _sae():
     torch.manual_seed(7)
-    return TinySAE(32, 12)
+    return make_sae(32, 12)
 
 
 def test_planted_database_contents(tmp_path, model, tokens):

@@ -72,3 +72,23 @@ def test_backward_hook_needs_grad_mode():
         with pytest.raises(RuntimeError, match=r"hook_embed needs gradients.*no_grad"):
             points[3](torch.zeros(2))
     assert not registry.any_active
+
+
+def test_readers_see_the_replaced_value_and_cannot_replace_it():
+    registry, points = make_registry()
+    seen = []
+    with registry.scoped(read_hooks=[("hook_embed", lambda a, s: seen.append(a) or a * 0)]):
+        assert points[3].active and not points[3].intervened
+        x = torch.ones(2)
+        assert points[3](x) is x
+        with registry.scoped([("hook_embed", lambda a, s: a + 1)]):
+            assert points[3].intervened
+            assert torch.equal(points[3](x), x + 1)
+        assert not points[3].intervened
+    assert torch.equal(seen[0], x) and torch.equal(seen[1], x + 1)
+    assert not registry.any_active
+
+
+def test_registry_refuses_two_points_with_one_name():
+    with pytest.raises(ValueError, match=r"two hook points are named 'hook_embed'"):
+        HookRegistry([HookPoint(Site(SiteKind.EMBED)), HookPoint(Site(SiteKind.EMBED))])

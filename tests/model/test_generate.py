@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_variants import VARIANTS, make_model
+from tests.model.model_variants import VARIANTS, make_model
 from torch.testing import assert_close
 
 from interplab.model.generate import Generation, generate

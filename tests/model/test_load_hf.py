@@ -40,7 +40,9 @@ def _gemma2(**kw):
 
 
 def _gpt2(**kw):
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, **kw)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0, **kw
+    )
     return cfg, transformers.GPT2LMHeadModel
 
 
@@ -189,3 +191,71 @@ def test_rope_scaling_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="rope scaling 'linear'"):
         load_model(tmp_path)
+
+
+def _legacy(variant: str, d: dict) -> dict:
+    """Rewrite a transformers-5 config.json the way real checkpoints on the hub were written (flat rope keys,
+    no layer_types), as Pythia, Llama-2, Qwen2 and Gemma-2 folders downloaded years ago still are."""
+    rope = d.pop("rope_parameters")
+    family = d["model_type"]
+    if family == "gpt_neox":
+        d["rotary_pct"], d["rotary_emb_base"] = rope["partial_rotary_factor"], rope["rope_theta"]
+    else:
+        d["rope_theta"], d["rope_scaling"] = rope["rope_theta"], None
+    d.pop("layer_types", None)
+    if family == "qwen2" and d.get("sliding_window") is None:
+        d["sliding_window"], d["use_sliding_window"] = 4096, False  # the old default: window off
+    return d
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "neox-parallel-partial-rotary",
+        "llama-gqa-theta",
+        "qwen2-gqa-bias",
+        "qwen2-tied-sliding",
+        "gemma2-sliding",
+        "mistral-sliding-window",
+    ],
+)
+def test_legacy_hub_configs(tmp_path, variant):
+    hf_model = _make(variant)
+    hf_model.save_pretrained(tmp_path)
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps(_legacy(variant, json.loads(cfg_file.read_text()))))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers reads it too
+    _parity(reloaded, tmp_path, seq=20)
+    _parity(hf_model, tmp_path, seq=20)
+
+
+def test_weights_file_inside_a_folder_loads_the_folder(tmp_path):
+    hf_model = _make("gpt2")
+    hf_model.save_pretrained(tmp_path)
+    _parity(hf_model, tmp_path / "model.safetensors")
+
+
+def test_legacy_non_zip_bin(tmp_path):
+    hf_model = _make("llama-mqa-tied-head-dim")
+    hf_model.save_pretrained(tmp_path)
+    _to_pytorch_bin(tmp_path)
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _parity(hf_model, tmp_path)
+
+
+def test_tokenizer_json_is_attached(tmp_path):
+    from interplab.data.tokenizer import train_bpe
+
+    cfg, cls = _gpt2()
+    cfg.vocab_size = 300
+    hf_model = cls(cfg).eval()
+    hf_model.save_pretrained(tmp_path)
+    tok = train_bpe(["the cat sat on the mat\n"] * 20, vocab_size=300)
+    tok.save(tmp_path / "tokenizer.json")
+    model = load_model(tmp_path)
+    assert model.tokenizer is not None
+    tokens = model.to_tokens("the cat sat")
+    assert model.to_string(tokens[0]) == "the cat sat"
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=1e-4, rtol=0)

@@ -127,6 +127,13 @@ def test_tl_layout_round_trip(tmp_path, variant, suffix):
             elif name.rsplit(".", 1)[-1].startswith("b_") or name.endswith((".w", ".b")):
                 p.normal_(0, 0.1)  # non-trivial biases and norm weights, so a dropped one shows
     state = to_tl_state(model, norm_type)
+    tl_b_in = {}
+    if model.cfg.gated_mlp:
+        # TL's gated MLP adds b_in after the product (act(x W_gate) * (x W_in) + b_in); ours adds it inside
+        # (x W_in + b_in). The reference is our model with b_in = 0 and TL's b_in added at hook_post.
+        for layer in range(model.cfg.n_layers):
+            tl_b_in[layer] = model.blocks[layer].mlp.b_in.detach().clone()
+            model.blocks[layer].mlp.b_in.data.zero_()
     file = tmp_path / f"model{suffix}"
     if suffix == ".pt":
         torch.save(state, file)
@@ -135,8 +142,13 @@ def test_tl_layout_round_trip(tmp_path, variant, suffix):
     (tmp_path / "transformerlens_config.json").write_text(json.dumps(to_tl_config(model.cfg, norm_type)))
     loaded = load_model(file)
     tokens = torch.randint(0, 50, (2, 20))
+    hooks = [
+        (f"blocks.{layer}.mlp.hook_post", lambda act, site, b=b: act + b) for layer, b in tl_b_in.items()
+    ]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(tokens), model(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            loaded(tokens), model.run_with_hooks(tokens, fwd_hooks=hooks), atol=1e-5, rtol=0
+        )
     assert loaded.cfg.n_kv_heads == model.cfg.n_kv_heads and loaded.cfg.causal == model.cfg.causal
 
 
@@ -177,3 +189,70 @@ def test_missing_tl_config_is_explained(tmp_path):
     torch.save(to_tl_state(Transformer(ModelConfig(**BASE)), "LN"), tmp_path / "m.pt")
     with pytest.raises(FileNotFoundError, match="transformerlens_config.json"):
         load_model(tmp_path / "m.pt")
+
+
+# ---- parity with TransformerLens itself, where it is installed (not in the default environment) --------------
+TL_VARIANTS = {
+    "LN-gelu_new": dict(act_fn="gelu_new"),
+    "LNPre-bidirectional-classifier": dict(
+        normalization_type="LNPre", attention_dir="bidirectional", d_vocab_out=3, act_fn="relu"
+    ),
+    "RMS-rotary-gqa-gated": dict(
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        n_key_value_heads=2,
+        gated_mlp=True,
+        act_fn="silu",
+    ),
+    "parallel-partial-rotary-adjacent": dict(
+        positional_embedding_type="rotary",
+        rotary_dim=4,
+        rotary_adjacent_pairs=True,
+        parallel_attn_mlp=True,
+        act_fn="gelu",
+    ),
+    "attn-only": dict(attn_only=True, act_fn=None),
+    "gemma-like": dict(
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        use_normalization_before_and_after=True,
+        attn_scores_soft_cap=20.0,
+        output_logits_soft_cap=10.0,
+        use_local_attn=True,
+        window_size=4,
+        attn_types=["local", "global"],
+        gated_mlp=True,
+        act_fn="gelu_pytorch_tanh",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(TL_VARIANTS))
+def test_parity_with_transformer_lens(tmp_path, variant):
+    tl = pytest.importorskip(
+        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
+    )
+    cfg = tl.HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=50,
+        n_ctx=24,
+        seed=0,
+        **TL_VARIANTS[variant],
+    )
+    model = tl.HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".b" in name or name.endswith(".w"):
+                p.normal_(1.0 if name.endswith(".w") else 0.0, 0.2)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "transformerlens_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
+    ours = load_model(tmp_path / "model.pt")
+    tokens = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), model(tokens), atol=1e-4, rtol=0)

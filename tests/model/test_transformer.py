@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_variants import VARIANTS, make_model
+from tests.model.model_variants import VARIANTS, make_model
 from torch.testing import assert_close
 
 from interplab.hooks import Site, SiteKind
@@ -67,9 +67,11 @@ def tokens_for(cfg: ModelConfig, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.d_vocab, (B, P), generator=torch.Generator().manual_seed(seed))
 
 
-# kinds whose hook switches to another (mathematically equal) computation: the hooked path materialises
-# per-head tensors (einsum per head instead of one fused matmul / SDPA kernel, explicit softmax instead of
-# the SDPA kernel, a hand-written norm instead of F.layer_norm), so float32 rounding differs by ~1e-7
+# kinds whose forward hook switches to another (mathematically equal) computation, so float32 rounding
+# differs by ~1e-7: scores/pattern need the explicit softmax(q k^T) instead of the fused SDPA kernel; result
+# needs a per-head matmul then a sum over heads instead of one matmul over all heads; q/k/v_input need
+# per-head projections of per-head copies; a rewritable norm scale needs a hand-written norm dividing by it
+# instead of F.layer_norm. Every other hook keeps the exact computation of the unhooked forward.
 PATH_SWITCHING = {
     SiteKind.ATTN_SCORES,
     SiteKind.PATTERN,
@@ -78,11 +80,8 @@ PATH_SWITCHING = {
     SiteKind.K_INPUT,
     SiteKind.V_INPUT,
     SiteKind.LN1_SCALE,
-    SiteKind.LN1_NORMALIZED,
     SiteKind.LN2_SCALE,
-    SiteKind.LN2_NORMALIZED,
     SiteKind.LN_FINAL_SCALE,
-    SiteKind.LN_FINAL_NORMALIZED,
 }
 
 
@@ -90,6 +89,18 @@ PATH_SWITCHING = {
 def test_hook_names_are_exactly_the_applicable_sites(variant):
     model = make_model(variant)
     assert set(model.hook_names) == {s.name for s in all_sites(model.cfg)}
+
+
+@pytest.mark.parametrize("variant", NAMES)
+def test_every_hook_point_object_is_registered_once_under_its_own_name(variant):
+    from interplab.hooks import HookPoint
+
+    model = make_model(variant)
+    found = [v for m in model.modules() for v in vars(m).values() if isinstance(v, HookPoint)]
+    assert len({id(p) for p in found}) == len(found) == len(model.hook_points)
+    assert all(model.hook_points[p.name] is p for p in found)
+    assert model.hook_points["ln_final.hook_normalized"] is model.ln_final.hook_normalized
+    assert model.hook_points["blocks.1.ln1.hook_normalized"] is model.blocks[1].ln1.hook_normalized
 
 
 @pytest.mark.parametrize("variant", NAMES)
@@ -171,17 +182,34 @@ def test_split_qkv_input_path_equals_the_normal_path(variant):
     tokens = tokens_for(model.cfg)
     names = lambda n: any(n.endswith(s) for s in ("hook_q", "hook_k", "hook_v", "hook_z"))  # noqa: E731
     plain, ref = model.run_with_cache(tokens, names=names)
-    split, got = model.run_with_cache(tokens, names=lambda n: names(n) or n.endswith("_input"))
+    # a forward hook (even one that returns None) may rewrite the copies: the model takes the split path
+    split, got = model.run_with_cache(
+        tokens, names=names, fwd_hooks=[(lambda n: n.endswith("_input"), lambda x, s: None)]
+    )
     assert_close(split, plain, atol=2e-5, rtol=1e-5)
     for name in ref:
         assert_close(got[name], ref[name], atol=2e-5, rtol=1e-5, msg=name)
-    # each copy of the residual stream is the residual stream itself
-    _, full = model.run_with_cache(tokens, names=lambda n: n.endswith(("_input", "resid_pre")))
-    for layer in range(model.cfg.n_layers):
-        resid = full["resid_pre", layer]
-        for short in ("q_input", "k_input", "v_input"):
-            copies = full[short, layer]
-            assert_close(copies, resid[:, :, None].expand_as(copies), atol=0, rtol=0)
+    # each copy of the residual stream is the residual stream itself, whether only read or rewritable
+    for fwd in ([], [(lambda n: n.endswith("_input"), lambda x, s: None)]):
+        _, full = model.run_with_cache(
+            tokens, names=lambda n: n.endswith(("_input", "resid_pre")), fwd_hooks=fwd
+        )
+        for layer in range(model.cfg.n_layers):
+            resid = full["resid_pre", layer]
+            for short in ("q_input", "k_input", "v_input"):
+                copies = full[short, layer]
+                assert_close(copies, resid[:, :, None].expand_as(copies), atol=0, rtol=0)
+
+
+def test_cached_per_head_inputs_are_views_and_the_cache_counts_shared_memory_once():
+    model = make_model("gpt2")
+    tokens = tokens_for(model.cfg)
+    _, resid = model.run_with_cache(tokens, names=lambda n: n.endswith("resid_pre"))
+    _, both = model.run_with_cache(tokens, names=lambda n: n.endswith(("_input", "resid_pre")))
+    assert resid.nbytes == model.cfg.n_layers * B * P * model.cfg.d_model * 4
+    assert both.nbytes == resid.nbytes
+    _, qkv = model.run_with_cache(tokens, names=lambda n: n.endswith(("hook_q", "hook_k", "hook_v")))
+    assert qkv.nbytes == model.cfg.n_layers * 3 * B * P * model.cfg.d_model * 4
 
 
 def test_patching_one_head_of_q_input_changes_only_that_head():
@@ -376,3 +404,12 @@ def test_hook_shapes_lists_every_point():
     shapes = model.hook_shapes(batch=B, pos=P)
     assert set(shapes) == set(model.hook_names)
     assert shapes["blocks.0.attn.hook_pattern"] == (B, model.cfg.n_heads, P, P)
+
+
+def test_decompose_resid_names_what_is_missing():
+    model = make_model("gpt2")
+    _, cache = model.run_with_cache(tokens_for(model.cfg), names=lambda n: "resid" in n)
+    with pytest.raises(KeyError, match=r"decompose_resid needs 6 components, 6 not cached: \['hook_embed'"):
+        cache.decompose_resid()
+    with pytest.raises(ValueError, match="layer must be in 0..2, got 3"):
+        cache.decompose_resid(3)

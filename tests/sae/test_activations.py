@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import token_batches
+from tests.sae.conftest import token_batches
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 

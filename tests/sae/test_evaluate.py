@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import token_batches
+from tests.sae.conftest import token_batches
 from torch.testing import assert_close
 
 from interplab.sae import SAEConfig, create_sae

@@ -28,6 +28,9 @@ def test_resume_is_bit_exact(corpus_dir, tmp_path, tiny_config):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    logged = [r["step"] for r in read_log(tmp_path / "b") if "loss" in r]
+    assert logged == list(range(1, 9))  # the resumed run's log has each step once
+    assert resumed.loss == straight.loss
     assert straight.tokens == resumed.tokens == 8 * 4 * 32
 
 

@@ -27,10 +27,14 @@ def web_setup(tmp_path_factory) -> dict:
     build_feature_db(root / "tiny.db", model, sae, tokens, cfg)
     run = root / "runs" / "train-tiny"
     run.mkdir(parents=True)
-    (run / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3}) + "\n"
-                                           for s in range(0, 100, 10)))
-    (run / "report.json").write_text(json.dumps({"final_loss": 0.5, "formation": {
-        "steps": [0, 50, 100], "induction_score": [0.01, 0.3, 0.6]}}))
+    (run / "log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3}) + "\n" for s in range(0, 100, 10))
+    )
+    (run / "report.json").write_text(
+        json.dumps(
+            {"final_loss": 0.5, "formation": {"steps": [0, 50, 100], "induction_score": [0.01, 0.3, 0.6]}}
+        )
+    )
     model.save(root / "runs" / "model")
     return {"root": root, "db": root / "tiny.db", "model": model, "sae": sae, "runs": root / "runs"}
 
@@ -39,7 +43,9 @@ def web_setup(tmp_path_factory) -> dict:
 def web_app(web_setup):
     from interplab.web.app import create_app
 
-    return create_app([web_setup["db"]], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+    return create_app(
+        [web_setup["db"]], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"]
+    )
 
 
 @pytest.fixture

@@ -59,7 +59,9 @@ def test_label_round_trip_and_navigation(client):
 
 
 def test_steering_and_attention_api(client, web_setup):
-    r = client.post("/api/db/tiny/feature/2/steer", json={"prompt": "1 2 3", "value": 0.0, "max_new_tokens": 4})
+    r = client.post(
+        "/api/db/tiny/feature/2/steer", json={"prompt": "1 2 3", "value": 0.0, "max_new_tokens": 4}
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["baseline"] == out["steered"] and len(out["steered"]) == 4

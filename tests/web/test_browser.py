@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 pytestmark = pytest.mark.browser
 
@@ -51,7 +58,9 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the playwright Python package is not installed (pip install playwright; .ci/system-deps does it)")
+        pytest.skip(
+            "the playwright Python package is not installed (pip install playwright; .ci/system-deps does it)"
+        )
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         yield b
@@ -66,7 +75,10 @@ def page(browser):
     pg.on("pageerror", lambda e: errors.append(str(e)))
     # no request may leave the machine: everything the pages need is served locally
     outside: list[str] = []
-    pg.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:")) else None)
+    pg.on(
+        "request",
+        lambda r: outside.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:")) else None,
+    )
     yield pg
     ctx.close()
     assert not errors, f"JavaScript errors: {errors}"
@@ -84,7 +96,9 @@ def test_home_to_feature_with_contexts_and_charts(page, server, artifacts_dir):
     # highlighted contexts: every top context has a shaded peak token with its activation on hover
     peaks = page.locator("#top-contexts .tok.peak")
     assert peaks.count() >= 1
-    assert "rgba(255, 110, 0" in (peaks.first.get_attribute("style") or "").replace(",", ", ").replace(",  ", ", ")
+    assert "rgba(255, 110, 0" in (peaks.first.get_attribute("style") or "").replace(",", ", ").replace(
+        ",  ", ", "
+    )
     assert float(peaks.first.get_attribute("data-act")) > 0
     assert "#3" in peaks.first.get_attribute("title")
     # the charts rendered (Plotly draws SVG bars)

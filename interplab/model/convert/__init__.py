@@ -105,7 +105,11 @@ class HFCheckpoint:
 
     def _load_bin(self, file: Path) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != file:
-            self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            self._bin_cache = (file, state)
         return self._bin_cache[1]
 
     def keys(self) -> list[str]:

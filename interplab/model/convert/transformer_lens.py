@@ -48,40 +48,13 @@ _POSITIONAL = {"standard": Positional.LEARNED, "rotary": Positional.ROTARY}
 # TL buffers that are not weights (recomputed by interplab)
 _BUFFERS = {"mask", "IGNORE", "rotary_sin", "rotary_cos"}
 # config fields read below
-_MAPPED = {
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "d_head",
-    "d_mlp",
-    "d_vocab",
-    "d_vocab_out",
-    "n_ctx",
-    "act_fn",
-    "eps",
-    "normalization_type",
-    "attention_dir",
-    "positional_embedding_type",
-    "attn_only",
-    "n_key_value_heads",
-    "rotary_dim",
-    "rotary_base",
-    "rotary_adjacent_pairs",
-    "gated_mlp",
-    "parallel_attn_mlp",
-    "use_attn_scale",
-    "attn_scale",
-    "original_architecture",
-    "model_name",
-    "initializer_range",
-    "use_local_attn",
-    "window_size",
-    "attn_types",
-    "attn_scores_soft_cap",
-    "output_logits_soft_cap",
-    "use_normalization_before_and_after",
-    "final_rms",
-}
+_MAPPED = set(
+    """d_model n_layers n_heads d_head d_mlp d_vocab d_vocab_out n_ctx act_fn eps normalization_type attention_dir
+    positional_embedding_type attn_only n_key_value_heads rotary_dim rotary_base rotary_adjacent_pairs gated_mlp
+    parallel_attn_mlp use_attn_scale attn_scale original_architecture model_name initializer_range use_local_attn
+    window_size attn_types attn_scores_soft_cap output_logits_soft_cap use_normalization_before_and_after
+    final_rms""".split()
+)
 # features interplab does not implement: field -> the values that mean "off"
 _MUST_BE_OFF: dict[str, tuple[Any, ...]] = {
     "scale_attn_by_inverse_layer_idx": (False, None),
@@ -89,47 +62,29 @@ _MUST_BE_OFF: dict[str, tuple[Any, ...]] = {
     "use_qk_norm": (False, None),
     "num_experts": (None, 0, 1),
     "use_NTK_by_parts_rope": (False, None),
+    "use_yarn_rope": (False, None),
+    "use_dynamic_ntk_rope": (False, None),
+    "use_logn_attn": (False, None),
+    "use_attention_sinks": (False, None),
     "relative_attention_num_buckets": (None,),
+    "clip_qkv": (None,),
+    "rotary_base_local": (None,),
+    "rotary_scaling_factor": (None, 1, 1.0),
+    "quantization_method": (None,),
 }
 # informational or run-time settings that do not change the function the weights compute
-_IGNORED = {
-    "use_attn_result",
-    "use_split_qkv_input",
-    "use_hook_mlp_in",
-    "use_attn_in",
-    "use_hook_tokens",
-    "from_checkpoint",
-    "checkpoint_index",
-    "checkpoint_label_type",
-    "checkpoint_value",
-    "tokenizer_name",
-    "init_mode",
-    "device",
-    "n_devices",
-    "seed",
-    "init_weights",
-    "n_params",
-    "default_prepend_bos",
-    "dtype",
-    "tokenizer_prepends_bos",
-    "trust_remote_code",
-    "load_in_4bit",
-    "experts_per_token",
-    "relative_attention_max_distance",
-    "decoder_start_token_id",
-    "tie_word_embeddings",
-    "NTK_by_parts_low_freq_factor",
-    "NTK_by_parts_high_freq_factor",
-    "NTK_by_parts_factor",
-    "NTK_original_ctx_len",
-    "tokenizer_padding_side",
-    "default_padding_side",
-    "dtype_str",
-    "ungroup_grouped_query_attention",
-    "load_in_8bit",
-    "is_stateful",
-    "model_type",
-} | set(_MUST_BE_OFF)
+# (the yarn/NTK factors only matter when the switch above that uses them is on)
+_IGNORED = set(
+    """use_attn_result use_split_qkv_input use_hook_mlp_in use_attn_in use_hook_tokens from_checkpoint
+    checkpoint_index checkpoint_label_type checkpoint_value tokenizer_name init_mode device n_devices seed
+    init_weights n_params default_prepend_bos dtype tokenizer_prepends_bos trust_remote_code load_in_4bit
+    load_in_8bit experts_per_token norm_topk_prob relative_attention_max_distance decoder_start_token_id
+    tie_word_embeddings NTK_by_parts_low_freq_factor NTK_by_parts_high_freq_factor NTK_by_parts_factor
+    NTK_original_ctx_len yarn_factor yarn_attention_factor yarn_beta_fast yarn_beta_slow
+    yarn_original_max_position_embeddings yarn_truncate yarn_global_attn_only train_seq_length
+    tokenizer_padding_side default_padding_side dtype_str ungroup_grouped_query_attention is_stateful
+    model_type uses_rms_norm layer_norm_folding""".split()
+) | set(_MUST_BE_OFF)
 
 
 def read_tl_config(tl_config: str | Path | dict | None, weights_file: Path) -> dict[str, Any]:
@@ -167,6 +122,11 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
     if norm_type not in _NORM:
         raise ValueError(
             f"TransformerLens normalization_type={norm_type!r} is not supported; supported: LN, LNPre, RMS, RMSPre, None"
+        )
+    if tl.get("final_rms") and norm_type in ("LN", "LNPre"):
+        raise ValueError(
+            f"TransformerLens final_rms=True with normalization_type={norm_type!r} (an RMSNorm after LayerNorm "
+            "blocks) is not supported: interplab uses one kind of norm throughout"
         )
     pos_type = tl.get("positional_embedding_type", "standard")
     if pos_type not in _POSITIONAL:
@@ -265,6 +225,18 @@ def tl_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """interplab weights from a TL state dict: TL's names, minus buffers, plus folded-away norm weights."""
     norm_type = tl.get("normalization_type", "LN")
+    state = dict(state)
+    if cfg.gated_mlp:
+        # TL's gated MLP adds b_in after the product: (act(x W_gate) * (x W_in) + b_in) W_out + b_out. interplab
+        # adds it inside the linear branch, so move it (exactly) into b_out: b_out + b_in W_out.
+        for layer in range(cfg.n_layers):
+            m = f"blocks.{layer}.mlp."
+            if m + "b_in" in state and m + "W_out" in state and m + "b_out" in state:
+                b_in = state[m + "b_in"]
+                state[m + "b_out"] = (
+                    state[m + "b_out"] + b_in.to(state[m + "W_out"].dtype) @ state[m + "W_out"]
+                )
+                state[m + "b_in"] = torch.zeros_like(b_in)
     for name, tensor in state.items():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in _BUFFERS:

@@ -1,0 +1,367 @@
+"""``interplab patch``, ``interplab heads``, ``interplab lens``: the analysis toolkit on a model folder.
+
+Inputs come from a task (``--task ioi``: clean, corrupted and answer tokens) or a JSONL prompt file, one
+example per line: ``{"clean": "...", "corrupted": "...", "answer": " Mary", "wrong": " John"}`` (strings
+need the model's tokenizer; lists of token ids and integer ids work with any model; every example must
+have the same length). Each command writes a run folder: ``config.json``, ``log.jsonl``, the results as
+JSON, pictures (``*.html``, and ``*.png`` with ``--png``) and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from interplab.cli.common import console, fail, set_threads
+
+TARGETS = "resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern, mlp_post"
+METRICS = ("logit_diff", "normalized_logit_diff", "prob", "loss")
+
+
+class _Run:
+    """A run folder: config.json at the start, log.jsonl events, results, report.json at the end."""
+
+    def __init__(self, out: Path, config: dict[str, Any], png: bool) -> None:
+        from interplab.io import atomic_write_json
+
+        self.out, self.png, self.t0 = out, png, time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", config)
+        (out / "log.jsonl").write_text("")
+        self.log("start")
+
+    def log(self, event: str, **fields: Any) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"event": event, "time_s": round(time.time() - self.t0, 3), **fields}) + "\n")
+
+    def save(self, result: Any, name: str) -> list[str]:
+        written = [result.save(self.out / f"{name}.json"), result.save(self.out / f"{name}.html")]
+        if self.png:
+            written.append(result.save(self.out / f"{name}.png"))
+        self.log("saved", result=name)
+        return [p.name for p in written]
+
+    def finish(self, report: dict[str, Any]) -> None:
+        from interplab.io import atomic_write_json
+
+        self.log("done")
+        atomic_write_json(self.out / "report.json", report)
+        console.print(f"wrote [bold]{self.out}[/]: " + ", ".join(sorted(p.name for p in self.out.iterdir())))
+
+
+def _load(model_path: Path):
+    from interplab import load_model
+
+    try:
+        return load_model(model_path)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        fail(str(err).strip("'\""))
+
+
+def _ids(model: Any, value: Any, what: str) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return value
+    if isinstance(value, str):
+        if model.tokenizer is None:
+            fail(f"{what} is text but the model has no tokenizer: give token ids instead")
+        return list(model.tokenizer.encode(value))
+    fail(f"{what} must be text, a token id or a list of token ids, got {value!r}")
+    return []
+
+
+def _single(model: Any, value: Any, what: str) -> int:
+    ids = _ids(model, value, what)
+    if len(ids) != 1:
+        fail(f"{what} {value!r} is {len(ids)} tokens; answers must be single tokens")
+    return ids[0]
+
+
+def _examples(
+    model: Any, prompts: Path | None, task: str | None, n: int, seed: int, need_corrupted: bool
+) -> dict[str, Any]:
+    """tokens, corrupted, answer, wrong, positions (None where unknown)."""
+    import torch
+
+    if (prompts is None) == (task is None):
+        fail("give exactly one of --prompts FILE or --task NAME")
+    if task is not None:
+        from interplab.tasks import get_task
+
+        try:
+            batch = get_task(task).generate(n, seed=seed)
+        except (KeyError, TypeError, ValueError) as err:
+            fail(str(err).strip("'\""))
+        meta = batch.meta
+        read = meta.get("end_pos")
+        if read is None:
+            read = torch.tensor([int(row.nonzero().max()) if row.any() else -1 for row in batch.loss_mask])
+        rows = torch.arange(len(batch))
+        if need_corrupted and "corrupted_tokens" not in meta:
+            fail(f"task {task!r} has no corrupted inputs; give a --prompts file with clean/corrupted pairs")
+        return {
+            "tokens": batch.tokens,
+            "corrupted": meta.get("corrupted_tokens"),
+            "positions": read,
+            "answer": meta.get("io_token", batch.targets[rows, read]),
+            "wrong": meta.get("s_token"),
+            "attention_mask": batch.attention_mask,
+        }
+    if not prompts.is_file():
+        fail(f"no prompt file at {prompts}")
+    lines = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+    if not lines:
+        fail(f"{prompts} has no examples")
+    key = "clean" if "clean" in lines[0] else "prompt"
+    tokens = [_ids(model, ex.get(key), f"line {i + 1} {key}") for i, ex in enumerate(lines)]
+    out: dict[str, Any] = {
+        "positions": None,
+        "attention_mask": None,
+        "corrupted": None,
+        "wrong": None,
+        "answer": None,
+    }
+    if len({len(t) for t in tokens}) != 1:
+        fail(f"examples have different lengths {sorted({len(t) for t in tokens})}; pad them to one length")
+    out["tokens"] = torch.tensor(tokens)
+    if "corrupted" in lines[0]:
+        corrupted = [
+            _ids(model, ex.get("corrupted"), f"line {i + 1} corrupted") for i, ex in enumerate(lines)
+        ]
+        if len({len(t) for t in corrupted} | {len(tokens[0])}) != 1:
+            fail("corrupted prompts must have the same number of tokens as the clean ones")
+        out["corrupted"] = torch.tensor(corrupted)
+    elif need_corrupted:
+        fail(f"{prompts} has no 'corrupted' field: patching needs clean/corrupted pairs")
+    for field in ("answer", "wrong"):
+        if field in lines[0]:
+            out[field] = torch.tensor(
+                [_single(model, ex[field], f"line {i + 1} {field}") for i, ex in enumerate(lines)]
+            )
+    return out
+
+
+def patch(
+    model_path: Path = typer.Argument(..., help="model folder (interplab, Hugging Face or TransformerLens)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    prompts: Path = typer.Option(
+        None, "--prompts", help="JSONL file of clean/corrupted/answer/wrong examples"
+    ),
+    task: str = typer.Option(None, "--task", help="a task with corrupted inputs (e.g. ioi)"),
+    target: str = typer.Option("resid_pre", "--target", help=f"what to patch: {TARGETS}"),
+    by_position: bool = typer.Option(False, "--by-position", help="patch heads/neurons position by position"),
+    direction: str = typer.Option("denoise", "--direction", help="denoise or noise"),
+    metric_name: str = typer.Option("logit_diff", "--metric", help=", ".join(METRICS)),
+    attribution: bool = typer.Option(
+        False, "--attribution", help="also run attribution patching and compare"
+    ),
+    n: int = typer.Option(16, "--n", help="examples drawn from --task"),
+    seed: int = typer.Option(0, "--seed"),
+    png: bool = typer.Option(False, "--png", help="also write PNG pictures (needs kaleido)"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+) -> None:
+    """Activation patching (batched) of one target over every layer, position and head/neuron."""
+    set_threads(threads)
+    from rich.progress import Progress
+
+    from interplab import analysis as A
+
+    model = _load(model_path)
+    ex = _examples(model, prompts, task, n, seed, need_corrupted=True)
+    if metric_name not in METRICS:
+        fail(f"unknown metric {metric_name!r}; valid: {', '.join(METRICS)}")
+    if ex["answer"] is None:
+        fail("patching needs an 'answer' token per example")
+    if metric_name in ("logit_diff", "normalized_logit_diff") and ex["wrong"] is None:
+        fail(f"--metric {metric_name} needs a 'wrong' token per example (or use --metric prob)")
+    metric: Any
+    if metric_name == "prob":
+        metric = A.CorrectProb(answer=ex["answer"], positions=ex["positions"])
+    elif metric_name == "loss":
+        metric = A.AnswerLoss(answer=ex["answer"], positions=ex["positions"])
+    else:
+        metric = A.LogitDiff(answer=ex["answer"], wrong=ex["wrong"], positions=ex["positions"])
+        if metric_name == "normalized_logit_diff":
+            mask = ex["attention_mask"]
+            metric = A.NormalizedLogitDiff.calibrate(
+                metric, model(ex["tokens"], attention_mask=mask), model(ex["corrupted"], attention_mask=mask)
+            )
+    run = _Run(
+        out,
+        {
+            "command": "patch",
+            "model": str(model_path),
+            "prompts": str(prompts) if prompts else None,
+            "task": task,
+            "target": target,
+            "by_position": by_position,
+            "direction": direction,
+            "metric": metric_name,
+            "n": n,
+            "seed": seed,
+        },
+        png,
+    )
+    kwargs = dict(by_position=by_position or None, direction=direction, attention_mask=ex["attention_mask"])
+    try:
+        with Progress(console=console, transient=True) as bar:
+            job = bar.add_task(f"patching {target}", total=None)
+            t0 = time.perf_counter()
+            result = A.activation_patch(
+                model,
+                ex["tokens"],
+                ex["corrupted"],
+                metric,
+                target,
+                **kwargs,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+            seconds = time.perf_counter() - t0
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    report: dict[str, Any] = {
+        "result": repr(result),
+        "seconds": seconds,
+        "clean_metric": result.clean_metric,
+        "corrupted_metric": result.corrupted_metric,
+        "files": run.save(result, f"patch_{target}"),
+    }
+    base = result.corrupted_metric if result.direction is A.Direction.DENOISE else result.clean_metric
+    flat = (result.values - base).reshape(-1)
+    top = flat.abs().argsort(descending=True)[:10]
+    report["top_effects"] = [
+        {"index": [int(i) for i in _unravel(int(t), result.values.shape)], "effect": float(flat[t])}
+        for t in top
+    ]
+    if attribution:
+        approx = A.attribution_patch(model, ex["tokens"], ex["corrupted"], metric, target, **kwargs)
+        comparison = A.compare_patching(result, approx)
+        report["attribution"] = {
+            "correlation": comparison.correlation,
+            "max_abs_error": comparison.max_abs_error,
+            "files": run.save(approx, f"attribution_{target}") + run.save(comparison, "comparison"),
+        }
+    run.finish(report)
+
+
+def _unravel(i: int, shape: tuple[int, ...]) -> list[int]:
+    out = []
+    for size in reversed(shape):
+        out.append(i % size)
+        i //= size
+    return out[::-1]
+
+
+def heads(
+    model_path: Path = typer.Argument(..., help="model folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    prompts: Path = typer.Option(
+        None, "--prompts", help="JSONL prompts to score on (default: repeated random tokens)"
+    ),
+    seq_len: int = typer.Option(None, "--seq-len", help="length of each random half of the probe input"),
+    batch: int = typer.Option(8, "--batch", help="probe sequences"),
+    seed: int = typer.Option(0, "--seed"),
+    png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+) -> None:
+    """Previous-token, induction, duplicate-token and copying scores of every head, and attention views."""
+    set_threads(threads)
+    from interplab import analysis as A
+
+    model = _load(model_path)
+    tokens = _examples(model, prompts, None, 0, seed, need_corrupted=False)["tokens"] if prompts else None
+    run = _Run(
+        out,
+        {
+            "command": "heads",
+            "model": str(model_path),
+            "prompts": str(prompts) if prompts else None,
+            "seq_len": seq_len,
+            "batch": batch,
+            "seed": seed,
+        },
+        png,
+    )
+    try:
+        scores = A.head_scores(model, tokens, seq_len=seq_len, batch=batch, seed=seed)
+    except ValueError as err:
+        fail(str(err))
+    report = {
+        "top": {
+            name: scores.top(name, 5)
+            for name in ("previous_token", "induction", "duplicate_token", "copying")
+        },
+        "files": run.save(scores, "heads"),
+    }
+    if tokens is None:
+        from interplab.analysis.heads import repeated_random_tokens
+
+        half = seq_len or min(20, model.cfg.n_ctx // 2)
+        tokens = repeated_random_tokens(model.cfg.d_vocab, half, 1, seed=seed)
+    for layer in range(model.cfg.n_layers):
+        report["files"] += run.save(A.attention_patterns(model, tokens[:1], layer), f"attention_L{layer}")
+    for name, top in report["top"].items():
+        console.print(f"{name}: " + ", ".join(f"L{lay}H{h} {v:.2f}" for lay, h, v in top[:3]))
+    run.finish(report)
+
+
+def lens(
+    model_path: Path = typer.Argument(..., help="model folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    prompts: Path = typer.Option(None, "--prompts", help="JSONL prompts (answer/wrong enable DLA)"),
+    task: str = typer.Option(None, "--task", help="a task to draw examples from"),
+    n: int = typer.Option(16, "--n", help="examples drawn from --task"),
+    seed: int = typer.Option(0, "--seed"),
+    png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+) -> None:
+    """Logit lens at every layer; with answer and wrong tokens also direct logit attribution and the
+    residual-stream decomposition."""
+    set_threads(threads)
+    from interplab import analysis as A
+
+    model = _load(model_path)
+    ex = _examples(model, prompts, task, n, seed, need_corrupted=False)
+    run = _Run(
+        out,
+        {
+            "command": "lens",
+            "model": str(model_path),
+            "prompts": str(prompts) if prompts else None,
+            "task": task,
+            "n": n,
+            "seed": seed,
+        },
+        png,
+    )
+    result = A.logit_lens(model, ex["tokens"], attention_mask=ex["attention_mask"])
+    report: dict[str, Any] = {
+        "files": run.save(result, "logit_lens"),
+        "final_logprob_next": result.logprob_next[-1].mean().item(),
+    }
+    if ex["answer"] is not None and ex["wrong"] is not None:
+        dla = A.direct_logit_attribution(
+            model, ex["tokens"], ex["answer"], ex["wrong"], positions=ex["positions"]
+        )
+        decomposition = A.residual_decomposition(
+            model, ex["tokens"], ex["answer"], ex["wrong"], positions=ex["positions"]
+        )
+        report["dla"] = {
+            "total": dla.total,
+            "sum_of_components": dla.sum_of_components(),
+            "top_neurons": dla.top_neurons(5),
+        }
+        report["files"] += run.save(dla, "dla") + run.save(decomposition, "residual_decomposition")
+        console.print(f"logit difference {dla.total:.4f} = sum of components {dla.sum_of_components():.4f}")
+    run.finish(report)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("patch")(patch)
+    app.command("heads")(heads)
+    app.command("lens")(lens)

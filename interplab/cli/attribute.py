@@ -1,0 +1,74 @@
+"""``interplab attribute RUN_DIR``: which training examples built a mechanism (e.g. the induction head)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from interplab.cli.common import console, fail, set_threads
+
+
+def attribute(
+    run_dir: Path = typer.Argument(..., help="a training run folder (interplab train)"),
+    target: str = typer.Option(
+        "induction:best",
+        help="induction:L.H | prev:L.H | composition:k:L1.H1->L2.H2 | "
+        "induction:best (the head with the highest final score)",
+    ),
+    window: str = typer.Option("auto", help="'auto' (where the target forms) or START:STOP checkpoint steps"),
+    group: str = typer.Option("all", help="parameter group: all, layer:L, head:L.H, neuron:L.N, ..."),
+    dim: int = typer.Option(1024, help="projection dimension of the gradients"),
+    candidates: int = typer.Option(
+        256, help="at most this many training sequences from the window are scored"
+    ),
+    out: Path = typer.Option(None, help="output folder (default RUN_DIR/attribution/TARGET)"),
+    threads: int = typer.Option(None, help="torch threads"),
+) -> None:
+    """Attribute a mechanism's formation to the training sequences that built it (TracIn over checkpoints)."""
+    from rich.progress import Progress
+
+    from interplab.data_attribution.run import attribute_run
+
+    set_threads(threads)
+    if window == "auto":
+        win: str | tuple[int, int] = "auto"
+    else:
+        try:
+            a, b = window.split(":")
+            win = (int(a), int(b))
+        except ValueError:
+            fail(f"--window must be 'auto' or START:STOP, got {window!r}")
+            return
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("checkpoints", total=None)
+            result = attribute_run(
+                run_dir,
+                target,
+                window=win,
+                group=group,
+                dim=dim,
+                max_candidates=candidates,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+        return
+    folder = out or run_dir / "attribution" / result.target.replace(":", "_").replace("->", "_to_")
+    paths = result.save(folder)
+    console.print(
+        f"target [bold]{result.target}[/], window {result.window[0]}..{result.window[1]}, "
+        f"{result.example_ids.numel()} candidate sequences"
+    )
+    for rank, (seq, score) in enumerate(result.top(5), 1):
+        console.print(f"  #{rank} sequence {seq}: {score:.3g}")
+    console.print(
+        "over-represented tokens in the top 10%: " + ", ".join(repr(t) for t, _ in result.enriched[:10])
+    )
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("attribute")(attribute)

@@ -1,0 +1,80 @@
+"""``interplab discover --model DIR --task NAME --method eap|acdc``: automatic circuit discovery to a run folder."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from interplab.cli.common import console, fail, set_threads
+
+
+class Method(str, Enum):
+    EAP = "eap"
+    ACDC = "acdc"
+
+
+def discover_command(
+    model_path: Path = typer.Option(
+        None, "--model", help="model folder or file ('planted-induction': the built-in)"
+    ),
+    task: str = typer.Option(..., "--task", help="task name: parens or induction"),
+    method: Method = typer.Option(Method.EAP, "--method", help="eap or acdc"),
+    data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
+    out: Path = typer.Option(Path("runs/discover"), "--out", help="run folder to write"),
+    n: int = typer.Option(200, "--n", help="clean (and as many corrupted) examples"),
+    k: int = typer.Option(20, "--k", help="EAP: keep the k highest-scoring edges"),
+    threshold: float = typer.Option(
+        0.05, "--threshold", help="ACDC: KL increase below which an edge is removed"
+    ),
+    threads: int = typer.Option(1, "--threads", help="torch threads"),
+) -> None:
+    """Find a circuit with EAP or ACDC; writes report.json and report.html (with the graph)."""
+    set_threads(threads)
+    from interplab.circuits import acdc, eap_circuit
+    from interplab.cli.scrub import load_any_model
+    from interplab.io import atomic_write_json
+    from interplab.scrub.tasks import build_task, discovery_task
+
+    try:
+        model = load_any_model(model_path, task, data)
+        dtask = discovery_task(build_task(task, model, data=data, n_rows=max(4 * n, 1000)), n)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        fail(str(err))
+        return
+    atomic_write_json(
+        out / "config.json",
+        {
+            "command": "discover",
+            "model": str(model_path),
+            "task": task,
+            "method": method.value,
+            "n": n,
+            "k": k,
+            "threshold": threshold,
+        },
+    )
+    if method is Method.EAP:
+        circuit = eap_circuit(model, dtask, k)
+    else:
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as bar:
+            job = bar.add_task("ACDC", total=None)
+            circuit = acdc(
+                model, dtask, threshold, progress=lambda d, t: bar.update(job, completed=d, total=t)
+            )
+    circuit.save(out)
+    f = circuit.faithfulness
+    console.print(repr(circuit))
+    console.print(
+        f"metric: full {f.metric_full:.4g}, circuit {f.metric_circuit:.4g}, corrupted {f.metric_corrupt:.4g}"
+    )
+    for e in circuit.edges:
+        console.print(f"  {e}")
+    console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("discover")(discover_command)

@@ -1,0 +1,140 @@
+"""``interplab scrub HYPOTHESIS.py --model DIR --task NAME``: causal scrubbing, written to a run folder.
+
+HYPOTHESIS.py is a Python file that defines ``hypothesis`` (a `Hypothesis`), ``hypotheses`` (a list of them),
+or ``def hypothesis(model): ...`` returning either. Each is scrubbed; the run folder gets ``config.json``,
+``log.jsonl`` and one ``report.json`` + ``report.html`` per hypothesis (in a subfolder named after it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import typer
+
+from interplab.cli.common import console, fail, set_threads
+
+
+def load_hypotheses(path: Path, model) -> list:
+    """The hypotheses a HYPOTHESIS.py file defines (see the module docstring)."""
+    from interplab.scrub import Hypothesis
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no hypothesis file {path}")
+    spec = importlib.util.spec_from_file_location(f"_interplab_hypothesis_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    found = getattr(module, "hypotheses", None) or getattr(module, "hypothesis", None)
+    if callable(found) and not isinstance(found, Hypothesis):
+        found = found(model)
+    if isinstance(found, Hypothesis):
+        found = [found]
+    if not found or not all(isinstance(h, Hypothesis) for h in found):
+        raise ValueError(
+            f"{path} must define `hypothesis` (a Hypothesis), `hypotheses` (a list of them) "
+            "or `def hypothesis(model)` returning either"
+        )
+    return list(found)
+
+
+def load_any_model(model_path: Path | None, task: str, data: Path | None):
+    if task == "parens" and model_path is None and data is not None:
+        from interplab.scrub.parens import load_paren_model
+
+        return load_paren_model(data)
+    if model_path is None:
+        raise ValueError("give --model DIR (or, for --task parens, --data with the fixture folder)")
+    if task == "parens" and model_path.is_dir() and (model_path / "brackets_model_state_dict.pt").is_file():
+        from interplab.scrub.parens import load_paren_model
+
+        return load_paren_model(model_path)
+    if str(model_path) in ("planted-induction", "builtin:planted-induction"):
+        from interplab.circuits.planted import planted_induction
+
+        return planted_induction()
+    from interplab.model.load import load_model
+
+    return load_model(model_path)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "hypothesis"
+
+
+def scrub_command(
+    hypothesis_file: Path = typer.Argument(..., help="Python file defining `hypothesis` or `hypotheses`"),
+    model_path: Path = typer.Option(
+        None, "--model", help="model folder or file ('planted-induction': the built-in)"
+    ),
+    task: str = typer.Option(..., "--task", help="task name: parens or induction"),
+    data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
+    out: Path = typer.Option(Path("runs/scrub"), "--out", help="run folder to write"),
+    n_examples: int = typer.Option(4000, "--n-examples", help="reference examples"),
+    seeds: int = typer.Option(3, "--seeds", help="resampling seeds"),
+    per_claim: bool = typer.Option(True, "--per-claim/--no-per-claim", help="scrub each claim alone too"),
+    threads: int = typer.Option(1, "--threads", help="torch threads"),
+) -> None:
+    """Causal scrubbing of the hypotheses in HYPOTHESIS.py; prints the recovered-loss table."""
+    set_threads(threads)
+    from rich.progress import Progress
+
+    from interplab.io import atomic_write_json, atomic_write_text
+    from interplab.scrub import ScrubConfig, ScrubError, scrub
+    from interplab.scrub.tasks import build_task
+
+    try:
+        model = load_any_model(model_path, task, data)
+        scrub_task = build_task(task, model, data=data, n_rows=max(n_examples * 2, 4000))
+        hyps = load_hypotheses(hypothesis_file, model)
+        config = ScrubConfig(
+            n_examples=min(n_examples, scrub_task.tokens.shape[0]), n_seeds=seeds, per_claim=per_claim
+        )
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        fail(str(err))
+        return
+    atomic_write_json(
+        out / "config.json",
+        {
+            "command": "scrub",
+            "hypothesis_file": str(hypothesis_file),
+            "model": str(model_path),
+            "task": task,
+            "data": str(data),
+            "n_examples": config.n_examples,
+            "n_seeds": seeds,
+        },
+    )
+    log = []
+    for hyp in hyps:
+        with Progress(console=console, transient=True) as bar:
+            job = bar.add_task(f"scrubbing {hyp.name}", total=None)
+            try:
+                result = scrub(
+                    model,
+                    scrub_task,
+                    hyp,
+                    config,
+                    progress=lambda d, t, job=job: bar.update(job, completed=d, total=t),
+                )
+            except ScrubError as err:
+                fail(str(err))
+                return
+        result.save(out / _slug(hyp.name))
+        console.print(result.table())
+        log.append(
+            {
+                "event": "scrubbed",
+                "hypothesis": hyp.name,
+                "recovered": result.recovered.mean,
+                "loss": result.loss_scrubbed.mean,
+                "folder": _slug(hyp.name),
+            }
+        )
+    atomic_write_text(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+    console.print(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("scrub")(scrub_command)

@@ -1,0 +1,294 @@
+"""Attribute a mechanism's formation in a training run to the training examples that built it.
+
+The trainer makes every batch a pure function of (seed, step), so the examples each step trained on are known
+after the fact: candidates are the sequences seen inside the formation window, scored against the target
+at every checkpoint of the window (TracIn over checkpoints: the sum of -lr <grad target, grad loss_i>).
+
+>>> result = attribute_run("runs/induction-2l", "induction:best")   # doctest: +SKIP
+>>> result.save("runs/induction-2l/attribution")                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from interplab.data_attribution.methods import CheckpointGrads, formation_window, tracin_per_checkpoint
+from interplab.data_attribution.params import param_group
+from interplab.data_attribution.per_example import lm_loss, objective_grad, per_example_grads
+from interplab.data_attribution.projection import Projector
+from interplab.data_attribution.targets import parse_target
+from interplab.io import atomic_write_json, atomic_write_text, save_tensors
+
+
+@dataclass(frozen=True)
+class RunAttribution:
+    """Scores of training sequences for one target over a window of a run's checkpoints."""
+
+    run_dir: str
+    target: str
+    window: tuple[int, int]
+    example_ids: Tensor  # [n] sequence indices in the run's training token store
+    scores: Tensor  # [n] predicted change of the target caused by training on each sequence
+    steps: tuple[int, ...]  # checkpoints used (inside the window)
+    per_step: Tensor  # [n_steps, n] each checkpoint's term
+    curve_steps: tuple[int, ...]  # every checkpoint of the run
+    curve: tuple[float, ...]  # the target's value at each of them
+    texts: tuple[str, ...]  # decoded candidates (empty strings without a tokenizer)
+    enriched: tuple[tuple[str, float], ...]  # tokens over-represented in the top examples vs all candidates
+
+    def top(self, k: int = 10) -> list[tuple[int, float]]:
+        order = self.scores.argsort(descending=True)[:k]
+        return [(int(self.example_ids[i]), float(self.scores[i])) for i in order]
+
+    @property
+    def mass(self) -> Tensor:
+        """Attribution mass per checkpoint: the summed positive contribution of all candidates."""
+        return self.per_step.clamp_min(0).sum(1)
+
+    def plot(self) -> Any:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(
+            rows=1,
+            cols=3,
+            subplot_titles=(
+                f"{self.target} over training (window shaded)",
+                "attribution mass per checkpoint",
+                "scores of candidate sequences",
+            ),
+        )
+        fig.add_trace(
+            go.Scatter(x=list(self.curve_steps), y=list(self.curve), mode="lines+markers", name=self.target),
+            row=1,
+            col=1,
+        )
+        fig.add_vrect(
+            x0=self.window[0], x1=self.window[1], fillcolor="orange", opacity=0.2, line_width=0, row=1, col=1
+        )
+        fig.add_trace(go.Bar(x=list(self.steps), y=self.mass.tolist(), name="mass"), row=1, col=2)
+        fig.add_trace(go.Histogram(x=self.scores.tolist(), nbinsx=40, name="scores"), row=1, col=3)
+        fig.update_xaxes(title_text="step", row=1, col=1)
+        fig.update_xaxes(title_text="checkpoint step", row=1, col=2)
+        fig.update_xaxes(title_text="score", row=1, col=3)
+        fig.update_layout(
+            height=380, width=1200, showlegend=False, title=f"What built {self.target}? ({self.run_dir})"
+        )
+        return fig
+
+    def to_dict(self, k: int = 20) -> dict[str, Any]:
+        top = self.top(k)
+        pos = {int(e): i for i, e in enumerate(self.example_ids)}
+        return {
+            "run_dir": self.run_dir,
+            "target": self.target,
+            "window": list(self.window),
+            "steps": list(self.steps),
+            "n_candidates": int(self.example_ids.numel()),
+            "mass": self.mass.tolist(),
+            "curve": {"steps": list(self.curve_steps), "values": list(self.curve)},
+            "top": [
+                {"sequence": i, "score": s, "text": self.texts[pos[i]][:400] if self.texts else ""}
+                for i, s in top
+            ],
+            "enriched_tokens": [{"token": t, "ratio": r} for t, r in self.enriched],
+            "method": "TracIn over the checkpoints of the formation window (sum of -lr <grad target, grad loss>)",
+        }
+
+    def save(self, folder: str | Path) -> dict[str, str]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(
+            folder / "scores.safetensors",
+            {"example_ids": self.example_ids, "scores": self.scores, "per_step": self.per_step},
+        )
+        atomic_write_json(folder / "report.json", self.to_dict())
+        atomic_write_text(folder / "top_examples.html", self.top_html())
+        fig = self.plot()
+        atomic_write_text(folder / "attribution.html", fig.to_html(include_plotlyjs=True, full_html=True))
+        out = {
+            "report": str(folder / "report.json"),
+            "html": str(folder / "attribution.html"),
+            "examples": str(folder / "top_examples.html"),
+        }
+        try:
+            fig.write_image(str(folder / "attribution.png"))
+            out["png"] = str(folder / "attribution.png")
+        except Exception:  # kaleido needs a browser; the HTML has the same picture
+            pass
+        return out
+
+    def top_html(self, k: int = 10) -> str:
+        """The top sequences as text; highlighted: tokens an induction head can predict (the token pair occurred
+        earlier in the same sequence)."""
+        import html
+
+        pos = {int(e): i for i, e in enumerate(self.example_ids)}
+        parts = [
+            f"<h1>Training sequences that built {html.escape(self.target)}</h1>",
+            "<p>Highlighted: tokens whose (previous, current) pair occurred earlier in the same sequence, "
+            "i.e. what an induction head can predict.</p>",
+        ]
+        for rank, (seq, score) in enumerate(self.top(k), 1):
+            pieces = self._pieces[pos[seq]] if self._pieces else []
+            body = "".join(f"<mark>{html.escape(t)}</mark>" if rep else html.escape(t) for t, rep in pieces)
+            parts.append(f"<h3>#{rank}: sequence {seq}, score {score:.3g}</h3><pre>{body}</pre>")
+        return "<!doctype html><meta charset='utf-8'><title>top examples</title>" + "\n".join(parts)
+
+    @property
+    def _pieces(self) -> list[list[tuple[str, bool]]]:
+        return self.__dict__.get("pieces", [])
+
+
+def _repeated_pairs(tokens: list[int]) -> list[bool]:
+    seen: set[tuple[int, int]] = set()
+    out = [False]
+    for a, b in zip(tokens[:-1], tokens[1:], strict=True):
+        out.append((a, b) in seen)
+        seen.add((a, b))
+    return out
+
+
+def attribute_run(
+    run_dir: str | Path,
+    target: str = "induction:best",
+    *,
+    window: str | tuple[int, int] = "auto",
+    group: str = "all",
+    dim: int = 1024,
+    max_candidates: int = 256,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> RunAttribution:
+    """Score the training sequences seen inside ``window`` (``"auto"``: where the target rises from 10% to 90%
+    of its total rise over the run's checkpoints) for their effect on ``target`` (see `parse_target`;
+    ``induction:best`` / ``prev:best`` pick the head with the highest final score)."""
+    from interplab.model.io import load_native
+    from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource, cosine_lr
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    if cfg.data.task is not None:
+        raise ValueError(
+            f"{run_dir} trained on task {cfg.data.task!r}; attribution to training data needs a corpus run"
+        )
+    ckpts = [c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None]
+    if len(ckpts) < 2:
+        raise ValueError(f"{run_dir} has {len(ckpts)} intact checkpoints; attribution needs at least 2")
+    models = {c.step: load_native(c.path) for c in ckpts}
+    final = models[ckpts[-1].step]
+    target = _resolve_best(final, target)
+    targets = {s: parse_target(m, target) for s, m in models.items()}
+    with torch.no_grad():
+        curve = [float(targets[c.step](models[c.step])) for c in ckpts]
+    steps_all = [c.step for c in ckpts]
+    if window == "auto":
+        lo, hi = formation_window(steps_all, curve)
+    else:
+        lo, hi = window  # type: ignore[misc]
+        if not (steps_all[0] <= lo < hi <= steps_all[-1]):
+            raise ValueError(
+                f"window [{lo}, {hi}] is outside the run's checkpoints ({steps_all[0]}..{steps_all[-1]})"
+            )
+    used = [s for s in steps_all if lo <= s <= hi]
+    if len(used) < 2:
+        raise ValueError(f"window [{lo}, {hi}] holds {len(used)} checkpoint(s); need at least 2")
+    source = CorpusSource(cfg)
+    ids = _window_sequences(source, lo, hi, max_candidates, seed)
+    tokens = source.train.sequences(ids, source.seq_len)
+    grp = param_group(final, group)
+    proj = Projector(d_in=grp.numel, dim=min(dim, grp.numel), seed=seed)
+    o = cfg.optim
+    cps = []
+    for i, step in enumerate(used[:-1]):  # checkpoint s stands for the steps from s up to the next one
+        model = models[step]
+        lr = cosine_lr(step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
+        span = used[i + 1] - step
+        tg = proj.project(objective_grad(model, targets[step], grp)[None])[0]
+        g = proj.project(per_example_grads(model, lm_loss, tokens, grp, chunk_size=8))
+        # an example sits in a step's batch with probability batch/n_train and then moves the weights by
+        # lr/batch times its gradient (SGD form; AdamW's preconditioning is not modelled here)
+        cps.append(CheckpointGrads(step, lr * span / source.n_train, g, tg))
+        if progress is not None:
+            progress(i + 1, len(used) - 1)
+    per_step = tracin_per_checkpoint(cps)
+    scores = per_step.sum(0)
+    texts, pieces = _decode(final, tokens)
+    result = RunAttribution(
+        run_dir=str(run_dir),
+        target=target,
+        window=(lo, hi),
+        example_ids=ids,
+        scores=scores,
+        steps=tuple(used[:-1]),
+        per_step=per_step,
+        curve_steps=tuple(steps_all),
+        curve=tuple(curve),
+        texts=texts,
+        enriched=_enriched(final, tokens, scores),
+    )
+    object.__setattr__(result, "pieces", pieces)
+    return result
+
+
+def _resolve_best(model: Any, target: str) -> str:
+    kind, _, arg = target.partition(":")
+    if arg != "best" or kind not in ("induction", "prev"):
+        return target
+    best, best_value = (0, 0), -1.0
+    with torch.no_grad():
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
+                value = float(parse_target(model, f"{kind}:{layer}.{head}")(model))
+                if value > best_value:
+                    best, best_value = (layer, head), value
+    return f"{kind}:{best[0]}.{best[1]}"
+
+
+def _window_sequences(source: Any, lo: int, hi: int, limit: int, seed: int) -> Tensor:
+    """Training sequence indices the optimiser saw between checkpoints ``lo`` and ``hi`` (step t used batch t-1)."""
+    seen: list[int] = []
+    for step in range(lo, hi):
+        seen.extend(source.indices(step).tolist())
+    unique = torch.tensor(sorted(set(seen)), dtype=torch.long)
+    if unique.numel() > limit:
+        pick = torch.randperm(unique.numel(), generator=torch.Generator().manual_seed(seed))[:limit]
+        unique = unique[pick.sort().values]
+    return unique
+
+
+def _decode(model: Any, tokens: Tensor) -> tuple[tuple[str, ...], list[list[tuple[str, bool]]]]:
+    tok = model.tokenizer
+    texts, pieces = [], []
+    for row in tokens.tolist():
+        flags = _repeated_pairs(row)
+        strings = [tok.decode([t]) if tok is not None else f"[{t}]" for t in row]
+        pieces.append(list(zip(strings, flags, strict=True)))
+        texts.append("".join(strings))
+    return tuple(texts), pieces
+
+
+def _enriched(
+    model: Any, tokens: Tensor, scores: Tensor, k: int = 20, top_frac: float = 0.1
+) -> tuple[tuple[str, float], ...]:
+    """Tokens over-represented in the top ``top_frac`` sequences relative to all candidates (ratio of frequencies)."""
+    n_top = max(1, int(len(scores) * top_frac))
+    top = tokens[scores.argsort(descending=True)[:n_top]]
+    all_counts, top_counts = Counter(tokens.flatten().tolist()), Counter(top.flatten().tolist())
+    n_all, n_topt = tokens.numel(), top.numel()
+    ratios = {t: (c / n_topt) / (all_counts[t] / n_all) for t, c in top_counts.items() if c >= 5}
+    best = sorted(ratios.items(), key=lambda kv: -kv[1])[:k]
+    tok = model.tokenizer
+    return tuple((tok.decode([t]) if tok is not None else str(t), round(r, 3)) for t, r in best)

@@ -1,0 +1,50 @@
+"""interplab attribute on a real (tiny) training run made by the trainer."""
+
+import json
+
+import pytest
+import torch
+
+from interplab.data_attribution.run import attribute_run
+from interplab.train import train
+from tests.train.conftest import _tiny_config
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(16):
+        lines = [f"def func_{j}(value, other={i}):\n    return value * {j} + other\n\n" for j in range(i, i + 30)]
+        (corpus / f"mod_{i:02d}.py").write_text("".join(lines))
+    run = tmp_path / "run"
+    train(_tiny_config(corpus, steps=24, checkpoints={"log_spaced": 4, "every": 6}), run)
+    return run
+
+
+def test_attribute_run_scores_window_sequences_and_writes_outputs(tiny_run, tmp_path):
+    result = attribute_run(tiny_run, "prev:best", window=(0, 12), dim=64, max_candidates=20)
+    assert result.window == (0, 12)
+    assert set(result.steps) <= set(range(0, 12)) and len(result.steps) >= 2
+    n = result.example_ids.numel()
+    assert 0 < n <= 20 and result.scores.shape == (n,) and result.per_step.shape == (len(result.steps), n)
+    torch.testing.assert_close(result.per_step.sum(0), result.scores)
+    assert result.target.startswith("prev:") and len(result.curve) == len(result.curve_steps)
+    paths = result.save(tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["target"] == result.target and len(report["top"]) == min(20, n)
+    assert report["top"][0]["score"] == max(float(s) for s in result.scores)
+    assert "<mark>" in (tmp_path / "out" / "top_examples.html").read_text() or n > 0
+    assert paths["html"].endswith("attribution.html")
+
+
+def test_attribute_run_bad_input(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="outside the run's checkpoints"):
+        attribute_run(tiny_run, "prev:0.0", window=(0, 10_000))
+    with pytest.raises(ValueError, match="unknown target"):
+        attribute_run(tiny_run, "wiggles:0.0", window=(0, 12))
+    with pytest.raises(ValueError, match="head 7 does not exist"):
+        attribute_run(tiny_run, "induction:0.7", window=(0, 12))
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        attribute_run(tmp_path, "prev:0.0")
