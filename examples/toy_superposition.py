@@ -23,7 +23,9 @@ out = Path("runs/toy")
 # four models trained side by side.
 
 # %%
-cfg = ToyConfig(n_features=5, n_hidden=2, n_instances=4, feature_probability=[1.0, 0.3, 0.1, 0.03], importance=0.9)
+cfg = ToyConfig(
+    n_features=5, n_hidden=2, n_instances=4, feature_probability=[1.0, 0.3, 0.1, 0.03], importance=0.9
+)
 model = ToyModel(cfg, seed=0)
 train_toy(model, steps=2000, lr=1e-2)
 geometry = analyze(model)
@@ -37,7 +39,9 @@ geometry.save(out / "five_in_two")  # W^T W, norms coloured by superposition, di
 # (antipodally), i.e. superposition.
 
 # %%
-diagram = phase_diagram(torch.tensor([0.0, 0.5, 0.8, 0.9, 0.97, 0.99]), torch.logspace(-1, 1, 7), steps=2000, restarts=3)
+diagram = phase_diagram(
+    torch.tensor([0.0, 0.5, 0.8, 0.9, 0.97, 0.99]), torch.logspace(-1, 1, 7), steps=2000, restarts=3
+)
 print(diagram.phase)
 diagram.save(out / "phase_diagram")
 save_figure(diagram.plot(), out / "phase_diagram.html")
