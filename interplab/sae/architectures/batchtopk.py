@@ -23,7 +23,8 @@ class BatchTopKSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
-    def train_forward(self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+        x_in = self._sub_b_dec(x_s)
         pre = (x_in @ self.W_enc + self.b_enc).relu()
         flat = pre.flatten()
         n_keep = min(self.cfg.k * pre.shape[0], flat.numel())
