@@ -226,6 +226,12 @@ def main() -> None:
         "saelens": "installed (sae-lens 6.54.12, CPU torch 2.13.0)" if sl else "not installable / not found",
     }
     result["matmul_gflops_cpu"] = rates = matmul_rates()
+    out_path = Path(a.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every section, so a long run leaves its partial results
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "acts.safetensors"
@@ -244,12 +250,13 @@ def main() -> None:
                 tp[f"ours/{arch}"]["fraction_of_bf16_matmul"] = rate / rates["bfloat16"]
                 tp[f"ours/{arch}"]["fraction_of_float32_matmul"] = rate / rates["float32"]
             result["throughput"] = tp
+            write()
         if "quality" not in a.skip:
             result["quality"] = quality(data, a.quality_steps)
+            write()
         if "caching" not in a.skip:
             result["caching"] = caching(tmp)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write()
     print(json.dumps(result, indent=2))
 
 
