@@ -103,7 +103,34 @@ def throughput(data: Path, rounds: int, steps: int, saelens_python: str | None) 
     return out
 
 
-def quality(data: Path, steps: int) -> dict:
+def flop_rates(arch: str, tokens_per_s: float, rates: dict[str, float]) -> dict[str, float]:
+    """Matmul FLOPs of one step per token: a dense step is 10 * d_in * d_sae (encoder forward and W_enc
+    gradient, decoder forward and both gradients; b_dec's input gradient is a matrix-vector product). TopK
+    needs only the encoder forward densely, 2 * d_in * d_sae, plus 8 * k * d_in for the sparse parts."""
+    dense = 10 * D_IN * D_SAE
+    needed = dense if arch == "relu" else 2 * D_IN * D_SAE + 8 * K * D_IN
+    out = {
+        "needed_gflops": needed * tokens_per_s / 1e9,
+        "dense_equivalent_gflops": dense * tokens_per_s / 1e9,
+    }
+    for name in ("bfloat16", "float32"):
+        out[f"needed_fraction_of_{name}_matmul"] = out["needed_gflops"] / rates[name]
+    return out
+
+
+def peak_memory(data: Path, saelens_python: str | None) -> dict:
+    """Peak RSS (VmHWM) of one fresh process per contender: data, model, optimizer and one training step."""
+    out = {}
+    for impl in ("ours", "torch", "saelens"):
+        if impl == "saelens" and not saelens_python:
+            continue
+        for arch in ("relu", "topk"):
+            py = saelens_python if impl == "saelens" else sys.executable
+            out[f"{impl}/{arch}"] = run(impl, arch, data, 2, py)["peak_rss_mb"]
+    return out
+
+
+def quality(data: Path, steps: int, archs: list[str], relu_coefficient: float, lr: dict[str, float]) -> dict:
     """Ours (bf16 autocast + sparse TopK) vs a float32 dense reference from the same init on the same tokens:
     FVU on held-out tokens."""
     from safetensors.torch import load_file
@@ -117,7 +144,8 @@ def quality(data: Path, steps: int) -> dict:
     xs = [x[i * BATCH : (i + 1) * BATCH] for i in range(steps)]
     assert (steps + 2) * BATCH <= x.shape[0], "not enough tokens for the quality run"
     out = {}
-    for arch, coef in (("relu", 5.0), ("topk", 0.0)):
+    for arch in archs:
+        coef = relu_coefficient if arch == "relu" else 0.0
         cfg_sae = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, k=K if arch == "topk" else None)
         torch.manual_seed(0)
         fast = create_sae(cfg_sae)
@@ -210,7 +238,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per contender run")
     p.add_argument("--quality-steps", type=int, default=60)
     p.add_argument("--saelens-python", default="/tmp/sl-venv/bin/python")
-    p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "quality", "caching"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "quality", "caching", "peak"])
+    p.add_argument("--quality-archs", nargs="*", default=["relu", "topk"], choices=["relu", "topk"])
+    p.add_argument(
+        "--relu-coefficient", type=float, default=1.0, help="L1 coefficient of the ReLU quality run"
+    )
+    p.add_argument("--relu-lr", type=float, default=1e-3)
+    p.add_argument("--topk-lr", type=float, default=3e-4)
+    p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out JSON")
     a = p.parse_args()
     torch.set_num_threads(1)
     sl = a.saelens_python if Path(a.saelens_python).exists() else None
@@ -225,8 +260,12 @@ def main() -> None:
         "config": {"d_in": D_IN, "d_sae": D_SAE, "batch": BATCH, "k": K},
         "saelens": "installed (sae-lens 6.54.12, CPU torch 2.13.0)" if sl else "not installable / not found",
     }
-    result["matmul_gflops_cpu"] = rates = matmul_rates()
     out_path = Path(a.out)
+    if a.merge and out_path.exists():
+        result = {**json.loads(out_path.read_text()), **{k: v for k, v in result.items() if k != "machine"}}
+    result["matmul_gflops_cpu"] = rates = result.get("matmul_gflops_cpu") if a.merge else None
+    if not rates:
+        result["matmul_gflops_cpu"] = rates = matmul_rates()
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def write() -> None:  # after every section, so a long run leaves its partial results
@@ -243,19 +282,28 @@ def main() -> None:
                 tp[f"ours/{arch}"]["vs_torch_float32"] = ours / tp[f"torch/{arch}"]["tokens_per_s_cpu"]
                 if sl:
                     tp[f"ours/{arch}"]["vs_saelens"] = ours / tp[f"saelens/{arch}"]["tokens_per_s_cpu"]
-                # dense-equivalent FLOPs of one step: encoder fwd + W_enc grad + input grad, decoder fwd + 2 grads
-                flops = 12 * BATCH * D_IN * D_SAE
-                rate = flops * ours / BATCH / 1e9
-                tp[f"ours/{arch}"]["dense_equivalent_gflops"] = rate
-                tp[f"ours/{arch}"]["fraction_of_bf16_matmul"] = rate / rates["bfloat16"]
-                tp[f"ours/{arch}"]["fraction_of_float32_matmul"] = rate / rates["float32"]
+                tp[f"ours/{arch}"].update(flop_rates(arch, ours, rates))
             result["throughput"] = tp
             write()
         if "quality" not in a.skip:
-            result["quality"] = quality(data, a.quality_steps)
+            lrs = {"relu": a.relu_lr, "topk": a.topk_lr}
+            q = quality(data, a.quality_steps, a.quality_archs, a.relu_coefficient, lrs)
+            result["quality"] = {**result.get("quality", {}), **q}
             write()
         if "caching" not in a.skip:
             result["caching"] = caching(tmp)
+            write()
+        if "peak" not in a.skip:
+            result["peak_rss_mb"] = peak_memory(data, sl)
+        if "throughput" in result:
+            for arch in ("relu", "topk"):
+                result["throughput"][f"ours/{arch}"].update(
+                    flop_rates(arch, result["throughput"][f"ours/{arch}"]["tokens_per_s_cpu"], rates)
+                )
+                for key in ("fraction_of_bf16_matmul", "fraction_of_float32_matmul"):
+                    result["throughput"][f"ours/{arch}"].pop(key, None)
+            for v in result["throughput"].values():
+                v.pop("peak_rss_mb", None)  # per-process peaks live in result["peak_rss_mb"]
     write()
     print(json.dumps(result, indent=2))
 

@@ -104,6 +104,14 @@ def run_saelens(arch: str, xs: list[torch.Tensor]):
     return lambda: [step(x, n) for n, x in enumerate(xs[1:], start=1)]
 
 
+def _peak_rss_mb() -> float:
+    """This process' own peak RSS (VmHWM; ru_maxrss would include the parent's peak inherited across exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["ours", "torch", "saelens"], required=True)
@@ -120,7 +128,7 @@ def main() -> None:
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(
         json.dumps(
             {
