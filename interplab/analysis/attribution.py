@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interplab.analysis.metrics import Metric, check_metric_output
-from interplab.analysis.patching import check_pair
+from interplab.analysis.metrics import Metric
+from interplab.analysis.patching import check_pair, run_metric
 from interplab.analysis.targets import (
     Direction,
     PatchResult,
@@ -83,18 +83,24 @@ def attribution_patch(
     names = [site_of(target, layer).name for layer in layer_list]
     b = clean.shape[0]
     with torch.no_grad():
-        src_logits, src_cache = model.run_with_cache(source_tokens, names, attention_mask=attention_mask)
-        src_values = check_metric_output(metric(src_logits), b)
+        src_values, src_cache, _ = run_metric(
+            model, source_tokens, metric, names, attention_mask=attention_mask
+        )
 
     def leaf(act: Tensor, site: Site) -> Tensor:
         # a leaf that needs a gradient, so frozen weights still give activation gradients
         return act.detach().requires_grad_(True)
 
     with torch.enable_grad():
-        logits, cache = model.run_with_cache(
-            base_tokens, names, grad=True, fwd_hooks=[("hook_embed", leaf)], attention_mask=attention_mask
+        base_values, cache, _ = run_metric(
+            model,
+            base_tokens,
+            metric,
+            names,
+            grad=True,
+            fwd_hooks=[("hook_embed", leaf)],
+            attention_mask=attention_mask,
         )
-        base_values = check_metric_output(metric(logits), b)
         acts = [cache[name] for name in names]
         grads = torch.autograd.grad(base_values.sum(), acts, allow_unused=True)
     pos_list = sorted({p.pos for p in patches if p.pos is not None}, key=[p.pos for p in patches].index)

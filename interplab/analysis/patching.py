@@ -87,13 +87,48 @@ def check_pair(
     return model._check_tokens(clean.to(dev), None), model._check_tokens(corrupted.to(dev), None)
 
 
+def run_metric(
+    model: Any,
+    tokens: Tensor,
+    metric: Metric,
+    names: Sequence[str],
+    *,
+    attention_mask: Tensor | None = None,
+    grad: bool = False,
+    fwd_hooks: Sequence = (),
+    kv_cache: Any = None,
+) -> tuple[Tensor, Any, Tensor | None]:
+    """One run: metric values [batch], a cache of ``names`` and the logits. A `PositionMetric` has only its
+    read positions unembedded (the logits are then None)."""
+    b, n_pos = tokens.shape
+    kw = dict(attention_mask=attention_mask, grad=grad, fwd_hooks=fwd_hooks, kv_cache=kv_cache)
+    if isinstance(metric, PositionMetric):
+        resid, cache = model.run_with_cache(tokens, list(names), stop_at_layer=model.cfg.n_layers, **kw)
+        read = metric.read_positions(b, n_pos, resid.device)
+        final = model.unembed_resid(resid[torch.arange(b, device=resid.device), read])
+        return check_metric_output(metric.from_final(final), b), cache, None
+    logits, cache = model.run_with_cache(tokens, list(names), **kw)
+    return check_metric_output(metric(logits), b), cache, logits
+
+
 def source_activations(
-    model: Any, tokens: Tensor, target: PatchTarget, layers: Sequence[int], attention_mask: Tensor | None
+    model: Any,
+    tokens: Tensor,
+    metric: Metric,
+    target: PatchTarget,
+    layers: Sequence[int],
+    attention_mask: Tensor | None,
 ) -> tuple[Tensor, dict[int, Tensor]]:
-    """Logits and the target's activation at each layer for one run."""
+    """Metric values and the target's activation at each layer for one run."""
     names = [site_of(target, layer).name for layer in layers]
-    logits, cache = model.run_with_cache(tokens, names, attention_mask=attention_mask)
-    return logits, {layer: cache[site_of(target, layer).name] for layer in layers}
+    values, cache, _ = run_metric(model, tokens, metric, names, attention_mask=attention_mask)
+    return values, {layer: cache[site_of(target, layer).name] for layer in layers}
+
+
+# targets whose hooks fire after the point where `Block.forward(keep=...)` drops positions
+_AFTER_KEEP = frozenset(
+    {PatchTarget.RESID_MID, PatchTarget.RESID_POST, PatchTarget.MLP_OUT, PatchTarget.MLP_POST}
+)
 
 
 class _BaseRun:
@@ -106,13 +141,14 @@ class _BaseRun:
         names = [Site(SiteKind.RESID_PRE, layer).name for layer in range(cfg.n_layers)]
         if cfg.smear_keys:
             names += [Site(SiteKind.K, layer).name for layer in range(cfg.n_layers)]
-        self.logits, cache = model.run_with_cache(tokens, names, kv_cache=kv, attention_mask=mask)
+        self.values, cache, self.logits = run_metric(
+            model, tokens, metric, names, attention_mask=mask, kv_cache=kv
+        )
         self.resid = [cache[("resid_pre", layer)] for layer in range(cfg.n_layers)]
         self.k = [layer.k for layer in kv.layers]
         self.v = [layer.v for layer in kv.layers]
         self.raw_k = [cache[("k", layer)] for layer in range(cfg.n_layers)] if cfg.smear_keys else None
         batch, n_pos = tokens.shape
-        self.values = check_metric_output(metric(self.logits), batch)
         self.read_pos = (
             metric.read_positions(batch, n_pos, tokens.device) if isinstance(metric, PositionMetric) else None
         )
@@ -148,15 +184,24 @@ class _BaseRun:
                 act[i * b : (i + 1) * b][sel] = src[sel]
             return act
 
+        keep = None
+        if self.read_pos is not None and (layer < cfg.n_layers - 1 or target not in _AFTER_KEEP):
+            # the last block's MLP only runs where the metric reads
+            keep = (self.read_pos - p0).clamp(min=0).repeat(n)[:, None]
         with model.hooks([(site_of(target, layer), patch)]):
-            out = model.run_blocks(resid, ctx, start=layer, kv_cache=kv)
-        return self._metric(out, n, p0)
+            out = model.run_blocks(resid, ctx, start=layer, kv_cache=kv, keep_last=keep)
+        return self._metric(out, n, p0, kept=keep is not None)
 
-    def _metric(self, out: Tensor, n: int, p0: int) -> Tensor:
+    def _metric(self, out: Tensor, n: int, p0: int, kept: bool) -> Tensor:
         b = self.tokens.shape[0]
         if self.read_pos is not None:
             rel = self.read_pos - p0
-            rows = out.view(n, b, out.shape[1], -1)[:, torch.arange(b, device=out.device), rel.clamp(min=0)]
+            if kept:
+                rows = out.view(n, b, -1)
+            else:
+                rows = out.view(n, b, out.shape[1], -1)[
+                    :, torch.arange(b, device=out.device), rel.clamp(min=0)
+                ]
             logits = self.model.unembed_resid(rows)
             vals = torch.stack([check_metric_output(self.metric.from_final(logits[i]), b) for i in range(n)])
             # a read position before the first recomputed one cannot see any patch: the base value holds
@@ -224,9 +269,10 @@ def activation_patch(
     base_tokens, source_tokens = (corrupted, clean) if direction is Direction.DENOISE else (clean, corrupted)
     layer_list = sorted({p.layer for p in patches})
     with torch.no_grad():
-        src_logits, source = source_activations(model, source_tokens, target, layer_list, attention_mask)
+        src_values, source = source_activations(
+            model, source_tokens, metric, target, layer_list, attention_mask
+        )
         base = _BaseRun(model, base_tokens, attention_mask, metric)
-        src_values = check_metric_output(metric(src_logits), clean.shape[0])
         values: dict[Patch, Tensor] = {}
         for layer, group in groupby(patches, key=lambda p: p.layer):
             for chunk, p0 in _chunks(
@@ -282,9 +328,11 @@ def activation_patch_loop(
     base_tokens, source_tokens = (corrupted, clean) if direction is Direction.DENOISE else (clean, corrupted)
     b = clean.shape[0]
     with torch.no_grad():
-        src_logits, source = source_activations(
-            model, source_tokens, target, sorted({p.layer for p in patches}), attention_mask
+        names = {layer: site_of(target, layer).name for layer in sorted({p.layer for p in patches})}
+        src_logits, cache = model.run_with_cache(
+            source_tokens, list(names.values()), attention_mask=attention_mask
         )
+        source = {layer: cache[name] for layer, name in names.items()}
         base_logits = model(base_tokens, attention_mask=attention_mask)
         flat = []
         for p in patches:

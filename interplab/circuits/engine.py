@@ -43,12 +43,22 @@ class Ablation(str, Enum):
 
 
 @dataclass(frozen=True, eq=False)
+class AtPositions:
+    """A patch that applies only at some positions: elsewhere the edge keeps its unpatched value
+    (edges split by position)."""
+
+    value: Spec | Ablation
+    positions: Int[Tensor, " n"]
+    """position indices (or a boolean mask over positions)"""
+
+
+@dataclass(frozen=True, eq=False)
 class Spec:
     """How to compute a node for a batch: see the module docstring. Compared by identity."""
 
     input: Int[Tensor, " batch"]
     """row of the engine's data set each example runs on"""
-    patches: Mapping[Edge, Spec | Ablation] = field(default_factory=dict)
+    patches: Mapping[Edge, Spec | Ablation | AtPositions] = field(default_factory=dict)
     """edges whose sender value comes from another spec (or an ablation)"""
     propagate: bool = False
     """unpatched edges carry the sender computed under this spec (True) or its clean output on ``input``"""
@@ -62,11 +72,13 @@ class Spec:
         for edge, value in self.patches.items():
             if not isinstance(edge, Edge):
                 raise TypeError(f"Spec.patches keys are Edges (graph.edge('a0.0->a1.0.k')), got {edge!r}")
-            if not isinstance(value, (Spec, Ablation)):
+            if not isinstance(value, (Spec, Ablation, AtPositions)):
                 raise TypeError(
-                    f"patch for {edge.name} must be a Spec or an Ablation, got {type(value).__name__}"
+                    f"patch for {edge.name} must be a Spec, an Ablation or AtPositions, "
+                    f"got {type(value).__name__}"
                 )
-            if isinstance(value, Spec) and value.input.shape != self.input.shape:
+            inner = value.value if isinstance(value, AtPositions) else value
+            if isinstance(inner, Spec) and inner.input.shape != self.input.shape:
                 raise ValueError(
                     f"patch for {edge.name} has batch {tuple(value.input.shape)}, "
                     f"the spec has {tuple(self.input.shape)}"
@@ -269,6 +281,17 @@ class EdgeEngine:
             if not spec.propagate or spec.is_clean_for(edge.sender):
                 return None
             return self._value(edge.sender, spec, memo)
+        if isinstance(patch, AtPositions):
+            inner = self._patch_value(edge, spec, patch.value, memo)
+            if spec.propagate and not spec.is_clean_for(edge.sender):
+                out = self._value(edge.sender, spec, memo).clone()
+            else:
+                out = self.clean_output(edge.sender, spec.input).clone()
+            out[:, patch.positions] = inner.expand_as(out)[:, patch.positions]
+            return out
+        return self._patch_value(edge, spec, patch, memo)
+
+    def _patch_value(self, edge: Edge, spec: Spec, patch: Spec | Ablation, memo: dict) -> Tensor:
         if patch is Ablation.ZERO:
             return torch.zeros_like(self.clean_output(edge.sender, spec.input[:1]))
         if patch is Ablation.MEAN:

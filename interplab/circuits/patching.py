@@ -7,7 +7,8 @@ receivers' changed outputs then flow to the logits through every path (Wang et a
 (each group feeds the next), every other input of those intermediates staying on ``base``.
 
 ``patch_edges(engine, base, {edge: source_rows})`` is the ACDC-style patched model: each listed edge carries
-its sender's ordinary output on another input (or an `Ablation`), everything downstream recomputed.
+its sender's ordinary output on another input (or an `Ablation`), everything downstream recomputed. Edges are
+split by position with ``"a0.0->a1.0.k@3"`` (position 3 only) or ``"...@2,5"``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interplab.circuits.engine import Ablation, EdgeEngine, Spec
+from interplab.circuits.engine import Ablation, AtPositions, EdgeEngine, Spec
 from interplab.circuits.graph import Edge, Node, NodeKind, Slot
 
 
@@ -105,17 +106,29 @@ def patch_edges_spec(
     all other edges carry the patched model's own values."""
     base = _rows(base)
     cache: dict[int, Spec] = {}
-    out: dict[Edge, Spec | Ablation] = {}
+    out: dict[Edge, Spec | Ablation | AtPositions] = {}
     for name, src in patches.items():
+        positions = None
+        if isinstance(name, str) and "@" in name:  # "a0.0->a1.0.k@3" or "...@2,5": only those positions
+            name, _, at = name.partition("@")
+            try:
+                positions = torch.tensor([int(p) for p in at.split(",")])
+            except ValueError:
+                raise ValueError(
+                    f"positions after '@' are integers separated by commas, got {at!r}"
+                ) from None
         edge = engine.graph.edge(name)
         if isinstance(src, Ablation):
-            out[edge] = src
+            value: Spec | Ablation = src
         else:
             src = _rows(src)
             key = id(src)
             if key not in cache:
                 cache[key] = Spec(src)
-            out[edge] = cache[key]
+            value = cache[key]
+        if edge in out:
+            raise ValueError(f"edge {edge.name} is patched twice")
+        out[edge] = value if positions is None else AtPositions(value, positions)
     return Spec(base, out, propagate=True)
 
 

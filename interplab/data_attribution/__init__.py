@@ -1,7 +1,7 @@
 """Training-data attribution along checkpoints: per-example gradients, projections, targets (losses and
 mechanism scores), methods (TracIn, grad-dot/cos, TRAK, influence, the trajectory method) and their evaluation."""
 
-from interplab.data_attribution.evaluate import auc, lds, spearman
+from interplab.data_attribution.evaluate import ablation_check, auc, lds, spearman
 from interplab.data_attribution.methods import (
     CheckpointGrads,
     Method,
@@ -32,6 +32,7 @@ from interplab.data_attribution.targets import (
 )
 
 __all__ = [
+    "ablation_check",
     "CheckpointGrads",
     "Method",
     "ParamGroup",

@@ -292,3 +292,84 @@ def _enriched(
     best = sorted(ratios.items(), key=lambda kv: -kv[1])[:k]
     tok = model.tokenizer
     return tuple((tok.decode([t]) if tok is not None else str(t), round(r, 3)) for t, r in best)
+
+
+@dataclass(frozen=True)
+class Movers:
+    """For one parameter group: which sequences moved it most in each checkpoint interval (update norms)."""
+
+    group: str
+    intervals: tuple[tuple[int, int], ...]
+    example_ids: Tensor  # [n] candidate sequences
+    norms: Tensor  # [n_intervals, n] expected update norm of each sequence on the group, per interval
+    enriched: tuple[
+        tuple[tuple[str, float], ...], ...
+    ]  # per interval: tokens over-represented in the top 10%
+
+    def top(self, interval: int, k: int = 10) -> list[tuple[int, float]]:
+        order = self.norms[interval].argsort(descending=True)[:k]
+        return [(int(self.example_ids[i]), float(self.norms[interval, i])) for i in order]
+
+    def plot(self) -> Any:
+        import plotly.graph_objects as go
+
+        labels = [f"{a}..{b}" for a, b in self.intervals]
+        fig = go.Figure(
+            go.Heatmap(
+                z=self.norms.T.tolist(),
+                x=labels,
+                y=[str(int(i)) for i in self.example_ids],
+                colorscale="Viridis",
+                colorbar={"title": "update norm"},
+            )
+        )
+        fig.update_layout(
+            title=f"Which sequences moved {self.group}",
+            xaxis_title="checkpoint interval",
+            yaxis_title="training sequence",
+            height=600,
+        )
+        return fig
+
+
+def movers(
+    run_dir: str | Path,
+    group: str,
+    *,
+    max_candidates: int = 128,
+    seed: int = 0,
+    steps: tuple[int, int] | None = None,
+) -> Movers:
+    """Per-parameter view: the expected update norm (lr / n_train * |grad|) each training sequence seen in an
+    interval contributed to ``group`` (e.g. ``head:0.1`` or ``neuron:1.17``), for every checkpoint interval."""
+    from interplab.model.io import load_native
+    from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource, cosine_lr
+
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    ckpts = [c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None]
+    if steps is not None:
+        ckpts = [c for c in ckpts if steps[0] <= c.step <= steps[1]]
+    if len(ckpts) < 2:
+        raise ValueError(f"{run_dir} has {len(ckpts)} intact checkpoints in range; need at least 2")
+    source = CorpusSource(cfg)
+    ids = _window_sequences(source, ckpts[0].step, ckpts[-1].step, max_candidates, seed)
+    tokens = source.train.sequences(ids, source.seq_len)
+    o = cfg.optim
+    rows, intervals, enriched = [], [], []
+    for a, b in zip(ckpts[:-1], ckpts[1:], strict=True):
+        model = load_native(a.path)
+        grp = param_group(model, group)
+        lr = cosine_lr(a.step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
+        norms = (
+            per_example_grads(model, lm_loss, tokens, grp, chunk_size=8).norm(dim=1)
+            * lr
+            * (b.step - a.step)
+            / source.n_train
+        )
+        rows.append(norms)
+        intervals.append((a.step, b.step))
+        enriched.append(_enriched(model, tokens, norms))
+    return Movers(group, tuple(intervals), ids, torch.stack(rows), tuple(enriched))

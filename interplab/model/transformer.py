@@ -93,8 +93,15 @@ class Block(nn.Module):
         return [v for m in self.modules() for v in vars(m).values() if isinstance(v, HookPoint)]
 
     def forward(
-        self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext, cache: LayerKV | None = None
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        ctx: AttnContext,
+        cache: LayerKV | None = None,
+        keep: Int[Tensor, "batch k"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``keep`` (query positions per example): after attention, which still reads every key, only these
+        positions go on through the MLP (its hooks, ``hook_resid_mid`` and ``hook_resid_post`` see [batch k]);
+        for readers of a few positions of the last block's output, e.g. batched patching."""
         resid = self.hook_resid_pre(resid)
         inputs = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
         if inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
@@ -120,6 +127,9 @@ class Block(nn.Module):
         if self.cfg.post_norms:
             attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
+        if keep is not None:
+            index = keep[:, :, None].expand(-1, -1, resid.shape[-1])
+            resid, attn_out = resid.gather(1, index), attn_out.gather(1, index)
         if not self.cfg.has_mlp:
             return self.hook_resid_post(resid + attn_out)
         if self.cfg.parallel_attn_mlp:
@@ -250,7 +260,9 @@ class Transformer(nn.Module):
             resid = resid * self.cfg.embed_scale
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
-            if ctx.key_valid is None:  # positions are past .. past+pos in every row: a broadcast view
+            if ctx.key_valid is None and not self.hook_pos_embed.active:
+                # positions are past .. past+pos in every row: a broadcast view of W_pos (never shown to a
+                # hook, which might write into it)
                 b, p, d = resid.shape
                 pos_embed = self.pos_embed.W_pos[ctx.past_len : ctx.past_len + p].expand(b, p, d)
             else:
@@ -265,10 +277,16 @@ class Transformer(nn.Module):
         start: int = 0,
         stop: int | None = None,
         kv_cache: KVCache | None = None,
+        keep_last: Int[Tensor, "batch k"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """Run blocks ``start`` .. ``stop - 1`` on a residual stream."""
-        for layer in range(start, self.cfg.n_layers if stop is None else stop):
-            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
+        """Run blocks ``start`` .. ``stop - 1`` on a residual stream. ``keep_last``: the last block computes
+        its MLP only at these query positions and returns [batch k d_model] (see `Block.forward`)."""
+        stop = self.cfg.n_layers if stop is None else stop
+        for layer in range(start, stop):
+            keep = keep_last if layer == stop - 1 else None
+            resid = self.blocks[layer](
+                resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None, keep
+            )
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
@@ -299,10 +317,12 @@ class Transformer(nn.Module):
         self,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        read_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
     ) -> contextlib.AbstractContextManager[None]:
         """``with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", fn)]): ...``; hooks are removed on exit,
-        also when the block raises."""
-        return self.hook_registry.scoped(fwd_hooks, bwd_hooks)
+        also when the block raises. ``read_hooks`` only look (their return value is ignored), which lets the
+        model show views instead of rewritable copies and keep its fused paths (see docs/hooks.md)."""
+        return self.hook_registry.scoped(fwd_hooks, bwd_hooks, read_hooks)
 
     def run_with_hooks(
         self,

@@ -57,63 +57,50 @@ def induction_task(tokens: Tensor, name: str = "induction") -> ScrubTask:
     return ScrubTask(name=name, tokens=tokens, loss=loss)
 
 
+def _story(head: str, name: str, slots: bool = False, q=(), k=(), v=()) -> Hypothesis:
+    """``head``'s direct path carries the next token; with ``slots``, its inputs carry what induction needs."""
+    children = (
+        [
+            Claim(f"{head}.q", current_token, children=q),
+            Claim(f"{head}.k", previous_occurrence, children=k),
+            Claim(f"{head}.v", copied_token, children=v),
+        ]
+        if slots
+        else []
+    )
+    return Hypothesis(Claim("logits", children=[Claim(head, next_token, children=children)]), name=name)
+
+
 def induction_steps(prev_head: str = "a0.0", induction_head: str = "a1.0") -> list[Hypothesis]:
-    """The worked example's refinements: each claims a little more than the one before."""
+    """The worked example's refinements (K-composition): each claims a little more than the one before."""
     i, p = induction_head, prev_head
+    embed = [Claim("embed")]
     return [
-        Hypothesis(
-            Claim("logits", children=[Claim(i, next_token)]),
-            name=f"1. only {i} matters, and only through the next token",
+        _story(i, f"1. only {i} matters, and only through the next token"),
+        _story(i, f"2. {i}: query = current token, key = where it occurred, value = what followed", True),
+        _story(
+            i, f"3. {i}'s key input is {p}'s output (K-composition)", True, k=[Claim(p, previous_occurrence)]
         ),
-        Hypothesis(
-            Claim(
-                "logits",
-                children=[
-                    Claim(
-                        i,
-                        next_token,
-                        children=[
-                            Claim(f"{i}.q", current_token),
-                            Claim(f"{i}.k", previous_occurrence),
-                            Claim(f"{i}.v", copied_token),
-                        ],
-                    )
-                ],
-            ),
-            name=f"2. {i}: query = current token, key = where it occurred, value = what followed",
+        _story(
+            i,
+            f"4. {i}'s query and value read the token embedding directly",
+            True,
+            q=embed,
+            k=[Claim(p, previous_occurrence)],
+            v=embed,
         ),
-        Hypothesis(
-            Claim(
-                "logits",
-                children=[
-                    Claim(
-                        i,
-                        next_token,
-                        children=[
-                            Claim(f"{i}.q", current_token),
-                            Claim(f"{i}.k", previous_occurrence, children=[Claim(p, previous_occurrence)]),
-                            Claim(f"{i}.v", copied_token),
-                        ],
-                    )
-                ],
-            ),
-            name=f"3. {i}'s key input is {p}'s output (K-composition)",
-        ),
-        Hypothesis(
-            Claim(
-                "logits",
-                children=[
-                    Claim(
-                        i,
-                        next_token,
-                        children=[
-                            Claim(f"{i}.q", current_token, children=[Claim("embed")]),
-                            Claim(f"{i}.k", previous_occurrence, children=[Claim(p, previous_occurrence)]),
-                            Claim(f"{i}.v", copied_token, children=[Claim("embed")]),
-                        ],
-                    )
-                ],
-            ),
-            name=f"4. {i}'s query and value read the token embedding directly",
+    ]
+
+
+def smeared_induction_steps(induction_head: str = "a0.0") -> list[Hypothesis]:
+    """Refinements for an induction head whose key input does the previous-token work itself (smeared keys,
+    as in the ``induction-2l`` preset): its key reads the embedding, no previous-token head is involved."""
+    i = induction_head
+    embed = [Claim("embed")]
+    return [
+        _story(i, f"1. only {i}'s direct path matters, through the next token"),
+        _story(i, f"2. {i}: query = current token, key = where it occurred, value = what followed", True),
+        _story(
+            i, f"3. {i}'s query, key and value read only the token embedding", True, q=embed, k=embed, v=embed
         ),
     ]

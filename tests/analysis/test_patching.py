@@ -9,6 +9,7 @@ from interplab.analysis import (
     SequenceLoss,
     activation_patch,
     activation_patch_loop,
+    attribution_patch,
 )
 from tests.analysis.conftest import VARIANTS, make_model
 
@@ -157,19 +158,20 @@ def test_normalized_logit_diff_is_zero_and_one_at_baselines(model, pair):
     assert result.values.shape == (2, 7)
 
 
-def test_bad_inputs(model, pair):
+@pytest.mark.parametrize("patch_fn", [activation_patch, attribution_patch, activation_patch_loop])
+def test_bad_inputs(model, pair, patch_fn):
     clean, corrupted = pair
     metric = _metric("logit_diff")
     with pytest.raises(ValueError, match=r"clean tokens have shape \(3, 7\) but corrupted tokens \(3, 6\)"):
-        activation_patch(model, clean, corrupted[:, :6], metric, "resid_pre")
+        patch_fn(model, clean, corrupted[:, :6], metric, "resid_pre")
     with pytest.raises(ValueError, match="one value per example"):
-        activation_patch(model, clean, corrupted, lambda logits: logits[:, -1, 0].mean(), "resid_pre")
+        patch_fn(model, clean, corrupted, lambda logits: logits[:, -1, 0].mean(), "resid_pre")
     with pytest.raises(ValueError, match=r"unknown head index 4: layers have 4 heads \(0..3\)"):
-        activation_patch(model, clean, corrupted, metric, "z", indices=[4])
+        patch_fn(model, clean, corrupted, metric, "z", indices=[4])
     with pytest.raises(ValueError, match="unknown patch target 'resid'"):
-        activation_patch(model, clean, corrupted, metric, "resid")
+        patch_fn(model, clean, corrupted, metric, "resid")
     with pytest.raises(ValueError, match="unknown layer 5"):
-        activation_patch(model, clean, corrupted, metric, "resid_pre", layers=[5])
+        patch_fn(model, clean, corrupted, metric, "resid_pre", layers=[5])
     with pytest.raises(ValueError, match="max_batch_tokens"):
         PatchConfig(max_batch_tokens=0)
 
@@ -187,3 +189,16 @@ def test_result_plot_and_save(model, pair, tmp_path):
 
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["dims"] == ["layer", "pos", "head"] and len(data["values"]) == 2
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_run_blocks_keep_last_equals_gathering_the_full_output(variant, pair):
+    model = make_model(**VARIANTS[variant])
+    tokens, _ = pair
+    ctx = model.context(tokens)
+    resid = model.embed_tokens(tokens, ctx)
+    keep = torch.tensor([[6, 0], [3, 3], [1, 5]])
+    with torch.no_grad():
+        full = model.run_blocks(resid, ctx)
+        kept = model.run_blocks(resid, ctx, keep_last=keep)
+    torch.testing.assert_close(kept, full.gather(1, keep[:, :, None].expand(-1, -1, full.shape[-1])))

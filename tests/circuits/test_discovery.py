@@ -67,3 +67,25 @@ def test_circuit_report_files(model, tmp_path):
     assert "<svg" in page and "a0.0-&gt;a1.0.k" in page or "a0.0->a1.0.k" in page
     assert '"method": "eap"' in (tmp_path / "c" / "report.json").read_text()
     assert circuit.plot().data
+
+
+def test_eap_with_zero_ablation_is_exact_for_a_linear_readout(model):
+    from interplab.circuits import Ablation, DiscoveryTask
+
+    base_task = make_task("logit")
+    task = DiscoveryTask(
+        name="zero",
+        tokens=base_task.tokens,
+        clean=base_task.clean,
+        corrupt=Ablation.ZERO,
+        metric=base_task.metric,
+    )
+    engine = EdgeEngine(model, task.tokens)
+    scores = eap(model, task, engine=engine)
+    assert scores.passes == {"forward": 1, "backward": 1}
+    ranked = dict(scores.ranked())
+    base = task.metric(engine.run(Spec(task.clean)), task.clean)
+    patched = task.metric(patch_edges(engine, task.clean, {"a1.0->logits": Ablation.ZERO}), task.clean)
+    torch.testing.assert_close(
+        torch.tensor(ranked["a1.0->logits"]), (patched - base).mean(), atol=1e-4, rtol=1e-4
+    )

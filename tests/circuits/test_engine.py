@@ -174,3 +174,31 @@ def test_graph_names_and_errors():
         graph.slot("a1.0")
     heads_parallel = ComponentGraph(make_model(parallel_attn_mlp=True).cfg)
     assert "a1.0" not in [s.name for s in heads_parallel.senders(heads_parallel.node("m1"))]
+
+
+def test_edges_split_by_position_equal_a_hook_on_that_position():
+    model = make_model()
+    tokens = torch.randint(0, 50, (10, 8))
+    engine = EdgeEngine(model, tokens)
+    a, b = torch.arange(5), torch.arange(5, 10)
+    got = patch_edges(engine, a, {"a0.1->a1.2.k@3,5": b, "m1->logits@7": Ablation.ZERO})
+    _, ca = model.run_with_cache(tokens[a], ["blocks.0.attn.hook_result"])
+    _, cb = model.run_with_cache(tokens[b], ["blocks.0.attn.hook_result"])
+    delta = cb["blocks.0.attn.hook_result"][:, :, 1] - ca["blocks.0.attn.hook_result"][:, :, 1]
+
+    def k_hook(x, site):
+        x = x.clone()
+        x[:, [3, 5], 2] += delta[:, [3, 5]]
+        return x
+
+    def mlp_hook(x, site):
+        x = x.clone()
+        x[:, 7] = 0
+        return x
+
+    expected = forward_hooked(
+        model, tokens[a], [("blocks.1.hook_k_input", k_hook), ("blocks.1.hook_mlp_out", mlp_hook)]
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="integers"):
+        patch_edges(engine, a, {"m1->logits@x": b})

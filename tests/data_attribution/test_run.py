@@ -16,7 +16,9 @@ def tiny_run(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(16):
-        lines = [f"def func_{j}(value, other={i}):\n    return value * {j} + other\n\n" for j in range(i, i + 30)]
+        lines = [
+            f"def func_{j}(value, other={i}):\n    return value * {j} + other\n\n" for j in range(i, i + 30)
+        ]
         (corpus / f"mod_{i:02d}.py").write_text("".join(lines))
     run = tmp_path / "run"
     train(_tiny_config(corpus, steps=24, checkpoints={"log_spaced": 4, "every": 6}), run)
@@ -48,3 +50,15 @@ def test_attribute_run_bad_input(tiny_run, tmp_path):
         attribute_run(tiny_run, "induction:0.7", window=(0, 12))
     with pytest.raises(FileNotFoundError, match="not a training run"):
         attribute_run(tmp_path, "prev:0.0")
+
+
+def test_movers_per_parameter_view(tiny_run):
+    from interplab.data_attribution.run import movers
+
+    view = movers(tiny_run, "head:1.0", max_candidates=12, steps=(0, 12))
+    assert view.norms.shape == (len(view.intervals), view.example_ids.numel())
+    assert bool((view.norms > 0).all())
+    top = view.top(0, 3)
+    assert top[0][1] == float(view.norms[0].max())
+    with pytest.raises(ValueError, match="head 5 does not exist"):
+        movers(tiny_run, "head:1.5", steps=(0, 12))

@@ -92,3 +92,12 @@ def test_per_claim_breakdown_and_report(setup, tmp_path):
     assert "<table>" in (tmp_path / "run" / "report.html").read_text()
     assert "loss recovered" in r.table()
     assert r.forwards["clean_example_forwards"] < r.forwards["naive_example_forwards"]
+
+
+def test_independent_random_inputs_per_path(setup):
+    model, task = setup
+    per_path = ScrubConfig(n_examples=600, n_seeds=2, per_claim=False, batch_size=300, random_per_path=True)
+    assert scrub(model, task, induction_steps()[-1], per_path).recovered.mean >= 0.95
+    empty = scrub(model, task, Hypothesis.empty(), per_path)
+    # every edge into the logits from its own random input: a1.0 alone decides, so still ~the random baseline
+    assert abs(empty.recovered.mean) < 0.05
