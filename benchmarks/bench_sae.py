@@ -154,6 +154,7 @@ def quality(data: Path, steps: int, archs: list[str], relu_coefficient: float, l
         common = {
             "total_steps": steps,
             "coefficient": coef,
+            "lr": lr[arch],
             "log_every": 10**9,
             "warmup_steps": 10,
             "dead_after_tokens": 10**12,
@@ -186,6 +187,8 @@ def quality(data: Path, steps: int, archs: list[str], relu_coefficient: float, l
         out[arch] = {
             "steps": steps,
             "tokens": steps * BATCH,
+            "lr": lr[arch],
+            "coefficient": coef,
             "fvu_ours": fvu["fast"],
             "fvu_float32_dense": fvu["ref"],
             "fvu_relative_difference": (fvu["fast"] - fvu["ref"]) / fvu["ref"],
