@@ -244,9 +244,9 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "quality", "caching", "peak"])
     p.add_argument("--quality-archs", nargs="*", default=["relu", "topk"], choices=["relu", "topk"])
     p.add_argument(
-        "--relu-coefficient", type=float, default=1.0, help="L1 coefficient of the ReLU quality run"
+        "--relu-coefficient", type=float, default=0.3, help="L1 coefficient of the ReLU quality run"
     )
-    p.add_argument("--relu-lr", type=float, default=1e-3)
+    p.add_argument("--relu-lr", type=float, default=2e-3)
     p.add_argument("--topk-lr", type=float, default=3e-4)
     p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out JSON")
     a = p.parse_args()
