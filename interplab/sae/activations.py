@@ -186,3 +186,36 @@ def _as_batch(tokens: Tensor) -> Tensor:
 
 def _to(t: Tensor, device: torch.device | str | None) -> Tensor:
     return t if device is None else t.to(device, non_blocking=True)
+
+
+def corpus_token_batches(
+    model: torch.nn.Module,
+    corpus: str = "python-stdlib",
+    *,
+    split: str = "train",
+    seq_len: int = 128,
+    batch_size: int = 16,
+    n_batches: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Tensor], TokenFilter]:
+    """Token batches [batch_size, seq_len] of a corpus tokenised with the model's own tokenizer (through the
+    token stores of `interplab.data`, cached by content), in a seeded order, and the filter that drops BOS and
+    padding for that tokenizer. Deterministic, so an interrupted `cache_activations` can resume."""
+    from interplab.data import build_token_store, open_corpus
+
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(
+            "the model has no tokenizer (tokenizer.json beside its weights): pass token batches directly"
+        )
+    seq_len = min(seq_len, model.cfg.n_ctx)
+    store = build_token_store(open_corpus(corpus), tok, split)
+    n_seq = store.n_sequences(seq_len)
+    total = n_seq // batch_size if n_batches is None else min(n_batches, n_seq // batch_size)
+    if total == 0:
+        raise ValueError(
+            f"corpus {corpus!r} ({split}) has {n_seq} sequences of {seq_len}: fewer than one batch of {batch_size}"
+        )
+    order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed))
+    batches = [store.sequences(order[i * batch_size : (i + 1) * batch_size], seq_len) for i in range(total)]
+    return batches, TokenFilter(exclude_bos=True, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)

@@ -140,17 +140,21 @@ class SAE(nn.Module):
         coefficient: float = 0.0,
         dead_mask: Tensor | None = None,
         aux_coefficient: float | None = None,
+        with_counts: bool = True,
     ) -> SAEOutput:
         """The training loss on a batch (``target`` is the transcoder's output activation, else x).
 
         ``coefficient`` weights the sparsity penalty (L1 or L0); ``dead_mask`` [d_sae] marks latents that
         have not fired for a while (used by TopK's AuxK loss); ``aux_coefficient`` overrides the
-        architecture's default ``aux_weight``."""
+        architecture's default ``aux_weight``. ``with_counts=False`` skips the per-latent firing counts
+        of dense architectures (a full pass over [batch, d_sae]; the trainer samples them)."""
         self._check_input(x)
         target = x if target is None else target
-        x_in = self._center(x)
+        x_s = x.to(self.W_enc.dtype) * self.act_scale.to(self.W_enc.dtype)
         tgt = target.float() * self.act_scale
-        recon, acts, sparsity, aux, counts = self.train_forward(x_in, tgt, dead_mask)
+        recon, acts, sparsity, aux, counts = self.train_forward(x_s, tgt, dead_mask)
+        if counts is None and with_counts and acts is not None:
+            counts = (acts.detach() > 0).sum(0, dtype=torch.int32)
         mse = (recon - tgt).pow(2).sum(-1).mean()
         aux_w = self.aux_weight if aux_coefficient is None else aux_coefficient
         total = mse + coefficient * sparsity + aux_w * aux
@@ -165,18 +169,32 @@ class SAE(nn.Module):
         )
 
     def train_forward(
-        self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
-        """(normalised reconstruction, acts, sparsity penalty, aux loss, latent counts). Default: dense."""
-        acts = self.activation(x_in @ self.W_enc + self.b_enc)
-        recon = acts @ self.W_dec + self.b_dec
+        self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
+        """From the scaled input ``x_s`` (b_dec not yet subtracted): (normalised reconstruction, acts, sparsity
+        penalty, aux loss, latent counts or None to let `loss` count non-zero acts). Default: dense."""
+        x_in = self._sub_b_dec(x_s)
+        acts = self.activation(torch.addmm(self.b_enc, x_in, self.W_enc))
+        recon = torch.addmm(self.b_dec, acts, self.W_dec).float()
         zero = recon.new_zeros(())
-        return recon.float(), acts, zero, zero, (acts > 0).sum(0)
+        return recon, acts, zero, zero, None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _center(self, x: Tensor) -> Tensor:
-        x = x.to(self.W_enc.dtype) * self.act_scale.to(self.W_enc.dtype)
-        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return self._sub_b_dec(x.to(self.W_enc.dtype) * self.act_scale.to(self.W_enc.dtype))
+
+    def _sub_b_dec(self, x_s: Tensor) -> Tensor:
+        return x_s - self.b_dec if self.cfg.apply_b_dec_to_input else x_s
+
+    def _encoder_input_and_bias(self, x_s: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_s - b_dec with b_dec detached, b_enc + (b_dec.detach() - b_dec) @ W_enc): the same pre-activations
+        as ``_sub_b_dec(x_s) @ W_enc + b_enc`` (the added term is exactly 0), but b_dec's gradient through the
+        input arrives as a [d_in, d_sae] matrix-vector product instead of a [batch, d_sae] x [d_sae, d_in]
+        matmul for the input's gradient."""
+        if not self.cfg.apply_b_dec_to_input:
+            return x_s, self.b_enc
+        b = self.b_dec.detach()
+        return x_s - b, self.b_enc + (b - self.b_dec) @ self.W_enc
 
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:

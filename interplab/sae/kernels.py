@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-_CHUNK = 256  # rows per gather in the decoder's backward (keeps the [chunk, k, d_in] gather in cache)
-
 
 def compute_dtype(t: Tensor) -> torch.dtype:
     """The dtype matmuls on ``t``'s device run in: the autocast dtype if autocast is on, else t's dtype."""
@@ -31,6 +29,12 @@ def _coo(rows: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size, check_invariants=False)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 class TopKEncode(torch.autograd.Function):
@@ -61,7 +65,9 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(d_sae, device=g.device, dtype=torch.float32).index_add_(0, lat, g)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.sparse.mm(_coo(tok, lat, g, (b, d_sae)), W_enc.float().T).to(x_in.dtype)
+            # rows are tokens with exactly k entries each: a CSR matrix with no sorting needed
+            G = _csr(torch.arange(0, b * k + 1, k, device=idx.device), lat, g, (b, d_sae))
+            grad_x = (G @ W_enc.float().T.contiguous()).to(x_in.dtype)
         return grad_x, grad_W, grad_b, None
 
 
@@ -82,12 +88,15 @@ class SparseDecode(torch.autograd.Function):
         grad_out = grad_out.float()
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
-            W = W_dec.float()
-            parts = [
-                torch.bmm(W[i], g.unsqueeze(-1)).squeeze(-1)
-                for i, g in zip(idx.split(_CHUNK), grad_out.split(_CHUNK), strict=False)
-            ]
-            grad_vals = torch.cat(parts).to(vals.dtype)
+            # grad_vals[b, j] = grad_out[b] . W_dec[idx[b, j]]: a sampled dense-dense matmul at the k entries
+            pattern = _csr(
+                torch.arange(0, b * k + 1, k, device=idx.device),
+                idx.reshape(-1),
+                grad_out.new_zeros(b * k),
+                (b, W_dec.shape[0]),
+            )
+            sampled = torch.sparse.sampled_addmm(pattern, grad_out, W_dec.float().T, beta=0.0)
+            grad_vals = sampled.values().view(b, k).to(vals.dtype)
         if ctx.needs_input_grad[2]:
             tok = torch.arange(b, device=idx.device).repeat_interleave(k)
             G = _coo(idx.reshape(-1), tok, vals.float().reshape(-1), (W_dec.shape[0], b))

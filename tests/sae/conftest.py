@@ -10,8 +10,3 @@ def tiny_model() -> Transformer:
     return Transformer(
         ModelConfig(d_model=32, n_layers=2, n_heads=4, d_vocab=50, n_ctx=32, d_mlp=64, name="tiny")
     )
-
-
-def token_batches(n: int, batch: int = 4, pos: int = 16, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 50, (batch, pos), generator=g) for _ in range(n)]

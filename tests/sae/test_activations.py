@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
-from tests.sae.conftest import token_batches
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from interplab.sae.activations import ActivationStream, TensorActivations, TokenFilter, model_activations
 from interplab.sae.disk_store import ActivationDataError, DiskActivationStore, cache_activations
+from tests.sae.helpers import token_batches
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-from tests.sae.conftest import token_batches
 from torch.testing import assert_close
 
 from interplab.sae import SAEConfig, create_sae
 from interplab.sae.evaluate import evaluate_sae
+from tests.sae.helpers import token_batches
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -136,7 +136,7 @@ def test_missing_hook_in_batches_is_a_clear_error():
         train_saes(sae, [{"blocks.0.hook_resid_post": torch.randn(8, 16)}], TrainConfig(total_steps=1))
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("arch", ["relu", pytest.param("topk", marks=pytest.mark.slow)])
 def test_torchrun_data_parallel_equals_one_process(arch, tmp_path):
     """2 CPU processes (gloo), each on half of every batch, end where one process on whole batches ends.
     (No dead latents here: AuxK normalises by each rank's own residual variance, so it is not batch-exact.)"""

@@ -23,7 +23,8 @@ class BatchTopKSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
-    def train_forward(self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+        x_in = self._sub_b_dec(x_s)
         pre = (x_in @ self.W_enc + self.b_enc).relu()
         flat = pre.flatten()
         n_keep = min(self.cfg.k * pre.shape[0], flat.numel())
@@ -35,4 +36,4 @@ class BatchTopKSAE(SAE):
                 self.threshold.mul_(0.99).add_(0.01 * positive.min().float())
         recon = (acts @ self.W_dec + self.b_dec).float()
         zero = recon.new_zeros(())
-        return recon, acts, zero, zero, (acts > 0).sum(0)
+        return recon, acts, zero, zero, None

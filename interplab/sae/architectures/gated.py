@@ -30,7 +30,8 @@ class GatedSAE(SAE):
         mag = (pre * self.r_mag.exp().to(pre.dtype) + self.b_mag.to(pre.dtype)).relu()
         return gate * mag
 
-    def train_forward(self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+        x_in = self._sub_b_dec(x_s)
         proj = x_in @ self.W_enc
         pi_gate = proj + self.b_enc
         mag = (proj * self.r_mag.exp() + self.b_mag).relu()
@@ -41,4 +42,4 @@ class GatedSAE(SAE):
         # the gate path alone must reconstruct too (frozen decoder), so the gate learns which latents matter
         aux_recon = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         aux = (aux_recon.float() - target).pow(2).sum(-1).mean()
-        return recon, acts, l1, aux, (acts > 0).sum(0)
+        return recon, acts, l1, aux, None

@@ -63,10 +63,11 @@ class JumpReLUSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
-    def train_forward(self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+        x_in = self._sub_b_dec(x_s)
         pre = (x_in @ self.W_enc + self.b_enc).float()
         t = self.threshold.float().clamp_min(1e-6)
         acts = _JumpReLU.apply(pre, t, self.cfg.jumprelu_bandwidth)
         recon = (acts @ self.W_dec + self.b_dec).float()
         l0 = _Step.apply(pre, t, self.cfg.jumprelu_bandwidth).sum(-1).mean()
-        return recon, acts, l0, recon.new_zeros(()), (acts > 0).sum(0)
+        return recon, acts, l0, recon.new_zeros(()), None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from interplab.sae.base import SAE
@@ -16,9 +17,11 @@ class ReLUSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
 
-    def train_forward(self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None):
-        acts = (x_in @ self.W_enc + self.b_enc).relu()
-        recon = (acts @ self.W_dec + self.b_dec).float()
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+        x_in, b_enc = self._encoder_input_and_bias(x_s)
+        # addmm keeps the whole product in the autocast dtype (x @ W + b would promote it back to float32)
+        acts = torch.addmm(b_enc, x_in, self.W_enc).relu()
+        recon = torch.addmm(self.b_dec, acts, self.W_dec).float()
         # sum_i |a_i| * ||W_dec[i]||: scale-invariant, so shrinking the encoder cannot game the penalty
-        l1 = (acts.float() @ self.W_dec.norm(dim=-1)).mean()
-        return recon, acts, l1, recon.new_zeros(()), (acts > 0).sum(0)
+        l1 = (acts @ self.W_dec.norm(dim=-1)).float().mean()
+        return recon, acts, l1, recon.new_zeros(()), None

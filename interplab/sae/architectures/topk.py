@@ -25,10 +25,10 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return scatter_latents(vals.relu(), idx, self.cfg.d_sae)
 
-    def train_forward(self, x_in: Tensor, target: Tensor, dead_mask: Tensor | None):
-        shape = x_in.shape
-        x2 = x_in.reshape(-1, shape[-1])
-        vals, idx = topk_encode(x2, self.W_enc, self.b_enc, self.cfg.k)
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+        x_in, b_enc = self._encoder_input_and_bias(x_s)
+        x2 = x_in.reshape(-1, x_in.shape[-1])
+        vals, idx = topk_encode(x2, self.W_enc, b_enc, self.cfg.k)
         recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         counts = torch.bincount(idx[vals > 0], minlength=self.cfg.d_sae)
         aux = self.aux_k_loss(x2, target.reshape(-1, target.shape[-1]) - recon.detach(), dead_mask)

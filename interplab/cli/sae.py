@@ -1,0 +1,296 @@
+"""``interplab sae cache|train|eval``: cache activations, train SAEs (one or a sweep, from one pass), evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from interplab.cli.common import console, fail, set_threads
+
+app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
+
+
+def _load_model(path: Path) -> Any:
+    from interplab import load_model
+
+    try:
+        return load_model(path)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        fail(str(err).strip("'\""))
+
+
+def _progress(total: int, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+
+
+@app.command("cache")
+def cache(
+    model_path: Path = typer.Argument(..., help="model folder (interplab, Hugging Face or TransformerLens)"),
+    hooks: list[str] = typer.Option(
+        ..., "--hook", help="site to cache, e.g. blocks.1.hook_resid_post (repeatable)"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="cache folder (resumes an unfinished one)"),
+    corpus: str = typer.Option(
+        "python-stdlib", "--corpus", help="python-stdlib or a file/folder/dataset path"
+    ),
+    split: str = typer.Option("train", "--split"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    batch: int = typer.Option(16, "--batch", help="sequences per forward pass"),
+    tokens: int = typer.Option(1_000_000, "--tokens", help="stop after about this many activation rows"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, float16 or bfloat16 on disk"),
+    shard_rows: int = typer.Option(65536, "--shard-rows"),
+    threads: int = typer.Option(None, "--threads"),
+) -> None:
+    """Run the model over a corpus and write activations to a sharded, resumable cache."""
+    from interplab.sae.activations import corpus_token_batches
+    from interplab.sae.disk_store import cache_activations
+
+    set_threads(threads)
+    model = _load_model(model_path)
+    try:
+        batches, tfilter = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
+        with _progress(tokens, "caching") as bar:
+            task = bar.add_task("cache", total=tokens, info="")
+            res = cache_activations(
+                model,
+                batches,
+                hooks,
+                out,
+                dtype=dtype,
+                shard_rows=shard_rows,
+                token_filter=tfilter,
+                max_rows=tokens,
+                progress=lambda n: bar.update(task, completed=min(n, tokens)),
+            )
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        fail(str(err).strip("'\""))
+        return
+    console.print(
+        f"{res.rows:,} rows in {res.shards} shards, {res.bytes_per_token:,.0f} bytes/token -> {out}"
+    )
+
+
+def _parse_sweep(sweep: list[str]) -> list[dict[str, float]]:
+    """``coefficient=1,3,10`` / ``k=16,32`` -> one dict per SAE."""
+    if not sweep:
+        return [{}]
+    runs: list[dict[str, float]] = [{}]
+    for item in sweep:
+        key, _, values = item.partition("=")
+        if key not in ("coefficient", "k", "lr", "d_sae") or not values:
+            fail(
+                f"bad --sweep {item!r}: use coefficient=..., k=..., lr=... or d_sae=... with comma-separated values"
+            )
+        runs = [{**r, key: float(v)} for r in runs for v in values.split(",")]
+    return runs
+
+
+@app.command("train")
+def train(
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="run folder: config.json, log.jsonl, saes/NAME, report"
+    ),
+    model_path: Path = typer.Option(None, "--model", help="stream activations from this model over --corpus"),
+    cache_dir: Path = typer.Option(
+        None, "--cache", help="read activations from this cache (interplab sae cache)"
+    ),
+    hooks: list[str] = typer.Option(..., "--hook", help="site(s) to train on; one SAE set per hook"),
+    arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk, jumprelu or gated"),
+    expansion: int = typer.Option(8, "--expansion", help="d_sae = expansion * d_in (unless swept)"),
+    k: int = typer.Option(32, "--k", help="active latents for topk/batchtopk"),
+    coefficient: float = typer.Option(5.0, "--coefficient", help="L1 (relu, gated) or L0 (jumprelu) weight"),
+    sweep: list[str] = typer.Option(
+        [], "--sweep", help="e.g. coefficient=1,3,10 or k=16,32: several SAEs, one pass"
+    ),
+    steps: int = typer.Option(2000, "--steps"),
+    batch: int = typer.Option(4096, "--batch", help="activation rows per step"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    corpus: str = typer.Option("python-stdlib", "--corpus"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    autocast: bool = typer.Option(True, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"),
+    threads: int = typer.Option(None, "--threads"),
+) -> None:
+    """Train SAEs (several hooks and/or a sweep, all from one pass over the activations)."""
+    from interplab.io import atomic_write_json
+    from interplab.plots import save_figure
+    from interplab.sae import SAEConfig, create_sae
+    from interplab.sae.train import TrainConfig, train_saes
+
+    set_threads(threads)
+    if (model_path is None) == (cache_dir is None):
+        fail("give exactly one of --model (stream) or --cache (read a cache)")
+    try:
+        if cache_dir is not None:
+            from interplab.sae.disk_store import DiskActivationStore
+
+            store = DiskActivationStore(cache_dir)
+            widths = {h: store.hooks[h] for h in _canon(hooks) if h in store.hooks}
+            missing = [h for h in _canon(hooks) if h not in store.hooks]
+            if missing:
+                fail(f"{cache_dir} has no activations for {missing}; it holds {list(store.hooks)}")
+            epochs = -(-steps * batch // max(store.rows, 1))
+            batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs)
+            model_name = store.manifest.get("model")
+        else:
+            from interplab.sae.activations import ActivationStream, corpus_token_batches
+
+            model = _load_model(model_path)
+            shapes = model.hook_shapes(batch=1, pos=2)
+            widths = {}
+            for h in _canon(hooks):
+                if h not in shapes:
+                    model.hook_registry.resolve(h)
+                widths[h] = int(shapes[h][-1]) if len(shapes[h]) == 3 else int(shapes[h][-2] * shapes[h][-1])
+            toks, tfilter = corpus_token_batches(
+                model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len)
+            )
+            batches = ActivationStream(
+                model,
+                _cycle(toks),
+                list(widths),
+                batch_size=batch,
+                buffer_tokens=max(8 * batch, 65536),
+                token_filter=tfilter,
+            )
+            model_name = str(model_path)
+        saes, cfgs = {}, {}
+        for hook, d_in in widths.items():
+            for run in _parse_sweep(sweep):
+                d_sae = int(run.get("d_sae", expansion * d_in))
+                kk = int(run.get("k", k))
+                name = hook.replace(".", "_") + "".join(f"__{key}_{v:g}" for key, v in run.items())
+                saes[name] = create_sae(
+                    SAEConfig(
+                        d_in=d_in,
+                        d_sae=d_sae,
+                        architecture=arch,
+                        hook_name=hook,
+                        k=kk if arch in ("topk", "batchtopk") else None,
+                        model_name=model_name,
+                    )
+                )
+                cfgs[name] = TrainConfig(
+                    total_steps=steps,
+                    lr=run.get("lr", lr),
+                    coefficient=run.get("coefficient", coefficient),
+                    coefficient_warmup_steps=steps // 20,
+                    warmup_steps=min(100, steps // 10 + 1),
+                    autocast=autocast,
+                    log_every=max(1, min(50, steps // 20)),
+                )
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        fail(str(err).strip("'\""))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        out / "config.json",
+        {
+            "command": "sae train",
+            "source": str(cache_dir or model_path),
+            "saes": {n: s.cfg.to_dict() for n, s in saes.items()},
+            "train": {n: {**c.__dict__} for n, c in cfgs.items()},
+        },
+    )
+    console.print(f"training {len(saes)} SAE(s) for {steps:,} steps of {batch:,} rows -> {out}")
+    with _progress(steps, "sae train") as bar:
+        task = bar.add_task("train", total=steps, info="")
+
+        def show(p) -> None:
+            first = next(iter(p.metrics.values()))
+            bar.update(
+                task,
+                completed=p.step,
+                info=f"L0 {first['l0']:.1f}  MSE {first['mse']:.4g}  FVU {first['fvu']:.3f}  "
+                f"dead {first['dead_fraction']:.1%}",
+            )
+
+        result = train_saes(saes, batches, cfgs, run_dir=out, progress=show)
+    for metric in ("fvu", "l0", "dead_fraction"):
+        save_figure(result.plot(metric), out / f"training_{metric}.html")
+    for name in saes:
+        f = result.final(name)
+        console.print(
+            f"{name}: L0 {f.get('l0', 0):.1f}, FVU {f.get('fvu', 0):.4f}, dead {f.get('dead_fraction', 0):.1%}"
+        )
+    console.print(f"SAEs in {out}/saes/ ; next: interplab sae eval {out} --model MODEL")
+
+
+@app.command("eval")
+def evaluate(
+    sae_path: Path = typer.Argument(..., help="an SAE folder (cfg.json) or a training run folder (saes/*)"),
+    model_path: Path = typer.Option(..., "--model", help="the model the SAE reads"),
+    out: Path = typer.Option(None, "--out", "-o", help="report folder (default: SAE_PATH/eval)"),
+    corpus: str = typer.Option("python-stdlib", "--corpus"),
+    split: str = typer.Option("validation", "--split"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    batches: int = typer.Option(8, "--batches", help="batches of 16 sequences"),
+    threads: int = typer.Option(None, "--threads"),
+) -> None:
+    """L0, MSE, FVU, CE loss recovered (vs zero and mean ablation), KL, density: report.json + plots."""
+    from interplab.io import atomic_write_json
+    from interplab.plots import save_figure
+    from interplab.sae import load_sae
+    from interplab.sae.activations import corpus_token_batches
+    from interplab.sae.evaluate import evaluate_sae
+    from interplab.sae.plots import sparsity_frontier
+
+    set_threads(threads)
+    folders = (
+        [sae_path]
+        if (sae_path / "cfg.json").is_file()
+        else sorted(p for p in (sae_path / "saes").glob("*") if (p / "cfg.json").is_file())
+    )
+    if not folders:
+        fail(f"{sae_path} is neither an SAE folder (cfg.json) nor a run folder with saes/*/cfg.json")
+    out = out or sae_path / "eval"
+    model = _load_model(model_path)
+    try:
+        toks, tfilter = corpus_token_batches(
+            model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
+        )
+        reports = {}
+        for folder in folders:
+            sae = load_sae(folder)
+            rep = evaluate_sae(model, sae, toks, token_filter=tfilter)
+            rep.save(out / folder.name)
+            reports[folder.name] = rep
+            console.print(f"{folder.name}: {rep!r}")
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        fail(str(err).strip("'\""))
+        return
+    points = [{"name": n, **r.to_dict()} for n, r in reports.items()]
+    atomic_write_json(out / "report.json", {"saes": points})
+    if len(points) > 1:
+        save_figure(sparsity_frontier(points, "fvu"), out / "frontier_fvu.html")
+        save_figure(sparsity_frontier(points, "ce_loss_recovered"), out / "frontier_ce.html")
+    console.print(f"report: {out}/report.json")
+
+
+def _canon(hooks: list[str]) -> list[str]:
+    from interplab.hooks import Site
+
+    try:
+        return [Site.parse(h).name for h in hooks]
+    except ValueError as err:
+        fail(str(err))
+        return []
+
+
+def _cycle(items: list) -> Any:
+    while True:
+        yield from items
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="sae")
