@@ -231,8 +231,7 @@ class ERAResult:
                             name=f"{r.condition} ({r.labelled_fraction:.0%} labelled)")  # fmt: skip
         fig.update_layout(title="Retraining robustness: forget loss after fine-tuning on k forget examples",
                           xaxis_title="forget windows fine-tuned on (k)", yaxis_title="forget validation loss",
-                          xaxis_type="log" if 0 not in ks else "linear", width=800, height=450)  # fmt: skip
-        fig.update_xaxes(type="linear")
+                          width=800, height=450)  # fmt: skip
         return fig
 
     def save(self, path: str | Path) -> Path:

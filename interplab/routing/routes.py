@@ -91,6 +91,13 @@ class Route:
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "axis", Axis(self.axis))
 
+    def _table(self, device: torch.device) -> Tensor:
+        """weights with the unlabelled row appended, cached per device (built once, not every step)"""
+        cache = self.__dict__.setdefault("_tables", {})
+        if device not in cache:
+            cache[device] = torch.cat([self.weights, torch.full((1, self.width), self.unlabelled)]).to(device)
+        return cache[device]
+
     @property
     def n_groups(self) -> int:
         return self.weights.shape[0]
@@ -146,7 +153,7 @@ class Route:
                 f"labels of shape {tuple(labels.shape)} do not match the activation {tuple(shape)} at {self.site!r}: "
                 "give one label per example [batch] or per token [batch pos]"
             )
-        table = torch.cat([self.weights, torch.full((1, self.width), self.unlabelled)]).to(labels.device)
+        table = self._table(labels.device)
         if strength != 1.0:  # annealing: 0 = no routing, 1 = the full weights
             table = 1.0 + strength * (table - 1.0)
         rows = table[torch.where(labels == UNLABELLED, self.n_groups, labels)]  # [batch (pos) coord]
