@@ -52,6 +52,17 @@ def untie_embeddings(model: Transformer) -> Transformer:
     return model
 
 
+_BIAS_FLAG = {
+    "b_Q": "attn_bias",
+    "b_K": "attn_bias",
+    "b_V": "attn_bias",
+    "b_O": "attn_bias",
+    "b_in": "mlp_bias",
+    "b_out": "mlp_bias",
+    "b_U": "unembed_bias",
+}
+
+
 def _mark_biases_trained(model: Transformer, **flags: bool) -> None:
     """Biases that weight processing made non-zero are real weights now: say so in the config."""
     changes = {k: True for k, v in flags.items() if v and not getattr(model.cfg, k)}
@@ -60,17 +71,7 @@ def _mark_biases_trained(model: Transformer, **flags: bool) -> None:
     set_config(model, model.cfg.replace(**changes))
     trainable = model.embed.W_E.requires_grad
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        kind = {
-            "b_Q": "attn_bias",
-            "b_K": "attn_bias",
-            "b_V": "attn_bias",
-            "b_O": "attn_bias",
-            "b_in": "mlp_bias",
-            "b_out": "mlp_bias",
-            "b_U": "unembed_bias",
-        }.get(leaf)
-        if kind in changes:
+        if _BIAS_FLAG.get(name.rsplit(".", 1)[-1]) in changes:
             p.requires_grad_(trainable)
 
 
@@ -92,6 +93,13 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
     cfg = model.cfg
     if cfg.normalization is Norm.NONE:
         return model
+    if cfg.gated_mlp and cfg.has_mlp and cfg.normalization is Norm.LAYERNORM:
+        for layer, block in enumerate(model.blocks):
+            if block.ln2.b.abs().max() > 0:  # checked before anything changes
+                raise ValueError(
+                    f"fold_layer_norm: blocks.{layer}.ln2.b is non-zero, but it feeds the gate of a gated MLP, "
+                    "which has no bias to fold it into"
+                )
     untie_embeddings(model)
     layernorm = cfg.normalization is Norm.LAYERNORM
     center = center_weights and layernorm
@@ -104,12 +112,7 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
         for weight, bias in zip(weights, biases, strict=True):
             view = [1] * weight.dim()
             view[dim % weight.dim()] = -1
-            if b is not None and b.abs().max() > 0:
-                if bias is None:
-                    raise ValueError(
-                        "fold_layer_norm: a LayerNorm bias feeds a weight without a bias (the gate of a gated MLP); "
-                        "it cannot be folded"
-                    )
+            if b is not None and bias is not None:  # a bias-free reader (the gate) only meets b = 0 here
                 bias += torch.tensordot(b, weight, dims=([0], [dim % weight.dim()]))
             weight.mul_(w.reshape(view))
             if center:

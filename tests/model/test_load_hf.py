@@ -259,3 +259,18 @@ def test_tokenizer_json_is_attached(tmp_path):
     assert model.to_string(tokens[0]) == "the cat sat"
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf_model(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_local_loading_never_opens_a_socket(tmp_path, monkeypatch):
+    import socket
+
+    hf_model = _make("qwen2-gqa-bias")
+    hf_model.save_pretrained(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"load_model tried to reach the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    _parity(hf_model, tmp_path)

@@ -229,21 +229,10 @@ TL_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(TL_VARIANTS))
-def test_parity_with_transformer_lens(tmp_path, variant):
-    tl = pytest.importorskip(
-        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
-    )
+def _tl_checkpoint(tl, tmp_path, **variant):
+    """A random TransformerLens model (non-trivial biases and norm weights) saved as .pt + config JSON."""
     cfg = tl.HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        d_vocab=50,
-        n_ctx=24,
-        seed=0,
-        **TL_VARIANTS[variant],
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=24, seed=0, **variant
     )
     model = tl.HookedTransformer(cfg).eval()
     with torch.no_grad():
@@ -252,7 +241,90 @@ def test_parity_with_transformer_lens(tmp_path, variant):
                 p.normal_(1.0 if name.endswith(".w") else 0.0, 0.2)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "transformerlens_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
+    return model
+
+
+@pytest.mark.parametrize("variant", list(TL_VARIANTS))
+def test_parity_with_transformer_lens(tmp_path, variant):
+    tl = pytest.importorskip(
+        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
+    )
+    model = _tl_checkpoint(tl, tmp_path, **TL_VARIANTS[variant])
     ours = load_model(tmp_path / "model.pt")
     tokens = torch.randint(0, 50, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), model(tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("weights_key", "config_key"), [("state_dict", "cfg"), ("model", "config")])
+def test_checkpoint_with_embedded_config(tmp_path, weights_key, config_key):
+    model = Transformer(ModelConfig(**BASE, act_fn="relu"))
+    cfg = to_tl_config(model.cfg, "LN")
+    torch.save({weights_key: to_tl_state(model, "LN"), config_key: cfg, "step": 1000}, tmp_path / "ckpt.pth")
+    loaded = load_model(tmp_path / "ckpt.pth")
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), atol=1e-5, rtol=0)
+
+
+def test_not_a_state_dict_is_explained(tmp_path):
+    torch.save({"step": 3, "lr": [0.1]}, tmp_path / "opt.pt")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_model(tmp_path / "opt.pt", tl_config=to_tl_config(Transformer(ModelConfig(**BASE)).cfg, "LN"))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(act_fn="gelu_new"),
+        dict(
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            n_key_value_heads=2,
+            act_fn="silu",
+        ),
+        dict(parallel_attn_mlp=True, act_fn="gelu", attention_dir="bidirectional", d_vocab_out=3),
+    ],
+    ids=["LN", "RMS-rotary-gqa", "parallel-bidirectional"],
+)
+def test_processing_equals_transformer_lens_processing(tmp_path, variant):
+    """fold_ln, center_writing_weights, center_unembed, fold_value_biases give TL's processed weights."""
+    tl = pytest.importorskip(
+        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
+    )
+    model = _tl_checkpoint(tl, tmp_path, **variant)
+    cfg = model.cfg
+    layernorm = cfg.normalization_type == "LN"
+    ours = load_model(
+        tmp_path / "model.pt",
+        fold_ln=True,
+        center_writing_weights=layernorm,
+        center_unembed=True,
+        fold_value_biases=True,
+    )
+    model.process_weights_(
+        fold_ln=True, center_writing_weights=True, center_unembed=True, refactor_factored_attn_matrices=False
+    )
+    theirs = {k.replace("._", "."): v for k, v in model.state_dict().items()}
+    compared = 0
+    for name, value in ours.state_dict().items():
+        if name in theirs:
+            torch.testing.assert_close(value, theirs[name], atol=1e-6, rtol=0)
+            compared += 1
+    assert compared >= 20
+
+
+def test_saving_over_the_checkpoint_leaves_the_loaded_model_alone(tmp_path):
+    """torch.save rewrites a file in place: loaded weights must not alias (memory-map) the file."""
+    model = Transformer(ModelConfig(**BASE))
+    cfg = to_tl_config(model.cfg, "LN")
+    torch.save(to_tl_state(model, "LN"), tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", tl_config=cfg)
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        before = loaded(tokens)
+    torch.save({k: torch.zeros_like(v) for k, v in to_tl_state(model, "LN").items()}, tmp_path / "ckpt.pt")
+    torch.save({"small": torch.zeros(1)}, tmp_path / "ckpt.pt")  # shorter file: a mapped page would fault
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), before, atol=0, rtol=0)

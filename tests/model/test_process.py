@@ -141,8 +141,12 @@ def test_fold_layer_norm_refuses_a_bias_the_gate_cannot_take():
     model = random_model("tied-layernorm-gated-mqa")
     with torch.no_grad():
         model.blocks[1].ln2.b.fill_(0.1)
-    with pytest.raises(ValueError, match="gate"):
+    kept = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"blocks\.1\.ln2\.b .*gate"):
         fold_layer_norm(model)
+    assert model.cfg.tie_embeddings  # nothing changed, not even the tying
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, kept[k], atol=0, rtol=0)
 
 
 def test_process_weights_true_on_rmsnorm_refuses_before_changing_anything():
@@ -154,57 +158,40 @@ def test_process_weights_true_on_rmsnorm_refuses_before_changing_anything():
         torch.testing.assert_close(v, kept[k], atol=0, rtol=0)
 
 
-def _hf_llama():
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=71,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return cfg, transformers.LlamaForCausalLM
+SMALL_HF = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=71,
+    max_position_embeddings=64,
+)
+HF_FAMILIES = {  # family -> (config class, model class, config beyond SMALL_HF)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
+    "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4),
+    ),
+}
 
 
-def _hf_gpt2():
-    return transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=71, n_positions=64
-    ), transformers.GPT2LMHeadModel
+def _hf_family(family: str):
+    config_cls, model_cls, extra = HF_FAMILIES[family]
+    if extra is None:  # GPT-2 names its fields differently
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=71, n_positions=64)
+    else:
+        cfg = getattr(transformers, config_cls)(**SMALL_HF, **extra)
+    return cfg, getattr(transformers, model_cls)
 
 
-def _hf_neox():
-    cfg = transformers.GPTNeoXConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=71,
-        max_position_embeddings=64,
-    )
-    return cfg, transformers.GPTNeoXForCausalLM
-
-
-def _hf_gemma2():
-    cfg = transformers.Gemma2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        vocab_size=71,
-        max_position_embeddings=64,
-        query_pre_attn_scalar=16,
-        sliding_window=4,
-    )
-    return cfg, transformers.Gemma2ForCausalLM
-
-
-@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2"])
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
 def test_hf_loaded_and_processed_matches_transformers(tmp_path, family):
-    cfg, cls = {"gpt2": _hf_gpt2, "neox": _hf_neox, "llama": _hf_llama, "gemma2": _hf_gemma2}[family]()
+    cfg, cls = _hf_family(family)
     hf_model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in hf_model.named_parameters():

@@ -105,11 +105,10 @@ class HFCheckpoint:
 
     def _load_bin(self, file: Path) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != file:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) .bin files cannot be memory-mapped
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            self._bin_cache = (file, state)
+            # one shard in memory at a time; not memory-mapped, because torch.save rewrites files in place and
+            # the loaded weights must not change (or fault) when someone saves over the checkpoint
+            self._bin_cache = None
+            self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True))
         return self._bin_cache[1]
 
     def keys(self) -> list[str]:

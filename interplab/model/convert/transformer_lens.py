@@ -204,20 +204,30 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
     )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+_NESTED_WEIGHTS = ("state_dict", "model_state_dict", "model")
+_NESTED_CONFIG = ("cfg", "config")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The state dict in ``path``, and the TL config if the file embeds one (``{"state_dict"|"model": ...,
+    "cfg"|"config": {...}}``, a common way of publishing toy models)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return state
+        return load_file(str(path)), None
+    # not memory-mapped: torch.save rewrites a file in place (same inode), so a training loop saving over the
+    # checkpoint would silently change (or crash, SIGBUS) a model whose weights still map the old file
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    embedded = None
+    if isinstance(data, dict) and not all(isinstance(v, torch.Tensor) for v in data.values()):
+        embedded = next((data[k] for k in _NESTED_CONFIG if isinstance(data.get(k), dict)), None)
+        data = next((data[k] for k in _NESTED_WEIGHTS if isinstance(data.get(k), dict)), data)
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(
+            f"{path} does not hold a state dict (a mapping of names to tensors, possibly under one of the keys "
+            f"{', '.join(_NESTED_WEIGHTS)})"
+        )
+    return data, embedded
 
 
 def tl_weights(
@@ -281,14 +291,15 @@ def load_transformer_lens(
     dtype: torch.dtype | None = None,
 ):
     """Load a TransformerLens ``HookedTransformer`` state dict (a file, or a folder holding one) into a
-    `Transformer`. ``tl_config`` is the TL config (dict or JSON path); by default it is read from
-    ``transformerlens_config.json`` (or another of `TL_CONFIG_NAMES`) next to the weights."""
+    `Transformer`. ``tl_config`` is the TL config (dict or JSON path); by default it is the config embedded
+    in the checkpoint (``{"state_dict": ..., "cfg": ...}``) or ``transformerlens_config.json`` (or another of
+    `TL_CONFIG_NAMES`) next to the weights."""
     from interplab.model.load import build_from_weights
 
     weights_file = _weights_file(Path(path))
-    tl = read_tl_config(tl_config, weights_file)
+    state, embedded = read_checkpoint(weights_file)
+    tl = read_tl_config(tl_config if tl_config is not None else embedded, weights_file)
     cfg = tl_config_to_model_config(tl)
-    state = read_state_dict(weights_file)
     return build_from_weights(
         cfg,
         tl_weights(state, tl, cfg, str(weights_file)),
