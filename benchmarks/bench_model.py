@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = [(8, 128), (1, 16)]
 TASKS = ["forward", "cache_resid", "cache_all", "cache_tl_set"]
 RESID = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 # hook points interplab has and TransformerLens' HookedTransformer leaves out by default (split inputs,
@@ -76,13 +75,25 @@ class Contender:
             hf = transformers.GPT2LMHeadModel.from_pretrained(self.model_dir)
             c = hf.config
             cfg = HookedTransformerConfig(
-                d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-                d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
-                normalization_type="LN", eps=c.layer_norm_epsilon, device="cpu", dtype=torch.float32,
+                d_model=c.n_embd,
+                n_layers=c.n_layer,
+                n_heads=c.n_head,
+                d_head=c.n_embd // c.n_head,
+                d_mlp=4 * c.n_embd,
+                d_vocab=c.vocab_size,
+                n_ctx=c.n_positions,
+                act_fn="gelu_new",
+                normalization_type="LN",
+                eps=c.layer_norm_epsilon,
+                device="cpu",
+                dtype=torch.float32,
             )
             model = HookedTransformer(cfg)
             model.load_and_process_state_dict(
-                convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False, center_unembed=False,
+                convert_gpt2_weights(hf, cfg),
+                fold_ln=False,
+                center_writing_weights=False,
+                center_unembed=False,
                 fold_value_biases=False,
             )
             return model.eval()
@@ -142,8 +153,11 @@ class Contender:
             _, cache = self.call(task, x)
         tensors = [v for v in _values(cache) if isinstance(v, torch.Tensor)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-        return {"entries": len(tensors), "bytes": sum(storages.values()),
-                "bytes_counting_views_as_copies": sum(t.numel() * t.element_size() for t in tensors)}
+        return {
+            "entries": len(tensors),
+            "bytes": sum(storages.values()),
+            "bytes_counting_views_as_copies": sum(t.numel() * t.element_size() for t in tensors),
+        }
 
     def memory(self, shape: list[int]) -> dict:
         """Extra peak RSS of one cache-all call over a plain forward (fresh process, so the peak is ours)."""
@@ -224,13 +238,26 @@ def worker(kind: str, model_dir: str, tok_dir: str) -> None:
 # driver side
 # ------------------------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, kind: str, python: str, model_dir: str, tok_dir: str) -> None:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    def __init__(
+        self, kind: str, python: str, model_dir: str, tok_dir: str, extra_env: dict | None = None
+    ) -> None:
+        env = {
+            **os.environ,
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONWARNINGS": "ignore",
+            **(extra_env or {}),
+        }
         self.kind = kind
         self.proc = subprocess.Popen(
             [python, str(Path(__file__).resolve()), "--worker", kind, "--model", model_dir, "--tok", tok_dir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         line = self.proc.stdout.readline()
         self.info = json.loads(line) if line else {"error": "worker exited before answering"}
@@ -256,12 +283,15 @@ def make_model(folder: Path) -> tuple[str, str]:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=5000, n_positions=256,
-                                  bos_token_id=1, eos_token_id=1)
+    cfg = transformers.GPT2Config(
+        n_embd=256, n_layer=4, n_head=8, vocab_size=5000, n_positions=256, bos_token_id=1, eos_token_id=1
+    )
     transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(folder / "gpt2")
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(5000)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1", bos_token="w1")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="w0", eos_token="w1", bos_token="w1"
+    )
     fast.save_pretrained(folder / "tok")
     return str(folder / "gpt2"), str(folder / "tok")
 
@@ -273,20 +303,31 @@ def median_ms(xs: list[float]) -> float:
 def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_model_"))
     model_dir, tok_dir = make_model(tmp)
-    pythons = {"hf": sys.executable, "interplab": sys.executable, "tl4_bridge": args.tl4_python,
-               "tl39_hooked": args.tl39_python}
+    pythons = {
+        "hf": sys.executable,
+        "interplab": sys.executable,
+        "tl4_bridge": args.tl4_python,
+        "tl39_hooked": args.tl39_python,
+    }
     result: dict = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_start": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_start": os.getloadavg(),
+        },
         "model": "random GPT-2: 4 layers, d_model 256, 8 heads, vocab 5000, float32",
         "method": "interleaved rounds (shuffled order); per call wall (perf_counter) and CPU (process_time); "
-                  "ms = median over all calls; ratio = median over rounds of the per-round ratio of medians",
+        "ms = median over all calls; ratio = median over rounds of the per-round ratio of medians",
         "contenders": {},
     }
     workers: dict[str, Worker] = {}
     for kind, python in pythons.items():
         if not python or not Path(python).exists():
-            result["contenders"][kind] = {"available": False, "why": f"no interpreter at {python!r} (not installed)"}
+            result["contenders"][kind] = {
+                "available": False,
+                "why": f"no interpreter at {python!r} (not installed)",
+            }
             continue
         w = Worker(kind, python, model_dir, tok_dir)
         result["contenders"][kind] = {"available": w.ok, **w.info}
@@ -297,14 +338,55 @@ def run(args: argparse.Namespace) -> dict:
     ref = workers["hf"].ask(op="logits")["logits"]
     for kind, w in workers.items():
         got = w.ask(op="logits")["logits"]
-        result["contenders"][kind]["max_abs_logit_diff_vs_hf"] = max(abs(a - b) for a, b in zip(got, ref, strict=True))
+        result["contenders"][kind]["max_abs_logit_diff_vs_hf"] = max(
+            abs(a - b) for a, b in zip(got, ref, strict=True)
+        )
 
+    timings = time_rounds(workers, args.threads, args.shapes, args)
+    result["timings"] = summarise(timings)
+    result["ratios"] = ratios(timings)
+    result["goals"] = goals(result["ratios"])
+    for w in workers.values():
+        w.close()
+
+    if args.malloc_tuned_pass:
+        # the same comparison with glibc malloc told to keep freed memory (no page faults for fresh pages):
+        # caching every hook allocates ~140 MB per call, and on this VM first-touch page faults dominate
+        env = {"MALLOC_MMAP_THRESHOLD_": str(1 << 40), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+        tuned = {k: Worker(k, pythons[k], model_dir, tok_dir, env) for k in workers}
+        t = time_rounds(tuned, [1], [(8, 128)], args)
+        result["malloc_tuned"] = {"env": env, "timings": summarise(t), "ratios": ratios(t)}
+        for w in tuned.values():
+            w.close()
+
+    # memory and loading, each contender in a fresh process
+    result["memory_cache_all_8x128"] = {}
+    result["load_s"] = {}
+    for kind, python in pythons.items():
+        if kind not in workers:
+            continue
+        w = Worker(kind, python, model_dir, tok_dir)
+        mem = w.ask(op="memory", shape=[8, 128])
+        mem["resid_stream_bytes"] = 4 * 8 * 128 * 256 * 4  # the 4 layers' resid_post, float32
+        mem["cache_bytes_over_resid_stream"] = round(mem["bytes"] / mem["resid_stream_bytes"], 2)
+        result["memory_cache_all_8x128"][kind] = mem
+        loads = w.ask(op="load", reps=args.load_reps)["load_s"]
+        result["load_s"][kind] = {
+            "first_in_process_with_imports": round(w.info["first_load_s"], 4),
+            "median_warm": round(statistics.median(loads), 4),
+        }
+        w.close()
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    return result
+
+
+def time_rounds(workers: dict, thread_counts: list[int], shapes: list[tuple[int, int]], args) -> dict:  # noqa: ANN001
     rng = random.Random(0)
     timings: dict = {}
-    for threads in args.threads:
+    for threads in thread_counts:
         for w in workers.values():
             w.ask(op="threads", n=threads)
-        for shape in SHAPES:
+        for shape in shapes:
             reps = args.reps_large if shape[0] * shape[1] > 256 else args.reps_small
             for task in TASKS:
                 for w in workers.values():  # warm-up
@@ -316,32 +398,12 @@ def run(args: argparse.Namespace) -> dict:
                     rng.shuffle(order)
                     for kind in order:
                         res = workers[kind].ask(op="time", task=task, shape=list(shape), reps=reps)
-                        slot = timings.setdefault((threads, tuple(shape), task, kind), {"wall": [], "cpu": []})
+                        slot = timings.setdefault(
+                            (threads, tuple(shape), task, kind), {"wall": [], "cpu": []}
+                        )
                         slot["wall"].append(res["wall"])
                         slot["cpu"].append(res["cpu"])
-    result["timings"] = summarise(timings)
-    result["ratios"] = ratios(timings)
-    result["goals"] = goals(result["ratios"])
-    for w in workers.values():
-        w.close()
-
-    # memory and loading, each contender in a fresh process
-    result["memory_cache_all_8x128"] = {}
-    result["load_s"] = {}
-    for kind, python in pythons.items():
-        if kind not in workers:
-            continue
-        w = Worker(kind, python, model_dir, tok_dir)
-        mem = w.ask(op="memory", shape=[8, 128])
-        mem["resid_stream_bytes"] = 5 * 8 * 128 * 256 * 4  # embed+pos and 4 resid_post, float32
-        mem["cache_bytes_over_resid_stream"] = round(mem["bytes"] / mem["resid_stream_bytes"], 2)
-        result["memory_cache_all_8x128"][kind] = mem
-        loads = w.ask(op="load", reps=args.load_reps)["load_s"]
-        result["load_s"][kind] = {"first_in_process": round(w.info["first_load_s"], 4),
-                                  "median_warm": round(statistics.median(loads), 4)}
-        w.close()
-    result["machine"]["load_avg_end"] = os.getloadavg()
-    return result
+    return timings
 
 
 def summarise(timings: dict) -> list[dict]:
@@ -349,16 +411,27 @@ def summarise(timings: dict) -> list[dict]:
     for (threads, shape, task, kind), slot in sorted(timings.items()):
         wall = [x for r in slot["wall"] for x in r]
         cpu = [x for r in slot["cpu"] for x in r]
-        rows.append({"threads": threads, "shape": list(shape), "task": task, "contender": kind,
-                     "calls": len(wall), "wall_ms": median_ms(wall), "cpu_ms": median_ms(cpu)})
+        rows.append(
+            {
+                "threads": threads,
+                "shape": list(shape),
+                "task": task,
+                "contender": kind,
+                "calls": len(wall),
+                "wall_ms": median_ms(wall),
+                "cpu_ms": median_ms(cpu),
+            }
+        )
     return rows
 
 
 def _ratio(timings: dict, a: tuple, b: tuple, clock: str) -> float | None:
     if a not in timings or b not in timings:
         return None
-    per_round = [statistics.median(x) / statistics.median(y)
-                 for x, y in zip(timings[a][clock], timings[b][clock], strict=True)]
+    per_round = [
+        statistics.median(x) / statistics.median(y)
+        for x, y in zip(timings[a][clock], timings[b][clock], strict=True)
+    ]
     return round(statistics.median(per_round), 3)
 
 
@@ -371,8 +444,16 @@ COMPARISONS = [
     ("cache_resid: hf hidden_states / hf forward", ("cache_resid", "hf"), ("forward", "hf")),
     ("cache_all: interplab / tl4_bridge", ("cache_all", "interplab"), ("cache_all", "tl4_bridge")),
     ("cache_all: interplab / tl39_hooked", ("cache_all", "interplab"), ("cache_all", "tl39_hooked")),
-    ("cache_tl_set: interplab / tl39_hooked cache_all", ("cache_tl_set", "interplab"), ("cache_all", "tl39_hooked")),
-    ("cache_tl_set: interplab / tl4_bridge cache_all", ("cache_tl_set", "interplab"), ("cache_all", "tl4_bridge")),
+    (
+        "cache_tl_set: interplab / tl39_hooked cache_all",
+        ("cache_tl_set", "interplab"),
+        ("cache_all", "tl39_hooked"),
+    ),
+    (
+        "cache_tl_set: interplab / tl4_bridge cache_all",
+        ("cache_tl_set", "interplab"),
+        ("cache_all", "tl4_bridge"),
+    ),
     ("cache_all: interplab / hf forward", ("cache_all", "interplab"), ("forward", "hf")),
     ("cache_all: tl4_bridge / hf forward", ("cache_all", "tl4_bridge"), ("forward", "hf")),
     ("cache_all: tl39_hooked / hf forward", ("cache_all", "tl39_hooked"), ("forward", "hf")),
@@ -388,21 +469,35 @@ def ratios(timings: dict) -> list[dict]:
             a, b = (threads, shape, ta, ka), (threads, shape, tb, kb)
             wall, cpu = _ratio(timings, a, b, "wall"), _ratio(timings, a, b, "cpu")
             if wall is not None:
-                rows.append({"threads": threads, "shape": list(shape), "ratio": name, "wall": wall, "cpu": cpu})
+                rows.append(
+                    {"threads": threads, "shape": list(shape), "ratio": name, "wall": wall, "cpu": cpu}
+                )
     return rows
 
 
 def goals(rows: list[dict]) -> list[dict]:
-    targets = [("forward: interplab / hf", (8, 128), 1.05), ("forward: interplab / hf", (1, 16), 1.2),
-               ("cache_resid: interplab / interplab forward", None, 1.05),
-               ("cache_all: interplab / tl4_bridge", None, 0.75), ("cache_all: interplab / tl39_hooked", None, 0.75)]
+    targets = [
+        ("forward: interplab / hf", (8, 128), 1.05),
+        ("forward: interplab / hf", (1, 16), 1.2),
+        ("cache_resid: interplab / interplab forward", None, 1.05),
+        ("cache_all: interplab / tl4_bridge", None, 0.75),
+        ("cache_all: interplab / tl39_hooked", None, 0.75),
+    ]
     out = []
     for name, shape, limit in targets:
         for r in rows:
             if r["ratio"] == name and (shape is None or tuple(r["shape"]) == shape):
-                out.append({"goal": f"{name} <= {limit}", "threads": r["threads"], "shape": r["shape"],
-                            "wall": r["wall"], "cpu": r["cpu"], "met_wall": r["wall"] <= limit,
-                            "met_cpu": r["cpu"] <= limit})
+                out.append(
+                    {
+                        "goal": f"{name} <= {limit}",
+                        "threads": r["threads"],
+                        "shape": r["shape"],
+                        "wall": r["wall"],
+                        "cpu": r["cpu"],
+                        "met_wall": r["wall"] <= limit,
+                        "met_cpu": r["cpu"] <= limit,
+                    }
+                )
     return out
 
 
@@ -416,6 +511,12 @@ def main() -> None:
     p.add_argument("--reps-large", type=int, default=3, help="calls per contender per round at 8x128")
     p.add_argument("--reps-small", type=int, default=25, help="calls per contender per round at 1x16")
     p.add_argument("--load-reps", type=int, default=5)
+    p.add_argument("--shapes", nargs="+", default=["8x128", "1x16"], help="batch x pos, e.g. 8x128")
+    p.add_argument(
+        "--malloc-tuned-pass",
+        action="store_true",
+        help="also time 8x128 with glibc malloc keeping freed memory (for every contender)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tok", help=argparse.SUPPRESS)
@@ -424,17 +525,22 @@ def main() -> None:
         worker(args.worker, args.model, args.tok)
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args.shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
     result = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(out)
-    for row in result["ratios"]:
-        print(f"{row['threads']}t {row['shape'][0]}x{row['shape'][1]:<4} {row['ratio']:<52} wall {row['wall']:.3f}  cpu {row['cpu']:.3f}")
+    for row in result["ratios"] + result.get("malloc_tuned", {}).get("ratios", []):
+        print(
+            f"{row['threads']}t {row['shape'][0]}x{row['shape'][1]:<4} {row['ratio']:<52} wall {row['wall']:.3f}  cpu {row['cpu']:.3f}"
+        )
     for g in result["goals"]:
-        print(f"GOAL {g['goal']:<50} {g['threads']}t {g['shape']}: wall {g['wall']} cpu {g['cpu']} "
-              f"{'met' if g['met_wall'] and g['met_cpu'] else 'NOT met'}")
+        print(
+            f"GOAL {g['goal']:<50} {g['threads']}t {g['shape']}: wall {g['wall']} cpu {g['cpu']} "
+            f"{'met' if g['met_wall'] and g['met_cpu'] else 'NOT met'}"
+        )
     print(f"wrote {out}")
 
 

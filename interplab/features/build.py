@@ -200,8 +200,8 @@ def _state_dir(path: str | Path) -> Path:
     return Path(s + ".build")
 
 
-def _r(x: np.ndarray) -> list:
-    return np.round(x.astype(np.float64), 4).tolist()
+def _rounded(x: torch.Tensor, digits: int = 4) -> list:
+    return torch.round(x.double(), decimals=digits).tolist()
 
 
 def feature_rows(
@@ -211,74 +211,108 @@ def feature_rows(
     vocab: dict[int, str],
     rows: range,
 ) -> tuple[list[dict], list[dict]]:
-    """Database rows for rows ``rows`` of ``stats`` (features and their contexts)."""
+    """Database rows for rows ``rows`` of ``stats`` (features and their contexts), converted to Python in
+    bulk (one ``tolist`` per tensor) because this runs for every feature."""
     center = cfg.window_left
+    sl = slice(rows.start, rows.stop)
+    n = rows.stop - rows.start
+    logits = [{"pos": [], "neg": []} for _ in range(n)]
     if logit_effects is not None:
-        pv, pi, nv, ni = (t.numpy() for t in top_logits(logit_effects[rows.start : rows.stop], cfg.logit_k))
-    n_fires = stats.n_fires.numpy()
-    density, mean_act = stats.density.numpy(), stats.mean_act.numpy()
-    loss = stats.loss_effect.numpy() if stats.loss_effect is not None else None
-    out, ctx = [], []
-    for j, i in enumerate(rows):
-        f = int(stats.features[i])
-        logits = {"pos": [], "neg": []}
-        if logit_effects is not None:
-            logits = {
-                "pos": [[int(t), round(float(v), 4)] for t, v in zip(pi[j], pv[j], strict=True)],
-                "neg": [[int(t), round(float(v), 4)] for t, v in zip(ni[j], nv[j], strict=True)],
+        pv, pi, nv, ni = top_logits(logit_effects[sl], cfg.logit_k)
+        pv, nv, pi, ni = _rounded(pv), _rounded(nv), pi.tolist(), ni.tolist()
+        logits = [
+            {
+                "pos": [list(e) for e in zip(pi[j], pv[j], strict=True)],
+                "neg": [list(e) for e in zip(ni[j], nv[j], strict=True)],
             }
-        fires = int(n_fires[i]) > 0
+            for j in range(n)
+        ]
+    cooc = _cooc_rows(stats, sl, cfg.cooc_k)
+    feats, n_fires = stats.features[sl].tolist(), stats.n_fires[sl].tolist()
+    density, mean_act = stats.density[sl].tolist(), _rounded(stats.mean_act[sl], 6)
+    max_act = _rounded(stats.top_val[sl, 0], 6)
+    loss = _rounded(stats.loss_effect[sl], 6) if stats.loss_effect is not None else [None] * n
+    hist = stats.hist[sl].tolist()
+    top_tok = stats.top_tokens[sl, 0, center].tolist()
+    names = np.array([vocab.get(t, f"#{t}") for t in range(max(vocab, default=-1) + 1)] + [""], dtype=object)
+    out, ctx = [], []
+    for j in range(n):
+        fires = n_fires[j] > 0
         out.append(
             {
-                "feature": f,
-                "n_fires": int(n_fires[i]),
-                "density": float(density[i]),
-                "max_act": round(float(stats.top_val[i, 0]), 6) if fires else 0.0,
-                "mean_act": round(float(mean_act[i]), 6),
-                "loss_effect": None if loss is None or not fires else round(float(loss[i]), 6),
-                "hist": json.dumps(stats.hist[i].tolist()),
-                "logits": json.dumps(logits),
-                "cooc": json.dumps(_cooc(stats, i, cfg.cooc_k)),
-                "top_token": int(stats.top_tokens[i, 0, center]) if fires else None,
+                "feature": feats[j],
+                "n_fires": n_fires[j],
+                "density": density[j],
+                "max_act": max_act[j] if fires else 0.0,
+                "mean_act": mean_act[j],
+                "loss_effect": loss[j] if fires else None,
+                "hist": json.dumps(hist[j]),
+                "logits": json.dumps(logits[j]),
+                "cooc": json.dumps(cooc[j]),
+                "top_token": top_tok[j] if fires else None,
             }
         )
-        groups = (
-            (0, stats.top_index[i], stats.top_val[i], stats.top_tokens[i], stats.top_acts[i]),
-            (1, stats.sample_index[i], stats.sample_val[i], stats.sample_tokens[i], stats.sample_acts[i]),
-        )
-        for kind, index, val, toks, acts in groups:
-            keep = (index >= 0).nonzero().flatten()
-            if kind == 1:  # samples shown from the strongest down, grouped into activation quantiles
-                keep = keep[torch.argsort(-val[keep], stable=True)]
-            for rank, k in enumerate(keep.tolist()):
-                ids = toks[k].tolist()
-                ctx.append(
-                    {
-                        "feature": f,
-                        "kind": kind,
-                        "rank": rank,
-                        "token_index": int(index[k]),
-                        "act": round(float(val[k]), 6),
-                        "center_token": ids[center],
-                        "tokens": json.dumps(ids),
-                        "acts": json.dumps(_r(acts[k].numpy())),
-                        "text": "".join(vocab.get(t, f"#{t}") for t in ids if t >= 0),
-                    }
-                )
+    for kind, index, val, toks, acts in (
+        (0, stats.top_index, stats.top_val, stats.top_tokens, stats.top_acts),
+        (1, stats.sample_index, stats.sample_val, stats.sample_tokens, stats.sample_acts),
+    ):
+        index, val = index[sl], val[sl]
+        if kind == 1:  # samples shown from the strongest down, grouped into activation quantiles
+            order = torch.argsort(torch.where(index >= 0, -val, float("inf")), dim=1, stable=True)
+            index, val = index.gather(1, order), val.gather(1, order)
+            toks = toks[sl].gather(1, order[..., None].expand(-1, -1, toks.shape[-1]))
+            acts = acts[sl].gather(1, order[..., None].expand(-1, -1, acts.shape[-1]))
+        else:
+            toks, acts = toks[sl], acts[sl]
+        valid = (index >= 0).nonzero().tolist()  # (feature row, rank), row-major
+        if not valid:
+            continue
+        rr, kk = torch.tensor(valid).T
+        tok_rows, act_rows = toks[rr, kk], acts[rr, kk]  # context window
+        tok_bytes = tok_rows.to(torch.int32).numpy().astype("<i4").tobytes()
+        act_bytes = act_rows.float().numpy().astype("<f4").tobytes()
+        w = tok_rows.shape[1]
+        centers = tok_rows[:, center].tolist()
+        gidx, vals = index[rr, kk].tolist(), _rounded(val[rr, kk], 6)
+        texts = _texts(tok_rows, names) if kind == 0 else [""] * len(valid)
+        for e, (j, rank) in enumerate(valid):
+            ctx.append(
+                {
+                    "feature": feats[j],
+                    "kind": kind,
+                    "rank": rank,
+                    "token_index": gidx[e],
+                    "act": vals[e],
+                    "center_token": centers[e],
+                    "tokens": tok_bytes[4 * w * e : 4 * w * (e + 1)],
+                    "acts": act_bytes[4 * w * e : 4 * w * (e + 1)],
+                    "text": texts[e],
+                }
+            )
     return out, ctx
 
 
-def _cooc(stats: FeatureStats, i: int, k: int) -> list[list]:
+def _texts(tok_rows: torch.Tensor, names: np.ndarray) -> list[str]:
+    """Each window as text (``names[-1]`` is "" for positions outside the sequence)."""
+    ids = tok_rows.numpy()
+    ids = np.where((ids >= 0) & (ids < len(names) - 1), ids, len(names) - 1)
+    return ["".join(row) for row in names[ids].tolist()]
+
+
+def _cooc_rows(stats: FeatureStats, sl: slice, k: int) -> list[list[list]]:
+    """Per feature: the ``k`` features with the highest Jaccard similarity of firing (and the co-firing count)."""
+    n = sl.stop - sl.start
     if stats.cooc is None or k == 0:
-        return []
-    row = stats.cooc[i].double()
+        return [[] for _ in range(n)]
+    rows = stats.cooc[sl].double()
     fires = stats.cooc.diagonal().double()  # firing counts over the tokens co-occurrence was counted on
-    union = fires[i] + fires - row
-    jac = torch.where(union > 0, row / union.clamp(min=1), 0.0)
-    jac[i] = 0.0
-    vals, idx = jac.topk(min(k, len(jac)))
+    union = fires[sl, None] + fires[None, :] - rows
+    jac = torch.where(union > 0, rows / union.clamp(min=1), 0.0)
+    jac[torch.arange(n), torch.arange(sl.start, sl.stop)] = 0.0
+    vals, idx = jac.topk(min(k, jac.shape[1]), dim=1)
+    counts = rows.gather(1, idx).long().tolist()
+    feats, vals, idx = stats.features.tolist(), _rounded(vals), idx.tolist()
     return [
-        [int(stats.features[g]), round(float(v), 4), int(stats.cooc[i, g])]
-        for v, g in zip(vals, idx, strict=True)
-        if v > 0
+        [[feats[g], v, c] for g, v, c in zip(idx[j], vals[j], counts[j], strict=True) if v > 0]
+        for j in range(n)
     ]

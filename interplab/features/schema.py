@@ -14,6 +14,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -67,9 +68,9 @@ contexts = Table(
     Column("token_index", Integer, nullable=False),  # global index of the activating token in the corpus
     Column("act", Float, nullable=False),
     Column("center_token", Integer, nullable=False),
-    Column("tokens", Text, nullable=False),  # JSON token ids of the window (-1: outside the sequence)
-    Column("acts", Text, nullable=False),  # JSON activations over the window
-    Column("text", Text, nullable=False),  # the window as text (for search)
+    Column("tokens", LargeBinary, nullable=False),  # int32 little-endian ids of the window (-1: outside)
+    Column("acts", LargeBinary, nullable=False),  # float32 little-endian activations over the window
+    Column("text", Text, nullable=False),  # the window as text (top contexts only; full-text indexed)
 )
 Index("ix_contexts_feature", contexts.c.feature, contexts.c.kind, contexts.c.rank)
 Index("ix_contexts_token", contexts.c.center_token, contexts.c.act)

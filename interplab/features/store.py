@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import create_engine, delete, func, insert, or_, select, text
 
 from interplab.features import schema as S
@@ -116,7 +117,7 @@ class FeatureStore:
                 c.execute(
                     text(
                         "INSERT INTO contexts_fts(contexts_fts, rowid, text) SELECT 'delete', id, text "
-                        "FROM contexts WHERE feature IN (SELECT value FROM json_each(:ids))"
+                        "FROM contexts WHERE text != '' AND feature IN (SELECT value FROM json_each(:ids))"
                     ),
                     {"ids": json.dumps(ids)},
                 )
@@ -128,12 +129,16 @@ class FeatureStore:
                 first = c.execute(select(func.coalesce(func.max(S.contexts.c.id), 0))).scalar() + 1
                 for i, r in enumerate(context_rows):
                     r["id"] = first + i
-                c.execute(insert(S.contexts), context_rows)
-                if self.sqlite:
-                    c.execute(
-                        text("INSERT INTO contexts_fts(rowid, text) VALUES (:id, :text)"),
-                        [{"id": r["id"], "text": r["text"]} for r in context_rows],
+                if self.sqlite:  # the driver's executemany directly: this runs for every context
+                    cols = [col.name for col in S.contexts.columns]
+                    sql = f"INSERT INTO contexts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                    c.exec_driver_sql(sql, [tuple(r[k] for k in cols) for r in context_rows])
+                    c.exec_driver_sql(
+                        "INSERT INTO contexts_fts(rowid, text) VALUES (?, ?)",
+                        [(r["id"], r["text"]) for r in context_rows if r["text"]],
                     )
+                else:
+                    c.execute(insert(S.contexts), context_rows)
 
     def mark_pass_done(self, first: int, last: int) -> None:
         with self.engine.begin() as c:
@@ -177,7 +182,12 @@ class FeatureStore:
         for key in ("hist", "logits", "cooc"):
             out[key] = json.loads(out[key])
         contexts = [
-            {**dict(r), "tokens": json.loads(r["tokens"]), "acts": json.loads(r["acts"])} for r in ctx
+            {
+                **dict(r),
+                "tokens": np.frombuffer(r["tokens"], "<i4").tolist(),
+                "acts": np.round(np.frombuffer(r["acts"], "<f4").astype(np.float64), 4).tolist(),
+            }
+            for r in ctx
         ]
         out["top"] = [r for r in contexts if r["kind"] == 0]
         out["samples"] = [r for r in contexts if r["kind"] == 1]

@@ -110,6 +110,8 @@ def generate(
     if stop_at_eos and eos_token_id is None:
         eos_token_id = getattr(model.tokenizer, "eos_token_id", None)
         if eos_token_id is None:
+            eos_token_id = getattr(model.tokenizer, "eos_id", None)
+        if eos_token_id is None:
             raise ValueError(
                 "stop_at_eos=True needs eos_token_id (the model has no tokenizer that defines one)"
             )

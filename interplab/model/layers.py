@@ -8,7 +8,7 @@ attention runs through ``scaled_dot_product_attention``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,27 +44,22 @@ class Normalization(nn.Module):
         if self.hook_scale is not None and self.hook_scale.intervened:
             out = self._by_hooked_scale(x)
         else:
-            out = self.normalize(x)
-            if (
-                self.hook_scale is not None and self.hook_scale.active
-            ):  # only read: report it, compute as usual
-                self.hook_scale(self.scale(x))
+            out, inv_scale = self._norm(x)
+            if self.hook_scale is not None and self.hook_scale.active:  # only read: report, compute as usual
+                self.hook_scale(inv_scale.reciprocal())
         return out if self.hook_normalized is None else self.hook_normalized(out)
 
     def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The norm without hooks."""
-        if self.kind is Norm.LAYERNORM:
-            return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
-        return _rms_norm(x, self.w, self.eps)
+        return self._norm(x)[0]
 
-    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
-        """What the norm divides by: sqrt(variance + eps) (LayerNorm) or sqrt(mean square + eps) (RMSNorm)."""
-        xf = x.float()
+    def _norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The normalised output and 1 / scale, where scale is what the norm divides by: sqrt(variance + eps)
+        (LayerNorm) or sqrt(mean square + eps) (RMSNorm). The kernels compute both in one pass."""
         if self.kind is Norm.LAYERNORM:
-            second_moment = torch.var_mean(xf, -1, keepdim=True, correction=0)[0]
-        else:
-            second_moment = xf.pow(2).mean(-1, keepdim=True)
-        return (second_moment + self.eps).sqrt()
+            out, _, inv_scale = torch.native_layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+            return out, inv_scale
+        return _rms_norm(x, self.w, self.eps)
 
     def _by_hooked_scale(self, x: Tensor) -> Tensor:
         dtype = x.dtype
@@ -76,11 +71,12 @@ class Normalization(nn.Module):
         return out + self.b if self.kind is Norm.LAYERNORM else out
 
 
-def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm and the reciprocal of its scale."""
     dtype = x.dtype
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return xf.to(dtype) * w
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * inv).to(dtype) * w, inv
 
 
 def make_norm(
@@ -146,9 +142,33 @@ class AttnContext:
     key_valid: Bool[Tensor, "batch key_pos"] | None  # None: every key is a real token
     rotary: tuple[Tensor, Tensor] | None = None
     past_len: int = 0
+    memo: dict = field(default_factory=dict)  # masks built once per forward, shared by the layers
 
     def mask(self, q_len: int, window: int | None, causal: bool) -> Bool[Tensor, "batch 1 q k"] | None:
-        """Boolean mask (True = may attend), or None when plain causal attention needs none."""
+        """Boolean mask (True = may attend), or None when plain causal attention needs none (built once per
+        window and shared by the layers)."""
+        key = ("mask", q_len, window, causal)
+        if key not in self.memo:
+            self.memo[key] = self._mask(q_len, window, causal)
+        return self.memo[key]
+
+    def additive_mask(
+        self, mask: Tensor | None, q_len: int, k_len: int, causal: bool, dtype: torch.dtype
+    ) -> Float[Tensor, "batch_or_1 q k"] | None:
+        """``mask`` (or plain causality when it is None) as 0 / -inf to add to the scores."""
+        if mask is None and not causal:
+            return None
+        key = ("additive", id(mask), q_len, k_len, causal, dtype)
+        if key not in self.memo:
+            if mask is None:
+                mask = torch.ones(q_len, k_len, dtype=torch.bool, device=self.positions.device).tril(
+                    k_len - q_len
+                )
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self.memo[key] = bias.reshape(-1, q_len, k_len)  # [batch, q, k] or [1, q, k]
+        return self.memo[key]
+
+    def _mask(self, q_len: int, window: int | None, causal: bool) -> Tensor | None:
         k_len = self.past_len + q_len
         if self.key_valid is None and window is None and (not causal or self.past_len == 0):
             return None
@@ -253,7 +273,9 @@ class Attention(nn.Module):
             # [batch pos head d_model] view of it (no copy)
             zh = z.permute(2, 0, 1, 3).reshape(h, -1, dh)
             result = torch.bmm(zh, self.W_O).view(h, *z.shape[:2], -1).permute(1, 2, 0, 3)
-            return self.hook_result(result).sum(dim=2) + self.b_O
+            if self.hook_result.intervened:  # the heads' (possibly replaced) outputs make attn_out
+                return self.hook_result(result).sum(dim=2) + self.b_O
+            self.hook_result(result)  # only read: attn_out stays the exact fused computation below
         return torch.addmm(self.b_O, z.reshape(-1, h * dh), self.W_O.reshape(h * dh, -1)).view(
             *z.shape[:2], -1
         )
@@ -293,15 +315,25 @@ class Attention(nn.Module):
         g = cfg.n_groups
         if g > 1:
             k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        # [batch head q e] @ [batch head e k], then scale and mask in place (no more full-size temporaries)
-        scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)).div_(cfg.attn_scale)
-        if cfg.attn_softcap is not None:
+        b, q_len, h, e = q.shape
+        k_len = k.shape[1]
+        q3 = q.transpose(1, 2).reshape(b * h, q_len, e)
+        k3 = k.permute(0, 2, 3, 1).reshape(b * h, e, k_len)
+        bias = ctx.additive_mask(mask, q_len, k_len, cfg.causal, q.dtype)  # [1 or b*h, q, k]: 0 or -inf
+        if cfg.attn_softcap is None:
+            # scale and mask fused into the matmul: scores = bias + (q k^T) / attn_scale, one pass
+            if bias is not None and bias.shape[0] != 1:
+                bias = bias.view(b, 1, q_len, k_len).expand(b, h, q_len, k_len).reshape(b * h, q_len, k_len)
+            if bias is None:
+                scores = torch.bmm(q3, k3).div_(cfg.attn_scale)
+            else:
+                scores = torch.baddbmm(bias, q3, k3, alpha=1.0 / cfg.attn_scale)
+            scores = scores.view(b, h, q_len, k_len)
+        else:
+            scores = torch.bmm(q3, k3).view(b, h, q_len, k_len) / cfg.attn_scale
             scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
-        if mask is None and cfg.causal:
-            q_len, k_len = scores.shape[-2:]
-            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        if mask is not None:
-            scores = scores.masked_fill_(~mask, float("-inf"))
+            if bias is not None:
+                scores = scores + bias.view(-1, 1, q_len, k_len)
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
         return torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)

@@ -260,7 +260,9 @@ class Transformer(nn.Module):
             resid = resid * self.cfg.embed_scale
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
-            if ctx.key_valid is None:  # positions are past .. past+pos in every row: a broadcast view
+            if ctx.key_valid is None and not self.hook_pos_embed.active:
+                # positions are past .. past+pos in every row: a broadcast view of W_pos (never shown to a
+                # hook, which might write into it)
                 b, p, d = resid.shape
                 pos_embed = self.pos_embed.W_pos[ctx.past_len : ctx.past_len + p].expand(b, p, d)
             else:
@@ -282,7 +284,9 @@ class Transformer(nn.Module):
         stop = self.cfg.n_layers if stop is None else stop
         for layer in range(start, stop):
             keep = keep_last if layer == stop - 1 else None
-            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None, keep)
+            resid = self.blocks[layer](
+                resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None, keep
+            )
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
@@ -313,10 +317,12 @@ class Transformer(nn.Module):
         self,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        read_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
     ) -> contextlib.AbstractContextManager[None]:
         """``with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", fn)]): ...``; hooks are removed on exit,
-        also when the block raises."""
-        return self.hook_registry.scoped(fwd_hooks, bwd_hooks)
+        also when the block raises. ``read_hooks`` only look (their return value is ignored), which lets the
+        model show views instead of rewritable copies and keep its fused paths (see docs/hooks.md)."""
+        return self.hook_registry.scoped(fwd_hooks, bwd_hooks, read_hooks)
 
     def run_with_hooks(
         self,

@@ -59,16 +59,35 @@ def export_html(
     wanted = [f for f in wanted if f in present]
     listed = [r for r in rows if r["feature"] in set(wanted)]
     root = Links(base=".", static_base="static", home_url="index.html", static_site=True)
-    atomic_write_text(out / "index.html", env.get_template("list.html").render(
-        db=name, rows=summary_rows(listed, vocab), n=len(listed), meta=meta, links=root, static_site=True,
-        order="feature", page_no=0))
+    atomic_write_text(
+        out / "index.html",
+        env.get_template("list.html").render(
+            db=name,
+            rows=summary_rows(listed, vocab),
+            n=len(listed),
+            meta=meta,
+            links=root,
+            static_site=True,
+            order="feature",
+            page_no=0,
+        ),
+    )
     links = Links(base="..", static_base="../static", home_url="../index.html", static_site=True)
     page = env.get_template("feature.html")
     for k, f in enumerate(wanted):
         prev = wanted[k - 1] if k > 0 else None
         nxt = wanted[k + 1] if k + 1 < len(wanted) else None
-        html = page.render(db=name, prev=prev, next=nxt, links=links, meta=meta, steering=False, static_site=True,
-                           plotly_url="../static/plotly.min.js", **feature_view(store.feature(f), meta, vocab))
+        html = page.render(
+            db=name,
+            prev=prev,
+            next=nxt,
+            links=links,
+            meta=meta,
+            steering=False,
+            static_site=True,
+            plotly_url="../static/plotly.min.js",
+            **feature_view(store.feature(f), meta, vocab),
+        )
         atomic_write_text(out / "feature" / f"{f}.html", html)
         if progress is not None:
             progress(k + 1, len(wanted))

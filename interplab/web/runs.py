@@ -26,7 +26,7 @@ class Artifact:
 
 
 def _is_run(p: Path) -> bool:
-    return (p / "log.jsonl").is_file() or (p / "report.json").is_file()
+    return any((p / n).is_file() for n in ("log.jsonl", "report.json", "formation.json"))
 
 
 def _is_model(p: Path) -> bool:
@@ -131,6 +131,11 @@ def report_curves(report: Any) -> dict[str, dict[str, list]]:
                 if isinstance(v, list) and len(v) > 1 and all(_num(e) for e in v) and k not in _X_KEYS:
                     x = xs if xs is not None and len(xs) == len(v) else list(range(len(v)))
                     curves[name] = {"x": list(x), "y": list(v)}
+                elif isinstance(v, list) and len(v) > 1 and all(isinstance(e, list) for e in v):
+                    flat = [_flatten(e) for e in v]  # e.g. a score per layer and head at each checkpoint
+                    if all(flat) and all(_num(x) for e in flat for x in e):
+                        x = xs if xs is not None and len(xs) == len(v) else list(range(len(v)))
+                        curves[f"{name} (max)"] = {"x": list(x), "y": [max(e) for e in flat]}
                 elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
                     for key in sorted({kk for e in v for kk, vv in e.items() if _num(vv)} - set(_X_KEYS)):
                         pts = [
@@ -146,9 +151,18 @@ def report_curves(report: Any) -> dict[str, dict[str, list]]:
     return curves
 
 
+def _flatten(node: Any) -> list:
+    if isinstance(node, list):
+        return [x for e in node for x in _flatten(e)]
+    return [node]
+
+
 def run_view(path: Path) -> dict[str, Any]:
-    """Everything the run page shows."""
+    """Everything the run page shows (``formation.json`` of `interplab formation` included)."""
     report = _read_json(path / "report.json")
+    formation = _read_json(path / "formation.json")
+    if isinstance(formation, dict):
+        report = {**(report if isinstance(report, dict) else {}), "formation": formation}
     config = _read_json(path / "config.json")
     return {
         "curves": log_curves(path / "log.jsonl"),

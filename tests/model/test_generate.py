@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.model.model_variants import VARIANTS, make_model
 from torch.testing import assert_close
 
 from interplab.model.generate import Generation, generate
+from tests.model.model_variants import VARIANTS, make_model
 
 CAUSAL = [name for name, cfg in VARIANTS.items() if cfg.causal]
 
@@ -172,3 +172,15 @@ def test_bad_options_are_refused():
         generate(model, tokens, 2, stop_at_eos=True)
     with pytest.raises(ValueError, match="no real token"):
         generate(model, tokens, 2, attention_mask=torch.tensor([[0, 0]]))
+
+
+def test_string_prompts_with_a_real_bpe_tokenizer():
+    from interplab.data.tokenizer import train_bpe
+
+    tok = train_bpe(["def f(x):\n    return x + 1\n"] * 30, vocab_size=300)
+    model = make_model("gpt2").__class__(VARIANTS["gpt2"].replace(d_vocab=tok.vocab_size, n_ctx=32))
+    model.tokenizer = tok
+    out = generate(model, ["def f(x):", "return"], 4)
+    alone = generate(model, "return", 4)
+    assert out.text[1] == alone.text[0] and out.text[1].startswith("return")
+    assert torch.equal(out.new_tokens[1], alone.new_tokens[0])

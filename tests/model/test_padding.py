@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.model.model_variants import make_model
 from torch.testing import assert_close
+
+from tests.model.model_variants import make_model
 
 VARIANTS = [
     "gpt2",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.model.model_variants import VARIANTS, make_model
 from torch.testing import assert_close
 
 from interplab.hooks import Site, SiteKind
 from interplab.model import ModelConfig, Norm, Positional
+from tests.model.model_variants import VARIANTS, make_model
 
 B, P = 2, 7
 NAMES = sorted(VARIANTS)
@@ -67,6 +67,13 @@ def tokens_for(cfg: ModelConfig, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.d_vocab, (B, P), generator=torch.Generator().manual_seed(seed))
 
 
+def model_and_logits(variant: str):  # noqa: ANN201
+    model = make_model(variant)
+    tokens = tokens_for(model.cfg)
+    with torch.no_grad():
+        return model, tokens, model(tokens)
+
+
 # kinds whose forward hook switches to another (mathematically equal) computation, so float32 rounding
 # differs by ~1e-7: scores/pattern need the explicit softmax(q k^T) instead of the fused SDPA kernel; result
 # needs a per-head matmul then a sum over heads instead of one matmul over all heads; q/k/v_input need
@@ -122,10 +129,7 @@ def test_every_hook_fires_once_with_its_documented_shape(variant):
 
 @pytest.mark.parametrize("variant", NAMES)
 def test_replacing_each_activation_with_itself_changes_nothing(variant):
-    model = make_model(variant)
-    tokens = tokens_for(model.cfg)
-    with torch.no_grad():
-        plain = model(tokens)
+    model, tokens, plain = model_and_logits(variant)
     for site in all_sites(model.cfg):
         with torch.no_grad():
             observed = model.run_with_hooks(tokens, fwd_hooks=[(site, lambda x, s: None)])
@@ -413,3 +417,37 @@ def test_decompose_resid_names_what_is_missing():
         cache.decompose_resid()
     with pytest.raises(ValueError, match="layer must be in 0..2, got 3"):
         cache.decompose_resid(3)
+
+
+@pytest.mark.parametrize("variant", NAMES)
+def test_caching_leaves_logits_bit_identical_except_where_attention_must_be_explicit(variant):
+    model, tokens, plain = model_and_logits(variant)
+    logits, cache = model.run_with_cache(tokens, names=lambda n: not n.endswith(("attn_scores", "pattern")))
+    assert_close(logits, plain, atol=0, rtol=0)
+    # caching the pattern switches to the explicit softmax(q k^T / scale) v: equal up to float rounding
+    logits_all, _ = model.run_with_cache(tokens)
+    assert_close(logits_all, plain, atol=2e-5, rtol=1e-5)
+
+
+def test_cached_pos_embed_is_not_a_view_of_the_weights():
+    model = make_model("gpt2")
+    before = model.pos_embed.W_pos.detach().clone()
+    _, cache = model.run_with_cache(tokens_for(model.cfg), names="hook_pos_embed")
+    cache["hook_pos_embed"][0] += 1.0
+    assert torch.equal(model.pos_embed.W_pos, before)
+
+
+def test_read_hooks_through_model_hooks_see_what_forward_hooks_see():
+    model = make_model("rotary_neox_rms_gated_gqa")
+    tokens = tokens_for(model.cfg)
+    names = lambda n: n.endswith(("_input", "hook_result", "hook_mlp_in", "ln1.hook_scale"))  # noqa: E731
+    read, fwd = {}, {}
+    with torch.no_grad(), model.hooks(read_hooks=[(names, lambda x, s: read.__setitem__(s.name, x.clone()))]):
+        plain = model(tokens)
+    with torch.no_grad(), model.hooks([(names, lambda x, s: fwd.__setitem__(s.name, x.clone()))]):
+        model(tokens)
+    with torch.no_grad():
+        assert_close(plain, model(tokens), atol=0, rtol=0)
+    assert read.keys() == fwd.keys()
+    for name in read:
+        assert_close(read[name], fwd[name], atol=2e-5, rtol=1e-5, msg=name)

@@ -30,11 +30,13 @@ def web_setup(tmp_path_factory) -> dict:
     (run / "log.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3}) + "\n" for s in range(0, 100, 10))
     )
-    (run / "report.json").write_text(
-        json.dumps(
-            {"final_loss": 0.5, "formation": {"steps": [0, 50, 100], "induction_score": [0.01, 0.3, 0.6]}}
-        )
-    )
+    (run / "report.json").write_text(json.dumps({"final_loss": 0.5}))
+    formation = {
+        "steps": [0, 50, 100],
+        "induction_score": [0.01, 0.3, 0.6],
+        "prev_token": [[[0.1, 0.2]], [[0.3, 0.1]], [[0.2, 0.4]]],
+    }
+    (run / "formation.json").write_text(json.dumps(formation))
     model.save(root / "runs" / "model")
     return {"root": root, "db": root / "tiny.db", "model": model, "sae": sae, "runs": root / "runs"}
 

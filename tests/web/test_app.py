@@ -77,7 +77,8 @@ def test_steering_and_attention_api(client, web_setup):
 
 def test_run_page_shows_curves(client):
     r = client.get("/run/0")
-    assert r.status_code == 200 and "induction_score" in r.text and '"loss"' in r.text
+    assert r.status_code == 200 and "formation/induction_score" in r.text and '"loss"' in r.text
+    assert "formation/prev_token (max)" in r.text
     assert client.get("/run/99").status_code == 404
 
 

@@ -25,7 +25,9 @@ window.interplab = (function () {
       Plotly.newPlot("logit-chart", [
         { type: "bar", orientation: "h", name: "promoted", y: pos.map((p, i) => p[0] + " \u200b".repeat(i + 1)), x: pos.map(p => p[1]), marker: { color: "#2a7ab8" } },
         { type: "bar", orientation: "h", name: "suppressed", y: neg.map((p, i) => p[0] + " \u200c".repeat(i + 1)), x: neg.map(p => p[1]), marker: { color: "#b83a2a" } },
-      ], { margin: { l: 110, r: 10, t: 10, b: 30 }, showlegend: false, yaxis: { automargin: true, dtick: 1, tickfont: { size: 10 } } }, cfg);
+      ], { margin: { l: 110, r: 10, t: 10, b: 30 }, showlegend: false, bargap: 0.15,
+           height: Math.max(260, 15 * (pos.length + neg.length) + 50),
+           yaxis: { automargin: true, dtick: 1, tickfont: { size: 10 } } }, cfg);
     }
     const form = document.getElementById("label-form");
     if (form) form.addEventListener("submit", async (e) => {
