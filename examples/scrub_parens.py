@@ -16,7 +16,8 @@ from interplab.scrub.parens import count_equal, horizon_ok, hypothesis_1a, load_
 
 torch.set_num_threads(1)
 FIXTURE = Path(os.environ.get("PAREN_FIXTURE", "../shared/fixtures/paren_balancer"))
-N = int(os.environ.get("SCRUB_EXAMPLES", "4000"))
+# INTERPLAB_EXAMPLES_FAST=1 (CI) scrubs 400 examples instead of the published 4,000
+N = int(os.environ.get("SCRUB_EXAMPLES", "400" if os.environ.get("INTERPLAB_EXAMPLES_FAST") else "4000"))
 model = load_paren_model(FIXTURE)
 task = paren_task(FIXTURE)
 
