@@ -7,7 +7,7 @@ here (needs a trained run, the network, or is illustrative) is marked in the mar
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -57,17 +57,19 @@ def python_blocks(path: Path) -> list[Snippet]:
     return blocks
 
 
-def collect() -> list[Snippet]:
-    files = [ROOT / "README.md", *sorted((ROOT / "docs" / "readme").glob("*.md"))]
-    seen, snippets = set(), []
+def collect(files: list[Path] | None = None) -> list[Snippet]:
+    """docs/readme's blocks, then the README's own; a README block that repeats a docs/readme block runs once,
+    and a no-test marker on either copy applies (the assembled README may drop the HTML comments)."""
+    files = files or [*sorted((ROOT / "docs" / "readme").glob("*.md")), ROOT / "README.md"]
+    first: dict[str, Snippet] = {}
     for path in files:
         if not path.is_file():
             continue
         for snippet in python_blocks(path):
-            if snippet.code.strip() not in seen:  # README sections repeat docs/readme: run each text once
-                seen.add(snippet.code.strip())
-                snippets.append(snippet)
-    return snippets
+            kept = first.setdefault(snippet.code.strip(), snippet)
+            if kept is not snippet and snippet.skip_reason and not kept.skip_reason:
+                first[snippet.code.strip()] = replace(kept, skip_reason=snippet.skip_reason)
+    return list(first.values())
 
 
 SNIPPETS = collect()
@@ -86,6 +88,22 @@ def test_parser_reads_markers_and_blocks(tmp_path):
     first, second = python_blocks(md)
     assert (first.index, first.line, first.code, first.skip_reason) == (1, 7, "a = 1\n", "needs runs/x")
     assert (second.index, second.code, second.skip_reason) == (2, "b = 2\n", None)
+
+
+def test_readme_copy_runs_once_and_keeps_the_marker(tmp_path):
+    section, readme = tmp_path / "section.md", tmp_path / "README.md"
+    section.write_text("<!-- no-test: needs runs/x -->\n```python\na = 1\n```\n")
+    readme.write_text("```python\nb = 2\n```\n\n```python\na = 1\n```\n")
+    snippets = collect([section, readme])
+    assert [(s.file.name, s.code, s.skip_reason) for s in snippets] == [
+        ("section.md", "a = 1\n", "needs runs/x"),
+        ("README.md", "b = 2\n", None),
+    ]
+    snippets = collect([readme, section])  # the marker also applies when the unmarked copy comes first
+    assert [(s.file.name, s.skip_reason) for s in snippets] == [
+        ("README.md", None),
+        ("README.md", "needs runs/x"),
+    ]
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.id for s in SNIPPETS])
