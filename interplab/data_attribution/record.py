@@ -196,3 +196,29 @@ def _span(steps: list[int]) -> str:
     if not steps:
         return "none"
     return f"{len(steps)} steps from {steps[0]} to {steps[-1]}"
+
+
+class RecordingCallback:
+    """An opt-in trainer callback: records projected per-example gradients of the examples in each chosen step's
+    batch, at the weights that step's gradient was taken at (before the optimiser update), with Adam
+    preconditioning from the optimiser's state.
+
+    >>> cb = RecordingCallback("runs/x/gradients", model, RecordConfig(group="head:0.1"), steps=range(300, 700, 4))  # doctest: +SKIP
+    >>> train(cfg, "runs/x", callbacks=[cb])                                                                # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | Path, model: nn.Module, cfg: RecordConfig | None = None, *,
+                 steps: range | list[int] | None = None, every: int | None = None) -> None:
+        if (steps is None) == (every is None):
+            raise ValueError("give exactly one of steps= (which steps to record) or every= (record every n-th step)")
+        self.recorder = GradientRecorder(folder, model, cfg)
+        self.steps = set(steps) if steps is not None else None
+        self.every = every
+
+    def wants(self, step: int) -> bool:
+        return step in self.steps if self.steps is not None else step % self.every == 0  # type: ignore[operator]
+
+    def __call__(self, *, step: int, model: nn.Module, tokens: Tensor, example_ids: Tensor, lr: float,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        if self.wants(step):
+            self.recorder.record(model, tokens, example_ids, step=step, lr=lr, optimizer=optimizer)

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,18 +186,22 @@ def train(
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
     task: Any = None,
+    callbacks: Sequence[Callable[..., None]] = (),
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir``, continuing from its newest good checkpoint if it holds this run.
 
     ``stop_after=k`` stops after step k (writing a checkpoint) so the run can be resumed later.
     ``task`` trains on a Task object (``generate/loss/metrics/model_config``) instead of ``cfg.data.source``.
-    ``progress(event)`` receives dicts with ``event`` in {"setup", "step", "eval", "checkpoint", "done"}."""
+    ``progress(event)`` receives dicts with ``event`` in {"setup", "step", "eval", "checkpoint", "done"}.
+    ``callbacks`` are called after each step's backward pass and before the optimiser update, as
+    ``cb(step=, model=, tokens=, example_ids=, lr=, optimizer=)`` (corpus runs; ``example_ids`` index the training
+    token store), e.g. `interplab.data_attribution.record.RecordingCallback`."""
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else _default_device()
     dist_info = _init_distributed(device)
     notify = progress if (progress is not None and dist_info.main) else (lambda event: None)
     try:
-        return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify, task)
+        return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify, task, tuple(callbacks))
     finally:
         if dist_info.started:
             import torch.distributed as dist
@@ -214,6 +218,7 @@ def _train(
     dist_info: _Dist,
     notify: ProgressFn,
     task: Any,
+    callbacks: tuple[Callable[..., None], ...] = (),
 ) -> TrainResult:
     continuing = _check_run_dir(run_dir, cfg, resume)
     if dist_info.world > 1:
@@ -227,6 +232,10 @@ def _train(
         )
     notify({"event": "setup", "message": "preparing data (tokenised once, then cached)"})
     source = make_source(cfg, task=task, progress=lambda n: notify({"event": "setup", "tokens": n}))
+    if callbacks and not hasattr(source, "indices"):
+        raise ValueError(
+            "training callbacks need a corpus run (they receive the training sequences' indices)"
+        )
     model = build_model(cfg, source).to(device)
     if cfg.data.task is None and task is None and cfg.data.seq_len > model.cfg.n_ctx:
         raise ValueError(
@@ -286,6 +295,16 @@ def _train(
                     loss = source.loss(ddp, batch) / cfg.grad_accum
                 loss.backward()  # outside autocast, as PyTorch recommends
             total += loss.detach()
+        for cb in callbacks:
+            rows = rows_for(cfg.batch_size, 0, 1, dist_info.rank, dist_info.world)
+            cb(
+                step=step,
+                model=model,
+                tokens=_to(source.batch(step - 1, rows), device),
+                example_ids=source.indices(step - 1, rows),
+                lr=lr,
+                optimizer=optimizer,
+            )
         if o.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()

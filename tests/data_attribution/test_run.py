@@ -7,19 +7,13 @@ import torch
 
 from interplab.data_attribution.run import attribute_run
 from interplab.train import train
-from tests.train.conftest import _tiny_config
+from tests.train.conftest import _tiny_config, write_corpus
 
 
 @pytest.fixture
 def tiny_run(tmp_path, monkeypatch):
     monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(16):
-        lines = [
-            f"def func_{j}(value, other={i}):\n    return value * {j} + other\n\n" for j in range(i, i + 30)
-        ]
-        (corpus / f"mod_{i:02d}.py").write_text("".join(lines))
+    corpus = write_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     train(_tiny_config(corpus, steps=24, checkpoints={"log_spaced": 4, "every": 6}), run)
     return run
@@ -62,3 +56,40 @@ def test_movers_per_parameter_view(tiny_run):
     assert top[0][1] == float(view.norms[0].max())
     with pytest.raises(ValueError, match="head 5 does not exist"):
         movers(tiny_run, "head:1.5", steps=(0, 12))
+
+
+def test_recording_callback_during_training(tmp_path, monkeypatch):
+    """The recorder as a trainer callback: the recorded ids are the sequences each step trained on, and the
+    shards equal per-example gradients recomputed from the checkpoint at that step."""
+    from interplab.data_attribution import lm_loss, param_group, per_example_grads
+    from interplab.data_attribution.record import RecordConfig, RecordingCallback
+    from interplab.model.io import load_native
+    from interplab.train.checkpoint import checkpoint_dir
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource
+
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = _tiny_config(corpus, steps=12, checkpoints={"log_spaced": 0, "every": 6})
+    from interplab.train.trainer import build_model
+
+    model_for_group = build_model(cfg, CorpusSource(cfg))
+    cb = RecordingCallback(
+        tmp_path / "grads",
+        model_for_group,
+        RecordConfig(group="head:1.0", dim=32, precondition=False),
+        steps=[7],
+    )
+    run = tmp_path / "run"
+    train(cfg, run, callbacks=[cb])
+    assert cb.recorder.steps == [7]
+    ids, grads, entry = cb.recorder.load(7)
+    source = CorpusSource(TrainConfig.from_dict(json.loads((run / "config.json").read_text())))
+    torch.testing.assert_close(ids, source.indices(6))  # step 7 trained on batch 6
+    # step 7's gradient was taken at the weights after 6 updates: the step-6 checkpoint
+    model = load_native(checkpoint_dir(run, 6))
+    group = param_group(model, "head:1.0")
+    expected = cb.recorder.projector.project(
+        per_example_grads(model, lm_loss, source.batch(6, slice(None)), group)
+    )
+    torch.testing.assert_close(grads, expected / len(ids), atol=1e-5, rtol=1e-4)

@@ -6,10 +6,8 @@ from interplab.model import ModelConfig
 from interplab.train import TrainConfig
 
 
-@pytest.fixture
-def corpus_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "corpus"
+def write_corpus(folder):
+    """16 small Python files of repetitive code (a corpus for tiny training runs)."""
     folder.mkdir()
     for i in range(16):
         lines = [
@@ -17,6 +15,12 @@ def corpus_dir(tmp_path, monkeypatch):
         ]
         (folder / f"mod_{i:02d}.py").write_text("".join(lines))
     return folder
+
+
+@pytest.fixture
+def corpus_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    return write_corpus(tmp_path / "corpus")
 
 
 @pytest.fixture
