@@ -165,8 +165,30 @@ def run_view(path: Path) -> dict[str, Any]:
         report = {**(report if isinstance(report, dict) else {}), "formation": formation}
     config = _read_json(path / "config.json")
     return {
+        "attributions": attributions(path),
         "curves": log_curves(path / "log.jsonl"),
         "report_curves": report_curves(report) if report is not None else {},
         "scalars": _report_scalars(path, limit=40),
         "config": config if isinstance(config, dict) else {},
     }
+
+
+def attributions(path: Path) -> list[dict[str, Any]]:
+    """The training-data attributions of a run (``interplab attribute`` writes ``attribution/<target>/``)."""
+    out = []
+    root = path / "attribution"
+    if not root.is_dir():
+        return out
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        report = _read_json(folder / "report.json")
+        if not isinstance(report, dict) or "target" not in report:
+            continue
+        out.append({
+            "target": report["target"],
+            "window": report.get("window", []),
+            "n_candidates": report.get("n_candidates"),
+            "top": report.get("top", [])[:5],
+            "enriched": [e.get("token", "") for e in report.get("enriched_tokens", [])[:12]],
+            "method": report.get("method", ""),
+        })
+    return out

@@ -82,6 +82,12 @@ def test_run_page_shows_curves(client):
     assert client.get("/run/99").status_code == 404
 
 
+def test_run_page_shows_training_data_attribution(client):
+    text = client.get("/run/0").text
+    assert "Which training sequences built induction:0.1?" in text
+    assert "NAOP = bytes([9]) # negotiate about output" in text and "<code>negotiate</code>" in text
+
+
 def test_missing_database_is_refused(tmp_path):
     from interplab.web.app import create_app
 
