@@ -45,11 +45,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically (tensors are made contiguous; shared storage is copied)."""
     from safetensors.torch import save_file
 
-    flat = {k: v.detach().contiguous().clone() if _shares(v, tensors) else v.detach().contiguous() for k, v in tensors.items()}
+    flat = {
+        k: v.detach().contiguous().clone() if _shares(v, tensors) else v.detach().contiguous()
+        for k, v in tensors.items()
+    }
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
 

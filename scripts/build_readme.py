@@ -1,7 +1,7 @@
 """Assemble README.md from docs/readme/*.md: the header, one section per capability, the footer.
 
-    python scripts/build_readme.py          # write README.md
-    python scripts/build_readme.py --check  # exit 1 if README.md is out of date
+python scripts/build_readme.py          # write README.md
+python scripts/build_readme.py --check  # exit 1 if README.md is out of date
 """
 
 from __future__ import annotations
@@ -10,11 +10,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["hooks", "loading", "training", "tasks", "analysis", "circuits", "sae", "features", "attribution", "routing"]
+ORDER = [
+    "hooks",
+    "loading",
+    "training",
+    "tasks",
+    "analysis",
+    "circuits",
+    "sae",
+    "features",
+    "attribution",
+    "routing",
+]
 
 
 def build() -> str:
-    parts = (ROOT / "docs" / "readme")
+    parts = ROOT / "docs" / "readme"
     sections = [parts / "_header.md", *(parts / f"{name}.md" for name in ORDER), parts / "_footer.md"]
     missing = [str(p) for p in sections if not p.is_file()]
     if missing:

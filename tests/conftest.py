@@ -14,7 +14,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 @pytest.fixture
 def shared_dir() -> Path:
     if not SHARED.is_dir():
-        pytest.skip(f"../shared is absent ({SHARED}): fixture tests need the shared folder beside the checkout")
+        pytest.skip(
+            f"../shared is absent ({SHARED}): fixture tests need the shared folder beside the checkout"
+        )
     return SHARED
 
 

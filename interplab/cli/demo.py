@@ -18,7 +18,9 @@ def demo(
         False, "--fresh", help="start over instead of continuing a run found in --out"
     ),
     sae_steps: int = typer.Option(600, "--sae-steps", help="SAE training steps (stage 3)"),
-    features: bool = typer.Option(True, "--features/--no-features", help="stages 3-4: SAE and feature database"),
+    features: bool = typer.Option(
+        True, "--features/--no-features", help="stages 3-4: SAE and feature database"
+    ),
 ) -> None:
     """Train a 2-layer attention-only model on python-stdlib, show its induction heads forming, then train a
     sparse autoencoder on it and build the feature database for the browser."""
@@ -55,8 +57,10 @@ def demo(
     if features:
         console.print(f"sparse autoencoder: {out}/sae/saes/  (evaluation: {out}/sae/eval/)")
         console.print(f"feature database:   {out}/features.db")
-        console.print(f"[bold]browse the features:[/] interplab serve --db {out}/features.db --runs {out.parent} "
-                      f"--model {out}/final --sae {_sae_dir(out)}")
+        console.print(
+            f"[bold]browse the features:[/] interplab serve --db {out}/features.db --runs {out.parent} "
+            f"--model {out}/final --sae {_sae_dir(out)}"
+        )
     console.print(f"next: interplab attribute {out}  (which training sequences built the induction head)")
 
 
@@ -81,15 +85,54 @@ def _sae_and_features(out: Path, sae_steps: int, threads: int, n: int) -> None:
     model = str(out / "final")
     console.rule(f"[bold]3/{n} a TopK sparse autoencoder on {SAE_HOOK}")
     if not (_sae_dir(out) / "cfg.json").is_file():
-        run(["sae", "train", "--model", model, "--hook", SAE_HOOK, "--arch", "topk", "--expansion", "8",
-             "--k", "16", "--steps", str(sae_steps), "--batch", "1024", "--out", str(out / "sae"),
-             "--threads", str(threads)])
+        run(
+            [
+                "sae",
+                "train",
+                "--model",
+                model,
+                "--hook",
+                SAE_HOOK,
+                "--arch",
+                "topk",
+                "--expansion",
+                "8",
+                "--k",
+                "16",
+                "--steps",
+                str(sae_steps),
+                "--batch",
+                "1024",
+                "--out",
+                str(out / "sae"),
+                "--threads",
+                str(threads),
+            ]
+        )
     else:
         console.print(f"already trained: {_sae_dir(out)}")
     run(["sae", "eval", str(out / "sae"), "--model", model, "--threads", str(threads)])
     console.rule(f"[bold]4/{n} the feature database (one streaming pass over held-out code)")
-    run(["features", "build", "--model", model, "--sae", str(_sae_dir(out)), "--out", str(out / "features.db"),
-         "--corpus", "python-stdlib", "--n-seqs", "256", "--seq-len", "128", "--threads", str(threads)])
+    run(
+        [
+            "features",
+            "build",
+            "--model",
+            model,
+            "--sae",
+            str(_sae_dir(out)),
+            "--out",
+            str(out / "features.db"),
+            "--corpus",
+            "python-stdlib",
+            "--n-seqs",
+            "256",
+            "--seq-len",
+            "128",
+            "--threads",
+            str(threads),
+        ]
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -207,10 +207,19 @@ class RecordingCallback:
     >>> train(cfg, "runs/x", callbacks=[cb])                                                                # doctest: +SKIP
     """
 
-    def __init__(self, folder: str | Path, model: nn.Module, cfg: RecordConfig | None = None, *,
-                 steps: range | list[int] | None = None, every: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        model: nn.Module,
+        cfg: RecordConfig | None = None,
+        *,
+        steps: range | list[int] | None = None,
+        every: int | None = None,
+    ) -> None:
         if (steps is None) == (every is None):
-            raise ValueError("give exactly one of steps= (which steps to record) or every= (record every n-th step)")
+            raise ValueError(
+                "give exactly one of steps= (which steps to record) or every= (record every n-th step)"
+            )
         self.recorder = GradientRecorder(folder, model, cfg)
         self.steps = set(steps) if steps is not None else None
         self.every = every
@@ -218,7 +227,15 @@ class RecordingCallback:
     def wants(self, step: int) -> bool:
         return step in self.steps if self.steps is not None else step % self.every == 0  # type: ignore[operator]
 
-    def __call__(self, *, step: int, model: nn.Module, tokens: Tensor, example_ids: Tensor, lr: float,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __call__(
+        self,
+        *,
+        step: int,
+        model: nn.Module,
+        tokens: Tensor,
+        example_ids: Tensor,
+        lr: float,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         if self.wants(step):
             self.recorder.record(model, tokens, example_ids, step=step, lr=lr, optimizer=optimizer)

@@ -163,7 +163,9 @@ class ModelConfig:
             )
         if self.positional is Positional.ROTARY:
             if self.rotary_dim > self.d_head or self.rotary_dim % 2:
-                raise ValueError(f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}")
+                raise ValueError(
+                    f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}"
+                )
         if self.tie_embeddings and self.d_vocab_out != self.d_vocab:
             raise ValueError(
                 f"tie_embeddings needs d_vocab_out == d_vocab, got {self.d_vocab_out} != {self.d_vocab}"
@@ -174,7 +176,9 @@ class ModelConfig:
             raise ValueError("smear_keys mixes in the previous position's key and needs causal=True")
         for layer in self.sliding_layers:
             if not 0 <= layer < self.n_layers:
-                raise ValueError(f"sliding_layers has layer {layer}, but the model has {self.n_layers} layers")
+                raise ValueError(
+                    f"sliding_layers has layer {layer}, but the model has {self.n_layers} layers"
+                )
         if self.sliding_layers and self.sliding_window is None:
             raise ValueError("sliding_layers is set but sliding_window is None")
         if self.norm_eps <= 0:
@@ -233,4 +237,3 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
-

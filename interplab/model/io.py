@@ -38,7 +38,9 @@ def is_native(path: Path) -> bool:
         return False
 
 
-def load_native(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_native(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -67,13 +69,18 @@ def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise KeyError(f"{source}: missing weight {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise KeyError(
+            f"{source}: missing weight {missing[0]!r}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise KeyError(f"{source}: unexpected weight {unexpected[0]!r} (the config does not have it)")
     for k, shape in expected.items():
         if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: weight {k!r} has shape {tuple(state[k].shape)}, the config needs {tuple(shape)}")
+            raise ValueError(
+                f"{source}: weight {k!r} has shape {tuple(state[k].shape)}, the config needs {tuple(shape)}"
+            )
     # keep requires_grad as the model declared it (frozen zero biases stay frozen)
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     model.load_state_dict(state, assign=True)

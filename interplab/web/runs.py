@@ -183,12 +183,14 @@ def attributions(path: Path) -> list[dict[str, Any]]:
         report = _read_json(folder / "report.json")
         if not isinstance(report, dict) or "target" not in report:
             continue
-        out.append({
-            "target": report["target"],
-            "window": report.get("window", []),
-            "n_candidates": report.get("n_candidates"),
-            "top": report.get("top", [])[:5],
-            "enriched": [e.get("token", "") for e in report.get("enriched_tokens", [])[:12]],
-            "method": report.get("method", ""),
-        })
+        out.append(
+            {
+                "target": report["target"],
+                "window": report.get("window", []),
+                "n_candidates": report.get("n_candidates"),
+                "top": report.get("top", [])[:5],
+                "enriched": [e.get("token", "") for e in report.get("enriched_tokens", [])[:12]],
+                "method": report.get("method", ""),
+            }
+        )
     return out

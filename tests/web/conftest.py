@@ -39,11 +39,20 @@ def web_setup(tmp_path_factory) -> dict:
     (run / "formation.json").write_text(json.dumps(formation))
     attribution = run / "attribution" / "induction_0.1"  # as written by `interplab attribute`
     attribution.mkdir(parents=True)
-    (attribution / "report.json").write_text(json.dumps({
-        "target": "induction:0.1", "window": [50, 100], "n_candidates": 3, "method": "TracIn over checkpoints",
-        "top": [{"sequence": 17, "score": 4.2e-6, "text": "NAOP = bytes([9]) # negotiate about output"}],
-        "enriched_tokens": [{"token": "negotiate", "ratio": 5.0}],
-    }))
+    (attribution / "report.json").write_text(
+        json.dumps(
+            {
+                "target": "induction:0.1",
+                "window": [50, 100],
+                "n_candidates": 3,
+                "method": "TracIn over checkpoints",
+                "top": [
+                    {"sequence": 17, "score": 4.2e-6, "text": "NAOP = bytes([9]) # negotiate about output"}
+                ],
+                "enriched_tokens": [{"token": "negotiate", "ratio": 5.0}],
+            }
+        )
+    )
     model.save(root / "runs" / "model")
     return {"root": root, "db": root / "tiny.db", "model": model, "sae": sae, "runs": root / "runs"}
 
