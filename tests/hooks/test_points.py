@@ -92,15 +92,3 @@ def test_readers_see_the_replaced_value_and_cannot_replace_it():
 def test_registry_refuses_two_points_with_one_name():
     with pytest.raises(ValueError, match=r"two hook points are named 'hook_embed'"):
         HookRegistry([HookPoint(Site(SiteKind.EMBED)), HookPoint(Site(SiteKind.EMBED))])
-
-
-def test_atomic_writes_get_normal_permissions(tmp_path):
-    import os
-    import stat
-
-    from interplab.io import atomic_write_text
-
-    atomic_write_text(tmp_path / "a.json", "{}")
-    mask = os.umask(0)
-    os.umask(mask)
-    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
