@@ -132,8 +132,8 @@ class NormalizedLogitDiff(PositionMetric):
 
 
 @dataclass(frozen=True, eq=False)
-class CorrectProb(PositionMetric):
-    """Probability of the correct token at each example's read position."""
+class _AnswerMetric(PositionMetric):
+    """A metric of the correct token's logit at each example's read position (abstract)."""
 
     answer: Tensor
     """correct token id per example [batch] (or one id for all)"""
@@ -144,24 +144,19 @@ class CorrectProb(PositionMetric):
         object.__setattr__(self, "answer", _as_index(self.answer, "answer"))
         if self.positions is not None:
             object.__setattr__(self, "positions", _as_index(self.positions, "positions"))
+
+
+@dataclass(frozen=True, eq=False)
+class CorrectProb(_AnswerMetric):
+    """Probability of the correct token at each example's read position."""
 
     def from_final(self, logits: Float[Tensor, "batch d_vocab"]) -> Float[Tensor, " batch"]:
         return _pick(torch.softmax(logits.float(), dim=-1), self.answer)
 
 
 @dataclass(frozen=True, eq=False)
-class AnswerLoss(PositionMetric):
+class AnswerLoss(_AnswerMetric):
     """Cross-entropy of the correct token at each example's read position."""
-
-    answer: Tensor
-    """correct token id per example [batch] (or one id for all)"""
-    positions: Tensor | None = None
-    """position read per example [batch] (default: the last)"""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "answer", _as_index(self.answer, "answer"))
-        if self.positions is not None:
-            object.__setattr__(self, "positions", _as_index(self.positions, "positions"))
 
     def from_final(self, logits: Float[Tensor, "batch d_vocab"]) -> Float[Tensor, " batch"]:
         return -_pick(torch.log_softmax(logits.float(), dim=-1), self.answer)
