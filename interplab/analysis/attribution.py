@@ -23,13 +23,11 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interplab.analysis.metrics import Metric
-from interplab.analysis.patching import check_pair, run_metric
+from interplab.analysis.patching import prepare_patches, run_metric
 from interplab.analysis.targets import (
     Direction,
     PatchResult,
     PatchTarget,
-    parse_target,
-    plan_patches,
     result_labels,
     site_of,
 )
@@ -66,19 +64,19 @@ def attribution_patch(
     """Estimated metric after each patch (same layout and meaning as `activation_patch`'s result):
     base metric + (source - base activation) . gradient, per example. Two forward passes (the source
     run under no_grad) and one backward pass in all."""
-    target, direction = parse_target(target), Direction(direction)
-    clean, corrupted = check_pair(model, clean_tokens, corrupted_tokens, attention_mask)
-    patches, dims, shape = plan_patches(
+    target, direction, clean, corrupted, patches, dims, shape, base_tokens, source_tokens = prepare_patches(
         model,
+        clean_tokens,
+        corrupted_tokens,
         target,
-        clean.shape[1],
+        direction,
+        attention_mask,
         by_position=by_position,
         layers=layers,
         indices=indices,
         positions=positions,
     )
     by_pos = "pos" in dims
-    base_tokens, source_tokens = (corrupted, clean) if direction is Direction.DENOISE else (clean, corrupted)
     layer_list = sorted({p.layer for p in patches})
     names = [site_of(target, layer).name for layer in layer_list]
     b = clean.shape[0]

@@ -234,6 +234,24 @@ def _chunks(
     return out
 
 
+def prepare_patches(
+    model: Any,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    target: PatchTarget | str,
+    direction: Direction | str,
+    attention_mask: Tensor | None,
+    **selection: Any,
+) -> tuple:
+    """What every patching function starts with: the parsed target and direction, the checked token pair, the
+    planned patches (``selection``: by_position, layers, indices, positions) and which run is the base."""
+    target, direction = parse_target(target), Direction(direction)
+    clean, corrupted = check_pair(model, clean_tokens, corrupted_tokens, attention_mask)
+    patches, dims, shape = plan_patches(model, target, clean.shape[1], **selection)
+    base, source = (corrupted, clean) if direction is Direction.DENOISE else (clean, corrupted)
+    return target, direction, clean, corrupted, patches, dims, shape, base, source
+
+
 def activation_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -255,18 +273,18 @@ def activation_patch(
     ``metric(logits [batch pos d_vocab]) -> [batch]``; the result holds its batch mean after each patch.
     ``indices`` restricts heads or neurons, ``positions`` restricts (query) positions, ``layers`` layers.
     ``progress(done, total)`` is called after each chunk."""
-    target, direction = parse_target(target), Direction(direction)
-    clean, corrupted = check_pair(model, clean_tokens, corrupted_tokens, attention_mask)
-    patches, dims, shape = plan_patches(
+    target, direction, clean, corrupted, patches, dims, shape, base_tokens, source_tokens = prepare_patches(
         model,
+        clean_tokens,
+        corrupted_tokens,
         target,
-        clean.shape[1],
+        direction,
+        attention_mask,
         by_position=by_position,
         layers=layers,
         indices=indices,
         positions=positions,
     )
-    base_tokens, source_tokens = (corrupted, clean) if direction is Direction.DENOISE else (clean, corrupted)
     layer_list = sorted({p.layer for p in patches})
     with torch.no_grad():
         src_values, source = source_activations(
@@ -314,18 +332,18 @@ def activation_patch_loop(
     attention_mask: Tensor | None = None,
 ) -> PatchResult:
     """The reference: one full forward pass with one hook per patch. Slow; `activation_patch` equals it."""
-    target, direction = parse_target(target), Direction(direction)
-    clean, corrupted = check_pair(model, clean_tokens, corrupted_tokens, attention_mask)
-    patches, dims, shape = plan_patches(
+    target, direction, clean, corrupted, patches, dims, shape, base_tokens, source_tokens = prepare_patches(
         model,
+        clean_tokens,
+        corrupted_tokens,
         target,
-        clean.shape[1],
+        direction,
+        attention_mask,
         by_position=by_position,
         layers=layers,
         indices=indices,
         positions=positions,
     )
-    base_tokens, source_tokens = (corrupted, clean) if direction is Direction.DENOISE else (clean, corrupted)
     b = clean.shape[0]
     with torch.no_grad():
         names = {layer: site_of(target, layer).name for layer in sorted({p.layer for p in patches})}
