@@ -28,7 +28,6 @@ from interplab.data_attribution.targets import (
     neuron_target,
     parse_target,
     prev_token_target,
-    repeated_tokens,
 )
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
     "parse_target",
     "per_example_grads",
     "prev_token_target",
-    "repeated_tokens",
     "spearman",
     "tracin",
     "tracin_per_checkpoint",

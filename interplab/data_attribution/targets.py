@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,11 @@ class Target:
         return self.fn(model)
 
 
-def repeated_tokens(d_vocab: int, half: int, n: int = 16, seed: int = 0, low: int = 0) -> Tensor:
-    """Probe inputs for induction: n sequences of ``half`` random tokens repeated once: [n, 2 * half]."""
-    gen = torch.Generator().manual_seed(seed)
-    r = torch.randint(low, d_vocab, (n, half), generator=gen)
-    return torch.cat([r, r], dim=1)
+def _default_probe(cfg: Any) -> Tensor:
+    """16 sequences of random tokens repeated once (half length up to 32), as formation scores them."""
+    from interplab.train.scores import repeated_random_tokens
+
+    return repeated_random_tokens(16, min(32, cfg.n_ctx // 2), d_vocab=cfg.d_vocab)
 
 
 def _pattern(model: nn.Module, tokens: Tensor, layer: int) -> Tensor:
@@ -64,7 +65,7 @@ def induction_target(model: nn.Module, layer: int, head: int, probe: Tensor | No
     previous occurrence of its token (the induction score)."""
     _check_head(model, layer, head)
     cfg = model.cfg  # type: ignore[attr-defined]
-    probe = probe if probe is not None else repeated_tokens(cfg.d_vocab, min(32, cfg.n_ctx // 2))
+    probe = probe if probe is not None else _default_probe(cfg)
     half = probe.shape[1] // 2
 
     def fn(m: nn.Module) -> Tensor:
@@ -79,7 +80,7 @@ def prev_token_target(model: nn.Module, layer: int, head: int, probe: Tensor | N
     """Mean attention from each position to the previous one (the previous-token score)."""
     _check_head(model, layer, head)
     cfg = model.cfg  # type: ignore[attr-defined]
-    probe = probe if probe is not None else repeated_tokens(cfg.d_vocab, min(32, cfg.n_ctx // 2))
+    probe = probe if probe is not None else _default_probe(cfg)
 
     def fn(m: nn.Module) -> Tensor:
         p = _pattern(m, probe, layer)[:, head]
