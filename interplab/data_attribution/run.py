@@ -172,19 +172,10 @@ def attribute_run(
     of its total rise over the run's checkpoints) for their effect on ``target`` (see `parse_target`;
     ``induction:best`` / ``prev:best`` pick the head with the highest final score)."""
     from interplab.model.io import load_native
-    from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
-    from interplab.train.config import TrainConfig
-    from interplab.train.sources import CorpusSource, cosine_lr
+    from interplab.train.sources import CorpusSource
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    if cfg.data.task is not None:
-        raise ValueError(
-            f"{run_dir} trained on task {cfg.data.task!r}; attribution to training data needs a corpus run"
-        )
-    ckpts = [c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None]
+    cfg, ckpts = _open_run(run_dir)
     if len(ckpts) < 2:
         raise ValueError(f"{run_dir} has {len(ckpts)} intact checkpoints; attribution needs at least 2")
     models = {c.step: load_native(c.path) for c in ckpts}
@@ -210,11 +201,10 @@ def attribute_run(
     tokens = source.train.sequences(ids, source.seq_len)
     grp = param_group(final, group)
     proj = Projector(d_in=grp.numel, dim=min(dim, grp.numel), seed=seed)
-    o = cfg.optim
     cps = []
     for i, step in enumerate(used[:-1]):  # checkpoint s stands for the steps from s up to the next one
         model = models[step]
-        lr = cosine_lr(step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
+        lr = _lr_at(cfg, step)
         span = used[i + 1] - step
         tg = proj.project(objective_grad(model, targets[step], grp)[None])[0]
         g = proj.project(per_example_grads(model, lm_loss, tokens, grp, chunk_size=8))
@@ -241,6 +231,30 @@ def attribute_run(
     )
     object.__setattr__(result, "pieces", pieces)
     return result
+
+
+def _open_run(run_dir: Path) -> tuple[Any, list[Any]]:
+    """A corpus training run's config and its intact checkpoints (clear errors otherwise)."""
+    from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
+    from interplab.train.config import TrainConfig
+
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    if cfg.data.task is not None:
+        raise ValueError(
+            f"{run_dir} trained on task {cfg.data.task!r}; attribution to training data needs a corpus run"
+        )
+    ckpts = [c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None]
+    return cfg, ckpts
+
+
+def _lr_at(cfg: Any, step: int) -> float:
+    """The learning rate the trainer used for the update after checkpoint ``step``."""
+    from interplab.train.sources import cosine_lr
+
+    o = cfg.optim
+    return cosine_lr(step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
 
 
 def _resolve_best(model: Any, target: str) -> str:
@@ -343,13 +357,10 @@ def movers(
     """Per-parameter view: the expected update norm (lr / n_train * |grad|) each training sequence seen in an
     interval contributed to ``group`` (e.g. ``head:0.1`` or ``neuron:1.17``), for every checkpoint interval."""
     from interplab.model.io import load_native
-    from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
-    from interplab.train.config import TrainConfig
-    from interplab.train.sources import CorpusSource, cosine_lr
+    from interplab.train.sources import CorpusSource
 
     run_dir = Path(run_dir)
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    ckpts = [c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None]
+    cfg, ckpts = _open_run(run_dir)
     if steps is not None:
         ckpts = [c for c in ckpts if steps[0] <= c.step <= steps[1]]
     if len(ckpts) < 2:
@@ -357,12 +368,11 @@ def movers(
     source = CorpusSource(cfg)
     ids = _window_sequences(source, ckpts[0].step, ckpts[-1].step, max_candidates, seed)
     tokens = source.train.sequences(ids, source.seq_len)
-    o = cfg.optim
     rows, intervals, enriched = [], [], []
     for a, b in zip(ckpts[:-1], ckpts[1:], strict=True):
         model = load_native(a.path)
         grp = param_group(model, group)
-        lr = cosine_lr(a.step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
+        lr = _lr_at(cfg, a.step)
         norms = (
             per_example_grads(model, lm_loss, tokens, grp, chunk_size=8).norm(dim=1)
             * lr
