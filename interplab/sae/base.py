@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from interplab.sae.config import Architecture, SAEConfig
+from interplab.sae.config import Architecture, Reshape, SAEConfig
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        self._check_input(x)
-        return self.activation(self.pre_acts(x))
+        """Latent activations; a hook_z SAE also takes per-head input [..., n_heads, d_head]."""
+        return self.activation(self.pre_acts(self.flat_input(x)))
 
     def decode(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
         if acts.shape[-1] != self.cfg.d_sae:
@@ -129,8 +129,12 @@ class SAE(nn.Module):
         return out / self.act_scale.to(out.dtype)
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> SAEOutput:
+        """Encode and decode; the reconstruction has the input's shape (per-head for per-head input)."""
         acts = self.encode(x)
-        return SAEOutput(reconstruction=self.decode(acts), feature_acts=acts)
+        recon = self.decode(acts)
+        if x.shape[-1] != recon.shape[-1]:  # per-head input of a hook_z SAE: give it back per head
+            recon = recon.unflatten(-1, x.shape[-2:])
+        return SAEOutput(reconstruction=recon, feature_acts=acts)
 
     def loss(
         self,
@@ -148,8 +152,8 @@ class SAE(nn.Module):
         have not fired for a while (used by TopK's AuxK loss); ``aux_coefficient`` overrides the
         architecture's default ``aux_weight``. ``with_counts=False`` skips the per-latent firing counts
         of dense architectures (a full pass over [batch, d_sae]; the trainer samples them)."""
-        self._check_input(x)
-        target = x if target is None else target
+        x = self.flat_input(x)
+        target = x if target is None else self.flat_input(target)
         x_s = x.to(self.W_enc.dtype) * self.act_scale.to(self.W_enc.dtype)
         tgt = target.float() * self.act_scale
         recon, acts, sparsity, aux, counts = self.train_forward(x_s, tgt, dead_mask)
@@ -196,12 +200,19 @@ class SAE(nn.Module):
         b = self.b_dec.detach()
         return x_s - b, self.b_enc + (b - self.b_dec) @ self.W_enc
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.cfg.d_in:
-            where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
-            raise ValueError(
-                f"SAE expects inputs [..., d_in={self.cfg.d_in}]{where}, got shape {tuple(x.shape)}"
-            )
+    def flat_input(self, x: Tensor) -> Float[Tensor, "... d_in"]:
+        """``x`` as [..., d_in]. A hook_z SAE (``cfg.reshape_activations == "hook_z"``) also takes per-head
+        input [..., n_heads, d_head] with n_heads * d_head = d_in, flattened here as SAELens does; any other
+        width raises, naming the hook."""
+        d_in = self.cfg.d_in
+        if x.shape[-1] == d_in:
+            return x
+        per_head = self.cfg.reshape_activations is Reshape.HOOK_Z
+        if per_head and x.ndim >= 2 and x.shape[-2] * x.shape[-1] == d_in:
+            return x.flatten(-2)
+        where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
+        also = " or [..., n_heads, d_head] with n_heads * d_head = d_in" if per_head else ""
+        raise ValueError(f"SAE expects inputs [..., d_in={d_in}]{also}{where}, got shape {tuple(x.shape)}")
 
     def decoder_norms(self) -> Float[Tensor, " d_sae"]:
         return self.W_dec.norm(dim=-1)
