@@ -188,3 +188,36 @@ def test_training_loss_gradients_match_the_plain_formula(arch):
     ref = torch.autograd.grad(loss, params)
     for (name, _), got, want in zip(sae.named_parameters(), fast, ref, strict=True):
         assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("n_heads", "d_head"), [(4, 4), (2, 8)])
+def test_hook_z_sae_takes_per_head_input(arch, n_heads, d_head):
+    """As sae_lens' hook_z SAEs: [..., n_heads, d_head] is flattened before encoding and the reconstruction
+    comes back per head; flat rows give the same numbers."""
+    sae = make(arch, hook_name="blocks.2.attn.hook_z")
+    assert sae.cfg.reshape_activations.value == "hook_z"  # the default on an attn.hook_z site
+    x = torch.randn(2, 5, n_heads, d_head)
+    out = sae(x)
+    flat = sae(x.flatten(-2))
+    assert out.reconstruction.shape == x.shape and out.feature_acts.shape == (2, 5, 64)
+    assert_close(out.feature_acts, flat.feature_acts)
+    assert_close(out.reconstruction.flatten(-2), flat.reconstruction)
+    assert_close(sae.loss(x.reshape(10, n_heads, d_head)).mse, sae.loss(x.reshape(10, 16)).mse)
+    plain = make(arch, hook_name="blocks.2.attn.hook_z", reshape_activations="none")
+    with pytest.raises(
+        ValueError, match=r"SAE expects inputs \[\.\.\., d_in=16\] \(hook blocks.2.attn.hook_z\)"
+    ):
+        plain.encode(x)
+
+
+def test_hook_z_reshape_needs_a_hook_z_sae():
+    assert make("relu").cfg.reshape_activations.value == "none"
+    t = make("relu", hook_name="blocks.0.attn.hook_z", hook_name_out="blocks.0.hook_attn_out")
+    assert t.cfg.reshape_activations.value == "none"  # transcoders read flat rows (as sae_lens' do)
+    for kw in (
+        {"hook_name": "blocks.0.hook_resid_post"},
+        {"hook_name": "blocks.0.attn.hook_z", "hook_name_out": "blocks.0.hook_attn_out"},
+    ):
+        with pytest.raises(ValueError, match="reshape_activations='hook_z' needs an SAE"):
+            make("relu", reshape_activations="hook_z", **kw)
