@@ -105,6 +105,8 @@ def test_per_head_site_is_evaluated_on_flat_rows(tiny_model, reshape):
             p.add_(torch.randn_like(p) * 0.2)
     report = evaluate_sae(tiny_model, sae, token_batches(2))
     tokens = torch.cat(token_batches(2))
-    _, cache = tiny_model.run_with_cache(tokens, names=[hook])
-    x = cache[hook][:, 1:].flatten(2).reshape(-1, 32)  # BOS dropped, as the default TokenFilter does
-    assert report.mse == pytest.approx(float((sae(x).reconstruction - x).pow(2).sum(-1).mean()), rel=1e-4)
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens, names=[hook])
+        x = cache[hook][:, 1:].flatten(2).reshape(-1, 32)  # BOS dropped, as the default TokenFilter does
+        mse = float((sae(x).reconstruction - x).pow(2).sum(-1).mean())
+    assert report.mse == pytest.approx(mse, rel=1e-4)
