@@ -118,7 +118,9 @@ class TrainConfig:
         """The sparsity coefficient at ``step`` (``base`` stands in for a ``coefficient`` of None)."""
         c = self.coefficient if self.coefficient is not None else base
         if c is None:
-            raise ValueError("coefficient is None: pass the resolved default as base (see default_coefficient)")
+            raise ValueError(
+                "coefficient is None: pass the resolved default as base (see default_coefficient)"
+            )
         if not self.coefficient_warmup_steps:
             return c
         return c * min(1.0, (step + 1) / self.coefficient_warmup_steps)
@@ -151,7 +153,7 @@ class TrainConfig:
 #: ``expected_average_only_in`` normalisation): L1 for ReLU and Gated, L0 for JumpReLU; measured on planted
 #: features (docs/sae.md, "Defaults"). TopK and BatchTopK fix the sparsity through k instead.
 DEFAULT_COEFFICIENTS: dict[Architecture, float] = {
-    Architecture.RELU: 5.0,
+    Architecture.RELU: 2.0,
     Architecture.GATED: 5.0,
     Architecture.JUMPRELU: 1.0,
     Architecture.TOPK: 0.0,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from interplab.sae.base import SAE
 from interplab.sae.architectures.topk import aux_k_loss
+from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, SAEConfig
 from interplab.sae.registry import register_architecture
 

@@ -35,9 +35,7 @@ class TopKSAE(SAE):
         return recon, None, recon.new_zeros(()), aux, counts
 
 
-def aux_k_loss(
-    sae: SAE, x_in: Tensor, b_enc: Tensor, residual: Tensor, dead_mask: Tensor | None
-) -> Tensor:
+def aux_k_loss(sae: SAE, x_in: Tensor, b_enc: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
     """AuxK (Gao et al. 2024): reconstruct the residual error ``residual`` [batch, d_in] from the top k_aux =
     d_in / 2 dead latents of each token, normalised by the residual's variance; 0 when no latent is dead.
     ``x_in`` is the encoder input (b_dec already subtracted), ``b_enc`` the encoder bias to use with it."""
