@@ -316,7 +316,8 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
         group["lr"] = cfg.lr_at(step)
     ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if cfg.autocast else contextlib.nullcontext()
     dead = t.dead_mask() if t.dead_handling is DeadHandling.AUXK else None
-    sample = step % cfg.stats_every == 0 or step == cfg.total_steps - 1
+    # every log row needs at least one sampled step (a row of a window without samples used to report zeros)
+    sample = step % cfg.stats_every == 0 or step == cfg.total_steps - 1 or (step + 1) % cfg.log_every == 0
     with ctx:
         out = sae.loss(x, target, coefficient=t.coefficient_at(step), dead_mask=dead, with_counts=sample)
     t.opt.zero_grad(set_to_none=True)

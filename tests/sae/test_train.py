@@ -322,3 +322,11 @@ def test_torchrun_data_parallel_equals_one_process(arch, tmp_path):
     train_saes(single, batches, cfg)
     for (name, p), q in zip(single.named_parameters(), ddp.parameters(), strict=True):
         assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_every_row_has_measured_metrics_when_log_every_is_not_a_multiple_of_stats_every():
+    """A row whose window had no sampled step used to report fvu = l0 = 0."""
+    batches = list(SyntheticFeatures(n_features=32, d=16).batches(64, 9, seed=9))
+    result = train_saes(_sae("relu"), batches, TrainConfig(total_steps=9, log_every=1, stats_every=4))
+    assert [r["step"] for r in result.history] == list(range(1, 10))
+    assert all(r["fvu"] > 0 and r["l0"] > 0 for r in result.history)
