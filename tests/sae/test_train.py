@@ -330,3 +330,27 @@ def test_every_row_has_measured_metrics_when_log_every_is_not_a_multiple_of_stat
     result = train_saes(_sae("relu"), batches, TrainConfig(total_steps=9, log_every=1, stats_every=4))
     assert [r["step"] for r in result.history] == list(range(1, 10))
     assert all(r["fvu"] > 0 and r["l0"] > 0 for r in result.history)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk"])
+def test_trained_threshold_saes_encode_the_same_in_saelens(arch, tmp_path):
+    """Trained with a pull towards lower thresholds (coefficient 0, large lr): the file sae_lens reads must
+    encode as ours does (a negative JumpReLU threshold made the two differ)."""
+    py = os.environ.get("INTERPLAB_SAELENS_PYTHON")
+    if not py or subprocess.run([py, "-c", "import sae_lens"], capture_output=True).returncode != 0:
+        pytest.skip("sae_lens is not installed (set INTERPLAB_SAELENS_PYTHON to a Python that has it)")
+    from safetensors.torch import load_file, save_file
+
+    x = next(SyntheticFeatures(n_features=32, d=16).batches(256, 1, seed=10))["x"]
+    sae = _sae(arch)
+    train_saes(sae, [{"x": x}] * 30, TrainConfig(total_steps=30, lr=0.05, warmup_steps=1, coefficient=0.0))
+    sae.save(tmp_path / arch)
+    save_file({"x": x}, str(tmp_path / arch / "inputs.safetensors"))
+    script = str(Path(__file__).parent / "saelens_check.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run([py, script, str(tmp_path / arch)], check=True, env=env, capture_output=True, timeout=300)
+    got = load_file(str(tmp_path / arch / "saelens_out.safetensors"))
+    with torch.no_grad():
+        assert_close(got["feature_acts"], sae.encode(x), rtol=1e-5, atol=1e-6)
+        assert (got["feature_acts"] >= 0).all()
