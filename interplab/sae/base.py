@@ -92,8 +92,8 @@ class SAE(nn.Module):
         self.b_dec.zero_()
 
     def latent_reset_values(self) -> dict[str, float]:
-        """The value a resampled latent's bias-like parameters (every ``latent_axes`` entry but W_enc and W_dec)
-        are reset to."""
+        """The value each per-latent vector parameter (every ``latent_axes`` entry but W_enc and W_dec) of a
+        resampled latent is reset to."""
         return {"b_enc": 0.0}
 
     @torch.no_grad()

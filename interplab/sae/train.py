@@ -149,9 +149,9 @@ class TrainConfig:
         return max(tokens_per_step, min(10_000_000, (self.total_steps // 10) * tokens_per_step))
 
 
-#: default sparsity coefficients for inputs whose mean squared norm per dimension is 1 (SAELens'
-#: ``expected_average_only_in`` normalisation): L1 for ReLU and Gated, L0 for JumpReLU; measured on planted
-#: features (docs/sae.md, "Defaults"). TopK and BatchTopK fix the sparsity through k instead.
+#: default sparsity coefficients for inputs whose mean square per dimension around b_dec is 1, rescaled to the
+#: data by `default_coefficient`: L1 for ReLU and Gated, L0 for JumpReLU; measured on planted features
+#: (docs/sae.md, "Defaults"). TopK and BatchTopK fix the sparsity through k instead.
 DEFAULT_COEFFICIENTS: dict[Architecture, float] = {
     Architecture.RELU: 2.0,
     Architecture.GATED: 5.0,
@@ -163,10 +163,10 @@ DEFAULT_COEFFICIENTS: dict[Architecture, float] = {
 
 def default_coefficient(architecture: Architecture, mean_square: float) -> float:
     """The default sparsity coefficient for inputs (already multiplied by the SAE's ``act_scale``) whose mean
-    square per dimension, around b_dec, is ``mean_square``. The loss is squared error + coefficient * penalty: scaling the
+    square per dimension is ``mean_square``. The loss is squared error + coefficient * penalty: scaling the
     inputs by c scales the squared error by c^2 and an L1 penalty by c (an L0 penalty not at all), so the same
-    trade-off needs the coefficient scaled by c (c^2 for L0). The trainer measures it around the initial b_dec
-    (the part the latents must explain), on the first batch."""
+    trade-off needs the coefficient scaled by c (c^2 for L0). The trainer measures the mean square around the
+    initial b_dec (the part the latents must explain) on the first batch."""
     base = DEFAULT_COEFFICIENTS[architecture]
     return base * (mean_square if architecture is Architecture.JUMPRELU else math.sqrt(mean_square))
 
