@@ -55,8 +55,11 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = False
     #: default weight of the auxiliary loss (AuxK: 1/32 as in Gao et al.; Gated's gate reconstruction: 1)
     aux_weight: ClassVar[float] = 0.0
+    #: every parameter that holds one slice per latent, and the axis of that slice: resampling a latent resets
+    #: all of them (and their optimizer moments). An architecture with more per-latent parameters extends it.
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: SAEConfig, *, seed: int = 0) -> None:
         super().__init__()
         if cfg.architecture is not self.architecture:
             raise ValueError(
@@ -70,13 +73,16 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_out, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32))
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
     # ---- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Random unit decoder rows (scaled to 0.1 when not kept at unit norm); encoder = decoder transpose."""
-        w = torch.randn(self.cfg.d_sae, self.cfg.d_in)
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Random unit decoder rows (scaled to 0.1 when not kept at unit norm); encoder = decoder transpose.
+        The draw comes from its own generator seeded with ``seed`` (never the global RNG), so the same config
+        and seed give bit-identical SAEs."""
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=g)
         w = w / w.norm(dim=-1, keepdim=True)
         if not self.unit_norm_decoder:
             w = w * 0.1
@@ -84,6 +90,11 @@ class SAE(nn.Module):
         self.W_enc.copy_(w.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+    def latent_reset_values(self) -> dict[str, float]:
+        """The value each per-latent vector parameter (every ``latent_axes`` entry but W_enc and W_dec) of a
+        resampled latent is reset to."""
+        return {"b_enc": 0.0}
 
     @torch.no_grad()
     def init_b_dec(self, x: Float[Tensor, "n d_in"], method: str = "geometric_median") -> None:
@@ -221,6 +232,13 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Scale decoder rows to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """Project the parameters back onto their allowed set after an optimizer step: unit decoder rows when
+        ``unit_norm_decoder``; architectures with other constraints (JumpReLU's threshold >= 0) extend it."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
