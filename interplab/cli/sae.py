@@ -50,27 +50,34 @@ def cache(
     tokens: int = typer.Option(1_000_000, "--tokens", help="stop after about this many activation rows"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32, float16 or bfloat16 on disk"),
     shard_rows: int = typer.Option(65536, "--shard-rows"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="delete an existing cache at --out and start again"
+    ),
     threads: int = typer.Option(None, "--threads"),
 ) -> None:
-    """Run the model over a corpus and write activations to a sharded, resumable cache."""
+    """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
+    the model, data and settings are the same; anything different is refused)."""
     from interplab.sae.activations import corpus_token_batches
     from interplab.sae.disk_store import cache_activations
 
     set_threads(threads)
     model = _load_model(model_path)
     try:
-        batches, tfilter = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
+        data = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
         with _progress(tokens, "caching") as bar:
             task = bar.add_task("cache", total=tokens, info="")
             res = cache_activations(
                 model,
-                batches,
+                data.batches,
                 hooks,
                 out,
                 dtype=dtype,
                 shard_rows=shard_rows,
-                token_filter=tfilter,
+                token_filter=data.token_filter,
                 max_rows=tokens,
+                source=data.source,
+                model_name=str(model_path),
+                overwrite=overwrite,
                 progress=lambda n: bar.update(task, completed=min(n, tokens)),
             )
     except (ValueError, KeyError, FileNotFoundError) as err:
@@ -141,7 +148,7 @@ def train(
                 fail(f"{cache_dir} has no activations for {missing}; it holds {list(store.hooks)}")
             epochs = -(-steps * batch // max(store.rows, 1))
             batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs)
-            model_name = store.manifest.get("model")
+            model_name = (store.manifest.get("model") or {}).get("name")
         else:
             from interplab.sae.activations import ActivationStream, corpus_token_batches
 
@@ -152,16 +159,14 @@ def train(
                 if h not in shapes:
                     model.hook_registry.resolve(h)
                 widths[h] = int(shapes[h][-1]) if len(shapes[h]) == 3 else int(shapes[h][-2] * shapes[h][-1])
-            toks, tfilter = corpus_token_batches(
-                model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len)
-            )
+            data = corpus_token_batches(model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len))
             batches = ActivationStream(
                 model,
-                _cycle(toks),
+                _cycle(data.batches),
                 list(widths),
                 batch_size=batch,
                 buffer_tokens=max(8 * batch, 65536),
-                token_filter=tfilter,
+                token_filter=data.token_filter,
             )
             model_name = str(model_path)
         saes, cfgs = {}, {}
@@ -256,13 +261,13 @@ def evaluate(
     out = out or sae_path / "eval"
     model = _load_model(model_path)
     try:
-        toks, tfilter = corpus_token_batches(
+        data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
         reports = {}
         for folder in folders:
             sae = load_sae(folder)
-            rep = evaluate_sae(model, sae, toks, token_filter=tfilter)
+            rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
             rep.save(out / folder.name)
             reports[folder.name] = rep
             console.print(f"{folder.name}: {rep!r}")
