@@ -63,9 +63,9 @@ def check_file(path: Path, record: Mapping[str, Any]) -> str | None:
         return "is missing"
     size = record.get("size")
     if size is not None and path.stat().st_size != size:
-        return f"has {path.stat().st_size} bytes, {size} were written (truncated or modified)"
+        return f"is corrupt or truncated ({path.stat().st_size} bytes; {size} were written)"
     if sha256_file(path) != record["sha256"]:
-        return "is corrupt or was modified after it was written (SHA-256 mismatch)"
+        return "is corrupt or truncated (its SHA-256 differs from the one recorded when it was written)"
     return None
 
 
