@@ -119,4 +119,3 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     cfg = getattr(module, "cfg", None)
     extra = cfg.to_dict() if hasattr(cfg, "to_dict") else None
     return tensors_fingerprint(dict(module.state_dict()), extra)
-

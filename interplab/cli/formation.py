@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,18 @@ def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict
     from interplab.train.formation import formation
 
     try:
-        with Progress(
-            TextColumn("[bold]formation"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("checkpoints"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
+        with (
+            Progress(
+                TextColumn("[bold]formation"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("checkpoints"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as bar,
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", UserWarning)  # skipped checkpoints are printed below
             task = bar.add_task("formation", total=None)
             result = formation(
                 run_dir,
@@ -71,6 +76,8 @@ def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
             style=style,
         )
     console.print(table)
+    for item in result.skipped:
+        console.print(f"[yellow]skipped checkpoint[/] {item}")
     console.print(result.summary())
     console.print(f"table: {paths['table']}\ninteractive plot: {paths['html']}")
     if paths["png"]:

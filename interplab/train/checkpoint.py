@@ -26,7 +26,10 @@ from interplab.io import atomic_write_json, save_tensors
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step_"
-_TMP, _OLD = ".tmp-", ".old-"  # interrupted writes: ``.tmp-step_N-PID`` (new, unfinished), ``.old-step_N-PID``
+_TMP, _OLD = (
+    ".tmp-",
+    ".old-",
+)  # interrupted writes: ``.tmp-step_N-PID`` (new, unfinished), ``.old-step_N-PID``
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
