@@ -162,7 +162,7 @@ def test_resume_with_other_inputs_is_refused_naming_the_difference(tiny_model, t
     assert json.loads((tmp_path / "c" / "manifest.json").read_text()) == before  # nothing written
     res = cache_activations(model, toks, hooks, tmp_path / "c", shard_rows=100, overwrite=True, **kw)
     assert res.resumed_from_shard == 0
-    again = cache_activations(model, toks, hooks, tmp_path / "fresh", shard_rows=100, **kw)
+    cache_activations(model, toks, hooks, tmp_path / "fresh", shard_rows=100, **kw)
     assert DiskActivationStore(tmp_path / "c").manifest == DiskActivationStore(tmp_path / "fresh").manifest
 
 
