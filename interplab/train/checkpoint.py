@@ -230,6 +230,17 @@ def load_checkpoint(
     return state
 
 
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer's state as safetensors-ready tensors and JSON param groups (`load_optimizer_state` inverts)."""
+    return _flatten_optimizer(optimizer.state_dict())
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
+) -> None:
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, groups))
+
+
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     tensors = {}
     for idx, entry in sd["state"].items():
