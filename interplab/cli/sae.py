@@ -126,10 +126,27 @@ def train(
     corpus: str = typer.Option("python-stdlib", "--corpus"),
     seq_len: int = typer.Option(128, "--seq-len"),
     autocast: bool = typer.Option(True, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"),
+    seed: int = typer.Option(
+        0, "--seed", help="seed of the SAEs' initial weights, data order and resampling"
+    ),
+    checkpoint_every: int = typer.Option(
+        None,
+        "--checkpoint-every",
+        help="steps between checkpoints (default: a tenth of --steps; the last 2 kept)",
+    ),
+    stop_after: int = typer.Option(None, "--stop-after", help="stop after this step (run again to resume)"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue the same run found in --out"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace a different run found in --out (its SAEs, log and checkpoints)"
+    ),
     threads: int = typer.Option(None, "--threads"),
 ) -> None:
-    """Train SAEs (several hooks and/or a sweep, all from one pass over the activations)."""
-    from interplab.io import atomic_write_json
+    """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
+    resumes bit-exactly when started again with the same arguments; a different run into the same --out is
+    refused unless --overwrite."""
+    import torch
+
+    from interplab.integrity import module_fingerprint
     from interplab.plots import save_figure
     from interplab.sae import SAEConfig, create_sae
     from interplab.sae.train import TrainConfig, train_saes
@@ -147,8 +164,15 @@ def train(
             if missing:
                 fail(f"{cache_dir} has no activations for {missing}; it holds {list(store.hooks)}")
             epochs = -(-steps * batch // max(store.rows, 1))
-            batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs)
+            batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs, seed=seed)
             model_name = (store.manifest.get("model") or {}).get("name")
+            data_id = {
+                "cache": str(cache_dir.resolve()),
+                "cache_identity": store.manifest.get("identity"),
+                "cache_shards": [[sh["file"], sh["rows"], sh.get("sha256")] for sh in store.shards],
+                "batch": batch,
+                "epochs": epochs,
+            }
         else:
             from interplab.sae.activations import ActivationStream, corpus_token_batches
 
@@ -169,6 +193,13 @@ def train(
                 token_filter=data.token_filter,
             )
             model_name = str(model_path)
+            data_id = {
+                "model": str(model_path.resolve()),
+                "model_fingerprint": module_fingerprint(model),
+                **data.source,
+                "batch": batch,
+            }
+        torch.manual_seed(seed)
         saes, cfgs = {}, {}
         for hook, d_in in widths.items():
             for run in _parse_sweep(sweep):
@@ -193,20 +224,12 @@ def train(
                     warmup_steps=min(100, steps // 10 + 1),
                     autocast=autocast,
                     log_every=max(1, min(50, steps // 20)),
+                    checkpoint_every=checkpoint_every or max(1, steps // 10),
+                    seed=seed,
                 )
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
         return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out / "config.json",
-        {
-            "command": "sae train",
-            "source": str(cache_dir or model_path),
-            "saes": {n: s.cfg.to_dict() for n, s in saes.items()},
-            "train": {n: {**c.__dict__} for n, c in cfgs.items()},
-        },
-    )
     console.print(f"training {len(saes)} SAE(s) for {steps:,} steps of {batch:,} rows -> {out}")
     with _progress(steps, "sae train") as bar:
         task = bar.add_task("train", total=steps, info="")
@@ -220,7 +243,27 @@ def train(
                 f"dead {first['dead_fraction']:.1%}",
             )
 
-        result = train_saes(saes, batches, cfgs, run_dir=out, progress=show)
+        try:
+            result = train_saes(
+                saes,
+                batches,
+                cfgs,
+                run_dir=out,
+                progress=show,
+                data=data_id,
+                resume=resume,
+                overwrite=overwrite,
+                stop_after=stop_after,
+                keep_checkpoints=2,
+            )
+        except (ValueError, OSError) as err:
+            fail(str(err))
+            return
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from:,}")
+    if result.steps < steps and stop_after is not None and result.steps == stop_after:
+        console.print(f"stopped after step {result.steps:,}; run the same command again to resume")
+        return
     for metric in ("fvu", "l0", "dead_fraction"):
         save_figure(result.plot(metric), out / f"training_{metric}.html")
     for name in saes:

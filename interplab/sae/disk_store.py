@@ -213,7 +213,7 @@ def _check_same_cache(path: Path, manifest: dict[str, Any], wanted: dict[str, An
             f"the cache at {path} was written by an older interplab that did not record its model and data, "
             "so it cannot be resumed safely; use another folder, or overwrite=True (--overwrite) to start again"
         )
-    for key in sorted(set(old) | set(wanted), key=lambda k: (k.startswith("source."), k)):
+    for key in [*wanted, *(k for k in old if k not in wanted)]:  # the order of importance given
         if old.get(key) != wanted.get(key):
             name = key.removeprefix("source.")
             what = "model weights (fingerprint)" if key == "model" else name

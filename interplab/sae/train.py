@@ -133,6 +133,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(repr=False)
     tokens: int = 0
     steps: int = 0
+    resumed_from: int | None = None
+    """the checkpoint step a resumed run continued from (None: started from scratch)"""
 
     def final(self, name: str) -> dict[str, Any]:
         rows = [r for r in self.history if r["sae"] == name]
@@ -298,7 +300,9 @@ def train_saes(
     finally:
         if log is not None:
             log.close()
-    result = TrainResult(saes=dict(saes), history=history, tokens=tokens, steps=step)
+    result = TrainResult(
+        saes=dict(saes), history=history, tokens=tokens, steps=step, resumed_from=start or None
+    )
     stopped_early = stop_after is not None and step == stop < total_steps
     if run is not None and _is_main() and not stopped_early:
         result.save(run)
