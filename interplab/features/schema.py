@@ -4,9 +4,13 @@ SQLite is the default (one file, WAL journal so the web app can read while a bui
 URL works too (PostgreSQL: ``postgresql://...``), with full-text search falling back to ``ILIKE``.
 
 Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores).
+A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.store.sqlite_engine`), so a
+name with ``?`` or ``#`` is a name; serving read-only opens with ``mode=ro`` and never switches the journal.
 """
 
 from __future__ import annotations
+
+import json
 
 from sqlalchemy import (
     Column,
@@ -26,6 +30,9 @@ from sqlalchemy import (
 )
 
 SCHEMA_VERSION = 2
+KIND = "interplab.features"
+"""``meta.kind``: marks a database as interplab's (databases without it and without a schema version are
+foreign and are never written into)"""
 
 metadata = MetaData()
 
@@ -102,18 +109,37 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def install_pragmas(engine: Engine) -> None:
+def _sqlite_read_only_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()  # no journal-mode switch: that would write
+    cur.execute("PRAGMA query_only=1")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def install_pragmas(engine: Engine, *, read_only: bool = False) -> None:
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
 
 
 def schema_version(engine: Engine) -> int:
     """0 for an empty database."""
-    if not inspect(engine).has_table("meta"):
-        return 0
+    return inspect_database(engine)[0]
+
+
+def inspect_database(engine: Engine) -> tuple[int, set[str], str | None]:
+    """(schema version (0: none), table names, the ``kind`` marker in ``meta`` if any)."""
+    tables = set(inspect(engine).get_table_names())
+    if "meta" not in tables:
+        return 0, tables, None
     with engine.connect() as conn:
-        value = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
-    return int(value) if value is not None else 0
+        rows = dict(
+            conn.execute(
+                select(meta.c.key, meta.c.value).where(meta.c.key.in_(["schema_version", "kind"]))
+            ).all()
+        )
+    version = rows.get("schema_version")
+    kind = rows.get("kind")
+    return (int(version) if version is not None else 0), tables, json.loads(kind) if kind else None
 
 
 def _create_v1(conn) -> None:
@@ -148,6 +174,7 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
     for version in range(found + 1, target + 1):
         with engine.begin() as conn:
             MIGRATIONS[version](conn)
-            conn.execute(meta.delete().where(meta.c.key == "schema_version"))
+            conn.execute(meta.delete().where(meta.c.key.in_(["schema_version", "kind"])))
             conn.execute(meta.insert().values(key="schema_version", value=str(version)))
+            conn.execute(meta.insert().values(key="kind", value=json.dumps(KIND)))
     return found
