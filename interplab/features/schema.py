@@ -3,14 +3,19 @@
 SQLite is the default (one file, WAL journal so the web app can read while a build writes); any SQLAlchemy
 URL works too (PostgreSQL: ``postgresql://...``), with full-text search falling back to ``ILIKE``.
 
-Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores).
+Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores);
+3 = + checksums (a SHA-256 per feature of its row and contexts, verified when the feature is read, so a changed
+byte is named instead of served; features written before version 3 have none).
 A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.store.sqlite_engine`), so a
 name with ``?`` or ``#`` is a name; serving read-only opens with ``mode=ro`` and never switches the journal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -29,7 +34,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KIND = "interplab.features"
 """``meta.kind``: marks a database as interplab's (databases without it and without a schema version are
 foreign and are never written into)"""
@@ -98,7 +103,40 @@ labels = Table(
     Column("score", Float),
 )
 
+checksums = Table(
+    "checksums",
+    metadata,
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("sha256", String(64), nullable=False),  # of the feature's row and its contexts (`row_digest`)
+)
+
 _V1_TABLES = (meta, vocab, features, contexts, passes)
+CONTEXT_DIGEST_COLUMNS = ("kind", "rank", "token_index", "act", "tokens", "acts", "text")
+READABLE_FROM = 2
+"""the oldest schema a read-only open can serve (older ones need a migration, i.e. a write)"""
+
+
+def row_digest(feature_row: Mapping[str, Any], context_rows: Iterable[Mapping[str, Any]]) -> str:
+    """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
+    the type its column stores, so the digest computed at write equals the one recomputed from a read."""
+    h = hashlib.sha256()
+    h.update(repr(tuple(_stored(col, feature_row.get(col.name)) for col in features.columns)).encode())
+    cols = [contexts.c[name] for name in CONTEXT_DIGEST_COLUMNS]
+    for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
+        h.update(repr(tuple(_stored(col, r.get(col.name)) for col in cols)).encode())
+    return h.hexdigest()
+
+
+def _stored(col: Column, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(col.type, Float):
+        return float(value)
+    if isinstance(col.type, Integer):
+        return int(value)
+    if isinstance(col.type, LargeBinary):
+        return bytes(value)
+    return str(value)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -160,7 +198,11 @@ def _v1_to_v2(conn) -> None:
     labels.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _create_v1, 2: _v1_to_v2}
+def _v2_to_v3(conn) -> None:
+    checksums.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _create_v1, 2: _v1_to_v2, 3: _v2_to_v3}
 
 
 def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:

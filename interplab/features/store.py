@@ -23,6 +23,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool
 
 from interplab.features import schema as S
+from interplab.integrity import IntegrityError
 
 
 class FeatureNotFound(KeyError):
@@ -121,13 +122,16 @@ class FeatureStore:
         if create:
             S.migrate(self.engine)
         elif found < S.SCHEMA_VERSION:
-            if read_only:
+            if read_only and found >= S.READABLE_FROM:
+                pass  # served as it is; what a newer schema adds (checksums) is simply absent
+            elif read_only:
                 raise ReadOnlyDatabase(
                     f"{where} has schema version {found} and needs a migration to {S.SCHEMA_VERSION}: open it "
                     "once where it can be written (e.g. `interplab serve` on a writable copy)"
                 )
             S.migrate(self.engine)
         self.sqlite = self.engine.dialect.name == "sqlite"
+        self._checksums = "checksums" in S.inspect_database(self.engine)[1]  # absent before schema 3
         self._vocab: dict[int, str] | None = None
 
     def _probe(self, where: str, create: bool, read_only: bool) -> int:
@@ -248,8 +252,17 @@ class FeatureStore:
                 )
             c.execute(delete(S.contexts).where(S.contexts.c.feature.in_(ids)))
             c.execute(delete(S.features).where(S.features.c.feature.in_(ids)))
+            c.execute(delete(S.checksums).where(S.checksums.c.feature.in_(ids)))
             if rows:
                 c.execute(insert(S.features), rows)
+                by_feature: dict[int, list[dict]] = {}
+                for r in context_rows:
+                    by_feature.setdefault(r["feature"], []).append(r)
+                digests = [
+                    {"feature": r["feature"], "sha256": S.row_digest(r, by_feature.get(r["feature"], []))}
+                    for r in rows
+                ]
+                c.execute(insert(S.checksums), digests)
             if context_rows:
                 first = c.execute(select(func.coalesce(func.max(S.contexts.c.id), 0))).scalar() + 1
                 for i, r in enumerate(context_rows):
@@ -303,6 +316,16 @@ class FeatureStore:
                 .all()
             )
             label = c.execute(select(S.labels).where(S.labels.c.feature == index)).mappings().first()
+            digest = (
+                c.execute(select(S.checksums.c.sha256).where(S.checksums.c.feature == index)).scalar()
+                if self._checksums
+                else None
+            )
+        if digest is not None and S.row_digest(row, ctx) != digest:
+            raise IntegrityError(
+                f"{self.file or self.url}: feature {index} is corrupt (its stored values differ from the SHA-256 "
+                "recorded when it was written); rebuild the database (interplab features build --overwrite)"
+            )
         out = dict(row)
         for key in ("hist", "logits", "cooc"):
             out[key] = json.loads(out[key])

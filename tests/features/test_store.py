@@ -18,6 +18,7 @@ from interplab.features.store import (
     open_store,
     sqlite_engine,
 )
+from interplab.integrity import IntegrityError
 from tests.features.planted import make_sae, planted_sae
 
 CFG = FeatureBuildConfig(
@@ -217,3 +218,28 @@ def test_a_foreign_sqlite_file_is_never_written_into(tmp_path, model, tokens):
     assert (
         FeatureStore(other).n_features() == 12 and FeatureStore(other).meta()["kind"] == "interplab.features"
     )
+
+
+def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, model, tokens):
+    db = tmp_path / "f.db"
+    build_feature_db(db, model, _sae(), tokens, CFG)
+    store = FeatureStore(db)
+    text = store.feature(3)["top"][0]["text"]
+    assert len(text) >= 4
+    store.close()
+    con = sqlite3.connect(db)  # a silent change below the store: one activation nudged
+    con.execute("UPDATE contexts SET act = act + 1e-6 WHERE feature = 5 AND kind = 0 AND rank = 0")
+    con.commit()
+    con.close()
+    store = FeatureStore(db)
+    with pytest.raises(IntegrityError, match=r"f\.db: feature 5 is corrupt"):
+        store.feature(5)
+    store.feature(4)  # the others still read
+    store.close()
+    data = bytearray(db.read_bytes())  # a flipped byte in the file, inside feature 3's context text
+    i = data.find(text.encode())
+    assert i > 0
+    data[i] ^= 0x20 if chr(data[i]).isalpha() else 0x01
+    db.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="feature 3 is corrupt"):
+        FeatureStore(db, read_only=True).feature(3)
