@@ -191,18 +191,26 @@ def _existing_cache(path: Path, overwrite: bool) -> dict[str, Any] | None:
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a cache folder: choose another output folder")
     if not (path / MANIFEST).is_file():
-        if any(path.iterdir()):
+        # a run killed before its first manifest write leaves only its own shard / temp files: start again
+        entries = list(path.iterdir())
+        if any(not _ours(p) for p in entries):
             raise ValueError(f"{path} is not empty and is not an activation cache: choose another folder")
+        for p in entries:
+            p.unlink()
         return None
     manifest = _read_manifest(path)
     if not overwrite:
         return manifest
     for file in path.iterdir():
-        if file.name == MANIFEST or (file.name.startswith("shard_") and file.suffix == ".safetensors"):
-            file.unlink()
-        elif file.name.startswith(".") and file.name.endswith(".tmp"):  # interrupted atomic writes
+        if file.name == MANIFEST or _ours(file):
             file.unlink()
     return None
+
+
+def _ours(file: Path) -> bool:
+    """A shard, or the temp file of an interrupted atomic write."""
+    shard = file.name.startswith("shard_") and file.suffix == ".safetensors"
+    return file.is_file() and (shard or (file.name.startswith(".") and file.name.endswith(".tmp")))
 
 
 def _check_same_cache(path: Path, manifest: dict[str, Any], wanted: dict[str, Any]) -> None:

@@ -78,7 +78,8 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
         except json.JSONDecodeError:
             old = {}
     if old is None or old.get("kind") != RUN_KIND:
-        if run.is_dir() and any(run.iterdir()):
+        leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")] if run.is_dir() else []
+        if run.is_dir() and any(p not in leftovers for p in run.iterdir()):
             raise ValueError(
                 f"{run} is not empty and does not hold an SAE training run: choose another output folder"
             )

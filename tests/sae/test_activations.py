@@ -229,3 +229,14 @@ def test_nan_names_shard_and_row(tiny_model, tmp_path):
         store.validate()
     with pytest.raises(KeyError, match="no activations for"):
         list(store.batches(20, hooks=["blocks.0.hook_mlp_out"]))
+
+
+def test_a_cache_killed_before_its_first_manifest_starts_again(tiny_model, tmp_path):
+    """SIGKILL between writing shard 0 and the manifest leaves the shard (and maybe a temp file) alone."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "shard_00000.safetensors").write_bytes(b"partial")
+    (folder / ".shard_00001.safetensors.abc.tmp").write_bytes(b"partial")
+    res = cache_activations(tiny_model, token_batches(3), HOOKS, folder, shard_rows=100)
+    assert res.rows == 3 * 60 and DiskActivationStore(folder).rows == 3 * 60
+    assert not list(folder.glob(".*.tmp"))
