@@ -17,24 +17,22 @@ def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict
     from interplab.train.formation import formation
 
     try:
-        with (
-            Progress(
-                TextColumn("[bold]formation"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("checkpoints"),
-                TimeElapsedColumn(),
-                console=console,
-            ) as bar,
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore", UserWarning)  # skipped checkpoints are printed below
+        with Progress(
+            TextColumn("[bold]formation"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("checkpoints"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task("formation", total=None)
-            result = formation(
-                run_dir,
-                n_seqs=seqs,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # skipped checkpoints are printed below
+                result = formation(
+                    run_dir,
+                    n_seqs=seqs,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     paths = result.save(out or run_dir / "formation")
