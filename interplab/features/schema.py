@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -131,7 +132,8 @@ def _stored(col: Column, value: Any) -> Any:
     if value is None:
         return None
     if isinstance(col.type, Float):
-        return float(value)
+        value = float(value) + 0.0  # SQLite stores -0.0 as 0 and NaN as NULL
+        return None if math.isnan(value) else value
     if isinstance(col.type, Integer):
         return int(value)
     if isinstance(col.type, LargeBinary):

@@ -243,3 +243,15 @@ def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, mod
     db.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="feature 3 is corrupt"):
         FeatureStore(db, read_only=True).feature(3)
+
+
+@pytest.mark.parametrize("loss_effect", [-0.0, float("nan"), 1e-300, None])
+def test_checksums_survive_what_sqlite_does_to_floats(tmp_path, loss_effect):
+    """SQLite stores -0.0 as 0 and NaN as NULL: the digest is over the stored values, so it still matches."""
+    store = FeatureStore(tmp_path / "f.db", create=True)
+    row = {"feature": 0, "n_fires": 1, "density": 0.5, "max_act": -0.0, "mean_act": 1 / 3}
+    row.update(loss_effect=loss_effect, hist="[1]", logits="{}", cooc="[]", top_token=None)
+    ctx = {"feature": 0, "kind": 0, "rank": 0, "token_index": 3, "act": -0.0, "center_token": 1}
+    ctx.update(tokens=b"\x01\x00\x00\x00", acts=b"\x00\x00\x00\x80", text="x")
+    store.write_features([row], [ctx])
+    assert store.feature(0)["max_act"] == 0.0
