@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,13 @@ def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict
             console=console,
         ) as bar:
             task = bar.add_task("formation", total=None)
-            result = formation(
-                run_dir,
-                n_seqs=seqs,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # skipped checkpoints are printed below
+                result = formation(
+                    run_dir,
+                    n_seqs=seqs,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     paths = result.save(out or run_dir / "formation")
@@ -71,6 +74,8 @@ def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
             style=style,
         )
     console.print(table)
+    for item in result.skipped:
+        console.print(f"[yellow]skipped checkpoint[/] {item}")
     console.print(result.summary())
     console.print(f"table: {paths['table']}\ninteractive plot: {paths['html']}")
     if paths["png"]:

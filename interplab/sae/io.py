@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interplab.integrity import forget_checksums, record_checksums, verify_checksums
 from interplab.io import atomic_write_json, save_tensors
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, Normalization, SAEConfig
@@ -84,8 +85,10 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     """Write ``sae`` to folder ``path`` in SAELens' layout (atomic per file). Returns the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    forget_checksums(path)
     save_tensors(path / WEIGHTS_FILE, saelens_tensors(sae))
     atomic_write_json(path / CFG_FILE, saelens_config(sae.cfg))
+    record_checksums(path, [WEIGHTS_FILE, CFG_FILE])  # SAELens ignores the extra file
     return path
 
 
@@ -164,6 +167,7 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
     path = Path(path)
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+    verify_checksums(path)  # folders written by interplab: a changed byte is named, never loaded
     raw = json.loads((path / CFG_FILE).read_text())
     cfg = config_from_saelens(raw, source=str(path / CFG_FILE))
     weights = weights_from_saelens(raw, cfg, load_file(str(path / WEIGHTS_FILE), device=str(device)))

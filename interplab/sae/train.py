@@ -11,6 +11,7 @@ the sparse kernels in `interplab.sae.kernels`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -22,10 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import atomic_write_json
+from interplab.sae import resume as resume_lib
 from interplab.sae.activations import ActivationBatch
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture
+from interplab.train.checkpoint import load_optimizer_state, optimizer_state
 
 
 class DeadHandling(str, Enum):
@@ -189,6 +192,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(repr=False)
     tokens: int = 0
     steps: int = 0
+    resumed_from: int | None = None
+    """the checkpoint step a resumed run continued from (None: started from scratch)"""
 
     def final(self, name: str) -> dict[str, Any]:
         rows = [r for r in self.history if r["sae"] == name]
@@ -244,6 +249,47 @@ class _Trainer:
     def coefficient_at(self, step: int) -> float:
         return self.cfg.coefficient_at(step, self.base_coefficient)
 
+    # Everything a bit-exact resume needs (`interplab.sae.resume`); state added to this class goes here too.
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, JSON scalars): the SAE's raw state, Adam's, firing counters, log sums, generator."""
+        opt_tensors, groups = optimizer_state(self.opt)
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+        tensors.update(
+            since_fired=self.since_fired,
+            window_counts=self.window_counts,
+            generator=self.generator.get_state(),
+        )
+        scalars = {
+            "param_groups": groups,
+            "window_tokens": self.window_tokens,
+            "unsampled_tokens": self.unsampled_tokens,
+            "sums": self.sums,
+            "n": self.n,
+            # resolved from the first batch (`_resolve_defaults`): a resume must not recompute them
+            "base_coefficient": self.base_coefficient,
+            "dead_after_tokens": self.dead_after_tokens,
+            "steps_done": self.steps_done,
+            "final_metrics": self.final_metrics,
+        }
+        return tensors, scalars
+
+    def load_state_dict(self, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.sae.load_state_dict(part("sae."), strict=True)
+        load_optimizer_state(self.opt, part("opt."), scalars["param_groups"])
+        self.since_fired = tensors["since_fired"].clone()
+        self.window_counts = tensors["window_counts"].clone()
+        self.generator.set_state(tensors["generator"])
+        self.window_tokens, self.unsampled_tokens = scalars["window_tokens"], scalars["unsampled_tokens"]
+        self.sums, self.n = dict(scalars["sums"]), scalars["n"]
+        self.base_coefficient = scalars.get("base_coefficient", self.base_coefficient)
+        self.dead_after_tokens = scalars.get("dead_after_tokens", self.dead_after_tokens)
+        self.steps_done = scalars.get("steps_done", self.steps_done)
+        self.final_metrics = scalars.get("final_metrics", self.final_metrics)
+
 
 def train_saes(
     saes: dict[str, SAE] | SAE,
@@ -252,10 +298,23 @@ def train_saes(
     *,
     run_dir: str | Path | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    data: dict[str, Any] | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    keep_checkpoints: int | None = None,
 ) -> TrainResult:
     """Train every SAE in ``saes`` on the same stream of batches (each reads ``batch[sae.cfg.hook_name]``,
-    and a transcoder's target ``batch[sae.cfg.hook_name_out]``). Writes ``log.jsonl``, checkpoints and the
-    final SAEs to ``run_dir`` when given. Under torch.distributed, gradients are averaged across ranks."""
+    and a transcoder's target ``batch[sae.cfg.hook_name_out]``). Under torch.distributed, gradients are
+    averaged across ranks.
+
+    With ``run_dir``: writes ``config.json`` (the SAE and training configs and ``data``, a JSON description of
+    the activations), ``log.jsonl``, checkpoints every ``checkpoint_every`` steps and the final SAEs. A folder
+    holding this same run is resumed bit-exactly from its newest intact checkpoint (``batches`` must yield the
+    same batches in the same order; the ones already trained on are skipped), its log cut back to that step;
+    one holding a different run is refused unless ``overwrite``. ``stop_after=k`` stops after step k with a
+    checkpoint (resume later); ``keep_checkpoints`` keeps only the newest ones. Under torchrun pass the same
+    ``run_dir`` on every rank (rank 0 writes)."""
     if isinstance(saes, SAE):
         saes = {"sae": saes}
     cfgs = cfg if isinstance(cfg, dict) else {name: cfg for name in saes}
@@ -264,15 +323,39 @@ def train_saes(
         raise ValueError(f"no TrainConfig for SAEs {missing}")
     trainers = [_Trainer(name, sae, cfgs[name]) for name, sae in saes.items()]
     total_steps = max(t.cfg.total_steps for t in trainers)
+    stop = total_steps if stop_after is None else min(stop_after, total_steps)
     run = Path(run_dir) if run_dir is not None else None
-    if run is not None and _is_main():
-        run.mkdir(parents=True, exist_ok=True)
-    log = open(run / "log.jsonl", "a") if run is not None and _is_main() else None  # noqa: SIM115
     history: list[dict[str, Any]] = []
-    step = tokens = 0
+    events: list[dict[str, Any]] = []
+    start = tokens = 0
+    continuing, error = False, None
+    if run is not None and _is_main():
+        try:
+            continuing = resume_lib.claim_run(
+                run, resume_lib.run_identity(saes, cfgs, data), resume=resume, overwrite=overwrite
+            )
+            events += resume_lib.clean_run(run) if continuing else []
+        except (ValueError, OSError) as err:
+            error = err
+    # every rank learns rank 0's decision (after it checked and cleaned the folder) before reading checkpoints
+    decision = _from_rank0(2 if error is not None else int(continuing))
+    if error is not None:
+        raise error
+    if decision == 2:
+        raise RuntimeError("rank 0 refused the run folder (see its error)")
+    if run is not None and decision == 1:
+        start, tokens, found = resume_lib.resume_training(run, trainers)
+        events += found
+    if run is not None and _is_main():
+        history = resume_lib.restart_log(run, start)
+    log = open(run / "log.jsonl", "a") if run is not None and _is_main() else None  # noqa: SIM115
+    if log is not None:
+        log.writelines(json.dumps(e) + "\n" for e in events)
+    step = start
+    every = [t.cfg.checkpoint_every for t in trainers if t.cfg.checkpoint_every]
     try:
-        for batch in batches:
-            if step >= total_steps:
+        for batch in itertools.islice(batches, start, None):
+            if step >= stop:
                 break
             n_tok = next(iter(batch.values())).shape[0]
             for t in trainers:
@@ -288,18 +371,24 @@ def train_saes(
                     log.flush()
                 if progress is not None:
                     progress(TrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
-            every = [t.cfg.checkpoint_every for t in trainers if t.cfg.checkpoint_every]
-            if run is not None and every and step % min(every) == 0 and _is_main():
-                _checkpoint(run / "checkpoints" / f"step_{step:08d}", trainers, step, tokens)
-        rows = _final_rows(trainers, tokens)
-        history += rows
-        if log is not None:
-            log.writelines(json.dumps(r) + "\n" for r in rows)
+            due = (every and step % min(every) == 0) or (step == stop and (every or stop < total_steps))
+            if run is not None and due and _is_main():
+                resume_lib.save_training_checkpoint(run, step, tokens, trainers)
+                if keep_checkpoints is not None:
+                    resume_lib.prune_checkpoints(run, keep_checkpoints)
+        if not (stop_after is not None and step == stop < total_steps):
+            rows = _final_rows(trainers, tokens)
+            history += rows
+            if log is not None:
+                log.writelines(json.dumps(r) + "\n" for r in rows)
     finally:
         if log is not None:
             log.close()
-    result = TrainResult(saes=dict(saes), history=history, tokens=tokens, steps=step)
-    if run is not None and _is_main():
+    result = TrainResult(
+        saes=dict(saes), history=history, tokens=tokens, steps=step, resumed_from=start or None
+    )
+    stopped_early = stop_after is not None and step == stop < total_steps
+    if run is not None and _is_main() and not stopped_early:
         result.save(run)
     return result
 
@@ -488,20 +577,6 @@ def _log_row(t: _Trainer, step: int, tokens: int) -> dict[str, Any]:
     return row
 
 
-def _checkpoint(path: Path, trainers: list[_Trainer], step: int, tokens: int) -> None:
-    for t in trainers:
-        t.sae.save(path / t.name)
-        state = {
-            f"{i}.{k}": v
-            for i, s in enumerate(t.opt.state.values())
-            for k, v in s.items()
-            if isinstance(v, Tensor) and v.ndim > 0
-        }
-        state["since_fired"] = t.since_fired
-        save_tensors(path / t.name / "trainer_state.safetensors", state)
-    atomic_write_json(path / "state.json", {"step": step, "tokens": tokens})
-
-
 def _select(batch: ActivationBatch, hook: str | None) -> Tensor:
     if hook and hook in batch:
         return batch[hook]
@@ -514,6 +589,17 @@ def _world() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _from_rank0(value: int) -> int:
+    """``value`` as rank 0 has it (a collective: every rank calls it); ``value`` itself in one process."""
+    if _world() == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value])
+    dist.broadcast(t, src=0)
+    return int(t)
 
 
 def _is_main() -> bool:

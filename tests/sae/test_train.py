@@ -111,7 +111,7 @@ def test_run_dir_log_checkpoints_and_progress(tmp_path):
     assert [r["step"] for r in rows] == [4, 8, 12] == [p.step for p in seen]
     assert {"l0", "mse", "fvu", "dead_fraction", "dense_fraction", "lr"} <= set(rows[0])
     assert rows[-1]["l0"] <= 4
-    assert (tmp_path / "checkpoints" / "step_00000006" / "l0" / "sae_weights.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "step_000006" / "l0" / "sae_weights.safetensors").exists()
     back = load_sae(tmp_path / "saes" / "l0")
     x = torch.randn(5, 16)
     assert_close(back(x).reconstruction, sae(x).reconstruction)
