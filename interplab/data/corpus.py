@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from interplab.io import file_sha256
+
 STDLIB = "python-stdlib"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _TEXT_SUFFIXES = {
@@ -162,16 +164,8 @@ class Corpus:
                 (q for q in p.rglob("*") if q.is_file()), key=lambda q: q.relative_to(p).as_posix()
             )
             for f in files if p.is_dir() else [p]:
-                field("file", f.relative_to(p).as_posix() if p.is_dir() else "", _file_digest(f))
+                field("file", f.relative_to(p).as_posix() if p.is_dir() else "", file_sha256(f))
         return h.hexdigest()[:16]
-
-
-def _file_digest(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 def _is_validation(key: str, fraction: float) -> bool:
