@@ -41,17 +41,23 @@ window.interplab = (function () {
       } catch (err) { status.textContent = "error: " + err.message; }
     });
     const steer = document.getElementById("steer-form");
+    const strength = document.getElementById("steer-strength");
+    if (strength) strength.addEventListener("input", () => {  // show the activation the strength means
+      const v = parseFloat(strength.value) * parseFloat(steer.dataset.maxAct);
+      document.getElementById("steer-scale").textContent = Number.isFinite(v) ? v.toPrecision(3) : "?";
+    });
     if (steer) steer.addEventListener("submit", async (e) => {
       e.preventDefault();
       const out = document.getElementById("steer-out");
       out.textContent = "generating\u2026";
+      const body = { prompt: document.getElementById("steer-prompt").value, mode: document.getElementById("steer-mode").value,
+                     max_new_tokens: parseInt(document.getElementById("steer-n").value, 10) };
+      if (strength) body.strength = parseFloat(strength.value);
+      else body.value = parseFloat(document.getElementById("steer-value").value);
       try {
-        const r = await postJSON(steer.dataset.url, {
-          prompt: document.getElementById("steer-prompt").value, mode: document.getElementById("steer-mode").value,
-          value: parseFloat(document.getElementById("steer-value").value),
-          max_new_tokens: parseInt(document.getElementById("steer-n").value, 10) });
+        const r = await postJSON(steer.dataset.url, body);
         out.innerHTML = "";
-        for (const [name, text] of [["baseline", r.baseline_text], [r.mode + " " + r.value, r.steered_text]]) {
+        for (const [name, text] of [["baseline", r.baseline_text], [r.description, r.steered_text]]) {
           const row = document.createElement("div"); row.className = "steer-row";
           const b = document.createElement("b"); b.textContent = name + ": "; row.appendChild(b);
           row.appendChild(document.createTextNode(text)); out.appendChild(row);
@@ -72,7 +78,7 @@ window.interplab = (function () {
 
   function runPage() {
     const d = data("run-data");
-    lines("curves", d.curves); lines("report-curves", d.report);
+    for (const c of d.charts) lines(c.id, c.curves);
   }
 
   function attentionPage() {
