@@ -198,7 +198,7 @@ def steer(
     sae_dir: Path = typer.Option(..., "--sae"),
     feature: int = typer.Option(..., "--feature"),
     strength: float = typer.Option(
-        None, "--strength", help="a multiple of the feature's max activation (from --db); default 2"
+        None, "--strength", help="a multiple of the feature's max activation (from --db); default 1"
     ),
     db: Path = typer.Option(None, "--db", help="the feature database (it records the max activation)"),
     value: float = typer.Option(None, "--value", help="an absolute activation instead of --strength"),

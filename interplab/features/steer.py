@@ -24,7 +24,7 @@ from torch import Tensor
 
 from interplab.features.collect import check_sae_fits, decoder_directions
 
-DEFAULT_STRENGTH = 2.0
+DEFAULT_STRENGTH = 1.0
 """the default steering strength, in multiples of the feature's max activation"""
 
 
