@@ -207,3 +207,12 @@ def test_host_parsing():
     assert all(is_loopback(n) for n in ["localhost", "127.0.0.1", "127.255.0.9", "::1", "a.localhost"])
     assert not any(is_loopback(n) for n in ["0.0.0.0", "10.0.0.1", "localhost.example", "::2", "example"])
     assert normalise_allowed(["Lab.Example:80", "[fe80::1]"]) == {"lab.example", "fe80::1"}
+
+
+def test_serve_refuses_a_bad_allow_host(web_setup):
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+
+    r = CliRunner().invoke(app, ["serve", "--db", str(web_setup["db"]), "--allow-host", "http://x/y"])
+    assert r.exit_code != 0 and "not a host name" in r.output
