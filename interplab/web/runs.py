@@ -83,16 +83,21 @@ def _children(path: Path, root: Path) -> list[Path]:
     return out
 
 
+def read_bytes(path: Path, root: Path, limit: int) -> bytes | None:
+    """The bytes of ``path``, or None when it is missing, outside ``root``, unreadable or over ``limit``."""
+    real = _file(path, root)
+    try:
+        return None if real is None or real.stat().st_size > limit else real.read_bytes()
+    except OSError:
+        return None
+
+
 def read_json(path: Path, root: Path) -> Any:
     """The JSON in ``path``, or None when it is missing, outside ``root``, too large or not JSON."""
-    real = _file(path, root)
-    if real is None:
-        return None
+    data = read_bytes(path, root, MAX_JSON_BYTES)
     try:
-        if real.stat().st_size > MAX_JSON_BYTES:
-            return None
-        return json.loads(real.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        return None if data is None else json.loads(data)
+    except (ValueError, RecursionError):
         return None
 
 
@@ -272,15 +277,8 @@ def log_curves(path: Path, root: Path) -> dict[str, dict[str, list]]:
 
     Lines of several SAEs (or events) are kept apart: ``"<sae>/fvu"``."""
     curves: dict[str, dict[str, list]] = {}
-    real = _file(path, root)
-    if real is None:
-        return curves
-    try:
-        if real.stat().st_size > MAX_LOG_BYTES:
-            return curves
-        lines = real.read_text(errors="replace").splitlines()
-    except OSError:
-        return curves
+    data = read_bytes(path, root, MAX_LOG_BYTES)
+    lines = [] if data is None else data.decode(errors="replace").splitlines()
     for i, line in enumerate(lines):
         try:
             rec = json.loads(line)
@@ -438,7 +436,8 @@ def sae_views(parts: dict[str, list[Path]], base: Path, root: Path) -> list[dict
                 "name": folder.name,
                 "where": _rel(folder, base),
                 "config": sae_config(folder, root),
-                "eval": {k: _number(ev.get(k)) for k in keys if k in ev},
+                "eval": {k: _number(ev.get(k)) for k in keys},
+                "evaluated": bool(ev),
             }
         )
     return out

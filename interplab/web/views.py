@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import Undefined
 from markupsafe import Markup, escape
 
 
@@ -62,7 +63,7 @@ def json_for_html(data: Any) -> Markup:
 def format_number(v: Any, digits: int = 4) -> str:
     """A value as a table shows it: ``22,121`` (not ``22120.75621``), ``4.765``, ``0.2295``, ``4.2e-06``,
     ``1,500`` for integers, ``yes``/``no``, ``—`` for None; anything else as short text."""
-    if v is None:
+    if v is None or isinstance(v, Undefined):  # a field a template asks for that is not there
         return "\u2014"
     if isinstance(v, bool):
         return "yes" if v else "no"

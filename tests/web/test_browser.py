@@ -159,6 +159,7 @@ def _page_works_after_hostile_tokens(page, *, live: bool) -> None:
     page.wait_for_selector("#logit-chart .main-svg")
     labels = page.locator("#logit-chart .ytick text").all_text_contents()
     assert labels and all(t.startswith("<!--<script>") for t in labels), labels
+    assert any("&amp;<b>" in t for t in labels), labels  # shown as text, not read as Plotly markup
     data = json.loads(page.locator("#feature-data").text_content())
     names = [p[0] for side in ("pos", "neg") for p in data["logits"][side]]
     assert all(n.startswith("<!--<script>") for n in names) and any("</script>" in n for n in names)

@@ -16,6 +16,9 @@ window.interplab = (function () {
     return out;
   }
 
+  // Plotly reads <b>, <a href>, <br> ... in labels as markup: token strings are text, so escape them
+  function plotText(s) { return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
+
   function featurePage() {
     const d = data("feature-data");
     if (window.Plotly && d) {
@@ -23,8 +26,8 @@ window.interplab = (function () {
         { margin, xaxis: { type: "log", title: "activation" }, yaxis: { title: "count" }, bargap: 0.05 }, cfg);
       const pos = d.logits.pos.slice().reverse(), neg = d.logits.neg;
       Plotly.newPlot("logit-chart", [
-        { type: "bar", orientation: "h", name: "promoted", y: pos.map((p, i) => p[0] + " \u200b".repeat(i + 1)), x: pos.map(p => p[1]), marker: { color: "#2a7ab8" } },
-        { type: "bar", orientation: "h", name: "suppressed", y: neg.map((p, i) => p[0] + " \u200c".repeat(i + 1)), x: neg.map(p => p[1]), marker: { color: "#b83a2a" } },
+        { type: "bar", orientation: "h", name: "promoted", y: pos.map((p, i) => plotText(p[0]) + " \u200b".repeat(i + 1)), x: pos.map(p => p[1]), marker: { color: "#2a7ab8" } },
+        { type: "bar", orientation: "h", name: "suppressed", y: neg.map((p, i) => plotText(p[0]) + " \u200c".repeat(i + 1)), x: neg.map(p => p[1]), marker: { color: "#b83a2a" } },
       ], { margin: { l: 110, r: 10, t: 10, b: 30 }, showlegend: false, bargap: 0.15,
            height: Math.max(260, 15 * (pos.length + neg.length) + 50),
            yaxis: { automargin: true, dtick: 1, tickfont: { size: 10 } } }, cfg);
@@ -72,7 +75,7 @@ window.interplab = (function () {
     for (const [name, c] of Object.entries(curves)) {
       const div = document.createElement("div"); box.appendChild(div);
       Plotly.newPlot(div, [{ x: c.x, y: c.y, mode: "lines+markers", marker: { size: 3 } }],
-        { margin: { l: 50, r: 10, t: 28, b: 30 }, title: { text: name, font: { size: 13 } } }, cfg);
+        { margin: { l: 50, r: 10, t: 28, b: 30 }, title: { text: plotText(name), font: { size: 13 } } }, cfg);
     }
   }
 
@@ -88,7 +91,7 @@ window.interplab = (function () {
     function draw() {
       if (!result) return;
       const z = result.patterns[+layerSel.value][+headSel.value];
-      const labels = result.tokens.map((t, i) => i + ":" + t);
+      const labels = result.tokens.map((t, i) => i + ":" + plotText(t));
       Plotly.newPlot("attn-chart", [{ type: "heatmap", z, x: labels, y: labels, colorscale: "Oranges", zmin: 0, zmax: 1 }],
         { margin: { l: 90, r: 10, t: 10, b: 90 }, yaxis: { autorange: "reversed", title: "query" }, xaxis: { title: "key" } }, cfg);
     }
