@@ -149,7 +149,7 @@ def _model_and_sae(res, db: str):
 
     try:
         model, sae = res.model(db), res.sae(db)
-    except (ImportError, FileNotFoundError, ValueError) as err:
+    except (ImportError, OSError, ValueError, KeyError) as err:  # a moved, partial or foreign folder
         raise HTTPException(409, f"cannot load the model or SAE for steering: {err}") from None
     if model is None or sae is None:
         raise HTTPException(
