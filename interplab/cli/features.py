@@ -197,15 +197,35 @@ def steer(
     model_dir: Path = typer.Option(..., "--model"),
     sae_dir: Path = typer.Option(..., "--sae"),
     feature: int = typer.Option(..., "--feature"),
-    value: float = typer.Option(10.0, "--value"),
+    strength: float = typer.Option(
+        None, "--strength", help="a multiple of the feature's max activation (from --db); default 1"
+    ),
+    db: Path = typer.Option(None, "--db", help="the feature database (it records the max activation)"),
+    value: float = typer.Option(None, "--value", help="an absolute activation instead of --strength"),
     mode: str = typer.Option("add", "--mode", help="add or clamp"),
     prompt: str = typer.Option(..., "--prompt", help="text (or token ids if the model has no tokenizer)"),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
 ) -> None:
     """Generate greedily with and without steering a feature; print both continuations."""
-    from interplab.features.steer import SteerMode, steer_generate
+    from interplab.features.steer import DEFAULT_STRENGTH, SteerMode, steer_generate
+    from interplab.features.store import FeatureNotFound, FeatureStore
     from interplab.web.api import prompt_tokens
 
+    max_act = None
+    if value is None:
+        if db is None:
+            fail(
+                "give --db FEATURES.DB (the strength is a multiple of the feature's max activation recorded "
+                "there) or an absolute --value"
+            )
+        try:
+            max_act = FeatureStore(db).feature(feature)["max_act"]
+        except FeatureNotFound:
+            fail(f"feature {feature} is not in the feature database {db}")
+            return
+        except (FileNotFoundError, ValueError) as err:
+            fail(f"--db {db}: {err}")
+            return
     model, sae = load_model_and_sae(model_dir, sae_dir)
     try:
         result = steer_generate(
@@ -213,15 +233,17 @@ def steer(
             sae,
             prompt_tokens(model, prompt),
             feature,
-            value,
+            DEFAULT_STRENGTH if strength is None else strength,
             SteerMode(mode),
+            max_act=max_act,
+            value=value,
             max_new_tokens=max_new_tokens,
         )
     except ValueError as err:
         fail(str(err))
         return
     console.print(f"[bold]baseline:[/] {result.baseline_text}", markup=True, highlight=False)
-    console.print(f"[bold]{mode} {value:g}:[/] {result.steered_text}", markup=True, highlight=False)
+    console.print(f"[bold]{result.describe()}:[/] {result.steered_text}", markup=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

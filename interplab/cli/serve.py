@@ -22,6 +22,12 @@ def serve(
         "127.0.0.1", "--host", help="address to bind (loopback unless you mean otherwise)"
     ),
     port: int = typer.Option(8000, "--port"),
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        help="a host name (besides localhost, 127.0.0.1, [::1]) that browsers may use to reach the app, "
+        "e.g. this machine's name on your network (repeatable)",
+    ),
 ) -> None:
     """Browse feature databases, runs and attention patterns in the browser."""
     import uvicorn
@@ -33,13 +39,22 @@ def serve(
     for r in runs:
         if not r.is_dir():
             fail(f"--runs {r} is not a folder")
+    from interplab.web.guard import is_loopback
+
+    allowed = list(allow_host)
+    if host not in ("0.0.0.0", "::", "") and not is_loopback(host.strip("[]")):
+        allowed.append(host)  # the address it binds is a name browsers use to reach it
     try:
-        app = create_app(db, runs=runs, model=model, sae=sae)
+        app = create_app(db, runs=runs, model=model, sae=sae, allowed_hosts=allowed)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(host.strip("[]")):
         err_console.print(f"[yellow]warning:[/] serving on {host}: other machines can reach this app")
+        if not allow_host and host in ("0.0.0.0", "::", ""):
+            err_console.print(
+                "only loopback names are answered: add --allow-host NAME for each name others use to reach it"
+            )
     console.print(f"interplab feature explorer on http://{host}:{port}/  (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -25,6 +25,9 @@ from sqlalchemy.pool import QueuePool
 from interplab.features import schema as S
 from interplab.integrity import IntegrityError
 
+MAX_QUERY = 1000
+"""the longest text `FeatureStore.search_text` accepts (SQLite refuses LIKE patterns over 50,000 bytes)"""
+
 
 class FeatureNotFound(KeyError):
     """The feature index is not in the database (out of range, or not built yet)."""
@@ -227,9 +230,9 @@ class FeatureStore:
 
     def token_id(self, token: str) -> int | None:
         """The id of a token given as text (exact, then ignoring surrounding spaces) or as ``#123``."""
-        if token.startswith("#") and token[1:].isdigit():
-            return int(token[1:])
         vocab = self.vocab()
+        if token.startswith("#") and token[1:].isdigit():
+            return int(token[1:]) if int(token[1:]) in vocab else None
         for want in (token, token.strip()):
             for i, s in vocab.items():
                 if s == want:
@@ -406,12 +409,21 @@ class FeatureStore:
             return [TokenHit(int(f), int(n), float(m)) for f, n, m in c.execute(q)]
 
     def search_text(self, query: str, limit: int = 50) -> list[dict]:
-        """Features whose explanation or top-context text matches ``query`` (full-text on SQLite)."""
+        """Features whose explanation or top-context text matches ``query`` (full-text on SQLite).
+
+        ``query`` is matched literally (``%``, ``_`` and quotes are plain characters; NUL is dropped); at
+        most `MAX_QUERY` characters."""
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the search text has {len(query)} characters; at most {MAX_QUERY}")
+        query = query.replace("\x00", "")
+        if not query.strip():
+            return []
+        like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         hits: dict[int, dict] = {}
         with self.engine.connect() as c:
             for f, expl in c.execute(
                 select(S.labels.c.feature, S.labels.c.explanation)
-                .where(S.labels.c.explanation.ilike(f"%{query}%"))
+                .where(S.labels.c.explanation.ilike(like, escape="\\"))
                 .limit(limit)
             ):
                 hits[f] = {"feature": f, "where": "explanation", "text": expl}
@@ -427,7 +439,7 @@ class FeatureStore:
             else:
                 rows = c.execute(
                     select(S.contexts.c.feature, S.contexts.c.text)
-                    .where(S.contexts.c.text.ilike(f"%{query}%"))
+                    .where(S.contexts.c.text.ilike(like, escape="\\"))
                     .limit(limit * 4)
                 )
             for f, t in rows:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path
 from pydantic import BaseModel, Field
 
 from interplab.features.store import FeatureNotFound, ReadOnlyDatabase
 
 MAX_PROMPT = 256
+INT64_MAX = 2**63 - 1
+FeatureIndex = Annotated[int, Path(ge=0, le=INT64_MAX, description="feature index")]
 
 
 class LabelIn(BaseModel):
@@ -18,8 +21,11 @@ class LabelIn(BaseModel):
 
 class SteerIn(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
-    value: float = 10.0
-    mode: str = "add"
+    strength: float | None = Field(default=None, ge=-1000, le=1000, allow_inf_nan=False)
+    """a multiple of the feature's max activation (default `DEFAULT_STRENGTH`)"""
+    value: float | None = Field(default=None, ge=-1e6, le=1e6, allow_inf_nan=False)
+    """an absolute activation instead of ``strength``"""
+    mode: str = Field(default="add", max_length=20)
     max_new_tokens: int = Field(default=20, ge=1, le=100)
 
 
@@ -55,18 +61,18 @@ def token_texts(model, toks) -> list[str]:
 def add_routes(app, res) -> None:
     from fastapi import HTTPException
 
-    def feature_or_404(db: str, index: int) -> dict[str, Any]:
+    def feature_or_404(db: str, index: FeatureIndex) -> dict[str, Any]:
         try:
             return res.store(db).feature(index)
         except FeatureNotFound:
             raise HTTPException(404, f"feature {index} is not in database {db!r}") from None
 
     @app.get("/api/db/{db}/feature/{index}")
-    def api_feature(db: str, index: int):
+    def api_feature(db: str, index: FeatureIndex):
         return feature_or_404(db, index)
 
     @app.post("/api/db/{db}/feature/{index}/label")
-    def api_label(db: str, index: int, body: LabelIn):
+    def api_label(db: str, index: FeatureIndex, body: LabelIn):
         try:
             res.store(db).set_label(index, body.explanation, source="human")
         except ReadOnlyDatabase as err:
@@ -76,10 +82,14 @@ def add_routes(app, res) -> None:
         return {"feature": index, "explanation": body.explanation.strip()}
 
     @app.post("/api/db/{db}/feature/{index}/steer")
-    def api_steer(db: str, index: int, body: SteerIn):
-        from interplab.features.steer import SteerMode, steer_generate
+    def api_steer(db: str, index: FeatureIndex, body: SteerIn):
+        from interplab.features.steer import DEFAULT_STRENGTH, SteerMode, steer_generate
 
-        feature_or_404(db, index)
+        rec = feature_or_404(db, index)
+        if body.value is not None and body.strength is not None:
+            raise HTTPException(
+                422, "give either strength (a multiple of the max activation) or value, not both"
+            )
         model, sae = _model_and_sae(res, db)
         try:
             mode = SteerMode(body.mode)
@@ -89,8 +99,17 @@ def add_routes(app, res) -> None:
             ) from None
         try:
             toks = prompt_tokens(model, body.prompt)
+            relative = body.value is None
             out = steer_generate(
-                model, sae, toks, index, body.value, mode, max_new_tokens=body.max_new_tokens
+                model,
+                sae,
+                toks,
+                index,
+                body.strength if body.strength is not None else DEFAULT_STRENGTH,
+                mode,
+                max_act=rec["max_act"] if relative else None,
+                value=body.value,
+                max_new_tokens=body.max_new_tokens,
             )
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
@@ -102,6 +121,9 @@ def add_routes(app, res) -> None:
             "steered_text": out.steered_text,
             "mode": mode.value,
             "value": out.value,
+            "strength": out.strength,
+            "max_act": out.max_act,
+            "description": out.describe(),
         }
 
     @app.post("/api/attention")
@@ -129,7 +151,7 @@ def _model_and_sae(res, db: str):
 
     try:
         model, sae = res.model(db), res.sae(db)
-    except (ImportError, FileNotFoundError, ValueError) as err:
+    except (ImportError, OSError, ValueError, KeyError) as err:  # a moved, partial or foreign folder
         raise HTTPException(409, f"cannot load the model or SAE for steering: {err}") from None
     if model is None or sae is None:
         raise HTTPException(

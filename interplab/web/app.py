@@ -15,19 +15,26 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from interplab.features.store import FeatureNotFound, FeatureStore, is_url, open_store
+from interplab.features.steer import DEFAULT_STRENGTH
+from interplab.features.store import MAX_QUERY, FeatureNotFound, FeatureStore, is_url, open_store
+from interplab.web.api import INT64_MAX, FeatureIndex
+from interplab.web.guard import HostOriginGuard, normalise_allowed
 from interplab.web.runs import Artifact, find_artifacts, run_view
-from interplab.web.views import Links, feature_view, summary_rows
+from interplab.web.views import Links, feature_view, format_number, json_for_html, summary_rows
 
 WEB_DIR = Path(__file__).parent
+PAGE_SIZE = 100
+PageNo = Annotated[int, Query(ge=0, le=INT64_MAX // PAGE_SIZE - 1)]
+SearchText = Annotated[str, Query(max_length=MAX_QUERY)]
 
 
 def plotly_js() -> Path:
@@ -44,7 +51,9 @@ def templates():
     from fastapi.templating import Jinja2Templates
 
     t = Jinja2Templates(directory=str(WEB_DIR / "templates"))
-    t.env.globals["fmt"] = lambda v, d=4: "—" if v is None else f"{v:.{d}g}"
+    t.env.add_extension("jinja2.ext.do")
+    t.env.globals["fmt"] = format_number
+    t.env.filters["json_script"] = json_for_html
     return t
 
 
@@ -106,18 +115,30 @@ def create_app(
     model: Any = None,
     sae: Any = None,
     read_only: bool | None = None,
+    allowed_hosts: Sequence[str] = (),
 ):
     """The web app. ``model``/``sae`` (objects or folders) serve steering and attention views; by default the
     paths recorded in each database are used. Databases open read-only where they cannot be written
-    (``read_only=None``), or as ``read_only`` says; labels cannot be saved to a read-only one."""
+    (``read_only=None``), or as ``read_only`` says; labels cannot be saved to a read-only one.
+
+    Requests are answered only for loopback host names and ``allowed_hosts``, and state-changing requests
+    only from the app's own origin (`interplab.web.guard`)."""
     from interplab.web import api
 
     res = Resources(dbs, model=model, sae=sae, read_only=read_only)
     tpl = templates()
     app = FastAPI(title="interplab feature explorer", docs_url="/api/docs", redoc_url=None)
     app.state.resources = res
+    app.add_middleware(
+        HostOriginGuard, allowed_hosts=normalise_allowed(allowed_hosts)
+    )  # refuses bad names now
     app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
     artifacts: list[Artifact] = find_artifacts([Path(r) for r in runs])
+    served = {  # database file -> its name here, to link a run's databases to their pages
+        Path(str(db)).resolve(): name
+        for db, name in zip(dbs, res.stores, strict=True)
+        if "://" not in str(db)
+    }
 
     @app.get("/static-vendor/plotly.min.js", include_in_schema=False)
     def _plotly():
@@ -165,10 +186,15 @@ def create_app(
         return page(request, "home.html", dbs=dbs_info, artifacts=artifacts)
 
     @app.get("/db/{db}/", response_class=HTMLResponse)
-    def feature_list(request: Request, db: str, order: str = "feature", page_no: int = 0):
+    def feature_list(
+        request: Request,
+        db: str,
+        order: Annotated[str, Query(max_length=40)] = "feature",
+        page_no: PageNo = 0,
+    ):
         store = res.store(db)
         try:
-            rows = store.list_features(order=order, limit=100, offset=max(page_no, 0) * 100)
+            rows = store.list_features(order=order, limit=PAGE_SIZE, offset=page_no * PAGE_SIZE)
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
         return page(
@@ -184,7 +210,7 @@ def create_app(
         )
 
     @app.get("/db/{db}/feature/{index}", response_class=HTMLResponse)
-    def feature_page(request: Request, db: str, index: int):
+    def feature_page(request: Request, db: str, index: FeatureIndex):
         store = res.store(db)
         try:
             rec = store.feature(index)
@@ -203,6 +229,7 @@ def create_app(
             links=links(db),
             meta=res.meta[db],
             steering=True,
+            default_strength=DEFAULT_STRENGTH,
             **feature_view(rec, res.meta[db], store.vocab()),
         )
 
@@ -214,7 +241,7 @@ def create_app(
         return RedirectResponse(f"/db/{db}/feature/{f}", status_code=303)
 
     @app.get("/db/{db}/search", response_class=HTMLResponse)
-    def search(request: Request, db: str, q: str = "", token: str = ""):
+    def search(request: Request, db: str, q: SearchText = "", token: SearchText = ""):
         store = res.store(db)
         token_hits, text_hits, token_id = [], [], None
         if token:
@@ -222,7 +249,10 @@ def create_app(
             if token_id is not None:
                 token_hits = store.search_token(token_id)
         if q.strip():
-            text_hits = store.search_text(q.strip())
+            try:
+                text_hits = store.search_text(q.strip())
+            except ValueError as err:
+                raise HTTPException(422, str(err)) from None
         return page(
             request,
             "search.html",
@@ -237,15 +267,21 @@ def create_app(
         )
 
     @app.get("/run/{index}", response_class=HTMLResponse)
-    def run_page(request: Request, index: int):
+    def run_page(request: Request, index: Annotated[int, PathParam(ge=0, le=INT64_MAX)]):
         if not 0 <= index < len(artifacts):
             raise HTTPException(404, f"no run {index}: {len(artifacts)} runs, models and SAEs are listed")
         art = artifacts[index]
-        return page(request, "run.html", art=art, view=run_view(art.path))
+        view = run_view(art)
+        databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
+        return page(request, "run.html", art=art, view=view, databases=databases)
 
     @app.get("/attention", response_class=HTMLResponse)
     def attention_page(request: Request):
-        return page(request, "attention.html", has_model=res.model() is not None)
+        try:
+            has_model = res.model() is not None
+        except (ImportError, OSError, ValueError):
+            has_model = False
+        return page(request, "attention.html", has_model=has_model)
 
     api.add_routes(app, res)
     return app

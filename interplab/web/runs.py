@@ -1,7 +1,16 @@
-"""Read run directories (``log.jsonl``, ``report.json``) and model/SAE folders for the web app.
+"""Read run directories (``log.jsonl``, ``report.json``, ``formation/``, ``sae/``, ``attribution/`` ...) and
+model/SAE folders for the web app.
 
 Everything here is tolerant: a run folder written by any interplab command shows its numeric curves
-(training loss, learning rate, formation scores per checkpoint ...) and its scalar results.
+(training loss, learning rate, formation scores per checkpoint ...) and its results; a file that is missing,
+unreadable or of an unexpected shape shows as missing, never as an error.
+
+Everything here stays inside the ``--runs`` folders: every path is resolved (symlinks followed) and one that
+leads outside the folder it was found under is ignored, as if it were not there.
+
+A run owns its sub-folders: the home page lists a training run once (not each of its checkpoints), and the
+run page gathers what the later commands wrote into it (formation scores, SAEs and their evaluation,
+training-data attributions, feature databases).
 """
 
 from __future__ import annotations
@@ -13,103 +22,276 @@ from pathlib import Path
 from typing import Any
 
 _X_KEYS = ("step", "steps", "checkpoint", "checkpoints", "tokens", "epoch")
+_NOT_CURVES = ("time", "elapsed", "elapsed_s", "wall", "seconds")
+_GROUP_KEYS = ("event", "sae")  # a log line's series are named "<event>/<key>", "<sae>/<key>"
+MAX_JSON_BYTES = 50 * 2**20  # a larger report.json is shown as missing (the page must stay fast)
+MAX_LOG_BYTES = 200 * 2**20
+HEADLINE = {  # the home page's columns for a run, in order (when present in its report.json)
+    "step": "steps",
+    "loss": "loss",
+    "val_loss": "val loss",
+    "tokens": "tokens",
+    "tokens_per_s": "tokens/s",
+    "finished": "finished",
+}
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """A folder the home page lists: a run, a model or an SAE."""
+    """A folder the home page lists: a run, a model or an SAE (``path`` resolved, inside ``root``)."""
 
     kind: str  # "run" | "model" | "sae"
     name: str
     path: Path
+    root: Path
     scalars: dict[str, Any] = field(default_factory=dict)
+    """headline numbers (label -> value) for the home page"""
+    parts: tuple[str, ...] = ()
+    """what else the run holds, e.g. "28 checkpoints", "formation", "1 SAE\""""
 
 
-def _is_run(p: Path) -> bool:
-    return any((p / n).is_file() for n in ("log.jsonl", "report.json", "formation.json"))
+def contained(path: Path, root: Path) -> Path | None:
+    """``path`` resolved (symlinks followed) when it exists and stays inside ``root`` (resolved); else None."""
+    try:
+        real = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, a symlink loop, unreadable
+        return None
+    return real if real == root or real.is_relative_to(root) else None
 
 
-def _is_model(p: Path) -> bool:
-    return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+def _file(path: Path, root: Path) -> Path | None:
+    real = contained(path, root)
+    return real if real is not None and real.is_file() else None
 
 
-def _is_sae(p: Path) -> bool:
-    return (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file()
+def _dir(path: Path, root: Path) -> Path | None:
+    real = contained(path, root)
+    return real if real is not None and real.is_dir() else None
+
+
+def _children(path: Path, root: Path) -> list[Path]:
+    """The sub-folders of ``path`` that stay inside ``root`` (hidden ones skipped), resolved, by name."""
+    try:
+        entries = sorted(path.iterdir())
+    except OSError:
+        return []
+    out = []
+    for p in entries:
+        real = None if p.name.startswith(".") else _dir(p, root)
+        if real is not None and real != path and real not in out:
+            out.append(real)
+    return out
+
+
+def read_bytes(path: Path, root: Path, limit: int) -> bytes | None:
+    """The bytes of ``path``, or None when it is missing, outside ``root``, unreadable or over ``limit``."""
+    real = _file(path, root)
+    try:
+        return None if real is None or real.stat().st_size > limit else real.read_bytes()
+    except OSError:
+        return None
+
+
+def read_json(path: Path, root: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing, outside ``root``, too large or not JSON."""
+    data = read_bytes(path, root, MAX_JSON_BYTES)
+    try:
+        return None if data is None else json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_run(p: Path, root: Path) -> bool:
+    return any(_file(p / n, root) for n in ("log.jsonl", "report.json", "formation.json"))
+
+
+def _is_model(p: Path, root: Path) -> bool:
+    return bool(_file(p / "config.json", root) and _file(p / "model.safetensors", root))
+
+
+def _is_sae(p: Path, root: Path) -> bool:
+    return bool(_file(p / "cfg.json", root) and _file(p / "sae_weights.safetensors", root))
 
 
 def find_artifacts(roots: list[Path], depth: int = 3) -> list[Artifact]:
-    """Runs, models and SAEs under ``roots`` (each root itself included), sorted by kind and name."""
+    """Runs, models and SAEs under ``roots`` (each root itself included), sorted by kind and name.
+
+    The search stops at a run, a model or an SAE: what lies inside belongs to it (a training run's
+    checkpoints and final model are shown on its page, not listed one by one)."""
     found: dict[Path, Artifact] = {}
 
     def visit(p: Path, level: int, root: Path) -> None:
-        if not p.is_dir() or p.name.startswith("."):
+        if p in found:
             return
         name = str(p.relative_to(root.parent)) if p != root else p.name
-        if _is_model(p):
-            found[p] = Artifact("model", name, p, _report_scalars(p))
-        elif _is_sae(p):
-            found[p] = Artifact("sae", name, p, {**_sae_scalars(p), **_report_scalars(p)})
-        elif _is_run(p):
-            found[p] = Artifact("run", name, p, _report_scalars(p))
-        if level < depth:
-            for child in sorted(p.iterdir()):
+        if _is_model(p, root):
+            found[p] = Artifact("model", name, p, root, _model_scalars(p, root))
+        elif _is_sae(p, root):
+            found[p] = Artifact("sae", name, p, root, _sae_scalars(p, root))
+        elif _is_run(p, root):
+            found[p] = Artifact("run", name, p, root, _headline(p, root), _parts(p, root))
+        elif level < depth:
+            for child in _children(p, root):
                 visit(child, level + 1, root)
 
-    for root in roots:
-        visit(Path(root).resolve(), 0, Path(root).resolve())
+    for r in roots:
+        try:
+            root = Path(r).resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if root.is_dir():
+            visit(root, 0, root)
     order = {"run": 0, "model": 1, "sae": 2}
     return sorted(found.values(), key=lambda a: (order[a.kind], a.name))
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and not math.isfinite(v))
 
 
-def _sae_scalars(p: Path) -> dict[str, Any]:
-    cfg = _read_json(p / "cfg.json") or {}
-    return {k: cfg[k] for k in ("architecture", "d_in", "d_sae", "hook_name") if k in cfg}
+def _model_scalars(p: Path, root: Path) -> dict[str, Any]:
+    cfg = read_json(p / "config.json", root)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    keys = ("architecture", "n_layers", "d_model", "n_heads", "d_vocab", "n_ctx")
+    return {k.replace("_", " "): cfg[k] for k in keys if _scalar(cfg.get(k))}
 
 
-def _report_scalars(p: Path, limit: int = 12) -> dict[str, Any]:
-    rep = _read_json(p / "report.json")
-    if not isinstance(rep, dict):
+def sae_config(p: Path, root: Path) -> dict[str, Any]:
+    """An SAE's architecture, site and sizes from its ``cfg.json`` (SAELens layouts old and new: the site
+    is at the top or under ``metadata``)."""
+    cfg = read_json(p / "cfg.json", root)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    merged = {**{k: v for k, v in meta.items() if _scalar(v)}, **{k: v for k, v in cfg.items() if _scalar(v)}}
+    return {k: merged[k] for k in ("architecture", "hook_name", "d_in", "d_sae", "k") if k in merged}
+
+
+def _sae_scalars(p: Path, root: Path) -> dict[str, Any]:
+    out = {k.replace("_", " "): v for k, v in sae_config(p, root).items()}
+    return {**out, **report_scalars(read_json(p / "report.json", root), limit=6)}
+
+
+def report_scalars(report: Any, limit: int = 40) -> dict[str, Any]:
+    """The top-level scalars of a report (label -> value), at most ``limit``."""
+    if not isinstance(report, dict):
         return {}
     out = {}
-    for k, v in rep.items():
-        if isinstance(v, (int, float, str, bool)):
-            out[k] = round(v, 5) if isinstance(v, float) else v
+    for k, v in report.items():
+        if _scalar(v) and k not in ("run_dir", "kind", "version"):
+            out[str(k).replace("_per_s", "/s").replace("_", " ")] = v
         if len(out) >= limit:
             break
     return out
+
+
+def _headline(p: Path, root: Path) -> dict[str, Any]:
+    report = read_json(p / "report.json", root)
+    if not isinstance(report, dict):
+        return {}
+    chosen = {label: report[k] for k, label in HEADLINE.items() if _scalar(report.get(k))}
+    return chosen or report_scalars(report, limit=6)
+
+
+def _parts(p: Path, root: Path) -> tuple[str, ...]:
+    """What a run holds besides its own log and report, for the home page."""
+    c = contents(p, root)
+    out = []
+    if c["checkpoints"]:
+        out.append(_count(len(c["checkpoints"]), "checkpoint"))
+    if c["final"]:
+        out.append("final model")
+    if c["formation"]:
+        out.append("formation")
+    if c["saes"]:
+        out.append(_count(len(c["saes"]), "SAE"))
+    if c["attributions"]:
+        out.append(_count(len(c["attributions"]), "attribution"))
+    if c["databases"]:
+        out.append(_count(len(c["databases"]), "feature database"))
+    return tuple(out)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
+    """The parts of a run folder, found by what they hold (not by fixed names), inside ``root``:
+    checkpoints, final model, formation files, SAE folders, evaluation reports, attribution reports,
+    sub-runs with their own ``log.jsonl``, feature databases (``*.db``)."""
+    from interplab.train.checkpoint import CHECKPOINTS, list_checkpoints
+
+    out: dict[str, list[Path]] = {
+        k: []
+        for k in ("checkpoints", "final", "formation", "saes", "evals", "attributions", "logs", "databases")
+    }
+    if _dir(path / CHECKPOINTS, root):
+        out["checkpoints"] = [c.path for c in list_checkpoints(path) if _is_model(c.path, root)]
+    if _file(path / "formation.json", root):
+        out["formation"].append(path / "formation.json")
+    _classify_report(path, root, out)
+
+    def visit(p: Path, level: int) -> None:
+        for child in _children(p, root):
+            if child.name == CHECKPOINTS and p == path:
+                continue
+            if _is_model(child, root):
+                if child.name == "final" and p == path:
+                    out["final"].append(child)
+                continue
+            if _is_sae(child, root):
+                out["saes"].append(child)
+                continue
+            if _file(child / "formation.json", root):
+                out["formation"].append(child / "formation.json")
+            _classify_report(child, root, out)
+            if _file(child / "log.jsonl", root):
+                out["logs"].append(child)
+            if level < depth:
+                visit(child, level + 1)
+
+    visit(path, 1)
+    for level_dir in [path, *[c for c in _children(path, root)]]:
+        try:
+            dbs = sorted(level_dir.glob("*.db"))
+        except OSError:
+            continue
+        out["databases"] += [f for f in (_file(d, root) for d in dbs) if f is not None]
+    return out
+
+
+def _classify_report(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
+    report = read_json(folder / "report.json", root)
+    if isinstance(report, dict) and "target" in report and "top" in report:
+        out["attributions"].append(folder)
+    elif isinstance(report, dict) and isinstance(report.get("saes"), list):
+        out["evals"].append(folder)
 
 
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def log_curves(path: Path) -> dict[str, dict[str, list]]:
-    """Numeric series of a ``log.jsonl``: ``{"loss": {"x": steps, "y": values}, "eval/val_loss": ...}``."""
+def log_curves(path: Path, root: Path) -> dict[str, dict[str, list]]:
+    """Numeric series of a ``log.jsonl``: ``{"loss": {"x": steps, "y": values}, "eval/val_loss": ...}``.
+
+    Lines of several SAEs (or events) are kept apart: ``"<sae>/fvu"``."""
     curves: dict[str, dict[str, list]] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return curves
+    data = read_bytes(path, root, MAX_LOG_BYTES)
+    lines = [] if data is None else data.decode(errors="replace").splitlines()
     for i, line in enumerate(lines):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(rec, dict):
             continue
         x = next((rec[k] for k in _X_KEYS if _num(rec.get(k))), i)
-        prefix = f"{rec['event']}/" if isinstance(rec.get("event"), str) else ""
+        prefix = "".join(f"{rec[g]}/" for g in _GROUP_KEYS if isinstance(rec.get(g), str))
         for k, v in rec.items():
-            if k in _X_KEYS or not _num(v) or k in ("time", "elapsed", "wall"):
+            if k in _X_KEYS or not _num(v) or k in _NOT_CURVES:
                 continue
-            c = curves.setdefault(prefix + k, {"x": [], "y": []})
+            c = curves.setdefault(prefix + str(k), {"x": [], "y": []})
             c["x"].append(x)
             c["y"].append(v)
     return curves
@@ -120,77 +302,176 @@ def report_curves(report: Any) -> dict[str, dict[str, list]]:
     lists of records (``[{"step": 100, "induction": 0.3}, ...]``), found at any depth."""
     curves: dict[str, dict[str, list]] = {}
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            xs = next(
-                (node[k] for k in _X_KEYS if isinstance(node.get(k), list) and all(_num(v) for v in node[k])),
-                None,
-            )
-            for k, v in node.items():
-                name = f"{prefix}{k}"
-                if isinstance(v, list) and len(v) > 1 and all(_num(e) for e in v) and k not in _X_KEYS:
+    def walk(node: Any, prefix: str, level: int) -> None:
+        if not isinstance(node, dict) or level > 8:
+            return
+        xs = next(
+            (node[k] for k in _X_KEYS if isinstance(node.get(k), list) and all(_num(v) for v in node[k])),
+            None,
+        )
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, list) and len(v) > 1 and all(_num(e) for e in v) and k not in _X_KEYS:
+                x = xs if xs is not None and len(xs) == len(v) else list(range(len(v)))
+                curves[name] = {"x": list(x), "y": list(v)}
+            elif isinstance(v, list) and len(v) > 1 and all(isinstance(e, list) for e in v):
+                flat = [_flatten(e) for e in v]  # e.g. a score per layer and head at each checkpoint
+                if all(flat) and all(_num(x) for e in flat for x in e):
                     x = xs if xs is not None and len(xs) == len(v) else list(range(len(v)))
-                    curves[name] = {"x": list(x), "y": list(v)}
-                elif isinstance(v, list) and len(v) > 1 and all(isinstance(e, list) for e in v):
-                    flat = [_flatten(e) for e in v]  # e.g. a score per layer and head at each checkpoint
-                    if all(flat) and all(_num(x) for e in flat for x in e):
-                        x = xs if xs is not None and len(xs) == len(v) else list(range(len(v)))
-                        curves[f"{name} (max)"] = {"x": list(x), "y": [max(e) for e in flat]}
-                elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
-                    for key in sorted({kk for e in v for kk, vv in e.items() if _num(vv)} - set(_X_KEYS)):
-                        pts = [
-                            (next((e[x] for x in _X_KEYS if _num(e.get(x))), i), e[key])
-                            for i, e in enumerate(v)
-                            if _num(e.get(key))
-                        ]
+                    curves[f"{name} (max)"] = {"x": list(x), "y": [max(e) for e in flat]}
+            elif isinstance(v, list) and len(v) > 1 and all(isinstance(e, dict) for e in v):
+                for key in sorted({str(kk) for e in v for kk, vv in e.items() if _num(vv)} - set(_X_KEYS)):
+                    pts = [
+                        (next((e[x] for x in _X_KEYS if _num(e.get(x))), i), e[key])
+                        for i, e in enumerate(v)
+                        if _num(e.get(key))
+                    ]
+                    if len(pts) > 1:
                         curves[f"{name}/{key}"] = {"x": [p[0] for p in pts], "y": [p[1] for p in pts]}
-                elif isinstance(v, dict):
-                    walk(v, f"{name}/")
+            elif isinstance(v, dict):
+                walk(v, f"{name}/", level + 1)
 
-    walk(report, "")
+    walk(report, "", 0)
     return curves
 
 
-def _flatten(node: Any) -> list:
-    if isinstance(node, list):
-        return [x for e in node for x in _flatten(e)]
+def _flatten(node: Any, level: int = 0) -> list:
+    if isinstance(node, list) and level < 8:
+        return [x for e in node for x in _flatten(e, level + 1)]
     return [node]
 
 
-def run_view(path: Path) -> dict[str, Any]:
-    """Everything the run page shows (``formation.json`` of `interplab formation` included)."""
-    report = _read_json(path / "report.json")
-    formation = _read_json(path / "formation.json")
-    if isinstance(formation, dict):
-        report = {**(report if isinstance(report, dict) else {}), "formation": formation}
-    config = _read_json(path / "config.json")
+def chart_group(curves: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """``{"curves": series that vary, "constant": {name: value}}``: a page draws no flat lines, it names
+    the constants instead."""
+    varying, constant = {}, {}
+    for name, c in curves.items():
+        ys = c["y"]
+        if len(ys) > 1 and all(y == ys[0] for y in ys):
+            constant[name] = ys[0]
+        else:
+            varying[name] = c
+    return {"curves": varying, "constant": constant}
+
+
+def _text(v: Any, limit: int = 300) -> str:
+    if v is None:
+        return ""
+    return (v if isinstance(v, str) else json.dumps(v, default=str))[:limit]
+
+
+def _number(v: Any) -> float | int | None:
+    return v if _num(v) else None
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return str(p.relative_to(base))
+    except ValueError:
+        return p.name
+
+
+def run_view(art: Artifact) -> dict[str, Any]:
+    """Everything the run page shows, in one view: results, training curves, formation curves, SAEs with
+    their evaluation and training curves, attribution reports, other series, checkpoints, feature databases.
+
+    Every value is plain (str, finite number, None, lists and dicts of those) and every field that is
+    missing or of another shape becomes None or empty."""
+    path, root = art.path, art.root
+    report = read_json(path / "report.json", root)
+    config = read_json(path / "config.json", root)
+    parts = contents(path, root)
+    series = report_curves(report)
+    for k in [k for k in series if k.split("/")[0] in ("checkpoints", "skipped_checkpoints")]:
+        del series[k]
     return {
-        "attributions": attributions(path),
-        "curves": log_curves(path / "log.jsonl"),
-        "report_curves": report_curves(report) if report is not None else {},
-        "scalars": _report_scalars(path, limit=40),
-        "config": config if isinstance(config, dict) else {},
+        "scalars": report_scalars(report),
+        "config": json.dumps(config, indent=1, sort_keys=True, default=str)[:20000] if config else "",
+        "curves": chart_group(log_curves(path / "log.jsonl", root)),
+        "report_curves": chart_group(series),
+        "formation": [formation_view(p, path, root) for p in parts["formation"]],
+        "checkpoints": [_checkpoint_step(p) for p in parts["checkpoints"]],
+        "final": [_rel(p, path) for p in parts["final"]],
+        "saes": sae_views(parts, path, root),
+        "sub_logs": {
+            _rel(p, path): chart_group(c) for p in parts["logs"] if (c := log_curves(p / "log.jsonl", root))
+        },
+        "attributions": [attribution_view(p, path, root) for p in parts["attributions"]],
+        "databases": parts["databases"],
     }
 
 
-def attributions(path: Path) -> list[dict[str, Any]]:
-    """The training-data attributions of a run (``interplab attribute`` writes ``attribution/<target>/``)."""
+def _checkpoint_step(p: Path) -> int | str:
+    tail = p.name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else p.name
+
+
+def formation_view(p: Path, base: Path, root: Path) -> dict[str, Any]:
+    """``formation.json`` of `interplab formation`: its summary, formation step and every curve."""
+    data = read_json(p, root)
+    data = data if isinstance(data, dict) else {}
+    curves = report_curves({k: v for k, v in data.items() if k != "tokens"})
+    return {
+        "where": _rel(p.parent, base) if p.parent != base else ".",
+        "summary": _text(data.get("summary"), 2000),
+        "formation_step": _number(data.get("formation_step")),
+        "curves": chart_group(curves),
+    }
+
+
+def sae_views(parts: dict[str, list[Path]], base: Path, root: Path) -> list[dict[str, Any]]:
+    """The run's SAEs: configuration and, when evaluated, the evaluation's headline numbers."""
+    evals: dict[str, dict] = {}
+    for folder in parts["evals"]:
+        rep = read_json(folder / "report.json", root)
+        for row in rep.get("saes", []) if isinstance(rep, dict) else []:
+            if isinstance(row, dict) and isinstance(row.get("name"), str):
+                evals[row["name"]] = row
     out = []
-    root = path / "attribution"
-    if not root.is_dir():
-        return out
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        report = _read_json(folder / "report.json")
-        if not isinstance(report, dict) or "target" not in report:
-            continue
+    for folder in parts["saes"]:
+        ev = evals.get(folder.name, {})
+        keys = ("l0", "fvu", "explained_variance", "ce_loss_recovered", "kl_div", "dead_fraction", "tokens")
         out.append(
             {
-                "target": report["target"],
-                "window": report.get("window", []),
-                "n_candidates": report.get("n_candidates"),
-                "top": report.get("top", [])[:5],
-                "enriched": [e.get("token", "") for e in report.get("enriched_tokens", [])[:12]],
-                "method": report.get("method", ""),
+                "name": folder.name,
+                "where": _rel(folder, base),
+                "config": sae_config(folder, root),
+                "eval": {k: _number(ev.get(k)) for k in keys},
+                "evaluated": bool(ev),
             }
         )
     return out
+
+
+def attribution_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
+    """An attribution report (``interplab attribute`` writes ``attribution/<target>/report.json``)."""
+    report = read_json(folder / "report.json", root)
+    report = report if isinstance(report, dict) else {}
+    top = report.get("top")
+    rows = []
+    for row in (top if isinstance(top, list) else [])[:5]:
+        row = row if isinstance(row, dict) else {}
+        seq = row.get("sequence")
+        rows.append(
+            {
+                "sequence": seq if _num(seq) or isinstance(seq, str) else None,
+                "score": _number(row.get("score")),
+                "text": _text(row.get("text")),
+            }
+        )
+    enriched = report.get("enriched_tokens")
+    tokens = [
+        _text(e.get("token") if isinstance(e, dict) else e, 40)
+        for e in (enriched if isinstance(enriched, list) else [])[:12]
+    ]
+    window = report.get("window")
+    return {
+        "where": _rel(folder, base),
+        "target": _text(report.get("target"), 200) or folder.name,
+        "window": [_text(w, 20) for w in window[:2]] if isinstance(window, list) else [],
+        "n_candidates": _number(report.get("n_candidates")),
+        "method": _text(report.get("method"), 300),
+        "top": rows,
+        "enriched": tokens,
+        "curves": chart_group(report_curves({k: report.get(k) for k in ("curve", "mass") if k in report})),
+    }

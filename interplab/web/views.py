@@ -6,9 +6,12 @@ Shared by the live app and the static export, so both pages look the same.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import Undefined
 from markupsafe import Markup, escape
 
 
@@ -29,6 +32,53 @@ class Links:
 
     def index(self) -> str:
         return f"{self.base}/index.html" if self.static_site else f"{self.base}/"
+
+
+_HTML_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _finite(node: Any) -> Any:
+    if isinstance(node, float):
+        return node if math.isfinite(node) else None
+    if isinstance(node, dict):
+        return {str(k): _finite(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_finite(v) for v in node]
+    return node
+
+
+def json_for_html(data: Any) -> Markup:
+    """``data`` as JSON safe to embed in HTML inside ``<script type="application/json">``.
+
+    ``<``, ``>``, ``&``, U+2028 and U+2029 are written as ``\\u003c``-style escapes, so no string in the
+    data (a token ``<!--<script>`` or ``</script>``) can end the script element or open a comment that
+    swallows the rest of the page; ``JSON.parse`` reads the same strings back. Non-finite floats become
+    ``null`` (``NaN`` is not JSON). Every template and the static export embed data through this one helper
+    (the ``json_script`` filter).
+    """
+    text = json.dumps(_finite(data), ensure_ascii=False, allow_nan=False)
+    return Markup(re.sub("[<>&\u2028\u2029]", lambda m: _HTML_UNSAFE[m.group()], text))
+
+
+def format_number(v: Any, digits: int = 4) -> str:
+    """A value as a table shows it: ``22,121`` (not ``22120.75621``), ``4.765``, ``0.2295``, ``4.2e-06``,
+    ``1,500`` for integers, ``yes``/``no``, ``—`` for None; anything else as short text."""
+    if v is None or isinstance(v, Undefined):  # a field a template asks for that is not there
+        return "\u2014"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v == 0 or 10**digits <= abs(v) < 1e12:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    if isinstance(v, str):
+        return v
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 80 else text[:79] + "\u2026"
 
 
 def show_token(s: str) -> str:
@@ -87,7 +137,7 @@ def feature_view(rec: dict[str, Any], meta: dict[str, Any], vocab: dict[int, str
         "rec": rec,
         "top": top,
         "groups": sample_groups(samples, scale),
-        "charts_json": Markup(json.dumps(charts).replace("</", "<\\/")),
+        "charts": charts,
         "top_token": show_token(vocab.get(rec["top_token"], "")) if rec["top_token"] is not None else None,
         "cooc": rec["cooc"],
         "label": rec["label"],

@@ -77,6 +77,12 @@ def test_build_export_explain_from_the_command_line(tmp_path, model, tokens):
     )
     assert r.exit_code == 0, r.output
     assert r.output.count("#") >= 6
+    steer = ["features", "steer", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae")]
+    steer += ["--feature", "1", "--prompt", "1 2 3", "--max-new-tokens", "3"]
+    r = runner.invoke(app, [*steer, "--db", str(tmp_path / "f.db"), "--strength", "1.5"])
+    assert r.exit_code == 0 and "add 1.5x max activation" in r.output, r.output
+    r = runner.invoke(app, steer)  # a relative strength needs the database's max activation
+    assert r.exit_code != 0 and "--db" in r.output
 
 
 def test_sae_on_a_mismatched_site_is_refused(tmp_path, model, tokens):

@@ -106,3 +106,35 @@ def test_steered_generation_matches_a_full_forward_loop(model):
         logits = model.run_with_hooks(toks[None], fwd_hooks=[("blocks.0.hook_resid_post", hook)])
         toks = torch.cat([toks, logits[0, -1].argmax()[None]])
     assert res.steered == toks[5:].tolist()
+
+
+@pytest.mark.parametrize("mode", [SteerMode.ADD, SteerMode.CLAMP])
+@pytest.mark.parametrize("strength,max_act", [(1.0, 0.8), (2.5, 1.2), (-1.0, 3.0)])
+def test_strength_is_a_multiple_of_the_max_activation(model, mode, strength, max_act):
+    sae = _unembed_sae(model, [7, 21])
+    prompt = torch.tensor([1, 2, 3, 4])
+    rel = steer_generate(model, sae, prompt, 1, strength, mode, max_act=max_act, max_new_tokens=5)
+    absolute = steer_generate(model, sae, prompt, 1, value=strength * max_act, mode=mode, max_new_tokens=5)
+    assert rel.steered == absolute.steered and rel.value == pytest.approx(strength * max_act)
+    assert rel.strength == strength and rel.max_act == max_act and absolute.strength is None
+    assert f"{strength:g}x max activation" in rel.describe()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"strength": float("nan"), "max_act": 1.0}, "finite"),
+        ({"strength": float("inf"), "max_act": 1.0}, "finite"),
+        ({"value": float("nan")}, "finite"),
+        ({"value": float("-inf")}, "finite"),
+        ({"strength": 1.0}, "max_act"),  # a relative strength needs the feature's scale
+        ({"strength": 1.0, "max_act": 0.0}, "never fired"),
+        ({"strength": 1.0, "max_act": float("nan")}, "never fired"),
+        ({"value": 1.0, "max_act": 1.0}, "not both"),
+        ({"value": 1e308}, "overflows"),
+    ],
+)
+def test_bad_steering_strengths_are_refused(model, kwargs, match):
+    sae = _unembed_sae(model, [7])
+    with pytest.raises(ValueError, match=match):
+        steer_generate(model, sae, torch.tensor([1, 2]), 0, **kwargs)

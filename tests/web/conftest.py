@@ -1,8 +1,13 @@
-"""A small feature database (planted features 0..9 fire on tokens 0..9, the rest random) and a run folder."""
+"""A small feature database (planted features 0..9 fire on tokens 0..9, the rest random), a run folder laid
+out as the demo writes it, a database whose token strings are hostile to HTML, and a live server helper."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,73 @@ import torch
 from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
 from tests.features.planted import planted_sae, tiny_model
+
+# token strings that break pages which embed JSON carelessly: a comment opener followed by a script tag
+# makes the HTML parser swallow the rest of the page; </script> ends the element; U+2028 ends a JS line
+HOSTILE_TOKENS = ["<!--<script>", "</script>", "]]>", "\"quoted'", "\u2028line\u2029", "&amp;<b>", "<!--"]
+
+
+def write_training_run(run: Path, model, n_checkpoints: int = 3) -> None:
+    """A training run as `interplab train` + `formation` + `sae train/eval` + `attribute` lay it out."""
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"steps": 100, "model": {"d_model": 32}}))
+    (run / "log.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3, "tokens_per_s": 22120.75621 + s}) + "\n"
+            for s in range(0, 100, 10)
+        )
+    )
+    (run / "report.json").write_text(
+        json.dumps({"final_loss": 0.5, "step": 100, "tokens_per_s": 22120.75621, "checkpoints": [0, 50, 100]})
+    )
+    for k in range(n_checkpoints):
+        model.save(run / "checkpoints" / f"step_{k * 50:06d}")
+    model.save(run / "final")
+    formation = {  # `interplab formation` writes formation/formation.json
+        "steps": [0, 50, 100],
+        "formation_step": 50,
+        "summary": "induction heads form at step 50",
+        "induction_score": [0.01, 0.3, 0.6],
+        "prev_token": [[[0.1, 0.2]], [[0.3, 0.1]], [[0.2, 0.4]]],
+    }
+    (run / "formation").mkdir()
+    (run / "formation" / "formation.json").write_text(json.dumps(formation))
+    attribution = run / "attribution" / "induction_0.1"  # as written by `interplab attribute`
+    attribution.mkdir(parents=True)
+    (attribution / "report.json").write_text(
+        json.dumps(
+            {
+                "target": "induction:0.1",
+                "window": [50, 100],
+                "n_candidates": 3,
+                "method": "TracIn over checkpoints",
+                "top": [
+                    {"sequence": 17, "score": 4.2e-6, "text": "NAOP = bytes([9]) # negotiate about output"}
+                ],
+                "enriched_tokens": [{"token": "negotiate", "ratio": 5.0}],
+                "curve": {"steps": [50, 75, 100], "values": [0.1, 0.4, 0.5]},
+            }
+        )
+    )
+    sae_run = run / "sae"  # `interplab sae train --out RUN/sae` and `sae eval RUN/sae`
+    sae = planted_sae(model, 8)
+    sae.save(sae_run / "saes" / "blocks_0_hook_resid_pre")
+    (sae_run / "log.jsonl").write_text(
+        "".join(
+            json.dumps({"sae": "blocks_0_hook_resid_pre", "step": s, "fvu": 1 / (s + 1), "l0": 16.0}) + "\n"
+            for s in range(5, 50, 5)
+        )
+    )
+    (sae_run / "eval").mkdir()
+    (sae_run / "eval" / "report.json").write_text(
+        json.dumps(
+            {
+                "saes": [
+                    {"name": "blocks_0_hook_resid_pre", "l0": 16.0, "fvu": 0.2295, "ce_loss_recovered": 0.95}
+                ]
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -25,36 +97,32 @@ def web_setup(tmp_path_factory) -> dict:
     tokens = torch.randint(0, 40, (32, 16), generator=torch.Generator().manual_seed(1))
     cfg = FeatureBuildConfig(top_k=6, n_samples=8, window_left=4, window_right=2, batch_size=8)
     build_feature_db(root / "tiny.db", model, sae, tokens, cfg)
-    run = root / "runs" / "train-tiny"
-    run.mkdir(parents=True)
-    (run / "log.jsonl").write_text(
-        "".join(json.dumps({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3}) + "\n" for s in range(0, 100, 10))
-    )
-    (run / "report.json").write_text(json.dumps({"final_loss": 0.5}))
-    formation = {
-        "steps": [0, 50, 100],
-        "induction_score": [0.01, 0.3, 0.6],
-        "prev_token": [[[0.1, 0.2]], [[0.3, 0.1]], [[0.2, 0.4]]],
-    }
-    (run / "formation.json").write_text(json.dumps(formation))
-    attribution = run / "attribution" / "induction_0.1"  # as written by `interplab attribute`
-    attribution.mkdir(parents=True)
-    (attribution / "report.json").write_text(
-        json.dumps(
-            {
-                "target": "induction:0.1",
-                "window": [50, 100],
-                "n_candidates": 3,
-                "method": "TracIn over checkpoints",
-                "top": [
-                    {"sequence": 17, "score": 4.2e-6, "text": "NAOP = bytes([9]) # negotiate about output"}
-                ],
-                "enriched_tokens": [{"token": "negotiate", "ratio": 5.0}],
-            }
-        )
-    )
+    write_training_run(root / "runs" / "train-tiny", model)
     model.save(root / "runs" / "model")
     return {"root": root, "db": root / "tiny.db", "model": model, "sae": sae, "runs": root / "runs"}
+
+
+@pytest.fixture(scope="session")
+def hostile_db(web_setup) -> Path:
+    """The tiny database with token strings that are HTML/JS syntax (every token id maps to one of them)."""
+    import sqlite3
+
+    from interplab.features.store import FeatureStore
+
+    path = web_setup["root"] / "hostile.db"
+    src, dst = sqlite3.connect(web_setup["db"]), sqlite3.connect(path)
+    src.backup(dst)  # a consistent copy (the source may have WAL pages)
+    src.close()
+    dst.close()
+    store = FeatureStore(path)
+    n = web_setup["model"].cfg.d_vocab
+    # every token opens a comment and a script tag, then one more hostile piece
+    store.write_vocab(
+        [f"<!--<script>{HOSTILE_TOKENS[i % len(HOSTILE_TOKENS)]}{i}" for i in range(n)], [1] * n
+    )
+    store.set_label(3, "<!--<script>alert(1)</script> & </script>")
+    store.close()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +132,40 @@ def web_app(web_setup):
     return create_app(
         [web_setup["db"]], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"]
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app, host: str = "127.0.0.1"):
+    """``app`` served by uvicorn on a free loopback port in a thread; yields (host, port)."""
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield host, port
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server_addr(web_app):
+    """The shared app on a real server over loopback: (host, port)."""
+    with live_server(web_app) as addr:
+        yield addr
 
 
 @pytest.fixture

@@ -8,15 +8,17 @@ from fastapi.testclient import TestClient
 
 @pytest.fixture(scope="module")
 def client(web_app):
-    return TestClient(web_app)
+    return TestClient(web_app, base_url="http://127.0.0.1")
 
 
 def test_home_lists_databases_runs_and_models(client):
     r = client.get("/")
     assert r.status_code == 200
     assert 'href="/db/tiny/"' in r.text
-    assert "train-tiny" in r.text and "final_loss" in r.text
-    assert "model" in r.text
+    assert "train-tiny" in r.text and "tokens/s <b>22,121</b>" in r.text and "22120" not in r.text
+    assert "3 checkpoints · final model · formation · 1 SAE · 1 attribution" in r.text
+    assert "checkpoints/step_" not in r.text and "train-tiny/final" not in r.text  # parts of the run
+    assert 'id="models"' in r.text and ">runs/model<" in r.text  # a model folder on its own is listed
 
 
 def test_feature_page_has_every_panel(client):
@@ -77,8 +79,13 @@ def test_steering_and_attention_api(client, web_setup):
 
 def test_run_page_shows_curves(client):
     r = client.get("/run/0")
-    assert r.status_code == 200 and "formation/induction_score" in r.text and '"loss"' in r.text
-    assert "formation/prev_token (max)" in r.text
+    assert r.status_code == 200 and '"loss"' in r.text
+    assert '"induction_score"' in r.text and '"prev_token (max)"' in r.text  # formation/formation.json
+    assert "induction heads form at step <b>50</b>" in r.text
+    assert '"blocks_0_hook_resid_pre/fvu"' in r.text  # the SAE's training curves (sae/log.jsonl)
+    assert "blocks_0_hook_resid_pre/l0 <b>16</b>" in r.text  # a constant is named, not drawn
+    assert "0.2295" in r.text and "no series in report.json" not in r.text
+    assert "3 checkpoints at steps 0, 50, 100" in r.text
     assert client.get("/run/99").status_code == 404
 
 
@@ -123,7 +130,7 @@ def test_odd_database_names_serve_and_read_only_databases_refuse_labels(web_setu
     odd = tmp_path / "odd?mode=ro#1.db"
     shutil.copy(web_setup["db"], odd)
     before = odd.read_bytes()
-    client = TestClient(create_app([odd], read_only=True))
+    client = TestClient(create_app([odd], read_only=True), base_url="http://127.0.0.1")
     home = client.get("/").text
     assert 'href="/db/odd_mode_ro_1/"' in home
     assert client.get("/db/odd_mode_ro_1/feature/3").status_code == 200

@@ -5,13 +5,13 @@ Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.web.conftest import HOSTILE_TOKENS, live_server
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 FLAGS = [
@@ -27,28 +27,10 @@ FLAGS = [
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(web_app):
-    import uvicorn
-
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(web_app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        if time.time() > deadline or not thread.is_alive():
-            pytest.fail("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+def server(server_addr):
+    host, port = server_addr
+    return f"http://{host}:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +44,9 @@ def browser():
             "the playwright Python package is not installed (pip install playwright; .ci/system-deps does it)"
         )
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        # evil.test resolves to this machine, as a rebinding attacker's name would
+        args = [*FLAGS, "--host-resolver-rules=MAP evil.test 127.0.0.1"]
+        b = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         yield b
         b.close()
 
@@ -137,12 +121,15 @@ def test_edit_label_and_find_it_after_reload(page, server, artifacts_dir):
 
 def test_steering_and_attention_views(page, server, artifacts_dir):
     page.goto(server + "/db/tiny/feature/2")
+    max_act = json.loads(page.evaluate("fetch('/api/db/tiny/feature/2').then(r => r.text())"))["max_act"]
     page.fill("#steer-prompt", "1 2 3")
-    page.fill("#steer-value", "0")
+    page.fill("#steer-strength", "3")  # the form shows what the strength means in activation units
+    assert abs(float(page.locator("#steer-scale").inner_text()) - 3 * max_act) < 0.01 * 3 * max_act
     page.fill("#steer-n", "3")
     page.click("#steer-form button")
     page.wait_for_selector("#steer-out .steer-row")
     assert page.locator("#steer-out .steer-row").count() == 2
+    assert "add 3x max activation" in page.locator("#steer-out").inner_text()
     page.goto(server + "/attention")
     page.fill("#attn-prompt", "5 6 7 8 9")
     page.click("#attn-form button")
@@ -157,6 +144,96 @@ def test_404_page_and_run_page(page, server, artifacts_dir):
     assert "feature 12345 is not in database" in page.locator("#error").inner_text()
     page.goto(server + "/")
     page.click("text=train-tiny")
-    page.wait_for_selector("#curves .main-svg")
-    page.wait_for_selector("#report-curves .main-svg")
+    # one view: training curves, formation curves (from formation/), the SAE's curves, the attribution
+    for chart in ("#curves", "#formation-curves-0", "#sub-curves-0", "#attr-curves-0"):
+        page.wait_for_selector(f"{chart} .main-svg")
+    assert "0.2295" in page.locator("#sae-table").inner_text()
+    assert "22,121" in page.locator("#results").inner_text()
     page.screenshot(path=str(artifacts_dir / "browser_run.png"), full_page=True)
+
+
+def _page_works_after_hostile_tokens(page, *, live: bool) -> None:
+    """The page's scripts ran to the end: charts drawn from the embedded JSON, the DOM after the tokens
+    intact, the token strings shown as text."""
+    page.wait_for_selector("#hist-chart .main-svg")
+    page.wait_for_selector("#logit-chart .main-svg")
+    labels = page.locator("#logit-chart .ytick text").all_text_contents()
+    assert labels and all(t.startswith("<!--<script>") for t in labels), labels
+    assert any("&amp;<b>" in t for t in labels), labels  # shown as text, not read as Plotly markup
+    data = json.loads(page.locator("#feature-data").text_content())
+    names = [p[0] for side in ("pos", "neg") for p in data["logits"][side]]
+    assert all(n.startswith("<!--<script>") for n in names) and any("</script>" in n for n in names)
+    assert page.locator("#cooc").count() == 1 and page.locator("#feature-data").count() == 1
+    assert page.evaluate("document.querySelectorAll('script:not([src])').length") >= 2
+    assert page.evaluate("typeof window.interplab.featurePage") == "function"
+    text = page.locator("#top-contexts").inner_text()
+    assert any(t in text for t in HOSTILE_TOKENS)
+    if live:
+        assert page.locator("#steer-form").count() == 1
+
+
+def test_hostile_tokens_do_not_break_the_feature_page(browser, hostile_db, web_setup, artifacts_dir):
+    from interplab.web.app import create_app
+
+    app = create_app([hostile_db], model=web_setup["model"], sae=web_setup["sae"])
+    with live_server(app) as (host, port):
+        ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
+        page = ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: errors.append("a dialog opened: " + d.message))
+        page.goto(f"http://{host}:{port}/db/hostile/feature/3")
+        _page_works_after_hostile_tokens(page, live=True)
+        assert page.locator("#label-text").inner_text() == "<!--<script>alert(1)</script> & </script>"
+        page.fill("#label-input", "still <!-- works")  # labels and steering after the tokens still work
+        page.click("#label-save")
+        page.wait_for_function("document.getElementById('label-status').textContent === 'saved'")
+        page.fill("#steer-prompt", "1 2 3")
+        page.fill("#steer-n", "2")
+        page.click("#steer-form button")
+        page.wait_for_selector("#steer-out .steer-row")
+        page.screenshot(path=str(artifacts_dir / "browser_hostile_tokens.png"), full_page=True)
+        ctx.close()
+    assert not errors, errors
+
+
+def test_hostile_tokens_do_not_break_the_static_export(browser, hostile_db, tmp_path):
+    from interplab.web.export import export_html
+
+    export_html(hostile_db, tmp_path / "site")
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / "site" / "feature" / "3.html").as_uri())
+    _page_works_after_hostile_tokens(page, live=False)
+    ctx.close()
+    assert not errors, errors
+
+
+def test_a_rebound_name_and_another_origin_get_nothing(browser, server_addr, web_setup):
+    """DNS rebinding (evil.test resolves to 127.0.0.1) and a cross-origin page posting a label."""
+    host, port = server_addr
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    resp = page.goto(f"http://evil.test:{port}/db/tiny/feature/1")
+    assert resp.status == 421 and "not served" in page.content()
+    status = page.evaluate(  # the rebound page's own-origin requests: refused too
+        """fetch('/api/db/tiny/feature/1/label', {method: 'POST', headers: {'Content-Type': 'application/json'},
+            body: JSON.stringify({explanation: 'pwned'})}).then(r => r.status)"""
+    )
+    assert status == 421
+    before = page.evaluate(
+        f"fetch('http://127.0.0.1:{port}/api/db/tiny/feature/1', {{mode: 'no-cors'}}).then(() => 1)"
+    )
+    assert before == 1  # reachable, but a cross-origin page cannot read it (no CORS headers) ...
+    page.evaluate(  # ... and cannot write: a simple cross-origin POST, sent by the browser with Origin
+        f"""fetch('http://127.0.0.1:{port}/api/db/tiny/feature/1/label', {{method: 'POST', mode: 'no-cors',
+            headers: {{'Content-Type': 'text/plain'}}, body: JSON.stringify({{explanation: 'pwned'}})}})
+            .catch(() => 0)"""
+    )
+    ctx.close()
+    from interplab.features.store import FeatureStore
+
+    label = FeatureStore(web_setup["db"]).feature(1)["label"]
+    assert label is None or label["explanation"] != "pwned"

@@ -16,6 +16,9 @@ window.interplab = (function () {
     return out;
   }
 
+  // Plotly reads <b>, <a href>, <br> ... in labels as markup: token strings are text, so escape them
+  function plotText(s) { return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
+
   function featurePage() {
     const d = data("feature-data");
     if (window.Plotly && d) {
@@ -23,8 +26,8 @@ window.interplab = (function () {
         { margin, xaxis: { type: "log", title: "activation" }, yaxis: { title: "count" }, bargap: 0.05 }, cfg);
       const pos = d.logits.pos.slice().reverse(), neg = d.logits.neg;
       Plotly.newPlot("logit-chart", [
-        { type: "bar", orientation: "h", name: "promoted", y: pos.map((p, i) => p[0] + " \u200b".repeat(i + 1)), x: pos.map(p => p[1]), marker: { color: "#2a7ab8" } },
-        { type: "bar", orientation: "h", name: "suppressed", y: neg.map((p, i) => p[0] + " \u200c".repeat(i + 1)), x: neg.map(p => p[1]), marker: { color: "#b83a2a" } },
+        { type: "bar", orientation: "h", name: "promoted", y: pos.map((p, i) => plotText(p[0]) + " \u200b".repeat(i + 1)), x: pos.map(p => p[1]), marker: { color: "#2a7ab8" } },
+        { type: "bar", orientation: "h", name: "suppressed", y: neg.map((p, i) => plotText(p[0]) + " \u200c".repeat(i + 1)), x: neg.map(p => p[1]), marker: { color: "#b83a2a" } },
       ], { margin: { l: 110, r: 10, t: 10, b: 30 }, showlegend: false, bargap: 0.15,
            height: Math.max(260, 15 * (pos.length + neg.length) + 50),
            yaxis: { automargin: true, dtick: 1, tickfont: { size: 10 } } }, cfg);
@@ -41,17 +44,23 @@ window.interplab = (function () {
       } catch (err) { status.textContent = "error: " + err.message; }
     });
     const steer = document.getElementById("steer-form");
+    const strength = document.getElementById("steer-strength");
+    if (strength) strength.addEventListener("input", () => {  // show the activation the strength means
+      const v = parseFloat(strength.value) * parseFloat(steer.dataset.maxAct);
+      document.getElementById("steer-scale").textContent = Number.isFinite(v) ? v.toPrecision(3) : "?";
+    });
     if (steer) steer.addEventListener("submit", async (e) => {
       e.preventDefault();
       const out = document.getElementById("steer-out");
       out.textContent = "generating\u2026";
+      const body = { prompt: document.getElementById("steer-prompt").value, mode: document.getElementById("steer-mode").value,
+                     max_new_tokens: parseInt(document.getElementById("steer-n").value, 10) };
+      if (strength) body.strength = parseFloat(strength.value);
+      else body.value = parseFloat(document.getElementById("steer-value").value);
       try {
-        const r = await postJSON(steer.dataset.url, {
-          prompt: document.getElementById("steer-prompt").value, mode: document.getElementById("steer-mode").value,
-          value: parseFloat(document.getElementById("steer-value").value),
-          max_new_tokens: parseInt(document.getElementById("steer-n").value, 10) });
+        const r = await postJSON(steer.dataset.url, body);
         out.innerHTML = "";
-        for (const [name, text] of [["baseline", r.baseline_text], [r.mode + " " + r.value, r.steered_text]]) {
+        for (const [name, text] of [["baseline", r.baseline_text], [r.description, r.steered_text]]) {
           const row = document.createElement("div"); row.className = "steer-row";
           const b = document.createElement("b"); b.textContent = name + ": "; row.appendChild(b);
           row.appendChild(document.createTextNode(text)); out.appendChild(row);
@@ -66,13 +75,13 @@ window.interplab = (function () {
     for (const [name, c] of Object.entries(curves)) {
       const div = document.createElement("div"); box.appendChild(div);
       Plotly.newPlot(div, [{ x: c.x, y: c.y, mode: "lines+markers", marker: { size: 3 } }],
-        { margin: { l: 50, r: 10, t: 28, b: 30 }, title: { text: name, font: { size: 13 } } }, cfg);
+        { margin: { l: 50, r: 10, t: 28, b: 30 }, title: { text: plotText(name), font: { size: 13 } } }, cfg);
     }
   }
 
   function runPage() {
     const d = data("run-data");
-    lines("curves", d.curves); lines("report-curves", d.report);
+    for (const c of d.charts) lines(c.id, c.curves);
   }
 
   function attentionPage() {
@@ -82,7 +91,7 @@ window.interplab = (function () {
     function draw() {
       if (!result) return;
       const z = result.patterns[+layerSel.value][+headSel.value];
-      const labels = result.tokens.map((t, i) => i + ":" + t);
+      const labels = result.tokens.map((t, i) => i + ":" + plotText(t));
       Plotly.newPlot("attn-chart", [{ type: "heatmap", z, x: labels, y: labels, colorscale: "Oranges", zmin: 0, zmax: 1 }],
         { margin: { l: 90, r: 10, t: 10, b: 90 }, yaxis: { autorange: "reversed", title: "query" }, xaxis: { title: "key" } }, cfg);
     }

@@ -1,0 +1,167 @@
+"""Run folders on the web app: containment under --runs (symlinks), malformed reports shown as missing
+(never a 500), the home page listing runs (not checkpoints) with formatted numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import pytest
+from fastapi.testclient import TestClient
+
+from interplab.web.views import format_number
+from tests.web.conftest import write_training_run
+
+
+def client_for(runs) -> TestClient:
+    from interplab.web.app import create_app
+
+    return TestClient(create_app([], runs=runs), base_url="http://127.0.0.1")
+
+
+def test_symlinks_out_of_runs_are_not_followed(tmp_path):
+    outside = tmp_path / "private"
+    (outside / "secret-run").mkdir(parents=True)
+    (outside / "secret-run" / "report.json").write_text(json.dumps({"secret_value": 123456789}))
+    (outside / "secret-run" / "log.jsonl").write_text(json.dumps({"step": 1, "secret_curve": 5}) + "\n")
+    (outside / "attr").mkdir()
+    (outside / "attr" / "report.json").write_text(json.dumps({"target": "SECRET-TARGET", "top": []}))
+    runs = tmp_path / "runs"
+    run = runs / "mine"
+    run.mkdir(parents=True)
+    (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    os.symlink(outside / "secret-run" / "report.json", run / "report.json")  # a file out of --runs
+    (run / "attribution").mkdir()
+    os.symlink(outside / "attr", run / "attribution" / "x")  # a folder out of --runs
+    os.symlink(outside / "secret-run", runs / "linked")  # a run out of --runs
+    os.symlink(runs, run / "loop")  # a loop back up is inside, and visited once
+    os.symlink(tmp_path / "nowhere", runs / "dangling")
+    inside = runs / "alias"
+    os.symlink(run, inside)  # a link that stays inside is fine (the same run, listed once)
+    c = client_for([runs])
+    home = c.get("/").text
+    assert "mine" in home and "linked" not in home and "123,456,789" not in home
+    assert home.count('class="run-link"') == 1
+    page = c.get("/run/0").text
+    assert "secret" not in page.lower() and "123456789" not in page
+    assert '"loss"' in page
+
+
+ODD_REPORTS = [
+    {"target": "t", "top": [{"sequence": 1, "text": "no score"}]},  # the reported 500
+    {"target": "t", "top": [{"sequence": 1, "score": "high", "text": None}]},
+    {"target": "t", "top": [{"score": float("nan")}, "a string row", 5, None, []]},
+    {"target": "t", "top": "not a list", "window": "50..100", "enriched_tokens": ["tok", 3, None, {"x": 1}]},
+    {"target": {"nested": True}, "top": [], "n_candidates": "many", "method": ["a", "b"]},
+    {"target": None, "top": None},
+    {"target": "t", "top": [{"sequence": {"a": 1}, "score": [1, 2], "text": {"b": 2}}], "curve": [1, "x"]},
+]
+
+
+@pytest.mark.parametrize("report", ODD_REPORTS)
+def test_odd_attribution_reports_render(tmp_path, report):
+    run = tmp_path / "runs" / "r"
+    (run / "attribution" / "a").mkdir(parents=True)
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run / "attribution" / "a" / "report.json").write_text(json.dumps(report))
+    r = client_for([tmp_path / "runs"]).get("/run/0")
+    assert r.status_code == 200, r.text[-2000:]
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    kinds = ["int", "float", "str", "bool", "none", "nan"] + (
+        ["list", "dict", "numlist"] if depth < 4 else []
+    )
+    kind = rng.choice(kinds)
+    if kind == "int":
+        return rng.choice([0, -1, 10**20, 3])
+    if kind == "float":
+        return rng.choice([0.5, -1e300, 22120.75621])
+    if kind == "nan":
+        return rng.choice([math.nan, math.inf, -math.inf])
+    if kind == "str":
+        return rng.choice(["", "x", "<!--<script>", "step"])
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "none":
+        return None
+    if kind == "numlist":
+        return [rng.random() for _ in range(rng.randint(0, 4))]
+    if kind == "list":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    keys = [
+        "step",
+        "steps",
+        "loss",
+        "top",
+        "target",
+        "saes",
+        "name",
+        "curve",
+        "summary",
+        "formation_step",
+        "x",
+    ]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 6))}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_run_files_never_break_the_run_page(tmp_path, seed):
+    """Every file the run page reads, filled with random JSON (or junk): the page still renders."""
+    rng = random.Random(seed)
+    run = tmp_path / "runs" / "r"
+    for rel in [
+        "report.json",
+        "config.json",
+        "formation/formation.json",
+        "attribution/a/report.json",
+        "sae/eval/report.json",
+        "sae/saes/s/cfg.json",
+    ]:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        content = json.dumps(_random_json(rng)) if rng.random() < 0.85 else rng.choice(["{", "\x00\xff", ""])
+        (run / rel).write_text(content)
+    (run / "sae" / "saes" / "s" / "sae_weights.safetensors").write_bytes(b"")
+    lines = [json.dumps(_random_json(rng)) for _ in range(20)] + ["junk", "[1,2]", '{"step": "x"}']
+    (run / "log.jsonl").write_text("\n".join(lines))
+    (run / "sae" / "log.jsonl").write_text("\n".join(lines[::-1]))
+    c = client_for([tmp_path / "runs"])
+    assert c.get("/").status_code == 200
+    r = c.get("/run/0")
+    assert r.status_code == 200, r.text[-2000:]
+
+
+def test_home_lists_a_run_once_with_its_parts(tmp_path, web_setup):
+    write_training_run(tmp_path / "runs" / "big", web_setup["model"], n_checkpoints=43)
+    c = client_for([tmp_path / "runs"])
+    home = c.get("/").text
+    assert home.count('class="run-link"') == 1 and "step_0" not in home
+    assert "43 checkpoints" in home and "22,121" in home and "22120.75621" not in home
+    assert (
+        'id="models"' not in home and 'id="saes"' not in home
+    )  # the run's final model and SAE are its parts
+    page = c.get("/run/0").text
+    assert "43 checkpoints at steps 0, 50, 100, 150, 200, 250, 300, 350, …" in page
+
+
+@pytest.mark.parametrize(
+    "value,shown",
+    [
+        (22120.75621, "22,121"),
+        (4.765039920806885, "4.765"),
+        (0.22946913, "0.2295"),
+        (4.2e-06, "4.2e-06"),
+        (1500, "1,500"),
+        (True, "yes"),
+        (None, "\u2014"),
+        (0.0, "0"),
+        (-3.5, "-3.5"),
+        (1e20, "1e+20"),
+        (math.nan, "nan"),
+        ("topk", "topk"),
+    ],
+)
+def test_numbers_are_formatted(value, shown):
+    assert format_number(value) == shown
