@@ -38,7 +38,8 @@ class SiteKind(str, Enum):
     LN1_NORMALIZED = "ln1.hook_normalized"
     LN2_SCALE = "ln2.hook_scale"
     LN2_NORMALIZED = "ln2.hook_normalized"
-    # per-head residual copies feeding Q, K, V
+    # per-head residual copies feeding each head (Q, K and V alike), and Q, K, V separately
+    ATTN_IN = "hook_attn_in"
     Q_INPUT = "hook_q_input"
     K_INPUT = "hook_k_input"
     V_INPUT = "hook_v_input"

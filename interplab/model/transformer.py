@@ -77,6 +77,10 @@ class Block(nn.Module):
                 self.ln2_post = make_norm(cfg)
             self.hook_mlp_in = _hp(SiteKind.MLP_IN, layer)
             self.hook_mlp_out = _hp(SiteKind.MLP_OUT, layer)
+        if (
+            cfg.n_kv_heads == cfg.n_heads
+        ):  # GQA/MQA share K and V between heads: no input per head feeds all three
+            self.hook_attn_in = _hp(SiteKind.ATTN_IN, layer)
         for kind in (
             SiteKind.RESID_PRE,
             SiteKind.Q_INPUT,
@@ -103,8 +107,8 @@ class Block(nn.Module):
         positions go on through the MLP (its hooks, ``hook_resid_mid`` and ``hook_resid_post`` see [batch k]);
         for readers of a few positions of the last block's output, e.g. batched patching."""
         resid = self.hook_resid_pre(resid)
-        inputs = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
-        if inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
+        inputs = self._head_input_points()
+        if any(point.intervened for point in inputs):
             split = self._split_inputs(resid)
             if (
                 self.ln1.hook_normalized.active
@@ -116,13 +120,11 @@ class Block(nn.Module):
                 self.ln1(resid)
             attn_out = self.attn(None, ctx, split=split, cache=cache)
         else:
-            if inputs[0].active or inputs[1].active or inputs[2].active:
-                # only read (cached): show broadcast views of the residual stream, no copies, no split path
-                b, p, d = resid.shape
-                for point, n in zip(
-                    inputs, (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.n_kv_heads), strict=True
-                ):
-                    point(resid[:, :, None, :].expand(b, p, n, d))
+            # only read (cached): show broadcast views of the residual stream, no copies, no split path
+            b, p, d = resid.shape
+            for point in inputs:
+                if point.active:
+                    point(resid[:, :, None, :].expand(b, p, self._n_inputs(point), d))
             attn_out = self.attn(self.ln1(resid), ctx, cache=cache)
         if self.cfg.post_norms:
             attn_out = self.ln1_post(attn_out)
@@ -148,18 +150,28 @@ class Block(nn.Module):
             out = self.ln2_post(out)
         return self.hook_mlp_out(out)
 
+    def _head_input_points(self) -> tuple[HookPoint, ...]:
+        """``hook_attn_in`` (where the model has it), then ``hook_q_input``, ``hook_k_input``, ``hook_v_input``."""
+        qkv = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        return qkv if getattr(self, "hook_attn_in", None) is None else (self.hook_attn_in, *qkv)
+
+    def _n_inputs(self, point: HookPoint) -> int:
+        kv = point is self.hook_k_input or point is self.hook_v_input
+        return self.cfg.n_kv_heads if kv else self.cfg.n_heads
+
     def _split_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head copies of the residual stream feeding Q, K and V, each normalised separately
-        (ln1's own hooks do not fire on this path)."""
+        (ln1's own hooks do not fire on this path). ``hook_attn_in`` (one copy per head, feeding its Q, K and V)
+        comes first; ``hook_q_input`` etc. are copies of it."""
         b, p, d = resid.shape
         norm = self.ln1.normalize  # ln1's own hooks do not fire on this path
+        source = resid[:, :, None, :]
+        attn_in = getattr(self, "hook_attn_in", None)
+        if attn_in is not None and attn_in.active:
+            source = attn_in(source.expand(b, p, self.cfg.n_heads, d).clone())
         out = []
-        for point, n in (
-            (self.hook_q_input, self.cfg.n_heads),
-            (self.hook_k_input, self.cfg.n_kv_heads),
-            (self.hook_v_input, self.cfg.n_kv_heads),
-        ):
-            copies = resid[:, :, None, :].expand(b, p, n, d).clone()
+        for point in (self.hook_q_input, self.hook_k_input, self.hook_v_input):
+            copies = source.expand(b, p, self._n_inputs(point), d).clone()
             out.append(norm(point(copies)))
         return out[0], out[1], out[2]
 
@@ -382,6 +394,11 @@ class Transformer(nn.Module):
             SiteKind.ROT_Q: "the model has no rotary embeddings",
             SiteKind.ROT_K: "the model has no rotary embeddings",
             SiteKind.MLP_PRE_LINEAR: "only gated MLPs have pre_linear",
+            SiteKind.ATTN_IN: (
+                f"the model shares keys and values between heads ({self.cfg.n_heads} query heads, "
+                f"{self.cfg.n_kv_heads} key/value heads), so no per-head input feeds Q, K and V alike: "
+                "use hook_q_input, hook_k_input and hook_v_input"
+            ),
         }
         mlp_kinds = {
             SiteKind.MLP_IN,
