@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from interplab.hooks.cache import ActivationCache
 from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
+from interplab.model import compat
+from interplab.model.compat import ReturnType, StackedWeight
 from interplab.model.config import ModelConfig, Positional
 from interplab.model.layers import (
     MLP,
@@ -211,18 +213,28 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         stop_at_layer: int | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab_out"]:
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        **unsupported: Any,
+    ) -> Any:
         """Logits for ``tokens``. ``attention_mask`` [batch pos] marks real tokens (1) and padding (0):
         padding keys are never attended to and positions count real tokens only, so a left- or
         right-padded batch gives each prompt's own logits at its real positions.
-        ``stop_at_layer=L`` returns the residual stream entering block L instead of logits."""
+        ``stop_at_layer=L`` returns the residual stream entering block L instead of logits.
+
+        ``return_type`` as in TransformerLens: ``"logits"`` (the default), ``"loss"`` (the mean next-token
+        cross-entropy, real tokens only under ``attention_mask``; [batch pos-1] with ``loss_per_token``),
+        ``"both"`` (``(logits, loss)``) or ``None`` (nothing, for hooks that only collect)."""
+        compat.refuse_arguments(unsupported, "the forward (model(...), run_with_hooks, run_with_cache)")
+        compat.check_return_type(return_type, stop_at_layer)
         tokens = self._check_tokens(tokens, kv_cache)
         ctx = self.context(tokens, attention_mask, kv_cache)
         resid = self.embed_tokens(tokens, ctx)
         resid = self.run_blocks(resid, ctx, stop=stop_at_layer, kv_cache=kv_cache)
         if stop_at_layer is not None:
             return resid
-        return self.unembed_resid(resid)
+        logits = self.unembed_resid(resid)
+        return compat.finish(logits, tokens, return_type, attention_mask, loss_per_token)
 
     def context(
         self, tokens: Tensor, attention_mask: Tensor | None = None, kv_cache: KVCache | None = None
@@ -316,6 +328,40 @@ class Transformer(nn.Module):
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
         return self.embed.W_E
 
+    @property
+    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        if self.cfg.positional is not Positional.LEARNED:
+            raise AttributeError("W_pos")  # __getattr__ says why
+        return self.pos_embed.W_pos
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab_out"]:
+        return self.unembed.b_U
+
+    # TransformerLens' stacked views of the per-layer weights, [layer, ...] (see `compat.StackedWeight`)
+    W_Q = StackedWeight("attn", "W_Q")  # [layer n_heads d_model d_head]
+    W_K = StackedWeight("attn", "W_K")  # [layer n_heads d_model d_head], K repeated per query head under GQA
+    W_V = StackedWeight("attn", "W_V")  # [layer n_heads d_model d_head], likewise
+    W_O = StackedWeight("attn", "W_O")  # [layer n_heads d_head d_model]
+    b_Q = StackedWeight("attn", "b_Q")  # [layer n_heads d_head]
+    b_K = StackedWeight("attn", "b_K")
+    b_V = StackedWeight("attn", "b_V")
+    b_O = StackedWeight("attn", "b_O")  # [layer d_model]
+    W_in = StackedWeight("mlp", "W_in")  # [layer d_model d_mlp]
+    W_gate = StackedWeight("mlp", "W_gate")  # [layer d_model d_mlp], gated MLPs
+    W_out = StackedWeight("mlp", "W_out")  # [layer d_mlp d_model]
+    b_in = StackedWeight("mlp", "b_in")  # [layer d_mlp]
+    b_out = StackedWeight("mlp", "b_out")  # [layer d_model]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            hint = compat.attribute_hint(self, name)
+            if hint is None:
+                raise
+            raise AttributeError(hint) from None
+
     # ---- hooks ---------------------------------------------------------------------------------
     @property
     def hook_points(self) -> dict[str, HookPoint]:
@@ -342,8 +388,9 @@ class Transformer(nn.Module):
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         **kwargs: Any,
-    ) -> Tensor:
-        """Forward with hooks attached for this call only (follows the ambient grad mode)."""
+    ) -> Any:
+        """Forward with hooks attached for this call only (follows the ambient grad mode); ``kwargs`` go to
+        `forward` (``attention_mask``, ``return_type`` ...)."""
         with self.hooks(fwd_hooks, bwd_hooks):
             return self(tokens, **kwargs)
 
@@ -352,34 +399,53 @@ class Transformer(nn.Module):
         tokens: Tensor,
         names: HookTarget | Sequence[HookTarget] | None = None,
         *,
+        names_filter: HookTarget | Sequence[HookTarget] | None = None,
         device: torch.device | str | None = None,
         grad: bool = False,
+        remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         **kwargs: Any,
-    ) -> tuple[Tensor, ActivationCache]:
-        """Logits and an `ActivationCache` of the named hook points (all of them if ``names`` is None).
+    ) -> tuple[Any, ActivationCache]:
+        """The forward's output (logits, or what ``return_type`` asks for) and an `ActivationCache` of the named
+        hook points (all of them if ``names`` is None). ``names`` is a name, `Site`, ``(short, layer)``
+        tuple, a list of them, or a filter over names; ``names_filter`` is TransformerLens' spelling of it.
 
         Runs under ``torch.no_grad()`` unless ``grad=True``. ``fwd_hooks`` run before caching, so the
-        cache holds the (possibly patched) values the model used."""
+        cache holds the (possibly patched) values the model used. ``remove_batch_dim=True`` (a batch of one
+        only) caches each activation without its batch dimension, as in TransformerLens."""
+        if names_filter is not None:
+            if names is not None:
+                raise TypeError("run_with_cache got both names and names_filter (the same thing): give one")
+            names = names_filter
         if names is None:
             targets: list[HookTarget] = [lambda _name: True]
         elif isinstance(names, (str, Site, tuple)) or callable(names):
             targets = [names]  # type: ignore[list-item]
         else:
             targets = list(names)
+        if remove_batch_dim:
+            shape = tokens.shape if isinstance(tokens, Tensor) else torch.as_tensor(tokens).shape
+            batch = shape[0] if len(shape) == 2 else 1
+            if batch != 1:
+                raise ValueError(
+                    f"remove_batch_dim=True needs a batch of one, got {batch}; cache the batch and index it "
+                    "(cache[name][i]) instead"
+                )
         store: dict[str, Tensor] = {}
 
         def save(act: Tensor, site: Site) -> None:
             if act.requires_grad and not grad:
                 act = act.detach()
+            if remove_batch_dim:
+                act = act[0]
             store[site.name] = act if device is None else act.to(device)
 
         with (
             torch.set_grad_enabled(grad and torch.is_grad_enabled()),
             self.hook_registry.scoped(fwd_hooks, read_hooks=[(t, save) for t in targets]),
         ):
-            logits = self(tokens, **kwargs)
-        return logits, ActivationCache(store, self)
+            out = self(tokens, **kwargs)
+        return out, ActivationCache(store, self)
 
     def _describe_missing(self, name: str) -> str:
         try:
@@ -423,6 +489,16 @@ class Transformer(nn.Module):
 
     # ---- misc ----------------------------------------------------------------------------------
     def _check_tokens(self, tokens: Tensor, kv_cache: KVCache | None) -> Tensor:
+        if (
+            isinstance(tokens, str)
+            or isinstance(tokens, (list, tuple))
+            and tokens
+            and isinstance(tokens[0], str)
+        ):
+            raise TypeError(
+                "the model takes token ids, not text: tokenize first, e.g. model(model.to_tokens(text)) "
+                "(to_tokens(..., prepend_bos=True) adds a BOS token as TransformerLens does by default)"
+            )
         if not isinstance(tokens, Tensor):
             tokens = torch.as_tensor(tokens)
         if tokens.dim() == 1:
