@@ -60,6 +60,9 @@ class SiteKind(str, Enum):
     MLP_PRE_LINEAR = "mlp.hook_pre_linear"
     MLP_POST = "mlp.hook_post"
     MLP_OUT = "hook_mlp_out"
+    # unembedding (global)
+    UNEMBED_IN = "unembed.hook_in"
+    UNEMBED_OUT = "unembed.hook_out"
 
     @property
     def per_layer(self) -> bool:
@@ -72,16 +75,23 @@ class SiteKind(str, Enum):
 
 
 _GLOBAL_KINDS = frozenset(
-    {SiteKind.EMBED, SiteKind.POS_EMBED, SiteKind.LN_FINAL_SCALE, SiteKind.LN_FINAL_NORMALIZED}
+    {
+        SiteKind.EMBED,
+        SiteKind.POS_EMBED,
+        SiteKind.LN_FINAL_SCALE,
+        SiteKind.LN_FINAL_NORMALIZED,
+        SiteKind.UNEMBED_IN,
+        SiteKind.UNEMBED_OUT,
+    }
 )
 
 
 def _short_name(kind: SiteKind) -> str:
     # "attn.hook_z" -> "z", "mlp.hook_pre" -> "pre"; norms keep their module name ("ln1_scale") since
-    # three norms share the leaf names
+    # three norms share the leaf names, and so does the unembedding ("unembed_in")
     module, _, leaf = kind.value.rpartition(".")
     leaf = leaf.removeprefix("hook_")
-    return f"{module}_{leaf}" if module.startswith("ln") else leaf
+    return f"{module}_{leaf}" if module.startswith(("ln", "unembed")) else leaf
 
 
 _SHORT = {kind: _short_name(kind) for kind in SiteKind}

@@ -229,8 +229,8 @@ def process_weights(
     (without post-norms), centring the unembedding needs no logit soft-capping: ``None`` means "where it is
     valid"; ``True`` on a model where the step is not valid skips it with a warning naming the flag, as
     TransformerLens does for ``center_writing_weights`` on RMSNorm models (Llama, Mistral, Qwen2, Gemma-2), so
-    TransformerLens' usual four flags work on every model. (TransformerLens centres a soft-capped unembedding
-    anyway, which changes the model's outputs; interplab skips it.)"""
+    TransformerLens' usual four flags work on every model (TransformerLens skips ``center_unembed`` under logit
+    soft-capping the same way)."""
     cfg = model.cfg
     writing_ok = cfg.normalization is Norm.LAYERNORM and not cfg.post_norms
     unembed_ok = cfg.logit_softcap is None

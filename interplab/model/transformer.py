@@ -58,6 +58,8 @@ class Unembed(nn.Module):
         if not cfg.tie_embeddings:
             self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out), requires_grad=cfg.unembed_bias)
+        self.hook_in = _hp(SiteKind.UNEMBED_IN, None)  # [batch pos d_model]: ln_final's output
+        self.hook_out = _hp(SiteKind.UNEMBED_OUT, None)  # [batch pos d_vocab_out]: before logit soft-capping
 
 
 class Block(nn.Module):
@@ -195,7 +197,8 @@ class Transformer(nn.Module):
         )
         self.unembed = Unembed(cfg)
         points = [p for p in vars(self).values() if isinstance(p, HookPoint)]
-        points += [p for m in self.ln_final.modules() for p in vars(m).values() if isinstance(p, HookPoint)]
+        for module in (self.ln_final, self.unembed):
+            points += [p for m in module.modules() for p in vars(m).values() if isinstance(p, HookPoint)]
         for block in self.blocks:
             points += block.hook_points()
         self.hook_registry = HookRegistry(points, describe=self._describe_missing)
@@ -314,8 +317,8 @@ class Transformer(nn.Module):
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
-        x = self.ln_final(resid)
-        logits = x @ self.W_U + self.unembed.b_U
+        x = self.unembed.hook_in(self.ln_final(resid))
+        logits = self.unembed.hook_out(x @ self.W_U + self.unembed.b_U)
         if self.cfg.logit_softcap is not None:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits

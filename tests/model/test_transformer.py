@@ -57,6 +57,8 @@ def expected_shape(cfg: ModelConfig, kind: SiteKind) -> tuple[int, ...]:
         return (B, P, 1)
     if kind in (K.MLP_PRE, K.MLP_PRE_LINEAR, K.MLP_POST):
         return (B, P, cfg.d_mlp)
+    if kind is K.UNEMBED_OUT:
+        return (B, P, cfg.d_vocab_out)
     return (B, P, d)
 
 
