@@ -13,6 +13,9 @@ from interplab import load_model
 from tests.tl_peer import run_tl_jobs
 
 D_VOCAB, N_CTX = 50, 24
+LLAMA = dict(
+    act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True
+)
 CONFIGS = {
     "gpt2-like-small": dict(
         n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, act_fn="gelu_new", normalization_type="LN"
@@ -21,30 +24,10 @@ CONFIGS = {
         n_layers=3, d_model=48, n_heads=6, d_head=8, d_mlp=80, act_fn="gelu", normalization_type="LN"
     ),
     "llama-like-gqa-small": dict(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_key_value_heads=2,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=8,
-        gated_mlp=True,
+        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_key_value_heads=2, **LLAMA
     ),
     "llama-like-mqa-wider": dict(
-        n_layers=3,
-        d_model=48,
-        n_heads=6,
-        d_head=8,
-        d_mlp=96,
-        n_key_value_heads=1,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=8,
-        gated_mlp=True,
+        n_layers=3, d_model=48, n_heads=6, d_head=8, d_mlp=96, n_key_value_heads=1, **LLAMA
     ),
 }
 # pass 0: TL's own defaults plus the opt-in per-head results and mlp_in; 1: split Q/K/V inputs; 2: attn_in
