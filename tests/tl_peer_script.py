@@ -43,10 +43,12 @@ def run_pass(model, tokens: torch.Tensor, spec: dict) -> dict[str, torch.Tensor]
     kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask)}
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, **kwargs)
-        loss = model(tokens, return_type="loss", **kwargs)
+        lm = model.cfg.d_vocab_out == model.cfg.d_vocab  # a classifier's outputs are not next tokens
+        loss = model(tokens, return_type="loss", **kwargs) if lm else None
     out = {name: t.clone(memory_format=torch.contiguous_format) for name, t in cache.items()}
     out["__logits__"] = logits.clone()
-    out["__loss__"] = loss.reshape(1)
+    if loss is not None:
+        out["__loss__"] = loss.reshape(1)
     return out
 
 

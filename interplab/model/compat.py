@@ -131,6 +131,11 @@ def next_token_loss(
         raise ValueError(
             f"the next-token loss needs at least 2 positions, got tokens of shape {tuple(tokens.shape)}"
         )
+    if tokens.numel() and int(tokens[:, 1:].max()) >= logits.shape[-1]:
+        raise ValueError(
+            f"the next-token loss needs an output per token id, but the model has d_vocab_out={logits.shape[-1]} "
+            f"and the tokens go up to {int(tokens[:, 1:].max())} (a classifier: take its loss from the logits)"
+        )
     log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
     losses = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
     if attention_mask is None:
