@@ -156,3 +156,18 @@ def test_unembed_hooks_are_the_final_norm_output_and_the_logits_before_soft_capp
     with torch.no_grad():
         steered = model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_out", lambda x, s: x + 1.0)])
     assert_close(steered, 5.0 * torch.tanh((out + 1.0) / 5.0), atol=1e-4, rtol=1e-4)  # cache: other kernels
+
+
+def test_zero_ablating_one_heads_attn_in_selects_that_head():
+    from interplab.analysis.ablation import zero_ablation
+
+    model = model_for(SIZES[1], "layernorm", seed=2)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 8))
+    _, clean = model.run_with_cache(tokens)
+    _, ablated = model.run_with_cache(tokens, fwd_hooks=[zero_ablation(("attn_in", 1), heads=[2])])
+    assert_close(
+        ablated["attn_in", 1][:, :, 2], torch.zeros_like(ablated["attn_in", 1][:, :, 2]), atol=0, rtol=0
+    )
+    assert_close(ablated["attn_in", 1][:, :, 3], clean["attn_in", 1][:, :, 3], atol=0, rtol=0)
+    assert_close(ablated["q", 1][:, :, 0], clean["q", 1][:, :, 0], atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(ablated["q", 1][:, :, 2], clean["q", 1][:, :, 2])
