@@ -109,7 +109,11 @@ def train(
     arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk, jumprelu or gated"),
     expansion: int = typer.Option(8, "--expansion", help="d_sae = expansion * d_in (unless swept)"),
     k: int = typer.Option(32, "--k", help="active latents for topk/batchtopk"),
-    coefficient: float = typer.Option(5.0, "--coefficient", help="L1 (relu, gated) or L0 (jumprelu) weight"),
+    coefficient: float = typer.Option(
+        None,
+        "--coefficient",
+        help="L1 (relu, gated) or L0 (jumprelu) weight; default: the architecture's, scaled to the data",
+    ),
     sweep: list[str] = typer.Option(
         [], "--sweep", help="e.g. coefficient=1,3,10 or k=16,32: several SAEs, one pass"
     ),
