@@ -1,6 +1,5 @@
-"""Running real TransformerLens 3.9 beside the suite: it lives in its own interpreter (never imported here),
-named by ``INTERPLAB_TL_PYTHON``, or ``.peers/tl/bin/python`` under the checkout (``scripts/peers.sh`` builds
-it). Tests that need it skip, saying how to get it, when neither exists.
+"""Running real TransformerLens 3.9 beside the suite, in its own interpreter (never imported here), found by
+`tests.peers.peer_python` (``INTERPLAB_TL_PYTHON`` or ``.peers/tl``; a skip that says how to get it otherwise).
 
 `run_tl_jobs` runs ``tests/tl_peer_script.py`` once for several jobs (TL's import takes ~15 s): each job builds
 a random ``HookedTransformer`` from a TL config, saves it as a TL checkpoint (``model.pt`` +
@@ -12,7 +11,6 @@ logits and loss (``pass{i}.safetensors``, keys ``__logits__`` and ``__loss__``),
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -20,27 +18,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.peers import peer_env, peer_python
+
 SCRIPT = Path(__file__).with_name("tl_peer_script.py")
-ENV_VAR = "INTERPLAB_TL_PYTHON"
-
-
-def tl_python() -> str:
-    """The TransformerLens interpreter, or a skip that says how to provide one."""
-    given = os.environ.get(ENV_VAR)
-    if given:
-        if not Path(given).is_file():
-            pytest.fail(
-                f"{ENV_VAR}={given} is not a file: point it at a Python that has transformer-lens==3.9"
-            )
-        return given
-    fallback = ROOT / ".peers" / "tl" / "bin" / "python"
-    if fallback.is_file():
-        return str(fallback)
-    pytest.skip(
-        f"TransformerLens 3.9 is not available: set {ENV_VAR} to a Python with transformer-lens==3.9.0 "
-        "(bash scripts/peers.sh builds one in .peers/tl)"
-    )
 
 
 def run_tl_jobs(jobs: list[dict], workdir: Path, tokens: torch.Tensor, *, timeout: float = 900) -> dict:
@@ -48,13 +28,13 @@ def run_tl_jobs(jobs: list[dict], workdir: Path, tokens: torch.Tensor, *, timeou
     dicts, e.g. ``{"use_attn_result": True}`` or ``{"attention_mask": [[1, 1, 0]]}``], ``process`` kwargs of
     ``process_weights_``, ``zero_gated_b_in``) in one TransformerLens process on ``tokens``. Returns
     ``{"transformer_lens": version}``."""
-    python = tl_python()
+    python = peer_python("tl")
     workdir.mkdir(parents=True, exist_ok=True)
     save_file({"tokens": tokens.contiguous()}, str(workdir / "tokens.safetensors"))
     spec = {"jobs": [{"tokens": str(workdir / "tokens.safetensors"), **job} for job in jobs]}
     spec["done"] = str(workdir / "done.json")
     (workdir / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = {**peer_env(), "PYTHONPATH": ""}
     proc = subprocess.run(
         [python, str(SCRIPT), str(workdir / "spec.json")],
         capture_output=True,
