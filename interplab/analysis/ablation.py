@@ -30,6 +30,7 @@ _HEAD_KINDS = {
     SiteKind.RESULT,
     SiteKind.ROT_Q,
     SiteKind.ROT_K,
+    SiteKind.ATTN_IN,
     SiteKind.Q_INPUT,
     SiteKind.K_INPUT,
     SiteKind.V_INPUT,

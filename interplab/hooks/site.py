@@ -38,7 +38,8 @@ class SiteKind(str, Enum):
     LN1_NORMALIZED = "ln1.hook_normalized"
     LN2_SCALE = "ln2.hook_scale"
     LN2_NORMALIZED = "ln2.hook_normalized"
-    # per-head residual copies feeding Q, K, V
+    # per-head residual copies feeding each head (Q, K and V alike), and Q, K, V separately
+    ATTN_IN = "hook_attn_in"
     Q_INPUT = "hook_q_input"
     K_INPUT = "hook_k_input"
     V_INPUT = "hook_v_input"
@@ -59,6 +60,9 @@ class SiteKind(str, Enum):
     MLP_PRE_LINEAR = "mlp.hook_pre_linear"
     MLP_POST = "mlp.hook_post"
     MLP_OUT = "hook_mlp_out"
+    # unembedding (global)
+    UNEMBED_IN = "unembed.hook_in"
+    UNEMBED_OUT = "unembed.hook_out"
 
     @property
     def per_layer(self) -> bool:
@@ -71,16 +75,23 @@ class SiteKind(str, Enum):
 
 
 _GLOBAL_KINDS = frozenset(
-    {SiteKind.EMBED, SiteKind.POS_EMBED, SiteKind.LN_FINAL_SCALE, SiteKind.LN_FINAL_NORMALIZED}
+    {
+        SiteKind.EMBED,
+        SiteKind.POS_EMBED,
+        SiteKind.LN_FINAL_SCALE,
+        SiteKind.LN_FINAL_NORMALIZED,
+        SiteKind.UNEMBED_IN,
+        SiteKind.UNEMBED_OUT,
+    }
 )
 
 
 def _short_name(kind: SiteKind) -> str:
     # "attn.hook_z" -> "z", "mlp.hook_pre" -> "pre"; norms keep their module name ("ln1_scale") since
-    # three norms share the leaf names
+    # three norms share the leaf names, and so does the unembedding ("unembed_in")
     module, _, leaf = kind.value.rpartition(".")
     leaf = leaf.removeprefix("hook_")
-    return f"{module}_{leaf}" if module.startswith("ln") else leaf
+    return f"{module}_{leaf}" if module.startswith(("ln", "unembed")) else leaf
 
 
 _SHORT = {kind: _short_name(kind) for kind in SiteKind}

@@ -50,7 +50,10 @@ def replaced(point: HookPoint) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 class Normalization(nn.Module):
-    """LayerNorm or RMSNorm with ``hook_scale`` [batch pos 1] and ``hook_normalized`` (the output)."""
+    """LayerNorm or RMSNorm: ``normalized * w (+ b)``, with TransformerLens' two hook points:
+    ``hook_scale`` [batch pos 1], what the norm divides by, and ``hook_normalized`` [... d_model], the normalised
+    vector ``x / scale`` (centred first for LayerNorm) *before* the weight and bias, computed in float32 as in
+    TransformerLens."""
 
     def __init__(self, cfg: ModelConfig, scale: HookPoint | None, normalized: HookPoint | None) -> None:
         super().__init__()
@@ -63,35 +66,56 @@ class Normalization(nn.Module):
         self.hook_normalized = normalized
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        if self.hook_scale is not None and replaced(self.hook_scale):
-            out = self._by_hooked_scale(x)
-        elif self.hook_scale is not None and self.hook_scale.intervened:  # backward hooks only
-            out = value_of(self._norm(x)[0], self._by_hooked_scale(x))
-        else:
-            out, inv_scale = self._norm(x)
-            if self.hook_scale is not None and self.hook_scale.active:  # only read: report, compute as usual
-                self.hook_scale(inv_scale.reciprocal())
-        return out if self.hook_normalized is None else self.hook_normalized(out)
+        scale, normalized = self.hook_scale, self.hook_normalized
+        points = [p for p in (scale, normalized) if p is not None]
+        if any(replaced(p) for p in points):
+            return self._hooked(x)
+        if any(p.intervened for p in points):  # backward hooks only: fast values, gradient step by step
+            return value_of(self._norm(x)[0], self._hooked(x))
+        out, inv_scale = self._norm(x)
+        reading_scale = scale is not None and scale.active
+        reading_normalized = normalized is not None and normalized.active
+        if reading_scale or reading_normalized:  # only read: report beside the fused kernel, compute as usual
+            low_precision = inv_scale.dtype not in (torch.float32, torch.float64)
+            if reading_normalized or low_precision:
+                xf = self._centred(x)
+                if low_precision:  # report float32 values, as TransformerLens does
+                    inv_scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            if reading_scale:
+                scale(inv_scale.reciprocal())
+            if reading_normalized:
+                normalized(xf * inv_scale)
+        return out
 
     def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The norm without hooks."""
         return self._norm(x)[0]
 
     def _norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The normalised output and 1 / scale, where scale is what the norm divides by: sqrt(variance + eps)
-        (LayerNorm) or sqrt(mean square + eps) (RMSNorm). The kernels compute both in one pass."""
+        """The output (weight and bias applied) and 1 / scale, where scale is what the norm divides by:
+        sqrt(variance + eps) (LayerNorm) or sqrt(mean square + eps) (RMSNorm). The kernels compute both in one
+        pass."""
         if self.kind is Norm.LAYERNORM:
             out, _, inv_scale = torch.native_layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
             return out, inv_scale
         return _rms_norm(x, self.w, self.eps)
 
-    def _by_hooked_scale(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, float64 kept
-        if self.kind is Norm.LAYERNORM:
-            xf = xf - xf.mean(-1, keepdim=True)
-        scale = self.hook_scale((xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        out = (xf / scale).to(dtype) * self.w
+    def _centred(self, x: Tensor) -> Tensor:
+        """``x`` in float32 (float64 kept), minus its mean over d_model for LayerNorm."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return xf - xf.mean(-1, keepdim=True) if self.kind is Norm.LAYERNORM else xf
+
+    def _hooked(self, x: Tensor) -> Tensor:
+        """Step by step, as TransformerLens: centre, ``scale`` (hooked), ``x / scale`` (hooked), then the
+        weight and bias; a replaced scale or normalised vector is what the output is made of."""
+        xf = self._centred(x)
+        scale = (xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if self.hook_scale is not None:
+            scale = self.hook_scale(scale)
+        normalized = xf / scale
+        if self.hook_normalized is not None:
+            normalized = self.hook_normalized(normalized)
+        out = normalized.to(x.dtype) * self.w
         return out + self.b if self.kind is Norm.LAYERNORM else out
 
 

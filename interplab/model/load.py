@@ -33,8 +33,12 @@ def load_model(
 ) -> Transformer:
     """Load a model from a local path (see the module docstring for the formats).
 
-    The weight-processing flags apply the functions of `interplab.model.process` after loading; each
-    leaves the model's log-probabilities unchanged.
+    The weight-processing flags apply `interplab.model.process.process_weights` after loading; each leaves the
+    model's log-probabilities unchanged. They default to False (the weights as published), whereas
+    TransformerLens' ``from_pretrained`` defaults to all four True: pass ``fold_ln=True,
+    center_writing_weights=True, center_unembed=True, fold_value_biases=True`` to get its processed model (a
+    step that is not valid for the model, such as centring the writing weights of an RMSNorm model, is skipped
+    with a warning, as TransformerLens does).
 
     >>> model = load_model("runs/induction-2l/final")  # doctest: +SKIP
     """

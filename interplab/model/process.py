@@ -16,6 +16,8 @@ may shift by a constant per position, which softmax ignores). As in TransformerL
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -223,18 +225,34 @@ def process_weights(
     center_unembed: bool | None = None,
     fold_value_biases: bool = True,
 ) -> Transformer:
-    """Apply the processing steps in TransformerLens' order. ``None`` means "where it is valid":
-    centring the writing weights needs LayerNorm (without post-norms), centring the unembedding needs no
-    logit soft-capping. ``True`` insists and raises if the model does not allow it."""
+    """Apply the processing steps in TransformerLens' order. Centring the writing weights needs LayerNorm
+    (without post-norms), centring the unembedding needs no logit soft-capping: ``None`` means "where it is
+    valid"; ``True`` on a model where the step is not valid skips it with a warning naming the flag, as
+    TransformerLens does for ``center_writing_weights`` on RMSNorm models (Llama, Mistral, Qwen2, Gemma-2), so
+    TransformerLens' usual four flags work on every model (TransformerLens skips ``center_unembed`` under logit
+    soft-capping the same way)."""
     cfg = model.cfg
-    if center_writing_weights is None:
-        center_writing_weights = cfg.normalization is Norm.LAYERNORM and not cfg.post_norms
-    if center_unembed is None:
-        center_unembed = cfg.logit_softcap is None
-    if center_writing_weights:
-        _require_layernorm(model, "center_writing_weights")  # refuse before changing anything
-    if center_unembed and cfg.logit_softcap is not None:
-        _center_unembed(model)  # raises the explanatory error before anything changed
+    writing_ok = cfg.normalization is Norm.LAYERNORM and not cfg.post_norms
+    unembed_ok = cfg.logit_softcap is None
+    if center_writing_weights and not writing_ok:
+        why = "post_norms" if cfg.post_norms else f"normalization={cfg.normalization.value!r}"
+        warnings.warn(
+            f"center_writing_weights=True skipped: it needs LayerNorm blocks without post-norms (LayerNorm "
+            f"removes the mean it centres away), but the model has {why}; TransformerLens skips it too",
+            UserWarning,
+            stacklevel=2,
+        )
+    if center_unembed and not unembed_ok:
+        warnings.warn(
+            f"center_unembed=True skipped: shifting every logit by a constant changes the output of "
+            f"logit_softcap={cfg.logit_softcap} (tanh is not shift invariant)",
+            UserWarning,
+            stacklevel=2,
+        )
+    center_writing_weights = (
+        writing_ok if center_writing_weights is None else center_writing_weights and writing_ok
+    )
+    center_unembed = unembed_ok if center_unembed is None else center_unembed and unembed_ok
     if fold_ln:
         _fold_layer_norm(model)
     if center_writing_weights:

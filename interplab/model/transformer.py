@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from interplab.hooks.cache import ActivationCache
 from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
+from interplab.model import compat
+from interplab.model.compat import ReturnType, StackedWeight
 from interplab.model.config import ModelConfig, Positional
 from interplab.model.layers import (
     MLP,
@@ -57,6 +59,8 @@ class Unembed(nn.Module):
         if not cfg.tie_embeddings:
             self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out), requires_grad=cfg.unembed_bias)
+        self.hook_in = _hp(SiteKind.UNEMBED_IN, None)  # [batch pos d_model]: ln_final's output
+        self.hook_out = _hp(SiteKind.UNEMBED_OUT, None)  # [batch pos d_vocab_out]: before logit soft-capping
 
 
 class Block(nn.Module):
@@ -78,6 +82,10 @@ class Block(nn.Module):
                 self.ln2_post = make_norm(cfg)
             self.hook_mlp_in = _hp(SiteKind.MLP_IN, layer)
             self.hook_mlp_out = _hp(SiteKind.MLP_OUT, layer)
+        if (
+            cfg.n_kv_heads == cfg.n_heads
+        ):  # GQA/MQA share K and V between heads: no input per head feeds all three
+            self.hook_attn_in = _hp(SiteKind.ATTN_IN, layer)
         for kind in (
             SiteKind.RESID_PRE,
             SiteKind.Q_INPUT,
@@ -104,12 +112,12 @@ class Block(nn.Module):
         positions go on through the MLP (its hooks, ``hook_resid_mid`` and ``hook_resid_post`` see [batch k]);
         for readers of a few positions of the last block's output, e.g. batched patching."""
         resid = self.hook_resid_pre(resid)
-        inputs = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        inputs = self._head_input_points()
         if not any(map(replaced, inputs)) and any(p.intervened for p in inputs):
             # backward hooks only: the usual forward's values, the gradient through the per-head inputs
             split = self._split_inputs(resid)
             attn_out = self.attn(self.ln1(resid), ctx, split=split, cache=cache)
-        elif inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
+        elif any(point.intervened for point in inputs):
             split = self._split_inputs(resid)
             if (
                 self.ln1.hook_normalized.active
@@ -121,13 +129,11 @@ class Block(nn.Module):
                 self.ln1(resid)
             attn_out = self.attn(None, ctx, split=split, cache=cache)
         else:
-            if inputs[0].active or inputs[1].active or inputs[2].active:
-                # only read (cached): show broadcast views of the residual stream, no copies, no split path
-                b, p, d = resid.shape
-                for point, n in zip(
-                    inputs, (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.n_kv_heads), strict=True
-                ):
-                    point(resid[:, :, None, :].expand(b, p, n, d))
+            # only read (cached): show broadcast views of the residual stream, no copies, no split path
+            b, p, d = resid.shape
+            for point in inputs:
+                if point.active:
+                    point(resid[:, :, None, :].expand(b, p, self._n_inputs(point), d))
             attn_out = self.attn(self.ln1(resid), ctx, cache=cache)
         if self.cfg.post_norms:
             attn_out = self.ln1_post(attn_out)
@@ -153,18 +159,28 @@ class Block(nn.Module):
             out = self.ln2_post(out)
         return self.hook_mlp_out(out)
 
+    def _head_input_points(self) -> tuple[HookPoint, ...]:
+        """``hook_attn_in`` (where the model has it), then ``hook_q_input``, ``hook_k_input``, ``hook_v_input``."""
+        qkv = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        return qkv if getattr(self, "hook_attn_in", None) is None else (self.hook_attn_in, *qkv)
+
+    def _n_inputs(self, point: HookPoint) -> int:
+        kv = point is self.hook_k_input or point is self.hook_v_input
+        return self.cfg.n_kv_heads if kv else self.cfg.n_heads
+
     def _split_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head copies of the residual stream feeding Q, K and V, each normalised separately
-        (ln1's own hooks do not fire on this path)."""
+        (ln1's own hooks do not fire on this path). ``hook_attn_in`` (one copy per head, feeding its Q, K and V)
+        comes first; ``hook_q_input`` etc. are copies of it."""
         b, p, d = resid.shape
         norm = self.ln1.normalize  # ln1's own hooks do not fire on this path
+        source = resid[:, :, None, :]
+        attn_in = getattr(self, "hook_attn_in", None)
+        if attn_in is not None and attn_in.active:
+            source = attn_in(source.expand(b, p, self.cfg.n_heads, d).clone())
         out = []
-        for point, n in (
-            (self.hook_q_input, self.cfg.n_heads),
-            (self.hook_k_input, self.cfg.n_kv_heads),
-            (self.hook_v_input, self.cfg.n_kv_heads),
-        ):
-            copies = resid[:, :, None, :].expand(b, p, n, d).clone()
+        for point in (self.hook_q_input, self.hook_k_input, self.hook_v_input):
+            copies = source.expand(b, p, self._n_inputs(point), d).clone()
             out.append(norm(point(copies)))
         return out[0], out[1], out[2]
 
@@ -186,7 +202,8 @@ class Transformer(nn.Module):
         )
         self.unembed = Unembed(cfg)
         points = [p for p in vars(self).values() if isinstance(p, HookPoint)]
-        points += [p for m in self.ln_final.modules() for p in vars(m).values() if isinstance(p, HookPoint)]
+        for module in (self.ln_final, self.unembed):
+            points += [p for m in module.modules() for p in vars(m).values() if isinstance(p, HookPoint)]
         for block in self.blocks:
             points += block.hook_points()
         self.hook_registry = HookRegistry(points, describe=self._describe_missing)
@@ -204,18 +221,28 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         stop_at_layer: int | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab_out"]:
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        **unsupported: Any,
+    ) -> Any:
         """Logits for ``tokens``. ``attention_mask`` [batch pos] marks real tokens (1) and padding (0):
         padding keys are never attended to and positions count real tokens only, so a left- or
         right-padded batch gives each prompt's own logits at its real positions.
-        ``stop_at_layer=L`` returns the residual stream entering block L instead of logits."""
+        ``stop_at_layer=L`` returns the residual stream entering block L instead of logits.
+
+        ``return_type`` as in TransformerLens: ``"logits"`` (the default), ``"loss"`` (the mean next-token
+        cross-entropy, real tokens only under ``attention_mask``; [batch pos-1] with ``loss_per_token``),
+        ``"both"`` (``(logits, loss)``) or ``None`` (nothing, for hooks that only collect)."""
+        compat.refuse_arguments(unsupported, "the forward (model(...), run_with_hooks, run_with_cache)")
+        compat.check_return_type(return_type, stop_at_layer)
         tokens = self._check_tokens(tokens, kv_cache)
         ctx = self.context(tokens, attention_mask, kv_cache)
         resid = self.embed_tokens(tokens, ctx)
         resid = self.run_blocks(resid, ctx, stop=stop_at_layer, kv_cache=kv_cache)
         if stop_at_layer is not None:
             return resid
-        return self.unembed_resid(resid)
+        logits = self.unembed_resid(resid)
+        return compat.finish(logits, tokens, return_type, attention_mask, loss_per_token)
 
     def context(
         self, tokens: Tensor, attention_mask: Tensor | None = None, kv_cache: KVCache | None = None
@@ -295,8 +322,8 @@ class Transformer(nn.Module):
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
-        x = self.ln_final(resid)
-        logits = x @ self.W_U + self.unembed.b_U
+        x = self.unembed.hook_in(self.ln_final(resid))
+        logits = self.unembed.hook_out(x @ self.W_U + self.unembed.b_U)
         if self.cfg.logit_softcap is not None:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits
@@ -308,6 +335,40 @@ class Transformer(nn.Module):
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
         return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        if self.cfg.positional is not Positional.LEARNED:
+            raise AttributeError("W_pos")  # __getattr__ says why
+        return self.pos_embed.W_pos
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab_out"]:
+        return self.unembed.b_U
+
+    # TransformerLens' stacked views of the per-layer weights, [layer, ...] (see `compat.StackedWeight`)
+    W_Q = StackedWeight("attn", "W_Q")  # [layer n_heads d_model d_head]
+    W_K = StackedWeight("attn", "W_K")  # [layer n_heads d_model d_head], K repeated per query head under GQA
+    W_V = StackedWeight("attn", "W_V")  # [layer n_heads d_model d_head], likewise
+    W_O = StackedWeight("attn", "W_O")  # [layer n_heads d_head d_model]
+    b_Q = StackedWeight("attn", "b_Q")  # [layer n_heads d_head]
+    b_K = StackedWeight("attn", "b_K")
+    b_V = StackedWeight("attn", "b_V")
+    b_O = StackedWeight("attn", "b_O")  # [layer d_model]
+    W_in = StackedWeight("mlp", "W_in")  # [layer d_model d_mlp]
+    W_gate = StackedWeight("mlp", "W_gate")  # [layer d_model d_mlp], gated MLPs
+    W_out = StackedWeight("mlp", "W_out")  # [layer d_mlp d_model]
+    b_in = StackedWeight("mlp", "b_in")  # [layer d_mlp]
+    b_out = StackedWeight("mlp", "b_out")  # [layer d_model]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            hint = compat.attribute_hint(self, name)
+            if hint is None:
+                raise
+            raise AttributeError(hint) from None
 
     # ---- hooks ---------------------------------------------------------------------------------
     @property
@@ -335,8 +396,9 @@ class Transformer(nn.Module):
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         **kwargs: Any,
-    ) -> Tensor:
-        """Forward with hooks attached for this call only (follows the ambient grad mode)."""
+    ) -> Any:
+        """Forward with hooks attached for this call only (follows the ambient grad mode); ``kwargs`` go to
+        `forward` (``attention_mask``, ``return_type`` ...)."""
         with self.hooks(fwd_hooks, bwd_hooks):
             return self(tokens, **kwargs)
 
@@ -345,34 +407,53 @@ class Transformer(nn.Module):
         tokens: Tensor,
         names: HookTarget | Sequence[HookTarget] | None = None,
         *,
+        names_filter: HookTarget | Sequence[HookTarget] | None = None,
         device: torch.device | str | None = None,
         grad: bool = False,
+        remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
         **kwargs: Any,
-    ) -> tuple[Tensor, ActivationCache]:
-        """Logits and an `ActivationCache` of the named hook points (all of them if ``names`` is None).
+    ) -> tuple[Any, ActivationCache]:
+        """The forward's output (logits, or what ``return_type`` asks for) and an `ActivationCache` of the named
+        hook points (all of them if ``names`` is None). ``names`` is a name, `Site`, ``(short, layer)``
+        tuple, a list of them, or a filter over names; ``names_filter`` is TransformerLens' spelling of it.
 
         Runs under ``torch.no_grad()`` unless ``grad=True``. ``fwd_hooks`` run before caching, so the
-        cache holds the (possibly patched) values the model used."""
+        cache holds the (possibly patched) values the model used. ``remove_batch_dim=True`` (a batch of one
+        only) caches each activation without its batch dimension, as in TransformerLens."""
+        if names_filter is not None:
+            if names is not None:
+                raise TypeError("run_with_cache got both names and names_filter (the same thing): give one")
+            names = names_filter
         if names is None:
             targets: list[HookTarget] = [lambda _name: True]
         elif isinstance(names, (str, Site, tuple)) or callable(names):
             targets = [names]  # type: ignore[list-item]
         else:
             targets = list(names)
+        if remove_batch_dim:
+            shape = tokens.shape if isinstance(tokens, Tensor) else torch.as_tensor(tokens).shape
+            batch = shape[0] if len(shape) == 2 else 1
+            if batch != 1:
+                raise ValueError(
+                    f"remove_batch_dim=True needs a batch of one, got {batch}; cache the batch and index it "
+                    "(cache[name][i]) instead"
+                )
         store: dict[str, Tensor] = {}
 
         def save(act: Tensor, site: Site) -> None:
             if act.requires_grad and not grad:
                 act = act.detach()
+            if remove_batch_dim:
+                act = act[0]
             store[site.name] = act if device is None else act.to(device)
 
         with (
             torch.set_grad_enabled(grad and torch.is_grad_enabled()),
             self.hook_registry.scoped(fwd_hooks, read_hooks=[(t, save) for t in targets]),
         ):
-            logits = self(tokens, **kwargs)
-        return logits, ActivationCache(store, self)
+            out = self(tokens, **kwargs)
+        return out, ActivationCache(store, self)
 
     def _describe_missing(self, name: str) -> str:
         try:
@@ -387,6 +468,11 @@ class Transformer(nn.Module):
             SiteKind.ROT_Q: "the model has no rotary embeddings",
             SiteKind.ROT_K: "the model has no rotary embeddings",
             SiteKind.MLP_PRE_LINEAR: "only gated MLPs have pre_linear",
+            SiteKind.ATTN_IN: (
+                f"the model shares keys and values between heads ({self.cfg.n_heads} query heads, "
+                f"{self.cfg.n_kv_heads} key/value heads), so no per-head input feeds Q, K and V alike: "
+                "use hook_q_input, hook_k_input and hook_v_input"
+            ),
         }
         mlp_kinds = {
             SiteKind.MLP_IN,
@@ -411,6 +497,16 @@ class Transformer(nn.Module):
 
     # ---- misc ----------------------------------------------------------------------------------
     def _check_tokens(self, tokens: Tensor, kv_cache: KVCache | None) -> Tensor:
+        if (
+            isinstance(tokens, str)
+            or isinstance(tokens, (list, tuple))
+            and tokens
+            and isinstance(tokens[0], str)
+        ):
+            raise TypeError(
+                "the model takes token ids, not text: tokenize first, e.g. model(model.to_tokens(text)) "
+                "(to_tokens(..., prepend_bos=True) adds a BOS token as TransformerLens does by default)"
+            )
         if not isinstance(tokens, Tensor):
             tokens = torch.as_tensor(tokens)
         if tokens.dim() == 1:

@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from interplab import load_model
 from interplab.model import ModelConfig, Transformer
 from interplab.model.convert.transformer_lens import load_transformer_lens, tl_config_to_model_config
+from tests.tl_peer import run_tl_jobs
 
 PAD, START, END, OPEN, CLOSE = 1, 0, 2, 3, 4
 
@@ -191,7 +192,7 @@ def test_missing_tl_config_is_explained(tmp_path):
         load_model(tmp_path / "m.pt")
 
 
-# ---- parity with TransformerLens itself, where it is installed (not in the default environment) --------------
+# ---- parity with TransformerLens 3.9 itself, run in its own interpreter (tests/tl_peer.py; skipped without it) --
 TL_VARIANTS = {
     "LN-gelu_new": dict(act_fn="gelu_new"),
     "LNPre-bidirectional-classifier": dict(
@@ -227,33 +228,55 @@ TL_VARIANTS = {
         act_fn="gelu_pytorch_tanh",
     ),
 }
+PROCESSING_VARIANTS = {
+    "LN": dict(act_fn="gelu_new"),
+    "RMS-rotary-gqa": dict(
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        n_key_value_heads=2,
+        act_fn="silu",
+    ),
+    "parallel-bidirectional": dict(
+        parallel_attn_mlp=True, act_fn="gelu", attention_dir="bidirectional", d_vocab_out=3
+    ),
+}
+TL_FLAGS = dict(
+    fold_ln=True, center_writing_weights=True, center_unembed=True
+)  # TL's from_pretrained defaults
 
 
-def _tl_checkpoint(tl, tmp_path, **variant):
-    """A random TransformerLens model (non-trivial biases and norm weights) saved as .pt + config JSON."""
-    cfg = tl.HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=24, seed=0, **variant
-    )
-    model = tl.HookedTransformer(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".b" in name or name.endswith(".w"):
-                p.normal_(1.0 if name.endswith(".w") else 0.0, 0.2)
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    (tmp_path / "transformerlens_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
-    return model
+@pytest.fixture(scope="module")
+def tl_runs(tmp_path_factory):
+    """Random TL models (non-trivial biases and norm weights) saved as .pt + config JSON, TL's logits on
+    ``tokens``, and (processing variants) TL's weights after ``process_weights_`` with its default flags."""
+    work = tmp_path_factory.mktemp("tl")
+    tokens = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(0))
+    base = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=24, seed=0)
+    jobs = [
+        dict(config={**base, **cfg}, out=str(work / "parity" / name), passes=[{}])
+        for name, cfg in TL_VARIANTS.items()
+    ]
+    jobs += [
+        dict(config={**base, **cfg}, out=str(work / "processing" / name), process=TL_FLAGS)
+        for name, cfg in PROCESSING_VARIANTS.items()
+    ]
+    run_tl_jobs(jobs, work, tokens)
+    return work, tokens
 
 
 @pytest.mark.parametrize("variant", list(TL_VARIANTS))
-def test_parity_with_transformer_lens(tmp_path, variant):
-    tl = pytest.importorskip(
-        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
-    )
-    model = _tl_checkpoint(tl, tmp_path, **TL_VARIANTS[variant])
-    ours = load_model(tmp_path / "model.pt")
-    tokens = torch.randint(0, 50, (2, 20))
+def test_parity_with_transformer_lens(tl_runs, variant):
+    work, tokens = tl_runs
+    folder = work / "parity" / variant
+    ours = load_model(folder / "model.pt")
+    theirs = load_file(str(folder / "pass0.safetensors"))
     with torch.no_grad():
-        torch.testing.assert_close(ours(tokens), model(tokens), atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(tokens), theirs["__logits__"], atol=1e-4, rtol=0)
+        if "__loss__" in theirs:  # language models (not the classifier)
+            torch.testing.assert_close(
+                ours(tokens, return_type="loss"), theirs["__loss__"][0], atol=1e-5, rtol=0
+            )
 
 
 @pytest.mark.parametrize(("weights_key", "config_key"), [("state_dict", "cfg"), ("model", "config")])
@@ -273,40 +296,19 @@ def test_not_a_state_dict_is_explained(tmp_path):
         load_model(tmp_path / "opt.pt", tl_config=to_tl_config(Transformer(ModelConfig(**BASE)).cfg, "LN"))
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [
-        dict(act_fn="gelu_new"),
-        dict(
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=8,
-            n_key_value_heads=2,
-            act_fn="silu",
-        ),
-        dict(parallel_attn_mlp=True, act_fn="gelu", attention_dir="bidirectional", d_vocab_out=3),
-    ],
-    ids=["LN", "RMS-rotary-gqa", "parallel-bidirectional"],
-)
-def test_processing_equals_transformer_lens_processing(tmp_path, variant):
-    """fold_ln, center_writing_weights, center_unembed, fold_value_biases give TL's processed weights."""
-    tl = pytest.importorskip(
-        "transformer_lens", reason="TransformerLens is not installed (optional parity test)"
-    )
-    model = _tl_checkpoint(tl, tmp_path, **variant)
-    cfg = model.cfg
-    layernorm = cfg.normalization_type == "LN"
-    ours = load_model(
-        tmp_path / "model.pt",
-        fold_ln=True,
-        center_writing_weights=layernorm,
-        center_unembed=True,
-        fold_value_biases=True,
-    )
-    model.process_weights_(
-        fold_ln=True, center_writing_weights=True, center_unembed=True, refactor_factored_attn_matrices=False
-    )
-    theirs = {k.replace("._", "."): v for k, v in model.state_dict().items()}
+@pytest.mark.parametrize("variant", list(PROCESSING_VARIANTS))
+def test_processing_equals_transformer_lens_processing(tl_runs, variant):
+    """TL's usual flags (fold_ln, center_writing_weights, center_unembed, fold_value_biases) give TL's processed
+    weights, RMSNorm models included (where centring the writing weights is skipped, with a warning, as in TL)."""
+    work, _ = tl_runs
+    folder = work / "processing" / variant
+    flags = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    if PROCESSING_VARIANTS[variant].get("normalization_type") == "RMS":
+        with pytest.warns(UserWarning, match="center_writing_weights=True skipped"):
+            ours = load_model(folder / "model.pt", **flags)
+    else:
+        ours = load_model(folder / "model.pt", **flags)
+    theirs = {k.replace("._", "."): v for k, v in load_file(str(folder / "processed.safetensors")).items()}
     compared = 0
     for name, value in ours.state_dict().items():
         if name in theirs:

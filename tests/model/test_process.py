@@ -149,13 +149,52 @@ def test_fold_layer_norm_refuses_a_bias_the_gate_cannot_take():
         torch.testing.assert_close(v, kept[k], atol=0, rtol=0)
 
 
-def test_process_weights_true_on_rmsnorm_refuses_before_changing_anything():
+@pytest.mark.parametrize("arch", ["llama-like-gqa", "gemma-like"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_transformer_lens_four_flags_on_rmsnorm_skip_what_is_invalid_with_a_warning(arch, seed):
+    """TL's usual flags (all four True) on RMSNorm models: the invalid steps are skipped, each with one warning
+    naming its flag; the valid ones are applied; log-probabilities are unchanged."""
+    torch.manual_seed(seed)
+    model = random_model(arch)
+    tokens = torch.randint(0, BASE["d_vocab"], (3, 12))
+    before = log_probs(model, tokens)
+    w_e = model.embed.W_E.detach().clone()
+    with pytest.warns(UserWarning) as record:
+        process_weights(
+            model, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+        )
+    messages = [str(w.message) for w in record]
+    skipped = [m.split("=")[0] for m in messages if "skipped" in m]
+    expected = ["center_writing_weights"] + (["center_unembed"] if model.cfg.logit_softcap else [])
+    assert skipped == expected, messages
+    assert "normalization='rmsnorm'" in messages[0] or "post_norms" in messages[0]
+    torch.testing.assert_close(log_probs(model, tokens), before, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.embed.W_E, w_e, atol=0, rtol=0)  # writing weights not centred
+    for name, p in model.named_parameters():  # ln folded, value biases folded
+        if name.endswith((".ln1.w", ".ln2.w")) or name == "ln_final.w":
+            torch.testing.assert_close(p, torch.ones_like(p), atol=0, rtol=0)
+        if name.endswith("attn.b_V"):
+            torch.testing.assert_close(p, torch.zeros_like(p), atol=0, rtol=0)
+    if model.cfg.logit_softcap is None:
+        torch.testing.assert_close(
+            model.unembed.W_U.mean(-1), torch.zeros(model.cfg.d_model), atol=1e-6, rtol=0
+        )
+
+
+def test_load_model_with_transformer_lens_flags_on_rmsnorm_warns_and_loads(tmp_path):
     model = random_model("llama-like-gqa")
-    kept = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="normalization='rmsnorm'"):
-        process_weights(model, center_writing_weights=True)
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, kept[k], atol=0, rtol=0)
+    tokens = torch.randint(0, BASE["d_vocab"], (2, 10))
+    before = log_probs(model, tokens)
+    model.save(tmp_path / "m")
+    with pytest.warns(UserWarning, match="center_writing_weights=True skipped"):
+        loaded = load_model(
+            tmp_path / "m",
+            fold_ln=True,
+            center_writing_weights=True,
+            center_unembed=True,
+            fold_value_biases=True,
+        )
+    torch.testing.assert_close(log_probs(loaded, tokens), before, atol=1e-4, rtol=0)
 
 
 SMALL_HF = dict(

@@ -24,6 +24,8 @@ def expected_kinds(cfg: ModelConfig) -> set[SiteKind]:
         kinds -= {SiteKind.LN1_SCALE, SiteKind.LN2_SCALE, SiteKind.LN_FINAL_SCALE}
     if not cfg.gated_mlp:
         kinds.discard(SiteKind.MLP_PRE_LINEAR)
+    if cfg.n_kv_heads != cfg.n_heads:
+        kinds.discard(SiteKind.ATTN_IN)
     if cfg.attn_only:
         kinds -= {
             SiteKind.MLP_IN,
@@ -45,8 +47,8 @@ def expected_shape(cfg: ModelConfig, kind: SiteKind) -> tuple[int, ...]:
     per_head = {K.Q: h, K.ROT_Q: h, K.Z: h, K.K: kv, K.V: kv, K.ROT_K: kv}
     if kind in per_head:
         return (B, P, per_head[kind], dh)
-    if kind in (K.Q_INPUT, K.K_INPUT, K.V_INPUT):
-        return (B, P, h if kind is K.Q_INPUT else kv, d)
+    if kind in (K.ATTN_IN, K.Q_INPUT, K.K_INPUT, K.V_INPUT):
+        return (B, P, kv if kind in (K.K_INPUT, K.V_INPUT) else h, d)
     if kind in (K.ATTN_SCORES, K.PATTERN):
         return (B, h, P, P)
     if kind is K.RESULT:
@@ -55,6 +57,8 @@ def expected_shape(cfg: ModelConfig, kind: SiteKind) -> tuple[int, ...]:
         return (B, P, 1)
     if kind in (K.MLP_PRE, K.MLP_PRE_LINEAR, K.MLP_POST):
         return (B, P, cfg.d_mlp)
+    if kind is K.UNEMBED_OUT:
+        return (B, P, cfg.d_vocab_out)
     return (B, P, d)
 
 
@@ -76,19 +80,24 @@ def model_and_logits(variant: str):  # noqa: ANN201
 
 # kinds whose forward hook switches to another (mathematically equal) computation, so float32 rounding
 # differs by ~1e-7: scores/pattern need the explicit softmax(q k^T) instead of the fused SDPA kernel; result
-# needs a per-head matmul then a sum over heads instead of one matmul over all heads; q/k/v_input need
-# per-head projections of per-head copies; a rewritable norm scale needs a hand-written norm dividing by it
-# instead of F.layer_norm. Every other hook keeps the exact computation of the unhooked forward.
+# needs a per-head matmul then a sum over heads instead of one matmul over all heads; attn_in and q/k/v_input
+# need per-head projections of per-head copies; a rewritable norm scale or normalised vector needs a
+# hand-written norm dividing by the scale instead of F.layer_norm. Every other hook keeps the exact computation
+# of the unhooked forward.
 PATH_SWITCHING = {
     SiteKind.ATTN_SCORES,
     SiteKind.PATTERN,
     SiteKind.RESULT,
+    SiteKind.ATTN_IN,
     SiteKind.Q_INPUT,
     SiteKind.K_INPUT,
     SiteKind.V_INPUT,
     SiteKind.LN1_SCALE,
     SiteKind.LN2_SCALE,
     SiteKind.LN_FINAL_SCALE,
+    SiteKind.LN1_NORMALIZED,
+    SiteKind.LN2_NORMALIZED,
+    SiteKind.LN_FINAL_NORMALIZED,
 }
 
 
@@ -245,7 +254,7 @@ def test_backward_hooks_give_autograd_gradients(variant):
     sites = [
         s
         for s in all_sites(model.cfg)
-        if s.kind not in (SiteKind.Q_INPUT, SiteKind.K_INPUT, SiteKind.V_INPUT)
+        if s.kind not in (SiteKind.ATTN_IN, SiteKind.Q_INPUT, SiteKind.K_INPUT, SiteKind.V_INPUT)
     ]
     acts, grads = {}, {}
 
