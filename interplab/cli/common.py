@@ -175,9 +175,12 @@ def _option_name(param: Any) -> str:
     return max(opts, key=len) if opts else str(getattr(param, "name", "--out"))
 
 
-def check_seq_len(seq_len: int, model: Any, option: str = "--seq-len") -> int:
-    """``seq_len`` must fit the model's context window (it is never shortened silently)."""
+def check_seq_len(seq_len: int | None, model: Any, option: str = "--seq-len", default: int = 128) -> int:
+    """The sequence length to use: ``seq_len`` if it fits the model's context window (it is never shortened
+    silently: a longer one is an error naming both), or ``default`` capped at n_ctx when unset."""
     n_ctx = model.cfg.n_ctx
+    if seq_len is None:
+        return min(default, n_ctx)
     if seq_len > n_ctx:
         fail(
             f"{option} {seq_len} is longer than the model's context window n_ctx={n_ctx}; use {option} <= {n_ctx}"

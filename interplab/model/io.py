@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
 from interplab.model.config import ModelConfig
 from interplab.model.transformer import Transformer
 
@@ -41,10 +41,8 @@ def is_native(path: Path) -> bool:
 def load_native(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
-    from safetensors.torch import load_file
-
     path = Path(path)
-    data = json.loads((path / "config.json").read_text())
+    data = read_json(path / "config.json")
     data.pop("format", None)
     cfg = ModelConfig.from_dict(data)
     weights_file = path / "model.safetensors"
@@ -52,7 +50,7 @@ def load_native(
         raise FileNotFoundError(f"{path} has a config.json but no model.safetensors")
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
-    state = load_file(str(weights_file), device=str(device))
+    state = load_tensors(weights_file, device=device)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(model, state, source=str(weights_file))

@@ -208,7 +208,10 @@ def corpus_token_batches(
         raise ValueError(
             "the model has no tokenizer (tokenizer.json beside its weights): pass token batches directly"
         )
-    seq_len = min(seq_len, model.cfg.n_ctx)
+    if not 0 < seq_len <= model.cfg.n_ctx:  # never shortened silently
+        raise ValueError(
+            f"seq_len={seq_len} must be in 1..{model.cfg.n_ctx} (the model's context window n_ctx)"
+        )
     store = build_token_store(open_corpus(corpus), tok, split)
     n_seq = store.n_sequences(seq_len)
     total = n_seq // batch_size if n_batches is None else min(n_batches, n_seq // batch_size)

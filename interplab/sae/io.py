@@ -10,13 +10,12 @@ BatchTopK SAE is written as the JumpReLU SAE it is at inference. interplab's own
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, Normalization, SAEConfig
 from interplab.sae.registry import create_sae
@@ -93,14 +92,12 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
 
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder written by `save_sae` or by SAELens (``cfg.json`` + ``sae_weights.safetensors``)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
-    raw = json.loads((path / CFG_FILE).read_text())
+    raw = read_json(path / CFG_FILE)
     cfg = config_from_saelens(raw, source=str(path / CFG_FILE))
-    weights = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    weights = load_tensors(path / WEIGHTS_FILE, device=device)
     if "b_gate" in weights:
         weights["b_enc"] = weights.pop("b_gate")
     sae = create_sae(cfg).to(device)
