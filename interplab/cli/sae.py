@@ -367,13 +367,13 @@ def evaluate(
         out = check_out_folder(sae_path / "eval")
     model = _load_model(model_path)
     seq_len = check_seq_len(seq_len, model)
+    saes = [load_sae(folder) for folder in folders]  # a damaged SAE is named before any work
     try:
         toks, tfilter = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
         reports = {}
-        for folder in folders:
-            sae = load_sae(folder)
+        for folder, sae in zip(folders, saes, strict=True):
             rep = evaluate_sae(model, sae, toks, token_filter=tfilter)
             rep.save(out / folder.name)
             reports[folder.name] = rep
