@@ -34,21 +34,20 @@ def lab(tmp_path_factory) -> Path:
     (root / "afile").write_text("not a folder")
     (root / "existing").mkdir()
     (root / "existing" / "keep.txt").write_text("precious")
-    trunc = root / "truncated_model"
-    trunc.mkdir()
-    for f in (root / "model").iterdir():
-        data = f.read_bytes()
-        (trunc / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
-    (trunc / "checksums.json").unlink(missing_ok=True)
-    tsae = root / "truncated_sae"
-    tsae.mkdir()
-    for f in (root / "sae").iterdir():
-        data = f.read_bytes()
-        (tsae / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
-    (tsae / "checksums.json").unlink(missing_ok=True)
+    _truncated_copy(root / "model", root / "truncated_model")
+    _truncated_copy(root / "sae", root / "truncated_sae")
     (root / "bad.yaml").write_text("steps: 10\nmodel: [unclosed\n")
     (root / "hyp.py").write_text("x = 1\n")
     return root
+
+
+def _truncated_copy(src: Path, dst: Path) -> None:
+    """A copy of a model or SAE folder whose safetensors files are cut in half (and no checksums to warn)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "checksums.json":
+            data = f.read_bytes()
+            (dst / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
