@@ -198,7 +198,10 @@ def train(
     ),
     k: int = typer.Option(32, "--k", help="active latents for topk/batchtopk", callback=positive_int),
     coefficient: float = typer.Option(
-        5.0, "--coefficient", help="L1 (relu, gated) or L0 (jumprelu) weight", callback=non_negative_float
+        None,
+        "--coefficient",
+        help="L1 (relu, gated) or L0 (jumprelu) weight; default: the architecture's, scaled to the data",
+        callback=non_negative_float,
     ),
     sweep: list[str] = typer.Option(
         [],
