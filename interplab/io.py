@@ -76,6 +76,44 @@ def save_tensors(
         save_file(flat, str(tmp), metadata=metadata)
 
 
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a damaged one raises ValueError naming the file and the line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}; truncated or damaged?)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (JSON) file (damaged?)") from None
+
+
+def load_tensors(path: str | Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or damaged file raises ValueError naming it (never a bare
+    SafetensorError or OSError from deep inside the reader)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tensor file {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (
+        Exception
+    ) as err:  # safetensors raises its own SafetensorError, or OSError/ValueError on bad headers
+        raise unreadable_tensors(path, err) from None
+
+
+def unreadable_tensors(path: str | Path, err: BaseException) -> ValueError:
+    """The error for a safetensors file that cannot be read: names the file and its size."""
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    reason = " ".join(str(err).split()) or type(err).__name__
+    kind = "safetensors" if path.suffix == ".safetensors" else "weights"
+    return ValueError(
+        f"{path} is not a readable {kind} file ({size:,} bytes; truncated or damaged?): {reason}"
+    )
+
+
 def _shares(t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
     ptr = t.untyped_storage().data_ptr()
     return sum(1 for v in tensors.values() if v.untyped_storage().data_ptr() == ptr) > 1

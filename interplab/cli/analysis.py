@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
 
 TARGETS = "resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern, mlp_post"
 METRICS = ("logit_diff", "normalized_logit_diff", "prob", "loss")
@@ -148,7 +148,7 @@ def _examples(
 
 def patch(
     model_path: Path = typer.Argument(..., help="model folder (interplab, Hugging Face or TransformerLens)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
     prompts: Path = typer.Option(
         None, "--prompts", help="JSONL file of clean/corrupted/answer/wrong examples"
     ),
@@ -160,10 +160,10 @@ def patch(
     attribution: bool = typer.Option(
         False, "--attribution", help="also run attribution patching and compare"
     ),
-    n: int = typer.Option(16, "--n", help="examples drawn from --task"),
+    n: int = typer.Option(16, "--n", help="examples drawn from --task", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures (needs kaleido)"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
     set_threads(threads)
@@ -259,15 +259,17 @@ def _unravel(i: int, shape: tuple[int, ...]) -> list[int]:
 
 def heads(
     model_path: Path = typer.Argument(..., help="model folder"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
     prompts: Path = typer.Option(
         None, "--prompts", help="JSONL prompts to score on (default: repeated random tokens)"
     ),
-    seq_len: int = typer.Option(None, "--seq-len", help="length of each random half of the probe input"),
-    batch: int = typer.Option(8, "--batch", help="probe sequences"),
+    seq_len: int = typer.Option(
+        None, "--seq-len", help="length of each random half of the probe input", callback=positive_int
+    ),
+    batch: int = typer.Option(8, "--batch", help="probe sequences", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Previous-token, induction, duplicate-token and copying scores of every head, and attention views."""
     set_threads(threads)
@@ -301,7 +303,7 @@ def heads(
     if tokens is None:
         from interplab.analysis.heads import repeated_random_tokens
 
-        half = seq_len or min(20, model.cfg.n_ctx // 2)
+        half = seq_len if seq_len is not None else min(20, model.cfg.n_ctx // 2)
         tokens = repeated_random_tokens(model.cfg.d_vocab, half, 1, seed=seed)
     for layer in range(model.cfg.n_layers):
         report["files"] += run.save(A.attention_patterns(model, tokens[:1], layer), f"attention_L{layer}")
@@ -312,13 +314,13 @@ def heads(
 
 def lens(
     model_path: Path = typer.Argument(..., help="model folder"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
     prompts: Path = typer.Option(None, "--prompts", help="JSONL prompts (answer/wrong enable DLA)"),
     task: str = typer.Option(None, "--task", help="a task to draw examples from"),
-    n: int = typer.Option(16, "--n", help="examples drawn from --task"),
+    n: int = typer.Option(16, "--n", help="examples drawn from --task", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Logit lens at every layer; with answer and wrong tokens also direct logit attribution and the
     residual-stream decomposition."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
 
 
 def attribute(
@@ -18,12 +18,14 @@ def attribute(
     ),
     window: str = typer.Option("auto", help="'auto' (where the target forms) or START:STOP checkpoint steps"),
     group: str = typer.Option("all", help="parameter group: all, layer:L, head:L.H, neuron:L.N, ..."),
-    dim: int = typer.Option(1024, help="projection dimension of the gradients"),
+    dim: int = typer.Option(1024, help="projection dimension of the gradients", callback=positive_int),
     candidates: int = typer.Option(
-        256, help="at most this many training sequences from the window are scored"
+        256, help="at most this many training sequences from the window are scored", callback=positive_int
     ),
-    out: Path = typer.Option(None, help="output folder (default RUN_DIR/attribution/TARGET)"),
-    threads: int = typer.Option(None, help="torch threads"),
+    out: Path = typer.Option(
+        None, help="output folder (default RUN_DIR/attribution/TARGET)", callback=out_folder
+    ),
+    threads: int = typer.Option(None, help="torch threads", callback=threads_option),
 ) -> None:
     """Attribute a mechanism's formation to the training sequences that built it (TracIn over checkpoints)."""
     from rich.progress import Progress

@@ -7,17 +7,26 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import console, fail, out_folder, positive_int, set_threads
 
 
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory"),
-    steps: int = typer.Option(None, "--steps", help="optimizer steps (default: the preset's 1,500)"),
-    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for this small model)"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory", callback=out_folder),
+    steps: int = typer.Option(
+        None, "--steps", help="optimizer steps (default: the preset's 1,500)", callback=positive_int
+    ),
+    threads: int = typer.Option(
+        1,
+        "--threads",
+        help="torch CPU threads (1 is fastest for this small model)",
+        callback=positive_int,
+    ),
     fresh: bool = typer.Option(
         False, "--fresh", help="start over instead of continuing a run found in --out"
     ),
-    sae_steps: int = typer.Option(600, "--sae-steps", help="SAE training steps (stage 3)"),
+    sae_steps: int = typer.Option(
+        600, "--sae-steps", help="SAE training steps (stage 3)", callback=positive_int
+    ),
     features: bool = typer.Option(
         True, "--features/--no-features", help="stages 3-4: SAE and feature database"
     ),
@@ -30,7 +39,7 @@ def demo(
     from interplab.cli.train import load_config, print_result, run_training
 
     set_threads(threads)
-    cfg = load_config("induction-2l", None, [f"steps={steps}"] if steps else [])
+    cfg = load_config("induction-2l", None, [f"steps={steps}"] if steps is not None else [])
     if fresh and out.exists():
         if not (out / "config.json").is_file():
             fail(f"{out} exists and is not a training run; not removing it")

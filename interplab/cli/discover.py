@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import (
+    console,
+    fail,
+    non_negative_float,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 
 class Method(str, Enum):
@@ -22,13 +30,16 @@ def discover_command(
     task: str = typer.Option(..., "--task", help="task name: parens or induction"),
     method: Method = typer.Option(Method.EAP, "--method", help="eap or acdc"),
     data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
-    out: Path = typer.Option(Path("runs/discover"), "--out", help="run folder to write"),
-    n: int = typer.Option(200, "--n", help="clean (and as many corrupted) examples"),
-    k: int = typer.Option(20, "--k", help="EAP: keep the k highest-scoring edges"),
+    out: Path = typer.Option(Path("runs/discover"), "--out", help="run folder to write", callback=out_folder),
+    n: int = typer.Option(200, "--n", help="clean (and as many corrupted) examples", callback=positive_int),
+    k: int = typer.Option(20, "--k", help="EAP: keep the k highest-scoring edges", callback=positive_int),
     threshold: float = typer.Option(
-        0.05, "--threshold", help="ACDC: KL increase below which an edge is removed"
+        0.05,
+        "--threshold",
+        help="ACDC: KL increase below which an edge is removed",
+        callback=non_negative_float,
     ),
-    threads: int = typer.Option(1, "--threads", help="torch threads"),
+    threads: int = typer.Option(1, "--threads", help="torch threads", callback=threads_option),
 ) -> None:
     """Find a circuit with EAP or ACDC; writes report.json and report.html (with the graph)."""
     set_threads(threads)

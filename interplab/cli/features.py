@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import (
+    check_seq_len,
+    console,
+    fail,
+    finite_float,
+    non_negative_int,
+    out_file,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 features_app = typer.Typer(
     help="Feature dashboards: build the feature database, export, explain, steer.", no_args_is_help=True
@@ -15,11 +26,11 @@ features_app = typer.Typer(
 
 def load_tokens_file(path: Path):
     """A [n_seq pos] token tensor from a safetensors file (key ``tokens``, or its only tensor)."""
-    from safetensors.torch import load_file
+    from interplab.io import load_tensors
 
     if not path.is_file():
         fail(f"no token file at {path}")
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     if "tokens" in tensors:
         return tensors["tokens"].long()
     if len(tensors) != 1:
@@ -38,10 +49,14 @@ def corpus_tokens(name: str, model, split: str, n_seqs: int, seq_len: int):
         fail(
             "--corpus needs a model with a tokenizer (tokenizer.json in the model folder); use --tokens FILE"
         )
+    seq_len = check_seq_len(seq_len, model)
     store = build_token_store(open_corpus(name), model.tokenizer, split)
     n = min(n_seqs, store.n_sequences(seq_len))
     if n == 0:
-        fail(f"corpus {name!r} ({split}) has fewer than {seq_len} tokens")
+        fail(
+            f"corpus {name!r} ({split}) has {store.n_tokens:,} tokens, fewer than one sequence of --seq-len "
+            f"{seq_len}"
+        )
     return store.sequences(torch.arange(n), seq_len)
 
 
@@ -61,6 +76,21 @@ def load_model_and_sae(model_dir: Path, sae_dir: Path):
     except (FileNotFoundError, KeyError, ValueError) as err:
         fail(f"cannot load the SAE: {err}")
     return model, sae
+
+
+def _split(value: str) -> str:
+    if value not in ("train", "validation"):
+        raise typer.BadParameter(f"{value!r} is not one of: train, validation")
+    return value
+
+
+def _steer_mode(value: str) -> str:
+    from interplab.features.steer import SteerMode
+
+    valid = [m.value for m in SteerMode]
+    if value not in valid:
+        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(valid)}")
+    return value
 
 
 class _Bar:
@@ -87,25 +117,40 @@ def build(
     model_dir: Path = typer.Option(..., "--model", help="model folder"),
     sae_dir: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)"),
     out: Path = typer.Option(
-        Path("features.db"), "--out", help="feature database file (or a SQLAlchemy URL)"
+        Path("features.db"), "--out", help="feature database file (or a SQLAlchemy URL)", callback=out_file
     ),
     tokens: Path = typer.Option(None, "--tokens", help="safetensors file with a [n_seq pos] 'tokens' tensor"),
     corpus: str = typer.Option(None, "--corpus", help="corpus name or folder (e.g. python-stdlib)"),
-    split: str = typer.Option("validation", help="corpus split"),
-    n_seqs: int = typer.Option(1024, "--n-seqs", help="sequences taken from the corpus"),
-    seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence (corpus)"),
-    top_k: int = typer.Option(20, "--top-k", help="top activating contexts per feature"),
-    batch_size: int = typer.Option(16, "--batch-size", help="sequences per forward pass"),
-    features_per_pass: int = typer.Option(0, "--features-per-pass", help="0: all features in one pass"),
+    split: str = typer.Option("validation", help="corpus split", callback=_split),
+    n_seqs: int = typer.Option(
+        1024, "--n-seqs", help="sequences taken from the corpus", callback=positive_int
+    ),
+    seq_len: int = typer.Option(
+        None,
+        "--seq-len",
+        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
+        callback=positive_int,
+    ),
+    top_k: int = typer.Option(
+        20, "--top-k", help="top activating contexts per feature", callback=positive_int
+    ),
+    batch_size: int = typer.Option(
+        16, "--batch-size", help="sequences per forward pass", callback=positive_int
+    ),
+    features_per_pass: int = typer.Option(
+        0, "--features-per-pass", help="0: all features in one pass", callback=non_negative_int
+    ),
     checkpoint_every: int = typer.Option(
-        20, "--checkpoint-every", help="batches between resumable checkpoints"
+        20, "--checkpoint-every", help="batches between resumable checkpoints", callback=positive_int
     ),
     loss_effect: bool = typer.Option(
         True, "--loss-effect/--no-loss-effect", help="estimate effects on the loss"
     ),
     cooccurrence: bool = typer.Option(True, "--cooccurrence/--no-cooccurrence"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild from scratch if the database exists"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)"),
+    threads: int = typer.Option(
+        0, "--threads", help="torch threads (0: torch's default)", callback=threads_option
+    ),
 ) -> None:
     """Collect every feature's statistics in one streaming pass and write the feature database (resumable:
     run the same command again after an interruption)."""
@@ -155,7 +200,7 @@ def build(
 @features_app.command("export")
 def export(
     db: Path = typer.Option(..., "--db", help="feature database"),
-    html: Path = typer.Option(..., "--html", help="output folder for the static site"),
+    html: Path = typer.Option(..., "--html", help="output folder for the static site", callback=out_folder),
 ) -> None:
     """Write a self-contained folder of HTML pages (index + one page per feature) to share or publish."""
     from interplab.web.export import export_html
@@ -171,7 +216,7 @@ def export(
 @features_app.command("explain")
 def explain(
     db: Path = typer.Option(..., "--db", help="feature database"),
-    k: int = typer.Option(3, help="tokens named per explanation"),
+    k: int = typer.Option(3, help="tokens named per explanation", callback=positive_int),
     overwrite_human: bool = typer.Option(False, "--overwrite-human", help="replace human labels too"),
 ) -> None:
     """Label every feature with the built-in explainer (most enriched peak tokens) and score the labels."""
@@ -196,15 +241,20 @@ def explain(
 def steer(
     model_dir: Path = typer.Option(..., "--model"),
     sae_dir: Path = typer.Option(..., "--sae"),
-    feature: int = typer.Option(..., "--feature"),
+    feature: int = typer.Option(..., "--feature", callback=non_negative_int),
     strength: float = typer.Option(
-        None, "--strength", help="a multiple of the feature's max activation (from --db); default 1"
+        None,
+        "--strength",
+        help="a multiple of the feature's max activation (from --db); default 1",
+        callback=finite_float,
     ),
     db: Path = typer.Option(None, "--db", help="the feature database (it records the max activation)"),
-    value: float = typer.Option(None, "--value", help="an absolute activation instead of --strength"),
-    mode: str = typer.Option("add", "--mode", help="add or clamp"),
+    value: float = typer.Option(
+        None, "--value", help="an absolute activation instead of --strength", callback=finite_float
+    ),
+    mode: str = typer.Option("add", "--mode", help="add or clamp", callback=_steer_mode),
     prompt: str = typer.Option(..., "--prompt", help="text (or token ids if the model has no tokenizer)"),
-    max_new_tokens: int = typer.Option(20, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", callback=positive_int),
 ) -> None:
     """Generate greedily with and without steering a feature; print both continuations."""
     from interplab.features.steer import DEFAULT_STRENGTH, SteerMode, steer_generate

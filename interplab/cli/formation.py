@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
 
 
 def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict[str, Any]]:
@@ -91,11 +91,19 @@ def _f(v: float | None) -> str:
 def formation_command(
     run_dir: Path = typer.Argument(..., help="a training run directory (from interplab train)"),
     out: Path = typer.Option(
-        None, "--out", "-o", help="where to write the table and plots (default RUN_DIR/formation)"
+        None,
+        "--out",
+        "-o",
+        help="where to write the table and plots (default RUN_DIR/formation)",
+        callback=out_folder,
     ),
-    seqs: int = typer.Option(8, "--seqs", help="repeated random sequences per checkpoint"),
-    every: int = typer.Option(3, "--every", help="print every k-th checkpoint in the table (all are saved)"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+    seqs: int = typer.Option(
+        8, "--seqs", help="repeated random sequences per checkpoint", callback=positive_int
+    ),
+    every: int = typer.Option(
+        3, "--every", help="print every k-th checkpoint in the table (all are saved)", callback=positive_int
+    ),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Score every checkpoint (induction and previous-token score per head, in-context score, held-out loss)
     and report the step where the induction heads form."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
 
 
 class Preset(str, Enum):
@@ -20,14 +20,18 @@ def route(
     preset: Preset = typer.Option(
         ..., "--preset", help="digits-split (split autoencoder) or era-stdlib (unlearning)"
     ),
-    out: Path = typer.Option(None, "--out", help="run directory (default runs/route-<preset>)"),
-    seeds: int = typer.Option(5, "--seeds", help="digits-split: number of seeds"),
-    steps: int = typer.Option(None, "--steps", help="training steps (default: the preset's)"),
+    out: Path = typer.Option(
+        None, "--out", help="run directory (default runs/route-<preset>)", callback=out_folder
+    ),
+    seeds: int = typer.Option(5, "--seeds", help="digits-split: number of seeds", callback=positive_int),
+    steps: int = typer.Option(
+        None, "--steps", help="training steps (default: the preset's)", callback=positive_int
+    ),
     forget: str = typer.Option(
         "email", "--forget", help="era-stdlib: stdlib package whose files are forgotten"
     ),
     quick: bool = typer.Option(False, "--quick", help="a much smaller run, to try the command"),
-    threads: int = typer.Option(None, "--threads", help="torch threads"),
+    threads: int = typer.Option(None, "--threads", help="torch threads", callback=threads_option),
 ) -> None:
     """Run a gradient-routing experiment; writes report.json, the comparison table and pictures."""
     set_threads(threads)
@@ -42,7 +46,7 @@ def route(
                 from interplab.routing.digits import DigitsSplitConfig, run_digits_split
 
                 kwargs: dict = {"seeds": tuple(range(seeds))}
-                if steps:
+                if steps is not None:
                     kwargs["steps"] = steps
                 if quick:
                     kwargs.update(seeds=(0, 1), steps=300, certificate_steps=200)
@@ -78,10 +82,10 @@ def era_stdlib_config(*, quick: bool = False, steps: int | None = None):
     from interplab.routing.era import ERAConfig
 
     if quick:
-        return ERAConfig(d_model=32, n_layers=1, n_heads=2, d_mlp=64, expand_units=32, steps=steps or 100,
+        return ERAConfig(d_model=32, n_layers=1, n_heads=2, d_mlp=64, expand_units=32, steps=100 if steps is None else steps,
                          batch_size=8, relearn_sizes=(1, 4, 16), relearn_steps=10, eval_windows=64,
                          retain_finetune_steps=10)  # fmt: skip
-    return ERAConfig(d_model=96, n_layers=2, n_heads=4, d_mlp=384, expand_units=96, steps=steps or 500,
+    return ERAConfig(d_model=96, n_layers=2, n_heads=4, d_mlp=384, expand_units=96, steps=500 if steps is None else steps,
                      batch_size=16, eval_windows=128)  # fmt: skip
 
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import (
+    check_out_folder,
+    check_seq_len,
+    console,
+    fail,
+    non_negative_float,
+    out_folder,
+    positive_float,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
 
@@ -19,6 +31,39 @@ def _load_model(path: Path) -> Any:
         return load_model(path)
     except (FileNotFoundError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
+
+
+SPLITS = ("train", "validation")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _choice(option: str, valid: tuple[str, ...]):
+    """A typer callback accepting one of ``valid`` (named in the error)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in valid:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(valid)}")
+        return value
+
+    return check
+
+
+def _architecture(value: str) -> str:
+    from interplab.sae.config import Architecture
+
+    try:
+        return Architecture.parse(value).value
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _hooks_of(model: Any, hooks: list[str]) -> list[str]:
+    """The canonical names of ``hooks``, each checked against the model before anything is written."""
+    names = _canon(hooks)
+    for name in names:
+        if name not in model.hook_points:
+            model.hook_registry.resolve(name)  # raises the model's own error (layer count, suggestions)
+    return names
 
 
 def _progress(total: int, label: str):
@@ -40,20 +85,34 @@ def cache(
     hooks: list[str] = typer.Option(
         ..., "--hook", help="site to cache, e.g. blocks.1.hook_resid_post (repeatable)"
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="cache folder (resumes an unfinished one)"),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="cache folder (resumes an unfinished one)", callback=out_folder
+    ),
     corpus: str = typer.Option(
         "python-stdlib", "--corpus", help="python-stdlib or a file/folder/dataset path"
     ),
-    split: str = typer.Option("train", "--split"),
-    seq_len: int = typer.Option(128, "--seq-len"),
-    batch: int = typer.Option(16, "--batch", help="sequences per forward pass"),
-    tokens: int = typer.Option(1_000_000, "--tokens", help="stop after about this many activation rows"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, float16 or bfloat16 on disk"),
-    shard_rows: int = typer.Option(65536, "--shard-rows"),
+    split: str = typer.Option("train", "--split", callback=_choice("--split", SPLITS)),
+    seq_len: int = typer.Option(
+        None,
+        "--seq-len",
+        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
+        callback=positive_int,
+    ),
+    batch: int = typer.Option(16, "--batch", help="sequences per forward pass", callback=positive_int),
+    tokens: int = typer.Option(
+        1_000_000, "--tokens", help="stop after about this many activation rows", callback=positive_int
+    ),
+    dtype: str = typer.Option(
+        "bfloat16",
+        "--dtype",
+        help="float32, float16 or bfloat16 on disk",
+        callback=_choice("--dtype", CACHE_DTYPES),
+    ),
+    shard_rows: int = typer.Option(65536, "--shard-rows", callback=positive_int),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="delete an existing cache at --out and start again"
     ),
-    threads: int = typer.Option(None, "--threads"),
+    threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
     the model, data and settings are the same; anything different is refused)."""
@@ -62,6 +121,8 @@ def cache(
 
     set_threads(threads)
     model = _load_model(model_path)
+    seq_len = check_seq_len(seq_len, model)
+    hooks = _hooks_of(model, hooks)
     try:
         data = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
         with _progress(tokens, "caching") as bar:
@@ -88,47 +149,83 @@ def cache(
     )
 
 
+SWEEP_KEYS = {"coefficient": "a finite number >= 0", "k": "a positive integer", "lr": "a finite positive number",
+              "d_sae": "a positive integer"}  # fmt: skip
+
+
 def _parse_sweep(sweep: list[str]) -> list[dict[str, float]]:
-    """``coefficient=1,3,10`` / ``k=16,32`` -> one dict per SAE."""
+    """``coefficient=1,3,10`` / ``k=16,32`` -> one dict per SAE; a bad item is named with what is valid."""
     if not sweep:
         return [{}]
     runs: list[dict[str, float]] = [{}]
     for item in sweep:
         key, _, values = item.partition("=")
-        if key not in ("coefficient", "k", "lr", "d_sae") or not values:
-            fail(
-                f"bad --sweep {item!r}: use coefficient=..., k=..., lr=... or d_sae=... with comma-separated values"
+        if key not in SWEEP_KEYS or not values:
+            raise typer.BadParameter(
+                f"{item!r}: use KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)} (e.g. coefficient=1,3,10)"
             )
-        runs = [{**r, key: float(v)} for r in runs for v in values.split(",")]
+        parsed = [_sweep_value(item, key, v) for v in values.split(",")]
+        runs = [{**r, key: v} for r in runs for v in parsed]
     return runs
+
+
+def _sweep_value(item: str, key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    ok = math.isfinite(value) and (
+        value >= 0 if key == "coefficient" else value > 0 and (key == "lr" or value == int(value))
+    )
+    if not ok:
+        raise typer.BadParameter(f"{item!r}: {raw.strip()!r} is not {SWEEP_KEYS[key]} (for {key})")
+    return value
+
+
+def _sweep_option(value: list[str]) -> list[str]:
+    _parse_sweep(value)  # refuse a bad sweep while the command line is read
+    return value
 
 
 @app.command("train")
 def train(
     out: Path = typer.Option(
-        ..., "--out", "-o", help="run folder: config.json, log.jsonl, saes/NAME, report"
+        ..., "--out", "-o", help="run folder: config.json, log.jsonl, saes/NAME, report", callback=out_folder
     ),
     model_path: Path = typer.Option(None, "--model", help="stream activations from this model over --corpus"),
     cache_dir: Path = typer.Option(
         None, "--cache", help="read activations from this cache (interplab sae cache)"
     ),
     hooks: list[str] = typer.Option(..., "--hook", help="site(s) to train on; one SAE set per hook"),
-    arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk, jumprelu or gated"),
-    expansion: int = typer.Option(8, "--expansion", help="d_sae = expansion * d_in (unless swept)"),
-    k: int = typer.Option(32, "--k", help="active latents for topk/batchtopk"),
+    arch: str = typer.Option(
+        "topk", "--arch", help="relu, topk, batchtopk, jumprelu or gated", callback=_architecture
+    ),
+    expansion: int = typer.Option(
+        8, "--expansion", help="d_sae = expansion * d_in (unless swept)", callback=positive_int
+    ),
+    k: int = typer.Option(32, "--k", help="active latents for topk/batchtopk", callback=positive_int),
     coefficient: float = typer.Option(
         None,
         "--coefficient",
         help="L1 (relu, gated) or L0 (jumprelu) weight; default: the architecture's, scaled to the data",
+        callback=non_negative_float,
     ),
     sweep: list[str] = typer.Option(
-        [], "--sweep", help="e.g. coefficient=1,3,10 or k=16,32: several SAEs, one pass"
+        [],
+        "--sweep",
+        help="e.g. coefficient=1,3,10 or k=16,32: several SAEs, one pass",
+        callback=_sweep_option,
     ),
-    steps: int = typer.Option(2000, "--steps"),
-    batch: int = typer.Option(4096, "--batch", help="activation rows per step"),
-    lr: float = typer.Option(3e-4, "--lr"),
+    steps: int = typer.Option(2000, "--steps", callback=positive_int),
+    batch: int = typer.Option(4096, "--batch", help="activation rows per step", callback=positive_int),
+    lr: float = typer.Option(3e-4, "--lr", callback=positive_float),
     corpus: str = typer.Option("python-stdlib", "--corpus"),
-    seq_len: int = typer.Option(128, "--seq-len"),
+    seq_len: int = typer.Option(
+        None,
+        "--seq-len",
+        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
+        callback=positive_int,
+    ),
     autocast: bool = typer.Option(True, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"),
     seed: int = typer.Option(
         0, "--seed", help="seed of the SAEs' initial weights, data order and resampling"
@@ -137,13 +234,16 @@ def train(
         None,
         "--checkpoint-every",
         help="steps between checkpoints (default: a tenth of --steps; the last 2 kept)",
+        callback=positive_int,
     ),
-    stop_after: int = typer.Option(None, "--stop-after", help="stop after this step (run again to resume)"),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="stop after this step (run again to resume)", callback=positive_int
+    ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue the same run found in --out"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace a different run found in --out (its SAEs, log and checkpoints)"
     ),
-    threads: int = typer.Option(None, "--threads"),
+    threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
     resumes bit-exactly when started again with the same arguments; a different run into the same --out is
@@ -167,6 +267,10 @@ def train(
             missing = [h for h in _canon(hooks) if h not in store.hooks]
             if missing:
                 fail(f"{cache_dir} has no activations for {missing}; it holds {list(store.hooks)}")
+            if store.rows < batch:
+                fail(
+                    f"--batch {batch} is more than the {store.rows:,} rows in {cache_dir}; use --batch <= {store.rows}"
+                )
             epochs = -(-steps * batch // max(store.rows, 1))
             batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs, seed=seed)
             model_name = (store.manifest.get("model") or {}).get("name")
@@ -181,6 +285,7 @@ def train(
             from interplab.sae.activations import ActivationStream, corpus_token_batches
 
             model = _load_model(model_path)
+            seq_len = check_seq_len(seq_len, model)
             shapes = model.hook_shapes(batch=1, pos=2)
             widths = {}
             for h in _canon(hooks):
@@ -216,7 +321,7 @@ def train(
                         d_sae=d_sae,
                         architecture=arch,
                         hook_name=hook,
-                        k=kk if arch in ("topk", "batchtopk") else None,
+                        k=kk if arch in ("topk", "batchtopk") else None,  # canonical: _architecture
                         model_name=model_name,
                     )
                 )
@@ -282,12 +387,19 @@ def train(
 def evaluate(
     sae_path: Path = typer.Argument(..., help="an SAE folder (cfg.json) or a training run folder (saes/*)"),
     model_path: Path = typer.Option(..., "--model", help="the model the SAE reads"),
-    out: Path = typer.Option(None, "--out", "-o", help="report folder (default: SAE_PATH/eval)"),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="report folder (default: SAE_PATH/eval)", callback=out_folder
+    ),
     corpus: str = typer.Option("python-stdlib", "--corpus"),
-    split: str = typer.Option("validation", "--split"),
-    seq_len: int = typer.Option(128, "--seq-len"),
-    batches: int = typer.Option(8, "--batches", help="batches of 16 sequences"),
-    threads: int = typer.Option(None, "--threads"),
+    split: str = typer.Option("validation", "--split", callback=_choice("--split", SPLITS)),
+    seq_len: int = typer.Option(
+        None,
+        "--seq-len",
+        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
+        callback=positive_int,
+    ),
+    batches: int = typer.Option(8, "--batches", help="batches of 16 sequences", callback=positive_int),
+    threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """L0, MSE, FVU, CE loss recovered (vs zero and mean ablation), KL, density: report.json + plots."""
     from interplab.io import atomic_write_json
@@ -305,15 +417,17 @@ def evaluate(
     )
     if not folders:
         fail(f"{sae_path} is neither an SAE folder (cfg.json) nor a run folder with saes/*/cfg.json")
-    out = out or sae_path / "eval"
+    if out is None:
+        out = check_out_folder(sae_path / "eval")
     model = _load_model(model_path)
+    seq_len = check_seq_len(seq_len, model)
+    saes = [load_sae(folder) for folder in folders]  # a damaged SAE is named before any work
     try:
         data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
         reports = {}
-        for folder in folders:
-            sae = load_sae(folder)
+        for folder, sae in zip(folders, saes, strict=True):
             rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
             rep.save(out / folder.name)
             reports[folder.name] = rep

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
 
 
 def load_hypotheses(path: Path, model) -> list:
@@ -70,11 +70,11 @@ def scrub_command(
     ),
     task: str = typer.Option(..., "--task", help="task name: parens or induction"),
     data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
-    out: Path = typer.Option(Path("runs/scrub"), "--out", help="run folder to write"),
-    n_examples: int = typer.Option(4000, "--n-examples", help="reference examples"),
-    seeds: int = typer.Option(3, "--seeds", help="resampling seeds"),
+    out: Path = typer.Option(Path("runs/scrub"), "--out", help="run folder to write", callback=out_folder),
+    n_examples: int = typer.Option(4000, "--n-examples", help="reference examples", callback=positive_int),
+    seeds: int = typer.Option(3, "--seeds", help="resampling seeds", callback=positive_int),
     per_claim: bool = typer.Option(True, "--per-claim/--no-per-claim", help="scrub each claim alone too"),
-    threads: int = typer.Option(1, "--threads", help="torch threads"),
+    threads: int = typer.Option(1, "--threads", help="torch threads", callback=threads_option),
 ) -> None:
     """Causal scrubbing of the hypotheses in HYPOTHESIS.py; prints the recovered-loss table."""
     set_threads(threads)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, err_console, fail
+from interplab.cli.common import console, err_console, fail, port_option
 
 
 def serve(
@@ -21,7 +21,7 @@ def serve(
     host: str = typer.Option(
         "127.0.0.1", "--host", help="address to bind (loopback unless you mean otherwise)"
     ),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", callback=port_option),
     allow_host: list[str] = typer.Option(
         [],
         "--allow-host",

@@ -7,7 +7,16 @@ from typing import Any
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import (
+    check_out_folder,
+    console,
+    device_option,
+    fail,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 
 def load_config(preset: str | None, config: Path | None, overrides: list[str]) -> Any:
@@ -15,11 +24,11 @@ def load_config(preset: str | None, config: Path | None, overrides: list[str]) -
 
     if (preset is None) == (config is None):
         fail("give exactly one of --preset NAME or --config FILE.yaml")
-    try:
+    try:  # every override goes through the config's own validation (steps=0 is refused, never ignored)
         cfg = load_preset(preset) if preset is not None else TrainConfig.from_file(config)  # type: ignore[arg-type]
         return cfg.override(overrides) if overrides else cfg
     except (ValueError, FileNotFoundError, TypeError) as err:
-        fail(str(err))
+        fail(f"{config}: {err}" if config is not None and str(config) not in str(err) else str(err))
 
 
 class TrainProgress:
@@ -89,16 +98,24 @@ def train_command(
     ),
     config: Path = typer.Option(None, "--config", "-c", help="a YAML (or JSON) training config"),
     out: Path = typer.Option(
-        None, "--out", "-o", help="run directory (default runs/<preset or config name>)"
+        None, "--out", "-o", help="run directory (default runs/<preset or config name>)", callback=out_folder
     ),
     overrides: list[str] = typer.Option(
         [], "--set", help="override a setting: --set optim.lr=1e-3 --set steps=500"
     ),
-    steps: int = typer.Option(None, "--steps", help="number of optimizer steps (shortcut for --set steps=N)"),
+    steps: int = typer.Option(
+        None, "--steps", help="number of optimizer steps (shortcut for --set steps=N)", callback=positive_int
+    ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a run found in --out"),
-    stop_after: int = typer.Option(None, "--stop-after", help="stop after this step (resume later)"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on a busy machine)"),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)"),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="stop after this step (resume later)", callback=positive_int
+    ),
+    threads: int = typer.Option(
+        None, "--threads", help="torch CPU threads (1 is fastest on a busy machine)", callback=threads_option
+    ),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)", callback=device_option
+    ),
     list_presets: bool = typer.Option(False, "--list", help="list the presets and exit"),
 ) -> None:
     """Train a transformer on a corpus or an algorithmic task, with dense checkpoints.
@@ -111,8 +128,9 @@ def train_command(
             console.print(name)
         return
     set_threads(threads)
-    cfg = load_config(preset, config, list(overrides) + ([f"steps={steps}"] if steps else []))
-    out = out or Path("runs") / (cfg.name or (config.stem if config else "run"))
+    cfg = load_config(preset, config, list(overrides) + ([f"steps={steps}"] if steps is not None else []))
+    if out is None:
+        out = check_out_folder(Path("runs") / (cfg.name or (config.stem if config else "run")))
     result = run_training(cfg, out, resume=resume, stop_after=stop_after, device=device)
     print_result(result)
 

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interplab.data.corpus import Corpus, Split
+from interplab.data.corpus import _LINES_PER_RECORD, Corpus, Split
 from interplab.data.tokenizer import BPE_SPECIALS, Tokenizer, load_tokenizer, train_bpe
 from interplab.io import atomic_path, atomic_write_json
 
@@ -97,6 +97,8 @@ def corpus_tokenizer(corpus: Corpus, vocab_size: int, *, cache: Path | None = No
     file = cache / "tokenizers" / f"{key}.json"
     if file.is_file():
         return load_tokenizer(file)
+    if not any(corpus.documents(Split.TRAIN)):
+        raise ValueError(empty_split_message(corpus, Split.TRAIN))
     tok = train_bpe(
         corpus.documents(Split.TRAIN), vocab_size, min_frequency=_BPE_MIN_FREQUENCY, specials=BPE_SPECIALS
     )
@@ -160,7 +162,7 @@ def build_token_store(
         out.flush()
     if n_tokens == 0:
         bin_file.unlink(missing_ok=True)
-        raise ValueError(f"corpus {corpus.name!r} has no text in its {split.value} split (empty corpus?)")
+        raise ValueError(empty_split_message(corpus, split))
     atomic_write_json(
         meta_file,
         {
@@ -173,6 +175,27 @@ def build_token_store(
         },
     )
     return TokenStore(path=bin_file, n_tokens=n_tokens, dtype=np.dtype(dtype).name)
+
+
+def empty_split_message(corpus: Corpus, split: Split) -> str:
+    """Why a split of ``corpus`` holds no text, and what to do about it."""
+    head = f"corpus {corpus.name!r} has no text in its {split.value} split"
+    other = Split.TRAIN if split is Split.VALIDATION else Split.VALIDATION
+    if not any(corpus.documents(other)):
+        return f"{head} nor in any other: empty corpus ({len(corpus.units)} {corpus.kind} unit(s), no text)"
+    held = f"val_fraction={corpus.val_fraction}"
+    if corpus.kind == "files" and len(corpus.units) == 1:
+        lines = len(Path(corpus.units[0]).read_text(encoding="utf-8", errors="replace").splitlines())
+        records = -(-lines // _LINES_PER_RECORD)
+        return (
+            f"{head}: it is one file of {lines} lines, split into {records} record(s) of {_LINES_PER_RECORD} "
+            f"lines with {held} of them held out for validation; give a longer file or a folder of several "
+            "files" + (", or val_fraction=0" if split is Split.TRAIN else "")
+        )
+    return (
+        f"{head}: its {len(corpus.units)} {corpus.kind} unit(s) are split by name with {held} held out for "
+        "validation, and none fell on this side; give more files"
+    )
 
 
 def _tokenizer_text(tokenizer: Tokenizer) -> str:

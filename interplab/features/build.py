@@ -160,9 +160,9 @@ def build_feature_db(
         state_file = _state_dir(path) / f"pass_{first}_{last}.safetensors"
         state = StreamingFeatureStats(d_sae, cfg, features=feats)
         if state_file.is_file():
-            from safetensors.torch import load_file
+            from interplab.io import load_tensors
 
-            state.load_state_dict(load_file(str(state_file)))
+            state.load_state_dict(load_tensors(state_file))
 
         def checkpoint(s: StreamingFeatureStats, state_file=state_file) -> None:
             from interplab.io import save_tensors

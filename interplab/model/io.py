@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
 from interplab.model.config import ModelConfig
 from interplab.model.transformer import Transformer
 
@@ -47,11 +47,9 @@ def is_native(path: Path) -> bool:
 def load_native(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
-    from safetensors.torch import load_file
-
     path = Path(path)
     verify_checksums(path)  # a flipped byte in any file is named here, never loaded
-    data = json.loads((path / CONFIG).read_text())
+    data = read_json(path / CONFIG)
     data.pop("format", None)
     cfg = ModelConfig.from_dict(data)
     weights_file = path / WEIGHTS
@@ -59,7 +57,7 @@ def load_native(
         raise FileNotFoundError(f"{path} has a {CONFIG} but no {WEIGHTS}")
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
-    state = load_file(str(weights_file), device=str(device))
+    state = load_tensors(weights_file, device=device)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(model, state, source=str(weights_file))

@@ -9,12 +9,12 @@ Recognised, in this order:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from interplab.io import read_json
 from interplab.model.config import ModelConfig
 from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES
 from interplab.model.transformer import Transformer
@@ -94,7 +94,7 @@ def load_hf(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None)
     from interplab.model.convert import HFCheckpoint, get_converter
 
     path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
     model_type = hf.get("model_type")
     if model_type is None:
         raise ValueError(f"{path / 'config.json'} has no model_type: is this a Hugging Face model folder?")

@@ -220,7 +220,10 @@ def corpus_token_batches(
         raise ValueError(
             "the model has no tokenizer (tokenizer.json beside its weights): pass token batches directly"
         )
-    seq_len = min(seq_len, model.cfg.n_ctx)
+    if not 0 < seq_len <= model.cfg.n_ctx:  # never shortened silently
+        raise ValueError(
+            f"seq_len={seq_len} must be in 1..{model.cfg.n_ctx} (the model's context window n_ctx)"
+        )
     opened = open_corpus(corpus)
     store = build_token_store(opened, tok, split)
     n_seq = store.n_sequences(seq_len)

@@ -377,13 +377,27 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 def _memmap(file: Path, key: str) -> np.ndarray:
     """A read-only numpy memmap of tensor ``key`` inside a safetensors file (8-byte header length, JSON header,
     then raw little-endian data)."""
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    size = file.stat().st_size if file.is_file() else None
+    if size is None:
+        raise FileNotFoundError(f"cache shard {file} is missing")
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except (struct.error, ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ActivationDataError(
+            f"cache shard {file} ({size:,} bytes) has no readable header: truncated or damaged"
+        )
     if key not in header:
         raise KeyError(f"{file} has no tensor {key!r}")
     info = header[key]
-    start, _stop = info["data_offsets"]
+    start, stop = info["data_offsets"]
+    if 8 + n + stop > size:
+        raise ActivationDataError(
+            f"cache shard {file} is truncated: {size:,} bytes, its header needs {8 + n + stop:,}"
+        )
     return np.memmap(
         file, dtype=_NP[info["dtype"]], mode="r", offset=8 + n + start, shape=tuple(info["shape"])
     )

@@ -18,7 +18,6 @@ checkpoints alike, with sae_lens' semantics: see `config_from_saelens` and `weig
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, Normalization, SAEConfig
 from interplab.sae.registry import create_sae
@@ -162,15 +161,13 @@ def saelens_config(cfg: SAEConfig) -> dict[str, Any]:
 # ---- reading ------------------------------------------------------------------------------------------
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder written by `save_sae` or by SAELens (``cfg.json`` + ``sae_weights.safetensors``)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
     verify_checksums(path)  # folders written by interplab: a changed byte is named, never loaded
-    raw = json.loads((path / CFG_FILE).read_text())
+    raw = read_json(path / CFG_FILE)
     cfg = config_from_saelens(raw, source=str(path / CFG_FILE))
-    weights = weights_from_saelens(raw, cfg, load_file(str(path / WEIGHTS_FILE), device=str(device)))
+    weights = weights_from_saelens(raw, cfg, load_tensors(path / WEIGHTS_FILE, device=device))
     sae = create_sae(cfg).to(device)
     load_weights(sae, weights, source=str(path / WEIGHTS_FILE))
     return sae

@@ -28,6 +28,7 @@ from interplab.sae import resume as resume_lib
 from interplab.sae.activations import ActivationBatch
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture
+from interplab.sae.disk_store import ActivationDataError
 from interplab.train.checkpoint import load_optimizer_state, optimizer_state
 
 
@@ -94,8 +95,8 @@ class TrainConfig:
         object.__setattr__(self, "b_dec_init", BDecInit(self.b_dec_init))
         if self.total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {self.total_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.stats_every < 1:
@@ -357,6 +358,7 @@ def train_saes(
         for batch in itertools.islice(batches, start, None):
             if step >= stop:
                 break
+            _check_input(batch, step, batches)
             n_tok = next(iter(batch.values())).shape[0]
             for t in trainers:
                 if step < t.cfg.total_steps:
@@ -391,6 +393,23 @@ def train_saes(
     if run is not None and _is_main() and not stopped_early:
         result.save(run)
     return result
+
+
+def _check_input(batch: ActivationBatch, step: int, source: object) -> None:
+    """NaN/inf in the activations is refused at the input, naming the hook and row, before any weight sees it
+    (otherwise it surfaces steps later as a 'divergence' of weights it has already poisoned)."""
+    for hook, x in batch.items():
+        if not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero()[0, 0].item()
+            raise ActivationDataError(
+                f"non-finite activation ({x.reshape(x.shape[0], -1)[bad][~torch.isfinite(x.reshape(x.shape[0], -1)[bad])][0].item()}) "
+                f"in input batch {step} (0-based), row {bad}, at {hook!r} from {_source_name(source)}"
+            )
+
+
+def _source_name(source: object) -> str:
+    path = getattr(source, "path", None)
+    return f"{type(source).__name__}({str(path)!r})" if path is not None else type(source).__name__
 
 
 def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:

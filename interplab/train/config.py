@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -84,8 +85,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr={self.lr} must be a finite positive number")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.warmup_steps < 0:
@@ -249,11 +250,19 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = (
-            yaml.safe_load(path.read_text())
-            if path.suffix in (".yaml", ".yml")
-            else json.loads(path.read_text())
-        )
+        try:
+            data = (
+                yaml.safe_load(path.read_text())
+                if path.suffix in (".yaml", ".yml")
+                else json.loads(path.read_text())
+            )
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{where}: not valid YAML: {what}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -279,12 +288,24 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ValueError(f"unknown {where} settings {unknown}; valid: {sorted(fields)}")
     data = dict(data)
     for name, value in data.items():
+        kind = str(fields[name].type)
         # YAML 1.1 reads 1e-3 as a string; accept it where a float is expected
-        if isinstance(value, str) and str(fields[name].type).startswith("float"):
+        if isinstance(value, str) and kind.startswith("float"):
             try:
-                data[name] = float(value)
+                value = data[name] = float(value)
             except ValueError:
                 raise ValueError(f"{where}.{name}={value!r} is not a number") from None
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{where}.{name}={value!r} is not an integer")
+        if kind.startswith("float"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{where}.{name}={value!r} is not a number")
+            if not math.isfinite(value):
+                raise ValueError(f"{where}.{name}={value!r} must be a finite number")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{where}.{name}={value!r} is not true or false")
     return cls(**data)
 
 

@@ -8,6 +8,7 @@ A converter is a pair of pure functions:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from collections.abc import Callable, Iterator
@@ -61,6 +62,19 @@ def get_converter(model_type: str) -> Converter:
     return _REGISTRY[model_type]
 
 
+@contextlib.contextmanager
+def _naming(file: Path) -> Iterator[None]:
+    """A weights file that cannot be read (truncated, damaged) is named in the error."""
+    from interplab.io import unreadable_tensors
+
+    try:
+        yield
+    except (KeyError, FileNotFoundError):
+        raise
+    except Exception as err:  # SafetensorError, or what torch.load raises on a cut-off pickle
+        raise unreadable_tensors(file, err) from None
+
+
 class HFCheckpoint:
     """Lazy access to the tensors of a Hugging Face model folder: safetensors or pytorch .bin, sharded or not."""
 
@@ -96,12 +110,13 @@ class HFCheckpoint:
                 self._where[k] = single
 
     def _keys_of(self, file: Path) -> list[str]:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
+        with _naming(file):
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(file), framework="pt") as f:
-                return list(f.keys())
-        return list(self._load_bin(file))
+                with safe_open(str(file), framework="pt") as f:
+                    return list(f.keys())
+            return list(self._load_bin(file))
 
     def _load_bin(self, file: Path) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != file:
@@ -121,12 +136,13 @@ class HFCheckpoint:
         file = self._where.get(key)
         if file is None:
             raise KeyError(f"missing weight {key!r} in {self.path}")
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
+        with _naming(file):
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor(key)
-        return self._load_bin(file)[key]
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_tensor(key)
+            return self._load_bin(file)[key]
 
     def find_prefix(self, *candidates: str) -> str:
         """The first prefix (e.g. ``"transformer."`` or ``""``) under which the checkpoint's keys live."""

@@ -212,9 +212,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The state dict in ``path``, and the TL config if the file embeds one (``{"state_dict"|"model": ...,
     "cfg"|"config": {...}}``, a common way of publishing toy models)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from interplab.io import load_tensors
 
-        return load_file(str(path)), None
+        return load_tensors(path), None
     # not memory-mapped: torch.save rewrites a file in place (same inode), so a training loop saving over the
     # checkpoint would silently change (or crash, SIGBUS) a model whose weights still map the old file
     data = torch.load(path, map_location="cpu", weights_only=True)
