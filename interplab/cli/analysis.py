@@ -162,7 +162,7 @@ def patch(
     ),
     n: int = typer.Option(16, "--n", help="examples drawn from --task"),
     seed: int = typer.Option(0, "--seed"),
-    png: bool = typer.Option(False, "--png", help="also write PNG pictures (needs kaleido)"),
+    png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
 ) -> None:
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
