@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from interplab.cli.common import console, fail, set_threads
+from interplab.cli.common import JobProgress, command_hint, console, fail, set_threads
 
 app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
 
@@ -19,19 +19,6 @@ def _load_model(path: Path) -> Any:
         return load_model(path)
     except (FileNotFoundError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
-
-
-def _progress(total: int, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    )
 
 
 @app.command("cache")
@@ -60,8 +47,7 @@ def cache(
     model = _load_model(model_path)
     try:
         batches, tfilter = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
-        with _progress(tokens, "caching") as bar:
-            task = bar.add_task("cache", total=tokens, info="")
+        with JobProgress("sae cache", total=tokens, unit="rows") as bar:
             res = cache_activations(
                 model,
                 batches,
@@ -71,7 +57,7 @@ def cache(
                 shard_rows=shard_rows,
                 token_filter=tfilter,
                 max_rows=tokens,
-                progress=lambda n: bar.update(task, completed=min(n, tokens)),
+                progress=lambda n: bar.update(min(n, tokens)),
             )
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
@@ -203,14 +189,12 @@ def train(
         },
     )
     console.print(f"training {len(saes)} SAE(s) for {steps:,} steps of {batch:,} rows -> {out}")
-    with _progress(steps, "sae train") as bar:
-        task = bar.add_task("train", total=steps, info="")
+    with JobProgress("sae train", total=steps, unit="steps") as bar:
 
         def show(p) -> None:
             first = next(iter(p.metrics.values()))
             bar.update(
-                task,
-                completed=p.step,
+                p.step,
                 info=f"L0 {first['l0']:.1f}  MSE {first['mse']:.4g}  FVU {first['fvu']:.3f}  "
                 f"dead {first['dead_fraction']:.1%}",
             )
@@ -223,7 +207,7 @@ def train(
         console.print(
             f"{name}: L0 {f.get('l0', 0):.1f}, FVU {f.get('fvu', 0):.4f}, dead {f.get('dead_fraction', 0):.1%}"
         )
-    console.print(f"SAEs in {out}/saes/ ; next: interplab sae eval {out} --model MODEL")
+    console.print(f"SAEs in {out}/saes/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL")
 
 
 @app.command("eval")
