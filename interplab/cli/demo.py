@@ -55,8 +55,11 @@ class DemoOutputs:
         return self.run / "features.db"
 
 
-QUICK = {"steps": 60, "sae_steps": 40, "feature_seqs": 32, "formation_seqs": 4}
-"""``--quick``: a small run to try the whole demo in about a minute (no induction head forms this early)."""
+QUICK = {"steps": 60, "sae_steps": 40, "formation_seqs": 4}
+"""``--quick``: a short run to try every stage in a minute or two (no induction head forms this early). The
+feature database is built as in the full demo, so the README's ``features build`` command resumes it as is."""
+FEATURE_SEQS = 256
+"""held-out sequences of 128 tokens in the demo's feature database"""
 
 
 def demo(
@@ -71,7 +74,7 @@ def demo(
         True, "--features/--no-features", help="stages 3-4: SAE and feature database"
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="a much smaller run, to try every stage in about a minute"
+        False, "--quick", help="a short run (60 steps, a 40-step SAE) to try every stage in a minute or two"
     ),
 ) -> None:
     """Train a 2-layer attention-only model on python-stdlib, show its induction heads forming, then train a
@@ -103,7 +106,7 @@ def demo(
     formation, pictures = run_formation(out, None, QUICK["formation_seqs"] if quick else 8)
     print_formation(formation, pictures, every=3)
     if features:
-        _sae_and_features(paths, sae_steps, threads, n, QUICK["feature_seqs"] if quick else 256)
+        _sae_and_features(paths, sae_steps, threads, n)
     console.rule("[bold]outputs")
     say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     say(f"run directory:   {out}/  (config.json, log.jsonl, checkpoints/, final/, report.json)")
@@ -133,7 +136,7 @@ def demo(
         say(hint)
 
 
-def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int, feature_seqs: int) -> None:
+def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) -> None:
     """Stages 3 and 4 run the same commands a user would type (shown), each resumable or skipped when done."""
     import subprocess
     import sys
@@ -188,7 +191,7 @@ def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int, 
             "--corpus",
             "python-stdlib",
             "--n-seqs",
-            str(feature_seqs),
+            str(FEATURE_SEQS),
             "--seq-len",
             "128",
             "--threads",

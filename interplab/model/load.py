@@ -36,7 +36,7 @@ def load_model(
     The weight-processing flags apply the functions of `interplab.model.process` after loading; each
     leaves the model's log-probabilities unchanged.
 
-    >>> model = load_model("runs/induction-2l/final")  # doctest: +SKIP
+    >>> model = load_model("runs/demo/final")  # doctest: +SKIP
     """
     path = Path(path)
     if not path.exists():

@@ -5,9 +5,9 @@ Per checkpoint: the induction and previous-token score of every head (`interplab
 on the first and the repeated half of random sequences, the held-out loss and the in-context-learning
 score (loss late in the context minus early in it).
 
->>> result = formation("runs/induction-2l")
+>>> result = formation("runs/demo")
 >>> result.formation_step, result.table()[-1]
->>> result.save("runs/induction-2l/formation")
+>>> result.save("runs/demo/formation")
 """
 
 from __future__ import annotations
