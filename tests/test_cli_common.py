@@ -99,8 +99,20 @@ def test_progress_on_a_terminal_is_a_live_bar():
 def test_a_long_cli_job_logs_progress_when_piped(tmp_path):
     """The real command with stdout to a pipe (as under nohup or CI) prints progress lines as it goes."""
     done = subprocess.run(
-        [sys.executable, "-m", "interplab", "train", "--preset", "modadd", "--steps", "30", "--out",
-         str(tmp_path / "run"), "--threads", "1"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "interplab",
+            "train",
+            "--preset",
+            "modadd",
+            "--steps",
+            "30",
+            "--out",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+        ],  # fmt: skip
         cwd=ROOT,
         env=script_env(INTERPLAB_PROGRESS_SECONDS="0"),
         capture_output=True,
