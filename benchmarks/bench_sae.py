@@ -240,7 +240,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="timed steps per contender run")
     p.add_argument("--quality-steps", type=int, default=60)
-    p.add_argument("--saelens-python", default="/tmp/sl-venv/bin/python")
+    p.add_argument(
+        "--saelens-python",
+        default=os.environ.get(
+            "INTERPLAB_SAELENS_PYTHON", str(ROOT / ".peers" / "saelens" / "bin" / "python")
+        ),
+        help="the sae_lens peer (bash scripts/peers.sh saelens)",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "quality", "caching", "peak"])
     p.add_argument("--quality-archs", nargs="*", default=["relu", "topk"], choices=["relu", "topk"])
     p.add_argument(

@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
 # Build the peer environments that the compatibility tests and benchmarks compare against, each in its own venv
 # under .peers/ (never in .venv): TransformerLens 3.9 (HookedTransformer) and sae_lens. CPU torch is installed
-# first, pinned, so no peer pulls a CUDA build. Idempotent; prints the variables the tests read.
+# first, pinned, so no peer pulls a CUDA build (checked after the install). Idempotent: a peer whose venv
+# already has the pinned version is kept. Prints the variables the tests read (tests/peers.py also finds
+# .peers/<name>/bin/python by itself when they are unset).
 #   bash scripts/peers.sh            # build both
 #   bash scripts/peers.sh tl         # only TransformerLens
+#   bash scripts/peers.sh saelens    # only sae_lens
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-all}
-build() {  # name, package spec, import name
-  local dir=".peers/$1" spec=$2 mod=$3
-  if [ -x "$dir/bin/python" ] && "$dir/bin/python" -c "import $mod" 2>/dev/null; then return; fi
+case "$want" in all | tl | saelens) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens], got '$want'" >&2; exit 2 ;; esac
+TORCH=2.13.0
+build() {  # name, distribution, version, import name
+  local dir=".peers/$1" dist=$2 version=$3 mod=$4
+  local check="import importlib.metadata as m, sys, torch, $mod
+cuda = [d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].lower().startswith('nvidia')]
+sys.exit(m.version('$dist') != '$version' or torch.version.cuda is not None or bool(cuda))"
+  if [ -x "$dir/bin/python" ] && "$dir/bin/python" -c "$check" 2>/dev/null; then return; fi
+  local start=$SECONDS
   rm -rf "$dir"
   "$PY" -m venv "$dir"
-  "$dir/bin/pip" install -q "torch==2.13.0"
-  "$dir/bin/pip" install -q "torch==2.13.0" "$spec"
-  "$dir/bin/python" -c "import $mod"
+  "$dir/bin/pip" install -q "torch==$TORCH"
+  "$dir/bin/pip" install -q "torch==$TORCH" "$dist==$version"
+  if ! "$dir/bin/python" -c "$check"; then
+    echo "peers.sh: $dir does not import $mod $version with a CPU torch ($("$dir/bin/python" -c 'import torch; print(torch.__version__)'))" >&2
+    exit 1
+  fi
+  echo "peers.sh: built $dir ($dist $version) in $((SECONDS - start)) s" >&2
 }
-if [ "$want" = all ] || [ "$want" = tl ]; then build tl "transformer-lens==3.9.0" transformer_lens; fi
-if [ "$want" = all ] || [ "$want" = saelens ]; then build saelens "sae-lens" sae_lens; fi
+if [ "$want" = all ] || [ "$want" = tl ]; then build tl transformer-lens 3.9.0 transformer_lens; fi
+if [ "$want" = all ] || [ "$want" = saelens ]; then build saelens sae-lens 6.54.12 sae_lens; fi
 echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
 echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"

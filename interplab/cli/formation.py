@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict
 
     try:
         with JobProgress("formation", unit="checkpoints") as bar:
-            result = formation(run_dir, n_seqs=seqs, progress=bar)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # skipped checkpoints are printed below
+                result = formation(run_dir, n_seqs=seqs, progress=bar)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     paths = result.save(out or run_dir / "formation")
@@ -57,6 +60,8 @@ def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
             style=style,
         )
     console.print(table)
+    for item in result.skipped:
+        console.print(f"[yellow]skipped checkpoint[/] {item}")
     console.print(result.summary())
     console.print(f"table: {paths['table']}\ninteractive plot: {paths['html']}")
     if paths["png"]:

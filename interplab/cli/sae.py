@@ -37,26 +37,33 @@ def cache(
     tokens: int = typer.Option(1_000_000, "--tokens", help="stop after about this many activation rows"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32, float16 or bfloat16 on disk"),
     shard_rows: int = typer.Option(65536, "--shard-rows"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="delete an existing cache at --out and start again"
+    ),
     threads: int = typer.Option(None, "--threads"),
 ) -> None:
-    """Run the model over a corpus and write activations to a sharded, resumable cache."""
+    """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
+    the model, data and settings are the same; anything different is refused)."""
     from interplab.sae.activations import corpus_token_batches
     from interplab.sae.disk_store import cache_activations
 
     set_threads(threads)
     model = _load_model(model_path)
     try:
-        batches, tfilter = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
+        data = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
         with JobProgress("sae cache", total=tokens, unit="rows") as bar:
             res = cache_activations(
                 model,
-                batches,
+                data.batches,
                 hooks,
                 out,
                 dtype=dtype,
                 shard_rows=shard_rows,
-                token_filter=tfilter,
+                token_filter=data.token_filter,
                 max_rows=tokens,
+                source=data.source,
+                model_name=str(model_path),
+                overwrite=overwrite,
                 progress=lambda n: bar.update(min(n, tokens)),
             )
     except (ValueError, KeyError, FileNotFoundError) as err:
@@ -95,7 +102,11 @@ def train(
     arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk, jumprelu or gated"),
     expansion: int = typer.Option(8, "--expansion", help="d_sae = expansion * d_in (unless swept)"),
     k: int = typer.Option(32, "--k", help="active latents for topk/batchtopk"),
-    coefficient: float = typer.Option(5.0, "--coefficient", help="L1 (relu, gated) or L0 (jumprelu) weight"),
+    coefficient: float = typer.Option(
+        None,
+        "--coefficient",
+        help="L1 (relu, gated) or L0 (jumprelu) weight; default: the architecture's, scaled to the data",
+    ),
     sweep: list[str] = typer.Option(
         [], "--sweep", help="e.g. coefficient=1,3,10 or k=16,32: several SAEs, one pass"
     ),
@@ -105,10 +116,27 @@ def train(
     corpus: str = typer.Option("python-stdlib", "--corpus"),
     seq_len: int = typer.Option(128, "--seq-len"),
     autocast: bool = typer.Option(True, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"),
+    seed: int = typer.Option(
+        0, "--seed", help="seed of the SAEs' initial weights, data order and resampling"
+    ),
+    checkpoint_every: int = typer.Option(
+        None,
+        "--checkpoint-every",
+        help="steps between checkpoints (default: a tenth of --steps; the last 2 kept)",
+    ),
+    stop_after: int = typer.Option(None, "--stop-after", help="stop after this step (run again to resume)"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue the same run found in --out"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace a different run found in --out (its SAEs, log and checkpoints)"
+    ),
     threads: int = typer.Option(None, "--threads"),
 ) -> None:
-    """Train SAEs (several hooks and/or a sweep, all from one pass over the activations)."""
-    from interplab.io import atomic_write_json
+    """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
+    resumes bit-exactly when started again with the same arguments; a different run into the same --out is
+    refused unless --overwrite."""
+    import torch
+
+    from interplab.integrity import module_fingerprint
     from interplab.plots import save_figure
     from interplab.sae import SAEConfig, create_sae
     from interplab.sae.train import TrainConfig, train_saes
@@ -126,8 +154,15 @@ def train(
             if missing:
                 fail(f"{cache_dir} has no activations for {missing}; it holds {list(store.hooks)}")
             epochs = -(-steps * batch // max(store.rows, 1))
-            batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs)
-            model_name = store.manifest.get("model")
+            batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs, seed=seed)
+            model_name = (store.manifest.get("model") or {}).get("name")
+            data_id = {
+                "cache": str(cache_dir.resolve()),
+                "cache_identity": store.manifest.get("identity"),
+                "cache_shards": [[sh["file"], sh["rows"], sh.get("sha256")] for sh in store.shards],
+                "batch": batch,
+                "epochs": epochs,
+            }
         else:
             from interplab.sae.activations import ActivationStream, corpus_token_batches
 
@@ -138,18 +173,23 @@ def train(
                 if h not in shapes:
                     model.hook_registry.resolve(h)
                 widths[h] = int(shapes[h][-1]) if len(shapes[h]) == 3 else int(shapes[h][-2] * shapes[h][-1])
-            toks, tfilter = corpus_token_batches(
-                model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len)
-            )
+            data = corpus_token_batches(model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len))
             batches = ActivationStream(
                 model,
-                _cycle(toks),
+                _cycle(data.batches),
                 list(widths),
                 batch_size=batch,
                 buffer_tokens=max(8 * batch, 65536),
-                token_filter=tfilter,
+                token_filter=data.token_filter,
             )
             model_name = str(model_path)
+            data_id = {
+                "model": str(model_path.resolve()),
+                "model_fingerprint": module_fingerprint(model),
+                **data.source,
+                "batch": batch,
+            }
+        torch.manual_seed(seed)
         saes, cfgs = {}, {}
         for hook, d_in in widths.items():
             for run in _parse_sweep(sweep):
@@ -174,20 +214,12 @@ def train(
                     warmup_steps=min(100, steps // 10 + 1),
                     autocast=autocast,
                     log_every=max(1, min(50, steps // 20)),
+                    checkpoint_every=checkpoint_every or max(1, steps // 10),
+                    seed=seed,
                 )
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
         return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out / "config.json",
-        {
-            "command": "sae train",
-            "source": str(cache_dir or model_path),
-            "saes": {n: s.cfg.to_dict() for n, s in saes.items()},
-            "train": {n: {**c.__dict__} for n, c in cfgs.items()},
-        },
-    )
     console.print(f"training {len(saes)} SAE(s) for {steps:,} steps of {batch:,} rows -> {out}")
     with JobProgress("sae train", total=steps, unit="steps") as bar:
 
@@ -199,7 +231,27 @@ def train(
                 f"dead {first['dead_fraction']:.1%}",
             )
 
-        result = train_saes(saes, batches, cfgs, run_dir=out, progress=show)
+        try:
+            result = train_saes(
+                saes,
+                batches,
+                cfgs,
+                run_dir=out,
+                progress=show,
+                data=data_id,
+                resume=resume,
+                overwrite=overwrite,
+                stop_after=stop_after,
+                keep_checkpoints=2,
+            )
+        except (ValueError, OSError) as err:
+            fail(str(err))
+            return
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from:,}")
+    if result.steps < steps and stop_after is not None and result.steps == stop_after:
+        console.print(f"stopped after step {result.steps:,}; run the same command again to resume")
+        return
     for metric in ("fvu", "l0", "dead_fraction"):
         save_figure(result.plot(metric), out / f"training_{metric}.html")
     for name in saes:
@@ -240,13 +292,13 @@ def evaluate(
     out = out or sae_path / "eval"
     model = _load_model(model_path)
     try:
-        toks, tfilter = corpus_token_batches(
+        data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
         reports = {}
         for folder in folders:
             sae = load_sae(folder)
-            rep = evaluate_sae(model, sae, toks, token_filter=tfilter)
+            rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
             rep.save(out / folder.name)
             reports[folder.name] = rep
             console.print(f"{folder.name}: {rep!r}")

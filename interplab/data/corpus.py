@@ -1,5 +1,10 @@
 """Corpora: where documents come from, with a fixed train/validation split by file (or by record).
 
+The split and the cache key depend only on what a corpus *is*, never on where it lives: a file is named by
+its path relative to the corpus root (the folder opened, or the standard library's folder), so a copy of a
+corpus in another folder (or another Python install of the same library) has the same split, the same
+tokenizer and the same tokens.
+
 - ``python-stdlib``: the ``.py`` files of the running interpreter's standard library (tests and site-packages
   left out), in sorted order. Every Python ships it, so the demo needs no network.
 - a local text file or folder (``.txt``, ``.py``, ``.md`` ... read as UTF-8), ``.jsonl`` (field ``text``),
@@ -22,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
+from interplab.io import file_sha256
 
 STDLIB = "python-stdlib"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -52,6 +59,10 @@ _TEXT_SUFFIXES = {
 
 
 _LINES_PER_RECORD = 100
+# bump when the split rule, the record rule or the file order changes: it is part of every cache key
+_SPLIT_SCHEME = (
+    "interplab-split-v2: sha256(relative posix path or record index), files sorted by relative path"
+)
 
 
 class Split(str, Enum):
@@ -61,23 +72,52 @@ class Split(str, Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class Corpus:
-    """A named collection of text documents split deterministically into train and validation."""
+    """A named collection of text documents split deterministically into train and validation.
+
+    Multi-file text corpora are split by file, on a hash of each file's path relative to ``root``; single
+    files, jsonl/parquet and saved datasets by record index. Neither depends on ``root`` itself."""
 
     name: str
     """``python-stdlib`` or the path it was opened from"""
     units: tuple[str, ...]
-    """the files (or dataset path) it reads, in order"""
+    """the files (or dataset path) it reads, in order (sorted by their path relative to ``root``)"""
     kind: str
     """``files``, ``jsonl``, ``parquet`` or ``hf-disk``"""
     val_fraction: float = 0.05
     """fraction of files (records for single-file and dataset corpora) held out for validation"""
+    root: str | None = None
+    """what the units are named relative to: the folder opened (the file itself for a single-file corpus);
+    the split and the cache key see only relative paths. None: the folder of the first unit"""
+
+    def relative(self, unit: str) -> str:
+        """``unit``'s path relative to the corpus root, in POSIX form (what the split and the cache key read)."""
+        root = Path(self.root) if self.root is not None else Path(self.units[0]).parent
+        try:
+            return Path(unit).relative_to(root).as_posix()
+        except ValueError:
+            raise ValueError(f"corpus unit {unit} is not under the corpus root {root}") from None
+
+    @property
+    def split_by_file(self) -> bool:
+        """True when whole files are assigned to splits (a text corpus of several files)."""
+        return self.kind == "files" and len(self.units) > 1
+
+    def assignment(self) -> dict[str, Split]:
+        """Relative path -> split of every file of a file-split corpus (empty when split by record)."""
+        if not self.split_by_file:
+            return {}
+        return {
+            rel: Split.VALIDATION if _is_validation(rel, self.val_fraction) else Split.TRAIN
+            for rel in map(self.relative, self.units)
+        }
 
     def documents(self, split: Split | str = Split.TRAIN) -> Iterator[str]:
         """Yield the documents of one split, in a fixed order."""
         split = Split(split)
-        if self.kind == "files" and len(self.units) > 1:
+        if self.split_by_file:
+            assignment = self.assignment()
             for path in self.units:
-                if _is_validation(path, self.val_fraction) == (split is Split.VALIDATION):
+                if assignment[self.relative(path)] is split:
                     yield _read_text(Path(path))
             return
         for i, doc in enumerate(self._records()):
@@ -100,25 +140,37 @@ class Corpus:
             yield from _hf_disk(Path(self.units[0]))
 
     def fingerprint(self) -> str:
-        """A content hash of everything the corpus reads (the cache key of its token store)."""
+        """A hash of everything that determines the documents of each split: the split rule, the kind, the
+        validation fraction, and every file's relative path, position, split and contents (the cache key of
+        tokenizers and token stores). Where the corpus lives is not part of it."""
         return self._fingerprint
 
     @functools.cached_property
     def _fingerprint(self) -> str:
-        h = hashlib.sha256(f"{self.kind}|{self.val_fraction}".encode())
+        h = hashlib.sha256()
+
+        def field(*parts: object) -> None:  # length-prefixed, so no two inputs concatenate alike
+            for part in parts:
+                data = part if isinstance(part, bytes) else str(part).encode()
+                h.update(len(data).to_bytes(8, "little") + data)
+
+        field(_SPLIT_SCHEME, self.kind, repr(float(self.val_fraction)), len(self.units), self.split_by_file)
+        assignment = self.assignment()
         for unit in self.units:
             p = Path(unit)
-            files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-            for f in files:
-                h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
+            rel = self.relative(unit)
+            field("unit", rel, assignment[rel].value if assignment else "records")
+            files = sorted(
+                (q for q in p.rglob("*") if q.is_file()), key=lambda q: q.relative_to(p).as_posix()
+            )
+            for f in files if p.is_dir() else [p]:
+                field("file", f.relative_to(p).as_posix() if p.is_dir() else "", file_sha256(f))
         return h.hexdigest()[:16]
 
 
 def _is_validation(key: str, fraction: float) -> bool:
-    # a hash of the file's name (not its position) keeps the split stable when files are added
+    # a hash of the file's relative path or the record's index (not the file's position, not its absolute
+    # path): stable when files are added, the same wherever the corpus is copied
     digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
     return (digest % 10_000) < fraction * 10_000
 
@@ -173,11 +225,21 @@ def _hf_disk(path: Path) -> Iterator[str]:
         yield record["text"]
 
 
-def stdlib_files() -> list[Path]:
-    """The standard library's ``.py`` files (no tests, no site-packages), sorted by relative path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: str | Path | None = None) -> list[Path]:
+    """The standard library's ``.py`` files (no tests, no site-packages), sorted by relative path.
+    ``root``: another copy of a standard library (default: the running interpreter's)."""
+    root = Path(root) if root is not None else stdlib_root()
     files = [p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _sorted_under(root: Path, files) -> tuple[str, ...]:
+    return tuple(str(f) for f in sorted(files, key=lambda f: f.relative_to(root).as_posix()))
 
 
 def open_corpus(source: str | Path, *, val_fraction: float = 0.05) -> Corpus:
@@ -185,11 +247,12 @@ def open_corpus(source: str | Path, *, val_fraction: float = 0.05) -> Corpus:
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     if str(source) == STDLIB:
-        files = stdlib_files()
+        root = stdlib_root()
+        files = stdlib_files(root)
         if not files:
-            raise ValueError(f"no standard-library .py files found under {sysconfig.get_paths()['stdlib']}")
+            raise ValueError(f"no standard-library .py files found under {root}")
         return Corpus(
-            name=STDLIB, units=tuple(str(f) for f in files), kind="files", val_fraction=val_fraction
+            name=STDLIB, units=tuple(map(str, files)), kind="files", val_fraction=val_fraction, root=str(root)
         )
     path = Path(source).expanduser()
     if not path.exists():
@@ -197,22 +260,23 @@ def open_corpus(source: str | Path, *, val_fraction: float = 0.05) -> Corpus:
             f"corpus {str(source)!r} does not exist (give a file, a folder, or {STDLIB!r})"
         )
     if path.is_dir():
+        common = dict(name=str(path), val_fraction=val_fraction, root=str(path))
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            return Corpus(name=str(path), units=(str(path),), kind="hf-disk", val_fraction=val_fraction)
-        jsonl = sorted(path.rglob("*.jsonl"))
-        parquet = sorted(path.rglob("*.parquet"))
+            return Corpus(units=(str(path),), kind="hf-disk", **common)
+        jsonl = list(path.rglob("*.jsonl"))
+        parquet = list(path.rglob("*.parquet"))
         if jsonl or parquet:
-            kind, files = ("jsonl", jsonl) if jsonl else ("parquet", parquet)
-            return Corpus(name=str(path), units=tuple(map(str, files)), kind=kind, val_fraction=val_fraction)
-        files = sorted(
+            kind, found = ("jsonl", jsonl) if jsonl else ("parquet", parquet)
+            return Corpus(units=_sorted_under(path, found), kind=kind, **common)
+        files = [
             p
             for p in path.rglob("*")
             if p.is_file()
             and p.suffix in _TEXT_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        ]
         if not files:
             raise ValueError(f"folder {path} has no text files ({', '.join(sorted(_TEXT_SUFFIXES))})")
-        return Corpus(name=str(path), units=tuple(map(str, files)), kind="files", val_fraction=val_fraction)
+        return Corpus(units=_sorted_under(path, files), kind="files", **common)
     kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "files")
-    return Corpus(name=str(path), units=(str(path),), kind=kind, val_fraction=val_fraction)
+    return Corpus(name=str(path), units=(str(path),), kind=kind, val_fraction=val_fraction, root=str(path))

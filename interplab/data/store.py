@@ -1,8 +1,9 @@
 """Token stores: a corpus split tokenised once into a flat memory-mapped array on disk, cut into sequences.
 
-Stores are cached by content: the key hashes the corpus' contents, the split and the tokenizer, so a
-changed file or tokenizer gives a new store and an unchanged one is reused. Tokenisation streams documents
-in chunks, so the corpus never has to fit in memory. Documents are joined with the tokenizer's
+Stores are cached by content: the key hashes the corpus' fingerprint (every file's relative path, split and
+contents, the split rule and fraction, the order), the split, the tokenizer and the store format, so anything
+that would change the tokens gives a new store, and an unchanged corpus, wherever it lives, reuses its store.
+Tokenisation streams documents in chunks, so the corpus never has to fit in memory. Documents are joined with the tokenizer's
 ``<|bos|>`` token (a document boundary the model can see).
 
 >>> from interplab.data import open_corpus, corpus_tokenizer, build_token_store
@@ -28,10 +29,13 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interplab.data.corpus import Corpus, Split
-from interplab.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from interplab.data.tokenizer import BPE_SPECIALS, Tokenizer, load_tokenizer, train_bpe
 from interplab.io import atomic_path, atomic_write_json
 
 _CHUNK_DOCS = 64
+# bump when what a store holds for the same corpus and tokenizer changes (separator, dtype rule)
+_STORE_FORMAT = "interplab-store-v2: <|bos|> before each non-empty document, uint16 below 65,536 ids"
+_BPE_MIN_FREQUENCY = 2
 
 
 def cache_dir() -> Path:
@@ -73,14 +77,29 @@ class TokenStore:
         return torch.from_numpy(rows.astype(np.int64))
 
 
+def _key(*parts: str) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def corpus_tokenizer(corpus: Corpus, vocab_size: int, *, cache: Path | None = None) -> Tokenizer:
-    """A byte-level BPE tokenizer trained on the corpus' train split (cached by content and vocab size)."""
+    """A byte-level BPE tokenizer trained on the corpus' train split, cached by the corpus fingerprint (its
+    files, their split and contents) and the whole training recipe (vocab size, minimum frequency, specials,
+    the ``tokenizers`` version that trains it)."""
+    import tokenizers
+
     cache = cache or cache_dir()
-    key = hashlib.sha256(f"{corpus.fingerprint()}|bpe|{vocab_size}".encode()).hexdigest()[:16]
+    recipe = json.dumps(
+        {"bpe": "byte-level", "vocab_size": vocab_size, "min_frequency": _BPE_MIN_FREQUENCY,
+         "specials": list(BPE_SPECIALS), "tokenizers": tokenizers.__version__},
+        sort_keys=True,
+    )  # fmt: skip
+    key = _key(corpus.fingerprint(), Split.TRAIN.value, recipe)
     file = cache / "tokenizers" / f"{key}.json"
     if file.is_file():
         return load_tokenizer(file)
-    tok = train_bpe(corpus.documents(Split.TRAIN), vocab_size)
+    tok = train_bpe(
+        corpus.documents(Split.TRAIN), vocab_size, min_frequency=_BPE_MIN_FREQUENCY, specials=BPE_SPECIALS
+    )
     tok.save(file)
     return tok
 
@@ -99,14 +118,15 @@ def build_token_store(
     split = Split(split)
     cache = cache or cache_dir()
     tok_hash = hashlib.sha256(_tokenizer_text(tokenizer).encode()).hexdigest()
-    key = hashlib.sha256(f"{corpus.fingerprint()}|{split.value}|{tok_hash}".encode()).hexdigest()[:16]
+    key = _key(corpus.fingerprint(), split.value, tok_hash, _STORE_FORMAT)
     folder = cache / "stores"
     meta_file = folder / f"{key}.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         bin_file = folder / f"{key}.bin"
         if (
-            bin_file.is_file()
+            meta.get("key") == key
+            and bin_file.is_file()
             and bin_file.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
         ):
             return TokenStore(path=bin_file, n_tokens=meta["n_tokens"], dtype=meta["dtype"])
@@ -146,6 +166,7 @@ def build_token_store(
         {
             "n_tokens": n_tokens,
             "dtype": np.dtype(dtype).name,
+            "key": key,
             "corpus": corpus.name,
             "split": split.value,
             "fingerprint": corpus.fingerprint(),

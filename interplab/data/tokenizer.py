@@ -23,6 +23,7 @@ from interplab.io import atomic_write_text
 BOS = "<|bos|>"
 PAD = "<|pad|>"
 _CHAR_FORMAT = "interplab-char"
+BPE_SPECIALS = (BOS, PAD)
 
 
 class Tokenizer:
@@ -132,7 +133,7 @@ class CharTokenizer(Tokenizer):
 
 
 def train_bpe(
-    texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, specials: Sequence[str] = (BOS, PAD)
+    texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, specials: Sequence[str] = BPE_SPECIALS
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer (GPT-2 style pre-tokenisation) on an iterable of documents.
 

@@ -28,7 +28,7 @@ from interplab.features.collect import (
     top_logits,
 )
 from interplab.features.config import FeatureBuildConfig
-from interplab.features.store import FeatureStore
+from interplab.features.store import FeatureStore, is_url
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
 
 WRITE_CHUNK = 256
@@ -117,8 +117,9 @@ def build_feature_db(
     n_tokens = int(counts.sum())
     if n_tokens == 0:
         raise ValueError("the token source is empty")
-    if overwrite and "://" not in str(path):
-        Path(path).unlink(missing_ok=True)
+    if overwrite and not is_url(path):
+        for suffix in ("", "-wal", "-shm", "-journal"):  # a stale WAL must not meet the new file
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
         shutil.rmtree(_state_dir(path), ignore_errors=True)
     store = FeatureStore(path, create=True)
     fingerprint = _fingerprint(model, sae, cfg, n_tokens)
@@ -194,10 +195,9 @@ def build_feature_db(
 
 
 def _state_dir(path: str | Path) -> Path:
-    s = str(path)
-    if "://" in s:
+    if is_url(path):
         return Path(".interplab-feature-build")
-    return Path(s + ".build")
+    return Path(f"{path}.build")
 
 
 def _rounded(x: torch.Tensor, digits: int = 4) -> list:

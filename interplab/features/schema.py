@@ -3,10 +3,20 @@
 SQLite is the default (one file, WAL journal so the web app can read while a build writes); any SQLAlchemy
 URL works too (PostgreSQL: ``postgresql://...``), with full-text search falling back to ``ILIKE``.
 
-Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores).
+Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores);
+3 = + checksums (a SHA-256 per feature of its row and contexts, verified when the feature is read, so a changed
+byte is named instead of served; features written before version 3 have none).
+A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.store.sqlite_engine`), so a
+name with ``?`` or ``#`` is a name; serving read-only opens with ``mode=ro`` and never switches the journal.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -25,7 +35,10 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+KIND = "interplab.features"
+"""``meta.kind``: marks a database as interplab's (databases without it and without a schema version are
+foreign and are never written into)"""
 
 metadata = MetaData()
 
@@ -91,7 +104,41 @@ labels = Table(
     Column("score", Float),
 )
 
+checksums = Table(
+    "checksums",
+    metadata,
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("sha256", String(64), nullable=False),  # of the feature's row and its contexts (`row_digest`)
+)
+
 _V1_TABLES = (meta, vocab, features, contexts, passes)
+CONTEXT_DIGEST_COLUMNS = ("kind", "rank", "token_index", "act", "tokens", "acts", "text")
+READABLE_FROM = 2
+"""the oldest schema a read-only open can serve (older ones need a migration, i.e. a write)"""
+
+
+def row_digest(feature_row: Mapping[str, Any], context_rows: Iterable[Mapping[str, Any]]) -> str:
+    """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
+    the type its column stores, so the digest computed at write equals the one recomputed from a read."""
+    h = hashlib.sha256()
+    h.update(repr(tuple(_stored(col, feature_row.get(col.name)) for col in features.columns)).encode())
+    cols = [contexts.c[name] for name in CONTEXT_DIGEST_COLUMNS]
+    for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
+        h.update(repr(tuple(_stored(col, r.get(col.name)) for col in cols)).encode())
+    return h.hexdigest()
+
+
+def _stored(col: Column, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(col.type, Float):
+        value = float(value) + 0.0  # SQLite stores -0.0 as 0 and NaN as NULL
+        return None if math.isnan(value) else value
+    if isinstance(col.type, Integer):
+        return int(value)
+    if isinstance(col.type, LargeBinary):
+        return bytes(value)
+    return str(value)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -102,18 +149,37 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def install_pragmas(engine: Engine) -> None:
+def _sqlite_read_only_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()  # no journal-mode switch: that would write
+    cur.execute("PRAGMA query_only=1")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def install_pragmas(engine: Engine, *, read_only: bool = False) -> None:
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
 
 
 def schema_version(engine: Engine) -> int:
     """0 for an empty database."""
-    if not inspect(engine).has_table("meta"):
-        return 0
+    return inspect_database(engine)[0]
+
+
+def inspect_database(engine: Engine) -> tuple[int, set[str], str | None]:
+    """(schema version (0: none), table names, the ``kind`` marker in ``meta`` if any)."""
+    tables = set(inspect(engine).get_table_names())
+    if "meta" not in tables:
+        return 0, tables, None
     with engine.connect() as conn:
-        value = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
-    return int(value) if value is not None else 0
+        rows = dict(
+            conn.execute(
+                select(meta.c.key, meta.c.value).where(meta.c.key.in_(["schema_version", "kind"]))
+            ).all()
+        )
+    version = rows.get("schema_version")
+    kind = rows.get("kind")
+    return (int(version) if version is not None else 0), tables, json.loads(kind) if kind else None
 
 
 def _create_v1(conn) -> None:
@@ -134,7 +200,11 @@ def _v1_to_v2(conn) -> None:
     labels.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _create_v1, 2: _v1_to_v2}
+def _v2_to_v3(conn) -> None:
+    checksums.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _create_v1, 2: _v1_to_v2, 3: _v2_to_v3}
 
 
 def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
@@ -148,6 +218,7 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
     for version in range(found + 1, target + 1):
         with engine.begin() as conn:
             MIGRATIONS[version](conn)
-            conn.execute(meta.delete().where(meta.c.key == "schema_version"))
+            conn.execute(meta.delete().where(meta.c.key.in_(["schema_version", "kind"])))
             conn.execute(meta.insert().values(key="schema_version", value=str(version)))
+            conn.execute(meta.insert().values(key="kind", value=json.dumps(KIND)))
     return found

@@ -1,6 +1,7 @@
 """interplab's own model format: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
 
-`load_native` is the exact inverse of `save_model`.
+`load_native` is the exact inverse of `save_model`. ``checksums.json`` (written last) records each file's size
+and SHA-256; `load_native` verifies them and names a file that does not match.
 """
 
 from __future__ import annotations
@@ -10,31 +11,36 @@ from pathlib import Path
 
 import torch
 
+from interplab.integrity import forget_checksums, record_checksums, verify_checksums
 from interplab.io import atomic_write_json, save_tensors
 from interplab.model.config import ModelConfig
 from interplab.model.transformer import Transformer
 
 FORMAT = "interplab"
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 
 
 def save_model(model: Transformer, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_tensors(path / "model.safetensors", dict(model.state_dict()), metadata={"format": FORMAT})
+    forget_checksums(path)  # the old record would fail the new files if this write is interrupted
+    save_tensors(path / WEIGHTS, dict(model.state_dict()), metadata={"format": FORMAT})
     if model.tokenizer is not None:
-        model.tokenizer.save(path / "tokenizer.json")
+        model.tokenizer.save(path / TOKENIZER)
     # config last: a folder with a config.json is a complete model
-    atomic_write_json(path / "config.json", {"format": FORMAT, **model.cfg.to_dict()})
+    atomic_write_json(path / CONFIG, {"format": FORMAT, **model.cfg.to_dict()})
+    record_checksums(path, [WEIGHTS, TOKENIZER, CONFIG])
     return path
 
 
 def is_native(path: Path) -> bool:
-    cfg = path / "config.json"
+    cfg = path / CONFIG
     if not cfg.is_file():
         return False
     try:
         return json.loads(cfg.read_text()).get("format") == FORMAT
     except json.JSONDecodeError:
+        verify_checksums(path)  # a config.json we wrote and that was damaged since: name it
         return False
 
 
@@ -44,12 +50,13 @@ def load_native(
     from safetensors.torch import load_file
 
     path = Path(path)
-    data = json.loads((path / "config.json").read_text())
+    verify_checksums(path)  # a flipped byte in any file is named here, never loaded
+    data = json.loads((path / CONFIG).read_text())
     data.pop("format", None)
     cfg = ModelConfig.from_dict(data)
-    weights_file = path / "model.safetensors"
+    weights_file = path / WEIGHTS
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{path} has a config.json but no model.safetensors")
+        raise FileNotFoundError(f"{path} has a {CONFIG} but no {WEIGHTS}")
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
     state = load_file(str(weights_file), device=str(device))

@@ -26,6 +26,28 @@ def _hp(kind: SiteKind, layer: int | None) -> HookPoint:
     return HookPoint(Site(kind, layer))
 
 
+class _ValueOf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: Tensor, graph: Tensor) -> Tensor:  # type: ignore[override]
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        return None, grad
+
+
+def value_of(value: Tensor, graph: Tensor) -> Tensor:
+    """``value`` in the forward pass (bit for bit), with the gradient of ``graph`` (the same quantity computed
+    another way). Backward hooks need a tensor the fast path never builds (per-head results, attention
+    patterns, split inputs, norm scales): the slow path carries the gradient, the forward stays the fast one."""
+    return _ValueOf.apply(value.detach(), graph)
+
+
+def replaced(point: HookPoint) -> bool:
+    """Whether forward hooks may replace the activation (backward hooks alone leave the forward unchanged)."""
+    return bool(point.fwd)
+
+
 # ---------------------------------------------------------------------------------------------------
 class Normalization(nn.Module):
     """LayerNorm or RMSNorm with ``hook_scale`` [batch pos 1] and ``hook_normalized`` (the output)."""
@@ -41,8 +63,10 @@ class Normalization(nn.Module):
         self.hook_normalized = normalized
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        if self.hook_scale is not None and self.hook_scale.intervened:
+        if self.hook_scale is not None and replaced(self.hook_scale):
             out = self._by_hooked_scale(x)
+        elif self.hook_scale is not None and self.hook_scale.intervened:  # backward hooks only
+            out = value_of(self._norm(x)[0], self._by_hooked_scale(x))
         else:
             out, inv_scale = self._norm(x)
             if self.hook_scale is not None and self.hook_scale.active:  # only read: report, compute as usual
@@ -63,7 +87,7 @@ class Normalization(nn.Module):
 
     def _by_hooked_scale(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, float64 kept
         if self.kind is Norm.LAYERNORM:
             xf = xf - xf.mean(-1, keepdim=True)
         scale = self.hook_scale((xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
@@ -74,7 +98,7 @@ class Normalization(nn.Module):
 def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm and the reciprocal of its scale."""
     dtype = x.dtype
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * inv).to(dtype) * w, inv
 
@@ -243,18 +267,23 @@ class Attention(nn.Module):
         cache: LayerKV | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """``x`` is the normalised residual stream, or ``split`` holds per-head normalised inputs
-        ([batch pos n_heads d_model] for Q, [batch pos n_kv_heads d_model] for K and V)."""
+        ([batch pos n_heads d_model] for Q, [batch pos n_kv_heads d_model] for K and V); given both, the
+        values come from ``x`` and the gradient flows through ``split``."""
         cfg = self.cfg
         h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        if split is None:
-            assert x is not None
+        if x is not None:
             w, b = self._qkv_weight()
             qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:2], h + 2 * kv, dh)
             q, k, v = qkv.split([h, kv, kv], dim=2)
-        else:
-            q = torch.einsum("bphd,hde->bphe", split[0], self.W_Q) + self.b_Q
-            k = torch.einsum("bphd,hde->bphe", split[1], self.W_K) + self.b_K
-            v = torch.einsum("bphd,hde->bphe", split[2], self.W_V) + self.b_V
+        if split is not None:
+            per_head = [
+                torch.einsum("bphd,hde->bphe", inp, W) + b
+                for inp, W, b in zip(
+                    split, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V), strict=True
+                )
+            ]
+            # both given: the values of x's path, the gradient of the split inputs' (backward hooks on them)
+            q, k, v = per_head if x is None else map(value_of, (q, k, v), per_head)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cfg.smear_keys:
             k = self._smear(k, ctx, cache)
@@ -265,20 +294,30 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)
         mask = ctx.mask(q.shape[1], cfg.window_for(self.layer), cfg.causal)
-        explicit = self.hook_attn_scores.active or self.hook_pattern.active or cfg.attn_softcap is not None
-        z = self._explicit(q, k, v, mask, ctx) if explicit else self._sdpa(q, k, v, mask, ctx)
+        scores, pattern = self.hook_attn_scores, self.hook_pattern
+        if replaced(scores) or replaced(pattern) or cfg.attn_softcap is not None:
+            z = self._explicit(q, k, v, mask, ctx)
+        elif scores.intervened or pattern.intervened:  # backward hooks only: the fast path's values
+            z = value_of(self._sdpa(q, k, v, mask, ctx), self._explicit(q, k, v, mask, ctx))
+        elif scores.active or pattern.active:
+            z = self._explicit(q, k, v, mask, ctx)
+        else:
+            z = self._sdpa(q, k, v, mask, ctx)
         z = self.hook_z(z)
+        out = torch.addmm(self.b_O, z.reshape(-1, h * dh), self.W_O.reshape(h * dh, -1)).view(
+            *z.shape[:2], -1
+        )
         if self.hook_result.active:
             # every head's output in one batched matmul [head, batch*pos, d_model]; the hook sees a
             # [batch pos head d_model] view of it (no copy)
             zh = z.permute(2, 0, 1, 3).reshape(h, -1, dh)
             result = torch.bmm(zh, self.W_O).view(h, *z.shape[:2], -1).permute(1, 2, 0, 3)
-            if self.hook_result.intervened:  # the heads' (possibly replaced) outputs make attn_out
+            if replaced(self.hook_result):  # the heads' (possibly replaced) outputs make attn_out
                 return self.hook_result(result).sum(dim=2) + self.b_O
-            self.hook_result(result)  # only read: attn_out stays the exact fused computation below
-        return torch.addmm(self.b_O, z.reshape(-1, h * dh), self.W_O.reshape(h * dh, -1)).view(
-            *z.shape[:2], -1
-        )
+            if self.hook_result.intervened:  # backward hooks only: the fused values, the per-head gradient
+                return value_of(out, self.hook_result(result).sum(dim=2) + self.b_O)
+            self.hook_result(result)  # only read: attn_out stays the exact fused computation
+        return out
 
     def _smear(self, k: Tensor, ctx: AttnContext, cache: LayerKV | None) -> Tensor:
         gate = torch.sigmoid(self.smear)[:, None]  # n_kv_heads 1
@@ -335,7 +374,8 @@ class Attention(nn.Module):
             if bias is not None:
                 scores = scores + bias.view(-1, 1, q_len, k_len)
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype))
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # float64 models stay float64
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(v.dtype))
         return torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2)
 
 

@@ -31,6 +31,7 @@ from interplab.model.layers import (
     _hp,
     init_weights,
     make_norm,
+    replaced,
     rotary_tables,
 )
 
@@ -104,7 +105,11 @@ class Block(nn.Module):
         for readers of a few positions of the last block's output, e.g. batched patching."""
         resid = self.hook_resid_pre(resid)
         inputs = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
-        if inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
+        if not any(map(replaced, inputs)) and any(p.intervened for p in inputs):
+            # backward hooks only: the usual forward's values, the gradient through the per-head inputs
+            split = self._split_inputs(resid)
+            attn_out = self.attn(self.ln1(resid), ctx, split=split, cache=cache)
+        elif inputs[0].intervened or inputs[1].intervened or inputs[2].intervened:
             split = self._split_inputs(resid)
             if (
                 self.ln1.hook_normalized.active

@@ -3,10 +3,15 @@
 Conditions, all trained by `train_lm` with the same data order, steps and optimiser:
 - ``none``: no intervention, trained on everything;
 - ``filter``: data filtering, the labelled forget windows removed;
-- ``era``: an expanded model; labelled forget windows update only the expansion (parameter route; their
-  gradient through the original MLP units is blocked by an activation route), everything else never updates
-  the expansion (and sends no gradient through it); then the expansion is ablated and the model optionally
-  fine-tuned on retain data.
+- ``era``: an expanded model; labelled forget windows send gradient through the expansion with weight 1 and
+  through the original MLP units with weight ``forget_original_weight`` (an activation route), and update the
+  parameters outside the expansion with weight ``forget_shared_weight`` (a parameter route); retain windows
+  train everything (``retain_expansion_weight`` on and through the expansion). Then the expansion is ablated
+  and the model optionally fine-tuned on retain data.
+
+interplab's defaults are the strict recipe: forget data trains only the expansion (original units 0, shared
+parameters 0). `ERAConfig.paper` gives the weights of the paper's code (Cloud et al. 2024, TinyStories ERA):
+forget data -0.75 through the original units and free to train the rest of the network (no parameter route).
 Unlabelled forget windows are treated as retain data (they are indistinguishable), for every condition.
 Each final model is then fine-tuned on 1, 4, 16, 64 forget windows to measure how fast the forget data returns.
 """
@@ -15,9 +20,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +52,13 @@ class ERAConfig:
     """MLP width of the original model"""
     expand_units: int = 128
     """extra MLP units per layer in the ERA model"""
+    forget_original_weight: float = 0.0
+    """weight of labelled forget data's gradient through the original MLP units (the activation route at
+    ``mlp.hook_post``): 0 blocks it (interplab's default); negative pushes the original units away from the
+    forget data (the paper's code: -0.75)"""
     forget_shared_weight: float = 0.0
-    """weight of labelled forget data's gradient on every parameter outside the expansion (0: none)"""
+    """weight of labelled forget data's gradient on every parameter outside the expansion (0: none, the
+    default; 1: forget data trains the rest of the network, as in the paper's code)"""
     retain_expansion_weight: float = 1.0
     """weight of retain (and unlabelled) data's gradient on and through the expansion (1: it trains everything,
     so the expansion learns to stay quiet on retain data; 0: the expansion sees forget data only)"""
@@ -84,6 +96,31 @@ class ERAConfig:
             raise ValueError(f"labelled_fractions must be in (0, 1], got {self.labelled_fractions}")
         if any(k <= 0 for k in self.relearn_sizes):
             raise ValueError(f"relearn_sizes must be positive, got {self.relearn_sizes}")
+        for name in ("forget_original_weight", "forget_shared_weight", "retain_expansion_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+    @classmethod
+    def paper(cls, **changes: Any) -> ERAConfig:
+        """The routing weights of the paper's ERA runs (Cloud et al. 2024; TinyStories, their code's
+        ``bulk_runs_for_paper.py``): forget data through the expansion 1 and the original units -0.75, no
+        parameter route (forget data trains attention, embeddings and the original weights through every
+        other path), retain data 1 everywhere. ``changes`` override any field (sizes, steps ...). Unlike the
+        paper, every expanded layer is routed (the paper routes the first 5 of 8 layers)."""
+        recipe: dict[str, Any] = dict(
+            forget_original_weight=-0.75, forget_shared_weight=1.0, retain_expansion_weight=1.0
+        )
+        return cls(**{**recipe, **changes})
+
+    def routing(self, expansion: Expansion) -> ERARouting:
+        """This config's routes for an expanded model."""
+        return ERARouting(
+            expansion=expansion,
+            forget_original_weight=self.forget_original_weight,
+            forget_shared_weight=self.forget_shared_weight,
+            retain_expansion_weight=self.retain_expansion_weight,
+        )
 
     def model_config(self, d_vocab: int, seq_len: int) -> ModelConfig:
         return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_mlp=self.d_mlp,
@@ -92,16 +129,19 @@ class ERAConfig:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ERARouting:
-    """The routes of the ERA condition: group 0 = retain (and unlabelled), group 1 = labelled forget."""
+    """The routes of the ERA condition: group 0 = retain (and unlabelled), group 1 = labelled forget (the
+    weights mean what the `ERAConfig` fields of the same names say)."""
 
     expansion: Expansion
+    forget_original_weight: float = 0.0
     forget_shared_weight: float = 0.0
     retain_expansion_weight: float = 1.0
 
     def router(self) -> Router:
         e = self.expansion
         retain = e.unit_mask(extra=self.retain_expansion_weight, original=1.0)
-        weights = torch.stack([retain, e.unit_mask(extra=1.0, original=0.0)])
+        forget = e.unit_mask(extra=1.0, original=self.forget_original_weight)
+        weights = torch.stack([retain, forget])
         return Router([Route(site=s, weights=weights) for s in e.sites()])
 
     def param_routes(self):
@@ -316,12 +356,7 @@ def run_era(
         finish("filter", fraction, train_lm(fresh(), data.train[keep], labels[keep], **train_args))
         say(f"era {fraction:.0%}: expanded model, routed training")
         expanded, expansion = expand_mlp(fresh(), cfg.expand_units, seed=cfg.seed)
-        routing = ERARouting(
-            expansion=expansion,
-            forget_shared_weight=cfg.forget_shared_weight,
-            retain_expansion_weight=cfg.retain_expansion_weight,
-        )
-        train_lm(expanded, data.train, labels, routing=routing, **train_args)
+        train_lm(expanded, data.train, labels, routing=cfg.routing(expansion), **train_args)
         before = {"retain_loss": eval_loss(expanded, val_r), "forget_loss": eval_loss(expanded, val_f)}
         ablated = ablate_expansion(expanded, expansion)
         if cfg.retain_finetune_steps:

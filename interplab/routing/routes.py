@@ -1,9 +1,12 @@
 """Activation routes: data-dependent masks on the backward pass that leave the forward pass unchanged.
 
 Gradient routing (Cloud et al. 2024) replaces an activation ``a`` by ``m * a + (1 - m) * a.detach()``: the
-value is ``a``; the gradient reaching ``a`` (and everything upstream of it) is multiplied by ``m``. Here this is
-an autograd function whose forward returns ``a`` itself, so the forward pass is bit-identical with and without
-routes, for any weight (``0.3 * a + 0.7 * a`` would not be).
+value is ``a``; the gradient reaching ``a`` (and everything upstream of it) is multiplied by ``m``. Here a route
+touches only the backward pass, so the forward pass is bit-identical with and without routes, for any weight
+(``0.3 * a + 0.7 * a`` would not be) and at every site: on a Transformer a route is a backward hook, which
+keeps the model on its fast path (fused attention, fused norms) even at sites that path never builds (per-head
+results, attention patterns, split inputs, norm scales), while the gradient flows through the explicit
+computation of that site; on a plain module it is an autograd function whose forward returns ``a`` itself.
 
 >>> route = Route.from_regions("blocks.0.hook_resid_post", width=64, regions={0: range(32), 1: range(32, 64)})
 >>> with Router([route]).apply(model, labels):       # labels [batch] or [batch pos]: a group per example/token
@@ -70,7 +73,9 @@ class Route:
     """a Transformer hook point (``blocks.0.mlp.hook_post``, or a Site), or the dotted path of a submodule of a
     plain nn.Module (``encoder``, ``layers.2``) whose output is routed"""
     weights: Float[Tensor, "group coord"]
-    """one row per group: the gradient weight of each coordinate (1 passes, 0 blocks, negative ascends)"""
+    """one row per group: the gradient weight of each coordinate (1 passes, 0 blocks, negative ascends). The
+    route keeps its own float32 copy: later edits of the tensor passed in do not reach it; in-place edits of
+    ``route.weights`` itself do (every mask reads its current values)"""
     axis: Axis = Axis.LAST
     """the activation axis the coordinates index"""
     unlabelled: float = 1.0
@@ -81,7 +86,7 @@ class Route:
             object.__setattr__(self, "site", self.site.name)
         if not isinstance(self.site, str) or not self.site:
             raise ValueError(f"site must be a hook-point name or module path, got {self.site!r}")
-        weights = torch.as_tensor(self.weights, dtype=torch.float32)
+        weights = torch.as_tensor(self.weights).detach().to(torch.float32, copy=True)
         if weights.ndim != 2 or weights.shape[0] == 0 or weights.shape[1] == 0:
             raise ValueError(
                 f"weights must be [group coord] with at least one of each, got {tuple(weights.shape)}"
@@ -92,11 +97,14 @@ class Route:
         object.__setattr__(self, "axis", Axis(self.axis))
 
     def _table(self, device: torch.device) -> Tensor:
-        """weights with the unlabelled row appended, cached per device (built once, not every step)"""
+        """weights with the unlabelled row appended, cached per device and rebuilt whenever ``weights``
+        changed in place (its version counter moved), so a mask never uses stale weights"""
         cache = self.__dict__.setdefault("_tables", {})
-        if device not in cache:
-            cache[device] = torch.cat([self.weights, torch.full((1, self.width), self.unlabelled)]).to(device)
-        return cache[device]
+        version = self.weights._version
+        if device not in cache or cache[device][0] != version:
+            table = torch.cat([self.weights, torch.full((1, self.width), self.unlabelled)]).to(device)
+            cache[device] = (version, table)
+        return cache[device][1]
 
     @property
     def n_groups(self) -> int:
@@ -140,6 +148,19 @@ class Route:
 
     def mask(self, labels: Tensor, shape: torch.Size, *, strength: float = 1.0) -> Tensor:
         """The gradient mask for an activation of ``shape`` whose examples (or tokens) carry ``labels``."""
+        self.check(labels, shape)
+        table = self._table(labels.device)
+        if strength != 1.0:  # annealing: 0 = no routing, 1 = the full weights
+            table = 1.0 + strength * (table - 1.0)
+        rows = table[torch.where(labels == UNLABELLED, self.n_groups, labels)]  # [batch (pos) coord]
+        if self.axis is Axis.HEAD:
+            rows = rows.unsqueeze(-1)
+        # put the coordinate axis in place and broadcast over the axes between the labels and it
+        middle = len(shape) - labels.ndim - (2 if self.axis is Axis.HEAD else 1)
+        return rows.reshape(*labels.shape, *([1] * middle), *rows.shape[labels.ndim :])
+
+    def check(self, labels: Tensor, shape: torch.Size) -> None:
+        """Raise if the route cannot mask an activation of ``shape`` whose examples carry ``labels``."""
         dim = -2 if self.axis is Axis.HEAD else -1
         if len(shape) < 2 or shape[dim] != self.width:
             raise ValueError(
@@ -153,15 +174,6 @@ class Route:
                 f"labels of shape {tuple(labels.shape)} do not match the activation {tuple(shape)} at {self.site!r}: "
                 "give one label per example [batch] or per token [batch pos]"
             )
-        table = self._table(labels.device)
-        if strength != 1.0:  # annealing: 0 = no routing, 1 = the full weights
-            table = 1.0 + strength * (table - 1.0)
-        rows = table[torch.where(labels == UNLABELLED, self.n_groups, labels)]  # [batch (pos) coord]
-        if self.axis is Axis.HEAD:
-            rows = rows.unsqueeze(-1)
-        # put the coordinate axis in place and broadcast over the axes between the labels and it
-        middle = len(shape) - labels.ndim - (2 if self.axis is Axis.HEAD else 1)
-        return rows.reshape(*labels.shape, *([1] * middle), *rows.shape[labels.ndim :])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,9 +243,24 @@ class Router:
 
             return fn
 
+        def grad_hook_for(route: Route):
+            def fn(grad: Tensor, _site: object = None) -> Tensor:
+                mask = route.mask(labels.to(grad.device), grad.shape, strength=strength)
+                return grad * mask.to(grad.dtype)
+
+            return fn
+
+        def check_for(route: Route):  # in the forward pass, so a bad route fails before any backward
+            return lambda x, _site=None: route.check(labels, x.shape)
+
         registry = getattr(model, "hook_registry", None)
         if registry is not None:
-            with registry.scoped([(r.site, hook_for(r)) for r in self.routes]):
+            # backward hooks: the model keeps its forward path exactly (see the module docstring); forwards
+            # run under torch.no_grad() inside the block raise, as for any backward hook
+            with registry.scoped(
+                bwd_hooks=[(r.site, grad_hook_for(r)) for r in self.routes],
+                read_hooks=[(r.site, check_for(r)) for r in self.routes],
+            ):
                 yield
             return
         modules = dict(model.named_modules())

@@ -6,7 +6,7 @@ and SAELens-compatible files.
 """
 
 from interplab.sae.base import SAE, SAEOutput
-from interplab.sae.config import Architecture, DType, Normalization, SAEConfig
+from interplab.sae.config import Architecture, DType, Normalization, Reshape, SAEConfig
 from interplab.sae.io import SAEFormatError, load_sae, save_sae
 from interplab.sae.registry import create_sae, register_architecture, registered_architectures, sae_class
 
@@ -16,6 +16,7 @@ __all__ = [
     "Architecture",
     "DType",
     "Normalization",
+    "Reshape",
     "SAEConfig",
     "SAEFormatError",
     "load_sae",

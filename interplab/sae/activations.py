@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -188,6 +189,17 @@ def _to(t: Tensor, device: torch.device | str | None) -> Tensor:
     return t if device is None else t.to(device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class CorpusBatches:
+    """Token batches of a corpus, the filter that drops BOS and padding, and a description of where they came
+    from (for the manifests of resumable jobs)."""
+
+    batches: list[Tensor]
+    token_filter: TokenFilter
+    source: dict[str, Any]
+    """corpus, its content fingerprint, split, seq_len, batch_size, seed, n_batches"""
+
+
 def corpus_token_batches(
     model: torch.nn.Module,
     corpus: str = "python-stdlib",
@@ -197,7 +209,7 @@ def corpus_token_batches(
     batch_size: int = 16,
     n_batches: int | None = None,
     seed: int = 0,
-) -> tuple[list[Tensor], TokenFilter]:
+) -> CorpusBatches:
     """Token batches [batch_size, seq_len] of a corpus tokenised with the model's own tokenizer (through the
     token stores of `interplab.data`, cached by content), in a seeded order, and the filter that drops BOS and
     padding for that tokenizer. Deterministic, so an interrupted `cache_activations` can resume."""
@@ -209,7 +221,8 @@ def corpus_token_batches(
             "the model has no tokenizer (tokenizer.json beside its weights): pass token batches directly"
         )
     seq_len = min(seq_len, model.cfg.n_ctx)
-    store = build_token_store(open_corpus(corpus), tok, split)
+    opened = open_corpus(corpus)
+    store = build_token_store(opened, tok, split)
     n_seq = store.n_sequences(seq_len)
     total = n_seq // batch_size if n_batches is None else min(n_batches, n_seq // batch_size)
     if total == 0:
@@ -218,4 +231,15 @@ def corpus_token_batches(
         )
     order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed))
     batches = [store.sequences(order[i * batch_size : (i + 1) * batch_size], seq_len) for i in range(total)]
-    return batches, TokenFilter(exclude_bos=True, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
+    source = {
+        "corpus": str(corpus),
+        "corpus_fingerprint": opened.fingerprint(),
+        "split": str(getattr(split, "value", split)),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "seed": seed,
+        "n_batches": total,
+    }
+    return CorpusBatches(
+        batches, TokenFilter(exclude_bos=True, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id), source
+    )

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from interplab.sae.config import Architecture, SAEConfig
+from interplab.sae.config import Architecture, Reshape, SAEConfig
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,11 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = False
     #: default weight of the auxiliary loss (AuxK: 1/32 as in Gao et al.; Gated's gate reconstruction: 1)
     aux_weight: ClassVar[float] = 0.0
+    #: every parameter that holds one slice per latent, and the axis of that slice: resampling a latent resets
+    #: all of them (and their optimizer moments). An architecture with more per-latent parameters extends it.
+    latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: SAEConfig, *, seed: int = 0) -> None:
         super().__init__()
         if cfg.architecture is not self.architecture:
             raise ValueError(
@@ -70,13 +73,16 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_out, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32))
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
     # ---- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Random unit decoder rows (scaled to 0.1 when not kept at unit norm); encoder = decoder transpose."""
-        w = torch.randn(self.cfg.d_sae, self.cfg.d_in)
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Random unit decoder rows (scaled to 0.1 when not kept at unit norm); encoder = decoder transpose.
+        The draw comes from its own generator seeded with ``seed`` (never the global RNG), so the same config
+        and seed give bit-identical SAEs."""
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=g)
         w = w / w.norm(dim=-1, keepdim=True)
         if not self.unit_norm_decoder:
             w = w * 0.1
@@ -84,6 +90,11 @@ class SAE(nn.Module):
         self.W_enc.copy_(w.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+    def latent_reset_values(self) -> dict[str, float]:
+        """The value each per-latent vector parameter (every ``latent_axes`` entry but W_enc and W_dec) of a
+        resampled latent is reset to."""
+        return {"b_enc": 0.0}
 
     @torch.no_grad()
     def init_b_dec(self, x: Float[Tensor, "n d_in"], method: str = "geometric_median") -> None:
@@ -119,8 +130,8 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        self._check_input(x)
-        return self.activation(self.pre_acts(x))
+        """Latent activations; a hook_z SAE also takes per-head input [..., n_heads, d_head]."""
+        return self.activation(self.pre_acts(self.flat_input(x)))
 
     def decode(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
         if acts.shape[-1] != self.cfg.d_sae:
@@ -129,8 +140,12 @@ class SAE(nn.Module):
         return out / self.act_scale.to(out.dtype)
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> SAEOutput:
+        """Encode and decode; the reconstruction has the input's shape (per-head for per-head input)."""
         acts = self.encode(x)
-        return SAEOutput(reconstruction=self.decode(acts), feature_acts=acts)
+        recon = self.decode(acts)
+        if x.shape[-1] != recon.shape[-1]:  # per-head input of a hook_z SAE: give it back per head
+            recon = recon.unflatten(-1, x.shape[-2:])
+        return SAEOutput(reconstruction=recon, feature_acts=acts)
 
     def loss(
         self,
@@ -148,8 +163,8 @@ class SAE(nn.Module):
         have not fired for a while (used by TopK's AuxK loss); ``aux_coefficient`` overrides the
         architecture's default ``aux_weight``. ``with_counts=False`` skips the per-latent firing counts
         of dense architectures (a full pass over [batch, d_sae]; the trainer samples them)."""
-        self._check_input(x)
-        target = x if target is None else target
+        x = self.flat_input(x)
+        target = x if target is None else self.flat_input(target)
         x_s = x.to(self.W_enc.dtype) * self.act_scale.to(self.W_enc.dtype)
         tgt = target.float() * self.act_scale
         recon, acts, sparsity, aux, counts = self.train_forward(x_s, tgt, dead_mask)
@@ -196,12 +211,19 @@ class SAE(nn.Module):
         b = self.b_dec.detach()
         return x_s - b, self.b_enc + (b - self.b_dec) @ self.W_enc
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.shape[-1] != self.cfg.d_in:
-            where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
-            raise ValueError(
-                f"SAE expects inputs [..., d_in={self.cfg.d_in}]{where}, got shape {tuple(x.shape)}"
-            )
+    def flat_input(self, x: Tensor) -> Float[Tensor, "... d_in"]:
+        """``x`` as [..., d_in]. A hook_z SAE (``cfg.reshape_activations == "hook_z"``) also takes per-head
+        input [..., n_heads, d_head] with n_heads * d_head = d_in, flattened here as SAELens does; any other
+        width raises, naming the hook."""
+        d_in = self.cfg.d_in
+        if x.shape[-1] == d_in:
+            return x
+        per_head = self.cfg.reshape_activations is Reshape.HOOK_Z
+        if per_head and x.ndim >= 2 and x.shape[-2] * x.shape[-1] == d_in:
+            return x.flatten(-2)
+        where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
+        also = " or [..., n_heads, d_head] with n_heads * d_head = d_in" if per_head else ""
+        raise ValueError(f"SAE expects inputs [..., d_in={d_in}]{also}{where}, got shape {tuple(x.shape)}")
 
     def decoder_norms(self) -> Float[Tensor, " d_sae"]:
         return self.W_dec.norm(dim=-1)
@@ -210,6 +232,13 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Scale decoder rows to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """Project the parameters back onto their allowed set after an optimizer step: unit decoder rows when
+        ``unit_norm_decoder``; architectures with other constraints (JumpReLU's threshold >= 0) extend it."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

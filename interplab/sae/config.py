@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -47,6 +47,15 @@ class Normalization(str, Enum):
     EXPECTED_AVERAGE_ONLY_IN = "expected_average_only_in"
 
 
+class Reshape(str, Enum):
+    """How an SAE's input is laid out (SAELens' ``reshape_activations``)."""
+
+    NONE = "none"
+    #: per-head input ``[..., n_heads, d_head]`` (``attn.hook_z``) is flattened to ``[..., d_in]`` before
+    #: encoding, and the reconstruction is given back in the input's shape; flat input is accepted too
+    HOOK_Z = "hook_z"
+
+
 class DType(str, Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -75,6 +84,9 @@ class SAEConfig:
     """active latents per token for TopK / BatchTopK (required there, ignored elsewhere)"""
     normalize_activations: Normalization = Normalization.NONE
     """input normalisation (see `Normalization`)"""
+    reshape_activations: Reshape | None = None
+    """``hook_z``: accept per-head input [..., n_heads, d_head] (see `Reshape`); None picks ``hook_z`` for an
+    ``attn.hook_z`` SAE (not a transcoder) and ``none`` otherwise"""
     apply_b_dec_to_input: bool = True
     """subtract b_dec from the input before encoding (the pre-encoder bias); always False for transcoders,
     whose b_dec lives in the output space"""
@@ -86,6 +98,9 @@ class SAEConfig:
     """dtype of the stored weights"""
     model_name: str | None = None
     """the model the SAE was trained on (informational)"""
+    extra_metadata: dict[str, Any] | None = field(default=None, hash=False)
+    """other metadata of a SAELens file (``context_size``, ``prepend_bos``, ``dataset_path``, ...), kept as
+    read and written back by `save_sae`; None when there is none"""
     version: int = SAE_CONFIG_VERSION
     """config format version"""
 
@@ -116,6 +131,19 @@ class SAEConfig:
 
             set_("hook_name_out", Site.parse(self.hook_name_out).name)
             set_("apply_b_dec_to_input", False)
+        set_("reshape_activations", self._resolve_reshape())
+
+    def _resolve_reshape(self) -> Reshape:
+        on_z = self.hook_name.endswith(".attn.hook_z")
+        if self.reshape_activations is None:
+            return Reshape.HOOK_Z if on_z and not self.is_transcoder else Reshape.NONE
+        reshape = Reshape(self.reshape_activations)
+        if reshape is Reshape.HOOK_Z and (self.is_transcoder or (self.hook_name and not on_z)):
+            raise ValueError(
+                "reshape_activations='hook_z' needs an SAE (not a transcoder) on an attn.hook_z site, got "
+                f"hook_name={self.hook_name!r}, hook_name_out={self.hook_name_out!r}"
+            )
+        return reshape
 
     @property
     def is_transcoder(self) -> bool:

@@ -3,20 +3,27 @@ shuffled across shards through memory maps (never loading the whole cache).
 
 Layout of a cache folder::
 
-    manifest.json               {version, hooks: {name: d}, dtype, shards: [{file, rows, token_batches}], ...}
+    manifest.json               {kind, version, model, identity, hooks: {name: d}, dtype,
+                                 shards: [{file, rows, token_batches, tokens_sha256, size, sha256}], complete}
     shard_00000.safetensors     one [rows, d] tensor per hook, rows aligned across hooks
 
 A shard is written atomically and only then recorded in the manifest (also atomic), so a run killed at any
 moment leaves a consistent cache; `cache_activations` with the same inputs resumes after the last recorded
-shard (it skips the token batches already consumed), with no duplicated or lost rows.
+shard (it skips the token batches already consumed), with no duplicated or lost rows. ``identity`` holds
+everything that determines the rows (model weights fingerprint, hooks, dtype, token filter, row budget, the
+caller's data description) and each shard the running SHA-256 of the token batches consumed so far: a resume
+with anything different is refused, naming the difference, so a cache never mixes rows of two sources. Each
+shard's size and SHA-256 are checked the first time a reader maps it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import struct
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +32,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from interplab.integrity import IntegrityError, check_file, file_record, module_fingerprint
 from interplab.io import atomic_write_json, save_tensors
 from interplab.sae.activations import ActivationBatch, TokenFilter, _as_batch, model_activations
 
 MANIFEST = "manifest.json"
-STORE_VERSION = 1
+KIND = "activation_cache"
+STORE_VERSION = 2
+_READS = (1, 2)  # version 1 caches (no identity, no checksums) are still read, never resumed
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,28 +73,50 @@ def cache_activations(
     shard_rows: int = 65536,
     token_filter: TokenFilter = TokenFilter(),
     max_rows: int | None = None,
+    source: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> CacheResult:
     """Run ``model`` over ``token_batches`` and write activations at ``hooks`` to ``path`` in shards of about
-    ``shard_rows`` rows, stored as ``dtype`` (float32, float16 or bfloat16). Resumes an unfinished cache
-    made with the same hooks and dtype; ``token_batches`` must yield the same batches in the same order."""
+    ``shard_rows`` rows, stored as ``dtype`` (float32, float16 or bfloat16).
+
+    The manifest records everything that determines the rows: the model's weights fingerprint, the hooks, the
+    dtype, the token filter, ``max_rows``, the caller's ``source`` (JSON-able: corpus fingerprint, split,
+    seq_len, seed ...) and a running SHA-256 of the token batches each shard consumed. An unfinished cache is
+    resumed only when all of these agree (``token_batches`` must yield the same batches in the same order); any
+    difference is refused, naming it. ``overwrite=True`` deletes an existing cache and starts again."""
     if dtype not in _TORCH:
         raise ValueError(f"unknown cache dtype {dtype!r}; valid: {sorted(_TORCH)}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    names = list(hooks)
-    manifest = _read_manifest(path) if (path / MANIFEST).exists() else None
+    names = [_canon(h) for h in hooks]
+    wanted = {
+        "hooks": names,
+        "dtype": dtype,
+        "model": module_fingerprint(model),
+        "token_filter": dataclasses.asdict(token_filter),
+        "max_rows": max_rows,
+        **{f"source.{k}": v for k, v in json.loads(json.dumps(dict(source or {}), default=str)).items()},
+    }
+    manifest = _existing_cache(path, overwrite)
     if manifest is not None:
-        if list(manifest["hooks"]) != [_canon(h) for h in names] or manifest["dtype"] != dtype:
-            raise ValueError(
-                f"{path} holds a cache of {list(manifest['hooks'])} in {manifest['dtype']}; "
-                f"asked for {names} in {dtype}: use another folder"
-            )
+        _check_same_cache(path, manifest, wanted)
     else:
-        manifest = {"version": STORE_VERSION, "hooks": {}, "dtype": dtype, "shards": [], "complete": False}
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "kind": KIND,
+            "version": STORE_VERSION,
+            "model": {"name": model_name or getattr(getattr(model, "cfg", None), "name", None)},
+            "identity": wanted,
+            "hooks": {},
+            "dtype": dtype,
+            "shards": [],
+            "complete": False,
+        }
     resumed = len(manifest["shards"])
     skip = sum(s["token_batches"] for s in manifest["shards"])
     rows_done = sum(s["rows"] for s in manifest["shards"])
+    token_hash = hashlib.sha256()
     pending: dict[str, list[Tensor]] = {}
     pending_rows = pending_batches = 0
     tdt = _TORCH[dtype]
@@ -97,17 +129,33 @@ def cache_activations(
         file = f"shard_{index:05d}.safetensors"
         tensors = {h: torch.cat(v) for h, v in pending.items()}
         save_tensors(path / file, tensors)
-        manifest["shards"].append({"file": file, "rows": pending_rows, "token_batches": pending_batches})
+        manifest["shards"].append(
+            {
+                "file": file,
+                "rows": pending_rows,
+                "token_batches": pending_batches,
+                "tokens_sha256": token_hash.hexdigest(),
+                **file_record(path / file),
+            }
+        )
         atomic_write_json(path / MANIFEST, manifest)
         rows_done += pending_rows
         pending, pending_rows, pending_batches = {}, 0, 0
 
+    seen = 0
     for i, toks in enumerate(token_batches):
+        toks = _as_batch(toks)
         if i < skip:
+            _hash_tokens(token_hash, toks)
+            seen = i + 1
+            if seen == skip:
+                _check_same_tokens(path, manifest, token_hash.hexdigest(), skip)
             continue
         if max_rows is not None and rows_done + pending_rows >= max_rows:
             break
-        acts = model_activations(model, _as_batch(toks), names, token_filter=token_filter)
+        seen = i + 1
+        _hash_tokens(token_hash, toks)
+        acts = model_activations(model, toks, names, token_filter=token_filter)
         for h, a in acts.items():
             _check_finite(a, f"model activations at {h} for token batch {i}", 0)
             manifest["hooks"][h] = int(a.shape[-1])
@@ -118,6 +166,11 @@ def cache_activations(
             progress(rows_done + pending_rows)
         if pending_rows >= shard_rows:
             flush()
+    if seen < skip:
+        raise ValueError(
+            f"the cache at {path} consumed {skip} token batches, but this run yields only {seen}: "
+            "it is not the same data; use another folder, or overwrite=True (--overwrite) to start again"
+        )
     flush()
     manifest["complete"] = True
     atomic_write_json(path / MANIFEST, manifest)
@@ -131,6 +184,73 @@ def cache_activations(
     )
 
 
+def _existing_cache(path: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of the cache at ``path`` to resume (None: start a new one). Never deletes what is not a cache."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a cache folder: choose another output folder")
+    if not (path / MANIFEST).is_file():
+        # a run killed before its first manifest write leaves only its own shard / temp files: start again
+        entries = list(path.iterdir())
+        if any(not _ours(p) for p in entries):
+            raise ValueError(f"{path} is not empty and is not an activation cache: choose another folder")
+        for p in entries:
+            p.unlink()
+        return None
+    manifest = _read_manifest(path)
+    if not overwrite:
+        return manifest
+    for file in path.iterdir():
+        if file.name == MANIFEST or _ours(file):
+            file.unlink()
+    return None
+
+
+def _ours(file: Path) -> bool:
+    """A shard, or the temp file of an interrupted atomic write."""
+    shard = file.name.startswith("shard_") and file.suffix == ".safetensors"
+    return file.is_file() and (shard or (file.name.startswith(".") and file.name.endswith(".tmp")))
+
+
+def _check_same_cache(path: Path, manifest: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to resume a cache written from other inputs, naming the first difference."""
+    old = manifest.get("identity")
+    if old is None:
+        raise ValueError(
+            f"the cache at {path} was written by an older interplab that did not record its model and data, "
+            "so it cannot be resumed safely; use another folder, or overwrite=True (--overwrite) to start again"
+        )
+    for key in [*wanted, *(k for k in old if k not in wanted)]:  # the order of importance given
+        if old.get(key) != wanted.get(key):
+            name = key.removeprefix("source.")
+            what = "model weights (fingerprint)" if key == "model" else name
+            raise ValueError(
+                f"the cache at {path} was written with {what}={_show(old.get(key))}; this run asks for "
+                f"{_show(wanted.get(key))}: use another folder (a new --out), or overwrite=True (--overwrite) "
+                "to start again"
+            )
+
+
+def _check_same_tokens(path: Path, manifest: dict[str, Any], digest: str, skip: int) -> None:
+    recorded = manifest["shards"][-1].get("tokens_sha256")
+    if recorded is not None and recorded != digest:
+        raise ValueError(
+            f"the cache at {path} was written from other token batches (the first {skip} batches differ: "
+            "another corpus, split, order or sequence length); use another folder, or overwrite=True "
+            "(--overwrite) to start again"
+        )
+
+
+def _hash_tokens(h: Any, toks: Tensor) -> None:
+    h.update(f"{tuple(toks.shape)}|".encode())
+    h.update(toks.contiguous().numpy().tobytes())
+
+
+def _show(value: Any) -> str:
+    return "(not recorded)" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
 class DiskActivationStore:
     """Read a cache folder: shuffled batches across shards via memory maps, or plain row ranges."""
 
@@ -140,6 +260,7 @@ class DiskActivationStore:
         self.hooks: dict[str, int] = dict(self.manifest["hooks"])
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._verified: set[int] = set()
 
     @property
     def rows(self) -> int:
@@ -152,7 +273,13 @@ class DiskActivationStore:
         """Shard ``index`` at ``hook`` as a [rows, d] tensor backed by a memory map (no copy)."""
         key = (index, hook)
         if key not in self._maps:
-            self._maps[key] = _memmap(self.path / self.shards[index]["file"], hook)
+            file = self.path / self.shards[index]["file"]
+            if index not in self._verified and "sha256" in self.shards[index]:
+                problem = check_file(file, self.shards[index])  # once per shard and process
+                if problem is not None:
+                    raise IntegrityError(f"activation cache shard {file} {problem}")
+                self._verified.add(index)
+            self._maps[key] = _memmap(file, hook)
         with warnings.catch_warnings():  # the map is read-only; we never write through it
             warnings.simplefilter("ignore", UserWarning)
             arr = torch.from_numpy(self._maps[key])
@@ -240,9 +367,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not an activation cache: no {MANIFEST}")
     manifest = json.loads(file.read_text())
-    if manifest.get("version") != STORE_VERSION:
+    if manifest.get("version") not in _READS:
         raise ValueError(
-            f"{file}: unsupported cache version {manifest.get('version')!r}; this interplab reads {STORE_VERSION}"
+            f"{file}: unsupported cache version {manifest.get('version')!r}; this interplab reads {list(_READS)}"
         )
     return manifest
 

@@ -110,10 +110,12 @@ def evaluate_sae(
         keep = token_filter.mask(tokens)
         _, cache = model.run_with_cache(tokens, names=list({hook_in, hook_out}))
         x, y = cache[hook_in], cache[hook_out]
-        if x.shape[-1] != sae.cfg.d_in:
-            raise ValueError(f"the SAE expects d_in={sae.cfg.d_in} but {hook_in} has width {x.shape[-1]}")
-        out = sae(x.to(sae.W_enc.dtype))
-        recon = out.reconstruction.to(y.dtype)
+        if x.shape[2:].numel() != sae.cfg.d_in:  # per-head sites ([batch, pos, head, d_head]) count as flat
+            raise ValueError(
+                f"the SAE expects d_in={sae.cfg.d_in} but {hook_in} has width {x.shape[2:].numel()}"
+            )
+        out = sae(x.flatten(2).to(sae.W_enc.dtype))
+        recon = out.reconstruction.to(y.dtype).reshape(y.shape)
         mean_act = y[keep].mean(0)
         logits = {
             "clean": model(tokens),
@@ -123,7 +125,9 @@ def evaluate_sae(
                 tokens, fwd_hooks=[(hook_out, lambda a, s, m=mean_act: m.expand_as(a).clone())]
             ),
         }
-        acc.add(tokens, logits, y[keep].float(), recon[keep].float(), out.feature_acts[keep])
+        acc.add(
+            tokens, logits, y[keep].flatten(1).float(), recon[keep].flatten(1).float(), out.feature_acts[keep]
+        )
     return acc.report(hook_out, dense_threshold)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from jaxtyping import Float
@@ -94,12 +95,42 @@ class FeatureRecovery:
         )
 
 
+class Layout(str, Enum):
+    """Where the directions of a weight matrix lie."""
+
+    ROWS = "rows"  # [n, d]: one direction per row (an SAE's W_dec, `SyntheticFeatures.directions()`)
+    COLUMNS = "columns"  # [d, n]: one direction per column (an SAE's W_enc, a toy model's W [m, n])
+
+
 def feature_recovery(
-    learned: Float[Tensor, "n_learned d"], true: Float[Tensor, "n_true d"], threshold: float = 0.9
+    learned: Tensor,
+    true: Tensor,
+    threshold: float = 0.9,
+    *,
+    learned_layout: Layout | str = Layout.ROWS,
+    true_layout: Layout | str = Layout.ROWS,
 ) -> FeatureRecovery:
-    """Score learned directions (e.g. an SAE's W_dec rows) against true ones by cosine similarity."""
+    """Score learned directions (e.g. an SAE's W_dec rows) against true ones by |cosine similarity|.
+
+    Each matrix says where its directions lie: ``Layout.ROWS`` ([n, d], the default for both) or
+    ``Layout.COLUMNS`` ([d, n], e.g. a toy model's ``W[instance]`` of shape [n_hidden, n_features]).
+
+    >>> feature_recovery(sae.W_dec, toy.W[0], true_layout="columns")  # doctest: +SKIP
+    """
+    learned = _as_rows(learned, Layout(learned_layout), "learned")
+    true = _as_rows(true, Layout(true_layout), "true")
     if learned.shape[-1] != true.shape[-1]:
-        raise ValueError(f"learned directions have width {learned.shape[-1]}, true ones {true.shape[-1]}")
+        raise ValueError(
+            f"learned directions have width {learned.shape[-1]}, true ones {true.shape[-1]} (as rows: "
+            f"learned {tuple(learned.shape)} with {Layout(learned_layout).value}, true {tuple(true.shape)} "
+            f"with {Layout(true_layout).value}); a [d, n] matrix needs layout 'columns'"
+        )
     a = learned.float() / learned.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     b = true.float() / true.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return FeatureRecovery(max_cosine=(b @ a.T).abs().amax(-1), threshold=threshold)
+
+
+def _as_rows(w: Tensor, layout: Layout, name: str) -> Float[Tensor, "n d"]:
+    if w.ndim != 2:
+        raise ValueError(f"{name} directions must be a 2-d matrix, got shape {tuple(w.shape)}")
+    return w.detach() if layout is Layout.ROWS else w.detach().T

@@ -39,6 +39,7 @@ def registered_architectures() -> list[Architecture]:
     return list(_REGISTRY)
 
 
-def create_sae(cfg: SAEConfig) -> SAE:
-    """A freshly initialised SAE of ``cfg.architecture``."""
-    return sae_class(cfg.architecture)(cfg)
+def create_sae(cfg: SAEConfig, *, seed: int = 0) -> SAE:
+    """A freshly initialised SAE of ``cfg.architecture``; the same ``cfg`` and ``seed`` give bit-identical
+    weights (the draw uses its own generator, never the global RNG)."""
+    return sae_class(cfg.architecture)(cfg, seed=seed)

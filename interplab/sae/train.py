@@ -11,6 +11,7 @@ the sparse kernels in `interplab.sae.kernels`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -22,10 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import atomic_write_json
+from interplab.sae import resume as resume_lib
 from interplab.sae.activations import ActivationBatch
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture
+from interplab.train.checkpoint import load_optimizer_state, optimizer_state
 
 
 class DeadHandling(str, Enum):
@@ -55,22 +58,26 @@ class TrainConfig:
     """linear learning-rate warm-up from 0"""
     decay_fraction: float = 0.2
     """the last fraction of steps decays the learning rate linearly to 0"""
-    coefficient: float = 0.0
-    """sparsity coefficient: L1 weight for ReLU/Gated, L0 weight for JumpReLU (TopK ignores it)"""
+    coefficient: float | None = None
+    """sparsity coefficient: L1 weight for ReLU/Gated, L0 weight for JumpReLU (TopK/BatchTopK ignore it).
+    None: the architecture's `DEFAULT_COEFFICIENTS` entry, given for inputs of unit mean square per dimension
+    and rescaled to the training data (see `default_coefficient`)"""
     coefficient_warmup_steps: int = 0
     """linear warm-up of the sparsity coefficient from 0"""
     dead_handling: DeadHandling = DeadHandling.AUTO
     """how to treat latents that stop firing"""
-    dead_after_tokens: int = 1_000_000
-    """a latent that has not fired for this many tokens counts as dead"""
+    dead_after_tokens: int | None = None
+    """a latent that has not fired for this many tokens counts as dead. None: the tokens of a tenth of the run
+    (``total_steps // 10`` batches), at most 10M"""
     dense_threshold: float = 0.1
     """a latent firing on more than this fraction of tokens (over the log window) counts as dense"""
     stats_every: int = 4
     """steps between firing-count samples for dead/dense tracking and logged metrics (counting non-zero
     latents of a dense [batch, d_sae] costs ~1/6 of a ReLU step on CPU; TopK counts are free and exact).
     A latent counts as firing between two samples if it fired on the sampled batch."""
-    resample_every: int = 2500
-    """steps between resamplings (with dead_handling=resample)"""
+    resample_every: int | None = None
+    """steps between resamplings (with dead_handling=resample). None: ``total_steps // 4``, at most 2500.
+    No resampling happens in the final stretch (see `resamples_at`)"""
     b_dec_init: BDecInit = BDecInit.GEOMETRIC_MEDIAN
     """initial decoder bias from the first batch"""
     autocast: bool = True
@@ -80,7 +87,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     """steps between checkpoints in the run folder (None: only the final SAE)"""
     seed: int = 0
-    """seed for resampling"""
+    """seed of the resampling draws (the SAE's initial weights come from ``create_sae(cfg, seed=...)``)"""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dead_handling", DeadHandling(self.dead_handling))
@@ -93,8 +100,12 @@ class TrainConfig:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.stats_every < 1:
             raise ValueError(f"stats_every must be >= 1, got {self.stats_every}")
-        if self.coefficient < 0:
-            raise ValueError(f"coefficient must be >= 0, got {self.coefficient}")
+        if self.coefficient is not None and self.coefficient < 0:
+            raise ValueError(f"coefficient must be >= 0 (or None for the default), got {self.coefficient}")
+        if self.dead_after_tokens is not None and self.dead_after_tokens < 1:
+            raise ValueError(f"dead_after_tokens must be >= 1 (or None), got {self.dead_after_tokens}")
+        if self.resample_every is not None and self.resample_every < 1:
+            raise ValueError(f"resample_every must be >= 1 (or None), got {self.resample_every}")
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -106,10 +117,61 @@ class TrainConfig:
         )
         return self.lr * warm * decay
 
-    def coefficient_at(self, step: int) -> float:
+    def coefficient_at(self, step: int, base: float | None = None) -> float:
+        """The sparsity coefficient at ``step`` (``base`` stands in for a ``coefficient`` of None)."""
+        c = self.coefficient if self.coefficient is not None else base
+        if c is None:
+            raise ValueError(
+                "coefficient is None: pass the resolved default as base (see default_coefficient)"
+            )
         if not self.coefficient_warmup_steps:
-            return self.coefficient
-        return self.coefficient * min(1.0, (step + 1) / self.coefficient_warmup_steps)
+            return c
+        return c * min(1.0, (step + 1) / self.coefficient_warmup_steps)
+
+    @property
+    def resample_interval(self) -> int:
+        """``resample_every``, or its default ``total_steps // 4`` capped at 2500."""
+        if self.resample_every is not None:
+            return self.resample_every
+        return max(1, min(2500, self.total_steps // 4))
+
+    def resamples_at(self, steps_done: int) -> bool:
+        """Whether dead latents are resampled after ``steps_done`` optimizer steps: every
+        ``resample_interval`` steps, but never in the final stretch, the last ``resample_interval`` steps or
+        the last 10% of the run, whichever is longer, so that resampled latents train before the SAE is
+        returned."""
+        every = self.resample_interval
+        final_stretch = max(every, math.ceil(0.1 * self.total_steps))
+        return steps_done % every == 0 and self.total_steps - steps_done >= final_stretch
+
+    def dead_after(self, tokens_per_step: int) -> int:
+        """``dead_after_tokens``, or its default: a tenth of the run's tokens, at most 10M (and at least one
+        batch)."""
+        if self.dead_after_tokens is not None:
+            return self.dead_after_tokens
+        return max(tokens_per_step, min(10_000_000, (self.total_steps // 10) * tokens_per_step))
+
+
+#: default sparsity coefficients for inputs whose mean square per dimension around b_dec is 1, rescaled to the
+#: data by `default_coefficient`: L1 for ReLU and Gated, L0 for JumpReLU; measured on planted features
+#: (docs/sae.md, "Defaults"). TopK and BatchTopK fix the sparsity through k instead.
+DEFAULT_COEFFICIENTS: dict[Architecture, float] = {
+    Architecture.RELU: 2.0,
+    Architecture.GATED: 5.0,
+    Architecture.JUMPRELU: 1.0,
+    Architecture.TOPK: 0.0,
+    Architecture.BATCHTOPK: 0.0,
+}
+
+
+def default_coefficient(architecture: Architecture, mean_square: float) -> float:
+    """The default sparsity coefficient for inputs (already multiplied by the SAE's ``act_scale``) whose mean
+    square per dimension is ``mean_square``. The loss is squared error + coefficient * penalty: scaling the
+    inputs by c scales the squared error by c^2 and an L1 penalty by c (an L0 penalty not at all), so the same
+    trade-off needs the coefficient scaled by c (c^2 for L0). The trainer measures the mean square around the
+    initial b_dec (the part the latents must explain) on the first batch."""
+    base = DEFAULT_COEFFICIENTS[architecture]
+    return base * (mean_square if architecture is Architecture.JUMPRELU else math.sqrt(mean_square))
 
 
 @dataclass(frozen=True)
@@ -130,6 +192,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(repr=False)
     tokens: int = 0
     steps: int = 0
+    resumed_from: int | None = None
+    """the checkpoint step a resumed run continued from (None: started from scratch)"""
 
     def final(self, name: str) -> dict[str, Any]:
         rows = [r for r in self.history if r["sae"] == name]
@@ -170,9 +234,61 @@ class _Trainer:
             dh = DeadHandling.AUXK if topk else DeadHandling.RESAMPLE
         self.dead_handling = dh
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        # resolved on the first step from the data (see `_resolve_defaults`)
+        self.dead_after_tokens: int | None = cfg.dead_after_tokens
+        self.base_coefficient: float | None = cfg.coefficient
+        self.steps_done = 0
+        self.last_batch: tuple[Tensor, Tensor | None] | None = None
+        self.final_metrics: dict[str, float] | None = None
 
     def dead_mask(self) -> Tensor:
-        return self.since_fired >= self.cfg.dead_after_tokens
+        if self.dead_after_tokens is None:
+            return torch.zeros_like(self.since_fired, dtype=torch.bool)
+        return self.since_fired >= self.dead_after_tokens
+
+    def coefficient_at(self, step: int) -> float:
+        return self.cfg.coefficient_at(step, self.base_coefficient)
+
+    # Everything a bit-exact resume needs (`interplab.sae.resume`); state added to this class goes here too.
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, JSON scalars): the SAE's raw state, Adam's, firing counters, log sums, generator."""
+        opt_tensors, groups = optimizer_state(self.opt)
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+        tensors.update(
+            since_fired=self.since_fired,
+            window_counts=self.window_counts,
+            generator=self.generator.get_state(),
+        )
+        scalars = {
+            "param_groups": groups,
+            "window_tokens": self.window_tokens,
+            "unsampled_tokens": self.unsampled_tokens,
+            "sums": self.sums,
+            "n": self.n,
+            # resolved from the first batch (`_resolve_defaults`): a resume must not recompute them
+            "base_coefficient": self.base_coefficient,
+            "dead_after_tokens": self.dead_after_tokens,
+            "steps_done": self.steps_done,
+            "final_metrics": self.final_metrics,
+        }
+        return tensors, scalars
+
+    def load_state_dict(self, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.sae.load_state_dict(part("sae."), strict=True)
+        load_optimizer_state(self.opt, part("opt."), scalars["param_groups"])
+        self.since_fired = tensors["since_fired"].clone()
+        self.window_counts = tensors["window_counts"].clone()
+        self.generator.set_state(tensors["generator"])
+        self.window_tokens, self.unsampled_tokens = scalars["window_tokens"], scalars["unsampled_tokens"]
+        self.sums, self.n = dict(scalars["sums"]), scalars["n"]
+        self.base_coefficient = scalars.get("base_coefficient", self.base_coefficient)
+        self.dead_after_tokens = scalars.get("dead_after_tokens", self.dead_after_tokens)
+        self.steps_done = scalars.get("steps_done", self.steps_done)
+        self.final_metrics = scalars.get("final_metrics", self.final_metrics)
 
 
 def train_saes(
@@ -182,10 +298,23 @@ def train_saes(
     *,
     run_dir: str | Path | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    data: dict[str, Any] | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    keep_checkpoints: int | None = None,
 ) -> TrainResult:
     """Train every SAE in ``saes`` on the same stream of batches (each reads ``batch[sae.cfg.hook_name]``,
-    and a transcoder's target ``batch[sae.cfg.hook_name_out]``). Writes ``log.jsonl``, checkpoints and the
-    final SAEs to ``run_dir`` when given. Under torch.distributed, gradients are averaged across ranks."""
+    and a transcoder's target ``batch[sae.cfg.hook_name_out]``). Under torch.distributed, gradients are
+    averaged across ranks.
+
+    With ``run_dir``: writes ``config.json`` (the SAE and training configs and ``data``, a JSON description of
+    the activations), ``log.jsonl``, checkpoints every ``checkpoint_every`` steps and the final SAEs. A folder
+    holding this same run is resumed bit-exactly from its newest intact checkpoint (``batches`` must yield the
+    same batches in the same order; the ones already trained on are skipped), its log cut back to that step;
+    one holding a different run is refused unless ``overwrite``. ``stop_after=k`` stops after step k with a
+    checkpoint (resume later); ``keep_checkpoints`` keeps only the newest ones. Under torchrun pass the same
+    ``run_dir`` on every rank (rank 0 writes)."""
     if isinstance(saes, SAE):
         saes = {"sae": saes}
     cfgs = cfg if isinstance(cfg, dict) else {name: cfg for name in saes}
@@ -194,15 +323,39 @@ def train_saes(
         raise ValueError(f"no TrainConfig for SAEs {missing}")
     trainers = [_Trainer(name, sae, cfgs[name]) for name, sae in saes.items()]
     total_steps = max(t.cfg.total_steps for t in trainers)
+    stop = total_steps if stop_after is None else min(stop_after, total_steps)
     run = Path(run_dir) if run_dir is not None else None
-    if run is not None and _is_main():
-        run.mkdir(parents=True, exist_ok=True)
-    log = open(run / "log.jsonl", "a") if run is not None and _is_main() else None  # noqa: SIM115
     history: list[dict[str, Any]] = []
-    step = tokens = 0
+    events: list[dict[str, Any]] = []
+    start = tokens = 0
+    continuing, error = False, None
+    if run is not None and _is_main():
+        try:
+            continuing = resume_lib.claim_run(
+                run, resume_lib.run_identity(saes, cfgs, data), resume=resume, overwrite=overwrite
+            )
+            events += resume_lib.clean_run(run) if continuing else []
+        except (ValueError, OSError) as err:
+            error = err
+    # every rank learns rank 0's decision (after it checked and cleaned the folder) before reading checkpoints
+    decision = _from_rank0(2 if error is not None else int(continuing))
+    if error is not None:
+        raise error
+    if decision == 2:
+        raise RuntimeError("rank 0 refused the run folder (see its error)")
+    if run is not None and decision == 1:
+        start, tokens, found = resume_lib.resume_training(run, trainers)
+        events += found
+    if run is not None and _is_main():
+        history = resume_lib.restart_log(run, start)
+    log = open(run / "log.jsonl", "a") if run is not None and _is_main() else None  # noqa: SIM115
+    if log is not None:
+        log.writelines(json.dumps(e) + "\n" for e in events)
+    step = start
+    every = [t.cfg.checkpoint_every for t in trainers if t.cfg.checkpoint_every]
     try:
-        for batch in batches:
-            if step >= total_steps:
+        for batch in itertools.islice(batches, start, None):
+            if step >= stop:
                 break
             n_tok = next(iter(batch.values())).shape[0]
             for t in trainers:
@@ -210,22 +363,32 @@ def train_saes(
                     _step(t, batch, step)
             step += 1
             tokens += n_tok * _world()
-            if step % min(t.cfg.log_every for t in trainers) == 0 or step == total_steps:
-                rows = [_log_row(t, step, tokens) for t in trainers]
+            rows = [_log_row(t, step, tokens) for t in trainers if _row_due(t, step)]
+            if rows:
                 history += rows
                 if log is not None:
                     log.writelines(json.dumps(r) + "\n" for r in rows)
                     log.flush()
                 if progress is not None:
                     progress(TrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
-            every = [t.cfg.checkpoint_every for t in trainers if t.cfg.checkpoint_every]
-            if run is not None and every and step % min(every) == 0 and _is_main():
-                _checkpoint(run / "checkpoints" / f"step_{step:08d}", trainers, step, tokens)
+            due = (every and step % min(every) == 0) or (step == stop and (every or stop < total_steps))
+            if run is not None and due and _is_main():
+                resume_lib.save_training_checkpoint(run, step, tokens, trainers)
+                if keep_checkpoints is not None:
+                    resume_lib.prune_checkpoints(run, keep_checkpoints)
+        if not (stop_after is not None and step == stop < total_steps):
+            rows = _final_rows(trainers, tokens)
+            history += rows
+            if log is not None:
+                log.writelines(json.dumps(r) + "\n" for r in rows)
     finally:
         if log is not None:
             log.close()
-    result = TrainResult(saes=dict(saes), history=history, tokens=tokens, steps=step)
-    if run is not None and _is_main():
+    result = TrainResult(
+        saes=dict(saes), history=history, tokens=tokens, steps=step, resumed_from=start or None
+    )
+    stopped_early = stop_after is not None and step == stop < total_steps
+    if run is not None and _is_main() and not stopped_early:
         result.save(run)
     return result
 
@@ -236,13 +399,16 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
     target = _select(batch, sae.cfg.hook_name_out) if sae.cfg.hook_name_out else None
     if step == 0:
         _initialise(sae, x, target, cfg)
+    if t.base_coefficient is None or t.dead_after_tokens is None:
+        _resolve_defaults(t, x if target is None else target)
     for group in t.opt.param_groups:
         group["lr"] = cfg.lr_at(step)
     ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if cfg.autocast else contextlib.nullcontext()
     dead = t.dead_mask() if t.dead_handling is DeadHandling.AUXK else None
-    sample = step % cfg.stats_every == 0 or step == cfg.total_steps - 1
+    # every log row needs at least one sampled step (a row of a window without samples used to report zeros)
+    sample = step % cfg.stats_every == 0 or step == cfg.total_steps - 1 or (step + 1) % cfg.log_every == 0
     with ctx:
-        out = sae.loss(x, target, coefficient=cfg.coefficient_at(step), dead_mask=dead, with_counts=sample)
+        out = sae.loss(x, target, coefficient=t.coefficient_at(step), dead_mask=dead, with_counts=sample)
     t.opt.zero_grad(set_to_none=True)
     out.loss.backward()
     if _world() > 1:
@@ -250,12 +416,15 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
     if sae.unit_norm_decoder:
         sae.remove_parallel_grad()
     t.opt.step()
-    if sae.unit_norm_decoder:
-        sae.normalize_decoder()
+    sae.apply_constraints()
     n = x.shape[0] * _world()
     t.unsampled_tokens += n
-    if t.dead_handling is DeadHandling.RESAMPLE and (step + 1) % cfg.resample_every == 0:
+    t.steps_done = step + 1
+    t.last_batch = (x, target)
+    if t.dead_handling is DeadHandling.RESAMPLE and cfg.resamples_at(step + 1):
         resample_dead(t, x, target)
+    if step + 1 == cfg.total_steps:
+        t.final_metrics = evaluate_returned(sae, x, target)
     if not sample:
         return
     counts = out.latent_counts.detach().to(torch.long).cpu()
@@ -294,11 +463,29 @@ def _initialise(sae: SAE, x: Tensor, target: Tensor | None, cfg: TrainConfig) ->
 
 
 @torch.no_grad()
+def _resolve_defaults(t: _Trainer, x: Tensor) -> None:
+    """Fill in the data-dependent defaults of ``t.cfg`` from the first batch this process trains on (also
+    after a resume): the sparsity coefficient (`default_coefficient`, from the scale of what the SAE
+    reconstructs: ``x`` is a transcoder's target) and the dead-latent window."""
+    sae = t.sae
+    if t.base_coefficient is None:
+        mean_square = (x.float() * sae.act_scale - sae.b_dec.float()).pow(2).mean().reshape(1)
+        if _world() > 1:  # every rank must use the same coefficient
+            mean_square = _all_reduce(mean_square) / _world()
+        t.base_coefficient = default_coefficient(sae.cfg.architecture, float(mean_square))
+    if t.dead_after_tokens is None:
+        t.dead_after_tokens = t.cfg.dead_after(x.shape[0] * _world())
+
+
+@torch.no_grad()
 def resample_dead(t: _Trainer, x: Tensor, target: Tensor | None) -> int:
     """Re-initialise dead latents towards inputs the SAE reconstructs worst (sampled with probability
-    proportional to squared error); their Adam moments are reset. Returns how many were resampled."""
+    proportional to squared error, from the trainer's own generator). Every per-latent parameter
+    (``sae.latent_axes``: W_enc columns, W_dec rows, b_enc, and e.g. Gated's r_mag and b_mag, JumpReLU's
+    threshold) is reset, and so are its Adam moments. Returns how many were resampled."""
     sae = t.sae
-    dead = t.dead_mask().nonzero().squeeze(-1)
+    dead_mask = t.dead_mask()
+    dead = dead_mask.nonzero().squeeze(-1)
     if dead.numel() == 0:
         return 0
     tgt = x if target is None else target
@@ -306,62 +493,88 @@ def resample_dead(t: _Trainer, x: Tensor, target: Tensor | None) -> int:
     if float(err.sum()) <= 0:
         return 0
     rows = torch.multinomial(err / err.sum(), dead.numel(), replacement=True, generator=t.generator)
-    dirs = x[rows].float() * sae.act_scale - (sae.b_dec if sae.cfg.apply_b_dec_to_input else 0)
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    alive = ~t.dead_mask()
+    enc_dirs = _unit(x[rows].float() * sae.act_scale - (sae.b_dec if sae.cfg.apply_b_dec_to_input else 0))
+    # a transcoder's decoder writes the output site: point it at the badly reconstructed target
+    dec_dirs = enc_dirs if target is None else _unit(target[rows].float() * sae.act_scale - sae.b_dec)
+    alive = ~dead_mask
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-    sae.W_dec[dead] = dirs.to(sae.W_dec.dtype) * (
-        1.0 if sae.unit_norm_decoder else sae.W_dec[alive].norm(dim=-1).mean()
-    )
-    sae.W_enc[:, dead] = (dirs.T * enc_norm * 0.2).to(sae.W_enc.dtype)
-    sae.b_enc[dead] = 0.0
-    for p in (sae.W_dec, sae.W_enc, sae.b_enc):
-        state = t.opt.state.get(p, {})
+    dec_norm = 1.0 if sae.unit_norm_decoder or not alive.any() else sae.W_dec[alive].norm(dim=-1).mean()
+    sae.W_dec[dead] = (dec_dirs * dec_norm).to(sae.W_dec.dtype)
+    sae.W_enc[:, dead] = (enc_dirs.T * enc_norm * 0.2).to(sae.W_enc.dtype)
+    params = dict(sae.named_parameters())
+    for name, value in sae.latent_reset_values().items():
+        params[name].index_fill_(sae.latent_axes[name], dead, value)
+    for name, axis in sae.latent_axes.items():
+        state = t.opt.state.get(params[name], {})
         for key in ("exp_avg", "exp_avg_sq"):
-            if key in state and p is sae.W_enc:
-                state[key][:, dead] = 0.0
-            elif key in state:
-                state[key][dead] = 0.0
+            if key in state:
+                state[key].index_fill_(axis, dead, 0.0)
     t.since_fired[dead] = 0
     return int(dead.numel())
 
 
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+@torch.no_grad()
+def evaluate_returned(sae: SAE, x: Tensor, target: Tensor | None = None) -> dict[str, float]:
+    """MSE (normalised units, as logged), FVU and L0 of ``sae`` as it is returned (its inference forward, in
+    float32) on one batch: what the final log row reports, so that it describes the SAE a run hands back
+    rather than the average over the steps before it."""
+    out = sae(x.float())
+    tgt = (x if target is None else target).float()
+    scale = float(sae.act_scale)
+    mse = float((out.reconstruction - tgt).pow(2).sum(-1).mean()) * scale**2
+    var = float((tgt - tgt.mean(0)).pow(2).sum(-1).mean()) * scale**2
+    acts = out.feature_acts
+    assert acts is not None
+    return {"mse": mse, "fvu": mse / max(var, 1e-12), "l0": float((acts != 0).sum(-1).float().mean())}
+
+
+def _row_due(t: _Trainer, step: int) -> bool:
+    """A trainer logs every ``log_every`` of its own steps and after its last one (never after it stopped)."""
+    return t.steps_done == step and (step % t.cfg.log_every == 0 or step == t.cfg.total_steps)
+
+
+def _final_rows(trainers: list[_Trainer], tokens: int) -> list[dict[str, Any]]:
+    """When the batches ran out before a trainer's ``total_steps``: a last row describing the SAE it returns
+    (on its last batch), so that the final row always reports the returned SAE."""
+    rows = []
+    for t in trainers:
+        if t.final_metrics is None and t.last_batch is not None:
+            t.final_metrics = evaluate_returned(t.sae, *t.last_batch)
+            rows.append(_log_row(t, t.steps_done, tokens))
+    return rows
+
+
 def _log_row(t: _Trainer, step: int, tokens: int) -> dict[str, Any]:
-    n = max(t.n, 1)
+    """Means over the sampled steps since the last row; the final row's mse, fvu and l0 are those of the
+    returned SAE (`evaluate_returned` on the last batch, ``"final": true``)."""
     density = t.window_counts.float() / max(t.window_tokens, 1)
     row = {
         "sae": t.name,
         "step": step,
         "tokens": tokens,
         "lr": t.cfg.lr_at(step - 1),
-        "coefficient": t.cfg.coefficient_at(step - 1),
+        "coefficient": t.coefficient_at(step - 1),
     }
-    row.update({k: v / n for k, v in t.sums.items()})
+    if t.n:
+        row.update({k: v / t.n for k, v in t.sums.items()})
+    if t.final_metrics is not None:
+        row.update(t.final_metrics, final=True)
     row["dead_fraction"] = float(t.dead_mask().float().mean())
     row["dense_fraction"] = float((density > t.cfg.dense_threshold).float().mean())
     t.sums = dict.fromkeys(t.sums, 0.0)
     t.n = 0
     t.window_counts.zero_()
     t.window_tokens = 0
-    if not all(math.isfinite(v) for v in (row["loss"], row["mse"])):
+    if not all(math.isfinite(row.get(k, 0.0)) for k in ("loss", "mse")):
         raise FloatingPointError(
-            f"SAE {t.name!r} diverged at step {step}: loss={row['loss']}; lower lr or coefficient"
+            f"SAE {t.name!r} diverged at step {step}: loss={row.get('loss')}, mse={row['mse']}; "
+            "lower lr or coefficient"
         )
     return row
-
-
-def _checkpoint(path: Path, trainers: list[_Trainer], step: int, tokens: int) -> None:
-    for t in trainers:
-        t.sae.save(path / t.name)
-        state = {
-            f"{i}.{k}": v
-            for i, s in enumerate(t.opt.state.values())
-            for k, v in s.items()
-            if isinstance(v, Tensor) and v.ndim > 0
-        }
-        state["since_fired"] = t.since_fired
-        save_tensors(path / t.name / "trainer_state.safetensors", state)
-    atomic_write_json(path / "state.json", {"step": step, "tokens": tokens})
 
 
 def _select(batch: ActivationBatch, hook: str | None) -> Tensor:
@@ -376,6 +589,17 @@ def _world() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _from_rank0(value: int) -> int:
+    """``value`` as rank 0 has it (a collective: every rank calls it); ``value`` itself in one process."""
+    if _world() == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value])
+    dist.broadcast(t, src=0)
+    return int(t)
 
 
 def _is_main() -> bool:

@@ -81,10 +81,10 @@ def _broadcast(value, n_inst: int, n_feat: int, name: str, per: str) -> Tensor:
 class ToyModel(nn.Module):
     """``n_instances`` ReLU output models: W [instance, n_hidden, n_features], b_final [instance, n_features]."""
 
-    def __init__(self, cfg: ToyConfig, *, seed: int | None = None) -> None:
+    def __init__(self, cfg: ToyConfig, *, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        g = torch.Generator().manual_seed(seed)  # never the global RNG: same config + seed, same model
         w = torch.empty(cfg.n_instances, cfg.n_hidden, cfg.n_features)
         bound = (6 / (cfg.n_hidden + cfg.n_features)) ** 0.5  # xavier uniform
         self.W = nn.Parameter(w.uniform_(-bound, bound, generator=g))
@@ -110,6 +110,13 @@ class ToyModel(nn.Module):
         shape = (batch, self.cfg.n_instances, self.cfg.n_features)
         values = torch.rand(shape, generator=generator)
         return torch.where(torch.rand(shape, generator=generator) < self.probability, values, 0.0)
+
+    def feature_directions(self, instance: int = 0) -> Float[Tensor, "n_features n_hidden"]:
+        """The true feature directions of one instance as rows: ``W[instance].T`` (feature i is written to
+        the hidden layer along column i of W)."""
+        if not 0 <= instance < self.cfg.n_instances:
+            raise ValueError(f"instance {instance} out of range: the model has {self.cfg.n_instances}")
+        return self.W.detach()[instance].T
 
     def loss_per_instance(self, x: Tensor) -> Float[Tensor, " instance"]:
         """Importance-weighted squared error, mean over batch and features."""

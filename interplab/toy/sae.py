@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from interplab.sae import SAE, SAEConfig, create_sae
-from interplab.sae.recovery import FeatureRecovery, feature_recovery
+from interplab.sae.recovery import FeatureRecovery, Layout, feature_recovery
 from interplab.sae.train import TrainConfig, train_saes
 from interplab.toy.model import ToyModel
 
@@ -43,13 +42,25 @@ def toy_sae(
     seed: int = 0,
 ) -> ToySAEResult:
     """Train an SAE on hidden activations h = W x of one instance and score it against the true feature
-    directions W[:, i] of the features the model represents."""
+    directions W[:, i] of the features the model represents.
+
+    The default SAE is TopK with ``d_sae = 2n`` and k = the expected number of active represented features
+    per input, rounded (at least 1), trained for 1000 steps: a larger k lets latents blend several features
+    (k = 2x the expected count recovered 0.66-0.82 mean max cosine on 100 features in 20 dims at p = 0.05;
+    k = 5 recovers 0.999, and so on 12 in 6, 40 in 10 and 200 in 40, see docs/toy.md).
+    ``seed`` seeds the SAE's initial weights and the data draws."""
     m, n = model.cfg.n_hidden, model.cfg.n_features
-    expected_active = float(model.probability[instance].sum())
-    k = max(1, min(m, math.ceil(2 * expected_active)))
+    if not 0 <= instance < model.cfg.n_instances:
+        raise ValueError(f"instance {instance} out of range: the model has {model.cfg.n_instances}")
+    true = model.feature_directions(instance)  # [n, m]
+    represented = true.norm(dim=-1) > min_norm
+    if not represented.any():
+        raise ValueError(f"instance {instance} represents no feature (every ||W_i|| <= {min_norm})")
+    expected_active = float(model.probability[instance][represented].sum())
+    k = max(1, min(m, round(expected_active)))
     sae_cfg = sae_cfg or SAEConfig(d_in=m, d_sae=2 * n, architecture="topk", k=k)
     train_cfg = train_cfg or TrainConfig(
-        total_steps=400, lr=5e-3, warmup_steps=20, log_every=50, dead_after_tokens=20 * batch_size
+        total_steps=1000, lr=5e-3, warmup_steps=20, log_every=50, dead_after_tokens=20 * batch_size
     )
     g = torch.Generator().manual_seed(seed)
 
@@ -59,13 +70,9 @@ def toy_sae(
             h = model.hidden(model.generate_batch(batch_size, g))[:, instance].detach()
             yield {"h": h}
 
-    sae = create_sae(sae_cfg)
+    sae = create_sae(sae_cfg, seed=seed)
     result = train_saes({"toy": sae}, batches(), train_cfg)
-    W = model.W.detach()[instance]  # [m, n]
-    represented = W.norm(dim=0) > min_norm
-    if not represented.any():
-        raise ValueError(f"instance {instance} represents no feature (every ||W_i|| <= {min_norm})")
-    rec = feature_recovery(sae.W_dec.detach(), W.T[represented])
+    rec = feature_recovery(sae.W_dec.detach(), true[represented], learned_layout=Layout.ROWS)
     return ToySAEResult(
         sae=sae, recovery=rec, represented=represented, fvu=result.final("toy").get("fvu", float("nan"))
     )

@@ -3,27 +3,33 @@ plus optimizer and RNG state, written atomically (a temp folder, then one rename
 
 A checkpoint folder holds ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``): `interplab.load_model`
 reads it directly. ``optimizer.safetensors`` and ``rng.safetensors`` hold what resuming needs, and
-``state.json`` (written last) holds the step, the counters and a SHA-256 of every file, so a corrupt or
-truncated checkpoint is recognised and skipped, never loaded.
+``state.json`` (written last) holds the step, the counters and the size and SHA-256 of every file, so a corrupt
+or truncated checkpoint is recognised and skipped, never loaded. `write_checkpoint` is the same protocol for
+any content (SAE training checkpoints use it); `clean_stale_temps` removes what interrupted writes left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from interplab.integrity import check_file, sha256_file
 from interplab.io import atomic_write_json, save_tensors
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step_"
+_TMP, _OLD = (
+    ".tmp-",
+    ".old-",
+)  # interrupted writes: ``.tmp-step_N-PID`` (new, unfinished), ``.old-step_N-PID``
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -47,14 +53,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
     return sorted(out, key=lambda c: c.step)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -64,25 +62,44 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically; an existing checkpoint of the same step is replaced only once
     the new one is complete."""
-    final = checkpoint_dir(run_dir, step)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+
+    def write(tmp: Path) -> dict[str, Any]:
+        model.save(tmp)
+        if optimizer is None:
+            return state
+        tensors, groups = _flatten_optimizer(optimizer.state_dict())
+        save_tensors(tmp / "optimizer.safetensors", tensors)
+        save_tensors(tmp / "rng.safetensors", global_rng_state())
+        return {**state, "param_groups": groups}
+
+    return write_checkpoint(checkpoint_dir(run_dir, step), step, write)
+
+
+def write_checkpoint(final: Path, step: int, write: Callable[[Path], dict[str, Any]]) -> Path:
+    """The atomic checkpoint protocol, for any content: ``write(tmp)`` fills a temp folder (sub-folders allowed)
+    and returns the state to record; then ``state.json`` (with the step, that state and the size and SHA-256
+    of every file) is written last and the folder is renamed into place. An existing checkpoint of the same
+    name is replaced only once the new one is complete."""
+    final = Path(final)
+    tmp = final.parent / f"{_TMP}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        model.save(tmp)
-        if optimizer is not None:
-            tensors, groups = _flatten_optimizer(optimizer.state_dict())
-            save_tensors(tmp / "optimizer.safetensors", tensors)
-            state = {**state, "param_groups": groups}
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_tensors(tmp / "rng.safetensors", rng)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_json(tmp / "state.json", {"step": step, **state, "sha256": files})
+        state = write(tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        rel = [p.relative_to(tmp).as_posix() for p in files]
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                **state,
+                "sha256": {r: sha256_file(p) for r, p in zip(rel, files, strict=True)},
+                "sizes": {r: p.stat().st_size for r, p in zip(rel, files, strict=True)},
+            },
+        )
         if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            old = final.parent / f"{_OLD}{final.name}-{os.getpid()}"
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old)
@@ -94,8 +111,64 @@ def save_checkpoint(
     return final
 
 
-def verify_checkpoint(path: Path, *, need_optimizer: bool = True) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it is not."""
+def global_rng_state() -> dict[str, torch.Tensor]:
+    """torch's global CPU (and CUDA) generator states, to store in ``rng.safetensors``."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def set_global_rng_state(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def clean_stale_temps(run_dir: str | Path) -> list[str]:
+    """Remove the temp folders that interrupted checkpoint writes left in ``RUN/checkpoints`` (what each did).
+
+    Safe: folders of a process that is still alive are left alone; a previous checkpoint that was moved aside
+    to be replaced (``.old-step_N-PID``) is put back when its replacement never arrived, else removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        kind = _TMP if p.name.startswith(_TMP) else _OLD if p.name.startswith(_OLD) else None
+        if kind is None or not p.is_dir():
+            continue
+        name, _, pid = p.name[len(kind) :].rpartition("-")
+        if not (name.startswith(_PREFIX) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        final = root / name
+        if kind == _OLD and not final.exists():
+            p.rename(final)
+            done.append(f"restored {name} from {p.name} (its replacement was interrupted)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by an interrupted checkpoint write)")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes nothing while it cleans
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def verify_checkpoint(
+    path: Path, *, need_optimizer: bool = True, required: Iterable[str] | None = None
+) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not. ``required``: the files it
+    must hold (default: a model checkpoint's, with the optimizer and RNG state when ``need_optimizer``)."""
     state_file = path / "state.json"
     if not state_file.is_file():
         return "no state.json (interrupted write?)"
@@ -106,26 +179,28 @@ def verify_checkpoint(path: Path, *, need_optimizer: bool = True) -> str | None:
     hashes = state.get("sha256")
     if not isinstance(hashes, dict):
         return "state.json has no file hashes"
-    needed = {"model.safetensors", "config.json"} | (
-        {"optimizer.safetensors", "rng.safetensors"} if need_optimizer else set()
-    )
-    missing = sorted(needed - set(hashes))
+    if required is None:
+        required = {"model.safetensors", "config.json"} | (
+            {"optimizer.safetensors", "rng.safetensors"} if need_optimizer else set()
+        )
+    missing = sorted(set(required) - set(hashes))
     if missing:
         return f"missing {', '.join(missing)}"
+    sizes = state.get("sizes") or {}
     for name, digest in hashes.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if _sha256(file) != digest:
-            return f"{name} is corrupt or truncated (checksum mismatch)"
+        problem = check_file(path / name, {"sha256": digest, "size": sizes.get(name)})
+        if problem is not None:
+            return f"{name} {problem}"
     return None
 
 
-def latest_good_checkpoint(run_dir: Path) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
+def latest_good_checkpoint(
+    run_dir: Path, *, required: Iterable[str] | None = None
+) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
     """The newest resumable checkpoint, and the newer ones that were skipped with their reasons."""
     skipped = []
     for ckpt in reversed(list_checkpoints(run_dir)):
-        reason = verify_checkpoint(ckpt.path, need_optimizer=True)
+        reason = verify_checkpoint(ckpt.path, need_optimizer=True, required=required)
         if reason is None:
             return ckpt, skipped
         skipped.append((ckpt, reason))
@@ -151,12 +226,19 @@ def load_checkpoint(
     if optimizer is not None:
         tensors = load_file(str(path / "optimizer.safetensors"))
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
-        rng = load_file(str(path / "rng.safetensors"))
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            with contextlib.suppress(RuntimeError):
-                torch.cuda.set_rng_state(rng["cuda"])
+        set_global_rng_state(load_file(str(path / "rng.safetensors")))
     return state
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer's state as safetensors-ready tensors and JSON param groups (`load_optimizer_state` inverts)."""
+    return _flatten_optimizer(optimizer.state_dict())
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]
+) -> None:
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, groups))
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class FormationResult:
     formation_step: int | None
     """first checkpoint where the best induction score passed halfway from its start to its peak
     (None if no head ever reached `FORMED_THRESHOLD`)"""
+    skipped: tuple[str, ...] = ()
+    """checkpoints left out because they are incomplete or corrupt, each ``"step_N: reason"``"""
 
     @property
     def max_induction(self) -> list[float]:
@@ -199,6 +202,7 @@ class FormationResult:
             "repeated_loss_second": list(self.repeated_loss_second),
             "val_loss": list(self.val_loss),
             "icl_score": list(self.icl_score),
+            "skipped_checkpoints": list(self.skipped),
         }
 
     @classmethod
@@ -214,6 +218,7 @@ class FormationResult:
             val_loss=tuple(data["val_loss"]),
             icl_score=tuple(data["icl_score"]),
             formation_step=data["formation_step"],
+            skipped=tuple(data.get("skipped_checkpoints", ())),
         )
 
     def save(self, folder: str | Path) -> dict[str, str | None]:
@@ -316,11 +321,19 @@ def formation(
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    checkpoints = [
-        c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None
-    ]
+    checkpoints, skipped = [], []
+    for c in list_checkpoints(run_dir):
+        reason = verify_checkpoint(c.path, need_optimizer=False)
+        if reason is None:
+            checkpoints.append(c)
+        else:
+            skipped.append(f"{c.path.name}: {reason}")
+            warnings.warn(f"formation: skipping checkpoint {c.path}: {reason}", stacklevel=2)
     if not checkpoints:
-        raise ValueError(f"{run_dir} has no intact checkpoints to analyse")
+        raise ValueError(
+            f"{run_dir} has no intact checkpoints to analyse"
+            + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
+        )
     val_tokens = _heldout_tokens(cfg, run_dir, val_seqs)
     rows: list[dict[str, Any]] = []
     for i, ckpt in enumerate(checkpoints):
@@ -360,6 +373,7 @@ def formation(
         val_loss=tuple(r["val"] for r in rows),
         icl_score=tuple(r["icl"] for r in rows),
         formation_step=find_formation_step(steps, induction.flatten(1).max(dim=1).values.tolist()),
+        skipped=tuple(skipped),
     )
 
 

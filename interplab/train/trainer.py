@@ -24,6 +24,7 @@ import torch
 from interplab.io import atomic_write_json
 from interplab.model import Transformer
 from interplab.train.checkpoint import (
+    clean_stale_temps,
     latest_good_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -221,6 +222,7 @@ def _train(
     callbacks: tuple[Callable[..., None], ...] = (),
 ) -> TrainResult:
     continuing = _check_run_dir(run_dir, cfg, resume)
+    cleaned = clean_stale_temps(run_dir) if continuing and dist_info.main else []
     if dist_info.world > 1:
         import torch.distributed as dist
 
@@ -263,6 +265,8 @@ def _train(
     if resumed_from is not None and dist_info.main:
         truncate_log(run_dir, resumed_from)  # the steps after the checkpoint are trained again
     log = RunLog(run_dir, cfg, dist_info.main)
+    for item in cleaned:
+        log.write({"event": "cleaned", "what": item})
     for item in skipped:
         log.write({"event": "skipped_checkpoint", "reason": item})
     if resumed_from is not None:

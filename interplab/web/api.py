@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from interplab.features.store import FeatureNotFound
+from interplab.features.store import FeatureNotFound, ReadOnlyDatabase
 
 MAX_PROMPT = 256
 
@@ -69,6 +69,8 @@ def add_routes(app, res) -> None:
     def api_label(db: str, index: int, body: LabelIn):
         try:
             res.store(db).set_label(index, body.explanation, source="human")
+        except ReadOnlyDatabase as err:
+            raise HTTPException(403, str(err)) from None
         except FeatureNotFound:
             raise HTTPException(404, f"feature {index} is not in database {db!r}") from None
         return {"feature": index, "explanation": body.explanation.strip()}

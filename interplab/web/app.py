@@ -11,6 +11,7 @@ Pages: ``/`` (databases, runs, models, SAEs), ``/db/<name>/`` (feature list), ``
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from interplab.features.store import FeatureNotFound, FeatureStore
+from interplab.features.store import FeatureNotFound, FeatureStore, is_url, open_store
 from interplab.web.runs import Artifact, find_artifacts, run_view
 from interplab.web.views import Links, feature_view, summary_rows
 
@@ -50,11 +51,14 @@ def templates():
 class Resources:
     """Feature databases by name, and the model / SAEs they were built from (loaded on first use)."""
 
-    def __init__(self, dbs: Sequence[str | Path], model: Any = None, sae: Any = None) -> None:
+    def __init__(
+        self, dbs: Sequence[str | Path], model: Any = None, sae: Any = None, read_only: bool | None = None
+    ) -> None:
         self.stores: dict[str, FeatureStore] = {}
         for db in dbs:
-            store = FeatureStore(db)
-            name = Path(str(db)).stem if "://" not in str(db) else str(db).rsplit("/", 1)[-1]
+            store = open_store(db, read_only=read_only)  # read-only where it cannot be written
+            raw = str(db).rsplit("/", 1)[-1] if is_url(db) else Path(db).stem
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw) or "db"  # a URL path segment: no ? # % / in it
             while name in self.stores:
                 name += "_"
             self.stores[name] = store
@@ -101,12 +105,14 @@ def create_app(
     runs: Sequence[str | Path] = (),
     model: Any = None,
     sae: Any = None,
+    read_only: bool | None = None,
 ):
     """The web app. ``model``/``sae`` (objects or folders) serve steering and attention views; by default the
-    paths recorded in each database are used."""
+    paths recorded in each database are used. Databases open read-only where they cannot be written
+    (``read_only=None``), or as ``read_only`` says; labels cannot be saved to a read-only one."""
     from interplab.web import api
 
-    res = Resources(dbs, model=model, sae=sae)
+    res = Resources(dbs, model=model, sae=sae, read_only=read_only)
     tpl = templates()
     app = FastAPI(title="interplab feature explorer", docs_url="/api/docs", redoc_url=None)
     app.state.resources = res

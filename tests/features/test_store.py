@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
 import torch
+from sqlalchemy.exc import OperationalError
 
 from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
-from interplab.features.store import FeatureNotFound, FeatureStore
+from interplab.features.store import (
+    FeatureNotFound,
+    FeatureStore,
+    ReadOnlyDatabase,
+    open_store,
+    sqlite_engine,
+)
+from interplab.integrity import IntegrityError
 from tests.features.planted import make_sae, planted_sae
 
 CFG = FeatureBuildConfig(
@@ -124,3 +133,125 @@ def test_version_1_database_is_migrated(tmp_path, model, tokens):
     store = FeatureStore(tmp_path / "old.db")
     assert schema.schema_version(store.engine) == schema.SCHEMA_VERSION
     assert inspect(store.engine).has_table("labels")
+
+
+@pytest.mark.parametrize("name", ["odd?mode=ro.db", "a#b.db", "100%25.db", "sp ace&x=1.db"])
+def test_a_path_is_a_path_whatever_its_characters(tmp_path, model, tokens, name):
+    build_feature_db(tmp_path / name, model, _sae(), tokens, CFG)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == [name]
+    for given in (tmp_path / name, str(tmp_path / name)):  # a str path is a path too
+        store = FeatureStore(given)
+        assert store.n_features() == 12 and store.file == (tmp_path / name).resolve()
+        store.close()
+
+
+def test_read_only_open_writes_nothing(tmp_path, model, tokens):
+    """mode=ro is enforced by SQLite itself, so this holds as root too (where chmod stops nothing)."""
+    db = tmp_path / "ro" / "f.db"
+    db.parent.mkdir()
+    build_feature_db(db, model, _sae(), tokens, CFG)
+    writer = FeatureStore(db)
+    writer.set_label(1, "kept")
+    writer.close()  # the last connection checkpoints the WAL into the file
+    before = db.read_bytes()
+    for immutable in (False, True):
+        store = FeatureStore(db, read_only=True)
+        if immutable:  # what a read-only filesystem gets (WAL needs its -shm file otherwise)
+            store.engine.dispose()
+            store.engine = sqlite_engine(db, read_only=True, immutable=True)
+        assert store.n_features() == 12 and store.labels()[1]["explanation"] == "kept"
+        with pytest.raises(ReadOnlyDatabase, match="open read-only"):
+            store.set_label(2, "x")
+        with store.engine.connect() as c:  # below the store's own guard, SQLite refuses too
+            with pytest.raises(OperationalError, match="readonly|read-only"):
+                c.exec_driver_sql("DELETE FROM labels")
+            mode = c.exec_driver_sql("PRAGMA journal_mode").scalar()
+            assert mode == ("delete" if immutable else "wal")  # immutable ignores the WAL; ro never switches
+        store.close()
+    assert db.read_bytes() == before and FeatureStore(db).labels()[1]["explanation"] == "kept"
+    with pytest.raises(ValueError, match="cannot be created read-only"):
+        FeatureStore(tmp_path / "new.db", create=True, read_only=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod; the mode=ro test covers root")
+def test_a_database_in_a_read_only_folder_is_served_read_only(tmp_path, model, tokens):
+    db = tmp_path / "ro" / "f.db"
+    db.parent.mkdir()
+    build_feature_db(db, model, _sae(), tokens, CFG)
+    db.chmod(0o444)
+    db.parent.chmod(0o555)
+    try:
+        store = open_store(db)
+        assert store.read_only and store.n_features() == 12
+        with pytest.raises(ReadOnlyDatabase):
+            store.set_label(1, "x")
+        store.close()
+    finally:
+        db.parent.chmod(0o755)
+        db.chmod(0o644)
+
+
+def test_a_foreign_sqlite_file_is_never_written_into(tmp_path, model, tokens):
+    other = tmp_path / "app.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE users (name TEXT)")
+    con.execute("INSERT INTO users VALUES ('ada')")
+    con.commit()
+    con.close()
+    before = other.read_bytes()
+    with pytest.raises(ValueError, match="not a feature database .*tables users.*--overwrite"):
+        build_feature_db(other, model, _sae(), tokens, CFG)
+    with pytest.raises(ValueError, match="not a feature database"):
+        FeatureStore(other)
+    assert other.read_bytes() == before
+    con = sqlite3.connect(other)  # a table named like ours, with another kind marker
+    con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    con.execute("""INSERT INTO meta VALUES ('kind', '"someone.else"'), ('schema_version', '2')""")
+    con.commit()
+    con.close()
+    with pytest.raises(ValueError, match="kind 'someone.else'"):
+        FeatureStore(other, create=True)
+    (tmp_path / "text.db").write_text("not a database at all, " * 100)
+    with pytest.raises(ValueError, match="not an SQLite database"):
+        FeatureStore(tmp_path / "text.db")
+    build_feature_db(other, model, _sae(), tokens, CFG, overwrite=True)  # told: replaced
+    assert (
+        FeatureStore(other).n_features() == 12 and FeatureStore(other).meta()["kind"] == "interplab.features"
+    )
+
+
+def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, model, tokens):
+    db = tmp_path / "f.db"
+    build_feature_db(db, model, _sae(), tokens, CFG)
+    store = FeatureStore(db)
+    text = store.feature(3)["top"][0]["text"]
+    assert len(text) >= 4
+    store.close()
+    con = sqlite3.connect(db)  # a silent change below the store: one activation nudged
+    con.execute("UPDATE contexts SET act = act + 1e-6 WHERE feature = 5 AND kind = 0 AND rank = 0")
+    con.commit()
+    con.close()
+    store = FeatureStore(db)
+    with pytest.raises(IntegrityError, match=r"f\.db: feature 5 is corrupt"):
+        store.feature(5)
+    store.feature(4)  # the others still read
+    store.close()
+    data = bytearray(db.read_bytes())  # a flipped byte in the file, inside feature 3's context text
+    i = data.find(text.encode())
+    assert i > 0
+    data[i] ^= 0x20 if chr(data[i]).isalpha() else 0x01
+    db.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="feature 3 is corrupt"):
+        FeatureStore(db, read_only=True).feature(3)
+
+
+@pytest.mark.parametrize("loss_effect", [-0.0, float("nan"), 1e-300, None])
+def test_checksums_survive_what_sqlite_does_to_floats(tmp_path, loss_effect):
+    """SQLite stores -0.0 as 0 and NaN as NULL: the digest is over the stored values, so it still matches."""
+    store = FeatureStore(tmp_path / "f.db", create=True)
+    row = {"feature": 0, "n_fires": 1, "density": 0.5, "max_act": -0.0, "mean_act": 1 / 3}
+    row.update(loss_effect=loss_effect, hist="[1]", logits="{}", cooc="[]", top_token=None)
+    ctx = {"feature": 0, "kind": 0, "rank": 0, "token_index": 3, "act": -0.0, "center_token": 1}
+    ctx.update(tokens=b"\x01\x00\x00\x00", acts=b"\x00\x00\x00\x80", text="x")
+    store.write_features([row], [ctx])
+    assert store.feature(0)["max_act"] == 0.0

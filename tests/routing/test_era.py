@@ -64,3 +64,61 @@ def test_stdlib_forget_rule():
     forget = [rel for rel, _ in files if rule(rel)]
     assert forget and all(rel.startswith("email/") for rel in forget)
     assert not any("site-packages" in rel or rel.startswith("test/") for rel, _ in files)
+
+
+def _expanded_and_windows():
+    from interplab.model import ModelConfig, Transformer
+    from interplab.routing import expand_mlp
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=24, n_ctx=12, d_mlp=24))
+    expanded, expansion = expand_mlp(model, 8, seed=1)
+    with torch.no_grad():  # let the expansion's units matter, so gradients flow through them
+        for block in expanded.blocks:
+            block.mlp.W_out[24:] = torch.randn(8, 16) * 0.1
+    return expanded, expansion, torch.randint(0, 24, (6, 13))
+
+
+@pytest.mark.parametrize("original", [0.0, -0.75, 0.4])
+def test_era_forget_weight_on_the_original_units_is_the_route(original):
+    from interplab.routing.era import lm_loss
+
+    expanded, expansion, windows = _expanded_and_windows()
+
+    def grads(routing):
+        expanded.zero_grad(set_to_none=True)
+        if routing is None:
+            lm_loss(expanded, windows).backward()
+        else:
+            forget = torch.ones(len(windows), dtype=torch.long)
+            with routing.router().apply(expanded, forget), routing.param_routes()[1].apply(expanded):
+                lm_loss(expanded, windows).backward()
+        return {n: p.grad.clone() for n, p in expanded.named_parameters() if p.grad is not None}
+
+    plain = grads(None)
+    cfg = ERAConfig(forget_original_weight=original, forget_shared_weight=1.0)
+    routed = grads(cfg.routing(expansion))
+    # the last layer's W_in: each unit's column gets its unit's weight times the unrouted gradient
+    w_in, w_in0 = routed["blocks.1.mlp.W_in"], plain["blocks.1.mlp.W_in"]
+    torch.testing.assert_close(w_in[:, :24], original * w_in0[:, :24])
+    torch.testing.assert_close(w_in[:, 24:], w_in0[:, 24:])
+    torch.testing.assert_close(routed["unembed.W_U"], plain["unembed.W_U"])  # downstream: untouched
+    # the strict default: forget data trains nothing outside the expansion
+    strict = grads(ERAConfig().routing(expansion))
+    assert torch.count_nonzero(strict["unembed.W_U"]) == 0
+    assert torch.count_nonzero(strict["blocks.1.mlp.W_in"][:, :24]) == 0
+    assert torch.count_nonzero(strict["blocks.1.mlp.W_in"][:, 24:]) > 0
+
+
+def test_era_paper_preset():
+    paper = ERAConfig.paper(steps=7)
+    assert (paper.forget_original_weight, paper.forget_shared_weight, paper.retain_expansion_weight) == (
+        -0.75,
+        1.0,
+        1.0,
+    )
+    assert paper.steps == 7 and ERAConfig.paper(forget_original_weight=-0.5).forget_original_weight == -0.5
+    default = ERAConfig()
+    assert (default.forget_original_weight, default.forget_shared_weight) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="forget_original_weight must be a finite number"):
+        ERAConfig(forget_original_weight=float("nan"))

@@ -5,6 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from interplab.integrity import IntegrityError, file_record
+from interplab.model import Transformer
 from interplab.sae.activations import ActivationStream, TensorActivations, TokenFilter, model_activations
 from interplab.sae.disk_store import ActivationDataError, DiskActivationStore, cache_activations
 from tests.sae.helpers import token_batches
@@ -115,8 +117,97 @@ def test_kill_and_resume_gives_the_same_cache(tiny_model, tmp_path):
             torch.cat([a.shard(i, h) for i in range(len(a.shards))]),
             torch.cat([b.shard(i, h) for i in range(len(b.shards))]),
         )
-    with pytest.raises(ValueError, match="holds a cache of"):
+    with pytest.raises(ValueError, match="written with dtype=float32; this run asks for float16"):
         cache_activations(tiny_model, batches, HOOKS, tmp_path / "r", dtype="float16")
+
+
+def _killed_cache(model, path, batches, **kw):
+    with pytest.raises(_Killed):
+        cache_activations(model, _dies_after(batches, 3), HOOKS, path, shard_rows=100, **kw)
+
+
+@pytest.mark.parametrize("what", ["model", "seq_len", "order", "source", "hooks", "budget", "filter"])
+def test_resume_with_other_inputs_is_refused_naming_the_difference(tiny_model, tmp_path, what):
+    """A resumed cache never mixes rows of two sources: every input that determines the rows is checked."""
+    batches = token_batches(7)
+    src = {"corpus": "c", "split": "train", "seq_len": 16}
+    _killed_cache(tiny_model, tmp_path / "c", batches, source=src, max_rows=400)
+    before = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    kw = {"source": src, "max_rows": 400, "token_filter": TokenFilter()}
+    model, hooks, toks = tiny_model, HOOKS, batches
+    if what == "model":
+        torch.manual_seed(1)
+        model = Transformer(tiny_model.cfg)  # same config, other weights
+        expect = "model weights"
+    elif what == "seq_len":
+        toks = [b[:, :8] for b in batches]
+        expect = "other token batches"
+    elif what == "order":
+        toks = batches[::-1]
+        expect = "other token batches"
+    elif what == "source":
+        kw["source"] = {**src, "split": "validation"}
+        expect = "split=train; this run asks for validation"
+    elif what == "hooks":
+        hooks = HOOKS[:1]
+        expect = "hooks="
+    elif what == "budget":
+        kw["max_rows"] = 200
+        expect = "max_rows=400; this run asks for 200"
+    else:
+        kw["token_filter"] = TokenFilter(exclude_bos=False)
+        expect = "token_filter="
+    with pytest.raises(ValueError, match=expect):
+        cache_activations(model, toks, hooks, tmp_path / "c", shard_rows=100, **kw)
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text()) == before  # nothing written
+    res = cache_activations(model, toks, hooks, tmp_path / "c", shard_rows=100, overwrite=True, **kw)
+    assert res.resumed_from_shard == 0
+    cache_activations(model, toks, hooks, tmp_path / "fresh", shard_rows=100, **kw)
+    assert DiskActivationStore(tmp_path / "c").manifest == DiskActivationStore(tmp_path / "fresh").manifest
+
+
+def test_fewer_token_batches_than_consumed_is_refused(tiny_model, tmp_path):
+    batches = token_batches(7)
+    _killed_cache(tiny_model, tmp_path / "c", batches)
+    with pytest.raises(ValueError, match="consumed 2 token batches, but this run yields only 1"):
+        cache_activations(tiny_model, batches[:1], HOOKS, tmp_path / "c", shard_rows=100)
+
+
+def test_a_folder_that_is_not_a_cache_is_never_written_or_deleted(tiny_model, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is not empty and is not an activation cache"):
+            cache_activations(tiny_model, token_batches(2), HOOKS, tmp_path / "mine", overwrite=overwrite)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_old_caches_are_read_but_not_resumed(tiny_model, tmp_path):
+    cache_activations(tiny_model, token_batches(3), HOOKS, tmp_path / "v1", shard_rows=100)
+    file = tmp_path / "v1" / "manifest.json"
+    m = json.loads(file.read_text())
+    old = {"version": 1, "hooks": m["hooks"], "dtype": m["dtype"], "complete": True}
+    old["shards"] = [{k: s[k] for k in ("file", "rows", "token_batches")} for s in m["shards"]]
+    file.write_text(json.dumps(old))
+    assert DiskActivationStore(tmp_path / "v1").rows == 3 * 60
+    with pytest.raises(ValueError, match="older interplab"):
+        cache_activations(tiny_model, token_batches(3), HOOKS, tmp_path / "v1", shard_rows=100)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_shard_is_named_when_read(tiny_model, tmp_path, damage):
+    cache_activations(tiny_model, token_batches(4), HOOKS, tmp_path / "d", shard_rows=100)
+    file = tmp_path / "d" / "shard_00001.safetensors"
+    data = bytearray(file.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0x01  # inside the tensor data: still loads as numbers
+    else:
+        data = data[:-8]
+    file.write_bytes(bytes(data))
+    store = DiskActivationStore(tmp_path / "d")
+    with pytest.raises(IntegrityError, match="shard_00001.safetensors"):
+        list(store.batches(20, seed=0))
 
 
 def test_nan_names_shard_and_row(tiny_model, tmp_path):
@@ -125,6 +216,10 @@ def test_nan_names_shard_and_row(tiny_model, tmp_path):
     t = load_file(str(file))
     t[HOOKS[1]][17, 3] = float("nan")
     save_file(t, str(file))
+    manifest_file = tmp_path / "n" / "manifest.json"  # as if written so: the shard's checksum matches
+    m = json.loads(manifest_file.read_text())
+    m["shards"][1].update(file_record(file))
+    manifest_file.write_text(json.dumps(m))
     store = DiskActivationStore(tmp_path / "n")
     with pytest.raises(
         ActivationDataError, match=r"shard_00001.safetensors \(blocks.1.hook_mlp_out\), row 17"
@@ -134,3 +229,14 @@ def test_nan_names_shard_and_row(tiny_model, tmp_path):
         store.validate()
     with pytest.raises(KeyError, match="no activations for"):
         list(store.batches(20, hooks=["blocks.0.hook_mlp_out"]))
+
+
+def test_a_cache_killed_before_its_first_manifest_starts_again(tiny_model, tmp_path):
+    """SIGKILL between writing shard 0 and the manifest leaves the shard (and maybe a temp file) alone."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "shard_00000.safetensors").write_bytes(b"partial")
+    (folder / ".shard_00001.safetensors.abc.tmp").write_bytes(b"partial")
+    res = cache_activations(tiny_model, token_batches(3), HOOKS, folder, shard_rows=100)
+    assert res.rows == 3 * 60 and DiskActivationStore(folder).rows == 3 * 60
+    assert not list(folder.glob(".*.tmp"))

@@ -5,6 +5,7 @@ from torch.testing import assert_close
 from interplab.sae import Architecture, SAEConfig, create_sae, register_architecture, registered_architectures
 from interplab.sae.architectures import JumpReLUSAE, ReLUSAE
 from interplab.sae.kernels import scatter_latents, sparse_decode, topk_encode
+from interplab.sae.train import TrainConfig, train_saes
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
 
@@ -188,3 +189,102 @@ def test_training_loss_gradients_match_the_plain_formula(arch):
     ref = torch.autograd.grad(loss, params)
     for (name, _), got, want in zip(sae.named_parameters(), fast, ref, strict=True):
         assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("n_heads", "d_head"), [(4, 4), (2, 8)])
+def test_hook_z_sae_takes_per_head_input(arch, n_heads, d_head):
+    """As sae_lens' hook_z SAEs: [..., n_heads, d_head] is flattened before encoding and the reconstruction
+    comes back per head; flat rows give the same numbers."""
+    sae = make(arch, hook_name="blocks.2.attn.hook_z")
+    assert sae.cfg.reshape_activations.value == "hook_z"  # the default on an attn.hook_z site
+    x = torch.randn(2, 5, n_heads, d_head)
+    out = sae(x)
+    flat = sae(x.flatten(-2))
+    assert out.reconstruction.shape == x.shape and out.feature_acts.shape == (2, 5, 64)
+    assert_close(out.feature_acts, flat.feature_acts)
+    assert_close(out.reconstruction.flatten(-2), flat.reconstruction)
+    assert_close(sae.loss(x.reshape(10, n_heads, d_head)).mse, sae.loss(x.reshape(10, 16)).mse)
+    plain = make(arch, hook_name="blocks.2.attn.hook_z", reshape_activations="none")
+    with pytest.raises(
+        ValueError, match=r"SAE expects inputs \[\.\.\., d_in=16\] \(hook blocks.2.attn.hook_z\)"
+    ):
+        plain.encode(x)
+
+
+def test_hook_z_reshape_needs_a_hook_z_sae():
+    assert make("relu").cfg.reshape_activations.value == "none"
+    t = make("relu", hook_name="blocks.0.attn.hook_z", hook_name_out="blocks.0.hook_attn_out")
+    assert t.cfg.reshape_activations.value == "none"  # transcoders read flat rows (as sae_lens' do)
+    for kw in (
+        {"hook_name": "blocks.0.hook_resid_post"},
+        {"hook_name": "blocks.0.attn.hook_z", "hook_name_out": "blocks.0.hook_attn_out"},
+    ):
+        with pytest.raises(ValueError, match="reshape_activations='hook_z' needs an SAE"):
+            make("relu", reshape_activations="hook_z", **kw)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk"])
+def test_threshold_inference_is_saelens_jumprelu(arch):
+    """SAELens' JumpReLU: ReLU(z) * (z > threshold), for any stored threshold (a file may hold 0 or less)."""
+    sae = make(arch)
+    pre = torch.linspace(-2, 2, 64 * 9).reshape(9, 64)
+    thresholds = [torch.full((64,), 0.3), torch.zeros(64), torch.linspace(-1, 1, 64)]
+    for t in thresholds if arch == "jumprelu" else [torch.tensor(0.3), torch.tensor(0.0)]:
+        with torch.no_grad():
+            sae.threshold.copy_(t)
+        want = torch.where(pre > t, pre.clamp_min(0), torch.zeros(()))
+        got = sae.activation(pre)
+        assert_close(got, want, rtol=0, atol=0)
+        assert (got >= 0).all()
+
+
+@pytest.mark.parametrize("init", [0.0, 0.001])
+def test_jumprelu_threshold_stays_non_negative_and_trains_from_zero(init):
+    """The reconstruction pulls thresholds down (coefficient 0, large lr): before, they went negative and
+    encode returned negative activations; the projection keeps them >= 0. With an L0 penalty a threshold
+    that starts at 0 still rises (its gradient does not vanish there)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    for coefficient, check in ((0.0, "non_negative"), (0.5, "rises")):
+        sae = make("jumprelu", jumprelu_init_threshold=init)
+        cfg = TrainConfig(total_steps=40, lr=0.05, warmup_steps=1, coefficient=coefficient, autocast=False)
+        train_saes(sae, [{"x": x}] * 40, cfg)
+        assert float(sae.threshold.detach().min()) >= 0.0
+        assert float(sae.encode(x).detach().min()) >= 0.0
+        if check == "rises":
+            assert float(sae.threshold.detach().mean()) > init + 0.01
+
+
+def test_batchtopk_auxk_revives_dead_latents():
+    """BatchTopK gets TopK's AuxK loss: 0 without dead latents, > 0 with them, and its gradient reaches the
+    dead latents' encoder columns."""
+    sae = make("batchtopk")
+    x = torch.randn(128, 16)
+    assert float(sae.loss(x).aux) == 0.0
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:20] = True
+    out = sae.loss(x, dead_mask=dead)
+    assert float(out.aux) > 0
+    (g,) = torch.autograd.grad(out.aux, sae.W_enc)
+    assert g[:, :20].abs().sum() > 0 and g[:, 20:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_latent_axes_cover_every_per_latent_parameter(arch):
+    """Resampling resets what `latent_axes` lists: it must name every parameter with a d_sae axis."""
+    sae = make(arch)  # d_in 16 != d_sae 64, so a 64-sized axis is a latent axis
+    for name, p in sae.named_parameters():
+        axes = [i for i, n in enumerate(p.shape) if n == 64]
+        assert axes == ([sae.latent_axes[name]] if name in sae.latent_axes else []), name
+    assert set(sae.latent_reset_values()) == set(sae.latent_axes) - {"W_enc", "W_dec"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_seed_same_sae_other_seed_differs(arch):
+    a, b = make(arch), make(arch)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    k = 4 if "topk" in arch else None
+    c = create_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, k=k), seed=1)
+    assert not torch.equal(a.W_dec, c.W_dec)

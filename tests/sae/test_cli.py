@@ -159,3 +159,106 @@ def test_clear_errors(setup):
         ],
     )
     assert res.exit_code != 0 and "blocks.7" in res.output
+
+
+def _cache_args(t, out, *extra):
+    return [
+        "sae",
+        "cache",
+        str(t / "model"),
+        "--hook",
+        HOOK,
+        "--out",
+        str(t / out),
+        "--tokens",
+        "2000",
+        "--batch",
+        "8",
+        "--shard-rows",
+        "500",
+        "--corpus",
+        str(t / "corpus"),
+        *extra,
+    ]
+
+
+def test_cache_resume_with_other_settings_is_refused_naming_them(setup):
+    t = setup
+    _ok(_cache_args(t, "acts", "--seq-len", "32"))
+    manifest = json.loads((t / "acts" / "manifest.json").read_text())
+    assert manifest["model"]["name"] == str(t / "model")
+    assert manifest["identity"]["source.seq_len"] == 32 and manifest["identity"]["source.split"] == "train"
+    for extra, named in (
+        (["--seq-len", "16"], "seq_len=32; this run asks for 16"),
+        (["--seq-len", "32", "--batch", "4"], "batch_size=8; this run asks for 4"),
+        (["--seq-len", "32", "--dtype", "float16"], "dtype=bfloat16; this run asks for float16"),
+    ):
+        res = runner.invoke(app, _cache_args(t, "acts", *extra))
+        said = " ".join(res.output.split())
+        assert res.exit_code != 0 and named in said and "--overwrite" in said, said
+        assert json.loads((t / "acts" / "manifest.json").read_text()) == manifest
+    torch.manual_seed(1)
+    tok = CharTokenizer("abcdefgh \n")
+    other = Transformer(
+        ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=tok.vocab_size, n_ctx=64, d_mlp=32)
+    )
+    other.tokenizer = tok
+    other.save(t / "model")  # the same path now holds other weights
+    res = runner.invoke(app, _cache_args(t, "acts", "--seq-len", "32"))
+    assert res.exit_code != 0 and "model weights" in " ".join(res.output.split())
+    _ok(_cache_args(t, "acts", "--seq-len", "16", "--overwrite"))
+    assert json.loads((t / "acts" / "manifest.json").read_text())["identity"]["source.seq_len"] == 16
+
+
+def _train_args(t, out, *extra):
+    return [
+        "sae",
+        "train",
+        "--cache",
+        str(t / "acts"),
+        "--hook",
+        HOOK,
+        "--out",
+        str(t / out),
+        "--steps",
+        "16",
+        "--batch",
+        "64",
+        "--expansion",
+        "2",
+        "--k",
+        "4",
+        "--checkpoint-every",
+        "5",
+        "--fp32",
+        *extra,
+    ]
+
+
+def test_train_stop_and_resume_equals_one_run_and_other_runs_are_refused(setup):
+    t = setup
+    _ok(_cache_args(t, "acts", "--seq-len", "32"))
+    _ok(_train_args(t, "straight"))
+    out = _ok(_train_args(t, "run", "--stop-after", "7"))
+    assert "run the same command again to resume" in out and not (t / "run" / "saes").exists()
+    assert "resumed from step 7" in _ok(_train_args(t, "run"))  # stop_after writes a checkpoint
+    name = "blocks_0_hook_resid_post"
+    for file in ("sae_weights.safetensors", "cfg.json"):
+        assert (t / "run" / "saes" / name / file).read_bytes() == (
+            t / "straight" / "saes" / name / file
+        ).read_bytes()
+
+    def rows(run):
+        lines = (t / run / "log.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if "sae" in r]
+
+    assert rows("run") == rows("straight") and [r["step"] for r in rows("run")][-1] == 16
+    saved = (t / "run" / "saes" / name / "sae_weights.safetensors").read_bytes()
+    said = " ".join(runner.invoke(app, _train_args(t, "run", "--lr", "1e-3")).output.split())
+    assert "another run" in said and "lr=0.0003, this run asks for 0.001" in said, said
+    said = " ".join(runner.invoke(app, _train_args(t, "run", "--seed", "1")).output.split())
+    assert "another run" in said and "seed" in said, said
+    assert (t / "run" / "saes" / name / "sae_weights.safetensors").read_bytes() == saved
+    _ok(_train_args(t, "run", "--lr", "1e-3", "--overwrite"))
+    assert rows("run")[0]["lr"] != rows("straight")[0]["lr"]
+    assert len(rows("run")) == len(rows("straight"))

@@ -87,3 +87,26 @@ def test_wrong_width_is_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match=r"d_in=16 but blocks.0.hook_resid_post has width 32"):
         evaluate_sae(tiny_model, sae_bad, token_batches(1))
     evaluate_sae(tiny_model, sae, token_batches(1))  # d_mlp = 64 fits
+
+
+@pytest.mark.parametrize("reshape", ["hook_z", "none"])
+def test_per_head_site_is_evaluated_on_flat_rows(tiny_model, reshape):
+    """attn.hook_z is [batch, pos, head, d_head]: the SAE sees n_heads * d_head wide rows, the metrics are over
+    those rows, and the reconstruction is spliced back per head (either reshape mode)."""
+    hook = "blocks.1.attn.hook_z"
+    identity = identity_sae(32, hook)
+    sae = create_sae(identity.cfg.replace(reshape_activations=reshape))
+    sae.load_state_dict(identity.state_dict())
+    report = evaluate_sae(tiny_model, sae, token_batches(2))
+    assert report.fvu == 0.0 and report.ce_spliced == report.ce_clean
+    assert report.cosine == pytest.approx(1.0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    report = evaluate_sae(tiny_model, sae, token_batches(2))
+    tokens = torch.cat(token_batches(2))
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens, names=[hook])
+        x = cache[hook][:, 1:].flatten(2).reshape(-1, 32)  # BOS dropped, as the default TokenFilter does
+        mse = float((sae(x).reconstruction - x).pow(2).sum(-1).mean())
+    assert report.mse == pytest.approx(mse, rel=1e-4)

@@ -113,3 +113,20 @@ def test_static_export_is_self_contained(web_setup, tmp_path):
         assert "http://" not in text and "https://" not in text
         for ref in re.findall(r'(?:href|src)="([^"#?]+)"', text):
             assert (html.parent / ref).resolve().exists(), (html, ref)
+
+
+def test_odd_database_names_serve_and_read_only_databases_refuse_labels(web_setup, tmp_path):
+    import shutil
+
+    from interplab.web.app import create_app
+
+    odd = tmp_path / "odd?mode=ro#1.db"
+    shutil.copy(web_setup["db"], odd)
+    before = odd.read_bytes()
+    client = TestClient(create_app([odd], read_only=True))
+    home = client.get("/").text
+    assert 'href="/db/odd_mode_ro_1/"' in home
+    assert client.get("/db/odd_mode_ro_1/feature/3").status_code == 200
+    r = client.post("/api/db/odd_mode_ro_1/feature/3/label", json={"explanation": "x"})
+    assert r.status_code == 403 and "read-only" in r.json()["error"]
+    assert odd.read_bytes() == before

@@ -15,11 +15,15 @@ from interplab.sae.registry import register_architecture
 class GatedSAE(SAE):
     architecture = Architecture.GATED
     aux_weight = 1.0
+    latent_axes = {**SAE.latent_axes, "r_mag": 0, "b_mag": 0}
 
-    def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: SAEConfig, *, seed: int = 0) -> None:
+        super().__init__(cfg, seed=seed)
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=cfg.dtype.torch))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=cfg.dtype.torch))
+
+    def latent_reset_values(self) -> dict[str, float]:
+        return {"b_enc": 0.0, "r_mag": 0.0, "b_mag": 0.0}
 
     def pre_acts(self, x: Tensor) -> Tensor:
         x_in = self._center(x)

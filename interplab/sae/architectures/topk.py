@@ -31,18 +31,20 @@ class TopKSAE(SAE):
         vals, idx = topk_encode(x2, self.W_enc, b_enc, self.cfg.k)
         recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         counts = torch.bincount(idx[vals > 0], minlength=self.cfg.d_sae)
-        aux = self.aux_k_loss(x2, target.reshape(-1, target.shape[-1]) - recon.detach(), dead_mask)
+        aux = aux_k_loss(self, x2, b_enc, target.reshape(-1, target.shape[-1]) - recon.detach(), dead_mask)
         return recon, None, recon.new_zeros(()), aux, counts
 
-    def aux_k_loss(self, x_in: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
-        """Reconstruct the residual error from the top k_aux dead latents (normalised by the residual's
-        variance); 0 when no latent is dead."""
-        if dead_mask is None or not bool(dead_mask.any()):
-            return residual.new_zeros(())
-        n_dead = int(dead_mask.sum())
-        k_aux = min(self.cfg.d_in // 2, n_dead)
-        dead = dead_mask.nonzero().squeeze(-1)
-        vals, sub = topk_encode(x_in, self.W_enc[:, dead], self.b_enc[dead], k_aux)
-        est = sparse_decode(vals, sub, self.W_dec[dead])
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-        return (est - residual).pow(2).sum(-1).mean() / denom
+
+def aux_k_loss(sae: SAE, x_in: Tensor, b_enc: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+    """AuxK (Gao et al. 2024): reconstruct the residual error ``residual`` [batch, d_in] from the top k_aux =
+    d_in / 2 dead latents of each token, normalised by the residual's variance; 0 when no latent is dead.
+    ``x_in`` is the encoder input (b_dec already subtracted), ``b_enc`` the encoder bias to use with it."""
+    if dead_mask is None or not bool(dead_mask.any()):
+        return residual.new_zeros(())
+    n_dead = int(dead_mask.sum())
+    k_aux = max(1, min(sae.cfg.d_in // 2, n_dead))
+    dead = dead_mask.nonzero().squeeze(-1)
+    vals, sub = topk_encode(x_in, sae.W_enc[:, dead], b_enc[dead], k_aux)
+    est = sparse_decode(vals, sub, sae.W_dec[dead])
+    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+    return (est - residual).pow(2).sum(-1).mean() / denom

@@ -1,0 +1,55 @@
+"""The peer packages the compatibility tests compare against (TransformerLens 3.9, sae_lens).
+
+Each peer lives in its own virtual environment, never in the test environment, and runs in a subprocess:
+``bash scripts/peers.sh`` builds them under ``.peers/`` (CI does, in .ci/run). A test asks for a peer's
+interpreter with `peer_python`: the variable (``INTERPLAB_TL_PYTHON``, ``INTERPLAB_SAELENS_PYTHON``) when set,
+else ``.peers/<name>/bin/python``; without one the test is skipped with the reason, or fails when
+``INTERPLAB_REQUIRE_PEERS=1`` (CI), so a broken peer build cannot pass as a skip.
+"""
+
+import functools
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = {
+    "tl": ("INTERPLAB_TL_PYTHON", "transformer_lens"),
+    "saelens": ("INTERPLAB_SAELENS_PYTHON", "sae_lens"),
+}
+
+
+@functools.cache
+def _problem(python: str, module: str) -> str | None:
+    if not Path(python).exists():
+        return f"{python} does not exist"
+    done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+    return None if done.returncode == 0 else f"{python} cannot import {module}: {done.stderr.strip()[-300:]}"
+
+
+def peer_python(name: str) -> str:
+    """The interpreter of peer ``name`` ("tl" or "saelens"); skips (or, under INTERPLAB_REQUIRE_PEERS=1,
+    fails) the calling test when it is missing or broken."""
+    var, module = PEERS[name]
+    python = os.environ.get(var) or str(ROOT / ".peers" / name / "bin" / "python")
+    problem = _problem(python, module)
+    if problem is None:
+        return python
+    reason = f"{module} peer unavailable ({problem}): run `bash scripts/peers.sh {name}` or set {var}"
+    if os.environ.get("INTERPLAB_REQUIRE_PEERS") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def peer_env() -> dict[str, str]:
+    """The environment for a peer subprocess: one quiet CPU thread, offline."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
