@@ -1,7 +1,8 @@
 # %% [markdown]
 # # Causal scrubbing on a trained induction model (the `induction-2l` preset)
 #
-# Train first (a few minutes on one CPU core): `interplab train --preset induction-2l --out runs/induction-2l`.
+# Run the demo first (`bash scripts/demo.sh`), or only its training (a few minutes on one CPU core):
+# `interplab train --preset induction-2l --out runs/demo`; this reads the model it writes, `runs/demo/final`.
 # With smeared keys the induction head forms in layer 0: its key input mixes in the previous position's key,
 # doing the previous-token work itself. We find the head, then state and scrub the explanation step by step.
 
@@ -18,10 +19,11 @@ from interplab.scrub.induction import current_token, next_token, previous_occurr
 from interplab.scrub.tasks import build_task
 
 torch.set_num_threads(1)
-MODEL = Path(os.environ.get("INDUCTION_MODEL", "runs/induction-2l/final"))
+MODEL = Path(os.environ.get("INDUCTION_MODEL", "runs/demo/final"))
 if not MODEL.exists():
     print(
-        f"no trained model at {MODEL}: train one with `interplab train --preset induction-2l`",
+        f"no trained model at {MODEL}: run the demo (bash scripts/demo.sh) or "
+        "`interplab train --preset induction-2l --out runs/demo`",
         file=sys.stderr,
     )
     sys.exit(77)  # "skipped" (the autotools convention tests/test_examples.py reads)

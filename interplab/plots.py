@@ -1,8 +1,11 @@
 """Shared Plotly helpers: every result's ``.plot()`` is built from these.
 
 Small and general: a labelled heatmap, line plots, a scatter plot, a token-highlight view, an
-interactive attention-pattern view, and `save_figure` (``.html`` self-contained, ``.png``/``.svg``
-through kaleido). Plotly is imported inside the functions so ``import interplab`` stays fast.
+interactive attention-pattern view, and the writers every picture goes through: `save_figure`
+(``.html``, ``.png``, ``.svg``) and `figure_html` (a page or a fragment for a bigger report). An HTML
+picture does not inline plotly.js (4.8 MB); it loads the one ``plotly.min.js`` that `ensure_plotly_js`
+copies once into its folder, so a folder of plots stays small and still opens offline. Plotly is
+imported inside the functions so ``import interplab`` stays fast.
 
 >>> fig = heatmap(torch.randn(2, 3), x_labels=["a", "b", "c"], y_labels=["0", "1"], x_title="pos", y_title="layer")
 >>> save_figure(fig, "out.html")  # doctest: +SKIP
@@ -10,7 +13,8 @@ through kaleido). Plotly is imported inside the functions so ``import interplab`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import filecmp
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,20 +252,116 @@ def attention_view(
     return fig
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write ``.html`` (self-contained, works offline), ``.png`` or ``.svg`` (needs kaleido), atomically."""
+PLOTLY_JS = "plotly.min.js"
+"""The plotly.js bundle beside every HTML picture; the pages of a folder share one copy."""
+
+
+def plotly_js_source() -> Path:
+    """The plotly.js bundled with the installed plotly package (never a CDN: pictures open offline)."""
+    import plotly
+
+    path = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
+    if not path.is_file():
+        raise FileNotFoundError(f"{PLOTLY_JS} not found at {path}: reinstall the plotly package")
+    return path
+
+
+def ensure_plotly_js(folder: str | Path) -> Path:
+    """Put plotly's bundle at ``folder/plotly.min.js`` unless an identical copy is there (written
+    atomically, so concurrent writers and readers never see half a file); returns its path."""
     from interplab.io import atomic_path
+
+    src, dst = plotly_js_source(), Path(folder) / PLOTLY_JS
+    if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+        return dst
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(src.read_bytes())
+    return dst
+
+
+def figure_html(fig: Any, folder: str | Path, *, full_html: bool = True) -> str:
+    """``fig`` as HTML to be written into ``folder``: a whole page (or, with ``full_html=False``, a fragment
+    to embed in a page of that folder) that loads the folder's shared ``plotly.min.js``."""
+    ensure_plotly_js(folder)
+    return fig.to_html(include_plotlyjs=PLOTLY_JS, full_html=full_html)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``.html`` (loads the folder's shared ``plotly.min.js``, works offline), ``.png`` or ``.svg``
+    (see `write_image`), atomically. Raises ``RuntimeError`` when no static image renderer works."""
+    from interplab.io import atomic_write_text
 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".html", ".png", ".svg"):
         raise ValueError(f"cannot save a figure as {path.name!r}: use .html, .png or .svg")
-    with atomic_path(path) as tmp:
-        if suffix == ".html":
-            fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
-        else:
-            tmp.write_bytes(fig.to_image(format=suffix[1:]))
+    if suffix == ".html":
+        atomic_write_text(path, figure_html(fig, path.parent))
+        return path
+    error = write_image(fig, path)
+    if error is not None:
+        raise RuntimeError(f"cannot write {path}: {error}")
     return path
+
+
+IMAGE_HOWTO = "pip install kaleido==0.2.1 (it ships its own Chromium, works offline)"
+"""How to get static pictures when no renderer works; the default install has it."""
+
+
+def write_image(fig: Any, path: str | Path, *, fallback: Callable[[Path], None] | None = None) -> str | None:
+    """Write ``fig`` as a static ``.png`` or ``.svg`` at ``path`` (atomically); returns None when written, else
+    one line saying why not and how to get pictures (the HTML has the same picture).
+
+    Renderers, first that works: kaleido 0.2 (a dependency of interplab: its wheel ships a headless Chromium,
+    so pictures need no browser and no network), plotly's own export when kaleido 1.x is installed instead
+    (it drives a Chrome or Chromium found on the machine), then ``fallback(path)`` if given (e.g. matplotlib)."""
+    from interplab.io import atomic_path
+
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"cannot write a static picture as {path.name!r}: use .png or .svg")
+    try:
+        data = _render(fig, fmt)
+    except Exception as err:  # the renderers raise many types (no browser, a crashed or missing executable)
+        reason = _first_line(err)
+        if fallback is not None:
+            try:
+                with atomic_path(path) as tmp:
+                    named = tmp.with_name(tmp.name + path.suffix)  # renderers pick the format by suffix
+                    fallback(named)
+                    named.replace(tmp)
+                return None
+            except ImportError as fallback_err:
+                reason += f"; the fallback needs {fallback_err.name or 'a missing package'}"
+        return f"no {fmt.upper()} renderer worked ({reason}): {IMAGE_HOWTO}; the HTML has the same picture"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return None
+
+
+_SCOPE: list[Any] = []  # one kaleido 0.2 renderer per process: its Chromium starts once (~4 s)
+
+
+def _render(fig: Any, fmt: str) -> bytes:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        kaleido_version = version("kaleido")
+    except PackageNotFoundError:
+        raise RuntimeError("kaleido is not installed") from None
+    if int(kaleido_version.split(".")[0]) >= 1:
+        return fig.to_image(format=fmt)  # plotly's export, through the Chrome that kaleido 1.x finds
+    if not _SCOPE:
+        from kaleido.scopes.plotly import PlotlyScope
+
+        _SCOPE.append(PlotlyScope(plotlyjs=str(plotly_js_source()), mathjax=False))
+    return _SCOPE[0].transform(fig.to_plotly_json(), format=fmt)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0].rstrip(":,.") if lines else type(err).__name__
 
 
 def save_result(result: Any, path: str | Path) -> Path:

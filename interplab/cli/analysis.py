@@ -16,7 +16,15 @@ from typing import Any
 
 import typer
 
-from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
+from interplab.cli.common import (
+    JobProgress,
+    console,
+    fail,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 TARGETS = "resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern, mlp_post"
 METRICS = ("logit_diff", "normalized_logit_diff", "prob", "loss")
@@ -162,13 +170,11 @@ def patch(
     ),
     n: int = typer.Option(16, "--n", help="examples drawn from --task", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
-    png: bool = typer.Option(False, "--png", help="also write PNG pictures (needs kaleido)"),
+    png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
     set_threads(threads)
-    from rich.progress import Progress
-
     from interplab import analysis as A
 
     model = _load(model_path)
@@ -209,8 +215,7 @@ def patch(
     )
     kwargs = dict(by_position=by_position or None, direction=direction, attention_mask=ex["attention_mask"])
     try:
-        with Progress(console=console, transient=True) as bar:
-            job = bar.add_task(f"patching {target}", total=None)
+        with JobProgress(f"patch {target}", unit="patches") as bar:
             t0 = time.perf_counter()
             result = A.activation_patch(
                 model,
@@ -219,7 +224,7 @@ def patch(
                 metric,
                 target,
                 **kwargs,
-                progress=lambda done, total: bar.update(job, completed=done, total=total),
+                progress=bar,
             )
             seconds = time.perf_counter() - t0
     except (ValueError, TypeError) as err:

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
+from interplab.cli.common import (
+    JobProgress,
+    console,
+    fail,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 
 def attribute(
@@ -28,8 +36,6 @@ def attribute(
     threads: int = typer.Option(None, help="torch threads", callback=threads_option),
 ) -> None:
     """Attribute a mechanism's formation to the training sequences that built it (TracIn over checkpoints)."""
-    from rich.progress import Progress
-
     from interplab.data_attribution.run import attribute_run
 
     set_threads(threads)
@@ -43,8 +49,7 @@ def attribute(
             fail(f"--window must be 'auto' or START:STOP, got {window!r}")
             return
     try:
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("checkpoints", total=None)
+        with JobProgress("attribute", unit="checkpoints") as bar:
             result = attribute_run(
                 run_dir,
                 target,
@@ -52,7 +57,7 @@ def attribute(
                 group=group,
                 dim=dim,
                 max_candidates=candidates,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=bar,
             )
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))

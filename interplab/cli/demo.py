@@ -1,17 +1,78 @@
 """``interplab demo``: the main job. Train ``induction-2l`` on the standard library's source code, watch its
-induction heads form, train a sparse autoencoder on it and build the feature database, then say where everything is."""
+induction heads form, train a sparse autoencoder on it and build the feature database, then say where everything is.
+
+Where it writes is defined once, by :class:`DemoOutputs`: the README, the docs, the examples and the tests use
+these names (``runs/demo``, ``runs/demo/final``, ``runs/demo/features.db``, ...)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, out_folder, positive_int, set_threads
+from interplab.cli.common import (
+    activation_hint,
+    command_hint,
+    console,
+    fail,
+    out_folder,
+    positive_int,
+    print_command,
+    set_threads,
+)
+
+DEMO_RUN = Path("runs/demo")
+"""The demo's default run folder (``--out``)."""
+SAE_HOOK = "blocks.0.hook_resid_post"
+"""The site the demo's sparse autoencoder reads."""
+
+
+@dataclass(frozen=True)
+class DemoOutputs:
+    """Every path the demo writes, from its run folder: the one definition of the demo's output names."""
+
+    run: Path = DEMO_RUN
+
+    @property
+    def final(self) -> Path:
+        """the trained model (``interplab.load_model``)"""
+        return self.run / "final"
+
+    @property
+    def formation(self) -> Path:
+        """formation.md / .json / .html / .png"""
+        return self.run / "formation"
+
+    @property
+    def sae_run(self) -> Path:
+        """the ``sae train`` run folder (config.json, log.jsonl, saes/, eval/)"""
+        return self.run / "sae"
+
+    @property
+    def sae(self) -> Path:
+        """the trained SAE (``interplab.sae.load_sae``)"""
+        return self.sae_run / "saes" / SAE_HOOK.replace(".", "_")
+
+    @property
+    def sae_eval(self) -> Path:
+        return self.sae_run / "eval"
+
+    @property
+    def features_db(self) -> Path:
+        """the feature database the browser serves"""
+        return self.run / "features.db"
+
+
+QUICK = {"steps": 60, "sae_steps": 40, "formation_seqs": 4}
+"""``--quick``: a short run to try every stage in a minute or two (no induction head forms this early). The
+feature database is built as in the full demo, so the README's ``features build`` command resumes it as is."""
+FEATURE_SEQS = 256
+"""held-out sequences of 128 tokens in the demo's feature database"""
 
 
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory", callback=out_folder),
+    out: Path = typer.Option(DEMO_RUN, "--out", "-o", help="run directory", callback=out_folder),
     steps: int = typer.Option(
         None, "--steps", help="optimizer steps (default: the preset's 1,500)", callback=positive_int
     ),
@@ -30,6 +91,9 @@ def demo(
     features: bool = typer.Option(
         True, "--features/--no-features", help="stages 3-4: SAE and feature database"
     ),
+    quick: bool = typer.Option(
+        False, "--quick", help="a short run (60 steps, a 40-step SAE) to try every stage in a minute or two"
+    ),
 ) -> None:
     """Train a 2-layer attention-only model on python-stdlib, show its induction heads forming, then train a
     sparse autoencoder on it and build the feature database for the browser."""
@@ -39,6 +103,9 @@ def demo(
     from interplab.cli.train import load_config, print_result, run_training
 
     set_threads(threads)
+    if quick:
+        steps, sae_steps = steps or QUICK["steps"], min(sae_steps, QUICK["sae_steps"])
+    paths = DemoOutputs(out)
     cfg = load_config("induction-2l", None, [f"steps={steps}"] if steps is not None else [])
     if fresh and out.exists():
         if not (out / "config.json").is_file():
@@ -48,52 +115,59 @@ def demo(
     console.rule(f"[bold]1/{n} training induction-2l on the Python standard library")
     console.print(
         f"{cfg.steps:,} steps of {cfg.batch_size} x {cfg.data.seq_len} tokens; "
-        f"checkpoints at {len(cfg.checkpoints.steps(cfg.steps))} steps (dense early) into {out}"
+        f"checkpoints at {len(cfg.checkpoints.steps(cfg.steps))} steps (dense early) into {out}",
+        markup=False,
     )
     result = run_training(cfg, out, resume=True, stop_after=None, device="cpu")
     print_result(result)
     console.rule(f"[bold]2/{n} scoring every checkpoint: do induction heads form?")
-    formation, paths = run_formation(out, None, 8)
-    print_formation(formation, paths, every=3)
+    formation, pictures = run_formation(out, None, QUICK["formation_seqs"] if quick else 8)
+    print_formation(formation, pictures, every=3)
     if features:
-        _sae_and_features(out, sae_steps, threads, n)
+        _sae_and_features(paths, sae_steps, threads, n)
     console.rule("[bold]outputs")
-    console.print(f"run directory:   {out}/  (config.json, log.jsonl, checkpoints/, final/, report.json)")
-    console.print(f"trained model:   {out}/final  (interplab.load_model('{out}/final'))")
-    console.print(
-        f"formation:       {paths['table']}, {paths['html']}" + (f", {paths['png']}" if paths["png"] else "")
+    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"run directory:   {out}/  (config.json, log.jsonl, checkpoints/, final/, report.json)")
+    say(f"trained model:   {paths.final}  (interplab.load_model({str(paths.final)!r}))")
+    say(
+        f"formation:       {pictures['table']}, {pictures['html']}"
+        + (f", {pictures['png']}" if pictures["png"] else "")
     )
     if features:
-        console.print(f"sparse autoencoder: {out}/sae/saes/  (evaluation: {out}/sae/eval/)")
-        console.print(f"feature database:   {out}/features.db")
-        console.print(
-            f"[bold]browse the features:[/] interplab serve --db {out}/features.db --runs {out.parent} "
-            f"--model {out}/final --sae {_sae_dir(out)}"
+        say(f"sparse autoencoder: {paths.sae}  (evaluation: {paths.sae_eval}/)")
+        say(f"feature database:   {paths.features_db}")
+        print_command(
+            "browse the features: ",
+            "serve",
+            "--db",
+            paths.features_db,
+            "--runs",
+            out.parent,
+            "--model",
+            paths.final,
+            "--sae",
+            paths.sae,
         )
-    console.print(f"next: interplab attribute {out}  (which training sequences built the induction head)")
+    print_command("next: ", "attribute", out, note="  (which training sequences built the induction head)")
+    hint = activation_hint()
+    if hint:
+        say(hint)
 
 
-SAE_HOOK = "blocks.0.hook_resid_post"
-
-
-def _sae_dir(out: Path) -> Path:
-    return out / "sae" / "saes" / SAE_HOOK.replace(".", "_")
-
-
-def _sae_and_features(out: Path, sae_steps: int, threads: int, n: int) -> None:
+def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) -> None:
     """Stages 3 and 4 run the same commands a user would type (shown), each resumable or skipped when done."""
     import subprocess
     import sys
 
     def run(args: list[str]) -> None:
-        console.print("[dim]$ interplab " + " ".join(args) + "[/]")
+        print_command("$ ", *args, style="dim")
         done = subprocess.run([sys.executable, "-m", "interplab", *args], check=False)
         if done.returncode != 0:
-            fail(f"'interplab {args[0]} {args[1]}' failed (exit {done.returncode}); see its message above")
+            fail(f"'{command_hint(*args[:2])}' failed (exit {done.returncode}); see its message above")
 
-    model = str(out / "final")
+    model = str(paths.final)
     console.rule(f"[bold]3/{n} a TopK sparse autoencoder on {SAE_HOOK}")
-    if not (_sae_dir(out) / "cfg.json").is_file():
+    if not (paths.sae / "cfg.json").is_file():
         run(
             [
                 "sae",
@@ -113,14 +187,14 @@ def _sae_and_features(out: Path, sae_steps: int, threads: int, n: int) -> None:
                 "--batch",
                 "1024",
                 "--out",
-                str(out / "sae"),
+                str(paths.sae_run),
                 "--threads",
                 str(threads),
-            ]
+            ]  # fmt: skip
         )
     else:
-        console.print(f"already trained: {_sae_dir(out)}")
-    run(["sae", "eval", str(out / "sae"), "--model", model, "--threads", str(threads)])
+        console.print(f"already trained: {paths.sae}", markup=False)
+    run(["sae", "eval", str(paths.sae_run), "--model", model, "--threads", str(threads)])
     console.rule(f"[bold]4/{n} the feature database (one streaming pass over held-out code)")
     run(
         [
@@ -129,18 +203,18 @@ def _sae_and_features(out: Path, sae_steps: int, threads: int, n: int) -> None:
             "--model",
             model,
             "--sae",
-            str(_sae_dir(out)),
+            str(paths.sae),
             "--out",
-            str(out / "features.db"),
+            str(paths.features_db),
             "--corpus",
             "python-stdlib",
             "--n-seqs",
-            "256",
+            str(FEATURE_SEQS),
             "--seq-len",
             "128",
             "--threads",
             str(threads),
-        ]
+        ]  # fmt: skip
     )
 
 

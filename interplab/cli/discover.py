@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from interplab.cli.common import (
+    JobProgress,
     console,
     fail,
     non_negative_float,
@@ -69,13 +70,8 @@ def discover_command(
     if method is Method.EAP:
         circuit = eap_circuit(model, dtask, k)
     else:
-        from rich.progress import Progress
-
-        with Progress(console=console, transient=True) as bar:
-            job = bar.add_task("ACDC", total=None)
-            circuit = acdc(
-                model, dtask, threshold, progress=lambda d, t: bar.update(job, completed=d, total=t)
-            )
+        with JobProgress("discover acdc", unit="edges") as bar:
+            circuit = acdc(model, dtask, threshold, progress=bar)
     circuit.save(out)
     f = circuit.faithfulness
     console.print(repr(circuit))

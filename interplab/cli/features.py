@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 
 from interplab.cli.common import (
+    JobProgress,
     check_seq_len,
+    command_hint,
     console,
     fail,
     finite_float,
@@ -93,25 +95,6 @@ def _steer_mode(value: str) -> str:
     return value
 
 
-class _Bar:
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done)
-
-
 @features_app.command("build")
 def build(
     model_dir: Path = typer.Option(..., "--model", help="model folder"),
@@ -175,8 +158,7 @@ def build(
             loss_effect=loss_effect,
             cooccurrence=cooccurrence,
         )
-        bar = _Bar()
-        with bar.progress:
+        with JobProgress("features build", unit="batches") as bar:
             report = build_feature_db(
                 out,
                 model,
@@ -186,7 +168,7 @@ def build(
                 model_path=model_dir,
                 sae_path=sae_dir,
                 overwrite=overwrite,
-                progress=bar,
+                progress=lambda stage, done, total: bar.update(done, total=total, stage=stage),
             )
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
@@ -194,7 +176,7 @@ def build(
     console.print(
         f"[green]feature database[/] {out}: {report.n_features} features over {report.n_tokens:,} tokens"
     )
-    console.print(f"browse it with:  interplab serve --db {out}")
+    console.print(f"browse it with:  {command_hint('serve', '--db', out)}")
 
 
 @features_app.command("export")
@@ -206,7 +188,8 @@ def export(
     from interplab.web.export import export_html
 
     try:
-        report = export_html(db, html)
+        with JobProgress("features export", unit="pages") as bar:
+            report = export_html(db, html, progress=bar)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
         return

@@ -8,31 +8,25 @@ from typing import Any
 
 import typer
 
-from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
+from interplab.cli.common import (
+    JobProgress,
+    console,
+    fail,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 
 def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict[str, Any]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from interplab.train.formation import formation
 
     try:
-        with Progress(
-            TextColumn("[bold]formation"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("checkpoints"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            task = bar.add_task("formation", total=None)
+        with JobProgress("formation", unit="checkpoints") as bar:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # skipped checkpoints are printed below
-                result = formation(
-                    run_dir,
-                    n_seqs=seqs,
-                    progress=lambda done, total: bar.update(task, completed=done, total=total),
-                )
+                result = formation(run_dir, n_seqs=seqs, progress=bar)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     paths = result.save(out or run_dir / "formation")
@@ -81,7 +75,7 @@ def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
     if paths["png"]:
         console.print(f"picture: {paths['png']}")
     else:
-        console.print(f"[yellow]no PNG written[/]: {paths['png_error']}")
+        console.print(paths["png_error"], style="yellow", markup=False, soft_wrap=True)
 
 
 def _f(v: float | None) -> str:

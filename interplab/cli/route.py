@@ -8,7 +8,15 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
+from interplab.cli.common import (
+    JobProgress,
+    console,
+    fail,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 
 class Preset(str, Enum):
@@ -39,8 +47,8 @@ def route(
 
     out = out or Path("runs") / f"route-{preset.value}"
     start = time.perf_counter()
-    with console.status(f"route {preset.value}") as status:
-        progress = lambda msg: status.update(f"route {preset.value}: {msg}")  # noqa: E731
+    with JobProgress(f"route {preset.value}") as bar:
+        progress = lambda msg: bar.update(info=msg)  # noqa: E731
         try:
             if preset is Preset.DIGITS_SPLIT:
                 from interplab.routing.digits import DigitsSplitConfig, run_digits_split

@@ -9,8 +9,10 @@ from typing import Any
 import typer
 
 from interplab.cli.common import (
+    JobProgress,
     check_out_folder,
     check_seq_len,
+    command_hint,
     console,
     fail,
     non_negative_float,
@@ -66,19 +68,6 @@ def _hooks_of(model: Any, hooks: list[str]) -> list[str]:
     return names
 
 
-def _progress(total: int, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    )
-
-
 @app.command("cache")
 def cache(
     model_path: Path = typer.Argument(..., help="model folder (interplab, Hugging Face or TransformerLens)"),
@@ -125,8 +114,7 @@ def cache(
     hooks = _hooks_of(model, hooks)
     try:
         data = corpus_token_batches(model, corpus, split=split, seq_len=seq_len, batch_size=batch)
-        with _progress(tokens, "caching") as bar:
-            task = bar.add_task("cache", total=tokens, info="")
+        with JobProgress("sae cache", total=tokens, unit="rows") as bar:
             res = cache_activations(
                 model,
                 data.batches,
@@ -139,7 +127,7 @@ def cache(
                 source=data.source,
                 model_name=str(model_path),
                 overwrite=overwrite,
-                progress=lambda n: bar.update(task, completed=min(n, tokens)),
+                progress=lambda n: bar.update(min(n, tokens)),
             )
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
@@ -340,14 +328,12 @@ def train(
         fail(str(err).strip("'\""))
         return
     console.print(f"training {len(saes)} SAE(s) for {steps:,} steps of {batch:,} rows -> {out}")
-    with _progress(steps, "sae train") as bar:
-        task = bar.add_task("train", total=steps, info="")
+    with JobProgress("sae train", total=steps, unit="steps") as bar:
 
         def show(p) -> None:
             first = next(iter(p.metrics.values()))
             bar.update(
-                task,
-                completed=p.step,
+                p.step,
                 info=f"L0 {first['l0']:.1f}  MSE {first['mse']:.4g}  FVU {first['fvu']:.3f}  "
                 f"dead {first['dead_fraction']:.1%}",
             )
@@ -380,7 +366,7 @@ def train(
         console.print(
             f"{name}: L0 {f.get('l0', 0):.1f}, FVU {f.get('fvu', 0):.4f}, dead {f.get('dead_fraction', 0):.1%}"
         )
-    console.print(f"SAEs in {out}/saes/ ; next: interplab sae eval {out} --model MODEL")
+    console.print(f"SAEs in {out}/saes/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL")
 
 
 @app.command("eval")

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail, out_folder, positive_int, set_threads, threads_option
+from interplab.cli.common import (
+    JobProgress,
+    console,
+    fail,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
 
 
 def load_hypotheses(path: Path, model) -> list:
@@ -78,8 +86,6 @@ def scrub_command(
 ) -> None:
     """Causal scrubbing of the hypotheses in HYPOTHESIS.py; prints the recovered-loss table."""
     set_threads(threads)
-    from rich.progress import Progress
-
     from interplab.io import atomic_write_json, atomic_write_text
     from interplab.scrub import ScrubConfig, ScrubError, scrub
     from interplab.scrub.tasks import build_task
@@ -108,16 +114,9 @@ def scrub_command(
     )
     log = []
     for hyp in hyps:
-        with Progress(console=console, transient=True) as bar:
-            job = bar.add_task(f"scrubbing {hyp.name}", total=None)
+        with JobProgress(f"scrub {hyp.name}", unit="batches") as bar:
             try:
-                result = scrub(
-                    model,
-                    scrub_task,
-                    hyp,
-                    config,
-                    progress=lambda d, t, job=job: bar.update(job, completed=d, total=t),
-                )
+                result = scrub(model, scrub_task, hyp, config, progress=bar)
             except ScrubError as err:
                 fail(str(err))
                 return

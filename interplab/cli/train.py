@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from interplab.cli.common import (
+    JobProgress,
     check_out_folder,
     console,
     device_option,
@@ -32,30 +33,11 @@ def load_config(preset: str | None, config: Path | None, overrides: list[str]) -
 
 
 class TrainProgress:
-    """A rich progress bar fed by the trainer's ``progress`` events."""
+    """The trainer's ``progress`` events shown by the shared :class:`JobProgress` (a bar, or log lines)."""
 
     def __init__(self, total: int, label: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task = self.progress.add_task(label, total=total, stats="preparing data")
+        self.progress = JobProgress(label, total=total, unit="steps")
+        self.progress.update(info="preparing data")
         self.val: str = ""
 
     def __enter__(self) -> TrainProgress:
@@ -71,14 +53,14 @@ class TrainProgress:
             stats = (
                 f"tokenising: {event['tokens']:,} tokens" if "tokens" in event else event.get("message", "")
             )
-            self.progress.update(self.task, stats=stats)
+            self.progress.update(info=stats)
         elif kind == "step":
             if "val_loss" in event:
                 self.val = f" val {event['val_loss']:.3f}"
             stats = f"loss {event['loss']:.3f}{self.val}  {event['tokens_per_s']:,.0f} tok/s"
-            self.progress.update(self.task, completed=event["step"], stats=stats)
+            self.progress.update(event["step"], info=stats)
         elif kind == "done":
-            self.progress.update(self.task, completed=event["step"])
+            self.progress.update(event["step"])
 
 
 def run_training(cfg: Any, out: Path, *, resume: bool, stop_after: int | None, device: str | None) -> Any:

@@ -26,6 +26,7 @@ from interplab.data_attribution.per_example import lm_loss, objective_grad, per_
 from interplab.data_attribution.projection import Projector
 from interplab.data_attribution.targets import parse_target
 from interplab.io import atomic_write_json, atomic_write_text, save_tensors
+from interplab.plots import figure_html, write_image
 
 
 @dataclass(frozen=True)
@@ -113,17 +114,17 @@ class RunAttribution:
         atomic_write_json(folder / "report.json", self.to_dict())
         atomic_write_text(folder / "top_examples.html", self.top_html())
         fig = self.plot()
-        atomic_write_text(folder / "attribution.html", fig.to_html(include_plotlyjs=True, full_html=True))
+        atomic_write_text(folder / "attribution.html", figure_html(fig, folder))
         out = {
             "report": str(folder / "report.json"),
             "html": str(folder / "attribution.html"),
             "examples": str(folder / "top_examples.html"),
         }
-        try:
-            fig.write_image(str(folder / "attribution.png"))
+        error = write_image(fig, folder / "attribution.png")
+        if error is None:
             out["png"] = str(folder / "attribution.png")
-        except Exception:  # kaleido needs a browser; the HTML has the same picture
-            pass
+        else:
+            out["png_error"] = error
         return out
 
     def top_html(self, k: int = 10) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from interplab.io import atomic_write_json
+from interplab.plots import save_figure, write_image
 from interplab.routing.routes import Route, Router
 
 N_PIXELS = 64
@@ -285,11 +286,12 @@ class DigitsSplitResult:
         }
         atomic_write_json(path / "report.json", report)
         fig = self.plot()
-        fig.write_html(str(path / "reconstructions.html"), include_plotlyjs=True)
-        try:
-            fig.write_image(str(path / "reconstructions.png"), scale=1.5)
-        except Exception as err:  # kaleido missing or without a browser: the HTML is still there
-            atomic_write_json(path / "png_error.json", {"error": str(err)})
+        save_figure(fig, path / "reconstructions.html")
+        error = write_image(fig, path / "reconstructions.png")
+        if error is not None:  # no static renderer: the HTML is still there
+            atomic_write_json(path / "png_error.json", {"error": error})
+        else:
+            (path / "png_error.json").unlink(missing_ok=True)
         return path
 
     def __repr__(self) -> str:

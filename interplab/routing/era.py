@@ -32,6 +32,7 @@ from torch import Tensor
 
 from interplab.io import atomic_write_json
 from interplab.model import ModelConfig, Transformer
+from interplab.plots import save_figure, write_image
 from interplab.routing.era_data import ERAData
 from interplab.routing.expand import Expansion, ablate_expansion, expand_mlp
 from interplab.routing.routes import Route, Router
@@ -289,11 +290,12 @@ class ERAResult:
         }
         atomic_write_json(path / "report.json", report)
         fig = self.plot()
-        fig.write_html(str(path / "relearning.html"), include_plotlyjs=True)
-        try:
-            fig.write_image(str(path / "relearning.png"))
-        except Exception as err:  # kaleido unavailable: the HTML is still there
-            atomic_write_json(path / "png_error.json", {"error": str(err)})
+        save_figure(fig, path / "relearning.html")
+        error = write_image(fig, path / "relearning.png")
+        if error is not None:  # no static renderer: the HTML is still there
+            atomic_write_json(path / "png_error.json", {"error": error})
+        else:
+            (path / "png_error.json").unlink(missing_ok=True)
         return path
 
     def __repr__(self) -> str:

@@ -109,7 +109,7 @@ class ScrubResult:
 
         path = Path(path)
         atomic_write_json(path / "report.json", {"kind": "scrub", **self.to_dict()})
-        atomic_write_text(path / "report.html", self.to_html())
+        atomic_write_text(path / "report.html", self.to_html(path))
         return path
 
     def plot(self):
@@ -130,7 +130,10 @@ class ScrubResult:
         )
         return fig
 
-    def to_html(self) -> str:
+    def to_html(self, folder: str | Path) -> str:
+        """The report page to be written into ``folder`` (its chart loads the folder's shared plotly.js)."""
+        from interplab.plots import figure_html
+
         rows = "".join(
             f"<tr><td>{html.escape(r.claim)}</td><td>{r.loss}</td><td>{r.recovered.mean:.1%}</td></tr>"
             for r in self.per_claim
@@ -140,7 +143,7 @@ class ScrubResult:
             f"<td>{c['scrubbed']}</td></tr>"
             for k, c in self.per_class.items()
         )
-        chart = self.plot().to_html(full_html=False, include_plotlyjs=True)
+        chart = figure_html(self.plot(), folder, full_html=False)
         return _PAGE.format(
             title=html.escape(f"scrub: {self.hypothesis} on {self.task}"),
             tree=html.escape(self.description),

@@ -5,9 +5,9 @@ Per checkpoint: the induction and previous-token score of every head (`interplab
 on the first and the repeated half of random sequences, the held-out loss and the in-context-learning
 score (loss late in the context minus early in it).
 
->>> result = formation("runs/induction-2l")
+>>> result = formation("runs/demo")
 >>> result.formation_step, result.table()[-1]
->>> result.save("runs/induction-2l/formation")
+>>> result.save("runs/demo/formation")
 """
 
 from __future__ import annotations
@@ -225,20 +225,20 @@ class FormationResult:
         """Write ``formation.json``, ``formation.md`` (the table), ``formation.html`` and ``formation.png``.
 
         Returns the written paths; ``png`` is None (with ``png_error``) when no static image backend works."""
-        from interplab.train.pictures import write_png
+        from interplab.plots import figure_html, write_image
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "formation.json", self.to_dict())
         atomic_write_text(folder / "formation.md", self.summary() + "\n\n" + self.markdown() + "\n")
         fig = self.plot()
-        atomic_write_text(folder / "formation.html", fig.to_html(include_plotlyjs=True, full_html=True))
-        png, error = write_png(fig, folder / "formation.png", fallback=self._plot_matplotlib)
+        atomic_write_text(folder / "formation.html", figure_html(fig, folder))
+        error = write_image(fig, folder / "formation.png", fallback=self._plot_matplotlib)
         return {
             "json": str(folder / "formation.json"),
             "table": str(folder / "formation.md"),
             "html": str(folder / "formation.html"),
-            "png": png,
+            "png": None if error else str(folder / "formation.png"),
             "png_error": error,
         }
 

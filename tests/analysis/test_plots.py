@@ -1,3 +1,6 @@
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,7 +38,99 @@ def test_views_and_save(tmp_path):
         plots.save_figure(view, tmp_path / "v.pdf")
 
 
-@pytest.mark.slow
-def test_png(tmp_path):
-    path = plots.save_figure(plots.bars([1.0], ["a"]), tmp_path / "b.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
+def test_png_and_svg_from_the_default_install(tmp_path):
+    """Pictures are part of the product: the default install renders them (kaleido 0.2 ships Chromium)."""
+    fig = plots.bars([1.0], ["a"])
+    assert plots.save_figure(fig, tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert b"<svg" in plots.save_figure(fig, tmp_path / "b.svg").read_bytes()[:2000]
+
+
+def test_html_pictures_share_one_plotly_js_per_folder(tmp_path):
+    """Every HTML picture loads the folder's one plotly.min.js (no 4.8 MB inlined per file)."""
+    src = plots.plotly_js_source()
+    a = plots.save_figure(plots.bars([1.0, -1.0], ["u", "v"]), tmp_path / "a.html")
+    b = plots.save_figure(plots.line({"x": [1, 2, 3]}), tmp_path / "b.html")
+    other = plots.save_figure(plots.bars([1.0], ["w"]), tmp_path / "sub" / "c.html")
+    js = tmp_path / plots.PLOTLY_JS
+    assert js.read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html", plots.PLOTLY_JS, "sub"]
+    assert (other.parent / plots.PLOTLY_JS).is_file()  # one copy per output folder
+    for page in (a, b, other):
+        text = page.read_text()
+        assert f'<script charset="utf-8" src="{plots.PLOTLY_JS}"></script>' in text
+        assert len(text) < 100_000 < src.stat().st_size  # the bundle is not inlined
+    mtime = js.stat().st_mtime_ns
+    plots.save_figure(plots.bars([2.0], ["z"]), tmp_path / "a.html")
+    assert js.stat().st_mtime_ns == mtime  # an identical copy is kept, not rewritten
+    js.write_text("stale")  # e.g. written by another plotly version: replaced
+    plots.save_figure(plots.bars([2.0], ["z"]), tmp_path / "d.html")
+    assert js.read_bytes() == src.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # fragments embedded in bigger pages (e.g. the scrub report) reference it the same way
+    fragment = plots.figure_html(plots.bars([1.0], ["a"]), tmp_path / "frag", full_html=False)
+    assert f'src="{plots.PLOTLY_JS}"' in fragment and (tmp_path / "frag" / plots.PLOTLY_JS).is_file()
+
+
+def test_every_html_writer_of_the_package_uses_the_shared_bundle():
+    """No module writes plotly HTML by itself (which would inline plotly.js again): all go through plots."""
+    import interplab
+
+    root = Path(interplab.__file__).parent
+    offenders = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        if p.name != "plots.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if any(s in line for s in ("include_plotlyjs", ".write_html(", ".write_image(", ".to_image("))
+        or (".to_html(" in line and "plot" in line)
+    ]
+    assert not offenders, f"write pictures through interplab.plots (figure_html, save_figure): {offenders}"
+
+
+def test_plot_html_renders_offline_in_headless_chromium(tmp_path):
+    """The page opened from disk finds plotly.min.js beside it and draws the chart (real headless Chromium)."""
+    chromium = shutil.which("chromium") or (
+        "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+    )
+    if chromium is None:
+        pytest.skip("chromium is not installed (scripts/test.sh installs it where it can)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    page_path = plots.save_figure(plots.bars([1.0, -2.0], ["u", "v"]), tmp_path / "p.html")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_path.as_uri())
+            page.wait_for_selector(".main-svg", timeout=20_000)
+            assert page.evaluate("typeof Plotly") == "object"
+            assert page.locator(".bars .point").count() == 2
+        finally:
+            browser.close()
+    assert not errors
+
+
+def test_static_picture_without_a_renderer_says_how_in_one_line(tmp_path, monkeypatch):
+    def broken(fig, fmt):
+        raise RuntimeError("\n\nKaleido requires Google Chrome to be installed.\n\nEither download ...")
+
+    monkeypatch.setattr(plots, "_render", broken)
+    fig = plots.bars([1.0], ["a"])
+    error = plots.write_image(fig, tmp_path / "x.png")
+    assert error is not None and "\n" not in error
+    assert "Kaleido requires Google Chrome to be installed" in error and plots.IMAGE_HOWTO in error
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="kaleido==0.2.1"):
+        plots.save_figure(fig, tmp_path / "x.png")
+    # a fallback renderer is used when given; it gets a path with the right suffix
+    seen = []
+
+    def fallback(path: Path) -> None:
+        seen.append(path.suffix)
+        path.write_bytes(b"\x89PNG fallback")
+
+    assert plots.write_image(fig, tmp_path / "y.png", fallback=fallback) is None
+    assert seen == [".png"] and (tmp_path / "y.png").read_bytes() == b"\x89PNG fallback"
+    with pytest.raises(ValueError, match="use .png or .svg"):
+        plots.write_image(fig, tmp_path / "y.jpg")

@@ -1,6 +1,7 @@
 """The feature explorer in real headless Chromium (Debian's chromium, driven by Playwright).
 
-Skipped with a clear message when chromium or playwright is missing (`.ci/system-deps` installs both).
+Skipped with a clear message when chromium or playwright is missing (scripts/test.sh installs chromium where
+it may: scripts/browser-deps.sh).
 Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ def server(server_addr):
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; .ci/system-deps does it)")
+        pytest.skip(
+            "chromium is not installed (scripts/test.sh installs it where it may: scripts/browser-deps.sh)"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip(
-            "the playwright Python package is not installed (pip install playwright; .ci/system-deps does it)"
-        )
+        pytest.skip('the playwright Python package is not installed (pip install -e ".[test]" installs it)')
     with sync_playwright() as p:
         # evil.test resolves to this machine, as a rebinding attacker's name would
         args = [*FLAGS, "--host-resolver-rules=MAP evil.test 127.0.0.1"]
