@@ -20,6 +20,7 @@ from interplab.sae.train import (
     resample_dead,
     train_saes,
 )
+from tests.peers import peer_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -337,9 +338,7 @@ def test_every_row_has_measured_metrics_when_log_every_is_not_a_multiple_of_stat
 def test_trained_threshold_saes_encode_the_same_in_saelens(arch, tmp_path):
     """Trained with a pull towards lower thresholds (coefficient 0, large lr): the file sae_lens reads must
     encode as ours does (a negative JumpReLU threshold made the two differ)."""
-    py = os.environ.get("INTERPLAB_SAELENS_PYTHON")
-    if not py or subprocess.run([py, "-c", "import sae_lens"], capture_output=True).returncode != 0:
-        pytest.skip("sae_lens is not installed (set INTERPLAB_SAELENS_PYTHON to a Python that has it)")
+    py = peer_python("saelens")
     from safetensors.torch import load_file, save_file
 
     x = next(SyntheticFeatures(n_features=32, d=16).batches(256, 1, seed=10))["x"]

@@ -21,8 +21,9 @@ def setup():
 def test_trivial_hypothesis_recovers_everything(setup):
     model, task = setup
     r = scrub(model, task, Hypothesis.trivial(), CFG)
-    assert r.loss_scrubbed.mean == r.loss_original.mean
-    assert r.recovered.mean == 1.0
+    # the same computation in other batch layouts: equal up to float32 rounding (bit-equal on some CPUs only)
+    assert r.loss_scrubbed.mean == pytest.approx(r.loss_original.mean, rel=1e-6)
+    assert r.recovered.mean == pytest.approx(1.0, abs=1e-6)
 
 
 def test_empty_hypothesis_is_the_random_baseline(setup):
