@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from interplab.io import atomic_write_json
+from interplab.io import atomic_write_json, file_sha256
 
 CHECKSUMS = "checksums.json"
 _KIND = "checksums"
@@ -42,11 +42,7 @@ def sha256_file(path: str | Path) -> str:
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _MEMO:
         return _MEMO[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_sha256(path)
     if time.time() - st.st_mtime_ns / 1e9 > _MEMO_MIN_AGE_S:
         _MEMO[key] = digest
     return digest

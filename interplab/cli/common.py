@@ -63,6 +63,21 @@ def positive_int(value: int | None) -> int | None:
     return value
 
 
+SPLITS = ("train", "validation")
+"""The corpus splits a ``--split`` option accepts."""
+
+
+def choice(valid: tuple[str, ...]) -> Callable[[str | None], str | None]:
+    """A typer callback accepting one of ``valid`` (named in the error)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in valid:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(valid)}")
+        return value
+
+    return check
+
+
 def non_negative_int(value: int | None) -> int | None:
     if value is not None and value < 0:
         _bad(value, "a non-negative integer (>= 0)")

@@ -7,8 +7,10 @@ from pathlib import Path
 import typer
 
 from interplab.cli.common import (
+    SPLITS,
     JobProgress,
     check_seq_len,
+    choice,
     command_hint,
     console,
     fail,
@@ -80,19 +82,10 @@ def load_model_and_sae(model_dir: Path, sae_dir: Path):
     return model, sae
 
 
-def _split(value: str) -> str:
-    if value not in ("train", "validation"):
-        raise typer.BadParameter(f"{value!r} is not one of: train, validation")
-    return value
-
-
 def _steer_mode(value: str) -> str:
-    from interplab.features.steer import SteerMode
+    from interplab.features.steer import SteerMode  # lazily: torch
 
-    valid = [m.value for m in SteerMode]
-    if value not in valid:
-        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(valid)}")
-    return value
+    return choice(tuple(m.value for m in SteerMode))(value)
 
 
 @features_app.command("build")
@@ -104,7 +97,7 @@ def build(
     ),
     tokens: Path = typer.Option(None, "--tokens", help="safetensors file with a [n_seq pos] 'tokens' tensor"),
     corpus: str = typer.Option(None, "--corpus", help="corpus name or folder (e.g. python-stdlib)"),
-    split: str = typer.Option("validation", help="corpus split", callback=_split),
+    split: str = typer.Option("validation", help="corpus split", callback=choice(SPLITS)),
     n_seqs: int = typer.Option(
         1024, "--n-seqs", help="sequences taken from the corpus", callback=positive_int
     ),

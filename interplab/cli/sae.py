@@ -9,9 +9,11 @@ from typing import Any
 import typer
 
 from interplab.cli.common import (
+    SPLITS,
     JobProgress,
     check_out_folder,
     check_seq_len,
+    choice,
     command_hint,
     console,
     fail,
@@ -35,19 +37,7 @@ def _load_model(path: Path) -> Any:
         fail(str(err).strip("'\""))
 
 
-SPLITS = ("train", "validation")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _choice(option: str, valid: tuple[str, ...]):
-    """A typer callback accepting one of ``valid`` (named in the error)."""
-
-    def check(value: str | None) -> str | None:
-        if value is not None and value not in valid:
-            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(valid)}")
-        return value
-
-    return check
 
 
 def _architecture(value: str) -> str:
@@ -80,7 +70,7 @@ def cache(
     corpus: str = typer.Option(
         "python-stdlib", "--corpus", help="python-stdlib or a file/folder/dataset path"
     ),
-    split: str = typer.Option("train", "--split", callback=_choice("--split", SPLITS)),
+    split: str = typer.Option("train", "--split", callback=choice(SPLITS)),
     seq_len: int = typer.Option(
         None,
         "--seq-len",
@@ -95,7 +85,7 @@ def cache(
         "bfloat16",
         "--dtype",
         help="float32, float16 or bfloat16 on disk",
-        callback=_choice("--dtype", CACHE_DTYPES),
+        callback=choice(CACHE_DTYPES),
     ),
     shard_rows: int = typer.Option(65536, "--shard-rows", callback=positive_int),
     overwrite: bool = typer.Option(
@@ -377,7 +367,7 @@ def evaluate(
         None, "--out", "-o", help="report folder (default: SAE_PATH/eval)", callback=out_folder
     ),
     corpus: str = typer.Option("python-stdlib", "--corpus"),
-    split: str = typer.Option("validation", "--split", callback=_choice("--split", SPLITS)),
+    split: str = typer.Option("validation", "--split", callback=choice(SPLITS)),
     seq_len: int = typer.Option(
         None,
         "--seq-len",
