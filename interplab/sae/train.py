@@ -378,7 +378,8 @@ def train_saes(
                 resume_lib.save_training_checkpoint(run, step, tokens, trainers)
                 if keep_checkpoints is not None:
                     resume_lib.prune_checkpoints(run, keep_checkpoints)
-        if not (stop_after is not None and step == stop < total_steps):
+        stopped_early = stop_after is not None and step == stop < total_steps
+        if not stopped_early:  # a stopped run's final rows come when it is resumed and finishes
             rows = _final_rows(trainers, tokens)
             history += rows
             if log is not None:
@@ -389,7 +390,6 @@ def train_saes(
     result = TrainResult(
         saes=dict(saes), history=history, tokens=tokens, steps=step, resumed_from=start or None
     )
-    stopped_early = stop_after is not None and step == stop < total_steps
     if run is not None and _is_main() and not stopped_early:
         result.save(run)
     return result
