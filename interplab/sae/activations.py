@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab.data import build_token_store, open_corpus
 from interplab.hooks import Site
 
 ActivationBatch = dict[str, Tensor]
@@ -213,8 +214,6 @@ def corpus_token_batches(
     """Token batches [batch_size, seq_len] of a corpus tokenised with the model's own tokenizer (through the
     token stores of `interplab.data`, cached by content), in a seeded order, and the filter that drops BOS and
     padding for that tokenizer. Deterministic, so an interrupted `cache_activations` can resume."""
-    from interplab.data import build_token_store, open_corpus
-
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from interplab.hooks import Site
 from interplab.integrity import IntegrityError, check_file, file_record, module_fingerprint
 from interplab.io import atomic_write_json, save_tensors
 from interplab.sae.activations import ActivationBatch, TokenFilter, _as_batch, model_activations
@@ -357,8 +358,6 @@ def _check_finite(x: Tensor, where: str, row_offset: int) -> None:
 
 
 def _canon(hook: str) -> str:
-    from interplab.hooks import Site
-
     return Site.parse(hook).name
 
 

@@ -20,8 +20,10 @@ from torch import Tensor
 
 from interplab.hooks import Site
 from interplab.io import atomic_write_json
+from interplab.plots import save_figure
 from interplab.sae.activations import TokenFilter, _as_batch
 from interplab.sae.base import SAE
+from interplab.sae.plots import density_histogram
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,8 @@ class SAEEvalReport:
         edges = torch.linspace(lo, hi, bins + 1)
         return [int(c) for c in counts], [round(float(e), 4) for e in edges]
 
-    def plot(self):
-        from interplab.sae.plots import density_histogram
-
+    def plot(self) -> Any:
+        """The latent-density histogram (Plotly)."""
         return density_histogram(self.density, title=f"{self.hook_name}: latent density (L0 {self.l0:.1f})")
 
     def save(self, path: str | Path) -> Path:
@@ -74,8 +75,6 @@ class SAEEvalReport:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path / "report.json", self.to_dict())
-        from interplab.plots import save_figure
-
         save_figure(self.plot(), path / "density.html")
         return path
 

@@ -3,7 +3,7 @@ full state with the atomic, checksummed protocol of `interplab.train.checkpoint`
 
 Layout of ``RUN/``::
 
-    config.json                 {kind: sae_train, version, saes: {name: SAE config}, train: {name: TrainConfig},
+    config.json                 {kind: sae_train, version, saes: {name: SAE config}, train: {name: SAETrainConfig},
                                  data: what the activations are (cache identity, or model + corpus)}
     log.jsonl                   one row per logged step and SAE (truncated to the resumed step on resume)
     checkpoints/step_N/NAME/    the SAE in SAELens' layout (loadable) + trainer.safetensors (raw SAE state,
@@ -39,7 +39,7 @@ RUN_KIND = "sae_train"
 RUN_VERSION = 1
 CONFIG = "config.json"
 TRAINER_STATE = "trainer.safetensors"
-# fields of a TrainConfig that do not change what is trained (a resume may change them)
+# fields of a SAETrainConfig that do not change what is trained (a resume may change them)
 _NOT_IDENTITY = ("checkpoint_every",)
 # what a run folder may hold: only these are removed by overwrite
 _RUN_FILES = (CONFIG, "log.jsonl", "train_summary.json", "saes", CHECKPOINTS, "eval")

@@ -5,7 +5,7 @@ and data-parallel training under torchrun (gradients all-reduced; each rank read
 Fast path: with ``autocast=True`` matmuls run in bfloat16 against float32 master weights, and TopK SAEs use
 the sparse kernels in `interplab.sae.kernels`.
 
->>> result = train_saes({"l0": sae}, TensorActivations(acts, batch_size=4096), TrainConfig(total_steps=1000))  # doctest: +SKIP
+>>> result = train_saes({"l0": sae}, TensorActivations(acts, batch_size=4096), SAETrainConfig(total_steps=1000))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from interplab.sae.activations import ActivationBatch
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture
 from interplab.sae.disk_store import ActivationDataError
+from interplab.sae.plots import training_curves
 from interplab.train.checkpoint import load_optimizer_state, optimizer_state
+from interplab.train.distributed import (
+    all_reduce_grads,
+    all_reduce_sum,
+    broadcast_,
+    from_rank0,
+    is_main,
+    world_size,
+)
 
 
 class DeadHandling(str, Enum):
@@ -46,7 +55,7 @@ class BDecInit(str, Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class SAETrainConfig:
     """How to train one SAE (every SAE in a joint run may have its own)."""
 
     total_steps: int
@@ -176,7 +185,7 @@ def default_coefficient(architecture: Architecture, mean_square: float) -> float
 
 
 @dataclass(frozen=True)
-class TrainProgress:
+class SAETrainProgress:
     """Handed to the ``progress`` callback every ``log_every`` steps: step and the latest metrics per SAE."""
 
     step: int
@@ -186,7 +195,7 @@ class TrainProgress:
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class SAETrainResult:
     """The trained SAEs and their log (one row per logged step and SAE)."""
 
     saes: dict[str, SAE]
@@ -195,14 +204,15 @@ class TrainResult:
     steps: int = 0
     resumed_from: int | None = None
     """the checkpoint step a resumed run continued from (None: started from scratch)"""
+    stopped: bool = False
+    """stopped by ``stop_after`` before ``total_steps`` (the SAEs are not final: run again to resume)"""
 
     def final(self, name: str) -> dict[str, Any]:
         rows = [r for r in self.history if r["sae"] == name]
         return rows[-1] if rows else {}
 
-    def plot(self, metric: str = "fvu"):
-        from interplab.sae.plots import training_curves
-
+    def plot(self, metric: str = "fvu") -> Any:
+        """One curve per SAE of ``metric`` (a log column: fvu, l0, mse, dead_fraction ...) against step."""
         return training_curves(self.history, metric)
 
     def save(self, path: str | Path) -> Path:
@@ -219,7 +229,7 @@ class TrainResult:
 class _Trainer:
     """State for one SAE: optimizer, firing statistics."""
 
-    def __init__(self, name: str, sae: SAE, cfg: TrainConfig) -> None:
+    def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig) -> None:
         self.name, self.sae, self.cfg = name, sae, cfg
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
         d = sae.cfg.d_sae
@@ -295,16 +305,16 @@ class _Trainer:
 def train_saes(
     saes: dict[str, SAE] | SAE,
     batches: Iterable[ActivationBatch],
-    cfg: TrainConfig | dict[str, TrainConfig],
+    cfg: SAETrainConfig | dict[str, SAETrainConfig],
     *,
     run_dir: str | Path | None = None,
-    progress: Callable[[TrainProgress], None] | None = None,
+    progress: Callable[[SAETrainProgress], None] | None = None,
     data: dict[str, Any] | None = None,
     resume: bool = True,
     overwrite: bool = False,
     stop_after: int | None = None,
     keep_checkpoints: int | None = None,
-) -> TrainResult:
+) -> SAETrainResult:
     """Train every SAE in ``saes`` on the same stream of batches (each reads ``batch[sae.cfg.hook_name]``,
     and a transcoder's target ``batch[sae.cfg.hook_name_out]``). Under torch.distributed, gradients are
     averaged across ranks.
@@ -321,7 +331,7 @@ def train_saes(
     cfgs = cfg if isinstance(cfg, dict) else {name: cfg for name in saes}
     missing = sorted(set(saes) - set(cfgs))
     if missing:
-        raise ValueError(f"no TrainConfig for SAEs {missing}")
+        raise ValueError(f"no SAETrainConfig for SAEs {missing}")
     trainers = [_Trainer(name, sae, cfgs[name]) for name, sae in saes.items()]
     total_steps = max(t.cfg.total_steps for t in trainers)
     stop = total_steps if stop_after is None else min(stop_after, total_steps)
@@ -330,7 +340,7 @@ def train_saes(
     events: list[dict[str, Any]] = []
     start = tokens = 0
     continuing, error = False, None
-    if run is not None and _is_main():
+    if run is not None and is_main():
         try:
             continuing = resume_lib.claim_run(
                 run, resume_lib.run_identity(saes, cfgs, data), resume=resume, overwrite=overwrite
@@ -339,7 +349,7 @@ def train_saes(
         except (ValueError, OSError) as err:
             error = err
     # every rank learns rank 0's decision (after it checked and cleaned the folder) before reading checkpoints
-    decision = _from_rank0(2 if error is not None else int(continuing))
+    decision = from_rank0(2 if error is not None else int(continuing))
     if error is not None:
         raise error
     if decision == 2:
@@ -347,9 +357,9 @@ def train_saes(
     if run is not None and decision == 1:
         start, tokens, found = resume_lib.resume_training(run, trainers)
         events += found
-    if run is not None and _is_main():
+    if run is not None and is_main():
         history = resume_lib.restart_log(run, start)
-    log = open(run / "log.jsonl", "a") if run is not None and _is_main() else None  # noqa: SIM115
+    log = open(run / "log.jsonl", "a") if run is not None and is_main() else None  # noqa: SIM115
     if log is not None:
         log.writelines(json.dumps(e) + "\n" for e in events)
     step = start
@@ -364,7 +374,7 @@ def train_saes(
                 if step < t.cfg.total_steps:
                     _step(t, batch, step)
             step += 1
-            tokens += n_tok * _world()
+            tokens += n_tok * world_size()
             rows = [_log_row(t, step, tokens) for t in trainers if _row_due(t, step)]
             if rows:
                 history += rows
@@ -372,9 +382,9 @@ def train_saes(
                     log.writelines(json.dumps(r) + "\n" for r in rows)
                     log.flush()
                 if progress is not None:
-                    progress(TrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
+                    progress(SAETrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
             due = (every and step % min(every) == 0) or (step == stop and (every or stop < total_steps))
-            if run is not None and due and _is_main():
+            if run is not None and due and is_main():
                 resume_lib.save_training_checkpoint(run, step, tokens, trainers)
                 if keep_checkpoints is not None:
                     resume_lib.prune_checkpoints(run, keep_checkpoints)
@@ -387,10 +397,15 @@ def train_saes(
     finally:
         if log is not None:
             log.close()
-    result = TrainResult(
-        saes=dict(saes), history=history, tokens=tokens, steps=step, resumed_from=start or None
+    result = SAETrainResult(
+        saes=dict(saes),
+        history=history,
+        tokens=tokens,
+        steps=step,
+        resumed_from=start or None,
+        stopped=stopped_early,
     )
-    if run is not None and _is_main() and not stopped_early:
+    if run is not None and is_main() and not stopped_early:
         result.save(run)
     return result
 
@@ -430,13 +445,12 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
         out = sae.loss(x, target, coefficient=t.coefficient_at(step), dead_mask=dead, with_counts=sample)
     t.opt.zero_grad(set_to_none=True)
     out.loss.backward()
-    if _world() > 1:
-        _all_reduce_grads(sae)
+    all_reduce_grads(sae.parameters())
     if sae.unit_norm_decoder:
         sae.remove_parallel_grad()
     t.opt.step()
     sae.apply_constraints()
-    n = x.shape[0] * _world()
+    n = x.shape[0] * world_size()
     t.unsampled_tokens += n
     t.steps_done = step + 1
     t.last_batch = (x, target)
@@ -447,8 +461,7 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
     if not sample:
         return
     counts = out.latent_counts.detach().to(torch.long).cpu()
-    if _world() > 1:
-        counts = _all_reduce(counts)
+    counts = all_reduce_sum(counts)
     t.since_fired = torch.where(counts > 0, 0, t.since_fired + t.unsampled_tokens)
     t.unsampled_tokens = 0
     t.window_counts += counts
@@ -469,16 +482,12 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
 
 
 @torch.no_grad()
-def _initialise(sae: SAE, x: Tensor, target: Tensor | None, cfg: TrainConfig) -> None:
+def _initialise(sae: SAE, x: Tensor, target: Tensor | None, cfg: SAETrainConfig) -> None:
     sae.set_scale_from(x)
     if cfg.b_dec_init is not BDecInit.ZEROS:
         ref = x if target is None else target
         sae.init_b_dec(ref[:4096].float(), cfg.b_dec_init.value)
-    if _world() > 1:  # every rank starts from rank 0's weights
-        import torch.distributed as dist
-
-        for t in [*sae.parameters(), *sae.buffers()]:
-            dist.broadcast(t.data, src=0)
+    broadcast_([*sae.parameters(), *sae.buffers()])  # every rank starts from rank 0's weights
 
 
 @torch.no_grad()
@@ -489,11 +498,10 @@ def _resolve_defaults(t: _Trainer, x: Tensor) -> None:
     sae = t.sae
     if t.base_coefficient is None:
         mean_square = (x.float() * sae.act_scale - sae.b_dec.float()).pow(2).mean().reshape(1)
-        if _world() > 1:  # every rank must use the same coefficient
-            mean_square = _all_reduce(mean_square) / _world()
+        mean_square = all_reduce_sum(mean_square) / world_size()  # every rank must use the same coefficient
         t.base_coefficient = default_coefficient(sae.cfg.architecture, float(mean_square))
     if t.dead_after_tokens is None:
-        t.dead_after_tokens = t.cfg.dead_after(x.shape[0] * _world())
+        t.dead_after_tokens = t.cfg.dead_after(x.shape[0] * world_size())
 
 
 @torch.no_grad()
@@ -602,46 +610,3 @@ def _select(batch: ActivationBatch, hook: str | None) -> Tensor:
     if not hook and len(batch) == 1:
         return next(iter(batch.values()))
     raise KeyError(f"the activation batches have no {hook!r}; they hold {list(batch)}")
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _from_rank0(value: int) -> int:
-    """``value`` as rank 0 has it (a collective: every rank calls it); ``value`` itself in one process."""
-    if _world() == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value])
-    dist.broadcast(t, src=0)
-    return int(t)
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _all_reduce(t: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    dist.all_reduce(t)
-    return t
-
-
-def _all_reduce_grads(sae: SAE) -> None:
-    import torch.distributed as dist
-
-    grads = [p.grad for p in sae.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()

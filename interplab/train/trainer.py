@@ -31,6 +31,7 @@ from interplab.train.checkpoint import (
     save_checkpoint,
 )
 from interplab.train.config import Precision, TrainConfig
+from interplab.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from interplab.train.log import RunLog, read_log, truncate_log
 from interplab.train.sources import cosine_lr, make_source, rows_for
 
@@ -78,30 +79,6 @@ class TrainResult:
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(Path(path), self.to_dict())
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    started: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    started = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started = True
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), started=started)
 
 
 def _default_device() -> torch.device:
@@ -199,15 +176,12 @@ def train(
     token store), e.g. `interplab.data_attribution.record.RecordingCallback`."""
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else _default_device()
-    dist_info = _init_distributed(device)
+    dist_info = init_distributed(device)
     notify = progress if (progress is not None and dist_info.main) else (lambda event: None)
     try:
         return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify, task, tuple(callbacks))
     finally:
-        if dist_info.started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown(dist_info)
 
 
 def _train(
@@ -216,17 +190,14 @@ def _train(
     resume: bool,
     stop_after: int | None,
     device: torch.device,
-    dist_info: _Dist,
+    dist_info: DistInfo,
     notify: ProgressFn,
     task: Any,
     callbacks: tuple[Callable[..., None], ...] = (),
 ) -> TrainResult:
     continuing = _check_run_dir(run_dir, cfg, resume)
     cleaned = clean_stale_temps(run_dir) if continuing and dist_info.main else []
-    if dist_info.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every process has looked at the run folder before the first process writes to it
+    barrier()  # every process has looked at the run folder before the first process writes to it
     per_step = cfg.grad_accum * dist_info.world
     if cfg.batch_size % per_step:
         raise ValueError(
@@ -315,12 +286,7 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         if step % cfg.log_every == 0 or step == stop or step in schedule:
-            if dist_info.world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(total)
-                total /= dist_info.world
-            loss_value = float(total)
+            loss_value = float(all_reduce_mean(total))
             elapsed = time.perf_counter() - t0
             rate = tokens_per_step * (step - start) / max(elapsed, 1e-9)
             row = {
@@ -345,10 +311,7 @@ def _train(
             if dist_info.main:
                 save_checkpoint(run_dir, step, model, optimizer, {"tokens": tokens_seen})
                 written.append(step)
-            if dist_info.world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
+            barrier()
             ckpt_seconds += time.perf_counter() - c0
             cpu_aside += time.process_time() - cc0
     seconds = time.perf_counter() - t0
@@ -386,7 +349,7 @@ def _seq_len(cfg: TrainConfig, source: Any) -> int:
     return getattr(source, "seq_len", None) or source.model_cfg.n_ctx
 
 
-def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.nn.Module:
+def _wrap(model: Transformer, device: torch.device, dist_info: DistInfo) -> torch.nn.Module:
     if dist_info.world <= 1:
         return model
     from torch.nn.parallel import DistributedDataParallel

@@ -322,7 +322,7 @@ def test_debug_shows_the_traceback(lab):
 
 def test_nan_in_sae_training_input_is_caught_at_the_input():
     from interplab.sae.disk_store import ActivationDataError
-    from interplab.sae.train import TrainConfig, train_saes
+    from interplab.sae.train import SAETrainConfig, train_saes
 
     sae = create_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2, hook_name=HOOK))
     good = torch.randn(64, 8)
@@ -330,6 +330,6 @@ def test_nan_in_sae_training_input_is_caught_at_the_input():
     bad[5, 3] = float("nan")
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     with pytest.raises(ActivationDataError, match=r"nan.*batch 1 .*row 5"):
-        train_saes(sae, [{HOOK: good}, {HOOK: bad}], TrainConfig(total_steps=5, autocast=False))
+        train_saes(sae, [{HOOK: good}, {HOOK: bad}], SAETrainConfig(total_steps=5, autocast=False))
     assert all(torch.isfinite(v).all() for v in sae.state_dict().values())
     assert before.keys() == sae.state_dict().keys()

@@ -8,7 +8,7 @@ import torch
 
 from interplab.sae import SAEConfig, create_sae, load_sae
 from interplab.sae.recovery import SyntheticFeatures
-from interplab.sae.train import TrainConfig, train_saes
+from interplab.sae.train import SAETrainConfig, train_saes
 from interplab.train.checkpoint import list_checkpoints
 
 HOOK = "blocks.0.hook_resid_post"
@@ -52,7 +52,7 @@ def _cfgs(**changes):
         coefficient_warmup_steps=4,
         autocast=False,
     )
-    return {"topk": TrainConfig(**base), "relu": TrainConfig(**{**base, **changes})}
+    return {"topk": SAETrainConfig(**base), "relu": SAETrainConfig(**{**base, **changes})}
 
 
 def _metric_rows(run):
@@ -133,7 +133,7 @@ def test_finished_run_rerun_changes_nothing(straight, tmp_path):
     ("change", "named"),
     [
         (lambda: (_saes(0), _cfgs(lr=1e-3)), "train.relu.lr=0.003, this run asks for 0.001"),
-        (lambda: (_saes(0), {**_cfgs(), "topk": TrainConfig(total_steps=20)}), "train.topk"),
+        (lambda: (_saes(0), {**_cfgs(), "topk": SAETrainConfig(total_steps=20)}), "train.topk"),
         (
             lambda: (
                 {**_saes(0), "relu": create_sae(SAEConfig(d_in=12, d_sae=96, hook_name=HOOK))},
