@@ -21,6 +21,7 @@ from interplab.cli.common import (
     print_command,
     set_threads,
 )
+from interplab.sae.sweep import sae_name
 
 DEMO_RUN = Path("runs/demo")
 """The demo's default run folder (``--out``)."""
@@ -52,7 +53,7 @@ class DemoOutputs:
     @property
     def sae(self) -> Path:
         """the trained SAE (``interplab.sae.load_sae``)"""
-        return self.sae_run / "saes" / SAE_HOOK.replace(".", "_")
+        return self.sae_run / "saes" / sae_name(SAE_HOOK)
 
     @property
     def sae_eval(self) -> Path:
