@@ -119,6 +119,8 @@ class Kind(str, Enum):
     """an SAE training run (config.json: the SAEs, their training configs, the data)"""
     SAE = "sae"
     """one SAE in SAELens' layout (cfg.json + sae_weights.safetensors)"""
+    SAE_TRAIN_SUMMARY = "sae_train_summary"
+    """the train_summary.json of an SAE training run (tokens, steps, each SAE's final log row)"""
     SAE_EVAL = "sae_eval"
     """an SAE evaluation report"""
     ACTIVATION_CACHE = "activation_cache"
@@ -159,6 +161,7 @@ _LABELS = {
     Kind.TRAIN_REPORT: "a training report",
     Kind.SAE_TRAIN: "an SAE training run",
     Kind.SAE: "an SAE folder",
+    Kind.SAE_TRAIN_SUMMARY: "an SAE training summary",
     Kind.SAE_EVAL: "an SAE evaluation",
     Kind.ACTIVATION_CACHE: "an activation cache",
     Kind.FEATURE_DB: "a feature database",
@@ -259,10 +262,16 @@ def detect_document(name: str, data: Mapping[str, Any]) -> Kind | None:
         return None
     if name == SAE_CFG and {"d_in", "d_sae"} <= set(data):
         return Kind.SAE
+    if name == MANIFEST and {"hooks", "shards"} <= set(data):  # version-1 caches wrote no kind
+        return Kind.ACTIVATION_CACHE
+    if name == TRAIN_SUMMARY and {"tokens", "steps", "final"} <= set(data):
+        return Kind.SAE_TRAIN_SUMMARY
     if name == STATE and "step" in data and "sha256" in data:
         return Kind.CHECKPOINT
     if name == REPORT and "tokens_per_s" in data and "step" in data:
         return Kind.TRAIN_REPORT
+    if name == REPORT and ("ce_loss_recovered" in data or isinstance(data.get("saes"), list)):
+        return Kind.SAE_EVAL  # `sae eval` before kinds: one SAE's report, or a run's list of them
     if name == FORMATION_JSON:
         return Kind.FORMATION
     return None
