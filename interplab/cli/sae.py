@@ -23,10 +23,22 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
-from interplab.io import atomic_write_json
 from interplab.model import Transformer
 from interplab.model.load import load_model
 from interplab.plots import save_figure
+from interplab.runs import (
+    EVAL,
+    REPORT,
+    SAE_CFG,
+    SAES,
+    Kind,
+    RunError,
+    SAERun,
+    describe,
+    detect,
+    sae_folders,
+    write_json,
+)
 from interplab.sae import load_sae
 from interplab.sae.activations import corpus_token_batches
 from interplab.sae.config import Architecture
@@ -282,12 +294,14 @@ def train(
         console.print(
             f"{name}: L0 {f.get('l0', 0):.1f}, FVU {f.get('fvu', 0):.4f}, dead {f.get('dead_fraction', 0):.1%}"
         )
-    console.print(f"SAEs in {out}/saes/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL")
+    console.print(f"SAEs in {out / SAES}/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL")
 
 
 @app.command("eval")
 def evaluate(
-    sae_path: Path = typer.Argument(..., help="an SAE folder (cfg.json) or a training run folder (saes/*)"),
+    sae_path: Path = typer.Argument(
+        ..., help="an SAE folder (cfg.json), an SAE training run (saes/*) or a folder holding one"
+    ),
     model_path: Path = typer.Option(..., "--model", help="the model the SAE reads"),
     out: Path = typer.Option(
         None, "--out", "-o", help="report folder (default: SAE_PATH/eval)", callback=out_folder
@@ -305,37 +319,41 @@ def evaluate(
 ) -> None:
     """L0, MSE, FVU, CE loss recovered (vs zero and mean ablation), KL, density: report.json + plots."""
     set_threads(threads)
-    folders = (
-        [sae_path]
-        if (sae_path / "cfg.json").is_file()
-        else sorted(p for p in (sae_path / "saes").glob("*") if (p / "cfg.json").is_file())
-    )
+    try:
+        folders = SAERun.open(sae_path).saes if detect(sae_path) is Kind.SAE_TRAIN else sae_folders(sae_path)
+    except RunError as err:
+        fail(str(err))
     if not folders:
-        fail(f"{sae_path} is neither an SAE folder (cfg.json) nor a run folder with saes/*/cfg.json")
+        fail(
+            f"{sae_path} is {describe(sae_path)}; expected an SAE folder ({SAE_CFG}) or an SAE training run "
+            f"with {SAES}/*/{SAE_CFG}"
+        )
     if out is None:
-        out = check_out_folder(sae_path / "eval")
+        out = check_out_folder(sae_path / EVAL)
     model = _load_model(model_path)
     seq_len = check_seq_len(seq_len, model)
-    saes = [load_sae(folder) for folder in folders]  # a damaged SAE is named before any work
+    saes = {
+        name: load_sae(folder) for name, folder in folders.items()
+    }  # a damaged SAE is named before any work
     try:
         data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
         reports = {}
-        for folder, sae in zip(folders, saes, strict=True):
+        for name, sae in saes.items():
             rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
-            rep.save(out / folder.name)
-            reports[folder.name] = rep
-            console.print(f"{folder.name}: {rep!r}")
+            rep.save(out / name)
+            reports[name] = rep
+            console.print(f"{name}: {rep!r}")
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
         return
     points = [{"name": n, **r.to_dict()} for n, r in reports.items()]
-    atomic_write_json(out / "report.json", {"saes": points})
+    write_json(out / REPORT, Kind.SAE_EVAL, {"saes": points})
     if len(points) > 1:
         save_figure(sparsity_frontier(points, "fvu"), out / "frontier_fvu.html")
         save_figure(sparsity_frontier(points, "ce_loss_recovered"), out / "frontier_ce.html")
-    console.print(f"report: {out}/report.json")
+    console.print(f"report: {out / REPORT}")
 
 
 def _canon(hooks: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +20,9 @@ from torch import Tensor
 
 from interplab.data import build_token_store, open_corpus
 from interplab.hooks import Site
+
+if TYPE_CHECKING:
+    from interplab.model import Transformer
 
 ActivationBatch = dict[str, Tensor]
 
@@ -51,7 +54,7 @@ class TokenFilter:
 
 
 def model_activations(
-    model: torch.nn.Module,
+    model: Transformer,
     tokens: Int[Tensor, "batch pos"],
     hooks: Sequence[str],
     *,
@@ -90,7 +93,7 @@ class ActivationStream:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Transformer,
         token_batches: Iterable[Tensor],
         hooks: Sequence[str],
         *,
@@ -202,7 +205,7 @@ class CorpusBatches:
 
 
 def corpus_token_batches(
-    model: torch.nn.Module,
+    model: Transformer,
     corpus: str = "python-stdlib",
     *,
     split: str = "train",

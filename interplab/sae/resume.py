@@ -10,6 +10,10 @@ Layout of ``RUN/``::
                                 Adam moments, firing counters, resampling generator)
     checkpoints/step_N/rng.safetensors, state.json (step, tokens, per-SAE scalars, sizes + SHA-256s; last)
     saes/NAME/, train_summary.json   the finished SAEs
+
+Every name is `interplab.runs`' (``SAERun.open(RUN)`` reads the folder); checkpoint folders are named by
+`interplab.runs.checkpoint_name` like a training run's (``step_000120``), and folders with more digits that
+older runs wrote still resume.
 """
 
 from __future__ import annotations
@@ -22,9 +26,23 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from interplab.io import atomic_write_json, save_tensors
-from interplab.train.checkpoint import (
+from interplab.io import save_tensors
+from interplab.runs import (
     CHECKPOINTS,
+    CONFIG,
+    EVAL,
+    LOG,
+    RNG,
+    SAES,
+    STATE,
+    TRAIN_SUMMARY,
+    VERSIONS,
+    Kind,
+    RunError,
+    read_json,
+    write_json,
+)
+from interplab.train.checkpoint import (
     checkpoint_dir,
     clean_stale_temps,
     global_rng_state,
@@ -35,14 +53,13 @@ from interplab.train.checkpoint import (
 )
 from interplab.train.log import read_log, truncate_log
 
-RUN_KIND = "sae_train"
-RUN_VERSION = 1
-CONFIG = "config.json"
+RUN_KIND = Kind.SAE_TRAIN
+RUN_VERSION = VERSIONS[Kind.SAE_TRAIN]
 TRAINER_STATE = "trainer.safetensors"
 # fields of a SAETrainConfig that do not change what is trained (a resume may change them)
 _NOT_IDENTITY = ("checkpoint_every",)
 # what a run folder may hold: only these are removed by overwrite
-_RUN_FILES = (CONFIG, "log.jsonl", "train_summary.json", "saes", CHECKPOINTS, "eval")
+_RUN_FILES = (CONFIG, LOG, TRAIN_SUMMARY, SAES, CHECKPOINTS, EVAL)
 
 
 def run_identity(
@@ -54,7 +71,7 @@ def run_identity(
         fields = {k: v for k, v in vars(cfg).items() if k not in _NOT_IDENTITY}
         train[name] = fields
     ident = {
-        "kind": RUN_KIND,
+        "kind": RUN_KIND.value,
         "version": RUN_VERSION,
         "saes": {n: s.cfg.to_dict() for n, s in saes.items()},
         "train": train,
@@ -74,10 +91,10 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
     old = None
     if cfg_file.is_file():
         try:
-            old = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError:
+            old = read_json(cfg_file)
+        except RunError:
             old = {}
-    if old is None or old.get("kind") != RUN_KIND:
+    if old is None or old.get("kind") != RUN_KIND.value:
         leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")] if run.is_dir() else []
         if run.is_dir() and any(p not in leftovers for p in run.iterdir()):
             raise ValueError(
@@ -108,7 +125,7 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
 
 
 def _write_config(run: Path, identity: dict[str, Any]) -> None:
-    atomic_write_json(run / CONFIG, identity)
+    write_json(run / CONFIG, RUN_KIND, identity)
 
 
 def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
@@ -132,7 +149,7 @@ def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequen
             t.sae.save(tmp / t.name)
             tensors, scalars[t.name] = t.state_dict()
             save_tensors(tmp / t.name / TRAINER_STATE, tensors)
-        save_tensors(tmp / "rng.safetensors", global_rng_state())
+        save_tensors(tmp / RNG, global_rng_state())
         return {"tokens": tokens, "trainers": scalars}
 
     return write_checkpoint(checkpoint_dir(run, step), step, write)
@@ -141,15 +158,15 @@ def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequen
 def resume_training(run: Path, trainers: Sequence[Any]) -> tuple[int, int, list[dict[str, Any]]]:
     """Restore every trainer from the newest intact checkpoint of ``run``: (step, tokens, events). Step 0
     when there is none; the events name skipped (corrupt or incomplete) checkpoints."""
-    required = [f"{t.name}/{TRAINER_STATE}" for t in trainers] + ["rng.safetensors"]
+    required = [f"{t.name}/{TRAINER_STATE}" for t in trainers] + [RNG]
     ckpt, bad = latest_good_checkpoint(run, required=required)
     events = [{"event": "skipped_checkpoint", "reason": f"{c.path.name}: {why}"} for c, why in bad]
     if ckpt is None:
         return 0, 0, events
-    state = json.loads((ckpt.path / "state.json").read_text())
+    state = read_json(ckpt.path / STATE)
     for t in trainers:
         t.load_state_dict(load_file(str(ckpt.path / t.name / TRAINER_STATE)), state["trainers"][t.name])
-    set_global_rng_state(load_file(str(ckpt.path / "rng.safetensors")))
+    set_global_rng_state(load_file(str(ckpt.path / RNG)))
     events.append({"event": "resume", "step": ckpt.step})
     return ckpt.step, int(state["tokens"]), events
 

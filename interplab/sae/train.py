@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from interplab.io import atomic_write_json
+from interplab.runs import LOG, SAES, TRAIN_SUMMARY, Kind, write_json
 from interplab.sae import resume as resume_lib
 from interplab.sae.activations import ActivationBatch
 from interplab.sae.base import SAE
@@ -216,11 +216,13 @@ class SAETrainResult:
         return training_curves(self.history, metric)
 
     def save(self, path: str | Path) -> Path:
+        """Write the SAEs (``saes/NAME/``) and ``train_summary.json`` into the run folder ``path``."""
         path = Path(path)
         for name, sae in self.saes.items():
-            sae.save(path / "saes" / name)
-        atomic_write_json(
-            path / "train_summary.json",
+            sae.save(path / SAES / name)
+        write_json(
+            path / TRAIN_SUMMARY,
+            Kind.SAE_TRAIN_SUMMARY,
             {"tokens": self.tokens, "steps": self.steps, "final": {n: self.final(n) for n in self.saes}},
         )
         return path
@@ -359,7 +361,7 @@ def train_saes(
         events += found
     if run is not None and is_main():
         history = resume_lib.restart_log(run, start)
-    log = open(run / "log.jsonl", "a") if run is not None and is_main() else None  # noqa: SIM115
+    log = open(run / LOG, "a") if run is not None and is_main() else None  # noqa: SIM115
     if log is not None:
         log.writelines(json.dumps(e) + "\n" for e in events)
     step = start
