@@ -270,7 +270,7 @@ class SAE(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` (see `interplab.sae.io`)."""
-        from interplab.sae.io import save_sae
+        from interplab.sae.io import save_sae  # here, not at the top: sae.io imports this module
 
         return save_sae(self, path)
 
