@@ -22,7 +22,7 @@ import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file
 
@@ -42,6 +42,8 @@ from interplab.runs import (
     read_json,
     write_json,
 )
+from interplab.sae.base import SAE
+from interplab.sae.train_config import SAETrainConfig
 from interplab.train.checkpoint import (
     checkpoint_dir,
     clean_stale_temps,
@@ -53,6 +55,9 @@ from interplab.train.checkpoint import (
 )
 from interplab.train.log import read_log, truncate_log
 
+if TYPE_CHECKING:
+    from interplab.sae.train import _Trainer  # sae.train imports this module
+
 RUN_KIND = Kind.SAE_TRAIN
 RUN_VERSION = VERSIONS[Kind.SAE_TRAIN]
 TRAINER_STATE = "trainer.safetensors"
@@ -63,7 +68,7 @@ _RUN_FILES = (CONFIG, LOG, TRAIN_SUMMARY, SAES, CHECKPOINTS, EVAL)
 
 
 def run_identity(
-    saes: Mapping[str, Any], cfgs: Mapping[str, Any], data: Mapping[str, Any] | None
+    saes: Mapping[str, SAE], cfgs: Mapping[str, SAETrainConfig], data: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The JSON ``config.json`` of a run: everything that determines the trained SAEs."""
     train = {}
@@ -140,7 +145,7 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
     return None
 
 
-def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequence[Any]) -> Path:
+def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequence[_Trainer]) -> Path:
     """Checkpoint ``step`` of a joint run: each trainer's loadable SAE and full state, atomically."""
 
     def write(tmp: Path) -> dict[str, Any]:
@@ -155,7 +160,7 @@ def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequen
     return write_checkpoint(checkpoint_dir(run, step), step, write)
 
 
-def resume_training(run: Path, trainers: Sequence[Any]) -> tuple[int, int, list[dict[str, Any]]]:
+def resume_training(run: Path, trainers: Sequence[_Trainer]) -> tuple[int, int, list[dict[str, Any]]]:
     """Restore every trainer from the newest intact checkpoint of ``run``: (step, tokens, events). Step 0
     when there is none; the events name skipped (corrupt or incomplete) checkpoints."""
     required = [f"{t.name}/{TRAINER_STATE}" for t in trainers] + [RNG]
