@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
+from jaxtyping import Int
+from torch import Tensor
 
 from interplab.cli.common import (
     SPLITS,
@@ -22,16 +25,37 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
+from interplab.data import build_token_store, open_corpus
+from interplab.features.config import FeatureBuildConfig
+from interplab.features.explain import TokenEnrichmentExplainer, auto_interp
+from interplab.features.steer import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_STRENGTH,
+    SteerMode,
+    prompt_tokens,
+    steer_generate,
+)
+from interplab.io import load_tensors
+from interplab.model import Transformer
+from interplab.model.load import load_model
+from interplab.sae import SAE, load_sae
+
+# the SQLAlchemy-backed modules (features.build, .reader, .writer) and the web export (fastapi) are imported
+# by the commands that use them: every `interplab` command imports this module
+
+DEFAULTS = FeatureBuildConfig()
+"""the build settings the options default to (one source of truth: `FeatureBuildConfig`)"""
+CHECKPOINT_EVERY = 20
+"""the command checkpoints its streaming state by default, so an interrupted build resumes (the library's
+`FeatureBuildConfig.checkpoint_every` defaults to never)"""
 
 features_app = typer.Typer(
     help="Feature dashboards: build the feature database, export, explain, steer.", no_args_is_help=True
 )
 
 
-def load_tokens_file(path: Path):
+def load_tokens_file(path: Path) -> Int[Tensor, "n_seq pos"]:
     """A [n_seq pos] token tensor from a safetensors file (key ``tokens``, or its only tensor)."""
-    from interplab.io import load_tensors
-
     if not path.is_file():
         fail(f"no token file at {path}")
     tensors = load_tensors(path)
@@ -42,13 +66,9 @@ def load_tokens_file(path: Path):
     return next(iter(tensors.values())).long()
 
 
-def corpus_tokens(name: str, model, split: str, n_seqs: int, seq_len: int):
-    import torch
-
-    try:
-        from interplab.data import build_token_store, open_corpus
-    except ImportError:
-        fail("--corpus needs interplab.data (token stores), which this installation lacks; use --tokens FILE")
+def corpus_tokens(
+    name: str, model: Transformer, split: str, n_seqs: int, seq_len: int | None
+) -> Int[Tensor, "n_seq pos"]:
     if model.tokenizer is None:
         fail(
             "--corpus needs a model with a tokenizer (tokenizer.json in the model folder); use --tokens FILE"
@@ -64,17 +84,11 @@ def corpus_tokens(name: str, model, split: str, n_seqs: int, seq_len: int):
     return store.sequences(torch.arange(n), seq_len)
 
 
-def load_model_and_sae(model_dir: Path, sae_dir: Path):
-    from interplab import load_model
-
+def load_model_and_sae(model_dir: Path, sae_dir: Path) -> tuple[Transformer, SAE]:
     try:
         model = load_model(model_dir)
     except (FileNotFoundError, KeyError, ValueError) as err:
         fail(f"cannot load the model: {err}")
-    try:
-        from interplab.sae import load_sae
-    except ImportError:
-        fail("interplab.sae is not available in this installation")
     try:
         sae = load_sae(sae_dir)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -82,10 +96,7 @@ def load_model_and_sae(model_dir: Path, sae_dir: Path):
     return model, sae
 
 
-def _steer_mode(value: str) -> str:
-    from interplab.features.steer import SteerMode  # lazily: torch
-
-    return choice(tuple(m.value for m in SteerMode))(value)
+_steer_mode = choice(tuple(m.value for m in SteerMode))
 
 
 @features_app.command("build")
@@ -108,21 +119,27 @@ def build(
         callback=positive_int,
     ),
     top_k: int = typer.Option(
-        20, "--top-k", help="top activating contexts per feature", callback=positive_int
+        DEFAULTS.top_k, "--top-k", help="top activating contexts per feature", callback=positive_int
     ),
     batch_size: int = typer.Option(
-        16, "--batch-size", help="sequences per forward pass", callback=positive_int
+        DEFAULTS.batch_size, "--batch-size", help="sequences per forward pass", callback=positive_int
     ),
     features_per_pass: int = typer.Option(
-        0, "--features-per-pass", help="0: all features in one pass", callback=non_negative_int
+        DEFAULTS.features_per_pass,
+        "--features-per-pass",
+        help="0: all features in one pass",
+        callback=non_negative_int,
     ),
     checkpoint_every: int = typer.Option(
-        20, "--checkpoint-every", help="batches between resumable checkpoints", callback=positive_int
+        CHECKPOINT_EVERY,
+        "--checkpoint-every",
+        help="batches between resumable checkpoints",
+        callback=positive_int,
     ),
     loss_effect: bool = typer.Option(
-        True, "--loss-effect/--no-loss-effect", help="estimate effects on the loss"
+        DEFAULTS.loss_effect, "--loss-effect/--no-loss-effect", help="estimate effects on the loss"
     ),
-    cooccurrence: bool = typer.Option(True, "--cooccurrence/--no-cooccurrence"),
+    cooccurrence: bool = typer.Option(DEFAULTS.cooccurrence, "--cooccurrence/--no-cooccurrence"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild from scratch if the database exists"),
     threads: int = typer.Option(
         0, "--threads", help="torch threads (0: torch's default)", callback=threads_option
@@ -130,7 +147,6 @@ def build(
 ) -> None:
     """Collect every feature's statistics in one streaming pass and write the feature database (resumable:
     run the same command again after an interruption)."""
-    from interplab.features import FeatureBuildConfig
     from interplab.features.build import build_feature_db
 
     set_threads(threads)
@@ -192,19 +208,21 @@ def export(
 @features_app.command("explain")
 def explain(
     db: Path = typer.Option(..., "--db", help="feature database"),
-    k: int = typer.Option(3, help="tokens named per explanation", callback=positive_int),
+    k: int = typer.Option(
+        TokenEnrichmentExplainer.k, help="tokens named per explanation", callback=positive_int
+    ),
     overwrite_human: bool = typer.Option(False, "--overwrite-human", help="replace human labels too"),
 ) -> None:
     """Label every feature with the built-in explainer (most enriched peak tokens) and score the labels."""
-    from interplab.features.explain import TokenEnrichmentExplainer, auto_interp
-    from interplab.features.store import FeatureStore
+    from interplab.features.writer import FeatureWriter
 
     try:
-        store = FeatureStore(db)
+        writer = FeatureWriter(db)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
         return
-    result = auto_interp(store, TokenEnrichmentExplainer(k=k), overwrite_human=overwrite_human)
+    with writer:
+        result = auto_interp(writer, TokenEnrichmentExplainer(k=k), overwrite_human=overwrite_human)
     scores = list(result.scores.values())
     mean = sum(scores) / len(scores) if scores else float("nan")
     console.print(
@@ -228,14 +246,12 @@ def steer(
     value: float = typer.Option(
         None, "--value", help="an absolute activation instead of --strength", callback=finite_float
     ),
-    mode: str = typer.Option("add", "--mode", help="add or clamp", callback=_steer_mode),
+    mode: str = typer.Option(SteerMode.ADD.value, "--mode", help="add or clamp", callback=_steer_mode),
     prompt: str = typer.Option(..., "--prompt", help="text (or token ids if the model has no tokenizer)"),
-    max_new_tokens: int = typer.Option(20, "--max-new-tokens", callback=positive_int),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", callback=positive_int),
 ) -> None:
     """Generate greedily with and without steering a feature; print both continuations."""
-    from interplab.features.steer import DEFAULT_STRENGTH, SteerMode, steer_generate
-    from interplab.features.store import FeatureNotFound, FeatureStore
-    from interplab.web.api import prompt_tokens
+    from interplab.features.reader import FeatureNotFound, FeatureReader
 
     max_act = None
     if value is None:
@@ -245,7 +261,8 @@ def steer(
                 "there) or an absolute --value"
             )
         try:
-            max_act = FeatureStore(db).feature(feature)["max_act"]
+            with FeatureReader(db) as store:
+                max_act = store.feature(feature)["max_act"]
         except FeatureNotFound:
             fail(f"feature {feature} is not in the feature database {db}")
             return

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from interplab.cli.common import console, err_console, fail, port_option
+from interplab.web.guard import is_loopback
 
 
 def serve(
@@ -30,7 +31,7 @@ def serve(
     ),
 ) -> None:
     """Browse feature databases, runs and attention patterns in the browser."""
-    import uvicorn
+    import uvicorn  # the web stack is imported by this command only
 
     from interplab.web.app import create_app
 
@@ -39,8 +40,6 @@ def serve(
     for r in runs:
         if not r.is_dir():
             fail(f"--runs {r} is not a folder")
-    from interplab.web.guard import is_loopback
-
     allowed = list(allow_host)
     if host not in ("0.0.0.0", "::", "") and not is_loopback(host.strip("[]")):
         allowed.append(host)  # the address it binds is a name browsers use to reach it

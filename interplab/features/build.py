@@ -11,7 +11,6 @@ browse a database while it is being built. Building twice, or resuming, gives th
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,11 @@ from interplab.features.collect import (
     top_logits,
 )
 from interplab.features.config import FeatureBuildConfig
-from interplab.features.store import FeatureStore, is_url
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
+from interplab.features.writer import FeatureWriter
+from interplab.io import atomic_write_json, load_tensors, save_tensors
+from interplab.model import Transformer
+from interplab.sae import SAE
 
 WRITE_CHUNK = 256
 Progress = Callable[[str, int, int | None], None]
@@ -45,9 +47,7 @@ class BuildReport:
     passes_run: int
     passes_skipped: int
 
-    def save(self, path) -> None:
-        from interplab.io import atomic_write_json
-
+    def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.__dict__)
 
     def plot(self):
@@ -56,7 +56,7 @@ class BuildReport:
         return go.Figure(go.Bar(x=["run", "skipped"], y=[self.passes_run, self.passes_skipped]))
 
 
-def token_strings(model, d_vocab: int) -> list[str]:
+def token_strings(model: Transformer, d_vocab: int) -> list[str]:
     """Each token id as text (``#id`` when the model has no tokenizer)."""
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -71,7 +71,7 @@ def token_strings(model, d_vocab: int) -> list[str]:
     return out
 
 
-def _fingerprint(model, sae, cfg: FeatureBuildConfig, n_tokens: int) -> dict:
+def _fingerprint(model: Transformer, sae: SAE, cfg: FeatureBuildConfig, n_tokens: int) -> dict:
     sae_cfg = (
         {k: v for k, v in vars(sae.cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
         if hasattr(sae.cfg, "__dict__")
@@ -96,8 +96,8 @@ def _fingerprint(model, sae, cfg: FeatureBuildConfig, n_tokens: int) -> dict:
 
 def build_feature_db(
     path: str | Path,
-    model,
-    sae,
+    model: Transformer,
+    sae: SAE,
     tokens: TokenSource,
     cfg: FeatureBuildConfig | None = None,
     *,
@@ -117,11 +117,7 @@ def build_feature_db(
     n_tokens = int(counts.sum())
     if n_tokens == 0:
         raise ValueError("the token source is empty")
-    if overwrite and not is_url(path):
-        for suffix in ("", "-wal", "-shm", "-journal"):  # a stale WAL must not meet the new file
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        shutil.rmtree(_state_dir(path), ignore_errors=True)
-    store = FeatureStore(path, create=True)
+    store = FeatureWriter.for_build(path, overwrite=overwrite)
     fingerprint = _fingerprint(model, sae, cfg, n_tokens)
     meta = store.meta()
     if "fingerprint" in meta and meta["fingerprint"] != fingerprint:
@@ -157,19 +153,15 @@ def build_feature_db(
             skipped += 1
             continue
         feats = torch.arange(first, last)
-        state_file = _state_dir(path) / f"pass_{first}_{last}.safetensors"
+        state_file = store.state_dir / f"pass_{first}_{last}.safetensors"
         state = StreamingFeatureStats(d_sae, cfg, features=feats)
         if state_file.is_file():
-            from interplab.io import load_tensors
-
             state.load_state_dict(load_tensors(state_file))
 
-        def checkpoint(s: StreamingFeatureStats, state_file=state_file) -> None:
-            from interplab.io import save_tensors
-
+        def checkpoint(s: StreamingFeatureStats, state_file: Path = state_file) -> None:
             save_tensors(state_file, s.state_dict())
 
-        def report(i: int, total: int | None, first=first, last=last) -> None:
+        def report(i: int, total: int | None, first: int = first, last: int = last) -> None:
             if progress is not None:
                 progress(f"features {first}-{last - 1}", i, total)
 
@@ -185,19 +177,12 @@ def build_feature_db(
         store.mark_pass_done(first, last)
         state_file.unlink(missing_ok=True)
         ran += 1
-    store.set_meta(status="complete")
-    shutil.rmtree(_state_dir(path), ignore_errors=True)
+    store.finish_build()
     n = store.n_features()
     store.close()
     return BuildReport(
         path=str(path), n_features=n, n_tokens=n_tokens, passes_run=ran, passes_skipped=skipped
     )
-
-
-def _state_dir(path: str | Path) -> Path:
-    if is_url(path):
-        return Path(".interplab-feature-build")
-    return Path(f"{path}.build")
 
 
 def _rounded(x: torch.Tensor, digits: int = 4) -> list:

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from interplab.cli.main import app
 from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
-from interplab.features.store import FeatureStore
+from interplab.features.reader import FeatureReader
 from tests.features.planted import planted_sae
 
 runner = CliRunner()
@@ -49,7 +49,7 @@ def test_build_export_explain_from_the_command_line(tmp_path, model, tokens):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "interplab serve --db" in r.output
-    store = FeatureStore(tmp_path / "f.db")
+    store = FeatureReader(tmp_path / "f.db")
     assert store.n_features() == 24 and store.meta()["n_tokens"] == tokens.numel()
     r = runner.invoke(
         app, ["features", "export", "--db", str(tmp_path / "f.db"), "--html", str(tmp_path / "site")]
@@ -109,7 +109,7 @@ def test_sae_on_a_mismatched_site_is_refused(tmp_path, model, tokens):
     )
     assert r.exit_code == 2
     assert "d_in=48" in r.output and "Traceback" not in r.output
-    assert not (tmp_path / "f.db").exists() or FeatureStore(tmp_path / "f.db").n_features() == 0
+    assert not (tmp_path / "f.db").exists() or FeatureReader(tmp_path / "f.db").n_features() == 0
 
 
 def test_explain_and_missing_database(tmp_path, model, tokens):

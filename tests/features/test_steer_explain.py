@@ -17,8 +17,9 @@ from interplab.features.explain import (
     auto_interp,
     score_explanation,
 )
+from interplab.features.reader import FeatureReader
 from interplab.features.steer import SteerMode, steer_generate, steering_hook
-from interplab.features.store import FeatureStore
+from interplab.features.writer import FeatureWriter
 from tests.features.planted import make_sae, planted_sae
 
 
@@ -61,9 +62,9 @@ def test_auto_interp_recovers_planted_tokens_and_keeps_human_labels(tmp_path, mo
     sae = planted_sae(model, 6)
     cfg = FeatureBuildConfig(top_k=5, n_samples=6, window_left=3, window_right=1, batch_size=8)
     build_feature_db(tmp_path / "f.db", model, sae, tokens, cfg)
-    store = FeatureStore(tmp_path / "f.db")
-    store.set_label(0, "my own words")
-    result = auto_interp(store, TokenEnrichmentExplainer(k=1))
+    store, writer = FeatureReader(tmp_path / "f.db"), FeatureWriter(tmp_path / "f.db")
+    writer.set_label(0, "my own words")
+    result = auto_interp(writer, TokenEnrichmentExplainer(k=1))
     assert result.skipped_human == [0]
     for j in range(1, 6):
         assert result.explanations[j] == f"fires on '#{j}'"
@@ -90,7 +91,7 @@ def test_prompt_explainer_marks_the_peak_token(tmp_path, model, tokens):
         seen.append(prompt)
         return " the token two \n"
 
-    result = auto_interp(FeatureStore(tmp_path / "f.db"), PromptExplainer(complete), features=[2])
+    result = auto_interp(FeatureWriter(tmp_path / "f.db"), PromptExplainer(complete), features=[2])
     assert result.explanations[2] == "the token two"
     assert "<<#2>>" in seen[0]
 
