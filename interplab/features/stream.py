@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from torch import Tensor
 
 from interplab.features.config import FeatureBuildConfig
+from interplab.io import save_tensors
 
 _LOW32 = (1 << 32) - 1
 _MAX_TOKENS = 1 << 32
@@ -74,19 +77,15 @@ class FeatureStats:
         )
         return fig
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         """Write every tensor to one safetensors file (exact inverse: `FeatureStats.load`)."""
-        from interplab.io import save_tensors
-
         tensors = {
             f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
         }
         save_tensors(path, tensors, metadata={"n_tokens": str(self.n_tokens)})
 
     @classmethod
-    def load(cls, path) -> FeatureStats:
-        from safetensors import safe_open
-
+    def load(cls, path: str | Path) -> FeatureStats:
         with safe_open(str(path), "pt") as f:
             data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             n_tokens = int(f.metadata()["n_tokens"])
