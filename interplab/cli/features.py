@@ -38,6 +38,7 @@ from interplab.features.steer import (
 from interplab.io import load_tensors
 from interplab.model import Transformer
 from interplab.model.load import load_model
+from interplab.runs import FEATURE_DB, RunError, pick_sae, sae_folders
 from interplab.sae import SAE, load_sae
 
 # the SQLAlchemy-backed modules (features.build, .reader, .writer) and the web export (fastapi) are imported
@@ -84,7 +85,24 @@ def corpus_tokens(
     return store.sequences(torch.arange(n), seq_len)
 
 
+def sae_folder(path: Path, name: str | None) -> Path:
+    """The SAE folder ``--sae PATH [--name NAME]`` means: an SAE folder, or the SAE inside an SAE training run
+    or a training run (`interplab.runs.sae_folders`); with several, ``--name`` picks one."""
+    found = sae_folders(path)
+    if name is None and len(found) > 1:
+        first = next(iter(found))
+        fail(
+            f"{path} holds {len(found)} SAEs ({', '.join(found)}): pick one with --sae {path} --name NAME "
+            f"(e.g. --name {first}) or give its folder (e.g. --sae {found[first]})"
+        )
+    try:
+        return pick_sae(path, name)
+    except RunError as err:
+        fail(str(err))
+
+
 def load_model_and_sae(model_dir: Path, sae_dir: Path) -> tuple[Transformer, SAE]:
+    """The model (a model folder, or a training run: its final/) and the SAE (an SAE folder)."""
     try:
         model = load_model(model_dir)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -96,15 +114,23 @@ def load_model_and_sae(model_dir: Path, sae_dir: Path) -> tuple[Transformer, SAE
     return model, sae
 
 
+MODEL_HELP = "model folder, or a training run (its final/)"
+SAE_HELP = (
+    "SAE folder (cfg.json + sae_weights.safetensors), or a run holding SAEs (an SAE training run, or a "
+    "training run with its sae/): with several, --name picks one"
+)
+
+
 _steer_mode = choice(tuple(m.value for m in SteerMode))
 
 
 @features_app.command("build")
 def build(
-    model_dir: Path = typer.Option(..., "--model", help="model folder"),
-    sae_dir: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)"),
+    model_dir: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    sae_dir: Path = typer.Option(..., "--sae", help=SAE_HELP),
+    sae_name: str = typer.Option(None, "--name", help="which SAE of the --sae run (its folder name)"),
     out: Path = typer.Option(
-        Path("features.db"), "--out", help="feature database file (or a SQLAlchemy URL)", callback=out_file
+        Path(FEATURE_DB), "--out", help="feature database file (or a SQLAlchemy URL)", callback=out_file
     ),
     tokens: Path = typer.Option(None, "--tokens", help="safetensors file with a [n_seq pos] 'tokens' tensor"),
     corpus: str = typer.Option(None, "--corpus", help="corpus name or folder (e.g. python-stdlib)"),
@@ -148,10 +174,12 @@ def build(
     """Collect every feature's statistics in one streaming pass and write the feature database (resumable:
     run the same command again after an interruption)."""
     from interplab.features.build import build_feature_db
+    from interplab.features.database import ReadOnlyDatabase
 
     set_threads(threads)
     if (tokens is None) == (corpus is None):
         fail("give exactly one of --tokens FILE or --corpus NAME")
+    sae_dir = sae_folder(sae_dir, sae_name)
     model, sae = load_model_and_sae(model_dir, sae_dir)
     toks = (
         load_tokens_file(tokens)
@@ -179,7 +207,7 @@ def build(
                 overwrite=overwrite,
                 progress=lambda stage, done, total: bar.update(done, total=total, stage=stage),
             )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     console.print(
@@ -214,11 +242,12 @@ def explain(
     overwrite_human: bool = typer.Option(False, "--overwrite-human", help="replace human labels too"),
 ) -> None:
     """Label every feature with the built-in explainer (most enriched peak tokens) and score the labels."""
+    from interplab.features.database import ReadOnlyDatabase
     from interplab.features.writer import FeatureWriter
 
     try:
         writer = FeatureWriter(db)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     with writer:
@@ -233,13 +262,14 @@ def explain(
 
 @features_app.command("steer")
 def steer(
-    model_dir: Path = typer.Option(..., "--model"),
-    sae_dir: Path = typer.Option(..., "--sae"),
+    model_dir: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    sae_dir: Path = typer.Option(..., "--sae", help=SAE_HELP),
+    sae_name: str = typer.Option(None, "--name", help="which SAE of the --sae run (its folder name)"),
     feature: int = typer.Option(..., "--feature", callback=non_negative_int),
     strength: float = typer.Option(
         None,
         "--strength",
-        help="a multiple of the feature's max activation (from --db); default 1",
+        help=f"a multiple of the feature's max activation (from --db); default {DEFAULT_STRENGTH:g}",
         callback=finite_float,
     ),
     db: Path = typer.Option(None, "--db", help="the feature database (it records the max activation)"),
@@ -269,7 +299,7 @@ def steer(
         except (FileNotFoundError, ValueError) as err:
             fail(f"--db {db}: {err}")
             return
-    model, sae = load_model_and_sae(model_dir, sae_dir)
+    model, sae = load_model_and_sae(model_dir, sae_folder(sae_dir, sae_name))
     try:
         result = steer_generate(
             model,

@@ -29,8 +29,9 @@ from interplab.features.collect import (
 from interplab.features.config import FeatureBuildConfig
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
 from interplab.features.writer import FeatureWriter
-from interplab.io import atomic_write_json, load_tensors, save_tensors
+from interplab.io import load_tensors, save_tensors
 from interplab.model import Transformer
+from interplab.runs import Kind, write_json
 from interplab.sae import SAE
 
 WRITE_CHUNK = 256
@@ -48,7 +49,7 @@ class BuildReport:
     passes_skipped: int
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, self.__dict__)
+        write_json(path, Kind.FEATURE_BUILD, self.__dict__)
 
     def plot(self):
         import plotly.graph_objects as go

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from interplab.io import atomic_write_json
+from interplab.runs import Kind, write_json
 
 if TYPE_CHECKING:  # explanations need no database code of their own (`auto_interp` is handed one)
     from interplab.features.reader import FeatureReader
@@ -152,8 +152,9 @@ class AutoInterpResult:
         return fig
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(
+        write_json(
             path,
+            Kind.AUTO_INTERP,
             {
                 "explainer": self.explainer,
                 "explanations": self.explanations,

@@ -35,12 +35,15 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 3
-KIND = "interplab.features"
+from interplab.runs import VERSIONS, Kind
+
+SCHEMA_VERSION = VERSIONS[Kind.FEATURE_DB]
+"""``meta.schema_version``: the version of these tables (`interplab.runs.VERSIONS`)"""
+KIND = Kind.FEATURE_DB.value
 """``meta.kind``: marks a database as interplab's (databases without it and without a schema version are
 foreign and are never written into)"""
-LEGACY_KINDS: tuple[str, ...] = ()
-"""earlier ``meta.kind`` markers, still read as this kind"""
+LEGACY_KINDS = ("interplab.features",)
+"""earlier ``meta.kind`` markers (before `interplab.runs`), still read as this kind"""
 
 metadata = MetaData()
 

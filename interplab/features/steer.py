@@ -13,7 +13,6 @@ units. An absolute ``value`` (in the SAE's activation units) can be given instea
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -28,9 +27,9 @@ from torch import Tensor
 from interplab.features.collect import check_sae_fits, decoder_directions
 from interplab.hooks import Site
 from interplab.hooks.points import HookFn, HookTarget
-from interplab.io import atomic_write_text
 from interplab.model import Transformer
 from interplab.model.generate import generate
+from interplab.runs import Kind, write_json
 from interplab.sae import SAE
 
 DEFAULT_STRENGTH = 1.0
@@ -69,7 +68,7 @@ class SteeringResult:
     """the feature's max activation over the corpus the strength is relative to"""
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps({**asdict(self), "mode": self.mode.value}, indent=2))
+        write_json(path, Kind.STEERING, {**asdict(self), "mode": self.mode.value})
 
     def describe(self) -> str:
         """``"add 2x max activation (1.66)"`` or ``"clamp 5"``."""

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interplab.features.reader import FeatureReader
-from interplab.io import atomic_write_json, atomic_write_text
+from interplab.io import atomic_write_text
+from interplab.runs import Kind, write_json
 from interplab.web.app import WEB_DIR, plotly_js, templates
 from interplab.web.views import Links, feature_view, summary_rows
 
@@ -26,7 +27,7 @@ class ExportReport:
     n_bytes: int
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, self.__dict__)
+        write_json(path, Kind.FEATURE_EXPORT, self.__dict__)
 
     def plot(self):
         import plotly.graph_objects as go

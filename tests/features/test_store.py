@@ -15,6 +15,7 @@ from interplab.features.database import ReadOnlyDatabase, sqlite_engine
 from interplab.features.reader import FeatureNotFound, FeatureReader
 from interplab.features.writer import FeatureWriter, label_writer
 from interplab.integrity import IntegrityError
+from interplab.runs import VERSIONS, Kind, read_json
 from tests.features.planted import make_sae, planted_sae
 
 CFG = FeatureBuildConfig(
@@ -219,7 +220,7 @@ def test_a_foreign_sqlite_file_is_never_written_into(tmp_path, model, tokens):
     build_feature_db(other, model, _sae(), tokens, CFG, overwrite=True)  # told: replaced
     assert (
         FeatureReader(other).n_features() == 12
-        and FeatureReader(other).meta()["kind"] == "interplab.features"
+        and FeatureReader(other).meta()["kind"] == Kind.FEATURE_DB.value
     )
 
 
@@ -261,3 +262,22 @@ def test_checksums_survive_what_sqlite_does_to_floats(tmp_path, loss_effect):
     ctx.update(tokens=b"\x01\x00\x00\x00", acts=b"\x00\x00\x00\x80", text="x")
     store.write_features([row], [ctx])
     assert store.reader().feature(0)["max_act"] == 0.0
+
+
+def test_the_kind_and_version_come_from_the_run_contract_and_the_old_marker_still_opens(
+    tmp_path, model, tokens
+):
+    db = tmp_path / "f.db"
+    report = build_feature_db(db, model, _sae(), tokens, CFG)
+    meta = FeatureReader(db).meta()
+    assert meta["kind"] == Kind.FEATURE_DB.value and meta["schema_version"] == VERSIONS[Kind.FEATURE_DB] == 3
+    report.save(tmp_path / "build.json")
+    saved = read_json(tmp_path / "build.json", expect=Kind.FEATURE_BUILD)
+    assert saved["version"] == 1 and saved["n_features"] == 12
+    con = sqlite3.connect(db)  # what interplab wrote before interplab.runs named the kind
+    con.execute("""UPDATE meta SET value = '"interplab.features"' WHERE key = 'kind'""")
+    con.commit()
+    con.close()
+    assert FeatureReader(db).n_features() == 12
+    FeatureWriter(db).set_label(1, "still ours")
+    assert FeatureReader(db).feature(1)["label"]["explanation"] == "still ours"
