@@ -118,69 +118,68 @@ def build_feature_db(
     n_tokens = int(counts.sum())
     if n_tokens == 0:
         raise ValueError("the token source is empty")
-    store = FeatureWriter.for_build(path, overwrite=overwrite)
-    fingerprint = _fingerprint(model, sae, cfg, n_tokens)
-    meta = store.meta()
-    if "fingerprint" in meta and meta["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path} was built with other settings, SAE or corpus; pass overwrite=True (--overwrite) "
-            f"to rebuild it from scratch"
-        )
-    if "fingerprint" not in meta:
-        store.set_meta(
-            fingerprint=fingerprint,
-            status="building",
-            seq_len=seq_len,
-            hist_edges=np.round(
-                np.logspace(np.log10(cfg.hist_min), np.log10(cfg.hist_max), cfg.hist_bins + 1), 8
-            ).tolist(),
-            window_left=cfg.window_left,
-            window_right=cfg.window_right,
-            hook_name=sae.cfg.hook_name,
-            d_sae=int(sae.cfg.d_sae),
-            n_tokens=n_tokens,
-            model_path=str(Path(model_path).resolve()) if model_path else None,
-            sae_path=str(Path(sae_path).resolve()) if sae_path else None,
-        )
-        store.write_vocab(token_strings(model, model.cfg.d_vocab), counts.tolist())
-    vocab = store.vocab()
-    d_sae = int(sae.cfg.d_sae)
-    step = cfg.features_per_pass or d_sae
-    done = store.passes_done()
-    ran = skipped = 0
-    for first in range(0, d_sae, step):
-        last = min(first + step, d_sae)
-        if (first, last) in done:
-            skipped += 1
-            continue
-        feats = torch.arange(first, last)
-        state_file = store.state_dir / f"pass_{first}_{last}.safetensors"
-        state = StreamingFeatureStats(d_sae, cfg, features=feats)
-        if state_file.is_file():
-            state.load_state_dict(load_tensors(state_file))
-
-        def checkpoint(s: StreamingFeatureStats, state_file: Path = state_file) -> None:
-            save_tensors(state_file, s.state_dict())
-
-        def report(i: int, total: int | None, first: int = first, last: int = last) -> None:
-            if progress is not None:
-                progress(f"features {first}-{last - 1}", i, total)
-
-        stats = collect_features(
-            model, sae, tokens, cfg, features=feats, state=state, checkpoint=checkpoint, progress=report
-        )
-        effects = decoder_logit_effects(model, sae, feats) if sae.cfg.d_in == model.cfg.d_model else None
-        for lo in range(0, last - first, WRITE_CHUNK):
-            rows, ctx = feature_rows(
-                stats, effects, cfg, vocab, range(lo, min(lo + WRITE_CHUNK, last - first))
+    with FeatureWriter.for_build(path, overwrite=overwrite) as store:  # closed on an error too
+        fingerprint = _fingerprint(model, sae, cfg, n_tokens)
+        meta = store.meta()
+        if "fingerprint" in meta and meta["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{path} was built with other settings, SAE or corpus; pass overwrite=True (--overwrite) "
+                f"to rebuild it from scratch"
             )
-            store.write_features(rows, ctx)
-        store.mark_pass_done(first, last)
-        state_file.unlink(missing_ok=True)
-        ran += 1
-    store.finish_build()
-    n = store.n_features()
-    store.close()
+        if "fingerprint" not in meta:
+            store.set_meta(
+                fingerprint=fingerprint,
+                status="building",
+                seq_len=seq_len,
+                hist_edges=np.round(
+                    np.logspace(np.log10(cfg.hist_min), np.log10(cfg.hist_max), cfg.hist_bins + 1), 8
+                ).tolist(),
+                window_left=cfg.window_left,
+                window_right=cfg.window_right,
+                hook_name=sae.cfg.hook_name,
+                d_sae=int(sae.cfg.d_sae),
+                n_tokens=n_tokens,
+                model_path=str(Path(model_path).resolve()) if model_path else None,
+                sae_path=str(Path(sae_path).resolve()) if sae_path else None,
+            )
+            store.write_vocab(token_strings(model, model.cfg.d_vocab), counts.tolist())
+        vocab = store.vocab()
+        d_sae = int(sae.cfg.d_sae)
+        step = cfg.features_per_pass or d_sae
+        done = store.passes_done()
+        ran = skipped = 0
+        for first in range(0, d_sae, step):
+            last = min(first + step, d_sae)
+            if (first, last) in done:
+                skipped += 1
+                continue
+            feats = torch.arange(first, last)
+            state_file = store.state_dir / f"pass_{first}_{last}.safetensors"
+            state = StreamingFeatureStats(d_sae, cfg, features=feats)
+            if state_file.is_file():
+                state.load_state_dict(load_tensors(state_file))
+
+            def checkpoint(s: StreamingFeatureStats, state_file: Path = state_file) -> None:
+                save_tensors(state_file, s.state_dict())
+
+            def report(i: int, total: int | None, first: int = first, last: int = last) -> None:
+                if progress is not None:
+                    progress(f"features {first}-{last - 1}", i, total)
+
+            stats = collect_features(
+                model, sae, tokens, cfg, features=feats, state=state, checkpoint=checkpoint, progress=report
+            )
+            effects = decoder_logit_effects(model, sae, feats) if sae.cfg.d_in == model.cfg.d_model else None
+            for lo in range(0, last - first, WRITE_CHUNK):
+                rows, ctx = feature_rows(
+                    stats, effects, cfg, vocab, range(lo, min(lo + WRITE_CHUNK, last - first))
+                )
+                store.write_features(rows, ctx)
+            store.mark_pass_done(first, last)
+            state_file.unlink(missing_ok=True)
+            ran += 1
+        store.finish_build()
+        n = store.n_features()
     return BuildReport(
         path=str(path), n_features=n, n_tokens=n_tokens, passes_run=ran, passes_skipped=skipped
     )

@@ -73,18 +73,15 @@ class FeatureWriter(FeatureDatabase):
         """Where this build keeps its streaming state until it finishes (`finish_build` removes it)."""
         return state_dir(self.source)
 
-    def _write(self):  # noqa: ANN202 - a SQLAlchemy transaction context
-        return self.engine.begin()
-
     # ---- the build -------------------------------------------------------------------------------
     def set_meta(self, **values: Any) -> None:
-        with self._write() as c:
+        with self.engine.begin() as c:
             for k, v in values.items():
                 c.execute(delete(S.meta).where(S.meta.c.key == k))
                 c.execute(insert(S.meta).values(key=k, value=json.dumps(v, sort_keys=True)))
 
     def write_vocab(self, strings: list[str], counts: list[int]) -> None:
-        with self._write() as c:
+        with self.engine.begin() as c:
             c.execute(delete(S.vocab))
             rows = [
                 {"token": i, "text": s, "count": int(n)}
@@ -96,7 +93,7 @@ class FeatureWriter(FeatureDatabase):
 
     def write_features(self, rows: list[dict], context_rows: list[dict]) -> None:
         """Insert features and their contexts in one transaction (readers see all of it or none)."""
-        with self._write() as c:
+        with self.engine.begin() as c:
             ids = [r["feature"] for r in rows]
             if self.sqlite:  # external-content full-text index: remove the old rows' entries first
                 c.execute(
@@ -138,7 +135,7 @@ class FeatureWriter(FeatureDatabase):
             c.execute(insert(S.contexts), context_rows)
 
     def mark_pass_done(self, first: int, last: int) -> None:
-        with self._write() as c:
+        with self.engine.begin() as c:
             c.execute(delete(S.passes).where(S.passes.c.first == first))
             c.execute(insert(S.passes).values(first=first, last=last))
 
@@ -152,7 +149,7 @@ class FeatureWriter(FeatureDatabase):
         self, feature: int, explanation: str, *, source: str = "human", score: float | None = None
     ) -> None:
         """Set (or, with an empty ``explanation``, remove) the label of ``feature``."""
-        with self._write() as c:
+        with self.engine.begin() as c:
             if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
                 raise FeatureNotFound(feature)
             c.execute(delete(S.labels).where(S.labels.c.feature == feature))
