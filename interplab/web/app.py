@@ -76,9 +76,8 @@ class Resources:
         self.stores: dict[str, FeatureReader] = {}
         self.writers: dict[str, FeatureWriter | None] = {}
         for db in dbs:
-            writer = label_writer(
-                db, read_only=read_only
-            )  # none where it cannot be written; first: it migrates
+            # the writer first (opening it migrates an older schema); none where the file cannot be written
+            writer = label_writer(db, read_only=read_only)
             store = FeatureReader(db)
             raw = str(db).rsplit("/", 1)[-1] if is_url(db) else Path(db).stem
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw) or "db"  # a URL path segment: no ? # % / in it

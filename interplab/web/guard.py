@@ -19,9 +19,11 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+if TYPE_CHECKING:  # only types: `interplab serve` imports this module before the web stack
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})
