@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab import runs
 from interplab.analysis.heads import (
     pattern_masks,
     pattern_scores,
@@ -33,11 +34,10 @@ from interplab.analysis.heads import (
     repeated_random_tokens,
 )
 from interplab.data import build_token_store, load_tokenizer, open_corpus
-from interplab.io import atomic_write_json, atomic_write_text, read_json
+from interplab.io import atomic_write_text
 from interplab.model.io import load_native
 from interplab.model.transformer import Transformer
 from interplab.plots import figure_html, write_image
-from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
 from interplab.train.config import TrainConfig
 
 FORMED_THRESHOLD = 0.3
@@ -224,8 +224,7 @@ class FormationResult:
         ``formation.json`` carries ``kind: formation`` and its schema version (`interplab.runs.write_json`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        data = folder / "formation.json"
-        atomic_write_json(data, self.to_dict())
+        data = runs.write_json(folder / runs.FORMATION_JSON, runs.Kind.FORMATION, self.to_dict())
         atomic_write_text(folder / "formation.md", self.summary() + "\n\n" + self.markdown() + "\n")
         fig = self.plot()
         atomic_write_text(folder / "formation.html", figure_html(fig, folder))
@@ -361,24 +360,21 @@ def formation(
     the ids above the special tokens (`repeated_random_tokens` with ``distinct=False``), scored with the
     probe's targets (``period=half``); the held-out loss and the in-context score use ``val_seqs`` windows of
     the run's validation split."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
-    cfg = TrainConfig.from_dict(read_json(run_dir / "config.json"))
-    checkpoints, skipped = [], []
-    for c in list_checkpoints(run_dir):
-        reason = verify_checkpoint(c.path, need_optimizer=False)
-        if reason is None:
-            checkpoints.append(c)
-        else:
+    run = runs.TrainRun.open(run_dir)
+    cfg = TrainConfig.from_dict(run.config)
+    checkpoints = run.checkpoints(intact=True)
+    skipped = []
+    for c in run.checkpoints(intact=False):
+        if c not in checkpoints:
+            reason = runs.verify_checkpoint(c.path, need_optimizer=False)
             skipped.append(f"{c.path.name}: {reason}")
             warnings.warn(f"formation: skipping checkpoint {c.path}: {reason}", stacklevel=2)
     if not checkpoints:
         raise ValueError(
-            f"{run_dir} has no intact checkpoints to analyse"
+            f"{run.path} has no intact checkpoints to analyse"
             + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
         )
-    val_tokens = _heldout_tokens(cfg, run_dir, val_seqs)
+    val_tokens = _heldout_tokens(cfg, run.path, val_seqs)
     probes: dict[tuple[int, int, int], tuple[Tensor, dict[str, Tensor]]] = {}
     rows: list[dict[str, Any]] = []
     for i, ckpt in enumerate(checkpoints):
@@ -395,7 +391,7 @@ def formation(
         losses = token_losses(model, tokens, logits=logits)
         row: dict[str, Any] = {
             "step": ckpt.step,
-            "tokens": int(read_json(ckpt.path / "state.json").get("tokens", 0)),
+            "tokens": int(runs.read_json(ckpt.path / runs.STATE).get("tokens", 0)),
             "induction": scores["induction"],
             "prev_token": scores["previous_token"],
             "first": float(losses[:, : h - 1].mean()),
@@ -412,7 +408,7 @@ def formation(
     steps = [r["step"] for r in rows]
     induction = torch.stack([r["induction"] for r in rows])
     return FormationResult(
-        run_dir=str(run_dir),
+        run_dir=str(run.path),
         steps=tuple(steps),
         tokens=tuple(r["tokens"] for r in rows),
         induction=induction,
@@ -428,7 +424,7 @@ def formation(
 
 def _heldout_tokens(cfg: TrainConfig, run_dir: Path, n: int) -> Tensor | None:
     """Evenly spread held-out windows of the run's corpus (None for task runs or without a validation split)."""
-    if cfg.data.task is not None or cfg.data.val_fraction == 0 or not (run_dir / "tokenizer.json").is_file():
+    if cfg.data.task is not None or cfg.data.val_fraction == 0 or not (run_dir / runs.TOKENIZER).is_file():
         return None
     corpus = open_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction)
     store = build_token_store(corpus, load_tokenizer(run_dir), "validation")

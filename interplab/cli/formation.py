@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
+from interplab import runs
 from interplab.cli.common import (
     JobProgress,
     console,
@@ -35,7 +36,7 @@ def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Formation
                 result = formation(run_dir, n_seqs=seqs, progress=bar)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    paths = result.save(out or run_dir / "formation")
+    paths = result.save(out or run_dir / runs.FORMATION)
     return result, paths
 
 
