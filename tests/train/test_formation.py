@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from interplab import runs
 from interplab.analysis.formation import FormationResult, find_formation_step, formation, in_context_score
 from interplab.analysis.heads import head_scores, patterns_and_logits, repeated_random_tokens
 from interplab.model import ModelConfig, Transformer
@@ -79,6 +80,8 @@ def test_formation_on_a_run(corpus_dir, tmp_path, tiny_config):
     assert all(v is not None for v in result.val_loss)
     paths = result.save(tmp_path / "out")
     data = json.loads((tmp_path / "out" / "formation.json").read_text())
+    assert (data["kind"], data["version"]) == ("formation", runs.VERSIONS[runs.Kind.FORMATION])
+    assert runs.Report.open(tmp_path / "out").kind is runs.Kind.FORMATION
     again = FormationResult.from_dict(data)
     torch.testing.assert_close(again.induction, result.induction)
     assert "| step |" in (tmp_path / "out" / "formation.md").read_text()
