@@ -25,7 +25,16 @@ construction targets leave out the accidental repeats inside ``x``.
 (1: pure copying, -1: pure anti-copying; norms ignored), computed on the small ``d_head x d_head`` matrix
 ``W_O W_U W_E W_V`` that shares its non-zero eigenvalues.
 
->>> scores = head_scores(model)                               # doctest: +SKIP
+>>> repeated_random_tokens(10, 4, 2, seed=0)  # the probe: 2 sequences of 4 distinct ids, repeated
+tensor([[4, 1, 7, 5, 4, 1, 7, 5],
+        [3, 9, 4, 2, 3, 9, 4, 2]])
+>>> pattern_masks(torch.tensor([[3, 5, 7, 3, 5, 7]]))["induction"][0, 4].nonzero().flatten().tolist()
+[2]
+>>> from interplab.model import ModelConfig, Transformer
+>>> model = Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, d_vocab=50, n_ctx=40))
+>>> scores = head_scores(model)  # on the probe
+>>> scores.induction.shape
+torch.Size([2, 2])
 >>> scores.top("induction", 3)                                 # doctest: +SKIP
 [(1, 6, 0.93), (1, 2, 0.41), (0, 3, 0.05)]
 >>> scores.save("heads.html")                                  # doctest: +SKIP
