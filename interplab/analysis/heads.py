@@ -56,8 +56,6 @@ from interplab.hooks.site import Site, SiteKind
 from interplab.model.transformer import Transformer
 
 SCORE_NAMES = ("previous_token", "induction", "duplicate_token", "copying")
-PATTERN_SCORES = ("previous_token", "duplicate_token", "induction")
-"""the scores read from attention patterns (`pattern_masks`); copying reads the weights"""
 
 
 def repeated_random_tokens(
