@@ -201,10 +201,10 @@ def feature_rows(
     center = cfg.window_left
     sl = slice(rows.start, rows.stop)
     n = rows.stop - rows.start
-    logits = [{"pos": [], "neg": []} for _ in range(n)]
+    logits: list[dict[str, list]] = [{"pos": [], "neg": []} for _ in range(n)]
     if logit_effects is not None:
-        pv, pi, nv, ni = top_logits(logit_effects[sl], cfg.logit_k)
-        pv, nv, pi, ni = _rounded(pv), _rounded(nv), pi.tolist(), ni.tolist()
+        top = top_logits(logit_effects[sl], cfg.logit_k)
+        pv, pi, nv, ni = _rounded(top[0]), top[1].tolist(), _rounded(top[2]), top[3].tolist()
         logits = [
             {
                 "pos": [list(e) for e in zip(pi[j], pv[j], strict=True)],
@@ -294,9 +294,9 @@ def _cooc_rows(stats: FeatureStats, sl: slice, k: int) -> list[list[list]]:
     union = fires[sl, None] + fires[None, :] - rows
     jac = torch.where(union > 0, rows / union.clamp(min=1), 0.0)
     jac[torch.arange(n), torch.arange(sl.start, sl.stop)] = 0.0
-    vals, idx = jac.topk(min(k, jac.shape[1]), dim=1)
-    counts = rows.gather(1, idx).long().tolist()
-    feats, vals, idx = stats.features.tolist(), _rounded(vals), idx.tolist()
+    best, best_idx = jac.topk(min(k, jac.shape[1]), dim=1)
+    counts = rows.gather(1, best_idx).long().tolist()
+    feats, vals, idx = stats.features.tolist(), _rounded(best), best_idx.tolist()
     return [
         [[feats[g], v, c] for g, v, c in zip(idx[j], vals[j], counts[j], strict=True) if v > 0]
         for j in range(n)

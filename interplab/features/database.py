@@ -177,7 +177,7 @@ class FeatureDatabase:
 
     def n_features(self) -> int:
         with self.engine.connect() as c:
-            return int(c.execute(select(func.count()).select_from(S.features)).scalar())
+            return int(c.execute(select(func.count()).select_from(S.features)).scalar_one())
 
     def passes_done(self) -> set[tuple[int, int]]:
         """The feature ranges ``(first, last)`` whose build pass finished."""

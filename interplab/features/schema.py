@@ -122,7 +122,7 @@ READABLE_FROM = 2
 """the oldest schema a read-only open can serve (older ones need a migration, i.e. a write)"""
 
 
-def row_digest(feature_row: Mapping[str, Any], context_rows: Iterable[Mapping[str, Any]]) -> str:
+def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[Any, Any]]) -> str:
     """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
     the type its column stores, so the digest computed at write equals the one recomputed from a read."""
     h = hashlib.sha256()

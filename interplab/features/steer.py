@@ -209,6 +209,6 @@ def steer_generate(
         steered=steered,
         baseline_text=decode(model, base),
         steered_text=decode(model, steered),
-        strength=float(strength) if relative else None,
-        max_act=float(max_act) if relative else None,
+        strength=float(strength) if relative and strength is not None else None,
+        max_act=float(max_act) if relative and max_act is not None else None,
     )

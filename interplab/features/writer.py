@@ -120,7 +120,7 @@ class FeatureWriter(FeatureDatabase):
                 self._insert_contexts(c, context_rows)
 
     def _insert_contexts(self, c: Connection, context_rows: list[dict]) -> None:
-        first = c.execute(select(func.coalesce(func.max(S.contexts.c.id), 0))).scalar() + 1
+        first = c.execute(select(func.coalesce(func.max(S.contexts.c.id), 0))).scalar_one() + 1
         for i, r in enumerate(context_rows):
             r["id"] = first + i
         if self.sqlite:  # the driver's executemany directly: this runs for every context

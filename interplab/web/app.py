@@ -111,7 +111,8 @@ class Resources:
             return self._loaded[key]
 
     def model(self, db: str | None = None) -> Transformer | None:
-        source = self._model if self._model is not None else (self.meta.get(db) or {}).get("model_path")
+        recorded = self.meta.get(db, {}) if db is not None else {}
+        source = self._model if self._model is not None else recorded.get("model_path")
         if source is None:
             first = next((m.get("model_path") for m in self.meta.values() if m.get("model_path")), None)
             source = first
