@@ -1,9 +1,11 @@
 """Linear and logistic probes on cached activations, with a train/test split.
 
->>> acts = collect_activations(model, tokens, "blocks.1.hook_resid_post")       # [batch*pos, d_model]  # doctest: +SKIP
->>> probe = train_probe(acts, labels, ProbeConfig(kind="logistic"))             # doctest: +SKIP
->>> probe.test_score                                                            # accuracy  # doctest: +SKIP
-0.97
+>>> tokens = torch.randint(0, model.cfg.d_vocab, (32, 16))
+>>> acts = collect_activations(model, tokens, "blocks.0.hook_resid_pre")        # [batch*pos, d_model]
+>>> labels = (tokens % 2).flatten()                                             # is the token id odd?
+>>> probe = train_probe(acts, labels, ProbeConfig(kind="logistic"))
+>>> probe.test_score > 0.9                                                      # accuracy
+True
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Steering: add, subtract or project out a direction at a hook point; mean-difference vectors.
 
->>> vec = mean_difference(model, happy_tokens, sad_tokens, "blocks.2.hook_resid_pre")   # doctest: +SKIP
->>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, coefficient=4.0)])  # doctest: +SKIP
->>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, mode="project_out")])  # doctest: +SKIP
+>>> vec = mean_difference(model, happy_tokens, sad_tokens, "blocks.1.hook_resid_pre")
+>>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, coefficient=4.0)])
+>>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, mode="project_out")])
 """
 
 from __future__ import annotations
