@@ -8,7 +8,8 @@ copies once into its folder, so a folder of plots stays small and still opens of
 imported inside the functions so ``import interplab`` stays fast.
 
 >>> fig = heatmap(torch.randn(2, 3), x_labels=["a", "b", "c"], y_labels=["0", "1"], x_title="pos", y_title="layer")
->>> save_figure(fig, "out.html")  # doctest: +SKIP
+>>> save_figure(fig, "out.html")
+PosixPath('out.html')
 """
 
 from __future__ import annotations

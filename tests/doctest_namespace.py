@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 D_MODEL, N_LAYERS, N_HEADS, D_VOCAB, N_CTX = 64, 2, 4, 100, 32
@@ -34,7 +35,11 @@ class DoctestNamespace:
         self.factories: dict[str, Callable[[], Any]] = {
             name[len("_make_") :]: getattr(self, name) for name in dir(self) if name.startswith("_make_")
         }
-        self.files: dict[str, Callable[[], Path]] = {"runs/demo": self._run_dir, "features.db": self._feature_db}
+        self.files: dict[str, Callable[[], Path]] = {
+            "runs/demo": self._run_dir,
+            "features.db": self._feature_db,
+            "fixtures/paren_balancer": self._paren_balancer,
+        }
 
     def get(self, name: str) -> Any:
         if name not in self._cache:
@@ -100,6 +105,11 @@ class DoctestNamespace:
     def _make_b(self) -> torch.Tensor:
         return self.get("wrongs")
 
+    def _make_metric(self) -> Any:
+        from interplab.analysis import LogitDiff
+
+        return LogitDiff(answer=self.get("answers"), wrong=self.get("wrongs"))
+
     def _make_sae(self) -> Any:
         from interplab.sae import SAEConfig, create_sae
 
@@ -157,6 +167,15 @@ class DoctestNamespace:
 
             train(self.get("cfg"), run)
         return run
+
+    def _paren_balancer(self) -> Path:
+        """The published paren balancer (TransformerLens state dict) in ../shared/fixtures."""
+        from tests.conftest import SHARED
+
+        folder = SHARED / "fixtures" / "paren_balancer"
+        if not folder.is_dir():
+            pytest.skip(f"the example loads the paren balancer from ../shared, which is absent ({folder})")
+        return folder
 
     def _feature_db(self) -> Path:
         db = self.folder / "features.db"

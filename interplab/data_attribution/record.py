@@ -203,8 +203,8 @@ class RecordingCallback:
     batch, at the weights that step's gradient was taken at (before the optimiser update), with Adam
     preconditioning from the optimiser's state.
 
-    >>> cb = RecordingCallback("runs/x/gradients", model, RecordConfig(group="head:0.1"), steps=range(300, 700, 4))  # doctest: +SKIP
-    >>> train(cfg, "runs/x", callbacks=[cb])                                                                # doctest: +SKIP
+    >>> cb = RecordingCallback("runs/x/gradients", model, RecordConfig(group="head:0.1"), steps=range(300, 700, 4))
+    >>> train(cfg, "runs/x", callbacks=[cb])
     """
 
     def __init__(

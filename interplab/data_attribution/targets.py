@@ -3,8 +3,8 @@
 Each target is a `Target` (name + ``fn(model) -> scalar``). Mechanism scores read attention patterns through
 hooks, so they follow the parameters when those are swapped in by ``torch.func``.
 
->>> t = parse_target(model, "induction:1.2")    # doctest: +SKIP
->>> t(model)                                      # doctest: +SKIP
+>>> t = parse_target(model, "induction:1.2")
+>>> t(model)
 tensor(0.61, grad_fn=...)
 """
 

@@ -113,8 +113,8 @@ def collect_features(
 ) -> FeatureStats:
     """Statistics of ``features`` (default: all) of ``sae`` over ``tokens`` in one streaming pass.
 
-    >>> stats = collect_features(model, sae, tokens)          # doctest: +SKIP
-    >>> stats.density[3], stats.top_val[3, 0]                 # doctest: +SKIP
+    >>> stats = collect_features(model, sae, tokens)
+    >>> stats.density[3], stats.top_val[3, 0]
     ``state`` continues an interrupted pass (its ``batches`` are skipped); ``checkpoint`` is called every
     ``cfg.checkpoint_every`` batches with the state to save."""
     cfg = cfg or FeatureBuildConfig()

@@ -6,8 +6,8 @@ network: `TokenEnrichmentExplainer` (the tokens most over-represented where the 
 their corpus frequency) and `TokenListSimulator`. `PromptExplainer` wraps any text-completion function
 (an LLM client) with a prompt built from the top contexts.
 
->>> result = auto_interp(FeatureStore("features.db"), TokenEnrichmentExplainer())   # doctest: +SKIP
->>> result.scores[12]                                                              # doctest: +SKIP
+>>> result = auto_interp(FeatureStore("features.db"), TokenEnrichmentExplainer())
+>>> result.scores[12]
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ activation over the corpus (``max_act``, recorded in the feature database), so `
 feature's strongest natural firing (``ADD``), or clamps it to twice that (``CLAMP``), whatever the SAE's
 units. An absolute ``value`` (in the SAE's activation units) can be given instead.
 
->>> rec = FeatureStore("features.db").feature(12)                                           # doctest: +SKIP
->>> r = steer_generate(model, sae, "def parse(", feature=12, strength=2.0, max_act=rec["max_act"])  # doctest: +SKIP
->>> r.steered_text                                                                           # doctest: +SKIP
+>>> rec = FeatureStore("features.db").feature(12)
+>>> r = steer_generate(model, sae, "def parse(", feature=12, strength=2.0, max_act=rec["max_act"])
+>>> r.steered_text
 """
 
 from __future__ import annotations

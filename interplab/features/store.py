@@ -1,8 +1,8 @@
 """`FeatureStore`: reads and writes the feature database (SQLite file or any SQLAlchemy URL).
 
->>> store = FeatureStore("features.db")          # doctest: +SKIP
->>> store.feature(12)["contexts"][0]["text"]      # doctest: +SKIP
->>> store.search_token(store.token_id("import"))  # which features fire on `import`?  # doctest: +SKIP
+>>> store = FeatureStore("features.db")
+>>> store.feature(12)["contexts"][0]["text"]
+>>> store.search_token(store.token_id("import"))  # which features fire on `import`?
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def load_model(
     step that is not valid for the model, such as centring the writing weights of an RMSNorm model, is skipped
     with a warning, as TransformerLens does).
 
-    >>> model = load_model("runs/demo/final")  # doctest: +SKIP
+    >>> model = load_model("runs/demo/final")
     """
     path = Path(path)
     if not path.exists():

@@ -1,7 +1,7 @@
 """Static export: a self-contained folder of HTML pages (index + one page per feature + local assets) to
 share or publish; opens from the file system, needs no server and no network.
 
->>> export_html("features.db", "site/")      # doctest: +SKIP
+>>> export_html("features.db", "site/")
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ already uses interplab's weight names and shapes, so the conversion maps the con
 The state dict is read with ``torch.load(map_location="cpu", weights_only=True)`` (files saved on a GPU
 load anywhere, and no pickled code runs) or from ``.safetensors``.
 
->>> model = load_transformer_lens("fixtures/paren_balancer/brackets_model_state_dict.pt")  # doctest: +SKIP
+>>> model = load_transformer_lens("fixtures/paren_balancer/brackets_model_state_dict.pt")
+>>> model.cfg.n_layers, model.cfg.causal
+(3, False)
 """
 
 from __future__ import annotations
