@@ -39,6 +39,7 @@ class DoctestNamespace:
             "runs/demo": self._run_dir,
             "features.db": self._feature_db,
             "fixtures/paren_balancer": self._paren_balancer,
+            "code": self._corpus,
         }
 
     def get(self, name: str) -> Any:
@@ -138,12 +139,9 @@ class DoctestNamespace:
 
     def _make_cfg(self) -> Any:
         """A tiny training config over a corpus of 16 small files."""
-        from tests.train.conftest import _tiny_config, write_corpus
+        from tests.train.conftest import _tiny_config
 
-        corpus = self.folder / "corpus"
-        if not corpus.exists():
-            write_corpus(corpus)
-        return _tiny_config(corpus, steps=24, checkpoints={"log_spaced": 4, "every": 6})
+        return _tiny_config(self._corpus(), steps=24, checkpoints={"log_spaced": 4, "every": 6})
 
     def _make_task(self) -> Any:
         from interplab.tasks import get_task
@@ -167,6 +165,15 @@ class DoctestNamespace:
 
             train(self.get("cfg"), run)
         return run
+
+    def _corpus(self) -> Path:
+        """16 small Python files of repetitive code."""
+        from tests.train.conftest import write_corpus
+
+        corpus = self.folder / "code"
+        if not corpus.exists():
+            write_corpus(corpus)
+        return corpus
 
     def _paren_balancer(self) -> Path:
         """The published paren balancer (TransformerLens state dict) in ../shared/fixtures."""

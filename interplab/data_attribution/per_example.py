@@ -1,5 +1,6 @@
 """Per-example gradients of a parameter group, through ``torch.func`` (vmap over grad), chunked to a memory budget.
 
+>>> from interplab.data_attribution import param_group
 >>> group = param_group(model, "head:0.1")
 >>> g = per_example_grads(model, lm_loss, tokens, group)
 >>> g.shape == (tokens.shape[0], group.numel)

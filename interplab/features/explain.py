@@ -7,7 +7,8 @@ their corpus frequency) and `TokenListSimulator`. `PromptExplainer` wraps any te
 (an LLM client) with a prompt built from the top contexts.
 
 >>> result = auto_interp(FeatureStore("features.db"), TokenEnrichmentExplainer())
->>> result.scores[12]
+>>> 0.0 <= result.scores[12] <= 1.0
+True
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """`FeatureStore`: reads and writes the feature database (SQLite file or any SQLAlchemy URL).
 
 >>> store = FeatureStore("features.db")
->>> store.feature(12)["contexts"][0]["text"]
->>> store.search_token(store.token_id("import"))  # which features fire on `import`?
+>>> rec = store.feature(12)     # statistics, histogram, top logits, contexts ("top", then "samples"), label
+>>> rec["density"] > 0, len(rec["top"]) > 0
+(True, True)
+>>> hits = store.search_token(store.token_id("#7"))  # which features peak on token 7?
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ on the first and the repeated half of random sequences, the held-out loss and th
 score (loss late in the context minus early in it).
 
 >>> result = formation("runs/demo")
->>> result.formation_step, result.table()[-1]
->>> result.save("runs/demo/formation")
+>>> step = result.formation_step                  # None when the heads have not formed (as in this tiny run)
+>>> result.table()[-1]["step"], sorted(result.table()[-1])[:3]
+(24, ['icl_score', 'max_induction', 'max_prev_token'])
+>>> paths = result.save("runs/demo/formation")
 """
 
 from __future__ import annotations

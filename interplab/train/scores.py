@@ -4,8 +4,9 @@ A sequence of ``half`` random tokens followed by the same tokens again: an induc
 ``q`` in the second half attends to ``q - half + 1``, the token after the earlier occurrence of the current
 token; a previous-token head attends to ``q - 1``.
 
->>> tokens = repeated_random_tokens(8, 64, d_vocab=model.cfg.d_vocab, seed=0)
->>> induction_scores(model, tokens)  # [layer head], 1.0 = all attention on the induction target
+>>> tokens = repeated_random_tokens(8, 16, d_vocab=model.cfg.d_vocab, seed=0)
+>>> induction_scores(model, tokens).shape  # [layer head], 1.0 = all attention on the induction target
+torch.Size([2, 4])
 """
 
 from __future__ import annotations
