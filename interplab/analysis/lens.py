@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interplab import plots
 from interplab.analysis.metrics import LogitDiff, _as_index
 from interplab.analysis.targets import token_labels
 
@@ -61,8 +62,6 @@ class LogitLensResult:
         }
 
     def plot(self, title: str = "logit lens: log-prob of the next token (text: top prediction)"):  # noqa: ANN201
-        from interplab import plots
-
         return plots.heatmap(
             self.logprob_next,
             x_labels=self.tokens[:-1],
@@ -77,9 +76,7 @@ class LogitLensResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def _accumulated(model: Any, cache: Any) -> tuple[list[Tensor], tuple[str, ...]]:
@@ -244,8 +241,6 @@ class DLAResult:
         """Heads (layer x head heatmap) beside the layer-level components (bars)."""
         from plotly.subplots import make_subplots
 
-        from interplab import plots
-
         fig = make_subplots(
             rows=1, cols=2, subplot_titles=["heads", "components"], column_widths=[0.45, 0.55]
         )
@@ -268,9 +263,7 @@ class DLAResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def direct_logit_attribution(
@@ -363,8 +356,6 @@ class ResidualDecomposition:
     def plot(self, title: str = "residual stream decomposition"):  # noqa: ANN201 - plotly Figure
         from plotly.subplots import make_subplots
 
-        from interplab import plots
-
         fig = make_subplots(rows=1, cols=2, subplot_titles=["accumulated (logit diff)", "per component"])
         fig.add_trace(
             plots.line({"accumulated": self.accumulated}, x_labels=self.accumulated_labels).data[0],
@@ -377,9 +368,7 @@ class ResidualDecomposition:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def residual_decomposition(

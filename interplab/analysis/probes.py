@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab import plots
 from interplab.hooks.site import Site
 
 
@@ -103,8 +104,6 @@ class ProbeResult:
         )
 
     def plot(self, title: str | None = None):  # noqa: ANN201 - plotly Figure
-        from interplab import plots
-
         return plots.bars(
             [self.train_score, self.test_score],
             ["train", "test"],
@@ -114,9 +113,7 @@ class ProbeResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def collect_activations(

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from interplab.hooks.points import HookFn
 from interplab.hooks.site import Site
+from interplab.plots import save_result
 
 
 class SteerMode(str, Enum):
@@ -119,8 +120,6 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
         return save_result(self, path)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interplab import plots
 from interplab.hooks.site import Site, SiteKind
 
 
@@ -246,7 +247,6 @@ class PatchResult:
 
     def plot(self, title: str | None = None):  # noqa: ANN201 - plotly Figure (lazy import)
         """A heatmap (facets over heads/neurons when patched by position)."""
-        from interplab import plots
 
         title = title or f"{self.method} patching ({self.direction.value}) of {self.target.value}"
         v = self.values.detach().float().cpu()
@@ -277,9 +277,7 @@ class PatchResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def result_labels(
