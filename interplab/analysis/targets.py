@@ -125,7 +125,7 @@ def plan_patches(
 ) -> tuple[list[Patch], tuple[str, ...], tuple[int, ...]]:
     """Every patch of a target, the result's dimension names and shape (patches are in row-major order)."""
     cfg = model.cfg
-    if target.kind.value in ("hook_resid_mid",) and (cfg.attn_only or cfg.parallel_attn_mlp):
+    if target.kind is SiteKind.RESID_MID and (cfg.attn_only or cfg.parallel_attn_mlp):
         raise ValueError(f"target {target.value!r}: this model's blocks have no resid_mid")
     if target in (PatchTarget.MLP_OUT, PatchTarget.MLP_POST) and not cfg.has_mlp:
         raise ValueError(f"target {target.value!r}: the model is attention-only")
