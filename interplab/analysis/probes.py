@@ -21,6 +21,7 @@ from torch import Tensor
 
 from interplab import plots
 from interplab.hooks.site import Site
+from interplab.model import Transformer
 
 
 class ProbeKind(str, Enum):
@@ -117,7 +118,7 @@ class ProbeResult:
 
 
 def collect_activations(
-    model: Any,
+    model: Transformer,
     tokens: Int[Tensor, "batch pos"],
     site: str | Site | tuple,
     *,

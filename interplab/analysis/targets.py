@@ -27,6 +27,7 @@ from torch import Tensor
 
 from interplab import plots
 from interplab.hooks.site import Site, SiteKind
+from interplab.model import Transformer
 
 
 class PatchTarget(str, Enum):
@@ -101,7 +102,7 @@ def parse_target(target: PatchTarget | str) -> PatchTarget:
         raise ValueError(f"unknown patch target {target!r}; valid: {valid}") from None
 
 
-def n_units(model: Any, target: PatchTarget) -> int:
+def n_units(model: Transformer, target: PatchTarget) -> int:
     """Heads (key/value heads for k and v under GQA) or neurons per layer; 1 for residual targets."""
     cfg = model.cfg
     if target in (PatchTarget.K, PatchTarget.V):
@@ -114,7 +115,7 @@ def n_units(model: Any, target: PatchTarget) -> int:
 
 
 def plan_patches(
-    model: Any,
+    model: Transformer,
     target: PatchTarget,
     n_pos: int,
     *,
@@ -187,7 +188,7 @@ def site_of(target: PatchTarget, layer: int) -> Site:
     return Site(target.kind, layer)
 
 
-def token_labels(model: Any, tokens: Tensor) -> tuple[str, ...]:
+def token_labels(model: Transformer, tokens: Tensor) -> tuple[str, ...]:
     """``"i:token"`` for each position of one sequence (ids when the model has no tokenizer)."""
     ids = [int(t) for t in tokens]
     tok = getattr(model, "tokenizer", None)
@@ -281,7 +282,7 @@ class PatchResult:
 
 
 def result_labels(
-    model: Any,
+    model: Transformer,
     dims: Sequence[str],
     tokens: Tensor,
     layers: Sequence[int] | None,
