@@ -87,7 +87,7 @@ def check_pair(
             f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(clean.shape)}"
         )
     dev = model.W_E.device
-    return model._check_tokens(clean.to(dev), None), model._check_tokens(corrupted.to(dev), None)
+    return model.check_tokens(clean.to(dev)), model.check_tokens(corrupted.to(dev))
 
 
 def run_metric(

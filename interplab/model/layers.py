@@ -2,7 +2,9 @@
 
 Shapes use one vocabulary: batch pos d_model n_heads n_kv_heads d_head d_mlp. Per-head tensors
 (scores, pattern, per-head results, split inputs) are built only when a hook asks for them; otherwise
-attention runs through ``scaled_dot_product_attention``.
+attention runs through ``scaled_dot_product_attention``. Each such choice is made at one seam, from
+`need` (what the hooks on its points ask); `tests/model/test_fast_paths.py` checks every choice against a
+plain reference forward.
 """
 
 from __future__ import annotations
@@ -43,11 +45,6 @@ def value_of(value: Tensor, graph: Tensor) -> Tensor:
     another way). Backward hooks need a tensor the fast path never builds (per-head results, attention
     patterns, split inputs, norm scales): the slow path carries the gradient, the forward stays the fast one."""
     return _ValueOf.apply(value.detach(), graph)
-
-
-def replaced(point: HookPoint) -> bool:
-    """Whether forward hooks may replace the activation (backward hooks alone leave the forward unchanged)."""
-    return bool(point.fwd)
 
 
 class Need(Enum):
@@ -483,6 +480,7 @@ class Attention(nn.Module):
         return gate * k + (1 - gate) * shifted
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """The same z from ``scaled_dot_product_attention`` (GQA natively where torch supports it)."""
         g = self.cfg.n_groups
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kw = {}
@@ -498,6 +496,8 @@ class Attention(nn.Module):
         return z.transpose(1, 2)
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext) -> Tensor:
+        """scores = q k^T / attn_scale (soft-capped) + mask -> ``hook_attn_scores``; pattern = softmax(scores)
+        -> ``hook_pattern``; z = pattern v."""
         cfg = self.cfg
         g = cfg.n_groups
         if g > 1:

@@ -258,7 +258,7 @@ class Transformer(nn.Module):
         ``"both"`` (``(logits, loss)``) or ``None`` (nothing, for hooks that only collect)."""
         compat.refuse_arguments(unsupported, "the forward (model(...), run_with_hooks, run_with_cache)")
         compat.check_return_type(return_type, stop_at_layer)
-        tokens = self._check_tokens(tokens, kv_cache)
+        tokens = self.check_tokens(tokens, kv_cache)
         ctx = self.context(tokens, attention_mask, kv_cache)
         resid = self.embed_tokens(tokens, ctx)
         resid = self.run_blocks(resid, ctx, stop=stop_at_layer, kv_cache=kv_cache)
@@ -514,7 +514,9 @@ class Transformer(nn.Module):
         return {name: tuple(cache[name].shape) for name in self.hook_names if name in cache}
 
     # ---- misc ----------------------------------------------------------------------------------
-    def _check_tokens(self, tokens: Tensor, kv_cache: KVCache | None) -> Tensor:
+    def check_tokens(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """``tokens`` as a [batch pos] long tensor, or a clear error: text instead of ids, a wrong shape or
+        dtype, more positions than ``n_ctx`` (counting ``kv_cache``'s), an id outside the vocabulary."""
         if (
             isinstance(tokens, str)
             or isinstance(tokens, (list, tuple))
@@ -545,6 +547,10 @@ class Transformer(nn.Module):
                 )
         return tokens.long()
 
+    _check_tokens = (
+        check_tokens  # the former private name, still called by analysis.lens/heads, data_attribution
+    )
+
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -569,7 +575,7 @@ class Transformer(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) to a folder."""
-        from interplab.model.io import save_model
+        from interplab.model.io import save_model  # model.io imports this module
 
         return save_model(self, path)
 
