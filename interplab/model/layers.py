@@ -341,7 +341,7 @@ class Attention(nn.Module):
 
     `forward` reads as that sequence. Each fast path sits behind one seam that picks it from what the hooks
     ask (`need`): `project` (one fused QKV matmul, or per-head projections of `HeadInputs`), `_attend`
-    (``scaled_dot_product_attention``, or the explicit scores and pattern) and `_output` (one matmul over all
+    (``scaled_dot_product_attention``, or the explicit scores and pattern) and `output` (one matmul over all
     heads, or the per-head results ``hook_result`` summed)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -383,7 +383,7 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """``attn_out`` for the normalised residual stream ``x`` (every head reads it) or for per-head inputs."""
         q, k, v = self.project(x)
-        return self._output(self.attend(q, k, v, ctx, cache))
+        return self.output(self.attend(q, k, v, ctx, cache))
 
     def project(self, x: Float[Tensor, "batch pos d_model"] | HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
         """q [batch pos n_heads d_head], k and v [batch pos n_kv_heads d_head]: one matmul with the fused
@@ -438,7 +438,7 @@ class Attention(nn.Module):
                 return value_of(self._sdpa(q, k, v, mask), self._explicit(q, k, v, mask, ctx))
         return self._explicit(q, k, v, mask, ctx)
 
-    def _output(self, z: Tensor) -> Float[Tensor, "batch pos d_model"]:
+    def output(self, z: Tensor) -> Float[Tensor, "batch pos d_model"]:
         """``attn_out = sum_h z_h W_O[h] + b_O``: one matmul over all heads, unless a hook asks for the per-head
         results (read: shown beside it; replaceable: they are what attn_out is made of; backward hooks only:
         the matmul's values, the per-head gradient)."""

@@ -163,7 +163,7 @@ class Block(nn.Module):
             heads = self._split_inputs(resid_pre)
             shared = self.attn.project(self.ln1(resid_pre))
             q, k, v = map(value_of, shared, self.attn.project(heads))
-            return self.attn._output(self.attn.attend(q, k, v, ctx, cache))
+            return self.attn.output(self.attn.attend(q, k, v, ctx, cache))
         if wanted is Need.READ:
             b, p, d = resid_pre.shape
             for point in inputs:
