@@ -64,14 +64,14 @@ class Need(Enum):
 
 def need(*points: HookPoint | None) -> Need:
     """The strongest `Need` of the hooks on ``points`` (None: a point the model does not have)."""
-    present = [p for p in points if p is not None]
-    if any(p.fwd for p in present):
-        return Need.REPLACE
-    if any(p.intervened for p in present):
-        return Need.GRAD
-    if any(p.active for p in present):
-        return Need.READ
-    return Need.NOTHING
+    wanted = Need.NOTHING
+    for point in points:  # a loop, not comprehensions: this runs several times per layer and forward
+        if point is None or not point.active:
+            continue
+        if point.fwd:
+            return Need.REPLACE
+        wanted = Need.GRAD if point.intervened else wanted if wanted is Need.GRAD else Need.READ
+    return wanted
 
 
 # ---------------------------------------------------------------------------------------------------
