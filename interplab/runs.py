@@ -102,6 +102,11 @@ class RunError(ValueError):
     """A folder or file that is not what the caller expected; the message says what it is and what was."""
 
 
+class NotARunError(RunError, FileNotFoundError):
+    """A folder that holds none of interplab's kinds (or does not exist) where a run was expected: both a
+    `RunError` and a ``FileNotFoundError`` (what readers raised before the contract)."""
+
+
 class Kind(str, Enum):
     """What a folder or a JSON document is. The value is what ``kind`` holds on disk (a file format)."""
 
@@ -145,6 +150,14 @@ class Kind(str, Enum):
     """head scores of one model (`interplab heads`)"""
     LENS = "lens"
     """logit/tuned lens (`interplab lens`)"""
+    FEATURE_BUILD = "feature_build"
+    """what a feature-database build did (`BuildReport`)"""
+    FEATURE_EXPORT = "feature_export"
+    """a static-site export of a feature database (`ExportReport`)"""
+    AUTO_INTERP = "auto_interp"
+    """feature explanations and their scores (`AutoInterpResult`)"""
+    STEERING = "steering"
+    """a continuation with and without a feature steered (`SteeringResult`)"""
 
     @property
     def label(self) -> str:
@@ -172,6 +185,10 @@ _LABELS = {
     Kind.PATCH: "an activation-patching run",
     Kind.HEADS: "a head-scores run",
     Kind.LENS: "a lens run",
+    Kind.FEATURE_BUILD: "a feature-database build report",
+    Kind.FEATURE_EXPORT: "a feature-database export report",
+    Kind.AUTO_INTERP: "a set of feature explanations",
+    Kind.STEERING: "a steering result",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}
@@ -482,7 +499,10 @@ class TrainRun:
 
     @classmethod
     def open(cls, path: str | Path) -> TrainRun:
-        path, _ = _expect(path, [Kind.TRAIN], "a folder written by `interplab train`, holding config.json")
+        hint = "a folder written by `interplab train`, holding config.json"
+        if detect(path) is None:
+            raise NotARunError(f"{path} is not a training run: it is {describe(path)} ({hint})")
+        path, _ = _expect(path, [Kind.TRAIN], hint)
         data = read_json(path / CONFIG, Kind.TRAIN)
         version = int(data.get("version", 1))
         return cls(path, {k: v for k, v in data.items() if k != "kind"}, version)
@@ -662,6 +682,10 @@ REPORT_KINDS = (
     Kind.PATCH,
     Kind.HEADS,
     Kind.LENS,
+    Kind.FEATURE_BUILD,
+    Kind.FEATURE_EXPORT,
+    Kind.AUTO_INTERP,
+    Kind.STEERING,
 )
 
 
