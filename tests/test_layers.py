@@ -50,19 +50,10 @@ LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 # whoever moves one deletes its line here.
 CLI_GROUP = "a CLI command group: the library loads when its command runs, so `interplab --help` stays fast"
 LAZY: dict[tuple[str, str], str] = {
-    ("analysis/attribution.py", "interplab.plots"): "issue 14 (forward)",
-    ("analysis/patching.py", "interplab.model.transformer"): "issue 14 (forward)",
     ("circuits/circuit.py", "interplab.io"): "issue 14 (reports)",
     ("data_attribution/run.py", "interplab.model.io"): "issue 14 (reports)",
     ("data_attribution/run.py", "interplab.train.sources"): "issue 14 (reports)",
     ("data_attribution/targets.py", "interplab.analysis.heads"): "issue 14 (reports)",
-    ("features/build.py", "interplab.io"): "issue 14 (features)",
-    ("features/collect.py", "interplab.model.config"): "issue 14 (forward)",
-    ("features/explain.py", "interplab.io"): "issue 14 (features)",
-    ("features/steer.py", "interplab.io"): "issue 14 (features)",
-    ("features/steer.py", "interplab.model.generate"): "issue 14 (features)",
-    ("features/stream.py", "interplab.io"): "issue 14 (features)",
-    ("model/generate.py", "interplab.io"): "issue 14 (forward)",
     ("model/io.py", "interplab.data.tokenizer"): "issue 14 (runs)",
     ("model/load.py", "interplab.data.tokenizer"): "issue 14 (runs)",
     ("model/load.py", "interplab.model.process"): "issue 14 (runs)",
@@ -87,13 +78,6 @@ LAZY: dict[tuple[str, str], str] = {
     ("scrub/tasks.py", "interplab.scrub.parens"): "issue 14 (reports)",
     ("train/config.py", "interplab.io"): "issue 14 (runs)",
     ("train/log.py", "interplab.io"): "issue 14 (runs)",
-    ("web/api.py", "interplab.features.steer"): "issue 14 (features)",
-    ("web/api.py", "interplab.web.views"): "issue 14 (features)",
-    ("web/app.py", "interplab"): "issue 14 (features)",
-    ("web/app.py", "interplab.sae"): "issue 14 (features)",
-    ("web/app.py", "interplab.web.api"): "issue 14 (features)",
-    ("web/export.py", "interplab.io"): "issue 14 (features)",
-    ("web/export.py", "interplab.web.app"): "issue 14 (features)",
     ("web/runs.py", "interplab.train.checkpoint"): "issue 14 (reports)",
 }
 # files whose every function may import the library lazily
