@@ -118,8 +118,10 @@ def collect_features(
 ) -> FeatureStats:
     """Statistics of ``features`` (default: all) of ``sae`` over ``tokens`` in one streaming pass.
 
-    >>> stats = collect_features(model, sae, tokens)          # doctest: +SKIP
-    >>> stats.density[3], stats.top_val[3, 0]                 # doctest: +SKIP
+    >>> stats = collect_features(model, sae, tokens)
+    >>> stats.density.shape, stats.top_val.shape           # per feature; top-k activations per feature
+    (torch.Size([128]), torch.Size([128, 20]))
+
     ``state`` continues an interrupted pass (its ``batches`` are skipped); ``checkpoint`` is called every
     ``cfg.checkpoint_every`` batches with the state to save."""
     cfg = cfg or FeatureBuildConfig()
@@ -154,14 +156,7 @@ def decoder_logit_effects(
         raise ValueError(
             f"logit effects need an SAE on a d_model-wide site; {sae.cfg.hook_name} has width {d.shape[-1]}"
         )
-    norm = model.ln_final
-    if getattr(norm, "kind", None) is not None:
-        from interplab.model.config import Norm
-
-        if norm.kind is Norm.LAYERNORM:
-            d = d - d.mean(-1, keepdim=True)
-        d = d * norm.w.detach().float()
-    return d @ model.W_U.detach().float()
+    return model.ln_final.apply_to_direction(d) @ model.W_U.detach().float()
 
 
 def top_logits(effects: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
