@@ -69,6 +69,19 @@ class DigitsSplitConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
+    @classmethod
+    def preset(
+        cls, *, n_seeds: int | None = None, steps: int | None = None, quick: bool = False
+    ) -> DigitsSplitConfig:
+        """``interplab route --preset digits-split``: seeds ``0 .. n_seeds-1`` and ``steps`` (None: the
+        defaults); ``quick`` is a try in a minute: seeds 0 and 1, 300 steps, 200 certificate steps."""
+        changes: dict[str, Any] = {} if n_seeds is None else {"seeds": tuple(range(n_seeds))}
+        if steps is not None:
+            changes["steps"] = steps
+        if quick:
+            changes.update(seeds=(0, 1), steps=300, certificate_steps=200)
+        return cls(**changes)
+
 
 class SplitAutoencoder(nn.Module):
     def __init__(self, latent: int, hidden: int) -> None:

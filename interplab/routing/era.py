@@ -33,7 +33,7 @@ from torch import Tensor
 from interplab.io import atomic_write_json
 from interplab.model import ModelConfig, Transformer
 from interplab.plots import save_figure, write_image
-from interplab.routing.era_data import ERAData
+from interplab.routing.era_data import ERAData, package_rule, stdlib_windows
 from interplab.routing.expand import Expansion, ablate_expansion, expand_mlp
 from interplab.routing.routes import Route, Router
 
@@ -112,6 +112,17 @@ class ERAConfig:
             forget_original_weight=-0.75, forget_shared_weight=1.0, retain_expansion_weight=1.0
         )
         return cls(**{**recipe, **changes})
+
+    @classmethod
+    def stdlib(cls, *, quick: bool = False, steps: int | None = None) -> ERAConfig:
+        """``interplab route --preset era-stdlib``: a 2-layer model forgetting one stdlib package (``quick``: a
+        1-layer try in about a minute); ``steps`` None: the preset's."""
+        if quick:
+            return cls(d_model=32, n_layers=1, n_heads=2, d_mlp=64, expand_units=32, steps=100 if steps is None else steps,
+                       batch_size=8, relearn_sizes=(1, 4, 16), relearn_steps=10, eval_windows=64,
+                       retain_finetune_steps=10)  # fmt: skip
+        return cls(d_model=96, n_layers=2, n_heads=4, d_mlp=384, expand_units=96, steps=500 if steps is None else steps,
+                   batch_size=16, eval_windows=128)  # fmt: skip
 
     def routing(self, expansion: Expansion) -> ERARouting:
         """This config's routes for an expanded model."""
@@ -312,6 +323,14 @@ def relearn(model: Transformer, data: ERAData, cfg: ERAConfig, forget_order: Ten
                  steps=cfg.relearn_steps, batch_size=k, lr=cfg.relearn_lr, seed=cfg.seed)  # fmt: skip
         out[k] = eval_loss(copy_, data.val_forget[: cfg.eval_windows])
     return out
+
+
+def era_stdlib_data(forget: str = "email", *, quick: bool = False) -> ERAData:
+    """The data of ``interplab route --preset era-stdlib``: byte windows of the stdlib, the files of package
+    ``forget`` to be forgotten (``quick``: shorter windows, less retain text)."""
+    return stdlib_windows(
+        forget=package_rule(forget), seq_len=48 if quick else 96, retain_bytes=400_000 if quick else 3_000_000
+    )
 
 
 def run_era(
