@@ -5,6 +5,7 @@ loaded or written), the progress of long jobs (:class:`JobProgress`) and the com
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shlex
@@ -46,6 +47,15 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def library_default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of the library function ``fn``: a command's default is the library's,
+    never typed a second time (config dataclasses: use the field, ``ScrubConfig.n_seeds``)."""
+    default = inspect.signature(fn).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{fn.__qualname__}() has no default for {name!r}")
+    return default
 
 
 # --- argument validators -------------------------------------------------------------------------------------
