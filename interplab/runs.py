@@ -77,6 +77,7 @@ PLOTLY_JS = "plotly.min.js"
 __all__ = [
     "CHECKSUMS",
     "Checkpoint",
+    "check_out",
     "Kind",
     "RunError",
     "TrainRun",
@@ -382,6 +383,22 @@ def describe(path: str | Path) -> str:
         names = sorted(sae_folders(path))
         return f"{kind.label} (SAEs: {', '.join(names) or 'none finished yet'})"
     return kind.label
+
+
+def check_out(path: str | Path, kind: Kind | str, *also: Kind | str) -> Path:
+    """``path`` as the output folder of a ``kind`` run, checked before anything is written: a folder that holds
+    another kind of run (a training run given as ``--out`` of an analysis ...) is refused, saying what it is,
+    since the new run would replace its ``config.json`` or ``report.json``. A new, empty or unrecognised folder,
+    or one holding a run of ``kind`` (or of ``also``: rewritten), is fine."""
+    path = Path(path)
+    allowed = [_as_kind(k) for k in (kind, *also)]
+    found = detect(path) if path.exists() else None
+    if found is not None and found not in allowed:
+        raise RunError(
+            f"{path} is {describe(path)}: writing {allowed[0].label} there would replace its files; "
+            "choose another output folder"
+        )
+    return path
 
 
 def _expect(path: str | Path, kinds: Iterable[Kind], hint: str = "") -> tuple[Path, Kind]:
