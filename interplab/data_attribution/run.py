@@ -25,10 +25,11 @@ from interplab.data_attribution.params import param_group
 from interplab.data_attribution.per_example import lm_loss, objective_grad, per_example_grads
 from interplab.data_attribution.projection import Projector
 from interplab.data_attribution.targets import parse_target
-from interplab.io import atomic_write_json, atomic_write_text, save_tensors
+from interplab.io import atomic_write_text, save_tensors
 from interplab.model.io import load_native
 from interplab.model.transformer import Transformer
 from interplab.plots import figure_html, write_image
+from interplab.runs import REPORT, Kind, write_json
 from interplab.train.config import TrainConfig
 from interplab.train.sources import CorpusSource, cosine_lr
 
@@ -90,6 +91,10 @@ class RunAttribution:
         return fig
 
     def to_dict(self, k: int = 20) -> dict[str, Any]:
+        """The ``report.json`` of an attribution (`Kind.ATTRIBUTION`): ``run_dir``, ``target``, ``window``
+        [start, stop], ``steps`` (the checkpoints used), ``n_candidates``, ``mass`` (per checkpoint), ``curve``
+        {steps, values} (the target along the run), ``top`` [{sequence, score, text}] (the ``k`` best),
+        ``enriched_tokens`` [{token, ratio}], ``method`` (in words)."""
         top = self.top(k)
         pos = {int(e): i for i, e in enumerate(self.example_ids)}
         return {
@@ -115,12 +120,11 @@ class RunAttribution:
             folder / "scores.safetensors",
             {"example_ids": self.example_ids, "scores": self.scores, "per_step": self.per_step},
         )
-        atomic_write_json(folder / "report.json", self.to_dict())
         atomic_write_text(folder / "top_examples.html", self.top_html())
         fig = self.plot()
         atomic_write_text(folder / "attribution.html", figure_html(fig, folder))
         out = {
-            "report": str(folder / "report.json"),
+            "report": str(folder / REPORT),
             "html": str(folder / "attribution.html"),
             "examples": str(folder / "top_examples.html"),
         }
@@ -129,6 +133,9 @@ class RunAttribution:
             out["png"] = str(folder / "attribution.png")
         else:
             out["png_error"] = error
+        write_json(
+            folder / REPORT, Kind.ATTRIBUTION, self.to_dict()
+        )  # last: a folder with a report is complete
         return out
 
     def top_html(self, k: int = 10) -> str:

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from interplab.io import atomic_write_json
 from interplab.model import ModelConfig, Transformer
 from interplab.plots import save_figure, write_image
 from interplab.routing.era_data import ERAData, package_rule, stdlib_windows
 from interplab.routing.expand import Expansion, ablate_expansion, expand_mlp
 from interplab.routing.routes import Route, Router
+from interplab.runs import REPORT, Kind, write_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,10 +286,10 @@ class ERAResult:
                           width=800, height=450)  # fmt: skip
         return fig
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        report = {
+    def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` of this experiment (`Kind.ROUTING`, ``experiment: "era"``): ``description``,
+        ``config``, ``rows`` (one per condition and labelled fraction), ``table`` (the printed table)."""
+        return {
             "experiment": "era",
             "description": self.description,
             "config": asdict(self.config),
@@ -299,14 +299,15 @@ class ERAResult:
             ],  # fmt: skip
             "table": self.table(),
         }
-        atomic_write_json(path / "report.json", report)
+
+    def save(self, path: str | Path) -> Path:
+        """``relearning.html`` / ``.png`` and then ``report.json`` (`to_dict`; ``png_error`` says why there is
+        no PNG when no static renderer works) in folder ``path``."""
+        path = Path(path)
         fig = self.plot()
         save_figure(fig, path / "relearning.html")
         error = write_image(fig, path / "relearning.png")
-        if error is not None:  # no static renderer: the HTML is still there
-            atomic_write_json(path / "png_error.json", {"error": error})
-        else:
-            (path / "png_error.json").unlink(missing_ok=True)
+        write_json(path / REPORT, Kind.ROUTING, {**self.to_dict(), "png_error": error})
         return path
 
     def __repr__(self) -> str:
