@@ -3,8 +3,9 @@
 Inputs come from a task (``--task ioi``: clean, corrupted and answer tokens) or a JSONL prompt file, one
 example per line: ``{"clean": "...", "corrupted": "...", "answer": " Mary", "wrong": " John"}`` (strings
 need the model's tokenizer; lists of token ids and integer ids work with any model; every example must
-have the same length). Each command writes a run folder: ``config.json``, ``log.jsonl``, the results as
-JSON, pictures (``*.html``, and ``*.png`` with ``--png``) and ``report.json``.
+have the same length). Each command writes a run folder once everything is computed: the results as JSON,
+pictures (``*.html``, and ``*.png`` with ``--png``), ``log.jsonl``, ``config.json`` and ``report.json`` (both
+of the command's `interplab.runs.Kind`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from interplab import analysis as A
 from interplab.analysis.heads import repeated_random_tokens
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
     library_default,
@@ -29,9 +31,10 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
-from interplab.io import atomic_write_json, atomic_write_text
+from interplab.io import atomic_write_text
 from interplab.model.load import load_model
 from interplab.model.transformer import Transformer
+from interplab.runs import CONFIG, LOG, REPORT, Kind, write_json
 from interplab.tasks import get_task
 
 TARGETS = "resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern, mlp_post"
@@ -42,12 +45,12 @@ MODEL_HELP = "model folder (interplab, Hugging Face or TransformerLens) or a tra
 
 
 class _Run:
-    """A run folder, written only once everything is computed: the results (JSON + pictures), then
-    ``log.jsonl`` and ``config.json``, and ``report.json`` last (a folder with a report is complete). A command
-    that fails before `finish` leaves nothing behind."""
+    """A run folder of ``kind`` (patch, heads or lens), written only once everything is computed: the results
+    (JSON + pictures), then ``log.jsonl`` and ``config.json`` (the command's options), and ``report.json``
+    last (a folder with a report is complete). A command that fails before `finish` leaves nothing behind."""
 
-    def __init__(self, out: Path, config: dict[str, Any], png: bool) -> None:
-        self.out, self.config, self.png, self.t0 = out, config, png, time.time()
+    def __init__(self, out: Path, kind: Kind, config: dict[str, Any], png: bool) -> None:
+        self.out, self.kind, self.config, self.png, self.t0 = out, kind, config, png, time.time()
         self.events: list[dict[str, Any]] = []
         self.results: list[tuple[Any, str]] = []
         self.log("start")
@@ -55,21 +58,24 @@ class _Run:
     def log(self, event: str, **fields: Any) -> None:
         self.events.append({"event": event, "time_s": round(time.time() - self.t0, 3), **fields})
 
-    def add(self, result: Any, name: str) -> list[str]:
-        """Keep ``result`` to be written as ``name.json``, ``name.html`` (and ``name.png``); their names."""
-        self.results.append((result, name))
+    def files(self, name: str) -> list[str]:
+        """The files a result called ``name`` is written as: ``name.json``, ``name.html`` (and ``name.png``)."""
         return [f"{name}{suffix}" for suffix in (".json", ".html", ".png")[: 3 if self.png else 2]]
 
+    def add(self, result: Any, name: str) -> list[str]:
+        """Keep ``result`` to be written by `finish`; the names of its files."""
+        self.results.append((result, name))
+        return self.files(name)
+
     def finish(self, report: dict[str, Any]) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         for result, name in self.results:
-            for suffix in (".json", ".html", ".png")[: 3 if self.png else 2]:
-                result.save(self.out / f"{name}{suffix}")
+            for file in self.files(name):
+                result.save(self.out / file)
             self.log("saved", result=name)
         self.log("done")
-        atomic_write_text(self.out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in self.events))
-        atomic_write_json(self.out / "config.json", self.config)
-        atomic_write_json(self.out / "report.json", report)
+        atomic_write_text(self.out / LOG, "".join(json.dumps(e) + "\n" for e in self.events))
+        write_json(self.out / CONFIG, self.kind, self.config)
+        write_json(self.out / REPORT, self.kind, report)
         console.print(f"wrote [bold]{self.out}[/]: " + ", ".join(sorted(p.name for p in self.out.iterdir())))
 
 
@@ -183,7 +189,7 @@ def patch(
 ) -> None:
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
     set_threads(threads)
-
+    claim_out(out, Kind.PATCH)
     model = _load(model_path)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=True)
     if metric_name not in METRICS:
@@ -206,8 +212,8 @@ def patch(
             )
     run = _Run(
         out,
+        Kind.PATCH,
         {
-            "command": "patch",
             "model": str(model_path),
             "prompts": str(prompts) if prompts else None,
             "task": task,
@@ -287,13 +293,13 @@ def heads(
 ) -> None:
     """Previous-token, induction, duplicate-token and copying scores of every head, and attention views."""
     set_threads(threads)
-
+    claim_out(out, Kind.HEADS)
     model = _load(model_path)
     tokens = _examples(model, prompts, None, 0, seed, need_corrupted=False)["tokens"] if prompts else None
     run = _Run(
         out,
+        Kind.HEADS,
         {
-            "command": "heads",
             "model": str(model_path),
             "prompts": str(prompts) if prompts else None,
             "seq_len": seq_len,
@@ -336,13 +342,13 @@ def lens(
     """Logit lens at every layer; with answer and wrong tokens also direct logit attribution and the
     residual-stream decomposition."""
     set_threads(threads)
-
+    claim_out(out, Kind.LENS)
     model = _load(model_path)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=False)
     run = _Run(
         out,
+        Kind.LENS,
         {
-            "command": "lens",
             "model": str(model_path),
             "prompts": str(prompts) if prompts else None,
             "task": task,

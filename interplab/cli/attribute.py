@@ -8,6 +8,7 @@ import typer
 
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
     library_default,
@@ -17,6 +18,7 @@ from interplab.cli.common import (
     threads_option,
 )
 from interplab.data_attribution.run import attribute_run
+from interplab.runs import ATTRIBUTION, Kind
 
 
 def attribute(
@@ -51,6 +53,8 @@ def attribute(
 ) -> None:
     """Attribute a mechanism's formation to the training sequences that built it (TracIn over checkpoints)."""
     set_threads(threads)
+    if out is not None:
+        claim_out(out, Kind.ATTRIBUTION)
     if window == "auto":
         win: str | tuple[int, int] = "auto"
     else:
@@ -72,7 +76,9 @@ def attribute(
             )
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-    folder = out or run_dir / "attribution" / result.target.replace(":", "_").replace("->", "_to_")
+    folder = claim_out(
+        out or run_dir / ATTRIBUTION / result.target.replace(":", "_").replace("->", "_to_"), Kind.ATTRIBUTION
+    )
     paths = result.save(folder)
     console.print(
         f"target [bold]{result.target}[/], window {result.window[0]}..{result.window[1]}, "

@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 
+from interplab.runs import Kind, RunError, check_out
+
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
@@ -189,6 +191,15 @@ def check_out_file(path: Path | None, option: str = "--out") -> Path | None:
         return path
     check_out_folder(path.parent, option)
     return path
+
+
+def claim_out(path: Path, kind: Kind, *also: Kind) -> Path:
+    """`interplab.runs.check_out` as one line for the user: a folder holding another kind of run is refused
+    before anything is computed or written."""
+    try:
+        return check_out(path, kind, *also)
+    except RunError as err:
+        fail(str(err))
 
 
 def out_folder(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:

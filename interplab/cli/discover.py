@@ -10,6 +10,7 @@ import typer
 from interplab.circuits import Circuit, acdc, eap_circuit
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
     library_default,
@@ -20,7 +21,7 @@ from interplab.cli.common import (
     threads_option,
 )
 from interplab.cli.scrub import MODEL_HELP, load_any_model
-from interplab.io import atomic_write_json
+from interplab.runs import CONFIG, Kind, write_json
 from interplab.scrub.tasks import build_task, discovery_task
 
 
@@ -57,6 +58,7 @@ def discover_command(
 ) -> None:
     """Find a circuit with EAP or ACDC; writes report.json and report.html (with the graph)."""
     set_threads(threads)
+    claim_out(out, Kind.DISCOVERY, Kind.CIRCUIT)
     try:
         model = load_any_model(model_path, task, data)
         dtask = discovery_task(build_task(task, model, data=data, n_rows=max(4 * n, 1000)), n)
@@ -69,10 +71,10 @@ def discover_command(
         with JobProgress("discover acdc", unit="edges") as bar:
             circuit = acdc(model, dtask, threshold, progress=bar)
     # the circuit is found: only now is the run folder written (a failed discovery leaves nothing behind)
-    atomic_write_json(
-        out / "config.json",
+    write_json(
+        out / CONFIG,
+        Kind.DISCOVERY,
         {
-            "command": "discover",
             "model": str(model_path),
             "task": task,
             "method": method.value,

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
     library_default,
@@ -21,6 +22,7 @@ from interplab.cli.common import (
 )
 from interplab.routing.digits import DigitsSplitConfig, DigitsSplitResult, run_digits_split
 from interplab.routing.era import ERAConfig, ERAResult, era_stdlib_data, run_era
+from interplab.runs import Kind
 
 
 class Preset(str, Enum):
@@ -51,7 +53,7 @@ def route(
 ) -> None:
     """Run a gradient-routing experiment; writes report.json, the comparison table and pictures."""
     set_threads(threads)
-    out = out or Path("runs") / f"route-{preset.value}"
+    out = claim_out(out or Path("runs") / f"route-{preset.value}", Kind.ROUTING)
     start = time.perf_counter()
     with JobProgress(f"route {preset.value}") as bar:
         progress = lambda msg: bar.update(info=msg)  # noqa: E731

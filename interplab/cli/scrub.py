@@ -17,6 +17,7 @@ import typer
 from interplab.circuits.planted import planted_induction
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
     library_default,
@@ -25,9 +26,10 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
-from interplab.io import atomic_write_json, atomic_write_text
+from interplab.io import atomic_write_text
 from interplab.model.load import load_model
 from interplab.model.transformer import Transformer
+from interplab.runs import CONFIG, LOG, Kind, write_json
 from interplab.scrub import Hypothesis, ScrubConfig, ScrubError, ScrubResult, scrub
 from interplab.scrub.parens import load_paren_model
 from interplab.scrub.tasks import build_task
@@ -89,6 +91,7 @@ def scrub_command(
 ) -> None:
     """Causal scrubbing of the hypotheses in HYPOTHESIS.py; prints the recovered-loss table."""
     set_threads(threads)
+    claim_out(out, Kind.SCRUB)
     try:
         model = load_any_model(model_path, task, data)
         n_rows = max(n_examples * 2, library_default(build_task, "n_rows"))
@@ -120,11 +123,11 @@ def scrub_command(
                 "folder": _slug(hyp.name),
             }
         )
-    atomic_write_text(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
-    atomic_write_json(
-        out / "config.json",
+    atomic_write_text(out / LOG, "".join(json.dumps(e) + "\n" for e in log))
+    write_json(
+        out / CONFIG,
+        Kind.SCRUB,
         {
-            "command": "scrub",
             "hypothesis_file": str(hypothesis_file),
             "model": str(model_path),
             "task": task,
