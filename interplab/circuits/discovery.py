@@ -74,7 +74,7 @@ def _senders(engine: EdgeEngine, acts: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 _SLOT_INPUT = {Slot.Q: SiteKind.Q_INPUT, Slot.K: SiteKind.K_INPUT, Slot.V: SiteKind.V_INPUT}
-"""the site of each attention slot's per-head input"""
+"""the site of each attention slot's per-head input (an MLP's input, `Slot.IN`, is ``hook_mlp_in``)"""
 
 
 def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = None) -> EdgeScores:
@@ -105,13 +105,17 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
     def keep_grad(g: Tensor, site) -> None:
         grads[site.name] = g.detach()
 
-    receivers = [Site(kind, layer).name for layer in range(cfg.n_layers) for kind in _SLOT_INPUT.values()]
+    slots = {
+        (slot, layer): Site(kind, layer).name
+        for layer in range(cfg.n_layers)
+        for slot, kind in _SLOT_INPUT.items()
+    }
     if cfg.has_mlp:
-        receivers += [Site(SiteKind.MLP_IN, layer).name for layer in range(cfg.n_layers)]
+        slots |= {(Slot.IN, layer): Site(SiteKind.MLP_IN, layer).name for layer in range(cfg.n_layers)}
     final = Site(SiteKind.RESID_POST, cfg.n_layers - 1).name
     with (
         torch.enable_grad(),
-        model.hooks([(n, keep) for n in names], [(n, keep_grad) for n in receivers + [final]]),
+        model.hooks([(n, keep) for n in names], [(n, keep_grad) for n in [*slots.values(), final]]),
     ):
         logits = model(engine.tokens[rows], attention_mask=mask)
         task.metric(logits, rows).mean().backward()
@@ -120,9 +124,9 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
     for edge in engine.graph.edges:
         r = edge.receiver
         if r.kind is NodeKind.HEAD:
-            g = grads[Site(_SLOT_INPUT[edge.slot], r.layer).name][:, :, r.head]
+            g = grads[slots[(edge.slot, r.layer)]][:, :, r.head]
         elif r.kind is NodeKind.MLP:
-            g = grads[Site(SiteKind.MLP_IN, r.layer).name]
+            g = grads[slots[(Slot.IN, r.layer)]]
         else:
             g = grads[final]
         delta = corrupt[edge.sender.name] - clean[edge.sender.name]
