@@ -320,7 +320,11 @@ def heads(
         "files": run.add(scores, "heads"),
     }
     if tokens is None:
-        half = seq_len if seq_len is not None else min(20, model.cfg.n_ctx // 2)
+        half = (
+            seq_len
+            if seq_len is not None
+            else min(library_default(repeated_random_tokens, "half"), model.cfg.n_ctx // 2)
+        )
         tokens = repeated_random_tokens(model.cfg.d_vocab, half, 1, seed=seed)
     for layer in range(model.cfg.n_layers):
         report["files"] += run.add(A.attention_patterns(model, tokens[:1], layer), f"attention_L{layer}")

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from interplab.analysis.heads import repeated_random_tokens
 from interplab.data_attribution.per_example import logits_of
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.config import ModelConfig
 from interplab.model.transformer import Transformer
-from interplab.train.scores import repeated_random_tokens
 
 if TYPE_CHECKING:
     from interplab.sae.base import SAE
@@ -41,7 +41,7 @@ class Target:
 
 def _default_probe(cfg: ModelConfig) -> Tensor:
     """16 sequences of random tokens repeated once (half length up to 32), as formation scores them."""
-    return repeated_random_tokens(16, min(32, cfg.n_ctx // 2), d_vocab=cfg.d_vocab)
+    return repeated_random_tokens(cfg.d_vocab, min(32, cfg.n_ctx // 2), 16, distinct=False)
 
 
 def _pattern(model: Transformer, tokens: Tensor, layer: int) -> Tensor:
