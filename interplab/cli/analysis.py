@@ -4,8 +4,15 @@ Inputs come from a task (``--task ioi``: clean, corrupted and answer tokens) or 
 example per line: ``{"clean": "...", "corrupted": "...", "answer": " Mary", "wrong": " John"}`` (strings
 need the model's tokenizer; lists of token ids and integer ids work with any model; every example must
 have the same length). Each command writes a run folder once everything is computed: the results as JSON,
-pictures (``*.html``, and ``*.png`` with ``--png``), ``log.jsonl``, ``config.json`` and ``report.json`` (both
-of the command's `interplab.runs.Kind`).
+pictures (``*.html``, and ``*.png`` with ``--png``), ``log.jsonl``, ``config.json`` (the options) and
+``report.json``, both of the command's `interplab.runs.Kind`. The reports:
+
+- patch (`Kind.PATCH`): ``result`` (repr), ``seconds``, ``clean_metric``, ``corrupted_metric``, ``files``,
+  ``top_effects`` [{index, effect}], with ``--attribution`` also ``attribution`` {correlation, max_abs_error,
+  files};
+- heads (`Kind.HEADS`): ``top`` {score name: [[layer, head, value]]}, ``files``;
+- lens (`Kind.LENS`): ``files``, ``final_logprob_next``, with answer and wrong tokens also ``dla`` {total,
+  sum_of_components, top_neurons}.
 """
 
 from __future__ import annotations
