@@ -105,7 +105,7 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
     def keep_grad(g: Tensor, site) -> None:
         grads[site.name] = g.detach()
 
-    slots = {
+    slots: dict[tuple[Slot, int | None], str] = {
         (slot, layer): Site(kind, layer).name
         for layer in range(cfg.n_layers)
         for slot, kind in _SLOT_INPUT.items()

@@ -139,6 +139,7 @@ def _examples(
             "wrong": meta.get("s_token"),
             "attention_mask": batch.attention_mask,
         }
+    assert prompts is not None  # exactly one of --prompts and --task (checked above)
     if not prompts.is_file():
         fail(f"no prompt file at {prompts}")
     lines = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
@@ -319,7 +320,7 @@ def heads(
         scores = A.head_scores(model, tokens, seq_len=seq_len, batch=batch, seed=seed)
     except ValueError as err:
         fail(str(err))
-    report = {
+    report: dict[str, Any] = {
         "top": {
             name: scores.top(name, 5)
             for name in ("previous_token", "induction", "duplicate_token", "copying")

@@ -213,7 +213,7 @@ def sae_config(p: Path, root: Path) -> dict[str, Any]:
     is at the top or under ``metadata``)."""
     cfg = read_json(p / runs.SAE_CFG, root)
     cfg = cfg if isinstance(cfg, dict) else {}
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     merged = {**{k: v for k, v in meta.items() if _scalar(v)}, **{k: v for k, v in cfg.items() if _scalar(v)}}
     return {k: merged[k] for k in ("architecture", "hook_name", "d_in", "d_sae", "k") if k in merged}
 
