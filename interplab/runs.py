@@ -158,6 +158,14 @@ class Kind(str, Enum):
     """a recording of projected per-example gradients (its config.json: parameter group + projection)"""
     GRADIENT_INDEX = "gradient_index"
     """a gradient recording's index.json (one entry per recorded step)"""
+    FEATURE_BUILD = "feature_build"
+    """what a feature-database build did (`BuildReport`)"""
+    FEATURE_EXPORT = "feature_export"
+    """a static-site export of a feature database (`ExportReport`)"""
+    AUTO_INTERP = "auto_interp"
+    """feature explanations and their scores (`AutoInterpResult`)"""
+    STEERING = "steering"
+    """a continuation with and without a feature steered (`SteeringResult`)"""
 
     @property
     def label(self) -> str:
@@ -187,6 +195,10 @@ _LABELS = {
     Kind.LENS: "a lens run",
     Kind.GRADIENTS: "a gradient recording",
     Kind.GRADIENT_INDEX: "a gradient recording's index",
+    Kind.FEATURE_BUILD: "a feature-database build report",
+    Kind.FEATURE_EXPORT: "a feature-database export report",
+    Kind.AUTO_INTERP: "a set of feature explanations",
+    Kind.STEERING: "a steering result",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}
@@ -716,6 +728,10 @@ REPORT_KINDS = (
     Kind.PATCH,
     Kind.HEADS,
     Kind.LENS,
+    Kind.FEATURE_BUILD,
+    Kind.FEATURE_EXPORT,
+    Kind.AUTO_INTERP,
+    Kind.STEERING,
 )
 
 
