@@ -231,7 +231,10 @@ def test_final_row_describes_the_returned_sae_also_when_batches_run_out(arch):
 
 def test_joint_run_logs_no_rows_after_a_shorter_sae_stopped():
     batches = list(SyntheticFeatures(n_features=32, d=16).batches(64, 15, seed=2))
-    cfgs = {"a": SAETrainConfig(total_steps=15, log_every=5), "b": SAETrainConfig(total_steps=10, log_every=5)}
+    cfgs = {
+        "a": SAETrainConfig(total_steps=15, log_every=5),
+        "b": SAETrainConfig(total_steps=10, log_every=5),
+    }
     result = train_saes({"a": _sae("topk"), "b": _sae("relu")}, batches, cfgs)
     assert [r["step"] for r in result.history if r["sae"] == "b"] == [5, 10]
     _assert_final_row_is(result.final("b"), result.saes["b"], batches[9]["x"])
@@ -245,7 +248,9 @@ def test_same_config_and_seed_give_bit_identical_saes(arch):
 
     def run(seed):
         sae = _sae(arch, seed=seed)
-        cfg = SAETrainConfig(total_steps=30, resample_every=10, dead_after_tokens=64, stats_every=1, seed=seed)
+        cfg = SAETrainConfig(
+            total_steps=30, resample_every=10, dead_after_tokens=64, stats_every=1, seed=seed
+        )
         train_saes(sae, batches, cfg)
         return sae.state_dict()
 
