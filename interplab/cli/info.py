@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, fail
+from interplab.cli.common import console, fail, load_model_arg
 
 
 def builtin_model():
@@ -47,13 +47,7 @@ def info(
         fail("give a model PATH or --builtin")
         return
     else:
-        from interplab import load_model
-
-        try:
-            model = load_model(path)
-        except (FileNotFoundError, KeyError, ValueError) as err:
-            fail(str(err).strip("'\""))
-            return
+        model = load_model_arg(path)
     cfg = model.cfg
     table = Table(title=repr(model), show_header=True)
     table.add_column("field")

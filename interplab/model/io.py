@@ -1,23 +1,30 @@
 """interplab's own model format: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
 
-`load_native` is the exact inverse of `save_model`. ``checksums.json`` (written last) records each file's size
-and SHA-256; `load_native` verifies them and names a file that does not match.
+The ``config.json`` is ``{kind: model, version, format: interplab, ...ModelConfig}`` (`interplab.runs` names the
+files and writes the document; a folder written before ``kind`` existed is recognised there). `load_native` is
+the exact inverse of `save_model`. ``checksums.json`` (written last) records each file's size and SHA-256;
+`load_native` verifies them and names a file that does not match.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from interplab import runs
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
-from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
+from interplab.io import load_tensors, save_tensors
 from interplab.model.config import ModelConfig
 from interplab.model.transformer import Transformer
+from interplab.runs import CONFIG, TOKENIZER
+from interplab.runs import MODEL_WEIGHTS as WEIGHTS
 
 FORMAT = "interplab"
-CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+"""``config.json``'s ``format``: kept beside ``kind`` so that an older interplab still reads the folder"""
 
 
 def save_model(model: Transformer, path: str | Path) -> Path:
@@ -28,20 +35,22 @@ def save_model(model: Transformer, path: str | Path) -> Path:
     if model.tokenizer is not None:
         model.tokenizer.save(path / TOKENIZER)
     # config last: a folder with a config.json is a complete model
-    atomic_write_json(path / CONFIG, {"format": FORMAT, **model.cfg.to_dict()})
+    runs.write_json(path / CONFIG, runs.Kind.MODEL, {"format": FORMAT, **model.cfg.to_dict()})
     record_checksums(path, [WEIGHTS, TOKENIZER, CONFIG])
     return path
 
 
 def is_native(path: Path) -> bool:
+    """Whether ``path`` is an interplab model folder (a checkpoint is one too)."""
     cfg = path / CONFIG
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except json.JSONDecodeError:
+        data = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         verify_checksums(path)  # a config.json we wrote and that was damaged since: name it
         return False
+    return isinstance(data, dict) and runs.detect_document(CONFIG, data) is runs.Kind.MODEL
 
 
 def load_native(
@@ -49,8 +58,9 @@ def load_native(
 ) -> Transformer:
     path = Path(path)
     verify_checksums(path)  # a flipped byte in any file is named here, never loaded
-    data = read_json(path / CONFIG)
-    data.pop("format", None)
+    data = runs.read_json(path / CONFIG, runs.Kind.MODEL)
+    for key in ("kind", "format"):
+        data.pop(key, None)
     cfg = ModelConfig.from_dict(data)
     weights_file = path / WEIGHTS
     if not weights_file.is_file():
@@ -61,12 +71,17 @@ def load_native(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(model, state, source=str(weights_file))
-    tok = path / "tokenizer.json"
-    if tok.is_file():
+    attach_tokenizer(model, path)
+    return model.eval()
+
+
+def attach_tokenizer(model: Transformer, folder: Path) -> None:
+    """Give ``model`` the ``tokenizer.json`` of ``folder`` when it has one (interplab and Hugging Face folders)."""
+    if (folder / TOKENIZER).is_file():
+        # interplab.data sits above interplab.model: the one runtime import of it, where a tokenizer is read
         from interplab.data.tokenizer import load_tokenizer
 
-        model.tokenizer = load_tokenizer(path)
-    return model.eval()
+        model.tokenizer = load_tokenizer(folder)
 
 
 def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
@@ -91,3 +106,42 @@ def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source
     model.load_state_dict(state, assign=True)
     for k, p in model.named_parameters():
         p.requires_grad_(flags[k])
+
+
+def build_from_weights(
+    cfg: ModelConfig,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    source: str = "checkpoint",
+) -> Transformer:
+    """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model).
+
+    ``weights`` yields ``(name, tensor)`` in interplab's names (a converter's output); every weight of the
+    config must come exactly once, in its shape."""
+    with torch.device("meta"):
+        model = Transformer(cfg, init=False)
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for name, tensor in weights:
+        old = params.get(name)
+        if old is None:
+            raise KeyError(f"{source}: converter produced unknown weight {name!r}")
+        if tuple(tensor.shape) != tuple(old.shape):
+            raise ValueError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
+            )
+        tensor = tensor.to(
+            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
+        )
+        module_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise KeyError(
+            f"{source}: missing weight {missing[0]!r}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    return model.eval()

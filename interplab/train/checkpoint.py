@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from interplab.integrity import check_file, sha256_file
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import atomic_write_json, load_tensors, save_tensors
+from interplab.model.transformer import Transformer
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step_"
@@ -56,7 +57,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: Any,
+    model: Transformer,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
 ) -> Path:
@@ -211,22 +212,20 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
     """Restore weights (in place), optimizer and RNG state from a verified checkpoint; return its state.json."""
-    from safetensors.torch import load_file
-
     reason = verify_checkpoint(path, need_optimizer=optimizer is not None)
     if reason is not None:
         raise ValueError(f"checkpoint {path} cannot be loaded: {reason}")
     state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
+    weights = load_tensors(path / "model.safetensors")
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name not in weights:
                 raise KeyError(f"{path}: missing weight {name!r}")
             tensor.copy_(weights[name])
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
+        tensors = load_tensors(path / "optimizer.safetensors")
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
-        set_global_rng_state(load_file(str(path / "rng.safetensors")))
+        set_global_rng_state(load_tensors(path / "rng.safetensors"))
     return state
 
 

@@ -11,28 +11,33 @@ each process trains on its share of the same global batch.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from interplab.io import atomic_write_json
+from interplab import runs
 from interplab.model import Transformer
+from interplab.runs import Kind, list_checkpoints
 from interplab.train.checkpoint import (
     clean_stale_temps,
     latest_good_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
 from interplab.train.config import Precision, TrainConfig
 from interplab.train.log import RunLog, read_log, truncate_log
-from interplab.train.sources import cosine_lr, make_source, rows_for
+from interplab.train.sources import CorpusSource, Source, TaskSource, cosine_lr, make_source, rows_for
+
+if TYPE_CHECKING:
+    from interplab.tasks.base import Task
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -77,7 +82,8 @@ class TrainResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(Path(path), self.to_dict())
+        """Write the result as a ``train_report`` JSON document (``report.json`` in the run folder)."""
+        runs.write_json(Path(path), Kind.TRAIN_REPORT, self.to_dict())
 
 
 @dataclass
@@ -95,8 +101,6 @@ def _init_distributed(device: torch.device) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    import torch.distributed as dist
-
     started = False
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -127,7 +131,7 @@ def fast_bf16(device: torch.device) -> bool:
         return False
 
 
-def build_model(cfg: TrainConfig, source: Any) -> Transformer:
+def build_model(cfg: TrainConfig, source: CorpusSource | TaskSource) -> Transformer:
     """The model of a run: the config's architecture (or a task's own) with the data source's vocabulary."""
     if cfg.model is None:
         model_cfg = source.model_cfg
@@ -158,16 +162,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> bool:
     """True if the run directory holds an earlier run of this config to continue."""
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file():
+    if runs.detect(run_dir) is not Kind.TRAIN:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(
-                f"{run_dir} is not empty and is not a training run; choose another output folder"
+                f"{run_dir} is not empty and is not a training run (it is {runs.describe(run_dir)}); "
+                "choose another output folder"
             )
         return False
     if not resume:
         raise ValueError(f"{run_dir} already holds a run; resume it or choose another output folder")
-    old = json.loads(cfg_file.read_text())
+    old = runs.TrainRun.open(run_dir).config
     new = cfg.to_dict()
     diff = sorted(k for k in set(old) | set(new) if k != "steps" and old.get(k) != new.get(k))
     if diff:
@@ -186,7 +190,7 @@ def train(
     stop_after: int | None = None,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
-    task: Any = None,
+    task: Task | None = None,
     callbacks: Sequence[Callable[..., None]] = (),
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir``, continuing from its newest good checkpoint if it holds this run.
@@ -205,8 +209,6 @@ def train(
         return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify, task, tuple(callbacks))
     finally:
         if dist_info.started:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -218,14 +220,12 @@ def _train(
     device: torch.device,
     dist_info: _Dist,
     notify: ProgressFn,
-    task: Any,
+    task: Task | None,
     callbacks: tuple[Callable[..., None], ...] = (),
 ) -> TrainResult:
     continuing = _check_run_dir(run_dir, cfg, resume)
     cleaned = clean_stale_temps(run_dir) if continuing and dist_info.main else []
     if dist_info.world > 1:
-        import torch.distributed as dist
-
         dist.barrier()  # every process has looked at the run folder before the first process writes to it
     per_step = cfg.grad_accum * dist_info.world
     if cfg.batch_size % per_step:
@@ -256,9 +256,9 @@ def _train(
             start, resumed_from, tokens_seen = ckpt.step, ckpt.step, int(state.get("tokens", 0))
     if dist_info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(run_dir / "config.json")
+        cfg.to_json(run_dir / runs.CONFIG)
         if model.tokenizer is not None:
-            model.tokenizer.save(run_dir / "tokenizer.json")
+            model.tokenizer.save(run_dir / runs.TOKENIZER)
     ddp = _wrap(model, device, dist_info)
     bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and fast_bf16(device))
     schedule = set(cfg.checkpoints.steps(cfg.steps))
@@ -316,8 +316,6 @@ def _train(
         tokens_seen += tokens_per_step
         if step % cfg.log_every == 0 or step == stop or step in schedule:
             if dist_info.world > 1:
-                import torch.distributed as dist
-
                 dist.all_reduce(total)
                 total /= dist_info.world
             loss_value = float(total)
@@ -346,8 +344,6 @@ def _train(
                 save_checkpoint(run_dir, step, model, optimizer, {"tokens": tokens_seen})
                 written.append(step)
             if dist_info.world > 1:
-                import torch.distributed as dist
-
                 dist.barrier()
             ckpt_seconds += time.perf_counter() - c0
             cpu_aside += time.process_time() - cc0
@@ -355,7 +351,7 @@ def _train(
     train_cpu_seconds = time.process_time() - cpu0 - cpu_aside
     model.eval()
     if dist_info.main and step == cfg.steps:
-        model.save(run_dir / "final")
+        model.save(run_dir / runs.FINAL)
     result = TrainResult(
         run_dir=run_dir,
         step=step,
@@ -376,27 +372,23 @@ def _train(
             "train_cpu_seconds": train_cpu_seconds,
             "finished": step == cfg.steps,
         }
-        atomic_write_json(run_dir / "report.json", report)
+        runs.write_json(run_dir / runs.REPORT, Kind.TRAIN_REPORT, report)
     log.close()
     notify({"event": "done", "step": step, "total": cfg.steps})
     return result
 
 
-def _seq_len(cfg: TrainConfig, source: Any) -> int:
+def _seq_len(cfg: TrainConfig, source: CorpusSource | TaskSource) -> int:
     return getattr(source, "seq_len", None) or source.model_cfg.n_ctx
 
 
 def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.nn.Module:
     if dist_info.world <= 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _to(batch: Any, device: torch.device) -> Any:
-    import dataclasses
-
     if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
         return batch.to(device)
     if dataclasses.is_dataclass(batch):
@@ -412,7 +404,7 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def _evaluate(source: Any, model: torch.nn.Module) -> dict[str, float]:
+def _evaluate(source: Source, model: torch.nn.Module) -> dict[str, float]:
     was = model.training
     model.eval()
     try:
