@@ -3,9 +3,12 @@ plus optimizer and RNG state, written atomically (a temp folder, then one rename
 
 A checkpoint folder holds ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``): `interplab.load_model`
 reads it directly. ``optimizer.safetensors`` and ``rng.safetensors`` hold what resuming needs, and
-``state.json`` (written last) holds the step, the counters and the size and SHA-256 of every file, so a corrupt
-or truncated checkpoint is recognised and skipped, never loaded. `write_checkpoint` is the same protocol for
-any content (SAE training checkpoints use it); `clean_stale_temps` removes what interrupted writes left behind.
+``state.json`` (written last, ``{kind: checkpoint, version, ...}``) holds the step, the counters and the size
+and SHA-256 of every file, so a corrupt or truncated checkpoint is recognised and skipped, never loaded.
+`write_checkpoint` is the same protocol for any content (SAE training checkpoints use it); `clean_stale_temps`
+removes what interrupted writes left behind. The names, the listing and the verification of checkpoints are
+`interplab.runs`' (`checkpoint_name`, `TrainRun.checkpoints(intact=...)`, `verify_checkpoint`); this module
+writes and restores them.
 """
 
 from __future__ import annotations
@@ -15,18 +18,41 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from interplab.integrity import check_file, sha256_file
-from interplab.io import atomic_write_json, load_tensors, save_tensors
+from interplab import runs
+from interplab.integrity import sha256_file
+from interplab.io import load_tensors, save_tensors
 from interplab.model.transformer import Transformer
+from interplab.runs import (
+    CHECKPOINTS,
+    MODEL_WEIGHTS,
+    OPTIMIZER,
+    RNG,
+    STATE,
+    Checkpoint,
+    checkpoint_name,
+    checkpoint_step,
+    list_checkpoints,
+    verify_checkpoint,
+)
 
-CHECKPOINTS = "checkpoints"
-_PREFIX = "step_"
+__all__ = [
+    "CHECKPOINTS",
+    "Checkpoint",
+    "checkpoint_dir",
+    "clean_stale_temps",
+    "latest_good_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "write_checkpoint",
+]
+
 _TMP, _OLD = (
     ".tmp-",
     ".old-",
@@ -34,24 +60,7 @@ _TMP, _OLD = (
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"{_PREFIX}{step:06d}"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    path: Path
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
-    """Every finished checkpoint folder of a run (temp folders of interrupted writes are ignored), by step."""
-    root = Path(run_dir) / CHECKPOINTS
-    out = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit():
-                out.append(Checkpoint(int(p.name[len(_PREFIX) :]), p))
-    return sorted(out, key=lambda c: c.step)
+    return Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
 
 
 def save_checkpoint(
@@ -69,8 +78,8 @@ def save_checkpoint(
         if optimizer is None:
             return state
         tensors, groups = _flatten_optimizer(optimizer.state_dict())
-        save_tensors(tmp / "optimizer.safetensors", tensors)
-        save_tensors(tmp / "rng.safetensors", global_rng_state())
+        save_tensors(tmp / OPTIMIZER, tensors)
+        save_tensors(tmp / RNG, global_rng_state())
         return {**state, "param_groups": groups}
 
     return write_checkpoint(checkpoint_dir(run_dir, step), step, write)
@@ -90,8 +99,9 @@ def write_checkpoint(final: Path, step: int, write: Callable[[Path], dict[str, A
         state = write(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         rel = [p.relative_to(tmp).as_posix() for p in files]
-        atomic_write_json(
-            tmp / "state.json",
+        runs.write_json(
+            tmp / STATE,
+            runs.Kind.CHECKPOINT,
             {
                 "step": step,
                 **state,
@@ -141,7 +151,7 @@ def clean_stale_temps(run_dir: str | Path) -> list[str]:
         if kind is None or not p.is_dir():
             continue
         name, _, pid = p.name[len(kind) :].rpartition("-")
-        if not (name.startswith(_PREFIX) and pid.isdigit()) or _alive(int(pid)):
+        if checkpoint_step(name) is None or not pid.isdigit() or _alive(int(pid)):
             continue
         final = root / name
         if kind == _OLD and not final.exists():
@@ -165,36 +175,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def verify_checkpoint(
-    path: Path, *, need_optimizer: bool = True, required: Iterable[str] | None = None
-) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it is not. ``required``: the files it
-    must hold (default: a model checkpoint's, with the optimizer and RNG state when ``need_optimizer``)."""
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        return "no state.json (interrupted write?)"
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as err:
-        return f"state.json is not valid JSON ({err})"
-    hashes = state.get("sha256")
-    if not isinstance(hashes, dict):
-        return "state.json has no file hashes"
-    if required is None:
-        required = {"model.safetensors", "config.json"} | (
-            {"optimizer.safetensors", "rng.safetensors"} if need_optimizer else set()
-        )
-    missing = sorted(set(required) - set(hashes))
-    if missing:
-        return f"missing {', '.join(missing)}"
-    sizes = state.get("sizes") or {}
-    for name, digest in hashes.items():
-        problem = check_file(path / name, {"sha256": digest, "size": sizes.get(name)})
-        if problem is not None:
-            return f"{name} {problem}"
-    return None
-
-
 def latest_good_checkpoint(
     run_dir: Path, *, required: Iterable[str] | None = None
 ) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
@@ -215,17 +195,17 @@ def load_checkpoint(
     reason = verify_checkpoint(path, need_optimizer=optimizer is not None)
     if reason is not None:
         raise ValueError(f"checkpoint {path} cannot be loaded: {reason}")
-    state = json.loads((path / "state.json").read_text())
-    weights = load_tensors(path / "model.safetensors")
+    state = json.loads((path / STATE).read_text())
+    weights = load_tensors(path / MODEL_WEIGHTS)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name not in weights:
                 raise KeyError(f"{path}: missing weight {name!r}")
             tensor.copy_(weights[name])
     if optimizer is not None:
-        tensors = load_tensors(path / "optimizer.safetensors")
+        tensors = load_tensors(path / OPTIMIZER)
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
-        set_global_rng_state(load_tensors(path / "rng.safetensors"))
+        set_global_rng_state(load_tensors(path / RNG))
     return state
 
 
