@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
+from rich.table import Table
 
 from interplab.cli.common import console, fail, load_model_arg
+from interplab.model import ModelConfig, Transformer
 
 
-def builtin_model():
+def builtin_model() -> Transformer:
     """A small randomly initialised model (for ``interplab info --builtin`` and quick tries)."""
-    import torch
-
-    from interplab.model import ModelConfig, Transformer
-
     torch.manual_seed(0)
     return Transformer(
         ModelConfig(
@@ -33,14 +32,12 @@ def builtin_model():
 
 def info(
     path: Path = typer.Argument(
-        None, help="model folder or file (interplab, Hugging Face or TransformerLens)"
+        None, help="model folder or file (interplab, Hugging Face or TransformerLens), or a training run"
     ),
     builtin: bool = typer.Option(False, "--builtin", help="describe a small built-in random model instead"),
     hooks: bool = typer.Option(True, "--hooks/--no-hooks", help="list the hook points with their shapes"),
 ) -> None:
     """Print a model's architecture, parameter count and hook points with shapes."""
-    from rich.table import Table
-
     if builtin:
         model = builtin_model()
     elif path is None:

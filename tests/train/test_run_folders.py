@@ -11,6 +11,7 @@ from interplab.model.load import model_source
 from interplab.runs import Kind, RunError
 from interplab.train import TrainConfig, train
 from interplab.train.checkpoint import checkpoint_dir
+from interplab.train.log import read_log, truncate_log
 
 
 def test_a_run_folder_loads_its_final_model_and_a_stopped_run_names_its_checkpoint(
@@ -79,3 +80,13 @@ def test_a_folder_without_a_model_says_what_it_is(tmp_path):
     (sae_run / "config.json").write_text(json.dumps({"kind": "sae_train", "version": 1, "saes": {}}))
     with pytest.raises(RunError, match=r"sae_run is an SAE training run .*; expected a model"):
         load_model(sae_run)
+
+
+def test_resuming_drops_the_rows_after_the_checkpoint_and_a_torn_last_line(tmp_path):
+    rows = [{"step": i, "loss": 0.1 * i} for i in range(6)] + [{"event": "resume"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "log.jsonl").write_text(text + '{"step": 6, "lo')  # killed while writing step 6
+    assert read_log(tmp_path) == rows
+    truncate_log(tmp_path, 3)
+    assert read_log(tmp_path) == rows[:4] + [{"event": "resume"}]
+    assert (tmp_path / "log.jsonl").read_text().endswith('{"event": "resume"}\n')
