@@ -92,7 +92,7 @@ def model_source(path: str | Path, *, tl_config: str | Path | Mapping[str, Any] 
         return model_source(path.parent) if (path.parent / CONFIG).is_file() else path
     if is_native(path):  # (a damaged config.json in a checksummed folder is named here)
         return path
-    if not (path / CONFIG).is_file() and runs.detect(path) is None:
+    if not (path / CONFIG).is_file():
         raise FileNotFoundError(
             f"{path} is not a model folder: it is {runs.describe(path)}, with no {CONFIG} (interplab or Hugging "
             f"Face) and no TransformerLens config ({', '.join(TL_CONFIG_NAMES)})"
