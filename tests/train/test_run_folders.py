@@ -48,7 +48,13 @@ def test_a_run_folder_loads_its_final_model_and_a_stopped_run_names_its_checkpoi
     # every JSON document of the run says what it is
     kinds = {name: json.loads((run / name).read_text())["kind"] for name in ("config.json", "report.json")}
     kinds["final"] = json.loads((run / "final" / "config.json").read_text())["kind"]
-    assert kinds == {"config.json": "train", "report.json": "train_report", "final": "model"}
+    kinds["state.json"] = json.loads((checkpoint_dir(run, 8) / "state.json").read_text())["kind"]
+    assert kinds == {
+        "config.json": "train",
+        "report.json": "train_report",
+        "final": "model",
+        "state.json": "checkpoint",
+    }
     assert TrainConfig.from_file(run / "config.json") == cfg  # a run's config.json is a config file too
 
     # a run written before `kind` existed still loads and resumes
@@ -90,3 +96,10 @@ def test_resuming_drops_the_rows_after_the_checkpoint_and_a_torn_last_line(tmp_p
     truncate_log(tmp_path, 3)
     assert read_log(tmp_path) == rows[:4] + [{"event": "resume"}]
     assert (tmp_path / "log.jsonl").read_text().endswith('{"event": "resume"}\n')
+
+
+def test_a_config_of_another_kind_is_refused_by_name(tiny_config, tmp_path):
+    data = tiny_config(tmp_path).to_dict()
+    assert TrainConfig.from_dict({"kind": "train", **data}) == TrainConfig.from_dict(data)
+    with pytest.raises(ValueError, match=r"'sae_train' document, not a training config"):
+        TrainConfig.from_dict({"kind": "sae_train", **data})
