@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from interplab.cli.common import console, fail, load_model_arg
-from interplab.model import ModelConfig, Transformer
+from interplab.model import ModelConfig, Positional, Transformer
 
 
 def builtin_model() -> Transformer:
@@ -22,7 +22,7 @@ def builtin_model() -> Transformer:
             n_heads=4,
             d_vocab=1024,
             n_ctx=256,
-            positional="rotary",
+            positional=Positional.ROTARY,
             attn_only=True,
             smear_keys=True,
             name="builtin-2l",

@@ -17,7 +17,6 @@ with what it is (an SAE run, an activation cache ...: `interplab.runs.describe`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    tl_config: str | Path | Mapping[str, Any] | None = None,
+    tl_config: str | Path | dict[str, Any] | None = None,
     fold_ln: bool = False,
     center_writing_weights: bool = False,
     center_unembed: bool = False,
@@ -77,7 +76,7 @@ def load_model(
     return model
 
 
-def model_source(path: str | Path, *, tl_config: str | Path | Mapping[str, Any] | None = None) -> Path:
+def model_source(path: str | Path, *, tl_config: str | Path | dict[str, Any] | None = None) -> Path:
     """The model folder (or TransformerLens file) that `load_model` reads for ``path``: ``path`` itself for a
     model folder or file, ``RUN/final`` for a training run ``RUN``, the folder of a weights file inside an
     interplab or Hugging Face folder. Raises `interplab.runs.RunError`, saying what ``path`` is, when it holds

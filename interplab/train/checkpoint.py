@@ -179,7 +179,7 @@ def latest_good_checkpoint(
     run_dir: Path, *, required: Iterable[str] | None = None
 ) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
     """The newest resumable checkpoint, and the newer ones that were skipped with their reasons."""
-    skipped = []
+    skipped: list[tuple[Checkpoint, str]] = []
     for ckpt in reversed(list_checkpoints(run_dir)):
         reason = verify_checkpoint(ckpt.path, need_optimizer=True, required=required)
         if reason is None:

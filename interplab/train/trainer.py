@@ -133,13 +133,19 @@ def fast_bf16(device: torch.device) -> bool:
 
 def build_model(cfg: TrainConfig, source: CorpusSource | TaskSource) -> Transformer:
     """The model of a run: the config's architecture (or a task's own) with the data source's vocabulary."""
-    if cfg.model is None:
-        model_cfg = source.model_cfg
-    elif hasattr(source, "model_cfg"):  # a task: its vocabulary and length, the config's architecture
+    if isinstance(
+        source, TaskSource
+    ):  # a task: its vocabulary and length, the config's architecture or its own
         t = source.model_cfg
-        model_cfg = cfg.model.replace(
-            d_vocab=t.d_vocab, d_vocab_out=t.d_vocab_out, n_ctx=max(cfg.model.n_ctx, t.n_ctx)
+        model_cfg = (
+            t
+            if cfg.model is None
+            else cfg.model.replace(
+                d_vocab=t.d_vocab, d_vocab_out=t.d_vocab_out, n_ctx=max(cfg.model.n_ctx, t.n_ctx)
+            )
         )
+    elif cfg.model is None:  # TrainConfig refuses this already; said again for a hand-built source
+        raise ValueError("a corpus run needs a 'model' section in its config")
     else:
         changes: dict[str, Any] = {"d_vocab": source.d_vocab}
         if cfg.model.d_vocab_out == cfg.model.d_vocab:
@@ -152,7 +158,8 @@ def build_model(cfg: TrainConfig, source: CorpusSource | TaskSource) -> Transfor
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -234,7 +241,8 @@ def _train(
         )
     notify({"event": "setup", "message": "preparing data (tokenised once, then cached)"})
     source = make_source(cfg, task=task, progress=lambda n: notify({"event": "setup", "tokens": n}))
-    if callbacks and not hasattr(source, "indices"):
+    corpus = source if isinstance(source, CorpusSource) else None
+    if callbacks and corpus is None:
         raise ValueError(
             "training callbacks need a corpus run (they receive the training sequences' indices)"
         )
@@ -275,7 +283,7 @@ def _train(
         save_checkpoint(run_dir, 0, model, optimizer, {"tokens": 0})
         log.write({"step": 0, **_evaluate(source, model)})
     stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
-    tokens_per_step = cfg.batch_size * _seq_len(cfg, source)
+    tokens_per_step = cfg.batch_size * source.seq_len
     t0, loss_value, val_loss, step, written = time.perf_counter(), float("nan"), None, start, []
     for row in read_log(run_dir) if resumed_from is not None else []:
         loss_value = row.get("loss", loss_value)
@@ -299,16 +307,17 @@ def _train(
                     loss = source.loss(ddp, batch) / cfg.grad_accum
                 loss.backward()  # outside autocast, as PyTorch recommends
             total += loss.detach()
-        for cb in callbacks:
-            rows = rows_for(cfg.batch_size, 0, 1, dist_info.rank, dist_info.world)
-            cb(
-                step=step,
-                model=model,
-                tokens=_to(source.batch(step - 1, rows), device),
-                example_ids=source.indices(step - 1, rows),
-                lr=lr,
-                optimizer=optimizer,
-            )
+        if corpus is not None:  # (callbacks need one: checked above)
+            for cb in callbacks:
+                rows = rows_for(cfg.batch_size, 0, 1, dist_info.rank, dist_info.world)
+                cb(
+                    step=step,
+                    model=model,
+                    tokens=_to(corpus.batch(step - 1, rows), device),
+                    example_ids=corpus.indices(step - 1, rows),
+                    lr=lr,
+                    optimizer=optimizer,
+                )
         if o.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
@@ -378,10 +387,6 @@ def _train(
     return result
 
 
-def _seq_len(cfg: TrainConfig, source: CorpusSource | TaskSource) -> int:
-    return getattr(source, "seq_len", None) or source.model_cfg.n_ctx
-
-
 def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.nn.Module:
     if dist_info.world <= 1:
         return model
@@ -391,7 +396,7 @@ def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.n
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
         return batch.to(device)
-    if dataclasses.is_dataclass(batch):
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return dataclasses.replace(
             batch,
             **{
