@@ -154,14 +154,7 @@ def decoder_logit_effects(
         raise ValueError(
             f"logit effects need an SAE on a d_model-wide site; {sae.cfg.hook_name} has width {d.shape[-1]}"
         )
-    norm = model.ln_final
-    if getattr(norm, "kind", None) is not None:
-        from interplab.model.config import Norm
-
-        if norm.kind is Norm.LAYERNORM:
-            d = d - d.mean(-1, keepdim=True)
-        d = d * norm.w.detach().float()
-    return d @ model.W_U.detach().float()
+    return model.ln_final.apply_to_direction(d) @ model.W_U.detach().float()
 
 
 def top_logits(effects: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
