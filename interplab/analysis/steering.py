@@ -1,8 +1,8 @@
 """Steering: add, subtract or project out a direction at a hook point; mean-difference vectors.
 
->>> vec = mean_difference(model, happy_tokens, sad_tokens, "blocks.2.hook_resid_pre")   # doctest: +SKIP
->>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, coefficient=4.0)])  # doctest: +SKIP
->>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, mode="project_out")])  # doctest: +SKIP
+>>> vec = mean_difference(model, happy_tokens, sad_tokens, "blocks.1.hook_resid_pre")
+>>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, coefficient=4.0)])
+>>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, mode="project_out")])
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from torch import Tensor
 
 from interplab.hooks.points import HookFn
 from interplab.hooks.site import Site
+from interplab.model import Transformer
+from interplab.plots import save_result
 
 
 class SteerMode(str, Enum):
@@ -119,19 +121,17 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
         return save_result(self, path)
 
 
-def _read(model: Any, tokens: Tensor, site: Site, position: int) -> Tensor:
+def _read(model: Transformer, tokens: Tensor, site: Site, position: int) -> Tensor:
     _, cache = model.run_with_cache(torch.as_tensor(tokens).to(model.W_E.device), [site])
     act = cache[site.name]
     return act[:, position].reshape(act.shape[0], -1).float()
 
 
 def mean_difference(
-    model: Any,
+    model: Transformer,
     tokens_a: Int[Tensor, "batch pos"],
     tokens_b: Int[Tensor, "batch pos"],
     site: str | Site | tuple,

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interplab import plots
 from interplab.hooks.site import Site, SiteKind
+from interplab.model import Transformer
 
 
 class PatchTarget(str, Enum):
@@ -100,7 +102,7 @@ def parse_target(target: PatchTarget | str) -> PatchTarget:
         raise ValueError(f"unknown patch target {target!r}; valid: {valid}") from None
 
 
-def n_units(model: Any, target: PatchTarget) -> int:
+def n_units(model: Transformer, target: PatchTarget) -> int:
     """Heads (key/value heads for k and v under GQA) or neurons per layer; 1 for residual targets."""
     cfg = model.cfg
     if target in (PatchTarget.K, PatchTarget.V):
@@ -113,7 +115,7 @@ def n_units(model: Any, target: PatchTarget) -> int:
 
 
 def plan_patches(
-    model: Any,
+    model: Transformer,
     target: PatchTarget,
     n_pos: int,
     *,
@@ -124,7 +126,7 @@ def plan_patches(
 ) -> tuple[list[Patch], tuple[str, ...], tuple[int, ...]]:
     """Every patch of a target, the result's dimension names and shape (patches are in row-major order)."""
     cfg = model.cfg
-    if target.kind.value in ("hook_resid_mid",) and (cfg.attn_only or cfg.parallel_attn_mlp):
+    if target.kind is SiteKind.RESID_MID and (cfg.attn_only or cfg.parallel_attn_mlp):
         raise ValueError(f"target {target.value!r}: this model's blocks have no resid_mid")
     if target in (PatchTarget.MLP_OUT, PatchTarget.MLP_POST) and not cfg.has_mlp:
         raise ValueError(f"target {target.value!r}: the model is attention-only")
@@ -186,7 +188,7 @@ def site_of(target: PatchTarget, layer: int) -> Site:
     return Site(target.kind, layer)
 
 
-def token_labels(model: Any, tokens: Tensor) -> tuple[str, ...]:
+def token_labels(model: Transformer, tokens: Tensor) -> tuple[str, ...]:
     """``"i:token"`` for each position of one sequence (ids when the model has no tokenizer)."""
     ids = [int(t) for t in tokens]
     tok = getattr(model, "tokenizer", None)
@@ -246,7 +248,6 @@ class PatchResult:
 
     def plot(self, title: str | None = None):  # noqa: ANN201 - plotly Figure (lazy import)
         """A heatmap (facets over heads/neurons when patched by position)."""
-        from interplab import plots
 
         title = title or f"{self.method} patching ({self.direction.value}) of {self.target.value}"
         v = self.values.detach().float().cpu()
@@ -277,13 +278,11 @@ class PatchResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def result_labels(
-    model: Any,
+    model: Transformer,
     dims: Sequence[str],
     tokens: Tensor,
     layers: Sequence[int] | None,

@@ -18,8 +18,8 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 
+from interplab.model import Transformer
 from interplab.model.load import load_model, model_source
-from interplab.model.transformer import Transformer
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -199,7 +199,9 @@ def _option_name(param: Any) -> str:
     return max(opts, key=len) if opts else str(getattr(param, "name", "--out"))
 
 
-def check_seq_len(seq_len: int | None, model: Any, option: str = "--seq-len", default: int = 128) -> int:
+def check_seq_len(
+    seq_len: int | None, model: Transformer, option: str = "--seq-len", default: int = 128
+) -> int:
     """The sequence length to use: ``seq_len`` if it fits the model's context window (it is never shortened
     silently: a longer one is an error naming both), or ``default`` capped at n_ctx when unset."""
     n_ctx = model.cfg.n_ctx

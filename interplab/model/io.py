@@ -9,13 +9,12 @@ the exact inverse of `save_model`. ``checksums.json`` (written last) records eac
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from interplab import runs
+from interplab.data.tokenizer import load_tokenizer
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
 from interplab.io import load_tensors, save_tensors
 from interplab.model.config import ModelConfig
@@ -78,9 +77,6 @@ def load_native(
 def attach_tokenizer(model: Transformer, folder: Path) -> None:
     """Give ``model`` the ``tokenizer.json`` of ``folder`` when it has one (interplab and Hugging Face folders)."""
     if (folder / TOKENIZER).is_file():
-        # interplab.data sits above interplab.model: the one runtime import of it, where a tokenizer is read
-        from interplab.data.tokenizer import load_tokenizer
-
         model.tokenizer = load_tokenizer(folder)
 
 
@@ -106,42 +102,3 @@ def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source
     model.load_state_dict(state, assign=True)
     for k, p in model.named_parameters():
         p.requires_grad_(flags[k])
-
-
-def build_from_weights(
-    cfg: ModelConfig,
-    weights: Iterable[tuple[str, torch.Tensor]],
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    source: str = "checkpoint",
-) -> Transformer:
-    """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model).
-
-    ``weights`` yields ``(name, tensor)`` in interplab's names (a converter's output); every weight of the
-    config must come exactly once, in its shape."""
-    with torch.device("meta"):
-        model = Transformer(cfg, init=False)
-    params = dict(model.named_parameters())
-    seen: set[str] = set()
-    for name, tensor in weights:
-        old = params.get(name)
-        if old is None:
-            raise KeyError(f"{source}: converter produced unknown weight {name!r}")
-        if tuple(tensor.shape) != tuple(old.shape):
-            raise ValueError(
-                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
-            )
-        tensor = tensor.to(
-            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
-        )
-        module_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
-        seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise KeyError(
-            f"{source}: missing weight {missing[0]!r}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    return model.eval()

@@ -24,9 +24,9 @@ import torch
 
 from interplab import runs
 from interplab.io import read_json
-from interplab.model.convert import HFCheckpoint, get_converter
+from interplab.model.convert import HFCheckpoint, build_from_weights, get_converter
 from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES, load_transformer_lens
-from interplab.model.io import CONFIG, attach_tokenizer, build_from_weights, is_native, load_native
+from interplab.model.io import CONFIG, attach_tokenizer, is_native, load_native
 from interplab.model.process import process_weights
 from interplab.model.transformer import Transformer
 
@@ -54,8 +54,8 @@ def load_model(
     step that is not valid for the model, such as centring the writing weights of an RMSNorm model, is skipped
     with a warning, as TransformerLens does).
 
-    >>> model = load_model("runs/demo")  # doctest: +SKIP
-    >>> model_source("runs/demo")  # doctest: +SKIP
+    >>> model = load_model("runs/demo")  # a training run: its final/
+    >>> model_source("runs/demo")
     PosixPath('runs/demo/final')
     """
     path = model_source(path, tl_config=tl_config)
