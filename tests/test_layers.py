@@ -50,10 +50,6 @@ LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 # whoever moves one deletes its line here.
 CLI_GROUP = "a CLI command group: the library loads when its command runs, so `interplab --help` stays fast"
 LAZY: dict[tuple[str, str], str] = {
-    ("circuits/circuit.py", "interplab.io"): "issue 14 (reports)",
-    ("data_attribution/run.py", "interplab.model.io"): "issue 14 (reports)",
-    ("data_attribution/run.py", "interplab.train.sources"): "issue 14 (reports)",
-    ("data_attribution/targets.py", "interplab.analysis.heads"): "issue 14 (reports)",
     ("model/transformer.py", "interplab.model.io"): "issue 14 (forward)",
     ("sae/activations.py", "interplab.data"): "issue 14 (saetrain)",
     ("sae/base.py", "interplab.sae.io"): "issue 14 (saetrain)",
@@ -64,13 +60,6 @@ LAZY: dict[tuple[str, str], str] = {
     ("sae/recovery.py", "interplab.io"): "issue 14 (saetrain)",
     ("sae/registry.py", "interplab.sae.architectures"): "issue 14 (saetrain)",
     ("sae/train.py", "interplab.sae.plots"): "issue 14 (saetrain)",
-    ("scrub/parens.py", "interplab.model.load"): "issue 14 (reports)",
-    ("scrub/result.py", "interplab.io"): "issue 14 (reports)",
-    ("scrub/result.py", "interplab.plots"): "issue 14 (reports)",
-    ("scrub/tasks.py", "interplab.circuits.planted"): "issue 14 (reports)",
-    ("scrub/tasks.py", "interplab.scrub.induction"): "issue 14 (reports)",
-    ("scrub/tasks.py", "interplab.scrub.parens"): "issue 14 (reports)",
-    ("web/runs.py", "interplab.train.checkpoint"): "issue 14 (reports)",
 }
 # files whose every function may import the library lazily
 LAZY_FILES: dict[str, str] = {

@@ -5,6 +5,7 @@ loaded or written), the progress of long jobs (:class:`JobProgress`) and the com
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shlex
@@ -20,6 +21,7 @@ from rich.console import Console
 
 from interplab.model import Transformer
 from interplab.model.load import load_model, model_source
+from interplab.runs import Kind, RunError, check_out
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -49,6 +51,15 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def library_default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of the library function ``fn``: a command's default is the library's,
+    never typed a second time (config dataclasses: use the field, ``ScrubConfig.n_seeds``)."""
+    default = inspect.signature(fn).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{fn.__qualname__}() has no default for {name!r}")
+    return default
 
 
 # --- argument validators -------------------------------------------------------------------------------------
@@ -182,6 +193,15 @@ def check_out_file(path: Path | None, option: str = "--out") -> Path | None:
         return path
     check_out_folder(path.parent, option)
     return path
+
+
+def claim_out(path: Path, kind: Kind, *also: Kind) -> Path:
+    """`interplab.runs.check_out` as one line for the user: a folder holding another kind of run is refused
+    before anything is computed or written."""
+    try:
+        return check_out(path, kind, *also)
+    except RunError as err:
+        fail(str(err))
 
 
 def out_folder(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:

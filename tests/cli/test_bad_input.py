@@ -276,6 +276,14 @@ CASES = [
     (["route", "--preset", "digits-split", "--seeds", "0", "--out", E], 2, "0"),
     (["route", "--preset", "nope"], 2, "nope"),
     (["route", "--preset", "digits-split", "--out", F], 2, "afile"),
+    # an output folder holding another kind of run is refused before anything runs (it would be overwritten)
+    (["heads", M, "--out", M], 2, "is an interplab model folder: writing a head-scores run there"),
+    (["patch", M, "--out", M, "--task", "ioi"], 2, "is an interplab model folder"),
+    (["lens", M, "--out", S, "--task", "ioi"], 2, "is an SAE folder"),
+    (["scrub", "{root}/hyp.py", "--task", "induction", "--out", M], 2, "is an interplab model folder"),
+    (["discover", "--task", "induction", "--out", M], 2, "is an interplab model folder"),
+    (["route", "--preset", "digits-split", "--out", M], 2, "is an interplab model folder"),
+    (["attribute", "{root}/norun", "--out", M], 2, "is an interplab model folder"),
     (["serve", "--db", "{root}/no.db", "--port", "0"], 2, "0"),
     (["serve", "--db", "{root}/no.db", "--port", "70000"], 2, "70000"),
     (["serve"], 2, "--db"),
@@ -306,6 +314,13 @@ def test_bad_input_gets_one_clear_line(lab, monkeypatch, args, code, named):
     assert "Traceback" not in result.output
     assert _snapshot(lab / "existing") == before  # nothing written, nothing lost
     assert not (lab / "afile").is_dir() and (lab / "afile").read_text() == "not a folder"
+
+
+def test_an_out_folder_holding_another_run_is_left_as_it_was(lab):
+    before = _snapshot(lab / "model")
+    result = CliRunner().invoke(app, ["heads", str(lab / "model"), "--out", str(lab / "model")])
+    assert result.exit_code == 2 and "choose another output folder" in result.stderr
+    assert _snapshot(lab / "model") == before
 
 
 def test_debug_shows_the_traceback(lab):
