@@ -92,6 +92,7 @@ __all__ = [
     "model_folder",
     "open_run",
     "read_json",
+    "read_log",
     "sae_folders",
     "pick_sae",
     "write_json",
@@ -515,6 +516,11 @@ def _checkpoints(
     return [
         c for c in found if verify_checkpoint(c.path, need_optimizer=need_optimizer, required=req) is None
     ]
+
+
+def read_log(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``folder/log.jsonl`` (empty when there is none); a torn last line is skipped."""
+    return _read_log(Path(folder))
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

@@ -50,12 +50,6 @@ LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 # whoever moves one deletes its line here.
 CLI_GROUP = "a CLI command group: the library loads when its command runs, so `interplab --help` stays fast"
 LAZY: dict[tuple[str, str], str] = {
-    ("model/io.py", "interplab.data.tokenizer"): "issue 14 (runs)",
-    ("model/load.py", "interplab.data.tokenizer"): "issue 14 (runs)",
-    ("model/load.py", "interplab.model.process"): "issue 14 (runs)",
-    ("model/load.py", "interplab.model.convert"): "issue 14 (runs)",
-    ("model/load.py", "interplab.model.convert.transformer_lens"): "issue 14 (runs)",
-    ("model/load.py", "interplab.model.io"): "issue 14 (runs)",
     ("model/transformer.py", "interplab.model.io"): "issue 14 (forward)",
     ("sae/activations.py", "interplab.data"): "issue 14 (saetrain)",
     ("sae/base.py", "interplab.sae.io"): "issue 14 (saetrain)",
@@ -66,8 +60,6 @@ LAZY: dict[tuple[str, str], str] = {
     ("sae/recovery.py", "interplab.io"): "issue 14 (saetrain)",
     ("sae/registry.py", "interplab.sae.architectures"): "issue 14 (saetrain)",
     ("sae/train.py", "interplab.sae.plots"): "issue 14 (saetrain)",
-    ("train/config.py", "interplab.io"): "issue 14 (runs)",
-    ("train/log.py", "interplab.io"): "issue 14 (runs)",
 }
 # files whose every function may import the library lazily
 LAZY_FILES: dict[str, str] = {

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from interplab.model import Transformer
+from interplab.model.load import load_model, model_source
 from interplab.runs import Kind, RunError, check_out
 
 console = Console(stderr=False)
@@ -231,6 +232,19 @@ def check_seq_len(
             f"{option} {seq_len} is longer than the model's context window n_ctx={n_ctx}; use {option} <= {n_ctx}"
         )
     return seq_len
+
+
+def load_model_arg(path: Path) -> Transformer:
+    """Load the model a command was given (a model folder or file, or a training run: its ``final/``), saying
+    ``loaded RUN/final`` when the path stood for another folder; a path with no model ends in one line."""
+    try:
+        source = model_source(path)
+        model = load_model(source)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        fail(str(err).strip("'\""))
+    if source != Path(path):
+        console.print(f"loaded {source}", markup=False, highlight=False, soft_wrap=True)
+    return model
 
 
 # --- progress of long jobs: a live bar on a terminal, periodic log lines otherwise ---------------------------
