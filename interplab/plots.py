@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interplab import runs
 from interplab.io import atomic_path, atomic_write_text
 
 DIVERGING = "RdBu"
@@ -365,11 +366,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def save_result(result: Any, path: str | Path) -> Path:
-    """Save a result object: ``.json`` writes ``result.to_dict()``, ``.html``/``.png``/``.svg`` its ``plot()``."""
-    import json
-
+    """Save a result object: ``.json`` writes ``result.to_dict()`` as a `runs.Kind.RESULT` document (``type``:
+    the result's class), ``.html``/``.png``/``.svg`` its ``plot()``."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
-        return path
+        return runs.write_json(path, runs.Kind.RESULT, {"type": type(result).__name__, **result.to_dict()})
     return save_figure(result.plot(), path)

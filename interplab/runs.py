@@ -169,6 +169,15 @@ class Kind(str, Enum):
     """feature explanations and their scores (`AutoInterpResult`)"""
     STEERING = "steering"
     """a continuation with and without a feature steered (`SteeringResult`)"""
+    RESULT = "result"
+    """a result object saved as JSON by its ``.save(path)`` (``type`` names its class: ``PatchResult`` ...)"""
+    GENERATION = "generation"
+    """generated tokens, their mask and text (`Generation.save`)"""
+    TOKEN_STORE = "token_store"
+    """the record of a tokenised corpus split in the token cache (beside its ``.bin``)"""
+    TOKENIZER = "tokenizer"
+    """interplab's character tokenizer (``tokenizer.json``; a BPE ``tokenizer.json`` is the tokenizers
+    library's own format, foreign, and carries no kind)"""
 
     @property
     def label(self) -> str:
@@ -203,6 +212,10 @@ _LABELS = {
     Kind.FEATURE_EXPORT: "a feature-database export report",
     Kind.AUTO_INTERP: "a set of feature explanations",
     Kind.STEERING: "a steering result",
+    Kind.RESULT: "a saved result",
+    Kind.GENERATION: "a generation",
+    Kind.TOKEN_STORE: "a token-store record",
+    Kind.TOKENIZER: "a character tokenizer",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}

@@ -180,3 +180,46 @@ def test_report_and_open_run(tmp_path):
     assert isinstance(runs.open_run(_train_run(tmp_path)), runs.TrainRun)
     with pytest.raises(RunError, match=r"expected a causal-scrubbing run"):
         runs.Report.open(tmp_path / "run" / runs.FINAL / runs.CONFIG, Kind.SCRUB)
+
+
+def test_results_generations_tokenizers_and_configs_carry_kind_and_version(tmp_path):
+    from dataclasses import dataclass
+
+    from interplab.data import CharTokenizer, load_tokenizer
+    from interplab.model.generate import Generation
+    from interplab.plots import save_result
+
+    @dataclass
+    class Toy:
+        x: int = 3
+
+        def to_dict(self):
+            return {"x": self.x}
+
+    save_result(Toy(), tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {
+        "kind": "result",
+        "version": 1,
+        "type": "Toy",
+        "x": 3,
+    }
+
+    gen = Generation(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]), 1, None)
+    gen.save(tmp_path / "g.json")
+    assert runs.read_json(tmp_path / "g.json", Kind.GENERATION)["prompt_length"] == 1
+    torch.testing.assert_close(Generation.load(tmp_path / "g.json").tokens, gen.tokens)
+
+    tok = CharTokenizer("abc")
+    tok.save(tmp_path / "tokenizer.json")
+    assert runs.read_json(tmp_path / "tokenizer.json", Kind.TOKENIZER)["alphabet"] == ["a", "b", "c"]
+    assert load_tokenizer(tmp_path / "tokenizer.json").encode("cab") == tok.encode("cab")
+
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=12, n_ctx=8)
+    cfg.to_json(tmp_path / "config.json")
+    assert (
+        runs.detect_document("config.json", json.loads((tmp_path / "config.json").read_text())) is Kind.MODEL
+    )
+    assert ModelConfig.from_json(tmp_path / "config.json") == cfg
+    runs.write_json(tmp_path / "other.json", Kind.SCRUB, {})
+    with pytest.raises(ValueError, match=r"this is a 'scrub' document, not a model config"):
+        ModelConfig.from_json(tmp_path / "other.json")

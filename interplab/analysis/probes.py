@@ -88,7 +88,7 @@ class ProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": self.kind.value,
+            "probe": self.kind.value,
             "score": self.score_name,
             "train_score": self.train_score,
             "test_score": self.test_score,

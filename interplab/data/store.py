@@ -28,9 +28,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interplab import runs
 from interplab.data.corpus import _LINES_PER_RECORD, Corpus, Split
 from interplab.data.tokenizer import BPE_SPECIALS, Tokenizer, load_tokenizer, train_bpe
-from interplab.io import atomic_path, atomic_write_json
+from interplab.io import atomic_path
 
 _CHUNK_DOCS = 64
 # bump when what a store holds for the same corpus and tokenizer changes (separator, dtype rule)
@@ -163,8 +164,9 @@ def build_token_store(
     if n_tokens == 0:
         bin_file.unlink(missing_ok=True)
         raise ValueError(empty_split_message(corpus, split))
-    atomic_write_json(
+    runs.write_json(
         meta_file,
+        runs.Kind.TOKEN_STORE,
         {
             "n_tokens": n_tokens,
             "dtype": np.dtype(dtype).name,

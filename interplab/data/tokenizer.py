@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interplab import runs
 from interplab.io import atomic_write_text
 
 BOS = "<|bos|>"
@@ -129,7 +130,7 @@ class CharTokenizer(Tokenizer):
 
     def save(self, path: str | Path) -> None:
         data = {"format": _CHAR_FORMAT, "alphabet": self.alphabet, "specials": self.specials}
-        atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+        runs.write_json(Path(path), runs.Kind.TOKENIZER, data)
 
 
 def train_bpe(

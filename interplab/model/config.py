@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from interplab.io import atomic_write_text
+from interplab import runs
 
 CONFIG_VERSION = 1
 
@@ -222,6 +222,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
+        kind = data.pop("kind", runs.Kind.MODEL.value)  # a config.json written through runs says what it is
+        if kind != runs.Kind.MODEL.value:
+            raise ValueError(f"this is a {kind!r} document, not a model config ({runs.Kind.MODEL.value!r})")
+        data.pop("format", None)
         version = data.pop("version", CONFIG_VERSION)
         if version > CONFIG_VERSION:
             raise ValueError(f"config version {version} is newer than this interplab ({CONFIG_VERSION})")
@@ -232,7 +236,8 @@ class ModelConfig:
         return cls(**data)
 
     def to_json(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as a `runs.Kind.MODEL` JSON document (what a model folder's ``config.json`` holds)."""
+        runs.write_json(Path(path), runs.Kind.MODEL, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:

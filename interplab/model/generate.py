@@ -24,8 +24,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interplab import runs
 from interplab.hooks.points import HookFn, HookTarget
-from interplab.io import atomic_write_json
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -51,8 +51,9 @@ class Generation:
     def save(self, path: str | Path) -> Path:
         """Write the tokens, mask and text as JSON."""
         path = Path(path)
-        atomic_write_json(
+        runs.write_json(
             path,
+            runs.Kind.GENERATION,
             {
                 "tokens": self.tokens.tolist(),
                 "attention_mask": self.attention_mask.tolist(),

@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interplab.io import atomic_write_json
+from interplab import runs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,9 +85,11 @@ class FeatureRecovery:
         return fig
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(
+        runs.write_json(
             path,
+            runs.Kind.RESULT,
             {
+                "type": type(self).__name__,
                 "mean_max_cosine": self.mean_max_cosine,
                 "fraction_recovered": self.fraction_recovered,
                 "threshold": self.threshold,

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interplab.io import atomic_write_json
+from interplab import runs
 from interplab.plots import save_figure
 from interplab.toy import plots as toy_plots
 from interplab.toy.model import ToyConfig, ToyModel, train_toy
@@ -52,9 +52,11 @@ class ToyAnalysis:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
+        runs.write_json(
             path / "toy_analysis.json",
+            runs.Kind.RESULT,
             {
+                "type": type(self).__name__,
                 "norms": self.norms,
                 "superposition": self.superposition,
                 "dimensionality": self.dimensionality,
@@ -109,9 +111,11 @@ class PhaseDiagram:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
+        runs.write_json(
             path / "phase_diagram.json",
+            runs.Kind.RESULT,
             {
+                "type": type(self).__name__,
                 "sparsities": self.sparsities,
                 "importances": self.importances,
                 "phase": self.phase,
