@@ -223,3 +223,13 @@ def test_results_generations_tokenizers_and_configs_carry_kind_and_version(tmp_p
     runs.write_json(tmp_path / "other.json", Kind.SCRUB, {})
     with pytest.raises(ValueError, match=r"this is a 'scrub' document, not a model config"):
         ModelConfig.from_json(tmp_path / "other.json")
+
+
+def test_the_config_documents_are_read_up_to_their_configs_own_version():
+    # a config.json's version is its config's (ModelConfig / TrainConfig): runs must read up to that version,
+    # or bumping a config would make interplab refuse its own new files
+    from interplab.model.config import CONFIG_VERSION
+    from interplab.train.config import TRAIN_CONFIG_VERSION
+
+    assert runs.VERSIONS[Kind.MODEL] == CONFIG_VERSION
+    assert runs.VERSIONS[Kind.TRAIN] == TRAIN_CONFIG_VERSION
