@@ -22,7 +22,8 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
                                         (+ tokenizer.json, checksums.json)
     SAE training run (Kind.SAE_TRAIN)   `interplab sae train`
         config.json                     {kind: sae_train, version, saes, train, data}
-        log.jsonl, train_summary.json, checkpoints/step_N/NAME/, eval/ (Kind.SAE_EVAL reports)
+        log.jsonl, train_summary.json (Kind.SAE_TRAIN_SUMMARY), checkpoints/step_N/NAME/,
+        eval/report.json, eval/NAME/report.json (Kind.SAE_EVAL: the set, and each SAE's)
         saes/NAME/                      each finished SAE (Kind.SAE): SAELens' layout, cfg.json +
                                         sae_weights.safetensors (a foreign format: cfg.json stays SAELens')
     activation cache (Kind.ACTIVATION_CACHE)   manifest.json {kind: activation_cache, version, ...} + shards
@@ -31,6 +32,13 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures
     gradient recording (Kind.GRADIENTS) config.json {kind: gradients, version, record, projector, group_numel}
                                         + index.json {kind: gradient_index, version, entries} + step_N.safetensors
+    JSON documents anywhere            a result's ``.save(x.json)`` {kind: result, version, type: its class, ...};
+                                        Generation.save {kind: generation}; feature build/export/explanations/
+                                        steering {kind: feature_build|feature_export|auto_interp|steering}; the
+                                        token cache's ``<key>.json`` {kind: token_store}; a character
+                                        ``tokenizer.json`` {kind: tokenizer}; ``checksums.json`` {kind: checksums}
+    foreign formats (no kind)           SAELens' ``cfg.json``, a BPE ``tokenizer.json`` (the tokenizers library's),
+                                        a Hugging Face ``config.json``: kept exactly as their tools write them
 
 This module is the bottom layer: it imports only the standard library, `interplab.io` and
 `interplab.integrity`, so configs are returned as plain dicts (``TrainConfig.from_dict(run.config)``).
