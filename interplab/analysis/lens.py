@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -30,6 +30,10 @@ from torch import Tensor
 
 from interplab.analysis.metrics import LogitDiff, _as_index
 from interplab.analysis.targets import token_labels
+
+if TYPE_CHECKING:
+    from interplab.hooks.cache import ActivationCache
+    from interplab.model.transformer import Transformer
 
 
 # ---- logit lens ------------------------------------------------------------------------------------
@@ -82,14 +86,14 @@ class LogitLensResult:
         return save_result(self, path)
 
 
-def _accumulated(model: Any, cache: Any) -> tuple[list[Tensor], tuple[str, ...]]:
+def _accumulated(model: Transformer, cache: ActivationCache) -> tuple[list[Tensor], tuple[str, ...]]:
     n = model.cfg.n_layers
     streams = [cache[("resid_pre", layer)] for layer in range(n)] + [cache[("resid_post", n - 1)]]
     return streams, tuple([f"L{layer} pre" for layer in range(n)] + ["final"])
 
 
 def logit_lens(
-    model: Any, tokens: Int[Tensor, "batch pos"], *, attention_mask: Tensor | None = None
+    model: Transformer, tokens: Int[Tensor, "batch pos"], *, attention_mask: Tensor | None = None
 ) -> LogitLensResult:
     """Unembed the residual stream at every layer (final norm applied with each stream's own scale)."""
     tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
@@ -119,7 +123,7 @@ def logit_lens(
 
 
 # ---- direct logit attribution -------------------------------------------------------------------------
-def _direction(model: Any, answer: Tensor, wrong: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+def _direction(model: Transformer, answer: Tensor, wrong: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """(norm weight * unembedding difference) [batch d_model] and the bias term [batch]."""
     a, b = _as_index(answer, "answer"), _as_index(wrong, "wrong")
     a, b = a.expand(batch) if a.numel() == 1 else a, b.expand(batch) if b.numel() == 1 else b
@@ -134,9 +138,10 @@ def _direction(model: Any, answer: Tensor, wrong: Tensor, batch: int) -> tuple[T
     u = (model.W_U[:, a] - model.W_U[:, b]).T  # batch d_model
     bias = model.unembed.b_U[a] - model.unembed.b_U[b]
     norm = model.ln_final
-    if hasattr(norm, "w"):
-        bias = bias + (getattr(norm, "b", torch.zeros_like(norm.w)) * u).sum(-1)
-        u = u * norm.w
+    w = getattr(norm, "w", None)
+    if w is not None:
+        bias = bias + (getattr(norm, "b", torch.zeros_like(w)) * u).sum(-1)
+        u = u * w
     return u, bias
 
 
@@ -154,7 +159,7 @@ def _read_positions(positions: Tensor | int | None, batch: int, n_pos: int, devi
 class _Projector:
     """Projects components at the read position onto the logit-difference direction at the cached scale."""
 
-    def __init__(self, model: Any, cache: Any, u: Tensor, read: Tensor) -> None:
+    def __init__(self, model: Transformer, cache: ActivationCache, u: Tensor, read: Tensor) -> None:
         self.kind = model.cfg.normalization.value
         self.u, self.read = u, read
         rows = torch.arange(u.shape[0], device=u.device)
@@ -274,7 +279,7 @@ class DLAResult:
 
 
 def direct_logit_attribution(
-    model: Any,
+    model: Transformer,
     tokens: Int[Tensor, "batch pos"],
     answer: Tensor | int,
     wrong: Tensor | int,
@@ -383,7 +388,7 @@ class ResidualDecomposition:
 
 
 def residual_decomposition(
-    model: Any,
+    model: Transformer,
     tokens: Int[Tensor, "batch pos"],
     answer: Tensor | int,
     wrong: Tensor | int,

@@ -11,13 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.hooks.site import Site
+
+if TYPE_CHECKING:
+    from interplab.model.transformer import Transformer
 
 
 class ProbeKind(str, Enum):
@@ -118,7 +121,7 @@ class ProbeResult:
 
 
 def collect_activations(
-    model: Any,
+    model: Transformer,
     tokens: Int[Tensor, "batch pos"],
     site: str | Site | tuple,
     *,

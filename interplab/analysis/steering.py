@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -19,6 +19,9 @@ from torch import Tensor
 
 from interplab.hooks.points import HookFn
 from interplab.hooks.site import Site
+
+if TYPE_CHECKING:
+    from interplab.model.transformer import Transformer
 
 
 class SteerMode(str, Enum):
@@ -124,14 +127,14 @@ class SteeringVector:
         return save_result(self, path)
 
 
-def _read(model: Any, tokens: Tensor, site: Site, position: int) -> Tensor:
+def _read(model: Transformer, tokens: Tensor, site: Site, position: int) -> Tensor:
     _, cache = model.run_with_cache(torch.as_tensor(tokens).to(model.W_E.device), [site])
     act = cache[site.name]
     return act[:, position].reshape(act.shape[0], -1).float()
 
 
 def mean_difference(
-    model: Any,
+    model: Transformer,
     tokens_a: Int[Tensor, "batch pos"],
     tokens_b: Int[Tensor, "batch pos"],
     site: str | Site | tuple,

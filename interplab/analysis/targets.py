@@ -20,12 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from interplab.hooks.site import Site, SiteKind
+
+if TYPE_CHECKING:
+    from interplab.model.transformer import Transformer
 
 
 class PatchTarget(str, Enum):
@@ -100,7 +103,7 @@ def parse_target(target: PatchTarget | str) -> PatchTarget:
         raise ValueError(f"unknown patch target {target!r}; valid: {valid}") from None
 
 
-def n_units(model: Any, target: PatchTarget) -> int:
+def n_units(model: Transformer, target: PatchTarget) -> int:
     """Heads (key/value heads for k and v under GQA) or neurons per layer; 1 for residual targets."""
     cfg = model.cfg
     if target in (PatchTarget.K, PatchTarget.V):
@@ -113,7 +116,7 @@ def n_units(model: Any, target: PatchTarget) -> int:
 
 
 def plan_patches(
-    model: Any,
+    model: Transformer,
     target: PatchTarget,
     n_pos: int,
     *,
@@ -156,7 +159,7 @@ def plan_patches(
         for i in idx:
             if not isinstance(i, int) or not 0 <= i < units:
                 raise ValueError(f"unknown {what} index {i!r}: layers have {units} {what}s (0..{units - 1})")
-    pos_axis: list[int | None] = pos_list if by_position else [None]
+    pos_axis: list[int | None] = list(pos_list) if by_position else [None]
     patches = [Patch(layer, p, i) for layer in layers for p in pos_axis for i in idx]
     dims = ["layer"] + (["pos"] if by_position else [])
     shape = [len(layers)] + ([len(pos_list)] if by_position else [])
@@ -186,7 +189,7 @@ def site_of(target: PatchTarget, layer: int) -> Site:
     return Site(target.kind, layer)
 
 
-def token_labels(model: Any, tokens: Tensor) -> tuple[str, ...]:
+def token_labels(model: Transformer, tokens: Tensor) -> tuple[str, ...]:
     """``"i:token"`` for each position of one sequence (ids when the model has no tokenizer)."""
     ids = [int(t) for t in tokens]
     tok = getattr(model, "tokenizer", None)
@@ -283,7 +286,7 @@ class PatchResult:
 
 
 def result_labels(
-    model: Any,
+    model: Transformer,
     dims: Sequence[str],
     tokens: Tensor,
     layers: Sequence[int] | None,

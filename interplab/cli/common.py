@@ -13,10 +13,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from interplab.model.transformer import Transformer
+
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -196,7 +200,9 @@ def _option_name(param: Any) -> str:
     return max(opts, key=len) if opts else str(getattr(param, "name", "--out"))
 
 
-def check_seq_len(seq_len: int | None, model: Any, option: str = "--seq-len", default: int = 128) -> int:
+def check_seq_len(
+    seq_len: int | None, model: Transformer, option: str = "--seq-len", default: int = 128
+) -> int:
     """The sequence length to use: ``seq_len`` if it fits the model's context window (it is never shortened
     silently: a longer one is an error naming both), or ``default`` capped at n_ctx when unset."""
     n_ctx = model.cfg.n_ctx

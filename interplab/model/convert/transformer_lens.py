@@ -155,7 +155,8 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         attn_scale = float(d_head) ** 0.5 if attn_scale in (None, -1, -1.0) else float(attn_scale)
     else:
         attn_scale = 1.0
-    window, sliding = None, ()
+    window = None
+    sliding: tuple[int, ...] = ()
     if tl.get("use_local_attn"):
         types = tl.get("attn_types") or []
         window = tl.get("window_size")
@@ -177,9 +178,9 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         d_head=d_head,
         d_vocab=tl["d_vocab"],
         n_ctx=tl["n_ctx"],
-        d_mlp=tl.get("d_mlp") or None,
-        d_vocab_out=None if d_vocab_out in (None, -1) else d_vocab_out,
-        n_kv_heads=tl.get("n_key_value_heads"),
+        d_mlp=tl.get("d_mlp") or None,  # type: ignore[arg-type]  # None: derived by ModelConfig
+        d_vocab_out=None if d_vocab_out in (None, -1) else d_vocab_out,  # type: ignore[arg-type]
+        n_kv_heads=tl.get("n_key_value_heads"),  # type: ignore[arg-type]
         attn_only=attn_only,
         act_fn=_ACT[act] if act is not None else Activation.GELU,
         gated_mlp=bool(tl.get("gated_mlp", False)),
@@ -187,7 +188,7 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         norm_eps=float(tl.get("eps", 1e-5)),
         post_norms=bool(tl.get("use_normalization_before_and_after", False)),
         positional=_POSITIONAL[pos_type],
-        rotary_dim=tl.get("rotary_dim") if pos_type == "rotary" else None,
+        rotary_dim=tl.get("rotary_dim") if pos_type == "rotary" else None,  # type: ignore[arg-type]
         rotary_base=float(tl.get("rotary_base", 10000)),
         rotary_style=RotaryStyle.GPTJ if tl.get("rotary_adjacent_pairs") else RotaryStyle.NEOX,
         parallel_attn_mlp=bool(tl.get("parallel_attn_mlp", False)),
@@ -268,7 +269,7 @@ def tl_weights(
             if cfg.normalization is Norm.LAYERNORM:
                 yield f"{n}.b", zeros.clone()
     if "unembed.b_U" not in state:
-        yield "unembed.b_U", torch.zeros(cfg.d_vocab_out)  # type: ignore[arg-type]
+        yield "unembed.b_U", torch.zeros(cfg.d_vocab_out)
 
 
 def _weights_file(path: Path) -> Path:
