@@ -15,17 +15,36 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from interplab.integrity import check_file, sha256_file
+from interplab.integrity import sha256_file
 from interplab.io import atomic_write_json, save_tensors
+from interplab.runs import (
+    CHECKPOINTS,
+    STATE,
+    Checkpoint,
+    checkpoint_name,
+    checkpoint_step,
+    list_checkpoints,
+    verify_checkpoint,
+)
 
-CHECKPOINTS = "checkpoints"
-_PREFIX = "step_"
+__all__ = [
+    "CHECKPOINTS",
+    "Checkpoint",
+    "checkpoint_dir",
+    "clean_stale_temps",
+    "latest_good_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "write_checkpoint",
+]
+
 _TMP, _OLD = (
     ".tmp-",
     ".old-",
@@ -33,24 +52,7 @@ _TMP, _OLD = (
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"{_PREFIX}{step:06d}"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    path: Path
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
-    """Every finished checkpoint folder of a run (temp folders of interrupted writes are ignored), by step."""
-    root = Path(run_dir) / CHECKPOINTS
-    out = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit():
-                out.append(Checkpoint(int(p.name[len(_PREFIX) :]), p))
-    return sorted(out, key=lambda c: c.step)
+    return Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
 
 
 def save_checkpoint(
@@ -90,7 +92,7 @@ def write_checkpoint(final: Path, step: int, write: Callable[[Path], dict[str, A
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         rel = [p.relative_to(tmp).as_posix() for p in files]
         atomic_write_json(
-            tmp / "state.json",
+            tmp / STATE,
             {
                 "step": step,
                 **state,
@@ -140,7 +142,7 @@ def clean_stale_temps(run_dir: str | Path) -> list[str]:
         if kind is None or not p.is_dir():
             continue
         name, _, pid = p.name[len(kind) :].rpartition("-")
-        if not (name.startswith(_PREFIX) and pid.isdigit()) or _alive(int(pid)):
+        if checkpoint_step(name) is None or not pid.isdigit() or _alive(int(pid)):
             continue
         final = root / name
         if kind == _OLD and not final.exists():
@@ -162,36 +164,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # a live process of another user
         return True
     return True
-
-
-def verify_checkpoint(
-    path: Path, *, need_optimizer: bool = True, required: Iterable[str] | None = None
-) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it is not. ``required``: the files it
-    must hold (default: a model checkpoint's, with the optimizer and RNG state when ``need_optimizer``)."""
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        return "no state.json (interrupted write?)"
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as err:
-        return f"state.json is not valid JSON ({err})"
-    hashes = state.get("sha256")
-    if not isinstance(hashes, dict):
-        return "state.json has no file hashes"
-    if required is None:
-        required = {"model.safetensors", "config.json"} | (
-            {"optimizer.safetensors", "rng.safetensors"} if need_optimizer else set()
-        )
-    missing = sorted(set(required) - set(hashes))
-    if missing:
-        return f"missing {', '.join(missing)}"
-    sizes = state.get("sizes") or {}
-    for name, digest in hashes.items():
-        problem = check_file(path / name, {"sha256": digest, "size": sizes.get(name)})
-        if problem is not None:
-            return f"{name} {problem}"
-    return None
 
 
 def latest_good_checkpoint(
@@ -216,7 +188,7 @@ def load_checkpoint(
     reason = verify_checkpoint(path, need_optimizer=optimizer is not None)
     if reason is not None:
         raise ValueError(f"checkpoint {path} cannot be loaded: {reason}")
-    state = json.loads((path / "state.json").read_text())
+    state = json.loads((path / STATE).read_text())
     weights = load_file(str(path / "model.safetensors"))
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
