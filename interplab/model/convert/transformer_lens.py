@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
+
+if TYPE_CHECKING:
+    from interplab.model.transformer import Transformer
 
 TL_CONFIG_NAMES = ("transformerlens_config.json", "tl_config.json", "hooked_transformer_config.json")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -87,9 +90,9 @@ _IGNORED = set(
 ) | set(_MUST_BE_OFF)
 
 
-def read_tl_config(tl_config: str | Path | dict | None, weights_file: Path) -> dict[str, Any]:
+def read_tl_config(tl_config: str | Path | Mapping[str, Any] | None, weights_file: Path) -> dict[str, Any]:
     """The TL config as a dict: given directly, read from a path, or found next to the weights file."""
-    if isinstance(tl_config, dict):
+    if isinstance(tl_config, Mapping):
         return dict(tl_config)
     if tl_config is not None:
         return json.loads(Path(tl_config).read_text())
@@ -286,11 +289,11 @@ def _weights_file(path: Path) -> Path:
 
 def load_transformer_lens(
     path: str | Path,
-    tl_config: str | Path | dict | None = None,
+    tl_config: str | Path | Mapping[str, Any] | None = None,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-):
+) -> Transformer:
     """Load a TransformerLens ``HookedTransformer`` state dict (a file, or a folder holding one) into a
     `Transformer`. ``tl_config`` is the TL config (dict or JSON path); by default it is the config embedded
     in the checkpoint (``{"state_dict": ..., "cfg": ...}``) or ``transformerlens_config.json`` (or another of
