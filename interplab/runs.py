@@ -102,6 +102,11 @@ class RunError(ValueError):
     """A folder or file that is not what the caller expected; the message says what it is and what was."""
 
 
+class NotARunError(RunError, FileNotFoundError):
+    """A folder that holds none of interplab's kinds (or does not exist) where a run was expected: both a
+    `RunError` and a ``FileNotFoundError`` (what readers raised before the contract)."""
+
+
 class Kind(str, Enum):
     """What a folder or a JSON document is. The value is what ``kind`` holds on disk (a file format)."""
 
@@ -482,7 +487,10 @@ class TrainRun:
 
     @classmethod
     def open(cls, path: str | Path) -> TrainRun:
-        path, _ = _expect(path, [Kind.TRAIN], "a folder written by `interplab train`, holding config.json")
+        hint = "a folder written by `interplab train`, holding config.json"
+        if detect(path) is None:
+            raise NotARunError(f"{path} is not a training run: it is {describe(path)} ({hint})")
+        path, _ = _expect(path, [Kind.TRAIN], hint)
         data = read_json(path / CONFIG, Kind.TRAIN)
         version = int(data.get("version", 1))
         return cls(path, {k: v for k, v in data.items() if k != "kind"}, version)

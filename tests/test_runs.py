@@ -121,8 +121,11 @@ def test_openers_say_what_a_folder_is_and_what_was_expected(tmp_path):
     model = _model(tmp_path / "model")
     with pytest.raises(RunError, match=r"is an interplab model folder; expected a training run"):
         runs.TrainRun.open(model)
+    with pytest.raises(runs.NotARunError, match=r"empty is not a training run: it is an empty folder"):
+        (tmp_path / "empty").mkdir() or runs.TrainRun.open(tmp_path / "empty")
+    assert issubclass(runs.NotARunError, FileNotFoundError) and issubclass(runs.NotARunError, RunError)
     with pytest.raises(RunError, match=r"is an empty folder; expected an SAE training run"):
-        (tmp_path / "empty").mkdir() or runs.SAERun.open(tmp_path / "empty")
+        runs.SAERun.open(tmp_path / "empty")
     with pytest.raises(RunError, match=r"missing \(no such file or folder\); expected an activation cache"):
         runs.CacheRun.open(tmp_path / "nope")
     (tmp_path / "junk").mkdir()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.table import Table
 
+from interplab import runs
 from interplab.cli.common import (
     JobProgress,
     console,
@@ -18,9 +20,14 @@ from interplab.cli.common import (
     threads_option,
 )
 
+if TYPE_CHECKING:
+    from interplab.analysis.formation import FormationResult
 
-def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict[str, Any]]:
-    from interplab.train.formation import formation
+
+def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[FormationResult, dict[str, Any]]:
+    """Score every checkpoint of ``run_dir`` with a progress bar and save the result (default
+    ``RUN_DIR/formation``)."""
+    from interplab.analysis.formation import formation  # the library behind a command is imported lazily
 
     try:
         with JobProgress("formation", unit="checkpoints") as bar:
@@ -29,44 +36,19 @@ def run_formation(run_dir: Path, out: Path | None, seqs: int) -> tuple[Any, dict
                 result = formation(run_dir, n_seqs=seqs, progress=bar)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    paths = result.save(out or run_dir / "formation")
+    paths = result.save(out or run_dir / runs.FORMATION)
     return result, paths
 
 
-def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
-    from rich.table import Table
+def print_formation(result: FormationResult, paths: dict[str, Any], every: int) -> None:
+    from interplab.analysis.formation import COLUMNS, row_cells
 
     table = Table(title="induction-head formation", show_lines=False)
-    for col in (
-        "step",
-        "tokens",
-        "val loss",
-        "max induction",
-        "max prev-token",
-        "loss 1st half",
-        "loss repeated half",
-        "ICL score",
-    ):
+    for col in COLUMNS:
         table.add_column(col, justify="right")
-    rows = result.table()
-    keep = set(range(0, len(rows), every)) | {len(rows) - 1}
-    if result.formation_step is not None:
-        i = result.steps.index(result.formation_step)
-        keep.update({max(i - 1, 0), i})
-    for i in sorted(keep):
-        r = rows[i]
+    for r in result.shown_rows(every):
         style = "bold green" if r["step"] == result.formation_step else None
-        table.add_row(
-            str(r["step"]),
-            f"{r['tokens']:,}",
-            _f(r["val_loss"]),
-            f"{r['max_induction']:.3f}",
-            f"{r['max_prev_token']:.3f}",
-            f"{r['repeated_loss_first']:.2f}",
-            f"{r['repeated_loss_second']:.2f}",
-            _f(r["icl_score"]),
-            style=style,
-        )
+        table.add_row(*row_cells(r), style=style)
     console.print(table)
     for item in result.skipped:
         console.print(f"[yellow]skipped checkpoint[/] {item}")
@@ -76,10 +58,6 @@ def print_formation(result: Any, paths: dict[str, Any], every: int) -> None:
         console.print(f"picture: {paths['png']}")
     else:
         console.print(paths["png_error"], style="yellow", markup=False, soft_wrap=True)
-
-
-def _f(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
 
 
 def formation_command(

@@ -10,7 +10,6 @@ at every checkpoint of the window (TracIn over checkpoints: the sum of -lr <grad
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from interplab import runs
 from interplab.data_attribution.methods import CheckpointGrads, formation_window, tracin_per_checkpoint
 from interplab.data_attribution.params import param_group
 from interplab.data_attribution.per_example import lm_loss, objective_grad, per_example_grads
@@ -27,6 +27,7 @@ from interplab.data_attribution.projection import Projector
 from interplab.data_attribution.targets import parse_target
 from interplab.io import atomic_write_json, atomic_write_text, save_tensors
 from interplab.plots import figure_html, write_image
+from interplab.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -234,20 +235,16 @@ def attribute_run(
     return result
 
 
-def _open_run(run_dir: Path) -> tuple[Any, list[Any]]:
-    """A corpus training run's config and its intact checkpoints (clear errors otherwise)."""
-    from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
-    from interplab.train.config import TrainConfig
-
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+def _open_run(run_dir: Path) -> tuple[TrainConfig, list[runs.Checkpoint]]:
+    """A corpus training run's config and its intact checkpoints, read through the run contract (clear
+    errors otherwise)."""
+    run = runs.TrainRun.open(run_dir)
+    cfg = TrainConfig.from_dict(run.config)
     if cfg.data.task is not None:
         raise ValueError(
             f"{run_dir} trained on task {cfg.data.task!r}; attribution to training data needs a corpus run"
         )
-    ckpts = [c for c in list_checkpoints(run_dir) if verify_checkpoint(c.path, need_optimizer=False) is None]
-    return cfg, ckpts
+    return cfg, run.checkpoints(intact=True)
 
 
 def _lr_at(cfg: Any, step: int) -> float:

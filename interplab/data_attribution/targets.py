@@ -34,9 +34,9 @@ class Target:
 
 def _default_probe(cfg: Any) -> Tensor:
     """16 sequences of random tokens repeated once (half length up to 32), as formation scores them."""
-    from interplab.train.scores import repeated_random_tokens
+    from interplab.analysis.heads import repeated_random_tokens
 
-    return repeated_random_tokens(16, min(32, cfg.n_ctx // 2), d_vocab=cfg.d_vocab)
+    return repeated_random_tokens(cfg.d_vocab, min(32, cfg.n_ctx // 2), 16, distinct=False)
 
 
 def _pattern(model: nn.Module, tokens: Tensor, layer: int) -> Tensor:

@@ -3,16 +3,11 @@ import json
 import pytest
 import torch
 
+from interplab import runs
+from interplab.analysis.formation import FormationResult, find_formation_step, formation, in_context_score
+from interplab.analysis.heads import head_scores, patterns_and_logits, repeated_random_tokens
 from interplab.model import ModelConfig, Transformer
 from interplab.train import train
-from interplab.train.formation import FormationResult, find_formation_step, formation
-from interplab.train.scores import (
-    attention_patterns,
-    in_context_score,
-    induction_scores,
-    prev_token_scores,
-    repeated_random_tokens,
-)
 
 HALF = 10
 
@@ -38,20 +33,21 @@ def _planted(pattern, site):
 
 def test_planted_heads_score_one():
     model = _model()
-    tokens = repeated_random_tokens(4, HALF, d_vocab=50, seed=1)
+    tokens = repeated_random_tokens(50, HALF, 4, seed=1, distinct=False)
     assert torch.equal(tokens[:, :HALF], tokens[:, HALF:])
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", _planted)]):
-        ind = induction_scores(model, tokens)
-        prev = prev_token_scores(model, tokens)
+        scores = head_scores(model, tokens, period=HALF)
+        ind, prev = scores.induction, scores.previous_token
     torch.testing.assert_close(ind[1, :2], torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(prev[1, :2], torch.tensor([0.0, 1.0]))
 
 
 def test_scores_equal_a_plain_loop():
     model = _model()
-    tokens = repeated_random_tokens(3, HALF, d_vocab=50, seed=2)
-    pat = attention_patterns(model, tokens)  # layer batch head q k
-    ind, prev = induction_scores(model, tokens), prev_token_scores(model, tokens)
+    tokens = repeated_random_tokens(50, HALF, 3, seed=2, distinct=False)
+    pat, _ = patterns_and_logits(model, tokens)  # layer batch head q k
+    scores = head_scores(model, tokens, period=HALF)
+    ind, prev = scores.induction, scores.previous_token
     for layer in range(2):
         for head in range(3):
             i = [pat[layer, b, head, q, q - HALF + 1] for b in range(3) for q in range(HALF, 2 * HALF)]
@@ -63,7 +59,7 @@ def test_scores_equal_a_plain_loop():
 def test_score_inputs_are_checked():
     model = _model()
     with pytest.raises(ValueError, match="must repeat with period"):
-        induction_scores(model, torch.randint(0, 50, (2, 20)))
+        head_scores(model, torch.randint(0, 50, (2, 20)), period=HALF)
     losses = torch.zeros(2, 32)
     losses[:, -4:] = 1.0
     assert in_context_score(losses) == pytest.approx(1.0)
@@ -84,6 +80,8 @@ def test_formation_on_a_run(corpus_dir, tmp_path, tiny_config):
     assert all(v is not None for v in result.val_loss)
     paths = result.save(tmp_path / "out")
     data = json.loads((tmp_path / "out" / "formation.json").read_text())
+    assert (data["kind"], data["version"]) == ("formation", runs.VERSIONS[runs.Kind.FORMATION])
+    assert runs.Report.open(tmp_path / "out").kind is runs.Kind.FORMATION
     again = FormationResult.from_dict(data)
     torch.testing.assert_close(again.induction, result.induction)
     assert "| step |" in (tmp_path / "out" / "formation.md").read_text()

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from interplab import load_model
+from interplab.analysis.formation import formation
 from interplab.data import CharTokenizer
 from interplab.integrity import CHECKSUMS, IntegrityError
 from interplab.model import ModelConfig, Transformer
 from interplab.train import list_checkpoints, train
 from interplab.train.checkpoint import checkpoint_dir, clean_stale_temps, verify_checkpoint
-from interplab.train.formation import formation
 from interplab.train.log import read_log
 
 

@@ -1,18 +1,19 @@
-"""Formation analysis: evaluate every checkpoint of a run on repeated random tokens and held-out data,
-and find the step where the induction heads form.
+"""Formation: an analysis over a training run. Every intact checkpoint is scored on repeated random tokens
+and held-out data, and the step where the induction heads form is found.
 
-Per checkpoint: the induction and previous-token score of every head (`interplab.train.scores`), the loss
-on the first and the repeated half of random sequences, the held-out loss and the in-context-learning
-score (loss late in the context minus early in it).
+Per checkpoint: the induction and previous-token score of every head (the scores of
+`interplab.analysis.heads`, on its probe with ``period`` = the repeated length), the loss on the first and
+the repeated half of the probe, the held-out loss and the in-context-learning score (loss late in the
+context minus early in it). The run is read through the run contract (`interplab.runs.TrainRun`); the
+result is written as ``formation.json`` (``kind: formation``) with a table and pictures.
 
->>> result = formation("runs/demo")
->>> result.formation_step, result.table()[-1]
->>> result.save("runs/demo/formation")
+>>> result = formation("runs/demo")                 # doctest: +SKIP
+>>> result.formation_step, result.table()[-1]       # doctest: +SKIP
+>>> result.save("runs/demo/formation")              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -21,19 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
+import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from interplab.io import atomic_write_json, atomic_write_text
-from interplab.train.checkpoint import list_checkpoints, verify_checkpoint
-from interplab.train.scores import (
-    in_context_score,
-    induction_scores,
+from interplab import runs
+from interplab.analysis.heads import (
+    pattern_masks,
+    pattern_scores,
     patterns_and_logits,
-    prev_token_scores,
     repeated_random_tokens,
-    token_losses,
 )
+from interplab.data import build_token_store, load_tokenizer, open_corpus
+from interplab.io import atomic_write_text
+from interplab.model.io import load_native
+from interplab.model.transformer import Transformer
+from interplab.plots import figure_html, write_image
+from interplab.train.config import TrainConfig
 
 FORMED_THRESHOLD = 0.3
 """a run "forms" induction heads when some head's induction score reaches this"""
@@ -112,20 +117,19 @@ class FormationResult:
             f"{gap0:.2f} to {gap1:.2f} nats below the first half's"
         )
 
-    def markdown(self, every: int = 1) -> str:
-        head = "| step | tokens | val loss | max induction | max prev-token | loss 1st half | loss repeated half | ICL score |"
-        lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def shown_rows(self, every: int = 1) -> list[dict[str, Any]]:
+        """The `table` rows a summary shows: every ``every``-th checkpoint, the last one and the two around
+        the formation step."""
         rows = self.table()
         keep = set(range(0, len(rows), every)) | {len(rows) - 1}
         if self.formation_step is not None:
             i = self.steps.index(self.formation_step)
             keep.update({max(i - 1, 0), i})
-        for i in sorted(keep):
-            r = rows[i]
-            lines.append(
-                f"| {r['step']} | {r['tokens']:,} | {_fmt(r['val_loss'])} | {r['max_induction']:.3f} | "
-                f"{r['max_prev_token']:.3f} | {r['repeated_loss_first']:.2f} | {r['repeated_loss_second']:.2f} | {_fmt(r['icl_score'])} |"
-            )
+        return [rows[i] for i in sorted(keep)]
+
+    def markdown(self, every: int = 1) -> str:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row_cells(r)) + " |" for r in self.shown_rows(every)]
         return "\n".join(lines)
 
     def plot(self) -> Any:
@@ -147,25 +151,17 @@ class FormationResult:
         for layer in range(n_layers):
             for head in range(n_heads):
                 name = f"L{layer}H{head}"
-                fig.add_scatter(
-                    x=steps,
-                    y=self.induction[:, layer, head].tolist(),
-                    name=name,
-                    legendgroup=name,
-                    mode="lines",
-                    row=1,
-                    col=1,
-                )
-                fig.add_scatter(
-                    x=steps,
-                    y=self.prev_token[:, layer, head].tolist(),
-                    name=name,
-                    legendgroup=name,
-                    mode="lines",
-                    showlegend=False,
-                    row=1,
-                    col=2,
-                )
+                for col, scores in ((1, self.induction), (2, self.prev_token)):
+                    fig.add_scatter(
+                        x=steps,
+                        y=scores[:, layer, head].tolist(),
+                        name=name,
+                        legendgroup=name,
+                        mode="lines",
+                        showlegend=col == 1,
+                        row=1,
+                        col=col,
+                    )
         fig.add_scatter(
             x=steps, y=list(self.repeated_loss_first), name="first half", mode="lines", row=2, col=1
         )
@@ -224,18 +220,17 @@ class FormationResult:
     def save(self, folder: str | Path) -> dict[str, str | None]:
         """Write ``formation.json``, ``formation.md`` (the table), ``formation.html`` and ``formation.png``.
 
-        Returns the written paths; ``png`` is None (with ``png_error``) when no static image backend works."""
-        from interplab.plots import figure_html, write_image
-
+        Returns the written paths; ``png`` is None (with ``png_error``) when no static image backend works.
+        ``formation.json`` carries ``kind: formation`` and its schema version (`interplab.runs.write_json`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "formation.json", self.to_dict())
+        data = runs.write_json(folder / runs.FORMATION_JSON, runs.Kind.FORMATION, self.to_dict())
         atomic_write_text(folder / "formation.md", self.summary() + "\n\n" + self.markdown() + "\n")
         fig = self.plot()
         atomic_write_text(folder / "formation.html", figure_html(fig, folder))
         error = write_image(fig, folder / "formation.png", fallback=self._plot_matplotlib)
         return {
-            "json": str(folder / "formation.json"),
+            "json": str(data),
             "table": str(folder / "formation.md"),
             "html": str(folder / "formation.html"),
             "png": None if error else str(folder / "formation.png"),
@@ -289,6 +284,33 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+COLUMNS = (
+    "step",
+    "tokens",
+    "val loss",
+    "max induction",
+    "max prev-token",
+    "loss 1st half",
+    "loss repeated half",
+    "ICL score",
+)
+"""the columns of the formation table (`row_cells` formats a `FormationResult.table` row for them)"""
+
+
+def row_cells(row: dict[str, Any]) -> list[str]:
+    """One `FormationResult.table` row as the text of the `COLUMNS`."""
+    return [
+        str(row["step"]),
+        f"{row['tokens']:,}",
+        _fmt(row["val_loss"]),
+        f"{row['max_induction']:.3f}",
+        f"{row['max_prev_token']:.3f}",
+        f"{row['repeated_loss_first']:.2f}",
+        f"{row['repeated_loss_second']:.2f}",
+        _fmt(row["icl_score"]),
+    ]
+
+
 def find_formation_step(
     steps: list[int], max_scores: list[float], threshold: float = FORMED_THRESHOLD
 ) -> int | None:
@@ -300,6 +322,27 @@ def find_formation_step(
     return next(s for s, v in zip(steps, max_scores, strict=True) if v >= half)
 
 
+@torch.no_grad()
+def token_losses(
+    model: Transformer, tokens: Int[Tensor, "batch pos"], *, logits: Tensor | None = None
+) -> Float[Tensor, "batch pos_minus_1"]:
+    """Next-token cross-entropy at every position (position ``i`` predicts token ``i + 1``)."""
+    logits = (model(tokens) if logits is None else logits).float()
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+def in_context_score(losses: Float[Tensor, "batch pos"]) -> float:
+    """Loss late in the context minus loss early in it (negative: the model uses its context).
+
+    Early = positions ``[L/16, L/8)``, late = the last ``L/8`` positions, of ``L`` predicted positions."""
+    L = losses.shape[1]
+    if L < 16:
+        raise ValueError(f"the in-context score needs at least 16 positions, got {L}")
+    early = losses[:, L // 16 : L // 8].mean()
+    late = losses[:, L - L // 8 :].mean()
+    return float(late - early)
+
+
 def formation(
     run_dir: str | Path,
     *,
@@ -309,46 +352,48 @@ def formation(
     val_seqs: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> FormationResult:
-    """Score every good checkpoint of a training run (``progress(done, total)`` after each).
+    """Score every intact checkpoint of a training run (``progress(done, total)`` after each); damaged
+    checkpoints are skipped with a warning and listed in the result.
 
     The induction and previous-token scores use ``n_seqs`` sequences of ``half`` random tokens repeated once
-    (50, as in the usual TransformerLens/ARENA evaluation, capped at n_ctx / 2); the held-out loss and the
-    in-context score use ``val_seqs`` windows of the run's validation split."""
-    from interplab.model.io import load_native
-    from interplab.train.config import TrainConfig
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    checkpoints, skipped = [], []
-    for c in list_checkpoints(run_dir):
-        reason = verify_checkpoint(c.path, need_optimizer=False)
-        if reason is None:
-            checkpoints.append(c)
-        else:
+    (50, as in the usual TransformerLens/ARENA evaluation, capped at n_ctx / 2), drawn with replacement from
+    the ids above the special tokens (`repeated_random_tokens` with ``distinct=False``), scored with the
+    probe's targets (``period=half``); the held-out loss and the in-context score use ``val_seqs`` windows of
+    the run's validation split."""
+    run = runs.TrainRun.open(run_dir)
+    cfg = TrainConfig.from_dict(run.config)
+    checkpoints = run.checkpoints(intact=True)
+    skipped = []
+    for c in run.checkpoints(intact=False):
+        if c not in checkpoints:
+            reason = runs.verify_checkpoint(c.path, need_optimizer=False)
             skipped.append(f"{c.path.name}: {reason}")
             warnings.warn(f"formation: skipping checkpoint {c.path}: {reason}", stacklevel=2)
     if not checkpoints:
         raise ValueError(
-            f"{run_dir} has no intact checkpoints to analyse"
+            f"{run.path} has no intact checkpoints to analyse"
             + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
         )
-    val_tokens = _heldout_tokens(cfg, run_dir, val_seqs)
+    val_tokens = _heldout_tokens(cfg, run.path, val_seqs)
+    probes: dict[tuple[int, int, int], tuple[Tensor, dict[str, Tensor]]] = {}
     rows: list[dict[str, Any]] = []
     for i, ckpt in enumerate(checkpoints):
         model = load_native(ckpt.path)
-        n_ctx = model.cfg.n_ctx
-        h = min(half, n_ctx // 2)
+        h = min(half, model.cfg.n_ctx // 2)
         low = 2 if model.tokenizer is not None and model.tokenizer.bos_id is not None else 0
-        tokens = repeated_random_tokens(n_seqs, h, d_vocab=model.cfg.d_vocab, seed=seed, low=low)
+        key = (model.cfg.d_vocab, h, low)
+        if key not in probes:  # the same probe for every checkpoint
+            tokens = repeated_random_tokens(model.cfg.d_vocab, h, n_seqs, seed=seed, low=low, distinct=False)
+            probes[key] = tokens, pattern_masks(tokens, period=h)
+        tokens, masks = probes[key]
         patterns, logits = patterns_and_logits(model, tokens)
+        scores = pattern_scores(patterns, masks)
         losses = token_losses(model, tokens, logits=logits)
         row: dict[str, Any] = {
             "step": ckpt.step,
-            "tokens": int(json.loads((ckpt.path / "state.json").read_text()).get("tokens", 0)),
-            "induction": induction_scores(model, tokens, half=h, patterns=patterns),
-            "prev_token": prev_token_scores(model, tokens, patterns=patterns),
+            "tokens": int(runs.read_json(ckpt.path / runs.STATE).get("tokens", 0)),
+            "induction": scores["induction"],
+            "prev_token": scores["previous_token"],
             "first": float(losses[:, : h - 1].mean()),
             "second": float(losses[:, h:].mean()),
             "val": None,
@@ -363,7 +408,7 @@ def formation(
     steps = [r["step"] for r in rows]
     induction = torch.stack([r["induction"] for r in rows])
     return FormationResult(
-        run_dir=str(run_dir),
+        run_dir=str(run.path),
         steps=tuple(steps),
         tokens=tuple(r["tokens"] for r in rows),
         induction=induction,
@@ -377,12 +422,10 @@ def formation(
     )
 
 
-def _heldout_tokens(cfg: Any, run_dir: Path, n: int) -> Tensor | None:
+def _heldout_tokens(cfg: TrainConfig, run_dir: Path, n: int) -> Tensor | None:
     """Evenly spread held-out windows of the run's corpus (None for task runs or without a validation split)."""
-    if cfg.data.task is not None or cfg.data.val_fraction == 0 or not (run_dir / "tokenizer.json").is_file():
+    if cfg.data.task is not None or cfg.data.val_fraction == 0 or not (run_dir / runs.TOKENIZER).is_file():
         return None
-    from interplab.data import build_token_store, load_tokenizer, open_corpus
-
     corpus = open_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction)
     store = build_token_store(corpus, load_tokenizer(run_dir), "validation")
     n_val = store.n_sequences(cfg.data.seq_len)
