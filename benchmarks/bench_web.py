@@ -158,9 +158,9 @@ def main() -> None:
         else:
             db = Path(tmp) / "big.db"
             build = build_db(db, args.features, args.seqs)
-        from interplab.features.store import FeatureStore
+        from interplab.features.reader import FeatureReader
 
-        n_features = FeatureStore(db).n_features()
+        n_features = FeatureReader(db).n_features()
         port = _free_port()
         code = (
             f"import sys, uvicorn; sys.path.insert(0, {str(ROOT)!r}); from interplab.web.app import create_app; "

@@ -150,6 +150,14 @@ class Kind(str, Enum):
     """head scores of one model (`interplab heads`)"""
     LENS = "lens"
     """logit/tuned lens (`interplab lens`)"""
+    FEATURE_BUILD = "feature_build"
+    """what a feature-database build did (`BuildReport`)"""
+    FEATURE_EXPORT = "feature_export"
+    """a static-site export of a feature database (`ExportReport`)"""
+    AUTO_INTERP = "auto_interp"
+    """feature explanations and their scores (`AutoInterpResult`)"""
+    STEERING = "steering"
+    """a continuation with and without a feature steered (`SteeringResult`)"""
 
     @property
     def label(self) -> str:
@@ -177,6 +185,10 @@ _LABELS = {
     Kind.PATCH: "an activation-patching run",
     Kind.HEADS: "a head-scores run",
     Kind.LENS: "a lens run",
+    Kind.FEATURE_BUILD: "a feature-database build report",
+    Kind.FEATURE_EXPORT: "a feature-database export report",
+    Kind.AUTO_INTERP: "a set of feature explanations",
+    Kind.STEERING: "a steering result",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}
@@ -670,6 +682,10 @@ REPORT_KINDS = (
     Kind.PATCH,
     Kind.HEADS,
     Kind.LENS,
+    Kind.FEATURE_BUILD,
+    Kind.FEATURE_EXPORT,
+    Kind.AUTO_INTERP,
+    Kind.STEERING,
 )
 
 

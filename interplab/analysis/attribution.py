@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interplab import plots
 from interplab.analysis.metrics import Metric
 from interplab.analysis.patching import prepare_patches, run_metric
 from interplab.analysis.targets import (
@@ -32,6 +33,7 @@ from interplab.analysis.targets import (
     site_of,
 )
 from interplab.hooks.site import Site
+from interplab.model.transformer import Transformer
 
 
 def _reduce(target: PatchTarget, prod: Tensor, by_position: bool) -> Tensor:
@@ -48,7 +50,7 @@ def _reduce(target: PatchTarget, prod: Tensor, by_position: bool) -> Tensor:
 
 
 def attribution_patch(
-    model: Any,
+    model: Transformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     metric: Metric,
@@ -64,7 +66,7 @@ def attribution_patch(
     """Estimated metric after each patch (same layout and meaning as `activation_patch`'s result):
     base metric + (source - base activation) . gradient, per example. Two forward passes (the source
     run under no_grad) and one backward pass in all."""
-    target, direction, clean, corrupted, patches, dims, shape, base_tokens, source_tokens = prepare_patches(
+    plan = prepare_patches(
         model,
         clean_tokens,
         corrupted_tokens,
@@ -76,13 +78,14 @@ def attribution_patch(
         indices=indices,
         positions=positions,
     )
+    target, patches, dims = plan.target, plan.patches, plan.dims
     by_pos = "pos" in dims
     layer_list = sorted({p.layer for p in patches})
     names = [site_of(target, layer).name for layer in layer_list]
-    b = clean.shape[0]
+    b = plan.clean.shape[0]
     with torch.no_grad():
         src_values, src_cache, _ = run_metric(
-            model, source_tokens, metric, names, attention_mask=attention_mask
+            model, plan.source, metric, names, attention_mask=attention_mask
         )
 
     def leaf(act: Tensor, site: Site) -> Tensor:
@@ -92,7 +95,7 @@ def attribution_patch(
     with torch.enable_grad():
         base_values, cache, _ = run_metric(
             model,
-            base_tokens,
+            plan.base,
             metric,
             names,
             grad=True,
@@ -112,18 +115,18 @@ def attribution_patch(
         if idx_list:
             r = r[..., idx_list]
         per_layer.append(r.movedim(0, -1))  # [(pos), (unit), batch]
-    delta = torch.stack(per_layer).reshape(*shape, b)
+    delta = torch.stack(per_layer).reshape(*plan.shape, b)
     per = base_values.detach() + delta
     clean_m, corr_m = (
-        (src_values, base_values) if direction is Direction.DENOISE else (base_values, src_values)
+        (src_values, base_values) if plan.direction is Direction.DENOISE else (base_values, src_values)
     )
     return PatchResult(
         values=per.mean(-1),
         per_example=per,
         dims=dims,
         target=target,
-        direction=direction,
-        labels=result_labels(model, dims, clean, layers, indices, positions, target),
+        direction=plan.direction,
+        labels=result_labels(model, dims, plan.clean, layers, indices, positions, target),
         method="attribution",
         clean_metric=float(clean_m.detach().mean()),
         corrupted_metric=float(corr_m.detach().mean()),
@@ -161,8 +164,6 @@ class PatchingComparison:
         }
 
     def plot(self, title: str | None = None):  # noqa: ANN201 - plotly Figure
-        from interplab import plots
-
         return plots.scatter(
             self.activation,
             self.attribution,
@@ -175,9 +176,7 @@ class PatchingComparison:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def compare_patching(activation: PatchResult, attribution: PatchResult) -> PatchingComparison:

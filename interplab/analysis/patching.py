@@ -46,7 +46,10 @@ from interplab.analysis.targets import (
     selection,
     site_of,
 )
+from interplab.hooks.cache import ActivationCache
 from interplab.hooks.site import Site, SiteKind
+from interplab.model.layers import AttnContext
+from interplab.model.transformer import KVCache, Transformer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +67,7 @@ class PatchConfig:
 
 
 def check_pair(
-    model: Any, clean: Tensor, corrupted: Tensor, attention_mask: Tensor | None = None
+    model: Transformer, clean: Tensor, corrupted: Tensor, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Validate a clean/corrupted pair of token batches (same shape, integer ids in the vocabulary)."""
     clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
@@ -84,11 +87,11 @@ def check_pair(
             f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(clean.shape)}"
         )
     dev = model.W_E.device
-    return model._check_tokens(clean.to(dev), None), model._check_tokens(corrupted.to(dev), None)
+    return model.check_tokens(clean.to(dev)), model.check_tokens(corrupted.to(dev))
 
 
 def run_metric(
-    model: Any,
+    model: Transformer,
     tokens: Tensor,
     metric: Metric,
     names: Sequence[str],
@@ -96,8 +99,8 @@ def run_metric(
     attention_mask: Tensor | None = None,
     grad: bool = False,
     fwd_hooks: Sequence = (),
-    kv_cache: Any = None,
-) -> tuple[Tensor, Any, Tensor | None]:
+    kv_cache: KVCache | None = None,
+) -> tuple[Tensor, ActivationCache, Tensor | None]:
     """One run: metric values [batch], a cache of ``names`` and the logits. A `PositionMetric` has only its
     read positions unembedded (the logits are then None)."""
     b, n_pos = tokens.shape
@@ -112,7 +115,7 @@ def run_metric(
 
 
 def source_activations(
-    model: Any,
+    model: Transformer,
     tokens: Tensor,
     metric: Metric,
     target: PatchTarget,
@@ -125,8 +128,8 @@ def source_activations(
     return values, {layer: cache[site_of(target, layer).name] for layer in layers}
 
 
-# targets whose hooks fire after the point where `Block.forward(keep=...)` drops positions
-_AFTER_KEEP = frozenset(
+# targets whose hooks fire in `Block.finish`: patched there, they need every position of the last block
+_IN_FINISH = frozenset(
     {PatchTarget.RESID_MID, PatchTarget.RESID_POST, PatchTarget.MLP_OUT, PatchTarget.MLP_POST}
 )
 
@@ -134,20 +137,15 @@ _AFTER_KEEP = frozenset(
 class _BaseRun:
     """The base run's cached residual stream, keys and values, logits and metric values."""
 
-    def __init__(self, model: Any, tokens: Tensor, mask: Tensor | None, metric: Metric) -> None:
+    def __init__(self, model: Transformer, tokens: Tensor, mask: Tensor | None, metric: Metric) -> None:
         cfg = model.cfg
         self.model, self.tokens, self.mask, self.metric = model, tokens, mask, metric
-        kv = model.new_kv_cache()
+        self.kv = model.new_kv_cache()
         names = [Site(SiteKind.RESID_PRE, layer).name for layer in range(cfg.n_layers)]
-        if cfg.smear_keys:
-            names += [Site(SiteKind.K, layer).name for layer in range(cfg.n_layers)]
         self.values, cache, self.logits = run_metric(
-            model, tokens, metric, names, attention_mask=mask, kv_cache=kv
+            model, tokens, metric, names, attention_mask=mask, kv_cache=self.kv
         )
-        self.resid = [cache[("resid_pre", layer)] for layer in range(cfg.n_layers)]
-        self.k = [layer.k for layer in kv.layers]
-        self.v = [layer.v for layer in kv.layers]
-        self.raw_k = [cache[("k", layer)] for layer in range(cfg.n_layers)] if cfg.smear_keys else None
+        self.resid = [cache[Site(SiteKind.RESID_PRE, layer)] for layer in range(cfg.n_layers)]
         batch, n_pos = tokens.shape
         self.read_pos = (
             metric.read_positions(batch, n_pos, tokens.device) if isinstance(metric, PositionMetric) else None
@@ -155,25 +153,13 @@ class _BaseRun:
 
     def run(self, target: PatchTarget, layer: int, chunk: list[Patch], source: Tensor, p0: int) -> Tensor:
         """Metric values [len(chunk), batch] with each patch applied to its own stacked copy of the batch."""
-        from interplab.model.transformer import KVCache
-
         model, cfg = self.model, self.model.cfg
         n = len(chunk)
         b, n_pos = self.tokens.shape
         s = n_pos - p0
         resid = self.resid[layer][:, p0:].repeat(n, 1, 1)
-        kv = None
+        kv = self.kv.prefix(p0, n, from_layer=layer) if p0 > 0 else None
         suffix_mask = None if self.mask is None else self.mask[:, p0:].repeat(n, 1)
-        if p0 > 0:
-            kv = KVCache(cfg.n_layers)
-            kv.length = p0
-            if self.mask is not None:
-                kv.mask = self.mask[:, :p0].repeat(n, 1).bool()
-            for later in range(layer, cfg.n_layers):
-                kv.layers[later].k = self.k[later][:, :p0].repeat(n, 1, 1, 1)
-                kv.layers[later].v = self.v[later][:, :p0].repeat(n, 1, 1, 1)
-                if self.raw_k is not None:
-                    kv.layers[later].last_raw_k = self.raw_k[later][:, p0 - 1 : p0].repeat(n, 1, 1, 1)
         ctx = model.context(torch.zeros(n * b, s, dtype=torch.long, device=resid.device), suffix_mask, kv)
         src = source.narrow(pos_dim(target), p0, source.shape[pos_dim(target)] - p0)
 
@@ -185,12 +171,28 @@ class _BaseRun:
             return act
 
         keep = None
-        if self.read_pos is not None and (layer < cfg.n_layers - 1 or target not in _AFTER_KEEP):
-            # the last block's MLP only runs where the metric reads
+        if self.read_pos is not None and (layer < cfg.n_layers - 1 or target not in _IN_FINISH):
             keep = (self.read_pos - p0).clamp(min=0).repeat(n)[:, None]
         with model.hooks([(site_of(target, layer), patch)]):
-            out = model.run_blocks(resid, ctx, start=layer, kv_cache=kv, keep_last=keep)
+            if keep is None:
+                out = model.run_blocks(resid, ctx, start=layer, kv_cache=kv)
+            else:
+                out = self._run_to_read_positions(resid, ctx, layer, kv, keep)
         return self._metric(out, n, p0, kept=keep is not None)
+
+    def _run_to_read_positions(
+        self, resid: Tensor, ctx: AttnContext, layer: int, kv: KVCache | None, keep: Tensor
+    ) -> Tensor:
+        """Blocks ``layer`` .. last, the last one past its attention only at the positions ``keep`` [rows k]
+        the metric reads: [rows k d_model]."""
+        model = self.model
+        last = model.cfg.n_layers - 1
+        resid = model.run_blocks(resid, ctx, start=layer, stop=last, kv_cache=kv)
+        resid_pre, attn_out = model.blocks[last].attend(
+            resid, ctx, kv.layers[last] if kv is not None else None
+        )
+        index = keep[:, :, None].expand(-1, -1, resid_pre.shape[-1])
+        return model.blocks[last].finish(resid_pre.gather(1, index), attn_out.gather(1, index))
 
     def _metric(self, out: Tensor, n: int, p0: int, kept: bool) -> Tensor:
         b = self.tokens.shape[0]
@@ -234,26 +236,48 @@ def _chunks(
     return out
 
 
+@dataclass(frozen=True)
+class PatchPlan:
+    """What every patching function starts with (see `prepare_patches`)."""
+
+    target: PatchTarget
+    direction: Direction
+    clean: Tensor
+    """the checked clean tokens [batch pos]"""
+    corrupted: Tensor
+    """the checked corrupted tokens [batch pos]"""
+    patches: list[Patch]
+    """every patch, in the result's order"""
+    dims: tuple[str, ...]
+    """the result's dimensions, e.g. ('layer', 'pos')"""
+    shape: tuple[int, ...]
+    """the result's shape"""
+    base: Tensor
+    """the run patched into: the corrupted tokens when denoising, the clean ones when noising"""
+    source: Tensor
+    """the run patched from"""
+
+
 def prepare_patches(
-    model: Any,
+    model: Transformer,
     clean_tokens: Tensor,
     corrupted_tokens: Tensor,
     target: PatchTarget | str,
     direction: Direction | str,
     attention_mask: Tensor | None,
     **selection: Any,
-) -> tuple:
-    """What every patching function starts with: the parsed target and direction, the checked token pair, the
-    planned patches (``selection``: by_position, layers, indices, positions) and which run is the base."""
+) -> PatchPlan:
+    """The parsed target and direction, the checked token pair, the planned patches (``selection``:
+    by_position, layers, indices, positions) and which run is the base."""
     target, direction = parse_target(target), Direction(direction)
     clean, corrupted = check_pair(model, clean_tokens, corrupted_tokens, attention_mask)
     patches, dims, shape = plan_patches(model, target, clean.shape[1], **selection)
     base, source = (corrupted, clean) if direction is Direction.DENOISE else (clean, corrupted)
-    return target, direction, clean, corrupted, patches, dims, shape, base, source
+    return PatchPlan(target, direction, clean, corrupted, patches, dims, shape, base, source)
 
 
 def activation_patch(
-    model: Any,
+    model: Transformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     metric: Metric,
@@ -273,7 +297,7 @@ def activation_patch(
     ``metric(logits [batch pos d_vocab]) -> [batch]``; the result holds its batch mean after each patch.
     ``indices`` restricts heads or neurons, ``positions`` restricts (query) positions, ``layers`` layers.
     ``progress(done, total)`` is called after each chunk."""
-    target, direction, clean, corrupted, patches, dims, shape, base_tokens, source_tokens = prepare_patches(
+    plan = prepare_patches(
         model,
         clean_tokens,
         corrupted_tokens,
@@ -285,32 +309,32 @@ def activation_patch(
         indices=indices,
         positions=positions,
     )
+    target, patches = plan.target, plan.patches
     layer_list = sorted({p.layer for p in patches})
+    batch, n_pos = plan.clean.shape
     with torch.no_grad():
         src_values, source = source_activations(
-            model, source_tokens, metric, target, layer_list, attention_mask
+            model, plan.source, metric, target, layer_list, attention_mask
         )
-        base = _BaseRun(model, base_tokens, attention_mask, metric)
+        base = _BaseRun(model, plan.base, attention_mask, metric)
         values: dict[Patch, Tensor] = {}
         for layer, group in groupby(patches, key=lambda p: p.layer):
-            for chunk, p0 in _chunks(
-                list(group), clean.shape[0], clean.shape[1], config.max_batch_tokens, config.reuse_prefix
-            ):
+            for chunk, p0 in _chunks(list(group), batch, n_pos, config.max_batch_tokens, config.reuse_prefix):
                 for p, v in zip(chunk, base.run(target, layer, chunk, source[layer], p0), strict=True):
                     values[p] = v
                 if progress is not None:
                     progress(len(values), len(patches))
-    mean, per = as_values([values[p] for p in patches], shape)
+    mean, per = as_values([values[p] for p in patches], plan.shape)
     clean_m, corr_m = (
-        (src_values, base.values) if direction is Direction.DENOISE else (base.values, src_values)
+        (src_values, base.values) if plan.direction is Direction.DENOISE else (base.values, src_values)
     )
     return PatchResult(
         values=mean,
         per_example=per,
-        dims=dims,
+        dims=plan.dims,
         target=target,
-        direction=direction,
-        labels=result_labels(model, dims, clean, layers, indices, positions, target),
+        direction=plan.direction,
+        labels=result_labels(model, plan.dims, plan.clean, layers, indices, positions, target),
         method="activation",
         clean_metric=float(clean_m.mean()),
         corrupted_metric=float(corr_m.mean()),
@@ -318,7 +342,7 @@ def activation_patch(
 
 
 def activation_patch_loop(
-    model: Any,
+    model: Transformer,
     clean_tokens: Tensor,
     corrupted_tokens: Tensor,
     metric: Metric,
@@ -332,7 +356,7 @@ def activation_patch_loop(
     attention_mask: Tensor | None = None,
 ) -> PatchResult:
     """The reference: one full forward pass with one hook per patch. Slow; `activation_patch` equals it."""
-    target, direction, clean, corrupted, patches, dims, shape, base_tokens, source_tokens = prepare_patches(
+    plan = prepare_patches(
         model,
         clean_tokens,
         corrupted_tokens,
@@ -344,16 +368,17 @@ def activation_patch_loop(
         indices=indices,
         positions=positions,
     )
-    b = clean.shape[0]
+    target = plan.target
+    b = plan.clean.shape[0]
     with torch.no_grad():
-        names = {layer: site_of(target, layer).name for layer in sorted({p.layer for p in patches})}
+        names = {layer: site_of(target, layer).name for layer in sorted({p.layer for p in plan.patches})}
         src_logits, cache = model.run_with_cache(
-            source_tokens, list(names.values()), attention_mask=attention_mask
+            plan.source, list(names.values()), attention_mask=attention_mask
         )
         source = {layer: cache[name] for layer, name in names.items()}
-        base_logits = model(base_tokens, attention_mask=attention_mask)
+        base_logits = model(plan.base, attention_mask=attention_mask)
         flat = []
-        for p in patches:
+        for p in plan.patches:
             sel = selection(target, p.pos, p.index)
 
             def hook(act: Tensor, site: Site, sel: tuple = sel, src: Tensor = source[p.layer]) -> Tensor:
@@ -362,22 +387,22 @@ def activation_patch_loop(
                 return act
 
             logits = model.run_with_hooks(
-                base_tokens, [(site_of(target, p.layer), hook)], attention_mask=attention_mask
+                plan.base, [(site_of(target, p.layer), hook)], attention_mask=attention_mask
             )
             flat.append(check_metric_output(metric(logits), b))
         src_v, base_v = (
             check_metric_output(metric(src_logits), b),
             check_metric_output(metric(base_logits), b),
         )
-    mean, per = as_values(flat, shape)
-    clean_m, corr_m = (src_v, base_v) if direction is Direction.DENOISE else (base_v, src_v)
+    mean, per = as_values(flat, plan.shape)
+    clean_m, corr_m = (src_v, base_v) if plan.direction is Direction.DENOISE else (base_v, src_v)
     return PatchResult(
         values=mean,
         per_example=per,
-        dims=dims,
+        dims=plan.dims,
         target=target,
-        direction=direction,
-        labels=result_labels(model, dims, clean, layers, indices, positions, target),
+        direction=plan.direction,
+        labels=result_labels(model, plan.dims, plan.clean, layers, indices, positions, target),
         method="activation",
         clean_metric=float(clean_m.mean()),
         corrupted_metric=float(corr_m.mean()),

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot
+from interplab.model.layers import HeadInputs
 from interplab.model.transformer import Transformer
 
 
@@ -318,10 +319,7 @@ class EdgeEngine:
         ctx_rows = spec.input if spec.context is None else spec.context
         tokens = self.tokens[ctx_rows]
         ctx = model.context(tokens, self._mask(ctx_rows))
-        grabbed: list[Tensor] = []
-        with model.hooks([(f"blocks.{layer}.attn.hook_result", lambda t, _s: grabbed.append(t))]):
-            block.attn(None, ctx, split=(split[0], split[1], split[2]))
-        result = grabbed[0] + block.attn.b_O / cfg.n_heads
+        result = block.attn.head_results(HeadInputs(*split), ctx) + block.attn.b_O / cfg.n_heads
         for h in heads:
             memo[(h.name, id(spec))] = (spec, result[:, :, h.head])
         self.stats.node_evaluations += spec.input.numel() * len(heads)

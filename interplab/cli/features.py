@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
+from jaxtyping import Int
+from torch import Tensor
 
 from interplab.cli.common import (
     SPLITS,
@@ -22,16 +25,38 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
+from interplab.data import build_token_store, open_corpus
+from interplab.features.config import FeatureBuildConfig
+from interplab.features.explain import TokenEnrichmentExplainer, auto_interp
+from interplab.features.steer import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_STRENGTH,
+    SteerMode,
+    prompt_tokens,
+    steer_generate,
+)
+from interplab.io import load_tensors
+from interplab.model import Transformer
+from interplab.model.load import load_model
+from interplab.runs import FEATURE_DB, RunError, pick_sae, sae_folders
+from interplab.sae import SAE, load_sae
+
+# the SQLAlchemy-backed modules (features.build, .reader, .writer) and the web export (fastapi) are imported
+# by the commands that use them: every `interplab` command imports this module
+
+DEFAULTS = FeatureBuildConfig()
+"""the build settings the options default to (one source of truth: `FeatureBuildConfig`)"""
+CHECKPOINT_EVERY = 20
+"""the command checkpoints its streaming state by default, so an interrupted build resumes (the library's
+`FeatureBuildConfig.checkpoint_every` defaults to never)"""
 
 features_app = typer.Typer(
     help="Feature dashboards: build the feature database, export, explain, steer.", no_args_is_help=True
 )
 
 
-def load_tokens_file(path: Path):
+def load_tokens_file(path: Path) -> Int[Tensor, "n_seq pos"]:
     """A [n_seq pos] token tensor from a safetensors file (key ``tokens``, or its only tensor)."""
-    from interplab.io import load_tensors
-
     if not path.is_file():
         fail(f"no token file at {path}")
     tensors = load_tensors(path)
@@ -42,13 +67,9 @@ def load_tokens_file(path: Path):
     return next(iter(tensors.values())).long()
 
 
-def corpus_tokens(name: str, model, split: str, n_seqs: int, seq_len: int):
-    import torch
-
-    try:
-        from interplab.data import build_token_store, open_corpus
-    except ImportError:
-        fail("--corpus needs interplab.data (token stores), which this installation lacks; use --tokens FILE")
+def corpus_tokens(
+    name: str, model: Transformer, split: str, n_seqs: int, seq_len: int | None
+) -> Int[Tensor, "n_seq pos"]:
     if model.tokenizer is None:
         fail(
             "--corpus needs a model with a tokenizer (tokenizer.json in the model folder); use --tokens FILE"
@@ -64,17 +85,28 @@ def corpus_tokens(name: str, model, split: str, n_seqs: int, seq_len: int):
     return store.sequences(torch.arange(n), seq_len)
 
 
-def load_model_and_sae(model_dir: Path, sae_dir: Path):
-    from interplab import load_model
+def sae_folder(path: Path, name: str | None) -> Path:
+    """The SAE folder ``--sae PATH [--name NAME]`` means: an SAE folder, or the SAE inside an SAE training run
+    or a training run (`interplab.runs.sae_folders`); with several, ``--name`` picks one."""
+    found = sae_folders(path)
+    if name is None and len(found) > 1:
+        first = next(iter(found))
+        fail(
+            f"{path} holds {len(found)} SAEs ({', '.join(found)}): pick one with --sae {path} --name NAME "
+            f"(e.g. --name {first}) or give its folder (e.g. --sae {found[first]})"
+        )
+    try:
+        return pick_sae(path, name)
+    except RunError as err:
+        fail(str(err))
 
+
+def load_model_and_sae(model_dir: Path, sae_dir: Path) -> tuple[Transformer, SAE]:
+    """The model (a model folder, or a training run: its final/) and the SAE (an SAE folder)."""
     try:
         model = load_model(model_dir)
     except (FileNotFoundError, KeyError, ValueError) as err:
         fail(f"cannot load the model: {err}")
-    try:
-        from interplab.sae import load_sae
-    except ImportError:
-        fail("interplab.sae is not available in this installation")
     try:
         sae = load_sae(sae_dir)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -82,18 +114,23 @@ def load_model_and_sae(model_dir: Path, sae_dir: Path):
     return model, sae
 
 
-def _steer_mode(value: str) -> str:
-    from interplab.features.steer import SteerMode  # lazily: torch
+MODEL_HELP = "model folder, or a training run (its final/)"
+SAE_HELP = (
+    "SAE folder (cfg.json + sae_weights.safetensors), or a run holding SAEs (an SAE training run, or a "
+    "training run with its sae/): with several, --name picks one"
+)
 
-    return choice(tuple(m.value for m in SteerMode))(value)
+
+_steer_mode = choice(tuple(m.value for m in SteerMode))
 
 
 @features_app.command("build")
 def build(
-    model_dir: Path = typer.Option(..., "--model", help="model folder"),
-    sae_dir: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)"),
+    model_dir: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    sae_dir: Path = typer.Option(..., "--sae", help=SAE_HELP),
+    sae_name: str = typer.Option(None, "--name", help="which SAE of the --sae run (its folder name)"),
     out: Path = typer.Option(
-        Path("features.db"), "--out", help="feature database file (or a SQLAlchemy URL)", callback=out_file
+        Path(FEATURE_DB), "--out", help="feature database file (or a SQLAlchemy URL)", callback=out_file
     ),
     tokens: Path = typer.Option(None, "--tokens", help="safetensors file with a [n_seq pos] 'tokens' tensor"),
     corpus: str = typer.Option(None, "--corpus", help="corpus name or folder (e.g. python-stdlib)"),
@@ -108,21 +145,27 @@ def build(
         callback=positive_int,
     ),
     top_k: int = typer.Option(
-        20, "--top-k", help="top activating contexts per feature", callback=positive_int
+        DEFAULTS.top_k, "--top-k", help="top activating contexts per feature", callback=positive_int
     ),
     batch_size: int = typer.Option(
-        16, "--batch-size", help="sequences per forward pass", callback=positive_int
+        DEFAULTS.batch_size, "--batch-size", help="sequences per forward pass", callback=positive_int
     ),
     features_per_pass: int = typer.Option(
-        0, "--features-per-pass", help="0: all features in one pass", callback=non_negative_int
+        DEFAULTS.features_per_pass,
+        "--features-per-pass",
+        help="0: all features in one pass",
+        callback=non_negative_int,
     ),
     checkpoint_every: int = typer.Option(
-        20, "--checkpoint-every", help="batches between resumable checkpoints", callback=positive_int
+        CHECKPOINT_EVERY,
+        "--checkpoint-every",
+        help="batches between resumable checkpoints",
+        callback=positive_int,
     ),
     loss_effect: bool = typer.Option(
-        True, "--loss-effect/--no-loss-effect", help="estimate effects on the loss"
+        DEFAULTS.loss_effect, "--loss-effect/--no-loss-effect", help="estimate effects on the loss"
     ),
-    cooccurrence: bool = typer.Option(True, "--cooccurrence/--no-cooccurrence"),
+    cooccurrence: bool = typer.Option(DEFAULTS.cooccurrence, "--cooccurrence/--no-cooccurrence"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild from scratch if the database exists"),
     threads: int = typer.Option(
         0, "--threads", help="torch threads (0: torch's default)", callback=threads_option
@@ -130,12 +173,13 @@ def build(
 ) -> None:
     """Collect every feature's statistics in one streaming pass and write the feature database (resumable:
     run the same command again after an interruption)."""
-    from interplab.features import FeatureBuildConfig
     from interplab.features.build import build_feature_db
+    from interplab.features.database import ReadOnlyDatabase
 
     set_threads(threads)
     if (tokens is None) == (corpus is None):
         fail("give exactly one of --tokens FILE or --corpus NAME")
+    sae_dir = sae_folder(sae_dir, sae_name)
     model, sae = load_model_and_sae(model_dir, sae_dir)
     toks = (
         load_tokens_file(tokens)
@@ -163,7 +207,7 @@ def build(
                 overwrite=overwrite,
                 progress=lambda stage, done, total: bar.update(done, total=total, stage=stage),
             )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     console.print(
@@ -192,19 +236,22 @@ def export(
 @features_app.command("explain")
 def explain(
     db: Path = typer.Option(..., "--db", help="feature database"),
-    k: int = typer.Option(3, help="tokens named per explanation", callback=positive_int),
+    k: int = typer.Option(
+        TokenEnrichmentExplainer.k, help="tokens named per explanation", callback=positive_int
+    ),
     overwrite_human: bool = typer.Option(False, "--overwrite-human", help="replace human labels too"),
 ) -> None:
     """Label every feature with the built-in explainer (most enriched peak tokens) and score the labels."""
-    from interplab.features.explain import TokenEnrichmentExplainer, auto_interp
-    from interplab.features.store import FeatureStore
+    from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.writer import FeatureWriter
 
     try:
-        store = FeatureStore(db)
-    except (FileNotFoundError, ValueError) as err:
+        writer = FeatureWriter(db)
+    except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
         fail(str(err))
         return
-    result = auto_interp(store, TokenEnrichmentExplainer(k=k), overwrite_human=overwrite_human)
+    with writer:
+        result = auto_interp(writer, TokenEnrichmentExplainer(k=k), overwrite_human=overwrite_human)
     scores = list(result.scores.values())
     mean = sum(scores) / len(scores) if scores else float("nan")
     console.print(
@@ -215,27 +262,26 @@ def explain(
 
 @features_app.command("steer")
 def steer(
-    model_dir: Path = typer.Option(..., "--model"),
-    sae_dir: Path = typer.Option(..., "--sae"),
+    model_dir: Path = typer.Option(..., "--model", help=MODEL_HELP),
+    sae_dir: Path = typer.Option(..., "--sae", help=SAE_HELP),
+    sae_name: str = typer.Option(None, "--name", help="which SAE of the --sae run (its folder name)"),
     feature: int = typer.Option(..., "--feature", callback=non_negative_int),
     strength: float = typer.Option(
         None,
         "--strength",
-        help="a multiple of the feature's max activation (from --db); default 1",
+        help=f"a multiple of the feature's max activation (from --db); default {DEFAULT_STRENGTH:g}",
         callback=finite_float,
     ),
     db: Path = typer.Option(None, "--db", help="the feature database (it records the max activation)"),
     value: float = typer.Option(
         None, "--value", help="an absolute activation instead of --strength", callback=finite_float
     ),
-    mode: str = typer.Option("add", "--mode", help="add or clamp", callback=_steer_mode),
+    mode: str = typer.Option(SteerMode.ADD.value, "--mode", help="add or clamp", callback=_steer_mode),
     prompt: str = typer.Option(..., "--prompt", help="text (or token ids if the model has no tokenizer)"),
-    max_new_tokens: int = typer.Option(20, "--max-new-tokens", callback=positive_int),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", callback=positive_int),
 ) -> None:
     """Generate greedily with and without steering a feature; print both continuations."""
-    from interplab.features.steer import DEFAULT_STRENGTH, SteerMode, steer_generate
-    from interplab.features.store import FeatureNotFound, FeatureStore
-    from interplab.web.api import prompt_tokens
+    from interplab.features.reader import FeatureNotFound, FeatureReader
 
     max_act = None
     if value is None:
@@ -245,14 +291,15 @@ def steer(
                 "there) or an absolute --value"
             )
         try:
-            max_act = FeatureStore(db).feature(feature)["max_act"]
+            with FeatureReader(db) as store:
+                max_act = store.feature(feature)["max_act"]
         except FeatureNotFound:
             fail(f"feature {feature} is not in the feature database {db}")
             return
         except (FileNotFoundError, ValueError) as err:
             fail(f"--db {db}: {err}")
             return
-    model, sae = load_model_and_sae(model_dir, sae_dir)
+    model, sae = load_model_and_sae(model_dir, sae_folder(sae_dir, sae_name))
     try:
         result = steer_generate(
             model,

@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from interplab.cli.common import console, err_console, fail, port_option
+from interplab.runs import RunError, pick_sae
+from interplab.web.guard import is_loopback
 
 
 def serve(
@@ -16,7 +18,9 @@ def serve(
     ),
     model: Path = typer.Option(None, "--model", help="model for attention views and steering"),
     sae: Path = typer.Option(
-        None, "--sae", help="SAE for steering (default: the one recorded in the database)"
+        None,
+        "--sae",
+        help="SAE for steering: its folder, or a run holding one (default: the one recorded in the database)",
     ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="address to bind (loopback unless you mean otherwise)"
@@ -30,7 +34,7 @@ def serve(
     ),
 ) -> None:
     """Browse feature databases, runs and attention patterns in the browser."""
-    import uvicorn
+    import uvicorn  # the web stack is imported by this command only
 
     from interplab.web.app import create_app
 
@@ -39,8 +43,11 @@ def serve(
     for r in runs:
         if not r.is_dir():
             fail(f"--runs {r} is not a folder")
-    from interplab.web.guard import is_loopback
-
+    if sae is not None:
+        try:
+            sae = pick_sae(sae)
+        except RunError as err:
+            fail(f"--sae: {err}")
     allowed = list(allow_host)
     if host not in ("0.0.0.0", "::", "") and not is_loopback(host.strip("[]")):
         allowed.append(host)  # the address it binds is a name browsers use to reach it

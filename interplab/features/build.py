@@ -11,7 +11,6 @@ browse a database while it is being built. Building twice, or resuming, gives th
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,12 @@ from interplab.features.collect import (
     top_logits,
 )
 from interplab.features.config import FeatureBuildConfig
-from interplab.features.store import FeatureStore, is_url
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
+from interplab.features.writer import FeatureWriter
+from interplab.io import load_tensors, save_tensors
+from interplab.model import Transformer
+from interplab.runs import Kind, write_json
+from interplab.sae import SAE
 
 WRITE_CHUNK = 256
 Progress = Callable[[str, int, int | None], None]
@@ -45,10 +48,8 @@ class BuildReport:
     passes_run: int
     passes_skipped: int
 
-    def save(self, path) -> None:
-        from interplab.io import atomic_write_json
-
-        atomic_write_json(path, self.__dict__)
+    def save(self, path: str | Path) -> None:
+        write_json(path, Kind.FEATURE_BUILD, self.__dict__)
 
     def plot(self):
         import plotly.graph_objects as go
@@ -56,7 +57,7 @@ class BuildReport:
         return go.Figure(go.Bar(x=["run", "skipped"], y=[self.passes_run, self.passes_skipped]))
 
 
-def token_strings(model, d_vocab: int) -> list[str]:
+def token_strings(model: Transformer, d_vocab: int) -> list[str]:
     """Each token id as text (``#id`` when the model has no tokenizer)."""
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -71,7 +72,7 @@ def token_strings(model, d_vocab: int) -> list[str]:
     return out
 
 
-def _fingerprint(model, sae, cfg: FeatureBuildConfig, n_tokens: int) -> dict:
+def _fingerprint(model: Transformer, sae: SAE, cfg: FeatureBuildConfig, n_tokens: int) -> dict:
     sae_cfg = (
         {k: v for k, v in vars(sae.cfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
         if hasattr(sae.cfg, "__dict__")
@@ -96,8 +97,8 @@ def _fingerprint(model, sae, cfg: FeatureBuildConfig, n_tokens: int) -> dict:
 
 def build_feature_db(
     path: str | Path,
-    model,
-    sae,
+    model: Transformer,
+    sae: SAE,
     tokens: TokenSource,
     cfg: FeatureBuildConfig | None = None,
     *,
@@ -117,87 +118,71 @@ def build_feature_db(
     n_tokens = int(counts.sum())
     if n_tokens == 0:
         raise ValueError("the token source is empty")
-    if overwrite and not is_url(path):
-        for suffix in ("", "-wal", "-shm", "-journal"):  # a stale WAL must not meet the new file
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        shutil.rmtree(_state_dir(path), ignore_errors=True)
-    store = FeatureStore(path, create=True)
-    fingerprint = _fingerprint(model, sae, cfg, n_tokens)
-    meta = store.meta()
-    if "fingerprint" in meta and meta["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path} was built with other settings, SAE or corpus; pass overwrite=True (--overwrite) "
-            f"to rebuild it from scratch"
-        )
-    if "fingerprint" not in meta:
-        store.set_meta(
-            fingerprint=fingerprint,
-            status="building",
-            seq_len=seq_len,
-            hist_edges=np.round(
-                np.logspace(np.log10(cfg.hist_min), np.log10(cfg.hist_max), cfg.hist_bins + 1), 8
-            ).tolist(),
-            window_left=cfg.window_left,
-            window_right=cfg.window_right,
-            hook_name=sae.cfg.hook_name,
-            d_sae=int(sae.cfg.d_sae),
-            n_tokens=n_tokens,
-            model_path=str(Path(model_path).resolve()) if model_path else None,
-            sae_path=str(Path(sae_path).resolve()) if sae_path else None,
-        )
-        store.write_vocab(token_strings(model, model.cfg.d_vocab), counts.tolist())
-    vocab = store.vocab()
-    d_sae = int(sae.cfg.d_sae)
-    step = cfg.features_per_pass or d_sae
-    done = store.passes_done()
-    ran = skipped = 0
-    for first in range(0, d_sae, step):
-        last = min(first + step, d_sae)
-        if (first, last) in done:
-            skipped += 1
-            continue
-        feats = torch.arange(first, last)
-        state_file = _state_dir(path) / f"pass_{first}_{last}.safetensors"
-        state = StreamingFeatureStats(d_sae, cfg, features=feats)
-        if state_file.is_file():
-            from interplab.io import load_tensors
-
-            state.load_state_dict(load_tensors(state_file))
-
-        def checkpoint(s: StreamingFeatureStats, state_file=state_file) -> None:
-            from interplab.io import save_tensors
-
-            save_tensors(state_file, s.state_dict())
-
-        def report(i: int, total: int | None, first=first, last=last) -> None:
-            if progress is not None:
-                progress(f"features {first}-{last - 1}", i, total)
-
-        stats = collect_features(
-            model, sae, tokens, cfg, features=feats, state=state, checkpoint=checkpoint, progress=report
-        )
-        effects = decoder_logit_effects(model, sae, feats) if sae.cfg.d_in == model.cfg.d_model else None
-        for lo in range(0, last - first, WRITE_CHUNK):
-            rows, ctx = feature_rows(
-                stats, effects, cfg, vocab, range(lo, min(lo + WRITE_CHUNK, last - first))
+    with FeatureWriter.for_build(path, overwrite=overwrite) as store:  # closed on an error too
+        fingerprint = _fingerprint(model, sae, cfg, n_tokens)
+        meta = store.meta()
+        if "fingerprint" in meta and meta["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{path} was built with other settings, SAE or corpus; pass overwrite=True (--overwrite) "
+                f"to rebuild it from scratch"
             )
-            store.write_features(rows, ctx)
-        store.mark_pass_done(first, last)
-        state_file.unlink(missing_ok=True)
-        ran += 1
-    store.set_meta(status="complete")
-    shutil.rmtree(_state_dir(path), ignore_errors=True)
-    n = store.n_features()
-    store.close()
+        if "fingerprint" not in meta:
+            store.set_meta(
+                fingerprint=fingerprint,
+                status="building",
+                seq_len=seq_len,
+                hist_edges=np.round(
+                    np.logspace(np.log10(cfg.hist_min), np.log10(cfg.hist_max), cfg.hist_bins + 1), 8
+                ).tolist(),
+                window_left=cfg.window_left,
+                window_right=cfg.window_right,
+                hook_name=sae.cfg.hook_name,
+                d_sae=int(sae.cfg.d_sae),
+                n_tokens=n_tokens,
+                model_path=str(Path(model_path).resolve()) if model_path else None,
+                sae_path=str(Path(sae_path).resolve()) if sae_path else None,
+            )
+            store.write_vocab(token_strings(model, model.cfg.d_vocab), counts.tolist())
+        vocab = store.vocab()
+        d_sae = int(sae.cfg.d_sae)
+        step = cfg.features_per_pass or d_sae
+        done = store.passes_done()
+        ran = skipped = 0
+        for first in range(0, d_sae, step):
+            last = min(first + step, d_sae)
+            if (first, last) in done:
+                skipped += 1
+                continue
+            feats = torch.arange(first, last)
+            state_file = store.state_dir / f"pass_{first}_{last}.safetensors"
+            state = StreamingFeatureStats(d_sae, cfg, features=feats)
+            if state_file.is_file():
+                state.load_state_dict(load_tensors(state_file))
+
+            def checkpoint(s: StreamingFeatureStats, state_file: Path = state_file) -> None:
+                save_tensors(state_file, s.state_dict())
+
+            def report(i: int, total: int | None, first: int = first, last: int = last) -> None:
+                if progress is not None:
+                    progress(f"features {first}-{last - 1}", i, total)
+
+            stats = collect_features(
+                model, sae, tokens, cfg, features=feats, state=state, checkpoint=checkpoint, progress=report
+            )
+            effects = decoder_logit_effects(model, sae, feats) if sae.cfg.d_in == model.cfg.d_model else None
+            for lo in range(0, last - first, WRITE_CHUNK):
+                rows, ctx = feature_rows(
+                    stats, effects, cfg, vocab, range(lo, min(lo + WRITE_CHUNK, last - first))
+                )
+                store.write_features(rows, ctx)
+            store.mark_pass_done(first, last)
+            state_file.unlink(missing_ok=True)
+            ran += 1
+        store.finish_build()
+        n = store.n_features()
     return BuildReport(
         path=str(path), n_features=n, n_tokens=n_tokens, passes_run=ran, passes_skipped=skipped
     )
-
-
-def _state_dir(path: str | Path) -> Path:
-    if is_url(path):
-        return Path(".interplab-feature-build")
-    return Path(f"{path}.build")
 
 
 def _rounded(x: torch.Tensor, digits: int = 4) -> list:
@@ -216,10 +201,10 @@ def feature_rows(
     center = cfg.window_left
     sl = slice(rows.start, rows.stop)
     n = rows.stop - rows.start
-    logits = [{"pos": [], "neg": []} for _ in range(n)]
+    logits: list[dict[str, list]] = [{"pos": [], "neg": []} for _ in range(n)]
     if logit_effects is not None:
-        pv, pi, nv, ni = top_logits(logit_effects[sl], cfg.logit_k)
-        pv, nv, pi, ni = _rounded(pv), _rounded(nv), pi.tolist(), ni.tolist()
+        top = top_logits(logit_effects[sl], cfg.logit_k)
+        pv, pi, nv, ni = _rounded(top[0]), top[1].tolist(), _rounded(top[2]), top[3].tolist()
         logits = [
             {
                 "pos": [list(e) for e in zip(pi[j], pv[j], strict=True)],
@@ -309,9 +294,9 @@ def _cooc_rows(stats: FeatureStats, sl: slice, k: int) -> list[list[list]]:
     union = fires[sl, None] + fires[None, :] - rows
     jac = torch.where(union > 0, rows / union.clamp(min=1), 0.0)
     jac[torch.arange(n), torch.arange(sl.start, sl.stop)] = 0.0
-    vals, idx = jac.topk(min(k, jac.shape[1]), dim=1)
-    counts = rows.gather(1, idx).long().tolist()
-    feats, vals, idx = stats.features.tolist(), _rounded(vals), idx.tolist()
+    best, best_idx = jac.topk(min(k, jac.shape[1]), dim=1)
+    counts = rows.gather(1, best_idx).long().tolist()
+    feats, vals, idx = stats.features.tolist(), _rounded(best), best_idx.tolist()
     return [
         [[feats[g], v, c] for g, v, c in zip(idx[j], vals[j], counts[j], strict=True) if v > 0]
         for j in range(n)

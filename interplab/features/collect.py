@@ -18,12 +18,15 @@ from torch import Tensor
 
 from interplab.features.config import FeatureBuildConfig
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
+from interplab.hooks import Site
+from interplab.model import Transformer
+from interplab.sae import SAE
 
 TokenSource = Tensor | Iterable[Tensor]
 Progress = Callable[[int, int | None], None]
 
 
-def decoder_directions(sae, features: Tensor | None = None) -> Float[Tensor, "feature d_in"]:
+def decoder_directions(sae: SAE, features: Tensor | None = None) -> Float[Tensor, "feature d_in"]:
     """What one unit of each feature adds to the hooked activation, in the model's units: ``W_dec[f]``
     divided by the SAE's input scale when it normalises its inputs (``act_scale``)."""
     w = sae.W_dec if features is None else sae.W_dec[features]
@@ -32,7 +35,7 @@ def decoder_directions(sae, features: Tensor | None = None) -> Float[Tensor, "fe
     return w / scale.detach().float() if scale is not None else w
 
 
-def check_sae_fits(model, sae) -> str:
+def check_sae_fits(model: Transformer, sae: SAE) -> str:
     """The SAE's hook name, after checking that the model has it and its width matches ``d_in``."""
     hook = sae.cfg.hook_name
     if not hook:
@@ -74,12 +77,14 @@ class _Batch:
     grad: Tensor | None
 
 
-def encode_batch(model, sae, tokens: Tensor, hook: str, features: Tensor | None, with_grad: bool) -> _Batch:
+def encode_batch(
+    model: Transformer, sae: SAE, tokens: Tensor, hook: str, features: Tensor | None, with_grad: bool
+) -> _Batch:
     """SAE activations [batch pos feature] of ``features`` (None: all) and, optionally, the gradient of the
     summed next-token cross-entropy at the hooked activation."""
     holder: dict[str, Tensor] = {}
 
-    def grab(x: Tensor, _site) -> Tensor:
+    def grab(x: Tensor, _site: Site) -> Tensor:
         if with_grad:
             x = x.detach().requires_grad_(True)
         holder["x"] = x
@@ -101,8 +106,8 @@ def encode_batch(model, sae, tokens: Tensor, hook: str, features: Tensor | None,
 
 
 def collect_features(
-    model,
-    sae,
+    model: Transformer,
+    sae: SAE,
     tokens: TokenSource,
     cfg: FeatureBuildConfig | None = None,
     *,
@@ -139,7 +144,9 @@ def collect_features(
     return stats.result()
 
 
-def decoder_logit_effects(model, sae, features: Tensor | None = None) -> Float[Tensor, "feature d_vocab"]:
+def decoder_logit_effects(
+    model: Transformer, sae: SAE, features: Tensor | None = None
+) -> Float[Tensor, "feature d_vocab"]:
     """Direct effect of each feature's decoder direction on the logits: `decoder_directions` through the final
     norm's centering (LayerNorm) and weight, then ``W_U`` (the norm's scale is a positive factor and is left out)."""
     d = decoder_directions(sae, features)
@@ -147,14 +154,7 @@ def decoder_logit_effects(model, sae, features: Tensor | None = None) -> Float[T
         raise ValueError(
             f"logit effects need an SAE on a d_model-wide site; {sae.cfg.hook_name} has width {d.shape[-1]}"
         )
-    norm = model.ln_final
-    if getattr(norm, "kind", None) is not None:
-        from interplab.model.config import Norm
-
-        if norm.kind is Norm.LAYERNORM:
-            d = d - d.mean(-1, keepdim=True)
-        d = d * norm.w.detach().float()
-    return d @ model.W_U.detach().float()
+    return model.ln_final.apply_to_direction(d) @ model.W_U.detach().float()
 
 
 def top_logits(effects: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -165,7 +165,9 @@ def top_logits(effects: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]
     return pos_v, pos_i, -neg_v, neg_i
 
 
-def ablation_loss_effect(model, sae, tokens: Int[Tensor, "batch pos"], feature: int) -> float:
+def ablation_loss_effect(
+    model: Transformer, sae: SAE, tokens: Int[Tensor, "batch pos"], feature: int
+) -> float:
     """Exact mean increase of the sequence's summed cross-entropy when feature ``feature`` is ablated at one
     firing at a time (a forward pass per firing: for checks on small inputs, not for whole corpora)."""
     hook = check_sae_fits(model, sae)
@@ -178,7 +180,7 @@ def ablation_loss_effect(model, sae, tokens: Int[Tensor, "batch pos"], feature: 
         for b, p in acts.gt(0).nonzero().tolist():
             remove = acts[b, p] * direction
 
-            def ablate(x: Tensor, _site, b=b, p=p, remove=remove) -> Tensor:
+            def ablate(x: Tensor, _site: Site, b: int = b, p: int = p, remove: Tensor = remove) -> Tensor:
                 x = x.clone()
                 x[b, p] -= remove
                 return x

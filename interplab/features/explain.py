@@ -6,7 +6,7 @@ network: `TokenEnrichmentExplainer` (the tokens most over-represented where the 
 their corpus frequency) and `TokenListSimulator`. `PromptExplainer` wraps any text-completion function
 (an LLM client) with a prompt built from the top contexts.
 
->>> result = auto_interp(FeatureStore("features.db"), TokenEnrichmentExplainer())   # doctest: +SKIP
+>>> result = auto_interp(FeatureWriter("features.db"), TokenEnrichmentExplainer())   # doctest: +SKIP
 >>> result.scores[12]                                                              # doctest: +SKIP
 """
 
@@ -17,9 +17,14 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from interplab.features.store import FeatureStore
+from interplab.runs import Kind, write_json
+
+if TYPE_CHECKING:  # explanations need no database code of their own (`auto_interp` is handed one)
+    from interplab.features.reader import FeatureReader
+    from interplab.features.writer import FeatureWriter
 
 
 @dataclass(frozen=True)
@@ -146,11 +151,10 @@ class AutoInterpResult:
         fig.update_layout(title=f"explanation scores ({self.explainer})", xaxis_title="correlation")
         return fig
 
-    def save(self, path) -> None:
-        from interplab.io import atomic_write_json
-
-        atomic_write_json(
+    def save(self, path: str | Path) -> None:
+        write_json(
             path,
+            Kind.AUTO_INTERP,
             {
                 "explainer": self.explainer,
                 "explanations": self.explanations,
@@ -161,16 +165,29 @@ class AutoInterpResult:
 
 
 def auto_interp(
-    store: FeatureStore,
+    db: FeatureWriter,
     explainer: Explainer,
     simulator: Simulator | None = None,
     *,
     features: Iterable[int] | None = None,
     overwrite_human: bool = False,
 ) -> AutoInterpResult:
-    """Explain and score ``features`` (default: all that fire) and store the labels as ``auto:<name>``
-    (human labels are kept unless ``overwrite_human``)."""
-    simulator = simulator or TokenListSimulator()
+    """Explain and score ``features`` (default: all that fire) of the feature database open in ``db`` and
+    store the labels as ``auto:<name>`` (human labels are kept unless ``overwrite_human``)."""
+    with db.reader() as store:
+        return _explain_all(
+            store, db, explainer, simulator or TokenListSimulator(), features, overwrite_human
+        )
+
+
+def _explain_all(
+    store: FeatureReader,
+    writer: FeatureWriter,
+    explainer: Explainer,
+    simulator: Simulator,
+    features: Iterable[int] | None,
+    overwrite_human: bool,
+) -> AutoInterpResult:
     vocab, counts = store.vocab(), store.token_counts()
     window_left = store.meta().get("window_left", 0)
     human = store.labels(source="human")
@@ -187,7 +204,7 @@ def auto_interp(
             continue
         expl = explainer.explain(record, vocab, counts)
         score = score_explanation(expl, simulator, record["samples"], vocab)
-        store.set_label(f, expl.text, source=f"auto:{explainer.name}", score=score)
+        writer.set_label(f, expl.text, source=f"auto:{explainer.name}", score=score)
         explanations[f], scores[f] = expl.text, score
     return AutoInterpResult(
         explanations=explanations, scores=scores, explainer=explainer.name, skipped_human=skipped

@@ -6,8 +6,8 @@ URL works too (PostgreSQL: ``postgresql://...``), with full-text search falling 
 Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores);
 3 = + checksums (a SHA-256 per feature of its row and contexts, verified when the feature is read, so a changed
 byte is named instead of served; features written before version 3 have none).
-A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.store.sqlite_engine`), so a
-name with ``?`` or ``#`` is a name; serving read-only opens with ``mode=ro`` and never switches the journal.
+A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.database.sqlite_engine`), so
+a name with ``?`` or ``#`` is a name; a `FeatureReader` opens with ``mode=ro`` and never switches the journal.
 """
 
 from __future__ import annotations
@@ -35,10 +35,15 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 3
-KIND = "interplab.features"
+from interplab.runs import VERSIONS, Kind
+
+SCHEMA_VERSION = VERSIONS[Kind.FEATURE_DB]
+"""``meta.schema_version``: the version of these tables (`interplab.runs.VERSIONS`)"""
+KIND = Kind.FEATURE_DB.value
 """``meta.kind``: marks a database as interplab's (databases without it and without a schema version are
 foreign and are never written into)"""
+LEGACY_KINDS = ("interplab.features",)
+"""earlier ``meta.kind`` markers (before `interplab.runs`), still read as this kind"""
 
 metadata = MetaData()
 
@@ -117,7 +122,7 @@ READABLE_FROM = 2
 """the oldest schema a read-only open can serve (older ones need a migration, i.e. a write)"""
 
 
-def row_digest(feature_row: Mapping[str, Any], context_rows: Iterable[Mapping[str, Any]]) -> str:
+def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[Any, Any]]) -> str:
     """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
     the type its column stores, so the digest computed at write equals the one recomputed from a read."""
     h = hashlib.sha256()
@@ -159,6 +164,11 @@ def _sqlite_read_only_pragmas(dbapi_conn, _record) -> None:
 def install_pragmas(engine: Engine, *, read_only: bool = False) -> None:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
+
+
+def is_our_kind(kind: str | None) -> bool:
+    """Whether a ``meta.kind`` marker is interplab's feature database (None: no marker, as before it had one)."""
+    return kind is None or kind == KIND or kind in LEGACY_KINDS
 
 
 def schema_version(engine: Engine) -> int:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from torch import Tensor
 
 from interplab.features.config import FeatureBuildConfig
+from interplab.io import save_tensors
 
 _LOW32 = (1 << 32) - 1
 _MAX_TOKENS = 1 << 32
@@ -74,24 +78,21 @@ class FeatureStats:
         )
         return fig
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         """Write every tensor to one safetensors file (exact inverse: `FeatureStats.load`)."""
-        from interplab.io import save_tensors
-
         tensors = {
             f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
         }
         save_tensors(path, tensors, metadata={"n_tokens": str(self.n_tokens)})
 
     @classmethod
-    def load(cls, path) -> FeatureStats:
-        from safetensors import safe_open
-
+    def load(cls, path: str | Path) -> FeatureStats:
         with safe_open(str(path), "pt") as f:
             data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             n_tokens = int(f.metadata()["n_tokens"])
         names = [f.name for f in fields(cls)]
-        return cls(**{n: data.get(n) for n in names if n != "n_tokens"}, n_tokens=n_tokens)
+        tensors: dict[str, Any] = {n: data.get(n) for n in names if n != "n_tokens"}  # optional ones: None
+        return cls(**tensors, n_tokens=n_tokens)
 
 
 def sample_priority(index: Tensor, feature: Tensor, seed: int) -> Tensor:
@@ -184,7 +185,7 @@ class StreamingFeatureStats:
     def _cooccurrence(self, t_idx: Tensor, f_idx: Tensor, n_tok: int) -> None:
         """Count every ordered pair of features firing on the same token (firings are grouped by token).
         The diagonal is each feature's firing count over the tokens counted (``cfg.cooc_max_tokens``)."""
-        if len(t_idx) == 0:
+        if len(t_idx) == 0 or self.cooc is None:
             return
         n = len(self.features)
         counts = torch.bincount(t_idx, minlength=n_tok)

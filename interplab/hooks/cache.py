@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from interplab.hooks.site import Site, SiteKind, suggest
+
+if TYPE_CHECKING:  # the model imports this module
+    from interplab.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class ComponentStack:
 class ActivationCache:
     """A mapping from hook names to activations, with helpers that know the model's structure."""
 
-    def __init__(self, store: dict[str, Tensor], model: Any) -> None:
+    def __init__(self, store: dict[str, Tensor], model: Transformer) -> None:
         self._store = store
         self.model = model
         self.cfg = model.cfg
@@ -122,28 +125,21 @@ class ActivationCache:
         layer = self.cfg.n_layers if layer is None else layer
         if not 0 <= layer <= self.cfg.n_layers:
             raise ValueError(f"layer must be in 0..{self.cfg.n_layers}, got {layer}")
-        needed = ["hook_embed"] + [n for n in ["hook_pos_embed"] if n in self.model.hook_names]
-        needed += [
-            f"blocks.{i}.hook_{part}_out"
-            for i in range(layer)
-            for part in ("attn", "mlp")[: 1 + self.cfg.has_mlp]
-        ]
+        embeds = [Site(SiteKind.EMBED)]
+        if Site(SiteKind.POS_EMBED).name in self.model.hook_names:
+            embeds.append(Site(SiteKind.POS_EMBED))
+        outs = (SiteKind.ATTN_OUT, SiteKind.MLP_OUT)[: 1 + self.cfg.has_mlp]
+        layered = [Site(kind, lyr) for lyr in range(layer) for kind in outs]
+        needed = [site.name for site in embeds + layered]
         missing = [n for n in needed if n not in self._store]
         if missing:
             raise KeyError(
                 f"decompose_resid needs {len(needed)} components, {len(missing)} not cached: {missing[:4]}"
                 f"{' ...' if len(missing) > 4 else ''}; cache them with run_with_cache(names=...)"
             )
-        parts, labels = [self["hook_embed"]], ["embed"]
-        if "hook_pos_embed" in self.model.hook_names:
-            parts.append(self["hook_pos_embed"])
-            labels.append("pos_embed")
-        for lyr in range(layer):
-            parts.append(self[("attn_out", lyr)])
-            labels.append(f"{lyr}_attn_out")
-            if self.cfg.has_mlp:
-                parts.append(self[("mlp_out", lyr)])
-                labels.append(f"{lyr}_mlp_out")
+        parts = [self[site] for site in embeds + layered]
+        labels = [site.kind.value.removeprefix("hook_") for site in embeds]
+        labels += [f"{site.layer}_{site.kind.value.removeprefix('hook_')}" for site in layered]
         return ComponentStack(torch.stack(parts), tuple(labels))
 
     def accumulated_resid(self, layer: int | None = None) -> ComponentStack:
@@ -173,12 +169,8 @@ class ActivationCache:
         norm if None) to a stack of components, using the cached scale: centre (LayerNorm) and divide by
         the scale. The norm's weight and bias are not applied (fold them with `fold_layer_norm`).
         Needs ``ln_final.hook_scale`` or ``blocks.{layer}.ln1.hook_scale`` in the cache."""
-        if self.cfg.normalization.value == "none":
+        final = layer is None or layer == self.cfg.n_layers
+        norm = self.model.ln_final if final else self.model.blocks[layer].ln1
+        if norm.hook_scale is None:  # no normalisation: nothing to divide by
             return stack
-        if layer is None or layer == self.cfg.n_layers:
-            scale = self["ln_final.hook_scale"]
-        else:
-            scale = self[("ln1_scale", layer)]
-        if self.cfg.normalization.value == "layernorm":
-            stack = stack - stack.mean(-1, keepdim=True)
-        return stack / scale
+        return norm.divide_by_scale(stack, self[norm.hook_scale.site])

@@ -25,6 +25,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interplab.hooks.points import HookFn, HookTarget
+from interplab.io import atomic_write_json
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -49,8 +50,6 @@ class Generation:
 
     def save(self, path: str | Path) -> Path:
         """Write the tokens, mask and text as JSON."""
-        from interplab.io import atomic_write_json
-
         path = Path(path)
         atomic_write_json(
             path,

@@ -2,13 +2,17 @@
 
 Shapes use one vocabulary: batch pos d_model n_heads n_kv_heads d_head d_mlp. Per-head tensors
 (scores, pattern, per-head results, split inputs) are built only when a hook asks for them; otherwise
-attention runs through ``scaled_dot_product_attention``.
+attention runs through ``scaled_dot_product_attention``. Each such choice is made at one seam, from
+`need` (what the hooks on its points ask); `tests/model/test_fast_paths.py` checks every choice against a
+plain reference forward.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +47,31 @@ def value_of(value: Tensor, graph: Tensor) -> Tensor:
     return _ValueOf.apply(value.detach(), graph)
 
 
-def replaced(point: HookPoint) -> bool:
-    """Whether forward hooks may replace the activation (backward hooks alone leave the forward unchanged)."""
-    return bool(point.fwd)
+class Need(Enum):
+    """What the hooks on a group of points ask of the computation behind them (see `need`). Every fast
+    path of the model (fused norm, fused QKV, SDPA, one output matmul, broadcast per-head inputs) is chosen by
+    one of these, at one place each."""
+
+    NOTHING = "nothing"
+    """no hook: the fast path alone"""
+    READ = "read"
+    """only read hooks: the fast path's values, the hooked tensors computed beside it and shown"""
+    GRAD = "grad"
+    """backward hooks (and no forward hook): the fast path's values, the gradient through the hooked tensors"""
+    REPLACE = "replace"
+    """a forward hook may replace a value: the step-by-step computation, made of the (replaced) values"""
+
+
+def need(*points: HookPoint | None) -> Need:
+    """The strongest `Need` of the hooks on ``points`` (None: a point the model does not have)."""
+    wanted = Need.NOTHING
+    for point in points:  # a loop, not comprehensions: this runs several times per layer and forward
+        if point is None or not point.active:
+            continue
+        if point.fwd:
+            return Need.REPLACE
+        wanted = Need.GRAD if point.intervened else wanted if wanted is Need.GRAD else Need.READ
+    return wanted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,26 +92,46 @@ class Normalization(nn.Module):
         self.hook_normalized = normalized
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The step-by-step `_hooked` norm is the reference; the fused kernel (`_norm`) is the fast path."""
         scale, normalized = self.hook_scale, self.hook_normalized
-        points = [p for p in (scale, normalized) if p is not None]
-        if any(replaced(p) for p in points):
+        wanted = need(scale, normalized)
+        if wanted is Need.REPLACE:
             return self._hooked(x)
-        if any(p.intervened for p in points):  # backward hooks only: fast values, gradient step by step
+        if wanted is Need.GRAD:
             return value_of(self._norm(x)[0], self._hooked(x))
         out, inv_scale = self._norm(x)
+        if wanted is Need.READ:  # report beside the fused kernel, compute as usual
+            self._show(x, inv_scale)
+        return out
+
+    def _show(self, x: Tensor, inv_scale: Tensor) -> None:
+        """Show the scale and the normalised vector to read hooks (float32, as TransformerLens reports)."""
+        scale, normalized = self.hook_scale, self.hook_normalized
         reading_scale = scale is not None and scale.active
         reading_normalized = normalized is not None and normalized.active
-        if reading_scale or reading_normalized:  # only read: report beside the fused kernel, compute as usual
-            low_precision = inv_scale.dtype not in (torch.float32, torch.float64)
-            if reading_normalized or low_precision:
-                xf = self._centred(x)
-                if low_precision:  # report float32 values, as TransformerLens does
-                    inv_scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            if reading_scale:
-                scale(inv_scale.reciprocal())
-            if reading_normalized:
-                normalized(xf * inv_scale)
-        return out
+        low_precision = inv_scale.dtype not in (torch.float32, torch.float64)
+        if reading_normalized or low_precision:
+            xf = self._centred(x)
+            if low_precision:
+                inv_scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if reading_scale:
+            scale(inv_scale.reciprocal())
+        if reading_normalized:
+            normalized(xf * inv_scale)
+
+    def divide_by_scale(self, x: Float[Tensor, "... d_model"], scale: Tensor) -> Float[Tensor, "... d_model"]:
+        """``x`` centred (LayerNorm) and divided by a given ``scale`` (e.g. a cached ``hook_scale``), without
+        the weight and bias: how the norm acts on components of the residual stream it normalised."""
+        if self.kind is Norm.LAYERNORM:
+            x = x - x.mean(-1, keepdim=True)
+        return x / scale
+
+    def apply_to_direction(self, d: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The norm's linear part applied to directions ``d``: centred (LayerNorm), times the weight (in
+        float32); the scale (a positive factor) and the bias are left out."""
+        if self.kind is Norm.LAYERNORM:
+            d = d - d.mean(-1, keepdim=True)
+        return d * self.w.detach().float()
 
     def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The norm without hooks."""
@@ -137,6 +183,10 @@ def make_norm(
 
 
 class _NoNorm(nn.Module):
+    """No normalisation (``normalization="none"``): the identity, with the same public methods."""
+
+    hook_scale = None
+
     def __init__(self, normalized: HookPoint | None) -> None:
         super().__init__()
         self.hook_normalized = normalized
@@ -146,6 +196,12 @@ class _NoNorm(nn.Module):
 
     def normalize(self, x: Tensor) -> Tensor:
         return x
+
+    def divide_by_scale(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        return x
+
+    def apply_to_direction(self, d: Tensor) -> Tensor:
+        return d
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,7 +292,58 @@ class AttnContext:
         return allowed
 
 
+class HeadInputs(NamedTuple):
+    """Per-head normalised inputs of attention: what each query head's Q and each key/value head's K and V
+    read (``hook_q_input`` etc., normalised). The model builds them only when a hook may rewrite them."""
+
+    q: Float[Tensor, "batch pos n_heads d_model"]
+    k: Float[Tensor, "batch pos n_kv_heads d_model"]
+    v: Float[Tensor, "batch pos n_kv_heads d_model"]
+
+
+class FusedQKV:
+    """``W_Q``, ``W_K``, ``W_V`` (and their biases) concatenated into one [d_model, (n_heads + 2 n_kv_heads)
+    d_head] matrix, so the three projections are one matmul.
+
+    The concatenation is kept while the weights are unchanged: its key is each parameter's storage pointer
+    and version counter (which in-place writes, ``load_state_dict`` and optimiser steps bump), dtype and
+    device. When a gradient is needed, or the parameters are not plain ``nn.Parameter``s (swapped in by
+    ``torch.func.functional_call``), it is built afresh each call, differentiably, and not kept."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._weights: tuple[Tensor, Tensor] | None = None
+
+    def weights(self, attn: Attention) -> tuple[Tensor, Tensor]:
+        """(W [d_model, (h + 2 kv) d_head], b [(h + 2 kv) d_head]) for ``attn``'s current parameters."""
+        params = (attn.W_Q, attn.W_K, attn.W_V, attn.b_Q, attn.b_K, attn.b_V)
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if need_grad or not all(type(p) is nn.Parameter for p in params):
+            return self._concat(params, attn.cfg.d_model)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._weights is None or self._key != key:
+            self._key, self._weights = key, self._concat(params, attn.cfg.d_model)
+        return self._weights
+
+    @staticmethod
+    def _concat(params: tuple[Tensor, ...], d_model: int) -> tuple[Tensor, Tensor]:
+        w = torch.cat([t.permute(1, 0, 2).reshape(d_model, -1) for t in params[:3]], dim=1)
+        return w, torch.cat([t.reshape(-1) for t in params[3:]])
+
+
 class Attention(nn.Module):
+    """Multi-head attention of the normalised residual stream ``x``, per head h:
+
+        q_h = x W_Q[h] + b_Q[h]      k_h = x W_K[h] + b_K[h]      v_h = x W_V[h] + b_V[h]
+        (rotary: q_h, k_h rotated by position; GQA/MQA: a group of query heads shares one k_h, v_h)
+        z_h = softmax(q_h k_h^T / attn_scale + mask) v_h
+        attn_out = sum_h z_h W_O[h] + b_O
+
+    `forward` reads as that sequence. Each fast path sits behind one seam that picks it from what the hooks
+    ask (`need`): `project` (one fused QKV matmul, or per-head projections of `HeadInputs`), `_attend`
+    (``scaled_dot_product_attention``, or the explicit scores and pattern) and `output` (one matmul over all
+    heads, or the per-head results ``hook_result`` summed)."""
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -266,48 +373,40 @@ class Attention(nn.Module):
             kinds += [SiteKind.ROT_Q, SiteKind.ROT_K]
         for kind in kinds:
             setattr(self, "hook_" + kind.value.split(".hook_")[1], _hp(kind, layer))
-        self._fused: tuple[tuple, Tensor, Tensor] | None = None
-
-    # fused QKV weights, cached while the weights are unchanged and no gradient is needed
-    def _qkv_weight(self) -> tuple[Tensor, Tensor]:
-        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        d = self.cfg.d_model
-        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if need_grad or not all(type(p) is nn.Parameter for p in params):
-            # training, or parameters swapped in by torch.func: build afresh, differentiably
-            w = torch.cat([t.permute(1, 0, 2).reshape(d, -1) for t in params[:3]], dim=1)
-            return w, torch.cat([t.reshape(-1) for t in params[3:]])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._fused is None or self._fused[0] != key:
-            w = torch.cat([t.permute(1, 0, 2).reshape(d, -1) for t in params[:3]], dim=1)
-            self._fused = (key, w, torch.cat([t.reshape(-1) for t in params[3:]]))
-        return self._fused[1], self._fused[2]
+        self.fused_qkv = FusedQKV()
 
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"] | None,
+        x: Float[Tensor, "batch pos d_model"] | HeadInputs,
         ctx: AttnContext,
-        split: tuple[Tensor, Tensor, Tensor] | None = None,
         cache: LayerKV | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """``x`` is the normalised residual stream, or ``split`` holds per-head normalised inputs
-        ([batch pos n_heads d_model] for Q, [batch pos n_kv_heads d_model] for K and V); given both, the
-        values come from ``x`` and the gradient flows through ``split``."""
-        cfg = self.cfg
-        h, kv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        if x is not None:
-            w, b = self._qkv_weight()
-            qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:2], h + 2 * kv, dh)
-            q, k, v = qkv.split([h, kv, kv], dim=2)
-        if split is not None:
-            per_head = [
+        """``attn_out`` for the normalised residual stream ``x`` (every head reads it) or for per-head inputs."""
+        q, k, v = self.project(x)
+        return self.output(self.attend(q, k, v, ctx, cache))
+
+    def project(self, x: Float[Tensor, "batch pos d_model"] | HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
+        """q [batch pos n_heads d_head], k and v [batch pos n_kv_heads d_head]: one matmul with the fused
+        weights for a shared input, a per-head projection for `HeadInputs`."""
+        if isinstance(x, HeadInputs):
+            weights, biases = (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)
+            q, k, v = (
                 torch.einsum("bphd,hde->bphe", inp, W) + b
-                for inp, W, b in zip(
-                    split, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V), strict=True
-                )
-            ]
-            # both given: the values of x's path, the gradient of the split inputs' (backward hooks on them)
-            q, k, v = per_head if x is None else map(value_of, (q, k, v), per_head)
+                for inp, W, b in zip(x, weights, biases, strict=True)
+            )
+            return q, k, v
+        h, kv = self.cfg.n_heads, self.cfg.n_kv_heads
+        w, b = self.fused_qkv.weights(self)
+        qkv = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:2], h + 2 * kv, self.cfg.d_head)
+        q, k, v = qkv.split([h, kv, kv], dim=2)
+        return q, k, v
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, cache: LayerKV | None = None
+    ) -> Float[Tensor, "batch pos n_heads d_head"]:
+        """z (after ``hook_z``) from the projections: hooks on q, k, v; key smearing; rotary; the key/value
+        cache; then softmax(q k^T / attn_scale + mask) v."""
+        cfg = self.cfg
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cfg.smear_keys:
             k = self._smear(k, ctx, cache)
@@ -317,48 +416,71 @@ class Attention(nn.Module):
             k = self.hook_rot_k(apply_rotary(k, cos, sin, cfg.rotary_style))
         if cache is not None:
             k, v = cache.extend(k, v)
-        mask = ctx.mask(q.shape[1], cfg.window_for(self.layer), cfg.causal)
-        scores, pattern = self.hook_attn_scores, self.hook_pattern
-        if replaced(scores) or replaced(pattern) or cfg.attn_softcap is not None:
-            z = self._explicit(q, k, v, mask, ctx)
-        elif scores.intervened or pattern.intervened:  # backward hooks only: the fast path's values
-            z = value_of(self._sdpa(q, k, v, mask, ctx), self._explicit(q, k, v, mask, ctx))
-        elif scores.active or pattern.active:
-            z = self._explicit(q, k, v, mask, ctx)
-        else:
-            z = self._sdpa(q, k, v, mask, ctx)
-        z = self.hook_z(z)
+        return self.hook_z(self._attend(q, k, v, ctx))
+
+    def head_results(self, x: HeadInputs, ctx: AttnContext) -> Float[Tensor, "batch pos n_heads d_model"]:
+        """Each head's output ``z_h W_O[h]`` (no ``b_O``) for per-head inputs: what ``hook_result`` shows,
+        without running it (hooks on q, k, v, the pattern and z do run)."""
+        return self._head_results(self.attend(*self.project(x), ctx))
+
+    # ---- the seams -------------------------------------------------------------------------------
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
+        """``softmax(q k^T / attn_scale + mask) v`` per head. ``scaled_dot_product_attention`` computes it in
+        one kernel but never builds the scores or the pattern: the explicit computation (`_explicit`) runs when
+        a hook reads or may replace them, and always under soft-capped scores (which SDPA cannot apply); under
+        backward hooks alone the forward keeps SDPA's values and the gradient flows through the explicit path."""
+        mask = ctx.mask(q.shape[1], self.cfg.window_for(self.layer), self.cfg.causal)
+        wanted = need(self.hook_attn_scores, self.hook_pattern)
+        if self.cfg.attn_softcap is None:
+            if wanted is Need.NOTHING:
+                return self._sdpa(q, k, v, mask)
+            if wanted is Need.GRAD:
+                return value_of(self._sdpa(q, k, v, mask), self._explicit(q, k, v, mask, ctx))
+        return self._explicit(q, k, v, mask, ctx)
+
+    def output(self, z: Tensor) -> Float[Tensor, "batch pos d_model"]:
+        """``attn_out = sum_h z_h W_O[h] + b_O``: one matmul over all heads, unless a hook asks for the per-head
+        results (read: shown beside it; replaceable: they are what attn_out is made of; backward hooks only:
+        the matmul's values, the per-head gradient)."""
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        wanted = need(self.hook_result)
+        if wanted is Need.REPLACE:
+            return self.hook_result(self._head_results(z)).sum(dim=2) + self.b_O
         out = torch.addmm(self.b_O, z.reshape(-1, h * dh), self.W_O.reshape(h * dh, -1)).view(
             *z.shape[:2], -1
         )
-        if self.hook_result.active:
-            # every head's output in one batched matmul [head, batch*pos, d_model]; the hook sees a
-            # [batch pos head d_model] view of it (no copy)
-            zh = z.permute(2, 0, 1, 3).reshape(h, -1, dh)
-            result = torch.bmm(zh, self.W_O).view(h, *z.shape[:2], -1).permute(1, 2, 0, 3)
-            if replaced(self.hook_result):  # the heads' (possibly replaced) outputs make attn_out
-                return self.hook_result(result).sum(dim=2) + self.b_O
-            if self.hook_result.intervened:  # backward hooks only: the fused values, the per-head gradient
-                return value_of(out, self.hook_result(result).sum(dim=2) + self.b_O)
-            self.hook_result(result)  # only read: attn_out stays the exact fused computation
+        if wanted is Need.GRAD:
+            return value_of(out, self.hook_result(self._head_results(z)).sum(dim=2) + self.b_O)
+        if wanted is Need.READ:
+            self.hook_result(self._head_results(z))
         return out
 
+    def _head_results(self, z: Tensor) -> Float[Tensor, "batch pos n_heads d_model"]:
+        """Every head's output in one batched matmul [head, batch*pos, d_model], as a [batch pos head d_model]
+        view (no copy)."""
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        zh = z.permute(2, 0, 1, 3).reshape(h, -1, dh)
+        return torch.bmm(zh, self.W_O).view(h, *z.shape[:2], -1).permute(1, 2, 0, 3)
+
+    # ---- the two attention computations and key smearing ------------------------------------------
     def _smear(self, k: Tensor, ctx: AttnContext, cache: LayerKV | None) -> Tensor:
+        """``gate * k + (1 - gate) * k of the previous position`` per key/value head (raw keys, before rotary)."""
         gate = torch.sigmoid(self.smear)[:, None]  # n_kv_heads 1
         prev = (
-            cache.last_raw_k
-            if cache is not None and cache.last_raw_k is not None
+            cache.raw_k[:, -1:]
+            if cache is not None and cache.raw_k is not None
             else torch.zeros_like(k[:, :1])
         )
         if cache is not None:
-            cache.last_raw_k = k[:, -1:]
+            cache.raw_k = k if cache.raw_k is None else torch.cat([cache.raw_k, k], dim=1)
         shifted = torch.cat([prev, k[:, :-1]], dim=1)
         if ctx.key_valid is not None:
             # the first real token of a left-padded row has no previous key: do not mix in the padding's
             shifted = shifted * (ctx.positions > 0)[:, :, None, None].to(k.dtype)
         return gate * k + (1 - gate) * shifted
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext) -> Tensor:
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """The same z from ``scaled_dot_product_attention`` (GQA natively where torch supports it)."""
         g = self.cfg.n_groups
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kw = {}
@@ -374,6 +496,8 @@ class Attention(nn.Module):
         return z.transpose(1, 2)
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ctx: AttnContext) -> Tensor:
+        """scores = q k^T / attn_scale (soft-capped) + mask -> ``hook_attn_scores``; pattern = softmax(scores)
+        -> ``hook_pattern``; z = pattern v."""
         cfg = self.cfg
         g = cfg.n_groups
         if g > 1:
@@ -405,16 +529,25 @@ class Attention(nn.Module):
 
 @dataclass
 class LayerKV:
-    """Keys and values of earlier positions for one layer (generation)."""
+    """Keys and values of earlier positions for one layer (generation), and for key smearing the raw keys
+    (before smearing and rotary)."""
 
     k: Tensor | None = None
     v: Tensor | None = None
-    last_raw_k: Tensor | None = None
+    raw_k: Tensor | None = None
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
         return self.k, self.v
+
+    def prefix(self, upto: int, repeat: int = 1) -> LayerKV:
+        """The first ``upto`` positions, the batch tiled ``repeat`` times (copy i is rows i*batch ..)."""
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[:, :upto].repeat(repeat, 1, 1, 1)
+
+        return LayerKV(cut(self.k), cut(self.v), cut(self.raw_k))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,12 +29,15 @@ from interplab.model.layers import (
     MLP,
     Attention,
     AttnContext,
+    HeadInputs,
     LayerKV,
+    Need,
     _hp,
     init_weights,
     make_norm,
-    replaced,
+    need,
     rotary_tables,
+    value_of,
 )
 
 if TYPE_CHECKING:
@@ -64,8 +67,16 @@ class Unembed(nn.Module):
 
 
 class Block(nn.Module):
-    """``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``
-    (parallel blocks: both read ``resid_pre``)."""
+    """One transformer block, as nanoGPT writes it::
+
+        resid_mid  = resid_pre + attn(ln1(resid_pre))
+        resid_post = resid_mid + mlp(ln2(resid_mid))
+
+    Parallel blocks (GPT-J, NeoX): ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``;
+    attention-only: ``resid_post = resid_pre + attn(ln1(resid_pre))``; post norms (Gemma 2) normalise each
+    sublayer's output before it is added (``ln1_post``, ``ln2_post``). Every named tensor passes its hook
+    point. `forward` is `attend` (the attention half, which mixes positions) then `finish` (the rest, position
+    by position)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -102,54 +113,66 @@ class Block(nn.Module):
         return [v for m in self.modules() for v in vars(m).values() if isinstance(v, HookPoint)]
 
     def forward(
-        self,
-        resid: Float[Tensor, "batch pos d_model"],
-        ctx: AttnContext,
-        cache: LayerKV | None = None,
-        keep: Int[Tensor, "batch k"] | None = None,
+        self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttnContext, cache: LayerKV | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
-        """``keep`` (query positions per example): after attention, which still reads every key, only these
-        positions go on through the MLP (its hooks, ``hook_resid_mid`` and ``hook_resid_post`` see [batch k]);
-        for readers of a few positions of the last block's output, e.g. batched patching."""
-        resid = self.hook_resid_pre(resid)
-        inputs = self._head_input_points()
-        if not any(map(replaced, inputs)) and any(p.intervened for p in inputs):
-            # backward hooks only: the usual forward's values, the gradient through the per-head inputs
-            split = self._split_inputs(resid)
-            attn_out = self.attn(self.ln1(resid), ctx, split=split, cache=cache)
-        elif any(point.intervened for point in inputs):
-            split = self._split_inputs(resid)
-            if (
-                self.ln1.hook_normalized.active
-                or getattr(self.ln1, "hook_scale", None) is not None
-                and self.ln1.hook_scale.active
-            ):
-                # observed for caches; on this path Q/K/V read their own per-head normalised copies,
-                # so a replacement made at ln1 is not used (patch hook_q_input etc. instead)
-                self.ln1(resid)
-            attn_out = self.attn(None, ctx, split=split, cache=cache)
-        else:
-            # only read (cached): show broadcast views of the residual stream, no copies, no split path
-            b, p, d = resid.shape
-            for point in inputs:
-                if point.active:
-                    point(resid[:, :, None, :].expand(b, p, self._n_inputs(point), d))
-            attn_out = self.attn(self.ln1(resid), ctx, cache=cache)
+        """``resid_post`` of the block: `attend`, then `finish`."""
+        resid_pre, attn_out = self.attend(resid_pre, ctx, cache)
+        return self.finish(resid_pre, attn_out)
+
+    def attend(
+        self, resid_pre: Float[Tensor, "batch pos d_model"], ctx: AttnContext, cache: LayerKV | None = None
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_model"]]:
+        """The attention half: ``(resid_pre, attn_out)`` with ``attn_out = attn(ln1(resid_pre))`` (then
+        ``ln1_post`` with post norms), each after its hook."""
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self._attn(resid_pre, ctx, cache)
         if self.cfg.post_norms:
             attn_out = self.ln1_post(attn_out)
-        attn_out = self.hook_attn_out(attn_out)
-        if keep is not None:
-            index = keep[:, :, None].expand(-1, -1, resid.shape[-1])
-            resid, attn_out = resid.gather(1, index), attn_out.gather(1, index)
+        return resid_pre, self.hook_attn_out(attn_out)
+
+    def finish(
+        self, resid_pre: Float[Tensor, "batch k d_model"], attn_out: Float[Tensor, "batch k d_model"]
+    ) -> Float[Tensor, "batch k d_model"]:
+        """The rest of the block, position by position: ``resid_mid = resid_pre + attn_out``,
+        ``resid_post = resid_mid + mlp(ln2(resid_mid))`` (parallel blocks: ``resid_pre + attn_out +
+        mlp(ln2(resid_pre))``; attention-only: ``resid_pre + attn_out``). Attention is the only part of a block
+        that mixes positions, so this may be given a subset of the positions (gathered from both), e.g. to
+        compute the last block only where a metric reads (``analysis.patching`` does)."""
         if not self.cfg.has_mlp:
-            return self.hook_resid_post(resid + attn_out)
+            return self.hook_resid_post(resid_pre + attn_out)
         if self.cfg.parallel_attn_mlp:
-            mlp_out = self._mlp(resid)
-            return self.hook_resid_post(resid + attn_out + mlp_out)
-        resid_mid = self.hook_resid_mid(resid + attn_out)
+            return self.hook_resid_post(resid_pre + attn_out + self._mlp(resid_pre))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         return self.hook_resid_post(resid_mid + self._mlp(resid_mid))
 
+    def _attn(self, resid_pre: Tensor, ctx: AttnContext, cache: LayerKV | None) -> Tensor:
+        """``attn(ln1(resid_pre))``. The seam for the per-head inputs (``hook_attn_in``, ``hook_q_input`` ...):
+        nobody asks for them, or only reads them: every head reads ln1's one output (read hooks see broadcast
+        views of the residual stream, no copies); a forward hook may rewrite them: each head reads its own
+        normalised copy (`HeadInputs`; ln1's hooks still see ln1's output, but a replacement made at ln1 is not
+        used: patch hook_q_input etc. instead); backward hooks only: ln1's values, the gradient through the
+        per-head copies."""
+        inputs = self._head_input_points()
+        wanted = need(*inputs)
+        if wanted is Need.REPLACE:
+            heads = self._split_inputs(resid_pre)
+            if need(self.ln1.hook_normalized, self.ln1.hook_scale) is not Need.NOTHING:
+                self.ln1(resid_pre)  # observed for caches
+            return self.attn(heads, ctx, cache)
+        if wanted is Need.GRAD:
+            heads = self._split_inputs(resid_pre)
+            shared = self.attn.project(self.ln1(resid_pre))
+            q, k, v = map(value_of, shared, self.attn.project(heads))
+            return self.attn.output(self.attn.attend(q, k, v, ctx, cache))
+        if wanted is Need.READ:
+            b, p, d = resid_pre.shape
+            for point in inputs:
+                if point.active:
+                    point(resid_pre[:, :, None, :].expand(b, p, self._n_inputs(point), d))
+        return self.attn(self.ln1(resid_pre), ctx, cache)
+
     def _mlp(self, resid: Tensor) -> Tensor:
+        """``mlp(ln2(resid))`` (then ``ln2_post`` with post norms), with ``hook_mlp_in`` and ``hook_mlp_out``."""
         if self.hook_mlp_in.intervened:  # a copy, so that patching mlp_in leaves resid_mid alone
             resid = self.hook_mlp_in(resid.clone())
         elif self.hook_mlp_in.active:
@@ -168,7 +191,7 @@ class Block(nn.Module):
         kv = point is self.hook_k_input or point is self.hook_v_input
         return self.cfg.n_kv_heads if kv else self.cfg.n_heads
 
-    def _split_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split_inputs(self, resid: Tensor) -> HeadInputs:
         """Per-head copies of the residual stream feeding Q, K and V, each normalised separately
         (ln1's own hooks do not fire on this path). ``hook_attn_in`` (one copy per head, feeding its Q, K and V)
         comes first; ``hook_q_input`` etc. are copies of it."""
@@ -182,7 +205,7 @@ class Block(nn.Module):
         for point in (self.hook_q_input, self.hook_k_input, self.hook_v_input):
             copies = source.expand(b, p, self._n_inputs(point), d).clone()
             out.append(norm(point(copies)))
-        return out[0], out[1], out[2]
+        return HeadInputs(out[0], out[1], out[2])
 
 
 class Transformer(nn.Module):
@@ -239,7 +262,7 @@ class Transformer(nn.Module):
         ``"both"`` (``(logits, loss)``) or ``None`` (nothing, for hooks that only collect)."""
         compat.refuse_arguments(unsupported, "the forward (model(...), run_with_hooks, run_with_cache)")
         compat.check_return_type(return_type, stop_at_layer)
-        tokens = self._check_tokens(tokens, kv_cache)
+        tokens = self.check_tokens(tokens, kv_cache)
         ctx = self.context(tokens, attention_mask, kv_cache)
         resid = self.embed_tokens(tokens, ctx)
         resid = self.run_blocks(resid, ctx, stop=stop_at_layer, kv_cache=kv_cache)
@@ -313,16 +336,11 @@ class Transformer(nn.Module):
         start: int = 0,
         stop: int | None = None,
         kv_cache: KVCache | None = None,
-        keep_last: Int[Tensor, "batch k"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """Run blocks ``start`` .. ``stop - 1`` on a residual stream. ``keep_last``: the last block computes
-        its MLP only at these query positions and returns [batch k d_model] (see `Block.forward`)."""
+        """Run blocks ``start`` .. ``stop - 1`` on a residual stream."""
         stop = self.cfg.n_layers if stop is None else stop
         for layer in range(start, stop):
-            keep = keep_last if layer == stop - 1 else None
-            resid = self.blocks[layer](
-                resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None, keep
-            )
+            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
@@ -502,7 +520,9 @@ class Transformer(nn.Module):
         return {name: tuple(cache[name].shape) for name in self.hook_names if name in cache}
 
     # ---- misc ----------------------------------------------------------------------------------
-    def _check_tokens(self, tokens: Tensor, kv_cache: KVCache | None) -> Tensor:
+    def check_tokens(self, tokens: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """``tokens`` as a [batch pos] long tensor, or a clear error: text instead of ids, a wrong shape or
+        dtype, more positions than ``n_ctx`` (counting ``kv_cache``'s), an id outside the vocabulary."""
         if (
             isinstance(tokens, str)
             or isinstance(tokens, (list, tuple))
@@ -533,6 +553,10 @@ class Transformer(nn.Module):
                 )
         return tokens.long()
 
+    _check_tokens = (
+        check_tokens  # the former private name, still called by analysis.lens/heads, data_attribution
+    )
+
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -557,7 +581,7 @@ class Transformer(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write ``config.json``, ``model.safetensors`` (and ``tokenizer.json``) to a folder."""
-        from interplab.model.io import save_model
+        from interplab.model.io import save_model  # model.io imports this module
 
         return save_model(self, path)
 
@@ -596,3 +620,17 @@ class KVCache:
 
     def __iter__(self) -> Iterator[LayerKV]:
         return iter(self.layers)
+
+    def prefix(self, upto: int, repeat: int = 1, *, from_layer: int = 0) -> KVCache:
+        """A cache of the first ``upto`` positions of this one, the batch tiled ``repeat`` times (copy i is rows
+        i*batch .. (i+1)*batch - 1), to run ``repeat`` continuations of the same prefix in one batch. Layers
+        before ``from_layer`` are left empty (for a run that starts at a later block and never reads them)."""
+        if not 0 <= upto <= self.length:
+            raise ValueError(f"upto must be in 0..{self.length} (the positions cached), got {upto}")
+        out = KVCache(len(self.layers))
+        out.length = upto
+        if self.mask is not None:
+            out.mask = self.mask[:, :upto].repeat(repeat, 1)
+        for layer in range(from_layer, len(self.layers)):
+            out.layers[layer] = self.layers[layer].prefix(upto, repeat)
+        return out

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Path
+import torch
+from fastapi import FastAPI, HTTPException, Path
+from jaxtyping import Int
 from pydantic import BaseModel, Field
+from torch import Tensor
 
-from interplab.features.store import FeatureNotFound, ReadOnlyDatabase
+from interplab.features.database import ReadOnlyDatabase
+from interplab.features.reader import FeatureNotFound
+from interplab.features.steer import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_STRENGTH,
+    SteerMode,
+    decode,
+    prompt_tokens,
+    steer_generate,
+)
+from interplab.hooks import Site, SiteKind
+from interplab.model import Transformer
+from interplab.sae import SAE
+from interplab.web.views import show_token
 
-MAX_PROMPT = 256
+if TYPE_CHECKING:  # app.py imports this module
+    from interplab.web.app import Resources
+
 INT64_MAX = 2**63 - 1
 FeatureIndex = Annotated[int, Path(ge=0, le=INT64_MAX, description="feature index")]
 
@@ -25,42 +42,19 @@ class SteerIn(BaseModel):
     """a multiple of the feature's max activation (default `DEFAULT_STRENGTH`)"""
     value: float | None = Field(default=None, ge=-1e6, le=1e6, allow_inf_nan=False)
     """an absolute activation instead of ``strength``"""
-    mode: str = Field(default="add", max_length=20)
-    max_new_tokens: int = Field(default=20, ge=1, le=100)
+    mode: str = Field(default=SteerMode.ADD.value, max_length=20)
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=100)
 
 
 class AttentionIn(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
 
 
-def prompt_tokens(model, prompt: str):
-    """Tokens of a typed prompt: the model's tokenizer, or space-separated ids (``12 7 #3``) without one."""
-    import torch
-
-    if getattr(model, "tokenizer", None) is not None:
-        toks = model.to_tokens(prompt)[0]
-    else:
-        parts = re.split(r"[\s,]+", prompt.strip())
-        if not all(re.fullmatch(r"#?\d+", p) for p in parts):
-            raise ValueError("this model has no tokenizer: type token ids separated by spaces, e.g. '12 7 3'")
-        toks = torch.tensor([int(p.lstrip("#")) for p in parts])
-    if toks.numel() > min(MAX_PROMPT, model.cfg.n_ctx):
-        raise ValueError(f"the prompt has {toks.numel()} tokens; at most {min(MAX_PROMPT, model.cfg.n_ctx)}")
-    if toks.numel() and int(toks.max()) >= model.cfg.d_vocab:
-        raise ValueError(f"token id {int(toks.max())} is out of range (d_vocab={model.cfg.d_vocab})")
-    return toks
-
-
-def token_texts(model, toks) -> list[str]:
-    from interplab.features.steer import decode
-    from interplab.web.views import show_token
-
+def token_texts(model: Transformer, toks: Int[Tensor, " pos"]) -> list[str]:
     return [show_token(decode(model, [int(t)])) for t in toks]
 
 
-def add_routes(app, res) -> None:
-    from fastapi import HTTPException
-
+def add_routes(app: FastAPI, res: Resources) -> None:
     def feature_or_404(db: str, index: FeatureIndex) -> dict[str, Any]:
         try:
             return res.store(db).feature(index)
@@ -74,7 +68,7 @@ def add_routes(app, res) -> None:
     @app.post("/api/db/{db}/feature/{index}/label")
     def api_label(db: str, index: FeatureIndex, body: LabelIn):
         try:
-            res.store(db).set_label(index, body.explanation, source="human")
+            res.writer(db).set_label(index, body.explanation, source="human")
         except ReadOnlyDatabase as err:
             raise HTTPException(403, str(err)) from None
         except FeatureNotFound:
@@ -83,8 +77,6 @@ def add_routes(app, res) -> None:
 
     @app.post("/api/db/{db}/feature/{index}/steer")
     def api_steer(db: str, index: FeatureIndex, body: SteerIn):
-        from interplab.features.steer import DEFAULT_STRENGTH, SteerMode, steer_generate
-
         rec = feature_or_404(db, index)
         if body.value is not None and body.strength is not None:
             raise HTTPException(
@@ -135,9 +127,7 @@ def add_routes(app, res) -> None:
             toks = prompt_tokens(model, body.prompt)
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
-        import torch
-
-        names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+        names = [Site(SiteKind.PATTERN, layer).name for layer in range(model.cfg.n_layers)]
         with torch.no_grad():
             _, cache = model.run_with_cache(toks[None], names=names)
         patterns = [
@@ -146,9 +136,7 @@ def add_routes(app, res) -> None:
         return {"tokens": token_texts(model, toks), "patterns": patterns}
 
 
-def _model_and_sae(res, db: str):
-    from fastapi import HTTPException
-
+def _model_and_sae(res: Resources, db: str) -> tuple[Transformer, SAE]:
     try:
         model, sae = res.model(db), res.sae(db)
     except (ImportError, OSError, ValueError, KeyError) as err:  # a moved, partial or foreign folder

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,10 +22,17 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from interplab.features.database import ReadOnlyDatabase, is_url
+from interplab.features.reader import MAX_QUERY, FeatureNotFound, FeatureReader
 from interplab.features.steer import DEFAULT_STRENGTH
-from interplab.features.store import MAX_QUERY, FeatureNotFound, FeatureStore, is_url, open_store
+from interplab.features.writer import FeatureWriter, label_writer
+from interplab.model import Transformer
+from interplab.model.load import load_model
+from interplab.sae import SAE, load_sae
+from interplab.web import api
 from interplab.web.api import INT64_MAX, FeatureIndex
 from interplab.web.guard import HostOriginGuard, normalise_allowed
 from interplab.web.runs import Artifact, find_artifacts, run_view
@@ -47,9 +54,7 @@ def plotly_js() -> Path:
     return path
 
 
-def templates():
-    from fastapi.templating import Jinja2Templates
-
+def templates() -> Jinja2Templates:
     t = Jinja2Templates(directory=str(WEB_DIR / "templates"))
     t.env.add_extension("jinja2.ext.do")
     t.env.globals["fmt"] = format_number
@@ -58,30 +63,46 @@ def templates():
 
 
 class Resources:
-    """Feature databases by name, and the model / SAEs they were built from (loaded on first use)."""
+    """Feature databases by name (a `FeatureReader` each, and a `FeatureWriter` for labels where it can be
+    written), and the model / SAEs they were built from (loaded on first use)."""
 
     def __init__(
-        self, dbs: Sequence[str | Path], model: Any = None, sae: Any = None, read_only: bool | None = None
+        self,
+        dbs: Sequence[str | Path],
+        model: Transformer | str | Path | None = None,
+        sae: SAE | str | Path | None = None,
+        read_only: bool | None = None,
     ) -> None:
-        self.stores: dict[str, FeatureStore] = {}
+        self.stores: dict[str, FeatureReader] = {}
+        self.writers: dict[str, FeatureWriter | None] = {}
         for db in dbs:
-            store = open_store(db, read_only=read_only)  # read-only where it cannot be written
+            # the writer first (opening it migrates an older schema); none where the file cannot be written
+            writer = label_writer(db, read_only=read_only)
+            store = FeatureReader(db)
             raw = str(db).rsplit("/", 1)[-1] if is_url(db) else Path(db).stem
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw) or "db"  # a URL path segment: no ? # % / in it
             while name in self.stores:
                 name += "_"
-            self.stores[name] = store
+            self.stores[name], self.writers[name] = store, writer
         self._model, self._sae = model, sae
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.meta = {name: s.meta() for name, s in self.stores.items()}
 
-    def store(self, name: str) -> FeatureStore:
+    def store(self, name: str) -> FeatureReader:
         if name not in self.stores:
             raise HTTPException(404, f"no feature database named {name!r}; served: {sorted(self.stores)}")
         return self.stores[name]
 
-    def _load(self, key: str, value: Any, loader) -> Any:
+    def writer(self, name: str) -> FeatureWriter:
+        """The writer of labels for database ``name`` (`ReadOnlyDatabase` when it is served read-only)."""
+        self.store(name)
+        writer = self.writers[name]
+        if writer is None:
+            raise ReadOnlyDatabase(f"database {name!r} is served read-only: labels cannot be saved")
+        return writer
+
+    def _load(self, key: str, value: Any, loader: Callable[[Any], Any]) -> Any:
         if value is None or not isinstance(value, (str, Path)):
             return value
         with self._lock:
@@ -89,42 +110,34 @@ class Resources:
                 self._loaded[key] = loader(value)
             return self._loaded[key]
 
-    def model(self, db: str | None = None):
-        from interplab import load_model
-
-        source = self._model if self._model is not None else (self.meta.get(db) or {}).get("model_path")
+    def model(self, db: str | None = None) -> Transformer | None:
+        recorded = self.meta.get(db, {}) if db is not None else {}
+        source = self._model if self._model is not None else recorded.get("model_path")
         if source is None:
             first = next((m.get("model_path") for m in self.meta.values() if m.get("model_path")), None)
             source = first
         return self._load(f"model:{source}", source, load_model)
 
-    def sae(self, db: str):
-        def load(path):
-            from interplab.sae import load_sae
-
-            return load_sae(path)
-
+    def sae(self, db: str) -> SAE | None:
         source = self._sae if self._sae is not None else self.meta[db].get("sae_path")
-        return self._load(f"sae:{source}", source, load)
+        return self._load(f"sae:{source}", source, load_sae)
 
 
 def create_app(
     dbs: Sequence[str | Path] = (),
     *,
     runs: Sequence[str | Path] = (),
-    model: Any = None,
-    sae: Any = None,
+    model: Transformer | str | Path | None = None,
+    sae: SAE | str | Path | None = None,
     read_only: bool | None = None,
     allowed_hosts: Sequence[str] = (),
-):
+) -> FastAPI:
     """The web app. ``model``/``sae`` (objects or folders) serve steering and attention views; by default the
     paths recorded in each database are used. Databases open read-only where they cannot be written
     (``read_only=None``), or as ``read_only`` says; labels cannot be saved to a read-only one.
 
     Requests are answered only for loopback host names and ``allowed_hosts``, and state-changing requests
     only from the app's own origin (`interplab.web.guard`)."""
-    from interplab.web import api
-
     res = Resources(dbs, model=model, sae=sae, read_only=read_only)
     tpl = templates()
     app = FastAPI(title="interplab feature explorer", docs_url="/api/docs", redoc_url=None)

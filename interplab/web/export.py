@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from interplab.features.store import FeatureStore
+from interplab.features.reader import FeatureReader
 from interplab.io import atomic_write_text
+from interplab.runs import Kind, write_json
+from interplab.web.app import WEB_DIR, plotly_js, templates
 from interplab.web.views import Links, feature_view, summary_rows
 
 
@@ -24,10 +26,8 @@ class ExportReport:
     n_pages: int
     n_bytes: int
 
-    def save(self, path) -> None:
-        from interplab.io import atomic_write_json
-
-        atomic_write_json(path, self.__dict__)
+    def save(self, path: str | Path) -> None:
+        write_json(path, Kind.FEATURE_EXPORT, self.__dict__)
 
     def plot(self):
         import plotly.graph_objects as go
@@ -43,9 +43,7 @@ def export_html(
     progress: Callable[[int, int], None] | None = None,
 ) -> ExportReport:
     """Write ``out/index.html``, ``out/feature/<i>.html`` and ``out/static/`` for the features of ``db``."""
-    from interplab.web.app import WEB_DIR, plotly_js, templates
-
-    store = FeatureStore(db)
+    store = FeatureReader(db)
     out = Path(out)
     (out / "feature").mkdir(parents=True, exist_ok=True)
     shutil.copytree(WEB_DIR / "static", out / "static", dirs_exist_ok=True)

@@ -19,7 +19,11 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:  # only types: `interplab serve` imports this module before the web stack
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})
@@ -72,14 +76,14 @@ def normalise_allowed(names: Iterable[str]) -> frozenset[str]:
 class HostOriginGuard:
     """ASGI middleware: the Host allowlist, the same-origin rule for state-changing requests, and HEAD."""
 
-    def __init__(self, app, allowed_hosts: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] = ()) -> None:
         self.app = app
         self.allowed = normalise_allowed(allowed_hosts)
 
     def host_allowed(self, name: str) -> bool:
         return is_loopback(name) or name in self.allowed
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -124,8 +128,8 @@ class HostOriginGuard:
         return None
 
 
-def _drop_body(send):
-    async def wrapped(message) -> None:
+def _drop_body(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.body":
             if message.get("more_body", False):
                 return
@@ -135,7 +139,7 @@ def _drop_body(send):
     return wrapped
 
 
-async def _refuse(scope, send, status: int, message: str) -> None:
+async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
     """A JSON error under /api, plain text elsewhere (no template: nothing of the app runs)."""
     if scope.get("path", "").startswith("/api/"):
         body, kind = json.dumps({"error": message}).encode(), b"application/json"

@@ -194,13 +194,17 @@ def test_result_plot_and_save(model, pair, tmp_path):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_run_blocks_keep_last_equals_gathering_the_full_output(variant, pair):
+def test_finishing_the_last_block_at_a_few_positions_equals_gathering_the_full_output(variant, pair):
+    # what batched patching does to unembed only the read positions: Block.finish on gathered positions
     model = make_model(**VARIANTS[variant])
     tokens, _ = pair
     ctx = model.context(tokens)
     resid = model.embed_tokens(tokens, ctx)
     keep = torch.tensor([[6, 0], [3, 3], [1, 5]])
+    last = model.blocks[-1]
     with torch.no_grad():
         full = model.run_blocks(resid, ctx)
-        kept = model.run_blocks(resid, ctx, keep_last=keep)
+        resid_pre, attn_out = last.attend(model.run_blocks(resid, ctx, stop=model.cfg.n_layers - 1), ctx)
+        index = keep[:, :, None].expand(-1, -1, resid_pre.shape[-1])
+        kept = last.finish(resid_pre.gather(1, index), attn_out.gather(1, index))
     torch.testing.assert_close(kept, full.gather(1, keep[:, :, None].expand(-1, -1, full.shape[-1])))

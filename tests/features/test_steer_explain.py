@@ -17,8 +17,10 @@ from interplab.features.explain import (
     auto_interp,
     score_explanation,
 )
+from interplab.features.reader import FeatureReader
 from interplab.features.steer import SteerMode, steer_generate, steering_hook
-from interplab.features.store import FeatureStore
+from interplab.features.writer import FeatureWriter
+from interplab.runs import Kind, read_json
 from tests.features.planted import make_sae, planted_sae
 
 
@@ -30,7 +32,7 @@ def _unembed_sae(model, tokens_by_feature):
     return sae
 
 
-def test_adding_an_unembedding_direction_makes_the_model_say_that_token(model):
+def test_adding_an_unembedding_direction_makes_the_model_say_that_token(model, tmp_path):
     sae = _unembed_sae(model, [7, 21])
     prompt = torch.tensor([1, 2, 3, 4])
     res = steer_generate(model, sae, prompt, feature=1, value=200.0, mode=SteerMode.ADD, max_new_tokens=6)
@@ -39,6 +41,9 @@ def test_adding_an_unembedding_direction_makes_the_model_say_that_token(model):
     zero = steer_generate(model, sae, prompt, feature=1, value=0.0, mode="add", max_new_tokens=6)
     assert zero.steered == zero.baseline
     assert "#21" in res.steered_text
+    res.save(tmp_path / "steer.json")
+    saved = read_json(tmp_path / "steer.json", expect=Kind.STEERING)
+    assert saved["mode"] == "add" and saved["steered"] == [21] * 6 and saved["version"] == 1
 
 
 def test_clamp_sets_the_feature_activation(model):
@@ -61,9 +66,9 @@ def test_auto_interp_recovers_planted_tokens_and_keeps_human_labels(tmp_path, mo
     sae = planted_sae(model, 6)
     cfg = FeatureBuildConfig(top_k=5, n_samples=6, window_left=3, window_right=1, batch_size=8)
     build_feature_db(tmp_path / "f.db", model, sae, tokens, cfg)
-    store = FeatureStore(tmp_path / "f.db")
-    store.set_label(0, "my own words")
-    result = auto_interp(store, TokenEnrichmentExplainer(k=1))
+    store, writer = FeatureReader(tmp_path / "f.db"), FeatureWriter(tmp_path / "f.db")
+    writer.set_label(0, "my own words")
+    result = auto_interp(writer, TokenEnrichmentExplainer(k=1))
     assert result.skipped_human == [0]
     for j in range(1, 6):
         assert result.explanations[j] == f"fires on '#{j}'"
@@ -77,6 +82,7 @@ def test_auto_interp_recovers_planted_tokens_and_keeps_human_labels(tmp_path, mo
     assert wrong < 0.5
     result.save(tmp_path / "interp.json")
     assert json.loads((tmp_path / "interp.json").read_text())["explainer"] == "token-enrichment"
+    assert read_json(tmp_path / "interp.json", expect=Kind.AUTO_INTERP)["version"] == 1
 
 
 def test_prompt_explainer_marks_the_peak_token(tmp_path, model, tokens):
@@ -90,7 +96,7 @@ def test_prompt_explainer_marks_the_peak_token(tmp_path, model, tokens):
         seen.append(prompt)
         return " the token two \n"
 
-    result = auto_interp(FeatureStore(tmp_path / "f.db"), PromptExplainer(complete), features=[2])
+    result = auto_interp(FeatureWriter(tmp_path / "f.db"), PromptExplainer(complete), features=[2])
     assert result.explanations[2] == "the token two"
     assert "<<#2>>" in seen[0]
 

@@ -11,14 +11,11 @@ from sqlalchemy.exc import OperationalError
 
 from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
-from interplab.features.store import (
-    FeatureNotFound,
-    FeatureStore,
-    ReadOnlyDatabase,
-    open_store,
-    sqlite_engine,
-)
+from interplab.features.database import ReadOnlyDatabase, sqlite_engine
+from interplab.features.reader import FeatureNotFound, FeatureReader
+from interplab.features.writer import FeatureWriter, label_writer
 from interplab.integrity import IntegrityError
+from interplab.runs import VERSIONS, Kind, read_json
 from tests.features.planted import make_sae, planted_sae
 
 CFG = FeatureBuildConfig(
@@ -34,7 +31,7 @@ def _sae():
 def test_planted_database_contents(tmp_path, model, tokens):
     sae = planted_sae(model, 10)
     build_feature_db(tmp_path / "f.db", model, sae, tokens, CFG)
-    store = FeatureStore(tmp_path / "f.db")
+    store = FeatureReader(tmp_path / "f.db")
     assert store.n_features() == 10
     counts = torch.bincount(tokens.flatten(), minlength=40)
     for j in range(10):
@@ -55,7 +52,7 @@ def test_building_twice_gives_the_same_database(tmp_path, model, tokens):
     build_feature_db(
         tmp_path / "b.db", model, _sae(), tokens, CFG.__class__(**{**CFG.to_dict(), "checkpoint_every": 0})
     )
-    a, b = FeatureStore(tmp_path / "a.db").dump(), FeatureStore(tmp_path / "b.db").dump()
+    a, b = FeatureReader(tmp_path / "a.db").dump(), FeatureReader(tmp_path / "b.db").dump()
     a["meta"] = [r for r in a["meta"] if r[0] != "fingerprint"]
     b["meta"] = [r for r in b["meta"] if r[0] != "fingerprint"]
     assert a == b
@@ -81,7 +78,7 @@ def test_resuming_an_interrupted_build_gives_the_same_database(tmp_path, model, 
     assert (tmp_path / "cut.db.build").is_dir()  # the streaming state was saved
     report = build_feature_db(tmp_path / "cut.db", model, _sae(), tokens, cfg)
     assert report.passes_skipped == (1 if per_pass else 0)
-    assert FeatureStore(tmp_path / "cut.db").dump() == FeatureStore(tmp_path / "ref.db").dump()
+    assert FeatureReader(tmp_path / "cut.db").dump() == FeatureReader(tmp_path / "ref.db").dump()
     assert not (tmp_path / "cut.db.build").exists()
 
 
@@ -90,13 +87,13 @@ def test_rebuild_with_other_settings_is_refused(tmp_path, model, tokens):
     with pytest.raises(ValueError, match="overwrite"):
         build_feature_db(tmp_path / "f.db", model, _sae(), tokens[:8], CFG)
     build_feature_db(tmp_path / "f.db", model, _sae(), tokens[:8], CFG, overwrite=True)
-    assert FeatureStore(tmp_path / "f.db").meta()["fingerprint"]["n_tokens"] == 8 * 16
+    assert FeatureReader(tmp_path / "f.db").meta()["fingerprint"]["n_tokens"] == 8 * 16
 
 
 def test_labels_search_and_navigation(tmp_path, model, tokens):
     build_feature_db(tmp_path / "f.db", model, _sae(), tokens, CFG)
-    store = FeatureStore(tmp_path / "f.db")
-    store.set_label(3, "fires on closing brackets")
+    store, writer = FeatureReader(tmp_path / "f.db"), FeatureWriter(tmp_path / "f.db")
+    writer.set_label(3, "fires on closing brackets")
     assert store.feature(3)["label"]["explanation"] == "fires on closing brackets"
     assert [h["feature"] for h in store.search_text("brackets")] == [3]
     assert store.neighbours(0) == (None, 1) and store.neighbours(11) == (10, None)
@@ -106,7 +103,7 @@ def test_labels_search_and_navigation(tmp_path, model, tokens):
     with pytest.raises(FeatureNotFound):
         store.feature(12)
     with pytest.raises(FeatureNotFound):
-        store.set_label(99, "x")
+        writer.set_label(99, "x")
     rows = store.list_features(order="-density", limit=3)
     assert [r["density"] for r in rows] == sorted((r["density"] for r in rows), reverse=True)
     with pytest.raises(ValueError, match="unknown order"):
@@ -115,10 +112,10 @@ def test_labels_search_and_navigation(tmp_path, model, tokens):
 
 def test_missing_database_and_non_database(tmp_path):
     with pytest.raises(FileNotFoundError, match="no feature database"):
-        FeatureStore(tmp_path / "missing.db")
+        FeatureReader(tmp_path / "missing.db")
     sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE x (a INT)").connection.commit()
     with pytest.raises(ValueError, match="not a feature database"):
-        FeatureStore(tmp_path / "other.db")
+        FeatureReader(tmp_path / "other.db")
 
 
 def test_version_1_database_is_migrated(tmp_path, model, tokens):
@@ -130,9 +127,14 @@ def test_version_1_database_is_migrated(tmp_path, model, tokens):
     schema.migrate(engine, target=1)
     assert not inspect(engine).has_table("labels")
     engine.dispose()
-    store = FeatureStore(tmp_path / "old.db")
+    with pytest.raises(
+        ReadOnlyDatabase, match="needs a migration"
+    ):  # a reader never writes, so never migrates
+        FeatureReader(tmp_path / "old.db")
+    store = FeatureWriter(tmp_path / "old.db")
     assert schema.schema_version(store.engine) == schema.SCHEMA_VERSION
     assert inspect(store.engine).has_table("labels")
+    assert FeatureReader(tmp_path / "old.db").n_features() == 0
 
 
 @pytest.mark.parametrize("name", ["odd?mode=ro.db", "a#b.db", "100%25.db", "sp ace&x=1.db"])
@@ -140,7 +142,7 @@ def test_a_path_is_a_path_whatever_its_characters(tmp_path, model, tokens, name)
     build_feature_db(tmp_path / name, model, _sae(), tokens, CFG)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == [name]
     for given in (tmp_path / name, str(tmp_path / name)):  # a str path is a path too
-        store = FeatureStore(given)
+        store = FeatureReader(given)
         assert store.n_features() == 12 and store.file == (tmp_path / name).resolve()
         store.close()
 
@@ -150,27 +152,27 @@ def test_read_only_open_writes_nothing(tmp_path, model, tokens):
     db = tmp_path / "ro" / "f.db"
     db.parent.mkdir()
     build_feature_db(db, model, _sae(), tokens, CFG)
-    writer = FeatureStore(db)
+    writer = FeatureWriter(db)
     writer.set_label(1, "kept")
     writer.close()  # the last connection checkpoints the WAL into the file
     before = db.read_bytes()
     for immutable in (False, True):
-        store = FeatureStore(db, read_only=True)
+        store = FeatureReader(db)
         if immutable:  # what a read-only filesystem gets (WAL needs its -shm file otherwise)
             store.engine.dispose()
             store.engine = sqlite_engine(db, read_only=True, immutable=True)
         assert store.n_features() == 12 and store.labels()[1]["explanation"] == "kept"
-        with pytest.raises(ReadOnlyDatabase, match="open read-only"):
-            store.set_label(2, "x")
+        assert not hasattr(store, "set_label")  # a reader has no method that writes
         with store.engine.connect() as c:  # below the store's own guard, SQLite refuses too
             with pytest.raises(OperationalError, match="readonly|read-only"):
                 c.exec_driver_sql("DELETE FROM labels")
             mode = c.exec_driver_sql("PRAGMA journal_mode").scalar()
             assert mode == ("delete" if immutable else "wal")  # immutable ignores the WAL; ro never switches
         store.close()
-    assert db.read_bytes() == before and FeatureStore(db).labels()[1]["explanation"] == "kept"
-    with pytest.raises(ValueError, match="cannot be created read-only"):
-        FeatureStore(tmp_path / "new.db", create=True, read_only=True)
+    assert db.read_bytes() == before and FeatureReader(db).labels()[1]["explanation"] == "kept"
+    with pytest.raises(FileNotFoundError, match="no feature database"):  # a reader never creates one
+        FeatureReader(tmp_path / "new.db")
+    assert not (tmp_path / "new.db").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod; the mode=ro test covers root")
@@ -181,10 +183,11 @@ def test_a_database_in_a_read_only_folder_is_served_read_only(tmp_path, model, t
     db.chmod(0o444)
     db.parent.chmod(0o555)
     try:
-        store = open_store(db)
+        assert label_writer(db) is None  # served read-only: no label writer
+        store = FeatureReader(db)
         assert store.read_only and store.n_features() == 12
-        with pytest.raises(ReadOnlyDatabase):
-            store.set_label(1, "x")
+        with pytest.raises(ReadOnlyDatabase, match="cannot be written"):
+            FeatureWriter(db)
         store.close()
     finally:
         db.parent.chmod(0o755)
@@ -202,7 +205,7 @@ def test_a_foreign_sqlite_file_is_never_written_into(tmp_path, model, tokens):
     with pytest.raises(ValueError, match="not a feature database .*tables users.*--overwrite"):
         build_feature_db(other, model, _sae(), tokens, CFG)
     with pytest.raises(ValueError, match="not a feature database"):
-        FeatureStore(other)
+        FeatureReader(other)
     assert other.read_bytes() == before
     con = sqlite3.connect(other)  # a table named like ours, with another kind marker
     con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -210,20 +213,21 @@ def test_a_foreign_sqlite_file_is_never_written_into(tmp_path, model, tokens):
     con.commit()
     con.close()
     with pytest.raises(ValueError, match="kind 'someone.else'"):
-        FeatureStore(other, create=True)
+        FeatureWriter(other, create=True)
     (tmp_path / "text.db").write_text("not a database at all, " * 100)
     with pytest.raises(ValueError, match="not an SQLite database"):
-        FeatureStore(tmp_path / "text.db")
+        FeatureReader(tmp_path / "text.db")
     build_feature_db(other, model, _sae(), tokens, CFG, overwrite=True)  # told: replaced
     assert (
-        FeatureStore(other).n_features() == 12 and FeatureStore(other).meta()["kind"] == "interplab.features"
+        FeatureReader(other).n_features() == 12
+        and FeatureReader(other).meta()["kind"] == Kind.FEATURE_DB.value
     )
 
 
 def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, model, tokens):
     db = tmp_path / "f.db"
     build_feature_db(db, model, _sae(), tokens, CFG)
-    store = FeatureStore(db)
+    store = FeatureReader(db)
     text = store.feature(3)["top"][0]["text"]
     assert len(text) >= 4
     store.close()
@@ -231,7 +235,7 @@ def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, mod
     con.execute("UPDATE contexts SET act = act + 1e-6 WHERE feature = 5 AND kind = 0 AND rank = 0")
     con.commit()
     con.close()
-    store = FeatureStore(db)
+    store = FeatureReader(db)
     with pytest.raises(IntegrityError, match=r"f\.db: feature 5 is corrupt"):
         store.feature(5)
     store.feature(4)  # the others still read
@@ -245,16 +249,35 @@ def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, mod
     assert found > 0
     db.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="feature 3 is corrupt"):
-        FeatureStore(db, read_only=True).feature(3)
+        FeatureReader(db).feature(3)
 
 
 @pytest.mark.parametrize("loss_effect", [-0.0, float("nan"), 1e-300, None])
 def test_checksums_survive_what_sqlite_does_to_floats(tmp_path, loss_effect):
     """SQLite stores -0.0 as 0 and NaN as NULL: the digest is over the stored values, so it still matches."""
-    store = FeatureStore(tmp_path / "f.db", create=True)
+    store = FeatureWriter(tmp_path / "f.db", create=True)
     row = {"feature": 0, "n_fires": 1, "density": 0.5, "max_act": -0.0, "mean_act": 1 / 3}
     row.update(loss_effect=loss_effect, hist="[1]", logits="{}", cooc="[]", top_token=None)
     ctx = {"feature": 0, "kind": 0, "rank": 0, "token_index": 3, "act": -0.0, "center_token": 1}
     ctx.update(tokens=b"\x01\x00\x00\x00", acts=b"\x00\x00\x00\x80", text="x")
     store.write_features([row], [ctx])
-    assert store.feature(0)["max_act"] == 0.0
+    assert store.reader().feature(0)["max_act"] == 0.0
+
+
+def test_the_kind_and_version_come_from_the_run_contract_and_the_old_marker_still_opens(
+    tmp_path, model, tokens
+):
+    db = tmp_path / "f.db"
+    report = build_feature_db(db, model, _sae(), tokens, CFG)
+    meta = FeatureReader(db).meta()
+    assert meta["kind"] == Kind.FEATURE_DB.value and meta["schema_version"] == VERSIONS[Kind.FEATURE_DB] == 3
+    report.save(tmp_path / "build.json")
+    saved = read_json(tmp_path / "build.json", expect=Kind.FEATURE_BUILD)
+    assert saved["version"] == 1 and saved["n_features"] == 12
+    con = sqlite3.connect(db)  # what interplab wrote before interplab.runs named the kind
+    con.execute("""UPDATE meta SET value = '"interplab.features"' WHERE key = 'kind'""")
+    con.commit()
+    con.close()
+    assert FeatureReader(db).n_features() == 12
+    FeatureWriter(db).set_label(1, "still ours")
+    assert FeatureReader(db).feature(1)["label"]["explanation"] == "still ours"

@@ -107,14 +107,14 @@ def hostile_db(web_setup) -> Path:
     """The tiny database with token strings that are HTML/JS syntax (every token id maps to one of them)."""
     import sqlite3
 
-    from interplab.features.store import FeatureStore
+    from interplab.features.writer import FeatureWriter
 
     path = web_setup["root"] / "hostile.db"
     src, dst = sqlite3.connect(web_setup["db"]), sqlite3.connect(path)
     src.backup(dst)  # a consistent copy (the source may have WAL pages)
     src.close()
     dst.close()
-    store = FeatureStore(path)
+    store = FeatureWriter(path)
     n = web_setup["model"].cfg.d_vocab
     # every token opens a comment and a script tag, then one more hostile piece
     store.write_vocab(

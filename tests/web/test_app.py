@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from interplab.runs import Kind, Report
+
 
 @pytest.fixture(scope="module")
 def client(web_app):
@@ -110,6 +112,8 @@ def test_static_export_is_self_contained(web_setup, tmp_path):
     report = export_html(web_setup["db"], tmp_path / "site")
     site = tmp_path / "site"
     assert report.n_pages == 17
+    report.save(tmp_path / "export.json")
+    assert Report.open(tmp_path / "export.json", Kind.FEATURE_EXPORT).data["n_pages"] == 17
     assert (site / "static" / "plotly.min.js").stat().st_size > 1_000_000
     page = (site / "feature" / "3.html").read_text()
     assert 'class="tok peak' in page and "../static/plotly.min.js" in page

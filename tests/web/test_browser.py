@@ -234,7 +234,7 @@ def test_a_rebound_name_and_another_origin_get_nothing(browser, server_addr, web
             .catch(() => 0)"""
     )
     ctx.close()
-    from interplab.features.store import FeatureStore
+    from interplab.features.reader import FeatureReader
 
-    label = FeatureStore(web_setup["db"]).feature(1)["label"]
+    label = FeatureReader(web_setup["db"]).feature(1)["label"]
     assert label is None or label["explanation"] != "pwned"

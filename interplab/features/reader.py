@@ -1,0 +1,233 @@
+"""`FeatureReader`: reads a feature database (SQLite file or any SQLAlchemy URL), opened read-only.
+
+The web app, export, steering and explanations read through it; it has no method that writes, and a SQLite
+file is opened with ``mode=ro`` (SQLite itself refuses writes). `FeatureWriter` builds and labels.
+
+>>> store = FeatureReader("features.db")          # doctest: +SKIP
+>>> store.feature(12)["contexts"][0]["text"]      # doctest: +SKIP
+>>> store.search_token(store.token_id("import"))  # which features fire on `import`?  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, or_, select, text
+
+from interplab.features import schema as S
+from interplab.features.database import FeatureDatabase, ReadOnlyDatabase
+from interplab.integrity import IntegrityError
+
+MAX_QUERY = 1000
+"""the longest text `FeatureReader.search_text` accepts (SQLite refuses LIKE patterns over 50,000 bytes)"""
+
+
+class FeatureNotFound(KeyError):
+    """The feature index is not in the database (out of range, or not built yet)."""
+
+
+@dataclass(frozen=True)
+class TokenHit:
+    """A feature whose top contexts peak on a given token."""
+
+    feature: int
+    count: int
+    max_act: float
+
+
+class FeatureReader(FeatureDatabase):
+    """One feature database, read-only: statistics, contexts, search, labels. Schemas older than
+    `schema.READABLE_FROM` need a migration, i.e. a write: open them once with a `FeatureWriter`."""
+
+    read_only = True
+
+    def __init__(self, path_or_url: str | Path) -> None:
+        super().__init__(path_or_url)
+        if self.found < S.READABLE_FROM:
+            raise ReadOnlyDatabase(
+                f"{self.where} has schema version {self.found} and needs a migration to {S.SCHEMA_VERSION}: "
+                "open it once where it can be written (e.g. `interplab serve` on a writable copy)"
+            )
+        # what a newer schema adds (checksums) is simply absent from an older one
+        self._checksums = "checksums" in S.inspect_database(self.engine)[1]
+
+    def token_counts(self) -> dict[int, int]:
+        with self.engine.connect() as c:
+            return dict(c.execute(select(S.vocab.c.token, S.vocab.c.count)).all())
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token given as text (exact, then ignoring surrounding spaces) or as ``#123``."""
+        vocab = self.vocab()
+        if token.startswith("#") and token[1:].isdigit():
+            return int(token[1:]) if int(token[1:]) in vocab else None
+        for want in (token, token.strip()):
+            for i, s in vocab.items():
+                if s == want:
+                    return i
+        stripped = {i: s.strip() for i, s in vocab.items()}
+        return next((i for i, s in stripped.items() if s == token.strip()), None)
+
+    # ---- reading -------------------------------------------------------------------------------
+    def feature(self, index: int) -> dict[str, Any]:
+        """Everything about one feature: statistics, charts' data, contexts (top, then samples), label."""
+        with self.engine.connect() as c:
+            row = c.execute(select(S.features).where(S.features.c.feature == index)).mappings().first()
+            if row is None:
+                raise FeatureNotFound(index)
+            columns = [S.contexts.c[name] for name in S.CONTEXT_DIGEST_COLUMNS]  # what the digest covers
+            ctx = (
+                c.execute(
+                    select(*columns)
+                    .where(S.contexts.c.feature == index)
+                    .order_by(S.contexts.c.kind, S.contexts.c.rank)
+                )
+                .mappings()
+                .all()
+            )
+            label = c.execute(select(S.labels).where(S.labels.c.feature == index)).mappings().first()
+            digest = (
+                c.execute(select(S.checksums.c.sha256).where(S.checksums.c.feature == index)).scalar()
+                if self._checksums
+                else None
+            )
+        if digest is not None and S.row_digest(row, ctx) != digest:
+            raise IntegrityError(
+                f"{self.file or self.url}: feature {index} is corrupt (its stored values differ from the SHA-256 "
+                "recorded when it was written); rebuild the database (interplab features build --overwrite)"
+            )
+        out = dict(row)
+        for key in ("hist", "logits", "cooc"):
+            out[key] = json.loads(out[key])
+        contexts = [
+            {
+                **dict(r),
+                "tokens": np.frombuffer(r["tokens"], "<i4").tolist(),
+                "acts": np.round(np.frombuffer(r["acts"], "<f4").astype(np.float64), 4).tolist(),
+            }
+            for r in ctx
+        ]
+        out["top"] = [r for r in contexts if r["kind"] == 0]
+        out["samples"] = [r for r in contexts if r["kind"] == 1]
+        out["label"] = dict(label) if label is not None else None
+        return out
+
+    def neighbours(self, index: int) -> tuple[int | None, int | None]:
+        """The previous and next feature in the database."""
+        with self.engine.connect() as c:
+            prev = c.execute(
+                select(func.max(S.features.c.feature)).where(S.features.c.feature < index)
+            ).scalar()
+            nxt = c.execute(
+                select(func.min(S.features.c.feature)).where(S.features.c.feature > index)
+            ).scalar()
+        return prev, nxt
+
+    def random_feature(self, *, alive: bool = True, rng: random.Random | None = None) -> int | None:
+        q = select(S.features.c.feature)
+        if alive:
+            q = q.where(S.features.c.n_fires > 0)
+        with self.engine.connect() as c:
+            n = c.execute(select(func.count()).select_from(q.subquery())).scalar()
+            if not n:
+                return None
+            offset = (rng or random).randrange(n)
+            return c.execute(q.order_by(S.features.c.feature).offset(offset).limit(1)).scalar()
+
+    def list_features(self, *, order: str = "feature", limit: int = 50, offset: int = 0) -> list[dict]:
+        """Summary rows; ``order`` in feature, density, -density, loss_effect, -loss_effect, max_act."""
+        cols = {
+            "feature": S.features.c.feature,
+            "density": S.features.c.density,
+            "loss_effect": S.features.c.loss_effect,
+            "max_act": S.features.c.max_act,
+        }
+        name = order.lstrip("-")
+        if name not in cols:
+            raise ValueError(f"unknown order {order!r}; valid: {sorted(cols)} (prefix - for descending)")
+        key = cols[name].desc() if order.startswith("-") else cols[name]
+        with self.engine.connect() as c:
+            q = (
+                select(
+                    S.features.c.feature,
+                    S.features.c.density,
+                    S.features.c.max_act,
+                    S.features.c.loss_effect,
+                    S.features.c.top_token,
+                    S.labels.c.explanation,
+                )
+                .outerjoin(S.labels, S.labels.c.feature == S.features.c.feature)
+                .order_by(key, S.features.c.feature)
+                .limit(limit)
+                .offset(offset)
+            )
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def search_token(self, token: int, limit: int = 50) -> list[TokenHit]:
+        """Features whose top contexts peak on ``token``, most often (then most strongly) first."""
+        with self.engine.connect() as c:
+            q = (
+                select(S.contexts.c.feature, func.count().label("n"), func.max(S.contexts.c.act).label("m"))
+                .where(S.contexts.c.center_token == token, S.contexts.c.kind == 0)
+                .group_by(S.contexts.c.feature)
+                .order_by(func.count().desc(), func.max(S.contexts.c.act).desc(), S.contexts.c.feature)
+                .limit(limit)
+            )
+            return [TokenHit(int(f), int(n), float(m)) for f, n, m in c.execute(q)]
+
+    def search_text(self, query: str, limit: int = 50) -> list[dict]:
+        """Features whose explanation or top-context text matches ``query`` (full-text on SQLite).
+
+        ``query`` is matched literally (``%``, ``_`` and quotes are plain characters; NUL is dropped); at
+        most `MAX_QUERY` characters."""
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the search text has {len(query)} characters; at most {MAX_QUERY}")
+        query = query.replace("\x00", "")
+        if not query.strip():
+            return []
+        like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        hits: dict[int, dict] = {}
+        with self.engine.connect() as c:
+            for f, expl in c.execute(
+                select(S.labels.c.feature, S.labels.c.explanation)
+                .where(S.labels.c.explanation.ilike(like, escape="\\"))
+                .limit(limit)
+            ):
+                hits[f] = {"feature": f, "where": "explanation", "text": expl}
+            if self.sqlite:
+                phrase = '"' + query.replace('"', '""') + '"'
+                rows = c.execute(
+                    text(
+                        "SELECT c.feature, c.text FROM contexts_fts JOIN contexts c ON c.id = contexts_fts.rowid "
+                        "WHERE contexts_fts MATCH :q ORDER BY contexts_fts.rank LIMIT :n"
+                    ),
+                    {"q": phrase, "n": limit * 4},
+                )
+            else:
+                rows = c.execute(
+                    select(S.contexts.c.feature, S.contexts.c.text)
+                    .where(S.contexts.c.text.ilike(like, escape="\\"))
+                    .limit(limit * 4)
+                )
+            for f, t in rows:
+                hits.setdefault(f, {"feature": f, "where": "context", "text": t})
+        return list(hits.values())[:limit]
+
+    def labels(self, *, source: str | None = None) -> dict[int, dict]:
+        q = select(S.labels)
+        if source is not None:
+            q = q.where(or_(S.labels.c.source == source, S.labels.c.source.like(f"{source}:%")))
+        with self.engine.connect() as c:
+            return {r["feature"]: dict(r) for r in c.execute(q).mappings()}
+
+    def dump(self) -> dict[str, list[tuple]]:
+        """Every row of every table, sorted (to compare two databases' contents)."""
+        out = {}
+        with self.engine.connect() as c:
+            for table in S.metadata.sorted_tables:
+                out[table.name] = sorted(tuple(r) for r in c.execute(select(table)))
+        return out

@@ -1,0 +1,183 @@
+"""`FeatureWriter`: the one thing that writes a feature database: a build (created, resumed or replaced:
+`FeatureWriter.for_build`) and labels.
+
+Every write is one transaction, so a reader (the web app, during a build) sees all of a chunk of features or
+none of it. Opening an existing database for writing migrates an older schema (`schema.migrate`).
+
+>>> with FeatureWriter("features.db") as db:       # doctest: +SKIP
+...     db.set_label(12, "opening brackets of calls")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, text
+from sqlalchemy.exc import OperationalError
+
+from interplab.features import schema as S
+from interplab.features.database import FeatureDatabase, ReadOnlyDatabase, database_file, is_url
+from interplab.features.reader import FeatureNotFound, FeatureReader
+
+STATE_SUFFIX = ".build"
+"""the folder next to a database file where an unfinished build keeps its streaming state (``<db>.build/``)"""
+URL_STATE_DIR = ".interplab-feature-build"
+"""the same folder for a database given as a URL (in the working directory)"""
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+"""the files SQLite keeps next to a database (a stale WAL must not meet a new file of the same name)"""
+
+
+def state_dir(path_or_url: str | Path) -> Path:
+    """Where an unfinished build of the database at ``path_or_url`` keeps its streaming state."""
+    return Path(URL_STATE_DIR) if is_url(path_or_url) else Path(f"{path_or_url}{STATE_SUFFIX}")
+
+
+class FeatureWriter(FeatureDatabase):
+    """One feature database, opened for writing: ``create=True`` makes it (or opens it to resume a build),
+    otherwise it must exist. A foreign database is refused (`FeatureDatabase`)."""
+
+    read_only = False
+
+    def __init__(self, path_or_url: str | Path, *, create: bool = False) -> None:
+        file = database_file(path_or_url)
+        if file is not None and file.is_file() and not _writable(file):
+            raise ReadOnlyDatabase(
+                f"{file} cannot be written (the file or its folder is read-only): read it with a FeatureReader "
+                "(`interplab serve` does), or copy it where it can be written"
+            )
+        super().__init__(path_or_url, create=create)
+        if create or self.found < S.SCHEMA_VERSION:
+            S.migrate(self.engine)
+
+    @classmethod
+    def for_build(cls, path_or_url: str | Path, *, overwrite: bool = False) -> FeatureWriter:
+        """The database a build writes into: created, or opened as it is to resume; with ``overwrite``,
+        what was there is replaced (a file with its SQLite side files, and the unfinished build's state)."""
+        if overwrite:
+            if not is_url(path_or_url):
+                for suffix in ("", *SQLITE_SIDE_FILES):
+                    Path(f"{path_or_url}{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(state_dir(path_or_url), ignore_errors=True)
+        return cls(path_or_url, create=True)
+
+    def reader(self) -> FeatureReader:
+        """A reader of the same database (opened read-only, as every reader is)."""
+        return FeatureReader(self.source)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this build keeps its streaming state until it finishes (`finish_build` removes it)."""
+        return state_dir(self.source)
+
+    # ---- the build -------------------------------------------------------------------------------
+    def set_meta(self, **values: Any) -> None:
+        with self.engine.begin() as c:
+            for k, v in values.items():
+                c.execute(delete(S.meta).where(S.meta.c.key == k))
+                c.execute(insert(S.meta).values(key=k, value=json.dumps(v, sort_keys=True)))
+
+    def write_vocab(self, strings: list[str], counts: list[int]) -> None:
+        with self.engine.begin() as c:
+            c.execute(delete(S.vocab))
+            rows = [
+                {"token": i, "text": s, "count": int(n)}
+                for i, (s, n) in enumerate(zip(strings, counts, strict=True))
+            ]
+            for start in range(0, len(rows), 5000):
+                c.execute(insert(S.vocab), rows[start : start + 5000])
+        self._vocab = None
+
+    def write_features(self, rows: list[dict], context_rows: list[dict]) -> None:
+        """Insert features and their contexts in one transaction (readers see all of it or none)."""
+        with self.engine.begin() as c:
+            ids = [r["feature"] for r in rows]
+            if self.sqlite:  # external-content full-text index: remove the old rows' entries first
+                c.execute(
+                    text(
+                        "INSERT INTO contexts_fts(contexts_fts, rowid, text) SELECT 'delete', id, text "
+                        "FROM contexts WHERE text != '' AND feature IN (SELECT value FROM json_each(:ids))"
+                    ),
+                    {"ids": json.dumps(ids)},
+                )
+            c.execute(delete(S.contexts).where(S.contexts.c.feature.in_(ids)))
+            c.execute(delete(S.features).where(S.features.c.feature.in_(ids)))
+            c.execute(delete(S.checksums).where(S.checksums.c.feature.in_(ids)))
+            if rows:
+                c.execute(insert(S.features), rows)
+                by_feature: dict[int, list[dict]] = {}
+                for r in context_rows:
+                    by_feature.setdefault(r["feature"], []).append(r)
+                digests = [
+                    {"feature": r["feature"], "sha256": S.row_digest(r, by_feature.get(r["feature"], []))}
+                    for r in rows
+                ]
+                c.execute(insert(S.checksums), digests)
+            if context_rows:
+                self._insert_contexts(c, context_rows)
+
+    def _insert_contexts(self, c: Connection, context_rows: list[dict]) -> None:
+        first = c.execute(select(func.coalesce(func.max(S.contexts.c.id), 0))).scalar_one() + 1
+        for i, r in enumerate(context_rows):
+            r["id"] = first + i
+        if self.sqlite:  # the driver's executemany directly: this runs for every context
+            cols = [col.name for col in S.contexts.columns]
+            sql = f"INSERT INTO contexts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            c.exec_driver_sql(sql, [tuple(r[k] for k in cols) for r in context_rows])
+            c.exec_driver_sql(
+                "INSERT INTO contexts_fts(rowid, text) VALUES (?, ?)",
+                [(r["id"], r["text"]) for r in context_rows if r["text"]],
+            )
+        else:
+            c.execute(insert(S.contexts), context_rows)
+
+    def mark_pass_done(self, first: int, last: int) -> None:
+        with self.engine.begin() as c:
+            c.execute(delete(S.passes).where(S.passes.c.first == first))
+            c.execute(insert(S.passes).values(first=first, last=last))
+
+    def finish_build(self) -> None:
+        """Mark the build complete and remove its streaming state."""
+        self.set_meta(status="complete")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    # ---- labels --------------------------------------------------------------------------------
+    def set_label(
+        self, feature: int, explanation: str, *, source: str = "human", score: float | None = None
+    ) -> None:
+        """Set (or, with an empty ``explanation``, remove) the label of ``feature``."""
+        with self.engine.begin() as c:
+            if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
+                raise FeatureNotFound(feature)
+            c.execute(delete(S.labels).where(S.labels.c.feature == feature))
+            if explanation.strip():
+                c.execute(
+                    insert(S.labels).values(
+                        feature=feature, explanation=explanation.strip(), source=source, score=score
+                    )
+                )
+
+
+def _writable(file: Path) -> bool:
+    return os.access(file, os.W_OK) and os.access(file.parent, os.W_OK)  # the folder: for the WAL and journal
+
+
+def label_writer(path_or_url: str | Path, *, read_only: bool | None = None) -> FeatureWriter | None:
+    """A writer for label edits on an existing database: where it can be written (``read_only=None``), or
+    as asked (``False``: always, ``True``: never); None when there is none. Opening one migrates an older
+    schema, so open it before a `FeatureReader` of the same database."""
+    if read_only:
+        return None
+    try:
+        return FeatureWriter(path_or_url)
+    except ReadOnlyDatabase:
+        if read_only is None:
+            return None
+        raise
+    except OperationalError as err:  # e.g. a read-only filesystem that os.access does not know about
+        if read_only is not None or ("readonly" not in str(err) and "unable to open" not in str(err)):
+            raise
+        return None
