@@ -78,6 +78,14 @@ class Block(nn.Module):
     point. `forward` is `attend` (the attention half, which mixes positions) then `finish` (the rest, position
     by position)."""
 
+    # hook points made in __init__ by name (the MLP's, hook_attn_in and hook_resid_mid where the block has them)
+    hook_resid_pre: HookPoint
+    hook_q_input: HookPoint
+    hook_k_input: HookPoint
+    hook_v_input: HookPoint
+    hook_attn_out: HookPoint
+    hook_resid_post: HookPoint
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -452,7 +460,7 @@ class Transformer(nn.Module):
         if names is None:
             targets: list[HookTarget] = [lambda _name: True]
         elif isinstance(names, (str, Site, tuple)) or callable(names):
-            targets = [names]  # type: ignore[list-item]
+            targets = [names]
         else:
             targets = list(names)
         if remove_batch_dim:
