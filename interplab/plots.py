@@ -8,7 +8,8 @@ copies once into its folder, so a folder of plots stays small and still opens of
 imported inside the functions so ``import interplab`` stays fast.
 
 >>> fig = heatmap(torch.randn(2, 3), x_labels=["a", "b", "c"], y_labels=["0", "1"], x_title="pos", y_title="layer")
->>> save_figure(fig, "out.html")  # doctest: +SKIP
+>>> save_figure(fig, "out.html")
+PosixPath('out.html')
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from interplab.io import atomic_path, atomic_write_text
 
 DIVERGING = "RdBu"
 
@@ -269,7 +272,6 @@ def plotly_js_source() -> Path:
 def ensure_plotly_js(folder: str | Path) -> Path:
     """Put plotly's bundle at ``folder/plotly.min.js`` unless an identical copy is there (written
     atomically, so concurrent writers and readers never see half a file); returns its path."""
-    from interplab.io import atomic_path
 
     src, dst = plotly_js_source(), Path(folder) / PLOTLY_JS
     if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
@@ -289,7 +291,6 @@ def figure_html(fig: Any, folder: str | Path, *, full_html: bool = True) -> str:
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Write ``.html`` (loads the folder's shared ``plotly.min.js``, works offline), ``.png`` or ``.svg``
     (see `write_image`), atomically. Raises ``RuntimeError`` when no static image renderer works."""
-    from interplab.io import atomic_write_text
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -315,7 +316,6 @@ def write_image(fig: Any, path: str | Path, *, fallback: Callable[[Path], None] 
     Renderers, first that works: kaleido 0.2 (a dependency of interplab: its wheel ships a headless Chromium,
     so pictures need no browser and no network), plotly's own export when kaleido 1.x is installed instead
     (it drives a Chrome or Chromium found on the machine), then ``fallback(path)`` if given (e.g. matplotlib)."""
-    from interplab.io import atomic_path
 
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
@@ -370,8 +370,6 @@ def save_result(result: Any, path: str | Path) -> Path:
 
     path = Path(path)
     if path.suffix.lower() == ".json":
-        from interplab.io import atomic_write_text
-
         atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
         return path
     return save_figure(result.plot(), path)

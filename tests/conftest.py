@@ -23,3 +23,14 @@ def shared_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def doctest_ns(tmp_path_factory):
+    """The shared namespace of the docstring examples (`tests/doctest_namespace.py`)."""
+    from tests.doctest_namespace import DoctestNamespace
+
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("doctest")
+        mp.setenv("INTERPLAB_CACHE", str(folder / "cache"))
+        yield DoctestNamespace(folder)

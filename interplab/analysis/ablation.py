@@ -3,8 +3,8 @@ to heads, neurons, positions or a boolean mask. Each function returns a ``(site,
 compose by listing them (hooks at one site run in order):
 
 >>> hooks = [zero_ablation("blocks.1.attn.hook_z", heads=[3]),
-...          mean_ablation("blocks.0.mlp.hook_post", reference, neurons=[7, 9])]   # doctest: +SKIP
->>> logits = model.run_with_hooks(tokens, hooks)                                   # doctest: +SKIP
+...          mean_ablation("blocks.0.mlp.hook_post", reference, neurons=[7, 9])]
+>>> logits = model.run_with_hooks(tokens, hooks)
 
 Where heads and positions live depends on the site: ``[batch pos head d_head]`` for q/k/v/z/result,
 ``[batch head query key]`` for the pattern and scores (positions are query positions), and

@@ -7,9 +7,11 @@ the repeated half of the probe, the held-out loss and the in-context-learning sc
 context minus early in it). The run is read through the run contract (`interplab.runs.TrainRun`); the
 result is written as ``formation.json`` (``kind: formation``) with a table and pictures.
 
->>> result = formation("runs/demo")                 # doctest: +SKIP
->>> result.formation_step, result.table()[-1]       # doctest: +SKIP
->>> result.save("runs/demo/formation")              # doctest: +SKIP
+>>> result = formation("runs/demo")
+>>> step = result.formation_step                  # None when the heads have not formed (as in this tiny run)
+>>> result.table()[-1]["step"], sorted(result.table()[-1])[:3]
+(24, ['icl_score', 'max_induction', 'max_prev_token'])
+>>> paths = result.save("runs/demo/formation")
 """
 
 from __future__ import annotations

@@ -35,9 +35,12 @@ tensor([[4, 1, 7, 5, 4, 1, 7, 5],
 >>> scores = head_scores(model)  # on the probe
 >>> scores.induction.shape
 torch.Size([2, 2])
->>> scores.top("induction", 3)                                 # doctest: +SKIP
-[(1, 6, 0.93), (1, 2, 0.41), (0, 3, 0.05)]
->>> scores.save("heads.html")                                  # doctest: +SKIP
+>>> from interplab.circuits.planted import planted_induction   # a 2-layer model with a planted induction head
+>>> scores = head_scores(planted_induction())
+>>> [(layer, head, round(score, 2)) for layer, head, score in scores.top("induction", 2)]
+[(1, 0, 0.9), (1, 1, 0.13)]
+>>> scores.save("heads.html")
+PosixPath('heads.html')
 """
 
 from __future__ import annotations

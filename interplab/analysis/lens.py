@@ -13,9 +13,9 @@ bias) sum exactly to the model's logit difference; what is approximate is readin
 contribution as its effect, since removing it would change the scale. Models with post-attention norms
 or a logit soft-cap break the exact sum.
 
->>> dla = direct_logit_attribution(model, tokens, answer=a, wrong=b)     # doctest: +SKIP
->>> dla.total, dla.sum_of_components()                                   # doctest: +SKIP
-(3.21, 3.21)
+>>> dla = direct_logit_attribution(model, tokens, answer=a, wrong=b)
+>>> abs(dla.total - dla.sum_of_components()) < 1e-4     # the components add up to the logit difference
+True
 """
 
 from __future__ import annotations
@@ -28,8 +28,17 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interplab import plots
 from interplab.analysis.metrics import LogitDiff, _as_index
 from interplab.analysis.targets import token_labels
+from interplab.hooks.cache import ActivationCache
+from interplab.hooks.site import Site, SiteKind
+from interplab.model import Transformer
+
+# the global (layer-less) sites the lenses read
+EMBED, POS_EMBED, LN_FINAL_SCALE = (
+    Site(k).name for k in (SiteKind.EMBED, SiteKind.POS_EMBED, SiteKind.LN_FINAL_SCALE)
+)
 
 if TYPE_CHECKING:
     from interplab.hooks.cache import ActivationCache
@@ -65,8 +74,6 @@ class LogitLensResult:
         }
 
     def plot(self, title: str = "logit lens: log-prob of the next token (text: top prediction)"):  # noqa: ANN201
-        from interplab import plots
-
         return plots.heatmap(
             self.logprob_next,
             x_labels=self.tokens[:-1],
@@ -81,9 +88,7 @@ class LogitLensResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def _accumulated(model: Transformer, cache: ActivationCache) -> tuple[list[Tensor], tuple[str, ...]]:
@@ -98,7 +103,9 @@ def logit_lens(
     """Unembed the residual stream at every layer (final norm applied with each stream's own scale)."""
     tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
     n = model.cfg.n_layers
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    names = [Site(SiteKind.RESID_PRE, layer).name for layer in range(n)] + [
+        Site(SiteKind.RESID_POST, n - 1).name
+    ]
     _, cache = model.run_with_cache(tokens, names, attention_mask=attention_mask)
     streams, labels = _accumulated(model, cache)
     logprobs, tops = [], []
@@ -164,7 +171,7 @@ class _Projector:
         self.u, self.read = u, read
         rows = torch.arange(u.shape[0], device=u.device)
         self.rows = rows
-        self.scale = cache["ln_final.hook_scale"][rows, read] if self.kind != "none" else None  # batch 1
+        self.scale = cache[LN_FINAL_SCALE][rows, read] if self.kind != "none" else None  # batch 1
 
     def at_read(self, act: Tensor) -> Tensor:
         return act[self.rows, self.read]
@@ -249,8 +256,6 @@ class DLAResult:
         """Heads (layer x head heatmap) beside the layer-level components (bars)."""
         from plotly.subplots import make_subplots
 
-        from interplab import plots
-
         fig = make_subplots(
             rows=1, cols=2, subplot_titles=["heads", "components"], column_widths=[0.45, 0.55]
         )
@@ -273,9 +278,7 @@ class DLAResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def direct_logit_attribution(
@@ -294,15 +297,15 @@ def direct_logit_attribution(
     tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
     b, n_pos = tokens.shape
     read = _read_positions(positions, b, n_pos, tokens.device)
-    names = ["hook_embed"] + [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    names = [EMBED] + [Site(SiteKind.Z, layer).name for layer in range(cfg.n_layers)]
     if cfg.normalization.value != "none":
-        names.append("ln_final.hook_scale")
-    if "hook_pos_embed" in model.hook_names:
-        names.append("hook_pos_embed")
+        names.append(LN_FINAL_SCALE)
+    if POS_EMBED in model.hook_names:
+        names.append(POS_EMBED)
     if cfg.has_mlp:
-        names += [f"blocks.{layer}.hook_mlp_out" for layer in range(cfg.n_layers)]
+        names += [Site(SiteKind.MLP_OUT, layer).name for layer in range(cfg.n_layers)]
         if neurons:
-            names += [f"blocks.{layer}.mlp.hook_post" for layer in range(cfg.n_layers)]
+            names += [Site(SiteKind.MLP_POST, layer).name for layer in range(cfg.n_layers)]
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names)
         u, bias = _direction(model, torch.as_tensor(answer), torch.as_tensor(wrong), b)
@@ -322,7 +325,7 @@ def direct_logit_attribution(
                     neuron_vals.append((post * per_row).mean(0))
             else:
                 mlps.append(torch.zeros((), device=u.device))
-        pos = proj(proj.at_read(cache["hook_pos_embed"])).mean(0) if "hook_pos_embed" in names else 0.0
+        pos = proj(proj.at_read(cache[POS_EMBED])).mean(0) if POS_EMBED in names else 0.0
         total = LogitDiff(answer=torch.as_tensor(answer), wrong=torch.as_tensor(wrong), positions=read)(
             logits
         ).mean()
@@ -331,7 +334,7 @@ def direct_logit_attribution(
         attn_biases=torch.stack(attn_b).cpu(),
         mlps=torch.stack(mlps).cpu(),
         neurons=torch.stack(neuron_vals).cpu() if neuron_vals else None,
-        embed=float(proj(proj.at_read(cache["hook_embed"])).mean()),
+        embed=float(proj(proj.at_read(cache[EMBED])).mean()),
         pos_embed=float(pos),
         biases=float(bias.mean()),
         total=float(total),
@@ -368,8 +371,6 @@ class ResidualDecomposition:
     def plot(self, title: str = "residual stream decomposition"):  # noqa: ANN201 - plotly Figure
         from plotly.subplots import make_subplots
 
-        from interplab import plots
-
         fig = make_subplots(rows=1, cols=2, subplot_titles=["accumulated (logit diff)", "per component"])
         fig.add_trace(
             plots.line({"accumulated": self.accumulated}, x_labels=self.accumulated_labels).data[0],
@@ -382,9 +383,7 @@ class ResidualDecomposition:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def residual_decomposition(
@@ -402,10 +401,10 @@ def residual_decomposition(
     b, n_pos = tokens.shape
     read = _read_positions(positions, b, n_pos, tokens.device)
     with torch.no_grad():
-        names = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale"] + [
-            f"blocks.{layer}.{kind}"
+        names = [EMBED, POS_EMBED, LN_FINAL_SCALE] + [
+            Site(kind, layer).name
             for layer in range(cfg.n_layers)
-            for kind in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+            for kind in (SiteKind.RESID_PRE, SiteKind.ATTN_OUT, SiteKind.MLP_OUT, SiteKind.RESID_POST)
         ]
         _, cache = model.run_with_cache(tokens, [n for n in names if n in model.hook_names])
         u, bias = _direction(model, torch.as_tensor(answer), torch.as_tensor(wrong), b)

@@ -14,11 +14,12 @@ computed:
 The result equals one forward pass per patch (`activation_patch_loop`, the reference) to float precision.
 
 >>> from interplab.analysis import LogitDiff, activation_patch
->>> metric = LogitDiff(answer=answers, wrong=wrongs)                       # doctest: +SKIP
->>> result = activation_patch(model, clean, corrupted, metric, "resid_pre")  # doctest: +SKIP
->>> result.values.shape, result.dims                                         # doctest: +SKIP
-(torch.Size([4, 16]), ('layer', 'pos'))
->>> result.save("resid_patching.html")                                      # doctest: +SKIP
+>>> metric = LogitDiff(answer=answers, wrong=wrongs)
+>>> result = activation_patch(model, clean, corrupted, metric, "resid_pre")
+>>> result.values.shape, result.dims
+(torch.Size([2, 16]), ('layer', 'pos'))
+>>> result.save("resid_patching.json")
+PosixPath('resid_patching.json')
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Linear and logistic probes on cached activations, with a train/test split.
 
->>> acts = collect_activations(model, tokens, "blocks.1.hook_resid_post")       # [batch*pos, d_model]  # doctest: +SKIP
->>> probe = train_probe(acts, labels, ProbeConfig(kind="logistic"))             # doctest: +SKIP
->>> probe.test_score                                                            # accuracy  # doctest: +SKIP
-0.97
+>>> tokens = torch.randint(0, model.cfg.d_vocab, (32, 16))
+>>> acts = collect_activations(model, tokens, "blocks.0.hook_resid_pre")        # [batch*pos, d_model]
+>>> labels = (tokens % 2).flatten()                                             # is the token id odd?
+>>> probe = train_probe(acts, labels, ProbeConfig(kind="logistic"))
+>>> probe.test_score > 0.9                                                      # accuracy
+True
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab import plots
 from interplab.hooks.site import Site
+from interplab.model import Transformer
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -104,8 +108,6 @@ class ProbeResult:
         )
 
     def plot(self, title: str | None = None):  # noqa: ANN201 - plotly Figure
-        from interplab import plots
-
         return plots.bars(
             [self.train_score, self.test_score],
             ["train", "test"],
@@ -115,9 +117,7 @@ class ProbeResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def collect_activations(

@@ -1,8 +1,8 @@
 """Steering: add, subtract or project out a direction at a hook point; mean-difference vectors.
 
->>> vec = mean_difference(model, happy_tokens, sad_tokens, "blocks.2.hook_resid_pre")   # doctest: +SKIP
->>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, coefficient=4.0)])  # doctest: +SKIP
->>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, mode="project_out")])  # doctest: +SKIP
+>>> vec = mean_difference(model, happy_tokens, sad_tokens, "blocks.1.hook_resid_pre")
+>>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, coefficient=4.0)])
+>>> logits = model.run_with_hooks(tokens, [steering_hook(vec.site, vec.vector, mode="project_out")])
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from torch import Tensor
 
 from interplab.hooks.points import HookFn
 from interplab.hooks.site import Site
+from interplab.model import Transformer
+from interplab.plots import save_result
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -122,8 +124,6 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
         return save_result(self, path)
 
 

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from interplab import plots
 from interplab.hooks.site import Site, SiteKind
+from interplab.model import Transformer
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -127,7 +129,7 @@ def plan_patches(
 ) -> tuple[list[Patch], tuple[str, ...], tuple[int, ...]]:
     """Every patch of a target, the result's dimension names and shape (patches are in row-major order)."""
     cfg = model.cfg
-    if target.kind.value in ("hook_resid_mid",) and (cfg.attn_only or cfg.parallel_attn_mlp):
+    if target.kind is SiteKind.RESID_MID and (cfg.attn_only or cfg.parallel_attn_mlp):
         raise ValueError(f"target {target.value!r}: this model's blocks have no resid_mid")
     if target in (PatchTarget.MLP_OUT, PatchTarget.MLP_POST) and not cfg.has_mlp:
         raise ValueError(f"target {target.value!r}: the model is attention-only")
@@ -249,7 +251,6 @@ class PatchResult:
 
     def plot(self, title: str | None = None):  # noqa: ANN201 - plotly Figure (lazy import)
         """A heatmap (facets over heads/neurons when patched by position)."""
-        from interplab import plots
 
         title = title or f"{self.method} patching ({self.direction.value}) of {self.target.value}"
         v = self.values.detach().float().cpu()
@@ -280,9 +281,7 @@ class PatchResult:
 
     def save(self, path: str | Path) -> Path:
         """``.html``/``.png``/``.svg`` (the picture) or ``.json`` (the numbers)."""
-        from interplab.plots import save_result
-
-        return save_result(self, path)
+        return plots.save_result(self, path)
 
 
 def result_labels(

@@ -16,9 +16,11 @@ computations are shared by every path and every spec that needs them.
 
 Attention masks and positions of a head come from ``spec.context`` (default ``spec.input``).
 
->>> engine = EdgeEngine(model, tokens)  # doctest: +SKIP
->>> a, b = torch.arange(8), torch.arange(8, 16)
+>>> engine = EdgeEngine(model, tokens)
+>>> a, b = torch.arange(2), torch.arange(2, 4)          # rows of the engine's data set
 >>> logits = engine.run(Spec(a, {engine.graph.edge("a0.0->a1.1.k"): Spec(b)}, propagate=True))
+>>> logits.shape
+torch.Size([2, 16, 100])
 """
 
 from __future__ import annotations

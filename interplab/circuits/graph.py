@@ -12,8 +12,8 @@ Conventions (chosen here, used by every engine and report):
 - with parallel attention and MLP, an MLP reads the same residual stream as its layer's heads, so
   heads of layer ``l`` do not send to ``m{l}``.
 
->>> graph = ComponentGraph.from_config(model.cfg)  # doctest: +SKIP
->>> graph.edge("a0.1->a1.2.k")  # doctest: +SKIP
+>>> graph = ComponentGraph.from_config(model.cfg)
+>>> graph.edge("a0.1->a1.2.k")
 Edge('a0.1->a1.2.k')
 """
 

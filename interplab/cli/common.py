@@ -13,14 +13,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 
-if TYPE_CHECKING:
-    from interplab.model.transformer import Transformer
-
+from interplab.model import Transformer
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)

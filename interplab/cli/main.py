@@ -19,7 +19,9 @@ try:  # typer >= 0.2x ships its own copy of click
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click import exceptions as cx  # type: ignore[no-redef]
 
+import interplab.cli
 from interplab.cli.common import CommandError, UsageError
+from interplab.sae.disk_store import ActivationDataError
 
 DEBUG_HINT = "rerun with --debug for the traceback"
 
@@ -36,13 +38,8 @@ _BAD_INPUT = (
 _FAILED = (OSError, RuntimeError, ArithmeticError, ImportError, MemoryError)
 
 
-def _data_errors() -> tuple[type[BaseException], ...]:
-    """Errors about the data a job read (NaN activations ...): found while it ran, so exit code 1."""
-    try:
-        from interplab.sae.disk_store import ActivationDataError
-    except ImportError:  # pragma: no cover - a partial installation
-        return ()
-    return (ActivationDataError,)
+# Errors about the data a job read (NaN activations ...): found while it ran, so exit code 1.
+_DATA_ERRORS: tuple[type[BaseException], ...] = (ActivationDataError,)
 
 
 def _message(err: BaseException) -> str:
@@ -59,7 +56,7 @@ def describe(err: BaseException, command: str = "interplab") -> tuple[int, str]:
         return 2, f"error: {' '.join(err.format_message().split())} (see '{command} --help')"
     if isinstance(err, (UsageError, CommandError)):
         return err.exit_code, f"error: {_message(err)}"
-    if isinstance(err, _data_errors()):
+    if isinstance(err, _DATA_ERRORS):
         return 1, f"error: {_message(err)} ({DEBUG_HINT})"
     if isinstance(err, _BAD_INPUT):
         return 2, f"error: {_message(err)} ({DEBUG_HINT})"
@@ -154,9 +151,7 @@ def _root(
 
 
 def _register_all() -> None:
-    import interplab.cli as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(interplab.cli.__path__), key=lambda i: i.name):
         if info.name in ("main", "common"):
             continue
         module = importlib.import_module(f"interplab.cli.{info.name}")

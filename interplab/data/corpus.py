@@ -13,7 +13,7 @@ tokenizer and the same tokens.
 
 Documents are yielded lazily (streaming), so a corpus may be larger than memory.
 
->>> corpus = open_corpus("python-stdlib")
+>>> corpus = open_corpus("code")                 # a folder of .py files ("python-stdlib": the standard library)
 >>> n = sum(1 for _ in corpus.documents("validation"))
 """
 

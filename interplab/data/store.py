@@ -7,11 +7,11 @@ Tokenisation streams documents in chunks, so the corpus never has to fit in memo
 ``<|bos|>`` token (a document boundary the model can see).
 
 >>> from interplab.data import open_corpus, corpus_tokenizer, build_token_store
->>> corpus = open_corpus("python-stdlib")
->>> tok = corpus_tokenizer(corpus, vocab_size=1024)
+>>> corpus = open_corpus("code")                 # a folder of .py files ("python-stdlib": the standard library)
+>>> tok = corpus_tokenizer(corpus, vocab_size=300)
 >>> store = build_token_store(corpus, tok, "validation")
->>> store.sequences(torch.tensor([0, 1]), seq_len=256).shape
-torch.Size([2, 256])
+>>> store.sequences(torch.tensor([0, 1]), seq_len=32).shape
+torch.Size([2, 32])
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Per-example gradients of a parameter group, through ``torch.func`` (vmap over grad), chunked to a memory budget.
 
->>> group = param_group(model, "head:0.1")                                    # doctest: +SKIP
->>> g = per_example_grads(model, lm_loss, tokens, group)                      # doctest: +SKIP
->>> g.shape == (tokens.shape[0], group.numel)                                 # doctest: +SKIP
+>>> from interplab.data_attribution import param_group
+>>> group = param_group(model, "head:0.1")
+>>> g = per_example_grads(model, lm_loss, tokens, group)
+>>> g.shape == (tokens.shape[0], group.numel)
 True
 """
 

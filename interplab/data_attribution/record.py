@@ -203,8 +203,12 @@ class RecordingCallback:
     batch, at the weights that step's gradient was taken at (before the optimiser update), with Adam
     preconditioning from the optimiser's state.
 
-    >>> cb = RecordingCallback("runs/x/gradients", model, RecordConfig(group="head:0.1"), steps=range(300, 700, 4))  # doctest: +SKIP
-    >>> train(cfg, "runs/x", callbacks=[cb])                                                                # doctest: +SKIP
+    >>> from interplab.train import train
+    >>> from interplab.train.sources import CorpusSource
+    >>> from interplab.train.trainer import build_model
+    >>> model = build_model(cfg, CorpusSource(cfg))     # the run's architecture, to resolve the group
+    >>> cb = RecordingCallback("runs/x-gradients", model, RecordConfig(group="head:0.1", dim=32), steps=range(4, 12, 4))
+    >>> result = train(cfg, "runs/x", callbacks=[cb])
     """
 
     def __init__(

@@ -4,8 +4,8 @@ The trainer makes every batch a pure function of (seed, step), so the examples e
 after the fact: candidates are the sequences seen inside the formation window, scored against the target
 at every checkpoint of the window (TracIn over checkpoints: the sum of -lr <grad target, grad loss_i>).
 
->>> result = attribute_run("runs/induction-2l", "induction:best")   # doctest: +SKIP
->>> result.save("runs/induction-2l/attribution")                   # doctest: +SKIP
+>>> result = attribute_run("runs/demo", "induction:best", dim=64, max_candidates=20)
+>>> paths = result.save("runs/demo/attribution")
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Feature statistics (one streaming pass for all SAE features), the feature database, explanations, steering.
 
->>> from interplab.features import FeatureBuildConfig, build_feature_db
->>> build_feature_db("features.db", model, sae, tokens, FeatureBuildConfig())   # doctest: +SKIP
+>>> from interplab.features import FeatureBuildConfig
+>>> from interplab.features.build import build_feature_db
+>>> report = build_feature_db("my-features.db", model, sae, tokens, FeatureBuildConfig())
 """
 
 from interplab.features.collect import collect_features

@@ -5,7 +5,7 @@ the streaming state of the running pass is checkpointed every ``cfg.checkpoint_e
 database (``<db>.build/``). Features are written in transactions of ``WRITE_CHUNK``, so the web app can
 browse a database while it is being built. Building twice, or resuming, gives the same rows.
 
->>> build_feature_db("features.db", model, sae, tokens, FeatureBuildConfig(top_k=20))   # doctest: +SKIP
+>>> report = build_feature_db("my-features.db", model, sae, tokens, FeatureBuildConfig(top_k=20))
 """
 
 from __future__ import annotations

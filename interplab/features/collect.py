@@ -118,8 +118,10 @@ def collect_features(
 ) -> FeatureStats:
     """Statistics of ``features`` (default: all) of ``sae`` over ``tokens`` in one streaming pass.
 
-    >>> stats = collect_features(model, sae, tokens)          # doctest: +SKIP
-    >>> stats.density[3], stats.top_val[3, 0]                 # doctest: +SKIP
+    >>> stats = collect_features(model, sae, tokens)
+    >>> stats.density.shape, stats.top_val.shape           # per feature; top-k activations per feature
+    (torch.Size([128]), torch.Size([128, 20]))
+
     ``state`` continues an interrupted pass (its ``batches`` are skipped); ``checkpoint`` is called every
     ``cfg.checkpoint_every`` batches with the state to save."""
     cfg = cfg or FeatureBuildConfig()

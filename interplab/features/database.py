@@ -5,7 +5,8 @@ A path is always a path: a file is opened through a percent-encoded ``file:`` UR
 with ``?``, ``#`` or ``%`` is a name; only ``scheme://...`` strings are URLs. An existing file is first checked
 read-only, so a foreign database is refused before anything writes to it (not even a journal-mode switch).
 
->>> reader = FeatureReader("features.db")        # doctest: +SKIP
+>>> from interplab.features.reader import FeatureReader
+>>> reader = FeatureReader("features.db")
 """
 
 from __future__ import annotations

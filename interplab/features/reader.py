@@ -3,9 +3,11 @@
 The web app, export, steering and explanations read through it; it has no method that writes, and a SQLite
 file is opened with ``mode=ro`` (SQLite itself refuses writes). `FeatureWriter` builds and labels.
 
->>> store = FeatureReader("features.db")          # doctest: +SKIP
->>> store.feature(12)["contexts"][0]["text"]      # doctest: +SKIP
->>> store.search_token(store.token_id("import"))  # which features fire on `import`?  # doctest: +SKIP
+>>> store = FeatureReader("features.db")
+>>> rec = store.feature(12)     # statistics, histogram, top logits, contexts ("top", then "samples"), label
+>>> rec["density"] > 0, len(rec["top"]) > 0
+(True, True)
+>>> hits = store.search_token(store.token_id("#7"))  # which features peak on token 7?
 """
 
 from __future__ import annotations

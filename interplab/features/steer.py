@@ -6,9 +6,11 @@ activation over the corpus (``max_act``, recorded in the feature database), so `
 feature's strongest natural firing (``ADD``), or clamps it to twice that (``CLAMP``), whatever the SAE's
 units. An absolute ``value`` (in the SAE's activation units) can be given instead.
 
->>> rec = FeatureReader("features.db").feature(12)                                          # doctest: +SKIP
->>> r = steer_generate(model, sae, "def parse(", feature=12, strength=2.0, max_act=rec["max_act"])  # doctest: +SKIP
->>> r.steered_text                                                                           # doctest: +SKIP
+>>> from interplab.features.reader import FeatureReader
+>>> rec = FeatureReader("features.db").feature(12)
+>>> r = steer_generate(model, sae, [1, 2, 3], feature=12, strength=2.0, max_act=rec["max_act"], max_new_tokens=5)
+>>> len(r.steered), len(r.baseline)                     # 5 new tokens, with and without steering
+(5, 5)
 """
 
 from __future__ import annotations

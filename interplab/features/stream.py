@@ -6,8 +6,9 @@ bits, then the earlier token wins ties), and the sampled contexts by a determini
 feature) ("bottom-k" sampling: a uniform sample without replacement of the feature's firings).
 
 >>> stats = StreamingFeatureStats(d_sae=8, cfg=FeatureBuildConfig(top_k=3))
->>> stats.update(tokens, acts)          # tokens [batch pos], acts [batch pos d_sae]   # doctest: +SKIP
->>> result = stats.result()             # doctest: +SKIP
+>>> tokens, acts = torch.randint(0, 100, (2, 16)), torch.rand(2, 16, 8)
+>>> stats.update(tokens, acts)          # tokens [batch pos], acts [batch pos d_sae]
+>>> result = stats.result()
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Every write is one transaction, so a reader (the web app, during a build) sees all of a chunk of features or
 none of it. Opening an existing database for writing migrates an older schema (`schema.migrate`).
 
->>> with FeatureWriter("features.db") as db:       # doctest: +SKIP
+>>> with FeatureWriter("features.db") as db:
 ...     db.set_label(12, "opening brackets of calls")
 """
 

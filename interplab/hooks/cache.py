@@ -1,10 +1,10 @@
 """`ActivationCache`: the activations one forward pass stored, addressable by any form of site name.
 
->>> logits, cache = model.run_with_cache(tokens)             # doctest: +SKIP
->>> cache["blocks.0.hook_resid_post"] is cache["resid_post", 0]  # doctest: +SKIP
+>>> logits, cache = model.run_with_cache(tokens)
+>>> cache["blocks.0.hook_resid_post"] is cache["resid_post", 0]
 True
->>> parts = cache.decompose_resid()                          # doctest: +SKIP
->>> torch.testing.assert_close(parts.tensor.sum(0), cache["resid_post", model.cfg.n_layers - 1])  # doctest: +SKIP
+>>> parts = cache.decompose_resid()
+>>> torch.testing.assert_close(parts.tensor.sum(0), cache["resid_post", model.cfg.n_layers - 1])
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 next-token loss included), the stacked weight views (``model.W_Q`` [layer n_heads d_model d_head] ...), and,
 for TransformerLens arguments and attributes interplab spells differently, errors that say what to write.
 
->>> loss = model(tokens, return_type="loss")                      # doctest: +SKIP
->>> logits, loss = model(tokens, return_type="both")              # doctest: +SKIP
->>> model.W_Q.shape                                               # doctest: +SKIP
+>>> loss = model(tokens, return_type="loss")
+>>> logits, loss = model(tokens, return_type="both")
+>>> model.W_Q.shape
 torch.Size([2, 4, 64, 16])
 """
 

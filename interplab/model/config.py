@@ -12,6 +12,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from interplab.io import atomic_write_text
+
 CONFIG_VERSION = 1
 
 
@@ -234,8 +236,6 @@ class ModelConfig:
         return cls(**data)
 
     def to_json(self, path: str | Path) -> None:
-        from interplab.io import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from interplab.io import read_json
-from interplab.model.config import ModelConfig
+from interplab.model.convert import build_from_weights
 from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES
 from interplab.model.transformer import Transformer
 
@@ -40,7 +39,7 @@ def load_model(
     step that is not valid for the model, such as centring the writing weights of an RMSNorm model, is skipped
     with a warning, as TransformerLens does).
 
-    >>> model = load_model("runs/demo/final")  # doctest: +SKIP
+    >>> model = load_model("runs/demo/final")
     """
     path = Path(path)
     if not path.exists():
@@ -108,34 +107,3 @@ def load_hf(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None)
 
         model.tokenizer = load_tokenizer(path)
     return model
-
-
-def build_from_weights(
-    cfg: ModelConfig, weights, *, device="cpu", dtype=None, source: str = "checkpoint"
-) -> Transformer:
-    """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model)."""
-    with torch.device("meta"):
-        model = Transformer(cfg, init=False)
-    params = dict(model.named_parameters())
-    seen: set[str] = set()
-    for name, tensor in weights:
-        old = params.get(name)
-        if old is None:
-            raise KeyError(f"{source}: converter produced unknown weight {name!r}")
-        if tuple(tensor.shape) != tuple(old.shape):
-            raise ValueError(
-                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
-            )
-        tensor = tensor.to(
-            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
-        )
-        module_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
-        seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise KeyError(
-            f"{source}: missing weight {missing[0]!r}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    return model.eval()

@@ -11,7 +11,8 @@ may shift by a constant per position, which softmax ignores). As in TransformerL
 - `center_unembed`: W_U and b_U have zero mean over the vocabulary.
 - `fold_value_biases`: b_V moves into b_O (attention patterns sum to one over keys).
 
->>> model = process_weights(load_model("path/to/gpt2"))  # doctest: +SKIP
+>>> from interplab import load_model
+>>> model = process_weights(load_model("runs/demo/final"))
 """
 
 from __future__ import annotations

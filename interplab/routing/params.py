@@ -4,9 +4,10 @@ weight (a scalar or a tensor of the parameter's shape, e.g. 1 on some MLP units 
 Activation routes (`Route`) can only mask what lies *upstream* of a site; a parameter route masks any
 parameter, downstream ones included. Run one backward per group inside ``ParamRoute.apply``:
 
+>>> unit_mask = (torch.arange(model.cfg.d_mlp) < 8).float()[:, None]   # MLP units 0-7 (rows of W_out)
 >>> forget = ParamRoute(weights={"blocks.0.mlp.W_out": unit_mask}, default=0.0)   # forget data: only these units
 >>> with forget.apply(model):
-...     loss_on_forget_examples.backward()
+...     task.loss(model(batch.tokens), batch).backward()
 """
 
 from __future__ import annotations

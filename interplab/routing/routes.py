@@ -8,9 +8,10 @@ keeps the model on its fast path (fused attention, fused norms) even at sites th
 results, attention patterns, split inputs, norm scales), while the gradient flows through the explicit
 computation of that site; on a plain module it is an autograd function whose forward returns ``a`` itself.
 
+>>> labels = torch.tensor([0, 1, 0, 1])          # the group of each example of the batch
 >>> route = Route.from_regions("blocks.0.hook_resid_post", width=64, regions={0: range(32), 1: range(32, 64)})
 >>> with Router([route]).apply(model, labels):       # labels [batch] or [batch pos]: a group per example/token
-...     loss = task.loss(model(tokens), batch)
+...     loss = task.loss(model(batch.tokens), batch)
 ...     loss.backward()                               # group 0 only trains what feeds dims 0-31, group 1 dims 32-63
 """
 

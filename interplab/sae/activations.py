@@ -5,7 +5,7 @@ Every store yields dicts ``{hook_name: Tensor[batch, d]}`` whose rows are aligne
 SAEs (several layers, or a sweep of coefficients on one layer) train from one pass over the model.
 
 >>> stream = ActivationStream(model, token_batches, ["blocks.0.hook_resid_post"], batch_size=4096)
->>> for batch in stream: ...  # doctest: +SKIP
+>>> for batch in stream: ...
 """
 
 from __future__ import annotations

@@ -115,7 +115,9 @@ def feature_recovery(
     Each matrix says where its directions lie: ``Layout.ROWS`` ([n, d], the default for both) or
     ``Layout.COLUMNS`` ([d, n], e.g. a toy model's ``W[instance]`` of shape [n_hidden, n_features]).
 
-    >>> feature_recovery(sae.W_dec, toy.W[0], true_layout="columns")  # doctest: +SKIP
+    >>> from interplab.sae import SAEConfig, create_sae
+    >>> sae = create_sae(SAEConfig(d_in=2, d_sae=8, architecture="topk", k=2))   # an SAE on the toy's hidden layer
+    >>> recovery = feature_recovery(sae.W_dec, toy.W[0], true_layout="columns")
     """
     learned = _as_rows(learned, Layout(learned_layout), "learned")
     true = _as_rows(true, Layout(true_layout), "true")

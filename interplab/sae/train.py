@@ -5,7 +5,8 @@ and data-parallel training under torchrun (gradients all-reduced; each rank read
 Fast path: with ``autocast=True`` matmuls run in bfloat16 against float32 master weights, and TopK SAEs use
 the sparse kernels in `interplab.sae.kernels`.
 
->>> result = train_saes({"l0": sae}, TensorActivations(acts, batch_size=4096), TrainConfig(total_steps=1000))  # doctest: +SKIP
+>>> from interplab.sae.activations import TensorActivations
+>>> result = train_saes({"l0": sae}, TensorActivations(acts, batch_size=256), TrainConfig(total_steps=20))
 """
 
 from __future__ import annotations

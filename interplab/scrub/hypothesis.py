@@ -4,14 +4,15 @@ A `Claim` says: "this component (or this input of a head) computes something tha
 through ``feature``, and it reads only from the components of its ``children``". Claims nest like the
 explanation they state:
 
+>>> from interplab.scrub.induction import current_token, next_token, previous_occurrence
 >>> induction = Hypothesis(
 ...     Claim("logits", children=[
 ...         Claim("a1.0", next_token, children=[              # the induction head's output copies a token
 ...             Claim("a1.0.q", current_token),               # its query is the current token
 ...             Claim("a1.0.k", current_token, children=[     # its key input is the previous-token head
-...                 Claim("a0.0", previous_token)]),
+...                 Claim("a0.0", previous_occurrence)]),
 ...             Claim("a1.0.v", next_token)])]),
-...     name="induction")  # doctest: +SKIP
+...     name="induction")
 
 Semantics (Chan et al. 2022): the root runs on the reference input; a child runs on an input resampled to
 agree with its parent's input on the child's feature (``feature=None``: the parent's input itself); a claim
@@ -34,7 +35,7 @@ from typing import Any
 class Feature:
     """A named function of the input: ``fn(tokens [rows pos]) -> one hashable value per row``.
 
-    >>> Feature("count_equal", lambda tokens: (tokens == 3).sum(1) == (tokens == 4).sum(1))  # doctest: +SKIP
+    >>> count_equal = Feature("count_equal", lambda tokens: (tokens == 3).sum(1) == (tokens == 4).sum(1))
     """
 
     name: str

@@ -210,13 +210,11 @@ class Task(ABC):
 
 def list_tasks() -> list[str]:
     """Names of every registered task, sorted."""
-    _load_builtin_tasks()
     return sorted(_REGISTRY)
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
     """The task called ``name``, built with ``kwargs`` (its parameters)."""
-    _load_builtin_tasks()
     cls = _REGISTRY.get(name)
     if cls is None:
         raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(_REGISTRY))}")
@@ -235,10 +233,6 @@ def task_from_dict(data: dict[str, Any]) -> Task:
         raise ValueError(f"a task dict needs a 'name', got keys {sorted(data)}")
     name = data.pop("name")
     return get_task(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def _load_builtin_tasks() -> None:
-    import interplab.tasks  # noqa: F401  (importing the package registers the built-in tasks)
 
 
 def check_n(n: int) -> None:

@@ -11,6 +11,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interplab.io import atomic_write_json
+from interplab.plots import save_figure
+from interplab.toy import plots as toy_plots
 from interplab.toy.model import ToyConfig, ToyModel, train_toy
 
 
@@ -44,14 +47,9 @@ class ToyAnalysis:
         return self.norms.pow(2).sum(-1) / self.n_hidden
 
     def plot(self, instance: int | None = None) -> Any:
-        from interplab.toy.plots import toy_overview
-
-        return toy_overview(self, instance)
+        return toy_plots.toy_overview(self, instance)
 
     def save(self, path: str | Path) -> Path:
-        from interplab.io import atomic_write_json
-        from interplab.plots import save_figure
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
@@ -106,14 +104,9 @@ class PhaseDiagram:
     LABELS = ("not represented", "dedicated dimension", "superposition")
 
     def plot(self) -> Any:
-        from interplab.toy.plots import phase_diagram
-
-        return phase_diagram(self)
+        return toy_plots.phase_diagram(self)
 
     def save(self, path: str | Path) -> Path:
-        from interplab.io import atomic_write_json
-        from interplab.plots import save_figure
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(

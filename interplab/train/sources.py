@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from interplab.data import build_token_store, corpus_tokenizer, open_corpus
+from interplab.tasks import get_task
 from interplab.train.config import TrainConfig
 
 
@@ -38,8 +40,6 @@ class CorpusSource:
     """Non-overlapping windows of a token store, visited in a seeded random order (a new one each epoch)."""
 
     def __init__(self, cfg: TrainConfig, *, progress: Any = None) -> None:
-        from interplab.data import build_token_store, corpus_tokenizer, open_corpus
-
         d = cfg.data
         corpus = open_corpus(d.source, val_fraction=d.val_fraction)
         self.tokenizer = corpus_tokenizer(corpus, d.vocab_size)
@@ -100,10 +100,6 @@ class TaskSource:
 
     def __init__(self, cfg: TrainConfig, task: Any = None) -> None:
         if task is None:
-            try:
-                from interplab.tasks import get_task
-            except ImportError:
-                raise ValueError(f"data.source={cfg.data.source!r} needs interplab.tasks.get_task") from None
             name = cfg.data.task
             assert name is not None
             task = get_task(name, **cfg.data.task_args)

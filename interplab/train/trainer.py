@@ -5,7 +5,9 @@ Run under ``torchrun --nproc_per_node N`` and `train` joins the process group (g
 each process trains on its share of the same global batch.
 
 >>> from interplab.train import load_preset, train
->>> result = train(load_preset("induction-2l"), "runs/induction-2l")
+>>> load_preset("induction-2l").steps     # the demo's run: minutes on a CPU
+1500
+>>> result = train(cfg, "runs/tiny")           # here a tiny config: 24 steps of a 2-layer model
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The feature explorer: a FastAPI app over feature databases and run directories (``interplab serve``).
 
->>> app = create_app(["features.db"], runs=["runs/"])        # doctest: +SKIP
->>> uvicorn.run(app, host="127.0.0.1", port=8000)            # doctest: +SKIP
+>>> app = create_app(["features.db"], runs=["runs/"])
+>>> import uvicorn
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)   # serves until stopped  # doctest: +SKIP
 
 Pages: ``/`` (databases, runs, models, SAEs), ``/db/<name>/`` (feature list), ``/db/<name>/feature/<i>``,
 ``/db/<name>/search``, ``/db/<name>/random``, ``/run/<i>`` (training curves and formation plots),

@@ -1,7 +1,8 @@
 """Static export: a self-contained folder of HTML pages (index + one page per feature + local assets) to
 share or publish; opens from the file system, needs no server and no network.
 
->>> export_html("features.db", "site/")      # doctest: +SKIP
+>>> export_html("features.db", "site/", features=range(3))    # the index and one page per feature
+ExportReport(path='site', n_pages=..., n_bytes=...)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 - **HEAD** is answered on every GET route: the route runs as GET and the body is dropped (headers, the
   length included, stay those of the GET).
 
->>> app = HostOriginGuard(app, allowed_hosts=["lab.example"])   # doctest: +SKIP
+>>> app = HostOriginGuard(app, allowed_hosts=["lab.example"])
 """
 
 from __future__ import annotations

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from interplab.io import unreadable_tensors
 from interplab.model.config import Activation, ModelConfig
+from interplab.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,6 @@ def get_converter(model_type: str) -> Converter:
 @contextlib.contextmanager
 def _naming(file: Path) -> Iterator[None]:
     """A weights file that cannot be read (truncated, damaged) is named in the error."""
-    from interplab.io import unreadable_tensors
-
     try:
         yield
     except (KeyError, FileNotFoundError):
@@ -206,3 +207,36 @@ def bias_or_zeros(ckpt: HFCheckpoint, key: str, shape: tuple[int, ...], like: to
     if key in ckpt:
         return ckpt.get(key).reshape(shape).contiguous()
     return torch.zeros(shape, dtype=like.dtype)
+
+
+def build_from_weights(
+    cfg: ModelConfig, weights, *, device="cpu", dtype=None, source: str = "checkpoint"
+) -> Transformer:
+    """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model).
+
+    What every converter's weights go through (Hugging Face families, TransformerLens), so it lives with them."""
+    with torch.device("meta"):
+        model = Transformer(cfg, init=False)
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for name, tensor in weights:
+        old = params.get(name)
+        if old is None:
+            raise KeyError(f"{source}: converter produced unknown weight {name!r}")
+        if tuple(tensor.shape) != tuple(old.shape):
+            raise ValueError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
+            )
+        tensor = tensor.to(
+            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
+        )
+        module_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise KeyError(
+            f"{source}: missing weight {missing[0]!r}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    return model.eval()

@@ -7,7 +7,9 @@ already uses interplab's weight names and shapes, so the conversion maps the con
 The state dict is read with ``torch.load(map_location="cpu", weights_only=True)`` (files saved on a GPU
 load anywhere, and no pickled code runs) or from ``.safetensors``.
 
->>> model = load_transformer_lens("fixtures/paren_balancer/brackets_model_state_dict.pt")  # doctest: +SKIP
+>>> model = load_transformer_lens("fixtures/paren_balancer/brackets_model_state_dict.pt")
+>>> model.cfg.n_layers, model.cfg.causal
+(3, False)
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from interplab.io import load_tensors
 from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
+from interplab.model.convert import build_from_weights
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -216,8 +220,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The state dict in ``path``, and the TL config if the file embeds one (``{"state_dict"|"model": ...,
     "cfg"|"config": {...}}``, a common way of publishing toy models)."""
     if path.suffix == ".safetensors":
-        from interplab.io import load_tensors
-
         return load_tensors(path), None
     # not memory-mapped: torch.save rewrites a file in place (same inode), so a training loop saving over the
     # checkpoint would silently change (or crash, SIGBUS) a model whose weights still map the old file
@@ -298,7 +300,6 @@ def load_transformer_lens(
     `Transformer`. ``tl_config`` is the TL config (dict or JSON path); by default it is the config embedded
     in the checkpoint (``{"state_dict": ..., "cfg": ...}``) or ``transformerlens_config.json`` (or another of
     `TL_CONFIG_NAMES`) next to the weights."""
-    from interplab.model.load import build_from_weights
 
     weights_file = _weights_file(Path(path))
     state, embedded = read_checkpoint(weights_file)

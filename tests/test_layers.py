@@ -1,0 +1,205 @@
+"""The import graph follows the house of docs/ARCHITECTURE (and ../shared/DESIGN.md): no module imports from a
+layer above it, and imports sit at the top of their module.
+
+Imports are read with `ast` from every file of interplab/ (nothing is imported). An import inside
+``if TYPE_CHECKING:`` only names types and is not an edge. A function-level (lazy) interplab import is an
+edge like any other and must also be listed in `LAZY`, with why it cannot be at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "interplab"
+
+# Bottom to top. A unit (a top-level module or subpackage of interplab; "interplab" is the package's own
+# __init__) may import from units of lower levels and from itself, never from its own level or above.
+LAYERS: list[tuple[str, ...]] = [
+    ("io",),  # atomic writes, safetensors and JSON helpers: the stdlib, torch and safetensors only
+    ("integrity",),  # content hashes of what was written
+    ("runs",),  # the run-directory contract (names, kinds, openers)
+    # plots.py is listed last in DESIGN.md's tree but is a leaf helper (Plotly is imported in its
+    # functions): every result's .plot() uses it, so it sits with the other foundations
+    ("hooks", "data", "plots"),
+    ("model",),  # reads a model folder's tokenizer.json through data.tokenizer
+    ("interplab",),  # re-exports hooks, model and load_model
+    ("tasks",),
+    ("train",),
+    ("analysis",),
+    ("circuits",),
+    ("scrub",),
+    ("sae",),
+    ("toy",),
+    ("features",),
+    ("data_attribution",),
+    ("routing",),
+    ("dynamics", "graphs", "rl"),
+    ("web",),
+    ("cli",),
+    ("__main__",),
+]
+LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+# The in-function interplab imports that remain, (file, imported module) -> why it is not at the top. Lazy
+# imports are kept only for heavy optional dependencies and for the CLI command groups (so `interplab
+# --help` does not load the whole library). "issue 14" entries are being moved to the top by their owners:
+# whoever moves one deletes its line here.
+CLI_GROUP = "a CLI command group: the library loads when its command runs, so `interplab --help` stays fast"
+LAZY: dict[tuple[str, str], str] = {
+    ("circuits/circuit.py", "interplab.io"): "issue 14 (reports)",
+    ("data_attribution/run.py", "interplab.model.io"): "issue 14 (reports)",
+    ("data_attribution/run.py", "interplab.train.sources"): "issue 14 (reports)",
+    ("data_attribution/targets.py", "interplab.analysis.heads"): "issue 14 (reports)",
+    ("model/io.py", "interplab.data.tokenizer"): "issue 14 (runs)",
+    ("model/load.py", "interplab.data.tokenizer"): "issue 14 (runs)",
+    ("model/load.py", "interplab.model.process"): "issue 14 (runs)",
+    ("model/load.py", "interplab.model.convert"): "issue 14 (runs)",
+    ("model/load.py", "interplab.model.convert.transformer_lens"): "issue 14 (runs)",
+    ("model/load.py", "interplab.model.io"): "issue 14 (runs)",
+    ("model/transformer.py", "interplab.model.io"): "issue 14 (forward)",
+    ("sae/activations.py", "interplab.data"): "issue 14 (saetrain)",
+    ("sae/base.py", "interplab.sae.io"): "issue 14 (saetrain)",
+    ("sae/config.py", "interplab.hooks"): "issue 14 (saetrain)",
+    ("sae/disk_store.py", "interplab.hooks"): "issue 14 (saetrain)",
+    ("sae/evaluate.py", "interplab.plots"): "issue 14 (saetrain)",
+    ("sae/evaluate.py", "interplab.sae.plots"): "issue 14 (saetrain)",
+    ("sae/recovery.py", "interplab.io"): "issue 14 (saetrain)",
+    ("sae/registry.py", "interplab.sae.architectures"): "issue 14 (saetrain)",
+    ("sae/train.py", "interplab.sae.plots"): "issue 14 (saetrain)",
+    ("scrub/parens.py", "interplab.model.load"): "issue 14 (reports)",
+    ("scrub/result.py", "interplab.io"): "issue 14 (reports)",
+    ("scrub/result.py", "interplab.plots"): "issue 14 (reports)",
+    ("scrub/tasks.py", "interplab.circuits.planted"): "issue 14 (reports)",
+    ("scrub/tasks.py", "interplab.scrub.induction"): "issue 14 (reports)",
+    ("scrub/tasks.py", "interplab.scrub.parens"): "issue 14 (reports)",
+    ("train/config.py", "interplab.io"): "issue 14 (runs)",
+    ("train/log.py", "interplab.io"): "issue 14 (runs)",
+    ("web/runs.py", "interplab.train.checkpoint"): "issue 14 (reports)",
+}
+# files whose every function may import the library lazily
+LAZY_FILES: dict[str, str] = {
+    f"cli/{name}.py": CLI_GROUP
+    for name in ("analysis", "attribute", "demo", "discover", "features", "formation", "info", "route")
+    + ("sae", "scrub", "serve", "train")
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    file: str  # relative to interplab/
+    line: int
+    module: str  # the interplab module imported (``from interplab import plots`` -> interplab.plots)
+    lazy: bool  # inside a function
+
+    @property
+    def where(self) -> str:
+        return f"interplab/{self.file}:{self.line}"
+
+
+def _module_name(path: Path) -> str:
+    parts = ("interplab", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel).is_dir() or (PACKAGE / rel).with_suffix(".py").is_file()
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return skip
+
+
+def _imports(path: Path) -> list[Import]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_nodes(tree)
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    lazy_ids: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lazy_ids |= {id(n) for n in ast.walk(node) if n is not node}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            submodules = [f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}")]
+            names = submodules or [base]
+        rel = path.relative_to(PACKAGE).as_posix()
+        out += [
+            Import(rel, node.lineno, n, id(node) in lazy_ids)
+            for n in names
+            if n == "interplab" or n.startswith("interplab.")
+        ]
+    return out
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "interplab"
+
+
+FILES = sorted(PACKAGE.rglob("*.py"))
+IMPORTS = [imp for path in FILES for imp in _imports(path)]
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(_module_name(p)) for p in FILES}
+    missing = sorted(units - set(LEVEL))
+    assert not missing, f"give {missing} a place in LAYERS (tests/test_layers.py) and docs/ARCHITECTURE"
+
+
+def test_no_module_imports_from_a_layer_above():
+    upward = []
+    for imp in IMPORTS:
+        src = _unit(_module_name(PACKAGE / imp.file))
+        dst = _unit(imp.module)
+        if src != dst and LEVEL[dst] >= LEVEL[src]:
+            upward.append(
+                f"{imp.where}: {src} (level {LEVEL[src]}) imports {imp.module} (level {LEVEL[dst]})"
+            )
+    assert not upward, "imports that do not flow upwards:\n" + "\n".join(upward)
+
+
+def test_the_bottom_layer_imports_only_the_bottom():
+    for imp in IMPORTS:
+        if imp.file in ("io.py", "integrity.py", "runs.py"):
+            assert imp.module in ("interplab.io", "interplab.integrity"), f"{imp.where} imports {imp.module}"
+
+
+def test_in_function_imports_are_only_the_allowed_ones():
+    lazy = [imp for imp in IMPORTS if imp.lazy and imp.file not in LAZY_FILES]
+    unexpected = sorted(f"{imp.where}: {imp.module}" for imp in lazy if (imp.file, imp.module) not in LAZY)
+    assert not unexpected, (
+        "import these at the top of their module (a cycle means a function is in the wrong layer), or add "
+        "them to LAZY with why they must stay lazy:\n" + "\n".join(unexpected)
+    )
+
+
+def test_the_allow_list_has_no_stale_entries():
+    present = {(imp.file, imp.module) for imp in IMPORTS if imp.lazy}
+    stale = sorted(f"{f}: {m}" for f, m in set(LAZY) - present)
+    assert not stale, "these lazy imports are gone: delete their lines from LAZY:\n" + "\n".join(stale)
+    gone = sorted(f for f in LAZY_FILES if not (PACKAGE / f).is_file())
+    assert not gone, f"LAZY_FILES names files that no longer exist: {gone}"
+
+
+@pytest.mark.parametrize("reason", sorted(set(LAZY.values()) | set(LAZY_FILES.values())))
+def test_every_allowed_lazy_import_says_why(reason):
+    assert len(reason) >= 10
