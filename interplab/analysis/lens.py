@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -39,10 +39,6 @@ from interplab.model import Transformer
 EMBED, POS_EMBED, LN_FINAL_SCALE = (
     Site(k).name for k in (SiteKind.EMBED, SiteKind.POS_EMBED, SiteKind.LN_FINAL_SCALE)
 )
-
-if TYPE_CHECKING:
-    from interplab.hooks.cache import ActivationCache
-    from interplab.model.transformer import Transformer
 
 
 # ---- logit lens ------------------------------------------------------------------------------------

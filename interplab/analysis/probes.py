@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -22,9 +22,6 @@ from torch import Tensor
 from interplab import plots
 from interplab.hooks.site import Site
 from interplab.model import Transformer
-
-if TYPE_CHECKING:
-    from interplab.model.transformer import Transformer
 
 
 class ProbeKind(str, Enum):

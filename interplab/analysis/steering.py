@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -21,9 +21,6 @@ from interplab.hooks.points import HookFn
 from interplab.hooks.site import Site
 from interplab.model import Transformer
 from interplab.plots import save_result
-
-if TYPE_CHECKING:
-    from interplab.model.transformer import Transformer
 
 
 class SteerMode(str, Enum):

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,9 +28,6 @@ from torch import Tensor
 from interplab import plots
 from interplab.hooks.site import Site, SiteKind
 from interplab.model import Transformer
-
-if TYPE_CHECKING:
-    from interplab.model.transformer import Transformer
 
 
 class PatchTarget(str, Enum):
