@@ -136,8 +136,9 @@ def quality(data: Path, steps: int, archs: list[str], relu_coefficient: float, l
     from safetensors.torch import load_file
 
     from interplab.sae import SAEConfig, create_sae
+    from interplab.sae.base import TrainStep
     from interplab.sae.kernels import scatter_latents
-    from interplab.sae.train import TrainConfig, train_saes
+    from interplab.sae.train import SAETrainConfig, train_saes
 
     x = load_file(str(data))["x"]
     held = x[-8192:]
@@ -160,7 +161,7 @@ def quality(data: Path, steps: int, archs: list[str], relu_coefficient: float, l
             "dead_after_tokens": 10**12,
         }
         c = time.process_time()
-        train_saes(fast, [{"x": b} for b in xs], TrainConfig(**common))
+        train_saes(fast, [{"x": b} for b in xs], SAETrainConfig(**common))
         fast_cpu = time.process_time() - c
         if arch == "topk":  # the reference TopK is dense: patch in a dense float32 train_forward
 
@@ -168,11 +169,12 @@ def quality(data: Path, steps: int, archs: list[str], relu_coefficient: float, l
                 v, i = torch.addmm(sae.b_enc, x_in, sae.W_enc).topk(K, dim=-1)
                 acts = scatter_latents(v.relu(), i, D_SAE)
                 recon = acts @ sae.W_dec + sae.b_dec
-                return recon, acts, recon.new_zeros(()), recon.new_zeros(()), None
+                zero = recon.new_zeros(())
+                return TrainStep(reconstruction=recon, feature_acts=acts, sparsity=zero, aux=zero)
 
             ref.train_forward = dense_forward
         c = time.process_time()
-        train_saes(ref, [{"x": b} for b in xs], TrainConfig(**common, autocast=False, stats_every=1))
+        train_saes(ref, [{"x": b} for b in xs], SAETrainConfig(**common, autocast=False, stats_every=1))
         ref_cpu = time.process_time() - c
         with torch.no_grad():
             var = (held - held.mean(0)).pow(2).sum()

@@ -28,15 +28,15 @@ def batches(data: torch.Tensor, batch: int, n: int) -> list[torch.Tensor]:
 
 def run_ours(arch: str, xs: list[torch.Tensor]):
     from interplab.sae import SAEConfig, create_sae
-    from interplab.sae.train import TrainConfig, train_saes
+    from interplab.sae.train import SAETrainConfig, train_saes
 
     sae = create_sae(
         SAEConfig(d_in=xs[0].shape[1], d_sae=D_SAE, architecture=arch, k=K if arch == "topk" else None)
     )
-    cfg = TrainConfig(
+    cfg = SAETrainConfig(
         total_steps=len(xs), coefficient=L1 if arch == "relu" else 0.0, log_every=10**9, warmup_steps=1
     )
-    train_saes(sae, [{"x": xs[0]}], TrainConfig(total_steps=1, log_every=10**9))  # warm-up step
+    train_saes(sae, [{"x": xs[0]}], SAETrainConfig(total_steps=1, log_every=10**9))  # warm-up step
     return lambda: train_saes(sae, [{"x": x} for x in xs[1:]], cfg)
 
 

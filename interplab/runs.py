@@ -29,6 +29,8 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
     feature database (Kind.FEATURE_DB)  features.db, SQLite; its ``meta`` table holds the kind and version
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures
+    gradient recording (Kind.GRADIENTS) config.json {kind: gradients, version, record, projector, group_numel}
+                                        + index.json {kind: gradient_index, version, entries} + step_N.safetensors
 
 This module is the bottom layer: it imports only the standard library, `interplab.io` and
 `interplab.integrity`, so configs are returned as plain dicts (``TrainConfig.from_dict(run.config)``).
@@ -70,10 +72,12 @@ FEATURE_DB = "features.db"
 FORMATION = "formation"
 FORMATION_JSON = "formation.json"
 ATTRIBUTION = "attribution"
+GRADIENT_INDEX = "index.json"
 PLOTLY_JS = "plotly.min.js"
 __all__ = [
     "CHECKSUMS",
     "Checkpoint",
+    "check_out",
     "Kind",
     "RunError",
     "TrainRun",
@@ -88,6 +92,7 @@ __all__ = [
     "model_folder",
     "open_run",
     "read_json",
+    "read_log",
     "sae_folders",
     "pick_sae",
     "write_json",
@@ -124,6 +129,8 @@ class Kind(str, Enum):
     """an SAE training run (config.json: the SAEs, their training configs, the data)"""
     SAE = "sae"
     """one SAE in SAELens' layout (cfg.json + sae_weights.safetensors)"""
+    SAE_TRAIN_SUMMARY = "sae_train_summary"
+    """the train_summary.json of an SAE training run (tokens, steps, each SAE's final log row)"""
     SAE_EVAL = "sae_eval"
     """an SAE evaluation report"""
     ACTIVATION_CACHE = "activation_cache"
@@ -150,6 +157,10 @@ class Kind(str, Enum):
     """head scores of one model (`interplab heads`)"""
     LENS = "lens"
     """logit/tuned lens (`interplab lens`)"""
+    GRADIENTS = "gradients"
+    """a recording of projected per-example gradients (its config.json: parameter group + projection)"""
+    GRADIENT_INDEX = "gradient_index"
+    """a gradient recording's index.json (one entry per recorded step)"""
     FEATURE_BUILD = "feature_build"
     """what a feature-database build did (`BuildReport`)"""
     FEATURE_EXPORT = "feature_export"
@@ -172,6 +183,7 @@ _LABELS = {
     Kind.TRAIN_REPORT: "a training report",
     Kind.SAE_TRAIN: "an SAE training run",
     Kind.SAE: "an SAE folder",
+    Kind.SAE_TRAIN_SUMMARY: "an SAE training summary",
     Kind.SAE_EVAL: "an SAE evaluation",
     Kind.ACTIVATION_CACHE: "an activation cache",
     Kind.FEATURE_DB: "a feature database",
@@ -185,6 +197,8 @@ _LABELS = {
     Kind.PATCH: "an activation-patching run",
     Kind.HEADS: "a head-scores run",
     Kind.LENS: "a lens run",
+    Kind.GRADIENTS: "a gradient recording",
+    Kind.GRADIENT_INDEX: "a gradient recording's index",
     Kind.FEATURE_BUILD: "a feature-database build report",
     Kind.FEATURE_EXPORT: "a feature-database export report",
     Kind.AUTO_INTERP: "a set of feature explanations",
@@ -255,6 +269,14 @@ def read_json(
 
 
 _TRAIN_KEYS = {"model", "data", "optim", "steps", "batch_size"}
+_COMMANDS = {  # config.json of analysis runs before kind: {"command": ..., options}
+    "patch": Kind.PATCH,
+    "heads": Kind.HEADS,
+    "lens": Kind.LENS,
+    "scrub": Kind.SCRUB,
+    "discover": Kind.DISCOVERY,
+}
+_GRADIENTS_FORMAT = "interplab-gradients"  # gradient recordings before kind: {"format": ..., ...}
 
 
 def detect_document(name: str, data: Mapping[str, Any]) -> Kind | None:
@@ -273,13 +295,29 @@ def detect_document(name: str, data: Mapping[str, Any]) -> Kind | None:
             return Kind.HF_MODEL
         if _TRAIN_KEYS <= set(data):
             return Kind.TRAIN
+        if isinstance(data.get("command"), str) and data["command"] in _COMMANDS:
+            return _COMMANDS[data["command"]]
+        if data.get("format") == _GRADIENTS_FORMAT:
+            return Kind.GRADIENTS
         return None
     if name == SAE_CFG and {"d_in", "d_sae"} <= set(data):
         return Kind.SAE
+    if name == MANIFEST and {"hooks", "shards"} <= set(data):  # version-1 caches wrote no kind
+        return Kind.ACTIVATION_CACHE
+    if name == TRAIN_SUMMARY and {"tokens", "steps", "final"} <= set(data):
+        return Kind.SAE_TRAIN_SUMMARY
     if name == STATE and "step" in data and "sha256" in data:
         return Kind.CHECKPOINT
     if name == REPORT and "tokens_per_s" in data and "step" in data:
         return Kind.TRAIN_REPORT
+    if name == REPORT and ("ce_loss_recovered" in data or isinstance(data.get("saes"), list)):
+        return Kind.SAE_EVAL  # `sae eval` before kinds: one SAE's report, or a run's list of them
+    if name == REPORT and {"target", "top"} <= set(data):
+        return Kind.ATTRIBUTION
+    if name == REPORT and data.get("experiment") in ("digits-split", "era"):
+        return Kind.ROUTING
+    if name == GRADIENT_INDEX and data.get("format") == _GRADIENTS_FORMAT:
+        return Kind.GRADIENT_INDEX
     if name == FORMATION_JSON:
         return Kind.FORMATION
     return None
@@ -372,6 +410,22 @@ def describe(path: str | Path) -> str:
     return kind.label
 
 
+def check_out(path: str | Path, kind: Kind | str, *also: Kind | str) -> Path:
+    """``path`` as the output folder of a ``kind`` run, checked before anything is written: a folder that holds
+    another kind of run (a training run given as ``--out`` of an analysis ...) is refused, saying what it is,
+    since the new run would replace its ``config.json`` or ``report.json``. A new, empty or unrecognised folder,
+    or one holding a run of ``kind`` (or of ``also``: rewritten), is fine."""
+    path = Path(path)
+    allowed = [_as_kind(k) for k in (kind, *also)]
+    found = detect(path) if path.exists() else None
+    if found is not None and found not in allowed:
+        raise RunError(
+            f"{path} is {describe(path)}: writing {allowed[0].label} there would replace its files; "
+            "choose another output folder"
+        )
+    return path
+
+
 def _expect(path: str | Path, kinds: Iterable[Kind], hint: str = "") -> tuple[Path, Kind]:
     path = Path(path)
     kinds = tuple(kinds)
@@ -462,6 +516,11 @@ def _checkpoints(
     return [
         c for c in found if verify_checkpoint(c.path, need_optimizer=need_optimizer, required=req) is None
     ]
+
+
+def read_log(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``folder/log.jsonl`` (empty when there is none); a torn last line is skipped."""
+    return _read_log(Path(folder))
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

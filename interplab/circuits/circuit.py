@@ -15,6 +15,9 @@ from torch import Tensor
 
 from interplab.circuits.engine import Ablation, EdgeEngine, Spec
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind
+from interplab.io import atomic_write_text
+from interplab.model.transformer import Transformer
+from interplab.runs import REPORT, Kind, write_json
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab_out"], Int[Tensor, " batch"]], Float[Tensor, " batch"]]
 
@@ -38,7 +41,7 @@ class DiscoveryTask:
     attention_mask: Tensor | None = None
     """1 for real tokens, 0 for padding"""
 
-    def engine(self, model) -> EdgeEngine:
+    def engine(self, model: Transformer) -> EdgeEngine:
         return EdgeEngine(model, self.tokens, self.attention_mask)
 
     def corrupt_value(self) -> Spec | Ablation:
@@ -186,8 +189,10 @@ class Circuit:
         return fig
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` of a circuit (`Kind.CIRCUIT`): ``method``, ``task``, ``edges`` (names),
+        ``n_edges_total``, ``faithfulness`` (metric_full, metric_circuit, metric_corrupt, fraction, kl), ``scores``
+        (edge -> score), ``details`` (the method's own numbers)."""
         return {
-            "kind": "circuit",
             "method": self.method,
             "task": self.task,
             "edges": list(self.edges),
@@ -198,11 +203,9 @@ class Circuit:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write ``report.json`` and ``report.html`` (picture, faithfulness, edge list) into folder ``path``."""
-        from interplab.io import atomic_write_json, atomic_write_text
-
+        """Write ``report.html`` (picture, faithfulness, edge list) and then ``report.json`` (`Kind.CIRCUIT`,
+        `to_dict`) into folder ``path`` (atomic)."""
         path = Path(path)
-        atomic_write_json(path / "report.json", self.to_dict())
         f = self.faithfulness
         rows = "".join(
             f"<tr><td>{html.escape(e)}</td><td>{self.scores.get(e, float('nan')):.4g}</td></tr>"
@@ -217,6 +220,7 @@ class Circuit:
             f"<table border=1 cellpadding=4><tr><th>edge</th><th>score</th></tr>{rows}</table></body></html>"
         )
         atomic_write_text(path / "report.html", page)
+        write_json(path / REPORT, Kind.CIRCUIT, self.to_dict())
         return path
 
     def _repr_html_(self) -> str:

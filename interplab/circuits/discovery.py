@@ -21,7 +21,9 @@ from torch import Tensor
 
 from interplab.circuits.circuit import Circuit, DiscoveryTask, circuit_spec, faithfulness, kl_from, layout
 from interplab.circuits.engine import Ablation, EdgeEngine, Spec
-from interplab.circuits.graph import Edge, NodeKind
+from interplab.circuits.graph import Edge, NodeKind, Slot
+from interplab.hooks.site import Site, SiteKind
+from interplab.model.config import ModelConfig, Positional
 from interplab.model.transformer import Transformer
 
 
@@ -44,28 +46,35 @@ class EdgeScores:
         return {self.edges[i] for i in order.tolist()}
 
 
-def _sender_hooks(cfg) -> list[str]:
-    names = ["hook_embed"] + (["hook_pos_embed"] if cfg.positional.value == "learned" else [])
+def _sender_hooks(cfg: ModelConfig) -> list[str]:
+    names = [Site(SiteKind.EMBED).name]
+    if cfg.positional is Positional.LEARNED:
+        names.append(Site(SiteKind.POS_EMBED).name)
     for layer in range(cfg.n_layers):
-        names.append(f"blocks.{layer}.attn.hook_result")
+        names.append(Site(SiteKind.RESULT, layer).name)
         if cfg.has_mlp:
-            names.append(f"blocks.{layer}.hook_mlp_out")
+            names.append(Site(SiteKind.MLP_OUT, layer).name)
     return names
 
 
 def _senders(engine: EdgeEngine, acts: dict[str, Tensor]) -> dict[str, Tensor]:
     """Sender outputs by node name (head results without their bias share: it cancels in differences)."""
     out = {}
+    embed = acts[Site(SiteKind.EMBED).name]
     for n in engine.graph.senders_all:
         if n.kind is NodeKind.EMBED:
-            out[n.name] = acts["hook_embed"]
+            out[n.name] = embed
         elif n.kind is NodeKind.POS_EMBED:
-            out[n.name] = acts["hook_pos_embed"].expand_as(acts["hook_embed"])
+            out[n.name] = acts[Site(SiteKind.POS_EMBED).name].expand_as(embed)
         elif n.kind is NodeKind.HEAD:
-            out[n.name] = acts[f"blocks.{n.layer}.attn.hook_result"][:, :, n.head]
+            out[n.name] = acts[Site(SiteKind.RESULT, n.layer).name][:, :, n.head]
         else:
-            out[n.name] = acts[f"blocks.{n.layer}.hook_mlp_out"]
+            out[n.name] = acts[Site(SiteKind.MLP_OUT, n.layer).name]
     return out
+
+
+_SLOT_INPUT = {Slot.Q: SiteKind.Q_INPUT, Slot.K: SiteKind.K_INPUT, Slot.V: SiteKind.V_INPUT}
+"""the site of each attention slot's per-head input (an MLP's input, `Slot.IN`, is ``hook_mlp_in``)"""
 
 
 def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = None) -> EdgeScores:
@@ -96,13 +105,17 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
     def keep_grad(g: Tensor, site) -> None:
         grads[site.name] = g.detach()
 
-    receivers = [f"blocks.{layer}.hook_{s}_input" for layer in range(cfg.n_layers) for s in "qkv"]
+    slots: dict[tuple[Slot, int | None], str] = {
+        (slot, layer): Site(kind, layer).name
+        for layer in range(cfg.n_layers)
+        for slot, kind in _SLOT_INPUT.items()
+    }
     if cfg.has_mlp:
-        receivers += [f"blocks.{layer}.hook_mlp_in" for layer in range(cfg.n_layers)]
-    final = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+        slots |= {(Slot.IN, layer): Site(SiteKind.MLP_IN, layer).name for layer in range(cfg.n_layers)}
+    final = Site(SiteKind.RESID_POST, cfg.n_layers - 1).name
     with (
         torch.enable_grad(),
-        model.hooks([(n, keep) for n in names], [(n, keep_grad) for n in receivers + [final]]),
+        model.hooks([(n, keep) for n in names], [(n, keep_grad) for n in [*slots.values(), final]]),
     ):
         logits = model(engine.tokens[rows], attention_mask=mask)
         task.metric(logits, rows).mean().backward()
@@ -111,9 +124,9 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
     for edge in engine.graph.edges:
         r = edge.receiver
         if r.kind is NodeKind.HEAD:
-            g = grads[f"blocks.{r.layer}.hook_{edge.slot.value}_input"][:, :, r.head]
+            g = grads[slots[(edge.slot, r.layer)]][:, :, r.head]
         elif r.kind is NodeKind.MLP:
-            g = grads[f"blocks.{r.layer}.hook_mlp_in"]
+            g = grads[slots[(Slot.IN, r.layer)]]
         else:
             g = grads[final]
         delta = corrupt[edge.sender.name] - clean[edge.sender.name]
@@ -122,7 +135,7 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
 
 
 def eap_circuit(
-    model: Transformer, task: DiscoveryTask, k: int, *, engine: EdgeEngine | None = None
+    model: Transformer, task: DiscoveryTask, k: int = 20, *, engine: EdgeEngine | None = None
 ) -> Circuit:
     """The ``k`` edges with the largest absolute EAP scores, as a `Circuit` with its faithfulness."""
     engine = engine or task.engine(model)
@@ -143,7 +156,7 @@ def eap_circuit(
 def acdc(
     model: Transformer,
     task: DiscoveryTask,
-    threshold: float,
+    threshold: float = 0.05,
     *,
     engine: EdgeEngine | None = None,
     progress: Callable[[int, int], None] | None = None,

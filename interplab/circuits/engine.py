@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot
+from interplab.hooks.site import Site, SiteKind
 from interplab.model.layers import HeadInputs
 from interplab.model.transformer import Transformer
 
@@ -184,34 +185,36 @@ class EdgeEngine:
     def _forward_clean(self, rows: Tensor) -> dict[str, Tensor]:
         """One ordinary batched forward; outputs of every sender and the clean input of every receiver."""
         cfg, model = self.model.cfg, self.model
-        names = ["hook_embed", "hook_pos_embed"]
+        embed, pos_embed = Site(SiteKind.EMBED).name, Site(SiteKind.POS_EMBED).name
+        final = Site(SiteKind.RESID_POST, cfg.n_layers - 1).name
+        names = [embed, pos_embed]
         for layer in range(cfg.n_layers):
-            names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_result"]
+            names += [Site(SiteKind.RESID_PRE, layer).name, Site(SiteKind.RESULT, layer).name]
             if cfg.has_mlp:
-                names.append(f"blocks.{layer}.hook_mlp_out")
+                names.append(Site(SiteKind.MLP_OUT, layer).name)
                 if not cfg.parallel_attn_mlp:
-                    names.append(f"blocks.{layer}.hook_resid_mid")
-        names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
+                    names.append(Site(SiteKind.RESID_MID, layer).name)
+        names.append(final)
         names = [n for n in names if n in model.hook_registry]
         with torch.no_grad():
             _, cache = model.run_with_cache(self.tokens[rows], names, attention_mask=self._mask(rows))
         out: dict[str, Tensor] = {}
         for node in self.graph.nodes:
             if node.kind is NodeKind.EMBED:
-                out[node.name] = cache["hook_embed"]
+                out[node.name] = cache[embed]
             elif node.kind is NodeKind.POS_EMBED:
-                out[node.name] = cache["hook_pos_embed"].expand_as(cache["hook_embed"])
+                out[node.name] = cache[pos_embed].expand_as(cache[embed])
             elif node.kind is NodeKind.HEAD:
                 b_o = model.blocks[node.layer].attn.b_O / cfg.n_heads
-                out[node.name] = cache[f"blocks.{node.layer}.attn.hook_result"][:, :, node.head] + b_o
+                out[node.name] = cache[Site(SiteKind.RESULT, node.layer).name][:, :, node.head] + b_o
                 if node.head == 0:  # heads of a layer share resid_pre: one copy per layer
-                    out[f"{node.name}.in"] = cache[f"blocks.{node.layer}.hook_resid_pre"]
+                    out[f"{node.name}.in"] = cache[Site(SiteKind.RESID_PRE, node.layer).name]
             elif node.kind is NodeKind.MLP:
-                out[node.name] = cache[f"blocks.{node.layer}.hook_mlp_out"]
-                mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
-                out[f"{node.name}.in"] = cache[f"blocks.{node.layer}.{mid}"]
+                out[node.name] = cache[Site(SiteKind.MLP_OUT, node.layer).name]
+                mid = SiteKind.RESID_PRE if cfg.parallel_attn_mlp else SiteKind.RESID_MID
+                out[f"{node.name}.in"] = cache[Site(mid, node.layer).name]
             else:
-                out["logits.in"] = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+                out["logits.in"] = cache[final]
         return {k: v.contiguous() for k, v in out.items()}
 
     def ensure_clean(self, rows: Int[Tensor, " batch"]) -> None:

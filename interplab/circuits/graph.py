@@ -26,6 +26,7 @@ from functools import cached_property
 
 from interplab.hooks.site import suggest
 from interplab.model.config import ModelConfig, Positional
+from interplab.model.transformer import Transformer
 
 
 class NodeKind(str, Enum):
@@ -142,7 +143,7 @@ class ComponentGraph:
         return cls(cfg)
 
     @classmethod
-    def from_model(cls, model) -> ComponentGraph:
+    def from_model(cls, model: Transformer) -> ComponentGraph:
         return cls(model.cfg)
 
     # ---- lookup --------------------------------------------------------------------------------

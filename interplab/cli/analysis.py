@@ -3,8 +3,16 @@
 Inputs come from a task (``--task ioi``: clean, corrupted and answer tokens) or a JSONL prompt file, one
 example per line: ``{"clean": "...", "corrupted": "...", "answer": " Mary", "wrong": " John"}`` (strings
 need the model's tokenizer; lists of token ids and integer ids work with any model; every example must
-have the same length). Each command writes a run folder: ``config.json``, ``log.jsonl``, the results as
-JSON, pictures (``*.html``, and ``*.png`` with ``--png``) and ``report.json``.
+have the same length). Each command writes a run folder once everything is computed: the results as JSON,
+pictures (``*.html``, and ``*.png`` with ``--png``), ``log.jsonl``, ``config.json`` (the options) and
+``report.json``, both of the command's `interplab.runs.Kind`. The reports:
+
+- patch (`Kind.PATCH`): ``result`` (repr), ``seconds``, ``clean_metric``, ``corrupted_metric``, ``files``,
+  ``top_effects`` [{index, effect}], with ``--attribution`` also ``attribution`` {correlation, max_abs_error,
+  files};
+- heads (`Kind.HEADS`): ``top`` {score name: [[layer, head, value]]}, ``files``;
+- lens (`Kind.LENS`): ``files``, ``final_logprob_next``, with answer and wrong tokens also ``dla`` {total,
+  sum_of_components, top_neurons}.
 """
 
 from __future__ import annotations
@@ -14,63 +22,78 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 
+from interplab import analysis as A
+from interplab.analysis.heads import repeated_random_tokens
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
+    library_default,
     out_folder,
     positive_int,
     set_threads,
     threads_option,
 )
+from interplab.io import atomic_write_text
+from interplab.model.load import load_model
+from interplab.model.transformer import Transformer
+from interplab.runs import CONFIG, LOG, REPORT, Kind, write_json
+from interplab.tasks import get_task
 
 TARGETS = "resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern, mlp_post"
 METRICS = ("logit_diff", "normalized_logit_diff", "prob", "loss")
+N_EXAMPLES = 16
+"""examples drawn from a --task"""
+MODEL_HELP = "model folder (interplab, Hugging Face or TransformerLens) or a training run folder (its final/)"
 
 
 class _Run:
-    """A run folder: config.json at the start, log.jsonl events, results, report.json at the end."""
+    """A run folder of ``kind`` (patch, heads or lens), written only once everything is computed: the results
+    (JSON + pictures), then ``log.jsonl`` and ``config.json`` (the command's options), and ``report.json``
+    last (a folder with a report is complete). A command that fails before `finish` leaves nothing behind."""
 
-    def __init__(self, out: Path, config: dict[str, Any], png: bool) -> None:
-        from interplab.io import atomic_write_json
-
-        self.out, self.png, self.t0 = out, png, time.time()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", config)
-        (out / "log.jsonl").write_text("")
+    def __init__(self, out: Path, kind: Kind, config: dict[str, Any], png: bool) -> None:
+        self.out, self.kind, self.config, self.png, self.t0 = out, kind, config, png, time.time()
+        self.events: list[dict[str, Any]] = []
+        self.results: list[tuple[Any, str]] = []
         self.log("start")
 
     def log(self, event: str, **fields: Any) -> None:
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps({"event": event, "time_s": round(time.time() - self.t0, 3), **fields}) + "\n")
+        self.events.append({"event": event, "time_s": round(time.time() - self.t0, 3), **fields})
 
-    def save(self, result: Any, name: str) -> list[str]:
-        written = [result.save(self.out / f"{name}.json"), result.save(self.out / f"{name}.html")]
-        if self.png:
-            written.append(result.save(self.out / f"{name}.png"))
-        self.log("saved", result=name)
-        return [p.name for p in written]
+    def files(self, name: str) -> list[str]:
+        """The files a result called ``name`` is written as: ``name.json``, ``name.html`` (and ``name.png``)."""
+        return [f"{name}{suffix}" for suffix in (".json", ".html", ".png")[: 3 if self.png else 2]]
+
+    def add(self, result: Any, name: str) -> list[str]:
+        """Keep ``result`` to be written by `finish`; the names of its files."""
+        self.results.append((result, name))
+        return self.files(name)
 
     def finish(self, report: dict[str, Any]) -> None:
-        from interplab.io import atomic_write_json
-
+        for result, name in self.results:
+            for file in self.files(name):
+                result.save(self.out / file)
+            self.log("saved", result=name)
         self.log("done")
-        atomic_write_json(self.out / "report.json", report)
+        atomic_write_text(self.out / LOG, "".join(json.dumps(e) + "\n" for e in self.events))
+        write_json(self.out / CONFIG, self.kind, self.config)
+        write_json(self.out / REPORT, self.kind, report)
         console.print(f"wrote [bold]{self.out}[/]: " + ", ".join(sorted(p.name for p in self.out.iterdir())))
 
 
-def _load(model_path: Path):
-    from interplab import load_model
-
+def _load(model_path: Path) -> Transformer:
     try:
         return load_model(model_path)
     except (FileNotFoundError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
 
 
-def _ids(model: Any, value: Any, what: str) -> list[int]:
+def _ids(model: Transformer, value: Any, what: str) -> list[int]:
     if isinstance(value, int):
         return [value]
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
@@ -83,7 +106,7 @@ def _ids(model: Any, value: Any, what: str) -> list[int]:
     return []
 
 
-def _single(model: Any, value: Any, what: str) -> int:
+def _single(model: Transformer, value: Any, what: str) -> int:
     ids = _ids(model, value, what)
     if len(ids) != 1:
         fail(f"{what} {value!r} is {len(ids)} tokens; answers must be single tokens")
@@ -91,16 +114,12 @@ def _single(model: Any, value: Any, what: str) -> int:
 
 
 def _examples(
-    model: Any, prompts: Path | None, task: str | None, n: int, seed: int, need_corrupted: bool
+    model: Transformer, prompts: Path | None, task: str | None, n: int, seed: int, need_corrupted: bool
 ) -> dict[str, Any]:
     """tokens, corrupted, answer, wrong, positions (None where unknown)."""
-    import torch
-
     if (prompts is None) == (task is None):
         fail("give exactly one of --prompts FILE or --task NAME")
     if task is not None:
-        from interplab.tasks import get_task
-
         try:
             batch = get_task(task).generate(n, seed=seed)
         except (KeyError, TypeError, ValueError) as err:
@@ -120,6 +139,7 @@ def _examples(
             "wrong": meta.get("s_token"),
             "attention_mask": batch.attention_mask,
         }
+    assert prompts is not None  # exactly one of --prompts and --task (checked above)
     if not prompts.is_file():
         fail(f"no prompt file at {prompts}")
     lines = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
@@ -155,7 +175,7 @@ def _examples(
 
 
 def patch(
-    model_path: Path = typer.Argument(..., help="model folder (interplab, Hugging Face or TransformerLens)"),
+    model_path: Path = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
     prompts: Path = typer.Option(
         None, "--prompts", help="JSONL file of clean/corrupted/answer/wrong examples"
@@ -163,20 +183,21 @@ def patch(
     task: str = typer.Option(None, "--task", help="a task with corrupted inputs (e.g. ioi)"),
     target: str = typer.Option("resid_pre", "--target", help=f"what to patch: {TARGETS}"),
     by_position: bool = typer.Option(False, "--by-position", help="patch heads/neurons position by position"),
-    direction: str = typer.Option("denoise", "--direction", help="denoise or noise"),
+    direction: str = typer.Option(
+        library_default(A.activation_patch, "direction").value, "--direction", help="denoise or noise"
+    ),
     metric_name: str = typer.Option("logit_diff", "--metric", help=", ".join(METRICS)),
     attribution: bool = typer.Option(
         False, "--attribution", help="also run attribution patching and compare"
     ),
-    n: int = typer.Option(16, "--n", help="examples drawn from --task", callback=positive_int),
+    n: int = typer.Option(N_EXAMPLES, "--n", help="examples drawn from --task", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
     set_threads(threads)
-    from interplab import analysis as A
-
+    claim_out(out, Kind.PATCH)
     model = _load(model_path)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=True)
     if metric_name not in METRICS:
@@ -199,8 +220,8 @@ def patch(
             )
     run = _Run(
         out,
+        Kind.PATCH,
         {
-            "command": "patch",
             "model": str(model_path),
             "prompts": str(prompts) if prompts else None,
             "task": task,
@@ -234,7 +255,7 @@ def patch(
         "seconds": seconds,
         "clean_metric": result.clean_metric,
         "corrupted_metric": result.corrupted_metric,
-        "files": run.save(result, f"patch_{target}"),
+        "files": run.add(result, f"patch_{target}"),
     }
     base = result.corrupted_metric if result.direction is A.Direction.DENOISE else result.clean_metric
     flat = (result.values - base).reshape(-1)
@@ -249,7 +270,7 @@ def patch(
         report["attribution"] = {
             "correlation": comparison.correlation,
             "max_abs_error": comparison.max_abs_error,
-            "files": run.save(approx, f"attribution_{target}") + run.save(comparison, "comparison"),
+            "files": run.add(approx, f"attribution_{target}") + run.add(comparison, "comparison"),
         }
     run.finish(report)
 
@@ -263,7 +284,7 @@ def _unravel(i: int, shape: tuple[int, ...]) -> list[int]:
 
 
 def heads(
-    model_path: Path = typer.Argument(..., help="model folder"),
+    model_path: Path = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
     prompts: Path = typer.Option(
         None, "--prompts", help="JSONL prompts to score on (default: repeated random tokens)"
@@ -271,21 +292,22 @@ def heads(
     seq_len: int = typer.Option(
         None, "--seq-len", help="length of each random half of the probe input", callback=positive_int
     ),
-    batch: int = typer.Option(8, "--batch", help="probe sequences", callback=positive_int),
-    seed: int = typer.Option(0, "--seed"),
+    batch: int = typer.Option(
+        library_default(A.head_scores, "batch"), "--batch", help="probe sequences", callback=positive_int
+    ),
+    seed: int = typer.Option(library_default(A.head_scores, "seed"), "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Previous-token, induction, duplicate-token and copying scores of every head, and attention views."""
     set_threads(threads)
-    from interplab import analysis as A
-
+    claim_out(out, Kind.HEADS)
     model = _load(model_path)
     tokens = _examples(model, prompts, None, 0, seed, need_corrupted=False)["tokens"] if prompts else None
     run = _Run(
         out,
+        Kind.HEADS,
         {
-            "command": "heads",
             "model": str(model_path),
             "prompts": str(prompts) if prompts else None,
             "seq_len": seq_len,
@@ -298,31 +320,33 @@ def heads(
         scores = A.head_scores(model, tokens, seq_len=seq_len, batch=batch, seed=seed)
     except ValueError as err:
         fail(str(err))
-    report = {
+    report: dict[str, Any] = {
         "top": {
             name: scores.top(name, 5)
             for name in ("previous_token", "induction", "duplicate_token", "copying")
         },
-        "files": run.save(scores, "heads"),
+        "files": run.add(scores, "heads"),
     }
     if tokens is None:
-        from interplab.analysis.heads import repeated_random_tokens
-
-        half = seq_len if seq_len is not None else min(20, model.cfg.n_ctx // 2)
+        half = (
+            seq_len
+            if seq_len is not None
+            else min(library_default(repeated_random_tokens, "half"), model.cfg.n_ctx // 2)
+        )
         tokens = repeated_random_tokens(model.cfg.d_vocab, half, 1, seed=seed)
     for layer in range(model.cfg.n_layers):
-        report["files"] += run.save(A.attention_patterns(model, tokens[:1], layer), f"attention_L{layer}")
+        report["files"] += run.add(A.attention_patterns(model, tokens[:1], layer), f"attention_L{layer}")
     for name, top in report["top"].items():
         console.print(f"{name}: " + ", ".join(f"L{lay}H{h} {v:.2f}" for lay, h, v in top[:3]))
     run.finish(report)
 
 
 def lens(
-    model_path: Path = typer.Argument(..., help="model folder"),
+    model_path: Path = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
     prompts: Path = typer.Option(None, "--prompts", help="JSONL prompts (answer/wrong enable DLA)"),
     task: str = typer.Option(None, "--task", help="a task to draw examples from"),
-    n: int = typer.Option(16, "--n", help="examples drawn from --task", callback=positive_int),
+    n: int = typer.Option(N_EXAMPLES, "--n", help="examples drawn from --task", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
@@ -330,14 +354,13 @@ def lens(
     """Logit lens at every layer; with answer and wrong tokens also direct logit attribution and the
     residual-stream decomposition."""
     set_threads(threads)
-    from interplab import analysis as A
-
+    claim_out(out, Kind.LENS)
     model = _load(model_path)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=False)
     run = _Run(
         out,
+        Kind.LENS,
         {
-            "command": "lens",
             "model": str(model_path),
             "prompts": str(prompts) if prompts else None,
             "task": task,
@@ -348,7 +371,7 @@ def lens(
     )
     result = A.logit_lens(model, ex["tokens"], attention_mask=ex["attention_mask"])
     report: dict[str, Any] = {
-        "files": run.save(result, "logit_lens"),
+        "files": run.add(result, "logit_lens"),
         "final_logprob_next": result.logprob_next[-1].mean().item(),
     }
     if ex["answer"] is not None and ex["wrong"] is not None:
@@ -363,7 +386,7 @@ def lens(
             "sum_of_components": dla.sum_of_components(),
             "top_neurons": dla.top_neurons(5),
         }
-        report["files"] += run.save(dla, "dla") + run.save(decomposition, "residual_decomposition")
+        report["files"] += run.add(dla, "dla") + run.add(decomposition, "residual_decomposition")
         console.print(f"logit difference {dla.total:.4f} = sum of components {dla.sum_of_components():.4f}")
     run.finish(report)
 

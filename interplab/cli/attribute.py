@@ -8,27 +8,43 @@ import typer
 
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
+    library_default,
     out_folder,
     positive_int,
     set_threads,
     threads_option,
 )
+from interplab.data_attribution.run import attribute_run
+from interplab.runs import ATTRIBUTION, Kind
 
 
 def attribute(
     run_dir: Path = typer.Argument(..., help="a training run folder (interplab train)"),
     target: str = typer.Option(
-        "induction:best",
+        library_default(attribute_run, "target"),
         help="induction:L.H | prev:L.H | composition:k:L1.H1->L2.H2 | "
         "induction:best (the head with the highest final score)",
     ),
-    window: str = typer.Option("auto", help="'auto' (where the target forms) or START:STOP checkpoint steps"),
-    group: str = typer.Option("all", help="parameter group: all, layer:L, head:L.H, neuron:L.N, ..."),
-    dim: int = typer.Option(1024, help="projection dimension of the gradients", callback=positive_int),
+    window: str = typer.Option(
+        library_default(attribute_run, "window"),
+        help="'auto' (where the target forms) or START:STOP checkpoint steps",
+    ),
+    group: str = typer.Option(
+        library_default(attribute_run, "group"),
+        help="parameter group: all, layer:L, head:L.H, neuron:L.N, ...",
+    ),
+    dim: int = typer.Option(
+        library_default(attribute_run, "dim"),
+        help="projection dimension of the gradients",
+        callback=positive_int,
+    ),
     candidates: int = typer.Option(
-        256, help="at most this many training sequences from the window are scored", callback=positive_int
+        library_default(attribute_run, "max_candidates"),
+        help="at most this many training sequences from the window are scored",
+        callback=positive_int,
     ),
     out: Path = typer.Option(
         None, help="output folder (default RUN_DIR/attribution/TARGET)", callback=out_folder
@@ -36,9 +52,9 @@ def attribute(
     threads: int = typer.Option(None, help="torch threads", callback=threads_option),
 ) -> None:
     """Attribute a mechanism's formation to the training sequences that built it (TracIn over checkpoints)."""
-    from interplab.data_attribution.run import attribute_run
-
     set_threads(threads)
+    if out is not None:
+        claim_out(out, Kind.ATTRIBUTION)
     if window == "auto":
         win: str | tuple[int, int] = "auto"
     else:
@@ -47,7 +63,6 @@ def attribute(
             win = (int(a), int(b))
         except ValueError:
             fail(f"--window must be 'auto' or START:STOP, got {window!r}")
-            return
     try:
         with JobProgress("attribute", unit="checkpoints") as bar:
             result = attribute_run(
@@ -61,8 +76,9 @@ def attribute(
             )
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-        return
-    folder = out or run_dir / "attribution" / result.target.replace(":", "_").replace("->", "_to_")
+    folder = claim_out(
+        out or run_dir / ATTRIBUTION / result.target.replace(":", "_").replace("->", "_to_"), Kind.ATTRIBUTION
+    )
     paths = result.save(folder)
     console.print(
         f"target [bold]{result.target}[/], window {result.window[0]}..{result.window[1]}, "

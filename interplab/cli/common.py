@@ -5,6 +5,7 @@ loaded or written), the progress of long jobs (:class:`JobProgress`) and the com
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shlex
@@ -19,6 +20,8 @@ import typer
 from rich.console import Console
 
 from interplab.model import Transformer
+from interplab.model.load import load_model, model_source
+from interplab.runs import Kind, RunError, check_out
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -48,6 +51,15 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def library_default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of the library function ``fn``: a command's default is the library's,
+    never typed a second time (config dataclasses: use the field, ``ScrubConfig.n_seeds``)."""
+    default = inspect.signature(fn).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{fn.__qualname__}() has no default for {name!r}")
+    return default
 
 
 # --- argument validators -------------------------------------------------------------------------------------
@@ -183,6 +195,15 @@ def check_out_file(path: Path | None, option: str = "--out") -> Path | None:
     return path
 
 
+def claim_out(path: Path, kind: Kind, *also: Kind) -> Path:
+    """`interplab.runs.check_out` as one line for the user: a folder holding another kind of run is refused
+    before anything is computed or written."""
+    try:
+        return check_out(path, kind, *also)
+    except RunError as err:
+        fail(str(err))
+
+
 def out_folder(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Typer callback: `check_out_folder` for this option."""
     return check_out_folder(value, _option_name(param))
@@ -211,6 +232,19 @@ def check_seq_len(
             f"{option} {seq_len} is longer than the model's context window n_ctx={n_ctx}; use {option} <= {n_ctx}"
         )
     return seq_len
+
+
+def load_model_arg(path: Path) -> Transformer:
+    """Load the model a command was given (a model folder or file, or a training run: its ``final/``), saying
+    ``loaded RUN/final`` when the path stood for another folder; a path with no model ends in one line."""
+    try:
+        source = model_source(path)
+        model = load_model(source)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        fail(str(err).strip("'\""))
+    if source != Path(path):
+        console.print(f"loaded {source}", markup=False, highlight=False, soft_wrap=True)
+    return model
 
 
 # --- progress of long jobs: a live bar on a terminal, periodic log lines otherwise ---------------------------

@@ -6,11 +6,15 @@ these names (``runs/demo``, ``runs/demo/final``, ``runs/demo/features.db``, ...)
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
+from interplab import runs
 from interplab.cli.common import (
     activation_hint,
     command_hint,
@@ -21,7 +25,12 @@ from interplab.cli.common import (
     print_command,
     set_threads,
 )
+from interplab.cli.formation import print_formation, run_formation
+from interplab.cli.train import load_config, print_result, run_contents, run_training
+from interplab.sae.sweep import sae_name
 
+DEMO_PRESET = "induction-2l"
+"""The training preset the demo runs (`interplab.train.load_preset`)."""
 DEMO_RUN = Path("runs/demo")
 """The demo's default run folder (``--out``)."""
 SAE_HOOK = "blocks.0.hook_resid_post"
@@ -30,38 +39,39 @@ SAE_HOOK = "blocks.0.hook_resid_post"
 
 @dataclass(frozen=True)
 class DemoOutputs:
-    """Every path the demo writes, from its run folder: the one definition of the demo's output names."""
+    """Every path the demo writes, from its run folder: the one definition of the demo's output names, each
+    built from `interplab.runs`' names (the demo's run folder is a training run; the SAE run sits in it)."""
 
     run: Path = DEMO_RUN
 
     @property
     def final(self) -> Path:
         """the trained model (``interplab.load_model``)"""
-        return self.run / "final"
+        return self.run / runs.FINAL
 
     @property
     def formation(self) -> Path:
         """formation.md / .json / .html / .png"""
-        return self.run / "formation"
+        return self.run / runs.FORMATION
 
     @property
     def sae_run(self) -> Path:
         """the ``sae train`` run folder (config.json, log.jsonl, saes/, eval/)"""
-        return self.run / "sae"
+        return self.run / runs.SAE_DIR
 
     @property
     def sae(self) -> Path:
         """the trained SAE (``interplab.sae.load_sae``)"""
-        return self.sae_run / "saes" / SAE_HOOK.replace(".", "_")
+        return self.sae_run / runs.SAES / sae_name(SAE_HOOK)
 
     @property
     def sae_eval(self) -> Path:
-        return self.sae_run / "eval"
+        return self.sae_run / runs.EVAL
 
     @property
     def features_db(self) -> Path:
         """the feature database the browser serves"""
-        return self.run / "features.db"
+        return self.run / runs.FEATURE_DB
 
 
 QUICK = {"steps": 60, "sae_steps": 40, "formation_seqs": 4}
@@ -74,7 +84,7 @@ FEATURE_SEQS = 256
 def demo(
     out: Path = typer.Option(DEMO_RUN, "--out", "-o", help="run directory", callback=out_folder),
     steps: int = typer.Option(
-        None, "--steps", help="optimizer steps (default: the preset's 1,500)", callback=positive_int
+        None, "--steps", help=f"optimizer steps (default: the {DEMO_PRESET} preset's)", callback=positive_int
     ),
     threads: int = typer.Option(
         1,
@@ -97,22 +107,17 @@ def demo(
 ) -> None:
     """Train a 2-layer attention-only model on python-stdlib, show its induction heads forming, then train a
     sparse autoencoder on it and build the feature database for the browser."""
-    import shutil
-
-    from interplab.cli.formation import print_formation, run_formation
-    from interplab.cli.train import load_config, print_result, run_training
-
     set_threads(threads)
     if quick:
         steps, sae_steps = steps or QUICK["steps"], min(sae_steps, QUICK["sae_steps"])
     paths = DemoOutputs(out)
-    cfg = load_config("induction-2l", None, [f"steps={steps}"] if steps is not None else [])
+    cfg = load_config(DEMO_PRESET, None, [f"steps={steps}"] if steps is not None else [])
     if fresh and out.exists():
-        if not (out / "config.json").is_file():
-            fail(f"{out} exists and is not a training run; not removing it")
+        if runs.detect(out) is not runs.Kind.TRAIN:
+            fail(f"{out} is {runs.describe(out)}, not a training run; not removing it")
         shutil.rmtree(out)
     n = 4 if features else 2
-    console.rule(f"[bold]1/{n} training induction-2l on the Python standard library")
+    console.rule(f"[bold]1/{n} training {DEMO_PRESET} on the Python standard library")
     console.print(
         f"{cfg.steps:,} steps of {cfg.batch_size} x {cfg.data.seq_len} tokens; "
         f"checkpoints at {len(cfg.checkpoints.steps(cfg.steps))} steps (dense early) into {out}",
@@ -127,7 +132,7 @@ def demo(
         _sae_and_features(paths, sae_steps, threads, n)
     console.rule("[bold]outputs")
     say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    say(f"run directory:   {out}/  (config.json, log.jsonl, checkpoints/, final/, report.json)")
+    say(f"run directory:   {out}/  ({run_contents()})")
     say(f"trained model:   {paths.final}  (interplab.load_model({str(paths.final)!r}))")
     say(
         f"formation:       {pictures['table']}, {pictures['html']}"
@@ -156,8 +161,6 @@ def demo(
 
 def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) -> None:
     """Stages 3 and 4 run the same commands a user would type (shown), each resumable or skipped when done."""
-    import subprocess
-    import sys
 
     def run(args: list[str]) -> None:
         print_command("$ ", *args, style="dim")
@@ -167,7 +170,7 @@ def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) 
 
     model = str(paths.final)
     console.rule(f"[bold]3/{n} a TopK sparse autoencoder on {SAE_HOOK}")
-    if not (paths.sae / "cfg.json").is_file():
+    if runs.detect(paths.sae) is not runs.Kind.SAE:
         run(
             [
                 "sae",

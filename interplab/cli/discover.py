@@ -7,16 +7,22 @@ from pathlib import Path
 
 import typer
 
+from interplab.circuits import Circuit, acdc, eap_circuit
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
+    library_default,
     non_negative_float,
     out_folder,
     positive_int,
     set_threads,
     threads_option,
 )
+from interplab.cli.scrub import MODEL_HELP, load_any_model
+from interplab.runs import CONFIG, Kind, write_json
+from interplab.scrub.tasks import build_task, discovery_task
 
 
 class Method(str, Enum):
@@ -25,17 +31,25 @@ class Method(str, Enum):
 
 
 def discover_command(
-    model_path: Path = typer.Option(
-        None, "--model", help="model folder or file ('planted-induction': the built-in)"
-    ),
+    model_path: Path = typer.Option(None, "--model", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="task name: parens or induction"),
     method: Method = typer.Option(Method.EAP, "--method", help="eap or acdc"),
     data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
     out: Path = typer.Option(Path("runs/discover"), "--out", help="run folder to write", callback=out_folder),
-    n: int = typer.Option(200, "--n", help="clean (and as many corrupted) examples", callback=positive_int),
-    k: int = typer.Option(20, "--k", help="EAP: keep the k highest-scoring edges", callback=positive_int),
+    n: int = typer.Option(
+        library_default(discovery_task, "n"),
+        "--n",
+        help="clean (and as many corrupted) examples",
+        callback=positive_int,
+    ),
+    k: int = typer.Option(
+        library_default(eap_circuit, "k"),
+        "--k",
+        help="EAP: keep the k highest-scoring edges",
+        callback=positive_int,
+    ),
     threshold: float = typer.Option(
-        0.05,
+        library_default(acdc, "threshold"),
         "--threshold",
         help="ACDC: KL increase below which an edge is removed",
         callback=non_negative_float,
@@ -44,21 +58,23 @@ def discover_command(
 ) -> None:
     """Find a circuit with EAP or ACDC; writes report.json and report.html (with the graph)."""
     set_threads(threads)
-    from interplab.circuits import acdc, eap_circuit
-    from interplab.cli.scrub import load_any_model
-    from interplab.io import atomic_write_json
-    from interplab.scrub.tasks import build_task, discovery_task
-
+    claim_out(out, Kind.DISCOVERY, Kind.CIRCUIT)
     try:
         model = load_any_model(model_path, task, data)
         dtask = discovery_task(build_task(task, model, data=data, n_rows=max(4 * n, 1000)), n)
     except (FileNotFoundError, ValueError, KeyError) as err:
         fail(str(err))
-        return
-    atomic_write_json(
-        out / "config.json",
+    circuit: Circuit
+    if method is Method.EAP:
+        circuit = eap_circuit(model, dtask, k)
+    else:
+        with JobProgress("discover acdc", unit="edges") as bar:
+            circuit = acdc(model, dtask, threshold, progress=bar)
+    # the circuit is found: only now is the run folder written (a failed discovery leaves nothing behind)
+    write_json(
+        out / CONFIG,
+        Kind.DISCOVERY,
         {
-            "command": "discover",
             "model": str(model_path),
             "task": task,
             "method": method.value,
@@ -67,11 +83,6 @@ def discover_command(
             "threshold": threshold,
         },
     )
-    if method is Method.EAP:
-        circuit = eap_circuit(model, dtask, k)
-    else:
-        with JobProgress("discover acdc", unit="edges") as bar:
-            circuit = acdc(model, dtask, threshold, progress=bar)
     circuit.save(out)
     f = circuit.faithfulness
     console.print(repr(circuit))

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
+from rich.table import Table
 
-from interplab.cli.common import console, fail
+from interplab.cli.common import console, fail, load_model_arg
+from interplab.model import ModelConfig, Positional, Transformer
 
 
-def builtin_model():
+def builtin_model() -> Transformer:
     """A small randomly initialised model (for ``interplab info --builtin`` and quick tries)."""
-    import torch
-
-    from interplab.model import ModelConfig, Transformer
-
     torch.manual_seed(0)
     return Transformer(
         ModelConfig(
@@ -23,7 +22,7 @@ def builtin_model():
             n_heads=4,
             d_vocab=1024,
             n_ctx=256,
-            positional="rotary",
+            positional=Positional.ROTARY,
             attn_only=True,
             smear_keys=True,
             name="builtin-2l",
@@ -33,27 +32,19 @@ def builtin_model():
 
 def info(
     path: Path = typer.Argument(
-        None, help="model folder or file (interplab, Hugging Face or TransformerLens)"
+        None, help="model folder or file (interplab, Hugging Face or TransformerLens), or a training run"
     ),
     builtin: bool = typer.Option(False, "--builtin", help="describe a small built-in random model instead"),
     hooks: bool = typer.Option(True, "--hooks/--no-hooks", help="list the hook points with their shapes"),
 ) -> None:
     """Print a model's architecture, parameter count and hook points with shapes."""
-    from rich.table import Table
-
     if builtin:
         model = builtin_model()
     elif path is None:
         fail("give a model PATH or --builtin")
         return
     else:
-        from interplab import load_model
-
-        try:
-            model = load_model(path)
-        except (FileNotFoundError, KeyError, ValueError) as err:
-            fail(str(err).strip("'\""))
-            return
+        model = load_model_arg(path)
     cfg = model.cfg
     table = Table(title=repr(model), show_header=True)
     table.add_column("field")

@@ -7,16 +7,22 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
+    library_default,
     out_folder,
     positive_int,
     set_threads,
     threads_option,
 )
+from interplab.routing.digits import DigitsSplitConfig, DigitsSplitResult, run_digits_split
+from interplab.routing.era import ERAConfig, ERAResult, era_stdlib_data, run_era
+from interplab.runs import Kind
 
 
 class Preset(str, Enum):
@@ -31,49 +37,40 @@ def route(
     out: Path = typer.Option(
         None, "--out", help="run directory (default runs/route-<preset>)", callback=out_folder
     ),
-    seeds: int = typer.Option(5, "--seeds", help="digits-split: number of seeds", callback=positive_int),
+    seeds: int = typer.Option(
+        len(DigitsSplitConfig.seeds), "--seeds", help="digits-split: number of seeds", callback=positive_int
+    ),
     steps: int = typer.Option(
         None, "--steps", help="training steps (default: the preset's)", callback=positive_int
     ),
     forget: str = typer.Option(
-        "email", "--forget", help="era-stdlib: stdlib package whose files are forgotten"
+        library_default(era_stdlib_data, "forget"),
+        "--forget",
+        help="era-stdlib: stdlib package whose files are forgotten",
     ),
     quick: bool = typer.Option(False, "--quick", help="a much smaller run, to try the command"),
     threads: int = typer.Option(None, "--threads", help="torch threads", callback=threads_option),
 ) -> None:
     """Run a gradient-routing experiment; writes report.json, the comparison table and pictures."""
     set_threads(threads)
-    from rich.table import Table
-
-    out = out or Path("runs") / f"route-{preset.value}"
+    out = claim_out(out or Path("runs") / f"route-{preset.value}", Kind.ROUTING)
     start = time.perf_counter()
     with JobProgress(f"route {preset.value}") as bar:
         progress = lambda msg: bar.update(info=msg)  # noqa: E731
+        result: DigitsSplitResult | ERAResult
         try:
             if preset is Preset.DIGITS_SPLIT:
-                from interplab.routing.digits import DigitsSplitConfig, run_digits_split
-
-                kwargs: dict = {"seeds": tuple(range(seeds))}
-                if steps is not None:
-                    kwargs["steps"] = steps
-                if quick:
-                    kwargs.update(seeds=(0, 1), steps=300, certificate_steps=200)
-                result = run_digits_split(DigitsSplitConfig(**kwargs), progress=progress)
+                cfg = DigitsSplitConfig.preset(n_seeds=seeds, steps=steps, quick=quick)
+                result = run_digits_split(cfg, progress=progress)
                 header = ["condition", "certificate ratio (mean [95% CI])", "1st half err 0-4 / 5-9",
                           "2nd half err 0-4 / 5-9", "autoencoder err"]  # fmt: skip
                 rows = result.table()
             else:
-                from interplab.routing.era import run_era
-                from interplab.routing.era_data import package_rule, stdlib_windows
-
-                cfg = era_stdlib_config(quick=quick, steps=steps)
-                data = stdlib_windows(forget=package_rule(forget), seq_len=96 if not quick else 48,
-                                      retain_bytes=3_000_000 if not quick else 400_000)  # fmt: skip
-                result = run_era(data, cfg, progress=progress)
+                data = era_stdlib_data(forget, quick=quick)
+                result = run_era(data, ERAConfig.stdlib(quick=quick, steps=steps), progress=progress)
                 header, *rows = result.table()
         except (ValueError, FileNotFoundError) as err:
             fail(str(err))
-            return
         result.save(out)
     table = Table(title=f"route {preset.value}")
     for column in header:
@@ -84,17 +81,6 @@ def route(
     console.print(
         f"done in {time.perf_counter() - start:.0f}s; outputs in [bold]{out}[/] (report.json, pictures)"
     )
-
-
-def era_stdlib_config(*, quick: bool = False, steps: int | None = None):
-    from interplab.routing.era import ERAConfig
-
-    if quick:
-        return ERAConfig(d_model=32, n_layers=1, n_heads=2, d_mlp=64, expand_units=32, steps=100 if steps is None else steps,
-                         batch_size=8, relearn_sizes=(1, 4, 16), relearn_steps=10, eval_windows=64,
-                         retain_finetune_steps=10)  # fmt: skip
-    return ERAConfig(d_model=96, n_layers=2, n_heads=4, d_mlp=384, expand_units=96, steps=500 if steps is None else steps,
-                     batch_size=16, eval_windows=128)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

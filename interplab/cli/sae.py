@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
+import torch
 import typer
 
 from interplab.cli.common import (
@@ -24,13 +23,43 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
+from interplab.model import Transformer
+from interplab.model.load import load_model
+from interplab.plots import save_figure
+from interplab.runs import (
+    EVAL,
+    REPORT,
+    SAE_CFG,
+    SAES,
+    Kind,
+    RunError,
+    SAERun,
+    describe,
+    detect,
+    sae_folders,
+    write_json,
+)
+from interplab.sae import load_sae
+from interplab.sae.activations import corpus_token_batches
+from interplab.sae.config import Architecture
+from interplab.sae.disk_store import cache_activations
+from interplab.sae.evaluate import evaluate_sae
+from interplab.sae.plots import sparsity_frontier
+from interplab.sae.sweep import (
+    SAESweepConfig,
+    cache_source,
+    canonical_hooks,
+    model_source,
+    parse_sweep,
+    plan_sweep,
+    train_sweep,
+)
+from interplab.sae.train import SAETrainProgress
 
 app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
 
 
-def _load_model(path: Path) -> Any:
-    from interplab import load_model
-
+def _load_model(path: Path) -> Transformer:
     try:
         return load_model(path)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -41,15 +70,13 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _architecture(value: str) -> str:
-    from interplab.sae.config import Architecture
-
     try:
         return Architecture.parse(value).value
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
 
 
-def _hooks_of(model: Any, hooks: list[str]) -> list[str]:
+def _hooks_of(model: Transformer, hooks: list[str]) -> list[str]:
     """The canonical names of ``hooks``, each checked against the model before anything is written."""
     names = _canon(hooks)
     for name in names:
@@ -95,9 +122,6 @@ def cache(
 ) -> None:
     """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
     the model, data and settings are the same; anything different is refused)."""
-    from interplab.sae.activations import corpus_token_batches
-    from interplab.sae.disk_store import cache_activations
-
     set_threads(threads)
     model = _load_model(model_path)
     seq_len = check_seq_len(seq_len, model)
@@ -127,42 +151,15 @@ def cache(
     )
 
 
-SWEEP_KEYS = {"coefficient": "a finite number >= 0", "k": "a positive integer", "lr": "a finite positive number",
-              "d_sae": "a positive integer"}  # fmt: skip
-
-
-def _parse_sweep(sweep: list[str]) -> list[dict[str, float]]:
-    """``coefficient=1,3,10`` / ``k=16,32`` -> one dict per SAE; a bad item is named with what is valid."""
-    if not sweep:
-        return [{}]
-    runs: list[dict[str, float]] = [{}]
-    for item in sweep:
-        key, _, values = item.partition("=")
-        if key not in SWEEP_KEYS or not values:
-            raise typer.BadParameter(
-                f"{item!r}: use KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)} (e.g. coefficient=1,3,10)"
-            )
-        parsed = [_sweep_value(item, key, v) for v in values.split(",")]
-        runs = [{**r, key: v} for r in runs for v in parsed]
-    return runs
-
-
-def _sweep_value(item: str, key: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    ok = math.isfinite(value) and (
-        value >= 0 if key == "coefficient" else value > 0 and (key == "lr" or value == int(value))
-    )
-    if not ok:
-        raise typer.BadParameter(f"{item!r}: {raw.strip()!r} is not {SWEEP_KEYS[key]} (for {key})")
-    return value
-
-
 def _sweep_option(value: list[str]) -> list[str]:
-    _parse_sweep(value)  # refuse a bad sweep while the command line is read
+    try:
+        parse_sweep(value)  # refuse a bad sweep while the command line is read
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     return value
+
+
+DEFAULTS = SAESweepConfig()  # the CLI's defaults are the library's
 
 
 @app.command("train")
@@ -176,14 +173,20 @@ def train(
     ),
     hooks: list[str] = typer.Option(..., "--hook", help="site(s) to train on; one SAE set per hook"),
     arch: str = typer.Option(
-        "topk", "--arch", help="relu, topk, batchtopk, jumprelu or gated", callback=_architecture
+        DEFAULTS.architecture.value,
+        "--arch",
+        help="relu, topk, batchtopk, jumprelu or gated",
+        callback=_architecture,
     ),
     expansion: int = typer.Option(
-        8, "--expansion", help="d_sae = expansion * d_in (unless swept)", callback=positive_int
+        DEFAULTS.expansion,
+        "--expansion",
+        help="d_sae = expansion * d_in (unless swept)",
+        callback=positive_int,
     ),
-    k: int = typer.Option(32, "--k", help="active latents for topk/batchtopk", callback=positive_int),
+    k: int = typer.Option(DEFAULTS.k, "--k", help="active latents for topk/batchtopk", callback=positive_int),
     coefficient: float = typer.Option(
-        None,
+        DEFAULTS.coefficient,
         "--coefficient",
         help="L1 (relu, gated) or L0 (jumprelu) weight; default: the architecture's, scaled to the data",
         callback=non_negative_float,
@@ -194,9 +197,11 @@ def train(
         help="e.g. coefficient=1,3,10 or k=16,32: several SAEs, one pass",
         callback=_sweep_option,
     ),
-    steps: int = typer.Option(2000, "--steps", callback=positive_int),
-    batch: int = typer.Option(4096, "--batch", help="activation rows per step", callback=positive_int),
-    lr: float = typer.Option(3e-4, "--lr", callback=positive_float),
+    steps: int = typer.Option(DEFAULTS.steps, "--steps", callback=positive_int),
+    batch: int = typer.Option(
+        DEFAULTS.batch_size, "--batch", help="activation rows per step", callback=positive_int
+    ),
+    lr: float = typer.Option(DEFAULTS.lr, "--lr", callback=positive_float),
     corpus: str = typer.Option("python-stdlib", "--corpus"),
     seq_len: int = typer.Option(
         None,
@@ -204,14 +209,16 @@ def train(
         help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
         callback=positive_int,
     ),
-    autocast: bool = typer.Option(True, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"),
+    autocast: bool = typer.Option(
+        DEFAULTS.autocast, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"
+    ),
     seed: int = typer.Option(
-        0, "--seed", help="seed of the SAEs' initial weights, data order and resampling"
+        DEFAULTS.seed, "--seed", help="seed of the SAEs' initial weights, data order and resampling"
     ),
     checkpoint_every: int = typer.Option(
-        None,
+        DEFAULTS.checkpoint_every,
         "--checkpoint-every",
-        help="steps between checkpoints (default: a tenth of --steps; the last 2 kept)",
+        help=f"steps between checkpoints (default: a tenth of --steps; the last {DEFAULTS.keep_checkpoints} kept)",
         callback=positive_int,
     ),
     stop_after: int = typer.Option(
@@ -226,101 +233,37 @@ def train(
     """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
     resumes bit-exactly when started again with the same arguments; a different run into the same --out is
     refused unless --overwrite."""
-    import torch
-
-    from interplab.integrity import module_fingerprint
-    from interplab.plots import save_figure
-    from interplab.sae import SAEConfig, create_sae
-    from interplab.sae.train import TrainConfig, train_saes
-
     set_threads(threads)
     if (model_path is None) == (cache_dir is None):
         fail("give exactly one of --model (stream) or --cache (read a cache)")
     try:
+        cfg = SAESweepConfig(
+            architecture=arch,
+            expansion=expansion,
+            k=k,
+            coefficient=coefficient,
+            lr=lr,
+            steps=steps,
+            batch_size=batch,
+            autocast=autocast,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            sweep=parse_sweep(sweep),
+        )
         if cache_dir is not None:
-            from interplab.sae.disk_store import DiskActivationStore
-
-            store = DiskActivationStore(cache_dir)
-            widths = {h: store.hooks[h] for h in _canon(hooks) if h in store.hooks}
-            missing = [h for h in _canon(hooks) if h not in store.hooks]
-            if missing:
-                fail(f"{cache_dir} has no activations for {missing}; it holds {list(store.hooks)}")
-            if store.rows < batch:
-                fail(
-                    f"--batch {batch} is more than the {store.rows:,} rows in {cache_dir}; use --batch <= {store.rows}"
-                )
-            epochs = -(-steps * batch // max(store.rows, 1))
-            batches: Any = store.batches(batch, hooks=list(widths), epochs=epochs, seed=seed)
-            model_name = (store.manifest.get("model") or {}).get("name")
-            data_id = {
-                "cache": str(cache_dir.resolve()),
-                "cache_identity": store.manifest.get("identity"),
-                "cache_shards": [[sh["file"], sh["rows"], sh.get("sha256")] for sh in store.shards],
-                "batch": batch,
-                "epochs": epochs,
-            }
+            source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed)
         else:
-            from interplab.sae.activations import ActivationStream, corpus_token_batches
-
             model = _load_model(model_path)
             seq_len = check_seq_len(seq_len, model)
-            shapes = model.hook_shapes(batch=1, pos=2)
-            widths = {}
-            for h in _canon(hooks):
-                if h not in shapes:
-                    model.hook_registry.resolve(h)
-                widths[h] = int(shapes[h][-1]) if len(shapes[h]) == 3 else int(shapes[h][-2] * shapes[h][-1])
-            data = corpus_token_batches(model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len))
-            batches = ActivationStream(
-                model,
-                _cycle(data.batches),
-                list(widths),
-                batch_size=batch,
-                buffer_tokens=max(8 * batch, 65536),
-                token_filter=data.token_filter,
-            )
-            model_name = str(model_path)
-            data_id = {
-                "model": str(model_path.resolve()),
-                "model_fingerprint": module_fingerprint(model),
-                **data.source,
-                "batch": batch,
-            }
-        torch.manual_seed(seed)
-        saes, cfgs = {}, {}
-        for hook, d_in in widths.items():
-            for run in _parse_sweep(sweep):
-                d_sae = int(run.get("d_sae", expansion * d_in))
-                kk = int(run.get("k", k))
-                name = hook.replace(".", "_") + "".join(f"__{key}_{v:g}" for key, v in run.items())
-                saes[name] = create_sae(
-                    SAEConfig(
-                        d_in=d_in,
-                        d_sae=d_sae,
-                        architecture=arch,
-                        hook_name=hook,
-                        k=kk if arch in ("topk", "batchtopk") else None,  # canonical: _architecture
-                        model_name=model_name,
-                    )
-                )
-                cfgs[name] = TrainConfig(
-                    total_steps=steps,
-                    lr=run.get("lr", lr),
-                    coefficient=run.get("coefficient", coefficient),
-                    coefficient_warmup_steps=steps // 20,
-                    warmup_steps=min(100, steps // 10 + 1),
-                    autocast=autocast,
-                    log_every=max(1, min(50, steps // 20)),
-                    checkpoint_every=checkpoint_every or max(1, steps // 10),
-                    seed=seed,
-                )
+            source = model_source(model, model_path, hooks, corpus=corpus, seq_len=seq_len, batch_size=batch)
+        torch.manual_seed(seed)  # the command's global RNG, as before the sweep moved into the library
+        plan = plan_sweep(source.widths, cfg, model_name=source.model_name)
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
-        return
-    console.print(f"training {len(saes)} SAE(s) for {steps:,} steps of {batch:,} rows -> {out}")
+    console.print(f"training {len(plan.saes)} SAE(s) for {steps:,} steps of {batch:,} rows -> {out}")
     with JobProgress("sae train", total=steps, unit="steps") as bar:
 
-        def show(p) -> None:
+        def show(p: SAETrainProgress) -> None:
             first = next(iter(p.metrics.values()))
             bar.update(
                 p.step,
@@ -329,39 +272,36 @@ def train(
             )
 
         try:
-            result = train_saes(
-                saes,
-                batches,
-                cfgs,
-                run_dir=out,
+            result = train_sweep(
+                plan,
+                source,
+                cfg,
+                out,
                 progress=show,
-                data=data_id,
                 resume=resume,
                 overwrite=overwrite,
                 stop_after=stop_after,
-                keep_checkpoints=2,
             )
         except (ValueError, OSError) as err:
             fail(str(err))
-            return
     if result.resumed_from is not None:
         console.print(f"resumed from step {result.resumed_from:,}")
-    if result.steps < steps and stop_after is not None and result.steps == stop_after:
+    if result.stopped:
         console.print(f"stopped after step {result.steps:,}; run the same command again to resume")
         return
-    for metric in ("fvu", "l0", "dead_fraction"):
-        save_figure(result.plot(metric), out / f"training_{metric}.html")
-    for name in saes:
+    for name in plan.saes:
         f = result.final(name)
         console.print(
             f"{name}: L0 {f.get('l0', 0):.1f}, FVU {f.get('fvu', 0):.4f}, dead {f.get('dead_fraction', 0):.1%}"
         )
-    console.print(f"SAEs in {out}/saes/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL")
+    console.print(f"SAEs in {out / SAES}/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL")
 
 
 @app.command("eval")
 def evaluate(
-    sae_path: Path = typer.Argument(..., help="an SAE folder (cfg.json) or a training run folder (saes/*)"),
+    sae_path: Path = typer.Argument(
+        ..., help="an SAE folder (cfg.json), an SAE training run (saes/*) or a folder holding one"
+    ),
     model_path: Path = typer.Option(..., "--model", help="the model the SAE reads"),
     out: Path = typer.Option(
         None, "--out", "-o", help="report folder (default: SAE_PATH/eval)", callback=out_folder
@@ -378,60 +318,49 @@ def evaluate(
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """L0, MSE, FVU, CE loss recovered (vs zero and mean ablation), KL, density: report.json + plots."""
-    from interplab.io import atomic_write_json
-    from interplab.plots import save_figure
-    from interplab.sae import load_sae
-    from interplab.sae.activations import corpus_token_batches
-    from interplab.sae.evaluate import evaluate_sae
-    from interplab.sae.plots import sparsity_frontier
-
     set_threads(threads)
-    folders = (
-        [sae_path]
-        if (sae_path / "cfg.json").is_file()
-        else sorted(p for p in (sae_path / "saes").glob("*") if (p / "cfg.json").is_file())
-    )
+    try:
+        folders = SAERun.open(sae_path).saes if detect(sae_path) is Kind.SAE_TRAIN else sae_folders(sae_path)
+    except RunError as err:
+        fail(str(err))
     if not folders:
-        fail(f"{sae_path} is neither an SAE folder (cfg.json) nor a run folder with saes/*/cfg.json")
+        fail(
+            f"{sae_path} is {describe(sae_path)}; expected an SAE folder ({SAE_CFG}) or an SAE training run "
+            f"with {SAES}/*/{SAE_CFG}"
+        )
     if out is None:
-        out = check_out_folder(sae_path / "eval")
+        out = check_out_folder(sae_path / EVAL)
     model = _load_model(model_path)
     seq_len = check_seq_len(seq_len, model)
-    saes = [load_sae(folder) for folder in folders]  # a damaged SAE is named before any work
+    saes = {
+        name: load_sae(folder) for name, folder in folders.items()
+    }  # a damaged SAE is named before any work
     try:
         data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
         reports = {}
-        for folder, sae in zip(folders, saes, strict=True):
+        for name, sae in saes.items():
             rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
-            rep.save(out / folder.name)
-            reports[folder.name] = rep
-            console.print(f"{folder.name}: {rep!r}")
+            rep.save(out / name)
+            reports[name] = rep
+            console.print(f"{name}: {rep!r}")
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
         return
     points = [{"name": n, **r.to_dict()} for n, r in reports.items()]
-    atomic_write_json(out / "report.json", {"saes": points})
+    write_json(out / REPORT, Kind.SAE_EVAL, {"saes": points})
     if len(points) > 1:
         save_figure(sparsity_frontier(points, "fvu"), out / "frontier_fvu.html")
         save_figure(sparsity_frontier(points, "ce_loss_recovered"), out / "frontier_ce.html")
-    console.print(f"report: {out}/report.json")
+    console.print(f"report: {out / REPORT}")
 
 
 def _canon(hooks: list[str]) -> list[str]:
-    from interplab.hooks import Site
-
     try:
-        return [Site.parse(h).name for h in hooks]
+        return canonical_hooks(hooks)
     except ValueError as err:
         fail(str(err))
-        return []
-
-
-def _cycle(items: list) -> Any:
-    while True:
-        yield from items
 
 
 def register(root: typer.Typer) -> None:

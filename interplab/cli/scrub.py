@@ -14,21 +14,31 @@ from pathlib import Path
 
 import typer
 
+from interplab.circuits.planted import planted_induction
 from interplab.cli.common import (
     JobProgress,
+    claim_out,
     console,
     fail,
+    library_default,
     out_folder,
     positive_int,
     set_threads,
     threads_option,
 )
+from interplab.io import atomic_write_text
+from interplab.model.load import load_model
+from interplab.model.transformer import Transformer
+from interplab.runs import CONFIG, LOG, Kind, write_json
+from interplab.scrub import Hypothesis, ScrubConfig, ScrubError, ScrubResult, scrub
+from interplab.scrub.parens import load_paren_model
+from interplab.scrub.tasks import build_task
+
+MODEL_HELP = "model folder, training run folder (its final/) or file ('planted-induction': the built-in)"
 
 
-def load_hypotheses(path: Path, model) -> list:
+def load_hypotheses(path: Path, model: Transformer) -> list[Hypothesis]:
     """The hypotheses a HYPOTHESIS.py file defines (see the module docstring)."""
-    from interplab.scrub import Hypothesis
-
     if not path.is_file():
         raise FileNotFoundError(f"no hypothesis file {path}")
     spec = importlib.util.spec_from_file_location(f"_interplab_hypothesis_{path.stem}", path)
@@ -47,23 +57,16 @@ def load_hypotheses(path: Path, model) -> list:
     return list(found)
 
 
-def load_any_model(model_path: Path | None, task: str, data: Path | None):
+def load_any_model(model_path: Path | None, task: str, data: Path | None) -> Transformer:
+    """The model ``--model`` names for ``--task`` (the parens task's published model from its ``--data``)."""
     if task == "parens" and model_path is None and data is not None:
-        from interplab.scrub.parens import load_paren_model
-
         return load_paren_model(data)
     if model_path is None:
         raise ValueError("give --model DIR (or, for --task parens, --data with the fixture folder)")
     if task == "parens" and model_path.is_dir() and (model_path / "brackets_model_state_dict.pt").is_file():
-        from interplab.scrub.parens import load_paren_model
-
         return load_paren_model(model_path)
     if str(model_path) in ("planted-induction", "builtin:planted-induction"):
-        from interplab.circuits.planted import planted_induction
-
         return planted_induction()
-    from interplab.model.load import load_model
-
     return load_model(model_path)
 
 
@@ -73,55 +76,44 @@ def _slug(name: str) -> str:
 
 def scrub_command(
     hypothesis_file: Path = typer.Argument(..., help="Python file defining `hypothesis` or `hypotheses`"),
-    model_path: Path = typer.Option(
-        None, "--model", help="model folder or file ('planted-induction': the built-in)"
-    ),
+    model_path: Path = typer.Option(None, "--model", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="task name: parens or induction"),
     data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
     out: Path = typer.Option(Path("runs/scrub"), "--out", help="run folder to write", callback=out_folder),
-    n_examples: int = typer.Option(4000, "--n-examples", help="reference examples", callback=positive_int),
-    seeds: int = typer.Option(3, "--seeds", help="resampling seeds", callback=positive_int),
-    per_claim: bool = typer.Option(True, "--per-claim/--no-per-claim", help="scrub each claim alone too"),
+    n_examples: int = typer.Option(
+        ScrubConfig.n_examples, "--n-examples", help="reference examples", callback=positive_int
+    ),
+    seeds: int = typer.Option(ScrubConfig.n_seeds, "--seeds", help="resampling seeds", callback=positive_int),
+    per_claim: bool = typer.Option(
+        ScrubConfig.per_claim, "--per-claim/--no-per-claim", help="scrub each claim alone too"
+    ),
     threads: int = typer.Option(1, "--threads", help="torch threads", callback=threads_option),
 ) -> None:
     """Causal scrubbing of the hypotheses in HYPOTHESIS.py; prints the recovered-loss table."""
     set_threads(threads)
-    from interplab.io import atomic_write_json, atomic_write_text
-    from interplab.scrub import ScrubConfig, ScrubError, scrub
-    from interplab.scrub.tasks import build_task
-
+    claim_out(out, Kind.SCRUB)
     try:
         model = load_any_model(model_path, task, data)
-        scrub_task = build_task(task, model, data=data, n_rows=max(n_examples * 2, 4000))
+        n_rows = max(n_examples * 2, library_default(build_task, "n_rows"))
+        scrub_task = build_task(task, model, data=data, n_rows=n_rows)
         hyps = load_hypotheses(hypothesis_file, model)
         config = ScrubConfig(
             n_examples=min(n_examples, scrub_task.tokens.shape[0]), n_seeds=seeds, per_claim=per_claim
         )
     except (FileNotFoundError, ValueError, KeyError) as err:
         fail(str(err))
-        return
-    atomic_write_json(
-        out / "config.json",
-        {
-            "command": "scrub",
-            "hypothesis_file": str(hypothesis_file),
-            "model": str(model_path),
-            "task": task,
-            "data": str(data),
-            "n_examples": config.n_examples,
-            "n_seeds": seeds,
-        },
-    )
-    log = []
+    results: list[ScrubResult] = []
     for hyp in hyps:
         with JobProgress(f"scrub {hyp.name}", unit="batches") as bar:
             try:
-                result = scrub(model, scrub_task, hyp, config, progress=bar)
+                results.append(scrub(model, scrub_task, hyp, config, progress=bar))
             except ScrubError as err:
                 fail(str(err))
-                return
+        console.print(results[-1].table())
+    # everything is computed: only now is the run folder written (a failed scrub leaves nothing behind)
+    log = []
+    for hyp, result in zip(hyps, results, strict=True):
         result.save(out / _slug(hyp.name))
-        console.print(result.table())
         log.append(
             {
                 "event": "scrubbed",
@@ -131,7 +123,19 @@ def scrub_command(
                 "folder": _slug(hyp.name),
             }
         )
-    atomic_write_text(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+    atomic_write_text(out / LOG, "".join(json.dumps(e) + "\n" for e in log))
+    write_json(
+        out / CONFIG,
+        Kind.SCRUB,
+        {
+            "hypothesis_file": str(hypothesis_file),
+            "model": str(model_path),
+            "task": task,
+            "data": str(data),
+            "n_examples": config.n_examples,
+            "n_seeds": seeds,
+        },
+    )
     console.print(f"wrote {out}")
 
 

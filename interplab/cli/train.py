@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from interplab import runs
 from interplab.cli.common import (
     JobProgress,
     check_out_folder,
@@ -19,8 +20,21 @@ from interplab.cli.common import (
     threads_option,
 )
 
+if TYPE_CHECKING:  # the training stack is imported when a command runs, not when the CLI starts
+    from interplab.train import TrainConfig, TrainResult
 
-def load_config(preset: str | None, config: Path | None, overrides: list[str]) -> Any:
+
+RUNS_ROOT = Path("runs")
+"""Where ``train`` writes when no ``--out`` is given: ``runs/<preset or config name>``."""
+
+
+def run_contents(n_checkpoints: int | None = None) -> str:
+    """What a training run folder holds, in `interplab.runs`' names (for the messages that point at one)."""
+    ckpts = f"{runs.CHECKPOINTS}/" if n_checkpoints is None else f"{n_checkpoints} {runs.CHECKPOINTS}"
+    return f"{runs.CONFIG}, {runs.LOG}, {ckpts}, {runs.FINAL}/, {runs.REPORT}"
+
+
+def load_config(preset: str | None, config: Path | None, overrides: list[str]) -> TrainConfig:
     from interplab.train import TrainConfig, load_preset
 
     if (preset is None) == (config is None):
@@ -63,7 +77,9 @@ class TrainProgress:
             self.progress.update(event["step"])
 
 
-def run_training(cfg: Any, out: Path, *, resume: bool, stop_after: int | None, device: str | None) -> Any:
+def run_training(
+    cfg: TrainConfig, out: Path, *, resume: bool, stop_after: int | None, device: str | None
+) -> TrainResult:
     """Train with a progress bar; clear one-line errors for bad input."""
     from interplab.train import train
 
@@ -112,12 +128,12 @@ def train_command(
     set_threads(threads)
     cfg = load_config(preset, config, list(overrides) + ([f"steps={steps}"] if steps is not None else []))
     if out is None:
-        out = check_out_folder(Path("runs") / (cfg.name or (config.stem if config else "run")))
+        out = check_out_folder(RUNS_ROOT / (cfg.name or (config.stem if config else "run")))
     result = run_training(cfg, out, resume=resume, stop_after=stop_after, device=device)
     print_result(result)
 
 
-def print_result(result: Any) -> None:
+def print_result(result: TrainResult) -> None:
     for item in result.skipped_checkpoints:
         console.print(f"[yellow]skipped unusable checkpoint[/] {item}")
     if result.resumed_from is not None and result.resumed_from == result.step:
@@ -129,10 +145,7 @@ def print_result(result: Any) -> None:
         f"step {result.step}: loss {result.loss:.3f}{val}; {result.tokens:,} tokens"
         + (f", {result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s > 0 else "")
     )
-    console.print(
-        f"run directory: [bold]{result.run_dir}[/] (config.json, log.jsonl, "
-        f"{len(result.checkpoints)} checkpoints, final/, report.json)"
-    )
+    console.print(f"run directory: [bold]{result.run_dir}[/] ({run_contents(len(result.checkpoints))})")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from interplab.hooks.site import Site, SiteKind
+from interplab.model.transformer import Transformer
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -61,13 +65,11 @@ def auc(scores: Tensor, positives: Tensor) -> float:
 
 
 def ablation_check(
-    model: "torch.nn.Module", head: tuple[int, int], attributed: Tensor, others: Tensor
+    model: Transformer, head: tuple[int, int], attributed: Tensor, others: Tensor
 ) -> dict[str, float]:
     """The check of the training-process-transparency work: zero-ablate the attributed component (a head's
     output, ``attn.hook_z``) and compare the rise of the next-token loss on the attributed sequences with the rise
     on other sequences. A faithful attribution makes the first clearly larger."""
-    import torch.nn.functional as F
-
     layer, h = head
 
     def zero(z: Tensor, site: object) -> Tensor:
@@ -78,7 +80,7 @@ def ablation_check(
     def mean_loss(tokens: Tensor, hooked: bool) -> float:
         with torch.no_grad():
             if hooked:
-                logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)])  # type: ignore[operator]
+                logits = model.run_with_hooks(tokens, fwd_hooks=[(Site(SiteKind.Z, layer).name, zero)])
             else:
                 logits = model(tokens)
             return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()))

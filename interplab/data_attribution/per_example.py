@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from interplab.data_attribution.params import ParamGroup
 
 #: an objective: (model, one example's tensors without a batch dim...) -> scalar
 Objective = Callable[..., Tensor]
+M = TypeVar("M", bound=nn.Module)
 
 
 def logits_of(model: nn.Module, tokens: Tensor) -> Tensor:
@@ -106,7 +108,7 @@ def per_example_grads(
     return torch.cat(out)
 
 
-def objective_grad(model: nn.Module, objective: Callable[[nn.Module], Tensor], group: ParamGroup) -> Tensor:
+def objective_grad(model: M, objective: Callable[[M], Tensor], group: ParamGroup) -> Tensor:
     """The gradient of a scalar function of the model (a target) with respect to ``group``: [group.numel]."""
     params = dict(model.named_parameters())
     leaves = {k: params[k].detach().clone().requires_grad_(True) for k in group.param_names}

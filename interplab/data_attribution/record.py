@@ -1,7 +1,8 @@
 """Recording projected per-example gradients during training (or afterwards, at checkpoints).
 
-A recording folder holds ``config.json`` (parameter group + projection), ``index.json`` (one entry per recorded
-step: step, learning rate, number of examples, shard file, checkpoint and a checksum of the recorded weights) and
+A recording folder holds ``config.json`` (`Kind.GRADIENTS`: parameter group + projection), ``index.json``
+(`Kind.GRADIENT_INDEX`: one entry per recorded step: step, learning rate, number of examples, shard file,
+checkpoint and a checksum of the recorded weights) and
 one safetensors shard per step (``ids`` [n] and ``grads`` [n, dim]). Writes are atomic and recording resumes:
 a step already in the index is skipped.
 """
@@ -9,7 +10,6 @@ a step already in the index is skipped.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +19,8 @@ from torch import Tensor, nn
 from interplab.data_attribution.params import ParamGroup, param_group
 from interplab.data_attribution.per_example import Objective, lm_loss, per_example_grads
 from interplab.data_attribution.projection import ProjectionKind, Projector
-from interplab.io import atomic_write_json, save_tensors
-
-FORMAT = "interplab-gradients"
+from interplab.io import save_tensors
+from interplab.runs import CONFIG, GRADIENT_INDEX, Kind, read_json, write_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,9 +62,9 @@ class GradientRecorder:
 
     def __init__(self, folder: str | Path, model: nn.Module, cfg: RecordConfig | None = None) -> None:
         self.folder = Path(folder)
-        config_file = self.folder / "config.json"
+        config_file = self.folder / CONFIG
         if config_file.is_file():
-            saved = json.loads(config_file.read_text())
+            saved = read_json(config_file, Kind.GRADIENTS)
             if cfg is not None and saved["record"] != _cfg_dict(cfg):
                 raise ValueError(
                     f"{self.folder} already holds a recording with another config: {saved['record']}"
@@ -77,10 +76,10 @@ class GradientRecorder:
             d_in=self.group.numel, dim=self.cfg.dim, seed=self.cfg.seed, kind=self.cfg.kind
         )
         if not config_file.is_file():
-            atomic_write_json(
+            write_json(
                 config_file,
+                Kind.GRADIENTS,
                 {
-                    "format": FORMAT,
                     "record": _cfg_dict(self.cfg),
                     "projector": self.projector.to_dict(),
                     "group_numel": self.group.numel,
@@ -89,10 +88,10 @@ class GradientRecorder:
         self.index: list[dict] = self._read_index()
 
     def _read_index(self) -> list[dict]:
-        f = self.folder / "index.json"
+        f = self.folder / GRADIENT_INDEX
         if not f.is_file():
             return []
-        entries = json.loads(f.read_text())["entries"]
+        entries = read_json(f, Kind.GRADIENT_INDEX)["entries"]
         # a shard written but not indexed (interrupted) is simply redone; an indexed one must exist
         return [e for e in entries if (self.folder / e["file"]).is_file()]
 
@@ -142,7 +141,7 @@ class GradientRecorder:
             }
         )
         self.index.sort(key=lambda e: e["step"])
-        atomic_write_json(self.folder / "index.json", {"format": FORMAT, "entries": self.index})
+        write_json(self.folder / GRADIENT_INDEX, Kind.GRADIENT_INDEX, {"entries": self.index})
         return True
 
     def _adam_denominator(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Tensor:

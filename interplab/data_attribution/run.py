@@ -25,9 +25,13 @@ from interplab.data_attribution.params import param_group
 from interplab.data_attribution.per_example import lm_loss, objective_grad, per_example_grads
 from interplab.data_attribution.projection import Projector
 from interplab.data_attribution.targets import parse_target
-from interplab.io import atomic_write_json, atomic_write_text, save_tensors
+from interplab.io import atomic_write_text, save_tensors
+from interplab.model.io import load_native
+from interplab.model.transformer import Transformer
 from interplab.plots import figure_html, write_image
+from interplab.runs import REPORT, Kind, write_json
 from interplab.train.config import TrainConfig
+from interplab.train.sources import CorpusSource, cosine_lr
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,10 @@ class RunAttribution:
         return fig
 
     def to_dict(self, k: int = 20) -> dict[str, Any]:
+        """The ``report.json`` of an attribution (`Kind.ATTRIBUTION`): ``run_dir``, ``target``, ``window``
+        [start, stop], ``steps`` (the checkpoints used), ``n_candidates``, ``mass`` (per checkpoint), ``curve``
+        {steps, values} (the target along the run), ``top`` [{sequence, score, text}] (the ``k`` best),
+        ``enriched_tokens`` [{token, ratio}], ``method`` (in words)."""
         top = self.top(k)
         pos = {int(e): i for i, e in enumerate(self.example_ids)}
         return {
@@ -112,12 +120,11 @@ class RunAttribution:
             folder / "scores.safetensors",
             {"example_ids": self.example_ids, "scores": self.scores, "per_step": self.per_step},
         )
-        atomic_write_json(folder / "report.json", self.to_dict())
         atomic_write_text(folder / "top_examples.html", self.top_html())
         fig = self.plot()
         atomic_write_text(folder / "attribution.html", figure_html(fig, folder))
         out = {
-            "report": str(folder / "report.json"),
+            "report": str(folder / REPORT),
             "html": str(folder / "attribution.html"),
             "examples": str(folder / "top_examples.html"),
         }
@@ -126,6 +133,9 @@ class RunAttribution:
             out["png"] = str(folder / "attribution.png")
         else:
             out["png_error"] = error
+        write_json(
+            folder / REPORT, Kind.ATTRIBUTION, self.to_dict()
+        )  # last: a folder with a report is complete
         return out
 
     def top_html(self, k: int = 10) -> str:
@@ -173,9 +183,6 @@ def attribute_run(
     """Score the training sequences seen inside ``window`` (``"auto"``: where the target rises from 10% to 90%
     of its total rise over the run's checkpoints) for their effect on ``target`` (see `parse_target`;
     ``induction:best`` / ``prev:best`` pick the head with the highest final score)."""
-    from interplab.model.io import load_native
-    from interplab.train.sources import CorpusSource
-
     run_dir = Path(run_dir)
     cfg, ckpts = _open_run(run_dir)
     if len(ckpts) < 2:
@@ -247,15 +254,13 @@ def _open_run(run_dir: Path) -> tuple[TrainConfig, list[runs.Checkpoint]]:
     return cfg, run.checkpoints(intact=True)
 
 
-def _lr_at(cfg: Any, step: int) -> float:
+def _lr_at(cfg: TrainConfig, step: int) -> float:
     """The learning rate the trainer used for the update after checkpoint ``step``."""
-    from interplab.train.sources import cosine_lr
-
     o = cfg.optim
     return cosine_lr(step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
 
 
-def _resolve_best(model: Any, target: str) -> str:
+def _resolve_best(model: Transformer, target: str) -> str:
     kind, _, arg = target.partition(":")
     if arg != "best" or kind not in ("induction", "prev"):
         return target
@@ -269,7 +274,7 @@ def _resolve_best(model: Any, target: str) -> str:
     return f"{kind}:{best[0]}.{best[1]}"
 
 
-def _window_sequences(source: Any, lo: int, hi: int, limit: int, seed: int) -> Tensor:
+def _window_sequences(source: CorpusSource, lo: int, hi: int, limit: int, seed: int) -> Tensor:
     """Training sequence indices the optimiser saw between checkpoints ``lo`` and ``hi`` (step t used batch t-1)."""
     seen: list[int] = []
     for step in range(lo, hi):
@@ -281,7 +286,7 @@ def _window_sequences(source: Any, lo: int, hi: int, limit: int, seed: int) -> T
     return unique
 
 
-def _decode(model: Any, tokens: Tensor) -> tuple[tuple[str, ...], list[list[tuple[str, bool]]]]:
+def _decode(model: Transformer, tokens: Tensor) -> tuple[tuple[str, ...], list[list[tuple[str, bool]]]]:
     tok = model.tokenizer
     texts, pieces = [], []
     for row in tokens.tolist():
@@ -293,7 +298,7 @@ def _decode(model: Any, tokens: Tensor) -> tuple[tuple[str, ...], list[list[tupl
 
 
 def _enriched(
-    model: Any, tokens: Tensor, scores: Tensor, k: int = 20, top_frac: float = 0.1
+    model: Transformer, tokens: Tensor, scores: Tensor, k: int = 20, top_frac: float = 0.1
 ) -> tuple[tuple[str, float], ...]:
     """Tokens over-represented in the top ``top_frac`` sequences relative to all candidates (ratio of frequencies)."""
     n_top = max(1, int(len(scores) * top_frac))
@@ -354,9 +359,6 @@ def movers(
 ) -> Movers:
     """Per-parameter view: the expected update norm (lr / n_train * |grad|) each training sequence seen in an
     interval contributed to ``group`` (e.g. ``head:0.1`` or ``neuron:1.17``), for every checkpoint interval."""
-    from interplab.model.io import load_native
-    from interplab.train.sources import CorpusSource
-
     run_dir = Path(run_dir)
     cfg, ckpts = _open_run(run_dir)
     if steps is not None:

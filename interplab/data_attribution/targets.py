@@ -12,13 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from interplab.analysis.heads import repeated_random_tokens
 from interplab.data_attribution.per_example import logits_of
+from interplab.hooks.site import Site, SiteKind
+from interplab.model.config import ModelConfig
+from interplab.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from interplab.sae.base import SAE
 
 
 @dataclass(frozen=True)
@@ -26,49 +33,47 @@ class Target:
     """A named differentiable scalar function of the model."""
 
     name: str
-    fn: Callable[[nn.Module], Tensor]
+    fn: Callable[[Transformer], Tensor]
 
-    def __call__(self, model: nn.Module) -> Tensor:
+    def __call__(self, model: Transformer) -> Tensor:
         return self.fn(model)
 
 
-def _default_probe(cfg: Any) -> Tensor:
+def _default_probe(cfg: ModelConfig) -> Tensor:
     """16 sequences of random tokens repeated once (half length up to 32), as formation scores them."""
-    from interplab.analysis.heads import repeated_random_tokens
-
     return repeated_random_tokens(cfg.d_vocab, min(32, cfg.n_ctx // 2), 16, distinct=False)
 
 
-def _pattern(model: nn.Module, tokens: Tensor, layer: int) -> Tensor:
+def _pattern(model: Transformer, tokens: Tensor, layer: int) -> Tensor:
     """Attention pattern [batch, head, q, k] of ``layer``, differentiable in the parameters."""
     store: dict[str, Tensor] = {}
 
     def grab(x: Tensor, site: object) -> None:
         store["p"] = x
 
-    with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", grab)]):  # type: ignore[operator]
-        ctx = model.context(tokens)  # type: ignore[operator]
-        model.run_blocks(model.embed_tokens(tokens, ctx), ctx, stop=layer + 1)  # type: ignore[operator]
+    with model.hooks(fwd_hooks=[(Site(SiteKind.PATTERN, layer).name, grab)]):
+        ctx = model.context(tokens)
+        model.run_blocks(model.embed_tokens(tokens, ctx), ctx, stop=layer + 1)
     return store["p"]
 
 
-def _check_head(model: nn.Module, layer: int, head: int) -> None:
-    cfg = model.cfg  # type: ignore[attr-defined]
+def _check_head(model: Transformer, layer: int, head: int) -> None:
+    cfg = model.cfg
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"layer {layer} does not exist: the model has {cfg.n_layers} layers")
     if not 0 <= head < cfg.n_heads:
         raise ValueError(f"head {head} does not exist: the model has {cfg.n_heads} heads per layer")
 
 
-def induction_target(model: nn.Module, layer: int, head: int, probe: Tensor | None = None) -> Target:
+def induction_target(model: Transformer, layer: int, head: int, probe: Tensor | None = None) -> Target:
     """Mean attention from each position of the second half of a repeated sequence to the token after the
     previous occurrence of its token (the induction score)."""
     _check_head(model, layer, head)
-    cfg = model.cfg  # type: ignore[attr-defined]
+    cfg = model.cfg
     probe = probe if probe is not None else _default_probe(cfg)
     half = probe.shape[1] // 2
 
-    def fn(m: nn.Module) -> Tensor:
+    def fn(m: Transformer) -> Tensor:
         p = _pattern(m, probe, layer)[:, head]
         q = torch.arange(half, 2 * half)
         return p[:, q, q - half + 1].mean()
@@ -76,13 +81,13 @@ def induction_target(model: nn.Module, layer: int, head: int, probe: Tensor | No
     return Target(f"induction:{layer}.{head}", fn)
 
 
-def prev_token_target(model: nn.Module, layer: int, head: int, probe: Tensor | None = None) -> Target:
+def prev_token_target(model: Transformer, layer: int, head: int, probe: Tensor | None = None) -> Target:
     """Mean attention from each position to the previous one (the previous-token score)."""
     _check_head(model, layer, head)
-    cfg = model.cfg  # type: ignore[attr-defined]
+    cfg = model.cfg
     probe = probe if probe is not None else _default_probe(cfg)
 
-    def fn(m: nn.Module) -> Tensor:
+    def fn(m: Transformer) -> Tensor:
         p = _pattern(m, probe, layer)[:, head]
         q = torch.arange(1, probe.shape[1])
         return p[:, q, q - 1].mean()
@@ -94,34 +99,34 @@ def loss_target(tokens: Tensor, name: str = "loss") -> Target:
     """Mean next-token loss on ``tokens [batch pos]`` (e.g. one test example)."""
     tokens = tokens if tokens.dim() == 2 else tokens[None]
 
-    def fn(m: nn.Module) -> Tensor:
+    def fn(m: Transformer) -> Tensor:
         logits = logits_of(m, tokens)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
     return Target(name, fn)
 
 
-def neuron_target(model: nn.Module, layer: int, neuron: int, probe: Tensor) -> Target:
+def neuron_target(model: Transformer, layer: int, neuron: int, probe: Tensor) -> Target:
     """Mean post-activation of one MLP neuron over the probe tokens."""
-    cfg = model.cfg  # type: ignore[attr-defined]
+    cfg = model.cfg
     if cfg.attn_only or not 0 <= layer < cfg.n_layers or not 0 <= neuron < cfg.d_mlp:
         raise ValueError(
             f"neuron {layer}.{neuron} does not exist ({cfg.n_layers} layers, d_mlp={cfg.d_mlp}, "
             f"attn_only={cfg.attn_only})"
         )
 
-    def fn(m: nn.Module) -> Tensor:
+    def fn(m: Transformer) -> Tensor:
         store: dict[str, Tensor] = {}
-        with m.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", lambda x, s: store.update(a=x))]):  # type: ignore[operator]
-            ctx = m.context(probe)  # type: ignore[operator]
-            m.run_blocks(m.embed_tokens(probe, ctx), ctx, stop=layer + 1)  # type: ignore[operator]
+        with m.hooks(fwd_hooks=[(Site(SiteKind.MLP_POST, layer).name, lambda x, s: store.update(a=x))]):
+            ctx = m.context(probe)
+            m.run_blocks(m.embed_tokens(probe, ctx), ctx, stop=layer + 1)
         return store["a"][..., neuron].mean()
 
     return Target(f"neuron:{layer}.{neuron}", fn)
 
 
 def composition_target(
-    model: nn.Module, kind: str, sender: tuple[int, int], receiver: tuple[int, int]
+    model: Transformer, kind: str, sender: tuple[int, int], receiver: tuple[int, int]
 ) -> Target:
     """Composition score (Elhage et al. 2021) between a sender head's OV circuit and a receiver head's
     Q, K or V input: ||M||_F / (||A||_F ||B||_F) for the product M of the two circuits."""
@@ -132,8 +137,8 @@ def composition_target(
     if receiver[0] <= sender[0]:
         raise ValueError(f"the receiver {receiver} must be in a later layer than the sender {sender}")
 
-    def fn(m: nn.Module) -> Tensor:
-        a1, a2 = m.blocks[sender[0]].attn, m.blocks[receiver[0]].attn  # type: ignore[index]
+    def fn(m: Transformer) -> Tensor:
+        a1, a2 = m.blocks[sender[0]].attn, m.blocks[receiver[0]].attn
         ov1 = a1.W_V[sender[1]] @ a1.W_O[sender[1]]
         h2 = receiver[1]
         second = a2.W_V[h2] @ a2.W_O[h2] if kind == "v" else a2.W_Q[h2] @ a2.W_K[h2].T
@@ -143,20 +148,20 @@ def composition_target(
     return Target(f"composition:{kind}:{sender[0]}.{sender[1]}->{receiver[0]}.{receiver[1]}", fn)
 
 
-def feature_target(model: nn.Module, sae: nn.Module, probe: Tensor, feature: int) -> Target:
+def feature_target(model: Transformer, sae: SAE, probe: Tensor, feature: int) -> Target:
     """Mean activation of one SAE feature (``sae.encode`` at ``sae.cfg.hook_name``) over the probe tokens."""
-    hook = sae.cfg.hook_name  # type: ignore[attr-defined]
+    hook = sae.cfg.hook_name
 
-    def fn(m: nn.Module) -> Tensor:
+    def fn(m: Transformer) -> Tensor:
         store: dict[str, Tensor] = {}
-        with m.hooks(fwd_hooks=[(hook, lambda x, s: store.update(a=x))]):  # type: ignore[operator]
+        with m.hooks(fwd_hooks=[(hook, lambda x, s: store.update(a=x))]):
             logits_of(m, probe)
-        return sae.encode(store["a"])[..., feature].mean()  # type: ignore[operator]
+        return sae.encode(store["a"])[..., feature].mean()
 
     return Target(f"feature:{hook}:{feature}", fn)
 
 
-def parse_target(model: nn.Module, spec: str, probe: Tensor | None = None) -> Target:
+def parse_target(model: Transformer, spec: str, probe: Tensor | None = None) -> Target:
     """``induction:L.H``, ``prev:L.H``, ``neuron:L.N`` (needs probe), ``composition:K:L1.H1->L2.H2``, ``loss`` (needs probe)."""
     kind, _, arg = spec.partition(":")
     try:
@@ -169,12 +174,7 @@ def parse_target(model: nn.Module, spec: str, probe: Tensor | None = None) -> Ta
         if kind == "composition":
             ckind, _, pair = arg.partition(":")
             s, r = pair.split("->")
-            return composition_target(
-                model,
-                ckind,
-                tuple(int(x) for x in s.split(".")),  # type: ignore[arg-type]
-                tuple(int(x) for x in r.split(".")),
-            )  # type: ignore[arg-type]
+            return composition_target(model, ckind, _head(s), _head(r))
         if kind == "loss" and probe is not None:
             return loss_target(probe)
     except (ValueError, TypeError) as err:
@@ -185,3 +185,9 @@ def parse_target(model: nn.Module, spec: str, probe: Tensor | None = None) -> Ta
         f"unknown target {spec!r}; valid: induction:L.H, prev:L.H, composition:q|k|v:L1.H1->L2.H2, "
         "neuron:L.N and loss (these two need probe tokens)"
     )
+
+
+def _head(text: str) -> tuple[int, int]:
+    """``"L.H"`` as ``(layer, head)``."""
+    layer, head = text.split(".")
+    return int(layer), int(head)

@@ -1,7 +1,9 @@
 """interplab's own model format: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
 
-`load_native` is the exact inverse of `save_model`. ``checksums.json`` (written last) records each file's size
-and SHA-256; `load_native` verifies them and names a file that does not match.
+The ``config.json`` is ``{kind: model, version, format: interplab, ...ModelConfig}`` (`interplab.runs` names the
+files and writes the document; a folder written before ``kind`` existed is recognised there). `load_native` is
+the exact inverse of `save_model`. ``checksums.json`` (written last) records each file's size and SHA-256;
+`load_native` verifies them and names a file that does not match.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from pathlib import Path
 
 import torch
 
+from interplab import runs
+from interplab.data.tokenizer import load_tokenizer
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
-from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
+from interplab.io import load_tensors, save_tensors
 from interplab.model.config import ModelConfig
 from interplab.model.transformer import Transformer
+from interplab.runs import CONFIG, TOKENIZER
+from interplab.runs import MODEL_WEIGHTS as WEIGHTS
 
 FORMAT = "interplab"
-CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+"""``config.json``'s ``format``: kept beside ``kind`` so that an older interplab still reads the folder"""
 
 
 def save_model(model: Transformer, path: str | Path) -> Path:
@@ -28,20 +34,22 @@ def save_model(model: Transformer, path: str | Path) -> Path:
     if model.tokenizer is not None:
         model.tokenizer.save(path / TOKENIZER)
     # config last: a folder with a config.json is a complete model
-    atomic_write_json(path / CONFIG, {"format": FORMAT, **model.cfg.to_dict()})
+    runs.write_json(path / CONFIG, runs.Kind.MODEL, {"format": FORMAT, **model.cfg.to_dict()})
     record_checksums(path, [WEIGHTS, TOKENIZER, CONFIG])
     return path
 
 
 def is_native(path: Path) -> bool:
+    """Whether ``path`` is an interplab model folder (a checkpoint is one too)."""
     cfg = path / CONFIG
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except json.JSONDecodeError:
+        data = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         verify_checksums(path)  # a config.json we wrote and that was damaged since: name it
         return False
+    return isinstance(data, dict) and runs.detect_document(CONFIG, data) is runs.Kind.MODEL
 
 
 def load_native(
@@ -49,8 +57,9 @@ def load_native(
 ) -> Transformer:
     path = Path(path)
     verify_checksums(path)  # a flipped byte in any file is named here, never loaded
-    data = read_json(path / CONFIG)
-    data.pop("format", None)
+    data = runs.read_json(path / CONFIG, runs.Kind.MODEL)
+    for key in ("kind", "format"):
+        data.pop(key, None)
     cfg = ModelConfig.from_dict(data)
     weights_file = path / WEIGHTS
     if not weights_file.is_file():
@@ -61,12 +70,14 @@ def load_native(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(model, state, source=str(weights_file))
-    tok = path / "tokenizer.json"
-    if tok.is_file():
-        from interplab.data.tokenizer import load_tokenizer
-
-        model.tokenizer = load_tokenizer(path)
+    attach_tokenizer(model, path)
     return model.eval()
+
+
+def attach_tokenizer(model: Transformer, folder: Path) -> None:
+    """Give ``model`` the ``tokenizer.json`` of ``folder`` when it has one (interplab and Hugging Face folders)."""
+    if (folder / TOKENIZER).is_file():
+        model.tokenizer = load_tokenizer(folder)
 
 
 def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:

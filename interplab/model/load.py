@@ -1,22 +1,36 @@
 """`load_model`: read a local model folder or file into a `Transformer`. Never touches the network.
 
-Recognised, in this order:
-1. interplab's own format (``config.json`` with ``"format": "interplab"``);
-2. a Hugging Face folder (``config.json`` with ``model_type``; safetensors or .bin, sharded or not);
-3. a TransformerLens checkpoint: a ``HookedTransformer`` state dict (``.pt``/``.pth``, or ``.safetensors``)
+What a path may be (`model_source` says which folder or file a path stands for; `load_model` reads exactly
+that one):
+
+1. interplab's own model folder: a run's ``final/``, a checkpoint ``RUN/checkpoints/step_N/``, or any folder
+   `Transformer.save` wrote (``config.json`` of kind ``model``, or the older ``"format": "interplab"``);
+2. a training run folder (what ``interplab train`` writes): its ``final/`` model. A run without ``final/`` (it
+   was stopped or interrupted) is refused with the path of its latest intact checkpoint, to load instead;
+3. a Hugging Face folder (``config.json`` with ``model_type``; safetensors or .bin, sharded or not);
+4. a TransformerLens checkpoint: a ``HookedTransformer`` state dict (``.pt``/``.pth``, or ``.safetensors``)
    plus its config as JSON (``transformerlens_config.json`` / ``tl_config.json`` next to it, or ``tl_config=``).
+
+A weights file inside an interplab or Hugging Face folder stands for its folder. Any other folder is refused
+with what it is (an SAE run, an activation cache ...: `interplab.runs.describe`) and what was expected.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from interplab import runs
 from interplab.io import read_json
-from interplab.model.convert import build_from_weights
-from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES
+from interplab.model.convert import HFCheckpoint, build_from_weights, get_converter
+from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES, load_transformer_lens
+from interplab.model.io import CONFIG, attach_tokenizer, is_native, load_native
+from interplab.model.process import process_weights
 from interplab.model.transformer import Transformer
+
+__all__ = ["build_from_weights", "load_hf", "load_model", "model_source"]
 
 
 def load_model(
@@ -24,13 +38,14 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    tl_config: str | Path | dict | None = None,
+    tl_config: str | Path | dict[str, Any] | None = None,
     fold_ln: bool = False,
     center_writing_weights: bool = False,
     center_unembed: bool = False,
     fold_value_biases: bool = False,
 ) -> Transformer:
-    """Load a model from a local path (see the module docstring for the formats).
+    """Load a model from a local path: a model folder or file, or a training run (its ``final/``; see the
+    module docstring for every form, and `model_source` for the folder a path stands for).
 
     The weight-processing flags apply `interplab.model.process.process_weights` after loading; each leaves the
     model's log-probabilities unchanged. They default to False (the weights as published), whereas
@@ -39,16 +54,19 @@ def load_model(
     step that is not valid for the model, such as centring the writing weights of an RMSNorm model, is skipped
     with a warning, as TransformerLens does).
 
-    >>> model = load_model("runs/demo/final")
+    >>> model = load_model("runs/demo")  # a training run: its final/
+    >>> model_source("runs/demo")
+    PosixPath('runs/demo/final')
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model at {path}")
-    model = _load(path, device=device, dtype=dtype, tl_config=tl_config)
+    path = model_source(path, tl_config=tl_config)
+    if path.is_dir() and is_native(path):
+        model = load_native(path, device=device, dtype=dtype)
+    elif path.is_file() or tl_config is not None or _tl_config_in(path) is not None:
+        model = load_transformer_lens(path, tl_config, device=device, dtype=dtype)
+    else:
+        model = load_hf(path, device=device, dtype=dtype)
     if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
-        from interplab.model import process
-
-        process.process_weights(
+        process_weights(
             model,
             fold_ln=fold_ln,
             center_writing_weights=center_writing_weights,
@@ -58,29 +76,27 @@ def load_model(
     return model
 
 
-def _load(path: Path, *, device, dtype, tl_config) -> Transformer:
-    from interplab.model.io import is_native, load_native
-
-    if (
-        path.is_file()
-        and tl_config is None
-        and _tl_config_in(path) is None
-        and (path.parent / "config.json").is_file()
-    ):
-        path = path.parent  # a weights file inside an interplab or Hugging Face folder: load the folder
-    if path.is_dir() and is_native(path):
-        return load_native(path, device=device, dtype=dtype)
-    if tl_config is not None or path.is_file() or _tl_config_in(path) is not None:
-        from interplab.model.convert.transformer_lens import load_transformer_lens
-
-        return load_transformer_lens(path, tl_config, device=device, dtype=dtype)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
+def model_source(path: str | Path, *, tl_config: str | Path | dict[str, Any] | None = None) -> Path:
+    """The model folder (or TransformerLens file) that `load_model` reads for ``path``: ``path`` itself for a
+    model folder or file, ``RUN/final`` for a training run ``RUN``, the folder of a weights file inside an
+    interplab or Hugging Face folder. Raises `interplab.runs.RunError`, saying what ``path`` is, when it holds
+    no model (an unfinished run: naming its latest intact checkpoint, which loads)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if tl_config is not None or _tl_config_in(path) is not None:
+        return path
+    if path.is_file():
+        # a weights file inside an interplab or Hugging Face folder stands for the folder
+        return model_source(path.parent) if (path.parent / CONFIG).is_file() else path
+    if is_native(path):  # (a damaged config.json in a checksummed folder is named here)
+        return path
+    if not (path / CONFIG).is_file():
         raise FileNotFoundError(
-            f"{path} is not a model folder: no config.json (interplab or Hugging Face) and no TransformerLens config "
-            f"({', '.join(TL_CONFIG_NAMES)})"
+            f"{path} is not a model folder: it is {runs.describe(path)}, with no {CONFIG} (interplab or Hugging "
+            f"Face) and no TransformerLens config ({', '.join(TL_CONFIG_NAMES)})"
         )
-    return load_hf(path, device=device, dtype=dtype)
+    return runs.model_folder(path)
 
 
 def _tl_config_in(path: Path) -> Path | None:
@@ -88,22 +104,19 @@ def _tl_config_in(path: Path) -> Path | None:
     return next((folder / n for n in TL_CONFIG_NAMES if (folder / n).is_file()), None)
 
 
-def load_hf(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_hf(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
     """Convert a Hugging Face model folder, tensor by tensor."""
-    from interplab.model.convert import HFCheckpoint, get_converter
-
     path = Path(path)
-    hf = read_json(path / "config.json")
+    hf = read_json(path / CONFIG)
     model_type = hf.get("model_type")
     if model_type is None:
-        raise ValueError(f"{path / 'config.json'} has no model_type: is this a Hugging Face model folder?")
+        raise ValueError(f"{path / CONFIG} has no model_type: is this a Hugging Face model folder?")
     converter = get_converter(model_type)
     cfg = converter.config(hf)
     model = build_from_weights(
         cfg, converter.weights(HFCheckpoint(path), cfg), device=device, dtype=dtype, source=str(path)
     )
-    if (path / "tokenizer.json").is_file():
-        from interplab.data.tokenizer import load_tokenizer
-
-        model.tokenizer = load_tokenizer(path)
+    attach_tokenizer(model, path)
     return model

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from interplab.io import atomic_write_json
 from interplab.plots import save_figure, write_image
 from interplab.routing.routes import Route, Router
+from interplab.runs import REPORT, Kind, write_json
 
 N_PIXELS = 64
 
@@ -69,6 +69,19 @@ class DigitsSplitConfig:
         for name in ("lr", "l1", "correlation"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def preset(
+        cls, *, n_seeds: int | None = None, steps: int | None = None, quick: bool = False
+    ) -> DigitsSplitConfig:
+        """``interplab route --preset digits-split``: seeds ``0 .. n_seeds-1`` and ``steps`` (None: the
+        defaults); ``quick`` is a try in a minute: seeds 0 and 1, 300 steps, 200 certificate steps."""
+        changes: dict[str, Any] = {} if n_seeds is None else {"seeds": tuple(range(n_seeds))}
+        if steps is not None:
+            changes["steps"] = steps
+        if quick:
+            changes.update(seeds=(0, 1), steps=300, certificate_steps=200)
+        return cls(**changes)
 
 
 class SplitAutoencoder(nn.Module):
@@ -275,24 +288,25 @@ class DigitsSplitResult:
         )  # fmt: skip
         return fig
 
-    def save(self, path: str | Path) -> Path:
-        """``report.json`` (config, runs, summary) and ``reconstructions.html`` / ``.png`` in folder ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        report = {
+    def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` of this experiment (`Kind.ROUTING`, ``experiment: "digits-split"``): ``config``,
+        ``summary`` (per condition: ratio mean and interval, each half's error on each digit group),
+        ``runs`` (every seed's numbers)."""
+        return {
             "experiment": "digits-split",
             "config": {**asdict(self.config), "seeds": list(self.config.seeds)},
             "summary": self.summary(),
             "runs": [{**asdict(r), "ratio": r.ratio} for r in self.runs],
         }
-        atomic_write_json(path / "report.json", report)
+
+    def save(self, path: str | Path) -> Path:
+        """``reconstructions.html`` / ``.png`` and then ``report.json`` (`to_dict`; ``png_error`` says why there
+        is no PNG when no static renderer works) in folder ``path``."""
+        path = Path(path)
         fig = self.plot()
         save_figure(fig, path / "reconstructions.html")
         error = write_image(fig, path / "reconstructions.png")
-        if error is not None:  # no static renderer: the HTML is still there
-            atomic_write_json(path / "png_error.json", {"error": error})
-        else:
-            (path / "png_error.json").unlink(missing_ok=True)
+        write_json(path / REPORT, Kind.ROUTING, {**self.to_dict(), "png_error": error})
         return path
 
     def __repr__(self) -> str:

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from interplab.io import atomic_write_json
 from interplab.model import ModelConfig, Positional, Transformer
 from interplab.plots import save_figure, write_image
-from interplab.routing.era_data import ERAData
+from interplab.routing.era_data import ERAData, package_rule, stdlib_windows
 from interplab.routing.expand import Expansion, ablate_expansion, expand_mlp
 from interplab.routing.routes import Route, Router
+from interplab.runs import REPORT, Kind, write_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +112,17 @@ class ERAConfig:
             forget_original_weight=-0.75, forget_shared_weight=1.0, retain_expansion_weight=1.0
         )
         return cls(**{**recipe, **changes})
+
+    @classmethod
+    def stdlib(cls, *, quick: bool = False, steps: int | None = None) -> ERAConfig:
+        """``interplab route --preset era-stdlib``: a 2-layer model forgetting one stdlib package (``quick``: a
+        1-layer try in about a minute); ``steps`` None: the preset's."""
+        if quick:
+            return cls(d_model=32, n_layers=1, n_heads=2, d_mlp=64, expand_units=32, steps=100 if steps is None else steps,
+                       batch_size=8, relearn_sizes=(1, 4, 16), relearn_steps=10, eval_windows=64,
+                       retain_finetune_steps=10)  # fmt: skip
+        return cls(d_model=96, n_layers=2, n_heads=4, d_mlp=384, expand_units=96, steps=500 if steps is None else steps,
+                   batch_size=16, eval_windows=128)  # fmt: skip
 
     def routing(self, expansion: Expansion) -> ERARouting:
         """This config's routes for an expanded model."""
@@ -275,10 +286,10 @@ class ERAResult:
                           width=800, height=450)  # fmt: skip
         return fig
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        report = {
+    def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` of this experiment (`Kind.ROUTING`, ``experiment: "era"``): ``description``,
+        ``config``, ``rows`` (one per condition and labelled fraction), ``table`` (the printed table)."""
+        return {
             "experiment": "era",
             "description": self.description,
             "config": asdict(self.config),
@@ -288,14 +299,15 @@ class ERAResult:
             ],  # fmt: skip
             "table": self.table(),
         }
-        atomic_write_json(path / "report.json", report)
+
+    def save(self, path: str | Path) -> Path:
+        """``relearning.html`` / ``.png`` and then ``report.json`` (`to_dict`; ``png_error`` says why there is
+        no PNG when no static renderer works) in folder ``path``."""
+        path = Path(path)
         fig = self.plot()
         save_figure(fig, path / "relearning.html")
         error = write_image(fig, path / "relearning.png")
-        if error is not None:  # no static renderer: the HTML is still there
-            atomic_write_json(path / "png_error.json", {"error": error})
-        else:
-            (path / "png_error.json").unlink(missing_ok=True)
+        write_json(path / REPORT, Kind.ROUTING, {**self.to_dict(), "png_error": error})
         return path
 
     def __repr__(self) -> str:
@@ -312,6 +324,14 @@ def relearn(model: Transformer, data: ERAData, cfg: ERAConfig, forget_order: Ten
                  steps=cfg.relearn_steps, batch_size=k, lr=cfg.relearn_lr, seed=cfg.seed)  # fmt: skip
         out[k] = eval_loss(copy_, data.val_forget[: cfg.eval_windows])
     return out
+
+
+def era_stdlib_data(forget: str = "email", *, quick: bool = False) -> ERAData:
+    """The data of ``interplab route --preset era-stdlib``: byte windows of the stdlib, the files of package
+    ``forget`` to be forgotten (``quick``: shorter windows, less retain text)."""
+    return stdlib_windows(
+        forget=package_rule(forget), seq_len=48 if quick else 96, retain_bytes=400_000 if quick else 3_000_000
+    )
 
 
 def run_era(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from interplab.hooks.site import Site, SiteKind
 from interplab.model import Transformer
 from interplab.routing.params import ParamRoute
 
@@ -50,7 +51,8 @@ class Expansion:
         return ParamRoute(weights=weights, default=rest)
 
     def sites(self) -> list[str]:
-        return [f"blocks.{layer}.mlp.hook_post" for layer in self.layers]
+        """The hook names of the expanded MLPs' hidden activations (``blocks.L.mlp.hook_post``)."""
+        return [Site(SiteKind.MLP_POST, layer).name for layer in self.layers]
 
 
 def expand_mlp(

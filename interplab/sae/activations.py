@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab.data import build_token_store, open_corpus
 from interplab.hooks import Site
+
+if TYPE_CHECKING:
+    from interplab.model import Transformer
 
 ActivationBatch = dict[str, Tensor]
 
@@ -50,7 +54,7 @@ class TokenFilter:
 
 
 def model_activations(
-    model: torch.nn.Module,
+    model: Transformer,
     tokens: Int[Tensor, "batch pos"],
     hooks: Sequence[str],
     *,
@@ -89,7 +93,7 @@ class ActivationStream:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Transformer,
         token_batches: Iterable[Tensor],
         hooks: Sequence[str],
         *,
@@ -201,7 +205,7 @@ class CorpusBatches:
 
 
 def corpus_token_batches(
-    model: torch.nn.Module,
+    model: Transformer,
     corpus: str = "python-stdlib",
     *,
     split: str = "train",
@@ -213,8 +217,6 @@ def corpus_token_batches(
     """Token batches [batch_size, seq_len] of a corpus tokenised with the model's own tokenizer (through the
     token stores of `interplab.data`, cached by content), in a seeded order, and the filter that drops BOS and
     padding for that tokenizer. Deterministic, so an interrupted `cache_activations` can resume."""
-    from interplab.data import build_token_store, open_corpus
-
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(

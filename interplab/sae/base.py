@@ -47,6 +47,24 @@ class SAEOutput:
     """[d_sae] how many tokens each latent fired on in this batch"""
 
 
+@dataclass(frozen=True)
+class TrainStep:
+    """What an architecture's `SAE.train_forward` computes on one batch, in normalised units (the input already
+    multiplied by ``act_scale``); `SAE.loss` weighs and sums it into the loss."""
+
+    reconstruction: Float[Tensor, "batch d_in"]
+    """float32 reconstruction of the (scaled) target"""
+    feature_acts: Float[Tensor, "batch d_sae"] | None
+    """latent activations; None when the architecture never forms them densely (sparse TopK)"""
+    sparsity: Tensor
+    """scalar sparsity penalty before its coefficient (L1 or L0; 0 for TopK/BatchTopK)"""
+    aux: Tensor
+    """scalar auxiliary loss before its weight (AuxK, Gated's gate reconstruction; else 0)"""
+    latent_counts: Tensor | None = None
+    """[d_sae] tokens each latent fired on, when the architecture has them for free; None lets `SAE.loss`
+    count the non-zero ``feature_acts``"""
+
+
 class SAE(nn.Module):
     """Base sparse autoencoder. Subclasses set ``architecture`` and implement `activation`."""
 
@@ -167,32 +185,31 @@ class SAE(nn.Module):
         target = x if target is None else self.flat_input(target)
         x_s = x.to(self.W_enc.dtype) * self.act_scale.to(self.W_enc.dtype)
         tgt = target.float() * self.act_scale
-        recon, acts, sparsity, aux, counts = self.train_forward(x_s, tgt, dead_mask)
+        step = self.train_forward(x_s, tgt, dead_mask)
+        acts, counts = step.feature_acts, step.latent_counts
         if counts is None and with_counts and acts is not None:
             counts = (acts.detach() > 0).sum(0, dtype=torch.int32)
-        mse = (recon - tgt).pow(2).sum(-1).mean()
+        mse = (step.reconstruction - tgt).pow(2).sum(-1).mean()
         aux_w = self.aux_weight if aux_coefficient is None else aux_coefficient
-        total = mse + coefficient * sparsity + aux_w * aux
+        total = mse + coefficient * step.sparsity + aux_w * step.aux
         return SAEOutput(
-            reconstruction=recon / self.act_scale,
+            reconstruction=step.reconstruction / self.act_scale,
             feature_acts=acts,
             loss=total,
             mse=mse,
-            sparsity=sparsity,
-            aux=aux,
+            sparsity=step.sparsity,
+            aux=step.aux,
             latent_counts=counts,
         )
 
-    def train_forward(
-        self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None]:
-        """From the scaled input ``x_s`` (b_dec not yet subtracted): (normalised reconstruction, acts, sparsity
-        penalty, aux loss, latent counts or None to let `loss` count non-zero acts). Default: dense."""
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
+        """One training forward from the scaled input ``x_s`` (b_dec not yet subtracted) towards the scaled
+        ``target``; ``dead_mask`` [d_sae] marks dead latents (for AuxK). Default: dense, no penalty."""
         x_in = self._sub_b_dec(x_s)
         acts = self.activation(torch.addmm(self.b_enc, x_in, self.W_enc))
         recon = torch.addmm(self.b_dec, acts, self.W_dec).float()
         zero = recon.new_zeros(())
-        return recon, acts, zero, zero, None
+        return TrainStep(reconstruction=recon, feature_acts=acts, sparsity=zero, aux=zero)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _center(self, x: Tensor) -> Tensor:
@@ -253,7 +270,7 @@ class SAE(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` (see `interplab.sae.io`)."""
-        from interplab.sae.io import save_sae
+        from interplab.sae.io import save_sae  # here, not at the top: sae.io imports this module
 
         return save_sae(self, path)
 

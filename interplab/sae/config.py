@@ -1,4 +1,4 @@
-"""`SAEConfig`: what fixes a sparse autoencoder's shape and forward pass (training knobs live in `TrainConfig`)."""
+"""`SAEConfig`: what fixes a sparse autoencoder's shape and forward pass (training knobs live in `SAETrainConfig`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from enum import Enum
 from typing import Any
 
 import torch
+
+from interplab.hooks import Site, SiteKind
 
 SAE_CONFIG_VERSION = 1
 
@@ -123,18 +125,14 @@ class SAEConfig:
         if self.jumprelu_init_threshold < 0:
             raise ValueError(f"jumprelu_init_threshold must be >= 0, got {self.jumprelu_init_threshold}")
         if self.hook_name:
-            from interplab.hooks import Site
-
             set_("hook_name", Site.parse(self.hook_name).name)
         if self.hook_name_out:
-            from interplab.hooks import Site
-
             set_("hook_name_out", Site.parse(self.hook_name_out).name)
             set_("apply_b_dec_to_input", False)
         set_("reshape_activations", self._resolve_reshape())
 
     def _resolve_reshape(self) -> Reshape:
-        on_z = self.hook_name.endswith(".attn.hook_z")
+        on_z = bool(self.hook_name) and Site.parse(self.hook_name).kind is SiteKind.Z
         if self.reshape_activations is None:
             return Reshape.HOOK_Z if on_z and not self.is_transcoder else Reshape.NONE
         reshape = Reshape(self.reshape_activations)

@@ -26,19 +26,23 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from interplab.hooks import Site
 from interplab.integrity import IntegrityError, check_file, file_record, module_fingerprint
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import save_tensors
+from interplab.runs import MANIFEST, VERSIONS, CacheRun, Kind, write_json
 from interplab.sae.activations import ActivationBatch, TokenFilter, _as_batch, model_activations
 
-MANIFEST = "manifest.json"
-KIND = "activation_cache"
-STORE_VERSION = 2
+if TYPE_CHECKING:
+    from interplab.model import Transformer
+
+KIND = Kind.ACTIVATION_CACHE
+STORE_VERSION = VERSIONS[KIND]
 _READS = (1, 2)  # version 1 caches (no identity, no checksums) are still read, never resumed
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,7 +68,7 @@ class CacheResult:
 
 
 def cache_activations(
-    model: torch.nn.Module,
+    model: Transformer,
     token_batches: Iterable[Tensor],
     hooks: Sequence[str],
     path: str | Path,
@@ -104,7 +108,7 @@ def cache_activations(
     else:
         path.mkdir(parents=True, exist_ok=True)
         manifest = {
-            "kind": KIND,
+            "kind": KIND.value,
             "version": STORE_VERSION,
             "model": {"name": model_name or getattr(getattr(model, "cfg", None), "name", None)},
             "identity": wanted,
@@ -138,7 +142,7 @@ def cache_activations(
                 **file_record(path / file),
             }
         )
-        atomic_write_json(path / MANIFEST, manifest)
+        write_json(path / MANIFEST, KIND, manifest)
         rows_done += pending_rows
         pending, pending_rows, pending_batches = {}, 0, 0
 
@@ -173,7 +177,7 @@ def cache_activations(
         )
     flush()
     manifest["complete"] = True
-    atomic_write_json(path / MANIFEST, manifest)
+    write_json(path / MANIFEST, KIND, manifest)
     size = sum((path / s["file"]).stat().st_size for s in manifest["shards"])
     return CacheResult(
         path=path,
@@ -357,8 +361,6 @@ def _check_finite(x: Tensor, where: str, row_offset: int) -> None:
 
 
 def _canon(hook: str) -> str:
-    from interplab.hooks import Site
-
     return Site.parse(hook).name
 
 
@@ -366,7 +368,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not an activation cache: no {MANIFEST}")
-    manifest = json.loads(file.read_text())
+    manifest = CacheRun.open(path).manifest
     if manifest.get("version") not in _READS:
         raise ValueError(
             f"{file}: unsupported cache version {manifest.get('version')!r}; this interplab reads {list(_READS)}"

@@ -12,16 +12,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from interplab.hooks import Site
-from interplab.io import atomic_write_json
+from interplab.plots import save_figure
+from interplab.runs import REPORT, Kind, write_json
 from interplab.sae.activations import TokenFilter, _as_batch
 from interplab.sae.base import SAE
+from interplab.sae.plots import density_histogram
+
+if TYPE_CHECKING:
+    from interplab.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -64,18 +69,15 @@ class SAEEvalReport:
         edges = torch.linspace(lo, hi, bins + 1)
         return [int(c) for c in counts], [round(float(e), 4) for e in edges]
 
-    def plot(self):
-        from interplab.sae.plots import density_histogram
-
+    def plot(self) -> Any:
+        """The latent-density histogram (Plotly)."""
         return density_histogram(self.density, title=f"{self.hook_name}: latent density (L0 {self.l0:.1f})")
 
     def save(self, path: str | Path) -> Path:
         """Write ``report.json`` and ``density.html`` into folder ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path / "report.json", self.to_dict())
-        from interplab.plots import save_figure
-
+        write_json(path / REPORT, Kind.SAE_EVAL, self.to_dict())
         save_figure(self.plot(), path / "density.html")
         return path
 
@@ -89,7 +91,7 @@ class SAEEvalReport:
 
 @torch.no_grad()
 def evaluate_sae(
-    model: torch.nn.Module,
+    model: Transformer,
     sae: SAE,
     token_batches: Iterable[Tensor],
     *,

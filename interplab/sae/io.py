@@ -26,12 +26,13 @@ from torch import Tensor
 
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
 from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
+from interplab.runs import SAE_CFG, SAE_WEIGHTS, pick_sae, sae_folders
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, Normalization, SAEConfig
 from interplab.sae.registry import create_sae
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = SAE_CFG
+WEIGHTS_FILE = SAE_WEIGHTS
 #: the sae_lens release whose layout `save_sae` writes (and the tests check against); sae_lens reads the
 #: metadata block only from files whose ``sae_lens_version`` is 6 or later
 SAELENS_LAYOUT_VERSION = "6.54.12"
@@ -159,9 +160,17 @@ def saelens_config(cfg: SAEConfig) -> dict[str, Any]:
 
 
 # ---- reading ------------------------------------------------------------------------------------------
-def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder written by `save_sae` or by SAELens (``cfg.json`` + ``sae_weights.safetensors``)."""
+def load_sae(path: str | Path, *, name: str | None = None, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder written by `save_sae` or by SAELens (``cfg.json`` + ``sae_weights.safetensors``).
+
+    ``path`` may also be a folder holding SAEs: an SAE training run (``interplab sae train --out RUN``: its
+    ``saes/NAME/``) or a folder with such a run in it (e.g. a training run with its ``sae/``). The SAE loaded is
+    the only one there, or the one called ``name`` (`interplab.sae.sae_name`, e.g.
+    ``blocks_0_hook_resid_post``); with several and no ``name`` the error lists their names
+    (`interplab.runs.pick_sae`). Which folder was read is ``interplab.runs.pick_sae(path, name)``."""
     path = Path(path)
+    if not (path / CFG_FILE).is_file() and (name is not None or sae_folders(path)):
+        path = pick_sae(path, name)
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
     verify_checksums(path)  # folders written by interplab: a changed byte is named, never loaded

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from interplab.io import atomic_write_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,9 +84,7 @@ class FeatureRecovery:
         )
         return fig
 
-    def save(self, path) -> None:
-        from interplab.io import atomic_write_json
-
+    def save(self, path: str | Path) -> None:
         atomic_write_json(
             path,
             {

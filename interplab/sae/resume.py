@@ -3,13 +3,17 @@ full state with the atomic, checksummed protocol of `interplab.train.checkpoint`
 
 Layout of ``RUN/``::
 
-    config.json                 {kind: sae_train, version, saes: {name: SAE config}, train: {name: TrainConfig},
+    config.json                 {kind: sae_train, version, saes: {name: SAE config}, train: {name: SAETrainConfig},
                                  data: what the activations are (cache identity, or model + corpus)}
     log.jsonl                   one row per logged step and SAE (truncated to the resumed step on resume)
     checkpoints/step_N/NAME/    the SAE in SAELens' layout (loadable) + trainer.safetensors (raw SAE state,
                                 Adam moments, firing counters, resampling generator)
     checkpoints/step_N/rng.safetensors, state.json (step, tokens, per-SAE scalars, sizes + SHA-256s; last)
     saes/NAME/, train_summary.json   the finished SAEs
+
+Every name is `interplab.runs`' (``SAERun.open(RUN)`` reads the folder); checkpoint folders are named by
+`interplab.runs.checkpoint_name` like a training run's (``step_000120``), and folders with more digits that
+older runs wrote still resume.
 """
 
 from __future__ import annotations
@@ -18,13 +22,29 @@ import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file
 
-from interplab.io import atomic_write_json, save_tensors
-from interplab.train.checkpoint import (
+from interplab.io import save_tensors
+from interplab.runs import (
     CHECKPOINTS,
+    CONFIG,
+    EVAL,
+    LOG,
+    RNG,
+    SAES,
+    STATE,
+    TRAIN_SUMMARY,
+    VERSIONS,
+    Kind,
+    RunError,
+    read_json,
+    write_json,
+)
+from interplab.sae.base import SAE
+from interplab.sae.train_config import SAETrainConfig
+from interplab.train.checkpoint import (
     checkpoint_dir,
     clean_stale_temps,
     global_rng_state,
@@ -35,18 +55,20 @@ from interplab.train.checkpoint import (
 )
 from interplab.train.log import read_log, truncate_log
 
-RUN_KIND = "sae_train"
-RUN_VERSION = 1
-CONFIG = "config.json"
+if TYPE_CHECKING:
+    from interplab.sae.train import _Trainer  # sae.train imports this module
+
+RUN_KIND = Kind.SAE_TRAIN
+RUN_VERSION = VERSIONS[Kind.SAE_TRAIN]
 TRAINER_STATE = "trainer.safetensors"
-# fields of a TrainConfig that do not change what is trained (a resume may change them)
+# fields of a SAETrainConfig that do not change what is trained (a resume may change them)
 _NOT_IDENTITY = ("checkpoint_every",)
 # what a run folder may hold: only these are removed by overwrite
-_RUN_FILES = (CONFIG, "log.jsonl", "train_summary.json", "saes", CHECKPOINTS, "eval")
+_RUN_FILES = (CONFIG, LOG, TRAIN_SUMMARY, SAES, CHECKPOINTS, EVAL)
 
 
 def run_identity(
-    saes: Mapping[str, Any], cfgs: Mapping[str, Any], data: Mapping[str, Any] | None
+    saes: Mapping[str, SAE], cfgs: Mapping[str, SAETrainConfig], data: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The JSON ``config.json`` of a run: everything that determines the trained SAEs."""
     train = {}
@@ -54,7 +76,7 @@ def run_identity(
         fields = {k: v for k, v in vars(cfg).items() if k not in _NOT_IDENTITY}
         train[name] = fields
     ident = {
-        "kind": RUN_KIND,
+        "kind": RUN_KIND.value,
         "version": RUN_VERSION,
         "saes": {n: s.cfg.to_dict() for n, s in saes.items()},
         "train": train,
@@ -74,10 +96,10 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
     old = None
     if cfg_file.is_file():
         try:
-            old = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError:
+            old = read_json(cfg_file)
+        except RunError:
             old = {}
-    if old is None or old.get("kind") != RUN_KIND:
+    if old is None or old.get("kind") != RUN_KIND.value:
         leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")] if run.is_dir() else []
         if run.is_dir() and any(p not in leftovers for p in run.iterdir()):
             raise ValueError(
@@ -108,7 +130,7 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
 
 
 def _write_config(run: Path, identity: dict[str, Any]) -> None:
-    atomic_write_json(run / CONFIG, identity)
+    write_json(run / CONFIG, RUN_KIND, identity)
 
 
 def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
@@ -123,7 +145,7 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
     return None
 
 
-def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequence[Any]) -> Path:
+def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequence[_Trainer]) -> Path:
     """Checkpoint ``step`` of a joint run: each trainer's loadable SAE and full state, atomically."""
 
     def write(tmp: Path) -> dict[str, Any]:
@@ -132,24 +154,24 @@ def save_training_checkpoint(run: Path, step: int, tokens: int, trainers: Sequen
             t.sae.save(tmp / t.name)
             tensors, scalars[t.name] = t.state_dict()
             save_tensors(tmp / t.name / TRAINER_STATE, tensors)
-        save_tensors(tmp / "rng.safetensors", global_rng_state())
+        save_tensors(tmp / RNG, global_rng_state())
         return {"tokens": tokens, "trainers": scalars}
 
     return write_checkpoint(checkpoint_dir(run, step), step, write)
 
 
-def resume_training(run: Path, trainers: Sequence[Any]) -> tuple[int, int, list[dict[str, Any]]]:
+def resume_training(run: Path, trainers: Sequence[_Trainer]) -> tuple[int, int, list[dict[str, Any]]]:
     """Restore every trainer from the newest intact checkpoint of ``run``: (step, tokens, events). Step 0
     when there is none; the events name skipped (corrupt or incomplete) checkpoints."""
-    required = [f"{t.name}/{TRAINER_STATE}" for t in trainers] + ["rng.safetensors"]
+    required = [f"{t.name}/{TRAINER_STATE}" for t in trainers] + [RNG]
     ckpt, bad = latest_good_checkpoint(run, required=required)
     events = [{"event": "skipped_checkpoint", "reason": f"{c.path.name}: {why}"} for c, why in bad]
     if ckpt is None:
         return 0, 0, events
-    state = json.loads((ckpt.path / "state.json").read_text())
+    state = read_json(ckpt.path / STATE)
     for t in trainers:
         t.load_state_dict(load_file(str(ckpt.path / t.name / TRAINER_STATE)), state["trainers"][t.name])
-    set_global_rng_state(load_file(str(ckpt.path / "rng.safetensors")))
+    set_global_rng_state(load_file(str(ckpt.path / RNG)))
     events.append({"event": "resume", "step": ckpt.step})
     return ckpt.step, int(state["tokens"]), events
 

@@ -6,7 +6,7 @@ Fast path: with ``autocast=True`` matmuls run in bfloat16 against float32 master
 the sparse kernels in `interplab.sae.kernels`.
 
 >>> from interplab.sae.activations import TensorActivations
->>> result = train_saes({"l0": sae}, TensorActivations(acts, batch_size=256), TrainConfig(total_steps=20))
+>>> result = train_saes({"l0": sae}, TensorActivations(acts, batch_size=256), SAETrainConfig(total_steps=20))
 """
 
 from __future__ import annotations
@@ -17,167 +17,53 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from interplab.io import atomic_write_json
+from interplab.runs import LOG, SAES, TRAIN_SUMMARY, Kind, write_json
 from interplab.sae import resume as resume_lib
 from interplab.sae.activations import ActivationBatch
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture
 from interplab.sae.disk_store import ActivationDataError
+from interplab.sae.plots import training_curves
+from interplab.sae.train_config import (
+    DEFAULT_COEFFICIENTS,
+    BDecInit,
+    DeadHandling,
+    SAETrainConfig,
+    default_coefficient,
+)
 from interplab.train.checkpoint import load_optimizer_state, optimizer_state
+from interplab.train.distributed import (
+    all_reduce_grads,
+    all_reduce_sum,
+    broadcast_,
+    from_rank0,
+    is_main,
+    world_size,
+)
 
-
-class DeadHandling(str, Enum):
-    AUTO = "auto"  # AuxK for TopK/BatchTopK, resampling for the others
-    AUXK = "auxk"
-    RESAMPLE = "resample"
-    NONE = "none"
-
-
-class BDecInit(str, Enum):
-    GEOMETRIC_MEDIAN = "geometric_median"
-    MEAN = "mean"
-    ZEROS = "zeros"
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """How to train one SAE (every SAE in a joint run may have its own)."""
-
-    total_steps: int
-    """optimizer steps (the run also stops when the activations run out)"""
-    lr: float = 3e-4
-    """Adam learning rate after warm-up"""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas"""
-    warmup_steps: int = 100
-    """linear learning-rate warm-up from 0"""
-    decay_fraction: float = 0.2
-    """the last fraction of steps decays the learning rate linearly to 0"""
-    coefficient: float | None = None
-    """sparsity coefficient: L1 weight for ReLU/Gated, L0 weight for JumpReLU (TopK/BatchTopK ignore it).
-    None: the architecture's `DEFAULT_COEFFICIENTS` entry, given for inputs of unit mean square per dimension
-    and rescaled to the training data (see `default_coefficient`)"""
-    coefficient_warmup_steps: int = 0
-    """linear warm-up of the sparsity coefficient from 0"""
-    dead_handling: DeadHandling = DeadHandling.AUTO
-    """how to treat latents that stop firing"""
-    dead_after_tokens: int | None = None
-    """a latent that has not fired for this many tokens counts as dead. None: the tokens of a tenth of the run
-    (``total_steps // 10`` batches), at most 10M"""
-    dense_threshold: float = 0.1
-    """a latent firing on more than this fraction of tokens (over the log window) counts as dense"""
-    stats_every: int = 4
-    """steps between firing-count samples for dead/dense tracking and logged metrics (counting non-zero
-    latents of a dense [batch, d_sae] costs ~1/6 of a ReLU step on CPU; TopK counts are free and exact).
-    A latent counts as firing between two samples if it fired on the sampled batch."""
-    resample_every: int | None = None
-    """steps between resamplings (with dead_handling=resample). None: ``total_steps // 4``, at most 2500.
-    No resampling happens in the final stretch (see `resamples_at`)"""
-    b_dec_init: BDecInit = BDecInit.GEOMETRIC_MEDIAN
-    """initial decoder bias from the first batch"""
-    autocast: bool = True
-    """bfloat16 matmuls with float32 master weights"""
-    log_every: int = 50
-    """steps between log rows (and progress callbacks)"""
-    checkpoint_every: int | None = None
-    """steps between checkpoints in the run folder (None: only the final SAE)"""
-    seed: int = 0
-    """seed of the resampling draws (the SAE's initial weights come from ``create_sae(cfg, seed=...)``)"""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dead_handling", DeadHandling(self.dead_handling))
-        object.__setattr__(self, "b_dec_init", BDecInit(self.b_dec_init))
-        if self.total_steps <= 0:
-            raise ValueError(f"total_steps must be > 0, got {self.total_steps}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        if self.stats_every < 1:
-            raise ValueError(f"stats_every must be >= 1, got {self.stats_every}")
-        if self.coefficient is not None and self.coefficient < 0:
-            raise ValueError(f"coefficient must be >= 0 (or None for the default), got {self.coefficient}")
-        if self.dead_after_tokens is not None and self.dead_after_tokens < 1:
-            raise ValueError(f"dead_after_tokens must be >= 1 (or None), got {self.dead_after_tokens}")
-        if self.resample_every is not None and self.resample_every < 1:
-            raise ValueError(f"resample_every must be >= 1 (or None), got {self.resample_every}")
-
-    def lr_at(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        decay_start = self.total_steps * (1 - self.decay_fraction)
-        decay = (
-            1.0
-            if step < decay_start
-            else max(0.0, (self.total_steps - step) / max(self.total_steps - decay_start, 1))
-        )
-        return self.lr * warm * decay
-
-    def coefficient_at(self, step: int, base: float | None = None) -> float:
-        """The sparsity coefficient at ``step`` (``base`` stands in for a ``coefficient`` of None)."""
-        c = self.coefficient if self.coefficient is not None else base
-        if c is None:
-            raise ValueError(
-                "coefficient is None: pass the resolved default as base (see default_coefficient)"
-            )
-        if not self.coefficient_warmup_steps:
-            return c
-        return c * min(1.0, (step + 1) / self.coefficient_warmup_steps)
-
-    @property
-    def resample_interval(self) -> int:
-        """``resample_every``, or its default ``total_steps // 4`` capped at 2500."""
-        if self.resample_every is not None:
-            return self.resample_every
-        return max(1, min(2500, self.total_steps // 4))
-
-    def resamples_at(self, steps_done: int) -> bool:
-        """Whether dead latents are resampled after ``steps_done`` optimizer steps: every
-        ``resample_interval`` steps, but never in the final stretch, the last ``resample_interval`` steps or
-        the last 10% of the run, whichever is longer, so that resampled latents train before the SAE is
-        returned."""
-        every = self.resample_interval
-        final_stretch = max(every, math.ceil(0.1 * self.total_steps))
-        return steps_done % every == 0 and self.total_steps - steps_done >= final_stretch
-
-    def dead_after(self, tokens_per_step: int) -> int:
-        """``dead_after_tokens``, or its default: a tenth of the run's tokens, at most 10M (and at least one
-        batch)."""
-        if self.dead_after_tokens is not None:
-            return self.dead_after_tokens
-        return max(tokens_per_step, min(10_000_000, (self.total_steps // 10) * tokens_per_step))
-
-
-#: default sparsity coefficients for inputs whose mean square per dimension around b_dec is 1, rescaled to the
-#: data by `default_coefficient`: L1 for ReLU and Gated, L0 for JumpReLU; measured on planted features
-#: (docs/sae.md, "Defaults"). TopK and BatchTopK fix the sparsity through k instead.
-DEFAULT_COEFFICIENTS: dict[Architecture, float] = {
-    Architecture.RELU: 2.0,
-    Architecture.GATED: 5.0,
-    Architecture.JUMPRELU: 1.0,
-    Architecture.TOPK: 0.0,
-    Architecture.BATCHTOPK: 0.0,
-}
-
-
-def default_coefficient(architecture: Architecture, mean_square: float) -> float:
-    """The default sparsity coefficient for inputs (already multiplied by the SAE's ``act_scale``) whose mean
-    square per dimension is ``mean_square``. The loss is squared error + coefficient * penalty: scaling the
-    inputs by c scales the squared error by c^2 and an L1 penalty by c (an L0 penalty not at all), so the same
-    trade-off needs the coefficient scaled by c (c^2 for L0). The trainer measures the mean square around the
-    initial b_dec (the part the latents must explain) on the first batch."""
-    base = DEFAULT_COEFFICIENTS[architecture]
-    return base * (mean_square if architecture is Architecture.JUMPRELU else math.sqrt(mean_square))
+#: the training configuration lives in `interplab.sae.train_config`; it is re-exported here
+__all__ = [
+    "DEFAULT_COEFFICIENTS",
+    "BDecInit",
+    "DeadHandling",
+    "SAETrainConfig",
+    "SAETrainProgress",
+    "SAETrainResult",
+    "default_coefficient",
+    "evaluate_returned",
+    "resample_dead",
+    "train_saes",
+]
 
 
 @dataclass(frozen=True)
-class TrainProgress:
+class SAETrainProgress:
     """Handed to the ``progress`` callback every ``log_every`` steps: step and the latest metrics per SAE."""
 
     step: int
@@ -187,7 +73,7 @@ class TrainProgress:
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class SAETrainResult:
     """The trained SAEs and their log (one row per logged step and SAE)."""
 
     saes: dict[str, SAE]
@@ -196,22 +82,25 @@ class TrainResult:
     steps: int = 0
     resumed_from: int | None = None
     """the checkpoint step a resumed run continued from (None: started from scratch)"""
+    stopped: bool = False
+    """stopped by ``stop_after`` before ``total_steps`` (the SAEs are not final: run again to resume)"""
 
     def final(self, name: str) -> dict[str, Any]:
         rows = [r for r in self.history if r["sae"] == name]
         return rows[-1] if rows else {}
 
-    def plot(self, metric: str = "fvu"):
-        from interplab.sae.plots import training_curves
-
+    def plot(self, metric: str = "fvu") -> Any:
+        """One curve per SAE of ``metric`` (a log column: fvu, l0, mse, dead_fraction ...) against step."""
         return training_curves(self.history, metric)
 
     def save(self, path: str | Path) -> Path:
+        """Write the SAEs (``saes/NAME/``) and ``train_summary.json`` into the run folder ``path``."""
         path = Path(path)
         for name, sae in self.saes.items():
-            sae.save(path / "saes" / name)
-        atomic_write_json(
-            path / "train_summary.json",
+            sae.save(path / SAES / name)
+        write_json(
+            path / TRAIN_SUMMARY,
+            Kind.SAE_TRAIN_SUMMARY,
             {"tokens": self.tokens, "steps": self.steps, "final": {n: self.final(n) for n in self.saes}},
         )
         return path
@@ -220,7 +109,7 @@ class TrainResult:
 class _Trainer:
     """State for one SAE: optimizer, firing statistics."""
 
-    def __init__(self, name: str, sae: SAE, cfg: TrainConfig) -> None:
+    def __init__(self, name: str, sae: SAE, cfg: SAETrainConfig) -> None:
         self.name, self.sae, self.cfg = name, sae, cfg
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
         d = sae.cfg.d_sae
@@ -296,16 +185,16 @@ class _Trainer:
 def train_saes(
     saes: dict[str, SAE] | SAE,
     batches: Iterable[ActivationBatch],
-    cfg: TrainConfig | dict[str, TrainConfig],
+    cfg: SAETrainConfig | dict[str, SAETrainConfig],
     *,
     run_dir: str | Path | None = None,
-    progress: Callable[[TrainProgress], None] | None = None,
+    progress: Callable[[SAETrainProgress], None] | None = None,
     data: dict[str, Any] | None = None,
     resume: bool = True,
     overwrite: bool = False,
     stop_after: int | None = None,
     keep_checkpoints: int | None = None,
-) -> TrainResult:
+) -> SAETrainResult:
     """Train every SAE in ``saes`` on the same stream of batches (each reads ``batch[sae.cfg.hook_name]``,
     and a transcoder's target ``batch[sae.cfg.hook_name_out]``). Under torch.distributed, gradients are
     averaged across ranks.
@@ -322,7 +211,7 @@ def train_saes(
     cfgs = cfg if isinstance(cfg, dict) else {name: cfg for name in saes}
     missing = sorted(set(saes) - set(cfgs))
     if missing:
-        raise ValueError(f"no TrainConfig for SAEs {missing}")
+        raise ValueError(f"no SAETrainConfig for SAEs {missing}")
     trainers = [_Trainer(name, sae, cfgs[name]) for name, sae in saes.items()]
     total_steps = max(t.cfg.total_steps for t in trainers)
     stop = total_steps if stop_after is None else min(stop_after, total_steps)
@@ -331,7 +220,7 @@ def train_saes(
     events: list[dict[str, Any]] = []
     start = tokens = 0
     continuing, error = False, None
-    if run is not None and _is_main():
+    if run is not None and is_main():
         try:
             continuing = resume_lib.claim_run(
                 run, resume_lib.run_identity(saes, cfgs, data), resume=resume, overwrite=overwrite
@@ -340,7 +229,7 @@ def train_saes(
         except (ValueError, OSError) as err:
             error = err
     # every rank learns rank 0's decision (after it checked and cleaned the folder) before reading checkpoints
-    decision = _from_rank0(2 if error is not None else int(continuing))
+    decision = from_rank0(2 if error is not None else int(continuing))
     if error is not None:
         raise error
     if decision == 2:
@@ -348,9 +237,9 @@ def train_saes(
     if run is not None and decision == 1:
         start, tokens, found = resume_lib.resume_training(run, trainers)
         events += found
-    if run is not None and _is_main():
+    if run is not None and is_main():
         history = resume_lib.restart_log(run, start)
-    log = open(run / "log.jsonl", "a") if run is not None and _is_main() else None  # noqa: SIM115
+    log = open(run / LOG, "a") if run is not None and is_main() else None  # noqa: SIM115
     if log is not None:
         log.writelines(json.dumps(e) + "\n" for e in events)
     step = start
@@ -365,7 +254,7 @@ def train_saes(
                 if step < t.cfg.total_steps:
                     _step(t, batch, step)
             step += 1
-            tokens += n_tok * _world()
+            tokens += n_tok * world_size()
             rows = [_log_row(t, step, tokens) for t in trainers if _row_due(t, step)]
             if rows:
                 history += rows
@@ -373,9 +262,9 @@ def train_saes(
                     log.writelines(json.dumps(r) + "\n" for r in rows)
                     log.flush()
                 if progress is not None:
-                    progress(TrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
+                    progress(SAETrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
             due = (every and step % min(every) == 0) or (step == stop and (every or stop < total_steps))
-            if run is not None and due and _is_main():
+            if run is not None and due and is_main():
                 resume_lib.save_training_checkpoint(run, step, tokens, trainers)
                 if keep_checkpoints is not None:
                     resume_lib.prune_checkpoints(run, keep_checkpoints)
@@ -388,10 +277,15 @@ def train_saes(
     finally:
         if log is not None:
             log.close()
-    result = TrainResult(
-        saes=dict(saes), history=history, tokens=tokens, steps=step, resumed_from=start or None
+    result = SAETrainResult(
+        saes=dict(saes),
+        history=history,
+        tokens=tokens,
+        steps=step,
+        resumed_from=start or None,
+        stopped=stopped_early,
     )
-    if run is not None and _is_main() and not stopped_early:
+    if run is not None and is_main() and not stopped_early:
         result.save(run)
     return result
 
@@ -431,13 +325,12 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
         out = sae.loss(x, target, coefficient=t.coefficient_at(step), dead_mask=dead, with_counts=sample)
     t.opt.zero_grad(set_to_none=True)
     out.loss.backward()
-    if _world() > 1:
-        _all_reduce_grads(sae)
+    all_reduce_grads(sae.parameters())
     if sae.unit_norm_decoder:
         sae.remove_parallel_grad()
     t.opt.step()
     sae.apply_constraints()
-    n = x.shape[0] * _world()
+    n = x.shape[0] * world_size()
     t.unsampled_tokens += n
     t.steps_done = step + 1
     t.last_batch = (x, target)
@@ -448,8 +341,7 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
     if not sample:
         return
     counts = out.latent_counts.detach().to(torch.long).cpu()
-    if _world() > 1:
-        counts = _all_reduce(counts)
+    counts = all_reduce_sum(counts)
     t.since_fired = torch.where(counts > 0, 0, t.since_fired + t.unsampled_tokens)
     t.unsampled_tokens = 0
     t.window_counts += counts
@@ -470,16 +362,12 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
 
 
 @torch.no_grad()
-def _initialise(sae: SAE, x: Tensor, target: Tensor | None, cfg: TrainConfig) -> None:
+def _initialise(sae: SAE, x: Tensor, target: Tensor | None, cfg: SAETrainConfig) -> None:
     sae.set_scale_from(x)
     if cfg.b_dec_init is not BDecInit.ZEROS:
         ref = x if target is None else target
         sae.init_b_dec(ref[:4096].float(), cfg.b_dec_init.value)
-    if _world() > 1:  # every rank starts from rank 0's weights
-        import torch.distributed as dist
-
-        for t in [*sae.parameters(), *sae.buffers()]:
-            dist.broadcast(t.data, src=0)
+    broadcast_([*sae.parameters(), *sae.buffers()])  # every rank starts from rank 0's weights
 
 
 @torch.no_grad()
@@ -490,11 +378,10 @@ def _resolve_defaults(t: _Trainer, x: Tensor) -> None:
     sae = t.sae
     if t.base_coefficient is None:
         mean_square = (x.float() * sae.act_scale - sae.b_dec.float()).pow(2).mean().reshape(1)
-        if _world() > 1:  # every rank must use the same coefficient
-            mean_square = _all_reduce(mean_square) / _world()
+        mean_square = all_reduce_sum(mean_square) / world_size()  # every rank must use the same coefficient
         t.base_coefficient = default_coefficient(sae.cfg.architecture, float(mean_square))
     if t.dead_after_tokens is None:
-        t.dead_after_tokens = t.cfg.dead_after(x.shape[0] * _world())
+        t.dead_after_tokens = t.cfg.dead_after(x.shape[0] * world_size())
 
 
 @torch.no_grad()
@@ -603,46 +490,3 @@ def _select(batch: ActivationBatch, hook: str | None) -> Tensor:
     if not hook and len(batch) == 1:
         return next(iter(batch.values()))
     raise KeyError(f"the activation batches have no {hook!r}; they hold {list(batch)}")
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _from_rank0(value: int) -> int:
-    """``value`` as rank 0 has it (a collective: every rank calls it); ``value`` itself in one process."""
-    if _world() == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value])
-    dist.broadcast(t, src=0)
-    return int(t)
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _all_reduce(t: Tensor) -> Tensor:
-    import torch.distributed as dist
-
-    dist.all_reduce(t)
-    return t
-
-
-def _all_reduce_grads(sae: SAE) -> None:
-    import torch.distributed as dist
-
-    grads = [p.grad for p in sae.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from interplab.model.load import load_model
 from interplab.model.transformer import Transformer
 from interplab.scrub.algorithm import ScrubTask
 from interplab.scrub.hypothesis import Claim, Hypothesis, feature
@@ -93,8 +94,6 @@ def paren_task(folder: str | Path, n_rows: int | None = None) -> ScrubTask:
 def load_paren_model(folder: str | Path) -> Transformer:
     """The published model (a TransformerLens state dict), through `interplab.load_model`, with its subnormal
     weights set to zero (see below)."""
-    from interplab.model.load import load_model
-
     path = Path(folder) / "brackets_model_state_dict.pt"
     model = load_model(path)
     # weight decay left ~2,500 subnormal weights (layer 2's dead MLP, the embedding); they change no output

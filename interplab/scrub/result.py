@@ -11,6 +11,10 @@ from typing import Any
 
 from torch import Tensor
 
+from interplab.io import atomic_write_text
+from interplab.plots import figure_html
+from interplab.runs import REPORT, Kind, write_json
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -101,15 +105,16 @@ class ScrubResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` of a scrub (`Kind.SCRUB`): every field above; each `Estimate` as
+        ``{mean, se, ci_low, ci_high}``, ``per_claim`` as ``[{claim, loss, recovered}]``."""
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``report.json`` and ``report.html`` into folder ``path`` (atomic)."""
-        from interplab.io import atomic_write_json, atomic_write_text
-
+        """Write ``report.html`` and then ``report.json`` (`Kind.SCRUB`, `to_dict`) into folder ``path``
+        (atomic)."""
         path = Path(path)
-        atomic_write_json(path / "report.json", {"kind": "scrub", **self.to_dict()})
         atomic_write_text(path / "report.html", self.to_html(path))
+        write_json(path / REPORT, Kind.SCRUB, self.to_dict())
         return path
 
     def plot(self):
@@ -132,8 +137,6 @@ class ScrubResult:
 
     def to_html(self, folder: str | Path) -> str:
         """The report page to be written into ``folder`` (its chart loads the folder's shared plotly.js)."""
-        from interplab.plots import figure_html
-
         rows = "".join(
             f"<tr><td>{html.escape(r.claim)}</td><td>{r.loss}</td><td>{r.recovered.mean:.1%}</td></tr>"
             for r in self.per_claim

@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 
 from interplab.circuits.circuit import DiscoveryTask
+from interplab.circuits.planted import induction_data
 from interplab.model.transformer import Transformer
 from interplab.scrub.algorithm import ScrubTask
+from interplab.scrub.induction import induction_task
+from interplab.scrub.parens import paren_task
 
 
 class TaskName(str, Enum):
@@ -38,14 +41,9 @@ def build_task(
     except ValueError:
         raise ValueError(f"unknown task {name!r}; valid: {', '.join(t.value for t in TaskName)}") from None
     if name is TaskName.PARENS:
-        from interplab.scrub.parens import paren_task
-
         if data is None:
             raise ValueError("task 'parens' needs --data: the paren_balancer fixture folder")
         return paren_task(data)
-    from interplab.circuits.planted import induction_data
-    from interplab.scrub.induction import induction_task
-
     vocab = min(vocab, model.cfg.d_vocab)
     length = min(length, model.cfg.n_ctx, vocab + 1)
     tokens, _, _ = induction_data(n_rows, vocab, length, seed=seed)

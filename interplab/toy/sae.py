@@ -8,7 +8,7 @@ import torch
 
 from interplab.sae import SAE, Architecture, SAEConfig, create_sae
 from interplab.sae.recovery import FeatureRecovery, Layout, feature_recovery
-from interplab.sae.train import TrainConfig, train_saes
+from interplab.sae.train import SAETrainConfig, train_saes
 from interplab.toy.model import ToyModel
 
 
@@ -36,7 +36,7 @@ def toy_sae(
     instance: int = 0,
     *,
     sae_cfg: SAEConfig | None = None,
-    train_cfg: TrainConfig | None = None,
+    train_cfg: SAETrainConfig | None = None,
     batch_size: int = 1024,
     min_norm: float = 0.5,
     seed: int = 0,
@@ -59,7 +59,7 @@ def toy_sae(
     expected_active = float(model.probability[instance][represented].sum())
     k = max(1, min(m, round(expected_active)))
     sae_cfg = sae_cfg or SAEConfig(d_in=m, d_sae=2 * n, architecture=Architecture.TOPK, k=k)
-    train_cfg = train_cfg or TrainConfig(
+    train_cfg = train_cfg or SAETrainConfig(
         total_steps=1000, lr=5e-3, warmup_steps=20, log_every=50, dead_after_tokens=20 * batch_size
     )
     g = torch.Generator().manual_seed(seed)

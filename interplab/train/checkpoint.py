@@ -3,9 +3,12 @@ plus optimizer and RNG state, written atomically (a temp folder, then one rename
 
 A checkpoint folder holds ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``): `interplab.load_model`
 reads it directly. ``optimizer.safetensors`` and ``rng.safetensors`` hold what resuming needs, and
-``state.json`` (written last) holds the step, the counters and the size and SHA-256 of every file, so a corrupt
-or truncated checkpoint is recognised and skipped, never loaded. `write_checkpoint` is the same protocol for
-any content (SAE training checkpoints use it); `clean_stale_temps` removes what interrupted writes left behind.
+``state.json`` (written last, ``{kind: checkpoint, version, ...}``) holds the step, the counters and the size
+and SHA-256 of every file, so a corrupt or truncated checkpoint is recognised and skipped, never loaded.
+`write_checkpoint` is the same protocol for any content (SAE training checkpoints use it); `clean_stale_temps`
+removes what interrupted writes left behind. The names, the listing and the verification of checkpoints are
+`interplab.runs`' (`checkpoint_name`, `TrainRun.checkpoints(intact=...)`, `verify_checkpoint`); this module
+writes and restores them.
 """
 
 from __future__ import annotations
@@ -20,10 +23,15 @@ from typing import Any
 
 import torch
 
+from interplab import runs
 from interplab.integrity import sha256_file
-from interplab.io import atomic_write_json, save_tensors
+from interplab.io import load_tensors, save_tensors
+from interplab.model.transformer import Transformer
 from interplab.runs import (
     CHECKPOINTS,
+    MODEL_WEIGHTS,
+    OPTIMIZER,
+    RNG,
     STATE,
     Checkpoint,
     checkpoint_name,
@@ -58,7 +66,7 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: Any,
+    model: Transformer,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
 ) -> Path:
@@ -70,8 +78,8 @@ def save_checkpoint(
         if optimizer is None:
             return state
         tensors, groups = _flatten_optimizer(optimizer.state_dict())
-        save_tensors(tmp / "optimizer.safetensors", tensors)
-        save_tensors(tmp / "rng.safetensors", global_rng_state())
+        save_tensors(tmp / OPTIMIZER, tensors)
+        save_tensors(tmp / RNG, global_rng_state())
         return {**state, "param_groups": groups}
 
     return write_checkpoint(checkpoint_dir(run_dir, step), step, write)
@@ -91,8 +99,9 @@ def write_checkpoint(final: Path, step: int, write: Callable[[Path], dict[str, A
         state = write(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         rel = [p.relative_to(tmp).as_posix() for p in files]
-        atomic_write_json(
+        runs.write_json(
             tmp / STATE,
+            runs.Kind.CHECKPOINT,
             {
                 "step": step,
                 **state,
@@ -170,7 +179,7 @@ def latest_good_checkpoint(
     run_dir: Path, *, required: Iterable[str] | None = None
 ) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
     """The newest resumable checkpoint, and the newer ones that were skipped with their reasons."""
-    skipped = []
+    skipped: list[tuple[Checkpoint, str]] = []
     for ckpt in reversed(list_checkpoints(run_dir)):
         reason = verify_checkpoint(ckpt.path, need_optimizer=True, required=required)
         if reason is None:
@@ -183,22 +192,20 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
     """Restore weights (in place), optimizer and RNG state from a verified checkpoint; return its state.json."""
-    from safetensors.torch import load_file
-
     reason = verify_checkpoint(path, need_optimizer=optimizer is not None)
     if reason is not None:
         raise ValueError(f"checkpoint {path} cannot be loaded: {reason}")
     state = json.loads((path / STATE).read_text())
-    weights = load_file(str(path / "model.safetensors"))
+    weights = load_tensors(path / MODEL_WEIGHTS)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name not in weights:
                 raise KeyError(f"{path}: missing weight {name!r}")
             tensor.copy_(weights[name])
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
+        tensors = load_tensors(path / OPTIMIZER)
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
-        set_global_rng_state(load_file(str(path / "rng.safetensors")))
+        set_global_rng_state(load_tensors(path / RNG))
     return state
 
 

@@ -17,6 +17,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from interplab import runs
 from interplab.model.config import ModelConfig
 
 TRAIN_CONFIG_VERSION = 1
@@ -116,8 +119,6 @@ class CheckpointConfig:
 
     def steps(self, total: int) -> list[int]:
         """The checkpoint steps of a run of ``total`` steps: 0, log-spaced, every-k, and ``total``."""
-        import math
-
         out = {0, total}
         if self.log_spaced and total > 1:
             for i in range(self.log_spaced):
@@ -198,8 +199,6 @@ class TrainConfig:
     def override(self, assignments: list[str]) -> TrainConfig:
         """Apply ``key=value`` overrides with dotted keys (``optim.lr=1e-3``, ``model.n_layers=4``);
         values are parsed as YAML."""
-        import yaml
-
         data = self.to_dict()
         for item in assignments:
             if "=" not in item:
@@ -235,6 +234,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
+        kind = data.pop("kind", runs.Kind.TRAIN.value)  # a run's config.json says what it is
+        if kind != runs.Kind.TRAIN.value:
+            raise ValueError(
+                f"this is a {kind!r} document, not a training config ({runs.Kind.TRAIN.value!r})"
+            )
         version = data.pop("version", TRAIN_CONFIG_VERSION)
         if version > TRAIN_CONFIG_VERSION:
             raise ValueError(
@@ -245,8 +249,6 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
         """Read a ``.yaml``/``.yml`` or ``.json`` config."""
-        import yaml
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
@@ -268,9 +270,8 @@ class TrainConfig:
         return cls.from_dict(data)
 
     def to_json(self, path: str | Path) -> None:
-        from interplab.io import atomic_write_json
-
-        atomic_write_json(Path(path), self.to_dict())
+        """Write the config as a ``train`` JSON document (a training run's ``config.json``)."""
+        runs.write_json(Path(path), runs.Kind.TRAIN, self.to_dict())
 
 
 def _plain(value: Any) -> Any:

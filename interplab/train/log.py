@@ -7,25 +7,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from interplab.train.config import TrainConfig
+from interplab.io import atomic_write_text
+from interplab.runs import LOG, read_log
+from interplab.train.config import Logger, TrainConfig
 
-
-def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    file = Path(run_dir) / "log.jsonl"
-    if not file.is_file():
-        return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+__all__ = ["RunLog", "read_log", "truncate_log"]
 
 
 def truncate_log(run_dir: Path, step: int) -> None:
-    """Drop the log rows of steps after ``step`` (events without a step stay)."""
-    from interplab.io import atomic_write_text
-
-    file = run_dir / "log.jsonl"
+    """Drop the log rows of steps after ``step`` (events without a step stay), and a torn last line that a
+    killed run left."""
+    file = run_dir / LOG
     if not file.is_file():
         return
     lines = file.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) <= step]
+    written = [line for line in lines if line.strip()]
+    rows = read_log(run_dir)  # the rows of `written`, but a torn last one
+    keep = [line for line, row in zip(written[: len(rows)], rows, strict=True) if row.get("step", -1) <= step]
     if len(keep) != len(lines):
         atomic_write_text(file, "".join(line + "\n" for line in keep))
 
@@ -34,12 +32,12 @@ class RunLog:
     """``log.jsonl`` (one JSON object per line, appended and flushed) plus optional TensorBoard / wandb."""
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, main: bool) -> None:
-        self.fh = open(run_dir / "log.jsonl", "a") if main else None  # noqa: SIM115
+        self.fh = open(run_dir / LOG, "a") if main else None  # noqa: SIM115
         self.sinks: list[Any] = []
         if not main:
             return
         for logger in cfg.loggers:
-            if logger.value == "tensorboard":
+            if logger is Logger.TENSORBOARD:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:

@@ -13,28 +13,33 @@ each process trains on its share of the same global batch.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from interplab.io import atomic_write_json
+from interplab import runs
 from interplab.model import Transformer
+from interplab.runs import Kind, list_checkpoints
 from interplab.train.checkpoint import (
     clean_stale_temps,
     latest_good_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
 from interplab.train.config import Precision, TrainConfig
+from interplab.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
 from interplab.train.log import RunLog, read_log, truncate_log
-from interplab.train.sources import cosine_lr, make_source, rows_for
+from interplab.train.sources import CorpusSource, Source, TaskSource, cosine_lr, make_source, rows_for
+
+if TYPE_CHECKING:
+    from interplab.tasks.base import Task
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -79,31 +84,8 @@ class TrainResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(Path(path), self.to_dict())
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    started: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    started = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started = True
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), started=started)
+        """Write the result as a ``train_report`` JSON document (``report.json`` in the run folder)."""
+        runs.write_json(Path(path), Kind.TRAIN_REPORT, self.to_dict())
 
 
 def _default_device() -> torch.device:
@@ -129,15 +111,21 @@ def fast_bf16(device: torch.device) -> bool:
         return False
 
 
-def build_model(cfg: TrainConfig, source: Any) -> Transformer:
+def build_model(cfg: TrainConfig, source: CorpusSource | TaskSource) -> Transformer:
     """The model of a run: the config's architecture (or a task's own) with the data source's vocabulary."""
-    if cfg.model is None:
-        model_cfg = source.model_cfg
-    elif hasattr(source, "model_cfg"):  # a task: its vocabulary and length, the config's architecture
+    if isinstance(
+        source, TaskSource
+    ):  # a task: its vocabulary and length, the config's architecture or its own
         t = source.model_cfg
-        model_cfg = cfg.model.replace(
-            d_vocab=t.d_vocab, d_vocab_out=t.d_vocab_out, n_ctx=max(cfg.model.n_ctx, t.n_ctx)
+        model_cfg = (
+            t
+            if cfg.model is None
+            else cfg.model.replace(
+                d_vocab=t.d_vocab, d_vocab_out=t.d_vocab_out, n_ctx=max(cfg.model.n_ctx, t.n_ctx)
+            )
         )
+    elif cfg.model is None:  # TrainConfig refuses this already; said again for a hand-built source
+        raise ValueError("a corpus run needs a 'model' section in its config")
     else:
         changes: dict[str, Any] = {"d_vocab": source.d_vocab}
         if cfg.model.d_vocab_out == cfg.model.d_vocab:
@@ -150,7 +138,8 @@ def build_model(cfg: TrainConfig, source: Any) -> Transformer:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -160,16 +149,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> bool:
     """True if the run directory holds an earlier run of this config to continue."""
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.is_file():
+    if runs.detect(run_dir) is not Kind.TRAIN:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(
-                f"{run_dir} is not empty and is not a training run; choose another output folder"
+                f"{run_dir} is not empty and is not a training run (it is {runs.describe(run_dir)}); "
+                "choose another output folder"
             )
         return False
     if not resume:
         raise ValueError(f"{run_dir} already holds a run; resume it or choose another output folder")
-    old = json.loads(cfg_file.read_text())
+    old = runs.TrainRun.open(run_dir).config
     new = cfg.to_dict()
     diff = sorted(k for k in set(old) | set(new) if k != "steps" and old.get(k) != new.get(k))
     if diff:
@@ -188,7 +177,7 @@ def train(
     stop_after: int | None = None,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
-    task: Any = None,
+    task: Task | None = None,
     callbacks: Sequence[Callable[..., None]] = (),
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir``, continuing from its newest good checkpoint if it holds this run.
@@ -201,15 +190,12 @@ def train(
     token store), e.g. `interplab.data_attribution.record.RecordingCallback`."""
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else _default_device()
-    dist_info = _init_distributed(device)
+    dist_info = init_distributed(device)
     notify = progress if (progress is not None and dist_info.main) else (lambda event: None)
     try:
         return _train(cfg, run_dir, resume, stop_after, device, dist_info, notify, task, tuple(callbacks))
     finally:
-        if dist_info.started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown(dist_info)
 
 
 def _train(
@@ -218,17 +204,14 @@ def _train(
     resume: bool,
     stop_after: int | None,
     device: torch.device,
-    dist_info: _Dist,
+    dist_info: DistInfo,
     notify: ProgressFn,
-    task: Any,
+    task: Task | None,
     callbacks: tuple[Callable[..., None], ...] = (),
 ) -> TrainResult:
     continuing = _check_run_dir(run_dir, cfg, resume)
     cleaned = clean_stale_temps(run_dir) if continuing and dist_info.main else []
-    if dist_info.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every process has looked at the run folder before the first process writes to it
+    barrier()  # every process has looked at the run folder before the first process writes to it
     per_step = cfg.grad_accum * dist_info.world
     if cfg.batch_size % per_step:
         raise ValueError(
@@ -236,7 +219,8 @@ def _train(
         )
     notify({"event": "setup", "message": "preparing data (tokenised once, then cached)"})
     source = make_source(cfg, task=task, progress=lambda n: notify({"event": "setup", "tokens": n}))
-    if callbacks and not hasattr(source, "indices"):
+    corpus = source if isinstance(source, CorpusSource) else None
+    if callbacks and corpus is None:
         raise ValueError(
             "training callbacks need a corpus run (they receive the training sequences' indices)"
         )
@@ -258,9 +242,9 @@ def _train(
             start, resumed_from, tokens_seen = ckpt.step, ckpt.step, int(state.get("tokens", 0))
     if dist_info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(run_dir / "config.json")
+        cfg.to_json(run_dir / runs.CONFIG)
         if model.tokenizer is not None:
-            model.tokenizer.save(run_dir / "tokenizer.json")
+            model.tokenizer.save(run_dir / runs.TOKENIZER)
     ddp = _wrap(model, device, dist_info)
     bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and fast_bf16(device))
     schedule = set(cfg.checkpoints.steps(cfg.steps))
@@ -277,7 +261,7 @@ def _train(
         save_checkpoint(run_dir, 0, model, optimizer, {"tokens": 0})
         log.write({"step": 0, **_evaluate(source, model)})
     stop = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
-    tokens_per_step = cfg.batch_size * _seq_len(cfg, source)
+    tokens_per_step = cfg.batch_size * source.seq_len
     t0, loss_value, val_loss, step, written = time.perf_counter(), float("nan"), None, start, []
     for row in read_log(run_dir) if resumed_from is not None else []:
         loss_value = row.get("loss", loss_value)
@@ -301,28 +285,24 @@ def _train(
                     loss = source.loss(ddp, batch) / cfg.grad_accum
                 loss.backward()  # outside autocast, as PyTorch recommends
             total += loss.detach()
-        for cb in callbacks:
-            rows = rows_for(cfg.batch_size, 0, 1, dist_info.rank, dist_info.world)
-            cb(
-                step=step,
-                model=model,
-                tokens=_to(source.batch(step - 1, rows), device),
-                example_ids=source.indices(step - 1, rows),
-                lr=lr,
-                optimizer=optimizer,
-            )
+        if corpus is not None:  # (callbacks need one: checked above)
+            for cb in callbacks:
+                rows = rows_for(cfg.batch_size, 0, 1, dist_info.rank, dist_info.world)
+                cb(
+                    step=step,
+                    model=model,
+                    tokens=_to(corpus.batch(step - 1, rows), device),
+                    example_ids=corpus.indices(step - 1, rows),
+                    lr=lr,
+                    optimizer=optimizer,
+                )
         if o.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         if step % cfg.log_every == 0 or step == stop or step in schedule:
-            if dist_info.world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(total)
-                total /= dist_info.world
-            loss_value = float(total)
+            loss_value = float(all_reduce_mean(total))
             elapsed = time.perf_counter() - t0
             rate = tokens_per_step * (step - start) / max(elapsed, 1e-9)
             row = {
@@ -347,17 +327,14 @@ def _train(
             if dist_info.main:
                 save_checkpoint(run_dir, step, model, optimizer, {"tokens": tokens_seen})
                 written.append(step)
-            if dist_info.world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
+            barrier()
             ckpt_seconds += time.perf_counter() - c0
             cpu_aside += time.process_time() - cc0
     seconds = time.perf_counter() - t0
     train_cpu_seconds = time.process_time() - cpu0 - cpu_aside
     model.eval()
     if dist_info.main and step == cfg.steps:
-        model.save(run_dir / "final")
+        model.save(run_dir / runs.FINAL)
     result = TrainResult(
         run_dir=run_dir,
         step=step,
@@ -378,30 +355,22 @@ def _train(
             "train_cpu_seconds": train_cpu_seconds,
             "finished": step == cfg.steps,
         }
-        atomic_write_json(run_dir / "report.json", report)
+        runs.write_json(run_dir / runs.REPORT, Kind.TRAIN_REPORT, report)
     log.close()
     notify({"event": "done", "step": step, "total": cfg.steps})
     return result
 
 
-def _seq_len(cfg: TrainConfig, source: Any) -> int:
-    return getattr(source, "seq_len", None) or source.model_cfg.n_ctx
-
-
-def _wrap(model: Transformer, device: torch.device, dist_info: _Dist) -> torch.nn.Module:
+def _wrap(model: Transformer, device: torch.device, dist_info: DistInfo) -> torch.nn.Module:
     if dist_info.world <= 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _to(batch: Any, device: torch.device) -> Any:
-    import dataclasses
-
     if isinstance(batch, torch.Tensor) or hasattr(batch, "to"):
         return batch.to(device)
-    if dataclasses.is_dataclass(batch):
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         return dataclasses.replace(
             batch,
             **{
@@ -414,7 +383,7 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def _evaluate(source: Any, model: torch.nn.Module) -> dict[str, float]:
+def _evaluate(source: Source, model: torch.nn.Module) -> dict[str, float]:
     was = model.training
     model.eval()
     try:

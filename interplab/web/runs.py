@@ -1,6 +1,11 @@
 """Read run directories (``log.jsonl``, ``report.json``, ``formation/``, ``sae/``, ``attribution/`` ...) and
 model/SAE folders for the web app.
 
+What a folder is, is decided by the run contract, `interplab.runs.detect` (which also recognises folders
+written before ``kind`` existed), read through a `runs.Reader` that applies this module's rules below; the
+file names are the contract's. A folder the contract does not know but that holds a ``log.jsonl`` or a
+``report.json`` is still shown, as a run of unknown kind (its curves and numbers).
+
 Everything here is tolerant: a run folder written by any interplab command shows its numeric curves
 (training loss, learning rate, formation scores per checkpoint ...) and its results; a file that is missing,
 unreadable or of an unexpected shape shows as missing, never as an error.
@@ -20,6 +25,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from interplab import runs
+from interplab.runs import Kind
 
 _X_KEYS = ("step", "steps", "checkpoint", "checkpoints", "tokens", "epoch")
 _NOT_CURVES = ("time", "elapsed", "elapsed_s", "wall", "seconds")
@@ -48,6 +56,12 @@ class Artifact:
     """headline numbers (label -> value) for the home page"""
     parts: tuple[str, ...] = ()
     """what else the run holds, e.g. "28 checkpoints", "formation", "1 SAE\""""
+    what: str = ""
+    """what the folder is, in words (`interplab.runs.Kind.label`; empty when the contract does not know it)"""
+
+
+def _label(kind: Kind | None) -> str:
+    return kind.label if kind is not None else ""
 
 
 def contained(path: Path, root: Path) -> Path | None:
@@ -101,16 +115,53 @@ def read_json(path: Path, root: Path) -> Any:
         return None
 
 
-def _is_run(p: Path, root: Path) -> bool:
-    return any(_file(p / n, root) for n in ("log.jsonl", "report.json", "formation.json"))
+def _head(path: Path, root: Path, n: int) -> bytes | None:
+    """The first ``n`` bytes of ``path`` (None when it is missing, outside ``root`` or unreadable)."""
+    real = _file(path, root)
+    if real is None:
+        return None
+    try:
+        with open(real, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return None
 
 
-def _is_model(p: Path, root: Path) -> bool:
-    return bool(_file(p / "config.json", root) and _file(p / "model.safetensors", root))
+def reader(root: Path) -> runs.Reader:
+    """How `runs.detect` reads the disk for the web app: inside ``root`` only, JSON over the size limit or
+    unreadable as missing (never an error)."""
+    return runs.Reader(
+        is_file=lambda p: _file(p, root) is not None,
+        is_dir=lambda p: _dir(p, root) is not None,
+        read_json=lambda p: read_json(p, root),
+        read_head=lambda p, n: _head(p, root, n),
+    )
 
 
-def _is_sae(p: Path, root: Path) -> bool:
-    return bool(_file(p / "cfg.json", root) and _file(p / "sae_weights.safetensors", root))
+_MODELS = (Kind.MODEL, Kind.CHECKPOINT, Kind.HF_MODEL)
+_NOT_LISTED = (Kind.ACTIVATION_CACHE, Kind.FEATURE_DB, Kind.CHECKSUMS, Kind.GRADIENTS, Kind.GRADIENT_INDEX)
+"""kinds the home page does not list (databases are served by --db; caches and recordings have no page)"""
+
+
+def _kind(p: Path, root: Path) -> Kind | None:
+    return runs.detect(p, reader(root))
+
+
+def _is_model(p: Path, root: Path, kind: Kind | None) -> bool:
+    # a model folder's config.json is written last, but a folder can lose its weights since: not a model
+    return kind in _MODELS and (kind is Kind.HF_MODEL or _file(p / runs.MODEL_WEIGHTS, root) is not None)
+
+
+def _is_run(p: Path, root: Path, kind: Kind | None) -> bool:
+    if kind is None:  # one the contract does not know, shown for what it holds
+        return any(_file(p / n, root) for n in (runs.LOG, runs.REPORT))
+    return kind not in (*_MODELS, Kind.SAE, *_NOT_LISTED)
+
+
+def _report_kind(folder: Path, root: Path) -> Kind | None:
+    """The kind of ``folder``'s ``report.json`` (None when it has none or it is none of interplab's)."""
+    data = read_json(folder / runs.REPORT, root)
+    return runs.detect_document(runs.REPORT, data) if isinstance(data, dict) else None
 
 
 def find_artifacts(roots: list[Path], depth: int = 3) -> list[Artifact]:
@@ -124,13 +175,14 @@ def find_artifacts(roots: list[Path], depth: int = 3) -> list[Artifact]:
         if p in found:
             return
         name = str(p.relative_to(root.parent)) if p != root else p.name
-        if _is_model(p, root):
-            found[p] = Artifact("model", name, p, root, _model_scalars(p, root))
-        elif _is_sae(p, root):
-            found[p] = Artifact("sae", name, p, root, _sae_scalars(p, root))
-        elif _is_run(p, root):
-            found[p] = Artifact("run", name, p, root, _headline(p, root), _parts(p, root))
-        elif level < depth:
+        kind = _kind(p, root)
+        if _is_model(p, root, kind):
+            found[p] = Artifact("model", name, p, root, _model_scalars(p, root), what=_label(kind))
+        elif kind is Kind.SAE:
+            found[p] = Artifact("sae", name, p, root, _sae_scalars(p, root), what=_label(kind))
+        elif _is_run(p, root, kind):
+            found[p] = Artifact("run", name, p, root, _headline(p, root), _parts(p, root), _label(kind))
+        elif kind not in _NOT_LISTED and level < depth:
             for child in _children(p, root):
                 visit(child, level + 1, root)
 
@@ -150,7 +202,7 @@ def _scalar(v: Any) -> bool:
 
 
 def _model_scalars(p: Path, root: Path) -> dict[str, Any]:
-    cfg = read_json(p / "config.json", root)
+    cfg = read_json(p / runs.CONFIG, root)
     cfg = cfg if isinstance(cfg, dict) else {}
     keys = ("architecture", "n_layers", "d_model", "n_heads", "d_vocab", "n_ctx")
     return {k.replace("_", " "): cfg[k] for k in keys if _scalar(cfg.get(k))}
@@ -159,16 +211,16 @@ def _model_scalars(p: Path, root: Path) -> dict[str, Any]:
 def sae_config(p: Path, root: Path) -> dict[str, Any]:
     """An SAE's architecture, site and sizes from its ``cfg.json`` (SAELens layouts old and new: the site
     is at the top or under ``metadata``)."""
-    cfg = read_json(p / "cfg.json", root)
+    cfg = read_json(p / runs.SAE_CFG, root)
     cfg = cfg if isinstance(cfg, dict) else {}
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     merged = {**{k: v for k, v in meta.items() if _scalar(v)}, **{k: v for k, v in cfg.items() if _scalar(v)}}
     return {k: merged[k] for k in ("architecture", "hook_name", "d_in", "d_sae", "k") if k in merged}
 
 
 def _sae_scalars(p: Path, root: Path) -> dict[str, Any]:
     out = {k.replace("_", " "): v for k, v in sae_config(p, root).items()}
-    return {**out, **report_scalars(read_json(p / "report.json", root), limit=6)}
+    return {**out, **report_scalars(read_json(p / runs.REPORT, root), limit=6)}
 
 
 def report_scalars(report: Any, limit: int = 40) -> dict[str, Any]:
@@ -185,7 +237,7 @@ def report_scalars(report: Any, limit: int = 40) -> dict[str, Any]:
 
 
 def _headline(p: Path, root: Path) -> dict[str, Any]:
-    report = read_json(p / "report.json", root)
+    report = read_json(p / runs.REPORT, root)
     if not isinstance(report, dict):
         return {}
     chosen = {label: report[k] for k, label in HEADLINE.items() if _scalar(report.get(k))}
@@ -216,55 +268,57 @@ def _count(n: int, what: str) -> str:
 
 
 def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
-    """The parts of a run folder, found by what they hold (not by fixed names), inside ``root``:
+    """The parts of a run folder, by what `interplab.runs.detect` says each sub-folder is, inside ``root``:
     checkpoints, final model, formation files, SAE folders, evaluation reports, attribution reports,
-    sub-runs with their own ``log.jsonl``, feature databases (``*.db``)."""
-    from interplab.train.checkpoint import CHECKPOINTS, list_checkpoints
-
+    sub-runs with their own ``log.jsonl``, feature databases."""
     out: dict[str, list[Path]] = {
         k: []
         for k in ("checkpoints", "final", "formation", "saes", "evals", "attributions", "logs", "databases")
     }
-    if _dir(path / CHECKPOINTS, root):
-        out["checkpoints"] = [c.path for c in list_checkpoints(path) if _is_model(c.path, root)]
-    if _file(path / "formation.json", root):
-        out["formation"].append(path / "formation.json")
-    _classify_report(path, root, out)
+    if _dir(path / runs.CHECKPOINTS, root):
+        out["checkpoints"] = [
+            c.path for c in runs.list_checkpoints(path) if _is_model(c.path, root, _kind(c.path, root))
+        ]
+    _classify(path, root, out)
 
     def visit(p: Path, level: int) -> None:
         for child in _children(p, root):
-            if child.name == CHECKPOINTS and p == path:
+            if child.name == runs.CHECKPOINTS and p == path:
                 continue
-            if _is_model(child, root):
-                if child.name == "final" and p == path:
+            kind = _kind(child, root)
+            if _is_model(child, root, kind):
+                if child.name == runs.FINAL and p == path:
                     out["final"].append(child)
                 continue
-            if _is_sae(child, root):
+            if kind is Kind.SAE:
                 out["saes"].append(child)
                 continue
-            if _file(child / "formation.json", root):
-                out["formation"].append(child / "formation.json")
-            _classify_report(child, root, out)
-            if _file(child / "log.jsonl", root):
+            _classify(child, root, out)
+            if _file(child / runs.LOG, root):
                 out["logs"].append(child)
             if level < depth:
                 visit(child, level + 1)
 
     visit(path, 1)
-    for level_dir in [path, *[c for c in _children(path, root)]]:
+    for level_dir in [path, *_children(path, root)]:
         try:
-            dbs = sorted(level_dir.glob("*.db"))
+            files = sorted(level_dir.iterdir())
         except OSError:
             continue
-        out["databases"] += [f for f in (_file(d, root) for d in dbs) if f is not None]
+        found = [f for f in files if f.suffix == ".db" and _kind(f, root) is Kind.FEATURE_DB]
+        out["databases"] += [f for f in (_file(d, root) for d in found) if f is not None]
     return out
 
 
-def _classify_report(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
-    report = read_json(folder / "report.json", root)
-    if isinstance(report, dict) and "target" in report and "top" in report:
+def _classify(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
+    """File ``folder`` under the parts its documents make it: formation scores, an attribution, an SAE
+    evaluation."""
+    if _file(folder / runs.FORMATION_JSON, root):
+        out["formation"].append(folder / runs.FORMATION_JSON)
+    kind = _report_kind(folder, root)
+    if kind is Kind.ATTRIBUTION:
         out["attributions"].append(folder)
-    elif isinstance(report, dict) and isinstance(report.get("saes"), list):
+    elif kind is Kind.SAE_EVAL:
         out["evals"].append(folder)
 
 
@@ -378,23 +432,24 @@ def run_view(art: Artifact) -> dict[str, Any]:
     Every value is plain (str, finite number, None, lists and dicts of those) and every field that is
     missing or of another shape becomes None or empty."""
     path, root = art.path, art.root
-    report = read_json(path / "report.json", root)
-    config = read_json(path / "config.json", root)
+    report = read_json(path / runs.REPORT, root)
+    config = read_json(path / runs.CONFIG, root)
     parts = contents(path, root)
     series = report_curves(report)
     for k in [k for k in series if k.split("/")[0] in ("checkpoints", "skipped_checkpoints")]:
         del series[k]
     return {
+        "what": art.what,
         "scalars": report_scalars(report),
         "config": json.dumps(config, indent=1, sort_keys=True, default=str)[:20000] if config else "",
-        "curves": chart_group(log_curves(path / "log.jsonl", root)),
+        "curves": chart_group(log_curves(path / runs.LOG, root)),
         "report_curves": chart_group(series),
         "formation": [formation_view(p, path, root) for p in parts["formation"]],
         "checkpoints": [_checkpoint_step(p) for p in parts["checkpoints"]],
         "final": [_rel(p, path) for p in parts["final"]],
         "saes": sae_views(parts, path, root),
         "sub_logs": {
-            _rel(p, path): chart_group(c) for p in parts["logs"] if (c := log_curves(p / "log.jsonl", root))
+            _rel(p, path): chart_group(c) for p in parts["logs"] if (c := log_curves(p / runs.LOG, root))
         },
         "attributions": [attribution_view(p, path, root) for p in parts["attributions"]],
         "databases": parts["databases"],
@@ -402,8 +457,8 @@ def run_view(art: Artifact) -> dict[str, Any]:
 
 
 def _checkpoint_step(p: Path) -> int | str:
-    tail = p.name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else p.name
+    step = runs.checkpoint_step(p.name)
+    return p.name if step is None else step
 
 
 def formation_view(p: Path, base: Path, root: Path) -> dict[str, Any]:
@@ -423,7 +478,7 @@ def sae_views(parts: dict[str, list[Path]], base: Path, root: Path) -> list[dict
     """The run's SAEs: configuration and, when evaluated, the evaluation's headline numbers."""
     evals: dict[str, dict] = {}
     for folder in parts["evals"]:
-        rep = read_json(folder / "report.json", root)
+        rep = read_json(folder / runs.REPORT, root)
         for row in rep.get("saes", []) if isinstance(rep, dict) else []:
             if isinstance(row, dict) and isinstance(row.get("name"), str):
                 evals[row["name"]] = row
@@ -445,7 +500,7 @@ def sae_views(parts: dict[str, list[Path]], base: Path, root: Path) -> list[dict
 
 def attribution_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
     """An attribution report (``interplab attribute`` writes ``attribution/<target>/report.json``)."""
-    report = read_json(folder / "report.json", root)
+    report = read_json(folder / runs.REPORT, root)
     report = report if isinstance(report, dict) else {}
     top = report.get("top")
     rows = []

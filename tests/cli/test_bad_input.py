@@ -276,6 +276,14 @@ CASES = [
     (["route", "--preset", "digits-split", "--seeds", "0", "--out", E], 2, "0"),
     (["route", "--preset", "nope"], 2, "nope"),
     (["route", "--preset", "digits-split", "--out", F], 2, "afile"),
+    # an output folder holding another kind of run is refused before anything runs (it would be overwritten)
+    (["heads", M, "--out", M], 2, "is an interplab model folder: writing a head-scores run there"),
+    (["patch", M, "--out", M, "--task", "ioi"], 2, "is an interplab model folder"),
+    (["lens", M, "--out", S, "--task", "ioi"], 2, "is an SAE folder"),
+    (["scrub", "{root}/hyp.py", "--task", "induction", "--out", M], 2, "is an interplab model folder"),
+    (["discover", "--task", "induction", "--out", M], 2, "is an interplab model folder"),
+    (["route", "--preset", "digits-split", "--out", M], 2, "is an interplab model folder"),
+    (["attribute", "{root}/norun", "--out", M], 2, "is an interplab model folder"),
     (["serve", "--db", "{root}/no.db", "--port", "0"], 2, "0"),
     (["serve", "--db", "{root}/no.db", "--port", "70000"], 2, "70000"),
     (["serve"], 2, "--db"),
@@ -308,6 +316,13 @@ def test_bad_input_gets_one_clear_line(lab, monkeypatch, args, code, named):
     assert not (lab / "afile").is_dir() and (lab / "afile").read_text() == "not a folder"
 
 
+def test_an_out_folder_holding_another_run_is_left_as_it_was(lab):
+    before = _snapshot(lab / "model")
+    result = CliRunner().invoke(app, ["heads", str(lab / "model"), "--out", str(lab / "model")])
+    assert result.exit_code == 2 and "choose another output folder" in result.stderr
+    assert _snapshot(lab / "model") == before
+
+
 def test_debug_shows_the_traceback(lab):
     result = CliRunner().invoke(
         app,
@@ -322,7 +337,7 @@ def test_debug_shows_the_traceback(lab):
 
 def test_nan_in_sae_training_input_is_caught_at_the_input():
     from interplab.sae.disk_store import ActivationDataError
-    from interplab.sae.train import TrainConfig, train_saes
+    from interplab.sae.train import SAETrainConfig, train_saes
 
     sae = create_sae(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2, hook_name=HOOK))
     good = torch.randn(64, 8)
@@ -330,6 +345,6 @@ def test_nan_in_sae_training_input_is_caught_at_the_input():
     bad[5, 3] = float("nan")
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     with pytest.raises(ActivationDataError, match=r"nan.*batch 1 .*row 5"):
-        train_saes(sae, [{HOOK: good}, {HOOK: bad}], TrainConfig(total_steps=5, autocast=False))
+        train_saes(sae, [{HOOK: good}, {HOOK: bad}], SAETrainConfig(total_steps=5, autocast=False))
     assert all(torch.isfinite(v).all() for v in sae.state_dict().values())
     assert before.keys() == sae.state_dict().keys()

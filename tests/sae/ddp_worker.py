@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from interplab.sae import SAEConfig, create_sae
 from interplab.sae.recovery import SyntheticFeatures
-from interplab.sae.train import TrainConfig, train_saes
+from interplab.sae.train import SAETrainConfig, train_saes
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -17,7 +17,7 @@ sae = create_sae(
     SAEConfig(d_in=16, d_sae=64, architecture=sys.argv[2], k=4 if sys.argv[2] == "topk" else None)
 )
 batches = [{"x": b["x"][rank::world]} for b in SyntheticFeatures(n_features=32, d=16).batches(64, 20, seed=5)]
-cfg = TrainConfig(
+cfg = SAETrainConfig(
     total_steps=20,
     lr=1e-2,
     coefficient=0.1,

@@ -240,3 +240,16 @@ def test_a_cache_killed_before_its_first_manifest_starts_again(tiny_model, tmp_p
     res = cache_activations(tiny_model, token_batches(3), HOOKS, folder, shard_rows=100)
     assert res.rows == 3 * 60 and DiskActivationStore(folder).rows == 3 * 60
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_the_manifest_is_an_activation_cache_of_the_run_contract(tiny_model, tmp_path):
+    from interplab.runs import VERSIONS, CacheRun, Kind, detect
+
+    cache_activations(tiny_model, token_batches(2), HOOKS, tmp_path / "c", shard_rows=100)
+    run = CacheRun.open(tmp_path / "c")
+    assert run.manifest["kind"] == Kind.ACTIVATION_CACHE.value
+    assert run.manifest["version"] == VERSIONS[Kind.ACTIVATION_CACHE]
+    file = tmp_path / "c" / "manifest.json"
+    old = {k: v for k, v in json.loads(file.read_text()).items() if k != "kind"}  # before kinds
+    file.write_text(json.dumps(old))
+    assert detect(tmp_path / "c") is Kind.ACTIVATION_CACHE

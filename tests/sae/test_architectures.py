@@ -5,7 +5,7 @@ from torch.testing import assert_close
 from interplab.sae import Architecture, SAEConfig, create_sae, register_architecture, registered_architectures
 from interplab.sae.architectures import JumpReLUSAE, ReLUSAE
 from interplab.sae.kernels import scatter_latents, sparse_decode, topk_encode
-from interplab.sae.train import TrainConfig, train_saes
+from interplab.sae.train import SAETrainConfig, train_saes
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
 
@@ -248,7 +248,7 @@ def test_jumprelu_threshold_stays_non_negative_and_trains_from_zero(init):
     x = torch.randn(256, 16)
     for coefficient, check in ((0.0, "non_negative"), (0.5, "rises")):
         sae = make("jumprelu", jumprelu_init_threshold=init)
-        cfg = TrainConfig(total_steps=40, lr=0.05, warmup_steps=1, coefficient=coefficient, autocast=False)
+        cfg = SAETrainConfig(total_steps=40, lr=0.05, warmup_steps=1, coefficient=coefficient, autocast=False)
         train_saes(sae, [{"x": x}] * 40, cfg)
         assert float(sae.threshold.detach().min()) >= 0.0
         assert float(sae.encode(x).detach().min()) >= 0.0

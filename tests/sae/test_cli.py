@@ -109,6 +109,10 @@ def test_cache_train_eval(setup):
     )
     report = json.loads((t / "run" / "eval" / "report.json").read_text())
     assert [p["name"] for p in report["saes"]] == names
+    assert report["kind"] == "sae_eval" and isinstance(report["version"], int)  # the run contract
+    for name in names:
+        assert json.loads((t / "run" / "eval" / name / "report.json").read_text())["kind"] == "sae_eval"
+    assert json.loads((t / "run" / "config.json").read_text())["kind"] == "sae_train"
     assert all(0 <= p["l0"] <= 4 for p in report["saes"])
     assert (t / "run" / "eval" / "frontier_fvu.html").exists()
 

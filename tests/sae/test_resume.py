@@ -8,7 +8,7 @@ import torch
 
 from interplab.sae import SAEConfig, create_sae, load_sae
 from interplab.sae.recovery import SyntheticFeatures
-from interplab.sae.train import TrainConfig, train_saes
+from interplab.sae.train import SAETrainConfig, train_saes
 from interplab.train.checkpoint import list_checkpoints
 
 HOOK = "blocks.0.hook_resid_post"
@@ -52,7 +52,7 @@ def _cfgs(**changes):
         coefficient_warmup_steps=4,
         autocast=False,
     )
-    return {"topk": TrainConfig(**base), "relu": TrainConfig(**{**base, **changes})}
+    return {"topk": SAETrainConfig(**base), "relu": SAETrainConfig(**{**base, **changes})}
 
 
 def _metric_rows(run):
@@ -133,7 +133,7 @@ def test_finished_run_rerun_changes_nothing(straight, tmp_path):
     ("change", "named"),
     [
         (lambda: (_saes(0), _cfgs(lr=1e-3)), "train.relu.lr=0.003, this run asks for 0.001"),
-        (lambda: (_saes(0), {**_cfgs(), "topk": TrainConfig(total_steps=20)}), "train.topk"),
+        (lambda: (_saes(0), {**_cfgs(), "topk": SAETrainConfig(total_steps=20)}), "train.topk"),
         (
             lambda: (
                 {**_saes(0), "relu": create_sae(SAEConfig(d_in=12, d_sae=96, hook_name=HOOK))},
@@ -183,3 +183,20 @@ def test_keep_checkpoints_prunes_the_oldest(tmp_path):
     run = tmp_path / "run"
     train_saes(_saes(0), _batches(), _cfgs(), run_dir=run, keep_checkpoints=2)
     assert [c.step for c in list_checkpoints(run)] == [21, 24]
+
+
+def test_a_run_with_old_checkpoint_names_and_no_kinds_resumes(straight, tmp_path):
+    """Folders of earlier versions: 8-digit checkpoint names (``step_00000007``) and a train_summary without
+    ``kind``; the run resumes from that checkpoint bit-exactly and `SAERun` reads it."""
+    from interplab.runs import Kind, SAERun, checkpoint_name, detect_document
+
+    run = tmp_path / "run"
+    train_saes(_saes(0), _batches(), _cfgs(), run_dir=run, stop_after=7)
+    (run / "checkpoints" / checkpoint_name(7)).rename(run / "checkpoints" / "step_00000007")
+    train_saes(_saes(99), _batches(), _cfgs(), run_dir=run)
+    _assert_same_run(straight[0], run)
+    assert sorted(SAERun.open(run).saes) == ["relu", "topk"]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["kind"] == Kind.SAE_TRAIN_SUMMARY.value and isinstance(summary["version"], int)
+    legacy = {k: v for k, v in summary.items() if k not in ("kind", "version")}
+    assert detect_document("train_summary.json", legacy) is Kind.SAE_TRAIN_SUMMARY

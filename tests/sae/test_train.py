@@ -13,8 +13,8 @@ from interplab.sae.config import Architecture
 from interplab.sae.recovery import SyntheticFeatures, feature_recovery
 from interplab.sae.train import (
     DEFAULT_COEFFICIENTS,
-    TrainConfig,
-    TrainProgress,
+    SAETrainConfig,
+    SAETrainProgress,
     _step,
     _Trainer,
     resample_dead,
@@ -34,7 +34,7 @@ def test_recovers_planted_features(arch, k, coefficient, steps, seed):
     for every seed (directions, data and the SAE's initial weights all change with it)."""
     syn = SyntheticFeatures(n_features=256, d=64, probability=1 / 32, seed=seed)
     sae = create_sae(SAEConfig(d_in=64, d_sae=512, architecture=arch, k=k), seed=seed)
-    cfg = TrainConfig(
+    cfg = SAETrainConfig(
         total_steps=steps,
         lr=8e-3,
         coefficient=coefficient,
@@ -53,7 +53,7 @@ def test_recovers_planted_features(arch, k, coefficient, steps, seed):
 
 
 def test_schedules():
-    cfg = TrainConfig(
+    cfg = SAETrainConfig(
         total_steps=100,
         lr=1.0,
         warmup_steps=10,
@@ -66,7 +66,7 @@ def test_schedules():
     assert cfg.lr_at(90) == pytest.approx(0.5)
     assert cfg.coefficient_at(1) == pytest.approx(1.0) and cfg.coefficient_at(10) == 2.0
     with pytest.raises(ValueError, match="total_steps must be > 0, got 0"):
-        TrainConfig(total_steps=0)
+        SAETrainConfig(total_steps=0)
 
 
 def test_joint_training_equals_separate_runs():
@@ -74,8 +74,8 @@ def test_joint_training_equals_separate_runs():
     syn = SyntheticFeatures(n_features=32, d=16)
     batches = list(syn.batches(64, 15, seed=2))
     cfgs = {
-        "a": TrainConfig(total_steps=15, coefficient=0.1, autocast=False, log_every=5),
-        "b": TrainConfig(total_steps=10, lr=1e-3, autocast=False, log_every=5),  # TopK: coefficient unused
+        "a": SAETrainConfig(total_steps=15, coefficient=0.1, autocast=False, log_every=5),
+        "b": SAETrainConfig(total_steps=10, lr=1e-3, autocast=False, log_every=5),  # TopK: coefficient unused
     }
     archs = {"a": ("relu", None), "b": ("topk", 4)}
 
@@ -99,8 +99,8 @@ def test_run_dir_log_checkpoints_and_progress(tmp_path):
     sae = create_sae(
         SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4, hook_name="blocks.0.hook_resid_post")
     )
-    seen: list[TrainProgress] = []
-    cfg = TrainConfig(total_steps=12, log_every=4, checkpoint_every=6)
+    seen: list[SAETrainProgress] = []
+    cfg = SAETrainConfig(total_steps=12, log_every=4, checkpoint_every=6)
     train_saes(
         {"l0": sae},
         syn.batches(32, 12, key="blocks.0.hook_resid_post"),
@@ -129,7 +129,7 @@ def test_transcoder_trains_on_its_output_site():
         SAEConfig(d_in=d, d_sae=64, hook_name="blocks.0.hook_mlp_in", hook_name_out="blocks.0.hook_mlp_out")
     )
     # dense Gaussian inputs: no sparse structure, so a light L1 (the default would trade FVU 0.33 for L0 13)
-    cfg = TrainConfig(total_steps=120, lr=1e-2, log_every=20, b_dec_init="mean", coefficient=0.1)
+    cfg = SAETrainConfig(total_steps=120, lr=1e-2, log_every=20, b_dec_init="mean", coefficient=0.1)
     r = train_saes(sae, batches, cfg)
     assert r.final("sae")["fvu"] < 0.1 < r.history[0]["fvu"]
 
@@ -148,7 +148,7 @@ def test_resampling_resets_every_parameter_of_a_dead_latent(arch):
     b_mag, JumpReLU's threshold, b_enc) back at its initial value, with zeroed Adam moments; live latents are
     untouched."""
     sae = _sae(arch)
-    t = _Trainer("s", sae, TrainConfig(total_steps=10, dead_after_tokens=100, coefficient=0.1))
+    t = _Trainer("s", sae, SAETrainConfig(total_steps=10, dead_after_tokens=100, coefficient=0.1))
     batches = list(SyntheticFeatures(n_features=32, d=16).batches(128, 3))
     for step, batch in enumerate(batches):  # real training: every parameter and Adam moment moves
         _step(t, batch, step)
@@ -177,12 +177,12 @@ def test_resampling_resets_every_parameter_of_a_dead_latent(arch):
 
 
 def test_resampling_schedule_skips_the_final_stretch():
-    cfg = TrainConfig(total_steps=300, resample_every=100)
+    cfg = SAETrainConfig(total_steps=300, resample_every=100)
     assert [s for s in range(1, 301) if cfg.resamples_at(s)] == [100, 200]
-    cfg = TrainConfig(total_steps=1000, resample_every=50)  # the last 10% (100 steps) is longer
+    cfg = SAETrainConfig(total_steps=1000, resample_every=50)  # the last 10% (100 steps) is longer
     assert [s for s in range(1, 1001) if cfg.resamples_at(s)][-1] == 900
-    assert not any(TrainConfig(total_steps=40, resample_every=40).resamples_at(s) for s in range(1, 41))
-    default = TrainConfig(total_steps=400)  # resample_every None: total_steps // 4
+    assert not any(SAETrainConfig(total_steps=40, resample_every=40).resamples_at(s) for s in range(1, 41))
+    default = SAETrainConfig(total_steps=400)  # resample_every None: total_steps // 4
     assert [s for s in range(1, 401) if default.resamples_at(s)] == [100, 200, 300]
 
 
@@ -202,7 +202,7 @@ def test_no_resampling_on_the_last_step_and_the_final_row_is_the_returned_sae(ar
     monkeypatch.setattr(train_mod, "resample_dead", spy)
     batches = list(SyntheticFeatures(n_features=32, d=16).batches(64, 40, seed=3))
     sae = _sae(arch)
-    cfg = TrainConfig(total_steps=40, resample_every=10, dead_after_tokens=64, stats_every=1, lr=1e-2)
+    cfg = SAETrainConfig(total_steps=40, resample_every=10, dead_after_tokens=64, stats_every=1, lr=1e-2)
     result = train_saes(sae, batches, cfg)
     assert calls == [10, 20, 30]
     _assert_final_row_is(result.final("sae"), sae, batches[-1]["x"])
@@ -224,14 +224,17 @@ def _assert_final_row_is(row, sae, x):
 def test_final_row_describes_the_returned_sae_also_when_batches_run_out(arch):
     batches = list(SyntheticFeatures(n_features=32, d=16).batches(64, 7, seed=4))
     sae = _sae(arch)
-    result = train_saes(sae, batches, TrainConfig(total_steps=20, log_every=5, coefficient=0.05))
+    result = train_saes(sae, batches, SAETrainConfig(total_steps=20, log_every=5, coefficient=0.05))
     assert [r["step"] for r in result.history] == [5, 7] and result.steps == 7
     _assert_final_row_is(result.final("sae"), sae, batches[-1]["x"])
 
 
 def test_joint_run_logs_no_rows_after_a_shorter_sae_stopped():
     batches = list(SyntheticFeatures(n_features=32, d=16).batches(64, 15, seed=2))
-    cfgs = {"a": TrainConfig(total_steps=15, log_every=5), "b": TrainConfig(total_steps=10, log_every=5)}
+    cfgs = {
+        "a": SAETrainConfig(total_steps=15, log_every=5),
+        "b": SAETrainConfig(total_steps=10, log_every=5),
+    }
     result = train_saes({"a": _sae("topk"), "b": _sae("relu")}, batches, cfgs)
     assert [r["step"] for r in result.history if r["sae"] == "b"] == [5, 10]
     _assert_final_row_is(result.final("b"), result.saes["b"], batches[9]["x"])
@@ -245,7 +248,9 @@ def test_same_config_and_seed_give_bit_identical_saes(arch):
 
     def run(seed):
         sae = _sae(arch, seed=seed)
-        cfg = TrainConfig(total_steps=30, resample_every=10, dead_after_tokens=64, stats_every=1, seed=seed)
+        cfg = SAETrainConfig(
+            total_steps=30, resample_every=10, dead_after_tokens=64, stats_every=1, seed=seed
+        )
         train_saes(sae, batches, cfg)
         return sae.state_dict()
 
@@ -263,7 +268,7 @@ def test_default_coefficient_follows_the_data_scale(arch, power):
     rows = []
     for scale in (1.0, 10.0):
         result = train_saes(
-            _sae(arch), [{"x": x * scale + 3.0}], TrainConfig(total_steps=1, b_dec_init="mean")
+            _sae(arch), [{"x": x * scale + 3.0}], SAETrainConfig(total_steps=1, b_dec_init="mean")
         )
         rows.append(result.final("sae")["coefficient"])
     base = DEFAULT_COEFFICIENTS[Architecture.parse(arch)]
@@ -272,20 +277,20 @@ def test_default_coefficient_follows_the_data_scale(arch, power):
     if arch != "topk":
         assert rows[0] > 0
     with pytest.raises(ValueError, match="coefficient must be >= 0"):
-        TrainConfig(total_steps=1, coefficient=-1.0)
+        SAETrainConfig(total_steps=1, coefficient=-1.0)
 
 
 def test_default_dead_window_follows_the_run():
-    assert TrainConfig(total_steps=300).dead_after(1024) == 30 * 1024
-    assert TrainConfig(total_steps=10**6).dead_after(4096) == 10_000_000
-    assert TrainConfig(total_steps=5).dead_after(64) == 64
-    assert TrainConfig(total_steps=300, dead_after_tokens=7).dead_after(1024) == 7
+    assert SAETrainConfig(total_steps=300).dead_after(1024) == 30 * 1024
+    assert SAETrainConfig(total_steps=10**6).dead_after(4096) == 10_000_000
+    assert SAETrainConfig(total_steps=5).dead_after(64) == 64
+    assert SAETrainConfig(total_steps=300, dead_after_tokens=7).dead_after(1024) == 7
 
 
 def test_missing_hook_in_batches_is_a_clear_error():
     sae = create_sae(SAEConfig(d_in=16, d_sae=64, hook_name="blocks.1.hook_resid_post"))
     with pytest.raises(KeyError, match="no 'blocks.1.hook_resid_post'.*blocks.0.hook_resid_post"):
-        train_saes(sae, [{"blocks.0.hook_resid_post": torch.randn(8, 16)}], TrainConfig(total_steps=1))
+        train_saes(sae, [{"blocks.0.hook_resid_post": torch.randn(8, 16)}], SAETrainConfig(total_steps=1))
 
 
 @pytest.mark.parametrize("arch", ["relu", pytest.param("topk", marks=pytest.mark.slow)])
@@ -310,7 +315,7 @@ def test_torchrun_data_parallel_equals_one_process(arch, tmp_path):
     torch.manual_seed(0)
     single = create_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, k=4 if arch == "topk" else None))
     batches = list(SyntheticFeatures(n_features=32, d=16).batches(64, 20, seed=5))
-    cfg = TrainConfig(
+    cfg = SAETrainConfig(
         total_steps=20,
         lr=1e-2,
         coefficient=0.1,
@@ -328,7 +333,7 @@ def test_torchrun_data_parallel_equals_one_process(arch, tmp_path):
 def test_every_row_has_measured_metrics_when_log_every_is_not_a_multiple_of_stats_every():
     """A row whose window had no sampled step used to report fvu = l0 = 0."""
     batches = list(SyntheticFeatures(n_features=32, d=16).batches(64, 9, seed=9))
-    result = train_saes(_sae("relu"), batches, TrainConfig(total_steps=9, log_every=1, stats_every=4))
+    result = train_saes(_sae("relu"), batches, SAETrainConfig(total_steps=9, log_every=1, stats_every=4))
     assert [r["step"] for r in result.history] == list(range(1, 10))
     assert all(r["fvu"] > 0 and r["l0"] > 0 for r in result.history)
 
@@ -343,7 +348,7 @@ def test_trained_threshold_saes_encode_the_same_in_saelens(arch, tmp_path):
 
     x = next(SyntheticFeatures(n_features=32, d=16).batches(256, 1, seed=10))["x"]
     sae = _sae(arch)
-    train_saes(sae, [{"x": x}] * 30, TrainConfig(total_steps=30, lr=0.05, warmup_steps=1, coefficient=0.0))
+    train_saes(sae, [{"x": x}] * 30, SAETrainConfig(total_steps=30, lr=0.05, warmup_steps=1, coefficient=0.0))
     sae.save(tmp_path / arch)
     save_file({"x": x}, str(tmp_path / arch / "inputs.safetensors"))
     script = str(Path(__file__).parent / "saelens_check.py")

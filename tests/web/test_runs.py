@@ -165,3 +165,40 @@ def test_home_lists_a_run_once_with_its_parts(tmp_path, web_setup):
 )
 def test_numbers_are_formatted(value, shown):
     assert format_number(value) == shown
+
+
+def test_folders_are_what_the_run_contract_says(tmp_path):
+    """Each folder is recognised by `interplab.runs.detect` (kind-tagged or written before kinds existed):
+    analysis runs are runs, an activation cache is not listed, a .db that is not SQLite is no database."""
+    from interplab import runs
+    from interplab.runs import Kind
+    from interplab.web.runs import contents, find_artifacts
+
+    root = tmp_path / "runs"
+    patch = root / "patch"
+    runs.write_json(patch / runs.CONFIG, Kind.PATCH, {"model": "m", "target": "z"})
+    runs.write_json(patch / runs.REPORT, Kind.PATCH, {"seconds": 1.5})
+    (patch / "fake.db").write_text("not SQLite")
+    legacy = root / "scrub"  # as interplab wrote it before every JSON carried kind and version
+    (legacy / "h").mkdir(parents=True)
+    (legacy / "config.json").write_text(json.dumps({"command": "scrub", "n_examples": 10}))
+    (legacy / "h" / "report.json").write_text(json.dumps({"kind": "scrub", "n_examples": 10}))
+    attributed = root / "trained"
+    (attributed / "attribution" / "new").mkdir(parents=True)
+    (attributed / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    runs.write_json(attributed / "attribution" / "new" / runs.REPORT, Kind.ATTRIBUTION, {"target": "t"})
+    cache = root / "cache"
+    runs.write_json(cache / runs.MANIFEST, Kind.ACTIVATION_CACHE, {"hooks": {}, "shards": []})
+    (cache / "inner").mkdir()
+    (cache / "inner" / "log.jsonl").write_text('{"step": 1}\n')
+    found = {a.name: (a.kind, a.what) for a in find_artifacts([root])}
+    assert found == {
+        "runs/patch": ("run", "an activation-patching run"),
+        "runs/scrub": ("run", "a causal-scrubbing run"),
+        "runs/trained": ("run", ""),
+    }
+    resolved = root.resolve()
+    assert contents(patch.resolve(), resolved)["databases"] == []
+    assert contents(attributed.resolve(), resolved)["attributions"] == [
+        (attributed / "attribution" / "new").resolve()
+    ]

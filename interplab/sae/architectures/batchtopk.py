@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from interplab.sae.architectures.topk import aux_k_loss
-from interplab.sae.base import SAE
+from interplab.sae.base import SAE, TrainStep
 from interplab.sae.config import Architecture, SAEConfig
 from interplab.sae.registry import register_architecture
 
@@ -31,7 +31,7 @@ class BatchTopKSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu() * (pre > self.threshold.to(pre.dtype)).to(pre.dtype)
 
-    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
         x_in, b_enc = self._encoder_input_and_bias(x_s)
         pre = torch.addmm(b_enc, x_in, self.W_enc).relu()
         flat = pre.flatten()
@@ -45,4 +45,4 @@ class BatchTopKSAE(SAE):
                 self.threshold.mul_(1 - rate).add_(rate * positive.min().float())
         recon = torch.addmm(self.b_dec, acts, self.W_dec).float()
         aux = aux_k_loss(self, x_in, b_enc, target - recon.detach(), dead_mask)
-        return recon, acts, recon.new_zeros(()), aux, None
+        return TrainStep(reconstruction=recon, feature_acts=acts, sparsity=recon.new_zeros(()), aux=aux)

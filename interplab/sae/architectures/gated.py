@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from interplab.sae.base import SAE
+from interplab.sae.base import SAE, TrainStep
 from interplab.sae.config import Architecture, SAEConfig
 from interplab.sae.registry import register_architecture
 
@@ -34,7 +34,7 @@ class GatedSAE(SAE):
         mag = (pre * self.r_mag.exp().to(pre.dtype) + self.b_mag.to(pre.dtype)).relu()
         return gate * mag
 
-    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
         x_in = self._sub_b_dec(x_s)
         proj = x_in @ self.W_enc
         pi_gate = proj + self.b_enc
@@ -46,4 +46,4 @@ class GatedSAE(SAE):
         # the gate path alone must reconstruct too (frozen decoder), so the gate learns which latents matter
         aux_recon = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         aux = (aux_recon.float() - target).pow(2).sum(-1).mean()
-        return recon, acts, l1, aux, None
+        return TrainStep(reconstruction=recon, feature_acts=acts, sparsity=l1, aux=aux)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from interplab.sae.base import SAE
+from interplab.sae.base import SAE, TrainStep
 from interplab.sae.config import Architecture, SAEConfig
 from interplab.sae.registry import register_architecture
 
@@ -83,7 +83,7 @@ class JumpReLUSAE(SAE):
         super().apply_constraints()
         self.threshold.clamp_(min=0.0)
 
-    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
         with torch.no_grad():  # projected on the data, not clamped in the graph (see the module docstring)
             self.threshold.clamp_(min=0.0)
         x_in = self._sub_b_dec(x_s)
@@ -92,4 +92,4 @@ class JumpReLUSAE(SAE):
         acts = _JumpReLU.apply(pre, t, self.cfg.jumprelu_bandwidth)
         recon = (acts @ self.W_dec + self.b_dec).float()
         l0 = _Step.apply(pre, t, self.cfg.jumprelu_bandwidth).sum(-1).mean()
-        return recon, acts, l0, recon.new_zeros(()), None
+        return TrainStep(reconstruction=recon, feature_acts=acts, sparsity=l0, aux=recon.new_zeros(()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from interplab.sae.base import SAE
+from interplab.sae.base import SAE, TrainStep
 from interplab.sae.config import Architecture
 from interplab.sae.registry import register_architecture
 
@@ -17,11 +17,11 @@ class ReLUSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
 
-    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
         x_in, b_enc = self._encoder_input_and_bias(x_s)
         # addmm keeps the whole product in the autocast dtype (x @ W + b would promote it back to float32)
         acts = torch.addmm(b_enc, x_in, self.W_enc).relu()
         recon = torch.addmm(self.b_dec, acts, self.W_dec).float()
         # sum_i |a_i| * ||W_dec[i]||: scale-invariant, so shrinking the encoder cannot game the penalty
         l1 = (acts @ self.W_dec.norm(dim=-1)).float().mean()
-        return recon, acts, l1, recon.new_zeros(()), None
+        return TrainStep(reconstruction=recon, feature_acts=acts, sparsity=l1, aux=recon.new_zeros(()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from interplab.sae.base import SAE
+from interplab.sae.base import SAE, TrainStep
 from interplab.sae.config import Architecture
 from interplab.sae.kernels import scatter_latents, sparse_decode, topk_encode
 from interplab.sae.registry import register_architecture
@@ -25,14 +25,20 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return scatter_latents(vals.relu(), idx, self.cfg.d_sae)
 
-    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None):
+    def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
         x_in, b_enc = self._encoder_input_and_bias(x_s)
         x2 = x_in.reshape(-1, x_in.shape[-1])
         vals, idx = topk_encode(x2, self.W_enc, b_enc, self.cfg.k)
         recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         counts = torch.bincount(idx[vals > 0], minlength=self.cfg.d_sae)
         aux = aux_k_loss(self, x2, b_enc, target.reshape(-1, target.shape[-1]) - recon.detach(), dead_mask)
-        return recon, None, recon.new_zeros(()), aux, counts
+        return TrainStep(
+            reconstruction=recon,
+            feature_acts=None,
+            sparsity=recon.new_zeros(()),
+            aux=aux,
+            latent_counts=counts,
+        )
 
 
 def aux_k_loss(sae: SAE, x_in: Tensor, b_enc: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:

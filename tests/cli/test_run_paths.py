@@ -1,0 +1,41 @@
+"""Commands that take a model accept a training run folder: they load its final/ and say so; a run without
+final/ ends in one line naming the checkpoint to load instead."""
+
+from __future__ import annotations
+
+import torch
+from typer.testing import CliRunner
+
+from interplab.cli.main import app
+from interplab.model import ModelConfig, Transformer
+from interplab.train import TrainConfig
+from interplab.train.checkpoint import checkpoint_dir, save_checkpoint
+
+
+def _run_folder(root, final: bool):
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=20, n_ctx=16, d_mlp=32)
+    run = root / ("done" if final else "stopped")
+    TrainConfig(model=cfg, data={"seq_len": 16}, steps=4).to_json(run / "config.json")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    save_checkpoint(run, 2, model, None, {"tokens": 0})
+    if final:
+        model.save(run / "final")
+    return run
+
+
+def test_info_on_a_run_loads_its_final_model_and_says_so(tmp_path):
+    run = _run_folder(tmp_path, final=True)
+    result = CliRunner().invoke(app, ["info", str(run), "--no-hooks"])
+    assert result.exit_code == 0, result.output
+    assert f"loaded {run / 'final'}" in result.stdout
+    plain = CliRunner().invoke(app, ["info", str(run / "final"), "--no-hooks"])
+    assert plain.exit_code == 0 and "loaded" not in plain.stdout  # nothing to say when the path is the model
+
+
+def test_info_on_an_unfinished_run_names_its_latest_checkpoint(tmp_path):
+    run = _run_folder(tmp_path, final=False)
+    result = CliRunner().invoke(app, ["info", str(run)])
+    err = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(err) == 1, result.output
+    assert "no final/ yet" in err[0] and str(checkpoint_dir(run, 2)) in err[0]
