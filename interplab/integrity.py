@@ -113,5 +113,5 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor], extra: Any = None) 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """`tensors_fingerprint` of a module's state dict and its ``cfg`` (as a dict) where it has one."""
     cfg = getattr(module, "cfg", None)
-    extra = cfg.to_dict() if hasattr(cfg, "to_dict") else None
+    extra = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else None
     return tensors_fingerprint(dict(module.state_dict()), extra)

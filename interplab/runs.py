@@ -456,7 +456,7 @@ def _expect(path: str | Path, kinds: Iterable[Kind], hint: str = "") -> tuple[Pa
             f"{path} is {describe(path)}; expected {' or '.join(k.label for k in kinds)}"
             + (f" ({hint})" if hint else "")
         )
-    return path, kind  # type: ignore[return-value]
+    return path, kind
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

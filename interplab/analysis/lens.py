@@ -141,9 +141,10 @@ def _direction(model: Transformer, answer: Tensor, wrong: Tensor, batch: int) ->
     u = (model.W_U[:, a] - model.W_U[:, b]).T  # batch d_model
     bias = model.unembed.b_U[a] - model.unembed.b_U[b]
     norm = model.ln_final
-    if hasattr(norm, "w"):
-        bias = bias + (getattr(norm, "b", torch.zeros_like(norm.w)) * u).sum(-1)
-        u = u * norm.w
+    w = getattr(norm, "w", None)
+    if w is not None:
+        bias = bias + (getattr(norm, "b", torch.zeros_like(w)) * u).sum(-1)
+        u = u * w
     return u, bias
 
 

@@ -105,7 +105,9 @@ def run_metric(
     """One run: metric values [batch], a cache of ``names`` and the logits. A `PositionMetric` has only its
     read positions unembedded (the logits are then None)."""
     b, n_pos = tokens.shape
-    kw = dict(attention_mask=attention_mask, grad=grad, fwd_hooks=fwd_hooks, kv_cache=kv_cache)
+    kw: dict[str, Any] = dict(
+        attention_mask=attention_mask, grad=grad, fwd_hooks=fwd_hooks, kv_cache=kv_cache
+    )
     if isinstance(metric, PositionMetric):
         resid, cache = model.run_with_cache(tokens, list(names), stop_at_layer=model.cfg.n_layers, **kw)
         read = metric.read_positions(b, n_pos, resid.device)
@@ -198,6 +200,7 @@ class _BaseRun:
     def _metric(self, out: Tensor, n: int, p0: int, kept: bool) -> Tensor:
         b = self.tokens.shape[0]
         if self.read_pos is not None:
+            assert isinstance(self.metric, PositionMetric)  # read positions come from a PositionMetric
             rel = self.read_pos - p0
             if kept:
                 rows = out.view(n, b, -1)
@@ -211,6 +214,7 @@ class _BaseRun:
             return torch.where(rel >= 0, vals, self.values)
         logits = self.model.unembed_resid(out)
         if p0 > 0:
+            assert self.logits is not None  # kept for every metric but a PositionMetric
             logits = torch.cat([self.logits[:, :p0].repeat(n, 1, 1), logits], dim=1)
         return torch.stack(
             [check_metric_output(self.metric(logits[i * b : (i + 1) * b]), b) for i in range(n)]

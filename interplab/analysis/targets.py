@@ -158,7 +158,7 @@ def plan_patches(
         for i in idx:
             if not isinstance(i, int) or not 0 <= i < units:
                 raise ValueError(f"unknown {what} index {i!r}: layers have {units} {what}s (0..{units - 1})")
-    pos_axis: list[int | None] = pos_list if by_position else [None]
+    pos_axis: list[int | None] = list(pos_list) if by_position else [None]
     patches = [Patch(layer, p, i) for layer in layers for p in pos_axis for i in idx]
     dims = ["layer"] + (["pos"] if by_position else [])
     shape = [len(layers)] + ([len(pos_list)] if by_position else [])

@@ -84,7 +84,7 @@ class Spec:
             inner = value.value if isinstance(value, AtPositions) else value
             if isinstance(inner, Spec) and inner.input.shape != self.input.shape:
                 raise ValueError(
-                    f"patch for {edge.name} has batch {tuple(value.input.shape)}, "
+                    f"patch for {edge.name} has batch {tuple(inner.input.shape)}, "
                     f"the spec has {tuple(self.input.shape)}"
                 )
         orders = [e.receiver.order for e in self.patches]
@@ -205,6 +205,7 @@ class EdgeEngine:
             elif node.kind is NodeKind.POS_EMBED:
                 out[node.name] = cache[pos_embed].expand_as(cache[embed])
             elif node.kind is NodeKind.HEAD:
+                assert node.layer is not None  # heads and MLPs have a layer
                 b_o = model.blocks[node.layer].attn.b_O / cfg.n_heads
                 out[node.name] = cache[Site(SiteKind.RESULT, node.layer).name][:, :, node.head] + b_o
                 if node.head == 0:  # heads of a layer share resid_pre: one copy per layer
@@ -272,6 +273,7 @@ class EdgeEngine:
             return memo[key][1]
         x = self._slot_input(node, Slot.IN, spec, memo)
         if node.kind is NodeKind.MLP:
+            assert node.layer is not None  # heads and MLPs have a layer
             block = self.model.blocks[node.layer]
             out = block.mlp(block.ln2(x))
         else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from interplab.model.config import ModelConfig
+from interplab.model.config import ModelConfig, Norm
 from interplab.model.transformer import Transformer
 
 PLANTED_EDGES = ("embed->a0.0.v", "a0.0->a1.0.k", "embed->a1.0.q", "embed->a1.0.v", "a1.0->logits")
@@ -51,7 +51,7 @@ def planted_induction(
         d_vocab=v,
         n_ctx=t,
         attn_only=True,
-        normalization="none",
+        normalization=Norm.NONE,
         attn_scale=1.0,
         name="planted-induction",
     )

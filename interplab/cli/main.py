@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 try:  # typer >= 0.2x ships its own copy of click
     from typer._click import exceptions as cx
 except ImportError:  # pragma: no cover - older typer runs on click itself
-    from click import exceptions as cx
+    from click import exceptions as cx  # type: ignore[no-redef]
 
 import interplab.cli
 from interplab.cli.common import CommandError, UsageError
@@ -113,7 +113,7 @@ _PASS = tuple(
 class ErrorBoundary(TyperGroup):
     """The root group: runs the chosen command and turns any exception into one line and an exit code."""
 
-    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
+    def make_context(self, info_name, args, parent=None, **extra):
         try:  # options of `interplab` itself (--debug, or a typo before the command)
             return super().make_context(info_name, args, parent=parent, **extra)
         except _PASS:

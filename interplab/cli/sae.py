@@ -238,7 +238,7 @@ def train(
         fail("give exactly one of --model (stream) or --cache (read a cache)")
     try:
         cfg = SAESweepConfig(
-            architecture=arch,
+            architecture=Architecture.parse(arch),
             expansion=expansion,
             k=k,
             coefficient=coefficient,

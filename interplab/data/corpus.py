@@ -238,7 +238,7 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _sorted_under(root: Path, files) -> tuple[str, ...]:
+def _sorted_under(root: Path, files: list[Path]) -> tuple[str, ...]:
     return tuple(str(f) for f in sorted(files, key=lambda f: f.relative_to(root).as_posix()))
 
 
@@ -260,14 +260,14 @@ def open_corpus(source: str | Path, *, val_fraction: float = 0.05) -> Corpus:
             f"corpus {str(source)!r} does not exist (give a file, a folder, or {STDLIB!r})"
         )
     if path.is_dir():
-        common = dict(name=str(path), val_fraction=val_fraction, root=str(path))
+        corpus = functools.partial(Corpus, name=str(path), val_fraction=val_fraction, root=str(path))
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            return Corpus(units=(str(path),), kind="hf-disk", **common)
+            return corpus(units=(str(path),), kind="hf-disk")
         jsonl = list(path.rglob("*.jsonl"))
         parquet = list(path.rglob("*.parquet"))
         if jsonl or parquet:
             kind, found = ("jsonl", jsonl) if jsonl else ("parquet", parquet)
-            return Corpus(units=_sorted_under(path, found), kind=kind, **common)
+            return corpus(units=_sorted_under(path, found), kind=kind)
         files = [
             p
             for p in path.rglob("*")
@@ -277,6 +277,6 @@ def open_corpus(source: str | Path, *, val_fraction: float = 0.05) -> Corpus:
         ]
         if not files:
             raise ValueError(f"folder {path} has no text files ({', '.join(sorted(_TEXT_SUFFIXES))})")
-        return Corpus(units=_sorted_under(path, files), kind="files", **common)
+        return corpus(units=_sorted_under(path, files), kind="files")
     kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "files")
     return Corpus(name=str(path), units=(str(path),), kind=kind, val_fraction=val_fraction, root=str(path))

@@ -50,7 +50,7 @@ class Tokenizer:
 
     def decode(self, tokens: Tensor | Sequence[int] | Sequence[Sequence[int]]) -> Any:
         """A string for one sequence, a list of strings for a batch ([batch pos] tensor or nested lists)."""
-        ids = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+        ids: list[Any] = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
         if ids and isinstance(ids[0], list):
             return [self._decode(row) for row in ids]
         return self._decode(ids)

@@ -14,7 +14,7 @@ from interplab.data_attribution import methods
 from interplab.data_attribution.evaluate import lds
 from interplab.data_attribution.params import param_group
 from interplab.data_attribution.per_example import objective_grad, per_example_grads
-from interplab.data_attribution.projection import Projector
+from interplab.data_attribution.projection import ProjectionKind, Projector
 
 
 def digits(n_train: int = 600, n_test: int = 64, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -132,7 +132,7 @@ def lds_experiment(
     group = param_group(full, "all")
     train_g = per_example_grads(full, example_loss, (x, y), group)
     test_g = per_example_grads(full, example_loss, (xt, yt), group)
-    proj = Projector(d_in=group.numel, dim=proj_dim, seed=seed, kind="gaussian")
+    proj = Projector(d_in=group.numel, dim=proj_dim, seed=seed, kind=ProjectionKind.GAUSSIAN)
     scores: dict[str, Tensor] = {
         "influence": methods.influence(hessian_of_mean_loss(full, x, y, l2), train_g, test_g),
         "grad_dot": methods.grad_dot(train_g, test_g),

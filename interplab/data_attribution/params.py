@@ -47,7 +47,7 @@ class ParamGroup:
         parts = []
         for s in self.slices:
             g = grads[s.name]
-            if s.dim is not None:
+            if s.dim is not None and s.index is not None:  # set together (one head or neuron)
                 g = g.select(s.dim + (1 if batched else 0), s.index)
             parts.append(g.reshape(g.shape[0], -1) if batched else g.reshape(-1))
         return torch.cat(parts, dim=-1)

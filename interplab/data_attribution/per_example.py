@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from interplab.data_attribution.params import ParamGroup
+from interplab.model.transformer import Transformer
 
 #: an objective: (model, one example's tensors without a batch dim...) -> scalar
 Objective = Callable[..., Tensor]
@@ -28,7 +29,7 @@ M = TypeVar("M", bound=nn.Module)
 def logits_of(model: nn.Module, tokens: Tensor) -> Tensor:
     """The model's logits for ``tokens [batch pos]`` without the forward's input checks (which read tensor values
     and so cannot run under vmap; `per_example_grads` checks the tokens beforehand)."""
-    if hasattr(model, "run_blocks"):
+    if isinstance(model, Transformer):
         ctx = model.context(tokens)
         return model.unembed_resid(model.run_blocks(model.embed_tokens(tokens, ctx), ctx))
     return model(tokens)
@@ -83,8 +84,8 @@ def per_example_grads(
     bytes per chunk (or ``chunk_size`` examples)."""
     examples = examples if isinstance(examples, tuple) else (examples,)
     n = examples[0].shape[0]
-    if hasattr(model, "_check_tokens") and not examples[0].is_floating_point():
-        model._check_tokens(examples[0], None)
+    if isinstance(model, Transformer) and not examples[0].is_floating_point():
+        model.check_tokens(examples[0], None)
     params = dict(model.named_parameters())
     names = group.param_names
     free = {k: params[k].detach() for k in names}

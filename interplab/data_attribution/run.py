@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -197,7 +197,7 @@ def attribute_run(
     if window == "auto":
         lo, hi = formation_window(steps_all, curve)
     else:
-        lo, hi = window  # type: ignore[misc]
+        lo, hi = cast(tuple[int, int], window)  # not "auto": a (lo, hi) pair
         if not (steps_all[0] <= lo < hi <= steps_all[-1]):
             raise ValueError(
                 f"window [{lo}, {hi}] is outside the run's checkpoints ({steps_all[0]}..{steps_all[-1]})"

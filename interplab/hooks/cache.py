@@ -170,7 +170,7 @@ class ActivationCache:
         the scale. The norm's weight and bias are not applied (fold them with `fold_layer_norm`).
         Needs ``ln_final.hook_scale`` or ``blocks.{layer}.ln1.hook_scale`` in the cache."""
         final = layer is None or layer == self.cfg.n_layers
-        norm = self.model.ln_final if final else self.model.blocks[layer].ln1
+        norm = self.model.ln_final if final or layer is None else self.model.blocks[layer].ln1
         if norm.hook_scale is None:  # no normalisation: nothing to divide by
             return stack
         return norm.divide_by_scale(stack, self[norm.hook_scale.site])

@@ -46,7 +46,11 @@ class RotaryStyle(str, Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of a decoder-style transformer (or an encoder, with ``causal=False``)."""
+    """Architecture of a decoder-style transformer (or an encoder, with ``causal=False``).
+
+    The sizes that accept ``None`` (``d_head``, ``n_kv_heads``, ``d_mlp``, ``d_vocab_out``, ``rotary_dim``,
+    ``attn_scale``) are derived in ``__post_init__``: on an instance they always hold a number, and are typed so.
+    """
 
     d_model: int
     """width of the residual stream"""
@@ -58,13 +62,13 @@ class ModelConfig:
     """input vocabulary size"""
     n_ctx: int
     """longest sequence the model accepts"""
-    d_head: int | None = None
+    d_head: int = None  # type: ignore[assignment]  # None: derived in __post_init__
     """width of each head; defaults to d_model // n_heads"""
-    n_kv_heads: int | None = None
+    n_kv_heads: int = None  # type: ignore[assignment]  # None: derived in __post_init__
     """key/value heads (grouped-query attention); defaults to n_heads"""
-    d_mlp: int | None = None
+    d_mlp: int = None  # type: ignore[assignment]  # None: derived in __post_init__
     """MLP hidden width; defaults to 4 * d_model (ignored for attention-only models)"""
-    d_vocab_out: int | None = None
+    d_vocab_out: int = None  # type: ignore[assignment]  # None: derived in __post_init__
     """output vocabulary size; defaults to d_vocab (a classifier sets e.g. 2)"""
     attn_only: bool = False
     """no MLPs at all"""
@@ -80,7 +84,7 @@ class ModelConfig:
     """extra norms on the attention and MLP outputs before they join the residual stream (Gemma-2)"""
     positional: Positional = Positional.LEARNED
     """how positions enter the model"""
-    rotary_dim: int | None = None
+    rotary_dim: int = None  # type: ignore[assignment]  # None: derived in __post_init__
     """dimensions per head that rotate; defaults to d_head (partial rotary if smaller)"""
     rotary_base: float = 10000.0
     """rotary frequency base (theta)"""
@@ -100,7 +104,7 @@ class ModelConfig:
     """causal (decoder) attention; False gives bidirectional attention"""
     smear_keys: bool = False
     """each key mixes in the previous position's key through a learned per-head gate (Olsson et al. 2022)"""
-    attn_scale: float | None = None
+    attn_scale: float = None  # type: ignore[assignment]  # None: derived in __post_init__
     """attention scores are divided by this; defaults to sqrt(d_head)"""
     attn_softcap: float | None = None
     """cap scores as softcap * tanh(scores / softcap) (Gemma-2)"""
@@ -194,7 +198,7 @@ class ModelConfig:
     @property
     def n_groups(self) -> int:
         """query heads per key/value head"""
-        return self.n_heads // self.n_kv_heads  # type: ignore[operator]
+        return self.n_heads // self.n_kv_heads
 
     def window_for(self, layer: int) -> int | None:
         """The sliding window of a layer, or None for full attention."""

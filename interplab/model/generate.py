@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from jaxtyping import Int
@@ -127,7 +127,7 @@ def generate(
             logits = model(step_input, attention_mask=step_mask, kv_cache=kv)[:, -1]
             nxt = _choose(logits, temperature, top_k, top_p, gen)
             real = ~finished
-            if stop_at_eos:
+            if stop_at_eos and eos_token_id is not None:  # (it is set whenever stop_at_eos is)
                 nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                 finished = finished | (nxt == eos_token_id)
             out = torch.cat([out, nxt[:, None]], dim=1)
@@ -144,7 +144,9 @@ def generate(
     final_mask = out_mask if out_mask is not None else torch.ones_like(out)
     text = None
     if model.tokenizer is not None:
-        text = tuple(model.to_string(row[m.bool()].tolist()) for row, m in zip(out, final_mask, strict=True))
+        text = tuple(
+            cast(str, model.to_string(row[m.bool()].tolist())) for row, m in zip(out, final_mask, strict=True)
+        )
     return Generation(out, final_mask, width, text)
 
 

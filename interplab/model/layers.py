@@ -32,11 +32,11 @@ def _hp(kind: SiteKind, layer: int | None) -> HookPoint:
 
 class _ValueOf(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, value: Tensor, graph: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, value: Tensor, graph: Tensor) -> Tensor:
         return value.view_as(value)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
         return None, grad
 
 
@@ -114,9 +114,9 @@ class Normalization(nn.Module):
             xf = self._centred(x)
             if low_precision:
                 inv_scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if reading_scale:
+        if reading_scale and scale is not None:
             scale(inv_scale.reciprocal())
-        if reading_normalized:
+        if reading_normalized and normalized is not None:
             normalized(xf * inv_scale)
 
     def divide_by_scale(self, x: Float[Tensor, "... d_model"], scale: Tensor) -> Float[Tensor, "... d_model"]:
@@ -175,7 +175,7 @@ def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 def make_norm(
     cfg: ModelConfig, scale: HookPoint | None = None, normalized: HookPoint | None = None
-) -> nn.Module:
+) -> Normalization | _NoNorm:
     """A norm with hook points (none for norms without a place in the hook vocabulary: post norms)."""
     if cfg.normalization is Norm.NONE:
         return _NoNorm(normalized)
@@ -343,6 +343,17 @@ class Attention(nn.Module):
     ask (`need`): `project` (one fused QKV matmul, or per-head projections of `HeadInputs`), `_attend`
     (``scaled_dot_product_attention``, or the explicit scores and pattern) and `output` (one matmul over all
     heads, or the per-head results ``hook_result`` summed)."""
+
+    # hook points, made in __init__ (hook_rot_q, hook_rot_k: rotary models only)
+    hook_q: HookPoint
+    hook_k: HookPoint
+    hook_v: HookPoint
+    hook_rot_q: HookPoint
+    hook_rot_k: HookPoint
+    hook_attn_scores: HookPoint
+    hook_pattern: HookPoint
+    hook_z: HookPoint
+    hook_result: HookPoint
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()

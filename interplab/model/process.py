@@ -41,7 +41,7 @@ def set_config(model: Transformer, cfg: ModelConfig) -> None:
     old = model.cfg
     for module in model.modules():
         if getattr(module, "cfg", None) is old:
-            module.cfg = cfg
+            module.cfg = cfg  # type: ignore[assignment]  # a plain attribute, not a submodule
 
 
 def untie_embeddings(model: Transformer) -> Transformer:
@@ -98,7 +98,7 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
         return model
     if cfg.gated_mlp and cfg.has_mlp and cfg.normalization is Norm.LAYERNORM:
         for layer, block in enumerate(model.blocks):
-            if block.ln2.b.abs().max() > 0:  # checked before anything changes
+            if block.ln2.get_parameter("b").abs().max() > 0:  # checked before anything changes
                 raise ValueError(
                     f"fold_layer_norm: blocks.{layer}.ln2.b is non-zero, but it feeds the gate of a gated MLP, "
                     "which has no bias to fold it into"
@@ -130,7 +130,8 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
         fold(block.ln1, [attn.W_Q, attn.W_K, attn.W_V], [attn.b_Q, attn.b_K, attn.b_V], dim=1)
         if cfg.has_mlp:
             mlp = block.mlp
-            weights, biases = [mlp.W_in], [mlp.b_in]
+            weights: list[torch.Tensor] = [mlp.W_in]
+            biases: list[torch.Tensor | None] = [mlp.b_in]
             if cfg.gated_mlp:
                 weights.append(mlp.W_gate)
                 biases.append(None)

@@ -78,6 +78,14 @@ class Block(nn.Module):
     point. `forward` is `attend` (the attention half, which mixes positions) then `finish` (the rest, position
     by position)."""
 
+    # hook points made in __init__ by name (the MLP's, hook_attn_in and hook_resid_mid where the block has them)
+    hook_resid_pre: HookPoint
+    hook_q_input: HookPoint
+    hook_k_input: HookPoint
+    hook_v_input: HookPoint
+    hook_attn_out: HookPoint
+    hook_resid_post: HookPoint
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -211,6 +219,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A transformer whose every activation is a hook point (see `interplab.hooks.SiteKind`)."""
 
+    if TYPE_CHECKING:
+        # an nn.ModuleList at runtime; declared by its items so that `model.blocks[i].attn.W_Q` type-checks
+        blocks: Sequence[Block]
+
     def __init__(self, cfg: ModelConfig, *, init: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
@@ -219,7 +231,7 @@ class Transformer(nn.Module):
         if cfg.positional is Positional.LEARNED:
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = _hp(SiteKind.POS_EMBED, None)
-        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.n_layers)])  # type: ignore[assignment]
         self.ln_final = make_norm(
             cfg, _hp(SiteKind.LN_FINAL_SCALE, None), _hp(SiteKind.LN_FINAL_NORMALIZED, None)
         )
@@ -379,14 +391,16 @@ class Transformer(nn.Module):
     b_in = StackedWeight("mlp", "b_in")  # [layer d_mlp]
     b_out = StackedWeight("mlp", "b_out")  # [layer d_model]
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            hint = compat.attribute_hint(self, name)
-            if hint is None:
-                raise
-            raise AttributeError(hint) from None
+    if not TYPE_CHECKING:  # hidden from the type checker, which would otherwise accept any attribute
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                hint = compat.attribute_hint(self, name)
+                if hint is None:
+                    raise
+                raise AttributeError(hint) from None
 
     # ---- hooks ---------------------------------------------------------------------------------
     @property
@@ -446,7 +460,7 @@ class Transformer(nn.Module):
         if names is None:
             targets: list[HookTarget] = [lambda _name: True]
         elif isinstance(names, (str, Site, tuple)) or callable(names):
-            targets = [names]  # type: ignore[list-item]
+            targets = [names]
         else:
             targets = list(names)
         if remove_batch_dim:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from interplab.model import ModelConfig, Transformer
+from interplab.model import ModelConfig, Positional, Transformer
 from interplab.plots import save_figure, write_image
 from interplab.routing.era_data import ERAData, package_rule, stdlib_windows
 from interplab.routing.expand import Expansion, ablate_expansion, expand_mlp
@@ -135,7 +135,7 @@ class ERAConfig:
 
     def model_config(self, d_vocab: int, seq_len: int) -> ModelConfig:
         return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_mlp=self.d_mlp,
-                           d_vocab=d_vocab, n_ctx=seq_len, positional="rotary", name="era")  # fmt: skip
+                           d_vocab=d_vocab, n_ctx=seq_len, positional=Positional.ROTARY, name="era")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -344,7 +344,7 @@ def run_era(
     forget_order = torch.randperm(len(forget_idx), generator=gen)
     val_r, val_f = data.val_retain[: cfg.eval_windows], data.val_forget[: cfg.eval_windows]
     model_cfg = cfg.model_config(data.d_vocab, data.seq_len)
-    train_args = dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    train_args: dict[str, Any] = dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
 
     def fresh() -> Transformer:
         torch.manual_seed(cfg.seed)

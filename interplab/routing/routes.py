@@ -33,12 +33,12 @@ UNLABELLED = -1
 
 class _RouteGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, mask: Tensor) -> Tensor:
         ctx.save_for_backward(mask)
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (mask,) = ctx.saved_tensors
         return grad * mask.to(grad.dtype), None
 

@@ -76,6 +76,7 @@ class SAE(nn.Module):
     #: every parameter that holds one slice per latent, and the axis of that slice: resampling a latent resets
     #: all of them (and their optimizer moments). An architecture with more per-latent parameters extends it.
     latent_axes: ClassVar[dict[str, int]] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+    act_scale: Tensor  # buffer [], registered in __init__: activations are multiplied by it before encoding
 
     def __init__(self, cfg: SAEConfig, *, seed: int = 0) -> None:
         super().__init__()

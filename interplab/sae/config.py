@@ -86,7 +86,7 @@ class SAEConfig:
     """active latents per token for TopK / BatchTopK (required there, ignored elsewhere)"""
     normalize_activations: Normalization = Normalization.NONE
     """input normalisation (see `Normalization`)"""
-    reshape_activations: Reshape | None = None
+    reshape_activations: Reshape = None  # type: ignore[assignment]  # None: resolved in __post_init__
     """``hook_z``: accept per-head input [..., n_heads, d_head] (see `Reshape`); None picks ``hook_z`` for an
     ``attn.hook_z`` SAE (not a transcoder) and ``none`` otherwise"""
     apply_b_dec_to_input: bool = True

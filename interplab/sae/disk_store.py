@@ -355,7 +355,7 @@ class DiskActivationStore:
 def _check_finite(x: Tensor, where: str, row_offset: int) -> None:
     if torch.isfinite(x).all():
         return
-    bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero()[0, 0].item()
+    bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero()[0, 0].item())
     value = x.reshape(x.shape[0], -1)[bad][~torch.isfinite(x.reshape(x.shape[0], -1)[bad])][0].item()
     raise ActivationDataError(f"non-finite activation ({value}) in {where}, row {row_offset + bad}")
 

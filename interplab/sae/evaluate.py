@@ -121,10 +121,11 @@ def evaluate_sae(
         mean_act = y[keep].mean(0)
         logits = {
             "clean": model(tokens),
-            "spliced": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s, r=recon: r)]),
+            "spliced": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s, r=recon: r)]),  # type: ignore[misc]
             "zero": model.run_with_hooks(tokens, fwd_hooks=[(hook_out, lambda a, s: torch.zeros_like(a))]),
             "mean": model.run_with_hooks(
-                tokens, fwd_hooks=[(hook_out, lambda a, s, m=mean_act: m.expand_as(a).clone())]
+                tokens,
+                fwd_hooks=[(hook_out, lambda a, s, m=mean_act: m.expand_as(a).clone())],  # type: ignore[misc]
             ),
         }
         acc.add(
@@ -140,7 +141,7 @@ class _Accumulator:
         self.n_pred = 0
         self.n_tok = 0
         self.sq_err = 0.0
-        self.sum_y = None
+        self.sum_y: Tensor | None = None
         self.sum_y2 = 0.0
         self.l0 = 0.0
         self.cos = 0.0
@@ -168,11 +169,12 @@ class _Accumulator:
         if self.n_tok == 0:
             raise ValueError("no tokens were evaluated (empty corpus, or every position filtered out)")
         n, m = self.n_tok, self.n_pred
+        assert self.sum_y is not None  # set by the first batch (n_tok > 0)
         total_var = self.sum_y2 - float(self.sum_y.pow(2).sum()) / n
         ce = {k: v / m for k, v in self.ce.items()}
         density = self.counts.float() / n
 
-        def recovered(base: float) -> float:
+        def recovered(base: str) -> float:
             gap = ce[base] - ce["clean"]
             return (ce[base] - ce["spliced"]) / gap if gap != 0 else float("nan")
 

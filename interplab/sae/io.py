@@ -19,7 +19,7 @@ checkpoints alike, with sae_lens' semantics: see `config_from_saelens` and `weig
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -114,10 +114,10 @@ def saelens_tensors(sae: SAE) -> dict[str, Tensor]:
     }
     if cfg.architecture is Architecture.GATED:
         tensors["b_gate"] = tensors.pop("b_enc")
-        tensors["r_mag"] = sae.r_mag.detach().clone()
-        tensors["b_mag"] = sae.b_mag.detach().clone()
+        tensors["r_mag"] = sae.get_parameter("r_mag").detach().clone()
+        tensors["b_mag"] = sae.get_parameter("b_mag").detach().clone()
     if cfg.architecture in (Architecture.JUMPRELU, Architecture.BATCHTOPK):
-        thr = sae.threshold.detach().to(cfg.dtype.torch)
+        thr = cast(Tensor, sae.threshold).detach().to(cfg.dtype.torch)
         tensors["threshold"] = thr.expand(cfg.d_sae).clone()  # BatchTopK's one threshold, per latent
     return {k: v.contiguous() for k, v in tensors.items()}
 
@@ -191,7 +191,7 @@ def config_from_saelens(raw: dict[str, Any], *, source: str = "cfg.json") -> SAE
     is read as sae_lens' ``load_from_disk`` reads it: the folder's weights are applied to the input as it
     comes (sae_lens keeps the training scale outside the SAE and folds it in when training ends), so the
     loaded SAE has ``act_scale`` 1."""
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    meta: dict[str, Any] = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
     v6 = _is_v6(raw, meta)
     if v6:
         flat = meta
@@ -263,13 +263,13 @@ def _saelens_config(
         hook_name=hook,
         hook_name_out=hook_out if arch_name.endswith("transcoder") or hook_out else None,
         k=k,
-        normalize_activations=norm,
-        reshape_activations=reshape,
+        normalize_activations=norm,  # type: ignore[arg-type]  # strings: SAEConfig parses them
+        reshape_activations=reshape,  # type: ignore[arg-type]
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
+        dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),  # type: ignore[arg-type]
         model_name=meta.get("model_name"),
         extra_metadata=extra or None,
-        **{
+        **{  # type: ignore[arg-type]
             key: float(raw[key]) for key in _JUMPRELU_TRAINING if arch is Architecture.JUMPRELU and key in raw
         },
     )
@@ -368,7 +368,7 @@ def _set_threshold(sae: SAE, value: Tensor, source: str) -> None:
         tensors["log_threshold"].copy_(value.log().to(tensors["log_threshold"].dtype))
     else:  # pragma: no cover - an architecture that keeps its threshold some other way
         raise SAEFormatError(f"{source}: do not know how to set the threshold of {type(sae).__name__}")
-    back = sae.threshold.detach().float()
+    back = cast(Tensor, sae.threshold).detach().float()
     if not torch.allclose(back, value.to(back.device), rtol=1e-6, atol=0):
         raise SAEFormatError(
             f"{source}: the SAE's threshold did not take the file's value"

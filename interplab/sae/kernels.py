@@ -41,7 +41,7 @@ class TopKEncode(torch.autograd.Function):
     """(x_in [B, d_in], W_enc, b_enc, k) -> (values [B, k] after ReLU, indices [B, k])."""
 
     @staticmethod
-    def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
         dt = compute_dtype(x_in)
         with torch.autocast(x_in.device.type, enabled=False):
             pre = torch.addmm(b_enc.to(dt), x_in.to(dt), W_enc.to(dt))
@@ -52,7 +52,7 @@ class TopKEncode(torch.autograd.Function):
         return vals, idx
 
     @staticmethod
-    def backward(ctx, grad_vals: Tensor, _grad_idx: Tensor | None):  # type: ignore[override]
+    def backward(ctx, grad_vals: Tensor, _grad_idx: Tensor | None):
         x_in, W_enc, vals, idx = ctx.saved_tensors
         b, k = idx.shape
         d_sae = W_enc.shape[1]
@@ -75,14 +75,14 @@ class SparseDecode(torch.autograd.Function):
     """(values [B, k], indices [B, k], W_dec [d_sae, d_out]) -> values @ W_dec[indices] summed over k."""
 
     @staticmethod
-    def forward(ctx, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
         with torch.autocast(vals.device.type, enabled=False):
             out = F.embedding_bag(idx, W_dec.float(), per_sample_weights=vals.float(), mode="sum")
         ctx.save_for_backward(vals, idx, W_dec)
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         vals, idx, W_dec = ctx.saved_tensors
         b, k = idx.shape
         grad_out = grad_out.float()
@@ -107,13 +107,13 @@ class SparseDecode(torch.autograd.Function):
 def topk_encode(
     x_in: Float[Tensor, "batch d_in"], W_enc: Tensor, b_enc: Tensor, k: int
 ) -> tuple[Float[Tensor, "batch k"], Int[Tensor, "batch k"]]:
-    return TopKEncode.apply(x_in, W_enc, b_enc, k)  # type: ignore[return-value]
+    return TopKEncode.apply(x_in, W_enc, b_enc, k)
 
 
 def sparse_decode(
     vals: Float[Tensor, "batch k"], idx: Int[Tensor, "batch k"], W_dec: Float[Tensor, "d_sae d_out"]
 ) -> Float[Tensor, "batch d_out"]:
-    return SparseDecode.apply(vals, idx, W_dec)  # type: ignore[return-value]
+    return SparseDecode.apply(vals, idx, W_dec)
 
 
 def scatter_latents(vals: Tensor, idx: Tensor, d_sae: int) -> Tensor:

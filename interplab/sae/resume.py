@@ -165,7 +165,9 @@ def resume_training(run: Path, trainers: Sequence[_Trainer]) -> tuple[int, int, 
     when there is none; the events name skipped (corrupt or incomplete) checkpoints."""
     required = [f"{t.name}/{TRAINER_STATE}" for t in trainers] + [RNG]
     ckpt, bad = latest_good_checkpoint(run, required=required)
-    events = [{"event": "skipped_checkpoint", "reason": f"{c.path.name}: {why}"} for c, why in bad]
+    events: list[dict[str, Any]] = [
+        {"event": "skipped_checkpoint", "reason": f"{c.path.name}: {why}"} for c, why in bad
+    ]
     if ckpt is None:
         return 0, 0, events
     state = read_json(ckpt.path / STATE)

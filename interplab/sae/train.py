@@ -295,7 +295,7 @@ def _check_input(batch: ActivationBatch, step: int, source: object) -> None:
     (otherwise it surfaces steps later as a 'divergence' of weights it has already poisoned)."""
     for hook, x in batch.items():
         if not bool(torch.isfinite(x).all()):
-            bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero()[0, 0].item()
+            bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero()[0, 0].item())
             raise ActivationDataError(
                 f"non-finite activation ({x.reshape(x.shape[0], -1)[bad][~torch.isfinite(x.reshape(x.shape[0], -1)[bad])][0].item()}) "
                 f"in input batch {step} (0-based), row {bad}, at {hook!r} from {_source_name(source)}"
@@ -323,6 +323,8 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
     sample = step % cfg.stats_every == 0 or step == cfg.total_steps - 1 or (step + 1) % cfg.log_every == 0
     with ctx:
         out = sae.loss(x, target, coefficient=t.coefficient_at(step), dead_mask=dead, with_counts=sample)
+    # SAE.loss fills every loss field
+    assert out.loss is not None and out.mse is not None and out.aux is not None and out.sparsity is not None
     t.opt.zero_grad(set_to_none=True)
     out.loss.backward()
     all_reduce_grads(sae.parameters())
@@ -340,6 +342,7 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
         t.final_metrics = evaluate_returned(sae, x, target)
     if not sample:
         return
+    assert out.latent_counts is not None  # with_counts=sample
     counts = out.latent_counts.detach().to(torch.long).cpu()
     counts = all_reduce_sum(counts)
     t.since_fired = torch.where(counts > 0, 0, t.since_fired + t.unsampled_tokens)
@@ -459,7 +462,7 @@ def _log_row(t: _Trainer, step: int, tokens: int) -> dict[str, Any]:
     """Means over the sampled steps since the last row; the final row's mse, fvu and l0 are those of the
     returned SAE (`evaluate_returned` on the last batch, ``"final": true``)."""
     density = t.window_counts.float() / max(t.window_tokens, 1)
-    row = {
+    row: dict[str, Any] = {
         "sae": t.name,
         "step": step,
         "tokens": tokens,

@@ -218,7 +218,7 @@ def scrub(
         raise ValueError(f"n_examples={config.n_examples} but the task has only {n_rows} rows")
     gen = torch.Generator().manual_seed(config.seed)
     refs = torch.randperm(n_rows, generator=gen)[: config.n_examples]
-    variants = [(None, hypothesis)]
+    variants: list[tuple[tuple[str, ...] | None, Hypothesis]] = [(None, hypothesis)]
     if config.per_claim:
         paths = [p for p, c in hypothesis.claims() if c.feature is not None]
         variants += [(p, hypothesis.only(p)) for p in paths] + [((), hypothesis.only(None))]
@@ -259,11 +259,11 @@ def scrub(
             )
         )
     warnings = []
-    for g in groups.values():
-        single = g.singletons(refs)
+    for group in groups.values():
+        single = group.singletons(refs)
         if single:
             warnings.append(
-                f"claim {g.where}: {len(single)} value(s) of feature {g.feature.name!r} have a single "
+                f"claim {group.where}: {len(single)} value(s) of feature {group.feature.name!r} have a single "
                 f"input in the pool, e.g. {single[0]!r}: resampling cannot change those"
             )
     per_class = _per_class(task, refs, orig, rand, scrubbed[0])

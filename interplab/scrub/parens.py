@@ -52,7 +52,7 @@ def is_balanced(tokens: Tensor) -> Tensor:
 def classes(tokens: Tensor) -> list[tuple[str, ...]]:
     """balanced / unbalanced, and for unbalanced strings which test fails (both may)."""
     eq, hz = count_equal(tokens).tolist(), horizon_ok(tokens).tolist()
-    out = []
+    out: list[tuple[str, ...]] = []
     for e, h in zip(eq, hz, strict=True):
         if e and h:
             out.append(("balanced",))

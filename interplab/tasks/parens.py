@@ -102,7 +102,7 @@ def _read_jsonl(path: str, mtime: float) -> tuple[tuple[str, ...], tuple[bool, .
     opener = gzip.open if path.endswith(".gz") else open
     strings: list[str] = []
     labels: list[bool] = []
-    with opener(path, "rt") as f:  # type: ignore[operator]
+    with opener(path, "rt") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

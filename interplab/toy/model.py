@@ -83,6 +83,9 @@ def _broadcast(value, n_inst: int, n_feat: int, name: str, per: str) -> Tensor:
 class ToyModel(nn.Module):
     """``n_instances`` ReLU output models: W [instance, n_hidden, n_features], b_final [instance, n_features]."""
 
+    probability: Tensor  # buffers [instance n_features], registered in __init__
+    importance: Tensor
+
     def __init__(self, cfg: ToyConfig, *, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
@@ -134,13 +137,13 @@ def train_toy(
     seed: int = 0,
     data: Callable[[int], Tensor] | None = None,
     log_every: int = 100,
-) -> list[dict[str, float]]:
+) -> list[dict[str, int | list[float]]]:
     """Train every instance at once with Adam (loss = sum of per-instance losses, so instances do not
     interact). ``data(step)`` may supply batches; by default they are drawn from the model's distribution.
     Returns one row per ``log_every`` steps with the mean loss per instance."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history: list[dict[str, float]] = []
+    history: list[dict[str, int | list[float]]] = []
     for step in range(steps):
         x = data(step) if data is not None else model.generate_batch(batch_size, g)
         loss = model.loss_per_instance(x)

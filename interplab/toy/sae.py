@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from interplab.sae import SAE, SAEConfig, create_sae
+from interplab.sae import SAE, Architecture, SAEConfig, create_sae
 from interplab.sae.recovery import FeatureRecovery, Layout, feature_recovery
 from interplab.sae.train import SAETrainConfig, train_saes
 from interplab.toy.model import ToyModel
@@ -58,7 +58,7 @@ def toy_sae(
         raise ValueError(f"instance {instance} represents no feature (every ||W_i|| <= {min_norm})")
     expected_active = float(model.probability[instance][represented].sum())
     k = max(1, min(m, round(expected_active)))
-    sae_cfg = sae_cfg or SAEConfig(d_in=m, d_sae=2 * n, architecture="topk", k=k)
+    sae_cfg = sae_cfg or SAEConfig(d_in=m, d_sae=2 * n, architecture=Architecture.TOPK, k=k)
     train_cfg = train_cfg or SAETrainConfig(
         total_steps=1000, lr=5e-3, warmup_steps=20, log_every=50, dead_after_tokens=20 * batch_size
     )

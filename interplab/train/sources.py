@@ -141,7 +141,7 @@ def _slice_batch(batch: Any, rows: slice) -> Any:
 
     if hasattr(batch, "select"):  # interplab.tasks.TaskBatch (slices its meta too)
         return batch.select(rows)
-    if dataclasses.is_dataclass(batch):
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         changes = {
             f.name: getattr(batch, f.name)[rows]
             for f in dataclasses.fields(batch)

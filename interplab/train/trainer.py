@@ -279,7 +279,12 @@ def _train(
                 step - 1, rows_for(cfg.batch_size, micro, cfg.grad_accum, dist_info.rank, dist_info.world)
             )
             batch = _to(batch, device)
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or ddp is model else ddp.no_sync()
+            last = micro == cfg.grad_accum - 1
+            sync = (
+                ddp.no_sync()
+                if isinstance(ddp, DistributedDataParallel) and not last
+                else contextlib.nullcontext()
+            )
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = source.loss(ddp, batch) / cfg.grad_accum

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from interplab.circuits.engine import Ablation, EdgeEngine, Spec
+from interplab.circuits.engine import Ablation, AtPositions, EdgeEngine, Spec
 from interplab.circuits.graph import ComponentGraph
 from interplab.circuits.patching import patch_edges, path_patch
 from interplab.model import ModelConfig, Transformer
@@ -202,3 +202,11 @@ def test_edges_split_by_position_equal_a_hook_on_that_position():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="integers"):
         patch_edges(engine, a, {"m1->logits@x": b})
+
+
+def test_a_position_patch_of_another_batch_is_refused_naming_both_batches():
+    """The check reads the batch of the Spec inside AtPositions (it used to raise AttributeError instead)."""
+    edge = ComponentGraph.from_model(make_model()).edges[0]
+    inner = Spec(torch.arange(3))
+    with pytest.raises(ValueError, match=r"has batch \(3,\), the spec has \(4,\)"):
+        Spec(torch.arange(4), {edge: AtPositions(inner, torch.tensor([0]))})

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -330,3 +331,13 @@ def test_saving_over_the_checkpoint_leaves_the_loaded_model_alone(tmp_path):
     torch.save({"small": torch.zeros(1)}, tmp_path / "ckpt.pt")  # shorter file: a mapped page would fault
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), before, atol=0, rtol=0)
+
+
+def test_tl_config_may_be_any_mapping(tmp_path):
+    """load_model takes ``tl_config`` as a Mapping: a read-only one is read like a dict (it was taken for a path)."""
+    model = Transformer(ModelConfig(**BASE))
+    torch.save(to_tl_state(model, "LN"), tmp_path / "ckpt.pt")
+    loaded = load_model(tmp_path / "ckpt.pt", tl_config=MappingProxyType(to_tl_config(model.cfg, "LN")))
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens))

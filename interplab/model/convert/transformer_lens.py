@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from interplab.io import load_tensors
 from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
 from interplab.model.convert import build_from_weights
+
+if TYPE_CHECKING:
+    from interplab.model.transformer import Transformer
 
 TL_CONFIG_NAMES = ("transformerlens_config.json", "tl_config.json", "hooked_transformer_config.json")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -91,9 +94,9 @@ _IGNORED = set(
 ) | set(_MUST_BE_OFF)
 
 
-def read_tl_config(tl_config: str | Path | dict | None, weights_file: Path) -> dict[str, Any]:
+def read_tl_config(tl_config: str | Path | Mapping[str, Any] | None, weights_file: Path) -> dict[str, Any]:
     """The TL config as a dict: given directly, read from a path, or found next to the weights file."""
-    if isinstance(tl_config, dict):
+    if isinstance(tl_config, Mapping):
         return dict(tl_config)
     if tl_config is not None:
         return json.loads(Path(tl_config).read_text())
@@ -159,7 +162,8 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         attn_scale = float(d_head) ** 0.5 if attn_scale in (None, -1, -1.0) else float(attn_scale)
     else:
         attn_scale = 1.0
-    window, sliding = None, ()
+    window = None
+    sliding: tuple[int, ...] = ()
     if tl.get("use_local_attn"):
         types = tl.get("attn_types") or []
         window = tl.get("window_size")
@@ -181,9 +185,9 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         d_head=d_head,
         d_vocab=tl["d_vocab"],
         n_ctx=tl["n_ctx"],
-        d_mlp=tl.get("d_mlp") or None,
-        d_vocab_out=None if d_vocab_out in (None, -1) else d_vocab_out,
-        n_kv_heads=tl.get("n_key_value_heads"),
+        d_mlp=tl.get("d_mlp") or None,  # type: ignore[arg-type]  # None: derived by ModelConfig
+        d_vocab_out=None if d_vocab_out in (None, -1) else d_vocab_out,  # type: ignore[arg-type]
+        n_kv_heads=tl.get("n_key_value_heads"),  # type: ignore[arg-type]
         attn_only=attn_only,
         act_fn=_ACT[act] if act is not None else Activation.GELU,
         gated_mlp=bool(tl.get("gated_mlp", False)),
@@ -191,7 +195,7 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         norm_eps=float(tl.get("eps", 1e-5)),
         post_norms=bool(tl.get("use_normalization_before_and_after", False)),
         positional=_POSITIONAL[pos_type],
-        rotary_dim=tl.get("rotary_dim") if pos_type == "rotary" else None,
+        rotary_dim=tl.get("rotary_dim") if pos_type == "rotary" else None,  # type: ignore[arg-type]
         rotary_base=float(tl.get("rotary_base", 10000)),
         rotary_style=RotaryStyle.GPTJ if tl.get("rotary_adjacent_pairs") else RotaryStyle.NEOX,
         parallel_attn_mlp=bool(tl.get("parallel_attn_mlp", False)),
@@ -270,7 +274,7 @@ def tl_weights(
             if cfg.normalization is Norm.LAYERNORM:
                 yield f"{n}.b", zeros.clone()
     if "unembed.b_U" not in state:
-        yield "unembed.b_U", torch.zeros(cfg.d_vocab_out)  # type: ignore[arg-type]
+        yield "unembed.b_U", torch.zeros(cfg.d_vocab_out)
 
 
 def _weights_file(path: Path) -> Path:
@@ -287,11 +291,11 @@ def _weights_file(path: Path) -> Path:
 
 def load_transformer_lens(
     path: str | Path,
-    tl_config: str | Path | dict | None = None,
+    tl_config: str | Path | Mapping[str, Any] | None = None,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-):
+) -> Transformer:
     """Load a TransformerLens ``HookedTransformer`` state dict (a file, or a folder holding one) into a
     `Transformer`. ``tl_config`` is the TL config (dict or JSON path); by default it is the config embedded
     in the checkpoint (``{"state_dict": ..., "cfg": ...}``) or ``transformerlens_config.json`` (or another of

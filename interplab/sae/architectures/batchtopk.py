@@ -23,6 +23,7 @@ class BatchTopKSAE(SAE):
     architecture = Architecture.BATCHTOPK
     unit_norm_decoder = True
     aux_weight = 1 / 32
+    threshold: Tensor  # buffer []: the running minimum kept activation, used at inference
 
     def __init__(self, cfg: SAEConfig, *, seed: int = 0) -> None:
         super().__init__(cfg, seed=seed)
@@ -32,6 +33,7 @@ class BatchTopKSAE(SAE):
         return pre.relu() * (pre > self.threshold.to(pre.dtype)).to(pre.dtype)
 
     def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
+        assert self.cfg.k is not None  # SAEConfig requires k for this architecture
         x_in, b_enc = self._encoder_input_and_bias(x_s)
         pre = torch.addmm(b_enc, x_in, self.W_enc).relu()
         flat = pre.flatten()

@@ -29,13 +29,13 @@ class _JumpReLU(torch.autograd.Function):
     """z * H(z - t): exact gradient in z; d/dt = -(t / eps) * K((z - t) / eps)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, t: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, t: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(z, t)
         ctx.eps = eps
         return z * (z > t)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         z, t = ctx.saved_tensors
         eps = ctx.eps
         grad_z = grad * (z > t)
@@ -47,13 +47,13 @@ class _Step(torch.autograd.Function):
     """H(z - t): zero gradient in z; d/dt = -(1 / eps) * K((z - t) / eps)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, t: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, t: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(z, t)
         ctx.eps = eps
         return (z > t).to(z.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         z, t = ctx.saved_tensors
         eps = ctx.eps
         grad_t = (-(1.0 / eps) * _rectangle((z - t) / eps) * grad).reshape(-1, t.shape[-1]).sum(0)

@@ -22,10 +22,12 @@ class TopKSAE(SAE):
     aux_weight = 1 / 32
 
     def activation(self, pre: Tensor) -> Tensor:
+        assert self.cfg.k is not None  # SAEConfig requires k for this architecture
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return scatter_latents(vals.relu(), idx, self.cfg.d_sae)
 
     def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
+        assert self.cfg.k is not None  # SAEConfig requires k for this architecture
         x_in, b_enc = self._encoder_input_and_bias(x_s)
         x2 = x_in.reshape(-1, x_in.shape[-1])
         vals, idx = topk_encode(x2, self.W_enc, b_enc, self.cfg.k)
