@@ -1,4 +1,4 @@
-"""The run-directory contract (interplab/runs.py): kinds and versions in every JSON, one recogniser for
+"""The run-directory contract (interplab/runs/): kinds and versions in every JSON, one recogniser for
 folders (including ones written before ``kind`` existed), typed openers with errors that say what a folder is."""
 
 import json

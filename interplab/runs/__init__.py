@@ -1,0 +1,164 @@
+"""The run-directory contract: every file and folder name of every run kind, defined once.
+
+Every command writes one folder; every JSON document interplab writes carries ``kind`` and ``version``
+(`write_json`), and every reader opens folders through the typed openers below (`TrainRun`, `SAERun`,
+`CacheRun`, `ModelDir`, `Report`, `open_run`), which accept the run folder itself and raise a `RunError` that
+says what a folder is and what was expected when it is not what the caller wanted. Folders written before
+``kind`` existed are recognised in one place, `detect` (by the files they hold), so they keep opening.
+
+The layout of each kind (``RUN/`` is the folder a command was given as ``--out``)::
+
+    training run (Kind.TRAIN)           `interplab train`
+        config.json                     {kind: train, version, ...TrainConfig}
+        log.jsonl                       one JSON object per logged step or event (lines, not documents: the
+                                        folder's config.json says what they are)
+        checkpoints/step_000123/        a checkpoint (Kind.CHECKPOINT): a model folder + optimizer.safetensors,
+                                        rng.safetensors and state.json (written last: step, counters, the size
+                                        and SHA-256 of every file)
+        final/                          the finished model (Kind.MODEL); absent while the run is unfinished
+        report.json                     {kind: train_report, version, ...}
+        formation/ attribution/ sae/ features.db    what later commands wrote into the run (each its own kind)
+    model folder (Kind.MODEL)           config.json {kind: model, version, ...ModelConfig} + model.safetensors
+                                        (+ tokenizer.json, checksums.json)
+    SAE training run (Kind.SAE_TRAIN)   `interplab sae train`
+        config.json                     {kind: sae_train, version, saes, train, data}
+        log.jsonl, train_summary.json (Kind.SAE_TRAIN_SUMMARY), checkpoints/step_N/NAME/,
+        eval/report.json, eval/NAME/report.json (Kind.SAE_EVAL: the set, and each SAE's)
+        saes/NAME/                      each finished SAE (Kind.SAE): SAELens' layout, cfg.json +
+                                        sae_weights.safetensors (a foreign format: cfg.json stays SAELens')
+    activation cache (Kind.ACTIVATION_CACHE)   manifest.json {kind: activation_cache, version, ...} + shards
+    feature database (Kind.FEATURE_DB)  features.db, SQLite; its ``meta`` table holds the kind and version
+    analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
+                                        lens|formation|attribution|routing|sae_eval, version, ...} + pictures
+    gradient recording (Kind.GRADIENTS) config.json {kind: gradients, version, record, projector, group_numel}
+                                        + index.json {kind: gradient_index, version, entries} + step_N.safetensors
+    JSON documents anywhere            a result's ``.save(x.json)`` {kind: result, version, type: its class, ...};
+                                        Generation.save {kind: generation}; feature build/export/explanations/
+                                        steering {kind: feature_build|feature_export|auto_interp|steering}; the
+                                        token cache's ``<key>.json`` {kind: token_store}; a character
+                                        ``tokenizer.json`` {kind: tokenizer}; ``checksums.json`` {kind: checksums}
+    foreign formats (no kind)           SAELens' ``cfg.json``, a BPE ``tokenizer.json`` (the tokenizers library's),
+                                        a Hugging Face ``config.json``: kept exactly as their tools write them
+
+This package is the bottom layer: it imports only the standard library, `interplab.io` and
+`interplab.integrity`, so configs are returned as plain dicts (``TrainConfig.from_dict(run.config)``). Its modules:
+``names`` (every file and folder name), ``kinds`` (`Kind`, versions, errors), ``documents`` (JSON with kind and
+version, older documents recognised), ``checkpoints`` (listing, verifying), ``folders`` (`detect`, `describe`,
+`check_out`, where the SAEs are) and ``openers`` (the typed views).
+"""
+
+from interplab.runs.checkpoints import (
+    MODEL_CHECKPOINT_FILES,
+    RESUME_FILES,
+    Checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
+from interplab.runs.documents import detect_document, read_json, read_log, write_json
+from interplab.runs.folders import Reader, check_out, describe, detect, is_sqlite, pick_sae, sae_folders
+from interplab.runs.kinds import VERSIONS, Kind, NotARunError, RunError
+from interplab.runs.names import (
+    _CKPT_DIGITS,
+    _CKPT_PREFIX,
+    _CKPT_RE,
+    _SQLITE_MAGIC,
+    ATTRIBUTION,
+    CHECKPOINTS,
+    CHECKSUMS,
+    CONFIG,
+    EVAL,
+    FEATURE_DB,
+    FINAL,
+    FORMATION,
+    FORMATION_JSON,
+    GRADIENT_INDEX,
+    LOG,
+    MANIFEST,
+    MODEL_WEIGHTS,
+    OPTIMIZER,
+    PLOTLY_JS,
+    REPORT,
+    RNG,
+    SAE_CFG,
+    SAE_DIR,
+    SAE_SPARSITY,
+    SAE_WEIGHTS,
+    SAES,
+    STATE,
+    TOKENIZER,
+    TRAIN_SUMMARY,
+    checkpoint_name,
+    checkpoint_step,
+)
+from interplab.runs.openers import (
+    REPORT_KINDS,
+    CacheRun,
+    ModelDir,
+    Report,
+    SAERun,
+    TrainRun,
+    model_folder,
+    open_run,
+)
+
+__all__ = [
+    "ATTRIBUTION",
+    "CHECKPOINTS",
+    "CHECKSUMS",
+    "CONFIG",
+    "CacheRun",
+    "Checkpoint",
+    "EVAL",
+    "FEATURE_DB",
+    "FINAL",
+    "FORMATION",
+    "FORMATION_JSON",
+    "GRADIENT_INDEX",
+    "Kind",
+    "LOG",
+    "MANIFEST",
+    "MODEL_CHECKPOINT_FILES",
+    "MODEL_WEIGHTS",
+    "ModelDir",
+    "NotARunError",
+    "OPTIMIZER",
+    "PLOTLY_JS",
+    "REPORT",
+    "REPORT_KINDS",
+    "RESUME_FILES",
+    "RNG",
+    "Reader",
+    "Report",
+    "RunError",
+    "SAERun",
+    "SAES",
+    "SAE_CFG",
+    "SAE_DIR",
+    "SAE_SPARSITY",
+    "SAE_WEIGHTS",
+    "STATE",
+    "TOKENIZER",
+    "TRAIN_SUMMARY",
+    "TrainRun",
+    "VERSIONS",
+    "_CKPT_DIGITS",
+    "_CKPT_PREFIX",
+    "_CKPT_RE",
+    "_SQLITE_MAGIC",
+    "check_out",
+    "checkpoint_name",
+    "checkpoint_step",
+    "describe",
+    "detect",
+    "detect_document",
+    "is_sqlite",
+    "list_checkpoints",
+    "model_folder",
+    "open_run",
+    "pick_sae",
+    "read_json",
+    "read_log",
+    "sae_folders",
+    "verify_checkpoint",
+    "write_json",
+]

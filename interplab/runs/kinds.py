@@ -1,0 +1,134 @@
+"""What a folder or a JSON document is (`Kind`), the version each kind is written with, and the errors a
+reader raises."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RunError(ValueError):
+    """A folder or file that is not what the caller expected; the message says what it is and what was."""
+
+
+class NotARunError(RunError, FileNotFoundError):
+    """A folder that holds none of interplab's kinds (or does not exist) where a run was expected: both a
+    `RunError` and a ``FileNotFoundError`` (what readers raised before the contract)."""
+
+
+class Kind(str, Enum):
+    """What a folder or a JSON document is. The value is what ``kind`` holds on disk (a file format)."""
+
+    MODEL = "model"
+    """an interplab model folder (config.json with a ModelConfig + model.safetensors)"""
+    HF_MODEL = "hf_model"
+    """a Hugging Face model folder (config.json with a ``model_type``): read, never written, by interplab"""
+    CHECKPOINT = "checkpoint"
+    """one checkpoint of a training run (a model folder + optimizer/RNG state + state.json)"""
+    TRAIN = "train"
+    """a training run (config.json with a TrainConfig)"""
+    TRAIN_REPORT = "train_report"
+    """the report.json of a training run"""
+    SAE_TRAIN = "sae_train"
+    """an SAE training run (config.json: the SAEs, their training configs, the data)"""
+    SAE = "sae"
+    """one SAE in SAELens' layout (cfg.json + sae_weights.safetensors)"""
+    SAE_TRAIN_SUMMARY = "sae_train_summary"
+    """the train_summary.json of an SAE training run (tokens, steps, each SAE's final log row)"""
+    SAE_EVAL = "sae_eval"
+    """an SAE evaluation report"""
+    ACTIVATION_CACHE = "activation_cache"
+    """activations cached on disk (manifest.json + shards)"""
+    FEATURE_DB = "feature_db"
+    """a feature database (SQLite)"""
+    CHECKSUMS = "checksums"
+    """checksums.json: the size and SHA-256 of each file of a folder"""
+    FORMATION = "formation"
+    """head scores along a run's checkpoints (`interplab formation`)"""
+    ATTRIBUTION = "attribution"
+    """training-data attribution along a run's checkpoints (`interplab attribute`)"""
+    ROUTING = "routing"
+    """a gradient-routing experiment (`interplab route`)"""
+    SCRUB = "scrub"
+    """a causal-scrubbing experiment (`interplab scrub`)"""
+    CIRCUIT = "circuit"
+    """a circuit (edges + faithfulness)"""
+    DISCOVERY = "discovery"
+    """circuit discovery (`interplab discover`)"""
+    PATCH = "patch"
+    """activation patching (`interplab patch`)"""
+    HEADS = "heads"
+    """head scores of one model (`interplab heads`)"""
+    LENS = "lens"
+    """logit/tuned lens (`interplab lens`)"""
+    GRADIENTS = "gradients"
+    """a recording of projected per-example gradients (its config.json: parameter group + projection)"""
+    GRADIENT_INDEX = "gradient_index"
+    """a gradient recording's index.json (one entry per recorded step)"""
+    FEATURE_BUILD = "feature_build"
+    """what a feature-database build did (`BuildReport`)"""
+    FEATURE_EXPORT = "feature_export"
+    """a static-site export of a feature database (`ExportReport`)"""
+    AUTO_INTERP = "auto_interp"
+    """feature explanations and their scores (`AutoInterpResult`)"""
+    STEERING = "steering"
+    """a continuation with and without a feature steered (`SteeringResult`)"""
+    RESULT = "result"
+    """a result object saved as JSON by its ``.save(path)`` (``type`` names its class: ``PatchResult`` ...)"""
+    GENERATION = "generation"
+    """generated tokens, their mask and text (`Generation.save`)"""
+    TOKEN_STORE = "token_store"
+    """the record of a tokenised corpus split in the token cache (beside its ``.bin``)"""
+    TOKENIZER = "tokenizer"
+    """interplab's character tokenizer (``tokenizer.json``; a BPE ``tokenizer.json`` is the tokenizers
+    library's own format, foreign, and carries no kind)"""
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
+
+
+_LABELS = {
+    Kind.MODEL: "an interplab model folder",
+    Kind.HF_MODEL: "a Hugging Face model folder",
+    Kind.CHECKPOINT: "a training checkpoint",
+    Kind.TRAIN: "a training run",
+    Kind.TRAIN_REPORT: "a training report",
+    Kind.SAE_TRAIN: "an SAE training run",
+    Kind.SAE: "an SAE folder",
+    Kind.SAE_TRAIN_SUMMARY: "an SAE training summary",
+    Kind.SAE_EVAL: "an SAE evaluation",
+    Kind.ACTIVATION_CACHE: "an activation cache",
+    Kind.FEATURE_DB: "a feature database",
+    Kind.CHECKSUMS: "a checksums record",
+    Kind.FORMATION: "a formation report",
+    Kind.ATTRIBUTION: "a training-data attribution",
+    Kind.ROUTING: "a gradient-routing run",
+    Kind.SCRUB: "a causal-scrubbing run",
+    Kind.CIRCUIT: "a circuit",
+    Kind.DISCOVERY: "a circuit-discovery run",
+    Kind.PATCH: "an activation-patching run",
+    Kind.HEADS: "a head-scores run",
+    Kind.LENS: "a lens run",
+    Kind.GRADIENTS: "a gradient recording",
+    Kind.GRADIENT_INDEX: "a gradient recording's index",
+    Kind.FEATURE_BUILD: "a feature-database build report",
+    Kind.FEATURE_EXPORT: "a feature-database export report",
+    Kind.AUTO_INTERP: "a set of feature explanations",
+    Kind.STEERING: "a steering result",
+    Kind.RESULT: "a saved result",
+    Kind.GENERATION: "a generation",
+    Kind.TOKEN_STORE: "a token-store record",
+    Kind.TOKENIZER: "a character tokenizer",
+}
+
+VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}
+"""The schema version each kind is written with now; a reader accepts this version and older ones."""
+VERSIONS[Kind.ACTIVATION_CACHE] = 2
+VERSIONS[Kind.FEATURE_DB] = 3
+
+
+def _as_kind(kind: Kind | str) -> Kind:
+    try:
+        return Kind(kind)
+    except ValueError:
+        raise ValueError(f"unknown run kind {kind!r}; valid: {', '.join(k.value for k in Kind)}") from None

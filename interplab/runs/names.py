@@ -1,0 +1,55 @@
+"""The name of every file and folder a run holds (see `interplab.runs` for the layout of each kind), and
+the checkpoint folder names."""
+
+from __future__ import annotations
+
+import re
+
+from interplab.integrity import CHECKSUMS
+
+CONFIG = "config.json"
+LOG = "log.jsonl"
+REPORT = "report.json"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+STATE = "state.json"
+MODEL_WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+SAE_CFG = "cfg.json"
+SAE_WEIGHTS = "sae_weights.safetensors"
+SAE_SPARSITY = "sparsity.safetensors"
+SAES = "saes"
+SAE_DIR = "sae"
+EVAL = "eval"
+TRAIN_SUMMARY = "train_summary.json"
+MANIFEST = "manifest.json"
+FEATURE_DB = "features.db"
+FORMATION = "formation"
+FORMATION_JSON = "formation.json"
+ATTRIBUTION = "attribution"
+GRADIENT_INDEX = "index.json"
+PLOTLY_JS = "plotly.min.js"
+_CKPT_PREFIX = "step_"
+_CKPT_DIGITS = 6
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of ``step`` (``step_000123``; every run kind uses this)."""
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return f"{_CKPT_PREFIX}{step:0{_CKPT_DIGITS}d}"
+
+
+_CKPT_RE = re.compile(rf"^{_CKPT_PREFIX}(\d+)$")
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder name (any number of digits: older SAE runs wrote 8), else None."""
+    m = _CKPT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+__all__ = ["CHECKSUMS"]

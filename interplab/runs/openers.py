@@ -1,0 +1,224 @@
+"""Typed views of the folders interplab writes: `TrainRun`, `SAERun`, `CacheRun`, `ModelDir`, `Report`, and
+`open_run` for any of them; each accepts the folder itself and says what a folder is when it is not one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from interplab.runs.checkpoints import Checkpoint, _checkpoints, list_checkpoints
+from interplab.runs.documents import _read_log, detect_document, read_json
+from interplab.runs.folders import _expect, describe, detect, pick_sae, sae_folders
+from interplab.runs.kinds import Kind, NotARunError, RunError
+from interplab.runs.names import (
+    CONFIG,
+    FINAL,
+    FORMATION_JSON,
+    MANIFEST,
+    REPORT,
+    TOKENIZER,
+    TRAIN_SUMMARY,
+)
+
+
+def _report(path: Path) -> dict[str, Any] | None:
+    return read_json(path / REPORT) if (path / REPORT).is_file() else None
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A training run folder (`interplab train`). ``config`` is the TrainConfig as a dict (without ``kind``
+    and ``version``: ``TrainConfig.from_dict(run.config)``)."""
+
+    path: Path
+    config: dict[str, Any]
+    version: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> TrainRun:
+        hint = "a folder written by `interplab train`, holding config.json"
+        if detect(path) is None:
+            raise NotARunError(f"{path} is not a training run: it is {describe(path)} ({hint})")
+        path, _ = _expect(path, [Kind.TRAIN], hint)
+        data = read_json(path / CONFIG, Kind.TRAIN)
+        version = int(data.get("version", 1))
+        return cls(path, {k: v for k, v in data.items() if k != "kind"}, version)
+
+    def checkpoints(self, intact: bool = True, *, need_optimizer: bool = False) -> list[Checkpoint]:
+        """The run's checkpoints by step; ``intact``: only those whose files match their recorded checksums
+        (``need_optimizer``: and that hold the optimizer and RNG state a resume needs)."""
+        return _checkpoints(self.path, intact, None, need_optimizer)
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        for c in list_checkpoints(self.path):
+            if c.step == step:
+                return c
+        steps = [c.step for c in list_checkpoints(self.path)]
+        raise RunError(f"{self.path} has no checkpoint of step {step}; it has {steps or 'none'}")
+
+    @property
+    def has_final(self) -> bool:
+        return (self.path / FINAL / CONFIG).is_file()
+
+    @property
+    def final(self) -> Path:
+        """The finished model's folder (``final/``). An unfinished run raises, naming its latest intact
+        checkpoint (which `interplab.load_model` also reads)."""
+        if self.has_final:
+            return self.path / FINAL
+        good = self.checkpoints(intact=True)
+        hint = (
+            f"load its latest intact checkpoint, {good[-1].path}, or resume the run"
+            if good
+            else "it has no intact checkpoint either: resume it"
+        )
+        raise RunError(f"{self.path} is a training run with no {FINAL}/ yet (it did not finish): {hint}")
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return _read_log(self.path)
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        return _report(self.path)
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A model folder interplab reads: its own (`Kind.MODEL`, also each checkpoint) or a Hugging Face one."""
+
+    path: Path
+    kind: Kind
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> ModelDir:
+        path, kind = _expect(path, [Kind.MODEL, Kind.CHECKPOINT, Kind.HF_MODEL], "config.json + weights")
+        return cls(path, kind, read_json(path / CONFIG))
+
+    @property
+    def tokenizer(self) -> Path | None:
+        p = self.path / TOKENIZER
+        return p if p.is_file() else None
+
+
+def model_folder(path: str | Path) -> Path:
+    """The model folder a path names: a training run gives its ``final/`` (an unfinished one raises, naming its
+    latest intact checkpoint); a checkpoint, an interplab or a Hugging Face model folder is itself. Anything else
+    raises, saying what it is."""
+    path = Path(path)
+    kind = detect(path)
+    if kind is Kind.TRAIN:
+        return TrainRun.open(path).final
+    if kind in (Kind.MODEL, Kind.CHECKPOINT, Kind.HF_MODEL):
+        return path
+    raise RunError(
+        f"{path} is {describe(path)}; expected a model: a training run (its final/ is loaded), a checkpoint, "
+        "an interplab model folder or a Hugging Face model folder"
+    )
+
+
+@dataclass(frozen=True)
+class SAERun:
+    """An SAE training run folder (`interplab sae train`). ``config``: what was trained (SAE configs, their
+    training configs, the data), as a dict."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> SAERun:
+        path, _ = _expect(path, [Kind.SAE_TRAIN], "a folder written by `interplab sae train`")
+        return cls(path, read_json(path / CONFIG, Kind.SAE_TRAIN))
+
+    @property
+    def saes(self) -> dict[str, Path]:
+        """The finished SAEs (``saes/NAME/``), by name."""
+        return sae_folders(self.path)
+
+    def sae(self, name: str | None = None) -> Path:
+        return pick_sae(self.path, name)
+
+    def checkpoints(self, intact: bool = True) -> list[Checkpoint]:
+        """The run's training checkpoints (each SAE in a sub-folder), by step."""
+        return _checkpoints(self.path, intact, (), need_optimizer=False)
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return _read_log(self.path)
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return read_json(self.path / TRAIN_SUMMARY) if (self.path / TRAIN_SUMMARY).is_file() else None
+
+
+@dataclass(frozen=True)
+class CacheRun:
+    """An activation cache folder (``manifest.json`` + safetensors shards)."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> CacheRun:
+        path, _ = _expect(path, [Kind.ACTIVATION_CACHE], "a folder written by `interplab sae cache`")
+        return cls(path, read_json(path / MANIFEST, Kind.ACTIVATION_CACHE))
+
+
+REPORT_KINDS = (
+    Kind.TRAIN_REPORT,
+    Kind.SAE_EVAL,
+    Kind.FORMATION,
+    Kind.ATTRIBUTION,
+    Kind.ROUTING,
+    Kind.SCRUB,
+    Kind.CIRCUIT,
+    Kind.DISCOVERY,
+    Kind.PATCH,
+    Kind.HEADS,
+    Kind.LENS,
+    Kind.FEATURE_BUILD,
+    Kind.FEATURE_EXPORT,
+    Kind.AUTO_INTERP,
+    Kind.STEERING,
+)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A report a command wrote: ``path`` is its JSON file, ``data`` the document (with ``kind``/``version``)."""
+
+    path: Path
+    kind: Kind
+    data: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, kind: Kind | str | Iterable[Kind | str] | None = None) -> Report:
+        """``path``: the report file or the folder holding it (``report.json``, else ``formation.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            file = next((path / n for n in (REPORT, FORMATION_JSON) if (path / n).is_file()), None)
+            if file is None:
+                raise RunError(f"{path} is {describe(path)}; expected a folder holding {REPORT}")
+            path = file
+        data = read_json(path, REPORT_KINDS if kind is None else kind)
+        return cls(path, detect_document(path.name, data), data)  # type: ignore[arg-type]
+
+
+def open_run(path: str | Path) -> TrainRun | SAERun | CacheRun | ModelDir | Report:
+    """The typed view of any folder interplab wrote (dispatching on `detect`); `RunError` for anything else."""
+    path = Path(path)
+    kind = detect(path)
+    if kind is Kind.TRAIN:
+        return TrainRun.open(path)
+    if kind is Kind.SAE_TRAIN:
+        return SAERun.open(path)
+    if kind is Kind.ACTIVATION_CACHE:
+        return CacheRun.open(path)
+    if kind in (Kind.MODEL, Kind.CHECKPOINT, Kind.HF_MODEL):
+        return ModelDir.open(path)
+    if kind in REPORT_KINDS:
+        return Report.open(path)
+    raise RunError(f"{path} is {describe(path)}; expected a folder an interplab command wrote")
