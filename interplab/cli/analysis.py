@@ -33,13 +33,13 @@ from interplab.cli.common import (
     console,
     fail,
     library_default,
+    load_model_arg,
     out_folder,
     positive_int,
     set_threads,
     threads_option,
 )
 from interplab.io import atomic_write_text
-from interplab.model.load import load_model
 from interplab.model.transformer import Transformer
 from interplab.runs import CONFIG, LOG, REPORT, Kind, write_json
 from interplab.tasks import get_task
@@ -84,13 +84,6 @@ class _Run:
         write_json(self.out / CONFIG, self.kind, self.config)
         write_json(self.out / REPORT, self.kind, report)
         console.print(f"wrote [bold]{self.out}[/]: " + ", ".join(sorted(p.name for p in self.out.iterdir())))
-
-
-def _load(model_path: Path) -> Transformer:
-    try:
-        return load_model(model_path)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        fail(str(err).strip("'\""))
 
 
 def _ids(model: Transformer, value: Any, what: str) -> list[int]:
@@ -198,7 +191,7 @@ def patch(
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
     set_threads(threads)
     claim_out(out, Kind.PATCH)
-    model = _load(model_path)
+    model = load_model_arg(model_path)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=True)
     if metric_name not in METRICS:
         fail(f"unknown metric {metric_name!r}; valid: {', '.join(METRICS)}")
@@ -302,7 +295,7 @@ def heads(
     """Previous-token, induction, duplicate-token and copying scores of every head, and attention views."""
     set_threads(threads)
     claim_out(out, Kind.HEADS)
-    model = _load(model_path)
+    model = load_model_arg(model_path)
     tokens = _examples(model, prompts, None, 0, seed, need_corrupted=False)["tokens"] if prompts else None
     run = _Run(
         out,
@@ -355,7 +348,7 @@ def lens(
     residual-stream decomposition."""
     set_threads(threads)
     claim_out(out, Kind.LENS)
-    model = _load(model_path)
+    model = load_model_arg(model_path)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=False)
     run = _Run(
         out,

@@ -234,14 +234,32 @@ def check_seq_len(
     return seq_len
 
 
-def load_model_arg(path: Path) -> Transformer:
-    """Load the model a command was given (a model folder or file, or a training run: its ``final/``), saying
-    ``loaded RUN/final`` when the path stood for another folder; a path with no model ends in one line."""
+_MODEL_ERRORS = (FileNotFoundError, KeyError, ValueError)  # what a path that holds no (readable) model raises
+
+
+def _no_model(what: str, err: Exception) -> NoReturn:
+    fail(what + str(err).strip("'\""))
+
+
+def model_arg_source(path: Path, what: str = "") -> Path:
+    """The model folder (or file) a command's model argument stands for (`interplab.model.load.model_source`:
+    ``RUN/final`` for a training run ``RUN``); a path with no model ends in one line, after ``what``."""
     try:
-        source = model_source(path)
+        return model_source(path)
+    except _MODEL_ERRORS as err:
+        _no_model(what, err)
+
+
+def load_model_arg(path: Path, what: str = "") -> Transformer:
+    """Load the model a command was given (a model folder or file, or a training run: its ``final/``), saying
+    ``loaded RUN/final`` when the path stood for another folder; a path with no model, or one that does not
+    load, ends in one line (after ``what``, e.g. ``"cannot load the model: "``). Every command that takes a
+    model loads it here."""
+    source = model_arg_source(path, what)
+    try:
         model = load_model(source)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        fail(str(err).strip("'\""))
+    except _MODEL_ERRORS as err:
+        _no_model(what, err)
     if source != Path(path):
         console.print(f"loaded {source}", markup=False, highlight=False, soft_wrap=True)
     return model

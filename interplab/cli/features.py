@@ -18,6 +18,7 @@ from interplab.cli.common import (
     console,
     fail,
     finite_float,
+    load_model_arg,
     non_negative_int,
     out_file,
     out_folder,
@@ -37,7 +38,6 @@ from interplab.features.steer import (
 )
 from interplab.io import load_tensors
 from interplab.model import Transformer
-from interplab.model.load import load_model
 from interplab.runs import FEATURE_DB, RunError, pick_sae, sae_folders
 from interplab.sae import SAE, load_sae
 
@@ -103,10 +103,7 @@ def sae_folder(path: Path, name: str | None) -> Path:
 
 def load_model_and_sae(model_dir: Path, sae_dir: Path) -> tuple[Transformer, SAE]:
     """The model (a model folder, or a training run: its final/) and the SAE (an SAE folder)."""
-    try:
-        model = load_model(model_dir)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        fail(f"cannot load the model: {err}")
+    model = load_model_arg(model_dir, "cannot load the model: ")
     try:
         sae = load_sae(sae_dir)
     except (FileNotFoundError, KeyError, ValueError) as err:

@@ -16,6 +16,7 @@ from interplab.cli.common import (
     command_hint,
     console,
     fail,
+    load_model_arg,
     non_negative_float,
     out_folder,
     positive_float,
@@ -24,7 +25,6 @@ from interplab.cli.common import (
     threads_option,
 )
 from interplab.model import Transformer
-from interplab.model.load import load_model
 from interplab.plots import save_figure
 from interplab.runs import (
     EVAL,
@@ -59,13 +59,6 @@ from interplab.sae.train import SAETrainProgress
 app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
 
 
-def _load_model(path: Path) -> Transformer:
-    try:
-        return load_model(path)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        fail(str(err).strip("'\""))
-
-
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -87,7 +80,9 @@ def _hooks_of(model: Transformer, hooks: list[str]) -> list[str]:
 
 @app.command("cache")
 def cache(
-    model_path: Path = typer.Argument(..., help="model folder (interplab, Hugging Face or TransformerLens)"),
+    model_path: Path = typer.Argument(
+        ..., help="model folder (interplab, Hugging Face or TransformerLens), or a training run (its final/)"
+    ),
     hooks: list[str] = typer.Option(
         ..., "--hook", help="site to cache, e.g. blocks.1.hook_resid_post (repeatable)"
     ),
@@ -123,7 +118,7 @@ def cache(
     """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
     the model, data and settings are the same; anything different is refused)."""
     set_threads(threads)
-    model = _load_model(model_path)
+    model = load_model_arg(model_path)
     seq_len = check_seq_len(seq_len, model)
     hooks = _hooks_of(model, hooks)
     try:
@@ -253,7 +248,7 @@ def train(
         if cache_dir is not None:
             source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed)
         else:
-            model = _load_model(model_path)
+            model = load_model_arg(model_path)
             seq_len = check_seq_len(seq_len, model)
             source = model_source(model, model_path, hooks, corpus=corpus, seq_len=seq_len, batch_size=batch)
         torch.manual_seed(seed)  # the command's global RNG, as before the sweep moved into the library
@@ -330,7 +325,7 @@ def evaluate(
         )
     if out is None:
         out = check_out_folder(sae_path / EVAL)
-    model = _load_model(model_path)
+    model = load_model_arg(model_path)
     seq_len = check_seq_len(seq_len, model)
     saes = {
         name: load_sae(folder) for name, folder in folders.items()

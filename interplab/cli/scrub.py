@@ -21,13 +21,13 @@ from interplab.cli.common import (
     console,
     fail,
     library_default,
+    load_model_arg,
     out_folder,
     positive_int,
     set_threads,
     threads_option,
 )
 from interplab.io import atomic_write_text
-from interplab.model.load import load_model
 from interplab.model.transformer import Transformer
 from interplab.runs import CONFIG, LOG, Kind, write_json
 from interplab.scrub import Hypothesis, ScrubConfig, ScrubError, ScrubResult, scrub
@@ -67,7 +67,7 @@ def load_any_model(model_path: Path | None, task: str, data: Path | None) -> Tra
         return load_paren_model(model_path)
     if str(model_path) in ("planted-induction", "builtin:planted-induction"):
         return planted_induction()
-    return load_model(model_path)
+    return load_model_arg(model_path)
 
 
 def _slug(name: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, err_console, fail, port_option
+from interplab.cli.common import console, err_console, fail, model_arg_source, port_option
 from interplab.runs import RunError, pick_sae
 from interplab.web.guard import is_loopback
 
@@ -43,6 +43,13 @@ def serve(
     for r in runs:
         if not r.is_dir():
             fail(f"--runs {r} is not a folder")
+    if model is not None:  # resolved (a training run: its final/) and checked now, loaded on first use
+        source = model_arg_source(model, "--model: ")
+        if source != model:
+            console.print(
+                f"model {source} (loaded on first use)", markup=False, highlight=False, soft_wrap=True
+            )
+        model = source
     if sae is not None:
         try:
             sae = pick_sae(sae)

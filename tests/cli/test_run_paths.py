@@ -3,11 +3,14 @@ final/ ends in one line naming the checkpoint to load instead."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from interplab.cli.main import app
+from interplab.data import CharTokenizer
 from interplab.model import ModelConfig, Transformer
+from interplab.sae import SAEConfig, create_sae, save_sae
 from interplab.train import TrainConfig
 from interplab.train.checkpoint import checkpoint_dir, save_checkpoint
 
@@ -39,3 +42,43 @@ def test_info_on_an_unfinished_run_names_its_latest_checkpoint(tmp_path):
     err = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(err) == 1, result.output
     assert "no final/ yet" in err[0] and str(checkpoint_dir(run, 2)) in err[0]
+
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A finished training run whose model has a tokenizer, an SAE on its residual stream, a tiny corpus."""
+    root = tmp_path_factory.mktemp("lab")
+    tok = CharTokenizer("abcdefgh \n")
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=tok.vocab_size, n_ctx=16, d_mlp=32)
+    run = root / "run"
+    TrainConfig(model=cfg, data={"seq_len": 16}, steps=4).to_json(run / "config.json")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.tokenizer = tok
+    model.save(run / "final")
+    save_sae(create_sae(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, hook_name=HOOK)), root / "sae")
+    (root / "corpus").mkdir()
+    for i in range(4):
+        (root / "corpus" / f"{i}.txt").write_text("abc def\n" * 50)
+    return root
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "heads {run} --out {tmp}/heads --batch 2 --seq-len 4",
+        "sae cache {run} --hook {hook} --out {tmp}/cache --corpus {root}/corpus --seq-len 8 --batch 2 "
+        "--tokens 32",
+        "features steer --model {run} --sae {root}/sae --feature 0 --value 1 --prompt abc --max-new-tokens 2",
+    ],
+    ids=lambda args: " ".join(args.split()[:2]),
+)
+def test_every_command_given_a_run_as_its_model_loads_its_final_and_says_so(lab, tmp_path, args):
+    run = lab / "run"
+    args = args.format(run=run, root=lab, tmp=tmp_path, hook=HOOK).split()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"loaded {run / 'final'}" in result.stdout
