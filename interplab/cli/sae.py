@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 
 from interplab.cli.common import (
@@ -250,8 +249,9 @@ def train(
         else:
             model = load_model_arg(model_path)
             seq_len = check_seq_len(seq_len, model)
-            source = model_source(model, model_path, hooks, corpus=corpus, seq_len=seq_len, batch_size=batch)
-        torch.manual_seed(seed)  # the command's global RNG, as before the sweep moved into the library
+            source = model_source(
+                model, model_path, hooks, corpus=corpus, seq_len=seq_len, batch_size=batch, seed=seed
+            )
         plan = plan_sweep(source.widths, cfg, model_name=source.model_name)
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))

@@ -103,7 +103,8 @@ class SAESweepConfig:
     autocast: bool = _default("autocast")
     """bfloat16 matmuls with float32 master weights"""
     seed: int = _default("seed")
-    """seed of the data order and the resampling draws"""
+    """seed of the SAEs' initial weights (the plan's i-th SAE draws with ``seed + i``), the data order and the
+    resampling draws"""
     checkpoint_every: int | None = None
     """steps between checkpoints; None: a tenth of ``steps``"""
     keep_checkpoints: int = 2
@@ -212,16 +213,18 @@ def model_source(
     corpus: str,
     seq_len: int,
     batch_size: int,
+    seed: int = 0,
 ) -> ActivationSource:
     """Activations streamed from ``model`` (loaded from ``model_path``) over ``corpus``, cycled for as long as
-    the run needs, through a shuffling buffer of at least 8 batches."""
+    the run needs, through a shuffling buffer of at least 8 batches; ``seed`` draws the order of the corpus's
+    sequences and the buffer's shuffles."""
     shapes = model.hook_shapes(batch=1, pos=2)
     widths = {}
     for h in canonical_hooks(hooks):
         if h not in shapes:
             model.hook_registry.resolve(h)  # raises the model's own error (layer count, suggestions)
         widths[h] = int(shapes[h][-1]) if len(shapes[h]) == 3 else int(shapes[h][-2] * shapes[h][-1])
-    data = corpus_token_batches(model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len))
+    data = corpus_token_batches(model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len), seed=seed)
     batches = ActivationStream(
         model,
         _cycle(data.batches),
@@ -229,6 +232,7 @@ def model_source(
         batch_size=batch_size,
         buffer_tokens=max(8 * batch_size, 65536),
         token_filter=data.token_filter,
+        seed=seed,
     )
     return ActivationSource(
         batches=batches,
@@ -257,12 +261,15 @@ class SweepPlan:
 
 
 def plan_sweep(widths: Mapping[str, int], cfg: SAESweepConfig, *, model_name: str | None = None) -> SweepPlan:
-    """One freshly initialised SAE per hook in ``widths`` ({hook: d_in}) and sweep point, with its config."""
-    saes, train = {}, {}
+    """One freshly initialised SAE per hook in ``widths`` ({hook: d_in}) and sweep point, with its config. The
+    i-th SAE (hooks in order, then sweep points) draws its initial weights with seed ``cfg.seed + i``: SAEs of
+    one run never start from the same weights, and a single SAE draws with ``cfg.seed`` itself."""
+    saes: dict[str, SAE] = {}
+    train: dict[str, SAETrainConfig] = {}
     for hook, d_in in widths.items():
         for point in cfg.sweep:
             name = sae_name(hook, point)
-            saes[name] = create_sae(cfg.sae_config(hook, d_in, point, model_name))
+            saes[name] = create_sae(cfg.sae_config(hook, d_in, point, model_name), seed=cfg.seed + len(saes))
             train[name] = cfg.train_config(point)
     return SweepPlan(saes=saes, train=train)
 

@@ -152,3 +152,40 @@ def test_distributed_helpers_are_no_ops_in_one_process():
     info = distributed.init_distributed(torch.device("cpu"))
     assert info == distributed.DistInfo() and info.main
     distributed.shutdown(info)
+
+
+def _initial_saes(seed: int, sweep: tuple[dict[str, float], ...] = ({},)) -> list:
+    return list(plan_sweep({HOOK: 8}, SAESweepConfig(steps=4, k=2, seed=seed, sweep=sweep)).saes.values())
+
+
+def test_the_seed_draws_the_saes_initial_weights():
+    (zero,), (again,), (one,) = (_initial_saes(s) for s in (0, 0, 1))
+    assert torch.equal(zero.W_dec, again.W_dec)  # the same seed: bit-identical
+    assert not torch.allclose(zero.W_dec, one.W_dec)  # another seed: other weights
+    # a single SAE draws with the seed itself (bit-identical to what it drew before the seed reached it)
+    assert torch.equal(zero.W_dec, create_sae(zero.cfg, seed=0).W_dec)
+    assert torch.equal(one.W_dec, create_sae(one.cfg, seed=1).W_dec)
+    # SAEs of one sweep never start from the same weights (the i-th draws with seed + i)
+    first, second = _initial_saes(0, parse_sweep(["coefficient=1,2"]))
+    assert torch.equal(first.W_dec, zero.W_dec) and not torch.allclose(first.W_dec, second.W_dec)
+
+
+def test_the_seed_draws_the_order_of_streamed_activations(tmp_path):
+    from interplab.data import CharTokenizer
+    from interplab.model import ModelConfig, Transformer
+    from interplab.sae.sweep import model_source
+
+    tok = CharTokenizer("abcdefgh \n")
+    model = Transformer(
+        ModelConfig(d_model=8, n_layers=1, n_heads=2, d_vocab=tok.vocab_size, n_ctx=8, d_mlp=16)
+    )
+    model.tokenizer = tok
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text("".join("abcdefgh \n"[(i * j * 7 + j) % 10] for j in range(4000)))
+
+    def first_batch(seed: int) -> torch.Tensor:
+        source = model_source(model, "m", [HOOK], corpus=str(tmp_path), seq_len=8, batch_size=32, seed=seed)
+        return next(iter(source.batches))[HOOK]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))
