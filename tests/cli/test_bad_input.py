@@ -287,6 +287,8 @@ CASES = [
     (["serve", "--db", "{root}/no.db", "--port", "0"], 2, "0"),
     (["serve", "--db", "{root}/no.db", "--port", "70000"], 2, "70000"),
     (["serve"], 2, "--db"),
+    (["serve", "--db", "{root}/no.db", "--model", "{root}/nomodel"], 2, "--model: no model at"),
+    (["serve", "--db", "{root}/no.db", "--model", S], 2, "is an SAE folder"),
     (["info", "{root}/nomodel"], 2, "nomodel"),
     (["info", "{root}/truncated_model"], 2, "model.safetensors"),
     (["info"], 2, "--builtin"),

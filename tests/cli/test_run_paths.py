@@ -82,3 +82,14 @@ def test_every_command_given_a_run_as_its_model_loads_its_final_and_says_so(lab,
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"loaded {run / 'final'}" in result.stdout
+
+
+def test_serve_resolves_a_run_given_as_its_model_at_start(lab, monkeypatch):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    run = lab / "run"
+    result = CliRunner().invoke(app, ["serve", "--runs", str(lab), "--model", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"model {run / 'final'} (loaded on first use)" in result.stdout and served
