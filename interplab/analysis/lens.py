@@ -97,7 +97,7 @@ def logit_lens(
     model: Transformer, tokens: Int[Tensor, "batch pos"], *, attention_mask: Tensor | None = None
 ) -> LogitLensResult:
     """Unembed the residual stream at every layer (final norm applied with each stream's own scale)."""
-    tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
+    tokens = model.check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
     n = model.cfg.n_layers
     names = [Site(SiteKind.RESID_PRE, layer).name for layer in range(n)] + [
         Site(SiteKind.RESID_POST, n - 1).name
@@ -290,7 +290,7 @@ def direct_logit_attribution(
     ``positions`` (one per example; default the last), through the final norm at its cached scale (see
     the module docstring: all contributions plus ``biases`` sum exactly to the logit difference)."""
     cfg = model.cfg
-    tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
+    tokens = model.check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
     b, n_pos = tokens.shape
     read = _read_positions(positions, b, n_pos, tokens.device)
     names = [EMBED] + [Site(SiteKind.Z, layer).name for layer in range(cfg.n_layers)]
@@ -393,7 +393,7 @@ def residual_decomposition(
     """Accumulated and per-component logit difference at the read position, through the final norm at
     its cached scale (components + biases sum to the final logit difference)."""
     cfg = model.cfg
-    tokens = model._check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
+    tokens = model.check_tokens(torch.as_tensor(tokens).to(model.W_E.device), None)
     b, n_pos = tokens.shape
     read = _read_positions(positions, b, n_pos, tokens.device)
     with torch.no_grad():

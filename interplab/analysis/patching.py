@@ -49,8 +49,9 @@ from interplab.analysis.targets import (
 )
 from interplab.hooks.cache import ActivationCache
 from interplab.hooks.site import Site, SiteKind
-from interplab.model.layers import AttnContext
-from interplab.model.transformer import KVCache, Transformer
+from interplab.model.attention import AttnContext
+from interplab.model.kv_cache import KVCache
+from interplab.model.transformer import Transformer
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot
 from interplab.hooks.site import Site, SiteKind
-from interplab.model.layers import HeadInputs
+from interplab.model.attention import HeadInputs
 from interplab.model.transformer import Transformer
 
 

@@ -36,7 +36,8 @@ from interplab.sae import SAE, load_sae
 from interplab.web import api
 from interplab.web.api import INT64_MAX, FeatureIndex
 from interplab.web.guard import HostOriginGuard, normalise_allowed
-from interplab.web.runs import Artifact, find_artifacts, run_view
+from interplab.web.run_page import run_view
+from interplab.web.runs import Artifact, find_artifacts
 from interplab.web.views import Links, feature_view, format_number, json_for_html, summary_rows
 
 WEB_DIR = Path(__file__).parent

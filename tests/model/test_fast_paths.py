@@ -19,8 +19,8 @@ from torch.testing import assert_close
 
 from interplab import load_model
 from interplab.model import Norm, Positional, Transformer
-from interplab.model.layers import AttnContext, HeadInputs, apply_rotary, rotary_tables
-from interplab.model.transformer import KVCache
+from interplab.model.attention import AttnContext, HeadInputs, apply_rotary, rotary_tables
+from interplab.model.kv_cache import KVCache
 from tests.model.model_variants import VARIANTS, make_model
 from tests.model.test_load_hf import _make as make_hf
 

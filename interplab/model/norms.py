@@ -1,0 +1,142 @@
+"""The norms: LayerNorm and RMSNorm with TransformerLens' hook points (``hook_scale``, ``hook_normalized``), and
+the identity for ``normalization="none"``. The fused kernel is the fast path; the step-by-step norm runs when a
+hook may replace what it shows (chosen by `interplab.model.layers.need`)."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from interplab.hooks.points import HookPoint
+from interplab.model.config import ModelConfig, Norm
+from interplab.model.layers import Need, need, value_of
+
+
+class Normalization(nn.Module):
+    """LayerNorm or RMSNorm: ``normalized * w (+ b)``, with TransformerLens' two hook points:
+    ``hook_scale`` [batch pos 1], what the norm divides by, and ``hook_normalized`` [... d_model], the normalised
+    vector ``x / scale`` (centred first for LayerNorm) *before* the weight and bias, computed in float32 as in
+    TransformerLens."""
+
+    def __init__(self, cfg: ModelConfig, scale: HookPoint | None, normalized: HookPoint | None) -> None:
+        super().__init__()
+        self.kind = cfg.normalization
+        self.eps = cfg.norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        if self.kind is Norm.LAYERNORM:
+            self.b = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_scale = scale
+        self.hook_normalized = normalized
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The step-by-step `_hooked` norm is the reference; the fused kernel (`_norm`) is the fast path."""
+        scale, normalized = self.hook_scale, self.hook_normalized
+        wanted = need(scale, normalized)
+        if wanted is Need.REPLACE:
+            return self._hooked(x)
+        if wanted is Need.GRAD:
+            return value_of(self._norm(x)[0], self._hooked(x))
+        out, inv_scale = self._norm(x)
+        if wanted is Need.READ:  # report beside the fused kernel, compute as usual
+            self._show(x, inv_scale)
+        return out
+
+    def _show(self, x: Tensor, inv_scale: Tensor) -> None:
+        """Show the scale and the normalised vector to read hooks (float32, as TransformerLens reports)."""
+        scale, normalized = self.hook_scale, self.hook_normalized
+        reading_scale = scale is not None and scale.active
+        reading_normalized = normalized is not None and normalized.active
+        low_precision = inv_scale.dtype not in (torch.float32, torch.float64)
+        if reading_normalized or low_precision:
+            xf = self._centred(x)
+            if low_precision:
+                inv_scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if reading_scale and scale is not None:
+            scale(inv_scale.reciprocal())
+        if reading_normalized and normalized is not None:
+            normalized(xf * inv_scale)
+
+    def divide_by_scale(self, x: Float[Tensor, "... d_model"], scale: Tensor) -> Float[Tensor, "... d_model"]:
+        """``x`` centred (LayerNorm) and divided by a given ``scale`` (e.g. a cached ``hook_scale``), without
+        the weight and bias: how the norm acts on components of the residual stream it normalised."""
+        if self.kind is Norm.LAYERNORM:
+            x = x - x.mean(-1, keepdim=True)
+        return x / scale
+
+    def apply_to_direction(self, d: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The norm's linear part applied to directions ``d``: centred (LayerNorm), times the weight (in
+        float32); the scale (a positive factor) and the bias are left out."""
+        if self.kind is Norm.LAYERNORM:
+            d = d - d.mean(-1, keepdim=True)
+        return d * self.w.detach().float()
+
+    def normalize(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The norm without hooks."""
+        return self._norm(x)[0]
+
+    def _norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The output (weight and bias applied) and 1 / scale, where scale is what the norm divides by:
+        sqrt(variance + eps) (LayerNorm) or sqrt(mean square + eps) (RMSNorm). The kernels compute both in one
+        pass."""
+        if self.kind is Norm.LAYERNORM:
+            out, _, inv_scale = torch.native_layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+            return out, inv_scale
+        return _rms_norm(x, self.w, self.eps)
+
+    def _centred(self, x: Tensor) -> Tensor:
+        """``x`` in float32 (float64 kept), minus its mean over d_model for LayerNorm."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return xf - xf.mean(-1, keepdim=True) if self.kind is Norm.LAYERNORM else xf
+
+    def _hooked(self, x: Tensor) -> Tensor:
+        """Step by step, as TransformerLens: centre, ``scale`` (hooked), ``x / scale`` (hooked), then the
+        weight and bias; a replaced scale or normalised vector is what the output is made of."""
+        xf = self._centred(x)
+        scale = (xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if self.hook_scale is not None:
+            scale = self.hook_scale(scale)
+        normalized = xf / scale
+        if self.hook_normalized is not None:
+            normalized = self.hook_normalized(normalized)
+        out = normalized.to(x.dtype) * self.w
+        return out + self.b if self.kind is Norm.LAYERNORM else out
+
+
+def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm and the reciprocal of its scale."""
+    dtype = x.dtype
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * inv).to(dtype) * w, inv
+
+
+def make_norm(
+    cfg: ModelConfig, scale: HookPoint | None = None, normalized: HookPoint | None = None
+) -> Normalization | _NoNorm:
+    """A norm with hook points (none for norms without a place in the hook vocabulary: post norms)."""
+    if cfg.normalization is Norm.NONE:
+        return _NoNorm(normalized)
+    return Normalization(cfg, scale, normalized)
+
+
+class _NoNorm(nn.Module):
+    """No normalisation (``normalization="none"``): the identity, with the same public methods."""
+
+    hook_scale = None
+
+    def __init__(self, normalized: HookPoint | None) -> None:
+        super().__init__()
+        self.hook_normalized = normalized
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.hook_normalized is None else self.hook_normalized(x)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return x
+
+    def divide_by_scale(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        return x
+
+    def apply_to_direction(self, d: Tensor) -> Tensor:
+        return d

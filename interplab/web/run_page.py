@@ -1,0 +1,240 @@
+"""The run page: one plain view of everything a run folder holds (`run_view`), built from its ``log.jsonl``,
+``report.json``, formation scores, SAEs with their evaluation and attribution reports.
+
+What the run holds is found by `interplab.web.runs.contents`, and every file is read through
+`interplab.web.runs.read_json` / `read_bytes`, so the page keeps that module's guarantees: it stays inside the
+``--runs`` folder the run was found under, and a file that is missing, unreadable, too large or of an
+unexpected shape shows as missing, never as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from interplab import runs
+from interplab.web.runs import (
+    MAX_LOG_BYTES,
+    Artifact,
+    contents,
+    read_bytes,
+    read_json,
+    report_scalars,
+    sae_config,
+)
+
+_X_KEYS = ("step", "steps", "checkpoint", "checkpoints", "tokens", "epoch")
+_NOT_CURVES = ("time", "elapsed", "elapsed_s", "wall", "seconds")
+_GROUP_KEYS = ("event", "sae")  # a log line's series are named "<event>/<key>", "<sae>/<key>"
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def log_curves(path: Path, root: Path) -> dict[str, dict[str, list]]:
+    """Numeric series of a ``log.jsonl``: ``{"loss": {"x": steps, "y": values}, "eval/val_loss": ...}``.
+
+    Lines of several SAEs (or events) are kept apart: ``"<sae>/fvu"``."""
+    curves: dict[str, dict[str, list]] = {}
+    data = read_bytes(path, root, MAX_LOG_BYTES)
+    lines = [] if data is None else data.decode(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(rec, dict):
+            continue
+        x = next((rec[k] for k in _X_KEYS if _num(rec.get(k))), i)
+        prefix = "".join(f"{rec[g]}/" for g in _GROUP_KEYS if isinstance(rec.get(g), str))
+        for k, v in rec.items():
+            if k in _X_KEYS or not _num(v) or k in _NOT_CURVES:
+                continue
+            c = curves.setdefault(prefix + str(k), {"x": [], "y": []})
+            c["x"].append(x)
+            c["y"].append(v)
+    return curves
+
+
+def report_curves(report: Any) -> dict[str, dict[str, list]]:
+    """Series in a ``report.json``: lists of numbers (against a sibling step list when there is one) and
+    lists of records (``[{"step": 100, "induction": 0.3}, ...]``), found at any depth."""
+    curves: dict[str, dict[str, list]] = {}
+
+    def walk(node: Any, prefix: str, level: int) -> None:
+        if not isinstance(node, dict) or level > 8:
+            return
+        xs = next(
+            (node[k] for k in _X_KEYS if isinstance(node.get(k), list) and all(_num(v) for v in node[k])),
+            None,
+        )
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, list) and len(v) > 1 and all(_num(e) for e in v) and k not in _X_KEYS:
+                x = xs if xs is not None and len(xs) == len(v) else list(range(len(v)))
+                curves[name] = {"x": list(x), "y": list(v)}
+            elif isinstance(v, list) and len(v) > 1 and all(isinstance(e, list) for e in v):
+                flat = [_flatten(e) for e in v]  # e.g. a score per layer and head at each checkpoint
+                if all(flat) and all(_num(x) for e in flat for x in e):
+                    x = xs if xs is not None and len(xs) == len(v) else list(range(len(v)))
+                    curves[f"{name} (max)"] = {"x": list(x), "y": [max(e) for e in flat]}
+            elif isinstance(v, list) and len(v) > 1 and all(isinstance(e, dict) for e in v):
+                for key in sorted({str(kk) for e in v for kk, vv in e.items() if _num(vv)} - set(_X_KEYS)):
+                    pts = [
+                        (next((e[x] for x in _X_KEYS if _num(e.get(x))), i), e[key])
+                        for i, e in enumerate(v)
+                        if _num(e.get(key))
+                    ]
+                    if len(pts) > 1:
+                        curves[f"{name}/{key}"] = {"x": [p[0] for p in pts], "y": [p[1] for p in pts]}
+            elif isinstance(v, dict):
+                walk(v, f"{name}/", level + 1)
+
+    walk(report, "", 0)
+    return curves
+
+
+def _flatten(node: Any, level: int = 0) -> list:
+    if isinstance(node, list) and level < 8:
+        return [x for e in node for x in _flatten(e, level + 1)]
+    return [node]
+
+
+def chart_group(curves: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """``{"curves": series that vary, "constant": {name: value}}``: a page draws no flat lines, it names
+    the constants instead."""
+    varying, constant = {}, {}
+    for name, c in curves.items():
+        ys = c["y"]
+        if len(ys) > 1 and all(y == ys[0] for y in ys):
+            constant[name] = ys[0]
+        else:
+            varying[name] = c
+    return {"curves": varying, "constant": constant}
+
+
+def _text(v: Any, limit: int = 300) -> str:
+    if v is None:
+        return ""
+    return (v if isinstance(v, str) else json.dumps(v, default=str))[:limit]
+
+
+def _number(v: Any) -> float | int | None:
+    return v if _num(v) else None
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return str(p.relative_to(base))
+    except ValueError:
+        return p.name
+
+
+def run_view(art: Artifact) -> dict[str, Any]:
+    """Everything the run page shows, in one view: results, training curves, formation curves, SAEs with
+    their evaluation and training curves, attribution reports, other series, checkpoints, feature databases.
+
+    Every value is plain (str, finite number, None, lists and dicts of those) and every field that is
+    missing or of another shape becomes None or empty."""
+    path, root = art.path, art.root
+    report = read_json(path / runs.REPORT, root)
+    config = read_json(path / runs.CONFIG, root)
+    parts = contents(path, root)
+    series = report_curves(report)
+    for k in [k for k in series if k.split("/")[0] in ("checkpoints", "skipped_checkpoints")]:
+        del series[k]
+    return {
+        "what": art.what,
+        "scalars": report_scalars(report),
+        "config": json.dumps(config, indent=1, sort_keys=True, default=str)[:20000] if config else "",
+        "curves": chart_group(log_curves(path / runs.LOG, root)),
+        "report_curves": chart_group(series),
+        "formation": [formation_view(p, path, root) for p in parts["formation"]],
+        "checkpoints": [_checkpoint_step(p) for p in parts["checkpoints"]],
+        "final": [_rel(p, path) for p in parts["final"]],
+        "saes": sae_views(parts, path, root),
+        "sub_logs": {
+            _rel(p, path): chart_group(c) for p in parts["logs"] if (c := log_curves(p / runs.LOG, root))
+        },
+        "attributions": [attribution_view(p, path, root) for p in parts["attributions"]],
+        "databases": parts["databases"],
+    }
+
+
+def _checkpoint_step(p: Path) -> int | str:
+    step = runs.checkpoint_step(p.name)
+    return p.name if step is None else step
+
+
+def formation_view(p: Path, base: Path, root: Path) -> dict[str, Any]:
+    """``formation.json`` of `interplab formation`: its summary, formation step and every curve."""
+    data = read_json(p, root)
+    data = data if isinstance(data, dict) else {}
+    curves = report_curves({k: v for k, v in data.items() if k != "tokens"})
+    return {
+        "where": _rel(p.parent, base) if p.parent != base else ".",
+        "summary": _text(data.get("summary"), 2000),
+        "formation_step": _number(data.get("formation_step")),
+        "curves": chart_group(curves),
+    }
+
+
+def sae_views(parts: dict[str, list[Path]], base: Path, root: Path) -> list[dict[str, Any]]:
+    """The run's SAEs: configuration and, when evaluated, the evaluation's headline numbers."""
+    evals: dict[str, dict] = {}
+    for folder in parts["evals"]:
+        rep = read_json(folder / runs.REPORT, root)
+        for row in rep.get("saes", []) if isinstance(rep, dict) else []:
+            if isinstance(row, dict) and isinstance(row.get("name"), str):
+                evals[row["name"]] = row
+    out = []
+    for folder in parts["saes"]:
+        ev = evals.get(folder.name, {})
+        keys = ("l0", "fvu", "explained_variance", "ce_loss_recovered", "kl_div", "dead_fraction", "tokens")
+        out.append(
+            {
+                "name": folder.name,
+                "where": _rel(folder, base),
+                "config": sae_config(folder, root),
+                "eval": {k: _number(ev.get(k)) for k in keys},
+                "evaluated": bool(ev),
+            }
+        )
+    return out
+
+
+def attribution_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
+    """An attribution report (``interplab attribute`` writes ``attribution/<target>/report.json``)."""
+    report = read_json(folder / runs.REPORT, root)
+    report = report if isinstance(report, dict) else {}
+    top = report.get("top")
+    rows = []
+    for row in (top if isinstance(top, list) else [])[:5]:
+        row = row if isinstance(row, dict) else {}
+        seq = row.get("sequence")
+        rows.append(
+            {
+                "sequence": seq if _num(seq) or isinstance(seq, str) else None,
+                "score": _number(row.get("score")),
+                "text": _text(row.get("text")),
+            }
+        )
+    enriched = report.get("enriched_tokens")
+    tokens = [
+        _text(e.get("token") if isinstance(e, dict) else e, 40)
+        for e in (enriched if isinstance(enriched, list) else [])[:12]
+    ]
+    window = report.get("window")
+    return {
+        "where": _rel(folder, base),
+        "target": _text(report.get("target"), 200) or folder.name,
+        "window": [_text(w, 20) for w in window[:2]] if isinstance(window, list) else [],
+        "n_candidates": _number(report.get("n_candidates")),
+        "method": _text(report.get("method"), 300),
+        "top": rows,
+        "enriched": tokens,
+        "curves": chart_group(report_curves({k: report.get(k) for k in ("curve", "mass") if k in report})),
+    }
