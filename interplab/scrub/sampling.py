@@ -21,6 +21,23 @@ class ScrubError(ValueError):
     """A hypothesis cannot be scrubbed as stated; the message names the claim."""
 
 
+def _is_nan(value: object) -> bool:
+    """NaN never equals itself, so as a feature value it would make every NaN row a class of its own (and
+    resampling would return the row itself): it is an error, never a value."""
+    if isinstance(value, float):
+        return value != value
+    if isinstance(value, tuple):
+        return any(_is_nan(v) for v in value)
+    return False
+
+
+def _nan_message(where: str, feature: Feature, row: int) -> str:
+    return (
+        f"claim {where}: feature {feature.name!r} returned NaN (first at row {row}); a feature must give every "
+        "row a value (NaN would make each such row a class of its own)"
+    )
+
+
 @dataclass
 class FeatureGroups:
     """Rows grouped by the value of one feature."""
@@ -47,6 +64,9 @@ class FeatureGroups:
                 f"claim {where}: feature {feature.name!r} raised {type(err).__name__}: {err}"
             ) from err
         if isinstance(raw, Tensor):
+            if raw.is_floating_point() and raw.dim() > 0 and bool(torch.isnan(raw).any()):
+                row = int(torch.isnan(raw.reshape(raw.shape[0], -1)).any(1).nonzero()[0])
+                raise ScrubError(_nan_message(where, feature, row))
             if raw.dim() == 0 or raw.shape[0] != tokens.shape[0]:
                 raise ScrubError(
                     f"claim {where}: feature {feature.name!r} returned shape {tuple(raw.shape)}, "
@@ -72,6 +92,8 @@ class FeatureGroups:
         index: dict[Hashable, int] = {}
         codes_list = []
         for i, value in enumerate(raw):
+            if _is_nan(value):
+                raise ScrubError(_nan_message(where, feature, i))
             try:
                 code = index.setdefault(value, len(index))
             except TypeError:

@@ -66,6 +66,31 @@ def test_wrong_number_of_values(setup):
         run(setup, Claim("logits", children=[Claim("a1.0", short)]))
 
 
+def _with_nan(rows, row, as_list, joint):
+    values = torch.arange(rows, dtype=torch.float32) % 3
+    values[row] = float("nan")
+    if joint:
+        values = torch.stack([values, values * 0], 1)  # one value per row: a pair
+    if as_list:
+        return [tuple(v) for v in values.tolist()] if joint else values.tolist()
+    return values
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("row", [0, 37])
+def test_nan_feature_values_are_an_error_naming_the_claim_and_the_row(setup, as_list, joint, row):
+    # NaN != NaN: as a value each NaN row would be its own class and resampling would return the row itself
+    nan = Feature("nan", lambda tokens: _with_nan(tokens.shape[0], row, as_list, joint))
+    with pytest.raises(
+        ScrubError, match=rf"claim 'logits/a1.0': feature 'nan' returned NaN \(first at row {row}\)"
+    ):
+        run(setup, Claim("logits", children=[Claim("a1.0", nan)]))
+    model, task = setup
+    with pytest.raises(ScrubError, match=rf"feature 'nan' returned NaN \(first at row {row}\)"):
+        FeatureGroups.build(nan, task.tokens[:50], "x")
+
+
 def test_a_value_with_no_agreeing_input(setup):
     model, task = setup
     # sample only from rows whose next token is not 0: references with next token 0 have no agreeing input
