@@ -5,7 +5,7 @@ hooks, so they follow the parameters when those are swapped in by ``torch.func``
 
 >>> t = parse_target(model, "induction:1.2")
 >>> t(model)
-tensor(..., grad_fn=<MeanBackward0>)
+tensor(..., grad_fn=<SelectBackward0>)
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from interplab.analysis.heads import repeated_random_tokens
+from interplab.analysis.heads import masked_score, pattern_masks, repeated_random_tokens
 from interplab.data_attribution.per_example import logits_of
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.config import ModelConfig
@@ -65,34 +64,33 @@ def _check_head(model: Transformer, layer: int, head: int) -> None:
         raise ValueError(f"head {head} does not exist: the model has {cfg.n_heads} heads per layer")
 
 
-def induction_target(model: Transformer, layer: int, head: int, probe: Tensor | None = None) -> Target:
-    """Mean attention from each position of the second half of a repeated sequence to the token after the
-    previous occurrence of its token (the induction score)."""
+def _pattern_score_target(
+    model: Transformer, layer: int, head: int, probe: Tensor | None, score: str, name: str
+) -> Target:
+    """The head's pattern score ``score`` (`interplab.analysis.heads.masked_score`: the definition
+    `head_scores` and formation use) on ``probe``, differentiable in the parameters."""
     _check_head(model, layer, head)
-    cfg = model.cfg
-    probe = probe if probe is not None else _default_probe(cfg)
-    half = probe.shape[1] // 2
+    probe = probe if probe is not None else _default_probe(model.cfg)
+    # induction: the targets of the probe's construction (x x), as formation scores it
+    period = probe.shape[1] // 2 if score == "induction" else None
+    mask = pattern_masks(probe, period=period)[score]
 
     def fn(m: Transformer) -> Tensor:
-        p = _pattern(m, probe, layer)[:, head]
-        q = torch.arange(half, 2 * half)
-        return p[:, q, q - half + 1].mean()
+        p = _pattern(m, probe, layer)[:, head : head + 1]
+        return masked_score(p, mask.to(p.device))[0]
 
-    return Target(f"induction:{layer}.{head}", fn)
+    return Target(f"{name}:{layer}.{head}", fn)
+
+
+def induction_target(model: Transformer, layer: int, head: int, probe: Tensor | None = None) -> Target:
+    """Mean attention from each position of the second half of a repeated sequence to the token after the
+    previous occurrence of its token (the induction score, with the probe's construction targets)."""
+    return _pattern_score_target(model, layer, head, probe, "induction", "induction")
 
 
 def prev_token_target(model: Transformer, layer: int, head: int, probe: Tensor | None = None) -> Target:
     """Mean attention from each position to the previous one (the previous-token score)."""
-    _check_head(model, layer, head)
-    cfg = model.cfg
-    probe = probe if probe is not None else _default_probe(cfg)
-
-    def fn(m: Transformer) -> Tensor:
-        p = _pattern(m, probe, layer)[:, head]
-        q = torch.arange(1, probe.shape[1])
-        return p[:, q, q - 1].mean()
-
-    return Target(f"prev:{layer}.{head}", fn)
+    return _pattern_score_target(model, layer, head, probe, "previous_token", "prev")
 
 
 def loss_target(tokens: Tensor, name: str = "loss") -> Target:
