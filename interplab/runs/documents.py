@@ -128,13 +128,9 @@ def detect_document(name: str, data: Mapping[str, Any]) -> Kind | None:
 
 
 def read_log(folder: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``folder/log.jsonl`` (empty when there is none); a torn last line is skipped."""
-    return _read_log(Path(folder))
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``log.jsonl``; a torn last line (a job killed mid-write) is skipped."""
-    file = path / LOG
+    """The rows of ``folder/log.jsonl`` (empty when there is none); a torn last line (a job killed mid-write)
+    is skipped."""
+    file = Path(folder) / LOG
     if not file.is_file():
         return []
     rows = []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from interplab.runs.checkpoints import Checkpoint, _checkpoints, list_checkpoints
-from interplab.runs.documents import _read_log, detect_document, read_json
+from interplab.runs.documents import detect_document, read_json, read_log
 from interplab.runs.folders import _expect, describe, detect, pick_sae, sae_folders
 from interplab.runs.kinds import Kind, NotARunError, RunError
 from interplab.runs.names import (
@@ -23,8 +23,9 @@ from interplab.runs.names import (
 )
 
 
-def _report(path: Path) -> dict[str, Any] | None:
-    return read_json(path / REPORT) if (path / REPORT).is_file() else None
+def _read_if_there(file: Path) -> dict[str, Any] | None:
+    """The document in ``file``, or None while the run has not written it."""
+    return read_json(file) if file.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,11 @@ class TrainRun:
         return _checkpoints(self.path, intact, None, need_optimizer)
 
     def checkpoint(self, step: int) -> Checkpoint:
-        for c in list_checkpoints(self.path):
+        found = list_checkpoints(self.path)
+        for c in found:
             if c.step == step:
                 return c
-        steps = [c.step for c in list_checkpoints(self.path)]
+        steps = [c.step for c in found]
         raise RunError(f"{self.path} has no checkpoint of step {step}; it has {steps or 'none'}")
 
     @property
@@ -78,11 +80,11 @@ class TrainRun:
 
     @property
     def log(self) -> list[dict[str, Any]]:
-        return _read_log(self.path)
+        return read_log(self.path)
 
     @property
     def report(self) -> dict[str, Any] | None:
-        return _report(self.path)
+        return _read_if_there(self.path / REPORT)
 
 
 @dataclass(frozen=True)
@@ -147,11 +149,11 @@ class SAERun:
 
     @property
     def log(self) -> list[dict[str, Any]]:
-        return _read_log(self.path)
+        return read_log(self.path)
 
     @property
     def summary(self) -> dict[str, Any] | None:
-        return read_json(self.path / TRAIN_SUMMARY) if (self.path / TRAIN_SUMMARY).is_file() else None
+        return _read_if_there(self.path / TRAIN_SUMMARY)
 
 
 @dataclass(frozen=True)
