@@ -113,16 +113,13 @@ def read_json(path: Path, root: Path) -> Any:
         return None
 
 
+_DISK = runs.Reader()  # the contract's plain reader, used on paths already checked to stay inside root
+
+
 def _head(path: Path, root: Path, n: int) -> bytes | None:
     """The first ``n`` bytes of ``path`` (None when it is missing, outside ``root`` or unreadable)."""
     real = _file(path, root)
-    if real is None:
-        return None
-    try:
-        with open(real, "rb") as f:
-            return f.read(n)
-    except OSError:
-        return None
+    return None if real is None else _DISK.read_head(real, n)
 
 
 def reader(root: Path) -> runs.Reader:
