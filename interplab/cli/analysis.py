@@ -39,9 +39,8 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
-from interplab.io import atomic_write_text
 from interplab.model.transformer import Transformer
-from interplab.runs import CONFIG, LOG, REPORT, Kind, write_json
+from interplab.runs import CONFIG, REPORT, Kind, write_json, write_log
 from interplab.tasks import get_task
 
 TARGETS = "resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v, pattern, mlp_post"
@@ -80,7 +79,7 @@ class _Run:
                 result.save(self.out / file)
             self.log("saved", result=name)
         self.log("done")
-        atomic_write_text(self.out / LOG, "".join(json.dumps(e) + "\n" for e in self.events))
+        write_log(self.out, self.events)
         write_json(self.out / CONFIG, self.kind, self.config)
         write_json(self.out / REPORT, self.kind, report)
         console.print(f"wrote [bold]{self.out}[/]: " + ", ".join(sorted(p.name for p in self.out.iterdir())))

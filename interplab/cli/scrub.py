@@ -8,7 +8,6 @@ or ``def hypothesis(model): ...`` returning either. Each is scrubbed; the run fo
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 
@@ -27,9 +26,8 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
-from interplab.io import atomic_write_text
 from interplab.model.transformer import Transformer
-from interplab.runs import CONFIG, LOG, Kind, write_json
+from interplab.runs import CONFIG, Kind, write_json, write_log
 from interplab.scrub import Hypothesis, ScrubConfig, ScrubError, ScrubResult, scrub
 from interplab.scrub.parens import load_paren_model
 from interplab.scrub.tasks import build_task
@@ -123,7 +121,7 @@ def scrub_command(
                 "folder": _slug(hyp.name),
             }
         )
-    atomic_write_text(out / LOG, "".join(json.dumps(e) + "\n" for e in log))
+    write_log(out, log)
     write_json(
         out / CONFIG,
         Kind.SCRUB,

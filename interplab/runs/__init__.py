@@ -54,7 +54,7 @@ from interplab.runs.checkpoints import (
     list_checkpoints,
     verify_checkpoint,
 )
-from interplab.runs.documents import detect_document, read_json, read_log, write_json
+from interplab.runs.documents import detect_document, read_json, read_log, write_json, write_log
 from interplab.runs.folders import Reader, check_out, describe, detect, is_sqlite, pick_sae, sae_folders
 from interplab.runs.kinds import VERSIONS, Kind, NotARunError, RunError
 from interplab.runs.names import (
@@ -161,4 +161,5 @@ __all__ = [
     "sae_folders",
     "verify_checkpoint",
     "write_json",
+    "write_log",
 ]

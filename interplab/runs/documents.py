@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from interplab.io import atomic_write_json
+from interplab.io import atomic_write_json, atomic_write_text
 from interplab.runs.kinds import VERSIONS, Kind, RunError, _as_kind
 from interplab.runs.names import (
     CONFIG,
@@ -125,6 +125,14 @@ def detect_document(name: str, data: Mapping[str, Any]) -> Kind | None:
     if name == FORMATION_JSON:
         return Kind.FORMATION
     return None
+
+
+def write_log(folder: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``folder/log.jsonl`` at once (atomically), one JSON object per row: the log of a command that
+    writes its folder only when it has finished (`read_log` reads it back)."""
+    file = Path(folder) / LOG
+    atomic_write_text(file, "".join(json.dumps(row) + "\n" for row in rows))
+    return file
 
 
 def read_log(folder: str | Path) -> list[dict[str, Any]]:
