@@ -8,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("INTERPLAB_TEST_THREADS", "2")))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# the shared fixtures beside the checkout (INTERPLAB_SHARED overrides it, e.g. for a git worktree elsewhere)
+SHARED = Path(os.environ.get("INTERPLAB_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 @pytest.fixture
