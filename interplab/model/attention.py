@@ -106,8 +106,10 @@ class AttnContext:
         allowed = allowed[None, None]
         if self.key_valid is not None:
             allowed = allowed & self.key_valid[:, None, None, :]
-            # a padding query would see no key at all: let it see itself so no row is empty
-            allowed = allowed | (q_idx == k_idx)[None, None]
+            # a query that would see no key at all (a left pad under causal attention) sees itself, so no row
+            # is empty; every other query sees the real keys only, a right pad included (as TransformerLens and
+            # rust_circuit: its output is what a head reading it under another input's longer mask gets)
+            allowed = allowed | ((q_idx == k_idx)[None, None] & ~allowed.any(-1, keepdim=True))
         return allowed
 
 

@@ -509,14 +509,19 @@ class _Builder:
         for group_positions, active in groups:
 
             def walk(node: Node, node_slots: tuple[Slot, ...], live: list[CompiledClaim], top: bool) -> dict:
-                out: dict[Edge, Spec | SumOfParts] = {}
+                out: dict[Edge, Spec | SumOfParts | PositionPieces] = {}
                 spread = [k for k in live if k.all_paths]
                 for slot in node_slots:
                     for edge in self.graph.edges_into(node, slot):
                         sender = edge.sender
                         owner = [k for k in (live if top else spread) if k.node == sender]
                         if owner:
-                            out[edge] = values[id(owner[0])]
+                            value = values[id(owner[0])]
+                            if not top and owner[0].positions is not None:  # a0.0@1 on every path: there only
+                                at = torch.tensor(owner[0].positions, dtype=torch.long)
+                                out[edge] = PositionPieces((AtPositions(value, at),))
+                            else:
+                                out[edge] = value
                             continue
                         through = [k for k in spread if sender not in k.avoid and k.node in upstream[sender]]
                         if through:
