@@ -5,7 +5,13 @@
    CPU time, the example-forwards the engine ran (cached clean forwards, plus node evaluations) and the number a
    naive implementation runs (one whole forward per input of the treeified model per example); the naive time
    is estimated from the measured cost of one batched example-forward.
-2. EAP over every edge of a random 4-layer, 8-head model (d_model 256, 32 positions, batch 16): one clean forward
+2. A position-resolved hypothesis on the published paren balancer: REMIX experiment 3a (42 per-position claims
+   on head 2.1's input, its mask claimed by input length, 1.0 and 2.0 on count-and-open) over 4,000 reference
+   examples drawn from the fixture's 100,000 strings: wall and CPU time (goal < 2 minutes on one thread), the
+   engine's example-forward equivalents against a naive per-path implementation (the hand-written reference
+   of tests/scrub/remix_reference.py: one whole forward per datum and position, timed on a quarter of the
+   references and scaled), and the loss against the published one.
+3. EAP over every edge of a random 4-layer, 8-head model (d_model 256, 32 positions, batch 16): one clean forward
    with a backward plus one corrupted forward, against exact edge patching (one patched run per edge), with the
    correlation between the two sets of scores.
 
@@ -95,6 +101,56 @@ def bench_scrub(rounds: int, n: int, model_path: str | None = None) -> dict:
     }
 
 
+def bench_scrub_positions(rounds: int, n: int, fixture: str) -> dict:
+    from interplab.scrub.compile import compile_hypothesis
+    from interplab.scrub.parens import load_paren_model, paren_task
+    from interplab.scrub.remix import REMIX_EXPERIMENTS, remix_hypothesis
+    from tests.scrub.remix_reference import run as naive_run
+
+    model = load_paren_model(fixture)
+    task = paren_task(fixture)
+    hyp = remix_hypothesis("3a", model)
+    config = ScrubConfig(n_examples=n, n_seeds=1, per_claim=False, batch_size=1000)
+    walls, cpus = [], []
+    result = None
+    for _ in range(rounds):  # a fresh engine each round: its clean-forward cache starts empty
+        result, wall, cpu = timed(lambda: scrub(model, task, hyp, config))
+        walls.append(wall)
+        cpus.append(cpu)
+    assert result is not None
+    f = result.forwards
+    refs = torch.randperm(task.tokens.shape[0], generator=torch.Generator().manual_seed(0))[: n // 4]
+    (losses, _), naive_wall, _ = timed(lambda: naive_run(model, task, "3a", refs))
+    published = REMIX_EXPERIMENTS["3a"]
+    compiled = compile_hypothesis(EdgeEngine(model, task.tokens[:10]), hyp)
+    n_claims = sum(1 for c in compiled.claims() if c.path.startswith("logits/a2.1/a2.1.in@"))
+    return {
+        "model": "the published paren balancer (3 layers x 2 heads, d_model 56, 42 positions), ../shared fixture",
+        "hypothesis": "REMIX 3a: a2.1.in@[0..41] with a per-position feature (42 claims) + a2.1.mask + 1.0, 2.0",
+        "per_position_claims": n_claims,
+        "n_examples": n,
+        "rounds": rounds,
+        "wall_s_median": statistics.median(walls),
+        "cpu_s_median": statistics.median(cpus),
+        "goal_wall_s": 120,
+        "loss_scrubbed": result.loss_scrubbed.mean,
+        "loss_se": result.loss_scrubbed.se,
+        "loss_published": published.loss,
+        "tolerance_published": published.se,
+        "recovered": result.recovered.mean,
+        "clean_example_forwards": f["clean_example_forwards"],
+        "node_evaluations": f["node_evaluations"],
+        "engine_example_forwards_equivalent": f["clean_example_forwards"]
+        + f["node_evaluations"] / f["n_nodes"],
+        "naive_example_forwards": f["naive_example_forwards"],
+        "naive_per_path_wall_s_measured_on_quarter": naive_wall,
+        "naive_per_path_wall_s_estimate": naive_wall * n / refs.numel(),
+        "naive_per_path_loss_on_quarter": float(losses.mean()),
+        "note": "naive = the hand-written per-path implementation (tests/scrub/remix_reference.py), one forward "
+        "of the whole model per datum, timed on n/4 references and scaled by 4",
+    }
+
+
 def bench_eap(rounds: int) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=256, n_layers=4, n_heads=8, d_vocab=512, n_ctx=64, init_range=0.05)
@@ -161,12 +217,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--paren-fixture", default="../shared/fixtures/paren_balancer")
+    parser.add_argument("--paren-n", type=int, default=4000)
     parser.add_argument(
         "--induction-model", default=None, help="a trained induction-2l folder to scrub as well"
     )
     parser.add_argument(
         "--only",
-        choices=["all", "scrub", "eap"],
+        choices=["all", "scrub", "parens", "eap"],
         default="all",
         help="run one part and update that part of an existing --out file",
     )
@@ -184,6 +242,11 @@ def main() -> None:
         out["scrub_induction"] = bench_scrub(args.rounds, args.n)
         if args.induction_model:
             out["scrub_induction_2l_trained"] = bench_scrub(args.rounds, args.n, args.induction_model)
+    if args.only in ("all", "parens"):
+        if Path(args.paren_fixture).is_dir():
+            out["scrub_parens_3a"] = bench_scrub_positions(args.rounds, args.paren_n, args.paren_fixture)
+        else:
+            out["scrub_parens_3a"] = {"skipped": f"paren fixture {args.paren_fixture} absent"}
     if args.only in ("all", "eap"):
         out["eap_4l8h"] = bench_eap(args.rounds)
     path.parent.mkdir(parents=True, exist_ok=True)

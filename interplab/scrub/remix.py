@@ -36,8 +36,11 @@ The features are in `interplab.scrub.parens` (integer arithmetic; the model-deri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from interplab.circuits.engine import EdgeEngine
 from interplab.model.transformer import Transformer
+from interplab.scrub.algorithm import ScrubConfig, scrub
 from interplab.scrub.hypothesis import Claim, Feature, Hypothesis, Rewrite
 from interplab.scrub.parens import (
     adjusted_horizon,
@@ -47,10 +50,13 @@ from interplab.scrub.parens import (
     horizon,
     horizon_ok,
     input_length,
+    load_paren_model,
     p1_if_starts_open,
+    paren_task,
     phi,
     starts_open,
 )
+from interplab.scrub.result import ScrubResult
 
 
 @dataclass(frozen=True)
@@ -191,3 +197,23 @@ def remix_hypothesis(name: str, model: Transformer | None = None) -> Hypothesis:
     if name == "1-bonus":
         children.append(Claim("a0.0", count_and_open))
     return Hypothesis(Claim("logits", children=children), name=name)
+
+
+def run_remix(
+    name: str,
+    folder: str | Path,
+    *,
+    n_examples: int = 4000,
+    n_seeds: int = 1,
+    seed: int = 0,
+    model: Transformer | None = None,
+    engine: EdgeEngine | None = None,
+    n_rows: int | None = None,
+) -> ScrubResult:
+    """Scrub REMIX experiment ``name`` on the paren-balancer fixture ``folder`` (REMIX: 4,000 references, one
+    resampling, data drawn from all 100,000 rows; fewer references and ``n_rows`` make a fast mode for
+    examples and tests)."""
+    model = model or load_paren_model(folder)
+    task = paren_task(folder, n_rows)
+    config = ScrubConfig(n_examples=n_examples, n_seeds=n_seeds, seed=seed, per_claim=False, batch_size=1000)
+    return scrub(model, task, remix_hypothesis(name, model), config, engine=engine)
