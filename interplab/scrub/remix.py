@@ -158,14 +158,15 @@ def _count_head(model: Transformer | None, name: str, head: str) -> Claim:
     return Claim(head, count_and_open, children=[pos1])
 
 
-def _head21(model: Transformer | None, name: str) -> Claim:
+def _head21(model: Transformer | None, name: str, remix_float32: bool = False) -> Claim:
     if name in ("1a", "1b", "1-bonus", "2-part1", "2a", "2-part3", "2b"):
         return Claim("a2.1", horizon_ok)
     if name == "3a":
         per_pos = horizon_per_position
     else:
         assert model is not None
-        per_pos = Feature("adjusted_horizon", adjusted_horizon(model), per_position=True)
+        tag = "adjusted_horizon" + ("_remix_float32" if remix_float32 else "")
+        per_pos = Feature(tag, adjusted_horizon(model, remix_float32=remix_float32), per_position=True)
     every = Feature(f"{per_pos.name}_all", lambda tokens: (per_pos(tokens) >= 0).all(1))
     below: list[Claim] = []
     if name in ("3c", "3d"):
@@ -182,9 +183,12 @@ def _head21(model: Transformer | None, name: str) -> Claim:
     )
 
 
-def remix_hypothesis(name: str, model: Transformer | None = None) -> Hypothesis:
+def remix_hypothesis(
+    name: str, model: Transformer | None = None, *, remix_float32: bool = False
+) -> Hypothesis:
     """REMIX experiment ``name`` (a key of `REMIX_EXPERIMENTS`) as a hypothesis; the experiments whose
-    features come from the model (2 part 3, 2b, 3b-3d, 4) need ``model``."""
+    features come from the model (2 part 3, 2b, 3b-3d, 4) need ``model``. ``remix_float32=True`` classifies
+    3b's adjusted proportion with REMIX's float32 arithmetic instead of exactly (`adjusted_horizon`)."""
     if name not in REMIX_EXPERIMENTS:
         raise ValueError(f"unknown REMIX experiment {name!r}; valid: {', '.join(REMIX_EXPERIMENTS)}")
     if REMIX_EXPERIMENTS[name].needs_model and model is None:
@@ -193,10 +197,14 @@ def remix_hypothesis(name: str, model: Transformer | None = None) -> Hypothesis:
         return Hypothesis(Claim("logits"), name="0a")
     if name == "0b":
         return Hypothesis(Claim("logits", leaf=False), name="0b")
-    children = [_count_head(model, name, "a1.0"), _count_head(model, name, "a2.0"), _head21(model, name)]
+    children = [
+        _count_head(model, name, "a1.0"),
+        _count_head(model, name, "a2.0"),
+        _head21(model, name, remix_float32),
+    ]
     if name == "1-bonus":
         children.append(Claim("a0.0", count_and_open))
-    return Hypothesis(Claim("logits", children=children), name=name)
+    return Hypothesis(Claim("logits", children=children), name=name + (" (float32)" if remix_float32 else ""))
 
 
 def run_remix(
