@@ -417,10 +417,10 @@ class _Builder:
 
     def others(self, c: CompiledClaim, d: Tensor) -> Tensor:
         key = c.path + OTHERS
+        if c.claim.others == "same":
+            return self._keep(key, d)
         given = self._given(key)
-        if given is not None:
-            return self._keep(key, given)
-        return self._keep(key, d if c.claim.others == "same" else self.random())
+        return self._keep(key, given if given is not None else self.random())
 
     def leaf(self, d: Tensor) -> Spec:
         self.n_forwards += d.numel()

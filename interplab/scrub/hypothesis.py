@@ -164,7 +164,7 @@ def format_positions(positions: Sequence[int]) -> str:
     p = list(positions)
     if len(p) == 1:
         return f"@{p[0]}"
-    if len(p) > 2 and p == list(range(p[0], p[0] + len(p))):
+    if p == list(range(p[0], p[0] + len(p))):
         return f"@[{p[0]}..{p[-1]}]"
     return "@[" + ",".join(str(v) for v in p) + "]"
 
