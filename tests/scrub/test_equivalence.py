@@ -169,20 +169,15 @@ def test_position_claims_equal_hooks_at_those_positions(arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_a_node_claim_feeds_every_path_from_one_datum(arch):
+@pytest.mark.parametrize("head_everywhere", [False, True])
+def test_a_node_claim_feeds_every_path_from_one_datum(arch, head_everywhere):
+    """REMIX 2a's shape. ``head_everywhere``: a0.0 is itself a node-level claim (directly and via m0, one
+    datum), and by precedence it owns the embedding's paths through it without ``avoid``."""
     model, tokens, mask = make(arch)
     hand = Hand(model, tokens, mask)
-    root = Claim(
-        "logits",
-        children=[
-            Claim(
-                "a1.0",
-                children=[
-                    Claim("a1.0.in@1", children=[Claim("a0.0"), Claim("embed", paths="all", avoid=["a0.0"])])
-                ],
-            )
-        ],
-    )
+    head = Claim("a0.0", paths="all") if head_everywhere else Claim("a0.0")
+    emb = Claim("embed", paths="all") if head_everywhere else Claim("embed", paths="all", avoid=["a0.0"])
+    root = Claim("logits", children=[Claim("a1.0", children=[Claim("a1.0.in@1", children=[head, emb])])])
     inner = "logits/a1.0/a1.0.in@1"
     keys = ["logits (others)", "logits/a1.0", "logits/a1.0 (others)", inner, inner + " (others)"]
     data = rows_for(keys + [inner + "/a0.0", inner + "/embed"])
@@ -190,19 +185,20 @@ def test_a_node_claim_feeds_every_path_from_one_datum(arch):
     o0, o1, o2 = data["logits (others)"], data["logits/a1.0 (others)"], data[inner + " (others)"]
     d_head, d_emb = data[inner + "/a0.0"], data[inner + "/embed"]
     # below a1.0's input at position 1: the embedding on every path (direct, via a0.1, via m0) from d_emb,
-    # a0.0 directly from d_head, everything else (pos_embed, a0.0 via m0, masks) from o2
+    # a0.0 directly (and via m0 when it claims every path) from d_head, the rest (pos_embed, masks) from o2
     delta_e = hand.embed(d_emb) - hand.embed(o2)
+    delta_h = hand.head_out(0, 0, d_head) - hand.head_out(0, 0, o2)
     x0 = hand.resid_pre(0, o2) + delta_e
     a01 = hand.head(0, 1, x0, x0, x0, o2)
     if model.cfg.parallel_attn_mlp:
         m0 = hand.mlp(0, x0, o2)
     else:
-        mid = x0 + hand.head_out(0, 0, o2) + a01
+        mid = x0 + hand.head_out(0, 0, o2) + a01 + (delta_h if head_everywhere else 0)
         m0 = hand.mlp(0, mid, o2)
     x1 = (
         hand.resid_pre(1, o2)
         + delta_e
-        + (hand.head_out(0, 0, d_head) - hand.head_out(0, 0, o2))
+        + delta_h
         + (a01 - hand.head_out(0, 1, o2))
         + (m0 - hand.mlp_out(0, o2))
     )
