@@ -15,7 +15,7 @@ import torch
 
 from interplab.model.config import ModelConfig, Norm
 from interplab.model.transformer import Transformer
-from interplab.scrub import Claim, Hypothesis, Rewrite, ScrubConfig, ScrubTask, feature, scrub
+from interplab.scrub import Claim, Hypothesis, Rewrite, ScrubConfig, ScrubTask, anything, feature, scrub
 
 V, T = 8, 8
 TOK, POS, COPY, OUT = 0, V, V + T, V + T + V
@@ -159,6 +159,9 @@ def test_one_shared_sample_on_every_path_recovers_it_separate_samples_do_not(set
     separate = recovered(setup, Claim("embed", is_same), Claim("a0.0", is_same))
     assert separate.recovered.mean < 0.8
     assert shared.recovered.mean - separate.recovered.mean > 0.2
+    # `anything`: one random input on every path, agreeing on nothing: the random baseline's level
+    unconditional = recovered(setup, Claim("embed", anything, paths="all"))
+    assert abs(unconditional.recovered.mean) < 0.1
 
 
 def _copy_first(value, tokens):
