@@ -407,7 +407,12 @@ class EdgeEngine:
             rows, positions, rest = [], [], []
             for piece in pieces:
                 value, pos = piece.value, piece.positions
-                if isinstance(value, Spec) and not value.patches and pos.dtype != torch.bool:
+                if (
+                    isinstance(value, Spec)
+                    and not value.patches
+                    and value.context is None
+                    and pos.dtype != torch.bool
+                ):
                     pos = pos.long().flatten()
                     rows.append(value.input[:, None].expand(-1, pos.numel()))
                     positions.append(pos)

@@ -34,7 +34,7 @@ those sequence positions of its target (of the edge into its parent, for a compo
 >>> h = Hypothesis(Claim("logits", children=[
 ...     Claim("a1.0", count_equal, children=[
 ...         Claim("a1.0.in@1", count_equal, children=[
-...             Claim("a0.0", starts_open),
+...             Claim("a0.0", starts_open, paths="all"),    # directly and via m0, one datum
 ...             Claim("embed", starts_open, paths="all", avoid=["a0.0"])])])]))
 >>> [c.name for _, c in h.claims()]
 ['logits', 'a1.0', 'a1.0.in@1', 'a0.0', 'embed']
@@ -164,7 +164,7 @@ def format_positions(positions: Sequence[int]) -> str:
     p = list(positions)
     if len(p) == 1:
         return f"@{p[0]}"
-    if len(p) > 2 and p == list(range(p[0], p[0] + len(p))):
+    if p == list(range(p[0], p[0] + len(p))):
         return f"@[{p[0]}..{p[-1]}]"
     return "@[" + ",".join(str(v) for v in p) + "]"
 
