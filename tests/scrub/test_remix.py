@@ -2,8 +2,8 @@
 
 - every experiment gives the same logits as the hand-written reference of tests/scrub/remix_reference.py
   (straight from the weights, rust_circuit's semantics) on the same sampled rows, to 1e-5;
-- the published losses are reproduced within REMIX's own tolerance (its ``check_loss``: 4 SE; for 3a, 3b and
-  4 the 0.1 REMIX uses is a widened tolerance, so 4 x 0.1), over 4,000 references, one resampling.
+- the published losses are reproduced within 4 standard errors of the difference (REMIX's ``check_loss`` uses 4
+  of its SEs; for 3a, 3b and 4 its 0.1 is a widened tolerance), over 1,000 references, one resampling.
 
 The fixture tests skip when ../shared (or INTERPLAB_SHARED) is absent.
 """
@@ -87,11 +87,16 @@ def test_the_language_equals_the_hand_written_reference(paren, name):
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_the_published_losses_are_reproduced(paren, name):
+    """REMIX fails beyond 4 SE of its target with 4,000 references; to keep CI fast this uses 1,000, so the
+    bound is 4 standard errors of the difference, sqrt(SE_published^2 + SE_measured^2) (for 3a, 3b and 4 the
+    published 0.1 is REMIX's widened tolerance and stands in for its SE). docs/scrub.md has the 4,000-reference
+    numbers."""
     model, task, engine = paren
-    config = ScrubConfig(n_examples=4000, n_seeds=1, per_claim=False, batch_size=1000)
+    config = ScrubConfig(n_examples=1000, n_seeds=1, per_claim=False, batch_size=1000)
     r = scrub(model, task, remix_hypothesis(name, model), config, engine=engine)
     e = REMIX_EXPERIMENTS[name]
     assert e.loss is not None and e.se is not None
-    assert abs(r.loss_scrubbed.mean - e.loss) < 4 * e.se, (
-        f"{name}: {r.loss_scrubbed.mean:.3f} vs published {e.loss} ({e.se}); {e.note}"
+    bound = 4 * (e.se**2 + r.loss_scrubbed.se**2) ** 0.5
+    assert abs(r.loss_scrubbed.mean - e.loss) < bound, (
+        f"{name}: {r.loss_scrubbed.mean:.3f} ({r.loss_scrubbed.se:.3f}) vs published {e.loss} ({e.se}); {e.note}"
     )
