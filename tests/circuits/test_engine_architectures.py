@@ -16,7 +16,17 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from interplab import load_model
-from interplab.circuits import DiscoveryTask, EdgeEngine, Spec, eap, patch_edges, path_patch
+from interplab.circuits import (
+    DiscoveryTask,
+    EdgeEngine,
+    Spec,
+    acdc,
+    eap,
+    eap_circuit,
+    patch_edges,
+    path_patch,
+)
+from interplab.circuits.circuit import faithfulness
 from interplab.circuits.engine import Ablation
 from interplab.circuits.split import kv_per_query_head
 from interplab.scrub import Claim, Hypothesis, ScrubConfig, ScrubTask, scrub
@@ -284,3 +294,21 @@ def test_eap_scores_are_the_derivative_of_the_hand_patched_metric(loaded, family
             assert by_name[name] == pytest.approx(derivative, rel=1e-5, abs=1e-8), name
     finally:
         model.float()
+
+
+@pytest.mark.parametrize("family", ["llama-mqa-tied-head-dim", "gemma2-sliding"])
+def test_acdc_and_the_eap_circuit_run(loaded, family):
+    """ACDC's patched runs and a circuit's faithfulness go through the engine: with every edge kept the
+    circuit is the model, with none it is the corrupted model."""
+    model, _, tokens = loaded[family]
+    task = DiscoveryTask(name="t", tokens=tokens, clean=A, corrupt=B, metric=_metric)
+    circuit = acdc(model, task, threshold=0.5)
+    assert 0 < len(circuit.edges) < circuit.n_edges_total
+    top = eap_circuit(model, task, k=10)
+    assert len(top.edges) == 10
+    engine = task.engine(model)
+    everything = faithfulness(engine, task, set(engine.graph.edges))
+    assert everything.metric_circuit == pytest.approx(everything.metric_full, abs=1e-5)
+    nothing = faithfulness(engine, task, set())  # every edge corrupted: the model on the corrupted inputs
+    on_b = float(_metric(forward(model, tokens[B]), A).mean())
+    assert nothing.metric_circuit == pytest.approx(on_b, abs=1e-4)
