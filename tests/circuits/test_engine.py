@@ -14,7 +14,9 @@ VARIANTS = {
     "parallel-rms": dict(parallel_attn_mlp=True, normalization="rmsnorm"),
     "bidirectional": dict(causal=False),
     "gqa-rotary-smear": dict(n_kv_heads=2, positional="rotary", smear_keys=True),
-    "mqa-post-norms-bidirectional": dict(n_kv_heads=1, post_norms=True, normalization="rmsnorm", causal=False),
+    "mqa-post-norms-bidirectional": dict(
+        n_kv_heads=1, post_norms=True, normalization="rmsnorm", causal=False
+    ),
 }
 
 
