@@ -7,7 +7,15 @@ import torch
 from interplab.circuits.circuit import DiscoveryTask, circuit_spec, faithfulness
 from interplab.circuits.discovery import eap
 from interplab.circuits.engine import Ablation, EdgeEngine
-from interplab.circuits.masks import MaskConfig, MaskedForward, MaskScores, Method, Objective, learn_masks, mask_sweep
+from interplab.circuits.masks import (
+    MaskConfig,
+    MaskedForward,
+    MaskScores,
+    Method,
+    Objective,
+    learn_masks,
+    mask_sweep,
+)
 from interplab.circuits.planted import NOISE_EDGES, PLANTED_EDGES, induction_data, planted_induction
 from interplab.model import ModelConfig, Transformer
 
@@ -81,7 +89,7 @@ def test_a_random_binary_mask_is_the_engines_patched_run(variant):
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         mask = (torch.rand(fwd.n_edges, generator=gen) < 0.5).float()
-        keep = {e for e, m in zip(engine.graph.edges, mask.tolist()) if m == 1}
+        keep = {e for e, m in zip(engine.graph.edges, mask.tolist(), strict=True) if m == 1}
         expected = engine.run(circuit_spec(engine, task, keep))
         with torch.no_grad():
             torch.testing.assert_close(fwd(mask), expected, atol=1e-5, rtol=1e-4)
@@ -94,9 +102,11 @@ def test_ablations_are_the_engines(ablation):
     engine = task.engine(model)
     fwd = MaskedForward(model, task, engine=engine)
     mask = (torch.rand(fwd.n_edges, generator=torch.Generator().manual_seed(3)) < 0.6).float()
-    keep = {e for e, m in zip(engine.graph.edges, mask.tolist()) if m == 1}
+    keep = {e for e, m in zip(engine.graph.edges, mask.tolist(), strict=True) if m == 1}
     with torch.no_grad():
-        torch.testing.assert_close(fwd(mask), engine.run(circuit_spec(engine, task, keep)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            fwd(mask), engine.run(circuit_spec(engine, task, keep)), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_per_example_masks_equal_the_loop_and_soft_masks_interpolate_linearly_at_the_logits():
@@ -182,8 +192,9 @@ def test_the_learned_masks_are_exactly_the_planted_circuit(planted, config):
     got = learn_masks(planted, task, config, engine=engine)
     k = len(PLANTED_EDGES)
     assert {e.name for e in got.top(k)} == set(PLANTED_EDGES)  # precision = recall = 1 at the planted size
-    ranked = [name for name, _ in got.ranked()]
-    assert set(ranked[k : k + len(NOISE_EDGES)]) == set(NOISE_EDGES) or config.method is Method.HARD_CONCRETE
+    if config.method is Method.UGS:  # the noise head's two edges come next: they change the output a little
+        ranked = [name for name, _ in got.ranked()]
+        assert set(ranked[k : k + len(NOISE_EDGES)]) == set(NOISE_EDGES)
     # the planted edges are kept, the edges that change nothing are pruned
     probs = dict(got.ranked())
     assert min(probs[e] for e in PLANTED_EDGES) > 0.9
@@ -223,4 +234,6 @@ def test_the_learned_forward_matches_on_the_masked_engine_for_the_planted_model(
     keep = {engine.graph.edge(e) for e in PLANTED_EDGES}
     mask = torch.tensor([1.0 if e in keep else 0.0 for e in engine.graph.edges])
     with torch.no_grad():
-        torch.testing.assert_close(fwd(mask), engine.run(circuit_spec(engine, task, keep)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            fwd(mask), engine.run(circuit_spec(engine, task, keep)), atol=1e-4, rtol=1e-4
+        )
