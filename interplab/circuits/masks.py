@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interplab.circuits.circuit import DiscoveryTask
+from interplab.circuits.circuit import Circuit, DiscoveryTask, faithfulness, layout
 from interplab.circuits.discovery import EdgeScores
 from interplab.circuits.engine import Ablation, EdgeEngine, Spec
 from interplab.circuits.graph import ComponentGraph, Node, NodeKind, Slot
@@ -513,4 +513,48 @@ def mask_sweep(
     return out
 
 
-__all__ = ["MaskConfig", "MaskScores", "MaskedForward", "Method", "Objective", "learn_masks", "mask_sweep"]
+def mask_circuit(
+    model: Transformer,
+    task: DiscoveryTask,
+    k: int = 20,
+    config: MaskConfig | None = None,
+    *,
+    engine: EdgeEngine | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Circuit:
+    """The ``k`` edges with the largest learned probability (`learn_masks`), as a `Circuit` with its
+    faithfulness; ``details`` holds the configuration, the timing and the training curve."""
+    engine = engine or task.engine(model)
+    scores = learn_masks(model, task, config, engine=engine, progress=progress)
+    keep = scores.top(k)
+    return Circuit(
+        edges=tuple(e.name for e in engine.graph.edges if e in keep),
+        method=scores.config.method.value,
+        task=task.name,
+        faithfulness=faithfulness(engine, task, keep),
+        n_edges_total=len(engine.graph.edges),
+        scores={name: s for name, s in scores.ranked()},
+        layout=layout(engine.graph),
+        details={
+            "k": k,
+            "passes": scores.passes,
+            **scores.details,
+            "config": {
+                f: v.value if isinstance(v, Enum) else v
+                for f, v in ((f, getattr(scores.config, f)) for f in scores.config.__dataclass_fields__)
+            },
+            "curve": scores.curve,
+        },
+    )
+
+
+__all__ = [
+    "MaskConfig",
+    "MaskScores",
+    "MaskedForward",
+    "Method",
+    "Objective",
+    "learn_masks",
+    "mask_circuit",
+    "mask_sweep",
+]

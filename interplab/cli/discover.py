@@ -1,4 +1,4 @@
-"""``interplab discover --model DIR --task NAME --method eap|acdc``: automatic circuit discovery to a run folder."""
+"""``interplab discover --model DIR --task NAME --method eap|acdc|ugs|hard-concrete``: automatic circuit discovery to a run folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 
 from interplab.circuits import Circuit, acdc, eap_circuit
+from interplab.circuits.masks import MaskConfig, mask_circuit
+from interplab.circuits.masks import Method as MaskMethod
 from interplab.cli.common import (
     JobProgress,
     claim_out,
@@ -28,12 +30,16 @@ from interplab.scrub.tasks import build_task, discovery_task
 class Method(str, Enum):
     EAP = "eap"
     ACDC = "acdc"
+    UGS = "ugs"
+    HARD_CONCRETE = "hard-concrete"
 
 
 def discover_command(
     model_path: Path = typer.Option(None, "--model", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="task name: parens or induction"),
-    method: Method = typer.Option(Method.EAP, "--method", help="eap or acdc"),
+    method: Method = typer.Option(
+        Method.EAP, "--method", help="eap, acdc, ugs or hard-concrete (learned edge masks)"
+    ),
     data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
     out: Path = typer.Option(Path("runs/discover"), "--out", help="run folder to write", callback=out_folder),
     n: int = typer.Option(
@@ -45,7 +51,7 @@ def discover_command(
     k: int = typer.Option(
         library_default(eap_circuit, "k"),
         "--k",
-        help="EAP: keep the k highest-scoring edges",
+        help="EAP, ugs, hard-concrete: keep the k highest-scoring edges",
         callback=positive_int,
     ),
     threshold: float = typer.Option(
@@ -54,9 +60,15 @@ def discover_command(
         help="ACDC: KL increase below which an edge is removed",
         callback=non_negative_float,
     ),
+    lam: float = typer.Option(
+        MaskConfig.lam, "--lam", help="ugs, hard-concrete: sparsity weight", callback=non_negative_float
+    ),
+    steps: int = typer.Option(
+        MaskConfig.steps, "--steps", help="ugs, hard-concrete: optimiser steps", callback=positive_int
+    ),
     threads: int = typer.Option(1, "--threads", help="torch threads", callback=threads_option),
 ) -> None:
-    """Find a circuit with EAP or ACDC; writes report.json and report.html (with the graph)."""
+    """Find a circuit with EAP, ACDC or learned edge masks; writes report.json and report.html (with the graph)."""
     set_threads(threads)
     claim_out(out, Kind.DISCOVERY, Kind.CIRCUIT)
     try:
@@ -67,9 +79,14 @@ def discover_command(
     circuit: Circuit
     if method is Method.EAP:
         circuit = eap_circuit(model, dtask, k)
-    else:
+    elif method is Method.ACDC:
         with JobProgress("discover acdc", unit="edges") as bar:
             circuit = acdc(model, dtask, threshold, progress=bar)
+    else:
+        mask_method = MaskMethod.UGS if method is Method.UGS else MaskMethod.HARD_CONCRETE
+        config = MaskConfig(method=mask_method, lam=lam, steps=steps)
+        with JobProgress(f"discover {method.value}", unit="steps") as bar:
+            circuit = mask_circuit(model, dtask, k, config, progress=bar)
     # the circuit is found: only now is the run folder written (a failed discovery leaves nothing behind)
     write_json(
         out / CONFIG,
@@ -81,6 +98,8 @@ def discover_command(
             "n": n,
             "k": k,
             "threshold": threshold,
+            "lam": lam,
+            "steps": steps,
         },
     )
     circuit.save(out)

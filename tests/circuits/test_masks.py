@@ -1,8 +1,11 @@
 """Mask-optimisation discovery: the masked forward against the model and the edge engine, and the learned
 masks against a planted circuit."""
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from interplab.circuits.circuit import DiscoveryTask, circuit_spec, faithfulness
 from interplab.circuits.discovery import eap
@@ -17,7 +20,8 @@ from interplab.circuits.masks import (
     mask_sweep,
 )
 from interplab.circuits.planted import NOISE_EDGES, PLANTED_EDGES, induction_data, planted_induction
-from interplab.model import ModelConfig, Transformer
+from interplab.cli.main import app
+from tests.circuits.test_engine import forward, make_model
 
 VARIANTS = {
     "mlp-learned-ln": dict(),
@@ -25,11 +29,6 @@ VARIANTS = {
     "parallel-rms": dict(parallel_attn_mlp=True, normalization="rmsnorm"),
     "bidirectional-padded": dict(causal=False),
 }
-
-
-def make_model(**kw) -> Transformer:
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_vocab=50, n_ctx=16, d_mlp=64, init_range=0.2, **kw)
-    return Transformer(cfg)
 
 
 def random_task(variant: str, corrupt="rows") -> DiscoveryTask:
@@ -53,11 +52,6 @@ def random_task(variant: str, corrupt="rows") -> DiscoveryTask:
         metric=metric,
         attention_mask=mask,
     )
-
-
-def forward(model, tokens, mask=None):
-    with torch.no_grad():
-        return model(tokens, attention_mask=mask)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -237,3 +231,16 @@ def test_the_learned_forward_matches_on_the_masked_engine_for_the_planted_model(
         torch.testing.assert_close(
             fwd(mask), engine.run(circuit_spec(engine, task, keep)), atol=1e-4, rtol=1e-4
         )
+
+
+def test_discover_command_learns_masks(tmp_path):
+    out = tmp_path / "d"
+    args = ["discover", "--model", "planted-induction", "--task", "induction", "--method", "ugs"]
+    args += ["--k", "5", "--lam", "0.02", "--steps", "60", "--n", "50", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["edges"]) == set(PLANTED_EDGES)
+    assert report["method"] == "ugs" and len(report["details"]["curve"]["loss"]) == 60
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "ugs" and config["lam"] == 0.02
