@@ -19,7 +19,8 @@ position (or the loss of metric) plus a price on the number of edges:
   found best beside EAP-IG. One logit per edge, inclusion probability ``p = sigmoid(theta)``; each step
   every example is run with ``n_samples`` masks sampled as ``1 - clamp((u - p) / w + 1/2, 0, 1)``,
   ``u ~ U(0, 1)``, window ``w = p (1 - p)`` (0/1 except in the window, where the gradient passes); penalty
-  ``lam * sum_e p_e``; edges left dangling by a sample are dropped from it (their gradient is zero).
+  ``lam * sum_e p_e`` (plus MIB's smaller price on heads); edges left dangling by a sample are dropped from
+  it (their gradient is zero).
 - `Method.HARD_CONCRETE`: Edge Pruning (Bhaskar et al. 2024): hard-concrete L0 gates (Louizos et al. 2018,
   ``beta = 2/3``, stretched to [-0.1, 1.1]), one sample per gate per step shared by the batch; either the
   penalty ``lam * E[L0] / n_edges`` or, with ``target_edges``, Bhaskar et al.'s Lagrangian that drives the
@@ -116,6 +117,12 @@ class MaskedForward:
     """
 
     def __init__(self, model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = None) -> None:
+        cfg = model.cfg
+        if cfg.n_kv_heads != cfg.n_heads or cfg.post_norms:
+            raise ValueError(
+                "the masked forward needs one K/V input per head and outputs that add into the residual stream; "
+                f"n_kv_heads={cfg.n_kv_heads} (n_heads={cfg.n_heads}), post_norms={cfg.post_norms} is not supported"
+            )
         self.model, self.task = model, task
         self.engine = engine or task.engine(model)
         self.graph = self.engine.graph
@@ -267,6 +274,9 @@ class MaskConfig:
     """hard concrete with ``target_edges``: fraction of the steps over which the target falls to its value"""
     prune_dangling: bool = True
     """UGS: drop edges that a sampled circuit leaves unconnected to the input or the logits (MIB's UGS)"""
+    node_penalty: bool = True
+    """UGS: add MIB's price on heads, ``min(lam / 2, 2e-4) * sum_h tanh(2 e_h / n) n / 2`` with ``e_h`` the
+    expected edges in and out of head h and n the number of heads (it saturates: a used head costs little more)"""
     clip: float = 5.0
     """gradient-norm clip of the mask parameters"""
     seed: int = 0
@@ -379,6 +389,16 @@ def _connected(fwd: MaskedForward, keep: Tensor) -> Tensor:
     return keep & reached[:, send] & reaches[:, recv]
 
 
+def _head_penalty(fwd: MaskedForward, probs: Tensor) -> Tensor:
+    """UGS's vertex term: per head, tanh(2 (expected edges in + out) / n_heads_total) * n_heads_total / 2."""
+    send, recv = fwd.edge_ends
+    per_node = torch.zeros(len(fwd.graph.nodes), dtype=probs.dtype)
+    per_node = per_node.index_add(0, send, probs).index_add(0, recv, probs)
+    heads = torch.tensor([i for i, n in enumerate(fwd.graph.nodes) if n.kind is NodeKind.HEAD])
+    n = heads.numel()
+    return (torch.tanh(2 * per_node[heads] / n) * n / 2).sum()
+
+
 @contextmanager
 def _frozen(model: Transformer) -> Iterator[None]:
     """No gradients into the model's weights while the masks learn (restored after)."""
@@ -405,7 +425,7 @@ def learn_masks(
     fwd = MaskedForward(model, task, engine=engine)
     gen = torch.Generator().manual_seed(config.seed)
     n, n_edges = fwd.n_examples, fwd.n_edges
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad():
         corrupted = fwd.corrupted(torch.arange(n))  # every sender's corrupted value, gathered once
         full = fwd.engine.run(Spec(task.clean))
@@ -433,6 +453,8 @@ def learn_masks(
                     mask = mask * _connected(fwd, mask.detach() > 0).to(mask.dtype)
                 expected = torch.sigmoid(theta).sum()
                 penalty = config.lam * expected
+                if config.node_penalty:
+                    penalty = penalty + min(0.5 * config.lam, 2e-4) * _head_penalty(fwd, torch.sigmoid(theta))
             else:
                 mask = _hard_concrete(theta, gen)
                 expected = _open_probability(theta).sum()
@@ -465,7 +487,7 @@ def learn_masks(
             curve["edges"].append(expected.item())
             if progress is not None:
                 progress(step + 1, config.steps)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     learned = theta.detach().double()
     probs = torch.sigmoid(learned) if config.method is Method.UGS else _open_probability(learned)
     per_step = config.batch_size * (config.n_samples if config.method is Method.UGS else 1)
@@ -483,6 +505,7 @@ def learn_masks(
             "steps": config.steps,
             "rows_per_step": per_step,
             "seconds_per_step": seconds / config.steps,
+            "cpu_seconds_per_step": cpu / config.steps,
             "expected_edges": float(probs.sum()),
         },
     )
