@@ -174,9 +174,9 @@ def planted():
 @pytest.mark.parametrize(
     "config",
     [
-        MaskConfig(method=Method.UGS, lam=0.02, steps=150, batch_size=16, n_samples=2, lr=0.1),
-        MaskConfig(method=Method.HARD_CONCRETE, lam=1.0, steps=150, batch_size=16),
-        MaskConfig(method=Method.HARD_CONCRETE, target_edges=len(PLANTED_EDGES), steps=150, batch_size=16),
+        MaskConfig(method=Method.UGS, lam=0.02, steps=80, batch_size=16, n_samples=2, lr=0.1),
+        MaskConfig(method=Method.HARD_CONCRETE, lam=1.0, steps=80, batch_size=16),
+        MaskConfig(method=Method.HARD_CONCRETE, target_edges=len(PLANTED_EDGES), steps=80, batch_size=16),
     ],
     ids=["ugs", "hard-concrete", "hard-concrete-target"],
 )
