@@ -270,6 +270,8 @@ class MaskConfig:
     """initial logit of every edge (None: UGS 1.0 as MIB; hard concrete 3.0, gates open)"""
     target_edges: int | None = None
     """hard concrete: drive the expected number of edges to this with a Lagrangian (Bhaskar et al.)"""
+    lr_lagrange: float = 0.8
+    """hard concrete with ``target_edges``: step size of the multipliers' gradient ascent (Edge Pruning: 0.8)"""
     warmup: float = 0.8
     """hard concrete with ``target_edges``: fraction of the steps over which the target falls to its value"""
     prune_dangling: bool = True
@@ -292,6 +294,8 @@ class MaskConfig:
             raise ValueError(f"MaskConfig.lam must be >= 0, got {self.lam}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"MaskConfig.lr must be > 0, got {self.lr}")
+        if self.lr_lagrange <= 0:
+            raise ValueError(f"MaskConfig.lr_lagrange must be > 0, got {self.lr_lagrange}")
         if not 0 <= self.warmup <= 1:
             raise ValueError(f"MaskConfig.warmup must be in [0, 1], got {self.warmup}")
         if self.target_edges is not None and self.method is not Method.HARD_CONCRETE:
@@ -437,7 +441,7 @@ def learn_masks(
             theta.add_(0.01 * torch.randn(n_edges, generator=gen))
     opt = torch.optim.AdamW([theta], lr=config.step_size, betas=(0.9, 0.995), weight_decay=0.0)
     lagrange = torch.zeros(2, requires_grad=True)
-    opt_lagrange = torch.optim.AdamW([lagrange], lr=config.step_size, weight_decay=0.0, maximize=True)
+    opt_lagrange = torch.optim.AdamW([lagrange], lr=config.lr_lagrange, weight_decay=0.0, maximize=True)
     curve: dict[str, list[float]] = {"loss": [], "objective": [], "edges": []}
     batch = min(config.batch_size, n)
     perm, at = torch.randperm(n, generator=gen), 0
