@@ -253,15 +253,15 @@ class _Batch:
         def contract(grad: Tensor, site: Site) -> None:
             cols, n = self.plan.sites[site.name]
             g = grad.detach().unflatten(0, (len(todo), b)).sum(0)
-            d = self.delta[:n]  # type: ignore[index]
-            if g.dim() == 4:  # per-head slots [batch pos heads d_model]
+            d = self.delta[:n].flatten(1)  # type: ignore[index]  # [senders, batch*pos*d_model]
+            if g.dim() == 4:  # per-head slots [batch pos heads d_model]: one matrix product for all heads
                 if g.shape[2] != len(cols):
                     raise ValueError(
                         f"{site.name} has {g.shape[2]} per-head inputs, the graph {len(cols)} slots"
                     )
-                matrix[:n, cols] += torch.einsum("sbpd,bphd->sh", d, g).double()
+                matrix[:n, cols] += (d @ g.movedim(2, 3).reshape(-1, len(cols))).double()
             else:
-                matrix[:n, cols[0]] += torch.einsum("sbpd,bpd->s", d, g).double()
+                matrix[:n, cols[0]] += (d @ g.reshape(-1)).double()
 
         wanted = {0} | {pt.group for pt in todo if pt.group is not None}
         sites = self.names if record else [self.names[g] for g in sorted(wanted)]
