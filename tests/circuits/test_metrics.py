@@ -152,3 +152,16 @@ def test_bad_arguments(model, graph):
         circuit_metrics(model, task, scores, rankings=("upside-down",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="another graph"):
         circuit_metrics(model, task, EdgeScores(tuple(reversed(scores.edges)), scores.scores, {}))
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "circuits.md").read_text()
+    section = text.split("## EAP-IG and MIB's faithfulness metrics", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/circuits.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("eap 3/5") and lines[1].startswith("eap-ig 5/5")
+    assert CircuitMetrics.load(tmp_path / "metrics_demo").method == "eap-ig"
