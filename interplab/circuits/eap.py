@@ -319,7 +319,8 @@ def _score(
         batch = _Batch(engine, task, plan, chunk, record=capture)
         for first in range(0, len(points), per_pass):
             batch.run(points[first : first + per_pass], matrix, n_total)
-    scores = (matrix[plan.edge_rows, plan.edge_cols] / len(points)).float()
+    dtype = torch.promote_types(model.W_E.dtype, torch.float32)  # float32, or float64 for a float64 model
+    scores = (matrix[plan.edge_rows, plan.edge_cols] / len(points)).to(dtype)
     data = (0 if isinstance(task.corrupt, Ablation) else 1) + (0 if capture else 1)
     return EdgeScores(
         graph.edges,
