@@ -243,3 +243,26 @@ def test_paren_balancer_eap_ig_beats_eap(shared_dir):
     ig = faithfulness(engine, task, eap_ig(model, task, engine=engine).top(12)).fraction
     torch.testing.assert_close(plain, 0.176, atol=0.005, rtol=0)
     assert ig > 2 * plain
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(n_kv_heads=2), dict(post_norms=True, normalization="rmsnorm")],
+    ids=["gqa", "post_norms"],
+)
+def test_grouped_query_and_post_norm_models(overrides):
+    # one right-rule step is EAP's clean point on these architectures too, and completeness holds
+    model, task = random_model(**overrides), random_task()
+    plain = eap(model, task)
+    torch.testing.assert_close(
+        eap_ig(model, task, 1, rule="right").scores, plain.scores, rtol=1e-5, atol=1e-7
+    )
+    engine = EdgeEngine(model, task.tokens)
+    diff = float(
+        task.metric(engine.run(Spec(task.corrupt)), task.clean).mean()
+        - task.metric(engine.run(Spec(task.clean)), task.clean).mean()
+    )
+    s = eap_ig(model, task, 32, rule="midpoint", engine=engine)
+    total = sum(float(x) for e, x in zip(s.edges, s.scores, strict=True) if e.sender.name == "embed")
+    torch.testing.assert_close(total, diff, rtol=0.02, atol=1e-6)
+    assert torch.isfinite(eap_ig(model, task, 2, variant="activations").scores).all()
