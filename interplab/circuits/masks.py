@@ -42,18 +42,18 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interplab.circuits.circuit import Circuit, DiscoveryTask, faithfulness, layout
-from interplab.circuits.discovery import EdgeScores
+from interplab.circuits.circuit import Circuit, DiscoveryTask
+from interplab.circuits.eap import EdgeScores, ScoreSign, scores_circuit
 from interplab.circuits.engine import Ablation, EdgeEngine, Spec
 from interplab.circuits.graph import ComponentGraph, Node, NodeKind, Slot
+from interplab.circuits.split import kv_per_query_head
 from interplab.model.attention import HeadInputs
 from interplab.model.transformer import Transformer
 
@@ -117,13 +117,13 @@ class MaskedForward:
     """
 
     def __init__(self, model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = None) -> None:
-        cfg = model.cfg
-        if cfg.n_kv_heads != cfg.n_heads or cfg.post_norms:
+        if model.cfg.post_norms:
             raise ValueError(
-                "the masked forward needs one K/V input per head and outputs that add into the residual stream; "
-                f"n_kv_heads={cfg.n_kv_heads} (n_heads={cfg.n_heads}), post_norms={cfg.post_norms} is not supported"
+                "the masked forward needs head outputs that add into the residual stream; post_norms=True "
+                "(Gemma-2) normalises the sum of each layer's heads (use the edge engine or EAP-IG there)"
             )
-        self.model, self.task = model, task
+        self.task = task
+        self.model = kv_per_query_head(model)  # GQA: the same function with one key/value head per query head
         self.engine = engine or task.engine(model)
         self.graph = self.engine.graph
         self.senders: tuple[Node, ...] = self.graph.senders_all
@@ -327,7 +327,6 @@ class MaskScores(EdgeScores):
     config: MaskConfig
     seconds: float
     """wall time of the optimisation"""
-    details: dict[str, Any] = field(default_factory=dict)
 
     def plot(self):
         """The training curve: the objective and the expected number of edges per step."""
@@ -445,7 +444,7 @@ def learn_masks(
     curve: dict[str, list[float]] = {"loss": [], "objective": [], "edges": []}
     batch = min(config.batch_size, n)
     perm, at = torch.randperm(n, generator=gen), 0
-    with _frozen(model):
+    with _frozen(model), _frozen(fwd.model):
         for step in range(config.steps):
             if at + batch > n:
                 perm, at = torch.randperm(n, generator=gen), 0
@@ -499,6 +498,8 @@ def learn_masks(
         edges=fwd.graph.edges,
         scores=probs,
         passes={"forward": config.steps + 1, "backward": config.steps},
+        method=config.method.value,
+        sign=ScoreSign.IMPORTANCE,
         logits=learned,
         curve=curve,
         config=config,
@@ -511,6 +512,11 @@ def learn_masks(
             "seconds_per_step": seconds / config.steps,
             "cpu_seconds_per_step": cpu / config.steps,
             "expected_edges": float(probs.sum()),
+            "config": {
+                f: v.value if isinstance(v, Enum) else v
+                for f, v in ((f, getattr(config, f)) for f in config.__dataclass_fields__)
+            },
+            "curve": curve,
         },
     )
 
@@ -550,29 +556,10 @@ def mask_circuit(
     progress: Callable[[int, int], None] | None = None,
 ) -> Circuit:
     """The ``k`` edges with the largest learned probability (`learn_masks`), as a `Circuit` with its
-    faithfulness; ``details`` holds the configuration, the timing and the training curve."""
+    faithfulness; ``details`` holds the configuration, the timing and the training curve (`MaskScores.details`)."""
     engine = engine or task.engine(model)
     scores = learn_masks(model, task, config, engine=engine, progress=progress)
-    keep = scores.top(k)
-    return Circuit(
-        edges=tuple(e.name for e in engine.graph.edges if e in keep),
-        method=scores.config.method.value,
-        task=task.name,
-        faithfulness=faithfulness(engine, task, keep),
-        n_edges_total=len(engine.graph.edges),
-        scores={name: s for name, s in scores.ranked()},
-        layout=layout(engine.graph),
-        details={
-            "k": k,
-            "passes": scores.passes,
-            **scores.details,
-            "config": {
-                f: v.value if isinstance(v, Enum) else v
-                for f, v in ((f, getattr(scores.config, f)) for f in scores.config.__dataclass_fields__)
-            },
-            "curve": scores.curve,
-        },
-    )
+    return scores_circuit(engine, task, scores, k)
 
 
 __all__ = [

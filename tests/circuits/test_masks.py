@@ -28,6 +28,7 @@ VARIANTS = {
     "attn-only-rotary-smear": dict(attn_only=True, positional="rotary", smear_keys=True),
     "parallel-rms": dict(parallel_attn_mlp=True, normalization="rmsnorm"),
     "bidirectional-padded": dict(causal=False),
+    "gqa-rotary": dict(n_kv_heads=2, positional="rotary", normalization="rmsnorm"),
 }
 
 
@@ -126,7 +127,7 @@ def test_per_example_masks_equal_the_loop_and_soft_masks_interpolate_linearly_at
         torch.testing.assert_close(fwd(m), expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["mlp-learned-ln", "parallel-rms", "bidirectional-padded"])
+@pytest.mark.parametrize("variant", ["mlp-learned-ln", "parallel-rms", "bidirectional-padded", "gqa-rotary"])
 def test_the_gradient_at_the_full_model_is_minus_eap(variant):
     # d metric / d m_e = (z_e - c_e) . d metric / d x_r: EAP's score with the opposite sign
     model = make_model(**VARIANTS[variant])
@@ -138,6 +139,11 @@ def test_the_gradient_at_the_full_model_is_minus_eap(variant):
     assert mask.grad is not None
     torch.testing.assert_close(mask.grad, -eap(model, task, engine=engine).scores, atol=1e-5, rtol=1e-4)
     assert bool((mask.grad != 0).sum() > fwd.n_edges // 2)
+
+
+def test_post_norm_models_are_refused():
+    with pytest.raises(ValueError, match="post_norms"):
+        MaskedForward(make_model(post_norms=True), random_task("mlp-learned-ln"))
 
 
 def test_bad_masks_are_refused():
@@ -236,11 +242,13 @@ def test_the_learned_forward_matches_on_the_masked_engine_for_the_planted_model(
 def test_discover_command_learns_masks(tmp_path):
     out = tmp_path / "d"
     args = ["discover", "--model", "planted-induction", "--task", "induction", "--method", "ugs"]
-    args += ["--k", "5", "--lam", "0.02", "--steps", "60", "--n", "50", "--out", str(out)]
+    args += ["--k", "5", "--lam", "0.02", "--mask-steps", "60", "--n", "50", "--out", str(out)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert set(report["edges"]) == set(PLANTED_EDGES)
     assert report["method"] == "ugs" and len(report["details"]["curve"]["loss"]) == 60
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == "ugs" and config["lam"] == 0.02
+    assert config["method"] == "ugs" and config["lam"] == 0.02 and config["mask_steps"] == 60
+    metrics = json.loads((out / "metrics.json").read_text())  # MIB's CPR/CMD of the learned scores
+    assert "cpr" in json.dumps(metrics).lower()
