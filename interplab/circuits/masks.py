@@ -493,7 +493,7 @@ def learn_masks(
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     learned = theta.detach().double()
     probs = torch.sigmoid(learned) if config.method is Method.UGS else _open_probability(learned)
-    per_step = config.batch_size * (config.n_samples if config.method is Method.UGS else 1)
+    per_step = batch * (config.n_samples if config.method is Method.UGS else 1)
     return MaskScores(
         edges=fwd.graph.edges,
         scores=probs,
