@@ -19,8 +19,9 @@ from interplab.circuits.masks import (
     learn_masks,
     mask_sweep,
 )
-from interplab.circuits.planted import NOISE_EDGES, PLANTED_EDGES, induction_data, planted_induction
+from interplab.circuits.planted import NOISE_EDGES, PLANTED_EDGES, planted_induction
 from interplab.cli.main import app
+from tests.circuits.discovery_tasks import planted_task
 from tests.circuits.test_engine import forward, make_model
 
 VARIANTS = {
@@ -160,16 +161,6 @@ def test_bad_masks_are_refused():
 
 
 # ---- the planted circuit ---------------------------------------------------------------------------
-
-
-def planted_task(metric_kind="logprob"):
-    tokens, labels, _ = induction_data(240)
-    rows = torch.arange(120)
-
-    def metric(logits, r):
-        return logits[:, -1].float().log_softmax(-1)[torch.arange(r.numel()), labels[r]]
-
-    return DiscoveryTask(name="planted", tokens=tokens, clean=rows, corrupt=rows + 120, metric=metric)
 
 
 @pytest.fixture(scope="module")
