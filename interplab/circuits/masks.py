@@ -243,7 +243,8 @@ class Method(str, Enum):
 
 class Objective(str, Enum):
     KL = "kl"
-    """KL(full model || masked model) at ``task.position`` (MIB, Edge Pruning)"""
+    """KL(full model || masked model) at ``task.position`` (MIB, Edge Pruning); one position for every row, so
+    where the answer's position varies with padding (IOI) use METRIC"""
     METRIC = "metric"
     """the full model's metric minus the masked model's, per example (mean)"""
 
