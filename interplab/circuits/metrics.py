@@ -80,8 +80,8 @@ def top_edges(
         raise ValueError(f"a circuit size is a fraction of the edges in [0, 1], got {fraction}")
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; valid: {', '.join(RANKINGS)}")
-    # int() truncates as MIB does; the small epsilon keeps e.g. 0.1 * 1620 = 161.99999 from losing an edge
-    keep = scores.top(int(fraction * len(scores.edges) + 1e-9), absolute=ranking == "absolute")
+    # int(fraction * n) exactly as MIB computes it (so 0.29 * 100 = 28.999... gives 28 edges there and here)
+    keep = scores.top(int(fraction * len(scores.edges)), absolute=ranking == "absolute")
     return prune(keep) if pruned else keep
 
 
