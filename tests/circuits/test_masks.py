@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from interplab.circuits.circuit import DiscoveryTask, circuit_spec, faithfulness
 from interplab.circuits.discovery import eap
 from interplab.circuits.engine import Ablation, EdgeEngine
+from interplab.circuits.masked import MaskedForward, connected
 from interplab.circuits.masks import (
     MaskConfig,
-    MaskedForward,
     MaskScores,
     Method,
     Objective,
@@ -140,6 +140,20 @@ def test_the_gradient_at_the_full_model_is_minus_eap(variant):
     assert mask.grad is not None
     torch.testing.assert_close(mask.grad, -eap(model, task, engine=engine).scores, atol=1e-5, rtol=1e-4)
     assert bool((mask.grad != 0).sum() > fwd.n_edges // 2)
+
+
+def test_dangling_edges_are_dropped(planted):
+    fwd = MaskedForward(planted, planted_task())
+    names = [e.name for e in fwd.graph.edges]
+    kept = ["embed->a0.0.v", "pos_embed->a0.0.q", "a0.0->a1.0.k", "a1.0->logits", "embed->a1.0.q"]
+    dangling = ["a0.1->a1.1.q", "embed->a1.1.k"]  # a0.1 is reached from nothing, a1.1 reaches nothing
+    keep = torch.zeros(2, len(names), dtype=torch.bool)
+    for e in kept + dangling:
+        keep[0, names.index(e)] = True
+    keep[1, names.index("a0.0->logits")] = True  # a head reached from nothing: its edge carries nothing
+    got = connected(fwd, keep)
+    assert {names[i] for i in got[0].nonzero()[:, 0].tolist()} == set(kept)
+    assert not bool(got[1].any())
 
 
 def test_post_norm_models_are_refused():
