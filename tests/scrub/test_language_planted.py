@@ -121,23 +121,16 @@ def test_the_planted_model_does_what_it_says(setup):
     assert r.recovered.mean >= 0.99
 
 
-def test_the_true_position_resolved_hypothesis_recovers_it(setup):
-    r = recovered(
-        setup,
-        Claim("embed@-1", last_token),
-        Claim("a0.0", first_token, children=[Claim("a0.0.in@0", first_token)]),
-    )
-    assert r.recovered.mean >= 0.95
+def _position_claim(position):
+    """The last token directly, and a0.0's input at ``position`` agreeing on the first token."""
+    head = Claim("a0.0", first_token, children=[Claim("a0.0.in", first_token, positions=position)])
+    return [Claim("embed@-1", last_token), head]
 
 
-def test_claiming_the_wrong_position_is_worse(setup):
-    r = recovered(
-        setup,
-        Claim("embed@-1", last_token),
-        Claim("a0.0", first_token, children=[Claim("a0.0.in@1", first_token)]),
-    )
-    # position 0 comes from a random input: the copied token is right with p = 1/8
-    assert r.recovered.mean < 0.6
+def test_the_true_position_resolved_hypothesis_recovers_it_the_wrong_position_does_not(setup):
+    assert recovered(setup, *_position_claim(0)).recovered.mean >= 0.95
+    # position 0 from a random input: the copied token is right with p = 1/8
+    assert recovered(setup, *_position_claim(1)).recovered.mean < 0.6
 
 
 def test_per_position_claims_recover_it_and_a_shifted_feature_does_not(setup):
