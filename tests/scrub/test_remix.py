@@ -100,3 +100,17 @@ def test_the_published_losses_are_reproduced(paren, name):
     assert abs(r.loss_scrubbed.mean - e.loss) < bound, (
         f"{name}: {r.loss_scrubbed.mean:.3f} ({r.loss_scrubbed.se:.3f}) vs published {e.loss} ({e.se}); {e.note}"
     )
+
+
+def test_a_right_pad_query_attends_to_the_real_keys_only():
+    """rust_circuit and TransformerLens hide pad keys from every query, pads included; REMIX 3c/3d read a
+    shorter random input's pad positions under 2.1's longer mask, so a pad's output must be computed that way
+    (a query with no real key at all, e.g. a left pad under causal attention, still sees itself)."""
+    torch.manual_seed(0)
+    model = Transformer(ParensTask().model_config())
+    tokens = ParensTask().generate(4, seed=1).tokens
+    mask = tokens != 1
+    _, cache = model.run_with_cache(tokens, ["blocks.0.attn.hook_pattern"], attention_mask=mask.long())
+    pattern = cache["blocks.0.attn.hook_pattern"]  # [batch head q k]
+    assert bool((~mask).any())
+    torch.testing.assert_close(pattern.masked_fill(mask[:, None, None, :], 0.0), torch.zeros_like(pattern))
