@@ -16,6 +16,7 @@ from interplab.circuits.eap import (
 )
 from interplab.circuits.engine import Ablation, AtPositions, EdgeEngine, EngineStats, Spec, clean
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot
+from interplab.circuits.metrics import MIB_FRACTIONS, CircuitMetrics, FaithfulnessCurve, circuit_metrics
 from interplab.circuits.patching import patch_edges, patch_edges_spec, path_patch, path_patch_spec
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Attribution",
     "AtPositions",
     "Circuit",
+    "CircuitMetrics",
     "ComponentGraph",
     "DiscoveryTask",
     "Edge",
@@ -30,6 +32,8 @@ __all__ = [
     "EdgeScores",
     "EngineStats",
     "Faithfulness",
+    "FaithfulnessCurve",
+    "MIB_FRACTIONS",
     "Node",
     "ScoreSign",
     "NodeKind",
@@ -37,6 +41,7 @@ __all__ = [
     "Spec",
     "acdc",
     "attribute",
+    "circuit_metrics",
     "clean",
     "clean_corrupted",
     "eap",

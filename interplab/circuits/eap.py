@@ -50,6 +50,7 @@ from torch import Tensor
 from interplab.circuits.circuit import Circuit, DiscoveryTask, faithfulness, layout
 from interplab.circuits.engine import Ablation, EdgeEngine
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot
+from interplab.circuits.split import kv_per_query_head, post_norm_jvp
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.config import Positional
 from interplab.model.transformer import Transformer
@@ -211,8 +212,16 @@ class _Batch:
     values, the difference matrix, and gradient passes over groups of points that add into the score matrix."""
 
     def __init__(
-        self, engine: EdgeEngine, task: DiscoveryTask, plan: _Layout, chunk: Tensor, *, record: bool
+        self,
+        model: Transformer,
+        engine: EdgeEngine,
+        task: DiscoveryTask,
+        plan: _Layout,
+        chunk: Tensor,
+        *,
+        record: bool,
     ):
+        self.model = model  # the engine's model, or (GQA) its copy with one key/value input per query head
         self.engine, self.task, self.plan, self.chunk = engine, task, plan, chunk
         self.b = chunk.numel()
         self.groups = _groups(engine.model.cfg)
@@ -225,7 +234,7 @@ class _Batch:
     def run(self, todo: Sequence[_Point], matrix: Tensor, n_total: int) -> None:
         """One forward of every point in ``todo`` (stacked) and one backward adding into ``matrix``."""
         engine, task, b = self.engine, self.task, self.b
-        model, cfg = engine.model, engine.model.cfg
+        model, cfg = self.model, self.model.cfg
         record, self.record = self.record, False
         pos_site = Site(SiteKind.POS_EMBED).name
         recorded: dict[str, Tensor] = {}
@@ -253,15 +262,15 @@ class _Batch:
         def contract(grad: Tensor, site: Site) -> None:
             cols, n = self.plan.sites[site.name]
             g = grad.detach().unflatten(0, (len(todo), b)).sum(0)
-            d = self.delta[:n]  # type: ignore[index]
-            if g.dim() == 4:  # per-head slots [batch pos heads d_model]
+            d = self.delta[:n].flatten(1)  # type: ignore[index]  # [senders, batch*pos*d_model]
+            if g.dim() == 4:  # per-head slots [batch pos heads d_model]: one matrix product for all heads
                 if g.shape[2] != len(cols):
                     raise ValueError(
                         f"{site.name} has {g.shape[2]} per-head inputs, the graph {len(cols)} slots"
                     )
-                matrix[:n, cols] += torch.einsum("sbpd,bphd->sh", d, g).double()
+                matrix[:n, cols] += (d @ g.movedim(2, 3).reshape(-1, len(cols))).double()
             else:
-                matrix[:n, cols[0]] += torch.einsum("sbpd,bpd->s", d, g).double()
+                matrix[:n, cols[0]] += (d @ g.reshape(-1)).double()
 
         wanted = {0} | {pt.group for pt in todo if pt.group is not None}
         sites = self.names if record else [self.names[g] for g in sorted(wanted)]
@@ -281,8 +290,23 @@ class _Batch:
                 if record:
                     self.clean = _recorded_senders(engine, recorded)
                 self.delta = _delta(self.plan, self.corrupt, self.clean)
+                if cfg.post_norms:
+                    self._through_post_norms()
             loss = task.metric(logits, task.clean[self.chunk].repeat(len(todo))).sum() / n_total
             torch.autograd.grad(loss, leaf)
+
+    def _through_post_norms(self) -> None:
+        """Post-norms (Gemma-2): a head's change reaches every receiver through its layer's post-norm; to first
+        order that is the norm's Jacobian at the clean attention output applied to the change (the engine
+        branch's `post_norm_jvp`, at the clean point for every method)."""
+        assert self.delta is not None
+        index = self.plan.sender_index
+        for layer in range(self.model.cfg.n_layers):
+            heads = [n for n in self.plan.senders if n.kind is NodeKind.HEAD and n.layer == layer]
+            rows = [index[h] for h in heads]
+            results = _raw(self.engine, Site(SiteKind.RESULT, layer), self.clean)
+            stacked = self.delta[rows].movedim(0, 2)  # [batch pos heads d_model]
+            self.delta[rows] = post_norm_jvp(self.model, layer, results, stacked).movedim(2, 0)
 
 
 def _score(
@@ -301,6 +325,7 @@ def _score(
     engine = engine or task.engine(model)
     graph = engine.graph
     plan = _Layout(graph)
+    grad_model = kv_per_query_head(model)  # GQA: hook_k/v_input with one copy (slot) per query head
     n_total = task.clean.numel()
     if n_total == 0:
         raise ValueError(f"task {task.name!r} has no clean rows")
@@ -316,10 +341,11 @@ def _score(
     per_pass = max(1, batch_size // per_chunk)
     for start in range(0, n_total, per_chunk):
         chunk = torch.arange(start, min(n_total, start + per_chunk))
-        batch = _Batch(engine, task, plan, chunk, record=capture)
+        batch = _Batch(grad_model, engine, task, plan, chunk, record=capture)
         for first in range(0, len(points), per_pass):
             batch.run(points[first : first + per_pass], matrix, n_total)
-    scores = (matrix[plan.edge_rows, plan.edge_cols] / len(points)).float()
+    dtype = torch.promote_types(model.W_E.dtype, torch.float32)  # float32, or float64 for a float64 model
+    scores = (matrix[plan.edge_rows, plan.edge_cols] / len(points)).to(dtype)
     data = (0 if isinstance(task.corrupt, Ablation) else 1) + (0 if capture else 1)
     return EdgeScores(
         graph.edges,
