@@ -18,7 +18,8 @@ SPEC (written by `tests.autocircuit_peer.run_autocircuit` or by ``benchmarks/ben
 - ``edge_counts``: circuit sizes whose outputs ``run_circuits`` computes with ``PatchType.TREE_PATCH``
   (input = clean, every edge outside the circuit patched to the corrupt run's sender value), edges ranked by
   the absolute score of each method;
-- ``repeats``: timed calls per method after one untimed warm-up call (0: score once, untimed);
+- ``repeats``: timed calls per method, after one untimed warm-up call of the first method (0: score once,
+  untimed);
 - ``out``: the result JSON.
 
 The result: ``versions``, ``n_edges``, ``edges`` (auto-circuit's edge names ``A0.1->A1.2.Q``, ``Resid
@@ -122,7 +123,7 @@ def run(spec: dict) -> None:
         )
 
     circuit_model = None
-    for method in spec["methods"]:
+    for index, method in enumerate(spec["methods"]):
         n = method.get("integrated_grad_samples")
         kwargs = {"mask_val": 0.0} if n is None else {"integrated_grad_samples": int(n)}
 
@@ -138,9 +139,11 @@ def run(spec: dict) -> None:
             **kwargs,
         )
 
-        scores = score()
+        repeats = int(spec.get("repeats", 0))
+        if not repeats or index == 0:  # the first method's untimed call warms up the process for all
+            scores = score()
         walls, cpus = [], []
-        for _ in range(spec.get("repeats", 0)):
+        for _ in range(repeats):
             scores, wall, cpu = timed(score)
             walls.append(wall)
             cpus.append(cpu)

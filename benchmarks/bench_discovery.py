@@ -26,7 +26,7 @@ for its own circuits: (m(circuit) - m(empty)) / (m(full) - m(empty)) with every 
 carrying the corrupt run's value (interplab's patched engine; auto-circuit's ``run_circuits`` TREE_PATCH).
 
 Time: interleaved rounds (the order alternates), medians of wall and CPU seconds on one thread; auto-circuit's
-are measured inside its process (after one warm-up call per method; its import, ~15 s, is not counted).
+are measured inside its process (after one warm-up call; its import, ~15 s, is not counted).
 Ratios are auto-circuit / interplab CPU time (CPU time is the fair measure on a shared machine).
 """
 
