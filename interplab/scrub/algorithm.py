@@ -3,8 +3,9 @@
 ``scrub(model, task, hypothesis)`` treeifies the model as the hypothesis says (see `interplab.scrub.hypothesis`),
 resamples inputs exactly (grouped by feature value), runs the treeified model for every reference example in
 batches, and reports the scrubbed, original and random-baseline losses, the fraction of loss recovered
-``(L_random - L_scrubbed) / (L_random - L_original)`` with confidence intervals over resampling seeds, a
-per-claim breakdown (one claim's resampling at a time) and per-class losses.
+``(L_random - L_scrubbed) / (L_random - L_original)`` with 95% intervals covering resampling and the choice
+of references (`interplab.scrub.estimate`), a per-claim breakdown (one claim's resampling at a time) and
+per-class losses.
 
 >>> from interplab.circuits.planted import induction_data, planted_induction
 >>> from interplab.scrub.induction import induction_steps, induction_task
@@ -28,8 +29,9 @@ from torch import Tensor
 from interplab.circuits.engine import EdgeEngine, Spec
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot, slot_name
 from interplab.model.transformer import Transformer
+from interplab.scrub.estimate import Estimate, bootstrap_weights, recovered_fraction
 from interplab.scrub.hypothesis import Claim, Feature, Hypothesis
-from interplab.scrub.result import ClaimRow, Estimate, ScrubResult
+from interplab.scrub.result import ClaimRow, ScrubResult
 from interplab.scrub.sampling import FeatureGroups, ScrubError
 
 LossFn = Callable[[Float[Tensor, "batch pos d_vocab_out"], Int[Tensor, " batch"]], Float[Tensor, " batch"]]
@@ -51,6 +53,8 @@ class ScrubTask:
     """``classes(tokens)`` -> a class name (or several) per row, for per-class losses"""
     position: int = -1
     """the position whose output the loss reads (used by circuit discovery's KL divergence)"""
+    decode: Callable[[Int[Tensor, " pos"]], str] | None = None
+    """``decode(row tokens)`` -> the row as text, for the sampled inputs of reports (default: token ids)"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,13 +253,14 @@ def scrub(
     engine.clear_cache()
     l_orig, l_rand = Estimate.of(orig[None]), Estimate.of(rand)
     rows = []
+    weights = bootstrap_weights(config.n_examples)  # one set of resamples of the references for every row
     for i, (path, _) in enumerate(scrubbers):
         est = Estimate.of(scrubbed[i])
         rows.append(
             ClaimRow(
                 claim="/".join(path) if path else ("structure" if path == () else "hypothesis"),
                 loss=est,
-                recovered=_recovered(scrubbed[i], orig, rand),
+                recovered=recovered_fraction(orig, rand, scrubbed[i], weights=weights),
             )
         )
     warnings = []
@@ -289,12 +294,6 @@ def scrub(
             "n_nodes": len(engine.graph.nodes),
         },
     )
-
-
-def _recovered(scrubbed: Tensor, orig: Tensor, rand: Tensor) -> Estimate:
-    """Fraction of loss recovered per seed -> mean and a 95% interval over seeds."""
-    per_seed = (rand.mean(1) - scrubbed.mean(1)) / (rand.mean(1) - orig.mean())
-    return Estimate.from_values(per_seed)
 
 
 def _per_class(
