@@ -49,11 +49,6 @@ SearchText = Annotated[str, Query(max_length=MAX_QUERY)]
 RunIndex = Annotated[int, PathParam(ge=0, le=INT64_MAX)]
 
 
-def plotly_js() -> Path:
-    """The plotly.js bundled with the plotly Python package (served locally, never from a CDN)."""
-    return plotly_js_source()
-
-
 REPORT_FILES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
 """the files of a run folder the app serves (``/run/<i>/files/...``): its report pages and pictures"""
 MAX_REPORT_BYTES = 50 * 2**20
@@ -169,7 +164,7 @@ def create_app(
     @app.get("/static-vendor/plotly.min.js", include_in_schema=False)
     def _plotly():
         return FileResponse(
-            plotly_js(),
+            plotly_js_source(),  # the plotly package's own bundle: served locally, never from a CDN
             media_type="application/javascript",
             headers={"Cache-Control": "public, max-age=86400"},
         )
