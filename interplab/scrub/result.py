@@ -123,9 +123,8 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_INPUT_CHARS else text[: MAX_INPUT_CHARS - 1] + "\u2026"
 
 
-def _interval(e: Estimate, pct: bool = True) -> str:
-    f = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.3f}")
-    return f"[{f(e.ci_low)}, {f(e.ci_high)}]"
+def _interval(e: Estimate) -> str:
+    return f"[{e.ci_low:.1%}, {e.ci_high:.1%}]"
 
 
 @dataclass(frozen=True)
