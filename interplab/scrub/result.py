@@ -155,8 +155,9 @@ class ScrubResult:
     inputs: dict[int, str] = field(default_factory=dict)
     """the rows named in `samples`, as text (`sample_inputs`: the task's ``decode``, else token ids)"""
 
-    def table(self) -> str:
-        """A plain-text table of the numbers and the sampled inputs (for notebooks and scripts)."""
+    def table(self, n_samples: int | None = None) -> str:
+        """A plain-text table of the numbers and the sampled inputs of the first ``n_samples`` references
+        (default: all recorded) for notebooks and scripts."""
         rec = self.recovered
         lines = [
             f"{self.hypothesis} on {self.task}: {self.n_examples} examples x {self.n_seeds} seeds",
@@ -176,24 +177,26 @@ class ScrubResult:
             lines.append("  per class (n: original / random / scrubbed):")
             for name, c in self.per_class.items():
                 lines.append(f"    {name:<20} {c['n']:>5}: {c['original']} / {c['random']} / {c['scrubbed']}")
-        if self.samples:
-            lines.append(self.samples_text(indent="  "))
+        if self.samples and n_samples != 0:
+            lines.append(self.samples_text(indent="  ", n=n_samples))
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
 
-    def samples_text(self, indent: str = "") -> str:
-        """The sampled inputs of `samples` as indented trees (REMIX's ``Experiment.print()``): per reference,
-        each claim's data-set row and input; one letter per distinct row (A: the reference)."""
+    def samples_text(self, indent: str = "", n: int | None = None) -> str:
+        """The sampled inputs of `samples` (the first ``n`` references; default all) as indented trees
+        (REMIX's ``Experiment.print()``): per reference, each claim's data-set row and input; one letter per
+        distinct row (A: the reference)."""
         if not self.samples:
             return f"{indent}no sampled inputs recorded (ScrubConfig.n_show=0)"
+        shown = self.samples[:n] if n is not None else self.samples
         out = [
-            f"{indent}sampled inputs, first {len(self.samples)} references of seed 0 "
+            f"{indent}sampled inputs, first {len(shown)} of {len(self.samples)} recorded references of seed 0 "
             "(same letter = same input; A = the reference):"
         ]
-        for i, sample in enumerate(self.samples):
+        for i, sample in enumerate(shown):
             lines = sample_lines(sample)
             width = max((2 * ln.depth + len(ln.label) for ln in lines), default=0)
             out.append(f"{indent}  reference {i + 1}")

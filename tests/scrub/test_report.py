@@ -89,7 +89,7 @@ def test_sampled_inputs_in_text_html_and_report_json(tmp_path):
     assert ids == {0: "0 3 3 4 4 2"}
     r = result(samples=[SAMPLE], inputs={**inputs, 91: "<b>&"})  # a decode may return anything
     text = str(r)
-    assert "sampled inputs, first 1 references of seed 0" in text
+    assert "sampled inputs, first 1 of 1 recorded references of seed 0" in text
     row_a = next(line for line in text.splitlines() if "a1.0.in@1" in line)
     assert re.search(r"\bA\s+a1\.0\.in@1\s+row 7\s+\(\)\(\)\(\)$", row_a), row_a
     page = r.to_html(tmp_path)
@@ -112,6 +112,9 @@ def test_sampled_inputs_in_text_html_and_report_json(tmp_path):
         "seeds_high": 0.885,
     }
     assert "no sampled inputs recorded" in result().samples_text()
+    two = result(samples=[SAMPLE, {"logits": 3}], inputs=inputs)
+    assert two.table().count("reference ") == 2 and two.table(n_samples=1).count("reference ") == 1
+    assert "sampled inputs" not in two.table(n_samples=0)
 
 
 def test_positioned_claims_and_classes_render(tmp_path):
