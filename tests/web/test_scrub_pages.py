@@ -107,3 +107,26 @@ def test_an_older_scrub_report_still_shows(tmp_path):
     c = TestClient(create_app(runs=[tmp_path / "runs"]), base_url="http://127.0.0.1")
     page = c.get("/run/0")
     assert page.status_code == 200 and "old one" in page.text and "50.0%" in page.text
+
+
+ODD = [
+    {"samples": "x", "inputs": [], "per_claim": {"a": 1}, "per_class": [], "warnings": "w"},
+    {"samples": [1, None, {"logits": "7", "logits/a1.0": True, "logits/a1.0/x": 3}], "inputs": {"3": 5}},
+    {"samples": [{"logits (others)": 4}, {}], "recovered": {"mean": "high", "ci_low": None}},
+    {"per_claim": [{"claim": None, "loss": [], "recovered": {"mean": float("inf")}}, 7]},
+    {"per_class": {"a": {"n": "many", "original": 1}, "b": None}, "hypothesis": 3, "n_examples": -1},
+    {"samples": [{"/".join(["logits"] + ["a0.0"] * k): k for k in range(1, 60)}]},  # deep
+]
+
+
+@pytest.mark.parametrize("report", ODD)
+def test_odd_scrub_reports_render(tmp_path, report):
+    import json
+
+    folder = tmp_path / "runs" / "scrub" / "h"
+    folder.mkdir(parents=True)
+    (folder.parent / "config.json").write_text(json.dumps({"kind": "scrub", "version": 1}))
+    (folder / "report.json").write_text(json.dumps({"kind": "scrub", **report}))
+    c = TestClient(create_app(runs=[tmp_path / "runs"]), base_url="http://127.0.0.1")
+    page = c.get("/run/0")
+    assert page.status_code == 200 and 'id="scrub-table"' in page.text
