@@ -23,8 +23,9 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,17 +97,45 @@ def seeds_interval(per_seed: Float[Tensor, " seeds"]) -> tuple[float, float]:
 
 def bootstrap_weights(n: int, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Float[Tensor, "n_boot n"]:
     """``n_boot`` bootstrap resamples of ``n`` references, as the fraction of the resample each reference
-    makes up (rows sum to 1): ``weights @ per_reference`` gives the replicates' means."""
+    makes up (rows sum to 1): ``weights @ per_reference`` gives the replicates' means. Deterministic in
+    ``seed``; the last ones computed are kept (read-only) while they take at most 128 MB."""
     if n < 1 or n_boot < 1:
         raise ValueError(f"bootstrap_weights needs n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    if n * n_boot <= CACHE_ENTRIES:
+        return _cached_weights(n, n_boot, seed)
+    return torch.cat(list(_weight_chunks(n, n_boot, seed)))
+
+
+CACHE_ENTRIES = 2**24
+"""bootstrap weights of at most this many entries (float64: 128 MB) are kept for the next call: the rows of
+a scrub (one per claim) share them; larger ones are streamed"""
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_weights(n: int, n_boot: int, seed: int) -> Tensor:
+    return torch.cat(list(_weight_chunks(n, n_boot, seed)))
+
+
+def _weight_chunks(n: int, n_boot: int, seed: int) -> Iterator[Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    out = torch.zeros(n_boot, n, dtype=torch.float64)
     chunk = max(1, 2**22 // n)  # ~4M indices at a time, whatever n
     for start in range(0, n_boot, chunk):
         rows = min(chunk, n_boot - start)
         idx = torch.randint(0, n, (rows, n), generator=gen)
-        out[start : start + rows].scatter_add_(1, idx, torch.ones(rows, n, dtype=torch.float64))
-    return out / n
+        counts = torch.zeros(rows, n, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(rows, n, dtype=torch.float64)
+        )
+        yield counts / n
+
+
+def _replicate_means(table: Tensor, weights: Tensor | None) -> Tensor:
+    """``weights @ table`` for the given weights, else for the default ones (streamed when too large to keep)."""
+    if weights is not None:
+        return weights.double() @ table
+    n = table.shape[0]
+    if n * N_BOOT <= CACHE_ENTRIES:
+        return bootstrap_weights(n) @ table
+    return torch.cat([w @ table for w in _weight_chunks(n, N_BOOT, BOOT_SEED)])
 
 
 def recovered_fraction(
@@ -144,14 +173,12 @@ def recovered_fractions(
                 f"recovered_fraction: orig [{orig.numel()}], rand {tuple(rand.shape)} and scrubbed "
                 f"{tuple(v.shape)} must be [examples], [seeds examples], [seeds examples]"
             )
-    if weights is None:
-        weights = bootstrap_weights(n)
-    elif weights.shape[1] != n:
+    if weights is not None and weights.shape[1] != n:
         raise ValueError(f"bootstrap weights are for {weights.shape[1]} references, the losses for {n}")
     # columns: orig, rand per seed, then each variant per seed; one product gives every replicate's means
     table = torch.cat([orig[:, None], rand.T, *[v.T for v in variants]], 1)
     means = table.mean(0)
-    boot = weights.double() @ table  # [n_boot, columns]
+    boot = _replicate_means(table, weights)  # [n_boot, columns]
     o, r = 0, slice(1, 1 + n_seeds)
     out = []
     for i in range(len(variants)):

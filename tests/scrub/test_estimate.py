@@ -122,3 +122,16 @@ def test_t_quantiles_match_scipy():
         assert t975(df) == pytest.approx(want, abs=1e-3 if df <= 30 else 0.0, rel=0 if df <= 30 else 2e-3)
     with pytest.raises(ValueError, match="degrees of freedom"):
         t975(0)
+
+
+def test_large_reference_sets_stream_their_resamples_to_the_same_result(monkeypatch):
+    from interplab.scrub import estimate
+
+    gen = torch.Generator().manual_seed(4)
+    orig, rand, scrubbed = synthetic(500, 2, gen, vary=True)
+    kept = recovered_fraction(orig, rand, scrubbed)
+    monkeypatch.setattr(estimate, "CACHE_ENTRIES", 1000)  # too large to keep: streamed in chunks
+    assert recovered_fraction(orig, rand, scrubbed) == kept
+    assert bootstrap_weights(500, 30).shape == (30, 500)
+    with pytest.raises(ValueError, match="n >= 1"):
+        bootstrap_weights(0)
