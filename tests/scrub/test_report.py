@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -198,3 +199,36 @@ def test_scrub_run_with_names_that_share_a_slug(tmp_path):
 
 def test_sample_inputs_of_an_empty_record():
     assert sample_inputs([], torch.zeros(2, 3, dtype=torch.long)) == {}
+
+
+def test_a_scrub_records_and_renders_the_inputs_of_its_first_references(tmp_path):
+    from interplab.circuits.planted import induction_data, planted_induction
+    from interplab.scrub import ScrubConfig, scrub
+    from interplab.scrub.induction import induction_steps, induction_task
+    from interplab.scrub.result import OTHERS
+
+    tokens, _, _ = induction_data(400)
+    hypothesis = induction_steps()[-1]
+    config = ScrubConfig(n_examples=100, n_seeds=1, per_claim=False, n_show=3)
+    r = scrub(planted_induction(), induction_task(tokens), hypothesis, config)
+    assert len(r.samples) == 3
+    paths = {"/".join(p) for p, _ in hypothesis.claims()}
+    internal = {"/".join(p) + OTHERS for p, c in hypothesis.claims() if not c.leaf}
+    for sample in r.samples:
+        assert set(sample) == paths | internal
+    rows = {row for sample in r.samples for row in sample.values()}
+    assert set(r.inputs) == rows  # no decode: the token ids
+    assert all(r.inputs[row] == " ".join(str(t) for t in tokens[row].tolist()) for row in rows)
+    text = r.samples_text()
+    assert text.count("reference ") == 3 and text.count("row ") == 3 * len(paths | internal)
+    r.save(tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["samples"] == r.samples
+    assert (
+        scrub(planted_induction(), induction_task(tokens), hypothesis, replace_n_show(config)).samples == []
+    )
+
+
+def replace_n_show(config):
+    from dataclasses import replace
+
+    return replace(config, n_show=0)
