@@ -224,11 +224,6 @@ def test_a_scrub_records_and_renders_the_inputs_of_its_first_references(tmp_path
     r.save(tmp_path)
     assert json.loads((tmp_path / "report.json").read_text())["samples"] == r.samples
     assert (
-        scrub(planted_induction(), induction_task(tokens), hypothesis, replace_n_show(config)).samples == []
+        scrub(planted_induction(), induction_task(tokens), hypothesis, replace(config, n_show=0)).samples
+        == []
     )
-
-
-def replace_n_show(config):
-    from dataclasses import replace
-
-    return replace(config, n_show=0)
