@@ -22,6 +22,7 @@ from torch import Tensor
 from interplab.circuits.circuit import Circuit, DiscoveryTask, circuit_spec, faithfulness, kl_from, layout
 from interplab.circuits.engine import Ablation, EdgeEngine, Spec
 from interplab.circuits.graph import Edge, NodeKind, Slot
+from interplab.circuits.split import kv_per_query_head, post_norm_jvp
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.config import ModelConfig, Positional
 from interplab.model.transformer import Transformer
@@ -81,6 +82,9 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
     """Score every edge with one clean forward + backward (and one corrupted forward); see the module docstring."""
     engine = engine or task.engine(model)
     cfg = model.cfg
+    model = kv_per_query_head(
+        model
+    )  # GQA: hook_k_input / hook_v_input with one copy per query head (its slot)
     rows = task.clean
     mask = None if task.attention_mask is None else task.attention_mask[rows]
     names = _sender_hooks(cfg)
@@ -120,6 +124,16 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
         logits = model(engine.tokens[rows], attention_mask=mask)
         task.metric(logits, rows).mean().backward()
     clean = _senders(engine, acts)
+    deltas = {name: corrupt[name] - clean[name] for name in clean}
+    if (
+        cfg.post_norms
+    ):  # a head's change reaches every receiver through its layer's post-norm (to first order)
+        for layer in range(cfg.n_layers):
+            heads = [n.name for n in engine.graph.senders_all if n.kind is NodeKind.HEAD and n.layer == layer]
+            result = acts[Site(SiteKind.RESULT, layer).name]
+            stacked = torch.stack([deltas[h].expand_as(clean[h]) for h in heads], dim=2)
+            normed = post_norm_jvp(model, layer, result, stacked)
+            deltas |= {h: normed[:, :, i] for i, h in enumerate(heads)}
     scores = []
     for edge in engine.graph.edges:
         r = edge.receiver
@@ -129,7 +143,7 @@ def eap(model: Transformer, task: DiscoveryTask, *, engine: EdgeEngine | None = 
             g = grads[slots[(Slot.IN, r.layer)]]
         else:
             g = grads[final]
-        delta = corrupt[edge.sender.name] - clean[edge.sender.name]
+        delta = deltas[edge.sender.name]
         scores.append((delta * g).sum())  # the metric is a batch mean: gradients carry the 1/b
     return EdgeScores(engine.graph.edges, torch.stack(scores), passes)
 

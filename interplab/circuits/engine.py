@@ -16,6 +16,13 @@ computations are shared by every path and every spec that needs them.
 
 Attention masks and positions of a head come from ``spec.context`` (default ``spec.input``).
 
+Grouped-query attention: every query head has its own q, k and v input (its copy of the key input, made into
+keys through its group's shared weights), so an edge into ``a2.1.k`` changes head 2.1 alone. Post-norms
+(Gemma-2): a head's output is its share of the attention output *before* the layer's post-norm; a receiver
+reads ``post_norm(sum of the layer's heads, each as its edge's spec computes it)`` for each layer, so
+patching one head's edge changes that head's term inside the norm (the MLP's post-norm is part of the MLP).
+See `ComponentGraph` and docs/circuits.md.
+
 >>> engine = EdgeEngine(model, tokens)
 >>> a, b = torch.arange(2), torch.arange(2, 4)          # rows of the engine's data set
 >>> logits = engine.run(Spec(a, {engine.graph.edge("a0.0->a1.1.k"): Spec(b)}, propagate=True))
@@ -269,6 +276,8 @@ class EdgeEngine:
         names = [embed, pos_embed]
         for layer in range(cfg.n_layers):
             names += [Site(SiteKind.RESID_PRE, layer).name, Site(SiteKind.RESULT, layer).name]
+            if cfg.post_norms:
+                names.append(Site(SiteKind.ATTN_OUT, layer).name)
             if cfg.has_mlp:
                 names.append(Site(SiteKind.MLP_OUT, layer).name)
                 if not cfg.parallel_attn_mlp:
@@ -286,9 +295,13 @@ class EdgeEngine:
             elif node.kind is NodeKind.HEAD:
                 assert node.layer is not None  # heads and MLPs have a layer
                 b_o = model.blocks[node.layer].attn.b_O / cfg.n_heads
-                out[node.name] = cache[Site(SiteKind.RESULT, node.layer).name][:, :, node.head] + b_o
+                result = cache[Site(SiteKind.RESULT, node.layer).name]
+                out[node.name] = result[:, :, node.head] + b_o
                 if node.head == 0:  # heads of a layer share resid_pre: one copy per layer
                     out[f"{node.name}.in"] = cache[Site(SiteKind.RESID_PRE, node.layer).name]
+                    if cfg.post_norms:  # the layer's attention before and after its post-norm
+                        out[f"a{node.layer}.pre"] = result.sum(2) + model.blocks[node.layer].attn.b_O
+                        out[f"a{node.layer}.out"] = cache[Site(SiteKind.ATTN_OUT, node.layer).name]
             elif node.kind is NodeKind.MLP:
                 out[node.name] = cache[Site(SiteKind.MLP_OUT, node.layer).name]
                 mid = SiteKind.RESID_PRE if cfg.parallel_attn_mlp else SiteKind.RESID_MID
@@ -355,6 +368,8 @@ class EdgeEngine:
             assert node.layer is not None  # heads and MLPs have a layer
             block = self.model.blocks[node.layer]
             out = block.mlp(block.ln2(x))
+            if self.model.cfg.post_norms:
+                out = block.ln2_post(out)
         else:
             out = self.model.unembed_resid(x)
         self.stats.node_evaluations += rows
@@ -392,7 +407,12 @@ class EdgeEngine:
             rows, positions, rest = [], [], []
             for piece in pieces:
                 value, pos = piece.value, piece.positions
-                if isinstance(value, Spec) and not value.patches and pos.dtype != torch.bool:
+                if (
+                    isinstance(value, Spec)
+                    and not value.patches
+                    and value.context is None
+                    and pos.dtype != torch.bool
+                ):
                     pos = pos.long().flatten()
                     rows.append(value.input[:, None].expand(-1, pos.numel()))
                     positions.append(pos)
@@ -434,11 +454,26 @@ class EdgeEngine:
         return out
 
     def _slot_input(self, node: Node, slot: Slot, spec: Spec, memo: dict) -> Tensor:
+        """The clean input plus, for every edge whose value differs, ``value - clean value``; with post-norms
+        a layer's head differences are summed inside its norm: ``+ post_norm(pre + sum) - post_norm(pre)``."""
         x = self.clean_input(node, spec.input)
+        post_norms = self.model.cfg.post_norms
+        inside: dict[int, Tensor] = {}  # post-norms: layer -> sum of its heads' differences
         for edge in self._edges_into[(node, slot)]:
             value = self._edge_value(edge, spec, memo)
-            if value is not None:
-                x = x + (value - self.clean_output(edge.sender, spec.input))
+            if value is None:
+                continue
+            delta = value - self.clean_output(edge.sender, spec.input)
+            if post_norms and edge.sender.kind is NodeKind.HEAD:
+                layer = edge.sender.layer
+                assert layer is not None  # heads have a layer
+                inside[layer] = inside[layer] + delta if layer in inside else delta
+            else:
+                x = x + delta
+        for layer, delta in inside.items():
+            pre = self._store.get(f"a{layer}.pre", spec.input)
+            normed = self.model.blocks[layer].ln1_post(pre + delta)
+            x = x + (normed - self._store.get(f"a{layer}.out", spec.input))
         return x
 
     def _heads(self, layer: int, spec: Spec, memo: dict) -> None:

@@ -8,9 +8,20 @@ An `Edge` is one sender's write as read by one receiver slot: ``a0.1->a1.2.k``, 
 
 Conventions (chosen here, used by every engine and report):
 - a head's output is its ``attn.hook_result`` plus ``b_O / n_heads``, so the heads of a layer sum exactly
-  to ``hook_attn_out``; zero-ablating a head removes its share of the bias;
+  to ``hook_attn_out`` (to the attention output before the post-norm, in models that have one);
+  zero-ablating a head removes its share of the bias;
 - with parallel attention and MLP, an MLP reads the same residual stream as its layer's heads, so
-  heads of layer ``l`` do not send to ``m{l}``.
+  heads of layer ``l`` do not send to ``m{l}``;
+- grouped-query (and multi-query) attention: every *query* head still has its own ``q``, ``k`` and ``v``
+  slots; ``a2.1.k`` is head 2.1's own copy of the key input, made into keys with the weights its group
+  shares, so an edge into it changes no other head of the group (the ordinary forward is unchanged: every
+  copy of the group is the same);
+- post-norms (Gemma-2, ``post_norms=True``): the heads of a layer do not add into the residual stream, their
+  normalised sum does. A head's output is its share of the attention output before the post-norm (the
+  convention above), and what a receiver slot gets from layer ``l``'s attention is
+  ``ln1_post(sum over the heads of each head's output as its edge to that slot carries it)``: patching or
+  ablating one head's edge changes that head's term inside the norm, zero-ablating every head of a layer
+  gives ``ln1_post(0)``. An MLP's post-norm is part of the MLP node (its output is ``hook_mlp_out``).
 
 >>> graph = ComponentGraph.from_config(model.cfg)
 >>> graph.edge("a0.1->a1.2.k")
@@ -114,16 +125,6 @@ class ComponentGraph:
     """Every node and edge of one model architecture. Build with `from_config` (or `from_model`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        if cfg.post_norms:
-            raise ValueError(
-                "the component graph needs outputs that add into the residual stream; "
-                "post_norms=True (Gemma-2) normalises the sum of the heads, which does not split per head"
-            )
-        if cfg.n_kv_heads != cfg.n_heads:
-            raise ValueError(
-                f"the edge engine needs one K/V input per head; n_kv_heads={cfg.n_kv_heads} "
-                f"!= n_heads={cfg.n_heads} (grouped-query attention) is not supported yet"
-            )
         self.cfg = cfg
         nodes = [Node(NodeKind.EMBED)]
         if cfg.positional is Positional.LEARNED:

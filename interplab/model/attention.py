@@ -113,11 +113,16 @@ class AttnContext:
 
 class HeadInputs(NamedTuple):
     """Per-head normalised inputs of attention: what each query head's Q and each key/value head's K and V
-    read (``hook_q_input`` etc., normalised). The model builds them only when a hook may rewrite them."""
+    read (``hook_q_input`` etc., normalised). The model builds them only when a hook may rewrite them.
+
+    Under grouped-query attention ``k`` and ``v`` may also hold one copy per *query* head (n_heads, not
+    n_kv_heads): each query head then attends with keys and values made from its own copy, through its group's
+    shared weights (what the edge engine needs to patch one head's key input without touching the others of
+    its group; `Attention.project` tells the two apart by the shape)."""
 
     q: Float[Tensor, "batch pos n_heads d_model"]
-    k: Float[Tensor, "batch pos n_kv_heads d_model"]
-    v: Float[Tensor, "batch pos n_kv_heads d_model"]
+    k: Float[Tensor, "batch pos n_kv_heads_or_n_heads d_model"]
+    v: Float[Tensor, "batch pos n_kv_heads_or_n_heads d_model"]
 
 
 class FusedQKV:
@@ -217,9 +222,15 @@ class Attention(nn.Module):
 
     def project(self, x: Float[Tensor, "batch pos d_model"] | HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
         """q [batch pos n_heads d_head], k and v [batch pos n_kv_heads d_head]: one matmul with the fused
-        weights for a shared input, a per-head projection for `HeadInputs`."""
+        weights for a shared input, a per-head projection for `HeadInputs` (k and v [batch pos n_heads d_head]
+        when they hold one copy per query head: each copy through its group's weights)."""
         if isinstance(x, HeadInputs):
-            weights, biases = (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)
+            weights: tuple[Tensor, ...] = (self.W_Q, self.W_K, self.W_V)
+            biases: tuple[Tensor, ...] = (self.b_Q, self.b_K, self.b_V)
+            if self.cfg.n_groups > 1 and x.k.shape[2] == self.cfg.n_heads:
+                g = self.cfg.n_groups
+                weights = (self.W_Q, self.W_K.repeat_interleave(g, 0), self.W_V.repeat_interleave(g, 0))
+                biases = (self.b_Q, self.b_K.repeat_interleave(g, 0), self.b_V.repeat_interleave(g, 0))
             q, k, v = (
                 torch.einsum("bphd,hde->bphe", inp, W) + b
                 for inp, W, b in zip(x, weights, biases, strict=True)
@@ -250,7 +261,8 @@ class Attention(nn.Module):
 
     def head_results(self, x: HeadInputs, ctx: AttnContext) -> Float[Tensor, "batch pos n_heads d_model"]:
         """Each head's output ``z_h W_O[h]`` (no ``b_O``) for per-head inputs: what ``hook_result`` shows,
-        without running it (hooks on q, k, v, the pattern and z do run)."""
+        without running it (hooks on q, k, v, the pattern and z do run; with one key/value input per query
+        head, ``hook_k`` and ``hook_v`` see one per query head too)."""
         return self._head_results(self.attend(*self.project(x), ctx))
 
     # ---- the seams -------------------------------------------------------------------------------
@@ -296,6 +308,8 @@ class Attention(nn.Module):
     def _smear(self, k: Tensor, ctx: AttnContext, cache: LayerKV | None) -> Tensor:
         """``gate * k + (1 - gate) * k of the previous position`` per key/value head (raw keys, before rotary)."""
         gate = torch.sigmoid(self.smear)[:, None]  # n_kv_heads 1
+        if k.shape[2] != gate.shape[0]:  # one key per query head (`HeadInputs`): each uses its group's gate
+            gate = gate.repeat_interleave(k.shape[2] // gate.shape[0], dim=0)
         prev = (
             cache.raw_k[:, -1:]
             if cache is not None and cache.raw_k is not None
@@ -311,7 +325,7 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """The same z from ``scaled_dot_product_attention`` (GQA natively where torch supports it)."""
-        g = self.cfg.n_groups
+        g = q.shape[2] // k.shape[2]  # query heads per key (1 when k holds one copy per query head)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kw = {}
         if g > 1:
@@ -329,7 +343,7 @@ class Attention(nn.Module):
         """scores = q k^T / attn_scale (soft-capped) + mask -> ``hook_attn_scores``; pattern = softmax(scores)
         -> ``hook_pattern``; z = pattern v."""
         cfg = self.cfg
-        g = cfg.n_groups
+        g = q.shape[2] // k.shape[2]  # query heads per key (1 when k holds one copy per query head)
         if g > 1:
             k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
         b, q_len, h, e = q.shape

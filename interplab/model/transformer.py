@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from interplab.hooks.cache import ActivationCache
@@ -102,8 +102,9 @@ class Transformer(nn.Module):
         **unsupported: Any,
     ) -> Any:
         """Logits for ``tokens``. ``attention_mask`` [batch pos] marks real tokens (1) and padding (0):
-        padding keys are never attended to and positions count real tokens only, so a left- or
-        right-padded batch gives each prompt's own logits at its real positions.
+        padding keys are never attended to and a row's positions start at its first real token
+        (`padded_positions`: right pads keep their own positions), so a left- or right-padded batch gives
+        each prompt's own logits at its real positions.
         ``stop_at_layer=L`` returns the residual stream entering block L instead of logits.
 
         ``return_type`` as in TransformerLens: ``"logits"`` (the default), ``"loss"`` (the mean next-token
@@ -137,7 +138,7 @@ class Transformer(nn.Module):
         else:
             full = attention_mask
         if full is not None and not bool(full.all()):
-            positions = (full.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            positions = self.padded_positions(full)[:, past:]
             key_valid = full
         else:
             positions = torch.arange(past, past + p, device=tokens.device).expand(b, p)
@@ -149,6 +150,27 @@ class Transformer(nn.Module):
             else:
                 ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
         return ctx
+
+    @staticmethod
+    def padded_positions(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+        """The position of every slot of a padded batch: its index minus the row's leading (left) pads.
+
+        Left padding shifts a prompt so that its first real token is position 0 (the leading pads themselves
+        get 0), which is what generating from a left-padded batch needs; right pads, and holes in the middle
+        of a row, keep their own index as their position, as in TransformerLens (right padding) and
+        rust_circuit: a masked slot only hides its key, it does not renumber what follows. A row with no real
+        token gets position 0 everywhere.
+
+        >>> Transformer.padded_positions(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 1, 0]]))
+        tensor([[0, 0, 0, 1, 2],
+                [0, 1, 2, 3, 4],
+                [0, 1, 2, 3, 4]])
+        """
+        valid = mask.to(torch.bool)
+        n = valid.shape[-1]
+        leading = torch.where(valid.any(-1), valid.long().argmax(-1), n)  # argmax: the first real slot
+        index = torch.arange(n, device=valid.device)
+        return (index - leading[:, None]).clamp(min=0)
 
     def _rotary_range(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table of all n_ctx

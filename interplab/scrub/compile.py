@@ -120,20 +120,20 @@ class _Compiler:
         valid = self._valid_under(parent)
         if parent.kind is TargetKind.MASK:
             raise ValueError(f"a mask claim ({parent.claim.name}) is a leaf: it cannot have children")
-        if ":" in name or (parent.kind is TargetKind.COMPONENT and parent.claim.rewrite is not None):
+        rewrite = parent.claim.rewrite if parent.kind is TargetKind.COMPONENT else None
+        if rewrite is not None:
             comp, _, part = name.partition(":")
-            rewrite = parent.claim.rewrite if parent.kind is TargetKind.COMPONENT else None
-            if rewrite is None or comp != parent.node.name:
-                where = f"{comp} is not the component of its parent claim" if rewrite else "no rewrite"
+            if comp != parent.node.name or part not in (*rewrite.parts, "residual"):
                 raise ValueError(
-                    f"{name!r} names a part of a rewrite, but the parent claim {parent.claim.name!r} has "
-                    f"{where}: parts are children of the claim that carries `rewrite=`"
-                )
-            if part not in (*rewrite.parts, "residual"):
-                raise ValueError(
-                    f"the children of a rewritten claim are its parts: {', '.join(valid)}; got {name!r}"
+                    f"the children of a rewritten claim are its parts: {', '.join(valid)}; got {name!r} "
+                    "(claim the component's inputs under a part)"
                 )
             return TargetKind.PART, parent.node, (), part
+        if ":" in name:
+            raise ValueError(
+                f"{name!r} names a part of a rewrite, but the parent claim {parent.claim.name!r} has no "
+                "rewrite: parts are children of the claim that carries `rewrite=`"
+            )
         if parent.node.kind is NodeKind.HEAD and parent.kind in (TargetKind.COMPONENT, TargetKind.PART):
             head, _, slot = name.rpartition(".")
             if head != parent.node.name or slot not in ("q", "k", "v", "in", "mask"):

@@ -294,3 +294,21 @@ def test_others_same_runs_unclaimed_inputs_on_the_claims_own_datum(arch):
     # the root's unclaimed inputs run on the reference itself (others="same")
     resid = hand.final(refs) + hand.mlp(1, x, o1) - hand.mlp_out(1, refs)
     check(got, hand.unembed(resid, refs), refs, hand)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_a_mask_claim_alone_changes_only_the_heads_mask_at_the_claimed_position(arch):
+    model, tokens, mask = make(arch)
+    hand = Hand(model, tokens, mask)
+    # the last position: a causal head reads the padding there (rows are 5 to 8 tokens long)
+    root = Claim("logits", children=[Claim("a1.0@7", children=[Claim("a1.0.mask")])])
+    keys = ["logits (others)", "logits/a1.0@7", "logits/a1.0@7 (others)", "logits/a1.0@7/a1.0.mask"]
+    data = rows_for(keys, seed=5)
+    got, refs = run(model, tokens, mask, root, data)
+    o0, o1, d_mask = data["logits (others)"], data["logits/a1.0@7 (others)"], data["logits/a1.0@7/a1.0.mask"]
+    x = hand.resid_pre(1, o1)
+    a10 = hand.head(1, 0, x, x, x, d_mask)
+    resid = hand.final(o0).clone()
+    resid[:, 7] += a10[:, 7] - hand.head_out(1, 0, o0)[:, 7]
+    check(got, hand.unembed(resid, o0), refs, hand)
+    assert not torch.equal(mask[o1].sum(1), mask[d_mask].sum(1))  # the mask claim mattered
