@@ -55,7 +55,8 @@ class ScrubTask:
     position: int = -1
     """the position whose output the loss reads (used by circuit discovery's KL divergence)"""
     decode: Callable[[Int[Tensor, " pos"]], str] | None = None
-    """``decode(row tokens)`` -> the row as text, for the sampled inputs of reports (default: token ids)"""
+    """``decode(row tokens, padding left out)`` -> the row as text, for the sampled inputs of reports (default:
+    the token ids)"""
 
 
 @dataclass(frozen=True, kw_only=True)

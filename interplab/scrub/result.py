@@ -30,7 +30,8 @@ PALETTE = (
     "#fde2b8", "#cfe8fc", "#d5f5d0", "#f9d0e0", "#e6dcfa", "#fff3b0",
     "#c9f0ee", "#f6d5c8", "#dfe6c2", "#e0e0e0", "#f4c8f0", "#c8d8f4",
 )  # fmt: skip
-"""background colours of the sampled inputs in HTML: one per distinct data-set row of an example"""
+"""background colours of the sampled inputs in HTML: one per distinct data-set row of an example (cycled: past
+12 rows, the letters tell rows apart)"""
 
 
 @dataclass(frozen=True)
