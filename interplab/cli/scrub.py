@@ -143,7 +143,7 @@ def scrub_command(
                 results.append(scrub(model, scrub_task, hyp, config, progress=bar))
             except ScrubError as err:
                 fail(str(err))
-        console.print(results[-1].table(n_samples=1), markup=False, highlight=False)  # the others: report
+        console.print(results[-1].table(), markup=False, highlight=False)  # one reference's samples
     # everything is computed: only now is the run folder written (a failed scrub leaves nothing behind)
     log = []
     for hyp, result, folder in zip(hyps, results, folders, strict=True):

@@ -156,9 +156,9 @@ class ScrubResult:
     inputs: dict[int, str] = field(default_factory=dict)
     """the rows named in `samples`, as text (`sample_inputs`: the task's ``decode``, else token ids)"""
 
-    def table(self, n_samples: int | None = None) -> str:
+    def table(self, n_samples: int | None = 1) -> str:
         """A plain-text table of the numbers and the sampled inputs of the first ``n_samples`` references
-        (default: all recorded) for notebooks and scripts."""
+        (None: all recorded; `samples_text` shows them alone) for notebooks and scripts; ``str(result)``."""
         rec = self.recovered
         lines = [
             f"{self.hypothesis} on {self.task}: {self.n_examples} examples x {self.n_seeds} seeds",
