@@ -1,4 +1,6 @@
-"""``interplab discover --model DIR --task NAME --method eap|acdc``: automatic circuit discovery to a run folder."""
+"""``interplab discover --model DIR --task NAME --method eap|eap-ig|eap-ig-activations|clean-corrupted|acdc|ugs|
+hard-concrete``: automatic circuit discovery to a run folder, with MIB's faithfulness metrics (CPR, CMD) for score
+methods (all but ACDC; ugs and hard-concrete learn edge masks, `interplab.circuits.masks`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ from pathlib import Path
 
 import typer
 
-from interplab.circuits import Circuit, acdc, eap_circuit
+from interplab.circuits import Attribution, Circuit, EdgeScores, acdc, attribute, eap_circuit, scores_circuit
+from interplab.circuits.masks import MaskConfig, learn_masks
+from interplab.circuits.masks import Method as MaskMethod
+from interplab.circuits.metrics import MIB_FRACTIONS, circuit_metrics
 from interplab.cli.common import (
     JobProgress,
     claim_out,
@@ -21,19 +26,46 @@ from interplab.cli.common import (
     threads_option,
 )
 from interplab.cli.scrub import MODEL_HELP, load_any_model
-from interplab.runs import CONFIG, Kind, write_json
+from interplab.runs import CONFIG, METRICS_JSON, Kind, write_json
 from interplab.scrub.tasks import build_task, discovery_task
 
 
 class Method(str, Enum):
     EAP = "eap"
+    EAP_IG = "eap-ig"
+    EAP_IG_ACTIVATIONS = "eap-ig-activations"
+    CLEAN_CORRUPTED = "clean-corrupted"
     ACDC = "acdc"
+    UGS = "ugs"
+    HARD_CONCRETE = "hard-concrete"
+
+
+MASK_METHODS = {Method.UGS: MaskMethod.UGS, Method.HARD_CONCRETE: MaskMethod.HARD_CONCRETE}
+
+
+def parse_sizes(value: str | None) -> tuple[float, ...] | None:
+    """Typer callback for ``--sizes``: ``mib`` (MIB's ten fractions), ``none``, or comma-separated fractions."""
+    if value is None or value.strip().lower() == "mib":
+        return MIB_FRACTIONS
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        sizes = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give 'mib', 'none' or fractions like 0.01,0.1,1") from None
+    if not sizes or any(not 0 < f <= 1 for f in sizes) or list(sizes) != sorted(set(sizes)):
+        raise typer.BadParameter(f"{value!r}: fractions must be distinct, ascending and in (0, 1]")
+    return sizes
 
 
 def discover_command(
     model_path: Path = typer.Option(None, "--model", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="task name: parens or induction"),
-    method: Method = typer.Option(Method.EAP, "--method", help="eap or acdc"),
+    method: Method = typer.Option(
+        Method.EAP,
+        "--method",
+        help="eap, eap-ig (inputs), eap-ig-activations, clean-corrupted, acdc, ugs or hard-concrete (learned masks)",
+    ),
     data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
     out: Path = typer.Option(Path("runs/discover"), "--out", help="run folder to write", callback=out_folder),
     n: int = typer.Option(
@@ -45,8 +77,27 @@ def discover_command(
     k: int = typer.Option(
         library_default(eap_circuit, "k"),
         "--k",
-        help="EAP: keep the k highest-scoring edges",
+        help="score methods: the circuit of report.json keeps the k edges of largest |score|",
         callback=positive_int,
+    ),
+    steps: int = typer.Option(
+        library_default(attribute, "steps"),
+        "--steps",
+        help="EAP-IG: interpolation steps",
+        callback=positive_int,
+    ),
+    sizes: str = typer.Option(
+        "mib",
+        "--sizes",
+        help="score methods: circuit sizes for MIB's CPR/CMD (metrics.json, metrics.html): 'mib' (its ten "
+        "fractions of the edges), comma-separated fractions, or 'none'",
+        callback=parse_sizes,
+    ),
+    lam: float = typer.Option(
+        MaskConfig.lam, "--lam", help="ugs, hard-concrete: sparsity weight", callback=non_negative_float
+    ),
+    mask_steps: int = typer.Option(
+        MaskConfig.steps, "--mask-steps", help="ugs, hard-concrete: optimiser steps", callback=positive_int
     ),
     threshold: float = typer.Option(
         library_default(acdc, "threshold"),
@@ -56,7 +107,9 @@ def discover_command(
     ),
     threads: int = typer.Option(1, "--threads", help="torch threads", callback=threads_option),
 ) -> None:
-    """Find a circuit with EAP or ACDC; writes report.json and report.html (with the graph)."""
+    """Find a circuit; writes report.json and report.html (with the graph) and, for score methods,
+    metrics.json and metrics.html (MIB's faithfulness curves, CPR and CMD)."""
+    fractions: tuple[float, ...] = sizes  # type: ignore[assignment]  # parse_sizes made it a tuple
     set_threads(threads)
     claim_out(out, Kind.DISCOVERY, Kind.CIRCUIT)
     try:
@@ -65,11 +118,22 @@ def discover_command(
     except (FileNotFoundError, ValueError, KeyError) as err:
         fail(str(err))
     circuit: Circuit
-    if method is Method.EAP:
-        circuit = eap_circuit(model, dtask, k)
-    else:
+    metrics = None
+    if method is Method.ACDC:
         with JobProgress("discover acdc", unit="edges") as bar:
             circuit = acdc(model, dtask, threshold, progress=bar)
+    else:
+        engine = dtask.engine(model)
+        scores: EdgeScores
+        if method in MASK_METHODS:
+            config = MaskConfig(method=MASK_METHODS[method], lam=lam, steps=mask_steps)
+            with JobProgress(f"discover {method.value}", unit="steps") as bar:
+                scores = learn_masks(model, dtask, config, engine=engine, progress=bar)
+        else:
+            scores = attribute(model, dtask, Attribution(method.value), steps=steps, engine=engine)
+        circuit = scores_circuit(engine, dtask, scores, k)
+        if fractions:
+            metrics = circuit_metrics(model, dtask, scores, fractions=fractions, engine=engine)
     # the circuit is found: only now is the run folder written (a failed discovery leaves nothing behind)
     write_json(
         out / CONFIG,
@@ -81,9 +145,15 @@ def discover_command(
             "n": n,
             "k": k,
             "threshold": threshold,
+            "steps": steps,
+            "lam": lam,
+            "mask_steps": mask_steps,
+            "sizes": list(fractions),
         },
     )
     circuit.save(out)
+    if metrics is not None:
+        metrics.save(out)
     f = circuit.faithfulness
     console.print(repr(circuit))
     console.print(
@@ -91,7 +161,15 @@ def discover_command(
     )
     for e in circuit.edges:
         console.print(f"  {e}")
-    console.print(f"wrote {out}")
+    if metrics is not None:
+        console.print(repr(metrics))
+        for name, curve in metrics.curves.items():
+            points = ", ".join(
+                f"{f:g}:{v:.2f}" for f, v in zip(curve.fractions, curve.faithfulness, strict=True)
+            )
+            console.print(f"  {name} ranking, f by size: {points}")
+        console.print(f"wrote {out / METRICS_JSON} and {out / 'metrics.html'}")
+    console.print(f"wrote {out / 'report.json'}, {out / 'report.html'} and {out / CONFIG}")
 
 
 def register(app: typer.Typer) -> None:

@@ -29,7 +29,8 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
     activation cache (Kind.ACTIVATION_CACHE)   manifest.json {kind: activation_cache, version, ...} + shards
     feature database (Kind.FEATURE_DB)  features.db, SQLite; its ``meta`` table holds the kind and version
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
-                                        lens|formation|attribution|routing|sae_eval, version, ...} + pictures
+                                        lens|formation|attribution|routing|sae_eval, version, ...} + pictures;
+                                        a discovery run's metrics.json {kind: circuit_metrics} (MIB CPR/CMD)
     gradient recording (Kind.GRADIENTS) config.json {kind: gradients, version, record, projector, group_numel}
                                         + index.json {kind: gradient_index, version, entries} + step_N.safetensors
     JSON documents anywhere            a result's ``.save(x.json)`` {kind: result, version, type: its class, ...};
@@ -74,6 +75,7 @@ from interplab.runs.names import (
     GRADIENT_INDEX,
     LOG,
     MANIFEST,
+    METRICS_JSON,
     MODEL_WEIGHTS,
     OPTIMIZER,
     PLOTLY_JS,
@@ -113,6 +115,7 @@ __all__ = [
     "FINAL",
     "FORMATION",
     "FORMATION_JSON",
+    "METRICS_JSON",
     "GRADIENT_INDEX",
     "Kind",
     "LOG",

@@ -54,6 +54,8 @@ class Kind(str, Enum):
     """a circuit (edges + faithfulness)"""
     DISCOVERY = "discovery"
     """circuit discovery (`interplab discover`)"""
+    CIRCUIT_METRICS = "circuit_metrics"
+    """MIB's faithfulness curves of one set of edge scores (CPR, CMD; ``metrics.json``)"""
     PATCH = "patch"
     """activation patching (`interplab patch`)"""
     HEADS = "heads"
@@ -106,6 +108,7 @@ _LABELS = {
     Kind.SCRUB: "a causal-scrubbing run",
     Kind.CIRCUIT: "a circuit",
     Kind.DISCOVERY: "a circuit-discovery run",
+    Kind.CIRCUIT_METRICS: "a set of circuit faithfulness curves",
     Kind.PATCH: "an activation-patching run",
     Kind.HEADS: "a head-scores run",
     Kind.LENS: "a lens run",
