@@ -78,6 +78,9 @@ class ScrubResult:
     per_class: dict[str, dict[str, Any]] = field(default_factory=dict)
     forwards: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    samples: list[dict[str, int]] = field(default_factory=list)
+    """for the first ``ScrubConfig.n_show`` references (seed 0): the data-set row each claim ran on, by claim
+    path (``logits/a1.0/a1.0.in@1``), and each internal claim's other-inputs row (``<path> (others)``)"""
 
     def table(self) -> str:
         """A plain-text table of the numbers (for notebooks and scripts)."""
