@@ -32,7 +32,7 @@ torch.Size([2, 16, 100])
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -54,13 +54,56 @@ class Ablation(str, Enum):
 
 
 @dataclass(frozen=True, eq=False)
+class Part:
+    """One term of a `SumOfParts`: ``fn(value of the sender under spec, tokens of rows)``."""
+
+    fn: Callable[[Tensor, Tensor], Tensor]
+    """``fn(value [batch pos d_model], tokens [batch pos])`` -> a tensor broadcastable to value"""
+    spec: Spec
+    """computes the sender whose value ``fn`` reads"""
+    rows: Int[Tensor, " batch"] | None = None
+    """data-set rows whose tokens ``fn`` reads (default ``spec.input``)"""
+
+
+@dataclass(frozen=True, eq=False)
+class SumOfParts:
+    """A sender's value rewritten as parts plus the rest, each part on its own spec (REMIX's residual
+    rewrite): ``sum_i fn_i(V(parts[i].spec)) + V(rest) - sum_i fn_i(V(rest))`` where ``V(s)`` is the sender
+    computed under ``s``. With every spec equal this is the sender's value itself."""
+
+    parts: tuple[Part, ...]
+    rest: Spec
+    """the spec the residual ``value - sum of parts`` is computed on"""
+    rest_rows: Int[Tensor, " batch"] | None = None
+    """rows whose tokens the parts read when computing the residual (default ``rest.input``)"""
+
+
+@dataclass(frozen=True, eq=False)
 class AtPositions:
     """A patch that applies only at some positions: elsewhere the edge keeps its unpatched value
     (edges split by position)."""
 
-    value: Spec | Ablation
+    value: Spec | Ablation | SumOfParts
     positions: Int[Tensor, " n"]
     """position indices (or a boolean mask over positions)"""
+
+
+@dataclass(frozen=True, eq=False)
+class PositionPieces:
+    """Several `AtPositions` on one edge, at disjoint positions (e.g. one datum per position); elsewhere the
+    edge keeps its unpatched value."""
+
+    pieces: tuple[AtPositions, ...]
+
+    def __post_init__(self) -> None:
+        seen: set[int] = set()
+        for piece in self.pieces:
+            if not isinstance(piece, AtPositions) or piece.positions.dtype == torch.bool:
+                raise TypeError("PositionPieces holds AtPositions with integer positions")
+            here = set(piece.positions.tolist())
+            if here & seen:
+                raise ValueError(f"PositionPieces overlap at positions {sorted(here & seen)}")
+            seen |= here
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,8 +112,8 @@ class Spec:
 
     input: Int[Tensor, " batch"]
     """row of the engine's data set each example runs on"""
-    patches: Mapping[Edge, Spec | Ablation | AtPositions] = field(default_factory=dict)
-    """edges whose sender value comes from another spec (or an ablation)"""
+    patches: Mapping[Edge, Patch] = field(default_factory=dict)
+    """edges whose sender value comes from another spec (or an ablation, a rewrite, position pieces)"""
     propagate: bool = False
     """unpatched edges carry the sender computed under this spec (True) or its clean output on ``input``"""
     context: Int[Tensor, " batch"] | None = None
@@ -83,17 +126,17 @@ class Spec:
         for edge, value in self.patches.items():
             if not isinstance(edge, Edge):
                 raise TypeError(f"Spec.patches keys are Edges (graph.edge('a0.0->a1.0.k')), got {edge!r}")
-            if not isinstance(value, (Spec, Ablation, AtPositions)):
+            if not isinstance(value, (Spec, Ablation, AtPositions, PositionPieces, SumOfParts)):
                 raise TypeError(
-                    f"patch for {edge.name} must be a Spec, an Ablation or AtPositions, "
-                    f"got {type(value).__name__}"
+                    f"patch for {edge.name} must be a Spec, an Ablation, AtPositions, PositionPieces or "
+                    f"SumOfParts, got {type(value).__name__}"
                 )
-            inner = value.value if isinstance(value, AtPositions) else value
-            if isinstance(inner, Spec) and inner.input.shape != self.input.shape:
-                raise ValueError(
-                    f"patch for {edge.name} has batch {tuple(inner.input.shape)}, "
-                    f"the spec has {tuple(self.input.shape)}"
-                )
+            for inner in _inner_specs(value):
+                if inner.input.shape != self.input.shape:
+                    raise ValueError(
+                        f"patch for {edge.name} has batch {tuple(inner.input.shape)}, "
+                        f"the spec has {tuple(self.input.shape)}"
+                    )
         orders = [e.receiver.order for e in self.patches]
         object.__setattr__(self, "_first_patched", min(orders, default=1 << 30))
         object.__setattr__(self, "_patched", frozenset(e.receiver for e in self.patches))
@@ -109,6 +152,23 @@ class Spec:
         if self.propagate:
             return node.order < self._first_patched  # type: ignore[attr-defined]
         return node not in self._patched  # type: ignore[attr-defined]
+
+
+Patch = Spec | Ablation | AtPositions | PositionPieces | SumOfParts
+"""What a `Spec` may put on an edge."""
+
+
+def _inner_specs(value: Patch) -> list[Spec]:
+    """The specs a patch computes the sender under (to check their batch)."""
+    if isinstance(value, Spec):
+        return [value]
+    if isinstance(value, AtPositions):
+        return _inner_specs(value.value)
+    if isinstance(value, PositionPieces):
+        return [s for p in value.pieces for s in _inner_specs(p)]
+    if isinstance(value, SumOfParts):
+        return [value.rest, *(p.spec for p in value.parts)]
+    return []
 
 
 def clean(rows: Tensor) -> Spec:
@@ -142,16 +202,35 @@ class _Store:
         self.offset[rows] = torch.arange(rows.numel())
         self.chunks.append(values)
 
-    def get(self, name: str, rows: Tensor) -> Tensor:
+    def get(self, name: str, rows: Tensor, positions: Tensor | None = None) -> Tensor:
+        """``name``'s activations on ``rows`` [rows pos ...], or only at integer ``positions`` [rows n ...]."""
         which = self.chunk[rows]
         if len(self.chunks) == 1 or bool((which == which[0]).all()):
-            return self.chunks[int(which[0])][name][self.offset[rows]]
+            return self._take(self.chunks[int(which[0])][name], self.offset[rows], positions)
         first = self.chunks[0][name]
-        out = first.new_empty((rows.numel(), *first.shape[1:]))
+        n_pos = first.shape[1] if positions is None else positions.numel()
+        out = first.new_empty((rows.numel(), n_pos, *first.shape[2:]))
         for c in torch.unique(which).tolist():
             sel = which == c
-            out[sel] = self.chunks[c][name][self.offset[rows[sel]]]
+            out[sel] = self._take(self.chunks[c][name], self.offset[rows[sel]], positions)
         return out
+
+    def gather(self, name: str, rows: Tensor, positions: Tensor) -> Tensor:
+        """``name``'s activation of row ``rows[i, j]`` at position ``positions[j]``: [batch n ...]."""
+        which, offsets = self.chunk[rows], self.offset[rows]
+        cols = positions[None, :].expand_as(rows)
+        if len(self.chunks) == 1 or bool((which == which.flatten()[0]).all()):
+            return self.chunks[int(which.flatten()[0])][name][offsets, cols]
+        first = self.chunks[0][name]
+        out = first.new_empty((*rows.shape, *first.shape[2:]))
+        for c in torch.unique(which).tolist():
+            sel = which == c
+            out[sel] = self.chunks[c][name][offsets[sel], cols[sel]]
+        return out
+
+    @staticmethod
+    def _take(values: Tensor, offsets: Tensor, positions: Tensor | None) -> Tensor:
+        return values[offsets] if positions is None else values[offsets[:, None], positions[None, :]]
 
 
 class EdgeEngine:
@@ -304,22 +383,75 @@ class EdgeEngine:
             if not spec.propagate or spec.is_clean_for(edge.sender):
                 return None
             return self._value(edge.sender, spec, memo)
-        if isinstance(patch, AtPositions):
-            inner = self._patch_value(edge, spec, patch.value, memo)
+        if isinstance(patch, (AtPositions, PositionPieces)):
             if spec.propagate and not spec.is_clean_for(edge.sender):
                 out = self._value(edge.sender, spec, memo).clone()
             else:
                 out = self.clean_output(edge.sender, spec.input).clone()
-            out[:, patch.positions] = inner.expand_as(out)[:, patch.positions]
+            pieces = patch.pieces if isinstance(patch, PositionPieces) else (patch,)
+            rows, positions, rest = self._clean_pieces(patch, pieces, memo)
+            if rows is not None:  # clean senders on other rows: one gather from the cache
+                self.ensure_clean(rows.flatten())
+                out[:, positions] = self._store.gather(edge.sender.name, rows, positions)
+            for piece in rest:
+                value = self._patch_value(edge, spec, piece.value, memo)
+                out[:, piece.positions] = value.expand_as(out)[:, piece.positions]
             return out
         return self._patch_value(edge, spec, patch, memo)
 
-    def _patch_value(self, edge: Edge, spec: Spec, patch: Spec | Ablation, memo: dict) -> Tensor:
+    def _clean_pieces(self, patch: object, pieces: tuple[AtPositions, ...], memo: dict) -> tuple:
+        """Split position pieces into those whose value is an ordinary forward on other rows (as [batch n]
+        rows and [n] positions, read from the cache in one gather) and the rest. Memoised per patch."""
+        key = ("pieces", id(patch))
+        if key not in memo:
+            rows, positions, rest = [], [], []
+            for piece in pieces:
+                value, pos = piece.value, piece.positions
+                if (
+                    isinstance(value, Spec)
+                    and not value.patches
+                    and value.context is None
+                    and pos.dtype != torch.bool
+                ):
+                    pos = pos.long().flatten()
+                    rows.append(value.input[:, None].expand(-1, pos.numel()))
+                    positions.append(pos)
+                else:
+                    rest.append(piece)
+            found = (torch.cat(rows, 1), torch.cat(positions), rest) if rows else (None, None, rest)
+            memo[key] = (patch, found)  # keep the patch alive so its id is not reused
+        return memo[key][1]
+
+    def _patch_value(self, edge: Edge, spec: Spec, patch: Spec | Ablation | SumOfParts, memo: dict) -> Tensor:
         if patch is Ablation.ZERO:
             return torch.zeros_like(self.clean_output(edge.sender, spec.input[:1]))
         if patch is Ablation.MEAN:
             return self.mean_output(edge.sender)
+        if isinstance(patch, SumOfParts):
+            return self._sum_of_parts(edge.sender, patch, memo)
         return self._value(edge.sender, patch, memo)
+
+    def _sum_of_parts(self, sender: Node, rewrite: SumOfParts, memo: dict) -> Tensor:
+        key = (sender.name, id(rewrite))
+        if key in memo:
+            return memo[key][1]
+        rest = self._value(sender, rewrite.rest, memo)
+        rest_tokens = self.tokens[rewrite.rest.input if rewrite.rest_rows is None else rewrite.rest_rows]
+        out = rest
+        for part in rewrite.parts:
+            value = self._value(sender, part.spec, memo)
+            tokens = self.tokens[part.spec.input if part.rows is None else part.rows]
+            here, there = part.fn(value, tokens), part.fn(rest, rest_tokens)
+            for term in (here, there):
+                if not isinstance(term, Tensor) or torch.broadcast_shapes(term.shape, out.shape) != out.shape:
+                    got = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
+                    raise ValueError(
+                        f"a part of {sender.name}'s rewrite returned {got}, which does not broadcast to the "
+                        f"value's shape {tuple(out.shape)}"
+                    )
+            out = out + (here - there)
+        memo[key] = (rewrite, out)  # keep the rewrite alive so its id is not reused
+        return out
 
     def _slot_input(self, node: Node, slot: Slot, spec: Spec, memo: dict) -> Tensor:
         """The clean input plus, for every edge whose value differs, ``value - clean value``; with post-norms

@@ -59,6 +59,5 @@ def post_norm_jvp(
     if not model.cfg.post_norms:
         raise ValueError("post_norm_jvp needs a model with post-norms (post_norms=True)")
     pre = (results.sum(2) + block.attn.b_O)[:, :, None].expand_as(deltas).contiguous()
-    with torch.enable_grad():
-        out = torch.func.jvp(block.ln1_post.normalize, (pre.detach(),), (deltas.detach(),))
-    return out[1]
+    out = torch.func.jvp(block.ln1_post.normalize, (pre.detach(),), (deltas.detach(),))
+    return out[1].detach()  # (the norm's weight would otherwise carry autograd history into the scores)

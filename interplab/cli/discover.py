@@ -1,5 +1,6 @@
-"""``interplab discover --model DIR --task NAME --method eap|eap-ig|eap-ig-activations|clean-corrupted|acdc``:
-automatic circuit discovery to a run folder, with MIB's faithfulness metrics (CPR, CMD) for score methods."""
+"""``interplab discover --model DIR --task NAME --method eap|eap-ig|eap-ig-activations|clean-corrupted|acdc|ugs|
+hard-concrete``: automatic circuit discovery to a run folder, with MIB's faithfulness metrics (CPR, CMD) for score
+methods (all but ACDC; ugs and hard-concrete learn edge masks, `interplab.circuits.masks`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import typer
 
-from interplab.circuits import Attribution, Circuit, acdc, attribute, eap_circuit, scores_circuit
+from interplab.circuits import Attribution, Circuit, EdgeScores, acdc, attribute, eap_circuit, scores_circuit
+from interplab.circuits.masks import MaskConfig, learn_masks
+from interplab.circuits.masks import Method as MaskMethod
 from interplab.circuits.metrics import MIB_FRACTIONS, circuit_metrics
 from interplab.cli.common import (
     JobProgress,
@@ -33,6 +36,11 @@ class Method(str, Enum):
     EAP_IG_ACTIVATIONS = "eap-ig-activations"
     CLEAN_CORRUPTED = "clean-corrupted"
     ACDC = "acdc"
+    UGS = "ugs"
+    HARD_CONCRETE = "hard-concrete"
+
+
+MASK_METHODS = {Method.UGS: MaskMethod.UGS, Method.HARD_CONCRETE: MaskMethod.HARD_CONCRETE}
 
 
 def parse_sizes(value: str | None) -> tuple[float, ...] | None:
@@ -54,7 +62,9 @@ def discover_command(
     model_path: Path = typer.Option(None, "--model", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="task name: parens or induction"),
     method: Method = typer.Option(
-        Method.EAP, "--method", help="eap, eap-ig (inputs), eap-ig-activations, clean-corrupted or acdc"
+        Method.EAP,
+        "--method",
+        help="eap, eap-ig (inputs), eap-ig-activations, clean-corrupted, acdc, ugs or hard-concrete (learned masks)",
     ),
     data: Path = typer.Option(None, "--data", help="task data (parens: the paren_balancer fixture folder)"),
     out: Path = typer.Option(Path("runs/discover"), "--out", help="run folder to write", callback=out_folder),
@@ -83,6 +93,12 @@ def discover_command(
         "fractions of the edges), comma-separated fractions, or 'none'",
         callback=parse_sizes,
     ),
+    lam: float = typer.Option(
+        MaskConfig.lam, "--lam", help="ugs, hard-concrete: sparsity weight", callback=non_negative_float
+    ),
+    mask_steps: int = typer.Option(
+        MaskConfig.steps, "--mask-steps", help="ugs, hard-concrete: optimiser steps", callback=positive_int
+    ),
     threshold: float = typer.Option(
         library_default(acdc, "threshold"),
         "--threshold",
@@ -108,7 +124,13 @@ def discover_command(
             circuit = acdc(model, dtask, threshold, progress=bar)
     else:
         engine = dtask.engine(model)
-        scores = attribute(model, dtask, Attribution(method.value), steps=steps, engine=engine)
+        scores: EdgeScores
+        if method in MASK_METHODS:
+            config = MaskConfig(method=MASK_METHODS[method], lam=lam, steps=mask_steps)
+            with JobProgress(f"discover {method.value}", unit="steps") as bar:
+                scores = learn_masks(model, dtask, config, engine=engine, progress=bar)
+        else:
+            scores = attribute(model, dtask, Attribution(method.value), steps=steps, engine=engine)
         circuit = scores_circuit(engine, dtask, scores, k)
         if fractions:
             metrics = circuit_metrics(model, dtask, scores, fractions=fractions, engine=engine)
@@ -124,6 +146,8 @@ def discover_command(
             "k": k,
             "threshold": threshold,
             "steps": steps,
+            "lam": lam,
+            "mask_steps": mask_steps,
             "sizes": list(fractions),
         },
     )

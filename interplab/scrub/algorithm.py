@@ -3,8 +3,9 @@
 ``scrub(model, task, hypothesis)`` treeifies the model as the hypothesis says (see `interplab.scrub.hypothesis`),
 resamples inputs exactly (grouped by feature value), runs the treeified model for every reference example in
 batches, and reports the scrubbed, original and random-baseline losses, the fraction of loss recovered
-``(L_random - L_scrubbed) / (L_random - L_original)`` with confidence intervals over resampling seeds, a
-per-claim breakdown (one claim's resampling at a time) and per-class losses.
+``(L_random - L_scrubbed) / (L_random - L_original)`` with 95% intervals covering resampling and the choice
+of references (`interplab.scrub.estimate`), a per-claim breakdown (one claim's resampling at a time) and
+per-class losses.
 
 >>> from interplab.circuits.planted import induction_data, planted_induction
 >>> from interplab.scrub.induction import induction_steps, induction_task
@@ -19,18 +20,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.circuits.engine import EdgeEngine, Spec
-from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot, slot_name
 from interplab.model.transformer import Transformer
-from interplab.scrub.hypothesis import Claim, Feature, Hypothesis
-from interplab.scrub.result import ClaimRow, Estimate, ScrubResult
-from interplab.scrub.sampling import FeatureGroups, ScrubError
+from interplab.scrub.compile import compile_hypothesis
+from interplab.scrub.estimate import recovered_fraction
+from interplab.scrub.hypothesis import Hypothesis
+from interplab.scrub.result import ClaimRow, Estimate, ScrubResult, sample_inputs
+from interplab.scrub.sampling import FeatureGroups
 
 LossFn = Callable[[Float[Tensor, "batch pos d_vocab_out"], Int[Tensor, " batch"]], Float[Tensor, " batch"]]
 
@@ -51,6 +54,9 @@ class ScrubTask:
     """``classes(tokens)`` -> a class name (or several) per row, for per-class losses"""
     position: int = -1
     """the position whose output the loss reads (used by circuit discovery's KL divergence)"""
+    decode: Callable[[Int[Tensor, " pos"]], str] | None = None
+    """``decode(row tokens, padding left out)`` -> the row as text, for the sampled inputs of reports (default:
+    the token ids)"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,127 +77,19 @@ class ScrubConfig:
     """reference examples per batch"""
     pool: Tensor | None = None
     """rows agreeing and random inputs are drawn from (default: all rows)"""
+    n_show: int = 5
+    """record the rows each claim ran on for this many references (seed 0): `ScrubResult.samples`"""
+    cache_rows: int = 4096
+    """most data-set rows whose clean activations are cached at once (memory: rows x nodes x pos x d_model
+    floats); a hypothesis drawing many data per reference (per-position claims) runs smaller batches"""
 
     def __post_init__(self) -> None:
-        for name in ("n_examples", "n_seeds", "batch_size"):
+        if not isinstance(self.n_show, int) or self.n_show < 0:
+            raise ValueError(f"ScrubConfig.n_show must be an int >= 0, got {self.n_show!r}")
+        for name in ("n_examples", "n_seeds", "batch_size", "cache_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ScrubConfig.{name} must be a positive int, got {value!r}")
-
-
-@dataclass
-class _Compiled:
-    claim: Claim
-    where: str
-    node: Node
-    slot: Slot | None  # a head input claim
-    edge: Edge | None  # the edge to the parent (node claims under an input or a one-input node)
-    groups: FeatureGroups | None
-    children: list[_Compiled] = field(default_factory=list)
-
-
-class _Scrubber:
-    def __init__(
-        self,
-        engine: EdgeEngine,
-        hypothesis: Hypothesis,
-        config: ScrubConfig,
-        pool: Tensor,
-        groups: dict[str, FeatureGroups],
-    ) -> None:
-        self.engine, self.graph, self.config, self.pool = engine, engine.graph, config, pool
-        self.groups = groups  # shared by the variants of one hypothesis: each feature is computed once
-        self.root = self._compile(hypothesis.root, None, "'logits'")
-        self.n_specs = 0  # example-inputs the treeified model runs on (what a naive implementation would run)
-        self.n_specs_baseline = 0
-
-    # ---- checking the hypothesis against the model ------------------------------------------------
-    def _compile(self, claim: Claim, parent: _Compiled | None, where: str) -> _Compiled:
-        graph: ComponentGraph = self.graph
-        slot: Slot | None = None
-        edge: Edge | None = None
-        try:
-            if parent is None:
-                node = graph.logits
-            elif parent.node.kind is NodeKind.HEAD and parent.slot is None:
-                try:
-                    node, slot = graph.slot(claim.target)
-                except ValueError:
-                    node, slot = graph.logits, None
-                if node != parent.node or slot is None:
-                    raise ValueError(
-                        f"a child of head {parent.node.name} names one of its inputs "
-                        f"({parent.node.name}.q, .k or .v), not {claim.target!r}"
-                    )
-            else:
-                node = graph.node(claim.target)
-                into = slot_name(parent.node, parent.slot or Slot.IN)
-                edge = graph.edge(f"{node.name}->{into}")
-        except ValueError as err:
-            raise ScrubError(f"claim {where}: {err}") from None
-        groups = None
-        if isinstance(claim.feature, Feature):
-            key = f"{claim.feature.name}@{id(claim.feature.fn)}"
-            if key not in self.groups:
-                self.groups[key] = FeatureGroups.build(claim.feature, self.engine.tokens, where, self.pool)
-            groups = self.groups[key]
-        out = _Compiled(claim, where, node, slot, edge, groups)
-        seen: dict[str, str] = {}
-        for child in claim.children:
-            cw = f"{where[:-1]}/{child.target}'"
-            compiled = self._compile(child, out, cw)
-            key = compiled.edge.name if compiled.edge is not None else slot_name(compiled.node, compiled.slot)  # type: ignore[arg-type]
-            if key in seen:
-                raise ScrubError(f"claim {cw}: {key} is already claimed by {seen[key]}")
-            seen[key] = cw
-            out.children.append(compiled)
-        return out
-
-    # ---- building the treeified computation -------------------------------------------------------
-    def _random(self, n: int, gen: torch.Generator) -> Tensor:
-        self.n_specs += n
-        return self.pool[torch.randint(0, self.pool.numel(), (n,), generator=gen)]
-
-    def _input_of(self, c: _Compiled, x: Tensor, gen: torch.Generator) -> Tensor:
-        return c.groups.agreeing(x, gen) if c.groups is not None else x
-
-    def node_spec(self, c: _Compiled, x: Tensor, gen: torch.Generator) -> Spec:
-        """The spec computing claim ``c``'s component when the claim runs on rows ``x``."""
-        self.n_specs += x.numel() if c.claim.leaf else 0
-        if c.claim.leaf:
-            return Spec(x)
-        r = self._random(x.numel(), gen)
-        patches: dict[Edge, Spec] = {}
-        for child in c.children:
-            xc = self._input_of(child, x, gen)
-            if child.slot is not None:
-                patches.update(self._slot_patches(child, xc, gen))
-            else:
-                patches[child.edge] = self.node_spec(child, xc, gen)  # type: ignore[index]
-        if self.config.random_per_path:
-            for edge in self.graph.edges_into(c.node):
-                if edge not in patches:
-                    patches[edge] = Spec(self._random(x.numel(), gen))
-        return Spec(r, patches, context=x)
-
-    def _slot_patches(self, c: _Compiled, x: Tensor, gen: torch.Generator) -> dict[Edge, Spec]:
-        edges = self.graph.edges_into(c.node, c.slot)
-        if c.claim.leaf:
-            self.n_specs += x.numel()
-            whole = Spec(x)
-            return {e: whole for e in edges}
-        claimed = {child.edge: child for child in c.children}
-        shared = Spec(self._random(x.numel(), gen))
-        out: dict[Edge, Spec] = {}
-        for edge in edges:
-            if edge in claimed:
-                child = claimed[edge]
-                out[edge] = self.node_spec(child, self._input_of(child, x, gen), gen)
-            elif self.config.random_per_path:
-                out[edge] = Spec(self._random(x.numel(), gen))
-            else:
-                out[edge] = shared
-        return out
 
 
 def _per_example(engine: EdgeEngine, task: ScrubTask, spec: Spec, refs: Tensor) -> Tensor:
@@ -222,34 +120,58 @@ def scrub(
     if config.per_claim:
         paths = [p for p, c in hypothesis.claims() if c.feature is not None]
         variants += [(p, hypothesis.only(p)) for p in paths] + [((), hypothesis.only(None))]
-    groups: dict[str, FeatureGroups] = {}
-    scrubbers = [(path, _Scrubber(engine, h, config, pool, groups)) for path, h in variants]
-    main = scrubbers[0][1]
-    n_batches = math.ceil(config.n_examples / config.batch_size)
+    groups: dict[str, Any] = {}
+    compiled = [
+        (
+            path,
+            compile_hypothesis(engine, h, pool=pool, random_per_path=config.random_per_path, groups=groups),
+        )
+        for path, h in variants
+    ]
+    # references per batch: every datum a reference draws is a cached clean forward
+    per_ref = max(c.rows_per_reference() for _, c in compiled)
+    batch = max(1, min(config.batch_size, config.cache_rows // per_ref))
+    n_batches = math.ceil(config.n_examples / batch)
     orig = torch.empty(config.n_examples)
     rand = torch.empty(config.n_seeds, config.n_examples)
-    scrubbed = torch.empty(len(scrubbers), config.n_seeds, config.n_examples)
+    scrubbed = torch.empty(len(compiled), config.n_seeds, config.n_examples)
+    samples: list[dict[str, int]] = []
+    n_forwards = 0  # example-inputs the treeified models run on (what a naive implementation would run)
     before = engine.stats.clean_examples, engine.stats.node_evaluations
     for b in range(n_batches):
-        sl = slice(b * config.batch_size, min(config.n_examples, (b + 1) * config.batch_size))
+        sl = slice(b * batch, min(config.n_examples, (b + 1) * batch))
         x = refs[sl]
         engine.clear_cache()
+        cached_since = engine.stats.clean_examples
         orig[sl] = _per_example(engine, task, Spec(x), x)
         for seed in range(config.n_seeds):
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + seed * 10_007 + b)
-            rand[seed, sl] = _per_example(engine, task, Spec(main._random(x.numel(), g)), x)
-            main.n_specs_baseline += x.numel()
-            for i, (_, s) in enumerate(scrubbers):
+            pool_rows = pool[torch.randint(0, pool.numel(), x.shape, generator=g)]
+            rand[seed, sl] = _per_example(engine, task, Spec(pool_rows), x)
+            for i, (_, c) in enumerate(compiled):
                 # common random numbers: the root's random input is the baseline's, so the empty hypothesis
                 # reproduces the baseline exactly and differences between variants have less noise
                 gi = torch.Generator().manual_seed(config.seed * 1_000_003 + seed * 10_007 + b)
-                scrubbed[i, seed, sl] = _per_example(engine, task, s.node_spec(s.root, x, gi), x)
+                record: dict[str, Tensor] | None = (
+                    {} if i == 0 and seed == 0 and sl.start < config.n_show else None
+                )
+                builder = c.builder(x, gi, record=record)
+                spec = builder.root()
+                engine.ensure_clean(torch.cat(builder.rows))  # in large batches, before the small look-ups
+                scrubbed[i, seed, sl] = _per_example(engine, task, spec, x)
+                n_forwards += builder.n_forwards
+                if record is not None:
+                    for j in range(min(x.numel(), config.n_show - sl.start)):
+                        samples.append({k: int(v[j]) for k, v in record.items()})
+                if engine.stats.clean_examples - cached_since > config.cache_rows:
+                    engine.clear_cache()
+                    cached_since = engine.stats.clean_examples
         if progress is not None:
             progress(b + 1, n_batches)
     engine.clear_cache()
     l_orig, l_rand = Estimate.of(orig[None]), Estimate.of(rand)
     rows = []
-    for i, (path, _) in enumerate(scrubbers):
+    for i, (path, _) in enumerate(compiled):
         est = Estimate.of(scrubbed[i])
         rows.append(
             ClaimRow(
@@ -260,15 +182,24 @@ def scrub(
         )
     warnings = []
     for group in groups.values():
+        if not isinstance(group, FeatureGroups):
+            continue
         single = group.singletons(refs)
         if single:
             warnings.append(
                 f"claim {group.where}: {len(single)} value(s) of feature {group.feature.name!r} have a single "
                 f"input in the pool, e.g. {single[0]!r}: resampling cannot change those"
             )
+        if group.near_ties:
+            a, b = group.near_ties[0]
+            warnings.append(
+                f"claim {group.where}: feature {group.feature.name!r} has distinct values {a!r} and {b!r} that "
+                f"differ only by rounding ({len(group.near_ties)} such pair(s)); values are grouped by exact "
+                "equality: compute it with integers or fractions.Fraction"
+            )
     per_class = _per_class(task, refs, orig, rand, scrubbed[0])
     # a naive implementation runs one whole forward per input of the treeified model per example
-    naive = sum(s.n_specs for _, s in scrubbers) - main.n_specs_baseline
+    naive = n_forwards
     return ScrubResult(
         hypothesis=hypothesis.name,
         description=hypothesis.describe(),
@@ -282,6 +213,8 @@ def scrub(
         per_claim=rows[1:],
         per_class=per_class,
         warnings=warnings,
+        samples=samples,
+        inputs=sample_inputs(samples, task.tokens, task.decode, task.attention_mask),
         forwards={
             "clean_example_forwards": engine.stats.clean_examples - before[0],
             "node_evaluations": engine.stats.node_evaluations - before[1],
@@ -292,9 +225,9 @@ def scrub(
 
 
 def _recovered(scrubbed: Tensor, orig: Tensor, rand: Tensor) -> Estimate:
-    """Fraction of loss recovered per seed -> mean and a 95% interval over seeds."""
-    per_seed = (rand.mean(1) - scrubbed.mean(1)) / (rand.mean(1) - orig.mean())
-    return Estimate.from_values(per_seed)
+    """Fraction of loss recovered: mean over seeds, 95% interval over resampling and references (every row
+    of a scrub is bootstrapped on the same resamples of its references: `interplab.scrub.estimate`)."""
+    return recovered_fraction(orig, rand, scrubbed)
 
 
 def _per_class(

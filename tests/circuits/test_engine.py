@@ -13,6 +13,10 @@ VARIANTS = {
     "attn-only-rotary-smear": dict(attn_only=True, positional="rotary", smear_keys=True),
     "parallel-rms": dict(parallel_attn_mlp=True, normalization="rmsnorm"),
     "bidirectional": dict(causal=False),
+    "gqa-rotary-smear": dict(n_kv_heads=2, positional="rotary", smear_keys=True),
+    "mqa-post-norms-bidirectional": dict(
+        n_kv_heads=1, post_norms=True, normalization="rmsnorm", causal=False
+    ),
 }
 
 

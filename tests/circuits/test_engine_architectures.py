@@ -16,7 +16,17 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from interplab import load_model
-from interplab.circuits import DiscoveryTask, EdgeEngine, Spec, eap, patch_edges, path_patch
+from interplab.circuits import (
+    DiscoveryTask,
+    EdgeEngine,
+    Spec,
+    acdc,
+    eap,
+    eap_circuit,
+    patch_edges,
+    path_patch,
+)
+from interplab.circuits.circuit import faithfulness
 from interplab.circuits.engine import Ablation
 from interplab.circuits.split import kv_per_query_head
 from interplab.scrub import Claim, Hypothesis, ScrubConfig, ScrubTask, scrub
@@ -176,16 +186,25 @@ def test_an_edge_patch_equals_hooks_replacing_that_input(loaded, family, receive
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_heads_of_a_layer_meet_inside_its_post_norm(loaded, family):
-    """Two senders of one layer into one slot: their changes are summed before the post-norm (with post-norms;
-    a plain sum otherwise), and zero-ablating a head removes its term inside the norm."""
+def test_heads_of_a_layer_meet_inside_its_post_norm(loaded, family):
+    """Three senders of one layer into one slot: their changes are summed before the post-norm (with
+    post-norms; a plain sum otherwise); zero-ablating a head removes its term inside the norm, mean-ablating
+    puts its mean (before the norm) there."""
     model, _, tokens = loaded[family]
     engine = EdgeEngine(model, tokens)
-    got = patch_edges(engine, A, {"a0.1->a1.2.k": B, "a0.2->a1.2.k": Ablation.ZERO, "embed->a1.2.k": B})
+    patches = {
+        "a0.1->a1.2.k": B,
+        "a0.2->a1.2.k": Ablation.ZERO,
+        "a0.3->a1.2.k": Ablation.MEAN,
+        "embed->a1.2.k": B,
+    }
+    got = patch_edges(engine, A, patches)
     b_o = model.blocks[0].attn.b_O / model.cfg.n_heads
+    mean_3 = head_result(model, tokens, 0, 3).mean(0) + b_o  # over the engine's whole data set
     deltas = {
         (0, 1): head_result(model, tokens[B], 0, 1) - head_result(model, tokens[A], 0, 1),
         (0, 2): -(head_result(model, tokens[A], 0, 2) + b_o),
+        (0, 3): mean_3 - (head_result(model, tokens[A], 0, 3) + b_o),
     }
     change = slot_change(model, tokens[A], deltas)[0]
     _, ca = model.run_with_cache(tokens[A], ["hook_embed"])
@@ -284,3 +303,33 @@ def test_eap_scores_are_the_derivative_of_the_hand_patched_metric(loaded, family
             assert by_name[name] == pytest.approx(derivative, rel=1e-5, abs=1e-8), name
     finally:
         model.float()
+
+
+@pytest.mark.parametrize("family", ["llama-mqa-tied-head-dim", "gemma2-sliding"])
+def test_acdc_and_the_eap_circuit_run(loaded, family):
+    """ACDC's patched runs and a circuit's faithfulness go through the engine: with every edge kept the
+    circuit is the model, with none it is the corrupted model."""
+    model, _, tokens = loaded[family]
+    task = DiscoveryTask(name="t", tokens=tokens, clean=A, corrupt=B, metric=_metric)
+    circuit = acdc(model, task, threshold=0.5)
+    assert 0 < len(circuit.edges) < circuit.n_edges_total
+    top = eap_circuit(model, task, k=10)
+    assert len(top.edges) == 10
+    engine = task.engine(model)
+    everything = faithfulness(engine, task, set(engine.graph.edges))
+    assert everything.metric_circuit == pytest.approx(everything.metric_full, abs=1e-5)
+    nothing = faithfulness(engine, task, set())  # every edge corrupted: the model on the corrupted inputs
+    on_b = float(_metric(forward(model, tokens[B]), A).mean())
+    assert nothing.metric_circuit == pytest.approx(on_b, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa-theta", "gemma2-sliding"])
+def test_an_edge_split_by_position_patches_only_there(loaded, family):
+    model, _, tokens = loaded[family]
+    engine = EdgeEngine(model, tokens)
+    got = patch_edges(engine, A, {"a0.1->a1.2.k@3,5": B})
+    delta = head_result(model, tokens[B], 0, 1) - head_result(model, tokens[A], 0, 1)
+    keep = torch.zeros(POS, 1, dtype=torch.bool)
+    keep[[3, 5]] = True
+    change = slot_change(model, tokens[A], {(0, 1): delta * keep})[0]
+    assert_close(got, hand_patched(model, tokens[A], "a1.2.k", change), atol=1e-5, rtol=1e-5)

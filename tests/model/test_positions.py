@@ -51,15 +51,16 @@ def test_positions_are_the_index_minus_the_leading_pads():
 
 
 def _masked_reference(model: Transformer, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The forward with no mask (positions 0..pos-1 in every row) and the pad keys hidden by a hook on the
-    attention scores (a pad query still sees itself): what a right-padded batch must compute everywhere."""
-    hidden = ~mask.bool()[:, None, None, :]  # [batch 1 1 key]
-    diagonal = torch.eye(tokens.shape[1], dtype=torch.bool)
+    """The forward with no mask (positions 0..pos-1 in every row), the padded batch's attention mask (which
+    keys each query sees, the model's own rule) put onto the scores by a hook: what a right-padded batch must
+    compute everywhere, its pads included, when a pad's position is its index."""
+    allowed = model.context(tokens, mask).mask(tokens.shape[1], None, model.cfg.causal)  # [batch 1 q k]
+    assert allowed is not None
 
-    def hide_pads(scores, site):
-        return scores.masked_fill(hidden & ~diagonal, float("-inf"))
+    def hide(scores, site):
+        return scores.masked_fill(~allowed, float("-inf"))
 
-    hooks = [(f"blocks.{layer}.attn.hook_attn_scores", hide_pads) for layer in range(model.cfg.n_layers)]
+    hooks = [(f"blocks.{layer}.attn.hook_attn_scores", hide) for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
         return model.run_with_hooks(tokens, hooks)
 
