@@ -50,16 +50,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from interplab.circuits import DiscoveryTask, EdgeEngine, eap  # noqa: E402
+from interplab.circuits import DiscoveryTask, EdgeEngine, eap, eap_ig  # noqa: E402
 from interplab.circuits.circuit import circuit_spec  # noqa: E402
 from interplab.model import ModelConfig, Transformer  # noqa: E402
 from interplab.tasks.ioi import IOITask  # noqa: E402
 from tests.autocircuit_peer import interplab_edges, logit_diff_task, merged_scores, prepare, run_specs  # noqa: E402
-
-try:  # EAP-IG (branch eapig); without it the side-by-side has EAP only
-    from interplab.circuits import eap_ig  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - HOOK: EAP-IG not landed yet
-    eap_ig = None
 
 SIZES = (10, 20, 50, 100, 200, 500)
 TRAIN_STEPS, TRAIN_BATCH, TRAIN_ROWS = 500, 64, 4000
@@ -181,9 +176,10 @@ def main() -> None:
         "ioi-1-template", data["clean"], data["corrupt"], data["answers"], data["wrong_answers"]
     )
     engine = EdgeEngine(model, task.tokens)
-    ours_methods: dict[str, Callable] = {"eap": lambda: eap(model, task, engine=engine)}
-    if eap_ig is not None:
-        ours_methods["eap-ig"] = lambda: eap_ig(model, task, 5, engine=engine)
+    ours_methods: dict[str, Callable] = {
+        "eap": lambda: eap(model, task, engine=engine),
+        "eap-ig": lambda: eap_ig(model, task, 5, engine=engine),
+    }
     for fn in ours_methods.values():
         fn()  # warm-up (and the engine's clean cache)
 
@@ -276,9 +272,7 @@ def main() -> None:
         "edges": {"interplab": len(engine.graph.edges), "auto-circuit": peer["n_edges"] if peer else None},
         "sizes": list(SIZES),
         "rounds": args.rounds,
-        "eap_ig": "interplab eap_ig(steps=5, variant='inputs')"
-        if eap_ig is not None
-        else "not available (HOOK)",
+        "eap_ig": "interplab eap_ig(steps=5, variant='inputs')",
         "auto_circuit": peer["versions"] if peer else f"not run: {args.autocircuit_python} missing",
         "methods": methods,
         "top_k_overlap": overlap,
