@@ -4,7 +4,8 @@ Small and general: a labelled heatmap, line plots, a scatter plot, a token-highl
 interactive attention-pattern view, and the writers every picture goes through: `save_figure`
 (``.html``, ``.png``, ``.svg``) and `figure_html` (a page or a fragment for a bigger report). An HTML
 picture does not inline plotly.js (4.8 MB); it loads the one ``plotly.min.js`` that `ensure_plotly_js`
-copies once into its folder, so a folder of plots stays small and still opens offline. Plotly is
+copies once into its folder, or into the run folder above it (``assets``: the reports of a run's sub-folders
+load ``../plotly.min.js``), so a run of many reports stays small and still opens offline. Plotly is
 imported inside the functions so ``import interplab`` stays fast.
 
 >>> fig = heatmap(torch.randn(2, 3), x_labels=["a", "b", "c"], y_labels=["0", "1"], x_title="pos", y_title="layer")
@@ -15,6 +16,7 @@ PosixPath('out.html')
 from __future__ import annotations
 
 import filecmp
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,8 @@ def _rows(values: Tensor | Sequence) -> list[list[float]]:
     return t.tolist()
 
 
-def _unique(labels: Sequence[str]) -> list[str]:
-    # Plotly merges equal category labels; keep duplicates apart with zero-width spaces.
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """``labels`` with repeats kept apart by zero-width spaces (Plotly merges equal category labels)."""
     seen: dict[str, int] = {}
     out = []
     for label in labels:
@@ -65,8 +67,8 @@ def heatmap(
 
     z = _rows(values)
     n_rows, n_cols = len(z), len(z[0]) if z else 0
-    x = _unique([str(s) for s in x_labels]) if x_labels is not None else [str(i) for i in range(n_cols)]
-    y = _unique([str(s) for s in y_labels]) if y_labels is not None else [str(i) for i in range(n_rows)]
+    x = unique_labels([str(s) for s in x_labels]) if x_labels is not None else [str(i) for i in range(n_cols)]
+    y = unique_labels([str(s) for s in y_labels]) if y_labels is not None else [str(i) for i in range(n_rows)]
     if len(x) != n_cols or len(y) != n_rows:
         raise ValueError(f"labels ({len(y)} rows, {len(x)} columns) do not match values {n_rows}x{n_cols}")
     kw: dict[str, Any] = (
@@ -168,7 +170,7 @@ def bars(
         raise ValueError(f"{len(labels)} labels but {len(v)} values")
     fig = go.Figure(
         go.Bar(
-            x=_unique([str(s) for s in labels]),
+            x=unique_labels([str(s) for s in labels]),
             y=v,
             marker_color=["#b2182b" if x >= 0 else "#2166ac" for x in v],
         )
@@ -186,7 +188,7 @@ def token_highlight(
     v = torch.as_tensor(values).detach().float().cpu().reshape(-1).tolist()
     if len(v) != len(tokens):
         raise ValueError(f"{len(tokens)} tokens but {len(v)} values")
-    x = _unique([str(t) for t in tokens])
+    x = unique_labels([str(t) for t in tokens])
     fig = go.Figure(
         go.Heatmap(
             z=[v],
@@ -220,7 +222,7 @@ def attention_view(
     if p.dim() != 3 or p.shape[1] != len(tokens) or p.shape[2] != len(tokens):
         raise ValueError(f"patterns must be [head, {len(tokens)}, {len(tokens)}], got {tuple(p.shape)}")
     heads = list(head_labels) if head_labels is not None else [f"H{h}" for h in range(p.shape[0])]
-    toks = _unique([str(t) for t in tokens])
+    toks = unique_labels([str(t) for t in tokens])
     fig = go.Figure()
     for i, name in enumerate(heads):
         fig.add_trace(
@@ -256,8 +258,9 @@ def attention_view(
     return fig
 
 
-PLOTLY_JS = "plotly.min.js"
-"""The plotly.js bundle beside every HTML picture; the pages of a folder share one copy."""
+PLOTLY_JS = runs.PLOTLY_JS
+"""The plotly.js bundle the HTML pictures load; the pages of a folder (or of a run: `figure_html`'s
+``assets``) share one copy."""
 
 
 def plotly_js_source() -> Path:
@@ -282,11 +285,26 @@ def ensure_plotly_js(folder: str | Path) -> Path:
     return dst
 
 
-def figure_html(fig: Any, folder: str | Path, *, full_html: bool = True) -> str:
+def figure_html(
+    fig: Any, folder: str | Path, *, full_html: bool = True, assets: str | Path | None = None
+) -> str:
     """``fig`` as HTML to be written into ``folder``: a whole page (or, with ``full_html=False``, a fragment
-    to embed in a page of that folder) that loads the folder's shared ``plotly.min.js``."""
-    ensure_plotly_js(folder)
-    return fig.to_html(include_plotlyjs=PLOTLY_JS, full_html=full_html)
+    to embed in a page of that folder) that loads the shared ``plotly.min.js`` by a relative ``<script src>``.
+
+    The bundle lies in ``assets`` when ``folder`` is inside it (e.g. the run folder, so that the reports in
+    its sub-folders share one copy: ``../plotly.min.js``), else in ``folder`` itself; either way the folder
+    (or the run, moved as a whole) opens offline from the file system."""
+    js_folder = _assets_folder(folder, assets)
+    ensure_plotly_js(js_folder)
+    src = Path(os.path.relpath(Path(js_folder) / PLOTLY_JS, Path(folder))).as_posix()
+    return fig.to_html(include_plotlyjs=src, full_html=full_html)
+
+
+def _assets_folder(folder: str | Path, assets: str | Path | None) -> Path:
+    if assets is None:
+        return Path(folder)
+    inner, outer = Path(os.path.abspath(folder)), Path(os.path.abspath(assets))
+    return Path(assets) if inner == outer or inner.is_relative_to(outer) else Path(folder)
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Build the peer environments that the compatibility tests and benchmarks compare against, each in its own venv
-# under .peers/ (never in .venv): TransformerLens 3.9 (HookedTransformer) and sae_lens. CPU torch is installed
-# first, pinned, so no peer pulls a CUDA build (checked after the install). Idempotent: a peer whose venv
-# already has the pinned version is kept. Prints the variables the tests read (tests/peers.py also finds
-# .peers/<name>/bin/python by itself when they are unset).
-#   bash scripts/peers.sh            # build both
-#   bash scripts/peers.sh tl         # only TransformerLens
-#   bash scripts/peers.sh saelens    # only sae_lens
+# under .peers/ (never in .venv): TransformerLens 3.9 (HookedTransformer), sae_lens and auto-circuit 1.0.1. CPU
+# torch is installed first, pinned, so no peer pulls a CUDA build (checked after the install). Idempotent: a peer
+# whose venv already has the pinned version is kept. Prints the variables the tests read (tests/peers.py also
+# finds .peers/<name>/bin/python by itself when they are unset).
+#   bash scripts/peers.sh              # build all three
+#   bash scripts/peers.sh tl           # only TransformerLens
+#   bash scripts/peers.sh saelens      # only sae_lens
+#   bash scripts/peers.sh autocircuit  # only auto-circuit
+# auto-circuit 1.0.1 imports transformer_lens.past_key_value_caching, which TransformerLens 3 removed, so its venv
+# pins TransformerLens 2.18.0 (the last 2.x; and pyarrow 21, the newest that loads with its numpy 1.26). auto-circuit
+# itself goes in without its declared dependencies, with the ones the modules it imports need instead: tracr-pypi
+# (jax, dm-haiku, chex), word2word, kaleido and the vscode-tqdm fork serve only its tracr models, translation
+# tasks, image export and notebook progress bars, and would add several hundred MB (the import check below fails
+# if a module it loads is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-all}
-case "$want" in all | tl | saelens) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens], got '$want'" >&2; exit 2 ;; esac
+case "$want" in all | tl | saelens | autocircuit) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit], got '$want'" >&2; exit 2 ;; esac
 TORCH=2.13.0
-build() {  # name, distribution, version, import name
-  local dir=".peers/$1" dist=$2 version=$3 mod=$4
+build() {  # name, distribution, version, import name[, dependencies: then the distribution goes in --no-deps]
+  local dir=".peers/$1" dist=$2 version=$3 mod=$4 deps=${5:-}
   local check="import importlib.metadata as m, sys, torch, $mod
 cuda = [d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].lower().startswith('nvidia')]
 sys.exit(m.version('$dist') != '$version' or torch.version.cuda is not None or bool(cuda))"
@@ -23,7 +30,13 @@ sys.exit(m.version('$dist') != '$version' or torch.version.cuda is not None or b
   rm -rf "$dir"
   "$PY" -m venv "$dir"
   "$dir/bin/pip" install -q "torch==$TORCH"
-  "$dir/bin/pip" install -q "torch==$TORCH" "$dist==$version"
+  if [ -z "$deps" ]; then
+    "$dir/bin/pip" install -q "torch==$TORCH" "$dist==$version"
+  else
+    # shellcheck disable=SC2086  # the dependency list is meant to split into words
+    "$dir/bin/pip" install -q "torch==$TORCH" $deps
+    "$dir/bin/pip" install -q --no-deps "$dist==$version"
+  fi
   if ! "$dir/bin/python" -c "$check"; then
     echo "peers.sh: $dir does not import $mod $version with a CPU torch ($("$dir/bin/python" -c 'import torch; print(torch.__version__)'))" >&2
     exit 1
@@ -32,5 +45,10 @@ sys.exit(m.version('$dist') != '$version' or torch.version.cuda is not None or b
 }
 if [ "$want" = all ] || [ "$want" = tl ]; then build tl transformer-lens 3.9.0 transformer_lens; fi
 if [ "$want" = all ] || [ "$want" = saelens ]; then build saelens sae-lens 6.54.12 sae_lens; fi
+if [ "$want" = all ] || [ "$want" = autocircuit ]; then
+  build autocircuit auto-circuit 1.0.1 auto_circuit.prune \
+    "transformer-lens==2.18.0 pyarrow==21.0.0 einops ordered-set plotly blobfile safetensors"
+fi
 echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
 echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"
+echo "INTERPLAB_AUTOCIRCUIT_PYTHON=$PWD/.peers/autocircuit/bin/python"

@@ -148,6 +148,18 @@ class DoctestNamespace:
 
         return get_task("induction", d_vocab=D_VOCAB, half_len=8)
 
+    def _make_circuit_task(self) -> Any:
+        """A circuit-discovery task on ``model``: 4 clean and 4 corrupted rows, the logit of token 5 at the end."""
+        from interplab.circuits import DiscoveryTask
+
+        return DiscoveryTask(
+            name="doctest",
+            tokens=self._tokens(20, batch=8),
+            clean=torch.arange(4),
+            corrupt=torch.arange(4, 8),
+            metric=lambda logits, rows: logits[:, -1, 5],
+        )
+
     def _make_batch(self) -> Any:
         return self.get("task").generate(4, seed=0)
 

@@ -229,7 +229,8 @@ class FormationResult:
         data = runs.write_json(folder / runs.FORMATION_JSON, runs.Kind.FORMATION, self.to_dict())
         atomic_write_text(folder / "formation.md", self.summary() + "\n\n" + self.markdown() + "\n")
         fig = self.plot()
-        atomic_write_text(folder / "formation.html", figure_html(fig, folder))
+        # inside its training run, the page shares the run folder's plotly.min.js with the run's other reports
+        atomic_write_text(folder / "formation.html", figure_html(fig, folder, assets=self.run_dir))
         error = write_image(fig, folder / "formation.png", fallback=self._plot_matplotlib)
         return {
             "json": str(data),

@@ -11,7 +11,7 @@ masks 0 the fully corrupted model, a 0/1 mask the edge engine's patched run (``c
 MLP, the logits) are contiguous in ``graph.edges`` and read as one batched product; all heads of a layer run
 in one attention call with per-head q/k/v inputs. `interplab.circuits.masks` learns the masks.
 
->>> fwd = MaskedForward(model, task)
+>>> fwd = MaskedForward(model, circuit_task)
 >>> logits = fwd(torch.ones(fwd.n_edges))       # the model
 """
 
@@ -82,7 +82,7 @@ def _blocks(graph: ComponentGraph) -> dict[str, _Block]:
 class MaskedForward:
     """The model on ``task.clean`` with a mask on every edge; see the module docstring.
 
-    >>> fwd = MaskedForward(model, task)
+    >>> fwd = MaskedForward(model, circuit_task)
     >>> logits = fwd(torch.ones(fwd.n_edges))       # the model
     >>> logits = fwd(torch.zeros(fwd.n_edges))      # the fully corrupted model
     """

@@ -22,7 +22,7 @@ score-based tool (top-k circuits, MIB's faithfulness curves) applies) plus the t
 As in MIB, circuits of each size are read off by ranking one learned mask; `mask_sweep` trains one mask per
 penalty weight.
 
->>> scores = learn_masks(model, task, MaskConfig(lam=1e-2, steps=300))
+>>> scores = learn_masks(model, circuit_task, MaskConfig(lam=1e-2, steps=30))
 >>> circuit = scores.top(20)
 """
 

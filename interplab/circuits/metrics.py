@@ -21,9 +21,21 @@ Sources (read, paraphrased): MIB's circuit track (``hannamw/MIB-circuit-track``,
 ``MIB_circuit_track/evaluation.py``) and the EAP-IG library's ``Graph.apply_topn`` / ``Graph.prune``; Mueller
 et al., "MIB: A Mechanistic Interpretability Benchmark", ICML 2025, arXiv 2504.13151.
 
+>>> from interplab.circuits.eap import eap_ig
+>>> from interplab.circuits.planted import induction_data, planted_induction
+>>> model = planted_induction()
+>>> tokens, labels, _ = induction_data(80)
+>>> def metric(logits, rows):
+...     return logits[:, -1].log_softmax(-1)[torch.arange(len(rows)), labels[rows]]
+>>> task = DiscoveryTask(name="induction", tokens=tokens, clean=torch.arange(40), corrupt=torch.arange(40, 80),
+...                      metric=metric)
 >>> result = circuit_metrics(model, task, eap_ig(model, task))
->>> result.cpr, result.cmd
->>> result.plot(); result.save("runs/discover")
+>>> result.curves["absolute"].edges  # edges per MIB size after pruning (42 edges in all)
+(0, 0, 0, 0, 0, 2, 3, 8, 21, 42)
+>>> round(result.curves["absolute"].faithfulness[-1], 3), result.cmd < 0.2
+(1.0, True)
+>>> result.save("metrics").name  # metrics.json + metrics.html (the curve)
+'metrics.json'
 """
 
 from __future__ import annotations

@@ -2,13 +2,17 @@
 
 HYPOTHESIS.py is a Python file that defines ``hypothesis`` (a `Hypothesis`), ``hypotheses`` (a list of them),
 or ``def hypothesis(model): ...`` returning either. Each is scrubbed; the run folder gets ``config.json``,
-``log.jsonl`` and one ``report.json`` + ``report.html`` per hypothesis (in a subfolder named after it).
+``log.jsonl`` and one ``report.json`` + ``report.html`` per hypothesis (in a subfolder named after it:
+`hypothesis_folders`); the reports share one ``plotly.min.js`` in the run folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
@@ -27,7 +31,7 @@ from interplab.cli.common import (
     threads_option,
 )
 from interplab.model.transformer import Transformer
-from interplab.runs import CONFIG, Kind, write_json, write_log
+from interplab.runs import CONFIG, LOG, PLOTLY_JS, Kind, write_json, write_log
 from interplab.scrub import Hypothesis, ScrubConfig, ScrubError, ScrubResult, scrub
 from interplab.scrub.parens import load_paren_model
 from interplab.scrub.tasks import build_task
@@ -68,8 +72,39 @@ def load_any_model(model_path: Path | None, task: str, data: Path | None) -> Tra
     return load_model_arg(model_path)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "hypothesis"
+def hypothesis_folders(names: Sequence[str]) -> list[str]:
+    """The report folder of each hypothesis in a run: distinct, also on file systems that ignore case, and
+    stable (a folder depends only on its hypothesis' name). A name that is a plain folder name (letters,
+    digits, ``_ . -``; not hidden, at most 60 characters, none of the run's own files) is its folder; any
+    other name, and names whose folders would differ only in case, get their plain characters plus the first 8
+    hex digits of the name's SHA-256 (``1a (count)`` -> ``1a-count-5c0e12ab``). Two hypotheses with the same
+    name are an error: the name is how the log and the web page tell them apart."""
+    counts = Counter(names)
+    same = [n for n, c in counts.items() if c > 1]
+    if same:
+        raise ValueError(
+            f"{counts[same[0]]} hypotheses are named {same[0]!r}: give each its own name "
+            "(Hypothesis(..., name=...)); it names its report folder"
+        )
+
+    def folder(name: str, hashed: bool) -> str:
+        plain = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:60].rstrip("-.") or "hypothesis"
+        if hashed or plain != name or plain.casefold() in _RUN_FILES:
+            return f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        return plain
+
+    folders = [folder(n, False) for n in names]
+    folded = Counter(f.casefold() for f in folders)
+    folders = [
+        folder(n, True) if folded[f.casefold()] > 1 else f for n, f in zip(names, folders, strict=True)
+    ]
+    clash = [f for f, c in Counter(f.casefold() for f in folders).items() if c > 1]
+    if clash:  # only a name spelled like another's hashed folder gets here
+        raise ValueError(f"two hypotheses would write to report folder {clash[0]!r}: rename one of them")
+    return folders
+
+
+_RUN_FILES = {n.casefold() for n in (CONFIG, LOG, PLOTLY_JS)}
 
 
 def scrub_command(
@@ -95,6 +130,7 @@ def scrub_command(
         n_rows = max(n_examples * 2, library_default(build_task, "n_rows"))
         scrub_task = build_task(task, model, data=data, n_rows=n_rows)
         hyps = load_hypotheses(hypothesis_file, model)
+        folders = hypothesis_folders([h.name for h in hyps])
         config = ScrubConfig(
             n_examples=min(n_examples, scrub_task.tokens.shape[0]), n_seeds=seeds, per_claim=per_claim
         )
@@ -107,18 +143,18 @@ def scrub_command(
                 results.append(scrub(model, scrub_task, hyp, config, progress=bar))
             except ScrubError as err:
                 fail(str(err))
-        console.print(results[-1].table())
+        console.print(results[-1].table(), markup=False, highlight=False)  # one reference's samples
     # everything is computed: only now is the run folder written (a failed scrub leaves nothing behind)
     log = []
-    for hyp, result in zip(hyps, results, strict=True):
-        result.save(out / _slug(hyp.name))
+    for hyp, result, folder in zip(hyps, results, folders, strict=True):
+        result.save(out / folder, assets=out)  # the reports share the run folder's plotly.min.js
         log.append(
             {
                 "event": "scrubbed",
                 "hypothesis": hyp.name,
                 "recovered": result.recovered.mean,
                 "loss": result.loss_scrubbed.mean,
-                "folder": _slug(hyp.name),
+                "folder": folder,
             }
         )
     write_log(out, log)

@@ -122,7 +122,8 @@ class RunAttribution:
         )
         atomic_write_text(folder / "top_examples.html", self.top_html())
         fig = self.plot()
-        atomic_write_text(folder / "attribution.html", figure_html(fig, folder))
+        # inside its training run, the page shares the run folder's plotly.min.js with the run's other reports
+        atomic_write_text(folder / "attribution.html", figure_html(fig, folder, assets=self.run_dir))
         out = {
             "report": str(folder / REPORT),
             "html": str(folder / "attribution.html"),

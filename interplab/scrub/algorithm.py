@@ -3,8 +3,9 @@
 ``scrub(model, task, hypothesis)`` treeifies the model as the hypothesis says (see `interplab.scrub.hypothesis`),
 resamples inputs exactly (grouped by feature value), runs the treeified model for every reference example in
 batches, and reports the scrubbed, original and random-baseline losses, the fraction of loss recovered
-``(L_random - L_scrubbed) / (L_random - L_original)`` with confidence intervals over resampling seeds, a
-per-claim breakdown (one claim's resampling at a time) and per-class losses.
+``(L_random - L_scrubbed) / (L_random - L_original)`` with 95% intervals covering resampling and the choice
+of references (`interplab.scrub.estimate`), a per-claim breakdown (one claim's resampling at a time) and
+per-class losses.
 
 >>> from interplab.circuits.planted import induction_data, planted_induction
 >>> from interplab.scrub.induction import induction_steps, induction_task
@@ -29,8 +30,9 @@ from torch import Tensor
 from interplab.circuits.engine import EdgeEngine, Spec
 from interplab.model.transformer import Transformer
 from interplab.scrub.compile import compile_hypothesis
+from interplab.scrub.estimate import recovered_fraction
 from interplab.scrub.hypothesis import Hypothesis
-from interplab.scrub.result import ClaimRow, Estimate, ScrubResult
+from interplab.scrub.result import ClaimRow, Estimate, ScrubResult, sample_inputs
 from interplab.scrub.sampling import FeatureGroups
 
 LossFn = Callable[[Float[Tensor, "batch pos d_vocab_out"], Int[Tensor, " batch"]], Float[Tensor, " batch"]]
@@ -52,6 +54,9 @@ class ScrubTask:
     """``classes(tokens)`` -> a class name (or several) per row, for per-class losses"""
     position: int = -1
     """the position whose output the loss reads (used by circuit discovery's KL divergence)"""
+    decode: Callable[[Int[Tensor, " pos"]], str] | None = None
+    """``decode(row tokens, padding left out)`` -> the row as text, for the sampled inputs of reports (default:
+    the token ids)"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,6 +214,7 @@ def scrub(
         per_class=per_class,
         warnings=warnings,
         samples=samples,
+        inputs=sample_inputs(samples, task.tokens, task.decode, task.attention_mask),
         forwards={
             "clean_example_forwards": engine.stats.clean_examples - before[0],
             "node_evaluations": engine.stats.node_evaluations - before[1],
@@ -219,9 +225,9 @@ def scrub(
 
 
 def _recovered(scrubbed: Tensor, orig: Tensor, rand: Tensor) -> Estimate:
-    """Fraction of loss recovered per seed -> mean and a 95% interval over seeds."""
-    per_seed = (rand.mean(1) - scrubbed.mean(1)) / (rand.mean(1) - orig.mean())
-    return Estimate.from_values(per_seed)
+    """Fraction of loss recovered: mean over seeds, 95% interval over resampling and references (every row
+    of a scrub is bootstrapped on the same resamples of its references: `interplab.scrub.estimate`)."""
+    return recovered_fraction(orig, rand, scrubbed)
 
 
 def _per_class(

@@ -46,10 +46,8 @@ from interplab.circuits.engine import AtPositions, EdgeEngine, Part, PositionPie
 from interplab.circuits.graph import ComponentGraph, Edge, Node, NodeKind, Slot, slot_name
 from interplab.hooks.site import suggest
 from interplab.scrub.hypothesis import Claim, Feature, Hypothesis, format_positions
+from interplab.scrub.result import OTHERS  # an internal claim's other-inputs datum in ``data`` and samples
 from interplab.scrub.sampling import FeatureGroups, ScrubError, evaluate, position_columns
-
-OTHERS = " (others)"
-"""suffix of an internal claim's other-inputs datum in ``data`` and `ScrubResult.samples` keys"""
 
 
 class TargetKind(str, Enum):

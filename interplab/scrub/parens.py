@@ -54,6 +54,11 @@ def tokenize(strings: list[str] | tuple[str, ...], n_ctx: int = N_CTX) -> Tensor
     return paren_tokens(strings, n_ctx)
 
 
+def paren_string(row: Tensor) -> str:
+    """The parens of one token row (the inverse of `tokenize`): how reports show an input."""
+    return "".join("(" if t == OPEN else ")" for t in row.tolist() if t in (OPEN, CLOSE))
+
+
 def _steps(tokens: Tensor) -> Tensor:
     return (tokens == OPEN).long() - (tokens == CLOSE).long()
 
@@ -337,6 +342,7 @@ def paren_task(folder: str | Path, n_rows: int | None = None) -> ScrubTask:
         attention_mask=(tokens != PAD).long(),
         classes=classes,
         position=0,
+        decode=paren_string,
     )
 
 

@@ -5,7 +5,8 @@
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)   # serves until stopped  # doctest: +SKIP
 
 Pages: ``/`` (databases, runs, models, SAEs), ``/db/<name>/`` (feature list), ``/db/<name>/feature/<i>``,
-``/db/<name>/search``, ``/db/<name>/random``, ``/run/<i>`` (training curves and formation plots),
+``/db/<name>/search``, ``/db/<name>/random``, ``/run/<i>`` (training curves, formation plots, scrubbed
+hypotheses ...), ``/run/<i>/files/<path>`` (a run's report pages and pictures, sandboxed),
 ``/attention`` (attention patterns for a typed prompt). JSON API under ``/api``: a feature, its label
 (POST to edit), steering (POST), attention patterns (POST). No asset comes from the network.
 """
@@ -21,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,28 +33,33 @@ from interplab.features.steer import DEFAULT_STRENGTH
 from interplab.features.writer import FeatureWriter, label_writer
 from interplab.model import Transformer
 from interplab.model.load import load_model
+from interplab.plots import PLOTLY_JS, plotly_js_source
 from interplab.sae import SAE, load_sae
 from interplab.web import api
 from interplab.web.api import INT64_MAX, FeatureIndex
 from interplab.web.guard import HostOriginGuard, normalise_allowed
 from interplab.web.run_page import run_view
-from interplab.web.runs import Artifact, find_artifacts
+from interplab.web.runs import Artifact, contained, find_artifacts, read_bytes
 from interplab.web.views import Links, feature_view, format_number, json_for_html, summary_rows
 
 WEB_DIR = Path(__file__).parent
 PAGE_SIZE = 100
 PageNo = Annotated[int, Query(ge=0, le=INT64_MAX // PAGE_SIZE - 1)]
 SearchText = Annotated[str, Query(max_length=MAX_QUERY)]
+RunIndex = Annotated[int, PathParam(ge=0, le=INT64_MAX)]
 
 
-def plotly_js() -> Path:
-    """The plotly.js bundled with the plotly Python package (served locally, never from a CDN)."""
-    import plotly
-
-    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    if not path.is_file():
-        raise FileNotFoundError(f"plotly.min.js not found at {path}: reinstall the plotly package")
-    return path
+REPORT_FILES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+"""the files of a run folder the app serves (``/run/<i>/files/...``): its report pages and pictures"""
+MAX_REPORT_BYTES = 50 * 2**20
+REPORT_POLICY = (
+    "sandbox allow-scripts; default-src 'none'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; img-src 'self' data:; font-src data:; connect-src 'none'; form-action 'none'"
+)
+"""Content-Security-Policy of a served report: a page written into a run folder is not the app's own page,
+so it runs sandboxed (an opaque origin: it can neither read the app's pages nor send it labels, which the
+guard refuses from origin ``null``), may load scripts only from this server (plotly.js) and its own inline
+ones, and can reach nothing else"""
 
 
 def templates() -> Jinja2Templates:
@@ -158,7 +164,7 @@ def create_app(
     @app.get("/static-vendor/plotly.min.js", include_in_schema=False)
     def _plotly():
         return FileResponse(
-            plotly_js(),
+            plotly_js_source(),  # the plotly package's own bundle: served locally, never from a CDN
             media_type="application/javascript",
             headers={"Cache-Control": "public, max-age=86400"},
         )
@@ -281,14 +287,38 @@ def create_app(
             labels=store.labels(),
         )
 
-    @app.get("/run/{index}", response_class=HTMLResponse)
-    def run_page(request: Request, index: Annotated[int, PathParam(ge=0, le=INT64_MAX)]):
+    def artifact(index: int) -> Artifact:
         if not 0 <= index < len(artifacts):
             raise HTTPException(404, f"no run {index}: {len(artifacts)} runs, models and SAEs are listed")
-        art = artifacts[index]
+        return artifacts[index]
+
+    @app.get("/run/{index}", response_class=HTMLResponse)
+    def run_page(request: Request, index: RunIndex):
+        art = artifact(index)
         view = run_view(art)
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
-        return page(request, "run.html", art=art, view=view, databases=databases)
+        return page(request, "run.html", art=art, view=view, databases=databases, index=index)
+
+    @app.get("/run/{index}/files/{rel:path}")
+    def run_file(index: RunIndex, rel: str):
+        """A report page or picture inside run ``index`` (`REPORT_FILES`), sandboxed (`REPORT_POLICY`).
+        Any ``plotly.min.js`` a page asks for is the app's own bundle, never the folder's copy."""
+        art = artifact(index)
+        if rel.rsplit("/", 1)[-1] == PLOTLY_JS:
+            return _plotly()
+        missing = HTTPException(404, f"run {index} has no report file {rel[:200]!r}")
+        try:
+            real = contained(art.path / rel, art.root)
+        except ValueError:  # a NUL byte in the path
+            raise missing from None
+        kind = REPORT_FILES.get(real.suffix.lower()) if real is not None else None
+        if real is None or kind is None or not real.is_relative_to(art.path):
+            raise missing
+        data = read_bytes(real, art.root, MAX_REPORT_BYTES)
+        if data is None:
+            raise missing
+        headers = {"Content-Security-Policy": REPORT_POLICY, "X-Content-Type-Options": "nosniff"}
+        return Response(data, media_type=kind, headers=headers)
 
     @app.get("/attention", response_class=HTMLResponse)
     def attention_page(request: Request):

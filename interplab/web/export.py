@@ -14,8 +14,9 @@ from pathlib import Path
 
 from interplab.features.reader import FeatureReader
 from interplab.io import atomic_write_text
+from interplab.plots import ensure_plotly_js
 from interplab.runs import Kind, write_json
-from interplab.web.app import WEB_DIR, plotly_js, templates
+from interplab.web.app import WEB_DIR, templates
 from interplab.web.views import Links, feature_view, summary_rows
 
 
@@ -48,7 +49,7 @@ def export_html(
     out = Path(out)
     (out / "feature").mkdir(parents=True, exist_ok=True)
     shutil.copytree(WEB_DIR / "static", out / "static", dirs_exist_ok=True)
-    shutil.copy(plotly_js(), out / "static" / "plotly.min.js")
+    ensure_plotly_js(out / "static")  # atomic, and kept when an identical copy is there
     env = templates().env
     meta, vocab = store.meta(), store.vocab()
     name = Path(str(db)).stem

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from interplab import runs
+from interplab.scrub.result import OTHERS, PALETTE, sample_lines
 from interplab.web.runs import (
     MAX_LOG_BYTES,
     Artifact,
+    contained,
     contents,
     read_bytes,
     read_json,
@@ -135,7 +137,8 @@ def _rel(p: Path, base: Path) -> str:
 
 def run_view(art: Artifact) -> dict[str, Any]:
     """Everything the run page shows, in one view: results, training curves, formation curves, SAEs with
-    their evaluation and training curves, attribution reports, other series, checkpoints, feature databases.
+    their evaluation and training curves, attribution reports, causal-scrubbing reports (one per hypothesis),
+    other series, checkpoints, feature databases.
 
     Every value is plain (str, finite number, None, lists and dicts of those) and every field that is
     missing or of another shape becomes None or empty."""
@@ -160,6 +163,7 @@ def run_view(art: Artifact) -> dict[str, Any]:
             _rel(p, path): chart_group(c) for p in parts["logs"] if (c := log_curves(p / runs.LOG, root))
         },
         "attributions": [attribution_view(p, path, root) for p in parts["attributions"]],
+        "scrubs": [scrub_view(p, path, root) for p in parts["scrubs"]],
         "databases": parts["databases"],
     }
 
@@ -238,3 +242,92 @@ def attribution_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
         "enriched": tokens,
         "curves": chart_group(report_curves({k: report.get(k) for k in ("curve", "mass") if k in report})),
     }
+
+
+def _estimate(e: Any) -> dict[str, float | None]:
+    """A scrub report's ``{mean, se, ci_low, ci_high, ...}`` (missing or odd parts as None)."""
+    e = e if isinstance(e, dict) else {}
+    keys = ("mean", "se", "ci_low", "ci_high", "seeds_low", "seeds_high")
+    return {k: _number(e.get(k)) for k in keys}
+
+
+def _dict(v: Any) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _dicts(v: Any, limit: int) -> list[dict]:
+    return [e for e in v[:limit] if isinstance(e, dict)] if isinstance(v, list) else []
+
+
+def scrub_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
+    """A causal-scrubbing report (`interplab scrub` writes ``<run>/<hypothesis>/report.json``): the numbers,
+    the per-claim and per-class breakdowns, the sampled inputs of the first references (their lines coloured
+    by data-set row, as in the report page) and whether a ``report.html`` is there to open."""
+    report = read_json(folder / runs.REPORT, root)
+    report = report if isinstance(report, dict) else {}
+    claims = [
+        {
+            "claim": _text(r.get("claim"), 300),
+            "loss": _estimate(r.get("loss")),
+            "recovered": _estimate(r.get("recovered")),
+        }
+        for r in _dicts(report.get("per_claim"), 500)
+    ]
+    per_class = _dict(report.get("per_class"))
+    classes = [
+        {
+            "name": _text(name, 100),
+            "n": _number(c.get("n")),
+            **{k: _estimate(c.get(k)) for k in ("original", "random", "scrubbed")},
+        }
+        for name, c in list(per_class.items())[:50]
+        if isinstance(c, dict)
+    ]
+    inputs = _dict(report.get("inputs"))
+    samples = []
+    for sample in _dicts(report.get("samples"), 20):
+        rows = {
+            str(k)[:300]: v
+            for k, v in list(sample.items())[:500]
+            if isinstance(v, int) and not isinstance(v, bool)
+        }
+        samples.append(
+            [
+                {
+                    "depth": min(line.depth, 30),
+                    "label": line.label,
+                    "others": line.key.endswith(OTHERS),
+                    "row": line.row,
+                    "letter": line.letter,
+                    "colour": PALETTE[line.tag % len(PALETTE)],
+                    "input": _text(inputs.get(str(line.row)), 200),
+                }
+                for line in sample_lines(rows)
+            ]
+        )
+    where = _rel(folder, base) if folder != base else ""
+    return {
+        "where": where,
+        "hypothesis": _text(report.get("hypothesis"), 200) or folder.name,
+        "task": _text(report.get("task"), 200),
+        "description": _text(report.get("description"), 5000),
+        "n_examples": _number(report.get("n_examples")),
+        "n_seeds": _number(report.get("n_seeds")),
+        **{
+            k: _estimate(report.get(k))
+            for k in ("loss_original", "loss_random", "loss_scrubbed", "recovered")
+        },
+        "per_claim": claims,
+        "per_class": classes,
+        "samples": samples,
+        "warnings": [_text(w, 500) for w in report.get("warnings", [])[:20]]
+        if isinstance(report.get("warnings"), list)
+        else [],
+        "report_html": f"{where}/report.html" if where else "report.html",
+        "has_html": _is_file(folder / "report.html", root),
+    }
+
+
+def _is_file(path: Path, root: Path) -> bool:
+    real = contained(path, root)
+    return real is not None and real.is_file()

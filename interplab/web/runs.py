@@ -253,22 +253,35 @@ def _parts(p: Path, root: Path) -> tuple[str, ...]:
         out.append(_count(len(c["saes"]), "SAE"))
     if c["attributions"]:
         out.append(_count(len(c["attributions"]), "attribution"))
+    if c["scrubs"]:
+        out.append(_count(len(c["scrubs"]), "scrubbed hypothesis", "scrubbed hypotheses"))
     if c["databases"]:
         out.append(_count(len(c["databases"]), "feature database"))
     return tuple(out)
 
 
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}" + ("" if n == 1 else "s")
+def _count(n: int, what: str, plural: str | None = None) -> str:
+    return f"{n} {what if n == 1 else plural or what + 's'}"
 
 
 def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
     """The parts of a run folder, by what `interplab.runs.detect` says each sub-folder is, inside ``root``:
     checkpoints, final model, formation files, SAE folders, evaluation reports, attribution reports,
-    sub-runs with their own ``log.jsonl``, feature databases."""
+    causal-scrubbing reports (one folder per hypothesis, or the folder itself), sub-runs with their own
+    ``log.jsonl``, feature databases."""
     out: dict[str, list[Path]] = {
         k: []
-        for k in ("checkpoints", "final", "formation", "saes", "evals", "attributions", "logs", "databases")
+        for k in (
+            "checkpoints",
+            "final",
+            "formation",
+            "saes",
+            "evals",
+            "attributions",
+            "scrubs",
+            "logs",
+            "databases",
+        )  # fmt: skip
     }
     if _dir(path / runs.CHECKPOINTS, root):
         out["checkpoints"] = [
@@ -307,7 +320,7 @@ def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
 
 def _classify(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
     """File ``folder`` under the parts its documents make it: formation scores, an attribution, an SAE
-    evaluation."""
+    evaluation, a causal-scrubbing report."""
     if _file(folder / runs.FORMATION_JSON, root):
         out["formation"].append(folder / runs.FORMATION_JSON)
     kind = _report_kind(folder, root)
@@ -315,3 +328,5 @@ def _classify(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
         out["attributions"].append(folder)
     elif kind is Kind.SAE_EVAL:
         out["evals"].append(folder)
+    elif kind is Kind.SCRUB:
+        out["scrubs"].append(folder)

@@ -71,6 +71,24 @@ def test_html_pictures_share_one_plotly_js_per_folder(tmp_path):
     assert f'src="{plots.PLOTLY_JS}"' in fragment and (tmp_path / "frag" / plots.PLOTLY_JS).is_file()
 
 
+def test_reports_in_sub_folders_share_the_run_folders_bundle(tmp_path):
+    """With ``assets`` (the run folder), the pages of its sub-folders, at any depth, load one copy by a
+    relative path; an ``assets`` folder that does not contain the page's folder is not used."""
+    run = tmp_path / "run"
+    pages = {
+        "h1": plots.figure_html(plots.bars([1.0], ["a"]), run / "h1", assets=run),
+        "a/b": plots.figure_html(plots.bars([1.0], ["a"]), run / "a" / "b", full_html=False, assets=run),
+        ".": plots.figure_html(plots.bars([1.0], ["a"]), run, assets=run),
+    }
+    assert f'src="../{plots.PLOTLY_JS}"' in pages["h1"] and f'src="../../{plots.PLOTLY_JS}"' in pages["a/b"]
+    assert f'src="{plots.PLOTLY_JS}"' in pages["."]
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob(plots.PLOTLY_JS)] == [
+        "run/plotly.min.js"
+    ]
+    elsewhere = plots.figure_html(plots.bars([1.0], ["a"]), tmp_path / "out", assets=run / "h1")
+    assert f'src="{plots.PLOTLY_JS}"' in elsewhere and (tmp_path / "out" / plots.PLOTLY_JS).is_file()
+
+
 def test_every_html_writer_of_the_package_uses_the_shared_bundle():
     """No module writes plotly HTML by itself (which would inline plotly.js again): all go through plots."""
     import interplab

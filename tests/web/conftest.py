@@ -85,6 +85,42 @@ def write_training_run(run: Path, model, n_checkpoints: int = 3) -> None:
     )
 
 
+SCRUB_HYPOTHESES = ["1a (count)", "<script>alert(1)</script>"]
+"""the hypotheses of `write_scrub_run`: a name that is no folder name, and one hostile to HTML"""
+
+
+def write_scrub_run(run: Path) -> None:
+    """A causal-scrubbing run as `interplab scrub` lays it out: config.json, log.jsonl, one report folder per
+    hypothesis (report.json + report.html with the sampled inputs of one reference), one shared plotly.js."""
+    from interplab import runs
+    from interplab.cli.scrub import hypothesis_folders
+    from interplab.scrub.result import ClaimRow
+    from tests.scrub.test_report import SAMPLE, E, R, result
+
+    folders = hypothesis_folders(SCRUB_HYPOTHESES)
+    inputs = {row: "(" * (row % 7) + ")" * (row % 5) for row in SAMPLE.values()}
+    for name, folder in zip(SCRUB_HYPOTHESES, folders, strict=True):
+        r = result(
+            hypothesis=name,
+            per_claim=[
+                ClaimRow("logits/a2.1/a2.1.in@3", E, R),
+                ClaimRow("logits/a2.1/a2.1.in@[5..40]", E, R),
+            ],
+            per_class={"balanced": {"n": 1089, "original": E, "random": E, "scrubbed": E}},
+            samples=[SAMPLE],
+            inputs=inputs,
+        )
+        r.save(run / folder, assets=run)
+    runs.write_log(
+        run,
+        [
+            {"event": "scrubbed", "hypothesis": n, "folder": f}
+            for n, f in zip(SCRUB_HYPOTHESES, folders, strict=True)
+        ],
+    )
+    runs.write_json(run / runs.CONFIG, runs.Kind.SCRUB, {"task": "parens", "n_examples": 4000, "n_seeds": 2})
+
+
 @pytest.fixture(scope="session")
 def web_setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("web")

@@ -238,3 +238,53 @@ def test_a_rebound_name_and_another_origin_get_nothing(browser, server_addr, web
 
     label = FeatureReader(web_setup["db"]).feature(1)["label"]
     assert label is None or label["explanation"] != "pwned"
+
+
+@pytest.fixture(scope="module")
+def scrub_server(tmp_path_factory, web_setup):
+    from interplab.web.app import create_app
+    from tests.web.conftest import write_scrub_run
+
+    root = tmp_path_factory.mktemp("scrub-browser") / "runs"
+    write_scrub_run(root / "scrub")
+    with live_server(create_app([web_setup["db"]], runs=[root])) as (host, port):
+        yield f"http://{host}:{port}", root / "scrub"
+
+
+def test_scrub_reports_from_the_run_page_and_from_the_file_system(
+    page, browser, scrub_server, web_setup, artifacts_dir
+):
+    """The run page lists both hypotheses with their sampled inputs; each report opens from it (sandboxed,
+    its chart drawn by the app's plotly.js) and from the file system (the run's one shared plotly.min.js)."""
+    server, run = scrub_server
+    page.goto(server + "/run/0")
+    assert page.locator("#scrub-table tr").count() == 3
+    assert page.locator("details.scrub").count() == 2 and page.locator("tr.sample-line").count() == 20
+    page.screenshot(path=str(artifacts_dir / "browser_scrub_run.png"), full_page=True)
+    page.click("#scrub-table a.report-link >> nth=1")
+    page.wait_for_selector(".js-plotly-plot .main-svg")
+    assert "alert(1)" in page.title()  # the hostile name is the title's text, not a script
+    assert page.locator("table.samples tr[data-row]").count() == 10
+    # the sandbox: the page's origin is opaque, and it may not send the app anything (a label here)
+    assert page.evaluate("window.origin") == "null"
+    sent = page.evaluate(
+        """fetch('/api/db/tiny/feature/2/label', {method: 'POST', headers: {'Content-Type': 'application/json'},
+            body: JSON.stringify({explanation: 'from a report'})}).then(r => r.status, () => 'blocked')"""
+    )
+    assert sent in ("blocked", 403)
+    page.screenshot(path=str(artifacts_dir / "browser_scrub_report.png"), full_page=True)
+    ctx = browser.new_context()  # offline, from the disk: file:// pages load ../plotly.min.js beside them
+    disk = ctx.new_page()
+    errors: list[str] = []
+    disk.on("pageerror", lambda e: errors.append(str(e)))
+    reports = sorted(run.glob("*/report.html"))
+    assert len(reports) == 2
+    for report in reports:
+        disk.goto(report.as_uri())
+        disk.wait_for_selector(".js-plotly-plot .main-svg")
+    ctx.close()
+    assert not errors, errors
+    from interplab.features.reader import FeatureReader
+
+    label = FeatureReader(web_setup["db"]).feature(2)["label"]
+    assert label is None or label["explanation"] != "from a report"

@@ -173,6 +173,7 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         "/db/tiny/feature/3",
         "/db/tiny/search?q=x",
         "/run/0",
+        "/run/0/files/plotly.min.js",
         "/attention",
         "/api/db/tiny/feature/3",
         "/static/app.css",
@@ -181,7 +182,11 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
     ]
     get_routes = {r.path for r in web_app.routes if isinstance(r, APIRoute) and "GET" in r.methods}
     templated = {
-        p.split("?")[0].replace("/3", "/{index}").replace("/0", "/{index}").replace("/tiny", "/{db}")
+        p.split("?")[0]
+        .replace("/3", "/{index}")
+        .replace("/0", "/{index}")
+        .replace("/tiny", "/{db}")
+        .replace("/files/plotly.min.js", "/files/{rel:path}")
         for p in paths
     }
     assert get_routes - {"/db/{db}/random"} <= templated | {"/api/docs", "/openapi.json"}, (
