@@ -172,7 +172,7 @@ def _hand_adjusted_weights(model, length, q):
             torch.tensor(canonical(k, False), dtype=torch.float64) @ attn.W_K[0].double()
             + attn.b_K[0].double()
         )
-        s = float(qv @ kv) - (10_000 if k >= length else 0)
+        s = float((qv @ kv).detach()) - (10_000 if k >= length else 0)
         scores.append(s / math.sqrt(28))
     m = max(scores)
     e = [math.exp(s - m) for s in scores]
