@@ -145,13 +145,13 @@ def scrub(
         cached_since = engine.stats.clean_examples
         orig[sl] = _per_example(engine, task, Spec(x), x)
         for seed in range(config.n_seeds):
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + seed * 10_007 + b)
+            g = torch.Generator().manual_seed(_stream(config.seed, seed, b))
             pool_rows = pool[torch.randint(0, pool.numel(), x.shape, generator=g)]
             rand[seed, sl] = _per_example(engine, task, Spec(pool_rows), x)
             for i, (_, c) in enumerate(compiled):
                 # common random numbers: the root's random input is the baseline's, so the empty hypothesis
                 # reproduces the baseline exactly and differences between variants have less noise
-                gi = torch.Generator().manual_seed(config.seed * 1_000_003 + seed * 10_007 + b)
+                gi = torch.Generator().manual_seed(_stream(config.seed, seed, b))
                 record: dict[str, Tensor] | None = (
                     {} if i == 0 and seed == 0 and sl.start < config.n_show else None
                 )
@@ -222,6 +222,17 @@ def scrub(
             "n_nodes": len(engine.graph.nodes),
         },
     )
+
+
+_RESAMPLING = 0x9E3779B9
+"""offset of the resampling streams, so that none of them is the references' stream (``manual_seed(config.seed)``)
+whose first draws it would repeat (with seed 0 the first batch's first random input was its first reference).
+CPU generators keep 32 bits of a seed, so the offset is below 2**32 (1 << 40 would be seed 0 again)."""
+
+
+def _stream(seed: int, resampling: int, batch: int) -> int:
+    """The seed of the random numbers resampling ``resampling`` draws for ``batch``."""
+    return _RESAMPLING + seed * 1_000_003 + resampling * 10_007 + batch
 
 
 def _recovered(scrubbed: Tensor, orig: Tensor, rand: Tensor) -> Estimate:

@@ -123,3 +123,17 @@ def test_leaf_with_children_is_rejected():
         Claim("logits", children=[Claim("a1.0")], leaf=True)
     with pytest.raises(ValueError, match="root target must be 'logits'"):
         Hypothesis(Claim("a1.0"))
+
+
+def test_random_inputs_are_not_the_references(setup):
+    """The references and the random inputs come from different random streams: with seed 0 the first batch's
+    random inputs used to start with its references (the same stream), so a reference's "random" input was
+    itself."""
+    model, task = setup
+    for seed in range(4):
+        config = ScrubConfig(n_examples=64, n_seeds=1, per_claim=False, seed=seed, n_show=8)
+        result = scrub(model, task, Hypothesis.empty(), config)
+        refs = [s["logits"] for s in result.samples]
+        others = [s["logits (others)"] for s in result.samples]
+        assert len(refs) == 8
+        assert all(r != o for r, o in zip(refs, others, strict=True)), (seed, refs, others)
