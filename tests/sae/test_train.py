@@ -302,15 +302,17 @@ def test_torchrun_data_parallel_equals_one_process(arch, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free rendezvous port of its own (a fixed one can be taken)
         "--nproc_per_node",
         "2",
-        "--master_port",
-        str(29500 + os.getpid() % 1000),
         str(ROOT / "tests" / "sae" / "ddp_worker.py"),
         str(tmp_path / "ddp"),
         arch,
     ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (
+        f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     ddp = load_sae(tmp_path / "ddp" / "saes" / "sae")
     torch.manual_seed(0)
     single = create_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, k=4 if arch == "topk" else None))
