@@ -41,6 +41,7 @@ from interplab.train.checkpoint import load_optimizer_state, optimizer_state
 from interplab.train.distributed import (
     all_reduce_grads,
     all_reduce_sum,
+    barrier,
     broadcast_,
     from_rank0,
     is_main,
@@ -264,10 +265,12 @@ def train_saes(
                 if progress is not None:
                     progress(SAETrainProgress(step, total_steps, tokens, {r["sae"]: r for r in rows}))
             due = (every and step % min(every) == 0) or (step == stop and (every or stop < total_steps))
-            if run is not None and due and is_main():
-                resume_lib.save_training_checkpoint(run, step, tokens, trainers)
-                if keep_checkpoints is not None:
-                    resume_lib.prune_checkpoints(run, keep_checkpoints)
+            if run is not None and due:
+                if is_main():
+                    resume_lib.save_training_checkpoint(run, step, tokens, trainers)
+                    if keep_checkpoints is not None:
+                        resume_lib.prune_checkpoints(run, keep_checkpoints)
+                barrier()  # no rank runs ahead of a checkpoint rank 0 is still writing
         stopped_early = stop_after is not None and step == stop < total_steps
         if not stopped_early:  # a stopped run's final rows come when it is resumed and finishes
             rows = _final_rows(trainers, tokens)
@@ -287,6 +290,9 @@ def train_saes(
     )
     if run is not None and is_main() and not stopped_early:
         result.save(run)
+    # every rank returns once rank 0 has written the run folder: a rank that read it (or tore down the
+    # process group) while rank 0 was still writing saw a half-written run (and gloo aborted at teardown)
+    barrier()
     return result
 
 

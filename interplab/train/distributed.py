@@ -17,6 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+if dist.is_available():
+    # Imported before any process group exists, on purpose: this module's functions take ``group=group.WORLD``
+    # as a default argument, evaluated at import. torch imports it lazily (the first optimizer imports
+    # torch._dynamo, which imports FSDP, which imports it), so under torchrun it was imported after
+    # init_process_group and its defaults held the live group past destroy_process_group; the group was then
+    # torn down at interpreter exit, where gloo sometimes aborts ("terminate called without an active
+    # exception", SIGABRT): a rank that had finished its work failed the run.
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 @dataclass(frozen=True)
 class DistInfo:
