@@ -34,7 +34,6 @@ torch.Size([2, 4, 12, 12])
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -49,7 +48,7 @@ from interplab import runs
 from interplab.hooks.cache import ActivationCache
 from interplab.hooks.points import HookFn, HookTarget
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
-from interplab.io import atomic_write_json, load_tensors, save_tensors
+from interplab.io import load_tensors, save_tensors
 from interplab.model.attention import AttnContext
 from interplab.model.config import Activation, ModelConfig, Norm, Positional
 from interplab.model.transformer import Transformer
@@ -66,7 +65,7 @@ __all__ = [
 ]
 
 DT_CONFIG_VERSION = 1
-DT_MODEL_KIND = "dt_model"
+DT_MODEL_KIND = runs.Kind.DT_MODEL.value
 """``config.json``'s ``kind`` in a decision-transformer folder"""
 
 TOKEN_KINDS = ("rtg", "state", "action")
@@ -519,34 +518,21 @@ def save_dt(model: DecisionTransformer, path: str | Path) -> Path:
     forget_checksums(path)
     save_tensors(path / runs.MODEL_WEIGHTS, dict(model.state_dict()), metadata={"format": DT_MODEL_KIND})
     # config last: a folder with a config.json is a complete model
-    atomic_write_json(path / runs.CONFIG, {"kind": DT_MODEL_KIND, **model.cfg.to_dict()})
+    runs.write_json(path / runs.CONFIG, runs.Kind.DT_MODEL, model.cfg.to_dict())
     record_checksums(path, [runs.MODEL_WEIGHTS, runs.CONFIG])
     return path
 
 
-def is_dt_folder(path: str | Path) -> bool:
-    """Whether ``path`` holds a saved decision transformer (a DT checkpoint is one too)."""
-    cfg = Path(path) / runs.CONFIG
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == DT_MODEL_KIND
-
-
 def load_dt(path: str | Path, *, device: str | torch.device = "cpu") -> DecisionTransformer:
-    """Read a folder `save_dt` wrote (a run's ``final/`` or a checkpoint; a training run folder stands for its
-    ``final/``)."""
+    """Read a folder `save_dt` wrote (or a DT checkpoint); a DT training run stands for its ``final/`` (an
+    unfinished one raises, naming its latest intact checkpoint)."""
     path = Path(path)
-    if not (path / runs.CONFIG).is_file() and (path / runs.FINAL / runs.CONFIG).is_file():
-        path = path / runs.FINAL
+    if runs.detect(path) is runs.Kind.DT_TRAIN:
+        path = runs.DTTrainRun.open(path).final
     if not (path / runs.CONFIG).is_file():
-        raise FileNotFoundError(f"{path} is not a decision-transformer folder (no {runs.CONFIG})")
+        raise FileNotFoundError(f"{path} is not a decision-transformer folder: it is {runs.describe(path)}")
     verify_checksums(path)
-    data = json.loads((path / runs.CONFIG).read_text())
-    if not isinstance(data, dict) or data.get("kind") != DT_MODEL_KIND:
-        kind = data.get("kind") if isinstance(data, dict) else None
-        raise ValueError(f"{path} holds a {kind!r} config, not a decision transformer ({DT_MODEL_KIND!r})")
+    data = runs.read_json(path / runs.CONFIG, runs.Kind.DT_MODEL)
     cfg = DTConfig.from_dict(data)
     model = DecisionTransformer(cfg)
     state = load_tensors(path / runs.MODEL_WEIGHTS, device=device)

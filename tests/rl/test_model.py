@@ -228,7 +228,7 @@ def test_load_refuses_a_language_model_folder(tmp_path):
     from interplab.model import ModelConfig, Transformer
 
     Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=10, n_ctx=8)).save(tmp_path / "lm")
-    with pytest.raises(ValueError, match="not a decision transformer"):
+    with pytest.raises(ValueError, match="expected a decision-transformer model folder"):
         load_dt(tmp_path / "lm")
     with pytest.raises(FileNotFoundError, match="not a decision-transformer folder"):
         load_dt(tmp_path)
