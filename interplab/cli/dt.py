@@ -46,7 +46,9 @@ def _library(what: str) -> Iterator[None]:
     """Errors the library raises for bad input, as one line after ``what``; its warnings (a target return
     outside the data's range ...) shown in yellow as they come."""
 
-    def show(message: Any, category: Any, filename: Any, lineno: Any, file: Any = None, line: Any = None) -> None:
+    def show(
+        message: Any, category: Any, filename: Any, lineno: Any, file: Any = None, line: Any = None
+    ) -> None:
         console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     with warnings.catch_warnings():
@@ -56,7 +58,9 @@ def _library(what: str) -> Iterator[None]:
             yield
         except ModuleNotFoundError as err:
             if err.name in ("minigrid", "gymnasium"):
-                fail(f"{what}: the environments need the rl extra: pip install 'interplab[rl]' ({err})", code=1)
+                fail(
+                    f"{what}: the environments need the rl extra: pip install 'interplab[rl]' ({err})", code=1
+                )
             raise
         except _LIBRARY_ERRORS as err:
             text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
@@ -141,12 +145,20 @@ class _TrainProgress:
 def train_command(
     data: Path = typer.Argument(..., help="a trajectory folder (`interplab dt collect`)"),
     preset: str = typer.Option("memory-dt-tiny", "--preset", "-p", help="model + training preset"),
-    out: Path = typer.Option(..., "--out", "-o", help="run folder (resumes a run found there)", callback=out_folder),
-    steps: int = typer.Option(None, "--steps", help="optimizer steps (default: the preset's)", callback=positive_int),
-    seed: int = typer.Option(None, "--seed", help="training seed (default: the preset's)", callback=non_negative_int),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="run folder (resumes a run found there)", callback=out_folder
+    ),
+    steps: int = typer.Option(
+        None, "--steps", help="optimizer steps (default: the preset's)", callback=positive_int
+    ),
+    seed: int = typer.Option(
+        None, "--seed", help="training seed (default: the preset's)", callback=non_negative_int
+    ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a run found in --out"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
-    device: str = typer.Option(None, "--device", help="cpu, cuda ... (default: cuda if available)", callback=device_option),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda ... (default: cuda if available)", callback=device_option
+    ),
 ) -> None:
     """Train a decision transformer on trajectories (interplab's trainer: dense early checkpoints, resumable)."""
     set_threads(threads)
@@ -175,7 +187,11 @@ def train_command(
 
 def _train_line(result: Any) -> str:
     parts = [f"step {getattr(result, 'step', '?')}"]
-    for name, label in (("loss", "loss"), ("action_accuracy", "action accuracy"), ("tokens_per_s", "tokens/s")):
+    for name, label in (
+        ("loss", "loss"),
+        ("action_accuracy", "action accuracy"),
+        ("tokens_per_s", "tokens/s"),
+    ):
         value = getattr(result, name, None)
         if isinstance(value, (int, float)):
             parts.append(f"{label} {value:,.3f}" if name != "tokens_per_s" else f"{value:,.0f} {label}")
@@ -201,11 +217,16 @@ def _targets(value: str | None) -> list[float] | None:
 def eval_command(
     run: Path = typer.Argument(..., help="a DT training run (its final/) or a DT model folder"),
     targets: str = typer.Option(
-        None, "--targets", help="target returns, e.g. 0,0.25,0.5,0.75,1 (default: 0 to the env's max return)",
+        None,
+        "--targets",
+        help="target returns, e.g. 0,0.25,0.5,0.75,1 (default: 5 from 0 to the env's best return)",
         callback=_targets,
     ),
     episodes: int = typer.Option(16, "--episodes", "-n", help="episodes per target", callback=positive_int),
     out: Path = typer.Option(..., "--out", "-o", help="evaluation folder", callback=out_folder),
+    data: Path = typer.Option(
+        None, "--data", help="the training trajectories: a target outside their return range warns"
+    ),
     seed: int = typer.Option(0, "--seed", help="episode k of each target uses env seed seed + k"),
     n_envs: int = typer.Option(16, "--n-envs", help="environments stepped together", callback=positive_int),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample actions"),
@@ -223,69 +244,38 @@ def eval_command(
         if folder != run:
             console.print(f"loaded {folder}", markup=False, highlight=False)
         env = model.cfg.env
+        trajs = rl.load_trajectories(data) if data is not None else None
         if targets is None:
             top = rl.env_spec(env).max_return
             targets = [round(top * i / 4, 4) for i in range(5)]
         claim_out(out, Kind.DT_EVAL)
-        cal = rl.evaluate_dt(model, env, targets, episodes, seed=seed, n_envs=n_envs, temperature=temperature)
+        with JobProgress(f"eval {env}", total=len(targets) * episodes, unit="episodes") as bar:
+            cal = rl.evaluate_dt(
+                model, env, targets, episodes, data=trajs, seed=seed, n_envs=n_envs,
+                temperature=temperature, progress=bar,
+            )  # fmt: skip
         cal.save(out)
-    slope = cal.slope()
     console.print(_calibration_table(cal))
-    console.print(f"slope of achieved on target return: {_estimate(slope)}")
-    console.print(f"evaluation: {_saved(out)} ({runs.CALIBRATION_JSON}, calibration curve, episodes)")
-
-
-def _estimate(e: Any) -> str:
-    if isinstance(e, tuple):
-        mean, lo, hi = (list(e) + [None, None, None])[:3]
-    else:
-        mean = getattr(e, "mean", getattr(e, "value", e))
-        lo, hi = getattr(e, "ci_low", None), getattr(e, "ci_high", None)
-    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
-        return f"{mean:.3f} (95% CI {lo:.3f} to {hi:.3f})"
-    return f"{mean:.3f}" if isinstance(mean, (int, float)) else str(mean)
+    try:
+        s = cal.slope()
+        console.print(
+            f"slope of achieved on target return: {s.estimate:.3f} (95% CI {s.ci_low:.3f} to {s.ci_high:.3f})"
+        )
+    except ValueError as err:  # too few episodes or one target
+        console.print(f"no slope: {err}", style="yellow")
+    console.print(f"evaluation: {_saved(out)} ({runs.CALIBRATION_JSON}, calibration.html, {runs.ROLLOUTS}/)")
 
 
 def _calibration_table(cal: Any) -> Any:
     from rich.table import Table
 
     table = Table("target", "episodes", "mean return", "95% CI")
-    for row in _calibration_rows(cal.to_dict() if hasattr(cal, "to_dict") else {}):
-        table.add_row(*row)
+    for t, n, m, lo, hi in zip(
+        cal.targets, cal.counts, cal.mean_returns, cal.ci_low, cal.ci_high, strict=True
+    ):
+        ci = f"{lo:.3f} to {hi:.3f}" if lo == lo and hi == hi else "(one episode)"
+        table.add_row(f"{t:g}", str(n), f"{m:.3f}", ci)
     return table
-
-
-def _calibration_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    out = []
-    for row in calibration_points(doc):
-        ci = f"{row['ci_low']:.3f} to {row['ci_high']:.3f}" if row["ci_low"] is not None else ""
-        out.append((f"{row['target']:g}", str(row["episodes"]), f"{row['mean']:.3f}", ci))
-    return out
-
-
-def calibration_points(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The per-target rows of a calibration document (`Calibration.save`): target, episodes, mean, CI."""
-    rows = doc.get("targets") if isinstance(doc.get("targets"), list) else doc.get("points")
-    out = []
-    for r in rows if isinstance(rows, list) else []:
-        if not isinstance(r, dict):
-            continue
-        target = r.get("target", r.get("target_return"))
-        mean = r.get("mean", r.get("mean_return"))
-        if not isinstance(target, (int, float)) or not isinstance(mean, (int, float)):
-            continue
-        lo, hi = r.get("ci_low"), r.get("ci_high")
-        ok = isinstance(lo, (int, float)) and isinstance(hi, (int, float))
-        out.append(
-            {
-                "target": float(target),
-                "episodes": r.get("episodes", r.get("n_episodes", r.get("n"))),
-                "mean": float(mean),
-                "ci_low": float(lo) if ok else None,
-                "ci_high": float(hi) if ok else None,
-            }
-        )
-    return out
 
 
 # --- analyze ---------------------------------------------------------------------------------------------------
@@ -296,7 +286,9 @@ def analyze_command(
     run: Path = typer.Argument(..., help="a DT training run (its final/) or a DT model folder"),
     data: Path = typer.Option(..., "--data", help="a trajectory folder of the model's environment"),
     out: Path = typer.Option(..., "--out", "-o", help="analysis folder", callback=out_folder),
-    episodes: int = typer.Option(64, "--episodes", "-n", help="episodes of --data to analyse", callback=positive_int),
+    episodes: int = typer.Option(
+        64, "--episodes", "-n", help="episodes of --data to analyse", callback=positive_int
+    ),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Probes, instruction patching and attention from the decision token on trajectories."""

@@ -44,27 +44,31 @@ def dt_kind(art: Artifact) -> Kind | None:
     return kind if kind in DT_KINDS else None
 
 
+def _column(doc: dict[str, Any], key: str, n: int) -> list[Any]:
+    v = doc.get(key)
+    return list(v) if isinstance(v, list) and len(v) == n else [None] * n
+
+
 def calibration_points(doc: Any) -> list[dict[str, Any]]:
-    """The per-target rows of a calibration document (`interplab.rl.Calibration.save`): ``target``,
-    ``episodes``, ``mean`` (achieved return), ``ci_low``/``ci_high`` (95%); rows of another shape are skipped."""
+    """The per-target rows of a ``calibration.json`` (`interplab.rl.Calibration.to_dict`: the columns
+    ``targets``, ``counts``, ``mean_returns``, ``ci_low``, ``ci_high``): ``target``, ``episodes``, ``mean``
+    (achieved return), ``ci_low``/``ci_high`` (95%; None where missing, e.g. one episode); a target without a
+    finite target or mean is skipped."""
     doc = doc if isinstance(doc, dict) else {}
-    rows = next((doc[k] for k in ("points", "targets", "rows") if isinstance(doc.get(k), list)), [])
+    targets = doc.get("targets") if isinstance(doc.get("targets"), list) else []
+    n = len(targets)
     out = []
-    for r in rows:
-        if not isinstance(r, dict):
+    for t, c, m, lo, hi in zip(
+        targets, *(_column(doc, k, n) for k in ("counts", "mean_returns", "ci_low", "ci_high")), strict=True
+    ):
+        if not (_num(t) and _num(m)):
             continue
-        target = next((r[k] for k in ("target", "target_return") if _num(r.get(k))), None)
-        mean = next((r[k] for k in ("mean", "mean_return", "achieved") if _num(r.get(k))), None)
-        if target is None or mean is None:
-            continue
-        lo, hi = r.get("ci_low"), r.get("ci_high")
-        n = next((r[k] for k in ("episodes", "n_episodes", "n") if _num(r.get(k))), None)
         ok = _num(lo) and _num(hi)
         out.append(
             {
-                "target": float(target),
-                "episodes": n,
-                "mean": float(mean),
+                "target": float(t),
+                "episodes": c if _num(c) else None,
+                "mean": float(m),
                 "ci_low": float(lo) if ok else None,
                 "ci_high": float(hi) if ok else None,
             }
@@ -72,38 +76,30 @@ def calibration_points(doc: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _estimate(v: Any) -> dict[str, float | None]:
-    """``{mean, ci_low, ci_high}`` from a number, a ``[mean, lo, hi]`` list or a dict of those."""
-    if _num(v):
-        return {"mean": float(v), "ci_low": None, "ci_high": None}
-    if isinstance(v, list) and len(v) == 3 and all(_num(x) for x in v):
-        return {"mean": float(v[0]), "ci_low": float(v[1]), "ci_high": float(v[2])}
-    d = v if isinstance(v, dict) else {}
-    mean = next((d[k] for k in ("mean", "value", "slope", "estimate") if _num(d.get(k))), None)
-    return {
-        "mean": mean,
-        "ci_low": d["ci_low"] if _num(d.get("ci_low")) else None,
-        "ci_high": d["ci_high"] if _num(d.get("ci_high")) else None,
-    }
-
-
-def _range(v: Any) -> list[float] | None:
-    if isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v):
-        return [float(v[0]), float(v[1])]
-    if isinstance(v, dict) and _num(v.get("min")) and _num(v.get("max")):
-        return [float(v["min"]), float(v["max"])]
-    return None
-
-
 def calibration_view(doc: Any) -> dict[str, Any]:
-    """What the page draws of a calibration: the points, the slope with its CI, the data's return range."""
+    """What the page draws of a calibration: the points, the slope with its 95% CI, the training data's return
+    range and the environment's best return (each None when the document lacks it)."""
     doc = doc if isinstance(doc, dict) else {}
+    slope = doc.get("slope") if isinstance(doc.get("slope"), dict) else {}
+    rng = doc.get("data_range")
     return {
         "env": doc.get("env") if isinstance(doc.get("env"), str) else None,
         "points": calibration_points(doc),
-        "slope": _estimate(doc.get("slope")),
-        "data_range": _range(doc.get("data_return_range", doc.get("data_range"))),
+        "slope": {
+            k: float(slope[k]) if _num(slope.get(k)) else None for k in ("estimate", "ci_low", "ci_high")
+        },
+        "data_range": [float(x) for x in rng]
+        if isinstance(rng, list) and len(rng) == 2 and all(map(_num, rng))
+        else None,
+        "max_return": float(doc["max_return"]) if _num(doc.get("max_return")) else None,
     }
+
+
+def episode_targets(doc: Any) -> list[Any] | None:
+    """The target return of each episode of an evaluation (``episodes.target``, in its rollouts' order)."""
+    ep = doc.get("episodes") if isinstance(doc, dict) else None
+    t = ep.get("target") if isinstance(ep, dict) else None
+    return t if isinstance(t, list) else None
 
 
 # --- trajectories ------------------------------------------------------------------------------------------
@@ -158,23 +154,25 @@ def _episode_rows(trajs: Any, e: int, targets: Any) -> dict[str, Any]:
         "rewards": rewards,
         "rtg": rtg,
     }
-    if targets is not None and e < len(targets) and _num(float(targets[e])):
+    if targets is not None and e < len(targets) and _num(targets[e]):
         out["target"] = float(targets[e])
     return out
 
 
-def player_view(folder: Path, root: Path, attention: Any = None) -> dict[str, Any] | None:
+def player_view(
+    folder: Path, root: Path, attention: Any = None, targets: list[Any] | None = None
+) -> dict[str, Any] | None:
     """The trajectory player's data for the trajectory folder ``folder``: its first episodes (`MAX_EPISODES`),
-    per step the action name, reward and return-to-go, and the decision token's attention where ``attention``
-    (an analysis report's ``attention`` record) has it. None when the folder does not load."""
+    per step the action name, reward and return-to-go, the episode's target return (``targets``: an
+    evaluation's) and the decision token's attention where ``attention`` (an analysis report's ``attention``
+    record) has it. None when the folder does not load."""
     trajs = trajectories(folder, root)
     if trajs is None:
         return None
-    targets = getattr(trajs, "target_returns", None)
     n = int(trajs.n_episodes)
     episodes = [_episode_rows(trajs, e, targets) for e in range(min(n, MAX_EPISODES))]
     att = attention if isinstance(attention, dict) else {}
-    by_episode = att.get("episodes") if isinstance(att.get("episodes"), dict) else {}
+    by_episode: dict[str, Any] = att["episodes"] if isinstance(att.get("episodes"), dict) else {}
     for ep in episodes:
         rows = by_episode.get(str(ep["episode"]))
         if isinstance(rows, list) and len(rows) == ep["length"]:
@@ -221,10 +219,17 @@ def png(rgb: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))  # filter type 0 on every row
 
     def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 # --- the view ------------------------------------------------------------------------------------------------
@@ -270,12 +275,21 @@ def dt_view(art: Artifact) -> dict[str, Any] | None:
     if kind is None:
         return None
     path, root = art.path, art.root
-    view: dict[str, Any] = {"kind": kind.value, "calibration": None, "player": None, "model": {}, "analysis": {}}
+    view: dict[str, Any] = {
+        "kind": kind.value,
+        "calibration": None,
+        "player": None,
+        "model": {},
+        "analysis": {},
+    }
+    targets = None
     if kind is Kind.TRAJECTORIES:
         keys = ("env", "source", "n_episodes", "n_steps")
         view["data"] = _scalars(read_json(path / runs.MANIFEST, root), keys)
     elif kind is Kind.DT_EVAL:
-        view["calibration"] = calibration_view(read_json(path / runs.CALIBRATION_JSON, root))
+        doc = read_json(path / runs.CALIBRATION_JSON, root)
+        view["calibration"] = calibration_view(doc)
+        targets = episode_targets(doc)
     elif kind in (Kind.DT_TRAIN, Kind.DT_MODEL):
         model = path / runs.FINAL if kind is Kind.DT_TRAIN else path
         view["model"] = _scalars(read_json(model / runs.CONFIG, root))
@@ -285,5 +299,5 @@ def dt_view(art: Artifact) -> dict[str, Any] | None:
         view["analysis"] = _scalars(read_json(path / runs.REPORT, root))
     folder, attention = _player_source(art, kind)
     if folder is not None:
-        view["player"] = player_view(folder, root, attention)
+        view["player"] = player_view(folder, root, attention, targets)
     return view
