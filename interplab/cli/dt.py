@@ -26,7 +26,6 @@ from interplab.cli.common import (
     fail,
     non_negative_int,
     out_folder,
-    positive_float,
     positive_int,
     set_threads,
     threads_option,
@@ -281,22 +280,164 @@ def _calibration_table(cal: Any) -> Any:
 # --- analyze ---------------------------------------------------------------------------------------------------
 
 
+ATTENTION_EPISODES = 10
+"""episodes whose decision-token attention `analyze` records for the web page's trajectory player"""
+
+
 @app.command("analyze")
 def analyze_command(
     run: Path = typer.Argument(..., help="a DT training run (its final/) or a DT model folder"),
     data: Path = typer.Option(..., "--data", help="a trajectory folder of the model's environment"),
     out: Path = typer.Option(..., "--out", "-o", help="analysis folder", callback=out_folder),
     episodes: int = typer.Option(
-        64, "--episodes", "-n", help="episodes of --data to analyse", callback=positive_int
+        64, "--episodes", "-n", help="the first N episodes of --data are analysed", callback=positive_int
     ),
+    seed: int = typer.Option(0, "--seed", help="which episodes the probes hold out"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
-    """Probes, instruction patching and attention from the decision token on trajectories."""
+    """Probes for environment variables (instruction object, agent direction, objects in view) on the
+    residual stream, instruction patching at the decision (MemoryS7), direct logit attribution and the
+    decision token's attention, on trajectories; report.json + pictures."""
     set_threads(threads)
-    fail("interplab dt analyze: the analysis library (interplab.rl.analysis) has not landed yet", code=1)
+    from interplab import rl
+    from interplab.rl import analysis as an
+
+    with _library("cannot analyze"):
+        folder = runs.dt_model_folder(run)
+        model = rl.load_dt(folder)
+        full = rl.load_trajectories(data)
+        if full.env != model.cfg.env:
+            raise ValueError(f"{data} holds trajectories of {full.env}; the model plays {model.cfg.env}")
+        n = min(episodes, full.n_episodes)
+        trajs = full if n == full.n_episodes else rl.Trajectories.concat([full.episode(e) for e in range(n)])
+        claim_out(out, Kind.DT_ANALYSIS)
+        report = _analyze(model, trajs, an, out, seed)
+        report.update(model=str(folder), data=str(Path(data).absolute()), env=trajs.env, episodes=n)
+        runs.write_json(out / runs.REPORT, Kind.DT_ANALYSIS, report)
+    for name, p in report["probes"].items():
+        best = max(range(len(p["sites"])), key=lambda i: p["test_scores"][i])
+        console.print(
+            f"probe {name}: best {p['sites'][best]} {p['test_scores'][best]:.3f} held-out accuracy "
+            f"(chance {p['chance']:.3f})"
+        )
+    if report.get("patching"):
+        pt = report["patching"]
+        console.print(
+            f"instruction patching at the decision ({pt['n_pairs']} pairs): logit difference clean "
+            f"{pt['clean_metric']:.3f}, corrupt {pt['corrupt_metric']:.3f}; most restoring: {pt['top']}"
+        )
+    console.print(f"analysis: {_saved(out)} ({runs.REPORT}, {', '.join(report['pictures'])})")
 
 
-_ = positive_float  # (kept for the options of analyze)
+def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int) -> dict[str, Any]:
+    """Run the analyses of `analyze_command` and write their pictures into ``out``; the report's numbers."""
+    import torch
+
+    n_layers = model.cfg.n_layers
+    sites = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [
+        f"blocks.{n_layers - 1}.hook_resid_post"
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    pictures: list[str] = []
+    with JobProgress("analyze", total=4, unit="analyses") as bar:
+        bar.update(0, info="caching the residual stream")
+        cache = an.cache_trajectories(model, trajs, sites, kinds=("state",))
+        labels = an.env_labels(trajs)
+        probes = {}
+        wanted = {
+            "instruction": labels.instruction,
+            "direction": labels.direction,
+            "key_in_view": labels.key_in_view,
+        }
+        for name, y in wanted.items():
+            if y is None or len(torch.unique(y)) < 2:
+                continue
+            sweep = an.probe(cache, y.long(), kind="state", label=name, seed=seed)
+            probes[name] = sweep.to_dict()
+            pictures += [p.name for p in _figure(sweep.plot(), out, f"probe_{name}")]
+        bar.update(1, info="instruction patching")
+        patching = None
+        win = None
+        if trajs.env.startswith("MiniGrid-Memory"):
+            ends = an.decision_steps(trajs)
+            ends = ends[ends >= 0]
+            if len(ends):
+                pair = an.instruction_pair(trajs, ends, model.cfg.context)
+                result = an.patch_instruction(
+                    model, pair.clean, pair.corrupt, answer=pair.answer, wrong=pair.wrong
+                )
+                pictures += [p.name for p in _figure(result.plot(), out, "patching")]
+                patching = _patching_summary(result, len(ends))
+                win = pair.clean
+        bar.update(2, info="direct logit attribution")
+        if win is None:
+            win = an.windows(trajs, model.cfg.context, ends=trajs.episode_starts[1:] - 1)
+        dla = an.action_dla(model, win)
+        pictures += [p.name for p in _figure(dla.plot(), out, "dla")]
+        bar.update(3, info="attention")
+        layer = n_layers - 1
+        pictures += [p.name for p in _figure(an.attention_figure(model, win, layer, 0), out, "attention")]
+        attention = decision_attention(model, trajs, an, layer, min(ATTENTION_EPISODES, trajs.n_episodes))
+        bar.update(4)
+    return {
+        "probes": probes,
+        "patching": patching,
+        "dla": dla.to_dict(),
+        "attention": attention,
+        "pictures": pictures,
+    }
+
+
+def _patching_summary(result: Any, n_pairs: int) -> dict[str, Any]:
+    """The patching numbers and, per component, the patch that restores most of the clean answer."""
+    import torch
+
+    top = []
+    for comp, r in result.results.items():
+        norm = torch.nan_to_num(result.normalized(comp), nan=float("-inf"))
+        flat = int(norm.flatten().argmax())
+        idx = [int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(norm.shape))]
+        where = ", ".join(f"{d} {r.labels[d][i]}" for d, i in zip(r.dims, idx, strict=True))
+        value = float(norm.flatten()[flat])
+        top.append((value, f"{comp} ({where}) {value:.2f}"))
+    top.sort(reverse=True)
+    return {**result.to_dict(), "n_pairs": n_pairs, "top": "; ".join(t for _, t in top[:3])}
+
+
+def decision_attention(model: Any, trajs: Any, an: Any, layer: int, n_episodes: int) -> dict[str, Any]:
+    """For each step of the first ``n_episodes``: the attention of the decision token (the state token of the
+    step, whose output predicts the action) over the window's tokens, averaged over ``layer``'s heads. Token
+    labels are relative to the step (``R-1``, ``s-1``, ``a-1``, ..., ``R0``, ``s0``, ``a0``); pad tokens 0."""
+    import torch
+
+    from interplab.hooks.site import Site, SiteKind
+
+    k = model.cfg.context
+    site = Site(SiteKind.PATTERN, layer).name
+    query = an.token_position(k - 1, "state")
+    episodes: dict[str, list[list[float]]] = {}
+    for e in range(n_episodes):
+        lo, hi = int(trajs.episode_starts[e]), int(trajs.episode_starts[e + 1])
+        win = an.windows(trajs, k, ends=torch.arange(lo, hi))
+        store: dict[str, torch.Tensor] = {}
+
+        def save(act: torch.Tensor, s: Any, store: dict[str, torch.Tensor] = store) -> None:
+            store["p"] = act[:, :, query].mean(1).detach().float().cpu()
+
+        with torch.no_grad(), model.transformer.hooks(read_hooks=[(site, save)]):
+            model(*win.inputs(model.transformer.W_E.device))
+        episodes[str(e)] = [[round(float(x), 4) for x in row] for row in store["p"]]
+    tokens = [
+        f"{kind[0].upper() if kind == 'rtg' else kind[0]}{i - k + 1}"
+        for i in range(k)
+        for kind in an.TOKEN_KINDS
+    ]
+    return {
+        "site": site,
+        "query": "the state token of the step (the decision)",
+        "tokens": tokens,
+        "episodes": episodes,
+    }
 
 
 def register(root: typer.Typer) -> None:
