@@ -112,11 +112,9 @@ def collect_command(
             trajs = rl.collect(env, episodes, out, progress=bar, **kwargs)
         summary = trajs.summary()
         pictures = _figure(summary.plot(), out, "summary")
-    returns = trajs.returns
-    solved = float((returns > 0).mean()) if len(returns) else 0.0
     console.print(
-        f"{trajs.n_episodes} episodes, {len(trajs.actions):,} steps ({trajs.source}); "
-        f"mean return {float(returns.mean()):.3f}, solved {solved:.0%}"
+        f"{trajs.n_episodes} episodes, {trajs.n_steps:,} steps ({trajs.source}); mean return "
+        f"{float(trajs.returns.mean()):.3f}, solved {summary.success_rate:.0%}"
     )
     console.print(f"trajectories: {_saved(out)} ({runs.MANIFEST} + shards); summary: {pictures[0]}")
 
@@ -305,11 +303,9 @@ def analyze_command(
     with _library("cannot analyze"):
         folder = runs.dt_model_folder(run)
         model = rl.load_dt(folder)
-        full = rl.load_trajectories(data)
-        if full.env != model.cfg.env:
-            raise ValueError(f"{data} holds trajectories of {full.env}; the model plays {model.cfg.env}")
+        full = rl.load_trajectories(data, env=model.cfg.env)  # data of another env: an error naming both
         n = min(episodes, full.n_episodes)
-        trajs = full if n == full.n_episodes else rl.Trajectories.concat([full.episode(e) for e in range(n)])
+        trajs = full if n == full.n_episodes else full.select(list(range(n)))
         claim_out(out, Kind.DT_ANALYSIS)
         report = _analyze(model, trajs, an, out, seed)
         report.update(model=str(folder), data=str(Path(data).absolute()), env=trajs.env, episodes=n)

@@ -4,8 +4,8 @@ the decision token where an analysis recorded it) and the numbers of training an
 
 It keeps `interplab.web.runs`' guarantees: every file is read only when it stays inside the ``--runs`` folder
 the run was found under, and a missing, damaged or oversized file shows as missing, never as an error. Grid
-pictures are drawn by `interplab.rl.render_obs` (minigrid's tile renderer) and served one step at a time
-(`frame_png`); without the ``rl`` extra the player still shows the actions, rewards and returns.
+pictures are drawn by `interplab.rl.render_obs` (minigrid's tile renderer; without the ``rl`` extra, a plain
+palette) and served one step at a time (`frame_png`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from interplab import runs
+from interplab.rl.envs import ACTION_NAMES
 from interplab.runs import Kind
 from interplab.web.runs import Artifact, contained, read_json, reader
 
@@ -30,8 +31,6 @@ MAX_TRAJECTORY_BYTES = 500 * 2**20
 """a trajectory folder larger than this is not loaded by the page (the numbers still show)"""
 FRAME_TILE = 12
 """pixels per grid cell of a player frame"""
-ACTION_NAMES = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
-"""MiniGrid's discrete actions (the index is the action)"""
 
 
 def _num(v: Any) -> bool:
@@ -195,19 +194,23 @@ def _attention_row(row: Any) -> list[float] | None:
 
 def frame_png(folder: Path, root: Path, episode: int, step: int) -> bytes | None:
     """A PNG of the grid view of ``step`` of ``episode`` in the trajectory folder ``folder`` (drawn by
-    `interplab.rl.render_obs`), or None when there is no such step or no renderer (the rl extra)."""
+    `interplab.rl.render_obs`; without minigrid, `interplab.rl.analysis.palette_obs`), or None when there is
+    no such step."""
     trajs = trajectories(folder, root)
     if trajs is None or not 0 <= episode < int(trajs.n_episodes):
         return None
     lo, hi = int(trajs.episode_starts[episode]), int(trajs.episode_starts[episode + 1])
     if not 0 <= step < hi - lo:
         return None
+    view = trajs.obs[lo + step]
     try:
         from interplab.rl import render_obs
 
-        rgb = render_obs(trajs.obs[lo + step], tile_size=FRAME_TILE)
-    except (ImportError, ValueError):
-        return None
+        rgb = render_obs(view, tile_size=FRAME_TILE)
+    except ImportError:  # no minigrid here: the analyses' own palette
+        from interplab.rl.analysis import palette_obs
+
+        rgb = palette_obs(view, tile_size=FRAME_TILE)
     return png(np.asarray(rgb, dtype=np.uint8))
 
 
