@@ -28,6 +28,16 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
                                         sae_weights.safetensors (a foreign format: cfg.json stays SAELens')
     activation cache (Kind.ACTIVATION_CACHE)   manifest.json {kind: activation_cache, version, ...} + shards
     feature database (Kind.FEATURE_DB)  features.db, SQLite; its ``meta`` table holds the kind and version
+    trajectories (Kind.TRAJECTORIES)    `interplab dt collect`: manifest.json {kind: trajectories, version, env,
+                                        shards, source, ...} + shard_00000.safetensors ... (whole episodes)
+    DT training run (Kind.DT_TRAIN)     `interplab dt train`: config.json {kind: dt_train, version, model,
+                                        train, data}, log.jsonl, checkpoints/step_N/, final/ (Kind.DT_MODEL:
+                                        config.json {kind: dt_model, ...DTConfig} + model.safetensors),
+                                        report.json {kind: dt_train_report}
+    DT evaluation (Kind.DT_EVAL)        `interplab dt eval`: calibration.json {kind: dt_eval, version, env,
+                                        targets: per target its episodes, mean return, 95% CI} + pictures,
+                                        trajectories/ (Kind.TRAJECTORIES: the episodes it played)
+    DT analysis (Kind.DT_ANALYSIS)      `interplab dt analyze`: report.json {kind: dt_analysis, ...} + pictures
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures;
                                         a discovery run's metrics.json {kind: circuit_metrics} (MIB CPR/CMD)
@@ -64,6 +74,7 @@ from interplab.runs.names import (
     _CKPT_RE,
     _SQLITE_MAGIC,
     ATTRIBUTION,
+    CALIBRATION_JSON,
     CHECKPOINTS,
     CHECKSUMS,
     CONFIG,
@@ -81,6 +92,7 @@ from interplab.runs.names import (
     PLOTLY_JS,
     REPORT,
     RNG,
+    ROLLOUTS,
     SAE_CFG,
     SAE_DIR,
     SAE_SPARSITY,
@@ -91,25 +103,35 @@ from interplab.runs.names import (
     TRAIN_SUMMARY,
     checkpoint_name,
     checkpoint_step,
+    shard_name,
 )
 from interplab.runs.openers import (
     REPORT_KINDS,
     CacheRun,
+    DTEvalRun,
+    DTModelDir,
+    DTTrainRun,
     ModelDir,
     Report,
     SAERun,
     TrainRun,
+    TrajectoriesDir,
+    dt_model_folder,
     model_folder,
     open_run,
 )
 
 __all__ = [
     "ATTRIBUTION",
+    "CALIBRATION_JSON",
     "CHECKPOINTS",
     "CHECKSUMS",
     "CONFIG",
     "CacheRun",
     "Checkpoint",
+    "DTEvalRun",
+    "DTModelDir",
+    "DTTrainRun",
     "EVAL",
     "FEATURE_DB",
     "FINAL",
@@ -130,6 +152,7 @@ __all__ = [
     "REPORT_KINDS",
     "RESUME_FILES",
     "RNG",
+    "ROLLOUTS",
     "Reader",
     "Report",
     "RunError",
@@ -143,6 +166,7 @@ __all__ = [
     "TOKENIZER",
     "TRAIN_SUMMARY",
     "TrainRun",
+    "TrajectoriesDir",
     "VERSIONS",
     "_CKPT_DIGITS",
     "_CKPT_PREFIX",
@@ -154,6 +178,7 @@ __all__ = [
     "describe",
     "detect",
     "detect_document",
+    "dt_model_folder",
     "is_sqlite",
     "list_checkpoints",
     "model_folder",
@@ -162,6 +187,7 @@ __all__ = [
     "read_json",
     "read_log",
     "sae_folders",
+    "shard_name",
     "verify_checkpoint",
     "write_json",
     "write_log",

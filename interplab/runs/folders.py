@@ -13,6 +13,7 @@ from interplab.runs.documents import _load, detect_document
 from interplab.runs.kinds import Kind, RunError, _as_kind
 from interplab.runs.names import (
     _SQLITE_MAGIC,
+    CALIBRATION_JSON,
     CONFIG,
     FINAL,
     FORMATION_JSON,
@@ -66,7 +67,8 @@ def detect(path: str | Path, reader: Reader = _DEFAULT) -> Kind | None:
     """What ``path`` is (a `Kind`), or None when it is none of the kinds interplab writes or reads.
 
     The one place where folders are recognised, including those written before ``kind`` existed: a folder's
-    ``config.json`` (or ``manifest.json``, ``cfg.json``, ``report.json``, ``formation.json``) says what it is;
+    ``config.json`` (or ``manifest.json``, ``cfg.json``, ``report.json``, ``formation.json``,
+    ``calibration.json``) says what it is;
     a checkpoint is a model folder with a ``state.json``; a feature database is an SQLite file."""
     path = Path(path)
     if reader.is_file(path):
@@ -80,7 +82,7 @@ def detect(path: str | Path, reader: Reader = _DEFAULT) -> Kind | None:
         return Kind.CHECKPOINT
     if kind is not None:
         return kind
-    for name in (MANIFEST, SAE_CFG, REPORT, FORMATION_JSON):
+    for name in (MANIFEST, SAE_CFG, REPORT, FORMATION_JSON, CALIBRATION_JSON):
         kind = _doc_kind(path / name, reader)
         if kind is Kind.SAE and not reader.is_file(path / SAE_WEIGHTS):
             continue
@@ -109,6 +111,10 @@ def describe(path: str | Path) -> str:
     if kind is Kind.SAE_TRAIN:
         names = sorted(sae_folders(path))
         return f"{kind.label} (SAEs: {', '.join(names) or 'none finished yet'})"
+    if kind is Kind.DT_TRAIN:
+        n = len(list_checkpoints(path))
+        final = "final/" if detect(path / FINAL) is Kind.DT_MODEL else "no final/ yet"
+        return f"{kind.label} ({n} checkpoint{'s' * (n != 1)}, {final})"
     return kind.label
 
 

@@ -83,6 +83,22 @@ class Kind(str, Enum):
     TOKENIZER = "tokenizer"
     """interplab's character tokenizer (``tokenizer.json``; a BPE ``tokenizer.json`` is the tokenizers
     library's own format, foreign, and carries no kind)"""
+    TRAJECTORIES = "trajectories"
+    """gridworld trajectories (`interplab dt collect`): manifest.json + ``shard_00000.safetensors`` ... (the
+    steps of whole episodes: observations, actions, rewards, dones, episode offsets, seeds)"""
+    DT_MODEL = "dt_model"
+    """a decision-transformer model folder (config.json with a DTConfig + model.safetensors: `rl.save_dt`)"""
+    DT_TRAIN = "dt_train"
+    """a decision-transformer training run (`interplab dt train`: config.json, log.jsonl, checkpoints/, final/
+    (a dt_model folder), report.json)"""
+    DT_TRAIN_REPORT = "dt_train_report"
+    """the report.json of a decision-transformer training run"""
+    DT_EVAL = "dt_eval"
+    """a decision-transformer evaluation (`interplab dt eval`): the calibration curve, achieved vs target
+    return-to-go, per target its episodes, mean return and 95% CI (``calibration.json``)"""
+    DT_ANALYSIS = "dt_analysis"
+    """an analysis of a decision transformer on trajectories (`interplab dt analyze`: probes, patching,
+    attention from the decision token; ``report.json`` + pictures)"""
 
     @property
     def label(self) -> str:
@@ -122,6 +138,12 @@ _LABELS = {
     Kind.GENERATION: "a generation",
     Kind.TOKEN_STORE: "a token-store record",
     Kind.TOKENIZER: "a character tokenizer",
+    Kind.TRAJECTORIES: "a trajectory data set",
+    Kind.DT_MODEL: "a decision-transformer model folder",
+    Kind.DT_TRAIN: "a decision-transformer training run",
+    Kind.DT_TRAIN_REPORT: "a decision-transformer training report",
+    Kind.DT_EVAL: "a decision-transformer evaluation",
+    Kind.DT_ANALYSIS: "a decision-transformer analysis",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}

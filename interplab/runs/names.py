@@ -32,6 +32,14 @@ METRICS_JSON = "metrics.json"
 ATTRIBUTION = "attribution"
 GRADIENT_INDEX = "index.json"
 PLOTLY_JS = "plotly.min.js"
+CALIBRATION_JSON = "calibration.json"
+"""a decision-transformer evaluation's calibration (Kind.DT_EVAL), in its run folder"""
+ROLLOUTS = "trajectories"
+"""the episodes a decision-transformer evaluation played (a Kind.TRAJECTORIES folder inside its run)"""
+DT_ATTENTION = "attention.safetensors"
+"""a decision-transformer analysis's attention patterns over its trajectory windows (beside its report.json)"""
+_SHARD_PREFIX = "shard_"
+_SHARD_DIGITS = 5
 _CKPT_PREFIX = "step_"
 _CKPT_DIGITS = 6
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -42,6 +50,14 @@ def checkpoint_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
     return f"{_CKPT_PREFIX}{step:0{_CKPT_DIGITS}d}"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index`` of a sharded folder (``shard_00000.safetensors``: activation caches,
+    trajectory data sets)."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"{_SHARD_PREFIX}{index:0{_SHARD_DIGITS}d}.safetensors"
 
 
 _CKPT_RE = re.compile(rf"^{_CKPT_PREFIX}(\d+)$")

@@ -1,9 +1,10 @@
-"""Typed views of the folders interplab writes: `TrainRun`, `SAERun`, `CacheRun`, `ModelDir`, `Report`, and
-`open_run` for any of them; each accepts the folder itself and says what a folder is when it is not one."""
+"""Typed views of the folders interplab writes: `TrainRun`, `SAERun`, `CacheRun`, `ModelDir`, `Report`, the
+decision-transformer ones (`TrajectoriesDir`, `DTModelDir`, `DTTrainRun`, `DTEvalRun`), and `open_run` for any
+of them; each accepts the folder itself and says what a folder is when it is not one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,23 @@ from interplab.runs.documents import detect_document, read_json, read_log
 from interplab.runs.folders import _expect, describe, detect, pick_sae, sae_folders
 from interplab.runs.kinds import Kind, NotARunError, RunError
 from interplab.runs.names import (
+    _SHARD_PREFIX,
+    CALIBRATION_JSON,
     CONFIG,
     FINAL,
     FORMATION_JSON,
     MANIFEST,
     REPORT,
+    ROLLOUTS,
     TOKENIZER,
     TRAIN_SUMMARY,
 )
+
+
+def _open_doc(path: str | Path, kind: Kind, name: str, hint: str) -> tuple[Path, dict[str, Any]]:
+    """``path`` checked to be a ``kind`` folder, and its document ``name`` (read checking its kind)."""
+    folder, _ = _expect(path, [kind], hint)
+    return folder, read_json(folder / name, kind)
 
 
 def _read_if_there(file: Path) -> dict[str, Any] | None:
@@ -28,8 +38,22 @@ def _read_if_there(file: Path) -> dict[str, Any] | None:
     return read_json(file) if file.is_file() else None
 
 
+class _LoggedRun:
+    """What every training run folder has: its ``log.jsonl`` rows and its ``report.json`` once finished."""
+
+    path: Path
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return read_log(self.path)
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        return _read_if_there(self.path / REPORT)
+
+
 @dataclass(frozen=True)
-class TrainRun:
+class TrainRun(_LoggedRun):
     """A training run folder (`interplab train`). ``config`` is the TrainConfig as a dict (without ``kind``
     and ``version``: ``TrainConfig.from_dict(run.config)``)."""
 
@@ -77,14 +101,6 @@ class TrainRun:
             else "it has no intact checkpoint either: resume it"
         )
         raise RunError(f"{self.path} is a training run with no {FINAL}/ yet (it did not finish): {hint}")
-
-    @property
-    def log(self) -> list[dict[str, Any]]:
-        return read_log(self.path)
-
-    @property
-    def report(self) -> dict[str, Any] | None:
-        return _read_if_there(self.path / REPORT)
 
 
 @dataclass(frozen=True)
@@ -185,6 +201,8 @@ REPORT_KINDS = (
     Kind.FEATURE_EXPORT,
     Kind.AUTO_INTERP,
     Kind.STEERING,
+    Kind.DT_TRAIN_REPORT,
+    Kind.DT_ANALYSIS,
 )
 
 
@@ -209,18 +227,142 @@ class Report:
         return cls(path, detect_document(path.name, data), data)  # type: ignore[arg-type]
 
 
-def open_run(path: str | Path) -> TrainRun | SAERun | CacheRun | ModelDir | Report:
+@dataclass(frozen=True)
+class TrajectoriesDir:
+    """A trajectory data set (`interplab dt collect`, `interplab.rl.TrajectoryWriter`): ``manifest`` is its
+    manifest.json (the env, the shards, the source); `interplab.rl.load_trajectories` reads the steps."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> TrajectoriesDir:
+        return cls(
+            *_open_doc(path, Kind.TRAJECTORIES, MANIFEST, "a folder written by `interplab dt collect`")
+        )
+
+    @property
+    def env(self) -> str | None:
+        env = self.manifest.get("env")
+        return env if isinstance(env, str) else None
+
+    @property
+    def shards(self) -> list[Path]:
+        """The shard files present, in order (``shard_00000.safetensors`` ...)."""
+        return sorted(p for p in self.path.glob(f"{_SHARD_PREFIX}*.safetensors") if p.is_file())
+
+
+@dataclass(frozen=True)
+class DTModelDir:
+    """A decision-transformer model folder (`interplab.rl.save_dt`; also a DT training run's ``final/``).
+    ``config``: its DTConfig as a dict (with ``kind`` and ``version``)."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> DTModelDir:
+        return cls(*_open_doc(path, Kind.DT_MODEL, CONFIG, "config.json with a DTConfig + model.safetensors"))
+
+
+@dataclass(frozen=True)
+class DTTrainRun(_LoggedRun):
+    """A decision-transformer training run (`interplab dt train`, `interplab.rl.train_dt`). ``config``: its
+    config.json as a dict (the model and training configs, the data), without ``kind``."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> DTTrainRun:
+        path, data = _open_doc(path, Kind.DT_TRAIN, CONFIG, "a folder written by `interplab dt train`")
+        return cls(path, {k: v for k, v in data.items() if k != "kind"})
+
+    def checkpoints(self, intact: bool = True) -> list[Checkpoint]:
+        """The run's checkpoints (each a model folder with its state.json), by step; ``intact``: only those
+        whose files match their recorded checksums."""
+        return _checkpoints(self.path, intact, None, need_optimizer=False)
+
+    @property
+    def has_final(self) -> bool:
+        return detect(self.path / FINAL) is Kind.DT_MODEL
+
+    @property
+    def final(self) -> Path:
+        """The trained model's folder (``final/``); an unfinished run raises, naming its latest checkpoint."""
+        if self.has_final:
+            return self.path / FINAL
+        good = self.checkpoints(intact=True)
+        hint = (
+            f"evaluate its latest intact checkpoint, {good[-1].path}, or resume it" if good else "resume it"
+        )
+        raise RunError(f"{self.path} is a decision-transformer training run with no {FINAL}/ yet: {hint}")
+
+
+def dt_model_folder(path: str | Path) -> Path:
+    """The decision-transformer model folder a path names: a DT training run gives its ``final/`` (an unfinished
+    one raises, naming its latest intact checkpoint); a DT model folder or checkpoint is itself."""
+    path = Path(path)
+    kind = detect(path)
+    if kind is Kind.DT_TRAIN:
+        return DTTrainRun.open(path).final
+    if kind is Kind.DT_MODEL:
+        return path
+    raise RunError(
+        f"{path} is {describe(path)}; expected a decision transformer: a DT training run (its final/ is "
+        "loaded) or a DT model folder"
+    )
+
+
+@dataclass(frozen=True)
+class DTEvalRun:
+    """A decision-transformer evaluation (`interplab dt eval`, `interplab.rl.Calibration.save`): ``data`` is
+    its calibration.json (per target return: episodes, mean achieved return, 95% CI)."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> DTEvalRun:
+        path = Path(path)
+        if path.is_file():
+            return cls(path.parent, read_json(path, Kind.DT_EVAL))
+        return cls(
+            *_open_doc(path, Kind.DT_EVAL, CALIBRATION_JSON, "a folder written by `interplab dt eval`")
+        )
+
+    @property
+    def rollouts(self) -> Path | None:
+        """The episodes the evaluation played (a trajectories folder), when it kept them."""
+        p = self.path / ROLLOUTS
+        return p if detect(p) is Kind.TRAJECTORIES else None
+
+
+Opened = (
+    TrainRun | SAERun | CacheRun | ModelDir | Report | TrajectoriesDir | DTModelDir | DTTrainRun | DTEvalRun
+)
+
+
+def open_run(path: str | Path) -> Opened:
     """The typed view of any folder interplab wrote (dispatching on `detect`); `RunError` for anything else."""
     path = Path(path)
     kind = detect(path)
-    if kind is Kind.TRAIN:
-        return TrainRun.open(path)
-    if kind is Kind.SAE_TRAIN:
-        return SAERun.open(path)
-    if kind is Kind.ACTIVATION_CACHE:
-        return CacheRun.open(path)
+    opener = _OPENERS.get(kind) if kind is not None else None
+    if opener is not None:
+        return opener(path)
     if kind in (Kind.MODEL, Kind.CHECKPOINT, Kind.HF_MODEL):
         return ModelDir.open(path)
     if kind in REPORT_KINDS:
         return Report.open(path)
     raise RunError(f"{path} is {describe(path)}; expected a folder an interplab command wrote")
+
+
+_OPENERS: dict[Kind, Callable[[Path], Opened]] = {
+    Kind.TRAIN: TrainRun.open,
+    Kind.SAE_TRAIN: SAERun.open,
+    Kind.ACTIVATION_CACHE: CacheRun.open,
+    Kind.TRAJECTORIES: TrajectoriesDir.open,
+    Kind.DT_MODEL: DTModelDir.open,
+    Kind.DT_TRAIN: DTTrainRun.open,
+    Kind.DT_EVAL: DTEvalRun.open,
+}
