@@ -123,19 +123,27 @@ def collect_command(
 
 
 class _TrainProgress:
-    """`train_dt`'s progress, whatever its shape (``fn(step, total)`` or event dicts), on one `JobProgress`."""
+    """`train_dt`'s progress events (``{"event": "setup" | "step" | "checkpoint" | "done", ...}``) on a
+    `JobProgress`."""
 
     def __init__(self, bar: JobProgress) -> None:
         self.bar = bar
+        self.val = ""
 
-    def __call__(self, event: Any, total: int | None = None) -> None:
-        if isinstance(event, dict):
-            step = event.get("step")
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "setup":
+            self.bar.update(
+                info=f"{event.get('episodes', '?'):,} episodes, {event.get('steps', '?'):,} steps of data"
+            )
+        elif kind == "step":
+            if isinstance(event.get("val_loss"), (int, float)):
+                self.val = f" val {event['val_loss']:.3f}"
             loss = event.get("loss")
-            info = f"loss {loss:.3f}" if isinstance(loss, (int, float)) else None
-            self.bar.update(step if isinstance(step, int) else None, info=info)
-        else:
-            self.bar.update(event, total=total)
+            info = f"loss {loss:.3f}{self.val}" if isinstance(loss, (int, float)) else None
+            self.bar.update(event.get("step"), info=info)
+        elif kind == "done":
+            self.bar.update(event.get("step"))
 
 
 @app.command("train")
@@ -152,47 +160,45 @@ def train_command(
         None, "--seed", help="training seed (default: the preset's)", callback=non_negative_int
     ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a run found in --out"),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="stop after this step (resume later)", callback=positive_int
+    ),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
     device: str = typer.Option(
         None, "--device", help="cpu, cuda ... (default: cuda if available)", callback=device_option
     ),
 ) -> None:
-    """Train a decision transformer on trajectories (interplab's trainer: dense early checkpoints, resumable)."""
+    """Train a decision transformer on trajectories (dense early checkpoints, resumable; data-parallel under
+    ``torchrun ... -m interplab dt train``)."""
     set_threads(threads)
     from interplab import rl
+    from interplab.rl.train import dt_preset
 
     with _library("cannot train"):
-        model_cfg, train_cfg = rl.load_dt_preset(preset)
+        model_cfg, train_cfg = dt_preset(preset)
         trajs = rl.load_trajectories(data)
-        if trajs.env != model_cfg.env:
-            model_cfg = model_cfg.replace(env=trajs.env)
+        if trajs.env != model_cfg.env:  # the preset's architecture, for the data's environment
+            model_cfg = model_cfg.replace(env=trajs.env, max_timestep=rl.env_spec(trajs.env).max_steps)
         changes = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
         if changes:
             train_cfg = train_cfg.replace(**changes)
         claim_out(out, Kind.DT_TRAIN)
         with JobProgress(f"train {preset}", total=train_cfg.steps, unit="steps") as bar:
             result = rl.train_dt(
-                model_cfg, train_cfg, trajs, out, resume=resume, progress=_TrainProgress(bar), device=device
-            )
-    console.print(_train_line(result))
+                model_cfg, train_cfg, trajs, out, resume=resume, stop_after=stop_after, device=device,
+                progress=_TrainProgress(bar),
+            )  # fmt: skip
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from}")
+    val = ""
+    if result.val_loss is not None:
+        val = f", validation loss {result.val_loss:.3f}, action accuracy {result.val_accuracy:.1%}"
+    console.print(f"step {result.step}: loss {result.loss:.3f}{val}; {result.tokens_per_s:,.0f} tokens/s")
     console.print(
         f"run directory: {_saved(out)} ({runs.CONFIG}, {runs.LOG}, {runs.CHECKPOINTS}/, {runs.FINAL}/, "
-        f"{runs.REPORT}); next: interplab dt eval {out} --out {out.parent / (out.name + '-eval')}",
+        f"{runs.REPORT})",
         soft_wrap=True,
     )
-
-
-def _train_line(result: Any) -> str:
-    parts = [f"step {getattr(result, 'step', '?')}"]
-    for name, label in (
-        ("loss", "loss"),
-        ("action_accuracy", "action accuracy"),
-        ("tokens_per_s", "tokens/s"),
-    ):
-        value = getattr(result, name, None)
-        if isinstance(value, (int, float)):
-            parts.append(f"{label} {value:,.3f}" if name != "tokens_per_s" else f"{value:,.0f} {label}")
-    return ", ".join(parts)
 
 
 # --- eval ------------------------------------------------------------------------------------------------------
@@ -222,7 +228,10 @@ def eval_command(
     episodes: int = typer.Option(16, "--episodes", "-n", help="episodes per target", callback=positive_int),
     out: Path = typer.Option(..., "--out", "-o", help="evaluation folder", callback=out_folder),
     data: Path = typer.Option(
-        None, "--data", help="the training trajectories: a target outside their return range warns"
+        None,
+        "--data",
+        help="the training trajectories (default: the range a training run recorded): a target outside "
+        "their return range warns",
     ),
     seed: int = typer.Option(0, "--seed", help="episode k of each target uses env seed seed + k"),
     n_envs: int = typer.Option(16, "--n-envs", help="environments stepped together", callback=positive_int),
@@ -241,7 +250,7 @@ def eval_command(
         if folder != run:
             console.print(f"loaded {folder}", markup=False, highlight=False)
         env = model.cfg.env
-        trajs = rl.load_trajectories(data) if data is not None else None
+        trajs = rl.load_trajectories(data, env=env) if data is not None else _data_range(run)
         if targets is None:
             top = rl.env_spec(env).max_return
             targets = [round(top * i / 4, 4) for i in range(5)]
@@ -261,6 +270,15 @@ def eval_command(
     except ValueError as err:  # too few episodes or one target
         console.print(f"no slope: {err}", style="yellow")
     console.print(f"evaluation: {_saved(out)} ({runs.CALIBRATION_JSON}, calibration.html, {runs.ROLLOUTS}/)")
+
+
+def _data_range(run: Path) -> tuple[float, float] | None:
+    """The return range of a DT training run's data (its config.json records it), else None."""
+    if runs.detect(run) is not Kind.DT_TRAIN:
+        return None
+    data = runs.DTTrainRun.open(run).config.get("data")
+    lo, hi = (data.get("return_min"), data.get("return_max")) if isinstance(data, dict) else (None, None)
+    return (float(lo), float(hi)) if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else None
 
 
 def _calibration_table(cal: Any) -> Any:
