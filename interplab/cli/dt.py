@@ -133,9 +133,7 @@ class _TrainProgress:
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "setup":
-            self.bar.update(
-                info=f"{event.get('episodes', '?'):,} episodes, {event.get('steps', '?'):,} steps of data"
-            )
+            self.bar.update(info=f"{event.get('episodes')} episodes, {event.get('steps')} steps of data")
         elif kind == "step":
             if isinstance(event.get("val_loss"), (int, float)):
                 self.val = f" val {event['val_loss']:.3f}"
