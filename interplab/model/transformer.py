@@ -11,7 +11,7 @@ torch.Size([2, 8, 64])
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -320,12 +320,6 @@ class Transformer(nn.Module):
             if names is not None:
                 raise TypeError("run_with_cache got both names and names_filter (the same thing): give one")
             names = names_filter
-        if names is None:
-            targets: list[HookTarget] = [lambda _name: True]
-        elif isinstance(names, (str, Site, tuple)) or callable(names):
-            targets = [names]
-        else:
-            targets = list(names)
         if remove_batch_dim:
             shape = tokens.shape if isinstance(tokens, Tensor) else torch.as_tensor(tokens).shape
             batch = shape[0] if len(shape) == 2 else 1
@@ -334,6 +328,34 @@ class Transformer(nn.Module):
                     f"remove_batch_dim=True needs a batch of one, got {batch}; cache the batch and index it "
                     "(cache[name][i]) instead"
                 )
+        return self.cache_call(
+            lambda: self(tokens, **kwargs),
+            names,
+            device=device,
+            grad=grad,
+            remove_batch_dim=remove_batch_dim,
+            fwd_hooks=fwd_hooks,
+        )
+
+    def cache_call(
+        self,
+        run: Callable[[], Any],
+        names: HookTarget | Sequence[HookTarget] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        grad: bool = False,
+        remove_batch_dim: bool = False,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+    ) -> tuple[Any, ActivationCache]:
+        """`run_with_cache` for any call that runs this model's hook points: ``run()``'s result and the cache
+        of the named points (all if None). A model that wraps this one with its own embeddings (the decision
+        transformer of `interplab.rl`) caches its forward through it."""
+        if names is None:
+            targets: list[HookTarget] = [lambda _name: True]
+        elif isinstance(names, (str, Site, tuple)) or callable(names):
+            targets = [names]
+        else:
+            targets = list(names)
         store: dict[str, Tensor] = {}
 
         def save(act: Tensor, site: Site) -> None:
@@ -347,7 +369,7 @@ class Transformer(nn.Module):
             torch.set_grad_enabled(grad and torch.is_grad_enabled()),
             self.hook_registry.scoped(fwd_hooks, read_hooks=[(t, save) for t in targets]),
         ):
-            out = self(tokens, **kwargs)
+            out = run()
         return out, ActivationCache(store, self)
 
     def _describe_missing(self, name: str) -> str:

@@ -36,7 +36,7 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
                                         report.json {kind: dt_train_report}
     DT evaluation (Kind.DT_EVAL)        `interplab dt eval`: calibration.json {kind: dt_eval, version, env,
                                         targets: per target its episodes, mean return, 95% CI} + pictures,
-                                        rollouts/ (Kind.TRAJECTORIES: the episodes it played)
+                                        trajectories/ (Kind.TRAJECTORIES: the episodes it played)
     DT analysis (Kind.DT_ANALYSIS)      `interplab dt analyze`: report.json {kind: dt_analysis, ...} + pictures
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures;

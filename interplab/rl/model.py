@@ -1,0 +1,552 @@
+"""`DecisionTransformer`: a return-conditioned trajectory model on interplab's `Transformer`.
+
+A window of K steps is the token sequence ``[R_1, s_1, a_1, ..., R_K, s_K, a_K]`` (3K tokens): the return to
+go, the observation (MiniGrid's egocentric [7, 7, 3] view) and the action of each step. The action logits of
+step t are read at the state token ``s_t``, so causal attention lets them see ``R_<=t, s_<=t, a_<t`` and never
+``a_t``.
+
+The blocks, the final norm and the action head are an ordinary interplab `Transformer` (``.transformer``), so
+every TransformerLens hook name works (``blocks.0.hook_resid_pre``, ``blocks.1.attn.hook_pattern``,
+``ln_final.hook_normalized``, ...) and `ActivationCache` tools (``decompose_resid``, DLA onto ``W_U``) read it
+as they read a language model. Its pieces mean:
+
+- ``embed.W_E`` [n_actions + 1, d_model]: the action embedding (the last row, index ``n_actions``, is the
+  "no action yet / padding" token);
+- ``hook_embed`` [batch 3T d_model]: the interleaved token embeddings (return, state, action), before time;
+- ``pos_embed.W_pos`` [n_ctx, d_model]: the *timestep* table (a token's position is its step's timestep in
+  the episode, shared by the three tokens of a step), shown at ``hook_pos_embed``;
+- ``unembed.W_U`` [d_model, n_actions]: the action head (``hook_unembed_out``: logits at every token; the
+  model returns those at the state tokens).
+
+The return and state embeddings are the DT's own modules (``rtg_embed``; ``state_embed``: a linear map of the
+one-hot grid, the default, or a small conv net).
+
+>>> model = DecisionTransformer(DTConfig(env="MiniGrid-MemoryS7-v0", context=4, max_timestep=245))
+>>> rtg, obs = torch.ones(2, 4), torch.zeros(2, 4, 7, 7, 3, dtype=torch.uint8)
+>>> actions, timesteps = torch.zeros(2, 4, dtype=torch.long), torch.arange(4).expand(2, 4)
+>>> model(rtg, obs, actions, timesteps).shape  # action logits of every step
+torch.Size([2, 4, 7])
+>>> _, cache = model.run_with_cache(rtg, obs, actions, timesteps, names=["blocks.0.attn.hook_pattern"])
+>>> cache["blocks.0.attn.hook_pattern"].shape  # [batch, head, query token, key token]
+torch.Size([2, 4, 12, 12])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from interplab import runs
+from interplab.hooks.cache import ActivationCache
+from interplab.hooks.points import HookFn, HookTarget
+from interplab.integrity import forget_checksums, record_checksums, verify_checksums
+from interplab.io import load_tensors, save_tensors
+from interplab.model.attention import AttnContext
+from interplab.model.config import Activation, ModelConfig, Norm, Positional
+from interplab.model.transformer import Transformer
+
+__all__ = [
+    "DT_MODEL_KIND",
+    "TOKEN_KINDS",
+    "DTConfig",
+    "DecisionTransformer",
+    "StateEmbedding",
+    "load_dt",
+    "save_dt",
+    "token_index",
+]
+
+DT_CONFIG_VERSION = 1
+DT_MODEL_KIND = runs.Kind.DT_MODEL.value
+"""``config.json``'s ``kind`` in a decision-transformer folder"""
+
+TOKEN_KINDS = ("rtg", "state", "action")
+"""the three tokens of a step, in sequence order"""
+
+MINIGRID_OBS_VALUES = (11, 6, 3)
+"""values of each channel of MiniGrid's view: 11 object types, 6 colours, 3 door states"""
+
+
+def token_index(step: int, kind: str) -> int:
+    """The sequence position of step ``step``'s ``kind`` token (kind in `TOKEN_KINDS`).
+
+    >>> token_index(0, "state"), token_index(2, "action")
+    (1, 8)
+    """
+    if kind not in TOKEN_KINDS:
+        raise ValueError(f"token kind {kind!r} is not one of {TOKEN_KINDS}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return 3 * step + TOKEN_KINDS.index(kind)
+
+
+class StateEmbedding(str, Enum):
+    """How an observation becomes a state token."""
+
+    LINEAR = "linear"
+    """a linear map of the one-hot grid (every cell x channel value has its own d_model vector, summed)"""
+    CONV = "conv"
+    """a small conv net (two 3x3 convolutions with ReLU) over the one-hot grid, then a linear map"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DTConfig:
+    """Architecture of a `DecisionTransformer`."""
+
+    env: str
+    """the environment the model acts in (informational; `interplab.rl.envs` names)"""
+    context: int
+    """K: timesteps per window (the sequence is 3K tokens)"""
+    max_timestep: int
+    """the largest timestep the model embeds (the environment's max_steps)"""
+    n_actions: int = 7
+    """discrete actions (MiniGrid: 7); the action table has one more row, the "no action yet / pad" token"""
+    obs_shape: tuple[int, int, int] = (7, 7, 3)
+    """the observation grid (height, width, channels)"""
+    obs_values: tuple[int, ...] = MINIGRID_OBS_VALUES
+    """number of values of each observation channel (one-hot sizes; MiniGrid: objects, colours, states)"""
+    d_model: int = 64
+    """width of the residual stream"""
+    n_layers: int = 2
+    """number of transformer blocks"""
+    n_heads: int = 4
+    """attention heads per block"""
+    d_head: int = None  # type: ignore[assignment]  # None: derived in __post_init__
+    """width of each head; defaults to d_model // n_heads"""
+    d_mlp: int = None  # type: ignore[assignment]  # None: derived in __post_init__
+    """MLP hidden width; defaults to 4 * d_model"""
+    attn_only: bool = False
+    """no MLPs"""
+    act_fn: Activation = Activation.GELU
+    """MLP non-linearity"""
+    normalization: Norm = Norm.LAYERNORM
+    """norm before attention, MLP and the action head"""
+    state_embedding: StateEmbedding = StateEmbedding.LINEAR
+    """how observations are embedded"""
+    conv_channels: int = 32
+    """channels of the conv state embedding (unused by the linear one)"""
+    rtg_scale: float = 1.0
+    """the return to go enters its embedding as rtg / rtg_scale (MiniGrid returns are at most 1)"""
+    init_range: float = 0.02
+    """standard deviation of the initial weights"""
+
+    def __post_init__(self) -> None:
+        for name, enum in (
+            ("act_fn", Activation),
+            ("normalization", Norm),
+            ("state_embedding", StateEmbedding),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, enum):
+                try:
+                    object.__setattr__(self, name, enum(value))
+                except ValueError:
+                    valid = ", ".join(e.value for e in enum)
+                    raise ValueError(f"{name}={value!r} is not one of: {valid}") from None
+        object.__setattr__(self, "obs_shape", tuple(self.obs_shape))
+        object.__setattr__(self, "obs_values", tuple(self.obs_values))
+        if not isinstance(self.env, str) or not self.env:
+            raise ValueError(f"env must be a non-empty environment name, got {self.env!r}")
+        for name in (
+            "context",
+            "max_timestep",
+            "n_actions",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "conv_channels",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if len(self.obs_shape) != 3 or any(not isinstance(v, int) or v <= 0 for v in self.obs_shape):
+            raise ValueError(
+                f"obs_shape must be three positive ints (height, width, channels), got {self.obs_shape}"
+            )
+        if len(self.obs_values) != self.obs_shape[2] or any(
+            not isinstance(v, int) or v <= 0 for v in self.obs_values
+        ):
+            raise ValueError(
+                f"obs_values must give a positive count for each of the {self.obs_shape[2]} observation channels, "
+                f"got {self.obs_values}"
+            )
+        if not self.rtg_scale > 0:
+            raise ValueError(f"rtg_scale must be positive, got {self.rtg_scale}")
+        if not self.init_range > 0:
+            raise ValueError(f"init_range must be positive, got {self.init_range}")
+        # derive d_head / d_mlp and validate the transformer's part through ModelConfig
+        model_cfg = self._model_config()
+        object.__setattr__(self, "d_head", model_cfg.d_head)
+        object.__setattr__(self, "d_mlp", model_cfg.d_mlp)
+
+    def _model_config(self) -> ModelConfig:
+        return ModelConfig(
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            d_head=self.d_head,
+            d_mlp=self.d_mlp,
+            attn_only=self.attn_only,
+            act_fn=self.act_fn,
+            normalization=self.normalization,
+            d_vocab=self.n_actions + 1,
+            d_vocab_out=self.n_actions,
+            n_ctx=max(3 * self.context, self.max_timestep + 1),
+            positional=Positional.LEARNED,
+            init_range=self.init_range,
+            name=f"dt:{self.env}",
+            architecture="decision_transformer",
+        )
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The inner `Transformer`'s config: d_vocab = n_actions + 1 (the action table), d_vocab_out = n_actions
+        (the action head), learned positions indexed by timestep (n_ctx covers max_timestep and 3 * context)."""
+        return self._model_config()
+
+    @property
+    def pad_action(self) -> int:
+        """The action id of "no action yet" (the last step of a prediction) and of padding steps."""
+        return self.n_actions
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in a full window (3 * context)."""
+        return 3 * self.context
+
+    def replace(self, **changes: Any) -> DTConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- files ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": DT_CONFIG_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DTConfig:
+        data = dict(data)
+        kind = data.pop("kind", DT_MODEL_KIND)
+        if kind != DT_MODEL_KIND:
+            raise ValueError(
+                f"this is a {kind!r} document, not a decision-transformer config ({DT_MODEL_KIND!r})"
+            )
+        version = data.pop("version", DT_CONFIG_VERSION)
+        if not isinstance(version, int) or version > DT_CONFIG_VERSION:
+            raise ValueError(
+                f"DT config version {version!r} is newer than this interplab ({DT_CONFIG_VERSION})"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DTConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+
+class _ConvStateEmbed(nn.Module):
+    def __init__(self, cfg: DTConfig) -> None:
+        super().__init__()
+        h, w, _ = cfg.obs_shape
+        c = cfg.conv_channels
+        self.conv1 = nn.Conv2d(sum(cfg.obs_values), c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.out = nn.Linear(c * h * w, cfg.d_model)
+
+    def forward(self, onehot: Float[Tensor, "n channels h w"]) -> Float[Tensor, "n d_model"]:
+        x = torch.relu(self.conv1(onehot))
+        x = torch.relu(self.conv2(x))
+        return self.out(x.flatten(1))
+
+
+class DecisionTransformer(nn.Module):
+    """A decision transformer whose blocks are an interplab `Transformer` (see the module docstring)."""
+
+    _onehot_base: Tensor  # [h w c]: the one-hot index of value 0 of each cell's channel
+    _obs_limits: Tensor  # [c]: values per channel
+
+    def __init__(self, cfg: DTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg.model_config)
+        self.rtg_embed = nn.Linear(1, cfg.d_model)
+        h, w, c = cfg.obs_shape
+        offsets = torch.tensor([0, *cfg.obs_values[:-1]]).cumsum(0)  # each channel's first one-hot index
+        # the one-hot index of (cell, channel, value) is cell * sum(obs_values) + offsets[channel] + value
+        cells = torch.arange(h * w).view(h, w, 1) * sum(cfg.obs_values)
+        self.register_buffer("_onehot_base", (cells + offsets.view(1, 1, c)).long(), persistent=False)
+        self.register_buffer("_obs_limits", torch.tensor(cfg.obs_values), persistent=False)
+        self.state_embed: nn.Module
+        if cfg.state_embedding is StateEmbedding.LINEAR:
+            self.state_embed = nn.EmbeddingBag(h * w * sum(cfg.obs_values), cfg.d_model, mode="sum")
+            self.state_bias = nn.Parameter(torch.zeros(cfg.d_model))
+        else:
+            self.state_embed = _ConvStateEmbed(cfg)
+        for name, p in self.named_parameters():
+            if name.startswith(("rtg_embed", "state_embed")):
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, std=cfg.init_range)
+        self.eval()
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        rtg: Tensor,
+        obs: Tensor,
+        actions: Tensor,
+        timesteps: Tensor,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """The inputs on the model's device, padding steps neutralised, or a clear error (wrong shapes,
+        a window longer than ``context``, an action, timestep or observation value out of range)."""
+        device = self.rtg_embed.weight.device
+        if obs.dim() != 5 or tuple(obs.shape[2:]) != self.cfg.obs_shape:
+            raise ValueError(
+                f"obs must be [batch, T, {', '.join(map(str, self.cfg.obs_shape))}], got shape {tuple(obs.shape)}"
+            )
+        b, t = obs.shape[:2]
+        for name, x in (("rtg", rtg), ("actions", actions), ("timesteps", timesteps)):
+            if tuple(x.shape) != (b, t):
+                raise ValueError(
+                    f"{name} must be [batch, T] = [{b}, {t}] like obs, got shape {tuple(x.shape)}"
+                )
+        if t == 0 or t > self.cfg.context:
+            raise ValueError(f"a window has 1..context={self.cfg.context} steps, got T={t}")
+        if actions.is_floating_point() or timesteps.is_floating_point():
+            raise TypeError("actions and timesteps must be integer tensors")
+        rtg = rtg.to(device=device, dtype=self.rtg_embed.weight.dtype)
+        obs, actions, timesteps = (x.to(device=device, dtype=torch.long) for x in (obs, actions, timesteps))
+        mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (b, t):
+                raise ValueError(
+                    f"attention_mask must be [batch, T] = [{b}, {t}], got shape {tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask.to(device=device, dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None
+            else:  # padding steps hold anything (NaN returns, out-of-range ids): make them neutral
+                rtg = torch.where(mask, rtg, 0.0)
+                obs = torch.where(mask[..., None, None, None], obs, 0)
+                actions = torch.where(mask, actions, self.cfg.pad_action)
+                timesteps = torch.where(mask, timesteps, 0)
+        self._check_range("actions", actions, 0, self.cfg.pad_action)
+        self._check_range("timesteps", timesteps, 0, self.cfg.max_timestep)
+        if obs.numel():
+            bad = (obs < 0) | (obs >= self._obs_limits)
+            if bool(bad.any()):
+                where = [int(i) for i in bad.nonzero()[0]]
+                raise ValueError(
+                    f"observation value {int(obs[tuple(where)])} at {tuple(where)} is out of range: channel "
+                    f"{where[-1]} has {self.cfg.obs_values[where[-1]]} values (obs_values={self.cfg.obs_values})"
+                )
+        return rtg, obs, actions, timesteps, mask
+
+    @staticmethod
+    def _check_range(name: str, x: Tensor, lo: int, hi: int) -> None:
+        if x.numel():
+            low, high = (int(v) for v in torch.aminmax(x))
+            if low < lo or high > hi:
+                raise ValueError(f"{name} must lie in {lo}..{hi}, got {low if low < lo else high}")
+
+    # ---- the forward pass ----------------------------------------------------------------------
+    def token_embeddings(
+        self,
+        rtg: Float[Tensor, "batch T"],
+        obs: Int[Tensor, "batch T h w c"],
+        actions: Int[Tensor, "batch T"],
+    ) -> Float[Tensor, "batch 3T d_model"]:
+        """The interleaved return, state and action embeddings (no time), on checked inputs."""
+        b, t = rtg.shape
+        r = self.rtg_embed((rtg / self.cfg.rtg_scale)[..., None])
+        s = self._embed_states(obs.flatten(0, 1)).view(b, t, -1)
+        a = self.transformer.embed.W_E[actions]
+        return torch.stack([r, s, a], dim=2).flatten(1, 2)
+
+    def _embed_states(self, obs: Int[Tensor, "n h w c"]) -> Float[Tensor, "n d_model"]:
+        index = (self._onehot_base + obs).flatten(1)  # n, h*w*c one-hot indices
+        if isinstance(self.state_embed, nn.EmbeddingBag):
+            return self.state_embed(index) + self.state_bias
+        h, w, _ = self.cfg.obs_shape
+        onehot = torch.zeros(obs.shape[0], h * w * sum(self.cfg.obs_values), device=obs.device)
+        onehot = onehot.scatter_(1, index, 1.0).view(obs.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return self.state_embed(onehot.to(self.rtg_embed.weight.dtype))
+
+    def _embed(
+        self, rtg: Tensor, obs: Tensor, actions: Tensor, timesteps: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, AttnContext]:
+        tf = self.transformer
+        positions = timesteps.repeat_interleave(3, dim=1)  # the three tokens of a step share its timestep
+        key_valid = None if mask is None else mask.repeat_interleave(3, dim=1)
+        ctx = AttnContext(positions=positions, key_valid=key_valid)
+        resid = tf.hook_embed(self.token_embeddings(rtg, obs, actions))
+        resid = resid + tf.hook_pos_embed(tf.pos_embed.W_pos[positions])
+        return resid, ctx
+
+    def embed(
+        self,
+        rtg: Float[Tensor, "batch T"],
+        obs: Int[Tensor, "batch T h w c"],
+        actions: Int[Tensor, "batch T"],
+        timesteps: Int[Tensor, "batch T"],
+        attention_mask: Bool[Tensor, "batch T"] | None = None,
+    ) -> Float[Tensor, "batch 3T d_model"]:
+        """The residual stream entering block 0: token embeddings (``hook_embed``) + timestep embeddings
+        (``hook_pos_embed``), interleaved ``[R_1, s_1, a_1, ...]`` (see `token_index`)."""
+        return self._embed(*self.check_inputs(rtg, obs, actions, timesteps, attention_mask))[0]
+
+    def forward(
+        self,
+        rtg: Float[Tensor, "batch T"],
+        obs: Int[Tensor, "batch T h w c"],
+        actions: Int[Tensor, "batch T"],
+        timesteps: Int[Tensor, "batch T"],
+        attention_mask: Bool[Tensor, "batch T"] | None = None,
+    ) -> Float[Tensor, "batch T n_actions"]:
+        """Action logits of every step, read at its state token. ``attention_mask`` marks real steps (True)
+        and padding (False; left padding of windows shorter than ``context``)."""
+        resid, ctx = self._embed(*self.check_inputs(rtg, obs, actions, timesteps, attention_mask))
+        resid = self.transformer.run_blocks(resid, ctx)
+        logits = self.transformer.unembed_resid(
+            resid
+        )  # every token (hook_unembed_out is [batch 3T n_actions])
+        return logits[:, 1::3]
+
+    def predict(
+        self,
+        rtg: Float[Tensor, "batch T"],
+        obs: Int[Tensor, "batch T h w c"],
+        actions: Int[Tensor, "batch T"],
+        timesteps: Int[Tensor, "batch T"],
+        attention_mask: Bool[Tensor, "batch T"] | None = None,
+    ) -> Float[Tensor, "batch n_actions"]:
+        """Logits of the action at the last step (its action is not known yet: whatever ``actions[:, -1]``
+        holds is replaced by the "no action yet" token, which the state token cannot see anyway)."""
+        actions = actions.clone()
+        actions[:, -1] = self.cfg.pad_action
+        return self(rtg, obs, actions, timesteps, attention_mask)[:, -1]
+
+    # ---- hooks (the inner Transformer's) ---------------------------------------------------------
+    @staticmethod
+    def token_index(step: int, kind: str) -> int:
+        """See the module-level `token_index`."""
+        return token_index(step, kind)
+
+    @property
+    def hook_names(self) -> list[str]:
+        return self.transformer.hook_names
+
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        read_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+    ) -> Any:
+        """Scoped hooks on the inner transformer's points (see `Transformer.hooks`)."""
+        return self.transformer.hooks(fwd_hooks, bwd_hooks, read_hooks)
+
+    def run_with_hooks(
+        self,
+        rtg: Tensor,
+        obs: Tensor,
+        actions: Tensor,
+        timesteps: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+    ) -> Float[Tensor, "batch T n_actions"]:
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(rtg, obs, actions, timesteps, attention_mask)
+
+    def run_with_cache(
+        self,
+        rtg: Tensor,
+        obs: Tensor,
+        actions: Tensor,
+        timesteps: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        names: HookTarget | Sequence[HookTarget] | None = None,
+        device: torch.device | str | None = None,
+        grad: bool = False,
+        fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
+    ) -> tuple[Float[Tensor, "batch T n_actions"], ActivationCache]:
+        """The action logits and an `ActivationCache` of the named hook points (all if None), as
+        `Transformer.run_with_cache`; sequence positions are tokens (see `token_index`)."""
+        return self.transformer.cache_call(
+            lambda: self(rtg, obs, actions, timesteps, attention_mask),
+            names,
+            device=device,
+            grad=grad,
+            fwd_hooks=fwd_hooks,
+        )
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"DecisionTransformer({c.env}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
+            f"context {c.context}, {c.state_embedding.value} states, {self.n_params:,} params)"
+        )
+
+
+# ---- files -------------------------------------------------------------------------------------
+def save_dt(model: DecisionTransformer, path: str | Path) -> Path:
+    """Write ``config.json`` ({kind: dt_model, version, ...DTConfig}) and ``model.safetensors`` to a folder
+    (``checksums.json`` last); `load_dt` is the exact inverse."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    forget_checksums(path)
+    save_tensors(path / runs.MODEL_WEIGHTS, dict(model.state_dict()), metadata={"format": DT_MODEL_KIND})
+    # config last: a folder with a config.json is a complete model
+    runs.write_json(path / runs.CONFIG, runs.Kind.DT_MODEL, model.cfg.to_dict())
+    record_checksums(path, [runs.MODEL_WEIGHTS, runs.CONFIG])
+    return path
+
+
+def load_dt(path: str | Path, *, device: str | torch.device = "cpu") -> DecisionTransformer:
+    """Read a folder `save_dt` wrote (or a DT checkpoint); a DT training run stands for its ``final/`` (an
+    unfinished one raises, naming its latest intact checkpoint)."""
+    path = Path(path)
+    if runs.detect(path) is runs.Kind.DT_TRAIN:
+        path = runs.DTTrainRun.open(path).final
+    if not (path / runs.CONFIG).is_file():
+        raise FileNotFoundError(f"{path} is not a decision-transformer folder: it is {runs.describe(path)}")
+    verify_checksums(path)
+    data = runs.read_json(path / runs.CONFIG, runs.Kind.DT_MODEL)
+    cfg = DTConfig.from_dict(data)
+    model = DecisionTransformer(cfg)
+    state = load_tensors(path / runs.MODEL_WEIGHTS, device=device)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(
+            f"{path / runs.MODEL_WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{path}: weight {k!r} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}"
+            )
+    model.load_state_dict(state)
+    return model.to(device).eval()
