@@ -121,11 +121,11 @@ class WindowSampler:
             raise ValueError(f"context must be positive, got {context}")
         self.context = context
         self.pad_action = pad_action
-        self.obs = torch.as_tensor(np.asarray(trajectories.obs))
-        self.actions = torch.as_tensor(np.asarray(trajectories.actions)).long()
-        self.rtg = torch.as_tensor(np.asarray(trajectories.rtg)).float()
-        self.timesteps = torch.as_tensor(np.asarray(trajectories.timesteps)).long()
-        starts = torch.as_tensor(np.asarray(trajectories.episode_starts)).long()
+        self.obs = torch.as_tensor(trajectories.obs)
+        self.actions = torch.as_tensor(trajectories.actions).long()
+        self.rtg = torch.as_tensor(trajectories.rtg).float()
+        self.timesteps = torch.as_tensor(trajectories.timesteps).long()
+        starts = torch.as_tensor(trajectories.episode_starts).long()
         n = self.actions.shape[0]
         if self.obs.shape[0] != n or self.rtg.shape[0] != n or int(starts[-1]) != n:
             raise ValueError(
