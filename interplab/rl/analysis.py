@@ -31,6 +31,7 @@ from interplab.analysis.steering import steering_hook
 from interplab.analysis.targets import Direction, PatchResult, PatchTarget, plan_patches, selection, site_of
 from interplab.hooks.site import Site, SiteKind
 from interplab.rl.attention import attention_figure, attention_pattern, palette_obs
+from interplab.rl.envs import ACTION_NAMES
 from interplab.rl.labels import (
     INSTRUCTION_NAMES,
     EnvLabels,
@@ -41,13 +42,10 @@ from interplab.rl.labels import (
     instruction_pair,
     swapped_instruction_obs,
 )
+from interplab.rl.model import TOKEN_KINDS, DecisionTransformer
 from interplab.rl.windows import (
-    ACTION_NAMES,
     BALL,
     KEY,
-    TOKEN_KINDS,
-    DTLike,
-    TrajectoriesLike,
     TrajectoryCache,
     Windows,
     cache_trajectories,
@@ -255,7 +253,7 @@ class InstructionPatching:
 
 
 def patch_instruction(
-    model: DTLike,
+    model: DecisionTransformer,
     clean: Windows,
     corrupt: Windows,
     *,
@@ -343,7 +341,7 @@ def patch_instruction(
 
 
 def _run_patches(
-    model: DTLike,
+    model: DecisionTransformer,
     inputs: tuple[Tensor, ...],
     chunk: list,
     target: PatchTarget,
@@ -432,7 +430,7 @@ class ActionDLA:
         return plots.save_result(self, path)
 
 
-def action_dla(model: DTLike, win: Windows, *, step: int = -1) -> ActionDLA:
+def action_dla(model: DecisionTransformer, win: Windows, *, step: int = -1) -> ActionDLA:
     """Direct logit attribution of the embeddings, every head, every attention bias and every MLP onto the
     action logits read at window step ``step``'s state token."""
     tf = model.transformer
@@ -572,7 +570,7 @@ class SteerResult:
 
 
 def steer(
-    model: DTLike,
+    model: DecisionTransformer,
     win: Windows,
     direction: Tensor,
     site: str | Site | tuple,
@@ -621,13 +619,11 @@ __all__ = [
     "KEY",
     "TOKEN_KINDS",
     "ActionDLA",
-    "DTLike",
     "EnvLabels",
     "InstructionPair",
     "InstructionPatching",
     "ProbeSweep",
     "SteerResult",
-    "TrajectoriesLike",
     "TrajectoryCache",
     "Windows",
     "action_dla",
