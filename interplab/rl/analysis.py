@@ -279,9 +279,7 @@ def patch_instruction(
         raise ValueError(f"unknown components {unknown}; valid: {', '.join(COMPONENTS)}")
     tf = model.transformer
     b, n_steps = clean.rtg.shape
-    step = step + n_steps if step < 0 else step
-    if not 0 <= step < n_steps:
-        raise ValueError(f"step {step} out of range for windows of {n_steps} steps")
+    step = clean.step_index(step)
     n_actions = model.cfg.n_actions
     ans, wr = _as_actions(answer, b, "answer", n_actions), _as_actions(wrong, b, "wrong", n_actions)
     base, source = (corrupt, clean) if direction is Direction.DENOISE else (clean, corrupt)
@@ -435,10 +433,7 @@ def action_dla(model: DecisionTransformer, win: Windows, *, step: int = -1) -> A
     action logits read at window step ``step``'s state token."""
     tf = model.transformer
     cfg = tf.cfg
-    n_steps = win.steps
-    step = step + n_steps if step < 0 else step
-    if not 0 <= step < n_steps:
-        raise ValueError(f"step {step} out of range for windows of {n_steps} steps")
+    step = win.step_index(step)
     pos = token_position(step, "state")
     embed, time, scale = (
         Site(SiteKind.EMBED).name,
@@ -586,9 +581,7 @@ def steer(
     if name not in tf.hook_names:
         raise ValueError(f"{name!r} is not a hook point of this model")
     n_steps = win.steps
-    step = step + n_steps if step < 0 else step
-    if not 0 <= step < n_steps:
-        raise ValueError(f"step {step} out of range for windows of {n_steps} steps")
+    step = win.step_index(step)
     positions = None
     if kinds is not None:
         bad = [k for k in kinds if k not in TOKEN_KINDS]

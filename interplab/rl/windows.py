@@ -65,6 +65,13 @@ class Windows:
     def steps(self) -> int:
         return self.rtg.shape[1]
 
+    def step_index(self, step: int) -> int:
+        """A window step (negative counts from the end) as an index in 0..T-1, or a clear error."""
+        index = step + self.steps if step < 0 else step
+        if not 0 <= index < self.steps:
+            raise ValueError(f"step {step} out of range for windows of {self.steps} steps")
+        return index
+
     def select(self, index: Tensor | slice | Sequence[int]) -> Windows:
         idx = index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
         return Windows(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))

@@ -80,6 +80,18 @@ def planted_model() -> DecisionTransformer:
     return model
 
 
+def random_model(seed: int) -> DecisionTransformer:
+    """A DT with large random weights (LayerNorm, MLPs): no structure, for identities that must hold anyway."""
+    torch.manual_seed(seed)
+    model = DecisionTransformer(
+        DTConfig(env="MiniGrid-MemoryS7-v0", context=3, max_timestep=10, d_model=16, n_layers=2, n_heads=2)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
 def planted_trajs(instructions: list[int]) -> Trajectories:
     """One episode of K steps per instruction (0 key, 1 ball): empty views, the object in view at step 0
     only, the same actions and rewards everywhere (the last action: the turn the instruction asks for)."""
@@ -201,13 +213,7 @@ def test_patching_localises_the_instruction_to_its_carrier() -> None:
 
 
 def test_batched_patching_equals_one_forward_per_patch() -> None:
-    torch.manual_seed(0)
-    model = DecisionTransformer(
-        DTConfig(env="MiniGrid-MemoryS7-v0", context=3, max_timestep=10, d_model=16, n_layers=2, n_heads=2)
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = random_model(0)
     a, b = planted_trajs([1, 0, 1]), planted_trajs([0, 1, 1])
     clean, corrupt = windows(a, 3, ends=[3, 6, 11]), windows(b, 3, ends=[3, 6, 11])
     res = patch_instruction(
@@ -258,13 +264,7 @@ def test_dla_adds_up_to_the_logits_and_names_the_carrier() -> None:
 
 
 def test_dla_adds_up_through_a_layernorm() -> None:
-    torch.manual_seed(1)
-    model = DecisionTransformer(
-        DTConfig(env="MiniGrid-MemoryS7-v0", context=3, max_timestep=10, d_model=16, n_layers=2, n_heads=2)
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = random_model(1)
     win = windows(planted_trajs([1, 0]), 3, ends=[2, 7])
     dla = action_dla(model, win, step=1)
     # the components at the cached final-norm scale plus the norm's and head's biases give the logits
