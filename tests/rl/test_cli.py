@@ -1,0 +1,146 @@
+"""``interplab dt collect|train|eval|analyze``: each writes the run folder the next reads, prints where it went,
+and bad input (an unknown env, data of another env, a folder of another kind) ends in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from interplab import runs
+from interplab.cli.main import app
+from interplab.runs import Kind
+
+minigrid = pytest.importorskip("minigrid")
+
+from interplab.rl.envs import make_env  # noqa: E402
+from interplab.rl.model import DecisionTransformer, DTConfig, save_dt  # noqa: E402
+from interplab.rl.trajectories import Trajectories  # noqa: E402
+
+ENV = "MiniGrid-MemoryS7-v0"
+runner = CliRunner()
+
+
+def random_trajectories(env_name: str, n: int, max_len: int = 12, seed: int = 0) -> Trajectories:
+    """Episodes of a random policy in the real environment (seeds seed + e), cut at ``max_len`` steps."""
+    g = torch.Generator().manual_seed(seed)
+    obs, actions, rewards, dones, starts = [], [], [], [], [0]
+    for e in range(n):
+        env = make_env(env_name, seed=seed + e)
+        o, _ = env.reset(seed=seed + e)
+        for t in range(max_len):
+            a = int(torch.randint(0, 3, (), generator=g))  # left, right, forward
+            o2, r, term, trunc, _ = env.step(a)
+            obs.append(torch.as_tensor(o))
+            actions.append(a)
+            rewards.append(float(r))
+            end = term or trunc or t == max_len - 1
+            dones.append(bool(term or trunc))
+            o = o2
+            if end:
+                break
+        starts.append(len(actions))
+    return Trajectories(
+        env=env_name,
+        obs=torch.stack(obs),
+        actions=torch.tensor(actions),
+        rewards=torch.tensor(rewards),
+        dones=torch.tensor(dones),
+        episode_starts=torch.tensor(starts),
+        seeds=torch.arange(seed, seed + n),
+        source="random",
+    )
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dtcli")
+    random_trajectories(ENV, 8).save(root / "data")
+    random_trajectories("MiniGrid-Empty-5x5-v0", 2).save(root / "empty")
+    torch.manual_seed(0)
+    cfg = DTConfig(env=ENV, context=4, max_timestep=245, d_model=32, n_layers=2, n_heads=2)
+    save_dt(DecisionTransformer(cfg), root / "model")
+    return root
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_analyze_writes_probes_dla_and_the_decision_attention(lab):
+    out = lab / "analysis"
+    r = _run("dt", "analyze", lab / "model", "--data", lab / "data", "--out", out, "--episodes", "6")
+    assert r.exit_code == 0, r.output
+    assert runs.detect(out) is Kind.DT_ANALYSIS and f"analysis: {out}" in r.output.replace("\n", "")
+    report = runs.Report.open(out).data
+    assert report["episodes"] == 6 and report["env"] == ENV
+    assert set(report["probes"]) >= {"instruction", "direction"}
+    inst = report["probes"]["instruction"]
+    assert inst["sites"] == [
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_resid_post",
+    ]
+    assert all(0 <= s <= 1 for s in inst["test_scores"])
+    att = report["attention"]
+    assert att["tokens"] == ["R-3", "s-3", "a-3", "R-2", "s-2", "a-2", "R-1", "s-1", "a-1", "R0", "s0", "a0"]
+    data = runs.open_run(lab / "data")
+    assert isinstance(data, runs.TrajectoriesDir)
+    from interplab.rl import load_trajectories
+
+    trajs = load_trajectories(lab / "data")
+    for e, rows in att["episodes"].items():
+        assert len(rows) == int(trajs.lengths[int(e)])
+        for t, row in enumerate(rows):
+            torch.testing.assert_close(sum(row), 1.0, atol=2e-3, rtol=0)  # a distribution over the window
+            assert all(x == 0 for x in row[-1:])  # the decision token never reads its own action
+            pads = 3 * max(0, 3 - t)  # a window of 4 steps is left-padded early in the episode
+            assert all(x == 0 for x in row[:pads])
+    for name in report["pictures"]:
+        assert (out / name).is_file()
+    assert "probe instruction: best" in r.output
+
+
+def test_analyze_attention_equals_the_models_own_pattern(lab):
+    """The recorded row is the head-mean of the last layer's pattern at the decision token (a recomputation)."""
+    from interplab.rl import analysis as an
+    from interplab.rl import load_dt, load_trajectories
+
+    report = json.loads((lab / "analysis" / runs.REPORT).read_text())
+    model, trajs = load_dt(lab / "model"), load_trajectories(lab / "data")
+    lo = int(trajs.episode_starts[1])
+    win = an.windows(trajs, 4, ends=[lo + 5])
+    pattern = torch.stack([an.attention_pattern(model, win, 1, h) for h in range(2)]).mean(0)
+    expected = pattern[an.token_position(3, "state")]  # all 12 tokens are real at step 5
+    torch.testing.assert_close(
+        torch.tensor(report["attention"]["episodes"]["1"][5]), expected, atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["dt", "analyze", "{model}", "--data", "{empty}", "--out", "{out}"], "MiniGrid-Empty-5x5-v0"),
+        (
+            ["dt", "analyze", "{data}", "--data", "{data}", "--out", "{out}"],
+            "expected a decision transformer",
+        ),
+        (
+            ["dt", "analyze", "{model}", "--data", "{model}", "--out", "{out}"],
+            "expected a trajectory data set",
+        ),
+        (["dt", "analyze", "{model}", "--data", "{data}", "--out", "{data}"], "choose another output folder"),
+        (["dt", "analyze", "{model}", "--data", "{data}", "--out", "{out}", "-n", "0"], "'-n'"),
+    ],
+)
+def test_bad_input_is_one_line(lab, args, named):
+    before = sorted(p.name for p in (lab / "data").iterdir())
+    values = {"model": lab / "model", "data": lab / "data", "empty": lab / "empty", "out": lab / "bad-out"}
+    r = runner.invoke(app, [a.format(**values) for a in args])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in " ".join(r.stderr.split()), r.stderr
+    assert "Traceback" not in r.output
+    assert sorted(p.name for p in (lab / "data").iterdir()) == before
