@@ -31,6 +31,7 @@ from interplab.analysis.steering import steering_hook
 from interplab.analysis.targets import Direction, PatchResult, PatchTarget, plan_patches, selection, site_of
 from interplab.hooks.site import Site, SiteKind
 from interplab.rl.attention import attention_figure, attention_pattern, palette_obs
+from interplab.rl.envs import ACTION_NAMES
 from interplab.rl.labels import (
     INSTRUCTION_NAMES,
     EnvLabels,
@@ -41,13 +42,10 @@ from interplab.rl.labels import (
     instruction_pair,
     swapped_instruction_obs,
 )
+from interplab.rl.model import TOKEN_KINDS, DecisionTransformer
 from interplab.rl.windows import (
-    ACTION_NAMES,
     BALL,
     KEY,
-    TOKEN_KINDS,
-    DTLike,
-    TrajectoriesLike,
     TrajectoryCache,
     Windows,
     cache_trajectories,
@@ -255,7 +253,7 @@ class InstructionPatching:
 
 
 def patch_instruction(
-    model: DTLike,
+    model: DecisionTransformer,
     clean: Windows,
     corrupt: Windows,
     *,
@@ -281,9 +279,7 @@ def patch_instruction(
         raise ValueError(f"unknown components {unknown}; valid: {', '.join(COMPONENTS)}")
     tf = model.transformer
     b, n_steps = clean.rtg.shape
-    step = step + n_steps if step < 0 else step
-    if not 0 <= step < n_steps:
-        raise ValueError(f"step {step} out of range for windows of {n_steps} steps")
+    step = clean.step_index(step)
     n_actions = model.cfg.n_actions
     ans, wr = _as_actions(answer, b, "answer", n_actions), _as_actions(wrong, b, "wrong", n_actions)
     base, source = (corrupt, clean) if direction is Direction.DENOISE else (clean, corrupt)
@@ -343,7 +339,7 @@ def patch_instruction(
 
 
 def _run_patches(
-    model: DTLike,
+    model: DecisionTransformer,
     inputs: tuple[Tensor, ...],
     chunk: list,
     target: PatchTarget,
@@ -432,15 +428,12 @@ class ActionDLA:
         return plots.save_result(self, path)
 
 
-def action_dla(model: DTLike, win: Windows, *, step: int = -1) -> ActionDLA:
+def action_dla(model: DecisionTransformer, win: Windows, *, step: int = -1) -> ActionDLA:
     """Direct logit attribution of the embeddings, every head, every attention bias and every MLP onto the
     action logits read at window step ``step``'s state token."""
     tf = model.transformer
     cfg = tf.cfg
-    n_steps = win.steps
-    step = step + n_steps if step < 0 else step
-    if not 0 <= step < n_steps:
-        raise ValueError(f"step {step} out of range for windows of {n_steps} steps")
+    step = win.step_index(step)
     pos = token_position(step, "state")
     embed, time, scale = (
         Site(SiteKind.EMBED).name,
@@ -572,7 +565,7 @@ class SteerResult:
 
 
 def steer(
-    model: DTLike,
+    model: DecisionTransformer,
     win: Windows,
     direction: Tensor,
     site: str | Site | tuple,
@@ -588,9 +581,7 @@ def steer(
     if name not in tf.hook_names:
         raise ValueError(f"{name!r} is not a hook point of this model")
     n_steps = win.steps
-    step = step + n_steps if step < 0 else step
-    if not 0 <= step < n_steps:
-        raise ValueError(f"step {step} out of range for windows of {n_steps} steps")
+    step = win.step_index(step)
     positions = None
     if kinds is not None:
         bad = [k for k in kinds if k not in TOKEN_KINDS]
@@ -621,13 +612,11 @@ __all__ = [
     "KEY",
     "TOKEN_KINDS",
     "ActionDLA",
-    "DTLike",
     "EnvLabels",
     "InstructionPair",
     "InstructionPatching",
     "ProbeSweep",
     "SteerResult",
-    "TrajectoriesLike",
     "TrajectoryCache",
     "Windows",
     "action_dla",

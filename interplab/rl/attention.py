@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from interplab.hooks.site import Site, SiteKind
-from interplab.rl.windows import BALL, KEY, DTLike, Windows, token_labels
+from interplab.rl.envs import render_obs
+from interplab.rl.model import DecisionTransformer
+from interplab.rl.windows import BALL, KEY, Windows, token_labels
 
 _OBJECT_RGB = {
     0: (0, 0, 0),  # unseen
@@ -64,12 +66,8 @@ def palette_obs(obs: Any, *, tile_size: int = 4) -> np.ndarray:
 
 def _render_state(obs: Any, tile_size: int) -> np.ndarray:
     try:
-        from interplab.rl.envs import render_obs  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return palette_obs(obs, tile_size=tile_size)
-    try:
         return render_obs(obs, tile_size=tile_size)
-    except ImportError:  # no minigrid
+    except ImportError:  # no minigrid: the plain palette
         return palette_obs(obs, tile_size=tile_size)
 
 
@@ -92,7 +90,9 @@ def _png_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def attention_pattern(model: DTLike, win: Windows, layer: int, head: int, *, example: int = 0) -> Tensor:
+def attention_pattern(
+    model: DecisionTransformer, win: Windows, layer: int, head: int, *, example: int = 0
+) -> Tensor:
     """One head's attention [query token, key token] over one window's real (unpadded) tokens."""
     tf = model.transformer
     if not 0 <= layer < tf.cfg.n_layers:
@@ -114,7 +114,7 @@ def attention_pattern(model: DTLike, win: Windows, layer: int, head: int, *, exa
 
 
 def attention_figure(
-    model: DTLike, win: Windows, layer: int, head: int, *, example: int = 0, tile_size: int = 4
+    model: DecisionTransformer, win: Windows, layer: int, head: int, *, example: int = 0, tile_size: int = 4
 ):  # noqa: ANN201 - plotly Figure
     """The attention pattern of ``layer``/``head`` over one window's tokens (labels ``R=``, ``s``, ``a=``),
     with each state token's observation drawn as a small grid under its column."""

@@ -19,7 +19,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from interplab.rl.windows import BALL, KEY, TrajectoriesLike, Windows, to_tensor, windows
+from interplab.rl.trajectories import Trajectories
+from interplab.rl.windows import BALL, KEY, Windows, to_tensor, windows
 
 INSTRUCTION_NAMES = ("key", "ball")
 """label 0 and 1 of `instruction_labels`"""
@@ -51,14 +52,12 @@ class EnvLabels:
         }
 
 
-def _episode_bounds(trajs: TrajectoriesLike) -> list[tuple[int, int]]:
+def _episode_bounds(trajs: Trajectories) -> list[tuple[int, int]]:
     s = to_tensor(trajs.episode_starts, torch.long).tolist()
     return list(zip(s[:-1], s[1:], strict=True))
 
 
-def _replay(
-    trajs: TrajectoriesLike, swap_instruction: bool = False
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _replay(trajs: Trajectories, swap_instruction: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Replay every episode from its seed with its recorded actions: the per-step agent state and the
     observations (of the instruction-swapped layout when ``swap_instruction``). Unswapped observations must
     equal the recorded ones (otherwise the file is of another env or seeding)."""
@@ -115,7 +114,7 @@ def _replay(
     return state, obs_out
 
 
-def env_labels(trajs: TrajectoriesLike) -> EnvLabels:
+def env_labels(trajs: Trajectories) -> EnvLabels:
     """The agent's direction and position, the object ahead and in view and, on MemoryS*, the instruction
     object and the side of the matching one, for every step (replayed from the seeds and checked against the
     recorded observations)."""
@@ -135,7 +134,7 @@ def env_labels(trajs: TrajectoriesLike) -> EnvLabels:
     )
 
 
-def instruction_labels(trajs: TrajectoriesLike) -> Int[Tensor, " steps"]:
+def instruction_labels(trajs: Trajectories) -> Int[Tensor, " steps"]:
     """MemoryS*: the instruction (start-room) object of each step's episode, 0 key 1 ball.
 
     MiniGrid places it at ``(1, height // 2 - 1)`` while the agent starts facing east at x >= 1, so the
@@ -148,7 +147,7 @@ def instruction_labels(trajs: TrajectoriesLike) -> Int[Tensor, " steps"]:
     return labels
 
 
-def swapped_instruction_obs(trajs: TrajectoriesLike) -> Int[Tensor, "steps 7 7 3"]:
+def swapped_instruction_obs(trajs: Trajectories) -> Int[Tensor, "steps 7 7 3"]:
     """The observations each MemoryS* episode would have shown with the other instruction object (same seed,
     same actions): they differ from the recorded ones only where the instruction object is in view."""
     return torch.from_numpy(_replay(trajs, swap_instruction=True)[1])
@@ -166,7 +165,7 @@ class InstructionPair:
     """the correct action under the swapped one"""
 
 
-def decision_steps(trajs: TrajectoriesLike) -> Int[Tensor, " episodes"]:
+def decision_steps(trajs: Trajectories) -> Int[Tensor, " episodes"]:
     """MemoryS*: the flat step of each episode at which the agent first stands at the split facing east
     (where it must turn towards the matching object); -1 where it never does."""
     if not trajs.env.startswith(_MEMORY_PREFIX):
@@ -180,32 +179,15 @@ def decision_steps(trajs: TrajectoriesLike) -> Int[Tensor, " episodes"]:
     return torch.tensor(out, dtype=torch.long)
 
 
-def instruction_pair(trajs: TrajectoriesLike, ends: Sequence[int] | Tensor, context: int) -> InstructionPair:
+def instruction_pair(trajs: Trajectories, ends: Sequence[int] | Tensor, context: int) -> InstructionPair:
     """Windows ending at the flat steps ``ends`` (e.g. `decision_steps`) and their instruction-swapped twins;
     the answer is the turn towards the clean matching object (left = north when facing east)."""
     ends_t = to_tensor(ends, torch.long).reshape(-1)
     if bool((ends_t < 0).any()):
         raise ValueError("ends holds -1 (an episode that never reached the split): drop those episodes")
     clean = windows(trajs, context, ends=ends_t)
-    swapped = _ObsView(trajs, obs=swapped_instruction_obs(trajs))
+    swapped = dataclasses.replace(trajs, obs=swapped_instruction_obs(trajs))
     corrupt = windows(swapped, context, ends=ends_t)
     state, _ = _replay(trajs)
     side = torch.from_numpy(state["target_side"])[ends_t]
     return InstructionPair(clean=clean, corrupt=corrupt, answer=side.clone(), wrong=1 - side)
-
-
-@dataclass(frozen=True)
-class _ObsView:
-    """The fields `windows` reads, with replaceable observations."""
-
-    env: str
-    obs: Any
-    actions: Any
-    episode_starts: Any
-    seeds: Any
-    rtg: Any
-    timesteps: Any
-
-    def __init__(self, trajs: TrajectoriesLike, **changes: Any) -> None:
-        for name in ("env", "obs", "actions", "episode_starts", "seeds", "rtg", "timesteps"):
-            object.__setattr__(self, name, changes.get(name, getattr(trajs, name)))

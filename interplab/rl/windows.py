@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,57 +24,17 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interplab.hooks.site import Site, SiteKind
-from interplab.model.transformer import Transformer
+from interplab.rl.envs import ACTION_NAMES
+from interplab.rl.model import TOKEN_KINDS, DecisionTransformer, token_index
+from interplab.rl.trajectories import Trajectories
 
-TOKEN_KINDS = ("rtg", "state", "action")
-"""the three tokens of a step, in sequence order (as `interplab.rl.model`)"""
-ACTION_NAMES = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
-"""MiniGrid's discrete actions"""
 KEY, BALL = 5, 6
 """MiniGrid's object indices of the two instruction objects (``OBJECT_TO_IDX``)"""
 
 
-class DTLike(Protocol):
-    """What the analyses need of a `DecisionTransformer`: its config, the inner `Transformer` (hook points,
-    weights) and the forward ``(rtg, obs, actions, timesteps, attention_mask) -> logits [batch T n_actions]``."""
-
-    cfg: Any
-    transformer: Transformer
-
-    def __call__(
-        self,
-        rtg: Tensor,
-        obs: Tensor,
-        actions: Tensor,
-        timesteps: Tensor,
-        attention_mask: Tensor | None = None,
-    ) -> Tensor: ...
-
-
-class TrajectoriesLike(Protocol):
-    """The fields of `Trajectories` the analyses read (one flat step axis over all episodes)."""
-
-    @property
-    def env(self) -> str: ...
-    @property
-    def obs(self) -> Any: ...  # uint8 [N 7 7 3]
-    @property
-    def actions(self) -> Any: ...  # int64 [N]
-    @property
-    def episode_starts(self) -> Any: ...  # int64 [E+1]
-    @property
-    def seeds(self) -> Any: ...  # int64 [E]
-    @property
-    def rtg(self) -> Any: ...  # float32 [N]
-    @property
-    def timesteps(self) -> Any: ...  # int64 [N]
-
-
 def token_position(step: int, kind: str) -> int:
-    """The sequence position of window step ``step``'s ``kind`` token."""
-    if kind not in TOKEN_KINDS:
-        raise ValueError(f"token kind {kind!r} is not one of {TOKEN_KINDS}")
-    return 3 * step + TOKEN_KINDS.index(kind)
+    """The sequence position of window step ``step``'s ``kind`` token (`interplab.rl.model.token_index`)."""
+    return token_index(step, kind)
 
 
 def to_tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
@@ -105,6 +65,13 @@ class Windows:
     def steps(self) -> int:
         return self.rtg.shape[1]
 
+    def step_index(self, step: int) -> int:
+        """A window step (negative counts from the end) as an index in 0..T-1, or a clear error."""
+        index = step + self.steps if step < 0 else step
+        if not 0 <= index < self.steps:
+            raise ValueError(f"step {step} out of range for windows of {self.steps} steps")
+        return index
+
     def select(self, index: Tensor | slice | Sequence[int]) -> Windows:
         idx = index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
         return Windows(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
@@ -122,7 +89,7 @@ class Windows:
             yield self.select(slice(i, i + size))
 
 
-def windows(trajs: TrajectoriesLike, context: int, *, ends: Sequence[int] | Tensor | None = None) -> Windows:
+def windows(trajs: Trajectories, context: int, *, ends: Sequence[int] | Tensor | None = None) -> Windows:
     """Windows of ``context`` steps ending at the flat steps ``ends`` (default: every step), left-padded
     where the episode began less than ``context`` steps before (padding: zeros, mask False)."""
     if context < 1:
@@ -193,8 +160,8 @@ class TrajectoryCache:
 
 
 def cache_trajectories(
-    model: DTLike,
-    trajs: TrajectoriesLike,
+    model: DecisionTransformer,
+    trajs: Trajectories,
     sites: Sequence[str | Site | tuple],
     *,
     kinds: Sequence[str] = TOKEN_KINDS,

@@ -5,7 +5,7 @@ must localise it to that head (and the residual stream on its path), DLA must ad
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 import pytest
@@ -27,9 +27,8 @@ from interplab.rl.analysis import (
     token_labels,
     windows,
 )
-
-rl_model = pytest.importorskip("interplab.rl.model")  # until dtmodel's branch is merged
-DecisionTransformer, DTConfig = rl_model.DecisionTransformer, rl_model.DTConfig
+from interplab.rl.model import DecisionTransformer, DTConfig
+from interplab.rl.trajectories import Trajectories
 
 K = 4  # context (steps per window) and episode length
 CELL = (3, 5)  # the view cell (in front of the agent) where the instruction object shows at step 0
@@ -40,32 +39,6 @@ E0, E1, E2, E3, E5 = (
     3,
     5,
 )  # instruction, state-token flag, timestep-0 flag, carried instruction, filler
-
-
-@dataclass(frozen=True)
-class Trajs:
-    """The fields of `Trajectories` the analyses read (a stand-in until rl/trajectories lands)."""
-
-    env: str
-    obs: np.ndarray
-    actions: np.ndarray
-    rewards: np.ndarray
-    episode_starts: np.ndarray
-    seeds: np.ndarray
-
-    @property
-    def rtg(self) -> np.ndarray:
-        out = np.zeros_like(self.rewards)
-        for a, b in zip(self.episode_starts[:-1], self.episode_starts[1:], strict=True):
-            out[a:b] = np.cumsum(self.rewards[a:b][::-1])[::-1]
-        return out
-
-    @property
-    def timesteps(self) -> np.ndarray:
-        out = np.zeros(len(self.actions), dtype=np.int64)
-        for a, b in zip(self.episode_starts[:-1], self.episode_starts[1:], strict=True):
-            out[a:b] = np.arange(b - a)
-        return out
 
 
 def planted_model() -> DecisionTransformer:
@@ -107,7 +80,19 @@ def planted_model() -> DecisionTransformer:
     return model
 
 
-def planted_trajs(instructions: list[int]) -> Trajs:
+def random_model(seed: int) -> DecisionTransformer:
+    """A DT with large random weights (LayerNorm, MLPs): no structure, for identities that must hold anyway."""
+    torch.manual_seed(seed)
+    model = DecisionTransformer(
+        DTConfig(env="MiniGrid-MemoryS7-v0", context=3, max_timestep=10, d_model=16, n_layers=2, n_heads=2)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def planted_trajs(instructions: list[int]) -> Trajectories:
     """One episode of K steps per instruction (0 key, 1 ball): empty views, the object in view at step 0
     only, the same actions and rewards everywhere (the last action: the turn the instruction asks for)."""
     n = len(instructions)
@@ -119,11 +104,14 @@ def planted_trajs(instructions: list[int]) -> Trajs:
     actions[:, -1] = [0 if inst else 1 for inst in instructions]
     rewards = np.zeros((n, K), dtype=np.float32)
     rewards[:, -1] = 0.9
-    return Trajs(
+    dones = np.zeros((n, K), dtype=bool)
+    dones[:, -1] = True
+    return Trajectories(
         env="MiniGrid-MemoryS7-v0",
         obs=obs.reshape(n * K, 7, 7, 3),
         actions=actions.reshape(-1),
         rewards=rewards.reshape(-1),
+        dones=dones.reshape(-1),
         episode_starts=np.arange(0, n * K + 1, K, dtype=np.int64),
         seeds=np.arange(n, dtype=np.int64),
     )
@@ -225,13 +213,7 @@ def test_patching_localises_the_instruction_to_its_carrier() -> None:
 
 
 def test_batched_patching_equals_one_forward_per_patch() -> None:
-    torch.manual_seed(0)
-    model = DecisionTransformer(
-        DTConfig(env="MiniGrid-MemoryS7-v0", context=3, max_timestep=10, d_model=16, n_layers=2, n_heads=2)
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = random_model(0)
     a, b = planted_trajs([1, 0, 1]), planted_trajs([0, 1, 1])
     clean, corrupt = windows(a, 3, ends=[3, 6, 11]), windows(b, 3, ends=[3, 6, 11])
     res = patch_instruction(
@@ -282,13 +264,7 @@ def test_dla_adds_up_to_the_logits_and_names_the_carrier() -> None:
 
 
 def test_dla_adds_up_through_a_layernorm() -> None:
-    torch.manual_seed(1)
-    model = DecisionTransformer(
-        DTConfig(env="MiniGrid-MemoryS7-v0", context=3, max_timestep=10, d_model=16, n_layers=2, n_heads=2)
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = random_model(1)
     win = windows(planted_trajs([1, 0]), 3, ends=[2, 7])
     dla = action_dla(model, win, step=1)
     # the components at the cached final-norm scale plus the norm's and head's biases give the logits
@@ -331,7 +307,7 @@ def test_steering_along_the_carried_direction_flips_the_turn() -> None:
 
 
 # ---- labels on real MiniGrid episodes ---------------------------------------------------------------
-def _memory_episodes(seeds: list[int], plan) -> Trajs:  # noqa: ANN001 - plan(x0) -> actions
+def _memory_episodes(seeds: list[int], plan) -> Trajectories:  # noqa: ANN001 - plan(x0) -> actions
     """Episodes of MemoryS7 played by ``plan`` (given the start x) and recorded as the collectors do."""
     gym = pytest.importorskip("gymnasium")
     pytest.importorskip("minigrid")
@@ -347,11 +323,14 @@ def _memory_episodes(seeds: list[int], plan) -> Trajs:  # noqa: ANN001 - plan(x0
             if term or trunc:
                 break
         starts.append(len(act_l))
-    return Trajs(
+    dones = np.zeros(len(act_l), dtype=bool)
+    dones[np.array(starts[1:]) - 1] = True
+    return Trajectories(
         env="MiniGrid-MemoryS7-v0",
         obs=np.stack(obs_l),
         actions=np.array(act_l, dtype=np.int64),
         rewards=np.array(rew_l, dtype=np.float32),
+        dones=dones,
         episode_starts=np.array(starts, dtype=np.int64),
         seeds=np.array(seeds, dtype=np.int64),
     )
@@ -373,8 +352,7 @@ def test_labels_come_from_the_seeded_layout() -> None:
     for seed in seeds:
         env.reset(seed=seed)
         want.append(INSTRUCTION_NAMES.index(env.unwrapped.grid.get(1, 2).type))
-    lengths = np.diff(trajs.episode_starts)
-    assert_close(instruction_labels(trajs), torch.tensor(want).repeat_interleave(torch.as_tensor(lengths)))
+    assert_close(instruction_labels(trajs), torch.tensor(want).repeat_interleave(trajs.lengths))
     labels = env_labels(trajs)
     first = trajs.episode_starts[:-1]
     # left, left (facing west), right, right (east again), then forward along the corridor
@@ -398,11 +376,12 @@ def test_swapped_instruction_differs_only_where_the_object_is_seen() -> None:
 
     trajs = _memory_episodes(list(range(6)), _look_back_then_walk)
     swapped = swapped_instruction_obs(trajs).numpy()
-    diff = (swapped != trajs.obs).any(-1)  # steps, x, y
+    recorded = trajs.obs.numpy()
+    diff = (swapped != recorded).any(-1)  # steps, x, y
     changed = diff.any((1, 2))
     assert changed.any() and not changed.all()
     # where it changed, only the instruction object's object index (key <-> ball) changed
-    objs = trajs.obs[..., 0][diff]
+    objs = recorded[..., 0][diff]
     assert set(objs.tolist()) <= {KEY, BALL}
     assert_close(
         torch.as_tensor(swapped[..., 0][diff].astype(np.int64)),
@@ -417,9 +396,9 @@ def test_a_file_of_another_env_does_not_replay() -> None:
     from interplab.rl.analysis import env_labels, instruction_labels
 
     trajs = _memory_episodes([0, 1], _look_back_then_walk)
-    wrong_seed = Trajs(**{**trajs.__dict__, "seeds": np.array([5, 9])})
+    wrong_seed = dataclasses.replace(trajs, seeds=torch.tensor([5, 9]))
     with pytest.raises(ValueError, match="does not reproduce the recorded observation"):
         env_labels(wrong_seed)
-    other = Trajs(**{**trajs.__dict__, "env": "MiniGrid-Empty-5x5-v0"})
+    other = dataclasses.replace(trajs, env="MiniGrid-DoorKey-5x5-v0")
     with pytest.raises(ValueError, match="Memory envs"):
         instruction_labels(other)
