@@ -364,9 +364,10 @@ def analyze_command(
         )
     if report.get("patching"):
         pt = report["patching"]
+        top = f"; most restoring: {pt['top']}" if not pt["note"] else ""
         console.print(
             f"instruction patching at the decision ({pt['n_pairs']} pairs): logit difference clean "
-            f"{pt['clean_metric']:.3f}, corrupt {pt['corrupt_metric']:.3f}; most restoring: {pt['top']}"
+            f"{pt['clean_metric']:.3f}, corrupt {pt['corrupt_metric']:.3f}{top}"
         )
         if pt["note"]:
             console.print(f"warning: {pt['note']}", style="yellow", markup=False, highlight=False)
