@@ -247,6 +247,21 @@ def _scalars(doc: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     return out
 
 
+def dt_headline(path: Path, root: Path) -> dict[str, Any]:
+    """The home page's numbers for a DT folder without a report.json: a data set's size and returns, an
+    evaluation's slope (empty for anything else)."""
+    kind = runs.detect(path, reader(root))
+    if kind is Kind.TRAJECTORIES:
+        return _scalars(read_json(path / runs.MANIFEST, root), ("env", "n_episodes", "n_steps"))
+    if kind is Kind.DT_EVAL:
+        c = calibration_view(read_json(path / runs.CALIBRATION_JSON, root))
+        out: dict[str, Any] = {"env": c["env"], "targets": len(c["points"])} if c["env"] else {}
+        if c["slope"]["estimate"] is not None:
+            out["slope"] = c["slope"]["estimate"]
+        return out
+    return {}
+
+
 def _player_source(art: Artifact, kind: Kind) -> tuple[Path | None, Any]:
     """The trajectory folder a DT folder's player shows (a data set itself, an evaluation's episodes, the data
     an analysis read) and the analysis' attention record (None for the other kinds)."""
