@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from interplab import runs
+from interplab.rl import load_trajectories, render_obs
+from interplab.rl.analysis import palette_obs
 from interplab.rl.envs import ACTION_NAMES
 from interplab.runs import Kind
 from interplab.web.runs import Artifact, contained, read_json, reader
@@ -122,8 +124,6 @@ def _inside(folder: Path, root: Path) -> bool:
 
 @lru_cache(maxsize=8)
 def _load(folder: Path, stamp: float) -> Any:
-    from interplab.rl import load_trajectories
-
     return load_trajectories(folder)
 
 
@@ -204,12 +204,8 @@ def frame_png(folder: Path, root: Path, episode: int, step: int) -> bytes | None
         return None
     view = trajs.obs[lo + step]
     try:
-        from interplab.rl import render_obs
-
         rgb = render_obs(view, tile_size=FRAME_TILE)
     except ImportError:  # no minigrid here: the analyses' own palette
-        from interplab.rl.analysis import palette_obs
-
         rgb = palette_obs(view, tile_size=FRAME_TILE)
     return png(np.asarray(rgb, dtype=np.uint8))
 
