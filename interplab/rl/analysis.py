@@ -572,18 +572,23 @@ def steer(
     alpha: float,
     *,
     kinds: Sequence[str] | None = ("state",),
+    positions: Sequence[int] | None = None,
     step: int = -1,
 ) -> SteerResult:
     """Add ``alpha * direction`` at ``site`` on every token of ``kinds`` (all tokens if None) and compare the
-    action distribution at window step ``step`` with the unsteered one."""
+    action distribution at window step ``step`` with the unsteered one. ``positions`` (token indices) replaces
+    ``kinds`` where given."""
     tf = model.transformer
     name = Site.parse(site).name
     if name not in tf.hook_names:
         raise ValueError(f"{name!r} is not a hook point of this model")
     n_steps = win.steps
     step = win.step_index(step)
-    positions = None
-    if kinds is not None:
+    if positions is not None:
+        positions = [p + 3 * n_steps if p < 0 else p for p in positions]
+        if any(not 0 <= p < 3 * n_steps for p in positions):
+            raise ValueError(f"token positions {list(positions)} out of range for {3 * n_steps} tokens")
+    elif kinds is not None:
         bad = [k for k in kinds if k not in TOKEN_KINDS]
         if bad:
             raise ValueError(f"kinds must be a subset of {TOKEN_KINDS}, got {list(kinds)}")

@@ -402,3 +402,43 @@ def test_a_file_of_another_env_does_not_replay() -> None:
     other = dataclasses.replace(trajs, env="MiniGrid-DoorKey-5x5-v0")
     with pytest.raises(ValueError, match="Memory envs"):
         instruction_labels(other)
+
+
+# ---- the MemoryDT reproduction -------------------------------------------------------------------
+def test_distractor_goes_to_the_nearest_empty_cell_and_is_the_other_object() -> None:
+    from interplab.rl.memorydt import add_distractor
+
+    obs = torch.full((2, 7, 7, 3), 2, dtype=torch.uint8)  # walls
+    obs[:, 3, 6] = torch.tensor([1, 0, 0], dtype=torch.uint8)  # the agent's own cell is never used
+    obs[0, 3, 5] = torch.tensor([1, 0, 0], dtype=torch.uint8)  # empty, in front
+    obs[1, 0, 0] = torch.tensor([1, 0, 0], dtype=torch.uint8)  # empty, far corner
+    out, placed = add_distractor(obs, torch.tensor([1, 0]))  # ball -> a key, key -> a ball
+    assert_close(placed, torch.tensor([True, True]))
+    assert_close(out[0, 3, 5], torch.tensor([KEY, 1, 0], dtype=torch.uint8))
+    assert_close(out[1, 0, 0], torch.tensor([BALL, 1, 0], dtype=torch.uint8))
+    changed = (out != obs).any(-1)
+    assert int(changed.sum()) == 2
+    walls = torch.full((1, 7, 7, 3), 2, dtype=torch.uint8)
+    assert not bool(add_distractor(walls, torch.tensor([0]))[1][0])
+
+
+def test_memorydt_table_on_real_episodes() -> None:
+    from interplab.rl.memorydt import memorydt
+
+    trajs = _memory_episodes(list(range(12)), _look_back_then_walk)
+    model = DecisionTransformer(
+        DTConfig(env="MiniGrid-MemoryS7-v0", context=4, max_timestep=245, d_model=16, n_layers=2, n_heads=2)
+    )
+    table = memorydt(model, trajs, alpha=0.0)
+    assert table.rows["episodes"] == 12.0
+    assert table.rows["c_latent_flip_rate"] == 0.0  # a zero intervention changes nothing
+    for key in ("a_probe_embedding_in_view", "b_distractor_flip_rate", "b_prediction_agreement"):
+        assert 0.0 <= table.rows[key] <= 1.0
+    # the embedding holds the object in view exactly (a one-hot linear embedding): the probe reads it
+    assert_close(torch.tensor(table.rows["a_probe_embedding_in_view"]), torch.tensor(1.0))
+    assert table.rtg_correct.shape == (5,) and bool(
+        ((table.rtg_correct >= 0) & (table.rtg_correct <= 1)).all()
+    )
+    assert len(table.plot().data) == 5
+    with pytest.raises(ValueError, match="Memory"):
+        memorydt(model, dataclasses.replace(trajs, env="MiniGrid-DoorKey-5x5-v0"))
