@@ -371,6 +371,11 @@ def analyze_command(
         )
         if pt["note"]:
             console.print(f"warning: {pt['note']}", style="yellow", markup=False, highlight=False)
+    if report.get("memorydt"):
+        rows = report["memorydt"]["rows"]
+        console.print(
+            "MemoryDT reproduction: " + ", ".join(f"{k} {v:.3f}" for k, v in rows.items()), soft_wrap=True
+        )
     console.print(f"analysis: {_saved(out)} ({runs.REPORT}, {', '.join(report['pictures'])})")
 
 
@@ -419,6 +424,14 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int) -> dict[str,
             win = an.windows(trajs, model.cfg.context, ends=trajs.episode_starts[1:] - 1)
         dla = an.action_dla(model, win)
         pictures += [p.name for p in _figure(dla.plot(), out, "dla")]
+        memory = None
+        if trajs.env.startswith("MiniGrid-Memory"):
+            bar.update(info="the MemoryDT reproduction")
+            from interplab.rl.memorydt import memorydt
+
+            table = memorydt(model, trajs, seed=seed)
+            pictures += [p.name for p in _figure(table.plot(), out, "memorydt")]
+            memory = table.to_dict()
         bar.update(3, info="attention")
         layer = n_layers - 1
         pictures += [p.name for p in _figure(an.attention_figure(model, win, layer, 0), out, "attention")]
@@ -428,6 +441,7 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int) -> dict[str,
         "probes": probes,
         "patching": patching,
         "dla": dla.to_dict(),
+        "memorydt": memory,
         "attention": attention,
         "pictures": pictures,
     }
