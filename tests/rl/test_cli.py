@@ -194,3 +194,24 @@ def test_train_then_eval_write_the_folders_the_next_command_reads(lab):
 )
 def test_bad_input_of_train_eval_collect_is_one_line(lab, args, named):
     test_bad_input_is_one_line(lab, args, named)
+
+
+def test_collect_writes_a_data_set_train_reads(lab):
+    out = lab / "collected"
+    args = ["dt", "collect", ENV, "-n", "12", "--skill-mix", "0,0.3", "--wrong-object", "0.3", "--out", out]
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    t = runs.TrajectoriesDir.open(out)
+    assert t.env == ENV and (out / "summary.html").is_file()
+    from interplab.rl import collect, load_trajectories
+
+    data = load_trajectories(out)
+    again = collect(ENV, 12, lab / "collected-lib", skill_mix=(0.0, 0.3), wrong_object=0.3)
+    torch.testing.assert_close(data.actions, again.actions)  # the CLI passes its options through unchanged
+    torch.testing.assert_close(data.seeds, torch.arange(12))
+    lo, hi = float(data.returns.min()), float(data.returns.max())
+    flat = " ".join(r.output.split())
+    assert f"12 episodes, {data.n_steps:,} steps" in flat and f"returns {lo:.3f} to {hi:.3f}" in flat
+    assert f"trajectories: {out}" in flat
+    r = _run(*args)  # a finished collection is found and returned as it is
+    assert r.exit_code == 0 and sorted(p.name for p in out.iterdir()).count("shard_00000.safetensors") == 1
