@@ -259,6 +259,9 @@ def eval_command(
     n_envs: int = typer.Option(16, "--n-envs", help="environments stepped together", callback=positive_int),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample actions"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    device: str = typer.Option(
+        "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
+    ),
 ) -> None:
     """Play the model in its environment conditioned on each target return: the calibration curve."""
     if temperature < 0:
@@ -268,7 +271,7 @@ def eval_command(
 
     with _library("cannot evaluate"):
         folder = runs.dt_model_folder(run)
-        model = rl.load_dt(folder)
+        model = rl.load_dt(folder, device=device)
         if folder != run:
             console.print(f"loaded {folder}", markup=False, highlight=False)
         env = model.cfg.env
@@ -332,6 +335,9 @@ def analyze_command(
     ),
     seed: int = typer.Option(0, "--seed", help="which episodes the probes hold out"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    device: str = typer.Option(
+        "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
+    ),
 ) -> None:
     """Probes, instruction patching, action DLA and the decision token's attention on trajectories.
 
@@ -345,7 +351,7 @@ def analyze_command(
 
     with _library("cannot analyze"):
         folder = runs.dt_model_folder(run)
-        model = rl.load_dt(folder)
+        model = rl.load_dt(folder, device=device)
         full = rl.load_trajectories(data, env=model.cfg.env)  # data of another env: an error naming both
         n = min(episodes, full.n_episodes)
         trajs = full if n == full.n_episodes else full.select(list(range(n)))
