@@ -71,16 +71,20 @@ def _saved(path: Path) -> str:
     return f"[bold]{path}[/]"
 
 
-def _figure(fig: Any, out: Path, name: str) -> list[Path]:
-    """Save ``fig`` as ``out/name.html`` (and ``.png`` where a static renderer works)."""
+def _figure(fig: Any, out: Path, name: str, png: bool) -> list[Path]:
+    """Save ``fig`` as ``out/name.html`` (and ``.png`` with ``--png``, where a static renderer works)."""
     from interplab.plots import save_figure
 
     written = [save_figure(fig, out / f"{name}.html")]
-    try:
-        written.append(save_figure(fig, out / f"{name}.png"))
-    except RuntimeError:  # no static renderer here: the interactive page is enough
-        pass
+    if png:
+        try:
+            written.append(save_figure(fig, out / f"{name}.png"))
+        except RuntimeError:  # no static renderer here: the interactive page is enough
+            pass
     return written
+
+
+PNG = typer.Option(False, "--png", help="also write PNG pictures")
 
 
 # --- collect ---------------------------------------------------------------------------------------------------
@@ -131,6 +135,7 @@ def collect_command(
         callback=_probability,
     ),
     seed: int = typer.Option(0, "--seed", help="first environment seed (episode e uses seed + e)"),
+    png: bool = PNG,
 ) -> None:
     """Collect trajectories of the scripted expert (noise and mixed skill, so that returns vary)."""
     from interplab import rl
@@ -143,7 +148,7 @@ def collect_command(
         with JobProgress(f"collect {env}", total=episodes, unit="episodes") as bar:
             trajs = rl.collect(env, episodes, out, seed=seed, progress=bar, **kwargs)
         summary = trajs.summary()
-        pictures = _figure(summary.plot(), out, "summary")
+        pictures = _figure(summary.plot(), out, "summary", png)
     lo, hi = summary.return_range
     console.print(
         f"{trajs.n_episodes} episodes, {trajs.n_steps:,} steps ({trajs.source}); returns {lo:.3f} to {hi:.3f}, "
@@ -334,6 +339,7 @@ def analyze_command(
         64, "--episodes", "-n", help="the first N episodes of --data are analysed", callback=positive_int
     ),
     seed: int = typer.Option(0, "--seed", help="which episodes the probes hold out"),
+    png: bool = PNG,
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
     device: str = typer.Option(
         "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
@@ -356,7 +362,7 @@ def analyze_command(
         n = min(episodes, full.n_episodes)
         trajs = full if n == full.n_episodes else full.select(list(range(n)))
         claim_out(out, Kind.DT_ANALYSIS)
-        report = _analyze(model, trajs, an, out, seed)
+        report = _analyze(model, trajs, an, out, seed, png)
         report.update(model=str(folder), data=str(Path(data).absolute()), env=trajs.env, episodes=n)
         for name, p in report["probes"].items():  # headline numbers (the web page's table)
             report[f"{name} probe: best held-out accuracy"] = max(p["test_scores"])
@@ -385,7 +391,7 @@ def analyze_command(
     console.print(f"analysis: {_saved(out)} ({runs.REPORT}, {', '.join(report['pictures'])})")
 
 
-def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int) -> dict[str, Any]:
+def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int, png: bool) -> dict[str, Any]:
     """Run the analyses of `analyze_command` and write their pictures into ``out``; the report's numbers."""
     import torch
 
@@ -410,7 +416,7 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int) -> dict[str,
                 continue
             sweep = an.probe(cache, y.long(), kind="state", label=name, seed=seed)
             probes[name] = sweep.to_dict()
-            pictures += [p.name for p in _figure(sweep.plot(), out, f"probe_{name}")]
+            pictures += [p.name for p in _figure(sweep.plot(), out, f"probe_{name}", png)]
         bar.update(1, info="instruction patching")
         patching = None
         win = None
@@ -422,25 +428,27 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int) -> dict[str,
                 result = an.patch_instruction(
                     model, pair.clean, pair.corrupt, answer=pair.answer, wrong=pair.wrong
                 )
-                pictures += [p.name for p in _figure(result.plot(), out, "patching")]
+                pictures += [p.name for p in _figure(result.plot(), out, "patching", png)]
                 patching = _patching_summary(result, len(ends))
                 win = pair.clean
         bar.update(2, info="direct logit attribution")
         if win is None:
             win = an.windows(trajs, model.cfg.context, ends=trajs.episode_starts[1:] - 1)
         dla = an.action_dla(model, win)
-        pictures += [p.name for p in _figure(dla.plot(), out, "dla")]
+        pictures += [p.name for p in _figure(dla.plot(), out, "dla", png)]
         memory = None
         if trajs.env.startswith("MiniGrid-Memory"):
             bar.update(info="the MemoryDT reproduction")
             from interplab.rl.memorydt import memorydt
 
             table = memorydt(model, trajs, seed=seed)
-            pictures += [p.name for p in _figure(table.plot(), out, "memorydt")]
+            pictures += [p.name for p in _figure(table.plot(), out, "memorydt", png)]
             memory = table.to_dict()
         bar.update(3, info="attention")
         layer = n_layers - 1
-        pictures += [p.name for p in _figure(an.attention_figure(model, win, layer, 0), out, "attention")]
+        pictures += [
+            p.name for p in _figure(an.attention_figure(model, win, layer, 0), out, "attention", png)
+        ]
         attention = decision_attention(model, trajs, an, layer, min(ATTENTION_EPISODES, trajs.n_episodes))
         bar.update(4)
     return {
