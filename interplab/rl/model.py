@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
@@ -379,7 +380,7 @@ class DecisionTransformer(nn.Module):
         b, t = rtg.shape
         r = self.rtg_embed((rtg / self.cfg.rtg_scale)[..., None])
         s = self._embed_states(obs.flatten(0, 1)).view(b, t, -1)
-        a = self.transformer.embed.W_E[actions]
+        a = F.embedding(actions, self.transformer.embed.W_E)
         return torch.stack([r, s, a], dim=2).flatten(1, 2)
 
     def _embed_states(self, obs: Int[Tensor, "n h w c"]) -> Float[Tensor, "n d_model"]:
@@ -399,7 +400,7 @@ class DecisionTransformer(nn.Module):
         key_valid = None if mask is None else mask.repeat_interleave(3, dim=1)
         ctx = AttnContext(positions=positions, key_valid=key_valid)
         resid = tf.hook_embed(self.token_embeddings(rtg, obs, actions))
-        resid = resid + tf.hook_pos_embed(tf.pos_embed.W_pos[positions])
+        resid = resid + tf.hook_pos_embed(F.embedding(positions, tf.pos_embed.W_pos))
         return resid, ctx
 
     def embed(
