@@ -74,7 +74,12 @@ __all__ = [
     "DTTrainResult",
     "DTWindows",
     "WindowSampler",
+    "action_loss",
+    "batch_ends",
+    "data_summary",
     "dt_preset",
+    "evaluate_windows",
+    "split_steps",
     "train_dt",
     "trajectory_windows",
 ]

@@ -209,3 +209,21 @@ def test_a_tiny_dt_learns_the_memory_task(tmp_path):
     assert overall > 0.9 > random_accuracy * 3, (overall, result)
     assert decision_accuracy > 0.9, decision_accuracy
     assert 0.3 < float((chosen == 0).float().mean()) < 0.7  # both turns are taken, as the instructions ask
+
+
+@pytest.mark.slow
+def test_a_tiny_dt_trained_on_expert_memory_data_beats_random_on_held_out_episodes(tmp_path):
+    pytest.importorskip("minigrid")
+    from interplab.rl.expert import collect
+
+    mix = dict(skill_mix=[0.0, 0.1, 0.3], wrong_object=0.2)  # returns vary, as RTG conditioning needs
+    train = collect(ENV, 200, tmp_path / "train", seed=0, **mix)
+    held_out = collect(ENV, 60, tmp_path / "held_out", seed=10_000, **mix)
+    cfg = DTTrainConfig(steps=400, batch_size=32, lr=1e-3, warmup=20, eval_every=200, val_fraction=0.1)
+    train_dt(tiny_model(context=12), cfg, train, tmp_path / "run")
+    model = load_dt(tmp_path / "run")
+    sampler = WindowSampler(held_out, model.cfg.context)
+    accuracy = evaluate_windows(model, sampler.windows(torch.arange(sampler.n_steps)))["val_accuracy"]
+    random_accuracy = 1 / 7
+    majority = float(torch.bincount(train.actions, minlength=7).max()) / train.n_steps  # always "forward"
+    assert accuracy > max(3 * random_accuracy, majority + 0.1), (accuracy, majority)
