@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from interplab import runs
+from interplab.rl import load_trajectories, render_obs
+from interplab.rl.analysis import palette_obs
 from interplab.rl.envs import ACTION_NAMES
 from interplab.runs import Kind
 from interplab.web.runs import Artifact, contained, read_json, reader
@@ -122,8 +124,6 @@ def _inside(folder: Path, root: Path) -> bool:
 
 @lru_cache(maxsize=8)
 def _load(folder: Path, stamp: float) -> Any:
-    from interplab.rl import load_trajectories
-
     return load_trajectories(folder)
 
 
@@ -204,12 +204,8 @@ def frame_png(folder: Path, root: Path, episode: int, step: int) -> bytes | None
         return None
     view = trajs.obs[lo + step]
     try:
-        from interplab.rl import render_obs
-
         rgb = render_obs(view, tile_size=FRAME_TILE)
     except ImportError:  # no minigrid here: the analyses' own palette
-        from interplab.rl.analysis import palette_obs
-
         rgb = palette_obs(view, tile_size=FRAME_TILE)
     return png(np.asarray(rgb, dtype=np.uint8))
 
@@ -245,6 +241,21 @@ def _scalars(doc: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
         if (keys is None or k in keys) and k not in ("kind", "version") and (_num(v) or isinstance(v, str)):
             out[str(k).replace("_", " ")] = v if not isinstance(v, str) else v[:200]
     return out
+
+
+def dt_headline(path: Path, root: Path) -> dict[str, Any]:
+    """The home page's numbers for a DT folder without a report.json: a data set's size and returns, an
+    evaluation's slope (empty for anything else)."""
+    kind = runs.detect(path, reader(root))
+    if kind is Kind.TRAJECTORIES:
+        return _scalars(read_json(path / runs.MANIFEST, root), ("env", "n_episodes", "n_steps"))
+    if kind is Kind.DT_EVAL:
+        c = calibration_view(read_json(path / runs.CALIBRATION_JSON, root))
+        out: dict[str, Any] = {"env": c["env"], "targets": len(c["points"])} if c["env"] else {}
+        if c["slope"]["estimate"] is not None:
+            out["slope"] = c["slope"]["estimate"]
+        return out
+    return {}
 
 
 def _player_source(art: Artifact, kind: Kind) -> tuple[Path | None, Any]:

@@ -144,3 +144,74 @@ def test_bad_input_is_one_line(lab, args, named):
     assert len(lines) == 1 and lines[0].startswith("error:") and named in " ".join(r.stderr.split()), r.stderr
     assert "Traceback" not in r.output
     assert sorted(p.name for p in (lab / "data").iterdir()) == before
+
+
+def test_train_then_eval_write_the_folders_the_next_command_reads(lab):
+    run, ev = lab / "train", lab / "eval"
+    r = _run("dt", "train", lab / "data", "--preset", "memory-dt-tiny", "--steps", "4", "--out", run)
+    assert r.exit_code == 0, r.output
+    assert runs.detect(run) is Kind.DT_TRAIN and runs.DTTrainRun.open(run).has_final
+    assert "step 4: loss" in r.output and f"run directory: {run}" in " ".join(r.output.split())
+    r = _run("dt", "train", lab / "data", "--preset", "memory-dt-tiny", "--steps", "4", "--out", run)
+    assert r.exit_code == 0 and "resumed from step 4" in r.output  # the finished run is found, not redone
+
+    r = _run("dt", "eval", run, "--targets", "0,0.5,0.95", "--episodes", "3", "--n-envs", "3", "--out", ev)
+    assert r.exit_code == 0, r.output
+    assert f"loaded {run / runs.FINAL}" in r.output and "slope of achieved on target return" in r.output
+    opened = runs.DTEvalRun.open(ev)
+    assert opened.data["targets"] == [0.0, 0.5, 0.95] and opened.data["counts"] == [3, 3, 3]
+    assert opened.rollouts == ev / runs.ROLLOUTS and (ev / "calibration.html").is_file()
+    # the range of the run's data is recorded by train and checked by eval: the random policy never succeeds
+    assert opened.data["data_range"] == [0.0, 0.0]
+    assert "warning: target returns [0.5, 0.95] lie outside the training data's return range" in " ".join(
+        r.output.split()
+    )
+    from interplab.rl.calibration import Calibration
+
+    cal = Calibration.load(ev)
+    table = r.output.split("mean return")[1]
+    for t, m in zip(cal.targets, cal.mean_returns, strict=True):
+        assert f"{t:g}" in table and f"{m:.3f}" in table
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["dt", "train", "{data}", "--preset", "nope", "--out", "{out}"], "unknown DT preset 'nope'"),
+        (["dt", "train", "{model}", "--out", "{out}"], "expected a trajectory data set"),
+        (["dt", "train", "{data}", "--steps", "0", "--out", "{out}"], "'--steps'"),
+        (["dt", "eval", "{data}", "--out", "{out}"], "expected a decision transformer"),
+        (["dt", "eval", "{model}", "--targets", "a,b", "--out", "{out}"], "'a,b'"),
+        (["dt", "eval", "{model}", "--data", "{empty}", "--out", "{out}"], "MiniGrid-Empty-5x5-v0"),
+        (["dt", "eval", "{model}", "--temperature", "-1", "--out", "{out}"], "-1"),
+        (["dt", "collect", "MiniGrid-Nope-v0", "-n", "2", "--out", "{out}"], "MiniGrid-MemoryS7-v0"),
+        (
+            ["dt", "collect", ENV, "-n", "2", "--epsilon", "2", "--out", "{out}"],
+            "'--epsilon': 2.0 is not a probability",
+        ),
+        (["dt", "collect", ENV, "-n", "2", "--out", "{data}/manifest.json"], "is a file"),
+    ],
+)
+def test_bad_input_of_train_eval_collect_is_one_line(lab, args, named):
+    test_bad_input_is_one_line(lab, args, named)
+
+
+def test_collect_writes_a_data_set_train_reads(lab):
+    out = lab / "collected"
+    args = ["dt", "collect", ENV, "-n", "12", "--skill-mix", "0,0.3", "--wrong-object", "0.3", "--out", out]
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    t = runs.TrajectoriesDir.open(out)
+    assert t.env == ENV and (out / "summary.html").is_file()
+    from interplab.rl import collect, load_trajectories
+
+    data = load_trajectories(out)
+    again = collect(ENV, 12, lab / "collected-lib", skill_mix=(0.0, 0.3), wrong_object=0.3)
+    torch.testing.assert_close(data.actions, again.actions)  # the CLI passes its options through unchanged
+    torch.testing.assert_close(data.seeds, torch.arange(12))
+    lo, hi = float(data.returns.min()), float(data.returns.max())
+    flat = " ".join(r.output.split())
+    assert f"12 episodes, {data.n_steps:,} steps" in flat and f"returns {lo:.3f} to {hi:.3f}" in flat
+    assert f"trajectories: {out}" in flat
+    r = _run(*args)  # a finished collection is found and returned as it is
+    assert r.exit_code == 0 and sorted(p.name for p in out.iterdir()).count("shard_00000.safetensors") == 1
