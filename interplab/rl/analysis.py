@@ -134,12 +134,14 @@ def probe(
     episodes = cache.episode[rows].unique()
     if episodes.numel() < 2:
         raise ValueError(f"a held-out split needs rows of >= 2 episodes, got {episodes.numel()}")
-    g = torch.Generator().manual_seed(seed)
-    perm = episodes[torch.randperm(episodes.numel(), generator=g)]
-    n_test = min(max(1, round(episodes.numel() * test_fraction)), episodes.numel() - 1)
-    test = torch.isin(cache.episode[rows], perm[:n_test])
     logistic = ProbeKind(config.kind) is ProbeKind.LOGISTIC
+    test = torch.isin(cache.episode[rows], _held_out(cache.episode[rows], y, logistic, test_fraction, seed))
     if logistic:
+        if torch.unique(y[~test]).numel() < 2:
+            raise ValueError(
+                f"the {kind} rows' {label!r} labels have one class only ({torch.unique(y).tolist()}) in the "
+                "training episodes: nothing to probe"
+            )
         counts = torch.bincount(y[test].long())
         chance = float(counts.max()) / max(1, int(test.sum()))
     else:
@@ -167,6 +169,26 @@ def probe(
         n_train=int((~test).sum()),
         n_test=int(test.sum()),
     )
+
+
+def _held_out(episode: Tensor, y: Tensor, stratify: bool, fraction: float, seed: int) -> Tensor:
+    """The held-out episodes: ``fraction`` of them, drawn per class of their first row's label when
+    ``stratify`` (so both splits see every class an episode-constant label has, e.g. the instruction)."""
+    g = torch.Generator().manual_seed(seed)
+    eps, first = torch.unique(episode, return_inverse=True)
+    order = torch.argsort(first, stable=True)
+    first_row = order[torch.searchsorted(first[order], torch.arange(eps.numel()))]
+    groups = [eps] if not stratify else [eps[y[first_row] == c] for c in torch.unique(y[first_row])]
+    picked = []
+    for group in groups:
+        n = round(group.numel() * fraction) if group.numel() > 1 else 0
+        picked.append(group[torch.randperm(group.numel(), generator=g)][:n])
+    out = torch.cat(picked)
+    if out.numel() == 0:  # too few episodes per class: hold out one episode at random
+        out = eps[torch.randperm(eps.numel(), generator=g)][:1]
+    if out.numel() == eps.numel():
+        out = out[:-1]
+    return out
 
 
 # ---- activation patching -------------------------------------------------------------------------

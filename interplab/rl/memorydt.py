@@ -2,7 +2,8 @@
 transformer of MiniGrid-MemoryS7, as one table:
 
 (a) the instruction feature: the instruction object is linearly decodable from the residual stream (held-out
-    probe accuracy per site at the state tokens that show it and at the decision token), with the feature
+    probe accuracy per site at the state tokens that show it as the only key or ball, and at the decision
+    token), with the feature
     direction (the probe's direction at the embedding) and a PCA picture of the embeddings;
 (b) adversarial distractors: an object of the other kind placed in the decision step's view (in an empty
     visible cell) and how often that flips the chosen turn, against how often the feature predicts a flip
@@ -165,10 +166,17 @@ def memorydt(
     if ends.numel() < 4:
         raise ValueError(f"only {ends.numel()} episodes reach the split; the reproduction needs >= 4")
     # (a) where the instruction object is in view, and at the decision
-    # facing west before the split, the only object in view is the instruction
-    split_x = int(labels.x[ends].min())
-    visible = (labels.key_in_view | labels.ball_in_view) & (labels.direction == 2) & (labels.x < split_x)
-    shown = visible.nonzero()[:, 0]
+    assert labels.instruction_in_view is not None
+    # the instruction in view as the only key or ball (facing north or south in the start room the two objects
+    # at the split can be in view as well)
+    objects = torch.as_tensor(trajs.obs)[..., 0].flatten(1)
+    alone = ((objects == KEY) | (objects == BALL)).sum(1) == 1
+    shown = (labels.instruction_in_view & alone).nonzero()[:, 0]
+    if torch.unique(inst[shown]).numel() < 2:
+        raise ValueError(
+            f"the instruction object is in view at {shown.numel()} steps, of one kind only: (a) needs episodes "
+            "that look at both objects"
+        )
     config = ProbeConfig(seed=seed)
     rows: dict[str, float] = {}
     vis_cache = cache_trajectories(model, trajs, sites, kinds=["state"], ends=shown)
