@@ -23,6 +23,7 @@ collection killed at any moment leaves a folder whose manifest lists only comple
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from interplab import runs
 from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
+from interplab.plots import save_result
 from interplab.rl.envs import env_spec
 
 KIND = "trajectories"
@@ -330,8 +332,6 @@ class TrajectorySummary:
 
     def save(self, path: str | Path) -> Path:
         """``.json`` (a result document), ``.html``/``.png``/``.svg`` (the picture)."""
-        from interplab.plots import save_result
-
         return save_result(self, path)
 
     def __repr__(self) -> str:
@@ -611,6 +611,4 @@ class TrajectoryWriter:
 
 
 def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
-    import json
-
     return json.loads(json.dumps(dict(settings), default=str))
