@@ -206,6 +206,18 @@ class InstructionPatching:
     step: int
     """the window step whose logits the metric reads"""
 
+    @property
+    def gap(self) -> float:
+        """clean minus corrupt metric: what a patch can restore"""
+        return self.clean_metric - self.corrupt_metric
+
+    @property
+    def separates(self) -> bool:
+        """Whether the clean and corrupt runs differ enough for `normalized` to mean anything (a model that
+        ignores the instruction gives a gap near 0, and normalised values of noise)."""
+        scale = max(1.0, abs(self.clean_metric), abs(self.corrupt_metric))
+        return abs(self.gap) > 1e-3 * scale
+
     def normalized(self, component: str) -> Tensor:
         """(patched - corrupt) / (clean - corrupt) when denoising: 1 = the patch restores the clean answer."""
         v = self.results[component].values
@@ -220,6 +232,7 @@ class InstructionPatching:
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "separates": self.separates,
             "clean_metric": self.clean_metric,
             "corrupt_metric": self.corrupt_metric,
             "results": {k: v.to_dict() for k, v in self.results.items()},
@@ -234,16 +247,24 @@ class InstructionPatching:
         for i, name in enumerate(names, start=1):
             r = self.results[name]
             x, y = r.dims[1], r.dims[0]
-            hm = plots.heatmap(self.normalized(name), x_labels=r.labels[x], y_labels=r.labels[y])
+            values = self.normalized(name) if self.separates else r.values - self.corrupt_metric
+            hm = plots.heatmap(values, x_labels=r.labels[x], y_labels=r.labels[y])
             trace = hm.data[0]
-            trace.update(zmid=0, zmin=-1, zmax=1, showscale=i == 1)
+            trace.update(zmid=0, showscale=i == 1)
+            if self.separates:
+                trace.update(zmin=-1, zmax=1)
             fig.add_trace(trace, row=i, col=1)
             fig.update_yaxes(autorange="reversed", type="category", title_text=y, row=i, col=1)
             fig.update_xaxes(type="category", row=i, col=1)
         fig.update_layout(
             template="plotly_white",
             height=260 * len(names),
-            title=title or f"instruction patching (normalised logit difference at step {self.step})",
+            title=title
+            or (
+                f"instruction patching (normalised logit difference at step {self.step})"
+                if self.separates
+                else f"instruction patching: clean and corrupt agree (gap {self.gap:.2g}); patched - corrupt shown"
+            ),
         )
         return fig
 

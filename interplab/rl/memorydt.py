@@ -8,7 +8,8 @@ transformer of MiniGrid-MemoryS7, as one table:
     visible cell) and how often that flips the chosen turn, against how often the feature predicts a flip
     (the distractor moves the decision token's projection on the feature direction past the class boundary);
 (c) the equivalent latent intervention: adding the distractor's mean shift along the feature direction at the
-    decision token's embedding, and the flip rate it gives;
+    decision token's embedding, and the flip rate it gives; and the instruction swapped in latent space (every
+    state token moved along the feature by the distance between the two objects' mean projections);
 (d) RTG dependence: the probability of the correct turn at the decision as the target return varies.
 
 >>> table = memorydt(model, trajs)
@@ -213,14 +214,18 @@ def memorydt(
     # (per example its sign: towards the other object than the instruction)
     size = abs(rows["b_feature_shift"]) if alpha is None else abs(alpha)
     toward = torch.where(inst[ends] == 1, -1.0, 1.0)  # ball -> subtract the ball direction
-    flips = torch.zeros(len(clean), dtype=torch.bool)
-    for sign in (-1.0, 1.0):
-        idx = (toward == sign).nonzero()[:, 0]
-        if idx.numel():
-            res = steer(model, clean.select(idx), direction, embed_site, sign * size, positions=[pos])
-            flips[idx] = res.probs_after[:, :2].argmax(-1) != res.probs_before[:, :2].argmax(-1)
     rows["c_latent_alpha"] = size
-    rows["c_latent_flip_rate"] = float(flips.float().mean())
+    rows["c_latent_flip_rate"] = _steered_flips(model, clean, direction, embed_site, toward * size, [pos])
+    # the instruction itself swapped in latent space: every state token moved by the distance between the two
+    # objects' mean projections (where the instruction is in view), towards the other object
+    proj = emb @ direction
+    shown_inst = inst[vis_cache.flat_step]
+    separation = float(proj[shown_inst == 1].mean() - proj[shown_inst == 0].mean())
+    states = [token_position(t, "state") for t in range(clean.steps)]
+    rows["c_swap_alpha"] = separation
+    rows["c_swap_flip_rate"] = _steered_flips(
+        model, clean, direction, embed_site, toward * separation, states
+    )
     # (d) the correct turn's probability against the target return (MemoryS7 pays only at the end, so the
     # return to go is the target at every step)
     targets = torch.tensor(list(rtg_targets), dtype=torch.float32)
@@ -245,6 +250,24 @@ def memorydt(
         rtg_targets=targets,
         rtg_correct=rtg_correct,
     )
+
+
+def _steered_flips(
+    model: DecisionTransformer,
+    win: Windows,
+    direction: Tensor,
+    site: str,
+    alphas: Tensor,
+    positions: list[int],
+) -> float:
+    """Share of windows whose chosen turn (left or right, the higher logit) changes when ``alphas[i] *
+    direction`` is added at ``site`` on the token ``positions`` of window i."""
+    flips = torch.zeros(len(win), dtype=torch.bool)
+    for a in alphas.unique().tolist():
+        idx = (alphas == a).nonzero()[:, 0]
+        res = steer(model, win.select(idx), direction, site, a, positions=positions)
+        flips[idx] = res.probs_after[:, :2].argmax(-1) != res.probs_before[:, :2].argmax(-1)
+    return float(flips.float().mean())
 
 
 def _embedding_at(model: DecisionTransformer, win: Windows, site: str, pos: int) -> Tensor:

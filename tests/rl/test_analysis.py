@@ -209,7 +209,13 @@ def test_patching_localises_the_instruction_to_its_carrier() -> None:
         model, clean, corrupt, answer=0, wrong=1, direction="noise", components=["heads"]
     )
     assert_close(noise.results["heads"].values, 4.0 - 8.0 * heads, atol=1e-4, rtol=0)
-    assert len(res.plot().data) == 4
+    assert len(res.plot().data) == 4 and res.separates
+    # a model blind to the instruction: the runs agree, and the picture says so instead of dividing by ~0
+    blind = planted_model()
+    with torch.no_grad():
+        blind.transformer.blocks[1].attn.W_O.zero_()
+    same = patch_instruction(blind, clean, corrupt, answer=0, wrong=1, components=["heads"])
+    assert not same.separates and "agree" in same.plot().layout.title.text
 
 
 def test_batched_patching_equals_one_forward_per_patch() -> None:
