@@ -21,6 +21,7 @@ ORDER = [
     "features",
     "attribution",
     "routing",
+    "dt",
 ]
 
 

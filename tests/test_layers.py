@@ -62,12 +62,16 @@ LAZY: dict[tuple[str, str], str] = {
         "sae/registry.py",
         "interplab.sae.architectures",
     ): "the built-in architectures register themselves on import, and each imports the registry",
+    (
+        "web/runs.py",
+        "interplab.web.dt_page",
+    ): "the home page's numbers of DT folders: dt_page reads every file through this module",
 }
 # files whose every function may import the library lazily
 LAZY_FILES: dict[str, str] = {
     f"cli/{name}.py": CLI_GROUP
     for name in ("analysis", "attribute", "demo", "discover", "features", "formation", "info", "route")
-    + ("sae", "scrub", "serve", "train")
+    + ("sae", "scrub", "serve", "train", "dt")
 }
 
 

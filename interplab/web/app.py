@@ -7,6 +7,7 @@
 Pages: ``/`` (databases, runs, models, SAEs), ``/db/<name>/`` (feature list), ``/db/<name>/feature/<i>``,
 ``/db/<name>/search``, ``/db/<name>/random``, ``/run/<i>`` (training curves, formation plots, scrubbed
 hypotheses ...), ``/run/<i>/files/<path>`` (a run's report pages and pictures, sandboxed),
+``/run/<i>/dt/frame/<e>/<t>.png`` (a decision-transformer run's grid view of episode e, step t),
 ``/attention`` (attention patterns for a typed prompt). JSON API under ``/api``: a feature, its label
 (POST to edit), steering (POST), attention patterns (POST). No asset comes from the network.
 """
@@ -37,6 +38,7 @@ from interplab.plots import PLOTLY_JS, plotly_js_source
 from interplab.sae import SAE, load_sae
 from interplab.web import api
 from interplab.web.api import INT64_MAX, FeatureIndex
+from interplab.web.dt_page import dt_view, player_frame
 from interplab.web.guard import HostOriginGuard, normalise_allowed
 from interplab.web.run_page import run_view
 from interplab.web.runs import Artifact, contained, find_artifacts, read_bytes
@@ -297,7 +299,16 @@ def create_app(
         art = artifact(index)
         view = run_view(art)
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
-        return page(request, "run.html", art=art, view=view, databases=databases, index=index)
+        dt = dt_view(art)
+        return page(request, "run.html", art=art, view=view, databases=databases, index=index, dt=dt)
+
+    @app.get("/run/{index}/dt/frame/{episode}/{step}.png")
+    def dt_frame(index: RunIndex, episode: RunIndex, step: RunIndex):
+        """The grid view of one step of a decision-transformer run's trajectory player."""
+        data = player_frame(artifact(index), episode, step)
+        if data is None:
+            raise HTTPException(404, f"run {index} has no picture of episode {episode}, step {step}")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/run/{index}/files/{rel:path}")
     def run_file(index: RunIndex, rel: str):

@@ -234,7 +234,9 @@ def report_scalars(report: Any, limit: int = 40) -> dict[str, Any]:
 def _headline(p: Path, root: Path) -> dict[str, Any]:
     report = read_json(p / runs.REPORT, root)
     if not isinstance(report, dict):
-        return {}
+        from interplab.web.dt_page import dt_headline  # a trajectory data set, a DT evaluation
+
+        return dt_headline(p, root)
     chosen = {label: report[k] for k, label in HEADLINE.items() if _scalar(report.get(k))}
     return chosen or report_scalars(report, limit=6)
 

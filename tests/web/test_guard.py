@@ -174,6 +174,7 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         "/db/tiny/search?q=x",
         "/run/0",
         "/run/0/files/plotly.min.js",
+        "/run/0/dt/frame/0/0.png",
         "/attention",
         "/api/db/tiny/feature/3",
         "/static/app.css",
@@ -187,6 +188,7 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         .replace("/0", "/{index}")
         .replace("/tiny", "/{db}")
         .replace("/files/plotly.min.js", "/files/{rel:path}")
+        .replace("/frame/{index}/{index}.png", "/frame/{episode}/{step}.png")
         for p in paths
     }
     assert get_routes - {"/db/{db}/random"} <= templated | {"/api/docs", "/openapi.json"}, (

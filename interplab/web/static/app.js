@@ -107,6 +107,57 @@ window.interplab = (function () {
     });
   }
 
+  // a decision-transformer run: the calibration curve and the trajectory player (one step at a time)
+  function dtPage() {
+    const d = data("dt-data");
+    if (!d) return;
+    const c = d.calibration;
+    if (c && c.points.length && window.Plotly && document.getElementById("dt-calibration")) {
+      const xs = c.points.map(p => p.target), ys = c.points.map(p => p.mean);
+      const hasCI = c.points.every(p => p.ci_low !== null);
+      const lo = Math.min(0, ...xs, ...ys), hi = Math.max(...xs, ...ys, 1e-9);
+      const traces = [
+        { x: [lo, hi], y: [lo, hi], mode: "lines", name: "achieved = target", line: { dash: "dot", color: "#999" } },
+        { x: xs, y: ys, mode: "lines+markers", name: "mean achieved return", marker: { color: "#d4580a" },
+          text: c.points.map(p => p.episodes + " episodes"),
+          error_y: hasCI ? { type: "data", symmetric: false, array: c.points.map(p => p.ci_high - p.mean),
+                              arrayminus: c.points.map(p => p.mean - p.ci_low) } : undefined },
+      ];
+      const shapes = c.data_range ? [{ type: "rect", xref: "x", yref: "paper", x0: c.data_range[0], x1: c.data_range[1],
+        y0: 0, y1: 1, fillcolor: "#2a7ab8", opacity: 0.08, line: { width: 0 } }] : [];
+      Plotly.newPlot("dt-calibration", traces, { margin, shapes, xaxis: { title: "target return" },
+        yaxis: { title: "achieved return" }, legend: { orientation: "h" } }, cfg);
+    }
+    const pl = d.player;
+    const epSel = document.getElementById("dt-episode"), slider = document.getElementById("dt-step");
+    if (!pl || !epSel || !slider) return;
+    const img = document.getElementById("dt-frame"), note = document.getElementById("dt-frame-note");
+    img.addEventListener("error", () => { note.textContent = "no picture (the server needs the rl extra: minigrid)"; });
+    img.addEventListener("load", () => { note.textContent = ""; });
+    function show() {
+      const ep = pl.episodes[+epSel.value], t = +slider.value;
+      document.getElementById("dt-step-label").textContent = t + " / " + (ep.length - 1);
+      img.src = "/run/" + d.index + "/dt/frame/" + ep.episode + "/" + t + ".png";
+      document.getElementById("dt-action").textContent = ep.actions[t];
+      document.getElementById("dt-reward").textContent = ep.rewards[t].toFixed(3);
+      document.getElementById("dt-rtg").textContent = ep.rtg[t].toFixed(3);
+      const box = document.getElementById("dt-attention"), anote = document.getElementById("dt-attention-note");
+      const row = ep.attention ? ep.attention[t] : null;
+      if (row && window.Plotly) {
+        const labels = (pl.attention_tokens && pl.attention_tokens.length === row.length) ? pl.attention_tokens : row.map((_, i) => String(i));
+        Plotly.newPlot(box, [{ type: "bar", x: labels.map((l, i) => plotText(l) + "\u200b".repeat(i)), y: row, marker: { color: "#2a7ab8" } }],
+          { margin, yaxis: { title: "attention", range: [0, 1] }, xaxis: { title: "token" } }, cfg);
+        anote.textContent = "attention of the decision (state) token" + (pl.attention_site ? " · " + pl.attention_site : "");
+      } else {
+        if (window.Plotly) Plotly.purge(box);
+        box.textContent = ""; anote.textContent = ep.attention ? "" : "no attention recorded for this episode (interplab dt analyze)";
+      }
+    }
+    function episode() { slider.max = String(pl.episodes[+epSel.value].length - 1); slider.value = "0"; show(); }
+    epSel.addEventListener("change", episode); slider.addEventListener("input", show);
+    episode();
+  }
+
   function staticFilter() {
     const box = document.getElementById("filter");
     if (!box) return;
@@ -118,5 +169,5 @@ window.interplab = (function () {
   }
   document.addEventListener("DOMContentLoaded", staticFilter);
 
-  return { featurePage, runPage, attentionPage };
+  return { featurePage, runPage, attentionPage, dtPage };
 })();

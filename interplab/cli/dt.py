@@ -1,0 +1,512 @@
+"""``interplab dt collect|train|eval|analyze``: decision transformers on MiniGrid, one run folder per step.
+
+``collect`` writes a trajectory data set (Kind.TRAJECTORIES), which ``train`` reads to write a DT training run
+(Kind.DT_TRAIN, its model in ``final/``), which ``eval`` plays in the environment against a range of target
+returns (Kind.DT_EVAL: the calibration curve and the episodes played) and ``analyze`` reads with trajectories
+(Kind.DT_ANALYSIS). Each command is a thin wrapper over `interplab.rl`; the environments need the ``rl``
+extra (minigrid + gymnasium), imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from interplab import runs
+from interplab.cli.common import (
+    JobProgress,
+    claim_out,
+    console,
+    device_option,
+    fail,
+    non_negative_int,
+    out_folder,
+    positive_int,
+    set_threads,
+    threads_option,
+)
+from interplab.runs import Kind, RunError
+
+app = typer.Typer(
+    help="Decision transformers on MiniGrid: collect trajectories, train, evaluate (calibration), analyse.",
+    no_args_is_help=True,
+)
+
+_LIBRARY_ERRORS = (ValueError, RunError, FileNotFoundError, KeyError)
+
+
+@contextmanager
+def _library(what: str) -> Iterator[None]:
+    """Errors the library raises for bad input, as one line after ``what``; its warnings (a target return
+    outside the data's range ...) shown in yellow as they come."""
+
+    def show(
+        message: Any, category: Any, filename: Any, lineno: Any, file: Any = None, line: Any = None
+    ) -> None:
+        console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        except ModuleNotFoundError as err:
+            if err.name in ("minigrid", "gymnasium"):
+                fail(
+                    f"{what}: the environments need the rl extra: pip install 'interplab[rl]' ({err})", code=1
+                )
+            raise
+        except _LIBRARY_ERRORS as err:
+            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            fail(f"{what}: {text}")
+
+
+def _saved(path: Path) -> str:
+    return f"[bold]{path}[/]"
+
+
+def _figure(fig: Any, out: Path, name: str) -> list[Path]:
+    """Save ``fig`` as ``out/name.html`` (and ``.png`` where a static renderer works)."""
+    from interplab.plots import save_figure
+
+    written = [save_figure(fig, out / f"{name}.html")]
+    try:
+        written.append(save_figure(fig, out / f"{name}.png"))
+    except RuntimeError:  # no static renderer here: the interactive page is enough
+        pass
+    return written
+
+
+# --- collect ---------------------------------------------------------------------------------------------------
+
+
+def _numbers(value: str | None) -> list[float] | None:
+    """A comma- (or space-) separated list of numbers (``0,0.25,0.5``), checked while the line is parsed."""
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in value.replace(",", " ").split()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a list of numbers (e.g. 0,0.25,0.5)") from None
+    if not out or not all(math.isfinite(v) for v in out):
+        raise typer.BadParameter(f"{value!r} is not a list of finite numbers")
+    return out
+
+
+def _probability(value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise typer.BadParameter(f"{value!r} is not a probability in [0, 1]")
+    return value
+
+
+@app.command("collect")
+def collect_command(
+    env: str = typer.Argument(..., help="environment, e.g. MiniGrid-MemoryS7-v0"),
+    episodes: int = typer.Option(..., "--episodes", "-n", help="episodes to collect", callback=positive_int),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="trajectory folder (a killed collection resumes)", callback=out_folder
+    ),
+    epsilon: float = typer.Option(
+        None,
+        "--epsilon",
+        help="probability of a random action at each step (default 0)",
+        callback=_probability,
+    ),
+    skill_mix: str = typer.Option(
+        None,
+        "--skill-mix",
+        help="instead of --epsilon: each episode's epsilon drawn from these, e.g. 0,0.2,0.5",
+        callback=_numbers,
+    ),
+    wrong_object: float = typer.Option(
+        None,
+        "--wrong-object",
+        help="MemoryS7: the fraction of episodes that go to the wrong object",
+        callback=_probability,
+    ),
+    seed: int = typer.Option(0, "--seed", help="first environment seed (episode e uses seed + e)"),
+) -> None:
+    """Collect trajectories of the scripted expert (noise and mixed skill, so that returns vary)."""
+    from interplab import rl
+
+    with _library("cannot collect"):
+        rl.env_spec(env)  # an unknown name: the supported ones, before any folder is made
+        claim_out(out, Kind.TRAJECTORIES)
+        given = {"epsilon": epsilon, "skill_mix": skill_mix, "wrong_object": wrong_object}
+        kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        with JobProgress(f"collect {env}", total=episodes, unit="episodes") as bar:
+            trajs = rl.collect(env, episodes, out, seed=seed, progress=bar, **kwargs)
+        summary = trajs.summary()
+        pictures = _figure(summary.plot(), out, "summary")
+    lo, hi = summary.return_range
+    console.print(
+        f"{trajs.n_episodes} episodes, {trajs.n_steps:,} steps ({trajs.source}); returns {lo:.3f} to {hi:.3f}, "
+        f"mean {float(trajs.returns.mean()):.3f}; solved {summary.success_rate:.0%}"
+    )
+    console.print(
+        f"trajectories: {_saved(out)} ({runs.MANIFEST} + shards); summary: {pictures[0]}", soft_wrap=True
+    )
+
+
+# --- train -----------------------------------------------------------------------------------------------------
+
+
+class _TrainProgress:
+    """`train_dt`'s progress events (``{"event": "setup" | "step" | "checkpoint" | "done", ...}``) on a
+    `JobProgress`."""
+
+    def __init__(self, bar: JobProgress) -> None:
+        self.bar = bar
+        self.val = ""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "setup":
+            self.bar.update(info=f"{event.get('episodes')} episodes, {event.get('steps')} steps of data")
+        elif kind == "step":
+            if isinstance(event.get("val_loss"), (int, float)):
+                self.val = f" val {event['val_loss']:.3f}"
+            loss = event.get("loss")
+            info = f"loss {loss:.3f}{self.val}" if isinstance(loss, (int, float)) else None
+            self.bar.update(event.get("step"), info=info)
+        elif kind == "done":
+            self.bar.update(event.get("step"))
+
+
+@app.command("train")
+def train_command(
+    data: Path = typer.Argument(..., help="a trajectory folder (`interplab dt collect`)"),
+    preset: str = typer.Option("memory-dt-tiny", "--preset", "-p", help="model + training preset"),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="run folder (resumes a run found there)", callback=out_folder
+    ),
+    steps: int = typer.Option(
+        None, "--steps", help="optimizer steps (default: the preset's)", callback=positive_int
+    ),
+    seed: int = typer.Option(
+        None, "--seed", help="training seed (default: the preset's)", callback=non_negative_int
+    ),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a run found in --out"),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="stop after this step (resume later)", callback=positive_int
+    ),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda ... (default: cuda if available)", callback=device_option
+    ),
+) -> None:
+    """Train a decision transformer on trajectories (dense early checkpoints, resumable).
+
+    Under torchrun (torchrun --nproc_per_node N -m interplab dt train ...) it trains data-parallel."""
+    set_threads(threads)
+    from interplab import rl
+    from interplab.rl.train import dt_preset
+
+    with _library("cannot train"):
+        model_cfg, train_cfg = dt_preset(preset)
+        trajs = rl.load_trajectories(data)
+        if trajs.env != model_cfg.env:  # the preset's architecture, for the data's environment
+            model_cfg = model_cfg.replace(env=trajs.env, max_timestep=rl.env_spec(trajs.env).max_steps)
+        changes = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+        if changes:
+            train_cfg = train_cfg.replace(**changes)
+        claim_out(out, Kind.DT_TRAIN)
+        with JobProgress(f"train {preset}", total=train_cfg.steps, unit="steps") as bar:
+            result = rl.train_dt(
+                model_cfg, train_cfg, trajs, out, resume=resume, stop_after=stop_after, device=device,
+                progress=_TrainProgress(bar),
+            )  # fmt: skip
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from}")
+    val = ""
+    if result.val_loss is not None:
+        val = f", validation loss {result.val_loss:.3f}, action accuracy {result.val_accuracy:.1%}"
+    console.print(f"step {result.step}: loss {result.loss:.3f}{val}; {result.tokens_per_s:,.0f} tokens/s")
+    console.print(
+        f"run directory: {_saved(out)} ({runs.CONFIG}, {runs.LOG}, {runs.CHECKPOINTS}/, {runs.FINAL}/, "
+        f"{runs.REPORT})",
+        soft_wrap=True,
+    )
+
+
+# --- eval ------------------------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_command(
+    run: Path = typer.Argument(..., help="a DT training run (its final/) or a DT model folder"),
+    targets: str = typer.Option(
+        None,
+        "--targets",
+        help="target returns, e.g. 0,0.25,0.5,0.75,1 (default: 5 from 0 to the env's best return)",
+        callback=_numbers,
+    ),
+    episodes: int = typer.Option(16, "--episodes", "-n", help="episodes per target", callback=positive_int),
+    out: Path = typer.Option(..., "--out", "-o", help="evaluation folder", callback=out_folder),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        help="the training trajectories (default: the range a training run recorded): a target outside "
+        "their return range warns",
+    ),
+    seed: int = typer.Option(0, "--seed", help="episode k of each target uses env seed seed + k"),
+    n_envs: int = typer.Option(16, "--n-envs", help="environments stepped together", callback=positive_int),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample actions"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+) -> None:
+    """Play the model in its environment conditioned on each target return: the calibration curve."""
+    if temperature < 0:
+        raise typer.BadParameter(f"{temperature!r} is not >= 0", param_hint="'--temperature'")
+    set_threads(threads)
+    from interplab import rl
+
+    with _library("cannot evaluate"):
+        folder = runs.dt_model_folder(run)
+        model = rl.load_dt(folder)
+        if folder != run:
+            console.print(f"loaded {folder}", markup=False, highlight=False)
+        env = model.cfg.env
+        trajs = rl.load_trajectories(data, env=env) if data is not None else _data_range(run)
+        if targets is None:
+            top = rl.env_spec(env).max_return
+            targets = [round(top * i / 4, 4) for i in range(5)]
+        claim_out(out, Kind.DT_EVAL)
+        with JobProgress(f"eval {env}", total=len(targets) * episodes, unit="episodes") as bar:
+            cal = rl.evaluate_dt(
+                model, env, targets, episodes, data=trajs, seed=seed, n_envs=n_envs,
+                temperature=temperature, progress=bar,
+            )  # fmt: skip
+        cal.save(out)
+    console.print(_calibration_table(cal))
+    try:
+        s = cal.slope()
+        console.print(
+            f"slope of achieved on target return: {s.estimate:.3f} (95% CI {s.ci_low:.3f} to {s.ci_high:.3f})"
+        )
+    except ValueError as err:  # too few episodes or one target
+        console.print(f"no slope: {err}", style="yellow")
+    console.print(f"evaluation: {_saved(out)} ({runs.CALIBRATION_JSON}, calibration.html, {runs.ROLLOUTS}/)")
+
+
+def _data_range(run: Path) -> tuple[float, float] | None:
+    """The return range of a DT training run's data (its config.json records it), else None."""
+    if runs.detect(run) is not Kind.DT_TRAIN:
+        return None
+    data = runs.DTTrainRun.open(run).config.get("data")
+    lo, hi = (data.get("return_min"), data.get("return_max")) if isinstance(data, dict) else (None, None)
+    return (float(lo), float(hi)) if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else None
+
+
+def _calibration_table(cal: Any) -> Any:
+    from rich.table import Table
+
+    table = Table("target", "episodes", "mean return", "95% CI")
+    for t, n, m, lo, hi in zip(
+        cal.targets, cal.counts, cal.mean_returns, cal.ci_low, cal.ci_high, strict=True
+    ):
+        ci = f"{lo:.3f} to {hi:.3f}" if lo == lo and hi == hi else "(one episode)"
+        table.add_row(f"{t:g}", str(n), f"{m:.3f}", ci)
+    return table
+
+
+# --- analyze ---------------------------------------------------------------------------------------------------
+
+
+ATTENTION_EPISODES = 10
+"""episodes whose decision-token attention `analyze` records for the web page's trajectory player"""
+
+
+@app.command("analyze")
+def analyze_command(
+    run: Path = typer.Argument(..., help="a DT training run (its final/) or a DT model folder"),
+    data: Path = typer.Option(..., "--data", help="a trajectory folder of the model's environment"),
+    out: Path = typer.Option(..., "--out", "-o", help="analysis folder", callback=out_folder),
+    episodes: int = typer.Option(
+        64, "--episodes", "-n", help="the first N episodes of --data are analysed", callback=positive_int
+    ),
+    seed: int = typer.Option(0, "--seed", help="which episodes the probes hold out"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+) -> None:
+    """Probes, instruction patching, action DLA and the decision token's attention on trajectories.
+
+    Probes for the instruction object, the agent's direction and a key in view on the residual stream (episodes
+    held out), activation patching between instruction-swapped windows at the decision (MemoryS7), direct logit
+    attribution onto the action logits and the attention of each step's decision token; report.json and
+    pictures."""
+    set_threads(threads)
+    from interplab import rl
+    from interplab.rl import analysis as an
+
+    with _library("cannot analyze"):
+        folder = runs.dt_model_folder(run)
+        model = rl.load_dt(folder)
+        full = rl.load_trajectories(data, env=model.cfg.env)  # data of another env: an error naming both
+        n = min(episodes, full.n_episodes)
+        trajs = full if n == full.n_episodes else full.select(list(range(n)))
+        claim_out(out, Kind.DT_ANALYSIS)
+        report = _analyze(model, trajs, an, out, seed)
+        report.update(model=str(folder), data=str(Path(data).absolute()), env=trajs.env, episodes=n)
+        for name, p in report["probes"].items():  # headline numbers (the web page's table)
+            report[f"{name} probe: best held-out accuracy"] = max(p["test_scores"])
+            report[f"{name} probe: chance"] = p["chance"]
+        runs.write_json(out / runs.REPORT, Kind.DT_ANALYSIS, report)
+    for name, p in report["probes"].items():
+        best = max(range(len(p["sites"])), key=lambda i: p["test_scores"][i])
+        console.print(
+            f"probe {name}: best {p['sites'][best]} {p['test_scores'][best]:.3f} held-out accuracy "
+            f"(chance {p['chance']:.3f})"
+        )
+    if report.get("patching"):
+        pt = report["patching"]
+        top = f"; most restoring: {pt['top']}" if not pt["note"] else ""
+        console.print(
+            f"instruction patching at the decision ({pt['n_pairs']} pairs): logit difference clean "
+            f"{pt['clean_metric']:.3f}, corrupt {pt['corrupt_metric']:.3f}{top}"
+        )
+        if pt["note"]:
+            console.print(f"warning: {pt['note']}", style="yellow", markup=False, highlight=False)
+    if report.get("memorydt"):
+        rows = report["memorydt"]["rows"]
+        console.print(
+            "MemoryDT reproduction: " + ", ".join(f"{k} {v:.3f}" for k, v in rows.items()), soft_wrap=True
+        )
+    console.print(f"analysis: {_saved(out)} ({runs.REPORT}, {', '.join(report['pictures'])})")
+
+
+def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int) -> dict[str, Any]:
+    """Run the analyses of `analyze_command` and write their pictures into ``out``; the report's numbers."""
+    import torch
+
+    n_layers = model.cfg.n_layers
+    sites = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [
+        f"blocks.{n_layers - 1}.hook_resid_post"
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    pictures: list[str] = []
+    with JobProgress("analyze", total=4, unit="analyses") as bar:
+        bar.update(0, info="caching the residual stream")
+        cache = an.cache_trajectories(model, trajs, sites, kinds=("state",))
+        labels = an.env_labels(trajs)
+        probes = {}
+        wanted = {
+            "instruction": labels.instruction,
+            "direction": labels.direction,
+            "key_in_view": labels.key_in_view,
+        }
+        for name, y in wanted.items():
+            if y is None or len(torch.unique(y)) < 2:
+                continue
+            sweep = an.probe(cache, y.long(), kind="state", label=name, seed=seed)
+            probes[name] = sweep.to_dict()
+            pictures += [p.name for p in _figure(sweep.plot(), out, f"probe_{name}")]
+        bar.update(1, info="instruction patching")
+        patching = None
+        win = None
+        if trajs.env.startswith("MiniGrid-Memory"):
+            ends = an.decision_steps(trajs)
+            ends = ends[ends >= 0]
+            if len(ends):
+                pair = an.instruction_pair(trajs, ends, model.cfg.context)
+                result = an.patch_instruction(
+                    model, pair.clean, pair.corrupt, answer=pair.answer, wrong=pair.wrong
+                )
+                pictures += [p.name for p in _figure(result.plot(), out, "patching")]
+                patching = _patching_summary(result, len(ends))
+                win = pair.clean
+        bar.update(2, info="direct logit attribution")
+        if win is None:
+            win = an.windows(trajs, model.cfg.context, ends=trajs.episode_starts[1:] - 1)
+        dla = an.action_dla(model, win)
+        pictures += [p.name for p in _figure(dla.plot(), out, "dla")]
+        memory = None
+        if trajs.env.startswith("MiniGrid-Memory"):
+            bar.update(info="the MemoryDT reproduction")
+            from interplab.rl.memorydt import memorydt
+
+            table = memorydt(model, trajs, seed=seed)
+            pictures += [p.name for p in _figure(table.plot(), out, "memorydt")]
+            memory = table.to_dict()
+        bar.update(3, info="attention")
+        layer = n_layers - 1
+        pictures += [p.name for p in _figure(an.attention_figure(model, win, layer, 0), out, "attention")]
+        attention = decision_attention(model, trajs, an, layer, min(ATTENTION_EPISODES, trajs.n_episodes))
+        bar.update(4)
+    return {
+        "probes": probes,
+        "patching": patching,
+        "dla": dla.to_dict(),
+        "memorydt": memory,
+        "attention": attention,
+        "pictures": pictures,
+    }
+
+
+def _patching_summary(result: Any, n_pairs: int) -> dict[str, Any]:
+    """The patching numbers and, per component, the patch that restores most of the clean answer."""
+    import torch
+
+    top = []
+    for comp, r in result.results.items():
+        norm = torch.nan_to_num(result.normalized(comp), nan=float("-inf"))
+        flat = int(norm.flatten().argmax())
+        idx = [int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(norm.shape))]
+        where = ", ".join(
+            f"{d} {r.labels[d][i].replace(chr(0x200B), '')}" for d, i in zip(r.dims, idx, strict=True)
+        )
+        value = float(norm.flatten()[flat])
+        top.append((value, f"{comp} ({where}) {value:.2f}"))
+    top.sort(reverse=True)
+    gap = abs(result.clean_metric - result.corrupt_metric)
+    note = None
+    if gap < 0.1:  # the normalised values divide by this gap: noise when the model ignores the instruction
+        note = (
+            f"clean and corrupt logit differences are {gap:.3f} apart: the model hardly tells the two "
+            "instructions apart at the decision, so the normalised patching values are not meaningful"
+        )
+    return {**result.to_dict(), "n_pairs": n_pairs, "top": "; ".join(t for _, t in top[:3]), "note": note}
+
+
+def decision_attention(model: Any, trajs: Any, an: Any, layer: int, n_episodes: int) -> dict[str, Any]:
+    """For each step of the first ``n_episodes``: the attention of the decision token (the state token of the
+    step, whose output predicts the action) over the window's tokens, averaged over ``layer``'s heads. Token
+    labels are relative to the step (``R-1``, ``s-1``, ``a-1``, ..., ``R0``, ``s0``, ``a0``); pad tokens 0."""
+    import torch
+
+    from interplab.hooks.site import Site, SiteKind
+
+    k = model.cfg.context
+    site = Site(SiteKind.PATTERN, layer).name
+    query = an.token_position(k - 1, "state")
+    episodes: dict[str, list[list[float]]] = {}
+    for e in range(n_episodes):
+        lo, hi = int(trajs.episode_starts[e]), int(trajs.episode_starts[e + 1])
+        win = an.windows(trajs, k, ends=torch.arange(lo, hi))
+        store: dict[str, torch.Tensor] = {}
+
+        def save(act: torch.Tensor, s: Any, store: dict[str, torch.Tensor] = store) -> None:
+            store["p"] = act[:, :, query].mean(1).detach().float().cpu()
+
+        with torch.no_grad(), model.transformer.hooks(read_hooks=[(site, save)]):
+            model(*win.inputs(model.transformer.W_E.device))
+        episodes[str(e)] = [[round(float(x), 4) for x in row] for row in store["p"]]
+    tokens = [
+        f"{kind[0].upper() if kind == 'rtg' else kind[0]}{i - k + 1}"
+        for i in range(k)
+        for kind in an.TOKEN_KINDS
+    ]
+    return {
+        "site": site,
+        "query": "the state token of the step (the decision)",
+        "tokens": tokens,
+        "episodes": episodes,
+    }
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="dt")
