@@ -163,7 +163,7 @@ def _act(
     softmax(logits / temperature) by the Gumbel-max trick on each episode's own stream (so that a sample does
     not depend on the other slots)."""
     rtg, obs, actions, timesteps, mask = inputs
-    with torch.no_grad():
+    with torch.inference_mode():
         logits = model.predict(rtg, obs, actions, timesteps, attention_mask=mask)
     if tuple(logits.shape) != (len(episodes), n_actions):
         raise ValueError(
