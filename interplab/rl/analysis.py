@@ -134,12 +134,14 @@ def probe(
     episodes = cache.episode[rows].unique()
     if episodes.numel() < 2:
         raise ValueError(f"a held-out split needs rows of >= 2 episodes, got {episodes.numel()}")
-    g = torch.Generator().manual_seed(seed)
-    perm = episodes[torch.randperm(episodes.numel(), generator=g)]
-    n_test = min(max(1, round(episodes.numel() * test_fraction)), episodes.numel() - 1)
-    test = torch.isin(cache.episode[rows], perm[:n_test])
     logistic = ProbeKind(config.kind) is ProbeKind.LOGISTIC
+    test = torch.isin(cache.episode[rows], _held_out(cache.episode[rows], y, logistic, test_fraction, seed))
     if logistic:
+        if torch.unique(y[~test]).numel() < 2:
+            raise ValueError(
+                f"the {kind} rows' {label!r} labels have one class only ({torch.unique(y).tolist()}) in the "
+                "training episodes: nothing to probe"
+            )
         counts = torch.bincount(y[test].long())
         chance = float(counts.max()) / max(1, int(test.sum()))
     else:
@@ -167,6 +169,26 @@ def probe(
         n_train=int((~test).sum()),
         n_test=int(test.sum()),
     )
+
+
+def _held_out(episode: Tensor, y: Tensor, stratify: bool, fraction: float, seed: int) -> Tensor:
+    """The held-out episodes: ``fraction`` of them, drawn per class of their first row's label when
+    ``stratify`` (so both splits see every class an episode-constant label has, e.g. the instruction)."""
+    g = torch.Generator().manual_seed(seed)
+    eps, first = torch.unique(episode, return_inverse=True)
+    order = torch.argsort(first, stable=True)
+    first_row = order[torch.searchsorted(first[order], torch.arange(eps.numel()))]
+    groups = [eps] if not stratify else [eps[y[first_row] == c] for c in torch.unique(y[first_row])]
+    picked = []
+    for group in groups:
+        n = round(group.numel() * fraction) if group.numel() > 1 else 0
+        picked.append(group[torch.randperm(group.numel(), generator=g)][:n])
+    out = torch.cat(picked)
+    if out.numel() == 0:  # too few episodes per class: hold out one episode at random
+        out = eps[torch.randperm(eps.numel(), generator=g)][:1]
+    if out.numel() == eps.numel():
+        out = out[:-1]
+    return out
 
 
 # ---- activation patching -------------------------------------------------------------------------
@@ -206,6 +228,18 @@ class InstructionPatching:
     step: int
     """the window step whose logits the metric reads"""
 
+    @property
+    def gap(self) -> float:
+        """clean minus corrupt metric: what a patch can restore"""
+        return self.clean_metric - self.corrupt_metric
+
+    @property
+    def separates(self) -> bool:
+        """Whether the clean and corrupt runs differ enough for `normalized` to mean anything (a model that
+        ignores the instruction gives a gap near 0, and normalised values of noise)."""
+        scale = max(1.0, abs(self.clean_metric), abs(self.corrupt_metric))
+        return abs(self.gap) > 1e-3 * scale
+
     def normalized(self, component: str) -> Tensor:
         """(patched - corrupt) / (clean - corrupt) when denoising: 1 = the patch restores the clean answer."""
         v = self.results[component].values
@@ -220,6 +254,7 @@ class InstructionPatching:
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "separates": self.separates,
             "clean_metric": self.clean_metric,
             "corrupt_metric": self.corrupt_metric,
             "results": {k: v.to_dict() for k, v in self.results.items()},
@@ -234,16 +269,24 @@ class InstructionPatching:
         for i, name in enumerate(names, start=1):
             r = self.results[name]
             x, y = r.dims[1], r.dims[0]
-            hm = plots.heatmap(self.normalized(name), x_labels=r.labels[x], y_labels=r.labels[y])
+            values = self.normalized(name) if self.separates else r.values - self.corrupt_metric
+            hm = plots.heatmap(values, x_labels=r.labels[x], y_labels=r.labels[y])
             trace = hm.data[0]
-            trace.update(zmid=0, zmin=-1, zmax=1, showscale=i == 1)
+            trace.update(zmid=0, showscale=i == 1)
+            if self.separates:
+                trace.update(zmin=-1, zmax=1)
             fig.add_trace(trace, row=i, col=1)
             fig.update_yaxes(autorange="reversed", type="category", title_text=y, row=i, col=1)
             fig.update_xaxes(type="category", row=i, col=1)
         fig.update_layout(
             template="plotly_white",
             height=260 * len(names),
-            title=title or f"instruction patching (normalised logit difference at step {self.step})",
+            title=title
+            or (
+                f"instruction patching (normalised logit difference at step {self.step})"
+                if self.separates
+                else f"instruction patching: clean and corrupt agree (gap {self.gap:.2g}); patched - corrupt shown"
+            ),
         )
         return fig
 

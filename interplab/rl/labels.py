@@ -43,6 +43,8 @@ class EnvLabels:
     """the object index of the cell in front of the agent (read from the view)"""
     key_in_view: Bool[Tensor, " steps"]
     ball_in_view: Bool[Tensor, " steps"]
+    instruction_in_view: Bool[Tensor, " steps"] | None = None
+    """MemoryS*: the instruction object itself is in the view (its start-room cell is seen, not occluded)"""
 
     def as_dict(self) -> dict[str, Tensor]:
         return {
@@ -78,7 +80,7 @@ def _replay(trajs: Trajectories, swap_instruction: bool = False) -> tuple[dict[s
     actions = np.asarray(trajs.actions)
     seeds = np.asarray(trajs.seeds)
     n = obs_rec.shape[0]
-    keys = ("direction", "x", "y", "instruction", "target_side", "split_x")
+    keys = ("direction", "x", "y", "instruction", "target_side", "split_x", "instruction_seen")
     state = {k: np.zeros(n, dtype=np.int64) for k in keys}
     obs_out = np.empty_like(obs_rec)
     env = gymnasium.make(trajs.env, disable_env_checker=True)
@@ -87,6 +89,7 @@ def _replay(trajs: Trajectories, swap_instruction: bool = False) -> tuple[dict[s
             obs, _ = env.reset(seed=int(seeds[e]))
             u: Any = env.unwrapped
             inst = side = split = 0
+            cell = (0, 0)
             if memory:
                 cell = (1, u.height // 2 - 1)
                 kind = u.grid.get(*cell).type
@@ -107,6 +110,12 @@ def _replay(trajs: Trajectories, swap_instruction: bool = False) -> tuple[dict[s
                 state["direction"][i] = u.agent_dir
                 state["x"][i], state["y"][i] = int(u.agent_pos[0]), int(u.agent_pos[1])
                 state["instruction"][i], state["target_side"][i], state["split_x"][i] = inst, side, split
+                if memory:  # the instruction's cell is in the view and shows an object (not occluded)
+                    rel = u.relative_coords(*cell)
+                    state["instruction_seen"][i] = rel is not None and obs["image"][rel[0], rel[1], 0] in (
+                        KEY,
+                        BALL,
+                    )
                 if i + 1 < b:
                     obs, *_ = env.step(int(actions[i]))
     finally:
@@ -131,6 +140,7 @@ def env_labels(trajs: Trajectories) -> EnvLabels:
         front_object=obs[:, 3, 5, 0],
         key_in_view=(objects == KEY).any(1),
         ball_in_view=(objects == BALL).any(1),
+        instruction_in_view=torch.from_numpy(state["instruction_seen"]).bool() if memory else None,
     )
 
 

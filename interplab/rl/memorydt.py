@@ -2,13 +2,15 @@
 transformer of MiniGrid-MemoryS7, as one table:
 
 (a) the instruction feature: the instruction object is linearly decodable from the residual stream (held-out
-    probe accuracy per site at the state tokens that show it and at the decision token), with the feature
+    probe accuracy per site at the state tokens that show it as the only key or ball, and at the decision
+    token), with the feature
     direction (the probe's direction at the embedding) and a PCA picture of the embeddings;
 (b) adversarial distractors: an object of the other kind placed in the decision step's view (in an empty
     visible cell) and how often that flips the chosen turn, against how often the feature predicts a flip
     (the distractor moves the decision token's projection on the feature direction past the class boundary);
 (c) the equivalent latent intervention: adding the distractor's mean shift along the feature direction at the
-    decision token's embedding, and the flip rate it gives;
+    decision token's embedding, and the flip rate it gives; and the instruction swapped in latent space (every
+    state token moved along the feature by the distance between the two objects' mean projections);
 (d) RTG dependence: the probability of the correct turn at the decision as the target return varies.
 
 >>> table = memorydt(model, trajs)
@@ -164,10 +166,17 @@ def memorydt(
     if ends.numel() < 4:
         raise ValueError(f"only {ends.numel()} episodes reach the split; the reproduction needs >= 4")
     # (a) where the instruction object is in view, and at the decision
-    # facing west before the split, the only object in view is the instruction
-    split_x = int(labels.x[ends].min())
-    visible = (labels.key_in_view | labels.ball_in_view) & (labels.direction == 2) & (labels.x < split_x)
-    shown = visible.nonzero()[:, 0]
+    assert labels.instruction_in_view is not None
+    # the instruction in view as the only key or ball (facing north or south in the start room the two objects
+    # at the split can be in view as well)
+    objects = torch.as_tensor(trajs.obs)[..., 0].flatten(1)
+    alone = ((objects == KEY) | (objects == BALL)).sum(1) == 1
+    shown = (labels.instruction_in_view & alone).nonzero()[:, 0]
+    if torch.unique(inst[shown]).numel() < 2:
+        raise ValueError(
+            f"the instruction object is in view at {shown.numel()} steps, of one kind only: (a) needs episodes "
+            "that look at both objects"
+        )
     config = ProbeConfig(seed=seed)
     rows: dict[str, float] = {}
     vis_cache = cache_trajectories(model, trajs, sites, kinds=["state"], ends=shown)
@@ -213,14 +222,18 @@ def memorydt(
     # (per example its sign: towards the other object than the instruction)
     size = abs(rows["b_feature_shift"]) if alpha is None else abs(alpha)
     toward = torch.where(inst[ends] == 1, -1.0, 1.0)  # ball -> subtract the ball direction
-    flips = torch.zeros(len(clean), dtype=torch.bool)
-    for sign in (-1.0, 1.0):
-        idx = (toward == sign).nonzero()[:, 0]
-        if idx.numel():
-            res = steer(model, clean.select(idx), direction, embed_site, sign * size, positions=[pos])
-            flips[idx] = res.probs_after[:, :2].argmax(-1) != res.probs_before[:, :2].argmax(-1)
     rows["c_latent_alpha"] = size
-    rows["c_latent_flip_rate"] = float(flips.float().mean())
+    rows["c_latent_flip_rate"] = _steered_flips(model, clean, direction, embed_site, toward * size, [pos])
+    # the instruction itself swapped in latent space: every state token moved by the distance between the two
+    # objects' mean projections (where the instruction is in view), towards the other object
+    proj = emb @ direction
+    shown_inst = inst[vis_cache.flat_step]
+    separation = float(proj[shown_inst == 1].mean() - proj[shown_inst == 0].mean())
+    states = [token_position(t, "state") for t in range(clean.steps)]
+    rows["c_swap_alpha"] = separation
+    rows["c_swap_flip_rate"] = _steered_flips(
+        model, clean, direction, embed_site, toward * separation, states
+    )
     # (d) the correct turn's probability against the target return (MemoryS7 pays only at the end, so the
     # return to go is the target at every step)
     targets = torch.tensor(list(rtg_targets), dtype=torch.float32)
@@ -245,6 +258,24 @@ def memorydt(
         rtg_targets=targets,
         rtg_correct=rtg_correct,
     )
+
+
+def _steered_flips(
+    model: DecisionTransformer,
+    win: Windows,
+    direction: Tensor,
+    site: str,
+    alphas: Tensor,
+    positions: list[int],
+) -> float:
+    """Share of windows whose chosen turn (left or right, the higher logit) changes when ``alphas[i] *
+    direction`` is added at ``site`` on the token ``positions`` of window i."""
+    flips = torch.zeros(len(win), dtype=torch.bool)
+    for a in alphas.unique().tolist():
+        idx = (alphas == a).nonzero()[:, 0]
+        res = steer(model, win.select(idx), direction, site, a, positions=positions)
+        flips[idx] = res.probs_after[:, :2].argmax(-1) != res.probs_before[:, :2].argmax(-1)
+    return float(flips.float().mean())
 
 
 def _embedding_at(model: DecisionTransformer, win: Windows, site: str, pos: int) -> Tensor:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
@@ -330,7 +331,8 @@ class DecisionTransformer(nn.Module):
         if actions.is_floating_point() or timesteps.is_floating_point():
             raise TypeError("actions and timesteps must be integer tensors")
         rtg = rtg.to(device=device, dtype=self.rtg_embed.weight.dtype)
-        obs, actions, timesteps = (x.to(device=device, dtype=torch.long) for x in (obs, actions, timesteps))
+        actions, timesteps = (x.to(device=device, dtype=torch.long) for x in (actions, timesteps))
+        obs = obs.to(device)  # kept in its (small) dtype: the one-hot index widens it
         mask = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (b, t):
@@ -342,14 +344,17 @@ class DecisionTransformer(nn.Module):
                 mask = None
             else:  # padding steps hold anything (NaN returns, out-of-range ids): make them neutral
                 rtg = torch.where(mask, rtg, 0.0)
-                obs = torch.where(mask[..., None, None, None], obs, 0)
+                obs = obs * mask[..., None, None, None].to(obs.dtype)
                 actions = torch.where(mask, actions, self.cfg.pad_action)
                 timesteps = torch.where(mask, timesteps, 0)
         self._check_range("actions", actions, 0, self.cfg.pad_action)
         self._check_range("timesteps", timesteps, 0, self.cfg.max_timestep)
         if obs.numel():
-            bad = (obs < 0) | (obs >= self._obs_limits)
-            if bool(bad.any()):
+            channels = obs.reshape(-1, obs.shape[-1])
+            high = channels.amax(0)
+            low = channels.amin(0) if obs.dtype.is_signed else torch.zeros_like(high)
+            if bool(((high >= self._obs_limits) | (low < 0)).any()):
+                bad = (obs < 0) | (obs >= self._obs_limits)
                 where = [int(i) for i in bad.nonzero()[0]]
                 raise ValueError(
                     f"observation value {int(obs[tuple(where)])} at {tuple(where)} is out of range: channel "
@@ -375,11 +380,11 @@ class DecisionTransformer(nn.Module):
         b, t = rtg.shape
         r = self.rtg_embed((rtg / self.cfg.rtg_scale)[..., None])
         s = self._embed_states(obs.flatten(0, 1)).view(b, t, -1)
-        a = self.transformer.embed.W_E[actions]
+        a = F.embedding(actions, self.transformer.embed.W_E)
         return torch.stack([r, s, a], dim=2).flatten(1, 2)
 
     def _embed_states(self, obs: Int[Tensor, "n h w c"]) -> Float[Tensor, "n d_model"]:
-        index = (self._onehot_base + obs).flatten(1)  # n, h*w*c one-hot indices
+        index = (self._onehot_base + obs.long()).flatten(1)  # n, h*w*c one-hot indices
         if isinstance(self.state_embed, nn.EmbeddingBag):
             return self.state_embed(index) + self.state_bias
         h, w, _ = self.cfg.obs_shape
@@ -395,7 +400,7 @@ class DecisionTransformer(nn.Module):
         key_valid = None if mask is None else mask.repeat_interleave(3, dim=1)
         ctx = AttnContext(positions=positions, key_valid=key_valid)
         resid = tf.hook_embed(self.token_embeddings(rtg, obs, actions))
-        resid = resid + tf.hook_pos_embed(tf.pos_embed.W_pos[positions])
+        resid = resid + tf.hook_pos_embed(F.embedding(positions, tf.pos_embed.W_pos))
         return resid, ctx
 
     def embed(
@@ -422,10 +427,10 @@ class DecisionTransformer(nn.Module):
         and padding (False; left padding of windows shorter than ``context``)."""
         resid, ctx = self._embed(*self.check_inputs(rtg, obs, actions, timesteps, attention_mask))
         resid = self.transformer.run_blocks(resid, ctx)
-        logits = self.transformer.unembed_resid(
-            resid
-        )  # every token (hook_unembed_out is [batch 3T n_actions])
-        return logits[:, 1::3]
+        if not self.transformer.hook_registry.any_active:  # nobody looks: the head runs at state tokens only
+            return self.transformer.unembed_resid(resid[:, 1::3])
+        # hooks see every token (ln_final and unembed points are [batch 3T ...], as for a language model)
+        return self.transformer.unembed_resid(resid)[:, 1::3]
 
     def predict(
         self,

@@ -74,7 +74,12 @@ __all__ = [
     "DTTrainResult",
     "DTWindows",
     "WindowSampler",
+    "action_loss",
+    "batch_ends",
+    "data_summary",
     "dt_preset",
+    "evaluate_windows",
+    "split_steps",
     "train_dt",
     "trajectory_windows",
 ]
@@ -353,7 +358,7 @@ def data_summary(trajectories: Trajectories) -> dict[str, Any]:
     }
 
 
-def _split(sampler: WindowSampler, cfg: DTTrainConfig) -> tuple[Tensor, Tensor]:
+def split_steps(sampler: WindowSampler, cfg: DTTrainConfig) -> tuple[Tensor, Tensor]:
     """Train and validation end steps: whole episodes held out, chosen by the seed."""
     n_episodes = len(sampler.episode_starts) - 1
     n_val = int(round(cfg.val_fraction * n_episodes))
@@ -522,7 +527,7 @@ def _train(
         raise ValueError(
             f"the trajectories reach timestep {longest}, beyond the model's max_timestep={model_cfg.max_timestep}"
         )
-    train_steps, val_steps = _split(sampler, cfg)
+    train_steps, val_steps = split_steps(sampler, cfg)
     if len(train_steps) == 0:
         raise ValueError("no training steps: the data set has no episodes left after the validation split")
     val_windows = sampler.windows(val_steps).to(device) if len(val_steps) else None
@@ -565,6 +570,7 @@ def _train(
         loss_value = row.get("loss", loss_value)
         val = {k: row[k] for k in ("val_loss", "val_accuracy") if k in row} or val
     t0, cpu0, aside, step = time.perf_counter(), time.process_time(), 0.0, start
+    eval_seconds = ckpt_seconds = 0.0
     for step in range(start + 1, stop + 1):
         lr = cosine_lr(step - 1, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -594,19 +600,21 @@ def _train(
                 "elapsed_s": elapsed,
             }
             if val_windows is not None and (step % cfg.eval_every == 0 or step == stop) and dist_info.main:
-                e0 = time.process_time()
+                e0, ec0 = time.perf_counter(), time.process_time()
                 val = evaluate_windows(model, val_windows)
-                aside += time.process_time() - e0
+                aside += time.process_time() - ec0
+                eval_seconds += time.perf_counter() - e0
                 row.update(val)
             log.write(row)
             notify({"event": "step", **row, "total": cfg.steps})
         if step in schedule or step == stop:
-            c0 = time.process_time()
+            c0, cc0 = time.perf_counter(), time.process_time()
             if dist_info.main:
                 _save_checkpoint(run_dir, step, model, optimizer, tokens_seen)
                 notify({"event": "checkpoint", "step": step})
             barrier()
-            aside += time.process_time() - c0
+            aside += time.process_time() - cc0
+            ckpt_seconds += time.perf_counter() - c0
     seconds = time.perf_counter() - t0
     model.eval()
     if dist_info.main and step == cfg.steps:
@@ -628,6 +636,8 @@ def _train(
         report = {
             **result.to_dict(),
             "train_cpu_seconds": time.process_time() - cpu0 - aside,
+            "checkpoint_seconds": ckpt_seconds,
+            "eval_seconds": eval_seconds,
             "finished": step == cfg.steps,
             "random_accuracy": 1.0 / model_cfg.n_actions,
             "data": data,

@@ -172,6 +172,10 @@ def test_probe_is_exact_downstream_of_the_write_and_chance_before() -> None:
     start = probe(cache_trajectories(model, trajs, sites, ends=first), labels)
     assert_close(start.test_scores, torch.ones(3))
     assert decision.n_test == 10 * 1 and decision.n_train == 30  # episodes held out, one row each
+    # the held-out episodes are drawn per class: both splits hold both instructions
+    assert decision.chance == 0.5
+    with pytest.raises(ValueError, match="one class only"):
+        probe(cache_trajectories(model, trajs, sites[:1], ends=last), torch.zeros_like(labels))
     assert len(decision.plot().data) == 2
 
 
@@ -209,7 +213,13 @@ def test_patching_localises_the_instruction_to_its_carrier() -> None:
         model, clean, corrupt, answer=0, wrong=1, direction="noise", components=["heads"]
     )
     assert_close(noise.results["heads"].values, 4.0 - 8.0 * heads, atol=1e-4, rtol=0)
-    assert len(res.plot().data) == 4
+    assert len(res.plot().data) == 4 and res.separates
+    # a model blind to the instruction: the runs agree, and the picture says so instead of dividing by ~0
+    blind = planted_model()
+    with torch.no_grad():
+        blind.transformer.blocks[1].attn.W_O.zero_()
+    same = patch_instruction(blind, clean, corrupt, answer=0, wrong=1, components=["heads"])
+    assert not same.separates and "agree" in same.plot().layout.title.text
 
 
 def test_batched_patching_equals_one_forward_per_patch() -> None:
@@ -364,6 +374,9 @@ def test_labels_come_from_the_seeded_layout() -> None:
     inst = torch.tensor(want)
     seen_key, seen_ball = labels.key_in_view[first + 2], labels.ball_in_view[first + 2]
     assert bool((seen_ball[inst == 1]).all()) and bool((seen_key[inst == 0]).all())
+    assert labels.instruction_in_view is not None and bool(labels.instruction_in_view[first + 2].all())
+    starts_east = labels.x[first] > 1  # facing east from x > 1 the start-room object is behind the agent
+    assert not bool(labels.instruction_in_view[first][starts_east].any())
     # the decision: at the split, facing east, after the look-back and the walk
     steps = decision_steps(trajs)
     assert_close(labels.x[steps], torch.full((len(seeds),), 5))
@@ -429,12 +442,17 @@ def test_memorydt_table_on_real_episodes() -> None:
     model = DecisionTransformer(
         DTConfig(env="MiniGrid-MemoryS7-v0", context=4, max_timestep=245, d_model=16, n_layers=2, n_heads=2)
     )
+    with torch.no_grad():  # plant the instruction feature: a key anywhere in view writes -e0, a ball +e0
+        width = sum(model.cfg.obs_values)
+        for cell in range(49):
+            model.state_embed.weight[cell * width + KEY, E0] -= 1.0
+            model.state_embed.weight[cell * width + BALL, E0] += 1.0
     table = memorydt(model, trajs, alpha=0.0)
     assert table.rows["episodes"] == 12.0
     assert table.rows["c_latent_flip_rate"] == 0.0  # a zero intervention changes nothing
     for key in ("a_probe_embedding_in_view", "b_distractor_flip_rate", "b_prediction_agreement"):
         assert 0.0 <= table.rows[key] <= 1.0
-    # the embedding holds the object in view exactly (a one-hot linear embedding): the probe reads it
+    # the planted feature makes the instruction in view linearly readable from the embedding
     assert_close(torch.tensor(table.rows["a_probe_embedding_in_view"]), torch.tensor(1.0))
     assert table.rtg_correct.shape == (5,) and bool(
         ((table.rtg_correct >= 0) & (table.rtg_correct <= 1)).all()

@@ -121,6 +121,15 @@ def test_batched_equals_one_env_at_a_time():
         np.testing.assert_array_equal(alone.obs, one.obs[s:f])
 
 
+def test_asynchronous_envs_play_the_same_episodes():
+    sync = rollout(HashPolicy(), MEMORY, [0.5], 3, seed=1, n_envs=2, temperature=1.0).trajectories
+    asy = rollout(
+        HashPolicy(), MEMORY, [0.5], 3, seed=1, n_envs=2, temperature=1.0, asynchronous=True
+    ).trajectories
+    for name in ("obs", "actions", "rewards", "episode_starts", "seeds"):
+        torch.testing.assert_close(getattr(asy, name), getattr(sync, name), rtol=0, atol=0)
+
+
 def test_recorded_steps_are_the_environments():
     """Replaying each episode's actions in a fresh env from its seed gives the recorded views and rewards, and
     the episode ends exactly at its last step."""

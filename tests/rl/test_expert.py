@@ -170,3 +170,22 @@ def test_bad_arguments_name_the_problem(tmp_path):
     env.reset()
     with pytest.raises(ValueError, match="wrong=True is for the memory task"):
         expert_action(env, wrong=True)
+
+
+def test_instruction_in_view_agrees_with_minigrids_agent_sees():
+    env = make_env(MEMORY)
+    agree = seen = 0
+    for seed in range(5):
+        env.reset(seed=seed)
+        u = env.unwrapped
+        for x in range(1, u.width - 1):
+            for y in range(1, u.height - 1):
+                if u.grid.get(x, y) is not None:
+                    continue
+                for d in range(4):
+                    u.agent_pos, u.agent_dir = np.array((x, y)), d
+                    ours = instruction_in_view(env, u.gen_obs()["image"])
+                    assert ours == u.agent_sees(*instruction_position(env)), (seed, x, y, d)
+                    agree += 1
+                    seen += ours
+    assert agree > 100 and 0 < seen < agree
