@@ -324,6 +324,33 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def png_bytes(rgb: Any) -> bytes:
+    """An RGB picture (uint8 ``[H, W, 3]``) as PNG bytes: no imaging library, only zlib (observation frames,
+    small grids drawn inline in a page)."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"a PNG needs a uint8 [H, W, 3] array, got {rgb.dtype} {tuple(rgb.shape)}")
+    h, w = rgb.shape[:2]
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))  # filter type 0 on every row
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+        return struct.pack(">I", len(body)) + tag + body + crc
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
 IMAGE_HOWTO = "pip install kaleido==0.2.1 (it ships its own Chromium, works offline)"
 """How to get static pictures when no renderer works; the default install has it."""
 

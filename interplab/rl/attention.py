@@ -2,8 +2,11 @@
 a small grid image under its column (MiniGrid's renderer through `interplab.rl.envs.render_obs`, or a plain
 palette when minigrid is not installed).
 
+>>> from interplab import plots
 >>> from interplab.rl.windows import windows
->>> attention_figure(dt, windows(trajs, 4, ends=[10]), layer=1, head=0).write_html("attn.html")
+>>> fig = attention_figure(dt, windows(trajs, 4, ends=[10]), layer=1, head=0)
+>>> plots.save_figure(fig, "attn.html").name
+'attn.html'
 """
 
 from __future__ import annotations
@@ -73,22 +76,12 @@ def _render_state(obs: Any, tile_size: int) -> np.ndarray:
 
 
 def _png_uri(rgb: np.ndarray) -> str:
-    """A data URI of an RGB picture as PNG (zlib only: no imaging library needed)."""
+    """A data URI of an RGB picture as PNG."""
     import base64
-    import struct
-    import zlib
 
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].astype(np.uint8).tobytes() for y in range(h))
+    from interplab.plots import png_bytes
 
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-        )
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(np.asarray(rgb, dtype=np.uint8))).decode()
 
 
 def attention_pattern(

@@ -11,8 +11,6 @@ palette) and served one step at a time (`frame_png`).
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from interplab import runs
+from interplab.plots import png_bytes
 from interplab.rl import load_trajectories, render_obs
 from interplab.rl.analysis import palette_obs
 from interplab.rl.envs import ACTION_NAMES
@@ -211,24 +210,8 @@ def frame_png(folder: Path, root: Path, episode: int, step: int) -> bytes | None
 
 
 def png(rgb: np.ndarray) -> bytes:
-    """An RGB image (uint8 ``[H, W, 3]``) as PNG bytes (no dependency beyond zlib)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"png needs a uint8 [H, W, 3] array, got {rgb.dtype} {tuple(rgb.shape)}")
-    h, w = rgb.shape[:2]
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))  # filter type 0 on every row
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-        )
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
+    """An RGB image (uint8 ``[H, W, 3]``) as PNG bytes."""
+    return png_bytes(rgb)
 
 
 # --- the view ------------------------------------------------------------------------------------------------
