@@ -59,6 +59,23 @@ class DoctestNamespace:
         ns = {name: self.get(name) for name in sorted(names) if name not in module_globals}
         return {**ns, **module_globals}
 
+    # --- decision transformers (interplab.rl) --------------------------------------------------------------
+    def _make_trajs(self) -> Any:
+        """20 scripted-expert episodes of MiniGrid-MemoryS7 (half sent to the wrong object)."""
+        from interplab.rl import collect
+
+        return collect("MiniGrid-MemoryS7-v0", 20, self.folder / "trajs", wrong_object=0.5, seed=0)
+
+    def _make_dt(self) -> Any:
+        """A tiny random decision transformer for MemoryS7 (2 layers, context 8)."""
+        from interplab.rl import DecisionTransformer, DTConfig
+
+        torch.manual_seed(0)
+        cfg = DTConfig(
+            env="MiniGrid-MemoryS7-v0", context=8, max_timestep=245, d_model=32, n_layers=2, n_heads=2
+        )
+        return DecisionTransformer(cfg)
+
     # --- tensors and models -------------------------------------------------------------------------------
     def _make_torch(self) -> Any:
         return torch

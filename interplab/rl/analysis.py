@@ -7,11 +7,11 @@ one step of an episode (the step being analysed sits last, so it sees as much hi
 Sequence positions are tokens ``[R_1, s_1, a_1, ..., R_K, s_K, a_K]`` (`token_index`); the action logits of a
 step are read at its state token.
 
->>> win = windows(trajs, model.cfg.context)                   # one window per step, ending at that step
->>> cache = cache_trajectories(model, trajs, ["blocks.0.hook_resid_post"])
+>>> win = windows(trajs, dt.cfg.context)                      # one window per step, ending at that step
+>>> cache = cache_trajectories(dt, trajs, ["blocks.0.hook_resid_post"])
 >>> sweep = probe(cache, instruction_labels(trajs))             # accuracy per site, episodes held out
->>> pair = instruction_pair(trajs, decision_steps(trajs), model.cfg.context)
->>> patch_instruction(model, pair.clean, pair.corrupt, answer=pair.answer, wrong=pair.wrong).plot()
+>>> pair = instruction_pair(trajs, decision_steps(trajs), dt.cfg.context)
+>>> fig = patch_instruction(dt, pair.clean, pair.corrupt, answer=pair.answer, wrong=pair.wrong).plot()
 """
 
 from __future__ import annotations

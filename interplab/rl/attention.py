@@ -2,7 +2,8 @@
 a small grid image under its column (MiniGrid's renderer through `interplab.rl.envs.render_obs`, or a plain
 palette when minigrid is not installed).
 
->>> attention_figure(model, windows(trajs, 4, ends=[10]), layer=1, head=0).write_html("attn.html")
+>>> from interplab.rl.windows import windows
+>>> attention_figure(dt, windows(trajs, 4, ends=[10]), layer=1, head=0).write_html("attn.html")
 """
 
 from __future__ import annotations

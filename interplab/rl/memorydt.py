@@ -2,8 +2,8 @@
 transformer of MiniGrid-MemoryS7, as one table:
 
 (a) the instruction feature: the instruction object is linearly decodable from the residual stream (held-out
-    probe accuracy per site at the state tokens that show it as the only key or ball, and at the decision
-    token), with the feature
+    probe accuracy per site at the state tokens whose view shows it (as the only key or ball where such
+    steps cover both objects), and at the decision token), with the feature
     direction (the probe's direction at the embedding) and a PCA picture of the embeddings;
 (b) adversarial distractors: an object of the other kind placed in the decision step's view (in an empty
     visible cell) and how often that flips the chosen turn, against how often the feature predicts a flip
@@ -13,8 +13,9 @@ transformer of MiniGrid-MemoryS7, as one table:
     state token moved along the feature by the distance between the two objects' mean projections);
 (d) RTG dependence: the probability of the correct turn at the decision as the target return varies.
 
->>> table = memorydt(model, trajs)
->>> table.rows["b_distractor_flip_rate"], table.rows["c_latent_flip_rate"]
+>>> table = memorydt(dt, trajs)
+>>> 0 <= table.rows["b_distractor_flip_rate"] <= 1, 0 <= table.rows["c_latent_flip_rate"] <= 1
+(True, True)
 """
 
 from __future__ import annotations
@@ -167,11 +168,16 @@ def memorydt(
         raise ValueError(f"only {ends.numel()} episodes reach the split; the reproduction needs >= 4")
     # (a) where the instruction object is in view, and at the decision
     assert labels.instruction_in_view is not None
-    # the instruction in view as the only key or ball (facing north or south in the start room the two objects
-    # at the split can be in view as well)
+    # the steps whose view shows the instruction as the only key or ball (facing north or south in the start
+    # room one of the objects at the split can be in view as well); where those do not cover both objects (the
+    # scripted expert looks at the instruction facing north, with an object of the split in view), every step
+    # whose view shows the instruction's cell
     objects = torch.as_tensor(trajs.obs)[..., 0].flatten(1)
     alone = ((objects == KEY) | (objects == BALL)).sum(1) == 1
     shown = (labels.instruction_in_view & alone).nonzero()[:, 0]
+    only_alone = torch.unique(inst[shown]).numel() >= 2
+    if not only_alone:
+        shown = labels.instruction_in_view.nonzero()[:, 0]
     if torch.unique(inst[shown]).numel() < 2:
         raise ValueError(
             f"the instruction object is in view at {shown.numel()} steps, of one kind only: (a) needs episodes "
@@ -184,6 +190,9 @@ def memorydt(
     dec_cache = cache_trajectories(model, trajs, sites, kinds=["state"], ends=ends)
     dec = probe(dec_cache, inst, label="instruction", seed=seed, config=config)
     rows["a_probe_embedding_in_view"] = float(vis.test_scores[0])
+    rows["a_in_view_alone"] = float(
+        only_alone
+    )  # 1: the in-view steps show the instruction as the only object
     rows["a_probe_chance_in_view"] = vis.chance
     rows["a_probe_decision_best"] = float(dec.test_scores.max())
     rows["a_probe_decision_chance"] = dec.chance

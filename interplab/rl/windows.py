@@ -6,9 +6,10 @@ positions are tokens ``[R_1, s_1, a_1, ..., R_K, s_K, a_K]``; the action logits 
 state token. `cache_trajectories` keeps a site's activation at each window's last-step tokens, one row per
 (step, token kind) with its episode, step and kind.
 
->>> win = windows(trajs, model.cfg.context)                   # one window per step, ending at that step
->>> cache = cache_trajectories(model, trajs, ["blocks.0.hook_resid_post"], kinds=["state"])
+>>> win = windows(trajs, dt.cfg.context)                   # one window per step, ending at that step
+>>> cache = cache_trajectories(dt, trajs, ["blocks.0.hook_resid_post"], kinds=["state"])
 >>> cache["blocks.0.hook_resid_post"].shape                   # [steps, d_model]
+torch.Size([115, 32])
 """
 
 from __future__ import annotations
