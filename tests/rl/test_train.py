@@ -10,10 +10,12 @@ import torch
 from torch.testing import assert_close
 
 from interplab import runs
-from interplab.rl.model import DTConfig, load_dt
+from interplab.rl.model import DecisionTransformer, DTConfig, load_dt
 from interplab.rl.train import (
     DTTrainConfig,
     WindowSampler,
+    action_loss,
+    decision_weights,
     dt_preset,
     evaluate_windows,
     train_dt,
@@ -110,6 +112,7 @@ def test_train_config_round_trip_and_validation():
         ({"lr": 0.0}, "lr"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"betas": (0.9, 1.0)}, "betas"),
+        ({"decision_weight": 0.0}, "decision_weight"),
     ]:
         with pytest.raises(ValueError, match=message):
             cfg.replace(**change)
@@ -209,6 +212,62 @@ def test_a_tiny_dt_learns_the_memory_task(tmp_path):
     assert overall > 0.9 > random_accuracy * 3, (overall, result)
     assert decision_accuracy > 0.9, decision_accuracy
     assert 0.3 < float((chosen == 0).float().mean()) < 0.7  # both turns are taken, as the instructions ask
+
+
+def test_weighted_action_loss_equals_a_loop_over_steps():
+    """``step_weight`` weights each real step's cross-entropy by its flat step's weight (a hand-written loop
+    over the windows is the reference); all-ones weights give the unweighted loss."""
+    data = memory_data(6, corridor=(1, 3))
+    torch.manual_seed(0)
+    model = DecisionTransformer(tiny_model(context=4)).eval()
+    sampler = WindowSampler(data, 4)
+    ends = torch.tensor([0, 2, 5, 7, sampler.n_steps - 1])
+    w = sampler.windows(ends)
+    weight = torch.rand(sampler.n_steps) + 0.5
+    with torch.no_grad():
+        ce, count, correct = action_loss(model, w, weight)
+        plain = action_loss(model, w)
+        ones = action_loss(model, w, torch.ones(sampler.n_steps))
+        logits = model(*w.inputs())
+    want_ce, want_count = torch.zeros(()), torch.zeros(())
+    for b, end in enumerate(ends.tolist()):
+        for t in range(4):
+            step = end - 3 + t
+            if bool(w.mask[b, t]):
+                assert step >= 0 and int(data.actions[step]) == int(w.actions[b, t])
+                want_ce += weight[step] * torch.nn.functional.cross_entropy(logits[b, t], w.actions[b, t])
+                want_count += weight[step]
+    assert_close(ce, want_ce)
+    assert_close(count, want_count)
+    assert int(correct) == int(plain[2])
+    assert_close(ones[0], plain[0])
+    assert_close(ones[1], plain[1].float())
+
+
+def test_decision_weights_mark_the_memory_split(tmp_path):
+    pytest.importorskip("minigrid")
+    from interplab.rl.expert import collect
+    from interplab.rl.labels import decision_steps
+
+    data = collect(ENV, 12, tmp_path / "data", seed=3, skill_mix=[0.0, 0.2], wrong_object=0.3)
+    weight = decision_weights(data, 10.0)
+    assert weight is not None and weight.shape == (data.n_steps,)
+    steps = decision_steps(data)
+    want = torch.ones(data.n_steps)
+    want[steps[steps >= 0]] = 10.0
+    assert_close(weight, want)
+    assert decision_weights(data, 1.0) is None
+
+
+def test_a_run_written_before_decision_weight_resumes(tmp_path):
+    """A run folder whose config predates ``decision_weight`` reads it as the default and resumes."""
+    data = memory_data(20)
+    train_dt(tiny_model(), _short(), data, tmp_path / "run", stop_after=5)
+    config = runs.read_json(tmp_path / "run" / runs.CONFIG, runs.Kind.DT_TRAIN, strip=True)
+    del config["train"]["decision_weight"]
+    runs.write_json(tmp_path / "run" / runs.CONFIG, runs.Kind.DT_TRAIN, config)
+    resumed = train_dt(tiny_model(), _short(), data, tmp_path / "run")
+    assert resumed.resumed_from == 5 and resumed.step == 12
 
 
 @pytest.mark.slow
