@@ -425,7 +425,20 @@ class DecisionTransformer(nn.Module):
     ) -> Float[Tensor, "batch T n_actions"]:
         """Action logits of every step, read at its state token. ``attention_mask`` marks real steps (True)
         and padding (False; left padding of windows shorter than ``context``)."""
-        resid, ctx = self._embed(*self.check_inputs(rtg, obs, actions, timesteps, attention_mask))
+        return self.forward_checked(*self.check_inputs(rtg, obs, actions, timesteps, attention_mask))
+
+    def forward_checked(
+        self,
+        rtg: Float[Tensor, "batch T"],
+        obs: Int[Tensor, "batch T h w c"],
+        actions: Int[Tensor, "batch T"],
+        timesteps: Int[Tensor, "batch T"],
+        mask: Bool[Tensor, "batch T"] | None,
+    ) -> Float[Tensor, "batch T n_actions"]:
+        """`forward` on inputs as `check_inputs` returns them (on the model's device, padding neutral, ``mask``
+        None when every step is real), skipping the checks: for a loop over inputs validated once (training
+        batches cut from a data set checked at setup)."""
+        resid, ctx = self._embed(rtg, obs, actions, timesteps, mask)
         resid = self.transformer.run_blocks(resid, ctx)
         if not self.transformer.hook_registry.any_active:  # nobody looks: the head runs at state tokens only
             return self.transformer.unembed_resid(resid[:, 1::3])

@@ -77,6 +77,7 @@ __all__ = [
     "WindowSampler",
     "action_loss",
     "batch_ends",
+    "check_data",
     "data_summary",
     "decision_weights",
     "dt_preset",
@@ -113,11 +114,15 @@ class DTWindows:
         """``(rtg, obs, actions, timesteps, mask)``: ``model(*windows.inputs())``."""
         return self.rtg, self.obs, self.actions, self.timesteps, self.mask
 
+    def _fields(self) -> tuple[Tensor, ...]:
+        # not dataclasses.astuple: that deep-copies every tensor
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
     def to(self, device: torch.device | str) -> DTWindows:
-        return DTWindows(*(t.to(device) for t in dataclasses.astuple(self)))
+        return DTWindows(*(t.to(device) for t in self._fields()))
 
     def __getitem__(self, rows: slice | Tensor) -> DTWindows:
-        return DTWindows(*(t[rows] for t in dataclasses.astuple(self)))
+        return DTWindows(*(t[rows] for t in self._fields()))
 
 
 class WindowSampler:
@@ -393,12 +398,19 @@ def batch_ends(train_steps: Tensor, cfg: DTTrainConfig, step: int) -> Tensor:
 
 
 def action_loss(
-    model: torch.nn.Module, w: DTWindows, step_weight: Tensor | None = None
+    model: torch.nn.Module, w: DTWindows, step_weight: Tensor | None = None, *, checked: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Summed action cross-entropy at real steps, the number of real steps, and how many were predicted
     right (greedy). ``step_weight`` (float [steps of the data set], optional) weights each step's
-    cross-entropy, and the count is then the sum of the weights (so ``ce / count`` is the weighted mean)."""
-    logits = model(*w.inputs())
+    cross-entropy, and the count is then the sum of the weights (so ``ce / count`` is the weighted mean).
+    ``checked``: the windows come from a data set `check_data` accepted and are on the model's device (a
+    `DecisionTransformer` then skips its per-call input checks: `DecisionTransformer.forward_checked`)."""
+    if checked and isinstance(model, DecisionTransformer):
+        logits = model.forward_checked(
+            w.rtg, w.obs, w.actions, w.timesteps, None if bool(w.mask.all()) else w.mask
+        )
+    else:
+        logits = model(*w.inputs())
     real = w.mask
     targets = w.actions[real]
     picked = logits[real]
@@ -410,6 +422,19 @@ def action_loss(
     weight = step_weight.to(picked.device)[flat][real]
     ce = (F.cross_entropy(picked, targets, reduction="none") * weight).sum()
     return ce, weight.sum(), correct
+
+
+def check_data(model: DecisionTransformer, sampler: WindowSampler, chunk: int = 65536) -> None:
+    """Every step of the data set through the model's input checks (as one-step windows): observation values,
+    actions and timesteps in range, or the model's error naming the bad value."""
+    for i in range(0, sampler.n_steps, chunk):
+        rows = slice(i, i + chunk)
+        model.check_inputs(
+            sampler.rtg[rows, None],
+            sampler.obs[rows, None],
+            sampler.actions[rows, None],
+            sampler.timesteps[rows, None],
+        )
 
 
 def decision_weights(trajectories: Trajectories, weight: float) -> Tensor | None:
@@ -510,6 +535,25 @@ def _save_checkpoint(
     return write_checkpoint(checkpoint_dir(run_dir, step), step, write)
 
 
+def _fused(device: torch.device) -> bool | None:
+    """AdamW's fused kernel where torch has one (CPU, CUDA): one kernel for all parameters instead of a
+    Python loop of ~10 ops per tensor (on the tiny preset's CPU step ~2 ms of ~24). A run resumed from a
+    checkpoint keeps the kernel it was started with (the param groups' ``fused`` are restored)."""
+    return True if device.type in ("cpu", "cuda") else None
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, then, after a fused step, every parameter's version counter bumped: the fused
+    kernel writes the weights without bumping them (torch 2.13), and caches keyed on them (the attention's
+    fused QKV weights, `interplab.model.attention.FusedQKV`) would otherwise keep the old weights in no-grad
+    forwards (validation). ``x * 1.0`` leaves every value as it is."""
+    optimizer.step()
+    fused = [p for g in optimizer.param_groups if g.get("fused") for p in g["params"]]
+    if fused:
+        with torch.no_grad():
+            torch._foreach_mul_(fused, 1.0)
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -579,9 +623,12 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     model = DecisionTransformer(model_cfg).to(device)
+    check_data(model, sampler)  # once: the loop's batches then skip the model's per-call checks
     broadcast_(model.parameters())
     model.train()
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=_fused(device)
+    )
     start, resumed_from, skipped, tokens_seen = 0, None, [], 0
     if continuing:
         ckpt, bad = latest_good_checkpoint(run_dir)
@@ -621,7 +668,7 @@ def _train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         windows = sampler.windows(batch_ends(train_steps, cfg, step)[rows]).to(device)
-        ce, count, _ = action_loss(model, windows, step_weight)
+        ce, count, _ = action_loss(model, windows, step_weight, checked=True)
         total_count = all_reduce_sum(count.detach().clone().float())
         loss = ce * (
             dist_info.world / total_count.clamp(min=1.0)
@@ -630,7 +677,7 @@ def _train(
         all_reduce_grads(model.parameters())
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        _optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         if step % cfg.log_every == 0 or step == stop or step in schedule:

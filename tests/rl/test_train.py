@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,9 +16,11 @@ from interplab.rl.train import (
     DTTrainConfig,
     WindowSampler,
     action_loss,
+    check_data,
     decision_weights,
     dt_preset,
     evaluate_windows,
+    split_steps,
     train_dt,
     trajectory_windows,
 )
@@ -185,6 +188,52 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     rows_a = [r for r in runs.read_log(tmp_path / "a") if "loss" in r]
     rows_b = [r for r in runs.read_log(tmp_path / "b") if "loss" in r]
     assert [(r["step"], r["loss"]) for r in rows_a] == [(r["step"], r["loss"]) for r in rows_b]
+
+
+def test_checked_forward_equals_the_forward():
+    """The training loop's `forward_checked` (inputs validated once by `check_data`) gives the forward's
+    logits bit for bit, on windows with and without left padding, and so the same loss."""
+    data = memory_data(8, corridor=(1, 4))
+    torch.manual_seed(0)
+    model = DecisionTransformer(tiny_model(context=4)).train()
+    sampler = WindowSampler(data, 4)
+    check_data(model, sampler)
+    weight = torch.rand(sampler.n_steps) + 0.5
+    for ends in (torch.arange(sampler.n_steps), torch.tensor([3, 9, sampler.n_steps - 1])):
+        w = sampler.windows(ends)
+        mask = None if bool(w.mask.all()) else w.mask
+        assert torch.equal(
+            model.forward_checked(w.rtg, w.obs, w.actions, w.timesteps, mask), model(*w.inputs())
+        )
+        for sw in (None, weight):
+            fast, slow = action_loss(model, w, sw, checked=True), action_loss(model, w, sw)
+            assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert not bool(sampler.windows(torch.tensor([0])).mask.all())  # the padded case was exercised
+
+
+def test_training_refuses_data_the_model_cannot_read(tmp_path):
+    """`check_data` runs every step through the model's input checks once (the loop then skips them)."""
+    data = memory_data(6)
+    obs = data.obs.clone()
+    obs[-1, 2, 2, 0] = 11  # MiniGrid has 11 object types: 0..10
+    bad = dataclasses.replace(data, obs=obs)  # Trajectories checks actions, not observation values
+    with pytest.raises(ValueError, match="observation value 11"):
+        train_dt(tiny_model(), _short(), bad, tmp_path / "run")
+
+
+def test_logged_validation_is_the_trained_models(tmp_path):
+    """The validation logged at the last step is that of the final weights: the fused AdamW step writes the
+    weights without bumping their version counters, which the attention's cached fused QKV keys on (a stale
+    cache gave the first evaluation's weights)."""
+    data = memory_data(30)
+    cfg = _short()
+    result = train_dt(tiny_model(), cfg, data, tmp_path / "run")
+    model = load_dt(tmp_path / "run")
+    sampler = WindowSampler(data, model.cfg.context, pad_action=model.cfg.pad_action)
+    _, val_steps = split_steps(sampler, cfg)
+    want = evaluate_windows(model, sampler.windows(val_steps))
+    assert_close(torch.tensor(result.val_loss), torch.tensor(want["val_loss"]), rtol=1e-6, atol=0)
+    assert result.val_accuracy == want["val_accuracy"]
 
 
 @pytest.mark.slow
