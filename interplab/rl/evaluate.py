@@ -36,6 +36,7 @@ from torch import Tensor
 
 from interplab.rl.calibration import Calibration, Slope, mean_interval
 from interplab.rl.envs import env_spec, make_env, make_vector_env
+from interplab.rl.model import DecisionTransformer
 from interplab.rl.trajectories import Trajectories
 
 _SAMPLING_SALT = 0x5EED_AC75
@@ -156,15 +157,62 @@ def _device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _act(
-    model: Policy, inputs: tuple[Tensor, ...], episodes: list[_Episode], temperature: float, n_actions: int
-) -> np.ndarray:
+class _Decider:
+    """The model's logits for the playing slots, from their windows: a `DecisionTransformer` (without active
+    hooks) runs each episode's first ``context`` steps incrementally (`DecisionTransformer.predict_step`: the
+    new step's tokens against cached keys and values, equal to the full window to float precision) and
+    recomputes the full window with ``predict`` once the episode is longer (the window then drops its first
+    step, and the cached keys and values of layers after the first are not the window's any more; a one-layer
+    model stays incremental); any other policy gets ``predict`` on the full windows. Which way a step goes depends on its episode alone, never on the other slots, so batched
+    and one-environment rollouts play the same episodes."""
+
+    def __init__(self, model: Policy, n: int, device: torch.device, cached: bool) -> None:
+        self.model = model
+        self.device = device
+        self.cache = None
+        if cached and isinstance(model, DecisionTransformer) and model.cfg.context >= 2:
+            if not model.transformer.hook_registry.any_active:  # hooks see whole windows, as before
+                self.cache = model.step_cache(n)
+        self.context = int(model.cfg.context)
+
+    def clear(self, rows: np.ndarray) -> None:
+        if self.cache is not None and rows.size:
+            self.cache.clear(torch.from_numpy(rows))
+
+    def logits(self, windows: _Windows, rows: np.ndarray, steps: np.ndarray) -> Tensor:
+        """float [len(rows), n_actions]: the logits of the slots ``rows``, whose episodes are at ``steps``."""
+        if self.cache is None:
+            return self._full(windows, rows)
+        short = (steps < self.context) | self.cache.slides
+        if short.all():
+            return self._step(windows, rows)
+        if not short.any():
+            return self._full(windows, rows)
+        out = torch.empty(len(rows), int(self.model.cfg.n_actions), device=self.device)
+        out[torch.from_numpy(np.flatnonzero(short)).to(self.device)] = self._step(windows, rows[short])
+        out[torch.from_numpy(np.flatnonzero(~short)).to(self.device)] = self._full(windows, rows[~short])
+        return out
+
+    def _full(self, windows: _Windows, rows: np.ndarray) -> Tensor:
+        rtg, obs, actions, timesteps, mask = windows.inputs(rows, self.device)
+        return self.model.predict(rtg, obs, actions, timesteps, attention_mask=mask)
+
+    def _step(self, windows: _Windows, rows: np.ndarray) -> Tensor:
+        assert isinstance(self.model, DecisionTransformer) and self.cache is not None
+        return self.model.predict_step(
+            self.cache,
+            torch.from_numpy(rows),
+            torch.from_numpy(windows.rtg[rows, -1]),
+            torch.from_numpy(windows.obs[rows, -1]),
+            torch.from_numpy(windows.actions[rows, -2]),
+            torch.from_numpy(windows.timesteps[rows, -1]),
+        )
+
+
+def _act(logits: Tensor, episodes: list[_Episode], temperature: float, n_actions: int) -> np.ndarray:
     """The action of each playing slot: greedy (the first maximum) at temperature 0, else a sample from
     softmax(logits / temperature) by the Gumbel-max trick on each episode's own stream (so that a sample does
     not depend on the other slots)."""
-    rtg, obs, actions, timesteps, mask = inputs
-    with torch.inference_mode():
-        logits = model.predict(rtg, obs, actions, timesteps, attention_mask=mask)
     if tuple(logits.shape) != (len(episodes), n_actions):
         raise ValueError(
             f"model.predict returned logits of shape {tuple(logits.shape)}, expected ({len(episodes)}, "
@@ -202,13 +250,17 @@ def rollout(
     n_envs: int = 16,
     temperature: float = 0.0,
     asynchronous: bool = False,
+    step_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Rollout:
     """Play ``n_episodes`` episodes per target return of ``model`` in ``env_name``, ``n_envs`` environments
     at a time (see the module docstring); ``temperature`` 0 acts greedily, > 0 samples. ``asynchronous``: step
     the environments in worker processes (gymnasium's `AsyncVectorEnv`: worth it with free cores, since
     MiniGrid's own step, ~0.2-0.4 ms of Python, is what batching the model cannot amortise); the episodes are
-    the same either way. ``progress(done, total)`` is called as episodes finish.
+    the same either way. ``step_cache`` (a `DecisionTransformer`): run each episode's first ``context``
+    steps incrementally on cached keys and values (`DecisionTransformer.predict_step`; False: the full window
+    every step, the reference it equals to float precision). ``progress(done, total)`` is called as episodes
+    finish.
 
     >>> from interplab.rl import DTConfig, DecisionTransformer
     >>> model = DecisionTransformer(DTConfig(env="MiniGrid-Empty-5x5-v0", d_model=32, n_layers=1, n_heads=2,
@@ -239,13 +291,17 @@ def rollout(
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
         model.eval()
+    decider = _Decider(model, n, device, step_cache)
     try:
         obs, _ = envs.reset(seed=[plan[i][1] for i in range(n)])
         windows.push(slots, obs)
         while len(finished) < total:
             rows = np.array([i for i, ep in enumerate(slots) if ep is not None], dtype=np.int64)
             playing = [ep for ep in slots if ep is not None]
-            chosen = _act(model, windows.inputs(rows, device), playing, temperature, n_actions)
+            steps = np.array([len(ep.actions) for ep in playing], dtype=np.int64)
+            with torch.inference_mode():
+                logits = decider.logits(windows, rows, steps)
+            chosen = _act(logits, playing, temperature, n_actions)
             step_actions = np.zeros(n, np.int64)  # an idle slot (no episode left to play) turns left
             step_actions[rows] = chosen
             windows.actions[rows, -1] = chosen
@@ -266,6 +322,7 @@ def rollout(
                         next_index += 1
                 obs, _ = envs.reset(seed=seeds, options={"reset_mask": ended})
                 windows.clear(np.flatnonzero(ended))
+                decider.clear(np.flatnonzero(ended))
             windows.push(slots, obs)
     finally:
         envs.close()

@@ -52,6 +52,7 @@ from interplab.integrity import forget_checksums, record_checksums, verify_check
 from interplab.io import load_tensors, save_tensors
 from interplab.model.attention import AttnContext
 from interplab.model.config import Activation, ModelConfig, Norm, Positional
+from interplab.model.kv_cache import KVCache, LayerKV
 from interplab.model.transformer import Transformer
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "DTConfig",
     "DecisionTransformer",
     "StateEmbedding",
+    "StepCache",
     "load_dt",
     "save_dt",
     "token_index",
@@ -459,6 +461,75 @@ class DecisionTransformer(nn.Module):
         actions[:, -1] = self.cfg.pad_action
         return self(rtg, obs, actions, timesteps, attention_mask)[:, -1]
 
+    # ---- incremental prediction (rollouts) -------------------------------------------------------
+    def step_cache(self, n: int) -> StepCache:
+        """An empty `StepCache` of ``n`` rows (one per parallel episode) for `predict_step`."""
+        return StepCache(self, n)
+
+    def predict_step(
+        self,
+        cache: StepCache,
+        rows: Int[Tensor, " b"],
+        rtg: Float[Tensor, " b"],
+        obs: Int[Tensor, "b h w c"],
+        prev_action: Int[Tensor, " b"],
+        timestep: Int[Tensor, " b"],
+    ) -> Float[Tensor, "b n_actions"]:
+        """`predict`'s logits for the next step of the episodes in ``cache``'s ``rows``, running the model on
+        that step's new tokens only (the previous step's now known action, the return to go and the state)
+        against the keys and values cached for the earlier ones; the cache then holds this step too.
+
+        Equal to `predict` on the episode's window (left-padded while shorter than ``context``) to float
+        precision while the episode has at most ``context`` steps. Beyond that the window drops its first step,
+        which every later token of layers after the first attended to: the cached keys and values of those
+        layers are no longer the window's, so with two layers or more a row that already holds ``context``
+        steps is refused (`StepCache.fits` says which rows still fit; `rollout` recomputes the others' full
+        windows with `predict`). A one-layer model's keys and values depend on their own token alone: its
+        cache slides with the window and stays equal to it. A row's
+        first step (after `StepCache.clear`) ignores ``prev_action``. The inputs are not range-checked as
+        `forward`'s are (an out-of-range index fails in the embedding); hooks see the three new tokens."""
+        cfg, tf = self.cfg, self.transformer
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        first = cache.steps[rows] == 0
+        if not bool(cache.fits(rows).all()):
+            raise ValueError(
+                f"rows {rows[~cache.fits(rows)].tolist()} already hold context={cfg.context} steps: the next "
+                "window drops a step and the cached keys and values are no longer its own (use predict)"
+            )
+        device, b = cache.valid.device, rows.shape[0]
+        first_dev = first.to(device)
+        times = torch.stack(
+            [torch.where(first, 0, cache.timestep[rows]), torch.as_tensor(timestep).long()], 1
+        )
+        times = times.to(device)
+        prev = torch.where(first_dev, cfg.pad_action, torch.as_tensor(prev_action).to(device))
+        rtg = torch.as_tensor(rtg).to(device=device, dtype=self.rtg_embed.weight.dtype)
+        tokens = torch.stack(
+            [
+                F.embedding(prev, tf.embed.W_E),
+                self.rtg_embed((rtg / cfg.rtg_scale)[:, None]),
+                self._embed_states(torch.as_tensor(obs).to(device)),
+            ],
+            dim=1,
+        )
+        positions = times[:, [0, 1, 1]]  # the action of the step before, then R and s of this one
+        resid = tf.hook_embed(tokens) + tf.hook_pos_embed(F.embedding(positions, tf.pos_embed.W_pos))
+        rows_dev = rows.to(device)
+        valid = torch.cat([cache.valid[rows_dev, 3:], ~first_dev[:, None], first_dev.new_ones(b, 2)], dim=1)
+        kv = KVCache(cfg.n_layers)
+        kv.length = past = 3 * cfg.context - 4  # the window's tokens before the new three, one step left
+        k, v = cache.k[:, rows_dev, 3:], cache.v[:, rows_dev, 3:]
+        kv.layers = [LayerKV(k[layer], v[layer]) for layer in range(cfg.n_layers)]
+        resid = tf.run_blocks(
+            resid, AttnContext(positions=positions, key_valid=valid, past_len=past), kv_cache=kv
+        )
+        cache.k[:, rows_dev] = torch.stack([lkv.k for lkv in kv.layers])  # type: ignore[misc]
+        cache.v[:, rows_dev] = torch.stack([lkv.v for lkv in kv.layers])  # type: ignore[misc]
+        cache.valid[rows_dev] = valid
+        cache.steps[rows] += 1
+        cache.timestep[rows] = times[:, 1].cpu()
+        return tf.unembed_resid(resid[:, 2])
+
     # ---- hooks (the inner Transformer's) ---------------------------------------------------------
     @staticmethod
     def token_index(step: int, kind: str) -> int:
@@ -525,6 +596,46 @@ class DecisionTransformer(nn.Module):
             f"DecisionTransformer({c.env}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
             f"context {c.context}, {c.state_embedding.value} states, {self.n_params:,} params)"
         )
+
+
+class StepCache:
+    """Keys and values of up to ``n`` episodes' windows for `DecisionTransformer.predict_step`, one row per
+    episode, laid out as `forward` lays out a window left-padded to ``context`` steps (the last step's action
+    token, which its state token cannot see, left out): per layer ``k`` and ``v`` [n, 3 context - 1, heads,
+    d_head], ``valid`` [n, 3 context - 1] (False at padding), ``steps`` [n] (steps cached) and ``timestep`` [n]
+    (the last one's)."""
+
+    def __init__(self, model: DecisionTransformer, n: int) -> None:
+        cfg, mc = model.cfg, model.transformer.cfg
+        if cfg.context < 2:
+            raise ValueError(
+                "a step cache needs context >= 2 (with one step every window is the new step alone)"
+            )
+        if n < 1:
+            raise ValueError(f"a step cache needs n >= 1 rows, got {n}")
+        w = model.rtg_embed.weight
+        slots = 3 * cfg.context - 1
+        assert mc.n_kv_heads is not None and mc.d_head is not None
+        self.context = cfg.context
+        self.slides = cfg.n_layers == 1
+        """a one-layer model's cache stays exact when the window slides past the context"""
+        self.k = torch.zeros(cfg.n_layers, n, slots, mc.n_kv_heads, mc.d_head, dtype=w.dtype, device=w.device)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(n, slots, dtype=torch.bool, device=w.device)
+        self.steps = torch.zeros(n, dtype=torch.long)
+        self.timestep = torch.zeros(n, dtype=torch.long)
+
+    def clear(self, rows: Tensor | Sequence[int]) -> None:
+        """Start new episodes in ``rows``."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        self.steps[rows] = 0
+        self.valid[rows.to(self.valid.device)] = False
+
+    def fits(self, rows: Tensor | Sequence[int]) -> Tensor:
+        """bool [len(rows)]: whether `predict_step` may extend each row (it holds fewer than ``context`` steps,
+        or the model has one layer)."""
+        steps = self.steps[torch.as_tensor(rows, dtype=torch.long)]
+        return torch.ones_like(steps, dtype=torch.bool) if self.slides else steps < self.context
 
 
 # ---- files -------------------------------------------------------------------------------------

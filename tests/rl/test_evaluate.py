@@ -324,3 +324,27 @@ def test_decision_transformer_batched_equals_looped():
         torch.testing.assert_close(getattr(batched.trajectories, name), getattr(looped.trajectories, name),
                                    rtol=0, atol=0)  # fmt: skip
     assert len(set(batched.trajectories.actions.tolist())) > 1  # not a degenerate constant policy
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_step_cache_plays_the_full_windows_episodes(n_layers):
+    """`rollout` runs a DT's steps incrementally (`predict_step`) while its episode fits the context, and a
+    2-layer model's full window once it is longer (a 1-layer cache slides): the episodes equal those of the
+    full window at every step (``step_cache=False``), sampled or greedy, batched or not."""
+    from interplab.rl import DecisionTransformer, DTConfig
+
+    torch.manual_seed(1)
+    model = DecisionTransformer(
+        DTConfig(env=MEMORY, context=4, max_timestep=245, d_model=32, n_layers=n_layers, n_heads=2)
+    )
+    for temperature, n_envs in ((0.0, 3), (1.0, 1)):
+        runs_ = [
+            rollout(
+                model, MEMORY, [0.2, 0.9], 2, seed=4, n_envs=n_envs, temperature=temperature, step_cache=c
+            )
+            for c in (True, False)
+        ]
+        cached, full = (r.trajectories for r in runs_)
+        assert int(cached.lengths.max()) > model.cfg.context  # the windows slid
+        for name in ("obs", "actions", "rewards", "episode_starts", "seeds"):
+            torch.testing.assert_close(getattr(cached, name), getattr(full, name), rtol=0, atol=0)

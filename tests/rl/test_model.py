@@ -24,14 +24,16 @@ ENV = "MiniGrid-MemoryS7-v0"
 def make_model(state_embedding: str = "linear", seed: int = 0, **kw) -> DecisionTransformer:
     torch.manual_seed(seed)
     cfg = DTConfig(
-        env=ENV,
-        context=5,
-        max_timestep=20,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        state_embedding=state_embedding,
-        **kw,
+        **{
+            "env": ENV,
+            "context": 5,
+            "max_timestep": 20,
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "state_embedding": state_embedding,
+            **kw,
+        }
     )
     model = DecisionTransformer(cfg)
     # larger weights than the init so that every input visibly moves the logits
@@ -285,3 +287,91 @@ def test_bad_inputs_are_named():
         model.run_with_hooks(
             rtg, obs, actions, timesteps, fwd_hooks=[("blocks.5.hook_resid_pre", lambda x, s: x)]
         )
+
+
+def _episodes(n: int, steps: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``n`` random episodes of ``steps`` steps (returns to go, views, actions, timesteps from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.stack([torch.randint(0, k, (n, steps, 7, 7), generator=g) for k in (11, 6, 3)], -1)
+    rtg = torch.rand(n, steps, generator=g)
+    actions = torch.randint(0, 7, (n, steps), generator=g)
+    return rtg, obs.to(torch.uint8), actions, torch.arange(steps).expand(n, steps).contiguous()
+
+
+def _window(x: torch.Tensor, t: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps ``..t`` of ``x`` [n, steps, ...] as `rollout` feeds them: the last ``context``, left-padded with
+    zeros (and the mask) while fewer."""
+    lo = max(0, t + 1 - context)
+    w = x[:, lo : t + 1]
+    pad = context - w.shape[1]
+    mask = torch.cat(
+        [torch.zeros(len(x), pad, dtype=torch.bool), torch.ones(len(x), w.shape[1], dtype=torch.bool)], 1
+    )
+    return torch.cat([torch.zeros(len(x), pad, *w.shape[2:], dtype=w.dtype), w], 1), mask
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize("state_embedding", ["linear", "conv"])
+def test_step_cache_equals_the_full_window(n_layers, state_embedding):
+    """`predict_step` (the new step's tokens against cached keys and values) gives `predict`'s logits on the
+    left-padded window at every step while the episode fits the context; rows that start their episodes at
+    other times (cleared mid-way) and subsets of rows do too. Past the context a 2-layer cache is refused (the
+    window drops a step the later tokens attended to); a 1-layer cache slides and stays equal."""
+    model = make_model(state_embedding, n_layers=n_layers).eval()
+    k = model.cfg.context
+    rtg, obs, actions, timesteps = _episodes(3, 2 * k + 2)
+    cache = model.step_cache(3)
+    # row 2 starts its episode 3 steps later: its step s is global step s + 3
+    late = 3
+    with torch.no_grad():
+        for t in range(2 * k + 2):
+            rows = [0, 1] if t < late else [0, 1, 2]
+            if t == late:
+                cache.clear([2])
+            local = torch.tensor([t, t, t - late])[rows]
+            if n_layers > 1 and bool((local >= k).any()):
+                fit = cache.fits(rows)
+                assert fit.tolist() == (local < k).tolist()
+                with pytest.raises(ValueError, match="already hold context"):
+                    model.predict_step(
+                        cache, rows, rtg[rows, 0], obs[rows, 0], actions[rows, 0], timesteps[rows, 0]
+                    )
+                rows = [r for r, f in zip(rows, fit.tolist(), strict=True) if f]
+                local = local[fit]
+                if not rows:
+                    break
+            ep = [(r, int(s)) for r, s in zip(rows, local.tolist(), strict=True)]
+            got = model.predict_step(
+                cache,
+                rows,
+                torch.stack([rtg[r, s] for r, s in ep]),
+                torch.stack([obs[r, s] for r, s in ep]),
+                torch.stack([actions[r, s - 1] if s else torch.tensor(5) for r, s in ep]),
+                torch.stack([timesteps[r, s] for r, s in ep]),
+            )
+            for i, (r, s) in enumerate(ep):
+                wins = [_window(x[r : r + 1], s, k) for x in (rtg, obs, actions, timesteps)]
+                want = model.predict(*(w for w, _ in wins), attention_mask=wins[0][1])
+                assert_close(got[i : i + 1], want, msg=lambda m, r=r, s=s: f"row {r} step {s}: {m}")
+    assert t >= k  # the windows slid past the context
+    assert cache.steps[0] == (2 * k + 2 if n_layers == 1 else k)
+
+
+def test_a_cache_that_slid_would_not_be_the_window():
+    """Why `predict_step` refuses a 2-layer row past the context: continuing the cache there (forced by
+    faking its step count) gives other logits than the window, because layer 1's keys and values of the
+    steps kept were computed attending to the step the window dropped."""
+    model = make_model().eval()
+    k = model.cfg.context
+    rtg, obs, actions, timesteps = _episodes(1, k + 1)
+    cache = model.step_cache(1)
+    with torch.no_grad():
+        for t in range(k + 1):
+            if t == k:
+                cache.steps[0] = k - 1  # pretend it still fits
+            got = model.predict_step(
+                cache, [0], rtg[:, t], obs[:, t], actions[:, t - 1] if t else actions[:, 0], timesteps[:, t]
+            )
+        wins = [_window(x, k, k) for x in (rtg, obs, actions, timesteps)]
+        want = model.predict(*(w for w, _ in wins), attention_mask=wins[0][1])
+    assert (got - want).abs().max() > 1e-3
