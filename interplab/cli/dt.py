@@ -406,6 +406,7 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int, png: bool) -
         cache = an.cache_trajectories(model, trajs, sites, kinds=("state",))
         labels = an.env_labels(trajs)
         probes = {}
+        sweeps: dict[str, Any] = {}
         wanted = {
             "instruction": labels.instruction,
             "direction": labels.direction,
@@ -416,6 +417,7 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int, png: bool) -
                 continue
             sweep = an.probe(cache, y.long(), kind="state", label=name, seed=seed)
             probes[name] = sweep.to_dict()
+            sweeps[name] = (sweep, y.long())
             pictures += [p.name for p in _figure(sweep.plot(), out, f"probe_{name}", png)]
         bar.update(1, info="instruction patching")
         patching = None
@@ -449,16 +451,53 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int, png: bool) -
         pictures += [
             p.name for p in _figure(an.attention_figure(model, win, layer, 0), out, "attention", png)
         ]
-        attention = decision_attention(model, trajs, an, layer, min(ATTENTION_EPISODES, trajs.n_episodes))
+        n_player = min(ATTENTION_EPISODES, trajs.n_episodes)
+        attention = decision_attention(model, trajs, an, layer, n_player)
         bar.update(4)
+    probe_steps = _probe_steps(cache, sweeps, n_player)
     return {
         "probes": probes,
         "patching": patching,
         "dla": dla.to_dict(),
         "memorydt": memory,
         "attention": attention,
+        "probe_steps": probe_steps,
         "pictures": pictures,
     }
+
+
+PROBE_CLASSES = {
+    "instruction": ("key", "ball"),
+    "direction": ("east", "south", "west", "north"),
+    "key_in_view": ("no", "yes"),
+}
+"""the class names of the probes `analyze` fits (the web player shows them per step)"""
+
+
+def _probe_steps(cache: Any, sweeps: dict[str, Any], n_episodes: int) -> dict[str, Any]:
+    """For each step of the first ``n_episodes``: each probe's prediction at its best site (the class, its
+    probability) and the true class, for the web page's trajectory player."""
+    labels: dict[str, Any] = {}
+    episodes: dict[str, dict[str, list[list[float]]]] = {str(e): {} for e in range(n_episodes)}
+    rows = cache.rows("state")
+    keep = rows[cache.episode[rows] < n_episodes]  # in flat-step order: episode by episode, step by step
+    for name, (sweep, y) in sweeps.items():
+        best = int(sweep.test_scores.argmax())
+        probe, site = sweep.probes[best], sweep.sites[best]
+        probs = (cache[site][keep].float() @ probe.weight.T + probe.bias).softmax(-1)
+        p, pred = probs.max(-1)
+        truth = y[cache.flat_step[keep]]
+        classes = PROBE_CLASSES.get(name, tuple(str(c) for c in range(probs.shape[1])))
+        labels[name] = {
+            "site": site,
+            "classes": list(classes),
+            "held_out_accuracy": float(sweep.test_scores[best]),
+        }
+        for e, pr, pp, t in zip(
+            cache.episode[keep].tolist(), pred.tolist(), p.tolist(), truth.tolist(), strict=True
+        ):
+            episodes[str(e)].setdefault(name, []).append([int(pr), round(float(pp), 3), int(t)])
+    return {"labels": labels, "episodes": episodes, "note": "fitted on the training episodes' state tokens"}
 
 
 def _patching_summary(result: Any, n_pairs: int) -> dict[str, Any]:
@@ -520,6 +559,176 @@ def decision_attention(model: Any, trajs: Any, an: Any, layer: int, n_episodes: 
         "tokens": tokens,
         "episodes": episodes,
     }
+
+
+# --- sae ---------------------------------------------------------------------------------------------------------
+
+
+PLAYER_STEPS_EPISODES = 50
+"""episodes whose steps' strongest features `sae` records for the web page's trajectory player"""
+
+
+@app.command("sae")
+def sae_command(
+    run: Path = typer.Argument(..., help="a DT training run (its final/) or a DT model folder"),
+    data: Path = typer.Option(..., "--data", help="a trajectory folder of the model's environment"),
+    out: Path = typer.Option(..., "--out", "-o", help="SAE run folder (+ features.db)", callback=out_folder),
+    layer: int = typer.Option(
+        None,
+        "--layer",
+        help="the block whose hook_resid_post the SAE reads (default: the last)",
+        callback=non_negative_int,
+    ),
+    d_sae: int = typer.Option(256, "--d-sae", help="SAE latents", callback=positive_int),
+    k: int = typer.Option(8, "--k", help="TopK: latents active per row", callback=positive_int),
+    steps: int = typer.Option(2000, "--steps", help="SAE training steps", callback=positive_int),
+    episodes: int = typer.Option(
+        None, "--episodes", "-n", help="the first N episodes of --data (default: all)", callback=positive_int
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="SAE initialisation and batch order", callback=non_negative_int
+    ),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    device: str = typer.Option(
+        "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
+    ),
+) -> None:
+    """Train a TopK SAE on the state tokens' residual stream and build its feature database.
+
+    One SAE training run folder (saes/sae/, log.jsonl) with features.db (its contexts are DT windows: the web
+    page draws each top state as a grid) and report.json (FVU, L0, the best feature per environment variable
+    by AUROC, each player step's strongest features)."""
+    set_threads(threads)
+    from interplab import rl
+    from interplab.rl import features as ft
+
+    with _library("cannot train the SAE"):
+        folder = runs.dt_model_folder(run)
+        model = rl.load_dt(folder, device=device)
+        full = rl.load_trajectories(data, env=model.cfg.env)
+        n = min(episodes or full.n_episodes, full.n_episodes)
+        trajs = full if n == full.n_episodes else full.select(list(range(n)))
+        site = ft.default_site(model, layer)
+        claim_out(out, Kind.SAE_TRAIN)
+        with JobProgress("cache", total=1, unit="") as bar:
+            bar.update(0, info=f"{site} at {trajs.n_steps:,} state tokens")
+            acts = ft.dt_activations(model, trajs, site, loss_grad=True)
+            bar.update(1)
+        record = {
+            "model": str(folder.resolve()), "trajectories": str(Path(data).resolve()), "env": trajs.env,
+            "site": site, "kinds": list(acts.kinds), "episodes": n, "rows": acts.n_rows,
+        }  # fmt: skip
+        with JobProgress("train SAE", total=steps, unit="steps") as bar:
+
+            def shown(p: Any) -> None:
+                m = p.metrics.get("sae", {})
+                info = f"fvu {m['fvu']:.3f} l0 {m['l0']:.1f}" if "fvu" in m and "l0" in m else None
+                bar.update(p.step, info=info)
+
+            result = ft.train_dt_sae(
+                acts,
+                d_sae=d_sae,
+                k=k,
+                steps=steps,
+                seed=seed,
+                run_dir=out,
+                data={"dt": record},
+                progress=shown,
+            )
+        sae = result.saes["sae"]
+        db = out / runs.FEATURE_DB
+        with JobProgress("feature database", total=n, unit="episodes") as bar:
+            ft.build_dt_feature_db(
+                db, model, sae, acts, trajs, data_path=data, model_path=folder, sae_path=out / runs.SAES / "sae",
+                overwrite=True, progress=lambda _s, i, total: bar.update(i, total=total),
+            )  # fmt: skip
+        report = _sae_report(sae, acts, trajs, ft, record)
+        runs.write_json(out / runs.REPORT, Kind.DT_FEATURES, report)
+    console.print(
+        f"SAE {site} (d_sae {d_sae}, k {k}, {result.steps} steps) on {acts.n_rows:,} state tokens of {n} "
+        f"episodes: FVU {report['fvu']:.3f}, L0 {report['l0']:.2f}, {report['alive']} of {d_sae} features fire"
+    )
+    if report["labels"]:
+        from rich.table import Table
+
+        table = Table("environment variable", "share of steps", "best feature", "AUROC", "its density")
+        for s in report["labels"]:
+            table.add_row(
+                s["label"],
+                f"{s['positives']:.3f}",
+                str(s["feature"]),
+                f"{s['auroc']:.3f}",
+                f"{s['density']:.3f}",
+            )
+        console.print(table)
+        console.print(
+            f"{len(report['interpretable'])} features detect an environment variable with AUROC >= "
+            f"{report['auroc_threshold']}: {report['interpretable']}"
+        )
+    elif report.get("labels_note"):
+        console.print(f"no environment variables: {report['labels_note']}", style="yellow", markup=False)
+    console.print(
+        f"SAE run: {_saved(out)} ({runs.CONFIG}, {runs.LOG}, {runs.SAES}/sae/, {runs.REPORT}); features: "
+        f"{_saved(db)}",
+        soft_wrap=True,
+    )
+    console.print(f"browse: {_serve_command(db, [out, Path(data), folder])}", markup=False, soft_wrap=True)
+
+
+def _sae_report(sae: Any, acts: Any, trajs: Any, ft: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """The numbers `sae_command` reports: FVU and L0 on every cached row, the best feature per environment
+    variable (AUROC; needs minigrid to replay the episodes) and each player step's strongest features."""
+    from interplab.sae.train import evaluate_returned
+
+    fit = evaluate_returned(sae, acts.x)
+    fa = ft.encode_rows(sae, acts.x)
+    scores, note = [], None
+    try:
+        from interplab.rl.labels import env_labels
+
+        scores = [s.to_dict() for s in ft.label_scores(fa, acts, ft.env_variables(env_labels(trajs)))]
+    except ImportError as err:
+        note = f"replaying the episodes needs the rl extra (minigrid + gymnasium): {err}"
+    threshold = 0.9
+    return {
+        **record,
+        "fvu": fit["fvu"],
+        "l0": fit["l0"],
+        "alive": int((fa > 0).any(0).sum()),
+        "d_sae": int(sae.cfg.d_sae),
+        "labels": scores,
+        "labels_note": note,
+        "auroc_threshold": threshold,
+        "interpretable": sorted({s["feature"] for s in scores if s["auroc"] >= threshold}),
+        "db": runs.FEATURE_DB,
+        "steps": ft.step_features(fa, acts, range(min(PLAYER_STEPS_EPISODES, acts.n_episodes))),
+    }
+
+
+def _serve_command(db: Path, inside: list[Path]) -> str:
+    """``interplab serve --runs ROOT --db DB``: ROOT the folder holding the run, the data and the model (the
+    web app reads files only inside its --runs folders), paths relative to here when they lie below it."""
+    import os
+    import shlex
+
+    resolved = [p.resolve() for p in inside]
+    try:
+        root = Path(os.path.commonpath(resolved))
+    except ValueError:
+        root = resolved[0].parent
+    if root == Path(root.anchor):  # nothing shared but / : serve each folder's parent
+        roots = sorted({p.parent for p in resolved})
+    else:
+        roots = [root]
+
+    def shown(p: Path) -> str:
+        try:
+            rel = p.resolve().relative_to(Path.cwd())
+            return shlex.quote(str(rel) if str(rel) != "." else ".")
+        except ValueError:
+            return shlex.quote(str(p.resolve()))
+
+    return "interplab serve " + " ".join(f"--runs {shown(r)}" for r in roots) + f" --db {shown(db)}"
 
 
 def register(root: typer.Typer) -> None:

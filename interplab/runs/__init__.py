@@ -38,6 +38,9 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
                                         targets: per target its episodes, mean return, 95% CI} + pictures,
                                         trajectories/ (Kind.TRAJECTORIES: the episodes it played)
     DT analysis (Kind.DT_ANALYSIS)      `interplab dt analyze`: report.json {kind: dt_analysis, ...} + pictures
+    DT features                         `interplab dt sae`: an SAE training run (config.json's data holds
+                                        ``dt``: model, trajectories, site, kinds) + features.db (meta ``dt``,
+                                        table dt_rows) + report.json {kind: dt_features}
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures;
                                         a discovery run's metrics.json {kind: circuit_metrics} (MIB CPR/CMD)

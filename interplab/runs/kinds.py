@@ -99,6 +99,9 @@ class Kind(str, Enum):
     DT_ANALYSIS = "dt_analysis"
     """an analysis of a decision transformer on trajectories (`interplab dt analyze`: probes, patching,
     attention from the decision token; ``report.json`` + pictures)"""
+    DT_FEATURES = "dt_features"
+    """the report.json of `interplab dt sae` in its SAE training run: the SAE's FVU and L0 on the cached rows,
+    the best feature per environment variable (AUROC) and each player step's strongest features"""
 
     @property
     def label(self) -> str:
@@ -144,6 +147,7 @@ _LABELS = {
     Kind.DT_TRAIN_REPORT: "a decision-transformer training report",
     Kind.DT_EVAL: "a decision-transformer evaluation",
     Kind.DT_ANALYSIS: "a decision-transformer analysis",
+    Kind.DT_FEATURES: "a decision-transformer feature report",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}

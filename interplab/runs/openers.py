@@ -203,6 +203,7 @@ REPORT_KINDS = (
     Kind.STEERING,
     Kind.DT_TRAIN_REPORT,
     Kind.DT_ANALYSIS,
+    Kind.DT_FEATURES,
 )
 
 
