@@ -566,6 +566,8 @@ def decision_attention(model: Any, trajs: Any, an: Any, layer: int, n_episodes: 
 
 PLAYER_STEPS_EPISODES = 50
 """episodes whose steps' strongest features `sae` records for the web page's trajectory player"""
+DT_PLAYER_JSON = "player.json"
+"""`sae`'s record of each player step's strongest features ({kind: dt_features, db, steps}), in its run"""
 
 
 @app.command("sae")
@@ -642,8 +644,9 @@ def sae_command(
                 db, model, sae, acts, trajs, data_path=data, model_path=folder, sae_path=out / runs.SAES / "sae",
                 overwrite=True, progress=lambda _s, i, total: bar.update(i, total=total),
             )  # fmt: skip
-        report = _sae_report(sae, acts, trajs, ft, record)
+        report, steps = _sae_report(sae, acts, trajs, ft, record)
         runs.write_json(out / runs.REPORT, Kind.DT_FEATURES, report)
+        runs.write_json(out / DT_PLAYER_JSON, Kind.DT_FEATURES, {"db": runs.FEATURE_DB, "steps": steps})
     console.print(
         f"SAE {site} (d_sae {d_sae}, k {k}, {result.steps} steps) on {acts.n_rows:,} state tokens of {n} "
         f"episodes: FVU {report['fvu']:.3f}, L0 {report['l0']:.2f}, {report['alive']} of {d_sae} features fire"
@@ -675,9 +678,11 @@ def sae_command(
     console.print(f"browse: {_serve_command(db, [out, Path(data), folder])}", markup=False, soft_wrap=True)
 
 
-def _sae_report(sae: Any, acts: Any, trajs: Any, ft: Any, record: dict[str, Any]) -> dict[str, Any]:
-    """The numbers `sae_command` reports: FVU and L0 on every cached row, the best feature per environment
-    variable (AUROC; needs minigrid to replay the episodes) and each player step's strongest features."""
+def _sae_report(
+    sae: Any, acts: Any, trajs: Any, ft: Any, record: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The numbers `sae_command` reports (FVU and L0 on every cached row, the best feature per environment
+    variable by AUROC: needs minigrid to replay the episodes) and each player step's strongest features."""
     from interplab.sae.train import evaluate_returned
 
     fit = evaluate_returned(sae, acts.x)
@@ -701,8 +706,7 @@ def _sae_report(sae: Any, acts: Any, trajs: Any, ft: Any, record: dict[str, Any]
         "auroc_threshold": threshold,
         "interpretable": sorted({s["feature"] for s in scores if s["auroc"] >= threshold}),
         "db": runs.FEATURE_DB,
-        "steps": ft.step_features(fa, acts, range(min(PLAYER_STEPS_EPISODES, acts.n_episodes))),
-    }
+    }, ft.step_features(fa, acts, range(min(PLAYER_STEPS_EPISODES, acts.n_episodes)))
 
 
 def _serve_command(db: Path, inside: list[Path]) -> str:

@@ -38,7 +38,7 @@ from interplab.plots import PLOTLY_JS, plotly_js_source
 from interplab.sae import SAE, load_sae
 from interplab.web import api
 from interplab.web.api import INT64_MAX, FeatureIndex
-from interplab.web.dt_page import dt_view, player_frame
+from interplab.web.dt_page import db_frame, dt_feature_view, dt_view, player_frame
 from interplab.web.guard import HostOriginGuard, normalise_allowed
 from interplab.web.run_page import run_view
 from interplab.web.runs import Artifact, contained, find_artifacts, read_bytes
@@ -156,7 +156,8 @@ def create_app(
         HostOriginGuard, allowed_hosts=normalise_allowed(allowed_hosts)
     )  # refuses bad names now
     app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
-    artifacts: list[Artifact] = find_artifacts([Path(r) for r in runs])
+    roots = [Path(r) for r in runs]
+    artifacts: list[Artifact] = find_artifacts(roots)
     served = {  # database file -> its name here, to link a run's databases to their pages
         Path(str(db)).resolve(): name
         for db, name in zip(dbs, res.stores, strict=True)
@@ -243,6 +244,7 @@ def create_app(
                 404, f"feature {index} is not in database {db!r} ({n} features: 0..{n - 1})"
             ) from None
         prev, nxt = store.neighbours(index)
+        dt = dt_feature_view(rec, res.meta[db], store, roots, f"/db/{db}/dt/frame")  # a DT database's
         return page(
             request,
             "feature.html",
@@ -251,10 +253,21 @@ def create_app(
             next=nxt,
             links=links(db),
             meta=res.meta[db],
-            steering=True,
+            steering=dt is None,
+            dt=dt,
             default_strength=DEFAULT_STRENGTH,
             **feature_view(rec, res.meta[db], store.vocab()),
         )
+
+    @app.get("/db/{db}/dt/frame/{episode}/{step}.png")
+    def db_dt_frame(db: str, episode: RunIndex, step: RunIndex):
+        """A state of a decision transformer's feature database, drawn from its trajectory folder (read only
+        inside the --runs folders)."""
+        res.store(db)
+        data = db_frame(res.meta[db], roots, episode, step)
+        if data is None:
+            raise HTTPException(404, f"database {db!r} has no picture of episode {episode}, step {step}")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/db/{db}/random")
     def random_feature(db: str):
@@ -299,7 +312,7 @@ def create_app(
         art = artifact(index)
         view = run_view(art)
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
-        dt = dt_view(art)
+        dt = dt_view(art, artifacts, served)
         return page(request, "run.html", art=art, view=view, databases=databases, index=index, dt=dt)
 
     @app.get("/run/{index}/dt/frame/{episode}/{step}.png")
