@@ -17,7 +17,7 @@ database's ``meta["dt"]`` names the trajectory folder, the model, the site and t
 >>> acts.x.shape                                                   # [rows, d_model]
 torch.Size([115, 32])
 >>> sae = train_dt_sae(acts, d_sae=16, k=2, steps=20).saes["sae"]
->>> report = build_dt_feature_db(tmp / "features.db", dt, sae, acts, trajs)
+>>> report = build_dt_feature_db("dt-features.db", dt, sae, acts, trajs)
 >>> report.n_features
 16
 """

@@ -321,8 +321,6 @@ def dt_view(
     elif kind is Kind.SAE_TRAIN:
         report = read_json(path / runs.REPORT, root)
         report = report if isinstance(report, dict) else {}
-        keys = ("site", "env", "episodes", "rows", "d_sae", "fvu", "l0", "alive", "auroc_threshold")
-        view["analysis"] = _scalars(report, keys)
         labels = report.get("labels")
         view["labels"] = [x for x in labels if isinstance(x, dict)] if isinstance(labels, list) else []
     folder, attention = _player_source(art, kind)
