@@ -644,9 +644,9 @@ def sae_command(
                 db, model, sae, acts, trajs, data_path=data, model_path=folder, sae_path=out / runs.SAES / "sae",
                 overwrite=True, progress=lambda _s, i, total: bar.update(i, total=total),
             )  # fmt: skip
-        report, steps = _sae_report(sae, acts, trajs, ft, record)
+        report, per_step = _sae_report(sae, acts, trajs, ft, record)
         runs.write_json(out / runs.REPORT, Kind.DT_FEATURES, report)
-        runs.write_json(out / DT_PLAYER_JSON, Kind.DT_FEATURES, {"db": runs.FEATURE_DB, "steps": steps})
+        runs.write_json(out / DT_PLAYER_JSON, Kind.DT_FEATURES, {"db": runs.FEATURE_DB, "steps": per_step})
     console.print(
         f"SAE {site} (d_sae {d_sae}, k {k}, {result.steps} steps) on {acts.n_rows:,} state tokens of {n} "
         f"episodes: FVU {report['fvu']:.3f}, L0 {report['l0']:.2f}, {report['alive']} of {d_sae} features fire"
@@ -660,7 +660,7 @@ def sae_command(
                 s["label"],
                 f"{s['positives']:.3f}",
                 str(s["feature"]),
-                f"{s['auroc']:.3f}",
+                f"{s['auroc']:.4f}",
                 f"{s['density']:.3f}",
             )
         console.print(table)

@@ -44,7 +44,7 @@ from interplab.rl.envs import ACTION_NAMES
 from interplab.rl.model import TOKEN_KINDS, DecisionTransformer
 from interplab.rl.trajectories import Trajectories
 from interplab.rl.windows import TrajectoryCache, cache_trajectories, to_tensor, token_position, windows
-from interplab.sae import SAE, SAEConfig, SAETrainConfig, SAETrainResult, create_sae, train_saes
+from interplab.sae import SAE, Architecture, SAEConfig, SAETrainConfig, SAETrainResult, create_sae, train_saes
 from interplab.sae.activations import TensorActivations
 
 __all__ = [
@@ -215,11 +215,12 @@ def train_dt_sae(
         raise ValueError(f"an SAE needs at least 2 rows of activations, got {acts.n_rows}")
     batch = min(batch_size, acts.n_rows)
     epochs = -(-steps * batch // acts.n_rows) + 1
+    arch = Architecture.parse(architecture)
     cfg = SAEConfig(
         d_in=x.shape[1],
         d_sae=d_sae,
-        architecture=architecture,
-        k=k if architecture in ("topk", "batchtopk") else None,
+        architecture=arch,
+        k=k if arch in (Architecture.TOPK, Architecture.BATCHTOPK) else None,
         hook_name=acts.site,
     )
     sae = create_sae(cfg, seed=seed)
@@ -407,18 +408,25 @@ def step_features(
 
 
 def env_variables(labels: Any) -> dict[str, Bool[Tensor, " steps"]]:
-    """Binary environment variables per step from `interplab.rl.labels.EnvLabels`: a key / ball in view, the
-    agent facing east/south/west/north and, on MemoryS*, the instruction being the ball, the instruction in
-    view and the matching object lying south."""
-    out = {"key_in_view": labels.key_in_view.bool(), "ball_in_view": labels.ball_in_view.bool()}
+    """Binary environment variables per step from `interplab.rl.labels.EnvLabels`, each with its complement
+    (a feature may detect either: the absence of a key that is usually in view is the sparse event): a key /
+    ball in view or not, the agent facing east/south/west/north and, on MemoryS*, the instruction object (key or
+    ball), the instruction in view or not and the side of the matching object (north or south)."""
+    out: dict[str, Tensor] = {}
+
+    def both(name: str, yes: Tensor, no: str) -> None:
+        out[name], out[no] = yes.bool(), ~yes.bool()
+
+    both("key_in_view", labels.key_in_view, "no_key_in_view")
+    both("ball_in_view", labels.ball_in_view, "no_ball_in_view")
     for d, name in enumerate(("east", "south", "west", "north")):
         out[f"facing_{name}"] = labels.direction == d
     if labels.instruction is not None:
-        out["instruction_is_ball"] = labels.instruction == 1
+        both("instruction_ball", labels.instruction == 1, "instruction_key")
     if labels.instruction_in_view is not None:
-        out["instruction_in_view"] = labels.instruction_in_view.bool()
+        both("instruction_in_view", labels.instruction_in_view, "instruction_not_in_view")
     if labels.target_side is not None:
-        out["target_south"] = labels.target_side == 1
+        both("target_south", labels.target_side == 1, "target_north")
     return out
 
 

@@ -360,3 +360,88 @@ def test_a_language_model_database_opens_unchanged(tmp_path):
     assert FeatureReader(db).dump() == before
     tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "dt_rows" not in tables
+
+
+# ---- the command ---------------------------------------------------------------------------------------
+def test_dt_sae_command_writes_a_run_the_printed_serve_command_opens(tmp_path, monkeypatch):
+    """`interplab dt analyze` + `interplab dt sae` on a random DT: the run folder, its report and per-step
+    features, the analysis' per-step probe predictions, and the printed `interplab serve` command, run as
+    printed (uvicorn replaced by a test client), shows the feature pages with pictures and the player's
+    read-outs."""
+    pytest.importorskip("minigrid")
+    import shlex
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from interplab import runs
+    from interplab.cli.main import app
+    from interplab.rl.labels import env_labels
+    from interplab.rl.trajectories import load_trajectories
+    from interplab.runs import Kind
+    from tests.rl.test_cli import random_trajectories
+
+    env = "MiniGrid-MemoryS7-v0"
+    lab = tmp_path / "lab"
+    random_trajectories(env, 6).save(lab / "data")
+    torch.manual_seed(0)
+    from interplab.rl.model import save_dt
+
+    save_dt(DecisionTransformer(DTConfig(env=env, context=4, max_timestep=245, d_model=32, n_layers=2, n_heads=2)),
+            lab / "model")  # fmt: skip
+    runner = CliRunner()
+
+    def run(*args):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    run("dt", "analyze", lab / "model", "--data", lab / "data", "--out", lab / "analysis")
+    out = run("dt", "sae", lab / "model", "--data", lab / "data", "--out", lab / "sae", "--d-sae", "16", "--k",
+              "2", "--steps", "30", "--layer", "0")  # fmt: skip
+    assert runs.detect(lab / "sae") is Kind.SAE_TRAIN and (lab / "sae" / "saes" / "sae").is_dir()
+    report = runs.read_json(lab / "sae" / runs.REPORT, Kind.DT_FEATURES)
+    trajs = load_trajectories(lab / "data")
+    assert report["site"] == "blocks.0.hook_resid_post" and report["rows"] == trajs.n_steps
+    assert 0 <= report["fvu"] and report["l0"] == pytest.approx(2.0)
+    assert {s["label"] for s in report["labels"]} >= {"facing_east", "instruction_key", "instruction_ball"}
+    steps = runs.read_json(lab / "sae" / "player.json", Kind.DT_FEATURES)["steps"]
+    assert [len(steps[str(e)]) for e in range(6)] == trajs.lengths.tolist()
+    analysis = runs.read_json(lab / "analysis" / runs.REPORT, Kind.DT_ANALYSIS)["probe_steps"]
+    truth = env_labels(trajs)
+    for name in analysis["labels"]:
+        y = {
+            "instruction": truth.instruction,
+            "direction": truth.direction,
+            "key_in_view": truth.key_in_view,
+        }[name]
+        for e in range(6):
+            rows = analysis["episodes"][str(e)][name]
+            lo = int(trajs.episode_starts[e])
+            assert [r[2] for r in rows] == y[lo : lo + len(rows)].long().tolist()
+            assert all(
+                0.0 <= r[1] <= 1.0 and 0 <= r[0] < len(analysis["labels"][name]["classes"]) for r in rows
+            )
+    line = next(s for s in out.splitlines() if s.startswith("browse: "))
+    argv = shlex.split(line.removeprefix("browse: "))
+    assert argv[:2] == ["interplab", "serve"]
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda web, **kw: served.update(app=web))
+    run(*argv[1:])
+    client = TestClient(served["app"], base_url="http://127.0.0.1")
+    store = FeatureReader(lab / "sae" / "features.db")
+    f = next(i for i in range(16) if store.feature(i)["n_fires"])
+    page = client.get(f"/db/features/feature/{f}").text
+    assert 'id="dt-contexts"' in page and "dt-no-pictures" not in page
+    src = page.split('class="dt-frame" src="')[1].split('"')[0]
+    assert client.get(src).status_code == 200
+    home = client.get("/").text
+    i = next(
+        int(p.split('"')[0]) for p in home.split('href="/run/')[1:] if p.split("</a>")[0].endswith("analysis")
+    )
+    player = client.get(f"/run/{i}").text.split('id="dt-data">')[1].split("</script>")[0]
+    import json
+
+    eps = json.loads(player)["player"]["episodes"]
+    assert eps[0]["features"] == steps["0"] and len(eps[0]["probes"]) == eps[0]["length"]
