@@ -445,3 +445,19 @@ def test_dt_sae_command_writes_a_run_the_printed_serve_command_opens(tmp_path, m
 
     eps = json.loads(player)["player"]["episodes"]
     assert eps[0]["features"] == steps["0"] and len(eps[0]["probes"]) == eps[0]["length"]
+
+
+def test_features_steer_refuses_a_dt_database(tmp_path):
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+
+    model, trajs = _random_dt(), _trajs()
+    acts = dt_activations(model, trajs)
+    sae = create_sae(SAEConfig(d_in=16, d_sae=4, architecture="relu", hook_name=acts.site))
+    build_dt_feature_db(tmp_path / "f.db", model, sae, acts, trajs)
+    r = CliRunner().invoke(
+        app, ["features", "steer", "--model", str(tmp_path), "--sae", str(tmp_path), "--feature", "0",
+              "--db", str(tmp_path / "f.db"), "--prompt", "x"],
+    )  # fmt: skip
+    assert r.exit_code != 0 and "holds a decision transformer's features" in r.output.replace("\n", " ")
