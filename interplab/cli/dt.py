@@ -695,12 +695,12 @@ def _sae_report(
     except ImportError as err:
         note = f"replaying the episodes needs the rl extra (minigrid + gymnasium): {err}"
     threshold = 0.9
-    return {
-        **record,
+    return {  # the headline numbers first (the web app's home page shows the first few)
         "fvu": fit["fvu"],
         "l0": fit["l0"],
         "alive": int((fa > 0).any(0).sum()),
         "d_sae": int(sae.cfg.d_sae),
+        **record,
         "labels": scores,
         "labels_note": note,
         "auroc_threshold": threshold,

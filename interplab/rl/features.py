@@ -270,7 +270,8 @@ def build_dt_feature_db(
 ) -> BuildReport:
     """The feature database of ``sae`` over the cached rows ``acts`` (of ``model`` on ``trajs``), through
     `write_feature_db`: one streaming pass per range of features, each episode one sequence of rows. ``cfg``
-    defaults to a window of the ``context - 1`` steps before a row and one after; the loss effect is the
+    defaults to a window of the ``context - 1`` steps before a row and one after, the 3 most promoted and
+    suppressed actions as logit effects; the loss effect is the
     first-order change of the step's action loss (needs ``acts.loss_grad``). ``data_path``: the trajectory
     folder the web app draws the states from (recorded in ``meta["dt"]``)."""
     _check_sae(model, sae, acts)
@@ -280,6 +281,7 @@ def build_dt_feature_db(
             window_left=n_kinds * (model.cfg.context - 1),
             window_right=n_kinds,
             loss_effect=acts.loss_grad is not None,
+            logit_k=3,  # of the 7 actions: the 3 most promoted, the 3 most suppressed
         )
     if cfg.loss_effect and acts.loss_grad is None:
         raise ValueError("loss_effect needs the action-loss gradients: dt_activations(..., loss_grad=True)")
