@@ -36,6 +36,7 @@ from interplab.hooks import Site, SiteKind
 from interplab.integrity import record_checksums, verify_checksums
 from interplab.io import load_tensors, save_tensors
 from interplab.runs import Kind, RunError, read_json, write_json
+from interplab.runs.names import CLT_CFG
 from interplab.sae.architectures.jumprelu import _JumpReLU
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, DType
@@ -44,8 +45,7 @@ if TYPE_CHECKING:
     from interplab.model import Transformer
 
 CLT_CONFIG_VERSION = 1
-#: the files of a CLT folder: interplab's config, then circuit-tracer 0.5's weight files (see `save_clt`)
-CLT_CFG = "cfg.json"
+#: the weight files of a CLT folder, beside its cfg.json (`interplab.runs.names.CLT_CFG`): circuit-tracer 0.5's
 CLT_ENC = "W_enc_{layer}.safetensors"
 CLT_DEC = "W_dec_{layer}.safetensors"
 PLT_FILE = "layer_{layer}.safetensors"

@@ -53,7 +53,20 @@ from torch import Tensor
 
 from interplab.integrity import tensors_fingerprint
 from interplab.plots import save_figure
-from interplab.runs import CHECKPOINTS, CONFIG, EVAL, LOG, REPORT, VERSIONS, Kind, read_log, write_json
+from interplab.runs import (
+    CHECKPOINTS,
+    CONFIG,
+    EVAL,
+    LOG,
+    REPORT,
+    VERSIONS,
+    Kind,
+    check_out,
+    read_json,
+    read_log,
+    write_json,
+)
+from interplab.runs.names import CLT_DIR, CLTS_DIR
 from interplab.sae import resume as resume_lib
 from interplab.sae.activations import (
     ActivationBatch,
@@ -85,10 +98,6 @@ from interplab.train.distributed import (
 if TYPE_CHECKING:
     from interplab.model import Transformer
 
-#: the finished CLT inside a CLT training run (a `Kind.CLT` folder)
-CLT_DIR = "clt"
-#: one CLT training run per model checkpoint, inside a run trained across checkpoints
-CLTS_DIR = "clts"
 _RUN_FILES = (CONFIG, LOG, CHECKPOINTS, CLT_DIR, EVAL)
 _TRAINER = "clt"
 
@@ -582,6 +591,54 @@ def train_clt(
     return CLTTrainResult(final, history, tokens, step, start or None, stopped)
 
 
+def train_clt_across(
+    models: dict[str, Callable[[], Transformer]],
+    data: str | Tensor | Sequence[Tensor],
+    cfg: CLTTrainConfig,
+    out: str | Path,
+    *,
+    source: dict[str, Any] | None = None,
+    progress: Callable[[str, CLTTrainProgress], None] | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    keep_checkpoints: int | None = 2,
+) -> dict[str, CLTTrainResult]:
+    """One CLT per model checkpoint (item 6 of issue 17: the same CLT recipe along a training run), all in one
+    run folder: ``out/config.json`` (kind clt_train, ``across: {checkpoints: [names], **source}``) and
+    ``out/clts/NAME/``, each a CLT training run of its own (resumable; finished ones are kept). ``models``
+    maps each checkpoint name (``step_000100``) to a function loading its model, called in order, one model in
+    memory at a time; ``source`` describes where they came from (e.g. ``{"run": path}``)."""
+    out = Path(check_out(out, Kind.CLT_TRAIN))
+    doc = {
+        "across": {**(source or {}), "checkpoints": list(models)},
+        "train": {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"},
+    }
+    cfg_file = out / CONFIG
+    if cfg_file.is_file():
+        old = {k: v for k, v in read_json(cfg_file, Kind.CLT_TRAIN).items() if k not in ("kind", "version")}
+        if old != json.loads(json.dumps(doc, default=str)) and not overwrite:
+            raise ValueError(
+                f"{out} holds another CLT run across checkpoints: use another --out, or overwrite it (--overwrite)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg_file, Kind.CLT_TRAIN, json.loads(json.dumps(doc, default=str)))
+    results = {}
+    for name, load in models.items():
+        report = (lambda p, n=name: progress(n, p)) if progress is not None else None
+        results[name] = train_clt(
+            load(),
+            data,
+            cfg,
+            out / CLTS_DIR / name,
+            progress=report,
+            resume=resume,
+            overwrite=overwrite,
+            keep_checkpoints=keep_checkpoints,
+            model_name=f"{(source or {}).get('run', '')}@{name}",
+        )
+    return results
+
+
 # ---- evaluation -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CLTEval:
@@ -752,4 +809,5 @@ __all__ = [
     "stack_layers",
     "token_batches",
     "train_clt",
+    "train_clt_across",
 ]
