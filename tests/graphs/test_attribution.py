@@ -12,7 +12,7 @@ import torch
 from interplab.graphs.attribution import NodeKind, attribute, estimate_bytes
 from interplab.graphs.replacement import ReplacementModel
 from tests.graphs.helpers import random_clt, variant_model
-from tests.graphs.planted import A, B, BOS, C, D, exact_transcoder, planted_model, reference_adjacency
+from tests.graphs.planted import BOS, A, B, C, D, exact_transcoder, planted_model, reference_adjacency
 from tests.model.model_variants import VARIANTS
 
 PROMPT = torch.tensor([BOS, A, D, C])
@@ -131,7 +131,7 @@ def test_node_order_and_ids():
     assert keys == sorted(keys) and all(n.position > 0 for n in graph.nodes[:nf])
     assert kinds[graph.error_slice] == [NodeKind.ERROR] * (2 * 4)
     assert [(n.layer, n.position) for n in graph.nodes[graph.error_slice]] == [
-        (l, p) for l in range(2) for p in range(4)
+        (layer, p) for layer in range(2) for p in range(4)
     ]
     assert [n.feature for n in graph.nodes[graph.token_slice]] == PROMPT.tolist()
     assert [n.feature for n in graph.nodes[graph.logit_slice]] == [B, C]
