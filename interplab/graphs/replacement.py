@@ -80,11 +80,6 @@ def check_clt(model: Transformer, clt: CLTLike) -> None:
             f"the CLT was trained on {clt_model} (d_model {ccfg.d_model}, {ccfg.n_layers} layers), not on "
             f"{model_name} (d_model {cfg.d_model}, {cfg.n_layers} layers)"
         )
-    if getattr(ccfg, "model_name", None) and cfg.name and ccfg.model_name != cfg.name:
-        raise ValueError(
-            f"the CLT was trained on model {ccfg.model_name!r}, not on this model {cfg.name!r}; pass the model "
-            "it was trained on (or a CLT trained on this one)"
-        )
     for layer in range(cfg.n_layers):
         site_in, site_out = clt_sites(clt, layer)
         if site_out.kind is not _OUTPUT_KIND:
