@@ -187,7 +187,8 @@ def choose_targets(
         chosen = [int(t) for t in top.indices[:n]]
     else:
         chosen = []
-        for t in targets:
+        items: Sequence[int | str] = targets  # type: ignore[assignment]  # a list of ids or texts here
+        for t in items:
             if isinstance(t, str):
                 if model.tokenizer is None:
                     raise ValueError(f"target {t!r} is text, but the model has no tokenizer: give token ids")
@@ -424,7 +425,8 @@ class _Backward:
         embed = run.embed.detach()
         mlp_out = run.mlp_out.detach()
         with torch.enable_grad():
-            (self.inputs, self.final), self.vjp = torch.func.vjp(linear, embed, mlp_out)
+            result = torch.func.vjp(linear, embed, mlp_out)
+        (self.inputs, self.final), self.vjp = result[0], result[1]
 
     def _rows(self, cot_inputs: Tensor, cot_final: Tensor) -> Tensor:
         g_embed, g_mlp = torch.vmap(self.vjp)((cot_inputs, cot_final))
