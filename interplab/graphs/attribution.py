@@ -298,15 +298,17 @@ def attribute(
     desired_logit_prob: float = 0.95,
     meta: dict[str, Any] | None = None,
 ) -> AttributionGraph:
-    """The attribution graph of ``prompt`` (text, or token ids [pos]) for ``targets`` (see `choose_targets`).
+    """The attribution graph of ``prompt`` (text, BOS-prefixed where the tokenizer has one; or token ids [pos])
+    for ``targets`` (see `choose_targets`).
 
     ``max_feature_nodes``: keep only that many features, those of most influence on the targets (visited in
     order of their influence estimated from the rows computed so far, as circuit-tracer does). ``memory_gb``:
     the budget of `check_memory` (the batch shrinks to fit; a prompt that does not fit is refused)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(prompt, str):
-        tokens = model.to_tokens(prompt)[0]
+    if isinstance(prompt, str):  # position 0 holds no feature: start with the BOS token where there is one
+        bos = getattr(model.tokenizer, "bos_id", None) is not None
+        tokens = model.to_tokens(prompt, prepend_bos=bos)[0]
     else:
         tokens = torch.as_tensor(prompt).reshape(-1)
     rm = ReplacementModel(model, clt)
