@@ -129,7 +129,7 @@ def build(
     graph = attribute(
         net,
         transcoder,
-        _tokens(net, prompt, tokens),  # type: ignore[arg-type]
+        _tokens(net, prompt, tokens),
         _targets(targets),  # type: ignore[arg-type]
         max_feature_nodes=max_feature_nodes,
         batch_size=batch_size,
@@ -179,8 +179,8 @@ def intervene_command(
         _load_clt(clt),
         saved.tokens,
         [Intervention.parse(s) for s in set_],
-        mode=mode,
-        graph=saved,  # type: ignore[arg-type]
+        mode="model" if mode == "model" else "replacement",
+        graph=saved,
     )
     for label, before, actual, predicted in zip(
         result.labels, result.before.tolist(), result.actual.tolist(), result.predicted.tolist(), strict=True

@@ -46,9 +46,14 @@ class CLTLike(Protocol):
     ``encode_layer``,
     ``decoder(src, dst)`` [d_sae d_model] and ``b_dec`` [layer d_model]."""
 
-    cfg: Any
-    W_enc: Tensor
-    b_dec: Tensor
+    @property
+    def cfg(self) -> Any: ...
+
+    @property
+    def W_enc(self) -> Tensor: ...
+
+    @property
+    def b_dec(self) -> Tensor: ...
 
     def encode(self, x: Tensor) -> Tensor: ...
 
