@@ -47,7 +47,8 @@ def block_hook(template: str) -> str:
 
 
 def _activation(clt: Any) -> str:
-    name = getattr(clt.cfg.activation, "name", str(clt.cfg.activation)).lower()
+    activation = getattr(clt.cfg, "activation", "jumprelu")  # a hand-set CLT without one is JumpReLU
+    name = getattr(activation, "name", str(activation)).lower()
     if name not in ("jumprelu", "topk", "relu"):
         raise ValueError(
             f"circuit-tracer has no {name!r} transcoder; it loads jumprelu and relu (topk in code)"

@@ -16,7 +16,9 @@ SPEC (written by `tests.circuit_tracer_peer.run_circuit_tracer` or ``benchmarks/
   special token as it is, and ignores position 0: no features, zero errors);
 - ``jobs``: each ``{"tokens": [ids], "targets": [ids] | null, "max_n_logits", "desired_logit_prob",
   "batch_size", "max_feature_nodes", "node_threshold", "edge_threshold", "dense": bool, "repeats": int,
-  "graph_dir": folder | null, "slug", "out": path}``.
+  "graph_dir": folder | null, "slug", "out": path}``;
+- ``fix_error_ids`` (default true): write error node ids as ``{layer}_-1_{pos}`` (circuit-tracer's fix of its
+  issue #78, after 0.5.0; 0.5.0's ``0_{layer}_{pos}`` collides with layer-0 feature ids).
 
 Each job runs `circuit_tracer.attribute` ``repeats`` times (>= 1; after a warm-up call when ``repeats`` > 1),
 prunes with `prune_graph`, scores with `compute_graph_scores`, optionally writes the Neuronpedia JSON with
@@ -127,7 +129,7 @@ def _transcoders(spec: dict[str, Any]):
     return tc
 
 
-def _model(folder: Path, transcoders, tokenizer_dir: Path, bos: int):
+def _model(folder: Path, transcoders, tokenizer_dir: Path, bos: int, **cfg_changes: Any):
     import torch
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
         TransformerLensReplacementModel,
@@ -136,7 +138,7 @@ def _model(folder: Path, transcoders, tokenizer_dir: Path, bos: int):
 
     cfg = json.loads((folder / "transformerlens_config.json").read_text())
     tokenizer = _tokenizer(tokenizer_dir, cfg["d_vocab"], bos)
-    cfg.update(tokenizer_name=str(tokenizer_dir), device="cpu", dtype=torch.float32)
+    cfg.update(tokenizer_name=str(tokenizer_dir), device="cpu", dtype=torch.float32, **cfg_changes)
     model = TransformerLensReplacementModel(HookedTransformerConfig(**cfg), tokenizer=tokenizer)
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -149,6 +151,21 @@ def _model(folder: Path, transcoders, tokenizer_dir: Path, bos: int):
     # what from_config does after building the model: wrap MLPs and unembed, freeze patterns and norm scales
     model._configure_replacement_model(transcoders)
     return model
+
+
+def _fix_error_ids() -> None:
+    """circuit-tracer 0.5.0 names error nodes ``0_{layer}_{pos}``, the id of feature ``layer`` of layer 0 at the
+    same position (its issue #78): a JSON with both is ambiguous. Apply the upstream fix (PR #102, after 0.5.0):
+    ``{layer}_-1_{pos}``; the other fields stay 0.5.0's."""
+    from circuit_tracer.frontend.graph_models import Node
+
+    original = Node.error_node.__func__
+
+    def error_node(cls, layer, pos, influence=None):  # noqa: ANN001, ANN202
+        node = original(cls, layer, pos, influence=influence)
+        return node.model_copy(update={"node_id": f"{layer}_-1_{pos}"})
+
+    Node.error_node = classmethod(error_node)
 
 
 def run_job(model, job: dict[str, Any]) -> dict[str, Any]:
@@ -216,10 +233,12 @@ def main(spec_path: str) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("fix_error_ids", True):
+        _fix_error_ids()
     work = Path(spec_path).parent
-    model = _model(
-        Path(spec["model"]), _transcoders(spec["transcoders"]), work / "tokenizer", int(spec["bos"])
-    )
+    changes = {"use_hook_mlp_in": True} if spec["transcoders"]["feature_input_hook"] == "hook_mlp_in" else {}
+    tc = _transcoders(spec["transcoders"])
+    model = _model(Path(spec["model"]), tc, work / "tokenizer", int(spec["bos"]), **changes)
     for job in spec["jobs"]:
         result = run_job(model, job)
         tmp = Path(job["out"]).with_suffix(".tmp")
