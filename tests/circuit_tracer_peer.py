@@ -117,6 +117,19 @@ def export_transcoders(clt: Any, folder: Path, kind: str = "cross_layer_transcod
     }
 
 
+def _saved(clt: Any, folder: Path) -> dict[str, Any]:
+    from interplab.sae.clt import save_clt
+
+    doc = json.loads((save_clt(clt, folder) / "cfg.json").read_text())
+    return {
+        "path": str(folder),
+        "kind": doc["model_kind"],
+        "feature_input_hook": doc["feature_input_hook"],
+        "feature_output_hook": doc["feature_output_hook"],
+        "topk": clt.cfg.k if _activation(clt) == "topk" else None,
+    }
+
+
 def prepare(
     model: Transformer,
     clt: Any,
@@ -124,14 +137,19 @@ def prepare(
     jobs: list[dict[str, Any]],
     *,
     bos: int,
-    kind: str = "cross_layer_transcoder",
+    kind: str | None = "cross_layer_transcoder",
 ) -> Path:
-    """Write ``model``, ``clt`` (as ``kind``) and the runner's spec with ``jobs`` (see
-    tests/circuit_tracer_runner.py; each job's ``out`` defaults to ``workdir/result{i}.json``) into ``workdir``;
-    returns the spec's path."""
+    """Write ``model``, ``clt`` and the runner's spec with ``jobs`` (see tests/circuit_tracer_runner.py; each
+    job's ``out`` defaults to ``workdir/result{i}.json``) into ``workdir``; returns the spec's path. ``clt`` is
+    written by `export_transcoders` in layout ``kind``, or, with ``kind=None``, by interplab's own `save_clt`
+    (which writes circuit-tracer's layout too: the runner then checks that writer against circuit-tracer's
+    loader)."""
     workdir.mkdir(parents=True, exist_ok=True)
     export_transformer_lens(model, workdir / "model")
-    transcoders = export_transcoders(clt, workdir / "transcoders", kind)
+    if kind is None:
+        transcoders = _saved(clt, workdir / "clt")
+    else:
+        transcoders = export_transcoders(clt, workdir / "transcoders", kind)
     jobs = [{"out": str(workdir / f"result{i}.json"), **job} for i, job in enumerate(jobs)]
     spec = {"model": str(workdir / "model"), "transcoders": transcoders, "bos": bos, "jobs": jobs}
     (workdir / "spec.json").write_text(json.dumps(spec))
@@ -162,7 +180,7 @@ def run_circuit_tracer(
     jobs: list[dict[str, Any]],
     *,
     bos: int,
-    kind: str = "cross_layer_transcoder",
+    kind: str | None = "cross_layer_transcoder",
     timeout: float = 900,
 ) -> list[dict[str, Any]]:
     """`prepare` then `run_spec`: circuit-tracer's graphs of ``jobs`` on ``model`` with ``clt``."""

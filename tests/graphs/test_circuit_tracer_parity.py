@@ -1,15 +1,16 @@
 """Parity with circuit-tracer 0.5.0 (PyPI, its own interpreter: ``bash scripts/peers.sh circuittracer``, or
 ``INTERPLAB_CIRCUITTRACER_PYTHON``; skipped with the reason without it, required in CI): on the same small model
-and the same transcoders (a JumpReLU cross-layer transcoder, and per-layer transcoders in circuit-tracer's
-``transcoder_set`` files, reading ``resid_mid`` or ``ln2.hook_normalized``), `interplab.graphs.attribute` finds
+and the same transcoders (JumpReLU cross-layer and per-layer transcoders, reading ``resid_mid`` or
+``ln2.hook_normalized``, handed over as interplab's `save_clt` folder or in either of circuit-tracer's layouts
+written by `export_transcoders`; LayerNorm and RMSNorm models), `interplab.graphs.attribute` finds
 the same active features with the same activations, the same target logits and probabilities, the same
 adjacency (to 1e-4), and `prune_graph` keeps the same nodes and edges with circuit-tracer's default thresholds
 (0.8 / 0.98); the replacement and completeness scores agree, and the Neuronpedia JSON has the same nodes and
 links (circuit-tracer 0.5.0 spells error ids ``0_{layer}_{pos}``, which collides with layer-0 feature ids: its
 issue #78; interplab writes the upstream fix ``{layer}_-1_{pos}``, and so does the runner, patching 0.5.0).
 
-The model and transcoders are exported with tests/circuit_tracer_peer.py (a TransformerLens checkpoint, the
-transcoders in circuit-tracer's layout) and circuit-tracer runs in tests/circuit_tracer_runner.py. Prompts start
+The model is exported with tests/circuit_tracer_peer.py (a TransformerLens checkpoint) and circuit-tracer runs
+in tests/circuit_tracer_runner.py, one process per case for all its prompts. Prompts start
 with the special token circuit-tracer expects (it ignores position 0: no features, zero errors; so does
 interplab). Weights are random and sizeable (`randomize`), the transcoders calibrated so that about a third of
 the latents fire, with thresholds above 0 (JumpReLU's strict ``>`` matters).
@@ -24,10 +25,10 @@ from typing import Any
 
 import pytest
 import torch
-
-from interplab.graphs.attribution import NodeKind, attribute
 from interplab.graphs.export import to_neuronpedia_json
 from interplab.graphs.prune import graph_scores, prune_graph
+
+from interplab.graphs.attribution import NodeKind, attribute
 from interplab.model import ModelConfig, Transformer
 from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
 from tests.circuit_tracer_peer import run_circuit_tracer
@@ -94,15 +95,18 @@ JOBS: list[dict[str, Any]] = [
     {"tokens": PROMPTS[0], "targets": None, "max_feature_nodes": 20, "batch_size": 8},
 ]
 CASES = {
-    # name: (normalization, cross_layer, hook_in, circuit-tracer layout)
-    "clt": ("layernorm", True, "blocks.{layer}.hook_resid_mid", "cross_layer_transcoder"),
-    "plt": ("layernorm", False, "blocks.{layer}.hook_resid_mid", "transcoder_set"),
-    "plt_ln2_rms": ("rmsnorm", False, "blocks.{layer}.ln2.hook_normalized", "transcoder_set"),
+    # name: (normalization, cross_layer, hook_in, how the transcoders reach circuit-tracer: interplab's save_clt
+    # folder as it is (None), or tests/circuit_tracer_peer.export_transcoders in that layout)
+    "clt": ("layernorm", True, "blocks.{layer}.hook_resid_mid", None),
+    "plt": ("layernorm", False, "blocks.{layer}.hook_resid_mid", None),
+    "clt_ln2_export": ("layernorm", True, "blocks.{layer}.ln2.hook_normalized", "cross_layer_transcoder"),
+    "plt_ln2_rms_export": ("rmsnorm", False, "blocks.{layer}.ln2.hook_normalized", "transcoder_set"),
 }
 
 
 @functools.cache
 def _case(name: str, tmp: Path) -> tuple[Transformer, CrossLayerTranscoder, list[dict[str, Any]]]:
+    """The model, the transcoders and circuit-tracer's results of JOBS for case ``name`` (one peer process)."""
     normalization, cross_layer, hook_in, layout = CASES[name]
     model = small_model(normalization)
     clt = calibrated_clt(model, cross_layer=cross_layer, hook_in=hook_in)
@@ -128,7 +132,7 @@ def _ours(model: Transformer, clt: CrossLayerTranscoder, job: dict[str, Any]):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("job", range(len(JOBS)))
-def test_same_graph_as_circuit_tracer(name: str, job: int, tmp_module: Path) -> None:
+def test_same_edges_as_circuit_tracer(name: str, job: int, tmp_module: Path) -> None:
     model, clt, results = _case(name, tmp_module)
     theirs = results[job]
     graph = _ours(model, clt, JOBS[job])
@@ -166,6 +170,14 @@ def test_same_graph_as_circuit_tracer(name: str, job: int, tmp_module: Path) -> 
     adjacency = torch.tensor(theirs["adjacency"])
     assert adjacency.abs().max() > 0.1
     torch.testing.assert_close(graph.adjacency.float(), adjacency, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("job", range(len(JOBS)))
+def test_same_pruning_and_json_as_circuit_tracer(name: str, job: int, tmp_module: Path) -> None:
+    model, clt, results = _case(name, tmp_module)
+    theirs = results[job]
+    graph = _ours(model, clt, JOBS[job])
 
     # pruning with circuit-tracer's defaults keeps the same nodes and edges
     pruned = prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
