@@ -42,7 +42,8 @@ _OUTPUT_KIND = SiteKind.MLP_OUT
 class CLTLike(Protocol):
     """What the graphs read of a cross-layer transcoder (`interplab.sae.clt.CrossLayerTranscoder`): its config
     (``n_layers``, ``d_model``, ``d_sae``, ``hook_in``, ``hook_out``, ``model_name``), the encoder weights
-    ``W_enc`` [layer d_model d_sae], ``encode`` (activations of every layer from every layer's input),
+    ``W_enc`` [layer d_model d_sae], ``encode`` (activations of every layer from every layer's input) and
+    ``encode_layer``,
     ``decoder(src, dst)`` [d_sae d_model] and ``b_dec`` [layer d_model]."""
 
     cfg: Any
@@ -50,6 +51,8 @@ class CLTLike(Protocol):
     b_dec: Tensor
 
     def encode(self, x: Tensor) -> Tensor: ...
+
+    def encode_layer(self, layer: int, x: Tensor) -> Tensor: ...
 
     def decoder(self, src: int, dst: int) -> Tensor: ...
 
@@ -79,11 +82,6 @@ def check_clt(model: Transformer, clt: CLTLike) -> None:
         raise ValueError(
             f"the CLT was trained on {clt_model} (d_model {ccfg.d_model}, {ccfg.n_layers} layers), not on "
             f"{model_name} (d_model {cfg.d_model}, {cfg.n_layers} layers)"
-        )
-    if getattr(ccfg, "model_name", None) and cfg.name and ccfg.model_name != cfg.name:
-        raise ValueError(
-            f"the CLT was trained on model {ccfg.model_name!r}, not on this model {cfg.name!r}; pass the model "
-            "it was trained on (or a CLT trained on this one)"
         )
     for layer in range(cfg.n_layers):
         site_in, site_out = clt_sites(clt, layer)

@@ -9,7 +9,7 @@ from torch import Tensor
 from interplab.graphs.attribution import AttributionGraph, NodeKind
 from interplab.graphs.replacement import ReplacementRun
 from interplab.model import ModelConfig, Transformer
-from tests.graphs.helpers import HandCLT, HandCLTConfig
+from tests.graphs.helpers import CLTActivation, HandCLT, HandCLTConfig
 
 # tokens of the planted model: A at position 1 is copied by layer 1's head to the last position (query C)
 BOS, A, C, D, B, OTHER = 0, 1, 2, 3, 4, 5
@@ -27,6 +27,7 @@ def exact_transcoder(model: Transformer) -> HandCLT:
             d_sae=cfg.d_mlp,
             cross_layer=False,
             hook_in="blocks.{layer}.ln2.hook_normalized",
+            activation=CLTActivation.RELU,
         )
     )
     with torch.no_grad():
@@ -35,7 +36,6 @@ def exact_transcoder(model: Transformer) -> HandCLT:
             b = getattr(block.ln2, "b", torch.zeros(cfg.d_model))
             clt.W_enc[layer] = w[:, None] * block.mlp.W_in
             clt.b_enc[layer] = b @ block.mlp.W_in + block.mlp.b_in
-            clt.threshold[layer] = 0.0
             clt.W_dec[layer][:, 0] = block.mlp.W_out
             clt.b_dec[layer] = block.mlp.b_out
     return clt
