@@ -3,7 +3,10 @@
 memory of one graph, and the longest prompt whose graph fits in 8 GB.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_graphs.py [--out benchmarks/results/graphs.json]
-        [--rounds 3] [--lengths 16,64,128] [--memory-lengths 64,128,192] [--circuit-tracer-python PY]
+        [--rounds 3] [--lengths 16,32,64:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
+
+``--lengths``: prompt lengths (tokens, BOS included), each optionally ``:rounds`` (circuit-tracer's time grows
+about as the square of the length: 64 tokens take it minutes per graph on one thread).
 
 Model and transcoder: a 4-layer, 8-head transformer (d_model 256, d_mlp 1024, LayerNorm, learned positions,
 vocabulary 2,000; interplab's initialisation, seed 0) and a JumpReLU CLT with 2,048 latents per layer reading
@@ -168,8 +171,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "graphs.json"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="timed graphs per process, after a warm-up")
-    parser.add_argument("--lengths", default="16,64,128")
-    parser.add_argument("--memory-lengths", default="64,128,192", help="interplab-only peak-memory points")
+    parser.add_argument("--lengths", default="16,32,64:1", help="lengths, each optionally :rounds")
+    parser.add_argument("--memory-lengths", default="32,64,96", help="interplab-only peak-memory points")
     parser.add_argument("--circuit-tracer-python", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,12 +198,14 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for length in [int(x) for x in args.lengths.split(",")]:
+        for item in args.lengths.split(","):
+            length, _, rounds = item.partition(":")
+            length, rounds = int(length), int(rounds or args.rounds)
             tokens = prompt(length, seed=length)
             job = {"tokens": tokens.tolist(), "dense": False, "repeats": args.repeats}
             spec = prepare(model, clt, work / f"ct{length}", [job], bos=BOS, kind=None)
             ours, theirs = [], []
-            for r in range(args.rounds):
+            for r in range(rounds):
                 for side in (
                     ("interplab", "circuit_tracer") if r % 2 == 0 else ("circuit_tracer", "interplab")
                 ):
@@ -212,6 +217,7 @@ def main() -> None:
             if (a["n_features"], a["n_nodes"]) != (b["n_features"], b["n_nodes"]):
                 raise RuntimeError(f"the graphs differ at length {length}: interplab {a}, circuit-tracer {b}")
             results["lengths"][str(length)] = {
+                "rounds": rounds,
                 "interplab": a,
                 "circuit_tracer": b,
                 "cpu_ratio": b["cpu_s"] / a["cpu_s"],
