@@ -15,6 +15,7 @@ from interplab.graphs.export import GraphJSON, from_neuronpedia_json, to_neuronp
 from interplab.graphs.interventions import Intervention, InterventionResult, intervene, predict, supernode
 from interplab.graphs.nodes import Node, NodeKind, Target
 from interplab.graphs.prune import PrunedGraph, graph_scores, prune_graph
+from interplab.graphs.qk import QKAttribution, qk_attribution
 from interplab.graphs.replacement import ReplacementModel, ReplacementRun
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Node",
     "NodeKind",
     "PrunedGraph",
+    "QKAttribution",
     "ReplacementModel",
     "ReplacementRun",
     "Target",
@@ -36,6 +38,7 @@ __all__ = [
     "intervene",
     "predict",
     "prune_graph",
+    "qk_attribution",
     "supernode",
     "to_neuronpedia_json",
 ]

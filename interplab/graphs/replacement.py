@@ -275,17 +275,21 @@ class ReplacementModel:
         cot_inputs: Callable[[int], Tensor | None],
         cot_final: Tensor | None,
         on_mlp_out: Callable[[int, Tensor], None],
+        resid_pre: tuple[int, Tensor] | None = None,
     ) -> Float[Tensor, "row pos d_model"]:
         """The transpose of the linear forward (its vector-Jacobian product), for a batch of rows at once:
         ``cot_inputs(layer)`` [row pos d_model] (or None) is each row's cotangent at that layer's feature input,
         ``cot_final`` [row pos d_model] at ln_final's output. Calls ``on_mlp_out(layer, g)`` with the gradient at
         each MLP output below the deepest read-out (top layer first; those above get none: it is zero) and
-        returns the gradient at the token embeddings. Only the frozen
+        returns the gradient at the token embeddings. ``resid_pre=(layer, g)`` starts instead from a cotangent
+        at that layer's ``resid_pre`` (QK attribution). Only the frozen
         linear maps are involved (patterns, scales, W_V, W_O, norm weights): no forward is needed."""
         model, cfg = self.model, self.cfg
         grad = None
         top = cfg.n_layers - 1
-        if cot_final is not None:
+        if resid_pre is not None:  # a cotangent at resid_pre of a layer: what the blocks below it wrote
+            top, grad = resid_pre[0] - 1, resid_pre[1]
+        elif cot_final is not None:
             grad = _norm_transpose(model.ln_final, cot_final, frozen.ln_final_scale)
         else:  # nothing above the deepest read-out reaches it: start there (as circuit-tracer does)
             top = max((layer for layer in range(cfg.n_layers) if cot_inputs(layer) is not None), default=-1)

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 import torch
-from interplab.graphs.export import to_neuronpedia_json
-from interplab.graphs.prune import graph_scores, prune_graph
 
 from interplab.graphs.attribution import NodeKind, attribute
+from interplab.graphs.export import to_neuronpedia_json
+from interplab.graphs.prune import graph_scores, prune_graph
 from interplab.model import ModelConfig, Transformer
 from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
 from tests.circuit_tracer_peer import run_circuit_tracer
