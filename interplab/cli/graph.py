@@ -41,12 +41,10 @@ def _load_clt(path: Path) -> CrossLayerTranscoder:
     """A CLT folder, or a CLT training run's finished CLT."""
     kind = runs.detect(path)
     if kind is runs.Kind.CLT_TRAIN:
-        found = [
-            p for p in (path / "clt", *sorted((path / "clts").glob("*"))) if runs.detect(p) is runs.Kind.CLT
-        ]
-        if not found:
-            fail(f"{path} is a CLT training run with no finished CLT yet (no clt/ or clts/NAME/)")
-        path = found[0]
+        try:
+            path = runs.CLTTrainRun.open(path).clt
+        except runs.RunError as err:
+            fail(str(err))
     elif kind is not runs.Kind.CLT:
         fail(
             f"--clt {path} is {runs.describe(path)}; expected a CLT folder (`interplab clt train` writes one)"
