@@ -30,6 +30,7 @@ from interplab.graphs import (
     prune_graph,
 )
 from interplab.model import Transformer
+from interplab.runs.openers import CLTTrainRun
 from interplab.sae.clt import CrossLayerTranscoder, load_clt
 
 app = typer.Typer(
@@ -42,7 +43,7 @@ def _load_clt(path: Path) -> CrossLayerTranscoder:
     kind = runs.detect(path)
     if kind is runs.Kind.CLT_TRAIN:
         try:
-            path = runs.CLTTrainRun.open(path).clt
+            path = CLTTrainRun.open(path).clt
         except runs.RunError as err:
             fail(str(err))
     elif kind is not runs.Kind.CLT:
