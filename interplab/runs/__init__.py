@@ -41,6 +41,9 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
     DT features                         `interplab dt sae`: an SAE training run (config.json's data holds
                                         ``dt``: model, trajectories, site, kinds) + features.db (meta ``dt``,
                                         table dt_rows) + report.json {kind: dt_features}
+    attribution graph                   `interplab graph build`: report.json {kind: attribution_graph, version,
+    (Kind.ATTRIBUTION_GRAPH)            scores, sizes, targets, model, clt}, graph.safetensors (the unpruned
+                                        adjacency and nodes), graph.json (Neuronpedia's graph JSON, pruned)
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures;
                                         a discovery run's metrics.json {kind: circuit_metrics} (MIB CPR/CMD)
@@ -88,6 +91,8 @@ from interplab.runs.names import (
     FORMATION,
     FORMATION_JSON,
     GRADIENT_INDEX,
+    GRAPH_JSON,
+    GRAPH_TENSORS,
     LOG,
     MANIFEST,
     METRICS_JSON,
@@ -115,6 +120,7 @@ from interplab.runs.openers import (
     DTEvalRun,
     DTModelDir,
     DTTrainRun,
+    GraphRun,
     ModelDir,
     Report,
     SAERun,
@@ -144,6 +150,9 @@ __all__ = [
     "FORMATION_JSON",
     "METRICS_JSON",
     "GRADIENT_INDEX",
+    "GRAPH_JSON",
+    "GRAPH_TENSORS",
+    "GraphRun",
     "Kind",
     "LOG",
     "MANIFEST",
