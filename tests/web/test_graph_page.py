@@ -152,6 +152,19 @@ N_NODES = len(FEATURES) + len(ERRORS) + len(TOKENS) + len(LOGITS)
 N_LINKS = len(make_graph()["links"])
 
 
+def hostile_graph() -> dict[str, Any]:
+    """`make_graph` with HTML and script in its prompt, tokens, a label, a node id and a supernode label."""
+    hostile = make_graph()
+    hostile["metadata"]["prompt"] = HOSTILE
+    hostile["metadata"]["prompt_tokens"] = [HOSTILE, "\u2028", "<!--", "]]>", "&amp;"]
+    hostile["nodes"][0]["clerp"] = HOSTILE
+    hostile["nodes"][1]["node_id"] = '"><svg onload=alert(3)>'
+    hostile["links"].append({"source": '"><svg onload=alert(3)>', "target": "1_1_4", "weight": 2.0})
+    hostile["qParams"]["supernodes"] = [[HOSTILE, '"><svg onload=alert(3)>', "1_1_4"]]
+    hostile["metadata"]["slug"] = HOSTILE
+    return hostile
+
+
 def write_graph(folder: Path, doc: Any, report: dict | None = None) -> Path:
     """A graph run folder: graph.json (``doc``, or raw text when a str) and a report.json."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,15 +188,7 @@ def graph_runs(tmp_path_factory, web_setup):
     write_graph(root / "example", EXAMPLE.read_text())
     write_graph(root / "damaged", '{"nodes": [1, 2')
     write_graph(root / "not-a-graph", json.dumps([1, 2, 3]))
-    hostile = make_graph()
-    hostile["metadata"]["prompt"] = HOSTILE
-    hostile["metadata"]["prompt_tokens"] = [HOSTILE, "\u2028", "<!--", "]]>", "&amp;"]
-    hostile["nodes"][0]["clerp"] = HOSTILE
-    hostile["nodes"][1]["node_id"] = '"><svg onload=alert(3)>'
-    hostile["links"].append({"source": '"><svg onload=alert(3)>', "target": "1_1_4", "weight": 2.0})
-    hostile["qParams"]["supernodes"] = [[HOSTILE, '"><svg onload=alert(3)>', "1_1_4"]]
-    hostile["metadata"]["slug"] = HOSTILE
-    write_graph(root / "hostile", hostile)
+    write_graph(root / "hostile", hostile_graph())
     odd = make_graph()  # missing fields, wrong types, huge and non-finite numbers
     odd["nodes"] += [
         {"node_id": "no-position", "layer": "0", "feature_type": "cross layer transcoder"},

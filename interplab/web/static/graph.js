@@ -10,7 +10,7 @@
 window.interplabGraph = (function () {
   const NS = "http://www.w3.org/2000/svg";
   const POS = "#2a7ab8", NEG = "#b83a2a";
-  const ROW_H = 64, GAP = 18, SUB_GAP = 120, MIN_COL = 56, LEFT = 64, TOP = 78, BOTTOM = 44;
+  const ROW_H = 64, GAP = 18, LOGIT_GAP = 46, SUB_GAP = 120, MIN_COL = 56, LEFT = 64, TOP = 40, BOTTOM = 44, MIN_H = 440;
   const KIND = { feature: "feature", error: "MLP reconstruction error", embedding: "token embedding",
                  logit: "output logit", group: "supernode" };
   const ORDER = { embedding: 0, feature: 1, error: 2, logit: 3, group: 4 };
@@ -69,6 +69,10 @@ window.interplabGraph = (function () {
       if (n.kind === "error") return "error L" + n.layer + " @" + n.position;
       if (n.kind === "embedding") return "token " + JSON.stringify(tokenAt(n.position) ?? "?") + " @" + n.position;
       return n.label || "logit " + fmt(n.token_id);
+    }
+    function logitText(n) {  // circuit-tracer's clerp is 'Output "<token>" (p=0.262)': the token, quoted
+      const m = /^Output (".*") \(p=[^)]*\)$/s.exec(n.label);
+      return m ? showToken(m[1]) : n.label || fmt(n.token_id);
     }
     function groupOf(id) { return st.groups.find(gr => gr.members.includes(id)) || null; }
     function details(n) {  // [label, value] rows of a node
@@ -129,20 +133,26 @@ window.interplabGraph = (function () {
         if (!cells.has(k)) cells.set(k, []);
         cells.get(k).push(u);
       }
+      const gapOf = row => !sub && row === topRow ? LOGIT_GAP : gap;
       const width = new Map(shownCols.map(c => [c, sub ? SUB_GAP : MIN_COL]));
-      for (const [k, cell] of cells) { const c = +k.split(":")[1]; width.set(c, Math.max(width.get(c), cell.length * gap + 12)); }
+      for (const [k, cell] of cells) { const [r, c] = k.split(":").map(Number); width.set(c, Math.max(width.get(c), cell.length * gapOf(r) + 12)); }
+      const natural = [...width.values()].reduce((a, b) => a + b, 0);
+      const room = canvas.clientWidth - LEFT - 30;
+      if (natural < room) for (const c of shownCols) width.set(c, width.get(c) * room / natural);  // fill the canvas
       const x0 = new Map();
       let x = LEFT;
       for (const c of shownCols) { x0.set(c, x); x += width.get(c); }
-      const y = new Map(shownRows.map((r, i) => [r, TOP + i * ROW_H + ROW_H / 2]));
+      const rowH = Math.min(2 * ROW_H, Math.max(ROW_H, (MIN_H - TOP - BOTTOM) / shownRows.length));  // few rows: taller
+      const y = new Map(shownRows.map((r, i) => [r, TOP + i * rowH + rowH / 2]));
       const at = new Map();
       for (const [k, cell] of cells) {
-        const c = +k.split(":")[1];
+        const [r, c] = k.split(":").map(Number);
+        const gc = gapOf(r);
         cell.sort((a, b) => ORDER[a.kind] - ORDER[b.kind] || ((a.node && a.node.feature) || 0) - ((b.node && b.node.feature) || 0) || (a.key < b.key ? -1 : 1));
-        const left = x0.get(c) + (width.get(c) - cell.length * gap) / 2;
-        cell.forEach((u, i) => at.set(u.key, { x: left + gap * (i + 0.5), y: y.get(u.row) }));
+        const left = x0.get(c) + (width.get(c) - cell.length * gc) / 2;
+        cell.forEach((u, i) => at.set(u.key, { x: left + gc * (i + 0.5), y: y.get(u.row) }));
       }
-      return { at, shownCols, shownRows, x0, width, y, w: x + 24, h: TOP + shownRows.length * ROW_H + BOTTOM };
+      return { at, shownCols, shownRows, x0, width, y, w: x + 24, h: TOP + shownRows.length * rowH + BOTTOM };
     }
 
     const tip = document.getElementById("graph-tooltip");
@@ -187,9 +197,10 @@ window.interplabGraph = (function () {
       }
       for (const c of L.shownCols) {
         const tok = tokenAt(cols[c]);
-        const t = svg("text", { x: L.x0.get(c) + L.width.get(c) / 2, y: L.h - BOTTOM + 20, "text-anchor": "middle", class: "graph-token" }, axis);
+        const box = svg("g", { class: "graph-token-box" }, axis);
+        const t = svg("text", { x: L.x0.get(c) + L.width.get(c) / 2, y: L.h - BOTTOM + 20, "text-anchor": "middle", class: "graph-token" }, box);
         t.textContent = clip(tok ?? "@" + cols[c], Math.max(4, Math.floor(L.width.get(c) / 7)));
-        svg("title", {}, t).textContent = (tok ?? "") + " (position " + cols[c] + ")";
+        svg("title", {}, box).textContent = (tok ?? "") + " (position " + cols[c] + ")";
       }
       const maxW = Math.max(1e-30, ...es.map(e => Math.abs(e.weight)));
       const eg = svg("g", { class: "graph-edges" }, root);
@@ -219,8 +230,8 @@ window.interplabGraph = (function () {
         else if (u.kind === "error") svg("rect", { x: -6, y: -6, width: 12, height: 12, class: "shape" }, el);
         else svg("rect", { x: -8, y: -6, width: 16, height: 12, rx: u.kind === "logit" ? 3 : 0, class: "shape" }, el);
         if (u.kind === "logit") {
-          const t = svg("text", { x: 2, y: -12, transform: "rotate(-40 2 -12)", class: "graph-logit-label" }, el);
-          t.textContent = clip(u.node.label || name(u.node), 24);
+          const t = svg("text", { x: 0, y: -12, "text-anchor": "middle", class: "graph-logit-label" }, el);
+          t.textContent = clip(logitText(u.node), 7);
         } else if (st.view !== "full") {
           const t = svg("text", { x: 0, y: 24, "text-anchor": "middle", class: "graph-group-label" }, el);
           t.textContent = clip(u.group ? u.group.label : (u.node.label || name(u.node)), 18);
@@ -289,6 +300,7 @@ window.interplabGraph = (function () {
       document.getElementById("graph-pin-count").textContent = String(st.pinned.size);
       document.getElementById("graph-group-count").textContent = String(st.groups.length);
       pinList.textContent = "";
+      if (!st.pinned.size) html("li", "none yet: shift-click nodes (or pin in a node's details)", "muted", pinList);
       for (const id of st.pinned) {
         const n = nodes.get(id);
         const li = html("li", null, null, pinList);
@@ -344,6 +356,8 @@ window.interplabGraph = (function () {
         render();
       });
     }
+    let resizing = null;
+    window.addEventListener("resize", () => { clearTimeout(resizing); resizing = setTimeout(render, 150); });
     window.addEventListener("beforeunload", ev => { if (!st.saved) { ev.preventDefault(); ev.returnValue = ""; } });
     refresh();
     return { state: st, render };
