@@ -36,6 +36,13 @@ class Kind(str, Enum):
     """the train_summary.json of an SAE training run (tokens, steps, each SAE's final log row)"""
     SAE_EVAL = "sae_eval"
     """an SAE evaluation report"""
+    CLT = "clt"
+    """a cross-layer (or per-layer) transcoder folder (`interplab.sae.clt.save_clt`: cfg.json + circuit-tracer's
+    weight files)"""
+    CLT_TRAIN = "clt_train"
+    """a CLT training run (`interplab clt train`: config.json, log.jsonl, checkpoints/, clt/ or clts/NAME/)"""
+    CLT_EVAL = "clt_eval"
+    """a CLT evaluation (`interplab clt eval`: report.json, per-layer FVU, replacement CE/KL, error norms)"""
     ACTIVATION_CACHE = "activation_cache"
     """activations cached on disk (manifest.json + shards)"""
     FEATURE_DB = "feature_db"
@@ -115,6 +122,9 @@ _LABELS = {
     Kind.SAE: "an SAE folder",
     Kind.SAE_TRAIN_SUMMARY: "an SAE training summary",
     Kind.SAE_EVAL: "an SAE evaluation",
+    Kind.CLT: "a cross-layer transcoder folder",
+    Kind.CLT_TRAIN: "a CLT training run",
+    Kind.CLT_EVAL: "a CLT evaluation",
     Kind.ACTIVATION_CACHE: "an activation cache",
     Kind.FEATURE_DB: "a feature database",
     Kind.CHECKSUMS: "a checksums record",
