@@ -7,6 +7,7 @@ hostile graph runs no script of its own."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -35,7 +36,7 @@ def graph_server(tmp_path_factory, web_setup):
     write_graph(root / "induction", make_graph(feature_db=str(web_setup["db"])))
     write_graph(root / "example", EXAMPLE.read_text())
     write_graph(root / "hostile", hostile_graph())
-    write_graph(root / "docs", make_graph(feature_db=str(web_setup["db"])))
+    write_graph(root / "docs", make_graph(feature_db=os.path.relpath(web_setup["db"], root / "docs")))
     with live_server(create_app([web_setup["db"]], runs=[root])) as (host, port):
         yield {"url": f"http://{host}:{port}", "root": root}
 
@@ -191,5 +192,10 @@ def test_docs_screenshot(page, graph_server, artifacts_dir):  # noqa: F811
     page.locator('#graph-svg [data-id="0_2_3"]').click(modifiers=["Shift"])
     page.locator('#graph-svg [data-id="1_3_4"]').click()
     page.hover('#graph-svg [data-id="0_2_3"]')
-    page.locator("#graph").screenshot(path=str(artifacts_dir / "graph-viewer.png"))
+    page.screenshot(
+        path=str(artifacts_dir / "graph-viewer.png"),
+        full_page=True,
+        clip=page.locator("#graph").bounding_box(),
+    )
+    assert page.locator("#graph-tooltip").is_visible()
     assert page.locator("#graph-svg .graph-node.pinned").count() == 2
