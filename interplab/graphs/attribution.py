@@ -84,6 +84,8 @@ class Target:
     vector: Tensor
     token_b: int | None = None
     """a logit difference's second token"""
+    text: str = ""
+    """the token as text (the label of a logit difference)"""
 
 
 @dataclass(frozen=True)
@@ -194,9 +196,9 @@ def choose_targets(
     mean = W_U.mean(dim=1)
     vocab = W_U.shape[1]
 
-    def name(token: int) -> str:
+    def text(token: int) -> str:
         tok = model.tokenizer
-        return repr(tok.decode([token])) if tok is not None else str(token)
+        return str(tok.decode([token])) if tok is not None else str(token)
 
     def check(token: int) -> int:
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
@@ -207,8 +209,8 @@ def choose_targets(
 
     if isinstance(targets, tuple) and len(targets) == 3 and targets[0] == "logit_diff":
         a, b = check(int(targets[1])), check(int(targets[2]))
-        label = f"logit({name(a)}) - logit({name(b)})"
-        return [Target(label, a, 1.0, W_U[:, a] - W_U[:, b], token_b=b)]
+        label = f"logit({text(a)!r}) - logit({text(b)!r})"
+        return [Target(label, a, 1.0, W_U[:, a] - W_U[:, b], token_b=b, text=label)]
     if targets is None or (isinstance(targets, int) and not isinstance(targets, bool)):
         k = 10 if targets is None else targets
         if k < 1:
@@ -230,7 +232,7 @@ def choose_targets(
             chosen.append(check(int(t) if not isinstance(t, int) else t))
         if not chosen:
             raise ValueError("targets is an empty list: give at least one token id")
-    return [Target(f"logit({name(t)})", t, float(probs[t]), W_U[:, t] - mean) for t in chosen]
+    return [Target(f"logit({text(t)!r})", t, float(probs[t]), W_U[:, t] - mean, text=text(t)) for t in chosen]
 
 
 # ---- memory ---------------------------------------------------------------------------------------

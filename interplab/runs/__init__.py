@@ -38,6 +38,9 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
                                         targets: per target its episodes, mean return, 95% CI} + pictures,
                                         trajectories/ (Kind.TRAJECTORIES: the episodes it played)
     DT analysis (Kind.DT_ANALYSIS)      `interplab dt analyze`: report.json {kind: dt_analysis, ...} + pictures
+    attribution graph                   `interplab graph build`: report.json {kind: attribution_graph, version,
+    (Kind.ATTRIBUTION_GRAPH)            scores, sizes, targets, model, clt}, graph.safetensors (the unpruned
+                                        adjacency and nodes), graph.json (Neuronpedia's graph JSON, pruned)
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures;
                                         a discovery run's metrics.json {kind: circuit_metrics} (MIB CPR/CMD)
@@ -84,6 +87,8 @@ from interplab.runs.names import (
     FORMATION,
     FORMATION_JSON,
     GRADIENT_INDEX,
+    GRAPH_JSON,
+    GRAPH_TENSORS,
     LOG,
     MANIFEST,
     METRICS_JSON,
@@ -111,6 +116,7 @@ from interplab.runs.openers import (
     DTEvalRun,
     DTModelDir,
     DTTrainRun,
+    GraphRun,
     ModelDir,
     Report,
     SAERun,
@@ -139,6 +145,9 @@ __all__ = [
     "FORMATION_JSON",
     "METRICS_JSON",
     "GRADIENT_INDEX",
+    "GRAPH_JSON",
+    "GRAPH_TENSORS",
+    "GraphRun",
     "Kind",
     "LOG",
     "MANIFEST",

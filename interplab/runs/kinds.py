@@ -103,6 +103,10 @@ class Kind(str, Enum):
     DT_EVAL = "dt_eval"
     """a decision-transformer evaluation (`interplab dt eval`): the calibration curve, achieved vs target
     return-to-go, per target its episodes, mean return and 95% CI (``calibration.json``)"""
+    ATTRIBUTION_GRAPH = "attribution_graph"
+    """an attribution graph of one prompt (`interplab graph build`, `AttributionGraph.save`): report.json
+    {kind: attribution_graph, ...}, graph.safetensors (the unpruned adjacency and nodes), graph.json
+    (circuit-tracer / Neuronpedia's graph JSON of the pruned graph: a foreign format, no kind)"""
     DT_ANALYSIS = "dt_analysis"
     """an analysis of a decision transformer on trajectories (`interplab dt analyze`: probes, patching,
     attention from the decision token; ``report.json`` + pictures)"""
@@ -154,6 +158,7 @@ _LABELS = {
     Kind.DT_TRAIN_REPORT: "a decision-transformer training report",
     Kind.DT_EVAL: "a decision-transformer evaluation",
     Kind.DT_ANALYSIS: "a decision-transformer analysis",
+    Kind.ATTRIBUTION_GRAPH: "an attribution graph",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}

@@ -33,6 +33,8 @@ ATTRIBUTION = "attribution"
 GRADIENT_INDEX = "index.json"
 PLOTLY_JS = "plotly.min.js"
 CALIBRATION_JSON = "calibration.json"
+GRAPH_JSON = "graph.json"  # an attribution graph's Neuronpedia JSON (foreign: no kind)
+GRAPH_TENSORS = "graph.safetensors"  # an attribution graph's adjacency and nodes
 """a decision-transformer evaluation's calibration (Kind.DT_EVAL), in its run folder"""
 ROLLOUTS = "trajectories"
 """the episodes a decision-transformer evaluation played (a Kind.TRAJECTORIES folder inside its run)"""

@@ -19,6 +19,8 @@ from interplab.runs.names import (
     CONFIG,
     FINAL,
     FORMATION_JSON,
+    GRAPH_JSON,
+    GRAPH_TENSORS,
     MANIFEST,
     REPORT,
     ROLLOUTS,
@@ -338,8 +340,42 @@ class DTEvalRun:
         return p if detect(p) is Kind.TRAJECTORIES else None
 
 
+@dataclass(frozen=True)
+class GraphRun:
+    """An attribution graph folder (`interplab graph build`, `interplab.graphs.AttributionGraph.save`):
+    ``report`` is its report.json (scores, sizes, targets, where the model and CLT were); `interplab.graphs`
+    reads the tensors (``graph.safetensors``) and writes ``graph.json`` (Neuronpedia's schema, the pruned graph,
+    where the web app saves pins and supernodes)."""
+
+    path: Path
+    report: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> GraphRun:
+        return cls(
+            *_open_doc(path, Kind.ATTRIBUTION_GRAPH, REPORT, "a folder written by `interplab graph build`")
+        )
+
+    @property
+    def graph_json(self) -> Path:
+        return self.path / GRAPH_JSON
+
+    @property
+    def tensors(self) -> Path:
+        return self.path / GRAPH_TENSORS
+
+
 Opened = (
-    TrainRun | SAERun | CacheRun | ModelDir | Report | TrajectoriesDir | DTModelDir | DTTrainRun | DTEvalRun
+    TrainRun
+    | SAERun
+    | CacheRun
+    | ModelDir
+    | Report
+    | TrajectoriesDir
+    | DTModelDir
+    | DTTrainRun
+    | DTEvalRun
+    | GraphRun
 )
 
 
@@ -365,4 +401,5 @@ _OPENERS: dict[Kind, Callable[[Path], Opened]] = {
     Kind.DT_MODEL: DTModelDir.open,
     Kind.DT_TRAIN: DTTrainRun.open,
     Kind.DT_EVAL: DTEvalRun.open,
+    Kind.ATTRIBUTION_GRAPH: GraphRun.open,
 }
