@@ -302,7 +302,7 @@ def create_app(
         view = run_view(art)
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
         dt = dt_view(art)
-        graphs = view.pop("graphs")  # the run's own graph.json is shown in the page, the others linked
+        graphs = view.pop("graphs")  # the run's own graph is shown in the page, the others linked
         graph = graph_page.graph_view(art.path, art.root, served) if art.path in graphs else None
         nested = [str(g.relative_to(art.path)) for g in graphs if g != art.path]
         return page(

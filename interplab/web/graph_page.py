@@ -28,9 +28,11 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
+from interplab import runs
 from interplab.io import atomic_write_json
+from interplab.runs import GRAPH_JSON, Kind
 from interplab.web.api import INT64_MAX
-from interplab.web.runs import GRAPH_JSON, Artifact, contained, read_bytes
+from interplab.web.runs import Artifact, contained, read_bytes, read_json, reader
 
 MAX_GRAPH_BYTES = 50 * 2**20
 """a larger graph.json is not loaded by the page"""
@@ -307,9 +309,14 @@ def graph_view(folder: Path, root: Path, served: Mapping[Path, str] | None = Non
     info = {k: meta.get(k) for k in ("slug", "scan", "node_threshold", "schema_version")}
     pruning = _dict(meta.get("pruning_settings"))
     info["edge_threshold"] = pruning.get("edge_threshold")
-    for key in ("replacement_score", "completeness_score", "run", "clt"):
-        if isinstance(extras, dict):
-            info[key] = extras.get(key)
+    report = _dict(read_json(folder / runs.REPORT, root))  # `interplab graph build`'s: the scores
+    scores = _dict(report.get("scores"))
+    info["replacement score"], info["completeness score"] = (
+        scores.get("replacement"),
+        scores.get("completeness"),
+    )
+    for key in ("run", "clt"):
+        info[key] = _dict(extras).get(key)
     view["info"] = {
         k.replace("_", " "): v if not isinstance(v, str) else v[:300]
         for k, v in info.items()
@@ -380,14 +387,18 @@ def save_qparams(folder: Path, root: Path, pinned: list[str], supernodes: list[l
 
 
 def graph_folder(art: Artifact, at: str) -> Path:
-    """The folder ``at`` (relative) inside run ``art`` that holds a graph.json, or HTTP 404."""
+    """The folder ``at`` (relative) inside run ``art`` that holds a graph (a graph.json, or the report of
+    `interplab graph build` without it: the page says what is missing), or HTTP 404."""
     missing = HTTPException(404, f"run {art.name!r} has no attribution graph at {at[:200]!r}")
     if "\x00" in at or Path(at).is_absolute():
         raise missing
     real = contained(art.path / at, art.root)
     if real is None or not real.is_dir() or not (real == art.path or real.is_relative_to(art.path)):
         raise missing
-    if contained(real / GRAPH_JSON, art.root) is None:
+    if (
+        contained(real / GRAPH_JSON, art.root) is None
+        and runs.detect(real, reader(art.root)) is not Kind.ATTRIBUTION_GRAPH
+    ):
         raise missing
     return real
 

@@ -32,8 +32,6 @@ from interplab.runs import Kind
 
 MAX_JSON_BYTES = 50 * 2**20  # a larger report.json is shown as missing (the page must stay fast)
 MAX_LOG_BYTES = 200 * 2**20
-GRAPH_JSON = "graph.json"
-"""an attribution graph in circuit-tracer's (Neuronpedia's) schema (`interplab.web.graph_page`)"""
 HEADLINE = {  # the home page's columns for a run, in order (when present in its report.json)
     "step": "steps",
     "loss": "loss",
@@ -151,7 +149,7 @@ def _is_model(p: Path, root: Path, kind: Kind | None) -> bool:
 
 def _is_run(p: Path, root: Path, kind: Kind | None) -> bool:
     if kind is None:  # one the contract does not know, shown for what it holds (a graph circuit-tracer wrote)
-        return any(_file(p / n, root) for n in (runs.LOG, runs.REPORT, GRAPH_JSON))
+        return any(_file(p / n, root) for n in (runs.LOG, runs.REPORT, runs.GRAPH_JSON))
     return kind not in (*_MODELS, Kind.SAE, *_NOT_LISTED)
 
 
@@ -328,11 +326,11 @@ def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
 def _classify(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
     """File ``folder`` under the parts its documents make it: formation scores, an attribution, an SAE
     evaluation, a causal-scrubbing report, an attribution graph."""
-    if _file(folder / GRAPH_JSON, root):
+    kind = _report_kind(folder, root)
+    if _file(folder / runs.GRAPH_JSON, root) or kind is Kind.ATTRIBUTION_GRAPH:
         out["graphs"].append(folder)
     if _file(folder / runs.FORMATION_JSON, root):
         out["formation"].append(folder / runs.FORMATION_JSON)
-    kind = _report_kind(folder, root)
     if kind is Kind.ATTRIBUTION:
         out["attributions"].append(folder)
     elif kind is Kind.SAE_EVAL:

@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from tests.graphs.test_store import planted_graph
 from tests.web.conftest import live_server
 from tests.web.test_browser import browser, page  # noqa: F401  (fixtures)
 from tests.web.test_graph_page import (
@@ -36,6 +37,7 @@ def graph_server(tmp_path_factory, web_setup):
     write_graph(root / "induction", make_graph(feature_db=str(web_setup["db"])))
     write_graph(root / "example", EXAMPLE.read_text())
     write_graph(root / "hostile", hostile_graph())
+    planted_graph().save(root / "planted")
     write_graph(root / "docs", make_graph(feature_db=os.path.relpath(web_setup["db"], root / "docs")))
     with live_server(create_app([web_setup["db"]], runs=[root])) as (host, port):
         yield {"url": f"http://{host}:{port}", "root": root}
@@ -86,6 +88,16 @@ def test_layout_draws_every_node_and_link(page, graph_server, artifacts_dir):  #
         page.locator("#graph-svg .graph-edge.hl").count() == 1 + 4 + 2
     )  # its embedding, 4 features, 2 logits
     page.screenshot(path=str(artifacts_dir / "browser_graph.png"), full_page=True)
+
+
+def test_a_graph_interplab_built_is_drawn_whole(page, graph_server):  # noqa: F811
+    doc = json.loads((graph_server["root"] / "planted" / "graph.json").read_text())
+    _open(page, graph_server, "planted")
+    assert page.locator("#graph-svg .graph-node").count() == len(doc["nodes"])
+    assert page.locator("#graph-svg .graph-edge").count() == len(doc["links"])
+    assert page.locator("#graph-svg .graph-token").count() == len(doc["metadata"]["prompt_tokens"])
+    logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
+    assert page.locator('#graph-svg .graph-node[data-kind="logit"]').count() == len(logits)
 
 
 def test_pin_group_save_and_reload_keeps_the_supernode(page, graph_server, artifacts_dir):  # noqa: F811

@@ -18,8 +18,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from interplab import runs
+from interplab.graphs.attribution import AttributionGraph, NodeKind
+from interplab.runs import Kind
 from interplab.web.app import create_app
 from interplab.web.graph_page import MAX_NODES, feature_index, graph_view
+from tests.graphs.test_store import planted_graph
 
 EXAMPLE = Path(__file__).parent / "data" / "circuit_tracer_example.json"
 HOSTILE = "</script><script>alert(1)</script><!--<img src=x onerror=alert(2)>"
@@ -165,12 +169,17 @@ def hostile_graph() -> dict[str, Any]:
     return hostile
 
 
-def write_graph(folder: Path, doc: Any, report: dict | None = None) -> Path:
-    """A graph run folder: graph.json (``doc``, or raw text when a str) and a report.json."""
+SCORES = {"replacement": 0.81, "completeness": 0.93}
+
+
+def write_graph(folder: Path, doc: Any, report: bool = True) -> Path:
+    """A graph run folder as `interplab graph build` writes it: graph.json (``doc``, or raw text when a str)
+    and a report.json of kind attribution_graph (with ``report``; without, graph.json alone, as
+    circuit-tracer's ``create_graph_files`` writes it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "graph.json").write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
-    rep = report if report is not None else {"replacement_score": 0.81, "completeness_score": 0.93}
-    (folder / "report.json").write_text(json.dumps(rep))
+    (folder / runs.GRAPH_JSON).write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2))
+    if report:
+        runs.write_json(folder / runs.REPORT, Kind.ATTRIBUTION_GRAPH, {"scores": SCORES, "n_layers": 2})
     return folder
 
 
@@ -185,7 +194,8 @@ def graph_runs(tmp_path_factory, web_setup):
     root = tmp_path_factory.mktemp("graphweb") / "runs"
     db = web_setup["db"]
     write_graph(root / "induction", make_graph(feature_db=str(db)))
-    write_graph(root / "example", EXAMPLE.read_text())
+    write_graph(root / "example", EXAMPLE.read_text(), report=False)
+    planted_graph().save(root / "planted")
     write_graph(root / "damaged", '{"nodes": [1, 2')
     write_graph(root / "not-a-graph", json.dumps([1, 2, 3]))
     write_graph(root / "hostile", hostile_graph())
@@ -235,7 +245,11 @@ def graph_runs(tmp_path_factory, web_setup):
     write_graph(outside / "secret", make_graph())
     (root / "escape").mkdir()
     (root / "escape" / "graph.json").symlink_to(outside / "secret" / "graph.json")
-    (root / "escape" / "report.json").write_text("{}")
+    runs.write_json(root / "escape" / runs.REPORT, Kind.ATTRIBUTION_GRAPH, {"scores": SCORES})
+    runs.write_json(root / "no-json" / runs.REPORT, Kind.ATTRIBUTION_GRAPH, {"scores": SCORES})
+    runs.write_json(
+        train / "graphs" / "step_000300" / runs.REPORT, Kind.ATTRIBUTION_GRAPH, {"scores": SCORES}
+    )
     return {"root": root, "outside": outside, "db": db}
 
 
@@ -262,7 +276,7 @@ def test_graph_runs_are_listed_with_what_they_hold(client):
     for name in ("induction", "example", "damaged", "hostile", "odd", "train-with-graphs"):
         assert f">runs/{name}<" in html
     row = html.split(">runs/train-with-graphs<")[1].split("</tr>")[0]
-    assert "2 attribution graphs" in row
+    assert "3 attribution graphs" in row
 
 
 def test_the_page_gets_every_node_and_link_exactly(client):
@@ -287,6 +301,34 @@ def test_the_page_gets_every_node_and_link_exactly(client):
     want = {(e["source"], e["target"]): e["weight"] for e in doc["links"]}
     assert {(e["source"], e["target"]): e["weight"] for e in g["links"]} == want
     assert g["left_out"] == {"nodes": 0, "links": 0, "nodes_over_limit": 0, "links_over_limit": 0}
+    assert g["info"]["replacement score"] == 0.81 and g["info"]["completeness score"] == 0.93
+
+
+def test_a_graph_interplab_built_opens_exactly(client, graph_runs):
+    """`interplab.graphs`' own run folder (the planted model's graph, `AttributionGraph.save`): every node
+    and link of its graph.json reaches the page, each feature with its layer, position and latent."""
+    folder = graph_runs["root"] / "planted"
+    doc = json.loads((folder / runs.GRAPH_JSON).read_text())
+    g = graph_of(client, "planted")
+    assert g["error"] is None and g["left_out"]["nodes"] == g["left_out"]["links"] == 0
+    assert [n["id"] for n in g["nodes"]] == [n["node_id"] for n in doc["nodes"]]
+    assert g["links"] == [
+        {"source": e["source"], "target": e["target"], "weight": e["weight"]} for e in doc["links"]
+    ]
+    graph = AttributionGraph.load(folder)
+    features = {nd.node_id(graph.n_layers): nd for nd in graph.nodes if nd.kind is NodeKind.FEATURE}
+    shown = [n for n in g["nodes"] if n["kind"] == "feature"]
+    assert shown
+    for n in shown:
+        nd = features[n["id"]]
+        assert (n["layer"], n["position"], n["feature"], n["activation"]) == (
+            nd.layer,
+            nd.position,
+            nd.feature,
+            nd.value,
+        )
+    report = runs.GraphRun.open(folder).report
+    assert g["info"]["replacement score"] == report["scores"]["replacement"]
 
 
 def test_circuit_tracers_own_output_opens(client):
@@ -444,7 +486,12 @@ def test_a_graph_outside_the_runs_folder_is_neither_read_nor_written(client, gra
 
 @pytest.mark.parametrize(
     "name, says",
-    [("damaged", "graph.json is not JSON"), ("not-a-graph", "not an attribution graph")],
+    [
+        ("damaged", "graph.json is not JSON"),
+        ("not-a-graph", "not an attribution graph"),
+        ("no-json", "no graph.json here"),
+        ("escape", "no graph.json here"),
+    ],
 )
 def test_a_missing_or_damaged_graph_gives_a_clear_page(client, name, says):
     r = client.get(f"/run/{run_index(client, name)}")
@@ -485,7 +532,7 @@ def test_graphs_inside_a_run_have_their_own_page(client):
     i = run_index(client, "train-with-graphs")
     html = client.get(f"/run/{i}").text
     links = re.findall(r'<a class="graph-link" href="([^"]+)">', html)
-    assert links == [f"/run/{i}/graph?at=graphs/step_000100", f"/run/{i}/graph?at=graphs/step_000200"]
+    assert links == [f"/run/{i}/graph?at=graphs/step_{s:06d}" for s in (100, 200, 300)]
     assert 'id="training"' in html and 'id="graph"' not in html
     r = client.get(links[1])
     assert r.status_code == 200
@@ -495,7 +542,11 @@ def test_graphs_inside_a_run_have_their_own_page(client):
     assert r.status_code == 200
     assert embedded(client.get(links[1]).text)["graph"]["pinned"] == ["1_3_4"]
     assert embedded(client.get(links[0]).text)["graph"]["pinned"] == []
-    r = client.get(f"/run/{i}/graph", params={"at": "graphs/step_000300"})
+    r = client.get(links[2])  # a graph run whose graph.json is missing: said so on its page
+    assert r.status_code == 200 and "no graph.json here" in r.text
+    r = client.post(f"/api/run/{i}/graph", json={"at": "graphs/step_000300", "pinnedIds": []})
+    assert r.status_code == 404 and "no graph.json" in r.json()["error"]
+    r = client.get(f"/run/{i}/graph", params={"at": "graphs/step_000400"})
     assert r.status_code == 404 and "no attribution graph" in r.text
     assert client.get(f"/run/{i}/graph").status_code == 404  # the run itself holds none
     assert client.head(links[0]).status_code == 200
