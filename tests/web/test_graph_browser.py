@@ -38,6 +38,17 @@ def graph_server(tmp_path_factory, web_setup):
     write_graph(root / "example", EXAMPLE.read_text())
     write_graph(root / "hostile", hostile_graph())
     planted_graph().save(root / "planted")
+    dense = make_graph()  # more links than are drawn at first
+    ids = [n["node_id"] for n in dense["nodes"]]
+    dense["links"] = [
+        {
+            "source": ids[k % len(ids)],
+            "target": ids[(k * 7 + 3) % len(ids)],
+            "weight": (k % 13 - 6) / 3 or 0.1,
+        }
+        for k in range(4500)
+    ]
+    write_graph(root / "dense", dense)
     write_graph(root / "docs", make_graph(feature_db=os.path.relpath(web_setup["db"], root / "docs")))
     with live_server(create_app([web_setup["db"]], runs=[root])) as (host, port):
         yield {"url": f"http://{host}:{port}", "root": root}
@@ -98,6 +109,19 @@ def test_a_graph_interplab_built_is_drawn_whole(page, graph_server):  # noqa: F8
     assert page.locator("#graph-svg .graph-token").count() == len(doc["metadata"]["prompt_tokens"])
     logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
     assert page.locator('#graph-svg .graph-node[data-kind="logit"]').count() == len(logits)
+
+
+def test_the_strongest_links_are_drawn_first_and_all_on_demand(page, graph_server):  # noqa: F811
+    _open(page, graph_server, "dense")
+    assert page.locator("#graph-svg .graph-edge").count() == 4000
+    assert page.locator("#graph-links-note").inner_text() == "drawing the 4,000 strongest of 4,500 links"
+    drawn = page.eval_on_selector_all(
+        ".graph-edge", "es => es.map(e => Math.abs(+e.getAttribute('data-weight')))"
+    )
+    assert min(drawn) >= 1 / 3  # the 500 left out are the weakest (|w| = 0.1 and 1/3)
+    page.click("#graph-links-all")
+    assert page.locator("#graph-svg .graph-edge").count() == 4500
+    assert page.locator("#graph-links-note").inner_text() == ""
 
 
 def test_pin_group_save_and_reload_keeps_the_supernode(page, graph_server, artifacts_dir):  # noqa: F811

@@ -13,6 +13,8 @@ window.interplabGraph = (function () {
   const ROW_H = 64, GAP = 18, LOGIT_GAP = 46, SUB_GAP = 120, MIN_COL = 56, LEFT = 64, TOP = 40, BOTTOM = 44, MIN_H = 440;
   const KIND = { feature: "feature", error: "MLP reconstruction error", embedding: "token embedding",
                  logit: "output logit", group: "supernode" };
+  const DRAW_LINKS = 4000;  // links drawn at first (the strongest): SVG paints tens of thousands slowly
+  const LARGE = 2500;  // more links drawn than this: no dimming on hover, links take no pointer events
   const ORDER = { embedding: 0, feature: 1, error: 2, logit: 3, group: 4 };
 
   function svg(tag, attrs, parent) {
@@ -48,7 +50,7 @@ window.interplabGraph = (function () {
     const st = {
       pinned: new Set(g.pinned.filter(id => nodes.has(id))),
       groups: g.supernodes.map(s => ({ label: s.label, members: s.members.filter(m => nodes.has(m)) })),
-      view: "full", selected: null, saved: true,
+      view: "full", selected: null, saved: true, allLinks: false,
     };
     for (const gr of st.groups) for (const m of gr.members) st.pinned.add(m);
 
@@ -176,13 +178,30 @@ window.interplabGraph = (function () {
       return rows;
     }
 
+    const drawn = new Map();  // unit key -> its element, to restyle without drawing again
+    function restyle() {  // pins and the selection changed: in the full graph only classes change
+      if (st.view !== "full" || !drawn.size) { render(); return; }
+      for (const [key, el] of drawn) {
+        el.classList.toggle("pinned", st.pinned.has(key.slice(2)));
+        el.classList.toggle("selected", st.selected === key);
+      }
+    }
+    const linksNote = document.getElementById("graph-links-note"), linksAll = document.getElementById("graph-links-all");
     function render() {
+      drawn.clear();
       const us = units();
-      const es = edges(us);
+      let es = edges(us);
+      const total = es.length;
+      if (!st.allLinks && total > DRAW_LINKS) es = es.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, DRAW_LINKS);
+      linksNote.textContent = es.length < total ? "drawing the " + DRAW_LINKS.toLocaleString("en") + " strongest of " + total.toLocaleString("en") + " links" : "";
+      linksAll.hidden = es.length === total && !st.allLinks;
+      linksAll.textContent = st.allLinks ? "draw the strongest only" : "draw all links";
       const L = layout(us);
       canvas.textContent = "";
       tip.hidden = true;
       const root = svg("svg", { width: L.w, height: L.h, id: "graph-svg", "data-view": st.view }, canvas);
+      const large = es.length > LARGE;
+      if (large) root.classList.add("graph-large");
       if (!us.length) {
         svg("text", { x: 20, y: 40, class: "graph-empty" }, root).textContent =
           "no pinned nodes: shift-click nodes in the full graph (or use pin in a node's details) to pin them";
@@ -202,7 +221,7 @@ window.interplabGraph = (function () {
         t.textContent = clip(tok ?? "@" + cols[c], Math.max(4, Math.floor(L.width.get(c) / 7)));
         svg("title", {}, box).textContent = (tok ?? "") + " (position " + cols[c] + ")";
       }
-      const maxW = Math.max(1e-30, ...es.map(e => Math.abs(e.weight)));
+      const maxW = es.reduce((m, e) => Math.max(m, Math.abs(e.weight)), 1e-30);
       const eg = svg("g", { class: "graph-edges" }, root);
       const incident = new Map();
       for (const e of es) {
@@ -225,6 +244,7 @@ window.interplabGraph = (function () {
         if (st.selected === u.key) cls.push("selected");
         const el = svg("g", { class: cls.join(" "), transform: `translate(${x},${y})`, "data-kind": u.kind }, ng);
         if (u.node) el.setAttribute("data-id", u.id); else el.setAttribute("data-label", u.group.label);
+        drawn.set(u.key, el);
         if (u.kind === "feature") svg("circle", { r: 7, class: "shape" }, el);
         else if (u.kind === "group") svg("rect", { x: -16, y: -9, width: 32, height: 18, rx: 6, class: "shape" }, el);
         else if (u.kind === "error") svg("rect", { x: -6, y: -6, width: 12, height: 12, class: "shape" }, el);
@@ -237,7 +257,7 @@ window.interplabGraph = (function () {
           t.textContent = clip(u.group ? u.group.label : (u.node.label || name(u.node)), 18);
         }
         el.addEventListener("mouseenter", ev => {
-          root.classList.add("graph-hover");
+          if (!large) root.classList.add("graph-hover");
           for (const p of incident.get(u.key) || []) p.classList.add("hl");
           showTip(ev, unitRows(u));
         });
@@ -279,7 +299,7 @@ window.interplabGraph = (function () {
           html("p", "its feature database " + page.path + " is not served here (add --db " + page.path + ")", "small muted", box);
         }
       }
-      render();
+      restyle();
     }
     function dirty() { st.saved = false; status.textContent = "unsaved changes"; }
     function togglePin(id) {
@@ -322,7 +342,7 @@ window.interplabGraph = (function () {
         b.type = "button";
         b.addEventListener("click", () => { st.groups.splice(i, 1); dirty(); refresh(); });
       });
-      render();
+      restyle();
     }
     function checked() { return [...pinList.querySelectorAll("input.graph-pin-check:checked")].map(cb => cb.value); }
     document.getElementById("graph-group").addEventListener("click", () => {
@@ -348,6 +368,7 @@ window.interplabGraph = (function () {
         status.textContent = "saved: " + out.pinnedIds.length + " pinned, " + out.supernodes.length + " supernodes";
       } catch (err) { status.textContent = "error: " + err.message; }
     });
+    linksAll.addEventListener("click", () => { st.allLinks = !st.allLinks; render(); });
     for (const [id, view] of [["graph-show-full", "full"], ["graph-show-sub", "sub"]]) {
       document.getElementById(id).addEventListener("click", () => {
         st.view = view;
@@ -357,7 +378,12 @@ window.interplabGraph = (function () {
       });
     }
     let resizing = null;
-    window.addEventListener("resize", () => { clearTimeout(resizing); resizing = setTimeout(render, 150); });
+    let width = canvas.clientWidth;
+    window.addEventListener("resize", () => {  // a wider or narrower canvas: lay out again
+      if (canvas.clientWidth === width) return;
+      width = canvas.clientWidth;
+      clearTimeout(resizing); resizing = setTimeout(render, 150);
+    });
     window.addEventListener("beforeunload", ev => { if (!st.saved) { ev.preventDefault(); ev.returnValue = ""; } });
     refresh();
     return { state: st, render };
