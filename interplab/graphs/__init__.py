@@ -1,0 +1,38 @@
+"""Attribution graphs (issue 17): the replacement model of a prompt built from a (cross-layer) transcoder,
+the direct-effect graph among its active features, errors, tokens and target logits, pruning and scores,
+circuit-tracer / Neuronpedia graph JSON, and interventions that validate a graph. See docs/graphs.md.
+
+>>> graph = attribute(model, clt, tokens)
+>>> pruned = prune_graph(graph)
+>>> graph.save("runs/graph", pruned)
+"""
+
+from interplab.graphs.attribution import AttributionGraph, attribute, choose_targets, estimate_bytes
+from interplab.graphs.export import GraphJSON, from_neuronpedia_json, to_neuronpedia_json
+from interplab.graphs.interventions import Intervention, InterventionResult, intervene, predict, supernode
+from interplab.graphs.nodes import Node, NodeKind, Target
+from interplab.graphs.prune import PrunedGraph, graph_scores, prune_graph
+from interplab.graphs.replacement import ReplacementModel, ReplacementRun
+
+__all__ = [
+    "AttributionGraph",
+    "GraphJSON",
+    "Intervention",
+    "InterventionResult",
+    "Node",
+    "NodeKind",
+    "PrunedGraph",
+    "ReplacementModel",
+    "ReplacementRun",
+    "Target",
+    "attribute",
+    "choose_targets",
+    "estimate_bytes",
+    "from_neuronpedia_json",
+    "graph_scores",
+    "intervene",
+    "predict",
+    "prune_graph",
+    "supernode",
+    "to_neuronpedia_json",
+]

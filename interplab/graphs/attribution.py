@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,59 +32,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interplab.graphs.nodes import Node, NodeKind, Target
+from interplab.graphs.plots import graph_figure
+from interplab.graphs.prune import PrunedGraph, prune_graph
 from interplab.graphs.replacement import CLTLike, ReplacementModel, ReplacementRun
+from interplab.graphs.store import read_graph, read_masks, save_graph
 from interplab.model.transformer import Transformer
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
-
-    from interplab.graphs.prune import PrunedGraph
-
-
-class NodeKind(str, Enum):
-    FEATURE = "feature"
-    ERROR = "error"
-    EMBEDDING = "embedding"
-    LOGIT = "logit"
-
-
-@dataclass(frozen=True)
-class Node:
-    """One node of an attribution graph. ``feature``: the latent index (features), the token id (embeddings
-    and logits; a logit difference's first token), None for errors. ``value``: a feature's activation, a
-    logit's probability (its weight in pruning), an error vector's norm; None for embeddings."""
-
-    kind: NodeKind
-    layer: int | None
-    position: int
-    feature: int | None
-    value: float | None
-
-    def node_id(self, n_layers: int) -> str:
-        """The Neuronpedia / circuit-tracer node id (errors as ``{layer}_-1_{pos}``, circuit-tracer's fix of its
-        issue #78)."""
-        if self.kind is NodeKind.FEATURE:
-            return f"{self.layer}_{self.feature}_{self.position}"
-        if self.kind is NodeKind.ERROR:
-            return f"{self.layer}_-1_{self.position}"
-        if self.kind is NodeKind.EMBEDDING:
-            return f"E_{self.feature}_{self.position}"
-        return f"{n_layers + 1}_{self.feature}_{self.position}"
-
-
-@dataclass(frozen=True)
-class Target:
-    """A target logit: ``vector`` [d_model] is its read-out of ln_final's output at the last position."""
-
-    label: str
-    token: int
-    weight: float
-    """its weight in pruning (the probability of a token; 1 for a logit difference)"""
-    vector: Tensor
-    token_b: int | None = None
-    """a logit difference's second token"""
-    text: str = ""
-    """the token as text (the label of a logit difference)"""
 
 
 @dataclass(frozen=True)
@@ -156,20 +111,31 @@ class AttributionGraph:
     def save(self, path: str | Path, pruned: PrunedGraph | None = None, *, slug: str | None = None) -> Path:
         """Write the run folder (kind ``attribution_graph``): graph.safetensors, graph.json (Neuronpedia's
         schema, the pruned graph) and report.json (scores, sizes, settings)."""
-        from interplab.graphs.store import save_graph  # store imports this module
-
         return save_graph(self, path, pruned, slug=slug)
 
     @classmethod
     def load(cls, path: str | Path) -> AttributionGraph:
-        from interplab.graphs.store import load_graph  # store imports this module
+        """The graph `save` wrote into ``path`` (its exact inverse)."""
+        parts = read_graph(path)
+        return cls(
+            parts.nodes,
+            parts.adjacency,
+            parts.tokens,
+            parts.n_layers,
+            parts.targets,
+            parts.token_strings,
+            parts.meta,
+        )
 
-        return load_graph(path)
+    @staticmethod
+    def load_pruned(path: str | Path) -> PrunedGraph:
+        """The pruning a saved graph's graph.json shows (its masks; the cumulative influence recomputed)."""
+        node_mask, edge_mask, node_t, edge_t = read_masks(path)
+        again = prune_graph(AttributionGraph.load(path), node_t, edge_t)
+        return PrunedGraph(node_mask, edge_mask, again.cumulative_influence, node_t, edge_t)
 
     def plot(self, pruned: PrunedGraph | None = None) -> go.Figure:
         """The (pruned) graph laid out by position (x) and layer (y), edges coloured by sign."""
-        from interplab.graphs.plots import graph_figure  # plots imports this module
-
         return graph_figure(self, pruned)
 
     def __repr__(self) -> str:
@@ -221,7 +187,8 @@ def choose_targets(
         chosen = [int(t) for t in top.indices[:n]]
     else:
         chosen = []
-        for t in targets:
+        items: Sequence[int | str] = targets  # type: ignore[assignment]  # a list of ids or texts here
+        for t in items:
             if isinstance(t, str):
                 if model.tokenizer is None:
                     raise ValueError(f"target {t!r} is text, but the model has no tokenizer: give token ids")
@@ -331,15 +298,17 @@ def attribute(
     desired_logit_prob: float = 0.95,
     meta: dict[str, Any] | None = None,
 ) -> AttributionGraph:
-    """The attribution graph of ``prompt`` (text, or token ids [pos]) for ``targets`` (see `choose_targets`).
+    """The attribution graph of ``prompt`` (text, BOS-prefixed where the tokenizer has one; or token ids [pos])
+    for ``targets`` (see `choose_targets`).
 
     ``max_feature_nodes``: keep only that many features, those of most influence on the targets (visited in
     order of their influence estimated from the rows computed so far, as circuit-tracer does). ``memory_gb``:
     the budget of `check_memory` (the batch shrinks to fit; a prompt that does not fit is refused)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(prompt, str):
-        tokens = model.to_tokens(prompt)[0]
+    if isinstance(prompt, str):  # position 0 holds no feature: start with the BOS token where there is one
+        bos = getattr(model.tokenizer, "bos_id", None) is not None
+        tokens = model.to_tokens(prompt, prepend_bos=bos)[0]
     else:
         tokens = torch.as_tensor(prompt).reshape(-1)
     rm = ReplacementModel(model, clt)
@@ -458,7 +427,8 @@ class _Backward:
         embed = run.embed.detach()
         mlp_out = run.mlp_out.detach()
         with torch.enable_grad():
-            (self.inputs, self.final), self.vjp = torch.func.vjp(linear, embed, mlp_out)
+            result = torch.func.vjp(linear, embed, mlp_out)
+        (self.inputs, self.final), self.vjp = result[0], result[1]
 
     def _rows(self, cot_inputs: Tensor, cot_final: Tensor) -> Tensor:
         g_embed, g_mlp = torch.vmap(self.vjp)((cot_inputs, cot_final))

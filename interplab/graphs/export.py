@@ -17,10 +17,13 @@ which collides with a layer-0 feature's).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from interplab.graphs.attribution import AttributionGraph, NodeKind
+from interplab.graphs.nodes import NodeKind
 from interplab.graphs.prune import PrunedGraph, prune_graph
+
+if TYPE_CHECKING:
+    from interplab.graphs.attribution import AttributionGraph
 
 SCHEMA_VERSION = 1
 FEATURE_TYPES = {

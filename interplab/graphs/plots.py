@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from interplab.graphs.attribution import AttributionGraph, NodeKind
+from interplab.graphs.nodes import NodeKind
 from interplab.graphs.prune import PrunedGraph, prune_graph
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
+
+    from interplab.graphs.attribution import AttributionGraph
 
 _COLOURS = {
     NodeKind.FEATURE: "#4c78a8",

@@ -17,12 +17,14 @@ edge.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from interplab.graphs.attribution import AttributionGraph
+if TYPE_CHECKING:
+    from interplab.graphs.attribution import AttributionGraph
 
 
 def normalize_rows(adjacency: Float[Tensor, "node node"]) -> Float[Tensor, "node node"]:

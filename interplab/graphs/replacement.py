@@ -42,14 +42,22 @@ _OUTPUT_KIND = SiteKind.MLP_OUT
 class CLTLike(Protocol):
     """What the graphs read of a cross-layer transcoder (`interplab.sae.clt.CrossLayerTranscoder`): its config
     (``n_layers``, ``d_model``, ``d_sae``, ``hook_in``, ``hook_out``, ``model_name``), the encoder weights
-    ``W_enc`` [layer d_model d_sae], ``encode`` (activations of every layer from every layer's input),
+    ``W_enc`` [layer d_model d_sae], ``encode`` (activations of every layer from every layer's input) and
+    ``encode_layer``,
     ``decoder(src, dst)`` [d_sae d_model] and ``b_dec`` [layer d_model]."""
 
-    cfg: Any
-    W_enc: Tensor
-    b_dec: Tensor
+    @property
+    def cfg(self) -> Any: ...
+
+    @property
+    def W_enc(self) -> Tensor: ...
+
+    @property
+    def b_dec(self) -> Tensor: ...
 
     def encode(self, x: Tensor) -> Tensor: ...
+
+    def encode_layer(self, layer: int, x: Tensor) -> Tensor: ...
 
     def decoder(self, src: int, dst: int) -> Tensor: ...
 

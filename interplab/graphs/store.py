@@ -6,16 +6,21 @@ model and CLT were). `load_graph` is the exact inverse of `save_graph` for the g
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from interplab import runs
-from interplab.graphs.attribution import AttributionGraph, Node, NodeKind, Target
 from interplab.graphs.export import to_neuronpedia_json
+from interplab.graphs.nodes import Node, NodeKind, Target
 from interplab.graphs.prune import PrunedGraph, graph_scores, prune_graph
 from interplab.io import atomic_write_json, load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from interplab.graphs.attribution import AttributionGraph
 
 _KIND_CODES = list(NodeKind)
 
@@ -82,8 +87,22 @@ def save_graph(
     return folder
 
 
-def load_graph(path: str | Path) -> AttributionGraph:
-    """The graph `save_graph` wrote into ``path`` (a clear error for a folder that is not one)."""
+@dataclass(frozen=True)
+class GraphParts:
+    """What `read_graph` reads: the fields of an `AttributionGraph`."""
+
+    nodes: list[Node]
+    adjacency: Tensor
+    tokens: Tensor
+    n_layers: int
+    targets: list[Target]
+    token_strings: list[str] | None
+    meta: dict[str, Any]
+
+
+def read_graph(path: str | Path) -> GraphParts:
+    """The parts of the graph `save_graph` wrote into ``path`` (a clear error for a folder that is not one):
+    ``AttributionGraph.load`` builds the graph from them."""
     run = runs.GraphRun.open(path)
     t = load_tensors(run.tensors)
     report = run.report
@@ -109,7 +128,7 @@ def load_graph(path: str | Path) -> AttributionGraph:
         Target(r["label"], r["token"], r["weight"], vec, token_b=r["token_b"], text=r.get("text", ""))
         for r, vec in zip(report["targets"], t["target_vectors"], strict=True)
     ]
-    return AttributionGraph(
+    return GraphParts(
         nodes,
         t["adjacency"],
         t["tokens"],
@@ -120,13 +139,9 @@ def load_graph(path: str | Path) -> AttributionGraph:
     )
 
 
-def load_pruned(path: str | Path) -> PrunedGraph:
-    """The pruning a graph folder was saved with (masks; cumulative influence recomputed)."""
+def read_masks(path: str | Path) -> tuple[Tensor, Tensor, float, float]:
+    """The node and edge masks a graph folder's graph.json was pruned with, and the two thresholds."""
     run = runs.GraphRun.open(path)
     t = load_tensors(run.tensors)
     report = run.report["pruned"]
-    graph = load_graph(path)
-    again = prune_graph(graph, report["node_threshold"], report["edge_threshold"])
-    return PrunedGraph(
-        t["node_mask"], t["edge_mask"], again.cumulative_influence, again.node_threshold, again.edge_threshold
-    )
+    return t["node_mask"], t["edge_mask"], report["node_threshold"], report["edge_threshold"]

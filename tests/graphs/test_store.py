@@ -13,7 +13,6 @@ from interplab import runs
 from interplab.graphs.attribution import AttributionGraph, NodeKind, attribute
 from interplab.graphs.export import cantor, from_neuronpedia_json, to_neuronpedia_json
 from interplab.graphs.prune import prune_graph
-from interplab.graphs.store import load_pruned
 from tests.graphs.helpers import random_clt, variant_model
 from tests.graphs.planted import BOS, A, B, C, D, exact_transcoder, planted_model
 
@@ -43,7 +42,7 @@ def test_save_load_round_trip(tmp_path):
     assert back.nodes == graph.nodes
     assert back.targets[0].label == graph.targets[0].label
     torch.testing.assert_close(back.targets[1].vector, graph.targets[1].vector, atol=0, rtol=0)
-    again = load_pruned(folder)
+    again = AttributionGraph.load_pruned(folder)
     assert torch.equal(again.node_mask, pruned.node_mask) and torch.equal(again.edge_mask, pruned.edge_mask)
     report = runs.GraphRun.open(folder).report
     assert report["kind"] == "attribution_graph" and 0 < report["scores"]["replacement"] <= 1
