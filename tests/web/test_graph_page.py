@@ -243,6 +243,9 @@ def graph_runs(tmp_path_factory, web_setup):
         write_graph(train / "graphs" / f"step_{step:06d}", make_graph())
     outside = tmp_path_factory.mktemp("outside")
     write_graph(outside / "secret", make_graph())
+    (train / "graphs" / "elsewhere").symlink_to(outside / "secret")  # a graph folder that leads outside
+    runs.write_json(root / "json-dir" / runs.REPORT, Kind.ATTRIBUTION_GRAPH, {"scores": SCORES})
+    (root / "json-dir" / runs.GRAPH_JSON).mkdir()  # graph.json that is a folder
     (root / "escape").mkdir()
     (root / "escape" / "graph.json").symlink_to(outside / "secret" / "graph.json")
     runs.write_json(root / "escape" / runs.REPORT, Kind.ATTRIBUTION_GRAPH, {"scores": SCORES})
@@ -478,6 +481,11 @@ def test_a_graph_outside_the_runs_folder_is_neither_read_nor_written(client, gra
     r = client.post(f"/api/run/{i}/graph", json={"pinnedIds": ["1_3_4"]})
     assert r.status_code == 404
     assert secret.read_bytes() == before
+    k = run_index(client, "train-with-graphs")  # a sub-folder that is a link to a graph outside
+    assert client.get(f"/run/{k}/graph", params={"at": "graphs/elsewhere"}).status_code == 404
+    r = client.post(f"/api/run/{k}/graph", json={"at": "graphs/elsewhere", "pinnedIds": ["1_3_4"]})
+    assert r.status_code == 404 and secret.read_bytes() == before
+    assert "elsewhere" not in client.get(f"/run/{k}").text
     j = run_index(client, "induction")
     for at in ("..", "../escape", "../../outside", str(graph_runs["outside"] / "secret"), "a\x00b"):
         r = client.get(f"/run/{j}/graph", params={"at": at})
@@ -491,6 +499,7 @@ def test_a_graph_outside_the_runs_folder_is_neither_read_nor_written(client, gra
         ("not-a-graph", "not an attribution graph"),
         ("no-json", "no graph.json here"),
         ("escape", "no graph.json here"),
+        ("json-dir", "no graph.json here"),
     ],
 )
 def test_a_missing_or_damaged_graph_gives_a_clear_page(client, name, says):
