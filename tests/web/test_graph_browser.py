@@ -235,3 +235,13 @@ def test_docs_screenshot(page, graph_server, artifacts_dir):  # noqa: F811
     )
     assert page.locator("#graph-tooltip").is_visible()
     assert page.locator("#graph-svg .graph-node.pinned").count() == 2
+    page.locator('#graph-svg [data-id="1_1_4"]').click(modifiers=["Shift"])
+    page.locator('#graph-svg [data-id="E_3_4"]').click(modifiers=["Shift"])
+    page.check('#graph-pin-list input[value="1_3_4"]')
+    page.check('#graph-pin-list input[value="1_1_4"]')
+    page.fill("#graph-group-label", "say B")
+    page.click("#graph-group")
+    page.click("#graph-show-sub")
+    page.mouse.move(0, 0)
+    page.locator("#graph").screenshot(path=str(artifacts_dir / "graph-subgraph.png"))
+    assert page.locator("#graph-svg .graph-node").count() == 3
