@@ -263,7 +263,7 @@ def client(graph_runs):
 
 def run_index(client: TestClient, name: str) -> int:
     html = client.get("/").text
-    m = re.search(rf'<a class="run-link" href="/run/(\d+)">runs/{re.escape(name)}</a>', html)
+    m = re.search(rf'<a class="run-link" href="/run/(\d+)">(?:runs/)?{re.escape(name)}</a>', html)
     assert m, f"{name} is not listed"
     return int(m.group(1))
 
@@ -571,3 +571,14 @@ def test_a_graph_over_the_node_limit_keeps_the_most_influential(tmp_path):
     assert {
         n["node_id"] for n in make_graph()["nodes"]
     } <= kept  # lower cumulative influence = more important
+
+
+def test_a_graph_folder_served_as_the_runs_folder_itself(tmp_path):
+    """``interplab serve --runs runs/g1``: the graph is the root; it is listed, shown and saved."""
+    folder = write_graph(tmp_path / "g1", make_graph())
+    client = TestClient(create_app(runs=[folder]), base_url="http://127.0.0.1")
+    i = run_index(client, "g1")
+    assert len(graph_of(client, "g1")["nodes"]) == N_NODES
+    r = client.post(f"/api/run/{i}/graph", json={"pinnedIds": ["1_3_4"], "supernodes": [["x", "1_3_4"]]})
+    assert r.status_code == 200
+    assert json.loads((folder / runs.GRAPH_JSON).read_text())["qParams"]["supernodes"] == [["x", "1_3_4"]]
