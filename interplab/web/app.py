@@ -291,6 +291,9 @@ def create_app(
             labels=store.labels(),
         )
 
+    def explanations(db: str) -> dict[int, str]:  # a served database's labels, for graph nodes
+        return {f: row["explanation"] for f, row in res.store(db).labels().items()}
+
     def artifact(index: int) -> Artifact:
         if not 0 <= index < len(artifacts):
             raise HTTPException(404, f"no run {index}: {len(artifacts)} runs, models and SAEs are listed")
@@ -303,7 +306,9 @@ def create_app(
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
         dt = dt_view(art)
         graphs = view.pop("graphs")  # the run's own graph is shown in the page, the others linked
-        graph = graph_page.graph_view(art.path, art.root, served) if art.path in graphs else None
+        graph = (
+            graph_page.graph_view(art.path, art.root, served, explanations) if art.path in graphs else None
+        )
         nested = [str(g.relative_to(art.path)) for g in graphs if g != art.path]
         return page(
             request,
@@ -356,5 +361,5 @@ def create_app(
         return page(request, "attention.html", has_model=has_model)
 
     api.add_routes(app, res)
-    graph_page.add_routes(app, artifact, page, served, read_only=read_only)
+    graph_page.add_routes(app, artifact, page, served, read_only=read_only, labels=explanations)
     return app

@@ -248,12 +248,19 @@ def feature_page(links: Mapping[str, Any], layer: int | None, feature: int | Non
     return {"db": links["name"], "path": links["path"], "index": index}
 
 
-def graph_view(folder: Path, root: Path, served: Mapping[Path, str] | None = None) -> dict[str, Any]:
+LabelsOf = Callable[[str], Mapping[int, str]]
+"""a served feature database's explanations by feature index (`graph_view` labels feature nodes with them)"""
+
+
+def graph_view(
+    folder: Path, root: Path, served: Mapping[Path, str] | None = None, labels: LabelsOf | None = None
+) -> dict[str, Any]:
     """What the viewer shows of the graph in ``folder``: ``error`` (a message, or None), the prompt and its
     tokens, the nodes (``id``, ``kind`` feature | error | embedding | logit, ``layer``, ``position``,
     ``feature``, ``activation``, ``influence``, ``label``), the links (``source``, ``target``, ``weight``),
     the saved ``pinned`` ids and ``supernodes`` (``label``, ``members``), the feature database it links,
     its scores and settings, and how many nodes and links were ``left_out`` (malformed, or over the limits).
+    A feature node without a label (``clerp``) takes its explanation in its served database (``labels``).
 
     Every value is plain (str, finite number, bool, None, lists and dicts of those)."""
     view: dict[str, Any] = {
@@ -303,9 +310,14 @@ def graph_view(folder: Path, root: Path, served: Mapping[Path, str] | None = Non
     extras = doc.get("interplab")
     links_to = feature_links(extras, folder, served or {})
     view["feature_db"] = links_to
+    explanations: dict[str, Mapping[int, str]] = {}
     for n in nodes:
         if n["kind"] == FEATURE:
-            n["page"] = feature_page(links_to, n["layer"], n["feature"])
+            n["page"] = page = feature_page(links_to, n["layer"], n["feature"])
+            if labels is not None and page is not None and page["db"] is not None and not n["label"]:
+                if page["db"] not in explanations:
+                    explanations[page["db"]] = labels(page["db"])
+                n["label"] = _text(explanations[page["db"]].get(page["index"]), 500)
     info = {k: meta.get(k) for k in ("slug", "scan", "node_threshold", "schema_version")}
     pruning = _dict(meta.get("pruning_settings"))
     info["edge_threshold"] = pruning.get("edge_threshold")
@@ -409,6 +421,7 @@ def add_routes(
     page: Callable[..., Any],
     served: Mapping[Path, str],
     read_only: bool | None = None,
+    labels: LabelsOf | None = None,
 ) -> None:
     """``GET /run/<i>/graph?at=<folder>``: the viewer of a graph inside run ``i`` (a run holding several);
     ``POST /api/run/<i>/graph``: save its pins and supernodes (`GraphQParams`). ``read_only=True`` refuses
@@ -419,7 +432,7 @@ def add_routes(
     def graph_page(request: Request, index: RunIndex, at: Annotated[str, Query(max_length=1000)] = ""):
         art = artifact(index)
         folder = graph_folder(art, at)
-        view = graph_view(folder, art.root, served)
+        view = graph_view(folder, art.root, served, labels)
         where = str(folder.relative_to(art.path)) if folder != art.path else ""
         return page(request, "graph.html", art=art, index=index, graph=view, graph_at=where)
 

@@ -582,3 +582,15 @@ def test_a_graph_folder_served_as_the_runs_folder_itself(tmp_path):
     r = client.post(f"/api/run/{i}/graph", json={"pinnedIds": ["1_3_4"], "supernodes": [["x", "1_3_4"]]})
     assert r.status_code == 200
     assert json.loads((folder / runs.GRAPH_JSON).read_text())["qParams"]["supernodes"] == [["x", "1_3_4"]]
+
+
+def test_feature_nodes_take_their_databases_explanations(tmp_path, hostile_db):
+    """A feature without a label shows its explanation in the linked database (hostile_db labels feature 3
+    with script: it stays text)."""
+    write_graph(tmp_path / "runs" / "g", make_graph(feature_db=str(hostile_db)))
+    client = TestClient(create_app([hostile_db], runs=[tmp_path / "runs"]), base_url="http://127.0.0.1")
+    r = client.get(f"/run/{run_index(client, 'g')}")
+    labels = {n["id"]: n["label"] for n in embedded(r.text)["graph"]["nodes"]}
+    assert labels["1_3_4"] == "<!--<script>alert(1)</script> & </script>"  # layer 1, feature 3
+    assert labels["0_2_3"] == labels["0_4_1"] == ""  # features 2 and 4 have none
+    assert "<script>alert(1)" not in r.text
