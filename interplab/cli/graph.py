@@ -141,7 +141,7 @@ def build(
     scores = graph_scores(graph)
     if not open_:
         console.print(
-            f"{graph.n_pos} tokens, {graph.n_features} active features, {graph.n_logits} targets: "
+            f"{graph.n_pos} tokens, {graph.n_features} active features, {graph.n_logits} target{'s' * (graph.n_logits != 1)}: "
             f"pruned to {pruned.n_nodes} nodes and {pruned.n_edges} edges; replacement score "
             f"{scores['replacement']:.3f}, completeness {scores['completeness']:.3f}",
             markup=False,

@@ -48,13 +48,18 @@ def influence(
 
 
 def find_threshold(scores: Float[Tensor, " n"], fraction: float) -> Tensor:
-    """The score at which the highest scores reach ``fraction`` of their total (keep ``scores >= it``)."""
-    ordered = torch.sort(scores, descending=True).values
+    """The score at which the highest scores reach ``fraction`` of their total (keep ``scores >= it``): the
+    first in descending order whose cumulative share reaches it (the last when none does). Only the nonzero
+    scores are sorted (an adjacency is mostly zeros); a zero threshold comes out where the zeros would."""
+    nonzero = scores[scores != 0]
+    if nonzero.numel() == 0:
+        return scores.new_zeros(())
+    ordered = torch.sort(nonzero, descending=True).values
     cumulative = torch.cumsum(ordered, dim=0) / ordered.sum()
-    index = min(
-        int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1
-    )
-    return ordered[index]
+    index = int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype)))
+    if index < len(ordered):
+        return ordered[index]
+    return scores.new_zeros(()) if nonzero.numel() < scores.numel() else ordered[-1]
 
 
 @dataclass(frozen=True)
