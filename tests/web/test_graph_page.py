@@ -9,9 +9,11 @@ ctpeer's toy run (``data/circuit_tracer_example.json``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from interplab import runs
+from interplab.features.writer import FeatureWriter
 from interplab.graphs.attribution import AttributionGraph, NodeKind
 from interplab.runs import Kind
 from interplab.web.app import create_app
@@ -584,11 +587,18 @@ def test_a_graph_folder_served_as_the_runs_folder_itself(tmp_path):
     assert json.loads((folder / runs.GRAPH_JSON).read_text())["qParams"]["supernodes"] == [["x", "1_3_4"]]
 
 
-def test_feature_nodes_take_their_databases_explanations(tmp_path, hostile_db):
-    """A feature without a label shows its explanation in the linked database (hostile_db labels feature 3
-    with script: it stays text)."""
-    write_graph(tmp_path / "runs" / "g", make_graph(feature_db=str(hostile_db)))
-    client = TestClient(create_app([hostile_db], runs=[tmp_path / "runs"]), base_url="http://127.0.0.1")
+def test_feature_nodes_take_their_databases_explanations(tmp_path, web_setup):
+    """A feature without a label shows its explanation in the linked database (a label with script in it:
+    it stays text)."""
+    db = tmp_path / "labelled.db"
+    src, dst = sqlite3.connect(web_setup["db"]), sqlite3.connect(db)
+    src.backup(dst)  # a copy of its own: other tests label the shared databases
+    src.close()
+    dst.close()
+    with contextlib.closing(FeatureWriter(db)) as store:
+        store.set_label(3, "<!--<script>alert(1)</script> & </script>")
+    write_graph(tmp_path / "runs" / "g", make_graph(feature_db=str(db)))
+    client = TestClient(create_app([db], runs=[tmp_path / "runs"]), base_url="http://127.0.0.1")
     r = client.get(f"/run/{run_index(client, 'g')}")
     labels = {n["id"]: n["label"] for n in embedded(r.text)["graph"]["nodes"]}
     assert labels["1_3_4"] == "<!--<script>alert(1)</script> & </script>"  # layer 1, feature 3
