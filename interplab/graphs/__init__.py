@@ -2,9 +2,12 @@
 the direct-effect graph among its active features, errors, tokens and target logits, pruning and scores,
 circuit-tracer / Neuronpedia graph JSON, and interventions that validate a graph. See docs/graphs.md.
 
->>> graph = attribute(model, clt, tokens)
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> graph = attribute(model, clt, tokens[0], targets=3)
 >>> pruned = prune_graph(graph)
->>> graph.save("runs/graph", pruned)
+>>> graph.save("graph", pruned).name
+'graph'
 """
 
 from interplab.graphs.attribution import AttributionGraph, attribute, choose_targets, estimate_bytes

@@ -16,9 +16,11 @@ One batched backward computes up to ``batch_size`` rows: the linear forward runs
 product is vmapped over the rows' cotangents (the read-out vector of each target at its own place), so no row
 needs a forward of its own.
 
->>> graph = attribute(model, clt, tokens, targets=3)
->>> graph.adjacency.shape
-torch.Size([..., ...])
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> graph = attribute(model, clt, tokens[0], targets=3)
+>>> graph.n_logits, graph.adjacency.shape[0] == len(graph.nodes)
+(3, True)
 """
 
 from __future__ import annotations

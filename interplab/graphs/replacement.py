@@ -15,8 +15,9 @@ ordinary forward (`ReplacementRun`); `ReplacementModel.forward` runs the linear 
 outputs given per layer by a callback, which is what attribution (given MLP outputs) and interventions
 (features re-encoded from the new residual stream) need.
 
->>> rm = ReplacementModel(model, clt)
->>> run = rm.run(tokens)
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> run = ReplacementModel(model, clt).run(tokens)
 >>> torch.testing.assert_close(run.logits, model(tokens))
 """
 
