@@ -3,10 +3,10 @@
 memory of one graph, and the longest prompt whose graph fits in 8 GB.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_graphs.py [--out benchmarks/results/graphs.json]
-        [--rounds 3] [--lengths 16,32,64:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
+        [--rounds 3] [--lengths 16,32,48:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
 
 ``--lengths``: prompt lengths (tokens, BOS included), each optionally ``:rounds`` (circuit-tracer's time grows
-about as the square of the length: 64 tokens take it minutes per graph on one thread).
+about as the square of the length: 48 tokens take it minutes per graph on one thread).
 
 Model and transcoder: a 4-layer, 8-head transformer (d_model 256, d_mlp 1024, LayerNorm, learned positions,
 vocabulary 2,000; interplab's initialisation, seed 0) and a JumpReLU CLT with 2,048 latents per layer reading
@@ -18,8 +18,8 @@ number of active features and nodes; tests/graphs/test_circuit_tracer_parity.py 
 features, the top-10 logits (cut at 0.95), each side's default batch (interplab 256 rows with its 8 GB budget,
 circuit-tracer 512).
 
-Time: interleaved rounds (the order alternates), each side in a fresh process, after one warm-up graph; medians
-of the wall and CPU seconds of `attribute` alone (model loading and circuit-tracer's ~12 s of imports are not
+Time: interleaved rounds (the order alternates), each side in a fresh process computing one graph (``--repeats``
+N > 1: a warm-up graph, then N timed); medians of the wall and CPU seconds of `attribute` alone (model loading and circuit-tracer's ~12 s of imports are not
 counted), one thread. Memory: the peak resident memory of the process during the first `attribute` call minus
 what it held before it (`tests.circuit_tracer_runner.PeakRSS`), so both sides count only the graph's own
 memory. Ratios are circuit-tracer / interplab (CPU time and extra memory).
@@ -104,19 +104,21 @@ def prompt(length: int, seed: int) -> torch.Tensor:
 
 
 def child(spec_path: str) -> None:
-    """One interplab measurement (a fresh process, like circuit-tracer's): warm-up + timed graphs."""
+    """One interplab measurement in a fresh process, as circuit-tracer's (tests/circuit_tracer_runner.py): the
+    first graph is timed and measured when ``repeats`` is 1, else it is a warm-up before ``repeats`` timed ones."""
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     model, clt = build()
     tokens = torch.tensor(spec["tokens"])
     times, memory, graph = [], None, None
-    for i in range(spec["repeats"] + 1):
+    repeats = max(1, spec["repeats"])
+    for i in range(repeats + (repeats > 1)):
         wall, cpu = time.perf_counter(), time.process_time()
         with PeakRSS() as rss:
             graph = attribute(model, clt, tokens, memory_gb=BUDGET_GB)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         memory = memory or rss.as_dict()
-        if i > 0:
+        if repeats == 1 or i > 0:
             times.append({"wall_s": wall, "cpu_s": cpu})
     assert graph is not None
     n_features = sum(1 for node in graph.nodes if node.kind.value == "feature")
@@ -170,8 +172,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "graphs.json"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=1, help="timed graphs per process, after a warm-up")
-    parser.add_argument("--lengths", default="16,32,64:1", help="lengths, each optionally :rounds")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed graphs per process (> 1: after a warm-up)"
+    )
+    parser.add_argument("--lengths", default="16,32,48:1", help="lengths, each optionally :rounds")
     parser.add_argument("--memory-lengths", default="32,64,96", help="interplab-only peak-memory points")
     parser.add_argument("--circuit-tracer-python", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -228,7 +232,7 @@ def main() -> None:
         n, d = MODEL.n_layers, MODEL.d_model
         memory = {}
         for length in [int(x) for x in args.memory_lengths.split(",")]:
-            run = run_interplab(work, prompt(length, seed=length), 0)
+            run = run_interplab(work, prompt(length, seed=length), 1)
             f = run["n_features"]
             batch = check_memory(length, f, n, d, 10, 256, BUDGET_GB)
             estimate = estimate_bytes(length, f, n, d, 10, batch) / 2**20
