@@ -3,10 +3,11 @@
 memory of one graph, and the longest prompt whose graph fits in 8 GB.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_graphs.py [--out benchmarks/results/graphs.json]
-        [--rounds 3] [--lengths 16,32,48:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
+        [--rounds 3] [--lengths 16,32:2,48:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
 
 ``--lengths``: prompt lengths (tokens, BOS included), each optionally ``:rounds`` (circuit-tracer's time grows
-about as the square of the length: 48 tokens take it minutes per graph on one thread).
+about as the square of the length: 48 tokens take it minutes per graph on one thread). The memory points run
+first, then the lengths; the JSON is rewritten after each (``complete`` false until the end).
 
 Model and transcoder: a 4-layer, 8-head transformer (d_model 256, d_mlp 1024, LayerNorm, learned positions,
 vocabulary 2,000; interplab's initialisation, seed 0) and a JumpReLU CLT with 2,048 latents per layer reading
@@ -168,6 +169,15 @@ def longest_in_budget(features_per_token: float, batch: int = 256) -> int:
     return lo
 
 
+def save(results: dict[str, Any], out: Path) -> None:
+    """Write the results so far (atomically: a long run that stops keeps what it measured; ``complete`` says
+    whether it finished)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"complete": False, **results}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "graphs.json"))
@@ -175,7 +185,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed graphs per process (> 1: after a warm-up)"
     )
-    parser.add_argument("--lengths", default="16,32,48:1", help="lengths, each optionally :rounds")
+    parser.add_argument("--lengths", default="16,32:2,48:1", help="lengths, each optionally :rounds")
     parser.add_argument("--memory-lengths", default="32,64,96", help="interplab-only peak-memory points")
     parser.add_argument("--circuit-tracer-python", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -202,6 +212,27 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        n, d = MODEL.n_layers, MODEL.d_model
+        memory = {}
+        for length in [int(x) for x in args.memory_lengths.split(",")]:
+            run = run_interplab(work, prompt(length, seed=length), 1)
+            f = run["n_features"]
+            batch = check_memory(length, f, n, d, 10, 256, BUDGET_GB)
+            estimate = estimate_bytes(length, f, n, d, 10, batch) / 2**20
+            memory[str(length)] = {
+                "n_features": f,
+                "extra_mib": run["memory"]["extra_mib"],
+                "estimate_mib": estimate,
+            }
+            results["memory"] = {"measured": memory}
+            save(results, Path(args.out))
+        per_token = statistics.median(v["n_features"] / (int(k) - 1) for k, v in memory.items())
+        results["memory"] = {
+            "measured": memory,
+            "estimate_bounds_measured": all(v["estimate_mib"] >= v["extra_mib"] for v in memory.values()),
+            "features_per_token": per_token,
+            "longest_prompt_in_8gb": longest_in_budget(per_token),
+        }
         for item in args.lengths.split(","):
             length, _, rounds = item.partition(":")
             length, rounds = int(length), int(rounds or args.rounds)
@@ -228,29 +259,9 @@ def main() -> None:
                 "wall_ratio": b["wall_s"] / a["wall_s"],
                 "memory_ratio": b["extra_mib"] / max(a["extra_mib"], 1e-9),
             }
-            print(f"length {length}: {json.dumps(results['lengths'][str(length)])}", flush=True)
-        n, d = MODEL.n_layers, MODEL.d_model
-        memory = {}
-        for length in [int(x) for x in args.memory_lengths.split(",")]:
-            run = run_interplab(work, prompt(length, seed=length), 1)
-            f = run["n_features"]
-            batch = check_memory(length, f, n, d, 10, 256, BUDGET_GB)
-            estimate = estimate_bytes(length, f, n, d, 10, batch) / 2**20
-            memory[str(length)] = {
-                "n_features": f,
-                "extra_mib": run["memory"]["extra_mib"],
-                "estimate_mib": estimate,
-            }
-            print(f"memory at {length}: {memory[str(length)]}", flush=True)
-        per_token = statistics.median(v["n_features"] / (int(k) - 1) for k, v in memory.items())
-        results["memory"] = {
-            "measured": memory,
-            "estimate_bounds_measured": all(v["estimate_mib"] >= v["extra_mib"] for v in memory.values()),
-            "features_per_token": per_token,
-            "longest_prompt_in_8gb": longest_in_budget(per_token),
-        }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+            save(results, Path(args.out))
+    results["complete"] = True
+    save(results, Path(args.out))
     print(json.dumps({k: v for k, v in results.items() if k in ("lengths", "memory")}, indent=1))
 
 
