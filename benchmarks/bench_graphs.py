@@ -29,7 +29,7 @@ Longest prompt in 8 GB: interplab's `attribute(..., memory_gb=8)` refuses a prom
 (`check_memory`, from the dense adjacency, the batched backward and the decoder vectors). The measured peaks at
 ``--memory-lengths`` are compared with that estimate (it must bound them from above), and the longest prompt it
 accepts at this model's feature density is reported (found by bisection on the estimate; measuring it would take
-8 GB of a shared machine).
+8 GB of a shared machine), and again with the estimate scaled by the largest measured / estimated ratio.
 """
 
 from __future__ import annotations
@@ -149,16 +149,18 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def longest_in_budget(features_per_token: float, batch: int = 256) -> int:
-    """The longest prompt `check_memory` accepts in BUDGET_GB at ``features_per_token`` (bisection)."""
+def longest_in_budget(features_per_token: float, batch: int = 256, factor: float = 1.0) -> int:
+    """The longest prompt `check_memory` accepts in BUDGET_GB at ``features_per_token`` (bisection); with
+    ``factor`` > 1, the longest whose estimate times ``factor`` (measured / estimated) fits in BUDGET_GB."""
     n, d = MODEL.n_layers, MODEL.d_model
 
     def fits(length: int) -> bool:
+        f = int(features_per_token * (length - 1))
         try:
-            check_memory(length, int(features_per_token * (length - 1)), n, d, 10, batch, BUDGET_GB)
+            used = check_memory(length, f, n, d, 10, batch, BUDGET_GB)
         except MemoryError:
             return False
-        return True
+        return factor * estimate_bytes(length, f, n, d, 10, used) <= BUDGET_GB * 2**30
 
     lo, hi = 2, 2
     while fits(hi):
@@ -169,12 +171,27 @@ def longest_in_budget(features_per_token: float, batch: int = 256) -> int:
     return lo
 
 
-def save(results: dict[str, Any], out: Path) -> None:
+def memory_summary(memory: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The measured points, whether `check_memory`'s estimate bounds them, and the longest prompt in 8 GB: as
+    interplab's budget check accepts it, and with the estimate scaled by the largest measured / estimated ratio."""
+    per_token = statistics.median(v["n_features"] / (int(k) - 1) for k, v in memory.items())
+    ratio = max(v["extra_mib"] / v["estimate_mib"] for v in memory.values())
+    return {
+        "measured": memory,
+        "estimate_bounds_measured": all(v["estimate_mib"] >= v["extra_mib"] for v in memory.values()),
+        "features_per_token": per_token,
+        "measured_over_estimate_max": ratio,
+        "longest_prompt_in_8gb_by_check_memory": longest_in_budget(per_token),
+        "longest_prompt_in_8gb_by_measured_scale": longest_in_budget(per_token, factor=max(ratio, 1.0)),
+    }
+
+
+def save(results: dict[str, Any], out: Path, complete: bool = False) -> None:
     """Write the results so far (atomically: a long run that stops keeps what it measured; ``complete`` says
     whether it finished)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"complete": False, **results}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"complete": complete, **results}, indent=1) + "\n")
     tmp.replace(out)
 
 
@@ -189,9 +206,16 @@ def main() -> None:
     parser.add_argument("--memory-lengths", default="32,64,96", help="interplab-only peak-memory points")
     parser.add_argument("--circuit-tracer-python", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resummarize", action="store_true", help="recompute --out's memory summary only")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
+    if args.resummarize:
+        results = json.loads(Path(args.out).read_text())
+        results["memory"] = memory_summary(results["memory"]["measured"])
+        return save(
+            {k: v for k, v in results.items() if k != "complete"}, Path(args.out), results["complete"]
+        )
     python = args.circuit_tracer_python or os.environ.get("INTERPLAB_CIRCUITTRACER_PYTHON")
     python = python or str(ROOT / ".peers" / "circuittracer" / "bin" / "python")
     if not Path(python).exists():
@@ -226,13 +250,7 @@ def main() -> None:
             }
             results["memory"] = {"measured": memory}
             save(results, Path(args.out))
-        per_token = statistics.median(v["n_features"] / (int(k) - 1) for k, v in memory.items())
-        results["memory"] = {
-            "measured": memory,
-            "estimate_bounds_measured": all(v["estimate_mib"] >= v["extra_mib"] for v in memory.values()),
-            "features_per_token": per_token,
-            "longest_prompt_in_8gb": longest_in_budget(per_token),
-        }
+        results["memory"] = memory_summary(memory)
         for item in args.lengths.split(","):
             length, _, rounds = item.partition(":")
             length, rounds = int(length), int(rounds or args.rounds)
@@ -260,8 +278,7 @@ def main() -> None:
                 "memory_ratio": b["extra_mib"] / max(a["extra_mib"], 1e-9),
             }
             save(results, Path(args.out))
-    results["complete"] = True
-    save(results, Path(args.out))
+    save(results, Path(args.out), complete=True)
     print(json.dumps({k: v for k, v in results.items() if k in ("lengths", "memory")}, indent=1))
 
 
