@@ -36,6 +36,8 @@ CALIBRATION_JSON = "calibration.json"
 GRAPH_JSON = "graph.json"  # an attribution graph's Neuronpedia JSON (foreign: no kind)
 GRAPH_TENSORS = "graph.safetensors"  # an attribution graph's adjacency and nodes
 """a decision-transformer evaluation's calibration (Kind.DT_EVAL), in its run folder"""
+CALIBRATION_HTML = "calibration.html"
+"""the calibration curve of an evaluation folder (beside its ``calibration.json``)"""
 ROLLOUTS = "trajectories"
 """the episodes a decision-transformer evaluation played (a Kind.TRAJECTORIES folder inside its run)"""
 DT_ATTENTION = "attention.safetensors"
