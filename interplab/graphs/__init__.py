@@ -2,9 +2,12 @@
 the direct-effect graph among its active features, errors, tokens and target logits, pruning and scores,
 circuit-tracer / Neuronpedia graph JSON, and interventions that validate a graph. See docs/graphs.md.
 
->>> graph = attribute(model, clt, tokens)
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> graph = attribute(model, clt, tokens[0], targets=3)
 >>> pruned = prune_graph(graph)
->>> graph.save("runs/graph", pruned)
+>>> graph.save("graph", pruned).name
+'graph'
 """
 
 from interplab.graphs.attribution import AttributionGraph, attribute, choose_targets, estimate_bytes
@@ -12,6 +15,7 @@ from interplab.graphs.export import GraphJSON, from_neuronpedia_json, to_neuronp
 from interplab.graphs.interventions import Intervention, InterventionResult, intervene, predict, supernode
 from interplab.graphs.nodes import Node, NodeKind, Target
 from interplab.graphs.prune import PrunedGraph, graph_scores, prune_graph
+from interplab.graphs.qk import QKAttribution, qk_attribution
 from interplab.graphs.replacement import ReplacementModel, ReplacementRun
 
 __all__ = [
@@ -22,6 +26,7 @@ __all__ = [
     "Node",
     "NodeKind",
     "PrunedGraph",
+    "QKAttribution",
     "ReplacementModel",
     "ReplacementRun",
     "Target",
@@ -33,6 +38,7 @@ __all__ = [
     "intervene",
     "predict",
     "prune_graph",
+    "qk_attribution",
     "supernode",
     "to_neuronpedia_json",
 ]

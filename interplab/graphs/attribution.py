@@ -16,9 +16,11 @@ One batched backward computes up to ``batch_size`` rows: the linear forward runs
 product is vmapped over the rows' cotangents (the read-out vector of each target at its own place), so no row
 needs a forward of its own.
 
->>> graph = attribute(model, clt, tokens, targets=3)
->>> graph.adjacency.shape
-torch.Size([..., ...])
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> graph = attribute(model, clt, tokens[0], targets=3)
+>>> graph.n_logits, graph.adjacency.shape[0] == len(graph.nodes)
+(3, True)
 """
 
 from __future__ import annotations
@@ -252,19 +254,6 @@ class _Sources:
     errors: Float[Tensor, "pos layer d_model"]
     embed: Float[Tensor, "pos d_model"]
 
-    def rows(
-        self, g_embed: Float[Tensor, "row pos d_model"], g_mlp: Float[Tensor, "row pos layer d_model"]
-    ) -> Float[Tensor, "row source"]:
-        """The direct effect of every source on each row's target, from the gradients at the write points."""
-        b = g_embed.shape[0]
-        feats = g_embed.new_zeros(b, self.n_features)
-        for m, (index, pos, vec) in enumerate(self.decoders):
-            if index.numel():
-                feats.index_add_(1, index, _contract_by_position(g_mlp[:, :, m], pos, vec))
-        errors = (g_mlp * self.errors).sum(-1).transpose(1, 2).reshape(b, -1)  # layer-major
-        tokens = (g_embed * self.embed).sum(-1)
-        return torch.cat([feats, errors, tokens], dim=1)
-
 
 def _contract_by_position(
     grads: Float[Tensor, "row pos d_model"], positions: Int[Tensor, " n"], vectors: Float[Tensor, "n d_model"]
@@ -298,15 +287,17 @@ def attribute(
     desired_logit_prob: float = 0.95,
     meta: dict[str, Any] | None = None,
 ) -> AttributionGraph:
-    """The attribution graph of ``prompt`` (text, or token ids [pos]) for ``targets`` (see `choose_targets`).
+    """The attribution graph of ``prompt`` (text, BOS-prefixed where the tokenizer has one; or token ids [pos])
+    for ``targets`` (see `choose_targets`).
 
     ``max_feature_nodes``: keep only that many features, those of most influence on the targets (visited in
     order of their influence estimated from the rows computed so far, as circuit-tracer does). ``memory_gb``:
     the budget of `check_memory` (the batch shrinks to fit; a prompt that does not fit is refused)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(prompt, str):
-        tokens = model.to_tokens(prompt)[0]
+    if isinstance(prompt, str):  # position 0 holds no feature: start with the BOS token where there is one
+        bos = getattr(model.tokenizer, "bos_id", None) is not None
+        tokens = model.to_tokens(prompt, prepend_bos=bos)[0]
     else:
         tokens = torch.as_tensor(prompt).reshape(-1)
     rm = ReplacementModel(model, clt)
@@ -411,38 +402,45 @@ def _decoder_rows(rm: ReplacementModel, layers: Tensor, feats: Tensor, values: T
 
 
 class _Backward:
-    """Rows of the adjacency: the linear forward of one prompt run once, its VJP vmapped over the rows."""
+    """Rows of the adjacency: the transpose of the prompt's linear forward applied to a batch of rows'
+    read-out vectors, contracted with every source at each write point as the gradient passes it."""
 
     def __init__(self, rm: ReplacementModel, run: ReplacementRun, sources: _Sources) -> None:
-        self.sources = sources
-        self.n_pos, self.n_layers = run.tokens.shape[1], rm.cfg.n_layers
-        frozen = run.frozen
+        self.rm, self.frozen, self.sources = rm, run.frozen, sources
+        self.n_pos, self.d_model = run.tokens.shape[1], rm.cfg.d_model
+        self.dtype = run.embed.dtype
 
-        def linear(embed: Tensor, mlp_out: Tensor) -> tuple[Tensor, Tensor]:
-            out = rm.forward(run.tokens, frozen, embed, lambda layer, _x: mlp_out[:, :, layer])
-            return out.feature_inputs, out.final
+    def _rows(self, cot_inputs: dict[int, Tensor], cot_final: Tensor | None, b: int) -> Tensor:
+        src = self.sources
+        feats = torch.zeros(b, src.n_features, dtype=self.dtype)
+        errors = torch.zeros(b, self.rm.cfg.n_layers, self.n_pos, dtype=self.dtype)
 
-        embed = run.embed.detach()
-        mlp_out = run.mlp_out.detach()
-        with torch.enable_grad():
-            result = torch.func.vjp(linear, embed, mlp_out)
-        (self.inputs, self.final), self.vjp = result[0], result[1]
+        def on_mlp_out(layer: int, g: Tensor) -> None:
+            index, pos, vec = src.decoders[layer]
+            if index.numel():
+                feats.index_add_(1, index, _contract_by_position(g, pos, vec))
+            errors[:, layer] = (g * src.errors[:, layer]).sum(-1)
 
-    def _rows(self, cot_inputs: Tensor, cot_final: Tensor) -> Tensor:
-        g_embed, g_mlp = torch.vmap(self.vjp)((cot_inputs, cot_final))
-        return self.sources.rows(g_embed[:, 0], g_mlp[:, 0]).detach()
+        with torch.no_grad():
+            g_embed = self.rm.backward(self.frozen, cot_inputs.get, cot_final, on_mlp_out)
+        tokens = (g_embed * src.embed).sum(-1)
+        return torch.cat([feats, errors.reshape(b, -1), tokens], dim=1)
 
     def logits(self, vectors: Float[Tensor, "row d_model"]) -> Tensor:
         b = vectors.shape[0]
-        cot_final = self.final.new_zeros(b, *self.final.shape)
-        cot_final[:, 0, -1] = vectors
-        return self._rows(self.inputs.new_zeros(b, *self.inputs.shape), cot_final)
+        cot_final = torch.zeros(b, self.n_pos, self.d_model, dtype=self.dtype)
+        cot_final[:, -1] = vectors
+        return self._rows({}, cot_final, b)
 
     def features(self, layers: Tensor, positions: Tensor, vectors: Float[Tensor, "row d_model"]) -> Tensor:
         b = vectors.shape[0]
-        cot_inputs = self.inputs.new_zeros(b, *self.inputs.shape)
-        cot_inputs[torch.arange(b), 0, positions, layers] = vectors
-        return self._rows(cot_inputs, self.final.new_zeros(b, *self.final.shape))
+        cot: dict[int, Tensor] = {}
+        for layer in layers.unique().tolist():
+            rows = torch.nonzero(layers == layer).flatten()
+            c = torch.zeros(b, self.n_pos, self.d_model, dtype=self.dtype)
+            c[rows, positions[rows]] = vectors[rows].to(self.dtype)
+            cot[layer] = c
+        return self._rows(cot, None, b)
 
 
 def _partial_influence(

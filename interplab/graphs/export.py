@@ -9,9 +9,13 @@ Neuronpedia's fields it carries ``interplab: {run, clt, feature_db}`` so interpl
 feature pages. Error nodes are ``{layer}_-1_{pos}`` (circuit-tracer's fix of the 0.5 id ``0_{layer}_{pos}``,
 which collides with a layer-0 feature's).
 
->>> doc = to_neuronpedia_json(graph, prune_graph(graph), slug="induction")
->>> from_neuronpedia_json(doc).nodes[0].node_id
-'0_12_3'
+>>> from interplab.graphs import attribute
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> graph = attribute(model, clt, tokens[0], targets=3)
+>>> doc = to_neuronpedia_json(graph, prune_graph(graph), slug="example")
+>>> from_neuronpedia_json(doc).metadata["slug"]
+'example'
 """
 
 from __future__ import annotations

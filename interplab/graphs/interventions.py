@@ -16,8 +16,13 @@ changes by a fraction ``r_s`` of itself changes each later active feature's pre-
 active, its activation) and each target by ``A[t, s] r_s``; clamped features keep their value. A feature that is
 not active in the graph has no edges: its prediction is NaN.
 
->>> result = intervene(model, clt, tokens, [Intervention(layer=0, position=3, feature=12, scale=0.0)], graph=graph)
->>> result.actual, result.predicted
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> graph = attribute(model, clt, tokens[0], targets=3)
+>>> f = graph.nodes[0]  # the first active feature
+>>> result = intervene(model, clt, tokens[0], [Intervention(f.layer, f.position, f.feature, scale=1.0)], graph=graph)
+>>> bool(result.actual.abs().max() < 1e-4), bool(result.predicted.abs().max() < 1e-9)
+(True, True)
 """
 
 from __future__ import annotations

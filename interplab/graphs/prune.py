@@ -9,9 +9,13 @@ comes from each source) and ``w`` the targets' weights on the logit nodes, a nod
 until nothing changes, features and errors without a kept outgoing edge and features without a kept incoming
 edge.
 
+>>> from interplab.graphs import attribute
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> graph = attribute(model, clt, tokens[0], targets=3)
 >>> pruned = prune_graph(graph)
->>> graph_scores(graph)
-{'replacement': 0.71, 'completeness': 0.88}
+>>> pruned.n_nodes <= len(graph.nodes), sorted(graph_scores(graph))
+(True, ['completeness', 'replacement'])
 """
 
 from __future__ import annotations
@@ -48,13 +52,18 @@ def influence(
 
 
 def find_threshold(scores: Float[Tensor, " n"], fraction: float) -> Tensor:
-    """The score at which the highest scores reach ``fraction`` of their total (keep ``scores >= it``)."""
-    ordered = torch.sort(scores, descending=True).values
+    """The score at which the highest scores reach ``fraction`` of their total (keep ``scores >= it``): the
+    first in descending order whose cumulative share reaches it (the last when none does). Only the nonzero
+    scores are sorted (an adjacency is mostly zeros); a zero threshold comes out where the zeros would."""
+    nonzero = scores[scores != 0]
+    if nonzero.numel() == 0:
+        return scores.new_zeros(())
+    ordered = torch.sort(nonzero, descending=True).values
     cumulative = torch.cumsum(ordered, dim=0) / ordered.sum()
-    index = min(
-        int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1
-    )
-    return ordered[index]
+    index = int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype)))
+    if index < len(ordered):
+        return ordered[index]
+    return scores.new_zeros(()) if nonzero.numel() < scores.numel() else ordered[-1]
 
 
 @dataclass(frozen=True)

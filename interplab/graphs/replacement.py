@@ -15,8 +15,9 @@ ordinary forward (`ReplacementRun`); `ReplacementModel.forward` runs the linear 
 outputs given per layer by a callback, which is what attribution (given MLP outputs) and interventions
 (features re-encoded from the new residual stream) need.
 
->>> rm = ReplacementModel(model, clt)
->>> run = rm.run(tokens)
+>>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
+>>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
+>>> run = ReplacementModel(model, clt).run(tokens)
 >>> torch.testing.assert_close(run.logits, model(tokens))
 """
 
@@ -46,9 +47,14 @@ class CLTLike(Protocol):
     ``encode_layer``,
     ``decoder(src, dst)`` [d_sae d_model] and ``b_dec`` [layer d_model]."""
 
-    cfg: Any
-    W_enc: Tensor
-    b_dec: Tensor
+    @property
+    def cfg(self) -> Any: ...
+
+    @property
+    def W_enc(self) -> Tensor: ...
+
+    @property
+    def b_dec(self) -> Tensor: ...
 
     def encode(self, x: Tensor) -> Tensor: ...
 
@@ -262,6 +268,65 @@ class ReplacementModel:
             logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         return LinearOutputs(torch.stack(inputs, dim=2), final, logits, torch.stack(outs, dim=2))
 
+    # ---- its transpose ------------------------------------------------------------------------
+    def backward(
+        self,
+        frozen: Frozen,
+        cot_inputs: Callable[[int], Tensor | None],
+        cot_final: Tensor | None,
+        on_mlp_out: Callable[[int, Tensor], None],
+        resid_pre: tuple[int, Tensor] | None = None,
+    ) -> Float[Tensor, "row pos d_model"]:
+        """The transpose of the linear forward (its vector-Jacobian product), for a batch of rows at once:
+        ``cot_inputs(layer)`` [row pos d_model] (or None) is each row's cotangent at that layer's feature input,
+        ``cot_final`` [row pos d_model] at ln_final's output. Calls ``on_mlp_out(layer, g)`` with the gradient at
+        each MLP output below the deepest read-out (top layer first; those above get none: it is zero) and
+        returns the gradient at the token embeddings. ``resid_pre=(layer, g)`` starts instead from a cotangent
+        at that layer's ``resid_pre`` (QK attribution). Only the frozen
+        linear maps are involved (patterns, scales, W_V, W_O, norm weights): no forward is needed."""
+        model, cfg = self.model, self.cfg
+        grad = None
+        top = cfg.n_layers - 1
+        if resid_pre is not None:  # a cotangent at resid_pre of a layer: what the blocks below it wrote
+            top, grad = resid_pre[0] - 1, resid_pre[1]
+        elif cot_final is not None:
+            grad = _norm_transpose(model.ln_final, cot_final, frozen.ln_final_scale)
+        else:  # nothing above the deepest read-out reaches it: start there (as circuit-tracer does)
+            top = max((layer for layer in range(cfg.n_layers) if cot_inputs(layer) is not None), default=-1)
+            if top < 0:
+                raise ValueError("backward needs a cotangent at some feature input or at ln_final's output")
+        for layer in range(top, -1, -1):
+            block = model.blocks[layer]
+            read = cot_inputs(layer)
+            if grad is None:  # the deepest read-out's layer: its MLP output comes after what it reads
+                assert read is not None
+                grad = torch.zeros_like(read)
+            else:
+                on_mlp_out(layer, grad)
+            if read is not None and self.sites_in[layer].kind is SiteKind.LN2_NORMALIZED:
+                read = _norm_transpose(block.ln2, read, frozen.ln2_scale[layer], weight=False)
+            if cfg.parallel_attn_mlp:
+                # resid_post = resid_pre + attn(resid_pre) + mlp_out, and the MLP reads resid_pre
+                through = self._attention_transpose(block, grad, frozen, layer)
+                grad = grad + through + (read if read is not None else 0)
+            else:
+                mid = grad + read if read is not None else grad
+                grad = mid + self._attention_transpose(block, mid, frozen, layer)
+        assert grad is not None
+        return grad
+
+    def _attention_transpose(self, block: Any, g: Tensor, frozen: Frozen, layer: int) -> Tensor:
+        """The transpose of ``x -> attn_out`` (frozen pattern, post norm and ln1 scales; no biases)."""
+        attn, n_groups = block.attn, self.cfg.n_groups
+        if self.cfg.post_norms:
+            g = _norm_transpose(block.ln1_post, g, frozen.ln1_post_scale[layer])
+        g_z = torch.einsum("bqd,hed->bqhe", g, attn.W_O)
+        g_v = torch.einsum("hqk,bqhe->bkhe", frozen.patterns[layer][0].to(g.dtype), g_z)
+        if n_groups > 1:  # query heads of a group share their key/value head
+            g_v = g_v.unflatten(2, (-1, n_groups)).sum(3)
+        g_x = torch.einsum("bkhe,hde->bkd", g_v, attn.W_V)
+        return _norm_transpose(block.ln1, g_x, frozen.ln1_scale[layer])
+
     def _attention(self, block: Any, x: Tensor, pattern: Tensor) -> Tensor:
         """``sum_h P_h (x W_V[h] + b_V[h]) W_O[h] + b_O`` (key/value heads shared by their query group)."""
         attn, g = block.attn, self.cfg.n_groups
@@ -292,3 +357,11 @@ def _frozen_norm(norm: Any, x: Tensor, scale: Tensor | None, *, weight: bool = T
         return out
     out = out * norm.w
     return out + norm.b if norm.kind is Norm.LAYERNORM else out
+
+
+def _norm_transpose(norm: Any, g: Tensor, scale: Tensor | None, *, weight: bool = True) -> Tensor:
+    """The transpose of `_frozen_norm`'s linear part (``centre(x) / s * w``): ``centre(g * w / s)``."""
+    if scale is None:
+        return g
+    out = g * norm.w / scale if weight else g / scale
+    return out - out.mean(-1, keepdim=True) if norm.kind is Norm.LAYERNORM else out

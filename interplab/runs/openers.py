@@ -16,6 +16,9 @@ from interplab.runs.kinds import Kind, NotARunError, RunError
 from interplab.runs.names import (
     _SHARD_PREFIX,
     CALIBRATION_JSON,
+    CLT_CFG,
+    CLT_DIR,
+    CLTS_DIR,
     CONFIG,
     FINAL,
     FORMATION_JSON,
@@ -205,6 +208,7 @@ REPORT_KINDS = (
     Kind.STEERING,
     Kind.DT_TRAIN_REPORT,
     Kind.DT_ANALYSIS,
+    Kind.CLT_EVAL,
 )
 
 
@@ -365,6 +369,73 @@ class GraphRun:
         return self.path / GRAPH_TENSORS
 
 
+@dataclass(frozen=True)
+class CLTDir:
+    """A cross-layer (or per-layer) transcoder folder (`interplab.sae.clt.save_clt`); ``config`` its cfg.json
+    (the CLTConfig, kind ``clt``). `interplab.sae.clt.load_clt` reads the weights."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> CLTDir:
+        return cls(
+            *_open_doc(path, Kind.CLT, CLT_CFG, "a folder written by save_clt / `interplab clt train`")
+        )
+
+
+@dataclass(frozen=True)
+class CLTTrainRun:
+    """A CLT training run (`interplab clt train`): one CLT (``clt/``), or one per checkpoint of a model's
+    training run (``clts/step_N/``, each a CLT training run of its own). ``config``: config.json, no kind."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> CLTTrainRun:
+        path, data = _open_doc(path, Kind.CLT_TRAIN, CONFIG, "a folder written by `interplab clt train`")
+        return cls(path, {k: v for k, v in data.items() if k != "kind"})
+
+    @property
+    def across(self) -> bool:
+        """Whether this run trained one CLT per checkpoint (``clts/``)."""
+        return "across" in self.config
+
+    @property
+    def runs(self) -> dict[str, Path]:
+        """The single-CLT runs inside, by name: this run itself, or each checkpoint's (``clts/NAME``)."""
+        if not self.across:
+            return {CLT_DIR: self.path}
+        root = self.path / CLTS_DIR
+        names = [str(n) for n in self.config["across"].get("checkpoints", [])]
+        return {n: root / n for n in names if detect(root / n) is Kind.CLT_TRAIN}
+
+    @property
+    def clts(self) -> dict[str, Path]:
+        """The finished CLT folders, by name (``clt`` for a single run, the checkpoint names across a run)."""
+        return {n: p / CLT_DIR for n, p in self.runs.items() if detect(p / CLT_DIR) is Kind.CLT}
+
+    @property
+    def clt(self) -> Path:
+        """The one finished CLT (a single run); an unfinished run or one across checkpoints raises."""
+        found = self.clts
+        if self.across:
+            raise RunError(
+                f"{self.path} holds one CLT per checkpoint ({', '.join(found) or 'none yet'}): name one"
+            )
+        if not found:
+            raise RunError(f"{self.path} is a CLT training run with no {CLT_DIR}/ yet: resume it")
+        return found[CLT_DIR]
+
+    def checkpoints(self, intact: bool = True) -> list[Checkpoint]:
+        return _checkpoints(self.path, intact, (), need_optimizer=False)
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return read_log(self.path)
+
+
 Opened = (
     TrainRun
     | SAERun
@@ -376,6 +447,8 @@ Opened = (
     | DTTrainRun
     | DTEvalRun
     | GraphRun
+    | CLTDir
+    | CLTTrainRun
 )
 
 
@@ -402,4 +475,6 @@ _OPENERS: dict[Kind, Callable[[Path], Opened]] = {
     Kind.DT_TRAIN: DTTrainRun.open,
     Kind.DT_EVAL: DTEvalRun.open,
     Kind.ATTRIBUTION_GRAPH: GraphRun.open,
+    Kind.CLT: CLTDir.open,
+    Kind.CLT_TRAIN: CLTTrainRun.open,
 }

@@ -36,6 +36,7 @@ from interplab.hooks import Site, SiteKind
 from interplab.integrity import record_checksums, verify_checksums
 from interplab.io import load_tensors, save_tensors
 from interplab.runs import Kind, RunError, read_json, write_json
+from interplab.runs.names import CLT_CFG
 from interplab.sae.architectures.jumprelu import _JumpReLU
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, DType
@@ -44,8 +45,7 @@ if TYPE_CHECKING:
     from interplab.model import Transformer
 
 CLT_CONFIG_VERSION = 1
-#: the files of a CLT folder: interplab's config, then circuit-tracer 0.5's weight files (see `save_clt`)
-CLT_CFG = "cfg.json"
+#: the weight files of a CLT folder, beside its cfg.json (`interplab.runs.names.CLT_CFG`): circuit-tracer 0.5's
 CLT_ENC = "W_enc_{layer}.safetensors"
 CLT_DEC = "W_dec_{layer}.safetensors"
 PLT_FILE = "layer_{layer}.safetensors"
@@ -334,14 +334,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def check_model(self, model: Transformer, what: str = "the CLT") -> None:
         """Raise naming both when the CLT does not fit ``model``: its layer count, width or hook sites."""
-        mc = model.cfg
-        ours = f"{what} ({self.cfg.n_layers} layers, d_model {self.cfg.d_model}, hook_in {self.cfg.hook_in})"
-        theirs = f"the model{f' {mc.name!r}' if getattr(mc, 'name', None) else ''} ({mc.n_layers} layers, d_model {mc.d_model})"
-        if mc.n_layers != self.cfg.n_layers or mc.d_model != self.cfg.d_model:
-            raise ValueError(f"{ours} does not fit {theirs}: it was trained on another model's shape")
-        for hook in (*self.cfg.hooks_in, *self.cfg.hooks_out):
-            if hook not in model.hook_points:
-                raise ValueError(f"{ours} reads or writes {hook}, which {theirs} does not have")
+        check_fits(self.cfg, model, what)
 
     @property
     def device(self) -> torch.device:
@@ -367,6 +360,19 @@ class CrossLayerTranscoder(nn.Module):
             f"<div><b>{html.escape(repr(self))}</b><br>{c.n_layers * c.d_sae:,} latents, {n_params:,} "
             f"parameters<table>{rows}</table></div>"
         )
+
+
+def check_fits(cfg: CLTConfig, model: Transformer, what: str = "the CLT") -> None:
+    """Raise naming both when a CLT of config ``cfg`` does not fit ``model``: layer count, width or hooks."""
+    mc = model.cfg
+    ours = f"{what} ({cfg.n_layers} layers, d_model {cfg.d_model}, hook_in {cfg.hook_in})"
+    name = f" {mc.name!r}" if getattr(mc, "name", None) else ""
+    theirs = f"the model{name} ({mc.n_layers} layers, d_model {mc.d_model})"
+    if mc.n_layers != cfg.n_layers or mc.d_model != cfg.d_model:
+        raise ValueError(f"{ours} does not fit {theirs}: it was trained on another model's shape")
+    for hook in (*cfg.hooks_in, *cfg.hooks_out):
+        if hook not in model.hook_points:
+            raise ValueError(f"{ours} reads or writes {hook}, which {theirs} does not have")
 
 
 # ---- per-layer transcoders --------------------------------------------------------------------------------
@@ -559,6 +565,7 @@ __all__ = [
     "CLTConfig",
     "CLTOutput",
     "CrossLayerTranscoder",
+    "check_fits",
     "from_transcoders",
     "jumprelu_train",
     "load_clt",

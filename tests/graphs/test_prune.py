@@ -55,3 +55,19 @@ def test_find_threshold_and_masks():
     assert not pruned.edge_mask[~pruned.node_mask].any() and not pruned.edge_mask[:, ~pruned.node_mask].any()
     for i in torch.nonzero(pruned.node_mask[: graph.n_features]).flatten():
         assert pruned.edge_mask[i].any() and pruned.edge_mask[:, i].any()
+
+
+def _full_sort_threshold(scores, fraction):  # circuit-tracer's rule, sorting every score
+    ordered = torch.sort(scores, descending=True).values
+    cumulative = torch.cumsum(ordered, dim=0) / ordered.sum()
+    return ordered[min(int(torch.searchsorted(cumulative, fraction)), len(ordered) - 1)]
+
+
+def test_find_threshold_sorting_only_the_nonzero_scores_is_the_full_sort():
+    g = torch.Generator().manual_seed(3)
+    for density in (0.05, 0.5, 1.0):
+        scores = torch.rand(2000, generator=g, dtype=torch.float64) * (
+            torch.rand(2000, generator=g) < density
+        )
+        for fraction in (0.0, 0.5, 0.8, 0.98, 1.0):
+            assert float(find_threshold(scores, fraction)) == float(_full_sort_threshold(scores, fraction))
