@@ -3,10 +3,11 @@
 memory of one graph, and the longest prompt whose graph fits in 8 GB.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_graphs.py [--out benchmarks/results/graphs.json]
-        [--rounds 3] [--lengths 16,32,64:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
+        [--rounds 3] [--lengths 16,32:2,48:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
 
 ``--lengths``: prompt lengths (tokens, BOS included), each optionally ``:rounds`` (circuit-tracer's time grows
-about as the square of the length: 64 tokens take it minutes per graph on one thread).
+about as the square of the length: 48 tokens take it minutes per graph on one thread). The memory points run
+first, then the lengths; the JSON is rewritten after each (``complete`` false until the end).
 
 Model and transcoder: a 4-layer, 8-head transformer (d_model 256, d_mlp 1024, LayerNorm, learned positions,
 vocabulary 2,000; interplab's initialisation, seed 0) and a JumpReLU CLT with 2,048 latents per layer reading
@@ -18,8 +19,8 @@ number of active features and nodes; tests/graphs/test_circuit_tracer_parity.py 
 features, the top-10 logits (cut at 0.95), each side's default batch (interplab 256 rows with its 8 GB budget,
 circuit-tracer 512).
 
-Time: interleaved rounds (the order alternates), each side in a fresh process, after one warm-up graph; medians
-of the wall and CPU seconds of `attribute` alone (model loading and circuit-tracer's ~12 s of imports are not
+Time: interleaved rounds (the order alternates), each side in a fresh process computing one graph (``--repeats``
+N > 1: a warm-up graph, then N timed); medians of the wall and CPU seconds of `attribute` alone (model loading and circuit-tracer's ~12 s of imports are not
 counted), one thread. Memory: the peak resident memory of the process during the first `attribute` call minus
 what it held before it (`tests.circuit_tracer_runner.PeakRSS`), so both sides count only the graph's own
 memory. Ratios are circuit-tracer / interplab (CPU time and extra memory).
@@ -28,7 +29,7 @@ Longest prompt in 8 GB: interplab's `attribute(..., memory_gb=8)` refuses a prom
 (`check_memory`, from the dense adjacency, the batched backward and the decoder vectors). The measured peaks at
 ``--memory-lengths`` are compared with that estimate (it must bound them from above), and the longest prompt it
 accepts at this model's feature density is reported (found by bisection on the estimate; measuring it would take
-8 GB of a shared machine).
+8 GB of a shared machine), and again with the estimate scaled by the largest measured / estimated ratio.
 """
 
 from __future__ import annotations
@@ -104,19 +105,21 @@ def prompt(length: int, seed: int) -> torch.Tensor:
 
 
 def child(spec_path: str) -> None:
-    """One interplab measurement (a fresh process, like circuit-tracer's): warm-up + timed graphs."""
+    """One interplab measurement in a fresh process, as circuit-tracer's (tests/circuit_tracer_runner.py): the
+    first graph is timed and measured when ``repeats`` is 1, else it is a warm-up before ``repeats`` timed ones."""
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     model, clt = build()
     tokens = torch.tensor(spec["tokens"])
     times, memory, graph = [], None, None
-    for i in range(spec["repeats"] + 1):
+    repeats = max(1, spec["repeats"])
+    for i in range(repeats + (repeats > 1)):
         wall, cpu = time.perf_counter(), time.process_time()
         with PeakRSS() as rss:
             graph = attribute(model, clt, tokens, memory_gb=BUDGET_GB)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         memory = memory or rss.as_dict()
-        if i > 0:
+        if repeats == 1 or i > 0:
             times.append({"wall_s": wall, "cpu_s": cpu})
     assert graph is not None
     n_features = sum(1 for node in graph.nodes if node.kind.value == "feature")
@@ -146,16 +149,18 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def longest_in_budget(features_per_token: float, batch: int = 256) -> int:
-    """The longest prompt `check_memory` accepts in BUDGET_GB at ``features_per_token`` (bisection)."""
+def longest_in_budget(features_per_token: float, batch: int = 256, factor: float = 1.0) -> int:
+    """The longest prompt `check_memory` accepts in BUDGET_GB at ``features_per_token`` (bisection); with
+    ``factor`` > 1, the longest whose estimate times ``factor`` (measured / estimated) fits in BUDGET_GB."""
     n, d = MODEL.n_layers, MODEL.d_model
 
     def fits(length: int) -> bool:
+        f = int(features_per_token * (length - 1))
         try:
-            check_memory(length, int(features_per_token * (length - 1)), n, d, 10, batch, BUDGET_GB)
+            used = check_memory(length, f, n, d, 10, batch, BUDGET_GB)
         except MemoryError:
             return False
-        return True
+        return factor * estimate_bytes(length, f, n, d, 10, used) <= BUDGET_GB * 2**30
 
     lo, hi = 2, 2
     while fits(hi):
@@ -166,18 +171,51 @@ def longest_in_budget(features_per_token: float, batch: int = 256) -> int:
     return lo
 
 
+def memory_summary(memory: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The measured points, whether `check_memory`'s estimate bounds them, and the longest prompt in 8 GB: as
+    interplab's budget check accepts it, and with the estimate scaled by the largest measured / estimated ratio."""
+    per_token = statistics.median(v["n_features"] / (int(k) - 1) for k, v in memory.items())
+    ratio = max(v["extra_mib"] / v["estimate_mib"] for v in memory.values())
+    return {
+        "measured": memory,
+        "estimate_bounds_measured": all(v["estimate_mib"] >= v["extra_mib"] for v in memory.values()),
+        "features_per_token": per_token,
+        "measured_over_estimate_max": ratio,
+        "longest_prompt_in_8gb_by_check_memory": longest_in_budget(per_token),
+        "longest_prompt_in_8gb_by_measured_scale": longest_in_budget(per_token, factor=max(ratio, 1.0)),
+    }
+
+
+def save(results: dict[str, Any], out: Path, complete: bool = False) -> None:
+    """Write the results so far (atomically: a long run that stops keeps what it measured; ``complete`` says
+    whether it finished)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"complete": complete, **results}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "graphs.json"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=1, help="timed graphs per process, after a warm-up")
-    parser.add_argument("--lengths", default="16,32,64:1", help="lengths, each optionally :rounds")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed graphs per process (> 1: after a warm-up)"
+    )
+    parser.add_argument("--lengths", default="16,32:2,48:1", help="lengths, each optionally :rounds")
     parser.add_argument("--memory-lengths", default="32,64,96", help="interplab-only peak-memory points")
     parser.add_argument("--circuit-tracer-python", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resummarize", action="store_true", help="recompute --out's memory summary only")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
+    if args.resummarize:
+        results = json.loads(Path(args.out).read_text())
+        results["memory"] = memory_summary(results["memory"]["measured"])
+        return save(
+            {k: v for k, v in results.items() if k != "complete"}, Path(args.out), results["complete"]
+        )
     python = args.circuit_tracer_python or os.environ.get("INTERPLAB_CIRCUITTRACER_PYTHON")
     python = python or str(ROOT / ".peers" / "circuittracer" / "bin" / "python")
     if not Path(python).exists():
@@ -198,6 +236,21 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        n, d = MODEL.n_layers, MODEL.d_model
+        memory = {}
+        for length in [int(x) for x in args.memory_lengths.split(",")]:
+            run = run_interplab(work, prompt(length, seed=length), 1)
+            f = run["n_features"]
+            batch = check_memory(length, f, n, d, 10, 256, BUDGET_GB)
+            estimate = estimate_bytes(length, f, n, d, 10, batch) / 2**20
+            memory[str(length)] = {
+                "n_features": f,
+                "extra_mib": run["memory"]["extra_mib"],
+                "estimate_mib": estimate,
+            }
+            results["memory"] = {"measured": memory}
+            save(results, Path(args.out))
+        results["memory"] = memory_summary(memory)
         for item in args.lengths.split(","):
             length, _, rounds = item.partition(":")
             length, rounds = int(length), int(rounds or args.rounds)
@@ -224,29 +277,8 @@ def main() -> None:
                 "wall_ratio": b["wall_s"] / a["wall_s"],
                 "memory_ratio": b["extra_mib"] / max(a["extra_mib"], 1e-9),
             }
-            print(f"length {length}: {json.dumps(results['lengths'][str(length)])}", flush=True)
-        n, d = MODEL.n_layers, MODEL.d_model
-        memory = {}
-        for length in [int(x) for x in args.memory_lengths.split(",")]:
-            run = run_interplab(work, prompt(length, seed=length), 0)
-            f = run["n_features"]
-            batch = check_memory(length, f, n, d, 10, 256, BUDGET_GB)
-            estimate = estimate_bytes(length, f, n, d, 10, batch) / 2**20
-            memory[str(length)] = {
-                "n_features": f,
-                "extra_mib": run["memory"]["extra_mib"],
-                "estimate_mib": estimate,
-            }
-            print(f"memory at {length}: {memory[str(length)]}", flush=True)
-        per_token = statistics.median(v["n_features"] / (int(k) - 1) for k, v in memory.items())
-        results["memory"] = {
-            "measured": memory,
-            "estimate_bounds_measured": all(v["estimate_mib"] >= v["extra_mib"] for v in memory.values()),
-            "features_per_token": per_token,
-            "longest_prompt_in_8gb": longest_in_budget(per_token),
-        }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+            save(results, Path(args.out))
+    save(results, Path(args.out), complete=True)
     print(json.dumps({k: v for k, v in results.items() if k in ("lengths", "memory")}, indent=1))
 
 

@@ -51,7 +51,9 @@ if [ "$want" = all ] || [ "$want" = autocircuit ]; then
   build autocircuit auto-circuit 1.0.1 auto_circuit.prune \
     "transformer-lens==2.18.0 pyarrow==21.0.0 einops ordered-set plotly blobfile safetensors"
 fi
-if [ "$want" = all ] || [ "$want" = circuittracer ]; then build circuittracer circuit-tracer 0.5.0 circuit_tracer; fi
+if [ "$want" = all ] || [ "$want" = circuittracer ]; then
+  build circuittracer circuit-tracer 0.5.0 circuit_tracer.replacement_model.replacement_model_transformerlens
+fi
 echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
 echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"
 echo "INTERPLAB_AUTOCIRCUIT_PYTHON=$PWD/.peers/autocircuit/bin/python"

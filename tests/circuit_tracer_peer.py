@@ -172,16 +172,7 @@ def run_spec(python: str, spec: Path, *, timeout: float = 900) -> list[dict[str,
     return [json.loads(Path(job["out"]).read_text()) for job in jobs]
 
 
-def run_circuit_tracer(
-    python: str,
-    model: Transformer,
-    clt: Any,
-    workdir: Path,
-    jobs: list[dict[str, Any]],
-    *,
-    bos: int,
-    kind: str | None = "cross_layer_transcoder",
-    timeout: float = 900,
-) -> list[dict[str, Any]]:
-    """`prepare` then `run_spec`: circuit-tracer's graphs of ``jobs`` on ``model`` with ``clt``."""
-    return run_spec(python, prepare(model, clt, workdir, jobs, bos=bos, kind=kind), timeout=timeout)
+def run_circuit_tracer(python: str, *args: Any, timeout: float = 900, **kwargs: Any) -> list[dict[str, Any]]:
+    """`prepare` (``model, clt, workdir, jobs, bos=..., kind=...``) then `run_spec` under ``python``:
+    circuit-tracer's graphs of the jobs."""
+    return run_spec(python, prepare(*args, **kwargs), timeout=timeout)

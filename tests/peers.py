@@ -21,7 +21,10 @@ PEERS = {
     "tl": ("INTERPLAB_TL_PYTHON", "transformer_lens"),
     "saelens": ("INTERPLAB_SAELENS_PYTHON", "sae_lens"),
     "autocircuit": ("INTERPLAB_AUTOCIRCUIT_PYTHON", "auto_circuit.prune"),
-    "circuittracer": ("INTERPLAB_CIRCUITTRACER_PYTHON", "circuit_tracer"),
+    "circuittracer": (
+        "INTERPLAB_CIRCUITTRACER_PYTHON",
+        "circuit_tracer.replacement_model.replacement_model_transformerlens",
+    ),
 }
 
 
@@ -34,8 +37,8 @@ def _problem(python: str, module: str) -> str | None:
 
 
 def peer_python(name: str) -> str:
-    """The interpreter of peer ``name`` ("tl", "saelens", "autocircuit" or "circuittracer"); skips (or, under INTERPLAB_REQUIRE_PEERS=1,
-    fails) the calling test when it is missing or broken."""
+    """The interpreter of peer ``name`` ("tl", "saelens", "autocircuit" or "circuittracer"); skips (or, under
+    INTERPLAB_REQUIRE_PEERS=1, fails) the calling test when it is missing or broken."""
     var, module = PEERS[name]
     python = os.environ.get(var) or str(ROOT / ".peers" / name / "bin" / "python")
     problem = _problem(python, module)

@@ -18,7 +18,6 @@ the latents fire, with thresholds above 0 (JumpReLU's strict ``>`` matters).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -104,39 +103,59 @@ CASES = {
 }
 
 
-@functools.cache
-def _case(name: str, tmp: Path) -> tuple[Transformer, CrossLayerTranscoder, list[dict[str, Any]]]:
-    """The model, the transcoders and circuit-tracer's results of JOBS for case ``name`` (one peer process)."""
-    normalization, cross_layer, hook_in, layout = CASES[name]
-    model = small_model(normalization)
-    clt = calibrated_clt(model, cross_layer=cross_layer, hook_in=hook_in)
-    jobs = [
-        {**job, "graph_dir": str(tmp / name / f"json{i}"), "slug": f"job{i}"} for i, job in enumerate(JOBS)
-    ]
-    results = run_circuit_tracer(
-        peer_python("circuittracer"), model, clt, tmp / name, jobs, bos=BOS, kind=layout
-    )
-    return model, clt, results
-
-
 @pytest.fixture(scope="module")
-def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("circuit_tracer")
+def peer_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Per case (computed once, when first asked): the model, the transcoders and circuit-tracer's results of
+    JOBS (one peer process per case, writing its Neuronpedia JSON files under the case's folder)."""
+    tmp = tmp_path_factory.mktemp("circuit_tracer")
+
+    class Cases(dict):
+        def __missing__(
+            self, name: str
+        ) -> tuple[Transformer, CrossLayerTranscoder, list[dict[str, Any]], Path]:
+            normalization, cross_layer, hook_in, layout = CASES[name]
+            model = small_model(normalization)
+            clt = calibrated_clt(model, cross_layer=cross_layer, hook_in=hook_in)
+            jobs = [
+                {**job, "graph_dir": str(tmp / name / f"json{i}"), "slug": f"job{i}"}
+                for i, job in enumerate(JOBS)
+            ]
+            python = peer_python("circuittracer")
+            self[name] = (
+                model,
+                clt,
+                run_circuit_tracer(python, model, clt, tmp / name, jobs, bos=BOS, kind=layout),
+                tmp / name,
+            )
+            return self[name]
+
+    return Cases()
 
 
-def _ours(model: Transformer, clt: CrossLayerTranscoder, job: dict[str, Any]):
-    tokens = torch.tensor(job["tokens"])
-    budget = {k: job[k] for k in ("max_feature_nodes", "batch_size") if k in job}
-    return attribute(model, clt, tokens, targets=job["targets"], **budget)
+@pytest.fixture(
+    params=[(name, job) for name in sorted(CASES) for job in range(len(JOBS))], ids="{0[0]}-job{0[1]}".format
+)
+def pair(request: pytest.FixtureRequest, peer_results: dict[str, Any]) -> dict[str, Any]:
+    """One (case, job): interplab's graph and circuit-tracer's result for it."""
+    name, job = request.param
+    model, clt, results, folder = peer_results[name]
+    spec = JOBS[job]
+    budget = {k: spec[k] for k in ("max_feature_nodes", "batch_size") if k in spec}
+    tokens = torch.tensor(spec["tokens"])
+    graph = attribute(model, clt, tokens, targets=spec["targets"], **budget)
+    json_file = folder / f"json{job}" / f"job{job}.json"
+    return {
+        "model": model,
+        "tokens": tokens,
+        "graph": graph,
+        "theirs": results[job],
+        "json": json_file,
+        "job": job,
+    }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("job", range(len(JOBS)))
-def test_same_edges_as_circuit_tracer(name: str, job: int, tmp_module: Path) -> None:
-    model, clt, results = _case(name, tmp_module)
-    theirs = results[job]
-    graph = _ours(model, clt, JOBS[job])
-    tokens = torch.tensor(JOBS[job]["tokens"])
+def test_same_edges_as_circuit_tracer(pair: dict[str, Any]) -> None:
+    model, tokens, graph, theirs = pair["model"], pair["tokens"], pair["graph"], pair["theirs"]
 
     # the exported model is the same model
     torch.testing.assert_close(
@@ -172,12 +191,8 @@ def test_same_edges_as_circuit_tracer(name: str, job: int, tmp_module: Path) -> 
     torch.testing.assert_close(graph.adjacency.float(), adjacency, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("job", range(len(JOBS)))
-def test_same_pruning_and_json_as_circuit_tracer(name: str, job: int, tmp_module: Path) -> None:
-    model, clt, results = _case(name, tmp_module)
-    theirs = results[job]
-    graph = _ours(model, clt, JOBS[job])
+def test_same_pruning_and_json_as_circuit_tracer(pair: dict[str, Any]) -> None:
+    graph, theirs, job = pair["graph"], pair["theirs"], pair["job"]
 
     # pruning with circuit-tracer's defaults keeps the same nodes and edges
     pruned = prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
@@ -191,7 +206,7 @@ def test_same_pruning_and_json_as_circuit_tracer(name: str, job: int, tmp_module
 
     # the Neuronpedia JSON: same nodes (ids, kinds, activations) and links (weights)
     ours_json = to_neuronpedia_json(graph, pruned, slug=f"job{job}")
-    theirs_json = json.loads((tmp_module / name / f"json{job}" / f"job{job}.json").read_text())
+    theirs_json = json.loads(pair["json"].read_text())
     _same_neuronpedia(ours_json, theirs_json)
 
 
