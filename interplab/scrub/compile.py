@@ -358,6 +358,11 @@ def compile_hypothesis(
     """Check ``hypothesis`` against ``engine``'s model (targets, positions, overlaps, features on the engine's
     rows) and return it compiled; raises `ScrubError` naming the claim's path. ``groups`` caches feature
     groupings across hypotheses on the same engine."""
+    if hypothesis.output != "logits":
+        raise ScrubError(
+            f"hypothesis {hypothesis.name!r} is rooted at {hypothesis.output!r}: a model's hypothesis is rooted at "
+            "'logits' (graphs: interplab.scrub.graph.scrub_graph)"
+        )
     pool = torch.arange(engine.tokens.shape[0]) if pool is None else torch.as_tensor(pool).long()
     compiler = _Compiler(engine, pool, {} if groups is None else groups)
     (root,) = compiler.compile(hypothesis.root, None, "logits", None)
