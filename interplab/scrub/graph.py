@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from interplab.hooks.site import suggest
+from interplab.scrub.compile import depth_first
 from interplab.scrub.estimate import Estimate
 from interplab.scrub.hypothesis import Claim, Feature, Hypothesis, feature
 from interplab.scrub.result import OTHERS
@@ -251,12 +252,7 @@ class CompiledGraphHypothesis:
     pool: Tensor
 
     def claims(self) -> list[GraphClaim]:
-        out, todo = [], [self.root]
-        while todo:
-            c = todo.pop(0)
-            out.append(c)
-            todo = c.children + todo
-        return out
+        return depth_first(self.root)
 
     def draw(
         self, refs: Tensor, generator: torch.Generator, data: Mapping[str, Tensor] | None = None
