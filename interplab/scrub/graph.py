@@ -1,13 +1,13 @@
 """Causal scrubbing of a user-defined computational graph: nodes are functions of their inputs, not a model.
 
-REMIX day 4 part 1 (redwoodresearch/remix_public, ``remix_d4_part1_solution.py``) teaches causal scrubbing on a
-toy graph over three integers before the paren balancer; this module states such graphs and scrubs the same
-`Hypothesis` / `Claim` / `Feature` trees as the transformer compiler (`interplab.scrub.compile`), with the same
-treeification semantics:
+REMIX day 4 part 1 (redwoodresearch/remix_public, ``remix_d4_part1_solution.py``) teaches causal scrubbing on
+a toy graph over three integers before the paren balancer; this module states such graphs and scrubs the same
+`Hypothesis` / `Claim` / `Feature` trees as the transformer compiler (`interplab.scrub.compile`), with the
+same treeification semantics:
 
 - the root claim is on the graph's output; its datum agrees with the reference on its feature (None: the
   reference itself), as REMIX's root ``InterpNode`` draws from its cond sampler;
-- a child's datum agrees with its parent's datum on the child's feature (``feature=None``: the parent's datum);
+- a child's datum agrees with its parent's on the child's feature (``feature=None``: the parent's datum);
 - a leaf runs its whole upstream computation (every input below its node, on every path) on its datum;
 - an internal claim draws one *other-inputs* datum (random; its own datum with ``others="same"``) that feeds
   every input below it that no child claims;
@@ -27,7 +27,8 @@ The graph of REMIX part 1, a hypothesis about it and its scrub (the loss is part
 >>> g = ComputationGraph(["xs", "labels"])
 >>> g = g.add("x0", lambda xs: xs[:, 0], "xs").add("x1", lambda xs: xs[:, 1], "xs")
 >>> g = g.add("A", lambda x0: (x0 > 3).double(), "x0").add("B", lambda x1: (x1 > 3).double(), "x1")
->>> g = g.add("D", lambda a, b: torch.maximum(a, b), "A", "B").add("loss", lambda d, y: (d - y) ** 2, "D", "labels")
+>>> g = g.add("D", lambda a, b: torch.maximum(a, b), "A", "B")
+>>> g = g.add("loss", lambda d, y: (d - y) ** 2, "D", "labels")
 >>> xs = torch.randint(0, 10, (500, 2), generator=torch.Generator().manual_seed(0))
 >>> data = {"xs": xs, "labels": ((xs[:, 0] > 3) | (xs[:, 1] > 3)).double()}
 >>> h = Hypothesis(Claim("loss", children=[
@@ -38,10 +39,10 @@ The graph of REMIX part 1, a hypothesis about it and its scrub (the loss is part
 (0.0, 0.0)
 
 `scrub_graph` returns the original and scrubbed means of the output over references drawn without
-replacement (`GraphScrubResult`); `compile_graph_hypothesis(...).run(refs, gen, data={path: rows})` is the seam
-tests use to fix every claim's rows (keys: claim paths ``loss/D``, ``<path> (others)``), as
-`interplab.scrub.compile.CompiledHypothesis.spec` does for models. docs/scrub.md, "Part 1: a toy graph", states
-every REMIX part-1 experiment this way.
+replacement (`GraphScrubResult`); `compile_graph_hypothesis(...).run(refs, gen, data={path: rows})` is the
+seam tests use to fix every claim's rows (keys: claim paths ``loss/D``, ``<path> (others)``), as
+`interplab.scrub.compile.CompiledHypothesis.spec` does for models. docs/scrub.md, "Part 1: a toy graph",
+states every REMIX part-1 experiment this way.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ __all__ = ["TOY_EXPERIMENTS", "scrub_graph", "toy_data", "toy_graph", "toy_hypot
 
 
 def toy_data(n: int = 10_000, seed: int = 33) -> dict[str, Tensor]:
-    """REMIX's data: ``xs`` int64 [n 3] uniform in [0, 10) (``torch.randint`` with a generator seeded 33, as the
-    notebook draws it), ``labels`` int64 [n]: ``x0 > 3 or x1 > 3``."""
+    """REMIX's data: ``xs`` int64 [n 3] uniform in [0, 10) (``torch.randint`` with a generator seeded 33, as
+    the notebook draws it), ``labels`` int64 [n]: ``x0 > 3 or x1 > 3``."""
     xs = torch.randint(high=10, size=(n, 3), generator=torch.Generator().manual_seed(seed))
     return {"xs": xs, "labels": torch.logical_or(xs[:, 0] > 3, xs[:, 1] > 3).to(torch.int64)}
 
