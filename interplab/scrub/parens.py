@@ -35,10 +35,12 @@ Features of the model (REMIX's setup, recomputed from the fixture's weights):
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -283,10 +285,6 @@ def remix_adjusted_attention(model: Transformer) -> Tensor:
 
     Only `_remix_adjusted_p` uses it, to show what REMIX's code computes; its last bits depend on the reduction
     order of the machine's torch/numpy kernels (see `adjusted_horizon`)."""
-    import warnings
-
-    import numpy as np
-
     attn, ln = model.blocks[0].attn, model.blocks[0].ln1
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # REMIX's NaN rows and empty means, as in its setup
