@@ -74,6 +74,7 @@ from interplab.runs.names import (
     _CKPT_RE,
     _SQLITE_MAGIC,
     ATTRIBUTION,
+    CALIBRATION_HTML,
     CALIBRATION_JSON,
     CHECKPOINTS,
     CHECKSUMS,
@@ -123,6 +124,7 @@ from interplab.runs.openers import (
 
 __all__ = [
     "ATTRIBUTION",
+    "CALIBRATION_HTML",
     "CALIBRATION_JSON",
     "CHECKPOINTS",
     "CHECKSUMS",
