@@ -100,6 +100,12 @@ class Kind(str, Enum):
     """an analysis of a decision transformer on trajectories (`interplab dt analyze`: probes, patching,
     attention from the decision token; ``report.json`` + pictures)"""
 
+    PPO = "ppo"
+    """a PPO training run (`interplab dt ppo`, `interplab.rl.ppo.train_ppo`: config.json with a PPOConfig,
+    log.jsonl, checkpoints/step_N/ named by environment steps, report.json)"""
+    PPO_REPORT = "ppo_report"
+    """the report.json of a PPO training run"""
+
     @property
     def label(self) -> str:
         return _LABELS[self]
@@ -144,6 +150,8 @@ _LABELS = {
     Kind.DT_TRAIN_REPORT: "a decision-transformer training report",
     Kind.DT_EVAL: "a decision-transformer evaluation",
     Kind.DT_ANALYSIS: "a decision-transformer analysis",
+    Kind.PPO: "a PPO training run",
+    Kind.PPO_REPORT: "a PPO training report",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}
