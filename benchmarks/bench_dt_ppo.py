@@ -5,8 +5,8 @@ Parts (``--part``; each updates its key of the JSON file, so they may run as sep
 - ``speed``: rounds interleaved (alternating order), medians of wall and CPU steps/s on one env, against the
   floor every PPO pays: ``random_loop`` steps `make_vector_env` with uniform random actions (same ``n_envs``);
   ``ppo_none`` and ``ppo_gru`` train `train_ppo` (memoryless / GRU policy) for the same number of steps.
-- ``learn``: one seeded run per environment (``--env``, ``--steps``, ``--memory``), the policy of each checkpoint
-  evaluated on 64 held-out episodes (seeds 0..63, never trained on: training episodes use seeds >= 10^6),
+- ``learn``: one seeded run per environment (``--env``, ``--steps``, ``--memory``), the policies of 4 checkpoints
+  (first to last; ``--last-only``: the last) evaluated on 64 held-out episodes (seeds 0..63, never trained on: training episodes use seeds >= 10^6),
   sampled and greedy, with the training CPU time up to it.
 - ``dt``: trajectories collected from a PPO run's checkpoints mixed (``--run``), `rl.train_dt` on them (the
   ``memory-dt-tiny`` architecture, ``--dt-steps``), `rl.evaluate_dt` at 5 targets: the calibration slope.
@@ -119,15 +119,22 @@ def random_returns(env: str) -> dict:
     return {"return_mean": float(np.mean(rets)), "success": float(np.mean([r > 0 for r in rets]))}
 
 
-def learn(env: str, steps: int, memory: Memory, keep: Path | None, seed: int) -> dict:
+def learn(env: str, steps: int, memory: Memory, keep: Path | None, seed: int, last_only: bool) -> dict:
     folder = keep or Path(tempfile.mkdtemp(prefix="bench_dt_ppo_")) / "run"
     cfg = PPOConfig(env=env, steps=steps, memory=memory, seed=seed)
     wall, cpu = time.perf_counter(), time.process_time()
     result = train_ppo(cfg, folder)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rows = {r["step"]: r for r in runs.read_log(folder) if "update" in r}
+    if result.resumed_from == result.step:  # a kept run trained before: its wall time from its log
+        wall, cpu = rows[result.step]["elapsed_s"], float("nan")
     per_ckpt = []
-    for c in runs.PPORun.open(folder).checkpoints():
+    ckpts = runs.PPORun.open(folder).checkpoints()
+    for c in (
+        ckpts[-1:]
+        if last_only
+        else sorted({ckpts[len(ckpts) * i // 3] for i in range(3)} | {ckpts[-1]}, key=lambda c: c.step)
+    ):
         per_ckpt.append({"step": c.step, "train_elapsed_s": rows.get(c.step, {}).get("elapsed_s", 0.0),
                          **held_out(folder, c.step)})  # fmt: skip
     out = {
@@ -195,6 +202,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="learn: keep the run folder here")
+    parser.add_argument("--last-only", action="store_true", help="learn: evaluate the last checkpoint only")
     parser.add_argument("--run", type=Path, default=None, help="dt: the PPO run to collect from")
     parser.add_argument("--episodes", type=int, default=2000, help="dt: episodes to collect")
     parser.add_argument("--dt-steps", type=int, default=3000)
@@ -206,7 +214,7 @@ def main() -> None:
         key, value = "speed", speed(args.env, args.rounds, args.steps)
     elif args.part == "learn":
         key = f"learn/{args.env}/{args.memory}"
-        value = learn(args.env, args.steps, Memory(args.memory), args.keep, args.seed)
+        value = learn(args.env, args.steps, Memory(args.memory), args.keep, args.seed, args.last_only)
     else:
         if args.run is None:
             parser.error("--part dt needs --run (a PPO run folder)")
