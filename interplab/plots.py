@@ -402,7 +402,42 @@ def _render(fig: Any, fmt: str) -> bytes:
         from kaleido.scopes.plotly import PlotlyScope
 
         _SCOPE.append(PlotlyScope(plotlyjs=str(plotly_js_source()), mathjax=False))
-    return _SCOPE[0].transform(fig.to_plotly_json(), format=fmt)
+    return _with_timeout(_SCOPE[0], lambda: _SCOPE[0].transform(fig.to_plotly_json(), format=fmt))
+
+
+IMAGE_TIMEOUT_S = 120.0
+"""Seconds a static picture may take before the renderer is given up on (``INTERPLAB_IMAGE_TIMEOUT``
+overrides): kaleido 0.2 talks to its Chromium over a pipe, and a Chromium that stops answering would otherwise
+block the caller for ever (seen once: a test hung 12 minutes)."""
+
+
+def _with_timeout(scope: Any, render: Callable[[], bytes]) -> bytes:
+    """``render()`` in a worker thread; past the timeout the scope's Chromium is shut down and forgotten (the
+    next picture starts a fresh one) and a ``TimeoutError`` says so."""
+    import threading
+
+    timeout = float(os.environ.get("INTERPLAB_IMAGE_TIMEOUT", IMAGE_TIMEOUT_S))
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            out["data"] = render()
+        except BaseException as err:  # handed to the caller's thread
+            out["error"] = err
+
+    worker = threading.Thread(target=work, name="interplab-image", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        if scope in _SCOPE:
+            _SCOPE.remove(scope)
+        shutdown = getattr(scope, "_shutdown_kaleido", None)
+        if shutdown is not None:
+            threading.Thread(target=shutdown, daemon=True).start()  # it may block on the same pipe
+        raise TimeoutError(f"the static image renderer (kaleido) did not answer in {timeout:g} s")
+    if "error" in out:
+        raise out["error"]
+    return out["data"]
 
 
 def _first_line(err: BaseException) -> str:

@@ -370,7 +370,9 @@ def eval_command(
         )
     except ValueError as err:  # too few episodes or one target
         console.print(f"no slope: {err}", style="yellow")
-    console.print(f"evaluation: {_saved(out)} ({runs.CALIBRATION_JSON}, calibration.html, {runs.ROLLOUTS}/)")
+    console.print(
+        f"evaluation: {_saved(out)} ({runs.CALIBRATION_JSON}, {runs.CALIBRATION_HTML}, {runs.ROLLOUTS}/)"
+    )
 
 
 def _data_range(run: Path) -> tuple[float, float] | None:

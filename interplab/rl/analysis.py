@@ -173,7 +173,8 @@ def probe(
 
 def _held_out(episode: Tensor, y: Tensor, stratify: bool, fraction: float, seed: int) -> Tensor:
     """The held-out episodes: ``fraction`` of them, drawn per class of their first row's label when
-    ``stratify`` (so both splits see every class an episode-constant label has, e.g. the instruction)."""
+    ``stratify`` (so both splits see every class an episode-constant label has, e.g. the instruction; a class
+    needs >= 2 / fraction episodes to be held out at all, else its episodes all train the probe)."""
     g = torch.Generator().manual_seed(seed)
     eps, first = torch.unique(episode, return_inverse=True)
     order = torch.argsort(first, stable=True)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from interplab.hooks.site import Site, SiteKind
+from interplab.plots import png_bytes
 from interplab.rl.envs import render_obs
 from interplab.rl.model import DecisionTransformer
 from interplab.rl.windows import BALL, KEY, Windows, token_labels
@@ -78,8 +79,6 @@ def _render_state(obs: Any, tile_size: int) -> np.ndarray:
 def _png_uri(rgb: np.ndarray) -> str:
     """A data URI of an RGB picture as PNG."""
     import base64
-
-    from interplab.plots import png_bytes
 
     return "data:image/png;base64," + base64.b64encode(png_bytes(np.asarray(rgb, dtype=np.uint8))).decode()
 

@@ -27,11 +27,8 @@ import numpy as np
 from interplab.io import atomic_write_text
 from interplab.plots import figure_html
 from interplab.rl.trajectories import Trajectories, load_trajectories
-from interplab.runs import CALIBRATION_JSON, ROLLOUTS, Kind, read_json, write_json
+from interplab.runs import CALIBRATION_HTML, CALIBRATION_JSON, ROLLOUTS, Kind, read_json, write_json
 from interplab.scrub.estimate import t975
-
-CALIBRATION_HTML = "calibration.html"
-"""the calibration curve of an evaluation folder (beside its ``calibration.json``)"""
 
 
 @dataclass(frozen=True)

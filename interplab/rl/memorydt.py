@@ -142,6 +142,16 @@ def _turn_logits(model: DecisionTransformer, win: Windows) -> Tensor:
         return model(*win.inputs(model.transformer.W_E.device))[:, -1].float().cpu()
 
 
+def _episodes_per_class(label: Tensor, steps: Tensor, episode_starts: Tensor, least: int = 4) -> bool:
+    """Whether ``steps`` cover at least two classes of ``label``, each in at least ``least`` episodes (so the
+    probe's stratified split holds out a quarter of each: with fewer, the held-out rows hold one class)."""
+    episode = torch.searchsorted(episode_starts, steps, right=True) - 1
+    classes = torch.unique(label[steps])
+    return classes.numel() >= 2 and all(
+        torch.unique(episode[label[steps] == c]).numel() >= least for c in classes.tolist()
+    )
+
+
 def memorydt(
     model: DecisionTransformer,
     trajs: Trajectories,
@@ -168,21 +178,18 @@ def memorydt(
         raise ValueError(f"only {ends.numel()} episodes reach the split; the reproduction needs >= 4")
     # (a) where the instruction object is in view, and at the decision
     assert labels.instruction_in_view is not None
-    # the steps whose view shows the instruction as the only key or ball (facing north or south in the start
-    # room one of the objects at the split can be in view as well); where those do not cover both objects (the
-    # scripted expert looks at the instruction facing north, with an object of the split in view), every step
-    # whose view shows the instruction's cell
-    objects = torch.as_tensor(trajs.obs)[..., 0].flatten(1)
-    alone = ((objects == KEY) | (objects == BALL)).sum(1) == 1
-    shown = (labels.instruction_in_view & alone).nonzero()[:, 0]
-    only_alone = torch.unique(inst[shown]).numel() >= 2
-    if not only_alone:
-        shown = labels.instruction_in_view.nonzero()[:, 0]
+    # every step whose view shows the instruction's cell (the scripted expert mostly looks at it facing north,
+    # with an object of the split in view too); and, as a second row, the steps where it is the only key or
+    # ball in view, when those cover each object in >= 4 episodes (a quarter of them held out)
+    shown = labels.instruction_in_view.nonzero()[:, 0]
     if torch.unique(inst[shown]).numel() < 2:
         raise ValueError(
             f"the instruction object is in view at {shown.numel()} steps, of one kind only: (a) needs episodes "
             "that look at both objects"
         )
+    objects = torch.as_tensor(trajs.obs)[..., 0].flatten(1)
+    alone = ((objects == KEY) | (objects == BALL)).sum(1) == 1
+    alone_steps = (labels.instruction_in_view & alone).nonzero()[:, 0]
     config = ProbeConfig(seed=seed)
     rows: dict[str, float] = {}
     vis_cache = cache_trajectories(model, trajs, sites, kinds=["state"], ends=shown)
@@ -190,10 +197,14 @@ def memorydt(
     dec_cache = cache_trajectories(model, trajs, sites, kinds=["state"], ends=ends)
     dec = probe(dec_cache, inst, label="instruction", seed=seed, config=config)
     rows["a_probe_embedding_in_view"] = float(vis.test_scores[0])
-    rows["a_in_view_alone"] = float(
-        only_alone
-    )  # 1: the in-view steps show the instruction as the only object
     rows["a_probe_chance_in_view"] = vis.chance
+    rows["a_in_view_test_rows"] = float(vis.n_test)  # held-out state tokens showing the instruction
+    if _episodes_per_class(inst, alone_steps, trajs.episode_starts):
+        alone_cache = cache_trajectories(model, trajs, [embed_site], kinds=["state"], ends=alone_steps)
+        only = probe(alone_cache, inst, label="instruction", seed=seed, config=config)
+        rows["a_probe_embedding_alone"] = float(only.test_scores[0])  # the only key or ball in view
+        rows["a_alone_chance"] = only.chance
+        rows["a_alone_test_rows"] = float(only.n_test)
     rows["a_probe_decision_best"] = float(dec.test_scores.max())
     rows["a_probe_decision_chance"] = dec.chance
     emb = vis_cache[embed_site]

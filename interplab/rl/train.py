@@ -42,6 +42,7 @@ from torch import Tensor
 
 from interplab import runs
 from interplab.io import save_tensors
+from interplab.rl.labels import decision_steps
 from interplab.rl.model import DecisionTransformer, DTConfig, save_dt
 from interplab.runs import Kind, list_checkpoints
 from interplab.train.checkpoint import (
@@ -419,8 +420,6 @@ def decision_weights(trajectories: Trajectories, weight: float) -> Tensor | None
     replay from their seeds or minigrid is missing."""
     if weight == 1.0 or not trajectories.env.startswith("MiniGrid-Memory"):
         return None
-    from interplab.rl.labels import decision_steps
-
     try:
         steps = decision_steps(trajectories)
     except (

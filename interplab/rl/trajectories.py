@@ -49,11 +49,6 @@ SHARD_STEPS = 20_000
 _FIELDS = ("obs", "actions", "rewards", "dones", "episode_starts", "seeds")
 
 
-def shard_name(index: int) -> str:
-    """The file name of shard ``index`` (``shard_00000.safetensors``)."""
-    return f"shard_{index:05d}.safetensors"
-
-
 @dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Trajectories:
     """Episodes of one environment on one flat step axis (``N`` steps, ``E`` episodes): episode ``e`` is steps
@@ -573,7 +568,7 @@ class TrajectoryWriter:
                 self._write_manifest(complete=False)
             return
         data = Trajectories.concat(self._buffer)
-        name = shard_name(len(self._shards))
+        name = runs.shard_name(len(self._shards))
         save_tensors(
             self.path / name, {k: getattr(data, k) for k in _FIELDS}, metadata={"env": self.env, "kind": KIND}
         )

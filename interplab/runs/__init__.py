@@ -77,6 +77,7 @@ from interplab.runs.names import (
     _CKPT_RE,
     _SQLITE_MAGIC,
     ATTRIBUTION,
+    CALIBRATION_HTML,
     CALIBRATION_JSON,
     CHECKPOINTS,
     CHECKSUMS,
@@ -127,6 +128,7 @@ from interplab.runs.openers import (
 
 __all__ = [
     "ATTRIBUTION",
+    "CALIBRATION_HTML",
     "CALIBRATION_JSON",
     "CHECKPOINTS",
     "CHECKSUMS",

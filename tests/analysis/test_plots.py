@@ -152,3 +152,32 @@ def test_static_picture_without_a_renderer_says_how_in_one_line(tmp_path, monkey
     assert seen == [".png"] and (tmp_path / "y.png").read_bytes() == b"\x89PNG fallback"
     with pytest.raises(ValueError, match="use .png or .svg"):
         plots.write_image(fig, tmp_path / "y.jpg")
+
+
+def test_a_renderer_that_stops_answering_is_given_up_on(tmp_path, monkeypatch):
+    """kaleido 0.2 waits on its Chromium's pipe; a Chromium that never answers gives a one-line reason within
+    the timeout, and the next picture starts a fresh renderer."""
+    import threading
+
+    release = threading.Event()
+
+    class Stuck:
+        shut = False
+
+        def transform(self, *args, **kwargs):
+            release.wait(30)
+            return b""
+
+        def _shutdown_kaleido(self):
+            self.shut = True
+            release.set()
+
+    stuck = Stuck()
+    monkeypatch.setattr(plots, "_SCOPE", [stuck])
+    monkeypatch.setenv("INTERPLAB_IMAGE_TIMEOUT", "0.5")
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.2.1")
+    msg = plots.write_image(plots.bars([1.0], ["a"]), tmp_path / "x.png")
+    assert msg is not None and "did not answer in 0.5 s" in msg and "\n" not in msg
+    assert not (tmp_path / "x.png").exists() and plots._SCOPE == []
+    release.wait(5)
+    assert stuck.shut

@@ -19,8 +19,9 @@ pytest.importorskip("minigrid")
 from interplab import runs  # noqa: E402
 from interplab.rl import envs  # noqa: E402
 from interplab.rl import evaluate as ev  # noqa: E402
-from interplab.rl.calibration import CALIBRATION_HTML, Calibration, Slope, mean_interval  # noqa: E402
+from interplab.rl.calibration import Calibration, Slope, mean_interval  # noqa: E402
 from interplab.rl.evaluate import evaluate_dt, rollout  # noqa: E402
+from interplab.runs import CALIBRATION_HTML  # noqa: E402
 
 EMPTY = "MiniGrid-Empty-5x5-v0"  # a fixed layout: start (1, 1) facing east, goal (3, 3), 100 steps
 MEMORY = "MiniGrid-MemoryS7-v0"  # a random layout per seed, 245 steps

@@ -16,8 +16,8 @@ from interplab.rl.trajectories import (
     TrajectorySummary,
     TrajectoryWriter,
     load_trajectories,
-    shard_name,
 )
+from interplab.runs import shard_name
 
 ENV = "MiniGrid-MemoryS7-v0"
 
