@@ -205,10 +205,10 @@ def ppo_command(
 ) -> None:
     """Train a PPO agent (`interplab.rl.ppo`) whose checkpoints `dt collect --policy` plays."""
     set_threads(threads)
-    from interplab.rl.ppo import PPOConfig, train_ppo
+    from interplab.rl.ppo import Memory, PPOConfig, train_ppo
 
     with _library("cannot train PPO"):
-        cfg = PPOConfig(env=env, steps=steps, memory=memory, n_envs=n_envs, seed=seed)
+        cfg = PPOConfig(env=env, steps=steps, memory=Memory.parse(memory), n_envs=n_envs, seed=seed)
         claim_out(out, Kind.PPO)
         with JobProgress(f"ppo {env}", total=cfg.updates * cfg.batch, unit="env steps") as bar:
 

@@ -113,6 +113,11 @@ class Memory(str, enum.Enum):
     NONE = "none"
     """nothing: the action depends on the current view alone"""
 
+    @classmethod
+    def parse(cls, value: Memory | str) -> Memory:
+        """A `Memory` from its value (``"gru"``); an unknown one raises ValueError naming the valid ones."""
+        return _as_memory(value)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PPOConfig:
@@ -250,6 +255,9 @@ def train_seed(cfg: PPOConfig) -> int:
 # ---- the agent -----------------------------------------------------------------------------------
 class ActorCritic(nn.Module):
     """The policy and value networks over MiniGrid's view (see the module docstring)."""
+
+    offsets: Tensor
+    """where each of the view's three index tables starts in the shared embedding"""
 
     def __init__(self, cfg: PPOConfig) -> None:
         super().__init__()
@@ -579,7 +587,7 @@ class _Trainer:
             self.obs = np.array(next_obs)
             if ended.any():
                 seeds: list[int | None] = [None] * n
-                for i in np.flatnonzero(ended):
+                for i in np.flatnonzero(ended).tolist():
                     finished.append(self.episodes.returns[i])
                     seeds[i] = self.episodes.restart(i)
                 reset_obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": ended})
@@ -609,7 +617,6 @@ class _Trainer:
                     logits, values = self.net.unroll(
                         batch.obs[:, idx], batch.state0[idx], batch.starts[:, idx]
                     )
-                    pick: Callable[[Tensor], Tensor] = lambda x, idx=idx: x[:, idx].flatten(0, 1)  # noqa: E731
                     logits, values = logits.flatten(0, 1), values.flatten(0, 1)
                 else:
                     flat_obs = batch.obs.flatten(0, 1)[idx]
@@ -617,8 +624,11 @@ class _Trainer:
                     logits, values = self.net.unroll(
                         flat_obs[None], self.net.initial_state(m), torch.zeros(1, m, dtype=torch.bool)
                     )
-                    pick = lambda x, idx=idx: x.flatten(0, 1)[idx]  # noqa: E731
                     logits, values = logits[0], values[0]
+
+                def pick(x: Tensor, idx: Tensor = idx) -> Tensor:
+                    return x[:, idx].flatten(0, 1) if recurrent else x.flatten(0, 1)[idx]
+
                 a = pick(adv)
                 if cfg.normalize_advantages and a.numel() > 1:
                     a = (a - a.mean()) / (a.std() + 1e-8)
@@ -867,7 +877,7 @@ def play_ppo(
                 obs = np.array(next_obs)
                 if ended.any():  # every ended env is reset (an idle one too: Disabled autoreset needs it)
                     new: list[int | None] = [None] * n
-                    for i in np.flatnonzero(ended):
+                    for i in np.flatnonzero(ended).tolist():
                         s = start(i) if slot_episode[i] is not None else None
                         new[i] = s if s is not None else 0
                     reset_obs, _ = envs.reset(seed=new, options={"reset_mask": ended})
