@@ -135,18 +135,43 @@ def collect_command(
         callback=_probability,
     ),
     seed: int = typer.Option(0, "--seed", help="first environment seed (episode e uses seed + e)"),
+    policy: Path = typer.Option(
+        None, "--policy", help="instead of the expert: a PPO run (`interplab dt ppo`) whose agent plays"
+    ),
+    checkpoints: str = typer.Option(
+        None,
+        "--checkpoints",
+        help="with --policy: the checkpoints (env steps) that play, mixed, e.g. 4096,65536 (default: newest)",
+        callback=_numbers,
+    ),
+    greedy: bool = typer.Option(False, "--greedy", help="with --policy: its most likely action, not sampled"),
     png: bool = PNG,
 ) -> None:
-    """Collect trajectories of the scripted expert (noise and mixed skill, so that returns vary)."""
+    """Collect trajectories of the scripted expert (noise and mixed skill, so that returns vary), or of a
+    trained PPO agent (--policy; mixed --checkpoints give varied returns)."""
     from interplab import rl
 
     with _library("cannot collect"):
         rl.env_spec(env)  # an unknown name: the supported ones, before any folder is made
+        if policy is None and (checkpoints is not None or greedy):
+            fail("cannot collect: --checkpoints and --greedy are for a PPO agent (--policy PPO_RUN)")
+        if policy is not None and (skill_mix is not None or wrong_object is not None):
+            fail("cannot collect: --skill-mix and --wrong-object are the scripted expert's; with --policy "
+                 "mix --checkpoints (and --epsilon) instead")  # fmt: skip
         claim_out(out, Kind.TRAJECTORIES)
         given = {"epsilon": epsilon, "skill_mix": skill_mix, "wrong_object": wrong_object}
         kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         with JobProgress(f"collect {env}", total=episodes, unit="episodes") as bar:
-            trajs = rl.collect(env, episodes, out, seed=seed, progress=bar, **kwargs)
+            if policy is None:
+                trajs = rl.collect(env, episodes, out, seed=seed, progress=bar, **kwargs)
+            else:
+                if checkpoints is not None and any(c != int(c) or c < 0 for c in checkpoints):
+                    fail(f"cannot collect: --checkpoints are env steps (integers >= 0), got {checkpoints}")
+                steps = [int(c) for c in checkpoints] if checkpoints is not None else None
+                trajs = rl.collect_ppo(
+                    policy, env, episodes, out, checkpoints=steps, greedy=greedy, seed=seed, progress=bar,
+                    **kwargs,
+                )  # fmt: skip
         summary = trajs.summary()
         pictures = _figure(summary.plot(), out, "summary", png)
     lo, hi = summary.return_range
@@ -156,6 +181,52 @@ def collect_command(
     )
     console.print(
         f"trajectories: {_saved(out)} ({runs.MANIFEST} + shards); summary: {pictures[0]}", soft_wrap=True
+    )
+
+
+# --- ppo -------------------------------------------------------------------------------------------------------
+
+
+@app.command("ppo")
+def ppo_command(
+    env: str = typer.Argument(..., help="environment, e.g. MiniGrid-Empty-5x5-v0"),
+    steps: int = typer.Option(..., "--steps", help="environment steps to train for", callback=positive_int),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="PPO run folder (resumes a run found there)", callback=out_folder
+    ),
+    memory: str = typer.Option("gru", "--memory", help="the policy's memory: gru or none"),
+    n_envs: int = typer.Option(8, "--n-envs", help="environments stepped together", callback=positive_int),
+    seed: int = typer.Option(0, "--seed", help="training seed", callback=non_negative_int),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a run found in --out"),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="stop after this many env steps (resume later)", callback=positive_int
+    ),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+) -> None:
+    """Train a PPO agent (`interplab.rl.ppo`) whose checkpoints `dt collect --policy` plays."""
+    set_threads(threads)
+    from interplab.rl.ppo import Memory, PPOConfig, train_ppo
+
+    with _library("cannot train PPO"):
+        cfg = PPOConfig(env=env, steps=steps, memory=Memory.parse(memory), n_envs=n_envs, seed=seed)
+        claim_out(out, Kind.PPO)
+        with JobProgress(f"ppo {env}", total=cfg.updates * cfg.batch, unit="env steps") as bar:
+
+            def progress(event: dict[str, Any]) -> None:
+                ret = event.get("return_mean")
+                bar.update(event["step"], info=f"return {ret:.3f}" if ret is not None else None)
+
+            result = train_ppo(cfg, out, resume=resume, stop_after=stop_after, progress=progress)
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from}")
+    ret = "no episode ended in the last update"
+    if result.return_mean is not None:
+        ret = f"mean return {result.return_mean:.3f}, solved {result.success_rate:.0%} (last update)"
+    console.print(f"step {result.step:,}: {ret}; {result.steps_per_s:,.0f} env steps/s")
+    console.print(
+        f"PPO run: {_saved(out)} ({runs.CONFIG}, {runs.LOG}, {runs.CHECKPOINTS}/ {list(result.checkpoints)}, "
+        f"{runs.REPORT}); collect with: interplab dt collect {env} --policy {out} --episodes N --out DIR",
+        soft_wrap=True,
     )
 
 

@@ -37,6 +37,9 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
     DT evaluation (Kind.DT_EVAL)        `interplab dt eval`: calibration.json {kind: dt_eval, version, env,
                                         targets: per target its episodes, mean return, 95% CI} + pictures,
                                         trajectories/ (Kind.TRAJECTORIES: the episodes it played)
+    PPO run (Kind.PPO)                  `interplab dt ppo`: config.json {kind: ppo, version, ...PPOConfig}, log.jsonl,
+                                        checkpoints/step_N/ (N env steps: model.safetensors, optimizer.safetensors,
+                                        rollout.safetensors, state.json), report.json {kind: ppo_report}
     DT analysis (Kind.DT_ANALYSIS)      `interplab dt analyze`: report.json {kind: dt_analysis, ...} + pictures
     DT features                         `interplab dt sae`: an SAE training run (config.json's data holds
                                         ``dt``: model, trajectories, site, kinds) + features.db (meta ``dt``,
@@ -122,6 +125,7 @@ from interplab.runs.openers import (
     DTTrainRun,
     GraphRun,
     ModelDir,
+    PPORun,
     Report,
     SAERun,
     TrainRun,
@@ -159,6 +163,7 @@ __all__ = [
     "MODEL_CHECKPOINT_FILES",
     "MODEL_WEIGHTS",
     "ModelDir",
+    "PPORun",
     "NotARunError",
     "OPTIMIZER",
     "PLOTLY_JS",

@@ -114,6 +114,12 @@ class Kind(str, Enum):
     """the report.json of `interplab dt sae` in its SAE training run: the SAE's FVU and L0 on the cached rows,
     the best feature per environment variable (AUROC) and each player step's strongest features"""
 
+    PPO = "ppo"
+    """a PPO training run (`interplab dt ppo`, `interplab.rl.ppo.train_ppo`: config.json with a PPOConfig,
+    log.jsonl, checkpoints/step_N/ named by environment steps, report.json)"""
+    PPO_REPORT = "ppo_report"
+    """the report.json of a PPO training run"""
+
     @property
     def label(self) -> str:
         return _LABELS[self]
@@ -163,6 +169,8 @@ _LABELS = {
     Kind.DT_ANALYSIS: "a decision-transformer analysis",
     Kind.DT_FEATURES: "a decision-transformer feature report",
     Kind.ATTRIBUTION_GRAPH: "an attribution graph",
+    Kind.PPO: "a PPO training run",
+    Kind.PPO_REPORT: "a PPO training report",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}

@@ -1,5 +1,5 @@
 """Typed views of the folders interplab writes: `TrainRun`, `SAERun`, `CacheRun`, `ModelDir`, `Report`, the
-decision-transformer ones (`TrajectoriesDir`, `DTModelDir`, `DTTrainRun`, `DTEvalRun`), and `open_run` for any
+decision-transformer ones (`TrajectoriesDir`, `DTModelDir`, `DTTrainRun`, `DTEvalRun`, `PPORun`), and `open_run` for any
 of them; each accepts the folder itself and says what a folder is when it is not one."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from interplab.runs.names import (
     GRAPH_JSON,
     GRAPH_TENSORS,
     MANIFEST,
+    MODEL_WEIGHTS,
     REPORT,
     ROLLOUTS,
     TOKENIZER,
@@ -210,6 +211,7 @@ REPORT_KINDS = (
     Kind.DT_ANALYSIS,
     Kind.DT_FEATURES,
     Kind.CLT_EVAL,
+    Kind.PPO_REPORT,
 )
 
 
@@ -437,6 +439,44 @@ class CLTTrainRun:
         return read_log(self.path)
 
 
+@dataclass(frozen=True)
+class PPORun(_LoggedRun):
+    """A PPO training run (`interplab dt ppo`, `interplab.rl.ppo.train_ppo`). ``config``: its PPOConfig as a
+    dict (without ``kind``); checkpoints are named by environment steps and hold the policy's weights
+    (``model.safetensors``), the optimizer and the running episodes (``rollout.safetensors``)."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> PPORun:
+        path, data = _open_doc(path, Kind.PPO, CONFIG, "a folder written by `interplab dt ppo`")
+        return cls(path, {k: v for k, v in data.items() if k != "kind"})
+
+    def checkpoints(self, intact: bool = True) -> list[Checkpoint]:
+        """The run's checkpoints by environment step; ``intact``: only those whose files match their
+        recorded checksums."""
+        return _checkpoints(self.path, intact, (MODEL_WEIGHTS,), need_optimizer=False)
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        """The intact checkpoint of ``step`` environment steps (an error lists the steps there are)."""
+        found = self.checkpoints()
+        for c in found:
+            if c.step == step:
+                return c
+        raise RunError(
+            f"{self.path} has no intact checkpoint of step {step}; it has {[c.step for c in found] or 'none'}"
+        )
+
+    @property
+    def latest(self) -> Checkpoint:
+        """The newest intact checkpoint (the trained policy once the run finished)."""
+        found = self.checkpoints()
+        if not found:
+            raise RunError(f"{self.path} is a PPO run with no intact checkpoint yet: resume it")
+        return found[-1]
+
+
 Opened = (
     TrainRun
     | SAERun
@@ -450,6 +490,7 @@ Opened = (
     | GraphRun
     | CLTDir
     | CLTTrainRun
+    | PPORun
 )
 
 
@@ -475,6 +516,7 @@ _OPENERS: dict[Kind, Callable[[Path], Opened]] = {
     Kind.DT_MODEL: DTModelDir.open,
     Kind.DT_TRAIN: DTTrainRun.open,
     Kind.DT_EVAL: DTEvalRun.open,
+    Kind.PPO: PPORun.open,
     Kind.ATTRIBUTION_GRAPH: GraphRun.open,
     Kind.CLT: CLTDir.open,
     Kind.CLT_TRAIN: CLTTrainRun.open,
