@@ -1,10 +1,12 @@
-"""The peer packages the compatibility tests compare against (TransformerLens 3.9, sae_lens, auto-circuit 1.0.1).
+"""The peer packages the compatibility tests compare against (TransformerLens 3.9, sae_lens, auto-circuit 1.0.1,
+circuit-tracer 0.5.0).
 
 Each peer lives in its own virtual environment, never in the test environment, and runs in a subprocess:
 ``bash scripts/peers.sh`` builds them under ``.peers/`` (CI does, in .ci/run). A test asks for a peer's
-interpreter with `peer_python`: the variable (``INTERPLAB_TL_PYTHON``, ``INTERPLAB_SAELENS_PYTHON``, ``INTERPLAB_AUTOCIRCUIT_PYTHON``) when set,
-else ``.peers/<name>/bin/python``; without one the test is skipped with the reason, or fails when
-``INTERPLAB_REQUIRE_PEERS=1`` (CI), so a broken peer build cannot pass as a skip.
+interpreter with `peer_python`: the variable (``INTERPLAB_TL_PYTHON``, ``INTERPLAB_SAELENS_PYTHON``,
+``INTERPLAB_AUTOCIRCUIT_PYTHON``, ``INTERPLAB_CIRCUITTRACER_PYTHON``) when set, else ``.peers/<name>/bin/python``;
+without one the test is skipped with the reason, or fails when ``INTERPLAB_REQUIRE_PEERS=1`` (CI), so a broken
+peer build cannot pass as a skip.
 """
 
 import functools
@@ -19,6 +21,10 @@ PEERS = {
     "tl": ("INTERPLAB_TL_PYTHON", "transformer_lens"),
     "saelens": ("INTERPLAB_SAELENS_PYTHON", "sae_lens"),
     "autocircuit": ("INTERPLAB_AUTOCIRCUIT_PYTHON", "auto_circuit.prune"),
+    "circuittracer": (
+        "INTERPLAB_CIRCUITTRACER_PYTHON",
+        "circuit_tracer.replacement_model.replacement_model_transformerlens",
+    ),
 }
 
 
@@ -31,8 +37,8 @@ def _problem(python: str, module: str) -> str | None:
 
 
 def peer_python(name: str) -> str:
-    """The interpreter of peer ``name`` ("tl", "saelens" or "autocircuit"); skips (or, under INTERPLAB_REQUIRE_PEERS=1,
-    fails) the calling test when it is missing or broken."""
+    """The interpreter of peer ``name`` ("tl", "saelens", "autocircuit" or "circuittracer"); skips (or, under
+    INTERPLAB_REQUIRE_PEERS=1, fails) the calling test when it is missing or broken."""
     var, module = PEERS[name]
     python = os.environ.get(var) or str(ROOT / ".peers" / name / "bin" / "python")
     problem = _problem(python, module)

@@ -135,18 +135,43 @@ def collect_command(
         callback=_probability,
     ),
     seed: int = typer.Option(0, "--seed", help="first environment seed (episode e uses seed + e)"),
+    policy: Path = typer.Option(
+        None, "--policy", help="instead of the expert: a PPO run (`interplab dt ppo`) whose agent plays"
+    ),
+    checkpoints: str = typer.Option(
+        None,
+        "--checkpoints",
+        help="with --policy: the checkpoints (env steps) that play, mixed, e.g. 4096,65536 (default: newest)",
+        callback=_numbers,
+    ),
+    greedy: bool = typer.Option(False, "--greedy", help="with --policy: its most likely action, not sampled"),
     png: bool = PNG,
 ) -> None:
-    """Collect trajectories of the scripted expert (noise and mixed skill, so that returns vary)."""
+    """Collect trajectories of the scripted expert (noise and mixed skill, so that returns vary), or of a
+    trained PPO agent (--policy; mixed --checkpoints give varied returns)."""
     from interplab import rl
 
     with _library("cannot collect"):
         rl.env_spec(env)  # an unknown name: the supported ones, before any folder is made
+        if policy is None and (checkpoints is not None or greedy):
+            fail("cannot collect: --checkpoints and --greedy are for a PPO agent (--policy PPO_RUN)")
+        if policy is not None and (skill_mix is not None or wrong_object is not None):
+            fail("cannot collect: --skill-mix and --wrong-object are the scripted expert's; with --policy "
+                 "mix --checkpoints (and --epsilon) instead")  # fmt: skip
         claim_out(out, Kind.TRAJECTORIES)
         given = {"epsilon": epsilon, "skill_mix": skill_mix, "wrong_object": wrong_object}
         kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         with JobProgress(f"collect {env}", total=episodes, unit="episodes") as bar:
-            trajs = rl.collect(env, episodes, out, seed=seed, progress=bar, **kwargs)
+            if policy is None:
+                trajs = rl.collect(env, episodes, out, seed=seed, progress=bar, **kwargs)
+            else:
+                if checkpoints is not None and any(c != int(c) or c < 0 for c in checkpoints):
+                    fail(f"cannot collect: --checkpoints are env steps (integers >= 0), got {checkpoints}")
+                steps = [int(c) for c in checkpoints] if checkpoints is not None else None
+                trajs = rl.collect_ppo(
+                    policy, env, episodes, out, checkpoints=steps, greedy=greedy, seed=seed, progress=bar,
+                    **kwargs,
+                )  # fmt: skip
         summary = trajs.summary()
         pictures = _figure(summary.plot(), out, "summary", png)
     lo, hi = summary.return_range
@@ -156,6 +181,52 @@ def collect_command(
     )
     console.print(
         f"trajectories: {_saved(out)} ({runs.MANIFEST} + shards); summary: {pictures[0]}", soft_wrap=True
+    )
+
+
+# --- ppo -------------------------------------------------------------------------------------------------------
+
+
+@app.command("ppo")
+def ppo_command(
+    env: str = typer.Argument(..., help="environment, e.g. MiniGrid-Empty-5x5-v0"),
+    steps: int = typer.Option(..., "--steps", help="environment steps to train for", callback=positive_int),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="PPO run folder (resumes a run found there)", callback=out_folder
+    ),
+    memory: str = typer.Option("gru", "--memory", help="the policy's memory: gru or none"),
+    n_envs: int = typer.Option(8, "--n-envs", help="environments stepped together", callback=positive_int),
+    seed: int = typer.Option(0, "--seed", help="training seed", callback=non_negative_int),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a run found in --out"),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="stop after this many env steps (resume later)", callback=positive_int
+    ),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+) -> None:
+    """Train a PPO agent (`interplab.rl.ppo`) whose checkpoints `dt collect --policy` plays."""
+    set_threads(threads)
+    from interplab.rl.ppo import Memory, PPOConfig, train_ppo
+
+    with _library("cannot train PPO"):
+        cfg = PPOConfig(env=env, steps=steps, memory=Memory.parse(memory), n_envs=n_envs, seed=seed)
+        claim_out(out, Kind.PPO)
+        with JobProgress(f"ppo {env}", total=cfg.updates * cfg.batch, unit="env steps") as bar:
+
+            def progress(event: dict[str, Any]) -> None:
+                ret = event.get("return_mean")
+                bar.update(event["step"], info=f"return {ret:.3f}" if ret is not None else None)
+
+            result = train_ppo(cfg, out, resume=resume, stop_after=stop_after, progress=progress)
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from}")
+    ret = "no episode ended in the last update"
+    if result.return_mean is not None:
+        ret = f"mean return {result.return_mean:.3f}, solved {result.success_rate:.0%} (last update)"
+    console.print(f"step {result.step:,}: {ret}; {result.steps_per_s:,.0f} env steps/s")
+    console.print(
+        f"PPO run: {_saved(out)} ({runs.CONFIG}, {runs.LOG}, {runs.CHECKPOINTS}/ {list(result.checkpoints)}, "
+        f"{runs.REPORT}); collect with: interplab dt collect {env} --policy {out} --episodes N --out DIR",
+        soft_wrap=True,
     )
 
 
@@ -408,6 +479,7 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int, png: bool) -
         cache = an.cache_trajectories(model, trajs, sites, kinds=("state",))
         labels = an.env_labels(trajs)
         probes = {}
+        sweeps: dict[str, Any] = {}
         wanted = {
             "instruction": labels.instruction,
             "direction": labels.direction,
@@ -418,6 +490,7 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int, png: bool) -
                 continue
             sweep = an.probe(cache, y.long(), kind="state", label=name, seed=seed)
             probes[name] = sweep.to_dict()
+            sweeps[name] = (sweep, y.long())
             pictures += [p.name for p in _figure(sweep.plot(), out, f"probe_{name}", png)]
         bar.update(1, info="instruction patching")
         patching = None
@@ -451,16 +524,53 @@ def _analyze(model: Any, trajs: Any, an: Any, out: Path, seed: int, png: bool) -
         pictures += [
             p.name for p in _figure(an.attention_figure(model, win, layer, 0), out, "attention", png)
         ]
-        attention = decision_attention(model, trajs, an, layer, min(ATTENTION_EPISODES, trajs.n_episodes))
+        n_player = min(ATTENTION_EPISODES, trajs.n_episodes)
+        attention = decision_attention(model, trajs, an, layer, n_player)
         bar.update(4)
+    probe_steps = _probe_steps(cache, sweeps, n_player)
     return {
         "probes": probes,
         "patching": patching,
         "dla": dla.to_dict(),
         "memorydt": memory,
         "attention": attention,
+        "probe_steps": probe_steps,
         "pictures": pictures,
     }
+
+
+PROBE_CLASSES = {
+    "instruction": ("key", "ball"),
+    "direction": ("east", "south", "west", "north"),
+    "key_in_view": ("no", "yes"),
+}
+"""the class names of the probes `analyze` fits (the web player shows them per step)"""
+
+
+def _probe_steps(cache: Any, sweeps: dict[str, Any], n_episodes: int) -> dict[str, Any]:
+    """For each step of the first ``n_episodes``: each probe's prediction at its best site (the class, its
+    probability) and the true class, for the web page's trajectory player."""
+    labels: dict[str, Any] = {}
+    episodes: dict[str, dict[str, list[list[float]]]] = {str(e): {} for e in range(n_episodes)}
+    rows = cache.rows("state")
+    keep = rows[cache.episode[rows] < n_episodes]  # in flat-step order: episode by episode, step by step
+    for name, (sweep, y) in sweeps.items():
+        best = int(sweep.test_scores.argmax())
+        probe, site = sweep.probes[best], sweep.sites[best]
+        probs = (cache[site][keep].float() @ probe.weight.T + probe.bias).softmax(-1)
+        p, pred = probs.max(-1)
+        truth = y[cache.flat_step[keep]]
+        classes = PROBE_CLASSES.get(name, tuple(str(c) for c in range(probs.shape[1])))
+        labels[name] = {
+            "site": site,
+            "classes": list(classes),
+            "held_out_accuracy": float(sweep.test_scores[best]),
+        }
+        for e, pr, pp, t in zip(
+            cache.episode[keep].tolist(), pred.tolist(), p.tolist(), truth.tolist(), strict=True
+        ):
+            episodes[str(e)].setdefault(name, []).append([int(pr), round(float(pp), 3), int(t)])
+    return {"labels": labels, "episodes": episodes, "note": "fitted on the training episodes' state tokens"}
 
 
 def _patching_summary(result: Any, n_pairs: int) -> dict[str, Any]:
@@ -522,6 +632,180 @@ def decision_attention(model: Any, trajs: Any, an: Any, layer: int, n_episodes: 
         "tokens": tokens,
         "episodes": episodes,
     }
+
+
+# --- sae ---------------------------------------------------------------------------------------------------------
+
+
+PLAYER_STEPS_EPISODES = 50
+"""episodes whose steps' strongest features `sae` records for the web page's trajectory player"""
+DT_PLAYER_JSON = "player.json"
+"""`sae`'s record of each player step's strongest features ({kind: dt_features, db, steps}), in its run"""
+
+
+@app.command("sae")
+def sae_command(
+    run: Path = typer.Argument(..., help="a DT training run (its final/) or a DT model folder"),
+    data: Path = typer.Option(..., "--data", help="a trajectory folder of the model's environment"),
+    out: Path = typer.Option(..., "--out", "-o", help="SAE run folder (+ features.db)", callback=out_folder),
+    layer: int = typer.Option(
+        None,
+        "--layer",
+        help="the block whose hook_resid_post the SAE reads (default: the last)",
+        callback=non_negative_int,
+    ),
+    d_sae: int = typer.Option(256, "--d-sae", help="SAE latents", callback=positive_int),
+    k: int = typer.Option(8, "--k", help="TopK: latents active per row", callback=positive_int),
+    steps: int = typer.Option(2000, "--steps", help="SAE training steps", callback=positive_int),
+    episodes: int = typer.Option(
+        None, "--episodes", "-n", help="the first N episodes of --data (default: all)", callback=positive_int
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="SAE initialisation and batch order", callback=non_negative_int
+    ),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    device: str = typer.Option(
+        "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
+    ),
+) -> None:
+    """Train a TopK SAE on the state tokens' residual stream and build its feature database.
+
+    One SAE training run folder (saes/sae/, log.jsonl) with features.db (its contexts are DT windows: the web
+    page draws each top state as a grid) and report.json (FVU, L0, the best feature per environment variable
+    by AUROC, each player step's strongest features)."""
+    set_threads(threads)
+    from interplab import rl
+    from interplab.rl import features as ft
+
+    with _library("cannot train the SAE"):
+        folder = runs.dt_model_folder(run)
+        model = rl.load_dt(folder, device=device)
+        full = rl.load_trajectories(data, env=model.cfg.env)
+        n = min(episodes or full.n_episodes, full.n_episodes)
+        trajs = full if n == full.n_episodes else full.select(list(range(n)))
+        site = ft.default_site(model, layer)
+        claim_out(out, Kind.SAE_TRAIN)
+        with JobProgress("cache", total=1, unit="") as bar:
+            bar.update(0, info=f"{site} at {trajs.n_steps:,} state tokens")
+            acts = ft.dt_activations(model, trajs, site, loss_grad=True)
+            bar.update(1)
+        record = {
+            "model": str(folder.resolve()), "trajectories": str(Path(data).resolve()), "env": trajs.env,
+            "site": site, "kinds": list(acts.kinds), "episodes": n, "rows": acts.n_rows,
+        }  # fmt: skip
+        with JobProgress("train SAE", total=steps, unit="steps") as bar:
+
+            def shown(p: Any) -> None:
+                m = p.metrics.get("sae", {})
+                info = f"fvu {m['fvu']:.3f} l0 {m['l0']:.1f}" if "fvu" in m and "l0" in m else None
+                bar.update(p.step, info=info)
+
+            result = ft.train_dt_sae(
+                acts,
+                d_sae=d_sae,
+                k=k,
+                steps=steps,
+                seed=seed,
+                run_dir=out,
+                data={"dt": record},
+                progress=shown,
+            )
+        sae = result.saes["sae"]
+        db = out / runs.FEATURE_DB
+        with JobProgress("feature database", total=n, unit="episodes") as bar:
+            ft.build_dt_feature_db(
+                db, model, sae, acts, trajs, data_path=data, model_path=folder, sae_path=out / runs.SAES / "sae",
+                overwrite=True, progress=lambda _s, i, total: bar.update(i, total=total),
+            )  # fmt: skip
+        report, per_step = _sae_report(sae, acts, trajs, ft, record)
+        runs.write_json(out / runs.REPORT, Kind.DT_FEATURES, report)
+        runs.write_json(out / DT_PLAYER_JSON, Kind.DT_FEATURES, {"db": runs.FEATURE_DB, "steps": per_step})
+    console.print(
+        f"SAE {site} (d_sae {d_sae}, k {k}, {result.steps} steps) on {acts.n_rows:,} state tokens of {n} "
+        f"episodes: FVU {report['fvu']:.3f}, L0 {report['l0']:.2f}, {report['alive']} of {d_sae} features fire"
+    )
+    if report["labels"]:
+        from rich.table import Table
+
+        table = Table("environment variable", "share of steps", "best feature", "AUROC", "its density")
+        for s in report["labels"]:
+            table.add_row(
+                s["label"],
+                f"{s['positives']:.3f}",
+                str(s["feature"]),
+                f"{s['auroc']:.4f}",
+                f"{s['density']:.3f}",
+            )
+        console.print(table)
+        console.print(
+            f"{len(report['interpretable'])} features detect an environment variable with AUROC >= "
+            f"{report['auroc_threshold']}: {report['interpretable']}"
+        )
+    elif report.get("labels_note"):
+        console.print(f"no environment variables: {report['labels_note']}", style="yellow", markup=False)
+    console.print(
+        f"SAE run: {_saved(out)} ({runs.CONFIG}, {runs.LOG}, {runs.SAES}/sae/, {runs.REPORT}); features: "
+        f"{_saved(db)}",
+        soft_wrap=True,
+    )
+    console.print(f"browse: {_serve_command(db, [out, Path(data), folder])}", markup=False, soft_wrap=True)
+
+
+def _sae_report(
+    sae: Any, acts: Any, trajs: Any, ft: Any, record: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The numbers `sae_command` reports (FVU and L0 on every cached row, the best feature per environment
+    variable by AUROC: needs minigrid to replay the episodes) and each player step's strongest features."""
+    from interplab.sae.train import evaluate_returned
+
+    fit = evaluate_returned(sae, acts.x)
+    fa = ft.encode_rows(sae, acts.x)
+    scores, note = [], None
+    try:
+        from interplab.rl.labels import env_labels
+
+        scores = [s.to_dict() for s in ft.label_scores(fa, acts, ft.env_variables(env_labels(trajs)))]
+    except ImportError as err:
+        note = f"replaying the episodes needs the rl extra (minigrid + gymnasium): {err}"
+    threshold = 0.9
+    return {  # the headline numbers first (the web app's home page shows the first few)
+        "fvu": fit["fvu"],
+        "l0": fit["l0"],
+        "alive": int((fa > 0).any(0).sum()),
+        "d_sae": int(sae.cfg.d_sae),
+        **record,
+        "labels": scores,
+        "labels_note": note,
+        "auroc_threshold": threshold,
+        "interpretable": sorted({s["feature"] for s in scores if s["auroc"] >= threshold}),
+        "db": runs.FEATURE_DB,
+    }, ft.step_features(fa, acts, range(min(PLAYER_STEPS_EPISODES, acts.n_episodes)))
+
+
+def _serve_command(db: Path, inside: list[Path]) -> str:
+    """``interplab serve --runs ROOT --db DB``: ROOT the folder holding the run, the data and the model (the
+    web app reads files only inside its --runs folders), paths relative to here when they lie below it."""
+    import os
+    import shlex
+
+    resolved = [p.resolve() for p in inside]
+    try:
+        root = Path(os.path.commonpath(resolved))
+    except ValueError:
+        root = resolved[0].parent
+    if root == Path(root.anchor):  # nothing shared but / : serve each folder's parent
+        roots = sorted({p.parent for p in resolved})
+    else:
+        roots = [root]
+
+    def shown(p: Path) -> str:
+        try:
+            rel = p.resolve().relative_to(Path.cwd())
+            return shlex.quote(str(rel) if str(rel) != "." else ".")
+        except ValueError:
+            return shlex.quote(str(p.resolve()))
+
+    return "interplab serve " + " ".join(f"--runs {shown(r)}" for r in roots) + f" --db {shown(db)}"
 
 
 def register(root: typer.Typer) -> None:

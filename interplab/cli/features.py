@@ -289,6 +289,11 @@ def steer(
             )
         try:
             with FeatureReader(db) as store:
+                if isinstance(store.meta().get("dt"), dict):  # `interplab dt sae`'s: no prompt to steer
+                    fail(
+                        f"--db {db} holds a decision transformer's features: steering by prompt needs a language "
+                        "model's feature database (steer a DT with interplab.rl.analysis.steer)"
+                    )
                 max_act = store.feature(feature)["max_act"]
         except FeatureNotFound:
             fail(f"feature {feature} is not in the feature database {db}")

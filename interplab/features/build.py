@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,19 +119,75 @@ def build_feature_db(
     n_tokens = int(counts.sum())
     if n_tokens == 0:
         raise ValueError("the token source is empty")
+
+    def collect(
+        feats: torch.Tensor, state: StreamingFeatureStats, checkpoint: Any, report: Any
+    ) -> FeatureStats:
+        return collect_features(
+            model, sae, tokens, cfg, features=feats, state=state, checkpoint=checkpoint, progress=report
+        )
+
+    def effects(feats: torch.Tensor) -> torch.Tensor | None:
+        return decoder_logit_effects(model, sae, feats) if sae.cfg.d_in == model.cfg.d_model else None
+
+    return write_feature_db(
+        path,
+        sae,
+        cfg,
+        fingerprint=_fingerprint(model, sae, cfg, n_tokens),
+        meta={
+            "seq_len": seq_len,
+            "model_path": str(Path(model_path).resolve()) if model_path else None,
+            "sae_path": str(Path(sae_path).resolve()) if sae_path else None,
+        },
+        vocab=token_strings(model, model.cfg.d_vocab),
+        counts=counts.tolist(),
+        collect=collect,
+        logit_effects=effects,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+Collect = Callable[[torch.Tensor, StreamingFeatureStats, Callable, Callable], FeatureStats]
+"""``collect(features, state, checkpoint, report) -> FeatureStats``: one streaming pass over the data for a range
+of features, continuing ``state`` (its ``batches`` already seen), calling ``checkpoint(state)`` to save it and
+``report(i, total)`` for progress (`collect_features` over a corpus; `interplab.rl.features` over cached
+decision-transformer activations)"""
+
+
+def write_feature_db(
+    path: str | Path,
+    sae: SAE,
+    cfg: FeatureBuildConfig,
+    *,
+    fingerprint: dict,
+    meta: dict[str, Any],
+    vocab: list[str],
+    counts: list[int],
+    collect: Collect,
+    logit_effects: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    on_create: Callable[[FeatureWriter], None] | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """The build of `build_feature_db` for any source of activations: the database at ``path`` created (its
+    ``meta``: ``fingerprint``, the histogram edges, the window, the SAE's site and size, ``n_tokens`` =
+    ``sum(counts)`` and the entries of ``meta``; the vocabulary ``vocab`` with ``counts``; ``on_create`` for
+    anything else written once) or resumed (a different ``fingerprint`` is refused), then one ``collect``
+    pass per range of features, each written in chunks and recorded as done."""
+    n_tokens = int(sum(counts))
     with FeatureWriter.for_build(path, overwrite=overwrite) as store:  # closed on an error too
-        fingerprint = _fingerprint(model, sae, cfg, n_tokens)
-        meta = store.meta()
-        if "fingerprint" in meta and meta["fingerprint"] != fingerprint:
+        found = store.meta()
+        if "fingerprint" in found and found["fingerprint"] != fingerprint:
             raise ValueError(
                 f"{path} was built with other settings, SAE or corpus; pass overwrite=True (--overwrite) "
                 f"to rebuild it from scratch"
             )
-        if "fingerprint" not in meta:
+        if "fingerprint" not in found:
             store.set_meta(
                 fingerprint=fingerprint,
                 status="building",
-                seq_len=seq_len,
                 hist_edges=np.round(
                     np.logspace(np.log10(cfg.hist_min), np.log10(cfg.hist_max), cfg.hist_bins + 1), 8
                 ).tolist(),
@@ -139,11 +196,12 @@ def build_feature_db(
                 hook_name=sae.cfg.hook_name,
                 d_sae=int(sae.cfg.d_sae),
                 n_tokens=n_tokens,
-                model_path=str(Path(model_path).resolve()) if model_path else None,
-                sae_path=str(Path(sae_path).resolve()) if sae_path else None,
+                **meta,
             )
-            store.write_vocab(token_strings(model, model.cfg.d_vocab), counts.tolist())
-        vocab = store.vocab()
+            store.write_vocab(vocab, counts)
+            if on_create is not None:
+                on_create(store)
+        stored_vocab = store.vocab()
         d_sae = int(sae.cfg.d_sae)
         step = cfg.features_per_pass or d_sae
         done = store.passes_done()
@@ -166,13 +224,11 @@ def build_feature_db(
                 if progress is not None:
                     progress(f"features {first}-{last - 1}", i, total)
 
-            stats = collect_features(
-                model, sae, tokens, cfg, features=feats, state=state, checkpoint=checkpoint, progress=report
-            )
-            effects = decoder_logit_effects(model, sae, feats) if sae.cfg.d_in == model.cfg.d_model else None
+            stats = collect(feats, state, checkpoint, report)
+            effects = logit_effects(feats) if logit_effects is not None else None
             for lo in range(0, last - first, WRITE_CHUNK):
                 rows, ctx = feature_rows(
-                    stats, effects, cfg, vocab, range(lo, min(lo + WRITE_CHUNK, last - first))
+                    stats, effects, cfg, stored_vocab, range(lo, min(lo + WRITE_CHUNK, last - first))
                 )
                 store.write_features(rows, ctx)
             store.mark_pass_done(first, last)

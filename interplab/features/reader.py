@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,20 @@ class FeatureReader(FeatureDatabase):
         out["top"] = [r for r in contexts if r["kind"] == 0]
         out["samples"] = [r for r in contexts if r["kind"] == 1]
         out["label"] = dict(label) if label is not None else None
+        return out
+
+    def dt_rows(self, token_indices: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """A decision transformer's database (`schema.dt_rows`): where each of ``token_indices`` (contexts'
+        ``token_index``) comes from: ``episode``, ``step``, ``flat_step``, ``token_kind``, ``action``,
+        ``rtg``. Empty for a language model's database (it has no such table)."""
+        wanted = sorted({int(i) for i in token_indices})
+        if not wanted or not S.has_table(self.engine, S.dt_rows):
+            return {}
+        out: dict[int, dict[str, Any]] = {}
+        with self.engine.connect() as c:
+            for lo in range(0, len(wanted), 500):
+                q = select(S.dt_rows).where(S.dt_rows.c.token_index.in_(wanted[lo : lo + 500]))
+                out.update({int(r["token_index"]): dict(r) for r in c.execute(q).mappings()})
         return out
 
     def neighbours(self, index: int) -> tuple[int | None, int | None]:
@@ -231,5 +246,7 @@ class FeatureReader(FeatureDatabase):
         out = {}
         with self.engine.connect() as c:
             for table in S.metadata.sorted_tables:
+                if table in S.OPTIONAL_TABLES and not S.has_table(self.engine, table):
+                    continue
                 out[table.name] = sorted(tuple(r) for r in c.execute(select(table)))
         return out

@@ -6,6 +6,10 @@ URL works too (PostgreSQL: ``postgresql://...``), with full-text search falling 
 Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores);
 3 = + checksums (a SHA-256 per feature of its row and contexts, verified when the feature is read, so a changed
 byte is named instead of served; features written before version 3 have none).
+Optional, in no version: ``dt_rows`` (`dt_rows`), written only into databases of a decision transformer's
+features (`interplab.rl.features`), whose "tokens" are the rows of a trajectory cache: where each row comes from
+(episode, step, token kind, action, return-to-go). A database without it is a language model's; every reader
+checks for it (`has_table`), so older databases open unchanged and an older interplab reads the new ones.
 A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.database.sqlite_engine`), so
 a name with ``?`` or ``#`` is a name; a `FeatureReader` opens with ``mode=ro`` and never switches the journal.
 """
@@ -116,6 +120,20 @@ checksums = Table(
     Column("sha256", String(64), nullable=False),  # of the feature's row and its contexts (`row_digest`)
 )
 
+dt_rows = Table(
+    "dt_rows",
+    metadata,
+    Column("token_index", Integer, primary_key=True, autoincrement=False),  # a context's token_index
+    Column("episode", Integer, nullable=False),  # in the trajectory folder recorded in meta "dt"
+    Column("step", Integer, nullable=False),  # within the episode
+    Column("flat_step", Integer, nullable=False),  # in the trajectories' flat step axis
+    Column("token_kind", String(16), nullable=False),  # "rtg", "state" or "action"
+    Column("action", Integer, nullable=False),  # the action taken at the step
+    Column("rtg", Float, nullable=False),  # the return-to-go at the step
+)
+OPTIONAL_TABLES = (dt_rows,)
+"""tables only some databases have (created by the build that needs them; absent from every migration)"""
+
 _V1_TABLES = (meta, vocab, features, contexts, passes)
 CONTEXT_DIGEST_COLUMNS = ("kind", "rank", "token_index", "act", "tokens", "acts", "text")
 READABLE_FROM = 2
@@ -144,6 +162,10 @@ def _stored(col: Column, value: Any) -> Any:
     if isinstance(col.type, LargeBinary):
         return bytes(value)
     return str(value)
+
+
+def has_table(engine: Engine, table: Table) -> bool:
+    return inspect(engine).has_table(table.name)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

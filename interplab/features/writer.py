@@ -134,6 +134,15 @@ class FeatureWriter(FeatureDatabase):
         else:
             c.execute(insert(S.contexts), context_rows)
 
+    def write_dt_rows(self, rows: list[dict]) -> None:
+        """Record where each row of a decision transformer's trajectory cache comes from (`schema.dt_rows`:
+        the table is created here, so only such databases have it); replaces what was there."""
+        with self.engine.begin() as c:
+            S.dt_rows.create(c, checkfirst=True)
+            c.execute(delete(S.dt_rows))
+            for start in range(0, len(rows), 5000):
+                c.execute(insert(S.dt_rows), rows[start : start + 5000])
+
     def mark_pass_done(self, first: int, last: int) -> None:
         with self.engine.begin() as c:
             c.execute(delete(S.passes).where(S.passes.c.first == first))

@@ -28,6 +28,12 @@ _EXPORTS: dict[str, str] = {
     "load_trajectories": "trajectories",
     "collect": "expert",
     "expert_action": "expert",
+    "PPOConfig": "ppo",
+    "PPOPolicy": "ppo",
+    "train_ppo": "ppo",
+    "load_ppo_policy": "ppo",
+    "play_ppo": "ppo",
+    "collect_ppo": "ppo",
     # the model and its training
     "DTConfig": "model",
     "DecisionTransformer": "model",

@@ -37,7 +37,16 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
     DT evaluation (Kind.DT_EVAL)        `interplab dt eval`: calibration.json {kind: dt_eval, version, env,
                                         targets: per target its episodes, mean return, 95% CI} + pictures,
                                         trajectories/ (Kind.TRAJECTORIES: the episodes it played)
+    PPO run (Kind.PPO)                  `interplab dt ppo`: config.json {kind: ppo, version, ...PPOConfig}, log.jsonl,
+                                        checkpoints/step_N/ (N env steps: model.safetensors, optimizer.safetensors,
+                                        rollout.safetensors, state.json), report.json {kind: ppo_report}
     DT analysis (Kind.DT_ANALYSIS)      `interplab dt analyze`: report.json {kind: dt_analysis, ...} + pictures
+    DT features                         `interplab dt sae`: an SAE training run (config.json's data holds
+                                        ``dt``: model, trajectories, site, kinds) + features.db (meta ``dt``,
+                                        table dt_rows) + report.json {kind: dt_features}
+    attribution graph                   `interplab graph build`: report.json {kind: attribution_graph, version,
+    (Kind.ATTRIBUTION_GRAPH)            scores, sizes, targets, model, clt}, graph.safetensors (the unpruned
+                                        adjacency and nodes), graph.json (Neuronpedia's graph JSON, pruned)
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures;
                                         a discovery run's metrics.json {kind: circuit_metrics} (MIB CPR/CMD)
@@ -85,6 +94,8 @@ from interplab.runs.names import (
     FORMATION,
     FORMATION_JSON,
     GRADIENT_INDEX,
+    GRAPH_JSON,
+    GRAPH_TENSORS,
     LOG,
     MANIFEST,
     METRICS_JSON,
@@ -112,7 +123,9 @@ from interplab.runs.openers import (
     DTEvalRun,
     DTModelDir,
     DTTrainRun,
+    GraphRun,
     ModelDir,
+    PPORun,
     Report,
     SAERun,
     TrainRun,
@@ -141,12 +154,16 @@ __all__ = [
     "FORMATION_JSON",
     "METRICS_JSON",
     "GRADIENT_INDEX",
+    "GRAPH_JSON",
+    "GRAPH_TENSORS",
+    "GraphRun",
     "Kind",
     "LOG",
     "MANIFEST",
     "MODEL_CHECKPOINT_FILES",
     "MODEL_WEIGHTS",
     "ModelDir",
+    "PPORun",
     "NotARunError",
     "OPTIMIZER",
     "PLOTLY_JS",

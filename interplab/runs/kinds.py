@@ -36,6 +36,13 @@ class Kind(str, Enum):
     """the train_summary.json of an SAE training run (tokens, steps, each SAE's final log row)"""
     SAE_EVAL = "sae_eval"
     """an SAE evaluation report"""
+    CLT = "clt"
+    """a cross-layer (or per-layer) transcoder folder (`interplab.sae.clt.save_clt`: cfg.json + circuit-tracer's
+    weight files)"""
+    CLT_TRAIN = "clt_train"
+    """a CLT training run (`interplab clt train`: config.json, log.jsonl, checkpoints/, clt/ or clts/NAME/)"""
+    CLT_EVAL = "clt_eval"
+    """a CLT evaluation (`interplab clt eval`: report.json, per-layer FVU, replacement CE/KL, error norms)"""
     ACTIVATION_CACHE = "activation_cache"
     """activations cached on disk (manifest.json + shards)"""
     FEATURE_DB = "feature_db"
@@ -96,9 +103,22 @@ class Kind(str, Enum):
     DT_EVAL = "dt_eval"
     """a decision-transformer evaluation (`interplab dt eval`): the calibration curve, achieved vs target
     return-to-go, per target its episodes, mean return and 95% CI (``calibration.json``)"""
+    ATTRIBUTION_GRAPH = "attribution_graph"
+    """an attribution graph of one prompt (`interplab graph build`, `AttributionGraph.save`): report.json
+    {kind: attribution_graph, ...}, graph.safetensors (the unpruned adjacency and nodes), graph.json
+    (circuit-tracer / Neuronpedia's graph JSON of the pruned graph: a foreign format, no kind)"""
     DT_ANALYSIS = "dt_analysis"
     """an analysis of a decision transformer on trajectories (`interplab dt analyze`: probes, patching,
     attention from the decision token; ``report.json`` + pictures)"""
+    DT_FEATURES = "dt_features"
+    """the report.json of `interplab dt sae` in its SAE training run: the SAE's FVU and L0 on the cached rows,
+    the best feature per environment variable (AUROC) and each player step's strongest features"""
+
+    PPO = "ppo"
+    """a PPO training run (`interplab dt ppo`, `interplab.rl.ppo.train_ppo`: config.json with a PPOConfig,
+    log.jsonl, checkpoints/step_N/ named by environment steps, report.json)"""
+    PPO_REPORT = "ppo_report"
+    """the report.json of a PPO training run"""
 
     @property
     def label(self) -> str:
@@ -115,6 +135,9 @@ _LABELS = {
     Kind.SAE: "an SAE folder",
     Kind.SAE_TRAIN_SUMMARY: "an SAE training summary",
     Kind.SAE_EVAL: "an SAE evaluation",
+    Kind.CLT: "a cross-layer transcoder folder",
+    Kind.CLT_TRAIN: "a CLT training run",
+    Kind.CLT_EVAL: "a CLT evaluation",
     Kind.ACTIVATION_CACHE: "an activation cache",
     Kind.FEATURE_DB: "a feature database",
     Kind.CHECKSUMS: "a checksums record",
@@ -144,6 +167,10 @@ _LABELS = {
     Kind.DT_TRAIN_REPORT: "a decision-transformer training report",
     Kind.DT_EVAL: "a decision-transformer evaluation",
     Kind.DT_ANALYSIS: "a decision-transformer analysis",
+    Kind.DT_FEATURES: "a decision-transformer feature report",
+    Kind.ATTRIBUTION_GRAPH: "an attribution graph",
+    Kind.PPO: "a PPO training run",
+    Kind.PPO_REPORT: "a PPO training report",
 }
 
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}

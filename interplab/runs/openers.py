@@ -1,5 +1,5 @@
 """Typed views of the folders interplab writes: `TrainRun`, `SAERun`, `CacheRun`, `ModelDir`, `Report`, the
-decision-transformer ones (`TrajectoriesDir`, `DTModelDir`, `DTTrainRun`, `DTEvalRun`), and `open_run` for any
+decision-transformer ones (`TrajectoriesDir`, `DTModelDir`, `DTTrainRun`, `DTEvalRun`, `PPORun`), and `open_run` for any
 of them; each accepts the folder itself and says what a folder is when it is not one."""
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ from interplab.runs.kinds import Kind, NotARunError, RunError
 from interplab.runs.names import (
     _SHARD_PREFIX,
     CALIBRATION_JSON,
+    CLT_CFG,
+    CLT_DIR,
+    CLTS_DIR,
     CONFIG,
     FINAL,
     FORMATION_JSON,
+    GRAPH_JSON,
+    GRAPH_TENSORS,
     MANIFEST,
+    MODEL_WEIGHTS,
     REPORT,
     ROLLOUTS,
     TOKENIZER,
@@ -203,6 +209,9 @@ REPORT_KINDS = (
     Kind.STEERING,
     Kind.DT_TRAIN_REPORT,
     Kind.DT_ANALYSIS,
+    Kind.DT_FEATURES,
+    Kind.CLT_EVAL,
+    Kind.PPO_REPORT,
 )
 
 
@@ -338,8 +347,150 @@ class DTEvalRun:
         return p if detect(p) is Kind.TRAJECTORIES else None
 
 
+@dataclass(frozen=True)
+class GraphRun:
+    """An attribution graph folder (`interplab graph build`, `interplab.graphs.AttributionGraph.save`):
+    ``report`` is its report.json (scores, sizes, targets, where the model and CLT were); `interplab.graphs`
+    reads the tensors (``graph.safetensors``) and writes ``graph.json`` (Neuronpedia's schema, the pruned graph,
+    where the web app saves pins and supernodes)."""
+
+    path: Path
+    report: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> GraphRun:
+        return cls(
+            *_open_doc(path, Kind.ATTRIBUTION_GRAPH, REPORT, "a folder written by `interplab graph build`")
+        )
+
+    @property
+    def graph_json(self) -> Path:
+        return self.path / GRAPH_JSON
+
+    @property
+    def tensors(self) -> Path:
+        return self.path / GRAPH_TENSORS
+
+
+@dataclass(frozen=True)
+class CLTDir:
+    """A cross-layer (or per-layer) transcoder folder (`interplab.sae.clt.save_clt`); ``config`` its cfg.json
+    (the CLTConfig, kind ``clt``). `interplab.sae.clt.load_clt` reads the weights."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> CLTDir:
+        return cls(
+            *_open_doc(path, Kind.CLT, CLT_CFG, "a folder written by save_clt / `interplab clt train`")
+        )
+
+
+@dataclass(frozen=True)
+class CLTTrainRun:
+    """A CLT training run (`interplab clt train`): one CLT (``clt/``), or one per checkpoint of a model's
+    training run (``clts/step_N/``, each a CLT training run of its own). ``config``: config.json, no kind."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> CLTTrainRun:
+        path, data = _open_doc(path, Kind.CLT_TRAIN, CONFIG, "a folder written by `interplab clt train`")
+        return cls(path, {k: v for k, v in data.items() if k != "kind"})
+
+    @property
+    def across(self) -> bool:
+        """Whether this run trained one CLT per checkpoint (``clts/``)."""
+        return "across" in self.config
+
+    @property
+    def runs(self) -> dict[str, Path]:
+        """The single-CLT runs inside, by name: this run itself, or each checkpoint's (``clts/NAME``)."""
+        if not self.across:
+            return {CLT_DIR: self.path}
+        root = self.path / CLTS_DIR
+        names = [str(n) for n in self.config["across"].get("checkpoints", [])]
+        return {n: root / n for n in names if detect(root / n) is Kind.CLT_TRAIN}
+
+    @property
+    def clts(self) -> dict[str, Path]:
+        """The finished CLT folders, by name (``clt`` for a single run, the checkpoint names across a run)."""
+        return {n: p / CLT_DIR for n, p in self.runs.items() if detect(p / CLT_DIR) is Kind.CLT}
+
+    @property
+    def clt(self) -> Path:
+        """The one finished CLT (a single run); an unfinished run or one across checkpoints raises."""
+        found = self.clts
+        if self.across:
+            raise RunError(
+                f"{self.path} holds one CLT per checkpoint ({', '.join(found) or 'none yet'}): name one"
+            )
+        if not found:
+            raise RunError(f"{self.path} is a CLT training run with no {CLT_DIR}/ yet: resume it")
+        return found[CLT_DIR]
+
+    def checkpoints(self, intact: bool = True) -> list[Checkpoint]:
+        return _checkpoints(self.path, intact, (), need_optimizer=False)
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return read_log(self.path)
+
+
+@dataclass(frozen=True)
+class PPORun(_LoggedRun):
+    """A PPO training run (`interplab dt ppo`, `interplab.rl.ppo.train_ppo`). ``config``: its PPOConfig as a
+    dict (without ``kind``); checkpoints are named by environment steps and hold the policy's weights
+    (``model.safetensors``), the optimizer and the running episodes (``rollout.safetensors``)."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> PPORun:
+        path, data = _open_doc(path, Kind.PPO, CONFIG, "a folder written by `interplab dt ppo`")
+        return cls(path, {k: v for k, v in data.items() if k != "kind"})
+
+    def checkpoints(self, intact: bool = True) -> list[Checkpoint]:
+        """The run's checkpoints by environment step; ``intact``: only those whose files match their
+        recorded checksums."""
+        return _checkpoints(self.path, intact, (MODEL_WEIGHTS,), need_optimizer=False)
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        """The intact checkpoint of ``step`` environment steps (an error lists the steps there are)."""
+        found = self.checkpoints()
+        for c in found:
+            if c.step == step:
+                return c
+        raise RunError(
+            f"{self.path} has no intact checkpoint of step {step}; it has {[c.step for c in found] or 'none'}"
+        )
+
+    @property
+    def latest(self) -> Checkpoint:
+        """The newest intact checkpoint (the trained policy once the run finished)."""
+        found = self.checkpoints()
+        if not found:
+            raise RunError(f"{self.path} is a PPO run with no intact checkpoint yet: resume it")
+        return found[-1]
+
+
 Opened = (
-    TrainRun | SAERun | CacheRun | ModelDir | Report | TrajectoriesDir | DTModelDir | DTTrainRun | DTEvalRun
+    TrainRun
+    | SAERun
+    | CacheRun
+    | ModelDir
+    | Report
+    | TrajectoriesDir
+    | DTModelDir
+    | DTTrainRun
+    | DTEvalRun
+    | GraphRun
+    | CLTDir
+    | CLTTrainRun
+    | PPORun
 )
 
 
@@ -365,4 +516,8 @@ _OPENERS: dict[Kind, Callable[[Path], Opened]] = {
     Kind.DT_MODEL: DTModelDir.open,
     Kind.DT_TRAIN: DTTrainRun.open,
     Kind.DT_EVAL: DTEvalRun.open,
+    Kind.PPO: PPORun.open,
+    Kind.ATTRIBUTION_GRAPH: GraphRun.open,
+    Kind.CLT: CLTDir.open,
+    Kind.CLT_TRAIN: CLTTrainRun.open,
 }

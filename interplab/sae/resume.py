@@ -53,6 +53,7 @@ from interplab.train.checkpoint import (
     set_global_rng_state,
     write_checkpoint,
 )
+from interplab.train.distributed import from_rank0, is_main
 from interplab.train.log import read_log, truncate_log
 
 if TYPE_CHECKING:
@@ -85,11 +86,53 @@ def run_identity(
     return json.loads(json.dumps(ident, default=str))
 
 
-def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+def start_run(
+    run: Path | None,
+    identity: dict[str, Any],
+    trainers: Sequence[Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    kind: Kind = RUN_KIND,
+    files: Sequence[str] = _RUN_FILES,
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Claim ``run`` (rank 0, `claim_run`) and restore ``trainers`` from its newest intact checkpoint when it
+    holds this same run (every rank, once rank 0 has checked and cleaned the folder): (step, tokens, events to
+    log). Step 0 with no folder, or a new run. Every rank calls it (a collective under torchrun); rank 0's
+    refusal is raised on rank 0, a RuntimeError on the others."""
+    continuing, error, events = False, None, []
+    if run is not None and is_main():
+        try:
+            continuing = claim_run(run, identity, resume=resume, overwrite=overwrite, kind=kind, files=files)
+            events += clean_run(run) if continuing else []
+        except (ValueError, OSError) as err:
+            error = err
+    # every rank learns rank 0's decision (after it checked and cleaned the folder) before reading checkpoints
+    decision = from_rank0(2 if error is not None else int(continuing))
+    if error is not None:
+        raise error
+    if decision == 2:
+        raise RuntimeError("rank 0 refused the run folder (see its error)")
+    if run is None or decision != 1:
+        return 0, 0, events
+    start, tokens, found = resume_training(run, trainers)
+    return start, tokens, events + found
+
+
+def claim_run(
+    run: Path,
+    identity: dict[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    kind: Kind = RUN_KIND,
+    files: Sequence[str] = _RUN_FILES,
+) -> bool:
     """Make ``run`` this run's folder. True if it already holds this run (to continue from its checkpoints).
 
     A folder holding a different run is refused, naming the first difference, unless ``overwrite`` (then the
-    earlier run's files are removed); a non-empty folder that is not an SAE run is never written to."""
+    earlier run's files are removed); a non-empty folder that is not an SAE run is never written to. ``kind``
+    and ``files`` (what overwrite removes) let another trainer's runs (a CLT's) share this protocol."""
     cfg_file = run / CONFIG
     if run.exists() and not run.is_dir():
         raise NotADirectoryError(f"{run} is a file, not a run folder: choose another output folder")
@@ -99,14 +142,14 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
             old = read_json(cfg_file)
         except RunError:
             old = {}
-    if old is None or old.get("kind") != RUN_KIND.value:
+    if old is None or old.get("kind") != kind.value:
         leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")] if run.is_dir() else []
         if run.is_dir() and any(p not in leftovers for p in run.iterdir()):
             raise ValueError(
-                f"{run} is not empty and does not hold an SAE training run: choose another output folder"
+                f"{run} is not empty and does not hold {kind.label}: choose another output folder"
             )
         run.mkdir(parents=True, exist_ok=True)
-        _write_config(run, identity)
+        _write_config(run, identity, kind)
         return False
     diff = _first_difference(old, identity)
     if diff is None and resume:
@@ -117,7 +160,7 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
             f"{run} {why}: use another output folder (a new --out), or overwrite=True (--overwrite) to "
             "replace it"
         )
-    for name in _RUN_FILES:
+    for name in files:
         p = run / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -125,12 +168,12 @@ def claim_run(run: Path, identity: dict[str, Any], *, resume: bool, overwrite: b
             p.unlink()
     for p in run.glob("training_*.html"):
         p.unlink()
-    _write_config(run, identity)
+    _write_config(run, identity, kind)
     return False
 
 
-def _write_config(run: Path, identity: dict[str, Any]) -> None:
-    write_json(run / CONFIG, RUN_KIND, identity)
+def _write_config(run: Path, identity: dict[str, Any], kind: Kind = RUN_KIND) -> None:
+    write_json(run / CONFIG, kind, identity)
 
 
 def _first_difference(old: Any, new: Any, where: str = "") -> str | None:

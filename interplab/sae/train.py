@@ -43,7 +43,6 @@ from interplab.train.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_,
-    from_rank0,
     is_main,
     world_size,
 )
@@ -218,26 +217,8 @@ def train_saes(
     stop = total_steps if stop_after is None else min(stop_after, total_steps)
     run = Path(run_dir) if run_dir is not None else None
     history: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    start = tokens = 0
-    continuing, error = False, None
-    if run is not None and is_main():
-        try:
-            continuing = resume_lib.claim_run(
-                run, resume_lib.run_identity(saes, cfgs, data), resume=resume, overwrite=overwrite
-            )
-            events += resume_lib.clean_run(run) if continuing else []
-        except (ValueError, OSError) as err:
-            error = err
-    # every rank learns rank 0's decision (after it checked and cleaned the folder) before reading checkpoints
-    decision = from_rank0(2 if error is not None else int(continuing))
-    if error is not None:
-        raise error
-    if decision == 2:
-        raise RuntimeError("rank 0 refused the run folder (see its error)")
-    if run is not None and decision == 1:
-        start, tokens, found = resume_lib.resume_training(run, trainers)
-        events += found
+    identity = resume_lib.run_identity(saes, cfgs, data)
+    start, tokens, events = resume_lib.start_run(run, identity, trainers, resume=resume, overwrite=overwrite)
     if run is not None and is_main():
         history = resume_lib.restart_log(run, start)
     log = open(run / LOG, "a") if run is not None and is_main() else None  # noqa: SIM115

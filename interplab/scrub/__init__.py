@@ -2,6 +2,7 @@
 
 from interplab.scrub.algorithm import ScrubConfig, ScrubTask, scrub
 from interplab.scrub.compile import CompiledHypothesis, compile_hypothesis
+from interplab.scrub.graph import ComputationGraph, scrub_graph
 from interplab.scrub.hypothesis import Claim, Feature, Hypothesis, Rewrite, anything, feature
 from interplab.scrub.result import ClaimRow, Estimate, ScrubResult
 from interplab.scrub.sampling import FeatureGroups, ScrubError
@@ -10,6 +11,7 @@ __all__ = [
     "Claim",
     "ClaimRow",
     "CompiledHypothesis",
+    "ComputationGraph",
     "Estimate",
     "Feature",
     "FeatureGroups",
@@ -23,4 +25,5 @@ __all__ = [
     "compile_hypothesis",
     "feature",
     "scrub",
+    "scrub_graph",
 ]

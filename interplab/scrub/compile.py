@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -87,6 +87,19 @@ class CompiledClaim:
     @property
     def where(self) -> str:
         return f"'{self.path}'"
+
+
+_C = TypeVar("_C", bound="CompiledClaim | Any")
+
+
+def depth_first(root: _C) -> list[_C]:
+    """``root`` and every claim below it (anything with a ``children`` list), parents before children."""
+    out, todo = [], [root]
+    while todo:
+        c = todo.pop(0)
+        out.append(c)
+        todo = list(c.children) + todo
+    return out
 
 
 def _overlap(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> bool:
@@ -306,12 +319,7 @@ class CompiledHypothesis:
     """for every node, the nodes with a path into it"""
 
     def claims(self) -> list[CompiledClaim]:
-        out, todo = [], [self.root]
-        while todo:
-            c = todo.pop(0)
-            out.append(c)
-            todo = c.children + todo
-        return out
+        return depth_first(self.root)
 
     def spec(
         self,
@@ -358,6 +366,11 @@ def compile_hypothesis(
     """Check ``hypothesis`` against ``engine``'s model (targets, positions, overlaps, features on the engine's
     rows) and return it compiled; raises `ScrubError` naming the claim's path. ``groups`` caches feature
     groupings across hypotheses on the same engine."""
+    if hypothesis.output != "logits":
+        raise ScrubError(
+            f"hypothesis {hypothesis.name!r} is rooted at {hypothesis.output!r}: a model's hypothesis is rooted at "
+            "'logits' (graphs: interplab.scrub.graph.scrub_graph)"
+        )
     pool = torch.arange(engine.tokens.shape[0]) if pool is None else torch.as_tensor(pool).long()
     compiler = _Compiler(engine, pool, {} if groups is None else groups)
     (root,) = compiler.compile(hypothesis.root, None, "logits", None)

@@ -81,7 +81,9 @@ def feature(fn: Callable[[Any], Any] | None = None, *, name: str | None = None, 
     return wrap(fn) if fn is not None else wrap
 
 
-def _one_class(tokens: Tensor) -> Tensor:
+def _one_class(tokens: Any) -> Tensor:
+    if isinstance(tokens, Mapping):  # a computational graph's data set (`interplab.scrub.graph`)
+        tokens = next(iter(tokens.values()))
     return torch.zeros(tokens.shape[0], dtype=torch.long)
 
 
@@ -304,13 +306,16 @@ class Hypothesis:
 
     root: Claim
     name: str = "hypothesis"
+    output: str = field(default="logits", kw_only=True)
+    """the output the root claims: ``logits`` for a model; a `interplab.scrub.graph.ComputationGraph`'s
+    output node (e.g. ``loss``) for a graph"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, Claim):
             raise TypeError(f"Hypothesis.root must be a Claim, got {type(self.root).__name__}")
-        if self.root.target != "logits":
+        if self.root.target != self.output:
             raise ValueError(
-                f"a hypothesis is rooted at the output: root target must be 'logits', "
+                f"a hypothesis is rooted at the output: root target must be {self.output!r}, "
                 f"got {self.root.target!r}"
             )
 
@@ -344,5 +349,7 @@ class Hypothesis:
             return claim if path == keep else replace(claim, feature=None)
 
         return Hypothesis(
-            self.root.map(strip), name=f"{self.name} ({'/'.join(keep) if keep else 'structure'} only)"
+            self.root.map(strip),
+            name=f"{self.name} ({'/'.join(keep) if keep else 'structure'} only)",
+            output=self.output,
         )

@@ -35,10 +35,12 @@ Features of the model (REMIX's setup, recomputed from the fixture's weights):
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -273,31 +275,106 @@ def _adjusted_above_half(tokens: Tensor, weights: Tensor) -> Tensor:
     return above
 
 
-def _remix_float32_above_half(tokens: Tensor, weights: Tensor) -> Tensor:
-    """REMIX's own arithmetic: float32 weights per key, normalised, summed over the ``(`` keys, > 0.5."""
-    w = weights.float()
-    lengths = torch.arange(N_CTX + 1)[:, None, None]
-    k, q = torch.arange(N_CTX)[None, None], torch.arange(N_CTX)[None, :, None]
-    paren = (k >= 1) & (k <= lengths - 2)
-    zero = torch.zeros((), dtype=torch.float32)
-    per_key = torch.where(paren & (k < q), w[..., :1], zero) + torch.where(paren & (k >= q), w[..., 1:], zero)
-    per_key = per_key / per_key.sum(-1, keepdim=True)
-    return (per_key[input_length(tokens)] * (tokens == OPEN).float()[:, None, :]).sum(-1) > 0.5
+def remix_adjusted_attention(model: Transformer) -> Tensor:
+    """REMIX's ``get_adjusted_attn_factors`` line by line in REMIX's own arithmetic (remix_public @ 45c291d,
+    ``remix_d4_part2_setup.py``): float32 throughout; the canonical inputs of ``make_input_arr``; queries and
+    keys by ``einsum`` with REMIX's [d_head, d_model] weight layout; scores ``- 10_000`` on pads, ``/ 28**0.5``;
+    scipy's softmax (max-shifted ``exp`` over its sum, in numpy float32); the per-key weight the numpy
+    ``mean(where=mask)`` of the paren keys before / at-or-after the query, NaN means set to 0; normalised by
+    its torch ``sum`` over keys. Returns float32 [43 input_length, 42 query, 42 key] (lengths 0 and 1 NaN).
+
+    Only `_remix_adjusted_p` uses it, to show what REMIX's code computes; its last bits depend on the reduction
+    order of the machine's torch/numpy kernels (see `adjusted_horizon`)."""
+    attn, ln = model.blocks[0].attn, model.blocks[0].ln1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # REMIX's NaN rows and empty means, as in its setup
+        w = {
+            "q": attn.W_Q[0].detach().float().T.contiguous(),
+            "k": attn.W_K[0].detach().float().T.contiguous(),
+            "q_bias": attn.b_Q[0].detach().float(),
+            "k_bias": attn.b_K[0].detach().float(),
+        }
+        pe = model.pos_embed.W_pos.detach().float()[:N_CTX, None, :] + model.embed.W_E.detach().float()[None]
+        d = pe.shape[-1]
+        ple = torch.nn.functional.layer_norm(
+            pe, (d,), weight=cast(Tensor, ln.w).detach().float(), bias=cast(Tensor, ln.b).detach().float()
+        )
+        lens = torch.arange(N_CTX + 1)[:, None, None].expand(N_CTX + 1, N_CTX, d)
+        seq = torch.arange(N_CTX)[None, :, None].expand(N_CTX + 1, N_CTX, d)
+
+        def input_arr(just_opens: bool) -> Tensor:
+            paren = ple[:, OPEN, :] if just_opens else ple[:, [OPEN, CLOSE], :].mean(1)
+            arr = torch.where(seq < lens, paren, ple[:, PAD, :])
+            arr = torch.where(seq == 0, ple[None, 0, START, :], arr)
+            arr = torch.where(seq == lens - 1, ple[None, :, END, :], arr)
+            arr[[0, 1], :, :] = torch.nan
+            return arr
+
+        queries = torch.einsum("hd,lqd->lqh", w["q"], input_arr(True)) + w["q_bias"]
+        keys = torch.einsum("hd,lkd->lkh", w["k"], input_arr(False)) + w["k_bias"]
+        scores = torch.einsum("lqh,lkh->lqk", queries, keys)
+        k = torch.arange(N_CTX)[None, None, :]
+        q = torch.arange(N_CTX)[None, :, None]
+        length = torch.arange(N_CTX + 1)[:, None, None]
+        scores = torch.where((k >= length).expand_as(scores), scores - 10_000, scores) / (28**0.5)
+        x = scores.numpy()
+        e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+        probs = e / np.sum(e, axis=-1, keepdims=True)
+        paren = (k >= 1) & (k <= length - 2)
+        weights = torch.zeros(())
+        for mask in (paren & (k < q), paren & (k >= q)):
+            m = mask.expand(N_CTX + 1, N_CTX, N_CTX)
+            mean = torch.tensor(probs.mean(axis=-1, keepdims=True, where=m.numpy()))
+            weights = weights + m * torch.nan_to_num(mean, nan=0)
+        return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _remix_adjusted_p(tokens: Tensor, weights: Tensor) -> Tensor:
+    """REMIX's ``compute_adjusted_p_open_after``: ``(weights[input_length] * is_open[:, None, :]).sum(-1)``
+    (float32 [rows pos]), in chunks of rows (each row's sum is independent of the others)."""
+    idx = input_length(tokens)
+    out = [
+        (weights[idx[i : i + 4096]] * (tokens[i : i + 4096] == OPEN)[:, None, :]).sum(-1)
+        for i in range(0, tokens.shape[0], 4096)
+    ]
+    return torch.cat(out)
 
 
 def adjusted_horizon(model: Transformer, *, remix_float32: bool = False):
     """REMIX 3b's horizon_i with the adjusted proportion: ``fn(tokens) -> [rows pos]`` five classes as in
-    `horizon`. The comparison with 1/2 is exact for the float64 weights, so a position where the parens
-    before it and those after it each have equal counts (adjusted p exactly 1/2) is always +2.
-    ``remix_float32=True`` reproduces REMIX's arithmetic instead (float32 weights per key summed, then
-    ``> 0.5``), which puts about one in six of those exact ties on the ``> 1/2`` side by rounding (on the
-    fixture: 22,243 positions, so 6,663 of the 26,412 balanced strings fail its horizon_all; docs/scrub.md)."""
+    `horizon`.
+
+    The definition (remix_public @ 45c291d: ``remix_d4_part2_setup.py`` ``get_adjusted_attn_factors`` and
+    ``compute_adjusted_p_open_after``; ``remix_d4_part2_solution.py`` ``to_horizon_vals``): each paren key k
+    of a string of input length n gets, for query i, the weight ``A_before[n, i]`` (k < i) or ``A_after[n, i]``
+    (k >= i) (`adjusted_attention`: head 0.0's mean attention to those keys from a ``(`` query on the
+    canonical string), normalised to sum 1 over the paren keys; the adjusted p_i is the weight on the ``(``
+    keys; class -2 where ``p_i > 0.5``, +2 where ``p_i <= 0.5``. Here the comparison is exact: the sign of
+    ``(2 opens_b - parens_b) A_before + (2 opens_a - parens_a) A_after`` for the float64 weights, with
+    rational arithmetic where float64 cannot tell.
+
+    Ties: where the parens before i and those at or after i each have equal counts (and at i = 0 for every
+    string with equal counts), p_i is exactly 1/2 whatever the weights (140,261 positions of the fixture), so
+    the class is +2, as `horizon`'s. REMIX's code decides these ties by float32 rounding (sums of normalised
+    float32 weights compared with 0.5), which depends on the reduction order of the machine's kernels: run
+    line by line here (`remix_adjusted_attention`; ``remix_float32=True``), 23,451 of the ties go to -2 with
+    torch's scalar kernels and 21,689 (13,668 of them others) with its AVX2 kernels, on the same weights. At
+    every other position REMIX's float32 classes and these exact ones are equal (the fixture's closest
+    non-tie p is 2.4e-6 from 1/2). docs/scrub.md, "REMIX 3b and its ties", has the numbers this gives."""
+    if remix_float32:
+        factors = remix_adjusted_attention(model)
+
+        def remix(tokens: Tensor) -> Tensor:
+            parens_after = suffix_counts(tokens)[1]
+            return _classify(tokens, _remix_adjusted_p(tokens, factors) > 0.5, parens_after > 0)
+
+        remix.__name__ = "adjusted_horizon_remix_float32"
+        return remix
     weights = adjusted_attention(model)
-    above = _remix_float32_above_half if remix_float32 else _adjusted_above_half
 
     def adjusted(tokens: Tensor) -> Tensor:
         parens_after = suffix_counts(tokens)[1]
-        return _classify(tokens, above(tokens, weights), parens_after > 0)
+        return _classify(tokens, _adjusted_above_half(tokens, weights), parens_after > 0)
 
     adjusted.__name__ = "adjusted_horizon"
     return adjusted

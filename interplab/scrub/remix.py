@@ -105,7 +105,14 @@ REMIX_EXPERIMENTS: dict[str, RemixExperiment] = {
             note="REMIX's own code gives ~1.23 (its notebook); 0.1 is a widened tolerance",
         ),
         RemixExperiment(
-            "3b", "3a with 0.0's adjusted proportion", 1.14, 0.1, True, note="REMIX's own code gives ~1.17"
+            "3b",
+            "3a with 0.0's adjusted proportion",
+            1.14,
+            0.1,
+            True,
+            note="REMIX's own code gives ~1.17 on its machine: its float32 sums decide the 140,261 positions "
+            "where the adjusted p is exactly 1/2, differently with other kernels (docs/scrub.md, "
+            "'REMIX 3b and its ties')",
         ),
         RemixExperiment("3c", "3b; each position i = a0.0 + m0 + m1 on horizon_i", None, None, True),
         RemixExperiment(
@@ -188,7 +195,8 @@ def remix_hypothesis(
 ) -> Hypothesis:
     """REMIX experiment ``name`` (a key of `REMIX_EXPERIMENTS`) as a hypothesis; the experiments whose
     features come from the model (2 part 3, 2b, 3b-3d, 4) need ``model``. ``remix_float32=True`` classifies
-    3b's adjusted proportion with REMIX's float32 arithmetic instead of exactly (`adjusted_horizon`)."""
+    3b's adjusted proportion with REMIX's own float32 arithmetic instead of exactly (`adjusted_horizon`): its
+    exact ties then fall by rounding, so the result depends on the machine's kernels."""
     if name not in REMIX_EXPERIMENTS:
         raise ValueError(f"unknown REMIX experiment {name!r}; valid: {', '.join(REMIX_EXPERIMENTS)}")
     if REMIX_EXPERIMENTS[name].needs_model and model is None:

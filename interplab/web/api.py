@@ -78,6 +78,12 @@ def add_routes(app: FastAPI, res: Resources) -> None:
     @app.post("/api/db/{db}/feature/{index}/steer")
     def api_steer(db: str, index: FeatureIndex, body: SteerIn):
         rec = feature_or_404(db, index)
+        if isinstance(res.meta.get(db, {}).get("dt"), dict):  # a decision transformer's: no prompt to steer
+            raise HTTPException(
+                422,
+                f"database {db!r} holds a decision transformer's features: steering by prompt needs a "
+                "language model's (see interplab.rl.analysis.steer for DT steering)",
+            )
         if body.value is not None and body.strength is not None:
             raise HTTPException(
                 422, "give either strength (a multiple of the max activation) or value, not both"

@@ -8,8 +8,10 @@ Pages: ``/`` (databases, runs, models, SAEs), ``/db/<name>/`` (feature list), ``
 ``/db/<name>/search``, ``/db/<name>/random``, ``/run/<i>`` (training curves, formation plots, scrubbed
 hypotheses ...), ``/run/<i>/files/<path>`` (a run's report pages and pictures, sandboxed),
 ``/run/<i>/dt/frame/<e>/<t>.png`` (a decision-transformer run's grid view of episode e, step t),
+``/run/<i>/graph?at=<folder>`` (an attribution graph inside a run; a graph run's own page shows it),
 ``/attention`` (attention patterns for a typed prompt). JSON API under ``/api``: a feature, its label
-(POST to edit), steering (POST), attention patterns (POST). No asset comes from the network.
+(POST to edit), steering (POST), attention patterns (POST), an attribution graph's pins and supernodes
+(POST ``/api/run/<i>/graph``). No asset comes from the network.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from interplab.model import Transformer
 from interplab.model.load import load_model
 from interplab.plots import PLOTLY_JS, plotly_js_source
 from interplab.sae import SAE, load_sae
-from interplab.web import api
+from interplab.web import api, graph_page
 from interplab.web.api import INT64_MAX, FeatureIndex
-from interplab.web.dt_page import dt_view, player_frame
+from interplab.web.dt_page import db_frame, dt_feature_view, dt_view, player_frame
 from interplab.web.guard import HostOriginGuard, normalise_allowed
 from interplab.web.run_page import run_view
 from interplab.web.runs import Artifact, contained, find_artifacts, read_bytes
@@ -156,7 +158,8 @@ def create_app(
         HostOriginGuard, allowed_hosts=normalise_allowed(allowed_hosts)
     )  # refuses bad names now
     app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
-    artifacts: list[Artifact] = find_artifacts([Path(r) for r in runs])
+    roots = [Path(r) for r in runs]
+    artifacts: list[Artifact] = find_artifacts(roots)
     served = {  # database file -> its name here, to link a run's databases to their pages
         Path(str(db)).resolve(): name
         for db, name in zip(dbs, res.stores, strict=True)
@@ -243,6 +246,7 @@ def create_app(
                 404, f"feature {index} is not in database {db!r} ({n} features: 0..{n - 1})"
             ) from None
         prev, nxt = store.neighbours(index)
+        dt = dt_feature_view(rec, res.meta[db], store, roots, f"/db/{db}/dt/frame")  # a DT database's
         return page(
             request,
             "feature.html",
@@ -251,10 +255,21 @@ def create_app(
             next=nxt,
             links=links(db),
             meta=res.meta[db],
-            steering=True,
+            steering=dt is None,
+            dt=dt,
             default_strength=DEFAULT_STRENGTH,
             **feature_view(rec, res.meta[db], store.vocab()),
         )
+
+    @app.get("/db/{db}/dt/frame/{episode}/{step}.png")
+    def db_dt_frame(db: str, episode: RunIndex, step: RunIndex):
+        """A state of a decision transformer's feature database, drawn from its trajectory folder (read only
+        inside the --runs folders)."""
+        res.store(db)
+        data = db_frame(res.meta[db], roots, episode, step)
+        if data is None:
+            raise HTTPException(404, f"database {db!r} has no picture of episode {episode}, step {step}")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/db/{db}/random")
     def random_feature(db: str):
@@ -289,6 +304,9 @@ def create_app(
             labels=store.labels(),
         )
 
+    def explanations(db: str) -> dict[int, str]:  # a served database's labels, for graph nodes
+        return {f: row["explanation"] for f, row in res.store(db).labels().items()}
+
     def artifact(index: int) -> Artifact:
         if not 0 <= index < len(artifacts):
             raise HTTPException(404, f"no run {index}: {len(artifacts)} runs, models and SAEs are listed")
@@ -299,8 +317,24 @@ def create_app(
         art = artifact(index)
         view = run_view(art)
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
-        dt = dt_view(art)
-        return page(request, "run.html", art=art, view=view, databases=databases, index=index, dt=dt)
+        dt = dt_view(art, artifacts, served)
+        graphs = view.pop("graphs")  # the run's own graph is shown in the page, the others linked
+        graph = (
+            graph_page.graph_view(art.path, art.root, served, explanations) if art.path in graphs else None
+        )
+        nested = [str(g.relative_to(art.path)) for g in graphs if g != art.path]
+        return page(
+            request,
+            "run.html",
+            art=art,
+            view=view,
+            databases=databases,
+            index=index,
+            dt=dt,
+            graph=graph,
+            graph_at="",
+            graphs=nested,
+        )
 
     @app.get("/run/{index}/dt/frame/{episode}/{step}.png")
     def dt_frame(index: RunIndex, episode: RunIndex, step: RunIndex):
@@ -340,4 +374,5 @@ def create_app(
         return page(request, "attention.html", has_model=has_model)
 
     api.add_routes(app, res)
+    graph_page.add_routes(app, artifact, page, served, read_only=read_only, labels=explanations)
     return app

@@ -11,6 +11,7 @@ palette) and served one step at a time (`frame_png`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,24 @@ def _num(v: Any) -> bool:
 
 
 def dt_kind(art: Artifact) -> Kind | None:
-    """The DT kind of an artifact's folder, or None when it is not one."""
+    """The DT kind of an artifact's folder (an SAE run of `interplab dt sae` counts), or None."""
     kind = runs.detect(art.path, reader(art.root))
+    if kind is Kind.SAE_TRAIN and sae_record(art.path, art.root) is not None:
+        return kind
     return kind if kind in DT_KINDS else None
+
+
+DT_PLAYER_JSON = "player.json"
+"""`interplab dt sae`'s per-step features (`interplab.cli.dt.DT_PLAYER_JSON`)"""
+
+
+def sae_record(path: Path, root: Path) -> dict[str, Any] | None:
+    """What an SAE run of `interplab dt sae` read (its config.json's ``data.dt``: model, trajectories, site ...),
+    or None for any other folder."""
+    cfg = read_json(path / runs.CONFIG, root)
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    dt = data.get("dt") if isinstance(data, dict) else None
+    return dt if isinstance(dt, dict) and isinstance(dt.get("trajectories"), str) else None
 
 
 def _column(doc: dict[str, Any], key: str, n: int) -> list[Any]:
@@ -254,6 +270,9 @@ def _player_source(art: Artifact, kind: Kind) -> tuple[Path | None, Any]:
         source = report.get("data")
         folder = art.path / source if isinstance(source, str) else None  # an absolute path stays absolute
         return folder, report.get("attention")
+    if kind is Kind.SAE_TRAIN:
+        rec = sae_record(art.path, art.root)
+        return (Path(rec["trajectories"]) if rec is not None else None), None
     return None, None
 
 
@@ -264,10 +283,15 @@ def player_frame(art: Artifact, episode: int, step: int) -> bytes | None:
     return None if folder is None else frame_png(folder, art.root, episode, step)
 
 
-def dt_view(art: Artifact) -> dict[str, Any] | None:
+def dt_view(
+    art: Artifact, others: Sequence[Artifact] = (), databases: dict[Path, str] | None = None
+) -> dict[str, Any] | None:
     """The DT section of a run page (None for any other kind of run): what the folder is, the calibration
-    (an evaluation), the trajectory player (a data set, an evaluation's episodes, an analysis' data), the
-    model's configuration (a training run or a model folder) and an analysis' results."""
+    (an evaluation), the trajectory player (a data set, an evaluation's episodes, an analysis' data, an SAE
+    run's data), the model's configuration (a training run or a model folder), an analysis' or SAE run's
+    results. The player's per-step read-outs: an analysis' probe predictions and the strongest features of an
+    SAE run of the same model on the same data (found among ``others``; ``databases`` names the served
+    feature databases, to link each feature to its page)."""
     kind = dt_kind(art)
     if kind is None:
         return None
@@ -294,7 +318,190 @@ def dt_view(art: Artifact) -> dict[str, Any] | None:
         view["has_final"] = kind is Kind.DT_MODEL or runs.detect(model, reader(root)) is Kind.DT_MODEL
     elif kind is Kind.DT_ANALYSIS:
         view["analysis"] = _scalars(read_json(path / runs.REPORT, root))
+    elif kind is Kind.SAE_TRAIN:
+        report = read_json(path / runs.REPORT, root)
+        report = report if isinstance(report, dict) else {}
+        labels = report.get("labels")
+        view["labels"] = [x for x in labels if isinstance(x, dict)] if isinstance(labels, list) else []
     folder, attention = _player_source(art, kind)
     if folder is not None:
         view["player"] = player_view(folder, root, attention, targets)
+        if view["player"] is not None:
+            add_readouts(view["player"], art, kind, others, databases or {})
     return view
+
+
+# --- per-step read-outs: probes (an analysis) and SAE features (an SAE run of `interplab dt sae`) ---------------
+
+
+def _resolved(p: Any) -> str | None:
+    try:
+        return str(Path(p).resolve()) if isinstance(p, str) and p else None
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _model_and_data(art: Artifact, kind: Kind | None) -> tuple[str | None, str | None]:
+    """The model folder and trajectory folder (resolved) an analysis or a DT SAE run read."""
+    if kind is Kind.DT_ANALYSIS:
+        report = read_json(art.path / runs.REPORT, art.root)
+        report = report if isinstance(report, dict) else {}
+        return _resolved(report.get("model")), _resolved(report.get("data"))
+    if kind is Kind.SAE_TRAIN:
+        rec = sae_record(art.path, art.root) or {}
+        return _resolved(rec.get("model")), _resolved(rec.get("trajectories"))
+    return None, None
+
+
+def _partner(art: Artifact, kind: Kind, others: Sequence[Artifact], want: Kind) -> Artifact | None:
+    """Among ``others``, the first ``want`` run of the same model on the same data as ``art``."""
+    mine = _model_and_data(art, kind)
+    if None in mine:
+        return None
+    for o in others:
+        if o.path != art.path and runs.detect(o.path, reader(o.root)) is want:
+            if want is Kind.SAE_TRAIN and sae_record(o.path, o.root) is None:
+                continue
+            if _model_and_data(o, want) == mine:
+                return o
+    return None
+
+
+def add_readouts(
+    player: dict[str, Any],
+    art: Artifact,
+    kind: Kind | None,
+    others: Sequence[Artifact],
+    databases: dict[Path, str],
+) -> None:
+    """Attach to each player episode, per step, the probes' predictions (``probes``: ``[label, predicted,
+    probability, true]``) and the strongest SAE features (``features``: ``[feature, activation]``), where an
+    analysis and an SAE run of the same model on the same data recorded them."""
+    if kind not in (Kind.DT_ANALYSIS, Kind.SAE_TRAIN):
+        return
+    analysis = art if kind is Kind.DT_ANALYSIS else _partner(art, kind, others, Kind.DT_ANALYSIS)
+    sae_run = art if kind is Kind.SAE_TRAIN else _partner(art, kind, others, Kind.SAE_TRAIN)
+    if analysis is not None:
+        report = read_json(analysis.path / runs.REPORT, analysis.root)
+        ps = report.get("probe_steps") if isinstance(report, dict) else None
+        if (
+            isinstance(ps, dict)
+            and isinstance(ps.get("labels"), dict)
+            and isinstance(ps.get("episodes"), dict)
+        ):
+            _probe_readouts(player, ps)
+    if sae_run is not None:
+        doc = read_json(sae_run.path / DT_PLAYER_JSON, sae_run.root)
+        steps = doc.get("steps") if isinstance(doc, dict) else None
+        if isinstance(steps, dict):
+            for ep in player["episodes"]:
+                rows = steps.get(str(ep["episode"]))
+                if isinstance(rows, list) and len(rows) == ep["length"]:
+                    ep["features"] = [_pairs(r) for r in rows]
+            db = sae_run.path / (doc.get("db") if isinstance(doc.get("db"), str) else runs.FEATURE_DB)
+            real = contained(db, sae_run.root)
+            player["features_db"] = databases.get(real) if real is not None else None
+            player["features_run"] = sae_run.name
+
+
+def _probe_readouts(player: dict[str, Any], ps: dict[str, Any]) -> None:
+    labels = {
+        k: v for k, v in ps["labels"].items() if isinstance(v, dict) and isinstance(v.get("classes"), list)
+    }
+    player["probe_labels"] = {
+        k: {"site": v.get("site"), "accuracy": v.get("held_out_accuracy")} for k, v in labels.items()
+    }
+    for ep in player["episodes"]:
+        per = ps["episodes"].get(str(ep["episode"]))
+        if not isinstance(per, dict):
+            continue
+        steps: list[list[list[Any]]] = [[] for _ in range(ep["length"])]
+        for name, rows in per.items():
+            classes = labels.get(name, {}).get("classes")
+            if classes is None or not isinstance(rows, list) or len(rows) != ep["length"]:
+                continue
+            for t, r in enumerate(rows):
+                if isinstance(r, list) and len(r) == 3 and all(_num(x) for x in r):
+                    pred, p, true = int(r[0]), float(r[1]), int(r[2])
+                    if 0 <= pred < len(classes) and 0 <= true < len(classes):
+                        steps[t].append([name, str(classes[pred]), p, str(classes[true])])
+        if any(steps):
+            ep["probes"] = steps
+
+
+def _pairs(row: Any) -> list[list[float]]:
+    if not isinstance(row, list):
+        return []
+    return [
+        [int(x[0]), float(x[1])] for x in row if isinstance(x, list) and len(x) == 2 and all(map(_num, x))
+    ]
+
+
+# --- a DT feature database's pages -----------------------------------------------------------------------------
+
+
+def db_trajectories(meta: dict[str, Any], roots: Sequence[Path]) -> tuple[Path, Path] | None:
+    """The trajectory folder a DT feature database records (``meta["dt"]["trajectories"]``) and the --runs
+    folder holding it, or None when the record is missing or the folder lies outside every --runs folder."""
+    dt = meta.get("dt")
+    folder = dt.get("trajectories") if isinstance(dt, dict) else None
+    if not isinstance(folder, str):
+        return None
+    for root in roots:
+        try:
+            real_root = Path(root).resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        real = contained(Path(folder), real_root)
+        if real is not None and trajectories(real, real_root) is not None:
+            return real, real_root
+    return None
+
+
+def db_frame(meta: dict[str, Any], roots: Sequence[Path], episode: int, step: int) -> bytes | None:
+    """The PNG of one state of a DT feature database's trajectories (`frame_png`), or None."""
+    where = db_trajectories(meta, roots)
+    return None if where is None else frame_png(where[0], where[1], episode, step)
+
+
+def dt_feature_view(
+    rec: dict[str, Any], meta: dict[str, Any], store: Any, roots: Sequence[Path], frame_base: str
+) -> dict[str, Any] | None:
+    """A DT feature database's feature page additions (None for a language model's database): for each top
+    activation its episode, step, token kind, the action taken and the return-to-go (`schema.dt_rows`), and
+    the picture's URL (``frame_base/<episode>/<step>.png``) when the trajectory folder is inside a --runs
+    folder; otherwise a note saying why there are no pictures."""
+    dt = meta.get("dt")
+    if not isinstance(dt, dict):
+        return None
+    where = db_trajectories(meta, roots)
+    rows = store.dt_rows(c["token_index"] for c in rec["top"])
+    cards = []
+    for c in rec["top"]:
+        r = rows.get(int(c["token_index"]))
+        card: dict[str, Any] = {"act": c["act"], "token_index": c["token_index"]}
+        if r is not None:
+            a = int(r["action"])
+            card.update(
+                episode=int(r["episode"]), step=int(r["step"]), kind=str(r["token_kind"]), rtg=float(r["rtg"]),
+                action=ACTION_NAMES[a] if 0 <= a < len(ACTION_NAMES) else str(a),
+            )  # fmt: skip
+            if where is not None:
+                card["src"] = f"{frame_base}/{card['episode']}/{card['step']}.png"
+        cards.append(card)
+    note = None
+    if where is None:
+        folder = dt.get("trajectories")
+        note = (
+            f"no pictures: the trajectory folder {folder} is missing or lies outside the --runs folders "
+            "(serve it with --runs FOLDER_HOLDING_IT)"
+            if folder
+            else "no pictures: the database records no trajectory folder"
+        )
+    return {
+        "cards": cards,
+        "note": note,
+        "env": dt.get("env"),
+        "site": dt.get("site"),
+        "trajectories": dt.get("trajectories"),
+    }

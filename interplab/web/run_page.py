@@ -165,6 +165,7 @@ def run_view(art: Artifact) -> dict[str, Any]:
         "attributions": [attribution_view(p, path, root) for p in parts["attributions"]],
         "scrubs": [scrub_view(p, path, root) for p in parts["scrubs"]],
         "databases": parts["databases"],
+        "graphs": parts["graphs"],
     }
 
 

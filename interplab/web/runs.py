@@ -148,8 +148,8 @@ def _is_model(p: Path, root: Path, kind: Kind | None) -> bool:
 
 
 def _is_run(p: Path, root: Path, kind: Kind | None) -> bool:
-    if kind is None:  # one the contract does not know, shown for what it holds
-        return any(_file(p / n, root) for n in (runs.LOG, runs.REPORT))
+    if kind is None:  # one the contract does not know, shown for what it holds (a graph circuit-tracer wrote)
+        return any(_file(p / n, root) for n in (runs.LOG, runs.REPORT, runs.GRAPH_JSON))
     return kind not in (*_MODELS, Kind.SAE, *_NOT_LISTED)
 
 
@@ -259,6 +259,8 @@ def _parts(p: Path, root: Path) -> tuple[str, ...]:
         out.append(_count(len(c["scrubs"]), "scrubbed hypothesis", "scrubbed hypotheses"))
     if c["databases"]:
         out.append(_count(len(c["databases"]), "feature database"))
+    if c["graphs"]:
+        out.append(_count(len(c["graphs"]), "attribution graph"))
     return tuple(out)
 
 
@@ -270,7 +272,7 @@ def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
     """The parts of a run folder, by what `interplab.runs.detect` says each sub-folder is, inside ``root``:
     checkpoints, final model, formation files, SAE folders, evaluation reports, attribution reports,
     causal-scrubbing reports (one folder per hypothesis, or the folder itself), sub-runs with their own
-    ``log.jsonl``, feature databases."""
+    ``log.jsonl``, feature databases, attribution graphs (folders holding a ``graph.json``)."""
     out: dict[str, list[Path]] = {
         k: []
         for k in (
@@ -283,6 +285,7 @@ def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
             "scrubs",
             "logs",
             "databases",
+            "graphs",
         )  # fmt: skip
     }
     if _dir(path / runs.CHECKPOINTS, root):
@@ -322,10 +325,12 @@ def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
 
 def _classify(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
     """File ``folder`` under the parts its documents make it: formation scores, an attribution, an SAE
-    evaluation, a causal-scrubbing report."""
+    evaluation, a causal-scrubbing report, an attribution graph."""
+    kind = _report_kind(folder, root)
+    if _file(folder / runs.GRAPH_JSON, root) or kind is Kind.ATTRIBUTION_GRAPH:
+        out["graphs"].append(folder)
     if _file(folder / runs.FORMATION_JSON, root):
         out["formation"].append(folder / runs.FORMATION_JSON)
-    kind = _report_kind(folder, root)
     if kind is Kind.ATTRIBUTION:
         out["attributions"].append(folder)
     elif kind is Kind.SAE_EVAL:

@@ -213,3 +213,85 @@ def test_adjusted_horizon_decides_exact_ties_exactly(model):
     # the float32 emulation agrees wherever the weighted count is not a tie
     f32 = adjusted_horizon(model, remix_float32=True)(t)
     assert f32[2].tolist() == got[2].tolist() and f32[3].tolist() == got[3].tolist()
+
+
+@pytest.fixture(scope="module")
+def paren_fixture():
+    from interplab.scrub.parens import load_data, load_paren_model
+    from tests.conftest import SHARED
+
+    folder = SHARED / "fixtures" / "paren_balancer"
+    if not folder.is_dir():
+        pytest.skip(f"paren balancer fixture absent ({folder})")
+    strings, _ = load_data(folder)
+    return load_paren_model(folder), list(strings[:20_000])
+
+
+def _class_by_hand(s: str, i: int, w_before: Fraction, w_after: Fraction) -> int:
+    """horizon_i of REMIX 3b from the string's characters, in rational arithmetic: the weight of the ``(``
+    keys over the weight of all paren keys (key k at token position k + 1), compared with 1/2."""
+    toks = hand_tokens(s)
+    if toks[i] in "PE":
+        return hand_horizon(s, i)
+    weights = [(w_before if k + 1 < i else w_after, c) for k, c in enumerate(s)]
+    p = sum((w for w, c in weights if c == "("), Fraction(0)) / sum((w for w, _ in weights), Fraction(0))
+    return -2 if p > Fraction(1, 2) else 2
+
+
+def test_adjusted_horizon_on_the_fixture_is_exact_and_differs_from_remix_float32_only_at_ties(paren_fixture):
+    """The corrected 3b feature against a character-by-character rational computation, and against REMIX's
+    own float32 arithmetic (`remix_adjusted_attention`): equal everywhere except where p is exactly 1/2."""
+    model, strings = paren_fixture
+    t = tokenize(strings)
+    exact = adjusted_horizon(model)(t)
+    remix = adjusted_horizon(model, remix_float32=True)(t)
+    w = adjusted_attention(model)
+    # ties by hand: the parens before i and those at or after i each have as many ( as )
+    tie = torch.zeros_like(t, dtype=torch.bool)
+    for r, s in enumerate(strings):
+        for i in range(len(s) + 1):  # token positions 0 (start) .. len(s) (the last paren)
+            before, after = s[: max(i - 1, 0)], s[max(i - 1, 0) :]
+            tie[r, i] = 2 * before.count("(") == len(before) and 2 * after.count("(") == len(after)
+    assert int(tie.sum()) > 10_000
+    assert bool((exact[tie] == 2).all())  # p = 1/2 exactly: "at most half"
+    assert bool((exact[~tie] == remix[~tie]).all())  # REMIX's float32 agrees wherever p is not a tie
+    assert bool((remix[tie] == -2).any())  # ... and rounds some ties above 1/2
+    # away from ties the adjusted p is far from 1/2 at float32 precision, so those classes are robust
+    real = (t == 0) | (t == 3) | (t == 4)
+    p = adjusted_p_open_after(model, t)
+    assert float((p[real & ~tie] - 0.5).abs().min()) > 1e-6
+    # a character-by-character rational computation on ties, on the positions closest to 1/2, and at random
+    gap = (p - 0.5).abs().masked_fill(~real | tie, float("inf"))
+    picks = set(zip(*[v.tolist() for v in tie.nonzero()[:150].T], strict=True))
+    picks |= {divmod(int(j), 42) for j in gap.flatten().argsort()[:150]}
+    g = torch.Generator().manual_seed(0)
+    picks |= {
+        (int(r), int(i))
+        for r, i in zip(
+            torch.randint(0, len(strings), (200,), generator=g),
+            torch.randint(0, 42, (200,), generator=g),
+            strict=True,
+        )
+    }
+    for r, i in sorted(picks):
+        n = len(strings[r]) + 2
+        want = _class_by_hand(strings[r], i, Fraction(float(w[n, i, 0])), Fraction(float(w[n, i, 1])))
+        assert int(exact[r, i]) == want, (strings[r], i)
+
+
+def test_remix_float32_port_reads_the_same_weights(paren_fixture):
+    """`remix_adjusted_attention` (REMIX's code in its float32 arithmetic) is the float64 definition to float32
+    precision: per key, A_before for paren keys before the query and A_after for those at or after it,
+    normalised over the paren keys."""
+    from interplab.scrub.parens import remix_adjusted_attention
+
+    model, _ = paren_fixture
+    per_key = remix_adjusted_attention(model).double()
+    w = adjusted_attention(model)
+    k, q = torch.arange(42)[None, None], torch.arange(42)[None, :, None]
+    n = torch.arange(43)[:, None, None]
+    paren = (k >= 1) & (k <= n - 2)
+    want = torch.where(paren & (k < q), w[..., :1], 0.0) + torch.where(paren & (k >= q), w[..., 1:], 0.0)
+    want = want / want.sum(-1, keepdim=True)
+    torch.testing.assert_close(per_key[2:], want[2:], rtol=1e-5, atol=1e-7, equal_nan=True)  # length 2: 0/0
+    assert bool(per_key[:2].isnan().all())

@@ -175,6 +175,8 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         "/run/0",
         "/run/0/files/plotly.min.js",
         "/run/0/dt/frame/0/0.png",
+        "/db/tiny/dt/frame/0/0.png",
+        "/run/0/graph",
         "/attention",
         "/api/db/tiny/feature/3",
         "/static/app.css",

@@ -141,6 +141,29 @@ window.interplab = (function () {
       document.getElementById("dt-action").textContent = ep.actions[t];
       document.getElementById("dt-reward").textContent = ep.rewards[t].toFixed(3);
       document.getElementById("dt-rtg").textContent = ep.rtg[t].toFixed(3);
+      const probes = document.getElementById("dt-probes"), pr = ep.probes ? ep.probes[t] : null;
+      if (probes) {
+        probes.hidden = !(pr && pr.length);
+        const body = probes.querySelector("tbody"); body.textContent = "";
+        for (const [name, pred, p, truth] of pr || []) {
+          const tr = document.createElement("tr");
+          for (const v of [name, pred, p.toFixed(2), truth]) { const td = document.createElement("td"); td.textContent = v; tr.appendChild(td); }
+          if (pred !== truth) tr.className = "wrong";
+          body.appendChild(tr);
+        }
+      }
+      const fbox = document.getElementById("dt-features-box"), fl = document.getElementById("dt-features");
+      const fs = ep.features ? ep.features[t] : null;
+      if (fbox && fl) {
+        fbox.hidden = !ep.features; fl.textContent = "";
+        for (const [f, a] of fs || []) {
+          const el = document.createElement(pl.features_db ? "a" : "span");
+          if (pl.features_db) el.href = "/db/" + encodeURIComponent(pl.features_db) + "/feature/" + f;
+          el.className = "dt-feature"; el.textContent = f + " (" + a.toFixed(2) + ")";
+          fl.appendChild(el); fl.appendChild(document.createTextNode(" "));
+        }
+        if (ep.features && !(fs && fs.length)) fl.textContent = "none fire";
+      }
       const box = document.getElementById("dt-attention"), anote = document.getElementById("dt-attention-note");
       const row = ep.attention ? ep.attention[t] : null;
       if (row && window.Plotly) {

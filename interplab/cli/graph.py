@@ -1,0 +1,197 @@
+"""``interplab graph build|intervene``: the attribution graph of a prompt on a model with its (cross-layer)
+transcoder, saved as a run folder the web app opens; interventions that check it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from interplab import runs
+from interplab.cli.common import (
+    claim_out,
+    console,
+    fail,
+    load_model_arg,
+    out_file,
+    out_folder,
+    positive_float,
+    positive_int,
+    print_command,
+    set_threads,
+    threads_option,
+)
+from interplab.graphs import (
+    AttributionGraph,
+    Intervention,
+    attribute,
+    graph_scores,
+    intervene,
+    prune_graph,
+)
+from interplab.model import Transformer
+from interplab.runs.openers import CLTTrainRun
+from interplab.sae.clt import CrossLayerTranscoder, load_clt
+
+app = typer.Typer(
+    help="Attribution graphs: build one for a prompt, check it with interventions.", no_args_is_help=True
+)
+
+
+def _load_clt(path: Path) -> CrossLayerTranscoder:
+    """A CLT folder, or a CLT training run's finished CLT."""
+    kind = runs.detect(path)
+    if kind is runs.Kind.CLT_TRAIN:
+        try:
+            path = CLTTrainRun.open(path).clt
+        except runs.RunError as err:
+            fail(str(err))
+    elif kind is not runs.Kind.CLT:
+        fail(
+            f"--clt {path} is {runs.describe(path)}; expected a CLT folder (`interplab clt train` writes one)"
+        )
+    return load_clt(path)
+
+
+def _tokens(model: Transformer, prompt: str | None, tokens: str | None) -> list[int] | str:
+    if (prompt is None) == (tokens is None):
+        fail("give the prompt as --prompt TEXT or as --tokens ID,ID,... (one of the two)")
+    if tokens is not None:
+        try:
+            return [int(t) for t in tokens.replace(" ", "").split(",") if t]
+        except ValueError:
+            fail(f"--tokens {tokens!r}: write token ids separated by commas, e.g. --tokens 0,12,7")
+    assert prompt is not None
+    if model.tokenizer is None:
+        fail("the model has no tokenizer: give the prompt as --tokens ID,ID,...")
+    return prompt
+
+
+def _targets(text: str | None) -> object:
+    """``--targets``: K (top K), ``ID,ID,...`` or ``logit_diff:A:B``."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        if text.startswith("logit_diff:"):
+            _, a, b = text.split(":")
+            return ("logit_diff", int(a), int(b))
+        if "," in text:
+            return [int(t) for t in text.split(",") if t]
+        return int(text)
+    except ValueError:
+        fail(f"--targets {text!r}: write K (the top K logits), ID,ID,... (token ids) or logit_diff:A:B")
+
+
+def build(
+    model: Path = typer.Option(..., "--model", help="a model folder or training run (its final/)"),
+    clt: Path = typer.Option(..., "--clt", help="a CLT folder (or a CLT training run)"),
+    out: Path = typer.Option(..., "--out", callback=out_folder, help="the graph's run folder"),
+    prompt: str | None = typer.Option(None, "--prompt", help="the prompt as text"),
+    tokens: str | None = typer.Option(None, "--tokens", help="the prompt as token ids, ID,ID,..."),
+    targets: str | None = typer.Option(
+        None,
+        "--targets",
+        help="K (top-K logits, default 10 up to p=0.95), token ids ID,ID (one id: ID,) or logit_diff:A:B",
+    ),
+    node_threshold: float = typer.Option(
+        0.8, "--node-threshold", help="fraction of influence the kept nodes carry"
+    ),
+    edge_threshold: float = typer.Option(
+        0.98, "--edge-threshold", help="fraction of influence the kept edges carry"
+    ),
+    max_feature_nodes: int | None = typer.Option(
+        None, "--max-feature-nodes", callback=positive_int, help="keep only the most influential features"
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", callback=positive_int, help="rows per backward"),
+    memory_gb: float = typer.Option(8.0, "--memory-gb", callback=positive_float, help="memory budget"),
+    feature_db: Path | None = typer.Option(
+        None, "--feature-db", help="the CLT's feature database (node links)"
+    ),
+    open_: bool = typer.Option(False, "--open", help="print only the command that opens the graph"),
+    threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
+) -> None:
+    """Build the attribution graph of a prompt and save it (report.json, graph.safetensors, graph.json)."""
+    set_threads(threads)
+    for name, value in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            fail(f"{name} must be in [0, 1], got {value}")
+    claim_out(out, runs.Kind.ATTRIBUTION_GRAPH)
+    net = load_model_arg(model, "cannot load the model: ")
+    transcoder = _load_clt(clt)
+    meta = {
+        "run": str(model.absolute()),
+        "clt": str(clt.absolute()),
+        "feature_db": str(feature_db.absolute()) if feature_db is not None else None,
+        "prompt": prompt,
+    }
+    graph = attribute(
+        net,
+        transcoder,
+        _tokens(net, prompt, tokens),
+        _targets(targets),  # type: ignore[arg-type]
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        memory_gb=memory_gb,
+        meta=meta,
+    )
+    pruned = prune_graph(graph, node_threshold, edge_threshold)
+    folder = graph.save(out, pruned)
+    scores = graph_scores(graph)
+    if not open_:
+        console.print(
+            f"{graph.n_pos} tokens, {graph.n_features} active features, {graph.n_logits} target{'s' * (graph.n_logits != 1)}: "
+            f"pruned to {pruned.n_nodes} nodes and {pruned.n_edges} edges; replacement score "
+            f"{scores['replacement']:.3f}, completeness {scores['completeness']:.3f}",
+            markup=False,
+        )
+        console.print(
+            f"wrote {folder / runs.REPORT}, {folder / runs.GRAPH_TENSORS}, {folder / runs.GRAPH_JSON}",
+            markup=False,
+        )
+    print_command("open it: ", "serve", "--runs", folder.absolute().parent)
+
+
+def intervene_command(
+    model: Path = typer.Option(..., "--model", help="the model the graph was built on"),
+    clt: Path = typer.Option(..., "--clt", help="its CLT folder"),
+    graph: Path = typer.Option(..., "--graph", help="the graph's run folder (`interplab graph build`)"),
+    set_: list[str] = typer.Option(
+        ..., "--set", help="LAYER:POS:FEATURE=VALUE (clamp) or LAYER:POS:FEATURE*SCALE; repeatable"
+    ),
+    mode: str = typer.Option(
+        "replacement", "--mode", help="replacement (the frozen replacement model) or model (the real model)"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", callback=out_file, help="save the result (.json, .html, .png)"
+    ),
+    threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
+) -> None:
+    """Clamp or scale features of a graph's prompt and compare the target logits' change with the graph's."""
+    set_threads(threads)
+    if mode not in ("replacement", "model"):
+        fail(f"--mode {mode!r}: choose replacement or model")
+    saved = AttributionGraph.load(graph)
+    net = load_model_arg(model, "cannot load the model: ")
+    result = intervene(
+        net,
+        _load_clt(clt),
+        saved.tokens,
+        [Intervention.parse(s) for s in set_],
+        mode="model" if mode == "model" else "replacement",
+        graph=saved,
+    )
+    for label, before, actual, predicted in zip(
+        result.labels, result.before.tolist(), result.actual.tolist(), result.predicted.tolist(), strict=True
+    ):
+        console.print(
+            f"{label}: {before:+.4f} -> change {actual:+.4f} (graph predicts {predicted:+.4f})", markup=False
+        )
+    if out is not None:
+        console.print(f"wrote {result.save(out)}", markup=False)
+
+
+def register(main: typer.Typer) -> None:
+    app.command("build")(build)
+    app.command("intervene")(intervene_command)
+    main.add_typer(app, name="graph")

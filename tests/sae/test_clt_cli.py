@@ -1,0 +1,133 @@
+"""`interplab clt train|eval` end to end on a tiny model with a character tokenizer, also across the
+checkpoints of a training run (one CLT per checkpoint in one run folder)."""
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from interplab.cli.main import app
+from interplab.data import CharTokenizer
+from interplab.model import ModelConfig, Transformer
+from interplab.runs import Kind, detect, open_run, write_json
+from interplab.runs.openers import CLTTrainRun
+from interplab.sae.clt import load_clt
+from interplab.train.checkpoint import save_checkpoint
+
+runner = CliRunner()
+
+
+def _model(seed: int, tok: CharTokenizer) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(
+        ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=tok.vocab_size, n_ctx=64, d_mlp=32)
+    )
+    model.tokenizer = tok
+    return model
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    tok = CharTokenizer("abcdefgh \n")
+    _model(0, tok).save(tmp_path / "model")
+    run = tmp_path / "run"  # a training run with two checkpoints (different weights)
+    run.mkdir()
+    write_json(
+        run / "config.json", Kind.TRAIN, {"model": {}, "data": {}, "optim": {}, "steps": 20, "batch_size": 1}
+    )
+    for step in (10, 20):
+        save_checkpoint(run, step, _model(step, tok), None, {"step": step})
+    rng = random.Random(0)
+    (tmp_path / "corpus").mkdir()
+    for i in range(20):
+        text = "\n".join("".join(rng.choice("abcdefgh ") for _ in range(200)) for _ in range(8))
+        (tmp_path / "corpus" / f"{i}.txt").write_text(text)
+    return tmp_path
+
+
+def _ok(args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+COMMON = ["--d-sae", "32", "--steps", "12", "--batch", "64", "--seq-len", "32"]
+
+
+def test_train_and_eval(setup):
+    t = setup
+    out = _ok(["clt", "train", "--model", t / "model", "--corpus", t / "corpus", *COMMON, "--out", t / "c"])
+    assert "FVU per layer" in out and "clt eval" in out
+    assert detect(t / "c") is Kind.CLT_TRAIN and detect(t / "c" / "clt") is Kind.CLT
+    run = open_run(t / "c")
+    assert isinstance(run, CLTTrainRun) and run.clt == t / "c" / "clt"
+    assert load_clt(run.clt).cfg.n_layers == 2
+    assert [r["step"] for r in run.log if "loss" in r][-1] == 12
+    out = _ok(
+        [
+            "clt",
+            "eval",
+            t / "c",
+            "--corpus",
+            t / "corpus",
+            "--batches",
+            "2",
+            "--seq-len",
+            "32",
+            "--split",
+            "train",
+        ]
+    )
+    report = json.loads((t / "c" / "eval" / "report.json").read_text())
+    assert report["kind"] == "clt_eval" and len(report["fvu"]) == 2 and "CE" in out
+    # topk needs k; a bad activation is named
+    res = runner.invoke(
+        app,
+        ["clt", "train", "--model", str(t / "model"), *COMMON, "--activation", "topk", "--out", str(t / "x")],
+    )
+    assert res.exit_code == 2 and "--k" in res.output
+
+
+def test_train_across_checkpoints(setup):
+    t = setup
+    args = ["clt", "train", "--model", t / "run", "--checkpoints", "step_000010,20", "--corpus", t / "corpus"]
+    out = _ok([*args, *COMMON, "--activation", "topk", "--k", "4", "--out", t / "across"])
+    assert "step_000010" in out and "step_000020" in out
+    run = CLTTrainRun.open(t / "across")
+    assert run.across and list(run.clts) == ["step_000010", "step_000020"]
+    a, b = (load_clt(p) for p in run.clts.values())
+    assert not torch.equal(a.W_enc, b.W_enc)  # trained on different models
+    _ok(
+        [
+            "clt",
+            "eval",
+            t / "across",
+            "--corpus",
+            t / "corpus",
+            "--batches",
+            "1",
+            "--seq-len",
+            "32",
+            "--split",
+            "train",
+        ]
+    )
+    assert (t / "across" / "eval" / "step_000020" / "report.json").is_file()
+    res = runner.invoke(
+        app,
+        [
+            "clt",
+            "train",
+            "--model",
+            str(t / "run"),
+            "--checkpoint",
+            "step_000030",
+            *COMMON,
+            "--out",
+            str(t / "y"),
+        ],
+    )
+    assert res.exit_code == 2 and "no checkpoint of step 30" in res.output
