@@ -32,7 +32,8 @@ checksummed checkpoints, newest intact one resumed, log cut back), so a resumed 
 torchrun each rank streams its share of the token batches and gradients are averaged
 (`interplab.train.distributed`).
 
->>> result = train_clt(model, tokens, CLTTrainConfig(clt=CLTConfig(n_layers=2, d_model=64, d_sae=256), total_steps=100))
+>>> cfg = CLTTrainConfig(clt=CLTConfig(n_layers=2, d_model=64, d_sae=256), total_steps=4, batch_size=32)
+>>> result = train_clt(model, tokens, cfg)  # tokens [4, 16]: 64 rows per pass
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ message, never as an error, and every field of every node and link is checked (`
 text (the page writes it with ``textContent``, never as markup), a number is finite and bounded, and a node
 or link of another shape is left out and counted.
 
->>> view = graph_view(run_folder, runs_root)          # doctest: +SKIP
->>> view["nodes"][0]["kind"], view["links"][0]["weight"]  # doctest: +SKIP
+    view = graph_view(run_folder, runs_root)
+    view["nodes"][0]["kind"], view["links"][0]["weight"]
 ('feature', 0.73)
 """
 
