@@ -222,12 +222,7 @@ def frame_png(folder: Path, root: Path, episode: int, step: int) -> bytes | None
         rgb = render_obs(view, tile_size=FRAME_TILE)
     except ImportError:  # no minigrid here: the analyses' own palette
         rgb = palette_obs(view, tile_size=FRAME_TILE)
-    return png(np.asarray(rgb, dtype=np.uint8))
-
-
-def png(rgb: np.ndarray) -> bytes:
-    """An RGB image (uint8 ``[H, W, 3]``) as PNG bytes."""
-    return png_bytes(rgb)
+    return png_bytes(np.asarray(rgb, dtype=np.uint8))
 
 
 # --- the view ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from interplab import runs
 from interplab.features.reader import FeatureReader
+from interplab.plots import png_bytes as png
 from interplab.rl.envs import ACTION_NAMES
 from interplab.rl.features import (
     build_dt_feature_db,
@@ -26,7 +27,7 @@ from interplab.rl.features import (
 from interplab.rl.model import DecisionTransformer, DTConfig, save_dt
 from interplab.runs import Kind
 from interplab.web.app import create_app
-from interplab.web.dt_page import FRAME_TILE, png
+from interplab.web.dt_page import FRAME_TILE
 from interplab.web.views import format_number
 from tests.web.test_dt_pages import ENV, _decode_png, _index, _trajectories
 

@@ -15,10 +15,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from interplab import runs
+from interplab.plots import png_bytes as png
 from interplab.rl.trajectories import Trajectories
 from interplab.runs import Kind
 from interplab.web.app import create_app
-from interplab.web.dt_page import calibration_points, png
+from interplab.web.dt_page import calibration_points
 
 ENV = "MiniGrid-Empty-5x5-v0"
 
