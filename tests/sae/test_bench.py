@@ -1,0 +1,208 @@
+"""The SAE evaluation suite (`interplab.sae.bench`): every metric against a hand computation on planted cases."""
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from interplab.data import CharTokenizer
+from interplab.sae import create_sae
+from interplab.sae.bench import (
+    PY_CLASSES,
+    BenchConfig,
+    BenchResult,
+    absorption,
+    bench_sae,
+    bench_saes,
+    first_letter_labels,
+    k_sparse_probe,
+    labelled_metrics,
+    python_token_labels,
+    rank_latents,
+    reseed_noise,
+)
+from interplab.sae.config import Architecture, SAEConfig
+from interplab.sae.evaluate import evaluate_sae
+
+from .helpers import token_batches
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def identity_sae(d_in: int):
+    """A ReLU SAE with latents +e_i and -e_i: it reconstructs any input exactly, and latent i (i < d_in)
+    fires exactly where coordinate i is positive, latent d_in + i where it is negative."""
+    sae = create_sae(SAEConfig(d_in=d_in, d_sae=2 * d_in, architecture=Architecture.RELU, hook_name=HOOK))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_reseed_noise_by_hand():
+    s = reseed_noise([1.0, 2.0, 4.0])
+    mean = 7 / 3
+    sd = math.sqrt(((1 - mean) ** 2 + (2 - mean) ** 2 + (4 - mean) ** 2) / 2)
+    assert_close(torch.tensor([s["mean"], s["sd"], s["cv"]]), torch.tensor([mean, sd, sd / mean]))
+    assert s["n"] == 3
+    one = reseed_noise([5.0])
+    assert (one["mean"], one["sd"], one["cv"], one["n"]) == (5.0, 0.0, 0.0, 1)
+    assert math.isnan(reseed_noise([0.0, 0.0])["cv"]) and reseed_noise([])["n"] == 0
+
+
+def test_core_metrics_of_a_perfect_sae_by_hand(tiny_model):
+    sae = identity_sae(32)
+    batches = token_batches(3)
+    got = bench_sae(tiny_model, sae, batches)
+    _, cache = tiny_model.run_with_cache(torch.cat(batches), names=[HOOK])
+    x = cache[HOOK].flatten(0, 1)
+    fires = torch.cat([x > 0, x < 0], 1)
+    assert_close(got["l0"], float(fires.sum(1).float().mean()))
+    assert_close(got["dead_fraction"], float((~fires.any(0)).float().mean()))
+    assert_close(got["dense_fraction"], float((fires.float().mean(0) > 0.1).float().mean()))
+    assert_close(got["fvu"], 0.0, atol=1e-9, rtol=0)
+    assert_close(got["kl_div"], 0.0, atol=1e-6, rtol=0)
+    assert_close(got["ce_loss_recovered"], 1.0, atol=1e-5, rtol=0)
+    # and the core metrics are evaluate_sae's own numbers, not a second implementation
+    rep = evaluate_sae(tiny_model, sae, batches)
+    assert got == {m: float(getattr(rep, m)) for m in got}
+
+
+def test_rank_latents_and_probe_recover_a_planted_latent():
+    g = torch.Generator().manual_seed(0)
+    n, d = 600, 12
+    labels = torch.rand(n, generator=g) < 0.4
+    acts = torch.rand(n, d, generator=g) * 0.5
+    acts[:, 7] = labels.float() * 2.0 + torch.rand(n, generator=g) * 0.2  # latent 7 is the property
+    acts[:, 3] = labels.float() * 0.6 + torch.rand(n, generator=g)  # a weaker, noisier correlate
+    order = rank_latents(acts, labels)
+    assert order[:2].tolist() == [7, 3]
+    # the ranking is mean_pos - mean_neg, by hand
+    diff = acts[labels].mean(0) - acts[~labels].mean(0)
+    assert_close(diff[order], diff.sort(descending=True).values)
+    res = k_sparse_probe(acts, labels, ks=(1, 2))
+    assert res[0].latents == (7,) and res[0].accuracy == 1.0
+    assert res[1].latents[0] == 7 and res[1].accuracy == 1.0
+
+
+def test_probe_on_an_uninformative_latent_is_at_chance_and_errors_are_clear():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.rand(2000, generator=g) < 0.5
+    acts = torch.rand(2000, 3, generator=g)
+    acc = k_sparse_probe(acts, labels, ks=(1,))[0].accuracy
+    assert 0.4 < acc < 0.6
+    with pytest.raises(ValueError, match="both classes"):
+        rank_latents(acts, torch.ones(2000, dtype=torch.bool))
+    with pytest.raises(ValueError, match="k=9"):
+        k_sparse_probe(acts, labels, ks=(9,))
+
+
+def test_absorption_planted_by_construction():
+    # d_in 3; the class direction is e0. Latent 0 = e0 (main), latent 1 = (e0 + e1)/sqrt2 absorbs the class on
+    # some tokens, latent 2 = e2 is unrelated.
+    w_dec = torch.tensor([[1.0, 0, 0], [2**-0.5, 2**-0.5, 0], [0, 0, 1.0]])
+    rows = (
+        [([1, 0, 0], [1.0, 0, 0], True)] * 5  # main latent fires: caught
+        + [([0, 1, 0], [2**-0.5, 2**-0.5, 0], True)] * 3  # main silent, latent 1 carries it: absorbed
+        + [([0, 0, 1], [0, 0, 1.0], True)] * 2  # main silent, only an unrelated latent: a plain miss
+        + [([0, 0, 1], [0, 0, 1.0], False)] * 10  # negatives
+    )
+    acts = torch.tensor([r[0] for r in rows], dtype=torch.float)
+    x = torch.tensor([r[1] for r in rows])
+    labels = torch.tensor([r[2] for r in rows])
+    a = absorption(x, acts, w_dec, labels, [0])
+    assert (a.positives, a.false_negatives, a.absorbed) == (10, 5, 3)
+    assert_close(a.absorption_rate, 0.3)
+    assert_close(a.false_negative_rate, 0.5)
+    # the fraction rule: latent 1 carries a_1 * (w_1 . u) of x . u; demand more than it carries -> not absorbed
+    u = x[labels].mean(0) - x[~labels].mean(0)
+    u = u / u.norm()
+    carried = float(w_dec[1] @ u) / float(x[5] @ u)
+    assert absorption(x, acts, w_dec, labels, [0], fraction=carried * 1.01).absorbed == 0
+    assert absorption(x, acts, w_dec, labels, [0], fraction=carried * 0.99).absorbed == 3
+    # the cosine rule: latent 1's cosine with u, by hand
+    cos1 = float(w_dec[1] @ u) / float(w_dec[1].norm())
+    assert absorption(x, acts, w_dec, labels, [0], cos_threshold=cos1 + 1e-6).absorbed == 0
+
+
+def test_python_token_labels_by_hand():
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789()[]:=+#'\" \n")
+    text = "def f(x):\n  return x+12 # c\n"
+    ids = torch.tensor([tok.encode(text)])
+    got = python_token_labels(tok, ids)[0].tolist()
+    K, N, O, D, C, W = (PY_CLASSES.index(c) for c in ("keyword", "name", "operator", "number", "comment",
+                                                     "whitespace"))  # fmt: skip
+    want = [K, K, K, W, N, O, N, O, O, W, W, W] + [K] * 6 + [W, N, O, D, D, W, C, W, C, W]
+    assert got == want
+
+
+def test_python_token_labels_keep_what_tokenize_reached():
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz()'\" \n")
+    ids = torch.tensor([tok.encode("if x '")])  # an unterminated string: tokenize raises at the end
+    got = python_token_labels(tok, ids)[0].tolist()
+    assert got[:3] == [PY_CLASSES.index("keyword")] * 2 + [PY_CLASSES.index("whitespace")]
+    assert got[3] == PY_CLASSES.index("name")
+
+
+def test_first_letter_labels_by_hand():
+    tok = CharTokenizer("abz1 ")
+    ids = torch.tensor([tok.encode("ab z1 ")])
+    assert first_letter_labels(tok, ids)[0].tolist() == [1, 2, 0, 26, 0, 0]
+
+
+def test_labelled_metrics_on_a_perfect_sae_find_the_planted_coordinate():
+    # property: coordinate 2 of x is positive. The identity SAE's latent 2 fires exactly there: k=1 probe
+    # accuracy 1, and nothing absorbs it (no false negatives).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g)
+    x[:, 2] = x[:, 2].sign() * (0.5 + x[:, 2].abs())  # separable with a margin
+    sae = identity_sae(4)
+    acts = sae.encode(x).detach()
+    labels = (x[:, 2] > 0).long()
+    out = labelled_metrics(acts, x, sae.W_dec.detach(), {"c2": labels}, BenchConfig(ks=(1,)))
+    assert out == {"probe_c2_k1": 1.0, "absorption_c2": 0.0, "false_negative_c2": 0.0}
+
+
+def test_bench_result_groups_table_plot_and_save(tmp_path):
+    rows = [
+        {"name": "a_s0", "group": "a", "metrics": {"l0": 4.0, "fvu": 0.2}},
+        {"name": "a_s1", "group": "a", "metrics": {"l0": 6.0, "fvu": 0.4}},
+        {"name": "b_s0", "group": "b", "metrics": {"l0": 10.0, "fvu": 0.1}},
+    ]
+    res = BenchResult.from_rows(rows)
+    assert res.groups["a"]["fvu"]["mean"] == pytest.approx(0.3)
+    assert res.groups["a"]["fvu"]["sd"] == pytest.approx(statistics.stdev([0.2, 0.4]))
+    assert res.groups["b"]["l0"]["n"] == 1
+    md = res.markdown().splitlines()
+    assert md[0] == "| SAE | seeds | l0 | fvu |"
+    assert md[2].startswith("| a | 2 | 5 ± 1.4 (CV 28.3%) | 0.3 ± 0.14 (CV 47.1%) |")
+    assert md[3] == "| b | 1 | 10 ± 0 | 0.1 ± 0 |"
+    fig = res.plot("fvu")
+    assert list(fig.data[0].x) == [5.0, 10.0] and list(fig.data[0].error_y.array)[1] == 0.0
+    res.save(tmp_path)
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["kind"] == "sae_eval" and doc["groups"]["a"]["fvu"]["n"] == 2
+    assert (tmp_path / "bench.md").read_text() == res.markdown()
+    assert (tmp_path / "frontier_fvu.html").exists()
+
+
+def test_bench_saes_groups_reseeds_and_plugs_in_extra_metrics(tiny_model):
+    batches = token_batches(2)
+    saes = {
+        f"s{seed}": ("topk", create_sae(SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name=HOOK),
+                                        seed=seed))
+        for seed in range(3)
+    }  # fmt: skip
+    extra = {"planted": lambda name, sae: {"autointerp": float(name[1:])}}
+    res = bench_saes(tiny_model, saes, batches, extra=extra)
+    assert [r["name"] for r in res.rows] == ["s0", "s1", "s2"]
+    assert res.groups["topk"]["autointerp"]["mean"] == 1.0 and res.groups["topk"]["autointerp"]["sd"] == 1.0
+    assert_close(res.groups["topk"]["l0"]["mean"], 4.0)  # TopK: exactly k on every token
+    fvus = [r["metrics"]["fvu"] for r in res.rows]
+    assert_close(res.groups["topk"]["fvu"]["sd"], statistics.stdev(fvus))
