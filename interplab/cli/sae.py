@@ -1,4 +1,5 @@
-"""``interplab sae cache|train|eval``: cache activations, train SAEs (one or a sweep, from one pass), evaluate."""
+"""``interplab sae cache|train|eval|bench``: cache activations, train SAEs (one or a sweep, from one pass),
+evaluate, and compare SAEs (`interplab.sae.bench`)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from interplab.runs import (
 )
 from interplab.sae import load_sae
 from interplab.sae.activations import corpus_token_batches
+from interplab.sae.bench import BenchConfig, bench_saes, tokenizer_labellers
 from interplab.sae.config import Architecture
 from interplab.sae.disk_store import cache_activations
 from interplab.sae.evaluate import evaluate_sae
@@ -349,6 +351,80 @@ def evaluate(
         save_figure(sparsity_frontier(points, "fvu"), out / "frontier_fvu.html")
         save_figure(sparsity_frontier(points, "ce_loss_recovered"), out / "frontier_ce.html")
     console.print(f"report: {out / REPORT}")
+
+
+@app.command("bench")
+def bench(
+    sae_paths: list[Path] = typer.Argument(
+        ...,
+        help="SAE folders or SAE training runs; SAEs of the same name in several runs (trained with different "
+        "--seed) are reseeds of one configuration, reported as mean, SD and CV",
+    ),
+    model_path: Path = typer.Option(..., "--model", help="the model the SAEs read"),
+    out: Path = typer.Option(..., "--out", "-o", help="report folder", callback=out_folder),
+    corpus: str = typer.Option("python-stdlib", "--corpus"),
+    split: str = typer.Option("validation", "--split", callback=choice(SPLITS)),
+    seq_len: int = typer.Option(
+        None,
+        "--seq-len",
+        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
+        callback=positive_int,
+    ),
+    batches: int = typer.Option(8, "--batches", help="batches of 16 sequences", callback=positive_int),
+    ks: str = typer.Option("1,2,5,10", "--ks", help="sizes of the k-sparse probes"),
+    properties: str = typer.Option(
+        "first_letter,python_token",
+        "--properties",
+        help="labelled token properties for probing and absorption (first_letter, python_token), or none",
+    ),
+    threads: int = typer.Option(None, "--threads", callback=threads_option),
+) -> None:
+    """SAE-vs-SAE evaluation: core metrics, k-sparse probing, absorption, each with its reseed noise;
+    report.json, bench.md and frontier_*.html in --out."""
+    set_threads(threads)
+    try:
+        probe_ks = tuple(int(k) for k in ks.split(","))
+        cfg = BenchConfig(ks=probe_ks)
+    except ValueError:
+        fail(f"--ks {ks!r}: give positive integers separated by commas, e.g. 1,2,5,10")
+    saes = {}
+    for path in sae_paths:
+        try:
+            folders = SAERun.open(path).saes if detect(path) is Kind.SAE_TRAIN else sae_folders(path)
+        except RunError as err:
+            fail(str(err))
+        if not folders:
+            fail(f"{path} is {describe(path)}; expected an SAE folder ({SAE_CFG}) or an SAE training run")
+        for name, folder in folders.items():
+            label = f"{path.name}/{name}" if len(sae_paths) > 1 else name
+            if label in saes:
+                fail(f"{label} is given twice; pass each SAE folder or run once")
+            saes[label] = (name, load_sae(folder))
+    model = load_model_arg(model_path)
+    seq_len = check_seq_len(seq_len, model)
+    available = tokenizer_labellers(model.tokenizer) if model.tokenizer is not None else {}
+    wanted = [] if properties == "none" else [p.strip() for p in properties.split(",") if p.strip()]
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        fail(f"--properties: unknown {unknown}; valid: {', '.join(available) or 'none (no tokenizer)'}, none")
+    try:
+        data = corpus_token_batches(
+            model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
+        )
+        result = bench_saes(
+            model,
+            saes,
+            data.batches,
+            token_filter=data.token_filter,
+            labellers={p: available[p] for p in wanted},
+            cfg=cfg,
+        )
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        fail(str(err).strip("'\""))
+        return
+    result.save(out)
+    console.print(result.markdown())
+    console.print(f"report: {out / REPORT} ; table: {out / 'bench.md'}")
 
 
 def _canon(hooks: list[str]) -> list[str]:

@@ -136,9 +136,9 @@ def test_python_token_labels_by_hand():
     text = "def f(x):\n  return x+12 # c\n"
     ids = torch.tensor([tok.encode(text)])
     got = python_token_labels(tok, ids)[0].tolist()
-    K, N, O, D, C, W = (PY_CLASSES.index(c) for c in ("keyword", "name", "operator", "number", "comment",
+    K, N, OP, D, C, W = (PY_CLASSES.index(c) for c in ("keyword", "name", "operator", "number", "comment",
                                                      "whitespace"))  # fmt: skip
-    want = [K, K, K, W, N, O, N, O, O, W, W, W] + [K] * 6 + [W, N, O, D, D, W, C, W, C, W]
+    want = [K, K, K, W, N, OP, N, OP, OP, W, W, W] + [K] * 6 + [W, N, OP, D, D, W, C, W, C, W]
     assert got == want
 
 
@@ -206,3 +206,62 @@ def test_bench_saes_groups_reseeds_and_plugs_in_extra_metrics(tiny_model):
     assert_close(res.groups["topk"]["l0"]["mean"], 4.0)  # TopK: exactly k on every token
     fvus = [r["metrics"]["fvu"] for r in res.rows]
     assert_close(res.groups["topk"]["fvu"]["sd"], statistics.stdev(fvus))
+
+
+def test_cli_bench_end_to_end_with_reseeds(tmp_path, monkeypatch):
+    """Two seeds of a k sweep trained from one cache, then `sae bench` on both runs: one row per SAE, one
+    group per sweep point with n=2 seeds, the table, the JSON and the frontier."""
+    import random
+
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+    from interplab.model import ModelConfig, Transformer
+
+    runner = CliRunner()
+
+    def ok(args):
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz()=:+ \n")
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=tok.vocab_size, n_ctx=32, d_mlp=32)
+    )
+    model.tokenizer = tok
+    model.save(tmp_path / "model")
+    rng = random.Random(0)
+    (tmp_path / "corpus").mkdir()
+    words = ["def", "f", "(x):", "return", "x", "+", "y", "if", "else", "for", "in", "a", "=", "b"]
+    for i in range(12):
+        lines = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(20)]
+        (tmp_path / "corpus" / f"{i}.py").write_text("\n".join(lines))
+    corpus = ["--corpus", tmp_path / "corpus"]
+    ok(["sae", "cache", tmp_path / "model", "--hook", HOOK, "--out", tmp_path / "acts", "--tokens", 2000,
+        "--seq-len", 32, "--batch", 8, "--dtype", "float32", *corpus])  # fmt: skip
+    for seed in (0, 1):
+        ok(["sae", "train", "--cache", tmp_path / "acts", "--hook", HOOK, "--out", tmp_path / f"seed{seed}",
+            "--steps", 15, "--batch", 128, "--expansion", 2, "--sweep", "k=2,4", "--seed", seed])  # fmt: skip
+    out = ok(["sae", "bench", tmp_path / "seed0", tmp_path / "seed1", "--model", tmp_path / "model", "--out",
+              tmp_path / "bench", "--batches", 2, "--seq-len", 32, "--split", "train", "--ks", "1,2", *corpus])  # fmt: skip
+    doc = json.loads((tmp_path / "bench" / "report.json").read_text())
+    names = sorted(r["name"] for r in doc["saes"])
+    assert names == [f"seed{s}/{HOOK.replace('.', '_')}__k_{k}" for s in (0, 1) for k in (2, 4)]
+    groups = doc["groups"]
+    assert sorted(groups) == [f"{HOOK.replace('.', '_')}__k_{k}" for k in (2, 4)]
+    for g, ms in groups.items():
+        assert ms["l0"]["n"] == 2 and ms["l0"]["mean"] == pytest.approx(float(g[-1]))
+        for m in ("fvu", "ce_loss_recovered", "kl_div", "probe_first_letter_k1", "probe_python_token_k2",
+                  "absorption_first_letter"):  # fmt: skip
+            vals = [r["metrics"][m] for r in doc["saes"] if r["group"] == g]
+            assert ms[m]["mean"] == pytest.approx(statistics.fmean(vals))
+            assert ms[m]["sd"] == pytest.approx(statistics.stdev(vals))
+    assert (tmp_path / "bench" / "bench.md").read_text().splitlines()[0].startswith("| SAE | seeds | l0 |")
+    assert (tmp_path / "bench" / "frontier_fvu.html").exists()
+    assert "CV" in out
+    bad = runner.invoke(app, ["sae", "bench", str(tmp_path / "seed0"), "--model", str(tmp_path / "model"),
+                              "--out", str(tmp_path / "b2"), "--properties", "colour"])  # fmt: skip
+    assert bad.exit_code != 0 and "colour" in bad.output and "first_letter" in bad.output
