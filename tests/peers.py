@@ -25,6 +25,7 @@ PEERS = {
         "INTERPLAB_CIRCUITTRACER_PYTHON",
         "circuit_tracer.replacement_model.replacement_model_transformerlens",
     ),
+    "saebench": ("INTERPLAB_SAEBENCH_PYTHON", "sae_bench.evals.sparse_probing.probe_training"),
 }
 
 

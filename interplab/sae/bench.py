@@ -4,13 +4,13 @@ absorption on a token class, and any extra per-SAE metric plugged in (the autoin
 layer, above this one). Every metric comes with its reseed noise: SAEs trained with several seeds are one
 *group*, reported as mean, SD and coefficient of variation (CV = SD / |mean|), never a single draw.
 
-k-sparse probing (SAEBench's method, re-derived): on a train split, rank latents by their mean activation on
-positive tokens minus that on negative tokens, keep the top k, fit a logistic regression on those k
+k-sparse probing (SAEBench's method, re-derived): on a train split, rank latents by the absolute difference of
+their mean activation on positive and negative tokens, keep the top k, fit a logistic regression on those k
 latents, and report its accuracy on a held-out split.
 
 Absorption (SAEBench's first-letter absorption, re-derived for any token class): the class's *main latents*
-are the k-sparse probe's latents; its *direction* is the difference of the class means of the SAE's input. A
-positive token is a false negative when no main latent fires on it; it is *absorbed* when some other active
+are the ``absorption_k`` latents with the largest mean activation on the class minus that off it; its
+*direction* is the difference of the class means of the SAE's input. A positive token is a false negative when no main latent fires on it; it is *absorbed* when some other active
 latent ``j`` both points along the direction (cosine of ``W_dec[j]`` with it >= ``cos_threshold``) and carries
 at least ``fraction`` of the token's projection on it (``a_j * W_dec[j] . u >= fraction * x . u``, u the unit
 direction). The absorption rate is absorbed / positives; the false-negative rate is reported beside it.
@@ -128,16 +128,17 @@ class ProbeResult:
     accuracy: float
 
 
-def rank_latents(acts: Tensor, labels: Tensor) -> Tensor:
+def rank_latents(acts: Tensor, labels: Tensor, *, absolute: bool = False) -> Tensor:
     """[n, d_sae] activations, [n] bool labels -> latent indices ordered by mean on positives - mean on
-    negatives (largest first; ties by index): the latents that fire *for* the property come first, not those
-    that fire against it (SAE latents are non-negative, so "against" would be a latent of the complement)."""
+    negatives (largest first; ties by index): the latents that fire *for* the property come first (SAE latents
+    are non-negative, so one firing against it is a latent of the complement). ``absolute=True`` ranks by the
+    absolute difference, as SAEBench's sparse probing does."""
     labels = labels.bool()
     if labels.all() or not labels.any():
         raise ValueError("the labels need both classes (some positives and some negatives)")
     diff = acts[labels].float().mean(0) - acts[~labels].float().mean(0)
     # stable: argsort of -diff keeps the lower index first on ties
-    return torch.argsort(-diff, stable=True)
+    return torch.argsort(-(diff.abs() if absolute else diff), stable=True)
 
 
 def fit_logistic(x: Tensor, y: Tensor, *, l2: float = 1e-3, steps: int = 200) -> tuple[Tensor, Tensor]:
@@ -164,17 +165,24 @@ def fit_logistic(x: Tensor, y: Tensor, *, l2: float = 1e-3, steps: int = 200) ->
 
 
 def k_sparse_probe(
-    acts: Tensor, labels: Tensor, *, ks: Sequence[int] = PROBE_KS, test_fraction: float = 0.3, seed: int = 0
+    acts: Tensor,
+    labels: Tensor,
+    *,
+    ks: Sequence[int] = PROBE_KS,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    absolute: bool = True,
 ) -> list[ProbeResult]:
     """k-sparse probes of a binary property ([n] labels) from SAE activations [n, d_sae]: latents ranked on a
-    seeded train split (`rank_latents`), a logistic regression on the top k, accuracy on the rest."""
+    seeded train split (`rank_latents`, by absolute mean difference as SAEBench does unless ``absolute`` is
+    False), a logistic regression on the top k, accuracy on the rest."""
     n = acts.shape[0]
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(n * test_fraction))
     test, train = perm[:n_test], perm[n_test:]
-    order = rank_latents(acts[train], labels[train])
+    order = rank_latents(acts[train], labels[train], absolute=absolute)
     out = []
     for k in ks:
         if not 0 < k <= acts.shape[1]:
