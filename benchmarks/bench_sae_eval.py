@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from interplab.model import load_model
+    from interplab import load_model
     from interplab.plots import save_figure
     from interplab.sae import load_sae
     from interplab.sae.activations import corpus_token_batches
