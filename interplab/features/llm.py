@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import threading
@@ -284,6 +285,10 @@ class LocalBackend:
         model: Any = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
         self.model: Any = model.to(device)
         self.model.eval()
+        # the key-value cache's argument: ``cache`` in newer transformers, ``past_key_values`` before
+        self._cache_arg = (
+            "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        )
         self.name = f"local:{path.name}"
 
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -313,8 +318,8 @@ class LocalBackend:
             x = torch.tensor([ids], device=self.device)
             past = None
             for _ in range(max_tokens):
-                result = self.model(input_ids=x, past_key_values=past, use_cache=True)
-                past = result.past_key_values
+                result = self.model(input_ids=x, use_cache=True, **{self._cache_arg: past})
+                past = getattr(result, self._cache_arg)
                 lp = torch.log_softmax(result.logits[0, -1].float(), -1).cpu()
                 if temperature > 0:
                     nxt = int(torch.multinomial((lp / temperature).softmax(-1), 1, generator=gen))
