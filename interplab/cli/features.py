@@ -326,7 +326,7 @@ def explain(
         ran = (
             cached.name if cached is not None else "none (the built-in baseline explainer; no LLM configured)"
         )
-        console.print(f"explainer {name}, backend {ran}", markup=False, highlight=False)
+        console.print(f"explainer {name}, backend {ran}", markup=False, highlight=False, soft_wrap=True)
         try:
             with JobProgress("features explain", unit="features") as bar:
                 ids = explain_features(
@@ -338,7 +338,7 @@ def explain(
                     simulator=TokenListSimulator() if cached is None else None,
                 )
         except LLMError as err:
-            fail(f"{err} (the explanations stored before this error are kept; rerun to resume)")
+            fail(f"{err} (the explanations stored before this error are kept; rerun to resume)", code=1)
             return
         with writer.reader() as store:
             labels = store.labels(source=f"auto:{name}")
@@ -349,12 +349,14 @@ def explain(
         f"label source auto:{name})",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     if cached is not None:
         console.print(
             f"LLM calls: {cached.misses} made ({cached.prompt_tokens} prompt + {cached.completion_tokens} "
             f"completion tokens), {cached.hits} answered from the cache (table llm_cache)",
             markup=False,
+            soft_wrap=True,
         )
     if any(c.name == "score" for c in features_app.registered_commands):
         print_command("score them: ", "features", "score", path)
