@@ -241,6 +241,43 @@ class FeatureReader(FeatureDatabase):
         with self.engine.connect() as c:
             return {r["feature"]: dict(r) for r in c.execute(q).mappings()}
 
+    def explanations(self, feature: int) -> list[dict]:
+        """The stored explanations of ``feature``, oldest first: id, text, explainer, backend, prompt_version,
+        created, meta and scores ({scorer: value} of the newest score per scorer)."""
+        if not S.has_table(self.engine, S.explanations):
+            return []
+        with self.engine.connect() as c:
+            rows = [
+                dict(r)
+                for r in c.execute(
+                    select(S.explanations)
+                    .where(S.explanations.c.feature == feature)
+                    .order_by(S.explanations.c.id)
+                ).mappings()
+            ]
+        for r in rows:
+            r["meta"] = json.loads(r["meta"])
+            r["scores"] = {s["scorer"]: s["value"] for s in self.scores(r["id"])}
+        return rows
+
+    def scores(self, explanation_id: int) -> list[dict]:
+        """The scores of one explanation (`schema.explanation_scores`), oldest first: id, scorer, value (NaN for
+        a score that is not a number), n, details, backend, prompt_version, seed, created."""
+        if not S.has_table(self.engine, S.explanation_scores):
+            return []
+        t = S.explanation_scores
+        with self.engine.connect() as c:
+            rows = [
+                dict(r)
+                for r in c.execute(
+                    select(t).where(t.c.explanation_id == explanation_id).order_by(t.c.created, t.c.id)
+                ).mappings()
+            ]
+        for r in rows:
+            r["details"] = json.loads(r["details"])
+            r["value"] = float("nan") if r["value"] is None else float(r["value"])
+        return rows
+
     def dump(self) -> dict[str, list[tuple]]:
         """Every row of every table, sorted (to compare two databases' contents)."""
         out = {}

@@ -11,8 +11,10 @@ none of it. Opening an existing database for writing migrates an older schema (`
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,89 @@ class FeatureWriter(FeatureDatabase):
                         feature=feature, explanation=explanation.strip(), source=source, score=score
                     )
                 )
+
+    # ---- explanations and their scores ---------------------------------------------------------------
+    def add_explanation(
+        self,
+        feature: int,
+        text: str,
+        *,
+        explainer: str,
+        backend: str,
+        prompt_version: str,
+        meta: dict | None = None,
+    ) -> int:
+        """Store an explanation of ``feature`` (`schema.explanations`, created here); returns its id."""
+        with self.engine.begin() as c:
+            if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
+                raise FeatureNotFound(feature)
+            S.explanations.create(c, checkfirst=True)
+            for index in S.explanations.indexes:
+                index.create(c, checkfirst=True)
+            res = c.execute(
+                insert(S.explanations).values(
+                    feature=feature,
+                    text=text,
+                    explainer=explainer,
+                    backend=backend,
+                    prompt_version=prompt_version,
+                    created=time.time(),
+                    meta=json.dumps(meta or {}, sort_keys=True),
+                )
+            )
+            return int(res.inserted_primary_key[0])
+
+    def add_score(
+        self,
+        explanation_id: int,
+        scorer: str,
+        value: float,
+        *,
+        n: int,
+        details: dict | None,
+        backend: str,
+        prompt_version: str,
+        seed: int,
+    ) -> int:
+        """Store (or replace) the score of one explanation by one scorer, backend, prompt version and seed
+        (`schema.explanation_scores`, created here); returns its id. NaN is stored as NULL."""
+        value = float(value)
+        with self.engine.begin() as c:
+            S.explanation_scores.create(c, checkfirst=True)
+            for index in S.explanation_scores.indexes:
+                index.create(c, checkfirst=True)
+            if (
+                S.has_table(self.engine, S.explanations)
+                and c.execute(
+                    select(S.explanations.c.id).where(S.explanations.c.id == explanation_id)
+                ).first()
+                is None
+            ):
+                raise KeyError(f"no explanation with id {explanation_id} in {self.where}")
+            key = S.explanation_scores.c
+            c.execute(
+                delete(S.explanation_scores).where(
+                    key.explanation_id == explanation_id,
+                    key.scorer == scorer,
+                    key.backend == backend,
+                    key.prompt_version == prompt_version,
+                    key.seed == seed,
+                )
+            )
+            res = c.execute(
+                insert(S.explanation_scores).values(
+                    explanation_id=explanation_id,
+                    scorer=scorer,
+                    value=None if math.isnan(value) else value,
+                    n=int(n),
+                    details=json.dumps(details or {}, sort_keys=True),
+                    backend=backend,
+                    prompt_version=prompt_version,
+                    seed=int(seed),
+                    created=time.time(),
+                )
+            )
+            return int(res.inserted_primary_key[0])
 
 
 def _writable(file: Path) -> bool:
