@@ -159,7 +159,9 @@ def build_planted_db(
     if missing:
         raise ValueError(f"planted features that never fire in the corpus: {missing}")
     # the build needs an SAE only for its site and width
-    sae = create_sae(SAEConfig(d_in=1, d_sae=len(features), architecture=Architecture.RELU, hook_name="hook_embed"))
+    sae = create_sae(
+        SAEConfig(d_in=1, d_sae=len(features), architecture=Architecture.RELU, hook_name="hook_embed")
+    )
 
     def collect(feats: torch.Tensor, state: StreamingFeatureStats, checkpoint, report) -> FeatureStats:
         for lo in range(state.batches * cfg.batch_size, len(tokens), cfg.batch_size):
@@ -236,35 +238,47 @@ class RuleJudge:
         return bool(marked) and all(rule.fires_on(s) for s in marked)
 
 
+def level_logprobs(text: str, confidence: float = 0.9) -> list[dict[str, float]]:
+    """Log-probs for a reply of one level per line: per line, ``confidence`` on the level written and the rest
+    spread evenly over the other levels (the level written first), then the newline."""
+    rest = math.log((1 - confidence) / MAX_LEVEL)
+    out: list[dict[str, float]] = []
+    for line in text.split("\n"):
+        level = int(line)
+        top = {str(level): math.log(confidence)}
+        top.update({str(k): rest for k in range(MAX_LEVEL + 1) if k != level})
+        out += [top, {"\n": 0.0}]
+    return out[:-1]
+
+
+def server_reply(judge: RuleJudge | None = None, confidence: float = 0.9):
+    """`RuleJudge` as the reply function of the loopback test server (``tests/features/llm_server.py``):
+    ``(messages, body) -> text``, or ``(text, top_logprobs)`` when the request asks for log-probs."""
+    judge = judge or RuleJudge()
+
+    def reply(messages: list[dict[str, str]], body: dict):
+        text = judge(messages)
+        return (text, level_logprobs(text, confidence)) if body.get("logprobs") else text
+
+    return reply
+
+
 @dataclass
 class RuleJudgeBackend:
     """`RuleJudge` as an in-process backend (the `interplab.features.scorers.Judge` protocol), with log-probs
-    that put ``confidence`` on the level it answers and the rest spread over the others; tokens counted as
-    whitespace-separated words."""
+    from `level_logprobs` when asked; tokens counted as whitespace-separated words."""
 
     judge: RuleJudge = field(default_factory=RuleJudge)
     confidence: float = 0.9
     name: str = "rule-judge"
 
     def complete(self, messages, *, max_tokens: int = 256, temperature: float = 0.0, top_logprobs: int = 0):
-        from interplab.features.scorers import ScoreResult  # noqa: F401  (keeps the import graph one-way)
-
         text = self.judge(messages)
-        logprobs = None
-        if top_logprobs:
-            logprobs = []
-            rest = math.log((1 - self.confidence) / MAX_LEVEL)
-            for line in text.split("\n"):
-                level = int(line)
-                logprobs.append(
-                    {str(k): math.log(self.confidence) if k == level else rest for k in range(MAX_LEVEL + 1)}
-                )
-                logprobs.append({"\n": 0.0})
         return _Reply(
             text,
             sum(len(m["content"].split()) for m in messages),
             len(text.split()),
-            logprobs,
+            level_logprobs(text, self.confidence) if top_logprobs else None,
         )
 
 
