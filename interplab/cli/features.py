@@ -1,4 +1,5 @@
-"""``interplab features``: build a feature database for an SAE, export it as static pages, explain, steer."""
+"""``interplab features``: build a feature database for an SAE, export it as static pages, explain, score the
+explanations, steer."""
 
 from __future__ import annotations
 
@@ -360,6 +361,76 @@ def explain(
         )
     if any(c.name == "score" for c in features_app.registered_commands):
         print_command("score them: ", "features", "score", path)
+
+
+SCORE_DEFAULT_LLM = "detection,fuzzing,embedding,baseline"
+SCORE_DEFAULT_OFFLINE = "embedding,baseline"
+
+
+@features_app.command("score")
+def score(
+    db: Path = typer.Argument(..., help="feature database (with stored explanations)"),
+    scorers: str = typer.Option(
+        None,
+        "--scorers",
+        help=f"comma-separated, of detection, fuzzing, intruder, embedding, simulation, baseline (default: "
+        f"{SCORE_DEFAULT_LLM} with an LLM backend configured, {SCORE_DEFAULT_OFFLINE} without)",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="seed of the contexts each scorer samples", callback=non_negative_int
+    ),
+    features: str = typer.Option(
+        None, "--features", help="comma-separated feature indices (default: all explained)"
+    ),
+) -> None:
+    """Score every stored explanation (resumable: scores already stored for the same scorer, backend, prompt
+    and seed are kept and skipped, so run it again after a failure)."""
+    from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.scorers import ScorerError, make_scorers, score_features
+    from interplab.features.writer import FeatureWriter
+
+    backend = _configured_backend()
+    names = [
+        n.strip() for n in (scorers or (SCORE_DEFAULT_LLM if backend else SCORE_DEFAULT_OFFLINE)).split(",")
+    ]
+    try:
+        feats = [int(f) for f in features.split(",")] if features else None
+    except ValueError:
+        fail(f"--features must be comma-separated integers, got {features!r}")
+    try:
+        made = make_scorers([n for n in names if n], backend)
+        writer = FeatureWriter(db)
+    except (FileNotFoundError, ValueError, ReadOnlyDatabase, ScorerError) as err:
+        fail(str(err))
+    with writer, JobProgress("features score", unit="features") as bar:
+        try:
+            got = score_features(writer, made, features=feats, seed=seed, progress=bar)
+        except ScorerError as err:
+            fail(f"{err} (the scores computed so far are stored; rerun to resume)", code=1)
+        except RuntimeError as err:  # a backend that fails mid-way: what was scored stays stored
+            fail(f"scoring stopped: {err} (the scores computed so far are stored; rerun to resume)", code=1)
+    by: dict[str, list[float]] = {}
+    for (_, name), res in got.items():
+        by.setdefault(name, []).append(res.value)
+    summary = ", ".join(
+        f"{name} {sum(v for v in vals if v == v) / max(1, sum(1 for v in vals if v == v)):.3f}"
+        for name, vals in by.items()
+    )
+    console.print(f"scored {len(got)} (explanation, scorer) pairs; means: {summary or 'nothing new'}")
+
+
+def _configured_backend():
+    """The LLM backend the environment configures (`interplab.features.llm.backend_from_config`), if any."""
+    try:
+        from interplab.features.llm import (  # type: ignore[import-not-found, unused-ignore]
+            backend_from_config,
+        )
+    except ImportError:  # no LLM backends in this interplab
+        return None
+    try:
+        return backend_from_config()
+    except (ValueError, RuntimeError) as err:
+        fail(f"the LLM backend is misconfigured: {err}")
 
 
 @features_app.command("steer")

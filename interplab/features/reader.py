@@ -243,7 +243,7 @@ class FeatureReader(FeatureDatabase):
 
     # ---- explanations (optional table: empty when absent) ------------------------------------------------
     def explanations(self, feature: int) -> list[dict]:
-        """Every stored explanation of ``feature``, newest first: ``id``, ``text``, ``explainer``,
+        """Every stored explanation of ``feature``, oldest first: ``id``, ``text``, ``explainer``,
         ``backend``, ``prompt_version``, ``created``, ``meta`` and ``scores`` ({scorer: value}, from
         ``explanation_scores`` where that table exists)."""
         if not S.has_table(self.engine, S.explanations):
@@ -251,7 +251,7 @@ class FeatureReader(FeatureDatabase):
         q = (
             select(S.explanations)
             .where(S.explanations.c.feature == int(feature))
-            .order_by(S.explanations.c.created.desc(), S.explanations.c.id.desc())
+            .order_by(S.explanations.c.id)
         )
         with self.engine.connect() as c:
             rows = [dict(r) for r in c.execute(q).mappings()]
@@ -290,18 +290,36 @@ class FeatureReader(FeatureDatabase):
         for r in rows:
             r["meta"] = json.loads(r["meta"]) if r.get("meta") else {}
             r["scores"] = {}
-        if not rows or "explanation_scores" not in S.inspect_database(self.engine)[1]:
+        if not rows or not S.has_table(self.engine, S.explanation_scores):
             return rows
         by_id = {r["id"]: r for r in rows}
-        with self.engine.connect() as c:  # the scorers' table (`FeatureWriter.add_score`): latest per scorer
+        t = S.explanation_scores  # the newest score per scorer (`FeatureWriter.add_score`)
+        with self.engine.connect() as c:
             found = c.execute(
-                text(
-                    "SELECT explanation_id, scorer, value FROM explanation_scores WHERE explanation_id IN "
-                    f"({', '.join(str(int(i)) for i in by_id)}) ORDER BY created, id"
-                )
+                select(t.c.explanation_id, t.c.scorer, t.c.value)
+                .where(t.c.explanation_id.in_(list(by_id)))
+                .order_by(t.c.created, t.c.id)
             ).all()
         for eid, scorer, value in found:
-            by_id[eid]["scores"][scorer] = value
+            by_id[eid]["scores"][scorer] = float("nan") if value is None else float(value)
+        return rows
+
+    def scores(self, explanation_id: int) -> list[dict]:
+        """The scores of one explanation (`schema.explanation_scores`), oldest first: id, scorer, value (NaN for
+        a score that is not a number), n, details, backend, prompt_version, seed, created."""
+        if not S.has_table(self.engine, S.explanation_scores):
+            return []
+        t = S.explanation_scores
+        with self.engine.connect() as c:
+            rows = [
+                dict(r)
+                for r in c.execute(
+                    select(t).where(t.c.explanation_id == explanation_id).order_by(t.c.created, t.c.id)
+                ).mappings()
+            ]
+        for r in rows:
+            r["details"] = json.loads(r["details"])
+            r["value"] = float("nan") if r["value"] is None else float(r["value"])
         return rows
 
     def dump(self) -> dict[str, list[tuple]]:

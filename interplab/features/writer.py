@@ -11,6 +11,7 @@ none of it. Opening an existing database for writing migrates an older schema (`
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -219,6 +220,60 @@ class FeatureWriter(FeatureDatabase):
             c.execute(
                 insert(S.llm_cache).values(key=key, request=request, response=response, created=time.time())
             )
+
+    def add_score(
+        self,
+        explanation_id: int,
+        scorer: str,
+        value: float,
+        *,
+        n: int,
+        details: dict | None,
+        backend: str,
+        prompt_version: str,
+        seed: int,
+    ) -> int:
+        """Store (or replace) the score of one explanation by one scorer, backend, prompt version and seed
+        (`schema.explanation_scores`, created here); returns its id. NaN is stored as NULL."""
+        value = float(value)
+        with self.engine.begin() as c:
+            S.explanation_scores.create(c, checkfirst=True)
+            for index in S.explanation_scores.indexes:
+                index.create(c, checkfirst=True)
+            if (
+                S.has_table(self.engine, S.explanations)
+                and c.execute(
+                    select(S.explanations.c.id).where(S.explanations.c.id == explanation_id)
+                ).first()
+                is None
+            ):
+                raise KeyError(f"no explanation with id {explanation_id} in {self.where}")
+            key = S.explanation_scores.c
+            c.execute(
+                delete(S.explanation_scores).where(
+                    key.explanation_id == explanation_id,
+                    key.scorer == scorer,
+                    key.backend == backend,
+                    key.prompt_version == prompt_version,
+                    key.seed == seed,
+                )
+            )
+            res = c.execute(
+                insert(S.explanation_scores).values(
+                    explanation_id=explanation_id,
+                    scorer=scorer,
+                    value=None if math.isnan(value) else value,
+                    n=int(n),
+                    details=json.dumps(details or {}, sort_keys=True),
+                    backend=backend,
+                    prompt_version=prompt_version,
+                    seed=int(seed),
+                    created=time.time(),
+                )
+            )
+            new = res.inserted_primary_key
+            assert new is not None  # an insert always has one
+            return int(new[0])
 
 
 def _writable(file: Path) -> bool:

@@ -240,7 +240,7 @@ def test_feature_pages_and_search_show_explanations_with_scores(planted_db):
     assert r.status_code == 200 and 'id="explanation-hits"' in r.text
     assert all(f"feature {f}</a></td><td>fires on" in r.text for f in range(4))
     api = client.get("/api/db/f/feature/1/explanations").json()
-    assert [e["text"] for e in api] == ["the <b>one</b> token", "fires on '#1'"]
+    assert [e["text"] for e in api] == ["fires on '#1'", "the <b>one</b> token"]  # oldest first
     hits = client.get("/api/db/f/explanations", params={"q": "one token"}).json()
     assert [h["feature"] for h in hits] == [1]
     assert client.get("/api/db/f/feature/99/explanations").status_code == 404
