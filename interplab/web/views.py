@@ -102,19 +102,30 @@ def context_html(
     per-token loss effect, `interplab.features.loss_effects`, when given) on hover. Tokens further than
     `NEAR_LEFT`/`NEAR_RIGHT` from the peak have class ``far`` (hidden until the context is expanded)."""
     parts = []
+    finite = [abs(v) for v in loss or [] if v is not None and math.isfinite(v)]
+    loss_scale = max(finite, default=0.0)
     for k, (tok, act) in enumerate(zip(ctx["tokens"], ctx["acts"], strict=True)):
         if tok < 0:
             continue
-        dl = loss[k] if loss is not None and k < len(loss) else None
-        extra = f' data-loss="{dl:+.4g}"' if dl is not None and math.isfinite(dl) else ""
-        far = " far" if not center - NEAR_LEFT <= k <= center + NEAR_RIGHT else ""
         raw = vocab.get(tok, f"#{tok}")
         text = show_token(raw)
         alpha = 0.0 if scale <= 0 else max(0.0, min(1.0, act / scale))
+        far = " far" if not center - NEAR_LEFT <= k <= center + NEAR_RIGHT else ""
         cls = ("tok peak" if k == center else "tok") + far
         if raw == f"#{tok}":  # no tokenizer: ids, spaced apart
             cls += " id"
-        style = f' style="background:rgba(255,110,0,{alpha:.3f})"' if alpha > 0 else ""
+        dl = loss[k] if loss is not None and k < len(loss) else None
+        extra, styles = "", [f"background:rgba(255,110,0,{alpha:.3f})"] if alpha > 0 else []
+        if dl is not None and math.isfinite(dl):
+            extra = f' data-loss="{dl:+.4g}"'
+            # underlined blue where the feature helped predict the token (removing it raises the loss), red
+            # where it hurt; the context's strongest effect is opaque
+            a = abs(dl) / loss_scale if loss_scale > 0 else 0.0
+            if a > 0:
+                styles.append(
+                    f"border-bottom:3px solid rgba({'42,122,184' if dl > 0 else '200,50,40'},{a:.3f})"
+                )
+        style = f' style="{";".join(styles)}"' if styles else ""
         parts.append(
             f'<span class="{cls}"{style} data-act="{act:.4g}"{extra} title="{escape(text)} #{tok}: {act:.4g}">'
             f"{escape(text)}</span>"
