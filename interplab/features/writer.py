@@ -195,7 +195,10 @@ class FeatureWriter(FeatureDatabase):
             if c.execute(select(S.feature_lists.c.id).where(S.feature_lists.c.name == name)).first():
                 raise ValueError(f"a list named {name!r} exists already")
             row = {"name": name, "description": description.strip(), "created": time.time()}
-            return int(c.execute(insert(S.feature_lists).values(**row)).inserted_primary_key[0])
+            key = c.execute(insert(S.feature_lists).values(**row)).inserted_primary_key
+            if key is None:  # every dialect SQLAlchemy supports reports it for an autoincrement key
+                raise RuntimeError(f"the database did not report the new list's id ({self.where})")
+            return int(key[0])
 
     def _list_items(self, c: Connection, list_id: int) -> list[int]:
         if not S.has_table(self.engine, S.feature_lists) or (

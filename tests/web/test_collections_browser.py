@@ -74,9 +74,10 @@ def test_lists_from_feature_pages_reorder_and_export(page, server, artifacts_dir
     page.goto(server + "/db/sweep_a/lists")
     page.click("a.list-link >> text='my list'")
     page.wait_for_selector("#list-items")
-    feats = lambda: [
-        int(x) for x in page.locator("tr.item").evaluate_all("rs => rs.map(r => r.dataset.feature)")
-    ]  # noqa: E731
+
+    def feats() -> list[int]:
+        return [int(x) for x in page.locator("tr.item").evaluate_all("rs => rs.map(r => r.dataset.feature)")]
+
     assert feats() == [5, 2]
     with page.expect_navigation():
         page.locator("tr.item[data-feature='2'] .item-up").click()
@@ -86,10 +87,7 @@ def test_lists_from_feature_pages_reorder_and_export(page, server, artifacts_dir
     page.wait_for_function("document.getElementById('list-status').textContent === 'note saved'")
     page.screenshot(path=str(artifacts_dir / "browser_list.png"), full_page=True)
     exported = json.loads(
-        page.request.get(
-            page.locator("#export-json").get_attribute("href")
-            and server + page.locator("#export-json").get_attribute("href")
-        ).text()
+        page.request.get(server + page.locator("#export-json").get_attribute("href")).text()
     )
     assert [(i["feature"], i["note"]) for i in exported["items"]] == [(2, "two"), (5, "five, edited")]
     rows = list(
@@ -113,6 +111,6 @@ def test_compare_page(page, server, artifacts_dir):  # noqa: F811
     page.wait_for_url("**/run/*")
 
 
-def _clip(page, selector: str) -> dict:
-    box = page.locator(selector).bounding_box()
+def _clip(pg, selector: str) -> dict:
+    box = pg.locator(selector).bounding_box()
     return {"x": box["x"], "y": box["y"], "width": box["width"], "height": min(box["height"] + 60, 900)}
