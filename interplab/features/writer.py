@@ -11,6 +11,7 @@ none of it. Opening an existing database for writing migrates an older schema (`
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -182,6 +183,110 @@ class FeatureWriter(FeatureDatabase):
                         feature=feature, explanation=explanation.strip(), source=source, score=score
                     )
                 )
+
+    # ---- explanations and the LLM cache (optional tables: created by the first write) -----------------------
+    def add_explanation(
+        self,
+        feature: int,
+        text: str,
+        *,
+        explainer: str,
+        backend: str,
+        prompt_version: str,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
+        """Store one explanation of ``feature`` (each is kept: a feature may have several, by explainer,
+        backend and prompt version) and return its id; committed at once, so an interrupted run keeps it."""
+        if not text.strip():
+            raise ValueError(f"the explanation of feature {feature} is empty")
+        with self.engine.begin() as c:
+            if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
+                raise FeatureNotFound(feature)
+            S.explanations.create(c, checkfirst=True)
+            for index in S.explanations.indexes:
+                index.create(c, checkfirst=True)
+            row = {
+                "feature": int(feature),
+                "text": text.strip(),
+                "explainer": explainer,
+                "backend": backend,
+                "prompt_version": prompt_version,
+                "created": time.time(),
+                "meta": json.dumps(meta or {}, sort_keys=True),
+            }
+            key = c.execute(insert(S.explanations).values(**row)).inserted_primary_key
+            assert key is not None  # an insert always has one
+            return int(key[0])
+
+    def cached_response(self, key: str) -> str | None:
+        """The response stored in ``llm_cache`` under ``key`` (None: not cached)."""
+        if not S.has_table(self.engine, S.llm_cache):
+            return None
+        with self.engine.connect() as c:
+            return c.execute(select(S.llm_cache.c.response).where(S.llm_cache.c.key == key)).scalar()
+
+    def cache_response(self, key: str, request: str, response: str) -> None:
+        """Store an LLM response under ``key`` (replacing one already there)."""
+        with self.engine.begin() as c:
+            S.llm_cache.create(c, checkfirst=True)
+            c.execute(delete(S.llm_cache).where(S.llm_cache.c.key == key))
+            c.execute(
+                insert(S.llm_cache).values(key=key, request=request, response=response, created=time.time())
+            )
+
+    def add_score(
+        self,
+        explanation_id: int,
+        scorer: str,
+        value: float,
+        *,
+        n: int,
+        details: dict | None,
+        backend: str,
+        prompt_version: str,
+        seed: int,
+    ) -> int:
+        """Store (or replace) the score of one explanation by one scorer, backend, prompt version and seed
+        (`schema.explanation_scores`, created here); returns its id. NaN is stored as NULL."""
+        value = float(value)
+        with self.engine.begin() as c:
+            S.explanation_scores.create(c, checkfirst=True)
+            for index in S.explanation_scores.indexes:
+                index.create(c, checkfirst=True)
+            if (
+                S.has_table(self.engine, S.explanations)
+                and c.execute(
+                    select(S.explanations.c.id).where(S.explanations.c.id == explanation_id)
+                ).first()
+                is None
+            ):
+                raise KeyError(f"no explanation with id {explanation_id} in {self.where}")
+            key = S.explanation_scores.c
+            c.execute(
+                delete(S.explanation_scores).where(
+                    key.explanation_id == explanation_id,
+                    key.scorer == scorer,
+                    key.backend == backend,
+                    key.prompt_version == prompt_version,
+                    key.seed == seed,
+                )
+            )
+            res = c.execute(
+                insert(S.explanation_scores).values(
+                    explanation_id=explanation_id,
+                    scorer=scorer,
+                    value=None if math.isnan(value) else value,
+                    n=int(n),
+                    details=json.dumps(details or {}, sort_keys=True),
+                    backend=backend,
+                    prompt_version=prompt_version,
+                    seed=int(seed),
+                    created=time.time(),
+                )
+            )
+            new = res.inserted_primary_key
+            assert new is not None  # an insert always has one
+            return int(new[0])
 
     # ---- feature lists (`schema.feature_lists`: created by the first list) ----------------------------
     def create_list(self, name: str, description: str = "") -> int:
