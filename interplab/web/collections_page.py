@@ -1,7 +1,7 @@
 """Pages over whole databases: the feature map, user-made feature lists (with JSON/CSV export), and one
 feature index compared across every served database (the SAEs of a sweep), with each SAE's run linked.
 
-Routes: ``/db/<name>/map``, ``/db/<name>/lists``, ``/db/<name>/lists/<id>`` (+ ``.json``, ``.csv``),
+Routes: ``/db/<name>/map``, ``/db/<name>/similar?q=`` (explanations nearest in meaning), ``/db/<name>/lists``, ``/db/<name>/lists/<id>`` (+ ``.json``, ``.csv``),
 ``/compare/<i>``; JSON API: POST ``/api/db/<name>/lists`` (create), ``/api/db/<name>/lists/<id>/items``
 (add, or replace a note), ``.../remove``, ``.../order``, ``.../delete``. Every write goes through the
 database's label writer, so a read-only database refuses it (403), and through the app's guard (same origin).
@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from interplab.features.database import ReadOnlyDatabase
 from interplab.features.feature_map import decoder_pca
-from interplab.features.reader import FeatureNotFound
+from interplab.features.reader import MAX_QUERY, FeatureNotFound
+from interplab.features.scorers import ScorerError, sentence_model
 from interplab.web.api import INT64_MAX, FeatureIndex
 from interplab.web.runs import Artifact
 from interplab.web.views import Links, context_html
@@ -194,6 +195,41 @@ def add_routes(
     def api_delete(db: str, list_id: ListId):
         write(db, lambda w: w.delete_list(list_id))
         return {"deleted": list_id}
+
+    # ---- search by embedding similarity of explanations ---------------------------------------------
+    embedded: dict[str, tuple[tuple[str, ...], list[int], Any]] = {}
+    models: dict[str, Any] = {}
+
+    def similar(db: str, query: str, limit: int = 50) -> list[dict[str, Any]]:
+        """Features whose explanation (label) is nearest to ``query`` in all-MiniLM-L6-v2's embedding (the
+        scorers' `sentence_model`), by cosine; the explanations' embeddings are cached until they change."""
+        labels = res.store(db).labels()
+        features = sorted(labels)
+        texts = tuple(labels[f]["explanation"] for f in features)
+        if not texts:
+            return []
+        with lock:
+            if "model" not in models:
+                models["model"] = sentence_model()
+            model = models["model"]
+            if db not in embedded or embedded[db][0] != texts:
+                embedded[db] = (texts, features, model.encode(list(texts), normalize_embeddings=True))
+            _, feats, vectors = embedded[db]
+            q = model.encode([query], normalize_embeddings=True)[0]
+        sims = vectors @ q
+        order = sorted(range(len(feats)), key=lambda i: (-float(sims[i]), feats[i]))[:limit]
+        return [{"feature": feats[i], "text": texts[i], "similarity": float(sims[i])} for i in order]
+
+    @app.get("/db/{db}/similar", response_class=HTMLResponse)
+    def similar_page(request: Request, db: str, q: Annotated[str, Query(max_length=MAX_QUERY)] = ""):
+        res.store(db)
+        hits, error = [], None
+        if q.strip():
+            try:
+                hits = similar(db, q.strip())
+            except ScorerError as err:
+                error = str(err)
+        return page(request, "similar.html", db=db, links=links(db), q=q, hits=hits, error=error)
 
     # ---- one feature across databases -------------------------------------------------------------
     @app.get("/compare/{index}", response_class=HTMLResponse)

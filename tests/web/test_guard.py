@@ -188,6 +188,7 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         "/db/tiny/lists/0/export.json",
         "/db/tiny/lists/0/export.csv",
         "/compare/3",
+        "/db/tiny/similar",
     ]
     get_routes = {r.path for r in web_app.routes if isinstance(r, APIRoute) and "GET" in r.methods}
     templated = {
