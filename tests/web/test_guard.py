@@ -189,6 +189,8 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         "/db/tiny/lists/0/export.csv",
         "/compare/3",
         "/db/tiny/similar",
+        "/api/db/tiny/feature/3/explanations",  # llm's routes (issue 18)
+        "/api/db/tiny/explanations?q=x",
     ]
     get_routes = {r.path for r in web_app.routes if isinstance(r, APIRoute) and "GET" in r.methods}
     templated = {
