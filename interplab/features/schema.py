@@ -10,6 +10,9 @@ Optional, in no version: ``dt_rows`` (`dt_rows`), written only into databases of
 features (`interplab.rl.features`), whose "tokens" are the rows of a trajectory cache: where each row comes from
 (episode, step, token kind, action, return-to-go). A database without it is a language model's; every reader
 checks for it (`has_table`), so older databases open unchanged and an older interplab reads the new ones.
+Likewise ``feature_lists`` + ``feature_list_items`` (user-made lists of features, written by the web app) and
+``context_loss`` (per-token change of the next-token loss over a stored context's window when the feature is
+removed: `interplab.features.loss_effects`).
 Optional too (automatic interpretation): ``explanations`` (every explanation of a feature, with its explainer, LLM
 backend and prompt version: `interplab.features.explain`), ``explanation_scores`` (`interplab.features.scorers`)
 and ``llm_cache`` (LLM responses by a hash of their request, so a rerun costs nothing:
@@ -179,7 +182,38 @@ explanation_scores = Table(
     ),
 )
 Index("ix_explanation_scores_explanation", explanation_scores.c.explanation_id)
-OPTIONAL_TABLES = (dt_rows, explanations, explanation_scores, llm_cache)
+
+feature_lists = Table(  # user-made collections of features (the web app's lists; `FeatureWriter.create_list`)
+    "feature_lists",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("description", Text, nullable=False),
+    Column("created", Float, nullable=False),  # unix time
+)
+feature_list_items = Table(
+    "feature_list_items",
+    metadata,
+    Column("list_id", Integer, primary_key=True, autoincrement=False),
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("note", Text, nullable=False),
+    Column("position", Integer, nullable=False),  # 0, 1, ... in the list's order
+)
+context_loss = Table(  # `interplab.features.loss_effects`: per-token loss change of a context's window
+    "context_loss",
+    metadata,
+    Column("context_id", Integer, primary_key=True, autoincrement=False),  # contexts.id
+    Column("loss", LargeBinary, nullable=False),  # float32 little-endian over the window (NaN: not computed)
+)
+OPTIONAL_TABLES = (
+    dt_rows,
+    explanations,
+    explanation_scores,
+    llm_cache,
+    feature_lists,
+    feature_list_items,
+    context_loss,
+)
 """tables only some databases have (created by the build that needs them; absent from every migration)"""
 
 _V1_TABLES = (meta, vocab, features, contexts, passes)
