@@ -99,7 +99,7 @@ def _point_hooks(
     model: Transformer,
     values: Sequence[tuple[str, Callable[[Tensor], None]]],
     grads: Sequence[tuple[str, Callable]],
-) -> object:
+) -> AbstractContextManager[None]:
     """Read hook points' values and gradients (hooks that return nothing leave the activations unchanged)."""
 
     def value_fn(put: Callable[[Tensor], None]) -> Callable[[Tensor, object], None]:
@@ -113,15 +113,17 @@ def _point_hooks(
 
 
 def _nn_linear_site(name: str, module: nn.Linear) -> LinearSite:
+    pre = f"{name}." if name else ""
+
     @contextmanager
     def capture(model: nn.Module, put_in: Callable, put_out: Callable) -> Iterator[None]:
         with _module_io(module, put_in, put_out):
             yield
 
     return LinearSite(
-        name=name,
-        weight=f"{name}.weight",
-        bias=f"{name}.bias" if module.bias is not None and module.bias.requires_grad else None,
+        name=name or "linear",
+        weight=f"{pre}weight",
+        bias=f"{pre}bias" if module.bias is not None and module.bias.requires_grad else None,
         d_in=module.in_features,
         d_out=module.out_features,
         to_matrix=lambda g: g,
@@ -362,7 +364,7 @@ def capture_factors(
     saved = [p.requires_grad for p in params]
     with ExitStack() as stack:
         for i, s in enumerate(sites):
-            stack.enter_context(s.capture(model, xs[i].append, gs[i].append))  # type: ignore[operator]
+            stack.enter_context(s.capture(model, xs[i].append, gs[i].append))
         for p in params:
             p.requires_grad_(False)
         try:
