@@ -154,7 +154,7 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                 def cap_qkv(model: Transformer, put_in: Callable, put_out: Callable, _a=attn, _p=point):  # noqa: ANN202
                     stack = ExitStack()
                     stack.enter_context(_module_io(_a, put_in, None))
-                    stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))  # type: ignore[arg-type]
+                    stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))
                     return stack
 
                 sites.append(
