@@ -10,6 +10,13 @@ Optional, in no version: ``dt_rows`` (`dt_rows`), written only into databases of
 features (`interplab.rl.features`), whose "tokens" are the rows of a trajectory cache: where each row comes from
 (episode, step, token kind, action, return-to-go). A database without it is a language model's; every reader
 checks for it (`has_table`), so older databases open unchanged and an older interplab reads the new ones.
+Likewise ``feature_lists`` + ``feature_list_items`` (user-made lists of features, written by the web app) and
+``context_loss`` (per-token change of the next-token loss over a stored context's window when the feature is
+removed: `interplab.features.loss_effects`).
+Optional too (automatic interpretation): ``explanations`` (every explanation of a feature, with its explainer, LLM
+backend and prompt version: `interplab.features.explain`), ``explanation_scores`` (`interplab.features.scorers`)
+and ``llm_cache`` (LLM responses by a hash of their request, so a rerun costs nothing:
+`interplab.features.llm.CachedBackend`), each created by the first write that needs it.
 A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.database.sqlite_engine`), so
 a name with ``?`` or ``#`` is a name; a `FeatureReader` opens with ``mode=ro`` and never switches the journal.
 """
@@ -33,6 +40,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     event,
     inspect,
     select,
@@ -131,7 +139,81 @@ dt_rows = Table(
     Column("action", Integer, nullable=False),  # the action taken at the step
     Column("rtg", Float, nullable=False),  # the return-to-go at the step
 )
-OPTIONAL_TABLES = (dt_rows,)
+explanations = Table(
+    "explanations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("feature", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("explainer", String(64), nullable=False),  # "llm", "baseline:token-enrichment", "oracle", ...
+    Column("backend", String(128), nullable=False),  # "openai:<model>@<host>", "local:<folder>", "none"
+    Column("prompt_version", String(32), nullable=False),
+    Column("created", Float, nullable=False),  # unix time
+    Column("meta", Text, nullable=False),  # JSON (the prompt's contexts, token counts, ...)
+)
+Index("ix_explanations_feature", explanations.c.feature)
+
+llm_cache = Table(
+    "llm_cache",
+    metadata,
+    Column("key", String(64), primary_key=True),  # sha256 hex of the canonical request JSON (backend, params)
+    Column("request", Text, nullable=False),
+    Column("response", Text, nullable=False),  # JSON of the `Completion`
+    Column("created", Float, nullable=False),
+)
+
+explanation_scores = Table(
+    "explanation_scores",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("explanation_id", Integer, nullable=False),  # explanations.id
+    Column(
+        "scorer", String(32), nullable=False
+    ),  # detection, fuzzing, intruder, embedding, simulation, baseline
+    Column("value", Float),  # NULL: NaN (SQLite stores NaN as NULL)
+    Column("n", Integer, nullable=False),  # items judged
+    Column("details", Text, nullable=False),  # JSON
+    Column("backend", String(128), nullable=False),
+    Column("prompt_version", String(32), nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("created", Float, nullable=False),
+    UniqueConstraint(
+        "explanation_id", "scorer", "backend", "prompt_version", "seed", name="uq_explanation_score"
+    ),
+)
+Index("ix_explanation_scores_explanation", explanation_scores.c.explanation_id)
+
+feature_lists = Table(  # user-made collections of features (the web app's lists; `FeatureWriter.create_list`)
+    "feature_lists",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("description", Text, nullable=False),
+    Column("created", Float, nullable=False),  # unix time
+)
+feature_list_items = Table(
+    "feature_list_items",
+    metadata,
+    Column("list_id", Integer, primary_key=True, autoincrement=False),
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("note", Text, nullable=False),
+    Column("position", Integer, nullable=False),  # 0, 1, ... in the list's order
+)
+context_loss = Table(  # `interplab.features.loss_effects`: per-token loss change of a context's window
+    "context_loss",
+    metadata,
+    Column("context_id", Integer, primary_key=True, autoincrement=False),  # contexts.id
+    Column("loss", LargeBinary, nullable=False),  # float32 little-endian over the window (NaN: not computed)
+)
+OPTIONAL_TABLES = (
+    dt_rows,
+    explanations,
+    explanation_scores,
+    llm_cache,
+    feature_lists,
+    feature_list_items,
+    context_loss,
+)
 """tables only some databases have (created by the build that needs them; absent from every migration)"""
 
 _V1_TABLES = (meta, vocab, features, contexts, passes)
