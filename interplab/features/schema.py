@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -224,26 +224,50 @@ READABLE_FROM = 2
 
 def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[Any, Any]]) -> str:
     """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
-    the type its column stores, so the digest computed at write equals the one recomputed from a read."""
-    h = hashlib.sha256()
-    h.update(repr(tuple(_stored(col, feature_row.get(col.name)) for col in features.columns)).encode())
-    cols = [contexts.c[name] for name in CONTEXT_DIGEST_COLUMNS]
+    the type its column stores, so the digest computed at write equals the one recomputed from a read.
+    (Hashed as one string of the rows' ``repr`` tuples: the same digest as hashing them row by row.)"""
+    parts = [repr(tuple([conv(feature_row.get(name)) for name, conv in _FEATURE_DIGEST]))]
     for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
-        h.update(repr(tuple(_stored(col, r.get(col.name)) for col in cols)).encode())
-    return h.hexdigest()
+        parts.append(repr(tuple([conv(r.get(name)) for name, conv in _CONTEXT_DIGEST])))
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def _stored(col: Column, value: Any) -> Any:
+    return _converter(col)(value)
+
+
+def _stored_float(value: Any) -> float | None:
     if value is None:
         return None
+    value = float(value) + 0.0  # SQLite stores -0.0 as 0 and NaN as NULL
+    return None if math.isnan(value) else value
+
+
+def _stored_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _stored_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+def _stored_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _converter(col: Column) -> Callable[[Any], Any]:
+    """How a value is normalised to the type ``col`` stores (None stays None)."""
     if isinstance(col.type, Float):
-        value = float(value) + 0.0  # SQLite stores -0.0 as 0 and NaN as NULL
-        return None if math.isnan(value) else value
+        return _stored_float
     if isinstance(col.type, Integer):
-        return int(value)
+        return _stored_int
     if isinstance(col.type, LargeBinary):
-        return bytes(value)
-    return str(value)
+        return _stored_bytes
+    return _stored_str
+
+
+_FEATURE_DIGEST = [(col.name, _converter(col)) for col in features.columns]
+_CONTEXT_DIGEST = [(name, _converter(contexts.c[name])) for name in CONTEXT_DIGEST_COLUMNS]
 
 
 def has_table(engine: Engine, table: Table) -> bool:

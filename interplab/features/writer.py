@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +130,11 @@ class FeatureWriter(FeatureDatabase):
         if self.sqlite:  # the driver's executemany directly: this runs for every context
             cols = [col.name for col in S.contexts.columns]
             sql = f"INSERT INTO contexts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-            c.exec_driver_sql(sql, [tuple(r[k] for k in cols) for r in context_rows])
+            c.exec_driver_sql(sql, list(map(itemgetter(*cols), context_rows)))
+            # the full-text index of the rows just written, filled by SQLite itself from the table
             c.exec_driver_sql(
-                "INSERT INTO contexts_fts(rowid, text) VALUES (?, ?)",
-                [(r["id"], r["text"]) for r in context_rows if r["text"]],
+                "INSERT INTO contexts_fts(rowid, text) SELECT id, text FROM contexts WHERE id >= ? AND text != ''",
+                (first,),
             )
         else:
             c.execute(insert(S.contexts), context_rows)
