@@ -64,7 +64,9 @@ def main() -> None:
 
     model = load_model(args.model)
     seq_len = min(128, model.cfg.n_ctx)
-    data = corpus_token_batches(model, split="validation", seq_len=seq_len, batch_size=16, n_batches=args.batches)
+    data = corpus_token_batches(
+        model, split="validation", seq_len=seq_len, batch_size=16, n_batches=args.batches
+    )
     saes = {}
     for seed in range(args.seeds):
         for folder in sorted((work / f"seed{seed}" / "saes").iterdir()):
@@ -75,7 +77,11 @@ def main() -> None:
     core_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = bench_saes(
-        model, saes, data.batches, token_filter=data.token_filter, labellers=tokenizer_labellers(model.tokenizer)
+        model,
+        saes,
+        data.batches,
+        token_filter=data.token_filter,
+        labellers=tokenizer_labellers(model.tokenizer),
     )
     bench_s = time.perf_counter() - t0
     tokens = sum(int(data.token_filter.mask(b).sum()) for b in data.batches)
