@@ -63,6 +63,8 @@ def main() -> None:
     train_s = time.perf_counter() - t0
 
     model = load_model(args.model)
+    if model.tokenizer is None:
+        raise SystemExit(f"{args.model} has no tokenizer.json: the labelled properties need one")
     seq_len = min(128, model.cfg.n_ctx)
     data = corpus_token_batches(
         model, split="validation", seq_len=seq_len, batch_size=16, n_batches=args.batches
