@@ -21,7 +21,10 @@ from tests.doctest_namespace import DoctestNamespace
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # docstring -> why its examples cannot run in the test suite (the examples there carry the same reason)
-SKIPS: dict[str, str] = {"interplab.web.app": "uvicorn.run serves until it is stopped"}
+SKIPS: dict[str, str] = {
+    "interplab.web.app": "uvicorn.run serves until it is stopped",
+    "interplab.features.llm": "a completion needs an OpenAI-compatible server (tests/features/llm_server.py serves one)",
+}
 
 
 def _modules() -> list[str]:

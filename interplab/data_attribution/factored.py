@@ -12,7 +12,11 @@ Biases are folded in as one extra input coordinate equal to 1 (the homogeneous-c
 >>> sites = linear_sites(model)                      # every linear weight of an interplab Transformer
 >>> proj = FactoredProjector(sites, dim_in=16, dim_out=16)
 >>> feats = factored_grads(model, lm_losses, tokens, proj)   # [n, proj.dim]
->>> ref = proj.project_grads(exact_grads)                    # the same projection of exact gradients
+>>> feats.shape == (len(tokens), proj.dim)
+True
+
+`FactoredProjector.project_grads` applies the same projection to exact per-example gradients (the reference
+the tests hold this to, to 1e-5).
 """
 
 from __future__ import annotations

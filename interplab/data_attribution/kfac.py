@@ -13,8 +13,11 @@ It works in the projector's space (LoGra: the curvature of the projected gradien
 k_out^3`` per site; with unprojected sides (`FactoredProjector` sizes at least the layer's) it is the ordinary
 EK-FAC of the layer.
 
+>>> from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites, lm_losses
+>>> proj = FactoredProjector(linear_sites(model), dim_in=8, dim_out=8)
 >>> curv = EKFAC.fit(model, lm_losses, tokens, proj)
->>> scores = ekfac_influence(curv, train_feats, target_feats, damping=1e-3)
+>>> feats = factored_grads(model, lm_losses, tokens, proj)    # [n, proj.dim]
+>>> scores = ekfac_influence(curv, feats, feats[:1], damping=1e-3)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A 2-D map of an SAE's features: PCA of its unit-normalised decoder directions (UMAP is not a
 dependency). Points that lie close have similar output directions.
 
->>> xy = decoder_pca(sae)            # [d_sae, 2]                                # doctest: +SKIP
+>>> xy = decoder_pca(sae)            # [d_sae, 2]
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ whole input (the build keeps no more of the corpus), so activations near its lef
 than in the corpus; the first token of a window has no prediction and its value is NaN, as are positions
 outside the corpus.
 
->>> n = compute_loss_effects("features.db", model, sae)            # doctest: +SKIP
->>> FeatureReader("features.db").context_loss(12)[(0, 0)]           # doctest: +SKIP
+>>> n = compute_loss_effects("features.db", model, sae)
 """
 
 from __future__ import annotations

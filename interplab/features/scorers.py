@@ -24,7 +24,7 @@ backend that fails mid-way loses nothing, and a rerun skips what is stored.
 
 >>> from interplab.features.writer import FeatureWriter
 >>> with FeatureWriter("features.db") as db:
-...     done = score_features(db, [DetectionScorer(backend), EmbeddingScorer()], seed=0)
+...     done = score_features(db, [BaselineScorer()], seed=0)  # offline; LLM judges: DetectionScorer(backend)
 """
 
 from __future__ import annotations
