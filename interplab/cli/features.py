@@ -4,6 +4,7 @@ explanations, steer."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
@@ -24,12 +25,13 @@ from interplab.cli.common import (
     out_file,
     out_folder,
     positive_int,
+    print_command,
     set_threads,
     threads_option,
 )
 from interplab.data import build_token_store, open_corpus
 from interplab.features.config import FeatureBuildConfig
-from interplab.features.explain import TokenEnrichmentExplainer, auto_interp
+from interplab.features.explain import TokenEnrichmentExplainer
 from interplab.features.steer import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_STRENGTH,
@@ -231,31 +233,132 @@ def export(
     console.print(f"wrote {report.n_pages} pages ({report.n_bytes / 1e6:.1f} MB) to {html}/index.html")
 
 
+EXPLAIN_BACKENDS = ("baseline", "openai", "local")
+
+
+def parse_features(value: str | None) -> list[int] | None:
+    """``--features``: comma-separated indices and ranges (``0-99,120``); None: every feature."""
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.replace(" ", "").split(","):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            out += range(first, last + 1)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give feature indices and ranges such as 0-99,120") from None
+    return out
+
+
 @features_app.command("explain")
 def explain(
-    db: Path = typer.Option(..., "--db", help="feature database"),
+    db_arg: Path = typer.Argument(None, metavar="DB", help="feature database (or --db)"),
+    db: Path = typer.Option(None, "--db", help="feature database"),
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        help="baseline (built in, offline), openai (an OpenAI-compatible endpoint) or local (a Hugging Face "
+        "model folder); default: what INTERPLAB_LLM_* configure, else baseline",
+        callback=choice(EXPLAIN_BACKENDS),
+    ),
+    model: str = typer.Option(None, "--model", help="the endpoint's model (default $INTERPLAB_LLM_MODEL)"),
+    base_url: str = typer.Option(
+        None, "--base-url", help="e.g. https://api.openai.com/v1 ($INTERPLAB_LLM_BASE_URL)"
+    ),
+    api_key_env: str = typer.Option(
+        None, "--api-key-env", help="the environment variable holding the key (default INTERPLAB_LLM_API_KEY)"
+    ),
+    local: Path = typer.Option(
+        None, "--local", help="a Hugging Face causal LM folder ($INTERPLAB_LLM_LOCAL)"
+    ),
+    features: str = typer.Option(None, "--features", help="indices and ranges, e.g. 0-99,120 (default: all)"),
+    contrastive: bool = typer.Option(False, "--contrastive", help="LLM prompt with non-activating text too"),
+    rpm: float = typer.Option(None, "--requests-per-minute", help="rate limit of the openai backend"),
     k: int = typer.Option(
-        TokenEnrichmentExplainer.k, help="tokens named per explanation", callback=positive_int
+        TokenEnrichmentExplainer.k, help="tokens named per baseline explanation", callback=positive_int
     ),
     overwrite_human: bool = typer.Option(False, "--overwrite-human", help="replace human labels too"),
 ) -> None:
-    """Label every feature with the built-in explainer (most enriched peak tokens) and score the labels."""
+    """Explain features and store the explanations in the database (table explanations; the label of each
+    feature too). With no LLM configured the built-in baseline explainer runs (most enriched peak tokens),
+    its labels scored on held-out contexts. Resumable: features already explained the same way are skipped."""
     from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.explain import (
+        Explainer,
+        LLMExplainer,
+        TokenListSimulator,
+        explain_features,
+        explainer_name,
+    )
+    from interplab.features.llm import CachedBackend, LLMError, backend_from_config
     from interplab.features.writer import FeatureWriter
 
+    path = db_arg or db
+    if path is None:
+        fail("give the feature database: interplab features explain DB (or --db DB)")
+        return
+    wanted = parse_features(features)
     try:
-        writer = FeatureWriter(db)
+        writer = FeatureWriter(path)
     except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     with writer:
-        result = auto_interp(writer, TokenEnrichmentExplainer(k=k), overwrite_human=overwrite_human)
-    scores = list(result.scores.values())
-    mean = sum(scores) / len(scores) if scores else float("nan")
+        try:
+            options: dict[str, Any] = (
+                {"requests_per_minute": rpm} if rpm is not None and backend != "local" else {}
+            )
+            llm = backend_from_config(
+                backend, model=model, base_url=base_url, local=local, api_key_env=api_key_env, **options
+            )
+        except (LLMError, ValueError) as err:
+            fail(str(err))
+            return
+        cached = CachedBackend(llm, writer) if llm is not None else None
+        explainer: Explainer = (
+            LLMExplainer(cached, contrastive=contrastive)
+            if cached is not None
+            else TokenEnrichmentExplainer(k=k)
+        )
+        name = explainer_name(explainer)
+        ran = (
+            cached.name if cached is not None else "none (the built-in baseline explainer; no LLM configured)"
+        )
+        console.print(f"explainer {name}, backend {ran}", markup=False, highlight=False)
+        try:
+            with JobProgress("features explain", unit="features") as bar:
+                ids = explain_features(
+                    writer,
+                    explainer,
+                    features=wanted,
+                    progress=bar,
+                    overwrite_human=overwrite_human,
+                    simulator=TokenListSimulator() if cached is None else None,
+                )
+        except LLMError as err:
+            fail(f"{err} (the explanations stored before this error are kept; rerun to resume)")
+            return
+        with writer.reader() as store:
+            labels = store.labels(source=f"auto:{name}")
+    scores = [labels[f]["score"] for f in ids if f in labels and labels[f]["score"] is not None]
+    mean = f" (mean score {sum(scores) / len(scores):.3f})" if scores else ""
     console.print(
-        f"explained {len(scores)} features (mean score {mean:.3f}); kept {len(result.skipped_human)} "
-        "human labels"
+        f"explained {len(ids)} features{mean}; stored in {path} (tables explanations and labels, "
+        f"label source auto:{name})",
+        markup=False,
+        highlight=False,
     )
+    if cached is not None:
+        console.print(
+            f"LLM calls: {cached.misses} made ({cached.prompt_tokens} prompt + {cached.completion_tokens} "
+            f"completion tokens), {cached.hits} answered from the cache (table llm_cache)",
+            markup=False,
+        )
+    if any(c.name == "score" for c in features_app.registered_commands):
+        print_command("score them: ", "features", "score", path)
 
 
 SCORE_DEFAULT_LLM = "detection,fuzzing,embedding,baseline"
@@ -317,9 +420,7 @@ def score(
 def _configured_backend():
     """The LLM backend the environment configures (`interplab.features.llm.backend_from_config`), if any."""
     try:
-        from interplab.features.llm import (  # type: ignore[import-not-found, unused-ignore]
-            backend_from_config,
-        )
+        from interplab.features.llm import backend_from_config
     except ImportError:  # no LLM backends in this interplab
         return None
     try:

@@ -206,7 +206,7 @@ class FeatureReader(FeatureDatabase):
         query = query.replace("\x00", "")
         if not query.strip():
             return []
-        like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        like = _like(query)
         hits: dict[int, dict] = {}
         with self.engine.connect() as c:
             for f, expl in c.execute(
@@ -241,23 +241,67 @@ class FeatureReader(FeatureDatabase):
         with self.engine.connect() as c:
             return {r["feature"]: dict(r) for r in c.execute(q).mappings()}
 
+    # ---- explanations (optional table: empty when absent) ------------------------------------------------
     def explanations(self, feature: int) -> list[dict]:
-        """The stored explanations of ``feature``, oldest first: id, text, explainer, backend, prompt_version,
-        created, meta and scores ({scorer: value} of the newest score per scorer)."""
+        """Every stored explanation of ``feature``, newest first: ``id``, ``text``, ``explainer``,
+        ``backend``, ``prompt_version``, ``created``, ``meta`` and ``scores`` ({scorer: value}, from
+        ``explanation_scores`` where that table exists)."""
         if not S.has_table(self.engine, S.explanations):
             return []
+        q = (
+            select(S.explanations)
+            .where(S.explanations.c.feature == int(feature))
+            .order_by(S.explanations.c.created.desc(), S.explanations.c.id.desc())
+        )
         with self.engine.connect() as c:
-            rows = [
-                dict(r)
-                for r in c.execute(
-                    select(S.explanations)
-                    .where(S.explanations.c.feature == feature)
-                    .order_by(S.explanations.c.id)
-                ).mappings()
-            ]
+            rows = [dict(r) for r in c.execute(q).mappings()]
+        return self._with_scores(rows)
+
+    def explained(self, *, explainer: str, backend: str, prompt_version: str) -> set[int]:
+        """The features that already have an explanation of this explainer, backend and prompt version."""
+        if not S.has_table(self.engine, S.explanations):
+            return set()
+        e = S.explanations.c
+        q = select(e.feature).where(
+            e.explainer == explainer, e.backend == backend, e.prompt_version == prompt_version
+        )
+        with self.engine.connect() as c:
+            return {int(f) for f in c.execute(q).scalars()}
+
+    def search_explanations(self, query: str, limit: int = 50) -> list[dict]:
+        """Explanations whose text contains ``query`` (matched literally, case-insensitively; every word when
+        it has several), best scored first; each as in `explanations` plus ``feature``."""
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the search text has {len(query)} characters; at most {MAX_QUERY}")
+        words = query.replace("\x00", "").split()
+        if not words or not S.has_table(self.engine, S.explanations):
+            return []
+        e = S.explanations.c
+        q = select(S.explanations)
+        for w in words:
+            q = q.where(e.text.ilike(_like(w), escape="\\"))
+        with self.engine.connect() as c:
+            rows = [dict(r) for r in c.execute(q.order_by(e.feature, e.id).limit(limit * 4)).mappings()]
+        rows = self._with_scores(rows)
+        rows.sort(key=lambda r: (-max(r["scores"].values(), default=float("-inf")), r["feature"], r["id"]))
+        return rows[:limit]
+
+    def _with_scores(self, rows: list[dict]) -> list[dict]:
         for r in rows:
-            r["meta"] = json.loads(r["meta"])
-            r["scores"] = {s["scorer"]: s["value"] for s in self.scores(r["id"])}
+            r["meta"] = json.loads(r["meta"]) if r.get("meta") else {}
+            r["scores"] = {}
+        if not rows or "explanation_scores" not in S.inspect_database(self.engine)[1]:
+            return rows
+        by_id = {r["id"]: r for r in rows}
+        with self.engine.connect() as c:  # the scorers' table (`FeatureWriter.add_score`): latest per scorer
+            found = c.execute(
+                text(
+                    "SELECT explanation_id, scorer, value FROM explanation_scores WHERE explanation_id IN "
+                    f"({', '.join(str(int(i)) for i in by_id)}) ORDER BY created, id"
+                )
+            ).all()
+        for eid, scorer, value in found:
+            by_id[eid]["scores"][scorer] = value
         return rows
 
     def scores(self, explanation_id: int) -> list[dict]:
@@ -287,3 +331,8 @@ class FeatureReader(FeatureDatabase):
                     continue
                 out[table.name] = sorted(tuple(r) for r in c.execute(select(table)))
         return out
+
+
+def _like(query: str) -> str:
+    """A LIKE pattern (escape character backslash) matching ``query`` literally anywhere."""
+    return "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -8,9 +8,13 @@ Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels 
 byte is named instead of served; features written before version 3 have none).
 Optional, in no version: ``dt_rows`` (`dt_rows`), written only into databases of a decision transformer's
 features (`interplab.rl.features`), whose "tokens" are the rows of a trajectory cache: where each row comes from
-(episode, step, token kind, action, return-to-go); ``explanations`` and ``explanation_scores`` (automatic
-interpretation: `interplab.features.explain`, `interplab.features.scorers`), created by the first write that needs them. A
-database without ``dt_rows`` is a language model's; every reader checks for these tables (`has_table`), so older databases open unchanged and an older interplab reads the new ones.
+(episode, step, token kind, action, return-to-go). A database without it is a language model's; every reader
+checks for it (`has_table`), so older databases open unchanged and an older interplab reads the new ones.
+Optional too: ``explanations`` (every explanation of a feature, with its explainer, LLM backend and prompt version;
+`FeatureWriter.add_explanation`) and ``llm_cache`` (LLM responses by a hash of their request, so a rerun of
+``features explain`` costs nothing: `interplab.features.llm.CachedBackend`), created by the first write that needs
+them; and ``explanation_scores`` (each explanation's score per scorer, backend, prompt version and seed:
+`FeatureWriter.add_score`, `interplab.features.scorers`).
 A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.database.sqlite_engine`), so
 a name with ``?`` or ``#`` is a name; a `FeatureReader` opens with ``mode=ro`` and never switches the journal.
 """
@@ -133,21 +137,28 @@ dt_rows = Table(
     Column("action", Integer, nullable=False),  # the action taken at the step
     Column("rtg", Float, nullable=False),  # the return-to-go at the step
 )
-# explanations (owner: llm; defined here per JUDGE.md until the llm branch lands: identical columns)
 explanations = Table(
     "explanations",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("feature", Integer, nullable=False),
     Column("text", Text, nullable=False),
-    Column("explainer", String(64), nullable=False),  # "llm", "baseline:token-enrichment", "oracle" ...
-    Column("backend", String(128), nullable=False),  # "openai:<model>@<host>", "local:<dir>", "none"
+    Column("explainer", String(64), nullable=False),  # "llm", "baseline:token-enrichment", "oracle", ...
+    Column("backend", String(128), nullable=False),  # "openai:<model>@<host>", "local:<folder>", "none"
     Column("prompt_version", String(32), nullable=False),
     Column("created", Float, nullable=False),  # unix time
-    Column("meta", Text, nullable=False),  # JSON
+    Column("meta", Text, nullable=False),  # JSON (the prompt's contexts, token counts, ...)
 )
 Index("ix_explanations_feature", explanations.c.feature)
 
+llm_cache = Table(
+    "llm_cache",
+    metadata,
+    Column("key", String(64), primary_key=True),  # sha256 hex of the canonical request JSON (backend, params)
+    Column("request", Text, nullable=False),
+    Column("response", Text, nullable=False),  # JSON of the `Completion`
+    Column("created", Float, nullable=False),
+)
 explanation_scores = Table(
     "explanation_scores",
     metadata,
@@ -168,7 +179,7 @@ explanation_scores = Table(
     ),
 )
 Index("ix_explanation_scores_explanation", explanation_scores.c.explanation_id)
-OPTIONAL_TABLES = (dt_rows, explanations, explanation_scores)
+OPTIONAL_TABLES = (dt_rows, explanations, llm_cache, explanation_scores)
 """tables only some databases have (created by the build that needs them; absent from every migration)"""
 
 _V1_TABLES = (meta, vocab, features, contexts, passes)

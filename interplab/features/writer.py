@@ -171,7 +171,7 @@ class FeatureWriter(FeatureDatabase):
                     )
                 )
 
-    # ---- explanations and their scores ---------------------------------------------------------------
+    # ---- explanations, their scores and the LLM cache (optional tables: created by the first write) ----
     def add_explanation(
         self,
         feature: int,
@@ -180,27 +180,46 @@ class FeatureWriter(FeatureDatabase):
         explainer: str,
         backend: str,
         prompt_version: str,
-        meta: dict | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> int:
-        """Store an explanation of ``feature`` (`schema.explanations`, created here); returns its id."""
+        """Store one explanation of ``feature`` (each is kept: a feature may have several, by explainer,
+        backend and prompt version) and return its id; committed at once, so an interrupted run keeps it."""
+        if not text.strip():
+            raise ValueError(f"the explanation of feature {feature} is empty")
         with self.engine.begin() as c:
             if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
                 raise FeatureNotFound(feature)
             S.explanations.create(c, checkfirst=True)
             for index in S.explanations.indexes:
                 index.create(c, checkfirst=True)
-            res = c.execute(
-                insert(S.explanations).values(
-                    feature=feature,
-                    text=text,
-                    explainer=explainer,
-                    backend=backend,
-                    prompt_version=prompt_version,
-                    created=time.time(),
-                    meta=json.dumps(meta or {}, sort_keys=True),
-                )
+            row = {
+                "feature": int(feature),
+                "text": text.strip(),
+                "explainer": explainer,
+                "backend": backend,
+                "prompt_version": prompt_version,
+                "created": time.time(),
+                "meta": json.dumps(meta or {}, sort_keys=True),
+            }
+            key = c.execute(insert(S.explanations).values(**row)).inserted_primary_key
+            assert key is not None  # an insert always has one
+            return int(key[0])
+
+    def cached_response(self, key: str) -> str | None:
+        """The response stored in ``llm_cache`` under ``key`` (None: not cached)."""
+        if not S.has_table(self.engine, S.llm_cache):
+            return None
+        with self.engine.connect() as c:
+            return c.execute(select(S.llm_cache.c.response).where(S.llm_cache.c.key == key)).scalar()
+
+    def cache_response(self, key: str, request: str, response: str) -> None:
+        """Store an LLM response under ``key`` (replacing one already there)."""
+        with self.engine.begin() as c:
+            S.llm_cache.create(c, checkfirst=True)
+            c.execute(delete(S.llm_cache).where(S.llm_cache.c.key == key))
+            c.execute(
+                insert(S.llm_cache).values(key=key, request=request, response=response, created=time.time())
             )
-            return int(res.inserted_primary_key[0])
 
     def add_score(
         self,
@@ -229,17 +248,17 @@ class FeatureWriter(FeatureDatabase):
                 is None
             ):
                 raise KeyError(f"no explanation with id {explanation_id} in {self.where}")
-            key = S.explanation_scores.c
+            col = S.explanation_scores.c
             c.execute(
                 delete(S.explanation_scores).where(
-                    key.explanation_id == explanation_id,
-                    key.scorer == scorer,
-                    key.backend == backend,
-                    key.prompt_version == prompt_version,
-                    key.seed == seed,
+                    col.explanation_id == explanation_id,
+                    col.scorer == scorer,
+                    col.backend == backend,
+                    col.prompt_version == prompt_version,
+                    col.seed == seed,
                 )
             )
-            res = c.execute(
+            key = c.execute(
                 insert(S.explanation_scores).values(
                     explanation_id=explanation_id,
                     scorer=scorer,
@@ -251,8 +270,9 @@ class FeatureWriter(FeatureDatabase):
                     seed=int(seed),
                     created=time.time(),
                 )
-            )
-            return int(res.inserted_primary_key[0])
+            ).inserted_primary_key
+            assert key is not None  # an insert always has one
+            return int(key[0])
 
 
 def _writable(file: Path) -> bool:

@@ -258,6 +258,7 @@ def create_app(
             steering=dt is None,
             dt=dt,
             default_strength=DEFAULT_STRENGTH,
+            explanations=store.explanations(index),
             **feature_view(rec, res.meta[db], store.vocab()),
         )
 
@@ -281,7 +282,7 @@ def create_app(
     @app.get("/db/{db}/search", response_class=HTMLResponse)
     def search(request: Request, db: str, q: SearchText = "", token: SearchText = ""):
         store = res.store(db)
-        token_hits, text_hits, token_id = [], [], None
+        token_hits, text_hits, token_id, explanation_hits = [], [], None, []
         if token:
             token_id = store.token_id(token)
             if token_id is not None:
@@ -289,6 +290,7 @@ def create_app(
         if q.strip():
             try:
                 text_hits = store.search_text(q.strip())
+                explanation_hits = store.search_explanations(q.strip())
             except ValueError as err:
                 raise HTTPException(422, str(err)) from None
         return page(
@@ -300,6 +302,7 @@ def create_app(
             token_id=token_id,
             token_hits=token_hits,
             text_hits=text_hits,
+            explanation_hits=explanation_hits,
             links=links(db),
             labels=store.labels(),
         )
