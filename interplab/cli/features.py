@@ -327,7 +327,7 @@ def explain(
         ran = (
             cached.name if cached is not None else "none (the built-in baseline explainer; no LLM configured)"
         )
-        console.print(f"explainer {name}, backend {ran}", markup=False, highlight=False)
+        console.print(f"explainer {name}, backend {ran}", markup=False, highlight=False, soft_wrap=True)
         try:
             with JobProgress("features explain", unit="features") as bar:
                 ids = explain_features(
@@ -339,7 +339,7 @@ def explain(
                     simulator=TokenListSimulator() if cached is None else None,
                 )
         except LLMError as err:
-            fail(f"{err} (the explanations stored before this error are kept; rerun to resume)")
+            fail(f"{err} (the explanations stored before this error are kept; rerun to resume)", code=1)
             return
         with writer.reader() as store:
             labels = store.labels(source=f"auto:{name}")
@@ -350,12 +350,14 @@ def explain(
         f"label source auto:{name})",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     if cached is not None:
         console.print(
             f"LLM calls: {cached.misses} made ({cached.prompt_tokens} prompt + {cached.completion_tokens} "
             f"completion tokens), {cached.hits} answered from the cache (table llm_cache)",
             markup=False,
+            soft_wrap=True,
         )
     if any(c.name == "score" for c in features_app.registered_commands):
         print_command("score them: ", "features", "score", path)
@@ -427,6 +429,52 @@ def _configured_backend():
         return backend_from_config()
     except (ValueError, RuntimeError) as err:
         fail(f"the LLM backend is misconfigured: {err}")
+
+
+@features_app.command("loss-effects")
+def loss_effects(
+    db: Path = typer.Argument(..., help="feature database"),
+    model_dir: Path | None = typer.Option(
+        None, "--model", help=MODEL_HELP + " (default: the one it was built from)"
+    ),
+    sae_dir: Path | None = typer.Option(
+        None, "--sae", help="SAE folder (default: the one it was built from)"
+    ),
+    samples: bool = typer.Option(False, "--samples", help="also the sampled contexts, not only the top ones"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="recompute contexts that have them"),
+) -> None:
+    """Per-token loss effects of each feature over its stored contexts (the feature's decoder contribution
+    removed), shown on hover in the browser. A post-pass: the build never runs it; resumable."""
+    from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.loss_effects import compute_loss_effects
+    from interplab.features.reader import FeatureReader
+
+    try:
+        with FeatureReader(db) as store:
+            meta = store.meta()
+    except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
+        fail(str(err))
+        return
+    model_dir = model_dir or (Path(meta["model_path"]) if meta.get("model_path") else None)
+    sae_dir = sae_dir or (Path(meta["sae_path"]) if meta.get("sae_path") else None)
+    if model_dir is None or sae_dir is None:
+        fail(f"{db} records no model or SAE folder: pass --model DIR --sae DIR")
+        return
+    model, sae = load_model_and_sae(model_dir, sae_dir)
+    try:
+        with JobProgress("features loss-effects", unit="contexts") as bar:
+            n = compute_loss_effects(
+                db,
+                model,
+                sae,
+                kinds=(0, 1) if samples else (0,),
+                overwrite=overwrite,
+                progress=lambda done, total: bar.update(done, total=total),
+            )
+    except (ValueError, ReadOnlyDatabase) as err:
+        fail(str(err))
+        return
+    console.print(f"loss effects of {n} contexts written to {db}")
 
 
 @features_app.command("steer")

@@ -133,6 +133,56 @@ class FeatureReader(FeatureDatabase):
                 out.update({int(r["token_index"]): dict(r) for r in c.execute(q).mappings()})
         return out
 
+    def context_loss(self, index: int) -> dict[tuple[int, int], list[float | None]]:
+        """Feature ``index``'s per-token loss effects (`schema.context_loss`, written by
+        `interplab.features.loss_effects`) by (kind, rank) of its contexts; None where not computed. Empty
+        when the database has none."""
+        if not S.has_table(self.engine, S.context_loss):
+            return {}
+        q = (
+            select(S.contexts.c.kind, S.contexts.c.rank, S.context_loss.c.loss)
+            .join(S.context_loss, S.context_loss.c.context_id == S.contexts.c.id)
+            .where(S.contexts.c.feature == index)
+        )
+        with self.engine.connect() as c:
+            return {
+                (int(k), int(r)): [None if v != v else round(float(v), 5) for v in np.frombuffer(b, "<f4")]
+                for k, r, b in c.execute(q)
+            }
+
+    def feature_lists(self) -> list[dict[str, Any]]:
+        """The user-made lists (`schema.feature_lists`): id, name, description, created, n (items), by name."""
+        if not S.has_table(self.engine, S.feature_lists):
+            return []
+        n = (
+            select(func.count())
+            .where(S.feature_list_items.c.list_id == S.feature_lists.c.id)
+            .scalar_subquery()
+            .label("n")
+        )
+        with self.engine.connect() as c:
+            rows = c.execute(select(S.feature_lists, n).order_by(S.feature_lists.c.name)).mappings()
+            return [dict(r) for r in rows]
+
+    def feature_list(self, list_id: int) -> dict[str, Any] | None:
+        """One list with its ``items`` (feature, note, position, explanation) in order; None if absent."""
+        if not S.has_table(self.engine, S.feature_lists):
+            return None
+        items = S.feature_list_items
+        with self.engine.connect() as c:
+            head = (
+                c.execute(select(S.feature_lists).where(S.feature_lists.c.id == list_id)).mappings().first()
+            )
+            if head is None:
+                return None
+            q = (
+                select(items.c.feature, items.c.note, items.c.position, S.labels.c.explanation)
+                .outerjoin(S.labels, S.labels.c.feature == items.c.feature)
+                .where(items.c.list_id == list_id)
+                .order_by(items.c.position, items.c.feature)
+            )
+            return {**dict(head), "items": [dict(r) for r in c.execute(q).mappings()]}
+
     def neighbours(self, index: int) -> tuple[int | None, int | None]:
         """The previous and next feature in the database."""
         with self.engine.connect() as c:
@@ -243,7 +293,7 @@ class FeatureReader(FeatureDatabase):
 
     # ---- explanations (optional table: empty when absent) ------------------------------------------------
     def explanations(self, feature: int) -> list[dict]:
-        """Every stored explanation of ``feature``, newest first: ``id``, ``text``, ``explainer``,
+        """Every stored explanation of ``feature``, oldest first: ``id``, ``text``, ``explainer``,
         ``backend``, ``prompt_version``, ``created``, ``meta`` and ``scores`` ({scorer: value}, from
         ``explanation_scores`` where that table exists)."""
         if not S.has_table(self.engine, S.explanations):
@@ -251,7 +301,7 @@ class FeatureReader(FeatureDatabase):
         q = (
             select(S.explanations)
             .where(S.explanations.c.feature == int(feature))
-            .order_by(S.explanations.c.created.desc(), S.explanations.c.id.desc())
+            .order_by(S.explanations.c.id)
         )
         with self.engine.connect() as c:
             rows = [dict(r) for r in c.execute(q).mappings()]
@@ -290,18 +340,18 @@ class FeatureReader(FeatureDatabase):
         for r in rows:
             r["meta"] = json.loads(r["meta"]) if r.get("meta") else {}
             r["scores"] = {}
-        if not rows or "explanation_scores" not in S.inspect_database(self.engine)[1]:
+        if not rows or not S.has_table(self.engine, S.explanation_scores):
             return rows
         by_id = {r["id"]: r for r in rows}
-        with self.engine.connect() as c:  # the scorers' table (`FeatureWriter.add_score`): latest per scorer
+        t = S.explanation_scores  # the newest score per scorer (`FeatureWriter.add_score`)
+        with self.engine.connect() as c:
             found = c.execute(
-                text(
-                    "SELECT explanation_id, scorer, value FROM explanation_scores WHERE explanation_id IN "
-                    f"({', '.join(str(int(i)) for i in by_id)}) ORDER BY created, id"
-                )
+                select(t.c.explanation_id, t.c.scorer, t.c.value)
+                .where(t.c.explanation_id.in_(list(by_id)))
+                .order_by(t.c.created, t.c.id)
             ).all()
         for eid, scorer, value in found:
-            by_id[eid]["scores"][scorer] = value
+            by_id[eid]["scores"][scorer] = float("nan") if value is None else float(value)
         return rows
 
     def scores(self, explanation_id: int) -> list[dict]:

@@ -38,7 +38,7 @@ from interplab.model import Transformer
 from interplab.model.load import load_model
 from interplab.plots import PLOTLY_JS, plotly_js_source
 from interplab.sae import SAE, load_sae
-from interplab.web import api, graph_page
+from interplab.web import api, collections_page, graph_page
 from interplab.web.api import INT64_MAX, FeatureIndex
 from interplab.web.dt_page import db_frame, dt_feature_view, dt_view, player_frame
 from interplab.web.guard import HostOriginGuard, normalise_allowed
@@ -259,7 +259,10 @@ def create_app(
             dt=dt,
             default_strength=DEFAULT_STRENGTH,
             explanations=store.explanations(index),
-            **feature_view(rec, res.meta[db], store.vocab()),
+            sae_run=collections_page.sae_artifact(res.meta[db], artifacts),
+            lists=store.feature_lists(),
+            writable=res.writers.get(db) is not None,
+            **feature_view(rec, res.meta[db], store.vocab(), store.context_loss(index)),
         )
 
     @app.get("/db/{db}/dt/frame/{episode}/{step}.png")
@@ -377,5 +380,6 @@ def create_app(
         return page(request, "attention.html", has_model=has_model)
 
     api.add_routes(app, res)
+    collections_page.add_routes(app, res, page, links, artifacts)
     graph_page.add_routes(app, artifact, page, served, read_only=read_only, labels=explanations)
     return app

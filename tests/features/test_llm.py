@@ -20,8 +20,8 @@ KEY_ENV = "INTERPLAB_TEST_LLM_KEY"
 HI = [{"role": "user", "content": "say hello to the test"}]
 
 
-@pytest.fixture
-def planted_db(tmp_path):
+@pytest.fixture(name="planted_db")
+def planted_db_fixture(tmp_path):
     """A feature database of the planted SAE whose feature j fires exactly on token j (4 features)."""
     from interplab.features import FeatureBuildConfig
     from interplab.features.build import build_feature_db
