@@ -89,9 +89,8 @@ def reseed(db, seeds: int) -> dict:
                     "max_feature": round(max(max(v.values()) for v in per.values()), 4),
                     "mean_feature_sd": round(statistics.mean(feature_sd), 4),
                 }
-            row["chance"] = (
-                r.scores(db.oracle[0])[0]["details"].get("chance") if s.name != "baseline" else 0.0
-            )
+            first = next(x for x in r.scores(db.oracle[0]) if x["scorer"] == s.name)
+            row["chance"] = first["details"].get("chance")
             out["scorers"][s.name] = row
     return out
 

@@ -422,9 +422,7 @@ def score(
 def _configured_backend():
     """The LLM backend the environment configures (`interplab.features.llm.backend_from_config`), if any."""
     try:
-        from interplab.features.llm import (  # type: ignore[import-not-found, unused-ignore]
-            backend_from_config,
-        )
+        from interplab.features.llm import backend_from_config
     except ImportError:  # no LLM backends in this interplab
         return None
     try:

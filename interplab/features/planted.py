@@ -28,6 +28,7 @@ from interplab.data.corpus import open_corpus
 from interplab.data.tokenizer import Tokenizer, train_bpe
 from interplab.features.build import BuildReport, write_feature_db
 from interplab.features.config import FeatureBuildConfig
+from interplab.features.llm import Completion
 from interplab.features.scorers import HIGHLIGHT, MAX_LEVEL
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
 from interplab.features.writer import FeatureWriter
@@ -265,7 +266,7 @@ def server_reply(judge: RuleJudge | None = None, confidence: float = 0.9):
 
 @dataclass
 class RuleJudgeBackend:
-    """`RuleJudge` as an in-process backend (the `interplab.features.scorers.Judge` protocol), with log-probs
+    """`RuleJudge` as an in-process backend (the `interplab.features.llm.Backend` protocol), with log-probs
     from `level_logprobs` when asked; tokens counted as whitespace-separated words."""
 
     judge: RuleJudge = field(default_factory=RuleJudge)
@@ -274,17 +275,9 @@ class RuleJudgeBackend:
 
     def complete(self, messages, *, max_tokens: int = 256, temperature: float = 0.0, top_logprobs: int = 0):
         text = self.judge(messages)
-        return _Reply(
+        return Completion(
             text,
             sum(len(m["content"].split()) for m in messages),
             len(text.split()),
             level_logprobs(text, self.confidence) if top_logprobs else None,
         )
-
-
-@dataclass(frozen=True)
-class _Reply:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[dict[str, float]] | None

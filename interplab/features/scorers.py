@@ -43,6 +43,7 @@ from sqlalchemy import select
 
 from interplab.features import schema as S
 from interplab.features.explain import Explanation, TokenListSimulator, correlation, score_explanation
+from interplab.features.llm import Backend, Completion
 from interplab.features.reader import FeatureReader
 from interplab.features.writer import FeatureWriter
 
@@ -71,28 +72,6 @@ class ScoreResult:
     """items judged (contexts, questions or tokens)"""
     details: dict = field(default_factory=dict)
     """what went into it (counts, per-item predictions, chance level, tokens spent)"""
-
-
-class Completion(Protocol):
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[dict[str, float]] | None
-
-
-class Judge(Protocol):
-    """What the scorers need of a backend (`interplab.features.llm.Backend` has it)."""
-
-    name: str
-
-    def complete(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_logprobs: int = 0,
-    ) -> Any: ...
 
 
 class Scorer(Protocol):
@@ -211,7 +190,9 @@ SYSTEM = (
 )
 
 
-def _ask(judge: Judge, user: str, usage: dict, *, max_tokens: int = 64, top_logprobs: int = 0) -> Any:
+def _ask(
+    judge: Backend, user: str, usage: dict, *, max_tokens: int = 64, top_logprobs: int = 0
+) -> Completion:
     reply = judge.complete(
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
         max_tokens=max_tokens,
@@ -271,10 +252,10 @@ def _vocab(reader: FeatureReader) -> dict[int, str]:
 
 
 @dataclass
-class _BinaryJudgeScorer:
+class _BinaryBackendScorer:
     """Shared by detection and fuzzing: items in shuffled batches, a 0/1 list per batch, balanced accuracy."""
 
-    backend: Judge
+    backend: Backend
     n_examples: int = 10
     batch_size: int = 5
     prompt_version: str = PROMPT_VERSION
@@ -315,7 +296,7 @@ class _BinaryJudgeScorer:
 
 
 @dataclass
-class DetectionScorer(_BinaryJudgeScorer):
+class DetectionScorer(_BinaryBackendScorer):
     """Does the explanation tell activating contexts from non-activating ones? (``n_examples`` of each)"""
 
     name: str = "detection"
@@ -333,7 +314,7 @@ class DetectionScorer(_BinaryJudgeScorer):
 
 
 @dataclass
-class FuzzingScorer(_BinaryJudgeScorer):
+class FuzzingScorer(_BinaryBackendScorer):
     """Are the highlighted tokens of an activating context what the explanation describes? Half of the
     ``n_examples`` contexts highlight the tokens the feature fires on, half as many other tokens at random."""
 
@@ -362,7 +343,7 @@ class IntruderScorer:
     """Told the explanation, can the judge find the one non-activating context among ``k - 1`` activating
     ones? ``n_questions`` questions; accuracy (chance ``1 / k``)."""
 
-    backend: Judge
+    backend: Backend
     n_questions: int = 8
     k: int = 4
     prompt_version: str = PROMPT_VERSION
@@ -480,7 +461,7 @@ class SimulationScorer:
     writes a level 0-10 per token, one per line; the expected level under its log-probs at each line is
     correlated with the true activations over all tokens (chance 0). Needs log-probs."""
 
-    backend: Judge
+    backend: Backend
     n_examples: int = 6
     top_logprobs: int = 15
     prompt_version: str = PROMPT_VERSION
@@ -617,7 +598,7 @@ def _explanations(reader: FeatureReader, features: Iterable[int] | None) -> list
 
 
 def make_scorers(
-    names: Sequence[str], backend: Judge | None, *, model_path: str | Path | None = None
+    names: Sequence[str], backend: Backend | None, *, model_path: str | Path | None = None
 ) -> list[Scorer]:
     """The scorers named (`SCORERS`); those that need an LLM need ``backend``."""
     unknown = [n for n in names if n not in SCORERS]

@@ -263,14 +263,14 @@ class FeatureWriter(FeatureDatabase):
                 is None
             ):
                 raise KeyError(f"no explanation with id {explanation_id} in {self.where}")
-            key = S.explanation_scores.c
+            col = S.explanation_scores.c
             c.execute(
                 delete(S.explanation_scores).where(
-                    key.explanation_id == explanation_id,
-                    key.scorer == scorer,
-                    key.backend == backend,
-                    key.prompt_version == prompt_version,
-                    key.seed == seed,
+                    col.explanation_id == explanation_id,
+                    col.scorer == scorer,
+                    col.backend == backend,
+                    col.prompt_version == prompt_version,
+                    col.seed == seed,
                 )
             )
             res = c.execute(
