@@ -160,7 +160,8 @@ def demo(
 
 
 def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) -> None:
-    """Stages 3 and 4 run the same commands a user would type (shown), each resumable or skipped when done."""
+    """Stages 3 and 4 run the same commands a user would type (shown), each resumable or skipped when done;
+    stage 4 ends by explaining and scoring every feature (`features explain`, `features score`)."""
 
     def run(args: list[str]) -> None:
         print_command("$ ", *args, style="dim")
@@ -219,6 +220,10 @@ def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) 
             str(threads),
         ]  # fmt: skip
     )
+    # every feature gets an explanation with a score: the built-in baseline offline (resumable, so a rerun of
+    # the demo skips what is done); an LLM when INTERPLAB_LLM_* configure one
+    run(["features", "explain", str(paths.features_db)])
+    run(["features", "score", str(paths.features_db), "--scorers", "baseline"])
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,10 @@
-"""``interplab features``: build a feature database for an SAE, export it as static pages, explain, steer."""
+"""``interplab features``: build a feature database for an SAE, export it as static pages, explain, score the
+explanations, steer."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
@@ -23,12 +25,13 @@ from interplab.cli.common import (
     out_file,
     out_folder,
     positive_int,
+    print_command,
     set_threads,
     threads_option,
 )
 from interplab.data import build_token_store, open_corpus
 from interplab.features.config import FeatureBuildConfig
-from interplab.features.explain import TokenEnrichmentExplainer, auto_interp
+from interplab.features.explain import TokenEnrichmentExplainer
 from interplab.features.steer import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_STRENGTH,
@@ -230,31 +233,250 @@ def export(
     console.print(f"wrote {report.n_pages} pages ({report.n_bytes / 1e6:.1f} MB) to {html}/index.html")
 
 
+EXPLAIN_BACKENDS = ("baseline", "openai", "local")
+
+
+def parse_features(value: str | None) -> list[int] | None:
+    """``--features``: comma-separated indices and ranges (``0-99,120``); None: every feature."""
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.replace(" ", "").split(","):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            out += range(first, last + 1)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give feature indices and ranges such as 0-99,120") from None
+    return out
+
+
 @features_app.command("explain")
 def explain(
-    db: Path = typer.Option(..., "--db", help="feature database"),
+    db_arg: Path = typer.Argument(None, metavar="DB", help="feature database (or --db)"),
+    db: Path = typer.Option(None, "--db", help="feature database"),
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        help="baseline (built in, offline), openai (an OpenAI-compatible endpoint) or local (a Hugging Face "
+        "model folder); default: what INTERPLAB_LLM_* configure, else baseline",
+        callback=choice(EXPLAIN_BACKENDS),
+    ),
+    model: str = typer.Option(None, "--model", help="the endpoint's model (default $INTERPLAB_LLM_MODEL)"),
+    base_url: str = typer.Option(
+        None, "--base-url", help="e.g. https://api.openai.com/v1 ($INTERPLAB_LLM_BASE_URL)"
+    ),
+    api_key_env: str = typer.Option(
+        None, "--api-key-env", help="the environment variable holding the key (default INTERPLAB_LLM_API_KEY)"
+    ),
+    local: Path = typer.Option(
+        None, "--local", help="a Hugging Face causal LM folder ($INTERPLAB_LLM_LOCAL)"
+    ),
+    features: str = typer.Option(None, "--features", help="indices and ranges, e.g. 0-99,120 (default: all)"),
+    contrastive: bool = typer.Option(False, "--contrastive", help="LLM prompt with non-activating text too"),
+    rpm: float = typer.Option(None, "--requests-per-minute", help="rate limit of the openai backend"),
     k: int = typer.Option(
-        TokenEnrichmentExplainer.k, help="tokens named per explanation", callback=positive_int
+        TokenEnrichmentExplainer.k, help="tokens named per baseline explanation", callback=positive_int
     ),
     overwrite_human: bool = typer.Option(False, "--overwrite-human", help="replace human labels too"),
 ) -> None:
-    """Label every feature with the built-in explainer (most enriched peak tokens) and score the labels."""
+    """Explain features and store the explanations in the database (table explanations; the label of each
+    feature too). With no LLM configured the built-in baseline explainer runs (most enriched peak tokens),
+    its labels scored on held-out contexts. Resumable: features already explained the same way are skipped."""
     from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.explain import (
+        Explainer,
+        LLMExplainer,
+        TokenListSimulator,
+        explain_features,
+        explainer_name,
+    )
+    from interplab.features.llm import CachedBackend, LLMError, backend_from_config
     from interplab.features.writer import FeatureWriter
 
+    path = db_arg or db
+    if path is None:
+        fail("give the feature database: interplab features explain DB (or --db DB)")
+        return
+    wanted = parse_features(features)
     try:
-        writer = FeatureWriter(db)
+        writer = FeatureWriter(path)
     except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     with writer:
-        result = auto_interp(writer, TokenEnrichmentExplainer(k=k), overwrite_human=overwrite_human)
-    scores = list(result.scores.values())
-    mean = sum(scores) / len(scores) if scores else float("nan")
+        try:
+            options: dict[str, Any] = (
+                {"requests_per_minute": rpm} if rpm is not None and backend != "local" else {}
+            )
+            llm = backend_from_config(
+                backend, model=model, base_url=base_url, local=local, api_key_env=api_key_env, **options
+            )
+        except (LLMError, ValueError) as err:
+            fail(str(err))
+            return
+        cached = CachedBackend(llm, writer) if llm is not None else None
+        explainer: Explainer = (
+            LLMExplainer(cached, contrastive=contrastive)
+            if cached is not None
+            else TokenEnrichmentExplainer(k=k)
+        )
+        name = explainer_name(explainer)
+        ran = (
+            cached.name if cached is not None else "none (the built-in baseline explainer; no LLM configured)"
+        )
+        console.print(f"explainer {name}, backend {ran}", markup=False, highlight=False, soft_wrap=True)
+        try:
+            with JobProgress("features explain", unit="features") as bar:
+                ids = explain_features(
+                    writer,
+                    explainer,
+                    features=wanted,
+                    progress=bar,
+                    overwrite_human=overwrite_human,
+                    simulator=TokenListSimulator() if cached is None else None,
+                )
+        except LLMError as err:
+            fail(f"{err} (the explanations stored before this error are kept; rerun to resume)", code=1)
+            return
+        with writer.reader() as store:
+            labels = store.labels(source=f"auto:{name}")
+    scores = [labels[f]["score"] for f in ids if f in labels and labels[f]["score"] is not None]
+    mean = f" (mean score {sum(scores) / len(scores):.3f})" if scores else ""
     console.print(
-        f"explained {len(scores)} features (mean score {mean:.3f}); kept {len(result.skipped_human)} "
-        "human labels"
+        f"explained {len(ids)} features{mean}; stored in {path} (tables explanations and labels, "
+        f"label source auto:{name})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
+    if cached is not None:
+        console.print(
+            f"LLM calls: {cached.misses} made ({cached.prompt_tokens} prompt + {cached.completion_tokens} "
+            f"completion tokens), {cached.hits} answered from the cache (table llm_cache)",
+            markup=False,
+            soft_wrap=True,
+        )
+    if any(c.name == "score" for c in features_app.registered_commands):
+        print_command("score them: ", "features", "score", path)
+
+
+SCORE_DEFAULT_LLM = "detection,fuzzing,embedding,baseline"
+SCORE_DEFAULT_OFFLINE = "embedding,baseline"
+
+
+@features_app.command("score")
+def score(
+    db: Path = typer.Argument(..., help="feature database (with stored explanations)"),
+    scorers: str = typer.Option(
+        None,
+        "--scorers",
+        help=f"comma-separated, of detection, fuzzing, intruder, embedding, simulation, baseline (default: "
+        f"{SCORE_DEFAULT_LLM} with an LLM backend configured, {SCORE_DEFAULT_OFFLINE} without)",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="seed of the contexts each scorer samples", callback=non_negative_int
+    ),
+    features: str = typer.Option(
+        None, "--features", help="comma-separated feature indices (default: all explained)"
+    ),
+) -> None:
+    """Score every stored explanation (resumable: scores already stored for the same scorer, backend, prompt
+    and seed are kept and skipped, so run it again after a failure)."""
+    from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.scorers import ScorerError, make_scorers, score_features
+    from interplab.features.writer import FeatureWriter
+
+    backend = _configured_backend()
+    names = [
+        n.strip() for n in (scorers or (SCORE_DEFAULT_LLM if backend else SCORE_DEFAULT_OFFLINE)).split(",")
+    ]
+    try:
+        feats = [int(f) for f in features.split(",")] if features else None
+    except ValueError:
+        fail(f"--features must be comma-separated integers, got {features!r}")
+    try:
+        made = make_scorers([n for n in names if n], backend)
+        writer = FeatureWriter(db)
+    except (FileNotFoundError, ValueError, ReadOnlyDatabase, ScorerError) as err:
+        fail(str(err))
+    with writer, JobProgress("features score", unit="features") as bar:
+        try:
+            got = score_features(writer, made, features=feats, seed=seed, progress=bar)
+        except ScorerError as err:
+            fail(f"{err} (the scores computed so far are stored; rerun to resume)", code=1)
+        except RuntimeError as err:  # a backend that fails mid-way: what was scored stays stored
+            fail(f"scoring stopped: {err} (the scores computed so far are stored; rerun to resume)", code=1)
+    by: dict[str, list[float]] = {}
+    for (_, name), res in got.items():
+        by.setdefault(name, []).append(res.value)
+    summary = ", ".join(
+        f"{name} {sum(v for v in vals if v == v) / max(1, sum(1 for v in vals if v == v)):.3f}"
+        for name, vals in by.items()
+    )
+    console.print(f"scored {len(got)} (explanation, scorer) pairs; means: {summary or 'nothing new'}")
+
+
+def _configured_backend():
+    """The LLM backend the environment configures (`interplab.features.llm.backend_from_config`), if any."""
+    try:
+        from interplab.features.llm import (  # type: ignore[import-not-found, unused-ignore]
+            backend_from_config,
+        )
+    except ImportError:  # no LLM backends in this interplab
+        return None
+    try:
+        return backend_from_config()
+    except (ValueError, RuntimeError) as err:
+        fail(f"the LLM backend is misconfigured: {err}")
+
+
+@features_app.command("loss-effects")
+def loss_effects(
+    db: Path = typer.Argument(..., help="feature database"),
+    model_dir: Path | None = typer.Option(
+        None, "--model", help=MODEL_HELP + " (default: the one it was built from)"
+    ),
+    sae_dir: Path | None = typer.Option(
+        None, "--sae", help="SAE folder (default: the one it was built from)"
+    ),
+    samples: bool = typer.Option(False, "--samples", help="also the sampled contexts, not only the top ones"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="recompute contexts that have them"),
+) -> None:
+    """Per-token loss effects of each feature over its stored contexts (the feature's decoder contribution
+    removed), shown on hover in the browser. A post-pass: the build never runs it; resumable."""
+    from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.loss_effects import compute_loss_effects
+    from interplab.features.reader import FeatureReader
+
+    try:
+        with FeatureReader(db) as store:
+            meta = store.meta()
+    except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
+        fail(str(err))
+        return
+    model_dir = model_dir or (Path(meta["model_path"]) if meta.get("model_path") else None)
+    sae_dir = sae_dir or (Path(meta["sae_path"]) if meta.get("sae_path") else None)
+    if model_dir is None or sae_dir is None:
+        fail(f"{db} records no model or SAE folder: pass --model DIR --sae DIR")
+        return
+    model, sae = load_model_and_sae(model_dir, sae_dir)
+    try:
+        with JobProgress("features loss-effects", unit="contexts") as bar:
+            n = compute_loss_effects(
+                db,
+                model,
+                sae,
+                kinds=(0, 1) if samples else (0,),
+                overwrite=overwrite,
+                progress=lambda done, total: bar.update(done, total=total),
+            )
+    except (ValueError, ReadOnlyDatabase) as err:
+        fail(str(err))
+        return
+    console.print(f"loss effects of {n} contexts written to {db}")
 
 
 @features_app.command("steer")

@@ -133,6 +133,56 @@ class FeatureReader(FeatureDatabase):
                 out.update({int(r["token_index"]): dict(r) for r in c.execute(q).mappings()})
         return out
 
+    def context_loss(self, index: int) -> dict[tuple[int, int], list[float | None]]:
+        """Feature ``index``'s per-token loss effects (`schema.context_loss`, written by
+        `interplab.features.loss_effects`) by (kind, rank) of its contexts; None where not computed. Empty
+        when the database has none."""
+        if not S.has_table(self.engine, S.context_loss):
+            return {}
+        q = (
+            select(S.contexts.c.kind, S.contexts.c.rank, S.context_loss.c.loss)
+            .join(S.context_loss, S.context_loss.c.context_id == S.contexts.c.id)
+            .where(S.contexts.c.feature == index)
+        )
+        with self.engine.connect() as c:
+            return {
+                (int(k), int(r)): [None if v != v else round(float(v), 5) for v in np.frombuffer(b, "<f4")]
+                for k, r, b in c.execute(q)
+            }
+
+    def feature_lists(self) -> list[dict[str, Any]]:
+        """The user-made lists (`schema.feature_lists`): id, name, description, created, n (items), by name."""
+        if not S.has_table(self.engine, S.feature_lists):
+            return []
+        n = (
+            select(func.count())
+            .where(S.feature_list_items.c.list_id == S.feature_lists.c.id)
+            .scalar_subquery()
+            .label("n")
+        )
+        with self.engine.connect() as c:
+            rows = c.execute(select(S.feature_lists, n).order_by(S.feature_lists.c.name)).mappings()
+            return [dict(r) for r in rows]
+
+    def feature_list(self, list_id: int) -> dict[str, Any] | None:
+        """One list with its ``items`` (feature, note, position, explanation) in order; None if absent."""
+        if not S.has_table(self.engine, S.feature_lists):
+            return None
+        items = S.feature_list_items
+        with self.engine.connect() as c:
+            head = (
+                c.execute(select(S.feature_lists).where(S.feature_lists.c.id == list_id)).mappings().first()
+            )
+            if head is None:
+                return None
+            q = (
+                select(items.c.feature, items.c.note, items.c.position, S.labels.c.explanation)
+                .outerjoin(S.labels, S.labels.c.feature == items.c.feature)
+                .where(items.c.list_id == list_id)
+                .order_by(items.c.position, items.c.feature)
+            )
+            return {**dict(head), "items": [dict(r) for r in c.execute(q).mappings()]}
+
     def neighbours(self, index: int) -> tuple[int | None, int | None]:
         """The previous and next feature in the database."""
         with self.engine.connect() as c:
@@ -206,7 +256,7 @@ class FeatureReader(FeatureDatabase):
         query = query.replace("\x00", "")
         if not query.strip():
             return []
-        like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        like = _like(query)
         hits: dict[int, dict] = {}
         with self.engine.connect() as c:
             for f, expl in c.execute(
@@ -241,6 +291,87 @@ class FeatureReader(FeatureDatabase):
         with self.engine.connect() as c:
             return {r["feature"]: dict(r) for r in c.execute(q).mappings()}
 
+    # ---- explanations (optional table: empty when absent) ------------------------------------------------
+    def explanations(self, feature: int) -> list[dict]:
+        """Every stored explanation of ``feature``, oldest first: ``id``, ``text``, ``explainer``,
+        ``backend``, ``prompt_version``, ``created``, ``meta`` and ``scores`` ({scorer: value}, from
+        ``explanation_scores`` where that table exists)."""
+        if not S.has_table(self.engine, S.explanations):
+            return []
+        q = (
+            select(S.explanations)
+            .where(S.explanations.c.feature == int(feature))
+            .order_by(S.explanations.c.id)
+        )
+        with self.engine.connect() as c:
+            rows = [dict(r) for r in c.execute(q).mappings()]
+        return self._with_scores(rows)
+
+    def explained(self, *, explainer: str, backend: str, prompt_version: str) -> set[int]:
+        """The features that already have an explanation of this explainer, backend and prompt version."""
+        if not S.has_table(self.engine, S.explanations):
+            return set()
+        e = S.explanations.c
+        q = select(e.feature).where(
+            e.explainer == explainer, e.backend == backend, e.prompt_version == prompt_version
+        )
+        with self.engine.connect() as c:
+            return {int(f) for f in c.execute(q).scalars()}
+
+    def search_explanations(self, query: str, limit: int = 50) -> list[dict]:
+        """Explanations whose text contains ``query`` (matched literally, case-insensitively; every word when
+        it has several), best scored first; each as in `explanations` plus ``feature``."""
+        if len(query) > MAX_QUERY:
+            raise ValueError(f"the search text has {len(query)} characters; at most {MAX_QUERY}")
+        words = query.replace("\x00", "").split()
+        if not words or not S.has_table(self.engine, S.explanations):
+            return []
+        e = S.explanations.c
+        q = select(S.explanations)
+        for w in words:
+            q = q.where(e.text.ilike(_like(w), escape="\\"))
+        with self.engine.connect() as c:
+            rows = [dict(r) for r in c.execute(q.order_by(e.feature, e.id).limit(limit * 4)).mappings()]
+        rows = self._with_scores(rows)
+        rows.sort(key=lambda r: (-max(r["scores"].values(), default=float("-inf")), r["feature"], r["id"]))
+        return rows[:limit]
+
+    def _with_scores(self, rows: list[dict]) -> list[dict]:
+        for r in rows:
+            r["meta"] = json.loads(r["meta"]) if r.get("meta") else {}
+            r["scores"] = {}
+        if not rows or not S.has_table(self.engine, S.explanation_scores):
+            return rows
+        by_id = {r["id"]: r for r in rows}
+        t = S.explanation_scores  # the newest score per scorer (`FeatureWriter.add_score`)
+        with self.engine.connect() as c:
+            found = c.execute(
+                select(t.c.explanation_id, t.c.scorer, t.c.value)
+                .where(t.c.explanation_id.in_(list(by_id)))
+                .order_by(t.c.created, t.c.id)
+            ).all()
+        for eid, scorer, value in found:
+            by_id[eid]["scores"][scorer] = float("nan") if value is None else float(value)
+        return rows
+
+    def scores(self, explanation_id: int) -> list[dict]:
+        """The scores of one explanation (`schema.explanation_scores`), oldest first: id, scorer, value (NaN for
+        a score that is not a number), n, details, backend, prompt_version, seed, created."""
+        if not S.has_table(self.engine, S.explanation_scores):
+            return []
+        t = S.explanation_scores
+        with self.engine.connect() as c:
+            rows = [
+                dict(r)
+                for r in c.execute(
+                    select(t).where(t.c.explanation_id == explanation_id).order_by(t.c.created, t.c.id)
+                ).mappings()
+            ]
+        for r in rows:
+            r["details"] = json.loads(r["details"])
+            r["value"] = float("nan") if r["value"] is None else float(r["value"])
+        return rows
+
     def dump(self) -> dict[str, list[tuple]]:
         """Every row of every table, sorted (to compare two databases' contents)."""
         out = {}
@@ -250,3 +381,8 @@ class FeatureReader(FeatureDatabase):
                     continue
                 out[table.name] = sorted(tuple(r) for r in c.execute(select(table)))
         return out
+
+
+def _like(query: str) -> str:
+    """A LIKE pattern (escape character backslash) matching ``query`` literally anywhere."""
+    return "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

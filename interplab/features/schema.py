@@ -10,6 +10,13 @@ Optional, in no version: ``dt_rows`` (`dt_rows`), written only into databases of
 features (`interplab.rl.features`), whose "tokens" are the rows of a trajectory cache: where each row comes from
 (episode, step, token kind, action, return-to-go). A database without it is a language model's; every reader
 checks for it (`has_table`), so older databases open unchanged and an older interplab reads the new ones.
+Likewise ``feature_lists`` + ``feature_list_items`` (user-made lists of features, written by the web app) and
+``context_loss`` (per-token change of the next-token loss over a stored context's window when the feature is
+removed: `interplab.features.loss_effects`).
+Optional too (automatic interpretation): ``explanations`` (every explanation of a feature, with its explainer, LLM
+backend and prompt version: `interplab.features.explain`), ``explanation_scores`` (`interplab.features.scorers`)
+and ``llm_cache`` (LLM responses by a hash of their request, so a rerun costs nothing:
+`interplab.features.llm.CachedBackend`), each created by the first write that needs it.
 A file path is opened through a percent-encoded ``file:`` URI (`interplab.features.database.sqlite_engine`), so
 a name with ``?`` or ``#`` is a name; a `FeatureReader` opens with ``mode=ro`` and never switches the journal.
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -33,6 +40,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     event,
     inspect,
     select,
@@ -131,7 +139,81 @@ dt_rows = Table(
     Column("action", Integer, nullable=False),  # the action taken at the step
     Column("rtg", Float, nullable=False),  # the return-to-go at the step
 )
-OPTIONAL_TABLES = (dt_rows,)
+explanations = Table(
+    "explanations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("feature", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("explainer", String(64), nullable=False),  # "llm", "baseline:token-enrichment", "oracle", ...
+    Column("backend", String(128), nullable=False),  # "openai:<model>@<host>", "local:<folder>", "none"
+    Column("prompt_version", String(32), nullable=False),
+    Column("created", Float, nullable=False),  # unix time
+    Column("meta", Text, nullable=False),  # JSON (the prompt's contexts, token counts, ...)
+)
+Index("ix_explanations_feature", explanations.c.feature)
+
+llm_cache = Table(
+    "llm_cache",
+    metadata,
+    Column("key", String(64), primary_key=True),  # sha256 hex of the canonical request JSON (backend, params)
+    Column("request", Text, nullable=False),
+    Column("response", Text, nullable=False),  # JSON of the `Completion`
+    Column("created", Float, nullable=False),
+)
+
+explanation_scores = Table(
+    "explanation_scores",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("explanation_id", Integer, nullable=False),  # explanations.id
+    Column(
+        "scorer", String(32), nullable=False
+    ),  # detection, fuzzing, intruder, embedding, simulation, baseline
+    Column("value", Float),  # NULL: NaN (SQLite stores NaN as NULL)
+    Column("n", Integer, nullable=False),  # items judged
+    Column("details", Text, nullable=False),  # JSON
+    Column("backend", String(128), nullable=False),
+    Column("prompt_version", String(32), nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("created", Float, nullable=False),
+    UniqueConstraint(
+        "explanation_id", "scorer", "backend", "prompt_version", "seed", name="uq_explanation_score"
+    ),
+)
+Index("ix_explanation_scores_explanation", explanation_scores.c.explanation_id)
+
+feature_lists = Table(  # user-made collections of features (the web app's lists; `FeatureWriter.create_list`)
+    "feature_lists",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("description", Text, nullable=False),
+    Column("created", Float, nullable=False),  # unix time
+)
+feature_list_items = Table(
+    "feature_list_items",
+    metadata,
+    Column("list_id", Integer, primary_key=True, autoincrement=False),
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("note", Text, nullable=False),
+    Column("position", Integer, nullable=False),  # 0, 1, ... in the list's order
+)
+context_loss = Table(  # `interplab.features.loss_effects`: per-token loss change of a context's window
+    "context_loss",
+    metadata,
+    Column("context_id", Integer, primary_key=True, autoincrement=False),  # contexts.id
+    Column("loss", LargeBinary, nullable=False),  # float32 little-endian over the window (NaN: not computed)
+)
+OPTIONAL_TABLES = (
+    dt_rows,
+    explanations,
+    explanation_scores,
+    llm_cache,
+    feature_lists,
+    feature_list_items,
+    context_loss,
+)
 """tables only some databases have (created by the build that needs them; absent from every migration)"""
 
 _V1_TABLES = (meta, vocab, features, contexts, passes)
@@ -142,26 +224,50 @@ READABLE_FROM = 2
 
 def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[Any, Any]]) -> str:
     """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
-    the type its column stores, so the digest computed at write equals the one recomputed from a read."""
-    h = hashlib.sha256()
-    h.update(repr(tuple(_stored(col, feature_row.get(col.name)) for col in features.columns)).encode())
-    cols = [contexts.c[name] for name in CONTEXT_DIGEST_COLUMNS]
+    the type its column stores, so the digest computed at write equals the one recomputed from a read.
+    (Hashed as one string of the rows' ``repr`` tuples: the same digest as hashing them row by row.)"""
+    parts = [repr(tuple([conv(feature_row.get(name)) for name, conv in _FEATURE_DIGEST]))]
     for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
-        h.update(repr(tuple(_stored(col, r.get(col.name)) for col in cols)).encode())
-    return h.hexdigest()
+        parts.append(repr(tuple([conv(r.get(name)) for name, conv in _CONTEXT_DIGEST])))
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def _stored(col: Column, value: Any) -> Any:
+    return _converter(col)(value)
+
+
+def _stored_float(value: Any) -> float | None:
     if value is None:
         return None
+    value = float(value) + 0.0  # SQLite stores -0.0 as 0 and NaN as NULL
+    return None if math.isnan(value) else value
+
+
+def _stored_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _stored_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+def _stored_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _converter(col: Column) -> Callable[[Any], Any]:
+    """How a value is normalised to the type ``col`` stores (None stays None)."""
     if isinstance(col.type, Float):
-        value = float(value) + 0.0  # SQLite stores -0.0 as 0 and NaN as NULL
-        return None if math.isnan(value) else value
+        return _stored_float
     if isinstance(col.type, Integer):
-        return int(value)
+        return _stored_int
     if isinstance(col.type, LargeBinary):
-        return bytes(value)
-    return str(value)
+        return _stored_bytes
+    return _stored_str
+
+
+_FEATURE_DIGEST = [(col.name, _converter(col)) for col in features.columns]
+_CONTEXT_DIGEST = [(name, _converter(contexts.c[name])) for name in CONTEXT_DIGEST_COLUMNS]
 
 
 def has_table(engine: Engine, table: Table) -> bool:

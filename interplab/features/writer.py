@@ -11,11 +11,15 @@ none of it. Opening an existing database for writing migrates an older schema (`
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import time
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select, text
 from sqlalchemy.exc import OperationalError
 
@@ -126,10 +130,11 @@ class FeatureWriter(FeatureDatabase):
         if self.sqlite:  # the driver's executemany directly: this runs for every context
             cols = [col.name for col in S.contexts.columns]
             sql = f"INSERT INTO contexts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-            c.exec_driver_sql(sql, [tuple(r[k] for k in cols) for r in context_rows])
+            c.exec_driver_sql(sql, list(map(itemgetter(*cols), context_rows)))
+            # the full-text index of the rows just written, filled by SQLite itself from the table
             c.exec_driver_sql(
-                "INSERT INTO contexts_fts(rowid, text) VALUES (?, ?)",
-                [(r["id"], r["text"]) for r in context_rows if r["text"]],
+                "INSERT INTO contexts_fts(rowid, text) SELECT id, text FROM contexts WHERE id >= ? AND text != ''",
+                (first,),
             )
         else:
             c.execute(insert(S.contexts), context_rows)
@@ -142,6 +147,18 @@ class FeatureWriter(FeatureDatabase):
             c.execute(delete(S.dt_rows))
             for start in range(0, len(rows), 5000):
                 c.execute(insert(S.dt_rows), rows[start : start + 5000])
+
+    def write_context_loss(self, losses: dict[int, np.ndarray]) -> None:
+        """Store per-token loss effects by context id (`schema.context_loss`, created here); replaces those
+        ids' rows."""
+        with self.engine.begin() as c:
+            S.context_loss.create(c, checkfirst=True)
+            ids = [int(i) for i in losses]
+            for lo in range(0, len(ids), 500):
+                c.execute(delete(S.context_loss).where(S.context_loss.c.context_id.in_(ids[lo : lo + 500])))
+            rows = [{"context_id": int(i), "loss": np.asarray(v, "<f4").tobytes()} for i, v in losses.items()]
+            if rows:
+                c.execute(insert(S.context_loss), rows)
 
     def mark_pass_done(self, first: int, last: int) -> None:
         with self.engine.begin() as c:
@@ -168,6 +185,188 @@ class FeatureWriter(FeatureDatabase):
                         feature=feature, explanation=explanation.strip(), source=source, score=score
                     )
                 )
+
+    # ---- explanations and the LLM cache (optional tables: created by the first write) -----------------------
+    def add_explanation(
+        self,
+        feature: int,
+        text: str,
+        *,
+        explainer: str,
+        backend: str,
+        prompt_version: str,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
+        """Store one explanation of ``feature`` (each is kept: a feature may have several, by explainer,
+        backend and prompt version) and return its id; committed at once, so an interrupted run keeps it."""
+        if not text.strip():
+            raise ValueError(f"the explanation of feature {feature} is empty")
+        with self.engine.begin() as c:
+            if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
+                raise FeatureNotFound(feature)
+            S.explanations.create(c, checkfirst=True)
+            for index in S.explanations.indexes:
+                index.create(c, checkfirst=True)
+            row = {
+                "feature": int(feature),
+                "text": text.strip(),
+                "explainer": explainer,
+                "backend": backend,
+                "prompt_version": prompt_version,
+                "created": time.time(),
+                "meta": json.dumps(meta or {}, sort_keys=True),
+            }
+            key = c.execute(insert(S.explanations).values(**row)).inserted_primary_key
+            assert key is not None  # an insert always has one
+            return int(key[0])
+
+    def cached_response(self, key: str) -> str | None:
+        """The response stored in ``llm_cache`` under ``key`` (None: not cached)."""
+        if not S.has_table(self.engine, S.llm_cache):
+            return None
+        with self.engine.connect() as c:
+            return c.execute(select(S.llm_cache.c.response).where(S.llm_cache.c.key == key)).scalar()
+
+    def cache_response(self, key: str, request: str, response: str) -> None:
+        """Store an LLM response under ``key`` (replacing one already there)."""
+        with self.engine.begin() as c:
+            S.llm_cache.create(c, checkfirst=True)
+            c.execute(delete(S.llm_cache).where(S.llm_cache.c.key == key))
+            c.execute(
+                insert(S.llm_cache).values(key=key, request=request, response=response, created=time.time())
+            )
+
+    def add_score(
+        self,
+        explanation_id: int,
+        scorer: str,
+        value: float,
+        *,
+        n: int,
+        details: dict | None,
+        backend: str,
+        prompt_version: str,
+        seed: int,
+    ) -> int:
+        """Store (or replace) the score of one explanation by one scorer, backend, prompt version and seed
+        (`schema.explanation_scores`, created here); returns its id. NaN is stored as NULL."""
+        value = float(value)
+        with self.engine.begin() as c:
+            S.explanation_scores.create(c, checkfirst=True)
+            for index in S.explanation_scores.indexes:
+                index.create(c, checkfirst=True)
+            if (
+                S.has_table(self.engine, S.explanations)
+                and c.execute(
+                    select(S.explanations.c.id).where(S.explanations.c.id == explanation_id)
+                ).first()
+                is None
+            ):
+                raise KeyError(f"no explanation with id {explanation_id} in {self.where}")
+            key = S.explanation_scores.c
+            c.execute(
+                delete(S.explanation_scores).where(
+                    key.explanation_id == explanation_id,
+                    key.scorer == scorer,
+                    key.backend == backend,
+                    key.prompt_version == prompt_version,
+                    key.seed == seed,
+                )
+            )
+            res = c.execute(
+                insert(S.explanation_scores).values(
+                    explanation_id=explanation_id,
+                    scorer=scorer,
+                    value=None if math.isnan(value) else value,
+                    n=int(n),
+                    details=json.dumps(details or {}, sort_keys=True),
+                    backend=backend,
+                    prompt_version=prompt_version,
+                    seed=int(seed),
+                    created=time.time(),
+                )
+            )
+            new = res.inserted_primary_key
+            assert new is not None  # an insert always has one
+            return int(new[0])
+
+    # ---- feature lists (`schema.feature_lists`: created by the first list) ----------------------------
+    def create_list(self, name: str, description: str = "") -> int:
+        """A new, empty list; its id. Names are unique (1..200 characters)."""
+        name = name.strip()
+        if not 0 < len(name) <= 200:
+            raise ValueError(f"a list name has 1..200 characters, not {len(name)}")
+        with self.engine.begin() as c:
+            S.feature_lists.create(c, checkfirst=True)
+            S.feature_list_items.create(c, checkfirst=True)
+            if c.execute(select(S.feature_lists.c.id).where(S.feature_lists.c.name == name)).first():
+                raise ValueError(f"a list named {name!r} exists already")
+            row = {"name": name, "description": description.strip(), "created": time.time()}
+            key = c.execute(insert(S.feature_lists).values(**row)).inserted_primary_key
+            if key is None:  # every dialect SQLAlchemy supports reports it for an autoincrement key
+                raise RuntimeError(f"the database did not report the new list's id ({self.where})")
+            return int(key[0])
+
+    def _list_items(self, c: Connection, list_id: int) -> list[int]:
+        if not S.has_table(self.engine, S.feature_lists) or (
+            c.execute(select(S.feature_lists.c.id).where(S.feature_lists.c.id == list_id)).first() is None
+        ):
+            raise KeyError(f"no feature list with id {list_id}")
+        items = S.feature_list_items
+        q = (
+            select(items.c.feature)
+            .where(items.c.list_id == list_id)
+            .order_by(items.c.position, items.c.feature)
+        )
+        return [int(f) for f in c.execute(q).scalars()]
+
+    def delete_list(self, list_id: int) -> None:
+        with self.engine.begin() as c:
+            self._list_items(c, list_id)
+            c.execute(delete(S.feature_list_items).where(S.feature_list_items.c.list_id == list_id))
+            c.execute(delete(S.feature_lists).where(S.feature_lists.c.id == list_id))
+
+    def add_to_list(self, list_id: int, feature: int, note: str = "") -> None:
+        """Append ``feature`` to the list (or, when it is there, replace its note; it keeps its place)."""
+        with self.engine.begin() as c:
+            present = self._list_items(c, list_id)
+            if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
+                raise FeatureNotFound(feature)
+            items = S.feature_list_items
+            where = (items.c.list_id == list_id) & (items.c.feature == feature)
+            if feature in present:
+                c.execute(items.update().where(where).values(note=note.strip()))
+            else:
+                row = {"list_id": list_id, "feature": feature, "note": note.strip(), "position": len(present)}
+                c.execute(insert(items).values(**row))
+
+    def remove_from_list(self, list_id: int, feature: int) -> None:
+        with self.engine.begin() as c:
+            present = self._list_items(c, list_id)
+            if feature not in present:
+                raise KeyError(f"feature {feature} is not in list {list_id}")
+            items = S.feature_list_items
+            c.execute(delete(items).where((items.c.list_id == list_id) & (items.c.feature == feature)))
+            self._renumber(c, list_id, [f for f in present if f != feature])
+
+    def reorder_list(self, list_id: int, order: list[int]) -> None:
+        """Put the list's items in ``order``, which must hold each of them exactly once."""
+        with self.engine.begin() as c:
+            present = self._list_items(c, list_id)
+            if sorted(order) != sorted(present):
+                raise ValueError(
+                    f"the new order {order} must hold each of the list's features {present} once"
+                )
+            self._renumber(c, list_id, order)
+
+    def _renumber(self, c: Connection, list_id: int, order: list[int]) -> None:
+        items = S.feature_list_items
+        for pos, f in enumerate(order):
+            c.execute(
+                items.update()
+                .where((items.c.list_id == list_id) & (items.c.feature == f))
+                .values(position=pos)
+            )
 
 
 def _writable(file: Path) -> bool:

@@ -7,6 +7,8 @@ Shapes: batch pos d_model n_heads n_kv_heads d_head.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -131,30 +133,63 @@ class FusedQKV:
     """``W_Q``, ``W_K``, ``W_V`` (and their biases) concatenated into one [d_model, (n_heads + 2 n_kv_heads)
     d_head] matrix, so the three projections are one matmul.
 
-    The concatenation is kept while the weights are unchanged: its key is each parameter's storage pointer
-    and version counter (which in-place writes, ``load_state_dict`` and optimiser steps bump), dtype and
-    device. When a gradient is needed, or the parameters are not plain ``nn.Parameter``s (swapped in by
-    ``torch.func.functional_call``), it is built afresh each call, differentiably, and not kept."""
+    Built afresh at every call by default: a weight written through ``.data`` (``W_Q.data[0] = 0``, the usual
+    way to ablate a weight) or by a fused optimiser kernel bumps no version counter, so a concatenation kept
+    between calls could not tell the edited weights from the old ones and would silently answer for the old
+    model. Only inside `keep_fused_weights` (generation, rollouts: many short forwards of weights promised
+    unchanged) is it kept between calls, keyed on each parameter's storage pointer, version counter, dtype and
+    device, and dropped on leaving. When a gradient is needed, or the parameters are not plain
+    ``nn.Parameter``s (swapped in by ``torch.func.functional_call``), it is always built afresh, differentiably."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._weights: tuple[Tensor, Tensor] | None = None
+        self.keep = 0
+        """how many `keep_fused_weights` scopes are open on this attention (0: build at every call)"""
 
     def weights(self, attn: Attention) -> tuple[Tensor, Tensor]:
         """(W [d_model, (h + 2 kv) d_head], b [(h + 2 kv) d_head]) for ``attn``'s current parameters."""
         params = (attn.W_Q, attn.W_K, attn.W_V, attn.b_Q, attn.b_K, attn.b_V)
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if need_grad or not all(type(p) is nn.Parameter for p in params):
+        if not self.keep or need_grad or not all(type(p) is nn.Parameter for p in params):
             return self._concat(params, attn.cfg.d_model)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._weights is None or self._key != key:
             self._key, self._weights = key, self._concat(params, attn.cfg.d_model)
         return self._weights
 
+    def drop(self) -> None:
+        self._key = self._weights = None
+
     @staticmethod
     def _concat(params: tuple[Tensor, ...], d_model: int) -> tuple[Tensor, Tensor]:
         w = torch.cat([t.permute(1, 0, 2).reshape(d_model, -1) for t in params[:3]], dim=1)
         return w, torch.cat([t.reshape(-1) for t in params[3:]])
+
+
+@contextmanager
+def keep_fused_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """Within this scope the weights of ``module``'s attention layers are promised unchanged (a weight edit
+    inside must go through an in-place op on the parameter, which bumps its version, never through ``.data``),
+    so each keeps its fused QKV matrix between forwards instead of concatenating it per call: what makes many
+    short forwards (one token per step of `interplab.model.generate.generate`, a rollout) cheap. Leaving drops
+    what was kept. Scopes nest.
+
+    >>> from interplab.model import ModelConfig, Transformer
+    >>> model = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=11, n_ctx=8))
+    >>> with keep_fused_weights(model), torch.no_grad():
+    ...     logits = model(torch.tensor([[1, 2, 3]]))
+    """
+    fused = [m.fused_qkv for m in module.modules() if isinstance(m, Attention)]
+    for f in fused:
+        f.keep += 1
+    try:
+        yield module
+    finally:
+        for f in fused:
+            f.keep -= 1
+            if not f.keep:
+                f.drop()
 
 
 class Attention(nn.Module):

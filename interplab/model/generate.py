@@ -26,6 +26,7 @@ from torch import Tensor
 
 from interplab import runs
 from interplab.hooks.points import HookFn, HookTarget
+from interplab.model.attention import keep_fused_weights
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -122,7 +123,7 @@ def generate(
     kv = model.new_kv_cache() if use_kv_cache else None
     out, out_mask = tokens, mask
     step_input, step_mask = tokens, mask
-    with model.hooks(fwd_hooks):
+    with model.hooks(fwd_hooks), keep_fused_weights(model):  # the weights are fixed for the whole call
         for _ in range(max_new_tokens):
             logits = model(step_input, attention_mask=step_mask, kv_cache=kv)[:, -1]
             nxt = _choose(logits, temperature, top_k, top_p, gen)

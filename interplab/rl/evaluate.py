@@ -26,6 +26,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interplab.model.attention import keep_fused_weights
 from interplab.rl.calibration import Calibration, Slope, mean_interval
 from interplab.rl.envs import env_spec, make_env, make_vector_env
 from interplab.rl.model import DecisionTransformer
@@ -294,42 +296,45 @@ def rollout(
     if isinstance(model, torch.nn.Module):
         model.eval()
     decider = _Decider(model, n, device, step_cache)
-    try:
-        obs, _ = envs.reset(seed=[plan[i][1] for i in range(n)])
-        windows.push(slots, obs)
-        while len(finished) < total:
-            rows = np.array([i for i, ep in enumerate(slots) if ep is not None], dtype=np.int64)
-            playing = [ep for ep in slots if ep is not None]
-            steps = np.array([len(ep.actions) for ep in playing], dtype=np.int64)
-            with torch.inference_mode():
-                logits = decider.logits(windows, rows, steps)
-            chosen = _act(logits, playing, temperature, n_actions)
-            step_actions = np.zeros(n, np.int64)  # an idle slot (no episode left to play) turns left
-            step_actions[rows] = chosen
-            windows.actions[rows, -1] = chosen
-            obs, rewards, terminated, truncated, _ = envs.step(step_actions)
-            for i, ep, action in zip(rows, playing, chosen, strict=True):
-                ep.record(windows.obs[i, -1], int(action), float(np.float32(rewards[i])))
-            ended = np.logical_or(terminated, truncated)
-            if ended.any():
-                seeds: list[int | None] = [None] * n  # an idle slot plays on from an unrecorded reset
-                for i in np.flatnonzero(ended):
-                    if (done := slots[i]) is not None:
-                        finished.append(done)
-                        if progress is not None:
-                            progress(len(finished), total)
-                    slots[i] = start(next_index) if next_index < total else None
-                    if slots[i] is not None:
-                        seeds[i] = plan[next_index][1]
-                        next_index += 1
-                obs, _ = envs.reset(seed=seeds, options={"reset_mask": ended})
-                windows.clear(np.flatnonzero(ended))
-                decider.clear(np.flatnonzero(ended))
+    # the weights are fixed for the whole rollout: each attention keeps its fused QKV matrix between steps
+    kept = keep_fused_weights(model) if isinstance(model, torch.nn.Module) else nullcontext()
+    with kept:
+        try:
+            obs, _ = envs.reset(seed=[plan[i][1] for i in range(n)])
             windows.push(slots, obs)
-    finally:
-        envs.close()
-        if was_training:
-            model.train()  # type: ignore[attr-defined]
+            while len(finished) < total:
+                rows = np.array([i for i, ep in enumerate(slots) if ep is not None], dtype=np.int64)
+                playing = [ep for ep in slots if ep is not None]
+                steps = np.array([len(ep.actions) for ep in playing], dtype=np.int64)
+                with torch.inference_mode():
+                    logits = decider.logits(windows, rows, steps)
+                chosen = _act(logits, playing, temperature, n_actions)
+                step_actions = np.zeros(n, np.int64)  # an idle slot (no episode left to play) turns left
+                step_actions[rows] = chosen
+                windows.actions[rows, -1] = chosen
+                obs, rewards, terminated, truncated, _ = envs.step(step_actions)
+                for i, ep, action in zip(rows, playing, chosen, strict=True):
+                    ep.record(windows.obs[i, -1], int(action), float(np.float32(rewards[i])))
+                ended = np.logical_or(terminated, truncated)
+                if ended.any():
+                    seeds: list[int | None] = [None] * n  # an idle slot plays on from an unrecorded reset
+                    for i in np.flatnonzero(ended):
+                        if (done := slots[i]) is not None:
+                            finished.append(done)
+                            if progress is not None:
+                                progress(len(finished), total)
+                        slots[i] = start(next_index) if next_index < total else None
+                        if slots[i] is not None:
+                            seeds[i] = plan[next_index][1]
+                            next_index += 1
+                    obs, _ = envs.reset(seed=seeds, options={"reset_mask": ended})
+                    windows.clear(np.flatnonzero(ended))
+                    decider.clear(np.flatnonzero(ended))
+                windows.push(slots, obs)
+        finally:
+            envs.close()
+            if was_training:
+                model.train()  # type: ignore[attr-defined]
     episodes = sorted(finished, key=lambda ep: ep.index)
     return Rollout(
         trajectories=_trajectories(env_name, episodes, temperature),

@@ -541,18 +541,6 @@ def _fused(device: torch.device) -> bool | None:
     return True if device.type in ("cpu", "cuda") else None
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()``, then, after a fused step, every parameter's version counter bumped: the fused
-    kernel writes the weights without bumping them (torch 2.13), and caches keyed on them (the attention's
-    fused QKV weights, `interplab.model.attention.FusedQKV`) would otherwise keep the old weights in no-grad
-    forwards (validation). ``x * 1.0`` leaves every value as it is."""
-    optimizer.step()
-    fused = [p for g in optimizer.param_groups if g.get("fused") for p in g["params"]]
-    if fused:
-        with torch.no_grad():
-            torch._foreach_mul_(fused, 1.0)
-
-
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -676,7 +664,7 @@ def _train(
         all_reduce_grads(model.parameters())
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        _optimizer_step(optimizer)
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         if step % cfg.log_every == 0 or step == stop or step in schedule:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Path
+from fastapi import FastAPI, HTTPException, Path, Query
 from jaxtyping import Int
 from pydantic import BaseModel, Field
 from torch import Tensor
@@ -64,6 +64,17 @@ def add_routes(app: FastAPI, res: Resources) -> None:
     @app.get("/api/db/{db}/feature/{index}")
     def api_feature(db: str, index: FeatureIndex):
         return feature_or_404(db, index)
+
+    @app.get("/api/db/{db}/feature/{index}/explanations")
+    def api_explanations(db: str, index: FeatureIndex):
+        """Every stored explanation of the feature with its scores (`FeatureReader.explanations`)."""
+        feature_or_404(db, index)
+        return res.store(db).explanations(index)
+
+    @app.get("/api/db/{db}/explanations")
+    def api_search_explanations(db: str, q: str = Query(min_length=1, max_length=1000), limit: int = 50):
+        """Explanations whose text contains every word of ``q`` (`FeatureReader.search_explanations`)."""
+        return res.store(db).search_explanations(q, limit=max(1, min(limit, 500)))
 
     @app.post("/api/db/{db}/feature/{index}/label")
     def api_label(db: str, index: FeatureIndex, body: LabelIn):

@@ -38,7 +38,7 @@ from interplab.model import Transformer
 from interplab.model.load import load_model
 from interplab.plots import PLOTLY_JS, plotly_js_source
 from interplab.sae import SAE, load_sae
-from interplab.web import api, graph_page
+from interplab.web import api, collections_page, graph_page
 from interplab.web.api import INT64_MAX, FeatureIndex
 from interplab.web.dt_page import db_frame, dt_feature_view, dt_view, player_frame
 from interplab.web.guard import HostOriginGuard, normalise_allowed
@@ -258,7 +258,11 @@ def create_app(
             steering=dt is None,
             dt=dt,
             default_strength=DEFAULT_STRENGTH,
-            **feature_view(rec, res.meta[db], store.vocab()),
+            explanations=store.explanations(index),
+            sae_run=collections_page.sae_artifact(res.meta[db], artifacts),
+            lists=store.feature_lists(),
+            writable=res.writers.get(db) is not None,
+            **feature_view(rec, res.meta[db], store.vocab(), store.context_loss(index)),
         )
 
     @app.get("/db/{db}/dt/frame/{episode}/{step}.png")
@@ -281,7 +285,7 @@ def create_app(
     @app.get("/db/{db}/search", response_class=HTMLResponse)
     def search(request: Request, db: str, q: SearchText = "", token: SearchText = ""):
         store = res.store(db)
-        token_hits, text_hits, token_id = [], [], None
+        token_hits, text_hits, token_id, explanation_hits = [], [], None, []
         if token:
             token_id = store.token_id(token)
             if token_id is not None:
@@ -289,6 +293,7 @@ def create_app(
         if q.strip():
             try:
                 text_hits = store.search_text(q.strip())
+                explanation_hits = store.search_explanations(q.strip())
             except ValueError as err:
                 raise HTTPException(422, str(err)) from None
         return page(
@@ -300,6 +305,7 @@ def create_app(
             token_id=token_id,
             token_hits=token_hits,
             text_hits=text_hits,
+            explanation_hits=explanation_hits,
             links=links(db),
             labels=store.labels(),
         )
@@ -374,5 +380,6 @@ def create_app(
         return page(request, "attention.html", has_model=has_model)
 
     api.add_routes(app, res)
+    collections_page.add_routes(app, res, page, links, artifacts)
     graph_page.add_routes(app, artifact, page, served, read_only=read_only, labels=explanations)
     return app

@@ -86,6 +86,7 @@ def export_html(
             steering=False,
             static_site=True,
             plotly_url="../static/plotly.min.js",
+            explanations=store.explanations(f),
             **feature_view(store.feature(f), meta, vocab),
         )
         atomic_write_text(out / "feature" / f"{f}.html", html)

@@ -86,21 +86,48 @@ def show_token(s: str) -> str:
     return s.replace("\n", "\u21b5").replace("\t", "\u21e5") if s else "\u2205"
 
 
-def context_html(ctx: dict[str, Any], vocab: dict[int, str], center: int, scale: float) -> Markup:
-    """A context as spans, each shaded by its activation (relative to ``scale``), with the value on hover."""
+NEAR_LEFT, NEAR_RIGHT = 6, 3
+"""tokens of a context shown before it is expanded: this many before and after its peak (the rest, up to
+the stored window, appear on a click)"""
+
+
+def context_html(
+    ctx: dict[str, Any],
+    vocab: dict[int, str],
+    center: int,
+    scale: float,
+    loss: list[float | None] | None = None,
+) -> Markup:
+    """A context as spans, each shaded by its activation (relative to ``scale``), with the value (and the
+    per-token loss effect, `interplab.features.loss_effects`, when given) on hover. Tokens further than
+    `NEAR_LEFT`/`NEAR_RIGHT` from the peak have class ``far`` (hidden until the context is expanded)."""
     parts = []
+    finite = [abs(v) for v in loss or [] if v is not None and math.isfinite(v)]
+    loss_scale = max(finite, default=0.0)
     for k, (tok, act) in enumerate(zip(ctx["tokens"], ctx["acts"], strict=True)):
         if tok < 0:
             continue
         raw = vocab.get(tok, f"#{tok}")
         text = show_token(raw)
         alpha = 0.0 if scale <= 0 else max(0.0, min(1.0, act / scale))
-        cls = "tok peak" if k == center else "tok"
+        far = " far" if not center - NEAR_LEFT <= k <= center + NEAR_RIGHT else ""
+        cls = ("tok peak" if k == center else "tok") + far
         if raw == f"#{tok}":  # no tokenizer: ids, spaced apart
             cls += " id"
-        style = f' style="background:rgba(255,110,0,{alpha:.3f})"' if alpha > 0 else ""
+        dl = loss[k] if loss is not None and k < len(loss) else None
+        extra, styles = "", [f"background:rgba(255,110,0,{alpha:.3f})"] if alpha > 0 else []
+        if dl is not None and math.isfinite(dl):
+            extra = f' data-loss="{dl:+.4g}"'
+            # underlined blue where the feature helped predict the token (removing it raises the loss), red
+            # where it hurt; the context's strongest effect is opaque
+            a = abs(dl) / loss_scale if loss_scale > 0 else 0.0
+            if a > 0:
+                styles.append(
+                    f"border-bottom:3px solid rgba({'42,122,184' if dl > 0 else '200,50,40'},{a:.3f})"
+                )
+        style = f' style="{";".join(styles)}"' if styles else ""
         parts.append(
-            f'<span class="{cls}"{style} data-act="{act:.4g}" title="{escape(text)} #{tok}: {act:.4g}">'
+            f'<span class="{cls}"{style} data-act="{act:.4g}"{extra} title="{escape(text)} #{tok}: {act:.4g}">'
             f"{escape(text)}</span>"
         )
     return Markup("".join(parts))
@@ -117,12 +144,22 @@ def sample_groups(samples: list[dict], max_act: float, n: int = 4) -> list[dict]
     return groups
 
 
-def feature_view(rec: dict[str, Any], meta: dict[str, Any], vocab: dict[int, str]) -> dict[str, Any]:
-    """Template variables for a feature page."""
+def feature_view(
+    rec: dict[str, Any],
+    meta: dict[str, Any],
+    vocab: dict[int, str],
+    losses: dict[tuple[int, int], list[float | None]] | None = None,
+) -> dict[str, Any]:
+    """Template variables for a feature page (``losses``: `FeatureReader.context_loss`, by (kind, rank))."""
     center = int(meta.get("window_left", 0))
     scale = float(rec["max_act"]) or 1.0
-    top = [{**c, "html": context_html(c, vocab, center, scale)} for c in rec["top"]]
-    samples = [{**c, "html": context_html(c, vocab, center, scale)} for c in rec["samples"]]
+    losses = losses or {}
+
+    def html(c: dict[str, Any]) -> Markup:
+        return context_html(c, vocab, center, scale, losses.get((int(c["kind"]), int(c["rank"]))))
+
+    top = [{**c, "html": html(c)} for c in rec["top"]]
+    samples = [{**c, "html": html(c)} for c in rec["samples"]]
     edges = meta.get("hist_edges") or []
     hist = rec["hist"]
     nz = [i for i, c in enumerate(hist) if c]
@@ -141,6 +178,7 @@ def feature_view(rec: dict[str, Any], meta: dict[str, Any], vocab: dict[int, str
         "top_token": show_token(vocab.get(rec["top_token"], "")) if rec["top_token"] is not None else None,
         "cooc": rec["cooc"],
         "label": rec["label"],
+        "has_loss": bool(losses),
     }
 
 

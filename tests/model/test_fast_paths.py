@@ -19,7 +19,8 @@ from torch.testing import assert_close
 
 from interplab import load_model
 from interplab.model import Norm, Positional, Transformer
-from interplab.model.attention import AttnContext, HeadInputs, apply_rotary, rotary_tables
+from interplab.model.attention import AttnContext, HeadInputs, apply_rotary, keep_fused_weights, rotary_tables
+from interplab.model.generate import generate
 from interplab.model.kv_cache import KVCache
 from tests.model.model_variants import VARIANTS, make_model
 from tests.model.test_load_hf import _make as make_hf
@@ -178,11 +179,14 @@ def test_fused_qkv_equals_per_head_projections_and_follows_weight_changes(varian
     with torch.no_grad():
         for fused, per_head in zip(attn.project(x), attn.project(heads), strict=True):
             assert_close(fused, per_head, **TOL)
-        w_before = attn.fused_qkv.weights(attn)[0]
-        assert attn.fused_qkv.weights(attn)[0] is w_before  # kept while the weights are unchanged
-        attn.W_K.mul_(2.0)  # an in-place change bumps the version: rebuilt
-        for fused, per_head in zip(attn.project(x), attn.project(heads), strict=True):
-            assert_close(fused, per_head, **TOL)
+        assert attn.fused_qkv.weights(attn)[0] is not attn.fused_qkv.weights(attn)[0]  # built at each call
+        with keep_fused_weights(model):
+            w_before = attn.fused_qkv.weights(attn)[0]
+            assert attn.fused_qkv.weights(attn)[0] is w_before  # kept while the weights are unchanged
+            attn.W_K.mul_(2.0)  # an in-place change bumps the version: rebuilt
+            for fused, per_head in zip(attn.project(x), attn.project(heads), strict=True):
+                assert_close(fused, per_head, **TOL)
+        assert attn.fused_qkv._weights is None  # leaving the scope drops what was kept
     with torch.enable_grad():  # a gradient is needed: built afresh, differentiably
         q, _, _ = attn.project(x)
         q.sum().backward()
@@ -233,3 +237,54 @@ def test_converted_families_give_the_transformers_logits_on_every_path(tmp_path,
     with torch.no_grad():
         expected = hf_model(tokens).logits
     assert_close(run(model, tokens, mode).detach(), expected, atol=1e-4, rtol=0)
+
+
+def _edit_data(model):  # the usual way to ablate a weight; it bumps no version counter
+    model.blocks[0].attn.W_Q.data[0] = 0.0
+
+
+def _edit_fused_adamw(model):  # torch's fused AdamW kernel writes the weights without bumping their versions
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    torch.optim.AdamW(model.parameters(), lr=0.1, fused=True).step()
+
+
+def _edit_load_state_dict(model):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["blocks.0.attn.W_V"].mul_(-1.0)
+    model.load_state_dict(state)
+
+
+def _edit_data_assignment(model):
+    model.blocks[0].attn.W_K.data = torch.randn_like(model.blocks[0].attn.W_K)
+
+
+@pytest.mark.parametrize(
+    "edit", [_edit_data, _edit_fused_adamw, _edit_load_state_dict, _edit_data_assignment]
+)
+@pytest.mark.parametrize("variant", ["gpt2", "rotary_neox_rms_gated_gqa"])
+def test_no_grad_forward_after_a_weight_edit_is_the_edited_model(variant, edit):
+    """A forward after any kind of weight edit equals a freshly built model with the edited weights (a fused
+    QKV matrix kept from before the edit would silently answer for the old model)."""
+    model = make_model(variant).eval()
+    tokens = tokens_for(model.cfg.d_vocab, p=P)
+    with torch.no_grad():
+        model(tokens)  # a forward before the edit (anything it kept must not survive the edit)
+        edit(model)
+        after = model(tokens)
+    fresh = type(model)(model.cfg, init=False).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert_close(after, fresh(tokens), atol=0, rtol=0)
+
+
+def test_generation_keeps_the_fused_weights_only_for_the_call():
+    model = make_model("gpt2").eval()
+    prompt = tokens_for(model.cfg.d_vocab, p=3)
+    before = generate(model, prompt, max_new_tokens=4).tokens
+    _edit_data(model)
+    after = generate(model, prompt, max_new_tokens=4, use_kv_cache=False).tokens
+    cached = generate(model, prompt, max_new_tokens=4).tokens
+    assert torch.equal(after, cached)  # nothing from the first call survived the edit
+    assert all(b.attn.fused_qkv.keep == 0 and b.attn.fused_qkv._weights is None for b in model.blocks)
+    assert before.shape == after.shape

@@ -182,6 +182,15 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         "/static/app.css",
         "/static-vendor/plotly.min.js",
         "/api/docs",
+        "/db/tiny/map",
+        "/db/tiny/lists",
+        "/db/tiny/lists/0",
+        "/db/tiny/lists/0/export.json",
+        "/db/tiny/lists/0/export.csv",
+        "/compare/3",
+        "/db/tiny/similar",
+        "/api/db/tiny/feature/3/explanations",  # llm's routes (issue 18)
+        "/api/db/tiny/explanations?q=x",
     ]
     get_routes = {r.path for r in web_app.routes if isinstance(r, APIRoute) and "GET" in r.methods}
     templated = {
@@ -191,6 +200,7 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         .replace("/tiny", "/{db}")
         .replace("/files/plotly.min.js", "/files/{rel:path}")
         .replace("/frame/{index}/{index}.png", "/frame/{episode}/{step}.png")
+        .replace("/lists/{index}", "/lists/{list_id}")
         for p in paths
     }
     assert get_routes - {"/db/{db}/random"} <= templated | {"/api/docs", "/openapi.json"}, (

@@ -32,6 +32,7 @@ window.interplab = (function () {
            height: Math.max(260, 15 * (pos.length + neg.length) + 50),
            yaxis: { automargin: true, dtick: 1, tickfont: { size: 10 } } }, cfg);
     }
+    addToList();
     const form = document.getElementById("label-form");
     if (form) form.addEventListener("submit", async (e) => {
       e.preventDefault();
@@ -192,5 +193,107 @@ window.interplab = (function () {
   }
   document.addEventListener("DOMContentLoaded", staticFilter);
 
-  return { featurePage, runPage, attentionPage, dtPage };
+  // contexts: a tooltip with the token's activation (and loss effect), a click expands the whole window
+  function contexts() {
+    let tip = null;
+    for (const ctx of document.querySelectorAll(".ctx")) {
+      if (ctx.querySelector(".tok.far")) {
+        ctx.classList.add("expandable"); ctx.title = "click to show the whole window";
+        ctx.addEventListener("click", () => ctx.classList.toggle("expanded"));
+      }
+    }
+    document.addEventListener("mouseover", (e) => {
+      const t = e.target.closest ? e.target.closest(".tok") : null;
+      if (!t) { if (tip) tip.hidden = true; return; }
+      if (!tip) { tip = document.createElement("div"); tip.id = "tok-tip"; document.body.appendChild(tip); }
+      let text = t.textContent + "\nactivation " + t.dataset.act;
+      if (t.dataset.loss !== undefined) text += "\nloss effect " + t.dataset.loss + " nats (feature removed)";
+      tip.textContent = text; tip.hidden = false;
+      const r = t.getBoundingClientRect();
+      tip.style.left = r.left + "px"; tip.style.top = (r.bottom + 4) + "px";
+    });
+  }
+  document.addEventListener("DOMContentLoaded", contexts);
+
+  function addToList() {
+    const form = document.getElementById("add-to-list");
+    if (!form) return;
+    const sel = document.getElementById("list-select"), name = document.getElementById("list-new-name");
+    sel.addEventListener("change", () => { name.hidden = sel.value !== "new"; });
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const status = document.getElementById("list-status"), db = encodeURIComponent(form.dataset.db);
+      try {
+        let id = sel.value;
+        if (id === "new") {
+          id = String((await postJSON("/api/db/" + db + "/lists", { name: name.value })).id);
+          sel.add(new Option(name.value, id), sel.options.length - 1); sel.value = id; name.hidden = true;
+        }
+        const out = await postJSON("/api/db/" + db + "/lists/" + id + "/items",
+          { feature: parseInt(form.dataset.feature, 10), note: document.getElementById("list-note").value });
+        status.textContent = "added to " + out.name + " (" + out.items.length + ")";
+      } catch (err) { status.textContent = "error: " + err.message; }
+    });
+  }
+
+  function mapPage() {
+    const d = data("map-data");
+    if (!d || !window.Plotly) return;
+    const alive = d.points.filter(p => p[3] !== null), dead = d.points.filter(p => p[3] === null);
+    const hover = p => "feature " + p[0] + (p[4] ? "<br>" + plotText(p[4]) : "");
+    const traces = [
+      { type: "scattergl", mode: "markers", name: "fired", x: alive.map(p => p[1]), y: alive.map(p => p[2]),
+        customdata: alive.map(p => p[0]), text: alive.map(hover), hoverinfo: "text",
+        marker: { size: 7, color: alive.map(p => p[3]), colorscale: "Viridis", colorbar: { title: "log10 density" } } },
+      { type: "scattergl", mode: "markers", name: "never fired", x: dead.map(p => p[1]), y: dead.map(p => p[2]),
+        customdata: dead.map(p => p[0]), text: dead.map(hover), hoverinfo: "text", marker: { size: 6, color: "#bbb" } },
+    ];
+    const el = document.getElementById("map-chart");
+    Plotly.newPlot(el, traces, { margin, xaxis: { title: "PC 1" }, yaxis: { title: "PC 2" }, legend: { orientation: "h" } }, cfg);
+    el.on("plotly_click", (ev) => {
+      const f = ev.points[0].customdata;
+      window.location.href = "/db/" + encodeURIComponent(d.db) + "/feature/" + f;
+    });
+  }
+
+  function listsPage() {
+    const form = document.getElementById("list-create");
+    if (!form) return;
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      try {
+        const out = await postJSON(form.dataset.url, { name: document.getElementById("list-name").value,
+                                                       description: document.getElementById("list-description").value });
+        window.location.href = window.location.pathname.replace(/\/$/, "") + "/" + out.id;
+      } catch (err) { document.getElementById("list-create-status").textContent = "error: " + err.message; }
+    });
+  }
+
+  function listPage() {
+    const table = document.getElementById("list-items");
+    if (!table || table.dataset.writable !== "1") return;
+    const base = table.dataset.base, status = document.getElementById("list-status");
+    const rows = () => Array.from(table.querySelectorAll("tr.item"));
+    async function act(fn) {
+      try { await fn(); window.location.reload(); } catch (err) { status.textContent = "error: " + err.message; }
+    }
+    for (const row of rows()) {
+      const f = parseInt(row.dataset.feature, 10);
+      row.querySelector(".item-remove").addEventListener("click", () => act(() => postJSON(base + "/remove", { feature: f })));
+      row.querySelector(".item-save").addEventListener("click", async () => {
+        try { await postJSON(base + "/items", { feature: f, note: row.querySelector(".item-note").value }); status.textContent = "note saved"; }
+        catch (err) { status.textContent = "error: " + err.message; }
+      });
+      for (const [cls, step] of [[".item-up", -1], [".item-down", 1]]) {
+        row.querySelector(cls).addEventListener("click", () => {
+          const order = rows().map(r => parseInt(r.dataset.feature, 10)), i = order.indexOf(f), j = i + step;
+          if (j < 0 || j >= order.length) return;
+          [order[i], order[j]] = [order[j], order[i]];
+          act(() => postJSON(base + "/order", { features: order }));
+        });
+      }
+    }
+  }
+
+  return { featurePage, runPage, attentionPage, dtPage, mapPage, listsPage, listPage };
 })();

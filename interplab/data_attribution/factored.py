@@ -1,0 +1,438 @@
+"""Factorised (LoGra-style) per-example gradient projections: the [n, numel] gradient is never formed.
+
+For a linear layer ``out_t = W x_t (+ b)`` applied at positions t, one example's weight gradient is
+``G = sum_t g_t x_t^T`` (g_t: the loss gradient at the layer's output). With a Kronecker-structured projection
+``P = P_out (x) P_in``, the projected gradient is ``P_out^T G P_in = sum_t (P_out^T g_t)(P_in^T x_t)^T``: project
+the captured inputs and output gradients separately, then sum their outer products over positions. Cost and
+memory per example are ``T (d_in k_in + d_out k_out) + T k_in k_out`` instead of ``d_out d_in``; one batched
+forward and backward (no parameter gradients, only activation gradients) serves a whole chunk of examples.
+
+Biases are folded in as one extra input coordinate equal to 1 (the homogeneous-coordinate convention of K-FAC).
+
+>>> sites = linear_sites(model)                      # every linear weight of an interplab Transformer
+>>> proj = FactoredProjector(sites, dim_in=16, dim_out=16)
+>>> feats = factored_grads(model, lm_losses, tokens, proj)   # [n, proj.dim]
+>>> ref = proj.project_grads(exact_grads)                    # the same projection of exact gradients
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from interplab.data_attribution.per_example import logits_of
+from interplab.model.transformer import Transformer
+
+#: a batched objective: (model, batched example tensors...) -> per-example losses [n]
+BatchObjective = Callable[..., Tensor]
+
+
+def lm_losses(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of each sequence of ``tokens [n pos]``: [n] (`lm_loss`, batched)."""
+    logits = logits_of(model, tokens)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    return ce.view(tokens.shape[0], -1).mean(1)
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One linear map of a model, seen as ``W [d_out, d_in]`` (plus an optional bias ``[d_out]``).
+
+    ``weight`` / ``bias`` name the parameters; ``to_matrix`` turns the weight's gradient (any layout, with a
+    leading batch dim) into ``[n, d_out, d_in]`` and ``bias_to_vec`` the bias's into ``[n, d_out]``."""
+
+    name: str
+    weight: str
+    bias: str | None
+    d_in: int
+    d_out: int
+    to_matrix: Callable[[Tensor], Tensor] = field(repr=False)
+    bias_to_vec: Callable[[Tensor], Tensor] = field(repr=False)
+    #: (model, put_input, put_output_grad) -> a context manager that captures [n, T, d_in] / [n, T, d_out]
+    capture: Callable[..., AbstractContextManager[object]] = field(repr=False)
+
+    @property
+    def d_in_aug(self) -> int:
+        return self.d_in + (1 if self.bias is not None else 0)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+
+def _grad_hook(put: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+    def hook(g: Tensor) -> None:
+        put(g.detach())
+
+    return hook
+
+
+def _tensor_capture(x: Tensor, put: Callable[[Tensor], None]) -> None:
+    if x.requires_grad:
+        x.register_hook(_grad_hook(put))
+
+
+@contextmanager
+def _module_io(
+    module: nn.Module, put_in: Callable[[Tensor], None] | None, put_out: Callable[[Tensor], None] | None
+) -> Iterator[None]:
+    """Capture a module's first input (value) and the gradient at its output."""
+    handles = []
+    if put_in is not None:
+        handles.append(module.register_forward_pre_hook(lambda m, args: put_in(args[0].detach())))
+    if put_out is not None:
+        handles.append(module.register_forward_hook(lambda m, args, out: _tensor_capture(out, put_out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _point_hooks(
+    model: Transformer,
+    values: Sequence[tuple[str, Callable[[Tensor], None]]],
+    grads: Sequence[tuple[str, Callable]],
+) -> AbstractContextManager[None]:
+    """Read hook points' values and gradients (hooks that return nothing leave the activations unchanged)."""
+
+    def value_fn(put: Callable[[Tensor], None]) -> Callable[[Tensor, object], None]:
+        return lambda x, site: put(x.detach())
+
+    def grad_fn(put: Callable[[Tensor], None]) -> Callable[[Tensor, object], None]:
+        return lambda x, site: _tensor_capture(x, put)
+
+    hooks = [(n, value_fn(p)) for n, p in values] + [(n, grad_fn(p)) for n, p in grads]
+    return model.hooks(fwd_hooks=hooks)
+
+
+def _nn_linear_site(name: str, module: nn.Linear) -> LinearSite:
+    pre = f"{name}." if name else ""
+
+    @contextmanager
+    def capture(model: nn.Module, put_in: Callable, put_out: Callable) -> Iterator[None]:
+        with _module_io(module, put_in, put_out):
+            yield
+
+    return LinearSite(
+        name=name or "linear",
+        weight=f"{pre}weight",
+        bias=f"{pre}bias" if module.bias is not None and module.bias.requires_grad else None,
+        d_in=module.in_features,
+        d_out=module.out_features,
+        to_matrix=lambda g: g,
+        bias_to_vec=lambda g: g,
+        capture=capture,
+    )
+
+
+def _transformer_sites(model: Transformer) -> list[LinearSite]:
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+
+    def has(name: str) -> str | None:
+        p = params.get(name)
+        return name if p is not None and p.requires_grad else None
+
+    sites: list[LinearSite] = []
+    for layer, block in enumerate(model.blocks):
+        pre = f"blocks.{layer}.attn."
+        attn = block.attn
+        if getattr(block, "ln1_post", None) is None:
+            kv_ok = getattr(cfg, "n_kv_heads", h) in (None, h)
+            for w, point in (("Q", attn.hook_q), ("K", attn.hook_k), ("V", attn.hook_v)):
+                if (w != "Q" and not kv_ok) or has(pre + f"W_{w}") is None:
+                    continue
+
+                def cap_qkv(model: Transformer, put_in: Callable, put_out: Callable, _a=attn, _p=point):  # noqa: ANN202
+                    stack = ExitStack()
+                    stack.enter_context(_module_io(_a, put_in, None))
+                    stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))
+                    return stack
+
+                sites.append(
+                    LinearSite(
+                        name=f"{pre}{w.lower()}",
+                        weight=pre + f"W_{w}",
+                        bias=has(pre + f"b_{w}"),
+                        d_in=d,
+                        d_out=h * dh,
+                        to_matrix=lambda g: g.permute(0, 1, 3, 2).reshape(g.shape[0], h * dh, d),
+                        bias_to_vec=lambda g: g.reshape(g.shape[0], h * dh),
+                        capture=cap_qkv,
+                    )
+                )
+            if has(pre + "W_O") is not None:
+
+                def cap_o(model: Transformer, put_in: Callable, put_out: Callable, _a=attn):  # noqa: ANN202
+                    stack = ExitStack()
+                    flat = lambda z: put_in(z.reshape(*z.shape[:2], -1))  # noqa: E731
+                    stack.enter_context(_point_hooks(model, [(_a.hook_z.name, flat)], []))
+                    stack.enter_context(_module_io(_a, None, put_out))
+                    return stack
+
+                sites.append(
+                    LinearSite(
+                        name=f"{pre}o",
+                        weight=pre + "W_O",
+                        bias=has(pre + "b_O"),
+                        d_in=h * dh,
+                        d_out=d,
+                        to_matrix=lambda g: g.reshape(g.shape[0], h * dh, d).transpose(1, 2),
+                        bias_to_vec=lambda g: g,
+                        capture=cap_o,
+                    )
+                )
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None and getattr(block, "ln2_post", None) is None and hasattr(mlp, "W_in"):
+            mpre = f"blocks.{layer}.mlp."
+            m = mlp.W_in.shape[1]
+            gated = hasattr(mlp, "W_gate")
+            ins = [("W_in", "b_in", mlp.hook_pre_linear if gated else mlp.hook_pre)]
+            if gated:
+                ins.append(("W_gate", "", mlp.hook_pre))
+            for w, b, point in ins:
+                if has(mpre + w) is None:
+                    continue
+
+                def cap_in(model: Transformer, put_in: Callable, put_out: Callable, _m=mlp, _p=point):  # noqa: ANN202
+                    stack = ExitStack()
+                    stack.enter_context(_module_io(_m, put_in, None))
+                    stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))
+                    return stack
+
+                sites.append(
+                    LinearSite(
+                        name=f"{mpre}{w[2:]}",
+                        weight=mpre + w,
+                        bias=has(mpre + b) if b else None,
+                        d_in=d,
+                        d_out=m,
+                        to_matrix=lambda g: g.transpose(1, 2),
+                        bias_to_vec=lambda g: g,
+                        capture=cap_in,
+                    )
+                )
+            if has(mpre + "W_out") is not None:
+
+                def cap_out(model: Transformer, put_in: Callable, put_out: Callable, _m=mlp):  # noqa: ANN202
+                    stack = ExitStack()
+                    stack.enter_context(_point_hooks(model, [(_m.hook_post.name, put_in)], []))
+                    stack.enter_context(_module_io(_m, None, put_out))
+                    return stack
+
+                sites.append(
+                    LinearSite(
+                        name=f"{mpre}out",
+                        weight=mpre + "W_out",
+                        bias=has(mpre + "b_out"),
+                        d_in=m,
+                        d_out=d,
+                        to_matrix=lambda g: g.transpose(1, 2),
+                        bias_to_vec=lambda g: g,
+                        capture=cap_out,
+                    )
+                )
+    if has("unembed.W_U") is not None and cfg.logit_softcap is None:
+        un = model.unembed
+
+        def cap_u(model: Transformer, put_in: Callable, put_out: Callable):  # noqa: ANN202
+            return _point_hooks(model, [(un.hook_in.name, put_in)], [(un.hook_out.name, put_out)])
+
+        v = params["unembed.W_U"].shape[1]
+        sites.append(
+            LinearSite(
+                name="unembed",
+                weight="unembed.W_U",
+                bias=has("unembed.b_U"),
+                d_in=d,
+                d_out=v,
+                to_matrix=lambda g: g.transpose(1, 2),
+                bias_to_vec=lambda g: g,
+                capture=cap_u,
+            )
+        )
+    return sites
+
+
+def linear_sites(model: nn.Module, include: str | None = None) -> list[LinearSite]:
+    """The linear maps of ``model`` that factorised projection covers: every ``nn.Linear`` of a plain module, or
+    for an interplab `Transformer` the attention's W_Q/W_K/W_V/W_O, the MLP's W_in/W_gate/W_out and the unembedding
+    (embeddings and norms are not linear maps of an activation: leave them to `per_example_grads`).
+    ``include``: a regular expression on the site names (e.g. ``blocks\\.1\\.`` or ``attn``)."""
+    import re
+
+    if isinstance(model, Transformer):
+        sites = _transformer_sites(model)
+    else:
+        sites = [_nn_linear_site(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        sites = [s for s in sites if dict(model.named_parameters())[s.weight].requires_grad]
+    if include is not None:
+        pattern = re.compile(include)
+        sites = [s for s in sites if pattern.search(s.name)]
+    if not sites:
+        raise ValueError(
+            f"no linear site of {type(model).__name__} matches {include!r}"
+            if include
+            else f"{type(model).__name__} has no linear layer that factorised projection can cover"
+        )
+    return sites
+
+
+class FactoredProjector:
+    """Per site, seeded Gaussian ``P_in [d_in(+1), k_in]`` and ``P_out [d_out, k_out]`` (entries N(0, 1/k));
+    a side whose size is at most its ``dim`` is not projected (identity), so ``dim_in = dim_out = inf``-like
+    sizes give exact per-example gradients. Features are concatenated site by site: ``[n, dim]``."""
+
+    def __init__(
+        self, sites: Sequence[LinearSite], *, dim_in: int = 16, dim_out: int = 16, seed: int = 0
+    ) -> None:
+        if dim_in <= 0 or dim_out <= 0:
+            raise ValueError(f"projection sizes must be positive, got dim_in={dim_in}, dim_out={dim_out}")
+        self.sites = tuple(sites)
+        self.seed = seed
+        gen = torch.Generator().manual_seed(seed)
+        self.p_in: list[Tensor | None] = []
+        self.p_out: list[Tensor | None] = []
+        for s in self.sites:
+            self.p_in.append(_gaussian(s.d_in_aug, dim_in, gen))
+            self.p_out.append(_gaussian(s.d_out, dim_out, gen))
+        self.shapes = tuple(
+            (s.d_out if po is None else po.shape[1], s.d_in_aug if pi is None else pi.shape[1])
+            for s, pi, po in zip(self.sites, self.p_in, self.p_out, strict=True)
+        )
+        self.dim = sum(a * b for a, b in self.shapes)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p for s in self.sites for p in s.params)
+
+    def project_grads(self, grads: dict[str, Tensor]) -> Tensor:
+        """The same projection applied to exact gradients ``{param: [n, *param.shape]}``: ``[n, dim]``. The
+        reference the factorised path equals, and how a target's gradient is projected (pass ``v[None]``)."""
+        parts = []
+        for s, pi, po in zip(self.sites, self.p_in, self.p_out, strict=True):
+            mat = s.to_matrix(grads[s.weight].float())
+            if s.bias is not None:
+                mat = torch.cat([mat, s.bias_to_vec(grads[s.bias].float())[..., None]], dim=2)
+            if po is not None:
+                mat = torch.einsum("nod,ok->nkd", mat, po)
+            if pi is not None:
+                mat = mat @ pi
+            parts.append(mat.flatten(1))
+        return torch.cat(parts, dim=1)
+
+    def augment(self, i: int, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Site ``i``'s captured input and output gradient as ``[n, T, d_in(+1)]`` (bias coordinate 1 appended) and
+        ``[n, T, d_out]``, float32."""
+        s = self.sites[i]
+        x = x.float().reshape(x.shape[0], -1, s.d_in)
+        g = g.float().reshape(g.shape[0], -1, s.d_out)
+        if s.bias is not None:
+            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
+        return x, g
+
+    def project_factors(self, i: int, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Augmented factors ``[n, T, d_in(+1)]``, ``[n, T, d_out]`` projected: ``([n, T, k_in], [n, T, k_out])``."""
+        pi, po = self.p_in[i], self.p_out[i]
+        return (x if pi is None else x @ pi), (g if po is None else g @ po)
+
+
+def _gaussian(d: int, k: int, gen: torch.Generator) -> Tensor | None:
+    if d <= k:
+        return None
+    return torch.randn(d, k, generator=gen) / math.sqrt(k)
+
+
+def capture_factors(
+    model: nn.Module, objective: BatchObjective, examples: tuple[Tensor, ...], sites: Sequence[LinearSite]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One batched forward and backward of ``sum_i objective(model, examples)_i``: each site's inputs ``[n, T,
+    d_in]`` and output gradients ``[n, T, d_out]`` (the gradient of example i's own loss: examples do not
+    interact in the forward). No parameter gradient is computed."""
+    xs: list[list[Tensor]] = [[] for _ in sites]
+    gs: list[list[Tensor]] = [[] for _ in sites]
+    n = examples[0].shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.requires_grad for p in params]
+    with ExitStack() as stack:
+        for i, s in enumerate(sites):
+            stack.enter_context(s.capture(model, xs[i].append, gs[i].append))
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                examples = tuple(e.detach() for e in examples)
+                leaves = _grad_roots(model, examples, sites)
+                losses = objective(model, *examples)
+                if losses.shape != (n,):
+                    raise ValueError(
+                        f"a batch objective must return [n={n}] losses, got {tuple(losses.shape)}"
+                    )
+                if not losses.requires_grad:
+                    raise ValueError("the objective does not depend on the linear sites' outputs")
+                torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        finally:
+            for p, r in zip(params, saved, strict=True):
+                p.requires_grad_(r)
+    for i, s in enumerate(sites):
+        if len(xs[i]) != 1 or len(gs[i]) != 1:
+            raise ValueError(
+                f"site {s.name} was used {len(xs[i])} time(s) in the forward and reached {len(gs[i])} time(s) in "
+                "the backward; factorised projection needs each linear map applied once per forward"
+            )
+    return [x[0] for x in xs], [g[0] for g in gs]
+
+
+def _grad_roots(model: nn.Module, examples: tuple[Tensor, ...], sites: Sequence[LinearSite]) -> list[Tensor]:
+    """Leaves for the backward that every site's output lies above, cheaper than the weights' own gradients:
+    a floating input (made a leaf), else a Transformer's token embedding, else the sites' weights."""
+    if examples[0].is_floating_point():
+        examples[0].requires_grad_(True)
+        return [examples[0]]
+    params = dict(model.named_parameters())
+    names = ["embed.W_E"] if isinstance(model, Transformer) else [s.weight for s in sites]
+    for n in names:
+        params[n].requires_grad_(True)
+    return [params[n] for n in names]
+
+
+def factored_grads(
+    model: nn.Module,
+    objective: BatchObjective,
+    examples: Tensor | tuple[Tensor, ...],
+    projector: FactoredProjector,
+    *,
+    chunk_size: int = 32,
+    scales: Sequence[tuple[Tensor | None, Tensor | None]] | None = None,
+) -> Tensor:
+    """Projected per-example gradients of ``objective`` at the projector's sites, never forming [n, numel]:
+    ``[n, projector.dim]``, equal to ``projector.project_grads(exact per-example gradients)``. ``scales``: per
+    site an optional rescaling of the (bias-augmented) inputs and of the output gradients before projection
+    (a rank-1 elementwise preconditioner, see `interplab.data_attribution.precondition`)."""
+    examples = examples if isinstance(examples, tuple) else (examples,)
+    if isinstance(model, Transformer) and not examples[0].is_floating_point():
+        model.check_tokens(examples[0], None)
+    n = examples[0].shape[0]
+    out = []
+    for start in range(0, n, chunk_size):
+        chunk = tuple(e[start : start + chunk_size] for e in examples)
+        xs, gs = capture_factors(model, objective, chunk, projector.sites)
+        parts = []
+        for i, (x, g) in enumerate(zip(xs, gs, strict=True)):
+            x, g = projector.augment(i, x, g)
+            if scales is not None:
+                s_in, s_out = scales[i]
+                x = x if s_in is None else x * s_in
+                g = g if s_out is None else g * s_out
+            px, pg = projector.project_factors(i, x, g)
+            parts.append(torch.einsum("ntk,ntj->nkj", pg, px).flatten(1))
+        out.append(torch.cat(parts, dim=1))
+    return torch.cat(out)

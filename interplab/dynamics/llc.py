@@ -1,0 +1,411 @@
+"""The local learning coefficient (LLC) of a trained model, estimated by SGLD around its weights.
+
+For weights ``w*`` and an empirical loss ``L_n`` over ``n`` examples, the LLC is estimated as (Lau et al. 2023,
+devinterp's estimator)::
+
+    llc = nbeta * (E_w[L_n(w)] - L_n(w*)),   w ~ exp(-nbeta * L_n(w) - gamma / 2 * |w - w*|^2)
+
+with ``nbeta`` = n * beta (default ``n / log n``: the inverse temperature ``1 / log n``) and the localising
+prior of strength ``gamma``. The expectation is sampled with stochastic-gradient Langevin dynamics::
+
+    w <- w - step_size / 2 * (nbeta * grad L_batch(w) + gamma * (w - w*)) + N(0, step_size)
+
+All chains run at once: the parameters are stacked along a leading chain axis and one `torch.func.vmap` of
+`torch.func.grad_and_value` over `torch.func.functional_call` computes every chain's minibatch loss and gradient
+in one call (no Python loop over chains or examples). A *component* (one head, one layer) is sampled by
+restricting the update to a mask of the parameters, the rest frozen at ``w*``.
+
+>>> import torch
+>>> x = torch.randn(200, 3); y = x @ torch.tensor([1.0, -2.0, 0.5])
+>>> model = torch.nn.Linear(3, 1, bias=False)
+>>> est = estimate_llc(model, (x, y[:, None]), mse_loss, SGLDConfig(step_size=1e-3, draws=50, burn_in=20))
+>>> est.chains
+4
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from interplab.io import atomic_write_text
+from interplab.plots import figure_html, write_image
+
+Criterion = Callable[[Tensor, tuple[Tensor, ...]], Tensor]
+"""``criterion(model_output, batch) -> scalar loss``; the model is called on ``batch[0]``."""
+
+
+def mse_loss(output: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+    """Half the mean squared error (the Gaussian negative log-likelihood with unit variance, up to a constant):
+    the loss of the regression cases whose learning coefficient is known."""
+    return 0.5 * ((output - batch[1]) ** 2).sum(-1).mean()
+
+
+def lm_loss(logits: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+    """Next-token cross-entropy of a language model on ``batch[0]`` (tokens ``[batch pos]``)."""
+    tokens = batch[0]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+class SGLDDivergence(ValueError):
+    """A chain's loss became NaN or exploded: the sampler settings diverge; the message says the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SGLDConfig:
+    """Settings of the SGLD sampler behind `estimate_llc` (devinterp's names in brackets)."""
+
+    step_size: float = 1e-4
+    """SGLD step size epsilon [lr]; too large diverges, too small mixes slowly"""
+    gamma: float = 100.0
+    """strength of the localising Gaussian prior around w* [localization]"""
+    nbeta: float | None = None
+    """n * inverse temperature [nbeta]; None: n / log n for n examples (the WBIC temperature)"""
+    chains: int = 4
+    """independent chains, all stepped at once [num_chains]"""
+    draws: int = 200
+    """draws per chain after burn-in, one per step [num_draws]"""
+    burn_in: int = 50
+    """steps per chain before the draws, discarded [num_burnin_steps]"""
+    batch_size: int | None = 64
+    """examples per SGLD minibatch (each chain draws its own); None: the whole data set every step"""
+    seed: int = 0
+    """seed of the minibatches and the Langevin noise: the estimate is a function of it"""
+    explode: float = 100.0
+    """a loss trace counts as diverged when ``loss - L(w*)`` exceeds ``explode * max(1, |L(w*)|)``"""
+
+    def __post_init__(self) -> None:
+        for name in ("step_size", "gamma", "explode"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"SGLDConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.nbeta is not None and not (math.isfinite(self.nbeta) and self.nbeta > 0):
+            raise ValueError(f"SGLDConfig.nbeta must be > 0 or None (n / log n), got {self.nbeta!r}")
+        for name in ("chains", "draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SGLDConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.burn_in < 0:
+            raise ValueError(f"SGLDConfig.burn_in must be >= 0, got {self.burn_in}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"SGLDConfig.batch_size must be >= 1 or None, got {self.batch_size}")
+
+
+def default_nbeta(n: int) -> float:
+    """``n / log n``: the inverse temperature 1 / log n of the WBIC, times n."""
+    if n < 2:
+        raise ValueError(f"the default nbeta needs n >= 2 examples, got {n}")
+    return n / math.log(n)
+
+
+@dataclass(frozen=True)
+class LLCEstimate:
+    """An LLC estimate with its loss traces: ``llc`` is the mean over chains, ``se`` its chain-to-chain
+    standard error."""
+
+    llc: float
+    se: float
+    per_chain: tuple[float, ...]
+    init_loss: float
+    """L_n(w*) on the whole data"""
+    nbeta: float
+    n: int
+    trace: Tensor
+    """minibatch loss of every chain at every step, ``[chain, burn_in + draws]``"""
+    config: SGLDConfig
+    component: str = "all"
+    """which parameters were sampled ("all", or a component's name)"""
+    n_params: int = 0
+    """how many parameters (scalars) were sampled"""
+
+    @property
+    def chains(self) -> int:
+        return len(self.per_chain)
+
+    def to_dict(self, *, trace: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "component": self.component,
+            "llc": self.llc,
+            "se": self.se,
+            "per_chain": list(self.per_chain),
+            "init_loss": self.init_loss,
+            "nbeta": self.nbeta,
+            "n": self.n,
+            "n_params": self.n_params,
+            "config": asdict(self.config),
+        }
+        if trace:
+            out["trace"] = self.trace.tolist()
+        return out
+
+    def plot(self) -> Any:
+        """The loss trace of every chain against step (burn-in shaded), with L(w*) dotted: the diagnostic to
+        look at before trusting a number (a trace that has not flattened after burn-in has not mixed)."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for c, row in enumerate(self.trace.tolist()):
+            fig.add_scatter(y=row, mode="lines", name=f"chain {c}")
+        fig.add_hline(y=self.init_loss, line_dash="dot", line_color="gray", annotation_text="L(w*)")
+        if self.config.burn_in:
+            fig.add_vrect(x0=0, x1=self.config.burn_in, fillcolor="gray", opacity=0.12, line_width=0)
+        fig.update_layout(
+            title=f"SGLD loss traces ({self.component}): LLC {self.llc:.3g} ± {self.se:.2g}",
+            xaxis_title="SGLD step",
+            yaxis_title="minibatch loss",
+            width=800,
+            height=420,
+        )
+        return fig
+
+    def save(self, folder: str | Path) -> dict[str, str | None]:
+        """Write ``trace.html`` and ``trace.png`` (the `plot`) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        fig = self.plot()
+        atomic_write_text(folder / "trace.html", figure_html(fig, folder))
+        error = write_image(fig, folder / "trace.png")
+        return {"html": str(folder / "trace.html"), "png": None if error else str(folder / "trace.png")}
+
+
+@dataclass(frozen=True)
+class Component:
+    """A part of a model's parameters: per parameter name, a boolean mask of the entries sampled (None: the
+    whole tensor)."""
+
+    name: str
+    masks: Mapping[str, Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def matching(cls, model: nn.Module, *patterns: str, name: str | None = None) -> Component:
+        """Every parameter whose name matches one of the glob ``patterns`` (``"blocks.1.*"``)."""
+        names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)]
+        if not names:
+            valid = ", ".join(n for n, _ in model.named_parameters())
+            raise ValueError(f"no parameter matches {list(patterns)}; the model's parameters: {valid}")
+        return cls(name or ",".join(patterns), dict.fromkeys(names))
+
+
+def head_component(model: nn.Module, layer: int, head: int) -> Component:
+    """One attention head of an interplab `Transformer`: its slices of W_Q, W_K, W_V, W_O and their biases
+    (the ``[n_heads ...]`` axis is the first of each)."""
+    prefix = f"blocks.{layer}.attn."
+    masks: dict[str, Tensor | None] = {}
+    for name, p in model.named_parameters():
+        if name.startswith(prefix) and name[len(prefix) :] in _HEAD_PARAMS:
+            if head >= p.shape[0]:
+                raise ValueError(f"head {head} out of range: {name} has {p.shape[0]} heads")
+            mask = torch.zeros(p.shape, dtype=torch.bool)
+            mask[head] = True
+            masks[name] = mask
+    if not masks:
+        raise ValueError(f"layer {layer} has no attention weights {sorted(_HEAD_PARAMS)} in this model")
+    return Component(f"L{layer}H{head}", masks)
+
+
+_HEAD_PARAMS = {"W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"}
+
+
+def layer_component(model: nn.Module, layer: int) -> Component:
+    """Every parameter of block ``layer``."""
+    return Component.matching(model, f"blocks.{layer}.*", name=f"layer {layer}")
+
+
+def estimate_llc(
+    model: nn.Module,
+    data: Sequence[Tensor],
+    criterion: Criterion,
+    config: SGLDConfig | None = None,
+    *,
+    component: Component | None = None,
+    observables: Mapping[str, Sequence[Tensor]] | None = None,
+) -> LLCEstimate:
+    """Estimate the LLC of ``model`` at its current weights on ``data`` (tensors with the examples along the
+    first axis; the model is called on ``data[0]``, ``criterion(output, batch)`` gives the mean loss).
+
+    ``component`` restricts SGLD to its parameters (the others stay at w*). The model is not changed. Raises
+    `SGLDDivergence` (with the fix) when a chain's loss becomes NaN or explodes."""
+    est, _ = _sample(model, data, criterion, config or SGLDConfig(), component, observables or {})
+    return est
+
+
+def _sample(
+    model: nn.Module,
+    data: Sequence[Tensor],
+    criterion: Criterion,
+    cfg: SGLDConfig,
+    component: Component | None,
+    observables: Mapping[str, Sequence[Tensor]],
+) -> tuple[LLCEstimate, dict[str, Tensor]]:
+    data = tuple(data)
+    if not data:
+        raise ValueError("data is empty: give at least the model's inputs")
+    n = data[0].shape[0]
+    if any(t.shape[0] != n for t in data):
+        raise ValueError(f"data tensors disagree on the number of examples: {[t.shape[0] for t in data]}")
+    nbeta = cfg.nbeta if cfg.nbeta is not None else default_nbeta(n)
+    named = dict(model.named_parameters())
+    masks = dict(component.masks) if component is not None else dict.fromkeys(named)
+    unknown = sorted(set(masks) - set(named))
+    if unknown:
+        raise ValueError(f"component names parameters the model lacks: {unknown}")
+    frozen = {k: v.detach() for k, v in model.named_buffers()}
+    frozen |= {k: v.detach() for k, v in named.items() if k not in masks}
+    w0 = {k: named[k].detach().clone() for k in masks}
+    mask_t = {k: (None if m is None else m.to(w0[k].device)) for k, m in masks.items()}
+    n_params = sum(w0[k].numel() if m is None else int(m.sum()) for k, m in mask_t.items())
+
+    def loss_of(params: dict[str, Tensor], batch: tuple[Tensor, ...]) -> Tensor:
+        return criterion(functional_call(model, {**frozen, **params}, (batch[0],)), batch)
+
+    with torch.no_grad():
+        init_loss = float(_full_loss(loss_of, w0, data, cfg.batch_size))
+    step = vmap(grad_and_value(loss_of), in_dims=(0, 0))
+    evaluate = vmap(loss_of, in_dims=(0, None))
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    C = cfg.chains
+    w = {k: v.unsqueeze(0).repeat(C, *([1] * v.dim())) for k, v in w0.items()}
+    total = cfg.burn_in + cfg.draws
+    trace = torch.empty(C, total)
+    obs: dict[str, list[Tensor]] = {name: [] for name in observables}
+    eps = cfg.step_size
+    for t in range(total):
+        if cfg.batch_size is None or cfg.batch_size >= n:
+            batch = tuple(x.unsqueeze(0).expand(C, *x.shape) for x in data)
+        else:
+            idx = torch.stack([torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(C)])
+            batch = tuple(x[idx.to(x.device)] for x in data)
+        grads, losses = step(w, batch)
+        trace[:, t] = losses.detach().float().cpu()
+        _check(trace[:, : t + 1], t, init_loss, cfg)
+        if t >= cfg.burn_in:
+            with torch.no_grad():
+                for name, obs_data in observables.items():
+                    obs[name].append(_vmapped_full_loss(evaluate, w, tuple(obs_data)))
+        with torch.no_grad():
+            for k in w:
+                noise = torch.randn(w[k].shape, generator=gen).to(w[k])
+                delta = -0.5 * eps * (nbeta * grads[k] + cfg.gamma * (w[k] - w0[k])) + math.sqrt(eps) * noise
+                if mask_t[k] is not None:
+                    delta = delta * mask_t[k]
+                w[k] = w[k] + delta
+    per_chain = nbeta * (trace[:, cfg.burn_in :].double().mean(1) - init_loss)
+    se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
+    est = LLCEstimate(
+        llc=float(per_chain.mean()),
+        se=se,
+        per_chain=tuple(per_chain.tolist()),
+        init_loss=init_loss,
+        nbeta=nbeta,
+        n=n,
+        trace=trace,
+        config=cfg,
+        component=component.name if component is not None else "all",
+        n_params=n_params,
+    )
+    return est, {name: torch.stack(v, 1) for name, v in obs.items()}
+
+
+def _check(trace: Tensor, t: int, init_loss: float, cfg: SGLDConfig) -> None:
+    last = trace[:, -1]
+    bad = ~torch.isfinite(last) | (last - init_loss > cfg.explode * max(1.0, abs(init_loss)))
+    if bool(bad.any()):
+        chain = int(bad.nonzero()[0])
+        raise SGLDDivergence(
+            f"SGLD diverged: chain {chain} reached loss {float(last[chain]):.4g} at step {t} "
+            f"(L(w*) = {init_loss:.4g}) with step_size {cfg.step_size:g}, gamma {cfg.gamma:g}; use a smaller "
+            f"step_size (try {cfg.step_size / 10:g}) or a larger gamma (try {cfg.gamma * 10:g})"
+        )
+
+
+def _full_loss(
+    loss_of: Callable[[dict[str, Tensor], tuple[Tensor, ...]], Tensor],
+    params: dict[str, Tensor],
+    data: tuple[Tensor, ...],
+    batch_size: int | None,
+) -> Tensor:
+    n = data[0].shape[0]
+    size = n if batch_size is None else max(batch_size, 1)
+    total = torch.zeros((), dtype=torch.float64)
+    for lo in range(0, n, size):
+        chunk = tuple(x[lo : lo + size] for x in data)
+        total += loss_of(params, chunk).double() * chunk[0].shape[0]
+    return total / n
+
+
+def _vmapped_full_loss(
+    evaluate: Callable[..., Tensor], w: dict[str, Tensor], data: tuple[Tensor, ...]
+) -> Tensor:
+    return evaluate(w, data).double().cpu()
+
+
+@dataclass(frozen=True)
+class Susceptibility:
+    """How a component's LLC responds to shifting the data from ``q`` towards ``q'``
+    (``q_h = (1 - h) q + h q'``): ``chi = d llc_C(h) / dh`` at h = 0, from one set of chains by linear response."""
+
+    component: str
+    chi: float
+    se: float
+    llc: LLCEstimate
+    delta_loss: float
+    """L_q'(w*) - L_q(w*)"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "component": self.component,
+            "chi": self.chi,
+            "se": self.se,
+            "delta_loss": self.delta_loss,
+            "llc": self.llc.to_dict(trace=False),
+        }
+
+
+def susceptibility(
+    model: nn.Module,
+    data: Sequence[Tensor],
+    shifted: Sequence[Tensor],
+    criterion: Criterion,
+    config: SGLDConfig | None = None,
+    *,
+    component: Component | None = None,
+) -> Susceptibility:
+    """The susceptibility of a component's LLC to a shift of the data distribution (Baker et al. 2025 study
+    how components respond to such shifts, e.g. repeated vs natural text).
+
+    With ``llc(h) = nbeta * (E_h[L_h] - L_h(w*))`` and ``L_h = L_q + h * D`` (``D = L_q' - L_q``), linear
+    response under the tempered, localised posterior gives::
+
+        chi = nbeta * (E[D] - D(w*)) - nbeta^2 * Cov(L_q, D)
+
+    both terms read off the same chains (``L_q`` and ``D`` evaluated on the whole of ``data`` and ``shifted``
+    at every draw). Per chain, then mean and chain-to-chain SE."""
+    cfg = config or SGLDConfig()
+    est, obs = _sample(model, data, criterion, cfg, component, {"q": data, "shifted": shifted})
+    lq, lshift = obs["q"], obs["shifted"]  # [chain draw]
+    d = lshift - lq
+    named = dict(model.named_parameters())
+    frozen = {k: v.detach() for k, v in named.items()} | {k: v.detach() for k, v in model.named_buffers()}
+    with torch.no_grad():
+
+        def loss_of(params: dict[str, Tensor], batch: tuple[Tensor, ...]) -> Tensor:
+            return criterion(functional_call(model, params, (batch[0],)), batch)
+
+        d0 = float(
+            _full_loss(loss_of, frozen, tuple(shifted), cfg.batch_size)
+            - _full_loss(loss_of, frozen, tuple(data), cfg.batch_size)
+        )
+    nb = est.nbeta
+    cov = ((lq - lq.mean(1, keepdim=True)) * (d - d.mean(1, keepdim=True))).mean(1)
+    per_chain = nb * (d.mean(1) - d0) - nb**2 * cov
+    C = per_chain.shape[0]
+    se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
+    return Susceptibility(est.component, float(per_chain.mean()), se, est, d0)

@@ -1,0 +1,126 @@
+"""Factorised (LoGra) projections equal the Kronecker projection of exact per-example gradients; (E)K-FAC
+influence equals exact influence where the Kronecker factorisation is exact and is close on digits."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from interplab.data_attribution import lds, lm_loss, methods, param_group, per_example_grads
+from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites, lm_losses
+from interplab.data_attribution.kfac import EKFAC, ekfac_influence
+from interplab.model import ModelConfig, Transformer
+
+
+def _exact_by_param(model, tokens, names):
+    grp = param_group(model, "re:^(" + "|".join(re.escape(n) for n in names) + ")$")
+    g = per_example_grads(model, lm_loss, tokens, grp)
+    params, out, i = dict(model.named_parameters()), {}, 0
+    for s in grp.slices:
+        k = params[s.name].numel()
+        out[s.name] = g[:, i : i + k].reshape(g.shape[0], *params[s.name].shape)
+        i += k
+    return out
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"attn_only": False, "d_mlp": 32},
+        {"attn_only": True, "smear_keys": True},
+        {"attn_only": False, "d_mlp": 32, "act_fn": "silu", "gated_mlp": True},
+    ],
+)
+def test_factored_equals_kronecker_projection_of_exact_grads(variant):
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=20, n_ctx=8, positional="rotary", **variant)
+    )
+    tokens = torch.randint(0, 20, (5, 8))
+    proj = FactoredProjector(linear_sites(model), dim_in=4, dim_out=6, seed=3)
+    feats = factored_grads(model, lm_losses, tokens, proj, chunk_size=2)
+    ref = proj.project_grads(_exact_by_param(model, tokens, proj.param_names))
+    assert feats.shape == (5, proj.dim)
+    torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-5)
+    # unprojected sides: the features are the exact gradients themselves (weight then bias column)
+    full = FactoredProjector(linear_sites(model, include="unembed"), dim_in=10**6, dim_out=10**6)
+    exact = _exact_by_param(model, tokens, full.param_names)
+    parts = [exact["unembed.W_U"].transpose(1, 2)] + [exact[b][..., None] for b in full.param_names[1:]]
+    want = torch.cat(parts, 2).flatten(1)
+    torch.testing.assert_close(factored_grads(model, lm_losses, tokens, full), want, rtol=1e-5, atol=1e-6)
+
+
+def test_factored_bad_input():
+    with pytest.raises(ValueError, match="no linear site"):
+        linear_sites(nn.Linear(3, 2), include="nothing")
+    with pytest.raises(ValueError, match="must be positive"):
+        FactoredProjector(linear_sites(nn.Linear(3, 2)), dim_in=0)
+    lin = nn.Linear(3, 2)
+    proj = FactoredProjector(linear_sites(lin))
+    with pytest.raises(ValueError, match="losses"):
+        factored_grads(lin, lambda m, x: m(x).sum(), torch.randn(4, 3), proj)
+
+
+def _cartesian_regression():
+    """MSE linear regression on every pair (x_i, r_j) with targets y = W x_i - r_j: the output gradient is r_j,
+    independent of x, and E[r r^T] = I, so the Fisher is exactly A (x) I = the Hessian (K-FAC is exact)."""
+    torch.manual_seed(0)
+    d_in, d_out = 5, 3
+    x = torch.randn(7, d_in)
+    r = torch.cat([torch.eye(d_out), -torch.eye(d_out)]) * d_out**0.5
+    lin = nn.Linear(d_in, d_out, bias=False)
+    xs, rs = x.repeat_interleave(len(r), 0), r.repeat(len(x), 1)
+    ys = xs @ lin.weight.detach().T - rs
+    hessian = torch.kron(torch.eye(d_out), xs.T @ xs / len(xs))
+    return lin, xs, ys, rs, hessian
+
+
+def _mse(m, x, y):
+    return 0.5 * (m(x) - y).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_ekfac_influence_is_exact_where_kronecker_is_exact(corrected):
+    lin, xs, ys, rs, hessian = _cartesian_regression()
+    proj = FactoredProjector(linear_sites(lin), dim_in=100, dim_out=100)
+    feats = factored_grads(lin, _mse, (xs, ys), proj)
+    torch.testing.assert_close(feats.reshape(-1, 3, 5), torch.einsum("no,ni->noi", rs, xs))
+    curv = EKFAC.fit(lin, _mse, (xs, ys), proj, corrected=corrected)
+    torch.testing.assert_close(curv.matrix().float(), hessian, rtol=1e-5, atol=1e-5)
+    queries = torch.randn(4, 15)
+    exact = methods.influence(hessian, feats, queries, damping=1e-3)
+    ours = ekfac_influence(curv, feats, queries, damping=1e-3, relative_damping=False)
+    torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-6)
+
+
+def test_ekfac_close_to_exact_influence_on_digits():
+    """Softmax regression on digits: the Kronecker factorisation is not exact (the output Hessian depends on
+    x). Measured: exact-Hessian influence LDS 0.974; EK-FAC (true Fisher, 8 sampled labels per example, damping
+    = l2) 0.908, K-FAC 0.907."""
+    from interplab.data_attribution.convex import _test_losses, digits, fit
+
+    l2 = 1e-2
+    x, y, xt, yt = digits(600, 64, 0)
+    gen = torch.Generator().manual_seed(1)
+    subsets = torch.rand(30, 600, generator=gen) < 0.5
+    actual = torch.stack([_test_losses(fit(x[s], y[s], l2=l2), xt, yt) for s in subsets])
+    full = fit(x, y, l2=l2).float()
+
+    def ce(m, a, b):
+        return F.cross_entropy(m(a), b, reduction="none")
+
+    proj = FactoredProjector(linear_sites(full), dim_in=100, dim_out=100)
+    train = factored_grads(full, ce, (x.float(), y), proj, chunk_size=600)
+    test = factored_grads(full, ce, (xt.float(), yt), proj)
+    with torch.no_grad():
+        p = F.softmax(full(x.float()), -1)
+    sampled = torch.multinomial(p, 8, replacement=True, generator=torch.Generator().manual_seed(0)).T.reshape(
+        -1
+    )
+    curv = EKFAC.fit(full, ce, (x.float().repeat(8, 1), sampled), proj, chunk_size=10_000)
+    score = float(
+        lds(ekfac_influence(curv, train, test, damping=l2, relative_damping=False), subsets, actual).mean()
+    )
+    assert score > 0.85, score
