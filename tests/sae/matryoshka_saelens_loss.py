@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from sae_lens.saes.matryoshka_batchtopk_sae import (
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
 )
 from sae_lens.saes.sae import TrainStepInput
+from safetensors.torch import load_file, save_file
 
 folder = Path(sys.argv[1])
 setup = json.loads((folder / "setup.json").read_text())
