@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
+from interplab.sae.activations import model_activations
 from interplab.sae.architectures.batchtopk import THRESHOLD_RATE
 
 CC_CFG = "cfg.json"
@@ -305,8 +306,6 @@ def multi_model_activations(
 ) -> Iterator[Float[Tensor, "n n_models d"]]:
     """Activations at ``hook`` of each of ``models`` on the same tokens, stacked [n_tokens, n_models, d]
     (through `interplab.sae.activations.model_activations`; kwargs go to it: token_filter, dtype)."""
-    from interplab.sae.activations import model_activations
-
     for tokens in token_batches:
         yield torch.stack([model_activations(m, tokens, [hook], **kwargs)[hook] for m in models], dim=1)
 

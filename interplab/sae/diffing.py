@@ -27,6 +27,9 @@ from torch import Tensor
 
 from interplab import runs
 from interplab.io import atomic_write_json, atomic_write_text, read_json
+from interplab.model.load import load_model
+from interplab.plots import figure_html, write_image
+from interplab.sae.activations import corpus_token_batches
 from interplab.sae.crosscoder import (
     Crosscoder,
     CrosscoderConfig,
@@ -164,8 +167,6 @@ class DiffResult:
     def save(self, folder: str | Path) -> dict[str, str | None]:
         """Write ``diff.json``, ``diff.md``, ``relative_norm.html`` and
         ``relative_norm.png``; returns the paths written (the PNG: None with a reason when no renderer)."""
-        from interplab.plots import figure_html, write_image
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / DIFF_JSON, self.to_dict())
@@ -218,9 +219,6 @@ def diff_checkpoints(
     """Train a crosscoder on ``hook`` (default: the last layer's ``hook_resid_post``) of checkpoints
     ``before`` and ``after`` of training run ``run_dir`` over the same ``n_tokens`` of the run's own corpus,
     and classify its latents. With ``out`` the crosscoder (``out/crosscoder``) and the diff are saved there."""
-    from interplab.model.load import load_model
-    from interplab.sae.activations import corpus_token_batches
-
     run = runs.TrainRun.open(run_dir)
     if before >= after:
         raise ValueError(f"--before ({before}) must be an earlier step than --after ({after})")
