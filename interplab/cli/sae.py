@@ -171,7 +171,7 @@ def train(
     arch: str = typer.Option(
         DEFAULTS.architecture.value,
         "--arch",
-        help="relu, topk, batchtopk, jumprelu or gated",
+        help="relu, topk, batchtopk, matryoshka (nested BatchTopK), jumprelu or gated",
         callback=_architecture,
     ),
     expansion: int = typer.Option(

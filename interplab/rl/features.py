@@ -220,7 +220,7 @@ def train_dt_sae(
         d_in=x.shape[1],
         d_sae=d_sae,
         architecture=arch,
-        k=k if arch in (Architecture.TOPK, Architecture.BATCHTOPK) else None,
+        k=k if arch in (Architecture.TOPK, Architecture.BATCHTOPK, Architecture.MATRYOSHKA) else None,
         hook_name=acts.site,
     )
     sae = create_sae(cfg, seed=seed)

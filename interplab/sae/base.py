@@ -63,6 +63,8 @@ class TrainStep:
     latent_counts: Tensor | None = None
     """[d_sae] tokens each latent fired on, when the architecture has them for free; None lets `SAE.loss`
     count the non-zero ``feature_acts``"""
+    extra_loss: Tensor | None = None
+    """scalar added to the loss as it is (Matryoshka's inner prefix reconstruction losses); None: nothing"""
 
 
 class SAE(nn.Module):
@@ -193,6 +195,8 @@ class SAE(nn.Module):
         mse = (step.reconstruction - tgt).pow(2).sum(-1).mean()
         aux_w = self.aux_weight if aux_coefficient is None else aux_coefficient
         total = mse + coefficient * step.sparsity + aux_w * step.aux
+        if step.extra_loss is not None:
+            total = total + step.extra_loss
         return SAEOutput(
             reconstruction=step.reconstruction / self.act_scale,
             feature_acts=acts,

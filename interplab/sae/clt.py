@@ -378,7 +378,8 @@ def check_fits(cfg: CLTConfig, model: Transformer, what: str = "the CLT") -> Non
 # ---- per-layer transcoders --------------------------------------------------------------------------------
 _ACT_OF_ARCH = {
     Architecture.JUMPRELU: CLTActivation.JUMPRELU,
-    Architecture.BATCHTOPK: CLTActivation.JUMPRELU,  # BatchTopK encodes as JumpReLU at inference
+    Architecture.BATCHTOPK: CLTActivation.JUMPRELU,
+    Architecture.MATRYOSHKA: CLTActivation.JUMPRELU,  # BatchTopK encodes as JumpReLU at inference
     Architecture.TOPK: CLTActivation.TOPK,
     Architecture.RELU: CLTActivation.RELU,
 }

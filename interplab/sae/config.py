@@ -26,12 +26,14 @@ class Architecture(str, Enum):
         "jumprelu"  # z * H(z - threshold), L0 penalty via straight-through estimators (Rajamanoharan et al.)
     )
     GATED = "gated"  # gate and magnitude paths sharing W_enc (Rajamanoharan et al. 2024)
+    #: BatchTopK with nested prefix losses over ``matryoshka_widths`` (Bussmann et al. 2025, Nabeshima 2024)
+    MATRYOSHKA = "matryoshka_batchtopk"
 
     @classmethod
     def parse(cls, value: str | Architecture) -> Architecture:
         if isinstance(value, Architecture):
             return value
-        aliases = {"relu": cls.RELU, "standard": cls.RELU, "l1": cls.RELU}
+        aliases = {"relu": cls.RELU, "standard": cls.RELU, "l1": cls.RELU, "matryoshka": cls.MATRYOSHKA}
         if value.lower() in aliases:
             return aliases[value.lower()]
         try:
@@ -96,6 +98,9 @@ class SAEConfig:
     """width of the rectangle kernel used by JumpReLU's straight-through estimators"""
     jumprelu_init_threshold: float = 0.001
     """initial JumpReLU threshold"""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """Matryoshka only: the nested prefix widths, strictly increasing and ending at d_sae (appended when
+    missing); None picks d_sae/16, d_sae/4, d_sae (the widths that exist); ignored elsewhere"""
     dtype: DType = DType.FLOAT32
     """dtype of the stored weights"""
     model_name: str | None = None
@@ -115,11 +120,12 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.architecture in (Architecture.TOPK, Architecture.BATCHTOPK):
+        if self.architecture in (Architecture.TOPK, Architecture.BATCHTOPK, Architecture.MATRYOSHKA):
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise ValueError(
                     f"{self.architecture.name} needs 0 < k <= d_sae={self.d_sae}, got k={self.k!r}"
                 )
+        set_("matryoshka_widths", self._resolve_widths())
         if self.jumprelu_bandwidth <= 0:
             raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
         if self.jumprelu_init_threshold < 0:
@@ -130,6 +136,22 @@ class SAEConfig:
             set_("hook_name_out", Site.parse(self.hook_name_out).name)
             set_("apply_b_dec_to_input", False)
         set_("reshape_activations", self._resolve_reshape())
+
+    def _resolve_widths(self) -> tuple[int, ...] | None:
+        if self.architecture is not Architecture.MATRYOSHKA:
+            return None
+        d = self.d_sae
+        if self.matryoshka_widths is None:
+            return tuple(sorted({w for w in (d // 16, d // 4, d) if w > 0}))
+        widths = [int(w) for w in self.matryoshka_widths]
+        if widths and widths[-1] != d:
+            widths.append(d)
+        if not widths or widths[0] <= 0 or any(b <= a for a, b in zip(widths, widths[1:], strict=False)):
+            raise ValueError(
+                f"matryoshka_widths must be positive, strictly increasing and at most d_sae={d}, "
+                f"got {self.matryoshka_widths!r}"
+            )
+        return tuple(widths)
 
     def _resolve_reshape(self) -> Reshape:
         on_z = bool(self.hook_name) and Site.parse(self.hook_name).kind is SiteKind.Z

@@ -41,13 +41,20 @@ _SAELENS_ARCH = {
     "relu": Architecture.RELU,
     "topk": Architecture.TOPK,
     "batchtopk": Architecture.BATCHTOPK,  # a sae_lens training checkpoint (topk_threshold)
+    "matryoshka_batchtopk": Architecture.MATRYOSHKA,  # likewise (plus its matryoshka_widths)
     "jumprelu": Architecture.JUMPRELU,
     "gated": Architecture.GATED,
     "transcoder": Architecture.RELU,
     "jumprelu_transcoder": Architecture.JUMPRELU,
 }
 _TRANSCODER_ARCH = {Architecture.RELU: "transcoder", Architecture.JUMPRELU: "jumprelu_transcoder"}
-_INFERENCE_ARCH = {Architecture.BATCHTOPK: Architecture.JUMPRELU}  # how an architecture is written
+_INFERENCE_ARCH = {
+    Architecture.BATCHTOPK: Architecture.JUMPRELU,
+    Architecture.MATRYOSHKA: Architecture.JUMPRELU,
+}  # how an architecture is written
+#: architectures that encode with one threshold at inference (saved as JumpReLU), and all with a threshold
+_ONE_THRESHOLD = (Architecture.BATCHTOPK, Architecture.MATRYOSHKA)
+_THRESHOLDED = (Architecture.JUMPRELU, *_ONE_THRESHOLD)
 #: metadata keys that interplab's config owns (everything else in a file's metadata is kept verbatim)
 _OWNED_METADATA = (
     "sae_lens_version",
@@ -116,7 +123,7 @@ def saelens_tensors(sae: SAE) -> dict[str, Tensor]:
         tensors["b_gate"] = tensors.pop("b_enc")
         tensors["r_mag"] = sae.get_parameter("r_mag").detach().clone()
         tensors["b_mag"] = sae.get_parameter("b_mag").detach().clone()
-    if cfg.architecture in (Architecture.JUMPRELU, Architecture.BATCHTOPK):
+    if cfg.architecture in _THRESHOLDED:
         thr = cast(Tensor, sae.threshold).detach().to(cfg.dtype.torch)
         tensors["threshold"] = thr.expand(cfg.d_sae).clone()  # BatchTopK's one threshold, per latent
     return {k: v.contiguous() for k, v in tensors.items()}
@@ -246,7 +253,7 @@ def _saelens_config(
             f"{source}: hook_head_index={meta['hook_head_index']} (an SAE on one head) is not supported"
         )
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
-    if arch in (Architecture.TOPK, Architecture.BATCHTOPK):
+    if arch in (Architecture.TOPK, *_ONE_THRESHOLD):
         if k is None or float(k) != int(k):
             raise SAEFormatError(f"{source}: {arch_name} needs a whole number k, got k={k!r}")
         k = int(k)
@@ -263,6 +270,7 @@ def _saelens_config(
         hook_name=hook,
         hook_name_out=hook_out if arch_name.endswith("transcoder") or hook_out else None,
         k=k,
+        matryoshka_widths=tuple(raw["matryoshka_widths"]) if arch is Architecture.MATRYOSHKA else None,
         normalize_activations=norm,  # type: ignore[arg-type]  # strings: SAEConfig parses them
         reshape_activations=reshape,  # type: ignore[arg-type]
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
@@ -298,10 +306,7 @@ def weights_from_saelens(
         w["threshold"] = w.pop("log_threshold").exp()
     if "topk_threshold" in w:
         w["threshold"] = w.pop("topk_threshold")
-    if raw.get("rescale_acts_by_decoder_norm") and cfg.architecture in (
-        Architecture.TOPK,
-        Architecture.BATCHTOPK,
-    ):
+    if raw.get("rescale_acts_by_decoder_norm") and cfg.architecture in (Architecture.TOPK, *_ONE_THRESHOLD):
         norms = w["W_dec"].norm(dim=-1).clamp_min(1e-8)  # sae_lens' get_W_dec_norm
         w["W_enc"] = w["W_enc"] * norms
         w["b_enc"] = w["b_enc"] * norms
@@ -314,7 +319,7 @@ def load_weights(sae: SAE, weights: dict[str, Tensor], *, source: str = WEIGHTS_
     the SAE's public ``threshold``); ``act_scale`` is set to 1 (scales are folded into the file's weights)."""
     weights = dict(weights)
     threshold = weights.pop("threshold", None)
-    needs_threshold = sae.cfg.architecture in (Architecture.JUMPRELU, Architecture.BATCHTOPK)
+    needs_threshold = sae.cfg.architecture in _THRESHOLDED
     state = sae.state_dict()
     expected = {
         k: tuple(v.shape)
@@ -350,7 +355,7 @@ def _set_threshold(sae: SAE, value: Tensor, source: str) -> None:
     """Set the SAE's threshold (a per-latent vector for JumpReLU, one value for BatchTopK) and check that
     the public ``threshold`` reads it back."""
     value = value.float()
-    if sae.cfg.architecture is Architecture.BATCHTOPK:
+    if sae.cfg.architecture in _ONE_THRESHOLD:
         flat = value.reshape(-1)
         if flat.numel() == 0 or not bool((flat == flat[0]).all()):
             raise SAEFormatError(

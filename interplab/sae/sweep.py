@@ -130,7 +130,7 @@ class SAESweepConfig:
         self, hook: str, d_in: int, point: Mapping[str, float], model_name: str | None
     ) -> SAEConfig:
         """The SAE of ``hook`` (width ``d_in``) at sweep ``point``."""
-        topk = self.architecture in (Architecture.TOPK, Architecture.BATCHTOPK)
+        topk = self.architecture in (Architecture.TOPK, Architecture.BATCHTOPK, Architecture.MATRYOSHKA)
         return SAEConfig(
             d_in=d_in,
             d_sae=int(point.get("d_sae", self.expansion * d_in)),

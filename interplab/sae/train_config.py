@@ -145,6 +145,7 @@ DEFAULT_COEFFICIENTS: dict[Architecture, float] = {
     Architecture.JUMPRELU: 1.0,
     Architecture.TOPK: 0.0,
     Architecture.BATCHTOPK: 0.0,
+    Architecture.MATRYOSHKA: 0.0,
 }
 
 

@@ -137,7 +137,7 @@ def test_geometric_median_init():
     [
         ({"d_in": 0}, "d_in must be a positive int"),
         ({"architecture": "topk"}, "needs 0 < k"),
-        ({"architecture": "matryoshka"}, "unsupported SAE architecture 'matryoshka'"),
+        ({"architecture": "matching_pursuit"}, "unsupported SAE architecture 'matching_pursuit'"),
         ({"hook_name": "blocks.0.hook_nope"}, "hook_nope"),
     ],
 )

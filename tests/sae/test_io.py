@@ -269,8 +269,8 @@ def _edited(tmp_path, name="standard", **changes):
     [
         (
             "standard",
-            {"architecture": "matryoshka_batchtopk"},
-            "unsupported SAE architecture 'matryoshka_batchtopk'",
+            {"architecture": "matching_pursuit"},
+            "unsupported SAE architecture 'matching_pursuit'",
         ),
         (
             "standard",

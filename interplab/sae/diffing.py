@@ -1,0 +1,279 @@
+"""Model diffing with a crosscoder (Lindsey et al. 2024): train one `Crosscoder` on the same site of two
+models (here: two checkpoints of one training run) and sort its latents by where their decoder writes.
+
+For latent i with decoder norms a_i (into "before") and b_i (into "after")::
+
+    relative_norm_i = b_i / (a_i + b_i)        0: only in before (lost), 1: only in after (new), 0.5: shared
+
+Latents with ``relative_norm <= LOST_BELOW`` are *lost*, ``>= NEW_ABOVE`` *new*, between ``SHARED`` bounds
+*shared*, the rest *partial*; latents that never fired on the evaluation tokens are *dead* and left out of
+the counts. `diff_checkpoints` links the result to the run's formation report (``formation.json`` of
+`interplab formation`): whether the two steps bracket the induction head's formation, so the new features
+are candidates for what appeared with it.
+
+>>> result = diff_checkpoints("runs/demo", before=100, after=1000)
+>>> result.counts()
+{'new': ..., 'lost': ..., 'shared': ..., 'partial': ..., 'dead': ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from interplab import runs
+from interplab.io import atomic_write_json, atomic_write_text, read_json
+from interplab.model.load import load_model
+from interplab.plots import figure_html, write_image
+from interplab.sae.activations import corpus_token_batches
+from interplab.sae.crosscoder import (
+    Crosscoder,
+    CrosscoderConfig,
+    CrosscoderTrainConfig,
+    fvu,
+    load_crosscoder,
+    multi_model_activations,
+    shuffled_batches,
+    train_crosscoder,
+)
+
+LOST_BELOW = 0.1
+NEW_ABOVE = 0.9
+SHARED = (0.3, 0.7)
+LABELS = ("new", "lost", "shared", "partial", "dead")
+DIFF_JSON = "diff.json"
+
+
+def relative_norms(cc: Crosscoder) -> Tensor:
+    """[d_sae] b / (a + b) of each latent's decoder norms into source 0 (a) and source 1 (b); NaN where
+    both are 0."""
+    if cc.cfg.n_sources != 2:
+        raise ValueError(f"model diffing needs a crosscoder of two sources, got {list(cc.cfg.sources)}")
+    with torch.no_grad():
+        norms = cc.decoder_norms()
+        return norms[:, 1] / (norms[:, 0] + norms[:, 1])
+
+
+def classify(relative: Tensor, alive: Tensor | None = None) -> list[str]:
+    """The label (`LABELS`) of each latent from its relative norm; ``alive`` [d_sae] bool (False: dead)."""
+    out = []
+    for i, r in enumerate(relative.tolist()):
+        if (alive is not None and not bool(alive[i])) or r != r:
+            out.append("dead")
+        elif r <= LOST_BELOW:
+            out.append("lost")
+        elif r >= NEW_ABOVE:
+            out.append("new")
+        elif SHARED[0] <= r <= SHARED[1]:
+            out.append("shared")
+        else:
+            out.append("partial")
+    return out
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """A crosscoder's latents sorted into new / lost / shared / partial / dead between two sources."""
+
+    relative_norm: Tensor
+    """[d_sae] b / (a + b)"""
+    cosine: Tensor
+    """[d_sae] cosine between each latent's before and after decoder rows"""
+    labels: tuple[str, ...]
+    before: str
+    after: str
+    fvu: float | None = None
+    formation: dict[str, Any] | None = None
+    """the run's formation step and whether before < formation_step <= after (None: no report)"""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_crosscoder(cls, cc: Crosscoder, *, alive: Tensor | None = None, **kw: Any) -> DiffResult:
+        rel = relative_norms(cc)
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(cc.W_dec[:, 0], cc.W_dec[:, 1], dim=-1)
+        return cls(
+            rel, cos, tuple(classify(rel, alive)), before=cc.cfg.sources[0], after=cc.cfg.sources[1], **kw
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {label: self.labels.count(label) for label in LABELS}
+
+    def features(self, label: str) -> list[int]:
+        """The latents of one label, most extreme first (new: highest relative norm; lost: lowest; shared:
+        closest to 0.5)."""
+        if label not in LABELS:
+            raise ValueError(f"unknown label {label!r}; valid: {LABELS}")
+        idx = [i for i, lab in enumerate(self.labels) if lab == label]
+        r = self.relative_norm
+        key = {"new": lambda i: -float(r[i]), "lost": lambda i: float(r[i])}.get(
+            label, lambda i: abs(float(r[i]) - 0.5)
+        )
+        return sorted(idx, key=key)
+
+    def summary(self) -> str:
+        c = self.counts()
+        alive = len(self.labels) - c["dead"]
+        text = (
+            f"{alive} live latents between {self.before} and {self.after}: {c['new']} new, {c['lost']} lost, "
+            f"{c['shared']} shared, {c['partial']} partial ({c['dead']} dead)"
+        )
+        f = self.formation
+        if f is not None:
+            if f.get("formation_step") is None:
+                text += "; the run's formation report found no induction head forming"
+            else:
+                where = "between them" if f["brackets"] else "outside them"
+                text += f"; the induction head formed at step {f['formation_step']}, {where}"
+        return text
+
+    def plot(self) -> Any:
+        """Histogram of the live latents' relative decoder norm (Plotly), the class bounds marked."""
+        import plotly.graph_objects as go
+
+        live = [float(r) for r, lab in zip(self.relative_norm, self.labels, strict=True) if lab != "dead"]
+        fig = go.Figure(go.Histogram(x=live, xbins={"start": 0.0, "end": 1.0, "size": 0.025}))
+        for x in (LOST_BELOW, NEW_ABOVE, *SHARED):
+            fig.add_vline(x=x, line_dash="dot", line_color="grey")
+        c = self.counts()
+        fig.update_layout(
+            title=f"relative decoder norm {self.after} / (both): {c['lost']} lost, {c['shared']} shared, "
+            f"{c['new']} new",
+            xaxis_title=f"||d_after|| / (||d_before|| + ||d_after||)   (0: only {self.before}, 1: only {self.after})",
+            yaxis_title="latents",
+            template="plotly_white",
+        )
+        return fig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before,
+            "after": self.after,
+            "counts": self.counts(),
+            "fvu": self.fvu,
+            "formation": self.formation,
+            "thresholds": {"lost_below": LOST_BELOW, "new_above": NEW_ABOVE, "shared": list(SHARED)},
+            "features": {label: self.features(label) for label in ("new", "lost", "shared")},
+            "relative_norm": [None if r != r else r for r in self.relative_norm.tolist()],
+            "cosine": [None if c != c else c for c in self.cosine.tolist()],
+            "labels": list(self.labels),
+            "meta": self.meta,
+        }
+
+    def save(self, folder: str | Path) -> dict[str, str | None]:
+        """Write ``diff.json``, ``diff.md``, ``relative_norm.html`` and
+        ``relative_norm.png``; returns the paths written (the PNG: None with a reason when no renderer)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / DIFF_JSON, self.to_dict())
+        c = self.counts()
+        lines = [f"# crosscoder diff: {self.before} -> {self.after}", "", self.summary(), ""]
+        lines += ["| label | latents | first ten |", "| --- | --- | --- |"]
+        lines += [f"| {lab} | {c[lab]} | {self.features(lab)[:10]} |" for lab in LABELS if lab != "dead"]
+        atomic_write_text(folder / "diff.md", "\n".join(lines) + "\n")
+        fig = self.plot()
+        atomic_write_text(folder / "relative_norm.html", figure_html(fig, folder))
+        why = write_image(fig, folder / "relative_norm.png")
+        return {
+            "json": str(folder / DIFF_JSON),
+            "md": str(folder / "diff.md"),
+            "html": str(folder / "relative_norm.html"),
+            "png": None if why else str(folder / "relative_norm.png"),
+            "png_missing": why,
+        }
+
+
+def formation_link(run_dir: str | Path, before: int, after: int) -> dict[str, Any] | None:
+    """The run's formation step (from its ``formation.json``) and whether ``before < step <= after``; None
+    when the run has no formation report."""
+    path = Path(run_dir) / runs.FORMATION_JSON
+    if not path.is_file():
+        return None
+    data = runs.read_json(path, runs.Kind.FORMATION)
+    step = data.get("formation_step")
+    return {
+        "report": str(path),
+        "formation_step": step,
+        "brackets": step is not None and before < step <= after,
+    }
+
+
+def diff_checkpoints(
+    run_dir: str | Path,
+    before: int,
+    after: int,
+    *,
+    hook: str | None = None,
+    expansion: int = 8,
+    k: int = 16,
+    n_tokens: int = 32_768,
+    batch_size: int = 1024,
+    train: CrosscoderTrainConfig = CrosscoderTrainConfig(steps=1500),
+    seq_len: int | None = None,
+    out: str | Path | None = None,
+) -> DiffResult:
+    """Train a crosscoder on ``hook`` (default: the last layer's ``hook_resid_post``) of checkpoints
+    ``before`` and ``after`` of training run ``run_dir`` over the same ``n_tokens`` of the run's own corpus,
+    and classify its latents. With ``out`` the crosscoder (``out/crosscoder``) and the diff are saved there."""
+    run = runs.TrainRun.open(run_dir)
+    if before >= after:
+        raise ValueError(f"--before ({before}) must be an earlier step than --after ({after})")
+    models = [load_model(run.checkpoint(step).path) for step in (before, after)]
+    for m in models:
+        m.eval()
+    cfg = models[0].cfg
+    hook = hook or f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+    source = run.config.get("data", {}).get("source") or "python-stdlib"
+    seq = seq_len or min(128, cfg.n_ctx)
+    n_batches = max(1, -(-n_tokens // (16 * seq)))
+    corpus = corpus_token_batches(models[0], source, seq_len=seq, batch_size=16, n_batches=n_batches)
+    rows = torch.cat(
+        list(multi_model_activations(models, corpus.batches, hook, token_filter=corpus.token_filter))
+    )[:n_tokens]
+    n_eval = max(batch_size, rows.shape[0] // 10)
+    held, rows = rows[:n_eval], rows[n_eval:]
+    cc = Crosscoder(
+        CrosscoderConfig(
+            d_in=rows.shape[-1],
+            d_sae=expansion * rows.shape[-1],
+            k=k,
+            sources=(f"step_{before}:{hook}", f"step_{after}:{hook}"),
+            model_name=str(run.path),
+            meta={"run": str(run.path), "before": before, "after": after, "hook": hook},
+        ),
+        seed=train.seed,
+    )
+    history = train_crosscoder(cc, shuffled_batches(rows, batch_size, seed=train.seed), train)
+    with torch.no_grad():
+        alive = (cc.encode(held) > 0).any(0)
+    result = DiffResult.from_crosscoder(
+        cc,
+        alive=alive,
+        fvu=fvu(cc, held),
+        formation=formation_link(run.path, before, after),
+        meta={
+            "run": str(run.path),
+            "hook": hook,
+            "tokens": int(rows.shape[0]),
+            "eval_tokens": int(held.shape[0]),
+            "train": history[-1] if history else {},
+        },
+    )
+    if out is not None:
+        cc.save(Path(out) / "crosscoder")
+        result.save(out)
+    return result
+
+
+def diff_from_folder(folder: str | Path) -> DiffResult:
+    """Re-classify a saved diff's crosscoder (``folder/crosscoder``) with the current thresholds (latents
+    marked dead in ``diff.json`` stay dead)."""
+    folder = Path(folder)
+    cc = load_crosscoder(folder / "crosscoder")
+    data = read_json(folder / DIFF_JSON) if (folder / DIFF_JSON).is_file() else {}
+    alive = torch.tensor([lab != "dead" for lab in data["labels"]]) if "labels" in data else None
+    return DiffResult.from_crosscoder(cc, alive=alive, fvu=data.get("fvu"), formation=data.get("formation"))
