@@ -121,7 +121,11 @@ class _Trainer:
         self.n = 0
         dh = cfg.dead_handling
         if dh is DeadHandling.AUTO:
-            topk = sae.cfg.architecture in (Architecture.TOPK, Architecture.BATCHTOPK, Architecture.MATRYOSHKA)
+            topk = sae.cfg.architecture in (
+                Architecture.TOPK,
+                Architecture.BATCHTOPK,
+                Architecture.MATRYOSHKA,
+            )
             dh = DeadHandling.AUXK if topk else DeadHandling.RESAMPLE
         self.dead_handling = dh
         self.generator = torch.Generator().manual_seed(cfg.seed)
