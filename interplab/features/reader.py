@@ -328,13 +328,22 @@ class FeatureReader(FeatureDatabase):
             return []
         e = S.explanations.c
         q = select(S.explanations)
+        order: list[Any] = []
+        if S.has_table(self.engine, S.explanation_scores):  # best scored first, over every match (in SQL)
+            sc = S.explanation_scores.c
+            best = (
+                select(sc.explanation_id, func.max(sc.value).label("best"))  # MAX skips NULL (a NaN score)
+                .group_by(sc.explanation_id)
+                .subquery()
+            )
+            q = q.outerjoin(best, best.c.explanation_id == e.id)
+            order = [best.c.best.is_(None), best.c.best.desc()]
         for w in words:
             q = q.where(e.text.ilike(_like(w), escape="\\"))
         with self.engine.connect() as c:
-            rows = [dict(r) for r in c.execute(q.order_by(e.feature, e.id).limit(limit * 4)).mappings()]
-        rows = self._with_scores(rows)
-        rows.sort(key=lambda r: (-max(r["scores"].values(), default=float("-inf")), r["feature"], r["id"]))
-        return rows[:limit]
+            found = c.execute(q.order_by(*order, e.feature, e.id).limit(limit)).mappings()
+            rows = [{k: r[k] for k in S.explanations.c.keys()} for r in found]
+        return self._with_scores(rows)
 
     def _with_scores(self, rows: list[dict]) -> list[dict]:
         for r in rows:

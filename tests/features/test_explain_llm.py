@@ -188,6 +188,26 @@ def test_search_explanations(planted_db):
         store.search_explanations("x" * 1001)
 
 
+def test_search_explanations_ranks_every_match_by_its_best_score(planted_db):
+    """The best-scored match comes first even when many matches come before it by feature index, and a NaN
+    score (stored as NULL) ranks with the unscored, after every number."""
+    kw = dict(n=10, details={}, backend="none", prompt_version="x", seed=0)
+    with FeatureWriter(planted_db) as w:
+        many = [
+            w.add_explanation(0, f"common word {i}", explainer="oracle", backend="none", prompt_version="x")
+            for i in range(8)
+        ]
+        mid = w.add_explanation(1, "common middle", explainer="oracle", backend="none", prompt_version="x")
+        last = w.add_explanation(3, "common best", explainer="oracle", backend="none", prompt_version="x")
+        w.add_score(many[0], "detection", float("nan"), **kw)
+        w.add_score(mid, "detection", 0.2, **kw)
+        w.add_score(mid, "fuzzing", 0.6, **kw)
+        w.add_score(last, "detection", 0.9, **kw)
+    store = FeatureReader(planted_db)
+    assert [h["id"] for h in store.search_explanations("common", limit=1)] == [last]
+    assert [h["id"] for h in store.search_explanations("common", limit=50)] == [last, mid, *many]
+
+
 def test_a_database_without_the_tables_reads_as_before(planted_db):
     store = FeatureReader(planted_db)  # read-only: nothing is created
     assert (
