@@ -249,7 +249,9 @@ def parse_features(value: str | None) -> list[int] | None:
                 raise ValueError(part)
             out += range(first, last + 1)
     except ValueError:
-        raise typer.BadParameter(f"{value!r}: give feature indices and ranges such as 0-99,120") from None
+        raise typer.BadParameter(
+            f"--features {value!r}: give feature indices and ranges such as 0-99,120"
+        ) from None
     return out
 
 
@@ -380,12 +382,13 @@ def score(
         0, "--seed", help="seed of the contexts each scorer samples", callback=non_negative_int
     ),
     features: str = typer.Option(
-        None, "--features", help="comma-separated feature indices (default: all explained)"
+        None, "--features", help="indices and ranges, e.g. 0-99,120 (default: all explained)"
     ),
 ) -> None:
     """Score every stored explanation (resumable: scores already stored for the same scorer, backend, prompt
     and seed are kept and skipped, so run it again after a failure)."""
     from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.llm import CachedBackend
     from interplab.features.scorers import ScorerError, make_scorers, score_features
     from interplab.features.writer import FeatureWriter
 
@@ -393,13 +396,11 @@ def score(
     names = [
         n.strip() for n in (scorers or (SCORE_DEFAULT_LLM if backend else SCORE_DEFAULT_OFFLINE)).split(",")
     ]
+    feats = parse_features(features)
     try:
-        feats = [int(f) for f in features.split(",")] if features else None
-    except ValueError:
-        fail(f"--features must be comma-separated integers, got {features!r}")
-    try:
-        made = make_scorers([n for n in names if n], backend)
         writer = FeatureWriter(db)
+        # the judge's replies are cached in the database too: a rerun after a failure pays for no call twice
+        made = make_scorers([n for n in names if n], CachedBackend(backend, writer) if backend else None)
     except (FileNotFoundError, ValueError, ReadOnlyDatabase, ScorerError) as err:
         fail(str(err))
     with writer, JobProgress("features score", unit="features") as bar:

@@ -49,3 +49,34 @@ def test_score_needs_a_backend_for_llm_scorers_and_names_bad_input(planted):
         app, ["features", "score", str(planted.path.parent / "none.db"), "--scorers", "baseline"]
     )
     assert res.exit_code == 2
+
+
+def test_score_with_an_llm_judge_caches_its_replies_so_a_rerun_calls_nothing_twice(planted, monkeypatch):
+    """The judge (the planted rule, served over the OpenAI protocol on loopback) is reached through the
+    database's response cache: scores lost after their calls were made (here: deleted) cost no call again."""
+    from sqlalchemy import delete
+
+    from interplab.features import schema as S
+    from interplab.features.planted import server_reply
+    from interplab.features.writer import FeatureWriter
+    from tests.features.llm_server import LLMServer
+
+    with LLMServer(server_reply()) as server:
+        monkeypatch.setenv("INTERPLAB_LLM_BASE_URL", server.base_url)
+        monkeypatch.setenv("INTERPLAB_LLM_MODEL", "judge")
+        monkeypatch.setenv("INTERPLAB_LLM_API_KEY", "test-key")
+        args = ["features", "score", str(planted.path), "--scorers", "detection", "--features", "0-2"]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        calls = server.n_requests
+        assert calls > 0 and "scored 6 " in res.output  # oracle and shuffled explanations of 3 features
+        with FeatureReader(planted.path) as r:
+            first = {e["id"]: r.scores(e["id"])[0]["value"] for f in range(3) for e in r.explanations(f)}
+        with FeatureWriter(planted.path) as w, w.engine.begin() as c:
+            c.execute(delete(S.explanation_scores))
+        again = runner.invoke(app, args)
+        assert again.exit_code == 0, again.output
+        assert server.n_requests == calls  # every reply came from the cache
+        with FeatureReader(planted.path) as r:
+            second = {e["id"]: r.scores(e["id"])[0]["value"] for f in range(3) for e in r.explanations(f)}
+        assert second == first
