@@ -121,11 +121,22 @@ def first_letter_labels(tokenizer: Tokenizer, tokens: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """A k-sparse probe: the latents it reads and its held-out accuracy."""
+    """A k-sparse probe: the latents it reads, its held-out accuracy and balanced accuracy (the mean of the
+    true-positive and true-negative rates: 0.5 for a probe that always answers the majority class, however
+    rare the property; plain accuracy then reads the majority rate)."""
 
     k: int
     latents: tuple[int, ...]
     accuracy: float
+    balanced_accuracy: float
+
+
+def balanced_accuracy(pred: Tensor, labels: Tensor) -> float:
+    """Mean of the true-positive and true-negative rates of bool predictions (a class absent from ``labels``
+    is left out of the mean)."""
+    pred, labels = pred.bool(), labels.bool()
+    rates = [float((pred[m] == labels[m]).float().mean()) for m in (labels, ~labels) if bool(m.any())]
+    return statistics.fmean(rates)
 
 
 def rank_latents(acts: Tensor, labels: Tensor, *, absolute: bool = False) -> Tensor:
@@ -191,7 +202,10 @@ def k_sparse_probe(
         w, b = fit_logistic(acts[train][:, latents], labels[train].float())
         pred = (acts[test][:, latents].double() @ w + b) > 0
         acc = float((pred == labels[test].bool()).float().mean())
-        out.append(ProbeResult(k=k, latents=tuple(int(i) for i in latents), accuracy=acc))
+        bal = balanced_accuracy(pred, labels[test])
+        out.append(
+            ProbeResult(k=k, latents=tuple(int(i) for i in latents), accuracy=acc, balanced_accuracy=bal)
+        )
     return out
 
 
@@ -311,11 +325,12 @@ def labelled_metrics(
     acts: Tensor, x: Tensor, w_dec: Tensor, properties: Mapping[str, Tensor], cfg: BenchConfig
 ) -> dict[str, float]:
     """Sparse probing and absorption over labelled properties ({property: [n] int class labels}): per k, the
-    mean probe accuracy over every class (one-vs-rest) with enough tokens; per property, the mean absorption
+    mean probe accuracy and balanced accuracy over every class (one-vs-rest) with enough tokens; per property, the mean absorption
     and false-negative rates of its classes."""
     out: dict[str, float] = {}
     for prop, labels in properties.items():
         accs: dict[int, list[float]] = {k: [] for k in cfg.ks}
+        bals: dict[int, list[float]] = {k: [] for k in cfg.ks}
         absorb, fneg = [], []
         for cls in sorted(set(labels.tolist())):
             y = labels == cls
@@ -324,6 +339,7 @@ def labelled_metrics(
             ks = tuple(k for k in cfg.ks if k <= acts.shape[1])
             for r in k_sparse_probe(acts, y, ks=ks):
                 accs[r.k].append(r.accuracy)
+                bals[r.k].append(r.balanced_accuracy)
             main = rank_latents(acts, y)[: cfg.absorption_k].tolist()
             a = absorption(x, acts, w_dec, y, main, cos_threshold=cfg.cos_threshold, fraction=cfg.fraction)
             absorb.append(a.absorption_rate)
@@ -331,6 +347,7 @@ def labelled_metrics(
         for k, v in accs.items():
             if v:
                 out[f"probe_{prop}_k{k}"] = statistics.fmean(v)
+                out[f"probe_balanced_{prop}_k{k}"] = statistics.fmean(bals[k])
         if absorb:
             out[f"absorption_{prop}"] = statistics.fmean(absorb)
             out[f"false_negative_{prop}"] = statistics.fmean(fneg)

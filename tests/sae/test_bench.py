@@ -15,6 +15,7 @@ from interplab.sae.bench import (
     BenchConfig,
     BenchResult,
     absorption,
+    balanced_accuracy,
     bench_sae,
     bench_saes,
     first_letter_labels,
@@ -89,6 +90,19 @@ def test_rank_latents_and_probe_recover_a_planted_latent():
     res = k_sparse_probe(acts, labels, ks=(1, 2))
     assert res[0].latents == (7,) and res[0].accuracy == 1.0
     assert res[1].latents[0] == 7 and res[1].accuracy == 1.0
+
+
+def test_balanced_accuracy_by_hand_and_on_a_rare_property_with_no_signal():
+    pred = torch.tensor([1, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
+    y = torch.tensor([1, 0, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    # true-positive rate 1/2, true-negative rate 4/6
+    assert_close(balanced_accuracy(pred, y), (1 / 2 + 4 / 6) / 2)
+    assert balanced_accuracy(pred[y], y[y]) == 0.5  # one class only: its rate alone
+    g = torch.Generator().manual_seed(3)
+    rare = torch.rand(4000, generator=g) < 0.05  # 5% positives, latents carry nothing about them
+    res = k_sparse_probe(torch.rand(4000, 4, generator=g), rare, ks=(2,))[0]
+    assert res.accuracy > 0.9  # the majority rate: plain accuracy looks good
+    assert_close(res.balanced_accuracy, 0.5, atol=0.05, rtol=0)  # balanced accuracy says chance
 
 
 def test_probe_on_an_uninformative_latent_is_at_chance_and_errors_are_clear():
@@ -166,7 +180,12 @@ def test_labelled_metrics_on_a_perfect_sae_find_the_planted_coordinate():
     acts = sae.encode(x).detach()
     labels = (x[:, 2] > 0).long()
     out = labelled_metrics(acts, x, sae.W_dec.detach(), {"c2": labels}, BenchConfig(ks=(1,)))
-    assert out == {"probe_c2_k1": 1.0, "absorption_c2": 0.0, "false_negative_c2": 0.0}
+    assert out == {
+        "probe_c2_k1": 1.0,
+        "probe_balanced_c2_k1": 1.0,
+        "absorption_c2": 0.0,
+        "false_negative_c2": 0.0,
+    }
 
 
 def test_bench_result_groups_table_plot_and_save(tmp_path):
