@@ -43,6 +43,8 @@ from interplab.sae import load_sae
 from interplab.sae.activations import corpus_token_batches
 from interplab.sae.bench import BenchConfig, bench_saes, tokenizer_labellers
 from interplab.sae.config import Architecture
+from interplab.sae.crosscoder import CrosscoderTrainConfig
+from interplab.sae.diffing import diff_checkpoints
 from interplab.sae.disk_store import cache_activations
 from interplab.sae.evaluate import evaluate_sae
 from interplab.sae.plots import sparsity_frontier
@@ -425,6 +427,52 @@ def bench(
     result.save(out)
     console.print(result.markdown())
     console.print(f"report: {out / REPORT} ; table: {out / 'bench.md'}")
+
+
+@app.command("diff")
+def diff(
+    run_dir: Path = typer.Argument(..., help="a training run with checkpoints (interplab train)"),
+    before: int = typer.Option(..., "--before", help="the earlier checkpoint's step"),
+    after: int = typer.Option(..., "--after", help="the later checkpoint's step"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
+    hook: str = typer.Option(
+        None,
+        "--hook",
+        help="the site both checkpoints are read at (default: the last layer's hook_resid_post)",
+    ),  # fmt: skip
+    expansion: int = typer.Option(
+        8, "--expansion", help="crosscoder latents per model dimension", callback=positive_int
+    ),
+    k: int = typer.Option(16, "--k", help="active latents per token (BatchTopK)", callback=positive_int),
+    tokens: int = typer.Option(32_768, "--tokens", help="tokens of the run's corpus", callback=positive_int),
+    steps: int = typer.Option(1500, "--steps", help="crosscoder training steps", callback=positive_int),
+    batch_size: int = typer.Option(
+        1024, "--batch-size", help="tokens per training step", callback=positive_int
+    ),
+    threads: int = typer.Option(None, "--threads", callback=threads_option),
+) -> None:
+    """Model diffing: a crosscoder between two checkpoints of a run, its latents labelled new / lost / shared /
+    partial by relative decoder norm, linked to the run's formation report; diff.json, diff.md and the
+    relative-norm histogram in --out."""
+    set_threads(threads)
+    try:
+        result = diff_checkpoints(
+            run_dir,
+            before,
+            after,
+            hook=hook,
+            expansion=expansion,
+            k=k,
+            n_tokens=tokens,
+            batch_size=batch_size,
+            train=CrosscoderTrainConfig(steps=steps),
+            out=out,
+        )
+    except (RunError, ValueError, KeyError, FileNotFoundError) as err:
+        fail(str(err).strip("'\""))
+        return
+    console.print(result.summary(), markup=False, highlight=False)
+    console.print(f"diff: {out / 'diff.json'} ; table: {out / 'diff.md'} ; crosscoder: {out / 'crosscoder'}")
 
 
 def _canon(hooks: list[str]) -> list[str]:

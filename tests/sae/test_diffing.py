@@ -14,7 +14,14 @@ from interplab.sae.crosscoder import (
     shuffled_batches,
     train_crosscoder,
 )
-from interplab.sae.diffing import DiffResult, classify, formation_link, relative_norms
+from interplab.sae.diffing import (
+    LABELS,
+    DiffResult,
+    classify,
+    diff_from_folder,
+    formation_link,
+    relative_norms,
+)
 
 
 def planted_pair(n_tokens: int, d=24, n_shared=8, n_lost=4, n_new=4, seed=0):
@@ -104,3 +111,30 @@ def test_labels_are_validated():
     r = DiffResult(torch.tensor([0.5]), torch.tensor([1.0]), ("shared",), "a", "b")
     with pytest.raises(ValueError, match="unknown label"):
         r.features("gone")
+
+
+def test_cli_diff_of_two_checkpoints_of_a_run_says_where_its_outputs_went(tmp_path, monkeypatch):
+    """`interplab sae diff RUN --before --after` end to end on a tiny training run: a crosscoder between two
+    of its checkpoints, every latent labelled, the files it names on disk, and bad steps refused."""
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+    from interplab.train import train
+    from tests.train.conftest import _tiny_config, write_corpus
+
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train(_tiny_config(write_corpus(tmp_path / "corpus"), steps=8), run)
+    steps = sorted(int(p.name.split("_")[-1]) for p in (run / "checkpoints").iterdir() if p.is_dir())
+    out = tmp_path / "diff"
+    args = ["sae", "diff", str(run), "--before", str(steps[0]), "--after", str(steps[-1]), "--out", str(out)]
+    res = CliRunner().invoke(
+        app,
+        [*args, "--expansion", "2", "--k", "4", "--tokens", "2048", "--steps", "30", "--batch-size", "128"],
+    )
+    assert res.exit_code == 0, res.output
+    assert str(out / "diff.json") in res.output.replace("\n", "")
+    back = diff_from_folder(out)
+    assert len(back.labels) == 2 * 32 and set(back.labels) <= set(LABELS)
+    bad = CliRunner().invoke(app, [*args[:3], "--before", "8", "--after", "0", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "earlier step" in bad.output
