@@ -437,7 +437,9 @@ class Transformer(nn.Module):
         total = tokens.shape[1] + (kv_cache.length if kv_cache is not None else 0)
         if total > self.cfg.n_ctx:
             raise ValueError(f"sequence of {total} tokens is longer than the model's n_ctx={self.cfg.n_ctx}")
-        if tokens.numel():
+        # under torch.func.vmap (e.g. SGLD chains, `interplab.dynamics`) a data-dependent check cannot run:
+        # there the caller's unbatched forwards have checked the same ids
+        if tokens.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(tokens):
             lo, hi = (int(v) for v in torch.aminmax(tokens))
             if lo < 0 or hi >= self.cfg.d_vocab:
                 bad = hi if hi >= self.cfg.d_vocab else lo

@@ -191,3 +191,30 @@ def test_susceptibility_is_zero_for_a_shift_that_does_not_change_the_loss():
     x, y = data
     scaled = susceptibility(model, data, (2 * x, 2 * y), mse_loss, cfg)
     assert abs(scaled.chi) <= 3 * scaled.se
+
+
+def test_an_interplab_transformer_samples_through_the_batched_chains():
+    """The chains are vmapped over an interplab `Transformer` (its token check is data-dependent, so it runs
+    in the unbatched forwards only): the whole model and one head, deterministic for a seed, and the head's
+    component freezes every other parameter."""
+    import warnings
+
+    from interplab.dynamics.llc import head_component, lm_loss
+    from interplab.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=23, n_ctx=8, attn_only=True))
+    tokens = torch.randint(0, 23, (32, 8), generator=torch.Generator().manual_seed(1))
+    cfg = SGLDConfig(step_size=1e-4, draws=6, burn_in=2, chains=2, batch_size=8, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: no batching rule for the CPU flash kernel
+        whole = estimate_llc(model, (tokens,), lm_loss, cfg)
+        again = estimate_llc(model, (tokens,), lm_loss, cfg)
+        head = estimate_llc(model, (tokens,), lm_loss, cfg, component=head_component(model, 1, 0))
+    assert torch.equal(whole.trace, again.trace) and torch.isfinite(whole.trace).all()
+    assert head.n_params < whole.n_params and head.component != "all"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # sampling never moves the model's own weights
+    with pytest.raises(ValueError, match="out of range"):
+        estimate_llc(model, (tokens + 23,), lm_loss, cfg)  # bad ids: named by the unbatched forward
