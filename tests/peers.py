@@ -27,6 +27,9 @@ PEERS = {
     ),
     "saebench": ("INTERPLAB_SAEBENCH_PYTHON", "sae_bench.evals.sparse_probing.probe_training"),
 }
+NOT_IN_CI = {"saebench"}
+"""peers scripts/peers.sh does not build (sae-bench's build takes over 10 minutes and pulls a CUDA torch unless
+re-pinned): their tests skip with the reason even under INTERPLAB_REQUIRE_PEERS=1"""
 
 
 @functools.cache
@@ -46,7 +49,7 @@ def peer_python(name: str) -> str:
     if problem is None:
         return python
     reason = f"{module} peer unavailable ({problem}): run `bash scripts/peers.sh {name}` or set {var}"
-    if os.environ.get("INTERPLAB_REQUIRE_PEERS") == "1":
+    if os.environ.get("INTERPLAB_REQUIRE_PEERS") == "1" and name not in NOT_IN_CI:
         pytest.fail(reason)
     pytest.skip(reason)
 

@@ -130,7 +130,7 @@ def test_a_stopped_sweep_says_so_and_draws_nothing(tmp_path):
 
 @pytest.mark.parametrize("arch", registered_architectures())
 def test_every_architecture_returns_a_train_step(arch):
-    k = 4 if arch.value in ("topk", "batchtopk") else None
+    k = 4 if arch.value in ("topk", "batchtopk", "matryoshka_batchtopk") else None
     sae = create_sae(SAEConfig(d_in=8, d_sae=16, architecture=arch, k=k))
     step = sae.train_forward(torch.randn(5, 8), torch.randn(5, 8), torch.zeros(16, dtype=torch.bool))
     assert isinstance(step, TrainStep)
