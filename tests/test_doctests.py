@@ -23,6 +23,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # docstring -> why its examples cannot run in the test suite (the examples there carry the same reason)
 SKIPS: dict[str, str] = {
     "interplab.web.app": "uvicorn.run serves until it is stopped",
+    "interplab.sae.diffing": "trains a crosscoder on two checkpoints of the demo run (minutes); tests/sae/test_diffing.py runs it on a tiny run",
     "interplab.features.llm": "a completion needs an OpenAI-compatible server (tests/features/llm_server.py serves one)",
 }
 

@@ -11,8 +11,8 @@ the counts. `diff_checkpoints` links the result to the run's formation report (`
 `interplab formation`): whether the two steps bracket the induction head's formation, so the new features
 are candidates for what appeared with it.
 
->>> result = diff_checkpoints("runs/demo", before=100, after=1000)
->>> result.counts()
+>>> result = diff_checkpoints("runs/demo", before=100, after=1000)  # trains a crosscoder # doctest: +SKIP
+>>> result.counts()  # after the call above # doctest: +SKIP
 {'new': ..., 'lost': ..., 'shared': ..., 'partial': ..., 'dead': ...}
 """
 
