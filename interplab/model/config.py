@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from interplab import runs
+from interplab.model.rope import RopeScaling, parse_rope_scaling, rope_scaling_to_dict
 
 CONFIG_VERSION = 1
 
@@ -90,12 +91,17 @@ class ModelConfig:
     """rotary frequency base (theta)"""
     rotary_style: RotaryStyle = RotaryStyle.NEOX
     """how rotary dimensions are paired"""
+    rope_scaling: RopeScaling | None = None
+    """scaled rotary frequencies (`interplab.model.rope`: linear, dynamic, yarn, llama3, longrope); None: unscaled.
+    A dict with a ``rope_type`` is accepted (what ``to_dict`` writes)"""
     parallel_attn_mlp: bool = False
     """attention and MLP read the same residual stream and are added together (GPT-NeoX, GPT-J)"""
     attn_bias: bool = True
     """attention biases are trained (if False they exist but stay zero until weight processing)"""
     mlp_bias: bool = True
     """MLP biases are trained (if False they exist but stay zero until weight processing)"""
+    gate_bias: bool = False
+    """a gated MLP's gate has a bias ``b_gate`` too: act(x W_gate + b_gate) (Llama with ``mlp_bias``)"""
     unembed_bias: bool = False
     """the unembedding has a trained bias"""
     tie_embeddings: bool = False
@@ -158,6 +164,7 @@ class ModelConfig:
         if self.attn_scale is None:
             object.__setattr__(self, "attn_scale", float(self.d_head) ** 0.5)
         object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
+        object.__setattr__(self, "rope_scaling", parse_rope_scaling(self.rope_scaling))
         assert self.d_head is not None and self.n_kv_heads is not None and self.rotary_dim is not None
         for name in ("d_head", "n_kv_heads", "d_mlp", "d_vocab_out"):
             value = getattr(self, name)
@@ -172,6 +179,12 @@ class ModelConfig:
                 raise ValueError(
                     f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}"
                 )
+        if self.rope_scaling is not None and self.positional is not Positional.ROTARY:
+            raise ValueError(
+                f"rope_scaling={self.rope_scaling.rope_type!r} needs positional='rotary', got {self.positional.value!r}"
+            )
+        if self.gate_bias and not (self.gated_mlp and self.has_mlp):
+            raise ValueError("gate_bias=True needs a gated MLP (gated_mlp=True, attn_only=False)")
         if self.tie_embeddings and self.d_vocab_out != self.d_vocab:
             raise ValueError(
                 f"tie_embeddings needs d_vocab_out == d_vocab, got {self.d_vocab_out} != {self.d_vocab}"
@@ -220,6 +233,8 @@ class ModelConfig:
                 value = value.value
             elif isinstance(value, tuple):
                 value = list(value)
+            elif f.name == "rope_scaling" and value is not None:
+                value = rope_scaling_to_dict(value)
             out[f.name] = value
         return out
 

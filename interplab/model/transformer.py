@@ -24,6 +24,7 @@ from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
 from interplab.model import compat
 from interplab.model.attention import AttnContext, rotary_tables
+from interplab.model.rope import depends_on_length
 from interplab.model.block import Block
 from interplab.model.compat import ReturnType, StackedWeight
 from interplab.model.config import ModelConfig, Positional
@@ -145,8 +146,11 @@ class Transformer(nn.Module):
             key_valid = None
         ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
         if self.cfg.positional is Positional.ROTARY:
-            if key_valid is None:  # every row has positions past .. past+p: slice the cached table
+            if key_valid is None and not depends_on_length(self.cfg.rope_scaling):
+                # every row has positions past .. past+p: slice the cached table
                 ctx.rotary = self._rotary_range(past, p, tokens.device)
+            elif key_valid is None:  # frequencies that depend on this forward's length: one row's table
+                ctx.rotary = rotary_tables(self.cfg, positions[:1], self.embed.W_E.dtype)
             else:
                 ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
         return ctx
@@ -173,12 +177,14 @@ class Transformer(nn.Module):
         return (index - leading[:, None]).clamp(min=0)
 
     def _rotary_range(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table of all n_ctx
-        positions computed once per dtype and device (the same values `rotary_tables` gives)."""
+        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table kept per dtype and
+        device (the same values `rotary_tables` gives), grown by doubling up to n_ctx as longer sequences come
+        (a 128k-context model does not build a 128k-position table for a 20-token prompt)."""
         key = (self.embed.W_E.dtype, device)
         table = self._rotary_cache.get(key)
-        if table is None:
-            table = rotary_tables(self.cfg, torch.arange(self.cfg.n_ctx, device=device)[None], key[0])
+        if table is None or table[0].shape[1] < start + length:
+            n = min(self.cfg.n_ctx, max(256, 1 << (start + length - 1).bit_length()))
+            table = rotary_tables(self.cfg, torch.arange(n, device=device)[None], key[0])
             self._rotary_cache = {key: table}
         return table[0][:, start : start + length], table[1][:, start : start + length]
 
