@@ -16,8 +16,8 @@ longest sequence *in that forward* (its largest position + 1, counting a key/val
 dynamic rotary embedding instead keeps the frequencies of the longest sequence it has seen since the last one
 shorter than ``max_position_embeddings``, so there the same input can give other logits after a longer one ran;
 interplab equals a freshly loaded HF model. With a key/value cache both keep each cached key as it was rotated
-when it was computed (generation equals HF's cached generation); Phi-3's ``generate`` additionally recomputes its
-cache when a generation crosses ``original_max_position_embeddings`` with longrope, which interplab does not.
+when it was computed (generation equals HF's cached generation), except that generation recomputes the cache
+once when LongRoPE switches to its long factors (`cache_expires_at`), as Phi-3's ``generate`` does.
 
 >>> cfg = Llama3Rope(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
 >>> freq, attention_factor = inverse_frequencies(cfg, base=10000.0, dim=8)
@@ -204,6 +204,13 @@ def parse_rope_scaling(data: RopeScaling | dict[str, Any] | None) -> RopeScaling
 def depends_on_length(scaling: RopeScaling | None) -> bool:
     """Whether the frequencies change with the sequence length (dynamic, longrope)."""
     return isinstance(scaling, (DynamicNTKRope, LongRope))
+
+
+def cache_expires_at(scaling: RopeScaling | None, length: int) -> bool:
+    """Whether a key/value cache of ``length - 1`` positions must be recomputed before the sequence grows to
+    ``length``: LongRoPE's switch from the short to the long factors (what transformers' Phi-3 ``generate``
+    does; dynamic NTK keeps each cached key as it was rotated, in transformers too)."""
+    return isinstance(scaling, LongRope) and length == scaling.original_max_position_embeddings + 1
 
 
 def _default(base: float | Tensor, dim: int, device: torch.device | None) -> Tensor:

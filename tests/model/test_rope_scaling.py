@@ -1,0 +1,282 @@
+"""Scaled rotary embeddings (linear, dynamic NTK, YaRN, Llama-3, LongRoPE) equal `transformers`' on tiny random
+models: logits, every layer's residual stream and the rotated queries and keys, within the original context and
+beyond it; generation with and without the key/value cache; configs round-trip; bad input is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from torch.testing import assert_close
+
+from interplab import load_model
+from interplab.model import ModelConfig, Transformer
+from interplab.model.generate import generate
+from interplab.model.process import set_config
+from interplab.model.rope import DynamicNTKRope, Llama3Rope, LinearRope, LongRope, YarnRope, inverse_frequencies
+from tests.model.test_load_hf import LONGROPE
+
+ORIGINAL = 16  # max_position_embeddings (dynamic) / original_max_position_embeddings: sequences of 24 go beyond
+SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=101,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+ROPES = {  # name -> (family, rope parameters beyond rope_theta, config beyond SMALL)
+    "linear": ("llama", {"rope_type": "linear", "factor": 2.0}, {}),
+    "dynamic": ("llama", {"rope_type": "dynamic", "factor": 3.0}, {"max_position_embeddings": ORIGINAL}),
+    "yarn": ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}, {}),
+    "yarn-mscale-betas-untruncated": (
+        "qwen2",
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 8,
+            "mscale": 0.7,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 8,
+            "beta_slow": 2,
+            "truncate": False,
+        },
+        {"num_key_value_heads": 2},
+    ),
+    "llama3": (
+        "llama",
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+        },
+        {"num_key_value_heads": 2, "rope_theta": 500.0},
+    ),
+    "linear-mistral-sliding": (
+        "mistral",
+        {"rope_type": "linear", "factor": 4.0},
+        {"sliding_window": 5, "num_key_value_heads": 2},
+    ),
+    "longrope-phi3": ("phi3", LONGROPE, {"original_max_position_embeddings": ORIGINAL}),
+    "longrope-phi3-partial": (
+        "phi3",
+        {**LONGROPE, "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0], "partial_rotary_factor": 0.5},
+        {"original_max_position_embeddings": ORIGINAL},
+    ),
+}
+CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+}
+
+
+def _save(name: str, path, *, scaled: bool = True):
+    family, rope, extra = ROPES[name]
+    config_cls, model_cls = CLASSES[family]
+    extra = {"max_position_embeddings": 64, **extra}
+    theta = extra.pop("rope_theta", 10000.0)
+    params = {**rope, "rope_theta": theta} if scaled else {"rope_type": "default", "rope_theta": theta}
+    if not scaled and "partial_rotary_factor" in rope:
+        params["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    torch.manual_seed(0)
+    hf = model_cls(config_cls(**SMALL, **extra, rope_parameters=params)).eval()
+    with torch.no_grad():  # weights large enough that attention is sharp and every rotation shows
+        for pname, p in hf.named_parameters():
+            if "norm" in pname:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.3)
+    hf.save_pretrained(path)
+    return model_cls
+
+
+def _fresh(model_cls, path):
+    """A newly loaded HF model: its dynamic rotary embedding keeps state between calls."""
+    return model_cls.from_pretrained(path).eval()
+
+
+def _hf_rotated(hf, tokens: torch.Tensor, family: str):
+    """HF's logits, hidden states and the rotated queries and keys of every layer (through its rotary function)."""
+    module = getattr(transformers.models, family)
+    module = getattr(module, f"modeling_{family}")
+    rotated: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = module.apply_rotary_pos_emb
+
+    def record(q, k, cos, sin, *args, **kwargs):
+        q, k = original(q, k, cos, sin, *args, **kwargs)
+        rotated.append((q.transpose(1, 2), k.transpose(1, 2)))  # [batch pos head d_head], as interplab
+        return q, k
+
+    module.apply_rotary_pos_emb = record
+    try:
+        with torch.no_grad():
+            out = hf(tokens, output_hidden_states=True)
+    finally:
+        module.apply_rotary_pos_emb = original
+    return out.logits, out.hidden_states, rotated
+
+
+@pytest.mark.parametrize("seq", [12, 24])
+@pytest.mark.parametrize("name", list(ROPES))
+def test_scaled_rope_matches_transformers(tmp_path, name, seq):
+    family = ROPES[name][0]
+    model_cls = _save(name, tmp_path)
+    hf = _fresh(model_cls, tmp_path)
+    model = load_model(tmp_path)
+    tokens = torch.randint(3, 101, (2, seq), generator=torch.Generator().manual_seed(seq))
+    logits, hidden, rotated = _hf_rotated(hf, tokens, family)
+    got, cache = model.run_with_cache(tokens)
+    assert_close(got, logits, atol=1e-4, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=1e-4, rtol=0)
+        assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], rotated[layer][0], atol=1e-4, rtol=0)
+        assert_close(cache[f"blocks.{layer}.attn.hook_rot_k"], rotated[layer][1], atol=1e-4, rtol=0)
+    # the scaling is really applied: the unscaled model differs (dynamic NTK only beyond its original length)
+    if name == "dynamic" and seq <= ORIGINAL:
+        return
+    plain = load_model(tmp_path)
+    set_config(plain, plain.cfg.replace(rope_scaling=None))
+    with torch.no_grad():
+        assert (plain(tokens) - logits).abs().max() > 1e-2
+
+
+def test_dynamic_ntk_generation_equals_transformers_with_and_without_the_cache(tmp_path):
+    """A prompt inside the original context, generation past it: with the cache each key keeps the frequencies
+    of the step that computed it (as HF's cached generate), without it every step recomputes all of them at the
+    current length (as HF's uncached generate); the two differ, so both are checked."""
+    model_cls = _save("dynamic", tmp_path)
+    model = load_model(tmp_path)
+    tokens = torch.randint(3, 101, (2, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0  # left padding
+    results = {}
+    for use_cache in (True, False):
+        ref = _fresh(model_cls, tmp_path).generate(
+            tokens,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        ours = generate(model, tokens, 8, attention_mask=mask, use_kv_cache=use_cache)
+        assert torch.equal(ours.tokens, ref.sequences), use_cache
+        results[use_cache] = _step_logits(model, ref.sequences, mask, 13, use_cache)
+        assert_close(results[use_cache], torch.stack(ref.logits, 1), atol=1e-4, rtol=0)
+    assert (results[True] - results[False]).abs().max() > 1e-3  # past 16 tokens the cache matters
+
+
+def _step_logits(model, sequences, mask, prompt: int, use_cache: bool) -> torch.Tensor:
+    """The last-position logits of every generation step, feeding ``sequences``' tokens."""
+    kv = model.new_kv_cache() if use_cache else None
+    step_in, step_mask = sequences[:, :prompt], mask
+    out = []
+    with torch.no_grad():
+        for step in range(sequences.shape[1] - prompt):
+            out.append(model(step_in, attention_mask=step_mask, kv_cache=kv)[:, -1])
+            nxt = sequences[:, prompt + step : prompt + step + 1]
+            if use_cache:
+                step_in, step_mask = nxt, torch.ones_like(nxt)
+            else:
+                step_in = sequences[:, : prompt + step + 1]
+                step_mask = torch.cat([step_mask, torch.ones_like(nxt)], 1)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_longrope_generation_across_the_switch_equals_transformers(tmp_path, use_cache):
+    """Phi-3's generate recomputes its cache when a generation first passes original_max_position_embeddings
+    (short factors before, long after); so does interplab's, and its uncached generation is that computation."""
+    model_cls = _save("longrope-phi3", tmp_path)
+    model = load_model(tmp_path)
+    tokens = torch.randint(3, 101, (2, 13), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = _fresh(model_cls, tmp_path).generate(tokens, use_cache=use_cache, **kw)
+    assert torch.equal(generate(model, tokens, 8, use_kv_cache=use_cache).tokens, ref)
+
+
+def test_configs_round_trip_and_old_configs_load(tmp_path):
+    scalings = [
+        LinearRope(factor=2.0),
+        DynamicNTKRope(factor=2.0, original_max_position_embeddings=8),
+        YarnRope(factor=4.0, original_max_position_embeddings=8, beta_fast=16.0),
+        Llama3Rope(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8),
+        LongRope(short_factor=(1.0, 2.0), long_factor=(3.0, 4.0), original_max_position_embeddings=8, attention_factor=1.2),
+    ]
+    base = dict(d_model=16, n_layers=1, n_heads=2, d_vocab=11, n_ctx=16, positional="rotary", rotary_dim=4)
+    for scaling in scalings:
+        cfg = ModelConfig(**base, rope_scaling=scaling)
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        model = Transformer(cfg)
+        model.save(tmp_path / scaling.rope_type)
+        assert load_model(tmp_path / scaling.rope_type).cfg.rope_scaling == scaling
+    old = ModelConfig(**base).to_dict()
+    del old["rope_scaling"], old["gate_bias"]  # what interplab wrote before these fields existed
+    assert ModelConfig.from_dict(old) == ModelConfig(**base)
+    # the derived yarn attention factor: 0.1 ln(4) + 1
+    assert abs(scalings[2].attention_factor - 1.1386294361) < 1e-9
+
+
+def test_linear_scaling_is_position_interpolation():
+    """Planted: with linear factor f, position p rotates exactly as position p / f does unscaled."""
+    freq, factor = inverse_frequencies(LinearRope(factor=4.0), base=10000.0, dim=8)
+    plain, _ = inverse_frequencies(None, base=10000.0, dim=8)
+    assert factor == 1.0
+    assert_close(12 * freq, 3 * plain, atol=1e-6, rtol=0)
+
+
+def _hf_config_folder(tmp_path, rope: dict, family: str = "llama") -> None:
+    config_cls, _ = CLASSES[family] if family in CLASSES else (transformers.Gemma2Config, None)
+    d = config_cls(**SMALL, max_position_embeddings=64).to_dict()
+    d["rope_parameters"] = {**rope, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("rope_type", ["proportional", "su", "mrope"])
+def test_unsupported_rope_type_is_named_with_the_supported_ones(tmp_path, rope_type):
+    _hf_config_folder(tmp_path, {"rope_type": rope_type, "factor": 2.0})
+    with pytest.raises(ValueError, match=rf"rope scaling '{rope_type}' is not supported.*default, linear, dynamic, yarn, llama3, longrope"):
+        load_model(tmp_path)
+
+
+def test_rope_scaling_of_a_family_that_does_not_read_it_is_refused(tmp_path):
+    _hf_config_folder(tmp_path, {"rope_type": "linear", "factor": 2.0}, family="gemma2")
+    with pytest.raises(ValueError, match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Phi-3"):
+        load_model(tmp_path)
+
+
+def test_missing_rope_parameter_is_named(tmp_path):
+    _hf_config_folder(tmp_path, {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0})
+    with pytest.raises(ValueError, match=r"'llama3' needs 'low_freq_factor'"):
+        load_model(tmp_path)
+
+
+def test_bad_rope_scaling_in_a_model_config_is_named():
+    base = dict(d_model=16, n_layers=1, n_heads=2, d_vocab=11, n_ctx=16, positional="rotary")
+    with pytest.raises(ValueError, match=r"'su' is not supported by interplab; supported: default, linear"):
+        ModelConfig(**base, rope_scaling={"rope_type": "su", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"'linear' has no fields \['low_freq_factor'\]; its fields: \['factor'\]"):
+        ModelConfig(**base, rope_scaling={"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0})
+    with pytest.raises(ValueError, match=r"factor must be a positive number, got -1"):
+        ModelConfig(**base, rope_scaling={"rope_type": "linear", "factor": -1})
+    with pytest.raises(ValueError, match=r"rope_scaling='linear' needs positional='rotary', got 'learned'"):
+        ModelConfig(**{**base, "positional": "learned"}, rope_scaling=LinearRope(factor=2.0))
+    model = Transformer(
+        ModelConfig(
+            **base,
+            rope_scaling=LongRope(short_factor=(1.0,), long_factor=(1.0,), original_max_position_embeddings=4, attention_factor=1.0),
+        )
+    )
+    with pytest.raises(ValueError, match=r"'longrope' has 1 factors, but rotary_dim=8 needs 4"):
+        model(torch.tensor([[1, 2, 3]]))
