@@ -255,13 +255,17 @@ def inverse_frequencies(
     long = 1.0 / (torch.tensor(scaling.long_factor, dtype=torch.float32, device=device) * base**shape)
     if seq_len is None:
         return short, scaling.attention_factor
-    return torch.where(seq_len > scaling.original_max_position_embeddings, long, short), scaling.attention_factor
+    return torch.where(
+        seq_len > scaling.original_max_position_embeddings, long, short
+    ), scaling.attention_factor
 
 
 def _yarn(scaling: YarnRope, base: float, dim: int, device: torch.device | None) -> Tensor:
     original = scaling.original_max_position_embeddings
 
-    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over `original`
+    def correction_dim(
+        rotations: float,
+    ) -> float:  # the dimension that turns `rotations` times over `original`
         return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
     low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
@@ -283,7 +287,9 @@ def _llama3(scaling: Llama3Rope, inv_freq: Tensor) -> Tensor:
     high_wavelen = original / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = (original / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)

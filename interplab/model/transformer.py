@@ -24,13 +24,13 @@ from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
 from interplab.model import compat
 from interplab.model.attention import AttnContext, rotary_tables
-from interplab.model.rope import depends_on_length
 from interplab.model.block import Block
 from interplab.model.compat import ReturnType, StackedWeight
 from interplab.model.config import ModelConfig, Positional
 from interplab.model.kv_cache import KVCache
 from interplab.model.layers import _hp, init_weights
 from interplab.model.norms import make_norm
+from interplab.model.rope import depends_on_length
 
 if TYPE_CHECKING:
     from interplab.data.tokenizer import Tokenizer

@@ -40,7 +40,14 @@ def _gemma2(**kw):
 
 
 def _phi3(**kw):
-    cfg = {**SMALL, "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **kw}
+    cfg = {
+        **SMALL,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **kw,
+    }
     return transformers.Phi3Config(**cfg), transformers.Phi3ForCausalLM
 
 
@@ -77,7 +84,9 @@ VARIANTS = {
     "llama-gqa-theta": lambda: _llama(num_key_value_heads=2, rope_theta=500.0),
     "llama-mqa-tied-head-dim": lambda: _llama(num_key_value_heads=1, tie_word_embeddings=True, head_dim=16),
     "llama-attention-bias": lambda: _llama(attention_bias=True),
-    "llama-mlp-attention-bias": lambda: _llama(mlp_bias=True, attention_bias=True, num_key_value_heads=2),
+    "llama-mlp-attention-bias": lambda: _llama(
+        mlp_bias=True, attention_bias=True, num_key_value_heads=2, pretraining_tp=2
+    ),
     "llama-rope-llama3": lambda: _llama(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
     "mistral-gqa": lambda: _mistral(num_key_value_heads=2),
     "mistral-sliding-window": lambda: _mistral(num_key_value_heads=2, sliding_window=5),

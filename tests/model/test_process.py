@@ -57,8 +57,12 @@ def random_model(arch: str) -> Transformer:
             if leaf == "w":
                 p.uniform_(0.5, 1.5)
             elif leaf.startswith("b") or leaf == "smear":
-                if not (leaf == "b" and name.endswith("ln2.b") and model.cfg.gated_mlp and not model.cfg.gate_bias):
-                    p.normal_(0, 0.3)  # a gated MLP's gate without b_gate has no bias to fold ln2.b into: keep it 0
+                if not (
+                    leaf == "b" and name.endswith("ln2.b") and model.cfg.gated_mlp and not model.cfg.gate_bias
+                ):
+                    p.normal_(
+                        0, 0.3
+                    )  # a gated MLP's gate without b_gate has no bias to fold ln2.b into: keep it 0
             else:
                 p.normal_(0, 0.3)
     return model
@@ -235,7 +239,11 @@ HF_FAMILIES = {  # family -> (config class, model class, config beyond SMALL_HF)
             },
         ),
     ),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0)),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0),
+    ),
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",

@@ -15,10 +15,18 @@ from interplab import load_model
 from interplab.model import ModelConfig, Transformer
 from interplab.model.generate import generate
 from interplab.model.process import set_config
-from interplab.model.rope import DynamicNTKRope, Llama3Rope, LinearRope, LongRope, YarnRope, inverse_frequencies
+from interplab.model.rope import (
+    DynamicNTKRope,
+    LinearRope,
+    Llama3Rope,
+    LongRope,
+    YarnRope,
+    inverse_frequencies,
+)
 from tests.model.test_load_hf import LONGROPE
 
-ORIGINAL = 16  # max_position_embeddings (dynamic) / original_max_position_embeddings: sequences of 24 go beyond
+# max_position_embeddings (dynamic) / original_max_position_embeddings: sequences of 24 go beyond it
+ORIGINAL = 16
 SMALL = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -212,7 +220,12 @@ def test_configs_round_trip_and_old_configs_load(tmp_path):
         DynamicNTKRope(factor=2.0, original_max_position_embeddings=8),
         YarnRope(factor=4.0, original_max_position_embeddings=8, beta_fast=16.0),
         Llama3Rope(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8),
-        LongRope(short_factor=(1.0, 2.0), long_factor=(3.0, 4.0), original_max_position_embeddings=8, attention_factor=1.2),
+        LongRope(
+            short_factor=(1.0, 2.0),
+            long_factor=(3.0, 4.0),
+            original_max_position_embeddings=8,
+            attention_factor=1.2,
+        ),
     ]
     base = dict(d_model=16, n_layers=1, n_heads=2, d_vocab=11, n_ctx=16, positional="rotary", rotary_dim=4)
     for scaling in scalings:
@@ -246,13 +259,18 @@ def _hf_config_folder(tmp_path, rope: dict, family: str = "llama") -> None:
 @pytest.mark.parametrize("rope_type", ["proportional", "su", "mrope"])
 def test_unsupported_rope_type_is_named_with_the_supported_ones(tmp_path, rope_type):
     _hf_config_folder(tmp_path, {"rope_type": rope_type, "factor": 2.0})
-    with pytest.raises(ValueError, match=rf"rope scaling '{rope_type}' is not supported.*default, linear, dynamic, yarn, llama3, longrope"):
+    with pytest.raises(
+        ValueError,
+        match=rf"rope scaling '{rope_type}' is not supported.*default, linear, dynamic, yarn, llama3, longrope",
+    ):
         load_model(tmp_path)
 
 
 def test_rope_scaling_of_a_family_that_does_not_read_it_is_refused(tmp_path):
     _hf_config_folder(tmp_path, {"rope_type": "linear", "factor": 2.0}, family="gemma2")
-    with pytest.raises(ValueError, match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Phi-3"):
+    with pytest.raises(
+        ValueError, match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Phi-3"
+    ):
         load_model(tmp_path)
 
 
@@ -266,7 +284,9 @@ def test_bad_rope_scaling_in_a_model_config_is_named():
     base = dict(d_model=16, n_layers=1, n_heads=2, d_vocab=11, n_ctx=16, positional="rotary")
     with pytest.raises(ValueError, match=r"'su' is not supported by interplab; supported: default, linear"):
         ModelConfig(**base, rope_scaling={"rope_type": "su", "factor": 2.0})
-    with pytest.raises(ValueError, match=r"'linear' has no fields \['low_freq_factor'\]; its fields: \['factor'\]"):
+    with pytest.raises(
+        ValueError, match=r"'linear' has no fields \['low_freq_factor'\]; its fields: \['factor'\]"
+    ):
         ModelConfig(**base, rope_scaling={"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0})
     with pytest.raises(ValueError, match=r"factor must be a positive number, got -1"):
         ModelConfig(**base, rope_scaling={"rope_type": "linear", "factor": -1})
@@ -275,7 +295,12 @@ def test_bad_rope_scaling_in_a_model_config_is_named():
     model = Transformer(
         ModelConfig(
             **base,
-            rope_scaling=LongRope(short_factor=(1.0,), long_factor=(1.0,), original_max_position_embeddings=4, attention_factor=1.0),
+            rope_scaling=LongRope(
+                short_factor=(1.0,),
+                long_factor=(1.0,),
+                original_max_position_embeddings=4,
+                attention_factor=1.0,
+            ),
         )
     )
     with pytest.raises(ValueError, match=r"'longrope' has 1 factors, but rotary_dim=8 needs 4"):

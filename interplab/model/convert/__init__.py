@@ -226,7 +226,9 @@ def hf_rope_scaling(hf: dict, rope: dict, family: str) -> RopeScaling | None:
     rope_type = rope["rope_type"]
     max_pos = hf.get("max_position_embeddings", 2048)
     # Phi-3 keeps the pretraining length beside rope_parameters, and transformers gives that one priority
-    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    original = (
+        hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    )
     if rope_type == "default":
         return None
     if rope_type not in ROPE_SCALINGS:
@@ -237,7 +239,9 @@ def hf_rope_scaling(hf: dict, rope: dict, family: str) -> RopeScaling | None:
 
     def need(key: str) -> Any:
         if rope.get(key) is None:
-            raise ValueError(f"{family} rope scaling {rope_type!r} needs {key!r} in its rope parameters: {rope}")
+            raise ValueError(
+                f"{family} rope scaling {rope_type!r} needs {key!r} in its rope parameters: {rope}"
+            )
         return rope[key]
 
     if rope_type == "linear":

@@ -31,7 +31,10 @@ def config(hf: dict) -> ModelConfig:
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
     rope = hf_rope(hf, _LABEL, scaling=True)
-    if rope["rope_type"] in ("su", "yarn"):  # what transformers' Phi3Config renames (Phi-3's yarn *is* longrope)
+    if rope["rope_type"] in (
+        "su",
+        "yarn",
+    ):  # what transformers' Phi3Config renames (Phi-3's yarn *is* longrope)
         rope["rope_type"] = "longrope"
     scaling = hf_rope_scaling(hf, rope, _LABEL)
     partial = rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
