@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from interplab import load_model
 from interplab.model.generate import generate
+from interplab.model.rope import cache_expires_at
 from tests.model.test_load_hf import VARIANTS
 from tests.model.test_load_hf import _make as make_hf
 
@@ -56,8 +57,39 @@ def test_left_padded_batch_and_greedy_generation_equal_transformers(tmp_path, va
         assert_close(got, ref.hidden_states[layer][real], atol=1e-4, rtol=1e-5, msg=f"resid_pre {layer}")
 
     expected = hf.generate(
-        tokens, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=PAD, eos_token_id=None
+        tokens,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     for use_kv_cache in (True, False):
         ours = generate(model, tokens, NEW, attention_mask=mask, use_kv_cache=use_kv_cache)
-        assert torch.equal(ours.tokens, expected), f"use_kv_cache={use_kv_cache}"
+        assert torch.equal(ours.tokens, expected.sequences), f"use_kv_cache={use_kv_cache}"
+    # every step's logits too, the cache's way (one token at a time, past every sliding window)
+    got = step_logits(model, expected.sequences, mask, tokens.shape[1], use_cache=True)
+    assert_close(got, torch.stack(expected.logits, 1), atol=1e-4, rtol=1e-5)
+
+
+def step_logits(model, sequences, mask, prompt: int, *, use_cache: bool) -> torch.Tensor:  # noqa: ANN001
+    """[batch step vocab]: the last-position logits of each generation step that produced ``sequences`` from
+    its first ``prompt`` tokens (``mask`` their attention mask), fed one token at a time through the key/value
+    cache or as the whole sequence again."""
+    kv = model.new_kv_cache() if use_cache else None
+    step_in, step_mask, full_mask = sequences[:, :prompt], mask, mask
+    out = []
+    with torch.no_grad():
+        for step in range(sequences.shape[1] - prompt):
+            out.append(model(step_in, attention_mask=step_mask, kv_cache=kv)[:, -1])
+            nxt = sequences[:, prompt + step : prompt + step + 1]
+            full_mask = torch.cat([full_mask, torch.ones_like(nxt)], 1)
+            length = prompt + step + 1
+            if use_cache and not cache_expires_at(model.cfg.rope_scaling, length):
+                step_in, step_mask = nxt, torch.ones_like(nxt)
+            else:  # (at LongRoPE's switch to its long factors the cache is recomputed, as generate does)
+                step_in, step_mask = sequences[:, :length], full_mask
+                kv = model.new_kv_cache() if use_cache else None
+    return torch.stack(out, 1)

@@ -23,6 +23,7 @@ from interplab.model.rope import (
     YarnRope,
     inverse_frequencies,
 )
+from tests.model.test_family_padding import step_logits
 from tests.model.test_load_hf import LONGROPE
 
 # max_position_embeddings (dynamic) / original_max_position_embeddings: sequences of 24 go beyond it
@@ -180,26 +181,9 @@ def test_dynamic_ntk_generation_equals_transformers_with_and_without_the_cache(t
         )
         ours = generate(model, tokens, 8, attention_mask=mask, use_kv_cache=use_cache)
         assert torch.equal(ours.tokens, ref.sequences), use_cache
-        results[use_cache] = _step_logits(model, ref.sequences, mask, 13, use_cache)
+        results[use_cache] = step_logits(model, ref.sequences, mask, 13, use_cache=use_cache)
         assert_close(results[use_cache], torch.stack(ref.logits, 1), atol=1e-4, rtol=0)
     assert (results[True] - results[False]).abs().max() > 1e-3  # past 16 tokens the cache matters
-
-
-def _step_logits(model, sequences, mask, prompt: int, use_cache: bool) -> torch.Tensor:
-    """The last-position logits of every generation step, feeding ``sequences``' tokens."""
-    kv = model.new_kv_cache() if use_cache else None
-    step_in, step_mask = sequences[:, :prompt], mask
-    out = []
-    with torch.no_grad():
-        for step in range(sequences.shape[1] - prompt):
-            out.append(model(step_in, attention_mask=step_mask, kv_cache=kv)[:, -1])
-            nxt = sequences[:, prompt + step : prompt + step + 1]
-            if use_cache:
-                step_in, step_mask = nxt, torch.ones_like(nxt)
-            else:
-                step_in = sequences[:, : prompt + step + 1]
-                step_mask = torch.cat([step_mask, torch.ones_like(nxt)], 1)
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
