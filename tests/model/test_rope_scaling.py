@@ -289,3 +289,37 @@ def test_bad_rope_scaling_in_a_model_config_is_named():
     )
     with pytest.raises(ValueError, match=r"'longrope' has 1 factors, but rotary_dim=8 needs 4"):
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_transformer_lens_ntk_by_parts_is_llama3_rope():
+    """TransformerLens' NTK-by-parts rope (its Llama-3.1/3.2 configs) is transformers' llama3 formula; the
+    original context is NTK_original_ctx_len (older TransformerLens, without that field, used n_ctx)."""
+    from interplab.model.convert.transformer_lens import tl_config_to_model_config
+
+    tl = dict(
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=50,
+        n_ctx=64,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        gated_mlp=True,
+        rotary_base=500000.0,
+        use_NTK_by_parts_rope=True,
+        NTK_by_parts_low_freq_factor=1.0,
+        NTK_by_parts_high_freq_factor=4.0,
+        NTK_by_parts_factor=32.0,
+    )
+    expected = Llama3Rope(
+        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+    )
+    assert tl_config_to_model_config(tl).rope_scaling == expected
+    tl["NTK_original_ctx_len"] = 8192
+    scaling = tl_config_to_model_config(tl).rope_scaling
+    assert scaling == expected.__class__(**{**vars(expected), "original_max_position_embeddings": 8192})
+    assert tl_config_to_model_config({**tl, "use_NTK_by_parts_rope": False}).rope_scaling is None
