@@ -291,6 +291,7 @@ def test_bad_rope_scaling_in_a_model_config_is_named():
         model(torch.tensor([[1, 2, 3]]))
 
 
+@pytest.mark.filterwarnings("error")  # every field is read: no "ignored" warning
 def test_transformer_lens_ntk_by_parts_is_llama3_rope():
     """TransformerLens' NTK-by-parts rope (its Llama-3.1/3.2 configs) is transformers' llama3 formula; the
     original context is NTK_original_ctx_len (older TransformerLens, without that field, used n_ctx)."""
@@ -323,3 +324,30 @@ def test_transformer_lens_ntk_by_parts_is_llama3_rope():
     scaling = tl_config_to_model_config(tl).rope_scaling
     assert scaling == expected.__class__(**{**vars(expected), "original_max_position_embeddings": 8192})
     assert tl_config_to_model_config({**tl, "use_NTK_by_parts_rope": False}).rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    "name", ["linear", "dynamic", "llama3", "yarn-mscale-betas-untruncated", "longrope-phi3"]
+)
+def test_legacy_rope_scaling_configs(tmp_path, name):
+    """config.json as hub checkpoints wrote it before transformers 5: a flat ``rope_theta`` beside
+    ``rope_scaling`` (Llama-2-era files name the kind ``type``, Llama-3.1's ``rope_type``; Phi-3's 128k files
+    call longrope ``su``); transformers reads them, and so does interplab, to the same logits."""
+    model_cls = _save(name, tmp_path)
+    cfg_file = tmp_path / "config.json"
+    d = json.loads(cfg_file.read_text())
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    if name in ("linear", "dynamic"):
+        rope["type"] = kind
+    else:
+        rope["rope_type"] = "su" if kind == "longrope" else kind
+    d["rope_scaling"] = rope
+    cfg_file.write_text(json.dumps(d))
+    hf = _fresh(model_cls, tmp_path)
+    model = load_model(tmp_path)
+    assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.rope_type == kind
+    tokens = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)

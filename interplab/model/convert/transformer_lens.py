@@ -61,7 +61,7 @@ _MAPPED = set(
     positional_embedding_type attn_only n_key_value_heads rotary_dim rotary_base rotary_adjacent_pairs gated_mlp
     parallel_attn_mlp use_attn_scale attn_scale original_architecture model_name initializer_range use_local_attn
     window_size attn_types attn_scores_soft_cap output_logits_soft_cap use_normalization_before_and_after
-    final_rms""".split()
+    final_rms use_NTK_by_parts_rope""".split()
 )
 # features interplab does not implement: field -> the values that mean "off"
 _MUST_BE_OFF: dict[str, tuple[Any, ...]] = {
