@@ -101,7 +101,11 @@ def expand_mlp(
     new.train(model.training)
     new.tokenizer = model.tokenizer
     return new, Expansion(
-        d_mlp_orig=m, n_units=n_units, layers=chosen, gated=cfg.gated_mlp, gate_bias=cfg.gated_mlp and cfg.gate_bias
+        d_mlp_orig=m,
+        n_units=n_units,
+        layers=chosen,
+        gated=cfg.gated_mlp,
+        gate_bias=cfg.gated_mlp and cfg.gate_bias,
     )
 
 

@@ -10,7 +10,9 @@ CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_vocab=40, n_ctx=16, d_mlp
 @pytest.mark.parametrize("gated", [False, True, "gate_bias"])
 def test_expand_keeps_the_function_and_ablate_inverts_it(gated):
     torch.manual_seed(0)
-    cfg = CFG.replace(gated_mlp=bool(gated), act_fn="silu" if gated else "gelu", gate_bias=gated == "gate_bias")
+    cfg = CFG.replace(
+        gated_mlp=bool(gated), act_fn="silu" if gated else "gelu", gate_bias=gated == "gate_bias"
+    )
     model = Transformer(cfg)
     if gated == "gate_bias":  # (biases start at zero: make the gate's count)
         with torch.no_grad():
