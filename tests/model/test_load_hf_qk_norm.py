@@ -291,3 +291,40 @@ def test_rope_scaling_and_unsupported_options_are_refused_by_name(tmp_path):
     _rewrite_config(tmp_path, lambda d: {**d, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="Qwen3 rope scaling 'yarn'"):
         load_model(tmp_path)
+
+
+def test_saved_and_reloaded_model_is_the_same_model(pair, tmp_path):
+    """The new config fields (qk_norm, pre_norms, rotary_bases) survive interplab's own folder format."""
+    _, _, path = pair
+    model = load_model(path)
+    model.save(tmp_path / "saved")
+    again = load_model(tmp_path / "saved")
+    assert again.cfg == model.cfg
+    tokens = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(again(tokens), model(tokens))
+
+
+def test_old_configs_load_and_bad_values_are_named():
+    from interplab.model import ModelConfig
+
+    old = dict(
+        d_model=16, n_layers=2, n_heads=4, d_vocab=23, n_ctx=12, version=1
+    )  # written before the fields
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.qk_norm.value == "none" and cfg.pre_norms and cfg.rotary_bases == ()
+    assert ModelConfig.from_dict(
+        cfg.replace(positional="rotary", rotary_bases=(1.0, 2.0)).to_dict()
+    ).rotary_bases == (
+        1.0,
+        2.0,
+    )
+    base = {k: v for k, v in old.items() if k != "version"}
+    with pytest.raises(ValueError, match="qk_norm='rms' is not one of: none, head, full"):
+        ModelConfig(**base, qk_norm="rms")
+    with pytest.raises(ValueError, match="rotary_bases has 1 values, but the model has 2 layers"):
+        ModelConfig(**base, positional="rotary", rotary_bases=(1.0,))
+    with pytest.raises(ValueError, match="rotary_bases is set but positional='learned'"):
+        ModelConfig(**base, rotary_bases=(1.0, 2.0))
+    with pytest.raises(ValueError, match="pre_norms=False needs post_norms=True"):
+        ModelConfig(**base, pre_norms=False)
