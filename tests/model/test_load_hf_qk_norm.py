@@ -328,3 +328,26 @@ def test_old_configs_load_and_bad_values_are_named():
         ModelConfig(**base, rotary_bases=(1.0, 2.0))
     with pytest.raises(ValueError, match="pre_norms=False needs post_norms=True"):
         ModelConfig(**base, pre_norms=False)
+
+
+@pytest.mark.parametrize("variant", ["qwen3-tied-sliding-bias", "olmo2-gqa-bias"])
+def test_legacy_configs_with_flat_rope_keys_and_no_layer_types(tmp_path, variant):
+    """Qwen3 and OLMo-2 folders written before transformers 5 (``rope_theta``, no ``layer_types``: Qwen3's
+    sliding layers then follow ``max_window_layers``)."""
+    hf = make_hf(variant)
+    hf.save_pretrained(tmp_path)
+
+    def legacy(d: dict) -> dict:
+        d.pop("layer_types", None)
+        d["rope_theta"], d["rope_scaling"] = d.pop("rope_parameters")["rope_theta"], None
+        return d
+
+    _rewrite_config(tmp_path, legacy)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_model(tmp_path)
+    if variant.startswith("qwen3"):
+        assert model.cfg.sliding_layers == (1, 2) and model.cfg.sliding_window == 4
+    tokens = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(model(tokens), reloaded(tokens).logits, atol=1e-4, rtol=0)
+        assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
