@@ -112,6 +112,8 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     """scaled rotary frequencies (`interplab.model.rope`: linear, dynamic, yarn, llama3, longrope); None: unscaled.
     A dict with a ``rope_type`` is accepted (what ``to_dict`` writes)"""
+    rope_scaled_layers: tuple[int, ...] = ()
+    """the layers ``rope_scaling`` applies to; empty: every layer (Gemma-3 scales its global layers only)"""
     parallel_attn_mlp: bool = False
     """attention and MLP read the same residual stream and are added together (GPT-NeoX, GPT-J)"""
     attn_bias: bool = True
@@ -185,6 +187,7 @@ class ModelConfig:
         object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
         object.__setattr__(self, "rope_scaling", parse_rope_scaling(self.rope_scaling))
         object.__setattr__(self, "rotary_bases", tuple(float(b) for b in self.rotary_bases))
+        object.__setattr__(self, "rope_scaled_layers", tuple(self.rope_scaled_layers))
         assert self.d_head is not None and self.n_kv_heads is not None and self.rotary_dim is not None
         for name in ("d_head", "n_kv_heads", "d_mlp", "d_vocab_out"):
             value = getattr(self, name)
@@ -203,6 +206,14 @@ class ModelConfig:
             raise ValueError(
                 f"rope_scaling={self.rope_scaling.rope_type!r} needs positional='rotary', got {self.positional.value!r}"
             )
+        if self.rope_scaled_layers:
+            if self.rope_scaling is None:
+                raise ValueError("rope_scaled_layers is set but rope_scaling is None")
+            bad = [layer for layer in self.rope_scaled_layers if not 0 <= layer < self.n_layers]
+            if bad:
+                raise ValueError(
+                    f"rope_scaled_layers has layers {bad}, but the model has {self.n_layers} layers"
+                )
         if self.gate_bias and not (self.gated_mlp and self.has_mlp):
             raise ValueError("gate_bias=True needs a gated MLP (gated_mlp=True, attn_only=False)")
         if self.tie_embeddings and self.d_vocab_out != self.d_vocab:
@@ -262,9 +273,23 @@ class ModelConfig:
         """The rotary base (theta) of a layer: ``rotary_bases[layer]`` if given, else ``rotary_base``."""
         return self.rotary_bases[layer] if self.rotary_bases else self.rotary_base
 
+    @property
+    def per_layer_rotary(self) -> bool:
+        """Whether layers differ in their rotary tables (``rotary_bases`` or ``rope_scaled_layers``)."""
+        return bool(self.rotary_bases or self.rope_scaled_layers)
+
+    def rope_scaled(self, layer: int) -> bool:
+        """Whether ``rope_scaling`` applies to a layer."""
+        return self.rope_scaling is not None and (
+            not self.rope_scaled_layers or layer in self.rope_scaled_layers
+        )
+
     def rotary_config(self, layer: int) -> ModelConfig:
-        """This config with ``rotary_base`` set to the layer's own (what `rotary_tables` reads)."""
-        return _rotary_config(self, self.rotary_bases[layer]) if self.rotary_bases else self
+        """This config with ``rotary_base`` and ``rope_scaling`` set to the layer's own (what `rotary_tables`
+        reads)."""
+        if not self.per_layer_rotary:
+            return self
+        return _rotary_config(self, self.rotary_base_for(layer), self.rope_scaled(layer))
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -309,6 +334,12 @@ class ModelConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _rotary_config(cfg: ModelConfig, base: float) -> ModelConfig:
-    """``cfg`` with one rotary base (kept: every forward of a model with per-layer bases asks; ~5 us, not ~90)."""
-    return cfg.replace(rotary_base=base, rotary_bases=())
+def _rotary_config(cfg: ModelConfig, base: float, scaled: bool) -> ModelConfig:
+    """``cfg`` with one rotary base and its scaling or none (kept: every forward of a model with per-layer rotary
+    asks; ~5 us, not ~90)."""
+    return cfg.replace(
+        rotary_base=base,
+        rotary_bases=(),
+        rope_scaling=cfg.rope_scaling if scaled else None,
+        rope_scaled_layers=(),
+    )

@@ -149,12 +149,14 @@ class Transformer(nn.Module):
         ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
         if self.cfg.positional is Positional.ROTARY:
             ctx.rotary = self._rotary(self.cfg, positions, key_valid is None, past, tokens.device)
-            by_base: dict[float, tuple[Tensor, Tensor]] = {}
-            for layer, base in enumerate(self.cfg.rotary_bases):  # layers with their own base (Gemma-3)
-                if base not in by_base:
-                    cfg = self.cfg.rotary_config(layer)
-                    by_base[base] = self._rotary(cfg, positions, key_valid is None, past, tokens.device)
-                ctx.layer_rotary[layer] = by_base[base]
+            if self.cfg.per_layer_rotary:  # layers with their own base or scaling (Gemma-3)
+                by_kind: dict[tuple[float, bool], tuple[Tensor, Tensor]] = {}
+                for layer in range(self.cfg.n_layers):
+                    kind = (self.cfg.rotary_base_for(layer), self.cfg.rope_scaled(layer))
+                    if kind not in by_kind:
+                        cfg = self.cfg.rotary_config(layer)
+                        by_kind[kind] = self._rotary(cfg, positions, key_valid is None, past, tokens.device)
+                    ctx.layer_rotary[layer] = by_kind[kind]
         return ctx
 
     def _rotary(

@@ -72,6 +72,22 @@ ROPES = {  # name -> (family, rope parameters beyond rope_theta, config beyond S
         {"rope_type": "linear", "factor": 4.0},
         {"sliding_window": 5, "num_key_value_heads": 2},
     ),
+    "yarn-qwen3": (
+        "qwen3",
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
+        {"num_key_value_heads": 2, "head_dim": 8},
+    ),
+    "llama3-olmo2": (
+        "olmo2",
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+        },
+        {},
+    ),
     "longrope-phi3": ("phi3", LONGROPE, {"original_max_position_embeddings": ORIGINAL}),
     "longrope-phi3-partial": (
         "phi3",
@@ -84,6 +100,8 @@ CLASSES = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
 }
 
 
@@ -253,7 +271,7 @@ def test_unsupported_rope_type_is_named_with_the_supported_ones(tmp_path, rope_t
 def test_rope_scaling_of_a_family_that_does_not_read_it_is_refused(tmp_path):
     _hf_config_folder(tmp_path, {"rope_type": "linear", "factor": 2.0}, family="gemma2")
     with pytest.raises(
-        ValueError, match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Phi-3"
+        ValueError, match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3"
     ):
         load_model(tmp_path)
 
@@ -351,3 +369,42 @@ def test_legacy_rope_scaling_configs(tmp_path, name):
     tokens = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_gemma3_scales_its_global_layers_only(tmp_path):
+    """Gemma-3 4B+ scale the positions of their global (full_attention) layers linearly and leave the local ones:
+    logits, residual stream and rotated q/k equal transformers', and scaling every layer (or none) differs."""
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    }
+    cfg = transformers.Gemma3TextConfig(
+        **{k: v for k, v in SMALL.items()},
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=rope,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            p.normal_(0, 0.3) if "norm" not in pname else p.uniform_(-0.5, 0.5)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.cfg.rope_scaling == LinearRope(factor=4.0) and model.cfg.rope_scaled_layers == (1,)
+    tokens = torch.randint(3, 101, (2, 20), generator=torch.Generator().manual_seed(3))
+    logits, hidden, rotated = _hf_rotated(hf, tokens, "gemma3")
+    got, cache = model.run_with_cache(tokens)
+    assert_close(got, logits, atol=1e-4, rtol=0)
+    for layer in range(2):
+        assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=1e-4, rtol=0)
+        assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], rotated[layer][0], atol=1e-4, rtol=0)
+    for changes in (dict(rope_scaled_layers=()), dict(rope_scaling=None, rope_scaled_layers=())):
+        other = load_model(tmp_path)
+        set_config(other, other.cfg.replace(**changes))
+        with torch.no_grad():
+            assert (other(tokens) - logits).abs().max() > 1e-2, changes

@@ -218,7 +218,7 @@ def hf_rope(hf: dict, family: str, *, theta_key: str = "rope_theta", scaling: bo
     return rope
 
 
-SCALED_ROPE_FAMILIES = ("Llama", "Mistral", "Qwen2", "Phi-3")
+SCALED_ROPE_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "OLMo-2", "Phi-3")
 """the families whose converters read rope scaling (the others refuse it)"""
 
 
