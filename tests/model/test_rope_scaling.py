@@ -25,6 +25,7 @@ from interplab.model.rope import (
 )
 from tests.model.test_family_padding import step_logits
 from tests.model.test_load_hf import LONGROPE
+from tests.model.test_load_hf_qk_norm import _gemma3 as gemma3_config
 
 # max_position_embeddings (dynamic) / original_max_position_embeddings: sequences of 24 go beyond it
 ORIGINAL = 16
@@ -271,7 +272,8 @@ def test_unsupported_rope_type_is_named_with_the_supported_ones(tmp_path, rope_t
 def test_rope_scaling_of_a_family_that_does_not_read_it_is_refused(tmp_path):
     _hf_config_folder(tmp_path, {"rope_type": "linear", "factor": 2.0}, family="gemma2")
     with pytest.raises(
-        ValueError, match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3"
+        ValueError,
+        match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3",
     ):
         load_model(tmp_path)
 
@@ -378,16 +380,7 @@ def test_gemma3_scales_its_global_layers_only(tmp_path):
         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50_000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
     }
-    cfg = transformers.Gemma3TextConfig(
-        **{k: v for k, v in SMALL.items()},
-        num_key_value_heads=2,
-        head_dim=8,
-        query_pre_attn_scalar=16,
-        sliding_window=4,
-        max_position_embeddings=64,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_parameters=rope,
-    )
+    cfg, _ = gemma3_config(num_key_value_heads=2, rope_parameters=rope)  # local, global, local layers
     torch.manual_seed(0)
     hf = transformers.Gemma3ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -396,11 +389,12 @@ def test_gemma3_scales_its_global_layers_only(tmp_path):
     hf.save_pretrained(tmp_path)
     model = load_model(tmp_path)
     assert model.cfg.rope_scaling == LinearRope(factor=4.0) and model.cfg.rope_scaled_layers == (1,)
+    assert model.cfg.n_layers == 3
     tokens = torch.randint(3, 101, (2, 20), generator=torch.Generator().manual_seed(3))
     logits, hidden, rotated = _hf_rotated(hf, tokens, "gemma3")
     got, cache = model.run_with_cache(tokens)
     assert_close(got, logits, atol=1e-4, rtol=0)
-    for layer in range(2):
+    for layer in range(3):
         assert_close(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=1e-4, rtol=0)
         assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], rotated[layer][0], atol=1e-4, rtol=0)
     for changes in (dict(rope_scaled_layers=()), dict(rope_scaling=None, rope_scaled_layers=())):
