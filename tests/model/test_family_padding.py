@@ -14,6 +14,8 @@ from interplab.model.generate import generate
 from interplab.model.rope import cache_expires_at
 from tests.model.test_load_hf import VARIANTS
 from tests.model.test_load_hf import _make as make_hf
+from tests.model.test_load_hf_qk_norm import VARIANTS as QK_NORM_VARIANTS
+from tests.model.test_load_hf_qk_norm import make_hf as make_qk_norm_hf
 
 PAD = 0
 LENGTHS = (14, 6, 10)  # the longest row unpadded, as in a batch that generate pads on the left
@@ -39,9 +41,13 @@ def _left_padded(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# every family's variants (the multimodal Gemma-3 checkpoint's text model is Gemma-3 text's, checked beside it)
+FAMILIES = list(VARIANTS) + [v for v in QK_NORM_VARIANTS if v != "gemma3-multimodal"]
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
 def test_left_padded_batch_and_greedy_generation_equal_transformers(tmp_path, variant):
-    hf = make_hf(variant)
+    hf = make_hf(variant) if variant in VARIANTS else make_qk_norm_hf(variant)
     _sharpen(hf)
     hf.save_pretrained(tmp_path)
     model = load_model(tmp_path)
