@@ -44,6 +44,7 @@ from interplab.train.distributed import (
     barrier,
     broadcast_,
     is_main,
+    same_on_every_rank,
     world_size,
 )
 
@@ -236,6 +237,8 @@ def train_saes(
                 break
             _check_input(batch, step, batches)
             n_tok = next(iter(batch.values())).shape[0]
+            if step == start:  # tokens count n_tok * world: exact only when every rank's batch has n_tok rows
+                same_on_every_rank(n_tok, "the rows per batch")
             for t in trainers:
                 if step < t.cfg.total_steps:
                     _step(t, batch, step)
@@ -328,7 +331,12 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
     t.steps_done = step + 1
     t.last_batch = (x, target)
     if t.dead_handling is DeadHandling.RESAMPLE and cfg.resamples_at(step + 1):
+        any_dead = bool(t.dead_mask().any())  # the same on every rank (firing counts are all-reduced)
         resample_dead(t, x, target)
+        if any_dead and world_size() > 1:
+            # each rank drew from its own rows: every rank takes rank 0's new latents (and their Adam moments)
+            moments = [v for p in sae.parameters() for v in t.opt.state.get(p, {}).values() if v.ndim]
+            broadcast_([*sae.parameters(), *moments])
     if step + 1 == cfg.total_steps:
         t.final_metrics = evaluate_returned(sae, x, target)
     if not sample:

@@ -223,6 +223,19 @@ def agree(error: BaseException | None, what: str) -> None:
         raise RankFailure(f"rank(s) {bad} failed {what} (see their error); this rank {rank()} stops too")
 
 
+def same_on_every_rank(value: int, what: str) -> None:
+    """Refuse (ValueError on every rank, listing each rank's value) unless ``value`` is the same on every rank."""
+    if world_size() == 1:
+        return
+    values = torch.zeros(world_size(), dtype=torch.long)
+    values[rank()] = value
+    _all_reduce(values)
+    if bool((values != values[0]).any()):
+        raise ValueError(
+            f"{what} differs across ranks ({values.tolist()}, by rank): every rank must have the same"
+        )
+
+
 def shard_of(n: int, rank: int, world: int) -> range:
     """The items of ``range(n)`` rank ``rank`` of ``world`` takes: every ``world``-th, from ``rank``
     (disjoint across ranks, covering every item exactly once)."""
@@ -236,7 +249,10 @@ def from_rank0(value: int) -> int:
     if world_size() == 1:
         return value
     t = torch.tensor([value])
-    dist.broadcast(t, src=0)
+    try:
+        dist.broadcast(t, src=0)
+    except RuntimeError as err:
+        raise RankFailure(_failure("a broadcast from rank 0", err)) from err
     return int(t)
 
 
@@ -247,10 +263,19 @@ def broadcast_(tensors: Iterable[Tensor], src: int = 0) -> None:
             dist.broadcast(t.data, src=src)
 
 
+def _all_reduce(t: Tensor) -> None:
+    """``dist.all_reduce``; a peer that died (gloo: connection closed; any backend: the timeout) is a
+    `RankFailure` saying what to do."""
+    try:
+        dist.all_reduce(t)
+    except RuntimeError as err:
+        raise RankFailure(_failure("an all-reduce", err)) from err
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """``t`` summed over ranks, in place (returned for chaining)."""
     if world_size() > 1:
-        dist.all_reduce(t)
+        _all_reduce(t)
     return t
 
 
@@ -258,7 +283,7 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     """``t`` averaged over ranks, in place (returned for chaining)."""
     world = world_size()
     if world > 1:
-        dist.all_reduce(t)
+        _all_reduce(t)
         t /= world
     return t
 
