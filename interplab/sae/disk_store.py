@@ -510,6 +510,7 @@ class DiskActivationStore:
         dtype: torch.dtype = torch.float32,
         rank: int | None = None,
         world: int | None = None,
+        start: int = 0,
     ) -> Iterator[ActivationBatch]:
         """Batches ``{hook: [batch_size, d]}``. Shuffling permutes chunks of ``chunk_rows`` rows across all
         shards, gathers ``mix_chunks`` chunks at a time and permutes their rows, so memory stays at
@@ -519,7 +520,8 @@ class DiskActivationStore:
         Under torchrun (or with ``rank`` and ``world``) ``batch_size`` is the global batch: each rank gets its
         contiguous ``batch_size // world`` rows of every batch one process would get, reading only those, so
         the ranks together read each row of the one-process stream exactly once (and a resume that skips the
-        first n batches skips the same rows on every rank)."""
+        first n batches skips the same rows on every rank). ``start=n`` begins at batch n without reading the
+        n before it (a resume: `SkippableBatches`)."""
         hooks = list(self.hooks) if hooks is None else [_canon(h) for h in hooks]
         for h in hooks:
             if h not in self.hooks:
@@ -542,6 +544,7 @@ class DiskActivationStore:
         ]
         bounds = torch.tensor(starts[1:-1], dtype=torch.long)
         g = torch.Generator().manual_seed(seed)
+        served = 0
         for _ in range(epochs):
             order = torch.randperm(len(chunks), generator=g).tolist() if shuffle else list(range(len(chunks)))
             carry = torch.zeros(0, dtype=torch.long)
@@ -555,6 +558,9 @@ class DiskActivationStore:
                     merged = merged[torch.randperm(n, generator=g)]
                 full = n // batch_size
                 for i in range(full):
+                    served += 1
+                    if served <= start:
+                        continue  # a resume: the index is kept in step, no row is read
                     lo = i * batch_size + rank * part
                     yield self._gather(merged[lo : lo + part], bounds, starts, hooks, dtype)
                 carry = merged[full * batch_size :]

@@ -27,7 +27,12 @@ from interplab.integrity import module_fingerprint
 from interplab.plots import save_figure
 from interplab.runs import LOG, SAES, TRAIN_SUMMARY, read_json
 from interplab.sae import resume as resume_lib
-from interplab.sae.activations import ActivationBatch, ActivationStream, corpus_token_batches
+from interplab.sae.activations import (
+    ActivationBatch,
+    ActivationStream,
+    SkippableBatches,
+    corpus_token_batches,
+)
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, SAEConfig
 from interplab.sae.disk_store import DiskActivationStore
@@ -223,14 +228,13 @@ def cache_source(
             f"--batch {batch_size} is more than the {store.rows:,} rows in {cache_dir}; use --batch <= {store.rows}"
         )
     widths = {h: store.hooks[h] for h in names}
+    ranks: dict[str, Any] = {"rank": 0, "world": 1} if spread else {}
     epochs = -(-steps * batch_size // max(store.rows, 1))
     return ActivationSource(
-        batches=store.batches(
-            batch_size,
-            hooks=list(widths),
-            epochs=epochs,
-            seed=seed,
-            **({"rank": 0, "world": 1} if spread else {}),
+        batches=SkippableBatches(
+            lambda start: store.batches(
+                batch_size, hooks=list(widths), epochs=epochs, seed=seed, start=start, **ranks
+            )
         ),
         widths=widths,
         model_name=(store.manifest.get("model") or {}).get("name"),
