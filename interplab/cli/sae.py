@@ -328,6 +328,7 @@ def _train(
         if cache_dir is not None:
             source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed, spread=spread)
         else:
+            assert model_path is not None  # exactly one of --model / --cache (checked above)
             model = load_model_arg(model_path)
             seq_len = check_seq_len(seq_len, model)
             source = model_source(
