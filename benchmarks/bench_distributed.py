@@ -6,7 +6,8 @@
 
 Each measurement is one torchrun launch; inside it every rank times the work alone (after a barrier, so
 process start-up and imports are not counted) in wall-clock and CPU time. Process counts are interleaved
-over rounds; medians. Scaling efficiency = throughput(N) / (N * throughput(1)): 1.0 is perfect. The machine
+over rounds; medians. Scaling efficiency = throughput(N) / (N * throughput(1)): 1.0 is perfect; CPU
+efficiency = cpu(1) / cpu(N) (see `summarise`). The machine
 this was measured on has the core count recorded in the JSON (2 here, shared with other jobs): 4 processes
 on 2 cores cannot scale past 2x, and wall-clock numbers depend on the other jobs; CPU time per row says what
 each process did (communication and waiting included).
@@ -103,6 +104,33 @@ def _launch(job: str, n: int, work: Path) -> dict[str, float]:
     return json.loads(out.read_text())
 
 
+def summarise(runs: dict[str, dict[int, list[dict[str, float]]]]) -> dict[str, object]:
+    """Medians per job and process count; speed-up and scaling efficiency from wall-clock time, and the CPU
+    efficiency cpu(1) / cpu(N): the share of the total CPU time that is the one-process work (what the
+    parallel version costs in extra work: communication, per-rank overheads), independent of how much of the
+    shared machine each process got."""
+    results: dict[str, object] = {}
+    for job, by_n in runs.items():
+        rows = next(iter(by_n.values()))[0]["rows"]
+        wall = {n: statistics.median(m["wall_s"] for m in ms) for n, ms in by_n.items()}
+        cpu = {n: statistics.median(m["cpu_s"] for m in ms) for n, ms in by_n.items()}
+        one = 1 in wall
+        results[job] = {
+            "rows": rows,
+            "wall_s": {str(n): round(v, 3) for n, v in wall.items()},
+            "rows_per_s": {str(n): round(rows / v, 1) for n, v in wall.items()},
+            "speedup": {str(n): round(wall[1] / v, 3) for n, v in wall.items()} if one else None,
+            "scaling_efficiency": {str(n): round(wall[1] / v / n, 3) for n, v in wall.items()}
+            if one
+            else None,
+            "cpu_s_total": {str(n): round(v, 3) for n, v in cpu.items()},
+            "cpu_us_per_row": {str(n): round(1e6 * v / rows, 2) for n, v in cpu.items()},
+            "cpu_efficiency": {str(n): round(cpu[1] / v, 3) for n, v in cpu.items()} if one else None,
+            "launches": {str(n): len(ms) for n, ms in by_n.items()},
+        }
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distributed.json")
@@ -134,23 +162,7 @@ def main() -> None:
                     print(job, n, runs[job][n][-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results: dict[str, object] = {}
-    for job, by_n in runs.items():
-        rows = by_n[procs[0]][0]["rows"]
-        wall = {n: statistics.median(m["wall_s"] for m in ms) for n, ms in by_n.items()}
-        cpu = {n: statistics.median(m["cpu_s"] for m in ms) for n, ms in by_n.items()}
-        base = rows / wall[1] if 1 in wall else None
-        results[job] = {
-            "rows": rows,
-            "wall_s": {str(n): round(v, 3) for n, v in wall.items()},
-            "rows_per_s": {str(n): round(rows / v, 1) for n, v in wall.items()},
-            "speedup": {str(n): round(wall[1] / v, 3) for n, v in wall.items()} if base else None,
-            "scaling_efficiency": {str(n): round(wall[1] / v / n, 3) for n, v in wall.items()}
-            if base
-            else None,
-            "cpu_s_total": {str(n): round(v, 3) for n, v in cpu.items()},
-            "cpu_us_per_row": {str(n): round(1e6 * v / rows, 2) for n, v in cpu.items()},
-        }
+    results = summarise(runs)
     doc = {
         "benchmark": "bench_distributed",
         "settings": {"train": {"d_in": D_IN, "d_sae": D_SAE, "global_batch": BATCH, "steps": STEPS,

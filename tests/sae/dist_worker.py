@@ -50,7 +50,8 @@ source = cache_source(out / "cache", [HOOK], batch_size=32, steps=steps)
 batches = SkippableBatches(lambda start: record(source.batches.from_batch(start), start))
 result = train_saes(sae, batches, train_config(steps), run_dir=out / "run", data=source.data)
 # the rows this process trained on in this launch, and the tokens the trainer counted
-torch.save({"rows": torch.cat(seen), "tokens": result.tokens, "resumed_from": result.resumed_from},
+torch.save({"rows": torch.cat(seen), "tokens": result.tokens, "resumed_from": result.resumed_from,
+            "local_rank": info.local_rank, "world": info.world},
            out / f"rows_{rank}.pt")  # fmt: skip
 
 if os.environ.get("ONLY") != "train":

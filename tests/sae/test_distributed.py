@@ -6,6 +6,7 @@ the uninterrupted result, bit for bit; a sweep spread over ranks writes the run 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,6 +160,55 @@ def test_killed_rank_stops_the_job_and_the_same_command_resumes_bit_exactly(two,
     assert metrics == whole_metrics
 
 
+def test_two_nodes_of_one_process_each_train_like_one_node_of_two(two, tmp_path):
+    """Two torchrun agents (--nnodes 2, one process each) meet at a c10d rendezvous: global ranks 0 and 1, both
+    LOCAL_RANK 0. Sharding follows the global rank, so the run is the one-node run, bit for bit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+               "ONLY": "train"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "interplab-test",
+                str(ROOT / "tests" / "sae" / "dist_worker.py"),
+                str(tmp_path),
+                str(STEPS),
+            ],  # fmt: skip
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in range(2)
+    ]
+    for proc in procs:
+        code, output = _finish(proc)
+        assert code == 0, output[-4000:]
+    ranks = [torch.load(tmp_path / f"rows_{r}.pt") for r in range(2)]
+    assert [(r["local_rank"], r["world"]) for r in ranks] == [(0, 2), (0, 2)]
+    for r in range(2):
+        assert torch.equal(ranks[r]["rows"], torch.load(two / f"rows_{r}.pt")["rows"])
+    a, b = load_sae(tmp_path / "run" / "saes" / "sae"), load_sae(two / "run" / "saes" / "sae")
+    for (key, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), key
+
+
 def test_a_hung_rank_stops_the_job_with_a_clear_error(tmp_path):
     code, output = _finish(_torchrun(tmp_path, HANG_STEP="5", ONLY="train", INTERPLAB_DIST_TIMEOUT="3"))
     assert code != 0
@@ -261,3 +311,52 @@ def test_a_sweep_is_spread_disjointly_and_never_over_more_ranks_than_saes():
     assert sorted(sum(shares, [])) == names and shares[0] == ["s0", "s3"]
     with pytest.raises(ValueError, match="5 SAE.*cannot be spread over 6 processes.*at most 5"):
         spread_names(names, 0, 6)
+
+
+@pytest.mark.slow
+def test_the_cli_caches_and_trains_under_torchrun(tmp_path):
+    """`torchrun -m interplab sae cache` then `sae train --spread`: the commands join torchrun's group, rank 0
+    prints, a --batch that does not divide is refused."""
+    import random
+
+    from interplab.data import CharTokenizer
+    from interplab.model import ModelConfig, Transformer
+
+    t, tok = tmp_path, CharTokenizer("abcdefgh \n")
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=tok.vocab_size, n_ctx=64, d_mlp=32)
+    )
+    model.tokenizer = tok
+    model.save(t / "model")
+    rng = random.Random(0)
+    (t / "corpus").mkdir()
+    for i in range(20):
+        text = "\n".join("".join(rng.choice("abcdefgh ") for _ in range(200)) for _ in range(8))
+        (t / "corpus" / f"{i}.txt").write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "INTERPLAB_CACHE": str(t / "cache")}
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "interplab",
+    ]
+    cache = ["sae", "cache", str(t / "model"), "--hook", HOOK, "--out", str(t / "acts"), "--tokens", "2000",
+             "--seq-len", "32", "--batch", "4", "--corpus", str(t / "corpus"), "--dtype", "float32"]  # fmt: skip
+    done = subprocess.run(run + cache, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(written by 2 processes)" in done.stdout and done.stdout.count("rows in") == 1  # rank 0 prints
+    assert DiskActivationStore(t / "acts").manifest["world"] == 2
+    train = ["sae", "train", "--cache", str(t / "acts"), "--hook", HOOK, "--steps", "6", "--batch", "64",
+             "--expansion", "2", "--sweep", "k=2,4,8", "--spread", "--out", str(t / "sweep")]  # fmt: skip
+    done = subprocess.run(run + train, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(list((t / "sweep" / "saes").iterdir())) == 3
+    bad = ["sae", "train", "--cache", str(t / "acts"), "--hook", HOOK, "--steps", "6", "--batch", "63",
+           "--out", str(t / "dp")]  # fmt: skip
+    done = subprocess.run(run + bad, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--batch 63 does not divide over 2 processes" in done.stdout + done.stderr
