@@ -173,6 +173,7 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "load_average_at_end": list(os.getloadavg())},
         "results": results,
+        "launches_raw": {j: {str(n): v for n, v in by.items()} for j, by in runs.items()},
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -209,6 +209,7 @@ def test_two_nodes_of_one_process_each_train_like_one_node_of_two(two, tmp_path)
         assert torch.equal(p, q), key
 
 
+@pytest.mark.slow
 def test_a_hung_rank_stops_the_job_with_a_clear_error(tmp_path):
     code, output = _finish(_torchrun(tmp_path, HANG_STEP="5", ONLY="train", INTERPLAB_DIST_TIMEOUT="3"))
     assert code != 0
