@@ -5,6 +5,7 @@ the uninterrupted result, bit for bit; a sweep spread over ranks writes the run 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,6 +143,15 @@ def test_killed_rank_stops_the_job_and_the_same_command_resumes_bit_exactly(two,
     assert "Signal 9" in output or "SIGKILL" in output, output[-4000:]
     assert (tmp_path / "run" / "checkpoints" / "step_000004").is_dir()
     (tmp_path / "pid").unlink()
+    # another number of processes may resume too: one process continues the same global batches (rounding)
+    shutil.copytree(tmp_path / "run", tmp_path / "alone")
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(d_in=32, d_sae=64, architecture="relu", hook_name=HOOK))
+    source = cache_source(tmp_path / "cache", [HOOK], batch_size=32, steps=STEPS)
+    alone = train_saes(sae, source.batches, train_config(STEPS), run_dir=tmp_path / "alone", data=source.data)
+    assert alone.resumed_from == 4 and alone.tokens == STEPS * 32
+    for p, q in zip(sae.parameters(), load_sae(two / "run" / "saes" / "sae").parameters(), strict=True):
+        assert_close(p, q, rtol=1e-4, atol=1e-5)
     code, output = _finish(_torchrun(tmp_path, ONLY="train"))  # the same command, run again
     assert code == 0, output[-4000:]
     for r in range(2):
