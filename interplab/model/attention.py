@@ -23,6 +23,7 @@ from interplab.model.config import ModelConfig, Positional, QKNorm, RotaryStyle
 from interplab.model.kv_cache import LayerKV
 from interplab.model.layers import Need, _hp, need, value_of
 from interplab.model.norms import Normalization, make_qk_norm
+from interplab.model.rope import depends_on_length, inverse_frequencies
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -30,18 +31,25 @@ _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 def rotary_tables(
     cfg: ModelConfig, positions: Int[Tensor, "batch pos"], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [batch pos 1 rotary_dim] for the given absolute positions."""
+    """cos and sin tables [batch pos 1 rotary_dim] for the given absolute positions, under the config's rope
+    scaling (`interplab.model.rope`; the length-dependent ones read the largest position here + 1, so pass a
+    forward's positions whole, a key/value cache's new ones counted from its past)."""
     dim = cfg.rotary_dim
     assert dim is not None
-    inv_freq = 1.0 / (
-        cfg.rotary_base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    scaling = cfg.rope_scaling
+    seq_len = positions.max() + 1 if depends_on_length(scaling) and positions.numel() else None
+    inv_freq, attention_factor = inverse_frequencies(
+        scaling, base=cfg.rotary_base, dim=dim, seq_len=seq_len, device=positions.device
     )
     angles = positions.to(torch.float32)[..., None] * inv_freq  # batch pos dim/2
     if cfg.rotary_style is RotaryStyle.NEOX:
         angles = torch.cat([angles, angles], dim=-1)
     else:
         angles = angles.repeat_interleave(2, dim=-1)
-    return angles.cos()[:, :, None, :].to(dtype), angles.sin()[:, :, None, :].to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:  # yarn, longrope: as Hugging Face, on cos and sin (the scores get its square)
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype)
 
 
 def apply_rotary(

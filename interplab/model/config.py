@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from interplab import runs
+from interplab.model.rope import RopeScaling, parse_rope_scaling, rope_scaling_to_dict
 
 CONFIG_VERSION = 1
 
@@ -108,12 +109,19 @@ class ModelConfig:
     ``rotary_base`` everywhere"""
     rotary_style: RotaryStyle = RotaryStyle.NEOX
     """how rotary dimensions are paired"""
+    rope_scaling: RopeScaling | None = None
+    """scaled rotary frequencies (`interplab.model.rope`: linear, dynamic, yarn, llama3, longrope); None: unscaled.
+    A dict with a ``rope_type`` is accepted (what ``to_dict`` writes)"""
+    rope_scaled_layers: tuple[int, ...] = ()
+    """the layers ``rope_scaling`` applies to; empty: every layer (Gemma-3 scales its global layers only)"""
     parallel_attn_mlp: bool = False
     """attention and MLP read the same residual stream and are added together (GPT-NeoX, GPT-J)"""
     attn_bias: bool = True
     """attention biases are trained (if False they exist but stay zero until weight processing)"""
     mlp_bias: bool = True
     """MLP biases are trained (if False they exist but stay zero until weight processing)"""
+    gate_bias: bool = False
+    """a gated MLP's gate has a bias ``b_gate`` too: act(x W_gate + b_gate) (Llama with ``mlp_bias``)"""
     unembed_bias: bool = False
     """the unembedding has a trained bias"""
     tie_embeddings: bool = False
@@ -177,7 +185,9 @@ class ModelConfig:
         if self.attn_scale is None:
             object.__setattr__(self, "attn_scale", float(self.d_head) ** 0.5)
         object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
+        object.__setattr__(self, "rope_scaling", parse_rope_scaling(self.rope_scaling))
         object.__setattr__(self, "rotary_bases", tuple(float(b) for b in self.rotary_bases))
+        object.__setattr__(self, "rope_scaled_layers", tuple(self.rope_scaled_layers))
         assert self.d_head is not None and self.n_kv_heads is not None and self.rotary_dim is not None
         for name in ("d_head", "n_kv_heads", "d_mlp", "d_vocab_out"):
             value = getattr(self, name)
@@ -192,6 +202,20 @@ class ModelConfig:
                 raise ValueError(
                     f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}"
                 )
+        if self.rope_scaling is not None and self.positional is not Positional.ROTARY:
+            raise ValueError(
+                f"rope_scaling={self.rope_scaling.rope_type!r} needs positional='rotary', got {self.positional.value!r}"
+            )
+        if self.rope_scaled_layers:
+            if self.rope_scaling is None:
+                raise ValueError("rope_scaled_layers is set but rope_scaling is None")
+            bad = [layer for layer in self.rope_scaled_layers if not 0 <= layer < self.n_layers]
+            if bad:
+                raise ValueError(
+                    f"rope_scaled_layers has layers {bad}, but the model has {self.n_layers} layers"
+                )
+        if self.gate_bias and not (self.gated_mlp and self.has_mlp):
+            raise ValueError("gate_bias=True needs a gated MLP (gated_mlp=True, attn_only=False)")
         if self.tie_embeddings and self.d_vocab_out != self.d_vocab:
             raise ValueError(
                 f"tie_embeddings needs d_vocab_out == d_vocab, got {self.d_vocab_out} != {self.d_vocab}"
@@ -249,9 +273,23 @@ class ModelConfig:
         """The rotary base (theta) of a layer: ``rotary_bases[layer]`` if given, else ``rotary_base``."""
         return self.rotary_bases[layer] if self.rotary_bases else self.rotary_base
 
+    @property
+    def per_layer_rotary(self) -> bool:
+        """Whether layers differ in their rotary tables (``rotary_bases`` or ``rope_scaled_layers``)."""
+        return bool(self.rotary_bases or self.rope_scaled_layers)
+
+    def rope_scaled(self, layer: int) -> bool:
+        """Whether ``rope_scaling`` applies to a layer."""
+        return self.rope_scaling is not None and (
+            not self.rope_scaled_layers or layer in self.rope_scaled_layers
+        )
+
     def rotary_config(self, layer: int) -> ModelConfig:
-        """This config with ``rotary_base`` set to the layer's own (what `rotary_tables` reads)."""
-        return _rotary_config(self, self.rotary_bases[layer]) if self.rotary_bases else self
+        """This config with ``rotary_base`` and ``rope_scaling`` set to the layer's own (what `rotary_tables`
+        reads)."""
+        if not self.per_layer_rotary:
+            return self
+        return _rotary_config(self, self.rotary_base_for(layer), self.rope_scaled(layer))
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -265,6 +303,8 @@ class ModelConfig:
                 value = value.value
             elif isinstance(value, tuple):
                 value = list(value)
+            elif f.name == "rope_scaling" and value is not None:
+                value = rope_scaling_to_dict(value)
             out[f.name] = value
         return out
 
@@ -294,6 +334,12 @@ class ModelConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _rotary_config(cfg: ModelConfig, base: float) -> ModelConfig:
-    """``cfg`` with one rotary base (kept: every forward of a model with per-layer bases asks; ~5 us, not ~90)."""
-    return cfg.replace(rotary_base=base, rotary_bases=())
+def _rotary_config(cfg: ModelConfig, base: float, scaled: bool) -> ModelConfig:
+    """``cfg`` with one rotary base and its scaling or none (kept: every forward of a model with per-layer rotary
+    asks; ~5 us, not ~90)."""
+    return cfg.replace(
+        rotary_base=base,
+        rotary_bases=(),
+        rope_scaling=cfg.rope_scaling if scaled else None,
+        rope_scaled_layers=(),
+    )

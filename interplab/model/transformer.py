@@ -30,6 +30,7 @@ from interplab.model.config import ModelConfig, Positional
 from interplab.model.kv_cache import KVCache
 from interplab.model.layers import _hp, init_weights
 from interplab.model.norms import make_norm
+from interplab.model.rope import RopeScaling, depends_on_length
 
 if TYPE_CHECKING:
     from interplab.data.tokenizer import Tokenizer
@@ -84,7 +85,9 @@ class Transformer(nn.Module):
             points += block.hook_points()
         self.hook_registry = HookRegistry(points, describe=self._describe_missing)
         self.tokenizer: Tokenizer | None = None
-        self._rotary_cache: dict[tuple[float, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._rotary_cache: dict[
+            tuple[float, RopeScaling | None, torch.dtype, torch.device], tuple[Tensor, Tensor]
+        ] = {}
         if init:
             init_weights(self, cfg)
         self.eval()
@@ -146,19 +149,24 @@ class Transformer(nn.Module):
         ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
         if self.cfg.positional is Positional.ROTARY:
             ctx.rotary = self._rotary(self.cfg, positions, key_valid is None, past, tokens.device)
-            by_base: dict[float, tuple[Tensor, Tensor]] = {}
-            for layer, base in enumerate(self.cfg.rotary_bases):  # layers with their own base (Gemma-3)
-                if base not in by_base:
-                    cfg = self.cfg.rotary_config(layer)
-                    by_base[base] = self._rotary(cfg, positions, key_valid is None, past, tokens.device)
-                ctx.layer_rotary[layer] = by_base[base]
+            if self.cfg.per_layer_rotary:  # layers with their own base or scaling (Gemma-3)
+                by_kind: dict[tuple[float, bool], tuple[Tensor, Tensor]] = {}
+                for layer in range(self.cfg.n_layers):
+                    kind = (self.cfg.rotary_base_for(layer), self.cfg.rope_scaled(layer))
+                    if kind not in by_kind:
+                        cfg = self.cfg.rotary_config(layer)
+                        by_kind[kind] = self._rotary(cfg, positions, key_valid is None, past, tokens.device)
+                    ctx.layer_rotary[layer] = by_kind[kind]
         return ctx
 
     def _rotary(
         self, cfg: ModelConfig, positions: Tensor, unpadded: bool, past: int, device: torch.device
     ) -> tuple[Tensor, Tensor]:
-        if unpadded:  # every row has positions past .. past+p: slice the cached table
+        if unpadded and not depends_on_length(cfg.rope_scaling):
+            # every row has positions past .. past+p: slice the cached table
             return self._rotary_range(past, positions.shape[1], device, cfg)
+        if unpadded:  # frequencies that depend on this forward's length: one row's table
+            return rotary_tables(cfg, positions[:1], self.embed.W_E.dtype)
         return rotary_tables(cfg, positions, self.embed.W_E.dtype)
 
     @staticmethod
@@ -185,15 +193,17 @@ class Transformer(nn.Module):
     def _rotary_range(
         self, start: int, length: int, device: torch.device, cfg: ModelConfig | None = None
     ) -> tuple[Tensor, Tensor]:
-        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table of all n_ctx
-        positions computed once per rotary base, dtype and device (the same values `rotary_tables` gives for
-        ``cfg``, by default the model's; `ModelConfig.rotary_config` gives a layer's own)."""
+        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table kept per rotary
+        base, rope scaling, dtype and device (the same values `rotary_tables` gives for ``cfg``, by default the
+        model's; `ModelConfig.rotary_config` gives a layer's own), grown by doubling up to n_ctx as longer
+        sequences come (a 128k-context model does not build a 128k-position table for a 20-token prompt)."""
         cfg = self.cfg if cfg is None else cfg
-        key = (cfg.rotary_base, self.embed.W_E.dtype, device)
+        key = (cfg.rotary_base, cfg.rope_scaling, self.embed.W_E.dtype, device)
         table = self._rotary_cache.get(key)
-        if table is None:
-            table = rotary_tables(cfg, torch.arange(cfg.n_ctx, device=device)[None], key[1])
-            kept = {k: v for k, v in self._rotary_cache.items() if k[1:] == key[1:]}  # one dtype and device
+        if table is None or table[0].shape[1] < start + length:
+            n = min(cfg.n_ctx, max(256, 1 << (start + length - 1).bit_length()))
+            table = rotary_tables(cfg, torch.arange(n, device=device)[None], self.embed.W_E.dtype)
+            kept = {k: v for k, v in self._rotary_cache.items() if k[2:] == key[2:] and k != key}
             self._rotary_cache = {**kept, key: table}
         return table[0][:, start : start + length], table[1][:, start : start + length]
 

@@ -277,19 +277,23 @@ def test_rope_scaling_and_unsupported_options_are_refused_by_name(tmp_path):
     hf = make_hf("gemma3-text")
     hf.config.save_pretrained(tmp_path)
 
-    def scaled(d: dict) -> dict:
-        d["rope_parameters"]["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    def scaled(d: dict) -> dict:  # (the global layers' scaling is read: tests/model/test_rope_scaling.py)
+        d["rope_parameters"]["sliding_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}
         return d
 
     _rewrite_config(tmp_path, scaled)
-    with pytest.raises(ValueError, match="Gemma-3 rope scaling 'linear' on its full_attention layers"):
+    with pytest.raises(ValueError, match="Gemma-3 rope scaling 'linear' on its sliding_attention layers"):
         load_model(tmp_path)
     _rewrite_config(tmp_path, lambda d: {**d, "rope_parameters": None, "use_bidirectional_attention": True})
     with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
         load_model(tmp_path)
     make_hf("qwen3-gqa").config.save_pretrained(tmp_path)
-    _rewrite_config(tmp_path, lambda d: {**d, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ValueError, match="Qwen3 rope scaling 'yarn'"):
+    _rewrite_config(
+        tmp_path, lambda d: {**d, "rope_parameters": {"rope_type": "proportional", "factor": 4.0}}
+    )
+    with pytest.raises(
+        ValueError, match="Qwen3 rope scaling 'proportional' is not supported.*default, linear"
+    ):
         load_model(tmp_path)
 
 

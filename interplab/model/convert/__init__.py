@@ -11,15 +11,27 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from interplab.io import unreadable_tensors
 from interplab.model.config import Activation, ModelConfig
+from interplab.model.rope import (
+    ROPE_SCALINGS,
+    DynamicNTKRope,
+    LinearRope,
+    Llama3Rope,
+    LongRope,
+    RopeScaling,
+    YarnRope,
+    yarn_mscale,
+)
 from interplab.model.transformer import Transformer
 
 
@@ -43,6 +55,7 @@ _BUILTIN = {
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
     "olmo2": "olmo2",
+    "phi3": "phi3",
 }
 
 
@@ -188,17 +201,101 @@ def hf_activation(name: str, family: str) -> Activation:
     return HF_ACTIVATIONS[name]
 
 
-def hf_rope(hf: dict, family: str, *, theta_key: str = "rope_theta") -> dict:
-    """The rotary parameters of an HF config (transformers 5 ``rope_parameters`` or the older flat keys),
-    refusing scaled variants (linear, dynamic, yarn, llama3 ...) that interplab does not implement."""
+def hf_rope(hf: dict, family: str, *, theta_key: str = "rope_theta", scaling: bool = False) -> dict:
+    """The rotary parameters of an HF config (transformers 5 ``rope_parameters`` or the older flat keys and
+    ``rope_scaling``), with ``rope_theta`` and ``rope_type`` filled in. A scaled variant (linear, dynamic, yarn,
+    llama3, longrope) is refused unless the family's converter reads it (``scaling=True``: it then calls
+    `hf_rope_scaling`)."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    rope.pop("type", None)
+    if rope["rope_type"] != "default" and not scaling:
         raise ValueError(
-            f"{family} rope scaling {rope_type!r} is not supported by interplab (only unscaled rotary embeddings)"
+            f"{family} rope scaling {rope['rope_type']!r} is not supported by interplab for this family (only "
+            f"unscaled rotary embeddings; scaled ones are read for {', '.join(SCALED_ROPE_FAMILIES)})"
         )
     rope.setdefault("rope_theta", hf.get(theta_key, 10000.0))
     return rope
+
+
+SCALED_ROPE_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "OLMo-2", "Phi-3")
+"""the families whose converters read rope scaling (the others refuse it)"""
+
+
+def hf_rope_scaling(hf: dict, rope: dict, family: str) -> RopeScaling | None:
+    """The `interplab.model.rope` scaling of an HF config's rope parameters (from `hf_rope`), with the defaults
+    and derived values `transformers` fills in (``original_max_position_embeddings`` from
+    ``max_position_embeddings``, yarn's attention factor from ``factor``/``mscale``, longrope's from the context
+    ratio). Refuses a ``rope_type`` it does not implement, naming the ones it does."""
+    rope_type = rope["rope_type"]
+    max_pos = hf.get("max_position_embeddings", 2048)
+    # Phi-3 keeps the pretraining length beside rope_parameters, and transformers gives that one priority
+    original = (
+        hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    )
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_SCALINGS:
+        raise ValueError(
+            f"{family} rope scaling {rope_type!r} is not supported by interplab; supported: default, "
+            f"{', '.join(ROPE_SCALINGS)}"
+        )
+
+    def need(key: str) -> Any:
+        if rope.get(key) is None:
+            raise ValueError(
+                f"{family} rope scaling {rope_type!r} needs {key!r} in its rope parameters: {rope}"
+            )
+        return rope[key]
+
+    if rope_type == "linear":
+        return LinearRope(factor=float(need("factor")))
+    if rope_type == "dynamic":
+        return DynamicNTKRope(factor=float(need("factor")), original_max_position_embeddings=max_pos)
+    if rope_type == "llama3":
+        return Llama3Rope(
+            factor=float(need("factor")),
+            low_freq_factor=float(need("low_freq_factor")),
+            high_freq_factor=float(need("high_freq_factor")),
+            original_max_position_embeddings=original,
+        )
+    factor = rope.get("factor")
+    factor = float(factor) if factor is not None else max_pos / original
+    attention_factor = rope.get("attention_factor")
+    if rope_type == "yarn":
+        if attention_factor is None:
+            mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = yarn_mscale(factor)
+        return YarnRope(
+            factor=factor,
+            original_max_position_embeddings=original,
+            attention_factor=float(attention_factor),
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            truncate=bool(rope.get("truncate", True)),
+        )
+    assert rope_type == "longrope"
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return LongRope(
+        short_factor=tuple(need("short_factor")),
+        long_factor=tuple(need("long_factor")),
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+    )
+
+
+def scaled_context(hf: dict, scaling: RopeScaling | None) -> int:
+    """The longest sequence a converted model accepts (its ``n_ctx``): ``max_position_embeddings``, or what a
+    rope scaling extends the pretraining context to (dynamic NTK scales beyond ``max_position_embeddings``)."""
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    if isinstance(scaling, (LinearRope, DynamicNTKRope, YarnRope, Llama3Rope)):
+        original = getattr(scaling, "original_max_position_embeddings", max_pos)
+        return max(max_pos, int(original * scaling.factor))
+    return max_pos
 
 
 def linear_in(ckpt: HFCheckpoint, key: str) -> torch.Tensor:

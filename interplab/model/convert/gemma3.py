@@ -6,7 +6,8 @@ head's queries and keys before rotary (``attn.q_norm``, ``attn.k_norm``, also (1
 sliding window and their own rotary base (``rope_local_base_freq``, 10k) between global ones (every
 ``sliding_window_pattern``-th layer, or as ``layer_types`` says; ``rope_theta``, 1M): ``rotary_bases``.
 
-Rotary scaling (the larger Gemma-3 models scale the global layers' positions linearly) is refused for now."""
+Rotary scaling of the global layers (the larger Gemma-3 models scale their positions linearly) is read into
+``rope_scaling`` with ``rope_scaled_layers`` (the global layers); the local layers stay unscaled."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 import torch
 
 from interplab.model.config import ModelConfig, QKNorm
-from interplab.model.convert import Converter, HFCheckpoint, gemma2, register
+from interplab.model.convert import Converter, HFCheckpoint, gemma2, hf_rope_scaling, register
+from interplab.model.rope import RopeScaling
 
 _DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
@@ -51,24 +53,30 @@ def layer_types(hf: dict) -> list[str]:
     return list(types)
 
 
-def rope_thetas(hf: dict) -> dict[str, float]:
+def rope_thetas(hf: dict) -> tuple[dict[str, float], RopeScaling | None]:
     """The rotary base of each layer type, from transformers 5's per-type ``rope_parameters`` or the older
-    ``rope_theta`` / ``rope_local_base_freq`` / ``rope_scaling``; scaled rotary embeddings are refused."""
+    ``rope_theta`` / ``rope_local_base_freq`` / ``rope_scaling``, and the scaling of the global layers (the
+    larger Gemma-3 models scale their positions linearly; `hf_rope_scaling` reads it). A scaling of the local
+    layers is refused: no released Gemma-3 has one."""
     params = hf.get("rope_parameters")
     per_type = {t: dict((params or {}).get(t) or {}) for t in _DEFAULT_THETA}
     if hf.get("rope_scaling"):  # older configs: the scaling applies to the global layers
         per_type["full_attention"].update(hf["rope_scaling"])
     thetas = {}
+    scaling = None
     for t, rope in per_type.items():
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
+        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+        rope.pop("type", None)
+        if t == "sliding_attention" and rope["rope_type"] != "default":
             raise ValueError(
-                f"Gemma-3 rope scaling {kind!r} on its {t} layers is not supported by interplab yet "
-                "(only unscaled rotary embeddings, as in gemma-3-1b; the larger models scale the global layers)"
+                f"Gemma-3 rope scaling {rope['rope_type']!r} on its sliding_attention layers is not supported by "
+                "interplab (released Gemma-3 models scale only their full_attention layers)"
             )
+        if t == "full_attention":
+            scaling = hf_rope_scaling(hf, rope, "Gemma-3")
         legacy = hf.get("rope_theta") if t == "full_attention" else hf.get("rope_local_base_freq")
         thetas[t] = float(rope.get("rope_theta", legacy if legacy is not None else _DEFAULT_THETA[t]))
-    return thetas
+    return thetas, scaling
 
 
 def config(hf: dict) -> ModelConfig:
@@ -83,12 +91,15 @@ def config(hf: dict) -> ModelConfig:
     if hf.get("attention_bias"):
         raise ValueError("Gemma-3 with attention_bias=True is not supported (the released models have none)")
     types = layer_types(hf)
-    thetas = rope_thetas(hf)
+    thetas, scaling = rope_thetas(hf)
+    scaled_layers = tuple(i for i, t in enumerate(types) if t == "full_attention") if scaling else ()
     flat = {k: v for k, v in hf.items() if k not in ("rope_parameters", "rope_scaling", "layer_types")}
     base = gemma2.config({**flat, "layer_types": types, "rope_theta": thetas["full_attention"]})
     return base.replace(
         qk_norm=QKNorm.HEAD,
         rotary_bases=tuple(thetas[t] for t in types),
+        rope_scaling=scaling,
+        rope_scaled_layers=scaled_layers,
         # Gemma-3 keeps Gemma-2's attn_logit_softcapping key, but transformers' Gemma-3 attention never applies
         # it (the released models set it to null): ignored here too, so the scores are the ones it computes
         attn_softcap=None,

@@ -17,8 +17,10 @@ from interplab.model.convert import (
     bias_or_zeros,
     hf_activation,
     hf_rope,
+    hf_rope_scaling,
     linear_in,
     register,
+    scaled_context,
     split_heads_in,
     split_heads_out,
 )
@@ -27,7 +29,8 @@ from interplab.model.convert import (
 def config(hf: dict) -> ModelConfig:
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, "OLMo-2")
+    rope = hf_rope(hf, "OLMo-2", scaling=True)
+    scaling = hf_rope_scaling(hf, rope, "OLMo-2")
     return ModelConfig(
         d_model=d,
         n_layers=hf["num_hidden_layers"],
@@ -35,7 +38,7 @@ def config(hf: dict) -> ModelConfig:
         d_head=d_head,
         n_kv_heads=hf.get("num_key_value_heads") or h,
         d_vocab=hf["vocab_size"],
-        n_ctx=hf.get("max_position_embeddings", 2048),
+        n_ctx=max(scaled_context(hf, scaling), hf.get("max_position_embeddings", 2048)),
         d_mlp=hf["intermediate_size"],
         act_fn=hf_activation(hf.get("hidden_act", "silu"), "OLMo-2"),
         gated_mlp=True,
@@ -48,6 +51,7 @@ def config(hf: dict) -> ModelConfig:
         rotary_style=RotaryStyle.NEOX,
         rotary_dim=int(d_head * rope.get("partial_rotary_factor", 1.0)),
         rotary_base=float(rope["rope_theta"]),
+        rope_scaling=scaling,
         attn_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

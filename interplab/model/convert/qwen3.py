@@ -10,7 +10,16 @@ from collections.abc import Iterator
 import torch
 
 from interplab.model.config import ModelConfig, Norm, Positional, QKNorm, RotaryStyle
-from interplab.model.convert import Converter, HFCheckpoint, hf_activation, hf_rope, llama, register
+from interplab.model.convert import (
+    Converter,
+    HFCheckpoint,
+    hf_activation,
+    hf_rope,
+    hf_rope_scaling,
+    llama,
+    register,
+    scaled_context,
+)
 
 
 def sliding(hf: dict) -> tuple[int | None, tuple[int, ...]]:
@@ -32,7 +41,8 @@ def config(hf: dict) -> ModelConfig:
         raise ValueError("Qwen3 with mlp_bias=True is not supported by interplab (Qwen3's MLP has no biases)")
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, "Qwen3")
+    rope = hf_rope(hf, "Qwen3", scaling=True)
+    scaling = hf_rope_scaling(hf, rope, "Qwen3")
     window, layers = sliding(hf)
     return ModelConfig(
         d_model=d,
@@ -41,7 +51,7 @@ def config(hf: dict) -> ModelConfig:
         d_head=d_head,
         n_kv_heads=hf.get("num_key_value_heads") or h,
         d_vocab=hf["vocab_size"],
-        n_ctx=hf.get("max_position_embeddings", 32768),
+        n_ctx=max(scaled_context(hf, scaling), hf.get("max_position_embeddings", 32768)),
         d_mlp=hf["intermediate_size"],
         act_fn=hf_activation(hf.get("hidden_act", "silu"), "Qwen3"),
         gated_mlp=True,
@@ -52,6 +62,7 @@ def config(hf: dict) -> ModelConfig:
         rotary_style=RotaryStyle.NEOX,
         rotary_dim=int(d_head * rope.get("partial_rotary_factor", 1.0)),
         rotary_base=float(rope["rope_theta"]),
+        rope_scaling=scaling,
         attn_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
