@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,19 @@ class AttnContext:
     rotary: tuple[Tensor, Tensor] | None = None
     past_len: int = 0
     memo: dict = field(default_factory=dict)  # masks built once per forward, shared by the layers
+
+    def to(self, device: torch.device) -> AttnContext:
+        """This context on ``device`` (for a block on another device of a split model); the masks built
+        so far are not carried over, each device builds its own."""
+
+        def move(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return v.to(device)
+            if isinstance(v, (tuple, list)):
+                return type(v)(move(x) for x in v)
+            return v
+
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "memo"}, memo={})
 
     def mask(self, q_len: int, window: int | None, causal: bool) -> Bool[Tensor, "batch 1 q k"] | None:
         """Boolean mask (True = may attend), or None when plain causal attention needs none (built once per
