@@ -34,7 +34,7 @@ from interplab.model.placement import DeviceMap, dispatch, meta_layers, resolve_
 from interplab.model.process import process_weights
 from interplab.model.transformer import Transformer
 
-__all__ = ["build_from_weights", "load_hf", "load_model", "model_source"]
+__all__ = ["build_from_weights", "load_config", "load_hf", "load_model", "model_source"]
 
 
 def load_model(
@@ -91,6 +91,20 @@ def load_model(
             fold_value_biases=fold_value_biases,
         )
     return model
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of the interplab or Hugging Face model at ``path`` (as `model_source` resolves it),
+    read without loading any weight, e.g. to plan a device map."""
+    path = model_source(path)
+    if path.is_dir() and is_native(path):
+        return ModelConfig.from_dict(read_json(path / CONFIG))
+    if path.is_file() or _tl_config_in(path) is not None:
+        raise ValueError(f"{path} is a TransformerLens checkpoint: load_config reads interplab and Hugging Face folders")
+    hf = read_json(path / CONFIG)
+    if "model_type" not in hf:
+        raise ValueError(f"{path / CONFIG} has no model_type: is this a Hugging Face model folder?")
+    return get_converter(hf["model_type"]).config(hf)
 
 
 def model_source(path: str | Path, *, tl_config: str | Path | dict[str, Any] | None = None) -> Path:
