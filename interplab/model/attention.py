@@ -80,7 +80,9 @@ class AttnContext:
                 return type(v)(move(x) for x in v)
             return v
 
-        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "memo"}, memo={})
+        return replace(
+            self, **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "memo"}, memo={}
+        )
 
     def mask(self, q_len: int, window: int | None, causal: bool) -> Bool[Tensor, "batch 1 q k"] | None:
         """Boolean mask (True = may attend), or None when plain causal attention needs none (built once per

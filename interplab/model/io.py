@@ -17,7 +17,7 @@ import torch
 from interplab import runs
 from interplab.data.tokenizer import load_tokenizer
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
-from interplab.io import load_tensors, save_tensors
+from interplab.io import save_tensors
 from interplab.model.config import ModelConfig
 from interplab.model.convert import HFCheckpoint, build_from_weights
 from interplab.model.placement import meta_layers

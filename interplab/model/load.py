@@ -24,15 +24,15 @@ from typing import Any
 import torch
 
 from interplab import runs
-from interplab.runs import MODEL_WEIGHTS
 from interplab.io import read_json
+from interplab.model.config import ModelConfig
 from interplab.model.convert import HFCheckpoint, build_from_weights, get_converter
 from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES, load_transformer_lens
-from interplab.model.config import ModelConfig
 from interplab.model.io import CONFIG, attach_tokenizer, is_native, load_native
 from interplab.model.placement import DeviceMap, dispatch, meta_layers, resolve_device_map
 from interplab.model.process import process_weights
 from interplab.model.transformer import Transformer
+from interplab.runs import MODEL_WEIGHTS
 
 __all__ = ["build_from_weights", "load_config", "load_hf", "load_model", "model_source"]
 
@@ -73,15 +73,16 @@ def load_model(
     path = model_source(path, tl_config=tl_config)
     if device_map is not None and str(device) != "cpu":
         raise ValueError(f"give device= or device_map=, not both (got device={device!r} and a device_map)")
-    placing = {"device_map": device_map, "max_memory": max_memory}
     if path.is_dir() and is_native(path):
-        model = load_native(path, device=device, dtype=dtype, device_map=_plan(path, dtype, **placing))
+        model = load_native(
+            path, device=device, dtype=dtype, device_map=_plan(path, dtype, device_map, max_memory)
+        )
     elif path.is_file() or tl_config is not None or _tl_config_in(path) is not None:
         model = load_transformer_lens(path, tl_config, device=device, dtype=dtype)
         if device_map is not None:
             dispatch(model, device_map, max_memory=max_memory)
     else:
-        model = load_hf(path, device=device, dtype=dtype, **placing)
+        model = load_hf(path, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
         process_weights(
             model,
@@ -100,7 +101,9 @@ def load_config(path: str | Path) -> ModelConfig:
     if path.is_dir() and is_native(path):
         return ModelConfig.from_dict(read_json(path / CONFIG))
     if path.is_file() or _tl_config_in(path) is not None:
-        raise ValueError(f"{path} is a TransformerLens checkpoint: load_config reads interplab and Hugging Face folders")
+        raise ValueError(
+            f"{path} is a TransformerLens checkpoint: load_config reads interplab and Hugging Face folders"
+        )
     hf = read_json(path / CONFIG)
     if "model_type" not in hf:
         raise ValueError(f"{path / CONFIG} has no model_type: is this a Hugging Face model folder?")
@@ -168,7 +171,9 @@ def load_hf(
     ckpt = HFCheckpoint(path)
     plan = None
     if device_map is not None:
-        plan = resolve_device_map(cfg, device_map, max_memory=max_memory, dtype=dtype or ckpt.floating_dtype())
+        plan = resolve_device_map(
+            cfg, device_map, max_memory=max_memory, dtype=dtype or ckpt.floating_dtype()
+        )
         ckpt.skip_layers = meta_layers(plan)
     model = build_from_weights(
         cfg, converter.weights(ckpt, cfg), device=device, dtype=dtype, source=str(path), device_map=plan

@@ -41,6 +41,7 @@ from interplab.hooks.site import Site, SiteKind
 from interplab.model import compat
 from interplab.model.compat import ReturnType
 from interplab.model.kv_cache import KVCache
+from interplab.model.load import load_config, load_model
 from interplab.model.placement import EMBED, UNEMBED
 from interplab.model.transformer import Transformer
 
@@ -100,7 +101,9 @@ class PipelineModel(nn.Module):
         self.layers = layers[self.rank]
         self.first, self.last = self.rank == 0, self.rank == self.world_size - 1
         if (self.first and model.W_E.is_meta) or (self.last and model.W_U.is_meta):
-            raise ValueError("the first rank needs the embedding and the last the unembedding (stage_device_map)")
+            raise ValueError(
+                "the first rank needs the embedding and the last the unembedding (stage_device_map)"
+            )
         w = model.blocks[self.layers.start].attn.W_Q
         self.device, self.dtype = w.device, w.dtype
         self.cfg = model.cfg
@@ -117,10 +120,10 @@ class PipelineModel(nn.Module):
     ) -> PipelineModel:
         """Load this rank's stage of the model at ``path`` (an interplab or Hugging Face folder, as
         `interplab.load_model`; ``kwargs`` go there): only its own weights are read."""
-        from interplab.model.load import load_config, load_model  # load imports the converters; keep them lazy
-
         if not dist.is_initialized():
-            raise RuntimeError("PipelineModel.load needs torch.distributed.init_process_group first (torchrun)")
+            raise RuntimeError(
+                "PipelineModel.load needs torch.distributed.init_process_group first (torchrun)"
+            )
         cfg = load_config(path)
         plan = stage_device_map(
             cfg.n_layers, dist.get_rank(group), dist.get_world_size(group), device, tied=cfg.tie_embeddings
@@ -145,7 +148,7 @@ class PipelineModel(nn.Module):
         """The rank whose stage computes hook point ``name`` (None for a filter function)."""
         if callable(name) and not isinstance(name, (str, Site)):
             return None
-        site = Site.parse(name)  # type: ignore[arg-type]
+        site = Site.parse(name)
         if site.layer is None:
             return 0 if site.kind in _FIRST_KINDS else self.world_size - 1
         layers = stage_layers(self.cfg.n_layers, self.world_size)
@@ -222,9 +225,13 @@ class PipelineModel(nn.Module):
         """The pipeline's output and a cache of this rank's own hook points (all of them when ``names`` is
         None; a name that another rank computes is an error)."""
         if names is not None:
-            self._check_own([names] if isinstance(names, (str, Site, tuple)) or callable(names) else list(names))
+            self._check_own(
+                [names] if isinstance(names, (str, Site, tuple)) or callable(names) else list(names)
+            )
         self._check_own([t for t, _ in fwd_hooks])
-        return self.model.cache_call(lambda: self(tokens, **kwargs), names, device=device, fwd_hooks=fwd_hooks)
+        return self.model.cache_call(
+            lambda: self(tokens, **kwargs), names, device=device, fwd_hooks=fwd_hooks
+        )
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)

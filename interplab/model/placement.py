@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Union
-
 import torch
 from torch import nn
 
 from interplab.model.config import ModelConfig
+from interplab.model.transformer import Transformer
 
-if TYPE_CHECKING:
-    from interplab.model.transformer import Transformer
-
-DeviceMap = Mapping[str, Union[str, torch.device, int]]
+DeviceMap = Mapping[str, str | torch.device | int]
 """part name -> device (``"cuda:1"``, ``torch.device(...)``, or a CUDA index)"""
 
 EMBED, UNEMBED = "embed", "unembed"
@@ -74,7 +70,9 @@ def parse_memory(value: int | float | str) -> int:
         return int(value)
     m = _MEMORY.match(str(value))
     if not m:
-        raise ValueError(f"cannot read memory budget {value!r}: give bytes (an int) or e.g. '500MB', '1.5GiB'")
+        raise ValueError(
+            f"cannot read memory budget {value!r}: give bytes (an int) or e.g. '500MB', '1.5GiB'"
+        )
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
 
 
@@ -93,8 +91,6 @@ def part_sizes(model: nn.Module | ModelConfig, dtype: torch.dtype | None = None)
     """Bytes of weights in each part (see the module docstring), for ``model``'s dtypes or ``dtype``. A config
     is measured on a model built on the meta device (nothing allocated)."""
     if isinstance(model, ModelConfig):
-        from interplab.model.transformer import Transformer  # the transformer module imports this one's users
-
         with torch.device("meta"):
             model = Transformer(model, init=False)
     sizes = {name: 0 for name in part_names(len(model.blocks))}  # type: ignore[arg-type]
@@ -110,7 +106,9 @@ def device_budgets(max_memory: Mapping[str, int | float | str] | None = None) ->
     CUDA and without ``max_memory`` there is nothing to plan with: a ValueError says so."""
     if max_memory is not None:
         if not max_memory:
-            raise ValueError("max_memory is empty: give at least one device and its budget, e.g. {'cuda:0': '20GiB'}")
+            raise ValueError(
+                "max_memory is empty: give at least one device and its budget, e.g. {'cuda:0': '20GiB'}"
+            )
         return {_device(d): parse_memory(v) for d, v in max_memory.items()}
     if torch.cuda.is_available():
         return {
@@ -173,7 +171,9 @@ def check_device_map(
             f"device_map has unknown part {unknown[0]!r}: the parts are 'embed', 'blocks.0' .. "
             f"'blocks.{len(parts) - 3}' (or 'blocks' for all of them) and 'unembed'"
         )
-    missing = [p for p in parts if p not in device_map and not (default is not None and p.startswith("blocks."))]
+    missing = [
+        p for p in parts if p not in device_map and not (default is not None and p.startswith("blocks."))
+    ]
     if missing:
         raise ValueError(
             f"device_map names no device for {missing[0]!r}"
@@ -236,7 +236,7 @@ def dispatch(model: Transformer, device_map: str | DeviceMap, **kwargs) -> Trans
 
 def device_map_of(model: Transformer) -> dict[str, torch.device]:
     """Where each part of ``model`` is now (the device of its first weight)."""
-    plan = {}
+    plan: dict[str, torch.device] = {}
     for name, module in _part_modules(model):
         p = next(module.parameters(), None)
         if p is not None:
@@ -247,7 +247,9 @@ def device_map_of(model: Transformer) -> dict[str, torch.device]:
 def meta_layers(device_map: Mapping[str, torch.device] | None) -> frozenset[int]:
     """The blocks a (complete) device map puts on ``meta``: a loader never reads their weights."""
     return frozenset(
-        int(p.split(".")[1]) for p, d in (device_map or {}).items() if p.startswith("blocks.") and d.type == "meta"
+        int(p.split(".")[1])
+        for p, d in (device_map or {}).items()
+        if p.startswith("blocks.") and d.type == "meta"
     )
 
 
@@ -255,7 +257,7 @@ def _part_modules(model: Transformer) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_children():
         if name == "blocks":
             for i, block in enumerate(model.blocks):
-                yield f"blocks.{i}", block  # type: ignore[misc]
+                yield f"blocks.{i}", block
         else:
             yield part_of(name), module
 

@@ -14,6 +14,7 @@ from tests.scripts_env import ROOT, run_python
 
 WORKER = ROOT / "tests" / "model" / "pipeline_worker.py"
 
+
 def test_stage_layers_tile_the_model():
     assert stage_layers(5, 2) == [range(0, 3), range(3, 5)]
     assert stage_layers(4, 4) == [range(i, i + 1) for i in range(4)]
@@ -23,6 +24,7 @@ def test_stage_layers_tile_the_model():
     assert [str(plan[f"blocks.{i}"]) for i in range(4)] == ["meta", "meta", "cpu", "cpu"]
     assert str(plan["embed"]) == str(plan["unembed"]) == "cpu"  # tied: the last rank needs W_E too
     assert str(stage_device_map(4, 0, 2)["unembed"]) == "meta"
+
 
 def _model(folder, tied):
     torch.manual_seed(0)

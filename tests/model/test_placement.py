@@ -46,7 +46,9 @@ MASK = torch.ones_like(TOKENS).index_fill_(1, torch.tensor([0, 1]), 0)
 
 def test_split_on_cpus_equals_unsplit(folder):
     whole = load_model(folder)
-    split = load_model(folder, device_map={"embed": "cpu", "blocks.0": "cpu", "blocks": "cpu", "unembed": "cpu"})
+    split = load_model(
+        folder, device_map={"embed": "cpu", "blocks.0": "cpu", "blocks": "cpu", "unembed": "cpu"}
+    )
     for (name, a), (_, b) in zip(whole.named_parameters(), split.named_parameters(), strict=True):
         assert torch.equal(a, b), name  # the same weights, bit for bit
     names = ["blocks.1.hook_resid_post", "blocks.3.attn.hook_pattern"]
@@ -83,11 +85,15 @@ def test_activations_move_to_each_blocks_device(folder):
         _, cache = whole.run_with_cache(
             TOKENS, names=["blocks.1.hook_resid_post"], fwd_hooks=hooks[:1], attention_mask=MASK
         )
-    torch.testing.assert_close(seen["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        seen["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_post"], rtol=0, atol=0
+    )
 
 
 def test_meta_parts_are_never_read(folder):
-    split = load_model(folder, device_map={"embed": "meta", "blocks.0": "meta", "blocks": "cpu", "unembed": "meta"})
+    split = load_model(
+        folder, device_map={"embed": "meta", "blocks.0": "meta", "blocks": "cpu", "unembed": "meta"}
+    )
     whole = load_model(folder)
     assert split.blocks[0].attn.W_Q.is_meta and split.W_E.is_meta
     assert torch.equal(split.blocks[3].mlp.W_out, whole.blocks[3].mlp.W_out)
@@ -101,11 +107,15 @@ def test_auto_fills_devices_in_order_and_says_what_does_not_fit(folder):
     model = load_model(folder, device_map="auto", max_memory={"cpu": budget, "meta": "1MB"})
     assert {k: str(v) for k, v in device_map_of(model).items()} == {k: str(v) for k, v in plan.items()}
     total = sum(sizes.values())
-    with pytest.raises(ValueError, match=r"does not fit.*It needs .* MiB of weights.*available: cpu .*meta") as e:
+    with pytest.raises(
+        ValueError, match=r"does not fit.*It needs .* MiB of weights.*available: cpu .*meta"
+    ) as e:
         load_model(folder, device_map="auto", max_memory={"cpu": budget, "meta": sizes["blocks.0"]})
     assert f"{total / 2**20:.1f} MiB" in str(e.value)
     with pytest.raises(ValueError, match=r"puts .* on cpu \(embed, blocks.0..3, unembed\), which has"):
-        check_device_map(model, {"embed": "cpu", "blocks": "cpu", "unembed": "cpu"}, max_memory={"cpu": budget})
+        check_device_map(
+            model, {"embed": "cpu", "blocks": "cpu", "unembed": "cpu"}, max_memory={"cpu": budget}
+        )
 
 
 def test_bad_device_maps_are_named(folder):
@@ -145,7 +155,9 @@ def test_dispatch_a_model_in_memory_and_native_folders(folder, tmp_path):
     whole.save(tmp_path / "native")
     plan = {"embed": "cpu", "blocks.0": "cpu", "blocks": "meta", "unembed": "meta"}
     native = load_model(tmp_path / "native", device_map=plan)
-    assert native.blocks[1].attn.W_Q.is_meta and torch.equal(native.blocks[0].attn.W_Q, whole.blocks[0].attn.W_Q)
+    assert native.blocks[1].attn.W_Q.is_meta and torch.equal(
+        native.blocks[0].attn.W_Q, whole.blocks[0].attn.W_Q
+    )
     bf16 = load_model(tmp_path / "native", dtype=torch.bfloat16)  # converted tensor by tensor
     for (name, a), (_, b) in zip(whole.named_parameters(), bf16.named_parameters(), strict=True):
         assert torch.equal(a.to(torch.bfloat16), b), name

@@ -170,7 +170,9 @@ class HFCheckpoint:
                 with safe_open(str(file), framework="pt") as f:
                     if self.skip_layers and _layer_of(key) in self.skip_layers:
                         part = f.get_slice(key)
-                        return torch.empty(part.get_shape(), dtype=_ST_DTYPES[part.get_dtype()], device="meta")
+                        return torch.empty(
+                            part.get_shape(), dtype=_ST_DTYPES[part.get_dtype()], device="meta"
+                        )
                     return f.get_tensor(key)
             return self._load_bin(file)[key]
 
