@@ -5,11 +5,15 @@ model exactly) and with ``meta`` for the later half (the forward moves activatio
 the ``cpu`` half computes the same values, the ``meta`` half propagates shapes); planning and its errors use
 ``max_memory`` budgets."""
 
+import re
+
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from interplab import load_model
+from interplab.model.convert import HFCheckpoint
 from interplab.model.generate import generate
 from interplab.model.placement import (
     check_device_map,
@@ -19,6 +23,7 @@ from interplab.model.placement import (
     parse_memory,
     part_sizes,
 )
+from tests.model.test_load_hf import _make
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +163,42 @@ def test_dispatch_a_model_in_memory_and_native_folders(folder, tmp_path):
     assert native.blocks[1].attn.W_Q.is_meta and torch.equal(
         native.blocks[0].attn.W_Q, whole.blocks[0].attn.W_Q
     )
+    state = load_file(tmp_path / "native" / "model.safetensors")  # what the whole-file reader gave
+    reloaded = dict(load_model(tmp_path / "native").named_parameters())
+    assert state.keys() == reloaded.keys() and all(torch.equal(state[k], reloaded[k]) for k in state)
     bf16 = load_model(tmp_path / "native", dtype=torch.bfloat16)  # converted tensor by tensor
     for (name, a), (_, b) in zip(whole.named_parameters(), bf16.named_parameters(), strict=True):
         assert torch.equal(a.to(torch.bfloat16), b), name
     moved = dispatch(load_model(folder), plan)
     assert moved.blocks[1].attn.W_Q.is_meta and not moved.blocks[0].attn.W_Q.is_meta
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["gpt2-untied", "neox-parallel-partial-rotary", "llama-gqa-theta", "qwen2-gqa-bias", "gemma2-sliding"],
+)
+def test_every_family_skips_meta_blocks_and_keeps_the_rest_exact(tmp_path, variant, monkeypatch):
+    """The converters run on meta tensors for the blocks a device map puts on meta (their checkpoint keys
+    are found by layer in each family's naming); everything else is the unsplit load, bit for bit."""
+    hf_model = _make(variant)
+    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded: tensors come from several files
+    whole = load_model(tmp_path)
+    read = []
+    get = HFCheckpoint.get
+
+    def spy(self, key):
+        tensor = get(self, key)
+        if not tensor.is_meta:
+            read.append(key)
+        return tensor
+
+    monkeypatch.setattr(HFCheckpoint, "get", spy)
+    split = load_model(
+        tmp_path, device_map={"embed": "cpu", "blocks.0": "meta", "blocks": "cpu", "unembed": "cpu"}
+    )
+    for (name, a), (_, b) in zip(whole.named_parameters(), split.named_parameters(), strict=True):
+        if name.startswith("blocks.0."):
+            assert b.is_meta and b.shape == a.shape and b.dtype == a.dtype, name
+        else:
+            assert torch.equal(a, b), name
+    assert read and not [k for k in read if re.search(r"\b(h|layers)\.0\.", k)]  # block 0 never read
