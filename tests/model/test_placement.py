@@ -24,6 +24,7 @@ from interplab.model.placement import (
     part_sizes,
 )
 from tests.model.test_load_hf import _make
+from tests.model.test_load_hf_qk_norm import make_hf
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +174,21 @@ def test_dispatch_a_model_in_memory_and_native_folders(folder, tmp_path):
     assert moved.blocks[1].attn.W_Q.is_meta and not moved.blocks[0].attn.W_Q.is_meta
 
 
-@pytest.mark.parametrize(
-    "variant",
-    ["gpt2-untied", "neox-parallel-partial-rotary", "llama-gqa-theta", "qwen2-gqa-bias", "gemma2-sliding"],
-)
+FAMILIES = [
+    "gpt2-untied",
+    "neox-parallel-partial-rotary",
+    "llama-gqa-theta",
+    "qwen2-gqa-bias",
+    "gemma2-sliding",
+]
+QK_FAMILIES = ["qwen3-gqa", "gemma3-multimodal", "olmo2-gqa-bias"]
+
+
+@pytest.mark.parametrize("variant", FAMILIES + QK_FAMILIES)
 def test_every_family_skips_meta_blocks_and_keeps_the_rest_exact(tmp_path, variant, monkeypatch):
     """The converters run on meta tensors for the blocks a device map puts on meta (their checkpoint keys
     are found by layer in each family's naming); everything else is the unsplit load, bit for bit."""
-    hf_model = _make(variant)
+    hf_model = make_hf(variant) if variant in QK_FAMILIES else _make(variant)
     hf_model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded: tensors come from several files
     whole = load_model(tmp_path)
     read = []
