@@ -291,8 +291,11 @@ def build_from_weights(
             raise ValueError(
                 f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
             )
+        target = torch.device(device if device_map is None else device_map[part_of(name)])
+        if tensor.is_meta and target.type != "meta":
+            raise RuntimeError(f"{source}: weight {name!r} was skipped (meta) but is needed on {target}")
         tensor = tensor.to(
-            device=device if device_map is None else device_map[part_of(name)],
+            device=target,
             dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None),
         )
         module_name, _, leaf = name.rpartition(".")
