@@ -24,13 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_load_memory import _status  # noqa: E402  (the sibling script: VmRSS / VmHWM readers)
 
 
 def child(path: str, batch: int, pos: int, repeats: int, pipeline: bool) -> None:
