@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,23 @@ class AttnContext:
     """tables of layers whose rotary base is their own (``ModelConfig.rotary_bases``), by layer"""
     past_len: int = 0
     memo: dict = field(default_factory=dict)  # masks built once per forward, shared by the layers
+
+    def to(self, device: torch.device) -> AttnContext:
+        """This context on ``device`` (for a block on another device of a split model); the masks built
+        so far are not carried over, each device builds its own."""
+
+        def move(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return v.to(device)
+            if isinstance(v, (tuple, list)):
+                return type(v)(move(x) for x in v)
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v
+
+        return replace(
+            self, **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "memo"}, memo={}
+        )
 
     def rotary_for(self, layer: int) -> tuple[Tensor, Tensor] | None:
         """cos and sin for a layer: its own tables if it has them, else the model's."""

@@ -128,7 +128,7 @@ def generate(
     step_input, step_mask = tokens, mask
     with model.hooks(fwd_hooks), keep_fused_weights(model):  # the weights are fixed for the whole call
         for _ in range(max_new_tokens):
-            logits = model(step_input, attention_mask=step_mask, kv_cache=kv)[:, -1]
+            logits = model(step_input, attention_mask=step_mask, kv_cache=kv)[:, -1].to(tokens.device)
             nxt = _choose(logits, temperature, top_k, top_p, gen)
             real = ~finished
             if stop_at_eos and eos_token_id is not None:  # (it is set whenever stop_at_eos is)

@@ -122,6 +122,9 @@ class Transformer(nn.Module):
         if stop_at_layer is not None:
             return resid
         logits = self.unembed_resid(resid)
+        if logits.device != tokens.device and return_type in ("loss", "both"):  # split across devices
+            tokens = tokens.to(logits.device)
+            attention_mask = None if attention_mask is None else attention_mask.to(logits.device)
         return compat.finish(logits, tokens, return_type, attention_mask, loss_per_token)
 
     def context(
@@ -236,10 +239,15 @@ class Transformer(nn.Module):
         """Run blocks ``start`` .. ``stop - 1`` on a residual stream."""
         stop = self.cfg.n_layers if stop is None else stop
         for layer in range(start, stop):
-            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
+            block = self.blocks[layer]
+            device = block.attn.W_Q.device
+            if resid.device != device:  # a model split across devices (`interplab.model.placement`)
+                resid, ctx = resid.to(device), ctx.to(device)
+            resid = block(resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
+        resid = resid.to(self.unembed.b_U.device)  # (a no-op unless the model is split across devices)
         x = self.unembed.hook_in(self.ln_final(resid))
         logits = self.unembed.hook_out(x @ self.W_U + self.unembed.b_U)
         if self.cfg.logit_softcap is not None:

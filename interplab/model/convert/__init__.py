@@ -12,7 +12,8 @@ import contextlib
 import importlib
 import json
 import math
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 
 from interplab.io import unreadable_tensors
 from interplab.model.config import Activation, ModelConfig
+from interplab.model.placement import part_of
 from interplab.model.rope import (
     ROPE_SCALINGS,
     DynamicNTKRope,
@@ -96,8 +98,13 @@ def _naming(file: Path) -> Iterator[None]:
 class HFCheckpoint:
     """Lazy access to the tensors of a Hugging Face model folder: safetensors or pytorch .bin, sharded or not."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, *, skip_layers: frozenset[int] = frozenset(), weights: Path | None = None
+    ) -> None:
         self.path = Path(path)
+        self.skip_layers = skip_layers
+        """layers whose safetensors tensors come back as meta tensors (shape and dtype only, never read): the
+        blocks that a device map puts on ``meta`` (another rank's, in a pipeline)"""
         self._where: dict[str, Path] = {}
         self._bin_cache: tuple[Path, dict] | None = None
         index = next(
@@ -108,7 +115,10 @@ class HFCheckpoint:
             ),
             None,
         )
-        if index is not None:
+        if weights is not None:  # one named file (interplab's own folders)
+            index = None
+            self._where = dict.fromkeys(self._keys_of(weights), weights)
+        elif index is not None:
             weight_map = json.loads(index.read_text())["weight_map"]
             self._where = {k: self.path / v for k, v in weight_map.items()}
         else:
@@ -144,6 +154,20 @@ class HFCheckpoint:
             self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True))
         return self._bin_cache[1]
 
+    def floating_dtype(self) -> torch.dtype | None:
+        """The dtype of the checkpoint's first floating-point tensor (read from the header), e.g. to size a
+        device map before anything is loaded; None for .bin files."""
+        from safetensors import safe_open
+
+        for key, file in self._where.items():
+            if file.suffix != ".safetensors":
+                return None
+            with _naming(file), safe_open(str(file), framework="pt") as f:
+                dtype = _ST_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+        return None
+
     def keys(self) -> list[str]:
         return list(self._where)
 
@@ -158,7 +182,14 @@ class HFCheckpoint:
             if file.suffix == ".safetensors":
                 from safetensors import safe_open
 
+                # each tensor is mapped from the file on its own, so a converted (copied) tensor's pages are
+                # released when the converter drops it, and the model never holds a whole shard
                 with safe_open(str(file), framework="pt") as f:
+                    if self.skip_layers and _layer_of(key) in self.skip_layers:
+                        part = f.get_slice(key)
+                        return torch.empty(
+                            part.get_shape(), dtype=_ST_DTYPES[part.get_dtype()], device="meta"
+                        )
                     return f.get_tensor(key)
             return self._load_bin(file)[key]
 
@@ -168,6 +199,27 @@ class HFCheckpoint:
             if any(k.startswith(c) for k in self._where):
                 return c
         raise KeyError(f"none of the prefixes {candidates} matches the weights in {self.path}")
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _layer_of(key: str) -> int | None:
+    """The layer index in a checkpoint key (``transformer.h.3.attn...``, ``model.layers.3...``), if any."""
+    m = _LAYER_KEY.search(key)
+    return int(m.group(1)) if m else None
 
 
 def split_heads_in(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -311,9 +363,17 @@ def bias_or_zeros(ckpt: HFCheckpoint, key: str, shape: tuple[int, ...], like: to
 
 
 def build_from_weights(
-    cfg: ModelConfig, weights, *, device="cpu", dtype=None, source: str = "checkpoint"
+    cfg: ModelConfig,
+    weights,
+    *,
+    device="cpu",
+    dtype=None,
+    source: str = "checkpoint",
+    device_map: Mapping[str, torch.device] | None = None,
 ) -> Transformer:
-    """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model).
+    """Make a `Transformer` on the meta device and fill it one tensor at a time, each placed directly on its
+    device (``device``, or its part's in a complete ``device_map``, see `interplab.model.placement`): host
+    memory holds the finished part of the model plus the tensor being converted, never a second copy.
 
     What every converter's weights go through (Hugging Face families, TransformerLens), so it lives with them."""
     with torch.device("meta"):
@@ -323,13 +383,17 @@ def build_from_weights(
     for name, tensor in weights:
         old = params.get(name)
         if old is None:
-            raise KeyError(f"{source}: converter produced unknown weight {name!r}")
+            raise KeyError(f"{source}: unexpected weight {name!r} (the config does not have it)")
         if tuple(tensor.shape) != tuple(old.shape):
             raise ValueError(
                 f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
             )
+        target = torch.device(device if device_map is None else device_map[part_of(name)])
+        if tensor.is_meta and target.type != "meta":
+            raise RuntimeError(f"{source}: weight {name!r} was skipped (meta) but is needed on {target}")
         tensor = tensor.to(
-            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            device=target,
+            dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None),
         )
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
