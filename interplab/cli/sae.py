@@ -18,6 +18,7 @@ from interplab.cli.common import (
     fail,
     load_model_arg,
     non_negative_float,
+    non_negative_int,
     out_folder,
     positive_float,
     positive_int,
@@ -379,10 +380,18 @@ def bench(
         "--properties",
         help="labelled token properties for probing and absorption (first_letter, python_token), or none",
     ),
+    autointerp: int = typer.Option(
+        32,
+        "--autointerp",
+        help="features explained and scored per SAE for the autointerp metric (0: skip it); with an LLM "
+        "configured (INTERPLAB_LLM_*) detection and fuzzing by the LLM, else the built-in baseline",
+        callback=non_negative_int,
+    ),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
-    """SAE-vs-SAE evaluation: core metrics, k-sparse probing, absorption, each with its reseed noise;
-    report.json, bench.md and frontier_*.html in --out."""
+    """SAE-vs-SAE evaluation: core metrics, k-sparse probing, absorption and the autointerp score, each with
+    its reseed noise; report.json, bench.md and frontier_*.html in --out (each SAE's autointerp feature
+    database in --out/autointerp)."""
     set_threads(threads)
     try:
         probe_ks = tuple(int(k) for k in ks.split(","))
@@ -409,24 +418,51 @@ def bench(
     unknown = sorted(set(wanted) - set(available))
     if unknown:
         fail(f"--properties: unknown {unknown}; valid: {', '.join(available) or 'none (no tokenizer)'}, none")
+    extra = {}
     try:
         data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
+        if autointerp:
+            extra["autointerp"] = _autointerp_metric(model, data.batches, out / "autointerp", autointerp)
         result = bench_saes(
             model,
             saes,
             data.batches,
             token_filter=data.token_filter,
             labellers={p: available[p] for p in wanted},
+            extra=extra,
             cfg=cfg,
         )
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         fail(str(err).strip("'\""))
         return
     result.save(out)
     console.print(result.markdown())
     console.print(f"report: {out / REPORT} ; table: {out / 'bench.md'}")
+
+
+def _autointerp_metric(model: Transformer, batches: list, workdir: Path, n_features: int):
+    """The autointerp extra metric of `sae bench`, with the LLM the environment configures (else the
+    baseline, and the console says so)."""
+    from interplab.features.autointerp import AutointerpConfig, autointerp_metric
+    from interplab.features.llm import LLMError, backend_from_config
+
+    try:
+        backend = backend_from_config()
+    except (LLMError, ValueError) as err:
+        fail(f"the LLM backend is misconfigured: {err}")
+    if backend is None:
+        console.print(
+            f"autointerp: the built-in baseline (token-enrichment explainer, token-list simulation score) on "
+            f"{n_features} features per SAE; no LLM configured (INTERPLAB_LLM_*)",
+            markup=False,
+        )
+    else:
+        console.print(f"autointerp: {backend.name} explains, detection and fuzzing score", markup=False)
+    return autointerp_metric(
+        model, batches, workdir=workdir, backend=backend, cfg=AutointerpConfig(n_features=n_features)
+    )
 
 
 @app.command("diff")
