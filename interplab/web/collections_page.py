@@ -129,8 +129,8 @@ def add_routes(
         store = res.store(db)
         xy = coordinates(db)
         points: list[list[Any]] = []
-        clusters: list[dict[str, Any]] = []
-        method = None
+        clusters: list[dict[str, Any]] | None = None
+        method, has_explanations = None, False
         if xy is not None:
             rows = {r["feature"]: r for r in store.list_features(limit=len(xy) + 1)}
             for f, (x, y) in enumerate(xy):
@@ -140,7 +140,9 @@ def add_routes(
                 d = float(r["density"])
                 points.append([f, x, y, math.log10(d) if d > 0 else None, r["explanation"] or "", None])
             explained = [p for p in points if p[4]]
-            if explained:
+            has_explanations = bool(explained)
+            # clustering may load a sentence model (seconds): only when the cluster colouring is asked for
+            if explained and colour == "cluster":
                 found = explanation_clusters(db, tuple(p[4] for p in explained))
                 for p, c in zip(explained, found.labels, strict=True):
                     p[5] = c
@@ -155,6 +157,7 @@ def add_routes(
             clusters=clusters,
             method=method,
             colour=colour,
+            has_explanations=has_explanations,
             has_sae=xy is not None,
         )
 

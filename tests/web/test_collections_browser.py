@@ -74,7 +74,9 @@ def test_map_colours_by_density_or_explanation_cluster(page, themed_server, arti
     page.wait_for_selector("#map-chart .plot-container")
     names = "() => document.getElementById('map-chart').data.map(t => t.name)"
     assert page.evaluate(names) == ["fired", "never fired"]
-    page.check("#colour-cluster")
+    with page.expect_navigation():  # the clusters are computed on the server when first asked for
+        page.check("#colour-cluster")
+    page.wait_for_selector("#map-chart .plot-container")
     page.wait_for_function("document.getElementById('map-chart').dataset.colour === 'cluster'")
     legend = page.evaluate(names)
     assert [n.split(",")[0] for n in legend[:3]] == ["keyword", "string", "number"]

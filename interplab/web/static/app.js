@@ -240,7 +240,7 @@ window.interplab = (function () {
     const d = data("map-data");
     if (!d || !window.Plotly) return;
     const hover = p => "feature " + p[0] + (p[4] ? "<br>" + plotText(p[4]) : "") +
-      (p[5] !== null && d.clusters[p[5]] ? "<br>cluster: " + plotText(d.clusters[p[5]].name) : "");
+      (p[5] !== null && d.clusters && d.clusters[p[5]] ? "<br>cluster: " + plotText(d.clusters[p[5]].name) : "");
     const trace = (name, pts, marker) => ({ type: "scattergl", mode: "markers", name: name, x: pts.map(p => p[1]), y: pts.map(p => p[2]),
       customdata: pts.map(p => p[0]), text: pts.map(hover), hoverinfo: "text", marker: marker });
     const palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#ad494a", "#637939"];
@@ -263,11 +263,13 @@ window.interplab = (function () {
         { margin: by === "cluster" ? { l: 50, r: 10, t: 10, b: 40 } : margin, xaxis: { title: { text: "PC 1" } }, yaxis: { title: { text: "PC 2" } }, legend: legend, showlegend: true }, cfg);
     }
     const checked = document.querySelector("input[name=colour]:checked");
-    draw(checked && !checked.disabled ? checked.value : "density");
+    draw(checked && checked.value === "cluster" && d.clusters ? "cluster" : "density");
     for (const r of document.querySelectorAll("input[name=colour]")) {
       r.addEventListener("change", () => {
+        const u = new URL(window.location.href); u.searchParams.set("colour", r.value);
+        if (r.value === "cluster" && !d.clusters) { window.location.href = u.toString(); return; }  // clustered on the server
         draw(r.value);
-        const u = new URL(window.location.href); u.searchParams.set("colour", r.value); history.replaceState(null, "", u);
+        history.replaceState(null, "", u);
       });
     }
     el.on("plotly_click", (ev) => {
