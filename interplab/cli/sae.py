@@ -45,7 +45,7 @@ from interplab.sae.activations import corpus_token_batches
 from interplab.sae.bench import BenchConfig, bench_saes, tokenizer_labellers
 from interplab.sae.config import Architecture
 from interplab.sae.crosscoder import CrosscoderTrainConfig
-from interplab.sae.diffing import diff_checkpoints
+from interplab.sae.diffing import default_diff_folder, diff_checkpoints
 from interplab.sae.disk_store import cache_activations
 from interplab.sae.evaluate import evaluate_sae
 from interplab.sae.plots import sparsity_frontier
@@ -470,7 +470,14 @@ def diff(
     run_dir: Path = typer.Argument(..., help="a training run with checkpoints (interplab train)"),
     before: int = typer.Option(..., "--before", help="the earlier checkpoint's step"),
     after: int = typer.Option(..., "--after", help="the later checkpoint's step"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="output folder (default RUN/diffs/step_BEFORE-step_AFTER, listed on the run's page beside its "
+        "formation report)",
+        callback=out_folder,
+    ),
     hook: str = typer.Option(
         None,
         "--hook",
@@ -485,12 +492,20 @@ def diff(
     batch_size: int = typer.Option(
         1024, "--batch-size", help="tokens per training step", callback=positive_int
     ),
+    checkpoint_every: int = typer.Option(
+        250,
+        "--checkpoint-every",
+        help="save the crosscoder's training state every this many steps into --out/train (0: only at the "
+        "end); a diff run again with the same settings resumes from it",
+        callback=non_negative_int,
+    ),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Model diffing: a crosscoder between two checkpoints of a run, its latents labelled new / lost / shared /
     partial by relative decoder norm, linked to the run's formation report; diff.json, diff.md and the
-    relative-norm histogram in --out."""
+    relative-norm histogram in --out. Resumable: an interrupted diff continues from its last checkpoint."""
     set_threads(threads)
+    out = out or default_diff_folder(run_dir, before, after)
     try:
         result = diff_checkpoints(
             run_dir,
@@ -501,7 +516,7 @@ def diff(
             k=k,
             n_tokens=tokens,
             batch_size=batch_size,
-            train=CrosscoderTrainConfig(steps=steps),
+            train=CrosscoderTrainConfig(steps=steps, checkpoint_every=checkpoint_every),
             out=out,
         )
     except (RunError, ValueError, KeyError, FileNotFoundError) as err:
