@@ -155,11 +155,19 @@ class DiffResult:
             fig.add_vline(x=x, line_dash="dot", line_color="grey")
         c = self.counts()
         fig.update_layout(
-            title=f"relative decoder norm {self.after} / (both): {c['lost']} lost, {c['shared']} shared, "
-            f"{c['new']} new",
-            xaxis_title=f"||d_after|| / (||d_before|| + ||d_after||)   (0: only {self.before}, 1: only {self.after})",
-            yaxis_title="latents",
+            title={
+                "text": f"relative decoder norm: {c['lost']} lost, {c['shared']} shared, {c['partial']} partial, "
+                f"{c['new']} new<br><sup>{self.before} → {self.after}</sup>",
+                "font": {"size": 15},
+            },
+            xaxis={
+                "title": "||d_after|| / (||d_before|| + ||d_after||)   (0: only before, 1: only after)",
+                "range": [0, 1],
+            },  # fmt: skip
+            yaxis_title="live latents",
             template="plotly_white",
+            width=820,
+            margin={"l": 60, "r": 20, "t": 70, "b": 60},
         )
         return fig
 
