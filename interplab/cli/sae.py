@@ -28,6 +28,7 @@ from interplab.cli.common import (
 from interplab.model import Transformer
 from interplab.plots import save_figure
 from interplab.runs import (
+    DIFFS,
     EVAL,
     REPORT,
     SAE_CFG,
@@ -524,6 +525,9 @@ def diff(
         return
     console.print(result.summary(), markup=False, highlight=False)
     console.print(f"diff: {out / 'diff.json'} ; table: {out / 'diff.md'} ; crosscoder: {out / 'crosscoder'}")
+    if Path(out).resolve().parent == (Path(run_dir) / DIFFS).resolve():
+        hint = command_hint("serve", "--runs", Path(run_dir).resolve().parent)
+        console.print(f"on the run's page, beside its formation report: {hint}", markup=False, soft_wrap=True)
 
 
 def _canon(hooks: list[str]) -> list[str]:

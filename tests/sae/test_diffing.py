@@ -155,5 +155,11 @@ def test_cli_diff_of_two_checkpoints_of_a_run_says_where_its_outputs_went(tmp_pa
     )
     assert again.exit_code == 0, again.output
     assert json.loads((out / "diff.json").read_text())["relative_norm"] == doc["relative_norm"]
+    # without --out: into the run (RUN/diffs/step_A-step_B), which the run page lists
+    small = ["--expansion", "2", "--k", "4", "--tokens", "2048", "--steps", "5", "--batch-size", "128"]
+    res = CliRunner().invoke(app, [*args[:-2], *small])
+    assert res.exit_code == 0, res.output
+    folder = run / "diffs" / f"step_{steps[0]:06d}-step_{steps[-1]:06d}"
+    assert (folder / "diff.json").is_file() and "on the run's page" in res.output
     bad = CliRunner().invoke(app, [*args[:3], "--before", "8", "--after", "0", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "earlier step" in bad.output
