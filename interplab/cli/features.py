@@ -147,6 +147,12 @@ def build(
     top_k: int = typer.Option(
         DEFAULTS.top_k, "--top-k", help="top activating contexts per feature", callback=positive_int
     ),
+    window: str = typer.Option(
+        f"{DEFAULTS.window_left},{DEFAULTS.window_right}",
+        "--window",
+        help="tokens of context kept before and after each activating token, LEFT,RIGHT (pages show the "
+        "nearest few and expand to the rest on a click; longer windows make the database larger)",
+    ),
     batch_size: int = typer.Option(
         DEFAULTS.batch_size, "--batch-size", help="sequences per forward pass", callback=positive_int
     ),
@@ -179,6 +185,7 @@ def build(
     set_threads(threads)
     if (tokens is None) == (corpus is None):
         fail("give exactly one of --tokens FILE or --corpus NAME")
+    left, right = parse_window(window)
     sae_dir = sae_folder(sae_dir, sae_name)
     model, sae = load_model_and_sae(model_dir, sae_dir)
     toks = (
@@ -189,6 +196,8 @@ def build(
     try:
         cfg = FeatureBuildConfig(
             top_k=top_k,
+            window_left=left,
+            window_right=right,
             batch_size=batch_size,
             features_per_pass=features_per_pass,
             checkpoint_every=checkpoint_every,
@@ -234,6 +243,14 @@ def export(
 
 
 EXPLAIN_BACKENDS = ("baseline", "openai", "local")
+
+
+def parse_window(value: str) -> tuple[int, int]:
+    """``--window LEFT,RIGHT`` as two non-negative ints (a clear error otherwise)."""
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        fail(f"--window {value!r}: give LEFT,RIGHT, the tokens kept before and after the peak, e.g. 24,8")
+    return int(parts[0]), int(parts[1])
 
 
 def parse_features(value: str | None) -> list[int] | None:

@@ -58,10 +58,62 @@ def test_map_is_the_pca_of_decoder_directions_and_cached(client, web_setup, swee
             f: row["explanation"] for f, row in store.labels().items()
         }  # other tests label the copy too
         assert len(store.meta()["feature_map"]) == 16  # computed once, cached in the database
-    for f, _, _, colour, expl in points:
+    for f, _, _, colour, expl, _cluster in points:
         assert colour == (pytest.approx(np.log10(dens[f])) if dens[f] > 0 else None)
         assert expl == labels.get(f, "")
     assert points[3][4] == "token three"
+
+
+THEMES = {
+    "keyword": ["the keyword def", "keyword def or class", "keyword class", "keyword return"],
+    "string": ["string literal", "quoted string literal", "string in quotes"],
+    "number": ["number digit", "integer number", "digit of a number"],
+}
+
+
+def test_map_colours_by_explanation_cluster_named_by_top_words(web_setup, sweep, tmp_path, monkeypatch):
+    """Planted explanations of three themes: the map's clusters (TF-IDF here: the sentence model is made
+    unavailable) are exactly the themes, each named by its theme word, the method is said, and unexplained
+    features have no cluster."""
+    from interplab.features.scorers import ScorerError
+    from interplab.features.writer import FeatureWriter
+    from interplab.web import collections_page
+    from tests.web.collections_setup import copy_db
+
+    def missing(*a, **k):
+        raise ScorerError("no sentence model")
+
+    monkeypatch.setattr(collections_page, "sentence_model", missing)
+    db = copy_db(sweep[1], tmp_path / "themes.db")
+    theme_of = {}
+    with FeatureWriter(db) as w:
+        f = 0
+        for theme, texts in THEMES.items():
+            for t in texts:
+                w.set_label(f, t, source="human")
+                theme_of[f] = theme
+                f += 1
+    app = create_app([db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+    c = TestClient(app, base_url="http://127.0.0.1")
+    html = c.get("/db/themes/map", params={"colour": "cluster"}).text
+    start = html.index('id="map-data">') + len('id="map-data">')
+    doc = json.loads(html[start : html.index("</script>", start)])
+    assert doc["method"] == "tfidf" and "TF-IDF of the explanation text" in html
+    assert 'id="colour-cluster" checked' in html
+    by_cluster: dict[int, set[str]] = {}
+    for p in doc["points"]:
+        if p[0] in theme_of:
+            by_cluster.setdefault(p[5], set()).add(theme_of[p[0]])
+        else:
+            assert p[5] is None and p[4] == ""
+    assert sorted(map(sorted, by_cluster.values())) == [["keyword"], ["number"], ["string"]]
+    for cl, themes in by_cluster.items():
+        (theme,) = themes
+        assert doc["clusters"][cl]["name"].split(", ")[0] == theme
+        assert doc["clusters"][cl]["size"] == len(THEMES[theme])
+    assert c.get("/db/themes/map", params={"colour": "rainbow"}).status_code == 422
+    plain = c.get("/db/themes/map").text  # the density view does not cluster (a sentence model takes seconds)
+    assert '"clusters": null' in plain and 'id="colour-cluster" disabled' not in plain
 
 
 def test_lists_create_notes_reorder_remove_and_export(client):
