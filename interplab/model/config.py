@@ -82,6 +82,9 @@ class ModelConfig:
     """epsilon inside the norm"""
     post_norms: bool = False
     """extra norms on the attention and MLP outputs before they join the residual stream (Gemma-2)"""
+    norm_weight_float32: bool = False
+    """RMSNorms multiply by their weight in float32 before casting back, and a bf16/fp16 model keeps their
+    weights in float32 (Gemma's x * (1 + w)); False: cast back, then multiply in the model's dtype (Llama)"""
     positional: Positional = Positional.LEARNED
     """how positions enter the model"""
     rotary_dim: int = None  # type: ignore[assignment]  # None: derived in __post_init__
@@ -189,6 +192,10 @@ class ModelConfig:
             raise ValueError("sliding_layers is set but sliding_window is None")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.norm_weight_float32 and self.normalization is not Norm.RMSNORM:
+            raise ValueError(
+                f"norm_weight_float32=True is for RMSNorm models, but normalization={self.normalization.value!r}"
+            )
 
     # ---- derived -------------------------------------------------------------------------------
     @property

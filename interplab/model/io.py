@@ -18,6 +18,7 @@ from interplab.data.tokenizer import load_tokenizer
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
 from interplab.io import load_tensors, save_tensors
 from interplab.model.config import ModelConfig
+from interplab.model.precision import check_dtype, parameter_dtype
 from interplab.model.transformer import Transformer
 from interplab.runs import CONFIG, TOKENIZER
 from interplab.runs import MODEL_WEIGHTS as WEIGHTS
@@ -67,8 +68,9 @@ def load_native(
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
     state = load_tensors(weights_file, device=device)
+    dtype = check_dtype(dtype)
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(parameter_dtype(cfg, k, dtype)) if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(model, state, source=str(weights_file))
     attach_tokenizer(model, path)
     return model.eval()

@@ -24,6 +24,7 @@ class Normalization(nn.Module):
         self.kind = cfg.normalization
         self.eps = cfg.norm_eps
         self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.weight_in_float32 = cfg.norm_weight_float32  # (x * w).to(dtype), not x.to(dtype) * w
         if self.kind is Norm.LAYERNORM:
             self.b = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_scale = scale
@@ -82,7 +83,7 @@ class Normalization(nn.Module):
         if self.kind is Norm.LAYERNORM:
             out, _, inv_scale = torch.native_layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
             return out, inv_scale
-        return _rms_norm(x, self.w, self.eps)
+        return _rms_norm(x, self.w, self.eps, self.weight_in_float32)
 
     def _centred(self, x: Tensor) -> Tensor:
         """``x`` in float32 (float64 kept), minus its mean over d_model for LayerNorm."""
@@ -99,15 +100,20 @@ class Normalization(nn.Module):
         normalized = xf / scale
         if self.hook_normalized is not None:
             normalized = self.hook_normalized(normalized)
+        if self.weight_in_float32:
+            return (normalized * self.w.to(normalized.dtype)).to(x.dtype)
         out = normalized.to(x.dtype) * self.w
         return out + self.b if self.kind is Norm.LAYERNORM else out
 
 
-def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """RMSNorm and the reciprocal of its scale."""
+def _rms_norm(x: Tensor, w: Tensor, eps: float, weight_in_float32: bool = False) -> tuple[Tensor, Tensor]:
+    """RMSNorm and the reciprocal of its scale, computed in float32 (float64 kept) and cast back to x's dtype
+    before the weight (Llama) or after it (``weight_in_float32``: Gemma, as Hugging Face does each)."""
     dtype = x.dtype
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_in_float32:
+        return (xf * inv * w.to(xf.dtype)).to(dtype), inv
     return (xf * inv).to(dtype) * w, inv
 
 

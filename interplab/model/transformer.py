@@ -30,6 +30,7 @@ from interplab.model.config import ModelConfig, Positional
 from interplab.model.kv_cache import KVCache
 from interplab.model.layers import _hp, init_weights
 from interplab.model.norms import make_norm
+from interplab.model.precision import check_dtype
 
 if TYPE_CHECKING:
     from interplab.data.tokenizer import Tokenizer
@@ -187,7 +188,8 @@ class Transformer(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.embed.W_E[tokens]
         if self.cfg.embed_scale is not None:
-            resid = resid * self.cfg.embed_scale
+            # in the embeddings' dtype, as Hugging Face's Gemma multiplies by the rounded scale
+            resid = resid * torch.tensor(self.cfg.embed_scale, dtype=resid.dtype)
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
             if ctx.key_valid is None and not self.hook_pos_embed.active:
@@ -304,6 +306,7 @@ class Transformer(nn.Module):
         *,
         names_filter: HookTarget | Sequence[HookTarget] | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
         grad: bool = False,
         remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
@@ -315,7 +318,10 @@ class Transformer(nn.Module):
 
         Runs under ``torch.no_grad()`` unless ``grad=True``. ``fwd_hooks`` run before caching, so the
         cache holds the (possibly patched) values the model used. ``remove_batch_dim=True`` (a batch of one
-        only) caches each activation without its batch dimension, as in TransformerLens."""
+        only) caches each activation without its batch dimension, as in TransformerLens. ``dtype`` (e.g.
+        ``torch.bfloat16``) stores every cached activation in that dtype, moved to ``device`` if given (None:
+        as computed, so a bf16 model's cache is bf16; its norms' ``hook_scale`` and ``hook_normalized`` are
+        float32, as TransformerLens reports them)."""
         if names_filter is not None:
             if names is not None:
                 raise TypeError("run_with_cache got both names and names_filter (the same thing): give one")
@@ -332,6 +338,7 @@ class Transformer(nn.Module):
             lambda: self(tokens, **kwargs),
             names,
             device=device,
+            dtype=dtype,
             grad=grad,
             remove_batch_dim=remove_batch_dim,
             fwd_hooks=fwd_hooks,
@@ -343,6 +350,7 @@ class Transformer(nn.Module):
         names: HookTarget | Sequence[HookTarget] | None = None,
         *,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
         grad: bool = False,
         remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
@@ -357,13 +365,16 @@ class Transformer(nn.Module):
         else:
             targets = list(names)
         store: dict[str, Tensor] = {}
+        dtype = check_dtype(dtype, "cache dtype")
 
         def save(act: Tensor, site: Site) -> None:
             if act.requires_grad and not grad:
                 act = act.detach()
             if remove_batch_dim:
                 act = act[0]
-            store[site.name] = act if device is None else act.to(device)
+            if device is not None or dtype is not None:
+                act = act.to(device=device, dtype=dtype if act.is_floating_point() else None)
+            store[site.name] = act
 
         with (
             torch.set_grad_enabled(grad and torch.is_grad_enabled()),

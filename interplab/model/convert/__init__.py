@@ -20,6 +20,7 @@ from torch import nn
 
 from interplab.io import unreadable_tensors
 from interplab.model.config import Activation, ModelConfig
+from interplab.model.precision import check_dtype, parameter_dtype
 from interplab.model.transformer import Transformer
 
 
@@ -215,6 +216,7 @@ def build_from_weights(
     """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model).
 
     What every converter's weights go through (Hugging Face families, TransformerLens), so it lives with them."""
+    dtype = check_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
     params = dict(model.named_parameters())
@@ -227,8 +229,9 @@ def build_from_weights(
             raise ValueError(
                 f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
             )
+        target = dtype or tensor.dtype  # None: as the checkpoint stores it
         tensor = tensor.to(
-            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            device=device, dtype=parameter_dtype(cfg, name, target) if tensor.is_floating_point() else None
         )
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
