@@ -70,7 +70,9 @@ def load_native(
     state = load_tensors(weights_file, device=device)
     dtype = check_dtype(dtype)
     if dtype is not None:
-        state = {k: v.to(parameter_dtype(cfg, k, dtype)) if v.is_floating_point() else v for k, v in state.items()}
+        state = {
+            k: v.to(parameter_dtype(cfg, k, dtype)) if v.is_floating_point() else v for k, v in state.items()
+        }
     load_state_strict(model, state, source=str(weights_file))
     attach_tokenizer(model, path)
     return model.eval()

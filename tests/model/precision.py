@@ -43,14 +43,22 @@ def _hf_outputs(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def compare(
-    variant: str, dtype: torch.dtype, folder: str | Path, *, device: str = "cpu", batch: int = 3, seq: int = 20
+    variant: str,
+    dtype: torch.dtype,
+    folder: str | Path,
+    *,
+    device: str = "cpu",
+    batch: int = 3,
+    seq: int = 20,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{site: (interplab, transformers)}`` for ``variant`` run in ``dtype`` on ``device``; ``"logits"`` are
     compared against eager attention with the hooks attached, ``"logits_fast"`` (no hooks) against Hugging
     Face's default attention."""
     hf_fp32 = _make(variant)
     hf_fp32.to(dtype).save_pretrained(folder)
-    tokens = torch.randint(0, hf_fp32.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, hf_fp32.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)
+    )
     tokens = tokens.to(device)
     auto = transformers.AutoModelForCausalLM
     eager = auto.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval().to(device)
@@ -75,7 +83,9 @@ def max_differences(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict
     relative to the largest |b| of that site."""
     out: dict[str, dict[str, float]] = {}
     for name, (a, b) in pairs.items():
-        kind = "pattern" if "pattern" in name else ("resid" if name.startswith(("blocks", "unembed")) else name)
+        kind = (
+            "pattern" if "pattern" in name else ("resid" if name.startswith(("blocks", "unembed")) else name)
+        )
         err = (a.double() - b.double()).abs().max().item()
         rel = err / max(b.double().abs().max().item(), 1e-30)
         cur = out.setdefault(kind, {"max_abs": 0.0, "max_rel": 0.0})

@@ -58,7 +58,9 @@ def test_gemma_keeps_its_norm_weights_in_float32(tmp_path):
 
 def _bf16_model() -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=4, d_vocab=50, n_ctx=16)).to(torch.bfloat16)
+    return Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=4, d_vocab=50, n_ctx=16)).to(
+        torch.bfloat16
+    )
 
 
 def test_caches_of_a_bf16_model_stay_bf16_and_a_float32_model_caches_in_bf16_on_request():
@@ -119,7 +121,9 @@ def test_gradients_flow_through_hooks_in_bf16():
 
 @pytest.mark.parametrize("bad", [torch.int8, torch.complex64, "int4", "float8"])
 def test_unsupported_dtypes_are_refused_naming_the_valid_ones(tmp_path, bad):
-    with pytest.raises(ValueError, match=r"is not supported: a model runs in float32, bfloat16, float16 or float64"):
+    with pytest.raises(
+        ValueError, match=r"is not supported: a model runs in float32, bfloat16, float16 or float64"
+    ):
         check_dtype(bad)
     with pytest.raises(ValueError, match="dtype=.*is not supported"):
         load_model(tmp_path, dtype=bad)  # refused before the path is even read

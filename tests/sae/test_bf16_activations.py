@@ -15,7 +15,9 @@ HOOK = "blocks.0.hook_resid_post"
 
 def _bf16_activations() -> torch.Tensor:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=4, d_vocab=60, n_ctx=32)).to(torch.bfloat16)
+    model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=4, d_vocab=60, n_ctx=32)).to(
+        torch.bfloat16
+    )
     _, cache = model.run_with_cache(torch.randint(0, 60, (64, 32)), names=[HOOK])
     return cache[HOOK].reshape(-1, 32)
 

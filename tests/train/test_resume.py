@@ -113,6 +113,8 @@ def test_bf16_autocast_keeps_float32_master_weights(corpus_dir, tmp_path, tiny_c
 def test_bf16_autocast_training_lowers_the_loss(corpus_dir, tmp_path, tiny_config):
     run = tmp_path / "bf16-learns"
     train(tiny_config(corpus_dir, steps=24, precision="bf16", optim={"lr": 1e-2, "warmup_steps": 2}), run)
-    losses = [row["loss"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in row]
+    losses = [
+        row["loss"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in row
+    ]
     assert len(losses) >= 20 and all(map(math.isfinite, losses))
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
