@@ -115,6 +115,7 @@ def check_parity(device: str, quick: bool) -> list[dict]:
                     "dtype": name,
                     "within_tolerance": within,
                     "fast_logits_bit_exact": bool(torch.equal(fast, hf_default)),
+                    "every_site_bit_exact": all(bool(torch.equal(a, b)) for a, b in pairs.values()),
                     "max": max_differences(pairs),
                 }
             )

@@ -25,8 +25,8 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
     torch.float16: {"atol": 1e-2, "rtol": 2e-3},
 }
-# families whose fast-path logits equal Hugging Face's bit for bit in bfloat16 on CPU (measured; GPT-2 is not:
-# its gelu_new rounds after every elementwise op in transformers, interplab's fused GELU once)
+# families whose logits and every compared hook equal Hugging Face's bit for bit in bfloat16 on CPU (measured;
+# GPT-2 is not: its gelu_new rounds after every elementwise op in transformers, interplab's fused GELU once)
 EXACT_BF16 = ("neox", "llama", "mistral", "qwen2", "gemma2")
 
 

@@ -43,8 +43,8 @@ def test_half_precision_parity_with_transformers(tmp_path, variant, dtype, devic
         assert got.dtype == dtype == expected.dtype, name
         assert_close(got, expected, **TOLERANCES[dtype], msg=name)
     if dtype is torch.bfloat16 and family(variant) in EXACT_BF16 and device == "cpu":  # measured on CPU
-        got, expected = pairs["logits_fast"]
-        assert torch.equal(got, expected), (got - expected).abs().max()
+        for name, (got, expected) in pairs.items():
+            assert torch.equal(got, expected), (name, (got - expected).abs().max())
 
 
 def test_every_variant_is_known_to_the_precision_table():
