@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 from interplab.model import ModelConfig, Transformer  # noqa: E402
 from interplab.train.trainer import fast_bf16  # noqa: E402
 
-GPT2_SMALL = dict(d_model=768, n_layers=12, n_heads=12, d_vocab=50257, n_ctx=1024, act_fn="gelu_tanh")
+GPT2_SMALL = dict(d_model=768, n_layers=12, n_heads=12, d_vocab=50257, n_ctx=1024, act_fn="gelu_new")
 SIZES = [(1, 128), (4, 128), (1, 512)]
-QUICK = dict(d_model=64, n_layers=2, n_heads=4, d_vocab=500, n_ctx=64, act_fn="gelu_tanh")
+QUICK = dict(d_model=64, n_layers=2, n_heads=4, d_vocab=500, n_ctx=64, act_fn="gelu_new")
 
 
 def cpu_bf16_units() -> list[str]:

@@ -21,7 +21,8 @@ class Activation(str, Enum):
     """MLP non-linearity."""
 
     GELU = "gelu"  # exact erf GELU
-    GELU_TANH = "gelu_tanh"  # tanh approximation (GPT-2's gelu_new, gelu_pytorch_tanh)
+    GELU_TANH = "gelu_tanh"  # tanh approximation (gelu_pytorch_tanh), one fused kernel
+    GELU_NEW = "gelu_new"  # GPT-2's gelu_new: gelu_tanh in float32, op by op in bf16/fp16 (as transformers)
     RELU = "relu"
     SILU = "silu"
     GELU_QUICK = "gelu_quick"  # x * sigmoid(1.702 x)

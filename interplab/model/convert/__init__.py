@@ -166,7 +166,7 @@ def split_heads_out(w: torch.Tensor, n: int) -> torch.Tensor:
 
 # Hugging Face ``hidden_act`` names -> interplab activations
 HF_ACTIVATIONS = {
-    "gelu_new": Activation.GELU_TANH,
+    "gelu_new": Activation.GELU_NEW,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
     "gelu_fast": Activation.GELU_TANH,
     "gelu": Activation.GELU,
