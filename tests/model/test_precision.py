@@ -9,6 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from interplab import load_model
+from interplab.analysis import LogitDiff, activation_patch
+from interplab.analysis.patching import activation_patch_loop
 from interplab.model import ModelConfig, Transformer
 from interplab.model.precision import check_dtype
 from tests.model.precision import EXACT_BF16, TOLERANCES, VARIANTS, compare, family
@@ -110,6 +112,23 @@ def test_patching_in_bf16_equals_the_patched_forward_computed_by_hand():
         expected = model.unembed_resid(model.run_blocks(resid, ctx, start=1))
         assert torch.equal(patched, expected)
         assert not torch.equal(patched, model(corrupt))
+
+
+@pytest.mark.parametrize("target", ["resid_pre", "z", "pattern"])
+def test_batched_activation_patching_equals_the_loop_in_bf16(target):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=32, n_layers=2, n_heads=4, d_vocab=50, n_ctx=16, positional="rotary", normalization="rmsnorm"
+    )
+    model = Transformer(cfg).to(torch.bfloat16)
+    clean = torch.randint(0, 50, (3, 8))
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(0, 50, (3,))
+    metric = LogitDiff(answer=clean[:, -1], wrong=corrupted[:, 2])
+    batched = activation_patch(model, clean, corrupted, metric, target)
+    looped = activation_patch_loop(model, clean, corrupted, metric, target)
+    assert batched.values.dtype == torch.bfloat16 and batched.values.abs().max() > 0
+    assert torch.equal(batched.values, looped.values)
 
 
 def test_gradients_flow_through_hooks_in_bf16():
