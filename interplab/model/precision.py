@@ -4,7 +4,8 @@ A model runs in float32 (the default), bfloat16 or float16 (`load_model(..., dty
 float64 (for checks). Half precision follows what Hugging Face's ``transformers`` does, so a bf16 model tracks
 the same model in bf16 there (measured per family in docs/loading.md, "Precision"): attention softmax in float32,
 norms computed in float32 and cast back, rotary tables computed in float32. Models whose norms multiply by their
-weight in float32 (Gemma's ``x * (1 + w)``: ``ModelConfig.norm_weight_float32``) keep those weights in float32.
+weight in float32 (Gemma's ``x * (1 + w)``, OLMo-2: ``ModelConfig.norm_weight_float32``) keep those weights in
+float32.
 """
 
 from __future__ import annotations
@@ -60,5 +61,7 @@ def parameter_dtype(cfg: ModelConfig, name: str, dtype: torch.dtype) -> torch.dt
 
 
 def _is_norm_weight(name: str) -> bool:
+    """``ln1.w``, ``ln2_post.w``, ``ln_final.w``, and the q/k norms' ``attn.q_norm.w``, ``attn.k_norm.w``."""
     module, _, leaf = name.rpartition(".")
-    return leaf == "w" and module.rpartition(".")[2].startswith("ln")
+    last = module.rpartition(".")[2]
+    return leaf == "w" and (last.startswith("ln") or last in ("q_norm", "k_norm"))

@@ -1,5 +1,5 @@
 """Parity of interplab with `transformers` in one dtype (float32, bfloat16, float16), on every family of
-`tests.model.test_load_hf.VARIANTS`: logits, every layer's ``hook_resid_pre``, ``unembed.hook_in`` (Hugging
+`tests.model.test_load_hf` and `tests.model.test_load_hf_qk_norm`: logits, every layer's ``hook_resid_pre``, ``unembed.hook_in`` (Hugging
 Face's hidden states) and every ``hook_pattern`` (its eager attentions). Shared by tests/model/test_precision.py
 and benchmarks/gpu_check.py (which runs it on CUDA).
 
@@ -16,7 +16,10 @@ import torch
 import transformers
 
 from interplab import load_model
-from tests.model.test_load_hf import VARIANTS, _make
+from tests.model import test_load_hf, test_load_hf_qk_norm
+
+VARIANTS = {**test_load_hf.VARIANTS, **test_load_hf_qk_norm.VARIANTS}
+"""every tiny random configuration of the float32 parity tests"""
 
 # what the tests assert (torch.testing.assert_close: |a - b| <= atol + rtol |b| elementwise); measured maxima in
 # docs/loading.md ("Precision"): about one rounding step of the dtype at the compared values
@@ -26,7 +29,13 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float16: {"atol": 1e-2, "rtol": 2e-3},
 }
 # families whose logits and every compared hook equal Hugging Face's bit for bit in bfloat16 on CPU (measured)
-EXACT_BF16 = ("gpt2", "neox", "llama", "mistral", "qwen2", "gemma2")
+EXACT_BF16 = ("gpt2", "neox", "llama", "mistral", "qwen2", "gemma2", "qwen3", "gemma3", "olmo2")
+
+
+def _make(variant: str) -> transformers.PreTrainedModel:
+    if variant in test_load_hf.VARIANTS:
+        return test_load_hf._make(variant)
+    return test_load_hf_qk_norm.make_hf(variant)
 
 
 def _hf_outputs(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,11 +64,9 @@ def compare(
     Face's default attention."""
     hf_fp32 = _make(variant)
     hf_fp32.to(dtype).save_pretrained(folder)
-    tokens = torch.randint(
-        0, hf_fp32.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)
-    )
-    tokens = tokens.to(device)
-    auto = transformers.AutoModelForCausalLM
+    vocab = hf_fp32.config.get_text_config().vocab_size
+    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    auto = type(hf_fp32)
     eager = auto.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval().to(device)
     expected = _hf_outputs(eager, tokens)
     try:

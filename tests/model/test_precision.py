@@ -25,6 +25,9 @@ HALF_VARIANTS = [
     "qwen2-gqa-bias",
     "gemma2-sliding",
     "gemma2-untied-mqa",
+    "qwen3-gqa",
+    "gemma3-text-softcap-untied",
+    "olmo2-gqa-bias",
 ]
 
 
