@@ -12,7 +12,9 @@
    transformer_lens and the same torch; otherwise skipped, with that reason in the JSON);
 4. an activation-patching sweep (resid_pre at every layer and position) timed on the same model.
 
-Timings are medians over interleaved rounds, synchronised on CUDA. No test depends on a GPU: ``--device cpu
+Timings are medians over interleaved rounds, synchronised on CUDA. The JSON is rewritten after each section
+(a run cut short keeps what it finished); on a GPU a section that fails is recorded with its error and the
+others still run (``--quick`` fails loudly instead). No test depends on a GPU: ``--device cpu
 --quick`` runs every section at tiny sizes in seconds (tests/test_gpu_check.py runs it).
 
     python benchmarks/gpu_check.py                       # CUDA: writes benchmarks/results/gpu_check_<device>.json
@@ -297,19 +299,37 @@ def main(argv: list[str] | None = None) -> Path:
         "transformers": transformers.__version__,
         "tolerances": {str(k).removeprefix("torch."): v for k, v in TOLERANCES.items()},
     }
-    doc["parity"] = check_parity(str(device), args.quick)
-    doc["matmul_bf16_peak"] = matmul_peak(device, sizes["matmul_n"])
-    doc["sae_training"] = sae_training(device, sizes["sae"], doc["matmul_bf16_peak"]["tflops"])
-    with tempfile.TemporaryDirectory() as tmp:
-        doc["forward_and_cache"] = forward_and_cache(device, sizes["gpt2"], sizes["forward"], Path(tmp))
-        doc["patching_sweep"] = patching_sweep(device, Path(tmp), sizes["patch"])
-    doc["total_seconds"] = time.perf_counter() - start
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or device.type
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_check_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp_out.replace(out)
+    strict = args.quick  # a smoke run fails loudly; a GPU run keeps going and records what failed
+
+    def section(key: str, run: Callable[[], object]) -> None:
+        """Run one section, record its result (or its error) and rewrite the JSON: a GPU run that is cut
+        short keeps every section it finished."""
+        t0 = time.perf_counter()
+        try:
+            doc[key] = run()
+        except Exception as err:
+            if strict:
+                raise
+            doc[key] = {"error": f"{type(err).__name__}: {err}"}
+        doc.setdefault("section_seconds", {})[key] = time.perf_counter() - t0
+        doc["total_seconds"] = time.perf_counter() - start
+        tmp_out = out.with_suffix(".tmp")
+        tmp_out.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp_out.replace(out)
+        print(f"{key}: done in {doc['section_seconds'][key]:.1f} s", file=sys.stderr)
+
+    section("parity", lambda: check_parity(str(device), args.quick))
+    section("matmul_bf16_peak", lambda: matmul_peak(device, sizes["matmul_n"]))
+    peak = doc["matmul_bf16_peak"].get("tflops", float("nan"))
+    section("sae_training", lambda: sae_training(device, sizes["sae"], peak))
+    with tempfile.TemporaryDirectory() as tmp:
+        section(
+            "forward_and_cache", lambda: forward_and_cache(device, sizes["gpt2"], sizes["forward"], Path(tmp))
+        )
+        section("patching_sweep", lambda: patching_sweep(device, Path(tmp), sizes["patch"]))
     print(f"wrote {out}")
     return out
 
