@@ -63,7 +63,7 @@ def apply_rotary(
     else:
         pairs = x_rot.unflatten(-1, (dim // 2, 2))
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    out = x_rot * cos + rotated * sin
+    out = (x_rot * cos + rotated * sin).to(x.dtype)  # float32 tables (`rotary_float32`): rotated in float32
     return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
 
 
@@ -434,7 +434,12 @@ class Attention(nn.Module):
             # scale and mask fused into the matmul: scores = bias + (q k^T) / attn_scale, one pass
             if bias is not None and bias.shape[0] != 1:
                 bias = bias.view(b, 1, q_len, k_len).expand(b, h, q_len, k_len).reshape(b * h, q_len, k_len)
-            if bias is None:
+            if q.dtype in (torch.bfloat16, torch.float16):
+                # in half precision as transformers' eager attention rounds: q k^T, then times the scale
+                scores = torch.bmm(q3, k3).mul_(1.0 / cfg.attn_scale)
+                if bias is not None:
+                    scores = scores.add_(bias)
+            elif bias is None:
                 scores = torch.bmm(q3, k3).div_(cfg.attn_scale)
             else:
                 scores = torch.baddbmm(bias, q3, k3, alpha=1.0 / cfg.attn_scale)

@@ -109,7 +109,8 @@ class Block(nn.Module):
         if not self.cfg.has_mlp:
             return self.hook_resid_post(resid_pre + attn_out)
         if self.cfg.parallel_attn_mlp:
-            return self.hook_resid_post(resid_pre + attn_out + self._mlp(resid_pre))
+            # the two outputs summed first, as Hugging Face's NeoX does (the same bf16 rounding)
+            return self.hook_resid_post(resid_pre + (attn_out + self._mlp(resid_pre)))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         return self.hook_resid_post(resid_mid + self._mlp(resid_mid))
 

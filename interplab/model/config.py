@@ -23,7 +23,8 @@ class Activation(str, Enum):
     """MLP non-linearity."""
 
     GELU = "gelu"  # exact erf GELU
-    GELU_TANH = "gelu_tanh"  # tanh approximation (GPT-2's gelu_new, gelu_pytorch_tanh)
+    GELU_TANH = "gelu_tanh"  # tanh approximation (gelu_pytorch_tanh), one fused kernel
+    GELU_NEW = "gelu_new"  # GPT-2's gelu_new: gelu_tanh in float32, op by op in bf16/fp16 (as transformers)
     RELU = "relu"
     SILU = "silu"
     GELU_QUICK = "gelu_quick"  # x * sigmoid(1.702 x)
@@ -92,6 +93,13 @@ class ModelConfig:
     """epsilon inside the norm"""
     post_norms: bool = False
     """extra norms on the attention and MLP outputs before they join the residual stream (Gemma-2)"""
+    norm_weight_float32: bool = False
+    """RMSNorms multiply by their weight in float32 before casting back, and a bf16/fp16 model keeps their
+    weights in float32 (Gemma's x * (1 + w), OLMo-2); False: cast back, then multiply in the model's dtype
+    (Llama)"""
+    rotary_float32: bool = False
+    """rotary embeddings rotate in float32 and cast back in a bf16/fp16 model (OLMo-2); False: the cos and sin
+    tables are cast to the model's dtype first (Llama, as transformers does each)"""
     pre_norms: bool = True
     """norms on the attention and MLP inputs (``ln1``, ``ln2``); False: the blocks read the residual stream
     itself and only the post norms normalise (OLMo-2; needs ``post_norms``)"""
@@ -250,6 +258,10 @@ class ModelConfig:
             raise ValueError("pre_norms=False is not supported with parallel_attn_mlp=True")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.norm_weight_float32 and self.normalization is not Norm.RMSNORM:
+            raise ValueError(
+                f"norm_weight_float32=True is for RMSNorm models, but normalization={self.normalization.value!r}"
+            )
 
     # ---- derived -------------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ plain reference forward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from enum import Enum
 
 import torch
@@ -75,9 +76,18 @@ def need(*points: HookPoint | None) -> Need:
 
 
 # ---------------------------------------------------------------------------------------------------
-_ACTIVATIONS = {
+def _gelu_new(x: Tensor) -> Tensor:
+    """GPT-2's tanh GELU. In bf16/fp16 it is evaluated op by op, as transformers' ``NewGELUActivation`` (and
+    TransformerLens) write it, each op rounding to the dtype; in float32 the fused kernel (equal to 1e-7)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[Activation, Callable[[Tensor], Tensor]] = {
     Activation.GELU: F.gelu,
     Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"),
+    Activation.GELU_NEW: _gelu_new,
     Activation.RELU: F.relu,
     Activation.SILU: F.silu,
     Activation.GELU_QUICK: lambda x: x * torch.sigmoid(1.702 * x),

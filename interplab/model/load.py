@@ -30,6 +30,7 @@ from interplab.model.convert import HFCheckpoint, build_from_weights, get_conver
 from interplab.model.convert.transformer_lens import TL_CONFIG_NAMES, load_transformer_lens
 from interplab.model.io import CONFIG, attach_tokenizer, is_native, load_native
 from interplab.model.placement import DeviceMap, dispatch, meta_layers, resolve_device_map
+from interplab.model.precision import check_dtype
 from interplab.model.process import process_weights
 from interplab.model.transformer import Transformer
 from interplab.runs import MODEL_WEIGHTS
@@ -53,6 +54,10 @@ def load_model(
     """Load a model from a local path: a model folder or file, or a training run (its ``final/``; see the
     module docstring for every form, and `model_source` for the folder a path stands for).
 
+    ``dtype`` (None: as stored) is ``torch.float32``, ``torch.bfloat16``, ``torch.float16`` or ``torch.float64``
+    (or its name, ``"bf16"``): the model then runs in it as ``transformers`` does in that dtype (softmax and
+    norms in float32; docs/loading.md, "Precision", gives the measured differences per family).
+
     The weight-processing flags apply `interplab.model.process.process_weights` after loading; each leaves the
     model's log-probabilities unchanged. They default to False (the weights as published), whereas
     TransformerLens' ``from_pretrained`` defaults to all four True: pass ``fold_ln=True,
@@ -70,6 +75,7 @@ def load_model(
     >>> model_source("runs/demo")
     PosixPath('runs/demo/final')
     """
+    dtype = check_dtype(dtype)
     path = model_source(path, tl_config=tl_config)
     if device_map is not None and str(device) != "cpu":
         raise ValueError(f"give device= or device_map=, not both (got device={device!r} and a device_map)")

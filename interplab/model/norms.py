@@ -37,6 +37,7 @@ class Normalization(nn.Module):
         self.dims = tuple(range(-len(shape), 0))
         """the dimensions the norm reduces over (the last one, or the last two for a full-width q/k norm)"""
         self.w = nn.Parameter(torch.ones(shape))
+        self.weight_in_float32 = cfg.norm_weight_float32  # (x * w).to(dtype), not x.to(dtype) * w
         if self.kind is Norm.LAYERNORM:
             self.b = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_scale = scale
@@ -95,7 +96,7 @@ class Normalization(nn.Module):
         if self.kind is Norm.LAYERNORM:
             out, _, inv_scale = torch.native_layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
             return out, inv_scale
-        return _rms_norm(x, self._weight(x), self.eps, self.dims)
+        return _rms_norm(x, self._weight(x), self.eps, self.dims, self.weight_in_float32)
 
     def _weight(self, x: Tensor) -> Tensor:
         """The weight for ``x``: a full-width key norm's [n_kv_heads d_head] weight is repeated per query head
@@ -121,15 +122,23 @@ class Normalization(nn.Module):
         normalized = xf / scale
         if self.hook_normalized is not None:
             normalized = self.hook_normalized(normalized)
+        if self.weight_in_float32:
+            return (normalized * self._weight(x).to(normalized.dtype)).to(x.dtype)
         out = normalized.to(x.dtype) * self._weight(x)
         return out + self.b if self.kind is Norm.LAYERNORM else out
 
 
-def _rms_norm(x: Tensor, w: Tensor, eps: float, dims: tuple[int, ...] = (-1,)) -> tuple[Tensor, Tensor]:
-    """RMSNorm over ``dims`` and the reciprocal of its scale."""
+def _rms_norm(
+    x: Tensor, w: Tensor, eps: float, dims: tuple[int, ...] = (-1,), weight_in_float32: bool = False
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm over ``dims`` and the reciprocal of its scale, computed in float32 (float64 kept) and cast back
+    to x's dtype before the weight (Llama) or after it (``weight_in_float32``: Gemma, OLMo-2, as Hugging Face
+    does each)."""
     dtype = x.dtype
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     inv = torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+    if weight_in_float32:
+        return (xf * inv * w.to(xf.dtype)).to(dtype), inv
     return (xf * inv).to(dtype) * w, inv
 
 

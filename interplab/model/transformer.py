@@ -30,6 +30,7 @@ from interplab.model.config import ModelConfig, Positional
 from interplab.model.kv_cache import KVCache
 from interplab.model.layers import _hp, init_weights
 from interplab.model.norms import make_norm
+from interplab.model.precision import check_dtype
 from interplab.model.rope import RopeScaling, depends_on_length
 
 if TYPE_CHECKING:
@@ -169,8 +170,8 @@ class Transformer(nn.Module):
             # every row has positions past .. past+p: slice the cached table
             return self._rotary_range(past, positions.shape[1], device, cfg)
         if unpadded:  # frequencies that depend on this forward's length: one row's table
-            return rotary_tables(cfg, positions[:1], self.embed.W_E.dtype)
-        return rotary_tables(cfg, positions, self.embed.W_E.dtype)
+            return rotary_tables(cfg, positions[:1], self._rotary_dtype())
+        return rotary_tables(cfg, positions, self._rotary_dtype())
 
     @staticmethod
     def padded_positions(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
@@ -193,6 +194,13 @@ class Transformer(nn.Module):
         index = torch.arange(n, device=valid.device)
         return (index - leading[:, None]).clamp(min=0)
 
+    def _rotary_dtype(self) -> torch.dtype:
+        """The rotary tables' dtype: the model's, or float32 for a half-precision ``rotary_float32`` model."""
+        dtype = self.embed.W_E.dtype
+        return (
+            torch.float32 if self.cfg.rotary_float32 and dtype in (torch.bfloat16, torch.float16) else dtype
+        )
+
     def _rotary_range(
         self, start: int, length: int, device: torch.device, cfg: ModelConfig | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -201,11 +209,11 @@ class Transformer(nn.Module):
         model's; `ModelConfig.rotary_config` gives a layer's own), grown by doubling up to n_ctx as longer
         sequences come (a 128k-context model does not build a 128k-position table for a 20-token prompt)."""
         cfg = self.cfg if cfg is None else cfg
-        key = (cfg.rotary_base, cfg.rope_scaling, self.embed.W_E.dtype, device)
+        key = (cfg.rotary_base, cfg.rope_scaling, self._rotary_dtype(), device)
         table = self._rotary_cache.get(key)
         if table is None or table[0].shape[1] < start + length:
             n = min(cfg.n_ctx, max(256, 1 << (start + length - 1).bit_length()))
-            table = rotary_tables(cfg, torch.arange(n, device=device)[None], self.embed.W_E.dtype)
+            table = rotary_tables(cfg, torch.arange(n, device=device)[None], key[2])
             kept = {k: v for k, v in self._rotary_cache.items() if k[2:] == key[2:] and k != key}
             self._rotary_cache = {**kept, key: table}
         return table[0][:, start : start + length], table[1][:, start : start + length]
@@ -215,7 +223,8 @@ class Transformer(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.embed.W_E[tokens]
         if self.cfg.embed_scale is not None:
-            resid = resid * self.cfg.embed_scale
+            # in the embeddings' dtype, as Hugging Face's Gemma multiplies by the rounded scale
+            resid = resid * torch.tensor(self.cfg.embed_scale, dtype=resid.dtype)
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
             if ctx.key_valid is None and not self.hook_pos_embed.active:
@@ -337,6 +346,7 @@ class Transformer(nn.Module):
         *,
         names_filter: HookTarget | Sequence[HookTarget] | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
         grad: bool = False,
         remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
@@ -348,7 +358,10 @@ class Transformer(nn.Module):
 
         Runs under ``torch.no_grad()`` unless ``grad=True``. ``fwd_hooks`` run before caching, so the
         cache holds the (possibly patched) values the model used. ``remove_batch_dim=True`` (a batch of one
-        only) caches each activation without its batch dimension, as in TransformerLens."""
+        only) caches each activation without its batch dimension, as in TransformerLens. ``dtype`` (e.g.
+        ``torch.bfloat16``) stores every cached activation in that dtype, moved to ``device`` if given (None:
+        as computed, so a bf16 model's cache is bf16; its norms' ``hook_scale`` and ``hook_normalized`` are
+        float32, as TransformerLens reports them)."""
         if names_filter is not None:
             if names is not None:
                 raise TypeError("run_with_cache got both names and names_filter (the same thing): give one")
@@ -365,6 +378,7 @@ class Transformer(nn.Module):
             lambda: self(tokens, **kwargs),
             names,
             device=device,
+            dtype=dtype,
             grad=grad,
             remove_batch_dim=remove_batch_dim,
             fwd_hooks=fwd_hooks,
@@ -376,6 +390,7 @@ class Transformer(nn.Module):
         names: HookTarget | Sequence[HookTarget] | None = None,
         *,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
         grad: bool = False,
         remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
@@ -390,13 +405,16 @@ class Transformer(nn.Module):
         else:
             targets = list(names)
         store: dict[str, Tensor] = {}
+        dtype = check_dtype(dtype, "cache dtype")
 
         def save(act: Tensor, site: Site) -> None:
             if act.requires_grad and not grad:
                 act = act.detach()
             if remove_batch_dim:
                 act = act[0]
-            store[site.name] = act if device is None else act.to(device)
+            if device is not None or dtype is not None:
+                act = act.to(device=device, dtype=dtype if act.is_floating_point() else None)
+            store[site.name] = act
 
         with (
             torch.set_grad_enabled(grad and torch.is_grad_enabled()),

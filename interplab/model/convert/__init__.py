@@ -24,6 +24,7 @@ from torch import nn
 from interplab.io import unreadable_tensors
 from interplab.model.config import Activation, ModelConfig
 from interplab.model.placement import part_of
+from interplab.model.precision import check_dtype, parameter_dtype
 from interplab.model.rope import (
     ROPE_SCALINGS,
     DynamicNTKRope,
@@ -234,7 +235,7 @@ def split_heads_out(w: torch.Tensor, n: int) -> torch.Tensor:
 
 # Hugging Face ``hidden_act`` names -> interplab activations
 HF_ACTIVATIONS = {
-    "gelu_new": Activation.GELU_TANH,
+    "gelu_new": Activation.GELU_NEW,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
     "gelu_fast": Activation.GELU_TANH,
     "gelu": Activation.GELU,
@@ -376,6 +377,7 @@ def build_from_weights(
     memory holds the finished part of the model plus the tensor being converted, never a second copy.
 
     What every converter's weights go through (Hugging Face families, TransformerLens), so it lives with them."""
+    dtype = check_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
     params = dict(model.named_parameters())
@@ -391,9 +393,9 @@ def build_from_weights(
         target = torch.device(device if device_map is None else device_map[part_of(name)])
         if tensor.is_meta and target.type != "meta":
             raise RuntimeError(f"{source}: weight {name!r} was skipped (meta) but is needed on {target}")
+        want = dtype or tensor.dtype  # None: as the checkpoint stores it
         tensor = tensor.to(
-            device=target,
-            dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None),
+            device=target, dtype=parameter_dtype(cfg, name, want) if tensor.is_floating_point() else None
         )
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))

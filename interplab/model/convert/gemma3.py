@@ -118,8 +118,8 @@ def weights(ckpt: HFCheckpoint, cfg: ModelConfig) -> Iterator[tuple[str, torch.T
         for norm in ("q_norm", "k_norm"):
             w = ckpt.get(
                 f"{p}layers.{layer}.self_attn.{norm}.weight"
-            )  # Gemma's RMSNorm multiplies by (1 + w)
-            yield f"blocks.{layer}.attn.{norm}.w", (w.float() + 1.0).to(w.dtype)
+            )  # Gemma's RMSNorm multiplies by (1 + w), computed in float32
+            yield f"blocks.{layer}.attn.{norm}.w", w.float() + 1.0
 
 
 register(Converter(("gemma3", "gemma3_text"), config, weights))

@@ -46,6 +46,8 @@ def config(hf: dict) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         pre_norms=False,
         post_norms=True,
+        norm_weight_float32=True,  # (w * x).to(dtype), as transformers' Olmo2RMSNorm
+        rotary_float32=True,  # transformers' OLMo-2 keeps cos and sin in float32
         qk_norm=QKNorm.FULL,
         positional=Positional.ROTARY,
         rotary_style=RotaryStyle.NEOX,

@@ -36,7 +36,7 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _ACT = {
     "relu": Activation.RELU,
     "gelu": Activation.GELU,
-    "gelu_new": Activation.GELU_TANH,
+    "gelu_new": Activation.GELU_NEW,
     "gelu_fast": Activation.GELU_TANH,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
     "silu": Activation.SILU,
