@@ -179,6 +179,20 @@ def ensure_tables(c: Connection, *tables: Table) -> None:
             index.create(c, checkfirst=True)
 
 
+def reset_sequence(c: Connection, table: Table) -> None:
+    """After rows were inserted with their ids (a copy): PostgreSQL's id sequence continues after the
+    largest (SQLite's rowid always does)."""
+    if c.dialect.name != "postgresql" or table.autoincrement_column is None:
+        return
+    col = table.autoincrement_column
+    c.execute(
+        text(
+            f"SELECT setval(pg_get_serial_sequence('{table.name}', '{col.name}'), "
+            f"COALESCE((SELECT MAX({col.name}) FROM {table.name}), 0) + 1, false)"
+        )
+    )
+
+
 def lock_row(query: Any, c: Connection) -> Any:
     """``query`` locking the rows it reads until the transaction ends (PostgreSQL ``FOR UPDATE``; SQLite
     writers are serialised by the database lock already)."""

@@ -375,6 +375,39 @@ class FeatureWriter(FeatureDatabase):
             )
 
 
+def copy_database(
+    source: str | Path, target: str | Path, *, overwrite: bool = False, chunk: int = 5000
+) -> dict[str, int]:
+    """Copy the feature database at ``source`` into ``target`` (any backend into any: e.g. a SQLite file into
+    the lab's PostgreSQL database), every table row for row, its full-text index rebuilt; ``target`` must be
+    new or empty (``overwrite``: replaced). Returns the rows copied per table. One transaction: on an error
+    the target keeps nothing of it."""
+    counts: dict[str, int] = {}
+    with FeatureReader(source) as src, FeatureWriter.for_build(target, overwrite=overwrite) as dst:
+        if dst.n_features() or "fingerprint" in dst.meta():
+            raise ValueError(f"{dst.where} already holds a feature database: pass overwrite=True (--overwrite)")
+        with src.engine.connect() as rc, dst.engine.begin() as wc:
+            for table in S.metadata.sorted_tables:
+                if not S.has_table(src.engine, table):
+                    continue
+                D.ensure_tables(wc, table)
+                q = select(table).order_by(*table.primary_key.columns)
+                counts[table.name] = 0
+                for part in rc.execution_options(yield_per=chunk).execute(q).mappings().partitions():
+                    rows = [dict(r) for r in part]
+                    if table is S.meta:  # the target's own schema version and kind stay
+                        for r in rows:
+                            if r["key"] not in ("schema_version", "kind"):
+                                D.upsert(wc, S.meta, r, ["key"])
+                    else:
+                        wc.execute(insert(table), rows)
+                    if table is S.contexts:
+                        D.fts_insert(wc, int(rows[0]["id"]), rows)
+                    counts[table.name] += len(rows)
+                D.reset_sequence(wc, table)
+    return counts
+
+
 def _writable(file: Path) -> bool:
     return os.access(file, os.W_OK) and os.access(file.parent, os.W_OK)  # the folder: for the WAL and journal
 
