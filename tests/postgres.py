@@ -85,12 +85,13 @@ class PostgresServer:
         )
         return cls(f"postgresql://postgres@127.0.0.1:{port}/postgres", folder, pg_ctl, user)
 
-    def new_db(self, prefix: str = "t") -> str:
-        """The URL of a new, empty database."""
+    def new_db(self, prefix: str = "t", *, name: str | None = None) -> str:
+        """The URL of a new, empty database (``name``: exactly that name, replacing one the tests made)."""
         from sqlalchemy import text
 
-        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        name = name or f"{prefix}_{uuid.uuid4().hex[:12]}"
         with self._admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             c.execute(text(f'CREATE DATABASE "{name}"'))
         self.created.append(name)
         return self.url.rsplit("/", 1)[0] + "/" + name
