@@ -46,7 +46,9 @@ def _free_port() -> int:
 class PostgresServer:
     """A server the tests may create databases on: ``url`` (its admin database)."""
 
-    def __init__(self, url: str, folder: Path | None = None, pg_ctl: str | None = None, user: str | None = None):
+    def __init__(
+        self, url: str, folder: Path | None = None, pg_ctl: str | None = None, user: str | None = None
+    ):
         self.url, self.folder, self._pg_ctl, self._user = url.rstrip("/"), folder, pg_ctl, user
         from sqlalchemy import create_engine
 
@@ -75,12 +77,35 @@ class PostgresServer:
         data = folder / "data"
         run = {"user": user, "check": True, "capture_output": True, "text": True, "timeout": 60}
         subprocess.run(
-            [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "-N"],
+            [
+                initdb,
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "-N",
+            ],
             **run,
         )
         opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off -c full_page_writes=off"
         subprocess.run(
-            [pg_ctl, "-D", str(data), "-o", opts, "-l", str(folder / "server.log"), "-w", "-t", "30", "start"],
+            [
+                pg_ctl,
+                "-D",
+                str(data),
+                "-o",
+                opts,
+                "-l",
+                str(folder / "server.log"),
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
             **run,
         )
         return cls(f"postgresql://postgres@127.0.0.1:{port}/postgres", folder, pg_ctl, user)

@@ -25,7 +25,6 @@ from interplab.cli.common import (
     finite_float,
     load_model_arg,
     non_negative_int,
-    out_file,
     out_folder,
     positive_int,
     print_command,
@@ -531,7 +530,10 @@ def steer(
         callback=finite_float,
     ),
     db: str = typer.Option(
-        None, "--db", help="the feature database, file or URL (it records the max activation)", callback=db_option
+        None,
+        "--db",
+        help="the feature database, file or URL (it records the max activation)",
+        callback=db_option,
     ),
     value: float = typer.Option(
         None, "--value", help="an absolute activation instead of --strength", callback=finite_float

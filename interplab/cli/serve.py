@@ -53,7 +53,7 @@ def serve(
 
     if not db and not runs:
         fail("give at least one --db FILE or --runs DIR")
-    dbs = [db_source(d) for d in db]
+    dbs = [source for source in map(db_source, db) if source is not None]
     for r in runs:
         if not r.is_dir():
             fail(f"--runs {r} is not a folder")

@@ -362,7 +362,8 @@ def fts_search(c: Connection, query: str, limit: int) -> list[tuple[int, str]]:
     n_rows, n_tokens = c.execute(select(func.count(), func.coalesce(func.sum(w.n), 0))).one()
     avgdl = float(n_tokens) / n_rows if n_rows and n_tokens else 1.0
     f = func.regexp_count(w.words, pattern)
-    k1, b = literal_column(repr(BM25_K1)), literal_column(repr(BM25_B))
+    k1: Any = literal_column(repr(BM25_K1))
+    b: Any = literal_column(repr(BM25_B))
     score = f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * w.n / literal_column(repr(avgdl))))
     q = (
         select(S.contexts.c.feature, S.contexts.c.text)

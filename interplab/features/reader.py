@@ -379,4 +379,3 @@ class FeatureReader(FeatureDatabase):
                     continue
                 out[table.name] = sorted(tuple(r) for r in c.execute(select(table)))
         return out
-

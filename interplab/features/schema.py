@@ -38,7 +38,6 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
-    String,
     Table,
     UniqueConstraint,
     event,
@@ -48,7 +47,6 @@ from sqlalchemy import (
 
 from interplab.features import dialect as D
 from interplab.features.dialect import BigInt, SafeFloat, SafeString, SafeText
-
 from interplab.runs import VERSIONS, Kind
 
 SCHEMA_VERSION = VERSIONS[Kind.FEATURE_DB]
@@ -62,7 +60,10 @@ LEGACY_KINDS = ("interplab.features",)
 metadata = MetaData()
 
 meta = Table(
-    "meta", metadata, Column("key", SafeString(64), primary_key=True), Column("value", SafeText, nullable=False)
+    "meta",
+    metadata,
+    Column("key", SafeString(64), primary_key=True),
+    Column("value", SafeText, nullable=False),
 )
 
 vocab = Table(
@@ -158,7 +159,9 @@ Index("ix_explanations_feature", explanations.c.feature)
 llm_cache = Table(
     "llm_cache",
     metadata,
-    Column("key", SafeString(64), primary_key=True),  # sha256 hex of the canonical request JSON (backend, params)
+    Column(
+        "key", SafeString(64), primary_key=True
+    ),  # sha256 hex of the canonical request JSON (backend, params)
     Column("request", SafeText, nullable=False),
     Column("response", SafeText, nullable=False),  # JSON of the `Completion`
     Column("created", SafeFloat, nullable=False),

@@ -188,7 +188,12 @@ class FeatureWriter(FeatureDatabase):
             if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
                 raise FeatureNotFound(feature)
             if explanation.strip():
-                row = {"feature": feature, "explanation": explanation.strip(), "source": source, "score": score}
+                row = {
+                    "feature": feature,
+                    "explanation": explanation.strip(),
+                    "source": source,
+                    "score": score,
+                }
                 D.upsert(c, S.labels, row, ["feature"])
             else:
                 c.execute(delete(S.labels).where(S.labels.c.feature == feature))
@@ -385,7 +390,9 @@ def copy_database(
     counts: dict[str, int] = {}
     with FeatureReader(source) as src, FeatureWriter.for_build(target, overwrite=overwrite) as dst:
         if dst.n_features() or "fingerprint" in dst.meta():
-            raise ValueError(f"{dst.where} already holds a feature database: pass overwrite=True (--overwrite)")
+            raise ValueError(
+                f"{dst.where} already holds a feature database: pass overwrite=True (--overwrite)"
+            )
         with src.engine.connect() as rc, dst.engine.begin() as wc:
             for table in S.metadata.sorted_tables:
                 if not S.has_table(src.engine, table):

@@ -52,9 +52,7 @@ def test_planted_database_contents(feature_db, model, tokens):
 def test_building_twice_gives_the_same_database(feature_db, model, tokens):
     dbs = feature_db("a.db"), feature_db("b.db")
     build_feature_db(dbs[0], model, _sae(), tokens, CFG)
-    build_feature_db(
-        dbs[1], model, _sae(), tokens, CFG.__class__(**{**CFG.to_dict(), "checkpoint_every": 0})
-    )
+    build_feature_db(dbs[1], model, _sae(), tokens, CFG.__class__(**{**CFG.to_dict(), "checkpoint_every": 0}))
     a, b = FeatureReader(dbs[0]).dump(), FeatureReader(dbs[1]).dump()
     a["meta"] = [r for r in a["meta"] if r[0] != "fingerprint"]
     b["meta"] = [r for r in b["meta"] if r[0] != "fingerprint"]
