@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import threading
@@ -291,12 +292,9 @@ def _table_names(c: Connection) -> set[str]:
     return set(inspect(c).get_table_names())
 
 
-def fts_delete(c: Connection, features: Sequence[int]) -> None:
-    """Remove the index entries of these features' contexts (before the contexts are replaced)."""
-    import json
-
-    from interplab.features import schema as S
-
+def fts_delete(c: Connection, contexts: Table, features: Sequence[int]) -> None:
+    """Remove the index entries of these features' contexts (rows of ``contexts``, before they are
+    replaced)."""
     if c.dialect.name == "sqlite":  # external-content FTS5 table: the old rows' entries go first
         c.execute(
             text(
@@ -306,7 +304,7 @@ def fts_delete(c: Connection, features: Sequence[int]) -> None:
             {"ids": json.dumps(list(features))},
         )
     elif c.dialect.name == "postgresql":
-        ids = select(S.contexts.c.id).where(S.contexts.c.feature.in_(list(features)))
+        ids = select(contexts.c.id).where(contexts.c.feature.in_(list(features)))
         c.execute(delete(contexts_words).where(contexts_words.c.id.in_(ids)))
 
 
@@ -328,11 +326,9 @@ def fts_insert(c: Connection, first_id: int, rows: Sequence[dict]) -> None:
             c.execute(insert(contexts_words), entries)
 
 
-def fts_search(c: Connection, query: str, limit: int) -> list[tuple[int, str]]:
-    """(feature, text) of the contexts whose text holds ``query``'s tokens as a phrase, best first (FTS5's
-    bm25, then by id)."""
-    from interplab.features import schema as S
-
+def fts_search(c: Connection, contexts: Table, query: str, limit: int) -> list[tuple[int, str]]:
+    """(feature, text) of the rows of ``contexts`` whose text holds ``query``'s tokens as a phrase, best
+    first (FTS5's bm25, then by id)."""
     if c.dialect.name == "sqlite":
         phrase = '"' + query.replace('"', '""') + '"'
         rows = c.execute(
@@ -345,9 +341,9 @@ def fts_search(c: Connection, query: str, limit: int) -> list[tuple[int, str]]:
         return [(int(f), t) for f, t in rows]
     if c.dialect.name != "postgresql":  # another backend: a plain case-insensitive substring match
         q = (
-            select(S.contexts.c.feature, S.contexts.c.text)
-            .where(S.contexts.c.text.ilike(like_pattern(query), escape="\\"))
-            .order_by(S.contexts.c.id)
+            select(contexts.c.feature, contexts.c.text)
+            .where(contexts.c.text.ilike(like_pattern(query), escape="\\"))
+            .order_by(contexts.c.id)
             .limit(limit)
         )
         return [(int(f), t) for f, t in c.execute(q)]
@@ -366,10 +362,10 @@ def fts_search(c: Connection, query: str, limit: int) -> list[tuple[int, str]]:
     b: Any = literal_column(repr(BM25_B))
     score = f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * w.n / literal_column(repr(avgdl))))
     q = (
-        select(S.contexts.c.feature, S.contexts.c.text)
-        .join(contexts_words, w.id == S.contexts.c.id)
+        select(contexts.c.feature, contexts.c.text)
+        .join(contexts_words, w.id == contexts.c.id)
         .where(w.words.like(like, escape="\\"))
-        .order_by(score.desc(), S.contexts.c.id)
+        .order_by(score.desc(), contexts.c.id)
         .limit(limit)
     )
     return [(int(feat), t) for feat, t in c.execute(q)]

@@ -269,7 +269,7 @@ class FeatureReader(FeatureDatabase):
                 .limit(limit)
             ):
                 hits[f] = {"feature": f, "where": "explanation", "text": expl}
-            for f, t in D.fts_search(c, query, limit * 4):
+            for f, t in D.fts_search(c, S.contexts, query, limit * 4):
                 hits.setdefault(f, {"feature": f, "where": "context", "text": t})
         return list(hits.values())[:limit]
 

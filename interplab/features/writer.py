@@ -120,7 +120,7 @@ class FeatureWriter(FeatureDatabase):
         """Insert features and their contexts in one transaction (readers see all of it or none)."""
         with self.engine.begin() as c:
             ids = [r["feature"] for r in rows]
-            D.fts_delete(c, ids)  # the full-text index of the contexts replaced
+            D.fts_delete(c, S.contexts, ids)  # the full-text index of the contexts replaced
             c.execute(delete(S.contexts).where(S.contexts.c.feature.in_(ids)))
             c.execute(delete(S.features).where(S.features.c.feature.in_(ids)))
             c.execute(delete(S.checksums).where(S.checksums.c.feature.in_(ids)))
