@@ -136,4 +136,10 @@ class PostgresServer:
                 capture_output=True,
                 timeout=60,
             )
-            shutil.rmtree(self.folder, ignore_errors=True)
+            # removed in the background: a database is some hundred files, and a session makes dozens
+            subprocess.Popen(
+                ["rm", "-rf", str(self.folder)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
