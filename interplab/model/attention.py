@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from interplab.hooks.points import HookPoint
 from interplab.hooks.site import SiteKind
-from interplab.model.config import ModelConfig, Positional, RotaryStyle
+from interplab.model.config import ModelConfig, Positional, QKNorm, RotaryStyle
 from interplab.model.kv_cache import LayerKV
 from interplab.model.layers import Need, _hp, need, value_of
+from interplab.model.norms import Normalization, make_qk_norm
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -66,8 +67,14 @@ class AttnContext:
     positions: Int[Tensor, "batch pos"]
     key_valid: Bool[Tensor, "batch key_pos"] | None  # None: every key is a real token
     rotary: tuple[Tensor, Tensor] | None = None
+    layer_rotary: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """tables of layers whose rotary base is their own (``ModelConfig.rotary_bases``), by layer"""
     past_len: int = 0
     memo: dict = field(default_factory=dict)  # masks built once per forward, shared by the layers
+
+    def rotary_for(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """cos and sin for a layer: its own tables if it has them, else the model's."""
+        return self.layer_rotary.get(layer, self.rotary) if self.layer_rotary else self.rotary
 
     def mask(self, q_len: int, window: int | None, causal: bool) -> Bool[Tensor, "batch 1 q k"] | None:
         """Boolean mask (True = may attend), or None when plain causal attention needs none (built once per
@@ -196,6 +203,7 @@ class Attention(nn.Module):
     """Multi-head attention of the normalised residual stream ``x``, per head h:
 
         q_h = x W_Q[h] + b_Q[h]      k_h = x W_K[h] + b_K[h]      v_h = x W_V[h] + b_V[h]
+        (q/k norms: q = q_norm(q), k = k_norm(k), RMSNorm per head or over all heads, ``attn.q_norm``)
         (rotary: q_h, k_h rotated by position; GQA/MQA: a group of query heads shares one k_h, v_h)
         z_h = softmax(q_h k_h^T / attn_scale + mask) v_h
         attn_out = sum_h z_h W_O[h] + b_O
@@ -215,6 +223,8 @@ class Attention(nn.Module):
     hook_pattern: HookPoint
     hook_z: HookPoint
     hook_result: HookPoint
+    q_norm: Normalization  # qk_norm models only, with hook_scale and hook_normalized
+    k_norm: Normalization
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -245,6 +255,10 @@ class Attention(nn.Module):
             kinds += [SiteKind.ROT_Q, SiteKind.ROT_K]
         for kind in kinds:
             setattr(self, "hook_" + kind.value.split(".hook_")[1], _hp(kind, layer))
+        if cfg.qk_norm is not QKNorm.NONE:
+            K = SiteKind
+            self.q_norm = make_qk_norm(cfg, h, _hp(K.Q_NORM_SCALE, layer), _hp(K.Q_NORM_NORMALIZED, layer))
+            self.k_norm = make_qk_norm(cfg, kv, _hp(K.K_NORM_SCALE, layer), _hp(K.K_NORM_NORMALIZED, layer))
         self.fused_qkv = FusedQKV()
 
     def forward(
@@ -282,14 +296,17 @@ class Attention(nn.Module):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, cache: LayerKV | None = None
     ) -> Float[Tensor, "batch pos n_heads d_head"]:
-        """z (after ``hook_z``) from the projections: hooks on q, k, v; key smearing; rotary; the key/value
-        cache; then softmax(q k^T / attn_scale + mask) v."""
+        """z (after ``hook_z``) from the projections: hooks on q, k, v; the q/k norms; key smearing; rotary
+        (the layer's own tables); the key/value cache; then softmax(q k^T / attn_scale + mask) v."""
         cfg = self.cfg
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cfg.qk_norm is not QKNorm.NONE:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.smear_keys:
             k = self._smear(k, ctx, cache)
-        if ctx.rotary is not None:
-            cos, sin = ctx.rotary
+        rotary = ctx.rotary_for(self.layer)
+        if rotary is not None:
+            cos, sin = rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin, cfg.rotary_style))
             k = self.hook_rot_k(apply_rotary(k, cos, sin, cfg.rotary_style))
         if cache is not None:

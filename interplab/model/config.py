@@ -6,6 +6,7 @@ Round-trips to JSON (``to_dict`` / ``from_dict``) with a ``version``; every choi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from enum import Enum
@@ -31,6 +32,14 @@ class Norm(str, Enum):
     LAYERNORM = "layernorm"
     RMSNORM = "rmsnorm"
     NONE = "none"
+
+
+class QKNorm(str, Enum):
+    """RMSNorm of the queries and keys before rotary (weights ``attn.q_norm.w``, ``attn.k_norm.w``)."""
+
+    NONE = "none"
+    HEAD = "head"  # over each head's d_head, one weight [d_head] shared by the heads (Qwen3, Gemma-3)
+    FULL = "full"  # over all heads at once, n_heads * d_head (n_kv_heads * d_head for keys) (OLMo-2)
 
 
 class Positional(str, Enum):
@@ -82,12 +91,21 @@ class ModelConfig:
     """epsilon inside the norm"""
     post_norms: bool = False
     """extra norms on the attention and MLP outputs before they join the residual stream (Gemma-2)"""
+    pre_norms: bool = True
+    """norms on the attention and MLP inputs (``ln1``, ``ln2``); False: the blocks read the residual stream
+    itself and only the post norms normalise (OLMo-2; needs ``post_norms``)"""
+    qk_norm: QKNorm = QKNorm.NONE
+    """RMSNorm (eps ``norm_eps``, whatever ``normalization`` is) of queries and keys after their projection,
+    before rotary (Qwen3, Gemma-3, OLMo-2)"""
     positional: Positional = Positional.LEARNED
     """how positions enter the model"""
     rotary_dim: int = None  # type: ignore[assignment]  # None: derived in __post_init__
     """dimensions per head that rotate; defaults to d_head (partial rotary if smaller)"""
     rotary_base: float = 10000.0
     """rotary frequency base (theta)"""
+    rotary_bases: tuple[float, ...] = ()
+    """one rotary base per layer, overriding ``rotary_base`` (Gemma-3: local layers 10k, global 1M); empty:
+    ``rotary_base`` everywhere"""
     rotary_style: RotaryStyle = RotaryStyle.NEOX
     """how rotary dimensions are paired"""
     parallel_attn_mlp: bool = False
@@ -129,6 +147,7 @@ class ModelConfig:
             ("normalization", Norm),
             ("positional", Positional),
             ("rotary_style", RotaryStyle),
+            ("qk_norm", QKNorm),
         ):
             value = getattr(self, enum_field)
             if not isinstance(value, enum):
@@ -158,6 +177,7 @@ class ModelConfig:
         if self.attn_scale is None:
             object.__setattr__(self, "attn_scale", float(self.d_head) ** 0.5)
         object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
+        object.__setattr__(self, "rotary_bases", tuple(float(b) for b in self.rotary_bases))
         assert self.d_head is not None and self.n_kv_heads is not None and self.rotary_dim is not None
         for name in ("d_head", "n_kv_heads", "d_mlp", "d_vocab_out"):
             value = getattr(self, name)
@@ -187,6 +207,23 @@ class ModelConfig:
                 )
         if self.sliding_layers and self.sliding_window is None:
             raise ValueError("sliding_layers is set but sliding_window is None")
+        if self.rotary_bases:
+            if len(self.rotary_bases) != self.n_layers:
+                raise ValueError(
+                    f"rotary_bases has {len(self.rotary_bases)} values, but the model has {self.n_layers} layers"
+                )
+            if self.positional is not Positional.ROTARY:
+                raise ValueError(
+                    f"rotary_bases is set but positional={self.positional.value!r}, not 'rotary'"
+                )
+            if min(self.rotary_bases) <= 0:
+                raise ValueError(f"rotary_bases must be positive, got {list(self.rotary_bases)}")
+        if not self.pre_norms and not self.post_norms:
+            raise ValueError(
+                "pre_norms=False needs post_norms=True (OLMo-2 normalises each sublayer's output instead)"
+            )
+        if not self.pre_norms and self.parallel_attn_mlp:
+            raise ValueError("pre_norms=False is not supported with parallel_attn_mlp=True")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
 
@@ -207,6 +244,14 @@ class ModelConfig:
         if not self.sliding_layers or layer in self.sliding_layers:
             return self.sliding_window
         return None
+
+    def rotary_base_for(self, layer: int) -> float:
+        """The rotary base (theta) of a layer: ``rotary_bases[layer]`` if given, else ``rotary_base``."""
+        return self.rotary_bases[layer] if self.rotary_bases else self.rotary_base
+
+    def rotary_config(self, layer: int) -> ModelConfig:
+        """This config with ``rotary_base`` set to the layer's own (what `rotary_tables` reads)."""
+        return _rotary_config(self, self.rotary_bases[layer]) if self.rotary_bases else self
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -246,3 +291,9 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@functools.lru_cache(maxsize=256)
+def _rotary_config(cfg: ModelConfig, base: float) -> ModelConfig:
+    """``cfg`` with one rotary base (kept: every forward of a model with per-layer bases asks; ~5 us, not ~90)."""
+    return cfg.replace(rotary_base=base, rotary_bases=())

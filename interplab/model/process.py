@@ -91,7 +91,9 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
     Afterwards every such norm is the identity affine map (w = 1, b = 0). With LayerNorm and
     ``center_weights``, the reading weights are centred over d_model (the normalised input has zero mean).
     RMSNorm models fold their weights only; models without norms are returned unchanged. Post-norms
-    (Gemma-2's norms on the attention/MLP outputs) are not folded: no linear map reads them.
+    (Gemma-2's norms on the attention/MLP outputs) are not folded: no linear map reads them; blocks without
+    pre-norms (OLMo-2) have nothing to fold but ln_final. The q/k norms (Qwen3, Gemma-3, OLMo-2) keep their
+    weights: they act after the normalisation and before rotary, where no weight before them can hold them.
     Tied embeddings are untied first (the unembedding changes, the embedding does not)."""
     cfg = model.cfg
     if cfg.normalization is Norm.NONE:
@@ -110,8 +112,12 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
     def fold(
         norm: nn.Module, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dim: int
     ) -> None:
-        """``weights`` read the norm's output along ``dim`` (d_model); ``biases`` are their biases (None: none)."""
-        w, b = _norm_params(norm)  # type: ignore[misc]
+        """``weights`` read the norm's output along ``dim`` (d_model); ``biases`` are their biases (None: none).
+        A norm without weights (OLMo-2's missing pre-norms) leaves them alone."""
+        params = _norm_params(norm)
+        if params is None:
+            return
+        w, b = params
         for weight, bias in zip(weights, biases, strict=True):
             view = [1] * weight.dim()
             view[dim % weight.dim()] = -1

@@ -84,7 +84,7 @@ class Transformer(nn.Module):
             points += block.hook_points()
         self.hook_registry = HookRegistry(points, describe=self._describe_missing)
         self.tokenizer: Tokenizer | None = None
-        self._rotary_cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._rotary_cache: dict[tuple[float, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         if init:
             init_weights(self, cfg)
         self.eval()
@@ -145,11 +145,21 @@ class Transformer(nn.Module):
             key_valid = None
         ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
         if self.cfg.positional is Positional.ROTARY:
-            if key_valid is None:  # every row has positions past .. past+p: slice the cached table
-                ctx.rotary = self._rotary_range(past, p, tokens.device)
-            else:
-                ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
+            ctx.rotary = self._rotary(self.cfg, positions, key_valid is None, past, tokens.device)
+            by_base: dict[float, tuple[Tensor, Tensor]] = {}
+            for layer, base in enumerate(self.cfg.rotary_bases):  # layers with their own base (Gemma-3)
+                if base not in by_base:
+                    cfg = self.cfg.rotary_config(layer)
+                    by_base[base] = self._rotary(cfg, positions, key_valid is None, past, tokens.device)
+                ctx.layer_rotary[layer] = by_base[base]
         return ctx
+
+    def _rotary(
+        self, cfg: ModelConfig, positions: Tensor, unpadded: bool, past: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        if unpadded:  # every row has positions past .. past+p: slice the cached table
+            return self._rotary_range(past, positions.shape[1], device, cfg)
+        return rotary_tables(cfg, positions, self.embed.W_E.dtype)
 
     @staticmethod
     def padded_positions(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
@@ -172,14 +182,19 @@ class Transformer(nn.Module):
         index = torch.arange(n, device=valid.device)
         return (index - leading[:, None]).clamp(min=0)
 
-    def _rotary_range(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _rotary_range(
+        self, start: int, length: int, device: torch.device, cfg: ModelConfig | None = None
+    ) -> tuple[Tensor, Tensor]:
         """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table of all n_ctx
-        positions computed once per dtype and device (the same values `rotary_tables` gives)."""
-        key = (self.embed.W_E.dtype, device)
+        positions computed once per rotary base, dtype and device (the same values `rotary_tables` gives for
+        ``cfg``, by default the model's; `ModelConfig.rotary_config` gives a layer's own)."""
+        cfg = self.cfg if cfg is None else cfg
+        key = (cfg.rotary_base, self.embed.W_E.dtype, device)
         table = self._rotary_cache.get(key)
         if table is None:
-            table = rotary_tables(self.cfg, torch.arange(self.cfg.n_ctx, device=device)[None], key[0])
-            self._rotary_cache = {key: table}
+            table = rotary_tables(cfg, torch.arange(cfg.n_ctx, device=device)[None], key[1])
+            kept = {k: v for k, v in self._rotary_cache.items() if k[1:] == key[1:]}  # one dtype and device
+            self._rotary_cache = {**kept, key: table}
         return table[0][:, start : start + length], table[1][:, start : start + length]
 
     def embed_tokens(
@@ -391,6 +406,22 @@ class Transformer(nn.Module):
                 "use hook_q_input, hook_k_input and hook_v_input"
             ),
         }
+        for kind in (
+            SiteKind.Q_NORM_SCALE,
+            SiteKind.Q_NORM_NORMALIZED,
+            SiteKind.K_NORM_SCALE,
+            SiteKind.K_NORM_NORMALIZED,
+        ):
+            reasons[kind] = "the model has no q/k norms (qk_norm='none')"
+        if not self.cfg.pre_norms:
+            why = "the model has no pre-norms (its blocks read the residual stream itself and normalise each sublayer's output, as OLMo-2)"
+            for kind in (
+                SiteKind.LN1_SCALE,
+                SiteKind.LN1_NORMALIZED,
+                SiteKind.LN2_SCALE,
+                SiteKind.LN2_NORMALIZED,
+            ):
+                reasons[kind] = why
         mlp_kinds = {
             SiteKind.MLP_IN,
             SiteKind.MLP_PRE,

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from interplab import load_model
-from interplab.model import Norm, Positional, Transformer
+from interplab.model import Norm, Positional, QKNorm, Transformer
 from interplab.model.attention import AttnContext, HeadInputs, apply_rotary, keep_fused_weights, rotary_tables
 from interplab.model.generate import generate
 from interplab.model.kv_cache import KVCache
@@ -53,16 +53,24 @@ def reference_logits(model: Transformer, tokens: Tensor) -> Tensor:
     q_idx, k_idx = torch.arange(p)[:, None], torch.arange(p)[None, :]
     for layer, block in enumerate(model.blocks):
         attn = block.attn
-        x = norm(block.ln1, resid)
+        x = norm(block.ln1, resid) if cfg.pre_norms else resid
         q = torch.einsum("bpd,hde->bphe", x, attn.W_Q) + attn.b_Q
         k = torch.einsum("bpd,hde->bphe", x, attn.W_K) + attn.b_K
         v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
+        if cfg.qk_norm is not QKNorm.NONE:  # RMSNorm over each head, or over all heads at once
+            over = (-1,) if cfg.qk_norm is QKNorm.HEAD else (-2, -1)
+            q, k = (
+                t / torch.sqrt(t.pow(2).mean(over, keepdim=True) + cfg.norm_eps) * m.w
+                for t, m in ((q, attn.q_norm), (k, attn.k_norm))
+            )
         if cfg.smear_keys:
             gate = torch.sigmoid(attn.smear)[:, None]
             previous = torch.cat([torch.zeros_like(k[:, :1]), k[:, :-1]], dim=1)
             k = gate * k + (1 - gate) * previous
         if cfg.positional is Positional.ROTARY:
-            cos, sin = rotary_tables(cfg, positions, q.dtype)
+            cos, sin = rotary_tables(
+                cfg.replace(rotary_base=cfg.rotary_base_for(layer), rotary_bases=()), positions, q.dtype
+            )
             q, k = apply_rotary(q, cos, sin, cfg.rotary_style), apply_rotary(k, cos, sin, cfg.rotary_style)
         k = k.repeat_interleave(cfg.n_groups, dim=2)
         v = v.repeat_interleave(cfg.n_groups, dim=2)
@@ -84,7 +92,7 @@ def reference_logits(model: Transformer, tokens: Tensor) -> Tensor:
             resid = resid + attn_out
             continue
         mlp_in = resid if cfg.parallel_attn_mlp else resid + attn_out
-        h = norm(block.ln2, mlp_in)
+        h = norm(block.ln2, mlp_in) if cfg.pre_norms else mlp_in
         mlp = block.mlp
         pre = h @ mlp.W_in + mlp.b_in
         post = mlp.act(h @ mlp.W_gate) * pre if cfg.gated_mlp else mlp.act(pre)

@@ -39,6 +39,16 @@ ARCHS = {
     ),
     "bidirectional-classifier": dict(causal=False, d_vocab_out=3, act_fn="relu", unembed_bias=True),
     "smeared-keys": dict(smear_keys=True, attn_only=True),
+    # q/k norms: ln1 still folds into W_Q/W_K (and centring holds under LayerNorm), the q/k norms keep their w
+    "qk-norm-layernorm-rotary-bases": dict(positional="rotary", qk_norm="head", rotary_bases=(10.0, 1e4)),
+    "olmo-like": dict(
+        normalization="rmsnorm",
+        positional="rotary",
+        qk_norm="full",
+        pre_norms=False,
+        post_norms=True,
+        gated_mlp=True,
+    ),
 }
 
 

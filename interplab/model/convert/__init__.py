@@ -39,6 +39,10 @@ _BUILTIN = {
     "mistral": "llama",
     "qwen2": "llama",
     "gemma2": "gemma2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "olmo2": "olmo2",
 }
 
 

@@ -67,8 +67,11 @@ def config(hf: dict) -> ModelConfig:
     )
 
 
-def weights(ckpt: HFCheckpoint, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    p = ckpt.find_prefix("model.", "")
+def weights(
+    ckpt: HFCheckpoint, cfg: ModelConfig, prefix: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights under ``prefix`` (default: ``model.`` or none); Gemma-3 adds its q/k norms to them."""
+    p = ckpt.find_prefix("model.", "") if prefix is None else prefix
     h, kv = cfg.n_heads, cfg.n_kv_heads
     w_e = ckpt.get(p + "embed_tokens.weight")
     yield "embed.W_E", w_e
