@@ -401,6 +401,18 @@ def display_url(url: str) -> str:
         return url
 
 
+def may_write(c: Connection, table: str) -> bool:
+    """Whether this connection's role may write ``table`` (PostgreSQL privileges; always on SQLite, whose
+    file permissions are checked before it opens)."""
+    if c.dialect.name != "postgresql":
+        return True
+    return bool(
+        c.execute(
+            select(func.has_table_privilege(func.current_user(), table, "INSERT, UPDATE, DELETE"))
+        ).scalar()
+    )
+
+
 def set_read_only(dbapi_conn: Any, _record: Any) -> None:
     """A PostgreSQL connection of a reader: every transaction read-only (the server refuses writes)."""
     cur = dbapi_conn.cursor()

@@ -63,6 +63,15 @@ class FeatureWriter(FeatureDatabase):
                 "(`interplab serve` does), or copy it where it can be written"
             )
         super().__init__(path_or_url, create=create)
+        if self.found and not self.sqlite:
+            with self.engine.connect() as c:
+                if not D.may_write(c, S.labels.name if self.found >= 2 else S.meta.name):
+                    user = c.execute(select(func.current_user())).scalar()
+                    self.close()
+                    raise ReadOnlyDatabase(
+                        f"{self.where} cannot be written: the role {user!r} may only read it (read it with a "
+                        "FeatureReader, as `interplab serve` does, or connect as a role that may write)"
+                    )
         if create or self.found < S.SCHEMA_VERSION:
             S.migrate(self.engine)
 

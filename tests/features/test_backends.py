@@ -242,3 +242,41 @@ def test_a_foreign_postgres_database_is_never_written_into(postgres_server, mode
             r[0] for r in c.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
         ) == ["users"]
     engine.dispose()
+
+
+def test_a_read_only_role_is_served_read_only(postgres_server):
+    from fastapi.testclient import TestClient
+    from sqlalchemy import create_engine, text
+
+    from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.dialect import engine_url
+    from interplab.features.writer import label_writer
+    from interplab.web.app import create_app
+
+    url = postgres_server.new_db()
+    _hand_written(url).close()
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ProgrammingError
+
+    role = f"student_{url.rsplit('_', 1)[-1]}"
+    engine = create_engine(engine_url(url), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as c:
+            c.execute(text(f"CREATE ROLE {role} LOGIN"))
+            c.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
+    except ProgrammingError as err:  # a server of the user's, whose role may not create roles
+        pytest.skip(f"cannot create a read-only role on this server: {err.orig}")
+    as_student = make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
+    with pytest.raises(ReadOnlyDatabase, match=f"the role '{role}' may only read it"):
+        FeatureWriter(as_student)
+    assert label_writer(as_student) is None and FeatureReader(as_student).labels()[5]["explanation"]
+    client = TestClient(create_app([as_student]), base_url="http://127.0.0.1")
+    (name,) = client.app.state.resources.stores
+    r = client.post(f"/api/db/{name}/feature/5/label", json={"explanation": "x"})
+    assert r.status_code == 403 and "read-only" in r.json()["error"]
+    assert FeatureReader(url).labels()[5]["explanation"] == "Opening brackets"
+    client.app.state.resources.stores[name].close()
+    with engine.connect() as c:
+        c.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"))
+        c.execute(text(f"DROP ROLE {role}"))
+    engine.dispose()
