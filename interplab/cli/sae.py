@@ -3,8 +3,11 @@ evaluate, and compare SAEs (`interplab.sae.bench`)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import typer
 
 from interplab.cli.common import (
@@ -58,6 +61,7 @@ from interplab.sae.sweep import (
     train_sweep,
 )
 from interplab.sae.train import SAETrainProgress
+from interplab.train.distributed import DistInfo, RankFailure, init_distributed, shutdown, world_size
 
 app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
 
@@ -119,8 +123,27 @@ def cache(
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
-    the model, data and settings are the same; anything different is refused)."""
+    the model, data and settings are the same; anything different is refused). Under torchrun
+    (torchrun --nproc_per_node N -m interplab sae cache ...) every process caches its share of the token
+    batches, each once."""
     set_threads(threads)
+    with _processes():
+        _cache(model_path, hooks, out, corpus, split, seq_len, batch, tokens, dtype, shard_rows, overwrite)
+
+
+def _cache(
+    model_path: Path,
+    hooks: list[str],
+    out: Path,
+    corpus: str,
+    split: str,
+    seq_len: int | None,
+    batch: int,
+    tokens: int,
+    dtype: str,
+    shard_rows: int,
+    overwrite: bool,
+) -> None:
     model = load_model_arg(model_path)
     seq_len = check_seq_len(seq_len, model)
     hooks = _hooks_of(model, hooks)
@@ -144,9 +167,29 @@ def cache(
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
         return
+    ranks = f" (written by {world_size()} processes)" if world_size() > 1 else ""
     console.print(
-        f"{res.rows:,} rows in {res.shards} shards, {res.bytes_per_token:,.0f} bytes/token -> {out}"
+        f"{res.rows:,} rows in {res.shards} shards{ranks}, {res.bytes_per_token:,.0f} bytes/token -> {out}"
     )
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[DistInfo]:
+    """Under torchrun: join the process group (gloo: these commands compute on CPU) for the command, and
+    print only on rank 0 (the others' console is quiet); one process: nothing to do."""
+    try:
+        info = init_distributed(torch.device("cpu"))
+    except ValueError as err:
+        fail(str(err))
+    quiet = console.quiet
+    console.quiet = quiet or not info.main
+    try:
+        yield info
+    except RankFailure as err:
+        fail(str(err), code=1)
+    finally:
+        console.quiet = quiet
+        shutdown(info)
 
 
 def _sweep_option(value: list[str]) -> list[str]:
@@ -226,14 +269,48 @@ def train(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace a different run found in --out (its SAEs, log and checkpoints)"
     ),
+    spread: bool = typer.Option(
+        False,
+        "--spread/--data-parallel",
+        help="under torchrun: spread the sweep's SAEs over the processes (each trains its own on all the data) "
+        "instead of training every SAE data-parallel (each process its share of every --batch)",
+    ),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
     resumes bit-exactly when started again with the same arguments; a different run into the same --out is
-    refused unless --overwrite."""
+    refused unless --overwrite. Under torchrun (torchrun --nproc_per_node N -m interplab sae train ...) it
+    trains data-parallel (--batch is the global batch), or spreads a sweep over the processes (--spread)."""
     set_threads(threads)
     if (model_path is None) == (cache_dir is None):
         fail("give exactly one of --model (stream) or --cache (read a cache)")
+    with _processes():
+        _train(**{k: v for k, v in locals().items() if k != "threads"})
+
+
+def _train(
+    out: Path,
+    model_path: Path | None,
+    cache_dir: Path | None,
+    hooks: list[str],
+    arch: str,
+    expansion: int,
+    k: int,
+    coefficient: float | None,
+    sweep: list[str],
+    steps: int,
+    batch: int,
+    lr: float,
+    corpus: str,
+    seq_len: int | None,
+    autocast: bool,
+    seed: int,
+    checkpoint_every: int | None,
+    stop_after: int | None,
+    resume: bool,
+    overwrite: bool,
+    spread: bool,
+) -> None:
     try:
         cfg = SAESweepConfig(
             architecture=Architecture.parse(arch),
@@ -249,12 +326,20 @@ def train(
             sweep=parse_sweep(sweep),
         )
         if cache_dir is not None:
-            source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed)
+            source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed, spread=spread)
         else:
+            assert model_path is not None  # exactly one of --model / --cache (checked above)
             model = load_model_arg(model_path)
             seq_len = check_seq_len(seq_len, model)
             source = model_source(
-                model, model_path, hooks, corpus=corpus, seq_len=seq_len, batch_size=batch, seed=seed
+                model,
+                model_path,
+                hooks,
+                corpus=corpus,
+                seq_len=seq_len,
+                batch_size=batch,
+                seed=seed,
+                spread=spread,
             )
         plan = plan_sweep(source.widths, cfg, model_name=source.model_name)
     except (ValueError, KeyError, FileNotFoundError) as err:
@@ -280,6 +365,7 @@ def train(
                 resume=resume,
                 overwrite=overwrite,
                 stop_after=stop_after,
+                spread=spread,
             )
         except (ValueError, OSError) as err:
             fail(str(err))

@@ -29,6 +29,9 @@ B, P = 2, 7
 NAMES = sorted(VARIANTS)
 MODES = ["none", "read", "replace", "grad"]
 TOL = dict(atol=2e-5, rtol=1e-5)
+# a cached step multiplies [b, 1, d] by the weights where the full forward multiplies [b, p, d]: the kernels sum in
+# other orders, and on a model without norms the logits carry that float32 rounding (3.8e-5 seen on an AMD EPYC)
+KV_TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 # ---- the reference ------------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ def test_kv_cache_generation_gives_the_reference_logits(variant, mode):
         kv = model.new_kv_cache()
         steps = [run(model, tokens[:, :4], mode, kv_cache=kv)]
         steps += [run(model, tokens[:, i : i + 1], mode, kv_cache=kv) for i in range(4, tokens.shape[1])]
-    assert_close(torch.cat(steps, dim=1), expected, **TOL)
+    assert_close(torch.cat(steps, dim=1), expected, **KV_TOL)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "smeared_keys", "gemma_like"])
