@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = [
     "hooks",
     "loading",
+    "scale",
     "training",
     "tasks",
     "analysis",
