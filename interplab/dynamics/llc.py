@@ -146,6 +146,22 @@ class LLCEstimate:
             out["trace"] = self.trace.tolist()
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LLCEstimate:
+        """The inverse of `to_dict` (with its trace; without one the trace is empty)."""
+        return cls(
+            llc=float(data["llc"]),
+            se=float(data["se"]),
+            per_chain=tuple(float(v) for v in data["per_chain"]),
+            init_loss=float(data["init_loss"]),
+            nbeta=float(data["nbeta"]),
+            n=int(data["n"]),
+            trace=torch.tensor(data.get("trace", []), dtype=torch.float32),
+            config=SGLDConfig(**data["config"]),
+            component=str(data.get("component", "all")),
+            n_params=int(data.get("n_params", 0)),
+        )
+
     def plot(self) -> Any:
         """The loss trace of every chain against step (burn-in shaded), with L(w*) dotted: the diagnostic to
         look at before trusting a number (a trace that has not flattened after burn-in has not mixed)."""
