@@ -19,7 +19,20 @@ from interplab.train import train
 from tests.train.conftest import _tiny_config, write_corpus
 
 CFG = SGLDConfig(step_size=1e-4, chains=2, draws=6, burn_in=2, batch_size=2)
-ARGS = ["--draws", "6", "--burn-in", "2", "--chains", "2", "--seqs", "4", "--batch-size", "2", "--seq-len", "16"]
+ARGS = [
+    "--draws",
+    "6",
+    "--burn-in",
+    "2",
+    "--chains",
+    "2",
+    "--seqs",
+    "4",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +108,9 @@ def test_llc_command_writes_the_run_folder_and_joins_the_formation_report(run_di
     said = out.stdout.replace("\n", "")
     assert str(folder / runs.REPORT) in said and "formation_llc.html" in said
     again = CliRunner().invoke(app, ["llc", str(run_dir), *ARGS, "-c", "layers", "--every", "2"])
-    assert again.exit_code == 0 and f"{len(report['steps'])} checkpoints read back" in again.stdout.replace("\n", " ")
+    assert again.exit_code == 0 and f"{len(report['steps'])} checkpoints read back" in again.stdout.replace(
+        "\n", " "
+    )
     # `interplab formation` redraws the joined picture once an LLC exists
     (run_dir / runs.FORMATION / "formation_llc.html").unlink()
     formation = CliRunner().invoke(app, ["formation", str(run_dir), "--seqs", "2"])
