@@ -90,8 +90,9 @@ def run_tokens(run_dir: str | Path, n_seqs: int, seq_len: int | None = None) -> 
     if n_seqs < 2:
         raise ValueError(f"n_seqs must be >= 2, got {n_seqs}")
     seq_len = seq_len or cfg.data.seq_len
-    if not 2 <= seq_len <= cfg.model.n_ctx:
-        raise ValueError(f"seq_len={seq_len} must be in 2..{cfg.model.n_ctx} (the model's n_ctx)")
+    n_ctx = cfg.model.n_ctx if cfg.model is not None else cfg.data.seq_len
+    if not 2 <= seq_len <= n_ctx:
+        raise ValueError(f"seq_len={seq_len} must be in 2..{n_ctx} (the model's n_ctx)")
     corpus = open_corpus(cfg.data.source, val_fraction=cfg.data.val_fraction)
     store = build_token_store(corpus, load_tokenizer(run.path), "train")
     n = store.n_sequences(seq_len)
