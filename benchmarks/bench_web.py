@@ -6,6 +6,12 @@ The mix: feature pages (60%), the feature JSON (15%), feature-list pages in ever
 pages (10%), token and text search (10%), label writes from the app's own origin (5%).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_web.py --out benchmarks/results/web.json
+
+``--backend postgresql`` serves the same database from PostgreSQL: a database named ``big`` on the server of
+``--postgres-url`` (an admin URL; default: a throwaway server started from Debian's binaries, as the tests do,
+`tests/postgres.py`), built there by the same builder.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_web.py --backend postgresql --out benchmarks/results/web_postgresql.json
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"  # loopback only, by construction
 
 
-def build_db(path: Path, n_features: int, n_seqs: int, seed: int = 0) -> dict:
+def build_db(path: Path | str, n_features: int, n_seqs: int, seed: int = 0, seq_len: int = 64) -> dict:
     """A feature database of ``n_features`` latents (a random SAE on a tiny random model), built by the
     real builder so every table and index is what `interplab features build` writes."""
     import torch
@@ -40,7 +46,9 @@ def build_db(path: Path, n_features: int, n_seqs: int, seed: int = 0) -> dict:
     from interplab.sae import SAEConfig, create_sae
 
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=2, d_vocab=512, n_ctx=64, name="bench"))
+    model = Transformer(
+        ModelConfig(d_model=32, n_layers=1, n_heads=2, d_vocab=512, n_ctx=max(64, seq_len), name="bench")
+    )
     sae = create_sae(
         SAEConfig(d_in=32, d_sae=n_features, architecture="relu", hook_name="blocks.0.hook_resid_post")
     )
@@ -48,10 +56,33 @@ def build_db(path: Path, n_features: int, n_seqs: int, seed: int = 0) -> dict:
         sae.W_enc.copy_(torch.randn(32, n_features) / 32**0.5)
         sae.b_enc.fill_(-0.3)  # sparse firing
         sae.W_dec.copy_(torch.randn(n_features, 32) / 32**0.5)
-    tokens = torch.randint(0, 512, (n_seqs, 64), generator=torch.Generator().manual_seed(seed))
-    t0 = time.perf_counter()
+    tokens = torch.randint(0, 512, (n_seqs, seq_len), generator=torch.Generator().manual_seed(seed))
+    t0, c0 = time.perf_counter(), time.process_time()
     build_feature_db(path, model, sae, tokens, FeatureBuildConfig(top_k=10, n_samples=10, batch_size=16))
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens.numel(), "bytes": path.stat().st_size}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "tokens": tokens.numel(),
+        "bytes": db_bytes(path),
+    }
+
+
+def db_bytes(db: Path | str) -> int:
+    """The size of a database: its file, or its PostgreSQL database (``pg_database_size``)."""
+    if isinstance(db, Path):
+        return db.stat().st_size
+    from interplab.features.reader import FeatureReader
+
+    with FeatureReader(db) as r, r.engine.connect() as c:
+        return int(c.exec_driver_sql("SELECT pg_database_size(current_database())").scalar_one())
+
+
+def postgres_server(url: str | None):
+    """A server to hold the benchmark's database: ``url``'s, or a throwaway one (`tests.postgres`)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.postgres import PostgresServer
+
+    return PostgresServer(url) if url else PostgresServer.start()
 
 
 def _free_port() -> int:
@@ -148,16 +179,26 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=800, help="at most this many requests")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="at most this long under load")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence of the built database")
+    ap.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
+    ap.add_argument(
+        "--postgres-url", help="admin URL of a PostgreSQL server (default: start a throwaway one)"
+    )
     args = ap.parse_args()
     if not (1 <= args.requests <= 100_000 and 0 < args.max_seconds <= 600 and 1 <= args.concurrency <= 64):
         ap.error("--requests 1..100000, --max-seconds (0, 600], --concurrency 1..64")
+    server = postgres_server(args.postgres_url) if args.backend == "postgresql" and not args.db else None
     with tempfile.TemporaryDirectory() as tmp:
         build = None
+        db: Path | str
         if args.db:
-            db = Path(args.db)
+            db = args.db if "://" in args.db else Path(args.db)
+        elif server is not None:
+            db = server.new_db(name="big")  # served as /db/big/
+            build = build_db(db, args.features, args.seqs, seq_len=args.seq_len)
         else:
             db = Path(tmp) / "big.db"
-            build = build_db(db, args.features, args.seqs)
+            build = build_db(db, args.features, args.seqs, seq_len=args.seq_len)
         from interplab.features.reader import FeatureReader
 
         n_features = FeatureReader(db).n_features()
@@ -167,7 +208,7 @@ def main() -> None:
             f"uvicorn.run(create_app([{str(db)!r}]), host={HOST!r}, port={port}, log_level='warning')"
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        server = subprocess.Popen([sys.executable, "-c", code], env=env)
+        app = subprocess.Popen([sys.executable, "-c", code], env=env)
         try:
             for _ in range(300):
                 try:
@@ -179,11 +220,14 @@ def main() -> None:
             load(port, _plan(20, n_features, rng), 1, 30)  # warm-up (not measured)
             result = load(port, _plan(args.requests, n_features, rng), args.concurrency, args.max_seconds)
         finally:
-            server.terminate()
-            server.wait(timeout=10)
+            app.terminate()
+            app.wait(timeout=10)
+            if server is not None:
+                server.stop()
     all_times = [t for ts in result["times"].values() for t in ts]
     out = {
         "benchmark": "web",
+        "backend": args.backend,
         "n_features": n_features,
         "db_build": build,
         "concurrency": args.concurrency,

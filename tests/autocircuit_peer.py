@@ -40,6 +40,7 @@ _ACT = {
     Activation.RELU: "relu",
     Activation.GELU: "gelu",
     Activation.GELU_TANH: "gelu_new",
+    Activation.GELU_NEW: "gelu_new",
     Activation.SILU: "silu",
 }
 _NORM = {Norm.LAYERNORM: "LN", Norm.RMSNORM: "RMS", Norm.NONE: None}

@@ -63,6 +63,10 @@ LAZY: dict[tuple[str, str], str] = {
         "interplab.sae.architectures",
     ): "the built-in architectures register themselves on import, and each imports the registry",
     (
+        "cli/common.py",
+        "interplab.features.database",
+    ): "db_source (is a --db a URL?): every command imports cli/common, and the database module loads SQLAlchemy",
+    (
         "web/runs.py",
         "interplab.web.dt_page",
     ): "the home page's numbers of DT folders: dt_page reads every file through this module",

@@ -38,6 +38,18 @@ def python_block(markdown: Path) -> str:
     return re.findall(r"^```python\n(.*?)^```", markdown.read_text(encoding="utf-8"), re.M | re.S)[0]
 
 
+def _demo_diff(p: Path) -> bool:
+    """``runs/demo/diffs/step_A-step_B``: where `interplab sae diff runs/demo --before A --after B` writes
+    (`default_diff_folder`), named exactly as it names it."""
+    from interplab import runs
+    from interplab.sae.diffing import default_diff_folder
+
+    m = re.fullmatch(r"step_(\d+)-step_(\d+)", p.name)
+    return p.parent == DEMO_RUN / runs.DIFFS and (
+        m is not None and p == default_diff_folder(DEMO_RUN, int(m[1]), int(m[2]))
+    )
+
+
 def test_the_demo_names_are_the_ones_the_docs_use():
     demo = DemoOutputs()
     known = {demo.final, demo.formation, demo.sae_run, demo.sae, demo.sae_eval, demo.features_db}
@@ -57,6 +69,7 @@ def test_the_demo_names_are_the_ones_the_docs_use():
                 or p in known
                 or any(k in p.parents for k in known)
                 or (p.parent == DEMO_RUN and p.name in outputs)
+                or _demo_diff(p)
             ), f"{path.relative_to(ROOT)} names {p}, which the demo does not write (DemoOutputs: {known})"
             if demo.sae_run / "saes" in p.parents:
                 assert p == demo.sae, f"{path.relative_to(ROOT)}: the demo's SAE is {demo.sae}, not {p}"

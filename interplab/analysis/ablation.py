@@ -30,6 +30,8 @@ _HEAD_KINDS = {
     SiteKind.RESULT,
     SiteKind.ROT_Q,
     SiteKind.ROT_K,
+    SiteKind.Q_NORM_NORMALIZED,
+    SiteKind.K_NORM_NORMALIZED,
     SiteKind.ATTN_IN,
     SiteKind.Q_INPUT,
     SiteKind.K_INPUT,

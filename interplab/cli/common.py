@@ -209,6 +209,32 @@ def out_folder(ctx: typer.Context, param: typer.CallbackParam, value: Path | Non
     return check_out_folder(value, _option_name(param))
 
 
+def db_source(value: str | Path | None) -> str | Path | None:
+    """A feature database as given on the command line: a URL (``postgresql://user@host/dbname``) stays text
+    (a `Path` would fold its ``//``), anything else is a path."""
+    from interplab.features.database import is_url
+
+    if value is None or isinstance(value, Path):
+        return value
+    return value if is_url(value) else Path(value)
+
+
+def db_option(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | Path | None:
+    """Typer callback of a ``--db`` option (declared ``str``): `db_source`."""
+    return db_source(value)
+
+
+def db_out_option(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | Path | None:
+    """Typer callback of a database a command writes: `db_source`, a path checked by `check_out_file`."""
+    source = db_source(value)
+    return check_out_file(source, _option_name(param)) if isinstance(source, Path) else source
+
+
+DB_ERRORS = (FileNotFoundError, ValueError, ConnectionError, ImportError)
+"""what opening a feature database raises for a bad path or URL, a foreign database, an unreachable server or
+a missing driver (each with a message for the user)"""
+
+
 def out_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Typer callback: `check_out_file` for this option."""
     return check_out_file(value, _option_name(param))

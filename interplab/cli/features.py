@@ -12,17 +12,19 @@ from jaxtyping import Int
 from torch import Tensor
 
 from interplab.cli.common import (
+    DB_ERRORS,
     SPLITS,
     JobProgress,
     check_seq_len,
     choice,
     command_hint,
     console,
+    db_option,
+    db_out_option,
     fail,
     finite_float,
     load_model_arg,
     non_negative_int,
-    out_file,
     out_folder,
     positive_int,
     print_command,
@@ -129,8 +131,12 @@ def build(
     model_dir: Path = typer.Option(..., "--model", help=MODEL_HELP),
     sae_dir: Path = typer.Option(..., "--sae", help=SAE_HELP),
     sae_name: str = typer.Option(None, "--name", help="which SAE of the --sae run (its folder name)"),
-    out: Path = typer.Option(
-        Path(FEATURE_DB), "--out", help="feature database file (or a SQLAlchemy URL)", callback=out_file
+    out: str = typer.Option(
+        FEATURE_DB,
+        "--out",
+        "--db",
+        help="feature database file, or a URL (postgresql://user@host/dbname)",
+        callback=db_out_option,
     ),
     tokens: Path = typer.Option(None, "--tokens", help="safetensors file with a [n_seq pos] 'tokens' tensor"),
     corpus: str = typer.Option(None, "--corpus", help="corpus name or folder (e.g. python-stdlib)"),
@@ -146,6 +152,12 @@ def build(
     ),
     top_k: int = typer.Option(
         DEFAULTS.top_k, "--top-k", help="top activating contexts per feature", callback=positive_int
+    ),
+    window: str = typer.Option(
+        f"{DEFAULTS.window_left},{DEFAULTS.window_right}",
+        "--window",
+        help="tokens of context kept before and after each activating token, LEFT,RIGHT (pages show the "
+        "nearest few and expand to the rest on a click; longer windows make the database larger)",
     ),
     batch_size: int = typer.Option(
         DEFAULTS.batch_size, "--batch-size", help="sequences per forward pass", callback=positive_int
@@ -179,6 +191,7 @@ def build(
     set_threads(threads)
     if (tokens is None) == (corpus is None):
         fail("give exactly one of --tokens FILE or --corpus NAME")
+    left, right = parse_window(window)
     sae_dir = sae_folder(sae_dir, sae_name)
     model, sae = load_model_and_sae(model_dir, sae_dir)
     toks = (
@@ -189,6 +202,8 @@ def build(
     try:
         cfg = FeatureBuildConfig(
             top_k=top_k,
+            window_left=left,
+            window_right=right,
             batch_size=batch_size,
             features_per_pass=features_per_pass,
             checkpoint_every=checkpoint_every,
@@ -207,18 +222,47 @@ def build(
                 overwrite=overwrite,
                 progress=lambda stage, done, total: bar.update(done, total=total, stage=stage),
             )
-    except (ValueError, FileNotFoundError, ReadOnlyDatabase) as err:
+    except (*DB_ERRORS, ReadOnlyDatabase) as err:
         fail(str(err))
         return
+    from interplab.features.dialect import display_url
+
+    shown = display_url(out) if isinstance(out, str) else out
     console.print(
-        f"[green]feature database[/] {out}: {report.n_features} features over {report.n_tokens:,} tokens"
+        f"[green]feature database[/] {shown}: {report.n_features} features over {report.n_tokens:,} tokens"
     )
-    console.print(f"browse it with:  {command_hint('serve', '--db', out)}")
+    console.print(f"browse it with:  {command_hint('serve', '--db', shown)}")
+
+
+@features_app.command("copy")
+def copy(
+    source: str = typer.Argument(..., help="the feature database to copy: file or URL", callback=db_option),
+    target: str = typer.Argument(
+        ..., help="where to: a new file, or a URL (postgresql://user@host/dbname)", callback=db_out_option
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace what the target holds"),
+) -> None:
+    """Copy a feature database into another, on any backend: e.g. a SQLite file into the lab's PostgreSQL
+    database (every table, labels, explanations and lists included; its search index rebuilt)."""
+    from interplab.features.database import ReadOnlyDatabase
+    from interplab.features.dialect import display_url
+    from interplab.features.writer import copy_database
+
+    try:
+        counts = copy_database(source, target, overwrite=overwrite)
+    except (*DB_ERRORS, ReadOnlyDatabase) as err:
+        fail(str(err))
+        return
+    shown = display_url(target) if isinstance(target, str) else target
+    console.print(
+        f"[green]copied[/] {counts.get('features', 0)} features ({sum(counts.values()):,} rows) into {shown}"
+    )
+    console.print(f"browse it with:  {command_hint('serve', '--db', shown)}")
 
 
 @features_app.command("export")
 def export(
-    db: Path = typer.Option(..., "--db", help="feature database"),
+    db: str = typer.Option(..., "--db", help="feature database (file or URL)", callback=db_option),
     html: Path = typer.Option(..., "--html", help="output folder for the static site", callback=out_folder),
 ) -> None:
     """Write a self-contained folder of HTML pages (index + one page per feature) to share or publish."""
@@ -227,13 +271,21 @@ def export(
     try:
         with JobProgress("features export", unit="pages") as bar:
             report = export_html(db, html, progress=bar)
-    except (FileNotFoundError, ValueError) as err:
+    except DB_ERRORS as err:
         fail(str(err))
         return
     console.print(f"wrote {report.n_pages} pages ({report.n_bytes / 1e6:.1f} MB) to {html}/index.html")
 
 
 EXPLAIN_BACKENDS = ("baseline", "openai", "local")
+
+
+def parse_window(value: str) -> tuple[int, int]:
+    """``--window LEFT,RIGHT`` as two non-negative ints (a clear error otherwise)."""
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        fail(f"--window {value!r}: give LEFT,RIGHT, the tokens kept before and after the peak, e.g. 24,8")
+    return int(parts[0]), int(parts[1])
 
 
 def parse_features(value: str | None) -> list[int] | None:
@@ -257,8 +309,10 @@ def parse_features(value: str | None) -> list[int] | None:
 
 @features_app.command("explain")
 def explain(
-    db_arg: Path = typer.Argument(None, metavar="DB", help="feature database (or --db)"),
-    db: Path = typer.Option(None, "--db", help="feature database"),
+    db_arg: str = typer.Argument(
+        None, metavar="DB", help="feature database: file or URL (or --db)", callback=db_option
+    ),
+    db: str = typer.Option(None, "--db", help="feature database (file or URL)", callback=db_option),
     backend: str = typer.Option(
         None,
         "--backend",
@@ -305,7 +359,7 @@ def explain(
     wanted = parse_features(features)
     try:
         writer = FeatureWriter(path)
-    except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
+    except (*DB_ERRORS, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     with writer:
@@ -371,7 +425,9 @@ SCORE_DEFAULT_OFFLINE = "embedding,baseline"
 
 @features_app.command("score")
 def score(
-    db: Path = typer.Argument(..., help="feature database (with stored explanations)"),
+    db: str = typer.Argument(
+        ..., help="feature database (file or URL) with stored explanations", callback=db_option
+    ),
     scorers: str = typer.Option(
         None,
         "--scorers",
@@ -401,7 +457,7 @@ def score(
         writer = FeatureWriter(db)
         # the judge's replies are cached in the database too: a rerun after a failure pays for no call twice
         made = make_scorers([n for n in names if n], CachedBackend(backend, writer) if backend else None)
-    except (FileNotFoundError, ValueError, ReadOnlyDatabase, ScorerError) as err:
+    except (*DB_ERRORS, ReadOnlyDatabase, ScorerError) as err:
         fail(str(err))
     with writer, JobProgress("features score", unit="features") as bar:
         try:
@@ -434,7 +490,7 @@ def _configured_backend():
 
 @features_app.command("loss-effects")
 def loss_effects(
-    db: Path = typer.Argument(..., help="feature database"),
+    db: str = typer.Argument(..., help="feature database (file or URL)", callback=db_option),
     model_dir: Path | None = typer.Option(
         None, "--model", help=MODEL_HELP + " (default: the one it was built from)"
     ),
@@ -453,7 +509,7 @@ def loss_effects(
     try:
         with FeatureReader(db) as store:
             meta = store.meta()
-    except (FileNotFoundError, ValueError, ReadOnlyDatabase) as err:
+    except (*DB_ERRORS, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     model_dir = model_dir or (Path(meta["model_path"]) if meta.get("model_path") else None)
@@ -472,7 +528,7 @@ def loss_effects(
                 overwrite=overwrite,
                 progress=lambda done, total: bar.update(done, total=total),
             )
-    except (ValueError, ReadOnlyDatabase) as err:
+    except (*DB_ERRORS, ReadOnlyDatabase) as err:
         fail(str(err))
         return
     console.print(f"loss effects of {n} contexts written to {db}")
@@ -490,7 +546,12 @@ def steer(
         help=f"a multiple of the feature's max activation (from --db); default {DEFAULT_STRENGTH:g}",
         callback=finite_float,
     ),
-    db: Path = typer.Option(None, "--db", help="the feature database (it records the max activation)"),
+    db: str = typer.Option(
+        None,
+        "--db",
+        help="the feature database, file or URL (it records the max activation)",
+        callback=db_option,
+    ),
     value: float = typer.Option(
         None, "--value", help="an absolute activation instead of --strength", callback=finite_float
     ),
@@ -519,7 +580,7 @@ def steer(
         except FeatureNotFound:
             fail(f"feature {feature} is not in the feature database {db}")
             return
-        except (FileNotFoundError, ValueError) as err:
+        except DB_ERRORS as err:
             fail(f"--db {db}: {err}")
             return
     model, sae = load_model_and_sae(model_dir, sae_folder(sae_dir, sae_name))

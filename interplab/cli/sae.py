@@ -3,8 +3,11 @@ evaluate, and compare SAEs (`interplab.sae.bench`)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import typer
 
 from interplab.cli.common import (
@@ -18,6 +21,7 @@ from interplab.cli.common import (
     fail,
     load_model_arg,
     non_negative_float,
+    non_negative_int,
     out_folder,
     positive_float,
     positive_int,
@@ -27,6 +31,7 @@ from interplab.cli.common import (
 from interplab.model import Transformer
 from interplab.plots import save_figure
 from interplab.runs import (
+    DIFFS,
     EVAL,
     REPORT,
     SAE_CFG,
@@ -44,7 +49,7 @@ from interplab.sae.activations import corpus_token_batches
 from interplab.sae.bench import BenchConfig, bench_saes, tokenizer_labellers
 from interplab.sae.config import Architecture
 from interplab.sae.crosscoder import CrosscoderTrainConfig
-from interplab.sae.diffing import diff_checkpoints
+from interplab.sae.diffing import default_diff_folder, diff_checkpoints
 from interplab.sae.disk_store import cache_activations
 from interplab.sae.evaluate import evaluate_sae
 from interplab.sae.plots import sparsity_frontier
@@ -58,6 +63,7 @@ from interplab.sae.sweep import (
     train_sweep,
 )
 from interplab.sae.train import SAETrainProgress
+from interplab.train.distributed import DistInfo, RankFailure, init_distributed, shutdown, world_size
 
 app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
 
@@ -119,8 +125,27 @@ def cache(
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
-    the model, data and settings are the same; anything different is refused)."""
+    the model, data and settings are the same; anything different is refused). Under torchrun
+    (torchrun --nproc_per_node N -m interplab sae cache ...) every process caches its share of the token
+    batches, each once."""
     set_threads(threads)
+    with _processes():
+        _cache(model_path, hooks, out, corpus, split, seq_len, batch, tokens, dtype, shard_rows, overwrite)
+
+
+def _cache(
+    model_path: Path,
+    hooks: list[str],
+    out: Path,
+    corpus: str,
+    split: str,
+    seq_len: int | None,
+    batch: int,
+    tokens: int,
+    dtype: str,
+    shard_rows: int,
+    overwrite: bool,
+) -> None:
     model = load_model_arg(model_path)
     seq_len = check_seq_len(seq_len, model)
     hooks = _hooks_of(model, hooks)
@@ -144,9 +169,29 @@ def cache(
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err).strip("'\""))
         return
+    ranks = f" (written by {world_size()} processes)" if world_size() > 1 else ""
     console.print(
-        f"{res.rows:,} rows in {res.shards} shards, {res.bytes_per_token:,.0f} bytes/token -> {out}"
+        f"{res.rows:,} rows in {res.shards} shards{ranks}, {res.bytes_per_token:,.0f} bytes/token -> {out}"
     )
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[DistInfo]:
+    """Under torchrun: join the process group (gloo: these commands compute on CPU) for the command, and
+    print only on rank 0 (the others' console is quiet); one process: nothing to do."""
+    try:
+        info = init_distributed(torch.device("cpu"))
+    except ValueError as err:
+        fail(str(err))
+    quiet = console.quiet
+    console.quiet = quiet or not info.main
+    try:
+        yield info
+    except RankFailure as err:
+        fail(str(err), code=1)
+    finally:
+        console.quiet = quiet
+        shutdown(info)
 
 
 def _sweep_option(value: list[str]) -> list[str]:
@@ -226,14 +271,48 @@ def train(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace a different run found in --out (its SAEs, log and checkpoints)"
     ),
+    spread: bool = typer.Option(
+        False,
+        "--spread/--data-parallel",
+        help="under torchrun: spread the sweep's SAEs over the processes (each trains its own on all the data) "
+        "instead of training every SAE data-parallel (each process its share of every --batch)",
+    ),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
     resumes bit-exactly when started again with the same arguments; a different run into the same --out is
-    refused unless --overwrite."""
+    refused unless --overwrite. Under torchrun (torchrun --nproc_per_node N -m interplab sae train ...) it
+    trains data-parallel (--batch is the global batch), or spreads a sweep over the processes (--spread)."""
     set_threads(threads)
     if (model_path is None) == (cache_dir is None):
         fail("give exactly one of --model (stream) or --cache (read a cache)")
+    with _processes():
+        _train(**{k: v for k, v in locals().items() if k != "threads"})
+
+
+def _train(
+    out: Path,
+    model_path: Path | None,
+    cache_dir: Path | None,
+    hooks: list[str],
+    arch: str,
+    expansion: int,
+    k: int,
+    coefficient: float | None,
+    sweep: list[str],
+    steps: int,
+    batch: int,
+    lr: float,
+    corpus: str,
+    seq_len: int | None,
+    autocast: bool,
+    seed: int,
+    checkpoint_every: int | None,
+    stop_after: int | None,
+    resume: bool,
+    overwrite: bool,
+    spread: bool,
+) -> None:
     try:
         cfg = SAESweepConfig(
             architecture=Architecture.parse(arch),
@@ -249,12 +328,20 @@ def train(
             sweep=parse_sweep(sweep),
         )
         if cache_dir is not None:
-            source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed)
+            source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed, spread=spread)
         else:
+            assert model_path is not None  # exactly one of --model / --cache (checked above)
             model = load_model_arg(model_path)
             seq_len = check_seq_len(seq_len, model)
             source = model_source(
-                model, model_path, hooks, corpus=corpus, seq_len=seq_len, batch_size=batch, seed=seed
+                model,
+                model_path,
+                hooks,
+                corpus=corpus,
+                seq_len=seq_len,
+                batch_size=batch,
+                seed=seed,
+                spread=spread,
             )
         plan = plan_sweep(source.widths, cfg, model_name=source.model_name)
     except (ValueError, KeyError, FileNotFoundError) as err:
@@ -280,6 +367,7 @@ def train(
                 resume=resume,
                 overwrite=overwrite,
                 stop_after=stop_after,
+                spread=spread,
             )
         except (ValueError, OSError) as err:
             fail(str(err))
@@ -379,10 +467,18 @@ def bench(
         "--properties",
         help="labelled token properties for probing and absorption (first_letter, python_token), or none",
     ),
+    autointerp: int = typer.Option(
+        32,
+        "--autointerp",
+        help="features explained and scored per SAE for the autointerp metric (0: skip it); with an LLM "
+        "configured (INTERPLAB_LLM_*) detection and fuzzing by the LLM, else the built-in baseline",
+        callback=non_negative_int,
+    ),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
-    """SAE-vs-SAE evaluation: core metrics, k-sparse probing, absorption, each with its reseed noise;
-    report.json, bench.md and frontier_*.html in --out."""
+    """SAE-vs-SAE evaluation: core metrics, k-sparse probing, absorption and the autointerp score, each with
+    its reseed noise; report.json, bench.md and frontier_*.html in --out (each SAE's autointerp feature
+    database in --out/autointerp)."""
     set_threads(threads)
     try:
         probe_ks = tuple(int(k) for k in ks.split(","))
@@ -409,19 +505,23 @@ def bench(
     unknown = sorted(set(wanted) - set(available))
     if unknown:
         fail(f"--properties: unknown {unknown}; valid: {', '.join(available) or 'none (no tokenizer)'}, none")
+    extra = {}
     try:
         data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
         )
+        if autointerp:
+            extra["autointerp"] = _autointerp_metric(model, data.batches, out / "autointerp", autointerp)
         result = bench_saes(
             model,
             saes,
             data.batches,
             token_filter=data.token_filter,
             labellers={p: available[p] for p in wanted},
+            extra=extra,
             cfg=cfg,
         )
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         fail(str(err).strip("'\""))
         return
     result.save(out)
@@ -429,12 +529,42 @@ def bench(
     console.print(f"report: {out / REPORT} ; table: {out / 'bench.md'}")
 
 
+def _autointerp_metric(model: Transformer, batches: list, workdir: Path, n_features: int):
+    """The autointerp extra metric of `sae bench`, with the LLM the environment configures (else the
+    baseline, and the console says so)."""
+    from interplab.features.autointerp import AutointerpConfig, autointerp_metric
+    from interplab.features.llm import LLMError, backend_from_config
+
+    try:
+        backend = backend_from_config()
+    except (LLMError, ValueError) as err:
+        fail(f"the LLM backend is misconfigured: {err}")
+    if backend is None:
+        console.print(
+            f"autointerp: the built-in baseline (token-enrichment explainer, token-list simulation score) on "
+            f"{n_features} features per SAE; no LLM configured (INTERPLAB_LLM_*)",
+            markup=False,
+        )
+    else:
+        console.print(f"autointerp: {backend.name} explains, detection and fuzzing score", markup=False)
+    return autointerp_metric(
+        model, batches, workdir=workdir, backend=backend, cfg=AutointerpConfig(n_features=n_features)
+    )
+
+
 @app.command("diff")
 def diff(
     run_dir: Path = typer.Argument(..., help="a training run with checkpoints (interplab train)"),
     before: int = typer.Option(..., "--before", help="the earlier checkpoint's step"),
     after: int = typer.Option(..., "--after", help="the later checkpoint's step"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder", callback=out_folder),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="output folder (default RUN/diffs/step_BEFORE-step_AFTER, listed on the run's page beside its "
+        "formation report)",
+        callback=out_folder,
+    ),
     hook: str = typer.Option(
         None,
         "--hook",
@@ -449,12 +579,20 @@ def diff(
     batch_size: int = typer.Option(
         1024, "--batch-size", help="tokens per training step", callback=positive_int
     ),
+    checkpoint_every: int = typer.Option(
+        250,
+        "--checkpoint-every",
+        help="save the crosscoder's training state every this many steps into --out/train (0: only at the "
+        "end); a diff run again with the same settings resumes from it",
+        callback=non_negative_int,
+    ),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Model diffing: a crosscoder between two checkpoints of a run, its latents labelled new / lost / shared /
     partial by relative decoder norm, linked to the run's formation report; diff.json, diff.md and the
-    relative-norm histogram in --out."""
+    relative-norm histogram in --out. Resumable: an interrupted diff continues from its last checkpoint."""
     set_threads(threads)
+    out = out or default_diff_folder(run_dir, before, after)
     try:
         result = diff_checkpoints(
             run_dir,
@@ -465,7 +603,7 @@ def diff(
             k=k,
             n_tokens=tokens,
             batch_size=batch_size,
-            train=CrosscoderTrainConfig(steps=steps),
+            train=CrosscoderTrainConfig(steps=steps, checkpoint_every=checkpoint_every),
             out=out,
         )
     except (RunError, ValueError, KeyError, FileNotFoundError) as err:
@@ -473,6 +611,9 @@ def diff(
         return
     console.print(result.summary(), markup=False, highlight=False)
     console.print(f"diff: {out / 'diff.json'} ; table: {out / 'diff.md'} ; crosscoder: {out / 'crosscoder'}")
+    if Path(out).resolve().parent == (Path(run_dir) / DIFFS).resolve():
+        hint = command_hint("serve", "--runs", Path(run_dir).resolve().parent)
+        console.print(f"on the run's page, beside its formation report: {hint}", markup=False, soft_wrap=True)
 
 
 def _canon(hooks: list[str]) -> list[str]:

@@ -6,13 +6,26 @@ from pathlib import Path
 
 import typer
 
-from interplab.cli.common import console, err_console, fail, model_arg_source, port_option
+from interplab.cli.common import (
+    DB_ERRORS,
+    console,
+    db_source,
+    err_console,
+    fail,
+    model_arg_source,
+    port_option,
+)
 from interplab.runs import RunError, pick_sae
 from interplab.web.guard import is_loopback
 
 
 def serve(
-    db: list[Path] = typer.Option([], "--db", help="feature database (repeat for several)"),
+    db: list[str] = typer.Option(
+        [],
+        "--db",
+        help="feature database: a file or a URL (postgresql://user@host/dbname); repeat for several, e.g. one "
+        "per SAE or layer",
+    ),
     runs: list[Path] = typer.Option(
         [], "--runs", help="folder of run directories, models and SAEs (repeatable)"
     ),
@@ -40,6 +53,7 @@ def serve(
 
     if not db and not runs:
         fail("give at least one --db FILE or --runs DIR")
+    dbs = [source for source in map(db_source, db) if source is not None]
     for r in runs:
         if not r.is_dir():
             fail(f"--runs {r} is not a folder")
@@ -59,8 +73,8 @@ def serve(
     if host not in ("0.0.0.0", "::", "") and not is_loopback(host.strip("[]")):
         allowed.append(host)  # the address it binds is a name browsers use to reach it
     try:
-        app = create_app(db, runs=runs, model=model, sae=sae, allowed_hosts=allowed)
-    except (FileNotFoundError, ValueError) as err:
+        app = create_app(dbs, runs=runs, model=model, sae=sae, allowed_hosts=allowed)
+    except DB_ERRORS as err:
         fail(str(err))
         return
     if not is_loopback(host.strip("[]")):

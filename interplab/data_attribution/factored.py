@@ -201,7 +201,7 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
             gated = hasattr(mlp, "W_gate")
             ins = [("W_in", "b_in", mlp.hook_pre_linear if gated else mlp.hook_pre)]
             if gated:
-                ins.append(("W_gate", "", mlp.hook_pre))
+                ins.append(("W_gate", "b_gate" if mlp.gate_bias else "", mlp.hook_pre))
             for w, b, point in ins:
                 if has(mpre + w) is None:
                     continue

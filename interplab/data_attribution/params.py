@@ -112,8 +112,9 @@ def param_group(model: nn.Module, spec: str) -> ParamGroup:
         slices = [ParamSlice(pre + "W_in", 1, neuron), ParamSlice(pre + "W_out", 0, neuron)]
         if pre + "W_gate" in params:
             slices.append(ParamSlice(pre + "W_gate", 1, neuron))
-        if params[pre + "b_in"].requires_grad:
-            slices.append(ParamSlice(pre + "b_in", 0, neuron))
+        for bias in ("b_in", "b_gate"):  # (b_gate: a gated MLP with gate biases, Llama's mlp_bias)
+            if pre + bias in params and params[pre + bias].requires_grad:
+                slices.append(ParamSlice(pre + bias, 0, neuron))
     elif kind == "re":
         pattern = re.compile(arg)
         slices = names(lambda n: pattern.search(n) is not None)

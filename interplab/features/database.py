@@ -22,6 +22,7 @@ from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.pool import QueuePool
 
+from interplab.features import dialect as D
 from interplab.features import schema as S
 
 _D = TypeVar("_D", bound="FeatureDatabase")
@@ -97,9 +98,16 @@ class FeatureDatabase:
             else:
                 self.found, self.engine = 0, sqlite_engine(self.file)
         else:
-            self.engine = create_engine(self.url)
+            self.where = D.display_url(str(path_or_url))
+            self.engine = create_engine(D.engine_url(self.url), pool_pre_ping=True)
             S.install_pragmas(self.engine, read_only=self.read_only)
-            self.found = self._schema(self.engine, create)
+            try:
+                self.found = self._schema(self.engine, create)
+            except OperationalError as err:
+                self.engine.dispose()
+                raise ConnectionError(
+                    f"cannot open the feature database {self.where}: {str(err.orig).strip()}"
+                ) from None
         self.sqlite = self.engine.dialect.name == "sqlite"
         self._vocab: dict[int, str] | None = None
 

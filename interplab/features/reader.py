@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import func, or_, select
 
+from interplab.features import dialect as D
 from interplab.features import schema as S
 from interplab.features.database import FeatureDatabase, ReadOnlyDatabase
 from interplab.integrity import IntegrityError
@@ -161,7 +162,8 @@ class FeatureReader(FeatureDatabase):
             .label("n")
         )
         with self.engine.connect() as c:
-            rows = c.execute(select(S.feature_lists, n).order_by(S.feature_lists.c.name)).mappings()
+            by_name = D.order_by(S.feature_lists.c.name, dialect=self.engine.dialect.name)
+            rows = c.execute(select(S.feature_lists, n).order_by(by_name, S.feature_lists.c.id)).mappings()
             return [dict(r) for r in rows]
 
     def feature_list(self, list_id: int) -> dict[str, Any] | None:
@@ -216,7 +218,7 @@ class FeatureReader(FeatureDatabase):
         name = order.lstrip("-")
         if name not in cols:
             raise ValueError(f"unknown order {order!r}; valid: {sorted(cols)} (prefix - for descending)")
-        key = cols[name].desc() if order.startswith("-") else cols[name]
+        key = D.order_by(cols[name], desc=order.startswith("-"), dialect=self.engine.dialect.name)
         with self.engine.connect() as c:
             q = (
                 select(
@@ -247,7 +249,8 @@ class FeatureReader(FeatureDatabase):
             return [TokenHit(int(f), int(n), float(m)) for f, n, m in c.execute(q)]
 
     def search_text(self, query: str, limit: int = 50) -> list[dict]:
-        """Features whose explanation or top-context text matches ``query`` (full-text on SQLite).
+        """Features whose label contains ``query`` (case-insensitively, by feature), then those whose top
+        contexts hold its words as a phrase (full-text: best ranked first; `dialect.fts_search`).
 
         ``query`` is matched literally (``%``, ``_`` and quotes are plain characters; NUL is dropped); at
         most `MAX_QUERY` characters."""
@@ -256,36 +259,22 @@ class FeatureReader(FeatureDatabase):
         query = query.replace("\x00", "")
         if not query.strip():
             return []
-        like = _like(query)
+        like = D.like_pattern(query)
         hits: dict[int, dict] = {}
         with self.engine.connect() as c:
             for f, expl in c.execute(
                 select(S.labels.c.feature, S.labels.c.explanation)
                 .where(S.labels.c.explanation.ilike(like, escape="\\"))
+                .order_by(S.labels.c.feature)
                 .limit(limit)
             ):
                 hits[f] = {"feature": f, "where": "explanation", "text": expl}
-            if self.sqlite:
-                phrase = '"' + query.replace('"', '""') + '"'
-                rows = c.execute(
-                    text(
-                        "SELECT c.feature, c.text FROM contexts_fts JOIN contexts c ON c.id = contexts_fts.rowid "
-                        "WHERE contexts_fts MATCH :q ORDER BY contexts_fts.rank LIMIT :n"
-                    ),
-                    {"q": phrase, "n": limit * 4},
-                )
-            else:
-                rows = c.execute(
-                    select(S.contexts.c.feature, S.contexts.c.text)
-                    .where(S.contexts.c.text.ilike(like, escape="\\"))
-                    .limit(limit * 4)
-                )
-            for f, t in rows:
+            for f, t in D.fts_search(c, S.contexts, query, limit * 4):
                 hits.setdefault(f, {"feature": f, "where": "context", "text": t})
         return list(hits.values())[:limit]
 
     def labels(self, *, source: str | None = None) -> dict[int, dict]:
-        q = select(S.labels)
+        q = select(S.labels).order_by(S.labels.c.feature)
         if source is not None:
             q = q.where(or_(S.labels.c.source == source, S.labels.c.source.like(f"{source}:%")))
         with self.engine.connect() as c:
@@ -339,7 +328,7 @@ class FeatureReader(FeatureDatabase):
             q = q.outerjoin(best, best.c.explanation_id == e.id)
             order = [best.c.best.is_(None), best.c.best.desc()]
         for w in words:
-            q = q.where(e.text.ilike(_like(w), escape="\\"))
+            q = q.where(e.text.ilike(D.like_pattern(w), escape="\\"))
         with self.engine.connect() as c:
             found = c.execute(q.order_by(*order, e.feature, e.id).limit(limit)).mappings()
             rows = [{k: r[k] for k in S.explanations.c.keys()} for r in found]
@@ -390,8 +379,3 @@ class FeatureReader(FeatureDatabase):
                     continue
                 out[table.name] = sorted(tuple(r) for r in c.execute(select(table)))
         return out
-
-
-def _like(query: str) -> str:
-    """A LIKE pattern (escape character backslash) matching ``query`` literally anywhere."""
-    return "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

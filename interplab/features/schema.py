@@ -1,7 +1,8 @@
 """The feature database's tables (SQLAlchemy Core), their versions and migrations.
 
-SQLite is the default (one file, WAL journal so the web app can read while a build writes); any SQLAlchemy
-URL works too (PostgreSQL: ``postgresql://...``), with full-text search falling back to ``ILIKE``.
+SQLite is the default (one file, WAL journal so the web app can read while a build writes); PostgreSQL by URL
+(``postgresql://user@host/dbname``) holds the same tables and answers the same queries: what differs between
+the two (value types, upserts, order, full-text search) lives in `interplab.features.dialect`.
 
 Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores);
 3 = + checksums (a SHA-256 per feature of its row and contexts, verified when the feature is read, so a changed
@@ -37,16 +38,15 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
-    String,
     Table,
-    Text,
     UniqueConstraint,
     event,
     inspect,
     select,
-    text,
 )
 
+from interplab.features import dialect as D
+from interplab.features.dialect import BigInt, SafeFloat, SafeString, SafeText
 from interplab.runs import VERSIONS, Kind
 
 SCHEMA_VERSION = VERSIONS[Kind.FEATURE_DB]
@@ -60,29 +60,32 @@ LEGACY_KINDS = ("interplab.features",)
 metadata = MetaData()
 
 meta = Table(
-    "meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False)
+    "meta",
+    metadata,
+    Column("key", SafeString(64), primary_key=True),
+    Column("value", SafeText, nullable=False),
 )
 
 vocab = Table(
     "vocab",
     metadata,
     Column("token", Integer, primary_key=True),
-    Column("text", Text, nullable=False),
-    Column("count", Integer, nullable=False),
+    Column("text", SafeText, nullable=False),
+    Column("count", BigInt, nullable=False),
 )
 
 features = Table(
     "features",
     metadata,
     Column("feature", Integer, primary_key=True, autoincrement=False),
-    Column("n_fires", Integer, nullable=False),
-    Column("density", Float, nullable=False),
-    Column("max_act", Float, nullable=False),
-    Column("mean_act", Float, nullable=False),
-    Column("loss_effect", Float),
-    Column("hist", Text, nullable=False),  # JSON list of counts per log-spaced bin (edges in meta)
-    Column("logits", Text, nullable=False),  # JSON {"pos": [[token, value]...], "neg": [...]}
-    Column("cooc", Text, nullable=False),  # JSON [[feature, jaccard, count]...]
+    Column("n_fires", BigInt, nullable=False),
+    Column("density", SafeFloat, nullable=False),
+    Column("max_act", SafeFloat, nullable=False),
+    Column("mean_act", SafeFloat, nullable=False),
+    Column("loss_effect", SafeFloat),
+    Column("hist", SafeText, nullable=False),  # JSON list of counts per log-spaced bin (edges in meta)
+    Column("logits", SafeText, nullable=False),  # JSON {"pos": [[token, value]...], "neg": [...]}
+    Column("cooc", SafeText, nullable=False),  # JSON [[feature, jaccard, count]...]
     Column("top_token", Integer),  # token at the strongest firing
 )
 Index("ix_features_density", features.c.density)
@@ -91,16 +94,16 @@ Index("ix_features_top_token", features.c.top_token)
 contexts = Table(
     "contexts",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", BigInt, primary_key=True, autoincrement=True),
     Column("feature", Integer, nullable=False),
     Column("kind", Integer, nullable=False),  # 0: top activating, 1: uniform sample of firings
     Column("rank", Integer, nullable=False),
-    Column("token_index", Integer, nullable=False),  # global index of the activating token in the corpus
-    Column("act", Float, nullable=False),
+    Column("token_index", BigInt, nullable=False),  # global index of the activating token in the corpus
+    Column("act", SafeFloat, nullable=False),
     Column("center_token", Integer, nullable=False),
     Column("tokens", LargeBinary, nullable=False),  # int32 little-endian ids of the window (-1: outside)
     Column("acts", LargeBinary, nullable=False),  # float32 little-endian activations over the window
-    Column("text", Text, nullable=False),  # the window as text (top contexts only; full-text indexed)
+    Column("text", SafeText, nullable=False),  # the window as text (top contexts only; full-text indexed)
 )
 Index("ix_contexts_feature", contexts.c.feature, contexts.c.kind, contexts.c.rank)
 Index("ix_contexts_token", contexts.c.center_token, contexts.c.act)
@@ -116,50 +119,52 @@ labels = Table(
     "labels",
     metadata,
     Column("feature", Integer, primary_key=True, autoincrement=False),
-    Column("explanation", Text, nullable=False),
-    Column("source", String(64), nullable=False),  # "human" or "auto:<explainer>"
-    Column("score", Float),
+    Column("explanation", SafeText, nullable=False),
+    Column("source", SafeString(64), nullable=False),  # "human" or "auto:<explainer>"
+    Column("score", SafeFloat),
 )
 
 checksums = Table(
     "checksums",
     metadata,
     Column("feature", Integer, primary_key=True, autoincrement=False),
-    Column("sha256", String(64), nullable=False),  # of the feature's row and its contexts (`row_digest`)
+    Column("sha256", SafeString(64), nullable=False),  # of the feature's row and its contexts (`row_digest`)
 )
 
 dt_rows = Table(
     "dt_rows",
     metadata,
-    Column("token_index", Integer, primary_key=True, autoincrement=False),  # a context's token_index
+    Column("token_index", BigInt, primary_key=True, autoincrement=False),  # a context's token_index
     Column("episode", Integer, nullable=False),  # in the trajectory folder recorded in meta "dt"
     Column("step", Integer, nullable=False),  # within the episode
     Column("flat_step", Integer, nullable=False),  # in the trajectories' flat step axis
-    Column("token_kind", String(16), nullable=False),  # "rtg", "state" or "action"
+    Column("token_kind", SafeString(16), nullable=False),  # "rtg", "state" or "action"
     Column("action", Integer, nullable=False),  # the action taken at the step
-    Column("rtg", Float, nullable=False),  # the return-to-go at the step
+    Column("rtg", SafeFloat, nullable=False),  # the return-to-go at the step
 )
 explanations = Table(
     "explanations",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("feature", Integer, nullable=False),
-    Column("text", Text, nullable=False),
-    Column("explainer", String(64), nullable=False),  # "llm", "baseline:token-enrichment", "oracle", ...
-    Column("backend", String(128), nullable=False),  # "openai:<model>@<host>", "local:<folder>", "none"
-    Column("prompt_version", String(32), nullable=False),
-    Column("created", Float, nullable=False),  # unix time
-    Column("meta", Text, nullable=False),  # JSON (the prompt's contexts, token counts, ...)
+    Column("text", SafeText, nullable=False),
+    Column("explainer", SafeString(64), nullable=False),  # "llm", "baseline:token-enrichment", "oracle", ...
+    Column("backend", SafeString(128), nullable=False),  # "openai:<model>@<host>", "local:<folder>", "none"
+    Column("prompt_version", SafeString(32), nullable=False),
+    Column("created", SafeFloat, nullable=False),  # unix time
+    Column("meta", SafeText, nullable=False),  # JSON (the prompt's contexts, token counts, ...)
 )
 Index("ix_explanations_feature", explanations.c.feature)
 
 llm_cache = Table(
     "llm_cache",
     metadata,
-    Column("key", String(64), primary_key=True),  # sha256 hex of the canonical request JSON (backend, params)
-    Column("request", Text, nullable=False),
-    Column("response", Text, nullable=False),  # JSON of the `Completion`
-    Column("created", Float, nullable=False),
+    Column(
+        "key", SafeString(64), primary_key=True
+    ),  # sha256 hex of the canonical request JSON (backend, params)
+    Column("request", SafeText, nullable=False),
+    Column("response", SafeText, nullable=False),  # JSON of the `Completion`
+    Column("created", SafeFloat, nullable=False),
 )
 
 explanation_scores = Table(
@@ -168,15 +173,15 @@ explanation_scores = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("explanation_id", Integer, nullable=False),  # explanations.id
     Column(
-        "scorer", String(32), nullable=False
+        "scorer", SafeString(32), nullable=False
     ),  # detection, fuzzing, intruder, embedding, simulation, baseline
-    Column("value", Float),  # NULL: NaN (SQLite stores NaN as NULL)
-    Column("n", Integer, nullable=False),  # items judged
-    Column("details", Text, nullable=False),  # JSON
-    Column("backend", String(128), nullable=False),
-    Column("prompt_version", String(32), nullable=False),
-    Column("seed", Integer, nullable=False),
-    Column("created", Float, nullable=False),
+    Column("value", SafeFloat),  # NULL: NaN (SQLite stores NaN as NULL)
+    Column("n", BigInt, nullable=False),  # items judged
+    Column("details", SafeText, nullable=False),  # JSON
+    Column("backend", SafeString(128), nullable=False),
+    Column("prompt_version", SafeString(32), nullable=False),
+    Column("seed", BigInt, nullable=False),
+    Column("created", SafeFloat, nullable=False),
     UniqueConstraint(
         "explanation_id", "scorer", "backend", "prompt_version", "seed", name="uq_explanation_score"
     ),
@@ -187,22 +192,22 @@ feature_lists = Table(  # user-made collections of features (the web app's lists
     "feature_lists",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(200), nullable=False, unique=True),
-    Column("description", Text, nullable=False),
-    Column("created", Float, nullable=False),  # unix time
+    Column("name", SafeString(200), nullable=False, unique=True),
+    Column("description", SafeText, nullable=False),
+    Column("created", SafeFloat, nullable=False),  # unix time
 )
 feature_list_items = Table(
     "feature_list_items",
     metadata,
     Column("list_id", Integer, primary_key=True, autoincrement=False),
     Column("feature", Integer, primary_key=True, autoincrement=False),
-    Column("note", Text, nullable=False),
+    Column("note", SafeText, nullable=False),
     Column("position", Integer, nullable=False),  # 0, 1, ... in the list's order
 )
 context_loss = Table(  # `interplab.features.loss_effects`: per-token loss change of a context's window
     "context_loss",
     metadata,
-    Column("context_id", Integer, primary_key=True, autoincrement=False),  # contexts.id
+    Column("context_id", BigInt, primary_key=True, autoincrement=False),  # contexts.id
     Column("loss", LargeBinary, nullable=False),  # float32 little-endian over the window (NaN: not computed)
 )
 OPTIONAL_TABLES = (
@@ -257,11 +262,12 @@ def _stored_str(value: Any) -> str | None:
 
 def _converter(col: Column) -> Callable[[Any], Any]:
     """How a value is normalised to the type ``col`` stores (None stays None)."""
-    if isinstance(col.type, Float):
+    kind = D.base_type(col)
+    if isinstance(kind, Float):
         return _stored_float
-    if isinstance(col.type, Integer):
+    if isinstance(kind, Integer):
         return _stored_int
-    if isinstance(col.type, LargeBinary):
+    if isinstance(kind, LargeBinary):
         return _stored_bytes
     return _stored_str
 
@@ -292,6 +298,8 @@ def _sqlite_read_only_pragmas(dbapi_conn, _record) -> None:
 def install_pragmas(engine: Engine, *, read_only: bool = False) -> None:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_read_only_pragmas if read_only else _sqlite_pragmas)
+    elif engine.dialect.name == "postgresql" and read_only:
+        event.listen(engine, "connect", D.set_read_only)
 
 
 def is_our_kind(kind: str | None) -> bool:
@@ -325,13 +333,7 @@ def _create_v1(conn) -> None:
         table.create(conn, checkfirst=True)
         for index in table.indexes:
             index.create(conn, checkfirst=True)
-    if conn.dialect.name == "sqlite":
-        conn.execute(
-            text(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS contexts_fts USING fts5(text, content='contexts', "
-                "content_rowid='id', tokenize=\"unicode61 tokenchars '_'\")"
-            )
-        )
+    D.fts_create(conn)
 
 
 def _v1_to_v2(conn) -> None:

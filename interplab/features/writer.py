@@ -10,9 +10,11 @@ none of it. Opening an existing database for writing migrates an older schema (`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from operator import itemgetter
@@ -20,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, delete, func, insert, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, delete, func, insert, inspect, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 
+from interplab.features import dialect as D
 from interplab.features import schema as S
 from interplab.features.database import FeatureDatabase, ReadOnlyDatabase, database_file, is_url
 from interplab.features.reader import FeatureNotFound, FeatureReader
@@ -36,8 +39,14 @@ SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def state_dir(path_or_url: str | Path) -> Path:
-    """Where an unfinished build of the database at ``path_or_url`` keeps its streaming state."""
-    return Path(URL_STATE_DIR) if is_url(path_or_url) else Path(f"{path_or_url}{STATE_SUFFIX}")
+    """Where an unfinished build of the database at ``path_or_url`` keeps its streaming state: beside a file;
+    for a URL, a folder of its own (named by the URL, its password left out) under `URL_STATE_DIR` in the
+    working directory, so builds of two databases never share one."""
+    if not is_url(path_or_url):
+        return Path(f"{path_or_url}{STATE_SUFFIX}")
+    shown = D.display_url(str(path_or_url))
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", shown.split("://", 1)[-1].split("?", 1)[0]).strip("_")[:80]
+    return Path(URL_STATE_DIR) / f"{slug}-{hashlib.sha256(shown.encode()).hexdigest()[:8]}"
 
 
 class FeatureWriter(FeatureDatabase):
@@ -54,6 +63,15 @@ class FeatureWriter(FeatureDatabase):
                 "(`interplab serve` does), or copy it where it can be written"
             )
         super().__init__(path_or_url, create=create)
+        if self.found and not self.sqlite:
+            with self.engine.connect() as c:
+                if not D.may_write(c, S.labels.name if self.found >= 2 else S.meta.name):
+                    user = c.execute(select(func.current_user())).scalar()
+                    self.close()
+                    raise ReadOnlyDatabase(
+                        f"{self.where} cannot be written: the role {user!r} may only read it (read it with a "
+                        "FeatureReader, as `interplab serve` does, or connect as a role that may write)"
+                    )
         if create or self.found < S.SCHEMA_VERSION:
             S.migrate(self.engine)
 
@@ -65,8 +83,21 @@ class FeatureWriter(FeatureDatabase):
             if not is_url(path_or_url):
                 for suffix in ("", *SQLITE_SIDE_FILES):
                     Path(f"{path_or_url}{suffix}").unlink(missing_ok=True)
+            else:
+                cls(path_or_url, create=True).drop_tables()
             shutil.rmtree(state_dir(path_or_url), ignore_errors=True)
         return cls(path_or_url, create=True)
+
+    def drop_tables(self) -> None:
+        """Drop this feature database's tables (a URL's database itself, and any other table in it, stay)."""
+        with self.engine.begin() as c:
+            present = set(inspect(c).get_table_names())
+            if D.contexts_words.name in D.fts_tables(c):
+                D.contexts_words.drop(c)
+            for table in reversed(S.metadata.sorted_tables):
+                if table.name in present:
+                    table.drop(c)
+        self.close()
 
     def reader(self) -> FeatureReader:
         """A reader of the same database (opened read-only, as every reader is)."""
@@ -81,8 +112,7 @@ class FeatureWriter(FeatureDatabase):
     def set_meta(self, **values: Any) -> None:
         with self.engine.begin() as c:
             for k, v in values.items():
-                c.execute(delete(S.meta).where(S.meta.c.key == k))
-                c.execute(insert(S.meta).values(key=k, value=json.dumps(v, sort_keys=True)))
+                D.upsert(c, S.meta, {"key": k, "value": json.dumps(v, sort_keys=True)}, ["key"])
 
     def write_vocab(self, strings: list[str], counts: list[int]) -> None:
         with self.engine.begin() as c:
@@ -99,14 +129,7 @@ class FeatureWriter(FeatureDatabase):
         """Insert features and their contexts in one transaction (readers see all of it or none)."""
         with self.engine.begin() as c:
             ids = [r["feature"] for r in rows]
-            if self.sqlite:  # external-content full-text index: remove the old rows' entries first
-                c.execute(
-                    text(
-                        "INSERT INTO contexts_fts(contexts_fts, rowid, text) SELECT 'delete', id, text "
-                        "FROM contexts WHERE text != '' AND feature IN (SELECT value FROM json_each(:ids))"
-                    ),
-                    {"ids": json.dumps(ids)},
-                )
+            D.fts_delete(c, S.contexts, ids)  # the full-text index of the contexts replaced
             c.execute(delete(S.contexts).where(S.contexts.c.feature.in_(ids)))
             c.execute(delete(S.features).where(S.features.c.feature.in_(ids)))
             c.execute(delete(S.checksums).where(S.checksums.c.feature.in_(ids)))
@@ -131,19 +154,15 @@ class FeatureWriter(FeatureDatabase):
             cols = [col.name for col in S.contexts.columns]
             sql = f"INSERT INTO contexts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
             c.exec_driver_sql(sql, list(map(itemgetter(*cols), context_rows)))
-            # the full-text index of the rows just written, filled by SQLite itself from the table
-            c.exec_driver_sql(
-                "INSERT INTO contexts_fts(rowid, text) SELECT id, text FROM contexts WHERE id >= ? AND text != ''",
-                (first,),
-            )
         else:
             c.execute(insert(S.contexts), context_rows)
+        D.fts_insert(c, first, context_rows)
 
     def write_dt_rows(self, rows: list[dict]) -> None:
         """Record where each row of a decision transformer's trajectory cache comes from (`schema.dt_rows`:
         the table is created here, so only such databases have it); replaces what was there."""
         with self.engine.begin() as c:
-            S.dt_rows.create(c, checkfirst=True)
+            D.ensure_tables(c, S.dt_rows)
             c.execute(delete(S.dt_rows))
             for start in range(0, len(rows), 5000):
                 c.execute(insert(S.dt_rows), rows[start : start + 5000])
@@ -152,7 +171,7 @@ class FeatureWriter(FeatureDatabase):
         """Store per-token loss effects by context id (`schema.context_loss`, created here); replaces those
         ids' rows."""
         with self.engine.begin() as c:
-            S.context_loss.create(c, checkfirst=True)
+            D.ensure_tables(c, S.context_loss)
             ids = [int(i) for i in losses]
             for lo in range(0, len(ids), 500):
                 c.execute(delete(S.context_loss).where(S.context_loss.c.context_id.in_(ids[lo : lo + 500])))
@@ -162,8 +181,7 @@ class FeatureWriter(FeatureDatabase):
 
     def mark_pass_done(self, first: int, last: int) -> None:
         with self.engine.begin() as c:
-            c.execute(delete(S.passes).where(S.passes.c.first == first))
-            c.execute(insert(S.passes).values(first=first, last=last))
+            D.upsert(c, S.passes, {"first": first, "last": last}, ["first"])
 
     def finish_build(self) -> None:
         """Mark the build complete and remove its streaming state."""
@@ -178,13 +196,16 @@ class FeatureWriter(FeatureDatabase):
         with self.engine.begin() as c:
             if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
                 raise FeatureNotFound(feature)
-            c.execute(delete(S.labels).where(S.labels.c.feature == feature))
             if explanation.strip():
-                c.execute(
-                    insert(S.labels).values(
-                        feature=feature, explanation=explanation.strip(), source=source, score=score
-                    )
-                )
+                row = {
+                    "feature": feature,
+                    "explanation": explanation.strip(),
+                    "source": source,
+                    "score": score,
+                }
+                D.upsert(c, S.labels, row, ["feature"])
+            else:
+                c.execute(delete(S.labels).where(S.labels.c.feature == feature))
 
     # ---- explanations and the LLM cache (optional tables: created by the first write) -----------------------
     def add_explanation(
@@ -204,9 +225,7 @@ class FeatureWriter(FeatureDatabase):
         with self.engine.begin() as c:
             if c.execute(select(S.features.c.feature).where(S.features.c.feature == feature)).first() is None:
                 raise FeatureNotFound(feature)
-            S.explanations.create(c, checkfirst=True)
-            for index in S.explanations.indexes:
-                index.create(c, checkfirst=True)
+            D.ensure_tables(c, S.explanations)
             row = {
                 "feature": int(feature),
                 "text": text.strip(),
@@ -230,11 +249,9 @@ class FeatureWriter(FeatureDatabase):
     def cache_response(self, key: str, request: str, response: str) -> None:
         """Store an LLM response under ``key`` (replacing one already there)."""
         with self.engine.begin() as c:
-            S.llm_cache.create(c, checkfirst=True)
-            c.execute(delete(S.llm_cache).where(S.llm_cache.c.key == key))
-            c.execute(
-                insert(S.llm_cache).values(key=key, request=request, response=response, created=time.time())
-            )
+            D.ensure_tables(c, S.llm_cache)
+            row = {"key": key, "request": request, "response": response, "created": time.time()}
+            D.upsert(c, S.llm_cache, row, ["key"])
 
     def add_score(
         self,
@@ -252,9 +269,7 @@ class FeatureWriter(FeatureDatabase):
         (`schema.explanation_scores`, created here); returns its id. NaN is stored as NULL."""
         value = float(value)
         with self.engine.begin() as c:
-            S.explanation_scores.create(c, checkfirst=True)
-            for index in S.explanation_scores.indexes:
-                index.create(c, checkfirst=True)
+            D.ensure_tables(c, S.explanation_scores)
             if (
                 S.has_table(self.engine, S.explanations)
                 and c.execute(
@@ -296,20 +311,25 @@ class FeatureWriter(FeatureDatabase):
         name = name.strip()
         if not 0 < len(name) <= 200:
             raise ValueError(f"a list name has 1..200 characters, not {len(name)}")
-        with self.engine.begin() as c:
-            S.feature_lists.create(c, checkfirst=True)
-            S.feature_list_items.create(c, checkfirst=True)
-            if c.execute(select(S.feature_lists.c.id).where(S.feature_lists.c.name == name)).first():
-                raise ValueError(f"a list named {name!r} exists already")
-            row = {"name": name, "description": description.strip(), "created": time.time()}
-            key = c.execute(insert(S.feature_lists).values(**row)).inserted_primary_key
-            if key is None:  # every dialect SQLAlchemy supports reports it for an autoincrement key
-                raise RuntimeError(f"the database did not report the new list's id ({self.where})")
-            return int(key[0])
+        try:
+            with self.engine.begin() as c:
+                D.ensure_tables(c, S.feature_lists, S.feature_list_items)
+                if c.execute(select(S.feature_lists.c.id).where(S.feature_lists.c.name == name)).first():
+                    raise ValueError(f"a list named {name!r} exists already")
+                row = {"name": name, "description": description.strip(), "created": time.time()}
+                key = c.execute(insert(S.feature_lists).values(**row)).inserted_primary_key
+        except IntegrityError:  # another writer made one of that name since the check
+            raise ValueError(f"a list named {name!r} exists already") from None
+        if key is None:  # every dialect SQLAlchemy supports reports it for an autoincrement key
+            raise RuntimeError(f"the database did not report the new list's id ({self.where})")
+        return int(key[0])
 
     def _list_items(self, c: Connection, list_id: int) -> list[int]:
-        if not S.has_table(self.engine, S.feature_lists) or (
-            c.execute(select(S.feature_lists.c.id).where(S.feature_lists.c.id == list_id)).first() is None
+        if not S.has_table(self.engine, S.feature_lists) or (  # locked until the transaction ends
+            c.execute(
+                D.lock_row(select(S.feature_lists.c.id).where(S.feature_lists.c.id == list_id), c)
+            ).first()
+            is None
         ):
             raise KeyError(f"no feature list with id {list_id}")
         items = S.feature_list_items
@@ -367,6 +387,41 @@ class FeatureWriter(FeatureDatabase):
                 .where((items.c.list_id == list_id) & (items.c.feature == f))
                 .values(position=pos)
             )
+
+
+def copy_database(
+    source: str | Path, target: str | Path, *, overwrite: bool = False, chunk: int = 5000
+) -> dict[str, int]:
+    """Copy the feature database at ``source`` into ``target`` (any backend into any: e.g. a SQLite file into
+    the lab's PostgreSQL database), every table row for row, its full-text index rebuilt; ``target`` must be
+    new or empty (``overwrite``: replaced). Returns the rows copied per table. One transaction: on an error
+    the target keeps nothing of it."""
+    counts: dict[str, int] = {}
+    with FeatureReader(source) as src, FeatureWriter.for_build(target, overwrite=overwrite) as dst:
+        if dst.n_features() or "fingerprint" in dst.meta():
+            raise ValueError(
+                f"{dst.where} already holds a feature database: pass overwrite=True (--overwrite)"
+            )
+        with src.engine.connect() as rc, dst.engine.begin() as wc:
+            for table in S.metadata.sorted_tables:
+                if not S.has_table(src.engine, table):
+                    continue
+                D.ensure_tables(wc, table)
+                q = select(table).order_by(*table.primary_key.columns)
+                counts[table.name] = 0
+                for part in rc.execution_options(yield_per=chunk).execute(q).mappings().partitions():
+                    rows = [dict(r) for r in part]
+                    if table is S.meta:  # the target's own schema version and kind stay
+                        for r in rows:
+                            if r["key"] not in ("schema_version", "kind"):
+                                D.upsert(wc, S.meta, r, ["key"])
+                    else:
+                        wc.execute(insert(table), rows)
+                    if table is S.contexts:
+                        D.fts_insert(wc, int(rows[0]["id"]), rows)
+                    counts[table.name] += len(rows)
+                D.reset_sequence(wc, table)
+    return counts
 
 
 def _writable(file: Path) -> bool:

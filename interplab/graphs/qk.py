@@ -28,7 +28,7 @@ from interplab.graphs.attribution import AttributionGraph, _contract_by_position
 from interplab.graphs.replacement import CLTLike, ReplacementModel
 from interplab.hooks.site import Site, SiteKind
 from interplab.model.attention import apply_rotary, rotary_tables
-from interplab.model.config import Norm, Positional
+from interplab.model.config import Norm, Positional, QKNorm
 from interplab.model.transformer import Transformer
 
 
@@ -76,9 +76,11 @@ def qk_attribution(
 ) -> QKAttribution:
     """Split the score of head ``head`` of ``layer`` from ``query_pos`` to ``key_pos`` (see the module)."""
     cfg = model.cfg
-    if cfg.smear_keys or cfg.attn_softcap is not None:
+    if cfg.smear_keys or cfg.attn_softcap is not None or cfg.qk_norm is not QKNorm.NONE:
         raise ValueError(
-            "QK attribution needs scores bilinear in the residual stream: no smeared keys, no softcap"
+            "QK attribution needs scores bilinear in the residual stream: no smeared keys, no softcap, no q/k "
+            f"norms (this model has smear_keys={cfg.smear_keys}, attn_softcap={cfg.attn_softcap}, "
+            f"qk_norm={cfg.qk_norm.value!r})"
         )
     tokens = torch.as_tensor(tokens).reshape(-1)
     n_pos = len(tokens)
@@ -120,7 +122,7 @@ def qk_attribution(
             whole = _apply_norm(norm, resid[pos], s) @ W + b
             const = whole - parts.sum(0)
             if cfg.positional is Positional.ROTARY:
-                cos, sin = rotary_tables(cfg, torch.tensor([[pos]]), parts.dtype)
+                cos, sin = rotary_tables(cfg.rotary_config(layer), torch.tensor([[pos]]), parts.dtype)
                 rot = lambda x: apply_rotary(x[None, None], cos, sin, cfg.rotary_style)[0, 0]  # noqa: E731
                 parts, const = rot(parts), rot(const[None])[0]
             return parts, const

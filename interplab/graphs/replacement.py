@@ -186,8 +186,9 @@ class ReplacementModel:
         names += [Site(SiteKind.MLP_OUT, layer).name for layer in range(n)]
         names.append(Site(SiteKind.EMBED).name)
         if cfg.normalization is not Norm.NONE:
-            names += [Site(SiteKind.LN1_SCALE, layer).name for layer in range(n)]
-            names += [Site(SiteKind.LN2_SCALE, layer).name for layer in range(n)]
+            if cfg.pre_norms:  # without them (OLMo-2) ln1 and ln2 are the identity: no scale to freeze
+                names += [Site(SiteKind.LN1_SCALE, layer).name for layer in range(n)]
+                names += [Site(SiteKind.LN2_SCALE, layer).name for layer in range(n)]
             names.append(Site(SiteKind.LN_FINAL_SCALE).name)
         with torch.no_grad():
             original, cache = model.run_with_cache(tokens, names=names)

@@ -47,6 +47,10 @@ class SiteKind(str, Enum):
     Q = "attn.hook_q"
     K = "attn.hook_k"
     V = "attn.hook_v"
+    Q_NORM_SCALE = "attn.q_norm.hook_scale"
+    Q_NORM_NORMALIZED = "attn.q_norm.hook_normalized"
+    K_NORM_SCALE = "attn.k_norm.hook_scale"
+    K_NORM_NORMALIZED = "attn.k_norm.hook_normalized"
     ROT_Q = "attn.hook_rot_q"
     ROT_K = "attn.hook_rot_k"
     ATTN_SCORES = "attn.hook_attn_scores"
@@ -87,10 +91,13 @@ _GLOBAL_KINDS = frozenset(
 
 
 def _short_name(kind: SiteKind) -> str:
-    # "attn.hook_z" -> "z", "mlp.hook_pre" -> "pre"; norms keep their module name ("ln1_scale") since
-    # three norms share the leaf names, and so does the unembedding ("unembed_in")
+    # "attn.hook_z" -> "z", "mlp.hook_pre" -> "pre"; norms keep their module name ("ln1_scale",
+    # "q_norm_scale") since several norms share the leaf names, and so does the unembedding ("unembed_in")
     module, _, leaf = kind.value.rpartition(".")
     leaf = leaf.removeprefix("hook_")
+    module = module.rpartition(".")[2]  # "attn.q_norm" -> "q_norm"
+    if module.endswith("_norm"):
+        return f"{module}_{leaf}"
     return f"{module}_{leaf}" if module.startswith(("ln", "unembed")) else leaf
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from interplab.hooks.points import HookPoint
 from interplab.hooks.site import SiteKind
-from interplab.model.config import ModelConfig, Positional, RotaryStyle
+from interplab.model.config import ModelConfig, Positional, QKNorm, RotaryStyle
 from interplab.model.kv_cache import LayerKV
 from interplab.model.layers import Need, _hp, need, value_of
+from interplab.model.norms import Normalization, make_qk_norm
+from interplab.model.rope import depends_on_length, inverse_frequencies
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -29,18 +31,25 @@ _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 def rotary_tables(
     cfg: ModelConfig, positions: Int[Tensor, "batch pos"], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [batch pos 1 rotary_dim] for the given absolute positions."""
+    """cos and sin tables [batch pos 1 rotary_dim] for the given absolute positions, under the config's rope
+    scaling (`interplab.model.rope`; the length-dependent ones read the largest position here + 1, so pass a
+    forward's positions whole, a key/value cache's new ones counted from its past)."""
     dim = cfg.rotary_dim
     assert dim is not None
-    inv_freq = 1.0 / (
-        cfg.rotary_base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    scaling = cfg.rope_scaling
+    seq_len = positions.max() + 1 if depends_on_length(scaling) and positions.numel() else None
+    inv_freq, attention_factor = inverse_frequencies(
+        scaling, base=cfg.rotary_base, dim=dim, seq_len=seq_len, device=positions.device
     )
     angles = positions.to(torch.float32)[..., None] * inv_freq  # batch pos dim/2
     if cfg.rotary_style is RotaryStyle.NEOX:
         angles = torch.cat([angles, angles], dim=-1)
     else:
         angles = angles.repeat_interleave(2, dim=-1)
-    return angles.cos()[:, :, None, :].to(dtype), angles.sin()[:, :, None, :].to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:  # yarn, longrope: as Hugging Face, on cos and sin (the scores get its square)
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype)
 
 
 def apply_rotary(
@@ -54,7 +63,7 @@ def apply_rotary(
     else:
         pairs = x_rot.unflatten(-1, (dim // 2, 2))
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    out = x_rot * cos + rotated * sin
+    out = (x_rot * cos + rotated * sin).to(x.dtype)  # float32 tables (`rotary_float32`): rotated in float32
     return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
 
 
@@ -66,8 +75,31 @@ class AttnContext:
     positions: Int[Tensor, "batch pos"]
     key_valid: Bool[Tensor, "batch key_pos"] | None  # None: every key is a real token
     rotary: tuple[Tensor, Tensor] | None = None
+    layer_rotary: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """tables of layers whose rotary base is their own (``ModelConfig.rotary_bases``), by layer"""
     past_len: int = 0
     memo: dict = field(default_factory=dict)  # masks built once per forward, shared by the layers
+
+    def to(self, device: torch.device) -> AttnContext:
+        """This context on ``device`` (for a block on another device of a split model); the masks built
+        so far are not carried over, each device builds its own."""
+
+        def move(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return v.to(device)
+            if isinstance(v, (tuple, list)):
+                return type(v)(move(x) for x in v)
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v
+
+        return replace(
+            self, **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "memo"}, memo={}
+        )
+
+    def rotary_for(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """cos and sin for a layer: its own tables if it has them, else the model's."""
+        return self.layer_rotary.get(layer, self.rotary) if self.layer_rotary else self.rotary
 
     def mask(self, q_len: int, window: int | None, causal: bool) -> Bool[Tensor, "batch 1 q k"] | None:
         """Boolean mask (True = may attend), or None when plain causal attention needs none (built once per
@@ -196,6 +228,7 @@ class Attention(nn.Module):
     """Multi-head attention of the normalised residual stream ``x``, per head h:
 
         q_h = x W_Q[h] + b_Q[h]      k_h = x W_K[h] + b_K[h]      v_h = x W_V[h] + b_V[h]
+        (q/k norms: q = q_norm(q), k = k_norm(k), RMSNorm per head or over all heads, ``attn.q_norm``)
         (rotary: q_h, k_h rotated by position; GQA/MQA: a group of query heads shares one k_h, v_h)
         z_h = softmax(q_h k_h^T / attn_scale + mask) v_h
         attn_out = sum_h z_h W_O[h] + b_O
@@ -215,6 +248,8 @@ class Attention(nn.Module):
     hook_pattern: HookPoint
     hook_z: HookPoint
     hook_result: HookPoint
+    q_norm: Normalization  # qk_norm models only, with hook_scale and hook_normalized
+    k_norm: Normalization
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -245,6 +280,10 @@ class Attention(nn.Module):
             kinds += [SiteKind.ROT_Q, SiteKind.ROT_K]
         for kind in kinds:
             setattr(self, "hook_" + kind.value.split(".hook_")[1], _hp(kind, layer))
+        if cfg.qk_norm is not QKNorm.NONE:
+            K = SiteKind
+            self.q_norm = make_qk_norm(cfg, h, _hp(K.Q_NORM_SCALE, layer), _hp(K.Q_NORM_NORMALIZED, layer))
+            self.k_norm = make_qk_norm(cfg, kv, _hp(K.K_NORM_SCALE, layer), _hp(K.K_NORM_NORMALIZED, layer))
         self.fused_qkv = FusedQKV()
 
     def forward(
@@ -282,14 +321,17 @@ class Attention(nn.Module):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, cache: LayerKV | None = None
     ) -> Float[Tensor, "batch pos n_heads d_head"]:
-        """z (after ``hook_z``) from the projections: hooks on q, k, v; key smearing; rotary; the key/value
-        cache; then softmax(q k^T / attn_scale + mask) v."""
+        """z (after ``hook_z``) from the projections: hooks on q, k, v; the q/k norms; key smearing; rotary
+        (the layer's own tables); the key/value cache; then softmax(q k^T / attn_scale + mask) v."""
         cfg = self.cfg
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cfg.qk_norm is not QKNorm.NONE:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.smear_keys:
             k = self._smear(k, ctx, cache)
-        if ctx.rotary is not None:
-            cos, sin = ctx.rotary
+        rotary = ctx.rotary_for(self.layer)
+        if rotary is not None:
+            cos, sin = rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin, cfg.rotary_style))
             k = self.hook_rot_k(apply_rotary(k, cos, sin, cfg.rotary_style))
         if cache is not None:
@@ -392,7 +434,12 @@ class Attention(nn.Module):
             # scale and mask fused into the matmul: scores = bias + (q k^T) / attn_scale, one pass
             if bias is not None and bias.shape[0] != 1:
                 bias = bias.view(b, 1, q_len, k_len).expand(b, h, q_len, k_len).reshape(b * h, q_len, k_len)
-            if bias is None:
+            if q.dtype in (torch.bfloat16, torch.float16):
+                # in half precision as transformers' eager attention rounds: q k^T, then times the scale
+                scores = torch.bmm(q3, k3).mul_(1.0 / cfg.attn_scale)
+                if bias is not None:
+                    scores = scores.add_(bias)
+            elif bias is None:
                 scores = torch.bmm(q3, k3).div_(cfg.attn_scale)
             else:
                 scores = torch.baddbmm(bias, q3, k3, alpha=1.0 / cfg.attn_scale)

@@ -13,20 +13,21 @@ from interplab.model.attention import Attention, AttnContext, HeadInputs
 from interplab.model.config import ModelConfig
 from interplab.model.kv_cache import LayerKV
 from interplab.model.layers import MLP, Need, _hp, need, value_of
-from interplab.model.norms import make_norm
+from interplab.model.norms import identity_norm, make_norm
 
 
 class Block(nn.Module):
     """One transformer block, as nanoGPT writes it::
 
-        resid_mid  = resid_pre + attn(ln1(resid_pre))
-        resid_post = resid_mid + mlp(ln2(resid_mid))
+            resid_mid  = resid_pre + attn(ln1(resid_pre))
+            resid_post = resid_mid + mlp(ln2(resid_mid))
 
-    Parallel blocks (GPT-J, NeoX): ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``;
-    attention-only: ``resid_post = resid_pre + attn(ln1(resid_pre))``; post norms (Gemma 2) normalise each
-    sublayer's output before it is added (``ln1_post``, ``ln2_post``). Every named tensor passes its hook
-    point. `forward` is `attend` (the attention half, which mixes positions) then `finish` (the rest, position
-    by position)."""
+        Parallel blocks (GPT-J, NeoX): ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``;
+        attention-only: ``resid_post = resid_pre + attn(ln1(resid_pre))``; post norms (Gemma 2) normalise each
+        sublayer's output before it is added (``ln1_post``, ``ln2_post``); without pre norms (OLMo-2) ``ln1`` and
+    ``ln2`` are the identity: ``resid_mid = resid_pre + ln1_post(attn(resid_pre))``. Every named tensor passes its hook
+        point. `forward` is `attend` (the attention half, which mixes positions) then `finish` (the rest, position
+        by position)."""
 
     # hook points made in __init__ by name (the MLP's, hook_attn_in and hook_resid_mid where the block has them)
     hook_resid_pre: HookPoint
@@ -40,12 +41,21 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.ln1 = make_norm(cfg, _hp(SiteKind.LN1_SCALE, layer), _hp(SiteKind.LN1_NORMALIZED, layer))
+        pre = cfg.pre_norms  # without pre-norms (OLMo-2) ln1 and ln2 are the identity, without hook points
+        self.ln1 = (
+            make_norm(cfg, _hp(SiteKind.LN1_SCALE, layer), _hp(SiteKind.LN1_NORMALIZED, layer))
+            if pre
+            else identity_norm()
+        )
         self.attn = Attention(cfg, layer)
         if cfg.post_norms:
             self.ln1_post = make_norm(cfg)
         if cfg.has_mlp:
-            self.ln2 = make_norm(cfg, _hp(SiteKind.LN2_SCALE, layer), _hp(SiteKind.LN2_NORMALIZED, layer))
+            self.ln2 = (
+                make_norm(cfg, _hp(SiteKind.LN2_SCALE, layer), _hp(SiteKind.LN2_NORMALIZED, layer))
+                if pre
+                else identity_norm()
+            )
             self.mlp = MLP(cfg, layer)
             if cfg.post_norms:
                 self.ln2_post = make_norm(cfg)
@@ -99,7 +109,8 @@ class Block(nn.Module):
         if not self.cfg.has_mlp:
             return self.hook_resid_post(resid_pre + attn_out)
         if self.cfg.parallel_attn_mlp:
-            return self.hook_resid_post(resid_pre + attn_out + self._mlp(resid_pre))
+            # the two outputs summed first, as Hugging Face's NeoX does (the same bf16 rounding)
+            return self.hook_resid_post(resid_pre + (attn_out + self._mlp(resid_pre)))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         return self.hook_resid_post(resid_mid + self._mlp(resid_mid))
 

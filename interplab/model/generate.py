@@ -27,6 +27,7 @@ from torch import Tensor
 from interplab import runs
 from interplab.hooks.points import HookFn, HookTarget
 from interplab.model.attention import keep_fused_weights
+from interplab.model.rope import cache_expires_at
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -98,7 +99,9 @@ def generate(
     the left first, so every row continues right after its last real token. Strings are tokenised with the
     model's tokenizer. With ``stop_at_eos``, a row that emits ``eos_token_id`` (default: the tokenizer's)
     is finished: it is filled with that id and masked; generation ends when all rows are finished.
-    ``use_kv_cache=False`` recomputes the whole sequence at every step (slow; for checking)."""
+    ``use_kv_cache=False`` recomputes the whole sequence at every step (slow; for checking). With LongRoPE
+    (Phi-3) the cache is recomputed once, when the sequence first passes ``original_max_position_embeddings``
+    and the long factors take over, as transformers' Phi-3 ``generate`` does."""
     _check_options(max_new_tokens, temperature, top_k, top_p)
     if not model.cfg.causal:
         raise ValueError("generate needs a causal model; this one attends bidirectionally (causal=False)")
@@ -125,7 +128,7 @@ def generate(
     step_input, step_mask = tokens, mask
     with model.hooks(fwd_hooks), keep_fused_weights(model):  # the weights are fixed for the whole call
         for _ in range(max_new_tokens):
-            logits = model(step_input, attention_mask=step_mask, kv_cache=kv)[:, -1]
+            logits = model(step_input, attention_mask=step_mask, kv_cache=kv)[:, -1].to(tokens.device)
             nxt = _choose(logits, temperature, top_k, top_p, gen)
             real = ~finished
             if stop_at_eos and eos_token_id is not None:  # (it is set whenever stop_at_eos is)
@@ -135,10 +138,12 @@ def generate(
             if out_mask is not None or stop_at_eos:
                 base = out_mask if out_mask is not None else torch.ones_like(tokens)
                 out_mask = torch.cat([base, real[:, None].to(base.dtype)], dim=1)
-            if use_kv_cache:
+            if use_kv_cache and not cache_expires_at(model.cfg.rope_scaling, out.shape[1]):
                 step_input = nxt[:, None]
                 step_mask = None if out_mask is None else torch.ones_like(step_input)
             else:
+                if use_kv_cache:  # the cached keys were rotated with frequencies this length no longer uses
+                    kv = model.new_kv_cache()
                 step_input, step_mask = out, out_mask
             if stop_at_eos and bool(finished.all()):
                 break

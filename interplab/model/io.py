@@ -9,6 +9,7 @@ the exact inverse of `save_model`. ``checksums.json`` (written last) records eac
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -16,8 +17,10 @@ import torch
 from interplab import runs
 from interplab.data.tokenizer import load_tokenizer
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
-from interplab.io import load_tensors, save_tensors
+from interplab.io import save_tensors
 from interplab.model.config import ModelConfig
+from interplab.model.convert import HFCheckpoint, build_from_weights
+from interplab.model.placement import meta_layers
 from interplab.model.transformer import Transformer
 from interplab.runs import CONFIG, TOKENIZER
 from interplab.runs import MODEL_WEIGHTS as WEIGHTS
@@ -53,8 +56,15 @@ def is_native(path: Path) -> bool:
 
 
 def load_native(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    device_map: Mapping[str, torch.device] | None = None,
 ) -> Transformer:
+    """The inverse of `save_model`: the model built on the meta device and filled tensor by tensor from the
+    memory-mapped ``model.safetensors``, each tensor converted (``dtype``) and placed (``device``, or its part's
+    device in a complete ``device_map``) as it is read; a part mapped to ``meta`` is never read."""
     path = Path(path)
     verify_checksums(path)  # a flipped byte in any file is named here, never loaded
     data = runs.read_json(path / CONFIG, runs.Kind.MODEL)
@@ -64,12 +74,15 @@ def load_native(
     weights_file = path / WEIGHTS
     if not weights_file.is_file():
         raise FileNotFoundError(f"{path} has a {CONFIG} but no {WEIGHTS}")
-    with torch.device("meta"):
-        model = Transformer(cfg, init=False)
-    state = load_tensors(weights_file, device=device)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    load_state_strict(model, state, source=str(weights_file))
+    ckpt = HFCheckpoint(path, skip_layers=meta_layers(device_map), weights=weights_file)
+    model = build_from_weights(
+        cfg,
+        ((k, ckpt.get(k)) for k in ckpt.keys()),
+        device=device,
+        dtype=dtype,
+        source=str(weights_file),
+        device_map=device_map,
+    )
     attach_tokenizer(model, path)
     return model.eval()
 

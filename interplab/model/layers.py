@@ -14,6 +14,7 @@ plain reference forward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from enum import Enum
 
 import torch
@@ -75,9 +76,18 @@ def need(*points: HookPoint | None) -> Need:
 
 
 # ---------------------------------------------------------------------------------------------------
-_ACTIVATIONS = {
+def _gelu_new(x: Tensor) -> Tensor:
+    """GPT-2's tanh GELU. In bf16/fp16 it is evaluated op by op, as transformers' ``NewGELUActivation`` (and
+    TransformerLens) write it, each op rounding to the dtype; in float32 the fused kernel (equal to 1e-7)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[Activation, Callable[[Tensor], Tensor]] = {
     Activation.GELU: F.gelu,
     Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"),
+    Activation.GELU_NEW: _gelu_new,
     Activation.RELU: F.relu,
     Activation.SILU: F.silu,
     Activation.GELU_QUICK: lambda x: x * torch.sigmoid(1.702 * x),
@@ -85,18 +95,22 @@ _ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """``act(x W_in + b_in) W_out + b_out``, or gated: ``(act(x W_gate) * (x W_in + b_in)) W_out + b_out``."""
+    """``act(x W_in + b_in) W_out + b_out``, or gated: ``(act(x W_gate) * (x W_in + b_in)) W_out + b_out``
+    (``act(x W_gate + b_gate)`` with ``cfg.gate_bias``)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         d, m = cfg.d_model, cfg.d_mlp
         assert m is not None
         self.gated = cfg.gated_mlp
+        self.gate_bias = cfg.gated_mlp and cfg.gate_bias
         self.act = _ACTIVATIONS[cfg.act_fn]
         self.W_in = nn.Parameter(torch.empty(d, m))
         self.b_in = nn.Parameter(torch.zeros(m), requires_grad=cfg.mlp_bias)
         if self.gated:
             self.W_gate = nn.Parameter(torch.empty(d, m))
+            if cfg.gate_bias:
+                self.b_gate = nn.Parameter(torch.zeros(m), requires_grad=cfg.mlp_bias)
         self.W_out = nn.Parameter(torch.empty(m, d))
         self.b_out = nn.Parameter(torch.zeros(d), requires_grad=cfg.mlp_bias)
         self.hook_pre = _hp(SiteKind.MLP_PRE, layer)
@@ -107,7 +121,8 @@ class MLP(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         flat = x.reshape(-1, x.shape[-1])
         if self.gated:
-            pre = self.hook_pre((flat @ self.W_gate).view(*x.shape[:-1], -1))
+            gate = torch.addmm(self.b_gate, flat, self.W_gate) if self.gate_bias else flat @ self.W_gate
+            pre = self.hook_pre(gate.view(*x.shape[:-1], -1))
             linear = self.hook_pre_linear(torch.addmm(self.b_in, flat, self.W_in).view(*x.shape[:-1], -1))
             post = self.hook_post(self.act(pre) * linear)
         else:

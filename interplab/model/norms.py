@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from interplab.hooks.points import HookPoint
-from interplab.model.config import ModelConfig, Norm
+from interplab.model.config import ModelConfig, Norm, QKNorm
 from interplab.model.layers import Need, need, value_of
 
 
@@ -19,11 +19,25 @@ class Normalization(nn.Module):
     vector ``x / scale`` (centred first for LayerNorm) *before* the weight and bias, computed in float32 as in
     TransformerLens."""
 
-    def __init__(self, cfg: ModelConfig, scale: HookPoint | None, normalized: HookPoint | None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        scale: HookPoint | None,
+        normalized: HookPoint | None,
+        *,
+        shape: tuple[int, ...] | None = None,
+        kind: Norm | None = None,
+    ) -> None:
+        """``shape``: the trailing dimensions normalised together, the weight's shape (default (d_model,));
+        q/k norms pass (d_head,) (per head) or (n_heads, d_head) (all heads at once) and ``kind`` RMSNorm."""
         super().__init__()
-        self.kind = cfg.normalization
+        self.kind = cfg.normalization if kind is None else kind
         self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        shape = (cfg.d_model,) if shape is None else tuple(shape)
+        self.dims = tuple(range(-len(shape), 0))
+        """the dimensions the norm reduces over (the last one, or the last two for a full-width q/k norm)"""
+        self.w = nn.Parameter(torch.ones(shape))
+        self.weight_in_float32 = cfg.norm_weight_float32  # (x * w).to(dtype), not x.to(dtype) * w
         if self.kind is Norm.LAYERNORM:
             self.b = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_scale = scale
@@ -51,7 +65,7 @@ class Normalization(nn.Module):
         if reading_normalized or low_precision:
             xf = self._centred(x)
             if low_precision:
-                inv_scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+                inv_scale = torch.rsqrt(xf.pow(2).mean(self.dims, keepdim=True) + self.eps)
         if reading_scale and scale is not None:
             scale(inv_scale.reciprocal())
         if reading_normalized and normalized is not None:
@@ -82,7 +96,16 @@ class Normalization(nn.Module):
         if self.kind is Norm.LAYERNORM:
             out, _, inv_scale = torch.native_layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
             return out, inv_scale
-        return _rms_norm(x, self.w, self.eps)
+        return _rms_norm(x, self._weight(x), self.eps, self.dims, self.weight_in_float32)
+
+    def _weight(self, x: Tensor) -> Tensor:
+        """The weight for ``x``: a full-width key norm's [n_kv_heads d_head] weight is repeated per query head
+        when the keys come one copy per query head (`HeadInputs` under grouped-query attention; the mean
+        square over identical copies is the mean square over the originals)."""
+        w: Tensor = self.w
+        if w.dim() == 2 and x.shape[-2] != w.shape[0]:
+            w = w.repeat_interleave(x.shape[-2] // w.shape[0], dim=0)
+        return w
 
     def _centred(self, x: Tensor) -> Tensor:
         """``x`` in float32 (float64 kept), minus its mean over d_model for LayerNorm."""
@@ -93,21 +116,29 @@ class Normalization(nn.Module):
         """Step by step, as TransformerLens: centre, ``scale`` (hooked), ``x / scale`` (hooked), then the
         weight and bias; a replaced scale or normalised vector is what the output is made of."""
         xf = self._centred(x)
-        scale = (xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        scale = (xf.pow(2).mean(self.dims, keepdim=True) + self.eps).sqrt()
         if self.hook_scale is not None:
             scale = self.hook_scale(scale)
         normalized = xf / scale
         if self.hook_normalized is not None:
             normalized = self.hook_normalized(normalized)
-        out = normalized.to(x.dtype) * self.w
+        if self.weight_in_float32:
+            return (normalized * self._weight(x).to(normalized.dtype)).to(x.dtype)
+        out = normalized.to(x.dtype) * self._weight(x)
         return out + self.b if self.kind is Norm.LAYERNORM else out
 
 
-def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """RMSNorm and the reciprocal of its scale."""
+def _rms_norm(
+    x: Tensor, w: Tensor, eps: float, dims: tuple[int, ...] = (-1,), weight_in_float32: bool = False
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm over ``dims`` and the reciprocal of its scale, computed in float32 (float64 kept) and cast back
+    to x's dtype before the weight (Llama) or after it (``weight_in_float32``: Gemma, OLMo-2, as Hugging Face
+    does each)."""
     dtype = x.dtype
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    inv = torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+    if weight_in_float32:
+        return (xf * inv * w.to(xf.dtype)).to(dtype), inv
     return (xf * inv).to(dtype) * w, inv
 
 
@@ -118,6 +149,19 @@ def make_norm(
     if cfg.normalization is Norm.NONE:
         return _NoNorm(normalized)
     return Normalization(cfg, scale, normalized)
+
+
+def make_qk_norm(cfg: ModelConfig, heads: int, scale: HookPoint, normalized: HookPoint) -> Normalization:
+    """The RMSNorm of queries (``heads`` = n_heads) or keys (n_kv_heads) [batch pos heads d_head]: over each
+    head's d_head (``qk_norm="head"``, weight [d_head]) or over all heads at once (``"full"``, weight
+    [heads d_head]). ``hook_scale`` is [batch pos heads 1] or [batch pos 1 1]."""
+    shape = (cfg.d_head,) if cfg.qk_norm is QKNorm.HEAD else (heads, cfg.d_head)
+    return Normalization(cfg, scale, normalized, shape=shape, kind=Norm.RMSNORM)
+
+
+def identity_norm() -> _NoNorm:
+    """The identity in a norm's place, without hook points (the missing pre-norms of OLMo-2's blocks)."""
+    return _NoNorm(None)
 
 
 class _NoNorm(nn.Module):

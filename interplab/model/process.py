@@ -61,6 +61,7 @@ _BIAS_FLAG = {
     "b_V": "attn_bias",
     "b_O": "attn_bias",
     "b_in": "mlp_bias",
+    "b_gate": "mlp_bias",
     "b_out": "mlp_bias",
     "b_U": "unembed_bias",
 }
@@ -87,16 +88,18 @@ def _norm_params(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
 def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Transformer:
     """Fold each pre-norm's weight (and LayerNorm bias) into the weights that read its output.
 
-    ``ln1`` folds into W_Q/W_K/W_V (b_Q/b_K/b_V), ``ln2`` into W_in/W_gate (b_in), ``ln_final`` into W_U (b_U).
+    ``ln1`` folds into W_Q/W_K/W_V (b_Q/b_K/b_V), ``ln2`` into W_in/W_gate (b_in/b_gate), ``ln_final`` into W_U (b_U).
     Afterwards every such norm is the identity affine map (w = 1, b = 0). With LayerNorm and
     ``center_weights``, the reading weights are centred over d_model (the normalised input has zero mean).
     RMSNorm models fold their weights only; models without norms are returned unchanged. Post-norms
-    (Gemma-2's norms on the attention/MLP outputs) are not folded: no linear map reads them.
+    (Gemma-2's norms on the attention/MLP outputs) are not folded: no linear map reads them; blocks without
+    pre-norms (OLMo-2) have nothing to fold but ln_final. The q/k norms (Qwen3, Gemma-3, OLMo-2) keep their
+    weights: they act after the normalisation and before rotary, where no weight before them can hold them.
     Tied embeddings are untied first (the unembedding changes, the embedding does not)."""
     cfg = model.cfg
     if cfg.normalization is Norm.NONE:
         return model
-    if cfg.gated_mlp and cfg.has_mlp and cfg.normalization is Norm.LAYERNORM:
+    if cfg.gated_mlp and cfg.has_mlp and not cfg.gate_bias and cfg.normalization is Norm.LAYERNORM:
         for layer, block in enumerate(model.blocks):
             if block.ln2.get_parameter("b").abs().max() > 0:  # checked before anything changes
                 raise ValueError(
@@ -110,8 +113,12 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
     def fold(
         norm: nn.Module, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dim: int
     ) -> None:
-        """``weights`` read the norm's output along ``dim`` (d_model); ``biases`` are their biases (None: none)."""
-        w, b = _norm_params(norm)  # type: ignore[misc]
+        """``weights`` read the norm's output along ``dim`` (d_model); ``biases`` are their biases (None: none).
+        A norm without weights (OLMo-2's missing pre-norms) leaves them alone."""
+        params = _norm_params(norm)
+        if params is None:
+            return
+        w, b = params
         for weight, bias in zip(weights, biases, strict=True):
             view = [1] * weight.dim()
             view[dim % weight.dim()] = -1
@@ -134,7 +141,7 @@ def fold_layer_norm(model: Transformer, *, center_weights: bool = True) -> Trans
             biases: list[torch.Tensor | None] = [mlp.b_in]
             if cfg.gated_mlp:
                 weights.append(mlp.W_gate)
-                biases.append(None)
+                biases.append(mlp.b_gate if cfg.gate_bias else None)
             fold(block.ln2, weights, biases, dim=0)
     fold(model.ln_final, [model.unembed.W_U], [model.unembed.b_U], dim=0)
     _mark_biases_trained(

@@ -30,6 +30,8 @@ from interplab.model.config import ModelConfig, Positional
 from interplab.model.kv_cache import KVCache
 from interplab.model.layers import _hp, init_weights
 from interplab.model.norms import make_norm
+from interplab.model.precision import check_dtype
+from interplab.model.rope import RopeScaling, depends_on_length
 
 if TYPE_CHECKING:
     from interplab.data.tokenizer import Tokenizer
@@ -84,7 +86,9 @@ class Transformer(nn.Module):
             points += block.hook_points()
         self.hook_registry = HookRegistry(points, describe=self._describe_missing)
         self.tokenizer: Tokenizer | None = None
-        self._rotary_cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._rotary_cache: dict[
+            tuple[float, RopeScaling | None, torch.dtype, torch.device], tuple[Tensor, Tensor]
+        ] = {}
         if init:
             init_weights(self, cfg)
         self.eval()
@@ -119,6 +123,9 @@ class Transformer(nn.Module):
         if stop_at_layer is not None:
             return resid
         logits = self.unembed_resid(resid)
+        if logits.device != tokens.device and return_type in ("loss", "both"):  # split across devices
+            tokens = tokens.to(logits.device)
+            attention_mask = None if attention_mask is None else attention_mask.to(logits.device)
         return compat.finish(logits, tokens, return_type, attention_mask, loss_per_token)
 
     def context(
@@ -145,11 +152,26 @@ class Transformer(nn.Module):
             key_valid = None
         ctx = AttnContext(positions=positions, key_valid=key_valid, past_len=past)
         if self.cfg.positional is Positional.ROTARY:
-            if key_valid is None:  # every row has positions past .. past+p: slice the cached table
-                ctx.rotary = self._rotary_range(past, p, tokens.device)
-            else:
-                ctx.rotary = rotary_tables(self.cfg, positions, self.embed.W_E.dtype)
+            ctx.rotary = self._rotary(self.cfg, positions, key_valid is None, past, tokens.device)
+            if self.cfg.per_layer_rotary:  # layers with their own base or scaling (Gemma-3)
+                by_kind: dict[tuple[float, bool], tuple[Tensor, Tensor]] = {}
+                for layer in range(self.cfg.n_layers):
+                    kind = (self.cfg.rotary_base_for(layer), self.cfg.rope_scaled(layer))
+                    if kind not in by_kind:
+                        cfg = self.cfg.rotary_config(layer)
+                        by_kind[kind] = self._rotary(cfg, positions, key_valid is None, past, tokens.device)
+                    ctx.layer_rotary[layer] = by_kind[kind]
         return ctx
+
+    def _rotary(
+        self, cfg: ModelConfig, positions: Tensor, unpadded: bool, past: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        if unpadded and not depends_on_length(cfg.rope_scaling):
+            # every row has positions past .. past+p: slice the cached table
+            return self._rotary_range(past, positions.shape[1], device, cfg)
+        if unpadded:  # frequencies that depend on this forward's length: one row's table
+            return rotary_tables(cfg, positions[:1], self._rotary_dtype())
+        return rotary_tables(cfg, positions, self._rotary_dtype())
 
     @staticmethod
     def padded_positions(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
@@ -172,14 +194,28 @@ class Transformer(nn.Module):
         index = torch.arange(n, device=valid.device)
         return (index - leading[:, None]).clamp(min=0)
 
-    def _rotary_range(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table of all n_ctx
-        positions computed once per dtype and device (the same values `rotary_tables` gives)."""
-        key = (self.embed.W_E.dtype, device)
+    def _rotary_dtype(self) -> torch.dtype:
+        """The rotary tables' dtype: the model's, or float32 for a half-precision ``rotary_float32`` model."""
+        dtype = self.embed.W_E.dtype
+        return (
+            torch.float32 if self.cfg.rotary_float32 and dtype in (torch.bfloat16, torch.float16) else dtype
+        )
+
+    def _rotary_range(
+        self, start: int, length: int, device: torch.device, cfg: ModelConfig | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """cos and sin [1 pos 1 rotary_dim] for positions start .. start+length, from a table kept per rotary
+        base, rope scaling, dtype and device (the same values `rotary_tables` gives for ``cfg``, by default the
+        model's; `ModelConfig.rotary_config` gives a layer's own), grown by doubling up to n_ctx as longer
+        sequences come (a 128k-context model does not build a 128k-position table for a 20-token prompt)."""
+        cfg = self.cfg if cfg is None else cfg
+        key = (cfg.rotary_base, cfg.rope_scaling, self._rotary_dtype(), device)
         table = self._rotary_cache.get(key)
-        if table is None:
-            table = rotary_tables(self.cfg, torch.arange(self.cfg.n_ctx, device=device)[None], key[0])
-            self._rotary_cache = {key: table}
+        if table is None or table[0].shape[1] < start + length:
+            n = min(cfg.n_ctx, max(256, 1 << (start + length - 1).bit_length()))
+            table = rotary_tables(cfg, torch.arange(n, device=device)[None], key[2])
+            kept = {k: v for k, v in self._rotary_cache.items() if k[2:] == key[2:] and k != key}
+            self._rotary_cache = {**kept, key: table}
         return table[0][:, start : start + length], table[1][:, start : start + length]
 
     def embed_tokens(
@@ -187,7 +223,8 @@ class Transformer(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.embed.W_E[tokens]
         if self.cfg.embed_scale is not None:
-            resid = resid * self.cfg.embed_scale
+            # in the embeddings' dtype, as Hugging Face's Gemma multiplies by the rounded scale
+            resid = resid * torch.tensor(self.cfg.embed_scale, dtype=resid.dtype)
         resid = self.hook_embed(resid)
         if self.cfg.positional is Positional.LEARNED:
             if ctx.key_valid is None and not self.hook_pos_embed.active:
@@ -211,10 +248,15 @@ class Transformer(nn.Module):
         """Run blocks ``start`` .. ``stop - 1`` on a residual stream."""
         stop = self.cfg.n_layers if stop is None else stop
         for layer in range(start, stop):
-            resid = self.blocks[layer](resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
+            block = self.blocks[layer]
+            device = block.attn.W_Q.device
+            if resid.device != device:  # a model split across devices (`interplab.model.placement`)
+                resid, ctx = resid.to(device), ctx.to(device)
+            resid = block(resid, ctx, kv_cache.layers[layer] if kv_cache is not None else None)
         return resid
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab_out"]:
+        resid = resid.to(self.unembed.b_U.device)  # (a no-op unless the model is split across devices)
         x = self.unembed.hook_in(self.ln_final(resid))
         logits = self.unembed.hook_out(x @ self.W_U + self.unembed.b_U)
         if self.cfg.logit_softcap is not None:
@@ -304,6 +346,7 @@ class Transformer(nn.Module):
         *,
         names_filter: HookTarget | Sequence[HookTarget] | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
         grad: bool = False,
         remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
@@ -315,7 +358,10 @@ class Transformer(nn.Module):
 
         Runs under ``torch.no_grad()`` unless ``grad=True``. ``fwd_hooks`` run before caching, so the
         cache holds the (possibly patched) values the model used. ``remove_batch_dim=True`` (a batch of one
-        only) caches each activation without its batch dimension, as in TransformerLens."""
+        only) caches each activation without its batch dimension, as in TransformerLens. ``dtype`` (e.g.
+        ``torch.bfloat16``) stores every cached activation in that dtype, moved to ``device`` if given (None:
+        as computed, so a bf16 model's cache is bf16; its norms' ``hook_scale`` and ``hook_normalized`` are
+        float32, as TransformerLens reports them)."""
         if names_filter is not None:
             if names is not None:
                 raise TypeError("run_with_cache got both names and names_filter (the same thing): give one")
@@ -332,6 +378,7 @@ class Transformer(nn.Module):
             lambda: self(tokens, **kwargs),
             names,
             device=device,
+            dtype=dtype,
             grad=grad,
             remove_batch_dim=remove_batch_dim,
             fwd_hooks=fwd_hooks,
@@ -343,6 +390,7 @@ class Transformer(nn.Module):
         names: HookTarget | Sequence[HookTarget] | None = None,
         *,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
         grad: bool = False,
         remove_batch_dim: bool = False,
         fwd_hooks: Sequence[tuple[HookTarget, HookFn]] = (),
@@ -357,13 +405,16 @@ class Transformer(nn.Module):
         else:
             targets = list(names)
         store: dict[str, Tensor] = {}
+        dtype = check_dtype(dtype, "cache dtype")
 
         def save(act: Tensor, site: Site) -> None:
             if act.requires_grad and not grad:
                 act = act.detach()
             if remove_batch_dim:
                 act = act[0]
-            store[site.name] = act if device is None else act.to(device)
+            if device is not None or dtype is not None:
+                act = act.to(device=device, dtype=dtype if act.is_floating_point() else None)
+            store[site.name] = act
 
         with (
             torch.set_grad_enabled(grad and torch.is_grad_enabled()),
@@ -391,6 +442,22 @@ class Transformer(nn.Module):
                 "use hook_q_input, hook_k_input and hook_v_input"
             ),
         }
+        for kind in (
+            SiteKind.Q_NORM_SCALE,
+            SiteKind.Q_NORM_NORMALIZED,
+            SiteKind.K_NORM_SCALE,
+            SiteKind.K_NORM_NORMALIZED,
+        ):
+            reasons[kind] = "the model has no q/k norms (qk_norm='none')"
+        if not self.cfg.pre_norms:
+            why = "the model has no pre-norms (its blocks read the residual stream itself and normalise each sublayer's output, as OLMo-2)"
+            for kind in (
+                SiteKind.LN1_SCALE,
+                SiteKind.LN1_NORMALIZED,
+                SiteKind.LN2_SCALE,
+                SiteKind.LN2_NORMALIZED,
+            ):
+                reasons[kind] = why
         mlp_kinds = {
             SiteKind.MLP_IN,
             SiteKind.MLP_PRE,

@@ -62,6 +62,7 @@ from interplab.train.distributed import (
     barrier,
     broadcast_,
     init_distributed,
+    local_device,
     shutdown,
 )
 from interplab.train.log import truncate_log
@@ -564,6 +565,7 @@ def train_dt(
     "step", "checkpoint", "done"} (rank 0 only)."""
     run_dir = Path(out)
     device = torch.device(device) if device is not None else _default_device()
+    device = local_device(device)  # cuda:LOCAL_RANK under torchrun (one GPU per process)
     dist_info = init_distributed(device)
     notify = progress if (progress is not None and dist_info.main) else (lambda event: None)
     try:

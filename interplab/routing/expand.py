@@ -29,6 +29,8 @@ class Expansion:
     """the expanded layers (others carry zero, frozen-at-zero units because d_mlp is one number per model)"""
     gated: bool = False
     """the MLPs are gated (W_gate grows too)"""
+    gate_bias: bool = False
+    """the gates have biases (b_gate grows too)"""
 
     def unit_mask(self, *, extra: float, original: float) -> Tensor:
         """A [d_mlp] vector: ``original`` on the original units, ``extra`` on the new ones."""
@@ -47,6 +49,8 @@ class Expansion:
             if self.gated:
                 weights[prefix + "W_gate"] = m[None, :]
             weights[prefix + "b_in"] = m
+            if self.gate_bias:
+                weights[prefix + "b_gate"] = m
             weights[prefix + "W_out"] = m[:, None]
         return ParamRoute(weights=weights, default=rest)
 
@@ -86,7 +90,7 @@ def expand_mlp(
             grown[:, :m] = value
             if layer in chosen:
                 grown[:, m:] = torch.randn(target.shape[0], n_units, generator=gen) * cfg.init_range
-        elif leaf == "b_in":
+        elif leaf in ("b_in", "b_gate"):
             grown[:m] = value
         elif leaf == "W_out":
             grown[:m] = value
@@ -96,7 +100,13 @@ def expand_mlp(
     new.load_state_dict(state)
     new.train(model.training)
     new.tokenizer = model.tokenizer
-    return new, Expansion(d_mlp_orig=m, n_units=n_units, layers=chosen, gated=cfg.gated_mlp)
+    return new, Expansion(
+        d_mlp_orig=m,
+        n_units=n_units,
+        layers=chosen,
+        gated=cfg.gated_mlp,
+        gate_bias=cfg.gated_mlp and cfg.gate_bias,
+    )
 
 
 def ablate_expansion(model: Transformer, expansion: Expansion) -> Transformer:
@@ -112,7 +122,7 @@ def ablate_expansion(model: Transformer, expansion: Expansion) -> Transformer:
         leaf = name.rsplit(".", 1)[-1]
         if ".mlp." in name and leaf in ("W_in", "W_gate"):
             value = value[:, :m]
-        elif ".mlp." in name and leaf in ("b_in", "W_out"):
+        elif ".mlp." in name and leaf in ("b_in", "b_gate", "W_out"):
             value = value[:m]
         state[name] = value.clone()
     new.load_state_dict(state)

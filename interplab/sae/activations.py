@@ -10,7 +10,7 @@ SAEs (several layers, or a sweep of coefficients on one layer) train from one pa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +178,21 @@ class TensorActivations:
             for i in range(self.n // self.batch_size):
                 rows = perm[i * self.batch_size : (i + 1) * self.batch_size]
                 yield {h: v[rows] for h, v in self.acts.items()}
+
+
+class SkippableBatches:
+    """Batches that can begin at batch n without producing the n before it (how `train_saes` resumes on a
+    cache without reading again the rows it already trained on): ``iter()`` starts at 0, ``from_batch(n)``
+    at n; ``make(n)`` builds the iterator."""
+
+    def __init__(self, make: Callable[[int], Iterator[ActivationBatch]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        return self.make(0)
+
+    def from_batch(self, n: int) -> Iterator[ActivationBatch]:
+        return self.make(n)
 
 
 def _as_batch(tokens: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ torch.Size([8, 2, 16])
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
 from interplab.sae.activations import model_activations
 from interplab.sae.architectures.batchtopk import THRESHOLD_RATE
+from interplab.sae.crosscoder_resume import TrainState, resume_crosscoder, save_crosscoder_checkpoint
 
 CC_CFG = "cfg.json"
 CC_WEIGHTS = "crosscoder.safetensors"
@@ -228,6 +230,15 @@ class CrosscoderTrainConfig:
     """a latent that has not fired for this many tokens is dead (AuxK revives it)"""
     log_every: int = 100
     seed: int = 0
+    checkpoint_every: int = 0
+    """with a checkpoint folder: save the full training state every this many steps (0: never)"""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
 
 
 def train_crosscoder(
@@ -236,15 +247,38 @@ def train_crosscoder(
     cfg: CrosscoderTrainConfig = CrosscoderTrainConfig(),
     *,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoints: str | Path | None = None,
+    data_identity: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """Adam on ``cc`` over ``batches`` (cycled when shorter than ``cfg.steps``); b_dec starts at the first
-    batch's mean. Returns the log: one row per ``log_every`` steps (step, mse, fvu, l0, dead, tokens_per_s)."""
+    """Adam on ``cc`` over ``batches`` (cycled when shorter than ``cfg.steps``; the same order on every call);
+    b_dec starts at the first batch's mean. Returns the log: one row per ``log_every`` steps (step, mse, fvu,
+    l0, dead, tokens_per_s). With a ``checkpoints`` folder the full state is saved there every
+    ``cfg.checkpoint_every`` steps and at the end (`interplab.sae.crosscoder_resume`), and a call that finds a
+    checkpoint of the same crosscoder config, training config and ``data_identity`` resumes from it
+    bit-exactly (a different run's checkpoint is refused)."""
     opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     since_fired = torch.zeros(cc.cfg.d_sae, dtype=torch.long)
     history: list[dict[str, float]] = []
     source = _cycle(batches)
-    t0, tokens = time.perf_counter(), 0
-    for step in range(1, cfg.steps + 1):
+    t0, tokens, start = time.perf_counter(), 0, 1
+    folder = Path(checkpoints) if checkpoints is not None else None
+    identity = {
+        "crosscoder": json.loads(json.dumps(cc.cfg.to_dict())),
+        "train": dataclasses.asdict(cfg),
+        "data": data_identity or {},
+    }
+    if folder is not None:
+        resumed = resume_crosscoder(folder, cc, opt, identity)
+        if resumed is not None:
+            since_fired, history, tokens, start = (
+                resumed.since_fired,
+                resumed.history,
+                resumed.tokens,
+                resumed.step + 1,
+            )
+            for _ in range(resumed.step):  # the batches already trained on
+                next(source)
+    for step in range(start, cfg.steps + 1):
         x = next(source).float()
         if step == 1:
             with torch.no_grad():
@@ -274,6 +308,11 @@ def train_crosscoder(
             history.append(row)
             if progress is not None:
                 progress(step, row)
+        if folder is not None and (
+            step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
+            state = TrainState(step=step, tokens=tokens, since_fired=since_fired, history=history)
+            save_crosscoder_checkpoint(folder, state, cc, opt, identity)
     return history
 
 

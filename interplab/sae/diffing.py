@@ -45,7 +45,13 @@ LOST_BELOW = 0.1
 NEW_ABOVE = 0.9
 SHARED = (0.3, 0.7)
 LABELS = ("new", "lost", "shared", "partial", "dead")
-DIFF_JSON = "diff.json"
+DIFF_JSON = runs.DIFF_JSON
+N_EXAMPLES = 5
+"""held-out contexts kept per listed latent (its strongest activations)"""
+N_LISTED = 20
+"""latents whose examples are kept: the new ones, else the ones leaning most towards the later checkpoint"""
+CONTEXT_LEFT = 6
+"""tokens shown before the activating one in an example"""
 
 
 def relative_norms(cc: Crosscoder) -> Tensor:
@@ -90,6 +96,8 @@ class DiffResult:
     formation: dict[str, Any] | None = None
     """the run's formation step and whether before < formation_step <= after (None: no report)"""
     meta: dict[str, Any] = field(default_factory=dict)
+    examples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    """latent -> its strongest held-out activations: ``{"context": text, "token": text, "act": value}``"""
 
     @classmethod
     def from_crosscoder(cls, cc: Crosscoder, *, alive: Tensor | None = None, **kw: Any) -> DiffResult:
@@ -114,6 +122,12 @@ class DiffResult:
             label, lambda i: abs(float(r[i]) - 0.5)
         )
         return sorted(idx, key=key)
+
+    def leaning_new(self, n: int = N_LISTED) -> list[int]:
+        """The ``n`` live latents with the largest relative norm (the new ones first): what the later
+        checkpoint has most of its own, even when no latent passes `NEW_ABOVE`."""
+        live = [i for i, lab in enumerate(self.labels) if lab != "dead"]
+        return sorted(live, key=lambda i: -float(self.relative_norm[i]))[:n]
 
     def summary(self) -> str:
         c = self.counts()
@@ -141,11 +155,19 @@ class DiffResult:
             fig.add_vline(x=x, line_dash="dot", line_color="grey")
         c = self.counts()
         fig.update_layout(
-            title=f"relative decoder norm {self.after} / (both): {c['lost']} lost, {c['shared']} shared, "
-            f"{c['new']} new",
-            xaxis_title=f"||d_after|| / (||d_before|| + ||d_after||)   (0: only {self.before}, 1: only {self.after})",
-            yaxis_title="latents",
+            title={
+                "text": f"relative decoder norm: {c['lost']} lost, {c['shared']} shared, {c['partial']} partial, "
+                f"{c['new']} new<br><sup>{self.before} → {self.after}</sup>",
+                "font": {"size": 15},
+            },
+            xaxis={
+                "title": "||d_after|| / (||d_before|| + ||d_after||)   (0: only before, 1: only after)",
+                "range": [0, 1],
+            },  # fmt: skip
+            yaxis_title="live latents",
             template="plotly_white",
+            width=820,
+            margin={"l": 60, "r": 20, "t": 70, "b": 60},
         )
         return fig
 
@@ -161,6 +183,8 @@ class DiffResult:
             "relative_norm": [None if r != r else r for r in self.relative_norm.tolist()],
             "cosine": [None if c != c else c for c in self.cosine.tolist()],
             "labels": list(self.labels),
+            "leaning_new": self.leaning_new(),
+            "examples": {str(k): v for k, v in self.examples.items()},
             "meta": self.meta,
         }
 
@@ -174,6 +198,23 @@ class DiffResult:
         lines = [f"# crosscoder diff: {self.before} -> {self.after}", "", self.summary(), ""]
         lines += ["| label | latents | first ten |", "| --- | --- | --- |"]
         lines += [f"| {lab} | {c[lab]} | {self.features(lab)[:10]} |" for lab in LABELS if lab != "dead"]
+        if self.examples:
+            lines += [
+                "",
+                f"Latents leaning most towards {self.after} (relative norm, strongest held-out example):",
+                "",
+            ]
+            lines += [
+                "| latent | label | relative norm | cosine | example (activating token in [brackets]) |"
+            ]
+            lines += ["| --- | --- | --- | --- | --- |"]
+            for i in self.leaning_new():
+                ex = self.examples.get(i) or [{}]
+                ctx = str(ex[0].get("context", "")).replace("|", "\\|").replace("\n", "\\n")
+                lines.append(
+                    f"| {i} | {self.labels[i]} | {float(self.relative_norm[i]):.3f} | "
+                    f"{float(self.cosine[i]):.3f} | `{ctx}` |"
+                )
         atomic_write_text(folder / "diff.md", "\n".join(lines) + "\n")
         fig = self.plot()
         atomic_write_text(folder / "relative_norm.html", figure_html(fig, folder))
@@ -188,10 +229,12 @@ class DiffResult:
 
 
 def formation_link(run_dir: str | Path, before: int, after: int) -> dict[str, Any] | None:
-    """The run's formation step (from its ``formation.json``) and whether ``before < step <= after``; None
-    when the run has no formation report."""
-    path = Path(run_dir) / runs.FORMATION_JSON
-    if not path.is_file():
+    """The run's formation step (from its ``formation/formation.json``, where `interplab formation` writes it,
+    or a ``formation.json`` in the run folder itself) and whether ``before < step <= after``; None when the run
+    has no formation report."""
+    candidates = [Path(run_dir) / runs.FORMATION / runs.FORMATION_JSON, Path(run_dir) / runs.FORMATION_JSON]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
         return None
     data = runs.read_json(path, runs.Kind.FORMATION)
     step = data.get("formation_step")
@@ -212,13 +255,17 @@ def diff_checkpoints(
     k: int = 16,
     n_tokens: int = 32_768,
     batch_size: int = 1024,
-    train: CrosscoderTrainConfig = CrosscoderTrainConfig(steps=1500),
+    train: CrosscoderTrainConfig = CrosscoderTrainConfig(steps=1500, checkpoint_every=250),
     seq_len: int | None = None,
     out: str | Path | None = None,
 ) -> DiffResult:
     """Train a crosscoder on ``hook`` (default: the last layer's ``hook_resid_post``) of checkpoints
     ``before`` and ``after`` of training run ``run_dir`` over the same ``n_tokens`` of the run's own corpus,
-    and classify its latents. With ``out`` the crosscoder (``out/crosscoder``) and the diff are saved there."""
+    and classify its latents; the latents leaning most towards ``after`` keep their strongest held-out
+    contexts (``examples``). With ``out`` (`default_diff_folder` is the run's own ``diffs/`` folder, where the
+    run page lists it beside the formation report) the crosscoder (``out/crosscoder``) and the diff are saved
+    there, and training checkpoints into ``out/train`` every ``train.checkpoint_every`` steps: an interrupted
+    diff resumes when called again."""
     run = runs.TrainRun.open(run_dir)
     if before >= after:
         raise ValueError(f"--before ({before}) must be an earlier step than --after ({after})")
@@ -234,6 +281,13 @@ def diff_checkpoints(
     rows = torch.cat(
         list(multi_model_activations(models, corpus.batches, hook, token_filter=corpus.token_filter))
     )[:n_tokens]
+    # (batch, sequence, position) of every row, in the order the token filter keeps them
+    where = torch.cat(
+        [
+            torch.cat([torch.full((int(m.sum()), 1), i), m.nonzero()], dim=1)
+            for i, m in enumerate(corpus.token_filter.mask(b) for b in corpus.batches)
+        ]
+    )[:n_tokens]
     n_eval = max(batch_size, rows.shape[0] // 10)
     held, rows = rows[:n_eval], rows[n_eval:]
     cc = Crosscoder(
@@ -247,12 +301,31 @@ def diff_checkpoints(
         ),
         seed=train.seed,
     )
-    history = train_crosscoder(cc, shuffled_batches(rows, batch_size, seed=train.seed), train)
+    identity = {"run": str(run.path), "before": before, "after": after, "hook": hook, "tokens": n_tokens,
+                "seq_len": seq, "batch_size": batch_size, "corpus": str(source)}  # fmt: skip
+    history = train_crosscoder(
+        cc,
+        shuffled_batches(rows, batch_size, seed=train.seed),
+        train,
+        checkpoints=Path(out) / "train" if out is not None else None,
+        data_identity=identity,
+    )
     with torch.no_grad():
-        alive = (cc.encode(held) > 0).any(0)
+        held_acts = cc.encode(held)
+        alive = (held_acts > 0).any(0)
+    draft = DiffResult.from_crosscoder(cc, alive=alive)
+    tokenizer = models[0].tokenizer
+    examples = {}
+    for i in draft.leaning_new():
+        examples[i] = [
+            _example(corpus.batches, where[int(r)], float(held_acts[r, i]), tokenizer)
+            for r in torch.argsort(-held_acts[:, i], stable=True)[:N_EXAMPLES].tolist()
+            if float(held_acts[r, i]) > 0
+        ]
     result = DiffResult.from_crosscoder(
         cc,
         alive=alive,
+        examples=examples,
         fvu=fvu(cc, held),
         formation=formation_link(run.path, before, after),
         meta={
@@ -269,6 +342,23 @@ def diff_checkpoints(
     return result
 
 
+def _example(batches: list[Tensor], at: Tensor, act: float, tokenizer: Any) -> dict[str, Any]:
+    b, seq, pos = (int(v) for v in at)
+    ids = batches[b][seq, max(0, pos - CONTEXT_LEFT) : pos + 1].tolist()
+    text = (lambda t: tokenizer.decode([t])) if tokenizer is not None else (lambda t: f"#{t}")
+    pieces = [text(t) for t in ids]
+    return {
+        "context": "".join(pieces[:-1]) + f"[{pieces[-1]}]",
+        "token": pieces[-1],
+        "act": round(act, 4),
+    }
+
+
+def default_diff_folder(run_dir: str | Path, before: int, after: int) -> Path:
+    """Where a diff of two checkpoints of a run goes by default: ``RUN/diffs/step_A-step_B``."""
+    return Path(run_dir) / runs.DIFFS / f"{runs.checkpoint_name(before)}-{runs.checkpoint_name(after)}"
+
+
 def diff_from_folder(folder: str | Path) -> DiffResult:
     """Re-classify a saved diff's crosscoder (``folder/crosscoder``) with the current thresholds (latents
     marked dead in ``diff.json`` stay dead)."""
@@ -276,4 +366,7 @@ def diff_from_folder(folder: str | Path) -> DiffResult:
     cc = load_crosscoder(folder / "crosscoder")
     data = read_json(folder / DIFF_JSON) if (folder / DIFF_JSON).is_file() else {}
     alive = torch.tensor([lab != "dead" for lab in data["labels"]]) if "labels" in data else None
-    return DiffResult.from_crosscoder(cc, alive=alive, fvu=data.get("fvu"), formation=data.get("formation"))
+    examples = {int(k): v for k, v in data.get("examples", {}).items()}
+    return DiffResult.from_crosscoder(
+        cc, alive=alive, fvu=data.get("fvu"), formation=data.get("formation"), examples=examples
+    )

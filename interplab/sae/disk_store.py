@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ from interplab.integrity import IntegrityError, check_file, file_record, module_
 from interplab.io import save_tensors
 from interplab.runs import MANIFEST, VERSIONS, CacheRun, Kind, write_json
 from interplab.sae.activations import ActivationBatch, TokenFilter, _as_batch, model_activations
+from interplab.train import distributed
 
 if TYPE_CHECKING:
     from interplab.model import Transformer
@@ -45,6 +47,7 @@ KIND = Kind.ACTIVATION_CACHE
 STORE_VERSION = VERSIONS[KIND]
 _READS = (1, 2)  # version 1 caches (no identity, no checksums) are still read, never resumed
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+RANKS = "ranks"  # the rank folders of a cache written by several processes
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -81,6 +84,8 @@ def cache_activations(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    rank: int | None = None,
+    world: int | None = None,
 ) -> CacheResult:
     """Run ``model`` over ``token_batches`` and write activations at ``hooks`` to ``path`` in shards of about
     ``shard_rows`` rows, stored as ``dtype`` (float32, float16 or bfloat16).
@@ -89,7 +94,13 @@ def cache_activations(
     dtype, the token filter, ``max_rows``, the caller's ``source`` (JSON-able: corpus fingerprint, split,
     seq_len, seed ...) and a running SHA-256 of the token batches each shard consumed. An unfinished cache is
     resumed only when all of these agree (``token_batches`` must yield the same batches in the same order); any
-    difference is refused, naming it. ``overwrite=True`` deletes an existing cache and starts again."""
+    difference is refused, naming it. ``overwrite=True`` deletes an existing cache and starts again.
+
+    Under torchrun (or with ``rank`` and ``world``) every rank caches its share of the token batches
+    (`rank_token_batches`: every ``world``-th batch, the same set one process would cache) into its own
+    resumable folder ``ranks/rank_R_of_W/``, and rank 0 writes the manifest of the whole cache: the same rows
+    as one process writes, each once. An unfinished cache is resumed by the same number of processes only (the
+    error says how to finish it); a finished one is read by any number."""
     if dtype not in _TORCH:
         raise ValueError(f"unknown cache dtype {dtype!r}; valid: {sorted(_TORCH)}")
     path = Path(path)
@@ -102,6 +113,36 @@ def cache_activations(
         "max_rows": max_rows,
         **{f"source.{k}": v for k, v in json.loads(json.dumps(dict(source or {}), default=str)).items()},
     }
+    r, world = _rank_world(rank, world)
+    if world > 1 or (path / RANKS).is_dir():
+        return _cache_sharded(
+            model, token_batches, names, path, wanted, r, world,
+            dtype=dtype, shard_rows=shard_rows, token_filter=token_filter, max_rows=max_rows,
+            model_name=model_name, overwrite=overwrite, progress=progress,
+        )  # fmt: skip
+    return _write_cache(
+        model, token_batches, names, path, wanted,
+        dtype=dtype, shard_rows=shard_rows, token_filter=token_filter, max_rows=max_rows,
+        model_name=model_name, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+
+
+def _write_cache(
+    model: Transformer,
+    token_batches: Iterable[Tensor],
+    names: list[str],
+    path: Path,
+    wanted: dict[str, Any],
+    *,
+    dtype: str,
+    shard_rows: int,
+    token_filter: TokenFilter,
+    max_rows: int | None,
+    model_name: str | None,
+    overwrite: bool,
+    progress: Callable[[int], None] | None,
+) -> CacheResult:
+    """One process writes the cache at ``path`` (a rank writes its own folder, `_cache_sharded`)."""
     manifest = _existing_cache(path, overwrite)
     if manifest is not None:
         _check_same_cache(path, manifest, wanted)
@@ -184,6 +225,173 @@ def cache_activations(
         rows=rows_done,
         shards=len(manifest["shards"]),
         bytes_on_disk=size,
+        resumed_from_shard=resumed,
+    )
+
+
+def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    """(rank, world): the running process group's unless given (both or neither), checked."""
+    if (rank is None) != (world is None):
+        raise ValueError(f"give both rank and world, or neither (got rank={rank}, world={world})")
+    if rank is None or world is None:
+        return distributed.rank(), distributed.world_size()
+    distributed.shard_of(0, rank, world)  # checks them
+    return rank, world
+
+
+def rank_folder(path: str | Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its part of the cache at ``path`` (a cache of its own)."""
+    return Path(path) / RANKS / f"rank_{rank:05d}_of_{world:05d}"
+
+
+def _worlds_in(path: Path) -> set[int]:
+    """The world sizes of the rank folders under ``path/ranks`` (an unfinished sharded cache)."""
+    folder = path / RANKS
+    found = set()
+    for p in folder.iterdir() if folder.is_dir() else ():
+        _, _, of = p.name.rpartition("_of_")
+        if p.name.startswith("rank_") and of.isdigit():
+            found.add(int(of))
+    return found
+
+
+def rank_token_batches(
+    token_batches: Iterable[Tensor], token_filter: TokenFilter, max_rows: int | None, rank: int, world: int
+) -> Iterator[Tensor]:
+    """Rank ``rank``'s share of the token stream one process would cache: every ``world``-th token batch from
+    ``rank``, among the batches one process would take under ``max_rows`` (its stopping point is computed from
+    the token filter, without running the model). Together the ranks take each of those batches once."""
+    rows = 0
+    for i, toks in enumerate(token_batches):
+        if max_rows is not None and rows >= max_rows:
+            return
+        toks = _as_batch(toks)
+        if i % world == rank:
+            yield toks
+        rows += int(token_filter.mask(toks).sum())
+
+
+def _cache_sharded(
+    model: Transformer,
+    token_batches: Iterable[Tensor],
+    names: list[str],
+    path: Path,
+    wanted: dict[str, Any],
+    rank: int,
+    world: int,
+    *,
+    dtype: str,
+    shard_rows: int,
+    token_filter: TokenFilter,
+    max_rows: int | None,
+    model_name: str | None,
+    overwrite: bool,
+    progress: Callable[[int], None] | None,
+) -> CacheResult:
+    """Every rank caches its share of the token batches (`rank_token_batches`) into its own resumable folder
+    (`rank_folder`); rank 0 then writes the one ``manifest.json`` listing every rank's shards."""
+    error: BaseException | None = None
+    done = 0
+    if rank == 0:
+        try:
+            done = int(_prepare_sharded(path, wanted, world, overwrite))
+        except (ValueError, OSError) as err:
+            error = err
+    distributed.agree(error, f"the check of the cache folder {path}")
+    if distributed.from_rank0(done):
+        return _result(path, resumed=len(_read_manifest(path)["shards"]))
+    sub = rank_folder(path, rank, world)
+    if rank != 0:
+        path.mkdir(parents=True, exist_ok=True)
+    mine = rank_token_batches(token_batches, token_filter, max_rows, rank, world)
+    try:
+        res = _write_cache(
+            model, mine, names, sub, {**wanted, "rank": rank, "world": world},
+            dtype=dtype, shard_rows=shard_rows, token_filter=token_filter, max_rows=None,
+            model_name=model_name, overwrite=False,
+            progress=None if progress is None else (lambda n: progress(n * world)),
+        )  # fmt: skip
+    except (ValueError, OSError) as err:
+        error = err
+    distributed.agree(error, f"writing its part of the cache {path}")
+    if rank == 0:
+        _merge_ranks(path, world, model_name)
+    distributed.barrier(f"the merge of the cache {path}")
+    if not (path / MANIFEST).is_file():  # ranks simulated in one process (no group): rank 0 merges last
+        return res
+    return _result(path, resumed=res.resumed_from_shard)
+
+
+def _prepare_sharded(path: Path, wanted: dict[str, Any], world: int, overwrite: bool) -> bool:
+    """Rank 0, before any rank writes: True if ``path`` already holds this finished cache. Refuses an
+    unfinished cache being written by another number of processes, saying how to finish it."""
+    if overwrite and path.is_dir():
+        if (path / RANKS).is_dir():
+            shutil.rmtree(path / RANKS)
+        _existing_cache(path, overwrite=True)
+        return False
+    manifest = _read_manifest(path) if (path / MANIFEST).is_file() else None
+    if manifest is not None:
+        _check_same_cache(path, manifest, wanted)
+        if manifest.get("complete"):
+            return True  # a finished cache is read by any number of processes
+        if world > 1:
+            raise ValueError(
+                f"the unfinished cache at {path} is being written by one process: finish it with the same "
+                f"command without torchrun, or --overwrite (overwrite=True) to start again with {world} processes"
+            )
+    worlds = _worlds_in(path)
+    if worlds and worlds != {world}:
+        was = max(worlds)
+        raise ValueError(
+            f"the unfinished cache at {path} is being written by {was} processes ({path / RANKS}/rank_*_of_"
+            f"{was:05d}); this run has {world}: finish it with the same command under torchrun with {was} "
+            f"processes in all (--nnodes x --nproc_per_node = {was}), or --overwrite (overwrite=True) to start "
+            f"again with {world}"
+        )
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a cache folder: choose another output folder")
+    if path.is_dir() and not worlds:
+        strangers = [p for p in path.iterdir() if p.name != RANKS and not _ours(p)]
+        if strangers:
+            raise ValueError(f"{path} is not empty and is not an activation cache: choose another folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _merge_ranks(path: Path, world: int, model_name: str | None) -> None:
+    """Rank 0: the manifest of the whole cache, every rank's shards in rank order (paths relative to ``path``)."""
+    parts = [_read_manifest(rank_folder(path, r, world)) for r in range(world)]
+    shards = []
+    for r, part in enumerate(parts):
+        rel = rank_folder(path, r, world).relative_to(path).as_posix()
+        shards += [{**sh, "file": f"{rel}/{sh['file']}", "rank": r} for sh in part["shards"]]
+    identity = {k: v for k, v in parts[0]["identity"].items() if k not in ("rank", "world")}
+    hooks: dict[str, int] = {}
+    for part in parts:
+        hooks.update(part["hooks"])
+    manifest = {
+        "kind": KIND.value,
+        "version": STORE_VERSION,
+        "model": parts[0]["model"] if model_name is None else {"name": model_name},
+        "identity": identity,
+        "hooks": hooks,
+        "dtype": parts[0]["dtype"],
+        "shards": shards,
+        "world": world,
+        "complete": True,
+    }
+    write_json(path / MANIFEST, KIND, manifest)
+
+
+def _result(path: Path, resumed: int) -> CacheResult:
+    manifest = _read_manifest(path)
+    shards = manifest["shards"]
+    return CacheResult(
+        path=path,
+        rows=sum(s["rows"] for s in shards),
+        shards=len(shards),
+        bytes_on_disk=sum((path / s["file"]).stat().st_size for s in shards),
         resumed_from_shard=resumed,
     )
 
@@ -300,44 +508,80 @@ class DiskActivationStore:
         chunk_rows: int = 1024,
         mix_chunks: int = 64,
         dtype: torch.dtype = torch.float32,
+        rank: int | None = None,
+        world: int | None = None,
+        start: int = 0,
     ) -> Iterator[ActivationBatch]:
         """Batches ``{hook: [batch_size, d]}``. Shuffling permutes chunks of ``chunk_rows`` rows across all
         shards, gathers ``mix_chunks`` chunks at a time and permutes their rows, so memory stays at
         ``chunk_rows * mix_chunks`` rows while every batch mixes many shards. NaN/inf raise
-        `ActivationDataError` naming the shard and row."""
+        `ActivationDataError` naming the shard and row.
+
+        Under torchrun (or with ``rank`` and ``world``) ``batch_size`` is the global batch: each rank gets its
+        contiguous ``batch_size // world`` rows of every batch one process would get, reading only those, so
+        the ranks together read each row of the one-process stream exactly once (and a resume that skips the
+        first n batches skips the same rows on every rank). ``start=n`` begins at batch n without reading the
+        n before it (a resume: `SkippableBatches`)."""
         hooks = list(self.hooks) if hooks is None else [_canon(h) for h in hooks]
         for h in hooks:
             if h not in self.hooks:
                 raise KeyError(f"{self.path} has no activations for {h!r}; it holds {list(self.hooks)}")
+        rank, world = _rank_world(rank, world)
+        if batch_size <= 0 or batch_size % world:
+            lower, upper = batch_size // world * world, -(-batch_size // world) * world
+            raise ValueError(
+                f"batch size {batch_size} does not divide over {world} processes: each rank takes an equal part "
+                f"of every batch; use a multiple of {world} (e.g. {lower or upper} or {upper})"
+            )
+        part = batch_size // world
+        starts = [0]
+        for sh in self.shards:
+            starts.append(starts[-1] + sh["rows"])
         chunks = [
             (s, start, min(start + chunk_rows, sh["rows"]))
             for s, sh in enumerate(self.shards)
             for start in range(0, sh["rows"], chunk_rows)
         ]
+        bounds = torch.tensor(starts[1:-1], dtype=torch.long)
         g = torch.Generator().manual_seed(seed)
+        served = 0
         for _ in range(epochs):
             order = torch.randperm(len(chunks), generator=g).tolist() if shuffle else list(range(len(chunks)))
-            carry: dict[str, Tensor] | None = None
+            carry = torch.zeros(0, dtype=torch.long)
             for group_start in range(0, len(order), mix_chunks):
                 group = [chunks[i] for i in order[group_start : group_start + mix_chunks]]
-                parts = {h: [self._read(c, h, dtype) for c in group] for h in hooks}
-                merged = {h: torch.cat(v) for h, v in parts.items()}
-                if carry is not None:
-                    merged = {h: torch.cat([carry[h], merged[h]]) for h in hooks}
-                n = merged[hooks[0]].shape[0]
+                merged = torch.cat(
+                    [carry] + [torch.arange(starts[s] + a, starts[s] + b) for s, a, b in group]
+                )
+                n = merged.shape[0]
                 if shuffle:
-                    perm = torch.randperm(n, generator=g)
-                    merged = {h: v[perm] for h, v in merged.items()}
+                    merged = merged[torch.randperm(n, generator=g)]
                 full = n // batch_size
                 for i in range(full):
-                    yield {h: v[i * batch_size : (i + 1) * batch_size] for h, v in merged.items()}
-                carry = {h: v[full * batch_size :] for h, v in merged.items()}
+                    served += 1
+                    if served <= start:
+                        continue  # a resume: the index is kept in step, no row is read
+                    lo = i * batch_size + rank * part
+                    yield self._gather(merged[lo : lo + part], bounds, starts, hooks, dtype)
+                carry = merged[full * batch_size :]
 
-    def _read(self, chunk: tuple[int, int, int], hook: str, dtype: torch.dtype) -> Tensor:
-        s, start, stop = chunk
-        block = self.shard(s, hook)[start:stop].to(dtype)
-        _check_finite(block, f"{self.shards[s]['file']} ({hook})", start)
-        return block
+    def _gather(
+        self, rows: Tensor, bounds: Tensor, starts: list[int], hooks: list[str], dtype: torch.dtype
+    ) -> ActivationBatch:
+        """The cache rows ``rows`` (global indices, in this order), read shard by shard in ascending order."""
+        shard_of_row = torch.bucketize(rows, bounds, right=True)
+        out = {h: torch.empty(rows.shape[0], self.hooks[h], dtype=dtype) for h in hooks}
+        for s in shard_of_row.unique().tolist():
+            where = (shard_of_row == s).nonzero().squeeze(1)
+            local, order = (rows[where] - starts[s]).sort()
+            dest = where[order]
+            for h in hooks:
+                block = self.shard(s, h)[local].to(dtype)
+                if not torch.isfinite(block).all():
+                    bad = int((~torch.isfinite(block)).reshape(block.shape[0], -1).any(-1).nonzero()[0, 0])
+                    _check_finite(block[bad : bad + 1], f"{self.shards[s]['file']} ({h})", int(local[bad]))
+                out[h][dest] = block
+        return out
 
     def validate(self) -> None:
         """Scan every shard for NaN/inf and for rows/widths that disagree with the manifest."""

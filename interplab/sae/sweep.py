@@ -13,22 +13,43 @@ their `SAETrainConfig`s and `train_sweep` trains them into a run folder (resumab
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from interplab.hooks import Site
 from interplab.integrity import module_fingerprint
 from interplab.plots import save_figure
-from interplab.sae.activations import ActivationBatch, ActivationStream, corpus_token_batches
+from interplab.runs import LOG, SAES, TRAIN_SUMMARY, read_json
+from interplab.sae import resume as resume_lib
+from interplab.sae.activations import (
+    ActivationBatch,
+    ActivationStream,
+    SkippableBatches,
+    corpus_token_batches,
+)
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, SAEConfig
 from interplab.sae.disk_store import DiskActivationStore
+from interplab.sae.io import load_sae
 from interplab.sae.registry import create_sae
 from interplab.sae.train import SAETrainConfig, SAETrainProgress, SAETrainResult, train_saes
-from interplab.train.distributed import is_main
+from interplab.train.distributed import (
+    agree,
+    all_reduce_sum,
+    barrier,
+    is_main,
+    shard_of,
+    single_process,
+    world_size,
+)
+from interplab.train.distributed import rank as _rank
+from interplab.train.log import read_log
 
 if TYPE_CHECKING:
     from interplab.model import Transformer
@@ -176,10 +197,27 @@ def canonical_hooks(hooks: Sequence[str]) -> list[str]:
 
 
 def cache_source(
-    cache_dir: str | Path, hooks: Sequence[str], *, batch_size: int, steps: int, seed: int = 0
+    cache_dir: str | Path,
+    hooks: Sequence[str],
+    *,
+    batch_size: int,
+    steps: int,
+    seed: int = 0,
+    spread: bool = False,
 ) -> ActivationSource:
-    """Batches of a cache written by `cache_activations`, enough epochs for ``steps`` steps, shuffled by ``seed``."""
+    """Batches of a cache written by `cache_activations`, enough epochs for ``steps`` steps, shuffled by ``seed``.
+
+    Under torchrun ``batch_size`` is the global batch and each rank reads its ``batch_size // world`` rows of
+    every batch (`DiskActivationStore.batches`): every row once, as one process reads it. ``spread=True``
+    (a sweep spread over ranks, `train_sweep`): every rank reads every row of every batch."""
     cache_dir = Path(cache_dir)
+    world = 1 if spread else world_size()
+    if batch_size % world:
+        lower, upper = batch_size // world * world, -(-batch_size // world) * world
+        raise ValueError(
+            f"--batch {batch_size} does not divide over {world} processes (each takes an equal part of every "
+            f"batch): use a multiple of {world}, e.g. --batch {lower or upper} or --batch {upper}"
+        )
     store = DiskActivationStore(cache_dir)
     names = canonical_hooks(hooks)
     missing = [h for h in names if h not in store.hooks]
@@ -190,9 +228,14 @@ def cache_source(
             f"--batch {batch_size} is more than the {store.rows:,} rows in {cache_dir}; use --batch <= {store.rows}"
         )
     widths = {h: store.hooks[h] for h in names}
+    ranks: dict[str, Any] = {"rank": 0, "world": 1} if spread else {}
     epochs = -(-steps * batch_size // max(store.rows, 1))
     return ActivationSource(
-        batches=store.batches(batch_size, hooks=list(widths), epochs=epochs, seed=seed),
+        batches=SkippableBatches(
+            lambda start: store.batches(
+                batch_size, hooks=list(widths), epochs=epochs, seed=seed, start=start, **ranks
+            )
+        ),
         widths=widths,
         model_name=(store.manifest.get("model") or {}).get("name"),
         data={
@@ -214,10 +257,21 @@ def model_source(
     seq_len: int,
     batch_size: int,
     seed: int = 0,
+    spread: bool = False,
 ) -> ActivationSource:
     """Activations streamed from ``model`` (loaded from ``model_path``) over ``corpus``, cycled for as long as
     the run needs, through a shuffling buffer of at least 8 batches; ``seed`` draws the order of the corpus's
-    sequences and the buffer's shuffles."""
+    sequences and the buffer's shuffles.
+
+    Under torchrun each rank streams every world-th token batch (disjoint shares of the corpus) and serves
+    ``batch_size // world`` rows per step (the global batch is ``batch_size``): not the same rows per step as
+    one process (each rank shuffles its own buffer), each token once per pass. ``spread=True``: every rank
+    streams everything (a sweep spread over ranks)."""
+    world, rank = (1, 0) if spread else (world_size(), _rank())
+    if batch_size % world:
+        raise ValueError(
+            f"--batch {batch_size} does not divide over {world} processes: use a multiple of {world}"
+        )
     shapes = model.hook_shapes(batch=1, pos=2)
     widths = {}
     for h in canonical_hooks(hooks):
@@ -225,14 +279,19 @@ def model_source(
             model.hook_registry.resolve(h)  # raises the model's own error (layer count, suggestions)
         widths[h] = int(shapes[h][-1]) if len(shapes[h]) == 3 else int(shapes[h][-2] * shapes[h][-1])
     data = corpus_token_batches(model, corpus, seq_len=seq_len, batch_size=max(1, 4096 // seq_len), seed=seed)
+    if len(data.batches) < world:
+        raise ValueError(
+            f"{corpus!r} gives {len(data.batches)} token batches, fewer than the {world} processes: use fewer "
+            "processes, a longer corpus or a shorter --seq-len"
+        )
     batches = ActivationStream(
         model,
-        _cycle(data.batches),
+        _cycle(data.batches[rank::world]),
         list(widths),
-        batch_size=batch_size,
+        batch_size=batch_size // world,
         buffer_tokens=max(8 * batch_size, 65536),
         token_filter=data.token_filter,
-        seed=seed,
+        seed=seed + rank,  # each rank's buffer shuffles its own rows
     )
     return ActivationSource(
         batches=batches,
@@ -284,23 +343,118 @@ def train_sweep(
     resume: bool = True,
     overwrite: bool = False,
     stop_after: int | None = None,
+    spread: bool = False,
 ) -> SAETrainResult:
     """Train ``plan``'s SAEs on ``source`` into ``run_dir`` (see `train_saes` for resuming, overwriting and
-    ``stop_after``); a finished run also gets its training curves, ``training_{metric}.html``."""
+    ``stop_after``); a finished run also gets its training curves, ``training_{metric}.html``.
+
+    Under torchrun every SAE trains data-parallel, unless ``spread=True``: then the sweep is spread over the
+    ranks (`spread_names`: rank r trains SAEs r, r + world, ... of the plan, each alone on all the data, from
+    a ``source`` made with ``spread=True``), each rank into its own resumable ``ranks/rank_R_of_W/`` run, and
+    rank 0 collects the SAEs, log rows and summary into ``run_dir`` as one process writes them (the same
+    numbers: the SAEs of a sweep never interact)."""
     run_dir = Path(run_dir)
-    result = train_saes(
-        plan.saes,
-        source.batches,
-        plan.train,
-        run_dir=run_dir,
-        progress=progress,
-        data=source.data,
-        resume=resume,
-        overwrite=overwrite,
-        stop_after=stop_after,
-        keep_checkpoints=cfg.keep_checkpoints,
-    )
+    if spread and world_size() > 1:
+        result = _train_spread(plan, source, cfg, run_dir, progress, resume, overwrite, stop_after)
+    else:
+        result = train_saes(
+            plan.saes,
+            source.batches,
+            plan.train,
+            run_dir=run_dir,
+            progress=progress,
+            data=source.data,
+            resume=resume,
+            overwrite=overwrite,
+            stop_after=stop_after,
+            keep_checkpoints=cfg.keep_checkpoints,
+        )
     if not result.stopped and is_main():
         for metric in TRAINING_PLOTS:
             save_figure(result.plot(metric), run_dir / f"training_{metric}.html")
+    return result
+
+
+#: the folder of a spread sweep's per-rank runs (checkpoints, logs), inside the sweep's run folder
+RANKS = "ranks"
+
+
+def spread_names(names: Sequence[str], rank: int, world: int) -> list[str]:
+    """The SAEs rank ``rank`` of ``world`` trains in a sweep spread over ranks: every ``world``-th, from
+    ``rank`` (disjoint, every SAE once). Refuses more ranks than SAEs (a rank would have nothing to do)."""
+    if world > len(names):
+        raise ValueError(
+            f"a sweep of {len(names)} SAE(s) cannot be spread over {world} processes (one would idle): use at "
+            f"most {len(names)} processes, or train data-parallel (without --spread)"
+        )
+    return [names[i] for i in shard_of(len(names), rank, world)]
+
+
+def _train_spread(
+    plan: SweepPlan,
+    source: ActivationSource,
+    cfg: SAESweepConfig,
+    run: Path,
+    progress: Callable[[SAETrainProgress], None] | None,
+    resume: bool,
+    overwrite: bool,
+    stop_after: int | None,
+) -> SAETrainResult:
+    rank, world = _rank(), world_size()
+    names = list(plan.saes)
+    error: BaseException | None = None
+    try:
+        mine = spread_names(names, rank, world)
+        if rank == 0:
+            identity = resume_lib.run_identity(plan.saes, plan.train, source.data)
+            files = (*resume_lib._RUN_FILES, RANKS, TRAIN_SUMMARY)
+            resume_lib.claim_run(run, identity, resume=resume, overwrite=overwrite, files=files)
+    except (ValueError, OSError) as err:
+        error = err
+    agree(error, f"the check of the run folder {run}")
+    sub = run / RANKS / f"rank_{rank:05d}_of_{world:05d}"
+    try:
+        with single_process():  # this rank's SAEs alone: no collective inside
+            own = train_saes(
+                {n: plan.saes[n] for n in mine},
+                source.batches,
+                {n: plan.train[n] for n in mine},
+                run_dir=sub,
+                progress=progress if rank == 0 else None,
+                data=source.data,
+                resume=resume,
+                stop_after=stop_after,
+                keep_checkpoints=cfg.keep_checkpoints,
+            )
+    except (ValueError, OSError, FloatingPointError) as err:
+        error = err
+    agree(error, "training its SAEs of the sweep")
+    stopped = bool(all_reduce_sum(torch.tensor([int(own.stopped)])).item())
+    if rank == 0 and not stopped:
+        result = _collect_spread(run, names, world)
+    barrier(f"the collection of the sweep into {run}")
+    if rank != 0 or stopped:
+        return own
+    return result
+
+
+def _collect_spread(run: Path, names: list[str], world: int) -> SAETrainResult:
+    """Rank 0: the ranks' SAEs, log rows (in the order one process logs them: by step, then plan order) and
+    summary, written into ``run`` as a one-process sweep writes them."""
+    order = {n: i for i, n in enumerate(names)}
+    saes: dict[str, SAE] = {}
+    rows: list[dict[str, Any]] = []
+    tokens = steps = 0
+    for r in range(world):
+        sub = run / RANKS / f"rank_{r:05d}_of_{world:05d}"
+        summary = read_json(sub / TRAIN_SUMMARY)
+        tokens, steps = max(tokens, summary["tokens"]), max(steps, summary["steps"])
+        rows += [row for row in read_log(sub) if "sae" in row]
+        for n in names[r::world]:
+            saes[n] = load_sae(sub / SAES / n)
+    rows.sort(key=lambda row: (row["step"], order[row["sae"]]))
+    with open(run / LOG, "w") as log:  # the merged log replaces any earlier collection's
+        log.writelines(json.dumps(row) + "\n" for row in rows)
+    result = SAETrainResult(saes={n: saes[n] for n in names}, history=rows, tokens=tokens, steps=steps)
+    result.save(run)
     return result

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from interplab.runs import LOG, SAES, TRAIN_SUMMARY, Kind, write_json
 from interplab.sae import resume as resume_lib
-from interplab.sae.activations import ActivationBatch
+from interplab.sae.activations import ActivationBatch, SkippableBatches
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture
 from interplab.sae.disk_store import ActivationDataError
@@ -40,10 +40,12 @@ from interplab.sae.train_config import (
 from interplab.train.checkpoint import load_optimizer_state, optimizer_state
 from interplab.train.distributed import (
     all_reduce_grads,
+    all_reduce_mean,
     all_reduce_sum,
     barrier,
     broadcast_,
     is_main,
+    same_on_every_rank,
     world_size,
 )
 
@@ -231,11 +233,18 @@ def train_saes(
     step = start
     every = [t.cfg.checkpoint_every for t in trainers if t.cfg.checkpoint_every]
     try:
-        for batch in itertools.islice(batches, start, None):
-            if step >= stop:
-                break
+        # a resume starts at batch ``start`` (reading nothing before it where the source can: SkippableBatches)
+        # and never draws a batch past ``stop``
+        rest = (
+            batches.from_batch(start)
+            if isinstance(batches, SkippableBatches)
+            else itertools.islice(batches, start, None)
+        )
+        for batch in itertools.islice(rest, max(stop - start, 0)):
             _check_input(batch, step, batches)
             n_tok = next(iter(batch.values())).shape[0]
+            if step == start:  # tokens count n_tok * world: exact only when every rank's batch has n_tok rows
+                same_on_every_rank(n_tok, "the rows per batch")
             for t in trainers:
                 if step < t.cfg.total_steps:
                     _step(t, batch, step)
@@ -328,7 +337,12 @@ def _step(t: _Trainer, batch: ActivationBatch, step: int) -> None:
     t.steps_done = step + 1
     t.last_batch = (x, target)
     if t.dead_handling is DeadHandling.RESAMPLE and cfg.resamples_at(step + 1):
+        any_dead = bool(t.dead_mask().any())  # the same on every rank (firing counts are all-reduced)
         resample_dead(t, x, target)
+        if any_dead and world_size() > 1:
+            # each rank drew from its own rows: every rank takes rank 0's new latents (and their Adam moments)
+            moments = [v for p in sae.parameters() for v in t.opt.state.get(p, {}).values() if v.ndim]
+            broadcast_([*sae.parameters(), *moments])
     if step + 1 == cfg.total_steps:
         t.final_metrics = evaluate_returned(sae, x, target)
     if not sample:
@@ -426,11 +440,25 @@ def evaluate_returned(sae: SAE, x: Tensor, target: Tensor | None = None) -> dict
     out = sae(x.float())
     tgt = (x if target is None else target).float()
     scale = float(sae.act_scale)
+    if world_size() > 1:
+        return _evaluate_over_ranks(out.reconstruction, tgt, out.feature_acts, scale)
     mse = float((out.reconstruction - tgt).pow(2).sum(-1).mean()) * scale**2
     var = float((tgt - tgt.mean(0)).pow(2).sum(-1).mean()) * scale**2
     acts = out.feature_acts
     assert acts is not None
     return {"mse": mse, "fvu": mse / max(var, 1e-12), "l0": float((acts != 0).sum(-1).float().mean())}
+
+
+def _evaluate_over_ranks(recon: Tensor, tgt: Tensor, acts: Tensor | None, scale: float) -> dict[str, float]:
+    """`evaluate_returned` over the union of every rank's batch (what one process reports on the whole batch)."""
+    assert acts is not None
+    n = all_reduce_sum(torch.tensor([float(tgt.shape[0])], dtype=torch.float64))
+    sq = all_reduce_sum((recon.double() - tgt.double()).pow(2).sum().reshape(1))
+    mean = all_reduce_sum(tgt.double().sum(0)) / n
+    dev = all_reduce_sum((tgt.double() - mean).pow(2).sum().reshape(1))
+    l0 = all_reduce_sum((acts != 0).sum().double().reshape(1))
+    mse, var = float(sq / n) * scale**2, float(dev / n) * scale**2
+    return {"mse": mse, "fvu": mse / max(var, 1e-12), "l0": float(l0 / n)}
 
 
 def _row_due(t: _Trainer, step: int) -> bool:
@@ -460,6 +488,10 @@ def _log_row(t: _Trainer, step: int, tokens: int) -> dict[str, Any]:
         "lr": t.cfg.lr_at(step - 1),
         "coefficient": t.coefficient_at(step - 1),
     }
+    if t.n and world_size() > 1:  # each rank summed its own rows: the row reports the mean over ranks
+        keys = list(t.sums)
+        means = all_reduce_mean(torch.tensor([t.sums[k] for k in keys], dtype=torch.float64))
+        t.sums = dict(zip(keys, means.tolist(), strict=True))
     if t.n:
         row.update({k: v / t.n for k, v in t.sums.items()})
     if t.final_metrics is not None:

@@ -34,7 +34,14 @@ from interplab.train.checkpoint import (
     save_checkpoint,
 )
 from interplab.train.config import Precision, TrainConfig
-from interplab.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from interplab.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    local_device,
+    shutdown,
+)
 from interplab.train.log import RunLog, read_log, truncate_log
 from interplab.train.sources import CorpusSource, Source, TaskSource, cosine_lr, make_source, rows_for
 
@@ -190,6 +197,7 @@ def train(
     token store), e.g. `interplab.data_attribution.record.RecordingCallback`."""
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else _default_device()
+    device = local_device(device)  # cuda:LOCAL_RANK under torchrun (one GPU per process)
     dist_info = init_distributed(device)
     notify = progress if (progress is not None and dist_info.main) else (lambda event: None)
     try:

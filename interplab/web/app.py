@@ -74,6 +74,11 @@ def templates() -> Jinja2Templates:
     return t
 
 
+def _url_database(url: str) -> str:
+    """The database name of a URL (``postgresql://u@h/layer3`` -> ``layer3``): what the app calls it."""
+    return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 class Resources:
     """Feature databases by name (a `FeatureReader` each, and a `FeatureWriter` for labels where it can be
     written), and the model / SAEs they were built from (loaded on first use)."""
@@ -91,7 +96,7 @@ class Resources:
             # the writer first (opening it migrates an older schema); none where the file cannot be written
             writer = label_writer(db, read_only=read_only)
             store = FeatureReader(db)
-            raw = str(db).rsplit("/", 1)[-1] if is_url(db) else Path(db).stem
+            raw = _url_database(str(db)) if is_url(db) else Path(db).stem
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", raw) or "db"  # a URL path segment: no ? # % / in it
             while name in self.stores:
                 name += "_"
@@ -281,6 +286,20 @@ def create_app(
         if f is None:
             raise HTTPException(404, f"database {db!r} has no firing feature")
         return RedirectResponse(f"/db/{db}/feature/{f}", status_code=303)
+
+    @app.get("/search", response_class=HTMLResponse)
+    def search_all(request: Request, q: SearchText = ""):
+        """Every served database searched at once (a database split by SAE or layer is served as several):
+        each hit named ``<database>/<feature>``, so equal feature indices of two databases never collide."""
+        hits: list[dict[str, Any]] = []
+        if q.strip():
+            for name, store in res.stores.items():
+                try:
+                    found = store.search_text(q.strip())
+                except ValueError as err:
+                    raise HTTPException(422, str(err)) from None
+                hits += [{**h, "db": name, "id": f"{name}/{h['feature']}"} for h in found]
+        return page(request, "search_all.html", q=q, hits=hits, dbs=list(res.stores))
 
     @app.get("/db/{db}/search", response_class=HTMLResponse)
     def search(request: Request, db: str, q: SearchText = "", token: SearchText = ""):

@@ -23,6 +23,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
+from interplab.features.clusters import MINILM, ExplanationClusters, cluster_explanations
 from interplab.features.database import ReadOnlyDatabase
 from interplab.features.feature_map import decoder_pca
 from interplab.features.reader import MAX_QUERY, FeatureNotFound
@@ -77,6 +78,7 @@ def add_routes(
     artifacts: Sequence[Artifact],
 ) -> None:
     maps: dict[str, list[list[float]]] = {}
+    models: dict[str, Any] = {}
     lock = threading.Lock()
 
     def coordinates(db: str) -> list[list[float]] | None:
@@ -100,11 +102,35 @@ def add_routes(
             maps[db] = cached
             return cached
 
+    clustered: dict[str, tuple[tuple[str, ...], ExplanationClusters]] = {}
+
+    def explanation_clusters(db: str, texts: tuple[str, ...]) -> ExplanationClusters:
+        """The clusters of the map's explanations: all-MiniLM-L6-v2 embeddings when the ``judge`` extra is
+        installed (the model `similar` uses), else TF-IDF; cached until the explanations change."""
+        with lock:
+            if db in clustered and clustered[db][0] == texts:
+                return clustered[db][1]
+            if "model" not in models:
+                try:
+                    models["model"] = sentence_model()
+                except ScorerError:
+                    models["model"] = None
+            model = models["model"]
+        embed = (lambda t: model.encode(t, normalize_embeddings=True)) if model is not None else None
+        found = cluster_explanations(texts, embed=embed, method=MINILM if embed else None)
+        with lock:
+            clustered[db] = (texts, found)
+        return found
+
     @app.get("/db/{db}/map", response_class=HTMLResponse)
-    def map_page(request: Request, db: str):
+    def map_page(
+        request: Request, db: str, colour: Annotated[str, Query(pattern="^(density|cluster)$")] = "density"
+    ):
         store = res.store(db)
         xy = coordinates(db)
-        points = []
+        points: list[list[Any]] = []
+        clusters: list[dict[str, Any]] | None = None
+        method, has_explanations = None, False
         if xy is not None:
             rows = {r["feature"]: r for r in store.list_features(limit=len(xy) + 1)}
             for f, (x, y) in enumerate(xy):
@@ -112,8 +138,28 @@ def add_routes(
                 if r is None:
                     continue
                 d = float(r["density"])
-                points.append([f, x, y, math.log10(d) if d > 0 else None, r["explanation"] or ""])
-        return page(request, "map.html", db=db, links=links(db), points=points, has_sae=xy is not None)
+                points.append([f, x, y, math.log10(d) if d > 0 else None, r["explanation"] or "", None])
+            explained = [p for p in points if p[4]]
+            has_explanations = bool(explained)
+            # clustering may load a sentence model (seconds): only when the cluster colouring is asked for
+            if explained and colour == "cluster":
+                found = explanation_clusters(db, tuple(p[4] for p in explained))
+                for p, c in zip(explained, found.labels, strict=True):
+                    p[5] = c
+                clusters = [{"name": n, "size": s} for n, s in zip(found.names, found.sizes, strict=True)]
+                method = found.method
+        return page(
+            request,
+            "map.html",
+            db=db,
+            links=links(db),
+            points=points,
+            clusters=clusters,
+            method=method,
+            colour=colour,
+            has_explanations=has_explanations,
+            has_sae=xy is not None,
+        )
 
     # ---- lists ----------------------------------------------------------------------------------
     def list_or_404(db: str, list_id: int) -> dict[str, Any]:
@@ -198,7 +244,6 @@ def add_routes(
 
     # ---- search by embedding similarity of explanations ---------------------------------------------
     embedded: dict[str, tuple[tuple[str, ...], list[int], Any]] = {}
-    models: dict[str, Any] = {}
 
     def similar(db: str, query: str, limit: int = 50) -> list[dict[str, Any]]:
         """Features whose explanation (label) is nearest to ``query`` in all-MiniLM-L6-v2's embedding (the
@@ -209,7 +254,7 @@ def add_routes(
         if not texts:
             return []
         with lock:
-            if "model" not in models:
+            if models.get("model") is None:
                 models["model"] = sentence_model()
             model = models["model"]
             if db not in embedded or embedded[db][0] != texts:

@@ -162,6 +162,7 @@ def run_view(art: Artifact) -> dict[str, Any]:
         "curves": chart_group(log),
         "report_curves": chart_group(series),
         "formation": formation,
+        "diffs": [diff_view(p, path, root) for p in sorted((path / runs.DIFFS).glob(f"*/{runs.DIFF_JSON}"))],
         "checkpoints": [_checkpoint_step(p) for p in parts["checkpoints"]],
         "final": [_rel(p, path) for p in parts["final"]],
         "saes": sae_views(parts, path, root),
@@ -282,6 +283,52 @@ def _to_float(v: Any) -> float | int | None:
     except (TypeError, ValueError):
         return None
     return int(x) if x.is_integer() else x
+
+
+def diff_view(p: Path, base: Path, root: Path) -> dict[str, Any]:
+    """A model diff of two of the run's checkpoints (``diffs/<name>/diff.json`` of `interplab sae diff`): its
+    counts, whether it brackets the formation step, and the latents leaning most towards the later checkpoint
+    (the new ones first) with their strongest held-out contexts."""
+    data = read_json(p, root)
+    data = data if isinstance(data, dict) else {}
+    rel = _list(data.get("relative_norm"))
+    labels = _list(data.get("labels"))
+    cos = _list(data.get("cosine"))
+    examples = _dict(data.get("examples"))
+    latents = []
+    for i in _list(data.get("leaning_new"))[:20]:
+        if not isinstance(i, int) or not 0 <= i < len(rel):
+            continue
+        ex = [e for e in _list(examples.get(str(i))) if isinstance(e, dict)][:3]
+        latents.append(
+            {
+                "latent": i,
+                "label": _text(labels[i] if i < len(labels) else "", 20),
+                "relative_norm": _number(rel[i]),
+                "cosine": _number(cos[i]) if i < len(cos) else None,
+                "examples": [
+                    {"context": _text(e.get("context"), 200), "act": _number(e.get("act"))} for e in ex
+                ],
+            }
+        )
+    formation = _dict(data.get("formation"))
+    folder = p.parent
+    html = folder / "relative_norm.html"
+    return {
+        "where": _rel(folder, base),
+        "before": _text(data.get("before"), 200),
+        "after": _text(data.get("after"), 200),
+        "counts": {k: _number(v) for k, v in _dict(data.get("counts")).items() if isinstance(k, str)},
+        "fvu": _number(data.get("fvu")),
+        "formation_step": _number(formation.get("formation_step")),
+        "brackets": formation.get("brackets") is True,
+        "latents": latents,
+        "plot": _rel(html, base) if _is_file(html, root) else None,
+    }
+
+
+def _list(v: Any) -> list:
+    return v if isinstance(v, list) else []
 
 
 def sae_views(parts: dict[str, list[Path]], base: Path, root: Path) -> list[dict[str, Any]]:

@@ -14,6 +14,14 @@ VARIANTS = {
     },
     "smear-attn-only": {"positional": "rotary", "smear_keys": True, "attn_only": True},
     "parallel": {"parallel_attn_mlp": True, "positional": "rotary"},
+    "qk-norm-no-pre-norms": {  # OLMo-2's shape
+        "positional": "rotary",
+        "normalization": "rmsnorm",
+        "qk_norm": "full",
+        "pre_norms": False,
+        "post_norms": True,
+        "rotary_bases": (10.0, 1e4),
+    },
 }
 
 

@@ -17,6 +17,12 @@ VARIANTS = {
     "mqa-post-norms-bidirectional": dict(
         n_kv_heads=1, post_norms=True, normalization="rmsnorm", causal=False
     ),
+    "qk-norm-rotary-bases": dict(
+        n_kv_heads=2, positional="rotary", normalization="rmsnorm", qk_norm="head", rotary_bases=(10.0, 1e4)
+    ),
+    "olmo-no-pre-norms": dict(
+        positional="rotary", normalization="rmsnorm", qk_norm="full", pre_norms=False, post_norms=True
+    ),
 }
 
 

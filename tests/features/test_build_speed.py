@@ -15,14 +15,15 @@ def reference_digest(feature_row: dict, context_rows: list[dict]) -> str:
     """The digest as schema version 3 defined it: each row's normalised ``repr`` tuple hashed in turn."""
 
     def stored(col, value):
+        kind = getattr(col.type, "impl_instance", col.type)  # what a TypeDecorator stores
         if value is None:
             return None
-        if isinstance(col.type, Float):
+        if isinstance(kind, Float):
             value = float(value) + 0.0
             return None if math.isnan(value) else value
-        if isinstance(col.type, Integer):
+        if isinstance(kind, Integer):
             return int(value)
-        if isinstance(col.type, LargeBinary):
+        if isinstance(kind, LargeBinary):
             return bytes(value)
         return str(value)
 

@@ -184,3 +184,24 @@ def test_build_and_steer_take_a_training_run_as_the_model(tmp_path, model, token
     steer = ["features", "steer", "--model", str(run), "--sae", str(run), "--name", "b", "--feature", "1"]
     r = runner.invoke(app, [*steer, "--value", "0", "--prompt", "1 2 3", "--max-new-tokens", "2"])
     assert r.exit_code == 0, r.output
+
+
+def test_build_window_option_sets_the_stored_context_length(tmp_path, model, tokens):
+    """``--window 9,3`` stores windows of 9 + 1 + 3 tokens around each peak (the meta and every top context
+    say so); a malformed value is refused naming it."""
+    from safetensors.torch import save_file
+
+    sae = _real_sae(32, 8, "blocks.0.hook_resid_post")
+    model.save(tmp_path / "model")
+    sae.save(tmp_path / "sae")
+    save_file({"tokens": tokens}, str(tmp_path / "tokens.safetensors"))
+    args = ["features", "build", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"),
+            "--tokens", str(tmp_path / "tokens.safetensors"), "--out", str(tmp_path / "w.db"), "--no-loss-effect"]  # fmt: skip
+    r = runner.invoke(app, [*args, "--window", "9,3"])
+    assert r.exit_code == 0, r.output
+    with FeatureReader(tmp_path / "w.db") as store:
+        assert store.meta()["window_left"] == 9
+        f = next(row["feature"] for row in store.list_features(limit=8) if row["density"] > 0)
+        assert {len(c["tokens"]) for c in store.feature(f)["top"]} == {13}
+    bad = runner.invoke(app, [*args, "--window", "9"])
+    assert bad.exit_code != 0 and "--window '9'" in bad.output and "LEFT,RIGHT" in bad.output

@@ -4,7 +4,6 @@ search, the CLI and the feature pages, on the planted SAE whose feature j fires 
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -20,7 +19,7 @@ from interplab.features.explain import (
 )
 from interplab.features.llm import CachedBackend, LLMError, OpenAIBackend
 from interplab.features.reader import FeatureReader
-from interplab.features.writer import FeatureWriter
+from interplab.features.writer import FeatureWriter, copy_database
 from tests.features.llm_server import LLMServer
 from tests.features.test_llm import KEY_ENV, planted_db_fixture  # noqa: F401  (the planted_db fixture)
 
@@ -142,7 +141,7 @@ def test_cached_responses_make_a_rerun_free(server, planted_db, tmp_path):
         assert len(explain_features(w, LLMExplainer(cached, prompt_version="again"))) == 4
         assert server.n_requests == 4 and (cached.hits, cached.misses) == (4, 0)
     copy = tmp_path / "copy.db"
-    shutil.copy(planted_db, copy)  # the cache travels with the database
+    copy_database(planted_db, copy)  # the cache travels with the database (onto another backend too)
     with FeatureWriter(copy) as w:
         explain_features(w, LLMExplainer(CachedBackend(llm(server), w), prompt_version="copy"))
     assert server.n_requests == 4
@@ -251,16 +250,18 @@ def test_feature_pages_and_search_show_explanations_with_scores(planted_db):
         w.add_explanation(
             1, "the <b>one</b> token", explainer="llm", backend="openai:m@h", prompt_version="v"
         )
-    client = TestClient(create_app([planted_db]), base_url="http://127.0.0.1")
-    page = client.get("/db/f/feature/1").text
+    app = create_app([planted_db])
+    client = TestClient(app, base_url="http://127.0.0.1")
+    (db,) = app.state.resources.stores  # "f" for f.db, the database's name for a URL
+    page = client.get(f"/db/{db}/feature/1").text
     assert 'id="explanations"' in page and "the &lt;b&gt;one&lt;/b&gt; token" in page  # escaped
     assert "baseline:token-enrichment" in page and "built-in baseline: no LLM configured" in page
     assert "correlation <b>1</b>" in page and "not scored" in page
-    r = client.get("/db/f/search", params={"q": "fires"})
+    r = client.get(f"/db/{db}/search", params={"q": "fires"})
     assert r.status_code == 200 and 'id="explanation-hits"' in r.text
     assert all(f"feature {f}</a></td><td>fires on" in r.text for f in range(4))
-    api = client.get("/api/db/f/feature/1/explanations").json()
+    api = client.get(f"/api/db/{db}/feature/1/explanations").json()
     assert [e["text"] for e in api] == ["fires on '#1'", "the <b>one</b> token"]  # oldest first
-    hits = client.get("/api/db/f/explanations", params={"q": "one token"}).json()
+    hits = client.get(f"/api/db/{db}/explanations", params={"q": "one token"}).json()
     assert [h["feature"] for h in hits] == [1]
-    assert client.get("/api/db/f/feature/99/explanations").status_code == 404
+    assert client.get(f"/api/db/{db}/feature/99/explanations").status_code == 404

@@ -21,15 +21,16 @@ HI = [{"role": "user", "content": "say hello to the test"}]
 
 
 @pytest.fixture(name="planted_db")
-def planted_db_fixture(tmp_path):
-    """A feature database of the planted SAE whose feature j fires exactly on token j (4 features)."""
+def planted_db_fixture(feature_db):
+    """A feature database of the planted SAE whose feature j fires exactly on token j (4 features), on each
+    backend (a SQLite file, a PostgreSQL URL)."""
     from interplab.features import FeatureBuildConfig
     from interplab.features.build import build_feature_db
     from tests.features.planted import planted_sae, tiny_model
 
     model = tiny_model()
     tokens = torch.randint(0, 40, (24, 16), generator=torch.Generator().manual_seed(1))
-    path = tmp_path / "f.db"
+    path = feature_db("f.db")
     cfg = FeatureBuildConfig(top_k=4, n_samples=4, window_left=3, batch_size=8)
     build_feature_db(path, model, planted_sae(model, 4), tokens, cfg)
     return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import sqlite3
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from interplab.features.scorers import (
     score_features,
     scorer_rng,
 )
-from interplab.features.writer import FeatureWriter
+from interplab.features.writer import FeatureWriter, copy_database
 from tests.features.planted import planted_sae, tiny_model
 
 
@@ -39,11 +38,10 @@ def planted(tmp_path_factory):
 
 
 @pytest.fixture
-def db(planted, tmp_path):
-    """A fresh copy of the planted database (tests write scores into it)."""
-    copy = tmp_path / "planted.db"
-    with FeatureReader(planted.path) as r:
-        r.engine.raw_connection().driver_connection.backup(sqlite3.connect(copy))
+def db(planted, feature_db):
+    """A fresh copy of the planted database (tests write scores into it), on each backend."""
+    copy = feature_db("planted.db")
+    copy_database(planted.path, copy)
     return copy
 
 

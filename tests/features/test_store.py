@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 
@@ -13,7 +14,7 @@ from interplab.features import FeatureBuildConfig
 from interplab.features.build import build_feature_db
 from interplab.features.database import ReadOnlyDatabase, sqlite_engine
 from interplab.features.reader import FeatureNotFound, FeatureReader
-from interplab.features.writer import FeatureWriter, label_writer
+from interplab.features.writer import FeatureWriter, label_writer, state_dir
 from interplab.integrity import IntegrityError
 from interplab.runs import VERSIONS, Kind, read_json
 from tests.features.planted import make_sae, planted_sae
@@ -28,10 +29,11 @@ def _sae():
     return make_sae(32, 12)
 
 
-def test_planted_database_contents(tmp_path, model, tokens):
+def test_planted_database_contents(feature_db, model, tokens):
     sae = planted_sae(model, 10)
-    build_feature_db(tmp_path / "f.db", model, sae, tokens, CFG)
-    store = FeatureReader(tmp_path / "f.db")
+    db = feature_db("f.db")
+    build_feature_db(db, model, sae, tokens, CFG)
+    store = FeatureReader(db)
     assert store.n_features() == 10
     counts = torch.bincount(tokens.flatten(), minlength=40)
     for j in range(10):
@@ -47,12 +49,11 @@ def test_planted_database_contents(tmp_path, model, tokens):
     assert store.meta()["status"] == "complete"
 
 
-def test_building_twice_gives_the_same_database(tmp_path, model, tokens):
-    build_feature_db(tmp_path / "a.db", model, _sae(), tokens, CFG)
-    build_feature_db(
-        tmp_path / "b.db", model, _sae(), tokens, CFG.__class__(**{**CFG.to_dict(), "checkpoint_every": 0})
-    )
-    a, b = FeatureReader(tmp_path / "a.db").dump(), FeatureReader(tmp_path / "b.db").dump()
+def test_building_twice_gives_the_same_database(feature_db, model, tokens):
+    dbs = feature_db("a.db"), feature_db("b.db")
+    build_feature_db(dbs[0], model, _sae(), tokens, CFG)
+    build_feature_db(dbs[1], model, _sae(), tokens, CFG.__class__(**{**CFG.to_dict(), "checkpoint_every": 0}))
+    a, b = FeatureReader(dbs[0]).dump(), FeatureReader(dbs[1]).dump()
     a["meta"] = [r for r in a["meta"] if r[0] != "fingerprint"]
     b["meta"] = [r for r in b["meta"] if r[0] != "fingerprint"]
     assert a == b
@@ -60,9 +61,10 @@ def test_building_twice_gives_the_same_database(tmp_path, model, tokens):
 
 
 @pytest.mark.parametrize("per_pass, stop_at", [(0, 3), (5, 9)])
-def test_resuming_an_interrupted_build_gives_the_same_database(tmp_path, model, tokens, per_pass, stop_at):
+def test_resuming_an_interrupted_build_gives_the_same_database(feature_db, model, tokens, per_pass, stop_at):
     cfg = FeatureBuildConfig(**{**CFG.to_dict(), "features_per_pass": per_pass})
-    build_feature_db(tmp_path / "ref.db", model, _sae(), tokens, cfg)
+    ref, cut = feature_db("ref.db"), feature_db("cut.db")
+    build_feature_db(ref, model, _sae(), tokens, cfg)
     calls = []
 
     class Interrupted(Exception):
@@ -74,25 +76,30 @@ def test_resuming_an_interrupted_build_gives_the_same_database(tmp_path, model, 
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        build_feature_db(tmp_path / "cut.db", model, _sae(), tokens, cfg, progress=progress)
-    assert (tmp_path / "cut.db.build").is_dir()  # the streaming state was saved
-    report = build_feature_db(tmp_path / "cut.db", model, _sae(), tokens, cfg)
+        build_feature_db(cut, model, _sae(), tokens, cfg, progress=progress)
+    assert state_dir(cut).is_dir() and state_dir(cut) != state_dir(ref)  # the streaming state was saved
+    report = build_feature_db(cut, model, _sae(), tokens, cfg)
     assert report.passes_skipped == (1 if per_pass else 0)
-    assert FeatureReader(tmp_path / "cut.db").dump() == FeatureReader(tmp_path / "ref.db").dump()
-    assert not (tmp_path / "cut.db.build").exists()
+    assert FeatureReader(cut).dump() == FeatureReader(ref).dump()
+    assert not state_dir(cut).exists()
 
 
-def test_rebuild_with_other_settings_is_refused(tmp_path, model, tokens):
-    build_feature_db(tmp_path / "f.db", model, _sae(), tokens, CFG)
+def test_rebuild_with_other_settings_is_refused(feature_db, model, tokens):
+    db = feature_db("f.db")
+    build_feature_db(db, model, _sae(), tokens, CFG)
+    FeatureWriter(db).set_label(2, "from the first build")
     with pytest.raises(ValueError, match="overwrite"):
-        build_feature_db(tmp_path / "f.db", model, _sae(), tokens[:8], CFG)
-    build_feature_db(tmp_path / "f.db", model, _sae(), tokens[:8], CFG, overwrite=True)
-    assert FeatureReader(tmp_path / "f.db").meta()["fingerprint"]["n_tokens"] == 8 * 16
+        build_feature_db(db, model, _sae(), tokens[:8], CFG)
+    build_feature_db(db, model, _sae(), tokens[:8], CFG, overwrite=True)
+    store = FeatureReader(db)
+    assert store.meta()["fingerprint"]["n_tokens"] == 8 * 16
+    assert store.labels() == {} and store.n_features() == 12  # replaced, not added to
 
 
-def test_labels_search_and_navigation(tmp_path, model, tokens):
-    build_feature_db(tmp_path / "f.db", model, _sae(), tokens, CFG)
-    store, writer = FeatureReader(tmp_path / "f.db"), FeatureWriter(tmp_path / "f.db")
+def test_labels_search_and_navigation(feature_db, model, tokens):
+    db = feature_db("f.db")
+    build_feature_db(db, model, _sae(), tokens, CFG)
+    store, writer = FeatureReader(db), FeatureWriter(db)
     writer.set_label(3, "fires on closing brackets")
     assert store.feature(3)["label"]["explanation"] == "fires on closing brackets"
     assert [h["feature"] for h in store.search_text("brackets")] == [3]
@@ -253,15 +260,18 @@ def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, mod
 
 
 @pytest.mark.parametrize("loss_effect", [-0.0, float("nan"), 1e-300, None])
-def test_checksums_survive_what_sqlite_does_to_floats(tmp_path, loss_effect):
-    """SQLite stores -0.0 as 0 and NaN as NULL: the digest is over the stored values, so it still matches."""
-    store = FeatureWriter(tmp_path / "f.db", create=True)
+def test_checksums_survive_what_sqlite_does_to_floats(feature_db, loss_effect):
+    """SQLite stores -0.0 as 0 and NaN as NULL: the digest is over the stored values, so it still matches
+    (and PostgreSQL stores what SQLite does: the same values read back)."""
+    store = FeatureWriter(feature_db("f.db"), create=True)
     row = {"feature": 0, "n_fires": 1, "density": 0.5, "max_act": -0.0, "mean_act": 1 / 3}
     row.update(loss_effect=loss_effect, hist="[1]", logits="{}", cooc="[]", top_token=None)
     ctx = {"feature": 0, "kind": 0, "rank": 0, "token_index": 3, "act": -0.0, "center_token": 1}
     ctx.update(tokens=b"\x01\x00\x00\x00", acts=b"\x00\x00\x00\x80", text="x")
     store.write_features([row], [ctx])
-    assert store.reader().feature(0)["max_act"] == 0.0
+    rec = store.reader().feature(0)
+    assert rec["max_act"] == 0.0 and math.copysign(1, rec["max_act"]) == 1.0
+    assert rec["loss_effect"] == (None if loss_effect is None or loss_effect != loss_effect else loss_effect)
 
 
 def test_the_kind_and_version_come_from_the_run_contract_and_the_old_marker_still_opens(

@@ -50,7 +50,15 @@ def test_planted_edges_in_closed_form():
 
 
 @pytest.mark.parametrize(
-    "name", ["gpt2", "rotary_neox_rms_gated_gqa", "rotary_gptj_partial_parallel", "gemma_like"]
+    "name",
+    [
+        "gpt2",
+        "rotary_neox_rms_gated_gqa",
+        "rotary_gptj_partial_parallel",
+        "gemma_like",
+        "qk_norm_local_global",
+        "olmo_like",
+    ],
 )
 @pytest.mark.parametrize("cross_layer", [True, False])
 def test_edges_equal_the_hand_written_reference(name, cross_layer):

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from interplab.graphs.qk import qk_attribution
+from interplab.model import Transformer
 from tests.graphs.helpers import random_clt, variant_model
 from tests.graphs.planted import BOS, A, C, D, exact_transcoder, planted_model
+from tests.model.model_variants import VARIANTS, randomize
 
 
 def test_planted_score_is_c_against_a():
@@ -29,6 +31,29 @@ def test_parts_sum_to_the_score(name):
     qk = qk_attribution(model, clt, torch.randint(0, 23, (7,)), layer=1, head=1, query_pos=6, key_pos=3)
     torch.testing.assert_close(qk.total, torch.tensor(qk.score), atol=1e-4, rtol=1e-4)
     assert qk.pairs.abs().sum() > 0
+
+
+def test_parts_sum_to_the_score_with_a_rotary_base_per_layer():
+    model = Transformer(VARIANTS["rotary_neox_rms_gated_gqa"].replace(rotary_bases=(10.0, 3.0)))
+    randomize(model)
+    qk = qk_attribution(
+        model, random_clt(model, d_sae=6), torch.randint(0, 23, (7,)), layer=1, head=1, query_pos=6, key_pos=2
+    )
+    torch.testing.assert_close(qk.total, torch.tensor(qk.score), atol=1e-4, rtol=1e-4)
+
+
+def test_refuses_q_k_norms():
+    model = variant_model("qk_norm_local_global")
+    with pytest.raises(ValueError, match="qk_norm='head'"):
+        qk_attribution(
+            model,
+            random_clt(model),
+            torch.zeros(4, dtype=torch.long),
+            layer=0,
+            head=0,
+            query_pos=1,
+            key_pos=0,
+        )
 
 
 def test_refuses_what_is_not_bilinear():

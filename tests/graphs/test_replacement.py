@@ -17,11 +17,12 @@ ARCHS = [
     "bidirectional",
     "smeared_keys",
     "gemma_like",
+    "qk_norm_local_global",
 ]
+CASES = [(name, hook) for name in ARCHS for hook in (None, "blocks.{layer}.ln2.hook_normalized")]
 
 
-@pytest.mark.parametrize("name", ARCHS)
-@pytest.mark.parametrize("hook_in", [None, "blocks.{layer}.ln2.hook_normalized"])
+@pytest.mark.parametrize(("name", "hook_in"), [*CASES, ("olmo_like", None)])  # OLMo-2 has no ln2 to read
 def test_with_errors_equals_the_original(name, hook_in):
     model = variant_model(name)
     clt = random_clt(model, hook_in=hook_in)

@@ -45,6 +45,30 @@ VARIANTS: dict[str, ModelConfig] = {
         n_kv_heads=2,
         unembed_bias=True,
     ),
+    "qk_norm_local_global": ModelConfig(  # Qwen3 / Gemma-3: per-head q/k norms, a rotary base per layer
+        **_BASE,
+        positional="rotary",
+        normalization="rmsnorm",
+        gated_mlp=True,
+        act_fn="silu",
+        qk_norm="head",
+        rotary_bases=(10.0, 1000.0),
+        sliding_window=3,
+        sliding_layers=(0,),
+        post_norms=True,
+        n_kv_heads=2,
+    ),
+    "olmo_like": ModelConfig(  # OLMo-2: no pre-norms, post norms, q/k norms over all heads
+        **_BASE,
+        positional="rotary",
+        normalization="rmsnorm",
+        gated_mlp=True,
+        act_fn="silu",
+        pre_norms=False,
+        post_norms=True,
+        qk_norm="full",
+        n_kv_heads=2,
+    ),
 }
 
 

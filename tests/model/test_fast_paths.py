@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from interplab import load_model
-from interplab.model import Norm, Positional, Transformer
+from interplab.model import Norm, Positional, QKNorm, Transformer
 from interplab.model.attention import AttnContext, HeadInputs, apply_rotary, keep_fused_weights, rotary_tables
 from interplab.model.generate import generate
 from interplab.model.kv_cache import KVCache
@@ -29,6 +29,9 @@ B, P = 2, 7
 NAMES = sorted(VARIANTS)
 MODES = ["none", "read", "replace", "grad"]
 TOL = dict(atol=2e-5, rtol=1e-5)
+# a cached step multiplies [b, 1, d] by the weights where the full forward multiplies [b, p, d]: the kernels sum in
+# other orders, and on a model without norms the logits carry that float32 rounding (3.8e-5 seen on an AMD EPYC)
+KV_TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 # ---- the reference ------------------------------------------------------------------------------------
@@ -53,16 +56,24 @@ def reference_logits(model: Transformer, tokens: Tensor) -> Tensor:
     q_idx, k_idx = torch.arange(p)[:, None], torch.arange(p)[None, :]
     for layer, block in enumerate(model.blocks):
         attn = block.attn
-        x = norm(block.ln1, resid)
+        x = norm(block.ln1, resid) if cfg.pre_norms else resid
         q = torch.einsum("bpd,hde->bphe", x, attn.W_Q) + attn.b_Q
         k = torch.einsum("bpd,hde->bphe", x, attn.W_K) + attn.b_K
         v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
+        if cfg.qk_norm is not QKNorm.NONE:  # RMSNorm over each head, or over all heads at once
+            over = (-1,) if cfg.qk_norm is QKNorm.HEAD else (-2, -1)
+            q, k = (
+                t / torch.sqrt(t.pow(2).mean(over, keepdim=True) + cfg.norm_eps) * m.w
+                for t, m in ((q, attn.q_norm), (k, attn.k_norm))
+            )
         if cfg.smear_keys:
             gate = torch.sigmoid(attn.smear)[:, None]
             previous = torch.cat([torch.zeros_like(k[:, :1]), k[:, :-1]], dim=1)
             k = gate * k + (1 - gate) * previous
         if cfg.positional is Positional.ROTARY:
-            cos, sin = rotary_tables(cfg, positions, q.dtype)
+            cos, sin = rotary_tables(
+                cfg.replace(rotary_base=cfg.rotary_base_for(layer), rotary_bases=()), positions, q.dtype
+            )
             q, k = apply_rotary(q, cos, sin, cfg.rotary_style), apply_rotary(k, cos, sin, cfg.rotary_style)
         k = k.repeat_interleave(cfg.n_groups, dim=2)
         v = v.repeat_interleave(cfg.n_groups, dim=2)
@@ -84,7 +95,7 @@ def reference_logits(model: Transformer, tokens: Tensor) -> Tensor:
             resid = resid + attn_out
             continue
         mlp_in = resid if cfg.parallel_attn_mlp else resid + attn_out
-        h = norm(block.ln2, mlp_in)
+        h = norm(block.ln2, mlp_in) if cfg.pre_norms else mlp_in
         mlp = block.mlp
         pre = h @ mlp.W_in + mlp.b_in
         post = mlp.act(h @ mlp.W_gate) * pre if cfg.gated_mlp else mlp.act(pre)
@@ -203,7 +214,7 @@ def test_kv_cache_generation_gives_the_reference_logits(variant, mode):
         kv = model.new_kv_cache()
         steps = [run(model, tokens[:, :4], mode, kv_cache=kv)]
         steps += [run(model, tokens[:, i : i + 1], mode, kv_cache=kv) for i in range(4, tokens.shape[1])]
-    assert_close(torch.cat(steps, dim=1), expected, **TOL)
+    assert_close(torch.cat(steps, dim=1), expected, **KV_TOL)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "smeared_keys", "gemma_like"])

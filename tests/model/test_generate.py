@@ -52,7 +52,10 @@ def test_cached_generation_equals_uncached_generation(variant):
     assert torch.equal(fast.tokens, slow.tokens) and torch.equal(fast.attention_mask, slow.attention_mask)
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "rotary_neox_rms_gated_gqa", "smeared_keys", "gemma_like"])
+@pytest.mark.parametrize(
+    "variant",
+    ["gpt2", "rotary_neox_rms_gated_gqa", "smeared_keys", "gemma_like", "qk_norm_local_global", "olmo_like"],
+)
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant):
     model = make_model(variant)
     seqs, tokens, mask = prompt_batch(model.cfg.d_vocab)

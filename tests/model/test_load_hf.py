@@ -39,6 +39,34 @@ def _gemma2(**kw):
     return transformers.Gemma2Config(**cfg), transformers.Gemma2ForCausalLM
 
 
+def _phi3(**kw):
+    cfg = {
+        **SMALL,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **kw,
+    }
+    return transformers.Phi3Config(**cfg), transformers.Phi3ForCausalLM
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "rope_theta": 10000.0,
+}
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.3, 1.7, 2.5],
+    "long_factor": [1.0, 2.0, 4.0, 8.0],
+    "rope_theta": 10000.0,
+}
+
+
 def _gpt2(**kw):
     cfg = transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0, **kw
@@ -56,6 +84,10 @@ VARIANTS = {
     "llama-gqa-theta": lambda: _llama(num_key_value_heads=2, rope_theta=500.0),
     "llama-mqa-tied-head-dim": lambda: _llama(num_key_value_heads=1, tie_word_embeddings=True, head_dim=16),
     "llama-attention-bias": lambda: _llama(attention_bias=True),
+    "llama-mlp-attention-bias": lambda: _llama(
+        mlp_bias=True, attention_bias=True, num_key_value_heads=2, pretraining_tp=2
+    ),
+    "llama-rope-llama3": lambda: _llama(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
     "mistral-gqa": lambda: _mistral(num_key_value_heads=2),
     "mistral-sliding-window": lambda: _mistral(num_key_value_heads=2, sliding_window=5),
     "qwen2-gqa-bias": lambda: _qwen2(num_key_value_heads=2),
@@ -66,6 +98,12 @@ VARIANTS = {
         sliding_window=4,
         max_window_layers=1,
     ),
+    "phi3-mha": lambda: _phi3(),
+    "phi3-gqa-partial-rotary-sliding": lambda: _phi3(
+        num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=5
+    ),
+    # sequences of 20 > original 16 tokens: the long factors
+    "phi3-longrope": lambda: _phi3(original_max_position_embeddings=16, rope_parameters=LONGROPE),
     "gemma2-sliding": lambda: _gemma2(num_key_value_heads=2, sliding_window=6),
     "gemma2-untied-mqa": lambda: _gemma2(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=3),
 }
@@ -181,15 +219,6 @@ def test_nonexistent_path(tmp_path):
 def test_folder_without_weights(tmp_path):
     _make("gpt2").config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        load_model(tmp_path)
-
-
-def test_rope_scaling_is_refused(tmp_path):
-    cfg, _ = _llama()
-    d = cfg.to_dict()
-    d["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
-    (tmp_path / "config.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="rope scaling 'linear'"):
         load_model(tmp_path)
 
 

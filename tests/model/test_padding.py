@@ -16,6 +16,8 @@ VARIANTS = [
     "gemma_like",
     "bidirectional",
     "attn_only_nonorm_nopos",
+    "qk_norm_local_global",
+    "olmo_like",
 ]
 LENGTHS = [5, 2, 8]
 PAD = 0

@@ -37,8 +37,25 @@ ARCHS = {
         sliding_window=5,
         sliding_layers=(0,),
     ),
+    "layernorm-gated-gate-bias-yarn": dict(
+        gated_mlp=True,
+        gate_bias=True,
+        act_fn="silu",
+        positional="rotary",
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    ),
     "bidirectional-classifier": dict(causal=False, d_vocab_out=3, act_fn="relu", unembed_bias=True),
     "smeared-keys": dict(smear_keys=True, attn_only=True),
+    # q/k norms: ln1 still folds into W_Q/W_K (and centring holds under LayerNorm), the q/k norms keep their w
+    "qk-norm-layernorm-rotary-bases": dict(positional="rotary", qk_norm="head", rotary_bases=(10.0, 1e4)),
+    "olmo-like": dict(
+        normalization="rmsnorm",
+        positional="rotary",
+        qk_norm="full",
+        pre_norms=False,
+        post_norms=True,
+        gated_mlp=True,
+    ),
 }
 
 
@@ -50,8 +67,12 @@ def random_model(arch: str) -> Transformer:
             if leaf == "w":
                 p.uniform_(0.5, 1.5)
             elif leaf.startswith("b") or leaf == "smear":
-                if not (leaf == "b" and name.endswith("ln2.b") and model.cfg.gated_mlp):
-                    p.normal_(0, 0.3)  # a gated MLP's gate has no bias to fold ln2.b into: keep it 0
+                if not (
+                    leaf == "b" and name.endswith("ln2.b") and model.cfg.gated_mlp and not model.cfg.gate_bias
+                ):
+                    p.normal_(
+                        0, 0.3
+                    )  # a gated MLP's gate without b_gate has no bias to fold ln2.b into: keep it 0
             else:
                 p.normal_(0, 0.3)
     return model
@@ -211,6 +232,28 @@ HF_FAMILIES = {  # family -> (config class, model class, config beyond SMALL_HF)
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=5)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    "llama-mlp-bias-rope-llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            mlp_bias=True,
+            attention_bias=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+                "rope_theta": 10000.0,
+            },
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0),
+    ),
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from interplab.hooks import Site, SiteKind
-from interplab.model import ModelConfig, Norm, Positional
+from interplab.model import ModelConfig, Norm, Positional, QKNorm
 from tests.model.model_variants import VARIANTS, make_model
 
 B, P = 2, 7
@@ -22,6 +22,15 @@ def expected_kinds(cfg: ModelConfig) -> set[SiteKind]:
         kinds -= {SiteKind.ROT_Q, SiteKind.ROT_K}
     if cfg.normalization is Norm.NONE:
         kinds -= {SiteKind.LN1_SCALE, SiteKind.LN2_SCALE, SiteKind.LN_FINAL_SCALE}
+    if not cfg.pre_norms:
+        kinds -= {SiteKind.LN1_SCALE, SiteKind.LN1_NORMALIZED, SiteKind.LN2_SCALE, SiteKind.LN2_NORMALIZED}
+    if cfg.qk_norm is QKNorm.NONE:
+        kinds -= {
+            SiteKind.Q_NORM_SCALE,
+            SiteKind.Q_NORM_NORMALIZED,
+            SiteKind.K_NORM_SCALE,
+            SiteKind.K_NORM_NORMALIZED,
+        }
     if not cfg.gated_mlp:
         kinds.discard(SiteKind.MLP_PRE_LINEAR)
     if cfg.n_kv_heads != cfg.n_heads:
@@ -44,9 +53,12 @@ def expected_kinds(cfg: ModelConfig) -> set[SiteKind]:
 def expected_shape(cfg: ModelConfig, kind: SiteKind) -> tuple[int, ...]:
     h, kv, d, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
     K = SiteKind
-    per_head = {K.Q: h, K.ROT_Q: h, K.Z: h, K.K: kv, K.V: kv, K.ROT_K: kv}
+    per_head = {K.Q: h, K.ROT_Q: h, K.Z: h, K.K: kv, K.V: kv, K.ROT_K: kv, K.Q_NORM_NORMALIZED: h}
+    per_head[K.K_NORM_NORMALIZED] = kv
     if kind in per_head:
         return (B, P, per_head[kind], dh)
+    if kind in (K.Q_NORM_SCALE, K.K_NORM_SCALE):  # per head, or one scale over all heads
+        return (B, P, (h if kind is K.Q_NORM_SCALE else kv) if cfg.qk_norm is QKNorm.HEAD else 1, 1)
     if kind in (K.ATTN_IN, K.Q_INPUT, K.K_INPUT, K.V_INPUT):
         return (B, P, kv if kind in (K.K_INPUT, K.V_INPUT) else h, d)
     if kind in (K.ATTN_SCORES, K.PATTERN):
@@ -98,6 +110,10 @@ PATH_SWITCHING = {
     SiteKind.LN1_NORMALIZED,
     SiteKind.LN2_NORMALIZED,
     SiteKind.LN_FINAL_NORMALIZED,
+    SiteKind.Q_NORM_SCALE,
+    SiteKind.K_NORM_SCALE,
+    SiteKind.Q_NORM_NORMALIZED,
+    SiteKind.K_NORM_NORMALIZED,
 }
 
 
@@ -116,7 +132,8 @@ def test_every_hook_point_object_is_registered_once_under_its_own_name(variant):
     assert len({id(p) for p in found}) == len(found) == len(model.hook_points)
     assert all(model.hook_points[p.name] is p for p in found)
     assert model.hook_points["ln_final.hook_normalized"] is model.ln_final.hook_normalized
-    assert model.hook_points["blocks.1.ln1.hook_normalized"] is model.blocks[1].ln1.hook_normalized
+    if model.cfg.pre_norms:
+        assert model.hook_points["blocks.1.ln1.hook_normalized"] is model.blocks[1].ln1.hook_normalized
 
 
 @pytest.mark.parametrize("variant", NAMES)

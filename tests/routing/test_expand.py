@@ -7,10 +7,17 @@ from interplab.routing import ablate_expansion, expand_mlp
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_vocab=40, n_ctx=16, d_mlp=48)
 
 
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gated", [False, True, "gate_bias"])
 def test_expand_keeps_the_function_and_ablate_inverts_it(gated):
     torch.manual_seed(0)
-    model = Transformer(CFG.replace(gated_mlp=gated, act_fn="silu" if gated else "gelu"))
+    cfg = CFG.replace(
+        gated_mlp=bool(gated), act_fn="silu" if gated else "gelu", gate_bias=gated == "gate_bias"
+    )
+    model = Transformer(cfg)
+    if gated == "gate_bias":  # (biases start at zero: make the gate's count)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.mlp.b_gate.normal_(0, 1.0)
     tokens = torch.randint(0, 40, (3, 12))
     expanded, expansion = expand_mlp(model, 8, layers=[1])
     assert expanded.cfg.d_mlp == 56 and expansion.layers == (1,) and expansion.d_mlp_orig == 48

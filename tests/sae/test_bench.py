@@ -245,6 +245,8 @@ def test_cli_bench_end_to_end_with_reseeds(tmp_path, monkeypatch):
         return res.output
 
     monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    for var in ("INTERPLAB_LLM_LOCAL", "INTERPLAB_LLM_BASE_URL", "INTERPLAB_LLM_MODEL"):
+        monkeypatch.delenv(var, raising=False)
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz()=:+ \n")
     torch.manual_seed(0)
     model = Transformer(
@@ -274,13 +276,14 @@ def test_cli_bench_end_to_end_with_reseeds(tmp_path, monkeypatch):
     for g, ms in groups.items():
         assert ms["l0"]["n"] == 2 and ms["l0"]["mean"] == pytest.approx(float(g[-1]))
         for m in ("fvu", "ce_loss_recovered", "kl_div", "probe_first_letter_k1", "probe_python_token_k2",
-                  "absorption_first_letter"):  # fmt: skip
+                  "absorption_first_letter", "autointerp_baseline"):  # fmt: skip
             vals = [r["metrics"][m] for r in doc["saes"] if r["group"] == g]
             assert ms[m]["mean"] == pytest.approx(statistics.fmean(vals))
             assert ms[m]["sd"] == pytest.approx(statistics.stdev(vals))
     assert (tmp_path / "bench" / "bench.md").read_text().splitlines()[0].startswith("| SAE | seeds | l0 |")
     assert (tmp_path / "bench" / "frontier_fvu.html").exists()
-    assert "CV" in out
+    assert "CV" in out and "no LLM configured" in out
+    assert len(list((tmp_path / "bench" / "autointerp").glob("*.db"))) == 4  # one browsable DB per SAE
     bad = runner.invoke(app, ["sae", "bench", str(tmp_path / "seed0"), "--model", str(tmp_path / "model"),
                               "--out", str(tmp_path / "b2"), "--properties", "colour"])  # fmt: skip
     assert bad.exit_code != 0 and "colour" in bad.output and "first_letter" in bad.output

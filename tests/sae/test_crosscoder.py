@@ -144,3 +144,44 @@ def test_activation_pipeline_sites_and_models(tiny_model):
     pair = next(multi_model_activations([tiny_model, tiny_model], [tokens], hooks[0]))
     assert_close(pair[:, 0], batch[hooks[0]])
     assert_close(pair[:, 1], batch[hooks[0]])
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def test_training_resumes_bit_exactly_from_a_checkpoint(tmp_path):
+    """Train 30 steps straight; train the same again with a checkpoint every 10 steps, killed at step 25, then
+    call it again: it resumes from step 20 and ends with exactly the same weights, threshold and log."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(64 * 6, 2, 6, generator=g)
+    batches = shuffled_batches(rows, 64, seed=0)  # 6 batches: cycled 5 times
+    cfg = CrosscoderTrainConfig(steps=30, log_every=5, checkpoint_every=10, dead_after_tokens=128)
+
+    def fresh() -> Crosscoder:
+        return Crosscoder(CrosscoderConfig(d_in=6, d_sae=16, k=2, sources=SOURCES[:2]), seed=0)
+
+    ref = fresh()
+    want = train_crosscoder(ref, batches, cfg)
+
+    def die(step, row):
+        if step == 25:
+            raise Interrupt
+
+    cc = fresh()
+    with pytest.raises(Interrupt):
+        train_crosscoder(cc, batches, cfg, progress=die, checkpoints=tmp_path, data_identity={"rows": 384})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
+    cc = fresh()  # a new process: nothing of the killed one but its checkpoints
+    got = train_crosscoder(cc, batches, cfg, checkpoints=tmp_path, data_identity={"rows": 384})
+    for a, b in zip(ref.state_dict().values(), cc.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    drop = lambda h: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in h]  # noqa: E731
+    assert drop(got) == drop(want) and len(got) == 6
+    # a checkpoint of another run is refused, naming what differs
+    with pytest.raises(
+        ValueError, match=r"identity\.data\.rows: the checkpoint has 384, this run asks for 99"
+    ):
+        train_crosscoder(fresh(), batches, cfg, checkpoints=tmp_path, data_identity={"rows": 99})
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 0, got -1"):
+        CrosscoderTrainConfig(checkpoint_every=-1)

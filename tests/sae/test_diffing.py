@@ -105,6 +105,12 @@ def test_formation_link(tmp_path):
     assert formation_link(tmp_path, 60, 100)["brackets"] is False
     r = DiffResult(torch.tensor([0.5]), torch.tensor([1.0]), ("shared",), "a", "b", formation=link)
     assert "formed at step 50, between them" in r.summary()
+    # where `interplab formation` writes it (RUN/formation/formation.json), which is found first
+    (tmp_path / runs.FORMATION).mkdir()
+    runs.write_json(
+        tmp_path / runs.FORMATION / runs.FORMATION_JSON, runs.Kind.FORMATION, {"formation_step": 70}
+    )
+    assert formation_link(tmp_path, 60, 100)["formation_step"] == 70
 
 
 def test_labels_are_validated():
@@ -136,5 +142,24 @@ def test_cli_diff_of_two_checkpoints_of_a_run_says_where_its_outputs_went(tmp_pa
     assert str(out / "diff.json") in res.output.replace("\n", "")
     back = diff_from_folder(out)
     assert len(back.labels) == 2 * 32 and set(back.labels) <= set(LABELS)
+    doc = json.loads((out / "diff.json").read_text())
+    assert doc["leaning_new"] == back.leaning_new() and len(doc["leaning_new"]) == 20
+    first = back.examples[doc["leaning_new"][0]]
+    assert 0 < len(first) <= 5 and first[0]["context"].endswith("]")
+    assert [e["act"] for e in first] == sorted((e["act"] for e in first), reverse=True)
+    # run again: the final checkpoint in out/train is resumed (no step trained again), the same diff
+    assert (out / "train" / "checkpoints" / "step_000030").is_dir()
+    again = CliRunner().invoke(
+        app,
+        [*args, "--expansion", "2", "--k", "4", "--tokens", "2048", "--steps", "30", "--batch-size", "128"],
+    )
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "diff.json").read_text())["relative_norm"] == doc["relative_norm"]
+    # without --out: into the run (RUN/diffs/step_A-step_B), which the run page lists
+    small = ["--expansion", "2", "--k", "4", "--tokens", "2048", "--steps", "5", "--batch-size", "128"]
+    res = CliRunner().invoke(app, [*args[:-2], *small])
+    assert res.exit_code == 0, res.output
+    folder = run / "diffs" / f"step_{steps[0]:06d}-step_{steps[-1]:06d}"
+    assert (folder / "diff.json").is_file() and "on the run's page" in res.output
     bad = CliRunner().invoke(app, [*args[:3], "--before", "8", "--after", "0", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "earlier step" in bad.output

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -107,3 +108,13 @@ def test_bf16_autocast_keeps_float32_master_weights(corpus_dir, tmp_path, tiny_c
     assert torch.isfinite(torch.tensor(bf16.loss))
     assert bf16.loss != fp32.loss  # the autocast path really ran in bf16
     torch.testing.assert_close(bf16.loss, fp32.loss, atol=0.1, rtol=0)
+
+
+def test_bf16_autocast_training_lowers_the_loss(corpus_dir, tmp_path, tiny_config):
+    run = tmp_path / "bf16-learns"
+    train(tiny_config(corpus_dir, steps=24, precision="bf16", optim={"lr": 1e-2, "warmup_steps": 2}), run)
+    losses = [
+        row["loss"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in row
+    ]
+    assert len(losses) >= 20 and all(map(math.isfinite, losses))
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses

@@ -186,6 +186,27 @@ def web_app(web_setup):
     )
 
 
+def on_postgres(request, db: Path, name: str) -> str:
+    """A copy of the SQLite database ``db`` in a new PostgreSQL database called ``name`` (the app serves a
+    URL under its database's name, so pages have the same addresses on both backends)."""
+    from interplab.features.writer import copy_database
+
+    url = request.getfixturevalue("postgres_server").new_db(name=name)
+    copy_database(db, url)
+    return url
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def backend_web_app(request, web_setup):
+    """`web_app` on each backend: the tiny database as served from SQLite, and a copy of it on PostgreSQL."""
+    from interplab.web.app import create_app
+
+    if request.param == "sqlite":
+        return request.getfixturevalue("web_app")
+    url = on_postgres(request, web_setup["db"], "tiny")
+    return create_app([url], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

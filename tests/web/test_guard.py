@@ -191,6 +191,7 @@ def test_head_is_answered_on_every_get_route(server_addr, web_app):
         "/db/tiny/similar",
         "/api/db/tiny/feature/3/explanations",  # llm's routes (issue 18)
         "/api/db/tiny/explanations?q=x",
+        "/search?q=x",  # every served database (issue 20)
     ]
     get_routes = {r.path for r in web_app.routes if isinstance(r, APIRoute) and "GET" in r.methods}
     templated = {

@@ -116,6 +116,7 @@ def test_random_run_files_never_break_the_run_page(tmp_path, seed):
         "report.json",
         "config.json",
         "formation/formation.json",
+        "diffs/step_000001-step_000002/diff.json",
         "attribution/a/report.json",
         "sae/eval/report.json",
         "sae/saes/s/cfg.json",
@@ -144,6 +145,44 @@ def test_home_lists_a_run_once_with_its_parts(tmp_path, web_setup):
     )  # the run's final model and SAE are its parts
     page = c.get("/run/0").text
     assert "43 checkpoints at steps 0, 50, 100, 150, 200, 250, 300, 350, …" in page
+
+
+def test_run_page_lists_its_model_diffs_beside_the_formation_report(tmp_path, web_setup):
+    """A diff saved where `interplab sae diff` puts it by default (RUN/diffs/step_A-step_B) shows on the run's
+    page in the formation section: the counts, whether it brackets the formation step, the latents leaning
+    new (the new one first) with their contexts, and a link to the relative-norm picture that serves."""
+    import torch
+
+    from interplab import runs
+    from interplab.sae.diffing import DiffResult, default_diff_folder
+
+    run = tmp_path / "runs" / "r"
+    write_training_run(run, web_setup["model"], n_checkpoints=3)
+    runs.write_json(run / runs.FORMATION / runs.FORMATION_JSON, runs.Kind.FORMATION, {"formation_step": 50})
+    d = DiffResult(
+        torch.tensor([0.95, 0.5, 0.05, 0.8]),
+        torch.tensor([0.1, 0.9, 0.2, 0.4]),
+        ("new", "shared", "lost", "partial"),
+        "step_000000:h",
+        "step_000100:h",
+        fvu=0.12,
+        formation={"formation_step": 50, "brackets": True},
+        examples={0: [{"context": "x = a[<b>]", "token": "<b>", "act": 2.5}]},
+    )
+    folder = default_diff_folder(run, 0, 100)
+    assert folder == run / "diffs" / "step_000000-step_000100"
+    d.save(folder)
+    c = client_for([tmp_path / "runs"])
+    page = c.get("/run/0").text
+    section = page.split('id="diff-0"')[1].split("</div>")[0]
+    assert "step_000000:h → step_000100:h" in section and "1 new, 1 lost, 1 shared, 1 partial" in section
+    assert "forms at step <b>50</b>, <b>between</b> these checkpoints" in section
+    rows = section.split("<tr>")[2:]
+    assert [r.split("<td>")[1].split("</td>")[0] for r in rows] == ["0", "3", "1", "2"]  # leaning new first
+    assert "x = a[&lt;b&gt;]" in rows[0]  # escaped
+    href = section.split('class="diff-plot" href="')[1].split('"')[0]
+    assert href == "/run/0/files/diffs/step_000000-step_000100/relative_norm.html"
+    assert c.get(href).status_code == 200
 
 
 @pytest.mark.parametrize(

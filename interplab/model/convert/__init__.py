@@ -11,15 +11,30 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-from collections.abc import Callable, Iterator
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from interplab.io import unreadable_tensors
 from interplab.model.config import Activation, ModelConfig
+from interplab.model.placement import part_of
+from interplab.model.precision import check_dtype, parameter_dtype
+from interplab.model.rope import (
+    ROPE_SCALINGS,
+    DynamicNTKRope,
+    LinearRope,
+    Llama3Rope,
+    LongRope,
+    RopeScaling,
+    YarnRope,
+    yarn_mscale,
+)
 from interplab.model.transformer import Transformer
 
 
@@ -39,6 +54,11 @@ _BUILTIN = {
     "mistral": "llama",
     "qwen2": "llama",
     "gemma2": "gemma2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "olmo2": "olmo2",
+    "phi3": "phi3",
 }
 
 
@@ -79,8 +99,13 @@ def _naming(file: Path) -> Iterator[None]:
 class HFCheckpoint:
     """Lazy access to the tensors of a Hugging Face model folder: safetensors or pytorch .bin, sharded or not."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, *, skip_layers: frozenset[int] = frozenset(), weights: Path | None = None
+    ) -> None:
         self.path = Path(path)
+        self.skip_layers = skip_layers
+        """layers whose safetensors tensors come back as meta tensors (shape and dtype only, never read): the
+        blocks that a device map puts on ``meta`` (another rank's, in a pipeline)"""
         self._where: dict[str, Path] = {}
         self._bin_cache: tuple[Path, dict] | None = None
         index = next(
@@ -91,7 +116,10 @@ class HFCheckpoint:
             ),
             None,
         )
-        if index is not None:
+        if weights is not None:  # one named file (interplab's own folders)
+            index = None
+            self._where = dict.fromkeys(self._keys_of(weights), weights)
+        elif index is not None:
             weight_map = json.loads(index.read_text())["weight_map"]
             self._where = {k: self.path / v for k, v in weight_map.items()}
         else:
@@ -127,6 +155,20 @@ class HFCheckpoint:
             self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True))
         return self._bin_cache[1]
 
+    def floating_dtype(self) -> torch.dtype | None:
+        """The dtype of the checkpoint's first floating-point tensor (read from the header), e.g. to size a
+        device map before anything is loaded; None for .bin files."""
+        from safetensors import safe_open
+
+        for key, file in self._where.items():
+            if file.suffix != ".safetensors":
+                return None
+            with _naming(file), safe_open(str(file), framework="pt") as f:
+                dtype = _ST_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+        return None
+
     def keys(self) -> list[str]:
         return list(self._where)
 
@@ -141,7 +183,14 @@ class HFCheckpoint:
             if file.suffix == ".safetensors":
                 from safetensors import safe_open
 
+                # each tensor is mapped from the file on its own, so a converted (copied) tensor's pages are
+                # released when the converter drops it, and the model never holds a whole shard
                 with safe_open(str(file), framework="pt") as f:
+                    if self.skip_layers and _layer_of(key) in self.skip_layers:
+                        part = f.get_slice(key)
+                        return torch.empty(
+                            part.get_shape(), dtype=_ST_DTYPES[part.get_dtype()], device="meta"
+                        )
                     return f.get_tensor(key)
             return self._load_bin(file)[key]
 
@@ -151,6 +200,27 @@ class HFCheckpoint:
             if any(k.startswith(c) for k in self._where):
                 return c
         raise KeyError(f"none of the prefixes {candidates} matches the weights in {self.path}")
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _layer_of(key: str) -> int | None:
+    """The layer index in a checkpoint key (``transformer.h.3.attn...``, ``model.layers.3...``), if any."""
+    m = _LAYER_KEY.search(key)
+    return int(m.group(1)) if m else None
 
 
 def split_heads_in(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -165,7 +235,7 @@ def split_heads_out(w: torch.Tensor, n: int) -> torch.Tensor:
 
 # Hugging Face ``hidden_act`` names -> interplab activations
 HF_ACTIVATIONS = {
-    "gelu_new": Activation.GELU_TANH,
+    "gelu_new": Activation.GELU_NEW,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
     "gelu_fast": Activation.GELU_TANH,
     "gelu": Activation.GELU,
@@ -184,17 +254,101 @@ def hf_activation(name: str, family: str) -> Activation:
     return HF_ACTIVATIONS[name]
 
 
-def hf_rope(hf: dict, family: str, *, theta_key: str = "rope_theta") -> dict:
-    """The rotary parameters of an HF config (transformers 5 ``rope_parameters`` or the older flat keys),
-    refusing scaled variants (linear, dynamic, yarn, llama3 ...) that interplab does not implement."""
+def hf_rope(hf: dict, family: str, *, theta_key: str = "rope_theta", scaling: bool = False) -> dict:
+    """The rotary parameters of an HF config (transformers 5 ``rope_parameters`` or the older flat keys and
+    ``rope_scaling``), with ``rope_theta`` and ``rope_type`` filled in. A scaled variant (linear, dynamic, yarn,
+    llama3, longrope) is refused unless the family's converter reads it (``scaling=True``: it then calls
+    `hf_rope_scaling`)."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    rope.pop("type", None)
+    if rope["rope_type"] != "default" and not scaling:
         raise ValueError(
-            f"{family} rope scaling {rope_type!r} is not supported by interplab (only unscaled rotary embeddings)"
+            f"{family} rope scaling {rope['rope_type']!r} is not supported by interplab for this family (only "
+            f"unscaled rotary embeddings; scaled ones are read for {', '.join(SCALED_ROPE_FAMILIES)})"
         )
     rope.setdefault("rope_theta", hf.get(theta_key, 10000.0))
     return rope
+
+
+SCALED_ROPE_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "OLMo-2", "Phi-3")
+"""the families whose converters read rope scaling (the others refuse it)"""
+
+
+def hf_rope_scaling(hf: dict, rope: dict, family: str) -> RopeScaling | None:
+    """The `interplab.model.rope` scaling of an HF config's rope parameters (from `hf_rope`), with the defaults
+    and derived values `transformers` fills in (``original_max_position_embeddings`` from
+    ``max_position_embeddings``, yarn's attention factor from ``factor``/``mscale``, longrope's from the context
+    ratio). Refuses a ``rope_type`` it does not implement, naming the ones it does."""
+    rope_type = rope["rope_type"]
+    max_pos = hf.get("max_position_embeddings", 2048)
+    # Phi-3 keeps the pretraining length beside rope_parameters, and transformers gives that one priority
+    original = (
+        hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    )
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_SCALINGS:
+        raise ValueError(
+            f"{family} rope scaling {rope_type!r} is not supported by interplab; supported: default, "
+            f"{', '.join(ROPE_SCALINGS)}"
+        )
+
+    def need(key: str) -> Any:
+        if rope.get(key) is None:
+            raise ValueError(
+                f"{family} rope scaling {rope_type!r} needs {key!r} in its rope parameters: {rope}"
+            )
+        return rope[key]
+
+    if rope_type == "linear":
+        return LinearRope(factor=float(need("factor")))
+    if rope_type == "dynamic":
+        return DynamicNTKRope(factor=float(need("factor")), original_max_position_embeddings=max_pos)
+    if rope_type == "llama3":
+        return Llama3Rope(
+            factor=float(need("factor")),
+            low_freq_factor=float(need("low_freq_factor")),
+            high_freq_factor=float(need("high_freq_factor")),
+            original_max_position_embeddings=original,
+        )
+    factor = rope.get("factor")
+    factor = float(factor) if factor is not None else max_pos / original
+    attention_factor = rope.get("attention_factor")
+    if rope_type == "yarn":
+        if attention_factor is None:
+            mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = yarn_mscale(factor)
+        return YarnRope(
+            factor=factor,
+            original_max_position_embeddings=original,
+            attention_factor=float(attention_factor),
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            truncate=bool(rope.get("truncate", True)),
+        )
+    assert rope_type == "longrope"
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return LongRope(
+        short_factor=tuple(need("short_factor")),
+        long_factor=tuple(need("long_factor")),
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+    )
+
+
+def scaled_context(hf: dict, scaling: RopeScaling | None) -> int:
+    """The longest sequence a converted model accepts (its ``n_ctx``): ``max_position_embeddings``, or what a
+    rope scaling extends the pretraining context to (dynamic NTK scales beyond ``max_position_embeddings``)."""
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    if isinstance(scaling, (LinearRope, DynamicNTKRope, YarnRope, Llama3Rope)):
+        original = getattr(scaling, "original_max_position_embeddings", max_pos)
+        return max(max_pos, int(original * scaling.factor))
+    return max_pos
 
 
 def linear_in(ckpt: HFCheckpoint, key: str) -> torch.Tensor:
@@ -210,11 +364,20 @@ def bias_or_zeros(ckpt: HFCheckpoint, key: str, shape: tuple[int, ...], like: to
 
 
 def build_from_weights(
-    cfg: ModelConfig, weights, *, device="cpu", dtype=None, source: str = "checkpoint"
+    cfg: ModelConfig,
+    weights,
+    *,
+    device="cpu",
+    dtype=None,
+    source: str = "checkpoint",
+    device_map: Mapping[str, torch.device] | None = None,
 ) -> Transformer:
-    """Make a `Transformer` on the meta device and fill it one tensor at a time (peak memory ~ one model).
+    """Make a `Transformer` on the meta device and fill it one tensor at a time, each placed directly on its
+    device (``device``, or its part's in a complete ``device_map``, see `interplab.model.placement`): host
+    memory holds the finished part of the model plus the tensor being converted, never a second copy.
 
     What every converter's weights go through (Hugging Face families, TransformerLens), so it lives with them."""
+    dtype = check_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(cfg, init=False)
     params = dict(model.named_parameters())
@@ -222,13 +385,17 @@ def build_from_weights(
     for name, tensor in weights:
         old = params.get(name)
         if old is None:
-            raise KeyError(f"{source}: converter produced unknown weight {name!r}")
+            raise KeyError(f"{source}: unexpected weight {name!r} (the config does not have it)")
         if tuple(tensor.shape) != tuple(old.shape):
             raise ValueError(
                 f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
             )
+        target = torch.device(device if device_map is None else device_map[part_of(name)])
+        if tensor.is_meta and target.type != "meta":
+            raise RuntimeError(f"{source}: weight {name!r} was skipped (meta) but is needed on {target}")
+        want = dtype or tensor.dtype  # None: as the checkpoint stores it
         tensor = tensor.to(
-            device=device, dtype=dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            device=target, dtype=parameter_dtype(cfg, name, want) if tensor.is_floating_point() else None
         )
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))

@@ -50,6 +50,7 @@ def config(hf: dict) -> ModelConfig:
         normalization=Norm.RMSNORM,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         post_norms=True,
+        norm_weight_float32=True,
         positional=Positional.ROTARY,
         rotary_style=RotaryStyle.NEOX,
         rotary_base=float(rope["rope_theta"]),
@@ -67,15 +68,17 @@ def config(hf: dict) -> ModelConfig:
     )
 
 
-def weights(ckpt: HFCheckpoint, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    p = ckpt.find_prefix("model.", "")
+def weights(
+    ckpt: HFCheckpoint, cfg: ModelConfig, prefix: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights under ``prefix`` (default: ``model.`` or none); Gemma-3 adds its q/k norms to them."""
+    p = ckpt.find_prefix("model.", "") if prefix is None else prefix
     h, kv = cfg.n_heads, cfg.n_kv_heads
     w_e = ckpt.get(p + "embed_tokens.weight")
     yield "embed.W_E", w_e
 
-    def norm(key: str) -> torch.Tensor:  # Gemma's RMSNorm multiplies by (1 + w)
-        w = ckpt.get(key)
-        return (w.float() + 1.0).to(w.dtype)
+    def norm(key: str) -> torch.Tensor:  # Gemma's RMSNorm multiplies by (1 + w), computed in float32
+        return ckpt.get(key).float() + 1.0
 
     for layer in range(cfg.n_layers):
         b, o = f"{p}layers.{layer}.", f"blocks.{layer}."

@@ -1,6 +1,7 @@
-"""Llama, Mistral and Qwen2 (``model_type`` llama / mistral / qwen2): rotary (NeoX halves), RMSNorm,
-SwiGLU MLP, grouped-query attention, optional tied embeddings; Qwen2 has q/k/v biases; Mistral and Qwen2
-may use a sliding attention window."""
+"""Llama, Mistral and Qwen2 (``model_type`` llama / mistral / qwen2): rotary (NeoX halves, with any rope
+scaling of `interplab.model.rope`), RMSNorm, SwiGLU MLP, grouped-query attention, optional tied embeddings;
+Qwen2 has q/k/v biases, Llama optional biases on q/k/v/o (``attention_bias``) and on gate/up/down
+(``mlp_bias``); Mistral and Qwen2 may use a sliding attention window."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from interplab.model.convert import (
     bias_or_zeros,
     hf_activation,
     hf_rope,
+    hf_rope_scaling,
     linear_in,
     register,
+    scaled_context,
     split_heads_in,
     split_heads_out,
 )
@@ -45,13 +48,12 @@ def sliding_window(hf: dict, family: str) -> tuple[int | None, tuple[int, ...]]:
 def config(hf: dict) -> ModelConfig:
     family = hf["model_type"]
     label = _FAMILY[family]
-    if hf.get("mlp_bias"):
-        raise ValueError(f"{label} with mlp_bias=True (a bias on gate_proj) is not supported by interplab")
-    if hf.get("pretraining_tp", 1) not in (1, None):
-        raise ValueError(f"{label} pretraining_tp={hf['pretraining_tp']} is not supported (only 1)")
+    # pretraining_tp (Llama-2's sliced matmuls) changes no result: transformers 5 ignores it too
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, label)
+    rope = hf_rope(hf, label, scaling=True)
+    scaling = hf_rope_scaling(hf, rope, label)
+    mlp_bias = bool(hf.get("mlp_bias", False))
     window, sliding = sliding_window(hf, family)
     return ModelConfig(
         d_model=d,
@@ -60,7 +62,7 @@ def config(hf: dict) -> ModelConfig:
         d_head=d_head,
         n_kv_heads=hf.get("num_key_value_heads") or h,
         d_vocab=hf["vocab_size"],
-        n_ctx=hf.get("max_position_embeddings", 2048),
+        n_ctx=scaled_context(hf, scaling),
         d_mlp=hf["intermediate_size"],
         act_fn=hf_activation(hf.get("hidden_act", "silu"), label),
         gated_mlp=True,
@@ -70,8 +72,10 @@ def config(hf: dict) -> ModelConfig:
         rotary_style=RotaryStyle.NEOX,
         rotary_dim=int(d_head * rope.get("partial_rotary_factor", 1.0)),
         rotary_base=float(rope["rope_theta"]),
+        rope_scaling=scaling,
         attn_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-        mlp_bias=False,
+        mlp_bias=mlp_bias,
+        gate_bias=mlp_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=window,
         sliding_layers=sliding,
@@ -96,11 +100,14 @@ def weights(ckpt: HFCheckpoint, cfg: ModelConfig) -> Iterator[tuple[str, torch.T
         yield o + "attn.W_O", split_heads_out(w_o, h)
         yield o + "attn.b_O", bias_or_zeros(ckpt, b + "self_attn.o_proj.bias", (cfg.d_model,), w_o)
         yield o + "ln2.w", ckpt.get(b + "post_attention_layernorm.weight")
+        m = cfg.d_mlp
         yield o + "mlp.W_gate", linear_in(ckpt, b + "mlp.gate_proj.weight")
+        if cfg.gate_bias:
+            yield o + "mlp.b_gate", ckpt.get(b + "mlp.gate_proj.bias")
         yield o + "mlp.W_in", linear_in(ckpt, b + "mlp.up_proj.weight")
-        yield o + "mlp.b_in", torch.zeros(cfg.d_mlp, dtype=w_e.dtype)
+        yield o + "mlp.b_in", bias_or_zeros(ckpt, b + "mlp.up_proj.bias", (m,), w_e)
         yield o + "mlp.W_out", linear_in(ckpt, b + "mlp.down_proj.weight")
-        yield o + "mlp.b_out", torch.zeros(cfg.d_model, dtype=w_e.dtype)
+        yield o + "mlp.b_out", bias_or_zeros(ckpt, b + "mlp.down_proj.bias", (cfg.d_model,), w_e)
     yield "ln_final.w", ckpt.get(p + "norm.weight")
     if not cfg.tie_embeddings:
         yield "unembed.W_U", linear_in(ckpt, "lm_head.weight")

@@ -25,6 +25,7 @@ import torch
 from interplab.io import load_tensors
 from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
 from interplab.model.convert import build_from_weights
+from interplab.model.rope import Llama3Rope
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -35,7 +36,7 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _ACT = {
     "relu": Activation.RELU,
     "gelu": Activation.GELU,
-    "gelu_new": Activation.GELU_TANH,
+    "gelu_new": Activation.GELU_NEW,
     "gelu_fast": Activation.GELU_TANH,
     "gelu_pytorch_tanh": Activation.GELU_TANH,
     "silu": Activation.SILU,
@@ -60,7 +61,7 @@ _MAPPED = set(
     positional_embedding_type attn_only n_key_value_heads rotary_dim rotary_base rotary_adjacent_pairs gated_mlp
     parallel_attn_mlp use_attn_scale attn_scale original_architecture model_name initializer_range use_local_attn
     window_size attn_types attn_scores_soft_cap output_logits_soft_cap use_normalization_before_and_after
-    final_rms""".split()
+    final_rms use_NTK_by_parts_rope""".split()
 )
 # features interplab does not implement: field -> the values that mean "off"
 _MUST_BE_OFF: dict[str, tuple[Any, ...]] = {
@@ -68,7 +69,6 @@ _MUST_BE_OFF: dict[str, tuple[Any, ...]] = {
     "post_embedding_ln": (False, None),
     "use_qk_norm": (False, None),
     "num_experts": (None, 0, 1),
-    "use_NTK_by_parts_rope": (False, None),
     "use_yarn_rope": (False, None),
     "use_dynamic_ntk_rope": (False, None),
     "use_logn_attn": (False, None),
@@ -173,6 +173,16 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
             )
         sliding = tuple(i for i, t in enumerate(types) if t == "local")
 
+    rope_scaling = None
+    if tl.get("use_NTK_by_parts_rope"):  # Llama-3.1's rope: TL's NTK-by-parts is transformers' llama3
+        rope_scaling = Llama3Rope(
+            factor=float(tl.get("NTK_by_parts_factor", 8.0)),
+            low_freq_factor=float(tl.get("NTK_by_parts_low_freq_factor", 1.0)),
+            high_freq_factor=float(tl.get("NTK_by_parts_high_freq_factor", 4.0)),
+            # TransformerLens before NTK_original_ctx_len existed took the original context to be n_ctx
+            original_max_position_embeddings=int(tl.get("NTK_original_ctx_len") or tl["n_ctx"]),
+        )
+
     def cap(key: str) -> float | None:
         value = tl.get(key)
         return None if value in (None, -1, -1.0) or value <= 0 else float(value)
@@ -198,6 +208,7 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         rotary_dim=tl.get("rotary_dim") if pos_type == "rotary" else None,  # type: ignore[arg-type]
         rotary_base=float(tl.get("rotary_base", 10000)),
         rotary_style=RotaryStyle.GPTJ if tl.get("rotary_adjacent_pairs") else RotaryStyle.NEOX,
+        rope_scaling=rope_scaling,
         parallel_attn_mlp=bool(tl.get("parallel_attn_mlp", False)),
         unembed_bias=True,
         causal=attn_dir == "causal",

@@ -264,17 +264,39 @@ window.interplab = (function () {
   function mapPage() {
     const d = data("map-data");
     if (!d || !window.Plotly) return;
-    const alive = d.points.filter(p => p[3] !== null), dead = d.points.filter(p => p[3] === null);
-    const hover = p => "feature " + p[0] + (p[4] ? "<br>" + plotText(p[4]) : "");
-    const traces = [
-      { type: "scattergl", mode: "markers", name: "fired", x: alive.map(p => p[1]), y: alive.map(p => p[2]),
-        customdata: alive.map(p => p[0]), text: alive.map(hover), hoverinfo: "text",
-        marker: { size: 7, color: alive.map(p => p[3]), colorscale: "Viridis", colorbar: { title: "log10 density" } } },
-      { type: "scattergl", mode: "markers", name: "never fired", x: dead.map(p => p[1]), y: dead.map(p => p[2]),
-        customdata: dead.map(p => p[0]), text: dead.map(hover), hoverinfo: "text", marker: { size: 6, color: "#bbb" } },
-    ];
+    const hover = p => "feature " + p[0] + (p[4] ? "<br>" + plotText(p[4]) : "") +
+      (p[5] !== null && d.clusters && d.clusters[p[5]] ? "<br>cluster: " + plotText(d.clusters[p[5]].name) : "");
+    const trace = (name, pts, marker) => ({ type: "scattergl", mode: "markers", name: name, x: pts.map(p => p[1]), y: pts.map(p => p[2]),
+      customdata: pts.map(p => p[0]), text: pts.map(hover), hoverinfo: "text", marker: marker });
+    const palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#ad494a", "#637939"];
+    function densityTraces() {
+      const alive = d.points.filter(p => p[3] !== null), dead = d.points.filter(p => p[3] === null);
+      return [trace("fired", alive, { size: 7, color: alive.map(p => p[3]), colorscale: "Viridis", colorbar: { title: "log10 density" } }),
+              trace("never fired", dead, { size: 6, color: "#bbb" })];
+    }
+    function clusterTraces() {
+      const out = d.clusters.map((c, i) => trace(plotText(c.name) + " (" + c.size + ")", d.points.filter(p => p[5] === i),
+        { size: 7, color: palette[i % palette.length] }));
+      out.push(trace("no explanation", d.points.filter(p => p[5] === null), { size: 6, color: "#bbb" }));
+      return out;
+    }
     const el = document.getElementById("map-chart");
-    Plotly.newPlot(el, traces, { margin, xaxis: { title: "PC 1" }, yaxis: { title: "PC 2" }, legend: { orientation: "h" } }, cfg);
+    function draw(by) {
+      const legend = by === "cluster" ? { orientation: "v", x: 1.02, y: 1, title: { text: "explanation cluster (top words)" } } : { orientation: "h" };
+      el.dataset.colour = by;
+      return Plotly.react(el, by === "cluster" ? clusterTraces() : densityTraces(),
+        { margin: by === "cluster" ? { l: 50, r: 10, t: 10, b: 40 } : margin, xaxis: { title: { text: "PC 1" } }, yaxis: { title: { text: "PC 2" } }, legend: legend, showlegend: true }, cfg);
+    }
+    const checked = document.querySelector("input[name=colour]:checked");
+    draw(checked && checked.value === "cluster" && d.clusters ? "cluster" : "density");
+    for (const r of document.querySelectorAll("input[name=colour]")) {
+      r.addEventListener("change", () => {
+        const u = new URL(window.location.href); u.searchParams.set("colour", r.value);
+        if (r.value === "cluster" && !d.clusters) { window.location.href = u.toString(); return; }  // clustered on the server
+        draw(r.value);
+        history.replaceState(null, "", u);
+      });
+    }
     el.on("plotly_click", (ev) => {
       const f = ev.points[0].customdata;
       window.location.href = "/db/" + encodeURIComponent(d.db) + "/feature/" + f;
