@@ -26,10 +26,14 @@ PEERS = {
         "circuit_tracer.replacement_model.replacement_model_transformerlens",
     ),
     "saebench": ("INTERPLAB_SAEBENCH_PYTHON", "sae_bench.evals.sparse_probing.probe_training"),
+    "devinterp": ("INTERPLAB_DEVINTERP_PYTHON", "devinterp.slt.llc"),
 }
-NOT_IN_CI = {"saebench"}
+NOT_IN_CI = {"saebench", "devinterp"}
 """peers scripts/peers.sh does not build (sae-bench's build takes over 10 minutes and pulls a CUDA torch unless
-re-pinned): their tests skip with the reason even under INTERPLAB_REQUIRE_PEERS=1"""
+re-pinned; devinterp 2.0 pulls datasets, xarray and zarr, and needs einops, jaxtyping, safetensors, tokenizers
+and pyyaml beside it to load interplab's models): their tests skip with the reason even under
+INTERPLAB_REQUIRE_PEERS=1. devinterp's venv: ``python3 -m venv .peers/devinterp``, ``pip install torch==2.13.0``
+(CPU) first, then ``pip install devinterp einops jaxtyping safetensors tokenizers pyyaml``"""
 
 
 @functools.cache

@@ -74,7 +74,7 @@ LAZY: dict[tuple[str, str], str] = {
 # files whose every function may import the library lazily
 LAZY_FILES: dict[str, str] = {
     f"cli/{name}.py": CLI_GROUP
-    for name in ("analysis", "attribute", "demo", "discover", "features", "formation", "info", "route")
+    for name in ("analysis", "attribute", "demo", "discover", "features", "formation", "info", "llc", "route")
     + ("sae", "scrub", "serve", "train", "dt")
 }
 

@@ -82,6 +82,12 @@ def formation_command(
     set_threads(threads)
     result, paths = run_formation(run_dir, out, seqs)
     print_formation(result, paths, every)
+    if out is None and (run_dir / runs.LLC / runs.REPORT).is_file():  # `interplab llc` ran: draw it beside
+        from interplab.dynamics.run import join_formation
+
+        joined = join_formation(run_dir)
+        if joined is not None:
+            console.print(f"LLC beside the induction scores: {joined['html']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,10 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
         final/                          the finished model (Kind.MODEL); absent while the run is unfinished
         report.json                     {kind: train_report, version, ...}
         formation/ attribution/ sae/ features.db    what later commands wrote into the run (each its own kind)
+        llc/                            `interplab llc`: report.json {kind: llc, version, steps, components,
+                                        llc, se, ...} + llc.html/png, estimates/step_000123.json (Kind.
+                                        LLC_CHECKPOINT: one checkpoint's estimates with loss traces; the
+                                        command skips the checkpoints already there with the same settings)
     model folder (Kind.MODEL)           config.json {kind: model, version, ...ModelConfig} + model.safetensors
                                         (+ tokenizer.json, checksums.json)
     SAE training run (Kind.SAE_TRAIN)   `interplab sae train`
@@ -98,6 +102,8 @@ from interplab.runs.names import (
     GRADIENT_INDEX,
     GRAPH_JSON,
     GRAPH_TENSORS,
+    LLC,
+    LLC_ESTIMATES,
     LOG,
     MANIFEST,
     METRICS_JSON,
@@ -162,6 +168,8 @@ __all__ = [
     "GRAPH_TENSORS",
     "GraphRun",
     "Kind",
+    "LLC",
+    "LLC_ESTIMATES",
     "LOG",
     "MANIFEST",
     "MODEL_CHECKPOINT_FILES",

@@ -53,6 +53,11 @@ class Kind(str, Enum):
     """head scores along a run's checkpoints (`interplab formation`)"""
     ATTRIBUTION = "attribution"
     """training-data attribution along a run's checkpoints (`interplab attribute`)"""
+    LLC = "llc"
+    """the local learning coefficient along a run's checkpoints (`interplab llc`: report.json + pictures)"""
+    LLC_CHECKPOINT = "llc_checkpoint"
+    """one checkpoint's LLC estimates (total and per component, with loss traces), in an LLC folder's
+    ``estimates/step_N.json``"""
     ROUTING = "routing"
     """a gradient-routing experiment (`interplab route`)"""
     SCRUB = "scrub"
@@ -143,6 +148,8 @@ _LABELS = {
     Kind.CHECKSUMS: "a checksums record",
     Kind.FORMATION: "a formation report",
     Kind.ATTRIBUTION: "a training-data attribution",
+    Kind.LLC: "an LLC estimate along a run",
+    Kind.LLC_CHECKPOINT: "a checkpoint's LLC estimates",
     Kind.ROUTING: "a gradient-routing run",
     Kind.SCRUB: "a causal-scrubbing run",
     Kind.CIRCUIT: "a circuit",

@@ -196,6 +196,7 @@ REPORT_KINDS = (
     Kind.SAE_EVAL,
     Kind.FORMATION,
     Kind.ATTRIBUTION,
+    Kind.LLC,
     Kind.ROUTING,
     Kind.SCRUB,
     Kind.CIRCUIT,

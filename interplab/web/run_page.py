@@ -149,13 +149,19 @@ def run_view(art: Artifact) -> dict[str, Any]:
     series = report_curves(report)
     for k in [k for k in series if k.split("/")[0] in ("checkpoints", "skipped_checkpoints")]:
         del series[k]
+    log = log_curves(path / runs.LOG, root)
+    formation = [formation_view(p, path, root) for p in parts["formation"]]
+    attributions = [attribution_view(p, path, root) for p in parts["attributions"]]
+    llc = [llc_view(p, path, root) for p in parts["llc"]]
     return {
         "what": art.what,
+        "timeline": timeline_view(log, formation, llc, attributions),
+        "llc": llc,
         "scalars": report_scalars(report),
         "config": json.dumps(config, indent=1, sort_keys=True, default=str)[:20000] if config else "",
-        "curves": chart_group(log_curves(path / runs.LOG, root)),
+        "curves": chart_group(log),
         "report_curves": chart_group(series),
-        "formation": [formation_view(p, path, root) for p in parts["formation"]],
+        "formation": formation,
         "diffs": [diff_view(p, path, root) for p in sorted((path / runs.DIFFS).glob(f"*/{runs.DIFF_JSON}"))],
         "checkpoints": [_checkpoint_step(p) for p in parts["checkpoints"]],
         "final": [_rel(p, path) for p in parts["final"]],
@@ -163,7 +169,7 @@ def run_view(art: Artifact) -> dict[str, Any]:
         "sub_logs": {
             _rel(p, path): chart_group(c) for p in parts["logs"] if (c := log_curves(p / runs.LOG, root))
         },
-        "attributions": [attribution_view(p, path, root) for p in parts["attributions"]],
+        "attributions": attributions,
         "scrubs": [scrub_view(p, path, root) for p in parts["scrubs"]],
         "databases": parts["databases"],
         "graphs": parts["graphs"],
@@ -186,6 +192,97 @@ def formation_view(p: Path, base: Path, root: Path) -> dict[str, Any]:
         "formation_step": _number(data.get("formation_step")),
         "curves": chart_group(curves),
     }
+
+
+def _numbers(v: Any, n: int | None = None) -> list | None:
+    """``v`` as a list of finite numbers (None for a missing SE: drawn without a bar), else None."""
+    if not isinstance(v, list) or (n is not None and len(v) != n):
+        return None
+    if not all(_num(e) or e is None for e in v):
+        return None
+    return list(v)
+
+
+def llc_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
+    """An LLC curve (`interplab llc` writes ``llc/report.json``): per component its values and SEs against
+    step, the sampler settings and the summary."""
+    report = read_json(folder / runs.REPORT, root)
+    report = report if isinstance(report, dict) else {}
+    steps = _numbers(report.get("steps")) or []
+    llc, se = _dict(report.get("llc")), _dict(report.get("se"))
+    series = []
+    for name, values in list(llc.items())[:64]:
+        ys = _numbers(values, len(steps))
+        if ys is None or any(y is None for y in ys):
+            continue
+        errs = _numbers(se.get(name), len(steps))
+        series.append({"name": _text(name, 60), "x": steps, "y": ys, "err": errs})
+    config = _dict(report.get("config"))
+    keys = ("step_size", "gamma", "nbeta", "chains", "draws", "burn_in", "batch_size", "seed")
+    return {
+        "where": _rel(folder, base),
+        "summary": _text(report.get("summary"), 2000),
+        "series": series,
+        "config": {k: _number(config.get(k)) for k in keys},
+    }
+
+
+_MECHANISM = ("induction", "prev")
+_TRAINING = ("loss", "val_loss", "eval/val_loss")
+
+
+def timeline_view(
+    log: dict[str, dict[str, list]],
+    formation: list[dict[str, Any]],
+    llc: list[dict[str, Any]],
+    attributions: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The run's formation on one step axis: training curves, mechanism scores, the LLC (total, then per
+    component) and the formation window of the first attribution with its top sequences. None when the
+    run has fewer than two of these to put side by side."""
+    panels = []
+    train = [{"name": k, **log[k]} for k in _TRAINING if k in log and len(log[k]["x"]) > 1]
+    if train:
+        panels.append({"title": "training loss", "series": train})
+    formation_step = None
+    if formation:
+        f = formation[0]
+        formation_step = f["formation_step"]
+        curves = f["curves"]["curves"]
+        scores = [{"name": k, **c} for k, c in curves.items() if any(m in k for m in _MECHANISM)]
+        if scores:
+            panels.append({"title": "mechanism scores", "series": scores})
+    if llc:
+        total = [s for s in llc[0]["series"] if s["name"] == "all"]
+        parts = [s for s in llc[0]["series"] if s["name"] != "all"]
+        if total:
+            panels.append({"title": "LLC (all parameters)", "series": total})
+        if parts:
+            panels.append({"title": "LLC per component", "series": parts})
+    window, top, target = None, [], None
+    for a in attributions:
+        w = [_number(_to_float(x)) for x in a["window"]]
+        if len(w) == 2 and None not in w:
+            window, top, target = w, a["top"], a["target"]
+            break
+    if len(panels) + (window is not None) < 2:
+        return None
+    return {
+        "panels": panels,
+        "formation_step": formation_step,
+        "window": window,
+        "target": target,
+        "top": top,
+    }
+
+
+def _to_float(v: Any) -> float | int | None:
+    """A window bound as a number (steps are written as strings in the attribution view): an int if whole."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(x) if x.is_integer() else x
 
 
 def diff_view(p: Path, base: Path, root: Path) -> dict[str, Any]:

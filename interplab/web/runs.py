@@ -255,6 +255,8 @@ def _parts(p: Path, root: Path) -> tuple[str, ...]:
         out.append(_count(len(c["saes"]), "SAE"))
     if c["attributions"]:
         out.append(_count(len(c["attributions"]), "attribution"))
+    if c["llc"]:
+        out.append("LLC")
     if c["scrubs"]:
         out.append(_count(len(c["scrubs"]), "scrubbed hypothesis", "scrubbed hypotheses"))
     if c["databases"]:
@@ -270,7 +272,7 @@ def _count(n: int, what: str, plural: str | None = None) -> str:
 
 def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
     """The parts of a run folder, by what `interplab.runs.detect` says each sub-folder is, inside ``root``:
-    checkpoints, final model, formation files, SAE folders, evaluation reports, attribution reports,
+    checkpoints, final model, formation files, SAE folders, evaluation reports, attribution reports, LLC curves,
     causal-scrubbing reports (one folder per hypothesis, or the folder itself), sub-runs with their own
     ``log.jsonl``, feature databases, attribution graphs (folders holding a ``graph.json``)."""
     out: dict[str, list[Path]] = {
@@ -282,6 +284,7 @@ def contents(path: Path, root: Path, depth: int = 3) -> dict[str, list[Path]]:
             "saes",
             "evals",
             "attributions",
+            "llc",
             "scrubs",
             "logs",
             "databases",
@@ -333,6 +336,8 @@ def _classify(folder: Path, root: Path, out: dict[str, list[Path]]) -> None:
         out["formation"].append(folder / runs.FORMATION_JSON)
     if kind is Kind.ATTRIBUTION:
         out["attributions"].append(folder)
+    elif kind is Kind.LLC:
+        out["llc"].append(folder)
     elif kind is Kind.SAE_EVAL:
         out["evals"].append(folder)
     elif kind is Kind.SCRUB:

@@ -271,6 +271,10 @@ CASES = [
     (["attribute", "{root}/norun", "--candidates", "-1"], 2, "-1"),
     (["attribute", "{root}/norun", "--window", "a:b"], 2, "a:b"),
     (["attribute", "{root}/norun"], 2, "norun"),
+    (["llc", "{root}/norun", "--seqs", "0"], 2, "0"),
+    (["llc", "{root}/norun", "--step-size", "-1"], 2, "-1"),
+    (["llc", "{root}/norun"], 2, "norun"),
+    (["llc", "{root}/norun", "--out", M], 2, "is an interplab model folder"),
     # route, serve, info
     (["route", "--preset", "digits-split", "--steps", "0", "--out", E], 2, "0"),
     (["route", "--preset", "digits-split", "--seeds", "0", "--out", E], 2, "0"),

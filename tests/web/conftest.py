@@ -64,6 +64,22 @@ def write_training_run(run: Path, model, n_checkpoints: int = 3) -> None:
             }
         )
     )
+    (run / "llc").mkdir()  # `interplab llc RUN -c L0H1` writes llc/report.json
+    (run / "llc" / "report.json").write_text(
+        json.dumps(
+            {
+                "kind": "llc",
+                "version": 1,
+                "summary": "LLC of 3 checkpoints: 1.5 at step 0 -> peak 9.25 at step 100",
+                "steps": [0, 50, 100],
+                "components": ["all", "L0H1"],
+                "llc": {"all": [1.5, 6.0, 9.25], "L0H1": [0.25, 2.0, 3.5]},
+                "se": {"all": [0.1, 0.3, None], "L0H1": [0.05, 0.1, 0.2]},
+                "init_loss": [6.9, 4.0, 3.0],
+                "config": {"step_size": 1e-4, "gamma": 100.0, "chains": 4, "draws": 200},
+            }
+        )
+    )
     sae_run = run / "sae"  # `interplab sae train --out RUN/sae` and `sae eval RUN/sae`
     sae = planted_sae(model, 8)
     sae.save(sae_run / "saes" / "blocks_0_hook_resid_pre")

@@ -141,3 +141,27 @@ def test_odd_database_names_serve_and_read_only_databases_refuse_labels(web_setu
     r = client.post("/api/db/odd_mode_ro_1/feature/3/label", json={"explanation": "x"})
     assert r.status_code == 403 and "read-only" in r.json()["error"]
     assert odd.read_bytes() == before
+
+
+def test_run_page_puts_formation_on_one_time_axis(client, web_setup):
+    """Training loss, mechanism scores, LLC total and per component from the run's own files, stacked on one
+    step axis with the attribution's window and top sequences."""
+    import json
+    import re
+
+    text = client.get("/run/0").text
+    data = json.loads(re.search(r'id="run-data">(.*?)</script>', text, re.S).group(1))
+    t = data["timeline"]
+    assert [p["title"] for p in t["panels"]] == [
+        "training loss",
+        "mechanism scores",
+        "LLC (all parameters)",
+        "LLC per component",
+    ]
+    total = t["panels"][2]["series"][0]
+    assert total == {"name": "all", "x": [0, 50, 100], "y": [1.5, 6.0, 9.25], "err": [0.1, 0.3, None]}
+    assert t["panels"][3]["series"][0]["name"] == "L0H1"
+    assert {s["name"] for s in t["panels"][1]["series"]} == {"induction_score", "prev_token (max)"}
+    assert t["window"] == [50, 100] and t["formation_step"] == 50
+    assert t["top"][0]["sequence"] == 17 and "induction:0.1 (50..100) shaded" in text
+    assert "peak 9.25 at step 100" in text

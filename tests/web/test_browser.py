@@ -150,6 +150,16 @@ def test_404_page_and_run_page(page, server, artifacts_dir):
         page.wait_for_selector(f"{chart} .main-svg")
     assert "0.2295" in page.locator("#sae-table").inner_text()
     assert "22,121" in page.locator("#results").inner_text()
+    # formation on one step axis: loss, scores, LLC total and per head stacked, the window and step marked
+    page.wait_for_selector("#timeline-chart .main-svg")
+    chart = page.evaluate(
+        "(() => { const g = document.getElementById('timeline-chart'); return {"
+        " names: g.data.map(t => t.name), axes: [...new Set(g.data.map(t => t.yaxis))],"
+        " shapes: g.layout.shapes.map(s => [s.type, s.x0, s.x1]) }; })()"
+    )
+    assert {"loss", "all", "L0H1"} <= set(chart["names"]) and len(chart["axes"]) == 4, chart
+    assert ["rect", 50, 100] in chart["shapes"] and ["line", 50, 50] in chart["shapes"], chart
+    assert "negotiate about output" in page.locator("#timeline-top").inner_text()
     page.screenshot(path=str(artifacts_dir / "browser_run.png"), full_page=True)
 
 

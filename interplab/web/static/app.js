@@ -80,9 +80,34 @@ window.interplab = (function () {
     }
   }
 
+  // the run's formation on one step axis: one stacked panel per series group (training loss, mechanism
+  // scores, LLC total, LLC per component), the formation step dotted and the attribution window shaded
+  function timeline(id, t) {
+    const box = document.getElementById(id);
+    if (!box || !window.Plotly || !t) return;
+    const n = t.panels.length, gap = 0.04, h = (1 - gap * (n - 1)) / n;
+    const traces = [], layout = { margin: { l: 60, r: 10, t: 10, b: 40 }, height: 180 * n + 60, shapes: [],
+      annotations: [], legend: { font: { size: 10 } }, xaxis: { title: "step", anchor: "y" + (n > 1 ? n : "") } };
+    t.panels.forEach((p, i) => {
+      const ax = i === 0 ? "y" : "y" + (i + 1), top = 1 - i * (h + gap);
+      layout["yaxis" + (i === 0 ? "" : i + 1)] = { domain: [top - h, top], title: { text: plotText(p.title), font: { size: 11 } } };
+      for (const s of p.series) {
+        const tr = { x: s.x, y: s.y, name: plotText(s.name), mode: "lines+markers", marker: { size: 3 }, xaxis: "x", yaxis: ax };
+        if (s.err) tr.error_y = { type: "data", array: s.err.map(e => e === null ? 0 : e), visible: true, thickness: 1 };
+        traces.push(tr);
+      }
+    });
+    if (t.window) layout.shapes.push({ type: "rect", xref: "x", yref: "paper", x0: t.window[0], x1: t.window[1], y0: 0, y1: 1,
+      fillcolor: "orange", opacity: 0.15, line: { width: 0 } });
+    if (t.formation_step !== null) layout.shapes.push({ type: "line", xref: "x", yref: "paper", x0: t.formation_step,
+      x1: t.formation_step, y0: 0, y1: 1, line: { dash: "dot", color: "gray" } });
+    Plotly.newPlot(box, traces, layout, cfg);
+  }
+
   function runPage() {
     const d = data("run-data");
     for (const c of d.charts) lines(c.id, c.curves);
+    timeline("timeline-chart", d.timeline);
   }
 
   function attentionPage() {

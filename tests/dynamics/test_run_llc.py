@@ -1,0 +1,140 @@
+"""`interplab llc RUN`: per-checkpoint LLC estimates written into a tiny run, equal to `estimate_llc` called
+on each checkpoint by hand, resumed without resampling, joined to the formation report (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from interplab import runs
+from interplab.cli.main import app
+from interplab.dynamics import SGLDConfig, estimate_llc, head_component, lm_loss
+from interplab.dynamics import run as run_llc
+from interplab.dynamics.run import RunLLC, llc_along_run, parse_components, run_tokens
+from interplab.model.io import load_native
+from interplab.train import train
+from tests.train.conftest import _tiny_config, write_corpus
+
+CFG = SGLDConfig(step_size=1e-4, chains=2, draws=6, burn_in=2, batch_size=2)
+ARGS = [
+    "--draws",
+    "6",
+    "--burn-in",
+    "2",
+    "--chains",
+    "2",
+    "--seqs",
+    "4",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llc")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INTERPLAB_CACHE", str(root / "cache"))
+        cfg = _tiny_config(write_corpus(root / "corpus"), steps=6)
+        train(cfg, root / "run")
+        yield root / "run"
+
+
+@pytest.fixture
+def run_dir(tiny_run, tmp_path, monkeypatch):
+    """A fresh copy of the tiny run per test (the cache stays shared)."""
+    import shutil
+
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tiny_run.parent / "cache"))
+    shutil.copytree(tiny_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_the_run_curve_equals_estimate_llc_per_checkpoint(run_dir):
+    result = llc_along_run(run_dir, CFG, components=["L1H0"], n_seqs=4, seq_len=16)
+    steps = [c.step for c in runs.TrainRun.open(run_dir).checkpoints()]
+    assert list(result.steps) == steps and result.components == ("all", "L1H0")
+    tokens = run_tokens(run_dir, 4, 16)
+    for i, ckpt in enumerate(runs.TrainRun.open(run_dir).checkpoints()):
+        model = load_native(ckpt.path)
+        total = estimate_llc(model, (tokens,), lm_loss, CFG)
+        head = estimate_llc(model, (tokens,), lm_loss, CFG, component=head_component(model, 1, 0))
+        torch.testing.assert_close(result.llc["all"][i], total.llc)
+        torch.testing.assert_close(result.llc["L1H0"][i], head.llc)
+        torch.testing.assert_close(result.estimates[ckpt.step]["all"].trace, total.trace)
+    assert result.estimates[steps[0]]["L1H0"].n_params < result.estimates[steps[0]]["all"].n_params
+
+
+def test_a_second_job_reads_back_what_the_first_estimated(run_dir, monkeypatch):
+    first = llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[0, 3])
+    assert first.resumed == ()
+
+    def boom(*a, **k):
+        raise AssertionError("resampled a checkpoint that was already estimated")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(run_llc, "estimate_llc", boom)
+        again = llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[0, 3])
+    assert again.resumed == (0, 3) and again.llc == first.llc
+    torch.testing.assert_close(again.estimates[3]["all"].trace, first.estimates[3]["all"].trace)
+    # other settings are sampled again, the rest read back
+    more = llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[0, 3, 6])
+    assert more.resumed == (0, 3)
+    other = llc_along_run(run_dir, SGLDConfig(**{**vars(CFG), "seed": 1}), n_seqs=4, seq_len=16, steps=[0])
+    assert other.resumed == () and other.llc["all"][0] != first.llc["all"][0]
+
+
+def test_llc_command_writes_the_run_folder_and_joins_the_formation_report(run_dir):
+    formation = CliRunner().invoke(app, ["formation", str(run_dir), "--seqs", "2"])
+    assert formation.exit_code == 0, formation.output
+    out = CliRunner().invoke(app, ["llc", str(run_dir), *ARGS, "-c", "layers", "--every", "2"])
+    assert out.exit_code == 0, out.output
+    folder = run_dir / runs.LLC
+    report = runs.read_json(folder / runs.REPORT, runs.Kind.LLC)
+    all_steps = [c.step for c in runs.TrainRun.open(run_dir).checkpoints()]
+    assert report["steps"] == sorted(set(all_steps[::2]) | {all_steps[-1]})
+    assert report["components"] == ["all", "layer 0", "layer 1"]
+    assert runs.detect(folder) is runs.Kind.LLC
+    for step in report["steps"]:
+        doc = runs.read_json(folder / runs.LLC_ESTIMATES / f"{runs.checkpoint_name(step)}.json")
+        assert doc["kind"] == "llc_checkpoint" and len(doc["estimates"]["all"]["trace"]) == 2
+    assert RunLLC.open(run_dir).llc == RunLLC.open(folder).llc
+    assert "LLC" in (run_dir / runs.FORMATION / "formation_llc.html").read_text()
+    said = out.stdout.replace("\n", "")
+    assert str(folder / runs.REPORT) in said and "formation_llc.html" in said
+    again = CliRunner().invoke(app, ["llc", str(run_dir), *ARGS, "-c", "layers", "--every", "2"])
+    assert again.exit_code == 0 and f"{len(report['steps'])} checkpoints read back" in again.stdout.replace(
+        "\n", " "
+    )
+    # `interplab formation` redraws the joined picture once an LLC exists
+    (run_dir / runs.FORMATION / "formation_llc.html").unlink()
+    formation = CliRunner().invoke(app, ["formation", str(run_dir), "--seqs", "2"])
+    assert formation.exit_code == 0 and (run_dir / runs.FORMATION / "formation_llc.html").is_file()
+    fig = RunLLC.open(folder).plot()
+    assert {t.name for t in fig.data} >= {"LLC", "layer 0", "layer 1"}
+
+
+def test_bad_components_and_steps_are_named(run_dir):
+    model = load_native(runs.TrainRun.open(run_dir).checkpoints()[0].path)
+    assert [c.name for c in parse_components(model, ["heads"])] == ["L0H0", "L0H1", "L1H0", "L1H1"]
+    with pytest.raises(ValueError, match="unknown component 'mlp'.*heads"):
+        parse_components(model, ["mlp"])
+    with pytest.raises(ValueError, match="'L5H0'.*2 layers"):
+        parse_components(model, ["L5H0"])
+    with pytest.raises(ValueError, match=r"no intact checkpoint at steps \[5\]"):
+        llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[5])
+    out = CliRunner().invoke(app, ["llc", str(run_dir), *ARGS, "-c", "L9H9"])
+    assert out.exit_code == 2 and "L9H9" in out.output
+    out = CliRunner().invoke(app, ["llc", str(run_dir), *ARGS, "--step-size", "10"])
+    assert out.exit_code == 2 and "SGLD diverged" in out.output and "smaller step_size" in out.output
+
+
+def test_the_report_survives_json(run_dir):
+    result = llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[0, 6])
+    back = RunLLC.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert back.llc == result.llc and back.steps == result.steps and back.config == result.config
