@@ -172,9 +172,70 @@ def test_attribute_run_loss_on_held_out_auto_window_and_bad_specs(tiny_run, tmp_
     lo, hi = result.window  # auto: where the held-out loss falls
     assert result.target == "loss" and lo < hi
     assert result.curve[result.curve_steps.index(hi)] < result.curve[result.curve_steps.index(lo)]
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+
+    args = ["attribute", str(tiny_run), "--target", "loss", "--dim", "32", "--candidates", "8"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0 and "helped most" in done.output, done.output
+    helped = int(result.example_ids[result.scores.argmin()])
+    assert f"sequence {helped}: {float(result.scores.min()):.3g}" in done.output
     with pytest.raises(FileNotFoundError, match="query file .* does not exist"):
         attribute_run(tiny_run, f"loss:{tmp_path / 'nope.txt'}", window=(0, 12))
     with pytest.raises(ValueError, match="feature:SAE_PATH:IDX"):
         attribute_run(tiny_run, "feature:7", window=(0, 12))
     with pytest.raises(ValueError, match="neuron 0.1 does not exist"):  # the run's model is attention-only
         attribute_run(tiny_run, "neuron:0.1", window=(0, 12))
+
+
+def test_cli_attribute_feature_spec_equals_the_feature_target(tiny_run, tmp_path):
+    """``interplab attribute RUN --target feature:SAE_PATH:IDX`` reads the run's held-out sequences through the
+    SAE and scores like `feature_target` given to attribute_run; its folder name is filesystem-safe."""
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+    from interplab.data_attribution import feature_target
+    from interplab.io import load_tensors
+    from interplab.model.io import load_native
+    from interplab.runs import TrainRun
+    from interplab.sae import SAEConfig, create_sae, save_sae
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource
+
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(d_in=32, d_sae=16, hook_name="blocks.0.hook_resid_post"))
+    sae_dir = save_sae(sae, tmp_path / "sae")
+    spec = f"feature:{sae_dir}:3"
+    args = [
+        "attribute",
+        str(tiny_run),
+        "--target",
+        spec,
+        "--window",
+        "0:12",
+        "--dim",
+        "32",
+        "--candidates",
+        "8",
+    ]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    folder = tiny_run / "attribution" / "feature_blocks.0.hook_resid_post_3"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["target"] == "feature:blocks.0.hook_resid_post:3" and str(folder) in done.output.replace(
+        "\n", ""
+    )
+
+    run = TrainRun.open(tiny_run)
+    source = CorpusSource(TrainConfig.from_dict(run.config))
+    heldout = source.val.sequences(torch.arange(16), source.seq_len)
+    final = load_native(run.checkpoints(intact=True)[-1].path)
+    direct = attribute_run(
+        tiny_run, feature_target(final, sae, heldout, 3), window=(0, 12), dim=32, max_candidates=8
+    )
+    saved = load_tensors(folder / "scores.safetensors")
+    torch.testing.assert_close(saved["scores"], direct.scores)
+    assert bool(direct.scores.abs().sum() > 0)
+    with pytest.raises(ValueError, match="feature 99 does not exist"):
+        attribute_run(tiny_run, f"feature:{sae_dir}:99", window=(0, 12))
