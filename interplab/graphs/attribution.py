@@ -322,35 +322,49 @@ def attribute(
     rows_of = _Backward(rm, run, sources)
 
     n_sources = n_active + (n_layers + 1) * n_pos
-    logit_rows = torch.cat(
-        [
-            rows_of.logits(torch.stack([t.vector for t in chosen[i : i + batch]]))
-            for i in range(0, len(chosen), batch)
-        ]
-    )
-    feature_rows = torch.zeros(n_active, n_sources, dtype=logit_rows.dtype)
+    n_nodes = n_keep + (n_layers + 1) * n_pos + len(chosen)
     encoders = clt.W_enc.detach()[layer_i, :, feat_i]  # n_active d_model
-    visited = torch.zeros(n_active, dtype=torch.bool)
-    done = 0
-    while done < n_keep:
-        if n_keep == n_active:
-            pending = torch.arange(n_active)
-        else:  # most influential first, re-estimated every 4 batches
-            influence = _partial_influence(logit_rows, feature_rows, visited, chosen)
+    dtype = run.embed.dtype
+    if n_keep == n_active:  # every row goes straight into the adjacency: no row buffer, no copies
+        adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype)
+        for i in range(0, len(chosen), batch):
+            vectors = torch.stack([t.vector for t in chosen[i : i + batch]])
+            adjacency[n_nodes - len(chosen) + i : n_nodes - len(chosen) + i + len(vectors), :n_sources] = (
+                rows_of.logits(vectors)
+            )
+        for i in range(0, n_active, batch):
+            idx = torch.arange(i, min(i + batch, n_active))
+            adjacency[idx, :n_sources] = rows_of.features(layer_i[idx], pos_i[idx], encoders[idx])
+        keep = torch.arange(n_active)
+    else:  # rows in visiting order (a buffer of n_keep rows), most influential first
+        logit_rows = torch.cat(
+            [
+                rows_of.logits(torch.stack([t.vector for t in chosen[i : i + batch]]))
+                for i in range(0, len(chosen), batch)
+            ]
+        )
+        buffer = torch.zeros(n_keep, n_sources, dtype=dtype)
+        visited_ids = torch.zeros(n_keep, dtype=torch.long)
+        visited = torch.zeros(n_active, dtype=torch.bool)
+        done = 0
+        while done < n_keep:  # re-estimated every 4 batches
+            influence = _partial_influence(logit_rows, buffer[:done], visited_ids[:done], n_active, chosen)
             rank = torch.argsort(influence, descending=True)
             pending = rank[~visited[rank]][: min(4 * batch, n_keep - done)]
-        for i in range(0, len(pending), batch):
-            idx = pending[i : i + batch]
-            feature_rows[idx] = rows_of.features(layer_i[idx], pos_i[idx], encoders[idx])
-            visited[idx] = True
-            done += len(idx)
-
-    keep = torch.nonzero(visited).flatten() if n_keep < n_active else torch.arange(n_active)
-    columns = torch.cat([keep, torch.arange(n_active, n_sources)])
-    n_nodes = len(keep) + (n_layers + 1) * n_pos + len(chosen)
-    adjacency = torch.zeros(n_nodes, n_nodes, dtype=logit_rows.dtype)
-    adjacency[: len(keep), : len(columns)] = feature_rows[keep][:, columns]
-    adjacency[n_nodes - len(chosen) :, : len(columns)] = logit_rows[:, columns]
+            for i in range(0, len(pending), batch):
+                idx = pending[i : i + batch]
+                buffer[done : done + len(idx)] = rows_of.features(layer_i[idx], pos_i[idx], encoders[idx])
+                visited_ids[done : done + len(idx)] = idx
+                visited[idx] = True
+                done += len(idx)
+        keep, slots = torch.sort(visited_ids)
+        columns = torch.cat([keep, torch.arange(n_active, n_sources)])
+        adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype)
+        for i in range(0, n_keep, batch):  # a batch of rows at a time: no full-size temporaries
+            rows = slots[i : i + batch]
+            adjacency[i : i + len(rows), : len(columns)] = buffer[rows][:, columns]
+        del buffer
+        adjacency[n_nodes - len(chosen) :, : len(columns)] = logit_rows[:, columns]
 
     err_norm = run.errors[0].norm(dim=-1)  # pos layer
     err_norm[:1] = 0
@@ -444,19 +458,19 @@ class _Backward:
 
 
 def _partial_influence(
-    logit_rows: Tensor, feature_rows: Tensor, visited: Tensor, targets: list[Target]
+    logit_rows: Tensor, rows: Tensor, row_ids: Tensor, n_active: int, targets: list[Target]
 ) -> Tensor:
-    """Each feature's influence on the targets through the rows computed so far (circuit-tracer's
-    ``compute_partial_influences``): power iteration over the normalised absolute rows."""
-    n_active = feature_rows.shape[0]
-    rows = torch.cat([feature_rows[visited], logit_rows]).abs()
-    rows = rows / rows.sum(1, keepdim=True).clamp(min=1e-8)
-    row_nodes = torch.cat([torch.nonzero(visited).flatten(), torch.full((logit_rows.shape[0],), -1)])
-    weights = torch.tensor([t.weight for t in targets], dtype=rows.dtype)
-    current = torch.cat([torch.zeros(int(visited.sum()), dtype=rows.dtype), weights])
-    influence = torch.zeros(rows.shape[1], dtype=rows.dtype)
+    """Each feature's influence on the targets through the rows computed so far (``rows`` of the features
+    ``row_ids``; circuit-tracer's ``compute_partial_influences``): power iteration over the normalised absolute
+    rows (one copy of them, normalised in place)."""
+    a = torch.cat([rows, logit_rows]).abs_()
+    a /= a.sum(1, keepdim=True).clamp(min=1e-8)
+    row_nodes = torch.cat([row_ids, torch.full((logit_rows.shape[0],), -1)])
+    weights = torch.tensor([t.weight for t in targets], dtype=a.dtype)
+    current = torch.cat([torch.zeros(len(row_ids), dtype=a.dtype), weights])
+    influence = torch.zeros(a.shape[1], dtype=a.dtype)
     for _ in range(128):
-        prod = current @ rows
+        prod = current @ a
         if not prod.any():
             break
         influence += prod
