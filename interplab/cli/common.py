@@ -250,6 +250,13 @@ def db_source(value: str | Path | None) -> str | Path | None:
     return value if is_url(value) else Path(value)
 
 
+def db_link(source: str | Path) -> str:
+    """`interplab.features.database.database_link`: how a run records a database given as ``source``."""
+    from interplab.features.database import database_link
+
+    return database_link(source)
+
+
 def db_option(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | Path | None:
     """Typer callback of a ``--db`` option (declared ``str``): `db_source`."""
     return db_source(value)
