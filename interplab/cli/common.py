@@ -21,6 +21,7 @@ from rich.console import Console
 
 from interplab.model import Transformer
 from interplab.model.load import load_model, model_source
+from interplab.model.precision import check_dtype
 from interplab.runs import Kind, RunError, check_out
 
 console = Console(stderr=False)
@@ -163,8 +164,6 @@ def model_dtype(value: str | None) -> str | None:
     """``--dtype`` of a command's model: one of `MODEL_DTYPES` (or bf16, fp16, fp32), as its full name."""
     if value is None:
         return None
-    from interplab.model.precision import check_dtype
-
     try:
         dtype = check_dtype(value)
     except ValueError:
