@@ -252,7 +252,7 @@ CASES = [
     (["heads", M, "--out", E, "--batch", "0"], 2, "0"),
     (["heads", M, "--out", E, "--dtype", "int8"], 2, "'int8' is not one of: float32, bfloat16, float16"),
     (["sae", "cache", M, "--hook", HOOK, "--out", E, "--model-dtype", "fp64", "--corpus", C], 2, "'fp64'"),
-    (["graph", "build", "--model", M, "--clt", S, "--out", E, "--dtype", "half8"], 2, "'half8'"),
+    (["patch", M, "--out", E, "--task", "ioi", "--dtype", "half8"], 2, "'half8'"),
     (["heads", M, "--out", E, "--seq-len", "-3"], 2, "-3"),
     (["heads", "{root}/truncated_model", "--out", E], 2, "model.safetensors"),
     (["lens", M, "--out", E, "--task", "ioi", "--n", "-1"], 2, "-1"),
