@@ -33,7 +33,7 @@ def lab(tmp_path_factory) -> Path:
     save_sae(create_sae(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, hook_name=HOOK)), root / "sae")
     (root / "corpus").mkdir()
     for i in range(8):
-        (root / "corpus" / f"{i}.txt").write_text("abc def gh\n" * (40 + i))
+        (root / "corpus" / f"{i}.txt").write_text("abc def gh\n" * (80 + i))
     return root
 
 
@@ -78,6 +78,26 @@ def _commands(lab: Path, out: Path) -> dict[str, list[str]]:
             "16",
             "--no-loss-effect",
         ],  # fmt: skip
+        "sae train": [
+            "sae",
+            "train",
+            "--model",
+            m,
+            "--hook",
+            HOOK,
+            "--out",
+            str(out / "saes"),
+            "--corpus",
+            c,
+            "--steps",
+            "2",
+            "--batch",
+            "32",
+            "--seq-len",
+            "16",
+            "--expansion",
+            "2",
+        ],  # fmt: skip
         "sae cache": [
             "sae",
             "cache",
@@ -98,7 +118,7 @@ def _commands(lab: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("command", ["heads", "features build", "sae cache"])
+@pytest.mark.parametrize("command", ["heads", "features build", "sae train", "sae cache"])
 def test_dtype_bf16_loads_the_model_in_bf16(lab, tmp_path, loaded, command):
     args = _commands(lab, tmp_path)[command]
     flag = "--model-dtype" if command == "sae cache" else "--dtype"  # sae cache's --dtype is the cache's
