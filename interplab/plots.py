@@ -300,6 +300,27 @@ def figure_html(
     return fig.to_html(include_plotlyjs=src, full_html=full_html)
 
 
+def write_figure_files(
+    fig: Any,
+    folder: str | Path,
+    stem: str,
+    *,
+    assets: str | Path | None = None,
+    fallback: Callable[[Path], None] | None = None,
+) -> dict[str, str | None]:
+    """A report's picture in ``folder``: ``stem.html`` (loading the shared ``plotly.min.js``, from ``assets``
+    when ``folder`` is inside it, see `figure_html`) and ``stem.png`` (see `write_image`). Returns the paths
+    ``{"html", "png", "png_error"}``: ``png`` is None, with ``png_error`` saying why, when no renderer works."""
+    folder = Path(folder)
+    atomic_write_text(folder / f"{stem}.html", figure_html(fig, folder, assets=assets))
+    error = write_image(fig, folder / f"{stem}.png", fallback=fallback)
+    return {
+        "html": str(folder / f"{stem}.html"),
+        "png": None if error else str(folder / f"{stem}.png"),
+        "png_error": error,
+    }
+
+
 def _assets_folder(folder: str | Path, assets: str | Path | None) -> Path:
     if assets is None:
         return Path(folder)

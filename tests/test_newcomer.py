@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from interplab import runs
 from interplab.cli.demo import DEMO_RUN, DemoOutputs
 from tests.scripts_env import ROOT, run_python, script_env, tail
 
@@ -41,7 +42,6 @@ def python_block(markdown: Path) -> str:
 def _demo_diff(p: Path) -> bool:
     """``runs/demo/diffs/step_A-step_B``: where `interplab sae diff runs/demo --before A --after B` writes
     (`default_diff_folder`), named exactly as it names it."""
-    from interplab import runs
     from interplab.sae.diffing import default_diff_folder
 
     m = re.fullmatch(r"step_(\d+)-step_(\d+)", p.name)
@@ -53,7 +53,8 @@ def _demo_diff(p: Path) -> bool:
 def test_the_demo_names_are_the_ones_the_docs_use():
     demo = DemoOutputs()
     known = {demo.final, demo.formation, demo.sae_run, demo.sae, demo.sae_eval, demo.features_db}
-    outputs = {"checkpoints", "config.json", "log.jsonl", "report.json", "attribution", "site"}
+    # what the demo writes into its run, and what later commands write there (`interplab attribute`, `llc`)
+    outputs = {"checkpoints", "config.json", "log.jsonl", "report.json", "attribution", "site", runs.LLC}
     seen = set()
     for path in DOCS:
         text = path.read_text(encoding="utf-8")

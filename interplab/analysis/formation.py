@@ -39,7 +39,7 @@ from interplab.data import build_token_store, load_tokenizer, open_corpus
 from interplab.io import atomic_write_text
 from interplab.model.io import load_native
 from interplab.model.transformer import Transformer
-from interplab.plots import figure_html, write_image
+from interplab.plots import write_figure_files
 from interplab.train.config import TrainConfig
 
 FORMED_THRESHOLD = 0.3
@@ -228,17 +228,11 @@ class FormationResult:
         folder.mkdir(parents=True, exist_ok=True)
         data = runs.write_json(folder / runs.FORMATION_JSON, runs.Kind.FORMATION, self.to_dict())
         atomic_write_text(folder / "formation.md", self.summary() + "\n\n" + self.markdown() + "\n")
-        fig = self.plot()
         # inside its training run, the page shares the run folder's plotly.min.js with the run's other reports
-        atomic_write_text(folder / "formation.html", figure_html(fig, folder, assets=self.run_dir))
-        error = write_image(fig, folder / "formation.png", fallback=self._plot_matplotlib)
-        return {
-            "json": str(data),
-            "table": str(folder / "formation.md"),
-            "html": str(folder / "formation.html"),
-            "png": None if error else str(folder / "formation.png"),
-            "png_error": error,
-        }
+        pictures = write_figure_files(
+            self.plot(), folder, "formation", assets=self.run_dir, fallback=self._plot_matplotlib
+        )
+        return {"json": str(data), "table": str(folder / "formation.md"), **pictures}
 
     def _plot_matplotlib(self, path: Path) -> None:
         import matplotlib

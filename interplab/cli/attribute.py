@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -26,7 +27,8 @@ def attribute(
     target: str = typer.Option(
         library_default(attribute_run, "target"),
         help="induction:L.H | prev:L.H | composition:k:L1.H1->L2.H2 | "
-        "induction:best (the head with the highest final score)",
+        "induction:best (the head with the highest final score) | neuron:L.N | loss (held-out sequences) | "
+        "loss:QUERY_FILE (a text file) | feature:SAE_PATH:IDX; for a loss, helpful examples score negative",
     ),
     window: str = typer.Option(
         library_default(attribute_run, "window"),
@@ -77,7 +79,8 @@ def attribute(
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
     folder = claim_out(
-        out or run_dir / ATTRIBUTION / result.target.replace(":", "_").replace("->", "_to_"), Kind.ATTRIBUTION
+        out or run_dir / ATTRIBUTION / re.sub(r"[^A-Za-z0-9._-]", "_", result.target.replace("->", "_to_")),
+        Kind.ATTRIBUTION,
     )
     paths = result.save(folder)
     console.print(
@@ -86,6 +89,10 @@ def attribute(
     )
     for rank, (seq, score) in enumerate(result.top(5), 1):
         console.print(f"  #{rank} sequence {seq}: {score:.3g}")
+    if result.target.startswith("loss"):  # the sign convention (docs/attribution.md): helpful = negative
+        console.print("a loss target: positive scores raised the loss; the sequences that helped most:")
+        for i in result.scores.argsort()[:5].tolist():
+            console.print(f"  sequence {int(result.example_ids[i])}: {float(result.scores[i]):.3g}")
     console.print(
         "over-represented tokens in the top 10%: " + ", ".join(repr(t) for t, _ in result.enriched[:10])
     )

@@ -24,12 +24,13 @@ from interplab.data_attribution.methods import CheckpointGrads, formation_window
 from interplab.data_attribution.params import param_group
 from interplab.data_attribution.per_example import lm_loss, objective_grad, per_example_grads
 from interplab.data_attribution.projection import Projector
-from interplab.data_attribution.targets import parse_target
+from interplab.data_attribution.targets import Target, feature_target, loss_target, parse_target
 from interplab.io import atomic_write_text, save_tensors
 from interplab.model.io import load_native
 from interplab.model.transformer import Transformer
 from interplab.plots import figure_html, write_image
 from interplab.runs import REPORT, Kind, write_json
+from interplab.sae.io import load_sae
 from interplab.train.config import TrainConfig
 from interplab.train.sources import CorpusSource, cosine_lr
 
@@ -172,31 +173,36 @@ def _repeated_pairs(tokens: list[int]) -> list[bool]:
 
 def attribute_run(
     run_dir: str | Path,
-    target: str = "induction:best",
+    target: str | Target = "induction:best",
     *,
     window: str | tuple[int, int] = "auto",
     group: str = "all",
     dim: int = 1024,
     max_candidates: int = 256,
+    probe: Tensor | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> RunAttribution:
     """Score the training sequences seen inside ``window`` (``"auto"``: where the target rises from 10% to 90%
-    of its total rise over the run's checkpoints) for their effect on ``target`` (see `parse_target`;
-    ``induction:best`` / ``prev:best`` pick the head with the highest final score)."""
+    of its total rise over the run's checkpoints; for a loss, where it falls) for their effect on ``target``:
+    any `Target` (evaluated at every checkpoint), or a spec (`run_target`: ``induction:best``, ``prev:L.H``,
+    ``composition:...``, ``neuron:L.N``, ``loss``, ``loss:FILE``, ``feature:SAE_PATH:IDX``). ``probe``
+    [batch pos]: the tokens neuron, feature and loss specs read (default: the run's held-out sequences).
+    Each checkpoint's term is weighted by lr x span / n_train (see docs/attribution.md, sign convention)."""
     run_dir = Path(run_dir)
     cfg, ckpts = _open_run(run_dir)
     if len(ckpts) < 2:
         raise ValueError(f"{run_dir} has {len(ckpts)} intact checkpoints; attribution needs at least 2")
     models = {c.step: load_native(c.path) for c in ckpts}
     final = models[ckpts[-1].step]
-    target = _resolve_best(final, target)
-    targets = {s: parse_target(m, target) for s, m in models.items()}
+    source = CorpusSource(cfg)
+    if isinstance(target, str):
+        target = run_target(final, _resolve_best(final, target), source, probe)
     with torch.no_grad():
-        curve = [float(targets[c.step](models[c.step])) for c in ckpts]
+        curve = [float(target(models[c.step])) for c in ckpts]
     steps_all = [c.step for c in ckpts]
     if window == "auto":
-        lo, hi = formation_window(steps_all, curve)
+        lo, hi = formation_window(steps_all, curve if target.rises else [-v for v in curve])
     else:
         lo, hi = cast(tuple[int, int], window)  # not "auto": a (lo, hi) pair
         if not (steps_all[0] <= lo < hi <= steps_all[-1]):
@@ -206,7 +212,6 @@ def attribute_run(
     used = [s for s in steps_all if lo <= s <= hi]
     if len(used) < 2:
         raise ValueError(f"window [{lo}, {hi}] holds {len(used)} checkpoint(s); need at least 2")
-    source = CorpusSource(cfg)
     ids = _window_sequences(source, lo, hi, max_candidates, seed)
     tokens = source.train.sequences(ids, source.seq_len)
     grp = param_group(final, group)
@@ -216,7 +221,7 @@ def attribute_run(
         model = models[step]
         lr = _lr_at(cfg, step)
         span = used[i + 1] - step
-        tg = proj.project(objective_grad(model, targets[step], grp)[None])[0]
+        tg = proj.project(objective_grad(model, target, grp)[None])[0]
         g = proj.project(per_example_grads(model, lm_loss, tokens, grp, chunk_size=8))
         # an example sits in a step's batch with probability batch/n_train and then moves the weights by
         # lr/batch times its gradient (SGD form; AdamW's preconditioning is not modelled here)
@@ -228,7 +233,7 @@ def attribute_run(
     texts, pieces = _decode(final, tokens)
     result = RunAttribution(
         run_dir=str(run_dir),
-        target=target,
+        target=target.name,
         window=(lo, hi),
         example_ids=ids,
         scores=scores,
@@ -241,6 +246,61 @@ def attribute_run(
     )
     object.__setattr__(result, "pieces", pieces)
     return result
+
+
+PROBE_SEQUENCES = 16
+"""held-out sequences a ``loss`` / ``neuron`` / ``feature`` spec reads when no probe is given"""
+
+
+def run_target(model: Transformer, spec: str, source: CorpusSource, probe: Tensor | None = None) -> Target:
+    """A target spec on a training run: every `parse_target` kind, plus ``loss:FILE`` (mean next-token loss on
+    a UTF-8 text file, tokenized with the run's tokenizer into ``seq_len`` windows) and
+    ``feature:SAE_PATH:IDX`` (latent IDX of the SAE `load_sae` reads at SAE_PATH). ``neuron:L.N``,
+    ``feature:...`` and ``loss`` read ``probe``, by default the run's first `PROBE_SEQUENCES` held-out
+    sequences."""
+    kind, _, arg = spec.partition(":")
+    if kind == "loss" and arg:
+        return loss_target(_file_sequences(Path(arg), source), name=f"loss:{Path(arg).name}")
+    if kind not in ("loss", "neuron", "feature"):
+        return parse_target(model, spec, probe)
+    probe = probe if probe is not None else _heldout(source, spec)
+    if kind != "feature":
+        return parse_target(model, spec, probe)
+    path, _, idx = arg.rpartition(":")
+    if not path or not idx.isdigit():
+        raise ValueError(f"cannot parse target {spec!r}: a feature target is feature:SAE_PATH:IDX")
+    sae = load_sae(path)
+    if sae.cfg.hook_name not in model.hook_names:
+        raise ValueError(
+            f"the SAE at {path} reads {sae.cfg.hook_name!r}, which the run's model does not have"
+        )
+    if int(idx) >= sae.cfg.d_sae:
+        raise ValueError(f"feature {idx} does not exist: the SAE at {path} has {sae.cfg.d_sae} latents")
+    return feature_target(model, sae, probe, int(idx))
+
+
+def _heldout(source: CorpusSource, spec: str) -> Tensor:
+    """The run's first `PROBE_SEQUENCES` validation sequences (what a loss / neuron / feature spec reads)."""
+    n = source.val.n_sequences(source.seq_len) if source.val is not None else 0
+    if n == 0:
+        raise ValueError(
+            f"target {spec!r} reads probe tokens and the run has no held-out sequences: pass probe= "
+            "(or use loss:FILE)"
+        )
+    return source.val.sequences(torch.arange(min(n, PROBE_SEQUENCES)), source.seq_len)  # type: ignore[union-attr]
+
+
+def _file_sequences(path: Path, source: CorpusSource) -> Tensor:
+    """A text file's tokens as non-overlapping ``seq_len`` windows (a shorter file: one shorter sequence)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"query file {path} does not exist (loss:FILE needs a UTF-8 text file)")
+    ids = source.tokenizer.encode(path.read_text(encoding="utf-8"))
+    if len(ids) < 2:
+        raise ValueError(f"query file {path} has {len(ids)} token(s); a loss needs at least 2")
+    n = source.seq_len
+    if len(ids) < n:
+        return torch.tensor([ids], dtype=torch.long)
+    return torch.tensor(ids[: len(ids) // n * n], dtype=torch.long).view(-1, n)
 
 
 def _open_run(run_dir: Path) -> tuple[TrainConfig, list[runs.Checkpoint]]:

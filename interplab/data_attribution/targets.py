@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Target:
-    """A named differentiable scalar function of the model."""
+    """A named differentiable scalar function of the model. ``rises``: whether the target grows as what it
+    measures forms (a mechanism score) or falls (a loss); ``window="auto"`` in `attribute_run` follows it."""
 
     name: str
     fn: Callable[[Transformer], Tensor]
+    rises: bool = True
 
     def __call__(self, model: Transformer) -> Tensor:
         return self.fn(model)
@@ -101,7 +103,7 @@ def loss_target(tokens: Tensor, name: str = "loss") -> Target:
         logits = logits_of(m, tokens)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
-    return Target(name, fn)
+    return Target(name, fn, rises=False)
 
 
 def neuron_target(model: Transformer, layer: int, neuron: int, probe: Tensor) -> Target:

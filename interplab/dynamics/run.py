@@ -42,7 +42,7 @@ from interplab.dynamics.llc import (
 from interplab.io import atomic_write_text
 from interplab.model.io import load_native
 from interplab.model.transformer import Transformer
-from interplab.plots import figure_html, write_image
+from interplab.plots import write_figure_files
 from interplab.train.config import TrainConfig
 
 COMPONENT_FORMS = "'heads' (every head), 'layers' (every layer), 'L1H0' (one head), 'layer1' (one layer)"
@@ -262,16 +262,10 @@ class RunLLC:
         folder.mkdir(parents=True, exist_ok=True)
         report = runs.write_json(folder / runs.REPORT, runs.Kind.LLC, self.to_dict())
         atomic_write_text(folder / "llc.md", self.summary() + "\n\n" + self.markdown() + "\n")
-        fig = self.plot()
-        atomic_write_text(folder / "llc.html", figure_html(fig, folder, assets=self.run_dir))
-        error = write_image(fig, folder / "llc.png", fallback=self._plot_matplotlib)
-        return {
-            "report": str(report),
-            "table": str(folder / "llc.md"),
-            "html": str(folder / "llc.html"),
-            "png": None if error else str(folder / "llc.png"),
-            "png_error": error,
-        }
+        pictures = write_figure_files(
+            self.plot(), folder, "llc", assets=self.run_dir, fallback=self._plot_matplotlib
+        )
+        return {"report": str(report), "table": str(folder / "llc.md"), **pictures}
 
     def _plot_matplotlib(self, path: Path) -> None:
         import matplotlib
@@ -496,16 +490,13 @@ def join_formation(run_dir: str | Path, llc: RunLLC | None = None) -> dict[str, 
     formation = FormationResult.from_dict(runs.read_json(formation_file, runs.Kind.FORMATION))
     window = _attribution_window(run_dir)
     fig = formation_llc_figure(formation, llc, window)
-    folder = formation_file.parent
-    atomic_write_text(folder / "formation_llc.html", figure_html(fig, folder, assets=run_dir))
-    error = write_image(
-        fig, folder / "formation_llc.png", fallback=lambda p: _combined_matplotlib(formation, llc, window, p)
+    return write_figure_files(
+        fig,
+        formation_file.parent,
+        "formation_llc",
+        assets=run_dir,
+        fallback=lambda p: _combined_matplotlib(formation, llc, window, p),
     )
-    return {
-        "html": str(folder / "formation_llc.html"),
-        "png": None if error else str(folder / "formation_llc.png"),
-        "png_error": error,
-    }
 
 
 def _combined_matplotlib(

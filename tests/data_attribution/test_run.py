@@ -93,3 +93,149 @@ def test_recording_callback_during_training(tmp_path, monkeypatch):
         per_example_grads(model, lm_loss, source.batch(6, slice(None)), group)
     )
     torch.testing.assert_close(grads, expected / len(ids), atol=1e-5, rtol=1e-4)
+
+
+def _flat_grad(model, grp, value):
+    """The gradient of ``value`` with respect to ``grp``, by one plain backward pass (unused parameters: 0)."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(
+        value, [params[k] for k in grp.param_names], allow_unused=True, materialize_grads=True
+    )
+    return grp.flatten(dict(zip(grp.param_names, grads, strict=True)))
+
+
+def _hand_tracin(run_dir, target, window, ids, dim):
+    """The checkpoint loop written out: per-example backward passes at every checkpoint of the window but the
+    last, each term -lr x span / n_train <P grad target, P grad loss_i>."""
+    import torch.nn.functional as F
+
+    from interplab.data_attribution import Projector, param_group
+    from interplab.model.io import load_native
+    from interplab.runs import TrainRun
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource, cosine_lr
+
+    run = TrainRun.open(run_dir)
+    cfg = TrainConfig.from_dict(run.config)
+    source = CorpusSource(cfg)
+    tokens = source.train.sequences(ids, source.seq_len)
+    ckpts = [c for c in run.checkpoints(intact=True) if window[0] <= c.step <= window[1]]
+    rows = []
+    for a, b in zip(ckpts[:-1], ckpts[1:], strict=True):
+        model = load_native(a.path)
+        grp = param_group(model, "all")
+        proj = Projector(d_in=grp.numel, dim=dim, seed=0)
+        tg = _flat_grad(model, grp, target(model))
+        g = torch.stack(
+            [
+                _flat_grad(model, grp, F.cross_entropy(model(t[None])[0, :-1].float(), t[1:]))
+                for t in tokens  # one backward pass per training sequence
+            ]
+        )
+        o = cfg.optim
+        lr = cosine_lr(a.step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
+        weight = lr * (b.step - a.step) / source.n_train
+        rows.append(-weight * (proj.project(g) @ proj.project(tg[None])[0]))
+    return torch.stack(rows)
+
+
+def test_attribute_run_any_target_equals_the_hand_written_checkpoint_loop(tiny_run, tmp_path):
+    """A custom `Target` and a loss on a query file go through attribute_run with the lr x span / N weighting
+    it documents: equal to the loop written out with plain backward passes."""
+    from interplab.data_attribution import Target, loss_target
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource
+
+    custom = Target("qk-norm:1", lambda m: (m.blocks[1].attn.W_Q * m.blocks[1].attn.W_K).sum())
+    result = attribute_run(tiny_run, custom, window=(0, 12), dim=48, max_candidates=10)
+    assert result.target == "qk-norm:1"
+    expected = _hand_tracin(tiny_run, custom, (0, 12), result.example_ids, 48)
+    torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
+    assert bool(expected.abs().sum() > 0)
+
+    queries = tmp_path / "queries.txt"
+    queries.write_text("def add(a, b):\n    return a + b\n" * 8, encoding="utf-8")
+    result = attribute_run(tiny_run, f"loss:{queries}", window=(0, 12), dim=48, max_candidates=10)
+    assert result.target == "loss:queries.txt"
+    source = CorpusSource(TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text())))
+    ids = torch.tensor(source.tokenizer.encode(queries.read_text()))
+    n = source.seq_len
+    query = loss_target(ids[: len(ids) // n * n].view(-1, n))
+    expected = _hand_tracin(tiny_run, query, (0, 12), result.example_ids, 48)
+    torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
+    # the curve is the query loss at every checkpoint: it falls as the model learns
+    assert result.curve[-1] < result.curve[0]
+
+
+def test_attribute_run_loss_on_held_out_auto_window_and_bad_specs(tiny_run, tmp_path):
+    result = attribute_run(tiny_run, "loss", dim=32, max_candidates=8)
+    lo, hi = result.window  # auto: where the held-out loss falls
+    assert result.target == "loss" and lo < hi
+    assert result.curve[result.curve_steps.index(hi)] < result.curve[result.curve_steps.index(lo)]
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+
+    args = ["attribute", str(tiny_run), "--target", "loss", "--dim", "32", "--candidates", "8"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0 and "helped most" in done.output, done.output
+    helped = int(result.example_ids[result.scores.argmin()])
+    assert f"sequence {helped}: {float(result.scores.min()):.3g}" in done.output
+    with pytest.raises(FileNotFoundError, match="query file .* does not exist"):
+        attribute_run(tiny_run, f"loss:{tmp_path / 'nope.txt'}", window=(0, 12))
+    with pytest.raises(ValueError, match="feature:SAE_PATH:IDX"):
+        attribute_run(tiny_run, "feature:7", window=(0, 12))
+    with pytest.raises(ValueError, match="neuron 0.1 does not exist"):  # the run's model is attention-only
+        attribute_run(tiny_run, "neuron:0.1", window=(0, 12))
+
+
+def test_cli_attribute_feature_spec_equals_the_feature_target(tiny_run, tmp_path):
+    """``interplab attribute RUN --target feature:SAE_PATH:IDX`` reads the run's held-out sequences through the
+    SAE and scores like `feature_target` given to attribute_run; its folder name is filesystem-safe."""
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+    from interplab.data_attribution import feature_target
+    from interplab.io import load_tensors
+    from interplab.model.io import load_native
+    from interplab.runs import TrainRun
+    from interplab.sae import SAEConfig, create_sae, save_sae
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource
+
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(d_in=32, d_sae=16, hook_name="blocks.0.hook_resid_post"))
+    sae_dir = save_sae(sae, tmp_path / "sae")
+    spec = f"feature:{sae_dir}:3"
+    args = [
+        "attribute",
+        str(tiny_run),
+        "--target",
+        spec,
+        "--window",
+        "0:12",
+        "--dim",
+        "32",
+        "--candidates",
+        "8",
+    ]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    folder = tiny_run / "attribution" / "feature_blocks.0.hook_resid_post_3"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["target"] == "feature:blocks.0.hook_resid_post:3" and str(folder) in done.output.replace(
+        "\n", ""
+    )
+
+    run = TrainRun.open(tiny_run)
+    source = CorpusSource(TrainConfig.from_dict(run.config))
+    heldout = source.val.sequences(torch.arange(16), source.seq_len)
+    final = load_native(run.checkpoints(intact=True)[-1].path)
+    direct = attribute_run(
+        tiny_run, feature_target(final, sae, heldout, 3), window=(0, 12), dim=32, max_candidates=8
+    )
+    saved = load_tensors(folder / "scores.safetensors")
+    torch.testing.assert_close(saved["scores"], direct.scores)
+    assert bool(direct.scores.abs().sum() > 0)
+    with pytest.raises(ValueError, match="feature 99 does not exist"):
+        attribute_run(tiny_run, f"feature:{sae_dir}:99", window=(0, 12))
