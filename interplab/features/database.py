@@ -124,7 +124,8 @@ class FeatureDatabase:
                 )
             if self.file.is_file():
                 self.found = self._probe(self.file, create)
-            else:
+            else:  # create=True: a new file, in a folder made for it if need be
+                self.file.parent.mkdir(parents=True, exist_ok=True)
                 self.found, self.engine = 0, sqlite_engine(self.file)
         else:
             self.where = D.display_url(str(path_or_url))
