@@ -23,7 +23,7 @@ from interplab.model.rope import (
     YarnRope,
     inverse_frequencies,
 )
-from tests.model.test_family_padding import step_logits
+from tests.model.test_family_padding import check_left_padding_and_generation, step_logits
 from tests.model.test_load_hf import LONGROPE
 from tests.model.test_load_hf_qk_norm import _gemma3 as gemma3_config
 
@@ -90,6 +90,40 @@ ROPES = {  # name -> (family, rope parameters beyond rope_theta, config beyond S
         {},
     ),
     "longrope-phi3": ("phi3", LONGROPE, {"original_max_position_embeddings": ORIGINAL}),
+    # GPT-NeoX: the scaling covers its rotary part only (partial_rotary_factor)
+    "linear-neox": ("gpt_neox", {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, {}),
+    "dynamic-neox": (
+        "gpt_neox",
+        {"rope_type": "dynamic", "factor": 3.0, "partial_rotary_factor": 0.5},
+        {"max_position_embeddings": ORIGINAL},
+    ),
+    "yarn-neox-sequential-full-rotary": (
+        "gpt_neox",
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "partial_rotary_factor": 1.0,
+        },
+        {"use_parallel_residual": False},
+    ),
+    # Gemma-2: transformers scales every layer, the sliding-window ones too
+    "llama3-gemma2": (
+        "gemma2",
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+        },
+        {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 5},
+    ),
+    "dynamic-gemma2": (
+        "gemma2",
+        {"rope_type": "dynamic", "factor": 3.0},
+        {"max_position_embeddings": ORIGINAL, "head_dim": 8},
+    ),
     "longrope-phi3-partial": (
         "phi3",
         {**LONGROPE, "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0], "partial_rotary_factor": 0.5},
@@ -103,6 +137,8 @@ CLASSES = {
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
 }
 
 
@@ -168,7 +204,7 @@ def test_scaled_rope_matches_transformers(tmp_path, name, seq):
         assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], rotated[layer][0], atol=1e-4, rtol=0)
         assert_close(cache[f"blocks.{layer}.attn.hook_rot_k"], rotated[layer][1], atol=1e-4, rtol=0)
     # the scaling is really applied: the unscaled model differs (dynamic NTK only beyond its original length)
-    if name == "dynamic" and seq <= ORIGINAL:
+    if name.startswith("dynamic") and seq <= ORIGINAL:
         return
     plain = load_model(tmp_path)
     set_config(plain, plain.cfg.replace(rope_scaling=None))
@@ -252,9 +288,8 @@ def test_linear_scaling_is_position_interpolation():
     assert_close(12 * freq, 3 * plain, atol=1e-6, rtol=0)
 
 
-def _hf_config_folder(tmp_path, rope: dict, family: str = "llama") -> None:
-    config_cls, _ = CLASSES[family] if family in CLASSES else (transformers.Gemma2Config, None)
-    d = config_cls(**SMALL, max_position_embeddings=64).to_dict()
+def _hf_config_folder(tmp_path, rope: dict) -> None:
+    d = transformers.LlamaConfig(**SMALL, max_position_embeddings=64).to_dict()
     d["rope_parameters"] = {**rope, "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(d))
 
@@ -269,13 +304,12 @@ def test_unsupported_rope_type_is_named_with_the_supported_ones(tmp_path, rope_t
         load_model(tmp_path)
 
 
-def test_rope_scaling_of_a_family_that_does_not_read_it_is_refused(tmp_path):
-    _hf_config_folder(tmp_path, {"rope_type": "linear", "factor": 2.0}, family="gemma2")
-    with pytest.raises(
-        ValueError,
-        match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3",
-    ):
-        load_model(tmp_path)
+@pytest.mark.parametrize("name", ["linear-neox", "yarn-neox-sequential-full-rotary", "llama3-gemma2"])
+def test_scaled_neox_and_gemma2_left_padding_and_generation_equal_transformers(tmp_path, name):
+    """The families that gained rope scaling: a left-padded batch and greedy generation (cached and not) equal
+    transformers', as every family's unscaled variants do in test_family_padding."""
+    model_cls = _save(name, tmp_path)
+    check_left_padding_and_generation(_fresh(model_cls, tmp_path), load_model(tmp_path))
 
 
 def test_missing_rope_parameter_is_named(tmp_path):
@@ -402,3 +436,25 @@ def test_gemma3_scales_its_global_layers_only(tmp_path):
         set_config(other, other.cfg.replace(**changes))
         with torch.no_grad():
             assert (other(tokens) - logits).abs().max() > 1e-2, changes
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_legacy_neox_rope_scaling_config(tmp_path, kind):
+    """A GPT-NeoX config.json as transformers 4 wrote it: ``rotary_emb_base``, ``rotary_pct`` and
+    ``rope_scaling: {"type": ...}``; transformers reads it, and so does interplab, to the same logits."""
+    name = f"{kind}-neox"
+    model_cls = _save(name, tmp_path)
+    cfg_file = tmp_path / "config.json"
+    d = json.loads(cfg_file.read_text())
+    rope = d.pop("rope_parameters")
+    d["rotary_emb_base"], d["rotary_pct"] = 500.0, rope["partial_rotary_factor"]
+    d["rope_scaling"] = {"type": kind, "factor": rope["factor"]}
+    cfg_file.write_text(json.dumps(d))
+    hf = _fresh(model_cls, tmp_path)
+    assert hf.config.rope_parameters["rope_theta"] == 500.0
+    model = load_model(tmp_path)
+    assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.rope_type == kind
+    assert model.cfg.rotary_base == 500.0 and model.cfg.rotary_dim == 4
+    tokens = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
