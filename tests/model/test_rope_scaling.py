@@ -90,6 +90,17 @@ ROPES = {  # name -> (family, rope parameters beyond rope_theta, config beyond S
         {},
     ),
     "longrope-phi3": ("phi3", LONGROPE, {"original_max_position_embeddings": ORIGINAL}),
+    "yarn-qwen3-attention-factor": (  # (what a TransformerLens config can say: its yarn_attention_factor)
+        "qwen3",
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "attention_factor": 1.25,
+            "beta_fast": 16.0,
+        },
+        {"num_key_value_heads": 2, "head_dim": 8},
+    ),
     # GPT-NeoX: the scaling covers its rotary part only (partial_rotary_factor)
     "linear-neox": ("gpt_neox", {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, {}),
     "dynamic-neox": (
@@ -458,3 +469,156 @@ def test_legacy_neox_rope_scaling_config(tmp_path, kind):
     tokens = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def _hf_to_tl(hf, tl_extra: dict, *, qk_norm: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Llama/Qwen3 transformers model as TransformerLens converts it (its ``convert_llama_weights`` /
+    ``convert_qwen3_weights`` and its Qwen3 config): heads split out of the projections, K/V of grouped-query
+    attention as ``_W_K``/``_W_V``, zero biases, q/k norms at ``blocks.L.attn.q_norm.w``."""
+    c = hf.config
+    h, kv, dh, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    state = {"embed.W_E": sd["model.embed_tokens.weight"]}
+    for layer in range(c.num_hidden_layers):
+        b, o = f"model.layers.{layer}.", f"blocks.{layer}."
+        gqa = "_" if kv != h else ""
+        state[o + "ln1.w"] = sd[b + "input_layernorm.weight"]
+        state[o + "attn.W_Q"] = sd[b + "self_attn.q_proj.weight"].reshape(h, dh, d).transpose(1, 2)
+        state[o + f"attn.{gqa}W_K"] = sd[b + "self_attn.k_proj.weight"].reshape(kv, dh, d).transpose(1, 2)
+        state[o + f"attn.{gqa}W_V"] = sd[b + "self_attn.v_proj.weight"].reshape(kv, dh, d).transpose(1, 2)
+        state[o + "attn.b_Q"] = torch.zeros(h, dh)
+        state[o + f"attn.{gqa}b_K"] = torch.zeros(kv, dh)
+        state[o + f"attn.{gqa}b_V"] = torch.zeros(kv, dh)
+        state[o + "attn.W_O"] = sd[b + "self_attn.o_proj.weight"].reshape(d, h, dh).permute(1, 2, 0)
+        state[o + "attn.b_O"] = torch.zeros(d)
+        if qk_norm:
+            state[o + "attn.q_norm.w"] = sd[b + "self_attn.q_norm.weight"]
+            state[o + "attn.k_norm.w"] = sd[b + "self_attn.k_norm.weight"]
+        state[o + "ln2.w"] = sd[b + "post_attention_layernorm.weight"]
+        state[o + "mlp.W_in"] = sd[b + "mlp.up_proj.weight"].T
+        state[o + "mlp.W_gate"] = sd[b + "mlp.gate_proj.weight"].T
+        state[o + "mlp.W_out"] = sd[b + "mlp.down_proj.weight"].T
+        state[o + "mlp.b_in"] = torch.zeros(c.intermediate_size)
+        state[o + "mlp.b_out"] = torch.zeros(d)
+        state[o + "attn.rotary_sin"] = torch.zeros(64, dh)  # TL's buffers (recomputed by interplab)
+        state[o + "attn.rotary_cos"] = torch.ones(64, dh)
+    state["ln_final.w"] = sd["model.norm.weight"]
+    state["unembed.W_U"] = sd["lm_head.weight"].T
+    state["unembed.b_U"] = torch.zeros(c.vocab_size)
+    tl = dict(
+        d_model=d,
+        d_head=dh,
+        n_heads=h,
+        n_key_value_heads=kv if kv != h else None,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=64,
+        eps=c.rms_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        use_attn_scale=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=c.rope_parameters["rope_theta"],
+        rotary_adjacent_pairs=False,
+        rotary_dim=dh,
+        final_rms=True,
+        gated_mlp=True,
+        use_qk_norm=qk_norm,
+        original_architecture=type(hf).__name__,
+        **tl_extra,
+    )
+    return state, tl
+
+
+# HF model (ROPES name, scaled?) -> the TransformerLens config fields that say the same
+TL_OPTIONS = {
+    "qk-norm": ("yarn-qwen3", False, {}),
+    "qk-norm-yarn": (
+        "yarn-qwen3-attention-factor",
+        True,
+        dict(
+            use_yarn_rope=True,
+            yarn_factor=4.0,
+            yarn_attention_factor=1.25,
+            yarn_beta_fast=16.0,
+            yarn_beta_slow=1.0,
+            yarn_original_max_position_embeddings=ORIGINAL,
+        ),
+    ),
+    "rotary-scaling-factor": ("linear", True, dict(rotary_scaling_factor=2.0)),
+}
+
+
+@pytest.mark.filterwarnings("error")  # every TL field is read: no "ignored" warning
+@pytest.mark.parametrize("option", list(TL_OPTIONS))
+def test_transformer_lens_qk_norm_and_rope_options_equal_transformers(tmp_path, option):
+    """A transformers model converted to TransformerLens' layout and config as TransformerLens converts it
+    (``use_qk_norm``: per-head RMSNorm of q and k before rotary; ``use_yarn_rope`` with its explicit
+    ``yarn_attention_factor``; ``rotary_scaling_factor``: linear on the global layers) loads to transformers'
+    logits, rotated q/k, left-padded batches and greedy generation; without the option it differs."""
+    from interplab.model.convert.transformer_lens import load_transformer_lens
+
+    name, scaled, extra = TL_OPTIONS[option]
+    model_cls = _save(name, tmp_path / "hf", scaled=scaled)
+    hf = _fresh(model_cls, tmp_path / "hf")
+    qk_norm = ROPES[name][0] == "qwen3"
+    state, tl = _hf_to_tl(hf, extra, qk_norm=qk_norm)
+    torch.save({"state_dict": state, "cfg": tl}, tmp_path / "tl.pt")
+    model = load_transformer_lens(tmp_path / "tl.pt")
+    tokens = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(4))
+    logits, hidden, rotated = _hf_rotated(hf, tokens, ROPES[name][0])
+    got, cache = model.run_with_cache(tokens)
+    assert_close(got, logits, atol=1e-4, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], rotated[layer][0], atol=1e-4, rtol=0)
+        assert_close(cache[f"blocks.{layer}.attn.hook_rot_k"], rotated[layer][1], atol=1e-4, rtol=0)
+    check_left_padding_and_generation(hf, model)
+    # the option is really read: the checkpoint without it computes something else
+    if qk_norm and not scaled:
+        state = {k: v for k, v in state.items() if "_norm." not in k}
+        off = dict(tl, use_qk_norm=False)
+    else:
+        off = {k: v for k, v in tl.items() if k not in extra}
+    torch.save({"state_dict": state, "cfg": off}, tmp_path / "off.pt")
+    with torch.no_grad():
+        assert (load_transformer_lens(tmp_path / "off.pt")(tokens) - logits).abs().max() > 1e-2
+
+
+def test_transformer_lens_rotary_scaling_factor_scales_global_layers_only():
+    """TransformerLens' ``rotary_scaling_factor`` (its Gemma-3 configs) divides the positions of the global
+    layers only; with NTK-by-parts or YaRN on, TransformerLens ignores it, and so does interplab."""
+    from interplab.model.convert.transformer_lens import tl_config_to_model_config
+
+    tl = dict(
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=50,
+        n_ctx=64,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        rotary_scaling_factor=8.0,
+        use_local_attn=True,
+        window_size=4,
+        attn_types=["local", "global", "local"],
+    )
+    cfg = tl_config_to_model_config(tl)
+    assert cfg.rope_scaling == LinearRope(factor=8.0) and cfg.rope_scaled_layers == (1,)
+    assert tl_config_to_model_config({**tl, "attn_types": ["local"] * 3}).rope_scaling is None
+    yarn = tl_config_to_model_config({**tl, "use_yarn_rope": True, "yarn_factor": 2.0})
+    assert yarn.rope_scaling == YarnRope(
+        factor=2.0, original_max_position_embeddings=4096, attention_factor=1.0
+    )
+    assert yarn.rope_scaled_layers == ()
+
+
+def test_transformer_lens_olmo_full_qk_norm_is_refused():
+    from interplab.model.convert.transformer_lens import tl_config_to_model_config
+
+    tl = dict(d_model=32, n_layers=1, n_heads=4, d_vocab=50, n_ctx=16, act_fn="silu")
+    with pytest.raises(ValueError, match=r"original_architecture='Olmo2ForCausalLM' .* not supported"):
+        tl_config_to_model_config({**tl, "original_architecture": "Olmo2ForCausalLM"})
