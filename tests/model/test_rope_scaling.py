@@ -356,6 +356,20 @@ def test_bad_rope_scaling_in_a_model_config_is_named():
         model(torch.tensor([[1, 2, 3]]))
 
 
+# a TransformerLens config of a small rotary model (the tests add n_layers and what they check)
+TL_ROTARY = dict(
+    d_model=32,
+    n_heads=4,
+    d_mlp=64,
+    d_vocab=50,
+    n_ctx=64,
+    act_fn="silu",
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    rotary_dim=8,
+)
+
+
 @pytest.mark.filterwarnings("error")  # every field is read: no "ignored" warning
 def test_transformer_lens_ntk_by_parts_is_llama3_rope():
     """TransformerLens' NTK-by-parts rope (its Llama-3.1/3.2 configs) is transformers' llama3 formula; the
@@ -363,17 +377,9 @@ def test_transformer_lens_ntk_by_parts_is_llama3_rope():
     from interplab.model.convert.transformer_lens import tl_config_to_model_config
 
     tl = dict(
-        d_model=32,
+        TL_ROTARY,
         n_layers=1,
-        n_heads=4,
         d_head=8,
-        d_mlp=64,
-        d_vocab=50,
-        n_ctx=64,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=8,
         gated_mlp=True,
         rotary_base=500000.0,
         use_NTK_by_parts_rope=True,
@@ -591,16 +597,8 @@ def test_transformer_lens_rotary_scaling_factor_scales_global_layers_only():
     from interplab.model.convert.transformer_lens import tl_config_to_model_config
 
     tl = dict(
-        d_model=32,
+        TL_ROTARY,
         n_layers=3,
-        n_heads=4,
-        d_mlp=64,
-        d_vocab=50,
-        n_ctx=64,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=8,
         rotary_scaling_factor=8.0,
         use_local_attn=True,
         window_size=4,
