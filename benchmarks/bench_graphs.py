@@ -3,7 +3,8 @@
 memory of one graph, and the longest prompt whose graph fits in 8 GB.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_graphs.py [--out benchmarks/results/graphs.json]
-        [--rounds 3] [--lengths 16,32:2,48:1] [--memory-lengths 32,64,96] [--circuit-tracer-python PY]
+        [--rounds 3] [--lengths 16,32:2,48:1] [--memory-lengths 16,32,48,64] [--circuit-tracer-python PY]
+        [--memory-only]
 
 ``--lengths``: prompt lengths (tokens, BOS included), each optionally ``:rounds`` (circuit-tracer's time grows
 about as the square of the length: 48 tokens take it minutes per graph on one thread). The memory points run
@@ -26,10 +27,13 @@ what it held before it (`tests.circuit_tracer_runner.PeakRSS`), so both sides co
 memory. Ratios are circuit-tracer / interplab (CPU time and extra memory).
 
 Longest prompt in 8 GB: interplab's `attribute(..., memory_gb=8)` refuses a prompt whose graph would need more
-(`check_memory`, from the dense adjacency, the batched backward and the decoder vectors). The measured peaks at
-``--memory-lengths`` are compared with that estimate (it must bound them from above), and the longest prompt it
-accepts at this model's feature density is reported (found by bisection on the estimate; measuring it would take
-8 GB of a shared machine), and again with the estimate scaled by the largest measured / estimated ratio.
+(`check_memory`, from `estimate_bytes`: the adjacency, pruning's copy of it, the batched backward, the decoder
+vectors). At ``--memory-lengths`` the peak resident memory of `attribute` then `prune_graph` is measured in a fresh
+process (``VmHWM`` after a warm-up graph; tests/graphs/memory_probe.py) and compared with that estimate (it must
+bound it from above); the longest prompt the estimate accepts at this model's feature density is reported (found
+by bisection on the estimate; measuring it would take 8 GB of a shared machine), and again with the estimate
+scaled by the largest measured / estimated ratio should it be above 1. ``--memory-only``: only these points
+(no circuit-tracer needed).
 """
 
 from __future__ import annotations
@@ -138,6 +142,17 @@ def run_interplab(work: Path, tokens: torch.Tensor, repeats: int) -> dict[str, A
     return json.loads((work / "interplab.json").read_text())
 
 
+def measure_memory(length: int) -> dict[str, Any]:
+    """The peak of `attribute` then `prune_graph` on the benchmark's prompt of ``length`` in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    spec = json.dumps({"model": "bench", "length": length})
+    cmd = [sys.executable, "-m", "tests.graphs.memory_probe", spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory measurement failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     times = [t for run in runs for t in run["times"]]
     return {
@@ -181,6 +196,7 @@ def memory_summary(memory: dict[str, dict[str, float]]) -> dict[str, Any]:
         "estimate_bounds_measured": all(v["estimate_mib"] >= v["extra_mib"] for v in memory.values()),
         "features_per_token": per_token,
         "measured_over_estimate_max": ratio,
+        "estimate_over_measured": {k: v["estimate_mib"] / v["extra_mib"] for k, v in memory.items()},
         "longest_prompt_in_8gb_by_check_memory": longest_in_budget(per_token),
         "longest_prompt_in_8gb_by_measured_scale": longest_in_budget(per_token, factor=max(ratio, 1.0)),
     }
@@ -203,7 +219,8 @@ def main() -> None:
         "--repeats", type=int, default=1, help="timed graphs per process (> 1: after a warm-up)"
     )
     parser.add_argument("--lengths", default="16,32:2,48:1", help="lengths, each optionally :rounds")
-    parser.add_argument("--memory-lengths", default="32,64,96", help="interplab-only peak-memory points")
+    parser.add_argument("--memory-lengths", default="16,32,48,64", help="interplab-only peak-memory points")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory points")
     parser.add_argument("--circuit-tracer-python", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--resummarize", action="store_true", help="recompute --out's memory summary only")
@@ -218,7 +235,7 @@ def main() -> None:
         )
     python = args.circuit_tracer_python or os.environ.get("INTERPLAB_CIRCUITTRACER_PYTHON")
     python = python or str(ROOT / ".peers" / "circuittracer" / "bin" / "python")
-    if not Path(python).exists():
+    if not Path(python).exists() and not args.memory_only:
         sys.exit(f"no circuit-tracer interpreter at {python}: run `bash scripts/peers.sh circuittracer`")
     torch.set_num_threads(1)
     model, clt = build()
@@ -236,21 +253,25 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        n, d = MODEL.n_layers, MODEL.d_model
         memory = {}
         for length in [int(x) for x in args.memory_lengths.split(",")]:
-            run = run_interplab(work, prompt(length, seed=length), 1)
-            f = run["n_features"]
-            batch = check_memory(length, f, n, d, 10, 256, BUDGET_GB)
-            estimate = estimate_bytes(length, f, n, d, 10, batch) / 2**20
+            run = measure_memory(length)
             memory[str(length)] = {
-                "n_features": f,
-                "extra_mib": run["memory"]["extra_mib"],
-                "estimate_mib": estimate,
+                "n_features": run["n_features"],
+                "n_nodes": run["n_nodes"],
+                "batch": run["batch"],
+                "extra_mib": run["measured_bytes"] / 2**20,
+                "estimate_mib": run["estimate_bytes"] / 2**20,
             }
             results["memory"] = {"measured": memory}
-            save(results, Path(args.out))
+            if not args.memory_only:
+                save(results, Path(args.out))
         results["memory"] = memory_summary(memory)
+        if args.memory_only:  # the other results of --out stay as they were
+            old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+            complete = old.pop("complete", True)
+            save({**old, "memory": results["memory"]}, Path(args.out), complete)
+            return print(json.dumps(results["memory"], indent=1))
         for item in args.lengths.split(","):
             length, _, rounds = item.partition(":")
             length, rounds = int(length), int(rounds or args.rounds)

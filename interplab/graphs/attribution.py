@@ -206,35 +206,80 @@ def choose_targets(
 
 # ---- memory ---------------------------------------------------------------------------------------
 def estimate_bytes(
-    n_pos: int, n_features: int, n_layers: int, d_model: int, n_logits: int, batch: int
+    n_pos: int,
+    n_features: int,
+    n_layers: int,
+    d_model: int,
+    n_logits: int,
+    batch: int,
+    *,
+    n_active: int | None = None,
+    itemsize: int = 4,
 ) -> int:
-    """What `attribute` holds at once, in bytes (float32): the square adjacency, its row buffer, the
-    batched cotangents and gradients ([batch pos layer+1 d_model], a few copies) and the decoder vectors
-    (each active feature's ``a W_dec`` into every layer it writes)."""
+    """The peak memory of `attribute` and then `prune_graph` on its graph, in bytes (``itemsize`` 4: float32),
+    an upper bound of the measured peak resident memory within about 20% (tests/graphs/test_memory.py,
+    docs/graphs.md). The largest of three phases, each with what they all hold:
+
+    - held throughout: each active feature's decoder vectors into the layers it writes and its encoder row;
+      a batched backward's live ``[batch, pos, d_model]`` tensors (a cotangent per layer the batch reads, the
+      gradient, the attention transpose's temporaries: ``n_layers + 6`` of them), as the allocator keeps
+      the freed ones of the last batch resident; and 16 MiB of interpreter and allocator overhead;
+    - computing the rows: the square adjacency (with ``max_feature_nodes``, ``n_features`` kept of
+      ``n_active``: the rows in visiting order and the copy the influence ordering normalises instead), the
+      next batch's backward, and its rows with their feature and error buffers;
+    - assembling the kept rows (``max_feature_nodes`` only): the rows in visiting order and the adjacency;
+    - pruning: the adjacency, the one square copy `prune_graph` makes of it (masked, normalised and scaled in
+      place) and a boolean square mask."""
+    n_active = n_features if n_active is None else n_active
     n_nodes = n_features + (n_layers + 1) * n_pos + n_logits
-    adjacency = 2 * n_nodes * n_nodes
-    backward = 4 * batch * n_pos * (n_layers + 1) * d_model
-    decoders = n_features * n_layers * d_model + batch * n_features * 2
-    return 4 * (adjacency + backward + decoders)
+    n_sources = n_active + (n_layers + 1) * n_pos
+    square = itemsize * n_nodes * n_nodes
+    rows = itemsize * n_features * n_sources if n_active != n_features else 0
+    backward = itemsize * (n_layers + 6) * batch * n_pos * d_model
+    held = itemsize * n_active * (n_layers + 2) * d_model + backward + 16 * 2**20
+    computing = (2 * rows if rows else square) + backward + itemsize * 3 * batch * n_sources
+    assembling = rows + square if rows else 0
+    pruning = 2 * square + n_nodes * n_nodes
+    return held + max(computing, assembling, pruning)
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MB"
 
 
 def check_memory(
-    n_pos: int, n_features: int, n_layers: int, d_model: int, n_logits: int, batch: int, memory_gb: float
+    n_pos: int,
+    n_features: int,
+    n_layers: int,
+    d_model: int,
+    n_logits: int,
+    batch: int,
+    memory_gb: float,
+    *,
+    n_active: int | None = None,
+    itemsize: int = 4,
 ) -> int:
     """The batch size to use (``batch`` or smaller so that it fits), or a clear error when even one row at a
     time does not fit ``memory_gb``: it says how long a prompt fits, and how to raise the budget."""
     budget = memory_gb * 2**30
-    while batch > 1 and estimate_bytes(n_pos, n_features, n_layers, d_model, n_logits, batch) > budget:
+    n_active = n_features if n_active is None else n_active
+
+    def need(pos: int, features: int, active: int, b: int) -> int:
+        return estimate_bytes(
+            pos, features, n_layers, d_model, n_logits, b, n_active=active, itemsize=itemsize
+        )
+
+    while batch > 1 and need(n_pos, n_features, n_active, batch) > budget:
         batch //= 2
-    need = estimate_bytes(n_pos, n_features, n_layers, d_model, n_logits, batch)
-    if need <= budget:
+    needed = need(n_pos, n_features, n_active, batch)
+    if needed <= budget:
         return batch
-    per_pos = n_features / max(n_pos, 1)
+    per_pos, active_per_pos = n_features / max(n_pos, 1), n_active / max(n_pos, 1)
     fits = n_pos
-    while fits > 1 and estimate_bytes(fits, int(per_pos * fits), n_layers, d_model, n_logits, 1) > budget:
+    while fits > 1 and need(fits, int(per_pos * fits), int(active_per_pos * fits), 1) > budget:
         fits = int(fits * 0.9)
     raise MemoryError(
-        f"a prompt of {n_pos} tokens with {n_features:,} active features needs about {need / 2**30:.1f} GB "
+        f"a prompt of {n_pos} tokens with {n_features:,} active features needs about {_size(needed)} "
         f"for its attribution graph ({n_features + (n_layers + 1) * n_pos + n_logits:,} nodes), over "
         f"memory_gb={memory_gb:g}: shorten the prompt to about {fits} tokens, cap the features with "
         "max_feature_nodes, or raise memory_gb"
@@ -317,40 +362,65 @@ def attribute(
     values = acts[pos_i, layer_i, feat_i]
     n_active = len(values)
     n_keep = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-    batch = check_memory(n_pos, n_keep, n_layers, d_model, len(chosen), batch_size, memory_gb)
+    itemsize = run.embed.element_size()
+    batch = check_memory(
+        n_pos,
+        n_keep,
+        n_layers,
+        d_model,
+        len(chosen),
+        batch_size,
+        memory_gb,
+        n_active=n_active,
+        itemsize=itemsize,
+    )
     sources = _sources(rm, run, layer_i, pos_i, feat_i, values)
     rows_of = _Backward(rm, run, sources)
 
     n_sources = n_active + (n_layers + 1) * n_pos
-    logit_rows = torch.cat(
-        [
-            rows_of.logits(torch.stack([t.vector for t in chosen[i : i + batch]]))
-            for i in range(0, len(chosen), batch)
-        ]
-    )
-    feature_rows = torch.zeros(n_active, n_sources, dtype=logit_rows.dtype)
+    n_nodes = n_keep + (n_layers + 1) * n_pos + len(chosen)
     encoders = clt.W_enc.detach()[layer_i, :, feat_i]  # n_active d_model
-    visited = torch.zeros(n_active, dtype=torch.bool)
-    done = 0
-    while done < n_keep:
-        if n_keep == n_active:
-            pending = torch.arange(n_active)
-        else:  # most influential first, re-estimated every 4 batches
-            influence = _partial_influence(logit_rows, feature_rows, visited, chosen)
+    dtype = run.embed.dtype
+    if n_keep == n_active:  # every row goes straight into the adjacency: no row buffer, no copies
+        adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype)
+        for i in range(0, len(chosen), batch):
+            vectors = torch.stack([t.vector for t in chosen[i : i + batch]])
+            adjacency[n_nodes - len(chosen) + i : n_nodes - len(chosen) + i + len(vectors), :n_sources] = (
+                rows_of.logits(vectors)
+            )
+        for i in range(0, n_active, batch):
+            idx = torch.arange(i, min(i + batch, n_active))
+            adjacency[idx, :n_sources] = rows_of.features(layer_i[idx], pos_i[idx], encoders[idx])
+        keep = torch.arange(n_active)
+    else:  # rows in visiting order (a buffer of n_keep rows), most influential first
+        logit_rows = torch.cat(
+            [
+                rows_of.logits(torch.stack([t.vector for t in chosen[i : i + batch]]))
+                for i in range(0, len(chosen), batch)
+            ]
+        )
+        buffer = torch.zeros(n_keep, n_sources, dtype=dtype)
+        visited_ids = torch.zeros(n_keep, dtype=torch.long)
+        visited = torch.zeros(n_active, dtype=torch.bool)
+        done = 0
+        while done < n_keep:  # re-estimated every 4 batches
+            influence = _partial_influence(logit_rows, buffer[:done], visited_ids[:done], n_active, chosen)
             rank = torch.argsort(influence, descending=True)
             pending = rank[~visited[rank]][: min(4 * batch, n_keep - done)]
-        for i in range(0, len(pending), batch):
-            idx = pending[i : i + batch]
-            feature_rows[idx] = rows_of.features(layer_i[idx], pos_i[idx], encoders[idx])
-            visited[idx] = True
-            done += len(idx)
-
-    keep = torch.nonzero(visited).flatten() if n_keep < n_active else torch.arange(n_active)
-    columns = torch.cat([keep, torch.arange(n_active, n_sources)])
-    n_nodes = len(keep) + (n_layers + 1) * n_pos + len(chosen)
-    adjacency = torch.zeros(n_nodes, n_nodes, dtype=logit_rows.dtype)
-    adjacency[: len(keep), : len(columns)] = feature_rows[keep][:, columns]
-    adjacency[n_nodes - len(chosen) :, : len(columns)] = logit_rows[:, columns]
+            for i in range(0, len(pending), batch):
+                idx = pending[i : i + batch]
+                buffer[done : done + len(idx)] = rows_of.features(layer_i[idx], pos_i[idx], encoders[idx])
+                visited_ids[done : done + len(idx)] = idx
+                visited[idx] = True
+                done += len(idx)
+        keep, slots = torch.sort(visited_ids)
+        columns = torch.cat([keep, torch.arange(n_active, n_sources)])
+        adjacency = torch.zeros(n_nodes, n_nodes, dtype=dtype)
+        for i in range(0, n_keep, batch):  # a batch of rows at a time: no full-size temporaries
+            rows = slots[i : i + batch]
+            adjacency[i : i + len(rows), : len(columns)] = buffer[rows][:, columns]
+        del buffer
+        adjacency[n_nodes - len(chosen) :, : len(columns)] = logit_rows[:, columns]
 
     err_norm = run.errors[0].norm(dim=-1)  # pos layer
     err_norm[:1] = 0
@@ -444,19 +514,19 @@ class _Backward:
 
 
 def _partial_influence(
-    logit_rows: Tensor, feature_rows: Tensor, visited: Tensor, targets: list[Target]
+    logit_rows: Tensor, rows: Tensor, row_ids: Tensor, n_active: int, targets: list[Target]
 ) -> Tensor:
-    """Each feature's influence on the targets through the rows computed so far (circuit-tracer's
-    ``compute_partial_influences``): power iteration over the normalised absolute rows."""
-    n_active = feature_rows.shape[0]
-    rows = torch.cat([feature_rows[visited], logit_rows]).abs()
-    rows = rows / rows.sum(1, keepdim=True).clamp(min=1e-8)
-    row_nodes = torch.cat([torch.nonzero(visited).flatten(), torch.full((logit_rows.shape[0],), -1)])
-    weights = torch.tensor([t.weight for t in targets], dtype=rows.dtype)
-    current = torch.cat([torch.zeros(int(visited.sum()), dtype=rows.dtype), weights])
-    influence = torch.zeros(rows.shape[1], dtype=rows.dtype)
+    """Each feature's influence on the targets through the rows computed so far (``rows`` of the features
+    ``row_ids``; circuit-tracer's ``compute_partial_influences``): power iteration over the normalised absolute
+    rows (one copy of them, normalised in place)."""
+    a = torch.cat([rows, logit_rows]).abs_()
+    a /= a.sum(1, keepdim=True).clamp(min=1e-8)
+    row_nodes = torch.cat([row_ids, torch.full((logit_rows.shape[0],), -1)])
+    weights = torch.tensor([t.weight for t in targets], dtype=a.dtype)
+    current = torch.cat([torch.zeros(len(row_ids), dtype=a.dtype), weights])
+    influence = torch.zeros(a.shape[1], dtype=a.dtype)
     for _ in range(128):
-        prod = current @ rows
+        prod = current @ a
         if not prod.any():
             break
         influence += prod

@@ -33,8 +33,12 @@ if TYPE_CHECKING:
 
 def normalize_rows(adjacency: Float[Tensor, "node node"]) -> Float[Tensor, "node node"]:
     """``|A|`` with each row divided by its sum (rows without input stay zero)."""
-    a = adjacency.abs()
-    return a / a.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    return _normalize_(adjacency.abs())
+
+
+def _normalize_(a: Tensor) -> Tensor:
+    """``a`` (non-negative) with each row divided by its sum, in place (no copy of the square matrix)."""
+    return a.div_(a.sum(dim=1, keepdim=True).clamp(min=1e-10))
 
 
 def influence(
@@ -102,12 +106,14 @@ def prune_graph(
     node_mask = node_influence >= find_threshold(node_influence, node_threshold)
     node_mask[len(w) - n_fixed :] = True
 
-    pruned = A.clone()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    normalized = normalize_rows(pruned)
-    edge_scores = normalized * (influence(normalized, w) + w)[:, None]
+    # one square copy of the adjacency: masked, made absolute, normalised and scaled in place
+    edge_scores = A.abs()
+    edge_scores[~node_mask] = 0
+    edge_scores[:, ~node_mask] = 0
+    normalized = _normalize_(edge_scores)
+    edge_scores = normalized.mul_((influence(normalized, w) + w)[:, None])
     edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
+    del edge_scores, normalized
 
     inner = slice(0, len(w) - n_fixed)  # features and errors
     while True:
