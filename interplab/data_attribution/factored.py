@@ -121,7 +121,9 @@ def _nn_linear_site(name: str, module: nn.Linear) -> LinearSite:
 
     @contextmanager
     def capture(model: nn.Module, put_in: Callable, put_out: Callable) -> Iterator[None]:
-        with _module_io(module, put_in, put_out):
+        # the module of the model given (by name), not the one the site was built from: a projector serves
+        # every checkpoint of a run
+        with _module_io(model.get_submodule(name) if name else model, put_in, put_out):
             yield
 
     return LinearSite(
@@ -155,9 +157,9 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                 if (w != "Q" and not kv_ok) or has(pre + f"W_{w}") is None:
                     continue
 
-                def cap_qkv(model: Transformer, put_in: Callable, put_out: Callable, _a=attn, _p=point):  # noqa: ANN202
+                def cap_qkv(model: Transformer, put_in: Callable, put_out: Callable, _a=pre[:-1], _p=point):  # noqa: ANN202
                     stack = ExitStack()
-                    stack.enter_context(_module_io(_a, put_in, None))
+                    stack.enter_context(_module_io(model.get_submodule(_a), put_in, None))
                     stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))
                     return stack
 
@@ -175,11 +177,13 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                 )
             if has(pre + "W_O") is not None:
 
-                def cap_o(model: Transformer, put_in: Callable, put_out: Callable, _a=attn):  # noqa: ANN202
+                def cap_o(
+                    model: Transformer, put_in: Callable, put_out: Callable, _a=pre[:-1], _z=attn.hook_z.name
+                ):  # noqa: ANN202
                     stack = ExitStack()
                     flat = lambda z: put_in(z.reshape(*z.shape[:2], -1))  # noqa: E731
-                    stack.enter_context(_point_hooks(model, [(_a.hook_z.name, flat)], []))
-                    stack.enter_context(_module_io(_a, None, put_out))
+                    stack.enter_context(_point_hooks(model, [(_z, flat)], []))
+                    stack.enter_context(_module_io(model.get_submodule(_a), None, put_out))
                     return stack
 
                 sites.append(
@@ -206,9 +210,9 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                 if has(mpre + w) is None:
                     continue
 
-                def cap_in(model: Transformer, put_in: Callable, put_out: Callable, _m=mlp, _p=point):  # noqa: ANN202
+                def cap_in(model: Transformer, put_in: Callable, put_out: Callable, _m=mpre[:-1], _p=point):  # noqa: ANN202
                     stack = ExitStack()
-                    stack.enter_context(_module_io(_m, put_in, None))
+                    stack.enter_context(_module_io(model.get_submodule(_m), put_in, None))
                     stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))
                     return stack
 
@@ -226,10 +230,16 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                 )
             if has(mpre + "W_out") is not None:
 
-                def cap_out(model: Transformer, put_in: Callable, put_out: Callable, _m=mlp):  # noqa: ANN202
+                def cap_out(
+                    model: Transformer,
+                    put_in: Callable,
+                    put_out: Callable,
+                    _m=mpre[:-1],
+                    _post=mlp.hook_post.name,
+                ):  # noqa: ANN202
                     stack = ExitStack()
-                    stack.enter_context(_point_hooks(model, [(_m.hook_post.name, put_in)], []))
-                    stack.enter_context(_module_io(_m, None, put_out))
+                    stack.enter_context(_point_hooks(model, [(_post, put_in)], []))
+                    stack.enter_context(_module_io(model.get_submodule(_m), None, put_out))
                     return stack
 
                 sites.append(

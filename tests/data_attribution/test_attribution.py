@@ -24,6 +24,8 @@ from interplab.data_attribution import (
 )
 from interplab.data_attribution.record import GradientRecorder, RecordConfig
 from interplab.model import ModelConfig, Transformer
+from interplab.train.checkpoint import checkpoint_dir, save_checkpoint
+from interplab.train.trainer import _param_groups
 
 
 def small_model(**kw):
@@ -149,9 +151,10 @@ def _bigram_data(gen, trans, n, length):
 
 
 @pytest.fixture(scope="module")
-def planted_run():
+def planted_run(tmp_path_factory):
     """A 1-layer smeared-key model trained on bigram text where 30% of sequences are repeated random spans:
-    the planted subset is the only source of induction."""
+    the planted subset is the only source of induction. Checkpoints are also written as the trainer writes
+    them (weights and AdamW state) under ``run_dir``."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     vocab, length, n = 32, 32, 512
@@ -172,7 +175,8 @@ def planted_run():
         smear_keys=True,
     )
     model = Transformer(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(model, 0.0), lr=1e-2)  # the trainer's parameter order
+    run_dir = tmp_path_factory.mktemp("planted_run")
     checkpoints, updates = [], []
     group = param_group(model, "all")
     proj = Projector(d_in=group.numel, dim=512, seed=0)
@@ -181,6 +185,7 @@ def planted_run():
         idx = torch.randint(0, n, (batch,), generator=gen)
         if step % 25 == 0:
             checkpoints.append((step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            save_checkpoint(run_dir, step, model, opt, {})
         if step % 4 == 0:  # record every 4th step's per-example updates
             updates.append(
                 (step, idx, proj.project(per_example_grads(model, lm_loss, data[idx], group)) / batch)
@@ -200,6 +205,7 @@ def planted_run():
         updates=updates,
         group=group,
         proj=proj,
+        run_dir=run_dir,
     )
 
 
@@ -252,6 +258,67 @@ def test_planted_data_recovered_by_tracin(planted_run):
     bigram = loss_target(run["heldout"])
     control_auc = auc(scores_for(lambda m: lambda mm: -bigram(mm)), run["planted"])
     assert control_auc < 0.5, control_auc  # measured 0.0x: the bigram text builds it, not the planted spans
+
+
+def induction_target_of(head):
+    return lambda m: induction_target(m, 0, head)(m)
+
+
+def _projected_target_grad(model, proj, target):
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(target(model), [params[n] for n in proj.param_names], allow_unused=True)
+    by_name = {
+        n: (torch.zeros_like(params[n]) if g is None else g)[None]
+        for n, g in zip(proj.param_names, grads, strict=True)
+    }
+    return proj.project_grads(by_name)[0]
+
+
+@pytest.mark.parametrize("method", ["factored_tracin", "adamw_tracin", "ekfac_influence"])
+def test_planted_data_recovered_by_fast_methods(planted_run, method):
+    """The factorised (LoGra) projection, AdamW-aware and EK-FAC methods over the formation window rank the
+    planted subset first for the induction head (AUC >= 0.9), last for the bigram control (< 0.5), and at chance
+    for random target directions (a target unrelated to the planted sequences: |AUC - 0.5| < 0.15, measured
+    0.45-0.57 over seeds 0-4 for each method; the AUC's own null SD at 154 vs 358 examples is 0.03).
+    Measured (dim_in = dim_out = 8): factored TracIn 0.944 / control 0.055, AdamW-aware TracIn 0.925 / 0.043,
+    EK-FAC influence summed over the window's checkpoints 0.959 / 0.010."""
+    from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites, lm_losses
+    from interplab.data_attribution.kfac import EKFAC, ekfac_influence
+    from interplab.data_attribution.precondition import adam_inverse_scale, site_scales
+
+    run = planted_run
+    head, _ = _head(run)
+    window = _window(run, head)
+    bigram = loss_target(run["heldout"])
+    targets = {"induction": induction_target_of(head), "bigram": lambda m: -bigram(m)}
+    proj = FactoredProjector(linear_sites(Transformer(run["cfg"])), dim_in=8, dim_out=8, seed=0)
+    randoms = [torch.randn(proj.dim, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    scores = {k: torch.zeros(run["data"].shape[0]) for k in [*targets, *range(len(randoms))]}
+    for step, state in run["checkpoints"]:
+        if not window[0] <= step <= window[1]:
+            continue
+        m = Transformer(run["cfg"])
+        m.load_state_dict(state)
+        scales = None
+        if (
+            method == "adamw_tracin"
+        ):  # the example's share of the AdamW step: its gradient / (sqrt(v_hat) + eps)
+            inv = adam_inverse_scale(checkpoint_dir(run["run_dir"], step), m)
+            scales = site_scales(proj.sites, inv)
+        feats = factored_grads(m, lm_losses, run["data"], proj, scales=scales)
+        curv = EKFAC.fit(m, lm_losses, run["data"], proj) if method == "ekfac_influence" else None
+        target_grads = {k: _projected_target_grad(m, proj, t) for k, t in targets.items()}
+        target_grads.update(dict(enumerate(randoms)))
+        for k, tg in target_grads.items():
+            if curv is None:
+                scores[k] += tracin([CheckpointGrads(step, 1e-2, feats, tg)])
+            else:
+                scores[k] += ekfac_influence(curv, feats, tg)
+    aucs = {k: auc(v, run["planted"]) for k, v in scores.items()}
+    assert aucs["induction"] >= 0.9, aucs
+    assert aucs["bigram"] < 0.5, aucs
+    for i in range(len(randoms)):
+        assert abs(aucs[i] - 0.5) < 0.15, aucs
 
 
 def test_planted_data_recovered_by_trajectory(planted_run):

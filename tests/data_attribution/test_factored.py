@@ -52,6 +52,36 @@ def test_factored_equals_kronecker_projection_of_exact_grads(variant):
     torch.testing.assert_close(factored_grads(model, lm_losses, tokens, full), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "variant", [{"attn_only": True, "smear_keys": True}, {"attn_only": False, "d_mlp": 32}]
+)
+def test_one_projector_serves_every_checkpoint(variant):
+    """A projector built on one model projects another model of the same config (TracIn uses one projection
+    for all checkpoints): it reads the given model's activations, not those of the model it was built from."""
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=20, n_ctx=8, positional="rotary", **variant)
+    torch.manual_seed(0)
+    built_on, other = Transformer(cfg), Transformer(cfg)
+    tokens = torch.randint(0, 20, (4, 8))
+    proj = FactoredProjector(linear_sites(built_on), dim_in=4, dim_out=6, seed=1)
+    ref = proj.project_grads(_exact_by_param(other, tokens, proj.param_names))
+    torch.testing.assert_close(factored_grads(other, lm_losses, tokens, proj), ref, rtol=1e-5, atol=1e-5)
+    lin_a, lin_b = nn.Linear(3, 2), nn.Linear(3, 2)
+    lin_proj = FactoredProjector(linear_sites(lin_a), dim_in=2, dim_out=2)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+
+    def ce(m, xx, yy):
+        return F.cross_entropy(m(xx), yy, reduction="none")
+
+    exact = [
+        torch.autograd.grad(ce(lin_b, x[i : i + 1], y[i : i + 1]).sum(), [lin_b.weight, lin_b.bias])
+        for i in range(5)
+    ]
+    want = lin_proj.project_grads(
+        {"weight": torch.stack([e[0] for e in exact]), "bias": torch.stack([e[1] for e in exact])}
+    )
+    torch.testing.assert_close(factored_grads(lin_b, ce, (x, y), lin_proj), want, rtol=1e-5, atol=1e-6)
+
+
 def test_factored_bad_input():
     with pytest.raises(ValueError, match="no linear site"):
         linear_sites(nn.Linear(3, 2), include="nothing")
