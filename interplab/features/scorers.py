@@ -584,7 +584,7 @@ def score_features(
     out: dict[tuple[int, str], ScoreResult] = {}
     # scorers that score many explanations at once (one embedding call) take features in chunks; with an LLM
     # scorer among them, one feature at a time, so each judged score is stored as soon as its feature is done
-    chunk = FEATURE_CHUNK if all(hasattr(s, "score_many") for s in scorers) else 1
+    chunk = FEATURE_CHUNK if all(_batches(s) for s in scorers) else 1
     with writer.reader() as reader:
         meta = reader.meta()
         window_left = meta.get("window_left", 0)
@@ -613,7 +613,7 @@ def score_features(
                         (text, records[f], reader, scorer_rng(seed, f, eid, scorer.name))
                         for f, eid, text in items
                     ]
-                    if hasattr(scorer, "score_many"):
+                    if _batches(scorer):
                         results = scorer.score_many(jobs) if jobs else []
                     else:  # one at a time: what was judged before a failure is stored (finally)
                         results = []
@@ -628,6 +628,10 @@ def score_features(
             if report is not None:
                 report(lo + len(part), len(todo))
     return out
+
+
+def _batches(scorer: Scorer) -> bool:
+    return callable(getattr(scorer, "score_many", None))
 
 
 FEATURE_CHUNK = 64
