@@ -614,7 +614,7 @@ def score_features(
                         for f, eid, text in items
                     ]
                     if _batches(scorer):
-                        results = scorer.score_many(jobs) if jobs else []
+                        results = scorer.score_many(jobs) if jobs else []  # type: ignore[attr-defined]
                     else:  # one at a time: what was judged before a failure is stored (finally)
                         results = []
                         for text, record, _, rng in jobs:
