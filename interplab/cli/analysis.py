@@ -31,6 +31,7 @@ from interplab.cli.common import (
     JobProgress,
     claim_out,
     console,
+    dtype_option,
     fail,
     library_default,
     load_model_arg,
@@ -185,12 +186,13 @@ def patch(
     n: int = typer.Option(N_EXAMPLES, "--n", help="examples drawn from --task", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
+    dtype: str = dtype_option(),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
     set_threads(threads)
     claim_out(out, Kind.PATCH)
-    model = load_model_arg(model_path)
+    model = load_model_arg(model_path, dtype=dtype)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=True)
     if metric_name not in METRICS:
         fail(f"unknown metric {metric_name!r}; valid: {', '.join(METRICS)}")
@@ -289,12 +291,13 @@ def heads(
     ),
     seed: int = typer.Option(library_default(A.head_scores, "seed"), "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
+    dtype: str = dtype_option(),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Previous-token, induction, duplicate-token and copying scores of every head, and attention views."""
     set_threads(threads)
     claim_out(out, Kind.HEADS)
-    model = load_model_arg(model_path)
+    model = load_model_arg(model_path, dtype=dtype)
     tokens = _examples(model, prompts, None, 0, seed, need_corrupted=False)["tokens"] if prompts else None
     run = _Run(
         out,
@@ -341,13 +344,14 @@ def lens(
     n: int = typer.Option(N_EXAMPLES, "--n", help="examples drawn from --task", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
+    dtype: str = dtype_option(),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
 ) -> None:
     """Logit lens at every layer; with answer and wrong tokens also direct logit attribution and the
     residual-stream decomposition."""
     set_threads(threads)
     claim_out(out, Kind.LENS)
-    model = load_model_arg(model_path)
+    model = load_model_arg(model_path, dtype=dtype)
     ex = _examples(model, prompts, task, n, seed, need_corrupted=False)
     run = _Run(
         out,

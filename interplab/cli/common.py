@@ -21,6 +21,7 @@ from rich.console import Console
 
 from interplab.model import Transformer
 from interplab.model.load import load_model, model_source
+from interplab.model.precision import check_dtype
 from interplab.runs import Kind, RunError, check_out
 
 console = Console(stderr=False)
@@ -155,6 +156,35 @@ def device_option(value: str | None) -> str | None:
     return value.strip().lower()
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+"""the dtypes a command's ``--dtype`` loads its model in (``bf16``, ``fp16``, ``fp32`` are read too)"""
+
+
+def model_dtype(value: str | None) -> str | None:
+    """``--dtype`` of a command's model: one of `MODEL_DTYPES` (or bf16, fp16, fp32), as its full name."""
+    if value is None:
+        return None
+    try:
+        dtype = check_dtype(value)
+    except ValueError:
+        dtype = None
+    name = str(dtype).removeprefix("torch.")
+    if name not in MODEL_DTYPES:
+        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(MODEL_DTYPES)} (or bf16, fp16, fp32)")
+    return name
+
+
+def dtype_option(flag: str = "--dtype") -> Any:
+    """The option every command that loads a model shares: the dtype the model runs in (float32 by default;
+    `model_dtype` checks it), passed on to `load_model_arg`: ``dtype: str = dtype_option()``."""
+    return typer.Option(
+        "float32",
+        flag,
+        help="dtype the model runs in: float32, bfloat16 (bf16) or float16 (fp16)",
+        callback=model_dtype,
+    )
+
+
 def _nearest_existing(path: Path) -> Path:
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -219,6 +249,13 @@ def db_source(value: str | Path | None) -> str | Path | None:
     return value if is_url(value) else Path(value)
 
 
+def db_link(source: str | Path) -> str:
+    """`interplab.features.database.database_link`: how a run records a database given as ``source``."""
+    from interplab.features.database import database_link
+
+    return database_link(source)
+
+
 def db_option(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | Path | None:
     """Typer callback of a ``--db`` option (declared ``str``): `db_source`."""
     return db_source(value)
@@ -276,14 +313,15 @@ def model_arg_source(path: Path, what: str = "") -> Path:
         _no_model(what, err)
 
 
-def load_model_arg(path: Path, what: str = "") -> Transformer:
+def load_model_arg(path: Path, what: str = "", dtype: str | None = None) -> Transformer:
     """Load the model a command was given (a model folder or file, or a training run: its ``final/``), saying
     ``loaded RUN/final`` when the path stood for another folder; a path with no model, or one that does not
-    load, ends in one line (after ``what``, e.g. ``"cannot load the model: "``). Every command that takes a
-    model loads it here."""
+    load, ends in one line (after ``what``, e.g. ``"cannot load the model: "``). ``dtype`` (a command's
+    `dtype_option`; None: as stored) is the dtype the model runs in. Every command that takes a model loads
+    it here."""
     source = model_arg_source(path, what)
     try:
-        model = load_model(source)
+        model = load_model(source, dtype=dtype)
     except _MODEL_ERRORS as err:
         _no_model(what, err)
     if source != Path(path):

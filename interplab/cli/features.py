@@ -21,6 +21,7 @@ from interplab.cli.common import (
     console,
     db_option,
     db_out_option,
+    dtype_option,
     fail,
     finite_float,
     load_model_arg,
@@ -106,9 +107,9 @@ def sae_folder(path: Path, name: str | None) -> Path:
         fail(str(err))
 
 
-def load_model_and_sae(model_dir: Path, sae_dir: Path) -> tuple[Transformer, SAE]:
-    """The model (a model folder, or a training run: its final/) and the SAE (an SAE folder)."""
-    model = load_model_arg(model_dir, "cannot load the model: ")
+def load_model_and_sae(model_dir: Path, sae_dir: Path, dtype: str | None = None) -> tuple[Transformer, SAE]:
+    """The model (a model folder, or a training run: its final/; in ``dtype``) and the SAE (an SAE folder)."""
+    model = load_model_arg(model_dir, "cannot load the model: ", dtype)
     try:
         sae = load_sae(sae_dir)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -179,6 +180,7 @@ def build(
     ),
     cooccurrence: bool = typer.Option(DEFAULTS.cooccurrence, "--cooccurrence/--no-cooccurrence"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild from scratch if the database exists"),
+    dtype: str = dtype_option(),
     threads: int = typer.Option(
         0, "--threads", help="torch threads (0: torch's default)", callback=threads_option
     ),
@@ -193,7 +195,7 @@ def build(
         fail("give exactly one of --tokens FILE or --corpus NAME")
     left, right = parse_window(window)
     sae_dir = sae_folder(sae_dir, sae_name)
-    model, sae = load_model_and_sae(model_dir, sae_dir)
+    model, sae = load_model_and_sae(model_dir, sae_dir, dtype)
     toks = (
         load_tokens_file(tokens)
         if tokens is not None

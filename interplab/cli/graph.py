@@ -11,6 +11,8 @@ from interplab import runs
 from interplab.cli.common import (
     claim_out,
     console,
+    db_link,
+    db_option,
     fail,
     load_model_arg,
     out_file,
@@ -105,8 +107,11 @@ def build(
     ),
     batch_size: int = typer.Option(256, "--batch-size", callback=positive_int, help="rows per backward"),
     memory_gb: float = typer.Option(8.0, "--memory-gb", callback=positive_float, help="memory budget"),
-    feature_db: Path | None = typer.Option(
-        None, "--feature-db", help="the CLT's feature database (node links)"
+    feature_db: str | None = typer.Option(
+        None,
+        "--feature-db",
+        help="the CLT's feature database (node links): a file, or a URL (postgresql://user@host/dbname)",
+        callback=db_option,
     ),
     open_: bool = typer.Option(False, "--open", help="print only the command that opens the graph"),
     threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
@@ -122,7 +127,7 @@ def build(
     meta = {
         "run": str(model.absolute()),
         "clt": str(clt.absolute()),
-        "feature_db": str(feature_db.absolute()) if feature_db is not None else None,
+        "feature_db": db_link(feature_db) if feature_db is not None else None,
         "prompt": prompt,
     }
     graph = attribute(

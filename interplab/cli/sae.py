@@ -18,6 +18,7 @@ from interplab.cli.common import (
     choice,
     command_hint,
     console,
+    dtype_option,
     fail,
     load_model_arg,
     non_negative_float,
@@ -122,6 +123,7 @@ def cache(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="delete an existing cache at --out and start again"
     ),
+    model_dtype: str = dtype_option("--model-dtype"),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
@@ -130,7 +132,20 @@ def cache(
     batches, each once."""
     set_threads(threads)
     with _processes():
-        _cache(model_path, hooks, out, corpus, split, seq_len, batch, tokens, dtype, shard_rows, overwrite)
+        _cache(
+            model_path,
+            hooks,
+            out,
+            corpus,
+            split,
+            seq_len,
+            batch,
+            tokens,
+            dtype,
+            shard_rows,
+            overwrite,
+            model_dtype,
+        )
 
 
 def _cache(
@@ -145,8 +160,9 @@ def _cache(
     dtype: str,
     shard_rows: int,
     overwrite: bool,
+    model_dtype: str | None = None,
 ) -> None:
-    model = load_model_arg(model_path)
+    model = load_model_arg(model_path, dtype=model_dtype)
     seq_len = check_seq_len(seq_len, model)
     hooks = _hooks_of(model, hooks)
     try:
@@ -277,6 +293,7 @@ def train(
         help="under torchrun: spread the sweep's SAEs over the processes (each trains its own on all the data) "
         "instead of training every SAE data-parallel (each process its share of every --batch)",
     ),
+    dtype: str = dtype_option(),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
@@ -312,6 +329,7 @@ def _train(
     resume: bool,
     overwrite: bool,
     spread: bool,
+    dtype: str | None = None,
 ) -> None:
     try:
         cfg = SAESweepConfig(
@@ -331,7 +349,7 @@ def _train(
             source = cache_source(cache_dir, hooks, batch_size=batch, steps=steps, seed=seed, spread=spread)
         else:
             assert model_path is not None  # exactly one of --model / --cache (checked above)
-            model = load_model_arg(model_path)
+            model = load_model_arg(model_path, dtype=dtype)
             seq_len = check_seq_len(seq_len, model)
             source = model_source(
                 model,
@@ -402,6 +420,7 @@ def evaluate(
         callback=positive_int,
     ),
     batches: int = typer.Option(8, "--batches", help="batches of 16 sequences", callback=positive_int),
+    dtype: str = dtype_option(),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """L0, MSE, FVU, CE loss recovered (vs zero and mean ablation), KL, density: report.json + plots."""
@@ -417,7 +436,7 @@ def evaluate(
         )
     if out is None:
         out = check_out_folder(sae_path / EVAL)
-    model = load_model_arg(model_path)
+    model = load_model_arg(model_path, dtype=dtype)
     seq_len = check_seq_len(seq_len, model)
     saes = {
         name: load_sae(folder) for name, folder in folders.items()
@@ -474,6 +493,7 @@ def bench(
         "configured (INTERPLAB_LLM_*) detection and fuzzing by the LLM, else the built-in baseline",
         callback=non_negative_int,
     ),
+    dtype: str = dtype_option(),
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """SAE-vs-SAE evaluation: core metrics, k-sparse probing, absorption and the autointerp score, each with
@@ -498,7 +518,7 @@ def bench(
             if label in saes:
                 fail(f"{label} is given twice; pass each SAE folder or run once")
             saes[label] = (name, load_sae(folder))
-    model = load_model_arg(model_path)
+    model = load_model_arg(model_path, dtype=dtype)
     seq_len = check_seq_len(seq_len, model)
     available = tokenizer_labellers(model.tokenizer) if model.tokenizer is not None else {}
     wanted = [] if properties == "none" else [p.strip() for p in properties.split(",") if p.strip()]

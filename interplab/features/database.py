@@ -50,6 +50,35 @@ def database_url(path_or_url: str | Path) -> str:
     return str(path_or_url) if is_url(path_or_url) else f"sqlite:///{Path(path_or_url).resolve()}"
 
 
+def database_link(path_or_url: str | Path) -> str:
+    """How a run records a feature database it links to (an attribution graph's ``feature_db``): a file's
+    absolute path, or the URL with its password left out (the link is written into the run folder and shown on
+    pages; the web app opens a database by its own ``--db``, never by a link)."""
+    return D.display_url(str(path_or_url)) if is_url(path_or_url) else str(Path(path_or_url).absolute())
+
+
+def database_key(path_or_url: str | Path) -> Path | str:
+    """What tells two names of one database apart from two databases, to match a link with a served
+    database: a file's resolved path (a ``sqlite:///FILE`` URL names its file), else the URL without its
+    password (`database_link`).
+
+    >>> database_key("sqlite:////tmp/f.db") == database_key("/tmp/f.db")
+    True
+    """
+    if not is_url(path_or_url):
+        return Path(path_or_url).expanduser().resolve()
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(str(path_or_url))
+    except ArgumentError:
+        return str(path_or_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return Path(url.database).expanduser().resolve()
+    return database_link(path_or_url)
+
+
 def sqlite_uri(file: str | Path, *, read_only: bool = False, immutable: bool = False) -> str:
     """A ``file:`` URI for sqlite3 with the path percent-encoded, so ``?``, ``#`` and ``%`` in a file name are
     part of the name. ``read_only``: mode=ro (nothing is written, not even a journal-mode switch);
@@ -95,7 +124,8 @@ class FeatureDatabase:
                 )
             if self.file.is_file():
                 self.found = self._probe(self.file, create)
-            else:
+            else:  # create=True: a new file, in a folder made for it if need be
+                self.file.parent.mkdir(parents=True, exist_ok=True)
                 self.found, self.engine = 0, sqlite_engine(self.file)
         else:
             self.where = D.display_url(str(path_or_url))

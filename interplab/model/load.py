@@ -42,7 +42,7 @@ def load_model(
     path: str | Path,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     tl_config: str | Path | dict[str, Any] | None = None,
     fold_ln: bool = False,
     center_writing_weights: bool = False,

@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from interplab.features.database import ReadOnlyDatabase, is_url
+from interplab.features.database import ReadOnlyDatabase, database_key, is_url
 from interplab.features.reader import MAX_QUERY, FeatureNotFound, FeatureReader
 from interplab.features.steer import DEFAULT_STRENGTH
 from interplab.features.writer import FeatureWriter, label_writer
@@ -165,10 +165,8 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
     roots = [Path(r) for r in runs]
     artifacts: list[Artifact] = find_artifacts(roots)
-    served = {  # database file -> its name here, to link a run's databases to their pages
-        Path(str(db)).resolve(): name
-        for db, name in zip(dbs, res.stores, strict=True)
-        if "://" not in str(db)
+    served: dict[Path | str, str] = {  # database file or URL -> its name here, to link runs to its pages
+        database_key(db): name for db, name in zip(dbs, res.stores, strict=True)
     }
 
     @app.get("/static-vendor/plotly.min.js", include_in_schema=False)

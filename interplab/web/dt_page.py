@@ -11,7 +11,7 @@ palette) and served one step at a time (`frame_png`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -279,7 +279,7 @@ def player_frame(art: Artifact, episode: int, step: int) -> bytes | None:
 
 
 def dt_view(
-    art: Artifact, others: Sequence[Artifact] = (), databases: dict[Path, str] | None = None
+    art: Artifact, others: Sequence[Artifact] = (), databases: Mapping[Path | str, str] | None = None
 ) -> dict[str, Any] | None:
     """The DT section of a run page (None for any other kind of run): what the folder is, the calibration
     (an evaluation), the trajectory player (a data set, an evaluation's episodes, an analysis' data, an SAE
@@ -367,7 +367,7 @@ def add_readouts(
     art: Artifact,
     kind: Kind | None,
     others: Sequence[Artifact],
-    databases: dict[Path, str],
+    databases: Mapping[Path | str, str],
 ) -> None:
     """Attach to each player episode, per step, the probes' predictions (``probes``: ``[label, predicted,
     probability, true]``) and the strongest SAE features (``features``: ``[feature, activation]``), where an

@@ -29,6 +29,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from interplab import runs
+from interplab.features.database import database_key, database_link, is_url
 from interplab.io import atomic_write_json
 from interplab.runs import GRAPH_JSON, Kind
 from interplab.web.api import INT64_MAX
@@ -201,22 +202,25 @@ def read_graph(folder: Path, root: Path) -> tuple[dict[str, Any] | None, str | N
     return doc, None
 
 
-def _served_name(db: Any, folder: Path, served: Mapping[Path, str]) -> dict[str, Any] | None:
+def _served_name(db: Any, folder: Path, served: Mapping[Path | str, str]) -> dict[str, Any] | None:
     if not isinstance(db, str) or not db or "\x00" in db:
         return None
-    path = Path(db) if Path(db).is_absolute() else folder / db
     try:
+        if is_url(db):
+            return {"path": database_link(db)[:1000], "name": served.get(database_key(db))}
+        path = Path(db) if Path(db).is_absolute() else folder / db
         name = served.get(path.resolve())
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
         name = None
     return {"path": db[:1000], "name": name}
 
 
-def feature_links(extras: Any, folder: Path, served: Mapping[Path, str]) -> dict[str, Any]:
+def feature_links(extras: Any, folder: Path, served: Mapping[Path | str, str]) -> dict[str, Any]:
     """Where the graph's feature nodes link to, from its ``interplab`` extras: ``feature_db``, one database
     of every layer's latents (a node's index there is ``layer * d_sae + feature`` when ``d_sae`` is given,
     else ``feature``), or ``feature_dbs``, one database per layer (``{"0": path, ...}``, index ``feature``).
-    A path is relative to the graph's folder unless absolute; ``name`` is the database's name in this app
+    A path is relative to the graph's folder unless absolute, a URL (``postgresql://...``) is shown without
+    its password and matched to a served database by `interplab.features.database.database_key`; ``name`` is the database's name in this app
     when it is served (None when not). ``{"path": None, ...}`` when the graph links none."""
     extras = extras if isinstance(extras, dict) else {}
     out: dict[str, Any] = {"path": None, "name": None, "d_sae": None, "layers": {}}
@@ -253,7 +257,7 @@ LabelsOf = Callable[[str], Mapping[int, str]]
 
 
 def graph_view(
-    folder: Path, root: Path, served: Mapping[Path, str] | None = None, labels: LabelsOf | None = None
+    folder: Path, root: Path, served: Mapping[Path | str, str] | None = None, labels: LabelsOf | None = None
 ) -> dict[str, Any]:
     """What the viewer shows of the graph in ``folder``: ``error`` (a message, or None), the prompt and its
     tokens, the nodes (``id``, ``kind`` feature | error | embedding | logit, ``layer``, ``position``,
@@ -419,7 +423,7 @@ def add_routes(
     app: FastAPI,
     artifact: Callable[[int], Artifact],
     page: Callable[..., Any],
-    served: Mapping[Path, str],
+    served: Mapping[Path | str, str],
     read_only: bool | None = None,
     labels: LabelsOf | None = None,
 ) -> None:

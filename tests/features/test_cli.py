@@ -131,6 +131,13 @@ def test_explain_and_missing_database(tmp_path, model, tokens):
     assert r.exit_code == 2 and "no feature database" in r.output
 
 
+def test_build_into_a_folder_that_does_not_exist_yet(tmp_path, model, tokens):
+    """``--out new/dir/f.db`` makes its folder (it failed with an OperationalError reported as a bug)."""
+    out = tmp_path / "new" / "dir" / "f.db"
+    build_feature_db(out, model, planted_sae(model, 4), tokens, FeatureBuildConfig(top_k=2, batch_size=8))
+    assert FeatureReader(out).n_features() == 4
+
+
 def _run_with_two_saes(tmp_path, model):
     """A training run as the demo lays it out: config.json, final/, and sae/ (an SAE training run, 2 SAEs)."""
     from interplab.runs import CONFIG, FINAL, SAE_DIR, SAES, Kind, write_json

@@ -91,3 +91,22 @@ def test_bad_input_is_one_line(tmp_path):
         ["graph", "build", "--model", str(model), "--clt", str(model), "--out", str(out), "--tokens", "0,1"],
     )
     assert r.exit_code == 2 and "expected a CLT folder" in r.output
+
+
+def test_feature_db_is_a_path_or_a_url(tmp_path, monkeypatch):
+    """``--feature-db`` links a file by its absolute path and a database URL as given, its password left out
+    (the link is written into the run folder)."""
+    model, clt = _saved(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative path is the current folder's
+    tokens = ",".join(str(t) for t in [BOS, A, D, C])
+    given = {
+        "features.db": str((tmp_path / "features.db").absolute()),
+        "postgresql://me:secret@db.lab:5432/features": "postgresql://me:***@db.lab:5432/features",
+        f"sqlite:///{tmp_path}/f.db": f"sqlite:///{tmp_path}/f.db",
+    }
+    for i, (db, recorded) in enumerate(given.items()):
+        out = tmp_path / f"g{i}"
+        args = ["graph", "build", "--model", model, "--clt", clt, "--tokens", tokens, "--out", out]
+        result = CliRunner().invoke(app, [str(a) for a in [*args, "--feature-db", db]])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / runs.GRAPH_JSON).read_text())["interplab"]["feature_db"] == recorded

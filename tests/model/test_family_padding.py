@@ -50,7 +50,12 @@ def test_left_padded_batch_and_greedy_generation_equal_transformers(tmp_path, va
     hf = make_hf(variant) if variant in VARIANTS else make_qk_norm_hf(variant)
     _sharpen(hf)
     hf.save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    check_left_padding_and_generation(hf, load_model(tmp_path))
+
+
+def check_left_padding_and_generation(hf, model) -> None:  # noqa: ANN001
+    """A left-padded batch through ``model`` (interplab) and ``hf`` (its transformers original): logits and
+    residual stream at the real positions, greedy generation with and without the cache, each step's logits."""
     tokens, mask = _left_padded(hf.config.vocab_size)
     real = mask.bool()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate gives a left-padded batch

@@ -23,7 +23,7 @@ from interplab.model.rope import (
     YarnRope,
     inverse_frequencies,
 )
-from tests.model.test_family_padding import step_logits
+from tests.model.test_family_padding import check_left_padding_and_generation, step_logits
 from tests.model.test_load_hf import LONGROPE
 from tests.model.test_load_hf_qk_norm import _gemma3 as gemma3_config
 
@@ -90,6 +90,51 @@ ROPES = {  # name -> (family, rope parameters beyond rope_theta, config beyond S
         {},
     ),
     "longrope-phi3": ("phi3", LONGROPE, {"original_max_position_embeddings": ORIGINAL}),
+    "yarn-qwen3-attention-factor": (  # (what a TransformerLens config can say: its yarn_attention_factor)
+        "qwen3",
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "attention_factor": 1.25,
+            "beta_fast": 16.0,
+        },
+        {"num_key_value_heads": 2, "head_dim": 8},
+    ),
+    # GPT-NeoX: the scaling covers its rotary part only (partial_rotary_factor)
+    "linear-neox": ("gpt_neox", {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, {}),
+    "dynamic-neox": (
+        "gpt_neox",
+        {"rope_type": "dynamic", "factor": 3.0, "partial_rotary_factor": 0.5},
+        {"max_position_embeddings": ORIGINAL},
+    ),
+    "yarn-neox-sequential-full-rotary": (
+        "gpt_neox",
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "partial_rotary_factor": 1.0,
+        },
+        {"use_parallel_residual": False},
+    ),
+    # Gemma-2: transformers scales every layer, the sliding-window ones too
+    "llama3-gemma2": (
+        "gemma2",
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+        },
+        {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 5},
+    ),
+    "dynamic-gemma2": (
+        "gemma2",
+        {"rope_type": "dynamic", "factor": 3.0},
+        {"max_position_embeddings": ORIGINAL, "head_dim": 8},
+    ),
     "longrope-phi3-partial": (
         "phi3",
         {**LONGROPE, "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0], "partial_rotary_factor": 0.5},
@@ -103,6 +148,8 @@ CLASSES = {
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
 }
 
 
@@ -168,7 +215,7 @@ def test_scaled_rope_matches_transformers(tmp_path, name, seq):
         assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], rotated[layer][0], atol=1e-4, rtol=0)
         assert_close(cache[f"blocks.{layer}.attn.hook_rot_k"], rotated[layer][1], atol=1e-4, rtol=0)
     # the scaling is really applied: the unscaled model differs (dynamic NTK only beyond its original length)
-    if name == "dynamic" and seq <= ORIGINAL:
+    if name.startswith("dynamic") and seq <= ORIGINAL:
         return
     plain = load_model(tmp_path)
     set_config(plain, plain.cfg.replace(rope_scaling=None))
@@ -252,9 +299,8 @@ def test_linear_scaling_is_position_interpolation():
     assert_close(12 * freq, 3 * plain, atol=1e-6, rtol=0)
 
 
-def _hf_config_folder(tmp_path, rope: dict, family: str = "llama") -> None:
-    config_cls, _ = CLASSES[family] if family in CLASSES else (transformers.Gemma2Config, None)
-    d = config_cls(**SMALL, max_position_embeddings=64).to_dict()
+def _hf_config_folder(tmp_path, rope: dict) -> None:
+    d = transformers.LlamaConfig(**SMALL, max_position_embeddings=64).to_dict()
     d["rope_parameters"] = {**rope, "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(d))
 
@@ -269,13 +315,12 @@ def test_unsupported_rope_type_is_named_with_the_supported_ones(tmp_path, rope_t
         load_model(tmp_path)
 
 
-def test_rope_scaling_of_a_family_that_does_not_read_it_is_refused(tmp_path):
-    _hf_config_folder(tmp_path, {"rope_type": "linear", "factor": 2.0}, family="gemma2")
-    with pytest.raises(
-        ValueError,
-        match=r"Gemma-2 rope scaling 'linear' is not supported .* Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3",
-    ):
-        load_model(tmp_path)
+@pytest.mark.parametrize("name", ["linear-neox", "yarn-neox-sequential-full-rotary", "llama3-gemma2"])
+def test_scaled_neox_and_gemma2_left_padding_and_generation_equal_transformers(tmp_path, name):
+    """The families that gained rope scaling: a left-padded batch and greedy generation (cached and not) equal
+    transformers', as every family's unscaled variants do in test_family_padding."""
+    model_cls = _save(name, tmp_path)
+    check_left_padding_and_generation(_fresh(model_cls, tmp_path), load_model(tmp_path))
 
 
 def test_missing_rope_parameter_is_named(tmp_path):
@@ -311,6 +356,20 @@ def test_bad_rope_scaling_in_a_model_config_is_named():
         model(torch.tensor([[1, 2, 3]]))
 
 
+# a TransformerLens config of a small rotary model (the tests add n_layers and what they check)
+TL_ROTARY = dict(
+    d_model=32,
+    n_heads=4,
+    d_mlp=64,
+    d_vocab=50,
+    n_ctx=64,
+    act_fn="silu",
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    rotary_dim=8,
+)
+
+
 @pytest.mark.filterwarnings("error")  # every field is read: no "ignored" warning
 def test_transformer_lens_ntk_by_parts_is_llama3_rope():
     """TransformerLens' NTK-by-parts rope (its Llama-3.1/3.2 configs) is transformers' llama3 formula; the
@@ -318,17 +377,9 @@ def test_transformer_lens_ntk_by_parts_is_llama3_rope():
     from interplab.model.convert.transformer_lens import tl_config_to_model_config
 
     tl = dict(
-        d_model=32,
+        TL_ROTARY,
         n_layers=1,
-        n_heads=4,
         d_head=8,
-        d_mlp=64,
-        d_vocab=50,
-        n_ctx=64,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=8,
         gated_mlp=True,
         rotary_base=500000.0,
         use_NTK_by_parts_rope=True,
@@ -402,3 +453,170 @@ def test_gemma3_scales_its_global_layers_only(tmp_path):
         set_config(other, other.cfg.replace(**changes))
         with torch.no_grad():
             assert (other(tokens) - logits).abs().max() > 1e-2, changes
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_legacy_neox_rope_scaling_config(tmp_path, kind):
+    """A GPT-NeoX config.json as transformers 4 wrote it: ``rotary_emb_base``, ``rotary_pct`` and
+    ``rope_scaling: {"type": ...}``; transformers reads it, and so does interplab, to the same logits."""
+    name = f"{kind}-neox"
+    model_cls = _save(name, tmp_path)
+    cfg_file = tmp_path / "config.json"
+    d = json.loads(cfg_file.read_text())
+    rope = d.pop("rope_parameters")
+    d["rotary_emb_base"], d["rotary_pct"] = 500.0, rope["partial_rotary_factor"]
+    d["rope_scaling"] = {"type": kind, "factor": rope["factor"]}
+    cfg_file.write_text(json.dumps(d))
+    hf = _fresh(model_cls, tmp_path)
+    assert hf.config.rope_parameters["rope_theta"] == 500.0
+    model = load_model(tmp_path)
+    assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.rope_type == kind
+    assert model.cfg.rotary_base == 500.0 and model.cfg.rotary_dim == 4
+    tokens = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def _hf_to_tl(hf, tl_extra: dict, *, qk_norm: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Llama/Qwen3 transformers model as TransformerLens converts it (its ``convert_llama_weights`` /
+    ``convert_qwen3_weights`` and its Qwen3 config): heads split out of the projections, K/V of grouped-query
+    attention as ``_W_K``/``_W_V``, zero biases, q/k norms at ``blocks.L.attn.q_norm.w``."""
+    c = hf.config
+    h, kv, dh, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    state = {"embed.W_E": sd["model.embed_tokens.weight"]}
+    for layer in range(c.num_hidden_layers):
+        b, o = f"model.layers.{layer}.", f"blocks.{layer}."
+        gqa = "_" if kv != h else ""
+        state[o + "ln1.w"] = sd[b + "input_layernorm.weight"]
+        state[o + "attn.W_Q"] = sd[b + "self_attn.q_proj.weight"].reshape(h, dh, d).transpose(1, 2)
+        state[o + f"attn.{gqa}W_K"] = sd[b + "self_attn.k_proj.weight"].reshape(kv, dh, d).transpose(1, 2)
+        state[o + f"attn.{gqa}W_V"] = sd[b + "self_attn.v_proj.weight"].reshape(kv, dh, d).transpose(1, 2)
+        state[o + "attn.b_Q"] = torch.zeros(h, dh)
+        state[o + f"attn.{gqa}b_K"] = torch.zeros(kv, dh)
+        state[o + f"attn.{gqa}b_V"] = torch.zeros(kv, dh)
+        state[o + "attn.W_O"] = sd[b + "self_attn.o_proj.weight"].reshape(d, h, dh).permute(1, 2, 0)
+        state[o + "attn.b_O"] = torch.zeros(d)
+        if qk_norm:
+            state[o + "attn.q_norm.w"] = sd[b + "self_attn.q_norm.weight"]
+            state[o + "attn.k_norm.w"] = sd[b + "self_attn.k_norm.weight"]
+        state[o + "ln2.w"] = sd[b + "post_attention_layernorm.weight"]
+        state[o + "mlp.W_in"] = sd[b + "mlp.up_proj.weight"].T
+        state[o + "mlp.W_gate"] = sd[b + "mlp.gate_proj.weight"].T
+        state[o + "mlp.W_out"] = sd[b + "mlp.down_proj.weight"].T
+        state[o + "mlp.b_in"] = torch.zeros(c.intermediate_size)
+        state[o + "mlp.b_out"] = torch.zeros(d)
+        state[o + "attn.rotary_sin"] = torch.zeros(64, dh)  # TL's buffers (recomputed by interplab)
+        state[o + "attn.rotary_cos"] = torch.ones(64, dh)
+    state["ln_final.w"] = sd["model.norm.weight"]
+    state["unembed.W_U"] = sd["lm_head.weight"].T
+    state["unembed.b_U"] = torch.zeros(c.vocab_size)
+    tl = dict(
+        d_model=d,
+        d_head=dh,
+        n_heads=h,
+        n_key_value_heads=kv if kv != h else None,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=64,
+        eps=c.rms_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        use_attn_scale=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=c.rope_parameters["rope_theta"],
+        rotary_adjacent_pairs=False,
+        rotary_dim=dh,
+        final_rms=True,
+        gated_mlp=True,
+        use_qk_norm=qk_norm,
+        original_architecture=type(hf).__name__,
+        **tl_extra,
+    )
+    return state, tl
+
+
+# HF model (ROPES name, scaled?) -> the TransformerLens config fields that say the same
+TL_OPTIONS = {
+    "qk-norm": ("yarn-qwen3", False, {}),
+    "qk-norm-yarn": (
+        "yarn-qwen3-attention-factor",
+        True,
+        dict(
+            use_yarn_rope=True,
+            yarn_factor=4.0,
+            yarn_attention_factor=1.25,
+            yarn_beta_fast=16.0,
+            yarn_beta_slow=1.0,
+            yarn_original_max_position_embeddings=ORIGINAL,
+        ),
+    ),
+    "rotary-scaling-factor": ("linear", True, dict(rotary_scaling_factor=2.0)),
+}
+
+
+@pytest.mark.filterwarnings("error")  # every TL field is read: no "ignored" warning
+@pytest.mark.parametrize("option", list(TL_OPTIONS))
+def test_transformer_lens_qk_norm_and_rope_options_equal_transformers(tmp_path, option):
+    """A transformers model converted to TransformerLens' layout and config as TransformerLens converts it
+    (``use_qk_norm``: per-head RMSNorm of q and k before rotary; ``use_yarn_rope`` with its explicit
+    ``yarn_attention_factor``; ``rotary_scaling_factor``: linear on the global layers) loads to transformers'
+    logits, rotated q/k, left-padded batches and greedy generation; without the option it differs."""
+    from interplab.model.convert.transformer_lens import load_transformer_lens
+
+    name, scaled, extra = TL_OPTIONS[option]
+    model_cls = _save(name, tmp_path / "hf", scaled=scaled)
+    hf = _fresh(model_cls, tmp_path / "hf")
+    qk_norm = ROPES[name][0] == "qwen3"
+    state, tl = _hf_to_tl(hf, extra, qk_norm=qk_norm)
+    torch.save({"state_dict": state, "cfg": tl}, tmp_path / "tl.pt")
+    model = load_transformer_lens(tmp_path / "tl.pt")
+    tokens = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(4))
+    logits, hidden, rotated = _hf_rotated(hf, tokens, ROPES[name][0])
+    got, cache = model.run_with_cache(tokens)
+    assert_close(got, logits, atol=1e-4, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], rotated[layer][0], atol=1e-4, rtol=0)
+        assert_close(cache[f"blocks.{layer}.attn.hook_rot_k"], rotated[layer][1], atol=1e-4, rtol=0)
+    check_left_padding_and_generation(hf, model)
+    # the option is really read: the checkpoint without it computes something else
+    if qk_norm and not scaled:
+        state = {k: v for k, v in state.items() if "_norm." not in k}
+        off = dict(tl, use_qk_norm=False)
+    else:
+        off = {k: v for k, v in tl.items() if k not in extra}
+    torch.save({"state_dict": state, "cfg": off}, tmp_path / "off.pt")
+    with torch.no_grad():
+        assert (load_transformer_lens(tmp_path / "off.pt")(tokens) - logits).abs().max() > 1e-2
+
+
+def test_transformer_lens_rotary_scaling_factor_scales_global_layers_only():
+    """TransformerLens' ``rotary_scaling_factor`` (its Gemma-3 configs) divides the positions of the global
+    layers only; with NTK-by-parts or YaRN on, TransformerLens ignores it, and so does interplab."""
+    from interplab.model.convert.transformer_lens import tl_config_to_model_config
+
+    tl = dict(
+        TL_ROTARY,
+        n_layers=3,
+        rotary_scaling_factor=8.0,
+        use_local_attn=True,
+        window_size=4,
+        attn_types=["local", "global", "local"],
+    )
+    cfg = tl_config_to_model_config(tl)
+    assert cfg.rope_scaling == LinearRope(factor=8.0) and cfg.rope_scaled_layers == (1,)
+    assert tl_config_to_model_config({**tl, "attn_types": ["local"] * 3}).rope_scaling is None
+    yarn = tl_config_to_model_config({**tl, "use_yarn_rope": True, "yarn_factor": 2.0})
+    assert yarn.rope_scaling == YarnRope(
+        factor=2.0, original_max_position_embeddings=4096, attention_factor=1.0
+    )
+    assert yarn.rope_scaled_layers == ()
+
+
+def test_transformer_lens_olmo_full_qk_norm_is_refused():
+    from interplab.model.convert.transformer_lens import tl_config_to_model_config
+
+    tl = dict(d_model=32, n_layers=1, n_heads=4, d_vocab=50, n_ctx=16, act_fn="silu")
+    with pytest.raises(ValueError, match=r"original_architecture='Olmo2ForCausalLM' .* not supported"):
+        tl_config_to_model_config({**tl, "original_architecture": "Olmo2ForCausalLM"})

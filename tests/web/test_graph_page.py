@@ -604,3 +604,39 @@ def test_feature_nodes_take_their_databases_explanations(tmp_path, web_setup):
     assert labels["1_3_4"] == "<!--<script>alert(1)</script> & </script>"  # layer 1, feature 3
     assert labels["0_2_3"] == labels["0_4_1"] == ""  # features 2 and 4 have none
     assert "<script>alert(1)" not in r.text
+
+
+def test_feature_nodes_link_to_a_database_served_by_url(graph_runs, tmp_path):
+    """A graph that links its database by URL finds it served by the same URL (with or without its
+    password), and a ``sqlite:///FILE`` URL is the same database as FILE."""
+    db = graph_runs["db"]
+    pg = "postgresql://me:secret@db.lab/features"
+    cases = [  # (link written in the graph, served database -> name)
+        (pg, {"postgresql://me:***@db.lab/features": "pg"}, "pg"),
+        (f"sqlite:///{db}", {db.resolve(): "tiny"}, "tiny"),
+        (pg.replace("db.lab", "other.lab"), {"postgresql://me:***@db.lab/features": "pg"}, None),
+    ]
+    for i, (link, served, name) in enumerate(cases):
+        write_graph(tmp_path / "runs" / f"g{i}", make_graph(feature_db=link))
+        view = graph_view((tmp_path / "runs" / f"g{i}").resolve(), (tmp_path / "runs").resolve(), served)
+        assert view["feature_db"]["name"] == name
+        assert "secret" not in json.dumps(view)
+        pages = [n["page"] for n in view["nodes"] if n["kind"] == "feature"]
+        assert pages and all(p["db"] == name for p in pages)
+
+
+def test_a_database_served_by_url_is_linked_from_its_graphs(tmp_path, graph_runs, feature_db):
+    """On SQLite (a ``sqlite:///`` URL) and PostgreSQL: `interplab serve --db URL` links a graph's feature
+    nodes that name the database by that URL to its pages."""
+    from interplab.features.writer import copy_database
+
+    target = feature_db("tiny.db")
+    url = f"sqlite:///{target}" if isinstance(target, Path) else target
+    copy_database(graph_runs["db"], url)
+    write_graph(tmp_path / "runs" / "g", make_graph(feature_db=url))
+    client = TestClient(create_app([url], runs=[tmp_path / "runs"]), base_url="http://127.0.0.1")
+    g = graph_of(client, "g")
+    assert g["feature_db"]["name"] is not None
+    f = next(n for n in g["nodes"] if n["id"] == "1_3_4")
+    assert f["page"]["db"] == g["feature_db"]["name"] and f["page"]["index"] == 3
+    assert client.get(f"/db/{f['page']['db']}/feature/3").status_code == 200

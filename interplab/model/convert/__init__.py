@@ -254,25 +254,15 @@ def hf_activation(name: str, family: str) -> Activation:
     return HF_ACTIVATIONS[name]
 
 
-def hf_rope(hf: dict, family: str, *, theta_key: str = "rope_theta", scaling: bool = False) -> dict:
+def hf_rope(hf: dict, *, theta_key: str = "rope_theta") -> dict:
     """The rotary parameters of an HF config (transformers 5 ``rope_parameters`` or the older flat keys and
-    ``rope_scaling``), with ``rope_theta`` and ``rope_type`` filled in. A scaled variant (linear, dynamic, yarn,
-    llama3, longrope) is refused unless the family's converter reads it (``scaling=True``: it then calls
-    `hf_rope_scaling`)."""
+    ``rope_scaling``), with ``rope_theta`` and ``rope_type`` filled in; the converter reads a scaled variant
+    (linear, dynamic, yarn, llama3, longrope) with `hf_rope_scaling`."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     rope.pop("type", None)
-    if rope["rope_type"] != "default" and not scaling:
-        raise ValueError(
-            f"{family} rope scaling {rope['rope_type']!r} is not supported by interplab for this family (only "
-            f"unscaled rotary embeddings; scaled ones are read for {', '.join(SCALED_ROPE_FAMILIES)})"
-        )
     rope.setdefault("rope_theta", hf.get(theta_key, 10000.0))
     return rope
-
-
-SCALED_ROPE_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "OLMo-2", "Phi-3")
-"""the families whose converters read rope scaling (the others refuse it)"""
 
 
 def hf_rope_scaling(hf: dict, rope: dict, family: str) -> RopeScaling | None:

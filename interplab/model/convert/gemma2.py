@@ -1,7 +1,8 @@
 """Gemma-2 (``model_type = "gemma2"``): embeddings scaled by sqrt(d_model), RMSNorm computing x * (1 + w)
 (converted by adding 1 to the weights), norms after attention and MLP as well as before, attention and
 logit soft-capping, scores scaled by ``query_pre_attn_scalar``, a sliding window on alternate layers,
-GeGLU (tanh) MLP, tied embeddings."""
+GeGLU (tanh) MLP, tied embeddings. The released Gemma-2 models are unscaled, but transformers applies a
+``rope_scaling`` of any ``rope_type`` to every layer (local and global alike), and so does interplab."""
 
 from __future__ import annotations
 
@@ -15,21 +16,25 @@ from interplab.model.convert import (
     HFCheckpoint,
     hf_activation,
     hf_rope,
+    hf_rope_scaling,
     linear_in,
     register,
+    scaled_context,
     split_heads_in,
     split_heads_out,
 )
 
 
 def config(hf: dict) -> ModelConfig:
+    hf = {"max_position_embeddings": 8192, **hf}  # transformers' default
     d, h, n = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
     if hf.get("use_bidirectional_attention"):
         raise ValueError("Gemma-2 with use_bidirectional_attention=True is not supported")
     if hf.get("attention_bias"):
         raise ValueError("Gemma-2 with attention_bias=True is not supported")
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, "Gemma-2")
+    rope = hf_rope(hf)
+    scaling = hf_rope_scaling(hf, rope, "Gemma-2")
     types = hf.get("layer_types") or [
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)
     ]
@@ -43,7 +48,7 @@ def config(hf: dict) -> ModelConfig:
         d_head=d_head,
         n_kv_heads=hf.get("num_key_value_heads") or h,
         d_vocab=hf["vocab_size"],
-        n_ctx=hf.get("max_position_embeddings", 8192),
+        n_ctx=scaled_context(hf, scaling),
         d_mlp=hf["intermediate_size"],
         act_fn=hf_activation(act, "Gemma-2"),
         gated_mlp=True,
@@ -54,6 +59,7 @@ def config(hf: dict) -> ModelConfig:
         positional=Positional.ROTARY,
         rotary_style=RotaryStyle.NEOX,
         rotary_base=float(rope["rope_theta"]),
+        rope_scaling=scaling,
         attn_bias=False,
         mlp_bias=False,
         attn_scale=float(hf.get("query_pre_attn_scalar", d_head)) ** 0.5,

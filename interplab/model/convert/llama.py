@@ -51,7 +51,7 @@ def config(hf: dict) -> ModelConfig:
     # pretraining_tp (Llama-2's sliced matmuls) changes no result: transformers 5 ignores it too
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, label, scaling=True)
+    rope = hf_rope(hf)
     scaling = hf_rope_scaling(hf, rope, label)
     mlp_bias = bool(hf.get("mlp_bias", False))
     window, sliding = sliding_window(hf, family)

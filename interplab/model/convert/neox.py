@@ -1,5 +1,7 @@
 """GPT-NeoX / Pythia (``model_type = "gpt_neox"``): rotary on the first ``rotary_pct`` of each head (NeoX
-halves), LayerNorm, parallel attention + MLP (``use_parallel_residual``), untied ``embed_out``.
+halves), LayerNorm, parallel attention + MLP (``use_parallel_residual``), untied ``embed_out``. A
+``rope_scaling`` (transformers applies every ``rope_type`` to NeoX: linear, dynamic, yarn, llama3, longrope)
+scales the rotary part as it does.
 
 The fused ``query_key_value`` weight [3 * d_model, d_model] is laid out per head: row ``(h * 3 + i) * d_head + e``
 is output ``e`` of head ``h`` for i = q, k, v (transformers views it as [.., n_heads, 3 * d_head] and chunks).
@@ -18,8 +20,10 @@ from interplab.model.convert import (
     bias_or_zeros,
     hf_activation,
     hf_rope,
+    hf_rope_scaling,
     linear_in,
     register,
+    scaled_context,
     split_heads_out,
 )
 
@@ -27,14 +31,15 @@ from interplab.model.convert import (
 def config(hf: dict) -> ModelConfig:
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = d // h
-    rope = hf_rope(hf, "GPT-NeoX", theta_key="rotary_emb_base")
+    rope = hf_rope(hf, theta_key="rotary_emb_base")
     pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
+    scaling = hf_rope_scaling(hf, rope, "GPT-NeoX")
     return ModelConfig(
         d_model=d,
         n_layers=hf["num_hidden_layers"],
         n_heads=h,
         d_vocab=hf["vocab_size"],
-        n_ctx=hf.get("max_position_embeddings", 2048),
+        n_ctx=scaled_context(hf, scaling),
         d_mlp=hf.get("intermediate_size") or 4 * d,
         act_fn=hf_activation(hf.get("hidden_act", "gelu"), "GPT-NeoX"),
         normalization=Norm.LAYERNORM,
@@ -43,6 +48,7 @@ def config(hf: dict) -> ModelConfig:
         rotary_dim=int(d_head * pct),
         rotary_base=float(rope["rope_theta"]),
         rotary_style=RotaryStyle.NEOX,
+        rope_scaling=scaling,
         parallel_attn_mlp=bool(hf.get("use_parallel_residual", True)),
         attn_bias=bool(hf.get("attention_bias", True)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -29,7 +29,7 @@ from interplab.model.convert import (
 def config(hf: dict) -> ModelConfig:
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, "OLMo-2", scaling=True)
+    rope = hf_rope(hf)
     scaling = hf_rope_scaling(hf, rope, "OLMo-2")
     return ModelConfig(
         d_model=d,

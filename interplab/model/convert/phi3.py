@@ -30,7 +30,7 @@ _LABEL = "Phi-3"
 def config(hf: dict) -> ModelConfig:
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, _LABEL, scaling=True)
+    rope = hf_rope(hf)
     if rope["rope_type"] in (
         "su",
         "yarn",

@@ -41,7 +41,7 @@ def config(hf: dict) -> ModelConfig:
         raise ValueError("Qwen3 with mlp_bias=True is not supported by interplab (Qwen3's MLP has no biases)")
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     d_head = hf.get("head_dim") or d // h
-    rope = hf_rope(hf, "Qwen3", scaling=True)
+    rope = hf_rope(hf)
     scaling = hf_rope_scaling(hf, rope, "Qwen3")
     window, layers = sliding(hf)
     return ModelConfig(

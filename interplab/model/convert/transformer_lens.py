@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from interplab.io import load_tensors
-from interplab.model.config import Activation, ModelConfig, Norm, Positional, RotaryStyle
+from interplab.model.config import Activation, ModelConfig, Norm, Positional, QKNorm, RotaryStyle
 from interplab.model.convert import build_from_weights
-from interplab.model.rope import Llama3Rope
+from interplab.model.rope import LinearRope, Llama3Rope, RopeScaling, YarnRope
 
 if TYPE_CHECKING:
     from interplab.model.transformer import Transformer
@@ -61,22 +61,20 @@ _MAPPED = set(
     positional_embedding_type attn_only n_key_value_heads rotary_dim rotary_base rotary_adjacent_pairs gated_mlp
     parallel_attn_mlp use_attn_scale attn_scale original_architecture model_name initializer_range use_local_attn
     window_size attn_types attn_scores_soft_cap output_logits_soft_cap use_normalization_before_and_after
-    final_rms use_NTK_by_parts_rope""".split()
+    final_rms use_NTK_by_parts_rope use_qk_norm use_yarn_rope yarn_factor yarn_attention_factor yarn_beta_fast
+    yarn_beta_slow yarn_original_max_position_embeddings rotary_scaling_factor""".split()
 )
 # features interplab does not implement: field -> the values that mean "off"
 _MUST_BE_OFF: dict[str, tuple[Any, ...]] = {
     "scale_attn_by_inverse_layer_idx": (False, None),
     "post_embedding_ln": (False, None),
-    "use_qk_norm": (False, None),
     "num_experts": (None, 0, 1),
-    "use_yarn_rope": (False, None),
     "use_dynamic_ntk_rope": (False, None),
     "use_logn_attn": (False, None),
     "use_attention_sinks": (False, None),
     "relative_attention_num_buckets": (None,),
     "clip_qkv": (None,),
     "rotary_base_local": (None,),
-    "rotary_scaling_factor": (None, 1, 1.0),
     "quantization_method": (None,),
 }
 # informational or run-time settings that do not change the function the weights compute
@@ -87,8 +85,7 @@ _IGNORED = set(
     init_weights n_params default_prepend_bos dtype tokenizer_prepends_bos trust_remote_code load_in_4bit
     load_in_8bit experts_per_token norm_topk_prob relative_attention_max_distance decoder_start_token_id
     tie_word_embeddings NTK_by_parts_low_freq_factor NTK_by_parts_high_freq_factor NTK_by_parts_factor
-    NTK_original_ctx_len yarn_factor yarn_attention_factor yarn_beta_fast yarn_beta_slow
-    yarn_original_max_position_embeddings yarn_truncate yarn_global_attn_only train_seq_length
+    NTK_original_ctx_len yarn_truncate yarn_global_attn_only train_seq_length
     tokenizer_padding_side default_padding_side dtype_str ungroup_grouped_query_attention is_stateful
     model_type uses_rms_norm layer_norm_folding""".split()
 ) | set(_MUST_BE_OFF)
@@ -173,15 +170,13 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
             )
         sliding = tuple(i for i, t in enumerate(types) if t == "local")
 
-    rope_scaling = None
-    if tl.get("use_NTK_by_parts_rope"):  # Llama-3.1's rope: TL's NTK-by-parts is transformers' llama3
-        rope_scaling = Llama3Rope(
-            factor=float(tl.get("NTK_by_parts_factor", 8.0)),
-            low_freq_factor=float(tl.get("NTK_by_parts_low_freq_factor", 1.0)),
-            high_freq_factor=float(tl.get("NTK_by_parts_high_freq_factor", 4.0)),
-            # TransformerLens before NTK_original_ctx_len existed took the original context to be n_ctx
-            original_max_position_embeddings=int(tl.get("NTK_original_ctx_len") or tl["n_ctx"]),
+    if tl.get("original_architecture") in _FULL_QK_NORM and not tl.get("use_qk_norm"):
+        raise ValueError(
+            f"TransformerLens original_architecture={tl['original_architecture']!r} (q/k RMSNorm over all heads "
+            "at once, no pre-norms) is not supported: load the Hugging Face checkpoint instead (interplab reads "
+            "OLMo-2 from transformers)"
         )
+    rope_scaling, scaled_layers = _tl_rope_scaling(tl, sliding)
 
     def cap(key: str) -> float | None:
         value = tl.get(key)
@@ -209,6 +204,8 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         rotary_base=float(tl.get("rotary_base", 10000)),
         rotary_style=RotaryStyle.GPTJ if tl.get("rotary_adjacent_pairs") else RotaryStyle.NEOX,
         rope_scaling=rope_scaling,
+        rope_scaled_layers=scaled_layers,
+        qk_norm=QKNorm.HEAD if tl.get("use_qk_norm") else QKNorm.NONE,
         parallel_attn_mlp=bool(tl.get("parallel_attn_mlp", False)),
         unembed_bias=True,
         causal=attn_dir == "causal",
@@ -221,6 +218,46 @@ def tl_config_to_model_config(tl: dict[str, Any]) -> ModelConfig:
         name=tl.get("model_name") or "",
         architecture=f"transformer_lens:{tl.get('original_architecture') or 'HookedTransformer'}",
     )
+
+
+# TransformerLens' q/k norm over all heads (by architecture, without use_qk_norm): not read
+_FULL_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _tl_rope_scaling(
+    tl: dict[str, Any], sliding: tuple[int, ...]
+) -> tuple[RopeScaling | None, tuple[int, ...]]:
+    """(the rope scaling, the layers it applies to: () for all) of a TL config, as TransformerLens'
+    ``calculate_sin_cos_rotary`` computes it: NTK-by-parts (transformers' llama3), else YaRN, else a linear
+    ``rotary_scaling_factor`` on the global (non-local) layers only."""
+    if tl.get("use_NTK_by_parts_rope"):  # Llama-3.1's rope: TL's NTK-by-parts is transformers' llama3
+        scaling: RopeScaling = Llama3Rope(
+            factor=float(tl.get("NTK_by_parts_factor", 8.0)),
+            low_freq_factor=float(tl.get("NTK_by_parts_low_freq_factor", 1.0)),
+            high_freq_factor=float(tl.get("NTK_by_parts_high_freq_factor", 4.0)),
+            # TransformerLens before NTK_original_ctx_len existed took the original context to be n_ctx
+            original_max_position_embeddings=int(tl.get("NTK_original_ctx_len") or tl["n_ctx"]),
+        )
+        return scaling, ()
+    if tl.get("use_yarn_rope"):
+        # TL's YaRN: transformers' ramp with whole-dimension ends (truncate), cos and sin times
+        # yarn_attention_factor as given (TL does not derive it from the factor: its default is 1)
+        scaling = YarnRope(
+            factor=float(tl.get("yarn_factor", 1.0)),
+            original_max_position_embeddings=int(tl.get("yarn_original_max_position_embeddings", 4096)),
+            attention_factor=float(tl.get("yarn_attention_factor", 1.0)),
+            beta_fast=float(tl.get("yarn_beta_fast", 32.0)),
+            beta_slow=float(tl.get("yarn_beta_slow", 1.0)),
+            truncate=True,
+        )
+        return scaling, ()
+    factor = tl.get("rotary_scaling_factor")
+    if factor in (None, 1, 1.0):
+        return None, ()
+    if not sliding:
+        return LinearRope(factor=float(factor)), ()
+    global_layers = tuple(i for i in range(tl["n_layers"]) if i not in sliding)
+    return (LinearRope(factor=float(factor)), global_layers) if global_layers else (None, ())
 
 
 _NESTED_WEIGHTS = ("state_dict", "model_state_dict", "model")
