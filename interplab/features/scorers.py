@@ -19,8 +19,9 @@ judged, details). The protocols follow EleutherAI's delphi and OpenAI's automate
 
 Non-activating contexts are windows the database stored for other features that contain none of the tokens
 this feature was seen firing on (the database keeps no zero-activation windows); their activations count as 0.
-`score_features` scores every stored explanation and writes each score as soon as it is computed, so a
-backend that fails mid-way loses nothing, and a rerun skips what is stored.
+`score_features` scores every stored explanation and writes the scores per feature (per chunk of features for
+scorers that batch, as the embedding scorer does), so a backend that fails mid-way loses nothing, and a rerun
+skips what is stored.
 
 >>> from interplab.features.writer import FeatureWriter
 >>> with FeatureWriter("features.db") as db:
@@ -422,25 +423,55 @@ class EmbeddingScorer:
     def backend_name(self) -> str:
         return f"sentence:{Path(self.model_path).name if self.model_path else SENTENCE_MODEL}"
 
-    def score(self, explanation, record, reader, *, rng) -> ScoreResult:
+    cache_size: int = 100_000
+    """texts whose embeddings are kept (contexts recur across explanations and as other features' negatives)"""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        """[len(texts) dim] unit-norm embeddings (numpy float32); texts not yet cached are encoded in one call."""
         import numpy as np
 
         if self._model is None:
             self._model = sentence_model(self.model_path)
-        vocab = _vocab(reader)
-        windows = activating_windows(record, self.n_examples, rng) + non_activating_windows(
-            record, reader, self.n_examples, rng
-        )
-        if not windows:
-            return ScoreResult(float("nan"), 0, {"chance": 0.5})
-        emb = self._model.encode(
-            [explanation] + [w.text(vocab) for w in windows], normalize_embeddings=True, convert_to_numpy=True
-        )
-        sims = (emb[1:] @ emb[0]).astype(np.float64).tolist()
-        truth = [w.activating for w in windows]
-        return ScoreResult(
-            auc(sims, truth), len(windows), {"chance": 0.5, "similarities": sims, "truth": truth}
-        )
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            if len(self._cache) + len(new) > self.cache_size:
+                self._cache.clear()
+            emb = self._model.encode(new, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+            self._cache.update(zip(new, emb, strict=True))
+        return np.stack([self._cache[t] for t in texts])
+
+    def score(self, explanation, record, reader, *, rng) -> ScoreResult:
+        return self.score_many([(explanation, record, reader, rng)])[0]
+
+    def score_many(self, jobs: Sequence[tuple[str, dict, FeatureReader, random.Random]]) -> list[ScoreResult]:
+        """`score` for many (explanation, record, reader, rng): the same contexts drawn, one encode call for
+        every text not embedded before."""
+        import numpy as np
+
+        drawn = []
+        for explanation, record, reader, rng in jobs:
+            vocab = _vocab(reader)
+            windows = activating_windows(record, self.n_examples, rng) + non_activating_windows(
+                record, reader, self.n_examples, rng
+            )
+            drawn.append((explanation, windows, [w.text(vocab) for w in windows]))
+        texts = [t for explanation, windows, ts in drawn if windows for t in [explanation, *ts]]
+        emb = iter(self.embed(texts)) if texts else iter(())
+        out = []
+        for _, windows, ts in drawn:
+            if not windows:
+                out.append(ScoreResult(float("nan"), 0, {"chance": 0.5}))
+                continue
+            e = np.stack([next(emb) for _ in range(len(ts) + 1)])
+            sims = (e[1:] @ e[0]).astype(np.float64).tolist()
+            truth = [w.activating for w in windows]
+            out.append(
+                ScoreResult(
+                    auc(sims, truth), len(windows), {"chance": 0.5, "similarities": sims, "truth": truth}
+                )
+            )
+        return out
 
 
 def expected_level(top: dict[str, float]) -> float | None:
@@ -524,6 +555,9 @@ class BaselineScorer:
         n = sum(1 for c in contexts for t in c["tokens"] if t >= 0)
         return ScoreResult(value, n, {"chance": 0.0, "n_contexts": len(contexts)})
 
+    def score_many(self, jobs: Sequence[tuple[str, dict, FeatureReader, random.Random]]) -> list[ScoreResult]:
+        return [self.score(e, record, reader, rng=rng) for e, record, reader, rng in jobs]
+
 
 # ---- scoring a database ------------------------------------------------------------------------------
 def scorer_rng(seed: int, feature: int, explanation_id: int, scorer: str) -> random.Random:
@@ -540,45 +574,84 @@ def score_features(
     progress: Callable[[int, int], None] | bool | None = None,
 ) -> dict[tuple[int, str], ScoreResult]:
     """Score every stored explanation of ``features`` (default: every feature that has one) with every scorer;
-    each score is written (`FeatureWriter.add_score`) as soon as it is computed, and one already stored for the
+    scores are written (`FeatureWriter.add_scores`) per feature, or per `FEATURE_CHUNK` features when every scorer
+    has ``score_many`` (the embedding scorer then encodes the chunk's texts in one call), and what was computed
+    before a failure is stored; one already stored for the
     same explanation, scorer, backend, prompt version and seed is skipped, so a rerun after a failure resumes.
     Returns the newly computed scores by (explanation id, scorer). ``progress(done, total)`` per explanation
     (a bool is accepted and ignored: the library never prints; the CLI draws the bar)."""
     report = progress if callable(progress) else None
     out: dict[tuple[int, str], ScoreResult] = {}
+    # scorers that score many explanations at once (one embedding call) take features in chunks; with an LLM
+    # scorer among them, one feature at a time, so each judged score is stored as soon as its feature is done
+    chunk = FEATURE_CHUNK if all(_batches(s) for s in scorers) else 1
     with writer.reader() as reader:
         meta = reader.meta()
         window_left = meta.get("window_left", 0)
         todo = _explanations(reader, features)
-        for done, (feature, exps) in enumerate(todo):
-            record = None
-            for e in exps:
-                have = {
-                    (s["scorer"], s["backend"], s["prompt_version"], s["seed"])
-                    for s in reader.scores(e["id"])
-                }
-                for scorer in scorers:
-                    if (scorer.name, scorer.backend_name, scorer.prompt_version, seed) in have:
+        for lo in range(0, len(todo), chunk):
+            part = todo[lo : lo + chunk]
+            records: dict[int, dict] = {}
+            pending: list[list[tuple[int, int, str]]] = [
+                [] for _ in scorers
+            ]  # per scorer: (feature, id, text)
+            for feature, exps in part:
+                for e in exps:
+                    have = {
+                        (s["scorer"], s["backend"], s["prompt_version"], s["seed"])
+                        for s in reader.scores(e["id"])
+                    }
+                    for k, scorer in enumerate(scorers):
+                        if (scorer.name, scorer.backend_name, scorer.prompt_version, seed) not in have:
+                            pending[k].append((feature, e["id"], e["text"]))
+                            if feature not in records:
+                                records[feature] = {**reader.feature(feature), "window_left": window_left}
+            rows: list[dict] = []
+            try:
+                for scorer, items in zip(scorers, pending, strict=True):
+                    jobs = [
+                        (text, records[f], reader, scorer_rng(seed, f, eid, scorer.name))
+                        for f, eid, text in items
+                    ]
+                    if _batches(scorer):
+                        results = scorer.score_many(jobs) if jobs else []  # type: ignore[attr-defined]
+                    else:  # one at a time: what was judged before a failure is stored (finally)
+                        results = []
+                        for text, record, _, rng in jobs:
+                            results.append(scorer.score(text, record, reader, rng=rng))
+                            _row(rows, out, scorer, items[len(results) - 1][1], results[-1], seed)
                         continue
-                    if record is None:
-                        record = {**reader.feature(feature), "window_left": window_left}
-                    res = scorer.score(
-                        e["text"], record, reader, rng=scorer_rng(seed, feature, e["id"], scorer.name)
-                    )
-                    writer.add_score(
-                        e["id"],
-                        scorer.name,
-                        res.value,
-                        n=res.n,
-                        details=res.details,
-                        backend=scorer.backend_name,
-                        prompt_version=scorer.prompt_version,
-                        seed=seed,
-                    )
-                    out[(e["id"], scorer.name)] = res
+                    for (_, eid, _), res in zip(items, results, strict=True):
+                        _row(rows, out, scorer, eid, res, seed)
+            finally:
+                writer.add_scores(rows)
             if report is not None:
-                report(done + 1, len(todo))
+                report(lo + len(part), len(todo))
     return out
+
+
+def _batches(scorer: Scorer) -> bool:
+    return callable(getattr(scorer, "score_many", None))
+
+
+FEATURE_CHUNK = 64
+"""features scored together by scorers with ``score_many`` (their scores are written in one transaction)"""
+
+
+def _row(rows: list[dict], out: dict, scorer: Scorer, eid: int, res: ScoreResult, seed: int) -> None:
+    rows.append(
+        dict(
+            explanation_id=eid,
+            scorer=scorer.name,
+            value=res.value,
+            n=res.n,
+            details=res.details,
+            backend=scorer.backend_name,
+            prompt_version=scorer.prompt_version,
+            seed=seed,
+        )  # fmt: skip
+    )
+    out[(eid, scorer.name)] = res
 
 
 def _explanations(reader: FeatureReader, features: Iterable[int] | None) -> list[tuple[int, list[dict]]]:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -267,43 +268,59 @@ class FeatureWriter(FeatureDatabase):
     ) -> int:
         """Store (or replace) the score of one explanation by one scorer, backend, prompt version and seed
         (`schema.explanation_scores`, created here); returns its id. NaN is stored as NULL."""
-        value = float(value)
+        row = dict(
+            explanation_id=explanation_id, scorer=scorer, value=value, n=n, details=details, backend=backend,
+            prompt_version=prompt_version, seed=seed,
+        )  # fmt: skip
+        return self.add_scores([row])[0]
+
+    def add_scores(self, rows: Sequence[dict]) -> list[int]:
+        """`add_score` for many scores (dicts of its arguments) in one transaction; their ids, in order."""
+        if not rows:
+            return []
+        ids = []
         with self.engine.begin() as c:
             D.ensure_tables(c, S.explanation_scores)
-            if (
-                S.has_table(self.engine, S.explanations)
-                and c.execute(
-                    select(S.explanations.c.id).where(S.explanations.c.id == explanation_id)
-                ).first()
-                is None
-            ):
-                raise KeyError(f"no explanation with id {explanation_id} in {self.where}")
             col = S.explanation_scores.c
-            c.execute(
-                delete(S.explanation_scores).where(
-                    col.explanation_id == explanation_id,
-                    col.scorer == scorer,
-                    col.backend == backend,
-                    col.prompt_version == prompt_version,
-                    col.seed == seed,
+            if S.has_table(self.engine, S.explanations):
+                wanted = sorted({int(r["explanation_id"]) for r in rows})
+                known = {
+                    int(i)
+                    for lo in range(0, len(wanted), 500)
+                    for (i,) in c.execute(
+                        select(S.explanations.c.id).where(S.explanations.c.id.in_(wanted[lo : lo + 500]))
+                    )
+                }
+                missing = [i for i in wanted if i not in known]
+                if missing:
+                    raise KeyError(f"no explanation with id {missing[0]} in {self.where}")
+            for r in rows:
+                value = float(r["value"])
+                key = (
+                    col.explanation_id == r["explanation_id"],
+                    col.scorer == r["scorer"],
+                    col.backend == r["backend"],
+                    col.prompt_version == r["prompt_version"],
+                    col.seed == r["seed"],
                 )
-            )
-            res = c.execute(
-                insert(S.explanation_scores).values(
-                    explanation_id=explanation_id,
-                    scorer=scorer,
-                    value=None if math.isnan(value) else value,
-                    n=int(n),
-                    details=json.dumps(details or {}, sort_keys=True),
-                    backend=backend,
-                    prompt_version=prompt_version,
-                    seed=int(seed),
-                    created=time.time(),
+                c.execute(delete(S.explanation_scores).where(*key))
+                res = c.execute(
+                    insert(S.explanation_scores).values(
+                        explanation_id=r["explanation_id"],
+                        scorer=r["scorer"],
+                        value=None if math.isnan(value) else value,
+                        n=int(r["n"]),
+                        details=json.dumps(r.get("details") or {}, sort_keys=True),
+                        backend=r["backend"],
+                        prompt_version=r["prompt_version"],
+                        seed=int(r["seed"]),
+                        created=time.time(),
+                    )
                 )
-            )
-            new = res.inserted_primary_key
-            assert new is not None  # an insert always has one
-            return int(new[0])
+                new = res.inserted_primary_key
+                assert new is not None  # an insert always has one
+                ids.append(int(new[0]))
+        return ids
 
     # ---- feature lists (`schema.feature_lists`: created by the first list) ----------------------------
     def create_list(self, name: str, description: str = "") -> int:
