@@ -77,10 +77,13 @@ THEMES = {
 }
 
 
-def test_map_colours_by_explanation_cluster_named_by_top_words(web_setup, sweep, tmp_path, monkeypatch):
+def test_map_colours_by_explanation_cluster_named_by_top_words(web_setup, tmp_path, monkeypatch):
     """Planted explanations of three themes: the map's clusters (TF-IDF here: the sentence model is made
     unavailable) are exactly the themes, each named by its theme word, the method is said, and unexplained
-    features have no cluster."""
+    features have no cluster. On a SQLite copy of the tiny database with every label and explanation other
+    tests wrote removed (the session's databases are shared: a feature another test labelled has a cluster)."""
+    import sqlite3
+
     from interplab.features.scorers import ScorerError
     from interplab.features.writer import FeatureWriter
     from interplab.web import collections_page
@@ -90,7 +93,11 @@ def test_map_colours_by_explanation_cluster_named_by_top_words(web_setup, sweep,
         raise ScorerError("no sentence model")
 
     monkeypatch.setattr(collections_page, "sentence_model", missing)
-    db = copy_db(sweep[1], tmp_path / "themes.db")
+    db = copy_db(web_setup["db"], tmp_path / "themes.db")
+    with sqlite3.connect(db) as con:
+        present = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table in {"explanation_scores", "explanations", "labels"} & present:
+            con.execute(f"DELETE FROM {table}")
     theme_of = {}
     with FeatureWriter(db) as w:
         f = 0
