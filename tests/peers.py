@@ -36,6 +36,15 @@ INTERPLAB_REQUIRE_PEERS=1. devinterp's venv: ``python3 -m venv .peers/devinterp`
 (CPU) first, then ``pip install devinterp einops jaxtyping safetensors tokenizers pyyaml``"""
 
 
+BUILD_BY_HAND = {
+    "devinterp": "build it with `python3 -m venv .peers/devinterp && .peers/devinterp/bin/pip install torch==2.13.0"
+    " && .peers/devinterp/bin/pip install torch==2.13.0 devinterp einops jaxtyping safetensors tokenizers pyyaml`",
+    "saebench": "scripts/peers.sh does not build it (sae-bench pulls a CUDA torch through torchvision: a venv of"
+    " torch==2.13.0 with sae-bench installed and its torch re-pinned to the CPU build)",
+}
+"""how to get the peers of NOT_IN_CI, said in their skip reasons (scripts/peers.sh does not take their names)"""
+
+
 @functools.cache
 def _problem(python: str, module: str) -> str | None:
     if not Path(python).exists():
@@ -52,7 +61,8 @@ def peer_python(name: str) -> str:
     problem = _problem(python, module)
     if problem is None:
         return python
-    reason = f"{module} peer unavailable ({problem}): run `bash scripts/peers.sh {name}` or set {var}"
+    how = BUILD_BY_HAND.get(name, f"run `bash scripts/peers.sh {name}`")
+    reason = f"{module} peer unavailable ({problem}): {how} or set {var}"
     if os.environ.get("INTERPLAB_REQUIRE_PEERS") == "1" and name not in NOT_IN_CI:
         pytest.fail(reason)
     pytest.skip(reason)
