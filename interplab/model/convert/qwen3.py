@@ -22,20 +22,6 @@ from interplab.model.convert import (
 )
 
 
-def sliding(hf: dict) -> tuple[int | None, tuple[int, ...]]:
-    """(window, layers that use it): ``layer_types`` where given, else ``use_sliding_window`` from layer
-    ``max_window_layers`` on (as transformers derives it)."""
-    n, window = hf["num_hidden_layers"], hf.get("sliding_window")
-    if not hf.get("use_sliding_window", False) or window is None:
-        return None, ()
-    types = hf.get("layer_types")
-    if types is not None:
-        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    else:
-        layers = tuple(range(hf.get("max_window_layers", 28), n))
-    return (window, layers) if layers else (None, ())
-
-
 def config(hf: dict) -> ModelConfig:
     if hf.get("mlp_bias"):
         raise ValueError("Qwen3 with mlp_bias=True is not supported by interplab (Qwen3's MLP has no biases)")
@@ -43,7 +29,7 @@ def config(hf: dict) -> ModelConfig:
     d_head = hf.get("head_dim") or d // h
     rope = hf_rope(hf)
     scaling = hf_rope_scaling(hf, rope, "Qwen3")
-    window, layers = sliding(hf)
+    window, layers = llama.sliding_window(hf, "qwen2")  # derived from the same keys as Qwen2's
     return ModelConfig(
         d_model=d,
         n_layers=hf["num_hidden_layers"],
