@@ -11,26 +11,13 @@ import torch
 from typer.testing import CliRunner
 
 from interplab.cli.main import app
-from interplab.data import CharTokenizer
-from interplab.model import ModelConfig, Transformer
-from interplab.sae import SAEConfig, create_sae, save_sae
-
-HOOK = "blocks.0.hook_resid_post"
+from interplab.sae import SAEConfig, create_sae
+from tests.cli.lab import HOOK, make_lab
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lab")
-    tok = CharTokenizer("abcdefgh \n")
-    torch.manual_seed(0)
-    model = Transformer(
-        ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=tok.vocab_size, n_ctx=64, d_mlp=32)
-    )
-    model.tokenizer = tok
-    model.save(root / "model")
-    save_sae(create_sae(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, hook_name=HOOK)), root / "sae")
-    (root / "corpus").mkdir()
-    (root / "corpus" / "a.txt").write_text("abc def\n" * 50)
+    root = make_lab(tmp_path_factory.mktemp("lab"), {"a.txt": "abc def\n" * 50})
     (root / "afile").write_text("not a folder")
     (root / "existing").mkdir()
     (root / "existing" / "keep.txt").write_text("precious")

@@ -11,30 +11,17 @@ from typer.testing import CliRunner
 
 import interplab.cli.common as common
 from interplab.cli.main import app
-from interplab.data import CharTokenizer
 from interplab.features.reader import FeatureReader
-from interplab.model import ModelConfig, Transformer
+from interplab.model import Transformer
 from interplab.model.load import load_model
-from interplab.sae import SAEConfig, create_sae, save_sae
-
-HOOK = "blocks.0.hook_resid_post"
+from tests.cli.lab import HOOK, make_lab
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dtype")
-    tok = CharTokenizer("abcdefgh \n")
-    torch.manual_seed(0)
-    model = Transformer(
-        ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=tok.vocab_size, n_ctx=64, d_mlp=32)
+    return make_lab(
+        tmp_path_factory.mktemp("dtype"), {f"{i}.txt": "abc def gh\n" * (80 + i) for i in range(8)}
     )
-    model.tokenizer = tok
-    model.save(root / "model")
-    save_sae(create_sae(SAEConfig(d_in=16, d_sae=32, architecture="topk", k=4, hook_name=HOOK)), root / "sae")
-    (root / "corpus").mkdir()
-    for i in range(8):
-        (root / "corpus" / f"{i}.txt").write_text("abc def gh\n" * (80 + i))
-    return root
 
 
 @pytest.fixture

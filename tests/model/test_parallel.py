@@ -26,7 +26,8 @@ def test_stage_layers_tile_the_model():
     assert str(stage_device_map(4, 0, 2)["unembed"]) == "meta"
 
 
-def _model(folder, tied):
+def save_tiny_llama(folder, tied):
+    """A tiny Llama (rotary, GQA, 4 layers) saved as Hugging Face would, into ``folder``."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         hidden_size=32,
@@ -44,7 +45,7 @@ def _model(folder, tied):
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     """Rotary + GQA Llama, untied and tied (the last rank then holds the embedding too)."""
-    folders = [_model(tmp_path / "untied", False), _model(tmp_path / "tied", True)]
+    folders = [save_tiny_llama(tmp_path / "untied", False), save_tiny_llama(tmp_path / "tied", True)]
     out = tmp_path / "out"
     out.mkdir()
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]

@@ -25,25 +25,13 @@ from interplab.model.placement import (
 )
 from tests.model.test_load_hf import _make
 from tests.model.test_load_hf_qk_norm import make_hf
+from tests.model.test_parallel import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny Llama (rotary, GQA, untied) saved as Hugging Face would."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=101,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    path = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), tied=False)
 
 
 TOKENS = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
