@@ -91,27 +91,3 @@ def attach_tokenizer(model: Transformer, folder: Path) -> None:
     """Give ``model`` the ``tokenizer.json`` of ``folder`` when it has one (interplab and Hugging Face folders)."""
     if (folder / TOKENIZER).is_file():
         model.tokenizer = load_tokenizer(folder)
-
-
-def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a complete state dict (assigning tensors), naming any missing, unexpected or misshapen key."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise KeyError(
-            f"{source}: missing weight {missing[0]!r}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise KeyError(f"{source}: unexpected weight {unexpected[0]!r} (the config does not have it)")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(
-                f"{source}: weight {k!r} has shape {tuple(state[k].shape)}, the config needs {tuple(shape)}"
-            )
-    # keep requires_grad as the model declared it (frozen zero biases stay frozen)
-    flags = {k: p.requires_grad for k, p in model.named_parameters()}
-    model.load_state_dict(state, assign=True)
-    for k, p in model.named_parameters():
-        p.requires_grad_(flags[k])
