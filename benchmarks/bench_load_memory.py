@@ -33,14 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_load import _status  # noqa: E402  (the sibling script's VmRSS / VmHWM reader)
+
 CONTENDERS = ("interplab", "transformers", "tl_bridge", "tl_hooked")
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def _loader(contender: str, path: str):

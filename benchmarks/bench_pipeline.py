@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_load_memory import _status  # noqa: E402  (the sibling script: VmRSS / VmHWM readers)
+from bench_load import _status  # noqa: E402  (the sibling script's VmRSS / VmHWM reader)
 
 
 def child(path: str, batch: int, pos: int, repeats: int, pipeline: bool) -> None:
