@@ -42,23 +42,13 @@ def test_parts_sum_to_the_score_with_a_rotary_base_per_layer():
     torch.testing.assert_close(qk.total, torch.tensor(qk.score), atol=1e-4, rtol=1e-4)
 
 
-def test_refuses_q_k_norms():
-    model = variant_model("qk_norm_local_global")
-    with pytest.raises(ValueError, match="qk_norm='head'"):
-        qk_attribution(
-            model,
-            random_clt(model),
-            torch.zeros(4, dtype=torch.long),
-            layer=0,
-            head=0,
-            query_pos=1,
-            key_pos=0,
-        )
-
-
-def test_refuses_what_is_not_bilinear():
-    model = variant_model("smeared_keys")
-    with pytest.raises(ValueError, match="smeared keys"):
+@pytest.mark.parametrize(
+    "variant, why", [("qk_norm_local_global", "qk_norm='head'"), ("smeared_keys", "smeared keys")]
+)
+def test_refuses_what_is_not_bilinear(variant, why):
+    """Scores that are not a bilinear form of the residual stream (q/k norms, smeared keys) are refused."""
+    model = variant_model(variant)
+    with pytest.raises(ValueError, match=why):
         qk_attribution(
             model,
             random_clt(model),
