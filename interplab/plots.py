@@ -419,11 +419,35 @@ def _render(fig: Any, fmt: str) -> bytes:
         raise RuntimeError("kaleido is not installed") from None
     if int(kaleido_version.split(".")[0]) >= 1:
         return fig.to_image(format=fmt)  # plotly's export, through the Chrome that kaleido 1.x finds
+    spec = fig.to_plotly_json()
+    try:
+        return _kaleido_transform(spec, fmt)
+    except TimeoutError:
+        raise
+    except Exception:
+        # a Chromium that crashed or failed to start (seen once in CI, under load: the demo's formation.png
+        # was missing while the plot tests of the same run passed) is shut down, and a fresh one tries once
+        _drop_scope()
+        return _kaleido_transform(spec, fmt)
+
+
+def _kaleido_transform(spec: dict[str, Any], fmt: str) -> bytes:
     if not _SCOPE:
         from kaleido.scopes.plotly import PlotlyScope
 
         _SCOPE.append(PlotlyScope(plotlyjs=str(plotly_js_source()), mathjax=False))
-    return _with_timeout(_SCOPE[0], lambda: _SCOPE[0].transform(fig.to_plotly_json(), format=fmt))
+    scope = _SCOPE[0]
+    return _with_timeout(scope, lambda: scope.transform(spec, format=fmt))
+
+
+def _drop_scope() -> None:
+    """Forget the kaleido renderer and stop its Chromium (in a thread: it may block on a dead pipe)."""
+    import threading
+
+    while _SCOPE:
+        shutdown = getattr(_SCOPE.pop(), "_shutdown_kaleido", None)
+        if shutdown is not None:
+            threading.Thread(target=shutdown, daemon=True).start()
 
 
 IMAGE_TIMEOUT_S = 120.0
@@ -450,11 +474,7 @@ def _with_timeout(scope: Any, render: Callable[[], bytes]) -> bytes:
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        if scope in _SCOPE:
-            _SCOPE.remove(scope)
-        shutdown = getattr(scope, "_shutdown_kaleido", None)
-        if shutdown is not None:
-            threading.Thread(target=shutdown, daemon=True).start()  # it may block on the same pipe
+        _drop_scope()
         raise TimeoutError(f"the static image renderer (kaleido) did not answer in {timeout:g} s")
     if "error" in out:
         raise out["error"]

@@ -104,7 +104,8 @@ def test_the_demo_prints_commands_that_run_as_printed(demo_dir):
     work, out = demo_dir
     demo = DemoOutputs()
     for path in (demo.final, demo.sae, demo.features_db, demo.formation / "formation.png"):
-        assert (work / path).exists(), f"the demo did not write {path}"
+        said = [line for line in out.splitlines() if path.name in line or "renderer" in line]
+        assert (work / path).exists(), f"the demo did not write {path}; it printed: {said}"
     line = next(line for line in out.splitlines() if line.startswith("browse the features: "))
     words = shlex.split(line.removeprefix("browse the features: "))
     exe = Path(words[0]) if "/" in words[0] else None

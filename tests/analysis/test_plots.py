@@ -1,4 +1,5 @@
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,6 @@ def test_static_picture_without_a_renderer_says_how_in_one_line(tmp_path, monkey
 def test_a_renderer_that_stops_answering_is_given_up_on(tmp_path, monkeypatch):
     """kaleido 0.2 waits on its Chromium's pipe; a Chromium that never answers gives a one-line reason within
     the timeout, and the next picture starts a fresh renderer."""
-    import threading
-
     release = threading.Event()
 
     class Stuck:
@@ -181,3 +180,46 @@ def test_a_renderer_that_stops_answering_is_given_up_on(tmp_path, monkeypatch):
     assert not (tmp_path / "x.png").exists() and plots._SCOPE == []
     release.wait(5)
     assert stuck.shut
+
+
+def test_a_renderer_that_crashed_is_replaced_once(tmp_path, monkeypatch):
+    """A kaleido Chromium that died ("Transform failed") is shut down and a fresh renderer draws the picture;
+    a second failure in a row gives the one-line reason (and no file)."""
+    import kaleido.scopes.plotly as kaleido_plotly
+
+    class Crashed:
+        shut = False
+
+        def transform(self, *args, **kwargs):
+            raise ValueError("Transform failed. Error stream:\n\n(chromium exited)")
+
+        def _shutdown_kaleido(self):
+            self.shut = True
+
+    fresh: list[object] = []
+
+    class Fresh:
+        def __init__(self, **kwargs):
+            fresh.append(self)
+
+        def transform(self, spec, format):
+            return b"\x89PNG fresh"
+
+    crashed = Crashed()
+    monkeypatch.setattr(plots, "_SCOPE", [crashed])
+    monkeypatch.setattr(kaleido_plotly, "PlotlyScope", Fresh)
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.2.1")
+    assert plots.write_image(plots.bars([1.0], ["a"]), tmp_path / "x.png") is None
+    assert (tmp_path / "x.png").read_bytes() == b"\x89PNG fresh" and len(fresh) == 1
+    assert plots._SCOPE == fresh
+    for _ in range(50):  # the crashed one is shut down in a thread
+        if crashed.shut:
+            break
+        threading.Event().wait(0.02)
+    assert crashed.shut
+
+    monkeypatch.setattr(kaleido_plotly, "PlotlyScope", lambda **kwargs: Crashed())
+    monkeypatch.setattr(plots, "_SCOPE", [Crashed()])
+    msg = plots.write_image(plots.bars([1.0], ["a"]), tmp_path / "y.png")
+    assert msg is not None and "Transform failed" in msg and "\n" not in msg
+    assert not (tmp_path / "y.png").exists()
