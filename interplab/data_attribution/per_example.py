@@ -9,8 +9,7 @@ True
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -53,22 +52,6 @@ class _Bound(nn.Module):
         return self.objective(self.model, *example)
 
 
-@contextlib.contextmanager
-def _batchable_attention(model: nn.Module) -> Iterator[None]:
-    """Make attention take its explicit path (SDPA has no vmap batching rule on CPU and would loop)."""
-    points = getattr(model, "hook_points", None)
-    if points is None:
-        yield
-        return
-    names = [n for n in points if n.endswith("attn.hook_attn_scores")]
-
-    def observe(x: Tensor, site: object) -> None:
-        return None
-
-    with model.hooks(fwd_hooks=[(n, observe) for n in names]):  # type: ignore[operator]
-        yield
-
-
 def per_example_grads(
     model: nn.Module,
     objective: Objective,
@@ -101,11 +84,9 @@ def per_example_grads(
 
     per_ex = vmap(grad(f), in_dims=(None,) + (0,) * len(examples))
     out = []
-    with _batchable_attention(model):
-        for start in range(0, n, chunk_size):
-            chunk = tuple(e[start : start + chunk_size] for e in examples)
-            grads = per_ex(free, *chunk)
-            out.append(group.flatten(grads, batched=True))
+    for start in range(0, n, chunk_size):
+        chunk = tuple(e[start : start + chunk_size] for e in examples)
+        out.append(group.flatten(per_ex(free, *chunk), batched=True))
     return torch.cat(out)
 
 

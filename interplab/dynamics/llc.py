@@ -26,7 +26,6 @@ restricting the update to a mask of the parameters, the rest frozen at ``w*``.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -262,23 +261,8 @@ def estimate_llc(
     cfg = config or SGLDConfig()
     if vectorize is None:
         vectorize = not isinstance(model, Transformer)
-    with _vmappable(model):
-        est, _ = _sample(model, data, criterion, cfg, component, observables or {}, vectorize)
+    est, _ = _sample(model, data, criterion, cfg, component, observables or {}, vectorize)
     return est
-
-
-def _vmappable(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """An interplab `Transformer` computes attention explicitly while it is sampled: torch has no vmap
-    batching rule for ``scaled_dot_product_attention`` on CPU (it falls back to a loop over the chains), and
-    without vmap its CPU backward was 4.5x slower than the explicit path on the demo model (4 windows of 128
-    tokens: 0.64 vs 0.14 s per step of 4 chains). A read hook on every ``hook_pattern`` asks for that path;
-    the values are the same."""
-    if not isinstance(model, Transformer):
-        return contextlib.nullcontext()
-    noop = lambda act, site: None  # noqa: E731
-    return model.hooks(
-        read_hooks=[(f"blocks.{i}.attn.hook_pattern", noop) for i in range(model.cfg.n_layers)]
-    )
 
 
 def _sample(
@@ -455,10 +439,7 @@ def susceptibility(
     at every draw). Per chain, then mean and chain-to-chain SE."""
     cfg = config or SGLDConfig()
     observed = {"q": data, "shifted": shifted}
-    with _vmappable(model):
-        est, obs = _sample(
-            model, data, criterion, cfg, component, observed, not isinstance(model, Transformer)
-        )
+    est, obs = _sample(model, data, criterion, cfg, component, observed, not isinstance(model, Transformer))
     lq, lshift = obs["q"], obs["shifted"]  # [chain draw]
     d = lshift - lq
     named = dict(model.named_parameters())

@@ -3,6 +3,9 @@
 A hook is ``fn(activation, site) -> Tensor | None``; returning a tensor replaces the activation (it must
 keep the shape). Backward hooks have the same signature and receive the gradient at that activation.
 Hooks are added through `HookRegistry.scoped` (a context manager) and are always removed in ``finally``.
+Under ``torch.func`` transforms forward and backward hooks see what the transformed function sees; read hooks
+see plain tensors with one leading dim per active vmap (`interplab.hooks.transforms.unwrapped`), so what they
+keep stays valid after the transform returns.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from interplab.hooks.site import Site, suggest
+from interplab.hooks.transforms import unwrapped
 
 HookFn = Callable[[torch.Tensor, Site], torch.Tensor | None]
 #: what a hook may be attached to: a name, a Site, a (short, layer) tuple, or a filter over names
@@ -78,8 +82,11 @@ class HookPoint:
                 x = x.detach().requires_grad_(True)
             for fn in self.bwd:
                 x.register_hook(_grad_hook(fn, self.site))
-        for fn in self.read:
-            fn(x, self.site)
+        if self.read:
+            # inside torch.func transforms the readers see a plain tensor that outlives them (vmapped dims first)
+            seen = unwrapped(x)
+            for fn in self.read:
+                fn(seen, self.site)
         return x
 
     def __repr__(self) -> str:

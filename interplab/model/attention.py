@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from interplab.hooks.points import HookPoint
 from interplab.hooks.site import SiteKind
+from interplab.hooks.transforms import is_vmapped
 from interplab.model.config import ModelConfig, Positional, QKNorm, RotaryStyle
 from interplab.model.kv_cache import LayerKV
 from interplab.model.layers import Need, _hp, need, value_of
@@ -348,11 +349,12 @@ class Attention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext) -> Tensor:
         """``softmax(q k^T / attn_scale + mask) v`` per head. ``scaled_dot_product_attention`` computes it in
         one kernel but never builds the scores or the pattern: the explicit computation (`_explicit`) runs when
-        a hook reads or may replace them, and always under soft-capped scores (which SDPA cannot apply); under
-        backward hooks alone the forward keeps SDPA's values and the gradient flows through the explicit path."""
+        a hook reads or may replace them, always under soft-capped scores (which SDPA cannot apply) and under
+        ``torch.func.vmap`` (SDPA has no batching rule on CPU: vmap would loop over the batch); under backward
+        hooks alone the forward keeps SDPA's values and the gradient flows through the explicit path."""
         mask = ctx.mask(q.shape[1], self.cfg.window_for(self.layer), self.cfg.causal)
         wanted = need(self.hook_attn_scores, self.hook_pattern)
-        if self.cfg.attn_softcap is None:
+        if self.cfg.attn_softcap is None and not is_vmapped(q):
             if wanted is Need.NOTHING:
                 return self._sdpa(q, k, v, mask)
             if wanted is Need.GRAD:

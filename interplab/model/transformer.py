@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from interplab.hooks.cache import ActivationCache
 from interplab.hooks.points import HookFn, HookPoint, HookRegistry, HookTarget
 from interplab.hooks.site import Site, SiteKind
+from interplab.hooks.transforms import is_transformed
 from interplab.model import compat
 from interplab.model.attention import AttnContext, rotary_tables
 from interplab.model.block import Block
@@ -506,7 +507,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {total} tokens is longer than the model's n_ctx={self.cfg.n_ctx}")
         # under torch.func.vmap (e.g. SGLD chains, `interplab.dynamics`) a data-dependent check cannot run:
         # there the caller's unbatched forwards have checked the same ids
-        if tokens.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(tokens):
+        if tokens.numel() and not is_transformed(tokens):
             lo, hi = (int(v) for v in torch.aminmax(tokens))
             if lo < 0 or hi >= self.cfg.d_vocab:
                 bad = hi if hi >= self.cfg.d_vocab else lo
