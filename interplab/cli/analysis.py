@@ -38,7 +38,7 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.model.transformer import Transformer
 from interplab.runs import CONFIG, REPORT, Kind, write_json, write_log
@@ -187,7 +187,7 @@ def patch(
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     dtype: str = dtype_option(),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
 ) -> None:
     """Activation patching (batched) of one target over every layer, position and head/neuron."""
     set_threads(threads)
@@ -292,7 +292,7 @@ def heads(
     seed: int = typer.Option(library_default(A.head_scores, "seed"), "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     dtype: str = dtype_option(),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
 ) -> None:
     """Previous-token, induction, duplicate-token and copying scores of every head, and attention views."""
     set_threads(threads)
@@ -345,7 +345,7 @@ def lens(
     seed: int = typer.Option(0, "--seed"),
     png: bool = typer.Option(False, "--png", help="also write PNG pictures"),
     dtype: str = dtype_option(),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
 ) -> None:
     """Logit lens at every layer; with answer and wrong tokens also direct logit attribution and the
     residual-stream decomposition."""

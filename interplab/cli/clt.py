@@ -11,21 +11,25 @@ from typing import Any
 import typer
 
 from interplab.cli.common import (
-    SPLITS,
+    EVAL_BATCH_SEQS,
     JobProgress,
+    batches_option,
     check_out_folder,
     check_seq_len,
     choice,
     command_hint,
     console,
+    corpus_option,
     fail,
     load_model_arg,
     non_negative_float,
     out_folder,
     positive_float,
     positive_int,
+    seq_len_option,
     set_threads,
-    threads_option,
+    split_option,
+    threads_param,
 )
 from interplab.model import Transformer
 from interplab.runs import EVAL, REPORT, Kind, RunError, TrainRun, describe, detect, write_json
@@ -154,7 +158,7 @@ def train(
     stop_after: int = typer.Option(None, "--stop-after", help="stop after this step (run again to resume)"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue the same run found in --out"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a different run found in --out"),
-    threads: int = typer.Option(None, "--threads", callback=threads_option),
+    threads: int = threads_param(),
 ) -> None:
     """Train a cross-layer transcoder on every layer of the model at once (one forward per batch reads all
     layers). An interrupted run resumes bit-exactly when started again with the same arguments."""
@@ -268,11 +272,11 @@ def evaluate(
     out: Path = typer.Option(
         None, "--out", "-o", help="report folder (default: PATH/eval)", callback=out_folder
     ),
-    corpus: str = typer.Option("python-stdlib", "--corpus"),
-    split: str = typer.Option("validation", "--split", callback=choice(SPLITS)),
-    seq_len: int = typer.Option(None, "--seq-len", callback=positive_int),
-    batches: int = typer.Option(8, "--batches", help="batches of 16 sequences", callback=positive_int),
-    threads: int = typer.Option(None, "--threads", callback=threads_option),
+    corpus: str = corpus_option(),
+    split: str = split_option("validation"),
+    seq_len: int = seq_len_option(help=None),
+    batches: int = batches_option(),
+    threads: int = threads_param(),
 ) -> None:
     """Per-layer FVU of the MLP outputs, the replacement model's CE loss and KL vs the original (every MLP
     replaced in one forward), error-node norms, L0 and dead latents: report.json + a plot per CLT."""
@@ -300,7 +304,7 @@ def evaluate(
         sl = check_seq_len(seq_len, model)
         try:
             data = corpus_token_batches(
-                model, corpus, split=split, seq_len=sl, batch_size=16, n_batches=batches
+                model, corpus, split=split, seq_len=sl, batch_size=EVAL_BATCH_SEQS, n_batches=batches
             )
             rep = evaluate_clt(model, clt, data.batches, token_filter=data.token_filter)
         except (ValueError, KeyError, FileNotFoundError) as err:

@@ -185,6 +185,38 @@ def dtype_option(flag: str = "--dtype") -> Any:
     )
 
 
+def threads_param(default: int | None = None, help: str | None = None) -> Any:
+    """``--threads`` (torch CPU threads; None: torch's default), checked by `threads_option`, for `set_threads`:
+    ``threads: int = threads_param()``."""
+    return typer.Option(default, "--threads", help=help, callback=threads_option)
+
+
+EVAL_BATCH_SEQS = 16
+"""sequences per batch of the evaluation commands' corpus batches (``--batches`` counts them)"""
+
+
+def corpus_option(help: str | None = None) -> Any:
+    """``--corpus``: python-stdlib (the default) or a file, folder or dataset path."""
+    return typer.Option("python-stdlib", "--corpus", help=help)
+
+
+def split_option(default: str) -> Any:
+    """``--split``: the corpus split, train or validation."""
+    return typer.Option(default, "--split", callback=choice(SPLITS))
+
+
+def seq_len_option(
+    help: str | None = "tokens per sequence (default 128, or the model's n_ctx if shorter)",
+) -> Any:
+    """``--seq-len`` of a command that reads a corpus through a model (None: `check_seq_len` picks it)."""
+    return typer.Option(None, "--seq-len", help=help, callback=positive_int)
+
+
+def batches_option() -> Any:
+    """``--batches`` of an evaluation: how many batches of `EVAL_BATCH_SEQS` sequences it reads."""
+    return typer.Option(8, "--batches", help=f"batches of {EVAL_BATCH_SEQS} sequences", callback=positive_int)
+
+
 def _nearest_existing(path: Path) -> Path:
     probe = path
     while not probe.exists() and probe != probe.parent:

@@ -24,6 +24,7 @@ from interplab.cli.common import (
     positive_int,
     print_command,
     set_threads,
+    threads_param,
 )
 from interplab.cli.formation import print_formation, run_formation
 from interplab.cli.train import load_config, print_result, run_contents, run_training
@@ -86,12 +87,7 @@ def demo(
     steps: int = typer.Option(
         None, "--steps", help=f"optimizer steps (default: the {DEMO_PRESET} preset's)", callback=positive_int
     ),
-    threads: int = typer.Option(
-        1,
-        "--threads",
-        help="torch CPU threads (1 is fastest for this small model)",
-        callback=positive_int,
-    ),
+    threads: int = threads_param(1, "torch CPU threads (1 is fastest for this small model)"),
     fresh: bool = typer.Option(
         False, "--fresh", help="start over instead of continuing a run found in --out"
     ),

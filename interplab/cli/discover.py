@@ -23,7 +23,7 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.cli.scrub import MODEL_HELP, load_any_model
 from interplab.runs import CONFIG, METRICS_JSON, Kind, write_json
@@ -105,7 +105,7 @@ def discover_command(
         help="ACDC: KL increase below which an edge is removed",
         callback=non_negative_float,
     ),
-    threads: int = typer.Option(1, "--threads", help="torch threads", callback=threads_option),
+    threads: int = threads_param(1, "torch threads"),
 ) -> None:
     """Find a circuit; writes report.json and report.html (with the graph) and, for score methods,
     metrics.json and metrics.html (MIB's faithfulness curves, CPR and CMD)."""

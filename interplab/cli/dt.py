@@ -29,7 +29,7 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.runs import Kind, RunError
 
@@ -201,7 +201,7 @@ def ppo_command(
     stop_after: int = typer.Option(
         None, "--stop-after", help="stop after this many env steps (resume later)", callback=positive_int
     ),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
 ) -> None:
     """Train a PPO agent (`interplab.rl.ppo`) whose checkpoints `dt collect --policy` plays."""
     set_threads(threads)
@@ -272,7 +272,7 @@ def train_command(
     stop_after: int = typer.Option(
         None, "--stop-after", help="stop after this step (resume later)", callback=positive_int
     ),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
     device: str = typer.Option(
         None, "--device", help="cpu, cuda ... (default: cuda if available)", callback=device_option
     ),
@@ -334,7 +334,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="episode k of each target uses env seed seed + k"),
     n_envs: int = typer.Option(16, "--n-envs", help="environments stepped together", callback=positive_int),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample actions"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
     device: str = typer.Option(
         "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
     ),
@@ -413,7 +413,7 @@ def analyze_command(
     ),
     seed: int = typer.Option(0, "--seed", help="which episodes the probes hold out"),
     png: bool = PNG,
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
     device: str = typer.Option(
         "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
     ),
@@ -663,7 +663,7 @@ def sae_command(
     seed: int = typer.Option(
         0, "--seed", help="SAE initialisation and batch order", callback=non_negative_int
     ),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
     device: str = typer.Option(
         "cpu", "--device", help="where the model runs: cpu, cuda ...", callback=device_option
     ),

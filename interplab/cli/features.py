@@ -29,8 +29,9 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     print_command,
+    seq_len_option,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.data import build_token_store, open_corpus
 from interplab.features.config import FeatureBuildConfig
@@ -145,12 +146,7 @@ def build(
     n_seqs: int = typer.Option(
         1024, "--n-seqs", help="sequences taken from the corpus", callback=positive_int
     ),
-    seq_len: int = typer.Option(
-        None,
-        "--seq-len",
-        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
-        callback=positive_int,
-    ),
+    seq_len: int = seq_len_option(),
     top_k: int = typer.Option(
         DEFAULTS.top_k, "--top-k", help="top activating contexts per feature", callback=positive_int
     ),
@@ -181,9 +177,7 @@ def build(
     cooccurrence: bool = typer.Option(DEFAULTS.cooccurrence, "--cooccurrence/--no-cooccurrence"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild from scratch if the database exists"),
     dtype: str = dtype_option(),
-    threads: int = typer.Option(
-        0, "--threads", help="torch threads (0: torch's default)", callback=threads_option
-    ),
+    threads: int = threads_param(0, "torch threads (0: torch's default)"),
 ) -> None:
     """Collect every feature's statistics in one streaming pass and write the feature database (resumable:
     run the same command again after an interruption)."""

@@ -17,7 +17,7 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def formation_command(
     every: int = typer.Option(
         3, "--every", help="print every k-th checkpoint in the table (all are saved)", callback=positive_int
     ),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
 ) -> None:
     """Score every checkpoint (induction and previous-token score per head, in-context score, held-out loss)
     and report the step where the induction heads form."""

@@ -21,7 +21,7 @@ from interplab.cli.common import (
     positive_int,
     print_command,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.graphs import (
     AttributionGraph,
@@ -114,7 +114,7 @@ def build(
         callback=db_option,
     ),
     open_: bool = typer.Option(False, "--open", help="print only the command that opens the graph"),
-    threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
+    threads: int | None = threads_param(help="CPU threads"),
 ) -> None:
     """Build the attribution graph of a prompt and save it (report.json, graph.safetensors, graph.json)."""
     set_threads(threads)
@@ -170,7 +170,7 @@ def intervene_command(
     out: Path | None = typer.Option(
         None, "--out", callback=out_file, help="save the result (.json, .html, .png)"
     ),
-    threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
+    threads: int | None = threads_param(help="CPU threads"),
 ) -> None:
     """Clamp or scale features of a graph's prompt and compare the target logits' change with the graph's."""
     set_threads(threads)

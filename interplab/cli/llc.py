@@ -18,7 +18,7 @@ from interplab.cli.common import (
     positive_float,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.runs import LLC, Kind
 
@@ -69,7 +69,7 @@ def llc_command(
     out: Path = typer.Option(
         None, "--out", "-o", help="output folder (default RUN_DIR/llc)", callback=out_folder
     ),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads", callback=threads_option),
+    threads: int = threads_param(help="torch CPU threads"),
 ) -> None:
     """Estimate the local learning coefficient (SGLD) of every checkpoint, in total and per component, on the
     run's own training data. Resumable: checkpoints already estimated with the same settings are skipped."""

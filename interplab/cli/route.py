@@ -18,7 +18,7 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.routing.digits import DigitsSplitConfig, DigitsSplitResult, run_digits_split
 from interplab.routing.era import ERAConfig, ERAResult, era_stdlib_data, run_era
@@ -49,7 +49,7 @@ def route(
         help="era-stdlib: stdlib package whose files are forgotten",
     ),
     quick: bool = typer.Option(False, "--quick", help="a much smaller run, to try the command"),
-    threads: int = typer.Option(None, "--threads", help="torch threads", callback=threads_option),
+    threads: int = threads_param(help="torch threads"),
 ) -> None:
     """Run a gradient-routing experiment; writes report.json, the comparison table and pictures."""
     set_threads(threads)

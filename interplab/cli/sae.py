@@ -11,13 +11,15 @@ import torch
 import typer
 
 from interplab.cli.common import (
-    SPLITS,
+    EVAL_BATCH_SEQS,
     JobProgress,
+    batches_option,
     check_out_folder,
     check_seq_len,
     choice,
     command_hint,
     console,
+    corpus_option,
     dtype_option,
     fail,
     load_model_arg,
@@ -26,8 +28,10 @@ from interplab.cli.common import (
     out_folder,
     positive_float,
     positive_int,
+    seq_len_option,
     set_threads,
-    threads_option,
+    split_option,
+    threads_param,
 )
 from interplab.model import Transformer
 from interplab.plots import save_figure
@@ -99,16 +103,9 @@ def cache(
     out: Path = typer.Option(
         ..., "--out", "-o", help="cache folder (resumes an unfinished one)", callback=out_folder
     ),
-    corpus: str = typer.Option(
-        "python-stdlib", "--corpus", help="python-stdlib or a file/folder/dataset path"
-    ),
-    split: str = typer.Option("train", "--split", callback=choice(SPLITS)),
-    seq_len: int = typer.Option(
-        None,
-        "--seq-len",
-        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
-        callback=positive_int,
-    ),
+    corpus: str = corpus_option("python-stdlib or a file/folder/dataset path"),
+    split: str = split_option("train"),
+    seq_len: int = seq_len_option(),
     batch: int = typer.Option(16, "--batch", help="sequences per forward pass", callback=positive_int),
     tokens: int = typer.Option(
         1_000_000, "--tokens", help="stop after about this many activation rows", callback=positive_int
@@ -124,7 +121,7 @@ def cache(
         False, "--overwrite", help="delete an existing cache at --out and start again"
     ),
     model_dtype: str = dtype_option("--model-dtype"),
-    threads: int = typer.Option(None, "--threads", callback=threads_option),
+    threads: int = threads_param(),
 ) -> None:
     """Run the model over a corpus and write activations to a sharded cache (an interrupted one resumes when
     the model, data and settings are the same; anything different is refused). Under torchrun
@@ -261,13 +258,8 @@ def train(
         DEFAULTS.batch_size, "--batch", help="activation rows per step", callback=positive_int
     ),
     lr: float = typer.Option(DEFAULTS.lr, "--lr", callback=positive_float),
-    corpus: str = typer.Option("python-stdlib", "--corpus"),
-    seq_len: int = typer.Option(
-        None,
-        "--seq-len",
-        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
-        callback=positive_int,
-    ),
+    corpus: str = corpus_option(),
+    seq_len: int = seq_len_option(),
     autocast: bool = typer.Option(
         DEFAULTS.autocast, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"
     ),
@@ -294,7 +286,7 @@ def train(
         "instead of training every SAE data-parallel (each process its share of every --batch)",
     ),
     dtype: str = dtype_option(),
-    threads: int = typer.Option(None, "--threads", callback=threads_option),
+    threads: int = threads_param(),
 ) -> None:
     """Train SAEs (several hooks and/or a sweep, all from one pass over the activations). An interrupted run
     resumes bit-exactly when started again with the same arguments; a different run into the same --out is
@@ -411,29 +403,16 @@ def evaluate(
     out: Path = typer.Option(
         None, "--out", "-o", help="report folder (default: SAE_PATH/eval)", callback=out_folder
     ),
-    corpus: str = typer.Option("python-stdlib", "--corpus"),
-    split: str = typer.Option("validation", "--split", callback=choice(SPLITS)),
-    seq_len: int = typer.Option(
-        None,
-        "--seq-len",
-        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
-        callback=positive_int,
-    ),
-    batches: int = typer.Option(8, "--batches", help="batches of 16 sequences", callback=positive_int),
+    corpus: str = corpus_option(),
+    split: str = split_option("validation"),
+    seq_len: int = seq_len_option(),
+    batches: int = batches_option(),
     dtype: str = dtype_option(),
-    threads: int = typer.Option(None, "--threads", callback=threads_option),
+    threads: int = threads_param(),
 ) -> None:
     """L0, MSE, FVU, CE loss recovered (vs zero and mean ablation), KL, density: report.json + plots."""
     set_threads(threads)
-    try:
-        folders = SAERun.open(sae_path).saes if detect(sae_path) is Kind.SAE_TRAIN else sae_folders(sae_path)
-    except RunError as err:
-        fail(str(err))
-    if not folders:
-        fail(
-            f"{sae_path} is {describe(sae_path)}; expected an SAE folder ({SAE_CFG}) or an SAE training run "
-            f"with {SAES}/*/{SAE_CFG}"
-        )
+    folders = _sae_folders(sae_path)
     if out is None:
         out = check_out_folder(sae_path / EVAL)
     model = load_model_arg(model_path, dtype=dtype)
@@ -443,7 +422,7 @@ def evaluate(
     }  # a damaged SAE is named before any work
     try:
         data = corpus_token_batches(
-            model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
+            model, corpus, split=split, seq_len=seq_len, batch_size=EVAL_BATCH_SEQS, n_batches=batches
         )
         reports = {}
         for name, sae in saes.items():
@@ -471,15 +450,10 @@ def bench(
     ),
     model_path: Path = typer.Option(..., "--model", help="the model the SAEs read"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder", callback=out_folder),
-    corpus: str = typer.Option("python-stdlib", "--corpus"),
-    split: str = typer.Option("validation", "--split", callback=choice(SPLITS)),
-    seq_len: int = typer.Option(
-        None,
-        "--seq-len",
-        help="tokens per sequence (default 128, or the model's n_ctx if shorter)",
-        callback=positive_int,
-    ),
-    batches: int = typer.Option(8, "--batches", help="batches of 16 sequences", callback=positive_int),
+    corpus: str = corpus_option(),
+    split: str = split_option("validation"),
+    seq_len: int = seq_len_option(),
+    batches: int = batches_option(),
     ks: str = typer.Option("1,2,5,10", "--ks", help="sizes of the k-sparse probes"),
     properties: str = typer.Option(
         "first_letter,python_token",
@@ -494,7 +468,7 @@ def bench(
         callback=non_negative_int,
     ),
     dtype: str = dtype_option(),
-    threads: int = typer.Option(None, "--threads", callback=threads_option),
+    threads: int = threads_param(),
 ) -> None:
     """SAE-vs-SAE evaluation: core metrics, k-sparse probing, absorption and the autointerp score, each with
     its reseed noise; report.json, bench.md and frontier_*.html in --out (each SAE's autointerp feature
@@ -507,13 +481,7 @@ def bench(
         fail(f"--ks {ks!r}: give positive integers separated by commas, e.g. 1,2,5,10")
     saes = {}
     for path in sae_paths:
-        try:
-            folders = SAERun.open(path).saes if detect(path) is Kind.SAE_TRAIN else sae_folders(path)
-        except RunError as err:
-            fail(str(err))
-        if not folders:
-            fail(f"{path} is {describe(path)}; expected an SAE folder ({SAE_CFG}) or an SAE training run")
-        for name, folder in folders.items():
+        for name, folder in _sae_folders(path).items():
             label = f"{path.name}/{name}" if len(sae_paths) > 1 else name
             if label in saes:
                 fail(f"{label} is given twice; pass each SAE folder or run once")
@@ -528,7 +496,7 @@ def bench(
     extra = {}
     try:
         data = corpus_token_batches(
-            model, corpus, split=split, seq_len=seq_len, batch_size=16, n_batches=batches
+            model, corpus, split=split, seq_len=seq_len, batch_size=EVAL_BATCH_SEQS, n_batches=batches
         )
         if autointerp:
             extra["autointerp"] = _autointerp_metric(model, data.batches, out / "autointerp", autointerp)
@@ -606,7 +574,7 @@ def diff(
         "end); a diff run again with the same settings resumes from it",
         callback=non_negative_int,
     ),
-    threads: int = typer.Option(None, "--threads", callback=threads_option),
+    threads: int = threads_param(),
 ) -> None:
     """Model diffing: a crosscoder between two checkpoints of a run, its latents labelled new / lost / shared /
     partial by relative decoder norm, linked to the run's formation report; diff.json, diff.md and the
@@ -634,6 +602,20 @@ def diff(
     if Path(out).resolve().parent == (Path(run_dir) / DIFFS).resolve():
         hint = command_hint("serve", "--runs", Path(run_dir).resolve().parent)
         console.print(f"on the run's page, beside its formation report: {hint}", markup=False, soft_wrap=True)
+
+
+def _sae_folders(path: Path) -> dict[str, Path]:
+    """The SAE folders, by name, of an SAE training run or of a folder holding SAEs (never empty)."""
+    try:
+        folders = SAERun.open(path).saes if detect(path) is Kind.SAE_TRAIN else sae_folders(path)
+    except RunError as err:
+        fail(str(err))
+    if not folders:
+        fail(
+            f"{path} is {describe(path)}; expected an SAE folder ({SAE_CFG}) or an SAE training run "
+            f"with {SAES}/*/{SAE_CFG}"
+        )
+    return folders
 
 
 def _canon(hooks: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 from interplab.model.transformer import Transformer
 from interplab.runs import CONFIG, LOG, PLOTLY_JS, Kind, write_json, write_log
@@ -120,7 +120,7 @@ def scrub_command(
     per_claim: bool = typer.Option(
         ScrubConfig.per_claim, "--per-claim/--no-per-claim", help="scrub each claim alone too"
     ),
-    threads: int = typer.Option(1, "--threads", help="torch threads", callback=threads_option),
+    threads: int = threads_param(1, "torch threads"),
 ) -> None:
     """Causal scrubbing of the hypotheses in HYPOTHESIS.py; prints the recovered-loss table."""
     set_threads(threads)

@@ -17,7 +17,7 @@ from interplab.cli.common import (
     out_folder,
     positive_int,
     set_threads,
-    threads_option,
+    threads_param,
 )
 
 if TYPE_CHECKING:  # the training stack is imported when a command runs, not when the CLI starts
@@ -108,9 +108,7 @@ def train_command(
     stop_after: int = typer.Option(
         None, "--stop-after", help="stop after this step (resume later)", callback=positive_int
     ),
-    threads: int = typer.Option(
-        None, "--threads", help="torch CPU threads (1 is fastest on a busy machine)", callback=threads_option
-    ),
+    threads: int = threads_param(help="torch CPU threads (1 is fastest on a busy machine)"),
     device: str = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)", callback=device_option
     ),
