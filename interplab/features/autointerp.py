@@ -38,6 +38,7 @@ from interplab.features.explain import (
     LLMExplainer,
     TokenEnrichmentExplainer,
     explain_features,
+    explainer_backend,
     explainer_name,
 )
 from interplab.features.llm import Backend, CachedBackend
@@ -96,7 +97,7 @@ def autointerp_score(
         explain_features(writer, explainer, features=sample, progress=False)
         score_features(writer, scorers, features=sample, seed=cfg.seed)
         name = explainer_name(explainer)
-        backend_name = getattr(explainer, "backend_name", None) or str(getattr(explainer, "backend", "none"))
+        backend_name = explainer_backend(explainer)
         values: dict[str, list[float]] = {_metric_name(s): [] for s in scorers}
         with writer.reader() as reader:
             for f in sample:

@@ -256,6 +256,12 @@ def explainer_name(explainer: Explainer) -> str:
     return f"baseline:{explainer.name}" if getattr(explainer, "baseline", False) else explainer.name
 
 
+def explainer_backend(explainer: Explainer) -> str:
+    """The backend an explanation is recorded under: the explainer's ``backend_name`` (an LLM explainer's
+    backend), else its ``backend``, else ``"none"`` (the built-in baseline)."""
+    return getattr(explainer, "backend_name", None) or str(getattr(explainer, "backend", "none"))
+
+
 def explain_features(
     writer: FeatureWriter,
     explainer: Explainer,
@@ -276,7 +282,7 @@ def explain_features(
     scorers of `interplab.features.scorers` store theirs separately). Returns feature -> explanation id for the
     features explained now."""
     name = explainer_name(explainer)
-    backend = getattr(explainer, "backend_name", None) or str(getattr(explainer, "backend", "none"))
+    backend = explainer_backend(explainer)
     version = str(getattr(explainer, "prompt_version", "") or "none")
     with writer.reader() as store:
         vocab, counts = store.vocab(), store.token_counts()

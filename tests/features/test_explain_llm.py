@@ -15,6 +15,7 @@ from interplab.features.explain import (
     TokenEnrichmentExplainer,
     TokenListSimulator,
     explain_features,
+    explainer_backend,
     highlight,
 )
 from interplab.features.llm import CachedBackend, LLMError, OpenAIBackend
@@ -88,8 +89,9 @@ def llm_stub():
 
 
 def test_llm_explanations_are_stored_with_backend_and_labels(server, planted_db):
+    explainer = LLMExplainer(llm(server))
     with FeatureWriter(planted_db) as w:
-        ids = explain_features(w, LLMExplainer(llm(server)))
+        ids = explain_features(w, explainer)
     assert sorted(ids) == [0, 1, 2, 3] and server.n_requests == 4
     store = FeatureReader(planted_db)
     for f in range(4):
@@ -100,6 +102,7 @@ def test_llm_explanations_are_stored_with_backend_and_labels(server, planted_db)
             f"openai:test-model@{server.base_url.split('/')[2]}",
             PROMPT_VERSION,
         )
+        assert e["backend"] == explainer_backend(explainer)  # what autointerp_metric looks explanations up by
         assert e["meta"]["prompt_tokens"] > 0 and e["scores"] == {}
         assert store.labels()[f] == {
             "feature": f,
@@ -158,6 +161,7 @@ def test_baseline_explanations_say_they_are_the_baseline(planted_db):
             "baseline:token-enrichment",
             "none",
         )
+        assert e["backend"] == explainer_backend(TokenEnrichmentExplainer(k=1))
         assert e["id"] == ids[f] and e["meta"]["tokens"] == [f]
         assert e["meta"]["simulation_correlation"] == pytest.approx(1.0)  # the planted rule, exactly
         assert store.labels()[f]["source"] == "auto:baseline:token-enrichment"
