@@ -9,6 +9,7 @@ import typer
 
 from interplab import runs
 from interplab.cli.common import (
+    JobProgress,
     claim_out,
     console,
     db_link,
@@ -25,6 +26,7 @@ from interplab.cli.common import (
 )
 from interplab.graphs import (
     AttributionGraph,
+    graphs_across,
     Intervention,
     attribute,
     graph_scores,
@@ -196,7 +198,80 @@ def intervene_command(
         console.print(f"wrote {result.save(out)}", markup=False)
 
 
+def across_command(
+    model: Path = typer.Option(..., "--model", help="the training run"),
+    clt: Path | None = typer.Option(
+        None, "--clt", help="its CLTs per checkpoint (`interplab clt train --checkpoints`; default RUN/clt)"
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        callback=out_folder,
+        help="the folder (default RUN/graphs/across): step_N/ + report.json",
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="the prompt as text"),
+    tokens: str | None = typer.Option(None, "--tokens", help="the prompt as token ids, ID,ID,..."),
+    targets: str | None = typer.Option(
+        None,
+        "--targets",
+        help="token ids ID,ID (one id: ID,) or logit_diff:A:B, the same at every step (default: the last "
+        "checkpoint's most likely next token)",
+    ),
+    steps: str | None = typer.Option(None, "--steps", help="only these steps of the CLT run, A,B,..."),
+    node_threshold: float = typer.Option(0.8, "--node-threshold"),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold"),
+    match_threshold: float = typer.Option(
+        0.7, "--match-threshold", help="decoder cosine that makes two CLTs' latents one feature"
+    ),
+    threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
+) -> None:
+    """The attribution graph of one prompt at each checkpoint that has a CLT, and what changed between them
+    (features matched across CLTs by decoder cosine), beside the run's formation scores."""
+    set_threads(threads)
+    clt = clt if clt is not None else model / runs.RUN_CLTS
+    out = out if out is not None else model / runs.GRAPHS / "across"
+    chosen_targets = _targets(targets)
+    if isinstance(chosen_targets, int):
+        fail(f"--targets {targets!r}: across checkpoints give token ids (ID, for one) or logit_diff:A:B")
+    if (prompt is None) == (tokens is None):
+        fail("give the prompt as --prompt TEXT or as --tokens ID,ID,... (one of the two)")
+    the_prompt: str | list[int] = prompt if prompt is not None else _tokens_of(tokens)
+    try:
+        chosen_steps = [int(s) for s in steps.split(",")] if steps else None
+    except ValueError:
+        fail(f"--steps {steps!r}: write step numbers separated by commas, e.g. --steps 200,400")
+    try:
+        with JobProgress("graph across", total=None, unit="graphs") as bar:
+            result = graphs_across(
+                model,
+                clt,
+                the_prompt,
+                chosen_targets,  # type: ignore[arg-type]
+                steps=chosen_steps,
+                out=out,
+                node_threshold=node_threshold,
+                edge_threshold=edge_threshold,
+                match_threshold=match_threshold,
+                progress=lambda s: bar.update(0, info=f"step {s}"),
+            )
+    except (ValueError, runs.RunError) as err:
+        fail(str(err))
+    console.print(result.markdown(), markup=False, soft_wrap=True)
+    console.print(
+        f"wrote {out / runs.REPORT}, {out}/across.md, {out}/across.html, step_N/ per step", markup=False
+    )
+    print_command("open it: ", "serve", "--runs", Path(model).absolute())
+
+
+def _tokens_of(text: str | None) -> list[int]:
+    try:
+        return [int(t) for t in (text or "").replace(" ", "").split(",") if t]
+    except ValueError:
+        fail(f"--tokens {text!r}: write token ids separated by commas, e.g. --tokens 0,12,7")
+
+
 def register(main: typer.Typer) -> None:
     app.command("build")(build)
+    app.command("across")(across_command)
     app.command("intervene")(intervene_command)
     main.add_typer(app, name="graph")
