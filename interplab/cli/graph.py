@@ -26,10 +26,10 @@ from interplab.cli.common import (
 )
 from interplab.graphs import (
     AttributionGraph,
-    graphs_across,
     Intervention,
     attribute,
     graph_scores,
+    graphs_across,
     intervene,
     prune_graph,
 )

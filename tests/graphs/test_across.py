@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from interplab.graphs import GraphsAcross, attribute, compare_graphs, match_features, prune_graph
-from tests.graphs.planted import A, B, BOS, C, D, exact_transcoder, planted_model
+from tests.graphs.planted import BOS, A, B, C, D, exact_transcoder, planted_model
 
 TOKENS = [BOS, A, D, C]
 
