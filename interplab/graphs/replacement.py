@@ -327,8 +327,9 @@ class ReplacementModel:
             offsets = frozen.resid_mid_offset
             if reference is not None and reference[0] is not None:
                 offsets[layer] = reference[0][:, :, layer] - mid
-            if offsets and offsets[layer] is not None:
-                mid = mid + offsets[layer]
+            offset = offsets[layer] if offsets else None
+            if offset is not None:
+                mid = mid + offset
             normalized = _frozen_norm(block.ln2, mid, frozen.ln2_scale[layer], weight=False)
             feature_input = normalized if self.sites_in[layer].kind is SiteKind.LN2_NORMALIZED else mid
             if (
