@@ -14,6 +14,7 @@ from interplab.cli.common import (
     console,
     db_link,
     db_option,
+    dtype_option,
     fail,
     load_model_arg,
     out_file,
@@ -116,6 +117,7 @@ def build(
         callback=db_option,
     ),
     open_: bool = typer.Option(False, "--open", help="print only the command that opens the graph"),
+    dtype: str = dtype_option(),
     threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
 ) -> None:
     """Build the attribution graph of a prompt and save it (report.json, graph.safetensors, graph.json)."""
@@ -124,13 +126,14 @@ def build(
         if not 0.0 <= value <= 1.0:
             fail(f"{name} must be in [0, 1], got {value}")
     claim_out(out, runs.Kind.ATTRIBUTION_GRAPH)
-    net = load_model_arg(model, "cannot load the model: ")
+    net = load_model_arg(model, "cannot load the model: ", dtype)
     transcoder = _load_clt(clt)
     meta = {
         "run": str(model.absolute()),
         "clt": str(clt.absolute()),
         "feature_db": db_link(feature_db) if feature_db is not None else None,
         "prompt": prompt,
+        "model_dtype": dtype,
     }
     graph = attribute(
         net,
@@ -172,6 +175,7 @@ def intervene_command(
     out: Path | None = typer.Option(
         None, "--out", callback=out_file, help="save the result (.json, .html, .png)"
     ),
+    dtype: str = dtype_option(),
     threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
 ) -> None:
     """Clamp or scale features of a graph's prompt and compare the target logits' change with the graph's."""
@@ -179,7 +183,7 @@ def intervene_command(
     if mode not in ("replacement", "model"):
         fail(f"--mode {mode!r}: choose replacement or model")
     saved = AttributionGraph.load(graph)
-    net = load_model_arg(model, "cannot load the model: ")
+    net = load_model_arg(model, "cannot load the model: ", dtype)
     result = intervene(
         net,
         _load_clt(clt),
