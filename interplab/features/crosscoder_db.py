@@ -34,8 +34,10 @@ from interplab.features.collect import TokenSource, token_batches
 from interplab.features.config import FeatureBuildConfig
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
 from interplab.model import Transformer
-from interplab.sae.activations import TokenFilter, model_activations
-from interplab.sae.crosscoder import Crosscoder
+from interplab.model.load import load_model
+from interplab.runs import DIFF_JSON, FEATURE_DB, TrainRun
+from interplab.sae.activations import TokenFilter, corpus_token_batches, model_activations
+from interplab.sae.crosscoder import Crosscoder, load_crosscoder
 from interplab.sae.diffing import NEW_ABOVE, classify
 
 CROSSCODER_META = "crosscoder"
@@ -187,11 +189,55 @@ def build_crosscoder_db(
     )
 
 
+def build_diff_db(
+    diff_folder: str | Path,
+    *,
+    n_seqs: int = 256,
+    seq_len: int | None = None,
+    cfg: FeatureBuildConfig | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> BuildReport:
+    """The feature database (``diff_folder/features.db``) of the crosscoder a model diff saved
+    (`interplab.sae.diffing.diff_checkpoints` with ``out``): its two checkpoints (named in the crosscoder's
+    ``meta``) read ``n_seqs`` sequences of the run's own corpus; the pages link back to ``diff.json``."""
+    folder = Path(diff_folder)
+    cc = load_crosscoder(folder / "crosscoder")
+    meta = cc.cfg.meta or {}
+    missing = [k for k in ("run", "before", "after") if k not in meta]
+    if missing:
+        raise ValueError(
+            f"{folder / 'crosscoder'} is not a model diff's crosscoder: its meta lacks {missing}"
+        )
+    run = TrainRun.open(meta["run"])
+    models = [load_model(run.checkpoint(int(meta[k])).path) for k in ("before", "after")]
+    for m in models:
+        m.eval()
+    source = run.config.get("data", {}).get("source") or "python-stdlib"
+    seq = seq_len or min(128, models[0].cfg.n_ctx)
+    corpus = corpus_token_batches(models[0], source, seq_len=seq, batch_size=16, n_batches=-(-n_seqs // 16))
+    tokens = torch.cat(list(corpus.batches))[:n_seqs]
+    names = [f"step {int(meta['before'])}", f"step {int(meta['after'])}"]
+    return build_crosscoder_db(
+        folder / FEATURE_DB,
+        models,
+        cc,
+        tokens,
+        cfg,
+        side_names=names,
+        crosscoder_path=folder / "crosscoder",
+        diff_path=folder if (folder / DIFF_JSON).is_file() else None,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
 __all__ = [
     "CROSSCODER_META",
     "SIDE_LABELS",
     "CrosscoderShape",
     "build_crosscoder_db",
+    "build_diff_db",
     "crosscoder_acts",
     "side_labels",
     "side_shares",

@@ -349,6 +349,10 @@ def create_app(
         art = artifact(index)
         view = run_view(art)
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
+        for d in view["diffs"]:  # a diff's latent pages: its feature database, where it is served
+            db_file = d.pop("database")
+            d["db"] = served.get(database_key(db_file)) if db_file is not None else None
+            d["db_file"] = str(db_file) if db_file is not None else None
         dt = dt_view(art, artifacts, served)
         graphs = view.pop("graphs")  # the run's own graph is shown in the page, the others linked
         graph = (

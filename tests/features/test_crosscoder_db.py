@@ -15,6 +15,8 @@ from interplab.features.crosscoder_db import build_crosscoder_db, crosscoder_act
 from interplab.features.reader import FeatureReader
 from interplab.sae.crosscoder import Crosscoder, CrosscoderConfig
 from tests.features.planted import tiny_model
+from tests.web.conftest import artifacts_dir  # noqa: F401  (fixture)
+from tests.web.test_browser import browser, page  # noqa: F401  (fixtures)
 
 SITE = "blocks.0.hook_resid_pre"  # = W_E[token] under rotary positions
 
@@ -89,10 +91,63 @@ def test_feature_page_says_b_only(crosscoder_db):
 
     path = crosscoder_db[0]
     client = TestClient(create_app([path]), base_url="http://127.0.0.1")
-    page = client.get("/db/features/feature/0")
-    assert page.status_code == 200
-    html = page.text
+    resp = client.get("/db/features/feature/0")
+    assert resp.status_code == 200
+    html = resp.text
     assert '<b id="crosscoder-label">B-only</b>' in html
     assert "step 1000" in html and 'id="steer"' not in html
     assert '<b id="crosscoder-label">A-only</b>' in client.get("/db/features/feature/2").text
     assert '<b id="crosscoder-label">shared</b>' in client.get("/db/features/feature/1").text
+
+
+def _diff_run(root, db):
+    """A training run folder whose diffs/ holds the planted crosscoder's diff and its feature database."""
+    import shutil
+
+    from interplab.sae.diffing import DiffResult
+
+    cc = planted_pair()[2]
+    from tests.web.conftest import write_training_run
+
+    run = root / "runs" / "train"
+    write_training_run(run, tiny_model(), n_checkpoints=1)
+    folder = run / "diffs" / "step_000100-step_001000"
+    folder.mkdir(parents=True)
+    DiffResult.from_crosscoder(cc).save(folder)
+    shutil.copy(db, folder / "features.db")
+    return run, folder / "features.db"
+
+
+def test_run_page_links_the_diff_to_its_latent_pages(crosscoder_db, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from interplab.web.app import create_app
+
+    run, db = _diff_run(tmp_path, crosscoder_db[0])
+    served = TestClient(create_app([db], runs=[run.parent]), base_url="http://127.0.0.1")
+    home = served.get("/").text
+    index = home.split('class="run-link" href="/run/')[1].split('"')[0]
+    run_html = served.get(f"/run/{index}").text
+    assert 'class="latent-page" href="/db/features/feature/0"' in run_html  # latent 0 (B-only) leans new
+    assert 'href="/db/features/"' in run_html
+    unserved = TestClient(create_app(runs=[run.parent]), base_url="http://127.0.0.1").get(f"/run/{index}")
+    assert "latent-page" not in unserved.text and "with <code>--db</code>" in unserved.text
+
+
+@pytest.mark.browser
+def test_latent_page_in_chromium(crosscoder_db, tmp_path, artifacts_dir, page):  # noqa: F811
+    """From the run page's diff to the B-only latent's page, in real headless Chromium."""
+    from interplab.web.app import create_app
+    from tests.web.conftest import live_server
+
+    run, db = _diff_run(tmp_path, crosscoder_db[0])
+    with live_server(create_app([db], runs=[run.parent])) as (host, port):
+        page.goto(f"http://{host}:{port}/")
+        page.locator("a.run-link", has_text="train").first.click()
+        page.click("a.latent-page >> text='0'")
+        page.wait_for_url("**/feature/0")
+        assert page.locator("#crosscoder-label").inner_text() == "B-only"
+        shares = page.locator("#crosscoder-sides .share").all_inner_texts()
+        assert [float(s) for s in shares] == [0.0, 1.0]
+        assert page.locator("#top-contexts .ctx").count() == 6
+        page.screenshot(path=str(artifacts_dir / "browser_crosscoder_latent.png"), full_page=True)
