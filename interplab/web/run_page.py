@@ -329,6 +329,7 @@ def diff_view(p: Path, base: Path, root: Path) -> dict[str, Any]:
         "brackets": formation.get("brackets") is True,
         "latents": latents,
         "plot": _rel(html, base) if _is_file(html, root) else None,
+        "database": folder / runs.FEATURE_DB if _is_file(folder / runs.FEATURE_DB, root) else None,
     }
 
 
