@@ -36,12 +36,7 @@ def options(cmd) -> dict[str, object]:
     return {opt: p for p in cmd.params for opt in getattr(p, "opts", [])}
 
 
-CASES = [
-    (path, flag)
-    for path, cmd in commands(get_command(app))
-    for flag in REFUSED
-    if flag in options(cmd)
-]
+CASES = [(path, flag) for path, cmd in commands(get_command(app)) for flag in REFUSED if flag in options(cmd)]
 
 
 def test_the_shared_options_are_found_in_many_commands():
