@@ -240,7 +240,12 @@ def main() -> None:
     torch.set_num_threads(1)
     model, clt = build()
     results: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": 1,
+            "load_average_at_start": list(os.getloadavg()),  # a shared machine: 1, 5, 15 minutes
+        },
         "model": (
             f"{MODEL.n_layers} layers x {MODEL.n_heads} heads, d_model {MODEL.d_model}, d_mlp {MODEL.d_mlp}, "
             f"vocab {MODEL.d_vocab}, LayerNorm, learned positions (interplab init, seed 0)"
@@ -297,6 +302,7 @@ def main() -> None:
                 "cpu_ratio": b["cpu_s"] / a["cpu_s"],
                 "wall_ratio": b["wall_s"] / a["wall_s"],
                 "memory_ratio": b["extra_mib"] / max(a["extra_mib"], 1e-9),
+                "load_average_after": list(os.getloadavg()),
             }
             save(results, Path(args.out))
     save(results, Path(args.out), complete=True)

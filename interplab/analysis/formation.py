@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ from interplab.train.config import TrainConfig
 
 FORMED_THRESHOLD = 0.3
 """a run "forms" induction heads when some head's induction score reaches this"""
+RISE_FRACTIONS = (0.0, 0.5, 0.9)
+"""`FormationResult.rise_steps`' default: before the rise, its midpoint (the formation step), near its top"""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,33 @@ class FormationResult:
         last = self.induction[-1]
         flat = int(last.argmax())
         return flat // last.shape[1], flat % last.shape[1]
+
+    def rise_steps(self, fractions: Sequence[float] = RISE_FRACTIONS) -> list[int]:
+        """Checkpoints along the rise of the best induction score (for analyses across training, e.g. CLTs
+        and attribution graphs at a few checkpoints): for each fraction f, the first step whose score reached
+        ``start + f (peak - start)`` (for f = 0, the last step before the score first rose 5% of the way),
+        and the last step; distinct and in step order (f = 0.5 is `formation_step`). Refused (ValueError)
+        when no head formed."""
+        if self.formation_step is None:
+            raise ValueError(
+                f"no induction head formed in {self.run_dir} (best score {max(self.max_induction):.3f}): "
+                "there is no rise to pick checkpoints along; name the checkpoints (e.g. 100,400,800)"
+            )
+        for f in fractions:
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"rise fractions must be in [0, 1], got {f}")
+        scores = self.max_induction
+        start, peak = scores[0], max(scores)
+        chosen = set()
+        for f in fractions:
+            if f == 0.0:
+                risen = next(i for i, v in enumerate(scores) if v >= start + 0.05 * (peak - start))
+                chosen.add(self.steps[max(risen - 1, 0)])
+            else:
+                level = start + f * (peak - start)
+                chosen.add(next(s for s, v in zip(self.steps, scores, strict=True) if v >= level))
+        chosen.add(self.steps[-1])
+        return sorted(chosen)
 
     def table(self) -> list[dict[str, Any]]:
         rows = []

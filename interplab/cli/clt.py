@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from interplab.analysis.formation import FormationResult
 from interplab.cli.common import (
     SPLITS,
     JobProgress,
@@ -28,7 +29,20 @@ from interplab.cli.common import (
     threads_option,
 )
 from interplab.model import Transformer
-from interplab.runs import EVAL, REPORT, Kind, RunError, TrainRun, describe, detect, write_json
+from interplab.runs import (
+    EVAL,
+    FORMATION,
+    FORMATION_JSON,
+    REPORT,
+    RUN_CLTS,
+    Kind,
+    RunError,
+    TrainRun,
+    describe,
+    detect,
+    read_json,
+    write_json,
+)
 from interplab.runs.names import checkpoint_name, checkpoint_step
 from interplab.runs.openers import CLTTrainRun
 from interplab.sae.activations import corpus_token_batches
@@ -50,9 +64,24 @@ HOOKS_IN = ("resid_mid", "ln2", "mlp_in")
 _HOOK_SITES = {"resid_mid": "hook_resid_mid", "ln2": "ln2.hook_normalized", "mlp_in": "hook_mlp_in"}
 
 
+def rise_checkpoints(run: Path) -> list[str]:
+    """``--checkpoints window``: the checkpoints along the rise of the run's induction score (its formation
+    report, `FormationResult.rise_steps`: before the rise, the formation step, near the top, the last)."""
+    report = run / FORMATION / FORMATION_JSON
+    if not report.is_file():
+        fail(f"--checkpoints window reads {report}: run `interplab formation {run}` first, or name the steps")
+    try:
+        return [str(s) for s in FormationResult.from_dict(read_json(report, Kind.FORMATION)).rise_steps()]
+    except ValueError as err:
+        fail(str(err))
+
+
 def _steps(run: Path, names: list[str]) -> dict[str, Path]:
-    """Checkpoint names (``step_000100``, or a step number) of training run ``run`` -> their folders."""
+    """Checkpoint names (``step_000100``, or a step number) of training run ``run`` -> their folders
+    (``["window"]``: `rise_checkpoints`)."""
     train = TrainRun.open(run)
+    if [n.strip() for n in names] == ["window"]:
+        names = rise_checkpoints(train.path)
     out = {}
     for raw in names:
         raw = raw.strip()
@@ -95,10 +124,10 @@ def train(
         ..., "--model", help="model folder, or a training run (its final/, or --checkpoint(s) of it)"
     ),
     out: Path = typer.Option(
-        ...,
+        None,
         "--out",
         "-o",
-        help="run folder: config.json, log.jsonl, clt/ (or clts/NAME/)",
+        help="run folder: config.json, log.jsonl, clt/ (or clts/NAME/); with --checkpoints: default RUN/clt",
         callback=out_folder,
     ),
     corpus: str = typer.Option(
@@ -133,7 +162,9 @@ def train(
     ),
     checkpoint: str = typer.Option(None, "--checkpoint", help="train on this checkpoint of --model (step_N)"),
     checkpoints: str = typer.Option(
-        None, "--checkpoints", help="one CLT per checkpoint of --model, comma-separated (step_a,step_b,...)"
+        None,
+        "--checkpoints",
+        help="one CLT per checkpoint of --model: step_a,step_b,... or window (along its formation report's rise)",
     ),
     seq_len: int = typer.Option(
         None,
@@ -164,6 +195,11 @@ def train(
     if activation == "topk" and k is None:
         fail("--activation topk needs --k (active latents per layer and token)")
     across = _steps(model_path, checkpoints.split(",")) if checkpoints else None
+    if out is None:
+        if across is None:
+            fail("give --out (the CLT run's folder); only --checkpoints has a default (RUN/clt)")
+        out = check_out_folder(model_path / RUN_CLTS)
+    assert out is not None
     if checkpoint:
         model_path = next(iter(_steps(model_path, [checkpoint]).values()))
     first = load_model_arg(next(iter(across.values())) if across else model_path)

@@ -9,10 +9,12 @@ import typer
 
 from interplab import runs
 from interplab.cli.common import (
+    JobProgress,
     claim_out,
     console,
     db_link,
     db_option,
+    dtype_option,
     fail,
     load_model_arg,
     out_file,
@@ -28,6 +30,7 @@ from interplab.graphs import (
     Intervention,
     attribute,
     graph_scores,
+    graphs_across,
     intervene,
     prune_graph,
 )
@@ -114,6 +117,7 @@ def build(
         callback=db_option,
     ),
     open_: bool = typer.Option(False, "--open", help="print only the command that opens the graph"),
+    dtype: str = dtype_option(),
     threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
 ) -> None:
     """Build the attribution graph of a prompt and save it (report.json, graph.safetensors, graph.json)."""
@@ -122,13 +126,14 @@ def build(
         if not 0.0 <= value <= 1.0:
             fail(f"{name} must be in [0, 1], got {value}")
     claim_out(out, runs.Kind.ATTRIBUTION_GRAPH)
-    net = load_model_arg(model, "cannot load the model: ")
+    net = load_model_arg(model, "cannot load the model: ", dtype)
     transcoder = _load_clt(clt)
     meta = {
         "run": str(model.absolute()),
         "clt": str(clt.absolute()),
         "feature_db": db_link(feature_db) if feature_db is not None else None,
         "prompt": prompt,
+        "model_dtype": dtype,
     }
     graph = attribute(
         net,
@@ -170,6 +175,7 @@ def intervene_command(
     out: Path | None = typer.Option(
         None, "--out", callback=out_file, help="save the result (.json, .html, .png)"
     ),
+    dtype: str = dtype_option(),
     threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
 ) -> None:
     """Clamp or scale features of a graph's prompt and compare the target logits' change with the graph's."""
@@ -177,7 +183,7 @@ def intervene_command(
     if mode not in ("replacement", "model"):
         fail(f"--mode {mode!r}: choose replacement or model")
     saved = AttributionGraph.load(graph)
-    net = load_model_arg(model, "cannot load the model: ")
+    net = load_model_arg(model, "cannot load the model: ", dtype)
     result = intervene(
         net,
         _load_clt(clt),
@@ -196,7 +202,80 @@ def intervene_command(
         console.print(f"wrote {result.save(out)}", markup=False)
 
 
+def across_command(
+    model: Path = typer.Option(..., "--model", help="the training run"),
+    clt: Path | None = typer.Option(
+        None, "--clt", help="its CLTs per checkpoint (`interplab clt train --checkpoints`; default RUN/clt)"
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        callback=out_folder,
+        help="the folder (default RUN/graphs/across): step_N/ + report.json",
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", help="the prompt as text"),
+    tokens: str | None = typer.Option(None, "--tokens", help="the prompt as token ids, ID,ID,..."),
+    targets: str | None = typer.Option(
+        None,
+        "--targets",
+        help="token ids ID,ID (one id: ID,) or logit_diff:A:B, the same at every step (default: the last "
+        "checkpoint's most likely next token)",
+    ),
+    steps: str | None = typer.Option(None, "--steps", help="only these steps of the CLT run, A,B,..."),
+    node_threshold: float = typer.Option(0.8, "--node-threshold"),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold"),
+    match_threshold: float = typer.Option(
+        0.7, "--match-threshold", help="decoder cosine that makes two CLTs' latents one feature"
+    ),
+    threads: int | None = typer.Option(None, "--threads", callback=threads_option, help="CPU threads"),
+) -> None:
+    """The attribution graph of one prompt at each checkpoint that has a CLT, and what changed between them
+    (features matched across CLTs by decoder cosine), beside the run's formation scores."""
+    set_threads(threads)
+    clt = clt if clt is not None else model / runs.RUN_CLTS
+    out = out if out is not None else model / runs.GRAPHS / "across"
+    chosen_targets = _targets(targets)
+    if isinstance(chosen_targets, int):
+        fail(f"--targets {targets!r}: across checkpoints give token ids (ID, for one) or logit_diff:A:B")
+    if (prompt is None) == (tokens is None):
+        fail("give the prompt as --prompt TEXT or as --tokens ID,ID,... (one of the two)")
+    the_prompt: str | list[int] = prompt if prompt is not None else _tokens_of(tokens)
+    try:
+        chosen_steps = [int(s) for s in steps.split(",")] if steps else None
+    except ValueError:
+        fail(f"--steps {steps!r}: write step numbers separated by commas, e.g. --steps 200,400")
+    try:
+        with JobProgress("graph across", total=None, unit="graphs") as bar:
+            result = graphs_across(
+                model,
+                clt,
+                the_prompt,
+                chosen_targets,  # type: ignore[arg-type]
+                steps=chosen_steps,
+                out=out,
+                node_threshold=node_threshold,
+                edge_threshold=edge_threshold,
+                match_threshold=match_threshold,
+                progress=lambda s: bar.update(0, info=f"step {s}"),
+            )
+    except (ValueError, runs.RunError) as err:
+        fail(str(err))
+    console.print(result.markdown(), markup=False, soft_wrap=True)
+    console.print(
+        f"wrote {out / runs.REPORT}, {out}/across.md, {out}/across.html, step_N/ per step", markup=False
+    )
+    print_command("open it: ", "serve", "--runs", Path(model).absolute())
+
+
+def _tokens_of(text: str | None) -> list[int]:
+    try:
+        return [int(t) for t in (text or "").replace(" ", "").split(",") if t]
+    except ValueError:
+        fail(f"--tokens {text!r}: write token ids separated by commas, e.g. --tokens 0,12,7")
+
+
 def register(main: typer.Typer) -> None:
     app.command("build")(build)
+    app.command("across")(across_command)
     app.command("intervene")(intervene_command)
     main.add_typer(app, name="graph")

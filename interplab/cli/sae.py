@@ -29,11 +29,13 @@ from interplab.cli.common import (
     set_threads,
     threads_option,
 )
+from interplab.features.crosscoder_db import build_diff_db
 from interplab.model import Transformer
 from interplab.plots import save_figure
 from interplab.runs import (
     DIFFS,
     EVAL,
+    FEATURE_DB,
     REPORT,
     SAE_CFG,
     SAES,
@@ -606,6 +608,18 @@ def diff(
         "end); a diff run again with the same settings resumes from it",
         callback=non_negative_int,
     ),
+    features: bool = typer.Option(
+        True,
+        "--features/--no-features",
+        help="build the crosscoder's feature database (--out/features.db: a page per latent with its top "
+        "contexts and decoder-norm share per checkpoint; serve it with `interplab serve --db`)",
+    ),
+    feature_seqs: int = typer.Option(
+        256,
+        "--feature-seqs",
+        help="sequences of the run's corpus the feature pages are built from",
+        callback=positive_int,
+    ),  # fmt: skip
     threads: int = typer.Option(None, "--threads", callback=threads_option),
 ) -> None:
     """Model diffing: a crosscoder between two checkpoints of a run, its latents labelled new / lost / shared /
@@ -631,6 +645,15 @@ def diff(
         return
     console.print(result.summary(), markup=False, highlight=False)
     console.print(f"diff: {out / 'diff.json'} ; table: {out / 'diff.md'} ; crosscoder: {out / 'crosscoder'}")
+    if features:
+        try:
+            build_diff_db(out, n_seqs=feature_seqs, overwrite=True)
+        except (RunError, ValueError, KeyError, FileNotFoundError) as err:
+            fail(f"the feature database of the diff: {str(err).strip(chr(39) + chr(34))}")
+            return
+        db = out / FEATURE_DB
+        hint = command_hint("serve", "--db", db, "--runs", Path(run_dir).resolve().parent)
+        console.print(f"latent pages: {db} ({hint})", markup=False, soft_wrap=True)
     if Path(out).resolve().parent == (Path(run_dir) / DIFFS).resolve():
         hint = command_hint("serve", "--runs", Path(run_dir).resolve().parent)
         console.print(f"on the run's page, beside its formation report: {hint}", markup=False, soft_wrap=True)

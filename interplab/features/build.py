@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -149,6 +149,14 @@ def build_feature_db(
     )
 
 
+class Dictionary(Protocol):
+    """What `write_feature_db` reads of a dictionary: ``cfg.hook_name`` and ``cfg.d_sae`` (an `SAE`, or a
+    crosscoder's `interplab.features.crosscoder_db.CrosscoderShape`)."""
+
+    @property
+    def cfg(self) -> Any: ...
+
+
 Collect = Callable[[torch.Tensor, StreamingFeatureStats, Callable, Callable], FeatureStats]
 """``collect(features, state, checkpoint, report) -> FeatureStats``: one streaming pass over the data for a range
 of features, continuing ``state`` (its ``batches`` already seen), calling ``checkpoint(state)`` to save it and
@@ -158,7 +166,7 @@ decision-transformer activations)"""
 
 def write_feature_db(
     path: str | Path,
-    sae: SAE,
+    sae: Dictionary,
     cfg: FeatureBuildConfig,
     *,
     fingerprint: dict,

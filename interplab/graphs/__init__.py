@@ -10,6 +10,14 @@ circuit-tracer / Neuronpedia graph JSON, and interventions that validate a graph
 'graph'
 """
 
+from interplab.graphs.across import (
+    GraphChange,
+    GraphsAcross,
+    GraphStep,
+    compare_graphs,
+    graphs_across,
+    match_features,
+)
 from interplab.graphs.attribution import AttributionGraph, attribute, choose_targets, estimate_bytes
 from interplab.graphs.export import GraphJSON, from_neuronpedia_json, to_neuronpedia_json
 from interplab.graphs.interventions import Intervention, InterventionResult, intervene, predict, supernode
@@ -20,6 +28,12 @@ from interplab.graphs.replacement import ReplacementModel, ReplacementRun
 
 __all__ = [
     "AttributionGraph",
+    "GraphChange",
+    "GraphStep",
+    "GraphsAcross",
+    "compare_graphs",
+    "graphs_across",
+    "match_features",
     "GraphJSON",
     "Intervention",
     "InterventionResult",

@@ -159,8 +159,9 @@ def choose_targets(
 ) -> list[Target]:
     """The target logits: None or k (top k by probability, default 10, cut where the cumulative probability
     reaches ``desired_logit_prob``), token ids (or one-token strings), or ``("logit_diff", a, b)``."""
-    probs = torch.softmax(logits.double(), dim=-1).to(logits.dtype)
-    W_U = model.W_U.detach()
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # a half-precision model's targets in float32
+    probs = torch.softmax(logits.double(), dim=-1).to(dtype)
+    W_U = model.W_U.detach().to(dtype)
     mean = W_U.mean(dim=1)
     vocab = W_U.shape[1]
 

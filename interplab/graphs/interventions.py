@@ -186,7 +186,9 @@ def intervene(
         graph = attribute(model, clt, tokens, targets)
     with torch.no_grad():
         run = rm.run(tokens[None])
-        before = _readouts(run.original_logits[0, -1], graph.targets, model)
+        # the replacement model's own logits (a half-precision model's differ from them by its rounding)
+        unchanged = run.logits if mode == "replacement" else run.original_logits
+        before = _readouts(unchanged[0, -1], graph.targets, model)
         if mode == "replacement":
             logits = _replacement_logits(rm, run, interventions)
         else:
@@ -218,15 +220,15 @@ def _replacement_logits(rm: ReplacementModel, run: Any, interventions: list[Inte
     acts: dict[int, Tensor] = {}
 
     def mlp_out(layer: int, x: Tensor) -> Tensor:
-        a = clt.encode_layer(layer, x)
+        a = clt.encode_layer(layer, x).to(x.dtype)
         for iv in interventions:
             if iv.layer == layer:
                 a[:, iv.position, iv.feature] = iv.new_value(float(a[0, iv.position, iv.feature]))
         acts[layer] = a
-        out = clt.b_dec[layer] + errors[:, :, layer]
+        out = rm.weight(clt.b_dec[layer]) + errors[:, :, layer]
         for src in range(layer + 1):
             if layer in writes_to(clt, src):
-                out = out + acts[src] @ clt.decoder(src, layer)
+                out = out + acts[src] @ rm.weight(clt.decoder(src, layer))
         return out
 
     return rm.forward(run.tokens, run.frozen, run.embed, mlp_out).logits

@@ -96,7 +96,7 @@ def qk_attribution(
         _, cache = model.run_with_cache(
             run.tokens, names=[Site(SiteKind.RESID_PRE, layer).name, Site(SiteKind.ATTN_SCORES, layer).name]
         )
-        resid = cache[Site(SiteKind.RESID_PRE, layer).name][0]
+        resid = cache[Site(SiteKind.RESID_PRE, layer).name][0].to(rm.dtype)  # half precision: in float32
         score = float(cache[Site(SiteKind.ATTN_SCORES, layer).name][0, head, query_pos, key_pos])
         feats = graph.nodes[: graph.n_features]
         idx = [
@@ -108,9 +108,9 @@ def qk_attribution(
         sources = _sources(rm, run, layer_i, pos_i, feat_i, values)
         contrib = {p: _contributions(rm, run, sources, layer, p) for p in {query_pos, key_pos}}
         block = model.blocks[layer]
-        W_Q, b_Q = block.attn.W_Q[head], block.attn.b_Q[head]
+        W_Q, b_Q = rm.weight(block.attn.W_Q[head]), rm.weight(block.attn.b_Q[head])
         kv = head // cfg.n_groups
-        W_K, b_K = block.attn.W_K[kv], block.attn.b_K[kv]
+        W_K, b_K = rm.weight(block.attn.W_K[kv]), rm.weight(block.attn.b_K[kv])
 
         def project(pos: int, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
             """Each source's part of the projection at ``pos`` [source d_head], and the constant's [d_head]."""

@@ -15,6 +15,16 @@ ordinary forward (`ReplacementRun`); `ReplacementModel.forward` runs the linear 
 outputs given per layer by a callback, which is what attribution (given MLP outputs) and interventions
 (features re-encoded from the new residual stream) need.
 
+**Half precision** (a model loaded in bfloat16 or float16): the ordinary forward runs in the model's dtype and
+fixes the patterns, the norm scales, the CLT's inputs and the MLP outputs; the linear forward, its transpose
+and everything the graph is made of are computed in float32 (`compute_dtype`; the weights they read are upcast,
+exactly, once). The float32 linear forward would round differently from the half-precision one, so the
+difference is absorbed where the model computed it: each layer's error term is what the block added to the
+residual stream beyond the frozen attention and the CLT's reconstruction (the MLP's error plus the block's
+rounding), and the attention output's rounding is a constant at ``resid_mid`` (like a bias: no node, no
+effect on any edge). The linear forward's residual stream is then the model's own (to float32 precision) and
+its logits differ from the model's only by the half-precision rounding of ``ln_final`` and the unembedding.
+
 >>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
 >>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
 >>> run = ReplacementModel(model, clt).run(tokens)
@@ -24,7 +34,7 @@ outputs given per layer by a callback, which is what attribution (given MLP outp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -121,6 +131,9 @@ class Frozen:
     ln1_post_scale: list[Tensor | None]
     """post norms (Gemma 2): computed in the first linear forward, where every input is the original"""
     ln2_post_scale: list[Tensor | None]
+    resid_mid_offset: list[Tensor | None] = field(default_factory=list)
+    """half precision: the model's ``resid_mid`` minus the float32 linear forward's (the attention output's
+    rounding), a constant added there; empty or None where there is none"""
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,8 @@ class ReplacementRun:
     recon: Float[Tensor, "batch pos layer d_model"]
     """the CLT's reconstruction of every MLP output (b_dec included)"""
     mlp_out: Float[Tensor, "batch pos layer d_model"]
-    """the original MLP outputs"""
+    """the original MLP outputs (half precision: what each block added to the residual stream beyond the frozen
+    attention, the MLP output plus the block's rounding; see the module docstring)"""
     logits: Float[Tensor, "batch pos d_vocab_out"]
     original_logits: Float[Tensor, "batch pos d_vocab_out"]
 
@@ -163,6 +177,19 @@ class ReplacementRun:
 MLPOutFn = Callable[[int, Tensor], Tensor]
 """``fn(layer, feature_input [batch pos d_model]) -> mlp_out [batch pos d_model]``"""
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def model_dtype(model: Transformer) -> torch.dtype:
+    """The dtype ``model`` runs in (that of its unembedding; norm weights may be float32 in a bf16 model)."""
+    return model.W_U.dtype
+
+
+def compute_dtype(model: Transformer) -> torch.dtype:
+    """The dtype of the replacement model's linear forward and of the graph: float32 for a half-precision
+    model, the model's own otherwise (float32, float64)."""
+    return torch.promote_types(model_dtype(model), torch.float32)
+
 
 class ReplacementModel:
     """``model`` with its MLPs replaced by ``clt`` (see the module docstring). Nothing of ``model`` is changed."""
@@ -173,6 +200,20 @@ class ReplacementModel:
         self.clt = clt
         self.cfg = model.cfg
         self.sites_in = [clt_sites(clt, layer)[0] for layer in range(model.cfg.n_layers)]
+        self.dtype = compute_dtype(model)
+        """the dtype of the linear forward (`compute_dtype`)"""
+        self.half = model_dtype(model) in HALF
+        self._upcast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Tensor] = {}
+
+    def weight(self, t: Tensor) -> Tensor:
+        """``t`` (a weight of the model or the CLT) in the linear forward's dtype: itself, or its upcast copy,
+        made once (half precision: only the weights the linear forward reads are copied, never the MLPs')."""
+        if t.dtype == self.dtype:
+            return t
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if key not in self._upcast:
+            self._upcast[key] = t.detach().to(self.dtype)
+        return self._upcast[key]
 
     # ---- recording ----------------------------------------------------------------------------
     def run(self, tokens: Tensor) -> ReplacementRun:
@@ -185,32 +226,54 @@ class ReplacementModel:
         names += [site.name for site in self.sites_in]
         names += [Site(SiteKind.MLP_OUT, layer).name for layer in range(n)]
         names.append(Site(SiteKind.EMBED).name)
+        if self.half:  # the residual stream the linear forward is to reproduce
+            names += [Site(SiteKind.RESID_POST, layer).name for layer in range(n)]
+            if not cfg.parallel_attn_mlp:
+                names += [Site(SiteKind.RESID_MID, layer).name for layer in range(n)]
         if cfg.normalization is not Norm.NONE:
             if cfg.pre_norms:  # without them (OLMo-2) ln1 and ln2 are the identity: no scale to freeze
                 names += [Site(SiteKind.LN1_SCALE, layer).name for layer in range(n)]
                 names += [Site(SiteKind.LN2_SCALE, layer).name for layer in range(n)]
             names.append(Site(SiteKind.LN_FINAL_SCALE).name)
+        dt = self.dtype
         with torch.no_grad():
             original, cache = model.run_with_cache(tokens, names=names)
 
-            def scale(kind: SiteKind, layer: int | None) -> Tensor | None:
+            def get(kind: SiteKind, layer: int | None) -> Tensor | None:
                 name = Site(kind, layer).name
-                return cache[name] if name in cache else None
+                return cache[name].to(dt) if name in cache else None
+
+            def stack(kind: SiteKind) -> Tensor:
+                return torch.stack([cache[Site(kind, layer).name].to(dt) for layer in range(n)], dim=2)
 
             frozen = Frozen(
-                patterns=[cache[Site(SiteKind.PATTERN, layer).name] for layer in range(n)],
-                ln1_scale=[scale(SiteKind.LN1_SCALE, layer) for layer in range(n)],
-                ln2_scale=[scale(SiteKind.LN2_SCALE, layer) for layer in range(n)],
-                ln_final_scale=scale(SiteKind.LN_FINAL_SCALE, None),
+                patterns=[cache[Site(SiteKind.PATTERN, layer).name].to(dt) for layer in range(n)],
+                ln1_scale=[get(SiteKind.LN1_SCALE, layer) for layer in range(n)],
+                ln2_scale=[get(SiteKind.LN2_SCALE, layer) for layer in range(n)],
+                ln_final_scale=get(SiteKind.LN_FINAL_SCALE, None),
                 ln1_post_scale=[None] * n,
                 ln2_post_scale=[None] * n,
+                resid_mid_offset=[None] * n,
             )
-            feature_inputs = torch.stack([cache[site.name] for site in self.sites_in], dim=2)
-            mlp_out = torch.stack([cache[Site(SiteKind.MLP_OUT, layer).name] for layer in range(n)], dim=2)
-            acts = self.clt.encode(feature_inputs)
+            feature_inputs = torch.stack([cache[site.name].to(dt) for site in self.sites_in], dim=2)
+            mlp_out = stack(SiteKind.MLP_OUT)
+            acts = self.clt.encode(feature_inputs).to(dt)
             recon = self.decode(acts)
-            embed = cache[Site(SiteKind.EMBED).name]
-            out = self.forward(tokens, frozen, embed, lambda layer, _x: mlp_out[:, :, layer], record=True)
+            embed = cache[Site(SiteKind.EMBED).name].to(dt)
+            reference = None
+            if self.half:
+                mids = None if cfg.parallel_attn_mlp else stack(SiteKind.RESID_MID)
+                reference = (mids, stack(SiteKind.RESID_POST))
+            out = self.forward(
+                tokens,
+                frozen,
+                embed,
+                lambda layer, _x: mlp_out[:, :, layer],
+                record=True,
+                reference=reference,
+            )
+            if self.half:
+                mlp_out = out.mlp_out
         return ReplacementRun(
             tokens=tokens,
             frozen=frozen,
@@ -226,10 +289,10 @@ class ReplacementModel:
     def decode(self, acts: Float[Tensor, "... layer d_sae"]) -> Float[Tensor, "... layer d_model"]:
         """The CLT's reconstruction of every layer's MLP output (b_dec included) from the activations."""
         n = self.cfg.n_layers
-        out = [self.clt.b_dec[dst].expand(*acts.shape[:-2], -1) for dst in range(n)]
+        out = [self.weight(self.clt.b_dec[dst]).expand(*acts.shape[:-2], -1) for dst in range(n)]
         for src in range(n):
             for dst in writes_to(self.clt, src):
-                out[dst] = out[dst] + acts[..., src, :] @ self.clt.decoder(src, dst)
+                out[dst] = out[dst] + acts[..., src, :] @ self.weight(self.clt.decoder(src, dst))
         return torch.stack(out, dim=-2)
 
     # ---- the linear forward -------------------------------------------------------------------
@@ -241,14 +304,18 @@ class ReplacementModel:
         mlp_out: MLPOutFn,
         *,
         record: bool = False,
+        reference: tuple[Tensor | None, Tensor] | None = None,
     ) -> LinearOutputs:
         """The linear forward: ``embed`` (the token embeddings; positions are added here) through the blocks
         with ``frozen`` patterns and scales, each MLP output given by ``mlp_out(layer, feature_input)``.
-        ``record``: the first forward, which fills in the post-norm scales (from its own, original, values)."""
+        ``record``: the first forward, which fills in the post-norm scales (from its own, original, values).
+        ``reference`` (half precision, with ``record``): the model's ``resid_mid`` (None for parallel blocks)
+        and ``resid_post`` [batch pos layer d_model], which fix the ``resid_mid`` offsets and the MLP outputs
+        (then returned in ``mlp_out``) so that this forward's residual stream is the model's."""
         model, cfg = self.model, self.cfg
         resid = embed
         if cfg.positional is Positional.LEARNED:
-            resid = resid + model.pos_embed.W_pos[: tokens.shape[1]]
+            resid = resid + self.weight(model.pos_embed.W_pos)[: tokens.shape[1]]
         inputs: list[Tensor] = []
         outs: list[Tensor] = []
         for layer, block in enumerate(model.blocks):
@@ -257,14 +324,25 @@ class ReplacementModel:
             if cfg.post_norms:
                 attn_out = self._post_norm(block.ln1_post, attn_out, frozen.ln1_post_scale, layer, record)
             mid = resid if cfg.parallel_attn_mlp else resid + attn_out
+            offsets = frozen.resid_mid_offset
+            if reference is not None and reference[0] is not None:
+                offsets[layer] = reference[0][:, :, layer] - mid
+            offset = offsets[layer] if offsets else None
+            if offset is not None:
+                mid = mid + offset
             normalized = _frozen_norm(block.ln2, mid, frozen.ln2_scale[layer], weight=False)
             feature_input = normalized if self.sites_in[layer].kind is SiteKind.LN2_NORMALIZED else mid
-            out = mlp_out(layer, feature_input)
+            if (
+                reference is not None
+            ):  # what the block added beyond attention: the MLP output and the rounding
+                out = reference[1][:, :, layer] - mid - (attn_out if cfg.parallel_attn_mlp else 0)
+            else:
+                out = mlp_out(layer, feature_input)
             inputs.append(feature_input)
             outs.append(out)
             resid = mid + out + (attn_out if cfg.parallel_attn_mlp else 0)
         final = _frozen_norm(model.ln_final, resid, frozen.ln_final_scale)
-        logits = final @ model.W_U + model.unembed.b_U
+        logits = final @ self.weight(model.W_U) + self.weight(model.unembed.b_U)
         if cfg.logit_softcap is not None:
             logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         return LinearOutputs(torch.stack(inputs, dim=2), final, logits, torch.stack(outs, dim=2))
@@ -321,21 +399,21 @@ class ReplacementModel:
         attn, n_groups = block.attn, self.cfg.n_groups
         if self.cfg.post_norms:
             g = _norm_transpose(block.ln1_post, g, frozen.ln1_post_scale[layer])
-        g_z = torch.einsum("bqd,hed->bqhe", g, attn.W_O)
+        g_z = torch.einsum("bqd,hed->bqhe", g, self.weight(attn.W_O))
         g_v = torch.einsum("hqk,bqhe->bkhe", frozen.patterns[layer][0].to(g.dtype), g_z)
         if n_groups > 1:  # query heads of a group share their key/value head
             g_v = g_v.unflatten(2, (-1, n_groups)).sum(3)
-        g_x = torch.einsum("bkhe,hde->bkd", g_v, attn.W_V)
+        g_x = torch.einsum("bkhe,hde->bkd", g_v, self.weight(attn.W_V))
         return _norm_transpose(block.ln1, g_x, frozen.ln1_scale[layer])
 
     def _attention(self, block: Any, x: Tensor, pattern: Tensor) -> Tensor:
         """``sum_h P_h (x W_V[h] + b_V[h]) W_O[h] + b_O`` (key/value heads shared by their query group)."""
         attn, g = block.attn, self.cfg.n_groups
-        v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
+        v = torch.einsum("bpd,hde->bphe", x, self.weight(attn.W_V)) + self.weight(attn.b_V)
         if g > 1:
             v = v.repeat_interleave(g, dim=2)
         z = torch.einsum("bhqk,bkhe->bqhe", pattern.to(v.dtype), v)
-        return torch.einsum("bqhe,hed->bqd", z, attn.W_O) + attn.b_O
+        return torch.einsum("bqhe,hed->bqd", z, self.weight(attn.W_O)) + self.weight(attn.b_O)
 
     def _post_norm(
         self, norm: Any, x: Tensor, scales: list[Tensor | None], layer: int, record: bool

@@ -51,6 +51,10 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
     attribution graph                   `interplab graph build`: report.json {kind: attribution_graph, version,
     (Kind.ATTRIBUTION_GRAPH)            scores, sizes, targets, model, clt}, graph.safetensors (the unpruned
                                         adjacency and nodes), graph.json (Neuronpedia's graph JSON, pruned)
+    graphs across checkpoints           `interplab graph across`, in a training run's graphs/NAME/: report.json
+    (Kind.GRAPH_ACROSS)                 {kind: graph_across, version, steps, per step scores + formation scores,
+                                        changes}, across.html/.png, step_N/ (an attribution graph each); the
+                                        run's CLTs per checkpoint in RUN/clt/clts/step_N/ (Kind.CLT_TRAIN)
     analysis reports                    config.json + report.json {kind: scrub|circuit|discovery|patch|heads|
                                         lens|formation|attribution|routing|sae_eval, version, ...} + pictures;
                                         a discovery run's metrics.json {kind: circuit_metrics} (MIB CPR/CMD)
@@ -102,6 +106,7 @@ from interplab.runs.names import (
     GRADIENT_INDEX,
     GRAPH_JSON,
     GRAPH_TENSORS,
+    GRAPHS,
     LLC,
     LLC_ESTIMATES,
     LOG,
@@ -113,6 +118,7 @@ from interplab.runs.names import (
     REPORT,
     RNG,
     ROLLOUTS,
+    RUN_CLTS,
     SAE_CFG,
     SAE_DIR,
     SAE_SPARSITY,
@@ -165,6 +171,7 @@ __all__ = [
     "METRICS_JSON",
     "GRADIENT_INDEX",
     "GRAPH_JSON",
+    "GRAPHS",
     "GRAPH_TENSORS",
     "GraphRun",
     "Kind",
@@ -184,6 +191,7 @@ __all__ = [
     "RESUME_FILES",
     "RNG",
     "ROLLOUTS",
+    "RUN_CLTS",
     "Reader",
     "Report",
     "RunError",

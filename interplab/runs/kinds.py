@@ -112,6 +112,10 @@ class Kind(str, Enum):
     """an attribution graph of one prompt (`interplab graph build`, `AttributionGraph.save`): report.json
     {kind: attribution_graph, ...}, graph.safetensors (the unpruned adjacency and nodes), graph.json
     (circuit-tracer / Neuronpedia's graph JSON of the pruned graph: a foreign format, no kind)"""
+    GRAPH_ACROSS = "graph_across"
+    """attribution graphs of one prompt at several checkpoints of a training run (`interplab graph across`,
+    ``RUN/graphs/NAME/``): report.json {kind: graph_across, steps, per step its scores and the formation
+    report's, the features and edges that appeared or vanished} + step_N/ (Kind.ATTRIBUTION_GRAPH each)"""
     DT_ANALYSIS = "dt_analysis"
     """an analysis of a decision transformer on trajectories (`interplab dt analyze`: probes, patching,
     attention from the decision token; ``report.json`` + pictures)"""
@@ -176,6 +180,7 @@ _LABELS = {
     Kind.DT_ANALYSIS: "a decision-transformer analysis",
     Kind.DT_FEATURES: "a decision-transformer feature report",
     Kind.ATTRIBUTION_GRAPH: "an attribution graph",
+    Kind.GRAPH_ACROSS: "a set of attribution graphs across checkpoints",
     Kind.PPO: "a PPO training run",
     Kind.PPO_REPORT: "a PPO training report",
 }

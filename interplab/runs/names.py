@@ -55,6 +55,11 @@ CLT_DIR = "clt"
 """the finished CLT inside a CLT training run (a Kind.CLT folder)"""
 CLTS_DIR = "clts"
 """one CLT training run per model checkpoint, inside a CLT run trained across a run's checkpoints"""
+GRAPHS = "graphs"
+"""a training run's attribution graphs (``RUN/graphs/NAME/``: one graph, or Kind.GRAPH_ACROSS with step_N/)"""
+RUN_CLTS = "clt"
+"""the CLTs of a training run's checkpoints (``RUN/clt/``, a Kind.CLT_TRAIN run across checkpoints:
+``clts/step_N/clt/``), `interplab clt train --model RUN --checkpoints ...` without ``--out``"""
 _SHARD_PREFIX = "shard_"
 _SHARD_DIGITS = 5
 _CKPT_PREFIX = "step_"

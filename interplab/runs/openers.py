@@ -213,6 +213,7 @@ REPORT_KINDS = (
     Kind.DT_FEATURES,
     Kind.CLT_EVAL,
     Kind.PPO_REPORT,
+    Kind.GRAPH_ACROSS,
 )
 
 

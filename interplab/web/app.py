@@ -44,7 +44,14 @@ from interplab.web.dt_page import db_frame, dt_feature_view, dt_view, player_fra
 from interplab.web.guard import HostOriginGuard, normalise_allowed
 from interplab.web.run_page import run_view
 from interplab.web.runs import Artifact, contained, find_artifacts, read_bytes
-from interplab.web.views import Links, feature_view, format_number, json_for_html, summary_rows
+from interplab.web.views import (
+    Links,
+    crosscoder_view,
+    feature_view,
+    format_number,
+    json_for_html,
+    summary_rows,
+)
 
 WEB_DIR = Path(__file__).parent
 PAGE_SIZE = 100
@@ -250,6 +257,7 @@ def create_app(
             ) from None
         prev, nxt = store.neighbours(index)
         dt = dt_feature_view(rec, res.meta[db], store, roots, f"/db/{db}/dt/frame")  # a DT database's
+        crosscoder = crosscoder_view(res.meta[db], index)  # a crosscoder's latent: its sides
         return page(
             request,
             "feature.html",
@@ -258,8 +266,9 @@ def create_app(
             next=nxt,
             links=links(db),
             meta=res.meta[db],
-            steering=dt is None,
+            steering=dt is None and crosscoder is None,
             dt=dt,
+            crosscoder=crosscoder,
             default_strength=DEFAULT_STRENGTH,
             explanations=store.explanations(index),
             sae_run=collections_page.sae_artifact(res.meta[db], artifacts),
@@ -340,6 +349,10 @@ def create_app(
         art = artifact(index)
         view = run_view(art)
         databases = [{"path": str(p), "name": served.get(p)} for p in view.pop("databases")]
+        for d in view["diffs"]:  # a diff's latent pages: its feature database, where it is served
+            db_file = d.pop("database")
+            d["db"] = served.get(database_key(db_file)) if db_file is not None else None
+            d["db_file"] = str(db_file) if db_file is not None else None
         dt = dt_view(art, artifacts, served)
         graphs = view.pop("graphs")  # the run's own graph is shown in the page, the others linked
         graph = (

@@ -163,6 +163,11 @@ def run_view(art: Artifact) -> dict[str, Any]:
         "report_curves": chart_group(series),
         "formation": formation,
         "diffs": [diff_view(p, path, root) for p in sorted((path / runs.DIFFS).glob(f"*/{runs.DIFF_JSON}"))],
+        "across": [
+            v
+            for p in [path, *sorted(p.parent for p in (path / runs.GRAPHS).glob(f"*/{runs.REPORT}"))]
+            if (v := across_view(p, path, root)) is not None
+        ],
         "checkpoints": [_checkpoint_step(p) for p in parts["checkpoints"]],
         "final": [_rel(p, path) for p in parts["final"]],
         "saes": sae_views(parts, path, root),
@@ -324,6 +329,58 @@ def diff_view(p: Path, base: Path, root: Path) -> dict[str, Any]:
         "formation_step": _number(formation.get("formation_step")),
         "brackets": formation.get("brackets") is True,
         "latents": latents,
+        "plot": _rel(html, base) if _is_file(html, root) else None,
+        "database": folder / runs.FEATURE_DB if _is_file(folder / runs.FEATURE_DB, root) else None,
+    }
+
+
+def across_view(folder: Path, base: Path, root: Path) -> dict[str, Any] | None:
+    """Attribution graphs across checkpoints (``graphs/NAME/report.json`` of `interplab graph across`, kind
+    graph_across) in step order: each graph's scores and sizes, the formation scores at its step, what
+    appeared or vanished since the previous graph, and the link to its graph page. None when ``folder`` holds
+    none."""
+    data = read_json(folder / runs.REPORT, root)
+    if not isinstance(data, dict) or data.get("kind") != runs.Kind.GRAPH_ACROSS.value:
+        return None
+    steps = _list(data.get("steps"))  # counts[k]: what changed from steps[k] to steps[k + 1]
+    since = {s: _dict(c) for s, c in zip(steps[1:], _list(data.get("counts")), strict=False)}
+    rows = []
+    for g in _dicts(data.get("graphs"), 200):
+        c = since.get(g.get("step"), {})
+        sub = g.get("folder")
+        link = None
+        if isinstance(sub, str) and "/" not in sub and _is_file(folder / sub / runs.GRAPH_JSON, root):
+            link = _rel(folder / sub, base)
+        influence = _numbers(g.get("position_influence")) or []
+        p = _numbers(g.get("target_probability")) or []
+        rows.append(
+            {
+                "step": _number(g.get("step")),
+                "induction": _number(g.get("induction")),
+                "prev_token": _number(g.get("prev_token")),
+                "p_target": p[0] if p else None,
+                "replacement": _number(g.get("replacement")),
+                "completeness": _number(g.get("completeness")),
+                "features": _number(g.get("n_features")),
+                "kept_features": _number(g.get("n_kept_features")),
+                "edges": _number(g.get("n_edges")),
+                "earlier": _number(sum(x for x in influence[:-1] if x is not None)) if influence else None,
+                "appeared": _number(c.get("nodes_appeared")),
+                "vanished": _number(c.get("nodes_vanished")),
+                "edges_appeared": _number(c.get("edges_appeared")),
+                "edges_vanished": _number(c.get("edges_vanished")),
+                "graph": link,
+            }
+        )
+    rows.sort(key=lambda r: r["step"] if isinstance(r["step"], int | float) else math.inf)
+    html = folder / "across.html"
+    formation = _dict(data.get("formation"))
+    return {
+        "where": _rel(folder, base) if folder != base else ".",
+        "targets": [_text(t, 100) for t in _list(data.get("targets"))[:5]],
+        "prompt": _text(_dict(data.get("meta")).get("prompt") or "", 500),
+        "formation_step": _number(formation.get("formation_step")),
+        "rows": rows,
         "plot": _rel(html, base) if _is_file(html, root) else None,
     }
 

@@ -190,3 +190,36 @@ def summary_rows(rows: list[dict], vocab: dict[int, str]) -> list[dict]:
         }
         for r in rows
     ]
+
+
+def crosscoder_view(meta: dict[str, Any], feature: int) -> dict[str, Any] | None:
+    """A crosscoder latent's sides (`interplab.features.crosscoder_db`): per source its name, decoder norm and
+    share of the decoder norms, and the latent's side label (``B-only`` ...); None for an SAE's database.
+    Every value is checked (a malformed record gives None or empty fields)."""
+    rec = meta.get("crosscoder")
+    if not isinstance(rec, dict):
+        return None
+
+    def at(key: str) -> Any:
+        rows = rec.get(key)
+        return rows[feature] if isinstance(rows, list) and 0 <= feature < len(rows) else None
+
+    sources = [str(s) for s in rec.get("sources") or [] if isinstance(s, str)]
+    names = [str(s) for s in rec.get("sides") or [] if isinstance(s, str)]
+    names = names if len(names) == len(sources) else sources
+    shares, norms = at("shares"), at("decoder_norms")
+    sides = []
+    for i, source in enumerate(sources):
+        share = shares[i] if isinstance(shares, list) and i < len(shares) else None
+        norm = norms[i] if isinstance(norms, list) and i < len(norms) else None
+        sides.append(
+            {
+                "letter": chr(ord("A") + i) if i < 26 else str(i),
+                "name": names[i],
+                "source": source,
+                "share": float(share) if isinstance(share, (int, float)) and math.isfinite(share) else None,
+                "norm": float(norm) if isinstance(norm, (int, float)) and math.isfinite(norm) else None,
+            }
+        )
+    label = at("labels")
+    return {"label": str(label) if isinstance(label, str) else None, "sides": sides, "diff": rec.get("diff")}

@@ -28,6 +28,7 @@ import torch
 from interplab.graphs.attribution import NodeKind, attribute
 from interplab.graphs.export import to_neuronpedia_json
 from interplab.graphs.prune import graph_scores, prune_graph
+from interplab.graphs.replacement import ReplacementModel
 from interplab.model import ModelConfig, Transformer
 from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
 from tests.circuit_tracer_peer import run_circuit_tracer
@@ -229,3 +230,34 @@ def _same_neuronpedia(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
     assert set(links) == set(other_links)
     for key, weight in other_links.items():
         assert links[key] == pytest.approx(weight, abs=ATOL, rel=RTOL), key
+
+
+def test_negative_thresholds_are_where_the_jumprelus_differ(tmp_path: Path) -> None:
+    """circuit-tracer 0.5's JumpReLU is ``pre * (pre > threshold)`` (its ``activation_functions.jumprelu``),
+    interplab's is SAELens' ``ReLU(pre) * (pre > threshold)``: the same wherever the threshold is >= 0, which
+    interplab's training keeps (and every case above uses); below 0, circuit-tracer also keeps the negative
+    pre-activations in ``(threshold, 0]`` as active features with negative activations, exactly those."""
+    model = small_model()
+    clt = calibrated_clt(model, cross_layer=True, hook_in="blocks.{layer}.hook_resid_mid")
+    with torch.no_grad():
+        clt.threshold[:, ::2] = -0.25
+    job = {"tokens": PROMPTS[0], "targets": None, "graph_dir": str(tmp_path / "json"), "slug": "neg"}
+    theirs = run_circuit_tracer(
+        peer_python("circuittracer"), model, clt, tmp_path, [job], bos=BOS, kind=None
+    )[0]
+    tokens = torch.tensor(PROMPTS[0])
+    graph = attribute(model, clt, tokens, targets=None)
+    ours = {(n.layer, n.position, n.feature) for n in graph.nodes if n.kind is NodeKind.FEATURE}
+    run = ReplacementModel(model, clt).run(tokens[None])
+    with torch.no_grad():
+        pre = clt.pre_acts(run.feature_inputs)[0]  # pos layer d_sae
+    between = (pre > clt.threshold) & (pre <= 0)
+    between[0] = False  # position 0 holds no features in either
+    extra = {(int(layer), int(p), int(f)) for p, layer, f in torch.nonzero(between).tolist()}
+    assert extra and not extra & ours
+    active = [tuple(a) for a in theirs["active_features"]]
+    assert set(active) == ours | extra
+    values = torch.tensor(theirs["activation_values"])
+    for i, (layer, p, f) in enumerate(active):
+        if (layer, p, f) in extra:
+            torch.testing.assert_close(values[i], pre[p, layer, f], atol=1e-5, rtol=1e-5)

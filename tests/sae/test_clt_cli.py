@@ -131,3 +131,44 @@ def test_train_across_checkpoints(setup):
         ],
     )
     assert res.exit_code == 2 and "no checkpoint of step 30" in res.output
+
+
+def test_clts_along_the_formation_window_then_graphs_across(setup):
+    """`--checkpoints window` reads the run's formation report; without --out the CLTs go into RUN/clt, where
+    `interplab graph across` finds them and writes RUN/graphs/across with the formation scores beside."""
+    from interplab.analysis.formation import FormationResult
+    from interplab.graphs import GraphsAcross
+
+    t = setup
+    args = [
+        "clt",
+        "train",
+        "--model",
+        t / "run",
+        "--checkpoints",
+        "window",
+        "--corpus",
+        t / "corpus",
+        *COMMON,
+    ]
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2 and "interplab formation" in res.output  # no formation report yet
+    induction = torch.zeros(2, 2, 2)
+    induction[1, 0, 1] = 0.6
+    f = FormationResult(
+        str(t / "run"), (10, 20), (0, 0), induction, torch.zeros(2, 2, 2), (1.0, 1.0), (1.0, 0.5),
+        (None, None), (None, None), formation_step=20,
+    )  # fmt: skip
+    f.save(t / "run" / "formation")
+    _ok(args)
+    run = CLTTrainRun.open(t / "run" / "clt")
+    assert list(run.clts) == ["step_000010", "step_000020"]
+    out = _ok(["graph", "across", "--model", t / "run", "--tokens", "0,1,2,3,4,5,1,2", "--targets", "3,"])
+    assert "| 20 | 0.600 |" in out
+    across = GraphsAcross.load(t / "run" / "graphs" / "across")
+    assert across.steps == [10, 20] and [g.induction for g in across.graphs] == [0.0, pytest.approx(0.6)]
+    assert (t / "run" / "graphs" / "across" / "step_000020" / "graph.json").is_file()
+    res = runner.invoke(
+        app, ["graph", "across", "--model", str(t / "run"), "--tokens", "0,1", "--steps", "30"]
+    )
+    assert res.exit_code != 0 and "has CLTs of steps [10, 20]" in res.output

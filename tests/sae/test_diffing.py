@@ -11,6 +11,7 @@ from interplab.sae.crosscoder import (
     Crosscoder,
     CrosscoderConfig,
     CrosscoderTrainConfig,
+    load_crosscoder,
     shuffled_batches,
     train_crosscoder,
 )
@@ -147,6 +148,17 @@ def test_cli_diff_of_two_checkpoints_of_a_run_says_where_its_outputs_went(tmp_pa
     first = back.examples[doc["leaning_new"][0]]
     assert 0 < len(first) <= 5 and first[0]["context"].endswith("]")
     assert [e["act"] for e in first] == sorted((e["act"] for e in first), reverse=True)
+    # the latents' feature pages: one per latent, each side's decoder-norm share and label as the diff's
+    from interplab.features.reader import FeatureReader
+
+    assert str(out / "features.db") in res.output.replace("\n", "")
+    with FeatureReader(out / "features.db") as r:
+        cc_meta = r.meta()["crosscoder"]
+        assert r.n_features() == 2 * 32 and cc_meta["sides"] == [f"step {steps[0]}", f"step {steps[-1]}"]
+        side = {"lost": "A-only", "new": "B-only", "shared": "shared", "partial": "partial"}
+        assert [
+            side.get(lab, lab) for lab in classify(relative_norms(load_crosscoder(out / "crosscoder")))
+        ] == cc_meta["labels"]
     # run again: the final checkpoint in out/train is resumed (no step trained again), the same diff
     assert (out / "train" / "checkpoints" / "step_000030").is_dir()
     again = CliRunner().invoke(

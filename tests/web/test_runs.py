@@ -241,3 +241,30 @@ def test_folders_are_what_the_run_contract_says(tmp_path):
     assert contents(attributed.resolve(), resolved)["attributions"] == [
         (attributed / "attribution" / "new").resolve()
     ]
+
+
+def test_run_page_shows_graphs_across_training_in_step_order(tmp_path, web_setup):
+    """Graphs across checkpoints saved where `interplab graph across` puts them (RUN/graphs/NAME/) show on the
+    run's page in step order with the formation scores and what changed, each linked to its graph page."""
+    from interplab import runs
+    from tests.graphs.test_across import _compare
+
+    run = tmp_path / "runs" / "r"
+    write_training_run(run, web_setup["model"], n_checkpoints=3)
+    across, graphs = _compare()
+    folder = run / runs.GRAPHS / "across"
+    for step, g in zip((20, 10), graphs[::-1], strict=True):  # written out of order
+        g.save(folder / runs.checkpoint_name(step))
+    data = across.to_dict()
+    data["graphs"] = [{**g, "folder": runs.checkpoint_name(g["step"])} for g in data["graphs"]][::-1]
+    data["graphs"][0]["induction"] = 0.75
+    runs.write_json(folder / runs.REPORT, runs.Kind.GRAPH_ACROSS, data)
+    c = client_for([tmp_path / "runs"])
+    page = c.get("/run/0").text
+    section = page.split('id="across-0"')[1].split("</div>")[0]
+    rows = section.split("<tr>")[2:]
+    assert [r.split("<td>")[1].split("</td>")[0] for r in rows] == ["10", "20"]
+    assert "<td>0.75</td>" in rows[1] and "+2 / −0" in rows[1] and "+3 / −0" in rows[1]
+    href = rows[0].split('class="graph-link" href="')[1].split('"')[0]
+    assert href == "/run/0/graph?at=graphs/across/step_000010"
+    assert c.get(href).status_code == 200
