@@ -87,12 +87,11 @@ def attribute(
         f"target [bold]{result.target}[/], window {result.window[0]}..{result.window[1]}, "
         f"{result.example_ids.numel()} candidate sequences"
     )
+    if not result.rises:  # the sign convention (docs/attribution.md): helpful = negative
+        console.print("a loss target: positive scores raised the loss; the sequences that helped most:")
+    console.print(f"ranked {result.ranking}:")
     for rank, (seq, score) in enumerate(result.top(5), 1):
         console.print(f"  #{rank} sequence {seq}: {score:.3g}")
-    if result.target.startswith("loss"):  # the sign convention (docs/attribution.md): helpful = negative
-        console.print("a loss target: positive scores raised the loss; the sequences that helped most:")
-        for i in result.scores.argsort()[:5].tolist():
-            console.print(f"  sequence {int(result.example_ids[i])}: {float(result.scores[i]):.3g}")
     console.print(
         "over-represented tokens in the top 10%: " + ", ".join(repr(t) for t, _ in result.enriched[:10])
     )

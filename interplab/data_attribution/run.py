@@ -50,15 +50,31 @@ class RunAttribution:
     curve: tuple[float, ...]  # the target's value at each of them
     texts: tuple[str, ...]  # decoded candidates (empty strings without a tokenizer)
     enriched: tuple[tuple[str, float], ...]  # tokens over-represented in the top examples vs all candidates
+    rises: bool = True  # the target's `Target.rises`: False for a loss, whose helpful examples score negative
+
+    @property
+    def sign(self) -> float:
+        """+1 when the target rises as it forms (a mechanism score), -1 when it falls (a loss)."""
+        return 1.0 if self.rises else -1.0
+
+    @property
+    def ranking(self) -> str:
+        """How `top` orders the sequences, in words (the sign convention of docs/attribution.md)."""
+        if self.rises:
+            return "highest score first: the sequences that raised the target most"
+        return "lowest (most negative) score first: the sequences that lowered the loss most, i.e. helped"
 
     def top(self, k: int = 10) -> list[tuple[int, float]]:
-        order = self.scores.argsort(descending=True)[:k]
+        """The ``k`` sequences that did most to form the target: highest score first for a target that rises,
+        most negative first for a loss (``rises=False``). Scores keep their sign."""
+        order = (self.sign * self.scores).argsort(descending=True)[:k]
         return [(int(self.example_ids[i]), float(self.scores[i])) for i in order]
 
     @property
     def mass(self) -> Tensor:
-        """Attribution mass per checkpoint: the summed positive contribution of all candidates."""
-        return self.per_step.clamp_min(0).sum(1)
+        """Attribution mass per checkpoint: the summed contribution towards the target's formation of all
+        candidates that pushed it that way (positive terms; for a loss, the negative ones, as a positive mass)."""
+        return (self.sign * self.per_step).clamp_min(0).sum(1)
 
     def plot(self) -> Any:
         import plotly.graph_objects as go
@@ -95,7 +111,9 @@ class RunAttribution:
         """The ``report.json`` of an attribution (`Kind.ATTRIBUTION`): ``run_dir``, ``target``, ``window``
         [start, stop], ``steps`` (the checkpoints used), ``n_candidates``, ``mass`` (per checkpoint), ``curve``
         {steps, values} (the target along the run), ``top`` [{sequence, score, text}] (the ``k`` best),
-        ``enriched_tokens`` [{token, ratio}], ``method`` (in words)."""
+        ``enriched_tokens`` [{token, ratio}], ``method`` (in words), ``rises`` (whether the target rises as
+        it forms; false for a loss) and ``ranking`` (how ``top`` is ordered: by ``score`` for a target that
+        rises, by ``-score`` for one that falls)."""
         top = self.top(k)
         pos = {int(e): i for i, e in enumerate(self.example_ids)}
         return {
@@ -111,6 +129,8 @@ class RunAttribution:
                 for i, s in top
             ],
             "enriched_tokens": [{"token": t, "ratio": r} for t, r in self.enriched],
+            "rises": self.rises,
+            "ranking": self.ranking,
             "method": "TracIn over the checkpoints of the formation window (sum of -lr <grad target, grad loss>)",
         }
 
@@ -148,6 +168,7 @@ class RunAttribution:
         pos = {int(e): i for i, e in enumerate(self.example_ids)}
         parts = [
             f"<h1>Training sequences that built {html.escape(self.target)}</h1>",
+            f"<p>Ranked {html.escape(self.ranking)}.</p>",
             "<p>Highlighted: tokens whose (previous, current) pair occurred earlier in the same sequence, "
             "i.e. what an induction head can predict.</p>",
         ]
@@ -242,7 +263,8 @@ def attribute_run(
         curve_steps=tuple(steps_all),
         curve=tuple(curve),
         texts=texts,
-        enriched=_enriched(final, tokens, scores),
+        enriched=_enriched(final, tokens, scores if target.rises else -scores),
+        rises=target.rises,
     )
     object.__setattr__(result, "pieces", pieces)
     return result
@@ -361,7 +383,8 @@ def _decode(model: Transformer, tokens: Tensor) -> tuple[tuple[str, ...], list[l
 def _enriched(
     model: Transformer, tokens: Tensor, scores: Tensor, k: int = 20, top_frac: float = 0.1
 ) -> tuple[tuple[str, float], ...]:
-    """Tokens over-represented in the top ``top_frac`` sequences relative to all candidates (ratio of frequencies)."""
+    """Tokens over-represented in the top ``top_frac`` sequences (highest ``scores``: pass minus a loss
+    target's) relative to all candidates (ratio of frequencies)."""
     n_top = max(1, int(len(scores) * top_frac))
     top = tokens[scores.argsort(descending=True)[:n_top]]
     all_counts, top_counts = Counter(tokens.flatten().tolist()), Counter(top.flatten().tolist())

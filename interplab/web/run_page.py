@@ -264,11 +264,11 @@ def timeline_view(
             panels.append({"title": "LLC (all parameters)", "series": total})
         if parts:
             panels.append({"title": "LLC per component", "series": parts})
-    window, top, target = None, [], None
+    window, top, target, ranking = None, [], None, None
     for a in attributions:
         w = [_number(_to_float(x)) for x in a["window"]]
         if len(w) == 2 and None not in w:
-            window, top, target = w, a["top"], a["target"]
+            window, top, target, ranking = w, a["top"], a["target"], a["ranking"]
             break
     if len(panels) + (window is not None) < 2:
         return None
@@ -278,6 +278,7 @@ def timeline_view(
         "window": window,
         "target": target,
         "top": top,
+        "ranking": ranking,
     }
 
 
@@ -417,17 +418,34 @@ def attribution_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
     report = read_json(folder / runs.REPORT, root)
     report = report if isinstance(report, dict) else {}
     top = report.get("top")
-    rows = []
-    for row in (top if isinstance(top, list) else [])[:5]:
+    target = _text(report.get("target"), 200) or folder.name
+    rises = report.get("rises")
+    # the sign convention (docs/attribution.md): a loss falls as the model learns, so the sequences that helped
+    # it score negative; a report without ``rises`` predates the field and is read from its target's name
+    falls = rises is False or (rises is None and target.startswith("loss"))
+    rows: list[tuple[float | int | None, dict[str, Any]]] = []
+    for row in top if isinstance(top, list) else []:
         row = row if isinstance(row, dict) else {}
         seq = row.get("sequence")
-        rows.append(
-            {
-                "sequence": seq if _num(seq) or isinstance(seq, str) else None,
-                "score": _number(row.get("score")),
-                "text": _text(row.get("text")),
-            }
-        )
+        score = _number(row.get("score"))
+        shown = {
+            "sequence": seq if _num(seq) or isinstance(seq, str) else None,
+            "score": score,
+            "text": _text(row.get("text")),
+        }
+        rows.append((score, shown))
+    # whatever order the file lists them in, the most formative come first
+    rows.sort(key=lambda r: _rank_key(r[0], falls))
+    listed = [r for _, r in rows[:5]]
+    if falls:
+        ranking = "lowest score first: these sequences lowered the loss most (helped)"
+        if rises is None:
+            ranking += (
+                "; this report predates the sign fix and lists the sequences that raised the loss most: run "
+                "interplab attribute again for the helpful ones"
+            )
+    else:
+        ranking = "highest score first: these sequences raised the target most"
     enriched = report.get("enriched_tokens")
     tokens = [
         _text(e.get("token") if isinstance(e, dict) else e, 40)
@@ -436,14 +454,23 @@ def attribution_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
     window = report.get("window")
     return {
         "where": _rel(folder, base),
-        "target": _text(report.get("target"), 200) or folder.name,
+        "target": target,
         "window": [_text(w, 20) for w in window[:2]] if isinstance(window, list) else [],
+        "ranking": ranking,
         "n_candidates": _number(report.get("n_candidates")),
         "method": _text(report.get("method"), 300),
-        "top": rows,
+        "top": listed,
         "enriched": tokens,
         "curves": chart_group(report_curves({k: report.get(k) for k in ("curve", "mass") if k in report})),
     }
+
+
+def _rank_key(score: float | None, falls: bool) -> tuple[bool, float]:
+    """Sort key of an attribution row: missing scores last; else by score, descending (ascending when the
+    target falls as it forms, as a loss does)."""
+    if score is None:
+        return (True, 0.0)
+    return (False, score if falls else -score)
 
 
 def _estimate(e: Any) -> dict[str, float | None]:

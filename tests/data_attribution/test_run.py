@@ -239,3 +239,48 @@ def test_cli_attribute_feature_spec_equals_the_feature_target(tiny_run, tmp_path
     assert bool(direct.scores.abs().sum() > 0)
     with pytest.raises(ValueError, match="feature 99 does not exist"):
         attribute_run(tiny_run, f"feature:{sae_dir}:99", window=(0, 12))
+
+
+def test_loss_target_ranks_the_helpful_example_first_in_report_and_web_page(tiny_run):
+    """Planted: the query is one candidate training sequence itself, so training on that sequence lowers the
+    query loss most (its score is the most negative). Under the sign convention the saved report, the top
+    examples page, the CLI's ranking and the web run page all list it first; a mechanism target still ranks
+    by the raw score."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from interplab.data_attribution.run import _window_sequences
+    from interplab.train.config import TrainConfig
+    from interplab.train.sources import CorpusSource
+    from interplab.web.app import create_app
+
+    source = CorpusSource(TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text())))
+    ids = _window_sequences(source, 0, 12, 12, 0)  # the candidates attribute_run will score
+    planted = int(ids[len(ids) // 2])
+    probe = source.train.sequences(torch.tensor([planted]), source.seq_len)
+    result = attribute_run(tiny_run, "loss", window=(0, 12), dim=64, max_candidates=12, probe=probe)
+    assert not result.rises and torch.equal(result.example_ids, ids)
+    i = int((ids == planted).nonzero())
+    assert int(result.scores.argmin()) == i and float(result.scores[i]) < 0  # the planted answer holds
+    assert result.top(1) == [(planted, float(result.scores[i]))]
+    assert [s for _, s in result.top(len(ids))] == sorted(result.scores.tolist())
+    result.save(tiny_run / "attribution" / "loss")
+    report = json.loads((tiny_run / "attribution" / "loss" / "report.json").read_text())
+    assert report["top"][0]["sequence"] == planted and report["rises"] is False
+    assert report["top"][0]["score"] == min(r["score"] for r in report["top"])
+    html = (tiny_run / "attribution" / "loss" / "top_examples.html").read_text()
+    assert f"#1: sequence {planted}," in html and "lowered the loss most" in html
+
+    page = TestClient(create_app(runs=[tiny_run.parent]), base_url="http://127.0.0.1").get("/run/0").text
+    table = page[page.index("Which training sequences built loss?") :]
+    first = re.search(r'class="grid attribution-top">.*?</tr>\s*<tr><td>(\d+)</td>', table, re.S)
+    assert first is not None and int(first.group(1)) == planted, table[:2000]
+    assert "lowered the loss most (helped)" in table
+    data = json.loads(re.search(r'id="run-data">(.*?)</script>', page, re.S).group(1))
+    if data.get("timeline"):  # the timeline shows the same list when the run has enough to put on it
+        assert data["timeline"]["top"][0]["sequence"] == planted
+
+    # a mechanism target: the highest score first, as before
+    prev = attribute_run(tiny_run, "prev:0.0", window=(0, 12), dim=64, max_candidates=12)
+    assert prev.rises and prev.top(1)[0][1] == float(prev.scores.max())
