@@ -437,7 +437,7 @@ def _kaleido_transform(spec: dict[str, Any], fmt: str) -> bytes:
 
         _SCOPE.append(PlotlyScope(plotlyjs=str(plotly_js_source()), mathjax=False))
     scope = _SCOPE[0]
-    return _with_timeout(scope, lambda: scope.transform(spec, format=fmt))
+    return _with_timeout(lambda: scope.transform(spec, format=fmt))
 
 
 def _drop_scope() -> None:
@@ -456,8 +456,8 @@ overrides): kaleido 0.2 talks to its Chromium over a pipe, and a Chromium that s
 block the caller for ever (seen once: a test hung 12 minutes)."""
 
 
-def _with_timeout(scope: Any, render: Callable[[], bytes]) -> bytes:
-    """``render()`` in a worker thread; past the timeout the scope's Chromium is shut down and forgotten (the
+def _with_timeout(render: Callable[[], bytes]) -> bytes:
+    """``render()`` in a worker thread; past the timeout the renderer's Chromium is shut down and forgotten (the
     next picture starts a fresh one) and a ``TimeoutError`` says so."""
     import threading
 
