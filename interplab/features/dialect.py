@@ -6,8 +6,9 @@
   PostgreSQL text cannot hold; a byte-level tokenizer's token 0 decodes to it) round-trips, and floats are
   stored as SQLite stores them (NaN as NULL, -0.0 as 0.0), so both backends read back the same values.
 - **Upserts** (`upsert`): ``INSERT ... ON CONFLICT DO UPDATE`` on both (concurrent writers of one label never
-  collide on its key). **Optional tables** are created under a transaction-level advisory lock on PostgreSQL
-  (`ensure_tables`), so two writers creating the same table at once both succeed.
+  collide on its key). **Optional tables** and schema migrations are made under a lock held to the end of the
+  transaction (`write_lock`: SQLite's write lock, PostgreSQL's advisory lock), so two writers creating the
+  same table at once both succeed.
 - **Order**: NULLs sort as on SQLite (first ascending, last descending) and text sorts by code point
   (`order_by`), whatever the server's collation.
 - **Full-text search** of contexts: SQLite's FTS5 (``unicode61``, ``_`` a token character, ranked by bm25);
@@ -169,11 +170,25 @@ def upsert(c: Connection, table: Table, values: dict[str, Any], keys: Sequence[s
     c.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=rest))
 
 
-def ensure_tables(c: Connection, *tables: Table) -> None:
-    """Create optional tables (and their indexes) that are missing. On PostgreSQL under an advisory lock held
-    until the transaction ends, so a concurrent writer waits and then finds them."""
-    if c.dialect.name == "postgresql":
+def write_lock(c: Connection) -> None:
+    """Take the database's schema-change lock now, held until ``c``'s transaction ends, so that what ``c``
+    then checks (is this table there? which schema version is this?) stays true until it commits: a
+    concurrent writer waits here and then finds the tables made. SQLite: the write lock (``BEGIN IMMEDIATE``,
+    waiting up to the busy timeout), unless ``c``'s transaction already writes and so holds it; PostgreSQL:
+    a transaction-level advisory lock."""
+    if c.dialect.name == "sqlite":
+        raw = c.connection.dbapi_connection
+        if raw is not None and not raw.in_transaction:
+            c.exec_driver_sql("BEGIN IMMEDIATE")
+    elif c.dialect.name == "postgresql":
         c.execute(select(func.pg_advisory_xact_lock(zlib.crc32(b"interplab.features.ddl"))))
+
+
+def ensure_tables(c: Connection, *tables: Table) -> None:
+    """Create optional tables (and their indexes) that are missing, under `write_lock`, so two writers
+    creating the same table at once both succeed (a check made outside the lock could be stale by the time
+    its ``CREATE`` runs)."""
+    write_lock(c)
     for table in tables:
         table.create(c, checkfirst=True)
         for index in table.indexes:

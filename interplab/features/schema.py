@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     Float,
     Index,
@@ -328,6 +329,14 @@ def inspect_database(engine: Engine) -> tuple[int, set[str], str | None]:
     return (int(version) if version is not None else 0), tables, json.loads(kind) if kind else None
 
 
+def _version_in(conn: Connection) -> int:
+    """The schema version as ``conn`` sees it (inside its transaction; 0: none)."""
+    if not inspect(conn).has_table(meta.name):
+        return 0
+    value = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+    return int(value) if value is not None else 0
+
+
 def _create_v1(conn) -> None:
     for table in _V1_TABLES:
         table.create(conn, checkfirst=True)
@@ -357,6 +366,9 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
         )
     for version in range(found + 1, target + 1):
         with engine.begin() as conn:
+            D.write_lock(conn)  # a concurrent writer migrating the same database waits, then finds it done
+            if _version_in(conn) >= version:
+                continue
             MIGRATIONS[version](conn)
             conn.execute(meta.delete().where(meta.c.key.in_(["schema_version", "kind"])))
             conn.execute(meta.insert().values(key="schema_version", value=str(version)))

@@ -203,17 +203,23 @@ class ReplacementModel:
         self.dtype = compute_dtype(model)
         """the dtype of the linear forward (`compute_dtype`)"""
         self.half = model_dtype(model) in HALF
-        self._upcast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Tensor] = {}
+        self._upcast: dict[tuple, tuple[Tensor, int, Tensor]] = {}
 
     def weight(self, t: Tensor) -> Tensor:
-        """``t`` (a weight of the model or the CLT) in the linear forward's dtype: itself, or its upcast copy,
-        made once (half precision: only the weights the linear forward reads are copied, never the MLPs')."""
+        """``t`` (a weight of the model or the CLT) in the linear forward's dtype: itself, or its upcast copy
+        (half precision: only the weights the linear forward reads are copied, never the MLPs'). A copy is
+        kept while its source is unchanged: until the next `run` (which starts afresh, so weights edited in
+        between through ``.data``, which autograd does not count, are read again) and while the source's
+        version counter stays the same (an in-place edit under ``no_grad`` bumps it)."""
         if t.dtype == self.dtype:
             return t
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
-        if key not in self._upcast:
-            self._upcast[key] = t.detach().to(self.dtype)
-        return self._upcast[key]
+        base = t if t._base is None else t._base  # held, so its memory (the key) is never reused meanwhile
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        hit = self._upcast.get(key)
+        if hit is None or hit[0] is not base or hit[1] != t._version:
+            hit = (base, t._version, t.detach().to(self.dtype))
+            self._upcast[key] = hit
+        return hit[2]
 
     # ---- recording ----------------------------------------------------------------------------
     def run(self, tokens: Tensor) -> ReplacementRun:
@@ -221,6 +227,7 @@ class ReplacementModel:
         the CLT's reconstructions plus errors (equal to the original logits to float precision)."""
         model, cfg = self.model, self.cfg
         tokens = model.check_tokens(tokens)
+        self._upcast.clear()  # weights may have been edited since the last run (`weight`)
         n = cfg.n_layers
         names = [Site(SiteKind.PATTERN, layer).name for layer in range(n)]
         names += [site.name for site in self.sites_in]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -444,7 +445,29 @@ def from_transcoders(saes: Sequence[SAE], *, model_name: str | None = None) -> C
         if cfg.activation is CLTActivation.JUMPRELU:
             thr = cast(Tensor, sae.threshold).to(clt.threshold.dtype)
             clt.threshold[layer].copy_(thr.expand(cfg.d_sae))
+    warn_negative_thresholds(clt, "the transcoders given")
     return clt
+
+
+def warn_negative_thresholds(clt: CrossLayerTranscoder, where: object) -> int:
+    """Warn (and return how many) where a JumpReLU CLT has negative thresholds: interplab's JumpReLU is
+    ``ReLU(pre) * (pre > threshold)`` (as SAELens), so pre-activations in ``(threshold, 0]`` are inactive,
+    where circuit-tracer 0.5's ``pre * (pre > threshold)`` keeps them as active features with negative
+    activations: graphs of such a CLT differ from circuit-tracer's in exactly those (docs/graphs.md).
+    interplab's training keeps thresholds >= 0; files trained elsewhere may not."""
+    if clt.cfg.activation is not CLTActivation.JUMPRELU:
+        return 0
+    negative = int((clt.threshold.detach() < 0).sum())
+    if negative:
+        layers = sorted({int(i) for i in (clt.threshold.detach() < 0).nonzero()[:, 0]})
+        warnings.warn(
+            f"{where}: {negative} of {clt.threshold.numel()} JumpReLU thresholds are negative (layers "
+            f"{layers}); interplab computes ReLU(pre) * (pre > threshold), so pre-activations in "
+            "(threshold, 0] are inactive here but active (negative) in circuit-tracer 0.5: graphs differ in "
+            "exactly those features (docs/graphs.md, parity with circuit-tracer)",
+            stacklevel=3,
+        )
+    return negative
 
 
 # ---- files ------------------------------------------------------------------------------------------------
@@ -549,6 +572,7 @@ def load_clt(path: str | Path, *, device: str | torch.device = "cpu") -> CrossLa
                 clt.b_dec[l].copy_(t["b_dec"])
                 if cfg.activation is CLTActivation.JUMPRELU:
                     clt.threshold[l].copy_(t["activation_function.threshold"])
+    warn_negative_thresholds(clt, path)
     return clt.to(device)
 
 

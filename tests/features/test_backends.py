@@ -280,3 +280,70 @@ def test_a_read_only_role_is_served_read_only(postgres_server):
         c.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"))
         c.execute(text(f"DROP ROLE {role}"))
     engine.dispose()
+
+
+def test_a_table_made_by_another_writer_while_one_waits_is_found_not_made_twice(tmp_path, model, tokens):
+    # the race CI once lost: a writer checked that `explanations` was missing, another made it, and the first's
+    # CREATE then failed; the check must be made under the lock the CREATE needs (`dialect.write_lock`)
+    import time
+
+    from interplab.features import dialect as D
+    from interplab.features import schema as S
+
+    db = tmp_path / "f.db"
+    torch.manual_seed(7)
+    build_feature_db(db, model, make_sae(32, 6), tokens, CFG)
+    holder, waiter = FeatureWriter(db), FeatureWriter(db)
+    done: list[object] = []
+    with holder.engine.begin() as c:
+        D.write_lock(c)  # the other writer is mid-way through making the table
+        t = threading.Thread(
+            target=lambda: done.append(
+                _or_error(waiter.add_explanation, 1, "x", explainer="e", backend="none", prompt_version="1")
+            )
+        )
+        t.start()
+        time.sleep(0.3)  # the waiter is now blocked on the lock (before the fix: its check already made)
+        assert t.is_alive()
+        S.explanations.create(c)
+    t.join()
+    assert isinstance(done[0], int), done[0]
+    assert [e["text"] for e in waiter.reader().explanations(1)] == ["x"]
+
+
+def test_two_writers_creating_one_database_at_once_migrate_it_once(tmp_path, monkeypatch):
+    import time
+
+    from interplab.features import schema as S
+
+    calls: list[int] = []
+    create_v1 = S.MIGRATIONS[1]
+
+    def slow_create(conn) -> None:
+        calls.append(1)
+        time.sleep(0.2)  # both writers have looked at the schema version by now
+        create_v1(conn)
+
+    monkeypatch.setitem(S.MIGRATIONS, 1, slow_create)
+    start = threading.Barrier(2)
+    out: list[object] = []
+
+    def open_it() -> None:
+        start.wait()
+        out.append(_or_error(lambda: FeatureWriter(tmp_path / "new.db", create=True).close()))
+
+    threads = [threading.Thread(target=open_it) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [None, None]
+    assert calls == [1]
+    assert S.schema_version(FeatureReader(tmp_path / "new.db").engine) == S.SCHEMA_VERSION
+
+
+def _or_error(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the test reports it
+        return err

@@ -163,3 +163,22 @@ def test_cli_builds_a_bf16_graph(tmp_path):
     assert result.exit_code == 0, result.output
     bad = CliRunner().invoke(app, [str(a) for a in args[:-1]] + ["int8"])
     assert bad.exit_code != 0 and "int8" in bad.output
+
+
+def test_a_weight_edited_between_runs_is_read_again():
+    # the float32 copies of a half model's weights are cached: an edit (in place under no_grad, which bumps the
+    # version counter, or through .data, which does not) must reach the next run as a fresh model's would
+    half, _, clt = _models("gpt2", torch.bfloat16)
+    tokens = torch.randint(0, half.cfg.d_vocab, (1, 7))
+    rm = ReplacementModel(half, clt)
+    rm.run(tokens)
+    for edit in ("no_grad", "data"):
+        with torch.no_grad():
+            if edit == "no_grad":
+                half.blocks[0].attn.W_O.mul_(-1.5)
+            else:
+                half.unembed.W_U.data.mul_(0.5)
+        edited = rm.run(tokens)
+        fresh = ReplacementModel(half, clt).run(tokens)
+        torch.testing.assert_close(edited.logits, fresh.logits, rtol=0, atol=0)
+        torch.testing.assert_close(rm.weight(half.W_U), half.W_U.float(), rtol=0, atol=0)

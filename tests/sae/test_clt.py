@@ -205,3 +205,17 @@ def test_repr():
     clt = _clt("topk", 3)
     assert "k=3" in repr(clt) and "hook_resid_mid" in repr(clt)
     assert "36 latents" in clt._repr_html_()
+
+
+@pytest.mark.parametrize("cross_layer", [True, False])
+def test_loading_negative_jumprelu_thresholds_warns_where_graphs_differ(tmp_path, cross_layer, recwarn):
+    clt = _clt("jumprelu", cross_layer=cross_layer)
+    save_clt(clt, tmp_path / "ok")
+    load_clt(tmp_path / "ok")
+    assert not [w for w in recwarn if "threshold" in str(w.message)]
+    with torch.no_grad():
+        clt.threshold[1, :5] = -0.1
+    save_clt(clt, tmp_path / "neg")
+    with pytest.warns(UserWarning, match=r"5 of 36 JumpReLU thresholds are negative \(layers \[1\]\)"):
+        back = load_clt(tmp_path / "neg")
+    assert torch.equal(back.threshold, clt.threshold)  # read as they are, only flagged
