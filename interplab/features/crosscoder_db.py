@@ -67,17 +67,19 @@ def source_hook(source: str) -> str:
     return source.rsplit(":", 1)[-1]
 
 
-def side_shares(cc: Crosscoder) -> Float[Tensor, "d_sae n_sources"]:
-    """Each latent's decoder norm into each source over the sum of them (NaN where all are 0)."""
+def side_shares(cc: Crosscoder, norms: Tensor | None = None) -> Float[Tensor, "d_sae n_sources"]:
+    """Each latent's decoder norm into each source over the sum of them (NaN where all are 0); ``norms``:
+    ``cc.decoder_norms()`` if already computed."""
     with torch.no_grad():
-        norms = cc.decoder_norms().double()
+        norms = (cc.decoder_norms() if norms is None else norms).double()
         return norms / norms.sum(-1, keepdim=True)
 
 
-def side_labels(cc: Crosscoder, alive: Tensor | None = None) -> list[str]:
+def side_labels(cc: Crosscoder, alive: Tensor | None = None, *, shares: Tensor | None = None) -> list[str]:
     """Per latent: ``A-only`` / ``B-only`` / ``shared`` / ``partial`` (two sources, `SIDE_LABELS`) or
-    ``<source>-only`` / ``shared`` (more), ``dead`` where ``alive`` [d_sae] is False."""
-    shares = side_shares(cc)
+    ``<source>-only`` / ``shared`` (more), ``dead`` where ``alive`` [d_sae] is False; ``shares``:
+    `side_shares` if already computed."""
+    shares = side_shares(cc) if shares is None else shares
     if cc.cfg.n_sources == 2:
         return [SIDE_LABELS[lab] for lab in classify(shares[:, 1].float(), alive)]
     out = []
@@ -157,14 +159,14 @@ def build_crosscoder_db(
             report(state.batches, None)
         return state.result()
 
-    shares = side_shares(cc)
     norms = cc.decoder_norms().detach().double()
+    shares = side_shares(cc, norms)
     record: dict[str, Any] = {
         "sources": list(cc.cfg.sources),
         "sides": names,
         "decoder_norms": [[round(v, 6) for v in row] for row in norms.tolist()],
         "shares": [[None if v != v else round(v, 6) for v in row] for row in shares.tolist()],
-        "labels": side_labels(cc),
+        "labels": side_labels(cc, shares=shares),
         "crosscoder": str(Path(crosscoder_path).resolve()) if crosscoder_path is not None else None,
         "diff": str(Path(diff_path).resolve()) if diff_path is not None else None,
     }

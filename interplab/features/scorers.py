@@ -253,17 +253,23 @@ def _vocab(reader: FeatureReader) -> dict[int, str]:
 
 
 @dataclass
-class _BinaryBackendScorer:
-    """Shared by detection and fuzzing: items in shuffled batches, a 0/1 list per batch, balanced accuracy."""
+class _JudgedScorer:
+    """A scorer whose judge is an LLM ``backend`` (its scores are stored under the backend's name)."""
 
     backend: Backend
-    n_examples: int = 10
-    batch_size: int = 5
-    prompt_version: str = PROMPT_VERSION
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
+
+
+@dataclass
+class _BinaryBackendScorer(_JudgedScorer):
+    """Shared by detection and fuzzing: items in shuffled batches, a 0/1 list per batch, balanced accuracy."""
+
+    n_examples: int = 10
+    batch_size: int = 5
+    prompt_version: str = PROMPT_VERSION
 
     def _judge(
         self, explanation: str, items: list[tuple[str, bool]], rng: random.Random, question: str
@@ -340,19 +346,14 @@ class FuzzingScorer(_BinaryBackendScorer):
 
 
 @dataclass
-class IntruderScorer:
+class IntruderScorer(_JudgedScorer):
     """Told the explanation, can the judge find the one non-activating context among ``k - 1`` activating
     ones? ``n_questions`` questions; accuracy (chance ``1 / k``)."""
 
-    backend: Backend
     n_questions: int = 8
     k: int = 4
     prompt_version: str = PROMPT_VERSION
     name: str = "intruder"
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
 
     def score(self, explanation, record, reader, *, rng) -> ScoreResult:
         if self.k < 2:
@@ -487,20 +488,15 @@ def expected_level(top: dict[str, float]) -> float | None:
 
 
 @dataclass
-class SimulationScorer:
+class SimulationScorer(_JudgedScorer):
     """OpenAI-style simulation: for each of ``n_examples`` contexts (half activating, half not), the judge
     writes a level 0-10 per token, one per line; the expected level under its log-probs at each line is
     correlated with the true activations over all tokens (chance 0). Needs log-probs."""
 
-    backend: Backend
     n_examples: int = 6
     top_logprobs: int = 15
     prompt_version: str = PROMPT_VERSION
     name: str = "simulation"
-
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
 
     def score(self, explanation, record, reader, *, rng) -> ScoreResult:
         vocab = _vocab(reader)
