@@ -138,6 +138,34 @@ def _nn_linear_site(name: str, module: nn.Linear) -> LinearSite:
     )
 
 
+def _input_then_point(module: str, point: str) -> Callable[[Transformer, Callable, Callable], ExitStack]:
+    """A site whose input is `module`'s input and whose output gradient is the hook point `point`'s (q/k/v, W_in)."""
+
+    def capture(model: Transformer, put_in: Callable, put_out: Callable) -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(_module_io(model.get_submodule(module), put_in, None))
+        stack.enter_context(_point_hooks(model, [], [(point, put_out)]))
+        return stack
+
+    return capture
+
+
+def _point_then_output(
+    point: str, module: str, flatten_heads: bool = False
+) -> Callable[[Transformer, Callable, Callable], ExitStack]:
+    """A site whose input is the hook point `point`'s value (hook_z with its heads flattened, hook_post) and whose
+    output gradient is `module`'s output's (W_O, W_out)."""
+
+    def capture(model: Transformer, put_in: Callable, put_out: Callable) -> ExitStack:
+        stack = ExitStack()
+        put = (lambda z: put_in(z.reshape(*z.shape[:2], -1))) if flatten_heads else put_in
+        stack.enter_context(_point_hooks(model, [(point, put)], []))
+        stack.enter_context(_module_io(model.get_submodule(module), None, put_out))
+        return stack
+
+    return capture
+
+
 def _transformer_sites(model: Transformer) -> list[LinearSite]:
     cfg = model.cfg
     params = dict(model.named_parameters())
@@ -157,12 +185,6 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                 if (w != "Q" and not kv_ok) or has(pre + f"W_{w}") is None:
                     continue
 
-                def cap_qkv(model: Transformer, put_in: Callable, put_out: Callable, _a=pre[:-1], _p=point):  # noqa: ANN202
-                    stack = ExitStack()
-                    stack.enter_context(_module_io(model.get_submodule(_a), put_in, None))
-                    stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))
-                    return stack
-
                 sites.append(
                     LinearSite(
                         name=f"{pre}{w.lower()}",
@@ -172,20 +194,10 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                         d_out=h * dh,
                         to_matrix=lambda g: g.permute(0, 1, 3, 2).reshape(g.shape[0], h * dh, d),
                         bias_to_vec=lambda g: g.reshape(g.shape[0], h * dh),
-                        capture=cap_qkv,
+                        capture=_input_then_point(pre[:-1], point.name),
                     )
                 )
             if has(pre + "W_O") is not None:
-
-                def cap_o(
-                    model: Transformer, put_in: Callable, put_out: Callable, _a=pre[:-1], _z=attn.hook_z.name
-                ):  # noqa: ANN202
-                    stack = ExitStack()
-                    flat = lambda z: put_in(z.reshape(*z.shape[:2], -1))  # noqa: E731
-                    stack.enter_context(_point_hooks(model, [(_z, flat)], []))
-                    stack.enter_context(_module_io(model.get_submodule(_a), None, put_out))
-                    return stack
-
                 sites.append(
                     LinearSite(
                         name=f"{pre}o",
@@ -195,7 +207,7 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                         d_out=d,
                         to_matrix=lambda g: g.reshape(g.shape[0], h * dh, d).transpose(1, 2),
                         bias_to_vec=lambda g: g,
-                        capture=cap_o,
+                        capture=_point_then_output(attn.hook_z.name, pre[:-1], flatten_heads=True),
                     )
                 )
         mlp = getattr(block, "mlp", None)
@@ -210,12 +222,6 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                 if has(mpre + w) is None:
                     continue
 
-                def cap_in(model: Transformer, put_in: Callable, put_out: Callable, _m=mpre[:-1], _p=point):  # noqa: ANN202
-                    stack = ExitStack()
-                    stack.enter_context(_module_io(model.get_submodule(_m), put_in, None))
-                    stack.enter_context(_point_hooks(model, [], [(_p.name, put_out)]))
-                    return stack
-
                 sites.append(
                     LinearSite(
                         name=f"{mpre}{w[2:]}",
@@ -225,23 +231,10 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                         d_out=m,
                         to_matrix=lambda g: g.transpose(1, 2),
                         bias_to_vec=lambda g: g,
-                        capture=cap_in,
+                        capture=_input_then_point(mpre[:-1], point.name),
                     )
                 )
             if has(mpre + "W_out") is not None:
-
-                def cap_out(
-                    model: Transformer,
-                    put_in: Callable,
-                    put_out: Callable,
-                    _m=mpre[:-1],
-                    _post=mlp.hook_post.name,
-                ):  # noqa: ANN202
-                    stack = ExitStack()
-                    stack.enter_context(_point_hooks(model, [(_post, put_in)], []))
-                    stack.enter_context(_module_io(model.get_submodule(_m), None, put_out))
-                    return stack
-
                 sites.append(
                     LinearSite(
                         name=f"{mpre}out",
@@ -251,7 +244,7 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
                         d_out=d,
                         to_matrix=lambda g: g.transpose(1, 2),
                         bias_to_vec=lambda g: g,
-                        capture=cap_out,
+                        capture=_point_then_output(mlp.hook_post.name, mpre[:-1]),
                     )
                 )
     if has("unembed.W_U") is not None and cfg.logit_softcap is None:
