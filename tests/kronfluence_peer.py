@@ -55,7 +55,7 @@ def per_example_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def write_problem(
     folder: Path,
-    model: nn.Sequential,
+    model: nn.Module,
     train: tuple[Tensor, Tensor],
     query: tuple[Tensor, Tensor],
     *,
@@ -65,10 +65,12 @@ def write_problem(
     rounds: int = 1,
     batch_size: int = 256,
 ) -> Path:
-    """The files `benchmarks/_kronfluence_peer.py` reads, in ``folder``; returns ``folder``."""
+    """The files `benchmarks/_kronfluence_peer.py` reads, in ``folder``; returns ``folder``. ``model``'s
+    ``nn.Linear`` layers, in order, with ``activation`` between them, must be the whole model (as `mlp` builds
+    it, or the digits softmax regression with ``activation="none"``)."""
     if fisher not in ("empirical", "true"):
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
-    linears = [m for m in model if isinstance(m, nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     tensors = {
         "x_train": train[0].float(),
         "y_train": train[1],
