@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Build the peer environments that the compatibility tests and benchmarks compare against, each in its own venv
 # under .peers/ (never in .venv): TransformerLens 3.9 (HookedTransformer), sae_lens, auto-circuit 1.0.1 and
-# circuit-tracer 0.5.0 (attribution graphs; it brings its own TransformerLens 3.2.1 and nnsight). CPU
+# circuit-tracer 0.5.0 (attribution graphs; it brings its own TransformerLens 3.2.1 and nnsight) and kronfluence
+# 1.0.1 (EK-FAC influence; it brings torchvision, accelerate and safetensors; about 45 s). CPU
 # torch is installed first, pinned, so no peer pulls a CUDA build (checked after the install). Idempotent: a peer
 # whose venv already has the pinned version is kept. Prints the variables the tests read (tests/peers.py also
 # finds .peers/<name>/bin/python by itself when they are unset).
-#   bash scripts/peers.sh              # build all four
+#   bash scripts/peers.sh              # build all five
 #   bash scripts/peers.sh tl           # only TransformerLens
 #   bash scripts/peers.sh saelens      # only sae_lens
 #   bash scripts/peers.sh autocircuit  # only auto-circuit
 #   bash scripts/peers.sh circuittracer  # only circuit-tracer (about 2.5 minutes, 1.6 GB)
+#   bash scripts/peers.sh kronfluence  # only kronfluence
 # auto-circuit 1.0.1 imports transformer_lens.past_key_value_caching, which TransformerLens 3 removed, so its venv
 # pins TransformerLens 2.18.0 (the last 2.x; and pyarrow 21, the newest that loads with its numpy 1.26). auto-circuit
 # itself goes in without its declared dependencies, with the ones the modules it imports need instead: tracr-pypi
@@ -20,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-all}
-case "$want" in all | tl | saelens | autocircuit | circuittracer) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer], got '$want'" >&2; exit 2 ;; esac
+case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence], got '$want'" >&2; exit 2 ;; esac
 TORCH=2.13.0
 build() {  # name, distribution, version, import name[, dependencies: then the distribution goes in --no-deps]
   local dir=".peers/$1" dist=$2 version=$3 mod=$4 deps=${5:-}
@@ -54,7 +56,9 @@ fi
 if [ "$want" = all ] || [ "$want" = circuittracer ]; then
   build circuittracer circuit-tracer 0.5.0 circuit_tracer.replacement_model.replacement_model_transformerlens
 fi
+if [ "$want" = all ] || [ "$want" = kronfluence ]; then build kronfluence kronfluence 1.0.1 kronfluence.analyzer; fi
 echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
 echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"
 echo "INTERPLAB_AUTOCIRCUIT_PYTHON=$PWD/.peers/autocircuit/bin/python"
 echo "INTERPLAB_CIRCUITTRACER_PYTHON=$PWD/.peers/circuittracer/bin/python"
+echo "INTERPLAB_KRONFLUENCE_PYTHON=$PWD/.peers/kronfluence/bin/python"

@@ -1,10 +1,10 @@
 """The peer packages the compatibility tests compare against (TransformerLens 3.9, sae_lens, auto-circuit 1.0.1,
-circuit-tracer 0.5.0).
+circuit-tracer 0.5.0, kronfluence 1.0.1).
 
 Each peer lives in its own virtual environment, never in the test environment, and runs in a subprocess:
 ``bash scripts/peers.sh`` builds them under ``.peers/`` (CI does, in .ci/run). A test asks for a peer's
 interpreter with `peer_python`: the variable (``INTERPLAB_TL_PYTHON``, ``INTERPLAB_SAELENS_PYTHON``,
-``INTERPLAB_AUTOCIRCUIT_PYTHON``, ``INTERPLAB_CIRCUITTRACER_PYTHON``) when set, else ``.peers/<name>/bin/python``;
+``INTERPLAB_AUTOCIRCUIT_PYTHON``, ``INTERPLAB_CIRCUITTRACER_PYTHON``, ``INTERPLAB_KRONFLUENCE_PYTHON``) when set, else ``.peers/<name>/bin/python``;
 without one the test is skipped with the reason, or fails when ``INTERPLAB_REQUIRE_PEERS=1`` (CI), so a broken
 peer build cannot pass as a skip.
 """
@@ -27,6 +27,7 @@ PEERS = {
     ),
     "saebench": ("INTERPLAB_SAEBENCH_PYTHON", "sae_bench.evals.sparse_probing.probe_training"),
     "devinterp": ("INTERPLAB_DEVINTERP_PYTHON", "devinterp.slt.llc"),
+    "kronfluence": ("INTERPLAB_KRONFLUENCE_PYTHON", "kronfluence.analyzer"),
 }
 NOT_IN_CI = {"saebench", "devinterp"}
 """peers scripts/peers.sh does not build (sae-bench's build takes over 10 minutes and pulls a CUDA torch unless
