@@ -135,7 +135,7 @@ def rhat(x: Tensor | np.ndarray) -> float:
     folded one (normal scores of ``|x - median|``). NaN when every draw is equal."""
     s = split_chains(_as_draws(x))
     bulk = _rhat(normal_scores(s))
-    folded = _rhat(normal_scores((s - s.median()).abs()))
+    folded = _rhat(normal_scores((s - torch.quantile(s, 0.5)).abs()))  # the midpoint median of an even count
     return max(bulk, folded) if not (math.isnan(bulk) or math.isnan(folded)) else math.nan
 
 
