@@ -417,14 +417,28 @@ def _diagnostics(trace: Tensor, burn_in: int) -> tuple[float, float, float]:
 
 
 def _not_mixed(est: LLCEstimate) -> str:
+    """The warning for unmixed chains, with the likely cause first: every chain's loss still moving the same
+    way (too short a burn-in, or a step too small to leave w*), else slow wandering or disagreeing chains."""
     cfg = est.config
-    return (
+    draws = est.trace[:, cfg.burn_in :].double()
+    half = draws.shape[1] // 2
+    drift = (draws[:, -half:].mean(1) - draws[:, :half].mean(1)) / max(float(draws.std()), 1e-30)
+    head = (
         f"the SGLD chains of the LLC estimate ({est.component}: {est.llc:.4g} ± {est.se:.2g}) have not mixed: "
         f"R-hat {est.rhat:.3f} > {mcmc.RHAT_THRESHOLD} (ESS bulk {est.ess_bulk:.0f} / tail {est.ess_tail:.0f} "
-        f"of {est.chains * cfg.draws} draws). Look at the loss traces (.plot()): traces still moving after the "
-        f"shaded burn-in need a longer burn_in (try {max(4 * cfg.burn_in, 100)}); traces that wander slowly need "
-        f"more draws (try {4 * cfg.draws}); chains settling at different levels or drifting away need a smaller "
-        f"step_size (try {cfg.step_size / 10:g}) or a larger gamma (try {cfg.gamma * 10:g})"
+        f"of {est.chains * cfg.draws} draws). "
+    )
+    settle = f"a longer burn_in (try {max(4 * cfg.burn_in, 100)}) and more draws (try {4 * cfg.draws})"
+    if bool((drift > 0.3).all()) or bool((drift < -0.3).all()):
+        return head + (
+            f"Every chain's loss still moves the same way after the burn-in: {settle}; if the traces creep "
+            f"away from L(w*) for the whole run, the step is too small to explore (try step_size "
+            f"{cfg.step_size * 10:g}). Look at .plot()"
+        )
+    return head + (
+        f"The chains wander slowly or disagree: more draws (try {4 * cfg.draws}); chains settling at different "
+        f"levels or drifting apart need a smaller step_size (try {cfg.step_size / 10:g}) or a larger gamma (try "
+        f"{cfg.gamma * 10:g}); traces still moving after the shaded burn-in need {settle}. Look at .plot()"
     )
 
 
