@@ -74,8 +74,10 @@ def llc_command(
     """Estimate the local learning coefficient (SGLD) of every checkpoint, in total and per component, on the
     run's own training data. Resumable: checkpoints already estimated with the same settings are skipped."""
     set_threads(threads)
+    import warnings
+
     from interplab import runs
-    from interplab.dynamics.llc import SGLDConfig, SGLDDivergence
+    from interplab.dynamics.llc import LLCConvergenceWarning, SGLDConfig, SGLDDivergence
     from interplab.dynamics.run import join_formation, llc_along_run
 
     folder = claim_out(out or run_dir / LLC, Kind.LLC)
@@ -100,7 +102,9 @@ def llc_command(
             have = [c.step for c in runs.TrainRun.open(run_dir).checkpoints()]
             have = [s for s in have if chosen is None or s in chosen]
             chosen = sorted(set(have[::every]) | set(have[-1:]))
-        with JobProgress("llc", unit="checkpoints") as bar:
+        with JobProgress("llc", unit="checkpoints") as bar, warnings.catch_warnings():
+            # each unmixed estimate is listed once below the table, not as a warning per estimate
+            warnings.simplefilter("ignore", LLCConvergenceWarning)
             result = llc_along_run(
                 run_dir,
                 config,
@@ -121,11 +125,25 @@ def llc_command(
     table.add_column("L(w*)", justify="right")
     for c in result.components:
         table.add_column(f"LLC {c}", justify="right")
+        table.add_column(f"R-hat {c}", justify="right")
+        table.add_column(f"ESS bulk/tail {c}", justify="right")
     for i, step in enumerate(result.steps):
         cells = [str(step), f"{result.init_loss[i]:.3f}"]
-        cells += [f"{result.llc[c][i]:.3g} ± {result.se[c][i]:.2g}" for c in result.components]
+        for c in result.components:
+            cells += [f"{result.llc[c][i]:.3g} ± {result.se[c][i]:.2g}", *result.diagnostic_cells(c, i)]
         table.add_row(*cells)
     console.print(table)
+    bad = result.not_mixed()
+    if bad:
+        console.print(
+            f"{result.mixing_summary()} (* in the table): {', '.join(f'step {s} {c}' for s, c, _ in bad[:12])}"
+            + (" ..." if len(bad) > 12 else "")
+            + f". Check the loss traces (RunLLC.trace_plot(step, component)); raise --draws (now {draws}) or "
+            f"--burn-in (now {burn_in}), or lower --step-size (now {step_size:g})",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,
+        )
     if result.resumed:
         console.print(f"{len(result.resumed)} checkpoints read back from {folder / runs.LLC_ESTIMATES}")
     console.print(result.summary())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from interplab.dynamics import mcmc
 from interplab.io import atomic_write_text
 from interplab.model.transformer import Transformer
 from interplab.plots import figure_html, write_image
@@ -60,6 +62,11 @@ def lm_loss(logits: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
 
 class SGLDDivergence(ValueError):
     """A chain's loss became NaN or exploded: the sampler settings diverge; the message says the fix."""
+
+
+class LLCConvergenceWarning(UserWarning):
+    """The SGLD chains of an LLC estimate have not mixed (R-hat above `mcmc.RHAT_THRESHOLD`): the message says
+    what to change. A warning, not an error: the estimate is still returned, with its `rhat` to judge it by."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,10 +134,36 @@ class LLCEstimate:
     """which parameters were sampled ("all", or a component's name)"""
     n_params: int = 0
     """how many parameters (scalars) were sampled"""
+    rhat: float = math.nan
+    """rank-normalised split-R-hat of the draws' losses over chains (`mcmc.rhat`; the per-draw LLC is an
+    increasing affine map of the loss, so it has the same R-hat and ESS); NaN with < 2 chains or < 4 draws"""
+    ess_bulk: float = math.nan
+    """bulk effective sample size of the draws, all chains together (`mcmc.ess_bulk`)"""
+    ess_tail: float = math.nan
+    """tail effective sample size of the draws (`mcmc.ess_tail`)"""
 
     @property
     def chains(self) -> int:
         return len(self.per_chain)
+
+    @property
+    def converged(self) -> bool:
+        """R-hat below `mcmc.RHAT_THRESHOLD` (False when it could not be computed)."""
+        return self.rhat < mcmc.RHAT_THRESHOLD
+
+    def diagnostics_text(self) -> str:
+        """``R-hat 1.003, ESS bulk 812 / tail 640``, or why there are none."""
+        if math.isnan(self.rhat):
+            return f"R-hat n/a (needs >= {mcmc.MIN_CHAINS} chains of >= {mcmc.MIN_DRAWS} draws)"
+        return f"R-hat {self.rhat:.3f}, ESS bulk {self.ess_bulk:.0f} / tail {self.ess_tail:.0f}"
+
+    def summary(self) -> str:
+        """One line: the LLC with its SE and the chains' convergence diagnostics."""
+        verdict = "" if math.isnan(self.rhat) else (": mixed" if self.converged else ": NOT mixed")
+        return (
+            f"LLC ({self.component}) {self.llc:.4g} ± {self.se:.2g} from {self.chains} chains x "
+            f"{self.config.draws} draws; {self.diagnostics_text()}{verdict}"
+        )
 
     def to_dict(self, *, trace: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -142,6 +175,9 @@ class LLCEstimate:
             "nbeta": self.nbeta,
             "n": self.n,
             "n_params": self.n_params,
+            "rhat": _finite_or_none(self.rhat),
+            "ess_bulk": _finite_or_none(self.ess_bulk),
+            "ess_tail": _finite_or_none(self.ess_tail),
             "config": asdict(self.config),
         }
         if trace:
@@ -150,7 +186,16 @@ class LLCEstimate:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LLCEstimate:
-        """The inverse of `to_dict` (with its trace; without one the trace is empty)."""
+        """The inverse of `to_dict` (with its trace; without one the trace is empty). A file written before the
+        diagnostics existed gets them recomputed from its trace (NaN without one)."""
+        config = SGLDConfig(**data["config"])
+        trace = torch.tensor(data.get("trace", []), dtype=torch.float32)
+        if "rhat" in data:
+            diag = tuple(
+                math.nan if data[k] is None else float(data[k]) for k in ("rhat", "ess_bulk", "ess_tail")
+            )
+        else:
+            diag = _diagnostics(trace, config.burn_in) if trace.dim() == 2 else (math.nan,) * 3
         return cls(
             llc=float(data["llc"]),
             se=float(data["se"]),
@@ -158,15 +203,19 @@ class LLCEstimate:
             init_loss=float(data["init_loss"]),
             nbeta=float(data["nbeta"]),
             n=int(data["n"]),
-            trace=torch.tensor(data.get("trace", []), dtype=torch.float32),
-            config=SGLDConfig(**data["config"]),
+            trace=trace,
+            config=config,
             component=str(data.get("component", "all")),
             n_params=int(data.get("n_params", 0)),
+            rhat=diag[0],
+            ess_bulk=diag[1],
+            ess_tail=diag[2],
         )
 
     def plot(self) -> Any:
         """The loss trace of every chain against step (burn-in shaded), with L(w*) dotted: the diagnostic to
-        look at before trusting a number (a trace that has not flattened after burn-in has not mixed)."""
+        look at before trusting a number (a trace that has not flattened after burn-in has not mixed). The
+        title gives R-hat and the ESSs, in red when R-hat is above `mcmc.RHAT_THRESHOLD`."""
         import plotly.graph_objects as go
 
         fig = go.Figure()
@@ -175,8 +224,14 @@ class LLCEstimate:
         fig.add_hline(y=self.init_loss, line_dash="dot", line_color="gray", annotation_text="L(w*)")
         if self.config.burn_in:
             fig.add_vrect(x0=0, x1=self.config.burn_in, fillcolor="gray", opacity=0.12, line_width=0)
+        bad = not math.isnan(self.rhat) and not self.converged
+        note = self.diagnostics_text() + (f" > {mcmc.RHAT_THRESHOLD}: not mixed" if bad else "")
         fig.update_layout(
-            title=f"SGLD loss traces ({self.component}): LLC {self.llc:.3g} ± {self.se:.2g}",
+            title={
+                "text": f"SGLD loss traces ({self.component}): LLC {self.llc:.3g} ± {self.se:.2g}<br>"
+                f"<sub>{note}</sub>",
+                "font": {"color": "firebrick" if bad else "black"},
+            },
             xaxis_title="SGLD step",
             yaxis_title="minibatch loss",
             width=800,
@@ -331,6 +386,7 @@ def _sample(
                 w[k] = w[k] + delta
     per_chain = nbeta * (trace[:, cfg.burn_in :].double().mean(1) - init_loss)
     se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
+    rhat, ess_bulk, ess_tail = _diagnostics(trace, cfg.burn_in)
     est = LLCEstimate(
         llc=float(per_chain.mean()),
         se=se,
@@ -342,8 +398,52 @@ def _sample(
         config=cfg,
         component=component.name if component is not None else "all",
         n_params=n_params,
+        rhat=rhat,
+        ess_bulk=ess_bulk,
+        ess_tail=ess_tail,
     )
+    if not math.isnan(rhat) and not est.converged:
+        warnings.warn(_not_mixed(est), LLCConvergenceWarning, stacklevel=3)
     return est, {name: torch.stack(v, 1) for name, v in obs.items()}
+
+
+def _diagnostics(trace: Tensor, burn_in: int) -> tuple[float, float, float]:
+    """``(rhat, ess_bulk, ess_tail)`` of the draws of a ``[chain, step]`` loss trace (NaN when too short)."""
+    draws = trace[:, burn_in:]
+    if draws.shape[0] < mcmc.MIN_CHAINS or draws.shape[1] < mcmc.MIN_DRAWS:
+        return math.nan, math.nan, math.nan
+    d = mcmc.diagnose(draws, "the SGLD loss trace")
+    return d.rhat, d.ess_bulk, d.ess_tail
+
+
+def _not_mixed(est: LLCEstimate) -> str:
+    """The warning for unmixed chains, with the likely cause first: every chain's loss still moving the same
+    way (too short a burn-in, or a step too small to leave w*), else slow wandering or disagreeing chains."""
+    cfg = est.config
+    draws = est.trace[:, cfg.burn_in :].double()
+    half = draws.shape[1] // 2
+    drift = (draws[:, -half:].mean(1) - draws[:, :half].mean(1)) / max(float(draws.std()), 1e-30)
+    head = (
+        f"the SGLD chains of the LLC estimate ({est.component}: {est.llc:.4g} ± {est.se:.2g}) have not mixed: "
+        f"R-hat {est.rhat:.3f} > {mcmc.RHAT_THRESHOLD} (ESS bulk {est.ess_bulk:.0f} / tail {est.ess_tail:.0f} "
+        f"of {est.chains * cfg.draws} draws). "
+    )
+    settle = f"a longer burn_in (try {max(4 * cfg.burn_in, 100)}) and more draws (try {4 * cfg.draws})"
+    if bool((drift > 0.3).all()) or bool((drift < -0.3).all()):
+        return head + (
+            f"Every chain's loss still moves the same way after the burn-in: {settle}; if the traces creep "
+            f"away from L(w*) for the whole run, the step is too small to explore (try step_size "
+            f"{cfg.step_size * 10:g}). Look at .plot()"
+        )
+    return head + (
+        f"The chains wander slowly or disagree: more draws (try {4 * cfg.draws}); chains settling at different "
+        f"levels or drifting apart need a smaller step_size (try {cfg.step_size / 10:g}) or a larger gamma (try "
+        f"{cfg.gamma * 10:g}); traces still moving after the shaded burn-in need {settle}. Look at .plot()"
+    )
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
 
 def _per_chain(fn: Callable[..., Any], batched: bool = True) -> Callable[..., Any]:

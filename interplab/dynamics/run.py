@@ -30,6 +30,7 @@ from torch import Tensor
 from interplab import runs
 from interplab.analysis.formation import FormationResult
 from interplab.data import build_token_store, load_tokenizer, open_corpus
+from interplab.dynamics import mcmc
 from interplab.dynamics.llc import (
     Component,
     LLCEstimate,
@@ -111,7 +112,9 @@ def _clean(v: float) -> float | None:
 @dataclass(frozen=True)
 class RunLLC:
     """The LLC of every estimated checkpoint of a run, in step order: ``llc[name]`` and ``se[name]`` per
-    component (``"all"``: every parameter), one value per step."""
+    component (``"all"``: every parameter), one value per step, with the chains' convergence diagnostics
+    ``rhat[name]``, ``ess_bulk[name]``, ``ess_tail[name]`` (NaN where unknown: a report written before they
+    existed, or too few chains or draws)."""
 
     run_dir: str
     steps: tuple[int, ...]
@@ -128,6 +131,23 @@ class RunLLC:
     resumed: tuple[int, ...] = ()
     """steps read back from an earlier job instead of sampled"""
     skipped: tuple[str, ...] = ()
+    rhat: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """per component the rank-normalised split-R-hat of each step's chains (`mcmc.rhat`)"""
+    ess_bulk: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    ess_tail: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def _diag(self, kind: str, component: str, i: int) -> float:
+        values = getattr(self, kind).get(component)
+        return values[i] if values is not None and i < len(values) else math.nan
+
+    def not_mixed(self) -> list[tuple[int, str, float]]:
+        """``(step, component, rhat)`` of every estimate whose R-hat is above `mcmc.RHAT_THRESHOLD`."""
+        return [
+            (step, c, r)
+            for i, step in enumerate(self.steps)
+            for c in self.components
+            if (r := self._diag("rhat", c, i)) >= mcmc.RHAT_THRESHOLD
+        ]
 
     def table(self) -> list[dict[str, Any]]:
         rows = []
@@ -136,6 +156,8 @@ class RunLLC:
             for c in self.components:
                 row[c] = self.llc[c][i]
                 row[f"{c} se"] = self.se[c][i]
+                for kind in ("rhat", "ess_bulk", "ess_tail"):
+                    row[f"{c} {kind}"] = self._diag(kind, c, i)
             rows.append(row)
         return rows
 
@@ -160,16 +182,48 @@ class RunLLC:
         if len(self.steps) > 1:
             a, b, rise, z = self.largest_rise()
             text += f"; largest rise between steps {a} and {b} (+{rise:.3g}, {z:.1f} SE)"
-        return text
+        return text + "; " + self.mixing_summary()
+
+    def mixing_summary(self) -> str:
+        """Whether the chains mixed: how many estimates have R-hat above `mcmc.RHAT_THRESHOLD`, the worst."""
+        known = [
+            self._diag("rhat", c, i)
+            for i in range(len(self.steps))
+            for c in self.components
+            if not math.isnan(self._diag("rhat", c, i))
+        ]
+        if not known:
+            return "R-hat unknown"
+        bad = self.not_mixed()
+        if not bad:
+            return f"R-hat < {mcmc.RHAT_THRESHOLD} for all {len(known)} estimates (max {max(known):.3f})"
+        step, comp, worst = max(bad, key=lambda b: b[2])
+        return (
+            f"R-hat > {mcmc.RHAT_THRESHOLD} (not mixed) for {len(bad)} of {len(known)} estimates, worst "
+            f"{worst:.3f} at step {step} ({comp})"
+        )
 
     def markdown(self) -> str:
-        cols = ["step", "L(w*)"] + [f"LLC {c}" for c in self.components]
+        cols = ["step", "L(w*)"]
+        for c in self.components:
+            cols += [f"LLC {c}", f"R-hat {c}", f"ESS bulk/tail {c}"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
         for i, step in enumerate(self.steps):
             cells = [str(step), f"{self.init_loss[i]:.3f}"]
-            cells += [f"{self.llc[c][i]:.3g} ± {self.se[c][i]:.2g}" for c in self.components]
+            for c in self.components:
+                cells += [f"{self.llc[c][i]:.3g} ± {self.se[c][i]:.2g}", *self.diagnostic_cells(c, i)]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
+    def diagnostic_cells(self, component: str, i: int) -> tuple[str, str]:
+        """``("1.004", "812/640")`` for step index ``i``; R-hat starred when above the threshold, n/a when
+        unknown."""
+        r = self._diag("rhat", component, i)
+        if math.isnan(r):
+            return "n/a", "n/a"
+        star = " *" if r >= mcmc.RHAT_THRESHOLD else ""
+        bulk, tail = self._diag("ess_bulk", component, i), self._diag("ess_tail", component, i)
+        return f"{r:.3f}{star}", f"{bulk:.0f}/{tail:.0f}"
 
     def trace_plot(self, step: int, component: str = "all") -> Any:
         """The SGLD loss traces behind one value (`LLCEstimate.plot`): check they settle after burn-in."""
@@ -209,6 +263,21 @@ class RunLLC:
         )
         for c in parts:
             fig.add_scatter(x=steps, y=list(self.llc[c]), mode="lines+markers", name=c, row=1, col=2)
+        bad = self.not_mixed()
+        for c in self.components:
+            where = [(step, r) for step, comp, r in bad if comp == c]
+            if where:
+                index = {s: i for i, s in enumerate(self.steps)}
+                fig.add_scatter(
+                    x=[s for s, _ in where],
+                    y=[self.llc[c][index[s]] for s, _ in where],
+                    mode="markers",
+                    marker={"symbol": "x", "size": 11, "color": "firebrick"},
+                    name=f"{c}: R-hat > {mcmc.RHAT_THRESHOLD}",
+                    hovertext=[f"R-hat {r:.3f}" for _, r in where],
+                    row=1,
+                    col=1 if c == "all" else 2,
+                )
         fig.update_xaxes(title_text="step")
         fig.update_yaxes(title_text="LLC", secondary_y=False)
         fig.update_yaxes(title_text="L(w*)", secondary_y=True, row=1, col=1)
@@ -225,6 +294,9 @@ class RunLLC:
             "components": list(self.components),
             "llc": {c: list(v) for c, v in self.llc.items()},
             "se": {c: [_clean(s) for s in v] for c, v in self.se.items()},
+            "rhat": {c: [_clean(s) for s in v] for c, v in self.rhat.items()},
+            "ess_bulk": {c: [_clean(s) for s in v] for c, v in self.ess_bulk.items()},
+            "ess_tail": {c: [_clean(s) for s in v] for c, v in self.ess_tail.items()},
             "init_loss": list(self.init_loss),
             "config": asdict(self.config),
             "data": dict(self.data),
@@ -233,8 +305,18 @@ class RunLLC:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunLLC:
-        """The curve of a ``report.json`` (without the per-checkpoint estimates)."""
+        """The curve of a ``report.json`` (without the per-checkpoint estimates). A report written before the
+        diagnostics existed reads with NaN R-hat and ESS."""
         nan = math.nan
+        n = len(data["steps"])
+
+        def diag(key: str) -> dict[str, tuple[float, ...]]:
+            stored = data.get(key, {})
+            return {
+                c: tuple(nan if s is None else float(s) for s in stored.get(c, [None] * n))
+                for c in data["components"]
+            }
+
         return cls(
             run_dir=data["run_dir"],
             steps=tuple(data["steps"]),
@@ -245,6 +327,9 @@ class RunLLC:
             config=SGLDConfig(**data["config"]),
             data=dict(data["data"]),
             skipped=tuple(data.get("skipped_checkpoints", ())),
+            rhat=diag("rhat"),
+            ess_bulk=diag("ess_bulk"),
+            ess_tail=diag("ess_tail"),
         )
 
     @classmethod
@@ -371,6 +456,9 @@ def llc_along_run(
         estimates=estimates,
         resumed=tuple(resumed),
         skipped=tuple(skipped),
+        rhat={n: tuple(estimates[s][n].rhat for s in order) for n in names},
+        ess_bulk={n: tuple(estimates[s][n].ess_bulk for s in order) for n in names},
+        ess_tail={n: tuple(estimates[s][n].ess_tail for s in order) for n in names},
     )
 
 

@@ -4,6 +4,7 @@ on each checkpoint by hand, resumed without resampling, joined to the formation 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -138,3 +139,59 @@ def test_the_report_survives_json(run_dir):
     result = llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[0, 6])
     back = RunLLC.from_dict(json.loads(json.dumps(result.to_dict())))
     assert back.llc == result.llc and back.steps == result.steps and back.config == result.config
+
+
+@pytest.mark.filterwarnings("ignore::interplab.dynamics.LLCConvergenceWarning")
+def test_the_curve_carries_each_estimates_diagnostics_and_old_reports_still_open(run_dir):
+    result = llc_along_run(run_dir, CFG, components=["L1H0"], n_seqs=4, seq_len=16, steps=[0, 6])
+    for c in ("all", "L1H0"):
+        for i, step in enumerate(result.steps):
+            est = result.estimates[step][c]
+            assert (result.rhat[c][i], result.ess_bulk[c][i], result.ess_tail[c][i]) == (
+                est.rhat,
+                est.ess_bulk,
+                est.ess_tail,
+            )
+            assert math.isfinite(est.rhat)  # 2 chains x 6 draws: enough to compute, far too few to trust
+    row = result.table()[0]
+    assert {"all rhat", "all ess_bulk", "all ess_tail", "L1H0 rhat"} <= set(row)
+    assert "R-hat all" in result.markdown() and "ESS bulk/tail L1H0" in result.markdown()
+    assert "R-hat" in result.summary()
+    # 2 chains x 6 draws have not mixed: starred in the table, listed, marked in the plot
+    assert result.not_mixed() and " *" in result.markdown()
+    assert any("R-hat >" in (t.name or "") for t in result.plot().data)
+    back = RunLLC.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert back.rhat == result.rhat and back.ess_tail == result.ess_tail
+    # a report.json written before the diagnostics existed: opens, with NaN R-hat and ESS
+    old = {k: v for k, v in result.to_dict().items() if k not in ("rhat", "ess_bulk", "ess_tail")}
+    legacy = RunLLC.from_dict(old)
+    assert legacy.llc == result.llc and all(math.isnan(r) for r in legacy.rhat["all"])
+    assert legacy.not_mixed() == [] and "R-hat unknown" in legacy.summary() and "n/a" in legacy.markdown()
+
+
+@pytest.mark.filterwarnings("ignore::interplab.dynamics.LLCConvergenceWarning")
+def test_old_checkpoint_files_resume_with_diagnostics_recomputed_from_their_traces(run_dir, monkeypatch):
+    first = llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[0, 3])
+    for step in (0, 3):  # strip the new fields, as a file written before them
+        file = run_dir / runs.LLC / runs.LLC_ESTIMATES / f"{runs.checkpoint_name(step)}.json"
+        doc = runs.read_json(file)
+        for est in doc["estimates"].values():
+            for k in ("rhat", "ess_bulk", "ess_tail"):
+                est.pop(k)
+        file.write_text(json.dumps(doc))
+    with monkeypatch.context() as mp:
+        mp.setattr(run_llc, "estimate_llc", lambda *a, **k: pytest.fail("resampled an old checkpoint file"))
+        again = llc_along_run(run_dir, CFG, n_seqs=4, seq_len=16, steps=[0, 3])
+    assert again.resumed == (0, 3)
+    for a, b in zip(again.rhat["all"], first.rhat["all"], strict=True):
+        assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_llc_command_prints_the_diagnostics_and_which_estimates_did_not_mix(run_dir):
+    out = CliRunner().invoke(app, ["llc", str(run_dir), *ARGS, "--steps", "0,6"])
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.stdout.split())
+    assert "R-hat" in said and "ESS" in said
+    assert "not mixed" in said and "--draws (now 6)" in said and "step 0 all" in said
+    report = runs.read_json(run_dir / runs.LLC / runs.REPORT, runs.Kind.LLC)
+    assert len(report["rhat"]["all"]) == 2 and all(r is None or r > 0 for r in report["rhat"]["all"])
