@@ -103,13 +103,14 @@ class QKAttribution:
 
     def top(self, k: int = 10) -> list[QKPair]:
         """The k (query node, key node, part, position the key part came through) of largest magnitude, by
-        Neuronpedia node id, over both routes."""
+        Neuronpedia node id, over both routes (parts that are exactly zero left out)."""
         ids = self.graph.node_ids()
         blocks = [(self.pairs, self.key_pos)]
         if self.pairs_prev is not None:
             blocks.append((self.pairs_prev, self.key_pos - 1))
         flat = torch.cat([b.flatten() for b, _ in blocks])
         order = flat.abs().argsort(descending=True)[:k]
+        order = order[flat[order] != 0]
         n, size = self.pairs.shape[1], self.pairs.numel()
         out = []
         for i in order.tolist():

@@ -57,9 +57,9 @@ def test_planted_previous_token_key_drives_the_score_through_the_smear():
     qk = qk_attribution(model, clt, tokens, layer=1, head=0, query_pos=3, key_pos=2)
     assert qk.gate == pytest.approx(GATE)
     assert qk.score == pytest.approx(8.0 * (1 - GATE), abs=1e-5)
-    best = qk.top(2)
+    best = qk.top(10)
     assert best[0] == QKPair(f"E_{C}_3", "0_0_1", pytest.approx(6.0, abs=1e-5), 1)  # type: ignore[arg-type]
-    assert abs(best[1].part) < 1e-6
+    assert all(abs(p.part) < 1e-6 for p in best[1:])
     assert qk.pairs_prev is not None
     torch.testing.assert_close(qk.through_previous, torch.tensor(6.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(qk.current, torch.tensor(0.0), atol=1e-5, rtol=0)
@@ -178,3 +178,19 @@ def test_refuses_soft_capped_scores():
             query_pos=1,
             key_pos=0,
         )
+
+
+def test_top_leaves_out_zero_parts():
+    """In layer 0 of an attention-only path the only sources are the tokens: two nonzero pairs, no zeros listed."""
+    model = smeared_planted_model()
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q[0] = torch.outer(torch.eye(8)[2], torch.eye(8)[0])
+        model.blocks[0].attn.W_K[0] = torch.outer(torch.eye(8)[0], torch.eye(8)[0])
+    qk = qk_attribution(
+        model, exact_transcoder(model), torch.tensor([BOS, A, D, C]), layer=0, head=0, query_pos=3, key_pos=2
+    )
+    top = qk.top(10)
+    assert [(p.query, p.key, p.through) for p in top] == [(f"E_{C}_3", f"E_{A}_1", 1)]
+    assert top[0].part == pytest.approx(
+        0.5 / 8**0.5, abs=1e-6
+    )  # (1 - g) of the previous key, one head of d 8
