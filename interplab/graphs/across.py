@@ -158,9 +158,9 @@ class GraphStep:
     qk: dict[str, Any] | None = None
     """the QK attribution of the chosen attention edge at this step (`graphs_across(qk=...)`): layer, head,
     query_pos, key_pos, score, gate, current / through_previous (the parts through the key position's own
-    raw key and, smeared keys, the previous one's), by_kind (the score summed by query-side kind x key-side kind
-    x route, e.g. ``"token x token, previous"``; constants as ``const``) and top (the largest pairs by stable
-    identity, with labels); None when not asked"""
+    raw key and, smeared keys, the previous one's), by_kind (the score summed by query-side kind x key-side
+    kind x route, e.g. ``"token x token, previous"``; a constant as ``const``, e.g. ``"const x token, own"``)
+    and top (the largest pairs by stable identity, with labels); None when not asked"""
 
 
 @dataclass(frozen=True)
@@ -496,12 +496,12 @@ def _qk_summary(
         for a, ia in index.items():
             if not len(ia):
                 continue
-            add(f"{a} x const", float(qc[ia].sum()))
+            add(f"{a} x const, {route}", float(qc[ia].sum()))
             add(f"const x {a}, {route}", float(kc[ia].sum()))
             for b, ib in index.items():
                 if len(ib):
                     add(f"{a} x {b}, {route}", float(pairs[ia][:, ib].sum()))
-        add("const", float(c))
+        add(f"const x const, {route}", float(c))
     position = {qk.key_pos: "its own key", qk.key_pos - 1: "the previous position's key"}
     top = [
         {
