@@ -227,10 +227,23 @@ def across_command(
     match_threshold: float = typer.Option(
         0.7, "--match-threshold", help="decoder cosine that makes two CLTs' latents one feature"
     ),
+    qk: str | None = typer.Option(
+        None,
+        "--qk",
+        help="also attribute this head's attention score at each step to query x key node pairs: LAYER.HEAD, "
+        "or best (the formation report's best induction head)",
+    ),
+    qk_positions: str | None = typer.Option(
+        None,
+        "--qk-positions",
+        help="the attention edge for --qk: QUERY,KEY positions (default: the last position against the one "
+        "after its token's earlier occurrence, the induction edge)",
+    ),
     threads: int | None = threads_param(help="CPU threads"),
 ) -> None:
     """The attribution graph of one prompt at each checkpoint that has a CLT, and what changed between them
-    (features matched across CLTs by decoder cosine), beside the run's formation scores."""
+    (features matched across CLTs by decoder cosine), beside the run's formation scores; with --qk, the QK
+    attribution of one head's attention edge at each step too."""
     set_threads(threads)
     clt = clt if clt is not None else model / runs.RUN_CLTS
     out = out if out is not None else model / runs.GRAPHS / "across"
@@ -244,6 +257,15 @@ def across_command(
         chosen_steps = [int(s) for s in steps.split(",")] if steps else None
     except ValueError:
         fail(f"--steps {steps!r}: write step numbers separated by commas, e.g. --steps 200,400")
+    head = _qk_head(qk, model) if qk is not None else None
+    edge = None
+    if qk_positions is not None:
+        if head is None:
+            fail("--qk-positions names the edge of --qk LAYER.HEAD: give --qk too")
+        parts = _tokens_of(qk_positions) if qk_positions.replace(",", "").replace(" ", "").isdigit() else []
+        if len(parts) != 2:
+            fail(f"--qk-positions {qk_positions!r}: write QUERY,KEY (two positions, the key at or before)")
+        edge = (parts[0], parts[1])
     try:
         with JobProgress("graph across", total=None, unit="graphs") as bar:
             result = graphs_across(
@@ -256,15 +278,43 @@ def across_command(
                 node_threshold=node_threshold,
                 edge_threshold=edge_threshold,
                 match_threshold=match_threshold,
+                qk=head,
+                qk_positions=edge,
                 progress=lambda s: bar.update(0, info=f"step {s}"),
             )
     except (ValueError, runs.RunError) as err:
         fail(str(err))
     console.print(result.markdown(), markup=False, soft_wrap=True)
+    for g in result.graphs:
+        if g.qk:
+            pairs = "; ".join(f"{p['label']} {p['part']:+.3f}" for p in g.qk["top"][:3])
+            console.print(
+                f"step {g.step}: L{g.qk['layer']}H{g.qk['head']} score {g.qk['score']:+.3f} (through the previous "
+                f"position {g.qk['through_previous']:+.3f}): {pairs}",
+                markup=False,
+                soft_wrap=True,
+            )
     console.print(
         f"wrote {out / runs.REPORT}, {out}/across.md, {out}/across.html, step_N/ per step", markup=False
     )
     print_command("open it: ", "serve", "--runs", Path(model).absolute())
+
+
+def _qk_head(text: str, run: Path) -> tuple[int, int]:
+    """--qk LAYER.HEAD, or best: the formation report's best induction head at the last checkpoint."""
+    if text == "best":
+        path = run / runs.FORMATION / runs.FORMATION_JSON
+        if not path.is_file():
+            fail(
+                f"--qk best reads the run's formation report, and {run} has none: run `interplab formation {run}`"
+            )
+        from interplab.analysis.formation import FormationResult
+
+        return FormationResult.from_dict(runs.read_json(path, runs.Kind.FORMATION)).best_head()
+    layer, _, head = text.partition(".")
+    if not (layer.isdigit() and head.isdigit()):
+        fail(f"--qk {text!r}: write LAYER.HEAD (e.g. --qk 0.2 for layer 0's head 2) or best")
+    return int(layer), int(head)
 
 
 def _tokens_of(text: str | None) -> list[int]:

@@ -16,6 +16,7 @@ from interplab.graphs.across import (
     GraphStep,
     compare_graphs,
     graphs_across,
+    induction_edge,
     match_features,
 )
 from interplab.graphs.attribution import AttributionGraph, attribute, choose_targets, estimate_bytes
@@ -23,7 +24,7 @@ from interplab.graphs.export import GraphJSON, from_neuronpedia_json, to_neuronp
 from interplab.graphs.interventions import Intervention, InterventionResult, intervene, predict, supernode
 from interplab.graphs.nodes import Node, NodeKind, Target
 from interplab.graphs.prune import PrunedGraph, graph_scores, prune_graph
-from interplab.graphs.qk import QKAttribution, qk_attribution
+from interplab.graphs.qk import QKAttribution, QKPair, qk_attribution
 from interplab.graphs.replacement import ReplacementModel, ReplacementRun
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "GraphsAcross",
     "compare_graphs",
     "graphs_across",
+    "induction_edge",
     "match_features",
     "GraphJSON",
     "Intervention",
@@ -41,6 +43,7 @@ __all__ = [
     "NodeKind",
     "PrunedGraph",
     "QKAttribution",
+    "QKPair",
     "ReplacementModel",
     "ReplacementRun",
     "Target",

@@ -39,6 +39,7 @@ from interplab.analysis.formation import FormationResult
 from interplab.graphs.attribution import AttributionGraph, Targets, attribute
 from interplab.graphs.nodes import NodeKind
 from interplab.graphs.prune import PrunedGraph, graph_scores, influence, normalize_rows, prune_graph
+from interplab.graphs.qk import QKAttribution, qk_attribution
 from interplab.io import atomic_write_text
 from interplab.model.load import load_model
 from interplab.plots import write_figure_files
@@ -54,6 +55,8 @@ N_CHANGED = 20
 """edges kept in both graphs of a pair, listed by how much their weight changed (the largest changes)"""
 MAX_LISTED = 500
 """appeared or vanished nodes and edges listed per pair (the most influential; `counts` has every one)"""
+QK_TOP = 5
+"""(query node, key node) pairs of the QK attribution listed per checkpoint (the largest parts)"""
 
 
 # ---- following features across CLTs -----------------------------------------------------------------
@@ -152,6 +155,12 @@ class GraphStep:
     """the formation report's best induction score at this step (None: no report, or not at this step)"""
     prev_token: float | None = None
     """the formation report's best previous-token score at this step"""
+    qk: dict[str, Any] | None = None
+    """the QK attribution of the chosen attention edge at this step (`graphs_across(qk=...)`): layer, head,
+    query_pos, key_pos, score, gate, current / through_previous (the parts through the key position's own
+    raw key and, smeared keys, the previous one's), by_kind (the score summed by query-side kind x key-side
+    kind x route, e.g. ``"token x token, previous"``; a constant as ``const``, e.g. ``"const x token, own"``)
+    and top (the largest pairs by stable identity, with labels); None when not asked"""
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,7 @@ class GraphsAcross:
                     "nodes_vanished": c.get("nodes_vanished"),
                     "edges_appeared": c.get("edges_appeared"),
                     "edges_vanished": c.get("edges_vanished"),
+                    **_qk_cells(g.qk),
                 }
             )
         return rows
@@ -227,6 +237,8 @@ class GraphsAcross:
             ("earlier_positions", "influence from earlier positions"), ("nodes_appeared", "nodes +"),
             ("nodes_vanished", "nodes -"), ("edges_appeared", "edges +"), ("edges_vanished", "edges -"),
         ]  # fmt: skip
+        if any(g.qk for g in self.graphs):
+            cols += [("qk_score", "QK score"), ("qk_previous", "through previous"), ("qk_top", "top QK pair")]
         lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---:|" * len(cols)]
         for row in self.table():
             lines.append("| " + " | ".join(_cell(row[k]) for k, _ in cols) + " |")
@@ -237,16 +249,20 @@ class GraphsAcross:
         checkpoint (a heatmap), and the kept and changed nodes per checkpoint (Plotly)."""
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(
-            rows=3,
-            cols=1,
-            vertical_spacing=0.1,
-            subplot_titles=(
-                "formation scores (graphs at the marked steps)",
-                "share of the targets' influence entering at each position",
-                "pruned graph: kept features, and nodes appeared / vanished since the previous graph",
-            ),
-        )
+        qks = [g.qk for g in self.graphs]
+        with_qk = any(qks)
+        titles = [
+            "formation scores (graphs at the marked steps)",
+            "share of the targets' influence entering at each position",
+            "pruned graph: kept features, and nodes appeared / vanished since the previous graph",
+        ]
+        if with_qk:
+            first = next(q for q in qks if q)
+            titles.append(
+                f"QK attribution of L{first['layer']}H{first['head']}, query {first['query_pos']} -> key "
+                f"{first['key_pos']}: the score by query x key kind and route (hover: the top pairs)"
+            )
+        fig = make_subplots(rows=len(titles), cols=1, vertical_spacing=0.08, subplot_titles=titles)
         f = self.formation
         if f:
             for key, name in (("max_induction", "induction"), ("max_prev_token", "previous-token")):
@@ -289,12 +305,14 @@ class GraphsAcross:
             row=3,
             col=1,
         )
+        if with_qk:
+            _qk_traces(fig, names, qks, row=4)
         fig.update_xaxes(title_text="step", row=1, col=1)
         fig.update_yaxes(range=[0, 1], row=1, col=1)
         target = ", ".join(self.targets[:3])
         fig.update_layout(
             title=f"attribution graphs across training (target {target})",
-            height=900,
+            height=1200 if with_qk else 900,
             width=1100,
             barmode="group",
         )
@@ -350,6 +368,60 @@ class GraphsAcross:
         return f"GraphsAcross(steps {self.steps}; {pairs})"
 
 
+def _qk_cells(qk: dict[str, Any] | None) -> dict[str, Any]:
+    if not qk:
+        return {"qk_score": None, "qk_previous": None, "qk_top": None}
+    top = qk["top"][0] if qk["top"] else None
+    pair = None
+    if top is not None:
+        via = " (prev)" if top["through"] != qk["key_pos"] else ""
+        pair = f"{top['query']} x {top['key']}{via}: {top['part']:+.3f}"
+    return {"qk_score": qk["score"], "qk_previous": qk["through_previous"], "qk_top": pair}
+
+
+def _qk_traces(fig: Any, names: list[str], qks: list[dict[str, Any] | None], row: int) -> None:
+    """Stacked bars per step: the score's parts by query kind x key kind x route (the largest groups), the
+    score as a marker, the top pairs on hover."""
+    groups: dict[str, float] = {}
+    for q in qks:
+        for k, v in (q or {}).get("by_kind", {}).items():
+            groups[k] = groups.get(k, 0.0) + abs(v)
+    shown = sorted(groups, key=lambda k: -groups[k])[:6]
+    hover = [
+        "<br>".join(
+            f"{p['query']} x {p['key']}{' (prev)' if p['through'] != q['key_pos'] else ''}: {p['part']:+.3f}"
+            for p in q["top"][:3]
+        )
+        if q
+        else ""
+        for q in qks
+    ]
+    for k in shown:
+        fig.add_bar(
+            x=names,
+            y=[(q or {}).get("by_kind", {}).get(k, 0.0) for q in qks],
+            name=f"QK: {k}",
+            row=row,
+            col=1,
+        )
+    rest = [
+        sum(v for k, v in (q or {}).get("by_kind", {}).items() if k not in shown) if q else 0.0 for q in qks
+    ]
+    if any(rest):
+        fig.add_bar(x=names, y=rest, name="QK: other", row=row, col=1)
+    fig.add_scatter(
+        x=names,
+        y=[q["score"] if q else None for q in qks],
+        name="QK score",
+        mode="markers",
+        marker={"size": 12, "symbol": "x", "color": "black"},
+        hovertext=hover,
+        row=row,
+        col=1,
+    )
+    fig.update_layout(**{f"yaxis{row}": {"title": {"text": "score part"}}})
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -399,12 +471,86 @@ def _formation_at(formation: FormationResult | None, step: int) -> tuple[float |
     return formation.max_induction[i], formation.max_prev_token[i]
 
 
+_KIND = {NodeKind.FEATURE: "feature", NodeKind.ERROR: "error", NodeKind.EMBEDDING: "token"}
+
+
+def _qk_summary(
+    qk: QKAttribution, ids: list[str], label: Callable[[int], str], k: int = QK_TOP
+) -> dict[str, Any]:
+    """What `GraphStep.qk` holds: the score, its routes, by kind, and the k largest pairs by stable identity."""
+    graph = qk.graph
+    n = qk.pairs.shape[0]
+    kinds = [_KIND[node.kind] for node in graph.nodes[:n]]
+    by_kind: dict[str, float] = {}
+
+    def add(key: str, v: float) -> None:
+        by_kind[key] = by_kind.get(key, 0.0) + v
+
+    index = {name: torch.tensor([i for i, kd in enumerate(kinds) if kd == name], dtype=torch.long)
+             for name in ("feature", "error", "token")}  # fmt: skip
+    routes = [("own", qk.pairs, qk.query_const, qk.key_const, qk.const)]
+    if qk.pairs_prev is not None:
+        assert qk.query_const_prev is not None and qk.key_const_prev is not None
+        routes.append(("previous", qk.pairs_prev, qk.query_const_prev, qk.key_const_prev, qk.const_prev))
+    for route, pairs, qc, kc, c in routes:
+        for a, ia in index.items():
+            if not len(ia):
+                continue
+            add(f"{a} x const, {route}", float(qc[ia].sum()))
+            add(f"const x {a}, {route}", float(kc[ia].sum()))
+            for b, ib in index.items():
+                if len(ib):
+                    add(f"{a} x {b}, {route}", float(pairs[ia][:, ib].sum()))
+        add(f"const x const, {route}", float(c))
+    position = {qk.key_pos: "its own key", qk.key_pos - 1: "the previous position's key"}
+    top = [
+        {
+            "query": ids[ids_index[p.query]],
+            "key": ids[ids_index[p.key]],
+            "part": p.part,
+            "through": p.through,
+            "label": f"{label(ids_index[p.query])} x {label(ids_index[p.key])} (through {position[p.through]})",
+        }
+        for ids_index in [{name: i for i, name in enumerate(graph.node_ids())}]
+        for p in qk.top(k)
+    ]
+    return {
+        "layer": qk.layer,
+        "head": qk.head,
+        "query_pos": qk.query_pos,
+        "key_pos": qk.key_pos,
+        "score": qk.score,
+        "gate": qk.gate,
+        "current": float(qk.current),
+        "through_previous": float(qk.through_previous),
+        "by_kind": {key: v for key, v in by_kind.items() if v != 0.0},
+        "top": top,
+    }
+
+
+def induction_edge(tokens: Sequence[int] | Tensor, query_pos: int | None = None) -> tuple[int, int]:
+    """The induction head's attention edge in a prompt: the query at ``query_pos`` (default the last position)
+    and the key at the position after that token's latest earlier occurrence."""
+    toks = torch.as_tensor(tokens).reshape(-1).tolist()
+    q = len(toks) - 1 if query_pos is None else query_pos
+    if not 0 <= q < len(toks):
+        raise ValueError(f"query position {q} is outside the prompt's {len(toks)} positions")
+    earlier = [p for p in range(q) if toks[p] == toks[q]]
+    if not earlier:
+        raise ValueError(
+            f"token {toks[q]} at the query position {q} does not occur earlier in the prompt, so there is no "
+            "induction edge: repeat it, or name the edge (qk_positions=(QUERY, KEY), `--qk-positions Q,K`)"
+        )
+    return q, earlier[-1] + 1
+
+
 def compare_graphs(
     steps: Sequence[int],
     graphs: Sequence[AttributionGraph],
     pruned: Sequence[PrunedGraph],
     clts: Sequence[CrossLayerTranscoder],
     *,
+    qks: Sequence[QKAttribution | None] | None = None,
     formation: FormationResult | None = None,
     match_threshold: float = MATCH_THRESHOLD,
     folders: Sequence[str | Path | None] | None = None,
@@ -412,13 +558,19 @@ def compare_graphs(
 ) -> GraphsAcross:
     """Compare the graphs of one prompt at ``steps`` (increasing), each pruned, with the CLT it was built with
     (see the module docstring): their scores and sizes, the formation report's scores at each step, and the
-    nodes and edges that appeared, vanished or changed between consecutive steps."""
+    nodes and edges that appeared, vanished or changed between consecutive steps; with ``qks`` (the QK
+    attribution of one attention edge at each step, `qk_attribution(..., graph=graphs[k])`) also its summary
+    (`GraphStep.qk`), pairs named by stable identity."""
     n = len(steps)
     if not n or not len(graphs) == len(pruned) == len(clts) == n:
         raise ValueError(
             f"give one graph, pruning and CLT per step: {n} steps, {len(graphs)} graphs, {len(pruned)} "
             f"prunings, {len(clts)} CLTs"
         )
+    if qks is not None and (
+        len(qks) != n or any(q is not None and q.graph is not g for q, g in zip(qks, graphs, strict=False))
+    ):
+        raise ValueError(f"give one QK attribution per step, of that step's graph: {len(qks)} for {n} steps")
     if list(steps) != sorted(set(steps)):
         raise ValueError(f"steps must be distinct and increasing, got {list(steps)}")
     first = graphs[0]
@@ -446,6 +598,7 @@ def compare_graphs(
         kept_edges.append(edges)
         labels.append(lambda i, g=g: _label(g, i))
         induction, prev = _formation_at(formation, steps[k])
+        this_qk = qks[k] if qks is not None else None
         scores = graph_scores(g)
         summaries.append(
             GraphStep(
@@ -461,6 +614,7 @@ def compare_graphs(
                 position_influence=_position_influence(g, node_influence),
                 induction=induction,
                 prev_token=prev,
+                qk=_qk_summary(this_qk, ids, labels[-1]) if this_qk is not None else None,
             )
         )
     changes: list[GraphChange] = []
@@ -562,6 +716,8 @@ def graphs_across(
     batch_size: int = 256,
     memory_gb: float = 8.0,
     match_threshold: float = MATCH_THRESHOLD,
+    qk: tuple[int, int] | None = None,
+    qk_positions: tuple[int, int] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> GraphsAcross:
     """The graph of ``prompt`` at each checkpoint of training run ``run`` that ``clts`` (a CLT run across its
@@ -569,7 +725,10 @@ def graphs_across(
     last checkpoint's most likely next token), compared by `compare_graphs` with the run's formation scores.
     With ``out`` each graph is saved in ``out/step_N/`` (a graph already there for the same prompt, targets,
     CLT and thresholds is read, not rebuilt: an interrupted job resumes) and the comparison in ``out``.
-    ``progress(step)`` is called before each graph."""
+    With ``qk=(layer, head)`` the score of that head on one attention edge is attributed at each step to
+    pairs of query-side and key-side nodes (`qk_attribution`): the edge ``qk_positions=(query, key)``, by default
+    the induction edge (`induction_edge`: the last position against the one after its token's earlier
+    occurrence). ``progress(step)`` is called before each graph."""
     train = runs.TrainRun.open(run)
     available = run_clts(clts)
     chosen = sorted(available) if steps is None else sorted(set(steps))
@@ -585,11 +744,20 @@ def graphs_across(
         tokens = last.to_tokens(prompt, prepend_bos=bos)[0]
     else:
         tokens = torch.as_tensor(list(prompt), dtype=torch.long)
+    edge = None
+    if qk is not None:
+        layer, head = qk
+        if not (0 <= layer < last.cfg.n_layers and 0 <= head < last.cfg.n_heads):
+            raise ValueError(
+                f"qk head L{layer}H{head}: the model has {last.cfg.n_layers} layers of {last.cfg.n_heads} heads"
+            )
+        edge = qk_positions if qk_positions is not None else induction_edge(tokens)
     if targets is None:
         last.check_tokens(tokens[None])
         with torch.no_grad():
             targets = [int(last(tokens[None])[0, -1].argmax())]
     graphs, prunings, transcoders, folders = [], [], [], []
+    qks: list[QKAttribution | None] = []
     for s in chosen:
         if progress is not None:
             progress(s)
@@ -613,6 +781,19 @@ def graphs_across(
             if folder is not None:
                 graph.save(folder, pruned)
         assert pruned is not None
+        if qk is not None and edge is not None:
+            qks.append(
+                qk_attribution(
+                    model,
+                    clt,
+                    tokens,
+                    layer=qk[0],
+                    head=qk[1],
+                    query_pos=edge[0],
+                    key_pos=edge[1],
+                    graph=graph,
+                )
+            )
         graphs.append(graph)
         prunings.append(pruned)
         transcoders.append(clt)
@@ -622,6 +803,7 @@ def graphs_across(
         graphs,
         prunings,
         transcoders,
+        qks=qks if qk is not None else None,
         formation=_formation(train.path),
         match_threshold=match_threshold,
         folders=folders,
@@ -631,6 +813,7 @@ def graphs_across(
             "prompt": prompt if isinstance(prompt, str) else None,
             "node_threshold": node_threshold,
             "edge_threshold": edge_threshold,
+            "qk": None if edge is None or qk is None else {"layer": qk[0], "head": qk[1], "edge": list(edge)},
         },
     )
     if out is not None:
@@ -669,6 +852,7 @@ __all__ = [
     "GraphsAcross",
     "compare_graphs",
     "graphs_across",
+    "induction_edge",
     "match_features",
     "run_clts",
 ]

@@ -353,6 +353,8 @@ def across_view(folder: Path, base: Path, root: Path) -> dict[str, Any] | None:
             link = _rel(folder / sub, base)
         influence = _numbers(g.get("position_influence")) or []
         p = _numbers(g.get("target_probability")) or []
+        qk = _dict(g.get("qk"))
+        top = _dict((_list(qk.get("top")) or [None])[0])
         rows.append(
             {
                 "step": _number(g.get("step")),
@@ -370,6 +372,11 @@ def across_view(folder: Path, base: Path, root: Path) -> dict[str, Any] | None:
                 "edges_appeared": _number(c.get("edges_appeared")),
                 "edges_vanished": _number(c.get("edges_vanished")),
                 "graph": link,
+                "qk_score": _number(qk.get("score")),
+                "qk_previous": _number(qk.get("through_previous")),
+                "qk_top": _text(f"{top.get('label')}: {_number(top.get('part')):+.3f}", 300)
+                if isinstance(_number(top.get("part")), int | float)
+                else None,
             }
         )
     rows.sort(key=lambda r: r["step"] if isinstance(r["step"], int | float) else math.inf)
@@ -381,8 +388,19 @@ def across_view(folder: Path, base: Path, root: Path) -> dict[str, Any] | None:
         "prompt": _text(_dict(data.get("meta")).get("prompt") or "", 500),
         "formation_step": _number(formation.get("formation_step")),
         "rows": rows,
+        "qk": _qk_head(data),
         "plot": _rel(html, base) if _is_file(html, root) else None,
     }
+
+
+def _qk_head(data: dict[str, Any]) -> str | None:
+    """``L{layer}H{head}, query Q -> key K`` of the QK attribution the graphs carry, or None."""
+    for g in _dicts(data.get("graphs"), 200):
+        qk = _dict(g.get("qk"))
+        if qk:
+            vals = [_number(qk.get(k)) for k in ("layer", "head", "query_pos", "key_pos")]
+            return f"L{vals[0]}H{vals[1]}, query {vals[2]} -> key {vals[3]}"
+    return None
 
 
 def _list(v: Any) -> list:

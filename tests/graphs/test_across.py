@@ -100,3 +100,50 @@ def test_save_load_exact_and_refusals(tmp_path):
     other = attribute(planted_model(), clt, [BOS, A, C], targets=[B])
     with pytest.raises(ValueError, match="another prompt"):
         compare_graphs([1, 2], [graphs[0], other], [pruned, prune_graph(other)], [clt, clt])
+
+
+def test_qk_attribution_across_checkpoints_names_the_previous_token_key():
+    """Two checkpoints of the smeared planted model (`test_qk`) whose query reads A: before, the head's key reads
+    nothing; after, it reads layer 0's feature of A through the smear. On the induction edge (the repeated A at
+    3 against D at 2, after the first A) the score goes from 0 to 8 x 3/4, all of it token A x that feature
+    (named by its track across the permuted CLT) through the previous position's key."""
+    from interplab.graphs.across import induction_edge
+    from interplab.graphs.qk import qk_attribution
+    from tests.graphs.test_qk import GATE, smeared_planted_model
+
+    tokens = [BOS, A, D, A]
+    assert induction_edge(tokens) == (3, 2)
+    models = []
+    for with_key in (False, True):
+        m = smeared_planted_model()
+        with torch.no_grad():
+            m.blocks[1].attn.W_Q[0] = 4.0 * torch.outer(torch.eye(8)[0], torch.eye(8)[0])  # the query reads A
+            if not with_key:
+                m.blocks[1].attn.W_K.zero_()
+        models.append(m)
+    perms = [torch.tensor([2, 0, 3, 1]), torch.tensor([3, 2, 1, 0])]
+    clts = [exact_transcoder(models[0]), _permuted(exact_transcoder(models[1]), perms)]
+    graphs = [attribute(m, c, tokens, targets=[B]) for m, c in zip(models, clts, strict=True)]
+    qks = [
+        qk_attribution(m, c, tokens, layer=1, head=0, query_pos=3, key_pos=2, graph=g)
+        for m, c, g in zip(models, clts, graphs, strict=True)
+    ]
+    across = compare_graphs([10, 20], graphs, [prune_graph(g) for g in graphs], clts, qks=qks)
+    before, after = (g.qk for g in across.graphs)
+    assert before is not None and after is not None
+    assert before["score"] == pytest.approx(0.0, abs=1e-6) and before["by_kind"] == {}
+    assert after["score"] == pytest.approx(8.0 * (1 - GATE), abs=1e-5)
+    assert after["through_previous"] == pytest.approx(6.0, abs=1e-5)
+    top = after["top"][0]
+    assert (top["query"], top["key"], top["through"]) == (f"E_{A}_3", "0_0@10_1", 1)
+    assert top["part"] == pytest.approx(6.0, abs=1e-5)
+    assert "previous position's key" in top["label"] and "layer 0 feature 1 at 1" in top["label"]
+    assert after["by_kind"] == {"token x feature, previous": pytest.approx(6.0, abs=1e-5)}
+    assert "| QK score | through previous | top QK pair |" in across.markdown()
+    assert f"E_{A}_3 x 0_0@10_1 (prev): +6.000" in across.markdown()
+    assert "QK score" in {t.name for t in across.plot().data}
+    assert GraphsAcross.from_dict(across.to_dict()).graphs[1].qk == after
+    with pytest.raises(ValueError, match="one QK attribution per step"):
+        compare_graphs([10, 20], graphs, [prune_graph(g) for g in graphs], clts, qks=qks[:1])
+    with pytest.raises(ValueError, match="does not occur earlier"):
+        induction_edge([BOS, A, D, C])

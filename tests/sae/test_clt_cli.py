@@ -168,6 +168,22 @@ def test_clts_along_the_formation_window_then_graphs_across(setup):
     across = GraphsAcross.load(t / "run" / "graphs" / "across")
     assert across.steps == [10, 20] and [g.induction for g in across.graphs] == [0.0, pytest.approx(0.6)]
     assert (t / "run" / "graphs" / "across" / "step_000020" / "graph.json").is_file()
+    # --qk best: the formation report's best head (L0H1), on the induction edge (the last 2 against the 3)
+    out = _ok(["graph", "across", "--model", t / "run", "--tokens", "0,1,2,3,4,5,1,2", "--targets", "3,",
+               "--qk", "best", "--out", t / "qk"])  # fmt: skip
+    assert "top QK pair" in out and "step 20: L0H1 score" in out
+    qk = GraphsAcross.load(t / "qk").graphs[1].qk
+    assert qk is not None and (qk["layer"], qk["head"], qk["query_pos"], qk["key_pos"]) == (0, 1, 7, 3)
+    assert qk["score"] == pytest.approx(qk["current"] + qk["through_previous"], abs=1e-5)
+    for bad, why in [("1.9", "2 layers of 2 heads"), ("x", "write LAYER.HEAD")]:
+        res = runner.invoke(
+            app, ["graph", "across", "--model", str(t / "run"), "--tokens", "0,1,2", "--qk", bad]
+        )
+        assert res.exit_code != 0 and why in res.output, res.output
+    res = runner.invoke(
+        app, ["graph", "across", "--model", str(t / "run"), "--tokens", "0,1,2", "--qk", "0.0"]
+    )
+    assert res.exit_code != 0 and "does not occur earlier" in res.output
     res = runner.invoke(
         app, ["graph", "across", "--model", str(t / "run"), "--tokens", "0,1", "--steps", "30"]
     )

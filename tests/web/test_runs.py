@@ -268,3 +268,13 @@ def test_run_page_shows_graphs_across_training_in_step_order(tmp_path, web_setup
     href = rows[0].split('class="graph-link" href="')[1].split('"')[0]
     assert href == "/run/0/graph?at=graphs/across/step_000010"
     assert c.get(href).status_code == 200
+    assert "QK score" not in section  # no QK attribution in this report
+    qk = {"layer": 0, "head": 2, "query_pos": 3, "key_pos": 2, "score": 6.0, "through_previous": 6.0,
+          "top": [{"query": "E_1_3", "key": "0_0@10_1", "part": 6.0, "through": 1, "label": "token 1 <x> f"}]}  # fmt: skip
+    data["graphs"][0]["qk"] = qk
+    runs.write_json(folder / runs.REPORT, runs.Kind.GRAPH_ACROSS, data)
+    section = c.get("/run/0").text.split('id="across-0"')[1].split("</div>")[0]
+    assert "QK score of L0H2, query 3 -&gt; key 2" in section
+    rows = section.split("<tr>")[2:]
+    assert '<td class="qk-score">6 (6)</td>' in rows[1]
+    assert "token 1 &lt;x&gt; f: +6.000" in rows[1] and '<td class="qk-top"></td>' in rows[0]
