@@ -213,7 +213,7 @@ def install_fast_obs(env: Any) -> bool:
         and cls.gen_obs_grid is MiniGridEnv.gen_obs_grid
     ):
         return False
-    env.gen_obs = types.MethodType(_gen_obs, env)  # a bound method: a deep copy of env rebinds it
+    env.gen_obs = types.MethodType(_gen_obs, env)  # type: ignore[method-assign]  # bound: a deep copy rebinds it
     return True
 
 
