@@ -18,6 +18,7 @@ drawn, so this module imports without them.
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,7 @@ def _image_env_class() -> type:
         def __init__(self, env: Any, seed: int | None) -> None:
             super().__init__(env)
             self._first_seed = seed
+            install_fast_obs(env.unwrapped)
 
         def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
             if seed is None:
@@ -119,6 +121,109 @@ def _image_env_class() -> type:
             return super().reset(seed=seed, options=options)
 
     return ImageObs
+
+
+@functools.cache
+def _view_cells(size: int, agent_dir: int) -> tuple[tuple[int, int], ...]:
+    """For each cell ``(x, y)`` of the agent's view (flat index ``x * size + y``), the cell ``(i, j)`` of the
+    unrotated slice of the grid that MiniGrid's ``gen_obs_grid`` puts there (it rotates the slice left
+    ``agent_dir + 1`` times: ``rotated[x, y] = slice[size - 1 - y, x]``)."""
+    index = np.arange(size * size).reshape(size, size)  # index[i, j] = i * size + j
+    x, y = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    for _ in range(agent_dir + 1):
+        index = index[size - 1 - y, x]
+    return tuple((int(k) // size, int(k) % size) for k in index.reshape(-1))
+
+
+def fast_gen_obs(env: Any) -> dict[str, Any]:
+    """MiniGrid's ``env.gen_obs()`` (the view image, direction and mission), computed without the copies
+    ``gen_obs_grid`` makes (a sliced grid, ``agent_dir + 1`` rotated grids of fresh cells, then ``encode``):
+    the view's cells are read from the grid's cell list through a precomputed index per direction, occlusion
+    is MiniGrid's ``Grid.process_vis`` propagation on them, and the encoding is each object's own
+    ``encode()``. Equal to MiniGrid's observation (tested on random states of every supported environment);
+    about a quarter of its time."""
+    from minigrid.core.constants import OBJECT_TO_IDX
+
+    grid = env.grid
+    width, height, cells = grid.width, grid.height, grid.grid
+    size = env.agent_view_size
+    top_x, top_y, _, _ = env.get_view_exts()
+    wall = _wall()
+    view: list[Any] = []
+    for i, j in _view_cells(size, env.agent_dir):
+        x, y = top_x + i, top_y + j
+        view.append(cells[y * width + x] if 0 <= x < width and 0 <= y < height else wall)
+    agent = (size // 2) * size + size - 1  # the agent's cell (size // 2, size - 1)
+    if env.see_through_walls:
+        visible = [True] * (size * size)
+    else:  # Grid.process_vis, on the flat index x * size + y
+        visible = [False] * (size * size)
+        visible[agent] = True
+        for j in range(size - 1, -1, -1):
+            for i in range(size - 1):
+                k = i * size + j
+                if not visible[k]:
+                    continue
+                cell = view[k]
+                if cell and not cell.see_behind():
+                    continue
+                visible[k + size] = True
+                if j > 0:
+                    visible[k + size - 1] = True
+                    visible[k - 1] = True
+            for i in range(size - 1, 0, -1):
+                k = i * size + j
+                if not visible[k]:
+                    continue
+                cell = view[k]
+                if cell and not cell.see_behind():
+                    continue
+                visible[k - size] = True
+                if j > 0:
+                    visible[k - size - 1] = True
+                    visible[k - 1] = True
+    view[agent] = env.carrying if env.carrying else None
+    empty, unseen = (OBJECT_TO_IDX["empty"], 0, 0), (0, 0, 0)
+    codes = [
+        (c.encode() if c is not None else empty) if v else unseen for c, v in zip(view, visible, strict=True)
+    ]
+    image = np.array(codes, dtype=np.uint8).reshape(size, size, 3)
+    return {"image": image, "direction": env.agent_dir, "mission": env.mission}
+
+
+@functools.cache
+def _wall() -> Any:
+    """The object `Grid.slice` puts outside the grid (a grey wall; only its encoding and opacity are read)."""
+    from minigrid.core.world_object import Wall
+
+    return Wall()
+
+
+def install_fast_obs(env: Any) -> bool:
+    """Make a MiniGrid env's ``gen_obs`` (what its ``reset`` and ``step`` return) `fast_gen_obs`, where the
+    env uses MiniGrid's own observation code (neither ``gen_obs`` nor ``gen_obs_grid`` overridden, a plain
+    `Grid`); at each call a grid that is not a plain `Grid` goes back to MiniGrid's ``gen_obs``. Returns
+    whether it was installed."""
+    from minigrid.minigrid_env import MiniGridEnv
+
+    cls = type(env)
+    if not (
+        isinstance(env, MiniGridEnv)
+        and cls.gen_obs is MiniGridEnv.gen_obs
+        and cls.gen_obs_grid is MiniGridEnv.gen_obs_grid
+    ):
+        return False
+    env.gen_obs = types.MethodType(_gen_obs, env)  # type: ignore[method-assign]  # bound: a deep copy rebinds it
+    return True
+
+
+def _gen_obs(env: Any) -> dict[str, Any]:
+    from minigrid.core.grid import Grid
+    from minigrid.minigrid_env import MiniGridEnv
+
+    if type(env.grid) is not Grid:
+        return MiniGridEnv.gen_obs(env)
+    return fast_gen_obs(env)
 
 
 def make_env(name: str, seed: int | None = None, **kwargs: Any) -> Any:

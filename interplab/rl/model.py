@@ -456,10 +456,37 @@ class DecisionTransformer(nn.Module):
         attention_mask: Bool[Tensor, "batch T"] | None = None,
     ) -> Float[Tensor, "batch n_actions"]:
         """Logits of the action at the last step (its action is not known yet: whatever ``actions[:, -1]``
-        holds is replaced by the "no action yet" token, which the state token cannot see anyway)."""
+        holds is replaced by the "no action yet" token, which the state token cannot see anyway).
+
+        Without active hooks only what those logits depend on is computed: the last action token (which no
+        earlier token attends to) is left out, and the last block runs at the last state token alone, on the
+        keys and values of every token before it (`Block.finish` is position by position); equal to
+        ``forward(...)[:, -1]`` to float precision. With hooks, the full `forward` (every hook sees every
+        token)."""
         actions = actions.clone()
         actions[:, -1] = self.cfg.pad_action
-        return self(rtg, obs, actions, timesteps, attention_mask)[:, -1]
+        if self.transformer.hook_registry.any_active:
+            return self(rtg, obs, actions, timesteps, attention_mask)[:, -1]
+        return self._predict_checked(*self.check_inputs(rtg, obs, actions, timesteps, attention_mask))
+
+    def _predict_checked(
+        self, rtg: Tensor, obs: Tensor, actions: Tensor, timesteps: Tensor, mask: Tensor | None
+    ) -> Float[Tensor, "batch n_actions"]:
+        """`predict` without hooks, on checked inputs (see `predict`)."""
+        tf = self.transformer
+        resid, ctx = self._embed(rtg, obs, actions, timesteps, mask)
+        resid = resid[:, :-1]  # [R_1, s_1, a_1, ..., R_T, s_T]: the last token is the state predicting a_T
+        key_valid = None if ctx.key_valid is None else ctx.key_valid[:, :-1]
+        positions = ctx.positions[:, :-1]
+        resid = tf.run_blocks(
+            resid, AttnContext(positions=positions, key_valid=key_valid), stop=self.cfg.n_layers - 1
+        )
+        last = tf.blocks[-1]
+        past = resid.shape[1] - 1
+        _, k, v = last.attn.project(last.ln1(resid[:, :past]))  # the keys and values of the earlier tokens
+        ctx = AttnContext(positions=positions[:, past:], key_valid=key_valid, past_len=past)
+        out = last(resid[:, past:], ctx, LayerKV(k, v))
+        return tf.unembed_resid(out[:, 0])
 
     # ---- incremental prediction (rollouts) -------------------------------------------------------
     def step_cache(self, n: int) -> StepCache:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from interplab.rl.envs import SUPPORTED_ENVS, EnvSpec, env_spec, make_env, make_vector_env, render_obs
+from interplab.rl.envs import (
+    SUPPORTED_ENVS,
+    EnvSpec,
+    env_spec,
+    fast_gen_obs,
+    install_fast_obs,
+    make_env,
+    make_vector_env,
+    render_obs,
+)
 
 gymnasium = pytest.importorskip("gymnasium")
 pytest.importorskip("minigrid")
@@ -50,6 +60,110 @@ def test_observations_and_rewards_equal_minigrids_own(name):
                 obs, _ = ours.reset(seed=seed + 100)
                 ref, _ = theirs.reset(seed=seed + 100)
                 np.testing.assert_array_equal(obs, ref["image"])
+
+
+def _random_objects(rng: np.random.Generator) -> list:
+    from minigrid.core.world_object import Ball, Box, Door, Goal, Key, Lava, Wall
+
+    colors = ["red", "green", "blue", "purple", "yellow", "grey"]
+    c = str(rng.choice(colors))
+    return [
+        None,
+        Wall(),
+        Key(c),
+        Ball(c),
+        Box(c),
+        Goal(),
+        Lava(),
+        Door(c, is_open=True),
+        Door(c),
+        Door(c, is_locked=True),
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_obs_equals_minigrids_gen_obs_on_random_states(name):
+    """`fast_gen_obs` equals MiniGrid's ``gen_obs`` on thousands of random states: random layouts (seeds),
+    random objects of every kind placed anywhere (open, closed, locked doors occlude or not), the agent at any
+    cell (walls and the border included: the view then leaves the grid) facing any way, carrying something or
+    not, with and without ``see_through_walls``, and along random play."""
+    from minigrid.minigrid_env import MiniGridEnv
+
+    rng = np.random.default_rng(0)
+    env = make_env(name)
+    u = env.unwrapped
+    assert "gen_obs" in vars(u)  # installed: env.step returns fast_gen_obs
+    checked = 0
+    for seed in range(25):
+        env.reset(seed=seed)
+        for _ in range(int(rng.integers(0, 12))):  # objects anywhere
+            x, y = int(rng.integers(0, u.grid.width)), int(rng.integers(0, u.grid.height))
+            objects = _random_objects(rng)
+            u.grid.set(x, y, objects[int(rng.integers(0, len(objects)))])
+        for _ in range(40):
+            u.agent_pos = (int(rng.integers(0, u.grid.width)), int(rng.integers(0, u.grid.height)))
+            u.agent_dir = int(rng.integers(0, 4))
+            u.carrying = _random_objects(rng)[int(rng.integers(0, 4))]
+            u.see_through_walls = bool(rng.random() < 0.2)
+            ref, ours = MiniGridEnv.gen_obs(u), fast_gen_obs(u)
+            np.testing.assert_array_equal(ours["image"], ref["image"])
+            assert ours["image"].dtype == np.uint8
+            assert (ours["direction"], ours["mission"]) == (ref["direction"], ref["mission"])
+            checked += 1
+    for seed in range(10):  # and along play, through env.step (which returns the installed gen_obs)
+        obs, _ = env.reset(seed=seed)
+        for action in _actions(seed, 100):
+            np.testing.assert_array_equal(obs, MiniGridEnv.gen_obs(u)["image"])
+            obs, _, term, trunc, _ = env.step(action)
+            checked += 1
+            if term or trunc:
+                break
+    assert checked >= 1000
+
+
+def test_fast_obs_is_installed_only_on_minigrids_own_observation_code():
+    from minigrid.core.grid import Grid
+    from minigrid.envs.empty import EmptyEnv
+    from minigrid.minigrid_env import MiniGridEnv
+
+    env = make_env("MiniGrid-Empty-5x5-v0", seed=0)
+    env.reset()
+    assert "gen_obs" in vars(env.unwrapped)  # the instance's own, not MiniGrid's method
+    twin = copy.deepcopy(env.unwrapped)  # a copy's observation is its own state's
+    twin.agent_dir = (env.unwrapped.agent_dir + 1) % 4
+    np.testing.assert_array_equal(twin.gen_obs()["image"], MiniGridEnv.gen_obs(twin)["image"])
+
+    class OwnObs(EmptyEnv):
+        def gen_obs(self):
+            return {"image": np.zeros((7, 7, 3), np.uint8), "direction": 0, "mission": ""}
+
+    assert not install_fast_obs(OwnObs(size=5))
+    assert not install_fast_obs(object())
+
+    class OtherGrid(Grid):
+        pass
+
+    u = EmptyEnv(size=5)
+    assert install_fast_obs(u)
+    u.reset(seed=0)
+    calls = []
+    original = MiniGridEnv.gen_obs
+
+    def spy(self):
+        calls.append(1)
+        return original(self)
+
+    MiniGridEnv.gen_obs = spy  # type: ignore[method-assign]
+    try:
+        u.gen_obs()
+        assert not calls  # a plain Grid: the fast path
+        grid = OtherGrid(u.grid.width, u.grid.height)
+        grid.grid = list(u.grid.grid)
+        u.grid = grid
+        u.gen_obs()
+        assert calls  # another grid class: MiniGrid's own
+    finally:
+        MiniGridEnv.gen_obs = original  # type: ignore[method-assign]
 
 
 def test_a_reward_is_paid_and_equals_minigrids_formula():

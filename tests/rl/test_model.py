@@ -191,14 +191,32 @@ def test_left_padding_gives_the_unpadded_logits(state_embedding):
         assert_close(out2[1], model(*full)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_predict_is_the_last_step_with_no_action_yet():
-    model = make_model()
-    rtg, obs, actions, timesteps = batch()
-    with torch.no_grad():
-        full = model(rtg, obs, actions, timesteps)
-        a2 = actions.clone()
-        a2[:, -1] = -1  # unknown: anything goes there
-        assert_close(model.predict(rtg, obs, a2, timesteps), full[:, -1], rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+@pytest.mark.parametrize("state_embedding", ["linear", "conv"])
+def test_predict_is_the_last_step_with_no_action_yet(n_layers, state_embedding):
+    """`predict` (without hooks: the last action token left out, the last block at the last state token
+    only) equals the full forward's last step, padded or not, for every window length; with a hook on, the
+    full forward runs and the hook sees every token."""
+    model = make_model(state_embedding, n_layers=n_layers)
+    for t in (1, 2, 5):
+        rtg, obs, actions, timesteps = batch(t=t)
+        mask = torch.ones(3, t, dtype=torch.bool)
+        mask[1, : t - 1] = False  # a left-padded row
+        for m in (None, mask):
+            with torch.no_grad():
+                full = model(rtg, obs, actions, timesteps, m)
+                a2 = actions.clone()
+                a2[:, -1] = -1  # unknown: anything goes there
+                got = model.predict(rtg, obs, a2, timesteps, m)
+                assert_close(got, full[:, -1], rtol=1e-5, atol=1e-5)
+                seen = []
+                hook = (
+                    f"blocks.{n_layers - 1}.hook_mlp_out",
+                    lambda x, hook, seen=seen: seen.append(x.shape[1]),
+                )
+                with model.hooks(fwd_hooks=[hook]):
+                    assert_close(model.predict(rtg, obs, a2, timesteps, m), got, rtol=1e-5, atol=1e-5)
+                assert seen == [3 * t]  # hooks see the whole window
     assert model.cfg.pad_action == 7
     assert actions[0, -1] != -1  # predict does not write into its input
 
