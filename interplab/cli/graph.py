@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from interplab import runs
+from interplab.analysis.formation import FormationResult
 from interplab.cli.common import (
     JobProgress,
     claim_out,
@@ -308,8 +309,6 @@ def _qk_head(text: str, run: Path) -> tuple[int, int]:
             fail(
                 f"--qk best reads the run's formation report, and {run} has none: run `interplab formation {run}`"
             )
-        from interplab.analysis.formation import FormationResult
-
         return FormationResult.from_dict(runs.read_json(path, runs.Kind.FORMATION)).best_head()
     layer, _, head = text.partition(".")
     if not (layer.isdigit() and head.isdigit()):
