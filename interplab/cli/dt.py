@@ -190,12 +190,24 @@ def collect_command(
 @app.command("ppo")
 def ppo_command(
     env: str = typer.Argument(..., help="environment, e.g. MiniGrid-Empty-5x5-v0"),
-    steps: int = typer.Option(..., "--steps", help="environment steps to train for", callback=positive_int),
+    steps: int = typer.Option(
+        None,
+        "--steps",
+        help="environment steps to train for (required without --preset)",
+        callback=positive_int,
+    ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="PPO run folder (resumes a run found there)", callback=out_folder
     ),
-    memory: str = typer.Option("gru", "--memory", help="the policy's memory: gru or none"),
-    n_envs: int = typer.Option(8, "--n-envs", help="environments stepped together", callback=positive_int),
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        help="a named config (interplab.rl.ppo.PPO_PRESETS, e.g. doorkey-ppo); flags override it",
+    ),
+    memory: str = typer.Option(None, "--memory", help="the policy's memory: gru (default) or none"),
+    n_envs: int = typer.Option(
+        None, "--n-envs", help="environments stepped together (default 8)", callback=positive_int
+    ),
     seed: int = typer.Option(0, "--seed", help="training seed", callback=non_negative_int),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a run found in --out"),
     stop_after: int = typer.Option(
@@ -205,10 +217,10 @@ def ppo_command(
 ) -> None:
     """Train a PPO agent (`interplab.rl.ppo`) whose checkpoints `dt collect --policy` plays."""
     set_threads(threads)
-    from interplab.rl.ppo import Memory, PPOConfig, train_ppo
+    from interplab.rl.ppo import PPOConfig, ppo_config, train_ppo
 
     with _library("cannot train PPO"):
-        cfg = PPOConfig(env=env, steps=steps, memory=Memory.parse(memory), n_envs=n_envs, seed=seed)
+        cfg: PPOConfig = ppo_config(env, preset=preset, steps=steps, memory=memory, n_envs=n_envs, seed=seed)
         claim_out(out, Kind.PPO)
         with JobProgress(f"ppo {env}", total=cfg.updates * cfg.batch, unit="env steps") as bar:
 

@@ -29,6 +29,8 @@ _EXPORTS: dict[str, str] = {
     "collect": "expert",
     "expert_action": "expert",
     "PPOConfig": "ppo",
+    "PPO_PRESETS": "ppo",
+    "ppo_preset": "ppo",
     "PPOPolicy": "ppo",
     "train_ppo": "ppo",
     "load_ppo_policy": "ppo",

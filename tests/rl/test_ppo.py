@@ -29,7 +29,9 @@ from interplab.rl.ppo import (  # noqa: E402
     gae,
     load_ppo_policy,
     play_ppo,
+    ppo_config,
     ppo_loss,
+    ppo_preset,
     train_ppo,
 )
 from interplab.rl.trajectories import load_trajectories  # noqa: E402
@@ -186,6 +188,60 @@ def test_config_round_trip_and_validation():
             PPOConfig(**{"env": EMPTY, **kwargs})
     with pytest.raises(ValueError, match="unknown PPOConfig fields"):
         PPOConfig.from_dict({**cfg.to_dict(), "lr_schedule": "cosine"})
+
+
+DOORKEY = "MiniGrid-DoorKey-5x5-v0"
+
+
+def test_the_doorkey_preset_and_its_overrides():
+    """The preset's settings are the ones docs/dt.md measured (changing them invalidates that measurement)."""
+    cfg = ppo_preset("doorkey-ppo")
+    assert (cfg.env, cfg.memory, cfg.n_envs, cfg.rollout, cfg.minibatches) == (
+        DOORKEY,
+        Memory.NONE,
+        16,
+        128,
+        8,
+    )
+    assert (cfg.steps, cfg.batch, cfg.updates, cfg.lr, cfg.entropy_coef) == (65_536, 2048, 32, 1e-3, 0.01)
+    assert cfg.batch // cfg.minibatches == 256  # the reference's minibatch size
+    assert ppo_preset("doorkey-ppo", steps=4096, seed=3).updates == 2
+    assert ppo_config(DOORKEY, preset="doorkey-ppo", steps=None, n_envs=2, memory=None) == cfg.replace(
+        n_envs=2
+    )
+    assert ppo_config(EMPTY, steps=512, memory="none") == PPOConfig(env=EMPTY, steps=512, memory=Memory.NONE)
+    with pytest.raises(ValueError, match="unknown PPO preset 'doorkey'; presets: doorkey-ppo"):
+        ppo_preset("doorkey")
+    with pytest.raises(ValueError, match="is for MiniGrid-DoorKey-5x5-v0, not MiniGrid-Empty-5x5-v0"):
+        ppo_config(EMPTY, preset="doorkey-ppo")
+    with pytest.raises(ValueError, match="give --steps"):
+        ppo_config(EMPTY, memory="gru")
+
+
+def test_cli_ppo_with_the_doorkey_preset(tmp_path):
+    """The preset reaches the run's config.json, flags override it (one short update, not a training run)."""
+    run = tmp_path / "dk"
+    args = [
+        "dt",
+        "ppo",
+        DOORKEY,
+        "--preset",
+        "doorkey-ppo",
+        "--steps",
+        "256",
+        "--n-envs",
+        "2",
+        "--out",
+        str(run),
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = PPOConfig.from_dict(runs.PPORun.open(run).config)
+    assert saved == ppo_preset("doorkey-ppo", steps=256, n_envs=2)
+    res = runner.invoke(app, ["dt", "ppo", EMPTY, "--preset", "doorkey-ppo", "--out", str(tmp_path / "e")])
+    assert res.exit_code != 0 and "not MiniGrid-Empty-5x5-v0" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["dt", "ppo", EMPTY, "--out", str(tmp_path / "e")])
+    assert res.exit_code != 0 and "give --steps" in res.output
 
 
 def _rows(run):
