@@ -3,9 +3,9 @@ tokens of the demo corpus on CPU, and feature-page latency under a bounded loopb
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_features.py --out benchmarks/results/features.json
 
-SAEDashboard runs in its own virtual environment (``--sd-python``, default /tmp/sd-venv/bin/python: made
-with ``python3 -m venv /tmp/sd-venv; pip install torch==2.13.0; pip install --no-deps sae-dashboard;
-pip install sae-lens transformer-lens dataclasses-json eindex-callum matplotlib``), on the same model
+SAEDashboard runs in its own virtual environment (``--sd-python``, default .peers/saedashboard/bin/python, made
+by ``bash scripts/peers.sh saedashboard``: CPU torch 2.13.0, sae-dashboard 0.8.0 with TransformerLens 2.17.0,
+transformers 4.56.2 and sae-lens 6.54.12, every version pinned), on the same model
 weights (loaded into a HookedSAETransformer, logits checked against ours), the same SAE and tokens.
 The model is a randomly initialised 2-layer transformer (the cost does not depend on training); the SAE a
 ReLU SAE with random directions whose biases are calibrated so each latent fires on ~1% of tokens.
@@ -298,7 +298,7 @@ def page_latency(args, model, tokens) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "features.json"))
-    ap.add_argument("--sd-python", default="/tmp/sd-venv/bin/python")
+    ap.add_argument("--sd-python", default=str(ROOT / ".peers" / "saedashboard" / "bin" / "python"))
     ap.add_argument(
         "--sd-seqs", type=int, default=256, help="sequences of 128 tokens for the SAEDashboard comparison"
     )

@@ -37,6 +37,9 @@ def main() -> None:
         tok = PreTrainedTokenizerFast(tokenizer_file=str(work / "tokenizer.json"))
         if tok.pad_token is None:
             tok.pad_token = tok.convert_ids_to_tokens(0)
+        # TransformerLens 2.x reloads the tokenizer by its name_or_path (with add_bos_token): a saved folder
+        tok.save_pretrained(str(work / "hf_tokenizer"))
+        tok = PreTrainedTokenizerFast.from_pretrained(str(work / "hf_tokenizer"))
         model.set_tokenizer(tok, default_padding_side="right")
     tokens = load_file(str(work / "tokens.safetensors"))["tokens"]
     with torch.no_grad():

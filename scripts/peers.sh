@@ -12,17 +12,26 @@
 #   bash scripts/peers.sh autocircuit  # only auto-circuit
 #   bash scripts/peers.sh circuittracer  # only circuit-tracer (about 2.5 minutes, 1.6 GB)
 #   bash scripts/peers.sh kronfluence  # only kronfluence
+#   bash scripts/peers.sh saedashboard   # SAEDashboard 0.8.0 for benchmarks/bench_features.py; not in `all`
 # auto-circuit 1.0.1 imports transformer_lens.past_key_value_caching, which TransformerLens 3 removed, so its venv
 # pins TransformerLens 2.18.0 (the last 2.x; and pyarrow 21, the newest that loads with its numpy 1.26). auto-circuit
 # itself goes in without its declared dependencies, with the ones the modules it imports need instead: tracr-pypi
 # (jax, dm-haiku, chex), word2word, kaleido and the vscode-tqdm fork serve only its tracr models, translation
 # tasks, image export and notebook progress bars, and would add several hundred MB (the import check below fails
 # if a module it loads is missing).
+# sae-dashboard 0.8.0 (benchmarks only, so not part of `all`) declares transformer-lens <3 and transformers <4.57,
+# while TransformerLens 2.18.0 wants transformers >=4.57: so TransformerLens 2.17.0 (transformers >=4.51) with
+# transformers 4.56.2 (the newest below 4.57), and sae-lens 6.54.12 (the saelens peer's; it allows TransformerLens
+# >=2.16.1,<4 and transformers >=4.38.1). sae-dashboard goes in --no-deps: its decode-clt dependency (torchvision,
+# torchaudio, nnsight) serves only the Neuronpedia runner's CLT wrapper and hf-transfer only hub downloads; the
+# rest of its declared dependencies are pinned below to versions within its ranges (numpy <2 from TransformerLens
+# 2.x, so pyarrow 21, as for auto-circuit: datasets imports it and pyarrow 22 needs numpy 2). About 8 minutes on
+# a loaded machine, 1.9 GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-all}
-case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence], got '$want'" >&2; exit 2 ;; esac
+case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence | saedashboard) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence|saedashboard], got '$want'" >&2; exit 2 ;; esac
 TORCH=2.13.0
 build() {  # name, distribution, version, import name[, dependencies: then the distribution goes in --no-deps]
   local dir=".peers/$1" dist=$2 version=$3 mod=$4 deps=${5:-}
@@ -57,8 +66,15 @@ if [ "$want" = all ] || [ "$want" = circuittracer ]; then
   build circuittracer circuit-tracer 0.5.0 circuit_tracer.replacement_model.replacement_model_transformerlens
 fi
 if [ "$want" = all ] || [ "$want" = kronfluence ]; then build kronfluence kronfluence 1.0.1 kronfluence.analyzer; fi
+if [ "$want" = saedashboard ]; then
+  build saedashboard sae-dashboard 0.8.0 sae_dashboard.sae_vis_runner \
+    "transformer-lens==2.17.0 transformers==4.56.2 sae-lens==6.54.12 numpy==1.26.4 pyarrow==21.0.0 datasets==3.6.0
+     safetensors==0.4.5 dataclasses-json==0.6.7 eindex-callum==0.1.2 einops==0.8.2 jaxtyping==0.2.38
+     matplotlib==3.11.2 rich==13.9.4 typer==0.12.5"
+fi
 echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
 echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"
 echo "INTERPLAB_AUTOCIRCUIT_PYTHON=$PWD/.peers/autocircuit/bin/python"
 echo "INTERPLAB_CIRCUITTRACER_PYTHON=$PWD/.peers/circuittracer/bin/python"
 echo "INTERPLAB_KRONFLUENCE_PYTHON=$PWD/.peers/kronfluence/bin/python"
+echo "SAEDashboard (benchmarks/bench_features.py --sd-python): $PWD/.peers/saedashboard/bin/python"

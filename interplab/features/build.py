@@ -313,10 +313,11 @@ def feature_rows(
             acts = acts[sl].gather(1, order[..., None].expand(-1, -1, acts.shape[-1]))
         else:
             toks, acts = toks[sl], acts[sl]
-        valid = (index >= 0).nonzero().tolist()  # (feature row, rank), row-major
-        if not valid:
+        where = (index >= 0).nonzero()  # (feature row, rank), row-major
+        if len(where) == 0:
             continue
-        rr, kk = torch.tensor(valid).T
+        rr, kk = where.T
+        valid = where.tolist()
         tok_rows, act_rows = toks[rr, kk], acts[rr, kk]  # context window
         tok_bytes = tok_rows.to(torch.int32).numpy().astype("<i4").tobytes()
         act_bytes = act_rows.float().numpy().astype("<f4").tobytes()

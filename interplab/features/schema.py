@@ -223,7 +223,7 @@ OPTIONAL_TABLES = (
 """tables only some databases have (created by the build that needs them; absent from every migration)"""
 
 _V1_TABLES = (meta, vocab, features, contexts, passes)
-CONTEXT_DIGEST_COLUMNS = ("kind", "rank", "token_index", "act", "tokens", "acts", "text")
+CONTEXT_DIGEST_COLUMNS = ("kind", "rank", "token_index", "act", "tokens", "acts", "text")  # `_context_repr`
 READABLE_FROM = 2
 """the oldest schema a read-only open can serve (older ones need a migration, i.e. a write)"""
 
@@ -234,8 +234,27 @@ def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[An
     (Hashed as one string of the rows' ``repr`` tuples: the same digest as hashing them row by row.)"""
     parts = [repr(tuple([conv(feature_row.get(name)) for name, conv in _FEATURE_DIGEST]))]
     for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
-        parts.append(repr(tuple([conv(r.get(name)) for name, conv in _CONTEXT_DIGEST])))
+        parts.append(_context_repr(r))
     return hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
+def _context_repr(r: Mapping[Any, Any]) -> str:
+    """The normalised ``repr`` tuple of one context row (`CONTEXT_DIGEST_COLUMNS`). A build's rows hold
+    exactly the stored types, so those are used as they are (a float only loses -0.0 and NaN, as stored);
+    anything else goes through the columns' converters."""
+    kind, rank, act = r.get("kind"), r.get("rank"), r.get("act")
+    index, toks, acts, text = r.get("token_index"), r.get("tokens"), r.get("acts"), r.get("text")
+    if (
+        type(kind) is int
+        and type(rank) is int
+        and type(index) is int
+        and type(act) is float
+        and type(toks) is bytes
+        and type(acts) is bytes
+        and type(text) is str
+    ):
+        return repr((kind, rank, index, None if act != act else act + 0.0, toks, acts, text))
+    return repr(tuple([conv(r.get(name)) for name, conv in _CONTEXT_DIGEST]))
 
 
 def _stored(col: Column, value: Any) -> Any:

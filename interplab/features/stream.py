@@ -138,7 +138,10 @@ class StreamingFeatureStats:
         self.sample_tokens = torch.full((n, m, w), -1, dtype=torch.long)
         self.sample_acts = torch.zeros(n, m, w)
         self.loss_sum = torch.zeros(n, dtype=torch.float64) if cfg.loss_effect else None
-        self.cooc = torch.zeros(n, n, dtype=torch.int32) if want_cooc and n <= cfg.max_cooc_features else None
+        # co-occurrence counts of pairs (row <= column): the matrix is symmetric, so half the pairs are counted
+        self._cooc_upper = (
+            torch.zeros(n, n, dtype=torch.int32) if want_cooc and n <= cfg.max_cooc_features else None
+        )
 
     # ---- one batch ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,7 +174,7 @@ class StreamingFeatureStats:
             self.loss_sum.index_add_(0, f_idx, effect.double())
         bins = torch.bucketize(values.log(), self._log_edges)
         self.hist.view(-1).index_add_(0, f_idx * self.cfg.hist_bins + bins, torch.ones_like(bins))
-        if self.cooc is not None and self.n_tokens < self.cfg.cooc_max_tokens:
+        if self._cooc_upper is not None and self.n_tokens < self.cfg.cooc_max_tokens:
             self._cooccurrence(t_idx, f_idx, b * p)
         gidx = self.n_tokens + t_idx
         # activations > 0 as int32 bits are ordered like the floats; the low word prefers earlier tokens
@@ -183,21 +186,40 @@ class StreamingFeatureStats:
         self.n_tokens += b * p
         self.batches += 1
 
+    @property
+    def cooc(self) -> Tensor | None:
+        """How often each pair of features fired on the same token (symmetric; the diagonal: firing counts)."""
+        u = self._cooc_upper
+        return None if u is None else u + u.triu(1).T
+
+    @cooc.setter
+    def cooc(self, full: Tensor | None) -> None:
+        self._cooc_upper = None if full is None else full.triu()
+
     def _cooccurrence(self, t_idx: Tensor, f_idx: Tensor, n_tok: int) -> None:
-        """Count every ordered pair of features firing on the same token (firings are grouped by token).
-        The diagonal is each feature's firing count over the tokens counted (``cfg.cooc_max_tokens``)."""
-        if len(t_idx) == 0 or self.cooc is None:
+        """Count every pair of features firing on the same token (firings are grouped by token, features
+        ascending within a token), each unordered pair once: the tokens with the same number of firings ``l``
+        form one [tokens, l] matrix of feature ids, whose pairs are its columns ``a < b``. The diagonal is
+        each feature's firing count over the tokens counted (``cfg.cooc_max_tokens``)."""
+        upper = self._cooc_upper
+        if len(t_idx) == 0 or upper is None:
             return
         n = len(self.features)
+        flat = upper.view(-1)
+        flat.index_add_(0, f_idx * (n + 1), torch.ones(len(f_idx), dtype=upper.dtype))
         counts = torch.bincount(t_idx, minlength=n_tok)
         start = torch.cumsum(counts, 0) - counts
-        rep = counts[t_idx]
-        left = torch.repeat_interleave(torch.arange(len(t_idx)), rep)
-        offset = torch.arange(len(left)) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
-        right = start[t_idx[left]] + offset
-        self.cooc.view(-1).index_add_(
-            0, f_idx[left] * n + f_idx[right], torch.ones(len(left), dtype=self.cooc.dtype)
-        )
+        keys = []
+        for size in torch.unique(counts).tolist():
+            if size < 2:
+                continue
+            toks = (counts == size).nonzero().squeeze(1)
+            ids = f_idx[start[toks, None] + torch.arange(size)]  # [tokens, size], ascending along a row
+            a, b = torch.triu_indices(size, size, 1)
+            keys.append((ids[:, a] * n + ids[:, b]).flatten())
+        if keys:
+            pairs = torch.cat(keys)
+            flat.index_add_(0, pairs, torch.ones(len(pairs), dtype=upper.dtype))
 
     def _windows(
         self, dense: Tensor, feat: Tensor, local: Tensor, tokens: Tensor, p: int
@@ -238,10 +260,13 @@ class StreamingFeatureStats:
         new_local, new_f = t_c[src.clamp(min=0)], f_c[src.clamp(min=0)]
         old_slot = rows.repeat_interleave(k) * k + keep.clamp(max=n * k - 1) % k
         w = self.cfg.window
-        win_tok, win_act = self._windows(dense, new_f, new_local, tokens, p)
         toks, acts = getattr(self, f"{which}_tokens"), getattr(self, f"{which}_acts")
-        toks[rows] = torch.where(is_new[:, None], win_tok, toks.view(-1, w)[old_slot]).view(n, k, w)
-        acts[rows] = torch.where(is_new[:, None], win_act, acts.view(-1, w)[old_slot]).view(n, k, w)
+        # the kept old entries move within their rows; windows are cut for the new entries only
+        new_at = is_new.nonzero().squeeze(1)
+        win_tok, win_act = self._windows(dense, new_f[new_at], new_local[new_at], tokens, p)
+        kept_tok, kept_act = toks.view(-1, w)[old_slot], acts.view(-1, w)[old_slot]
+        kept_tok[new_at], kept_act[new_at] = win_tok, win_act
+        toks[rows], acts[rows] = kept_tok.view(n, k, w), kept_act.view(n, k, w)
         new_key = all_key[keep].view(n, k)
         table[rows] = new_key
         if which == "sample":
@@ -272,7 +297,7 @@ class StreamingFeatureStats:
             sample_tokens=self.sample_tokens.clone(),
             sample_acts=self.sample_acts.clone(),
             loss_sum=None if self.loss_sum is None else self.loss_sum.clone(),
-            cooc=None if self.cooc is None else self.cooc.clone(),
+            cooc=self.cooc,
         )
 
     _STATE = (
@@ -293,7 +318,7 @@ class StreamingFeatureStats:
     )
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {k: getattr(self, k) for k in self._STATE if getattr(self, k) is not None}
+        state = {k: v for k in self._STATE if (v := getattr(self, k)) is not None}
         state["counters"] = torch.tensor([self.n_tokens, self.batches])
         return state
 

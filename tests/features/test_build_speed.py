@@ -1,14 +1,22 @@
-"""Correctness of the build's fast paths: the checksum digest equals its row-by-row definition."""
+"""Correctness of the build's fast paths: the checksum digest equals its row-by-row definition, and a whole
+database equals the one the implementations they replaced build."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
+import sqlite3
 
+import torch
 from sqlalchemy import Float, Integer, LargeBinary
 
+from interplab.features import FeatureBuildConfig
 from interplab.features import schema as S
+from interplab.features.build import build_feature_db
+from interplab.features.stream import StreamingFeatureStats
+from tests.features.planted import make_sae, tiny_model
 
 
 def reference_digest(feature_row: dict, context_rows: list[dict]) -> str:
@@ -67,3 +75,86 @@ def test_row_digest_equals_row_by_row_definition():
         ]
         rng.shuffle(ctx)
         assert S.row_digest(row, ctx) == reference_digest(row, ctx)
+
+
+# ---- the whole database: the fast paths against the implementations they replaced ---------------------------
+
+
+def reference_cooccurrence(self, t_idx, f_idx, n_tok):
+    """Co-occurrence as first written: every ordered pair of firings on a token expanded and counted."""
+    if len(t_idx) == 0 or self._cooc_upper is None:
+        return
+    n = len(self.features)
+    counts = torch.bincount(t_idx, minlength=n_tok)
+    start = torch.cumsum(counts, 0) - counts
+    rep = counts[t_idx]
+    left = torch.repeat_interleave(torch.arange(len(t_idx)), rep)
+    offset = torch.arange(len(left)) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
+    right = start[t_idx[left]] + offset
+    full = torch.zeros(n, n, dtype=self._cooc_upper.dtype)
+    full.view(-1).index_add_(0, f_idx[left] * n + f_idx[right], torch.ones(len(left), dtype=full.dtype))
+    self._cooc_upper += full.triu()
+
+
+def reference_merge(self, which, f_idx, key, t_idx, dense, tokens, p):
+    """The top-k / sample merge as first written: windows cut for every kept entry, old ones included."""
+    table = getattr(self, f"{which}_key")
+    k = table.shape[1]
+    cand = key > table[f_idx, -1]
+    f_c, key_c, t_c = f_idx[cand], key[cand], t_idx[cand]
+    if len(key_c) == 0:
+        return
+    rows = torch.unique(f_c)
+    n = len(rows)
+    row_c = torch.searchsorted(rows, f_c)
+    all_row = torch.cat([torch.arange(n).repeat_interleave(k), row_c])
+    all_key = torch.cat([table[rows].flatten(), key_c])
+    order = torch.argsort(all_key, descending=True, stable=True)
+    order = order[torch.argsort(all_row[order], stable=True)]
+    sorted_rows = all_row[order]
+    rank = torch.arange(len(order)) - torch.searchsorted(sorted_rows, sorted_rows)
+    keep = order[rank < k]
+    src = keep - n * k
+    is_new = src >= 0
+    new_local, new_f = t_c[src.clamp(min=0)], f_c[src.clamp(min=0)]
+    old_slot = rows.repeat_interleave(k) * k + keep.clamp(max=n * k - 1) % k
+    w = self.cfg.window
+    win_tok, win_act = self._windows(dense, new_f, new_local, tokens, p)
+    toks, acts = getattr(self, f"{which}_tokens"), getattr(self, f"{which}_acts")
+    toks[rows] = torch.where(is_new[:, None], win_tok, toks.view(-1, w)[old_slot]).view(n, k, w)
+    acts[rows] = torch.where(is_new[:, None], win_act, acts.view(-1, w)[old_slot]).view(n, k, w)
+    new_key = all_key[keep].view(n, k)
+    table[rows] = new_key
+    if which == "sample":
+        val = torch.where(is_new, dense[new_local, new_f], self.sample_val.flatten()[old_slot])
+        index = torch.where(is_new, self.n_tokens + new_local, self.sample_index.flatten()[old_slot])
+        self.sample_val[rows] = val.view(n, k)
+        self.sample_index[rows] = torch.where(new_key >= 0, index.view(n, k), -1)
+
+
+def dump(db) -> dict[str, list[tuple]]:
+    """Every row of every table (the full-text index's own tables too), in a fixed order."""
+    with sqlite3.connect(db) as con:
+        names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        return {n: sorted(con.execute(f"SELECT * FROM {n}").fetchall(), key=repr) for n in names}
+
+
+def test_database_equals_the_one_built_by_the_replaced_implementations(tmp_path, monkeypatch):
+    torch.manual_seed(5)
+    model = tiny_model()
+    sae = make_sae(32, 48)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 40, (40, 16), generator=g)
+    # small batches and k: the merges replace, move and keep entries over many batches
+    cfg = FeatureBuildConfig(batch_size=3, top_k=5, n_samples=4, window_left=3, window_right=2)
+    fast = build_feature_db(tmp_path / "fast.db", model, sae, tokens, cfg)
+    monkeypatch.setattr(StreamingFeatureStats, "_cooccurrence", reference_cooccurrence)
+    monkeypatch.setattr(StreamingFeatureStats, "_merge", reference_merge)
+    monkeypatch.setattr(S, "_context_repr", lambda r: repr(tuple(c(r.get(n)) for n, c in S._CONTEXT_DIGEST)))
+    slow = build_feature_db(tmp_path / "slow.db", model, sae, tokens, cfg)
+    assert fast.n_features == slow.n_features == 48
+    a, b = dump(tmp_path / "fast.db"), dump(tmp_path / "slow.db")
+    assert a.keys() == b.keys() and len(a["contexts"]) > 48 * 5
+    assert any(json.loads(r[8]) for r in a["features"])  # co-occurrence lists are not all empty
+    for table in a:
+        assert a[table] == b[table], table
