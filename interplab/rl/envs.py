@@ -160,28 +160,19 @@ def fast_gen_obs(env: Any) -> dict[str, Any]:
         visible = [False] * (size * size)
         visible[agent] = True
         for j in range(size - 1, -1, -1):
-            for i in range(size - 1):
-                k = i * size + j
-                if not visible[k]:
-                    continue
-                cell = view[k]
-                if cell and not cell.see_behind():
-                    continue
-                visible[k + size] = True
-                if j > 0:
-                    visible[k + size - 1] = True
-                    visible[k - 1] = True
-            for i in range(size - 1, 0, -1):
-                k = i * size + j
-                if not visible[k]:
-                    continue
-                cell = view[k]
-                if cell and not cell.see_behind():
-                    continue
-                visible[k - size] = True
-                if j > 0:
-                    visible[k - size - 1] = True
-                    visible[k - 1] = True
+            # each row is swept rightwards, then leftwards; `step` is the flat offset of the next cell
+            for columns, step in ((range(size - 1), size), (range(size - 1, 0, -1), -size)):
+                for i in columns:
+                    k = i * size + j
+                    if not visible[k]:
+                        continue
+                    cell = view[k]
+                    if cell and not cell.see_behind():
+                        continue
+                    visible[k + step] = True
+                    if j > 0:
+                        visible[k + step - 1] = True
+                        visible[k - 1] = True
     view[agent] = env.carrying if env.carrying else None
     empty, unseen = (OBJECT_TO_IDX["empty"], 0, 0), (0, 0, 0)
     codes = [
