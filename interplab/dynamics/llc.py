@@ -175,9 +175,9 @@ class LLCEstimate:
             "nbeta": self.nbeta,
             "n": self.n,
             "n_params": self.n_params,
-            "rhat": _finite_or_none(self.rhat),
-            "ess_bulk": _finite_or_none(self.ess_bulk),
-            "ess_tail": _finite_or_none(self.ess_tail),
+            "rhat": finite_or_none(self.rhat),
+            "ess_bulk": finite_or_none(self.ess_bulk),
+            "ess_tail": finite_or_none(self.ess_tail),
             "config": asdict(self.config),
         }
         if trace:
@@ -442,7 +442,8 @@ def _not_mixed(est: LLCEstimate) -> str:
     )
 
 
-def _finite_or_none(v: float) -> float | None:
+def finite_or_none(v: float) -> float | None:
+    """``v``, or None where it is NaN or infinite (JSON has neither)"""
     return v if math.isfinite(v) else None
 
 

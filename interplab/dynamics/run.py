@@ -36,6 +36,7 @@ from interplab.dynamics.llc import (
     LLCEstimate,
     SGLDConfig,
     estimate_llc,
+    finite_or_none,
     head_component,
     layer_component,
     lm_loss,
@@ -103,10 +104,6 @@ def run_tokens(run_dir: str | Path, n_seqs: int, seq_len: int | None = None) -> 
         )
     index = torch.linspace(0, n - 1, n_seqs).round().long()
     return store.sequences(index, seq_len)
-
-
-def _clean(v: float) -> float | None:
-    return v if math.isfinite(v) else None
 
 
 @dataclass(frozen=True)
@@ -293,10 +290,10 @@ class RunLLC:
             "steps": list(self.steps),
             "components": list(self.components),
             "llc": {c: list(v) for c, v in self.llc.items()},
-            "se": {c: [_clean(s) for s in v] for c, v in self.se.items()},
-            "rhat": {c: [_clean(s) for s in v] for c, v in self.rhat.items()},
-            "ess_bulk": {c: [_clean(s) for s in v] for c, v in self.ess_bulk.items()},
-            "ess_tail": {c: [_clean(s) for s in v] for c, v in self.ess_tail.items()},
+            "se": {c: [finite_or_none(s) for s in v] for c, v in self.se.items()},
+            "rhat": {c: [finite_or_none(s) for s in v] for c, v in self.rhat.items()},
+            "ess_bulk": {c: [finite_or_none(s) for s in v] for c, v in self.ess_bulk.items()},
+            "ess_tail": {c: [finite_or_none(s) for s in v] for c, v in self.ess_tail.items()},
             "init_loss": list(self.init_loss),
             "config": asdict(self.config),
             "data": dict(self.data),
