@@ -226,7 +226,9 @@ def qk_attribution(
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         q, q0 = rotated(query_pos, W_Q, b_Q, SiteKind.Q_NORM_SCALE, head, q_norm, query_pos, 1.0)
         gate = float(torch.sigmoid(attn.smear[kv].float())) if cfg.smear_keys else None
-        k, k0 = rotated(key_pos, W_K, b_K, SiteKind.K_NORM_SCALE, kv, k_norm, key_pos, gate or 1.0)
+        k, k0 = rotated(
+            key_pos, W_K, b_K, SiteKind.K_NORM_SCALE, kv, k_norm, key_pos, 1.0 if gate is None else gate
+        )
         a = cfg.attn_scale
         prev: tuple[Tensor | None, Tensor | None, Tensor | None, float] = (None, None, None, 0.0)
         if smear:
