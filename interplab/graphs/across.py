@@ -371,12 +371,14 @@ class GraphsAcross:
 def _qk_cells(qk: dict[str, Any] | None) -> dict[str, Any]:
     if not qk:
         return {"qk_score": None, "qk_previous": None, "qk_top": None}
-    top = qk["top"][0] if qk["top"] else None
-    pair = None
-    if top is not None:
-        via = " (prev)" if top["through"] != qk["key_pos"] else ""
-        pair = f"{top['query']} x {top['key']}{via}: {top['part']:+.3f}"
+    pair = _pair_text(qk["top"][0], qk["key_pos"]) if qk["top"] else None
     return {"qk_score": qk["score"], "qk_previous": qk["through_previous"], "qk_top": pair}
+
+
+def _pair_text(p: dict[str, Any], key_pos: int) -> str:
+    """``query x key (prev): +0.123``: one pair of `GraphStep.qk`'s top, ``(prev)`` through the previous key."""
+    via = " (prev)" if p["through"] != key_pos else ""
+    return f"{p['query']} x {p['key']}{via}: {p['part']:+.3f}"
 
 
 def _qk_traces(fig: Any, names: list[str], qks: list[dict[str, Any] | None], row: int) -> None:
@@ -387,15 +389,7 @@ def _qk_traces(fig: Any, names: list[str], qks: list[dict[str, Any] | None], row
         for k, v in (q or {}).get("by_kind", {}).items():
             groups[k] = groups.get(k, 0.0) + abs(v)
     shown = sorted(groups, key=lambda k: -groups[k])[:6]
-    hover = [
-        "<br>".join(
-            f"{p['query']} x {p['key']}{' (prev)' if p['through'] != q['key_pos'] else ''}: {p['part']:+.3f}"
-            for p in q["top"][:3]
-        )
-        if q
-        else ""
-        for q in qks
-    ]
+    hover = ["<br>".join(_pair_text(p, q["key_pos"]) for p in q["top"][:3]) if q else "" for q in qks]
     for k in shown:
         fig.add_bar(
             x=names,
@@ -503,15 +497,15 @@ def _qk_summary(
                     add(f"{a} x {b}, {route}", float(pairs[ia][:, ib].sum()))
         add(f"const x const, {route}", float(c))
     position = {qk.key_pos: "its own key", qk.key_pos - 1: "the previous position's key"}
+    index_of = {name: i for i, name in enumerate(graph.node_ids())}
     top = [
         {
-            "query": ids[ids_index[p.query]],
-            "key": ids[ids_index[p.key]],
+            "query": ids[index_of[p.query]],
+            "key": ids[index_of[p.key]],
             "part": p.part,
             "through": p.through,
-            "label": f"{label(ids_index[p.query])} x {label(ids_index[p.key])} (through {position[p.through]})",
+            "label": f"{label(index_of[p.query])} x {label(index_of[p.key])} (through {position[p.through]})",
         }
-        for ids_index in [{name: i for i, name in enumerate(graph.node_ids())}]
         for p in qk.top(k)
     ]
     return {
