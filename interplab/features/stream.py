@@ -13,11 +13,13 @@ feature) ("bottom-k" sampling: a uniform sample without replacement of the featu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
@@ -105,6 +107,12 @@ def sample_priority(index: Tensor, feature: Tensor, seed: int) -> Tensor:
     return (x ^ (x >> 29)) & ((1 << 62) - 1)
 
 
+@functools.lru_cache(maxsize=256)
+def _pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The column pairs ``a < b`` of ``size`` columns (`numpy.triu_indices`, cached: a batch asks for ~100)."""
+    return np.triu_indices(size, 1)
+
+
 class StreamingFeatureStats:
     """Accumulates `FeatureStats` for ``d_sae`` features (optionally a range of them) over batches."""
 
@@ -154,7 +162,10 @@ class StreamingFeatureStats:
     ) -> None:
         """Add one batch. ``acts`` holds this object's features only (in order). With ``loss_grad`` (the
         gradient of the summed loss at the hooked activation) and ``directions`` (what one unit of each
-        feature adds there), the first-order loss increase of ablating each firing is accumulated."""
+        feature adds there), the first-order loss increase of ablating each firing is accumulated.
+
+        The firings are gathered with NumPy (its fancy indexing costs a fraction of torch's on CPU); the
+        arithmetic that decides a stored value (logs, float64 sums, the loss projection) stays in torch."""
         b, p, n = acts.shape
         if n != len(self.features):
             raise ValueError(f"acts has {n} features, this accumulator holds {len(self.features)}")
@@ -162,27 +173,31 @@ class StreamingFeatureStats:
             raise ValueError(f"tokens {tuple(tokens.shape)} do not match acts {tuple(acts.shape)}")
         if self.n_tokens + b * p > _MAX_TOKENS:
             raise ValueError(f"the streaming key supports at most {_MAX_TOKENS} tokens")
-        dense = acts.detach().float().reshape(b * p, n)  # token feature
+        dense = acts.detach().float().reshape(b * p, n).cpu().contiguous().numpy()  # token feature
+        tok = tokens.detach().reshape(-1).cpu().contiguous().numpy()
         # everything below works on the firings only (SAEs are sparse: ~1% of entries)
-        t_idx, f_idx = (dense > 0).nonzero(as_tuple=True)  # sorted by token, then feature
-        values = dense[t_idx, f_idx]
-        self.n_fires += torch.bincount(f_idx, minlength=n)
-        self.act_sum.index_add_(0, f_idx, values.double())
+        flat = np.flatnonzero(dense > 0)  # sorted by token, then feature
+        t_idx, f_idx = flat // n, flat % n
+        values_np = dense.reshape(-1)[flat]
+        values, f_t = torch.from_numpy(values_np), torch.from_numpy(f_idx)
+        self.n_fires += torch.bincount(f_t, minlength=n)
+        self.act_sum.index_add_(0, f_t, values.double())
         if self.loss_sum is not None and loss_grad is not None and directions is not None:
-            proj = loss_grad.detach().float().reshape(b * p, -1) @ directions.float().T  # token feature
-            effect = -values * proj[t_idx, f_idx]
-            self.loss_sum.index_add_(0, f_idx, effect.double())
+            proj = loss_grad.detach().float().reshape(b * p, -1).cpu() @ directions.float().T.cpu()
+            effect = -values * torch.from_numpy(proj.contiguous().numpy().reshape(-1)[flat])
+            self.loss_sum.index_add_(0, f_t, effect.double())
         bins = torch.bucketize(values.log(), self._log_edges)
-        self.hist.view(-1).index_add_(0, f_idx * self.cfg.hist_bins + bins, torch.ones_like(bins))
+        hb = self.cfg.hist_bins
+        self.hist.view(-1).add_(torch.bincount(f_t * hb + bins, minlength=n * hb))
         if self._cooc_upper is not None and self.n_tokens < self.cfg.cooc_max_tokens:
             self._cooccurrence(t_idx, f_idx, b * p)
         gidx = self.n_tokens + t_idx
         # activations > 0 as int32 bits are ordered like the floats; the low word prefers earlier tokens
-        top_key = (values.view(torch.int32).long() << 32) | (_LOW32 - gidx)
-        self._merge("top", f_idx, top_key, t_idx, dense, tokens, p)
+        top_key = (values_np.view(np.int32).astype(np.int64) << 32) | (_LOW32 - gidx)
+        self._merge("top", f_idx, top_key, t_idx, dense, tok, p)
         if self.cfg.n_samples:
-            prio = sample_priority(gidx, self.features[f_idx], self.cfg.seed)
-            self._merge("sample", f_idx, prio, t_idx, dense, tokens, p)
+            prio = sample_priority(torch.from_numpy(gidx), self.features[f_t], self.cfg.seed).numpy()
+            self._merge("sample", f_idx, prio, t_idx, dense, tok, p)
         self.n_tokens += b * p
         self.batches += 1
 
@@ -196,7 +211,7 @@ class StreamingFeatureStats:
     def cooc(self, full: Tensor | None) -> None:
         self._cooc_upper = None if full is None else full.triu()
 
-    def _cooccurrence(self, t_idx: Tensor, f_idx: Tensor, n_tok: int) -> None:
+    def _cooccurrence(self, t_idx: np.ndarray, f_idx: np.ndarray, n_tok: int) -> None:
         """Count every pair of features firing on the same token (firings are grouped by token, features
         ascending within a token), each unordered pair once: the tokens with the same number of firings ``l``
         form one [tokens, l] matrix of feature ids, whose pairs are its columns ``a < b``. The diagonal is
@@ -205,75 +220,97 @@ class StreamingFeatureStats:
         if len(t_idx) == 0 or upper is None:
             return
         n = len(self.features)
-        flat = upper.view(-1)
-        flat.index_add_(0, f_idx * (n + 1), torch.ones(len(f_idx), dtype=upper.dtype))
-        counts = torch.bincount(t_idx, minlength=n_tok)
-        start = torch.cumsum(counts, 0) - counts
+        upper.diagonal().add_(torch.from_numpy(np.bincount(f_idx, minlength=n)).to(upper.dtype))
+        counts = np.bincount(t_idx, minlength=n_tok)
+        start = np.cumsum(counts) - counts
         keys = []
-        for size in torch.unique(counts).tolist():
+        for size in np.unique(counts).tolist():
             if size < 2:
                 continue
-            toks = (counts == size).nonzero().squeeze(1)
-            ids = f_idx[start[toks, None] + torch.arange(size)]  # [tokens, size], ascending along a row
-            a, b = torch.triu_indices(size, size, 1)
-            keys.append((ids[:, a] * n + ids[:, b]).flatten())
+            toks = np.flatnonzero(counts == size)
+            ids = f_idx[start[toks, None] + np.arange(size)]  # [tokens, size], ascending along a row
+            a, b = _pairs(size)
+            keys.append((ids[:, a] * n + ids[:, b]).reshape(-1))
         if keys:
-            pairs = torch.cat(keys)
-            flat.index_add_(0, pairs, torch.ones(len(pairs), dtype=upper.dtype))
+            pairs = torch.from_numpy(np.concatenate(keys))
+            upper.view(-1).index_add_(0, pairs, torch.ones(len(pairs), dtype=upper.dtype))
 
     def _windows(
-        self, dense: Tensor, feat: Tensor, local: Tensor, tokens: Tensor, p: int
-    ) -> tuple[Tensor, Tensor]:
-        """Token windows [.., window] around batch-local token ``local`` and the feature's activations there."""
-        offs = torch.arange(-self.cfg.window_left, self.cfg.window_right + 1)
+        self, dense: np.ndarray, feat: np.ndarray, local: np.ndarray, tokens: np.ndarray, p: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Token windows [.., window] around batch-local token ``local`` and the feature's activations there
+        (``dense`` [token feature], ``tokens`` the batch's ids, flat)."""
+        offs = np.arange(-self.cfg.window_left, self.cfg.window_right + 1)
         seq, pos = local // p, local % p
-        q = pos[..., None] + offs
+        q = pos[:, None] + offs
         valid = (q >= 0) & (q < p)
-        flat_tok = seq[..., None] * p + q.clamp(0, p - 1)
-        win_tok = torch.where(valid, tokens.reshape(-1)[flat_tok], -1)
-        win_act = torch.where(valid, dense[flat_tok, feat[..., None].expand_as(flat_tok)], 0.0)
+        flat_tok = seq[:, None] * p + q.clip(0, p - 1)
+        win_tok = np.where(valid, tokens[flat_tok], -1)
+        n = dense.shape[1]
+        win_act = np.where(valid, dense.reshape(-1)[flat_tok * n + feat[:, None]], np.float32(0.0))
         return win_tok, win_act
 
     def _merge(
-        self, which: str, f_idx: Tensor, key: Tensor, t_idx: Tensor, dense: Tensor, tokens: Tensor, p: int
+        self,
+        which: str,
+        f_idx: np.ndarray,
+        key: np.ndarray,
+        t_idx: np.ndarray,
+        dense: np.ndarray,
+        tokens: np.ndarray,
+        p: int,
     ) -> None:
-        """Keep, per feature, the entries with the largest keys among the kept ones and this batch's.
-        Only the features that have a candidate beating their current k-th best are touched."""
-        table = getattr(self, f"{which}_key")  # feature k (-1: empty)
-        k = table.shape[1]
-        cand = key > table[f_idx, -1]
+        """Keep, per feature, the entries with the largest keys among the kept ones and this batch's (a
+        tie: the kept entry, then the earlier token). Only the features that have a candidate beating their
+        current k-th best are touched. The kept rows are sorted already, so only the candidates are sorted
+        (by row, then key); each one's place in its row is its rank among the row's candidates plus the kept
+        entries at least as large, and the kept entries fill the places left, in their order."""
+        table = getattr(self, f"{which}_key").numpy()  # feature k (-1: empty); a view of the tensor
+        n_feat, k = table.shape
+        cand = key > table[:, -1][f_idx]
         f_c, key_c, t_c = f_idx[cand], key[cand], t_idx[cand]
         if len(key_c) == 0:
             return
-        rows = torch.unique(f_c)  # the features to update, sorted
-        n = len(rows)
-        row_c = torch.searchsorted(rows, f_c)
-        all_row = torch.cat([torch.arange(n).repeat_interleave(k), row_c])
-        all_key = torch.cat([table[rows].flatten(), key_c])
-        order = torch.argsort(all_key, descending=True, stable=True)
-        order = order[torch.argsort(all_row[order], stable=True)]
-        sorted_rows = all_row[order]
-        rank = torch.arange(len(order)) - torch.searchsorted(sorted_rows, sorted_rows)
-        keep = order[rank < k]  # n * k entries, row-major, best first
-        src = keep - n * k  # >= 0: a candidate of this batch, else an old slot
-        is_new = src >= 0
-        new_local, new_f = t_c[src.clamp(min=0)], f_c[src.clamp(min=0)]
-        old_slot = rows.repeat_interleave(k) * k + keep.clamp(max=n * k - 1) % k
+        present = np.zeros(n_feat, dtype=bool)
+        present[f_c] = True
+        rows = np.flatnonzero(present)  # the features to update, sorted
+        nr = len(rows)
+        row_c = (np.cumsum(present) - 1)[f_c]
+        order = torch.argsort(torch.from_numpy(key_c), descending=True, stable=True).numpy()
+        order = order[np.argsort(row_c[order].astype(np.int16 if nr < 1 << 15 else np.int64), kind="stable")]
+        f_c, key_c, t_c, row_c = f_c[order], key_c[order], t_c[order], row_c[order]
+        group = np.bincount(row_c, minlength=nr)
+        c_rank = np.arange(len(row_c)) - (np.cumsum(group) - group)[row_c]  # rank within the row
+        old = table[rows]  # nr k, best first
+        place = c_rank + (old[row_c] >= key_c[:, None]).sum(1)
+        enters = place < k
+        slot = np.full((nr, k), -1, dtype=np.int64)  # >= 0: the candidate at that place
+        slot[row_c[enters], place[enters]] = np.flatnonzero(enters)
+        is_new = slot >= 0
+        old_rank = np.cumsum(~is_new, axis=1) - 1  # the kept entries, in order, fill the other places
+        old_slot = (rows[:, None] * k + np.where(is_new, 0, old_rank)).reshape(-1)
+        src = slot.reshape(-1)
+        new_at = np.flatnonzero(src >= 0)
+        new_c = src[new_at]
         w = self.cfg.window
-        toks, acts = getattr(self, f"{which}_tokens"), getattr(self, f"{which}_acts")
-        # the kept old entries move within their rows; windows are cut for the new entries only
-        new_at = is_new.nonzero().squeeze(1)
-        win_tok, win_act = self._windows(dense, new_f[new_at], new_local[new_at], tokens, p)
-        kept_tok, kept_act = toks.view(-1, w)[old_slot], acts.view(-1, w)[old_slot]
+        toks = getattr(self, f"{which}_tokens").numpy()
+        acts = getattr(self, f"{which}_acts").numpy()
+        # the kept entries move within their rows; windows are cut for the new entries only
+        win_tok, win_act = self._windows(dense, f_c[new_c], t_c[new_c], tokens, p)
+        kept_tok, kept_act = toks.reshape(-1, w)[old_slot], acts.reshape(-1, w)[old_slot]
         kept_tok[new_at], kept_act[new_at] = win_tok, win_act
-        toks[rows], acts[rows] = kept_tok.view(n, k, w), kept_act.view(n, k, w)
-        new_key = all_key[keep].view(n, k)
+        toks[rows], acts[rows] = kept_tok.reshape(nr, k, w), kept_act.reshape(nr, k, w)
+        new_key = table.reshape(-1)[old_slot]
+        new_key[new_at] = key_c[new_c]
+        new_key = new_key.reshape(nr, k)
         table[rows] = new_key
         if which == "sample":
-            val = torch.where(is_new, dense[new_local, new_f], self.sample_val.flatten()[old_slot])
-            index = torch.where(is_new, self.n_tokens + new_local, self.sample_index.flatten()[old_slot])
-            self.sample_val[rows] = val.view(n, k)
-            self.sample_index[rows] = torch.where(new_key >= 0, index.view(n, k), -1)
+            val = self.sample_val.numpy().reshape(-1)[old_slot]
+            val[new_at] = dense.reshape(-1)[t_c[new_c] * dense.shape[1] + f_c[new_c]]
+            index = self.sample_index.numpy().reshape(-1)[old_slot]
+            index[new_at] = self.n_tokens + t_c[new_c]
+            self.sample_val.numpy()[rows] = val.reshape(nr, k)
+            self.sample_index.numpy()[rows] = np.where(new_key >= 0, index.reshape(nr, k), -1)
 
     # ---- results and checkpoints -------------------------------------------------------------
     def result(self) -> FeatureStats:

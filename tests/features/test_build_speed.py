@@ -15,7 +15,7 @@ from sqlalchemy import Float, Integer, LargeBinary
 from interplab.features import FeatureBuildConfig
 from interplab.features import schema as S
 from interplab.features.build import build_feature_db
-from interplab.features.stream import StreamingFeatureStats
+from interplab.features.stream import _LOW32, _MAX_TOKENS, StreamingFeatureStats, sample_priority
 from tests.features.planted import make_sae, tiny_model
 
 
@@ -132,6 +132,53 @@ def reference_merge(self, which, f_idx, key, t_idx, dense, tokens, p):
         self.sample_index[rows] = torch.where(new_key >= 0, index.view(n, k), -1)
 
 
+@torch.no_grad()
+def reference_update(self, tokens, acts, loss_grad=None, directions=None):
+    """`StreamingFeatureStats.update` as first written: torch indexing throughout."""
+    b, p, n = acts.shape
+    if n != len(self.features):
+        raise ValueError(f"acts has {n} features, this accumulator holds {len(self.features)}")
+    if tuple(tokens.shape) != (b, p):
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not match acts {tuple(acts.shape)}")
+    if self.n_tokens + b * p > _MAX_TOKENS:
+        raise ValueError(f"the streaming key supports at most {_MAX_TOKENS} tokens")
+    dense = acts.detach().float().reshape(b * p, n)  # token feature
+    # everything below works on the firings only (SAEs are sparse: ~1% of entries)
+    t_idx, f_idx = (dense > 0).nonzero(as_tuple=True)  # sorted by token, then feature
+    values = dense[t_idx, f_idx]
+    self.n_fires += torch.bincount(f_idx, minlength=n)
+    self.act_sum.index_add_(0, f_idx, values.double())
+    if self.loss_sum is not None and loss_grad is not None and directions is not None:
+        proj = loss_grad.detach().float().reshape(b * p, -1) @ directions.float().T  # token feature
+        effect = -values * proj[t_idx, f_idx]
+        self.loss_sum.index_add_(0, f_idx, effect.double())
+    bins = torch.bucketize(values.log(), self._log_edges)
+    self.hist.view(-1).index_add_(0, f_idx * self.cfg.hist_bins + bins, torch.ones_like(bins))
+    if self._cooc_upper is not None and self.n_tokens < self.cfg.cooc_max_tokens:
+        self._cooccurrence(t_idx, f_idx, b * p)
+    gidx = self.n_tokens + t_idx
+    # activations > 0 as int32 bits are ordered like the floats; the low word prefers earlier tokens
+    top_key = (values.view(torch.int32).long() << 32) | (_LOW32 - gidx)
+    self._merge("top", f_idx, top_key, t_idx, dense, tokens, p)
+    if self.cfg.n_samples:
+        prio = sample_priority(gidx, self.features[f_idx], self.cfg.seed)
+        self._merge("sample", f_idx, prio, t_idx, dense, tokens, p)
+    self.n_tokens += b * p
+    self.batches += 1
+
+
+def reference_windows(self, dense, feat, local, tokens, p):
+    """`StreamingFeatureStats._windows` as first written (torch tensors)."""
+    offs = torch.arange(-self.cfg.window_left, self.cfg.window_right + 1)
+    seq, pos = local // p, local % p
+    q = pos[..., None] + offs
+    valid = (q >= 0) & (q < p)
+    flat_tok = seq[..., None] * p + q.clamp(0, p - 1)
+    win_tok = torch.where(valid, tokens.reshape(-1)[flat_tok], -1)
+    win_act = torch.where(valid, dense[flat_tok, feat[..., None].expand_as(flat_tok)], 0.0)
+    return win_tok, win_act
+
+
 def dump(db) -> dict[str, list[tuple]]:
     """Every row of every table (the full-text index's own tables too), in a fixed order."""
     with sqlite3.connect(db) as con:
@@ -150,6 +197,8 @@ def test_database_equals_the_one_built_by_the_replaced_implementations(tmp_path,
     fast = build_feature_db(tmp_path / "fast.db", model, sae, tokens, cfg)
     monkeypatch.setattr(StreamingFeatureStats, "_cooccurrence", reference_cooccurrence)
     monkeypatch.setattr(StreamingFeatureStats, "_merge", reference_merge)
+    monkeypatch.setattr(StreamingFeatureStats, "update", reference_update)
+    monkeypatch.setattr(StreamingFeatureStats, "_windows", reference_windows)
     monkeypatch.setattr(S, "_context_repr", lambda r: repr(tuple(c(r.get(n)) for n, c in S._CONTEXT_DIGEST)))
     slow = build_feature_db(tmp_path / "slow.db", model, sae, tokens, cfg)
     assert fast.n_features == slow.n_features == 48
@@ -158,3 +207,47 @@ def test_database_equals_the_one_built_by_the_replaced_implementations(tmp_path,
     assert any(json.loads(r[8]) for r in a["features"])  # co-occurrence lists are not all empty
     for table in a:
         assert a[table] == b[table], table
+
+
+def _hard_batches(n_feat: int, seed: int):
+    """Batches with every case the merges meet: a feature firing on every token, one never firing, a batch
+    without firings, repeated activation values (ties broken by the token), few and many candidates."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(9):
+        b, p = 3, 11
+        acts = torch.rand(b, p, n_feat, generator=g)
+        acts = torch.where(acts > 0.8, acts, 0.0)
+        acts[..., 0] = torch.rand(b, p, generator=g) + 0.1  # dense
+        acts[..., 1] = 0.0  # dead
+        acts[..., 2] = torch.where(acts[..., 2] > 0, 0.5, 0.0)  # one value repeated: ties
+        if i == 4:
+            acts.zero_()
+        tokens = torch.randint(0, 50, (b, p), generator=g)
+        grad = torch.randn(b, p, 6, generator=g)
+        out.append((tokens, acts, grad))
+    return out
+
+
+def test_streaming_state_equals_the_replaced_update_exactly(monkeypatch):
+    n_feat = 13
+    directions = torch.randn(n_feat, 6, generator=torch.Generator().manual_seed(9))
+    for k, m, wl, wr in ((4, 3, 2, 1), (1, 1, 0, 0), (30, 40, 5, 5)):
+        cfg = FeatureBuildConfig(top_k=k, n_samples=m, window_left=wl, window_right=wr, seed=3)
+        states = []
+        for reference in (False, True):
+            if reference:
+                monkeypatch.setattr(StreamingFeatureStats, "_cooccurrence", reference_cooccurrence)
+                monkeypatch.setattr(StreamingFeatureStats, "_merge", reference_merge)
+                monkeypatch.setattr(StreamingFeatureStats, "update", reference_update)
+                monkeypatch.setattr(StreamingFeatureStats, "_windows", reference_windows)
+            s = StreamingFeatureStats(n_feat, cfg)
+            for tokens, acts, grad in _hard_batches(n_feat, seed=k):
+                s.update(tokens, acts, grad, directions)
+            states.append(s.state_dict())
+            monkeypatch.undo()
+        new, ref = states
+        assert new.keys() == ref.keys()
+        assert int(new["top_key"].ge(0).sum()) > 0 and int(new["cooc"].sum()) > 0
+        for name in ref:
+            assert torch.equal(new[name], ref[name]), (name, k, m)
