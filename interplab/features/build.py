@@ -28,6 +28,7 @@ from interplab.features.collect import (
     top_logits,
 )
 from interplab.features.config import FeatureBuildConfig
+from interplab.features.schema import ContextColumns
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
 from interplab.features.writer import FeatureWriter
 from interplab.io import load_tensors, save_tensors
@@ -259,7 +260,7 @@ def feature_rows(
     cfg: FeatureBuildConfig,
     vocab: dict[int, str],
     rows: range,
-) -> tuple[list[dict], list[dict]]:
+) -> tuple[list[dict], ContextColumns]:
     """Database rows for rows ``rows`` of ``stats`` (features and their contexts), converted to Python in
     bulk (one ``tolist`` per tensor) because this runs for every feature."""
     center = cfg.window_left
@@ -284,7 +285,7 @@ def feature_rows(
     hist = stats.hist[sl].tolist()
     top_tok = stats.top_tokens[sl, 0, center].tolist()
     names = np.array([vocab.get(t, f"#{t}") for t in range(max(vocab, default=-1) + 1)] + [""], dtype=object)
-    out, ctx = [], []
+    out = []
     for j in range(n):
         fires = n_fires[j] > 0
         out.append(
@@ -301,6 +302,8 @@ def feature_rows(
                 "top_token": top_tok[j] if fires else None,
             }
         )
+    ctx = ContextColumns()
+    feat_ids = stats.features[sl].numpy()
     for kind, index, val, toks, acts in (
         (0, stats.top_index, stats.top_val, stats.top_tokens, stats.top_acts),
         (1, stats.sample_index, stats.sample_val, stats.sample_tokens, stats.sample_acts),
@@ -313,38 +316,34 @@ def feature_rows(
             acts = acts[sl].gather(1, order[..., None].expand(-1, -1, acts.shape[-1]))
         else:
             toks, acts = toks[sl], acts[sl]
-        where = (index >= 0).nonzero()  # (feature row, rank), row-major
-        if len(where) == 0:
+        rr, kk = np.nonzero(index.numpy() >= 0)  # (feature row, rank), row-major
+        if len(rr) == 0:
             continue
-        rr, kk = where.T
-        valid = where.tolist()
-        tok_rows, act_rows = toks[rr, kk], acts[rr, kk]  # context window
-        tok_bytes = tok_rows.to(torch.int32).numpy().astype("<i4").tobytes()
-        act_bytes = act_rows.float().numpy().astype("<f4").tobytes()
+        tok_rows = toks.numpy()[rr, kk]  # context window
         w = tok_rows.shape[1]
-        centers = tok_rows[:, center].tolist()
-        gidx, vals = index[rr, kk].tolist(), _rounded(val[rr, kk], 6)
-        texts = _texts(tok_rows, names) if kind == 0 else [""] * len(valid)
-        for e, (j, rank) in enumerate(valid):
-            ctx.append(
-                {
-                    "feature": feats[j],
-                    "kind": kind,
-                    "rank": rank,
-                    "token_index": gidx[e],
-                    "act": vals[e],
-                    "center_token": centers[e],
-                    "tokens": tok_bytes[4 * w * e : 4 * w * (e + 1)],
-                    "acts": act_bytes[4 * w * e : 4 * w * (e + 1)],
-                    "text": texts[e],
-                }
+        # each window's bytes as one bytes object per row (a void view: no slicing per row)
+        tok_bytes = np.ascontiguousarray(tok_rows.astype("<i4")).view(f"V{4 * w}").reshape(-1).tolist()
+        act_rows = np.ascontiguousarray(acts.numpy()[rr, kk].astype("<f4"))
+        act_bytes = act_rows.view(f"V{4 * w}").reshape(-1).tolist()
+        ctx.extend(
+            ContextColumns(
+                feature=feat_ids[rr].tolist(),
+                kind=[kind] * len(rr),
+                rank=kk.tolist(),
+                token_index=index.numpy()[rr, kk].tolist(),
+                act=_rounded(val[torch.from_numpy(rr), torch.from_numpy(kk)], 6),
+                center_token=tok_rows[:, center].tolist(),
+                tokens=tok_bytes,
+                acts=act_bytes,
+                text=_texts(tok_rows, names) if kind == 0 else [""] * len(rr),
             )
+        )
     return out, ctx
 
 
-def _texts(tok_rows: torch.Tensor, names: np.ndarray) -> list[str]:
+def _texts(tok_rows: np.ndarray, names: np.ndarray) -> list[str]:
     """Each window as text (``names[-1]`` is "" for positions outside the sequence)."""
-    ids = tok_rows.numpy()
+    ids = tok_rows
     ids = np.where((ids >= 0) & (ids < len(names) - 1), ids, len(names) - 1)
     return ["".join(row) for row in names[ids].tolist()]
 

@@ -18,7 +18,6 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +125,14 @@ class FeatureWriter(FeatureDatabase):
                 c.execute(insert(S.vocab), rows[start : start + 5000])
         self._vocab = None
 
-    def write_features(self, rows: list[dict], context_rows: list[dict]) -> None:
-        """Insert features and their contexts in one transaction (readers see all of it or none)."""
+    def write_features(self, rows: list[dict], context_rows: list[dict] | S.ContextColumns) -> None:
+        """Insert features and their contexts (dicts, or `schema.ContextColumns` as a build makes them) in one
+        transaction (readers see all of it or none)."""
+        cols = (
+            context_rows
+            if isinstance(context_rows, S.ContextColumns)
+            else S.ContextColumns.from_dicts(context_rows)
+        )
         with self.engine.begin() as c:
             ids = [r["feature"] for r in rows]
             D.fts_delete(c, S.contexts, ids)  # the full-text index of the contexts replaced
@@ -136,28 +141,25 @@ class FeatureWriter(FeatureDatabase):
             c.execute(delete(S.checksums).where(S.checksums.c.feature.in_(ids)))
             if rows:
                 c.execute(insert(S.features), rows)
-                by_feature: dict[int, list[dict]] = {}
-                for r in context_rows:
-                    by_feature.setdefault(r["feature"], []).append(r)
-                digests = [
-                    {"feature": r["feature"], "sha256": S.row_digest(r, by_feature.get(r["feature"], []))}
-                    for r in rows
-                ]
-                c.execute(insert(S.checksums), digests)
-            if context_rows:
-                self._insert_contexts(c, context_rows)
+                digests = S.row_digests(rows, cols)
+                c.execute(
+                    insert(S.checksums),
+                    [{"feature": r["feature"], "sha256": d} for r, d in zip(rows, digests, strict=True)],
+                )
+            if len(cols):
+                self._insert_contexts(c, cols)
 
-    def _insert_contexts(self, c: Connection, context_rows: list[dict]) -> None:
+    def _insert_contexts(self, c: Connection, cols: S.ContextColumns) -> None:
         first = c.execute(select(func.coalesce(func.max(S.contexts.c.id), 0))).scalar_one() + 1
-        for i, r in enumerate(context_rows):
-            r["id"] = first + i
-        if self.sqlite:  # the driver's executemany directly: this runs for every context
-            cols = [col.name for col in S.contexts.columns]
-            sql = f"INSERT INTO contexts ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-            c.exec_driver_sql(sql, list(map(itemgetter(*cols), context_rows)))
+        if self.sqlite:  # the driver's executemany on tuples straight from the columns: this runs per context
+            names = ["id", *S.CONTEXT_COLUMNS]
+            sql = f"INSERT INTO contexts ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+            c.exec_driver_sql(sql, cols.tuples(first))
+            D.fts_insert(c, first, [])  # SQLite fills the index from the table
         else:
-            c.execute(insert(S.contexts), context_rows)
-        D.fts_insert(c, first, context_rows)
+            rows = cols.dicts(first)
+            c.execute(insert(S.contexts), rows)
+            D.fts_insert(c, first, rows)
 
     def write_dt_rows(self, rows: list[dict]) -> None:
         """Record where each row of a decision transformer's trajectory cache comes from (`schema.dt_rows`:

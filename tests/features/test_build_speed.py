@@ -9,10 +9,12 @@ import math
 import random
 import sqlite3
 
+import numpy as np
 import torch
 from sqlalchemy import Float, Integer, LargeBinary
 
 from interplab.features import FeatureBuildConfig
+from interplab.features import build as B
 from interplab.features import schema as S
 from interplab.features.build import build_feature_db
 from interplab.features.stream import _LOW32, _MAX_TOKENS, StreamingFeatureStats, sample_priority
@@ -75,6 +77,16 @@ def test_row_digest_equals_row_by_row_definition():
         ]
         rng.shuffle(ctx)
         assert S.row_digest(row, ctx) == reference_digest(row, ctx)
+        # in bulk, from columns: row by row (a bytearray) and formatted straight (every value its stored type)
+        other = {**row, "feature": trial + 1000}
+        assert S.row_digests([row, other], S.ContextColumns.from_dicts(ctx)) == [
+            reference_digest(row, ctx),
+            reference_digest(other, []),
+        ]
+        exact = [{**r, "tokens": bytes(r["tokens"])} for r in ctx]
+        if all(type(r["act"]) is float for r in exact):
+            assert S.ContextColumns.from_dicts(exact).reprs() == [S._context_repr(r) for r in exact]
+            assert S.row_digests([row], S.ContextColumns.from_dicts(exact)) == [reference_digest(row, exact)]
 
 
 # ---- the whole database: the fast paths against the implementations they replaced ---------------------------
@@ -179,6 +191,94 @@ def reference_windows(self, dense, feat, local, tokens, p):
     return win_tok, win_act
 
 
+def reference_feature_rows(stats, logit_effects, cfg, vocab, rows):
+    """`build.feature_rows` as first written: a dict per context row."""
+    center = cfg.window_left
+    sl = slice(rows.start, rows.stop)
+    n = rows.stop - rows.start
+    logits: list[dict[str, list]] = [{"pos": [], "neg": []} for _ in range(n)]
+    if logit_effects is not None:
+        top = B.top_logits(logit_effects[sl], cfg.logit_k)
+        pv, pi, nv, ni = B._rounded(top[0]), top[1].tolist(), B._rounded(top[2]), top[3].tolist()
+        logits = [
+            {
+                "pos": [list(e) for e in zip(pi[j], pv[j], strict=True)],
+                "neg": [list(e) for e in zip(ni[j], nv[j], strict=True)],
+            }
+            for j in range(n)
+        ]
+    cooc = B._cooc_rows(stats, sl, cfg.cooc_k)
+    feats, n_fires = stats.features[sl].tolist(), stats.n_fires[sl].tolist()
+    density, mean_act = stats.density[sl].tolist(), B._rounded(stats.mean_act[sl], 6)
+    max_act = B._rounded(stats.top_val[sl, 0], 6)
+    loss = B._rounded(stats.loss_effect[sl], 6) if stats.loss_effect is not None else [None] * n
+    hist = stats.hist[sl].tolist()
+    top_tok = stats.top_tokens[sl, 0, center].tolist()
+    names = np.array([vocab.get(t, f"#{t}") for t in range(max(vocab, default=-1) + 1)] + [""], dtype=object)
+    out, ctx = [], []
+    for j in range(n):
+        fires = n_fires[j] > 0
+        out.append(
+            {
+                "feature": feats[j],
+                "n_fires": n_fires[j],
+                "density": density[j],
+                "max_act": max_act[j] if fires else 0.0,
+                "mean_act": mean_act[j],
+                "loss_effect": loss[j] if fires else None,
+                "hist": json.dumps(hist[j]),
+                "logits": json.dumps(logits[j]),
+                "cooc": json.dumps(cooc[j]),
+                "top_token": top_tok[j] if fires else None,
+            }
+        )
+    for kind, index, val, toks, acts in (
+        (0, stats.top_index, stats.top_val, stats.top_tokens, stats.top_acts),
+        (1, stats.sample_index, stats.sample_val, stats.sample_tokens, stats.sample_acts),
+    ):
+        index, val = index[sl], val[sl]
+        if kind == 1:  # samples shown from the strongest down, grouped into activation quantiles
+            order = torch.argsort(torch.where(index >= 0, -val, float("inf")), dim=1, stable=True)
+            index, val = index.gather(1, order), val.gather(1, order)
+            toks = toks[sl].gather(1, order[..., None].expand(-1, -1, toks.shape[-1]))
+            acts = acts[sl].gather(1, order[..., None].expand(-1, -1, acts.shape[-1]))
+        else:
+            toks, acts = toks[sl], acts[sl]
+        where = (index >= 0).nonzero()  # (feature row, rank), row-major
+        if len(where) == 0:
+            continue
+        rr, kk = where.T
+        valid = where.tolist()
+        tok_rows, act_rows = toks[rr, kk], acts[rr, kk]  # context window
+        tok_bytes = tok_rows.to(torch.int32).numpy().astype("<i4").tobytes()
+        act_bytes = act_rows.float().numpy().astype("<f4").tobytes()
+        w = tok_rows.shape[1]
+        centers = tok_rows[:, center].tolist()
+        gidx, vals = index[rr, kk].tolist(), B._rounded(val[rr, kk], 6)
+        texts = B._texts(tok_rows.numpy(), names) if kind == 0 else [""] * len(valid)
+        for e, (j, rank) in enumerate(valid):
+            ctx.append(
+                {
+                    "feature": feats[j],
+                    "kind": kind,
+                    "rank": rank,
+                    "token_index": gidx[e],
+                    "act": vals[e],
+                    "center_token": centers[e],
+                    "tokens": tok_bytes[4 * w * e : 4 * w * (e + 1)],
+                    "acts": act_bytes[4 * w * e : 4 * w * (e + 1)],
+                    "text": texts[e],
+                }
+            )
+    return out, ctx
+
+
+def reference_row_digests(rows, cols):
+    """`schema.row_digests` by its definition: `reference_digest` of each row with its contexts."""
+    ctx = cols.dicts()
+    return [reference_digest(r, [c for c in ctx if c["feature"] == r["feature"]]) for r in rows]
+
+
 def dump(db) -> dict[str, list[tuple]]:
     """Every row of every table (the full-text index's own tables too), in a fixed order."""
     with sqlite3.connect(db) as con:
@@ -200,6 +300,8 @@ def test_database_equals_the_one_built_by_the_replaced_implementations(tmp_path,
     monkeypatch.setattr(StreamingFeatureStats, "update", reference_update)
     monkeypatch.setattr(StreamingFeatureStats, "_windows", reference_windows)
     monkeypatch.setattr(S, "_context_repr", lambda r: repr(tuple(c(r.get(n)) for n, c in S._CONTEXT_DIGEST)))
+    monkeypatch.setattr(S, "row_digests", reference_row_digests)
+    monkeypatch.setattr(B, "feature_rows", reference_feature_rows)
     slow = build_feature_db(tmp_path / "slow.db", model, sae, tokens, cfg)
     assert fast.n_features == slow.n_features == 48
     a, b = dump(tmp_path / "fast.db"), dump(tmp_path / "slow.db")
