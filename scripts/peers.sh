@@ -31,7 +31,7 @@
 # sae-bench 0.6.0 (not part of `all`: 2.5 GB) goes in --no-deps with the dependencies its core eval and sparse
 # probing import: its declared torchvision pulls a build that does not match the CPU torch (transformers then
 # fails to import), and sae-probes brings xgboost, whose nvidia-nccl-cu12 would be the venv's CUDA package; openai,
-# plotly, seaborn and matplotlib serve its autointerp and plots. numpy <2 and datasets <4 are its own pins.
+# plotly, seaborn and matplotlib serve its autointerp and plots. numpy <2 and datasets <4 are its own pins; pyarrow 25.0.1 is the newest that loads with numpy 1.26.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -80,7 +80,7 @@ fi
 if [ "$want" = saebench ]; then
   build saebench sae-bench 0.6.0 "sae_bench.evals.core.main, sae_bench.evals.sparse_probing.probe_training" \
     "sae-lens==6.54.12 transformer-lens==3.9.0 numpy==1.26.4 datasets==3.6.0 einops==0.8.2 jaxtyping==0.3.11
-     pandas==2.3.3 pydantic==2.14.4 beartype==0.23.1 scikit-learn==1.9.1 tabulate==0.10.0 tqdm==4.70.1"
+     pyarrow==25.0.1 pandas==2.3.3 pydantic==2.14.4 beartype==0.23.1 scikit-learn==1.9.1 tabulate==0.10.0 tqdm==4.70.1"
 fi
 echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
 echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"
