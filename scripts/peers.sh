@@ -28,8 +28,8 @@
 # rest of its declared dependencies are pinned below to versions within its ranges (numpy <2 from TransformerLens
 # 2.x, so pyarrow 21, as for auto-circuit: datasets imports it and pyarrow 22 needs numpy 2). About 8 minutes on
 # a loaded machine, 1.9 GB.
-# sae-bench 0.6.0 (not part of `all`: 2.5 GB) goes in --no-deps with the dependencies its core eval and sparse
-# probing import: its declared torchvision pulls a build that does not match the CPU torch (transformers then
+# sae-bench 0.6.0 (not part of `all`: 2 GB, about 2.5 minutes) goes in --no-deps with the dependencies its core
+# eval and sparse probing import: its declared torchvision pulls a build that does not match the CPU torch (transformers then
 # fails to import), and sae-probes brings xgboost, whose nvidia-nccl-cu12 would be the venv's CUDA package; openai,
 # plotly, seaborn and matplotlib serve its autointerp and plots. numpy <2 and datasets <4 are its own pins; pyarrow 25.0.1 is the newest that loads with numpy 1.26.
 set -euo pipefail

@@ -30,7 +30,7 @@ PEERS = {
     "kronfluence": ("INTERPLAB_KRONFLUENCE_PYTHON", "kronfluence.analyzer"),
 }
 NOT_IN_CI = {"saebench", "devinterp"}
-"""peers CI does not build (scripts/peers.sh builds sae-bench's venv on request, not in `all`: 2.5 GB of
+"""peers CI does not build (scripts/peers.sh builds sae-bench's venv on request, not in `all`: 2 GB of
 sae-lens, TransformerLens and transformers; devinterp 2.0 pulls datasets, xarray and zarr, and needs einops,
 jaxtyping, safetensors, tokenizers and pyyaml beside it to load interplab's models): their tests skip with the
 reason even under INTERPLAB_REQUIRE_PEERS=1. devinterp's venv: ``python3 -m venv .peers/devinterp``,
