@@ -13,7 +13,7 @@
 #   bash scripts/peers.sh circuittracer  # only circuit-tracer (about 2.5 minutes, 1.6 GB)
 #   bash scripts/peers.sh kronfluence  # only kronfluence
 #   bash scripts/peers.sh saedashboard   # SAEDashboard 0.8.0 for benchmarks/bench_features.py; not in `all`
-#   bash scripts/peers.sh saebench   # sae-bench 0.6.0 (tests/sae/test_bench*_peer.py, bench_saebench_core.py); not in `all`
+#   bash scripts/peers.sh saebench   # sae-bench 0.6.0 (tests/sae/test_bench*_peer.py); not in `all`
 # auto-circuit 1.0.1 imports transformer_lens.past_key_value_caching, which TransformerLens 3 removed, so its venv
 # pins TransformerLens 2.18.0 (the last 2.x; and pyarrow 21, the newest that loads with its numpy 1.26). auto-circuit
 # itself goes in without its declared dependencies, with the ones the modules it imports need instead: tracr-pypi
@@ -28,10 +28,11 @@
 # rest of its declared dependencies are pinned below to versions within its ranges (numpy <2 from TransformerLens
 # 2.x, so pyarrow 21, as for auto-circuit: datasets imports it and pyarrow 22 needs numpy 2). About 8 minutes on
 # a loaded machine, 1.9 GB.
-# sae-bench 0.6.0 (not part of `all`: 2 GB, about 2.5 minutes) goes in --no-deps with the dependencies its core
-# eval and sparse probing import: its declared torchvision pulls a build that does not match the CPU torch (transformers then
-# fails to import), and sae-probes brings xgboost, whose nvidia-nccl-cu12 would be the venv's CUDA package; openai,
-# plotly, seaborn and matplotlib serve its autointerp and plots. numpy <2 and datasets <4 are its own pins; pyarrow 25.0.1 is the newest that loads with numpy 1.26.
+# sae-bench 0.6.0 (not part of `all`: 2 GB, about 2.5 minutes) goes in --no-deps with the dependencies its
+# core eval and sparse probing import: its declared torchvision pulls a build that does not match the CPU torch
+# (transformers then fails to import), and sae-probes brings xgboost, whose nvidia-nccl-cu12 would be the venv's
+# CUDA package; openai, plotly, seaborn and matplotlib serve its autointerp and plots. numpy <2 and datasets <4
+# are its own pins; pyarrow 25.0.1 is the newest that loads with numpy 1.26.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
