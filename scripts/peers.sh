@@ -13,6 +13,7 @@
 #   bash scripts/peers.sh circuittracer  # only circuit-tracer (about 2.5 minutes, 1.6 GB)
 #   bash scripts/peers.sh kronfluence  # only kronfluence
 #   bash scripts/peers.sh saedashboard   # SAEDashboard 0.8.0 for benchmarks/bench_features.py; not in `all`
+#   bash scripts/peers.sh saebench   # sae-bench 0.6.0 (tests/sae/test_bench*_peer.py); not in `all`
 # auto-circuit 1.0.1 imports transformer_lens.past_key_value_caching, which TransformerLens 3 removed, so its venv
 # pins TransformerLens 2.18.0 (the last 2.x; and pyarrow 21, the newest that loads with its numpy 1.26). auto-circuit
 # itself goes in without its declared dependencies, with the ones the modules it imports need instead: tracr-pypi
@@ -27,11 +28,16 @@
 # rest of its declared dependencies are pinned below to versions within its ranges (numpy <2 from TransformerLens
 # 2.x, so pyarrow 21, as for auto-circuit: datasets imports it and pyarrow 22 needs numpy 2). About 8 minutes on
 # a loaded machine, 1.9 GB.
+# sae-bench 0.6.0 (not part of `all`: 2 GB, about 2.5 minutes) goes in --no-deps with the dependencies its
+# core eval and sparse probing import: its declared torchvision pulls a build that does not match the CPU torch
+# (transformers then fails to import), and sae-probes brings xgboost, whose nvidia-nccl-cu12 would be the venv's
+# CUDA package; openai, plotly, seaborn and matplotlib serve its autointerp and plots. numpy <2 and datasets <4
+# are its own pins; pyarrow 25.0.1 is the newest that loads with numpy 1.26.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-all}
-case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence | saedashboard) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence|saedashboard], got '$want'" >&2; exit 2 ;; esac
+case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence | saedashboard | saebench) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence|saedashboard|saebench], got '$want'" >&2; exit 2 ;; esac
 TORCH=2.13.0
 build() {  # name, distribution, version, import name[, dependencies: then the distribution goes in --no-deps]
   local dir=".peers/$1" dist=$2 version=$3 mod=$4 deps=${5:-}
@@ -72,9 +78,15 @@ if [ "$want" = saedashboard ]; then
      safetensors==0.4.5 dataclasses-json==0.6.7 eindex-callum==0.1.2 einops==0.8.2 jaxtyping==0.2.38
      matplotlib==3.11.2 rich==13.9.4 typer==0.12.5"
 fi
+if [ "$want" = saebench ]; then
+  build saebench sae-bench 0.6.0 "sae_bench.evals.core.main, sae_bench.evals.sparse_probing.probe_training" \
+    "sae-lens==6.54.12 transformer-lens==3.9.0 numpy==1.26.4 datasets==3.6.0 einops==0.8.2 jaxtyping==0.3.11
+     pyarrow==25.0.1 pandas==2.3.3 pydantic==2.14.4 beartype==0.23.1 scikit-learn==1.9.1 tabulate==0.10.0 tqdm==4.70.1"
+fi
 echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
 echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"
 echo "INTERPLAB_AUTOCIRCUIT_PYTHON=$PWD/.peers/autocircuit/bin/python"
 echo "INTERPLAB_CIRCUITTRACER_PYTHON=$PWD/.peers/circuittracer/bin/python"
 echo "INTERPLAB_KRONFLUENCE_PYTHON=$PWD/.peers/kronfluence/bin/python"
+echo "INTERPLAB_SAEBENCH_PYTHON=$PWD/.peers/saebench/bin/python"
 echo "SAEDashboard (benchmarks/bench_features.py --sd-python): $PWD/.peers/saedashboard/bin/python"

@@ -25,23 +25,23 @@ PEERS = {
         "INTERPLAB_CIRCUITTRACER_PYTHON",
         "circuit_tracer.replacement_model.replacement_model_transformerlens",
     ),
-    "saebench": ("INTERPLAB_SAEBENCH_PYTHON", "sae_bench.evals.sparse_probing.probe_training"),
+    "saebench": ("INTERPLAB_SAEBENCH_PYTHON", "sae_bench.evals.core.main"),
     "devinterp": ("INTERPLAB_DEVINTERP_PYTHON", "devinterp.slt.llc"),
     "kronfluence": ("INTERPLAB_KRONFLUENCE_PYTHON", "kronfluence.analyzer"),
 }
 NOT_IN_CI = {"saebench", "devinterp"}
-"""peers scripts/peers.sh does not build (sae-bench's build takes over 10 minutes and pulls a CUDA torch unless
-re-pinned; devinterp 2.0 pulls datasets, xarray and zarr, and needs einops, jaxtyping, safetensors, tokenizers
-and pyyaml beside it to load interplab's models): their tests skip with the reason even under
-INTERPLAB_REQUIRE_PEERS=1. devinterp's venv: ``python3 -m venv .peers/devinterp``, ``pip install torch==2.13.0``
-(CPU) first, then ``pip install devinterp einops jaxtyping safetensors tokenizers pyyaml``"""
+"""peers CI does not build (scripts/peers.sh builds sae-bench's venv on request, not in `all`: 2 GB of
+sae-lens, TransformerLens and transformers; devinterp 2.0 pulls datasets, xarray and zarr, and needs einops,
+jaxtyping, safetensors, tokenizers and pyyaml beside it to load interplab's models): their tests skip with the
+reason even under INTERPLAB_REQUIRE_PEERS=1. devinterp's venv: ``python3 -m venv .peers/devinterp``,
+``pip install torch==2.13.0`` (CPU) first, then ``pip install devinterp einops jaxtyping safetensors tokenizers
+pyyaml``"""
 
 
 BUILD_BY_HAND = {
     "devinterp": "build it with `python3 -m venv .peers/devinterp && .peers/devinterp/bin/pip install torch==2.13.0"
     " && .peers/devinterp/bin/pip install torch==2.13.0 devinterp einops jaxtyping safetensors tokenizers pyyaml`",
-    "saebench": "scripts/peers.sh does not build it (sae-bench pulls a CUDA torch through torchvision: a venv of"
-    " torch==2.13.0 with sae-bench installed and its torch re-pinned to the CPU build)",
+    "saebench": "run `bash scripts/peers.sh saebench` (sae-bench 0.6.0 on a CPU torch, not part of `all`)",
 }
 """how to get the peers of NOT_IN_CI, said in their skip reasons (scripts/peers.sh does not take their names)"""
 

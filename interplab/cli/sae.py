@@ -469,6 +469,12 @@ def bench(
         "configured (INTERPLAB_LLM_*) detection and fuzzing by the LLM, else the built-in baseline",
         callback=non_negative_int,
     ),
+    saebench_core: bool = typer.Option(
+        False,
+        "--saebench-core",
+        help="also SAEBench 0.6's core metrics by its own definitions (saebench_* columns, comparable with "
+        "published SAEBench tables; interplab.sae.saebench)",
+    ),
     dtype: str = dtype_option(),
     threads: int = threads_param(),
 ) -> None:
@@ -500,6 +506,10 @@ def bench(
         data = corpus_token_batches(
             model, corpus, split=split, seq_len=seq_len, batch_size=EVAL_BATCH_SEQS, n_batches=batches
         )
+        if saebench_core:
+            from interplab.sae.saebench import saebench_ignore_tokens, saebench_metric
+
+            extra["saebench"] = saebench_metric(model, data.batches, saebench_ignore_tokens(model.tokenizer))
         if autointerp:
             extra["autointerp"] = _autointerp_metric(model, data.batches, out / "autointerp", autointerp)
         result = bench_saes(

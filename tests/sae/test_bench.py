@@ -267,7 +267,7 @@ def test_cli_bench_end_to_end_with_reseeds(tmp_path, monkeypatch):
         ok(["sae", "train", "--cache", tmp_path / "acts", "--hook", HOOK, "--out", tmp_path / f"seed{seed}",
             "--steps", 15, "--batch", 128, "--expansion", 2, "--sweep", "k=2,4", "--seed", seed])  # fmt: skip
     out = ok(["sae", "bench", tmp_path / "seed0", tmp_path / "seed1", "--model", tmp_path / "model", "--out",
-              tmp_path / "bench", "--batches", 2, "--seq-len", 32, "--split", "train", "--ks", "1,2", *corpus])  # fmt: skip
+              tmp_path / "bench", "--batches", 2, "--seq-len", 32, "--split", "train", "--ks", "1,2", "--saebench-core", *corpus])  # fmt: skip
     doc = json.loads((tmp_path / "bench" / "report.json").read_text())
     names = sorted(r["name"] for r in doc["saes"])
     assert names == [f"seed{s}/{HOOK.replace('.', '_')}__k_{k}" for s in (0, 1) for k in (2, 4)]
@@ -280,6 +280,9 @@ def test_cli_bench_end_to_end_with_reseeds(tmp_path, monkeypatch):
             vals = [r["metrics"][m] for r in doc["saes"] if r["group"] == g]
             assert ms[m]["mean"] == pytest.approx(statistics.fmean(vals))
             assert ms[m]["sd"] == pytest.approx(statistics.stdev(vals))
+    for r in doc["saes"]:  # SAEBench's definitions beside interplab's: a TopK L0 is k on any token set
+        assert r["metrics"]["saebench_l0"] == pytest.approx(r["metrics"]["l0"])
+        assert 0 <= r["metrics"]["saebench_frac_alive"] <= 1 and "saebench_ce_loss_score" in r["metrics"]
     assert (tmp_path / "bench" / "bench.md").read_text().splitlines()[0].startswith("| SAE | seeds | l0 |")
     assert (tmp_path / "bench" / "frontier_fvu.html").exists()
     assert "CV" in out and "no LLM configured" in out
