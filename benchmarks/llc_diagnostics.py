@@ -195,6 +195,7 @@ def main() -> None:
         "--step-scales", type=float, nargs="+", default=[4.0], help="also 4x draws at these step multiples"
     )
     ap.add_argument("--no-transformer", action="store_true")
+    ap.add_argument("--transformer-only", action="store_true", help="re-measure the transformer rows only")
     ap.add_argument(
         "--sweep",
         metavar="CASE",
@@ -230,10 +231,14 @@ def main() -> None:
             args.sweep_out, {**old, "torch": torch.__version__, "threads": 1, "rows": keep + rows}
         )
         return
-    rows = [r for s in args.scales for r in _validation(s)]
-    rows += [r for s in args.step_scales for r in _validation(4, s)]
-    if not args.no_transformer:
-        rows += _transformer()
+    if args.transformer_only:  # the transformer rows anew, the validation rows of --out kept
+        old = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+        rows = [r for r in old if r["case"] != "transformer of bench_llc.py"] + _transformer()
+    else:
+        rows = [r for s in args.scales for r in _validation(s)]
+        rows += [r for s in args.step_scales for r in _validation(4, s)]
+        if not args.no_transformer:
+            rows += _transformer()
     atomic_write_json(
         args.out,
         {
