@@ -36,25 +36,45 @@ from interplab.model import ModelConfig, Transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(d_model=64, n_layers=2, n_heads=4, d_vocab=128, n_ctx=64, positional="rotary", attn_only=True)
+TRAIN_STEPS = 200
+"""Adam steps of the benchmark model: the run recorded in results/llc.json used 200 (its L(w*) 2.54293 is the
+loss after 200 steps; after 300 it is 1.71447)"""
+DRAWS = 50
+"""draws per chain of results/llc.json"""
 
 
-def trained_model(steps: int, seed: int = 0) -> tuple[Transformer, torch.Tensor]:
+def trained_model(steps: int = TRAIN_STEPS, seed: int = 0) -> tuple[Transformer, torch.Tensor]:
     """The benchmark model and its data: 256 windows of 64 tokens (a random half repeated once), the model
-    trained on them with Adam for ``steps`` steps."""
-    g = torch.Generator().manual_seed(seed)
-    half = torch.randint(0, MODEL["d_vocab"], (256, MODEL["n_ctx"] // 2), generator=g)
-    tokens = torch.cat([half, half], 1)
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**MODEL))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        batch = tokens[torch.randint(0, 256, (32,), generator=g)]
-        logits = model(batch)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    trained on them with Adam for ``steps`` steps. A function of ``steps`` and ``seed`` only: trained on one
+    thread whatever the caller's thread count (matmul reductions split over threads round differently, and
+    the training amplifies it), the batch order from its own generator, the initialisation from ``seed``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's global generator is neither read nor moved
+            torch.manual_seed(seed)
+            g = torch.Generator().manual_seed(seed)
+            half = torch.randint(0, MODEL["d_vocab"], (256, MODEL["n_ctx"] // 2), generator=g)
+            tokens = torch.cat([half, half], 1)
+            model = Transformer(ModelConfig(**MODEL))
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            for _ in range(steps):
+                batch = tokens[torch.randint(0, 256, (32,), generator=g)]
+                logits = model(batch)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval(), tokens
+
+
+def init_loss(model: Transformer, tokens: torch.Tensor) -> float:
+    """L(w*) of the benchmark model on its windows (what `estimate_llc` reports as ``init_loss``)."""
+    with torch.no_grad():
+        logits = model(tokens)
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()))
 
 
 def _ours(model: Transformer, tokens: torch.Tensor, cfg: SGLDConfig, vectorize: bool = False) -> dict:
@@ -110,9 +130,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devinterp-python", default=str(ROOT / ".peers" / "devinterp" / "bin" / "python"))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
     ap.add_argument("--chains", type=int, default=4)
-    ap.add_argument("--draws", type=int, default=100)
+    ap.add_argument("--draws", type=int, default=DRAWS)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--gamma", type=float, default=100.0)
@@ -162,6 +182,9 @@ def main() -> None:
         "what": "LLC of one model: interplab estimate_llc (chains batched by vmap) vs devinterp 2.0 llc()",
         "model": MODEL,
         "n_windows": int(tokens.shape[0]),
+        "train_steps": args.train_steps,
+        "model_init_loss": init_loss(model, tokens),
+        "torch": torch.__version__,
         "sampler": settings | {"burn_in": 0},
         "torch_threads": 1,
         "rounds": args.rounds,

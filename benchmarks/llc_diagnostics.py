@@ -5,6 +5,12 @@ and more draws. Not a speed benchmark: a measurement of the diagnostics, for doc
 wall seconds are given only to size the runs).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/llc_diagnostics.py --out benchmarks/results/llc_diagnostics.json
+
+The bias-vs-step curve of one case (32 chains, the same simulated time ``draws * step`` at every step; about
+3.5 CPU minutes a case) and the slow tests' mixing settings, into benchmarks/results/llc_step_sweep.json:
+
+    python benchmarks/llc_diagnostics.py --sweep dln-4-2-3      # regression, planted, dln-3-2-3, dln-4-2-3
+    python benchmarks/llc_diagnostics.py --mixing regression planted dln-3-2-3 dln-4-2-3
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from tests.dynamics import test_llc as cases  # noqa: E402
 
 
 def _row(name: str, theory: float | None, run: Callable[[], LLCEstimate]) -> dict:
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LLCConvergenceWarning)
         est = run()
@@ -53,6 +59,7 @@ def _row(name: str, theory: float | None, run: Callable[[], LLCEstimate]) -> dic
         "nbeta": est.nbeta,
         "init_loss": est.init_loss,
         "wall_s": time.perf_counter() - t,
+        "cpu_s": time.process_time() - cpu,
     }
     print(json.dumps(row), flush=True)
     return row
@@ -97,12 +104,70 @@ def _validation(scale: int, step_scale: float = 1.0) -> list[dict]:
     return rows
 
 
-def _transformer() -> list[dict]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_llc import trained_model
+def _cases() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...], float, SGLDConfig]]:
+    """The validation cases of tests/dynamics/test_llc.py: ``name -> (model, data, theory, the tests' config)``."""
+    planted = SGLDConfig(
+        step_size=2e-4, gamma=cases.GAMMA, chains=8, draws=3000, burn_in=500, batch_size=None
+    )
+    configs = {
+        "regression": cases.CFG,
+        "planted": planted,
+        "dln-3-2-3": cases.DLN_CFG,
+        "dln-4-2-3": cases.DLN_CFG,
+    }
+    out = {}
+    for name, cfg in configs.items():
+        model, data, theory = cases.validation_case(name)
+        out[name] = (model, data, theory(default_nbeta(cases.N)), cfg)
+    return out
 
-    model, tokens = trained_model(300)
-    bench = SGLDConfig(step_size=1e-4, gamma=100.0, nbeta=30.0, chains=4, draws=50, burn_in=0, batch_size=16)
+
+def _sweep(name: str, steps: list[float], chains: int, steps_at_2e4: int) -> list[dict]:
+    """The bias-vs-step curve of one case: SGLD at each step size with the same simulated time (``draws *
+    step`` fixed, a quarter of it more as burn-in), ``chains`` chains (as cheap per step as 8 on CPU for these
+    models: the cost is the per-step overhead)."""
+    model, data, theory, cfg = _cases()[name]
+    rows = []
+    for h in steps:
+        draws = round(steps_at_2e4 * 2e-4 / h)
+        c = SGLDConfig(
+            **{**vars(cfg), "step_size": h, "chains": chains, "draws": draws, "burn_in": draws // 4}
+        )
+        row = _row(name, theory, lambda c=c: estimate_llc(model, data, mse_loss, c))
+        row["settings"] = f"sweep: {chains} chains, step {h:g}, {draws} draws"
+        rows.append(row)
+    return rows
+
+
+def _mixing(names: list[str]) -> list[dict]:
+    """The slow tests' settings (tests/dynamics/test_llc.py MIXING: mixed and in the unbiased regime)."""
+    rows = []
+    for name in names:
+        model, data, theory = cases.validation_case(name)
+        cfg = cases.MIXING[name]
+        row = _row(
+            name,
+            theory(default_nbeta(cases.N)),
+            lambda m=model, d=data, c=cfg: estimate_llc(m, d, mse_loss, c),
+        )
+        row["settings"] = (
+            f"slow test (MIXING): step {cfg.step_size:g}, {cfg.draws} draws, burn-in {cfg.burn_in}"
+        )
+        rows.append(row)
+    return rows
+
+
+def _transformer() -> list[dict]:
+    """bench_llc.py's model (its `trained_model` at its `TRAIN_STEPS`, the run of results/llc.json: the same
+    L(w*), checked) at its settings, and with a burn-in and more draws."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_llc import DRAWS, TRAIN_STEPS, trained_model
+
+    model, tokens = trained_model(TRAIN_STEPS)
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "llc.json").read_text())
+    bench = SGLDConfig(
+        step_size=1e-4, gamma=100.0, nbeta=30.0, chains=4, draws=DRAWS, burn_in=0, batch_size=16
+    )
     longer = SGLDConfig(**{**vars(bench), "draws": 200, "burn_in": 50})
     rows = []
     for label, cfg in (("bench_llc settings", bench), ("burn-in 50, 200 draws", longer)):
@@ -110,7 +175,15 @@ def _transformer() -> list[dict]:
             "transformer of bench_llc.py", None, lambda c=cfg: estimate_llc(model, (tokens,), lm_loss, c)
         )
         row["settings"] = label
+        row["train_steps"] = TRAIN_STEPS
+        row["llc_json_init_loss"] = recorded["interplab"]["init_loss"]
+        row["llc_json_llc"] = recorded["interplab"]["llc_median"]
         rows.append(row)
+    if abs(rows[0]["init_loss"] - rows[0]["llc_json_init_loss"]) > 1e-5:
+        raise RuntimeError(
+            f"bench_llc's model does not reproduce results/llc.json: L(w*) {rows[0]['init_loss']:.6f}, recorded "
+            f"{rows[0]['llc_json_init_loss']:.6f}"
+        )
     return rows
 
 
@@ -122,12 +195,50 @@ def main() -> None:
         "--step-scales", type=float, nargs="+", default=[4.0], help="also 4x draws at these step multiples"
     )
     ap.add_argument("--no-transformer", action="store_true")
+    ap.add_argument("--transformer-only", action="store_true", help="re-measure the transformer rows only")
+    ap.add_argument(
+        "--sweep",
+        metavar="CASE",
+        help="the bias-vs-step curve of one case (regression, planted, "
+        "dln-3-2-3, dln-4-2-3), merged into --sweep-out",
+    )
+    ap.add_argument("--sweep-steps", type=float, nargs="+", default=[1e-4, 2e-4, 4e-4, 8e-4])
+    ap.add_argument("--sweep-chains", type=int, default=32)
+    ap.add_argument("--sweep-draws", type=int, default=16000, help="draws at step 2e-4 (scaled as 1 / step)")
+    ap.add_argument("--sweep-out", type=Path, default=ROOT / "benchmarks" / "results" / "llc_step_sweep.json")
+    ap.add_argument(
+        "--mixing",
+        metavar="CASE",
+        nargs="+",
+        help="the slow tests' settings of these cases, merged into --mixing-out",
+    )
+    ap.add_argument(
+        "--mixing-out", type=Path, default=ROOT / "benchmarks" / "results" / "llc_step_sweep.json"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rows = [r for s in args.scales for r in _validation(s)]
-    rows += [r for s in args.step_scales for r in _validation(4, s)]
-    if not args.no_transformer:
-        rows += _transformer()
+    if args.mixing:
+        rows = _mixing(args.mixing)
+        old = json.loads(args.mixing_out.read_text()) if args.mixing_out.exists() else {"rows": []}
+        keep = [r for r in old.get("mixing", []) if r["case"] not in args.mixing]
+        atomic_write_json(args.mixing_out, {**old, "mixing": keep + rows})
+        return
+    if args.sweep:
+        rows = _sweep(args.sweep, args.sweep_steps, args.sweep_chains, args.sweep_draws)
+        old = json.loads(args.sweep_out.read_text()) if args.sweep_out.exists() else {"rows": []}
+        keep = [r for r in old["rows"] if r["case"] != args.sweep or r["step_size"] not in args.sweep_steps]
+        atomic_write_json(
+            args.sweep_out, {**old, "torch": torch.__version__, "threads": 1, "rows": keep + rows}
+        )
+        return
+    if args.transformer_only:  # the transformer rows anew, the validation rows of --out kept
+        old = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+        rows = [r for r in old if r["case"] != "transformer of bench_llc.py"] + _transformer()
+    else:
+        rows = [r for s in args.scales for r in _validation(s)]
+        rows += [r for s in args.step_scales for r in _validation(4, s)]
+        if not args.no_transformer:
+            rows += _transformer()
     atomic_write_json(
         args.out,
         {

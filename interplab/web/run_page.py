@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from interplab import runs
+from interplab.dynamics.mcmc import RHAT_THRESHOLD
 from interplab.scrub.result import OTHERS, PALETTE, sample_lines
 from interplab.web.runs import (
     MAX_LOG_BYTES,
@@ -210,22 +211,31 @@ def _numbers(v: Any, n: int | None = None) -> list | None:
 
 def llc_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
     """An LLC curve (`interplab llc` writes ``llc/report.json``): per component its values and SEs against
-    step, the sampler settings and the summary."""
+    step, each point's convergence diagnostics (R-hat, bulk / tail ESS, and ``mixed``: R-hat below
+    `mcmc.RHAT_THRESHOLD`, None where unknown, as in a report written before them), the sampler settings and
+    the summary."""
     report = read_json(folder / runs.REPORT, root)
     report = report if isinstance(report, dict) else {}
     steps = _numbers(report.get("steps")) or []
     llc, se = _dict(report.get("llc")), _dict(report.get("se"))
-    series = []
+    diag = {k: _dict(report.get(k)) for k in ("rhat", "ess_bulk", "ess_tail")}
+    series: list[dict[str, Any]] = []
+    unmixed = 0
     for name, values in list(llc.items())[:64]:
         ys = _numbers(values, len(steps))
         if ys is None or any(y is None for y in ys):
             continue
         errs = _numbers(se.get(name), len(steps))
-        series.append({"name": _text(name, 60), "x": steps, "y": ys, "err": errs})
+        point = {k: _numbers(d.get(name), len(steps)) or [None] * len(steps) for k, d in diag.items()}
+        mixed = [None if r is None else r < RHAT_THRESHOLD for r in point["rhat"]]
+        unmixed += sum(m is False for m in mixed)
+        series.append({"name": _text(name, 60), "x": steps, "y": ys, "err": errs, **point, "mixed": mixed})
     config = _dict(report.get("config"))
     keys = ("step_size", "gamma", "nbeta", "chains", "draws", "burn_in", "batch_size", "seed")
     return {
         "where": _rel(folder, base),
+        "unmixed": unmixed,
+        "rhat_threshold": RHAT_THRESHOLD,
         "summary": _text(report.get("summary"), 2000),
         "series": series,
         "config": {k: _number(config.get(k)) for k in keys},
@@ -274,6 +284,7 @@ def timeline_view(
         return None
     return {
         "panels": panels,
+        "rhat_threshold": RHAT_THRESHOLD,
         "formation_step": formation_step,
         "window": window,
         "target": target,

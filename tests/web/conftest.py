@@ -76,6 +76,10 @@ def write_training_run(run: Path, model, n_checkpoints: int = 3) -> None:
                 "llc": {"all": [1.5, 6.0, 9.25], "L0H1": [0.25, 2.0, 3.5]},
                 "se": {"all": [0.1, 0.3, None], "L0H1": [0.05, 0.1, 0.2]},
                 "init_loss": [6.9, 4.0, 3.0],
+                # step 50's total did not mix; L0H1's diagnostics unknown at step 0 (null, as NaN is written)
+                "rhat": {"all": [1.004, 1.052, 1.008], "L0H1": [None, 1.003, 1.006]},
+                "ess_bulk": {"all": [610.0, 41.0, 450.0], "L0H1": [None, 700.0, 520.0]},
+                "ess_tail": {"all": [580.0, 66.0, 400.0], "L0H1": [None, 690.0, 480.0]},
                 "config": {"step_size": 1e-4, "gamma": 100.0, "chains": 4, "draws": 200},
             }
         )

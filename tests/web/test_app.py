@@ -159,8 +159,20 @@ def test_run_page_puts_formation_on_one_time_axis(client, web_setup):
         "LLC per component",
     ]
     total = t["panels"][2]["series"][0]
-    assert total == {"name": "all", "x": [0, 50, 100], "y": [1.5, 6.0, 9.25], "err": [0.1, 0.3, None]}
-    assert t["panels"][3]["series"][0]["name"] == "L0H1"
+    assert total == {
+        "name": "all",
+        "x": [0, 50, 100],
+        "y": [1.5, 6.0, 9.25],
+        "err": [0.1, 0.3, None],
+        "rhat": [1.004, 1.052, 1.008],
+        "ess_bulk": [610.0, 41.0, 450.0],
+        "ess_tail": [580.0, 66.0, 400.0],
+        "mixed": [True, False, True],  # R-hat 1.052 >= 1.01 at step 50
+    }
+    head = t["panels"][3]["series"][0]
+    assert head["name"] == "L0H1" and head["mixed"] == [None, True, True]  # unknown at step 0
+    assert t["rhat_threshold"] == 1.01
+    assert "1 not mixed</b> (R-hat &ge; 1.01)" in text
     assert {s["name"] for s in t["panels"][1]["series"]} == {"induction_score", "prev_token (max)"}
     assert t["window"] == [50, 100] and t["formation_step"] == 50
     assert t["top"][0]["sequence"] == 17 and "induction:0.1 (50..100) shaded" in text

@@ -160,6 +160,21 @@ def test_404_page_and_run_page(page, server, artifacts_dir):
     assert {"loss", "all", "L0H1"} <= set(chart["names"]) and len(chart["axes"]) == 4, chart
     assert ["rect", 50, 100] in chart["shapes"] and ["line", 50, 50] in chart["shapes"], chart
     assert "negotiate about output" in page.locator("#timeline-top").inner_text()
+    # the LLC point whose chains did not mix (total, step 50: R-hat 1.052) hollow and crossed, its R-hat and ESS
+    # in the hover; L0H1's first point (diagnostics unknown) plain
+    llc = page.evaluate(
+        "(() => { const g = document.getElementById('timeline-chart');"
+        " const pick = n => g.data.find(t => t.name === n);"
+        " return ['all', 'L0H1'].map(n => ({ symbol: pick(n).marker.symbol, text: pick(n).text })); })()"
+    )
+    assert llc[0]["symbol"] == ["circle", "circle-x-open", "circle"], llc
+    assert llc[0]["text"][1] == "R-hat 1.052 \u2265 1.01: NOT mixed<br>ESS bulk 41 / tail 66", llc
+    assert llc[0]["text"][0].startswith("R-hat 1.004 (mixed)"), llc
+    assert llc[1]["symbol"] == ["circle"] * 3 and llc[1]["text"][0].startswith("R-hat n/a<br>"), llc
+    page.locator("#timeline-chart").scroll_into_view_if_needed()
+    hollow = page.locator("#timeline-chart .scatterlayer .trace .points path").count()
+    assert hollow >= 6, hollow  # every LLC point drawn
+    assert "1 not mixed" in page.locator("#timeline").inner_text()
     page.screenshot(path=str(artifacts_dir / "browser_run.png"), full_page=True)
 
 

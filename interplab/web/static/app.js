@@ -82,6 +82,19 @@ window.interplab = (function () {
 
   // the run's formation on one step axis: one stacked panel per series group (training loss, mechanism
   // scores, LLC total, LLC per component), the formation step dotted and the attribution window shaded
+  // an LLC series' points by whether their chains mixed: filled where R-hat < the threshold, a larger hollow
+  // crossed circle where not, plain where unknown (a report written before the diagnostics); the hover gives
+  // R-hat and the bulk / tail ESS of each point
+  function llcMarkers(tr, s, threshold) {
+    const f = (v, d) => v === null ? "n/a" : v.toFixed(d);
+    tr.marker = { size: s.mixed.map(m => m === false ? 9 : 4),
+      symbol: s.mixed.map(m => m === false ? "circle-x-open" : "circle"),
+      line: { width: s.mixed.map(m => m === false ? 1.5 : 0) } };
+    tr.text = s.mixed.map((m, i) => "R-hat " + f(s.rhat[i], 3) + (m === false ? " \u2265 " + threshold + ": NOT mixed"
+      : m ? " (mixed)" : "") + "<br>ESS bulk " + f(s.ess_bulk[i], 0) + " / tail " + f(s.ess_tail[i], 0));
+    tr.hovertemplate = "step %{x}<br>LLC %{y:.4g}<br>%{text}<extra>" + plotText(s.name) + "</extra>";
+  }
+
   function timeline(id, t) {
     const box = document.getElementById(id);
     if (!box || !window.Plotly || !t) return;
@@ -94,6 +107,7 @@ window.interplab = (function () {
       for (const s of p.series) {
         const tr = { x: s.x, y: s.y, name: plotText(s.name), mode: "lines+markers", marker: { size: 3 }, xaxis: "x", yaxis: ax };
         if (s.err) tr.error_y = { type: "data", array: s.err.map(e => e === null ? 0 : e), visible: true, thickness: 1 };
+        if (s.mixed) llcMarkers(tr, s, t.rhat_threshold);
         traces.push(tr);
       }
     });
