@@ -44,30 +44,37 @@ def lm_losses(model: nn.Module, tokens: Tensor) -> Tensor:
 
 def next_token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
     """``F.cross_entropy`` of ``logits [n pos vocab]`` at positions ``0..pos-2`` against ``tokens[:, 1:]``,
-    averaged per sequence: [n]. The same numbers as slicing, flattening and ``F.cross_entropy`` (float32), with a
-    backward that writes the logits' gradient ``(softmax - onehot) / (pos - 1)`` in place over the saved log
-    probabilities: three passes over ``[n pos vocab]`` instead of the ten of the sliced path (copies of the
-    slice, zero-filled gradient buffers), which dominate a small model's backward at long sequences."""
+    averaged per sequence: [n]. The same numbers as slicing, flattening and ``F.cross_entropy`` (float32), but
+    it keeps the softmax from the forward and its backward is one multiply, ``softmax * w`` with the one-hot
+    targets subtracted in place (``w = 1 / (pos - 1)``, 0 at the last position): two passes over ``[n pos
+    vocab]`` instead of the ten of the sliced path (copies of the slice, zero-filled gradient buffers, the log
+    softmax's backward), which dominate a small model's backward at long sequences."""
     return _NextTokenCE.apply(logits, tokens)
 
 
 class _NextTokenCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor) -> Tensor:  # type: ignore[override]
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [n, T, V]; the last position's row is unused
-        picked = logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]  # [n, T-1]
-        ctx.save_for_backward(logp, tokens)
+        x = logits.float()
+        probs = torch.softmax(x, dim=-1)  # [n, T, V]; the last position's row is unused
+        target = tokens[:, 1:, None]
+        logp = probs[:, :-1].gather(-1, target)[..., 0].log()  # [n, T-1]
+        tiny = logp.isinf()
+        if bool(tiny.any()):  # a target probability below float32's range: log-sum-exp for those rows alone
+            rows = x[:, :-1][tiny]
+            logp[tiny] = rows.gather(-1, target[tiny]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+        ctx.save_for_backward(probs, tokens)
         ctx.in_dtype = logits.dtype
-        return -picked.mean(1)
+        return -logp.mean(1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        logp, tokens = ctx.saved_tensors
-        n, t, _ = logp.shape
-        w = torch.zeros(n, t, 1, dtype=logp.dtype, device=logp.device)
-        w[:, :-1] = (grad / (t - 1)).to(logp.dtype)[:, None, None]  # the last position has no target
-        g = torch.exp(logp).mul_(w)  # softmax * w
-        g[:, :-1].scatter_add_(-1, tokens[:, 1:, None], -w[:, :-1])  # minus the one-hot target
+        probs, tokens = ctx.saved_tensors
+        n, t, _ = probs.shape
+        w = torch.zeros(n, t, 1, dtype=probs.dtype, device=probs.device)
+        w[:, :-1] = (grad / (t - 1)).to(probs.dtype)[:, None, None]  # the last position has no target
+        g = probs * w
+        g[:, :-1].scatter_add_(-1, tokens[:, 1:, None], -w[:, :-1])  # minus the one-hot targets
         return g.to(ctx.in_dtype), None
 
 
@@ -391,7 +398,8 @@ def capture_factors(
     xs: list[list[Tensor]] = [[] for _ in sites]
     outs: list[list[Tensor]] = [[] for _ in sites]
     n = examples[0].shape[0]
-    params = [p for p in model.parameters() if p.requires_grad]
+    # every parameter's flag is restored afterwards, also those `_grad_roots` switches on
+    params = list(model.parameters())
     saved = [p.requires_grad for p in params]
     with ExitStack() as stack:
         for i, s in enumerate(sites):
@@ -439,23 +447,43 @@ def _grad_roots(model: nn.Module, examples: tuple[Tensor, ...], sites: Sequence[
         params[n].requires_grad_(True)
 
 
+#: positions per batched forward/backward of token sequences (measured on induction-2l at 32-256 tokens, one
+#: CPU thread: 2048 positions ran 10-15% faster than 8192 at 256 tokens and as fast at 32;
+#: benchmarks/bench_attribution.py)
+TOKENS_PER_CHUNK = 2048
+
+
+def default_chunk_size(first: Tensor) -> int:
+    """Examples per chunk: ``TOKENS_PER_CHUNK // pos`` for integer token sequences ``[n pos]``, else 256."""
+    if not first.is_floating_point() and first.ndim >= 2:
+        return max(1, TOKENS_PER_CHUNK // max(first.shape[1], 1))
+    return 256
+
+
 def factored_grads(
     model: nn.Module,
     objective: BatchObjective,
     examples: Tensor | tuple[Tensor, ...],
     projector: FactoredProjector,
     *,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     scales: Sequence[tuple[Tensor | None, Tensor | None]] | None = None,
 ) -> Tensor:
     """Projected per-example gradients of ``objective`` at the projector's sites, never forming [n, numel]:
     ``[n, projector.dim]``, equal to ``projector.project_grads(exact per-example gradients)``. ``scales``: per
     site an optional rescaling of the (bias-augmented) inputs and of the output gradients before projection
-    (a rank-1 elementwise preconditioner, see `interplab.data_attribution.precondition`)."""
+    (a rank-1 elementwise preconditioner, see `interplab.data_attribution.precondition`).
+
+    ``chunk_size``: examples per batched forward and backward; by default `default_chunk_size` (about
+    ``TOKENS_PER_CHUNK`` positions for token sequences, so memory is bounded by the chunk, not by ``n``)."""
     examples = examples if isinstance(examples, tuple) else (examples,)
     if isinstance(model, Transformer) and not examples[0].is_floating_point():
         model.check_tokens(examples[0], None)
     n = examples[0].shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(examples[0])
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
     out = []
     for start in range(0, n, chunk_size):
         chunk = tuple(e[start : start + chunk_size] for e in examples)
