@@ -27,7 +27,6 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from interplab.data_attribution.per_example import logits_of
@@ -54,7 +53,7 @@ def next_token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
 
 class _NextTokenCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, tokens: Tensor) -> Tensor:
         x = logits.float()
         probs = torch.softmax(x, dim=-1)  # [n, T, V]; the last position's row is unused
         target = tokens[:, 1:, None]
@@ -68,7 +67,7 @@ class _NextTokenCE(torch.autograd.Function):
         return -logp.mean(1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         probs, tokens = ctx.saved_tensors
         n, t, _ = probs.shape
         w = torch.zeros(n, t, 1, dtype=probs.dtype, device=probs.device)
