@@ -27,7 +27,6 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from interplab.data_attribution.per_example import logits_of
@@ -39,9 +38,43 @@ BatchObjective = Callable[..., Tensor]
 
 def lm_losses(model: nn.Module, tokens: Tensor) -> Tensor:
     """Mean next-token cross-entropy of each sequence of ``tokens [n pos]``: [n] (`lm_loss`, batched)."""
-    logits = logits_of(model, tokens)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-    return ce.view(tokens.shape[0], -1).mean(1)
+    return next_token_losses(logits_of(model, tokens), tokens)
+
+
+def next_token_losses(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``F.cross_entropy`` of ``logits [n pos vocab]`` at positions ``0..pos-2`` against ``tokens[:, 1:]``,
+    averaged per sequence: [n]. The same numbers as slicing, flattening and ``F.cross_entropy`` (float32), but
+    it keeps the softmax from the forward and its backward is one multiply, ``softmax * w`` with the one-hot
+    targets subtracted in place (``w = 1 / (pos - 1)``, 0 at the last position): two passes over ``[n pos
+    vocab]`` instead of the ten of the sliced path (copies of the slice, zero-filled gradient buffers, the log
+    softmax's backward), which dominate a small model's backward at long sequences."""
+    return _NextTokenCE.apply(logits, tokens)
+
+
+class _NextTokenCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor) -> Tensor:
+        x = logits.float()
+        probs = torch.softmax(x, dim=-1)  # [n, T, V]; the last position's row is unused
+        target = tokens[:, 1:, None]
+        logp = probs[:, :-1].gather(-1, target)[..., 0].log()  # [n, T-1]
+        tiny = logp.isinf()
+        if bool(tiny.any()):  # a target probability below float32's range: log-sum-exp for those rows alone
+            rows = x[:, :-1][tiny]
+            logp[tiny] = rows.gather(-1, target[tiny]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+        ctx.save_for_backward(probs, tokens)
+        ctx.in_dtype = logits.dtype
+        return -logp.mean(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        probs, tokens = ctx.saved_tensors
+        n, t, _ = probs.shape
+        w = torch.zeros(n, t, 1, dtype=probs.dtype, device=probs.device)
+        w[:, :-1] = (grad / (t - 1)).to(probs.dtype)[:, None, None]  # the last position has no target
+        g = probs * w
+        g[:, :-1].scatter_add_(-1, tokens[:, 1:, None], -w[:, :-1])  # minus the one-hot targets
+        return g.to(ctx.in_dtype), None
 
 
 @dataclass(frozen=True)
@@ -58,7 +91,8 @@ class LinearSite:
     d_out: int
     to_matrix: Callable[[Tensor], Tensor] = field(repr=False)
     bias_to_vec: Callable[[Tensor], Tensor] = field(repr=False)
-    #: (model, put_input, put_output_grad) -> a context manager that captures [n, T, d_in] / [n, T, d_out]
+    #: (model, put_input, put_output) -> a context manager that hands over the site's input ``[n, T, d_in]``
+    #: (detached) and its output ``[n, T, d_out]`` (in the autograd graph, to take the gradient at)
     capture: Callable[..., AbstractContextManager[object]] = field(repr=False)
 
     @property
@@ -70,23 +104,17 @@ class LinearSite:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
 
 
-def _grad_hook(put: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
-    def hook(g: Tensor) -> None:
-        put(g.detach())
-
-    return hook
-
-
 def _tensor_capture(x: Tensor, put: Callable[[Tensor], None]) -> None:
+    # the output itself (in the graph): `capture_factors` asks autograd for the gradient at it
     if x.requires_grad:
-        x.register_hook(_grad_hook(put))
+        put(x)
 
 
 @contextmanager
 def _module_io(
     module: nn.Module, put_in: Callable[[Tensor], None] | None, put_out: Callable[[Tensor], None] | None
 ) -> Iterator[None]:
-    """Capture a module's first input (value) and the gradient at its output."""
+    """Capture a module's first input (value) and its output (in the graph)."""
     handles = []
     if put_in is not None:
         handles.append(module.register_forward_pre_hook(lambda m, args: put_in(args[0].detach())))
@@ -104,7 +132,8 @@ def _point_hooks(
     values: Sequence[tuple[str, Callable[[Tensor], None]]],
     grads: Sequence[tuple[str, Callable]],
 ) -> AbstractContextManager[None]:
-    """Read hook points' values and gradients (hooks that return nothing leave the activations unchanged)."""
+    """Read hook points' values (detached) and outputs (in the graph); the hooks return nothing, so the
+    activations are unchanged."""
 
     def value_fn(put: Callable[[Tensor], None]) -> Callable[[Tensor, object], None]:
         return lambda x, site: put(x.detach())
@@ -363,21 +392,23 @@ def capture_factors(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One batched forward and backward of ``sum_i objective(model, examples)_i``: each site's inputs ``[n, T,
     d_in]`` and output gradients ``[n, T, d_out]`` (the gradient of example i's own loss: examples do not
-    interact in the forward). No parameter gradient is computed."""
+    interact in the forward). The backward asks autograd for the gradients at the sites' outputs only, so it
+    computes no parameter gradient and stops at the lowest site (nothing below layer 0's q/k/v is run)."""
     xs: list[list[Tensor]] = [[] for _ in sites]
-    gs: list[list[Tensor]] = [[] for _ in sites]
+    outs: list[list[Tensor]] = [[] for _ in sites]
     n = examples[0].shape[0]
-    params = [p for p in model.parameters() if p.requires_grad]
+    # every parameter's flag is restored afterwards, also those `_grad_roots` switches on
+    params = list(model.parameters())
     saved = [p.requires_grad for p in params]
     with ExitStack() as stack:
         for i, s in enumerate(sites):
-            stack.enter_context(s.capture(model, xs[i].append, gs[i].append))
+            stack.enter_context(s.capture(model, xs[i].append, outs[i].append))
         for p in params:
             p.requires_grad_(False)
         try:
             with torch.enable_grad():
                 examples = tuple(e.detach() for e in examples)
-                leaves = _grad_roots(model, examples, sites)
+                _grad_roots(model, examples, sites)
                 losses = objective(model, *examples)
                 if losses.shape != (n,):
                     raise ValueError(
@@ -385,30 +416,47 @@ def capture_factors(
                     )
                 if not losses.requires_grad:
                     raise ValueError("the objective does not depend on the linear sites' outputs")
-                torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+                for i, s in enumerate(sites):
+                    if len(xs[i]) != 1 or len(outs[i]) != 1:
+                        raise ValueError(
+                            f"site {s.name} was used {len(xs[i])} time(s) in the forward with {len(outs[i])} "
+                            "output(s) in the graph; factorised projection needs each linear map applied once "
+                            "per forward"
+                        )
+                wanted = [o[0] for o in outs]
+                gs = torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
         finally:
             for p, r in zip(params, saved, strict=True):
                 p.requires_grad_(r)
-    for i, s in enumerate(sites):
-        if len(xs[i]) != 1 or len(gs[i]) != 1:
-            raise ValueError(
-                f"site {s.name} was used {len(xs[i])} time(s) in the forward and reached {len(gs[i])} time(s) in "
-                "the backward; factorised projection needs each linear map applied once per forward"
-            )
-    return [x[0] for x in xs], [g[0] for g in gs]
+    # a site the objective does not reach has a zero output gradient
+    grads = [torch.zeros_like(o) if g is None else g for o, g in zip(wanted, gs, strict=True)]
+    return [x[0] for x in xs], grads
 
 
-def _grad_roots(model: nn.Module, examples: tuple[Tensor, ...], sites: Sequence[LinearSite]) -> list[Tensor]:
-    """Leaves for the backward that every site's output lies above, cheaper than the weights' own gradients:
-    a floating input (made a leaf), else a Transformer's token embedding, else the sites' weights."""
+def _grad_roots(model: nn.Module, examples: tuple[Tensor, ...], sites: Sequence[LinearSite]) -> None:
+    """Make every site's output part of the autograd graph (with the parameters frozen, nothing is): a floating
+    input made a leaf, else a Transformer's token embedding, else the sites' weights. No gradient is taken at
+    them: they only mark the forward for autograd."""
     if examples[0].is_floating_point():
         examples[0].requires_grad_(True)
-        return [examples[0]]
+        return
     params = dict(model.named_parameters())
     names = ["embed.W_E"] if isinstance(model, Transformer) else [s.weight for s in sites]
     for n in names:
         params[n].requires_grad_(True)
-    return [params[n] for n in names]
+
+
+#: positions per batched forward/backward of token sequences (measured on induction-2l at 32-256 tokens, one
+#: CPU thread: 2048 positions ran 10-15% faster than 8192 at 256 tokens and as fast at 32;
+#: benchmarks/bench_attribution.py)
+TOKENS_PER_CHUNK = 2048
+
+
+def default_chunk_size(first: Tensor) -> int:
+    """Examples per chunk: ``TOKENS_PER_CHUNK // pos`` for integer token sequences ``[n pos]``, else 256."""
+    if not first.is_floating_point() and first.ndim >= 2:
+        return max(1, TOKENS_PER_CHUNK // max(first.shape[1], 1))
+    return 256
 
 
 def factored_grads(
@@ -417,17 +465,24 @@ def factored_grads(
     examples: Tensor | tuple[Tensor, ...],
     projector: FactoredProjector,
     *,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     scales: Sequence[tuple[Tensor | None, Tensor | None]] | None = None,
 ) -> Tensor:
     """Projected per-example gradients of ``objective`` at the projector's sites, never forming [n, numel]:
     ``[n, projector.dim]``, equal to ``projector.project_grads(exact per-example gradients)``. ``scales``: per
     site an optional rescaling of the (bias-augmented) inputs and of the output gradients before projection
-    (a rank-1 elementwise preconditioner, see `interplab.data_attribution.precondition`)."""
+    (a rank-1 elementwise preconditioner, see `interplab.data_attribution.precondition`).
+
+    ``chunk_size``: examples per batched forward and backward; by default `default_chunk_size` (about
+    ``TOKENS_PER_CHUNK`` positions for token sequences, so memory is bounded by the chunk, not by ``n``)."""
     examples = examples if isinstance(examples, tuple) else (examples,)
     if isinstance(model, Transformer) and not examples[0].is_floating_point():
         model.check_tokens(examples[0], None)
     n = examples[0].shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(examples[0])
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
     out = []
     for start in range(0, n, chunk_size):
         chunk = tuple(e[start : start + chunk_size] for e in examples)

@@ -154,3 +154,48 @@ def test_ekfac_close_to_exact_influence_on_digits():
         lds(ekfac_influence(curv, train, test, damping=l2, relative_damping=False), subsets, actual).mean()
     )
     assert score > 0.85, score
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_next_token_losses_equal_sliced_cross_entropy(scale):
+    """The fused loss equals slicing + F.cross_entropy in value and gradient, also where a target's probability
+    underflows float32 (scale 300: losses of hundreds of nats, the log-sum-exp fallback)."""
+    from interplab.data_attribution.factored import next_token_losses
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 11) * scale).requires_grad_(True)
+    tokens = torch.randint(0, 11, (3, 7))
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    ref = ref.view(3, -1).mean(1)
+    ours = next_token_losses(logits, tokens)
+    assert torch.isfinite(ours).all()
+    w = torch.randn(3)
+    (want,) = torch.autograd.grad((ref * w).sum(), logits)
+    (got,) = torch.autograd.grad((ours * w).sum(), logits)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(got, want)
+
+
+def test_factored_chunking_and_frozen_parameters():
+    """The default chunk (by positions) and one example per chunk give the same features; no parameter
+    gradient is accumulated and the parameters' requires_grad flags come back as they were."""
+    from interplab.data_attribution.factored import default_chunk_size
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=20, n_ctx=8, d_mlp=32))
+    model.embed.W_E.requires_grad_(False)
+    tokens = torch.randint(0, 20, (6, 8))
+    proj = FactoredProjector(linear_sites(model), dim_in=4, dim_out=4)
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    assert default_chunk_size(tokens) == 256 and default_chunk_size(tokens.float()) == 256
+    assert default_chunk_size(torch.zeros(2, 1024, dtype=torch.long)) == 2
+    torch.testing.assert_close(
+        factored_grads(model, lm_losses, tokens, proj),
+        factored_grads(model, lm_losses, tokens, proj, chunk_size=1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="chunk_size"):
+        factored_grads(model, lm_losses, tokens, proj, chunk_size=0)
