@@ -161,12 +161,11 @@ def _device(model: Any) -> torch.device:
 
 class _Decider:
     """The model's logits for the playing slots, from their windows: a `DecisionTransformer` (without active
-    hooks) runs each episode's first ``context`` steps incrementally (`DecisionTransformer.predict_step`: the
-    new step's tokens against cached keys and values, equal to the full window to float precision) and
-    recomputes the full window with ``predict`` once the episode is longer (the window then drops its first
-    step, and the cached keys and values of layers after the first are not the window's any more; a one-layer
-    model stays incremental); any other policy gets ``predict`` on the full windows. Which way a step goes depends on its episode alone, never on the other slots, so batched
-    and one-environment rollouts play the same episodes."""
+    hooks) with the step cache runs each step through `DecisionTransformer.predict_step` (only what the new
+    step changes: incremental while the episode fits the context, then the window's layers after the first on
+    layer 0's cached inputs; equal to the full window to float precision); any other policy, or the cache
+    off, gets ``predict`` on the full windows. Which way a step goes never depends on the other slots, so
+    batched and one-environment rollouts play the same episodes."""
 
     def __init__(self, model: Policy, n: int, device: torch.device, cached: bool) -> None:
         self.model = model
@@ -175,32 +174,17 @@ class _Decider:
         if cached and isinstance(model, DecisionTransformer) and model.cfg.context >= 2:
             if not model.transformer.hook_registry.any_active:  # hooks see whole windows, as before
                 self.cache = model.step_cache(n)
-        self.context = int(model.cfg.context)
 
     def clear(self, rows: np.ndarray) -> None:
         if self.cache is not None and rows.size:
             self.cache.clear(torch.from_numpy(rows))
 
-    def logits(self, windows: _Windows, rows: np.ndarray, steps: np.ndarray) -> Tensor:
-        """float [len(rows), n_actions]: the logits of the slots ``rows``, whose episodes are at ``steps``."""
+    def logits(self, windows: _Windows, rows: np.ndarray) -> Tensor:
+        """float [len(rows), n_actions]: the logits of the slots ``rows``."""
         if self.cache is None:
-            return self._full(windows, rows)
-        short = (steps < self.context) | self.cache.slides
-        if short.all():
-            return self._step(windows, rows)
-        if not short.any():
-            return self._full(windows, rows)
-        out = torch.empty(len(rows), int(self.model.cfg.n_actions), device=self.device)
-        out[torch.from_numpy(np.flatnonzero(short)).to(self.device)] = self._step(windows, rows[short])
-        out[torch.from_numpy(np.flatnonzero(~short)).to(self.device)] = self._full(windows, rows[~short])
-        return out
-
-    def _full(self, windows: _Windows, rows: np.ndarray) -> Tensor:
-        rtg, obs, actions, timesteps, mask = windows.inputs(rows, self.device)
-        return self.model.predict(rtg, obs, actions, timesteps, attention_mask=mask)
-
-    def _step(self, windows: _Windows, rows: np.ndarray) -> Tensor:
-        assert isinstance(self.model, DecisionTransformer) and self.cache is not None
+            rtg, obs, actions, timesteps, mask = windows.inputs(rows, self.device)
+            return self.model.predict(rtg, obs, actions, timesteps, attention_mask=mask)
+        assert isinstance(self.model, DecisionTransformer)
         return self.model.predict_step(
             self.cache,
             torch.from_numpy(rows),
@@ -305,9 +289,8 @@ def rollout(
             while len(finished) < total:
                 rows = np.array([i for i, ep in enumerate(slots) if ep is not None], dtype=np.int64)
                 playing = [ep for ep in slots if ep is not None]
-                steps = np.array([len(ep.actions) for ep in playing], dtype=np.int64)
                 with torch.inference_mode():
-                    logits = decider.logits(windows, rows, steps)
+                    logits = decider.logits(windows, rows)
                 chosen = _act(logits, playing, temperature, n_actions)
                 step_actions = np.zeros(n, np.int64)  # an idle slot (no episode left to play) turns left
                 step_actions[rows] = chosen
