@@ -37,7 +37,7 @@ from torch import Tensor
 
 from interplab.model.attention import keep_fused_weights
 from interplab.rl.calibration import Calibration, Slope, mean_interval
-from interplab.rl.envs import env_spec, make_env, make_vector_env
+from interplab.rl.envs import env_spec, make_env
 from interplab.rl.model import DecisionTransformer
 from interplab.rl.trajectories import Trajectories
 
@@ -142,10 +142,49 @@ class _Windows:
         return tuple(torch.from_numpy(a[rows]).to(device) for a in self._arrays())
 
 
+class _Envs:
+    """``n`` environments stepped one after another without autoreset: what gymnasium's `SyncVectorEnv` does
+    with ``autoreset_mode="Disabled"`` for `rollout`'s calls (``reset(seed=list, options={"reset_mask": m})``
+    resets the masked ones; ``step`` returns stacked observations, rewards, terminated, truncated), without
+    its per-step bookkeeping (info dicts merged, autoreset checks, array copies): ~12 us an environment step
+    of MiniGrid's ~45."""
+
+    def __init__(self, env_name: str, n: int, seed: int) -> None:
+        self.envs = [make_env(env_name, seed + i) for i in range(n)]
+        self.obs: np.ndarray | None = None
+
+    def reset(
+        self, *, seed: Sequence[int | None], options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        mask = None if options is None else options.get("reset_mask")
+        views = [] if self.obs is None else list(self.obs)
+        for i, env in enumerate(self.envs):
+            if mask is None or mask[i]:
+                view, _ = env.reset(seed=seed[i])
+                if self.obs is None:
+                    views.append(view)
+                else:
+                    views[i] = view
+        self.obs = np.stack(views)
+        return self.obs, {}
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        results = [env.step(int(a)) for env, a in zip(self.envs, actions, strict=True)]
+        self.obs = np.stack([r[0] for r in results])
+        rewards = np.array([r[1] for r in results], np.float64)
+        terminated = np.array([r[2] for r in results], np.bool_)
+        truncated = np.array([r[3] for r in results], np.bool_)
+        return self.obs, rewards, terminated, truncated, {}
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
 def _vector_env(env_name: str, n: int, seed: int, asynchronous: bool) -> Any:
     """``n`` environments without autoreset (`rollout` resets each itself, with the next episode's seed)."""
     if not asynchronous:
-        return make_vector_env(env_name, n, seed, autoreset_mode="Disabled")
+        return _Envs(env_name, n, seed)
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
     fns = [functools.partial(make_env, env_name, seed + i) for i in range(n)]

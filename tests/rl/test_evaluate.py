@@ -161,13 +161,10 @@ class StepBonus:
 
 
 def test_windows_are_the_last_context_steps(monkeypatch):
-    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+    def shaped(name, seed=None):
+        return StepBonus(envs.make_env(name, seed)).env
 
-    def shaped(name, n, seed=0, *, autoreset_mode="NextStep"):
-        return SyncVectorEnv([lambda: StepBonus(envs.make_env(name)).env for _ in range(n)],
-                             autoreset_mode=AutoresetMode(autoreset_mode))  # fmt: skip
-
-    monkeypatch.setattr(ev, "make_vector_env", shaped)
+    monkeypatch.setattr(ev, "make_env", shaped)
     k = 3
     model = HashPolicy(context=k)
     r = rollout(model, MEMORY, [1.0, 2.0], 2, seed=3, n_envs=1)
