@@ -326,9 +326,10 @@ def test_decision_transformer_batched_equals_looped():
 
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_step_cache_plays_the_full_windows_episodes(n_layers):
-    """`rollout` runs a DT's steps incrementally (`predict_step`) while its episode fits the context, and a
-    2-layer model's full window once it is longer (a 1-layer cache slides): the episodes equal those of the
-    full window at every step (``step_cache=False``), sampled or greedy, batched or not."""
+    """`rollout` runs a DT's steps through `predict_step` (incremental while the episode fits the context;
+    past it a 2-layer model recomputes the later layers on layer 0's cached inputs, a 1-layer cache slides):
+    the episodes equal those of the full window at every step (``step_cache=False``), sampled or greedy,
+    batched or not."""
     from interplab.rl import DecisionTransformer, DTConfig
 
     torch.manual_seed(1)
