@@ -3,10 +3,14 @@
 Contenders, interleaved in rounds on the same model (the ``memory-dt-tiny`` preset's DecisionTransformer,
 randomly initialised: its episodes mostly run to MemoryS7's 245-step limit) and the same episodes (targets x
 seeds):
-- ``batched``: `rollout` with ``n_envs=16`` (one model call per step for all environments);
+- ``batched``: `rollout` with ``n_envs=16`` and ``step_cache=False`` (one model call per step for all
+  environments, on their full windows);
 - ``batched_async``: the same with the environments in worker processes (``asynchronous=True``; its CPU
   time counts this process only, so compare its wall time);
 - ``one_env``: `rollout` with ``n_envs=1`` (the same code, one environment);
+- ``batched_cached`` and ``one_env_cached``: the two with ``step_cache=True`` (`predict_step`: each step's
+  new tokens only while the episode fits the context, then layer 0's cached inputs and the later layers
+  recomputed on the window);
 - ``bare_loop``: a hand-written loop over one gymnasium env calling ``model.predict`` on a growing window
   (what one writes without interplab; checks that ``one_env`` is a fair baseline).
 Medians over rounds of wall and CPU time per episode; ratios against ``one_env``.
@@ -98,25 +102,38 @@ def main() -> None:
     contenders = {
         "batched": contender(
             "batched",
-            lambda: rollout(model, ENV, targets, args.episodes, n_envs=args.n_envs).returns.tolist(),
+            lambda: rollout(
+                model, ENV, targets, args.episodes, n_envs=args.n_envs, step_cache=False
+            ).returns.tolist(),
         ),
         "batched_async": contender(
             "batched_async",
             lambda: rollout(
-                model, ENV, targets, args.episodes, n_envs=args.n_envs, asynchronous=True
+                model, ENV, targets, args.episodes, n_envs=args.n_envs, asynchronous=True, step_cache=False
             ).returns.tolist(),
         ),
         "one_env": contender(
-            "one_env", lambda: rollout(model, ENV, targets, args.episodes, n_envs=1).returns.tolist()
+            "one_env",
+            lambda: rollout(model, ENV, targets, args.episodes, n_envs=1, step_cache=False).returns.tolist(),
+        ),
+        "batched_cached": contender(
+            "batched_cached",
+            lambda: rollout(
+                model, ENV, targets, args.episodes, n_envs=args.n_envs, step_cache=True
+            ).returns.tolist(),
+        ),
+        "one_env_cached": contender(
+            "one_env_cached",
+            lambda: rollout(model, ENV, targets, args.episodes, n_envs=1, step_cache=True).returns.tolist(),
         ),
         "bare_loop": contender("bare_loop", lambda: bare_loop(model, targets, args.episodes)),
     }
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
-            samples[name].append(timed(fn))
+    for r in range(args.rounds):  # interleaved, the order alternating
+        for name in list(contenders) if r % 2 == 0 else list(reversed(contenders)):
+            samples[name].append(timed(contenders[name]))
     steps = len(rollout(model, ENV, targets, args.episodes, n_envs=args.n_envs).trajectories.actions)
-    same = outputs["batched"] == outputs["one_env"] == outputs["batched_async"]
+    same = all(outputs[name] == outputs["one_env"] for name in contenders)
     result: dict = {
         "benchmark": "decision-transformer evaluation episodes/s",
         "goal": "batched (n_envs=16) >= 5x a one-env loop",
@@ -143,8 +160,22 @@ def main() -> None:
         value["speedup_vs_one_env_wall"] = base["median_wall_s_per_round"] / value["median_wall_s_per_round"]
         value["speedup_vs_one_env_cpu"] = base["median_cpu_s_per_round"] / value["median_cpu_s_per_round"]
     path = Path(args.out)
+    if path.is_file():  # the previous measurement, summarised
+        old = json.loads(path.read_text())
+        keep = (
+            "median_cpu_s_per_round",
+            "median_wall_s_per_round",
+            "speedup_vs_one_env_cpu",
+            "speedup_vs_one_env_wall",
+        )
+        result["before"] = {
+            "note": "the previous result in this file (its machine load may differ: compare ratios)",
+            "contenders": {k: {f: v.get(f) for f in keep} for k, v in old.get("contenders", {}).items()},
+        }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
     for name, value in result["contenders"].items():
         print(f"{name:10s} {value['episodes_per_s_cpu']:7.2f} episodes/s cpu ({value['episodes_per_s_wall']:7.2f} wall)  "
               f"speedup vs one env {value['speedup_vs_one_env_cpu']:.2f}x cpu, {value['speedup_vs_one_env_wall']:.2f}x wall")  # fmt: skip

@@ -8,10 +8,16 @@ Parts (``--part``; each updates its key of the JSON file, so they may run as sep
 - ``learn``: one seeded run per environment (``--env``, ``--steps``, ``--memory``), the policies of 4 checkpoints
   (first to last; ``--last-only``: the last) evaluated on 64 held-out episodes (seeds 0..63, never trained on: training episodes use seeds >= 10^6),
   sampled and greedy, with the training CPU time up to it.
+- ``seeds``: a preset (``--preset``) and variants of it (``--variants``: ``name:field=value,field=value;...``)
+  trained on seeds ``--seeds`` (one thread each, one after another), each final policy evaluated on the 64
+  held-out episodes (sampled and greedy): the per-seed table that picks a seed-robust preset. Each
+  (variant, seed) is stored as it finishes, so a stopped run keeps what it measured.
 - ``dt``: trajectories collected from a PPO run's checkpoints mixed (``--run``), `rl.train_dt` on them (the
   ``memory-dt-tiny`` architecture, ``--dt-steps``), `rl.evaluate_dt` at 5 targets: the calibration slope.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_dt_ppo.py --part speed
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_dt_ppo.py --part seeds \\
+        --preset doorkey-ppo --seeds 0,1,2,3,4 --variants "const_lr_ent02:anneal_lr=False,entropy_coef=0.02"
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_dt_ppo.py --part learn \\
         --env MiniGrid-MemoryS7-v0 --steps 150000 --memory gru --keep runs/ppo-memory
 """
@@ -155,6 +161,68 @@ def learn(env: str, steps: int, memory: Memory, keep: Path | None, seed: int, la
     return out
 
 
+def parse_variants(text: str) -> dict[str, dict[str, object]]:
+    """``"a:anneal_lr=False,entropy_coef=0.02;b:lr=5e-4"`` -> ``{"a": {"anneal_lr": False, ...}, ...}``."""
+    out: dict[str, dict[str, object]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, body = part.partition(":")
+        changes: dict[str, object] = {}
+        for item in filter(None, body.split(",")):
+            key, _, raw = item.partition("=")
+            changes[key.strip()] = json.loads(raw.strip().replace("False", "false").replace("True", "true"))
+        out[name.strip()] = changes
+    return out
+
+
+def seeds_table(preset: str, variants: dict[str, dict[str, object]], seeds: list[int], path: Path) -> dict:
+    """Train ``preset`` with each variant's changes on every seed; held-out success of the final policy."""
+    from interplab.rl.ppo import ppo_preset
+
+    key = f"seeds/{preset}"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    table = doc.get("results", {}).get(key, {"preset": preset, "variants": {}})
+    for name, changes in {"preset": {}, **variants}.items():
+        row = table["variants"].setdefault(name, {"changes": changes, "seeds": {}})
+        row["changes"] = changes
+        for seed in seeds:
+            if str(seed) in row["seeds"]:
+                continue  # measured before (the table is resumable)
+            cfg = ppo_preset(preset, seed=seed, **changes)
+            folder = Path(tempfile.mkdtemp(prefix="bench_dt_ppo_"))
+            try:
+                wall, cpu = time.perf_counter(), time.process_time()
+                result = train_ppo(cfg, folder / "run")
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                log = [r for r in runs.read_log(folder / "run") if "update" in r]
+                row["seeds"][str(seed)] = {
+                    "steps": result.step,
+                    "train_cpu_s": cpu,
+                    "train_wall_s": wall,
+                    "final_entropy": log[-1].get("entropy") if log else None,
+                    **held_out(folder / "run", result.step),
+                }
+            finally:
+                shutil.rmtree(folder)
+            ok = row["seeds"][str(seed)]
+            print(f"{name} seed {seed}: sampled {ok['sampled']['success']:.0%} greedy {ok['greedy']['success']:.0%} "
+                  f"({ok['train_cpu_s']:.0f} CPU-s)", flush=True)  # fmt: skip
+            doc = json.loads(path.read_text()) if path.is_file() else {}
+            doc.setdefault("results", {})[key] = table
+            runs_atomic_write(path, doc)
+        done = [row["seeds"][str(s)]["sampled"]["success"] for s in seeds if str(s) in row["seeds"]]
+        row["solved_seeds"] = sum(x >= 0.9 for x in done)
+        row["mean_success"] = float(np.mean(done)) if done else None
+    table["random_policy"] = random_returns(ppo_preset(preset).env)
+    return table
+
+
+def runs_atomic_write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def dt(run: Path, episodes: int, dt_steps: int, out_dir: Path) -> dict:
     from interplab import rl
     from interplab.rl.train import dt_preset
@@ -195,7 +263,7 @@ def dt(run: Path, episodes: int, dt_steps: int, out_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/dt_ppo.json")
-    parser.add_argument("--part", choices=("speed", "learn", "dt"), required=True)
+    parser.add_argument("--part", choices=("speed", "learn", "seeds", "dt"), required=True)
     parser.add_argument("--env", default="MiniGrid-Empty-5x5-v0")
     parser.add_argument("--steps", type=int, default=50_000)
     parser.add_argument("--memory", default="gru", choices=[m.value for m in Memory])
@@ -203,6 +271,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="learn: keep the run folder here")
     parser.add_argument("--last-only", action="store_true", help="learn: evaluate the last checkpoint only")
+    parser.add_argument("--preset", default="doorkey-ppo", help="seeds: the PPO preset")
+    parser.add_argument("--variants", default="", help="seeds: 'name:field=value,...;name2:...'")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds: comma-separated seeds")
     parser.add_argument("--run", type=Path, default=None, help="dt: the PPO run to collect from")
     parser.add_argument("--episodes", type=int, default=2000, help="dt: episodes to collect")
     parser.add_argument("--dt-steps", type=int, default=3000)
@@ -215,6 +286,10 @@ def main() -> None:
     elif args.part == "learn":
         key = f"learn/{args.env}/{args.memory}"
         value = learn(args.env, args.steps, Memory(args.memory), args.keep, args.seed, args.last_only)
+    elif args.part == "seeds":
+        key = f"seeds/{args.preset}"
+        seeds = [int(s) for s in args.seeds.split(",")]
+        value = seeds_table(args.preset, parse_variants(args.variants), seeds, Path(args.out))
     else:
         if args.run is None:
             parser.error("--part dt needs --run (a PPO run folder)")
@@ -236,8 +311,8 @@ def main() -> None:
         "note": "shared 2-core machine (8 engineers): CPU time is the steadier figure",
     }
     doc.setdefault("results", {})[key] = value
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps({key: value.get("final", value.get("slope", value.get("contenders")))}, indent=2))
+    runs_atomic_write(path, doc)
+    print(json.dumps({key: value.get("final", value.get("slope", value.get("contenders")))}, indent=2)[:2000])
 
 
 if __name__ == "__main__":

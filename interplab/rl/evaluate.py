@@ -37,7 +37,7 @@ from torch import Tensor
 
 from interplab.model.attention import keep_fused_weights
 from interplab.rl.calibration import Calibration, Slope, mean_interval
-from interplab.rl.envs import env_spec, make_env, make_vector_env
+from interplab.rl.envs import env_spec, make_env
 from interplab.rl.model import DecisionTransformer
 from interplab.rl.trajectories import Trajectories
 
@@ -142,10 +142,49 @@ class _Windows:
         return tuple(torch.from_numpy(a[rows]).to(device) for a in self._arrays())
 
 
+class _Envs:
+    """``n`` environments stepped one after another without autoreset: what gymnasium's `SyncVectorEnv` does
+    with ``autoreset_mode="Disabled"`` for `rollout`'s calls (``reset(seed=list, options={"reset_mask": m})``
+    resets the masked ones; ``step`` returns stacked observations, rewards, terminated, truncated), without
+    its per-step bookkeeping (info dicts merged, autoreset checks, array copies): ~12 us an environment step
+    of MiniGrid's ~45."""
+
+    def __init__(self, env_name: str, n: int, seed: int) -> None:
+        self.envs = [make_env(env_name, seed + i) for i in range(n)]
+        self.obs: np.ndarray | None = None
+
+    def reset(
+        self, *, seed: Sequence[int | None], options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        mask = None if options is None else options.get("reset_mask")
+        views = [] if self.obs is None else list(self.obs)
+        for i, env in enumerate(self.envs):
+            if mask is None or mask[i]:
+                view, _ = env.reset(seed=seed[i])
+                if self.obs is None:
+                    views.append(view)
+                else:
+                    views[i] = view
+        self.obs = np.stack(views)
+        return self.obs, {}
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        results = [env.step(int(a)) for env, a in zip(self.envs, actions, strict=True)]
+        self.obs = np.stack([r[0] for r in results])
+        rewards = np.array([r[1] for r in results], np.float64)
+        terminated = np.array([r[2] for r in results], np.bool_)
+        truncated = np.array([r[3] for r in results], np.bool_)
+        return self.obs, rewards, terminated, truncated, {}
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
 def _vector_env(env_name: str, n: int, seed: int, asynchronous: bool) -> Any:
     """``n`` environments without autoreset (`rollout` resets each itself, with the next episode's seed)."""
     if not asynchronous:
-        return make_vector_env(env_name, n, seed, autoreset_mode="Disabled")
+        return _Envs(env_name, n, seed)
     from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
     fns = [functools.partial(make_env, env_name, seed + i) for i in range(n)]
@@ -161,12 +200,11 @@ def _device(model: Any) -> torch.device:
 
 class _Decider:
     """The model's logits for the playing slots, from their windows: a `DecisionTransformer` (without active
-    hooks) runs each episode's first ``context`` steps incrementally (`DecisionTransformer.predict_step`: the
-    new step's tokens against cached keys and values, equal to the full window to float precision) and
-    recomputes the full window with ``predict`` once the episode is longer (the window then drops its first
-    step, and the cached keys and values of layers after the first are not the window's any more; a one-layer
-    model stays incremental); any other policy gets ``predict`` on the full windows. Which way a step goes depends on its episode alone, never on the other slots, so batched
-    and one-environment rollouts play the same episodes."""
+    hooks) with the step cache runs each step through `DecisionTransformer.predict_step` (only what the new
+    step changes: incremental while the episode fits the context, then the window's layers after the first on
+    layer 0's cached inputs; equal to the full window to float precision); any other policy, or the cache
+    off, gets ``predict`` on the full windows. Which way a step goes never depends on the other slots, so
+    batched and one-environment rollouts play the same episodes."""
 
     def __init__(self, model: Policy, n: int, device: torch.device, cached: bool) -> None:
         self.model = model
@@ -175,32 +213,17 @@ class _Decider:
         if cached and isinstance(model, DecisionTransformer) and model.cfg.context >= 2:
             if not model.transformer.hook_registry.any_active:  # hooks see whole windows, as before
                 self.cache = model.step_cache(n)
-        self.context = int(model.cfg.context)
 
     def clear(self, rows: np.ndarray) -> None:
         if self.cache is not None and rows.size:
             self.cache.clear(torch.from_numpy(rows))
 
-    def logits(self, windows: _Windows, rows: np.ndarray, steps: np.ndarray) -> Tensor:
-        """float [len(rows), n_actions]: the logits of the slots ``rows``, whose episodes are at ``steps``."""
+    def logits(self, windows: _Windows, rows: np.ndarray) -> Tensor:
+        """float [len(rows), n_actions]: the logits of the slots ``rows``."""
         if self.cache is None:
-            return self._full(windows, rows)
-        short = (steps < self.context) | self.cache.slides
-        if short.all():
-            return self._step(windows, rows)
-        if not short.any():
-            return self._full(windows, rows)
-        out = torch.empty(len(rows), int(self.model.cfg.n_actions), device=self.device)
-        out[torch.from_numpy(np.flatnonzero(short)).to(self.device)] = self._step(windows, rows[short])
-        out[torch.from_numpy(np.flatnonzero(~short)).to(self.device)] = self._full(windows, rows[~short])
-        return out
-
-    def _full(self, windows: _Windows, rows: np.ndarray) -> Tensor:
-        rtg, obs, actions, timesteps, mask = windows.inputs(rows, self.device)
-        return self.model.predict(rtg, obs, actions, timesteps, attention_mask=mask)
-
-    def _step(self, windows: _Windows, rows: np.ndarray) -> Tensor:
-        assert isinstance(self.model, DecisionTransformer) and self.cache is not None
+            rtg, obs, actions, timesteps, mask = windows.inputs(rows, self.device)
+            return self.model.predict(rtg, obs, actions, timesteps, attention_mask=mask)
+        assert isinstance(self.model, DecisionTransformer)
         return self.model.predict_step(
             self.cache,
             torch.from_numpy(rows),
@@ -252,19 +275,20 @@ def rollout(
     n_envs: int = 16,
     temperature: float = 0.0,
     asynchronous: bool = False,
-    step_cache: bool = False,
+    step_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Rollout:
     """Play ``n_episodes`` episodes per target return of ``model`` in ``env_name``, ``n_envs`` environments
     at a time (see the module docstring); ``temperature`` 0 acts greedily, > 0 samples. ``asynchronous``: step
     the environments in worker processes (gymnasium's `AsyncVectorEnv`: worth it with free cores, since
     MiniGrid's own step, ~0.2-0.4 ms of Python, is what batching the model cannot amortise); the episodes are
-    the same either way. ``step_cache`` (a `DecisionTransformer`): run each episode's first ``context``
-    steps incrementally on cached keys and values (`DecisionTransformer.predict_step`; equal to the full
-    window, the default, to float precision). Off by default: at the ``memory-dt-tiny`` size on one CPU thread
-    the model call is per-op overhead, and the cached step measured as fast as the full window with 16
-    environments and 8% slower with one. ``progress(done, total)`` is called as episodes
-    finish.
+    the same either way. ``step_cache`` (a `DecisionTransformer`, on by default): compute only what each step
+    changes (`DecisionTransformer.predict_step`: the new tokens against cached keys and values while the
+    episode fits the context, then layer 0's cached inputs with the later layers recomputed on the window;
+    equal to the full window to float precision). Measured at the ``memory-dt-tiny`` size on one CPU thread
+    (`benchmarks/bench_dt_eval.py`): 1.38x faster than the full window with 16 environments, the same with
+    one. ``step_cache=False``: ``predict`` on the full window at every step. ``progress(done, total)`` is
+    called as episodes finish.
 
     >>> from interplab.rl import DTConfig, DecisionTransformer
     >>> model = DecisionTransformer(DTConfig(env="MiniGrid-Empty-5x5-v0", d_model=32, n_layers=1, n_heads=2,
@@ -305,9 +329,8 @@ def rollout(
             while len(finished) < total:
                 rows = np.array([i for i, ep in enumerate(slots) if ep is not None], dtype=np.int64)
                 playing = [ep for ep in slots if ep is not None]
-                steps = np.array([len(ep.actions) for ep in playing], dtype=np.int64)
                 with torch.inference_mode():
-                    logits = decider.logits(windows, rows, steps)
+                    logits = decider.logits(windows, rows)
                 chosen = _act(logits, playing, temperature, n_actions)
                 step_actions = np.zeros(n, np.int64)  # an idle slot (no episode left to play) turns left
                 step_actions[rows] = chosen
@@ -385,7 +408,7 @@ def evaluate_dt(
     temperature: float = 0.0,
     keep_rollouts: bool = True,
     asynchronous: bool = False,
-    step_cache: bool = False,
+    step_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
     """The calibration curve of ``model`` on ``env_name``: `rollout` at each target return (distinct), then

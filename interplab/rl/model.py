@@ -473,17 +473,23 @@ class DecisionTransformer(nn.Module):
         self, rtg: Tensor, obs: Tensor, actions: Tensor, timesteps: Tensor, mask: Tensor | None
     ) -> Float[Tensor, "batch n_actions"]:
         """`predict` without hooks, on checked inputs (see `predict`)."""
-        tf = self.transformer
         resid, ctx = self._embed(rtg, obs, actions, timesteps, mask)
         resid = resid[:, :-1]  # [R_1, s_1, a_1, ..., R_T, s_T]: the last token is the state predicting a_T
         key_valid = None if ctx.key_valid is None else ctx.key_valid[:, :-1]
-        positions = ctx.positions[:, :-1]
-        resid = tf.run_blocks(
-            resid, AttnContext(positions=positions, key_valid=key_valid), stop=self.cfg.n_layers - 1
-        )
+        return self._window_logits(resid, ctx.positions[:, :-1], key_valid, start=0)
+
+    def _window_logits(
+        self, resid: Tensor, positions: Tensor, key_valid: Tensor | None, start: int
+    ) -> Float[Tensor, "batch n_actions"]:
+        """The logits at the last token of a window whose residual stream enters block ``start``: blocks
+        ``start`` .. L-2 on every token, then the last block at the last token alone, on the keys and values of
+        the tokens before it (their queries are never read: only K and V are projected for them)."""
+        tf = self.transformer
+        ctx = AttnContext(positions=positions, key_valid=key_valid)
+        resid = tf.run_blocks(resid, ctx, start=start, stop=self.cfg.n_layers - 1)
         last = tf.blocks[-1]
         past = resid.shape[1] - 1
-        _, k, v = last.attn.project(last.ln1(resid[:, :past]))  # the keys and values of the earlier tokens
+        k, v = _project_kv(last.attn, last.ln1(resid[:, :past]))  # the keys and values of the earlier tokens
         ctx = AttnContext(positions=positions[:, past:], key_valid=key_valid, past_len=past)
         out = last(resid[:, past:], ctx, LayerKV(k, v))
         return tf.unembed_resid(out[:, 0])
@@ -502,28 +508,31 @@ class DecisionTransformer(nn.Module):
         prev_action: Int[Tensor, " b"],
         timestep: Int[Tensor, " b"],
     ) -> Float[Tensor, "b n_actions"]:
-        """`predict`'s logits for the next step of the episodes in ``cache``'s ``rows``, running the model on
-        that step's new tokens only (the previous step's now known action, the return to go and the state)
-        against the keys and values cached for the earlier ones; the cache then holds this step too.
+        """`predict`'s logits for the next step of the episodes in ``cache``'s ``rows``, computing only what
+        the new step changes (its tokens: the previous step's now known action, the return to go and the
+        state); the cache then holds this step too. Equal to `predict` on the episode's window (its last
+        ``context`` steps, left-padded while shorter) to float precision at every step.
 
-        Equal to `predict` on the episode's window (left-padded while shorter than ``context``) to float
-        precision while the episode has at most ``context`` steps. Beyond that the window drops its first step,
-        which every later token of layers after the first attended to: the cached keys and values of those
-        layers are no longer the window's, so with two layers or more a row that already holds ``context``
-        steps is refused (`StepCache.fits` says which rows still fit; `rollout` recomputes the others' full
-        windows with `predict`). A one-layer model's keys and values depend on their own token alone: its
-        cache slides with the window and stays equal to it. A row's
-        first step (after `StepCache.clear`) ignores ``prev_action``. The inputs are not range-checked as
-        `forward`'s are (an out-of-range index fails in the embedding); hooks see the three new tokens."""
+        While a row holds fewer than ``context`` steps (`StepCache.fits`), and at every step of a one-layer
+        model, the new tokens run through every layer against the cached keys and values of the earlier ones
+        (incremental decoding). Once the window is full it drops its first step at each new one, and every
+        later token of the layers after the first attended to that step: their keys and values are no longer
+        the window's. What stays exact is what depends on a token alone: its embedding (the timestep table is
+        indexed by the episode's timestep, not by the slot in the window) and layer 0's queries, keys and
+        values. So a row past the context takes those of the earlier tokens from the cache, recomputes layer
+        0's attention and the blocks after it on the window, and the last block at the last token only (as
+        `predict` does). A row's first step (after `StepCache.clear`) ignores ``prev_action``. The inputs are
+        not range-checked as `forward`'s are (an out-of-range index fails in the embedding); hooks see the new
+        tokens (layer 0's q, k, v and, incrementally, every layer) or the window (what a row past the context
+        recomputes)."""
         cfg, tf = self.cfg, self.transformer
         rows = torch.as_tensor(rows, dtype=torch.long)
-        first = cache.steps[rows] == 0
-        if not bool(cache.fits(rows).all()):
-            raise ValueError(
-                f"rows {rows[~cache.fits(rows)].tolist()} already hold context={cfg.context} steps: the next "
-                "window drops a step and the cached keys and values are no longer its own (use predict)"
-            )
         device, b = cache.valid.device, rows.shape[0]
+        steps = cache.steps[rows]
+        first = steps == 0
+        rows_dev = rows.to(device)
+        everyone = b == cache.n and bool((rows == cache.arange).all())
+        pick = (lambda x: x) if everyone else (lambda x: x[rows_dev])  # noqa: E731  (all rows: no gather)
         first_dev = first.to(device)
         times = torch.stack(
             [torch.where(first, 0, cache.timestep[rows]), torch.as_tensor(timestep).long()], 1
@@ -541,21 +550,126 @@ class DecisionTransformer(nn.Module):
         )
         positions = times[:, [0, 1, 1]]  # the action of the step before, then R and s of this one
         resid = tf.hook_embed(tokens) + tf.hook_pos_embed(F.embedding(positions, tf.pos_embed.W_pos))
-        rows_dev = rows.to(device)
-        valid = torch.cat([cache.valid[rows_dev, 3:], ~first_dev[:, None], first_dev.new_ones(b, 2)], dim=1)
-        kv = KVCache(cfg.n_layers)
-        kv.length = past = 3 * cfg.context - 4  # the window's tokens before the new three, one step left
-        k, v = cache.k[:, rows_dev, 3:], cache.v[:, rows_dev, 3:]
-        kv.layers = [LayerKV(k[layer], v[layer]) for layer in range(cfg.n_layers)]
-        resid = tf.run_blocks(
-            resid, AttnContext(positions=positions, key_valid=valid, past_len=past), kv_cache=kv
-        )
-        cache.k[:, rows_dev] = torch.stack([lkv.k for lkv in kv.layers])  # type: ignore[misc]
-        cache.v[:, rows_dev] = torch.stack([lkv.v for lkv in kv.layers])  # type: ignore[misc]
-        cache.valid[rows_dev] = valid
+        # layer 0's inputs of the new tokens, and the window's (one step left, the new three at the end)
+        block0 = tf.blocks[0]
+        attn = block0.attn
+        resid = block0.hook_resid_pre(resid)
+        q, k, v = attn.project(block0.ln1(resid))
+        q, k, v = attn.hook_q(q), attn.hook_k(k), attn.hook_v(v)  # (a DT has no q/k norms, smearing, rotary)
+        valid = torch.cat([pick(cache.valid)[:, 3:], ~first_dev[:, None], first_dev.new_ones(b, 2)], dim=1)
+        win_k = torch.cat([pick(cache.k[0])[:, 3:], k], 1)
+        win_v = torch.cat([pick(cache.v[0])[:, 3:], v], 1)
+        win_pos = torch.cat([pick(cache.positions)[:, 3:], positions], 1)
+        slide = not cache.slides
+        win_resid = win_q = None
+        if slide:
+            win_resid = torch.cat([pick(cache.resid0)[:, 3:], resid], 1)
+            win_q = torch.cat([pick(cache.q0)[:, 3:], q], 1)
+        incremental = steps < cfg.context if slide else torch.ones(b, dtype=torch.bool)
+        n_inc = int(incremental.sum())
+        out = torch.empty(b, cfg.n_actions, dtype=resid.dtype, device=device)
+        if n_inc:
+            inc = incremental.nonzero().flatten()
+            logits = self._step_incremental(
+                cache, rows, inc, everyone, resid, q, win_k, win_v, valid, positions
+            )
+            if n_inc == b:
+                out = logits
+            else:
+                out[inc.to(device)] = logits
+        if n_inc < b:  # past the context: layer 0's attention and the later blocks on the window
+            f = (~incremental).nonzero().flatten().to(device)
+            part = (lambda x: x) if n_inc == 0 else (lambda x: x[f])  # noqa: E731
+            ctx = AttnContext(positions=part(win_pos), key_valid=None)  # every step of a full window is real
+            z = attn.hook_z(attn._attend(part(win_q), part(win_k), part(win_v), ctx))
+            resid1 = block0.finish(part(win_resid), block0.hook_attn_out(attn.output(z)))
+            logits = self._window_logits(resid1, part(win_pos), None, start=1)
+            if n_inc == 0:
+                out = logits
+            else:
+                out[f] = logits
+        # the cache now holds the window ending at this step (layer 0's part; later layers' incrementally)
+        with torch.inference_mode():  # the cache's tensors may be inference tensors of an earlier call
+            self._store(cache, rows, everyone, slide, win_k, win_v, valid, win_pos, win_resid, win_q, times)
+        return out
+
+    @staticmethod
+    def _store(
+        cache: StepCache,
+        rows: Tensor,
+        everyone: bool,
+        slide: bool,
+        win_k: Tensor,
+        win_v: Tensor,
+        valid: Tensor,
+        win_pos: Tensor,
+        win_resid: Tensor | None,
+        win_q: Tensor | None,
+        times: Tensor,
+    ) -> None:
+        """Make ``cache`` hold the windows ending at this step (layer 0's part) for ``rows``."""
+        rows_dev = rows.to(cache.valid.device)
+        if everyone:  # the new tensors become the cache's (no copy)
+            cache.k[0], cache.v[0], cache.valid, cache.positions = win_k, win_v, valid, win_pos
+        else:
+            cache.k[0][rows_dev], cache.v[0][rows_dev] = win_k, win_v
+            cache.valid[rows_dev], cache.positions[rows_dev] = valid, win_pos
+        if slide:
+            assert win_resid is not None and win_q is not None
+            if everyone:
+                cache.resid0, cache.q0 = win_resid, win_q
+            else:
+                cache.resid0[rows_dev], cache.q0[rows_dev] = win_resid, win_q
         cache.steps[rows] += 1
         cache.timestep[rows] = times[:, 1].cpu()
-        return tf.unembed_resid(resid[:, 2])
+
+    def _step_incremental(
+        self,
+        cache: StepCache,
+        rows: Tensor,
+        inc: Tensor,
+        everyone: bool,
+        resid: Tensor,
+        q: Tensor,
+        win_k: Tensor,
+        win_v: Tensor,
+        valid: Tensor,
+        positions: Tensor,
+    ) -> Tensor:
+        """The logits of the new tokens of rows ``rows[inc]`` through every layer against the cached keys and
+        values (layer 0's: the window's ``win_k``, ``win_v``; the later layers' read from and written to
+        ``cache``)."""
+        cfg, tf = self.cfg, self.transformer
+        device = resid.device
+        i = inc.to(device)
+        some = inc.numel() != rows.numel()
+        sub = (lambda x: x[i]) if some else (lambda x: x)  # noqa: E731
+        past = 3 * cfg.context - 4  # the window's tokens before the new three
+        ctx = AttnContext(positions=sub(positions), key_valid=sub(valid), past_len=past)
+        block0 = tf.blocks[0]
+        attn = block0.attn
+        z = attn.hook_z(attn._attend(sub(q), sub(win_k), sub(win_v), ctx))
+        x = block0.finish(sub(resid), block0.hook_attn_out(attn.output(z)))
+        if cfg.n_layers > 1:
+            r = rows[inc].to(device)
+            whole = everyone and not some
+            kv = KVCache(cfg.n_layers)
+            kv.length = past
+            pick = (lambda t: t[:, 3:]) if whole else (lambda t: t[r, 3:])  # noqa: E731
+            kv.layers = [
+                LayerKV(),
+                *(LayerKV(pick(k), pick(v)) for k, v in zip(cache.k[1:], cache.v[1:], strict=True)),
+            ]
+            x = tf.run_blocks(x, ctx, start=1, kv_cache=kv)
+            for layer in range(1, cfg.n_layers):
+                lkv = kv.layers[layer]
+                assert lkv.k is not None and lkv.v is not None
+                if whole:  # the extended tensors become the cache's (no copy)
+                    cache.k[layer], cache.v[layer] = lkv.k, lkv.v
+                else:
+                    with torch.inference_mode():  # (see predict_step)
+                        cache.k[layer][r], cache.v[layer][r] = lkv.k, lkv.v
+        return tf.unembed_resid(x[:, 2])
 
     # ---- hooks (the inner Transformer's) ---------------------------------------------------------
     @staticmethod
@@ -626,11 +740,14 @@ class DecisionTransformer(nn.Module):
 
 
 class StepCache:
-    """Keys and values of up to ``n`` episodes' windows for `DecisionTransformer.predict_step`, one row per
-    episode, laid out as `forward` lays out a window left-padded to ``context`` steps (the last step's action
-    token, which its state token cannot see, left out): per layer ``k`` and ``v`` [n, 3 context - 1, heads,
-    d_head], ``valid`` [n, 3 context - 1] (False at padding), ``steps`` [n] (steps cached) and ``timestep`` [n]
-    (the last one's)."""
+    """What `DecisionTransformer.predict_step` keeps of up to ``n`` episodes' windows, one row per episode,
+    laid out as `forward` lays out a window left-padded to ``context`` steps (the last step's action token,
+    which its state token cannot see, left out; ``slots = 3 context - 1`` tokens): ``k`` and ``v``, a list of
+    [n, slots, heads, d_head] per layer (layer 0's always the window's; a later layer's while the row holds at
+    most ``context`` steps), ``valid`` [n, slots] (False at padding), ``positions`` [n, slots] (each token's
+    timestep), ``steps`` [n] (steps cached) and ``timestep`` [n] (the last one's); with two layers or more also
+    layer 0's input ``resid0`` [n, slots, d_model] and queries ``q0`` [n, slots, heads, d_head], from which a
+    row past the context recomputes layer 0's attention."""
 
     def __init__(self, model: DecisionTransformer, n: int) -> None:
         cfg, mc = model.cfg, model.transformer.cfg
@@ -643,26 +760,45 @@ class StepCache:
         w = model.rtg_embed.weight
         slots = 3 * cfg.context - 1
         assert mc.n_kv_heads is not None and mc.d_head is not None
+        self.n = n
+        self.arange = torch.arange(n)
         self.context = cfg.context
         self.slides = cfg.n_layers == 1
-        """a one-layer model's cache stays exact when the window slides past the context"""
-        self.k = torch.zeros(cfg.n_layers, n, slots, mc.n_kv_heads, mc.d_head, dtype=w.dtype, device=w.device)
-        self.v = torch.zeros_like(self.k)
+        """a one-layer model's cache stays incremental when the window slides past the context"""
+        shape = (n, slots, mc.n_kv_heads, mc.d_head)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.valid = torch.zeros(n, slots, dtype=torch.bool, device=w.device)
+        self.positions = torch.zeros(n, slots, dtype=torch.long, device=w.device)
+        if not self.slides:
+            self.resid0 = torch.zeros(n, slots, cfg.d_model, dtype=w.dtype, device=w.device)
+            self.q0 = torch.zeros(n, slots, mc.n_heads, mc.d_head, dtype=w.dtype, device=w.device)
         self.steps = torch.zeros(n, dtype=torch.long)
         self.timestep = torch.zeros(n, dtype=torch.long)
 
     def clear(self, rows: Tensor | Sequence[int]) -> None:
         """Start new episodes in ``rows``."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        self.steps[rows] = 0
-        self.valid[rows.to(self.valid.device)] = False
+        with torch.inference_mode():  # (predict_step under inference mode leaves inference tensors here)
+            self.steps[rows] = 0
+            self.valid[rows.to(self.valid.device)] = False
 
     def fits(self, rows: Tensor | Sequence[int]) -> Tensor:
-        """bool [len(rows)]: whether `predict_step` may extend each row (it holds fewer than ``context`` steps,
-        or the model has one layer)."""
+        """bool [len(rows)]: whether `predict_step`'s next step of each row is fully incremental (it holds
+        fewer than ``context`` steps, or the model has one layer); the others recompute the layers after the
+        first on their window."""
         steps = self.steps[torch.as_tensor(rows, dtype=torch.long)]
         return torch.ones_like(steps, dtype=torch.bool) if self.slides else steps < self.context
+
+
+def _project_kv(attn: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    """k and v [batch pos n_kv_heads d_head] of ``attn`` for the normalised input ``x``: `Attention.project`'s
+    fused matmul without the query columns (for tokens whose queries nobody reads)."""
+    h, kv, dh = attn.cfg.n_heads, attn.cfg.n_kv_heads, attn.cfg.d_head
+    w, b = attn.fused_qkv.weights(attn)
+    out = torch.addmm(b[h * dh :], x.reshape(-1, x.shape[-1]), w[:, h * dh :])
+    k, v = out.view(*x.shape[:2], 2 * kv, dh).split([kv, kv], dim=2)
+    return k, v
 
 
 # ---- files -------------------------------------------------------------------------------------

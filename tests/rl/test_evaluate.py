@@ -161,13 +161,10 @@ class StepBonus:
 
 
 def test_windows_are_the_last_context_steps(monkeypatch):
-    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+    def shaped(name, seed=None):
+        return StepBonus(envs.make_env(name, seed)).env
 
-    def shaped(name, n, seed=0, *, autoreset_mode="NextStep"):
-        return SyncVectorEnv([lambda: StepBonus(envs.make_env(name)).env for _ in range(n)],
-                             autoreset_mode=AutoresetMode(autoreset_mode))  # fmt: skip
-
-    monkeypatch.setattr(ev, "make_vector_env", shaped)
+    monkeypatch.setattr(ev, "make_env", shaped)
     k = 3
     model = HashPolicy(context=k)
     r = rollout(model, MEMORY, [1.0, 2.0], 2, seed=3, n_envs=1)
@@ -329,9 +326,10 @@ def test_decision_transformer_batched_equals_looped():
 
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_step_cache_plays_the_full_windows_episodes(n_layers):
-    """`rollout` runs a DT's steps incrementally (`predict_step`) while its episode fits the context, and a
-    2-layer model's full window once it is longer (a 1-layer cache slides): the episodes equal those of the
-    full window at every step (``step_cache=False``), sampled or greedy, batched or not."""
+    """`rollout` runs a DT's steps through `predict_step` (incremental while the episode fits the context;
+    past it a 2-layer model recomputes the later layers on layer 0's cached inputs, a 1-layer cache slides):
+    the episodes equal those of the full window at every step (``step_cache=False``), sampled or greedy,
+    batched or not."""
     from interplab.rl import DecisionTransformer, DTConfig
 
     torch.manual_seed(1)

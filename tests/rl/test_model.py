@@ -328,36 +328,34 @@ def _window(x: torch.Tensor, t: int, context: int) -> tuple[torch.Tensor, torch.
     return torch.cat([torch.zeros(len(x), pad, *w.shape[2:], dtype=w.dtype), w], 1), mask
 
 
-@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
 @pytest.mark.parametrize("state_embedding", ["linear", "conv"])
 def test_step_cache_equals_the_full_window(n_layers, state_embedding):
-    """`predict_step` (the new step's tokens against cached keys and values) gives `predict`'s logits on the
-    left-padded window at every step while the episode fits the context; rows that start their episodes at
-    other times (cleared mid-way) and subsets of rows do too. Past the context a 2-layer cache is refused (the
-    window drops a step the later tokens attended to); a 1-layer cache slides and stays equal."""
+    """`predict_step` gives `predict`'s logits on the left-padded window at every step, while the episode fits
+    the context (incremental: the new tokens against cached keys and values) and after the window has slid
+    past it (a model of two layers or more: layer 0's cached inputs, the later layers recomputed on the
+    window; one layer: still incremental); rows that start their episodes at other times (cleared mid-way),
+    so that one call mixes rows inside and past the context, and subsets of rows do too."""
     model = make_model(state_embedding, n_layers=n_layers).eval()
     k = model.cfg.context
-    rtg, obs, actions, timesteps = _episodes(3, 2 * k + 2)
+    n_steps = 2 * k + 2
+    rtg, obs, actions, timesteps = _episodes(3, n_steps)
     cache = model.step_cache(3)
-    # row 2 starts its episode 3 steps later: its step s is global step s + 3
-    late = 3
+    done = [0, 0, 0]  # steps each row has played
+    mixed = 0
     with torch.no_grad():
-        for t in range(2 * k + 2):
-            rows = [0, 1] if t < late else [0, 1, 2]
-            if t == late:
+        for t in range(n_steps + 4):
+            # row 2 starts 3 steps late (and is cleared then); some calls pass a subset, or another order
+            rows = [0, 1] if t < 3 else ([0, 1, 2] if t % 4 else [2, 0]) if t < n_steps else [1, 2]
+            rows = [r for r in rows if done[r] < n_steps]
+            if not rows:
+                continue
+            if t == 3:
                 cache.clear([2])
-            local = torch.tensor([t, t, t - late])[rows]
-            if n_layers > 1 and bool((local >= k).any()):
-                fit = cache.fits(rows)
-                assert fit.tolist() == (local < k).tolist()
-                with pytest.raises(ValueError, match="already hold context"):
-                    model.predict_step(
-                        cache, rows, rtg[rows, 0], obs[rows, 0], actions[rows, 0], timesteps[rows, 0]
-                    )
-                rows = [r for r, f in zip(rows, fit.tolist(), strict=True) if f]
-                local = local[fit]
-                if not rows:
-                    break
+            local = torch.tensor([done[r] for r in rows])
+            fit = cache.fits(rows)
+            assert fit.tolist() == ((local < k) | (n_layers == 1)).tolist()
+            mixed += int(len(set(fit.tolist())) > 1)
             ep = [(r, int(s)) for r, s in zip(rows, local.tolist(), strict=True)]
             got = model.predict_step(
                 cache,
@@ -371,14 +369,16 @@ def test_step_cache_equals_the_full_window(n_layers, state_embedding):
                 wins = [_window(x[r : r + 1], s, k) for x in (rtg, obs, actions, timesteps)]
                 want = model.predict(*(w for w, _ in wins), attention_mask=wins[0][1])
                 assert_close(got[i : i + 1], want, msg=lambda m, r=r, s=s: f"row {r} step {s}: {m}")
-    assert t >= k  # the windows slid past the context
-    assert cache.steps[0] == (2 * k + 2 if n_layers == 1 else k)
+                done[r] += 1
+    assert done == [n_steps] * 3 and cache.steps.tolist() == done  # every row slid past the context
+    assert n_layers == 1 or mixed >= 2  # calls that mixed rows inside and past the context
 
 
 def test_a_cache_that_slid_would_not_be_the_window():
-    """Why `predict_step` refuses a 2-layer row past the context: continuing the cache there (forced by
-    faking its step count) gives other logits than the window, because layer 1's keys and values of the
-    steps kept were computed attending to the step the window dropped."""
+    """Why `predict_step` recomputes the layers after the first for a 2-layer row past the context:
+    continuing incrementally there (forced by faking its step count) gives other logits than the window,
+    because layer 1's keys and values of the steps kept were computed attending to the step the window
+    dropped."""
     model = make_model().eval()
     k = model.cfg.context
     rtg, obs, actions, timesteps = _episodes(1, k + 1)
@@ -393,3 +393,26 @@ def test_a_cache_that_slid_would_not_be_the_window():
         wins = [_window(x, k, k) for x in (rtg, obs, actions, timesteps)]
         want = model.predict(*(w for w, _ in wins), attention_mask=wins[0][1])
     assert (got - want).abs().max() > 1e-3
+
+
+def test_step_cache_from_inference_mode_continues_outside_it():
+    """A cache filled under ``torch.inference_mode`` (as `rollout` runs) keeps inference tensors; clearing
+    rows and stepping a subset afterwards under ``no_grad`` works and still equals the window."""
+    model = make_model(n_layers=2).eval()
+    k = model.cfg.context
+    rtg, obs, actions, timesteps = _episodes(2, k + 2)
+    cache = model.step_cache(2)
+    with torch.inference_mode():
+        for t in range(k + 1):
+            prev = actions[:, t - 1] if t else actions[:, 0]
+            model.predict_step(cache, [0, 1], rtg[:, t], obs[:, t], prev, timesteps[:, t])
+    cache.clear([1])
+    with torch.no_grad():
+        got = model.predict_step(
+            cache, [0], rtg[:1, k + 1], obs[:1, k + 1], actions[:1, k], timesteps[:1, k + 1]
+        )
+        fresh = model.predict_step(cache, [1], rtg[1:, 0], obs[1:, 0], actions[1:, 0], timesteps[1:, 0])
+        wins = [_window(x[:1], k + 1, k) for x in (rtg, obs, actions, timesteps)]
+        assert_close(got, model.predict(*(w for w, _ in wins), attention_mask=wins[0][1]))
+        wins = [_window(x[1:], 0, k) for x in (rtg, obs, actions, timesteps)]
+        assert_close(fresh, model.predict(*(w for w, _ in wins), attention_mask=wins[0][1]))
