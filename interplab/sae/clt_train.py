@@ -495,6 +495,7 @@ def train_clt(
     stop_after: int | None = None,
     keep_checkpoints: int | None = 2,
     model_name: str | None = None,
+    source: dict[str, Any] | None = None,
 ) -> CLTTrainResult:
     """Train a CLT on every layer of ``model`` jointly, reading all layers in one forward per token batch.
 
@@ -504,7 +505,8 @@ def train_clt(
     every world_size-th token batch. With ``out``: a run folder (config.json kind ``clt_train``, log.jsonl,
     checkpoints/step_N/ holding a loadable CLT and the trainer state, clt/ when finished) resumed bit-exactly
     from its newest intact checkpoint when it holds this same run; a different run there is refused unless
-    ``overwrite``. ``stop_after=k`` stops after step k with a checkpoint."""
+    ``overwrite``. ``stop_after=k`` stops after step k with a checkpoint. ``source`` describes activation
+    batches (``model=None``) in the run's config (``data``); e.g. `train_clt_shared`'s checkpoints."""
     clt_cfg = cfg.clt
     if model is not None:
         check_fits(clt_cfg, model, "the CLT config")
@@ -514,7 +516,7 @@ def train_clt(
         cfg = CLTTrainConfig(**{**vars(cfg), "clt": clt_cfg})
     if model is None:
         batches: Iterable[ActivationBatch] = data  # type: ignore[assignment]
-        source: dict[str, Any] = {"activations": type(data).__name__}
+        source = dict(source) if source is not None else {"activations": type(data).__name__}
     else:
         toks, token_filter, source = token_batches(model, data, cfg)  # type: ignore[arg-type]
         toks = toks[_rank() :: world_size()]
