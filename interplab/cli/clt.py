@@ -39,6 +39,7 @@ from interplab.runs import (
     FORMATION_JSON,
     REPORT,
     RUN_CLTS,
+    RUN_SHARED_CLT,
     Kind,
     RunError,
     TrainRun,
@@ -51,6 +52,7 @@ from interplab.runs.names import checkpoint_name, checkpoint_step
 from interplab.runs.openers import CLTTrainRun
 from interplab.sae.activations import corpus_token_batches
 from interplab.sae.clt import CLTActivation, CLTConfig, load_clt
+from interplab.sae.clt_shared import train_clt_shared
 from interplab.sae.clt_train import (
     CLTTrainConfig,
     CLTTrainProgress,
@@ -170,6 +172,12 @@ def train(
         "--checkpoints",
         help="one CLT per checkpoint of --model: step_a,step_b,... or window (along its formation report's rise)",
     ),
+    shared: bool = typer.Option(
+        False,
+        "--shared",
+        help="with --checkpoints: ONE CLT on activations pooled from them, balanced per checkpoint (default "
+        "--out RUN/clt-shared); `graph across --shared-clt` builds every checkpoint's graph with it",
+    ),
     seq_len: int = typer.Option(
         None,
         "--seq-len",
@@ -198,11 +206,13 @@ def train(
         fail("give --checkpoint or --checkpoints, not both")
     if activation == "topk" and k is None:
         fail("--activation topk needs --k (active latents per layer and token)")
+    if shared and not checkpoints:
+        fail("--shared pools the activations of several checkpoints: give --checkpoints A,B,... (or window)")
     across = _steps(model_path, checkpoints.split(",")) if checkpoints else None
     if out is None:
         if across is None:
             fail("give --out (the CLT run's folder); only --checkpoints has a default (RUN/clt)")
-        out = check_out_folder(model_path / RUN_CLTS)
+        out = check_out_folder(model_path / (RUN_SHARED_CLT if shared else RUN_CLTS))
     assert out is not None
     if checkpoint:
         model_path = next(iter(_steps(model_path, [checkpoint]).values()))
@@ -237,6 +247,31 @@ def train(
         f"({cfg.clt.n_layers} layers x {d_sae} latents) on {where} for {steps:,} steps of {batch:,} rows -> {out}"
     )
     try:
+        if across and shared:
+            pooled = {
+                name: first if i == 0 else load_model_arg(p) for i, (name, p) in enumerate(across.items())
+            }
+            with JobProgress("clt train", total=steps, unit="steps") as bar:
+                result = train_clt_shared(
+                    pooled,
+                    corpus,
+                    cfg,
+                    out,
+                    source={"run": str(model_path)},
+                    progress=_show(bar),
+                    resume=resume,
+                    overwrite=overwrite,
+                    stop_after=stop_after,
+                )
+            if result.stopped:
+                console.print(f"stopped after step {result.steps:,}; run the same command again to resume")
+                return
+            _summary(f"shared by {', '.join(across)}", result)
+            console.print(
+                f"CLT in {out / 'clt'}/ ; next: interplab graph across --model {model_path} --shared-clt",
+                markup=False,
+            )
+            return
         if across:
             models = {name: _loader(first if i == 0 else p) for i, (name, p) in enumerate(across.items())}
             with JobProgress("clt train", total=steps * len(across), unit="steps") as bar:
@@ -288,8 +323,8 @@ def train(
 def _model_of(run: CLTTrainRun, name: str, given: Path | None) -> Transformer:
     if given is not None:
         return load_model_arg(given)
-    if run.across:
-        source = run.config["across"].get("run")
+    if run.across or run.shared is not None:
+        source = (run.shared or run.config.get("across") or {}).get("run")
         if not source:
             fail(f"{run.path} does not say which run it was trained on: pass --model")
         return load_model_arg(TrainRun.open(source).checkpoint(int(checkpoint_step(name) or 0)).path)
@@ -327,6 +362,8 @@ def evaluate(
         if not run.clts:
             fail(f"{path} is a CLT training run with no finished CLT yet: resume it")
         targets = {name: (p, None) for name, p in run.clts.items()}  # type: ignore[misc]
+        if run.shared is not None:  # one CLT, evaluated at every checkpoint it pooled
+            targets = {str(n): (run.clt, None) for n in run.shared.get("checkpoints", [])}  # type: ignore[misc]
     else:
         fail(f"{path} is {describe(path)}; expected a CLT training run or a CLT folder")
     if out is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from torch import Tensor
 
 from interplab import runs
 from interplab.analysis.formation import FormationResult
@@ -240,13 +241,30 @@ def across_command(
         help="the attention edge for --qk: QUERY,KEY positions (default: the last position against the one "
         "after its token's earlier occurrence, the induction edge)",
     ),
+    shared_clt: bool = typer.Option(
+        False,
+        "--shared-clt",
+        help="build every graph with ONE CLT shared by the checkpoints (`clt train --checkpoints ... --shared`; "
+        "--clt default RUN/clt-shared): features keep their index; compared with RUN/clt's CLTs per "
+        "checkpoint when it has them (FVU, KL, graph scores)",
+    ),
+    own_clt: Path | None = typer.Option(
+        None, "--own-clt", help="with --shared-clt: the CLTs per checkpoint to compare with (default RUN/clt)"
+    ),
+    fit_batches: int = typer.Option(
+        2, "--fit-batches", help="with --shared-clt: validation batches of 16 sequences for FVU and KL"
+    ),
     threads: int | None = threads_param(help="CPU threads"),
 ) -> None:
     """The attribution graph of one prompt at each checkpoint that has a CLT, and what changed between them
-    (features matched across CLTs by decoder cosine), beside the run's formation scores; with --qk, the QK
-    attribution of one head's attention edge at each step too."""
+    (features matched across CLTs by decoder cosine, or one shared CLT's features by index), beside the run's
+    formation scores; with --qk, the QK attribution of one head's attention edge at each step too."""
     set_threads(threads)
-    clt = clt if clt is not None else model / runs.RUN_CLTS
+    if own_clt is not None and not shared_clt:
+        fail("--own-clt is what --shared-clt is compared with: give --shared-clt too")
+    clt = clt if clt is not None else model / (runs.RUN_SHARED_CLT if shared_clt else runs.RUN_CLTS)
+    own = own_clt if own_clt is not None else model / runs.RUN_CLTS
+    compare = shared_clt and (own_clt is not None or runs.detect(own) is runs.Kind.CLT_TRAIN)
     out = out if out is not None else model / runs.GRAPHS / "across"
     chosen_targets = _targets(targets)
     if isinstance(chosen_targets, int):
@@ -268,6 +286,7 @@ def across_command(
             fail(f"--qk-positions {qk_positions!r}: write QUERY,KEY (two positions, the key at or before)")
         edge = (parts[0], parts[1])
     try:
+        fit_tokens = _fit_tokens(clt, model, fit_batches) if compare else None
         with JobProgress("graph across", total=None, unit="graphs") as bar:
             result = graphs_across(
                 model,
@@ -281,6 +300,9 @@ def across_command(
                 match_threshold=match_threshold,
                 qk=head,
                 qk_positions=edge,
+                clt="shared" if shared_clt else "per_checkpoint",
+                own_clts=own if compare else None,
+                fit_tokens=fit_tokens,
                 progress=lambda s: bar.update(0, info=f"step {s}"),
             )
     except (ValueError, runs.RunError) as err:
@@ -299,6 +321,26 @@ def across_command(
         f"wrote {out / runs.REPORT}, {out}/across.md, {out}/across.html, step_N/ per step", markup=False
     )
     print_command("open it: ", "serve", "--runs", Path(model).absolute())
+
+
+def _fit_tokens(clt: Path, run: Path, n_batches: int) -> list[Tensor]:
+    """Validation token batches of the corpus the shared CLT was trained on (its run's config), for the fit."""
+    from interplab.sae.activations import corpus_token_batches
+
+    data = CLTTrainRun.open(clt).config.get("data", {}) if runs.detect(clt) is runs.Kind.CLT_TRAIN else {}
+    last = load_model_arg(runs.TrainRun.open(run).checkpoints()[-1].path)
+    seq = min(int(data.get("seq_len", 128)), last.cfg.n_ctx)
+    corpus = data.get("corpus", "python-stdlib")
+    try:
+        got = corpus_token_batches(
+            last, corpus, split="validation", seq_len=seq, batch_size=16, n_batches=n_batches
+        )
+    except ValueError as err:  # a corpus too small to hold a validation split: its training text
+        console.print(f"fit on the training split: {err}", markup=False)
+        got = corpus_token_batches(
+            last, corpus, split="train", seq_len=seq, batch_size=16, n_batches=n_batches
+        )
+    return got.batches
 
 
 def _qk_head(text: str, run: Path) -> tuple[int, int]:

@@ -15,6 +15,13 @@ by identity; edges in both are listed by how much their weight *changed*. Each c
 of the targets' influence that enters at each prompt position (tokens and errors: where in the prompt the
 prediction comes from), and the formation report's induction and previous-token scores at its step.
 
+With one CLT shared by every checkpoint (`interplab.sae.clt_shared.train_clt_shared`; ``graphs_across(...,
+clt="shared")``; the same CLT object handed to `compare_graphs` for every step) no matching is needed: a
+feature's identity is its Neuronpedia id ``{layer}_{feature}_{pos}``, the same dictionary direction at every
+checkpoint, and what appears or vanishes is literally that feature's node or edge. ``GraphsAcross.fit`` then
+says how much worse the shared dictionary fits each checkpoint than that checkpoint's own CLT (FVU, the
+replacement model's KL, the graphs' replacement and completeness scores).
+
 >>> from interplab.sae.clt import CLTConfig, CrossLayerTranscoder
 >>> from interplab.graphs import attribute, prune_graph
 >>> clt = CrossLayerTranscoder(CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model, d_sae=64))
@@ -40,11 +47,12 @@ from interplab.graphs.attribution import AttributionGraph, Targets, attribute
 from interplab.graphs.nodes import NodeKind
 from interplab.graphs.prune import PrunedGraph, graph_scores, influence, normalize_rows, prune_graph
 from interplab.graphs.qk import QKAttribution, qk_attribution
+from interplab.graphs.shared import fit_markdown, fit_row, shared_clt
 from interplab.io import atomic_write_text
 from interplab.model.load import load_model
 from interplab.plots import write_figure_files
 from interplab.runs.openers import CLTTrainRun
-from interplab.sae.clt import CrossLayerTranscoder, load_clt
+from interplab.sae.clt import CrossLayerTranscoder, check_fits, load_clt
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -198,6 +206,11 @@ class GraphsAcross:
     formation: dict[str, Any] | None = None
     """the formation report's curves (steps, max_induction, max_prev_token, formation_step) or None"""
     meta: dict[str, Any] = field(default_factory=dict)
+    shared: bool = False
+    """one CLT for every checkpoint: features are named by their index (no tracks)"""
+    fit: list[dict[str, Any]] | None = None
+    """with a shared CLT and each checkpoint's own CLTs to compare: per step, `interplab.graphs.shared.fit_row`
+    (fvu / kl / replacement / completeness, ``_shared`` and ``_own``); None otherwise"""
 
     def changes_between(self, before: int, after: int) -> list[GraphChange]:
         return [c for c in self.changes if (c.before, c.after) == (before, after)]
@@ -242,6 +255,8 @@ class GraphsAcross:
         lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---:|" * len(cols)]
         for row in self.table():
             lines.append("| " + " | ".join(_cell(row[k]) for k, _ in cols) + " |")
+        if self.fit:
+            lines += ["", fit_markdown(self.fit)]
         return "\n".join(lines)
 
     def plot(self) -> go.Figure:
@@ -330,6 +345,8 @@ class GraphsAcross:
             "match_threshold": self.match_threshold,
             "formation": self.formation,
             "meta": self.meta,
+            "shared": self.shared,
+            "fit": self.fit,
         }
 
     @classmethod
@@ -345,6 +362,8 @@ class GraphsAcross:
             match_threshold=data["match_threshold"],
             formation=data.get("formation"),
             meta=dict(data.get("meta", {})),
+            shared=bool(data.get("shared", False)),
+            fit=data.get("fit"),
         )
 
     def save(self, folder: str | Path) -> dict[str, str | None]:
@@ -549,12 +568,15 @@ def compare_graphs(
     match_threshold: float = MATCH_THRESHOLD,
     folders: Sequence[str | Path | None] | None = None,
     meta: dict[str, Any] | None = None,
+    fit: list[dict[str, Any]] | None = None,
 ) -> GraphsAcross:
     """Compare the graphs of one prompt at ``steps`` (increasing), each pruned, with the CLT it was built with
     (see the module docstring): their scores and sizes, the formation report's scores at each step, and the
     nodes and edges that appeared, vanished or changed between consecutive steps; with ``qks`` (the QK
     attribution of one attention edge at each step, `qk_attribution(..., graph=graphs[k])`) also its summary
-    (`GraphStep.qk`), pairs named by stable identity."""
+    (`GraphStep.qk`), pairs named by stable identity. When every step's CLT is the same object (one shared
+    dictionary) features keep their own ids, ``{layer}_{feature}_{pos}``; ``fit`` is stored as
+    `GraphsAcross.fit`."""
     n = len(steps)
     if not n or not len(graphs) == len(pruned) == len(clts) == n:
         raise ValueError(
@@ -577,10 +599,11 @@ def compare_graphs(
                 f"{[t.label for t in first.targets]}): build every graph for the same targets"
             )
     steps = list(steps)
+    shared = all(c is clts[0] for c in clts)
     tracks, matched = _tracks(clts, match_threshold)
     summaries, kept_nodes, kept_edges, labels = [], [], [], []
     for k, (g, p) in enumerate(zip(graphs, pruned, strict=True)):
-        ids = _identities(g, tracks[k], steps)
+        ids = g.node_ids() if shared else _identities(g, tracks[k], steps)
         node_influence = influence(normalize_rows(g.adjacency), g.logit_weights)
         share = node_influence / node_influence.sum().clamp(min=1e-30)
         nodes = {ids[i]: (float(share[i]), i) for i in p.node_mask.nonzero().flatten().tolist()}
@@ -673,6 +696,8 @@ def compare_graphs(
         match_threshold=match_threshold,
         formation=curves,
         meta=dict(meta or {}),
+        shared=shared,
+        fit=fit,
     )
 
 
@@ -712,6 +737,9 @@ def graphs_across(
     match_threshold: float = MATCH_THRESHOLD,
     qk: tuple[int, int] | None = None,
     qk_positions: tuple[int, int] | None = None,
+    clt: Literal["per_checkpoint", "shared"] = "per_checkpoint",
+    own_clts: str | Path | None = None,
+    fit_tokens: Tensor | Sequence[Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> GraphsAcross:
     """The graph of ``prompt`` at each checkpoint of training run ``run`` that ``clts`` (a CLT run across its
@@ -722,16 +750,39 @@ def graphs_across(
     With ``qk=(layer, head)`` the score of that head on one attention edge is attributed at each step to
     pairs of query-side and key-side nodes (`qk_attribution`): the edge ``qk_positions=(query, key)``, by default
     the induction edge (`induction_edge`: the last position against the one after its token's earlier
-    occurrence). ``progress(step)`` is called before each graph."""
+    occurrence). ``progress(step)`` is called before each graph.
+
+    ``clt="shared"``: ``clts`` is one CLT shared by the checkpoints (a `train_clt_shared` run, by default at the
+    checkpoints it pooled; or a CLT folder, with ``steps``), every graph is built with it and features keep
+    their index (see the module docstring). With ``own_clts`` (the run's CLTs per checkpoint) each step's graph
+    is also built with its own CLT, and `GraphsAcross.fit` compares the two (`fit_row`: FVU and KL on
+    ``fit_tokens``, by default the prompt itself, and the graphs' scores)."""
+    if clt not in ("per_checkpoint", "shared"):
+        raise ValueError(f"clt must be 'per_checkpoint' or 'shared', got {clt!r}")
+    if own_clts is not None and clt != "shared":
+        raise ValueError("own_clts compares a shared CLT with the per-checkpoint ones: give clt='shared'")
     train = runs.TrainRun.open(run)
-    available = run_clts(clts)
-    chosen = sorted(available) if steps is None else sorted(set(steps))
-    missing = [s for s in chosen if s not in available]
-    if missing or not chosen:
-        raise ValueError(
-            f"{clts} has no CLT of step {missing or chosen}: it has CLTs of steps {sorted(available)}"
-        )
-    models = {s: train.checkpoint(s).path for s in chosen}
+    the_shared: CrossLayerTranscoder | None = None
+    if clt == "shared":
+        shared_path, chosen = shared_clt(clts, steps)
+        the_shared = load_clt(shared_path)
+        available = {s: shared_path for s in chosen}
+    else:
+        available = run_clts(clts)
+        chosen = sorted(available) if steps is None else sorted(set(steps))
+    own = run_clts(own_clts) if own_clts is not None else {}
+    for where, have in ((clts, available), (own_clts, own)):
+        missing = [s for s in chosen if s not in have]
+        if where is not None and (missing or not chosen):
+            raise ValueError(
+                f"{where} has no CLT of step {missing or chosen}: it has CLTs of steps {sorted(have)}"
+            )
+    models = {}
+    for s in chosen:
+        try:
+            models[s] = train.checkpoint(s).path
+        except runs.RunError as err:
+            raise ValueError(f"the shared CLT's step {s}: {err}") from err
     last = load_model(models[chosen[-1]])
     if isinstance(prompt, str):
         bos = getattr(last.tokenizer, "bos_id", None) is not None
@@ -752,18 +803,21 @@ def graphs_across(
             targets = [int(last(tokens[None])[0, -1].argmax())]
     graphs, prunings, transcoders, folders = [], [], [], []
     qks: list[QKAttribution | None] = []
+    fit: list[dict[str, Any]] = []
     for s in chosen:
         if progress is not None:
             progress(s)
         model = last if s == chosen[-1] else load_model(models[s])
-        clt = load_clt(available[s])
+        if the_shared is not None:
+            check_fits(the_shared.cfg, model, f"the shared CLT {available[s]} (at step {s})")
+        this = the_shared if the_shared is not None else load_clt(available[s])
         meta = {"run": str(Path(run).absolute()), "clt": str(available[s].absolute()), "step": s}
         folder = Path(out) / runs.checkpoint_name(s) if out is not None else None
         graph, pruned = _reuse(folder, tokens, targets, meta, node_threshold, edge_threshold)
         if graph is None:
             graph = attribute(
                 model,
-                clt,
+                this,
                 tokens,
                 targets,
                 max_feature_nodes=max_feature_nodes,
@@ -779,7 +833,7 @@ def graphs_across(
             qks.append(
                 qk_attribution(
                     model,
-                    clt,
+                    this,
                     tokens,
                     layer=qk[0],
                     head=qk[1],
@@ -788,9 +842,17 @@ def graphs_across(
                     graph=graph,
                 )
             )
+        if the_shared is not None and own_clts is not None:
+            own_clt = load_clt(own[s])
+            own_graph = attribute(
+                model, own_clt, tokens, targets, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                memory_gb=memory_gb,
+            )  # fmt: skip
+            fit_on = fit_tokens if fit_tokens is not None else tokens[None]
+            fit.append(fit_row(s, model, the_shared, own_clt, graph, own_graph, fit_on))
         graphs.append(graph)
         prunings.append(pruned)
-        transcoders.append(clt)
+        transcoders.append(this)
         folders.append(folder.name if folder is not None else None)
     result = compare_graphs(
         chosen,
@@ -808,7 +870,9 @@ def graphs_across(
             "node_threshold": node_threshold,
             "edge_threshold": edge_threshold,
             "qk": None if edge is None or qk is None else {"layer": qk[0], "head": qk[1], "edge": list(edge)},
+            "own_clts": None if own_clts is None else str(own_clts),
         },
+        fit=fit or None,
     )
     if out is not None:
         result.save(out)

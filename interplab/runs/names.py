@@ -60,6 +60,9 @@ GRAPHS = "graphs"
 RUN_CLTS = "clt"
 """the CLTs of a training run's checkpoints (``RUN/clt/``, a Kind.CLT_TRAIN run across checkpoints:
 ``clts/step_N/clt/``), `interplab clt train --model RUN --checkpoints ...` without ``--out``"""
+RUN_SHARED_CLT = "clt-shared"
+"""one CLT shared by a training run's checkpoints (``RUN/clt-shared/``, a Kind.CLT_TRAIN run whose data is
+pooled from them: ``clt/``), `interplab clt train --model RUN --checkpoints ... --shared` without ``--out``"""
 _SHARD_PREFIX = "shard_"
 _SHARD_DIGITS = 5
 _CKPT_PREFIX = "step_"

@@ -408,6 +408,13 @@ class CLTTrainRun:
         return "across" in self.config
 
     @property
+    def shared(self) -> dict[str, Any] | None:
+        """For one CLT trained on activations pooled from several checkpoints (`train_clt_shared`): where
+        they came from (``run``, ``checkpoints``: names, ``rows_per_checkpoint``); else None."""
+        data = self.config.get("data")
+        return data.get("shared") if isinstance(data, dict) else None
+
+    @property
     def runs(self) -> dict[str, Path]:
         """The single-CLT runs inside, by name: this run itself, or each checkpoint's (``clts/NAME``)."""
         if not self.across:

@@ -373,6 +373,59 @@ class _CLTTrainer:
             self.dead_after = self.schedule.dead_after(x.shape[0] * world_size())
 
     def loss(self, x_s: Tensor, y_s: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss and its parts, one layer at a time: each layer's [rows, d_sae] pre-activations,
+        activations and penalties are made and used while they are in cache (the [rows, n_layers, d_sae]
+        tensors of one batched pass, 16 MB at 1,024 rows x 4 layers x 1,024 latents, are not; 15% slower at 4
+        layers, benchmarks/results/clt.json). `reference_loss` is the batched form; they agree to rounding."""
+        clt, cfg = self.clt, self.clt.cfg
+        jumprelu = cfg.activation is CLTActivation.JUMPRELU
+        if jumprelu:
+            with torch.no_grad():
+                clt.threshold.clamp_(min=0.0)
+        norms = clt.decoder_norms().float()  # [n_layers, d_sae]
+        d = cfg.d_model
+        zero = x_s.new_zeros((), dtype=torch.float32)
+        sparsity, pre_act = zero, zero
+        # each layer's reconstruction minus its target, the decoders' outputs added as they are made
+        diff = [clt.b_dec[m].float() - y_s[:, m].float() for m in range(cfg.n_layers)]
+        fired, l0 = [], []
+        for layer in range(cfg.n_layers):
+            x = x_s[:, layer].to(clt.W_enc.dtype)
+            pre = torch.addmm(clt.b_enc[layer], x, clt.W_enc[layer]).float()  # [rows, d_sae]
+            n = norms[layer]
+            if jumprelu:
+                t = clt.threshold[layer].float()
+                acts = jumprelu_train(pre, t, cfg.jumprelu_bandwidth)
+                sparsity = sparsity + torch.tanh(self.cfg.tanh_scale * acts * n).sum(-1).mean()
+                pre_act = pre_act + ((t - pre).relu() * n).sum(-1).mean()
+            elif cfg.activation is CLTActivation.TOPK:
+                acts = clt.activation(pre, layer)
+            else:
+                acts = pre.relu()
+                sparsity = sparsity + (acts * n).sum(-1).mean()
+            with torch.no_grad():
+                active = acts != 0
+                fired.append(active.sum(0))
+                l0.append(active.sum(-1))
+            n_out = cfg.n_out(layer)
+            w = clt.W_dec[layer].reshape(cfg.d_sae, n_out * d)
+            out = (acts.to(w.dtype) @ w).float()  # [rows, n_out * d_model]
+            for j in range(n_out):
+                diff[layer + j] = diff[layer + j] + out[:, j * d : (j + 1) * d]
+        err = torch.stack([v.pow(2).sum(-1) for v in diff], 1)  # [rows, n_layers]
+        mse = err.sum(-1).mean()
+        loss = mse + self.schedule.coefficient_at(step) * sparsity + self.cfg.pre_act_coefficient * pre_act
+        return loss, {
+            "mse": mse,
+            "err": err.detach(),
+            "fired": torch.stack(fired),
+            "l0": torch.stack(l0, 1),
+            "sparsity": sparsity.detach(),
+        }
+
+    def reference_loss(self, x_s: Tensor, y_s: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """`loss` computed on all layers at once ([rows, n_layers, d_sae]); the slower reference it is
+        tested against."""
         clt, cfg = self.clt, self.clt.cfg
         pre = clt.pre_acts(x_s).float()
         norms = clt.decoder_norms().float()  # [n_layers, d_sae]
@@ -394,7 +447,14 @@ class _CLTTrainer:
         err = (recon - y_s.float()).pow(2).sum(-1)  # [rows, n_layers]
         mse = err.sum(-1).mean()
         loss = mse + self.schedule.coefficient_at(step) * sparsity + self.cfg.pre_act_coefficient * pre_act
-        return loss, {"mse": mse, "err": err.detach(), "acts": acts.detach(), "sparsity": sparsity.detach()}
+        active = acts.detach() != 0
+        return loss, {
+            "mse": mse,
+            "err": err.detach(),
+            "fired": active.sum(0),
+            "l0": active.sum(-1),
+            "sparsity": sparsity.detach(),
+        }
 
     def step(self, batch: ActivationBatch, step: int) -> None:
         clt = self.clt
@@ -429,7 +489,7 @@ class _CLTTrainer:
 
     @torch.no_grad()
     def record(self, loss: Tensor, parts: dict[str, Tensor], y_s: Tensor) -> None:
-        fired = all_reduce_sum((parts["acts"] != 0).sum(0).to(torch.long))  # [n_layers, d_sae]
+        fired = all_reduce_sum(parts["fired"].to(torch.long))  # [n_layers, d_sae]
         n = y_s.shape[0] * world_size()
         self.since_fired = torch.where(fired > 0, 0, self.since_fired + n)
         var = (y_s - y_s.mean(0)).pow(2).sum(-1).mean(0).double()  # [n_layers]
@@ -440,7 +500,7 @@ class _CLTTrainer:
             "sparsity": float(parts["sparsity"]),
             "fvu": float(err.sum() / var.sum().clamp_min(1e-12)),
             "fvu_per_layer": err / var.clamp_min(1e-12),
-            "l0_per_layer": (parts["acts"] != 0).sum(-1).double().mean(0),
+            "l0_per_layer": parts["l0"].double().mean(0),
         }
         for key, value in rows.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
@@ -495,6 +555,7 @@ def train_clt(
     stop_after: int | None = None,
     keep_checkpoints: int | None = 2,
     model_name: str | None = None,
+    source: dict[str, Any] | None = None,
 ) -> CLTTrainResult:
     """Train a CLT on every layer of ``model`` jointly, reading all layers in one forward per token batch.
 
@@ -504,7 +565,8 @@ def train_clt(
     every world_size-th token batch. With ``out``: a run folder (config.json kind ``clt_train``, log.jsonl,
     checkpoints/step_N/ holding a loadable CLT and the trainer state, clt/ when finished) resumed bit-exactly
     from its newest intact checkpoint when it holds this same run; a different run there is refused unless
-    ``overwrite``. ``stop_after=k`` stops after step k with a checkpoint."""
+    ``overwrite``. ``stop_after=k`` stops after step k with a checkpoint. ``source`` describes activation
+    batches (``model=None``) in the run's config (``data``); e.g. `train_clt_shared`'s checkpoints."""
     clt_cfg = cfg.clt
     if model is not None:
         check_fits(clt_cfg, model, "the CLT config")
@@ -514,7 +576,7 @@ def train_clt(
         cfg = CLTTrainConfig(**{**vars(cfg), "clt": clt_cfg})
     if model is None:
         batches: Iterable[ActivationBatch] = data  # type: ignore[assignment]
-        source: dict[str, Any] = {"activations": type(data).__name__}
+        source = dict(source) if source is not None else {"activations": type(data).__name__}
     else:
         toks, token_filter, source = token_batches(model, data, cfg)  # type: ignore[arg-type]
         toks = toks[_rank() :: world_size()]

@@ -188,3 +188,49 @@ def test_clts_along_the_formation_window_then_graphs_across(setup):
         app, ["graph", "across", "--model", str(t / "run"), "--tokens", "0,1", "--steps", "30"]
     )
     assert res.exit_code != 0 and "has CLTs of steps [10, 20]" in res.output
+
+
+def test_one_clt_shared_by_the_checkpoints_then_graphs_across_with_it(setup):
+    """`clt train --checkpoints A,B --shared` trains one CLT on both checkpoints' activations (RUN/clt-shared);
+    `clt eval` evaluates it at each; `graph across --shared-clt` builds both graphs with it, features named by
+    their index, and compares its fit with RUN/clt's CLTs per checkpoint."""
+    from interplab.graphs import GraphsAcross
+
+    t = setup
+    base = ["clt", "train", "--model", t / "run", "--checkpoints", "10,20", "--corpus", t / "corpus", *COMMON]
+    res = runner.invoke(app, [str(a) for a in ["clt", "train", "--model", t / "run", "--shared", *COMMON]])
+    assert res.exit_code != 0 and "give --checkpoints" in res.output
+    _ok(base)  # the CLTs per checkpoint, RUN/clt
+    out = _ok([*base, "--shared"])
+    assert "shared by step_000010, step_000020" in out and "--shared-clt" in out
+    run = CLTTrainRun.open(t / "run" / "clt-shared")
+    assert run.shared is not None and run.shared["checkpoints"] == ["step_000010", "step_000020"]
+    assert run.shared["rows_per_checkpoint"] == [32, 32]
+    _ok(
+        [
+            "clt",
+            "eval",
+            t / "run" / "clt-shared",
+            "--corpus",
+            t / "corpus",
+            "--seq-len",
+            "32",
+            "--batches",
+            "1",
+            "--split",
+            "train",
+        ]
+    )
+    assert (t / "run" / "clt-shared" / "eval" / "step_000020" / "report.json").is_file()
+    out = _ok(["graph", "across", "--model", t / "run", "--tokens", "0,1,2,3,4,5,1,2", "--targets", "3,",
+               "--shared-clt", "--fit-batches", "1", "--out", t / "shared-graphs"])  # fmt: skip
+    assert "fvu shared | fvu own" in out
+    across = GraphsAcross.load(t / "shared-graphs")
+    assert across.shared and across.steps == [10, 20] and [r["step"] for r in across.fit or []] == [10, 20]
+    assert all(r["fvu_shared"] > 0 and r["fvu_own"] > 0 for r in across.fit or [])
+    ids = [c.identity for c in across.changes if c.what == "node" and c.identity[0].isdigit()]
+    assert ids and not any("@" in i for i in ids)  # no tracks: one dictionary
+    res = runner.invoke(
+        app, ["graph", "across", "--model", str(t / "run"), "--tokens", "0,1", "--own-clt", "x"]
+    )
+    assert res.exit_code != 0 and "give --shared-clt too" in res.output

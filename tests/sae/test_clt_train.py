@@ -135,6 +135,44 @@ def _cfg(**kw) -> CLTTrainConfig:
     return CLTTrainConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("cross_layer", [True, False])
+@pytest.mark.parametrize("activation", ["jumprelu", "topk", "relu"])
+def test_layer_at_a_time_loss_equals_the_batched_reference(activation, cross_layer):
+    """The trainer's loss (one layer at a time, in cache) equals the batched form: the loss, its parts and
+    every parameter's gradient (float32: they differ only in the order of additions)."""
+    from interplab.sae.clt_train import _CLTTrainer
+
+    cfg = CLTTrainConfig(
+        clt=CLTConfig(n_layers=3, d_model=8, d_sae=16, activation=activation, k=4 if activation == "topk" else None,
+                      cross_layer=cross_layer,
+                      jumprelu_init_threshold=0.3),
+        total_steps=10, batch_size=32, pre_act_coefficient=0.5,  # large: the pre-activation loss counts
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, generator=g), torch.randn(32, 3, 8, generator=g)
+    thresholds = torch.rand(3, 16, generator=g) * 0.6  # near the pre-activations: the kernel is nonzero
+    grads = []
+    for name in ("loss", "reference_loss"):
+        trainer = _CLTTrainer(CrossLayerTranscoder(cfg.clt, seed=1), cfg)
+        with torch.no_grad():
+            if activation == "jumprelu":
+                trainer.clt.threshold.copy_(thresholds)
+        loss, parts = getattr(trainer, name)(x, y, step=8)
+        loss.backward()
+        grads.append((loss, parts, {k: p.grad for k, p in trainer.clt.named_parameters()}))
+    (loss, parts, grad), (ref, ref_parts, ref_grad) = grads
+    assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for key in ("mse", "err", "sparsity"):
+        assert_close(parts[key], ref_parts[key], rtol=1e-5, atol=1e-6)
+    for key in ("fired", "l0"):  # which latents fire: exactly the same
+        assert torch.equal(parts[key], ref_parts[key]), key
+    assert grad.keys() == ref_grad.keys() and all(v is not None for v in grad.values())
+    for key in grad:
+        assert_close(grad[key], ref_grad[key], rtol=1e-4, atol=1e-5)
+    if activation == "jumprelu":
+        assert ref_grad["threshold"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
 def test_resume_is_bit_exact(tmp_path, activation):
     model = _tiny_model()
