@@ -38,6 +38,7 @@ from interplab.graphs import (
 )
 from interplab.model import Transformer
 from interplab.runs.openers import CLTTrainRun
+from interplab.sae.activations import corpus_token_batches
 from interplab.sae.clt import CrossLayerTranscoder, load_clt
 
 app = typer.Typer(
@@ -325,8 +326,6 @@ def across_command(
 
 def _fit_tokens(clt: Path, run: Path, n_batches: int) -> list[Tensor]:
     """Validation token batches of the corpus the shared CLT was trained on (its run's config), for the fit."""
-    from interplab.sae.activations import corpus_token_batches
-
     data = CLTTrainRun.open(clt).config.get("data", {}) if runs.detect(clt) is runs.Kind.CLT_TRAIN else {}
     last = load_model_arg(runs.TrainRun.open(run).checkpoints()[-1].path)
     seq = min(int(data.get("seq_len", 128)), last.cfg.n_ctx)

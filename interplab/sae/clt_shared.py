@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from interplab.model import Transformer
 from interplab.sae.activations import ActivationBatch, ActivationStream, TokenFilter
 from interplab.sae.clt import check_fits
 from interplab.sae.clt_train import (
@@ -33,9 +34,6 @@ from interplab.sae.clt_train import (
     token_batches,
     train_clt,
 )
-
-if TYPE_CHECKING:
-    from interplab.model import Transformer
 
 
 def rows_per_checkpoint(batch_size: int, n: int) -> list[int]:
@@ -124,8 +122,6 @@ def train_clt_shared(
     corpus name or path, a token tensor, token batches), read by every checkpoint. With ``out``: an ordinary
     CLT training run (resumable, ``clt/`` when finished) whose config records ``data.shared``: ``{**source,
     checkpoints, rows_per_checkpoint}`` (`CLTTrainRun.shared`)."""
-    from interplab.model import Transformer
-
     loaded = {n: m if isinstance(m, Transformer) else m() for n, m in models.items()}
     check_same_shape(loaded, cfg)
     first = next(iter(loaded.values()))
