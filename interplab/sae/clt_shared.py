@@ -10,8 +10,9 @@ different positions), then concatenated. A checkpoint whose activations are larg
 count; the loss still weighs its rows by their squared error in the shared normalised units (one power-of-two
 scale per layer, taken from the first pooled batch). All checkpoints' models are in memory at once.
 
->>> cfg = CLTTrainConfig(clt=CLTConfig(n_layers=2, d_model=16, d_sae=32), total_steps=4, batch_size=64)
->>> result = train_clt_shared({"step_000010": m10, "step_000020": m20}, tokens, cfg)  # tokens [n_seq, seq]
+>>> from interplab.sae.clt import CLTConfig
+>>> cfg = CLTTrainConfig(clt=CLTConfig(n_layers=2, d_model=64, d_sae=128), total_steps=4, batch_size=64)
+>>> result = train_clt_shared({"step_000010": model, "step_000020": model}, tokens, cfg)  # tokens [4, 16]
 """
 
 from __future__ import annotations
