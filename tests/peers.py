@@ -43,7 +43,7 @@ BUILD_BY_HAND = {
     " && .peers/devinterp/bin/pip install torch==2.13.0 devinterp einops jaxtyping safetensors tokenizers pyyaml`",
     "saebench": "run `bash scripts/peers.sh saebench` (sae-bench 0.6.0 on a CPU torch, not part of `all`)",
 }
-"""how to get the peers of NOT_IN_CI, said in their skip reasons (scripts/peers.sh does not take their names)"""
+"""how to get the peers of NOT_IN_CI, said in their skip reasons (peers.sh builds sae-bench only when named)"""
 
 
 @functools.cache
