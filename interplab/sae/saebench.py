@@ -133,7 +133,7 @@ def saebench_core(
         tokens = _as_batch(batch).to(sae.device)
         keep = _keep(tokens, ignore)
         splice = keep if exclude_special_from_reconstruction else torch.ones_like(keep)
-        _, cache = model.run_with_cache(tokens, names=[hook])
+        clean, cache = model.run_with_cache(tokens, names=[hook])
         act = cache[hook]
         x = act.flatten(2).to(sae.W_enc.dtype)
         f = sae.encode(x)
@@ -144,7 +144,6 @@ def saebench_core(
             m = where.reshape(where.shape + (1,) * (a.dim() - 2))
             return torch.where(m, new, a)
 
-        clean = model(tokens)
         with_sae = model.run_with_hooks(tokens, fwd_hooks=[(hook, spliced)])
         zero = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, s: torch.zeros_like(a))])
         pred_keep = keep[:, :-1]
