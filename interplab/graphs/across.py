@@ -782,7 +782,7 @@ def graphs_across(
         try:
             models[s] = train.checkpoint(s).path
         except runs.RunError as err:
-            raise ValueError(f"the shared CLT's step {s}: {err}") from err
+            raise ValueError(f"{clts} has a CLT of step {s} but the training run does not: {err}") from err
     last = load_model(models[chosen[-1]])
     if isinstance(prompt, str):
         bos = getattr(last.tokenizer, "bos_id", None) is not None
