@@ -254,15 +254,10 @@ def _rounded(x: torch.Tensor, digits: int = 4) -> list:
     return torch.round(x.double(), decimals=digits).tolist()
 
 
-def feature_rows(
-    stats: FeatureStats,
-    logit_effects: torch.Tensor | None,
-    cfg: FeatureBuildConfig,
-    vocab: dict[int, str],
-    rows: range,
-) -> tuple[list[dict], ContextColumns]:
-    """Database rows for rows ``rows`` of ``stats`` (features and their contexts), converted to Python in
-    bulk (one ``tolist`` per tensor) because this runs for every feature."""
+def feature_dicts(
+    stats: FeatureStats, logit_effects: torch.Tensor | None, cfg: FeatureBuildConfig, rows: range
+) -> list[dict]:
+    """The ``features`` table's rows for rows ``rows`` of ``stats`` (`feature_rows`' first half)."""
     center = cfg.window_left
     sl = slice(rows.start, rows.stop)
     n = rows.stop - rows.start
@@ -284,7 +279,6 @@ def feature_rows(
     loss = _rounded(stats.loss_effect[sl], 6) if stats.loss_effect is not None else [None] * n
     hist = stats.hist[sl].tolist()
     top_tok = stats.top_tokens[sl, 0, center].tolist()
-    names = np.array([vocab.get(t, f"#{t}") for t in range(max(vocab, default=-1) + 1)] + [""], dtype=object)
     out = []
     for j in range(n):
         fires = n_fires[j] > 0
@@ -302,6 +296,22 @@ def feature_rows(
                 "top_token": top_tok[j] if fires else None,
             }
         )
+    return out
+
+
+def feature_rows(
+    stats: FeatureStats,
+    logit_effects: torch.Tensor | None,
+    cfg: FeatureBuildConfig,
+    vocab: dict[int, str],
+    rows: range,
+) -> tuple[list[dict], ContextColumns]:
+    """Database rows for rows ``rows`` of ``stats`` (features and their contexts), converted to Python in
+    bulk (one ``tolist`` per tensor) because this runs for every feature."""
+    center = cfg.window_left
+    sl = slice(rows.start, rows.stop)
+    out = feature_dicts(stats, logit_effects, cfg, rows)
+    names = np.array([vocab.get(t, f"#{t}") for t in range(max(vocab, default=-1) + 1)] + [""], dtype=object)
     ctx = ContextColumns()
     feat_ids = stats.features[sl].numpy()
     for kind, index, val, toks, acts in (

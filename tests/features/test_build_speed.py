@@ -192,46 +192,14 @@ def reference_windows(self, dense, feat, local, tokens, p):
 
 
 def reference_feature_rows(stats, logit_effects, cfg, vocab, rows):
-    """`build.feature_rows` as first written: a dict per context row."""
+    """`build.feature_rows` as first written: a dict per context row (the feature rows, which the rewrite
+    left as they were, from `build.feature_dicts`)."""
     center = cfg.window_left
     sl = slice(rows.start, rows.stop)
-    n = rows.stop - rows.start
-    logits: list[dict[str, list]] = [{"pos": [], "neg": []} for _ in range(n)]
-    if logit_effects is not None:
-        top = B.top_logits(logit_effects[sl], cfg.logit_k)
-        pv, pi, nv, ni = B._rounded(top[0]), top[1].tolist(), B._rounded(top[2]), top[3].tolist()
-        logits = [
-            {
-                "pos": [list(e) for e in zip(pi[j], pv[j], strict=True)],
-                "neg": [list(e) for e in zip(ni[j], nv[j], strict=True)],
-            }
-            for j in range(n)
-        ]
-    cooc = B._cooc_rows(stats, sl, cfg.cooc_k)
-    feats, n_fires = stats.features[sl].tolist(), stats.n_fires[sl].tolist()
-    density, mean_act = stats.density[sl].tolist(), B._rounded(stats.mean_act[sl], 6)
-    max_act = B._rounded(stats.top_val[sl, 0], 6)
-    loss = B._rounded(stats.loss_effect[sl], 6) if stats.loss_effect is not None else [None] * n
-    hist = stats.hist[sl].tolist()
-    top_tok = stats.top_tokens[sl, 0, center].tolist()
+    out = B.feature_dicts(stats, logit_effects, cfg, rows)
+    feats = stats.features[sl].tolist()
     names = np.array([vocab.get(t, f"#{t}") for t in range(max(vocab, default=-1) + 1)] + [""], dtype=object)
-    out, ctx = [], []
-    for j in range(n):
-        fires = n_fires[j] > 0
-        out.append(
-            {
-                "feature": feats[j],
-                "n_fires": n_fires[j],
-                "density": density[j],
-                "max_act": max_act[j] if fires else 0.0,
-                "mean_act": mean_act[j],
-                "loss_effect": loss[j] if fires else None,
-                "hist": json.dumps(hist[j]),
-                "logits": json.dumps(logits[j]),
-                "cooc": json.dumps(cooc[j]),
-                "top_token": top_tok[j] if fires else None,
-            }
-        )
+    ctx = []
     for kind, index, val, toks, acts in (
         (0, stats.top_index, stats.top_val, stats.top_tokens, stats.top_acts),
         (1, stats.sample_index, stats.sample_val, stats.sample_tokens, stats.sample_acts),
