@@ -142,7 +142,13 @@ def _naive_factored(model, loss_of, examples, proj, params) -> torch.Tensor:
 
 
 def factored_speed(rounds: int, n: int, seq: int, k: int, before: str | None) -> dict:
-    from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites, lm_losses
+    from interplab.data_attribution.factored import (
+        FactoredProjector,
+        default_chunk_size,
+        factored_grads,
+        linear_sites,
+        lm_losses,
+    )
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**INDUCTION_2L))
@@ -176,7 +182,7 @@ def factored_speed(rounds: int, n: int, seq: int, k: int, before: str | None) ->
     out = _interleaved(rounds, contenders, n)
     d_in = sum(s.d_in_aug for s in proj.sites)
     d_out = sum(s.d_out for s in proj.sites)
-    chunk = min(n, max(1, 2048 // seq))
+    chunk = min(n, default_chunk_size(tokens))  # what factored_grads used
     out.update(
         model="induction-2l",
         n_examples=n,

@@ -99,35 +99,20 @@ def main() -> None:
 
         return run
 
-    contenders = {
-        "batched": contender(
-            "batched",
-            lambda: rollout(
-                model, ENV, targets, args.episodes, n_envs=args.n_envs, step_cache=False
-            ).returns.tolist(),
-        ),
-        "batched_async": contender(
-            "batched_async",
-            lambda: rollout(
-                model, ENV, targets, args.episodes, n_envs=args.n_envs, asynchronous=True, step_cache=False
-            ).returns.tolist(),
-        ),
-        "one_env": contender(
-            "one_env",
-            lambda: rollout(model, ENV, targets, args.episodes, n_envs=1, step_cache=False).returns.tolist(),
-        ),
-        "batched_cached": contender(
-            "batched_cached",
-            lambda: rollout(
-                model, ENV, targets, args.episodes, n_envs=args.n_envs, step_cache=True
-            ).returns.tolist(),
-        ),
-        "one_env_cached": contender(
-            "one_env_cached",
-            lambda: rollout(model, ENV, targets, args.episodes, n_envs=1, step_cache=True).returns.tolist(),
-        ),
-        "bare_loop": contender("bare_loop", lambda: bare_loop(model, targets, args.episodes)),
+    variants = {  # rollout's settings per contender
+        "batched": {"n_envs": args.n_envs, "step_cache": False},
+        "batched_async": {"n_envs": args.n_envs, "asynchronous": True, "step_cache": False},
+        "one_env": {"n_envs": 1, "step_cache": False},
+        "batched_cached": {"n_envs": args.n_envs, "step_cache": True},
+        "one_env_cached": {"n_envs": 1, "step_cache": True},
     }
+    contenders = {
+        name: contender(
+            name, lambda kw=kw: rollout(model, ENV, targets, args.episodes, **kw).returns.tolist()
+        )
+        for name, kw in variants.items()
+    }
+    contenders["bare_loop"] = contender("bare_loop", lambda: bare_loop(model, targets, args.episodes))
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
     for r in range(args.rounds):  # interleaved, the order alternating
         for name in list(contenders) if r % 2 == 0 else list(reversed(contenders)):
