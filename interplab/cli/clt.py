@@ -27,6 +27,7 @@ from interplab.cli.common import (
     out_folder,
     positive_float,
     positive_int,
+    print_command,
     seq_len_option,
     set_threads,
     split_option,
@@ -267,9 +268,13 @@ def train(
                 console.print(f"stopped after step {result.steps:,}; run the same command again to resume")
                 return
             _summary(f"shared by {', '.join(across)}", result)
-            console.print(
-                f"CLT in {out / 'clt'}/ ; next: interplab graph across --model {model_path} --shared-clt",
-                markup=False,
+            console.print(f"CLT in {out / 'clt'}/", markup=False)
+            print_command(
+                "next: ",
+                "clt",
+                "eval",
+                out,
+                note=" ; then `graph across --shared-clt` with your prompt builds every checkpoint's graph with it",
             )
             return
         if across:

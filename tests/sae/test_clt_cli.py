@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from interplab.cli.common import command_hint
 from interplab.cli.main import app
 from interplab.data import CharTokenizer
 from interplab.model import ModelConfig, Transformer
@@ -203,6 +204,7 @@ def test_one_clt_shared_by_the_checkpoints_then_graphs_across_with_it(setup):
     _ok(base)  # the CLTs per checkpoint, RUN/clt
     out = _ok([*base, "--shared"])
     assert "shared by step_000010, step_000020" in out and "--shared-clt" in out
+    assert f"next: {command_hint('clt', 'eval', t / 'run' / 'clt-shared')} ;" in out  # a command that runs
     run = CLTTrainRun.open(t / "run" / "clt-shared")
     assert run.shared is not None and run.shared["checkpoints"] == ["step_000010", "step_000020"]
     assert run.shared["rows_per_checkpoint"] == [32, 32]
