@@ -376,7 +376,8 @@ class _CLTTrainer:
         """The training loss and its parts, one layer at a time: each layer's [rows, d_sae] pre-activations,
         activations and penalties are made and used while they are in cache (the [rows, n_layers, d_sae]
         tensors of one batched pass, 16 MB at 1,024 rows x 4 layers x 1,024 latents, are not; 15% slower at 4
-        layers, benchmarks/results/clt.json). `reference_loss` is the batched form; they agree to rounding."""
+        layers, benchmarks/results/clt.json). tests/sae/test_clt_train.py keeps the batched form it replaced
+        (`reference_loss`); they agree to rounding."""
         clt, cfg = self.clt, self.clt.cfg
         jumprelu = cfg.activation is CLTActivation.JUMPRELU
         if jumprelu:
@@ -420,39 +421,6 @@ class _CLTTrainer:
             "err": err.detach(),
             "fired": torch.stack(fired),
             "l0": torch.stack(l0, 1),
-            "sparsity": sparsity.detach(),
-        }
-
-    def reference_loss(self, x_s: Tensor, y_s: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """`loss` computed on all layers at once ([rows, n_layers, d_sae]); the slower reference it is
-        tested against."""
-        clt, cfg = self.clt, self.clt.cfg
-        pre = clt.pre_acts(x_s).float()
-        norms = clt.decoder_norms().float()  # [n_layers, d_sae]
-        zero = pre.new_zeros(())
-        sparsity, pre_act = zero, zero
-        if cfg.activation is CLTActivation.JUMPRELU:
-            with torch.no_grad():
-                clt.threshold.clamp_(min=0.0)
-            t = clt.threshold.float()
-            acts = jumprelu_train(pre, t, cfg.jumprelu_bandwidth)
-            sparsity = torch.tanh(self.cfg.tanh_scale * acts * norms).sum((-2, -1)).mean()
-            pre_act = ((t - pre).relu() * norms).sum((-2, -1)).mean()
-        elif cfg.activation is CLTActivation.TOPK:
-            acts = clt.activation(pre)
-        else:
-            acts = pre.relu()
-            sparsity = (acts * norms).sum((-2, -1)).mean()
-        recon = clt.decode(acts.to(clt.W_enc.dtype)).float()
-        err = (recon - y_s.float()).pow(2).sum(-1)  # [rows, n_layers]
-        mse = err.sum(-1).mean()
-        loss = mse + self.schedule.coefficient_at(step) * sparsity + self.cfg.pre_act_coefficient * pre_act
-        active = acts.detach() != 0
-        return loss, {
-            "mse": mse,
-            "err": err.detach(),
-            "fired": active.sum(0),
-            "l0": active.sum(-1),
             "sparsity": sparsity.detach(),
         }
 
