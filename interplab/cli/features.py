@@ -465,11 +465,20 @@ def score(
     by: dict[str, list[float]] = {}
     for (_, name), res in got.items():
         by.setdefault(name, []).append(res.value)
-    summary = ", ".join(
-        f"{name} {sum(v for v in vals if v == v) / max(1, sum(1 for v in vals if v == v)):.3f}"
-        for name, vals in by.items()
-    )
-    console.print(f"scored {len(got)} (explanation, scorer) pairs; means: {summary or 'nothing new'}")
+    console.print(f"scored {len(got)} (explanation, scorer) pairs; means: {score_means(by) or 'nothing new'}")
+
+
+def score_means(by_scorer: dict[str, list[float]]) -> str:
+    """``name mean`` per scorer over its defined (non-NaN) scores; a scorer whose scores are all undefined
+    reads ``n/a`` (not 0), and the count of undefined ones is said (e.g. an embedding score where no
+    non-activating context could be found)."""
+    parts = []
+    for name, values in by_scorer.items():
+        defined = [v for v in values if v == v]
+        mean = f"{sum(defined) / len(defined):.3f}" if defined else "n/a"
+        undefined = len(values) - len(defined)
+        parts.append(f"{name} {mean}" + (f" ({undefined} of {len(values)} undefined)" if undefined else ""))
+    return ", ".join(parts)
 
 
 def _configured_backend():

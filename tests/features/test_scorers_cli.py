@@ -80,3 +80,15 @@ def test_score_with_an_llm_judge_caches_its_replies_so_a_rerun_calls_nothing_twi
         with FeatureReader(planted.path) as r:
             second = {e["id"]: r.scores(e["id"])[0]["value"] for f in range(3) for e in r.explanations(f)}
         assert second == first
+
+
+def test_the_summary_of_undefined_scores_says_so_instead_of_zero():
+    """A scorer with no defined score (e.g. embedding where no non-activating context exists) read 0.000."""
+    from interplab.cli.features import score_means
+
+    nan = float("nan")
+    assert score_means({"embedding": [nan, nan], "baseline": [0.5, 0.25]}) == (
+        "embedding n/a (2 of 2 undefined), baseline 0.375"
+    )
+    assert score_means({"detection": [1.0, nan, 0.5]}) == "detection 0.750 (1 of 3 undefined)"
+    assert score_means({}) == ""
