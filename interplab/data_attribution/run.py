@@ -274,6 +274,13 @@ PROBE_SEQUENCES = 16
 """held-out sequences a ``loss`` / ``neuron`` / ``feature`` spec reads when no probe is given"""
 
 
+RUN_TARGETS = (
+    "induction:L.H, prev:L.H (or :best: the head with the highest final score), composition:q|k|v:L1.H1->L2.H2, "
+    "neuron:L.N, feature:SAE_PATH:IDX, loss (the run's held-out sequences), loss:QUERY_FILE"
+)
+"""every target spec `run_target` reads, as its error message lists them"""
+
+
 def run_target(model: Transformer, spec: str, source: CorpusSource, probe: Tensor | None = None) -> Target:
     """A target spec on a training run: every `parse_target` kind, plus ``loss:FILE`` (mean next-token loss on
     a UTF-8 text file, tokenized with the run's tokenizer into ``seq_len`` windows) and
@@ -284,6 +291,9 @@ def run_target(model: Transformer, spec: str, source: CorpusSource, probe: Tenso
     if kind == "loss" and arg:
         return loss_target(_file_sequences(Path(arg), source), name=f"loss:{Path(arg).name}")
     if kind not in ("loss", "neuron", "feature"):
+        if kind not in ("induction", "prev", "composition"):
+            # parse_target's own list lacks the run-level kinds (feature, loss:FILE, :best)
+            raise ValueError(f"unknown target {spec!r}; valid: {RUN_TARGETS}")
         return parse_target(model, spec, probe)
     probe = probe if probe is not None else _heldout(source, spec)
     if kind != "feature":

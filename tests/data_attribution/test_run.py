@@ -38,8 +38,11 @@ def test_attribute_run_scores_window_sequences_and_writes_outputs(tiny_run, tmp_
 def test_attribute_run_bad_input(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="outside the run's checkpoints"):
         attribute_run(tiny_run, "prev:0.0", window=(0, 10_000))
-    with pytest.raises(ValueError, match="unknown target"):
+    with pytest.raises(ValueError, match="unknown target") as err:
         attribute_run(tiny_run, "wiggles:0.0", window=(0, 12))
+    # the run-level kinds are named too, not only parse_target's
+    for kind in ("feature:SAE_PATH:IDX", "loss:QUERY_FILE", ":best", "neuron:L.N", "composition:"):
+        assert kind in str(err.value), err.value
     with pytest.raises(ValueError, match="head 7 does not exist"):
         attribute_run(tiny_run, "induction:0.7", window=(0, 12))
     with pytest.raises(FileNotFoundError, match="not a training run"):
