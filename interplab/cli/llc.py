@@ -17,6 +17,7 @@ from interplab.cli.common import (
     out_folder,
     positive_float,
     positive_int,
+    print_command,
     set_threads,
     threads_param,
 )
@@ -158,7 +159,7 @@ def llc_command(
             f"beside the induction scores: {joined['html']}" + (f", {joined['png']}" if joined["png"] else "")
         )
     elif out is None:
-        console.print(f"run `interplab formation {run_dir}` to draw the LLC beside the induction scores")
+        print_command("next: ", "formation", run_dir, note="  (draws the LLC beside the induction scores)")
 
 
 def register(app: typer.Typer) -> None:
