@@ -6,9 +6,11 @@ these names (``runs/demo``, ``runs/demo/final``, ``runs/demo/features.db``, ...)
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from interplab.cli.common import (
 )
 from interplab.cli.formation import print_formation, run_formation
 from interplab.cli.train import load_config, print_result, run_contents, run_training
+from interplab.features.llm import ENV_BASE_URL, ENV_LOCAL
 from interplab.sae.sweep import sae_name
 
 DEMO_PRESET = "induction-2l"
@@ -217,9 +220,17 @@ def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) 
         ]  # fmt: skip
     )
     # every feature gets an explanation with a score: the built-in baseline offline (resumable, so a rerun of
-    # the demo skips what is done); an LLM when INTERPLAB_LLM_* configure one
+    # the demo skips what is done); an LLM when INTERPLAB_LLM_* configure one, which then judges them too
     run(["features", "explain", str(paths.features_db)])
-    run(["features", "score", str(paths.features_db), "--scorers", "baseline"])
+    run(["features", "score", str(paths.features_db), "--scorers", demo_scorers(os.environ)])
+
+
+def demo_scorers(env: Mapping[str, str]) -> str:
+    """The scorers the demo's `features score` runs: the built-in baseline offline; with an LLM configured
+    (``INTERPLAB_LLM_LOCAL``, or ``INTERPLAB_LLM_BASE_URL``: what `backend_from_config` reads) the LLM judges
+    detection and fuzzing too, since the baseline's token-list simulation reads only quoted tokens and scores an
+    LLM's wording near 0. Decided from the environment alone (a local model is not loaded to decide)."""
+    return "detection,fuzzing,baseline" if env.get(ENV_LOCAL) or env.get(ENV_BASE_URL) else "baseline"
 
 
 def register(app: typer.Typer) -> None:

@@ -92,3 +92,19 @@ def test_the_summary_of_undefined_scores_says_so_instead_of_zero():
     )
     assert score_means({"detection": [1.0, nan, 0.5]}) == "detection 0.750 (1 of 3 undefined)"
     assert score_means({}) == ""
+
+
+def test_the_demo_scores_with_the_llm_when_one_is_configured():
+    """`interplab demo` scores its features with the baseline offline, and with the LLM's detection and
+    fuzzing when INTERPLAB_LLM_* configure one (the baseline reads only quoted tokens, so it scores an LLM's
+    wording near 0); each choice is a valid scorer list for the backend it has."""
+    from interplab.cli.demo import demo_scorers
+    from interplab.features.planted import RuleJudgeBackend
+    from interplab.features.scorers import BaselineScorer, DetectionScorer, FuzzingScorer, make_scorers
+
+    offline = demo_scorers({})
+    assert [type(s) for s in make_scorers(offline.split(","), None)] == [BaselineScorer]
+    for env in ({"INTERPLAB_LLM_BASE_URL": "http://127.0.0.1:9/v1"}, {"INTERPLAB_LLM_LOCAL": "/models/m"}):
+        names = demo_scorers(env).split(",")
+        made = {type(s) for s in make_scorers(names, RuleJudgeBackend())}
+        assert {DetectionScorer, FuzzingScorer, BaselineScorer} == made, (env, names)
