@@ -26,7 +26,7 @@ from torch import Tensor
 
 from interplab.integrity import forget_checksums, record_checksums, verify_checksums
 from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
-from interplab.runs import SAE_CFG, SAE_WEIGHTS, pick_sae, sae_folders
+from interplab.runs import SAE_CFG, SAE_WEIGHTS, describe, pick_sae, sae_folders
 from interplab.sae.base import SAE
 from interplab.sae.config import Architecture, Normalization, SAEConfig
 from interplab.sae.registry import create_sae
@@ -179,7 +179,9 @@ def load_sae(path: str | Path, *, name: str | None = None, device: str | torch.d
     if not (path / CFG_FILE).is_file() and (name is not None or sae_folders(path)):
         path = pick_sae(path, name)
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+        raise FileNotFoundError(
+            f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}{_what_else(path)}"
+        )
     verify_checksums(path)  # folders written by interplab: a changed byte is named, never loaded
     raw = read_json(path / CFG_FILE)
     cfg = config_from_saelens(raw, source=str(path / CFG_FILE))
@@ -187,6 +189,25 @@ def load_sae(path: str | Path, *, name: str | None = None, device: str | torch.d
     sae = create_sae(cfg).to(device)
     load_weights(sae, weights, source=str(path / WEIGHTS_FILE))
     return sae
+
+
+_OTHER_LOADERS = {
+    "crosscoder": "interplab.sae.crosscoder.load_crosscoder",
+    "clt": "interplab.sae.clt.load_clt",
+}
+"""the loaders of the other dictionaries whose folders hold a ``cfg.json`` with a top-level ``kind``"""
+
+
+def _what_else(path: Path) -> str:
+    """What a folder that is not an SAE is, for the error: another dictionary's folder with the loader to use
+    (its ``cfg.json`` says ``kind: crosscoder`` or ``clt``), else `interplab.runs.describe`'s phrase."""
+    try:
+        kind = read_json(path / CFG_FILE).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind in _OTHER_LOADERS:
+        return f" (its {CFG_FILE} says kind {kind!r}: load it with {_OTHER_LOADERS[kind]})"
+    return f" (it is {describe(path)})" if path.exists() else " (no such folder)"
 
 
 def config_from_saelens(raw: dict[str, Any], *, source: str = "cfg.json") -> SAEConfig:

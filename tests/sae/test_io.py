@@ -315,6 +315,23 @@ def test_varying_batchtopk_threshold_is_refused(tmp_path):
 def test_not_an_sae_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an SAE folder"):
         load_sae(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_sae(tmp_path / "missing")
+
+
+def test_another_dictionarys_folder_names_its_loader(tmp_path):
+    """A crosscoder's or a CLT's folder holds a cfg.json too: the error says which it is and what loads it."""
+    from interplab.sae.clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt
+    from interplab.sae.crosscoder import Crosscoder, CrosscoderConfig, load_crosscoder
+
+    Crosscoder(CrosscoderConfig(d_in=4, d_sae=8, k=2, sources=("a", "b"))).save(tmp_path / "cc")
+    with pytest.raises(FileNotFoundError, match=r"kind 'crosscoder': load it with .*load_crosscoder"):
+        load_sae(tmp_path / "cc")
+    load_crosscoder(tmp_path / "cc")  # and that loader does read it
+    save_clt(CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=4, d_sae=8)), tmp_path / "clt")
+    with pytest.raises(FileNotFoundError, match=r"kind 'clt': load it with .*load_clt"):
+        load_sae(tmp_path / "clt")
+    load_clt(tmp_path / "clt")
 
 
 # ---- with the real sae_lens (the peer environment) -------------------------------------------------------
