@@ -393,6 +393,9 @@ def explain(
         except LLMError as err:
             fail(f"{err} (the explanations stored before this error are kept; rerun to resume)", code=1)
             return
+        except ValueError as err:  # --features naming features the database does not hold
+            fail(str(err))
+            return
         with writer.reader() as store:
             labels = store.labels(source=f"auto:{name}")
     scores = [labels[f]["score"] for f in ids if f in labels and labels[f]["score"] is not None]
@@ -460,6 +463,8 @@ def score(
             got = score_features(writer, made, features=feats, seed=seed, progress=bar)
         except ScorerError as err:
             fail(f"{err} (the scores computed so far are stored; rerun to resume)", code=1)
+        except ValueError as err:  # --features naming features the database does not hold
+            fail(str(err))
         except RuntimeError as err:  # a backend that fails mid-way: what was scored stays stored
             fail(f"scoring stopped: {err} (the scores computed so far are stored; rerun to resume)", code=1)
     by: dict[str, list[float]] = {}

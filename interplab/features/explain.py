@@ -43,6 +43,37 @@ BASELINE_PROMPT_VERSION = "token-enrichment-v1"
 """the version of the baseline explainer's rule"""
 
 
+def check_features_exist(store: FeatureReader, features: Iterable[int]) -> list[int]:
+    """``features`` as a list without repeats, refused with a `ValueError` naming those the database holds no
+    row for (out of its range, or in a build pass not run yet) and what it holds: an explicit feature list is
+    never silently cut (`explain_features`, `interplab.features.scorers.score_features`)."""
+    from sqlalchemy import select
+
+    from interplab.features import schema as S
+
+    wanted = list(dict.fromkeys(int(f) for f in features))
+    with store.engine.connect() as c:
+        have = {int(f) for (f,) in c.execute(select(S.features.c.feature))}
+    missing = [f for f in wanted if f not in have]
+    if missing:
+        raise ValueError(
+            f"feature{'s' * (len(missing) > 1)} {_ranges(missing)} not in the database, which holds "
+            f"{len(have)} feature{'s' * (len(have) != 1)}" + (f" ({_ranges(sorted(have))})" if have else "")
+        )
+    return wanted
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``"0-2, 5, 7-8"``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 @dataclass(frozen=True)
 class Explanation:
     """A natural-language explanation, with the tokens it names when the explainer knows them."""
@@ -292,7 +323,7 @@ def explain_features(
         if features is None:
             todo = [r["feature"] for r in store.list_features(limit=10**9)]
         else:
-            todo = list(dict.fromkeys(int(f) for f in features))
+            todo = check_features_exist(store, features)
         todo = [f for f in todo if f not in done]
         out: dict[int, int] = {}
         report = progress if callable(progress) else None

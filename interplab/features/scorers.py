@@ -43,7 +43,13 @@ from typing import Any, Protocol
 from sqlalchemy import select
 
 from interplab.features import schema as S
-from interplab.features.explain import Explanation, TokenListSimulator, correlation, score_explanation
+from interplab.features.explain import (
+    Explanation,
+    TokenListSimulator,
+    check_features_exist,
+    correlation,
+    score_explanation,
+)
 from interplab.features.llm import Backend, Completion
 from interplab.features.reader import FeatureReader
 from interplab.features.writer import FeatureWriter
@@ -662,7 +668,7 @@ def _explanations(reader: FeatureReader, features: Iterable[int] | None) -> list
                 )
             ]
     else:
-        feats = list(dict.fromkeys(int(f) for f in features))
+        feats = check_features_exist(reader, features)
     return [(f, exps) for f in feats if (exps := reader.explanations(f))]
 
 

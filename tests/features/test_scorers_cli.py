@@ -108,3 +108,24 @@ def test_the_demo_scores_with_the_llm_when_one_is_configured():
         names = demo_scorers(env).split(",")
         made = {type(s) for s in make_scorers(names, RuleJudgeBackend())}
         assert {DetectionScorer, FuzzingScorer, BaselineScorer} == made, (env, names)
+
+
+def test_feature_lists_naming_features_the_database_lacks_are_refused_before_any_work(planted):
+    """`--features 8-12` on a 10-feature database said `error: 10` (explain) or silently skipped 10-12 (score)."""
+    with FeatureReader(planted.path) as r:
+        before = [len(r.explanations(f)) for f in range(10)]
+    res = runner.invoke(app, ["features", "explain", str(planted.path), "--features", "0,8-12,20"])
+    assert res.exit_code == 2, res.output
+    assert "features 10-12, 20 not in the database, which holds 10 features (0-9)" in res.output.replace(
+        "\n", ""
+    )
+    with FeatureReader(planted.path) as r:
+        assert [len(r.explanations(f)) for f in range(10)] == before  # nothing explained on the way
+    res = runner.invoke(
+        app, ["features", "score", str(planted.path), "--scorers", "baseline", "--features", "9-11"]
+    )
+    assert res.exit_code == 2 and "features 10-11 not in the database" in res.output.replace("\n", ""), (
+        res.output
+    )
+    with FeatureReader(planted.path) as r:
+        assert not any(r.scores(e["id"]) for f in range(10) for e in r.explanations(f))
