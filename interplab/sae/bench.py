@@ -121,9 +121,11 @@ def first_letter_labels(tokenizer: Tokenizer, tokens: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """A k-sparse probe: the latents it reads, its held-out accuracy and balanced accuracy (the mean of the
-    true-positive and true-negative rates: 0.5 for a probe that always answers the majority class, however
-    rare the property; plain accuracy then reads the majority rate)."""
+    """A k-sparse probe: the latents it reads, the held-out accuracy of the plain logistic probe (SAEBench's
+    ``train_sklearn_probe``: on a rare property it answers the majority class and reads the majority rate)
+    and the held-out balanced accuracy (mean of the true-positive and true-negative rates) of the same probe
+    fit with class-balanced weights (each class half the loss, as SAEBench's balanced datasets give): 0.5
+    without signal however rare the property, above it with any."""
 
     k: int
     latents: tuple[int, ...]
@@ -152,9 +154,11 @@ def rank_latents(acts: Tensor, labels: Tensor, *, absolute: bool = False) -> Ten
     return torch.argsort(-(diff.abs() if absolute else diff), stable=True)
 
 
-def fit_logistic(x: Tensor, y: Tensor, *, l2: float = 1e-3, steps: int = 200) -> tuple[Tensor, Tensor]:
+def fit_logistic(
+    x: Tensor, y: Tensor, *, l2: float = 1e-3, steps: int = 200, balanced: bool = False
+) -> tuple[Tensor, Tensor]:
     """Logistic regression on standardised ``x`` [n, k] (y [n] in {0,1}) by L-BFGS: (w [k], b) in the
-    original units."""
+    original units. ``balanced``: each class weighs half of the loss (sample weights n / (2 n_class))."""
     x = x.double()
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
     z = (x - mu) / sd
@@ -162,10 +166,16 @@ def fit_logistic(x: Tensor, y: Tensor, *, l2: float = 1e-3, steps: int = 200) ->
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
     target = y.double()
+    weight = None
+    if balanced:
+        n_pos = target.sum().clamp_min(1.0)
+        n_neg = (1 - target).sum().clamp_min(1.0)
+        weight = torch.where(target > 0.5, len(target) / (2 * n_pos), len(target) / (2 * n_neg))
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + l2 * w.pow(2).sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target, weight=weight)
+        loss = loss + l2 * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -186,7 +196,8 @@ def k_sparse_probe(
 ) -> list[ProbeResult]:
     """k-sparse probes of a binary property ([n] labels) from SAE activations [n, d_sae]: latents ranked on a
     seeded train split (`rank_latents`, by absolute mean difference as SAEBench does unless ``absolute`` is
-    False), a logistic regression on the top k, accuracy on the rest."""
+    False), a logistic regression on the top k, accuracy on the rest; balanced accuracy of the same regression
+    fit with class-balanced weights (see `ProbeResult`)."""
     n = acts.shape[0]
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -199,10 +210,11 @@ def k_sparse_probe(
         if not 0 < k <= acts.shape[1]:
             raise ValueError(f"k={k} must be in 1..d_sae={acts.shape[1]}")
         latents = order[:k]
-        w, b = fit_logistic(acts[train][:, latents], labels[train].float())
-        pred = (acts[test][:, latents].double() @ w + b) > 0
-        acc = float((pred == labels[test].bool()).float().mean())
-        bal = balanced_accuracy(pred, labels[test])
+        x_train, x_test = acts[train][:, latents], acts[test][:, latents].double()
+        w, b = fit_logistic(x_train, labels[train].float())
+        acc = float((((x_test @ w + b) > 0) == labels[test].bool()).float().mean())
+        w, b = fit_logistic(x_train, labels[train].float(), balanced=True)
+        bal = balanced_accuracy((x_test @ w + b) > 0, labels[test])
         out.append(
             ProbeResult(k=k, latents=tuple(int(i) for i in latents), accuracy=acc, balanced_accuracy=bal)
         )

@@ -19,6 +19,7 @@ from interplab.sae.bench import (
     bench_sae,
     bench_saes,
     first_letter_labels,
+    fit_logistic,
     k_sparse_probe,
     labelled_metrics,
     python_token_labels,
@@ -103,6 +104,26 @@ def test_balanced_accuracy_by_hand_and_on_a_rare_property_with_no_signal():
     res = k_sparse_probe(torch.rand(4000, 4, generator=g), rare, ks=(2,))[0]
     assert res.accuracy > 0.9  # the majority rate: plain accuracy looks good
     assert_close(res.balanced_accuracy, 0.5, atol=0.05, rtol=0)  # balanced accuracy says chance
+
+
+def test_balanced_accuracy_sees_a_weak_signal_on_a_rare_property():
+    """5% positives and a latent that shifts by 1 on them under unit Gaussian noise. The plain probe's
+    threshold sits where the log-odds x - 1/2 + log(5/95) cross 0 (x ~ 3.4): it almost never says "yes", so
+    its balanced accuracy reads ~0.5, as the metric did before the class-balanced fit, although the latent
+    carries the property. The class-balanced probe's threshold is the midpoint 1/2, where both rates are
+    Phi(1/2) = 0.691."""
+    g = torch.Generator().manual_seed(4)
+    rare = torch.rand(20000, generator=g) < 0.05
+    acts = torch.randn(20000, 2, generator=g)
+    acts[:, 0] += rare.float()
+    res = k_sparse_probe(acts, rare, ks=(1,))[0]
+    assert res.latents == (0,)
+    assert res.accuracy > 0.93  # the majority rate
+    w, b = fit_logistic(acts[:, :1], rare.float())
+    plain = balanced_accuracy(acts[:, :1].double() @ w + b > 0, rare)
+    assert_close(plain, 0.5, atol=0.02, rtol=0)
+    phi = 0.5 * (1 + math.erf(0.5 / math.sqrt(2)))
+    assert_close(res.balanced_accuracy, phi, atol=0.04, rtol=0)
 
 
 def test_probe_on_an_uninformative_latent_is_at_chance_and_errors_are_clear():
