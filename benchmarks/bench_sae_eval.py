@@ -1,6 +1,7 @@
 """Evaluation-suite wall time (`interplab sae bench`) on the demo model: a TopK k-sweep trained with several
 seeds at the demo's SAE site, then every metric (core, k-sparse probing of first letters and Python token
-types, absorption) with its reseed noise. Writes the timings and the comparison table.
+types with plain and balanced accuracy, absorption, the offline autointerp score of ``--autointerp`` features
+per SAE) with its reseed noise. Writes the timings and the comparison table.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_sae_eval.py --model runs/demo/final \\
         --out benchmarks/results/sae_eval.json --table-dir docs/images
@@ -39,10 +40,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--batches", type=int, default=4, help="evaluation batches of 16 sequences")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--autointerp", type=int, default=32, help="features per SAE for the autointerp metric (0: skip it)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from interplab import load_model
+    from interplab.features.autointerp import AutointerpConfig, autointerp_metric
     from interplab.plots import save_figure
     from interplab.sae import load_sae
     from interplab.sae.activations import corpus_token_batches
@@ -77,15 +82,33 @@ def main() -> None:
     for _, sae in saes.values():
         evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
     core_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    extra = {}
+    autointerp_s = 0.0
+    # the autointerp metric: the offline baseline (no LLM here), what `sae bench --autointerp N` adds; timed apart
+    if args.autointerp:
+        metric = autointerp_metric(
+            model, data.batches, workdir=work / "autointerp", cfg=AutointerpConfig(n_features=args.autointerp)
+        )
+
+        def timed(name, sae):
+            nonlocal autointerp_s
+            t = time.perf_counter()
+            try:
+                return metric(name, sae)
+            finally:
+                autointerp_s += time.perf_counter() - t
+
+        extra["autointerp"] = timed
+    t0, c0 = time.perf_counter(), time.process_time()
     result = bench_saes(
         model,
         saes,
         data.batches,
         token_filter=data.token_filter,
         labellers=tokenizer_labellers(model.tokenizer),
+        extra=extra,
     )
-    bench_s = time.perf_counter() - t0
+    bench_s, bench_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(int(data.token_filter.mask(b).sum()) for b in data.batches)
     out = {
         "what": "interplab sae bench on the demo model: TopK k-sweep x seeds, every metric with reseed noise",
@@ -104,6 +127,11 @@ def main() -> None:
         "core_only_s": round(core_s, 3),
         "bench_s": round(bench_s, 3),
         "bench_s_per_sae": round(bench_s / len(saes), 3),
+        "bench_cpu_s": round(bench_cpu_s, 3),
+        "autointerp_features": args.autointerp,
+        "autointerp_s": round(autointerp_s, 3),
+        "bench_s_without_autointerp": round(bench_s - autointerp_s, 3),
+        "load_avg_at_end": list(os.getloadavg()),
         "groups": result.groups,
         "table": result.markdown(),
     }
@@ -113,8 +141,10 @@ def main() -> None:
         d = Path(args.table_dir)
         d.mkdir(parents=True, exist_ok=True)
         (d / "sae_bench.md").write_text(result.markdown())
-        for metric in ("fvu", "probe_python_token_k1", "absorption_first_letter"):
+        for metric in ("fvu", "probe_balanced_python_token_k1", "absorption_first_letter"):
             save_figure(result.plot(metric), d / f"sae_bench_{metric}.png")
+        if args.autointerp:
+            save_figure(result.plot("autointerp_baseline"), d / "sae_bench_autointerp_baseline.png")
     print(json.dumps({k: v for k, v in out.items() if k not in ("groups", "table")}, indent=1))
     print(result.markdown())
 
