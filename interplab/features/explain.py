@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from interplab.features.reader import check_features_exist
 from interplab.runs import Kind, write_json
 
 if TYPE_CHECKING:  # explanations need no database code of their own (`auto_interp` is handed one)
@@ -41,37 +42,6 @@ PROMPT_VERSION = "explain-v1"
 `explain_features` explains again instead of skipping)"""
 BASELINE_PROMPT_VERSION = "token-enrichment-v1"
 """the version of the baseline explainer's rule"""
-
-
-def check_features_exist(store: FeatureReader, features: Iterable[int]) -> list[int]:
-    """``features`` as a list without repeats, refused with a `ValueError` naming those the database holds no
-    row for (out of its range, or in a build pass not run yet) and what it holds: an explicit feature list is
-    never silently cut (`explain_features`, `interplab.features.scorers.score_features`)."""
-    from sqlalchemy import select
-
-    from interplab.features import schema as S
-
-    wanted = list(dict.fromkeys(int(f) for f in features))
-    with store.engine.connect() as c:
-        have = {int(f) for (f,) in c.execute(select(S.features.c.feature))}
-    missing = [f for f in wanted if f not in have]
-    if missing:
-        raise ValueError(
-            f"feature{'s' * (len(missing) > 1)} {_ranges(missing)} not in the database, which holds "
-            f"{len(have)} feature{'s' * (len(have) != 1)}" + (f" ({_ranges(sorted(have))})" if have else "")
-        )
-    return wanted
-
-
-def _ranges(indices: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` as ``"0-2, 5, 7-8"``."""
-    spans: list[list[int]] = []
-    for i in indices:
-        if spans and i == spans[-1][1] + 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,33 @@ class FeatureNotFound(KeyError):
     """The feature index is not in the database (out of range, or not built yet)."""
 
 
+def check_features_exist(store: FeatureReader, features: Iterable[int]) -> list[int]:
+    """``features`` as a list without repeats, refused with a `ValueError` naming those the database holds no
+    row for (out of its range, or in a build pass not run yet) and what it holds: an explicit feature list is
+    never silently cut (`explain_features`, `interplab.features.scorers.score_features`)."""
+    wanted = list(dict.fromkeys(int(f) for f in features))
+    with store.engine.connect() as c:
+        have = {int(f) for (f,) in c.execute(select(S.features.c.feature))}
+    missing = [f for f in wanted if f not in have]
+    if missing:
+        raise ValueError(
+            f"feature{'s' * (len(missing) > 1)} {_ranges(missing)} not in the database, which holds "
+            f"{len(have)} feature{'s' * (len(have) != 1)}" + (f" ({_ranges(sorted(have))})" if have else "")
+        )
+    return wanted
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``"0-2, 5, 7-8"``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 @dataclass(frozen=True)
 class TokenHit:
     """A feature whose top contexts peak on a given token."""

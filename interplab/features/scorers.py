@@ -46,12 +46,11 @@ from interplab.features import schema as S
 from interplab.features.explain import (
     Explanation,
     TokenListSimulator,
-    check_features_exist,
     correlation,
     score_explanation,
 )
 from interplab.features.llm import Backend, Completion
-from interplab.features.reader import FeatureReader
+from interplab.features.reader import FeatureReader, check_features_exist
 from interplab.features.writer import FeatureWriter
 
 PROMPT_VERSION = "scorers-1"
