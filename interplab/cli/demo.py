@@ -219,10 +219,15 @@ def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) 
             str(threads),
         ]  # fmt: skip
     )
-    # every feature gets an explanation with a score: the built-in baseline offline (resumable, so a rerun of
-    # the demo skips what is done); an LLM when INTERPLAB_LLM_* configure one, which then judges them too
-    run(["features", "explain", str(paths.features_db)])
-    run(["features", "score", str(paths.features_db), "--scorers", demo_scorers(os.environ)])
+    for args in explain_and_score_commands(paths.features_db, os.environ):
+        run(args)
+
+
+def explain_and_score_commands(db: Path, env: Mapping[str, str]) -> list[list[str]]:
+    """The commands stage 4 ends with, so that every feature that fires gets an explanation with a score: the
+    built-in baseline offline (both resumable, so a rerun of the demo skips what is done); an LLM when
+    INTERPLAB_LLM_* configure one, which then judges them too (`demo_scorers`)."""
+    return [["features", "explain", str(db)], ["features", "score", str(db), "--scorers", demo_scorers(env)]]
 
 
 def demo_scorers(env: Mapping[str, str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from interplab.cli.main import app
@@ -129,3 +130,36 @@ def test_feature_lists_naming_features_the_database_lacks_are_refused_before_any
     )
     with FeatureReader(planted.path) as r:
         assert not any(r.scores(e["id"]) for f in range(10) for e in r.explanations(f))
+
+
+def test_the_demos_commands_give_every_feature_that_fires_an_explanation_with_a_score(tmp_path, monkeypatch):
+    """Issue 18's "done": the demo's features have explanations with scores by default (the built-in baseline
+    offline). The demo's own stage-4 commands on a database with live and dead features."""
+    from interplab.cli.demo import explain_and_score_commands
+    from interplab.features import FeatureBuildConfig
+    from interplab.features.build import build_feature_db
+    from interplab.sae import SAEConfig, create_sae
+    from tests.features.planted import tiny_model
+
+    for var in ("INTERPLAB_LLM_BASE_URL", "INTERPLAB_LLM_MODEL", "INTERPLAB_LLM_LOCAL"):
+        monkeypatch.delenv(var, raising=False)
+    model = tiny_model()
+    sae = create_sae(SAEConfig(d_in=32, d_sae=24, architecture="relu", hook_name="blocks.0.hook_resid_post"))
+    with torch.no_grad():  # three latents that can never fire
+        sae.W_enc[:, :3] = 0.0
+        sae.b_enc[:3] = -1.0
+    tokens = torch.randint(0, 40, (24, 16), generator=torch.Generator().manual_seed(1))
+    db = tmp_path / "features.db"
+    build_feature_db(db, model, sae, tokens, FeatureBuildConfig(top_k=4, window_left=2, batch_size=8))
+    for args in explain_and_score_commands(db, {}):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, (args, res.output)
+    with FeatureReader(db) as r:
+        fired = {f for f in range(24) if r.feature(f)["n_fires"] > 0}
+        assert {0, 1, 2}.isdisjoint(fired) and len(fired) >= 10
+        for f in range(24):
+            exps = r.explanations(f)
+            assert bool(exps) == (f in fired), f
+            for e in exps:
+                assert e["explainer"].startswith("baseline:")  # pages say it is the baseline
+                assert [s["scorer"] for s in r.scores(e["id"])] == ["baseline"], f
