@@ -471,6 +471,14 @@ def score(
     for (_, name), res in got.items():
         by.setdefault(name, []).append(res.value)
     console.print(f"scored {len(got)} (explanation, scorer) pairs; means: {score_means(by) or 'nothing new'}")
+    if not got:
+        print_command(
+            "(every stored explanation already has these scores, or there is none yet: explain first with ",
+            "features",
+            "explain",
+            db,
+            note=")",
+        )
 
 
 def score_means(by_scorer: dict[str, list[float]]) -> str:

@@ -37,6 +37,8 @@ def test_score_offline_stores_and_resumes(planted):
         app, ["features", "score", str(planted.path), "--scorers", "baseline", "--seed", "2"]
     )
     assert again.exit_code == 0 and "nothing new" in again.output
+    # and it says what to run when nothing was scored (a database with no explanation yet scores nothing)
+    assert f"features explain {planted.path}" in again.output.replace("\n", "")
 
 
 def test_score_needs_a_backend_for_llm_scorers_and_names_bad_input(planted):
