@@ -45,7 +45,7 @@ def check_features_exist(store: FeatureReader, features: Iterable[int]) -> list[
     missing = [f for f in wanted if f not in have]
     if missing:
         raise ValueError(
-            f"feature{'s' * (len(missing) > 1)} {_ranges(missing)} not in the database, which holds "
+            f"feature{'s' * (len(missing) > 1)} {_ranges(sorted(missing))} not in the database, which holds "
             f"{len(have)} feature{'s' * (len(have) != 1)}" + (f" ({_ranges(sorted(have))})" if have else "")
         )
     return wanted

@@ -43,12 +43,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 
 from interplab.features import schema as S
-from interplab.features.explain import (
-    Explanation,
-    TokenListSimulator,
-    correlation,
-    score_explanation,
-)
+from interplab.features.explain import Explanation, TokenListSimulator, correlation, score_explanation
 from interplab.features.llm import Backend, Completion
 from interplab.features.reader import FeatureReader, check_features_exist
 from interplab.features.writer import FeatureWriter
