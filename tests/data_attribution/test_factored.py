@@ -199,3 +199,45 @@ def test_factored_chunking_and_frozen_parameters():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="chunk_size"):
         factored_grads(model, lm_losses, tokens, proj, chunk_size=0)
+
+
+@pytest.mark.parametrize("embed_scale", [None, 3.0])
+def test_embedding_site_equals_kronecker_projection_of_exact_grads(embed_scale):
+    """The token embedding as a linear map of the one-hot token (times embed_scale): projected (a row of P_in
+    per token), exact (dim_in >= vocab: the one-hot itself) and rescaled (a preconditioner's site scales) it
+    equals the same projection of the exact per-example W_E gradient."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=16, n_layers=2, n_heads=2, d_vocab=20, n_ctx=8, positional="rotary", d_mlp=32,
+        embed_scale=embed_scale,
+    )  # fmt: skip
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 20, (5, 8))
+    sites = linear_sites(model, embedding=True)
+    assert sites[0].name == "embed" and sites[0].one_hot and len(sites) == len(linear_sites(model)) + 1
+    exact = _exact_by_param(model, tokens, [s.weight for s in sites] + [s.bias for s in sites if s.bias])
+    for dim_in in (4, 100):
+        proj = FactoredProjector(sites, dim_in=dim_in, dim_out=6, seed=2)
+        feats = factored_grads(model, lm_losses, tokens, proj, chunk_size=2)
+        torch.testing.assert_close(feats, proj.project_grads(exact), rtol=1e-5, atol=1e-5)
+    want = exact["embed.W_E"].transpose(1, 2).flatten(1)  # unprojected: the exact gradient, [d_model, vocab]
+    proj = FactoredProjector(sites[:1], dim_in=100, dim_out=100)
+    torch.testing.assert_close(factored_grads(model, lm_losses, tokens, proj), want, rtol=1e-5, atol=1e-6)
+    # a rank-one elementwise rescaling (site scales) of the embedding's one-hot inputs and output gradients
+    s_in, s_out = torch.rand(20) + 0.5, torch.rand(16) + 0.5
+    scaled = {k: v * (s_out[:, None] * s_in[None]).T for k, v in exact.items() if k == "embed.W_E"}
+    for dim_in in (4, 100):
+        proj = FactoredProjector(sites[:1], dim_in=dim_in, dim_out=6, seed=1)
+        got = factored_grads(model, lm_losses, tokens, proj, scales=[(s_in, s_out)])
+        torch.testing.assert_close(got, proj.project_grads(scaled), rtol=1e-5, atol=1e-5)
+    assert "embed_tokens" not in model.__dict__  # the capture put the class's method back
+
+
+def test_embedding_site_refuses_tied_embeddings_and_frozen_embeddings_are_skipped():
+    cfg = dict(d_model=16, n_layers=1, n_heads=2, d_vocab=20, n_ctx=8, attn_only=True)
+    tied = Transformer(ModelConfig(**cfg, tie_embeddings=True))
+    with pytest.raises(ValueError, match="tie_embeddings=True is also its unembedding"):
+        linear_sites(tied, embedding=True)
+    frozen = Transformer(ModelConfig(**cfg))
+    frozen.embed.W_E.requires_grad_(False)
+    assert [s.name for s in linear_sites(frozen, embedding=True)] == [s.name for s in linear_sites(frozen)]

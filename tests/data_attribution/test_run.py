@@ -95,21 +95,27 @@ def test_recording_callback_during_training(tmp_path, monkeypatch):
     torch.testing.assert_close(grads, expected / len(ids), atol=1e-5, rtol=1e-4)
 
 
+def _grads(model, names, value):
+    """The gradient of ``value`` with respect to the parameters ``names``, by one plain backward pass (unused
+    parameters: 0), by name."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(value, [params[k] for k in names], allow_unused=True, materialize_grads=True)
+    return dict(zip(names, grads, strict=True))
+
+
 def _flat_grad(model, grp, value):
     """The gradient of ``value`` with respect to ``grp``, by one plain backward pass (unused parameters: 0)."""
-    params = dict(model.named_parameters())
-    grads = torch.autograd.grad(
-        value, [params[k] for k in grp.param_names], allow_unused=True, materialize_grads=True
-    )
-    return grp.flatten(dict(zip(grp.param_names, grads, strict=True)))
+    return grp.flatten(_grads(model, grp.param_names, value))
 
 
-def _hand_tracin(run_dir, target, window, ids, dim):
+def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
     """The checkpoint loop written out: per-example backward passes at every checkpoint of the window but the
-    last, each term -lr x span / n_train <P grad target, P grad loss_i>."""
+    last, each term -lr x span / n_train <P grad target, P grad loss_i>; P a dense Gaussian projection of the
+    flat gradient, or (``grads="factored"``) the Kronecker projection `attribute_run` builds for the group."""
     import torch.nn.functional as F
 
     from interplab.data_attribution import Projector, param_group
+    from interplab.data_attribution.run import factored_projector
     from interplab.model.io import load_native
     from interplab.runs import TrainRun
     from interplab.train.config import TrainConfig
@@ -124,19 +130,50 @@ def _hand_tracin(run_dir, target, window, ids, dim):
     for a, b in zip(ckpts[:-1], ckpts[1:], strict=True):
         model = load_native(a.path)
         grp = param_group(model, "all")
-        proj = Projector(d_in=grp.numel, dim=dim, seed=0)
-        tg = _flat_grad(model, grp, target(model))
-        g = torch.stack(
-            [
-                _flat_grad(model, grp, F.cross_entropy(model(t[None])[0, :-1].float(), t[1:]))
-                for t in tokens  # one backward pass per training sequence
-            ]
-        )
+        losses = [F.cross_entropy(model(t[None])[0, :-1].float(), t[1:]) for t in tokens]
+        if grads == "exact":
+            proj = Projector(d_in=grp.numel, dim=dim, seed=0)
+            tg = proj.project(_flat_grad(model, grp, target(model))[None])[0]
+            # one backward pass per training sequence
+            g = proj.project(torch.stack([_flat_grad(model, grp, loss) for loss in losses]))
+        else:
+            fproj = factored_projector(model, grp, dim)
+            names = fproj.param_names
+            tg = fproj.project_grads({k: v[None] for k, v in _grads(model, names, target(model)).items()})[0]
+            per = [_grads(model, names, loss) for loss in losses]
+            g = fproj.project_grads({k: torch.stack([d[k] for d in per]) for k in names})
         o = cfg.optim
         lr = cosine_lr(a.step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
         weight = lr * (b.step - a.step) / source.n_train
-        rows.append(-weight * (proj.project(g) @ proj.project(tg[None])[0]))
+        rows.append(-weight * (g @ tg))
     return torch.stack(rows)
+
+
+def test_attribute_run_factored_equals_the_hand_written_loop_with_the_same_projection(tiny_run):
+    """grads='factored' (LoGra features, never a per-example gradient) gives the TracIn scores of plain
+    per-example backward passes projected by the same Kronecker projection; over every linear map of the run's
+    model, the embedding included."""
+    from interplab.data_attribution import Target, param_group
+    from interplab.data_attribution.run import factored_projector
+    from interplab.model.io import load_native
+    from interplab.runs import TrainRun
+
+    custom = Target("qk-norm:1", lambda m: (m.blocks[1].attn.W_Q * m.blocks[1].attn.W_K).sum())
+    result = attribute_run(tiny_run, custom, window=(0, 12), dim=64, max_candidates=10, grads="factored")
+    assert result.grads == "factored" and result.to_dict()["grads"] == "factored"
+    expected = _hand_tracin(tiny_run, custom, (0, 12), result.example_ids, 64, grads="factored")
+    torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
+    assert bool(expected.abs().sum() > 0)
+    model = load_native(TrainRun.open(tiny_run).checkpoints()[0].path)
+    proj = factored_projector(model, param_group(model, "all"), 64)
+    assert [s.name for s in proj.sites][:2] == ["embed", "blocks.0.attn.q"] and proj.sites[-1].name == "unembed"
+    assert proj.dim == len(proj.sites) * 2 * 2  # isqrt(64 // 10) = 2 per side
+    with pytest.raises(ValueError, match="selects slices of blocks.1.attn.W_K"):
+        attribute_run(tiny_run, custom, window=(0, 12), group="head:1.0", grads="factored")
+    with pytest.raises(ValueError, match="holds no linear map"):
+        attribute_run(tiny_run, custom, window=(0, 12), group="re:ln_final", grads="factored")
+    with pytest.raises(ValueError, match="grads must be one of exact, factored, got 'fast'"):
+        attribute_run(tiny_run, custom, window=(0, 12), grads="fast")
 
 
 def test_attribute_run_any_target_equals_the_hand_written_checkpoint_loop(tiny_run, tmp_path):
