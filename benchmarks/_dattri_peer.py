@@ -1,6 +1,7 @@
 """Runs dattri (a peer library) on the digits problem saved by bench_attribution.py; prints timing JSON and
 writes its scores beside the problem file. Runs in dattri's own venv (no interplab import)."""
 
+import importlib.metadata
 import json
 import sys
 import time
@@ -69,6 +70,6 @@ for name, make in {
 torch.save(scores, path.with_name("scores.pt"))
 print(
     json.dumps(
-        {"version": dattri.__version__ if hasattr(dattri, "__version__") else "0.3.0", "seconds": seconds}
+        {"version": importlib.metadata.version("dattri"), "seconds": seconds}
     )
 )

@@ -50,7 +50,7 @@ def attribute(
     ),
     grads: str = typer.Option(
         library_default(attribute_run, "grads"),
-        help="exact: per-example gradients of the group, then a dense projection; factored: LoGra-style "
+        help="exact: per-example gradients of the group, then a sparse JL projection; factored: LoGra-style "
         "Kronecker projection of the group's linear maps (about 3x faster; norm gains and smearing gates "
         "left out)",
     ),

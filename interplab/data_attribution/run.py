@@ -217,8 +217,8 @@ def attribute_run(
     [batch pos]: the tokens neuron, feature and loss specs read (default: the run's held-out sequences).
     Each checkpoint's term is weighted by lr x span / n_train (see docs/attribution.md, sign convention).
 
-    ``grads``: ``"exact"`` (per-example gradients of the whole group through ``torch.func``, then a dense
-    Gaussian projection to ``dim``) or ``"factored"`` (`factored_grads`: a Kronecker projection of every linear
+    ``grads``: ``"exact"`` (per-example gradients of the whole group through ``torch.func``, then a sparse
+    JL projection to ``dim``) or ``"factored"`` (`factored_grads`: a Kronecker projection of every linear
     map in the group, embedding included, ``dim_in = dim_out = isqrt(dim / maps)``; never forms a per-example
     gradient, about 3x faster on the demo run, see docs/attribution.md; norm gains and key-smearing gates are
     left out)."""

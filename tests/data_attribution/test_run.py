@@ -110,7 +110,7 @@ def _flat_grad(model, grp, value):
 
 def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
     """The checkpoint loop written out: per-example backward passes at every checkpoint of the window but the
-    last, each term -lr x span / n_train <P grad target, P grad loss_i>; P a dense Gaussian projection of the
+    last, each term -lr x span / n_train <P grad target, P grad loss_i>; P the sparse JL projection of the
     flat gradient, or (``grads="factored"``) the Kronecker projection `attribute_run` builds for the group."""
     import torch.nn.functional as F
 
