@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import dattri
 import torch
 import torch.nn.functional as F
 from dattri.algorithm.influence_function import IFAttributorExplicit
