@@ -67,8 +67,4 @@ for name, make in {
         scores[name] = attributor.attribute(train, test).detach().double()  # [n_train, n_test]
     seconds[name] = time.perf_counter() - t0
 torch.save(scores, path.with_name("scores.pt"))
-print(
-    json.dumps(
-        {"version": importlib.metadata.version("dattri"), "seconds": seconds}
-    )
-)
+print(json.dumps({"version": importlib.metadata.version("dattri"), "seconds": seconds}))

@@ -344,7 +344,9 @@ def embedding_site(model: Transformer) -> LinearSite:
     )
 
 
-def linear_sites(model: nn.Module, include: str | None = None, *, embedding: bool = False) -> list[LinearSite]:
+def linear_sites(
+    model: nn.Module, include: str | None = None, *, embedding: bool = False
+) -> list[LinearSite]:
     """The linear maps of ``model`` that factorised projection covers: every ``nn.Linear`` of a plain module, or
     for an interplab `Transformer` the attention's W_Q/W_K/W_V/W_O, the MLP's W_in/W_gate/W_out and the unembedding,
     and with ``embedding=True`` also the token embedding first (`embedding_site`; norms, learned positions and
@@ -522,6 +524,26 @@ def default_chunk_size(first: Tensor) -> int:
     return 256
 
 
+def _chunked_factors(
+    model: nn.Module,
+    objective: BatchObjective,
+    examples: Tensor | tuple[Tensor, ...],
+    sites: Sequence[LinearSite],
+    chunk_size: int | None,
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """`capture_factors` chunk by chunk (``chunk_size`` examples, by default `default_chunk_size`)."""
+    examples = examples if isinstance(examples, tuple) else (examples,)
+    if isinstance(model, Transformer) and not examples[0].is_floating_point():
+        model.check_tokens(examples[0], None)
+    n = examples[0].shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(examples[0])
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
+    for start in range(0, n, chunk_size):
+        yield capture_factors(model, objective, tuple(e[start : start + chunk_size] for e in examples), sites)
+
+
 def factored_grads(
     model: nn.Module,
     objective: BatchObjective,
@@ -538,21 +560,55 @@ def factored_grads(
 
     ``chunk_size``: examples per batched forward and backward; by default `default_chunk_size` (about
     ``TOKENS_PER_CHUNK`` positions for token sequences, so memory is bounded by the chunk, not by ``n``)."""
-    examples = examples if isinstance(examples, tuple) else (examples,)
-    if isinstance(model, Transformer) and not examples[0].is_floating_point():
-        model.check_tokens(examples[0], None)
-    n = examples[0].shape[0]
-    if chunk_size is None:
-        chunk_size = default_chunk_size(examples[0])
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
     out = []
-    for start in range(0, n, chunk_size):
-        chunk = tuple(e[start : start + chunk_size] for e in examples)
-        xs, gs = capture_factors(model, objective, chunk, projector.sites)
+    for xs, gs in _chunked_factors(model, objective, examples, projector.sites, chunk_size):
         parts = []
         for i, (x, g) in enumerate(zip(xs, gs, strict=True)):
             px, pg = projector.project_factors(i, x, g, *(scales[i] if scales is not None else ()))
             parts.append(torch.einsum("ntk,ntj->nkj", pg, px).flatten(1))
         out.append(torch.cat(parts, dim=1))
+    return torch.cat(out)
+
+
+def factored_dots(
+    model: nn.Module,
+    objective: BatchObjective,
+    examples: Tensor | tuple[Tensor, ...],
+    sites: Sequence[LinearSite],
+    vectors: Sequence[dict[str, Tensor]],
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Exact dot products of every example's gradient at ``sites`` with each of ``vectors`` (one dict per
+    vector: parameter name -> a tensor shaped like the parameter, e.g. a target's gradient): ``[n,
+    len(vectors)]``, with no projection and no per-example gradient formed. Per site and position,
+    ``<g_t x_t^T, V> = g_t . (V x_t)``: one ``[d_in] x [d_in, d_out]`` product per position and vector (a row
+    of ``V^T`` for an embedding), the weight-gradient matmul's arithmetic without its [n, d_out, d_in] result."""
+    mats = []
+    for s in sites:
+        missing = [p for p in s.params if any(p not in v for v in vectors)]
+        if missing:
+            raise ValueError(f"every vector needs an entry for {', '.join(missing)} (site {s.name})")
+        w = torch.stack([s.to_matrix(v[s.weight][None].float())[0] for v in vectors])  # [m, d_out, d_in]
+        if s.one_hot:
+            w = w.transpose(1, 2).contiguous()  # [m, vocab, d_out]: one row per token
+        b = torch.stack([s.bias_to_vec(v[s.bias][None].float())[0] for v in vectors]) if s.bias else None
+        mats.append((w, b))
+    out = []
+    for xs, gs in _chunked_factors(model, objective, examples, sites, chunk_size):
+        n = gs[0].shape[0]
+        total = torch.zeros(n, len(vectors))
+        for s, (w, b), x, g in zip(sites, mats, xs, gs, strict=True):
+            g = g.float().reshape(n, -1, s.d_out)  # [n, T, d_out]
+            x = x.reshape(n, -1) if s.one_hot else x.float().reshape(-1, s.d_in)
+            for j in range(len(vectors)):
+                if s.one_hot:  # V x_t is the token's row of V^T
+                    total[:, j] += (w[j][x] * g).sum((1, 2)) * s.input_scale
+                elif s.d_out > s.d_in:  # the narrower side: g_t V [d_in] against x_t (the unembedding)
+                    total[:, j] += ((g.reshape(-1, s.d_out) @ w[j]).view(n, -1) * x.view(n, -1)).sum(1)
+                else:  # V x_t [d_out] against g_t
+                    total[:, j] += ((x @ w[j].T).view(n, -1) * g.view(n, -1)).sum(1)
+            if b is not None:
+                total += g.sum(1) @ b.T
+        out.append(total)
     return torch.cat(out)

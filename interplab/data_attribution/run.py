@@ -10,7 +10,6 @@ at every checkpoint of the window (TracIn over checkpoints: the sum of -lr <grad
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from interplab import runs
-from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites, lm_losses
+from interplab.data_attribution.factored import LinearSite, factored_dots, linear_sites, lm_losses
 from interplab.data_attribution.methods import CheckpointGrads, formation_window, tracin_per_checkpoint
 from interplab.data_attribution.params import ParamGroup, param_group
 from interplab.data_attribution.per_example import lm_loss, objective_grad, objective_grads, per_example_grads
@@ -218,10 +217,11 @@ def attribute_run(
     Each checkpoint's term is weighted by lr x span / n_train (see docs/attribution.md, sign convention).
 
     ``grads``: ``"exact"`` (per-example gradients of the whole group through ``torch.func``, then a sparse
-    JL projection to ``dim``) or ``"factored"`` (`factored_grads`: a Kronecker projection of every linear
-    map in the group, embedding included, ``dim_in = dim_out = isqrt(dim / maps)``; never forms a per-example
-    gradient, about 3x faster on the demo run, see docs/attribution.md; norm gains and key-smearing gates are
-    left out)."""
+    JL projection to ``dim``) or ``"factored"`` (`factored_dots`: the exact dot product of each example's
+    gradient with the target's over every linear map in the group, embedding included (`group_sites`), from
+    the maps' inputs and output gradients: no projection, so no JL noise and ``dim`` unused, and no
+    per-example gradient formed; several times faster on the demo run, see docs/attribution.md; norm gains
+    and key-smearing gates are left out)."""
     if grads not in GRADS:
         raise ValueError(f"grads must be one of {', '.join(GRADS)}, got {grads!r}")
     run_dir = Path(run_dir)
@@ -300,19 +300,20 @@ def _features(
             return proj.project(per_example_grads(model, lm_loss, tokens, grp, chunk_size=8)), tg
 
         return exact
-    fproj = factored_projector(final, grp, dim, seed)
+    sites = group_sites(final, grp)
+    names = [p for s in sites for p in s.params]
 
     def factored(model: Transformer) -> tuple[Tensor, Tensor]:
-        tgrads = objective_grads(model, target, fproj.param_names)
-        tg = fproj.project_grads({k: v[None] for k, v in tgrads.items()})[0]
-        return factored_grads(model, lm_losses, tokens, fproj), tg
+        # the exact dot products as one-column features against a target of 1: g @ tg is <grad_i, grad target>
+        dots = factored_dots(model, lm_losses, tokens, sites, [objective_grads(model, target, names)])
+        return dots, torch.ones(1)
 
     return factored
 
 
-def factored_projector(model: Transformer, group: ParamGroup, dim: int, seed: int = 0) -> FactoredProjector:
-    """A `FactoredProjector` over the linear maps (embedding included, unless tied) whose weight ``group`` holds,
-    with their biases; ``dim_in = dim_out = isqrt(dim / maps)`` so the features number about ``dim``."""
+def group_sites(model: Transformer, group: ParamGroup) -> list[LinearSite]:
+    """The linear maps (embedding included, unless tied) whose weight ``group`` holds, with their biases: what
+    ``grads="factored"`` attributes through."""
     sliced = sorted({s.name for s in group.slices if s.dim is not None})
     if sliced:
         raise ValueError(
@@ -327,8 +328,7 @@ def factored_projector(model: Transformer, group: ParamGroup, dim: int, seed: in
             f"group {group.spec!r} holds no linear map ({', '.join(sorted(names))}); grads='factored' covers "
             "W_E, W_Q/W_K/W_V/W_O, W_in/W_gate/W_out and W_U: use grads='exact'"
         )
-    k = max(1, math.isqrt(dim // len(sites)))
-    return FactoredProjector(sites, dim_in=k, dim_out=k, seed=seed)
+    return sites
 
 
 PROBE_SEQUENCES = 16

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from interplab.data_attribution import lds, lm_loss, methods, param_group, per_example_grads
-from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites, lm_losses
+from interplab.data_attribution.factored import (
+    FactoredProjector,
+    factored_dots,
+    factored_grads,
+    linear_sites,
+    lm_losses,
+)
 from interplab.data_attribution.kfac import EKFAC, ekfac_influence
 from interplab.model import ModelConfig, Transformer
 
@@ -241,3 +247,28 @@ def test_embedding_site_refuses_tied_embeddings_and_frozen_embeddings_are_skippe
     frozen = Transformer(ModelConfig(**cfg))
     frozen.embed.W_E.requires_grad_(False)
     assert [s.name for s in linear_sites(frozen, embedding=True)] == [s.name for s in linear_sites(frozen)]
+
+
+@pytest.mark.parametrize(
+    "variant", [{"d_mlp": 32, "embed_scale": 2.0}, {"attn_only": True, "smear_keys": True}]
+)
+def test_factored_dots_equal_exact_gradient_dot_products(variant):
+    """<grad_i, v> over every linear map and the embedding, from the maps' inputs and output gradients: equal
+    to the dot products of exact per-example gradients with each vector (no projection)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=20, n_ctx=8, positional="rotary", **variant)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 20, (5, 8))
+    sites = linear_sites(model, embedding=True)
+    names = [p for s in sites for p in s.params]
+    exact = _exact_by_param(model, tokens, names)
+    params = dict(model.named_parameters())
+    vectors = [{k: torch.randn_like(params[k]) for k in names} for _ in range(3)]
+    got = factored_dots(model, lm_losses, tokens, sites, vectors, chunk_size=2)
+    want = torch.stack([sum((exact[k] * v[k]).flatten(1).sum(1) for k in names) for v in vectors], dim=1)
+    assert got.shape == (5, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="every vector needs an entry for blocks.0.attn.b_Q"):
+        factored_dots(
+            model, lm_losses, tokens, sites, [{k: v for k, v in vectors[0].items() if "b_Q" not in k}]
+        )

@@ -111,11 +111,11 @@ def _flat_grad(model, grp, value):
 def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
     """The checkpoint loop written out: per-example backward passes at every checkpoint of the window but the
     last, each term -lr x span / n_train <P grad target, P grad loss_i>; P the sparse JL projection of the
-    flat gradient, or (``grads="factored"``) the Kronecker projection `attribute_run` builds for the group."""
+    flat gradient, or (``grads="factored"``) none: the exact dot product over the group's linear maps."""
     import torch.nn.functional as F
 
     from interplab.data_attribution import Projector, param_group
-    from interplab.data_attribution.run import factored_projector
+    from interplab.data_attribution.run import group_sites
     from interplab.model.io import load_native
     from interplab.runs import TrainRun
     from interplab.train.config import TrainConfig
@@ -137,11 +137,12 @@ def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
             # one backward pass per training sequence
             g = proj.project(torch.stack([_flat_grad(model, grp, loss) for loss in losses]))
         else:
-            fproj = factored_projector(model, grp, dim)
-            names = fproj.param_names
-            tg = fproj.project_grads({k: v[None] for k, v in _grads(model, names, target(model)).items()})[0]
-            per = [_grads(model, names, loss) for loss in losses]
-            g = fproj.project_grads({k: torch.stack([d[k] for d in per]) for k in names})
+            names = [p for s in group_sites(model, grp) for p in s.params]
+            tgrads = _grads(model, names, target(model))
+            tg = torch.cat([tgrads[k].flatten() for k in names])
+            g = torch.stack(
+                [torch.cat([v.flatten() for v in _grads(model, names, loss).values()]) for loss in losses]
+            )
         o = cfg.optim
         lr = cosine_lr(a.step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
         weight = lr * (b.step - a.step) / source.n_train
@@ -149,12 +150,12 @@ def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
     return torch.stack(rows)
 
 
-def test_attribute_run_factored_equals_the_hand_written_loop_with_the_same_projection(tiny_run):
-    """grads='factored' (LoGra features, never a per-example gradient) gives the TracIn scores of plain
-    per-example backward passes projected by the same Kronecker projection; over every linear map of the run's
-    model, the embedding included."""
+def test_attribute_run_factored_equals_the_hand_written_loop_without_projection(tiny_run):
+    """grads='factored' (exact dot products from the linear maps' inputs and output gradients, never a
+    per-example gradient) gives the unprojected TracIn scores of plain per-example backward passes over every
+    linear map of the run's model, the embedding included."""
     from interplab.data_attribution import Target, param_group
-    from interplab.data_attribution.run import factored_projector
+    from interplab.data_attribution.run import group_sites
     from interplab.model.io import load_native
     from interplab.runs import TrainRun
 
@@ -165,9 +166,11 @@ def test_attribute_run_factored_equals_the_hand_written_loop_with_the_same_proje
     torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
     assert bool(expected.abs().sum() > 0)
     model = load_native(TrainRun.open(tiny_run).checkpoints()[0].path)
-    proj = factored_projector(model, param_group(model, "all"), 64)
-    assert [s.name for s in proj.sites][:2] == ["embed", "blocks.0.attn.q"] and proj.sites[-1].name == "unembed"
-    assert proj.dim == len(proj.sites) * 2 * 2  # isqrt(64 // 10) = 2 per side
+    sites = [s.name for s in group_sites(model, param_group(model, "all"))]
+    assert sites[:2] == ["embed", "blocks.0.attn.q"] and sites[-1] == "unembed" and len(sites) == 10
+    assert [s.name for s in group_sites(model, param_group(model, "layer:1"))] == [
+        f"blocks.1.attn.{w}" for w in "qkvo"
+    ]
     with pytest.raises(ValueError, match="selects slices of blocks.1.attn.W_K"):
         attribute_run(tiny_run, custom, window=(0, 12), group="head:1.0", grads="factored")
     with pytest.raises(ValueError, match="holds no linear map"):
