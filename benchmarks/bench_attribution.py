@@ -361,25 +361,55 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
 
 def run_end_to_end(candidates: int, steps: int, every: int) -> dict:
     """Both `attribute_run` routes on a short run of the ``induction-2l`` preset (its model, corpus and batch),
-    ``candidates`` sequences over every checkpoint term: wall and CPU seconds of the whole call."""
-    from interplab.data_attribution.run import attribute_run
+    ``candidates`` sequences over every checkpoint term: wall and CPU seconds of the whole call; and, at the
+    window's first checkpoint, how each route's scores rank against the unprojected TracIn term over all
+    parameters (exact per-example gradients, chunk by chunk)."""
+    from interplab.data_attribution import spearman
+    from interplab.data_attribution.per_example import objective_grad
+    from interplab.data_attribution.run import _open_run, attribute_run, run_target
+    from interplab.model.io import load_native
     from interplab.train import train
     from interplab.train.config import CheckpointConfig, load_preset
+    from interplab.train.sources import CorpusSource
 
     cfg = load_preset("induction-2l")
     cfg = cfg.replace(steps=steps, checkpoints=CheckpointConfig(log_spaced=0, every=every), eval_every=steps)
     out: dict = {"preset": "induction-2l", "train_steps": steps, "checkpoint_every": every}
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        train(cfg, Path(tmp) / "run")
+        run = Path(tmp) / "run"
+        train(cfg, run)
         for grads in ("factored", "exact"):
             wall, cpu = time.perf_counter(), time.process_time()
-            result = attribute_run(
-                Path(tmp) / "run", "induction:best", window=(0, steps), max_candidates=candidates, grads=grads
+            results[grads] = attribute_run(
+                run, "induction:best", window=(0, steps), max_candidates=candidates, grads=grads
             )
             out[grads] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
-            out.update(n_candidates=int(result.example_ids.numel()), checkpoint_terms=len(result.steps))
-    out["speedup_cpu"] = out["exact"]["cpu_s"] / out["factored"]["cpu_s"]
-    out["speedup_wall"] = out["exact"]["wall_s"] / out["factored"]["wall_s"]
+        res = results["exact"]
+        _, ckpts = _open_run(run)
+        model = load_native(ckpts[0].path)
+        source = CorpusSource(cfg)
+        target = run_target(load_native(ckpts[-1].path), res.target, source)
+        group = param_group(model, "all")
+        tg = objective_grad(model, target, group)
+        tokens = source.train.sequences(res.example_ids, source.seq_len)
+        dots, norms = [], []
+        for start in range(0, len(tokens), 32):  # exact per-example gradients, 32 at a time
+            g = per_example_grads(model, lm_loss, tokens[start : start + 32], group, chunk_size=8)
+            dots.append(g @ tg)
+            norms.append(g.norm(dim=1))
+        truth, norm = torch.cat(dots), torch.cat(norms)
+    out.update(
+        n_candidates=int(res.example_ids.numel()),
+        checkpoint_terms=len(res.steps),
+        target=res.target,
+        speedup_cpu=out["exact"]["cpu_s"] / out["factored"]["cpu_s"],
+        speedup_wall=out["exact"]["wall_s"] / out["factored"]["wall_s"],
+        first_checkpoint=res.steps[0],
+        # the first term's scores are -w <grad target, grad loss_i>: rank against <grad target, grad loss_i>
+        spearman_vs_unprojected={g: float(spearman(-r.per_step[0], truth)) for g, r in results.items()},
+        mean_abs_cosine_target_vs_examples=float((truth / (tg.norm() * norm)).abs().mean()),
+    )
     return out
 
 
