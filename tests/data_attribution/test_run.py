@@ -150,7 +150,7 @@ def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
     return torch.stack(rows)
 
 
-def test_attribute_run_factored_equals_the_hand_written_loop_without_projection(tiny_run):
+def test_attribute_run_factored_equals_the_hand_written_loop_without_projection(tiny_run, tmp_path):
     """grads='factored' (exact dot products from the linear maps' inputs and output gradients, never a
     per-example gradient) gives the unprojected TracIn scores of plain per-example backward passes over every
     linear map of the run's model, the embedding included."""
@@ -177,6 +177,18 @@ def test_attribute_run_factored_equals_the_hand_written_loop_without_projection(
         attribute_run(tiny_run, custom, window=(0, 12), group="re:ln_final", grads="factored")
     with pytest.raises(ValueError, match="grads must be one of exact, factored, got 'fast'"):
         attribute_run(tiny_run, custom, window=(0, 12), grads="fast")
+    # the command line: --grads factored writes the same scores, and the report says how they were taken
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+    from interplab.io import load_tensors
+
+    args = ["attribute", str(tiny_run), "--target", "prev:0.0", "--window", "0:12", "--candidates", "10"]
+    done = CliRunner().invoke(app, [*args, "--grads", "factored", "--out", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["grads"] == "factored"
+    direct = attribute_run(tiny_run, "prev:0.0", window=(0, 12), max_candidates=10, grads="factored")
+    torch.testing.assert_close(load_tensors(tmp_path / "out" / "scores.safetensors")["scores"], direct.scores)
 
 
 def test_attribute_run_any_target_equals_the_hand_written_checkpoint_loop(tiny_run, tmp_path):
