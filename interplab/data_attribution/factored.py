@@ -8,6 +8,10 @@ memory per example are ``T (d_in k_in + d_out k_out) + T k_in k_out`` instead of
 forward and backward (no parameter gradients, only activation gradients) serves a whole chunk of examples.
 
 Biases are folded in as one extra input coordinate equal to 1 (the homogeneous-coordinate convention of K-FAC).
+The token embedding is a linear map of the one-hot token (``linear_sites(model, embedding=True)``): its
+projected input is the token's row of ``P_in``. Where only dot products with a few fixed vectors are needed (a
+target's gradient, as in TracIn), `factored_dots` computes them exactly from the same captured factors,
+``<G, V> = sum_t g_t . (V x_t)``, with no projection.
 
 >>> sites = linear_sites(model)                      # every linear weight of an interplab Transformer
 >>> proj = FactoredProjector(sites, dim_in=16, dim_out=16)
