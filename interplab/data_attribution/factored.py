@@ -588,6 +588,8 @@ def factored_dots(
     len(vectors)]``, with no projection and no per-example gradient formed. Per site and position,
     ``<g_t x_t^T, V> = g_t . (V x_t)``: one ``[d_in] x [d_in, d_out]`` product per position and vector (a row
     of ``V^T`` for an embedding), the weight-gradient matmul's arithmetic without its [n, d_out, d_in] result."""
+    if not vectors:
+        raise ValueError("factored_dots needs at least one vector (a dict of parameter name -> tensor)")
     mats = []
     for s in sites:
         missing = [p for p in s.params if any(p not in v for v in vectors)]

@@ -52,7 +52,7 @@ class RunAttribution:
     texts: tuple[str, ...]  # decoded candidates (empty strings without a tokenizer)
     enriched: tuple[tuple[str, float], ...]  # tokens over-represented in the top examples vs all candidates
     rises: bool = True  # the target's `Target.rises`: False for a loss, whose helpful examples score negative
-    grads: str = "exact"  # how the per-example gradients were projected (`GRADS`)
+    grads: str = "exact"  # how the per-example gradients were taken (`GRADS`)
 
     @property
     def sign(self) -> float:
@@ -135,7 +135,9 @@ class RunAttribution:
             "ranking": self.ranking,
             "grads": self.grads,
             "method": "TracIn over the checkpoints of the formation window (sum of -lr <grad target, grad loss>)"
-            + ("" if self.grads == "exact" else "; gradients by factorised (LoGra) projection"),
+            + (
+                "" if self.grads == "exact" else "; exact gradient dot products from the linear maps' factors"
+            ),
         }
 
     def save(self, folder: str | Path) -> dict[str, str]:
@@ -220,8 +222,8 @@ def attribute_run(
     JL projection to ``dim``) or ``"factored"`` (`factored_dots`: the exact dot product of each example's
     gradient with the target's over every linear map in the group, embedding included (`group_sites`), from
     the maps' inputs and output gradients: no projection, so no JL noise and ``dim`` unused, and no
-    per-example gradient formed; several times faster on the demo run, see docs/attribution.md; norm gains
-    and key-smearing gates are left out)."""
+    per-example gradient formed; 2.5x less CPU end to end at the demo's size, see docs/attribution.md; norm
+    gains and key-smearing gates are left out)."""
     if grads not in GRADS:
         raise ValueError(f"grads must be one of {', '.join(GRADS)}, got {grads!r}")
     run_dir = Path(run_dir)
@@ -284,14 +286,15 @@ def attribute_run(
 
 
 GRADS = ("exact", "factored")
-"""how `attribute_run` projects per-example gradients"""
+"""how `attribute_run` takes per-example gradients"""
 
 
 def _features(
     final: Transformer, grp: ParamGroup, target: Target, tokens: Tensor, grads: str, dim: int, seed: int
 ) -> Callable[[Transformer], tuple[Tensor, Tensor]]:
-    """``model -> (projected per-example gradients [n, dim'], projected target gradient [dim'])``, one
-    projection for every checkpoint."""
+    """``model -> (per-example features [n, k], target features [k])`` whose products are the TracIn dot
+    products: projected gradients (one projection for every checkpoint) for ``exact``; for ``factored`` the
+    exact dot products themselves as one column, against a target of 1."""
     if grads == "exact":
         proj = Projector(d_in=grp.numel, dim=min(dim, grp.numel), seed=seed)
 
@@ -317,7 +320,7 @@ def group_sites(model: Transformer, group: ParamGroup) -> list[LinearSite]:
     sliced = sorted({s.name for s in group.slices if s.dim is not None})
     if sliced:
         raise ValueError(
-            f"grads='factored' projects whole linear maps; group {group.spec!r} selects slices of "
+            f"grads='factored' takes whole linear maps; group {group.spec!r} selects slices of "
             f"{', '.join(sliced)}: use grads='exact', or a group of whole maps (all, layer:L, attn:L, mlp:L, "
             "embed, unembed, re:REGEX)"
         )

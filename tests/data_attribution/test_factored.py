@@ -268,6 +268,8 @@ def test_factored_dots_equal_exact_gradient_dot_products(variant):
     want = torch.stack([sum((exact[k] * v[k]).flatten(1).sum(1) for k in names) for v in vectors], dim=1)
     assert got.shape == (5, 3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one vector"):
+        factored_dots(model, lm_losses, tokens, sites, [])
     with pytest.raises(ValueError, match="every vector needs an entry for blocks.0.attn.b_Q"):
         factored_dots(
             model, lm_losses, tokens, sites, [{k: v for k, v in vectors[0].items() if "b_Q" not in k}]
