@@ -1,12 +1,12 @@
 """Runs dattri (a peer library) on the digits problem saved by bench_attribution.py; prints timing JSON and
 writes its scores beside the problem file. Runs in dattri's own venv (no interplab import)."""
 
+import importlib.metadata
 import json
 import sys
 import time
 from pathlib import Path
 
-import dattri
 import torch
 import torch.nn.functional as F
 from dattri.algorithm.influence_function import IFAttributorExplicit
@@ -67,8 +67,4 @@ for name, make in {
         scores[name] = attributor.attribute(train, test).detach().double()  # [n_train, n_test]
     seconds[name] = time.perf_counter() - t0
 torch.save(scores, path.with_name("scores.pt"))
-print(
-    json.dumps(
-        {"version": dattri.__version__ if hasattr(dattri, "__version__") else "0.3.0", "seconds": seconds}
-    )
-)
+print(json.dumps({"version": importlib.metadata.version("dattri"), "seconds": seconds}))

@@ -5,23 +5,35 @@
    interleaved in rounds; medians of wall and CPU time.
 2. Softmax regression on sklearn's digits: LDS and time of every method of ours, and of dattri's explicit
    influence functions, TRAK and TracIn on the same data and models when dattri is installed in a separate venv
-   (``--dattri-python /tmp/dattri-venv/bin/python``).
+   (``--dattri-python``, by default ``.peers/dattri/bin/python``: ``bash scripts/peers.sh dattri``).
 3. Storage bytes per example per checkpoint of a recording.
 4. Factorised (LoGra) projected gradients (`factored_grads`) vs a naive loop (one backward pass per example
    over the same linear weights, each gradient projected with the same Kronecker projection, so the features
    are equal; ``naive_loop_jl``: the same loop projecting the flat gradients with a sparse JL projection of
    the same size, as in 1.), on ``induction-2l`` at 32, 128 and 256 tokens and on the digits softmax regression (where the
    LDS of grad-dot on the two feature sets is compared too); interleaved rounds, medians of wall and CPU
-   time. ``--factored-before PATH`` adds another ``factored.py`` (e.g. main's) as a third contender.
+   time. ``--factored-before PATH`` adds another ``factored.py`` (e.g. main's) as a third contender. Beside them:
+   the batched forward alone and the forward + backward to the sites (where the factorised path's time goes),
+   the factorised path under bf16 autocast, and FLOP counts (``torch.utils.flop_counter``) with this machine's
+   single-thread fp32 matmul rate, from which the bound on the speedup follows (docs/attribution.md).
+5. The routes of `attribute_run` at the demo run's size (``induction-2l``, 256 tokens, parameter group
+   ``all``, ``dim`` 1024): ``grads="exact"`` (torch.func per-example gradients + sparse JL) and
+   ``grads="factored"`` (Kronecker projection of every linear map, embedding included), each beside the naive
+   loop that computes the same features; then both routes end to end on a short run of the ``induction-2l``
+   preset (256 candidates, 5 checkpoint terms: the demo's attribution size).
+
+Every run keeps the sections it replaces under ``history`` (with the time they were replaced).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution.py --out benchmarks/results/attribution.json
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution.py --only factored   # section 4 alone, merged
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution.py --only run        # section 5 alone, merged
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -141,9 +153,48 @@ def _naive_factored(model, loss_of, examples, proj, params) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def factored_speed(rounds: int, n: int, seq: int, k: int, before: str | None) -> dict:
+def _flops(fn) -> int:
+    """Floating-point operations of one call (matmuls and attention, as torch's FLOP counter counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_rate(rounds: int = 50) -> float:
+    """This machine's fp32 matmul rate on the current threads (FLOP/s, best of ``rounds``) at the shape of the
+    unembedding over one chunk: [2048, 128] x [128, 1024]."""
+    a, b = torch.randn(2048, 128), torch.randn(128, 1024)
+    best = min(_timed(lambda: a @ b)[0] for _ in range(rounds))
+    return 2 * 2048 * 128 * 1024 / best
+
+
+def _bound(out: dict, naive_flops: int, factored_flops: int, forward_flops: int, peak: float) -> dict:
+    """What the FLOP counts allow: the factorised path's arithmetic as a share of the naive loop's, the rates
+    both run at (share of the matmul rate), and the speedup if the factorised path ran at the matmul rate while
+    the naive loop keeps its measured time."""
+    naive_s, fac_s = out["naive_loop"]["cpu_s"], out["factored"]["cpu_s"]
+    return {
+        "naive_loop_flops": naive_flops,
+        "factored_flops": factored_flops,
+        "forward_flops": forward_flops,
+        "factored_flops_share_of_naive": factored_flops / naive_flops,
+        "forward_flops_share_of_naive": forward_flops / naive_flops,
+        "matmul_flops_per_s": peak,
+        "naive_loop_flops_per_cpu_s": naive_flops / naive_s,
+        "naive_loop_share_of_matmul_rate": naive_flops / naive_s / peak,
+        "factored_flops_per_cpu_s": factored_flops / fac_s,
+        "factored_share_of_matmul_rate": factored_flops / fac_s / peak,
+        "speedup_bound_equal_rates": naive_flops / factored_flops,
+        "speedup_bound_factored_at_matmul_rate": naive_s / (factored_flops / peak),
+    }
+
+
+def factored_speed(rounds: int, n: int, seq: int, k: int, before: str | None, peak: float) -> dict:
     from interplab.data_attribution.factored import (
         FactoredProjector,
+        capture_factors,
         default_chunk_size,
         factored_grads,
         linear_sites,
@@ -160,9 +211,27 @@ def factored_speed(rounds: int, n: int, seq: int, k: int, before: str | None) ->
     def one_loss(m, t):
         return F.cross_entropy(m(t)[0, :-1], t[0, 1:])
 
+    chunk = min(n, default_chunk_size(tokens))  # what factored_grads uses
+
+    def forward_only():  # the batched forward alone, in factored_grads' chunks
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                lm_losses(model, tokens[start : start + chunk])
+
+    def to_sites():  # the batched forward and the backward to the sites' outputs, no projection
+        for start in range(0, n, chunk):
+            capture_factors(model, lm_losses, (tokens[start : start + chunk],), proj.sites)
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return factored_grads(model, lm_losses, tokens, proj)
+
     contenders = {
         "factored": lambda: factored_grads(model, lm_losses, tokens, proj),
         "naive_loop": lambda: _naive_factored(model, one_loss, (tokens,), proj, params),
+        "forward_only": forward_only,
+        "to_sites": to_sites,
+        "factored_bf16_autocast": bf16,
     }
     jl = Projector(d_in=sum(p.numel() for p in params), dim=proj.dim, seed=0)
 
@@ -178,11 +247,12 @@ def factored_speed(rounds: int, n: int, seq: int, k: int, before: str | None) ->
         old = _load_module(before, "factored_before")
         old_proj = old.FactoredProjector(old.linear_sites(model), dim_in=k, dim_out=k)
         contenders["factored_before"] = lambda: old.factored_grads(model, old.lm_losses, tokens, old_proj)
-    ours, naive = contenders["factored"](), contenders["naive_loop"]()
+    ours, naive, half = contenders["factored"](), contenders["naive_loop"](), bf16()
     out = _interleaved(rounds, contenders, n)
     d_in = sum(s.d_in_aug for s in proj.sites)
     d_out = sum(s.d_out for s in proj.sites)
-    chunk = min(n, default_chunk_size(tokens))  # what factored_grads used
+    naive_flops = n * _flops(lambda: _naive_factored(model, one_loss, (tokens[:1],), proj, params))
+    out["flops"] = _bound(out, naive_flops, _flops(contenders["factored"]), _flops(forward_only), peak)
     out.update(
         model="induction-2l",
         n_examples=n,
@@ -194,10 +264,151 @@ def factored_speed(rounds: int, n: int, seq: int, k: int, before: str | None) ->
         n_params_projected=sum(p.numel() for p in params),
         max_abs_diff_vs_naive=float((ours - naive).abs().max()),
         max_abs_feature=float(naive.abs().max()),
+        bf16_autocast_relative_error=float((half - ours).norm() / ours.norm()),
         chunk_examples=chunk,
         # what one chunk holds beside the model's own activations: captured inputs and output gradients of
         # every site, and the logits' softmax and gradient (float32); independent of n
         chunk_capture_bytes=4 * chunk * seq * (d_in + d_out + 2 * INDUCTION_2L["d_vocab"]),
+    )
+    return out
+
+
+def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dict:
+    """`attribute_run`'s two routes per checkpoint at the demo run's size, each beside a naive loop that computes
+    the same numbers (one backward pass per example): ``factored`` (`factored_dots`: exact dot products with a
+    target gradient, a fixed random one here, over every linear map and the embedding) and ``exact_route``
+    (torch.func + sparse JL); and the factorised projected features over the same maps (`factored_grads`,
+    ``dim_in = dim_out = isqrt(dim / maps)``) beside their naive loop."""
+    from interplab.data_attribution.factored import (
+        FactoredProjector,
+        factored_dots,
+        factored_grads,
+        lm_losses,
+    )
+    from interplab.data_attribution.run import group_sites
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**INDUCTION_2L))
+    tokens = torch.randint(0, INDUCTION_2L["d_vocab"], (n, seq))
+    group = param_group(model, "all")
+    jl = Projector(d_in=group.numel, dim=min(dim, group.numel), seed=0)
+    sites = group_sites(model, group)
+    k = math.isqrt(dim // len(sites))
+    fproj = FactoredProjector(sites, dim_in=k, dim_out=k)
+    named = dict(model.named_parameters())
+    fparams = [named[p] for p in fproj.param_names]
+    params = [named[p] for p in group.param_names]
+    target = {p: torch.randn_like(named[p]) for p in fproj.param_names}  # stands in for a target's gradient
+
+    def one_loss(m, t):
+        return F.cross_entropy(m(t)[0, :-1], t[0, 1:])
+
+    def naive_dots():
+        rows = []
+        for i in range(n):
+            grads = torch.autograd.grad(one_loss(model, tokens[i : i + 1]), fparams)
+            rows.append(sum((g * target[p]).sum() for p, g in zip(fproj.param_names, grads, strict=True)))
+        return torch.stack(rows)[:, None]
+
+    def naive_jl():
+        rows = []
+        for i in range(n):
+            grads = torch.autograd.grad(one_loss(model, tokens[i : i + 1]), params)
+            rows.append(group.flatten(dict(zip(group.param_names, grads, strict=True))))
+        return jl.project(torch.stack(rows))
+
+    contenders = {
+        "factored": lambda: factored_dots(model, lm_losses, tokens, sites, [target]),
+        "naive_loop": naive_dots,
+        "factored_projected": lambda: factored_grads(model, lm_losses, tokens, fproj),
+        "naive_loop_projected": lambda: _naive_factored(model, one_loss, (tokens,), fproj, fparams),
+        "exact_route": lambda: jl.project(per_example_grads(model, lm_loss, tokens, group, chunk_size=8)),
+        "naive_loop_jl": naive_jl,
+    }
+    same = {
+        "factored_vs_naive": ("factored", "naive_loop"),
+        "factored_projected_vs_naive": ("factored_projected", "naive_loop_projected"),
+        "exact_route_vs_naive": ("exact_route", "naive_loop_jl"),
+    }
+    results = {name: contenders[name]() for pair in same.values() for name in pair}
+    out = _interleaved(rounds, contenders, n)
+    for a, b in (("exact_route", "factored"), ("naive_loop_projected", "factored_projected")):
+        out[f"speedup_cpu_{b}_vs_{a}"] = out[a]["cpu_s"] / out[b]["cpu_s"]
+    out["speedup_cpu_exact_route_vs_its_naive_loop"] = (
+        out["naive_loop_jl"]["cpu_s"] / out["exact_route"]["cpu_s"]
+    )
+    naive_flops = n * _flops(lambda: _naive_factored(model, one_loss, (tokens[:1],), fproj, fparams))
+    fwd = _flops(lambda: lm_losses(model, tokens.clone()).detach())
+    out["flops"] = _bound(out, naive_flops, _flops(contenders["factored"]), fwd, peak)
+    out.update(
+        model="induction-2l",
+        n_examples=n,
+        seq_len=seq,
+        group="all",
+        n_params_group=group.numel,
+        n_params_factored=sum(p.numel() for p in fparams),
+        factored_sites=[s.name for s in sites],
+        factored_projected_dim=fproj.dim,
+        exact_route_dim=jl.dim,
+        **{
+            f"max_abs_diff_{key}": float((results[a] - results[b]).abs().max())
+            for key, (a, b) in same.items()
+        },
+        max_abs_dot=float(results["naive_loop"].abs().max()),
+    )
+    return out
+
+
+def run_end_to_end(candidates: int, steps: int, every: int) -> dict:
+    """Both `attribute_run` routes on a short run of the ``induction-2l`` preset (its model, corpus and batch),
+    ``candidates`` sequences over every checkpoint term: wall and CPU seconds of the whole call; and, at the
+    window's first checkpoint, how each route's scores rank against the unprojected TracIn term over all
+    parameters (exact per-example gradients, chunk by chunk)."""
+    from interplab.data_attribution import spearman
+    from interplab.data_attribution.per_example import objective_grad
+    from interplab.data_attribution.run import _open_run, attribute_run, run_target
+    from interplab.model.io import load_native
+    from interplab.train import train
+    from interplab.train.config import CheckpointConfig, load_preset
+    from interplab.train.sources import CorpusSource
+
+    cfg = load_preset("induction-2l")
+    cfg = cfg.replace(steps=steps, checkpoints=CheckpointConfig(log_spaced=0, every=every), eval_every=steps)
+    out: dict = {"preset": "induction-2l", "train_steps": steps, "checkpoint_every": every}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        train(cfg, run)
+        for grads in ("factored", "exact"):
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[grads] = attribute_run(
+                run, "induction:best", window=(0, steps), max_candidates=candidates, grads=grads
+            )
+            out[grads] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        res = results["exact"]
+        _, ckpts = _open_run(run)
+        model = load_native(ckpts[0].path)
+        source = CorpusSource(cfg)
+        target = run_target(load_native(ckpts[-1].path), res.target, source)
+        group = param_group(model, "all")
+        tg = objective_grad(model, target, group)
+        tokens = source.train.sequences(res.example_ids, source.seq_len)
+        dots, norms = [], []
+        for start in range(0, len(tokens), 32):  # exact per-example gradients, 32 at a time
+            g = per_example_grads(model, lm_loss, tokens[start : start + 32], group, chunk_size=8)
+            dots.append(g @ tg)
+            norms.append(g.norm(dim=1))
+        truth, norm = torch.cat(dots), torch.cat(norms)
+    out.update(
+        n_candidates=int(res.example_ids.numel()),
+        checkpoint_terms=len(res.steps),
+        target=res.target,
+        speedup_cpu=out["exact"]["cpu_s"] / out["factored"]["cpu_s"],
+        speedup_wall=out["exact"]["wall_s"] / out["factored"]["wall_s"],
+        first_checkpoint=res.steps[0],
+        # the first term's scores are -w <grad target, grad loss_i>: rank against <grad target, grad loss_i>
+        spearman_vs_unprojected={g: float(spearman(-r.per_step[0], truth)) for g, r in results.items()},
+        mean_abs_cosine_target_vs_examples=float((truth / (tg.norm() * norm)).abs().mean()),
     )
     return out
 
@@ -256,7 +467,7 @@ def digits_comparison(dattri_python: str | None, n_models: int) -> dict:
     }
     if not dattri_python or not Path(dattri_python).exists():
         result["dattri"] = {
-            "status": "not run: pass --dattri-python pointing at a venv with dattri installed"
+            "status": "not run: build .peers/dattri (bash scripts/peers.sh dattri) or pass --dattri-python"
         }
         return result
     l2, n_train, n_test = 1e-2, 600, 64
@@ -301,11 +512,22 @@ def storage_bytes(dim: int) -> dict:
     return {"bytes_per_example_per_checkpoint": out, "dim": dim}
 
 
-def _write_json(path: Path, report: dict) -> None:
+def _write_json(path: Path, sections: dict) -> dict:
+    """Merge ``sections`` into the report at ``path``; the sections they replace move to ``history`` (with the
+    time they were replaced), so earlier measurements stay readable."""
+    report = json.loads(path.read_text()) if path.exists() else {}
+    history = report.pop("history", [])
+    replaced = {k: report[k] for k in sections if k in report}
+    if replaced:
+        history.append(
+            {"replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sections": replaced}
+        )
+    report = {**report, **sections, "history": history}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path)  # atomic
+    return report
 
 
 def main() -> None:
@@ -315,8 +537,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--models", type=int, default=50)
-    ap.add_argument("--dattri-python", default="/tmp/dattri-venv/bin/python")
-    ap.add_argument("--only", choices=["all", "factored"], default="all")
+    ap.add_argument(
+        "--dattri-python",
+        default=".peers/dattri/bin/python",
+        help="dattri's venv (bash scripts/peers.sh dattri)",
+    )
+    ap.add_argument("--only", choices=["all", "factored", "run"], default="all")
     ap.add_argument("--factored-rounds", type=int, default=5)
     ap.add_argument(
         "--factored-before", default=None, help="another factored.py to time beside (e.g. main's)"
@@ -330,32 +556,43 @@ def main() -> None:
         "load_avg_at_start": os.getloadavg(),
     }
     r = args.factored_rounds
-    factored = {
-        "machine": machine,
-        "transformer": [factored_speed(r, n, seq, 16, args.factored_before) for n, seq in SEQ_CASES],
-        "digits": factored_digits(r, args.models, 16),
-        "load_avg_at_end": os.getloadavg(),
-    }
-    if args.only == "factored":
-        path = Path(args.out)
-        report = json.loads(path.read_text()) if path.exists() else {}
-        report["factored_grads"] = factored
-        _write_json(path, report)
-        json.dump(factored, sys.stdout, indent=2)
+    peak = matmul_rate()
+    machine["matmul_flops_per_s"] = peak
+    sections: dict = {}
+    if args.only in ("all", "run"):
+        sections["attribute_run_routes"] = {
+            "machine": machine,
+            "per_checkpoint": run_route_speed(r, 32, 256, args.dim, peak),
+            "end_to_end": run_end_to_end(256, 40, 8),
+            "load_avg_at_end": os.getloadavg(),
+        }
+    if args.only in ("all", "factored"):
+        sections["factored_grads"] = {
+            "machine": machine,
+            "transformer": [
+                factored_speed(r, n, seq, 16, args.factored_before, peak) for n, seq in SEQ_CASES
+            ],
+            "digits": factored_digits(r, args.models, 16),
+            "load_avg_at_end": os.getloadavg(),
+        }
+    if args.only != "all":
+        _write_json(Path(args.out), sections)
+        json.dump(sections, sys.stdout, indent=2)
         print()
         return
-    report = {
-        "machine": machine,
-        "per_example_grads": [
-            per_example_speed(args.rounds, 32, 256, args.dim),
-            per_example_speed(args.rounds, 64, 32, args.dim),
-        ],
-        "digits_lds": digits_comparison(args.dattri_python, args.models),
-        "storage": storage_bytes(args.dim),
-        "factored_grads": factored,
-    }
-    _write_json(Path(args.out), report)
-    json.dump(report, sys.stdout, indent=2)
+    sections.update(
+        {
+            "machine": machine,
+            "per_example_grads": [
+                per_example_speed(args.rounds, 32, 256, args.dim),
+                per_example_speed(args.rounds, 64, 32, args.dim),
+            ],
+            "digits_lds": digits_comparison(args.dattri_python, args.models),
+            "storage": storage_bytes(args.dim),
+        }
+    )
+    report = _write_json(Path(args.out), sections)
+    json.dump({k: v for k, v in report.items() if k != "history"}, sys.stdout, indent=2)
     print()
 
 

@@ -14,6 +14,7 @@
 #   bash scripts/peers.sh kronfluence  # only kronfluence
 #   bash scripts/peers.sh saedashboard   # SAEDashboard 0.8.0 for benchmarks/bench_features.py; not in `all`
 #   bash scripts/peers.sh saebench   # sae-bench 0.6.0 (tests/sae/test_bench*_peer.py); not in `all`
+#   bash scripts/peers.sh dattri     # dattri 0.3.0 for benchmarks/bench_attribution.py (about 1 minute); not in `all`
 # auto-circuit 1.0.1 imports transformer_lens.past_key_value_caching, which TransformerLens 3 removed, so its venv
 # pins TransformerLens 2.18.0 (the last 2.x; and pyarrow 21, the newest that loads with its numpy 1.26). auto-circuit
 # itself goes in without its declared dependencies, with the ones the modules it imports need instead: tracr-pypi
@@ -37,7 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-all}
-case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence | saedashboard | saebench) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence|saedashboard|saebench], got '$want'" >&2; exit 2 ;; esac
+case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence | saedashboard | saebench | dattri) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence|saedashboard|saebench|dattri], got '$want'" >&2; exit 2 ;; esac
 TORCH=2.13.0
 build() {  # name, distribution, version, import name[, dependencies: then the distribution goes in --no-deps]
   local dir=".peers/$1" dist=$2 version=$3 mod=$4 deps=${5:-}
@@ -72,6 +73,7 @@ if [ "$want" = all ] || [ "$want" = circuittracer ]; then
   build circuittracer circuit-tracer 0.5.0 circuit_tracer.replacement_model.replacement_model_transformerlens
 fi
 if [ "$want" = all ] || [ "$want" = kronfluence ]; then build kronfluence kronfluence 1.0.1 kronfluence.analyzer; fi
+if [ "$want" = dattri ]; then build dattri dattri 0.3.0 dattri.algorithm.trak; fi
 if [ "$want" = saedashboard ]; then
   build saedashboard sae-dashboard 0.8.0 sae_dashboard.sae_vis_runner \
     "transformer-lens==2.17.0 transformers==4.56.2 sae-lens==6.54.12 numpy==1.26.4 pyarrow==21.0.0 datasets==3.6.0
@@ -90,3 +92,4 @@ echo "INTERPLAB_CIRCUITTRACER_PYTHON=$PWD/.peers/circuittracer/bin/python"
 echo "INTERPLAB_KRONFLUENCE_PYTHON=$PWD/.peers/kronfluence/bin/python"
 echo "INTERPLAB_SAEBENCH_PYTHON=$PWD/.peers/saebench/bin/python"
 echo "SAEDashboard (benchmarks/bench_features.py --sd-python): $PWD/.peers/saedashboard/bin/python"
+echo "dattri (benchmarks/bench_attribution.py --dattri-python): $PWD/.peers/dattri/bin/python"

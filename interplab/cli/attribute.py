@@ -48,6 +48,12 @@ def attribute(
         help="at most this many training sequences from the window are scored",
         callback=positive_int,
     ),
+    grads: str = typer.Option(
+        library_default(attribute_run, "grads"),
+        help="exact: per-example gradients of the group, then a sparse JL projection; factored: LoGra-style "
+        "Kronecker projection of the group's linear maps (about 3x faster; norm gains and smearing gates "
+        "left out)",
+    ),
     out: Path = typer.Option(
         None, help="output folder (default RUN_DIR/attribution/TARGET)", callback=out_folder
     ),
@@ -74,6 +80,7 @@ def attribute(
                 group=group,
                 dim=dim,
                 max_candidates=candidates,
+                grads=grads,
                 progress=bar,
             )
     except (FileNotFoundError, ValueError) as err:

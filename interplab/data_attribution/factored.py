@@ -8,6 +8,10 @@ memory per example are ``T (d_in k_in + d_out k_out) + T k_in k_out`` instead of
 forward and backward (no parameter gradients, only activation gradients) serves a whole chunk of examples.
 
 Biases are folded in as one extra input coordinate equal to 1 (the homogeneous-coordinate convention of K-FAC).
+The token embedding is a linear map of the one-hot token (``linear_sites(model, embedding=True)``): its
+projected input is the token's row of ``P_in``. Where only dot products with a few fixed vectors are needed (a
+target's gradient, as in TracIn), `factored_dots` computes them exactly from the same captured factors,
+``<G, V> = sum_t g_t . (V x_t)``, with no projection.
 
 >>> sites = linear_sites(model)                      # every linear weight of an interplab Transformer
 >>> proj = FactoredProjector(sites, dim_in=16, dim_out=16)
@@ -94,6 +98,10 @@ class LinearSite:
     #: (model, put_input, put_output) -> a context manager that hands over the site's input ``[n, T, d_in]``
     #: (detached) and its output ``[n, T, d_out]`` (in the autograd graph, to take the gradient at)
     capture: Callable[..., AbstractContextManager[object]] = field(repr=False)
+    #: the input is token ids ``[n, T]`` standing for one-hot rows times ``input_scale`` (an embedding
+    #: ``W [vocab, d]`` seen as a linear map of the one-hot token): its projection is a row lookup of ``P_in``
+    one_hot: bool = False
+    input_scale: float = 1.0
 
     @property
     def d_in_aug(self) -> int:
@@ -298,15 +306,62 @@ def _transformer_sites(model: Transformer) -> list[LinearSite]:
     return sites
 
 
-def linear_sites(model: nn.Module, include: str | None = None) -> list[LinearSite]:
+def embedding_site(model: Transformer) -> LinearSite:
+    """The token embedding ``W_E [vocab, d_model]`` as a linear map of the one-hot token (times the
+    config's ``embed_scale``): its per-example gradient is ``sum_t onehot(token_t) g_t^T`` with ``g_t`` the
+    gradient at ``hook_embed``, so the projected input is the token's row of ``P_in`` (no one-hot is formed).
+    Needs untied embeddings (a tied ``W_E`` is also the unembedding: two uses of one matrix)."""
+    cfg = model.cfg
+    if cfg.tie_embeddings:
+        raise ValueError(
+            "the embedding of a model with tie_embeddings=True is also its unembedding (one matrix used twice); "
+            "factorised projection needs each matrix applied once: use per_example_grads for embed.W_E"
+        )
+
+    @contextmanager
+    def capture(model: Transformer, put_in: Callable, put_out: Callable) -> Iterator[None]:
+        # the token ids reach the embedding through `embed_tokens` (the forward and `logits_of` both call it)
+        original = model.embed_tokens
+
+        def embed_tokens(tokens: Tensor, ctx: object) -> Tensor:
+            put_in(tokens.detach())
+            return original(tokens, ctx)  # type: ignore[arg-type]
+
+        model.embed_tokens = embed_tokens  # type: ignore[method-assign]
+        try:
+            with _point_hooks(model, [], [(model.hook_embed.name, put_out)]):
+                yield
+        finally:
+            del model.embed_tokens  # the class's method again
+
+    return LinearSite(
+        name="embed",
+        weight="embed.W_E",
+        bias=None,
+        d_in=cfg.d_vocab,
+        d_out=cfg.d_model,
+        to_matrix=lambda g: g.transpose(1, 2),
+        bias_to_vec=lambda g: g,
+        capture=capture,
+        one_hot=True,
+        input_scale=1.0 if cfg.embed_scale is None else float(cfg.embed_scale),
+    )
+
+
+def linear_sites(
+    model: nn.Module, include: str | None = None, *, embedding: bool = False
+) -> list[LinearSite]:
     """The linear maps of ``model`` that factorised projection covers: every ``nn.Linear`` of a plain module, or
-    for an interplab `Transformer` the attention's W_Q/W_K/W_V/W_O, the MLP's W_in/W_gate/W_out and the unembedding
-    (embeddings and norms are not linear maps of an activation: leave them to `per_example_grads`).
+    for an interplab `Transformer` the attention's W_Q/W_K/W_V/W_O, the MLP's W_in/W_gate/W_out and the unembedding,
+    and with ``embedding=True`` also the token embedding first (`embedding_site`; norms, learned positions and
+    key-smearing gates are not covered: leave them to `per_example_grads`).
     ``include``: a regular expression on the site names (e.g. ``blocks\\.1\\.`` or ``attn``)."""
     import re
 
     if isinstance(model, Transformer):
         sites = _transformer_sites(model)
+        if embedding and model.embed.W_E.requires_grad:
+            sites = [embedding_site(model), *sites]
     else:
         sites = [_nn_linear_site(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         sites = [s for s in sites if dict(model.named_parameters())[s.weight].requires_grad]
@@ -365,20 +420,34 @@ class FactoredProjector:
             parts.append(mat.flatten(1))
         return torch.cat(parts, dim=1)
 
-    def augment(self, i: int, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Site ``i``'s captured input and output gradient as ``[n, T, d_in(+1)]`` (bias coordinate 1 appended) and
-        ``[n, T, d_out]``, float32."""
-        s = self.sites[i]
-        x = x.float().reshape(x.shape[0], -1, s.d_in)
+    def project_factors(
+        self, i: int, x: Tensor, g: Tensor, s_in: Tensor | None = None, s_out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Site ``i``'s captured input ``[n, T, d_in]`` (token ids ``[n, T]`` for a one-hot site) and output
+        gradient ``[n, T, d_out]``, optionally rescaled (``s_in`` over the bias-augmented input, ``s_out`` over
+        the output gradient), projected: ``([n, T, k_in], [n, T, k_out])`` float32. Equal to ``(x_aug * s_in) @
+        P_in`` and ``(g * s_out) @ P_out`` with ``x_aug`` the input with a bias coordinate 1 appended; the bias
+        row and the scales are folded into the ``[d, k]`` matrices instead (no ``[n, T, d_in + 1]`` copy)."""
+        s, pi, po = self.sites[i], self.p_in[i], self.p_out[i]
         g = g.float().reshape(g.shape[0], -1, s.d_out)
-        if s.bias is not None:
-            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
-        return x, g
-
-    def project_factors(self, i: int, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Augmented factors ``[n, T, d_in(+1)]``, ``[n, T, d_out]`` projected: ``([n, T, k_in], [n, T, k_out])``."""
-        pi, po = self.p_in[i], self.p_out[i]
-        return (x if pi is None else x @ pi), (g if po is None else g @ po)
+        if po is None:
+            pg = g if s_out is None else g * s_out
+        else:
+            pg = g @ (po if s_out is None else s_out[:, None] * po)
+        if s.one_hot:
+            rows = torch.eye(s.d_in) if pi is None else pi  # the projection of each one-hot input
+            if s_in is not None:
+                rows = s_in[:, None] * rows
+            px = rows[x.reshape(x.shape[0], -1)]
+            return (px if s.input_scale == 1.0 else px * s.input_scale), pg
+        x = x.float().reshape(x.shape[0], -1, s.d_in)
+        if pi is None:
+            if s.bias is not None:
+                x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
+            return (x if s_in is None else x * s_in), pg
+        w = pi if s_in is None else s_in[:, None] * pi
+        px = x @ w[: s.d_in]
+        return (px + w[s.d_in] if s.bias is not None else px), pg
 
 
 def _gaussian(d: int, k: int, gen: torch.Generator) -> Tensor | None:
@@ -459,6 +528,26 @@ def default_chunk_size(first: Tensor) -> int:
     return 256
 
 
+def _chunked_factors(
+    model: nn.Module,
+    objective: BatchObjective,
+    examples: Tensor | tuple[Tensor, ...],
+    sites: Sequence[LinearSite],
+    chunk_size: int | None,
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """`capture_factors` chunk by chunk (``chunk_size`` examples, by default `default_chunk_size`)."""
+    examples = examples if isinstance(examples, tuple) else (examples,)
+    if isinstance(model, Transformer) and not examples[0].is_floating_point():
+        model.check_tokens(examples[0], None)
+    n = examples[0].shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(examples[0])
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
+    for start in range(0, n, chunk_size):
+        yield capture_factors(model, objective, tuple(e[start : start + chunk_size] for e in examples), sites)
+
+
 def factored_grads(
     model: nn.Module,
     objective: BatchObjective,
@@ -475,26 +564,57 @@ def factored_grads(
 
     ``chunk_size``: examples per batched forward and backward; by default `default_chunk_size` (about
     ``TOKENS_PER_CHUNK`` positions for token sequences, so memory is bounded by the chunk, not by ``n``)."""
-    examples = examples if isinstance(examples, tuple) else (examples,)
-    if isinstance(model, Transformer) and not examples[0].is_floating_point():
-        model.check_tokens(examples[0], None)
-    n = examples[0].shape[0]
-    if chunk_size is None:
-        chunk_size = default_chunk_size(examples[0])
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of examples, got {chunk_size}")
     out = []
-    for start in range(0, n, chunk_size):
-        chunk = tuple(e[start : start + chunk_size] for e in examples)
-        xs, gs = capture_factors(model, objective, chunk, projector.sites)
+    for xs, gs in _chunked_factors(model, objective, examples, projector.sites, chunk_size):
         parts = []
         for i, (x, g) in enumerate(zip(xs, gs, strict=True)):
-            x, g = projector.augment(i, x, g)
-            if scales is not None:
-                s_in, s_out = scales[i]
-                x = x if s_in is None else x * s_in
-                g = g if s_out is None else g * s_out
-            px, pg = projector.project_factors(i, x, g)
+            px, pg = projector.project_factors(i, x, g, *(scales[i] if scales is not None else ()))
             parts.append(torch.einsum("ntk,ntj->nkj", pg, px).flatten(1))
         out.append(torch.cat(parts, dim=1))
+    return torch.cat(out)
+
+
+def factored_dots(
+    model: nn.Module,
+    objective: BatchObjective,
+    examples: Tensor | tuple[Tensor, ...],
+    sites: Sequence[LinearSite],
+    vectors: Sequence[dict[str, Tensor]],
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Exact dot products of every example's gradient at ``sites`` with each of ``vectors`` (one dict per
+    vector: parameter name -> a tensor shaped like the parameter, e.g. a target's gradient): ``[n,
+    len(vectors)]``, with no projection and no per-example gradient formed. Per site and position,
+    ``<g_t x_t^T, V> = g_t . (V x_t)``: one ``[d_in] x [d_in, d_out]`` product per position and vector (a row
+    of ``V^T`` for an embedding), the weight-gradient matmul's arithmetic without its [n, d_out, d_in] result."""
+    if not vectors:
+        raise ValueError("factored_dots needs at least one vector (a dict of parameter name -> tensor)")
+    mats = []
+    for s in sites:
+        missing = [p for p in s.params if any(p not in v for v in vectors)]
+        if missing:
+            raise ValueError(f"every vector needs an entry for {', '.join(missing)} (site {s.name})")
+        w = torch.stack([s.to_matrix(v[s.weight][None].float())[0] for v in vectors])  # [m, d_out, d_in]
+        if s.one_hot:
+            w = w.transpose(1, 2).contiguous()  # [m, vocab, d_out]: one row per token
+        b = torch.stack([s.bias_to_vec(v[s.bias][None].float())[0] for v in vectors]) if s.bias else None
+        mats.append((w, b))
+    out = []
+    for xs, gs in _chunked_factors(model, objective, examples, sites, chunk_size):
+        n = gs[0].shape[0]
+        total = torch.zeros(n, len(vectors))
+        for s, (w, b), x, g in zip(sites, mats, xs, gs, strict=True):
+            g = g.float().reshape(n, -1, s.d_out)  # [n, T, d_out]
+            x = x.reshape(n, -1) if s.one_hot else x.float().reshape(-1, s.d_in)
+            for j in range(len(vectors)):
+                if s.one_hot:  # V x_t is the token's row of V^T
+                    total[:, j] += (w[j][x] * g).sum((1, 2)) * s.input_scale
+                elif s.d_out > s.d_in:  # the narrower side: g_t V [d_in] against x_t (the unembedding)
+                    total[:, j] += ((g.reshape(-1, s.d_out) @ w[j]).view(n, -1) * x.view(n, -1)).sum(1)
+                else:  # V x_t [d_out] against g_t
+                    total[:, j] += ((x @ w[j].T).view(n, -1) * g.view(n, -1)).sum(1)
+            if b is not None:
+                total += g.sum(1) @ b.T
+        out.append(total)
     return torch.cat(out)

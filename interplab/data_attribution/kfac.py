@@ -81,7 +81,7 @@ class EKFAC:
                     tuple(
                         zip(
                             *(
-                                projector.project_factors(i, *projector.augment(i, x, g))
+                                projector.project_factors(i, x, g)
                                 for i, (x, g) in enumerate(zip(xs, gs, strict=True))
                             ),
                             strict=True,

@@ -9,7 +9,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -92,8 +92,14 @@ def per_example_grads(
 
 def objective_grad(model: M, objective: Callable[[M], Tensor], group: ParamGroup) -> Tensor:
     """The gradient of a scalar function of the model (a target) with respect to ``group``: [group.numel]."""
+    return group.flatten(objective_grads(model, objective, group.param_names))
+
+
+def objective_grads(model: M, objective: Callable[[M], Tensor], names: Sequence[str]) -> dict[str, Tensor]:
+    """The gradient of a scalar function of the model (a target) with respect to the parameters ``names``,
+    by name (zeros where it does not depend on one)."""
     params = dict(model.named_parameters())
-    leaves = {k: params[k].detach().clone().requires_grad_(True) for k in group.param_names}
+    leaves = {k: params[k].detach().clone().requires_grad_(True) for k in names}
     merged = {k: leaves.get(k, v.detach()) for k, v in params.items()}
     bound = _Bound(model, lambda m: objective(m))
     with torch.enable_grad():
@@ -108,9 +114,7 @@ def objective_grad(model: M, objective: Callable[[M], Tensor], group: ParamGroup
                 "the target is not differentiable with respect to the chosen parameters "
                 "(its value does not depend on them through differentiable operations)"
             )
-        grads = torch.autograd.grad(value, [leaves[k] for k in group.param_names], allow_unused=True)
-    by_name = {
-        k: (g if g is not None else torch.zeros_like(leaves[k]))
-        for k, g in zip(group.param_names, grads, strict=True)
+        grads = torch.autograd.grad(value, [leaves[k] for k in names], allow_unused=True)
+    return {
+        k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads, strict=True)
     }
-    return group.flatten(by_name)

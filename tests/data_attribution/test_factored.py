@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from interplab.data_attribution import lds, lm_loss, methods, param_group, per_example_grads
-from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites, lm_losses
+from interplab.data_attribution.factored import (
+    FactoredProjector,
+    factored_dots,
+    factored_grads,
+    linear_sites,
+    lm_losses,
+)
 from interplab.data_attribution.kfac import EKFAC, ekfac_influence
 from interplab.model import ModelConfig, Transformer
 
@@ -199,3 +205,72 @@ def test_factored_chunking_and_frozen_parameters():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="chunk_size"):
         factored_grads(model, lm_losses, tokens, proj, chunk_size=0)
+
+
+@pytest.mark.parametrize("embed_scale", [None, 3.0])
+def test_embedding_site_equals_kronecker_projection_of_exact_grads(embed_scale):
+    """The token embedding as a linear map of the one-hot token (times embed_scale): projected (a row of P_in
+    per token), exact (dim_in >= vocab: the one-hot itself) and rescaled (a preconditioner's site scales) it
+    equals the same projection of the exact per-example W_E gradient."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=16, n_layers=2, n_heads=2, d_vocab=20, n_ctx=8, positional="rotary", d_mlp=32,
+        embed_scale=embed_scale,
+    )  # fmt: skip
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 20, (5, 8))
+    sites = linear_sites(model, embedding=True)
+    assert sites[0].name == "embed" and sites[0].one_hot and len(sites) == len(linear_sites(model)) + 1
+    exact = _exact_by_param(model, tokens, [s.weight for s in sites] + [s.bias for s in sites if s.bias])
+    for dim_in in (4, 100):
+        proj = FactoredProjector(sites, dim_in=dim_in, dim_out=6, seed=2)
+        feats = factored_grads(model, lm_losses, tokens, proj, chunk_size=2)
+        torch.testing.assert_close(feats, proj.project_grads(exact), rtol=1e-5, atol=1e-5)
+    want = exact["embed.W_E"].transpose(1, 2).flatten(1)  # unprojected: the exact gradient, [d_model, vocab]
+    proj = FactoredProjector(sites[:1], dim_in=100, dim_out=100)
+    torch.testing.assert_close(factored_grads(model, lm_losses, tokens, proj), want, rtol=1e-5, atol=1e-6)
+    # a rank-one elementwise rescaling (site scales) of the embedding's one-hot inputs and output gradients
+    s_in, s_out = torch.rand(20) + 0.5, torch.rand(16) + 0.5
+    scaled = {k: v * (s_out[:, None] * s_in[None]).T for k, v in exact.items() if k == "embed.W_E"}
+    for dim_in in (4, 100):
+        proj = FactoredProjector(sites[:1], dim_in=dim_in, dim_out=6, seed=1)
+        got = factored_grads(model, lm_losses, tokens, proj, scales=[(s_in, s_out)])
+        torch.testing.assert_close(got, proj.project_grads(scaled), rtol=1e-5, atol=1e-5)
+    assert "embed_tokens" not in model.__dict__  # the capture put the class's method back
+
+
+def test_embedding_site_refuses_tied_embeddings_and_frozen_embeddings_are_skipped():
+    cfg = dict(d_model=16, n_layers=1, n_heads=2, d_vocab=20, n_ctx=8, attn_only=True)
+    tied = Transformer(ModelConfig(**cfg, tie_embeddings=True))
+    with pytest.raises(ValueError, match="tie_embeddings=True is also its unembedding"):
+        linear_sites(tied, embedding=True)
+    frozen = Transformer(ModelConfig(**cfg))
+    frozen.embed.W_E.requires_grad_(False)
+    assert [s.name for s in linear_sites(frozen, embedding=True)] == [s.name for s in linear_sites(frozen)]
+
+
+@pytest.mark.parametrize(
+    "variant", [{"d_mlp": 32, "embed_scale": 2.0}, {"attn_only": True, "smear_keys": True}]
+)
+def test_factored_dots_equal_exact_gradient_dot_products(variant):
+    """<grad_i, v> over every linear map and the embedding, from the maps' inputs and output gradients: equal
+    to the dot products of exact per-example gradients with each vector (no projection)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=20, n_ctx=8, positional="rotary", **variant)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 20, (5, 8))
+    sites = linear_sites(model, embedding=True)
+    names = [p for s in sites for p in s.params]
+    exact = _exact_by_param(model, tokens, names)
+    params = dict(model.named_parameters())
+    vectors = [{k: torch.randn_like(params[k]) for k in names} for _ in range(3)]
+    got = factored_dots(model, lm_losses, tokens, sites, vectors, chunk_size=2)
+    want = torch.stack([sum((exact[k] * v[k]).flatten(1).sum(1) for k in names) for v in vectors], dim=1)
+    assert got.shape == (5, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one vector"):
+        factored_dots(model, lm_losses, tokens, sites, [])
+    with pytest.raises(ValueError, match="every vector needs an entry for blocks.0.attn.b_Q"):
+        factored_dots(
+            model, lm_losses, tokens, sites, [{k: v for k, v in vectors[0].items() if "b_Q" not in k}]
+        )

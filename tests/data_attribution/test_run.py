@@ -98,21 +98,27 @@ def test_recording_callback_during_training(tmp_path, monkeypatch):
     torch.testing.assert_close(grads, expected / len(ids), atol=1e-5, rtol=1e-4)
 
 
+def _grads(model, names, value):
+    """The gradient of ``value`` with respect to the parameters ``names``, by one plain backward pass (unused
+    parameters: 0), by name."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(value, [params[k] for k in names], allow_unused=True, materialize_grads=True)
+    return dict(zip(names, grads, strict=True))
+
+
 def _flat_grad(model, grp, value):
     """The gradient of ``value`` with respect to ``grp``, by one plain backward pass (unused parameters: 0)."""
-    params = dict(model.named_parameters())
-    grads = torch.autograd.grad(
-        value, [params[k] for k in grp.param_names], allow_unused=True, materialize_grads=True
-    )
-    return grp.flatten(dict(zip(grp.param_names, grads, strict=True)))
+    return grp.flatten(_grads(model, grp.param_names, value))
 
 
-def _hand_tracin(run_dir, target, window, ids, dim):
+def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
     """The checkpoint loop written out: per-example backward passes at every checkpoint of the window but the
-    last, each term -lr x span / n_train <P grad target, P grad loss_i>."""
+    last, each term -lr x span / n_train <P grad target, P grad loss_i>; P the sparse JL projection of the
+    flat gradient, or (``grads="factored"``) none: the exact dot product over the group's linear maps."""
     import torch.nn.functional as F
 
     from interplab.data_attribution import Projector, param_group
+    from interplab.data_attribution.run import group_sites
     from interplab.model.io import load_native
     from interplab.runs import TrainRun
     from interplab.train.config import TrainConfig
@@ -127,19 +133,65 @@ def _hand_tracin(run_dir, target, window, ids, dim):
     for a, b in zip(ckpts[:-1], ckpts[1:], strict=True):
         model = load_native(a.path)
         grp = param_group(model, "all")
-        proj = Projector(d_in=grp.numel, dim=dim, seed=0)
-        tg = _flat_grad(model, grp, target(model))
-        g = torch.stack(
-            [
-                _flat_grad(model, grp, F.cross_entropy(model(t[None])[0, :-1].float(), t[1:]))
-                for t in tokens  # one backward pass per training sequence
-            ]
-        )
+        losses = [F.cross_entropy(model(t[None])[0, :-1].float(), t[1:]) for t in tokens]
+        if grads == "exact":
+            proj = Projector(d_in=grp.numel, dim=dim, seed=0)
+            tg = proj.project(_flat_grad(model, grp, target(model))[None])[0]
+            # one backward pass per training sequence
+            g = proj.project(torch.stack([_flat_grad(model, grp, loss) for loss in losses]))
+        else:
+            names = [p for s in group_sites(model, grp) for p in s.params]
+            tgrads = _grads(model, names, target(model))
+            tg = torch.cat([tgrads[k].flatten() for k in names])
+            g = torch.stack(
+                [torch.cat([v.flatten() for v in _grads(model, names, loss).values()]) for loss in losses]
+            )
         o = cfg.optim
         lr = cosine_lr(a.step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
         weight = lr * (b.step - a.step) / source.n_train
-        rows.append(-weight * (proj.project(g) @ proj.project(tg[None])[0]))
+        rows.append(-weight * (g @ tg))
     return torch.stack(rows)
+
+
+def test_attribute_run_factored_equals_the_hand_written_loop_without_projection(tiny_run, tmp_path):
+    """grads='factored' (exact dot products from the linear maps' inputs and output gradients, never a
+    per-example gradient) gives the unprojected TracIn scores of plain per-example backward passes over every
+    linear map of the run's model, the embedding included."""
+    from interplab.data_attribution import Target, param_group
+    from interplab.data_attribution.run import group_sites
+    from interplab.model.io import load_native
+    from interplab.runs import TrainRun
+
+    custom = Target("qk-norm:1", lambda m: (m.blocks[1].attn.W_Q * m.blocks[1].attn.W_K).sum())
+    result = attribute_run(tiny_run, custom, window=(0, 12), dim=64, max_candidates=10, grads="factored")
+    assert result.grads == "factored" and result.to_dict()["grads"] == "factored"
+    expected = _hand_tracin(tiny_run, custom, (0, 12), result.example_ids, 64, grads="factored")
+    torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
+    assert bool(expected.abs().sum() > 0)
+    model = load_native(TrainRun.open(tiny_run).checkpoints()[0].path)
+    sites = [s.name for s in group_sites(model, param_group(model, "all"))]
+    assert sites[:2] == ["embed", "blocks.0.attn.q"] and sites[-1] == "unembed" and len(sites) == 10
+    assert [s.name for s in group_sites(model, param_group(model, "layer:1"))] == [
+        f"blocks.1.attn.{w}" for w in "qkvo"
+    ]
+    with pytest.raises(ValueError, match="selects slices of blocks.1.attn.W_K"):
+        attribute_run(tiny_run, custom, window=(0, 12), group="head:1.0", grads="factored")
+    with pytest.raises(ValueError, match="holds no linear map"):
+        attribute_run(tiny_run, custom, window=(0, 12), group="re:ln_final", grads="factored")
+    with pytest.raises(ValueError, match="grads must be one of exact, factored, got 'fast'"):
+        attribute_run(tiny_run, custom, window=(0, 12), grads="fast")
+    # the command line: --grads factored writes the same scores, and the report says how they were taken
+    from typer.testing import CliRunner
+
+    from interplab.cli.main import app
+    from interplab.io import load_tensors
+
+    args = ["attribute", str(tiny_run), "--target", "prev:0.0", "--window", "0:12", "--candidates", "10"]
+    done = CliRunner().invoke(app, [*args, "--grads", "factored", "--out", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["grads"] == "factored"
+    direct = attribute_run(tiny_run, "prev:0.0", window=(0, 12), max_candidates=10, grads="factored")
+    torch.testing.assert_close(load_tensors(tmp_path / "out" / "scores.safetensors")["scores"], direct.scores)
 
 
 def test_attribute_run_any_target_equals_the_hand_written_checkpoint_loop(tiny_run, tmp_path):
