@@ -8,7 +8,7 @@
 # torch is installed first, pinned, so no peer pulls a CUDA build (checked after the install). Idempotent: a peer
 # whose venv already has the pinned version is kept. Prints the variables the tests read (tests/peers.py also
 # finds .peers/<name>/bin/python by itself when they are unset).
-#   bash scripts/peers.sh              # build all seven (everything but saedashboard): what CI runs
+#   bash scripts/peers.sh              # build all seven (everything but saedashboard), side by side: what CI runs
 #   bash scripts/peers.sh tl           # only TransformerLens
 #   bash scripts/peers.sh saelens      # only sae_lens
 #   bash scripts/peers.sh autocircuit  # only auto-circuit
@@ -71,25 +71,46 @@ sys.exit(m.version('$dist') != '$version' or torch.version.cuda is not None or b
   fi
   echo "peers.sh: built $dir ($dist $version) in $((SECONDS - start)) s" >&2
 }
-if [ "$want" = all ] || [ "$want" = tl ]; then build tl transformer-lens 3.9.0 transformer_lens; fi
-if [ "$want" = all ] || [ "$want" = saelens ]; then build saelens sae-lens 6.54.12 sae_lens; fi
+# `all` builds the peers side by side (pip's downloads and unpacking overlap; each build's output goes to
+# .peers/<name>.log, shown when it fails), a named one in the foreground
+pending=()
+peer() {  # build's arguments
+  if [ "$want" != all ]; then build "$@"; return; fi
+  mkdir -p .peers
+  build "$@" >".peers/$1.log" 2>&1 &
+  pending+=("$1:$!")
+}
+if [ "$want" = all ] || [ "$want" = tl ]; then peer tl transformer-lens 3.9.0 transformer_lens; fi
+if [ "$want" = all ] || [ "$want" = saelens ]; then peer saelens sae-lens 6.54.12 sae_lens; fi
 if [ "$want" = all ] || [ "$want" = autocircuit ]; then
-  build autocircuit auto-circuit 1.0.1 auto_circuit.prune \
+  peer autocircuit auto-circuit 1.0.1 auto_circuit.prune \
     "transformer-lens==2.18.0 pyarrow==21.0.0 einops ordered-set plotly blobfile safetensors"
 fi
 if [ "$want" = all ] || [ "$want" = circuittracer ]; then
-  build circuittracer circuit-tracer 0.5.0 circuit_tracer.replacement_model.replacement_model_transformerlens
+  peer circuittracer circuit-tracer 0.5.0 circuit_tracer.replacement_model.replacement_model_transformerlens
 fi
-if [ "$want" = all ] || [ "$want" = kronfluence ]; then build kronfluence kronfluence 1.0.1 kronfluence.analyzer; fi
+if [ "$want" = all ] || [ "$want" = kronfluence ]; then peer kronfluence kronfluence 1.0.1 kronfluence.analyzer; fi
 if [ "$want" = all ] || [ "$want" = devinterp ]; then
-  build devinterp devinterp 2.0.1 "devinterp.slt.llc, datasets, einops, jaxtyping, safetensors, tokenizers, yaml" "" \
+  peer devinterp devinterp 2.0.1 "devinterp.slt.llc, datasets, einops, jaxtyping, safetensors, tokenizers, yaml" "" \
     "einops==0.8.2 jaxtyping==0.3.11 safetensors==0.8.0 tokenizers==0.23.3 pyyaml==6.0.4"
 fi
 if [ "$want" = all ] || [ "$want" = saebench ]; then
-  build saebench sae-bench 0.6.0 "sae_bench.evals.core.main, sae_bench.evals.sparse_probing.probe_training" \
+  peer saebench sae-bench 0.6.0 "sae_bench.evals.core.main, sae_bench.evals.sparse_probing.probe_training" \
     "sae-lens==6.54.12 transformer-lens==3.9.0 numpy==1.26.4 datasets==3.6.0 einops==0.8.2 jaxtyping==0.3.11
      pyarrow==25.0.1 pandas==2.3.3 pydantic==2.14.4 beartype==0.23.1 scikit-learn==1.9.1 tabulate==0.10.0 tqdm==4.70.1"
 fi
+failed=0
+for job in "${pending[@]}"; do
+  name=${job%%:*}
+  if wait "${job#*:}"; then
+    grep -h "^peers.sh: built" ".peers/$name.log" >&2 || true
+  else
+    echo "peers.sh: building .peers/$name failed; its output (.peers/$name.log), last lines:" >&2
+    tail -n 40 ".peers/$name.log" >&2
+    failed=1
+  fi
+done
+[ "$failed" = 0 ] || exit 1
 if [ "$want" = saedashboard ]; then
   build saedashboard sae-dashboard 0.8.0 sae_dashboard.sae_vis_runner \
     "transformer-lens==2.17.0 transformers==4.56.2 sae-lens==6.54.12 numpy==1.26.4 pyarrow==21.0.0 datasets==3.6.0
