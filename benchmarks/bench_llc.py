@@ -2,9 +2,10 @@
 
 The model is a small interplab attention-only transformer (the demo's architecture, smaller), trained for a
 few hundred steps on repeated random tokens so that its weights sit near a minimum; the data are the same
-token windows for both. devinterp runs in its own venv (``.peers/devinterp``, torch 2.13 CPU) with the checkout
-on PYTHONPATH so it loads the same model folder, through its public ``devinterp.slt.llc.llc`` with the same
-SGLD step size, nbeta, localisation, chains, draws and batch size (no burn-in: devinterp averages every step).
+token windows for both. devinterp runs in its own venv (``.peers/devinterp``, torch 2.13 CPU, built by
+``bash scripts/peers.sh devinterp``) with the checkout on PYTHONPATH so it loads the same model folder, through
+its public ``devinterp.slt.llc.llc`` with the same SGLD step size, nbeta, localisation, chains, draws and batch
+size (no burn-in: devinterp averages every step).
 
 Rounds are interleaved (interplab per chain, interplab with the chains in one vmap, devinterp, ...); the report gives medians of wall and CPU seconds
 of the estimator call alone (imports and model loading excluded on both sides), both estimates with their

@@ -9,4 +9,5 @@ bash scripts/setup.sh --test
 bash scripts/browser-deps.sh
 bash scripts/postgres-deps.sh
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pytest -q -rs "$@"
+# --durations: the 40 slowest tests at the end of the log, to see where the suite's time goes
+exec .venv/bin/python -m pytest -q -rs --durations=40 "$@"

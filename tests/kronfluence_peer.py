@@ -1,6 +1,6 @@
 """kronfluence 1.0.1 beside interplab: EK-FAC influence of one MLP classifier, the problem handed over as files.
 
-kronfluence runs in its own interpreter (``.peers/kronfluence``, built by hand: see `tests.peers.BUILD_BY_HAND`;
+kronfluence runs in its own interpreter (``.peers/kronfluence``, built by ``bash scripts/peers.sh kronfluence``;
 `tests.peers.peer_python("kronfluence")` finds it) and reads what `write_problem` writes: the MLP's weights and
 the train/query examples (safetensors) and the settings (JSON). ``benchmarks/_kronfluence_peer.py`` fits its
 EK-FAC factors, scores every query against every training example and writes the score matrix back

@@ -1,10 +1,11 @@
 """The peer packages the compatibility tests compare against (TransformerLens 3.9, sae_lens, auto-circuit 1.0.1,
-circuit-tracer 0.5.0, kronfluence 1.0.1).
+circuit-tracer 0.5.0, kronfluence 1.0.1, devinterp 2.0.1, sae-bench 0.6.0).
 
 Each peer lives in its own virtual environment, never in the test environment, and runs in a subprocess:
 ``bash scripts/peers.sh`` builds them under ``.peers/`` (CI does, in .ci/run). A test asks for a peer's
 interpreter with `peer_python`: the variable (``INTERPLAB_TL_PYTHON``, ``INTERPLAB_SAELENS_PYTHON``,
-``INTERPLAB_AUTOCIRCUIT_PYTHON``, ``INTERPLAB_CIRCUITTRACER_PYTHON``, ``INTERPLAB_KRONFLUENCE_PYTHON``) when set, else ``.peers/<name>/bin/python``;
+``INTERPLAB_AUTOCIRCUIT_PYTHON``, ``INTERPLAB_CIRCUITTRACER_PYTHON``, ``INTERPLAB_KRONFLUENCE_PYTHON``,
+``INTERPLAB_DEVINTERP_PYTHON``, ``INTERPLAB_SAEBENCH_PYTHON``) when set, else ``.peers/<name>/bin/python``;
 without one the test is skipped with the reason, or fails when ``INTERPLAB_REQUIRE_PEERS=1`` (CI), so a broken
 peer build cannot pass as a skip.
 """
@@ -29,21 +30,6 @@ PEERS = {
     "devinterp": ("INTERPLAB_DEVINTERP_PYTHON", "devinterp.slt.llc"),
     "kronfluence": ("INTERPLAB_KRONFLUENCE_PYTHON", "kronfluence.analyzer"),
 }
-NOT_IN_CI = {"saebench", "devinterp"}
-"""peers CI does not build (scripts/peers.sh builds sae-bench's venv on request, not in `all`: 2 GB of
-sae-lens, TransformerLens and transformers; devinterp 2.0 pulls datasets, xarray and zarr, and needs einops,
-jaxtyping, safetensors, tokenizers and pyyaml beside it to load interplab's models): their tests skip with the
-reason even under INTERPLAB_REQUIRE_PEERS=1. devinterp's venv: ``python3 -m venv .peers/devinterp``,
-``pip install torch==2.13.0`` (CPU) first, then ``pip install devinterp einops jaxtyping safetensors tokenizers
-pyyaml``"""
-
-
-BUILD_BY_HAND = {
-    "devinterp": "build it with `python3 -m venv .peers/devinterp && .peers/devinterp/bin/pip install torch==2.13.0"
-    " && .peers/devinterp/bin/pip install torch==2.13.0 devinterp einops jaxtyping safetensors tokenizers pyyaml`",
-    "saebench": "run `bash scripts/peers.sh saebench` (sae-bench 0.6.0 on a CPU torch, not part of `all`)",
-}
-"""how to get the peers of NOT_IN_CI, said in their skip reasons (peers.sh builds sae-bench only when named)"""
 
 
 @functools.cache
@@ -55,16 +41,15 @@ def _problem(python: str, module: str) -> str | None:
 
 
 def peer_python(name: str) -> str:
-    """The interpreter of peer ``name`` ("tl", "saelens", "autocircuit" or "circuittracer"); skips (or, under
-    INTERPLAB_REQUIRE_PEERS=1, fails) the calling test when it is missing or broken."""
+    """The interpreter of peer ``name`` (a key of `PEERS`); skips (or, under INTERPLAB_REQUIRE_PEERS=1, fails)
+    the calling test when it is missing or broken."""
     var, module = PEERS[name]
     python = os.environ.get(var) or str(ROOT / ".peers" / name / "bin" / "python")
     problem = _problem(python, module)
     if problem is None:
         return python
-    how = BUILD_BY_HAND.get(name, f"run `bash scripts/peers.sh {name}`")
-    reason = f"{module} peer unavailable ({problem}): {how} or set {var}"
-    if os.environ.get("INTERPLAB_REQUIRE_PEERS") == "1" and name not in NOT_IN_CI:
+    reason = f"{module} peer unavailable ({problem}): run `bash scripts/peers.sh {name}` or set {var}"
+    if os.environ.get("INTERPLAB_REQUIRE_PEERS") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
 

@@ -37,9 +37,13 @@ def test_a_mixing_estimate_carries_finite_diagnostics_and_does_not_warn():
     assert math.isfinite(est.rhat) and math.isfinite(est.ess_bulk) and math.isfinite(est.ess_tail)
     assert 1 - 0.01 < est.rhat < 1.01 and est.converged
     assert 0 < est.ess_bulk <= 4000 * math.log10(4000) and 0 < est.ess_tail
-    # the diagnostics of the per-draw LLC, nbeta (L_t - L(w*)) (an increasing affine map of the loss)
-    per_draw = est.nbeta * (est.trace[:, MIXING.burn_in :].double() - est.init_loss)
-    assert est.rhat == pytest.approx(rhat(per_draw), rel=1e-6)
+    # the diagnostics of the draws' losses after the burn-in, computed by mcmc
+    draws = est.trace[:, MIXING.burn_in :]
+    assert (est.rhat, est.ess_bulk, est.ess_tail) == (rhat(draws), ess_bulk(draws), ess_tail(draws))
+    # which are those of the per-draw LLC, nbeta (L_t - L(w*)) (an increasing affine map of the loss: the ranks
+    # are the same; the folded R-hat's |x - median| rounds differently after the scaling, 1.4e-6 apart here)
+    per_draw = est.nbeta * (draws.double() - est.init_loss)
+    assert est.rhat == pytest.approx(rhat(per_draw), rel=1e-5)
     assert est.ess_bulk == pytest.approx(ess_bulk(per_draw), rel=1e-6)
     assert est.ess_tail == pytest.approx(ess_tail(per_draw), rel=1e-6)
     assert "R-hat 1.00" in est.summary() and "mixed" in est.summary() and "NOT" not in est.summary()

@@ -138,7 +138,9 @@ def test_planted_nested_features_recovered_coarse_first():
     train_saes(
         saes,
         TensorActivations({RESID: x}, batch_size=512, epochs=40, seed=0),
-        SAETrainConfig(total_steps=1500, lr=3e-3, warmup_steps=50, autocast=False, log_every=500),
+        # 600 steps: the same margins as 1,500 (smallest fine cosine 0.890 vs 0.891, 3 of 4 coarse features in
+        # the prefix, coarse gap 0.106 vs 0.106) at 0.34x the CPU time
+        SAETrainConfig(total_steps=600, lr=3e-3, warmup_steps=50, autocast=False, log_every=300),
     )
     cos = {}
     for arch, sae in saes.items():
