@@ -21,7 +21,7 @@ from interplab.dynamics import (
     estimate_llc_hmc,
     mse_loss,
 )
-from tests.dynamics.test_llc import GAMMA, _linear
+from tests.dynamics.test_llc import GAMMA, _linear, validation_case
 
 NBETA = 1000 / math.log(1000)
 
@@ -79,6 +79,37 @@ def test_matches_the_gaussian_closed_form(where):
         assert abs(exact - 1.986) < 1e-3
     if where == "off-minimum":
         assert exact < -0.5  # the chains fall towards the minimum: far from d / 2, a real test of the drift
+
+
+def quartic_llc(x: torch.Tensor, nbeta: float, gamma: float) -> float:
+    """The exact target of test_llc's planted degenerate direction (``y = w . x[:3] + v^2 x[3]`` at its
+    truth ``v = 0``, noise orthogonal to x): ``L - L(w*) = z H z / 2`` with ``z = (dw, v^2)``, so given ``v``
+    the posterior of ``dw`` is Gaussian (precision ``P = nbeta H[:3, :3] + gamma I``, mean ``-nbeta v^2 P^-1
+    H[:3, 3]``) and what is left is a 1-D integral over ``v`` with weight ``exp(-kappa v^4 / 2 - gamma v^2 /
+    2)``, done by quadrature on a fine grid. Not Gaussian: it tends to 3/2 + 1/4 only as nbeta grows."""
+    x = x.double()
+    h = x.T @ x / x.shape[0]
+    a, b, c = h[:3, :3], h[:3, 3], h[3, 3]
+    p_inv = torch.linalg.inv(nbeta * a + gamma * torch.eye(3, dtype=torch.float64))
+    kappa = nbeta * c - nbeta**2 * b @ p_inv @ b
+    v = torch.linspace(-6, 6, 200001, dtype=torch.float64) * (nbeta * c) ** -0.25
+    s = v**2
+    m = -nbeta * s[:, None] * (p_inv @ b)[None]  # [grid 3]: E[dw | v]
+    given_v = nbeta / 2 * (torch.trace(a @ p_inv) + ((m @ a) * m).sum(1) + 2 * s * (m @ b) + c * s**2)
+    log_w = -kappa * v**4 / 2 - gamma * v**2 / 2
+    weight = (log_w - log_w.max()).exp()
+    return float((given_v * weight).sum() / weight.sum())
+
+
+def test_matches_the_exact_quartic_target_of_a_degenerate_direction():
+    """A singular, non-Gaussian posterior with an exact answer: 1.730 at nbeta = 145 (the quadrature gives
+    1.7499 at nbeta = 1e6, where the learning coefficient 1.75 is the limit)."""
+    model, data, _ = validation_case("planted")
+    exact = quartic_llc(data[0], NBETA, GAMMA)
+    assert abs(quartic_llc(data[0], 1e6, GAMMA) - 1.75) < 2e-3 and abs(exact - 1.730) < 1e-3
+    est = estimate_llc_hmc(model, data, mse_loss, HMCConfig(**{**vars(CFG), "draws": 600, "seed": 0}))
+    _within(est, exact, max_se=0.02)
+    assert est.rhat < 1.01
 
 
 def test_no_step_bias_where_sgld_has_one():
