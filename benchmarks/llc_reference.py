@@ -38,10 +38,10 @@ SHAPES = {"dln-3-2-3": (3, 2, 3, 1), "dln-4-2-3": (4, 2, 3, 1)}
 # the larger nbeta gets more leapfrog steps per iteration to keep the trajectory long enough to move along
 # the singular set (whose width is set by gamma, not nbeta)
 CASES: dict[str, tuple[float, int, int, int, int]] = {
-    "dln-3-2-3@145": (cases.N / math.log(cases.N), 8, 256, 1000, 300),
-    "dln-4-2-3@145": (cases.N / math.log(cases.N), 8, 256, 1000, 300),
-    "dln-3-2-3@1000": (1000.0, 16, 128, 800, 300),
-    "dln-3-2-3@10000": (10000.0, 32, 128, 500, 300),
+    "dln-3-2-3@145": (cases.N / math.log(cases.N), 8, 256, 1000, 600),
+    "dln-4-2-3@145": (cases.N / math.log(cases.N), 8, 256, 1000, 600),
+    "dln-3-2-3@1000": (1000.0, 16, 128, 600, 400),
+    "dln-3-2-3@10000": (10000.0, 32, 64, 500, 400),
 }
 
 
@@ -89,6 +89,10 @@ def run_case(name: str, chains: int | None, draws: int | None, seed: int) -> dic
         "burn_in": cfg.burn_in,
         "seed": seed,
         "rhat": est.rhat,
+        "rhat_distance": est.rhat_distance,
+        "distance_halves": [
+            float(est.distance[:, cfg.burn_in :][:, s].mean()) for s in (slice(0, half), slice(half, None))
+        ],
         "ess_bulk": est.ess_bulk,
         "ess_tail": est.ess_tail,
         "warnings": [str(w.message) for w in caught],

@@ -148,12 +148,18 @@ class HMCEstimate:
     """the leapfrog step of the draws (adapted during burn-in when ``config.adapt``)"""
     step_trace: Tensor
     """the step at every iteration (before jitter), ``[burn_in + draws]``"""
+    distance: Tensor
+    """squared distance ``|w - w*|^2`` of every chain after every iteration, ``[chain, burn_in + draws]``: it
+    moves along the flat directions of a singular model, which the loss does not see"""
     component: str = "all"
     n_params: int = 0
     rhat: float = math.nan
     """rank-normalised split-R-hat of the draws' losses (`mcmc.rhat`); NaN with < 2 chains or < 4 draws"""
     ess_bulk: float = math.nan
     ess_tail: float = math.nan
+    rhat_distance: float = math.nan
+    """R-hat of the draws' ``distance``: chains that agree on the loss but not yet on where along the
+    singular set they are show here"""
 
     @property
     def chains(self) -> int:
@@ -161,15 +167,17 @@ class HMCEstimate:
 
     @property
     def converged(self) -> bool:
-        """R-hat below `mcmc.RHAT_THRESHOLD` (False when it could not be computed)."""
-        return self.rhat < mcmc.RHAT_THRESHOLD
+        """R-hat of the loss and of the distance from w* below `mcmc.RHAT_THRESHOLD` (False when they could
+        not be computed)."""
+        return max(self.rhat, self.rhat_distance) < mcmc.RHAT_THRESHOLD
 
     def summary(self) -> str:
         """One line: the LLC with its SE, the acceptance, the step and the chains' diagnostics."""
         diag = (
             "R-hat n/a"
             if math.isnan(self.rhat)
-            else f"R-hat {self.rhat:.3f}, ESS bulk {self.ess_bulk:.0f} / tail {self.ess_tail:.0f}"
+            else f"R-hat {self.rhat:.3f} (of |w - w*|^2: {self.rhat_distance:.3f}), ESS bulk "
+            f"{self.ess_bulk:.0f} / tail {self.ess_tail:.0f}"
         )
         return (
             f"HMC LLC ({self.component}) {self.llc:.4g} ± {self.se:.2g} from {self.chains} chains x "
@@ -194,6 +202,7 @@ class HMCEstimate:
             "rhat": finite_or_none(self.rhat),
             "ess_bulk": finite_or_none(self.ess_bulk),
             "ess_tail": finite_or_none(self.ess_tail),
+            "rhat_distance": finite_or_none(self.rhat_distance),
             "config": asdict(self.config),
         }
         if trace:
@@ -327,6 +336,7 @@ def estimate_llc_hmc(
     total = cfg.burn_in + cfg.draws
     trace = torch.empty(C, total, dtype=torch.float64)
     accept_prob = torch.empty(C, total, dtype=torch.float64)
+    distance = torch.empty(C, total, dtype=torch.float64)
     steps = torch.empty(total, dtype=torch.float64)
     adapt = _DualAveraging(cfg.step_size, cfg.target_accept)
     h = cfg.step_size
@@ -348,6 +358,7 @@ def estimate_llc_hmc(
         if cfg.adapt and t < cfg.burn_in:
             h = adapt.update(float(accept_prob[:, t].mean()))
         trace[:, t] = loss.double().cpu()
+        distance[:, t] = ((w - w0) ** 2).sum(1).double().cpu()
     draws = slice(cfg.burn_in, total)
     per_chain = nbeta * (trace[:, draws].mean(1) - init_loss)
     se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
@@ -366,18 +377,20 @@ def estimate_llc_hmc(
         acceptance_per_chain=tuple(acc.tolist()),
         step_size=h,
         step_trace=steps,
+        distance=distance,
         component=component.name if component is not None else "all",
         n_params=flat.numel,
         rhat=rhat,
         ess_bulk=ess_bulk,
         ess_tail=ess_tail,
+        rhat_distance=_diagnostics(distance, cfg.burn_in)[0],
     )
     if est.acceptance < LOW_ACCEPTANCE:
         warnings.warn(_low_acceptance(est), LowAcceptanceWarning, stacklevel=2)
     if not math.isnan(rhat) and not est.converged:
         warnings.warn(
             f"the HMC chains of the LLC estimate ({est.component}: {est.llc:.4g} ± {est.se:.2g}) have not mixed: "
-            f"R-hat {rhat:.3f} > {mcmc.RHAT_THRESHOLD} (ESS bulk {ess_bulk:.0f} / tail {ess_tail:.0f} of "
+            f"R-hat {rhat:.3f} (of |w - w*|^2: {est.rhat_distance:.3f}), threshold {mcmc.RHAT_THRESHOLD} (ESS bulk {ess_bulk:.0f} / tail {ess_tail:.0f} of "
             f"{C * cfg.draws} draws); more draws (try {4 * cfg.draws}), a longer burn_in (try "
             f"{max(4 * cfg.burn_in, 100)}) or more leapfrog_steps (try {2 * cfg.leapfrog_steps}) per iteration",
             LLCConvergenceWarning,

@@ -73,7 +73,7 @@ def test_matches_the_gaussian_closed_form(where):
     _within(est, exact, max_se=0.04)  # 2% of d / 2
     assert est.n_params == len(sampled) and est.trace.shape == (64, 500)
     assert abs(est.acceptance - CFG.target_accept) < 0.1, est.acceptance  # the adaptation reached its target
-    assert est.rhat < 1.01
+    assert est.converged, est.summary()  # R-hat of the loss and of |w - w*|^2 below 1.01
     torch.testing.assert_close(model.weight.detach()[0], w0, rtol=0, atol=0)  # the model is untouched
     if where == "minimum":
         assert abs(exact - 1.986) < 1e-3
@@ -109,7 +109,7 @@ def test_matches_the_exact_quartic_target_of_a_degenerate_direction():
     assert abs(quartic_llc(data[0], 1e6, GAMMA) - 1.75) < 2e-3 and abs(exact - 1.730) < 1e-3
     est = estimate_llc_hmc(model, data, mse_loss, HMCConfig(**{**vars(CFG), "draws": 600, "seed": 0}))
     _within(est, exact, max_se=0.02)
-    assert est.rhat < 1.01
+    assert est.converged, est.summary()  # R-hat of the loss and of |w - w*|^2 below 1.01
 
 
 def test_no_step_bias_where_sgld_has_one():
@@ -139,7 +139,7 @@ def test_no_step_bias_where_sgld_has_one():
     ]  # SGLD's bias grows with the step
     assert sgld[1].llc - exact > 5 * sgld[1].se
     for est in mala:
-        _within(est, exact, max_se=0.03)
+        _within(est, exact, max_se=0.04)
     assert abs(mala[1].llc - mala[0].llc) < 3 * math.hypot(mala[0].se, mala[1].se)
     assert mala[1].acceptance < mala[0].acceptance < 1  # the correction rejects more at the larger step
 
