@@ -183,3 +183,28 @@ def test_bad_settings_are_refused():
         estimate_llc_hmc(model, (x, y * math.nan), mse_loss, HMCConfig(burn_in=5, draws=5))
     with pytest.raises(ValueError, match="component names parameters the model lacks"):
         estimate_llc_hmc(model, (x, y), mse_loss, component=Component("bad", {"bias": None}))
+
+
+def test_an_interplab_transformer_and_one_head_sample_per_chain():
+    """The per-chain path (the default for an interplab `Transformer`) in float64, the whole model and one head:
+    deterministic for a seed, proposals accepted, the model's own weights untouched."""
+    import warnings
+
+    from interplab.dynamics import head_component, lm_loss
+    from interplab.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=20, n_ctx=8, attn_only=True))
+    tokens = torch.randint(0, 20, (12, 8), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = HMCConfig(step_size=0.01, leapfrog_steps=2, chains=2, draws=8, burn_in=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # too few draws to have mixed
+        whole = estimate_llc_hmc(model, (tokens,), lm_loss, cfg)
+        again = estimate_llc_hmc(model, (tokens,), lm_loss, cfg)
+        head = estimate_llc_hmc(model, (tokens,), lm_loss, cfg, component=head_component(model, 0, 1))
+    assert torch.equal(whole.trace, again.trace) and torch.isfinite(whole.trace).all()
+    assert whole.acceptance > 0 and head.acceptance > 0
+    assert head.n_params < whole.n_params and head.component == "L0H1"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
