@@ -146,8 +146,9 @@ DLN_CFG = SGLDConfig(step_size=2e-4, gamma=GAMMA, chains=8, draws=3000, burn_in=
 @pytest.mark.parametrize("shape", [(3, 2, 3, 1), (4, 2, 3, 1)], ids=["3-2-3-rank1-m2", "4-2-3-rank1-m1"])
 def test_deep_linear_network_matches_aoyagi(shape):
     """Against Aoyagi's lambda where the multiplicity is 1, and against its finite-nbeta value where it is 2
-    (3 -> 2 -> 3, rank 1: lambda = 3.5, m = 2, the estimator's own target at nbeta = 145 is 3.24; an exact
-    Metropolis-corrected HMC of the same tempered, localised posterior gives 3.264 +- 0.005)."""
+    (3 -> 2 -> 3, rank 1: lambda = 3.5, m = 2, the estimator's own target at nbeta = 145 is 3.24; the exact
+    Metropolis-corrected HMC of the same tempered, localised posterior, `estimate_llc_hmc`, gives 3.273 +- 0.007
+    and 3.906 +- 0.0085 for 4 -> 2 -> 3: benchmarks/llc_reference.py, benchmarks/results/llc_reference.json)."""
     model, data = _dln_at_truth(*shape)
     lam, m = aoyagi_rrr(*shape)
     est = estimate_llc(model, data, mse_loss, DLN_CFG)
@@ -178,7 +179,8 @@ def validation_case(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...
 # bias below the estimate's SE, read off the bias-vs-step curve (benchmarks/llc_diagnostics.py --sweep,
 # benchmarks/results/llc_step_sweep.json; docs/dynamics.md): mixing needs a fixed simulated time draws * step
 # (the loss decorrelates over ~0.01-0.03 / step steps), the bias grows with the step (deep linear 4 -> 2 -> 3:
-# +0.01 at 1e-4, +0.03 at 2e-4, +0.17 at 4e-4, +0.32 at 8e-4 over the exact target), so the singular cases
+# +0.02 at 1e-4, +0.05 at 2e-4, +0.18 at 4e-4, +0.33 at 8e-4 over the exact HMC target 3.906 of
+# benchmarks/results/llc_reference.json), so the singular cases
 # need the small step and many draws. The fast variants above (the tests' original settings) are within
 # 2 SE but not mixed.
 MIXING = {
