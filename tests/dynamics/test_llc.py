@@ -180,9 +180,8 @@ def validation_case(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...
 # benchmarks/results/llc_step_sweep.json; docs/dynamics.md): mixing needs a fixed simulated time draws * step
 # (the loss decorrelates over ~0.01-0.03 / step steps), the bias grows with the step (deep linear 4 -> 2 -> 3:
 # +0.02 at 1e-4, +0.05 at 2e-4, +0.18 at 4e-4, +0.33 at 8e-4 over the exact HMC target 3.906 of
-# benchmarks/results/llc_reference.json), so the singular cases
-# need the small step and many draws. The fast variants above (the tests' original settings) are within
-# 2 SE but not mixed.
+# benchmarks/results/llc_reference.json), so the singular cases need the small step and many draws. The fast
+# variants above (the tests' original settings) are within 2 SE but not mixed.
 MIXING = {
     "regression": SGLDConfig(
         step_size=2e-4, gamma=GAMMA, chains=8, draws=12000, burn_in=2000, batch_size=None
