@@ -6,6 +6,8 @@ seconds are recorded to size the runs (one thread).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/llc_reference.py            # every case, ~15 CPU minutes
     python benchmarks/llc_reference.py --cases dln-3-2-3@145 --chains 512  # one case, more chains
+    python benchmarks/llc_reference.py --cases dln-3-2-3@145 --chains 64 --burn-in 2000 --seed 1 \
+        --out benchmarks/results/llc_reference_burnin.json      # does a 3x longer burn-in move the value?
 
 Each row is merged into benchmarks/results/llc_reference.json as soon as it exists (a case re-run replaces
 its row). The precision is the chain-to-chain SE of the row; the first-half / second-half means of the draws
@@ -45,7 +47,7 @@ CASES: dict[str, tuple[float, int, int, int, int]] = {
 }
 
 
-def run_case(name: str, chains: int | None, draws: int | None, seed: int) -> dict:
+def run_case(name: str, chains: int | None, draws: int | None, seed: int, burn_in: int | None = None) -> dict:
     shape_name, _ = name.split("@")
     nbeta, leapfrog, c, d, burn = CASES[name]
     model, data = cases._dln_at_truth(*SHAPES[shape_name])
@@ -57,7 +59,7 @@ def run_case(name: str, chains: int | None, draws: int | None, seed: int) -> dic
         nbeta=nbeta,
         chains=chains or c,
         draws=draws or d,
-        burn_in=burn,
+        burn_in=burn if burn_in is None else burn_in,
         seed=seed,
     )
     t, cpu = time.perf_counter(), time.process_time()
@@ -109,12 +111,13 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--chains", type=int, help="override every case's chains")
     ap.add_argument("--draws", type=int, help="override every case's draws")
+    ap.add_argument("--burn-in", type=int, help="override every case's burn-in")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llc_reference.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for name in args.cases:
-        row = run_case(name, args.chains, args.draws, args.seed)
+        row = run_case(name, args.chains, args.draws, args.seed, args.burn_in)
         old = json.loads(args.out.read_text()) if args.out.exists() else {}
         rows = [r for r in old.get("rows", []) if r["case"] != name] + [row]
         atomic_write_json(
