@@ -126,7 +126,10 @@ def _dln_at_truth(n_in: int, hidden: int, n_out: int, rank: int) -> tuple[_DLN, 
 
 DLN_CFG = SGLDConfig(step_size=2e-4, gamma=GAMMA, chains=8, draws=3000, burn_in=500, batch_size=None)
 """the deep linear cases' original fast settings (within 2 SE, not mixed): benchmarks/llc_diagnostics.py
---validation scales them; the tests run the settings of `MIXING`"""
+--validation scales them; the tests run the settings of `MIXING`. Their exact finite-nbeta targets (the
+Metropolis-corrected HMC of the same tempered, localised posterior, `estimate_llc_hmc`): 3.265 +- 0.008 for
+3 -> 2 -> 3 and 3.906 +- 0.0085 for 4 -> 2 -> 3 at nbeta = 145 (benchmarks/llc_reference.py,
+benchmarks/results/llc_reference.json)"""
 
 
 def validation_case(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], Callable[[float], float]]:
@@ -134,7 +137,8 @@ def validation_case(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...
     ``regression`` (d = 4: d / 2), ``planted`` (3 regular + 1 quartic direction: 3 / 2 + 1 / 4), ``dln-3-2-3``
     and ``dln-4-2-3`` (rank 1; Aoyagi's lambda where the multiplicity is 1, its finite-nbeta value where it is
     2: 3 -> 2 -> 3 has lambda = 3.5, m = 2, the estimator's own target at nbeta = 145 is 3.24; an exact
-    Metropolis-corrected HMC of the same tempered, localised posterior gives 3.264 +- 0.005)."""
+    Metropolis-corrected HMC of the same tempered, localised posterior, `estimate_llc_hmc`, gives 3.265 +- 0.008:
+    benchmarks/results/llc_reference.json)."""
     if name == "regression":
         model, data = _linear(4)
         return model, data, lambda nbeta: 4 / 2
@@ -156,11 +160,11 @@ def validation_case(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...
 # bias below the estimate's SE, read off the bias-vs-step curve (benchmarks/llc_diagnostics.py --sweep,
 # benchmarks/results/llc_step_sweep.json; docs/dynamics.md): mixing needs a fixed simulated time draws * step
 # (the loss decorrelates over ~0.01-0.03 / step steps), the bias grows with the step (deep linear 4 -> 2 -> 3:
-# +0.01 at 1e-4, +0.03 at 2e-4, +0.17 at 4e-4, +0.32 at 8e-4 over the exact target), so the singular cases
-# need the small step and many draws. The fast variants (the tests' original settings: `CFG`, `DLN_CFG`) are
-# within 2 SE but not mixed; they ran beside these as fast tests of the same cases and assertion with 1.1-4x
-# the SE, so added nothing these do not catch, and are gone (the per-component test keeps d / 2 in the fast
-# suite).
+# +0.02 at 1e-4, +0.05 at 2e-4, +0.18 at 4e-4, +0.33 at 8e-4 over the exact HMC target 3.906 of
+# benchmarks/results/llc_reference.json), so the singular cases need the small step and many draws. The fast
+# variants (the tests' original settings: `CFG`, `DLN_CFG`) are within 2 SE but not mixed; they ran beside
+# these as fast tests of the same cases and assertion with 1.1-4x the SE, so added nothing these do not
+# catch, and are gone (the per-component test keeps d / 2 in the fast suite).
 MIXING = {
     "regression": SGLDConfig(
         step_size=2e-4, gamma=GAMMA, chains=8, draws=12000, burn_in=2000, batch_size=None
