@@ -125,9 +125,10 @@ class ChainLoss:
             if w is not None:
                 bcat = bcat + (b[:, None] @ Wcat if b is not None else 0)
                 Wcat = w.unsqueeze(-1) * Wcat
-            qkv = torch.baddbmm(bcat, x, Wcat).view(C * B, P, -1)
-            qk, v = qkv[..., : 2 * H * E], qkv[..., -H * E :].view(C * B, P, H, E)
-            qkr = qkv[..., 2 * H * E : 4 * H * E] if self.rotation is not None else None
+            # split, not sliced: a slice's backward fills a zero tensor of the whole width per slice
+            parts = torch.baddbmm(bcat, x, Wcat).view(C * B, P, -1).split(2 * H * E, -1)
+            qk, v = parts[0], parts[-1].view(C * B, P, H, E)
+            qkr = parts[1] if self.rotation is not None else None
             if cfg.smear_keys:  # a gate of exactly 1 on the queries' half leaves them as they are
                 gate = torch.sigmoid(get(pre + "attn.smear")).repeat_interleave(E, 1)
                 gate = torch.cat([torch.ones_like(gate), gate], 1).repeat_interleave(B, 0)[:, None]
@@ -135,7 +136,7 @@ class ChainLoss:
                 qkr = None if qkr is None else self._smear(qkr, gate)
             if qkr is not None:
                 qk = qk * cos + qkr * sin
-            q, k = qk[..., : H * E].view(C * B, P, H, E), qk[..., H * E :].view(C * B, P, H, E)
+            q, k = (t.view(C * B, P, H, E) for t in qk.split(H * E, -1))
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
@@ -154,18 +155,17 @@ class ChainLoss:
                     W_in = w.unsqueeze(-1) * W_in
                 hidden = self.model.blocks[layer].mlp.act(torch.baddbmm(b_in, x, W_in))
                 resid = resid + torch.baddbmm(get(pre + "mlp.b_out")[:, None], hidden, get(pre + "mlp.W_out"))
-        # the unembedding at every position but the last (the last predicts nothing)
-        resid = resid.view(C, B, P, D)[:, :, :-1].reshape(C, B * (P - 1), D)
         x, w, b = self._norm(resid, "ln_final", get)
         W_U = get("embed.W_E").transpose(1, 2) if cfg.tie_embeddings else get("unembed.W_U")
         b_U = get("unembed.b_U")[:, None]
         if w is not None:
             b_U = b_U + (b[:, None] @ W_U if b is not None else 0)
             W_U = w.unsqueeze(-1) * W_U
-        logits = torch.baddbmm(b_U, x, W_U)  # C B(P-1) V
-        targets = tokens[:, :, 1:].reshape(C, -1)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        return nll.view(C, -1).mean(1)
+        logits = torch.baddbmm(b_U, x, W_U)  # C BP V
+        # the next token of every position; the last predicts nothing (ignored: no slice and copy of logits)
+        targets = F.pad(tokens[:, :, 1:], (0, 1), value=-100)
+        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return nll.view(C, -1).sum(1) / (B * (P - 1))
 
     def _norm(self, x: Tensor, name: str, get: Callable[[str], Tensor]) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(x_hat, w, b)``: the normalised input, and the weight and bias [C D] the next matmul folds in
