@@ -167,7 +167,9 @@ class ChainLoss:
         nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return nll.view(C, -1).sum(1) / (B * (P - 1))
 
-    def _norm(self, x: Tensor, name: str, get: Callable[[str], Tensor]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _norm(
+        self, x: Tensor, name: str, get: Callable[[str], Tensor]
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(x_hat, w, b)``: the normalised input, and the weight and bias [C D] the next matmul folds in
         (None without a norm)."""
         if self.cfg.normalization is Norm.NONE:

@@ -561,15 +561,31 @@ def _chain_kernel(model: nn.Module, data: tuple[Tensor, ...], criterion: Criteri
     return ChainLoss(model)  # type: ignore[arg-type]
 
 
+CHAIN_GROUP_TOKENS = 1024
+"""tokens (windows x positions, summed over chains) per chain-batched forward: chains are grouped up to this
+many, a minibatch this large or larger runs chain by chain (on CPU the activations of several chains together
+fall out of the cache and cost more than the separate calls' overhead; benchmarks/bench_llc.py)"""
+
+
 def _kernel_step(
     kernel: ChainLoss, flat: _Flat
 ) -> Callable[[Tensor, dict[str, Tensor], tuple[Tensor, ...]], tuple[Tensor, Tensor]]:
     def run(w_flat: Tensor, w: dict[str, Tensor], batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        leaves = {k: v.detach().requires_grad_() for k, v in w.items()}
-        with torch.enable_grad():
-            losses = kernel(leaves, batch[0])
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), materialize_grads=True)
-        return torch.cat([g.reshape(-1) for g in grads]), losses.detach()
+        tokens = batch[0]
+        C = tokens.shape[0]
+        group = max(1, CHAIN_GROUP_TOKENS // tokens[0].numel())
+        grads: dict[str, list[Tensor]] = {k: [] for k in w}
+        losses = []
+        for lo in range(0, C, group):
+            leaves = {k: v[lo : lo + group].detach().requires_grad_() for k, v in w.items()}
+            with torch.enable_grad():
+                loss = kernel(leaves, tokens[lo : lo + group])
+                found = torch.autograd.grad(loss.sum(), list(leaves.values()), materialize_grads=True)
+            losses.append(loss.detach())
+            for k, g in zip(leaves, found, strict=True):
+                grads[k].append(g)
+        flat_grads = [torch.cat(g).reshape(-1) if len(g) > 1 else g[0].reshape(-1) for g in grads.values()]
+        return torch.cat(flat_grads), torch.cat(losses)
 
     return run
 

@@ -106,3 +106,21 @@ def test_what_the_chain_batched_path_does_not_cover():
         assert "no hooks" in unsupported(model)
     with pytest.raises(ValueError, match="needs"):
         ChainLoss(_model(logit_softcap=30.0))
+
+
+def test_chains_grouped_or_one_by_one_give_the_same_draws(monkeypatch):
+    """Large minibatches run the chains in groups (`CHAIN_GROUP_TOKENS`): the draws are the same."""
+    from interplab.dynamics import llc
+
+    model = _model(**CONFIGS["learned-mlp-tied"])
+    tokens = torch.randint(0, 19, (24, 10), generator=torch.Generator().manual_seed(6))
+    cfg = SGLDConfig(
+        step_size=1e-3, gamma=10.0, nbeta=20.0, chains=3, draws=12, burn_in=0, batch_size=6, seed=2
+    )
+    together = estimate_llc(model, (tokens,), lm_loss, cfg)
+    for group_tokens in (60, 120):  # one chain per forward; two, then one
+        monkeypatch.setattr(llc, "CHAIN_GROUP_TOKENS", group_tokens)
+        grouped = estimate_llc(model, (tokens,), lm_loss, cfg)
+        torch.testing.assert_close(grouped.trace, together.trace, rtol=2e-5, atol=1e-6)
+    ref = estimate_llc(model, (tokens,), lm_loss, cfg, vectorize=False)
+    torch.testing.assert_close(grouped.trace, ref.trace, rtol=2e-5, atol=1e-6)
