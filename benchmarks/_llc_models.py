@@ -43,12 +43,13 @@ def regression_case(spec: dict, n: int = 1000) -> tuple[torch.nn.Module, torch.T
     y = x @ truth.T + noise
     model = build(spec)
     with torch.no_grad():
-        if spec["kind"] == "linear":
+        if isinstance(model, torch.nn.Linear):
             model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
-        else:
+        elif isinstance(model, DLN):
             u, s, vt = torch.linalg.svd(truth)
-            model.A.weight.zero_()
-            model.B.weight.zero_()
-            model.A.weight[:rank] = s[:rank, None].sqrt() * vt[:rank]
-            model.B.weight[:, :rank] = u[:, :rank] * s[:rank].sqrt()
+            a, b = model.A.weight, model.B.weight
+            a.zero_()
+            b.zero_()
+            a[:rank] = s[:rank, None].sqrt() * vt[:rank]
+            b[:, :rank] = u[:, :rank] * s[:rank].sqrt()
     return model, x, y

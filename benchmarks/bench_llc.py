@@ -34,6 +34,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -46,7 +47,7 @@ from interplab.model import ModelConfig, Transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # _llc_models
-MODEL = dict(d_model=64, n_layers=2, n_heads=4, d_vocab=128, n_ctx=64, positional="rotary", attn_only=True)
+MODEL: dict[str, Any] = dict(d_model=64, n_layers=2, n_heads=4, d_vocab=128, n_ctx=64, positional="rotary", attn_only=True)
 TRAIN_STEPS = 200
 """Adam steps of the benchmark model: the run recorded in results/llc.json used 200 (its L(w*) 2.54293 is the
 loss after 200 steps; after 300 it is 1.71447)"""
@@ -55,7 +56,7 @@ DRAWS = 50
 
 
 def trained_model(
-    steps: int = TRAIN_STEPS, seed: int = 0, arch: dict | None = None, windows: int = 256
+    steps: int = TRAIN_STEPS, seed: int = 0, arch: dict[str, Any] | None = None, windows: int = 256
 ) -> tuple[Transformer, torch.Tensor]:
     """The benchmark model and its data: 256 windows of 64 tokens (a random half repeated once), the model
     trained on them with Adam for ``steps`` steps. A function of ``steps`` and ``seed`` only: trained on one
@@ -253,12 +254,12 @@ def _case(name: str, spec: dict, tmp: Path) -> tuple[torch.nn.Module, tuple, obj
     from _llc_models import regression_case
     from safetensors.torch import save_file
 
-    model, x, y = regression_case(spec["model"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / f"{name}.weights")
+    reg, x, y = regression_case(spec["model"])
+    save_file({k: v.contiguous() for k, v in reg.state_dict().items()}, tmp / f"{name}.weights")
     save_file({"x": x, "y": y}, tmp / f"{name}.safetensors")
     full = x.shape[0] if spec["batch_size"] is None else spec["batch_size"]
     return (
-        model,
+        reg,
         (x, y),
         mse_loss,
         tmp / f"{name}.weights",
