@@ -47,7 +47,9 @@ from interplab.model import ModelConfig, Transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # _llc_models
-MODEL: dict[str, Any] = dict(d_model=64, n_layers=2, n_heads=4, d_vocab=128, n_ctx=64, positional="rotary", attn_only=True)
+MODEL: dict[str, Any] = dict(
+    d_model=64, n_layers=2, n_heads=4, d_vocab=128, n_ctx=64, positional="rotary", attn_only=True
+)
 TRAIN_STEPS = 200
 """Adam steps of the benchmark model: the run recorded in results/llc.json used 200 (its L(w*) 2.54293 is the
 loss after 200 steps; after 300 it is 1.71447)"""
