@@ -10,10 +10,12 @@ prior of strength ``gamma``. The expectation is sampled with stochastic-gradient
 
     w <- w - step_size / 2 * (nbeta * grad L_batch(w) + gamma * (w - w*)) + N(0, step_size)
 
-All chains run at once: the parameters are stacked along a leading chain axis, noise and updates are one
-tensor operation per parameter for every chain, and `torch.func.grad_and_value` over
-`torch.func.functional_call` computes each chain's minibatch loss and gradient (per chain by default, or all
-chains in one `torch.func.vmap` with ``vectorize=True``: the same numbers; no Python loop over examples). A *component* (one head, one layer) is sampled by
+All chains run at once: the parameters of every chain are one flat buffer (each parameter a ``[chain, ...]``
+block), so the noise and the update are one tensor operation per step. Each chain's minibatch loss and
+gradient come from the chain-batched forward of `interplab.dynamics.chains` for an interplab `Transformer`
+with `lm_loss`, else from `torch.func.grad_and_value` over `torch.func.functional_call` (all chains in one
+`torch.func.vmap`, or one call per chain with ``vectorize=False``): the same numbers to float rounding, no
+Python loop over examples. A *component* (one head, one layer) is sampled by
 restricting the update to a mask of the parameters, the rest frozen at ``w*``.
 
 >>> import torch
