@@ -10,10 +10,12 @@ prior of strength ``gamma``. The expectation is sampled with stochastic-gradient
 
     w <- w - step_size / 2 * (nbeta * grad L_batch(w) + gamma * (w - w*)) + N(0, step_size)
 
-All chains run at once: the parameters are stacked along a leading chain axis, noise and updates are one
-tensor operation per parameter for every chain, and `torch.func.grad_and_value` over
-`torch.func.functional_call` computes each chain's minibatch loss and gradient (per chain by default, or all
-chains in one `torch.func.vmap` with ``vectorize=True``: the same numbers; no Python loop over examples). A *component* (one head, one layer) is sampled by
+All chains run at once: the parameters of every chain are one flat buffer (each parameter a ``[chain, ...]``
+block), so the noise and the update are one tensor operation per step. Each chain's minibatch loss and
+gradient come from the chain-batched forward of `interplab.dynamics.chains` for an interplab `Transformer`
+with `lm_loss`, else from `torch.func.grad_and_value` over `torch.func.functional_call` (all chains in one
+`torch.func.vmap`, or one call per chain with ``vectorize=False``): the same numbers to float rounding, no
+Python loop over examples. A *component* (one head, one layer) is sampled by
 restricting the update to a mask of the parameters, the rest frozen at ``w*``.
 
 >>> import torch
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from interplab.dynamics import mcmc
+from interplab.dynamics.chains import ChainLoss, unsupported
 from interplab.io import atomic_write_text
 from interplab.model.transformer import Transformer
 from interplab.plots import figure_html, write_image
@@ -308,14 +311,15 @@ def estimate_llc(
     ``component`` restricts SGLD to its parameters (the others stay at w*). The model is not changed. Raises
     `SGLDDivergence` (with the fix) when a chain's loss becomes NaN or explodes.
 
-    ``vectorize``: step the chains' gradients in one `torch.func.vmap` instead of one call per chain (the
-    same numbers to float rounding; the chains' parameters, noise and updates are batched either way). None:
-    per chain for an interplab `Transformer` (on CPU as fast or faster than vmap for the transformers
-    measured, benchmarks/bench_llc.py), vmap for other modules (small models, where one call per chain is
-    mostly Python overhead)."""
+    ``vectorize``: how each step computes the chains' losses and gradients (the same numbers to float
+    rounding, the same minibatches and noise for a seed; the parameters, noise and updates of all chains are
+    one flat buffer either way). None (the default): an interplab `Transformer` with the next-token loss
+    `lm_loss` on token windows takes the chain-batched forward of `interplab.dynamics.chains` (every chain in
+    one forward and backward, batched matmuls over the chains; `interplab.dynamics.chains.unsupported` says
+    which models it covers), other transformers one call per chain, other modules one `torch.func.vmap` over
+    the chains; True: `torch.func.vmap`; False: one `torch.func.grad_and_value` call per chain (the
+    reference path)."""
     cfg = config or SGLDConfig()
-    if vectorize is None:
-        vectorize = not isinstance(model, Transformer)
     est, _ = _sample(model, data, criterion, cfg, component, observables or {}, vectorize)
     return est
 
@@ -327,7 +331,7 @@ def _sample(
     cfg: SGLDConfig,
     component: Component | None,
     observables: Mapping[str, Sequence[Tensor]],
-    vectorize: bool = False,
+    vectorize: bool | None = None,
 ) -> tuple[LLCEstimate, dict[str, Tensor]]:
     data = tuple(data)
     if not data:
@@ -350,40 +354,60 @@ def _sample(
     def loss_of(params: dict[str, Tensor], batch: tuple[Tensor, ...]) -> Tensor:
         return criterion(functional_call(model, {**frozen, **params}, (batch[0],)), batch)
 
-    with torch.no_grad():
-        init_loss = float(_full_loss(loss_of, w0, data, cfg.batch_size))
-    if vectorize:
-        step = vmap(grad_and_value(loss_of), in_dims=(0, 0))
-        evaluate = vmap(loss_of, in_dims=(0, None))
-    else:
-        step, evaluate = _per_chain(grad_and_value(loss_of)), _per_chain(loss_of, batched=False)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     C = cfg.chains
-    w = {k: v.unsqueeze(0).repeat(C, *([1] * v.dim())) for k, v in w0.items()}
+    flat = _Flat(w0, C)
+    kernel = _chain_kernel(model, data, criterion) if vectorize is None else None
+    if kernel is not None:
+        step, evaluate = _kernel_step(kernel, flat), _kernel_evaluate(kernel, cfg.batch_size)
+        with torch.no_grad():
+            init_loss = float(_full_loss(lambda p, b: kernel({}, b[0][None])[0], w0, data, cfg.batch_size))
+    else:
+        with torch.no_grad():
+            init_loss = float(_full_loss(loss_of, w0, data, cfg.batch_size))
+        if vectorize is None:
+            vectorize = not isinstance(model, Transformer)
+        if vectorize:
+            generic, evaluate = (
+                vmap(grad_and_value(loss_of), in_dims=(0, 0)),
+                vmap(loss_of, in_dims=(0, None)),
+            )
+        else:
+            generic, evaluate = _per_chain(grad_and_value(loss_of)), _per_chain(loss_of, batched=False)
+        step = _generic_step(generic, flat)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    w_flat = flat.stack(w0)  # every chain starts at w*
+    start = w_flat.clone()
+    mask_flat = flat.mask(mask_t)
+    noise = torch.empty_like(w_flat)
+    noise_views = flat.views(noise)
+    w = flat.views(w_flat)
     total = cfg.burn_in + cfg.draws
-    trace = torch.empty(C, total)
+    trace = torch.empty(C, total, device=w_flat.device)
     obs: dict[str, list[Tensor]] = {name: [] for name in observables}
     eps = cfg.step_size
+    checked = 0
     for t in range(total):
         if cfg.batch_size is None or cfg.batch_size >= n:
             batch = tuple(x.unsqueeze(0).expand(C, *x.shape) for x in data)
         else:
             idx = torch.stack([torch.randperm(n, generator=gen)[: cfg.batch_size] for _ in range(C)])
             batch = tuple(x[idx.to(x.device)] for x in data)
-        grads, losses = step(w, batch)
-        trace[:, t] = losses.detach().float().cpu()
-        _check(trace[:, : t + 1], t, init_loss, cfg)
-        if t >= cfg.burn_in:
-            with torch.no_grad():
-                for name, obs_data in observables.items():
-                    obs[name].append(_vmapped_full_loss(evaluate, w, tuple(obs_data)))
+        grads, losses = step(w_flat, w, batch)
+        trace[:, t] = losses.detach().float()
+        if t + 1 - checked >= _CHECK_EVERY or t + 1 == total or observables:
+            _check(trace, checked, t + 1, init_loss, cfg)  # from the first step not yet checked
+            checked = t + 1
         with torch.no_grad():
-            for k in w:
-                noise = torch.randn(w[k].shape, generator=gen).to(w[k])
-                delta = -0.5 * eps * (nbeta * grads[k] + cfg.gamma * (w[k] - w0[k])) + math.sqrt(eps) * noise
-                if mask_t[k] is not None:
-                    delta = delta * mask_t[k]
-                w[k] = w[k] + delta
+            if t >= cfg.burn_in:
+                for name, obs_data in observables.items():
+                    obs[name].append(evaluate(w, tuple(obs_data)).double().cpu())
+            for k in w:  # the same draws, in the same order, as one randn per parameter
+                noise_views[k].normal_(generator=gen)
+            delta = -0.5 * eps * (nbeta * grads + cfg.gamma * (w_flat - start)) + math.sqrt(eps) * noise
+            if mask_flat is not None:
+                delta = delta * mask_flat
+            w_flat += delta
+    trace = trace.cpu()
     per_chain = nbeta * (trace[:, cfg.burn_in :].double().mean(1) - init_loss)
     se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
     rhat, ess_bulk, ess_tail = _diagnostics(trace, cfg.burn_in)
@@ -464,16 +488,125 @@ def _per_chain(fn: Callable[..., Any], batched: bool = True) -> Callable[..., An
     return run
 
 
-def _check(trace: Tensor, t: int, init_loss: float, cfg: SGLDConfig) -> None:
-    last = trace[:, -1]
-    bad = ~torch.isfinite(last) | (last - init_loss > cfg.explode * max(1.0, abs(init_loss)))
+_CHECK_EVERY = 16
+"""steps between two divergence checks (each reads the loss trace on the host; the first bad step is found
+all the same)"""
+
+
+def _check(trace: Tensor, lo: int, hi: int, init_loss: float, cfg: SGLDConfig) -> None:
+    """Raise `SGLDDivergence` at the first step of ``lo .. hi - 1`` where a chain's loss is NaN or exploded."""
+    window = trace[:, lo:hi].cpu()
+    bad = ~torch.isfinite(window) | (window - init_loss > cfg.explode * max(1.0, abs(init_loss)))
     if bool(bad.any()):
-        chain = int(bad.nonzero()[0])
+        step = int(bad.any(0).nonzero()[0])
+        chain = int(bad[:, step].nonzero()[0])
         raise SGLDDivergence(
-            f"SGLD diverged: chain {chain} reached loss {float(last[chain]):.4g} at step {t} "
+            f"SGLD diverged: chain {chain} reached loss {float(window[chain, step]):.4g} at step {lo + step} "
             f"(L(w*) = {init_loss:.4g}) with step_size {cfg.step_size:g}, gamma {cfg.gamma:g}; use a smaller "
             f"step_size (try {cfg.step_size / 10:g}) or a larger gamma (try {cfg.gamma * 10:g})"
         )
+
+
+class _Flat:
+    """The sampled parameters of all chains in one flat buffer, parameter by parameter (each a contiguous
+    ``[C, *shape]`` block, so a per-parameter draw fills the same numbers as ``torch.randn([C, *shape])``):
+    one tensor operation updates every parameter of every chain."""
+
+    def __init__(self, w0: Mapping[str, Tensor], chains: int) -> None:
+        self.chains = chains
+        self.shapes = {k: tuple(v.shape) for k, v in w0.items()}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        at = 0
+        for k, v in w0.items():
+            self.offsets[k] = (at, at + chains * v.numel())
+            at += chains * v.numel()
+        self.size = at
+
+    def views(self, buf: Tensor) -> dict[str, Tensor]:
+        return {k: buf[lo:hi].view(self.chains, *self.shapes[k]) for k, (lo, hi) in self.offsets.items()}
+
+    def stack(self, per_param: Mapping[str, Tensor]) -> Tensor:
+        """``[C, *shape]`` per parameter (or ``[*shape]``, the same for every chain) as one flat buffer."""
+        return torch.cat(
+            [per_param[k].expand(self.chains, *self.shapes[k]).reshape(-1) for k in self.offsets]
+        )
+
+    def mask(self, masks: Mapping[str, Tensor | None]) -> Tensor | None:
+        """The component's masks as a flat 0/1 buffer (None: every entry is sampled)."""
+        if all(m is None for m in masks.values()):
+            return None
+        dev = next(m.device for m in masks.values() if m is not None)
+        full = {k: torch.ones(self.shapes[k], device=dev) for k, m in masks.items() if m is None}
+        return self.stack(full | {k: m.float() for k, m in masks.items() if m is not None})
+
+
+def _generic_step(
+    step: Callable[..., tuple[dict[str, Tensor], Tensor]], flat: _Flat
+) -> Callable[[Tensor, dict[str, Tensor], tuple[Tensor, ...]], tuple[Tensor, Tensor]]:
+    """Gradients as one flat buffer from a step that gives them per parameter."""
+
+    def run(w_flat: Tensor, w: dict[str, Tensor], batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        grads, losses = step(w, batch)
+        return flat.stack({k: g.detach() for k, g in grads.items()}), losses
+
+    return run
+
+
+def _chain_kernel(model: nn.Module, data: tuple[Tensor, ...], criterion: Criterion) -> ChainLoss | None:
+    """The chain-batched loss of `interplab.dynamics.chains` where it computes what ``criterion`` does
+    (the next-token loss of an interplab Transformer on token windows), else None."""
+    if criterion is not lm_loss or len(data) != 1 or data[0].dim() != 2 or data[0].shape[1] < 2:
+        return None
+    if unsupported(model) is not None:
+        return None
+    model.check_tokens(data[0])  # type: ignore[operator]  # bad ids, too many positions: named as the model does
+    return ChainLoss(model)  # type: ignore[arg-type]
+
+
+CHAIN_GROUP_TOKENS = 1024
+"""tokens (windows x positions, summed over chains) per chain-batched forward: chains are grouped up to this
+many, a minibatch this large or larger runs chain by chain (on CPU the activations of several chains together
+fall out of the cache and cost more than the separate calls' overhead; benchmarks/bench_llc.py)"""
+
+
+def _kernel_step(
+    kernel: ChainLoss, flat: _Flat
+) -> Callable[[Tensor, dict[str, Tensor], tuple[Tensor, ...]], tuple[Tensor, Tensor]]:
+    def run(w_flat: Tensor, w: dict[str, Tensor], batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        tokens = batch[0]
+        C = tokens.shape[0]
+        group = max(1, CHAIN_GROUP_TOKENS // tokens[0].numel())
+        grads: dict[str, list[Tensor]] = {k: [] for k in w}
+        losses = []
+        for lo in range(0, C, group):
+            leaves = {k: v[lo : lo + group].detach().requires_grad_() for k, v in w.items()}
+            with torch.enable_grad():
+                loss = kernel(leaves, tokens[lo : lo + group])
+                found = torch.autograd.grad(loss.sum(), list(leaves.values()), materialize_grads=True)
+            losses.append(loss.detach())
+            for k, g in zip(leaves, found, strict=True):
+                grads[k].append(g)
+        flat_grads = [torch.cat(g).reshape(-1) if len(g) > 1 else g[0].reshape(-1) for g in grads.values()]
+        return torch.cat(flat_grads), torch.cat(losses)
+
+    return run
+
+
+def _kernel_evaluate(kernel: ChainLoss, batch_size: int | None) -> Callable[..., Tensor]:
+    """Every chain's loss on the whole of ``data`` ``[C]``, in chunks of ``batch_size`` windows."""
+
+    def run(w: dict[str, Tensor], data: tuple[Tensor, ...]) -> Tensor:
+        tokens = data[0]
+        n = tokens.shape[0]
+        size = n if batch_size is None else batch_size
+        C = next(iter(w.values())).shape[0]
+        total = torch.zeros(C, dtype=torch.float64)
+        for lo in range(0, n, size):
+            chunk = tokens[lo : lo + size]
+            total += kernel(w, chunk.unsqueeze(0).expand(C, *chunk.shape)).double().cpu() * chunk.shape[0]
+        return total / n
+
+    return run
 
 
 def _full_loss(
@@ -489,12 +622,6 @@ def _full_loss(
         chunk = tuple(x[lo : lo + size] for x in data)
         total += loss_of(params, chunk).double() * chunk[0].shape[0]
     return total / n
-
-
-def _vmapped_full_loss(
-    evaluate: Callable[..., Tensor], w: dict[str, Tensor], data: tuple[Tensor, ...]
-) -> Tensor:
-    return evaluate(w, data).double().cpu()
 
 
 @dataclass(frozen=True)
@@ -540,7 +667,7 @@ def susceptibility(
     at every draw). Per chain, then mean and chain-to-chain SE."""
     cfg = config or SGLDConfig()
     observed = {"q": data, "shifted": shifted}
-    est, obs = _sample(model, data, criterion, cfg, component, observed, not isinstance(model, Transformer))
+    est, obs = _sample(model, data, criterion, cfg, component, observed)
     lq, lshift = obs["q"], obs["shifted"]  # [chain draw]
     d = lshift - lq
     named = dict(model.named_parameters())
