@@ -155,6 +155,45 @@ def sd_run(python: str, work: Path, n_features: int) -> dict:
     return res
 
 
+def baseline_build(root: str, seqs: int, work: Path) -> dict:
+    """`ours` with the interplab checkout at ``root`` (e.g. main, to measure a change side by side): a child
+    process imports that checkout's interplab and this benchmark's model, SAE and tokens, and times the build
+    there (the child's imports are outside the timing, as they are for ours)."""
+    out = work / "baseline.json"
+    code = (
+        "import sys, json, torch; from pathlib import Path; "
+        f"sys.path.insert(0, {root!r}); sys.path.insert(1, {str(ROOT / 'benchmarks')!r}); "
+        "import interplab, bench_features as bf; "
+        f"assert interplab.__file__.startswith({str(Path(root).resolve())!r}), interplab.__file__; "
+        "torch.set_num_threads(1); model = bf.make_model(); "
+        f"tokens, _, tok = bf.demo_tokens({seqs * 128}); model.tokenizer = tok; tokens = tokens[:{seqs}]; "
+        f"r = bf.ours(model, bf.make_sae(model, 2048, tokens), tokens, Path({str(work / 'baseline.db')!r})); "
+        f"r['interplab'] = interplab.__file__; Path({str(out)!r}).write_text(json.dumps(r))"
+    )
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(work)
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the baseline build at {root} failed: {proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def same_database(a: Path, b: Path) -> bool:
+    """Whether two feature databases hold the same rows in every table (the build fingerprint aside, which
+    records the code's config version), the full-text index's own tables included."""
+    import sqlite3
+
+    def dump(db: Path) -> dict:
+        with sqlite3.connect(db) as con:
+            names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            rows = {n: sorted(con.execute(f"SELECT * FROM {n}").fetchall(), key=repr) for n in names}
+        rows["meta"] = [r for r in rows["meta"] if r[0] != "fingerprint"]
+        return rows
+
+    return dump(a) == dump(b)
+
+
 def compare_with_saedashboard(args, model, tokens_all) -> dict:
     tokens = tokens_all[: args.sd_seqs]
     sae = make_sae(model, 2048, tokens)
@@ -173,8 +212,15 @@ def compare_with_saedashboard(args, model, tokens_all) -> dict:
                     row["saedashboard"] = sd_run(args.sd_python, work, args.sd_features)
                 except RuntimeError as err:
                     sd_error = f"SAEDashboard failed: {err}"
+            # the baseline (if any) before ours in even rounds, after in odd ones
+            if args.baseline and r % 2 == 0:
+                row["baseline"] = baseline_build(args.baseline, args.sd_seqs, work)
             row["interplab"] = ours(model, sae, tokens, work / "ours.db")
+            if args.baseline and r % 2 == 1:
+                row["baseline"] = baseline_build(args.baseline, args.sd_seqs, work)
             rounds.append(row)
+        if args.baseline:
+            same = same_database(work / "ours.db", work / "baseline.db")
     out = {
         "setting": {
             "model": "2 layers, d_model 128, 4 heads, d_vocab 1024 (random init)",
@@ -189,6 +235,14 @@ def compare_with_saedashboard(args, model, tokens_all) -> dict:
     ours_pf = statistics.median(r["interplab"]["per_feature_s"] for r in rounds)
     out["interplab_per_feature_s"] = ours_pf
     out["interplab_total_s"] = statistics.median(r["interplab"]["wall_s"] for r in rounds)
+    if args.baseline:
+        out["baseline"] = {
+            "root": args.baseline,
+            "per_feature_s": statistics.median(r["baseline"]["per_feature_s"] for r in rounds),
+            "cpu_s": statistics.median(r["baseline"]["cpu_s"] for r in rounds),
+            "same_database": same,
+        }
+        out["interplab_cpu_s"] = statistics.median(r["interplab"]["cpu_s"] for r in rounds)
     if sd_error is not None:
         out["saedashboard_error"] = sd_error
     sd_rows = [r["saedashboard"] for r in rounds if "saedashboard" in r]
@@ -206,6 +260,9 @@ def compare_with_saedashboard(args, model, tokens_all) -> dict:
         sd_cpu = statistics.median(r["cpu_s"] / r["n_features"] for r in sd_rows)
         ours_cpu = statistics.median(r["interplab"]["cpu_s"] / r["interplab"]["n_features"] for r in rounds)
         out["speedup_per_feature_cpu"] = sd_cpu / ours_cpu
+        if args.baseline:
+            out["baseline"]["speedup_per_feature"] = sd_pf / out["baseline"]["per_feature_s"]
+            out["baseline"]["speedup_per_feature_cpu"] = sd_cpu / (out["baseline"]["cpu_s"] / 2048)
         out["model_logit_max_abs_diff"] = max(r["logit_max_abs_diff"] for r in sd_rows)
     return out
 
@@ -304,6 +361,11 @@ def main() -> None:
     )
     ap.add_argument("--sd-features", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--baseline",
+        default="",
+        help="another interplab checkout (e.g. /path/to/main) built in the same rounds, to measure a change",
+    )
     ap.add_argument("--large-tokens", type=int, default=1 << 20)
     ap.add_argument("--latency-features", type=int, default=16384)
     ap.add_argument("--latency-tokens", type=int, default=32768)

@@ -81,19 +81,26 @@ def encode_batch(
     model: Transformer, sae: SAE, tokens: Tensor, hook: str, features: Tensor | None, with_grad: bool
 ) -> _Batch:
     """SAE activations [batch pos feature] of ``features`` (None: all) and, optionally, the gradient of the
-    summed next-token cross-entropy at the hooked activation."""
+    summed next-token cross-entropy at the hooked activation.
+
+    The gradient only flows back to the hook, so autograd records nothing before it: the forward runs under
+    ``no_grad`` and the hook switches recording on for the rest (the same kernels either way, so the
+    activations and the gradient are the values a fully recorded forward gives)."""
     holder: dict[str, Tensor] = {}
 
     def grab(x: Tensor, _site: Site) -> Tensor:
         if with_grad:
             x = x.detach().requires_grad_(True)
+            torch.set_grad_enabled(True)  # from here on (the outer no_grad restores the caller's mode)
         holder["x"] = x
         return x
 
     grad = None
-    with torch.set_grad_enabled(with_grad), model.hooks([(hook, grab)]):
+    with torch.no_grad(), model.hooks([(hook, grab)]):
         logits = model(tokens)
         if with_grad:
+            if "x" not in holder:
+                raise RuntimeError(f"the forward never reached the hook {hook!r}")
             logp = torch.log_softmax(logits[:, :-1].float(), -1)
             loss = -logp.gather(-1, tokens[:, 1:, None]).sum()
             (grad,) = torch.autograd.grad(loss, holder["x"])

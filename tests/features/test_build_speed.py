@@ -10,6 +10,7 @@ import random
 import sqlite3
 
 import numpy as np
+import pytest
 import torch
 from sqlalchemy import Float, Integer, LargeBinary
 
@@ -17,7 +18,9 @@ from interplab.features import FeatureBuildConfig
 from interplab.features import build as B
 from interplab.features import schema as S
 from interplab.features.build import build_feature_db
+from interplab.features.collect import encode_batch
 from interplab.features.stream import _LOW32, _MAX_TOKENS, StreamingFeatureStats, sample_priority
+from interplab.model import ModelConfig, Transformer
 from tests.features.planted import make_sae, tiny_model
 
 
@@ -321,3 +324,47 @@ def test_streaming_state_equals_the_replaced_update_exactly(monkeypatch):
         assert int(new["top_key"].ge(0).sum()) > 0 and int(new["cooc"].sum()) > 0
         for name in ref:
             assert torch.equal(new[name], ref[name]), (name, k, m)
+
+
+def reference_encode_batch(model, sae, tokens, hook, features, with_grad):
+    """`collect.encode_batch` as first written: the whole forward recorded by autograd."""
+    holder = {}
+
+    def grab(x, _site):
+        if with_grad:
+            x = x.detach().requires_grad_(True)
+        holder["x"] = x
+        return x
+
+    grad = None
+    with torch.set_grad_enabled(with_grad), model.hooks([(hook, grab)]):
+        logits = model(tokens)
+        if with_grad:
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            loss = -logp.gather(-1, tokens[:, 1:, None]).sum()
+            (grad,) = torch.autograd.grad(loss, holder["x"])
+    with torch.no_grad():
+        acts = sae.encode(holder["x"].detach().to(sae.W_enc.dtype))
+        if features is not None:
+            acts = acts[..., features]
+    return acts, grad
+
+
+@pytest.mark.parametrize(
+    "hook", ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_post"]
+)
+def test_encode_batch_records_only_after_the_hook_and_equals_the_full_recording(hook):
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, d_vocab=40, n_ctx=16, name="two"))
+    sae = make_sae(32, 24, hook_name=hook)
+    tokens = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(1))
+    for features, with_grad in ((None, True), (torch.tensor([5, 1, 7]), True), (None, False)):
+        for grad_mode in (True, False):  # the caller's mode is restored
+            with torch.set_grad_enabled(grad_mode):
+                out = encode_batch(model, sae, tokens, hook, features, with_grad)
+                assert torch.is_grad_enabled() is grad_mode
+            acts, grad = reference_encode_batch(model, sae, tokens, hook, features, with_grad)
+            assert torch.equal(out.acts, acts)
+            assert (out.grad is None) is (grad is None) and (grad is None or torch.equal(out.grad, grad))
+            assert not out.acts.requires_grad
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated into the weights
