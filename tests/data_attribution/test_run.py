@@ -336,6 +336,15 @@ def test_loss_target_ranks_the_helpful_example_first_in_report_and_web_page(tiny
     data = json.loads(re.search(r'id="run-data">(.*?)</script>', page, re.S).group(1))
     if data.get("timeline"):  # the timeline shows the same list when the run has enough to put on it
         assert data["timeline"]["top"][0]["sequence"] == planted
+    # a report of the projected route (or one from before the grads field) says its ranking may be noise
+    assert "random projection" not in table
+    path = tiny_run / "attribution" / "loss" / "report.json"
+    for grads in ("exact", None):
+        body = json.loads(path.read_text())
+        body.pop("grads")
+        path.write_text(json.dumps(body | ({"grads": grads} if grads else {})))
+        page = TestClient(create_app(runs=[tiny_run.parent]), base_url="http://127.0.0.1").get("/run/0").text
+        assert "random projection of the gradients (grads=exact)" in page[page.index("Which training seq") :]
 
     # a mechanism target: the highest score first, as before
     prev = attribute_run(tiny_run, "prev:0.0", window=(0, 12), dim=64, max_candidates=12)
