@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -375,7 +375,7 @@ def _norm_site(name: str, module: nn.Module, params: dict[str, nn.Parameter]) ->
             yield
 
     def dots(model: nn.Module, x: Tensor, g: Tensor, vector: dict[str, Tensor]) -> Tensor:
-        norm = model.get_submodule(name)
+        norm: Any = model.get_submodule(name)
         dims = norm.dims
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         if norm.kind is Norm.LAYERNORM:
@@ -401,7 +401,7 @@ def _smear_site(name: str) -> GainSite:
 
     @contextmanager
     def capture(model: nn.Module, put_in: Callable, put_out: Callable) -> Iterator[None]:
-        attn = model.get_submodule(name)
+        attn: Any = model.get_submodule(name)
         original = attn._smear
 
         def smear(k: Tensor, ctx: Any, cache: object) -> Tensor:
@@ -422,11 +422,10 @@ def _smear_site(name: str) -> GainSite:
             del attn._smear  # the class's method again
 
     def dots(model: nn.Module, x: Tensor, g: Tensor, vector: dict[str, Tensor]) -> Tensor:
-        s = model.get_submodule(name).smear.detach().float()
+        s = cast(Tensor, model.get_submodule(name).smear).detach().float()
         gate = torch.sigmoid(s)
-        per = (g.float() * x.float()).sum(
-            (1, 3)
-        )  # [n, heads]: <dL/dk'_h, k_h - k_prev_h> summed over positions
+        # [n, heads]: <dL/dk'_h, k_h - k_prev_h> summed over positions
+        per = (g.float() * x.float()).sum((1, 3))
         per = per.view(per.shape[0], s.shape[0], -1).sum(2)  # one key per query head: each group's gate
         return per @ (gate * (1 - gate) * vector[f"{name}.smear"].float())
 
@@ -717,10 +716,11 @@ def factored_dots(
         n = gs[0].shape[0]
         total = torch.zeros(n, len(vectors))
         for s, mat, x, g in zip(sites, mats, xs, gs, strict=True):
-            if isinstance(s, GainSite) or mat is None:
+            if isinstance(s, GainSite):
                 for j, v in enumerate(vectors):
                     total[:, j] += s.dots(model, x, g, v)
                 continue
+            assert mat is not None  # every linear site has its matrices
             w, b = mat
             g = g.float().reshape(n, -1, s.d_out)  # [n, T, d_out]
             x = x.reshape(n, -1) if s.one_hot else x.float().reshape(-1, s.d_in)
