@@ -11,7 +11,8 @@ Biases are folded in as one extra input coordinate equal to 1 (the homogeneous-c
 The token embedding is a linear map of the one-hot token (``linear_sites(model, embedding=True)``): its
 projected input is the token's row of ``P_in``. Where only dot products with a few fixed vectors are needed (a
 target's gradient, as in TracIn), `factored_dots` computes them exactly from the same captured factors,
-``<G, V> = sum_t g_t . (V x_t)``, with no projection.
+``<G, V> = sum_t g_t . (V x_t)``, with no projection; `gain_sites` adds the norms' gains and biases and the
+key-smearing gates to it (``<grad w, v> = sum_t (dy_t * xhat_t) . v`` from the norm's input and output gradient).
 
 >>> sites = linear_sites(model)                      # every linear weight of an interplab Transformer
 >>> proj = FactoredProjector(sites, dim_in=16, dim_out=16)
@@ -456,8 +457,8 @@ def linear_sites(
 ) -> list[LinearSite]:
     """The linear maps of ``model`` that factorised projection covers: every ``nn.Linear`` of a plain module, or
     for an interplab `Transformer` the attention's W_Q/W_K/W_V/W_O, the MLP's W_in/W_gate/W_out and the unembedding,
-    and with ``embedding=True`` also the token embedding first (`embedding_site`; norms, learned positions and
-    key-smearing gates are not covered: leave them to `per_example_grads`).
+    and with ``embedding=True`` also the token embedding first (`embedding_site`; norms and key-smearing gates
+    are `gain_sites`, learned positions are not covered: leave them to `per_example_grads`).
     ``include``: a regular expression on the site names (e.g. ``blocks\\.1\\.`` or ``attn``)."""
     import re
 
