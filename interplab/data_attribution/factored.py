@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from interplab.data_attribution.per_example import logits_of
+from interplab.model.config import Norm
+from interplab.model.norms import Normalization
 from interplab.model.transformer import Transformer
 
 #: a batched objective: (model, batched example tensors...) -> per-example losses [n]
@@ -365,8 +367,6 @@ class GainSite:
 
 
 def _norm_site(name: str, module: nn.Module, params: dict[str, nn.Parameter]) -> GainSite:
-    from interplab.model.config import Norm
-
     pre = f"{name}."
     names = tuple(p for p in (pre + "w", pre + "b") if p in params and params[p].requires_grad)
 
@@ -437,8 +437,6 @@ def gain_sites(model: Transformer) -> list[GainSite]:
     """The norm gains and biases and the key-smearing gates of an interplab `Transformer` (what
     `linear_sites` leaves out besides learned positions): with `linear_sites(model, embedding=True)`,
     `factored_dots` covers every parameter of such a model."""
-    from interplab.model.norms import Normalization
-
     params = dict(model.named_parameters())
     sites = []
     for name, module in model.named_modules():
