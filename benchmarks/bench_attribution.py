@@ -300,6 +300,9 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
     fparams = [named[p] for p in fproj.param_names]
     params = [named[p] for p in group.param_names]
     target = {p: torch.randn_like(named[p]) for p in fproj.param_names}  # stands in for a target's gradient
+    whole, rest = group_sites(model, group)  # attribute_run's default: the linear maps, norms and smear gates
+    assert rest is None
+    whole_target = {p: torch.randn_like(named[p]) for s in whole for p in s.params}
 
     def one_loss(m, t):
         return F.cross_entropy(m(t)[0, :-1], t[0, 1:])
@@ -320,6 +323,7 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
 
     contenders = {
         "factored": lambda: factored_dots(model, lm_losses, tokens, sites, [target]),
+        "factored_whole_group": lambda: factored_dots(model, lm_losses, tokens, whole, [whole_target]),
         "naive_loop": naive_dots,
         "factored_projected": lambda: factored_grads(model, lm_losses, tokens, fproj),
         "naive_loop_projected": lambda: _naive_factored(model, one_loss, (tokens,), fproj, fparams),
@@ -333,7 +337,11 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
     }
     results = {name: contenders[name]() for pair in same.values() for name in pair}
     out = _interleaved(rounds, contenders, n)
-    for a, b in (("exact_route", "factored"), ("naive_loop_projected", "factored_projected")):
+    for a, b in (
+        ("exact_route", "factored"),
+        ("exact_route", "factored_whole_group"),
+        ("naive_loop_projected", "factored_projected"),
+    ):
         out[f"speedup_cpu_{b}_vs_{a}"] = out[a]["cpu_s"] / out[b]["cpu_s"]
     out["speedup_cpu_exact_route_vs_its_naive_loop"] = (
         out["naive_loop_jl"]["cpu_s"] / out["exact_route"]["cpu_s"]
