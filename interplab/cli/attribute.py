@@ -51,7 +51,7 @@ def attribute(
     grads: str = typer.Option(
         library_default(attribute_run, "grads"),
         help="factored (default): the exact, unprojected dot products of each sequence's gradient with the "
-        "target's over the whole group, from the layers' inputs and output gradients (1.8-2.9x faster than "
+        "target's over the whole group, from the layers' inputs and output gradients (1.8-2.8x faster than "
         "exact); exact: per-example gradients of the group, then a sparse JL projection to --dim, a random "
         "projection whose noise (about 1/sqrt(dim) of the norms: 1/32 at 1024) can swamp the tiny cosines "
         "early in a run",

@@ -236,7 +236,7 @@ def attribute_run(
     then a sparse JL projection to ``dim``: a random projection, whose dot products carry noise of about
     ``|g| |g_target| / sqrt(dim)``; where the cosine between the sequences' and the target's gradients is tiny
     (3.6e-4 at the demo run's first checkpoint, against 1/32 at dim 1024) that noise swamps the ranking, see
-    docs/attribution.md). ``factored`` takes 1.8-2.9x less CPU than ``exact`` at the demo's size."""
+    docs/attribution.md). ``factored`` takes 1.8-2.8x less CPU than ``exact`` at the demo's size."""
     if grads not in GRADS:
         raise ValueError(f"grads must be one of {', '.join(GRADS)}, got {grads!r}")
     run_dir = Path(run_dir)
