@@ -281,6 +281,7 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
     ``dim_in = dim_out = isqrt(dim / maps)``) beside their naive loop."""
     from interplab.data_attribution.factored import (
         FactoredProjector,
+        LinearSite,
         factored_dots,
         factored_grads,
         lm_losses,
@@ -292,13 +293,16 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
     tokens = torch.randint(0, INDUCTION_2L["d_vocab"], (n, seq))
     group = param_group(model, "all")
     jl = Projector(d_in=group.numel, dim=min(dim, group.numel), seed=0)
-    sites = group_sites(model, group)
+    sites = [s for s in group_sites(model, group)[0] if isinstance(s, LinearSite)]  # the linear maps
     k = math.isqrt(dim // len(sites))
     fproj = FactoredProjector(sites, dim_in=k, dim_out=k)
     named = dict(model.named_parameters())
     fparams = [named[p] for p in fproj.param_names]
     params = [named[p] for p in group.param_names]
     target = {p: torch.randn_like(named[p]) for p in fproj.param_names}  # stands in for a target's gradient
+    whole, rest = group_sites(model, group)  # attribute_run's default: the linear maps, norms and smear gates
+    assert rest is None
+    whole_target = {p: torch.randn_like(named[p]) for s in whole for p in s.params}
 
     def one_loss(m, t):
         return F.cross_entropy(m(t)[0, :-1], t[0, 1:])
@@ -319,6 +323,7 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
 
     contenders = {
         "factored": lambda: factored_dots(model, lm_losses, tokens, sites, [target]),
+        "factored_whole_group": lambda: factored_dots(model, lm_losses, tokens, whole, [whole_target]),
         "naive_loop": naive_dots,
         "factored_projected": lambda: factored_grads(model, lm_losses, tokens, fproj),
         "naive_loop_projected": lambda: _naive_factored(model, one_loss, (tokens,), fproj, fparams),
@@ -332,7 +337,11 @@ def run_route_speed(rounds: int, n: int, seq: int, dim: int, peak: float) -> dic
     }
     results = {name: contenders[name]() for pair in same.values() for name in pair}
     out = _interleaved(rounds, contenders, n)
-    for a, b in (("exact_route", "factored"), ("naive_loop_projected", "factored_projected")):
+    for a, b in (
+        ("exact_route", "factored"),
+        ("exact_route", "factored_whole_group"),
+        ("naive_loop_projected", "factored_projected"),
+    ):
         out[f"speedup_cpu_{b}_vs_{a}"] = out[a]["cpu_s"] / out[b]["cpu_s"]
     out["speedup_cpu_exact_route_vs_its_naive_loop"] = (
         out["naive_loop_jl"]["cpu_s"] / out["exact_route"]["cpu_s"]
@@ -410,6 +419,101 @@ def run_end_to_end(candidates: int, steps: int, every: int) -> dict:
         spearman_vs_unprojected={g: float(spearman(-r.per_step[0], truth)) for g, r in results.items()},
         mean_abs_cosine_target_vs_examples=float((truth / (tg.norm() * norm)).abs().mean()),
     )
+    return out
+
+
+def run_faithfulness(candidates: int, steps: int, every: int, dims: tuple[int, ...]) -> dict:
+    """How faithful each `attribute_run` route is on the run `run_end_to_end` uses (the induction-2l preset,
+    ``candidates`` sequences, target ``induction:best``, group ``all``): at every checkpoint term, the Spearman
+    correlation of the route's term with the exact unprojected TracIn term (``<grad target, grad loss_i>`` from
+    exact per-example gradients over all parameters), and the same for the combined (weighted, summed) scores.
+    ``factored`` is attribute_run's default; ``exact_dim_D`` is the ``grads="exact"`` route's sparse JL
+    projection at dimension D applied to the same gradients (D = 1024 is also run through attribute_run to
+    check it is the route's own numbers)."""
+    from interplab.data_attribution import spearman
+    from interplab.data_attribution.per_example import objective_grad
+    from interplab.data_attribution.run import _lr_at, _open_run, attribute_run, run_target
+    from interplab.model.io import load_native
+    from interplab.train import train
+    from interplab.train.config import CheckpointConfig, load_preset
+    from interplab.train.sources import CorpusSource
+
+    cfg = load_preset("induction-2l")
+    cfg = cfg.replace(steps=steps, checkpoints=CheckpointConfig(log_spaced=0, every=every), eval_every=steps)
+    out: dict = {"preset": "induction-2l", "train_steps": steps, "checkpoint_every": every, "group": "all"}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        train(cfg, run)
+        timed = {}
+        for grads in ("factored", "exact"):
+            wall, cpu = time.perf_counter(), time.process_time()
+            timed[grads] = attribute_run(
+                run, "induction:best", window=(0, steps), max_candidates=candidates, grads=grads
+            )
+            out[f"{grads}_route_s"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        res = timed["factored"]
+        _, ckpts = _open_run(run)
+        by_step = {c.step: c for c in ckpts}
+        source = CorpusSource(cfg)
+        target = run_target(load_native(ckpts[-1].path), res.target, source)
+        tokens = source.train.sequences(res.example_ids, source.seq_len)
+        used = [c.step for c in ckpts if 0 <= c.step <= steps]
+        truth_sum = torch.zeros(len(tokens), dtype=torch.float64)
+        route_sum = {f"exact_dim_{d}": torch.zeros_like(truth_sum) for d in dims}
+        terms = []
+        for c, step in enumerate(res.steps):
+            model = load_native(by_step[step].path)
+            group = param_group(model, "all")
+            tg = objective_grad(model, target, group)
+            projs = {d: Projector(d_in=group.numel, dim=d, seed=0) for d in dims}
+            ptg = {d: p.project(tg[None])[0] for d, p in projs.items()}
+            dots, norms, pdots = [], [], {d: [] for d in dims}
+            for start in range(0, len(tokens), 32):  # exact per-example gradients, 32 at a time
+                g = per_example_grads(model, lm_loss, tokens[start : start + 32], group, chunk_size=8)
+                dots.append(g @ tg)
+                norms.append(g.norm(dim=1))
+                for d, p in projs.items():
+                    pdots[d].append(p.project(g) @ ptg[d])
+            truth, norm = torch.cat(dots), torch.cat(norms)
+            weight = _lr_at(cfg, step) * (used[used.index(step) + 1] - step) / source.n_train
+            factored = -res.per_step[c] / weight  # the route's term is -weight <grad target, grad loss_i>
+            jl = -timed["exact"].per_step[c] / weight
+            row = {
+                "step": step,
+                "mean_abs_cosine": float((truth / (tg.norm() * norm)).abs().mean()),
+                "spearman": {"factored": float(spearman(factored, truth))},
+                "factored_max_rel_diff": float((factored - truth).abs().max() / truth.abs().max()),
+                "exact_route_dim_1024_equals_projection": float(
+                    (jl - torch.cat(pdots[1024])).abs().max() / jl.abs().max()
+                )
+                if 1024 in dims
+                else None,
+            }
+            truth_sum += weight * truth.double()
+            for d in dims:
+                row["spearman"][f"exact_dim_{d}"] = float(spearman(torch.cat(pdots[d]), truth))
+                route_sum[f"exact_dim_{d}"] += weight * torch.cat(pdots[d]).double()
+            terms.append(row)
+        combined = {"factored": float(spearman(-res.scores.double(), truth_sum))}
+        combined.update({k: float(spearman(v, truth_sum)) for k, v in route_sum.items()})
+        top = truth_sum.argsort(descending=True)[:10]
+        out.update(
+            target=res.target,
+            n_candidates=len(tokens),
+            dims=list(dims),
+            per_checkpoint=terms,
+            combined_spearman=combined,
+            # how many of the true top 10 (by the unprojected combined score) each route puts in its own top 10
+            top10_overlap={
+                "factored": len(
+                    set(top.tolist()) & set((-res.scores).argsort(descending=True)[:10].tolist())
+                ),
+                **{
+                    k: len(set(top.tolist()) & set(v.argsort(descending=True)[:10].tolist()))
+                    for k, v in route_sum.items()
+                },
+            },
+        )
     return out
 
 
@@ -542,7 +646,7 @@ def main() -> None:
         default=".peers/dattri/bin/python",
         help="dattri's venv (bash scripts/peers.sh dattri)",
     )
-    ap.add_argument("--only", choices=["all", "factored", "run"], default="all")
+    ap.add_argument("--only", choices=["all", "factored", "run", "faithfulness"], default="all")
     ap.add_argument("--factored-rounds", type=int, default=5)
     ap.add_argument(
         "--factored-before", default=None, help="another factored.py to time beside (e.g. main's)"
@@ -564,6 +668,12 @@ def main() -> None:
             "machine": machine,
             "per_checkpoint": run_route_speed(r, 32, 256, args.dim, peak),
             "end_to_end": run_end_to_end(256, 40, 8),
+            "load_avg_at_end": os.getloadavg(),
+        }
+    if args.only in ("all", "faithfulness"):
+        sections["attribute_run_faithfulness"] = {
+            "machine": machine,
+            **run_faithfulness(256, 40, 8, (1024, 4096, 16384)),
             "load_avg_at_end": os.getloadavg(),
         }
     if args.only in ("all", "factored"):

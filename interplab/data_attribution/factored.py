@@ -11,7 +11,8 @@ Biases are folded in as one extra input coordinate equal to 1 (the homogeneous-c
 The token embedding is a linear map of the one-hot token (``linear_sites(model, embedding=True)``): its
 projected input is the token's row of ``P_in``. Where only dot products with a few fixed vectors are needed (a
 target's gradient, as in TracIn), `factored_dots` computes them exactly from the same captured factors,
-``<G, V> = sum_t g_t . (V x_t)``, with no projection.
+``<G, V> = sum_t g_t . (V x_t)``, with no projection; `gain_sites` adds the norms' gains and biases and the
+key-smearing gates to it (``<grad w, v> = sum_t (dy_t * xhat_t) . v`` from the norm's input and output gradient).
 
 >>> sites = linear_sites(model)                      # every linear weight of an interplab Transformer
 >>> proj = FactoredProjector(sites, dim_in=16, dim_out=16)
@@ -29,11 +30,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from interplab.data_attribution.per_example import logits_of
+from interplab.model.config import Norm
+from interplab.model.norms import Normalization
 from interplab.model.transformer import Transformer
 
 #: a batched objective: (model, batched example tensors...) -> per-example losses [n]
@@ -348,13 +352,111 @@ def embedding_site(model: Transformer) -> LinearSite:
     )
 
 
+@dataclass(frozen=True)
+class GainSite:
+    """Parameters a Transformer applies elementwise, not as a matrix: a norm's gain and bias (``y = w * xhat +
+    b``) or a key-smearing gate (``k' = gate * k + (1 - gate) * k_prev``). ``capture`` hands over what the
+    per-example gradient needs beside the output gradient (the norm's input; the smear's ``k - k_prev``) and
+    the output (in the graph); ``dots(model, x, g, vector)`` is each example's exact ``<grad, vector>`` over
+    ``params`` from them: ``[n]``."""
+
+    name: str
+    params: tuple[str, ...]
+    capture: Callable[..., AbstractContextManager[object]] = field(repr=False)
+    dots: Callable[[nn.Module, Tensor, Tensor, dict[str, Tensor]], Tensor] = field(repr=False)
+
+
+def _norm_site(name: str, module: nn.Module, params: dict[str, nn.Parameter]) -> GainSite:
+    pre = f"{name}."
+    names = tuple(p for p in (pre + "w", pre + "b") if p in params and params[p].requires_grad)
+
+    @contextmanager
+    def capture(model: nn.Module, put_in: Callable, put_out: Callable) -> Iterator[None]:
+        with _module_io(model.get_submodule(name), put_in, put_out):
+            yield
+
+    def dots(model: nn.Module, x: Tensor, g: Tensor, vector: dict[str, Tensor]) -> Tensor:
+        norm: Any = model.get_submodule(name)
+        dims = norm.dims
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        if norm.kind is Norm.LAYERNORM:
+            xf = xf - xf.mean(dims, keepdim=True)
+        xhat = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + norm.eps)  # what the gain multiplies
+        g = g.to(xhat.dtype)
+        n, lead = g.shape[0], tuple(range(1, g.dim() - len(dims)))
+        out = g.new_zeros(n)
+        for p in names:
+            prod = g * xhat if p.endswith(".w") else g
+            per = prod.sum(lead) if lead else prod  # [n, *trailing]
+            v = vector[p].to(per.dtype)
+            if per.shape[1:] != v.shape:  # a full-width key norm repeated per query head: sum the copies
+                per = per.view(n, v.shape[0], -1, *v.shape[1:]).sum(2)
+            out += (per * v).flatten(1).sum(1)
+        return out
+
+    return GainSite(name=name, params=names, capture=capture, dots=dots)
+
+
+def _smear_site(name: str) -> GainSite:
+    """Key smearing of the attention module ``name``: ``d k' / d gate = k - k_prev`` per key head."""
+
+    @contextmanager
+    def capture(model: nn.Module, put_in: Callable, put_out: Callable) -> Iterator[None]:
+        attn: Any = model.get_submodule(name)
+        original = attn._smear
+
+        def smear(k: Tensor, ctx: Any, cache: object) -> Tensor:
+            if cache is not None:
+                raise ValueError("per-example gradients of a smear gate are taken without a key/value cache")
+            shifted = torch.cat([torch.zeros_like(k[:, :1]), k[:, :-1]], dim=1)
+            if ctx.key_valid is not None:  # as `_smear`: a left-padded row's first token has no previous key
+                shifted = shifted * (ctx.positions > 0)[:, :, None, None].to(k.dtype)
+            put_in((k - shifted).detach())
+            out = original(k, ctx, cache)
+            _tensor_capture(out, put_out)
+            return out
+
+        attn._smear = smear
+        try:
+            yield
+        finally:
+            del attn._smear  # the class's method again
+
+    def dots(model: nn.Module, x: Tensor, g: Tensor, vector: dict[str, Tensor]) -> Tensor:
+        s = cast(Tensor, model.get_submodule(name).smear).detach().float()
+        gate = torch.sigmoid(s)
+        # [n, heads]: <dL/dk'_h, k_h - k_prev_h> summed over positions
+        per = (g.float() * x.float()).sum((1, 3))
+        per = per.view(per.shape[0], s.shape[0], -1).sum(2)  # one key per query head: each group's gate
+        return per @ (gate * (1 - gate) * vector[f"{name}.smear"].float())
+
+    return GainSite(name=f"{name}.smear", params=(f"{name}.smear",), capture=capture, dots=dots)
+
+
+def gain_sites(model: Transformer) -> list[GainSite]:
+    """The norm gains and biases and the key-smearing gates of an interplab `Transformer` (what
+    `linear_sites` leaves out besides learned positions): with `linear_sites(model, embedding=True)`,
+    `factored_dots` covers every parameter of such a model."""
+    params = dict(model.named_parameters())
+    sites = []
+    for name, module in model.named_modules():
+        if isinstance(module, Normalization):
+            site = _norm_site(name, module, params)
+            if site.params:
+                sites.append(site)
+        smear = params.get(f"{name}.smear")
+        if smear is not None and smear.requires_grad:
+            sites.append(_smear_site(name))
+    return sites
+
+
 def linear_sites(
     model: nn.Module, include: str | None = None, *, embedding: bool = False
 ) -> list[LinearSite]:
     """The linear maps of ``model`` that factorised projection covers: every ``nn.Linear`` of a plain module, or
     for an interplab `Transformer` the attention's W_Q/W_K/W_V/W_O, the MLP's W_in/W_gate/W_out and the unembedding,
-    and with ``embedding=True`` also the token embedding first (`embedding_site`; norms, learned positions and
-    key-smearing gates are not covered: leave them to `per_example_grads`).
+    and with ``embedding=True`` also the token embedding first (`embedding_site`; norms and key-smearing gates
+    are `gain_sites`, learned positions are not covered: leave them to `per_example_grads`).
     ``include``: a regular expression on the site names (e.g. ``blocks\\.1\\.`` or ``attn``)."""
     import re
 
@@ -457,7 +559,10 @@ def _gaussian(d: int, k: int, gen: torch.Generator) -> Tensor | None:
 
 
 def capture_factors(
-    model: nn.Module, objective: BatchObjective, examples: tuple[Tensor, ...], sites: Sequence[LinearSite]
+    model: nn.Module,
+    objective: BatchObjective,
+    examples: tuple[Tensor, ...],
+    sites: Sequence[LinearSite | GainSite],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One batched forward and backward of ``sum_i objective(model, examples)_i``: each site's inputs ``[n, T,
     d_in]`` and output gradients ``[n, T, d_out]`` (the gradient of example i's own loss: examples do not
@@ -502,7 +607,9 @@ def capture_factors(
     return [x[0] for x in xs], grads
 
 
-def _grad_roots(model: nn.Module, examples: tuple[Tensor, ...], sites: Sequence[LinearSite]) -> None:
+def _grad_roots(
+    model: nn.Module, examples: tuple[Tensor, ...], sites: Sequence[LinearSite | GainSite]
+) -> None:
     """Make every site's output part of the autograd graph (with the parameters frozen, nothing is): a floating
     input made a leaf, else a Transformer's token embedding, else the sites' weights. No gradient is taken at
     them: they only mark the forward for autograd."""
@@ -510,7 +617,7 @@ def _grad_roots(model: nn.Module, examples: tuple[Tensor, ...], sites: Sequence[
         examples[0].requires_grad_(True)
         return
     params = dict(model.named_parameters())
-    names = ["embed.W_E"] if isinstance(model, Transformer) else [s.weight for s in sites]
+    names = ["embed.W_E"] if isinstance(model, Transformer) else [s.params[0] for s in sites]
     for n in names:
         params[n].requires_grad_(True)
 
@@ -532,7 +639,7 @@ def _chunked_factors(
     model: nn.Module,
     objective: BatchObjective,
     examples: Tensor | tuple[Tensor, ...],
-    sites: Sequence[LinearSite],
+    sites: Sequence[LinearSite | GainSite],
     chunk_size: int | None,
 ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
     """`capture_factors` chunk by chunk (``chunk_size`` examples, by default `default_chunk_size`)."""
@@ -578,7 +685,7 @@ def factored_dots(
     model: nn.Module,
     objective: BatchObjective,
     examples: Tensor | tuple[Tensor, ...],
-    sites: Sequence[LinearSite],
+    sites: Sequence[LinearSite | GainSite],
     vectors: Sequence[dict[str, Tensor]],
     *,
     chunk_size: int | None = None,
@@ -590,11 +697,14 @@ def factored_dots(
     of ``V^T`` for an embedding), the weight-gradient matmul's arithmetic without its [n, d_out, d_in] result."""
     if not vectors:
         raise ValueError("factored_dots needs at least one vector (a dict of parameter name -> tensor)")
-    mats = []
+    mats: list[tuple[Tensor, Tensor | None] | None] = []
     for s in sites:
         missing = [p for p in s.params if any(p not in v for v in vectors)]
         if missing:
             raise ValueError(f"every vector needs an entry for {', '.join(missing)} (site {s.name})")
+        if isinstance(s, GainSite):
+            mats.append(None)
+            continue
         w = torch.stack([s.to_matrix(v[s.weight][None].float())[0] for v in vectors])  # [m, d_out, d_in]
         if s.one_hot:
             w = w.transpose(1, 2).contiguous()  # [m, vocab, d_out]: one row per token
@@ -604,7 +714,13 @@ def factored_dots(
     for xs, gs in _chunked_factors(model, objective, examples, sites, chunk_size):
         n = gs[0].shape[0]
         total = torch.zeros(n, len(vectors))
-        for s, (w, b), x, g in zip(sites, mats, xs, gs, strict=True):
+        for s, mat, x, g in zip(sites, mats, xs, gs, strict=True):
+            if isinstance(s, GainSite):
+                for j, v in enumerate(vectors):
+                    total[:, j] += s.dots(model, x, g, v)
+                continue
+            assert mat is not None  # every linear site has its matrices
+            w, b = mat
             g = g.float().reshape(n, -1, s.d_out)  # [n, T, d_out]
             x = x.reshape(n, -1) if s.one_hot else x.float().reshape(-1, s.d_in)
             for j in range(len(vectors)):

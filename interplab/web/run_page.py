@@ -475,6 +475,12 @@ def attribution_view(folder: Path, base: Path, root: Path) -> dict[str, Any]:
             )
     else:
         ranking = "highest score first: these sequences raised the target most"
+    if report.get("grads", "exact") == "exact":
+        # a report without ``grads`` predates the field and was made by the projected route
+        ranking += (
+            "; scored through a random projection of the gradients (grads=exact), whose noise can swamp the "
+            "tiny gradient cosines of a run: run interplab attribute again for exact, unprojected scores"
+        )
     enriched = report.get("enriched_tokens")
     tokens = [
         _text(e.get("token") if isinstance(e, dict) else e, 40)

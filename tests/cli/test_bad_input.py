@@ -261,7 +261,7 @@ CASES = [
     (["attribute", "{root}/norun", "--candidates", "-1"], 2, "-1"),
     (["attribute", "{root}/norun", "--window", "a:b"], 2, "a:b"),
     (["attribute", "{root}/norun"], 2, "norun"),
-    (["attribute", "{root}/norun", "--grads", "fast"], 2, "grads must be one of exact, factored"),
+    (["attribute", "{root}/norun", "--grads", "fast"], 2, "grads must be one of factored, exact"),
     (["llc", "{root}/norun", "--seqs", "0"], 2, "0"),
     (["llc", "{root}/norun", "--step-size", "-1"], 2, "-1"),
     (["llc", "{root}/norun"], 2, "norun"),

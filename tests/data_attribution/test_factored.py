@@ -13,6 +13,7 @@ from interplab.data_attribution.factored import (
     FactoredProjector,
     factored_dots,
     factored_grads,
+    gain_sites,
     linear_sites,
     lm_losses,
 )
@@ -274,3 +275,113 @@ def test_factored_dots_equal_exact_gradient_dot_products(variant):
         factored_dots(
             model, lm_losses, tokens, sites, [{k: v for k, v in vectors[0].items() if "b_Q" not in k}]
         )
+
+
+def _plain_dots(model, tokens, vector):
+    """<grad_i, vector> by one plain backward pass per example over the parameters ``vector`` names."""
+    params = dict(model.named_parameters())
+    names = list(vector)
+    rows = []
+    for t in tokens:
+        grads = torch.autograd.grad(lm_losses(model, t[None])[0], [params[k] for k in names])
+        rows.append(sum((g * vector[k]).sum() for k, g in zip(names, grads, strict=True)))
+    return torch.stack(rows)
+
+
+def _perturbed(cfg):
+    """A model whose norm gains and biases and smear gates are away from their initial 1 / 0 (so a wrong
+    gain gradient cannot hide behind w = 1)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".w", ".b", "smear")):
+                p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+GAIN_VARIANTS = [
+    {"smear_keys": True},  # LayerNorm gains and biases (induction-2l's kind), smear gates
+    {"normalization": "rmsnorm", "qk_norm": "head", "smear_keys": True, "n_kv_heads": 1},
+    {"normalization": "rmsnorm", "qk_norm": "full", "post_norms": True, "attn_only": False, "d_mlp": 32},
+    {"qk_norm": "full", "n_kv_heads": 1, "smear_keys": True},  # a key norm repeated per query head
+]
+
+
+@pytest.mark.parametrize("variant", GAIN_VARIANTS)
+def test_gain_sites_dots_equal_plain_backward_passes(variant):
+    """Norm gains / biases (LayerNorm, RMSNorm, per-head and full-width q/k norms, post norms) and key-smearing
+    gates (also under grouped-query attention): with the linear maps, factored_dots gives <grad_i, v> over
+    every parameter they cover, equal to plain per-example backward passes to 1e-5."""
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_vocab=20, n_ctx=8, positional="rotary", **variant)
+    model = _perturbed(cfg)
+    tokens = torch.randint(0, 20, (5, 8))
+    gains = gain_sites(model)
+    names = [p for s in gains for p in s.params]
+    assert any(n.endswith(".w") for n in names) and all(
+        n.split(".")[-1] in ("w", "b", "smear") for n in names
+    )
+    assert any(n.endswith("smear") for n in names) == cfg.smear_keys
+    params = dict(model.named_parameters())
+    v = {k: torch.randn_like(params[k]) for k in names}
+    got = factored_dots(model, lm_losses, tokens, gains, [v], chunk_size=2)[:, 0]
+    torch.testing.assert_close(got, _plain_dots(model, tokens, v), rtol=1e-5, atol=1e-5)
+    # with the linear maps: every parameter their sites cover, in one pass
+    sites = [*linear_sites(model, embedding=True), *gains]
+    every = {k: torch.randn_like(params[k]) for s in sites for k in s.params}
+    got = factored_dots(
+        model, lm_losses, tokens, sites, [every, v | {k: 0 * x for k, x in every.items() if k not in v}]
+    )
+    torch.testing.assert_close(got[:, 0], _plain_dots(model, tokens, every), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, 1], _plain_dots(model, tokens, v), rtol=1e-5, atol=1e-5)
+
+
+def test_run_features_cover_every_parameter_exactly():
+    """attribute_run's default features: the dot product with a target's gradient over the whole group, exact,
+    on a model with learned positions (no site: exact per-example gradients) and grouped-query keys (no site
+    either), for the whole model and for one layer."""
+    from interplab.data_attribution import Target
+    from interplab.data_attribution.run import _features, group_sites
+
+    cfg = ModelConfig(
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_vocab=20,
+        n_ctx=8,
+        positional="learned",
+        n_kv_heads=1,
+        smear_keys=True,
+    )
+    model = _perturbed(cfg)
+    tokens = torch.randint(0, 20, (5, 8))
+    probe = torch.arange(8)[None]
+    target = Target("logits", lambda m: m(probe).float().pow(2).mean())
+    params = dict(model.named_parameters())
+    for spec in ("all", "layer:1"):
+        grp = param_group(model, spec)
+        sites, rest = group_sites(model, grp)
+        if spec == "all":
+            assert (
+                rest is not None
+                and "pos_embed.W_pos" in rest.param_names
+                and "blocks.0.attn.W_K" in rest.param_names
+            )
+        dots, tg = _features(model, grp, target, tokens, "factored", 64, 0)(model)
+        assert tg.tolist() == [1.0]
+        # the truth: flat per-example gradients of the group's slices, by plain backward passes
+        value = target(model)
+        tgrad = grp.flatten(
+            dict(
+                zip(
+                    grp.param_names,
+                    torch.autograd.grad(value, [params[k] for k in grp.param_names]),
+                    strict=True,
+                )
+            )
+        )
+        want = []
+        for t in tokens:
+            g = torch.autograd.grad(lm_losses(model, t[None])[0], [params[k] for k in grp.param_names])
+            want.append(grp.flatten(dict(zip(grp.param_names, g, strict=True))) @ tgrad)
+        torch.testing.assert_close(dots[:, 0], torch.stack(want), rtol=1e-5, atol=1e-6)

@@ -111,14 +111,13 @@ def _flat_grad(model, grp, value):
     return grp.flatten(_grads(model, grp.param_names, value))
 
 
-def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
+def _hand_tracin(run_dir, target, window, ids, dim, grads="exact", group="all"):
     """The checkpoint loop written out: per-example backward passes at every checkpoint of the window but the
     last, each term -lr x span / n_train <P grad target, P grad loss_i>; P the sparse JL projection of the
-    flat gradient, or (``grads="factored"``) none: the exact dot product over the group's linear maps."""
+    flat gradient, or (``grads="factored"``) none: the exact dot product over the whole group."""
     import torch.nn.functional as F
 
     from interplab.data_attribution import Projector, param_group
-    from interplab.data_attribution.run import group_sites
     from interplab.model.io import load_native
     from interplab.runs import TrainRun
     from interplab.train.config import TrainConfig
@@ -132,7 +131,7 @@ def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
     rows = []
     for a, b in zip(ckpts[:-1], ckpts[1:], strict=True):
         model = load_native(a.path)
-        grp = param_group(model, "all")
+        grp = param_group(model, group)
         losses = [F.cross_entropy(model(t[None])[0, :-1].float(), t[1:]) for t in tokens]
         if grads == "exact":
             proj = Projector(d_in=grp.numel, dim=dim, seed=0)
@@ -140,12 +139,8 @@ def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
             # one backward pass per training sequence
             g = proj.project(torch.stack([_flat_grad(model, grp, loss) for loss in losses]))
         else:
-            names = [p for s in group_sites(model, grp) for p in s.params]
-            tgrads = _grads(model, names, target(model))
-            tg = torch.cat([tgrads[k].flatten() for k in names])
-            g = torch.stack(
-                [torch.cat([v.flatten() for v in _grads(model, names, loss).values()]) for loss in losses]
-            )
+            tg = _flat_grad(model, grp, target(model))
+            g = torch.stack([_flat_grad(model, grp, loss) for loss in losses])
         o = cfg.optim
         lr = cosine_lr(a.step, lr=o.lr, warmup=o.warmup_steps, total=cfg.steps, min_ratio=o.min_lr_ratio)
         weight = lr * (b.step - a.step) / source.n_train
@@ -154,31 +149,39 @@ def _hand_tracin(run_dir, target, window, ids, dim, grads="exact"):
 
 
 def test_attribute_run_factored_equals_the_hand_written_loop_without_projection(tiny_run, tmp_path):
-    """grads='factored' (exact dot products from the linear maps' inputs and output gradients, never a
-    per-example gradient) gives the unprojected TracIn scores of plain per-example backward passes over every
-    linear map of the run's model, the embedding included."""
+    """grads='factored' (the default: exact dot products from the layers' inputs and output gradients, never
+    a per-example gradient) gives the unprojected TracIn scores of plain per-example backward passes over the
+    whole group: every linear map, the embedding, the norms' gains and biases and the smear gates; a group
+    of slices (one head) or of norms alone too."""
     from interplab.data_attribution import Target, param_group
     from interplab.data_attribution.run import group_sites
     from interplab.model.io import load_native
     from interplab.runs import TrainRun
 
     custom = Target("qk-norm:1", lambda m: (m.blocks[1].attn.W_Q * m.blocks[1].attn.W_K).sum())
-    result = attribute_run(tiny_run, custom, window=(0, 12), dim=64, max_candidates=10, grads="factored")
+    result = attribute_run(tiny_run, custom, window=(0, 12), dim=64, max_candidates=10)
     assert result.grads == "factored" and result.to_dict()["grads"] == "factored"
+    assert "unprojected" in result.to_dict()["method"]
     expected = _hand_tracin(tiny_run, custom, (0, 12), result.example_ids, 64, grads="factored")
     torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
     assert bool(expected.abs().sum() > 0)
     model = load_native(TrainRun.open(tiny_run).checkpoints()[0].path)
-    sites = [s.name for s in group_sites(model, param_group(model, "all"))]
-    assert sites[:2] == ["embed", "blocks.0.attn.q"] and sites[-1] == "unembed" and len(sites) == 10
-    assert [s.name for s in group_sites(model, param_group(model, "layer:1"))] == [
-        f"blocks.1.attn.{w}" for w in "qkvo"
-    ]
-    with pytest.raises(ValueError, match="selects slices of blocks.1.attn.W_K"):
-        attribute_run(tiny_run, custom, window=(0, 12), group="head:1.0", grads="factored")
-    with pytest.raises(ValueError, match="holds no linear map"):
-        attribute_run(tiny_run, custom, window=(0, 12), group="re:ln_final", grads="factored")
-    with pytest.raises(ValueError, match="grads must be one of exact, factored, got 'fast'"):
+    sites, rest = group_sites(model, param_group(model, "all"))
+    names = [s.name for s in sites]
+    assert rest is None and names[:2] == ["embed", "blocks.0.attn.q"] and "unembed" in names
+    covered = {p for s in sites for p in s.params}
+    assert covered == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"blocks.0.ln1", "ln_final"} <= set(names)
+    layer1, _ = group_sites(model, param_group(model, "layer:1"))
+    assert {f"blocks.1.attn.{w}" for w in "qkvo"} <= {s.name for s in layer1}
+    probe = torch.arange(12)[None] % model.cfg.d_vocab
+    logits = Target("logits", lambda m: m(probe).float().pow(2).mean())  # depends on every parameter
+    for group in ("head:1.0", "re:ln_final|smear"):
+        got = attribute_run(tiny_run, logits, window=(0, 12), group=group, max_candidates=6)
+        want = _hand_tracin(tiny_run, logits, (0, 12), got.example_ids, 64, grads="factored", group=group)
+        torch.testing.assert_close(got.per_step, want, rtol=1e-4, atol=1e-12)
+        assert bool(want.abs().sum() > 0)
+    with pytest.raises(ValueError, match="grads must be one of factored, exact, got 'fast'"):
         attribute_run(tiny_run, custom, window=(0, 12), grads="fast")
     # the command line: --grads factored writes the same scores, and the report says how they were taken
     from typer.testing import CliRunner
@@ -196,14 +199,15 @@ def test_attribute_run_factored_equals_the_hand_written_loop_without_projection(
 
 def test_attribute_run_any_target_equals_the_hand_written_checkpoint_loop(tiny_run, tmp_path):
     """A custom `Target` and a loss on a query file go through attribute_run with the lr x span / N weighting
-    it documents: equal to the loop written out with plain backward passes."""
+    it documents: equal to the loop written out with plain backward passes (the projected ``exact`` route
+    for the first, the unprojected default for the second)."""
     from interplab.data_attribution import Target, loss_target
     from interplab.train.config import TrainConfig
     from interplab.train.sources import CorpusSource
 
     custom = Target("qk-norm:1", lambda m: (m.blocks[1].attn.W_Q * m.blocks[1].attn.W_K).sum())
-    result = attribute_run(tiny_run, custom, window=(0, 12), dim=48, max_candidates=10)
-    assert result.target == "qk-norm:1"
+    result = attribute_run(tiny_run, custom, window=(0, 12), dim=48, max_candidates=10, grads="exact")
+    assert result.target == "qk-norm:1" and "projected" in result.to_dict()["method"]
     expected = _hand_tracin(tiny_run, custom, (0, 12), result.example_ids, 48)
     torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
     assert bool(expected.abs().sum() > 0)
@@ -216,7 +220,7 @@ def test_attribute_run_any_target_equals_the_hand_written_checkpoint_loop(tiny_r
     ids = torch.tensor(source.tokenizer.encode(queries.read_text()))
     n = source.seq_len
     query = loss_target(ids[: len(ids) // n * n].view(-1, n))
-    expected = _hand_tracin(tiny_run, query, (0, 12), result.example_ids, 48)
+    expected = _hand_tracin(tiny_run, query, (0, 12), result.example_ids, 48, grads="factored")
     torch.testing.assert_close(result.per_step, expected, rtol=1e-4, atol=1e-9)
     # the curve is the query loss at every checkpoint: it falls as the model learns
     assert result.curve[-1] < result.curve[0]
@@ -335,6 +339,15 @@ def test_loss_target_ranks_the_helpful_example_first_in_report_and_web_page(tiny
     data = json.loads(re.search(r'id="run-data">(.*?)</script>', page, re.S).group(1))
     if data.get("timeline"):  # the timeline shows the same list when the run has enough to put on it
         assert data["timeline"]["top"][0]["sequence"] == planted
+    # a report of the projected route (or one from before the grads field) says its ranking may be noise
+    assert "random projection" not in table
+    path = tiny_run / "attribution" / "loss" / "report.json"
+    for grads in ("exact", None):
+        body = json.loads(path.read_text())
+        body.pop("grads")
+        path.write_text(json.dumps(body | ({"grads": grads} if grads else {})))
+        page = TestClient(create_app(runs=[tiny_run.parent]), base_url="http://127.0.0.1").get("/run/0").text
+        assert "random projection of the gradients (grads=exact)" in page[page.index("Which training seq") :]
 
     # a mechanism target: the highest score first, as before
     prev = attribute_run(tiny_run, "prev:0.0", window=(0, 12), dim=64, max_candidates=12)
