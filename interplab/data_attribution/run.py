@@ -328,9 +328,8 @@ def _features(
         for p in outside:  # a site's parameter the group leaves out (a head's W_O without b_O): weight 0
             vector[p] = torch.zeros_like(named[p])
         dots = factored_dots(model, lm_losses, tokens, sites, [vector])
-        if (
-            rest is not None
-        ):  # parameters no site covers (e.g. learned positions): exact per-example gradients
+        if rest is not None:
+            # parameters no site covers (e.g. learned positions): exact per-example gradients
             g = per_example_grads(model, lm_loss, tokens, rest, chunk_size=8)
             dots = dots + (g @ rest.flatten(tgrads))[:, None]
         return dots, torch.ones(1)
