@@ -69,7 +69,8 @@ class ChainLoss:
             raise ValueError(f"ChainLoss {why}")
         self.model = model
         self.cfg = model.cfg
-        self.own = {k: v.detach() for k, v in model.named_parameters()}
+        # the model's own tensors, parameters and buffers (a frozen bias may be either)
+        self.own = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
         cfg = self.cfg
         self.rotation: Tensor | None = None
         if cfg.positional is Positional.ROTARY:

@@ -55,6 +55,7 @@ from interplab.dynamics.llc import (
     _per_chain,
     default_nbeta,
     finite_or_none,
+    sampled,
 )
 from interplab.model.transformer import Transformer
 from interplab.plots import write_figure_files
@@ -245,16 +246,12 @@ class _Flat:
 
     def __init__(self, model: nn.Module, component: Component | None, dtype: torch.dtype | None) -> None:
         named = dict(model.named_parameters())
-        masks = dict(component.masks) if component is not None else dict.fromkeys(named)
-        unknown = sorted(set(masks) - set(named))
-        if unknown:
-            raise ValueError(f"component names parameters the model lacks: {unknown}")
+        masks, fixed = sampled(model, component)
 
         def cast(t: Tensor) -> Tensor:
             return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
 
-        self.frozen = {k: cast(v) for k, v in model.named_buffers()}
-        self.frozen |= {k: cast(v) for k, v in named.items() if k not in masks}
+        self.frozen = {k: cast(v) for k, v in fixed.items()}
         self.sampled = [(k, cast(named[k]), masks[k]) for k in named if k in masks]
         pieces = []
         for _, w, mask in self.sampled:

@@ -263,19 +263,52 @@ class Component:
     @classmethod
     def matching(cls, model: nn.Module, *patterns: str, name: str | None = None) -> Component:
         """Every parameter whose name matches one of the glob ``patterns`` (``"blocks.1.*"``)."""
-        names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)]
+        free = trainable(model)
+        names = [n for n in free if any(fnmatch.fnmatch(n, p) for p in patterns)]
         if not names:
-            valid = ", ".join(n for n, _ in model.named_parameters())
-            raise ValueError(f"no parameter matches {list(patterns)}; the model's parameters: {valid}")
+            raise ValueError(
+                f"no trainable parameter matches {list(patterns)} (parameters with requires_grad=False are "
+                f"not sampled); the model's trainable parameters: {', '.join(free)}"
+            )
         return cls(name or ",".join(patterns), dict.fromkeys(names))
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters the LLC samples: ``model.named_parameters()`` with ``requires_grad=True``, in order.
+    The others (an interplab `Transformer`'s biases switched off by its config: ``unembed.b_U`` without
+    ``unembed_bias``, the attention and MLP biases without ``attn_bias`` / ``mlp_bias``) are never trained,
+    so they are no free parameters of the model: they stay at their values like buffers."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def sampled(
+    model: nn.Module, component: Component | None
+) -> tuple[dict[str, Tensor | None], dict[str, Tensor]]:
+    """The masks of the entries sampled (the `component`'s, or every `trainable` parameter whole) and the
+    model's fixed tensors (buffers and every parameter not sampled, detached), for every sampler here."""
+    named = dict(model.named_parameters())
+    free = trainable(model)
+    masks = dict(component.masks) if component is not None else dict.fromkeys(free)
+    unknown = sorted(set(masks) - set(named))
+    if unknown:
+        raise ValueError(f"component names parameters the model lacks: {unknown}")
+    fixed = sorted(set(masks) - set(free))
+    if fixed:
+        raise ValueError(
+            f"component names parameters with requires_grad=False, which the model never trains and the "
+            f"LLC does not sample: {fixed}; the trainable ones: {', '.join(free)}"
+        )
+    frozen = {k: v.detach() for k, v in model.named_buffers()}
+    frozen |= {k: v.detach() for k, v in named.items() if k not in masks}
+    return masks, frozen
 
 
 def head_component(model: nn.Module, layer: int, head: int) -> Component:
     """One attention head of an interplab `Transformer`: its slices of W_Q, W_K, W_V, W_O and their biases
-    (the ``[n_heads ...]`` axis is the first of each)."""
+    (the ``[n_heads ...]`` axis is the first of each; the biases only where they are `trainable`)."""
     prefix = f"blocks.{layer}.attn."
     masks: dict[str, Tensor | None] = {}
-    for name, p in model.named_parameters():
+    for name, p in trainable(model).items():
         if name.startswith(prefix) and name[len(prefix) :] in _HEAD_PARAMS:
             if head >= p.shape[0]:
                 raise ValueError(f"head {head} out of range: {name} has {p.shape[0]} heads")
@@ -283,7 +316,9 @@ def head_component(model: nn.Module, layer: int, head: int) -> Component:
             mask[head] = True
             masks[name] = mask
     if not masks:
-        raise ValueError(f"layer {layer} has no attention weights {sorted(_HEAD_PARAMS)} in this model")
+        raise ValueError(
+            f"layer {layer} has no trainable attention weights {sorted(_HEAD_PARAMS)} in this model"
+        )
     return Component(f"L{layer}H{head}", masks)
 
 
@@ -341,12 +376,7 @@ def _sample(
         raise ValueError(f"data tensors disagree on the number of examples: {[t.shape[0] for t in data]}")
     nbeta = cfg.nbeta if cfg.nbeta is not None else default_nbeta(n)
     named = dict(model.named_parameters())
-    masks = dict(component.masks) if component is not None else dict.fromkeys(named)
-    unknown = sorted(set(masks) - set(named))
-    if unknown:
-        raise ValueError(f"component names parameters the model lacks: {unknown}")
-    frozen = {k: v.detach() for k, v in model.named_buffers()}
-    frozen |= {k: v.detach() for k, v in named.items() if k not in masks}
+    masks, frozen = sampled(model, component)
     w0 = {k: named[k].detach().clone() for k in masks}
     mask_t = {k: (None if m is None else m.to(w0[k].device)) for k, m in masks.items()}
     n_params = sum(w0[k].numel() if m is None else int(m.sum()) for k, m in mask_t.items())

@@ -248,7 +248,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="chains must be >= 1, got 0"):
         SGLDConfig(chains=0)
     model, data = _linear(2)
-    with pytest.raises(ValueError, match="no parameter matches"):
+    with pytest.raises(ValueError, match="no trainable parameter matches"):
         Component.matching(model, "blocks.*")
 
 
