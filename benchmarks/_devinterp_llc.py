@@ -40,10 +40,19 @@ def per_token_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
 
 class Plain(torch.nn.Module):
     """The interplab model behind a plain module: devinterp takes any module with a ``cfg.n_heads`` for a
-    TransformerLens model (and calls ``.to(device, print_details=False)`` on it)."""
+    TransformerLens model (and calls ``.to(device, print_details=False)`` on it). Its frozen parameters
+    (``requires_grad=False``: the biases the config switches off) become buffers of the same value, so that
+    devinterp samples the set interplab's `estimate_llc` samples (given as parameters, devinterp would move
+    them by noise and localisation alone)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
+        for name, p in list(model.named_parameters()):
+            if not p.requires_grad:
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                delattr(module, leaf)
+                module.register_buffer(leaf, p.detach())
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

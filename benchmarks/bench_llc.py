@@ -327,7 +327,7 @@ def main() -> None:
             cases[name] = {
                 "model": spec.get("arch", spec.get("model")),
                 "n": n,
-                "n_params": sum(p.numel() for p in model.parameters()),
+                "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad),  # what is sampled
                 "train_steps": spec.get("train_steps"),
                 "sampler": settings | {"burn_in": 0, "batch_size": spec["batch_size"]},
                 **out,
@@ -361,6 +361,9 @@ def main() -> None:
     if args.out.exists():
         old = json.loads(args.out.read_text())
         history = old.pop("history", []) + [old]
+        for name, case in old.get("cases", {}).items():  # a case not re-run keeps its last numbers, marked
+            if name not in cases:
+                cases[name] = {"carried_from": case.get("carried_from", old.get("date"))} | case
     main_case = cases.get("transformer")
     report = {
         "what": "LLC estimate time and value: interplab estimate_llc vs devinterp 2.0 llc(), same model, data "
