@@ -289,6 +289,11 @@ def sampled(
     named = dict(model.named_parameters())
     free = trainable(model)
     masks = dict(component.masks) if component is not None else dict.fromkeys(free)
+    if not masks:
+        raise ValueError(
+            f"nothing to sample: none of the model's {len(named)} parameters has requires_grad=True (the LLC "
+            "samples trainable parameters only); unfreeze the ones to sample, e.g. model.requires_grad_(True)"
+        )
     unknown = sorted(set(masks) - set(named))
     if unknown:
         raise ValueError(f"component names parameters the model lacks: {unknown}")

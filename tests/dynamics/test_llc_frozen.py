@@ -93,3 +93,12 @@ def test_components_leave_frozen_parameters_out():
     by_hand = Component("bias", {"unembed.b_U": None})
     with pytest.raises(ValueError, match=r"requires_grad=False.*\['unembed.b_U'\]"):
         estimate_llc(model, (tokens,), lm_loss, CFG, component=by_hand)
+
+
+def test_a_model_with_nothing_trainable_is_refused_with_the_fix():
+    model, tokens = _model()
+    model.requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"none of the model's \d+ parameters has requires_grad=True.*requires_grad_\(True\)"
+    ):
+        estimate_llc(model, (tokens,), lm_loss, CFG)
