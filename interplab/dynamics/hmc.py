@@ -51,7 +51,9 @@ from interplab.dynamics.llc import (
     Component,
     Criterion,
     LLCConvergenceWarning,
+    _checked_data,
     _diagnostics,
+    _llc_of_trace,
     _per_chain,
     default_nbeta,
     finite_or_none,
@@ -292,12 +294,7 @@ def estimate_llc_hmc(
     proposals, and `LLCConvergenceWarning` when R-hat is above `mcmc.RHAT_THRESHOLD`. ``vectorize`` as in
     `estimate_llc` (None: per chain for an interplab `Transformer`, one `torch.func.vmap` otherwise)."""
     cfg = config or HMCConfig()
-    data = tuple(data)
-    if not data:
-        raise ValueError("data is empty: give at least the model's inputs")
-    n = data[0].shape[0]
-    if any(t.shape[0] != n for t in data):
-        raise ValueError(f"data tensors disagree on the number of examples: {[t.shape[0] for t in data]}")
+    data, n = _checked_data(data)
     nbeta = cfg.nbeta if cfg.nbeta is not None else default_nbeta(n)
     dtype = torch.float64 if cfg.float64 else None
     flat = _Flat(model, component, dtype)
@@ -357,9 +354,7 @@ def estimate_llc_hmc(
         trace[:, t] = loss.double().cpu()
         distance[:, t] = ((w - w0) ** 2).sum(1).double().cpu()
     draws = slice(cfg.burn_in, total)
-    per_chain = nbeta * (trace[:, draws].mean(1) - init_loss)
-    se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
-    rhat, ess_bulk, ess_tail = _diagnostics(trace, cfg.burn_in)
+    per_chain, se, rhat, ess_bulk, ess_tail = _llc_of_trace(trace, cfg.burn_in, nbeta, init_loss)
     acc = accept_prob[:, draws].mean(1)
     est = HMCEstimate(
         llc=float(per_chain.mean()),

@@ -373,12 +373,7 @@ def _sample(
     observables: Mapping[str, Sequence[Tensor]],
     vectorize: bool | None = None,
 ) -> tuple[LLCEstimate, dict[str, Tensor]]:
-    data = tuple(data)
-    if not data:
-        raise ValueError("data is empty: give at least the model's inputs")
-    n = data[0].shape[0]
-    if any(t.shape[0] != n for t in data):
-        raise ValueError(f"data tensors disagree on the number of examples: {[t.shape[0] for t in data]}")
+    data, n = _checked_data(data)
     nbeta = cfg.nbeta if cfg.nbeta is not None else default_nbeta(n)
     named = dict(model.named_parameters())
     masks, frozen = sampled(model, component)
@@ -443,9 +438,7 @@ def _sample(
                 delta = delta * mask_flat
             w_flat += delta
     trace = trace.cpu()
-    per_chain = nbeta * (trace[:, cfg.burn_in :].double().mean(1) - init_loss)
-    se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
-    rhat, ess_bulk, ess_tail = _diagnostics(trace, cfg.burn_in)
+    per_chain, se, rhat, ess_bulk, ess_tail = _llc_of_trace(trace, cfg.burn_in, nbeta, init_loss)
     est = LLCEstimate(
         llc=float(per_chain.mean()),
         se=se,
@@ -464,6 +457,33 @@ def _sample(
     if not math.isnan(rhat) and not est.converged:
         warnings.warn(_not_mixed(est), LLCConvergenceWarning, stacklevel=3)
     return est, {name: torch.stack(v, 1) for name, v in obs.items()}
+
+
+def _checked_data(data: Sequence[Tensor]) -> tuple[tuple[Tensor, ...], int]:
+    """``data`` as a tuple and its number of examples (the first axis of every tensor); refused when empty or
+    when the tensors disagree on it."""
+    data = tuple(data)
+    if not data:
+        raise ValueError("data is empty: give at least the model's inputs")
+    n = data[0].shape[0]
+    if any(t.shape[0] != n for t in data):
+        raise ValueError(f"data tensors disagree on the number of examples: {[t.shape[0] for t in data]}")
+    return data, n
+
+
+def _chain_se(per_chain: Tensor) -> float:
+    """The chain-to-chain standard error of the mean of ``per_chain`` (NaN with one chain)."""
+    chains = per_chain.shape[0]
+    return float(per_chain.std(unbiased=True) / math.sqrt(chains)) if chains > 1 else math.nan
+
+
+def _llc_of_trace(
+    trace: Tensor, burn_in: int, nbeta: float, init_loss: float
+) -> tuple[Tensor, float, float, float, float]:
+    """The estimator on a ``[chain, step]`` loss trace, for every sampler here: ``(per_chain, se, rhat,
+    ess_bulk, ess_tail)`` with ``per_chain = nbeta (mean of the draws' losses - L(w*))`` in float64."""
+    per_chain = nbeta * (trace[:, burn_in:].double().mean(1) - init_loss)
+    return (per_chain, _chain_se(per_chain), *_diagnostics(trace, burn_in))
 
 
 def _diagnostics(trace: Tensor, burn_in: int) -> tuple[float, float, float]:
@@ -719,6 +739,4 @@ def susceptibility(
     nb = est.nbeta
     cov = ((lq - lq.mean(1, keepdim=True)) * (d - d.mean(1, keepdim=True))).mean(1)
     per_chain = nb * (d.mean(1) - d0) - nb**2 * cov
-    C = per_chain.shape[0]
-    se = float(per_chain.std(unbiased=True) / math.sqrt(C)) if C > 1 else math.nan
-    return Susceptibility(est.component, float(per_chain.mean()), se, est, d0)
+    return Susceptibility(est.component, float(per_chain.mean()), _chain_se(per_chain), est, d0)
