@@ -8,6 +8,15 @@ per SAE) with its reseed noise. Writes the timings and the comparison table.
 
 ``--model`` defaults to runs/demo/final (``interplab demo`` writes it); SAEs are trained here (``--steps``
 steps of ``--batch`` rows per seed and k), so the benchmark needs nothing else.
+
+``--demo-run RUN`` measures the suite on the demo's own SAE instead: the SAE ``interplab demo`` trains on its
+1,500-step run (its stage-3 command, `interplab.cli.demo.sae_train_command`: TopK, expansion 8, k 16, 600
+steps of 1,024 rows; ``RUN/sae`` is used as it is when the demo made it) and ``--seeds - 1`` reseeds of the
+same command (``--seed 1, 2, ...``, in ``--work``, kept there for reruns), then times ``bench_saes`` in this
+process (core metrics and the autointerp metric apart) and ``interplab sae bench`` end to end as a child
+process (wall, CPU, peak RSS) on the same SAEs and tokens:
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_sae_eval.py --demo-run runs/demo --work runs/sae-reseeds
 """
 
 from __future__ import annotations
@@ -26,7 +35,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-HOOK = "blocks.0.hook_resid_post"  # the demo's SAE site
+from _child import timed_process  # noqa: E402  (benchmarks/, the script's folder)
+
+from interplab.cli.demo import SAE_HOOK as HOOK  # noqa: E402  (the demo's SAE site)
+from interplab.cli.demo import SAE_STEPS, DemoOutputs, sae_train_command  # noqa: E402
+from interplab.sae.sweep import sae_name  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +56,16 @@ def main() -> None:
     ap.add_argument(
         "--autointerp", type=int, default=32, help="features per SAE for the autointerp metric (0: skip it)"
     )
+    ap.add_argument("--demo-run", type=Path, help="the demo's run: bench its own SAE and reseeds of it")
+    ap.add_argument(
+        "--work", type=Path, help="--demo-run: where the reseeds are trained (default: a temp dir)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.demo_run is not None:
+        args.model = str(args.demo_run / "final")
+        if args.out == ap.get_default("out"):
+            args.out = str(ROOT / "benchmarks" / "results" / "sae_eval_demo.json")
 
     from interplab import load_model
     from interplab.features.autointerp import AutointerpConfig, autointerp_metric
@@ -54,17 +75,21 @@ def main() -> None:
     from interplab.sae.bench import bench_saes, tokenizer_labellers
     from interplab.sae.evaluate import evaluate_sae
 
-    work = Path(tempfile.mkdtemp(prefix="bench_sae_eval_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_sae_eval_"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        subprocess.run(
-            [sys.executable, "-m", "interplab", "sae", "train", "--model", args.model, "--hook", HOOK,
-             "--out", str(work / f"seed{seed}"), "--arch", "topk", "--expansion", "4", "--sweep",
-             f"k={args.ks}", "--steps", str(args.steps), "--batch", str(args.batch), "--seed", str(seed),
-             "--threads", str(args.threads)],
-            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+    sae_runs = [work / f"seed{seed}" for seed in range(args.seeds)]
+    if args.demo_run is not None:
+        sae_runs = demo_saes(args.demo_run, work, args.seeds, args.threads, env)
+    else:
+        for seed, folder in enumerate(sae_runs):
+            subprocess.run(
+                [sys.executable, "-m", "interplab", "sae", "train", "--model", args.model, "--hook", HOOK,
+                 "--out", str(folder), "--arch", "topk", "--expansion", "4", "--sweep",
+                 f"k={args.ks}", "--steps", str(args.steps), "--batch", str(args.batch), "--seed", str(seed),
+                 "--threads", str(args.threads)],
+                check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
     train_s = time.perf_counter() - t0
 
     model = load_model(args.model)
@@ -75,8 +100,8 @@ def main() -> None:
         model, split="validation", seq_len=seq_len, batch_size=16, n_batches=args.batches
     )
     saes = {}
-    for seed in range(args.seeds):
-        for folder in sorted((work / f"seed{seed}" / "saes").iterdir()):
+    for seed, sae_run in enumerate(sae_runs):
+        for folder in sorted((sae_run / "saes").iterdir()):
             saes[f"seed{seed}/{folder.name}"] = (folder.name, load_sae(folder))
     t0 = time.perf_counter()
     for _, sae in saes.values():
@@ -110,14 +135,19 @@ def main() -> None:
     )
     bench_s, bench_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(int(data.token_filter.mask(b).sum()) for b in data.batches)
+    if args.demo_run is not None:
+        trained = {"what": "interplab sae bench on the demo's own SAE (its stage-3 command) and reseeds of it",
+                   "demo_run": str(args.demo_run), "sae_runs": [str(r) for r in sae_runs],
+                   "sae_command": "interplab " + " ".join(sae_train_command(DemoOutputs(args.demo_run), SAE_STEPS, 1)),
+                   "sae_steps": SAE_STEPS, "sae_batch": 1024, "d_sae": next(iter(saes.values()))[1].cfg.d_sae}  # fmt: skip
+    else:
+        trained = {"what": "interplab sae bench on the demo model: TopK k-sweep x seeds, every metric with reseed "
+                   "noise", "ks": args.ks, "sae_steps": args.steps, "sae_batch": args.batch}  # fmt: skip
     out = {
-        "what": "interplab sae bench on the demo model: TopK k-sweep x seeds, every metric with reseed noise",
+        **trained,
         "model": str(args.model),
         "hook": HOOK,
         "seeds": args.seeds,
-        "ks": args.ks,
-        "sae_steps": args.steps,
-        "sae_batch": args.batch,
         "n_saes": len(saes),
         "eval_tokens": tokens,
         "threads": args.threads,
@@ -131,6 +161,14 @@ def main() -> None:
         "autointerp_features": args.autointerp,
         "autointerp_s": round(autointerp_s, 3),
         "bench_s_without_autointerp": round(bench_s - autointerp_s, 3),
+        "load_avg_after_bench": list(os.getloadavg()),
+    }
+    if args.demo_run is not None:  # the command a user types, on the same SAEs and tokens, as its own process
+        cli = ["sae", "bench", *map(str, sae_runs), "--model", args.model, "--out", str(work / "cli-bench"),
+               "--batches", str(args.batches), "--autointerp", str(args.autointerp), "--threads", str(args.threads)]  # fmt: skip
+        out["cli_command"] = "interplab " + " ".join(cli)
+        out["cli"] = timed_process([sys.executable, "-m", "interplab", *cli], env, ROOT)
+    out |= {
         "load_avg_at_end": list(os.getloadavg()),
         "groups": result.groups,
         "table": result.markdown(),
@@ -147,6 +185,24 @@ def main() -> None:
             save_figure(result.plot("autointerp_baseline"), d / "sae_bench_autointerp_baseline.png")
     print(json.dumps({k: v for k, v in out.items() if k not in ("groups", "table")}, indent=1))
     print(result.markdown())
+
+
+def demo_saes(run: Path, work: Path, seeds: int, threads: int, env: dict) -> list[Path]:
+    """The demo's own SAE run (``RUN/sae``, trained by its stage-3 command unless the demo already did) and
+    ``seeds - 1`` reseeds of the same command in ``work`` (each kept, so a rerun trains nothing)."""
+    from interplab import runs
+
+    folders = [DemoOutputs(run).sae_run, *(work / f"seed{seed}" for seed in range(1, seeds))]
+    for seed, folder in enumerate(folders):
+        if runs.detect(folder / runs.SAES / sae_name(HOOK)) is runs.Kind.SAE:
+            continue
+        cmd = sae_train_command(DemoOutputs(run), SAE_STEPS, threads)
+        cmd[cmd.index("--out") + 1] = str(folder)
+        subprocess.run(
+            [sys.executable, "-m", "interplab", *cmd, *(["--seed", str(seed)] if seed else [])],
+            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    return folders
 
 
 if __name__ == "__main__":

@@ -90,6 +90,21 @@ def test_the_readme_feature_commands_are_parsed():
     assert commands[0][commands[0].index("--out") + 1] == str(demo.features_db)
 
 
+def test_the_demos_sae_command_writes_the_sae_its_outputs_name(tmp_path):
+    """Stage 3's command (which `benchmarks/bench_sae_eval.py --demo-run` reuses for its reseeds) reads the
+    demo's model and writes the SAE `DemoOutputs.sae` names: the SAE run and the site's folder in it."""
+    from interplab.cli.demo import SAE_HOOK, SAE_STEPS, sae_train_command
+    from interplab.sae.sweep import sae_name
+
+    demo = DemoOutputs(tmp_path / "demo")
+    cmd = sae_train_command(demo, SAE_STEPS, 1)
+    arg = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert cmd[:2] == ["sae", "train"]
+    assert (arg("--model"), arg("--hook"), arg("--out")) == (str(demo.final), SAE_HOOK, str(demo.sae_run))
+    assert (arg("--arch"), arg("--k"), arg("--steps")) == ("topk", "16", str(SAE_STEPS))
+    assert demo.sae == Path(arg("--out")) / "saes" / sae_name(arg("--hook"))
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> tuple[Path, str]:
     """A folder where `interplab demo --quick` ran (with its default names) and what it printed."""

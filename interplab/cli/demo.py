@@ -39,6 +39,8 @@ DEMO_RUN = Path("runs/demo")
 """The demo's default run folder (``--out``)."""
 SAE_HOOK = "blocks.0.hook_resid_post"
 """The site the demo's sparse autoencoder reads."""
+SAE_STEPS = 600
+"""Training steps of the demo's sparse autoencoder (``--sae-steps``)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def demo(
         False, "--fresh", help="start over instead of continuing a run found in --out"
     ),
     sae_steps: int = typer.Option(
-        600, "--sae-steps", help="SAE training steps (stage 3)", callback=positive_int
+        SAE_STEPS, "--sae-steps", help="SAE training steps (stage 3)", callback=positive_int
     ),
     features: bool = typer.Option(
         True, "--features/--no-features", help="stages 3-4: SAE and feature database"
@@ -171,30 +173,7 @@ def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) 
     model = str(paths.final)
     console.rule(f"[bold]3/{n} a TopK sparse autoencoder on {SAE_HOOK}")
     if runs.detect(paths.sae) is not runs.Kind.SAE:
-        run(
-            [
-                "sae",
-                "train",
-                "--model",
-                model,
-                "--hook",
-                SAE_HOOK,
-                "--arch",
-                "topk",
-                "--expansion",
-                "8",
-                "--k",
-                "16",
-                "--steps",
-                str(sae_steps),
-                "--batch",
-                "1024",
-                "--out",
-                str(paths.sae_run),
-                "--threads",
-                str(threads),
-            ]  # fmt: skip
-        )
+        run(sae_train_command(paths, sae_steps, threads))
     else:
         console.print(f"already trained: {paths.sae}", markup=False)
     run(["sae", "eval", str(paths.sae_run), "--model", model, "--threads", str(threads)])
@@ -221,6 +200,17 @@ def _sae_and_features(paths: DemoOutputs, sae_steps: int, threads: int, n: int) 
     )
     for args in explain_and_score_commands(paths.features_db, os.environ):
         run(args)
+
+
+def sae_train_command(paths: DemoOutputs, sae_steps: int, threads: int) -> list[str]:
+    """Stage 3's command (after ``interplab``): the demo's TopK SAE (expansion 8, k 16, batches of 1,024
+    activations) on `SAE_HOOK` of its trained model, into its SAE run (``benchmarks/bench_sae_eval.py --demo-run``
+    trains the reseeds of the suite's noise with it)."""
+    return [
+        "sae", "train", "--model", str(paths.final), "--hook", SAE_HOOK, "--arch", "topk", "--expansion", "8",
+        "--k", "16", "--steps", str(sae_steps), "--batch", "1024", "--out", str(paths.sae_run),
+        "--threads", str(threads),
+    ]  # fmt: skip
 
 
 def explain_and_score_commands(db: Path, env: Mapping[str, str]) -> list[list[str]]:
