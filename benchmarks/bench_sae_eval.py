@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--demo-run", type=Path, help="the demo's run: bench its own SAE and reseeds of it")
     ap.add_argument(
         "--work", type=Path, help="--demo-run: where the reseeds are trained (default: a temp dir)"
+    )
+    ap.add_argument(
+        "--cli-rounds", type=int, default=3, help="--demo-run: runs of `interplab sae bench` timed"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,7 +116,12 @@ def main() -> None:
     # the autointerp metric: the offline baseline (no LLM here), what `sae bench --autointerp N` adds; timed apart
     if args.autointerp:
         metric = autointerp_metric(
-            model, data.batches, workdir=work / "autointerp", cfg=AutointerpConfig(n_features=args.autointerp)
+            model,
+            data.batches,
+            workdir=Path(
+                tempfile.mkdtemp(prefix="autointerp_", dir=work)
+            ),  # fresh: a kept database is resumed
+            cfg=AutointerpConfig(n_features=args.autointerp),
         )
 
         def timed(name, sae):
@@ -164,10 +173,17 @@ def main() -> None:
         "load_avg_after_bench": list(os.getloadavg()),
     }
     if args.demo_run is not None:  # the command a user types, on the same SAEs and tokens, as its own process
-        cli = ["sae", "bench", *map(str, sae_runs), "--model", args.model, "--out", str(work / "cli-bench"),
-               "--batches", str(args.batches), "--autointerp", str(args.autointerp), "--threads", str(args.threads)]  # fmt: skip
-        out["cli_command"] = "interplab " + " ".join(cli)
-        out["cli"] = timed_process([sys.executable, "-m", "interplab", *cli], env, ROOT)
+        cli = ["sae", "bench", *map(str, sae_runs), "--model", args.model, "--batches", str(args.batches),
+               "--autointerp", str(args.autointerp), "--threads", str(args.threads), "--out"]  # fmt: skip
+        out["cli_command"] = "interplab " + " ".join(cli) + " OUT"
+        rows = []
+        for _ in range(args.cli_rounds):  # a fresh --out each time: its autointerp databases would be resumed
+            report = tempfile.mkdtemp(prefix="cli_bench_", dir=work)
+            rows.append(timed_process([sys.executable, "-m", "interplab", *cli, report], env, ROOT))
+        out["cli"] = {
+            **{f"median_{k}": round(statistics.median(r[k] for r in rows), 2) for k in ("wall_s", "cpu_s", "peak_rss_mb")},
+            "rounds": rows,
+        }  # fmt: skip
     out |= {
         "load_avg_at_end": list(os.getloadavg()),
         "groups": result.groups,
