@@ -208,6 +208,11 @@ def demo_saes(run: Path, work: Path, seeds: int, threads: int, env: dict) -> lis
     ``seeds - 1`` reseeds of the same command in ``work`` (each kept, so a rerun trains nothing)."""
     from interplab import runs
 
+    if not DemoOutputs(run).final.exists():
+        raise SystemExit(
+            f"{run} holds no trained model: run `interplab demo --no-features --out {run}` first"
+        )
+    work.mkdir(parents=True, exist_ok=True)
     folders = [DemoOutputs(run).sae_run, *(work / f"seed{seed}" for seed in range(1, seeds))]
     for seed, folder in enumerate(folders):
         if runs.detect(folder / runs.SAES / sae_name(HOOK)) is runs.Kind.SAE:
