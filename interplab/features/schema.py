@@ -94,9 +94,12 @@ features = Table(
 Index("ix_features_density", features.c.density)
 Index("ix_features_top_token", features.c.top_token)
 
-contexts = Table(
+legacy_metadata = MetaData()
+"""tables of older schema versions only (created by their migrations, read in databases still at them)"""
+
+legacy_contexts = Table(  # schema versions 1-3: one row per context (version 4: `context_blocks`)
     "contexts",
-    metadata,
+    legacy_metadata,
     Column("id", BigInt, primary_key=True, autoincrement=True),
     Column("feature", Integer, nullable=False),
     Column("kind", Integer, nullable=False),  # 0: top activating, 1: uniform sample of firings
@@ -108,8 +111,35 @@ contexts = Table(
     Column("acts", LargeBinary, nullable=False),  # float32 little-endian activations over the window
     Column("text", SafeText, nullable=False),  # the window as text (top contexts only; full-text indexed)
 )
-Index("ix_contexts_feature", contexts.c.feature, contexts.c.kind, contexts.c.rank)
-Index("ix_contexts_token", contexts.c.center_token, contexts.c.act)
+Index("ix_contexts_feature", legacy_contexts.c.feature, legacy_contexts.c.kind, legacy_contexts.c.rank)
+Index("ix_contexts_token", legacy_contexts.c.center_token, legacy_contexts.c.act)
+
+context_blocks = Table(  # schema version 4: a feature's contexts of one kind in one row (`packed`)
+    "context_blocks",
+    metadata,
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("kind", Integer, primary_key=True, autoincrement=False),  # 0: top activating, 1: sampled
+    Column("n", Integer, nullable=False),  # contexts
+    Column("width", Integer, nullable=False),  # tokens per window
+    Column("rank", LargeBinary, nullable=False),  # int32 little-endian [n]
+    Column("token_index", LargeBinary, nullable=False),  # int64 [n]: global index of the activating token
+    Column("act", LargeBinary, nullable=False),  # float64 [n] (NaN: none)
+    Column("center_token", LargeBinary, nullable=False),  # int32 [n]
+    Column("tokens", LargeBinary, nullable=False),  # int32 [n, width] ids of the windows (-1: outside)
+    Column("acts", LargeBinary, nullable=False),  # float32 [n, width] activations over the windows
+    Column("text_len", LargeBinary, nullable=False),  # int32 [n]: UTF-8 bytes of each window's text
+    Column("text", LargeBinary, nullable=False),  # the texts' UTF-8, concatenated (top contexts only)
+)
+
+top_tokens = Table(  # schema version 4: which features' top contexts peak on a token (`search_token`)
+    "top_tokens",
+    metadata,
+    Column("token", Integer, primary_key=True, autoincrement=False),
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("n", Integer, nullable=False),  # top contexts of the feature centred on the token
+    Column("max_act", SafeFloat, nullable=False),  # the strongest of them
+)
+Index("ix_top_tokens_feature", top_tokens.c.feature)
 
 passes = Table(
     "passes",
@@ -131,7 +161,9 @@ checksums = Table(
     "checksums",
     metadata,
     Column("feature", Integer, primary_key=True, autoincrement=False),
-    Column("sha256", SafeString(64), nullable=False),  # of the feature's row and its contexts (`row_digest`)
+    Column(
+        "sha256", SafeString(64), nullable=False
+    ),  # of the feature's row and contexts (v3: `row_digest`; v4: `packed.block_digest`)
 )
 
 dt_rows = Table(
@@ -210,7 +242,9 @@ feature_list_items = Table(
 context_loss = Table(  # `interplab.features.loss_effects`: per-token loss change of a context's window
     "context_loss",
     metadata,
-    Column("context_id", BigInt, primary_key=True, autoincrement=False),  # contexts.id
+    Column(
+        "context_id", BigInt, primary_key=True, autoincrement=False
+    ),  # v3: contexts.id; v4: packed.context_id
     Column("loss", LargeBinary, nullable=False),  # float32 little-endian over the window (NaN: not computed)
 )
 OPTIONAL_TABLES = (
@@ -224,17 +258,23 @@ OPTIONAL_TABLES = (
 )
 """tables only some databases have (created by the build that needs them; absent from every migration)"""
 
-_V1_TABLES = (meta, vocab, features, contexts, passes)
+_V1_TABLES = (meta, vocab, features, legacy_contexts, passes)
 CONTEXT_DIGEST_COLUMNS = ("kind", "rank", "token_index", "act", "tokens", "acts", "text")  # `_context_repr`
 READABLE_FROM = 2
 """the oldest schema a read-only open can serve (older ones need a migration, i.e. a write)"""
+
+
+def feature_repr(feature_row: Mapping[Any, Any]) -> str:
+    """The normalised ``repr`` tuple of a feature row (each value as its column stores it): what both
+    versions' checksums start with."""
+    return repr(tuple([conv(feature_row.get(name)) for name, conv in _FEATURE_DIGEST]))
 
 
 def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[Any, Any]]) -> str:
     """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
     the type its column stores, so the digest computed at write equals the one recomputed from a read.
     (Hashed as one string of the rows' ``repr`` tuples: the same digest as hashing them row by row.)"""
-    parts = [repr(tuple([conv(feature_row.get(name)) for name, conv in _FEATURE_DIGEST]))]
+    parts = [feature_repr(feature_row)]
     for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
         parts.append(_context_repr(r))
     return hashlib.sha256("".join(parts).encode()).hexdigest()
@@ -323,7 +363,7 @@ def row_digests(feature_rows: Sequence[Mapping[Any, Any]], contexts: ContextColu
     lo, hi = np.searchsorted(feats, wanted, "left").tolist(), np.searchsorted(feats, wanted, "right").tolist()
     out = []
     for r, a, b in zip(feature_rows, lo, hi, strict=True):
-        head = repr(tuple([conv(r.get(name)) for name, conv in _FEATURE_DIGEST]))
+        head = feature_repr(r)
         out.append(hashlib.sha256((head + "".join(ordered[a:b])).encode()).hexdigest())
     return out
 
@@ -383,10 +423,10 @@ def _converter(col: Column) -> Callable[[Any], Any]:
 
 
 _FEATURE_DIGEST = [(col.name, _converter(col)) for col in features.columns]
-_CONTEXT_DIGEST = [(name, _converter(contexts.c[name])) for name in CONTEXT_DIGEST_COLUMNS]
+_CONTEXT_DIGEST = [(name, _converter(legacy_contexts.c[name])) for name in CONTEXT_DIGEST_COLUMNS]
 
 
-def has_table(engine: Engine, table: Table) -> bool:
+def has_table(engine: Engine | Connection, table: Table) -> bool:
     return inspect(engine).has_table(table.name)
 
 
@@ -462,7 +502,22 @@ def _v2_to_v3(conn) -> None:
     checksums.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _create_v1, 2: _v1_to_v2, 3: _v2_to_v3}
+def _v3_to_v4(conn) -> None:
+    """Contexts packed (`packed.upgrade_contexts`), in the migration's one transaction: on any error the
+    database stays at version 3 as it was."""
+    from interplab.features import packed
+
+    for table in (context_blocks, top_tokens):
+        table.create(conn, checkfirst=True)
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+    D.fts_create_v4(conn)
+    packed.upgrade_contexts(conn, conn)
+    D.fts_drop_v3(conn)
+    legacy_contexts.drop(conn)
+
+
+MIGRATIONS = {1: _create_v1, 2: _v1_to_v2, 3: _v2_to_v3, 4: _v3_to_v4}
 
 
 def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
