@@ -25,6 +25,7 @@ from sqlalchemy import Connection, delete, insert, select
 
 from interplab.features import dialect as D
 from interplab.features import schema as S
+from interplab.integrity import IntegrityError
 
 RANK_BITS = 20
 """bits of a context id holding its rank (a kind holds at most 2**20 contexts per feature)"""
@@ -326,8 +327,6 @@ def upgrade_contexts(src: Connection, dst: Connection, *, chunk: int = 512) -> N
     migration in place, whose features are replaced): blocks, top tokens, the full-text index, checksums
     (recomputed for the features that had one, after checking the old one: a corrupt feature is refused, not
     laundered into a valid checksum) and loss effects (re-keyed by `context_id`)."""
-    from interplab.integrity import IntegrityError
-
     legacy = S.legacy_contexts
     in_place = src is dst
     feats = [
