@@ -10,8 +10,10 @@ browse a database while it is being built. Building twice, or resuming, gives th
 
 from __future__ import annotations
 
+import gc
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -186,7 +188,7 @@ def write_feature_db(
     anything else written once) or resumed (a different ``fingerprint`` is refused), then one ``collect``
     pass per range of features, each written in chunks and recorded as done."""
     n_tokens = int(sum(counts))
-    with FeatureWriter.for_build(path, overwrite=overwrite) as store:  # closed on an error too
+    with _no_cyclic_gc(), FeatureWriter.for_build(path, overwrite=overwrite) as store:  # closed on an error too
         found = store.meta()
         if "fingerprint" in found and found["fingerprint"] != fingerprint:
             raise ValueError(
@@ -248,6 +250,20 @@ def write_feature_db(
     return BuildReport(
         path=str(path), n_features=n, n_tokens=n_tokens, passes_run=ran, passes_skipped=skipped
     )
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Python's cycle collector paused for the build (reference counting still frees everything at once): the
+    rows a build makes are millions of small lists and dicts, which trigger full collections that walk every
+    object of the process (torch's included), ~5% of a build's CPU time; restored on exit."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _rounded(x: torch.Tensor, digits: int = 4) -> list:
