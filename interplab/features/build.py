@@ -188,7 +188,10 @@ def write_feature_db(
     anything else written once) or resumed (a different ``fingerprint`` is refused), then one ``collect``
     pass per range of features, each written in chunks and recorded as done."""
     n_tokens = int(sum(counts))
-    with _no_cyclic_gc(), FeatureWriter.for_build(path, overwrite=overwrite) as store:  # closed on an error too
+    with (
+        _no_cyclic_gc(),
+        FeatureWriter.for_build(path, overwrite=overwrite) as store,
+    ):  # closed on an error too
         found = store.meta()
         if "fingerprint" in found and found["fingerprint"] != fingerprint:
             raise ValueError(

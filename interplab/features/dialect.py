@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 import threading
@@ -305,22 +304,6 @@ def _table_names(c: Connection) -> set[str]:
     from sqlalchemy import inspect
 
     return set(inspect(c).get_table_names())
-
-
-def fts_delete(c: Connection, contexts: Table, features: Sequence[int]) -> None:
-    """Remove the index entries of these features' contexts (rows of ``contexts``, before they are
-    replaced)."""
-    if c.dialect.name == "sqlite":  # external-content FTS5 table: the old rows' entries go first
-        c.execute(
-            text(
-                "INSERT INTO contexts_fts(contexts_fts, rowid, text) SELECT 'delete', id, text "
-                "FROM contexts WHERE text != '' AND feature IN (SELECT value FROM json_each(:ids))"
-            ),
-            {"ids": json.dumps(list(features))},
-        )
-    elif c.dialect.name == "postgresql":
-        ids = select(contexts.c.id).where(contexts.c.feature.in_(list(features)))
-        c.execute(delete(contexts_words).where(contexts_words.c.id.in_(ids)))
 
 
 def fts_insert(c: Connection, first_id: int, rows: Sequence[dict]) -> None:

@@ -86,10 +86,8 @@ class ContextArrays:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> ContextArrays:
-        """From context rows as dicts (or `schema.ContextColumns`): the stored types, as a version 3 row
-        stored them (an activation's -0.0 as 0.0; NaN stays NaN, read back as None)."""
-        if isinstance(rows, S.ContextColumns):
-            rows = rows.dicts()
+        """From context rows as dicts (the columns of `schema.CONTEXT_COLUMNS`): the stored types, as a
+        version 3 row stored them (an activation's -0.0 as 0.0; NaN stays NaN, read back as None)."""
         rows = list(rows)
         if not rows:
             return cls.empty()

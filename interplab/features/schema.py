@@ -6,7 +6,10 @@ the two (value types, upserts, order, full-text search) lives in `interplab.feat
 
 Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores);
 3 = + checksums (a SHA-256 per feature of its row and contexts, verified when the feature is read, so a changed
-byte is named instead of served; features written before version 3 have none).
+byte is named instead of served; features written before version 3 have none); 4 = contexts packed, a row per
+feature and kind (`context_blocks`, `interplab.features.packed`: the checksum over the packed bytes) instead of
+a row per context (`legacy_contexts`, still read in a version 3 database), + ``top_tokens`` (token search), the
+full-text index keyed by context id (`packed.context_id`, as ``context_loss`` is).
 Optional, in no version: ``dt_rows`` (`dt_rows`), written only into databases of a decision transformer's
 features (`interplab.rl.features`), whose "tokens" are the rows of a trajectory cache: where each row comes from
 (episode, step, token kind, action, return-to-go). A database without it is a language model's; every reader
@@ -27,11 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 from sqlalchemy import (
     Column,
     Connection,
@@ -281,91 +282,7 @@ def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[An
 
 
 CONTEXT_COLUMNS = ("feature", "kind", "rank", "token_index", "act", "center_token", "tokens", "acts", "text")
-"""`contexts`' columns after ``id``, in its order (the fields of `ContextColumns`)"""
-
-
-@dataclass
-class ContextColumns:
-    """Context rows held as columns, one list per column of `contexts` but ``id`` (what a build writes: made
-    in bulk from tensors, inserted as tuples and digested without a dict per row)."""
-
-    feature: list[int] = field(default_factory=list)
-    kind: list[int] = field(default_factory=list)
-    rank: list[int] = field(default_factory=list)
-    token_index: list[int] = field(default_factory=list)
-    act: list[float] = field(default_factory=list)
-    center_token: list[int] = field(default_factory=list)
-    tokens: list[bytes] = field(default_factory=list)
-    acts: list[bytes] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        lengths = {name: len(getattr(self, name)) for name in CONTEXT_COLUMNS}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"the context columns differ in length: {lengths}")
-
-    def __len__(self) -> int:
-        return len(self.feature)
-
-    @classmethod
-    def from_dicts(cls, rows: Iterable[Mapping[str, Any]]) -> ContextColumns:
-        rows = list(rows)
-        return cls(*([r[name] for r in rows] for name in CONTEXT_COLUMNS))
-
-    def extend(self, other: ContextColumns) -> None:
-        for name in CONTEXT_COLUMNS:
-            getattr(self, name).extend(getattr(other, name))
-
-    def tuples(self, first_id: int) -> list[tuple]:
-        """Rows as tuples in `contexts`' column order, ids from ``first_id``."""
-        ids = range(first_id, first_id + len(self))
-        return list(zip(ids, *(getattr(self, name) for name in CONTEXT_COLUMNS), strict=True))
-
-    def dicts(self, first_id: int | None = None) -> list[dict[str, Any]]:
-        """Rows as dicts (with ``id`` from ``first_id`` when given)."""
-        names = CONTEXT_COLUMNS if first_id is None else ("id", *CONTEXT_COLUMNS)
-        cols = [getattr(self, name) for name in CONTEXT_COLUMNS]
-        if first_id is not None:
-            cols.insert(0, range(first_id, first_id + len(self)))
-        return [dict(zip(names, values, strict=True)) for values in zip(*cols, strict=True)]
-
-    def reprs(self) -> list[str]:
-        """Each row's normalised ``repr`` tuple (`_context_repr`), in bulk: when every column holds exactly
-        its stored type (a build's rows), formatted straight from the columns; otherwise row by row."""
-        exact = (
-            _only(self.kind, int)
-            and _only(self.rank, int)
-            and _only(self.token_index, int)
-            and _only(self.act, float)
-            and _only(self.tokens, bytes)
-            and _only(self.acts, bytes)
-            and _only(self.text, str)
-        )
-        if not exact:
-            return [_context_repr(r) for r in self.dicts()]
-        act = [None if a != a else a + 0.0 for a in self.act]  # as stored: NaN is NULL, -0.0 is 0.0
-        fmt = "({}, {}, {}, {!r}, {!r}, {!r}, {!r})".format
-        return list(map(fmt, self.kind, self.rank, self.token_index, act, self.tokens, self.acts, self.text))
-
-
-def _only(values: list, kind: type) -> bool:
-    return set(map(type, values)) <= {kind}
-
-
-def row_digests(feature_rows: Sequence[Mapping[Any, Any]], contexts: ContextColumns) -> list[str]:
-    """`row_digest` of every feature row in ``feature_rows`` with its rows of ``contexts``, in bulk (the
-    contexts' reprs made once, grouped by feature, then kind and rank)."""
-    reprs = contexts.reprs()
-    order = np.lexsort((np.asarray(contexts.rank), np.asarray(contexts.kind), np.asarray(contexts.feature)))
-    feats = np.asarray(contexts.feature, dtype=np.int64)[order]
-    ordered = [reprs[i] for i in order.tolist()]
-    wanted = np.asarray([int(r["feature"]) for r in feature_rows], dtype=np.int64)
-    lo, hi = np.searchsorted(feats, wanted, "left").tolist(), np.searchsorted(feats, wanted, "right").tolist()
-    out = []
-    for r, a, b in zip(feature_rows, lo, hi, strict=True):
-        head = feature_repr(r)
-        out.append(hashlib.sha256((head + "".join(ordered[a:b])).encode()).hexdigest())
-    return out
+"""version 3's `legacy_contexts` columns after ``id``, in its order (the fields of `packed.ContextArrays`)"""
 
 
 def _context_repr(r: Mapping[Any, Any]) -> str:

@@ -131,10 +131,8 @@ class FeatureWriter(FeatureDatabase):
                 c.execute(insert(S.vocab), rows[start : start + 5000])
         self._vocab = None
 
-    def write_features(
-        self, rows: list[dict], context_rows: list[dict] | S.ContextColumns | ContextArrays
-    ) -> None:
-        """Insert (or replace) features and their contexts (dicts, `schema.ContextColumns`, or
+    def write_features(self, rows: list[dict], context_rows: list[dict] | ContextArrays) -> None:
+        """Insert (or replace) features and their contexts (dicts of `schema.CONTEXT_COLUMNS`, or
         `packed.ContextArrays` as a build makes them) in one transaction (readers see all of it or none)."""
         ctx = (
             context_rows if isinstance(context_rows, ContextArrays) else ContextArrays.from_rows(context_rows)

@@ -83,16 +83,6 @@ def test_row_digest_equals_row_by_row_definition():
         ]
         rng.shuffle(ctx)
         assert S.row_digest(row, ctx) == reference_digest(row, ctx)
-        # in bulk, from columns: row by row (a bytearray) and formatted straight (every value its stored type)
-        other = {**row, "feature": trial + 1000}
-        assert S.row_digests([row, other], S.ContextColumns.from_dicts(ctx)) == [
-            reference_digest(row, ctx),
-            reference_digest(other, []),
-        ]
-        exact = [{**r, "tokens": bytes(r["tokens"])} for r in ctx]
-        if all(type(r["act"]) is float for r in exact):
-            assert S.ContextColumns.from_dicts(exact).reprs() == [S._context_repr(r) for r in exact]
-            assert S.row_digests([row], S.ContextColumns.from_dicts(exact)) == [reference_digest(row, exact)]
 
 
 # ---- the whole database: the fast paths against the implementations they replaced ---------------------------
@@ -245,12 +235,6 @@ def reference_feature_rows(stats, logit_effects, cfg, vocab, rows):
                 }
             )
     return out, ctx
-
-
-def reference_row_digests(rows, cols):
-    """`schema.row_digests` by its definition: `reference_digest` of each row with its contexts."""
-    ctx = cols.dicts()
-    return [reference_digest(r, [c for c in ctx if c["feature"] == r["feature"]]) for r in rows]
 
 
 def reference_pack(ctx):
