@@ -269,15 +269,18 @@ BM25_K1, BM25_B = 1.2, 0.75
 """FTS5's bm25 constants"""
 
 
+def _create_fts5(c: Connection, name: str, content: str) -> None:
+    c.execute(
+        text(
+            f'CREATE VIRTUAL TABLE IF NOT EXISTS {name} USING fts5(text, {content}, tokenize="{FTS5_TOKENIZE}")'
+        )
+    )
+
+
 def fts_create(c: Connection) -> None:
     """The full-text index of ``contexts`` (in the first migration)."""
     if c.dialect.name == "sqlite":
-        c.execute(
-            text(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS contexts_fts USING fts5(text, content='contexts', "
-                f"content_rowid='id', tokenize=\"{FTS5_TOKENIZE}\")"
-            )
-        )
+        _create_fts5(c, "contexts_fts", "content='contexts', content_rowid='id'")
     elif c.dialect.name == "postgresql":
         contexts_words.create(c, checkfirst=True)
         try:  # an index for LIKE '%...%' where the server has pg_trgm (a trusted extension since 13)
@@ -367,12 +370,7 @@ def fts_create_v4(c: Connection) -> None:
     """Schema version 4's full-text index: SQLite's contentless FTS5 ``context_fts`` (rowid: the context id;
     the texts live in ``context_blocks``); PostgreSQL keeps ``contexts_words`` (emptied: its ids change)."""
     if c.dialect.name == "sqlite":
-        c.execute(
-            text(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS context_fts USING fts5(text, content='', "
-                f'tokenize="{FTS5_TOKENIZE}")'
-            )
-        )
+        _create_fts5(c, "context_fts", "content=''")
     elif c.dialect.name == "postgresql":
         fts_create(c)
         c.execute(delete(contexts_words))

@@ -85,7 +85,7 @@ class ContextArrays:
         return cls(**cols, text=[t for p in parts for t in p.text])
 
     @classmethod
-    def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> ContextArrays:
+    def from_rows(cls, rows: Iterable[Mapping[Any, Any]]) -> ContextArrays:
         """From context rows as dicts (the columns of `schema.CONTEXT_COLUMNS`): the stored types, as a
         version 3 row stored them (an activation's -0.0 as 0.0; NaN stays NaN, read back as None)."""
         rows = list(rows)
@@ -161,7 +161,7 @@ def pack(ctx: ContextArrays) -> list[dict[str, Any]]:
     return out
 
 
-def block_digest(feature_row: Mapping[str, Any], blocks: Iterable[Mapping[str, Any]]) -> str:
+def block_digest(feature_row: Mapping[Any, Any], blocks: Iterable[Mapping[Any, Any]]) -> str:
     """Schema version 4's checksum of one feature: SHA-256 of its row's normalised ``repr`` tuple (as version
     3) followed by each of its ``context_blocks`` rows by kind: kind, count and width, then every byte column
     with its length: ``<q`` kind, n, width and each column's length, then the columns' bytes in
@@ -177,7 +177,7 @@ def block_digest(feature_row: Mapping[str, Any], blocks: Iterable[Mapping[str, A
 _HEADER = struct.Struct(f"<{3 + len(BLOCK_BLOBS)}q")
 
 
-def unpack(block: Mapping[str, Any]) -> list[dict[str, Any]]:
+def unpack(block: Mapping[Any, Any]) -> list[dict[str, Any]]:
     """The contexts of one ``context_blocks`` row as version 3 rows held them (``kind``, ``rank``,
     ``token_index``, ``act`` (None: NaN), ``center_token``, ``tokens`` and ``acts`` as bytes, ``text``)."""
     n, w, kind = int(block["n"]), int(block["width"]), int(block["kind"])
@@ -225,7 +225,7 @@ def top_token_rows(ctx: ContextArrays) -> list[tuple]:
     return list(zip(tok[starts].tolist(), feat[starts].tolist(), counts.tolist(), best.tolist(), strict=True))
 
 
-def fts_entries(blocks: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[str]]:
+def fts_entries(blocks: Sequence[Mapping[Any, Any]]) -> tuple[list[int], list[str]]:
     """(context ids, texts) of the top contexts with text in ``blocks`` (what the full-text index holds)."""
     ids, texts = [], []
     for b in blocks:
@@ -276,7 +276,7 @@ def delete_features(c: Connection, features: Sequence[int]) -> None:
 
 def write_blocks(
     c: Connection,
-    rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[Any, Any]],
     ctx: ContextArrays,
     *,
     digest: Iterable[int] | None = None,
@@ -304,15 +304,16 @@ def write_blocks(
         D.fts_index(c, ids, [ctx.text[i] for i in with_text.tolist()])
 
 
-def _insert(c: Connection, table: Any, rows: Sequence[Mapping[str, Any] | tuple]) -> None:
+def _insert(c: Connection, table: Any, rows: Sequence[Mapping[Any, Any] | tuple]) -> None:
     """Insert rows given as dicts or as tuples in ``table``'s column order."""
     if not rows:
         return
     names = [col.name for col in table.columns]
     if D.is_sqlite(c):  # the driver's executemany straight from tuples
         sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        tuples = rows if isinstance(rows[0], tuple) else [tuple([r.get(n) for n in names]) for r in rows]
-        c.exec_driver_sql(sql, tuples)
+        c.exec_driver_sql(
+            sql, [r if isinstance(r, tuple) else tuple([r.get(n) for n in names]) for r in rows]
+        )
     else:
         c.execute(
             insert(table), [dict(zip(names, r, strict=True)) if isinstance(r, tuple) else r for r in rows]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,8 @@ class FeatureReader(FeatureDatabase):
             row = c.execute(select(S.features).where(S.features.c.feature == index)).mappings().first()
             if row is None:
                 raise FeatureNotFound(index)
+            ctx: Sequence[Mapping[Any, Any]]
+            blocks: Sequence[Mapping[Any, Any]] = []
             if self._packed:
                 blocks = (
                     c.execute(select(S.context_blocks).where(S.context_blocks.c.feature == index))
@@ -163,7 +165,7 @@ class FeatureReader(FeatureDatabase):
 
     def contexts(
         self, features: Iterable[int] | None = None, kinds: Iterable[int] = (0, 1)
-    ) -> Iterator[dict]:
+    ) -> Generator[dict, None, None]:
         """Every stored context of ``features`` (None: all) and ``kinds``, by feature, kind and rank, as
         version 3 stored them: ``id`` (`packed.context_id` from version 4 on), ``feature``, ``kind``, ``rank``,
         ``token_index``, ``act``, ``center_token``, ``tokens`` and ``acts`` (bytes), ``text``. Not verified

@@ -154,7 +154,7 @@ POOL_SIZE = 4000
 
 def _pool(reader: FeatureReader) -> list[tuple[int, tuple[int, ...]]]:
     if reader not in _POOLS:  # the top contexts by feature, then the samples (a build's first rows)
-        rows = []
+        rows: list[tuple[int, bytes]] = []
         for kind in (0, 1):
             with closing(reader.contexts(kinds=(kind,))) as found:
                 rows += [(r["feature"], r["tokens"]) for r in islice(found, POOL_SIZE - len(rows))]
