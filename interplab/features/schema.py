@@ -347,8 +347,15 @@ def has_table(engine: Engine | Connection, table: Table) -> bool:
     return inspect(engine).has_table(table.name)
 
 
+SQLITE_PAGE_SIZE = 16384
+"""the page size of a new database file (SQLite's default is 4096): a feature's packed contexts of one kind are
+~4 KB, which at 4 KB pages each spill into an overflow page; 16 KB pages make the file ~20% smaller and its
+writes cheaper. An existing file keeps the size it has (SQLite ignores the pragma then)."""
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # before the journal switch, which fixes it
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
