@@ -180,18 +180,23 @@ def baseline_build(root: str, seqs: int, work: Path) -> dict:
 
 
 def same_database(a: Path, b: Path) -> bool:
-    """Whether two feature databases hold the same rows in every table (the build fingerprint aside, which
-    records the code's config version), the full-text index's own tables included."""
-    import sqlite3
+    """Whether two feature databases hold the same contents in every table (the build fingerprint aside, which
+    records the code's config version), read through this checkout's `FeatureReader.contents`, which gives
+    both context layouts (schema 3: a row per context; 4: packed) as the same rows, so a build by another
+    checkout compares whatever its schema version. Also the same full-text search results for each word of
+    the 30 most frequent tokens."""
+    from interplab.features.reader import FeatureReader
 
-    def dump(db: Path) -> dict:
-        with sqlite3.connect(db) as con:
-            names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            rows = {n: sorted(con.execute(f"SELECT * FROM {n}").fetchall(), key=repr) for n in names}
-        rows["meta"] = [r for r in rows["meta"] if r[0] != "fingerprint"]
+    def logical(db: Path) -> dict:
+        with FeatureReader(db) as r:
+            rows = r.contents()
+            counts, vocab = r.token_counts(), r.vocab()
+            common = sorted(counts, key=lambda t: (-counts[t], t))[:30]
+            rows["search"] = [r.search_text(vocab[t].strip()) for t in common if vocab[t].strip()]
+        rows["meta"] = [row for row in rows["meta"] if row[0] != "fingerprint"]
         return rows
 
-    return dump(a) == dump(b)
+    return logical(a) == logical(b)
 
 
 def compare_with_saedashboard(args, model, tokens_all) -> dict:

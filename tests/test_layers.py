@@ -70,6 +70,10 @@ LAZY: dict[tuple[str, str], str] = {
         "web/runs.py",
         "interplab.web.dt_page",
     ): "the home page's numbers of DT folders: dt_page reads every file through this module",
+    (
+        "features/schema.py",
+        "interplab.features.packed",
+    ): "the migration to schema 4 converts contexts with packed, which is built on the tables defined here",
 }
 # files whose every function may import the library lazily
 LAZY_FILES: dict[str, str] = {

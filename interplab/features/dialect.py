@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 import threading
@@ -270,15 +269,18 @@ BM25_K1, BM25_B = 1.2, 0.75
 """FTS5's bm25 constants"""
 
 
+def _create_fts5(c: Connection, name: str, content: str) -> None:
+    c.execute(
+        text(
+            f'CREATE VIRTUAL TABLE IF NOT EXISTS {name} USING fts5(text, {content}, tokenize="{FTS5_TOKENIZE}")'
+        )
+    )
+
+
 def fts_create(c: Connection) -> None:
     """The full-text index of ``contexts`` (in the first migration)."""
     if c.dialect.name == "sqlite":
-        c.execute(
-            text(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS contexts_fts USING fts5(text, content='contexts', "
-                f"content_rowid='id', tokenize=\"{FTS5_TOKENIZE}\")"
-            )
-        )
+        _create_fts5(c, "contexts_fts", "content='contexts', content_rowid='id'")
     elif c.dialect.name == "postgresql":
         contexts_words.create(c, checkfirst=True)
         try:  # an index for LIKE '%...%' where the server has pg_trgm (a trusted extension since 13)
@@ -305,22 +307,6 @@ def _table_names(c: Connection) -> set[str]:
     from sqlalchemy import inspect
 
     return set(inspect(c).get_table_names())
-
-
-def fts_delete(c: Connection, contexts: Table, features: Sequence[int]) -> None:
-    """Remove the index entries of these features' contexts (rows of ``contexts``, before they are
-    replaced)."""
-    if c.dialect.name == "sqlite":  # external-content FTS5 table: the old rows' entries go first
-        c.execute(
-            text(
-                "INSERT INTO contexts_fts(contexts_fts, rowid, text) SELECT 'delete', id, text "
-                "FROM contexts WHERE text != '' AND feature IN (SELECT value FROM json_each(:ids))"
-            ),
-            {"ids": json.dumps(list(features))},
-        )
-    elif c.dialect.name == "postgresql":
-        ids = select(contexts.c.id).where(contexts.c.feature.in_(list(features)))
-        c.execute(delete(contexts_words).where(contexts_words.c.id.in_(ids)))
 
 
 def fts_insert(c: Connection, first_id: int, rows: Sequence[dict]) -> None:
@@ -367,15 +353,8 @@ def fts_search(c: Connection, contexts: Table, query: str, limit: int) -> list[t
         return []
     phrase = " " + " ".join(tokens) + " "
     like = like_pattern(phrase)
-    # every instance of the phrase, overlapping ones too (as FTS5 counts them): a zero-width lookahead
-    pattern = "(?=" + "".join(ch if ch.isalnum() or ch in " _" else "\\" + ch for ch in phrase) + ")"
     w = contexts_words.c
-    n_rows, n_tokens = c.execute(select(func.count(), func.coalesce(func.sum(w.n), 0))).one()
-    avgdl = float(n_tokens) / n_rows if n_rows and n_tokens else 1.0
-    f = func.regexp_count(w.words, pattern)
-    k1: Any = literal_column(repr(BM25_K1))
-    b: Any = literal_column(repr(BM25_B))
-    score = f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * w.n / literal_column(repr(avgdl))))
+    score = _bm25(c, phrase)
     q = (
         select(contexts.c.feature, contexts.c.text)
         .join(contexts_words, w.id == contexts.c.id)
@@ -384,6 +363,98 @@ def fts_search(c: Connection, contexts: Table, query: str, limit: int) -> list[t
         .limit(limit)
     )
     return [(int(feat), t) for feat, t in c.execute(q)]
+
+
+# schema version 4: the index keyed by context id (`packed.context_id`), holding only the top contexts' text
+def fts_create_v4(c: Connection) -> None:
+    """Schema version 4's full-text index: SQLite's contentless FTS5 ``context_fts`` (rowid: the context id;
+    the texts live in ``context_blocks``); PostgreSQL keeps ``contexts_words`` (emptied: its ids change)."""
+    if c.dialect.name == "sqlite":
+        _create_fts5(c, "context_fts", "content=''")
+    elif c.dialect.name == "postgresql":
+        fts_create(c)
+        c.execute(delete(contexts_words))
+
+
+def fts_drop_v3(c: Connection) -> None:
+    """Drop schema version 3's SQLite index (an external-content table over the ``contexts`` rows)."""
+    if c.dialect.name == "sqlite":
+        c.execute(text("DROP TABLE IF EXISTS contexts_fts"))
+
+
+def fts_drop(c: Connection) -> None:
+    """Drop the full-text index of either version (the database's tables are being dropped)."""
+    fts_drop_v3(c)
+    if c.dialect.name == "sqlite":
+        c.execute(text("DROP TABLE IF EXISTS context_fts"))
+    elif contexts_words.name in fts_tables(c):
+        contexts_words.drop(c)
+
+
+def fts_index(c: Connection, ids: Sequence[int], texts: Sequence[str]) -> None:
+    """Index ``texts`` under their context ids (schema version 4)."""
+    if not ids:
+        return
+    if c.dialect.name == "sqlite":
+        c.exec_driver_sql(
+            "INSERT INTO context_fts(rowid, text) VALUES (?, ?)", list(zip(ids, texts, strict=True))
+        )
+    elif c.dialect.name == "postgresql":
+        fts_insert(c, 0, [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)])
+
+
+def fts_unindex(c: Connection, ids: Sequence[int], texts: Sequence[str]) -> None:
+    """Remove the entries `fts_index` made for ``ids`` (a contentless FTS5 table is told the old text)."""
+    if not ids:
+        return
+    if c.dialect.name == "sqlite":
+        c.exec_driver_sql(
+            "INSERT INTO context_fts(context_fts, rowid, text) VALUES ('delete', ?, ?)",
+            list(zip(ids, texts, strict=True)),
+        )
+    elif c.dialect.name == "postgresql":
+        for lo in range(0, len(ids), 500):
+            c.execute(delete(contexts_words).where(contexts_words.c.id.in_(list(ids[lo : lo + 500]))))
+
+
+def fts_ids(c: Connection, query: str, limit: int) -> list[int]:
+    """Context ids whose text holds ``query``'s tokens as a phrase, best first (bm25, then by id): schema
+    version 4's `fts_search` (the same ranking over the same texts)."""
+    if c.dialect.name == "sqlite":
+        phrase = '"' + query.replace('"', '""') + '"'
+        rows = c.execute(
+            text("SELECT rowid FROM context_fts WHERE context_fts MATCH :q ORDER BY rank, rowid LIMIT :n"),
+            {"q": phrase, "n": limit},
+        )
+        return [int(i) for (i,) in rows]
+    if c.dialect.name != "postgresql":
+        raise NotImplementedError(f"full-text search on {c.dialect.name}")
+    (tokens,) = fts_tokens([query])
+    if not tokens:
+        return []
+    phrase = " " + " ".join(tokens) + " "
+    w = contexts_words.c
+    score = _bm25(c, phrase)
+    q = (
+        select(w.id)
+        .where(w.words.like(like_pattern(phrase), escape="\\"))
+        .order_by(score.desc(), w.id)
+        .limit(limit)
+    )
+    return [int(i) for (i,) in c.execute(q)]
+
+
+def _bm25(c: Connection, phrase: str) -> Any:
+    """FTS5's bm25 of ``phrase`` (space-padded tokens) in ``contexts_words``, as a SQL expression."""
+    # every instance of the phrase, overlapping ones too (as FTS5 counts them): a zero-width lookahead
+    pattern = "(?=" + "".join(ch if ch.isalnum() or ch in " _" else "\\" + ch for ch in phrase) + ")"
+    w = contexts_words.c
+    n_rows, n_tokens = c.execute(select(func.count(), func.coalesce(func.sum(w.n), 0))).one()
+    avgdl = float(n_tokens) / n_rows if n_rows and n_tokens else 1.0
+    f = func.regexp_count(w.words, pattern)
+    k1: Any = literal_column(repr(BM25_K1))
+    b: Any = literal_column(repr(BM25_B))
+    return f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * w.n / literal_column(repr(avgdl))))
 
 
 # ---- engines ----------------------------------------------------------------------------------------------

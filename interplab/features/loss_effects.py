@@ -75,13 +75,9 @@ def compute_loss_effects(
             raise ValueError(
                 f"{db} holds {d_sae} features but the SAE has d_sae={sae.cfg.d_sae}: another SAE"
             )
-        q = select(S.contexts.c.id, S.contexts.c.feature, S.contexts.c.tokens).where(
-            S.contexts.c.kind.in_(list(kinds))
-        )
-        if features is not None:
-            q = q.where(S.contexts.c.feature.in_([int(f) for f in features]))
+        with store.reader() as r:
+            rows = [(x["id"], x["feature"], x["tokens"]) for x in r.contexts(features, kinds)]
         with store.engine.connect() as c:
-            rows = c.execute(q.order_by(S.contexts.c.id)).all()
             if not overwrite and S.has_table(store.engine, S.context_loss):
                 done = set(c.execute(select(S.context_loss.c.context_id)).scalars())
                 rows = [r for r in rows if r[0] not in done]

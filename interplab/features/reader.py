@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 from sqlalchemy import func, or_, select
 
 from interplab.features import dialect as D
+from interplab.features import packed as P
 from interplab.features import schema as S
 from interplab.features.database import FeatureDatabase, ReadOnlyDatabase
 from interplab.integrity import IntegrityError
@@ -86,6 +87,7 @@ class FeatureReader(FeatureDatabase):
             )
         # what a newer schema adds (checksums) is simply absent from an older one
         self._checksums = "checksums" in S.inspect_database(self.engine)[1]
+        self._packed = self.found >= 4  # contexts in `schema.context_blocks` (before: one row each)
 
     def token_counts(self) -> dict[int, int]:
         with self.engine.connect() as c:
@@ -110,23 +112,37 @@ class FeatureReader(FeatureDatabase):
             row = c.execute(select(S.features).where(S.features.c.feature == index)).mappings().first()
             if row is None:
                 raise FeatureNotFound(index)
-            columns = [S.contexts.c[name] for name in S.CONTEXT_DIGEST_COLUMNS]  # what the digest covers
-            ctx = (
-                c.execute(
-                    select(*columns)
-                    .where(S.contexts.c.feature == index)
-                    .order_by(S.contexts.c.kind, S.contexts.c.rank)
+            ctx: Sequence[Mapping[Any, Any]]
+            blocks: Sequence[Mapping[Any, Any]] = []
+            if self._packed:
+                blocks = (
+                    c.execute(select(S.context_blocks).where(S.context_blocks.c.feature == index))
+                    .mappings()
+                    .all()
                 )
-                .mappings()
-                .all()
-            )
+                ctx = [r for b in sorted(blocks, key=lambda b: b["kind"]) for r in P.unpack(b)]
+            else:
+                legacy = S.legacy_contexts
+                columns = [legacy.c[name] for name in S.CONTEXT_DIGEST_COLUMNS]  # what the digest covers
+                ctx = (
+                    c.execute(
+                        select(*columns)
+                        .where(legacy.c.feature == index)
+                        .order_by(legacy.c.kind, legacy.c.rank)
+                    )
+                    .mappings()
+                    .all()
+                )
             label = c.execute(select(S.labels).where(S.labels.c.feature == index)).mappings().first()
             digest = (
                 c.execute(select(S.checksums.c.sha256).where(S.checksums.c.feature == index)).scalar()
                 if self._checksums
                 else None
             )
-        if digest is not None and S.row_digest(row, ctx) != digest:
+        if (
+            digest is not None
+            and (P.block_digest(row, blocks) if self._packed else S.row_digest(row, ctx)) != digest
+        ):
             raise IntegrityError(
                 f"{self.file or self.url}: feature {index} is corrupt (its stored values differ from the SHA-256 "
                 "recorded when it was written); rebuild the database (interplab features build --overwrite)"
@@ -136,7 +152,7 @@ class FeatureReader(FeatureDatabase):
             out[key] = json.loads(out[key])
         contexts = [
             {
-                **dict(r),
+                **{name: r[name] for name in S.CONTEXT_DIGEST_COLUMNS},
                 "tokens": np.frombuffer(r["tokens"], "<i4").tolist(),
                 "acts": np.round(np.frombuffer(r["acts"], "<f4").astype(np.float64), 4).tolist(),
             }
@@ -146,6 +162,34 @@ class FeatureReader(FeatureDatabase):
         out["samples"] = [r for r in contexts if r["kind"] == 1]
         out["label"] = dict(label) if label is not None else None
         return out
+
+    def contexts(
+        self, features: Iterable[int] | None = None, kinds: Iterable[int] = (0, 1)
+    ) -> Generator[dict, None, None]:
+        """Every stored context of ``features`` (None: all) and ``kinds``, by feature, kind and rank, as
+        version 3 stored them: ``id`` (`packed.context_id` from version 4 on), ``feature``, ``kind``, ``rank``,
+        ``token_index``, ``act``, ``center_token``, ``tokens`` and ``acts`` (bytes), ``text``. Not verified
+        against the checksums (`feature` does that)."""
+        wanted = None if features is None else sorted({int(f) for f in features})
+        parts = [None] if wanted is None else [wanted[lo : lo + 500] for lo in range(0, len(wanted), 500)]
+        kinds = [int(k) for k in kinds]
+        with self.engine.connect() as c:
+            for part in parts:
+                if self._packed:
+                    t = S.context_blocks
+                    q = select(t).where(t.c.kind.in_(kinds)).order_by(t.c.feature, t.c.kind)
+                    if part is not None:
+                        q = q.where(t.c.feature.in_(part))
+                    for b in c.execute(q).mappings():
+                        f = int(b["feature"])
+                        for r in P.unpack(b):
+                            yield {"id": int(P.context_id(f, r["kind"], r["rank"])), "feature": f, **r}
+                else:
+                    t = S.legacy_contexts
+                    q = select(t).where(t.c.kind.in_(kinds)).order_by(t.c.feature, t.c.kind, t.c.rank)
+                    if part is not None:
+                        q = q.where(t.c.feature.in_(part))
+                    yield from (dict(r) for r in c.execute(q).mappings())
 
     def dt_rows(self, token_indices: Iterable[int]) -> dict[int, dict[str, Any]]:
         """A decision transformer's database (`schema.dt_rows`): where each of ``token_indices`` (contexts'
@@ -167,16 +211,29 @@ class FeatureReader(FeatureDatabase):
         when the database has none."""
         if not S.has_table(self.engine, S.context_loss):
             return {}
-        q = (
-            select(S.contexts.c.kind, S.contexts.c.rank, S.context_loss.c.loss)
-            .join(S.context_loss, S.context_loss.c.context_id == S.contexts.c.id)
-            .where(S.contexts.c.feature == index)
-        )
-        with self.engine.connect() as c:
-            return {
-                (int(k), int(r)): [None if v != v else round(float(v), 5) for v in np.frombuffer(b, "<f4")]
-                for k, r, b in c.execute(q)
-            }
+        if self._packed:
+            lo, hi = P.feature_id_range(index)
+            loss = S.context_loss.c
+            with self.engine.connect() as c:
+                found = [
+                    (*P.split_context_id(int(i))[1:], b)
+                    for i, b in c.execute(
+                        select(loss.context_id, loss.loss).where(loss.context_id >= lo, loss.context_id < hi)
+                    )
+                ]
+        else:
+            legacy = S.legacy_contexts
+            q = (
+                select(legacy.c.kind, legacy.c.rank, S.context_loss.c.loss)
+                .join(S.context_loss, S.context_loss.c.context_id == legacy.c.id)
+                .where(legacy.c.feature == index)
+            )
+            with self.engine.connect() as c:
+                found = list(c.execute(q))
+        return {
+            (int(k), int(r)): [None if v != v else round(float(v), 5) for v in np.frombuffer(b, "<f4")]
+            for k, r, b in found
+        }
 
     def feature_lists(self) -> list[dict[str, Any]]:
         """The user-made lists (`schema.feature_lists`): id, name, description, created, n (items), by name."""
@@ -265,14 +322,24 @@ class FeatureReader(FeatureDatabase):
 
     def search_token(self, token: int, limit: int = 50) -> list[TokenHit]:
         """Features whose top contexts peak on ``token``, most often (then most strongly) first."""
-        with self.engine.connect() as c:
+        if self._packed:
+            t = S.top_tokens.c
             q = (
-                select(S.contexts.c.feature, func.count().label("n"), func.max(S.contexts.c.act).label("m"))
-                .where(S.contexts.c.center_token == token, S.contexts.c.kind == 0)
-                .group_by(S.contexts.c.feature)
-                .order_by(func.count().desc(), func.max(S.contexts.c.act).desc(), S.contexts.c.feature)
+                select(t.feature, t.n, t.max_act)
+                .where(t.token == token)
+                .order_by(t.n.desc(), t.max_act.desc(), t.feature)
                 .limit(limit)
             )
+        else:
+            legacy = S.legacy_contexts.c
+            q = (
+                select(legacy.feature, func.count().label("n"), func.max(legacy.act).label("m"))
+                .where(legacy.center_token == token, legacy.kind == 0)
+                .group_by(legacy.feature)
+                .order_by(func.count().desc(), func.max(legacy.act).desc(), legacy.feature)
+                .limit(limit)
+            )
+        with self.engine.connect() as c:
             return [TokenHit(int(f), int(n), float(m)) for f, n, m in c.execute(q)]
 
     def search_text(self, query: str, limit: int = 50) -> list[dict]:
@@ -296,9 +363,27 @@ class FeatureReader(FeatureDatabase):
                 .limit(limit)
             ):
                 hits[f] = {"feature": f, "where": "explanation", "text": expl}
-            for f, t in D.fts_search(c, S.contexts, query, limit * 4):
+            for f, t in self._text_hits(c, query, limit * 4):
                 hits.setdefault(f, {"feature": f, "where": "context", "text": t})
         return list(hits.values())[:limit]
+
+    def _text_hits(self, c: Any, query: str, limit: int) -> list[tuple[int, str]]:
+        """(feature, text) of the top contexts matching ``query`` in full text, best first."""
+        if not self._packed:
+            return D.fts_search(c, S.legacy_contexts, query, limit)
+        ids = D.fts_ids(c, query, limit)
+        where = [P.split_context_id(i) for i in ids]
+        t = S.context_blocks
+        texts: dict[tuple[int, int], str] = {}
+        features = sorted({f for f, _, _ in where})
+        for lo in range(0, len(features), 500):
+            q = select(t.c.feature, t.c.kind, t.c.rank, t.c.text_len, t.c.text).where(
+                t.c.feature.in_(features[lo : lo + 500]), t.c.kind == 0
+            )
+            for b in c.execute(q).mappings():
+                for i, text in zip(*P.fts_entries([b]), strict=True):
+                    texts[P.split_context_id(i)[::2]] = text
+        return [(f, texts[f, r]) for f, _, r in where if (f, r) in texts]
 
     def labels(self, *, source: str | None = None) -> dict[int, dict]:
         q = select(S.labels).order_by(S.labels.c.feature)
@@ -401,8 +486,31 @@ class FeatureReader(FeatureDatabase):
         """Every row of every table, sorted (to compare two databases' contents)."""
         out = {}
         with self.engine.connect() as c:
-            for table in S.metadata.sorted_tables:
-                if table in S.OPTIONAL_TABLES and not S.has_table(self.engine, table):
+            for table in [*S.metadata.sorted_tables, *S.legacy_metadata.sorted_tables]:
+                if not S.has_table(self.engine, table):
                     continue
                 out[table.name] = sorted(tuple(r) for r in c.execute(select(table)))
+        return out
+
+    def contents(self) -> dict[str, list[tuple]]:
+        """What the database holds, whatever its layout (to compare databases of different schema versions:
+        `dump` compares rows): every table's rows as `dump` gives them, but ``meta`` without the schema
+        version, ``contexts`` as version 3 rows without their ``id`` (`contexts`), ``context_loss`` keyed
+        by (feature, kind, rank), and of ``checksums`` (whose definition changed with the layout) only which
+        features have one."""
+        out = self.dump()
+        for name in ("contexts", "context_blocks", "top_tokens"):
+            out.pop(name, None)
+        out["meta"] = [r for r in out["meta"] if r[0] != "schema_version"]
+        names = [n for n in S.CONTEXT_COLUMNS]
+        where = {}
+        rows = []
+        for r in self.contexts():
+            where[r["id"]] = (r["feature"], r["kind"], r["rank"])
+            rows.append(tuple(bytes(r[n]) if isinstance(r[n], (bytes, memoryview)) else r[n] for n in names))
+        out["contexts"] = sorted(rows)
+        if "checksums" in out:
+            out["checksums"] = sorted((f,) for f, _ in out["checksums"])
+        if "context_loss" in out:
+            out["context_loss"] = sorted((where.get(i), bytes(b)) for i, b in out["context_loss"])
         return out

@@ -6,7 +6,10 @@ the two (value types, upserts, order, full-text search) lives in `interplab.feat
 
 Schema history: 1 = meta, vocab, features, contexts, build passes; 2 = + labels (explanations, scores);
 3 = + checksums (a SHA-256 per feature of its row and contexts, verified when the feature is read, so a changed
-byte is named instead of served; features written before version 3 have none).
+byte is named instead of served; features written before version 3 have none); 4 = contexts packed, a row per
+feature and kind (`context_blocks`, `interplab.features.packed`: the checksum over the packed bytes) instead of
+a row per context (`legacy_contexts`, still read in a version 3 database), + ``top_tokens`` (token search), the
+full-text index keyed by context id (`packed.context_id`, as ``context_loss`` is).
 Optional, in no version: ``dt_rows`` (`dt_rows`), written only into databases of a decision transformer's
 features (`interplab.rl.features`), whose "tokens" are the rows of a trajectory cache: where each row comes from
 (episode, step, token kind, action, return-to-go). A database without it is a language model's; every reader
@@ -27,11 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 from sqlalchemy import (
     Column,
     Connection,
@@ -94,9 +95,12 @@ features = Table(
 Index("ix_features_density", features.c.density)
 Index("ix_features_top_token", features.c.top_token)
 
-contexts = Table(
+legacy_metadata = MetaData()
+"""tables of older schema versions only (created by their migrations, read in databases still at them)"""
+
+legacy_contexts = Table(  # schema versions 1-3: one row per context (version 4: `context_blocks`)
     "contexts",
-    metadata,
+    legacy_metadata,
     Column("id", BigInt, primary_key=True, autoincrement=True),
     Column("feature", Integer, nullable=False),
     Column("kind", Integer, nullable=False),  # 0: top activating, 1: uniform sample of firings
@@ -108,8 +112,35 @@ contexts = Table(
     Column("acts", LargeBinary, nullable=False),  # float32 little-endian activations over the window
     Column("text", SafeText, nullable=False),  # the window as text (top contexts only; full-text indexed)
 )
-Index("ix_contexts_feature", contexts.c.feature, contexts.c.kind, contexts.c.rank)
-Index("ix_contexts_token", contexts.c.center_token, contexts.c.act)
+Index("ix_contexts_feature", legacy_contexts.c.feature, legacy_contexts.c.kind, legacy_contexts.c.rank)
+Index("ix_contexts_token", legacy_contexts.c.center_token, legacy_contexts.c.act)
+
+context_blocks = Table(  # schema version 4: a feature's contexts of one kind in one row (`packed`)
+    "context_blocks",
+    metadata,
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("kind", Integer, primary_key=True, autoincrement=False),  # 0: top activating, 1: sampled
+    Column("n", Integer, nullable=False),  # contexts
+    Column("width", Integer, nullable=False),  # tokens per window
+    Column("rank", LargeBinary, nullable=False),  # int32 little-endian [n]
+    Column("token_index", LargeBinary, nullable=False),  # int64 [n]: global index of the activating token
+    Column("act", LargeBinary, nullable=False),  # float64 [n] (NaN: none)
+    Column("center_token", LargeBinary, nullable=False),  # int32 [n]
+    Column("tokens", LargeBinary, nullable=False),  # int32 [n, width] ids of the windows (-1: outside)
+    Column("acts", LargeBinary, nullable=False),  # float32 [n, width] activations over the windows
+    Column("text_len", LargeBinary, nullable=False),  # int32 [n]: UTF-8 bytes of each window's text
+    Column("text", LargeBinary, nullable=False),  # the texts' UTF-8, concatenated (top contexts only)
+)
+
+top_tokens = Table(  # schema version 4: which features' top contexts peak on a token (`search_token`)
+    "top_tokens",
+    metadata,
+    Column("token", Integer, primary_key=True, autoincrement=False),
+    Column("feature", Integer, primary_key=True, autoincrement=False),
+    Column("n", Integer, nullable=False),  # top contexts of the feature centred on the token
+    Column("max_act", SafeFloat, nullable=False),  # the strongest of them
+)
+Index("ix_top_tokens_feature", top_tokens.c.feature)
 
 passes = Table(
     "passes",
@@ -131,7 +162,9 @@ checksums = Table(
     "checksums",
     metadata,
     Column("feature", Integer, primary_key=True, autoincrement=False),
-    Column("sha256", SafeString(64), nullable=False),  # of the feature's row and its contexts (`row_digest`)
+    Column(
+        "sha256", SafeString(64), nullable=False
+    ),  # of the feature's row and contexts (v3: `row_digest`; v4: `packed.block_digest`)
 )
 
 dt_rows = Table(
@@ -210,7 +243,9 @@ feature_list_items = Table(
 context_loss = Table(  # `interplab.features.loss_effects`: per-token loss change of a context's window
     "context_loss",
     metadata,
-    Column("context_id", BigInt, primary_key=True, autoincrement=False),  # contexts.id
+    Column(
+        "context_id", BigInt, primary_key=True, autoincrement=False
+    ),  # v3: contexts.id; v4: packed.context_id
     Column("loss", LargeBinary, nullable=False),  # float32 little-endian over the window (NaN: not computed)
 )
 OPTIONAL_TABLES = (
@@ -224,108 +259,30 @@ OPTIONAL_TABLES = (
 )
 """tables only some databases have (created by the build that needs them; absent from every migration)"""
 
-_V1_TABLES = (meta, vocab, features, contexts, passes)
+_V1_TABLES = (meta, vocab, features, legacy_contexts, passes)
 CONTEXT_DIGEST_COLUMNS = ("kind", "rank", "token_index", "act", "tokens", "acts", "text")  # `_context_repr`
 READABLE_FROM = 2
 """the oldest schema a read-only open can serve (older ones need a migration, i.e. a write)"""
+
+
+def feature_repr(feature_row: Mapping[Any, Any]) -> str:
+    """The normalised ``repr`` tuple of a feature row (each value as its column stores it): what both
+    versions' checksums start with."""
+    return repr(tuple([conv(feature_row.get(name)) for name, conv in _FEATURE_DIGEST]))
 
 
 def row_digest(feature_row: Mapping[Any, Any], context_rows: Iterable[Mapping[Any, Any]]) -> str:
     """SHA-256 of one feature's stored values (its row, then its contexts by kind and rank), each normalised to
     the type its column stores, so the digest computed at write equals the one recomputed from a read.
     (Hashed as one string of the rows' ``repr`` tuples: the same digest as hashing them row by row.)"""
-    parts = [repr(tuple([conv(feature_row.get(name)) for name, conv in _FEATURE_DIGEST]))]
+    parts = [feature_repr(feature_row)]
     for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
         parts.append(_context_repr(r))
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 CONTEXT_COLUMNS = ("feature", "kind", "rank", "token_index", "act", "center_token", "tokens", "acts", "text")
-"""`contexts`' columns after ``id``, in its order (the fields of `ContextColumns`)"""
-
-
-@dataclass
-class ContextColumns:
-    """Context rows held as columns, one list per column of `contexts` but ``id`` (what a build writes: made
-    in bulk from tensors, inserted as tuples and digested without a dict per row)."""
-
-    feature: list[int] = field(default_factory=list)
-    kind: list[int] = field(default_factory=list)
-    rank: list[int] = field(default_factory=list)
-    token_index: list[int] = field(default_factory=list)
-    act: list[float] = field(default_factory=list)
-    center_token: list[int] = field(default_factory=list)
-    tokens: list[bytes] = field(default_factory=list)
-    acts: list[bytes] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        lengths = {name: len(getattr(self, name)) for name in CONTEXT_COLUMNS}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"the context columns differ in length: {lengths}")
-
-    def __len__(self) -> int:
-        return len(self.feature)
-
-    @classmethod
-    def from_dicts(cls, rows: Iterable[Mapping[str, Any]]) -> ContextColumns:
-        rows = list(rows)
-        return cls(*([r[name] for r in rows] for name in CONTEXT_COLUMNS))
-
-    def extend(self, other: ContextColumns) -> None:
-        for name in CONTEXT_COLUMNS:
-            getattr(self, name).extend(getattr(other, name))
-
-    def tuples(self, first_id: int) -> list[tuple]:
-        """Rows as tuples in `contexts`' column order, ids from ``first_id``."""
-        ids = range(first_id, first_id + len(self))
-        return list(zip(ids, *(getattr(self, name) for name in CONTEXT_COLUMNS), strict=True))
-
-    def dicts(self, first_id: int | None = None) -> list[dict[str, Any]]:
-        """Rows as dicts (with ``id`` from ``first_id`` when given)."""
-        names = CONTEXT_COLUMNS if first_id is None else ("id", *CONTEXT_COLUMNS)
-        cols = [getattr(self, name) for name in CONTEXT_COLUMNS]
-        if first_id is not None:
-            cols.insert(0, range(first_id, first_id + len(self)))
-        return [dict(zip(names, values, strict=True)) for values in zip(*cols, strict=True)]
-
-    def reprs(self) -> list[str]:
-        """Each row's normalised ``repr`` tuple (`_context_repr`), in bulk: when every column holds exactly
-        its stored type (a build's rows), formatted straight from the columns; otherwise row by row."""
-        exact = (
-            _only(self.kind, int)
-            and _only(self.rank, int)
-            and _only(self.token_index, int)
-            and _only(self.act, float)
-            and _only(self.tokens, bytes)
-            and _only(self.acts, bytes)
-            and _only(self.text, str)
-        )
-        if not exact:
-            return [_context_repr(r) for r in self.dicts()]
-        act = [None if a != a else a + 0.0 for a in self.act]  # as stored: NaN is NULL, -0.0 is 0.0
-        fmt = "({}, {}, {}, {!r}, {!r}, {!r}, {!r})".format
-        return list(map(fmt, self.kind, self.rank, self.token_index, act, self.tokens, self.acts, self.text))
-
-
-def _only(values: list, kind: type) -> bool:
-    return set(map(type, values)) <= {kind}
-
-
-def row_digests(feature_rows: Sequence[Mapping[Any, Any]], contexts: ContextColumns) -> list[str]:
-    """`row_digest` of every feature row in ``feature_rows`` with its rows of ``contexts``, in bulk (the
-    contexts' reprs made once, grouped by feature, then kind and rank)."""
-    reprs = contexts.reprs()
-    order = np.lexsort((np.asarray(contexts.rank), np.asarray(contexts.kind), np.asarray(contexts.feature)))
-    feats = np.asarray(contexts.feature, dtype=np.int64)[order]
-    ordered = [reprs[i] for i in order.tolist()]
-    wanted = np.asarray([int(r["feature"]) for r in feature_rows], dtype=np.int64)
-    lo, hi = np.searchsorted(feats, wanted, "left").tolist(), np.searchsorted(feats, wanted, "right").tolist()
-    out = []
-    for r, a, b in zip(feature_rows, lo, hi, strict=True):
-        head = repr(tuple([conv(r.get(name)) for name, conv in _FEATURE_DIGEST]))
-        out.append(hashlib.sha256((head + "".join(ordered[a:b])).encode()).hexdigest())
-    return out
+"""version 3's `legacy_contexts` columns after ``id``, in its order (the fields of `packed.ContextArrays`)"""
 
 
 def _context_repr(r: Mapping[Any, Any]) -> str:
@@ -383,15 +340,22 @@ def _converter(col: Column) -> Callable[[Any], Any]:
 
 
 _FEATURE_DIGEST = [(col.name, _converter(col)) for col in features.columns]
-_CONTEXT_DIGEST = [(name, _converter(contexts.c[name])) for name in CONTEXT_DIGEST_COLUMNS]
+_CONTEXT_DIGEST = [(name, _converter(legacy_contexts.c[name])) for name in CONTEXT_DIGEST_COLUMNS]
 
 
-def has_table(engine: Engine, table: Table) -> bool:
+def has_table(engine: Engine | Connection, table: Table) -> bool:
     return inspect(engine).has_table(table.name)
+
+
+SQLITE_PAGE_SIZE = 16384
+"""the page size of a new database file (SQLite's default is 4096): a feature's packed contexts of one kind are
+~4 KB, which at 4 KB pages each spill into an overflow page; 16 KB pages make the file ~20% smaller and its
+writes cheaper. An existing file keeps the size it has (SQLite ignores the pragma then)."""
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # before the journal switch, which fixes it
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
@@ -462,7 +426,22 @@ def _v2_to_v3(conn) -> None:
     checksums.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _create_v1, 2: _v1_to_v2, 3: _v2_to_v3}
+def _v3_to_v4(conn) -> None:
+    """Contexts packed (`packed.upgrade_contexts`), in the migration's one transaction: on any error the
+    database stays at version 3 as it was."""
+    from interplab.features import packed
+
+    for table in (context_blocks, top_tokens):
+        table.create(conn, checkfirst=True)
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+    D.fts_create_v4(conn)
+    packed.upgrade_contexts(conn, conn)
+    D.fts_drop_v3(conn)
+    legacy_contexts.drop(conn)
+
+
+MIGRATIONS = {1: _create_v1, 2: _v1_to_v2, 3: _v2_to_v3, 4: _v3_to_v4}
 
 
 def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:

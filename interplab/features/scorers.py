@@ -36,7 +36,9 @@ import random
 import re
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -151,10 +153,11 @@ POOL_SIZE = 4000
 
 
 def _pool(reader: FeatureReader) -> list[tuple[int, tuple[int, ...]]]:
-    if reader not in _POOLS:
-        c = S.contexts.c
-        with reader.engine.connect() as conn:
-            rows = conn.execute(select(c.feature, c.tokens).order_by(c.id).limit(POOL_SIZE)).all()
+    if reader not in _POOLS:  # the top contexts by feature, then the samples (a build's first rows)
+        rows: list[tuple[int, bytes]] = []
+        for kind in (0, 1):
+            with closing(reader.contexts(kinds=(kind,))) as found:
+                rows += [(r["feature"], r["tokens"]) for r in islice(found, POOL_SIZE - len(rows))]
         _POOLS[reader] = [(int(f), tuple(int(t) for t in _int32(blob) if t >= 0)) for f, blob in rows]
     return _POOLS[reader]
 

@@ -28,6 +28,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from interplab.features import dialect as D
 from interplab.features import schema as S
 from interplab.features.database import FeatureDatabase, ReadOnlyDatabase, database_file, is_url
+from interplab.features.packed import (
+    ContextArrays,
+    delete_features,
+    fts_entries,
+    upgrade_contexts,
+    write_blocks,
+)
 from interplab.features.reader import FeatureNotFound, FeatureReader
 
 STATE_SUFFIX = ".build"
@@ -92,9 +99,8 @@ class FeatureWriter(FeatureDatabase):
         """Drop this feature database's tables (a URL's database itself, and any other table in it, stay)."""
         with self.engine.begin() as c:
             present = set(inspect(c).get_table_names())
-            if D.contexts_words.name in D.fts_tables(c):
-                D.contexts_words.drop(c)
-            for table in reversed(S.metadata.sorted_tables):
+            D.fts_drop(c)
+            for table in [*reversed(S.metadata.sorted_tables), *S.legacy_metadata.sorted_tables]:
                 if table.name in present:
                     table.drop(c)
         self.close()
@@ -125,41 +131,15 @@ class FeatureWriter(FeatureDatabase):
                 c.execute(insert(S.vocab), rows[start : start + 5000])
         self._vocab = None
 
-    def write_features(self, rows: list[dict], context_rows: list[dict] | S.ContextColumns) -> None:
-        """Insert features and their contexts (dicts, or `schema.ContextColumns` as a build makes them) in one
-        transaction (readers see all of it or none)."""
-        cols = (
-            context_rows
-            if isinstance(context_rows, S.ContextColumns)
-            else S.ContextColumns.from_dicts(context_rows)
+    def write_features(self, rows: list[dict], context_rows: list[dict] | ContextArrays) -> None:
+        """Insert (or replace) features and their contexts (dicts of `schema.CONTEXT_COLUMNS`, or
+        `packed.ContextArrays` as a build makes them) in one transaction (readers see all of it or none)."""
+        ctx = (
+            context_rows if isinstance(context_rows, ContextArrays) else ContextArrays.from_rows(context_rows)
         )
         with self.engine.begin() as c:
-            ids = [r["feature"] for r in rows]
-            D.fts_delete(c, S.contexts, ids)  # the full-text index of the contexts replaced
-            c.execute(delete(S.contexts).where(S.contexts.c.feature.in_(ids)))
-            c.execute(delete(S.features).where(S.features.c.feature.in_(ids)))
-            c.execute(delete(S.checksums).where(S.checksums.c.feature.in_(ids)))
-            if rows:
-                c.execute(insert(S.features), rows)
-                digests = S.row_digests(rows, cols)
-                c.execute(
-                    insert(S.checksums),
-                    [{"feature": r["feature"], "sha256": d} for r, d in zip(rows, digests, strict=True)],
-                )
-            if len(cols):
-                self._insert_contexts(c, cols)
-
-    def _insert_contexts(self, c: Connection, cols: S.ContextColumns) -> None:
-        first = c.execute(select(func.coalesce(func.max(S.contexts.c.id), 0))).scalar_one() + 1
-        if self.sqlite:  # the driver's executemany on tuples straight from the columns: this runs per context
-            names = ["id", *S.CONTEXT_COLUMNS]
-            sql = f"INSERT INTO contexts ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-            c.exec_driver_sql(sql, cols.tuples(first))
-            D.fts_insert(c, first, [])  # SQLite fills the index from the table
-        else:
-            rows = cols.dicts(first)
-            c.execute(insert(S.contexts), rows)
-            D.fts_insert(c, first, rows)
+            delete_features(c, [int(r["feature"]) for r in rows])
+            write_blocks(c, rows, ctx)
 
     def write_dt_rows(self, rows: list[dict]) -> None:
         """Record where each row of a decision transformer's trajectory cache comes from (`schema.dt_rows`:
@@ -421,9 +401,11 @@ def copy_database(
             raise ValueError(
                 f"{dst.where} already holds a feature database: pass overwrite=True (--overwrite)"
             )
+        packed = src.found >= 4  # else its contexts are converted (`packed.upgrade_contexts`), with these:
+        converted = (S.features, S.checksums, S.context_loss)
         with src.engine.connect() as rc, dst.engine.begin() as wc:
             for table in S.metadata.sorted_tables:
-                if not S.has_table(src.engine, table):
+                if not S.has_table(src.engine, table) or (not packed and table in converted):
                     continue
                 D.ensure_tables(wc, table)
                 q = select(table).order_by(*table.primary_key.columns)
@@ -436,10 +418,15 @@ def copy_database(
                                 D.upsert(wc, S.meta, r, ["key"])
                     else:
                         wc.execute(insert(table), rows)
-                    if table is S.contexts:
-                        D.fts_insert(wc, int(rows[0]["id"]), rows)
+                    if table is S.context_blocks:
+                        D.fts_index(wc, *fts_entries(rows))
                     counts[table.name] += len(rows)
                 D.reset_sequence(wc, table)
+            if not packed:
+                upgrade_contexts(rc, wc)
+                counts[S.features.name] = int(
+                    wc.execute(select(func.count()).select_from(S.features)).scalar_one()
+                )
     return counts
 
 

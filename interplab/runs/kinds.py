@@ -188,7 +188,7 @@ _LABELS = {
 VERSIONS: dict[Kind, int] = {k: 1 for k in Kind}
 """The schema version each kind is written with now; a reader accepts this version and older ones."""
 VERSIONS[Kind.ACTIVATION_CACHE] = 2
-VERSIONS[Kind.FEATURE_DB] = 3
+VERSIONS[Kind.FEATURE_DB] = 4
 
 
 def _as_kind(kind: Kind | str) -> Kind:

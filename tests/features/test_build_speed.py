@@ -1,5 +1,6 @@
-"""Correctness of the build's fast paths: the checksum digest equals its row-by-row definition, and a whole
-database equals the one the implementations they replaced build."""
+"""Correctness of the build's fast paths: the checksum digests equal their definitions (schema version 3's row by
+row, version 4's over the packed bytes), and a whole database equals the one the implementations they replaced
+build."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import random
 import sqlite3
+import struct
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from sqlalchemy import Float, Integer, LargeBinary
 
 from interplab.features import FeatureBuildConfig
 from interplab.features import build as B
+from interplab.features import packed as P
 from interplab.features import schema as S
 from interplab.features.build import build_feature_db
 from interplab.features.collect import encode_batch
@@ -42,7 +45,7 @@ def reference_digest(feature_row: dict, context_rows: list[dict]) -> str:
 
     h = hashlib.sha256()
     h.update(repr(tuple(stored(c, feature_row.get(c.name)) for c in S.features.columns)).encode())
-    cols = [S.contexts.c[n] for n in S.CONTEXT_DIGEST_COLUMNS]
+    cols = [S.legacy_contexts.c[n] for n in S.CONTEXT_DIGEST_COLUMNS]
     for r in sorted(context_rows, key=lambda r: (int(r["kind"]), int(r["rank"]))):
         h.update(repr(tuple(stored(c, r.get(c.name)) for c in cols)).encode())
     return h.hexdigest()
@@ -80,16 +83,6 @@ def test_row_digest_equals_row_by_row_definition():
         ]
         rng.shuffle(ctx)
         assert S.row_digest(row, ctx) == reference_digest(row, ctx)
-        # in bulk, from columns: row by row (a bytearray) and formatted straight (every value its stored type)
-        other = {**row, "feature": trial + 1000}
-        assert S.row_digests([row, other], S.ContextColumns.from_dicts(ctx)) == [
-            reference_digest(row, ctx),
-            reference_digest(other, []),
-        ]
-        exact = [{**r, "tokens": bytes(r["tokens"])} for r in ctx]
-        if all(type(r["act"]) is float for r in exact):
-            assert S.ContextColumns.from_dicts(exact).reprs() == [S._context_repr(r) for r in exact]
-            assert S.row_digests([row], S.ContextColumns.from_dicts(exact)) == [reference_digest(row, exact)]
 
 
 # ---- the whole database: the fast paths against the implementations they replaced ---------------------------
@@ -244,10 +237,41 @@ def reference_feature_rows(stats, logit_effects, cfg, vocab, rows):
     return out, ctx
 
 
-def reference_row_digests(rows, cols):
-    """`schema.row_digests` by its definition: `reference_digest` of each row with its contexts."""
-    ctx = cols.dicts()
-    return [reference_digest(r, [c for c in ctx if c["feature"] == r["feature"]]) for r in rows]
+def reference_pack(ctx):
+    """`packed.pack` context by context: each (feature, kind)'s contexts by rank, their values appended."""
+    groups: dict = {}
+    for i in range(len(ctx)):
+        groups.setdefault((int(ctx.feature[i]), int(ctx.kind[i])), []).append(i)
+    out = []
+    for (f, k), members in sorted(groups.items()):
+        members.sort(key=lambda i: int(ctx.rank[i]))
+        w = ctx.tokens.shape[1]
+        texts = [ctx.text[i].encode() for i in members]
+        out.append(
+            {
+                "feature": f, "kind": k, "n": len(members), "width": w,
+                "rank": b"".join(struct.pack("<i", int(ctx.rank[i])) for i in members),
+                "token_index": b"".join(struct.pack("<q", int(ctx.token_index[i])) for i in members),
+                "act": b"".join(struct.pack("<d", float(ctx.act[i]) + 0.0) for i in members),
+                "center_token": b"".join(struct.pack("<i", int(ctx.center_token[i])) for i in members),
+                "tokens": b"".join(struct.pack(f"<{w}i", *map(int, ctx.tokens[i])) for i in members),
+                "acts": b"".join(struct.pack(f"<{w}f", *map(float, ctx.acts[i])) for i in members),
+                "text_len": b"".join(struct.pack("<i", len(t)) for t in texts),
+                "text": b"".join(texts),
+            }
+        )  # fmt: skip
+    return out
+
+
+def reference_block_digest(feature_row, blocks):
+    """`packed.block_digest` by its definition, piece by piece."""
+    h = hashlib.sha256(S.feature_repr(feature_row).encode())
+    for b in sorted(blocks, key=lambda b: b["kind"]):
+        for v in (b["kind"], b["n"], b["width"], *(len(b[name]) for name in P.BLOCK_BLOBS)):
+            h.update(struct.pack("<q", v))
+        for name in P.BLOCK_BLOBS:
+            h.update(b[name])
+    return h.hexdigest()
 
 
 def dump(db) -> dict[str, list[tuple]]:
@@ -270,13 +294,14 @@ def test_database_equals_the_one_built_by_the_replaced_implementations(tmp_path,
     monkeypatch.setattr(StreamingFeatureStats, "_merge", reference_merge)
     monkeypatch.setattr(StreamingFeatureStats, "update", reference_update)
     monkeypatch.setattr(StreamingFeatureStats, "_windows", reference_windows)
-    monkeypatch.setattr(S, "_context_repr", lambda r: repr(tuple(c(r.get(n)) for n, c in S._CONTEXT_DIGEST)))
-    monkeypatch.setattr(S, "row_digests", reference_row_digests)
+    monkeypatch.setattr(P, "pack", reference_pack)
+    monkeypatch.setattr(P, "block_digest", reference_block_digest)
     monkeypatch.setattr(B, "feature_rows", reference_feature_rows)
     slow = build_feature_db(tmp_path / "slow.db", model, sae, tokens, cfg)
     assert fast.n_features == slow.n_features == 48
     a, b = dump(tmp_path / "fast.db"), dump(tmp_path / "slow.db")
-    assert a.keys() == b.keys() and len(a["contexts"]) > 48 * 5
+    assert a.keys() == b.keys() and len(a["context_blocks"]) == 2 * 48
+    assert sum(len(r[4]) for r in a["context_blocks"]) // 4 > 48 * 5  # ranks: contexts
     assert any(json.loads(r[8]) for r in a["features"])  # co-occurrence lists are not all empty
     for table in a:
         assert a[table] == b[table], table

@@ -6,6 +6,7 @@ import math
 import os
 import sqlite3
 
+import numpy as np
 import pytest
 import torch
 from sqlalchemy.exc import OperationalError
@@ -57,7 +58,7 @@ def test_building_twice_gives_the_same_database(feature_db, model, tokens):
     a["meta"] = [r for r in a["meta"] if r[0] != "fingerprint"]
     b["meta"] = [r for r in b["meta"] if r[0] != "fingerprint"]
     assert a == b
-    assert len(a["contexts"]) > 0
+    assert len(a["context_blocks"]) > 0
 
 
 @pytest.mark.parametrize("per_pass, stop_at", [(0, 3), (5, 9)])
@@ -239,7 +240,10 @@ def test_a_changed_value_or_byte_is_named_when_the_feature_is_read(tmp_path, mod
     assert len(text) >= 4
     store.close()
     con = sqlite3.connect(db)  # a silent change below the store: one activation nudged
-    con.execute("UPDATE contexts SET act = act + 1e-6 WHERE feature = 5 AND kind = 0 AND rank = 0")
+    (blob,) = con.execute("SELECT act FROM context_blocks WHERE feature = 5 AND kind = 0").fetchone()
+    acts = np.frombuffer(blob, "<f8").copy()
+    acts[0] += 1e-6
+    con.execute("UPDATE context_blocks SET act = ? WHERE feature = 5 AND kind = 0", (acts.tobytes(),))
     con.commit()
     con.close()
     store = FeatureReader(db)
@@ -280,7 +284,7 @@ def test_the_kind_and_version_come_from_the_run_contract_and_the_old_marker_stil
     db = tmp_path / "f.db"
     report = build_feature_db(db, model, _sae(), tokens, CFG)
     meta = FeatureReader(db).meta()
-    assert meta["kind"] == Kind.FEATURE_DB.value and meta["schema_version"] == VERSIONS[Kind.FEATURE_DB] == 3
+    assert meta["kind"] == Kind.FEATURE_DB.value and meta["schema_version"] == VERSIONS[Kind.FEATURE_DB] == 4
     report.save(tmp_path / "build.json")
     saved = read_json(tmp_path / "build.json", expect=Kind.FEATURE_BUILD)
     assert saved["version"] == 1 and saved["n_features"] == 12

@@ -351,7 +351,7 @@ def test_a_language_model_database_opens_unchanged(tmp_path):
     db = tmp_path / "lm.db"
     build_feature_db(db, lm, planted_sae(lm, 4), torch.randint(0, 40, (4, 16)))
     before = FeatureReader(db).dump()
-    assert "dt_rows" not in before and S.schema_version(FeatureReader(db).engine) == 3
+    assert "dt_rows" not in before and S.schema_version(FeatureReader(db).engine) == S.SCHEMA_VERSION
     client = TestClient(create_app([db]), base_url="http://127.0.0.1")
     page = client.get("/db/lm/feature/1")
     assert page.status_code == 200 and "dt-contexts" not in page.text and "Steer the model" in page.text
