@@ -40,6 +40,7 @@ from interplab.sae.evaluate import evaluate_sae
 if TYPE_CHECKING:
     from interplab.data import Tokenizer
     from interplab.model import Transformer
+    from interplab.tasks import Task
 
 #: the core metrics taken from `evaluate_sae`'s report
 CORE_METRICS = ("l0", "fvu", "ce_loss_recovered", "kl_div", "dead_fraction", "dense_fraction")
@@ -336,11 +337,15 @@ def site_activations(
 def labelled_metrics(
     acts: Tensor, x: Tensor, w_dec: Tensor, properties: Mapping[str, Tensor], cfg: BenchConfig
 ) -> dict[str, float]:
-    """Sparse probing and absorption over labelled properties ({property: [n] int class labels}): per k, the
-    mean probe accuracy and balanced accuracy over every class (one-vs-rest) with enough tokens; per property, the mean absorption
+    """Sparse probing and absorption over labelled properties ({property: [n] int class labels, negative
+    where the property is not defined: those tokens are left out of it}): per k, the mean probe accuracy and
+    balanced accuracy over every class (one-vs-rest) with enough tokens; per property, the mean absorption
     and false-negative rates of its classes."""
     out: dict[str, float] = {}
-    for prop, labels in properties.items():
+    for prop, all_labels in properties.items():
+        defined = all_labels >= 0  # a negative label: the property is not defined at that token
+        labels = all_labels[defined]
+        acts_p, x_p = (acts, x) if bool(defined.all()) else (acts[defined], x[defined])
         accs: dict[int, list[float]] = {k: [] for k in cfg.ks}
         bals: dict[int, list[float]] = {k: [] for k in cfg.ks}
         absorb, fneg = [], []
@@ -348,12 +353,14 @@ def labelled_metrics(
             y = labels == cls
             if min(int(y.sum()), int((~y).sum())) < cfg.min_positives:
                 continue
-            ks = tuple(k for k in cfg.ks if k <= acts.shape[1])
-            for r in k_sparse_probe(acts, y, ks=ks):
+            ks = tuple(k for k in cfg.ks if k <= acts_p.shape[1])
+            for r in k_sparse_probe(acts_p, y, ks=ks):
                 accs[r.k].append(r.accuracy)
                 bals[r.k].append(r.balanced_accuracy)
-            main = rank_latents(acts, y)[: cfg.absorption_k].tolist()
-            a = absorption(x, acts, w_dec, y, main, cos_threshold=cfg.cos_threshold, fraction=cfg.fraction)
+            main = rank_latents(acts_p, y)[: cfg.absorption_k].tolist()
+            a = absorption(
+                x_p, acts_p, w_dec, y, main, cos_threshold=cfg.cos_threshold, fraction=cfg.fraction
+            )
             absorb.append(a.absorption_rate)
             fneg.append(a.false_negative_rate)
         for k, v in accs.items():
@@ -392,6 +399,20 @@ def tokenizer_labellers(tokenizer: Tokenizer) -> dict[str, Labeller]:
         "first_letter": lambda t: first_letter_labels(tokenizer, t),
         "python_token": lambda t: python_token_labels(tokenizer, t),
     }
+
+
+def task_labellers(task: Task) -> dict[str, Labeller]:
+    """The ground-truth variables of an algorithmic task (`Task.variables`: e.g. induction's ``repeat`` and
+    ``seen_before``, sorting's ``segment`` and ``duplicate``, modular addition's ``answer``, ``a``, ``b`` at
+    the ``=`` position) as labellers of its examples; -1 where a variable is not defined."""
+    names = task.variable_names()
+    if not names:
+        raise ValueError(f"task {task.name!r} defines no variables to probe")
+
+    def labeller(name: str) -> Labeller:
+        return lambda tokens: task.variables(_as_batch(tokens))[name]
+
+    return {name: labeller(name) for name in names}
 
 
 # --------------------------------------------------------------------------- reseed noise and the table
