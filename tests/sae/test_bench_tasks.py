@@ -84,6 +84,8 @@ def test_a_latent_equal_to_a_task_variable_is_found_and_shuffled_labels_read_cha
     control = labelled_metrics(acts, x, torch.randn(8, 4), shuffled, cfg)
     assert_close(control["probe_balanced_seen_before_k1"], 0.5, atol=0.04, rtol=0)
     assert_close(control["probe_balanced_seen_before_k2"], 0.5, atol=0.04, rtol=0)
+    # the reference probe reads the SAE input x, which here is noise: chance
+    assert_close(got["probe_balanced_seen_before_input"], 0.5, atol=0.06, rtol=0)
     # `repeat` is not what latent 5 carries: the two overlap only through the second copy
     assert got["probe_balanced_repeat_k1"] < 0.95
 
@@ -126,11 +128,9 @@ def test_undefined_positions_are_left_out():
     acts = torch.rand(len(labels), 6, generator=torch.Generator().manual_seed(0))
     eq = labels >= 0
     acts[eq, 4] = 1.0 + labels[eq].float()  # latent 4 codes the answer at '=' and is noise elsewhere
-    got = labelled_metrics(acts, torch.randn(len(labels), 2), torch.randn(6, 2), {"answer": labels},
-                           BenchConfig(ks=(1,)))  # fmt: skip
-    # a single latent separates class 0 and class 2 (the ends) exactly and class 1 not linearly
-    alone = labelled_metrics(acts[eq], torch.randn(int(eq.sum()), 2), torch.randn(6, 2),
-                             {"answer": labels[eq]}, BenchConfig(ks=(1,)))  # fmt: skip
+    x, w_dec = torch.randn(len(labels), 2), torch.randn(6, 2)
+    got = labelled_metrics(acts, x, w_dec, {"answer": labels}, BenchConfig(ks=(1,)))
+    alone = labelled_metrics(acts[eq], x[eq], w_dec, {"answer": labels[eq]}, BenchConfig(ks=(1,)))
     assert got == alone
 
 
@@ -170,6 +170,7 @@ def test_bench_sae_on_task_batches_finds_the_planted_latent(tmp_path):
     got = bench_sae(model, sae, data.batches, token_filter=data.token_filter,
                     labellers=task_labellers(get_task("induction")), cfg=BenchConfig(ks=(1,)))  # fmt: skip
     assert got["probe_repeat_k1"] == 1.0 and got["probe_balanced_repeat_k1"] == 1.0
+    assert got["probe_balanced_repeat_input"] == 1.0  # the SAE input's dimension 0 is the variable too
     assert 0.0 <= got["absorption_repeat"] <= got["false_negative_repeat"] <= 1.0
 
 
