@@ -46,44 +46,23 @@ import torch
 
 warnings.filterwarnings("ignore")
 
+import _saebench_core_peer as core_peer  # noqa: E402  (beside this file: the model and SAE loaders)
 import transformer_lens as tl  # noqa: E402
 from sae_bench.evals.absorption import main as absorption_main  # noqa: E402
 from sae_bench.evals.absorption.common import load_probe  # noqa: E402
 from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment  # noqa: E402
 from sae_bench.evals.absorption.k_sparse_probing import run_k_sparse_probing_experiment  # noqa: E402
 from sae_bench.evals.absorption.vocab import LETTERS  # noqa: E402
-from sae_bench.sae_bench_utils import general_utils  # noqa: E402
-from sae_lens import SAE  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 TEMPLATE = "{word} has the first letter:"
-_BUFFERS = ("mask", "IGNORE")
 
 
 def load_model(folder: Path, tokenizer_file: str, bos: str, pad: str, work: Path) -> tl.HookedTransformer:
-    cfg = json.loads((folder / "transformerlens_config.json").read_text())
     tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, bos_token=bos, eos_token=bos, pad_token=pad)
     # TransformerLens re-opens the tokenizer by its name_or_path (AutoTokenizer, to add BOS): a saved folder
     tok.save_pretrained(work / "hf_tokenizer")
-    tok = PreTrainedTokenizerFast.from_pretrained(work / "hf_tokenizer")
-    model = tl.HookedTransformer(tl.HookedTransformerConfig(**cfg), tokenizer=tok)
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.rsplit(".", 1)[-1] not in _BUFFERS]
-    if missing or unexpected:
-        raise ValueError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.eval()
-
-
-def load_sae(folder: str) -> SAE:
-    sae = SAE.load_from_disk(folder, device="cpu").eval()
-    meta = sae.cfg.metadata
-    if getattr(meta, "model_name", None) is None:
-        meta.model_name = "interplab"
-    if getattr(meta, "prepend_bos", None) is None:
-        meta.prepend_bos = True
-    _, sae, _ = general_utils.load_and_format_sae("interplab", sae, "cpu")
-    return sae
+    return core_peer.load_model(folder, PreTrainedTokenizerFast.from_pretrained(work / "hf_tokenizer"))
 
 
 def single_token_answers(model: tl.HookedTransformer) -> None:
@@ -114,7 +93,7 @@ def run(spec: dict) -> dict:
     shutil.rmtree(work, ignore_errors=True)  # SAEBench reuses any probe it finds there: start clean
     work.mkdir(parents=True)
     model = load_model(Path(spec["model"]), spec["tokenizer"], spec["bos"], spec["pad"], work)
-    sae = load_sae(spec["sae"])
+    sae = core_peer.load_sae(spec["sae"])
     layer = int(spec["layer"])
     if spec.get("single_token_answers"):
         single_token_answers(model)

@@ -76,6 +76,30 @@ def run_saebench(python: str, specs: Sequence[Path], env: dict[str, str], timeou
     return [json.loads(Path(json.loads(Path(s).read_text())["out"]).read_text()) for s in specs]
 
 
+def train_model_and_saes(
+    run: Path, saes_run: Path, *, model_steps: int, sae_steps: int, ks: str, hook: str, env: dict[str, str]
+) -> None:
+    """The SAEBench comparisons' model and SAEs, trained unless present: the demo's preset with MLPs
+    (``induction-2l-mlp``) made TransformerLens-compatible (learned positions, no smeared keys) into ``run``,
+    and TopK SAEs of expansion 4 (k in ``ks``, e.g. "16,32") at ``hook`` into ``saes_run``; one thread each."""
+    import sys
+
+    if not (run / "final").exists():
+        subprocess.run(
+            [sys.executable, "-m", "interplab", "train", "--preset", "induction-2l-mlp", "--out", str(run),
+             "--set", "model.positional=learned", "--set", "model.smear_keys=false", "--steps",
+             str(model_steps), "--threads", "1"],
+            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    if not (saes_run / "saes").exists():
+        subprocess.run(
+            [sys.executable, "-m", "interplab", "sae", "train", "--model", str(run / "final"), "--hook", hook,
+             "--out", str(saes_run), "--arch", "topk", "--expansion", "4", "--sweep", f"k={ks}",
+             "--steps", str(sae_steps), "--batch", "1024", "--threads", "1"],
+            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- feature absorption
 
 ABSORPTION_RUNNER = ROOT / "benchmarks" / "_saebench_absorption_peer.py"
