@@ -52,7 +52,7 @@ from interplab.runs import (
     write_json,
 )
 from interplab.sae import load_sae
-from interplab.sae.activations import TASK_PREFIX, corpus_token_batches
+from interplab.sae.activations import SAE_TASKS, TASK_PREFIX, corpus_token_batches
 from interplab.sae.bench import BenchConfig, bench_saes, task_labellers, tokenizer_labellers
 from interplab.sae.config import Architecture
 from interplab.sae.crosscoder import CrosscoderTrainConfig
@@ -555,6 +555,9 @@ def _bench_labellers(corpus: str, model: Transformer) -> tuple[dict, str]:
     name = corpus[len(TASK_PREFIX) :]
     if name not in list_tasks():
         fail(f"--corpus {corpus}: unknown task {name!r}; valid tasks: {', '.join(list_tasks())}")
+    if name not in SAE_TASKS:
+        fail(f"--corpus {corpus}: task {name!r} pads its examples (its model needs an attention mask, which SAE "
+             f"activations are read without); tasks an SAE can read: {', '.join(SAE_TASKS)}")  # fmt: skip
     try:
         return task_labellers(get_task(name)), f"task {name}"
     except ValueError as err:

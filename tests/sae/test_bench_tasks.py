@@ -199,3 +199,9 @@ def test_cli_bench_on_a_task(tmp_path):
     assert bad.exit_code != 0 and "colour" in bad.output and "repeat, seen_before" in bad.output
     bad = runner.invoke(app, [*base, "--out", str(tmp_path / "b3"), "--corpus", "task:nope"])
     assert bad.exit_code != 0 and "unknown task 'nope'" in bad.output and "modadd" in bad.output
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "b4"), "--corpus", "task:parens"])
+    assert (
+        bad.exit_code != 0
+        and "pads its examples" in bad.output
+        and "induction, modadd, sorting" in bad.output
+    )
