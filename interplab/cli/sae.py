@@ -77,6 +77,10 @@ app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+CORPUS_HELP = (
+    f"python-stdlib, a file/folder/dataset path, or {TASK_PREFIX}NAME: examples of an interplab.tasks task "
+    f"({', '.join(SAE_TASKS)}), for a model trained on it"
+)
 
 
 def _architecture(value: str) -> str:
@@ -106,7 +110,7 @@ def cache(
     out: Path = typer.Option(
         ..., "--out", "-o", help="cache folder (resumes an unfinished one)", callback=out_folder
     ),
-    corpus: str = corpus_option("python-stdlib or a file/folder/dataset path"),
+    corpus: str = corpus_option(CORPUS_HELP),
     split: str = split_option("train"),
     seq_len: int = seq_len_option(),
     batch: int = typer.Option(16, "--batch", help="sequences per forward pass", callback=positive_int),
@@ -261,7 +265,7 @@ def train(
         DEFAULTS.batch_size, "--batch", help="activation rows per step", callback=positive_int
     ),
     lr: float = typer.Option(DEFAULTS.lr, "--lr", callback=positive_float),
-    corpus: str = corpus_option(),
+    corpus: str = corpus_option(CORPUS_HELP),
     seq_len: int = seq_len_option(),
     autocast: bool = typer.Option(
         DEFAULTS.autocast, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"
@@ -406,7 +410,7 @@ def evaluate(
     out: Path = typer.Option(
         None, "--out", "-o", help="report folder (default: SAE_PATH/eval)", callback=out_folder
     ),
-    corpus: str = corpus_option(),
+    corpus: str = corpus_option(CORPUS_HELP),
     split: str = split_option("validation"),
     seq_len: int = seq_len_option(),
     batches: int = batches_option(),
@@ -453,7 +457,7 @@ def bench(
     ),
     model_path: Path = typer.Option(..., "--model", help="the model the SAEs read"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder", callback=out_folder),
-    corpus: str = corpus_option(),
+    corpus: str = corpus_option(CORPUS_HELP),
     split: str = split_option("validation"),
     seq_len: int = seq_len_option(),
     batches: int = batches_option(),
