@@ -45,9 +45,10 @@ from safetensors.torch import load_file  # noqa: E402
 _BUFFERS = ("mask", "IGNORE")
 
 
-def load_model(folder: Path) -> tl.HookedTransformer:
+def load_model(folder: Path, tokenizer=None) -> tl.HookedTransformer:
+    """The TransformerLens export in ``folder`` (with ``tokenizer``, a Hugging Face tokenizer, when given)."""
     cfg = json.loads((folder / "transformerlens_config.json").read_text())
-    model = tl.HookedTransformer(tl.HookedTransformerConfig(**cfg))
+    model = tl.HookedTransformer(tl.HookedTransformerConfig(**cfg), tokenizer=tokenizer)
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.rsplit(".", 1)[-1] not in _BUFFERS]

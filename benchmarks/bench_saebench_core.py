@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,21 +54,12 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     work = Path(args.work)
     run = work / "model"
-    if not (run / "final").exists():
-        subprocess.run(
-            [sys.executable, "-m", "interplab", "train", "--preset", "induction-2l-mlp", "--out", str(run),
-             "--set", "model.positional=learned", "--set", "model.smear_keys=false", "--steps",
-             str(args.model_steps), "--threads", "1"],
-            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+    from tests.saebench_peer import train_model_and_saes
+
     saes_run = work / "saes"
-    if not (saes_run / "saes").exists():
-        subprocess.run(
-            [sys.executable, "-m", "interplab", "sae", "train", "--model", str(run / "final"), "--hook", HOOK,
-             "--out", str(saes_run), "--arch", "topk", "--expansion", "4", "--sweep", f"k={args.ks}",
-             "--steps", str(args.sae_steps), "--batch", "1024", "--threads", "1"],
-            check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+    train_model_and_saes(
+        run, saes_run, model_steps=args.model_steps, sae_steps=args.sae_steps, ks=args.ks, hook=HOOK, env=env
+    )
 
     from interplab import load_model
     from interplab.sae import load_sae

@@ -52,8 +52,8 @@ from interplab.runs import (
     write_json,
 )
 from interplab.sae import load_sae
-from interplab.sae.activations import corpus_token_batches
-from interplab.sae.bench import BenchConfig, bench_saes, tokenizer_labellers
+from interplab.sae.activations import SAE_TASKS, TASK_PREFIX, corpus_token_batches
+from interplab.sae.bench import BenchConfig, bench_saes, task_labellers, tokenizer_labellers
 from interplab.sae.config import Architecture
 from interplab.sae.crosscoder import CrosscoderTrainConfig
 from interplab.sae.diffing import default_diff_folder, diff_checkpoints
@@ -70,12 +70,17 @@ from interplab.sae.sweep import (
     train_sweep,
 )
 from interplab.sae.train import SAETrainProgress
+from interplab.tasks import get_task, list_tasks
 from interplab.train.distributed import DistInfo, RankFailure, init_distributed, shutdown, world_size
 
 app = typer.Typer(help="Sparse autoencoders: cache activations, train, evaluate.", no_args_is_help=True)
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+CORPUS_HELP = (
+    f"python-stdlib, a file/folder/dataset path, or {TASK_PREFIX}NAME: examples of an interplab.tasks task "
+    f"({', '.join(SAE_TASKS)}), for a model trained on it"
+)
 
 
 def _architecture(value: str) -> str:
@@ -105,7 +110,7 @@ def cache(
     out: Path = typer.Option(
         ..., "--out", "-o", help="cache folder (resumes an unfinished one)", callback=out_folder
     ),
-    corpus: str = corpus_option("python-stdlib or a file/folder/dataset path"),
+    corpus: str = corpus_option(CORPUS_HELP),
     split: str = split_option("train"),
     seq_len: int = seq_len_option(),
     batch: int = typer.Option(16, "--batch", help="sequences per forward pass", callback=positive_int),
@@ -260,7 +265,7 @@ def train(
         DEFAULTS.batch_size, "--batch", help="activation rows per step", callback=positive_int
     ),
     lr: float = typer.Option(DEFAULTS.lr, "--lr", callback=positive_float),
-    corpus: str = corpus_option(),
+    corpus: str = corpus_option(CORPUS_HELP),
     seq_len: int = seq_len_option(),
     autocast: bool = typer.Option(
         DEFAULTS.autocast, "--bf16/--fp32", help="bfloat16 matmuls with float32 master weights"
@@ -405,7 +410,7 @@ def evaluate(
     out: Path = typer.Option(
         None, "--out", "-o", help="report folder (default: SAE_PATH/eval)", callback=out_folder
     ),
-    corpus: str = corpus_option(),
+    corpus: str = corpus_option(CORPUS_HELP),
     split: str = split_option("validation"),
     seq_len: int = seq_len_option(),
     batches: int = batches_option(),
@@ -452,15 +457,17 @@ def bench(
     ),
     model_path: Path = typer.Option(..., "--model", help="the model the SAEs read"),
     out: Path = typer.Option(..., "--out", "-o", help="report folder", callback=out_folder),
-    corpus: str = corpus_option(),
+    corpus: str = corpus_option(CORPUS_HELP),
     split: str = split_option("validation"),
     seq_len: int = seq_len_option(),
     batches: int = batches_option(),
     ks: str = typer.Option("1,2,5,10", "--ks", help="sizes of the k-sparse probes"),
     properties: str = typer.Option(
-        "first_letter,python_token",
+        None,
         "--properties",
-        help="labelled token properties for probing and absorption (first_letter, python_token), or none",
+        help="labelled token properties for probing and absorption, or none: first_letter, python_token on a "
+        "corpus (both by default); a task's own variables on --corpus task:NAME (all by default; e.g. "
+        "induction: repeat, seen_before)",
     ),
     autointerp: int = typer.Option(
         32,
@@ -496,11 +503,20 @@ def bench(
             saes[label] = (name, load_sae(folder))
     model = load_model_arg(model_path, dtype=dtype)
     seq_len = check_seq_len(seq_len, model)
-    available = tokenizer_labellers(model.tokenizer) if model.tokenizer is not None else {}
-    wanted = [] if properties == "none" else [p.strip() for p in properties.split(",") if p.strip()]
+    available, what = _bench_labellers(corpus, model)
+    if properties is None:
+        wanted = (
+            list(available)
+            if corpus.startswith(TASK_PREFIX)
+            else [p for p in TOKEN_PROPERTIES if p in available]
+        )
+    else:
+        wanted = [] if properties == "none" else [p.strip() for p in properties.split(",") if p.strip()]
     unknown = sorted(set(wanted) - set(available))
     if unknown:
-        fail(f"--properties: unknown {unknown}; valid: {', '.join(available) or 'none (no tokenizer)'}, none")
+        fail(
+            f"--properties: unknown {unknown} for {what}; valid: {', '.join(available) or 'none (no tokenizer)'}, none"
+        )
     extra = {}
     try:
         data = corpus_token_batches(
@@ -527,6 +543,29 @@ def bench(
     result.save(out)
     console.print(result.markdown())
     console.print(f"report: {out / REPORT} ; table: {out / 'bench.md'}")
+
+
+TOKEN_PROPERTIES = ("first_letter", "python_token")
+"""`sae bench`'s default properties on a corpus"""
+
+
+def _bench_labellers(corpus: str, model: Transformer) -> tuple[dict, str]:
+    """The labelled properties `sae bench` can probe on ``corpus`` ({name: labeller}) and what they belong to
+    (for the error message): a task's variables for ``task:NAME``, else the tokenizer's properties."""
+    if not corpus.startswith(TASK_PREFIX):
+        return (
+            tokenizer_labellers(model.tokenizer) if model.tokenizer is not None else {}
+        ), f"corpus {corpus}"
+    name = corpus[len(TASK_PREFIX) :]
+    if name not in list_tasks():
+        fail(f"--corpus {corpus}: unknown task {name!r}; valid tasks: {', '.join(list_tasks())}")
+    if name not in SAE_TASKS:
+        fail(f"--corpus {corpus}: task {name!r} pads its examples (its model needs an attention mask, which SAE "
+             f"activations are read without); tasks an SAE can read: {', '.join(SAE_TASKS)}")  # fmt: skip
+    try:
+        return task_labellers(get_task(name)), f"task {name}"
+    except ValueError as err:
+        fail(f"--corpus {corpus}: {err}")
 
 
 def _autointerp_metric(model: Transformer, batches: list, workdir: Path, n_features: int):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from interplab.data import build_token_store, open_corpus
 from interplab.hooks import Site
+from interplab.tasks import Task, get_task, list_tasks
 
 if TYPE_CHECKING:
     from interplab.model import Transformer
@@ -219,6 +220,49 @@ class CorpusBatches:
     """corpus, its content fingerprint, split, seq_len, batch_size, seed, n_batches"""
 
 
+TASK_PREFIX = "task:"
+"""a corpus spelled ``task:NAME`` is examples of the `interplab.tasks` task NAME (as in a training config)"""
+#: the tasks whose examples an SAE can read (unpadded, so no attention mask is needed)
+SAE_TASKS = ("induction", "modadd", "sorting")
+#: task examples per split unless told otherwise: about 2^20 tokens
+TASK_TOKENS = 2**20
+
+
+def task_token_batches(
+    model: Transformer,
+    task: Task,
+    *,
+    split: str = "train",
+    batch_size: int = 16,
+    n_batches: int | None = None,
+    seed: int = 0,
+) -> CorpusBatches:
+    """Token batches [batch_size, task.seq_len] of examples of ``task`` (its default parameters unless given
+    built), drawn with seeds that differ between splits and from the ones `interplab train` draws, and the
+    filter that drops position 0 (the bos / first token). ``n_batches`` None: about `TASK_TOKENS` tokens. The
+    model must read the task's inputs: same vocabulary, a context window that holds one example."""
+    split = str(getattr(split, "value", split))
+    if task.name not in SAE_TASKS:
+        raise ValueError(
+            f"task {task.name!r} pads its examples (they need an attention mask, which SAE activations are "
+            f"read without); tasks an SAE can read: {', '.join(SAE_TASKS)}"
+        )
+    if split not in ("train", "validation"):
+        raise ValueError(f"split {split!r} must be train or validation")
+    if model.cfg.d_vocab != task.d_vocab or model.cfg.n_ctx < task.seq_len:
+        raise ValueError(
+            f"the model (d_vocab {model.cfg.d_vocab}, n_ctx {model.cfg.n_ctx}) does not read task {task.name!r} "
+            f"(d_vocab {task.d_vocab}, {task.seq_len} tokens per example): give a model trained on "
+            f"task:{task.name} with its default parameters"
+        )
+    total = max(1, TASK_TOKENS // (batch_size * task.seq_len)) if n_batches is None else n_batches
+    base = (2 if split == "validation" else 1) * 1_000_000_007 + seed * 100_003
+    batches = [task.generate(batch_size, seed=(base + i) % 2**62).tokens for i in range(total)]
+    source = {"corpus": f"{TASK_PREFIX}{task.name}", "task": task.to_dict(), "split": split,
+              "seq_len": task.seq_len, "batch_size": batch_size, "seed": seed, "n_batches": total}  # fmt: skip
+    return CorpusBatches(batches, TokenFilter(exclude_bos=True), source)
+
+
 def corpus_token_batches(
     model: Transformer,
     corpus: str = "python-stdlib",
@@ -231,11 +275,20 @@ def corpus_token_batches(
 ) -> CorpusBatches:
     """Token batches [batch_size, seq_len] of a corpus tokenised with the model's own tokenizer (through the
     token stores of `interplab.data`, cached by content), in a seeded order, and the filter that drops BOS and
-    padding for that tokenizer. Deterministic, so an interrupted `cache_activations` can resume."""
+    padding for that tokenizer. Deterministic, so an interrupted `cache_activations` can resume. A corpus
+    ``task:NAME`` is examples of that task (`task_token_batches`; ``seq_len`` is the task's own)."""
+    if str(corpus).startswith(TASK_PREFIX):
+        name = str(corpus)[len(TASK_PREFIX) :]
+        if name not in list_tasks():
+            raise ValueError(f"unknown task {name!r} in {corpus!r}; valid tasks: {', '.join(list_tasks())}")
+        return task_token_batches(
+            model, get_task(name), split=split, batch_size=batch_size, n_batches=n_batches, seed=seed
+        )
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(
-            "the model has no tokenizer (tokenizer.json beside its weights): pass token batches directly"
+            "the model has no tokenizer (tokenizer.json beside its weights): pass token batches directly, or "
+            f"give a task as the corpus ({', '.join(TASK_PREFIX + t for t in SAE_TASKS)})"
         )
     if not 0 < seq_len <= model.cfg.n_ctx:  # never shortened silently
         raise ValueError(

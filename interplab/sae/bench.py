@@ -8,12 +8,14 @@ k-sparse probing (SAEBench's method, re-derived): on a train split, rank latents
 their mean activation on positive and negative tokens, keep the top k, fit a logistic regression on those k
 latents, and report its accuracy on a held-out split.
 
-Absorption (SAEBench's first-letter absorption, re-derived for any token class): the class's *main latents*
-are the ``absorption_k`` latents with the largest mean activation on the class minus that off it; its
-*direction* is the difference of the class means of the SAE's input. A positive token is a false negative when no main latent fires on it; it is *absorbed* when some other active
-latent ``j`` both points along the direction (cosine of ``W_dec[j]`` with it >= ``cos_threshold``) and carries
-at least ``fraction`` of the token's projection on it (``a_j * W_dec[j] . u >= fraction * x . u``, u the unit
-direction). The absorption rate is absorbed / positives; the false-negative rate is reported beside it.
+Absorption (SAEBench's first-letter full absorption, re-derived for any token class): the class's *main
+latents* are the ``absorption_k`` latents with the largest mean activation on the class minus that off it; its
+*direction* u is the difference of the class means of the SAE's input (SAEBench: a trained probe's weights).
+A positive token is a false negative when no main latent fires on it; it is *absorbed* when, besides, its input
+projects positively on u and the other latent with the largest projection on u (``a_j * W_dec[j] . u``) both
+points along it (cosine of ``W_dec[j]`` with u >= ``cos_threshold``) and carries at least ``fraction`` of the
+token's projection (``a_j * W_dec[j] . u >= fraction * x . u``). The absorption rate is absorbed / positives;
+the false-negative rate is reported beside it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from interplab.sae.evaluate import evaluate_sae
 if TYPE_CHECKING:
     from interplab.data import Tokenizer
     from interplab.model import Transformer
+    from interplab.tasks import Task
 
 #: the core metrics taken from `evaluate_sae`'s report
 CORE_METRICS = ("l0", "fvu", "ce_loss_recovered", "kl_div", "dead_fraction", "dense_fraction")
@@ -198,12 +201,7 @@ def k_sparse_probe(
     seeded train split (`rank_latents`, by absolute mean difference as SAEBench does unless ``absolute`` is
     False), a logistic regression on the top k, accuracy on the rest; balanced accuracy of the same regression
     fit with class-balanced weights (see `ProbeResult`)."""
-    n = acts.shape[0]
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, int(n * test_fraction))
-    test, train = perm[:n_test], perm[n_test:]
+    train, test = _split(acts.shape[0], test_fraction, seed)
     order = rank_latents(acts[train], labels[train], absolute=absolute)
     out = []
     for k in ks:
@@ -219,6 +217,24 @@ def k_sparse_probe(
             ProbeResult(k=k, latents=tuple(int(i) for i in latents), accuracy=acc, balanced_accuracy=bal)
         )
     return out
+
+
+def input_probe(x: Tensor, labels: Tensor, *, test_fraction: float = 0.3, seed: int = 0) -> float:
+    """The reference beside the k-sparse probes (SAEBench's probe on the model's own activations): held-out
+    balanced accuracy of a class-balanced logistic regression on every dimension of the SAE's input ``x``
+    [n, d_in], on `k_sparse_probe`'s split: how much of the property there is for the latents to find."""
+    train, test = _split(x.shape[0], test_fraction, seed)
+    w, b = fit_logistic(x[train], labels[train].float(), balanced=True)
+    return balanced_accuracy((x[test].double() @ w + b) > 0, labels[test])
+
+
+def _split(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, test) indices of a seeded shuffle of ``n`` rows, ``test_fraction`` of them held out."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(n * test_fraction))
+    return perm[n_test:], perm[:n_test]
 
 
 # --------------------------------------------------------------------------- absorption
@@ -251,30 +267,61 @@ def absorption(
     *,
     cos_threshold: float = 0.025,
     fraction: float = 0.4,
+    direction: Tensor | None = None,
 ) -> AbsorptionResult:
     """Absorption of the class ``labels`` (bool [n]) given the SAE input ``x`` [n, d_in], its activations
-    ``acts`` [n, d_sae], decoder ``w_dec`` [d_sae, d_in] and the class's ``main_latents``."""
+    ``acts`` [n, d_sae], decoder ``w_dec`` [d_sae, d_in] and the class's ``main_latents``; the class
+    ``direction`` [d_in] is the difference of the class means of ``x`` unless given (SAEBench gives a trained
+    probe's weights; then ``labels`` may be all positive)."""
     labels = labels.bool()
-    if labels.all() or not labels.any():
-        raise ValueError("the labels need both classes (some positives and some negatives)")
-    x, acts, w_dec = x.double(), acts.double(), w_dec.double()
-    u = x[labels].mean(0) - x[~labels].mean(0)
-    u = u / u.norm().clamp_min(1e-12)
-    cos = (w_dec @ u) / w_dec.norm(dim=1).clamp_min(1e-12)
-    proj = w_dec @ u  # [d_sae] each latent's unit contribution along u
-    main = torch.zeros(acts.shape[1], dtype=torch.bool)
-    main[list(main_latents)] = True
-    pos_acts, pos_x = acts[labels], x[labels]
-    fn = ~(pos_acts[:, main] > 0).any(1)
-    candidate = (pos_acts > 0) & ~main & (cos >= cos_threshold)
-    carried = candidate & (pos_acts * proj >= fraction * (pos_x @ u)[:, None])
-    absorbed = fn & carried.any(1)
+    if direction is None:
+        if labels.all() or not labels.any():
+            raise ValueError("the labels need both classes (some positives and some negatives)")
+        direction = x[labels].double().mean(0) - x[~labels].double().mean(0)
+    fn, absorbed = absorption_flags(
+        x[labels],
+        acts[labels],
+        w_dec,
+        direction,
+        main_latents,
+        cos_threshold=cos_threshold,
+        fraction=fraction,
+    )
     return AbsorptionResult(
         main_latents=tuple(int(i) for i in main_latents),
         positives=int(labels.sum()),
         false_negatives=int(fn.sum()),
         absorbed=int(absorbed.sum()),
     )
+
+
+def absorption_flags(
+    x: Tensor,
+    acts: Tensor,
+    w_dec: Tensor,
+    direction: Tensor,
+    main_latents: Sequence[int],
+    *,
+    cos_threshold: float = 0.025,
+    fraction: float = 0.4,
+) -> tuple[Tensor, Tensor]:
+    """Per positive token (rows of ``x`` [n, d_in] and ``acts`` [n, d_sae]): (false negative, absorbed), bool
+    [n] each. A false negative: no main latent fires. Absorbed (SAEBench's full absorption): a false negative
+    whose input projects positively on the unit ``direction`` u, and whose top non-main latent by projection
+    (``a_j * W_dec[j] . u``, the largest) has cosine >= ``cos_threshold`` with u and carries >= ``fraction``
+    of ``x . u``. (SAEBench writes the projection ``a_j * cos_j``: the same for unit-norm decoder rows.)"""
+    x, acts, w_dec = x.double(), acts.double(), w_dec.double()
+    u = direction.double() / direction.double().norm().clamp_min(1e-12)
+    proj = w_dec @ u  # [d_sae] each latent's unit contribution along u
+    cos = proj / w_dec.norm(dim=1).clamp_min(1e-12)
+    main = torch.zeros(acts.shape[1], dtype=torch.bool)
+    main[list(main_latents)] = True
+    fn = ~(acts[:, main] > 0).any(1)
+    contrib = torch.where(main, 0.0, acts * proj)  # [n, d_sae]; silent latents contribute 0
+    top_value, top = contrib.max(1)
+    xu = x @ u
+    absorbed = fn & (xu > 0) & (cos[top] >= cos_threshold) & (top_value >= fraction * xu)
+    return fn, absorbed
 
 
 # --------------------------------------------------------------------------- the suite
@@ -296,6 +343,8 @@ class BenchConfig:
     """share of the token's projection an absorbing latent must carry"""
     max_tokens: int = 20_000
     """probing/absorption use at most this many kept tokens (the first ones)"""
+    input_probe: bool = True
+    """also the class-balanced probe on the SAE's whole input (`input_probe`), the reference for the latents"""
 
     def __post_init__(self) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):
@@ -336,30 +385,41 @@ def site_activations(
 def labelled_metrics(
     acts: Tensor, x: Tensor, w_dec: Tensor, properties: Mapping[str, Tensor], cfg: BenchConfig
 ) -> dict[str, float]:
-    """Sparse probing and absorption over labelled properties ({property: [n] int class labels}): per k, the
-    mean probe accuracy and balanced accuracy over every class (one-vs-rest) with enough tokens; per property, the mean absorption
-    and false-negative rates of its classes."""
+    """Sparse probing and absorption over labelled properties ({property: [n] int class labels, negative
+    where the property is not defined: those tokens are left out of it}): per k, the mean probe accuracy and
+    balanced accuracy over every class (one-vs-rest) with enough tokens, and the reference probe on the whole
+    SAE input (``probe_balanced_{property}_input``, `input_probe`); per property, the mean absorption and
+    false-negative rates of its classes."""
     out: dict[str, float] = {}
-    for prop, labels in properties.items():
+    for prop, all_labels in properties.items():
+        defined = all_labels >= 0  # a negative label: the property is not defined at that token
+        labels = all_labels[defined]
+        acts_p, x_p = (acts, x) if bool(defined.all()) else (acts[defined], x[defined])
         accs: dict[int, list[float]] = {k: [] for k in cfg.ks}
         bals: dict[int, list[float]] = {k: [] for k in cfg.ks}
-        absorb, fneg = [], []
+        absorb, fneg, dense = [], [], []
         for cls in sorted(set(labels.tolist())):
             y = labels == cls
             if min(int(y.sum()), int((~y).sum())) < cfg.min_positives:
                 continue
-            ks = tuple(k for k in cfg.ks if k <= acts.shape[1])
-            for r in k_sparse_probe(acts, y, ks=ks):
+            if cfg.input_probe:
+                dense.append(input_probe(x_p, y))
+            ks = tuple(k for k in cfg.ks if k <= acts_p.shape[1])
+            for r in k_sparse_probe(acts_p, y, ks=ks):
                 accs[r.k].append(r.accuracy)
                 bals[r.k].append(r.balanced_accuracy)
-            main = rank_latents(acts, y)[: cfg.absorption_k].tolist()
-            a = absorption(x, acts, w_dec, y, main, cos_threshold=cfg.cos_threshold, fraction=cfg.fraction)
+            main = rank_latents(acts_p, y)[: cfg.absorption_k].tolist()
+            a = absorption(
+                x_p, acts_p, w_dec, y, main, cos_threshold=cfg.cos_threshold, fraction=cfg.fraction
+            )
             absorb.append(a.absorption_rate)
             fneg.append(a.false_negative_rate)
         for k, v in accs.items():
             if v:
                 out[f"probe_{prop}_k{k}"] = statistics.fmean(v)
                 out[f"probe_balanced_{prop}_k{k}"] = statistics.fmean(bals[k])
+        if dense:
+            out[f"probe_balanced_{prop}_input"] = statistics.fmean(dense)
         if absorb:
             out[f"absorption_{prop}"] = statistics.fmean(absorb)
             out[f"false_negative_{prop}"] = statistics.fmean(fneg)
@@ -392,6 +452,20 @@ def tokenizer_labellers(tokenizer: Tokenizer) -> dict[str, Labeller]:
         "first_letter": lambda t: first_letter_labels(tokenizer, t),
         "python_token": lambda t: python_token_labels(tokenizer, t),
     }
+
+
+def task_labellers(task: Task) -> dict[str, Labeller]:
+    """The ground-truth variables of an algorithmic task (`Task.variables`: e.g. induction's ``repeat`` and
+    ``seen_before``, sorting's ``segment`` and ``duplicate``, modular addition's ``answer``, ``a``, ``b`` at
+    the ``=`` position) as labellers of its examples; -1 where a variable is not defined."""
+    names = task.variable_names()
+    if not names:
+        raise ValueError(f"task {task.name!r} defines no variables to probe")
+
+    def labeller(name: str) -> Labeller:
+        return lambda tokens: task.variables(_as_batch(tokens))[name]
+
+    return {name: labeller(name) for name in names}
 
 
 # --------------------------------------------------------------------------- reseed noise and the table

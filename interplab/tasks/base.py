@@ -164,6 +164,24 @@ class Task(ABC):
     ) -> dict[str, float]:
         """Metrics beyond loss and accuracy (e.g. IOI's logit difference)."""
 
+    def variables(self, tokens: Int[Tensor, "batch pos"]) -> dict[str, Int[Tensor, "batch pos"]]:
+        """The task's ground-truth variables at every position of inputs ``tokens`` (examples of this task):
+        {name: [batch pos] integer labels, -1 where the variable is not defined}, the labels that probes of
+        a model's activations (e.g. `interplab.sae.bench`) read. A task without any returns {} (the
+        default)."""
+        return {}
+
+    def variable_names(self) -> list[str]:
+        """The names `variables` returns (read from one generated example)."""
+        return list(self.variables(self.generate(1, seed=0).tokens))
+
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 2 or tokens.shape[1] != self.seq_len:
+            raise ValueError(
+                f"task {self.name!r} examples are [batch, {self.seq_len}] token ids, got shape {tuple(tokens.shape)}"
+            )
+        return tokens.long()
+
     # ---- shared --------------------------------------------------------------------------------
     def loss(self, logits: Float[Tensor, "batch pos d_vocab_out"], batch: TaskBatch) -> Float[Tensor, ""]:
         """Mean cross-entropy over the positions in ``batch.loss_mask``."""

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.model.config import ModelConfig
@@ -73,3 +73,17 @@ class InductionTask(Task):
         repeat = batch.loss_mask.to(logits.device)
         repeat_loss = float(F.cross_entropy(logits[repeat].float(), targets[repeat]))
         return {"first_half_loss": first_loss, "in_context_gain": first_loss - repeat_loss}
+
+    def variables(self, tokens: Int[Tensor, "batch pos"]) -> dict[str, Int[Tensor, "batch pos"]]:
+        """``repeat``: 1 on the second copy of ``r`` (positions h+1 .. 2h, each a copy of the token h earlier),
+        0 elsewhere; ``seen_before``: 1 where the token already occurred at an earlier position (always on the
+        second copy, by chance in the first), 0 elsewhere (the bos position included)."""
+        tokens = self._check_tokens(tokens)
+        repeat = torch.zeros_like(tokens)
+        repeat[:, self.half_len + 1 :] = 1
+        earlier = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril(
+            -1
+        )  # [pos, earlier pos]
+        same = tokens[:, :, None] == tokens[:, None, :]
+        seen = (same & earlier).any(-1) & (tokens != BOS)
+        return {"repeat": repeat, "seen_before": seen.long()}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.model.config import ModelConfig, Norm
@@ -91,3 +91,15 @@ class ModAddTask(Task):
         self, logits: Float[Tensor, "batch pos d_vocab_out"], batch: TaskBatch
     ) -> dict[str, float]:
         return {}
+
+    def variables(self, tokens: Int[Tensor, "batch pos"]) -> dict[str, Int[Tensor, "batch pos"]]:
+        """At the ``=`` position (2), where the answer is read: ``answer`` = (a + b) mod p, ``a`` and ``b``;
+        -1 at positions 0 and 1."""
+        tokens = self._check_tokens(tokens)
+        a, b = tokens[:, 0], tokens[:, 1]
+        out = {}
+        for name, value in (("answer", (a + b) % self.p), ("a", a), ("b", b)):
+            v = torch.full_like(tokens, -1)
+            v[:, 2] = value
+            out[name] = v
+        return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from interplab.model.config import ModelConfig
@@ -74,3 +74,17 @@ class SortingTask(Task):
         mask = batch.loss_mask.to(logits.device)
         right = (logits.argmax(-1) == batch.targets.to(logits.device)) | ~mask
         return {"sequence_accuracy": float(right.all(dim=1).float().mean())}
+
+    def variables(self, tokens: Int[Tensor, "batch pos"]) -> dict[str, Int[Tensor, "batch pos"]]:
+        """``segment``: 0 on the input list, 1 on the separator, 2 on the sorted list; ``duplicate``: 1 where
+        the token's value occurs more than once in the example's list, 0 where once, -1 on the separator."""
+        tokens = self._check_tokens(tokens)
+        n = self.list_len
+        segment = torch.zeros_like(tokens)
+        segment[:, n] = 1
+        segment[:, n + 1 :] = 2
+        x = tokens[:, :n]
+        count = (tokens[:, :, None] == x[:, None, :]).sum(-1)  # occurrences of each token's value in the list
+        duplicate = (count > 1).long()
+        duplicate[:, n] = -1
+        return {"segment": segment, "duplicate": duplicate}

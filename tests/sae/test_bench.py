@@ -15,6 +15,7 @@ from interplab.sae.bench import (
     BenchConfig,
     BenchResult,
     absorption,
+    absorption_flags,
     balanced_accuracy,
     bench_sae,
     bench_saes,
@@ -166,6 +167,27 @@ def test_absorption_planted_by_construction():
     assert absorption(x, acts, w_dec, labels, [0], cos_threshold=cos1 + 1e-6).absorbed == 0
 
 
+def test_absorption_follows_saebench_full_absorption_rule_by_hand():
+    """A given direction u = e0 and all-positive tokens (SAEBench's setting: probe true positives). Main latent
+    0 silent everywhere. Token 0: latent 1 (cos 1/sqrt2) carries 0.5 of x . u = 1: absorbed. Token 1: the same
+    latent, but x . u < 0 (no class signal to absorb): not absorbed. Token 2: the top projecting latent is
+    latent 3 (cos 0.02 < 0.025, a huge activation), latent 1 would carry enough: not absorbed (SAEBench reads
+    only the top latent). Token 3: the main latent fires: not a false negative."""
+    s2 = 2**-0.5
+    # unit rows; row 3 has cosine 0.02 with e0
+    w_dec = torch.tensor([[1.0, 0, 0], [s2, s2, 0], [0, 0, 1.0], [0.02, (1 - 0.02**2) ** 0.5, 0]])
+    x = torch.tensor([[1.0, 0.3, 0], [-1.0, 0.3, 0], [1.0, 0.3, 0], [1.0, 0, 0]])
+    a1 = 0.5 / s2  # a_1 * (w_1 . u) = 0.5
+    acts = torch.tensor([[0, a1, 0, 0], [0, a1, 0, 0], [0, a1, 0, 50.0], [1.0, 0, 0, 0]])
+    fn, absorbed = absorption_flags(x, acts, w_dec, torch.tensor([2.0, 0, 0]), [0])
+    assert fn.tolist() == [True, True, True, False]
+    assert absorbed.tolist() == [True, False, False, False]
+    a = absorption(x, acts, w_dec, torch.ones(4, dtype=torch.bool), [0], direction=torch.tensor([1.0, 0, 0]))
+    assert (a.positives, a.false_negatives, a.absorbed) == (4, 3, 1)
+    # the fraction rule at its edge: latent 1 carries exactly 0.5 of x . u on token 0
+    assert absorption_flags(x, acts, w_dec, torch.tensor([1.0, 0, 0]), [0], fraction=0.5 + 1e-9)[1].sum() == 0
+
+
 def test_python_token_labels_by_hand():
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz0123456789()[]:=+#'\" \n")
     text = "def f(x):\n  return x+12 # c\n"
@@ -204,6 +226,7 @@ def test_labelled_metrics_on_a_perfect_sae_find_the_planted_coordinate():
     assert out == {
         "probe_c2_k1": 1.0,
         "probe_balanced_c2_k1": 1.0,
+        "probe_balanced_c2_input": 1.0,  # the reference probe on x: coordinate 2 separates it too
         "absorption_c2": 0.0,
         "false_negative_c2": 0.0,
     }
