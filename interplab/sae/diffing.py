@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from interplab import runs
-from interplab.io import atomic_write_json, atomic_write_text, read_json
+from interplab.io import atomic_write_text, read_json
 from interplab.model.load import load_model
 from interplab.plots import figure_html, write_image
 from interplab.sae.activations import corpus_token_batches
@@ -193,7 +193,7 @@ class DiffResult:
         ``relative_norm.png``; returns the paths written (the PNG: None with a reason when no renderer)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / DIFF_JSON, self.to_dict())
+        runs.write_json(folder / DIFF_JSON, runs.Kind.MODEL_DIFF, self.to_dict())
         c = self.counts()
         lines = [f"# crosscoder diff: {self.before} -> {self.after}", "", self.summary(), ""]
         lines += ["| label | latents | first ten |", "| --- | --- | --- |"]
@@ -215,13 +215,13 @@ class DiffResult:
                     f"| {i} | {self.labels[i]} | {float(self.relative_norm[i]):.3f} | "
                     f"{float(self.cosine[i]):.3f} | `{ctx}` |"
                 )
-        atomic_write_text(folder / "diff.md", "\n".join(lines) + "\n")
+        atomic_write_text(folder / runs.DIFF_TABLE, "\n".join(lines) + "\n")
         fig = self.plot()
         atomic_write_text(folder / "relative_norm.html", figure_html(fig, folder))
         why = write_image(fig, folder / "relative_norm.png")
         return {
             "json": str(folder / DIFF_JSON),
-            "md": str(folder / "diff.md"),
+            "md": str(folder / runs.DIFF_TABLE),
             "html": str(folder / "relative_norm.html"),
             "png": None if why else str(folder / "relative_norm.png"),
             "png_missing": why,
@@ -337,7 +337,7 @@ def diff_checkpoints(
         },
     )
     if out is not None:
-        cc.save(Path(out) / "crosscoder")
+        cc.save(Path(out) / runs.CROSSCODER_DIR)
         result.save(out)
     return result
 
@@ -363,7 +363,7 @@ def diff_from_folder(folder: str | Path) -> DiffResult:
     """Re-classify a saved diff's crosscoder (``folder/crosscoder``) with the current thresholds (latents
     marked dead in ``diff.json`` stay dead)."""
     folder = Path(folder)
-    cc = load_crosscoder(folder / "crosscoder")
+    cc = load_crosscoder(folder / runs.CROSSCODER_DIR)
     data = read_json(folder / DIFF_JSON) if (folder / DIFF_JSON).is_file() else {}
     alive = torch.tensor([lab != "dead" for lab in data["labels"]]) if "labels" in data else None
     examples = {int(k): v for k, v in data.get("examples", {}).items()}
