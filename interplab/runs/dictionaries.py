@@ -130,6 +130,12 @@ def _kind_of(path: Path) -> Kind | None:
     return detect_document(path.name, data) if data is not None else None
 
 
+def _sub(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]`` when it is an object, else empty (a document another tool or version wrote)."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _scalars(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
@@ -154,8 +160,8 @@ def dictionary_info(path: str | Path, kind: Kind) -> DictionaryInfo:
 
 
 def _sae(path: Path, cfg: dict[str, Any]) -> DictionaryInfo:
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-    ours = meta.get("interplab") if isinstance(meta.get("interplab"), dict) else {}
+    meta = _sub(cfg, "metadata")
+    ours = _sub(meta, "interplab")
     arch = str(ours.get("architecture") or cfg.get("architecture") or "standard")
     k = ours.get("k", cfg.get("k"))
     hook = str(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or "")
@@ -164,7 +170,7 @@ def _sae(path: Path, cfg: dict[str, Any]) -> DictionaryInfo:
     run = path.parent.parent
     if path.parent.name == SAES and _kind_of(run / CONFIG) is Kind.SAE_TRAIN:
         summary = _doc(run / TRAIN_SUMMARY) or {}
-        final = (summary.get("final") or {}).get(path.name)
+        final = _sub(summary, "final").get(path.name)
         report = run / EVAL / path.name / REPORT
         training = {
             "run": run,
@@ -192,15 +198,15 @@ def _crosscoder(path: Path, cfg: dict[str, Any]) -> DictionaryInfo:
     training = None
     diff = _doc(path.parent / DIFF_JSON)
     if diff is not None and detect_document(DIFF_JSON, diff) is Kind.MODEL_DIFF:
-        meta = diff.get("meta") if isinstance(diff.get("meta"), dict) else {}
+        meta = _sub(diff, "meta")
         training = {
             "run": path.parent,
-            "final": _scalars(meta.get("train") or {}),
+            "final": _scalars(_sub(meta, "train")),
             "held-out fvu": diff.get("fvu"),
-            "counts": ", ".join(f"{v} {k}" for k, v in (diff.get("counts") or {}).items()),
-            "formation": (diff.get("formation") or {}).get("report"),
+            "counts": ", ".join(f"{v} {k}" for k, v in _sub(diff, "counts").items()),
+            "formation": _sub(diff, "formation").get("report"),
         }
-    meta = cfg.get("meta") if isinstance(cfg.get("meta"), dict) else {}
+    meta = _sub(cfg, "meta")
     return DictionaryInfo(
         path=path,
         kind=Kind.CROSSCODER,

@@ -140,9 +140,13 @@ def _diff_phrase(path: Path) -> str:
         counts = data.get("counts") or {}
         changes = ", ".join(f"{counts[k]} {k}" for k in ("new", "lost", "shared") if k in counts)
         where = f"{data.get('before')} -> {data.get('after')}"
+        formation = data.get("formation") or {}
+        step = formation.get("formation_step")
     except (RunError, AttributeError, TypeError):
         return "unreadable diff.json"
     has = "crosscoder/" if detect(path / CROSSCODER_DIR) is Kind.CROSSCODER else "no crosscoder/"
+    if step is not None:
+        has += f"; the formation (step {step}) {'between' if formation.get('brackets') else 'outside'} them"
     return f"{where}: {changes or 'no counts'}; {has}"
 
 

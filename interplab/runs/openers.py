@@ -26,6 +26,7 @@ from interplab.runs.names import (
     CROSSCODER_CFG,
     CROSSCODER_DIR,
     DIFF_JSON,
+    DIFFS,
     FEATURE_DB,
     FINAL,
     FORMATION_JSON,
@@ -101,6 +102,13 @@ class TrainRun(_LoggedRun):
     @property
     def has_final(self) -> bool:
         return (self.path / FINAL / CONFIG).is_file()
+
+    @property
+    def diffs(self) -> dict[str, Path]:
+        """The model diffs between the run's checkpoints (``diffs/step_A-step_B/``, Kind.MODEL_DIFF), by name."""
+        root = self.path / DIFFS
+        found = sorted(root.iterdir()) if root.is_dir() else []
+        return {p.name: p for p in found if detect(p) is Kind.MODEL_DIFF}
 
     @property
     def final(self) -> Path:

@@ -13,6 +13,7 @@ are candidates for what appeared with it.
 
 >>> result = diff_checkpoints("runs/demo", before=100, after=1000)  # trains a crosscoder # doctest: +SKIP
 >>> result.counts()  # after the call above # doctest: +SKIP
+>>> formation_window("runs/demo")  # the checkpoints either side of the formation step # doctest: +SKIP
 {'new': ..., 'lost': ..., 'shared': ..., 'partial': ..., 'dead': ...}
 """
 
@@ -243,6 +244,23 @@ def formation_link(run_dir: str | Path, before: int, after: int) -> dict[str, An
         "formation_step": step,
         "brackets": step is not None and before < step <= after,
     }
+
+
+def formation_window(run_dir: str | Path, formation_step: int | None = None) -> tuple[int, int] | None:
+    """The two checkpoints of training run ``run_dir`` nearest its formation step on either side: the last
+    before it and the first at or after it (``before < formation_step <= after``, what `formation_link` calls
+    bracketing), so a diff of them isolates what appeared as the induction head formed. ``formation_step``
+    defaults to the run's formation report; None when there is none, no head formed or no checkpoint lies on
+    one side."""
+    if formation_step is None:
+        link = formation_link(run_dir, 0, 0)
+        formation_step = link["formation_step"] if link is not None else None
+    if formation_step is None:
+        return None
+    steps = [c.step for c in runs.TrainRun.open(run_dir).checkpoints()]
+    before = [s for s in steps if s < formation_step]
+    after = [s for s in steps if s >= formation_step]
+    return (before[-1], after[0]) if before and after else None
 
 
 def diff_checkpoints(

@@ -21,6 +21,7 @@ from interplab.sae.diffing import (
     classify,
     diff_from_folder,
     formation_link,
+    formation_window,
     relative_norms,
 )
 
@@ -235,7 +236,9 @@ def planted_run(root):
     return run, {"shared": shared, "v": v}
 
 
-def test_sae_diff_of_a_planted_run_finds_the_feature_only_the_later_checkpoint_has(tmp_path, monkeypatch):
+def test_sae_diff_of_a_planted_run_finds_the_feature_only_the_later_checkpoint_has(
+    tmp_path, monkeypatch, capsys
+):
     """`interplab sae diff RUN --before 100 --after 200` on a run whose later checkpoint writes a feature the
     earlier does not: the latent reading the new direction is labelled new and fires only on the characters
     that carry it, the shared features' latents are shared, nothing is lost; the diff is linked to the run's
@@ -243,11 +246,16 @@ def test_sae_diff_of_a_planted_run_finds_the_feature_only_the_later_checkpoint_h
     it."""
     from typer.testing import CliRunner
 
+    from interplab.cli.formation import print_diffs
     from interplab.cli.main import app
     from interplab.web.run_page import diff_view
 
     monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
     run, dirs = planted_run(tmp_path)
+    # what the formation report points to: the checkpoints either side of its step, and the command
+    assert formation_window(run) == (100, 200) and formation_window(run, 250) is None
+    print_diffs(run, 150)
+    assert f"sae diff {run} --before 100 --after 200" in " ".join(capsys.readouterr().out.split())
     args = ["sae", "diff", str(run), "--before", "100", "--after", "200", "--hook", "blocks.0.hook_resid_pre"]
     small = ["--expansion", "1", "--k", "2", "--tokens", "16384", "--steps", "800", "--batch-size", "256"]
     res = CliRunner().invoke(app, [*args, *small, "--no-features"], env={"COLUMNS": "200"})
@@ -283,6 +291,12 @@ def test_sae_diff_of_a_planted_run_finds_the_feature_only_the_later_checkpoint_h
     assert (
         view["counts"]["new"] >= 1 and view["brackets"] and new in [x["latent"] for x in view["latents"][:3]]
     )
+    # and the formation command lists it, with its counts and where it lies against the formation
+    print_diffs(run, 150)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "model diff step_000100-step_000200: a model diff between two checkpoints" in shown, shown
+    assert "the formation (step 150) between them" in shown and "--before 100" not in shown
+    assert runs.TrainRun.open(run).diffs == {folder.name: folder}
     assert runs.open_dictionary(folder).reads == (
         "step_100:blocks.0.hook_resid_pre",
         "step_200:blocks.0.hook_resid_pre",
