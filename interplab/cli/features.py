@@ -45,7 +45,7 @@ from interplab.features.steer import (
 )
 from interplab.io import load_tensors
 from interplab.model import Transformer
-from interplab.runs import FEATURE_DB, RunError, pick_sae, sae_folders
+from interplab.runs import FEATURE_DB, RunError, not_an_sae, pick_sae, sae_folders
 from interplab.sae import SAE, load_sae
 
 # the SQLAlchemy-backed modules (features.build, .reader, .writer) and the web export (fastapi) are imported
@@ -110,6 +110,9 @@ def sae_folder(path: Path, name: str | None) -> Path:
 
 def load_model_and_sae(model_dir: Path, sae_dir: Path, dtype: str | None = None) -> tuple[Transformer, SAE]:
     """The model (a model folder, or a training run: its final/; in ``dtype``) and the SAE (an SAE folder)."""
+    other = not_an_sae(sae_dir)
+    if other is not None:
+        fail(f"cannot use it as the SAE: {other}")
     model = load_model_arg(model_dir, "cannot load the model: ", dtype)
     try:
         sae = load_sae(sae_dir)

@@ -12,6 +12,7 @@ from rich.table import Table
 from interplab import runs
 from interplab.cli.common import (
     JobProgress,
+    command_hint,
     console,
     fail,
     out_folder,
@@ -60,6 +61,32 @@ def print_formation(result: FormationResult, paths: dict[str, Any], every: int) 
         console.print(paths["png_error"], style="yellow", markup=False, soft_wrap=True)
 
 
+def print_diffs(run_dir: Path, formation_step: int | None) -> None:
+    """The run's model diffs (``RUN/diffs/*``, `interplab sae diff`) beside its formation report: each with
+    its new / lost / shared counts and whether it brackets the formation step; without any, the command that
+    diffs the two checkpoints either side of the formation step."""
+    from interplab.sae.diffing import formation_window  # the library behind a command is imported lazily
+
+    try:
+        run = runs.TrainRun.open(run_dir)
+    except runs.RunError:
+        return  # a formation report of a folder that is no training run has no diffs
+    diffs = run.diffs
+    for name, folder in diffs.items():
+        console.print(f"model diff {name}: {runs.describe(folder)}", markup=False, soft_wrap=True)
+        console.print(f"  table: {folder / runs.DIFF_TABLE}", markup=False, soft_wrap=True)
+    window = formation_window(run_dir, formation_step)
+    if window is None or f"{runs.checkpoint_name(window[0])}-{runs.checkpoint_name(window[1])}" in diffs:
+        return
+    hint = command_hint("sae", "diff", run_dir, "--before", str(window[0]), "--after", str(window[1]))
+    console.print(
+        f"features that appear as the head forms (the checkpoints either side of step {formation_step}): "
+        f"{hint}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 def formation_command(
     run_dir: Path = typer.Argument(..., help="a training run directory (from interplab train)"),
     out: Path = typer.Option(
@@ -82,6 +109,7 @@ def formation_command(
     set_threads(threads)
     result, paths = run_formation(run_dir, out, seqs)
     print_formation(result, paths, every)
+    print_diffs(run_dir, result.formation_step)
     if out is None and (run_dir / runs.LLC / runs.REPORT).is_file():  # `interplab llc` ran: draw it beside
         from interplab.dynamics.run import join_formation
 

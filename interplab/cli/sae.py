@@ -37,6 +37,9 @@ from interplab.features.crosscoder_db import build_diff_db
 from interplab.model import Transformer
 from interplab.plots import save_figure
 from interplab.runs import (
+    CROSSCODER_DIR,
+    DIFF_JSON,
+    DIFF_TABLE,
     DIFFS,
     EVAL,
     FEATURE_DB,
@@ -48,6 +51,7 @@ from interplab.runs import (
     SAERun,
     describe,
     detect,
+    not_an_sae,
     sae_folders,
     write_json,
 )
@@ -661,7 +665,7 @@ def diff(
         fail(str(err).strip("'\""))
         return
     console.print(result.summary(), markup=False, highlight=False)
-    console.print(f"diff: {out / 'diff.json'} ; table: {out / 'diff.md'} ; crosscoder: {out / 'crosscoder'}")
+    console.print(f"diff: {out / DIFF_JSON} ; table: {out / DIFF_TABLE} ; crosscoder: {out / CROSSCODER_DIR}")
     if features:
         try:
             build_diff_db(out, n_seqs=feature_seqs, overwrite=True)
@@ -677,7 +681,11 @@ def diff(
 
 
 def _sae_folders(path: Path) -> dict[str, Path]:
-    """The SAE folders, by name, of an SAE training run or of a folder holding SAEs (never empty)."""
+    """The SAE folders, by name, of an SAE training run or of a folder holding SAEs (never empty); another
+    dictionary (a crosscoder, a model diff, a CLT) is refused naming what it is and the commands that take it."""
+    other = not_an_sae(path)
+    if other is not None:
+        fail(other)
     try:
         folders = SAERun.open(path).saes if detect(path) is Kind.SAE_TRAIN else sae_folders(path)
     except RunError as err:

@@ -35,7 +35,7 @@ from interplab.features.config import FeatureBuildConfig
 from interplab.features.stream import FeatureStats, StreamingFeatureStats
 from interplab.model import Transformer
 from interplab.model.load import load_model
-from interplab.runs import DIFF_JSON, FEATURE_DB, TrainRun
+from interplab.runs import CROSSCODER_DIR, DIFF_JSON, FEATURE_DB, TrainRun
 from interplab.sae.activations import TokenFilter, corpus_token_batches, model_activations
 from interplab.sae.crosscoder import Crosscoder, load_crosscoder
 from interplab.sae.diffing import NEW_ABOVE, classify
@@ -204,12 +204,12 @@ def build_diff_db(
     (`interplab.sae.diffing.diff_checkpoints` with ``out``): its two checkpoints (named in the crosscoder's
     ``meta``) read ``n_seqs`` sequences of the run's own corpus; the pages link back to ``diff.json``."""
     folder = Path(diff_folder)
-    cc = load_crosscoder(folder / "crosscoder")
+    cc = load_crosscoder(folder / CROSSCODER_DIR)
     meta = cc.cfg.meta or {}
     missing = [k for k in ("run", "before", "after") if k not in meta]
     if missing:
         raise ValueError(
-            f"{folder / 'crosscoder'} is not a model diff's crosscoder: its meta lacks {missing}"
+            f"{folder / CROSSCODER_DIR} is not a model diff's crosscoder: its meta lacks {missing}"
         )
     run = TrainRun.open(meta["run"])
     models = [load_model(run.checkpoint(int(meta[k])).path) for k in ("before", "after")]
@@ -227,7 +227,7 @@ def build_diff_db(
         tokens,
         cfg,
         side_names=names,
-        crosscoder_path=folder / "crosscoder",
+        crosscoder_path=folder / CROSSCODER_DIR,
         diff_path=folder if (folder / DIFF_JSON).is_file() else None,
         overwrite=overwrite,
         progress=progress,

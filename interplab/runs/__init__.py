@@ -30,6 +30,17 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
         eval/report.json, eval/NAME/report.json (Kind.SAE_EVAL: the set, and each SAE's)
         saes/NAME/                      each finished SAE (Kind.SAE): SAELens' layout, cfg.json +
                                         sae_weights.safetensors (a foreign format: cfg.json stays SAELens')
+    crosscoder (Kind.CROSSCODER)        cfg.json {kind: crosscoder, version, d_in, d_sae, k, sources, model_name,
+                                        meta} + crosscoder.safetensors (interplab's own: sae_lens has none)
+    model diff (Kind.MODEL_DIFF)        `interplab sae diff`, in a training run's diffs/step_A-step_B/: diff.json
+                                        {kind: model_diff, version, before, after, counts, relative_norm, labels,
+                                        cosine, formation (the run's formation step, whether A < it <= B), ...},
+                                        diff.md, relative_norm.html/png, crosscoder/ (Kind.CROSSCODER), train/
+                                        (its training checkpoints), features.db (a page per latent)
+    CLT folder (Kind.CLT)               cfg.json {kind: clt, version, ...CLTConfig} + circuit-tracer's weight files
+    dictionaries                        an SAE, a crosscoder or a CLT folder: `open_dictionary` says what one is
+                                        (kind, sites read, size, how its training ended: `DictionaryInfo`),
+                                        `interplab.sae.load_dictionary` loads any of them
     activation cache (Kind.ACTIVATION_CACHE)   manifest.json {kind: activation_cache, version, ...} + shards
     feature database (Kind.FEATURE_DB)  features.db, SQLite; its ``meta`` table holds the kind and version
     trajectories (Kind.TRAJECTORIES)    `interplab dt collect`: manifest.json {kind: trajectories, version, env,
@@ -71,8 +82,9 @@ The layout of each kind (``RUN/`` is the folder a command was given as ``--out``
 This package is the bottom layer: it imports only the standard library, `interplab.io` and
 `interplab.integrity`, so configs are returned as plain dicts (``TrainConfig.from_dict(run.config)``). Its modules:
 ``names`` (every file and folder name), ``kinds`` (`Kind`, versions, errors), ``documents`` (JSON with kind and
-version, older documents recognised), ``checkpoints`` (listing, verifying), ``folders`` (`detect`, `describe`,
-`check_out`, where the SAEs are) and ``openers`` (the typed views).
+version, older documents recognised), ``checkpoints`` (listing, verifying), ``dictionaries`` (what an SAE,
+crosscoder or CLT folder is, from its JSON), ``folders`` (`detect`, `describe`, `check_out`, where the SAEs
+are) and ``openers`` (the typed views).
 """
 
 from interplab.runs.checkpoints import (
@@ -82,8 +94,18 @@ from interplab.runs.checkpoints import (
     list_checkpoints,
     verify_checkpoint,
 )
+from interplab.runs.dictionaries import DICTIONARY_KINDS, DictionaryInfo, dictionary_info
 from interplab.runs.documents import detect_document, read_json, read_log, write_json, write_log
-from interplab.runs.folders import Reader, check_out, describe, detect, is_sqlite, pick_sae, sae_folders
+from interplab.runs.folders import (
+    Reader,
+    check_out,
+    describe,
+    detect,
+    is_sqlite,
+    not_an_sae,
+    pick_sae,
+    sae_folders,
+)
 from interplab.runs.kinds import VERSIONS, Kind, NotARunError, RunError
 from interplab.runs.names import (
     _CKPT_DIGITS,
@@ -96,7 +118,11 @@ from interplab.runs.names import (
     CHECKPOINTS,
     CHECKSUMS,
     CONFIG,
+    CROSSCODER_CFG,
+    CROSSCODER_DIR,
+    CROSSCODER_WEIGHTS,
     DIFF_JSON,
+    DIFF_TABLE,
     DIFFS,
     EVAL,
     FEATURE_DB,
@@ -135,18 +161,25 @@ from interplab.runs.names import (
 from interplab.runs.openers import (
     REPORT_KINDS,
     CacheRun,
+    CLTDir,
+    CLTTrainRun,
+    CrosscoderDir,
     DTEvalRun,
     DTModelDir,
     DTTrainRun,
     GraphRun,
+    ModelDiffRun,
     ModelDir,
     PPORun,
     Report,
+    SAEDir,
     SAERun,
     TrainRun,
     TrajectoriesDir,
+    dictionary_folder,
     dt_model_folder,
     model_folder,
+    open_dictionary,
     open_run,
 )
 
@@ -158,7 +191,22 @@ __all__ = [
     "CHECKSUMS",
     "CONFIG",
     "CacheRun",
+    "CLTDir",
+    "CLTTrainRun",
+    "CROSSCODER_CFG",
+    "CROSSCODER_DIR",
+    "CROSSCODER_WEIGHTS",
     "Checkpoint",
+    "CrosscoderDir",
+    "DICTIONARY_KINDS",
+    "DIFF_TABLE",
+    "DictionaryInfo",
+    "ModelDiffRun",
+    "SAEDir",
+    "dictionary_folder",
+    "dictionary_info",
+    "not_an_sae",
+    "open_dictionary",
     "DTEvalRun",
     "DTModelDir",
     "DTTrainRun",

@@ -12,6 +12,7 @@ from interplab.io import atomic_write_json, atomic_write_text
 from interplab.runs.kinds import VERSIONS, Kind, RunError, _as_kind
 from interplab.runs.names import (
     CONFIG,
+    DIFF_JSON,
     FORMATION_JSON,
     GRADIENT_INDEX,
     LOG,
@@ -124,6 +125,8 @@ def detect_document(name: str, data: Mapping[str, Any]) -> Kind | None:
         return Kind.GRADIENT_INDEX
     if name == FORMATION_JSON:
         return Kind.FORMATION
+    if name == DIFF_JSON and {"before", "after", "relative_norm"} <= set(data):
+        return Kind.MODEL_DIFF  # `sae diff` before its diff.json carried a kind
     return None
 
 

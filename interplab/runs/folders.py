@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from interplab.runs.checkpoints import list_checkpoints
+from interplab.runs.dictionaries import DICTIONARY_KINDS, TAKEN_BY, dictionary_info
 from interplab.runs.documents import _load, detect_document
 from interplab.runs.kinds import Kind, RunError, _as_kind
 from interplab.runs.names import (
     _SQLITE_MAGIC,
     CALIBRATION_JSON,
     CONFIG,
+    CROSSCODER_DIR,
+    CROSSCODER_WEIGHTS,
+    DIFF_JSON,
     FINAL,
     FORMATION_JSON,
     MANIFEST,
@@ -68,8 +72,8 @@ def detect(path: str | Path, reader: Reader = _DEFAULT) -> Kind | None:
 
     The one place where folders are recognised, including those written before ``kind`` existed: a folder's
     ``config.json`` (or ``manifest.json``, ``cfg.json``, ``report.json``, ``formation.json``,
-    ``calibration.json``) says what it is;
-    a checkpoint is a model folder with a ``state.json``; a feature database is an SQLite file."""
+    ``calibration.json``, ``diff.json``) says what it is; an SAE or crosscoder folder needs its weights beside its
+    ``cfg.json``; a checkpoint is a model folder with a ``state.json``; a feature database is an SQLite file."""
     path = Path(path)
     if reader.is_file(path):
         if is_sqlite(path, reader):
@@ -82,13 +86,18 @@ def detect(path: str | Path, reader: Reader = _DEFAULT) -> Kind | None:
         return Kind.CHECKPOINT
     if kind is not None:
         return kind
-    for name in (MANIFEST, SAE_CFG, REPORT, FORMATION_JSON, CALIBRATION_JSON):
+    for name in (MANIFEST, SAE_CFG, REPORT, FORMATION_JSON, CALIBRATION_JSON, DIFF_JSON):
         kind = _doc_kind(path / name, reader)
-        if kind is Kind.SAE and not reader.is_file(path / SAE_WEIGHTS):
+        weights = _WEIGHTS.get(kind) if kind is not None else None
+        if weights is not None and not reader.is_file(path / weights):
             continue
         if kind is not None:
             return kind
     return None
+
+
+_WEIGHTS = {Kind.SAE: SAE_WEIGHTS, Kind.CROSSCODER: CROSSCODER_WEIGHTS}
+"""the weights file a dictionary folder needs beside its cfg.json to be one (a cfg.json alone is not)"""
 
 
 def describe(path: str | Path) -> str:
@@ -115,7 +124,41 @@ def describe(path: str | Path) -> str:
         n = len(list_checkpoints(path))
         final = "final/" if detect(path / FINAL) is Kind.DT_MODEL else "no final/ yet"
         return f"{kind.label} ({n} checkpoint{'s' * (n != 1)}, {final})"
+    if kind in DICTIONARY_KINDS:
+        try:
+            return f"{kind.label} ({dictionary_info(path, kind).summary()})"
+        except RunError:
+            return kind.label
+    if kind is Kind.MODEL_DIFF:
+        return f"{kind.label} ({_diff_phrase(path)})"
     return kind.label
+
+
+def _diff_phrase(path: Path) -> str:
+    try:
+        data = _load(path / DIFF_JSON)
+        counts = data.get("counts") or {}
+        changes = ", ".join(f"{counts[k]} {k}" for k in ("new", "lost", "shared") if k in counts)
+        where = f"{data.get('before')} -> {data.get('after')}"
+        formation = data.get("formation") or {}
+        step = formation.get("formation_step")
+    except (RunError, AttributeError, TypeError):
+        return "unreadable diff.json"
+    has = "crosscoder/" if detect(path / CROSSCODER_DIR) is Kind.CROSSCODER else "no crosscoder/"
+    if step is not None:
+        has += f"; the formation (step {step}) {'between' if formation.get('brackets') else 'outside'} them"
+    return f"{where}: {changes or 'no counts'}; {has}"
+
+
+def not_an_sae(path: str | Path) -> str | None:
+    """For a path that is another dictionary, or a folder of one (a crosscoder, a model diff, a CLT or a CLT
+    training run), the error of a command that takes only SAEs: what it is and which commands take it; None
+    for anything else."""
+    path = Path(path)
+    kind = detect(path)
+    if kind not in TAKEN_BY:
+        return None
+    return f"{path} is {describe(path)}, not an SAE: {TAKEN_BY[kind]}"
 
 
 def check_out(path: str | Path, kind: Kind | str, *also: Kind | str) -> Path:
@@ -176,12 +219,14 @@ def pick_sae(path: str | Path, name: str | None = None) -> Path:
     if name is not None:
         if name in found:
             return found[name]
-        raise RunError(f"{path} holds no SAE named {name!r}; it holds {', '.join(found) or 'none'}")
+        other = not_an_sae(path) if not found else None
+        raise RunError(other or f"{path} holds no SAE named {name!r}; it holds {', '.join(found) or 'none'}")
     if len(found) == 1:
         return next(iter(found.values()))
     if not found:
+        other = not_an_sae(path)
         raise RunError(
-            f"{path} is {describe(path)}; expected an SAE folder or an SAE training run holding one"
+            other or f"{path} is {describe(path)}; expected an SAE folder or an SAE training run holding one"
         )
     raise RunError(
         f"{path} holds {len(found)} SAEs ({', '.join(found)}): name one (e.g. {next(iter(found.values()))})"

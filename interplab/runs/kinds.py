@@ -43,6 +43,14 @@ class Kind(str, Enum):
     """a CLT training run (`interplab clt train`: config.json, log.jsonl, checkpoints/, clt/ or clts/NAME/)"""
     CLT_EVAL = "clt_eval"
     """a CLT evaluation (`interplab clt eval`: report.json, per-layer FVU, replacement CE/KL, error norms)"""
+    CROSSCODER = "crosscoder"
+    """a crosscoder folder (`interplab.sae.crosscoder.Crosscoder.save`: cfg.json {kind: crosscoder, sources,
+    d_in, d_sae, k, meta} + crosscoder.safetensors): one dictionary reading several layers, models or
+    checkpoints"""
+    MODEL_DIFF = "model_diff"
+    """a model diff between two checkpoints of a training run (`interplab sae diff`, ``RUN/diffs/step_A-step_B``):
+    diff.json {kind: model_diff, before, after, counts, relative_norm, labels, formation, ...}, diff.md,
+    relative_norm.html/png, crosscoder/ (Kind.CROSSCODER), train/ (its training checkpoints), features.db"""
     ACTIVATION_CACHE = "activation_cache"
     """activations cached on disk (manifest.json + shards)"""
     FEATURE_DB = "feature_db"
@@ -147,6 +155,8 @@ _LABELS = {
     Kind.CLT: "a cross-layer transcoder folder",
     Kind.CLT_TRAIN: "a CLT training run",
     Kind.CLT_EVAL: "a CLT evaluation",
+    Kind.CROSSCODER: "a crosscoder folder",
+    Kind.MODEL_DIFF: "a model diff between two checkpoints",
     Kind.ACTIVATION_CACHE: "an activation cache",
     Kind.FEATURE_DB: "a feature database",
     Kind.CHECKSUMS: "a checksums record",

@@ -1,6 +1,8 @@
 """Typed views of the folders interplab writes: `TrainRun`, `SAERun`, `CacheRun`, `ModelDir`, `Report`, the
-decision-transformer ones (`TrajectoriesDir`, `DTModelDir`, `DTTrainRun`, `DTEvalRun`, `PPORun`), and `open_run` for any
-of them; each accepts the folder itself and says what a folder is when it is not one."""
+dictionaries (`SAEDir`, `CrosscoderDir`, `CLTDir`, `ModelDiffRun`, `CLTTrainRun`; `dictionary_folder` /
+`open_dictionary` for any of them), the decision-transformer ones (`TrajectoriesDir`, `DTModelDir`, `DTTrainRun`,
+`DTEvalRun`, `PPORun`), and `open_run` for any of them; each accepts the folder itself and says what a folder is
+when it is not one."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from interplab.runs.checkpoints import Checkpoint, _checkpoints, list_checkpoints
+from interplab.runs.dictionaries import DictionaryInfo, dictionary_info
 from interplab.runs.documents import detect_document, read_json, read_log
 from interplab.runs.folders import _expect, describe, detect, pick_sae, sae_folders
 from interplab.runs.kinds import Kind, NotARunError, RunError
@@ -20,6 +23,11 @@ from interplab.runs.names import (
     CLT_DIR,
     CLTS_DIR,
     CONFIG,
+    CROSSCODER_CFG,
+    CROSSCODER_DIR,
+    DIFF_JSON,
+    DIFFS,
+    FEATURE_DB,
     FINAL,
     FORMATION_JSON,
     GRAPH_JSON,
@@ -28,6 +36,7 @@ from interplab.runs.names import (
     MODEL_WEIGHTS,
     REPORT,
     ROLLOUTS,
+    SAE_CFG,
     TOKENIZER,
     TRAIN_SUMMARY,
 )
@@ -93,6 +102,13 @@ class TrainRun(_LoggedRun):
     @property
     def has_final(self) -> bool:
         return (self.path / FINAL / CONFIG).is_file()
+
+    @property
+    def diffs(self) -> dict[str, Path]:
+        """The model diffs between the run's checkpoints (``diffs/step_A-step_B/``, Kind.MODEL_DIFF), by name."""
+        root = self.path / DIFFS
+        found = sorted(root.iterdir()) if root.is_dir() else []
+        return {p.name: p for p in found if detect(p) is Kind.MODEL_DIFF}
 
     @property
     def final(self) -> Path:
@@ -449,6 +465,118 @@ class CLTTrainRun:
 
 
 @dataclass(frozen=True)
+class SAEDir:
+    """One SAE folder (SAELens' layout: cfg.json + sae_weights.safetensors); ``config`` its cfg.json (a foreign
+    format: no kind). `interplab.sae.load_sae` reads the weights."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> SAEDir:
+        path, _ = _expect(path, [Kind.SAE], "cfg.json + sae_weights.safetensors (`interplab sae train`)")
+        return cls(path, read_json(path / SAE_CFG))
+
+    @property
+    def info(self) -> DictionaryInfo:
+        return dictionary_info(self.path, Kind.SAE)
+
+
+@dataclass(frozen=True)
+class CrosscoderDir:
+    """A crosscoder folder (`interplab.sae.crosscoder.Crosscoder.save`); ``config`` its cfg.json (kind
+    crosscoder: sources, d_in, d_sae, k). `interplab.sae.crosscoder.load_crosscoder` reads the weights."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> CrosscoderDir:
+        return cls(*_open_doc(path, Kind.CROSSCODER, CROSSCODER_CFG, "a folder written by Crosscoder.save"))
+
+    @property
+    def sources(self) -> list[str]:
+        return [str(s) for s in self.config.get("sources", [])]
+
+    @property
+    def info(self) -> DictionaryInfo:
+        return dictionary_info(self.path, Kind.CROSSCODER)
+
+
+@dataclass(frozen=True)
+class ModelDiffRun:
+    """A model diff between two checkpoints (`interplab sae diff`, ``RUN/diffs/step_A-step_B``): ``data`` is
+    its diff.json (counts, per latent its relative decoder norm and label, the formation link)."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> ModelDiffRun:
+        return cls(*_open_doc(path, Kind.MODEL_DIFF, DIFF_JSON, "a folder written by `interplab sae diff`"))
+
+    @property
+    def crosscoder(self) -> Path:
+        """The diff's crosscoder folder; a diff whose crosscoder is missing raises, saying how to remake it."""
+        p = self.path / CROSSCODER_DIR
+        if detect(p) is not Kind.CROSSCODER:
+            raise RunError(
+                f"{self.path} is a model diff with no {CROSSCODER_DIR}/ (it is {describe(p)}): run the same "
+                "`interplab sae diff` again to make it"
+            )
+        return p
+
+    @property
+    def database(self) -> Path | None:
+        """The crosscoder's feature database (its latent pages), when it was built."""
+        p = self.path / FEATURE_DB
+        return p if p.is_file() else None
+
+    @property
+    def formation(self) -> dict[str, Any] | None:
+        """The run's formation step and whether the diff brackets it (None: the run had no formation report)."""
+        f = self.data.get("formation")
+        return f if isinstance(f, dict) else None
+
+
+def dictionary_folder(path: str | Path, name: str | None = None) -> tuple[Path, Kind]:
+    """The dictionary folder ``path`` names and what it is (Kind.SAE, CROSSCODER or CLT): a dictionary folder
+    is itself; a model diff gives its crosscoder; a CLT training run its CLT (one per checkpoint: ``name``
+    picks one); an SAE training run, or a folder holding SAEs, its SAE (`pick_sae`: ``name`` picks among
+    several). Anything else raises, saying what it is."""
+    path = Path(path)
+    kind = detect(path)
+    if kind in (Kind.SAE, Kind.CROSSCODER, Kind.CLT):
+        return path, kind
+    if kind is Kind.MODEL_DIFF:
+        return ModelDiffRun.open(path).crosscoder, Kind.CROSSCODER
+    if kind is Kind.CLT_TRAIN:
+        run = CLTTrainRun.open(path)
+        if not run.across:
+            return run.clt, Kind.CLT
+        found = run.clts
+        if name in found:
+            return found[name], Kind.CLT
+        raise RunError(
+            f"{path} holds one CLT per checkpoint ({', '.join(found) or 'none yet'}): name one"
+            + (f" (not {name!r})" if name is not None else "")
+        )
+    if sae_folders(path) or kind is Kind.SAE_TRAIN:
+        return pick_sae(path, name), Kind.SAE
+    raise RunError(
+        f"{path} is {describe(path)}; expected a dictionary: an SAE, a crosscoder or a CLT folder, or a run "
+        "holding one (an SAE training run, a model diff, a CLT training run)"
+    )
+
+
+def open_dictionary(path: str | Path, name: str | None = None) -> DictionaryInfo:
+    """What the dictionary ``path`` names is (`dictionary_folder`), from its JSON: kind, architecture, the
+    sites (of which models or checkpoints) it reads and writes, its size and how its training ended."""
+    folder, kind = dictionary_folder(path, name)
+    return dictionary_info(folder, kind)
+
+
+@dataclass(frozen=True)
 class PPORun(_LoggedRun):
     """A PPO training run (`interplab dt ppo`, `interplab.rl.ppo.train_ppo`). ``config``: its PPOConfig as a
     dict (without ``kind``); checkpoints are named by environment steps and hold the policy's weights
@@ -500,6 +628,9 @@ Opened = (
     | CLTDir
     | CLTTrainRun
     | PPORun
+    | SAEDir
+    | CrosscoderDir
+    | ModelDiffRun
 )
 
 
@@ -529,4 +660,7 @@ _OPENERS: dict[Kind, Callable[[Path], Opened]] = {
     Kind.ATTRIBUTION_GRAPH: GraphRun.open,
     Kind.CLT: CLTDir.open,
     Kind.CLT_TRAIN: CLTTrainRun.open,
+    Kind.SAE: SAEDir.open,
+    Kind.CROSSCODER: CrosscoderDir.open,
+    Kind.MODEL_DIFF: ModelDiffRun.open,
 }

@@ -37,15 +37,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from interplab.io import atomic_write_json, load_tensors, read_json, save_tensors
+from interplab import runs
+from interplab.io import load_tensors, save_tensors
 from interplab.sae.activations import model_activations
 from interplab.sae.architectures.batchtopk import THRESHOLD_RATE
 from interplab.sae.crosscoder_resume import TrainState, resume_crosscoder, save_crosscoder_checkpoint
 
-CC_CFG = "cfg.json"
-CC_WEIGHTS = "crosscoder.safetensors"
-CC_KIND = "crosscoder"
-CC_VERSION = 1
+CC_CFG = runs.CROSSCODER_CFG
+CC_WEIGHTS = runs.CROSSCODER_WEIGHTS
+CC_KIND = runs.Kind.CROSSCODER.value
+CC_VERSION = runs.VERSIONS[runs.Kind.CROSSCODER]
 #: AuxK weight (as TopK/BatchTopK SAEs)
 AUX_WEIGHT = 1 / 32
 
@@ -203,19 +204,21 @@ class Crosscoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_tensors(path / CC_WEIGHTS, tensors)
-        atomic_write_json(path / CC_CFG, {"kind": CC_KIND, "version": CC_VERSION, **self.cfg.to_dict()})
+        runs.write_json(path / CC_CFG, runs.Kind.CROSSCODER, self.cfg.to_dict())
         return path
 
 
 def load_crosscoder(path: str | Path, *, device: str | torch.device = "cpu") -> Crosscoder:
-    """Read a folder written by `Crosscoder.save`."""
+    """Read a folder written by `Crosscoder.save` (a model diff's folder: its ``crosscoder/``); anything else
+    raises, saying what it is (`interplab.sae.load_dictionary` loads any dictionary)."""
     path = Path(path)
+    if runs.detect(path) is runs.Kind.MODEL_DIFF:
+        path = runs.ModelDiffRun.open(path).crosscoder
     if not (path / CC_CFG).is_file() or not (path / CC_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path} is not a crosscoder folder: it needs {CC_CFG} and {CC_WEIGHTS}")
-    raw = dict(read_json(path / CC_CFG))
-    if raw.pop("kind", None) != CC_KIND:
-        raise ValueError(f"{path / CC_CFG} is not a crosscoder config (kind must be {CC_KIND!r})")
-    raw.pop("version", None)
+        raise runs.NotARunError(
+            f"{path} is not a crosscoder folder: it needs {CC_CFG} and {CC_WEIGHTS} (it is {runs.describe(path)})"
+        )
+    raw = runs.read_json(path / CC_CFG, runs.Kind.CROSSCODER, strip=True)
     cc = Crosscoder(CrosscoderConfig.from_dict(raw))
     cc.load_state_dict(load_tensors(path / CC_WEIGHTS, device="cpu"))
     return cc.to(device)

@@ -13,6 +13,7 @@ are candidates for what appeared with it.
 
 >>> result = diff_checkpoints("runs/demo", before=100, after=1000)  # trains a crosscoder # doctest: +SKIP
 >>> result.counts()  # after the call above # doctest: +SKIP
+>>> formation_window("runs/demo")  # the checkpoints either side of the formation step # doctest: +SKIP
 {'new': ..., 'lost': ..., 'shared': ..., 'partial': ..., 'dead': ...}
 """
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from interplab import runs
-from interplab.io import atomic_write_json, atomic_write_text, read_json
+from interplab.io import atomic_write_text, read_json
 from interplab.model.load import load_model
 from interplab.plots import figure_html, write_image
 from interplab.sae.activations import corpus_token_batches
@@ -193,7 +194,7 @@ class DiffResult:
         ``relative_norm.png``; returns the paths written (the PNG: None with a reason when no renderer)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / DIFF_JSON, self.to_dict())
+        runs.write_json(folder / DIFF_JSON, runs.Kind.MODEL_DIFF, self.to_dict())
         c = self.counts()
         lines = [f"# crosscoder diff: {self.before} -> {self.after}", "", self.summary(), ""]
         lines += ["| label | latents | first ten |", "| --- | --- | --- |"]
@@ -215,13 +216,13 @@ class DiffResult:
                     f"| {i} | {self.labels[i]} | {float(self.relative_norm[i]):.3f} | "
                     f"{float(self.cosine[i]):.3f} | `{ctx}` |"
                 )
-        atomic_write_text(folder / "diff.md", "\n".join(lines) + "\n")
+        atomic_write_text(folder / runs.DIFF_TABLE, "\n".join(lines) + "\n")
         fig = self.plot()
         atomic_write_text(folder / "relative_norm.html", figure_html(fig, folder))
         why = write_image(fig, folder / "relative_norm.png")
         return {
             "json": str(folder / DIFF_JSON),
-            "md": str(folder / "diff.md"),
+            "md": str(folder / runs.DIFF_TABLE),
             "html": str(folder / "relative_norm.html"),
             "png": None if why else str(folder / "relative_norm.png"),
             "png_missing": why,
@@ -243,6 +244,23 @@ def formation_link(run_dir: str | Path, before: int, after: int) -> dict[str, An
         "formation_step": step,
         "brackets": step is not None and before < step <= after,
     }
+
+
+def formation_window(run_dir: str | Path, formation_step: int | None = None) -> tuple[int, int] | None:
+    """The two checkpoints of training run ``run_dir`` nearest its formation step on either side: the last
+    before it and the first at or after it (``before < formation_step <= after``, what `formation_link` calls
+    bracketing), so a diff of them isolates what appeared as the induction head formed. ``formation_step``
+    defaults to the run's formation report; None when there is none, no head formed or no checkpoint lies on
+    one side."""
+    if formation_step is None:
+        link = formation_link(run_dir, 0, 0)
+        formation_step = link["formation_step"] if link is not None else None
+    if formation_step is None:
+        return None
+    steps = [c.step for c in runs.TrainRun.open(run_dir).checkpoints()]
+    before = [s for s in steps if s < formation_step]
+    after = [s for s in steps if s >= formation_step]
+    return (before[-1], after[0]) if before and after else None
 
 
 def diff_checkpoints(
@@ -337,7 +355,7 @@ def diff_checkpoints(
         },
     )
     if out is not None:
-        cc.save(Path(out) / "crosscoder")
+        cc.save(Path(out) / runs.CROSSCODER_DIR)
         result.save(out)
     return result
 
@@ -363,7 +381,7 @@ def diff_from_folder(folder: str | Path) -> DiffResult:
     """Re-classify a saved diff's crosscoder (``folder/crosscoder``) with the current thresholds (latents
     marked dead in ``diff.json`` stay dead)."""
     folder = Path(folder)
-    cc = load_crosscoder(folder / "crosscoder")
+    cc = load_crosscoder(folder / runs.CROSSCODER_DIR)
     data = read_json(folder / DIFF_JSON) if (folder / DIFF_JSON).is_file() else {}
     alive = torch.tensor([lab != "dead" for lab in data["labels"]]) if "labels" in data else None
     examples = {int(k): v for k, v in data.get("examples", {}).items()}

@@ -206,7 +206,10 @@ def _what_else(path: Path) -> str:
     except (OSError, ValueError, AttributeError):
         kind = None
     if kind in _OTHER_LOADERS:
-        return f" (its {CFG_FILE} says kind {kind!r}: load it with {_OTHER_LOADERS[kind]})"
+        return (
+            f" (its {CFG_FILE} says kind {kind!r}: load it with {_OTHER_LOADERS[kind]}, or with "
+            "interplab.sae.load_dictionary, which loads an SAE, a crosscoder or a CLT by what the folder is)"
+        )
     return f" (it is {describe(path)})" if path.exists() else " (no such folder)"
 
 

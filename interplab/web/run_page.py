@@ -154,6 +154,7 @@ def run_view(art: Artifact) -> dict[str, Any]:
     formation = [formation_view(p, path, root) for p in parts["formation"]]
     attributions = [attribution_view(p, path, root) for p in parts["attributions"]]
     llc = [llc_view(p, path, root) for p in parts["llc"]]
+    own_diff = [path / runs.DIFF_JSON] if _is_file(path / runs.DIFF_JSON, root) else []  # a diff's own folder
     return {
         "what": art.what,
         "timeline": timeline_view(log, formation, llc, attributions),
@@ -163,7 +164,10 @@ def run_view(art: Artifact) -> dict[str, Any]:
         "curves": chart_group(log),
         "report_curves": chart_group(series),
         "formation": formation,
-        "diffs": [diff_view(p, path, root) for p in sorted((path / runs.DIFFS).glob(f"*/{runs.DIFF_JSON}"))],
+        "diffs": [
+            diff_view(p, path, root)
+            for p in [*own_diff, *sorted((path / runs.DIFFS).glob(f"*/{runs.DIFF_JSON}"))]
+        ],
         "across": [
             v
             for p in [path, *sorted(p.parent for p in (path / runs.GRAPHS).glob(f"*/{runs.REPORT}"))]

@@ -72,7 +72,7 @@ CASES = [
     # demo
     (["demo", "--steps", "0", "--out", E], 2, "0"),
     (["demo", "--sae-steps", "-1", "--out", E], 2, "-1"),
-    (["demo", "--threads", "0", "--out", E], 2, "0"),
+    (["demo", "--threads", "-1", "--out", E], 2, "-1"),  # 0 is valid (torch's default)
     (["demo", "--out", F], 2, "afile"),
     # sae cache
     (["sae", "cache", M, "--hook", HOOK, "--out", E, "--tokens", "0", "--corpus", C], 2, "0"),

@@ -1,6 +1,6 @@
 """Run under torchrun (CPU, gloo) by test_distributed.py: ``dist_worker.py OUT STEPS`` caches activations
-rank-sharded into OUT/cache, trains one SAE data-parallel from it into OUT/run (recording each rank's rows in
-OUT/rows_RANK.pt) and spreads a 3-SAE sweep over the ranks into OUT/sweep.
+rank-sharded into OUT/cache, trains one SAE data-parallel from it into OUT/run (recording each rank's rows and its
+initial and final weights in OUT/rows_RANK.pt) and spreads a 3-SAE sweep over the ranks into OUT/sweep.
 
 Environment: ``KILL_STEP=k`` makes rank 1 write its pid to OUT/pid when it reaches step k and wait there (the
 test kills it); ``HANG_STEP=k`` makes rank 1 sleep at step k instead (rank 0's monitored barrier times out);
@@ -45,13 +45,18 @@ def record(batches, start):
 
 
 torch.manual_seed(0)
-sae = create_sae(SAEConfig(d_in=32, d_sae=64, architecture="relu", hook_name=HOOK))
+# each rank draws its own initial weights (rank 0's are the one-process reference's, seed 0): the ranks train
+# one SAE only because the trainer broadcasts rank 0's weights at start-up (`create_sae` alone would make them
+# equal by seeding, and a missing broadcast would go unseen)
+sae = create_sae(SAEConfig(d_in=32, d_sae=64, architecture="relu", hook_name=HOOK), seed=rank)
+initial = {k: v.clone() for k, v in sae.state_dict().items()}
 source = cache_source(out / "cache", [HOOK], batch_size=32, steps=steps)
 batches = SkippableBatches(lambda start: record(source.batches.from_batch(start), start))
 result = train_saes(sae, batches, train_config(steps), run_dir=out / "run", data=source.data)
 # the rows this process trained on in this launch, and the tokens the trainer counted
 torch.save({"rows": torch.cat(seen), "tokens": result.tokens, "resumed_from": result.resumed_from,
-            "local_rank": info.local_rank, "world": info.world},
+            "local_rank": info.local_rank, "world": info.world, "initial": initial,
+            "final": {k: v.clone() for k, v in sae.state_dict().items()}},
            out / f"rows_{rank}.pt")  # fmt: skip
 
 if os.environ.get("ONLY") != "train":

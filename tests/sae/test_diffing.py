@@ -21,6 +21,7 @@ from interplab.sae.diffing import (
     classify,
     diff_from_folder,
     formation_link,
+    formation_window,
     relative_norms,
 )
 
@@ -175,3 +176,128 @@ def test_cli_diff_of_two_checkpoints_of_a_run_says_where_its_outputs_went(tmp_pa
     assert (folder / "diff.json").is_file() and "on the run's page" in res.output
     bad = CliRunner().invoke(app, [*args[:3], "--before", "8", "--after", "0", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "earlier step" in bad.output
+
+
+N_SHARED = 6
+ALPHABET = "".join(chr(0x100 + i) for i in range(2 ** (N_SHARED + 1)))
+"""one character per combination of 7 binary attributes: bits 0-5 shared features, bit 6 a feature only the
+later checkpoint writes"""
+
+
+def _attributes(ch: str) -> list[int]:
+    i = ord(ch) - 0x100
+    return [(i >> bit) & 1 for bit in range(N_SHARED + 1)]
+
+
+def planted_run(root):
+    """A training run of two checkpoints (steps 100 and 200) of a one-layer model whose residual stream at
+    blocks.0.hook_resid_pre is its token embedding, a sum of orthonormal feature directions, one per attribute
+    the character has: both checkpoints write the 6 shared ones; step 200 adds v where bit 6 is set (a feature
+    only the later checkpoint has). The corpus (a folder of files, the run's data
+    source) draws each attribute on with probability 1/4, independently, so the features are sparse and
+    independent of one another. A formation report puts the formation at step 150, between the checkpoints."""
+    from interplab.data import CharTokenizer
+    from interplab.model import ModelConfig, Positional, Transformer
+    from interplab.train.checkpoint import save_checkpoint
+
+    tok = CharTokenizer(ALPHABET)
+    q = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))[0].T
+    shared, v = q[:N_SHARED], q[N_SHARED]
+    run = root / "run"
+    run.mkdir()
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    weights = 2 ** torch.arange(N_SHARED + 1)
+    for i in range(24):
+        bits = (torch.rand(2400, N_SHARED + 1, generator=rng) < 0.25).long()
+        (corpus / f"{i}.txt").write_text("".join(ALPHABET[j] for j in (bits @ weights).tolist()))
+    config = {"model": {}, "data": {"source": str(corpus)}, "optim": {}, "steps": 200, "batch_size": 1}
+    runs.write_json(run / runs.CONFIG, runs.Kind.TRAIN, config)
+    for step in (100, 200):
+        torch.manual_seed(0)
+        model = Transformer(
+            ModelConfig(d_model=32, n_layers=1, n_heads=2, d_vocab=tok.vocab_size, n_ctx=64, d_mlp=64,
+                        positional=Positional.ROTARY)
+        )  # fmt: skip
+        with torch.no_grad():
+            model.embed.W_E.zero_()
+            for ch in ALPHABET:
+                a = torch.tensor(_attributes(ch), dtype=torch.float32)
+                model.embed.W_E[tok.stoi[ch]] = a[:N_SHARED] @ shared + (
+                    a[N_SHARED] * v if step == 200 else 0
+                )
+        model.tokenizer = tok
+        save_checkpoint(run, step, model, None, {"step": step})
+    (run / runs.FORMATION).mkdir()
+    runs.write_json(
+        run / runs.FORMATION / runs.FORMATION_JSON, runs.Kind.FORMATION, {"formation_step": 150, "rows": []}
+    )
+    return run, {"shared": shared, "v": v}
+
+
+def test_sae_diff_of_a_planted_run_finds_the_feature_only_the_later_checkpoint_has(
+    tmp_path, monkeypatch, capsys
+):
+    """`interplab sae diff RUN --before 100 --after 200` on a run whose later checkpoint writes a feature the
+    earlier does not: the latent reading the new direction is labelled new and fires only on the characters
+    that carry it, the shared features' latents are shared, nothing is lost; the diff is linked to the run's
+    formation report (step 150, between them) and saved with its table and picture where the run page lists
+    it."""
+    from typer.testing import CliRunner
+
+    from interplab.cli.formation import print_diffs
+    from interplab.cli.main import app
+    from interplab.web.run_page import diff_view
+
+    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path / "cache"))
+    run, dirs = planted_run(tmp_path)
+    # what the formation report points to: the checkpoints either side of its step, and the command
+    assert formation_window(run) == (100, 200) and formation_window(run, 250) is None
+    print_diffs(run, 150)
+    assert f"sae diff {run} --before 100 --after 200" in " ".join(capsys.readouterr().out.split())
+    args = ["sae", "diff", str(run), "--before", "100", "--after", "200", "--hook", "blocks.0.hook_resid_pre"]
+    small = ["--expansion", "1", "--k", "2", "--tokens", "16384", "--steps", "800", "--batch-size", "256"]
+    res = CliRunner().invoke(app, [*args, *small, "--no-features"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    folder = run / runs.DIFFS / "step_000100-step_000200"
+    assert "the induction head formed at step 150, between them" in " ".join(res.output.split())
+    assert runs.detect(folder) is runs.Kind.MODEL_DIFF
+    assert (folder / runs.DIFF_TABLE).is_file() and (folder / "relative_norm.html").is_file()
+    diff = diff_from_folder(folder)
+    cc = load_crosscoder(folder / runs.CROSSCODER_DIR)
+    W = cc.W_dec.detach()  # [d_sae, 2 sources, d_in]
+
+    def best(direction, side):
+        cos = (W[:, side] @ direction) / W[:, side].norm(dim=-1).clamp_min(1e-8)
+        return int(cos.argmax()), float(cos.max())
+
+    new, cos_new = best(dirs["v"], 1)
+    assert cos_new > 0.99 and diff.labels[new] == "new", (cos_new, diff.labels[new])
+    assert float(diff.relative_norm[new]) > 0.95 and diff.features("lost") == []
+    found = [best(d, 0) for d in dirs["shared"]]
+    assert sum(c > 0.9 for _, c in found) >= N_SHARED - 1, found  # at most one shared feature missed
+    for i, c in found:
+        if c > 0.9:
+            assert diff.labels[i] == "shared", (c, diff.labels[i], float(diff.relative_norm[i]))
+    # the new latent fires where the later checkpoint writes v: on the characters with c = 1, only there
+    examples = diff.examples[new]
+    assert len(examples) == 5 and all(_attributes(e["token"])[N_SHARED] == 1 for e in examples), examples
+    data = json.loads((folder / runs.DIFF_JSON).read_text())
+    assert data["kind"] == "model_diff" and new in data["features"]["new"]
+    assert data["formation"]["formation_step"] == 150 and data["formation"]["brackets"] is True
+    # the run page lists it beside the formation report, the latents leaning new first
+    view = diff_view(folder / runs.DIFF_JSON, run, tmp_path)
+    assert (
+        view["counts"]["new"] >= 1 and view["brackets"] and new in [x["latent"] for x in view["latents"][:3]]
+    )
+    # and the formation command lists it, with its counts and where it lies against the formation
+    print_diffs(run, 150)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "model diff step_000100-step_000200: a model diff between two checkpoints" in shown, shown
+    assert "the formation (step 150) between them" in shown and "--before 100" not in shown
+    assert runs.TrainRun.open(run).diffs == {folder.name: folder}
+    assert runs.open_dictionary(folder).reads == (
+        "step_100:blocks.0.hook_resid_pre",
+        "step_200:blocks.0.hook_resid_pre",
+    )

@@ -106,6 +106,19 @@ def test_data_parallel_training_equals_one_process(two, one_thread):
                  rtol=1e-4, atol=1e-6)  # fmt: skip
 
 
+def test_ranks_that_start_from_different_weights_train_one_sae(two):
+    """Each rank draws its own initial weights (seed = rank); the trainer's start-up broadcast makes every rank
+    train rank 0's, so they end bit-identical (without the broadcast each rank keeps its own start and the
+    averaged gradients move them apart: this test and the one-process comparison above fail)."""
+    ranks = [torch.load(two / f"rows_{r}.pt") for r in range(2)]
+    differ = [
+        k for k in ranks[0]["initial"] if not torch.equal(ranks[0]["initial"][k], ranks[1]["initial"][k])
+    ]
+    assert "W_enc" in differ and "W_dec" in differ  # the ranks really started apart
+    for key, p in ranks[0]["final"].items():
+        assert torch.equal(p, ranks[1]["final"][key]), key
+
+
 def test_sweep_spread_over_ranks_writes_what_one_process_writes(two, tmp_path, one_thread):
     cfg = sweep_config()
     src = cache_source(two / "cache", [HOOK], batch_size=cfg.batch_size, steps=cfg.steps)

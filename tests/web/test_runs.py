@@ -185,6 +185,23 @@ def test_run_page_lists_its_model_diffs_beside_the_formation_report(tmp_path, we
     assert c.get(href).status_code == 200
 
 
+def test_a_model_diff_served_on_its_own_is_listed_and_its_page_shows_the_diff(tmp_path, web_setup):
+    """A diff written outside its run (`sae diff --out DIR`) is a run of its own kind on the home page, and its
+    page shows the diff."""
+    import torch
+
+    from interplab.sae.diffing import DiffResult
+
+    d = DiffResult(
+        torch.tensor([0.95, 0.5]), torch.tensor([0.1, 0.9]), ("new", "shared"), "a:h", "b:h", fvu=0.2
+    )
+    d.save(tmp_path / "runs" / "mydiff")
+    c = client_for([tmp_path / "runs"])
+    assert 'href="/run/0">runs/mydiff</a>' in c.get("/").text
+    section = c.get("/run/0").text.split('id="diff-0"')[1].split("</div>")[0]
+    assert "a:h → b:h" in section and "1 new, 0 lost, 1 shared" in section
+
+
 @pytest.mark.parametrize(
     "value,shown",
     [
