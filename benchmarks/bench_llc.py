@@ -8,7 +8,9 @@ torch 2.13 CPU, built by ``bash scripts/peers.sh devinterp``) with the checkout 
 same model, through its public ``devinterp.slt.llc.llc`` with the same SGLD step size, nbeta, localisation, chains, draws and batch size (no
 burn-in: devinterp averages every step).
 
-Rounds are interleaved (interplab's default path, interplab's per-chain reference path, devinterp, ...); the
+Rounds are interleaved (interplab's default path, with ``--compile`` interplab's compiled path, interplab's
+per-chain reference path, devinterp, ...; the compiled path's first call, the compile, is timed before the
+rounds and recorded apart as ``compile_first_call``); the
 report gives medians of wall and CPU seconds of the estimator call alone (imports, model loading and training
 excluded on both sides), the calls' voluntary and involuntary context switches (a wall time far above the CPU
 time with no voluntary switches is the machine's other jobs, not waiting), both estimates with their
@@ -152,12 +154,14 @@ CASES: dict[str, dict] = {
 arithmetic), full batch as the tests run them"""
 
 
-def _ours(model: torch.nn.Module, data: tuple, loss, cfg: SGLDConfig, vectorize: bool | None) -> dict:
+def _ours(
+    model: torch.nn.Module, data: tuple, loss, cfg: SGLDConfig, vectorize: bool | None, compile: bool = False
+) -> dict:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     w, c = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # short chains: not mixed, and said so in docs/dynamics.md
-        est = estimate_llc(model, data, loss, cfg, vectorize=vectorize)
+        est = estimate_llc(model, data, loss, cfg, vectorize=vectorize, compile=compile)
     wall, cpu = time.perf_counter() - w, time.process_time() - c
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return {
@@ -279,6 +283,12 @@ def main() -> None:
         ),
     )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time estimate_llc(compile=True) on the transformer cases (its first call, the compile, "
+        "recorded apart; the rounds reuse the compiled graphs)",
+    )
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--note", default="", help="recorded with the run (e.g. the machine's load)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llc.json")
@@ -308,8 +318,15 @@ def main() -> None:
             batch = tuple(t[: spec["batch_size"] or n] for t in data)
             flops = step_flops(model, batch, loss)
             rows: dict[str, list[dict]] = {"interplab": [], "interplab_reference": [], "devinterp": []}
+            compiled = args.compile and "arch" in spec  # the chain-batched path: transformers only
+            first_compiled = None
+            if compiled:  # the compile (and one estimate), paid once per shape: recorded, not in the rounds
+                first_compiled = _ours(model, data, loss, cfg, None, compile=True)
+                rows["interplab_compiled"] = []
             for r in range(args.rounds):
                 rows["interplab"].append(_ours(model, data, loss, cfg, None))
+                if compiled:
+                    rows["interplab_compiled"].append(_ours(model, data, loss, cfg, None, compile=True))
                 rows["interplab_reference"].append(_ours(model, data, loss, cfg, False))
                 rows["devinterp"].append(_theirs(args.devinterp_python, model_file, data_file, settings))
                 print(
@@ -338,6 +355,22 @@ def main() -> None:
                 "speedup_wall": b["wall_s_median"] / a["wall_s_median"],
                 "speedup_cpu_vs_reference_path": out["interplab_reference"]["cpu_s_median"]
                 / a["cpu_s_median"],
+                **(
+                    {
+                        "compile_first_call": {
+                            k: first_compiled[k] for k in ("wall_s", "cpu_s", "llc")
+                        },  # the compile's CPU is mostly inductor's worker processes: wall is its cost
+                        "speedup_cpu_compiled": b["cpu_s_median"] / out["interplab_compiled"]["cpu_s_median"],
+                        "speedup_wall_compiled": b["wall_s_median"]
+                        / out["interplab_compiled"]["wall_s_median"],
+                        "compiled_agree_within_2se": abs(
+                            out["interplab_compiled"]["llc_median"] - b["llc_median"]
+                        )
+                        <= 2 * math.hypot(out["interplab_compiled"]["se"], b["se"]),
+                    }
+                    if first_compiled is not None
+                    else {}
+                ),
                 "step_flops": flops,
                 "floor_cpu_s": floor,
                 "floor_fraction": {k: floor / v["cpu_s_median"] for k, v in out.items()},
@@ -345,13 +378,14 @@ def main() -> None:
             print(
                 json.dumps(
                     {
-                        k: cases[name][k]
+                        k: cases[name].get(k)
                         for k in (
                             "difference",
                             "combined_se",
                             "agree_within_2se",
                             "speedup_cpu",
                             "speedup_wall",
+                            "speedup_cpu_compiled",
                             "floor_fraction",
                         )
                     }
@@ -377,6 +411,8 @@ def main() -> None:
         "contenders": {
             "interplab": "estimate_llc, default path (chain-batched Transformer forward; vmap for other modules)",
             "interplab_reference": "estimate_llc(vectorize=False): one torch.func.grad_and_value call per chain",
+            "interplab_compiled": "estimate_llc(compile=True), with --compile: the chain-batched path through "
+            "torch.compile, timed after its first call (compile_first_call)",
             "devinterp": "devinterp.slt.llc.llc 2.0.1 in its own venv (no multi-core option: cores is fixed "
             "at 1; torch threads 1)",
         },

@@ -344,6 +344,7 @@ def estimate_llc(
     component: Component | None = None,
     observables: Mapping[str, Sequence[Tensor]] | None = None,
     vectorize: bool | None = None,
+    compile: bool = False,
 ) -> LLCEstimate:
     """Estimate the LLC of ``model`` at its current weights on ``data`` (tensors with the examples along the
     first axis; the model is called on ``data[0]``, ``criterion(output, batch)`` gives the mean loss).
@@ -358,9 +359,16 @@ def estimate_llc(
     one forward and backward, batched matmuls over the chains; `interplab.dynamics.chains.unsupported` says
     which models it covers), other transformers one call per chain, other modules one `torch.func.vmap` over
     the chains; True: `torch.func.vmap`; False: one `torch.func.grad_and_value` call per chain (the
-    reference path)."""
+    reference path).
+
+    ``compile``: run the chain-batched forward and backward through `torch.compile` (inductor fuses the
+    elementwise work around the matmuls: 1.3-1.5x per step on CPU, `benchmarks/bench_llc.py`). The first
+    estimate of an architecture and minibatch shape pays the compile (40-60 s on two CPU cores, ~5 s from
+    inductor's on-disk cache in a later process); later estimates of the same shape (the checkpoints of a run,
+    the components) reuse it. Needs the chain-batched path (``vectorize=None`` on a model it covers); the
+    numbers equal the eager path's to float rounding."""
     cfg = config or SGLDConfig()
-    est, _ = _sample(model, data, criterion, cfg, component, observables or {}, vectorize)
+    est, _ = _sample(model, data, criterion, cfg, component, observables or {}, vectorize, compile)
     return est
 
 
@@ -372,6 +380,7 @@ def _sample(
     component: Component | None,
     observables: Mapping[str, Sequence[Tensor]],
     vectorize: bool | None = None,
+    compile: bool = False,
 ) -> tuple[LLCEstimate, dict[str, Tensor]]:
     data, n = _checked_data(data)
     nbeta = cfg.nbeta if cfg.nbeta is not None else default_nbeta(n)
@@ -387,8 +396,14 @@ def _sample(
     C = cfg.chains
     flat = _Flat(w0, C)
     kernel = _chain_kernel(model, data, criterion) if vectorize is None else None
+    if compile and kernel is None:
+        why = f"vectorize={vectorize}" if vectorize is not None else _no_kernel(model, data, criterion)
+        raise ValueError(
+            f"compile=True needs the chain-batched path of interplab.dynamics.chains, which this estimate "
+            f"does not take ({why}); leave compile=False"
+        )
     if kernel is not None:
-        step, evaluate = _kernel_step(kernel, flat), _kernel_evaluate(kernel, cfg.batch_size)
+        step, evaluate = _kernel_step(kernel, flat, compile), _kernel_evaluate(kernel, cfg.batch_size)
         with torch.no_grad():
             init_loss = float(_full_loss(lambda p, b: kernel({}, b[0][None])[0], w0, data, cfg.batch_size))
     else:
@@ -607,26 +622,53 @@ def _generic_step(
     return run
 
 
+def _no_kernel(model: nn.Module, data: tuple[Tensor, ...], criterion: Criterion) -> str | None:
+    """Why the chain-batched loss of `interplab.dynamics.chains` does not compute what ``criterion`` does
+    (None: it does, the next-token loss of an interplab Transformer on token windows)."""
+    if criterion is not lm_loss:
+        return "the criterion is not interplab.dynamics.lm_loss"
+    if len(data) != 1 or data[0].dim() != 2 or data[0].shape[1] < 2:
+        return "the data is not one [windows, positions >= 2] token tensor"
+    return unsupported(model)
+
+
 def _chain_kernel(model: nn.Module, data: tuple[Tensor, ...], criterion: Criterion) -> ChainLoss | None:
-    """The chain-batched loss of `interplab.dynamics.chains` where it computes what ``criterion`` does
-    (the next-token loss of an interplab Transformer on token windows), else None."""
-    if criterion is not lm_loss or len(data) != 1 or data[0].dim() != 2 or data[0].shape[1] < 2:
-        return None
-    if unsupported(model) is not None:
+    """The chain-batched loss of `interplab.dynamics.chains` where it computes what ``criterion`` does, else
+    None (`_no_kernel` says why)."""
+    if _no_kernel(model, data, criterion) is not None:
         return None
     model.check_tokens(data[0])  # type: ignore[operator]  # bad ids, too many positions: named as the model does
     return ChainLoss(model)  # type: ignore[arg-type]
 
 
-CHAIN_GROUP_TOKENS = 1024
+CHAIN_GROUP_TOKENS = 2048
 """tokens (windows x positions, summed over chains) per chain-batched forward: chains are grouped up to this
-many, a minibatch this large or larger runs chain by chain (on CPU the activations of several chains together
-fall out of the cache and cost more than the separate calls' overhead; benchmarks/bench_llc.py)"""
+many, a minibatch this large or larger runs chain by chain (on CPU the activations of many chains together
+fall out of the cache and cost more than the separate calls' overhead; 2,048, two chains of 1,024 tokens, was
+1.08x / 1.03x faster than 1,024 on bench_llc's small / mid transformer, 4,096 no faster than 1,024)"""
+
+
+def _call(kernel: ChainLoss, params: Mapping[str, Tensor], tokens: Tensor) -> Tensor:
+    return kernel(params, tokens)
+
+
+_compiled: Callable[[ChainLoss, Mapping[str, Tensor], Tensor], Tensor] | None = None
+"""`_call` through `torch.compile`, made on first use: one for the process, so every `ChainLoss` of an
+architecture (a run's checkpoints) shares the compiled graphs, guarded on shapes, not on weights"""
+
+
+def _compiled_call() -> Callable[[ChainLoss, Mapping[str, Tensor], Tensor], Tensor]:
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_call, dynamic=False)
+    return _compiled
 
 
 def _kernel_step(
-    kernel: ChainLoss, flat: _Flat
+    kernel: ChainLoss, flat: _Flat, compile: bool = False
 ) -> Callable[[Tensor, dict[str, Tensor], tuple[Tensor, ...]], tuple[Tensor, Tensor]]:
+    call = _compiled_call() if compile else _call
+
     def run(w_flat: Tensor, w: dict[str, Tensor], batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         tokens = batch[0]
         C = tokens.shape[0]
@@ -636,7 +678,7 @@ def _kernel_step(
         for lo in range(0, C, group):
             leaves = {k: v[lo : lo + group].detach().requires_grad_() for k, v in w.items()}
             with torch.enable_grad():
-                loss = kernel(leaves, tokens[lo : lo + group])
+                loss = call(kernel, leaves, tokens[lo : lo + group])
                 found = torch.autograd.grad(loss.sum(), list(leaves.values()), materialize_grads=True)
             losses.append(loss.detach())
             for k, g in zip(leaves, found, strict=True):

@@ -381,6 +381,7 @@ def llc_along_run(
     steps: Sequence[int] | None = None,
     out: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    compile: bool = False,
 ) -> RunLLC:
     """Estimate the LLC of every intact checkpoint of ``run_dir`` (or of ``steps`` only) on ``n_seqs``
     training windows of the run (`run_tokens`), in total and for each of ``components`` (see
@@ -388,7 +389,8 @@ def llc_along_run(
 
     Each checkpoint's estimates are written to ``out/estimates/step_N.json`` (default ``RUN/llc``) as they
     finish; a checkpoint found there with the same settings is read back, not sampled again.
-    ``progress(done, total)`` is called after each checkpoint. Raises `SGLDDivergence` (with the fix) when a
+    ``progress(done, total)`` is called after each checkpoint. ``compile``: `estimate_llc`'s (one compile per
+    architecture and set of sampled parameters, shared by the checkpoints). Raises `SGLDDivergence` (with the fix) when a
     chain diverges; what was finished stays on disk."""
     config = config or SGLDConfig()
     run = runs.TrainRun.open(run_dir)
@@ -429,9 +431,11 @@ def llc_along_run(
             resumed.append(ckpt.step)
         else:
             model = first if i == 0 else load_native(ckpt.path)
-            found = {"all": estimate_llc(model, (tokens,), lm_loss, config)}
+            found = {"all": estimate_llc(model, (tokens,), lm_loss, config, compile=compile)}
             for comp in parse_components(model, components):
-                found[comp.name] = estimate_llc(model, (tokens,), lm_loss, config, component=comp)
+                found[comp.name] = estimate_llc(
+                    model, (tokens,), lm_loss, config, component=comp, compile=compile
+                )
             runs.write_json(
                 file,
                 runs.Kind.LLC_CHECKPOINT,

@@ -124,3 +124,44 @@ def test_chains_grouped_or_one_by_one_give_the_same_draws(monkeypatch):
         torch.testing.assert_close(grouped.trace, together.trace, rtol=2e-5, atol=1e-6)
     ref = estimate_llc(model, (tokens,), lm_loss, cfg, vectorize=False)
     torch.testing.assert_close(grouped.trace, ref.trace, rtol=2e-5, atol=1e-6)
+
+
+def test_attention_and_rotary_functions_have_their_gradients():
+    """The two hand-written autograd Functions of the chain-batched forward: forward equal to the plain
+    formula, backward equal to the numerical gradient (float64 gradcheck)."""
+    from interplab.dynamics.chains import _CausalAttention, _Rotary
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.full((5, 5), float("-inf"), dtype=torch.float64).triu(1)
+    plain = torch.softmax(q @ k.transpose(1, 2) * 0.5 + mask, -1) @ v
+    torch.testing.assert_close(_CausalAttention.apply(q, k, v, mask, 0.5), plain)
+    assert torch.autograd.gradcheck(lambda *t: _CausalAttention.apply(*t, mask, 0.5), (q, k, v))
+    model = _model(**CONFIGS["smeared-partial-rotary-gptj"])  # rotary on 4 of 8 dimensions
+    chain_loss = ChainLoss(model)
+    cos, sin, sin_swapped = (t.double() for t in chain_loss._tables(5))
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    from interplab.model.attention import apply_rotary
+
+    cos_r, sin_r = (t.double() for t in model._rotary_range(0, 5, x.device))  # [1 pos 1 rotary_dim]
+    expected = apply_rotary(x.transpose(1, 2), cos_r, sin_r, model.cfg.rotary_style)
+    rotary = (cos, sin, sin_swapped, chain_loss.swap)
+    torch.testing.assert_close(_Rotary.apply(x, *rotary), expected.transpose(1, 2))
+    assert torch.autograd.gradcheck(lambda t: _Rotary.apply(t, *rotary), (x,))
+
+
+@pytest.mark.slow  # the compile: ~1 min on two loaded cores
+@pytest.mark.filterwarnings("ignore::interplab.dynamics.llc.LLCConvergenceWarning")
+def test_compiled_chains_equal_the_eager_ones():
+    """``compile=True``: the same draws as the eager chain-batched path (several chains, MLPs, rotary), and a
+    clear error where there is no chain-batched path to compile."""
+    model = _model(**CONFIGS["rotary-attn-only"] | {"attn_only": False})
+    tokens = torch.randint(0, 19, (24, 10), generator=torch.Generator().manual_seed(9))
+    cfg = SGLDConfig(step_size=1e-3, gamma=10.0, nbeta=20.0, chains=3, draws=8, burn_in=2, batch_size=4)
+    eager = estimate_llc(model, (tokens,), lm_loss, cfg)
+    compiled = estimate_llc(model, (tokens,), lm_loss, cfg, compile=True)
+    torch.testing.assert_close(compiled.trace, eager.trace, rtol=2e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="compile=True needs the chain-batched path.*vectorize=False"):
+        estimate_llc(model, (tokens,), lm_loss, cfg, vectorize=False, compile=True)
+    with pytest.raises(ValueError, match="compile=True needs.*soft-capping"):
+        estimate_llc(_model(logit_softcap=30.0), (tokens,), lm_loss, cfg, compile=True)
