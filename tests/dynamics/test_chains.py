@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 from torch.func import functional_call, grad_and_value
 
-from interplab.dynamics import SGLDConfig, estimate_llc, lm_loss
+from interplab.dynamics import SGLDConfig, estimate_llc, llc, lm_loss
 from interplab.dynamics.chains import ChainLoss, unsupported
 from interplab.dynamics.llc import head_component, layer_component
 from interplab.model import ModelConfig, Transformer
@@ -165,3 +166,25 @@ def test_compiled_chains_equal_the_eager_ones():
         estimate_llc(model, (tokens,), lm_loss, cfg, vectorize=False, compile=True)
     with pytest.raises(ValueError, match="compile=True needs.*soft-capping"):
         estimate_llc(_model(logit_softcap=30.0), (tokens,), lm_loss, cfg, compile=True)
+
+
+def test_compiled_step_may_hold_more_graphs_than_dynamos_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each set of sampled parameters (a component) is a graph of its own; past dynamo's default of 8 per
+    function the rest would run eager without a word, so the compiled step raises the limit while it runs
+    (checked here with a stand-in for torch.compile: a real compile per graph takes seconds)."""
+    seen: list[int] = []
+
+    def fake_compile(fn, **kwargs):
+        def run(*args):
+            seen.append(torch._dynamo.config.recompile_limit)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(llc, "_compiled", None)
+    monkeypatch.setattr(llc.torch, "compile", fake_compile)
+    before = torch._dynamo.config.recompile_limit
+    out = llc._compiled_call()(lambda params, tokens: tokens.sum(), {}, torch.ones(3))
+    assert float(out) == 3.0
+    assert seen == [llc.RECOMPILE_LIMIT] and llc.RECOMPILE_LIMIT > 8
+    assert torch._dynamo.config.recompile_limit == before  # restored after the call
