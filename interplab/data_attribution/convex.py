@@ -143,8 +143,8 @@ def lds_experiment(
     for _ in range(5):
         sub = torch.rand(n_train, generator=gen) < fraction
         model_m = fit(x[sub], y[sub], l2=l2)
-        phi = proj.project(per_example_grads(model_m, example_margin, (x, y), group))
-        phi_t = proj.project(per_example_grads(model_m, example_margin, (xt, yt), group))
+        phi = per_example_grads(model_m, example_margin, (x, y), group, transform=proj.project)
+        phi_t = per_example_grads(model_m, example_margin, (xt, yt), group, transform=proj.project)
         with torch.no_grad():
             p_train = F.softmax(model_m(x), -1).gather(1, y[:, None])[:, 0]
             p_test = F.softmax(model_m(xt), -1).gather(1, yt[:, None])[:, 0]

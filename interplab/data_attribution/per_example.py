@@ -60,11 +60,14 @@ def per_example_grads(
     *,
     chunk_size: int | None = None,
     memory_budget: float = 1e9,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Gradients of ``objective(model, example)`` for each example, restricted to ``group``: [n, group.numel].
 
     Chunked so that the per-example gradients of the group's full parameters stay under ``memory_budget``
-    bytes per chunk (or ``chunk_size`` examples)."""
+    bytes per chunk (or ``chunk_size`` examples). ``transform`` maps each chunk's gradients [chunk, numel] to
+    rows [chunk, ...] (a projection, a norm) as they are made, so the full [n, numel] matrix is never held:
+    the result is ``transform`` of the gradients, concatenated over the chunks."""
     examples = examples if isinstance(examples, tuple) else (examples,)
     n = examples[0].shape[0]
     if isinstance(model, Transformer) and not examples[0].is_floating_point():
@@ -86,7 +89,8 @@ def per_example_grads(
     out = []
     for start in range(0, n, chunk_size):
         chunk = tuple(e[start : start + chunk_size] for e in examples)
-        out.append(group.flatten(per_ex(free, *chunk), batched=True))
+        g = group.flatten(per_ex(free, *chunk), batched=True)
+        out.append(g if transform is None else transform(g))
     return torch.cat(out)
 
 

@@ -118,12 +118,18 @@ class GradientRecorder:
         n = (examples[0] if isinstance(examples, tuple) else examples).shape[0]
         if example_ids.shape != (n,):
             raise ValueError(f"example_ids must have shape ({n},), got {tuple(example_ids.shape)}")
-        grads = per_example_grads(
-            model, objective, examples, self.group, memory_budget=self.cfg.memory_budget
+        denom = (
+            self._adam_denominator(model, optimizer)
+            if self.cfg.precondition and optimizer is not None
+            else None
         )
-        if self.cfg.precondition and optimizer is not None:
-            grads = grads / self._adam_denominator(model, optimizer)
-        feats = self.projector.project(grads) / (batch_size or n)
+
+        def project(grads: Tensor) -> Tensor:  # chunk by chunk: the [n, numel] gradients are never held
+            return self.projector.project(grads if denom is None else grads / denom)
+
+        feats = per_example_grads(
+            model, objective, examples, self.group, memory_budget=self.cfg.memory_budget, transform=project
+        ) / (batch_size or n)
         name = f"step_{step:08d}.safetensors"
         save_tensors(
             self.folder / name,

@@ -313,7 +313,7 @@ def _features(
 
         def exact(model: Transformer) -> tuple[Tensor, Tensor]:
             tg = proj.project(objective_grad(model, target, grp)[None])[0]
-            return proj.project(per_example_grads(model, lm_loss, tokens, grp, chunk_size=8)), tg
+            return per_example_grads(model, lm_loss, tokens, grp, chunk_size=8, transform=proj.project), tg
 
         return exact
     sites, rest = group_sites(final, grp)
@@ -335,6 +335,10 @@ def _features(
         return dots, torch.ones(1)
 
     return factored
+
+
+def _row_norms(g: Tensor) -> Tensor:
+    return g.norm(dim=1)
 
 
 def _slice_masks(model: Transformer, group: ParamGroup) -> dict[str, Tensor]:
@@ -574,7 +578,7 @@ def movers(
         grp = param_group(model, group)
         lr = _lr_at(cfg, a.step)
         norms = (
-            per_example_grads(model, lm_loss, tokens, grp, chunk_size=8).norm(dim=1)
+            per_example_grads(model, lm_loss, tokens, grp, chunk_size=8, transform=_row_norms)
             * lr
             * (b.step - a.step)
             / source.n_train

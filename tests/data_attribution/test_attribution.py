@@ -51,6 +51,28 @@ def test_per_example_grads_equal_single_backward(spec, variant):
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "sparse"])
+def test_per_example_grads_transformed_chunk_by_chunk(kind):
+    """``transform`` (a projection, a norm) is applied to each chunk as it is made: it never sees more rows
+    than a chunk, so the [n, numel] gradients are never held, and gives what transforming them all gives."""
+    model = small_model()
+    tokens = torch.randint(0, 50, (7, 16), generator=torch.Generator().manual_seed(1))
+    group = param_group(model, "all")
+    full = per_example_grads(model, lm_loss, tokens, group, chunk_size=3)
+    proj = Projector(d_in=group.numel, dim=64, seed=0, kind=kind)
+    seen = []
+
+    def project(g):
+        seen.append(g.shape)
+        return proj.project(g)
+
+    out = per_example_grads(model, lm_loss, tokens, group, chunk_size=3, transform=project)
+    assert seen == [(3, group.numel), (3, group.numel), (1, group.numel)]
+    torch.testing.assert_close(out, proj.project(full))
+    norms = per_example_grads(model, lm_loss, tokens, group, chunk_size=3, transform=lambda g: g.norm(dim=1))
+    torch.testing.assert_close(norms, full.norm(dim=1))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sparse"])
 def test_projection_preserves_dot_products_within_jl_bound(kind):
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(60, 3000, generator=gen)
