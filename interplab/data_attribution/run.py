@@ -329,9 +329,15 @@ def _features(
             vector[p] = torch.zeros_like(named[p])
         dots = factored_dots(model, lm_losses, tokens, sites, [vector])
         if rest is not None:
-            # parameters no site covers (e.g. learned positions): exact per-example gradients
-            g = per_example_grads(model, lm_loss, tokens, rest, chunk_size=8)
-            dots = dots + (g @ rest.flatten(tgrads))[:, None]
+            # parameters no site covers (e.g. learned positions): exact per-example gradients, dotted with
+            # the target's chunk by chunk
+            tvec = rest.flatten(tgrads)
+            dots = (
+                dots
+                + per_example_grads(model, lm_loss, tokens, rest, chunk_size=8, transform=lambda g: g @ tvec)[
+                    :, None
+                ]
+            )
         return dots, torch.ones(1)
 
     return factored
