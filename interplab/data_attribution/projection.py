@@ -8,6 +8,7 @@ same four values project identically, so shards written at different times can b
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 
@@ -71,6 +72,12 @@ class Projector:
                 (self.dim, self.d_in),
                 check_invariants=False,
             ).coalesce()
+            # CSR: COO's sparse x dense product re-indexes the whole matrix on every call (a 395k x 1,024
+            # projection of 256 rows: 1.3 CPU s in one call, 9.4 s in 32 chunks of 8; CSR 1.0 s and 0.43 s),
+            # and gradients are projected chunk by chunk as they are made
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                m = m.to_sparse_csr()
         object.__setattr__(self, "_matrix", m)
         return m
 
