@@ -260,21 +260,7 @@ class RunLLC:
         )
         for c in parts:
             fig.add_scatter(x=steps, y=list(self.llc[c]), mode="lines+markers", name=c, row=1, col=2)
-        bad = self.not_mixed()
-        for c in self.components:
-            where = [(step, r) for step, comp, r in bad if comp == c]
-            if where:
-                index = {s: i for i, s in enumerate(self.steps)}
-                fig.add_scatter(
-                    x=[s for s, _ in where],
-                    y=[self.llc[c][index[s]] for s, _ in where],
-                    mode="markers",
-                    marker={"symbol": "x", "size": 11, "color": "firebrick"},
-                    name=f"{c}: R-hat > {mcmc.RHAT_THRESHOLD}",
-                    hovertext=[f"R-hat {r:.3f}" for _, r in where],
-                    row=1,
-                    col=1 if c == "all" else 2,
-                )
+        self.mark_not_mixed(fig, lambda c: {"row": 1, "col": 1 if c == "all" else 2})
         fig.update_xaxes(title_text="step")
         fig.update_yaxes(title_text="LLC", secondary_y=False)
         fig.update_yaxes(title_text="L(w*)", secondary_y=True, row=1, col=1)
@@ -282,6 +268,24 @@ class RunLLC:
             title=f"{Path(self.run_dir).name}: {self.summary()}", height=450, width=550 * cols + 100
         )
         return fig
+
+    def mark_not_mixed(self, fig: Any, place: Callable[[str], dict[str, int]]) -> None:
+        """Cross out, on ``fig``, every estimate whose chains have not mixed (R-hat above
+        `mcmc.RHAT_THRESHOLD`); ``place(component)`` gives the subplot (``row``, ``col``) of its curve."""
+        bad = self.not_mixed()
+        index = {s: i for i, s in enumerate(self.steps)}
+        for c in self.components:
+            where = [(step, r) for step, comp, r in bad if comp == c]
+            if where:
+                fig.add_scatter(
+                    x=[s for s, _ in where],
+                    y=[self.llc[c][index[s]] for s, _ in where],
+                    mode="markers",
+                    marker={"symbol": "x", "size": 11, "color": "firebrick"},
+                    name=f"{c}: R-hat > {mcmc.RHAT_THRESHOLD}",
+                    hovertext=[f"R-hat {r:.3f}" for _, r in where],
+                    **place(c),
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -495,7 +499,8 @@ def formation_llc_figure(
 ) -> Any:
     """The formation picture with the LLC beside the induction score, on one step axis: the induction score
     per head (top), the total LLC ± SE with the held-out loss (middle), the per-component LLCs (bottom, when
-    estimated); the formation step dotted and an attribution's formation window shaded."""
+    estimated), estimates whose chains have not mixed crossed out; the formation step dotted and an
+    attribution's formation window shaded."""
     from plotly.subplots import make_subplots
 
     parts = [c for c in llc.components if c != "all"]
@@ -547,6 +552,7 @@ def formation_llc_figure(
         fig.add_scatter(
             x=list(llc.steps), y=list(llc.llc[c]), name=f"LLC {c}", mode="lines+markers", row=3, col=1
         )
+    llc.mark_not_mixed(fig, lambda c: {"row": 2 if c == "all" else 3, "col": 1})
     for r in range(1, rows + 1):
         if formation.formation_step is not None:
             fig.add_vline(x=formation.formation_step, line_dash="dot", line_color="gray", row=r, col=1)

@@ -11,10 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from interplab import runs
+from interplab.analysis.formation import FormationResult
 from interplab.cli.main import app
 from interplab.dynamics import SGLDConfig, estimate_llc, head_component, lm_loss
 from interplab.dynamics import run as run_llc
-from interplab.dynamics.run import RunLLC, llc_along_run, parse_components, run_tokens
+from interplab.dynamics.run import RunLLC, formation_llc_figure, llc_along_run, parse_components, run_tokens
 from interplab.model.io import load_native
 from interplab.train import train
 from tests.train.conftest import _tiny_config, write_corpus
@@ -118,6 +119,14 @@ def test_llc_command_writes_the_run_folder_and_joins_the_formation_report(run_di
     assert formation.exit_code == 0 and (run_dir / runs.FORMATION / "formation_llc.html").is_file()
     fig = RunLLC.open(folder).plot()
     assert {t.name for t in fig.data} >= {"LLC", "layer 0", "layer 1"}
+    # the joined picture crosses out the estimates whose chains have not mixed, as the LLC's own plot does
+    # (2 chains x 6 draws: none has)
+    llc = RunLLC.open(folder)
+    formation_doc = runs.read_json(run_dir / runs.FORMATION / runs.FORMATION_JSON, runs.Kind.FORMATION)
+    joined = formation_llc_figure(FormationResult.from_dict(formation_doc), llc)
+    crossed = {t.name: len(t.x) for t in joined.data if "R-hat >" in (t.name or "")}
+    assert crossed and crossed == {t.name: len(t.x) for t in fig.data if "R-hat >" in (t.name or "")}
+    assert sum(crossed.values()) == len(llc.not_mixed())
 
 
 def test_bad_components_and_steps_are_named(run_dir):
