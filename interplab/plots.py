@@ -433,20 +433,56 @@ def _render(fig: Any, fmt: str) -> bytes:
 
 def _kaleido_transform(spec: dict[str, Any], fmt: str) -> bytes:
     if not _SCOPE:
-        from kaleido.scopes.plotly import PlotlyScope
-
-        _SCOPE.append(PlotlyScope(plotlyjs=str(plotly_js_source()), mathjax=False))
+        _SCOPE.append(_new_scope())
     scope = _SCOPE[0]
     return _with_timeout(lambda: scope.transform(spec, format=fmt))
 
 
+# run as kaleido's command: a session (and process group) of its own, then its real command in the same process
+_NEW_SESSION = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+def _new_scope() -> Any:
+    """A kaleido 0.2 renderer whose process (a shell wrapper, the kaleido binary and the Chromium processes it
+    starts) runs in a process group of its own, so that `_drop_scope` can stop all of it at once."""
+    import sys
+
+    from kaleido.scopes.plotly import PlotlyScope
+
+    scope = PlotlyScope(plotlyjs=str(plotly_js_source()), mathjax=False)
+    build = getattr(scope, "_build_proc_args", None)  # the command kaleido starts its process with
+    if build is not None and hasattr(os, "setsid"):
+        scope._build_proc_args = lambda: [sys.executable, "-c", _NEW_SESSION, *build()]
+    return scope
+
+
 def _drop_scope() -> None:
-    """Forget the kaleido renderer and stop its Chromium (in a thread: it may block on a dead pipe)."""
+    """Forget the kaleido renderer and kill its whole process group (the wrapper, kaleido and every Chromium
+    child: none is left behind), without waiting on kaleido's lock, which a transform that stopped answering
+    holds; the blocked transform then reads the end of its pipe and returns."""
+    import signal
+    import subprocess
     import threading
 
     while _SCOPE:
-        shutdown = getattr(_SCOPE.pop(), "_shutdown_kaleido", None)
-        if shutdown is not None:
+        scope = _SCOPE.pop()
+        proc = getattr(scope, "_proc", None)
+        if isinstance(proc, subprocess.Popen):
+            # first: kaleido's stderr reader then stops at the end of the pipe instead of spinning on it
+            scope._proc = None
+            try:
+                if hasattr(os, "killpg") and os.getpgid(proc.pid) == proc.pid:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            except (ProcessLookupError, PermissionError):
+                pass  # already gone
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        shutdown = getattr(scope, "_shutdown_kaleido", None)
+        if shutdown is not None:  # in a thread: a renderer of another kind may block on a dead pipe
             threading.Thread(target=shutdown, daemon=True).start()
 
 
@@ -457,8 +493,8 @@ block the caller for ever (seen once: a test hung 12 minutes)."""
 
 
 def _with_timeout(render: Callable[[], bytes]) -> bytes:
-    """``render()`` in a worker thread; past the timeout the renderer's Chromium is shut down and forgotten (the
-    next picture starts a fresh one) and a ``TimeoutError`` says so."""
+    """``render()`` in a worker thread; past the timeout the renderer's process group (kaleido and its Chromium)
+    is killed and forgotten (the next picture starts a fresh one) and a ``TimeoutError`` says so."""
     import threading
 
     timeout = float(os.environ.get("INTERPLAB_IMAGE_TIMEOUT", IMAGE_TIMEOUT_S))

@@ -1,5 +1,7 @@
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,45 @@ def test_a_renderer_that_crashed_is_replaced_once(tmp_path, monkeypatch):
     msg = plots.write_image(plots.bars([1.0], ["a"]), tmp_path / "y.png")
     assert msg is not None and "Transform failed" in msg and "\n" not in msg
     assert not (tmp_path / "y.png").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead and waiting to be reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists() or not hasattr(os, "killpg"), reason="needs /proc, killpg"
+)
+def test_a_renderer_that_stops_answering_leaves_no_process_behind(tmp_path, monkeypatch):
+    """kaleido 0.2's own shutdown waits on the lock the stuck transform holds, so its wrapper, kaleido and the
+    Chromium processes were left running. A stand-in renderer with kaleido's start-up handshake that starts a
+    child of its own (the "Chromium") and never answers: past the timeout, both are killed."""
+    import kaleido.scopes.base as kaleido_base
+
+    pids = tmp_path / "pids"
+    stand_in = tmp_path / "kaleido"
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        f"echo $$ >> '{pids}'\n"
+        f"sh -c 'echo $$ >> \"{pids}\"; exec sleep 300' &\n"
+        'echo \'{"code": 0, "message": "Success", "result": null, "version": "0.2.1"}\'\n'
+        "read -r spec\n"  # the picture's request; never answered
+        "sleep 300\n"
+    )
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(kaleido_base.BaseScope, "executable_path", classmethod(lambda cls: str(stand_in)))
+    monkeypatch.setattr(plots, "_SCOPE", [])
+    monkeypatch.setenv("INTERPLAB_IMAGE_TIMEOUT", "2")
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.2.1")
+    msg = plots.write_image(plots.bars([1.0], ["a"]), tmp_path / "x.png")
+    assert msg is not None and "did not answer in 2 s" in msg and plots._SCOPE == []
+    started = [int(line) for line in pids.read_text().split()]
+    assert len(started) == 2  # the stand-in and its child
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in started), [p for p in started if _alive(p)]
