@@ -78,7 +78,12 @@ def run_logix(
         raise ValueError(f"jobs must be a non-empty list of 'logra' and 'influence', got {jobs}")
     atomic_write_json(folder / "logix.json", {"jobs": jobs})
     done = subprocess.run(
-        [python, str(RUNNER), str(folder)], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        [python, str(RUNNER), str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"LogIX peer failed (exit {done.returncode}): {done.stderr[-3000:]}")
