@@ -4,8 +4,7 @@ gradients and LogIX's K-FAC influence of one MLP classifier, the problem handed 
 LogIX runs in its own interpreter (``.peers/logix``, built by ``bash scripts/peers.sh logix``;
 `tests.peers.peer_python("logix")` finds it) and reads what `tests.kronfluence_peer.write_problem` writes plus the
 projection matrices `write_projection` writes; ``benchmarks/_logix_peer.py`` does the jobs named and writes its
-results back (safetensors). Used by tests/data_attribution/test_logix_peer.py and
-benchmarks/bench_attribution_peers2.py.
+results back (safetensors). Used by tests/data_attribution/test_logix_peer.py.
 
 The projection: LogIX's LoRA beside a linear layer ``d_in -> d_out`` has an encoder ``A [r, d_in]`` and a decoder
 ``C [d_out, r]`` (``r = min(rank, d_in, d_out)``); the logged gradient of its zero bottleneck is ``(C^T g)(A x)^T``
