@@ -18,6 +18,13 @@
 #   bash scripts/peers.sh saebench     # only sae-bench 0.6.0
 #   bash scripts/peers.sh saedashboard   # SAEDashboard 0.8.0 for benchmarks/bench_features.py; not in `all`
 #   bash scripts/peers.sh dattri       # dattri 0.3.0 for benchmarks/bench_attribution.py (about 1 minute); not in `all`
+#   bash scripts/peers.sh logix        # LogIX (logix-ai 0.1.1) for tests/logix_peer.py (about 1 minute, 1 GB); not in `all`
+#   bash scripts/peers.sh bergson      # bergson 2.5.1 (about 3 minutes, 1.6 GB); not in `all`
+# logix-ai 0.1.1 declares Requires-Python <3.11 but is pure Python; it goes in --no-deps with
+# --ignore-requires-python (PIP_IGNORE_REQUIRES_PYTHON) beside its four runtime dependencies.
+# bergson 2.5.1 goes in --no-deps with the dependencies its modules import: its declared torchvision (0.28.0)
+# does not register its operators with torch 2.13.0, which breaks transformers' PreTrainedModel import, and no
+# bergson module imports torchvision, torchaudio or bitsandbytes, so all three are left out.
 # auto-circuit 1.0.1 imports transformer_lens.past_key_value_caching, which TransformerLens 3 removed, so its venv
 # pins TransformerLens 2.18.0 (the last 2.x; and pyarrow 21, the newest that loads with its numpy 1.26). auto-circuit
 # itself goes in without its declared dependencies, with the ones the modules it imports need instead: tracr-pypi
@@ -45,7 +52,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want=${1:-all}
-case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence | devinterp | saebench | saedashboard | dattri) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence|devinterp|saebench|saedashboard|dattri], got '$want'" >&2; exit 2 ;; esac
+case "$want" in all | tl | saelens | autocircuit | circuittracer | kronfluence | devinterp | saebench | saedashboard | dattri | logix | bergson) ;; *) echo "usage: bash scripts/peers.sh [all|tl|saelens|autocircuit|circuittracer|kronfluence|devinterp|saebench|saedashboard|dattri|logix|bergson], got '$want'" >&2; exit 2 ;; esac
 TORCH=2.13.0
 build() {  # name, distribution, version, import name[, dependencies: then the distribution goes in --no-deps
   # (an empty one: with its own)[, packages installed beside it]
@@ -113,6 +120,16 @@ for job in "${pending[@]}"; do
 done
 [ "$failed" = 0 ] || exit 1
 if [ "$want" = dattri ]; then build dattri dattri 0.3.0 dattri.algorithm.trak; fi
+if [ "$want" = logix ]; then
+  PIP_IGNORE_REQUIRES_PYTHON=1 build logix logix-ai 0.1.1 logix \
+    "numpy==2.4.6 einops==0.8.2 pyyaml==6.0.4 tqdm==4.70.1 safetensors==0.8.0"
+fi
+if [ "$want" = bergson ]; then
+  build bergson bergson 2.5.1 "bergson, bergson.collector.in_memory_collector" \
+    "accelerate==1.16.0 datasets==5.2.0 huggingface_hub==2.4.0 jaxtyping==0.3.11 Jinja2==3.1.6 ml_dtypes==0.7.0
+     natsort==8.4.0 numpy==2.4.6 peft==0.21.2 petname==2.9 pyarrow==26.0.1 PyYAML==6.0.4 safetensors==0.8.0
+     scipy==1.17.1 simple-parsing==0.1.9 torchopt==0.7.3 transformers==5.25.0"
+fi
 if [ "$want" = saedashboard ]; then
   build saedashboard sae-dashboard 0.8.0 sae_dashboard.sae_vis_runner \
     "transformer-lens==2.17.0 transformers==4.56.2 sae-lens==6.54.12 numpy==1.26.4 pyarrow==21.0.0 datasets==3.6.0
@@ -128,3 +145,5 @@ echo "INTERPLAB_DEVINTERP_PYTHON=$PWD/.peers/devinterp/bin/python"
 echo "INTERPLAB_SAEBENCH_PYTHON=$PWD/.peers/saebench/bin/python"
 echo "SAEDashboard (benchmarks/bench_features.py --sd-python): $PWD/.peers/saedashboard/bin/python"
 echo "dattri (benchmarks/bench_attribution.py --dattri-python): $PWD/.peers/dattri/bin/python"
+echo "LogIX (tests/logix_peer.py): $PWD/.peers/logix/bin/python"
+echo "bergson: $PWD/.peers/bergson/bin/python"

@@ -1,0 +1,141 @@
+"""Runs LogIX (a peer library, PyPI ``logix-ai`` 0.1.1, the LoGra authors') on a problem written by interplab.
+Runs in LogIX's own venv (no interplab import); nothing is pickled both ways.
+
+    .peers/logix/bin/python benchmarks/_logix_peer.py DIR
+
+``DIR/problem.safetensors`` and ``DIR/problem.json`` as `tests/kronfluence_peer.write_problem` writes them (the MLP
+``Linear, act, ..., Linear``, train and query examples, ``damping``, ``rounds``, ``batch_size``), plus ``DIR/logix.json``
+``{"jobs": [...]}`` naming what to do:
+
+- ``"logra"``: LoGra's per-example projected gradients of every training example: LogIX's ``add_lora`` puts a
+  rank-r encoder A, a zero bottleneck B and a decoder C beside each linear layer and logs B's per-example
+  gradient ``(C^T g)(A x)^T`` summed over positions. A and C are set to the matrices in
+  ``DIR/projection.safetensors`` (``layer{i}.A [r, d_in]``, ``layer{i}.C [d_out, r]``), so the projection is the one
+  interplab uses. Writes ``logra`` ``[n, sum r_out r_in]`` (layer by layer, each ``[r, r]`` row-major) and, per
+  round, the wall and CPU seconds of logging all n examples (forward, backward and LogIX's hooks), batches of
+  ``batch_size``.
+- ``"influence"``: LogIX's K-FAC influence without LoRA (raw per-example weight gradients of every linear layer;
+  LogIX does not log biases): a pass over the training set with the ``covariance`` statistic on forward and
+  backward activations and the per-example gradients logged, then ``compute_influence(query, train, hessian=
+  "kfac", damping=...)``. Writes ``influence`` ``[m, n]`` (LogIX's sign: ``g_q^T H^-1 g_i``) and its seconds.
+
+The loss is the summed cross-entropy, so a per-example gradient is that example's own. Prints one JSON line.
+"""
+
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logging.disable(logging.WARNING)  # LogIX prints its tracked modules at INFO
+import logix  # noqa: E402
+from logix.config import LoRAConfig  # noqa: E402
+
+torch.set_num_threads(1)
+work = Path(sys.argv[1])
+meta = json.loads((work / "problem.json").read_text())
+jobs = json.loads((work / "logix.json").read_text())["jobs"]
+arrays = load_file(work / "problem.safetensors")
+n_layers = sum(1 for k in arrays if k.endswith(".weight"))
+acts = {"tanh": nn.Tanh, "relu": nn.ReLU, "none": None}
+if meta["activation"] not in acts:
+    raise SystemExit(f"activation must be one of {sorted(acts)}, got {meta['activation']!r}")
+
+
+def build() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        w, b = arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"]
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        lin.load_state_dict({"weight": w, "bias": b})
+        layers.append(lin)
+        act = acts[meta["activation"]]
+        if i < n_layers - 1 and act is not None:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+x, y = arrays["x_train"].float(), arrays["y_train"].long()
+xq, yq = arrays["x_query"].float(), arrays["y_query"].long()
+bs = int(meta["batch_size"])
+out: dict = {"version": importlib.metadata.version("logix-ai")}
+tensors: dict[str, torch.Tensor] = {}
+
+
+def log_pass(run, model, xs, ys, ids):
+    """One logged forward + backward per batch; the per-example gradients of the watched modules, per module
+    (in watch order), concatenated over batches."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(ys), bs):
+        sl = slice(start, start + bs)
+        with run(data_id=ids[sl]):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xs[sl]), ys[sl], reduction="sum").backward()
+        _, log = run.get_log()
+        for name, entry in log.items():
+            grads.setdefault(name, []).append(entry["grad"].detach().clone())
+    return {k: torch.cat(v) for k, v in grads.items()}
+
+
+ids = [str(i) for i in range(len(y))]
+qids = [f"q{i}" for i in range(len(yq))]
+with tempfile.TemporaryDirectory() as root:
+    os.chdir(root)  # LogIX writes its state under ./logix/<project>
+    if "logra" in jobs:
+        proj = load_file(work / "projection.safetensors")
+        rank = int(proj["layer0.A"].shape[0])
+        rounds = []
+        feats = None
+        for r in range(int(meta["rounds"])):
+            model = build()
+            run = logix.LogIX(project=f"logra{r}")
+            run.watch(model)
+            run.add_lora(lora_config=LoRAConfig(rank=rank))
+            loras = [m for m in model.modules() if hasattr(m, "logix_lora_A")]
+            if len(loras) != n_layers:
+                raise SystemExit(f"LogIX added {len(loras)} LoRA modules for {n_layers} linear layers")
+            with torch.no_grad():
+                for i, m in enumerate(loras):
+                    m.logix_lora_A.weight.copy_(proj[f"layer{i}.A"])
+                    m.logix_lora_C.weight.copy_(proj[f"layer{i}.C"])
+            run.setup({"grad": ["log"]})
+            run.eval()  # keep the logs in memory, write nothing
+            w, c = time.perf_counter(), time.process_time()
+            got = log_pass(run, model, x, y, ids)
+            rounds.append({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c})
+            names = [n for n, _ in model.named_modules() if n.endswith("logix_lora_B")]
+            feats = torch.cat([got[n].flatten(1) for n in names], dim=1)
+        out["logra"] = {"rank": rank, "rounds": rounds}
+        tensors["logra"] = feats.contiguous()
+    if "influence" in jobs:
+        model = build()
+        run = logix.LogIX(project="influence")
+        run.watch(model)
+        run.setup({"forward": ["covariance"], "backward": ["covariance"], "grad": ["log"]})
+        w, c = time.perf_counter(), time.process_time()
+        train = log_pass(run, model, x, y, ids)
+        run.finalize()
+        run.setup({"grad": ["log"]})
+        run.eval()
+        query = log_pass(run, model, xq, yq, qids)
+        result = run.compute_influence(
+            src_log=(qids, {k: {"grad": v} for k, v in query.items()}),
+            tgt_log=(ids, {k: {"grad": v} for k, v in train.items()}),
+            hessian="kfac",
+            damping=float(meta["damping"]),
+        )
+        out["influence"] = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c}
+        tensors["influence"] = result["influence"].double().contiguous()
+tmp = work / "logix_out.tmp.safetensors"
+save_file(tensors, str(tmp))
+tmp.replace(work / "logix_out.safetensors")
+print(json.dumps(out))
