@@ -23,32 +23,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _mlp_problem import Problem  # benchmarks/, beside this script
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
 torch.set_num_threads(1)
 work = Path(sys.argv[1])
-meta = json.loads((work / "problem.json").read_text())
-arrays = load_file(work / "problem.safetensors")
-n_layers = sum(1 for k in arrays if k.endswith(".weight"))
-acts = {"tanh": nn.Tanh, "relu": nn.ReLU, "none": None}
-if meta["activation"] not in acts:
-    raise SystemExit(f"activation must be one of {sorted(acts)}, got {meta['activation']!r}")
-layers: list[nn.Module] = []
-for i in range(n_layers):
-    w, b = arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"]
-    lin = nn.Linear(w.shape[1], w.shape[0])
-    lin.load_state_dict({"weight": w, "bias": b})
-    layers.append(lin)
-    act = acts[meta["activation"]]
-    if i < n_layers - 1 and act is not None:
-        layers.append(act())
-x, y = arrays["x_train"].float(), arrays["y_train"].long()
-xq, yq = arrays["x_query"].float(), arrays["y_query"].long()
+problem = Problem(work)
+meta = problem.meta
+(x, y), (xq, yq) = problem.train, problem.query
 
 
 class Classification(Task):
@@ -67,7 +53,7 @@ class Classification(Task):
 
 torch.manual_seed(0)
 task = Classification()
-model = prepare_model(nn.Sequential(*layers), task)
+model = prepare_model(problem.model(), task)
 factor_args = FactorArguments(
     strategy="ekfac",
     use_empirical_fisher=meta["fisher"] == "empirical",

@@ -34,38 +34,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 logging.disable(logging.WARNING)  # LogIX prints its tracked modules at INFO
 import logix  # noqa: E402
+from _mlp_problem import Problem  # noqa: E402  (benchmarks/, beside this script)
 from logix.config import LoRAConfig  # noqa: E402
 
 torch.set_num_threads(1)
 work = Path(sys.argv[1])
-meta = json.loads((work / "problem.json").read_text())
+problem = Problem(work)
+meta, n_layers = problem.meta, problem.n_layers
 jobs = json.loads((work / "logix.json").read_text())["jobs"]
-arrays = load_file(work / "problem.safetensors")
-n_layers = sum(1 for k in arrays if k.endswith(".weight"))
-acts = {"tanh": nn.Tanh, "relu": nn.ReLU, "none": None}
-if meta["activation"] not in acts:
-    raise SystemExit(f"activation must be one of {sorted(acts)}, got {meta['activation']!r}")
-
-
-def build() -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(n_layers):
-        w, b = arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"]
-        lin = nn.Linear(w.shape[1], w.shape[0])
-        lin.load_state_dict({"weight": w, "bias": b})
-        layers.append(lin)
-        act = acts[meta["activation"]]
-        if i < n_layers - 1 and act is not None:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-x, y = arrays["x_train"].float(), arrays["y_train"].long()
-xq, yq = arrays["x_query"].float(), arrays["y_query"].long()
+(x, y), (xq, yq) = problem.train, problem.query
 bs = int(meta["batch_size"])
 out: dict = {"version": importlib.metadata.version("logix-ai")}
 tensors: dict[str, torch.Tensor] = {}
@@ -96,7 +76,7 @@ with tempfile.TemporaryDirectory() as root:
         rounds = []
         feats = None
         for r in range(int(meta["rounds"])):
-            model = build()
+            model = problem.model()
             run = logix.LogIX(project=f"logra{r}")
             run.watch(model)
             run.add_lora(lora_config=LoRAConfig(rank=rank))
@@ -117,7 +97,7 @@ with tempfile.TemporaryDirectory() as root:
         out["logra"] = {"rank": rank, "rounds": rounds}
         tensors["logra"] = feats.contiguous()
     if "influence" in jobs:
-        model = build()
+        model = problem.model()
         run = logix.LogIX(project="influence")
         run.watch(model)
         run.setup({"forward": ["covariance"], "backward": ["covariance"], "grad": ["log"]})

@@ -15,8 +15,6 @@ other. Both damp with an absolute ``lambda`` here (kronfluence's ``damping_facto
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites
 from interplab.data_attribution.kfac import EKFAC, ekfac_influence
 from interplab.io import atomic_write_json, load_tensors, save_tensors
+from tests.peers import run_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "benchmarks" / "_kronfluence_peer.py"
@@ -51,6 +50,24 @@ def mlp(sizes: list[int], activation: str = "tanh", seed: int = 0) -> nn.Sequent
 
 def per_example_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y, reduction="none")
+
+
+def trained_mlp(
+    sizes: list[int], n_train: int, n_query: int, steps: int, seed: int = 0
+) -> tuple[nn.Sequential, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """A small tanh `mlp` trained ``steps`` full-batch Adam steps (lr 1e-2) on Gaussian inputs with random labels
+    (generator seed 1): the model, the train and the query examples of the peer-parity tests."""
+    model = mlp(sizes, "tanh", seed=seed)
+    gen = torch.Generator().manual_seed(1)
+    d, k = sizes[0], sizes[-1]
+    x, y = torch.randn(n_train, d, generator=gen), torch.randint(0, k, (n_train,), generator=gen)
+    xq, yq = torch.randn(n_query, d, generator=gen), torch.randint(0, k, (n_query,), generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, (x, y), (xq, yq)
 
 
 def write_problem(
@@ -100,17 +117,7 @@ def run_kronfluence(
 ) -> tuple[Tensor, dict[str, Any]]:
     """Run the peer on ``folder`` (from `write_problem`): kronfluence's scores ``[m, n]`` (its convention) and
     its report (version, per-round seconds). A failed run raises RuntimeError with the peer's stderr."""
-    done = subprocess.run(
-        [python, str(RUNNER), str(folder)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"kronfluence peer failed (exit {done.returncode}): {done.stderr[-3000:]}")
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_runner(python, RUNNER, folder, name="kronfluence", env=env, timeout=timeout)
     return load_tensors(folder / "scores.safetensors")["scores"], report
 
 

@@ -15,9 +15,7 @@ sides use.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from torch import Tensor, nn
 
 from interplab.data_attribution.factored import FactoredProjector, linear_sites
 from interplab.io import atomic_write_json, load_tensors, save_tensors
+from tests.peers import run_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "benchmarks" / "_logix_peer.py"
@@ -76,14 +75,5 @@ def run_logix(
     if unknown or not jobs:
         raise ValueError(f"jobs must be a non-empty list of 'logra' and 'influence', got {jobs}")
     atomic_write_json(folder / "logix.json", {"jobs": jobs})
-    done = subprocess.run(
-        [python, str(RUNNER), str(folder)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"LogIX peer failed (exit {done.returncode}): {done.stderr[-3000:]}")
-    return load_tensors(folder / "logix_out.safetensors"), json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_runner(python, RUNNER, folder, name="LogIX", env=env, timeout=timeout)
+    return load_tensors(folder / "logix_out.safetensors"), report

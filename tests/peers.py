@@ -11,9 +11,11 @@ peer build cannot pass as a skip.
 """
 
 import functools
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,3 +69,21 @@ def peer_env() -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def run_runner(
+    python: str, runner: Path, folder: Path, *, name: str, env: dict[str, str] | None, timeout: float
+) -> dict[str, Any]:
+    """Run a peer's runner script (``benchmarks/_NAME_peer.py``) on ``folder`` in the peer's interpreter; its
+    report, the JSON of its last stdout line. A failed run raises RuntimeError naming the peer, with its stderr."""
+    done = subprocess.run(
+        [python, str(runner), str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} peer failed (exit {done.returncode}): {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

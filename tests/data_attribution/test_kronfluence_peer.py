@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from interplab.data_attribution.factored import FactoredProjector, factored_grads, linear_sites
 from interplab.data_attribution.kfac import EKFAC, ekfac_influence
@@ -19,6 +18,7 @@ from tests.kronfluence_peer import (
     per_example_ce,
     run_kronfluence,
     to_interplab,
+    trained_mlp,
     write_problem,
 )
 from tests.peers import peer_env, peer_python
@@ -26,22 +26,9 @@ from tests.peers import peer_env, peer_python
 DAMPING = 1e-3
 
 
-def _trained_mlp():
-    model = mlp([6, 5, 4, 3], "tanh", seed=0)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-    xq, yq = torch.randn(7, 6, generator=gen), torch.randint(0, 3, (7,), generator=gen)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, (x, y), (xq, yq)
-
-
 def test_ekfac_influence_equals_kronfluence(tmp_path):
     python = peer_python("kronfluence")
-    model, train, query = _trained_mlp()
+    model, train, query = trained_mlp([6, 5, 4, 3], n_train=48, n_query=7, steps=100)
     write_problem(tmp_path, model, train, query, activation="tanh", damping=DAMPING, batch_size=16)
     raw, report = run_kronfluence(python, tmp_path, env=peer_env(), timeout=600)
     assert report["version"] == "1.0.1"
@@ -61,7 +48,7 @@ def test_ekfac_influence_equals_kronfluence(tmp_path):
 
 
 def test_write_problem_refuses_unknown_settings(tmp_path):
-    model, train, query = _trained_mlp()
+    model, train, query = trained_mlp([6, 5, 4, 3], n_train=48, n_query=7, steps=100)
     with pytest.raises(ValueError, match="fisher must be 'empirical' or 'true', got 'exact'"):
         write_problem(tmp_path, model, train, query, activation="tanh", damping=DAMPING, fisher="exact")
     with pytest.raises(ValueError, match="activation must be one of"):

@@ -6,25 +6,16 @@ does). Skips with the reason unless the peer is there (INTERPLAB_LOGIX_PYTHON or
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from interplab.data_attribution.factored import factored_grads
-from tests.kronfluence_peer import mlp, per_example_ce, write_problem
+from tests.kronfluence_peer import per_example_ce, trained_mlp, write_problem
 from tests.logix_peer import logra_projector, run_logix, write_projection
 from tests.peers import peer_env, peer_python
 
 
 def test_logra_features_equal_factored_grads(tmp_path):
     python = peer_python("logix")
-    model = mlp([8, 6, 5, 3], "tanh", seed=0)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(40, 8, generator=gen), torch.randint(0, 3, (40,), generator=gen)
-    xq, yq = torch.randn(5, 8, generator=gen), torch.randint(0, 3, (5,), generator=gen)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(50):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, (x, y), (xq, yq) = trained_mlp([8, 6, 5, 3], n_train=40, n_query=5, steps=50)
     write_problem(tmp_path, model, (x, y), (xq, yq), activation="tanh", damping=1e-3, batch_size=16)
     proj, mats = logra_projector(model, rank=4, seed=0)
     write_projection(tmp_path, mats)
