@@ -205,7 +205,8 @@ def main() -> None:
         port = _free_port()
         code = (
             f"import sys, uvicorn; sys.path.insert(0, {str(ROOT)!r}); from interplab.web.app import create_app; "
-            f"uvicorn.run(create_app([{str(db)!r}]), host={HOST!r}, port={port}, log_level='warning')"
+            f"from interplab.web.guard import server_config; "
+            f"uvicorn.Server(server_config(create_app([{str(db)!r}]), {HOST!r}, {port})).run()"
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         app = subprocess.Popen([sys.executable, "-c", code], env=env)

@@ -50,6 +50,7 @@ def serve(
     import uvicorn  # the web stack is imported by this command only
 
     from interplab.web.app import create_app
+    from interplab.web.guard import server_config
 
     if not db and not runs:
         fail("give at least one --db FILE or --runs DIR")
@@ -84,7 +85,10 @@ def serve(
                 "only loopback names are answered: add --allow-host NAME for each name others use to reach it"
             )
     console.print(f"interplab feature explorer on http://{host}:{port}/  (Ctrl-C to stop)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(server_config(app, host, port))
+    server.run()
+    if not server.started:  # uvicorn has logged why (e.g. the port is in use)
+        fail(f"the server did not start on {host}:{port}", code=1)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,11 @@
   ``Origin`` header, when sent, must equal ``http://<Host>``; a browser's ``Sec-Fetch-Site``, when sent, must
   be ``same-origin`` or ``none``. Otherwise 403. Clients that send neither (curl, scripts) are not browsers
   driven by another site and are let through.
+- **URL length**: a path plus query string longer than `MAX_URL` characters gets 414 with the length and
+  the bound, before any route runs. The HTTP server reads request heads up to `MAX_REQUEST_HEAD` bytes
+  (`server_config` sets it), far above `MAX_URL`, so an over-long URL is read whole and answered, never
+  cut off mid-send (a server that closes while the client still sends resets the connection, and the
+  client sees no answer at all). Heads above `MAX_REQUEST_HEAD` are dropped by the server with its own 400.
 - **HEAD** is answered on every GET route: the route runs as GET and the body is dropped (headers, the
   length included, stay those of the GET).
 
@@ -23,8 +28,15 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # only types: `interplab serve` imports this module before the web stack
+    import uvicorn
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+MAX_URL = 16 * 1024
+"""characters of path plus query string the app answers; longer URLs get 414 (no page needs more: a search
+text is at most 1,000 characters)"""
+MAX_REQUEST_HEAD = 1 << 20
+"""bytes of request line plus headers the HTTP server reads (uvicorn's h11 default, 16 KiB, would cut a
+long URL off mid-send and reset the connection instead of answering it)"""
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})
 
@@ -100,6 +112,19 @@ class HostOriginGuard:
                 f"and names given with `interplab serve --allow-host NAME`",
             )
             return
+        query = scope.get("query_string", b"")
+        length = len(scope.get("raw_path") or scope.get("path", "").encode()) + (
+            len(query) + 1 if query else 0
+        )
+        if length > MAX_URL:
+            await _refuse(
+                scope,
+                send,
+                414,
+                f"the URL has {length:,} characters; this app answers URLs of at most {MAX_URL:,} "
+                "(search texts are at most 1,000 characters)",
+            )
+            return
         method = scope["method"].upper()
         if method in STATE_CHANGING:
             problem = self.cross_origin(headers, host)
@@ -126,6 +151,19 @@ class HostOriginGuard:
         if fetch_site is not None and fetch_site.strip().lower() not in SAME_ORIGIN_FETCH:
             return f"the browser says the request is {fetch_site.strip()} (Sec-Fetch-Site)"
         return None
+
+
+def server_config(app: ASGIApp, host: str, port: int, **kwargs: object) -> uvicorn.Config:
+    """The uvicorn settings every interplab server uses (`interplab serve`, the tests, the benchmarks):
+    request heads up to `MAX_REQUEST_HEAD` bytes, so the guard, not the server, answers long URLs.
+
+    >>> server_config(app, "127.0.0.1", 8000).h11_max_incomplete_event_size  # uvicorn.Server(...).run() serves
+    1048576
+    """
+    import uvicorn
+
+    kwargs.setdefault("log_level", "warning")
+    return uvicorn.Config(app, host=host, port=port, h11_max_incomplete_event_size=MAX_REQUEST_HEAD, **kwargs)  # type: ignore[arg-type]
 
 
 def _drop_body(send: Send) -> Send:

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
+from interplab.web.guard import MAX_REQUEST_HEAD, MAX_URL
 from tests.web.test_guard import request
 
 HUGE = "9" * 30  # beyond int64
@@ -66,6 +67,26 @@ def test_reported_500s_are_4xx_with_a_message(server_addr, path):
     status, _, body = request(server_addr, "GET", path)
     assert 400 <= status < 500, (path[:80], status)
     assert len(error_message(status, body).strip()) > 10
+
+
+@pytest.mark.parametrize("size", [MAX_URL + 1, 17_000, 100_000, 400_000, MAX_REQUEST_HEAD - 4096])
+@pytest.mark.parametrize("route", ["/db/tiny/search?token=", "/api/db/tiny/feature/1?x=", "/nowhere/"])
+def test_long_urls_are_read_whole_and_answered_414(server_addr, route, size):
+    """Above the server's own head limit (h11: 16 KiB) it would close mid-send: a reset, not an answer."""
+    path = route + "a" * (size - len(route))
+    for _ in range(3):  # a reset comes by chance: repeat
+        status, _, body = request(server_addr, "GET", path)
+        assert status == 414, (route, size, status)
+        assert f"{size:,} characters" in error_message(status, body)
+        assert f"at most {MAX_URL:,}" in error_message(status, body)
+
+
+def test_urls_up_to_the_bound_reach_the_routes(server_addr):
+    route = "/db/tiny/search?q=ab&token="
+    status, _, _ = request(server_addr, "GET", route + "a" * (MAX_URL - len(route)))
+    assert status == 422  # the route's own bound on search texts, with its message
+    status, _, _ = request(server_addr, "GET", "/db/tiny/search?q=ab&pad=" + "a" * (MAX_URL - 30))
+    assert status == 200
 
 
 @pytest.mark.parametrize(
