@@ -50,7 +50,7 @@ def serve(
     import uvicorn  # the web stack is imported by this command only
 
     from interplab.web.app import create_app
-    from interplab.web.guard import server_config
+    from interplab.web.guard import SERVER_OPTIONS
 
     if not db and not runs:
         fail("give at least one --db FILE or --runs DIR")
@@ -85,10 +85,7 @@ def serve(
                 "only loopback names are answered: add --allow-host NAME for each name others use to reach it"
             )
     console.print(f"interplab feature explorer on http://{host}:{port}/  (Ctrl-C to stop)")
-    server = uvicorn.Server(server_config(app, host, port))
-    server.run()
-    if not server.started:  # uvicorn has logged why (e.g. the port is in use)
-        fail(f"the server did not start on {host}:{port}", code=1)
+    uvicorn.run(app, host=host, port=port, **SERVER_OPTIONS)
 
 
 def register(app: typer.Typer) -> None:

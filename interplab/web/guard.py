@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # only types: `interplab serve` imports this module before the web stack
@@ -37,6 +37,8 @@ text is at most 1,000 characters)"""
 MAX_REQUEST_HEAD = 1 << 20
 """bytes of request line plus headers the HTTP server reads (uvicorn's h11 default, 16 KiB, would cut a
 long URL off mid-send and reset the connection instead of answering it)"""
+SERVER_OPTIONS: dict[str, Any] = {"log_level": "warning", "h11_max_incomplete_event_size": MAX_REQUEST_HEAD}
+"""uvicorn options of every interplab server (`uvicorn.run(app, host=..., port=..., **SERVER_OPTIONS)`)"""
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})
 
@@ -162,8 +164,7 @@ def server_config(app: ASGIApp, host: str, port: int, **kwargs: object) -> uvico
     """
     import uvicorn
 
-    kwargs.setdefault("log_level", "warning")
-    return uvicorn.Config(app, host=host, port=port, h11_max_incomplete_event_size=MAX_REQUEST_HEAD, **kwargs)  # type: ignore[arg-type]
+    return uvicorn.Config(app, host=host, port=port, **{**SERVER_OPTIONS, **kwargs})
 
 
 def _drop_body(send: Send) -> Send:

@@ -87,9 +87,12 @@ def test_every_command_given_a_run_as_its_model_loads_its_final_and_says_so(lab,
 def test_serve_resolves_a_run_given_as_its_model_at_start(lab, monkeypatch):
     import uvicorn
 
+    from interplab.web.guard import MAX_REQUEST_HEAD
+
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
     run = lab / "run"
     result = CliRunner().invoke(app, ["serve", "--runs", str(lab), "--model", str(run)])
     assert result.exit_code == 0, result.output
     assert f"model {run / 'final'} (loaded on first use)" in result.stdout and served
+    assert served["h11_max_incomplete_event_size"] == MAX_REQUEST_HEAD  # long URLs are answered, not reset
