@@ -295,8 +295,8 @@ def page_latency(args, model, tokens) -> dict:
         port = _free_port()
         code = (
             f"import sys, uvicorn; sys.path.insert(0, {str(ROOT)!r}); from interplab.web.app import create_app; "
-            f"from interplab.web.guard import server_config; "
-            f"uvicorn.Server(server_config(create_app([{str(db)!r}]), '127.0.0.1', {port})).run()"
+            f"from interplab.web.guard import SERVER_OPTIONS; "
+            f"uvicorn.run(create_app([{str(db)!r}]), host='127.0.0.1', port={port}, **SERVER_OPTIONS)"
         )
         server = subprocess.Popen(
             [sys.executable, "-c", code], env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}

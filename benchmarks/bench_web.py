@@ -205,8 +205,8 @@ def main() -> None:
         port = _free_port()
         code = (
             f"import sys, uvicorn; sys.path.insert(0, {str(ROOT)!r}); from interplab.web.app import create_app; "
-            f"from interplab.web.guard import server_config; "
-            f"uvicorn.Server(server_config(create_app([{str(db)!r}]), {HOST!r}, {port})).run()"
+            f"from interplab.web.guard import SERVER_OPTIONS; "
+            f"uvicorn.run(create_app([{str(db)!r}]), host={HOST!r}, port={port}, **SERVER_OPTIONS)"
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         app = subprocess.Popen([sys.executable, "-c", code], env=env)

@@ -10,7 +10,7 @@
   driven by another site and are let through.
 - **URL length**: a path plus query string longer than `MAX_URL` characters gets 414 with the length and
   the bound, before any route runs. The HTTP server reads request heads up to `MAX_REQUEST_HEAD` bytes
-  (`server_config` sets it), far above `MAX_URL`, so an over-long URL is read whole and answered, never
+  (`SERVER_OPTIONS` sets it), far above `MAX_URL`, so an over-long URL is read whole and answered, never
   cut off mid-send (a server that closes while the client still sends resets the connection, and the
   client sees no answer at all). Heads above `MAX_REQUEST_HEAD` are dropped by the server with its own 400.
 - **HEAD** is answered on every GET route: the route runs as GET and the body is dropped (headers, the
@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # only types: `interplab serve` imports this module before the web stack
-    import uvicorn
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_URL = 16 * 1024
@@ -153,18 +152,6 @@ class HostOriginGuard:
         if fetch_site is not None and fetch_site.strip().lower() not in SAME_ORIGIN_FETCH:
             return f"the browser says the request is {fetch_site.strip()} (Sec-Fetch-Site)"
         return None
-
-
-def server_config(app: ASGIApp, host: str, port: int, **kwargs: object) -> uvicorn.Config:
-    """The uvicorn settings every interplab server uses (`interplab serve`, the tests, the benchmarks):
-    request heads up to `MAX_REQUEST_HEAD` bytes, so the guard, not the server, answers long URLs.
-
-    >>> server_config(app, "127.0.0.1", 8000).h11_max_incomplete_event_size  # uvicorn.Server(...).run() serves
-    1048576
-    """
-    import uvicorn
-
-    return uvicorn.Config(app, host=host, port=port, **{**SERVER_OPTIONS, **kwargs})
 
 
 def _drop_body(send: Send) -> Send:

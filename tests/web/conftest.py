@@ -222,10 +222,10 @@ def live_server(app, host: str = "127.0.0.1"):
     """``app`` served by uvicorn on a free loopback port in a thread; yields (host, port)."""
     import uvicorn
 
-    from interplab.web.guard import server_config
+    from interplab.web.guard import SERVER_OPTIONS
 
     port = free_port()
-    srv = uvicorn.Server(server_config(app, host, port))
+    srv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **SERVER_OPTIONS))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
