@@ -144,8 +144,14 @@ class SAE(nn.Module):
 
     # ---- the forward pass ----------------------------------------------------------------------
     def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """``(x * act_scale - b_dec) @ W_enc + b_enc`` as one ``addmm`` over the flattened positions: the bias
+        is added in the product's kernel (no second [n, d_sae] pass), as ``train_forward`` computes it, so
+        inference and training give the same pre-activations to the bit."""
         x_in = self._center(x)
-        return x_in @ self.W_enc.to(x_in.dtype) + self.b_enc.to(x_in.dtype)
+        pre = torch.addmm(
+            self.b_enc.to(x_in.dtype), x_in.reshape(-1, x_in.shape[-1]), self.W_enc.to(x_in.dtype)
+        )
+        return pre.view(*x_in.shape[:-1], pre.shape[-1])
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         raise NotImplementedError

@@ -191,6 +191,40 @@ def test_training_loss_gradients_match_the_plain_formula(arch):
         assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "batchtopk"])
+@pytest.mark.parametrize("d_in", [16, 768])
+def test_inference_latents_equal_the_training_forwards(arch, d_in):
+    """``encode`` (feature DBs, evaluation, hooks) and the training forward compute the same latents to the
+    bit, at a width (768) where ``x @ W + b`` and the fused ``addmm`` round differently, and through the
+    input scale and b_dec. Under no_grad and with autograd recording (ReLU's in-place activation). BatchTopK
+    is left out by design: it trains on the batch's top k x batch and infers with its learned threshold."""
+    k = 4 if "topk" in arch else None
+    sae = create_sae(
+        SAEConfig(
+            d_in=d_in, d_sae=96, architecture=arch, k=k, normalize_activations="expected_average_only_in"
+        )
+    )
+    x = torch.randn(3, 7, d_in)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        sae.set_scale_from(x.reshape(-1, d_in))
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(0.05)
+        train = sae.loss(x.reshape(-1, d_in)).feature_acts
+        if arch == "topk":  # its training path keeps the k (value, index) pairs of topk_encode only
+            x_in, b_enc = sae._encoder_input_and_bias(x.reshape(-1, d_in) * sae.act_scale)
+            vals, idx = topk_encode(x_in, sae.W_enc, b_enc, 4)
+            train = scatter_latents(vals.relu(), idx, 96)
+        inference = sae.encode(x)
+    torch.testing.assert_close(inference.reshape(-1, 96), train, rtol=0, atol=0)
+    recorded = sae.encode(x)
+    assert recorded.requires_grad
+    torch.testing.assert_close(recorded.detach(), inference, rtol=0, atol=0)
+    recorded.sum().backward()
+    assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(("n_heads", "d_head"), [(4, 4), (2, 8)])
 def test_hook_z_sae_takes_per_head_input(arch, n_heads, d_head):

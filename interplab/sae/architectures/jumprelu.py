@@ -87,7 +87,7 @@ class JumpReLUSAE(SAE):
         with torch.no_grad():  # projected on the data, not clamped in the graph (see the module docstring)
             self.threshold.clamp_(min=0.0)
         x_in = self._sub_b_dec(x_s)
-        pre = (x_in @ self.W_enc + self.b_enc).float()
+        pre = torch.addmm(self.b_enc, x_in, self.W_enc).float()  # as `pre_acts` computes it, to the bit
         t = self.threshold.float()
         acts = _JumpReLU.apply(pre, t, self.cfg.jumprelu_bandwidth)
         recon = (acts @ self.W_dec + self.b_dec).float()

@@ -17,6 +17,11 @@ class ReLUSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
 
+    def encode(self, x: Tensor) -> Tensor:
+        # the ReLU in place on the fresh pre-activations: one [n, d_sae] tensor per call instead of two (a
+        # feature-DB build encodes ~16 MB per batch, and each fresh allocation of that size page-faults)
+        return self.pre_acts(self.flat_input(x)).relu_()
+
     def train_forward(self, x_s: Tensor, target: Tensor, dead_mask: Tensor | None) -> TrainStep:
         x_in, b_enc = self._encoder_input_and_bias(x_s)
         # addmm keeps the whole product in the autocast dtype (x @ W + b would promote it back to float32)
