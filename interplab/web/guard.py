@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # only types: `interplab serve` imports this module before th
 
 MAX_URL = 16 * 1024
 """characters of path plus query string the app answers; longer URLs get 414 (no page needs more: a search
-text is at most 1,000 characters)"""
+text is at most `interplab.features.reader.MAX_QUERY` characters)"""
 MAX_REQUEST_HEAD = 1 << 20
 """bytes of request line plus headers the HTTP server reads (uvicorn's h11 default, 16 KiB, would cut a
 long URL off mid-send and reset the connection instead of answering it)"""
@@ -118,12 +118,15 @@ class HostOriginGuard:
             len(query) + 1 if query else 0
         )
         if length > MAX_URL:
+            # here, not at the top: `interplab serve` imports this module before the app (and SQLAlchemy)
+            from interplab.features.reader import MAX_QUERY
+
             await _refuse(
                 scope,
                 send,
                 414,
                 f"the URL has {length:,} characters; this app answers URLs of at most {MAX_URL:,} "
-                "(search texts are at most 1,000 characters)",
+                f"(search texts are at most {MAX_QUERY:,} characters)",
             )
             return
         method = scope["method"].upper()

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
+from interplab.features.reader import MAX_QUERY
 from interplab.web.guard import MAX_REQUEST_HEAD, MAX_URL
 from tests.web.test_guard import request
 
@@ -79,6 +80,7 @@ def test_long_urls_are_read_whole_and_answered_414(server_addr, route, size):
         assert status == 414, (route, size, status)
         assert f"{size:,} characters" in error_message(status, body)
         assert f"at most {MAX_URL:,}" in error_message(status, body)
+        assert f"search texts are at most {MAX_QUERY:,} characters" in error_message(status, body)
 
 
 def test_urls_up_to_the_bound_reach_the_routes(server_addr):
