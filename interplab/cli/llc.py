@@ -3,6 +3,7 @@ component), written to ``RUN_DIR/llc`` and drawn beside the induction scores of 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -148,6 +149,16 @@ def llc_command(
             + (" ..." if len(bad) > 12 else "")
             + f". Check the loss traces (RunLLC.trace_plot(step, component)); raise --draws (now {draws}) or "
             f"--burn-in (now {burn_in}), or lower --step-size (now {step_size:g})",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,
+        )
+    local = result.locality_summary()
+    if local:
+        tokens = seqs * result.data["seq_len"]
+        console.print(
+            f"{local}. Localise the chains: raise --nbeta (now {result.nbeta:.3g}; the loss is a mean over "
+            f"{tokens} tokens, whose n / log n is {tokens / math.log(tokens):.3g}) or --gamma (now {gamma:g})",
             style="yellow",
             markup=False,
             soft_wrap=True,

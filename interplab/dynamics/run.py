@@ -35,6 +35,7 @@ from interplab.dynamics.llc import (
     Component,
     LLCEstimate,
     SGLDConfig,
+    default_nbeta,
     estimate_llc,
     finite_or_none,
     head_component,
@@ -132,6 +133,9 @@ class RunLLC:
     """per component the rank-normalised split-R-hat of each step's chains (`mcmc.rhat`)"""
     ess_bulk: dict[str, tuple[float, ...]] = field(default_factory=dict)
     ess_tail: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    chance_loss: float = math.nan
+    """ln(d_vocab): the loss of a uniform guess over the model's vocabulary, the bound `not_local` checks the
+    sampled losses against (NaN in a report written before it was recorded)"""
 
     def _diag(self, kind: str, component: str, i: int) -> float:
         values = getattr(self, kind).get(component)
@@ -145,6 +149,44 @@ class RunLLC:
             for c in self.components
             if (r := self._diag("rhat", c, i)) >= mcmc.RHAT_THRESHOLD
         ]
+
+    @property
+    def nbeta(self) -> float:
+        """the nbeta every estimate used: the config's, else n / log n of the ``n_seqs`` sequences"""
+        return self.config.nbeta if self.config.nbeta is not None else default_nbeta(int(self.data["n_seqs"]))
+
+    def sampled_loss(self, component: str, i: int) -> float:
+        """The mean loss of the chains' draws for step index ``i``: L(w*) + LLC / nbeta."""
+        return self.init_loss[i] + self.llc[component][i] / self.nbeta
+
+    def not_local(self) -> list[tuple[int, str, float]]:
+        """``(step, component, sampled loss)`` of every estimate of a checkpoint better than `chance_loss` (a
+        uniform guess's) whose chains sampled a mean loss above it: they left the checkpoint's basin (too
+        small an nbeta or gamma to localise them), so the value describes far worse models than the
+        checkpoint. A checkpoint at or above chance (an untrained model) is not judged; nothing is when
+        `chance_loss` is unknown."""
+        if math.isnan(self.chance_loss):
+            return []
+        return [
+            (step, c, loss)
+            for i, step in enumerate(self.steps)
+            if self.init_loss[i] < self.chance_loss
+            for c in self.components
+            if (loss := self.sampled_loss(c, i)) > self.chance_loss
+        ]
+
+    def locality_summary(self) -> str:
+        """Empty when every estimate's chains stayed below `chance_loss`; else how many left, the worst."""
+        bad = self.not_local()
+        if not bad:
+            return ""
+        step, comp, worst = max(bad, key=lambda b: b[2])
+        total = len(self.steps) * len(self.components)
+        return (
+            f"the chains sampled a mean loss above ln(d_vocab) = {self.chance_loss:.3f} nats (a uniform "
+            f"guess's, below which the checkpoint is) for {len(bad)} of {total} estimates, worst {worst:.3f} at step {step} ({comp}): they "
+            f"left the checkpoint's basin, so those LLCs describe far worse models than the checkpoints"
+        )
 
     def table(self) -> list[dict[str, Any]]:
         rows = []
@@ -179,7 +221,9 @@ class RunLLC:
         if len(self.steps) > 1:
             a, b, rise, z = self.largest_rise()
             text += f"; largest rise between steps {a} and {b} (+{rise:.3g}, {z:.1f} SE)"
-        return text + "; " + self.mixing_summary()
+        text += "; " + self.mixing_summary()
+        local = self.locality_summary()
+        return text + ("; " + local if local else "")
 
     def mixing_summary(self) -> str:
         """Whether the chains mixed: how many estimates have R-hat above `mcmc.RHAT_THRESHOLD`, the worst."""
@@ -302,6 +346,7 @@ class RunLLC:
             "config": asdict(self.config),
             "data": dict(self.data),
             "skipped_checkpoints": list(self.skipped),
+            "chance_loss": finite_or_none(self.chance_loss),
         }
 
     @classmethod
@@ -331,6 +376,7 @@ class RunLLC:
             rhat=diag("rhat"),
             ess_bulk=diag("ess_bulk"),
             ess_tail=diag("ess_tail"),
+            chance_loss=nan if data.get("chance_loss") is None else float(data["chance_loss"]),
         )
 
     @classmethod
@@ -464,6 +510,7 @@ def llc_along_run(
         rhat={n: tuple(estimates[s][n].rhat for s in order) for n in names},
         ess_bulk={n: tuple(estimates[s][n].ess_bulk for s in order) for n in names},
         ess_tail={n: tuple(estimates[s][n].ess_tail for s in order) for n in names},
+        chance_loss=math.log(first.cfg.d_vocab),
     )
 
 

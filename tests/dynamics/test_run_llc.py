@@ -3,11 +3,13 @@ on each checkpoint by hand, resumed without resampling, joined to the formation 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 from typer.testing import CliRunner
 
 from interplab import runs
@@ -204,3 +206,43 @@ def test_llc_command_prints_the_diagnostics_and_which_estimates_did_not_mix(run_
     assert "not mixed" in said and "--draws (now 6)" in said and "step 0 all" in said
     report = runs.read_json(run_dir / runs.LLC / runs.REPORT, runs.Kind.LLC)
     assert len(report["rhat"]["all"]) == 2 and all(r is None or r > 0 for r in report["rhat"]["all"])
+
+
+def test_estimates_whose_chains_left_the_basin_are_named():
+    """The chains' mean loss L(w*) + LLC / nbeta above ln(d_vocab) (a uniform guess's) flags an estimate of a
+    checkpoint that is better than chance; one at chance is not judged; an old report (no bound) judges none."""
+    curve = RunLLC(
+        run_dir="run",
+        steps=(0, 10, 20),
+        components=("all", "L0H0"),
+        llc={"all": (5.0, 50.0, 0.1), "L0H0": (1.0, 2.0, 0.1)},
+        se={"all": (0.1,) * 3, "L0H0": (0.1,) * 3},
+        init_loss=(2.0, 2.0, 7.0),
+        config=SGLDConfig(nbeta=10.0),
+        data={"n_seqs": 8, "seq_len": 4},
+        chance_loss=math.log(1024),
+    )
+    assert [(s, c) for s, c, _ in curve.not_local()] == [(10, "all")]
+    assert_close(curve.not_local()[0][2], 7.0)  # 2 + 50 / 10 > 6.93; step 20 starts above chance
+    assert "for 1 of 6 estimates, worst 7.000 at step 10 (all)" in curve.summary()
+    back = RunLLC.from_dict(json.loads(json.dumps(curve.to_dict())))
+    assert back.not_local() == curve.not_local()
+    old = curve.to_dict()
+    del old["chance_loss"]
+    assert RunLLC.from_dict(old).not_local() == [] and "basin" not in RunLLC.from_dict(old).summary()
+    default = dataclasses.replace(curve, config=SGLDConfig())  # nbeta None: n / log n of the 8 sequences
+    assert_close(default.nbeta, 8 / math.log(8))
+    assert_close(default.sampled_loss("all", 1), 2.0 + 50.0 * math.log(8) / 8)
+
+
+def test_llc_command_says_when_the_chains_left_the_basin(run_dir):
+    out = CliRunner().invoke(
+        app, ["llc", str(run_dir), *ARGS, "--steps", "6", "--nbeta", "0.001", "--step-size", "0.01"]
+    )
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.stdout.split())
+    assert "left the checkpoint's basin" in said and "raise --nbeta (now 0.001;" in said
+    assert "the loss is a mean over 64 tokens" in said and "--gamma (now 100)" in said
+    report = runs.read_json(run_dir / runs.LLC / runs.REPORT, runs.Kind.LLC)
+    d_vocab = load_native(runs.TrainRun.open(run_dir).checkpoints()[-1].path).cfg.d_vocab
+    assert_close(report["chance_loss"], math.log(d_vocab))
