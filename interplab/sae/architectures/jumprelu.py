@@ -75,6 +75,12 @@ class JumpReLUSAE(SAE):
     def latent_reset_values(self) -> dict[str, float]:
         return {"b_enc": 0.0, "threshold": self.cfg.jumprelu_init_threshold}
 
+    def pre_acts(self, x: Tensor) -> Tensor:
+        # ``x @ W + b`` as the training forward computes it (the base class's addmm rounds differently at
+        # d_in >= 512), which also keeps the bias add in float32 under bf16 autocast as training does
+        x_in = self._center(x)
+        return x_in @ self.W_enc.to(x_in.dtype) + self.b_enc.to(x_in.dtype)
+
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu() * (pre > self.threshold.to(pre.dtype)).to(pre.dtype)
 
@@ -87,7 +93,7 @@ class JumpReLUSAE(SAE):
         with torch.no_grad():  # projected on the data, not clamped in the graph (see the module docstring)
             self.threshold.clamp_(min=0.0)
         x_in = self._sub_b_dec(x_s)
-        pre = torch.addmm(self.b_enc, x_in, self.W_enc).float()  # as `pre_acts` computes it, to the bit
+        pre = (x_in @ self.W_enc + self.b_enc).float()
         t = self.threshold.float()
         acts = _JumpReLU.apply(pre, t, self.cfg.jumprelu_bandwidth)
         recon = (acts @ self.W_dec + self.b_dec).float()
