@@ -74,6 +74,10 @@ LAZY: dict[tuple[str, str], str] = {
         "features/schema.py",
         "interplab.features.packed",
     ): "the migration to schema 4 converts contexts with packed, which is built on the tables defined here",
+    (
+        "web/guard.py",
+        "interplab.features.reader",
+    ): "the 414 message's MAX_QUERY: `interplab serve` imports the guard before the app, and reader loads SQLAlchemy",
 }
 # files whose every function may import the library lazily
 LAZY_FILES: dict[str, str] = {

@@ -3,7 +3,6 @@ component), written to ``RUN_DIR/llc`` and drawn beside the induction scores of 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
@@ -85,7 +84,7 @@ def llc_command(
     import warnings
 
     from interplab import runs
-    from interplab.dynamics.llc import LLCConvergenceWarning, SGLDConfig, SGLDDivergence
+    from interplab.dynamics.llc import LLCConvergenceWarning, SGLDConfig, SGLDDivergence, default_nbeta
     from interplab.dynamics.run import join_formation, llc_along_run
 
     folder = claim_out(out or run_dir / LLC, Kind.LLC)
@@ -158,7 +157,7 @@ def llc_command(
         tokens = seqs * result.data["seq_len"]
         console.print(
             f"{local}. Localise the chains: raise --nbeta (now {result.nbeta:.3g}; the loss is a mean over "
-            f"{tokens} tokens, whose n / log n is {tokens / math.log(tokens):.3g}) or --gamma (now {gamma:g})",
+            f"{tokens} tokens, whose n / log n is {default_nbeta(tokens):.3g}) or --gamma (now {gamma:g})",
             style="yellow",
             markup=False,
             soft_wrap=True,

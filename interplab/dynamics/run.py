@@ -184,8 +184,9 @@ class RunLLC:
         total = len(self.steps) * len(self.components)
         return (
             f"the chains sampled a mean loss above ln(d_vocab) = {self.chance_loss:.3f} nats (a uniform "
-            f"guess's, below which the checkpoint is) for {len(bad)} of {total} estimates, worst {worst:.3f} at step {step} ({comp}): they "
-            f"left the checkpoint's basin, so those LLCs describe far worse models than the checkpoints"
+            f"guess's, below which the checkpoint is) for {len(bad)} of {total} estimates, worst {worst:.3f} "
+            f"at step {step} ({comp}): they left the checkpoint's basin, so those LLCs describe far worse "
+            f"models than the checkpoints"
         )
 
     def table(self) -> list[dict[str, Any]]:
