@@ -12,17 +12,27 @@ per-layer block-diagonal scope and absolute damping:
 2. ``digits_mlp``: a 64-256-256-10 tanh MLP trained on 1,500 digits (two hidden layers, three blocks), 64
    queries: agreement and time (no retraining, so no LDS).
 
+3. ``logix`` (``--only logix``, LogIX 0.1.1 in its own venv, ``benchmarks/_logix_peer.py``): on the same
+   digits MLP, LoGra's rank-16 projected per-example gradients of all 1,500 training examples by interplab's
+   `factored_grads`, by LogIX's LoRA logging and by a naive loop (one backward pass per example, the exact
+   gradient projected with the same matrices), interleaved in rounds (LogIX's seconds measured inside its
+   process); feature agreement. Then K-FAC influence, raw (every weight, no biases, as LogIX logs) and in the
+   LoGra space, by LogIX and by interplab (``corrected=False``; EK-FAC beside it), same absolute damping:
+   agreement and LDS over ``--models`` MLPs retrained from the same initialisation on random halves.
+
 Times: interplab's fit + scores in this process; kronfluence's ``fit_all_factors`` + ``compute_pairwise_scores``
 measured inside its process (its import and start-up, reported apart, are excluded), both on one thread,
 interleaved in rounds; medians and the ratio.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py \\
         --kronfluence-python .peers/kronfluence/bin/python --out benchmarks/results/attribution_peers.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py --only logix   # 3. alone, merged
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -40,10 +50,20 @@ import torch.nn.functional as F  # noqa: E402
 from interplab.data_attribution import lds, methods  # noqa: E402
 from interplab.data_attribution.convex import _test_losses, digits, fit, hessian_of_mean_loss  # noqa: E402
 from interplab.data_attribution.evaluate import spearman  # noqa: E402
+from interplab.data_attribution.factored import factored_grads  # noqa: E402
+from interplab.data_attribution.kfac import EKFAC, ekfac_influence  # noqa: E402
 from interplab.data_attribution.params import param_group  # noqa: E402
 from interplab.data_attribution.per_example import per_example_grads  # noqa: E402
 from interplab.io import atomic_write_json  # noqa: E402
-from tests.kronfluence_peer import interplab_ekfac, mlp, run_kronfluence, to_interplab, write_problem  # noqa: E402
+from tests.kronfluence_peer import (  # noqa: E402
+    interplab_ekfac,
+    mlp,
+    per_example_ce,
+    run_kronfluence,
+    to_interplab,
+    write_problem,
+)
+from tests.logix_peer import logra_projector, run_logix, write_projection  # noqa: E402
 from tests.peers import peer_env  # noqa: E402
 
 
@@ -160,18 +180,128 @@ def _ce_one(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(model(x[None]), y[None])
 
 
-def digits_mlp(python: str, rounds: int) -> dict:
-    x, y, xt, yt = digits(1500, 64, 0)
+def _train_mlp(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Sequential:
+    """The 64-256-256-10 tanh MLP of the digits cases: seed-0 initialisation, 300 full-batch Adam steps (lr 3e-3)."""
     model = mlp([64, 256, 256, 10], "tanh", seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):
         opt.zero_grad()
         F.cross_entropy(model(x.float()), y).backward()
         opt.step()
+    return model
+
+
+def digits_mlp(python: str, rounds: int) -> dict:
+    x, y, xt, yt = digits(1500, 64, 0)
+    model = _train_mlp(x, y)
     rep, _, _ = compare(python, model, (x, y), (xt, yt), activation="tanh", damping=1e-3, rounds=rounds)
     with torch.no_grad():
         rep["train_accuracy"] = float((model(x.float()).argmax(-1) == y).double().mean())
     return rep
+
+
+def _naive_projected(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, proj) -> torch.Tensor:
+    """One backward pass per example over the linear weights and biases, each gradient projected as it comes."""
+    params = [dict(model.named_parameters())[n] for n in proj.param_names]
+    rows = []
+    for i in range(len(y)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+        rows.append(proj.project_grads({k: g[None] for k, g in zip(proj.param_names, grads, strict=True)}))
+    return torch.cat(rows)
+
+
+def _kfac(model, train, query, proj, *, corrected: bool, damping: float) -> torch.Tensor:
+    """interplab's (E)K-FAC influence ``[m, n]`` in ``proj``'s space: the fit, both feature passes, the scores."""
+    curv = EKFAC.fit(model, per_example_ce, train, proj, corrected=corrected, chunk_size=256)
+    feats = factored_grads(model, per_example_ce, train, proj, chunk_size=256)
+    q = factored_grads(model, per_example_ce, query, proj, chunk_size=256)
+    return ekfac_influence(curv, feats, q, damping=damping, relative_damping=False).double()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def logix_mlp(python: str, rounds: int, n_models: int, rank: int = 16, damping: float = 1e-3) -> dict:
+    """Section 3 (module docstring): LogIX beside interplab on the digits MLP."""
+    x, y, xt, yt = digits(1500, 64, 0)
+    x, xt = x.float(), xt.float()
+    model = _train_mlp(x, y)
+    w = time.perf_counter()
+    gen = torch.Generator().manual_seed(1)
+    subsets = torch.rand(n_models, len(y), generator=gen) < 0.5
+    rows = []
+    for s in subsets:
+        retrained = _train_mlp(x[s], y[s])
+        with torch.no_grad():
+            rows.append(F.cross_entropy(retrained(xt), yt, reduction="none"))
+    actual = torch.stack(rows).double()
+    retrain_s = time.perf_counter() - w
+    proj, mats = logra_projector(model, rank=rank, seed=0)
+    raw_proj, _ = logra_projector(model, rank=None)
+    env = peer_env()
+    timings: dict[str, list[dict]] = {"interplab": [], "naive_loop": [], "logix": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_problem(folder, model, (x, y), (xt, yt), activation="tanh", damping=damping, batch_size=256)
+        write_projection(folder, mats)
+        feats = {}
+        for _ in range(rounds):
+            for name, fn in (
+                ("interplab", lambda: factored_grads(model, per_example_ce, (x, y), proj, chunk_size=256)),
+                ("naive_loop", lambda: _naive_projected(model, x, y, proj)),
+            ):
+                w, c = time.perf_counter(), time.process_time()
+                feats[name] = fn()
+                timings[name].append({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c})
+            w = time.perf_counter()
+            raw, report = run_logix(python, folder, ["logra"], env=env)
+            timings["logix"].append(
+                {**report["logra"]["rounds"][0], "process_wall_s": time.perf_counter() - w}
+            )
+            feats["logix"] = raw["logra"]
+        w = time.perf_counter()
+        raw, report = run_logix(python, folder, ["logra_influence", "influence"], env=env)
+        logix_influence_process_s = time.perf_counter() - w
+    speed = {
+        k: {"wall_s": _median(v, "wall_s"), "cpu_s": _median(v, "cpu_s"), "rounds": v}
+        for k, v in timings.items()
+    }
+    out: dict = {
+        "logix_version": report["version"],
+        "n_train": len(y),
+        "n_query": len(yt),
+        "rank": rank,
+        "projected_dim": proj.dim,
+        "damping": damping,
+        "n_models": n_models,
+        "retrain_s": retrain_s,
+        "features": {
+            **speed,
+            "max_rel_diff_logix_vs_interplab": _rel(feats["logix"], feats["interplab"]),
+            "max_rel_diff_naive_vs_interplab": _rel(feats["naive_loop"], feats["interplab"]),
+            "interplab_speedup_vs_naive_cpu": speed["naive_loop"]["cpu_s"] / speed["interplab"]["cpu_s"],
+            "interplab_speedup_vs_logix_cpu": speed["logix"]["cpu_s"] / speed["interplab"]["cpu_s"],
+            "interplab_speedup_vs_logix_wall": speed["logix"]["wall_s"] / speed["interplab"]["wall_s"],
+        },
+        "influence": {"logix_process_wall_s": logix_influence_process_s},
+    }
+    n = len(y)
+    for space, p, job in (("raw", raw_proj, "influence"), ("logra", proj, "logra_influence")):
+        theirs = to_interplab(raw[job], n)
+        row: dict = {"logix": {**report[job], "lds": float(lds(theirs, subsets, actual).mean())}}
+        for name, corrected in (("interplab_kfac", False), ("interplab_ekfac", True)):
+            w, c = time.perf_counter(), time.process_time()
+            ours = _kfac(model, (x, y), (xt, yt), p, corrected=corrected, damping=damping)
+            row[name] = {
+                "wall_s": time.perf_counter() - w,
+                "cpu_s": time.process_time() - c,
+                "lds": float(lds(ours, subsets, actual).mean()),
+                "agreement_with_logix": agreement(ours, theirs),
+            }
+        row["interplab_kfac_speedup_vs_logix_cpu"] = row["logix"]["cpu_s"] / row["interplab_kfac"]["cpu_s"]
+        out["influence"][space] = row
+    return out
 
 
 def main() -> None:
@@ -180,27 +310,41 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", type=int, default=50)
     ap.add_argument("--kronfluence-python", default=str(ROOT / ".peers" / "kronfluence" / "bin" / "python"))
+    ap.add_argument("--logix-python", default=str(ROOT / ".peers" / "logix" / "bin" / "python"))
+    ap.add_argument(
+        "--only",
+        choices=("kronfluence", "logix"),
+        help="run that peer's sections alone and merge them into --out (default: both)",
+    )
     args = ap.parse_args()
-    if not Path(args.kronfluence_python).exists():
-        raise SystemExit(
-            f"--kronfluence-python {args.kronfluence_python} does not exist: run `bash scripts/peers.sh kronfluence`"
-        )
+    parts = [args.only] if args.only else ["kronfluence", "logix"]
+    for part in parts:
+        python = getattr(args, f"{part}_python")
+        if not Path(python).exists():
+            raise SystemExit(f"--{part}-python {python} does not exist: run `bash scripts/peers.sh {part}`")
     torch.set_num_threads(1)
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if args.only and out.exists() else {}
     start = time.perf_counter()
-    report = {
-        "machine": {
-            "threads": 1,
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "load_avg_at_start": os.getloadavg(),
-        },
-        "digits_softmax": digits_softmax(args.kronfluence_python, args.rounds, args.models),
-        "digits_mlp": digits_mlp(args.kronfluence_python, args.rounds),
+    machine = {
+        "threads": 1,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(),
     }
-    report["machine"]["load_avg_at_end"] = os.getloadavg()
-    report["seconds_total"] = time.perf_counter() - start
-    atomic_write_json(args.out, report)
-    print(Path(args.out).read_text())
+    if "kronfluence" in parts:
+        report["machine"] = machine
+        report["digits_softmax"] = digits_softmax(args.kronfluence_python, args.rounds, args.models)
+        report["digits_mlp"] = digits_mlp(args.kronfluence_python, args.rounds)
+        report["machine"]["load_avg_at_end"] = os.getloadavg()
+        report["seconds_total"] = time.perf_counter() - start
+    if "logix" in parts:
+        t = time.perf_counter()
+        report["logix_digits_mlp"] = logix_mlp(args.logix_python, args.rounds, args.models)
+        report["logix_digits_mlp"]["machine"] = machine | {"load_avg_at_end": os.getloadavg()}
+        report["logix_digits_mlp"]["seconds_total"] = time.perf_counter() - t
+    atomic_write_json(out, report)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from tests.peers import run_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "benchmarks" / "_logix_peer.py"
+JOBS = ("logra", "logra_influence", "influence")  # what the runner can do
 
 
 def logra_projector(
@@ -68,12 +69,12 @@ def write_projection(folder: Path, mats: dict[str, Tensor]) -> None:
 def run_logix(
     python: str, folder: Path, jobs: list[str], *, env: dict[str, str] | None = None, timeout: float = 1800
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Run the peer on ``folder`` (`write_problem`, and `write_projection` for ``"logra"``) for ``jobs`` (of
-    ``"logra"``, ``"influence"``): its tensors and its report (version, seconds). A failed run raises
+    """Run the peer on ``folder`` (`write_problem`, and `write_projection` for the ``"logra"`` jobs) for ``jobs``
+    (of `JOBS`): its tensors and its report (version, seconds). A failed run raises
     RuntimeError with the peer's stderr."""
-    unknown = sorted(set(jobs) - {"logra", "influence"})
+    unknown = sorted(set(jobs) - set(JOBS))
     if unknown or not jobs:
-        raise ValueError(f"jobs must be a non-empty list of 'logra' and 'influence', got {jobs}")
+        raise ValueError(f"jobs must be a non-empty list of {', '.join(map(repr, JOBS))}, got {jobs}")
     atomic_write_json(folder / "logix.json", {"jobs": jobs})
     report = run_runner(python, RUNNER, folder, name="LogIX", env=env, timeout=timeout)
     return load_tensors(folder / "logix_out.safetensors"), report
