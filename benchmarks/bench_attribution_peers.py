@@ -20,6 +20,13 @@ per-layer block-diagonal scope and absolute damping:
    LoGra space, by LogIX and by interplab (``corrected=False``; EK-FAC beside it), same absolute damping:
    agreement and LDS over ``--models`` MLPs retrained from the same initialisation on random halves.
 
+4. ``bergson`` (``--only bergson``, bergson 2.5.1 in its own venv, ``benchmarks/_bergson_peer.py``): on the same
+   MLP, bergson's projected per-example gradients (``GradientProcessor(projection_dim=16)``, its own Gaussian
+   matrices, which its runner hands back so interplab's `factored_grads` projects with the same ones; no
+   biases) by its ``InMemoryCollector`` and by interplab, interleaved rounds; then its dense per-layer
+   preconditioned influence (``DensePreconditioner``, absolute damping) beside interplab's `methods.influence`
+   block by block on the same features: agreement, time and LDS over the same retrained MLPs.
+
 Times: interplab's fit + scores in this process; kronfluence's ``fit_all_factors`` + ``compute_pairwise_scores``
 measured inside its process (its import and start-up, reported apart, are excluded), both on one thread,
 interleaved in rounds; medians and the ratio.
@@ -27,11 +34,13 @@ interleaved in rounds; medians and the ratio.
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py \\
         --kronfluence-python .peers/kronfluence/bin/python --out benchmarks/results/attribution_peers.json
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py --only logix   # 3. alone, merged
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py --only bergson # 4. alone, merged
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -55,6 +64,7 @@ from interplab.data_attribution.kfac import EKFAC, ekfac_influence  # noqa: E402
 from interplab.data_attribution.params import param_group  # noqa: E402
 from interplab.data_attribution.per_example import per_example_grads  # noqa: E402
 from interplab.io import atomic_write_json  # noqa: E402
+from tests.bergson_peer import bergson_projector, blockwise_influence, run_bergson  # noqa: E402
 from tests.kronfluence_peer import (  # noqa: E402
     interplab_ekfac,
     mlp,
@@ -222,8 +232,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-def logix_mlp(python: str, rounds: int, n_models: int, rank: int = 16, damping: float = 1e-3) -> dict:
-    """Section 3 (module docstring): LogIX beside interplab on the digits MLP."""
+@functools.cache
+def _mlp_lds_problem(n_models: int):
+    """The digits MLP of sections 3 and 4, and what its LDS needs: ``(x, y, xt, yt, model, subsets, actual,
+    retrain_s)``, ``actual`` the query losses of ``n_models`` MLPs retrained from the same initialisation on
+    random halves (generator seed 1)."""
     x, y, xt, yt = digits(1500, 64, 0)
     x, xt = x.float(), xt.float()
     model = _train_mlp(x, y)
@@ -235,8 +248,12 @@ def logix_mlp(python: str, rounds: int, n_models: int, rank: int = 16, damping: 
         retrained = _train_mlp(x[s], y[s])
         with torch.no_grad():
             rows.append(F.cross_entropy(retrained(xt), yt, reduction="none"))
-    actual = torch.stack(rows).double()
-    retrain_s = time.perf_counter() - w
+    return x, y, xt, yt, model, subsets, torch.stack(rows).double(), time.perf_counter() - w
+
+
+def logix_mlp(python: str, rounds: int, n_models: int, rank: int = 16, damping: float = 1e-3) -> dict:
+    """Section 3 (module docstring): LogIX beside interplab on the digits MLP."""
+    x, y, xt, yt, model, subsets, actual, retrain_s = _mlp_lds_problem(n_models)
     proj, mats = logra_projector(model, rank=rank, seed=0)
     raw_proj, _ = logra_projector(model, rank=None)
     env = peer_env()
@@ -304,6 +321,66 @@ def logix_mlp(python: str, rounds: int, n_models: int, rank: int = 16, damping: 
     return out
 
 
+def bergson_mlp(python: str, rounds: int, n_models: int, dim: int = 16, damping: float = 1e-3) -> dict:
+    """Section 4 (module docstring): bergson beside interplab on the digits MLP."""
+    x, y, xt, yt, model, subsets, actual, retrain_s = _mlp_lds_problem(n_models)
+    env = peer_env()
+    timings: dict[str, list[dict]] = {"interplab": [], "bergson": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_problem(folder, model, (x, y), (xt, yt), activation="tanh", damping=damping, batch_size=256)
+        got, report = run_bergson(python, folder, ["features", "influence"], projection_dim=dim, env=env)
+        proj = bergson_projector(model, got)
+        for r in range(rounds):
+            if r:  # the first call's features and times serve round 0
+                w = time.perf_counter()
+                got, report = run_bergson(python, folder, ["features"], projection_dim=dim, env=env)
+                timings["bergson"].append(
+                    {**report["features"]["rounds"][0], "process_wall_s": time.perf_counter() - w}
+                )
+            else:
+                timings["bergson"].append(report["features"]["rounds"][0])
+                theirs_influence, influence_report = got["influence"], report["influence"]
+            w, c = time.perf_counter(), time.process_time()
+            ours = factored_grads(model, per_example_ce, (x, y), proj, chunk_size=256)
+            timings["interplab"].append({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c})
+    speed = {
+        k: {"wall_s": _median(v, "wall_s"), "cpu_s": _median(v, "cpu_s"), "rounds": v}
+        for k, v in timings.items()
+    }
+    w, c = time.perf_counter(), time.process_time()
+    train = factored_grads(model, per_example_ce, (x, y), proj, chunk_size=256)
+    query = factored_grads(model, per_example_ce, (xt, yt), proj, chunk_size=256)
+    scores = blockwise_influence(train, query, proj.shapes, damping=damping)
+    ours_influence = {"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c}
+    theirs = -theirs_influence.double() / len(y)  # bergson's q^T (H + c I)^-1 g_i in interplab's sign
+    return {
+        "bergson_version": report["version"],
+        "n_train": len(y),
+        "n_query": len(yt),
+        "projection_dim": dim,
+        "projected_dim": proj.dim,
+        "damping": damping,
+        "n_models": n_models,
+        "retrain_s": retrain_s,
+        "features": {
+            **speed,
+            "max_rel_diff_bergson_vs_interplab": _rel(got["features"], ours),
+            "interplab_speedup_vs_bergson_cpu": speed["bergson"]["cpu_s"] / speed["interplab"]["cpu_s"],
+            "interplab_speedup_vs_bergson_wall": speed["bergson"]["wall_s"] / speed["interplab"]["wall_s"],
+        },
+        "influence_dense_per_layer": {
+            "bergson": {**influence_report, "lds": float(lds(theirs, subsets, actual).mean())},
+            "interplab": {**ours_influence, "lds": float(lds(scores, subsets, actual).mean())},
+            "agreement": agreement(scores, theirs),
+            "interplab_speedup_vs_bergson_cpu": influence_report["cpu_s"] / ours_influence["cpu_s"],
+        },
+    }
+
+
+PARTS = ("kronfluence", "logix", "bergson")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/attribution_peers.json")
@@ -311,13 +388,14 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=50)
     ap.add_argument("--kronfluence-python", default=str(ROOT / ".peers" / "kronfluence" / "bin" / "python"))
     ap.add_argument("--logix-python", default=str(ROOT / ".peers" / "logix" / "bin" / "python"))
+    ap.add_argument("--bergson-python", default=str(ROOT / ".peers" / "bergson" / "bin" / "python"))
     ap.add_argument(
         "--only",
-        choices=("kronfluence", "logix"),
-        help="run that peer's sections alone and merge them into --out (default: both)",
+        choices=PARTS,
+        help="run that peer's sections alone and merge them into --out (default: all)",
     )
     args = ap.parse_args()
-    parts = [args.only] if args.only else ["kronfluence", "logix"]
+    parts = [args.only] if args.only else list(PARTS)
     for part in parts:
         python = getattr(args, f"{part}_python")
         if not Path(python).exists():
@@ -343,6 +421,11 @@ def main() -> None:
         report["logix_digits_mlp"] = logix_mlp(args.logix_python, args.rounds, args.models)
         report["logix_digits_mlp"]["machine"] = machine | {"load_avg_at_end": os.getloadavg()}
         report["logix_digits_mlp"]["seconds_total"] = time.perf_counter() - t
+    if "bergson" in parts:
+        t = time.perf_counter()
+        report["bergson_digits_mlp"] = bergson_mlp(args.bergson_python, args.rounds, args.models)
+        report["bergson_digits_mlp"]["machine"] = machine | {"load_avg_at_end": os.getloadavg()}
+        report["bergson_digits_mlp"]["seconds_total"] = time.perf_counter() - t
     atomic_write_json(out, report)
     print(f"wrote {out}")
 

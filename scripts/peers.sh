@@ -19,7 +19,7 @@
 #   bash scripts/peers.sh saedashboard   # SAEDashboard 0.8.0 for benchmarks/bench_features.py; not in `all`
 #   bash scripts/peers.sh dattri       # dattri 0.3.0 for benchmarks/bench_attribution.py (about 1 minute); not in `all`
 #   bash scripts/peers.sh logix        # LogIX (logix-ai 0.1.1) for tests/logix_peer.py (about 1 minute, 1 GB); not in `all`
-#   bash scripts/peers.sh bergson      # bergson 2.5.1 (about 3 minutes, 1.6 GB); not in `all`
+#   bash scripts/peers.sh bergson      # bergson 2.5.1 for tests/bergson_peer.py (about 3 minutes, 1.6 GB); not in `all`
 # logix-ai 0.1.1 declares Requires-Python <3.11 but is pure Python; it goes in --no-deps with
 # --ignore-requires-python (PIP_IGNORE_REQUIRES_PYTHON) beside its four runtime dependencies.
 # bergson 2.5.1 goes in --no-deps with the dependencies its modules import: its declared torchvision (0.28.0)
@@ -136,14 +136,16 @@ if [ "$want" = saedashboard ]; then
      safetensors==0.4.5 dataclasses-json==0.6.7 eindex-callum==0.1.2 einops==0.8.2 jaxtyping==0.2.38
      matplotlib==3.11.2 rich==13.9.4 typer==0.12.5"
 fi
-echo "INTERPLAB_TL_PYTHON=$PWD/.peers/tl/bin/python"
-echo "INTERPLAB_SAELENS_PYTHON=$PWD/.peers/saelens/bin/python"
-echo "INTERPLAB_AUTOCIRCUIT_PYTHON=$PWD/.peers/autocircuit/bin/python"
-echo "INTERPLAB_CIRCUITTRACER_PYTHON=$PWD/.peers/circuittracer/bin/python"
-echo "INTERPLAB_KRONFLUENCE_PYTHON=$PWD/.peers/kronfluence/bin/python"
-echo "INTERPLAB_DEVINTERP_PYTHON=$PWD/.peers/devinterp/bin/python"
-echo "INTERPLAB_SAEBENCH_PYTHON=$PWD/.peers/saebench/bin/python"
-echo "SAEDashboard (benchmarks/bench_features.py --sd-python): $PWD/.peers/saedashboard/bin/python"
-echo "dattri (benchmarks/bench_attribution.py --dattri-python): $PWD/.peers/dattri/bin/python"
-echo "LogIX (tests/logix_peer.py): $PWD/.peers/logix/bin/python"
-echo "bergson: $PWD/.peers/bergson/bin/python"
+# the interpreters that are there (built now or before), each with what reads it
+say() { if [ -x "$PWD/.peers/$2/bin/python" ]; then echo "$1$PWD/.peers/$2/bin/python"; fi; }
+say INTERPLAB_TL_PYTHON= tl
+say INTERPLAB_SAELENS_PYTHON= saelens
+say INTERPLAB_AUTOCIRCUIT_PYTHON= autocircuit
+say INTERPLAB_CIRCUITTRACER_PYTHON= circuittracer
+say INTERPLAB_KRONFLUENCE_PYTHON= kronfluence
+say INTERPLAB_DEVINTERP_PYTHON= devinterp
+say INTERPLAB_SAEBENCH_PYTHON= saebench
+say "SAEDashboard (benchmarks/bench_features.py --sd-python): " saedashboard
+say "dattri (benchmarks/bench_attribution.py --dattri-python): " dattri
+say "LogIX (tests/logix_peer.py, INTERPLAB_LOGIX_PYTHON): " logix
+say "bergson (tests/bergson_peer.py, INTERPLAB_BERGSON_PYTHON): " bergson

@@ -32,9 +32,10 @@ PEERS = {
     "devinterp": ("INTERPLAB_DEVINTERP_PYTHON", "devinterp.slt.llc"),
     "kronfluence": ("INTERPLAB_KRONFLUENCE_PYTHON", "kronfluence.analyzer"),
     "logix": ("INTERPLAB_LOGIX_PYTHON", "logix"),
+    "bergson": ("INTERPLAB_BERGSON_PYTHON", "bergson.collector.in_memory_collector"),
 }
 # peers that `bash scripts/peers.sh` (CI's set) does not build: their tests skip even under INTERPLAB_REQUIRE_PEERS=1
-OPTIONAL = {"logix"}
+OPTIONAL = {"logix", "bergson"}
 
 
 @functools.cache
