@@ -33,8 +33,8 @@ interleaved in rounds; medians and the ratio.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py \\
         --kronfluence-python .peers/kronfluence/bin/python --out benchmarks/results/attribution_peers.json
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py --only logix   # 3. alone, merged
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py --only bergson # 4. alone, merged
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py --only logix --rounds 5 --models 100  # 3., merged
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attribution_peers.py --only bergson --rounds 5 --models 100  # 4., merged
 """
 
 from __future__ import annotations
