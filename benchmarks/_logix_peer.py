@@ -24,7 +24,9 @@ Runs in LogIX's own venv (no interplab import); nothing is pickled both ways.
   backward activations and the per-example gradients logged, then ``compute_influence(query, train, hessian=
   "kfac", damping=...)``. Writes ``influence`` ``[m, n]`` (LogIX's sign: ``g_q^T H^-1 g_i``) and its seconds.
 
-The loss is the summed cross-entropy, so a per-example gradient is that example's own. Prints one JSON line.
+Both influence jobs score the training log in chunks of `TGT_CHUNK` examples through the same public
+``compute_influence``. The loss is the summed cross-entropy, so a per-example gradient is that example's own.
+Prints one JSON line.
 """
 
 import importlib.metadata
