@@ -83,7 +83,7 @@ def lora_model(name):
 
 def influence(run, model, name):
     """K-FAC influence of the watched modules: covariances and gradients over the training set, the query's
-    gradients, the scores; (scores, seconds)."""
+    gradients, the scores; stores the scores as ``tensors[name]`` and their seconds as ``out[name]``."""
     run.setup({"forward": ["covariance"], "backward": ["covariance"], "grad": ["log"]})
     run.eval()  # the statistics still accumulate; the logs stay in memory (saving them held 24 GB raw)
     w, c = time.perf_counter(), time.process_time()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from interplab.data_attribution import methods
 from interplab.data_attribution.factored import FactoredProjector, linear_sites
 from interplab.io import atomic_write_json, load_tensors
 from tests.peers import run_runner
@@ -80,8 +81,6 @@ def blockwise_influence(
 ) -> Tensor:
     """interplab's influence ``[m, n]`` (`methods.influence`, sign ``-q^T (H + c I)^-1 g / n``) with one dense
     block per layer: ``H`` each layer's second moment ``F^T F / n`` of the projected training features."""
-    from interplab.data_attribution import methods
-
     n, out, start = train.shape[0], 0.0, 0
     for a, b in shapes:
         f, q = train[:, start : start + a * b].double(), query[:, start : start + a * b].double()

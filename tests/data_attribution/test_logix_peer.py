@@ -1,7 +1,8 @@
 """LogIX 0.1.1's LoGra per-example projected gradients equal interplab's `factored_grads` with the same
 projection matrices (LogIX's LoRA encoder ``A`` and decoder ``C``, handed over as files; biases left out as LogIX
-does), and its K-FAC influence equals interplab's, raw and in the LoGra space. Skips with the reason unless the peer is there (INTERPLAB_LOGIX_PYTHON or .peers/logix, built by
-``bash scripts/peers.sh logix``; not in CI's peer set, so it skips there too)."""
+does), and its K-FAC influence equals interplab's, raw and in the LoGra space. Skips with the reason unless the
+peer is there (INTERPLAB_LOGIX_PYTHON or .peers/logix, built by ``bash scripts/peers.sh logix``; not in CI's peer
+set, so it skips there too)."""
 
 from __future__ import annotations
 
