@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from interplab.data_attribution import methods
@@ -56,8 +55,7 @@ def bergson_projector(model: nn.Module, mats: dict[str, Tensor]) -> FactoredProj
     """interplab's projector over ``model``'s ``nn.Linear`` layers (in order) with the matrices bergson drew
     (``layer{i}.left``, ``layer{i}.right`` from `run_bergson`'s ``"features"`` job)."""
     sites = linear_sites(model)
-    proj = FactoredProjector(sites, dim_in=10**9, dim_out=10**9)
-    shapes = []
+    p_in, p_out = [], []
     for i, s in enumerate(sites):
         left, right = mats[f"layer{i}.left"].float(), mats[f"layer{i}.right"].float()
         if left.shape[1] != s.d_out or right.shape[1] != s.d_in:
@@ -65,15 +63,9 @@ def bergson_projector(model: nn.Module, mats: dict[str, Tensor]) -> FactoredProj
                 f"layer {i} is {s.d_out} x {s.d_in}, but bergson's matrices are {tuple(left.shape)} and "
                 f"{tuple(right.shape)}"
             )
-        rows = s.d_in_aug - s.d_in  # the bias coordinate, which bergson leaves out
-        proj.p_in[i] = (
-            torch.cat([right.T, right.new_zeros(rows, right.shape[0])]) if rows else right.T.contiguous()
-        )
-        proj.p_out[i] = left.T.contiguous()
-        shapes.append((left.shape[0], right.shape[0]))
-    proj.shapes = tuple(shapes)
-    proj.dim = sum(a * b for a, b in shapes)
-    return proj
+        p_in.append(right.T)  # d_in rows: the bias coordinate, which bergson leaves out, projects to zero
+        p_out.append(left.T)
+    return FactoredProjector.from_matrices(sites, p_in, p_out)
 
 
 def blockwise_influence(

@@ -41,10 +41,9 @@ def logra_projector(
     if rank is not None and rank <= 0:
         raise ValueError(f"rank must be a positive integer or None, got {rank}")
     sites = linear_sites(model)
-    proj = FactoredProjector(sites, dim_in=10**9, dim_out=10**9, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     mats: dict[str, Tensor] = {}
-    shapes = []
+    p_in, p_out = [], []
     for i, s in enumerate(sites):
         if rank is None:
             a, c = torch.eye(s.d_in), torch.eye(s.d_out)
@@ -53,13 +52,9 @@ def logra_projector(
             a = torch.randn(r, s.d_in, generator=gen) / math.sqrt(r)
             c = torch.randn(s.d_out, r, generator=gen) / math.sqrt(r)
         mats[f"layer{i}.A"], mats[f"layer{i}.C"] = a, c
-        rows = s.d_in_aug - s.d_in  # the bias coordinate, which LogIX leaves out
-        proj.p_in[i] = torch.cat([a.T, a.new_zeros(rows, a.shape[0])]) if rows else a.T.contiguous()
-        proj.p_out[i] = c
-        shapes.append((c.shape[1], a.shape[0]))
-    proj.shapes = tuple(shapes)
-    proj.dim = sum(a * b for a, b in shapes)
-    return proj, mats
+        p_in.append(a.T)  # d_in rows: the bias coordinate, which LogIX leaves out, projects to zero
+        p_out.append(c)
+    return FactoredProjector.from_matrices(sites, p_in, p_out), mats
 
 
 def write_projection(folder: Path, mats: dict[str, Tensor]) -> None:

@@ -490,13 +490,69 @@ class FactoredProjector:
         if dim_in <= 0 or dim_out <= 0:
             raise ValueError(f"projection sizes must be positive, got dim_in={dim_in}, dim_out={dim_out}")
         self.sites = tuple(sites)
-        self.seed = seed
+        #: the seed the Gaussians were drawn with; None for `from_matrices`
+        self.seed: int | None = seed
         gen = torch.Generator().manual_seed(seed)
-        self.p_in: list[Tensor | None] = []
-        self.p_out: list[Tensor | None] = []
+        p_in: list[Tensor | None] = []
+        p_out: list[Tensor | None] = []
         for s in self.sites:
-            self.p_in.append(_gaussian(s.d_in_aug, dim_in, gen))
-            self.p_out.append(_gaussian(s.d_out, dim_out, gen))
+            p_in.append(_gaussian(s.d_in_aug, dim_in, gen))
+            p_out.append(_gaussian(s.d_out, dim_out, gen))
+        self._set(p_in, p_out)
+
+    @classmethod
+    def from_matrices(
+        cls,
+        sites: Sequence[LinearSite],
+        p_in: Sequence[Tensor | None],
+        p_out: Sequence[Tensor | None],
+    ) -> FactoredProjector:
+        """A projector with given matrices instead of seeded Gaussians (another tool's projections, or a
+        structured one of your own): per site ``P_in [d_in(+1), k_in]`` and ``P_out [d_out, k_out]``, ``None``
+        for a side left unprojected. A ``P_in`` of only ``d_in`` rows at a site with a bias gets a zero bias
+        row: the bias's gradient is left out of the features (what LogIX and bergson do).
+
+        >>> lin = nn.Linear(3, 2)
+        >>> proj = FactoredProjector.from_matrices(linear_sites(lin), [torch.eye(3)[:, :1]], [None])
+        >>> proj.shapes, proj.dim
+        (((2, 1),), 2)
+        """
+        sites = tuple(sites)
+        if len(p_in) != len(sites) or len(p_out) != len(sites):
+            raise ValueError(
+                f"one P_in and one P_out per site: {len(sites)} site(s), got {len(p_in)} P_in and "
+                f"{len(p_out)} P_out"
+            )
+        ins: list[Tensor | None] = []
+        outs: list[Tensor | None] = []
+        for s, pi, po in zip(sites, p_in, p_out, strict=True):
+            if pi is not None:
+                rows = (s.d_in, s.d_in_aug)
+                if pi.ndim != 2 or pi.shape[0] not in rows:
+                    raise ValueError(
+                        f"P_in of site {s.name} must be [d_in, k_in] with d_in in {sorted(set(rows))} "
+                        f"(the input{' and its bias coordinate' if s.bias is not None else ''}), got "
+                        f"{tuple(pi.shape)}"
+                    )
+                pi = pi.detach().float()
+                if pi.shape[0] < s.d_in_aug:
+                    pi = torch.cat([pi, pi.new_zeros(s.d_in_aug - pi.shape[0], pi.shape[1])])
+                pi = pi.contiguous()
+            if po is not None:
+                if po.ndim != 2 or po.shape[0] != s.d_out:
+                    raise ValueError(
+                        f"P_out of site {s.name} must be [d_out={s.d_out}, k_out], got {tuple(po.shape)}"
+                    )
+                po = po.detach().float().contiguous()
+            ins.append(pi)
+            outs.append(po)
+        proj = cls.__new__(cls)
+        proj.sites, proj.seed = sites, None
+        proj._set(ins, outs)
+        return proj
+
+    def _set(self, p_in: list[Tensor | None], p_out: list[Tensor | None]) -> None:
+        self.p_in, self.p_out = p_in, p_out
         self.shapes = tuple(
             (s.d_out if po is None else po.shape[1], s.d_in_aug if pi is None else pi.shape[1])
             for s, pi, po in zip(self.sites, self.p_in, self.p_out, strict=True)

@@ -100,6 +100,50 @@ def test_factored_bad_input():
         factored_grads(lin, lambda m, x: m(x).sum(), torch.randn(4, 3), proj)
 
 
+def test_from_matrices_projects_with_the_given_matrices():
+    """A projector from given matrices equals the seeded one when handed its matrices, projects exact gradients
+    with them (weight and bias), leaves a ``None`` side unprojected, and a ``P_in`` without the bias row drops
+    the bias's gradient (a zero row, not a shifted one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+
+    def ce(m, xx, yy):
+        return F.cross_entropy(m(xx), yy, reduction="none")
+
+    sites = linear_sites(model)
+    seeded = FactoredProjector(sites, dim_in=2, dim_out=2, seed=4)
+    same = FactoredProjector.from_matrices(sites, seeded.p_in, seeded.p_out)
+    assert same.shapes == seeded.shapes and same.dim == seeded.dim and same.seed is None
+    torch.testing.assert_close(
+        factored_grads(model, ce, (x, y), same), factored_grads(model, ce, (x, y), seeded)
+    )
+    exact = {n: [] for n in ("0.weight", "0.bias", "2.weight", "2.bias")}
+    for i in range(6):
+        gs = torch.autograd.grad(ce(model, x[i : i + 1], y[i : i + 1]).sum(), list(model.parameters()))
+        for n, g in zip(exact, gs, strict=True):
+            exact[n].append(g)
+    grads = {n: torch.stack(v) for n, v in exact.items()}
+    a, c = torch.randn(5, 2), torch.randn(3, 2)
+    proj = FactoredProjector.from_matrices(sites, [a, None], [None, c])
+    assert proj.shapes == ((4, 2), (2, 5))
+    feats = factored_grads(model, ce, (x, y), proj)
+    first = grads["0.weight"] @ a  # the bias coordinate's row of P_in is zero: the bias gradient is left out
+    second = torch.einsum("nod,ok->nkd", torch.cat([grads["2.weight"], grads["2.bias"][..., None]], 2), c)
+    torch.testing.assert_close(
+        feats, torch.cat([first.flatten(1), second.flatten(1)], 1), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(feats, proj.project_grads(grads), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"one P_in and one P_out per site: 2 site\(s\), got 1 P_in"):
+        FactoredProjector.from_matrices(sites, [a], [None, c])
+    with pytest.raises(
+        ValueError, match=r"P_in of site 0 must be \[d_in, k_in\] with d_in in \[5, 6\].*\(4, 2\)"
+    ):
+        FactoredProjector.from_matrices(sites, [torch.randn(4, 2), None], [None, c])
+    with pytest.raises(ValueError, match=r"P_out of site 2 must be \[d_out=3, k_out\], got \(4, 2\)"):
+        FactoredProjector.from_matrices(sites, [a, None], [None, torch.randn(4, 2)])
+
+
 def _cartesian_regression():
     """MSE linear regression on every pair (x_i, r_j) with targets y = W x_i - r_j: the output gradient is r_j,
     independent of x, and E[r r^T] = I, so the Fisher is exactly A (x) I = the Hessian (K-FAC is exact)."""
