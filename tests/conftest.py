@@ -7,6 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# torch threads per test process: scripts/test.sh shares the cores out among its pytest-xdist workers
 torch.set_num_threads(int(os.environ.get("INTERPLAB_TEST_THREADS", "2")))
 
 # the shared fixtures beside the checkout (INTERPLAB_SHARED overrides it, e.g. for a git worktree elsewhere)

@@ -3,19 +3,11 @@ recording its SAE's run folder, with loss effects computed), served writable, an
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from interplab.features.loss_effects import compute_loss_effects
 from interplab.features.writer import FeatureWriter
-
-
-def copy_db(src: Path, dst: Path) -> Path:
-    a, b = sqlite3.connect(src), sqlite3.connect(dst)
-    a.backup(b)  # a consistent copy (the source may have WAL pages)
-    a.close()
-    b.close()
-    return dst
+from tests.web.conftest import copy_db
 
 
 def sweep_dbs(web_setup: dict, root: Path) -> tuple[Path, Path]:

@@ -141,8 +141,22 @@ def write_scrub_run(run: Path) -> None:
     runs.write_json(run / runs.CONFIG, runs.Kind.SCRUB, {"task": "parens", "n_examples": 4000, "n_seeds": 2})
 
 
+def copy_db(src: Path, dst: Path) -> Path:
+    """A consistent copy of the SQLite database ``src`` at ``dst`` (the source may have WAL pages)."""
+    import sqlite3
+
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    a.backup(b)
+    a.close()
+    b.close()
+    return dst
+
+
 @pytest.fixture(scope="session")
-def web_setup(tmp_path_factory) -> dict:
+def web_setup(tmp_path_factory):
+    """The shared tiny database, run folder and model. Tests only read them: the test files run in any order
+    and on several workers (scripts/test.sh), so a test that writes labels or rows works on its own copy
+    (`copy_db`, `writable_db`); the fixture's teardown fails if a test wrote to the database."""
     root = tmp_path_factory.mktemp("web")
     model = tiny_model()
     sae = planted_sae(model, 16)
@@ -155,21 +169,41 @@ def web_setup(tmp_path_factory) -> dict:
     build_feature_db(root / "tiny.db", model, sae, tokens, cfg)
     write_training_run(root / "runs" / "train-tiny", model)
     model.save(root / "runs" / "model")
-    return {"root": root, "db": root / "tiny.db", "model": model, "sae": sae, "runs": root / "runs"}
+    built = _contents(root / "tiny.db")
+    yield {"root": root, "db": root / "tiny.db", "model": model, "sae": sae, "runs": root / "runs"}
+    now = _contents(root / "tiny.db")
+    for rows in (
+        built,
+        now,
+    ):  # the app caches the map's coordinates (derived from the SAE, not written by users)
+        rows["meta"] = [r for r in rows.get("meta", []) if not r.startswith("('feature_map',")]
+    changed = {
+        t: sorted(set(rows) ^ set(built.get(t, []))) for t, rows in now.items() if built.get(t) != rows
+    }
+    assert not changed, (
+        f"a test wrote to the shared tiny database ({changed}): tests that write must work on a copy (the "
+        "`writable_db` fixture, `copy_db`), since other test files read it in any order"
+    )
+
+
+def _contents(db: Path) -> dict[str, list[tuple]]:
+    """Every table's rows, sorted (the SQL dump's statements grouped by table)."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"'))) for t in tables}
+    finally:
+        con.close()
 
 
 @pytest.fixture(scope="session")
 def hostile_db(web_setup) -> Path:
     """The tiny database with token strings that are HTML/JS syntax (every token id maps to one of them)."""
-    import sqlite3
-
     from interplab.features.writer import FeatureWriter
 
-    path = web_setup["root"] / "hostile.db"
-    src, dst = sqlite3.connect(web_setup["db"]), sqlite3.connect(path)
-    src.backup(dst)  # a consistent copy (the source may have WAL pages)
-    src.close()
-    dst.close()
+    path = copy_db(web_setup["db"], web_setup["root"] / "hostile.db")
     store = FeatureWriter(path)
     n = web_setup["model"].cfg.d_vocab
     # every token opens a comment and a script tag, then one more hostile piece
@@ -200,15 +234,23 @@ def on_postgres(request, db: Path, name: str) -> str:
     return url
 
 
+@pytest.fixture
+def writable_db(web_setup, tmp_path) -> Path:
+    """A copy of the tiny database, served under the same name (``tiny``), for a test that writes to it."""
+    return copy_db(web_setup["db"], tmp_path / "tiny.db")
+
+
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def backend_web_app(request, web_setup):
-    """`web_app` on each backend: the tiny database as served from SQLite, and a copy of it on PostgreSQL."""
+def backend_web_app(request, web_setup, tmp_path_factory):
+    """The app of `web_app` on each backend, over copies of the tiny database (its tests write labels): one on
+    SQLite, one on PostgreSQL."""
     from interplab.web.app import create_app
 
     if request.param == "sqlite":
-        return request.getfixturevalue("web_app")
-    url = on_postgres(request, web_setup["db"], "tiny")
-    return create_app([url], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+        db: Path | str = copy_db(web_setup["db"], tmp_path_factory.mktemp("backend") / "tiny.db")
+    else:
+        db = on_postgres(request, web_setup["db"], "tiny")
+    return create_app([db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
 
 
 def free_port() -> int:
@@ -244,6 +286,17 @@ def live_server(app, host: str = "127.0.0.1"):
 def server_addr(web_app):
     """The shared app on a real server over loopback: (host, port)."""
     with live_server(web_app) as addr:
+        yield addr
+
+
+@pytest.fixture
+def writable_server(web_setup, writable_db):
+    """`web_app`'s app over a copy of the tiny database (`writable_db`) on a real server over loopback, for a
+    test that writes to it: (host, port)."""
+    from interplab.web.app import create_app
+
+    app = create_app([writable_db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+    with live_server(app) as addr:
         yield addr
 
 

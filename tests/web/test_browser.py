@@ -107,7 +107,8 @@ def test_search_by_token_and_text(page, server, artifacts_dir):
     page.wait_for_url("**/feature/7")
 
 
-def test_edit_label_and_find_it_after_reload(page, server, artifacts_dir):
+def test_edit_label_and_find_it_after_reload(page, writable_server, artifacts_dir):
+    server = "http://{}:{}".format(*writable_server)
     page.goto(server + "/db/tiny/feature/9")
     page.fill("#label-input", "fires on token nine")
     page.click("#label-save")

@@ -87,7 +87,7 @@ def test_map_colours_by_explanation_cluster_named_by_top_words(web_setup, tmp_pa
     from interplab.features.scorers import ScorerError
     from interplab.features.writer import FeatureWriter
     from interplab.web import collections_page
-    from tests.web.collections_setup import copy_db
+    from tests.web.conftest import copy_db
 
     def missing(*a, **k):
         raise ScorerError("no sentence model")
@@ -215,7 +215,7 @@ def test_feature_page_shows_per_token_loss_effects(client, sweep):
 
 
 def test_search_by_embedding_similarity_of_explanations(web_setup, sweep, tmp_path):
-    from tests.web.collections_setup import copy_db
+    from tests.web.conftest import copy_db
 
     if not isinstance(sweep[1], Path):  # ~15 s of sentence embeddings; the labels it reads are plain selects
         pytest.skip("the embedding search runs on SQLite only: it reads labels as every backend does")

@@ -51,7 +51,7 @@ def themed_server(web_setup, tmp_path_factory):
     from interplab.features.scorers import ScorerError
     from interplab.features.writer import FeatureWriter
     from interplab.web import collections_page
-    from tests.web.collections_setup import copy_db
+    from tests.web.conftest import copy_db
     from tests.web.test_collections import THEMES
 
     def missing(*a, **k):

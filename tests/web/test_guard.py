@@ -92,10 +92,10 @@ def test_other_host_names_get_421_and_nothing_else(server_addr, host):
     assert label_of(server_addr, 1) != "rebound"
 
 
-def test_allowed_host_names_are_served(web_setup):
+def test_allowed_host_names_are_served(web_setup, writable_db):
     from interplab.web.app import create_app
 
-    app = create_app([web_setup["db"]], allowed_hosts=["lab.example", "Other.Example:8000"])
+    app = create_app([writable_db], allowed_hosts=["lab.example", "Other.Example:8000"])
     with live_server(app) as addr:
         assert request(addr, "GET", "/", host="lab.example:8000")[0] == 200
         assert request(addr, "GET", "/", host="other.example")[0] == 200
@@ -152,16 +152,16 @@ def test_cross_origin_state_changes_are_refused(server_addr, headers):
         {"Sec-Fetch-Site": "none"},
     ],
 )
-def test_same_origin_state_changes_are_accepted(server_addr, headers):
-    headers = {k: v.format(port=server_addr[1]) for k, v in headers.items()}
+def test_same_origin_state_changes_are_accepted(writable_server, headers):
+    headers = {k: v.format(port=writable_server[1]) for k, v in headers.items()}
     status, _, _ = request(
-        server_addr,
+        writable_server,
         "POST",
         "/api/db/tiny/feature/6/label",
         body={"explanation": "same origin"},
         headers=headers,
     )
-    assert status == 200 and label_of(server_addr, 6) == "same origin"
+    assert status == 200 and label_of(writable_server, 6) == "same origin"
 
 
 def test_head_is_answered_on_every_get_route(server_addr, web_app):

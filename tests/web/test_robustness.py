@@ -99,11 +99,12 @@ def test_search_text_is_literal(server_addr, q):
     assert status == 200, (q, body[:300])
 
 
-def test_like_wildcards_match_only_themselves(server_addr):
-    request(server_addr, "POST", "/api/db/tiny/feature/8/label", body={"explanation": "ax_b 100%"})
-    assert b"feature/8" in request(server_addr, "GET", "/db/tiny/search?q=x_b")[2]
-    assert b"feature/8" not in request(server_addr, "GET", "/db/tiny/search?q=a_x")[2]
-    assert b"feature/8" in request(server_addr, "GET", "/db/tiny/search?q=100%25")[2]
+def test_like_wildcards_match_only_themselves(writable_server):
+    addr = writable_server
+    request(addr, "POST", "/api/db/tiny/feature/8/label", body={"explanation": "ax_b 100%"})
+    assert b"feature/8" in request(addr, "GET", "/db/tiny/search?q=x_b")[2]
+    assert b"feature/8" not in request(addr, "GET", "/db/tiny/search?q=a_x")[2]
+    assert b"feature/8" in request(addr, "GET", "/db/tiny/search?q=100%25")[2]
 
 
 @pytest.mark.parametrize(
