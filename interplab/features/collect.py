@@ -101,15 +101,25 @@ def encode_batch(
         if with_grad:
             if "x" not in holder:
                 raise RuntimeError(f"the forward never reached the hook {hook!r}")
-            logp = torch.log_softmax(logits[:, :-1].float(), -1)
-            loss = -logp.gather(-1, tokens[:, 1:, None]).sum()
-            (grad,) = torch.autograd.grad(loss, holder["x"])
+            (grad,) = torch.autograd.grad(logits, holder["x"], grad_outputs=summed_ce_grad(logits, tokens))
     x = holder["x"].detach()
     with torch.no_grad():
         acts = sae.encode(x.to(sae.W_enc.dtype))
         if features is not None:
             acts = acts[..., features]
     return _Batch(acts, grad)
+
+
+def summed_ce_grad(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Tensor:
+    """The gradient of the summed next-token cross-entropy ``-sum_p log softmax(logits[:, p])[tokens[:, p+1]]``
+    with respect to ``logits``, written directly: ``softmax - one_hot(next token)``, zero at the last position
+    (no target). Equal to autograd's through log_softmax and gather to float32 rounding, in two passes over
+    ``[batch pos vocab]`` instead of the log-softmax forward, its backward and the gather's zero-filled one."""
+    with torch.no_grad():
+        g = torch.softmax(logits.float(), -1)
+        g[:, -1] = 0.0
+        g[:, :-1].scatter_add_(-1, tokens[:, 1:, None], g.new_full((*tokens[:, 1:].shape, 1), -1.0))
+    return g.to(logits.dtype)
 
 
 def collect_features(

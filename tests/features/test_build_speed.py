@@ -328,6 +328,9 @@ def _hard_batches(n_feat: int, seed: int):
 
 
 def test_streaming_state_equals_the_replaced_update_exactly(monkeypatch):
+    """Every statistic bit for bit, except the loss sums: the replaced update projected every token on every
+    feature (a dense product) and the new one only the firings (a sampled sparse product), so each dot
+    product rounds in another order (float32), to ~1e-7 relative."""
     n_feat = 13
     directions = torch.randn(n_feat, 6, generator=torch.Generator().manual_seed(9))
     for k, m, wl, wr in ((4, 3, 2, 1), (1, 1, 0, 0), (30, 40, 5, 5)):
@@ -348,7 +351,10 @@ def test_streaming_state_equals_the_replaced_update_exactly(monkeypatch):
         assert new.keys() == ref.keys()
         assert int(new["top_key"].ge(0).sum()) > 0 and int(new["cooc"].sum()) > 0
         for name in ref:
-            assert torch.equal(new[name], ref[name]), (name, k, m)
+            if name == "loss_sum":  # the projection at the firings sums each dot product in another order
+                torch.testing.assert_close(new[name], ref[name], rtol=1e-5, atol=1e-5, msg=(name, k, m))
+            else:
+                assert torch.equal(new[name], ref[name]), (name, k, m)
 
 
 def reference_encode_batch(model, sae, tokens, hook, features, with_grad):
@@ -390,6 +396,10 @@ def test_encode_batch_records_only_after_the_hook_and_equals_the_full_recording(
                 assert torch.is_grad_enabled() is grad_mode
             acts, grad = reference_encode_batch(model, sae, tokens, hook, features, with_grad)
             assert torch.equal(out.acts, acts)
-            assert (out.grad is None) is (grad is None) and (grad is None or torch.equal(out.grad, grad))
+            assert (out.grad is None) is (grad is None)
+            if (
+                grad is not None
+            ):  # softmax - one-hot directly, not through log_softmax: float32 rounding apart
+                torch.testing.assert_close(out.grad, grad, rtol=1e-5, atol=1e-6)
             assert not out.acts.requires_grad
     assert all(p.grad is None for p in model.parameters())  # nothing accumulated into the weights

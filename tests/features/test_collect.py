@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from interplab.features import FeatureBuildConfig, collect_features
-from interplab.features.collect import ablation_loss_effect, decoder_logit_effects, top_logits
+from interplab.features.collect import (
+    ablation_loss_effect,
+    decoder_logit_effects,
+    summed_ce_grad,
+    top_logits,
+)
 from interplab.features.stream import StreamingFeatureStats
 from tests.features.planted import HOOK, make_sae, planted_sae, tiny_model
 
@@ -146,3 +151,20 @@ def test_sae_width_mismatch_is_refused(model, tokens):
     bad = make_sae(32, 8, hook_name="blocks.5.hook_resid_pre")
     with pytest.raises(ValueError, match="1 layers"):
         collect_features(model, bad, tokens)
+
+
+def test_summed_ce_grad_is_the_gradient_of_the_summed_next_token_loss():
+    """softmax - one-hot equals autograd's gradient of the summed cross-entropy (in float64, the ground
+    truth), also with logits far apart (probabilities underflow) and in bfloat16 (returned in that dtype)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 30, (4, 9), generator=g)
+    for scale, dtype in ((1.0, torch.float32), (300.0, torch.float32), (1.0, torch.bfloat16)):
+        logits = (torch.randn(4, 9, 30, generator=g) * scale).to(dtype)
+        exact = logits.double().requires_grad_(True)
+        loss = -torch.log_softmax(exact[:, :-1], -1).gather(-1, tokens[:, 1:, None]).sum()
+        (want,) = torch.autograd.grad(loss, exact)
+        got = summed_ce_grad(logits, tokens)
+        assert got.dtype == dtype and got.shape == logits.shape
+        assert torch.equal(got[:, -1], torch.zeros_like(got[:, -1]))  # the last position has no target
+        tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(got.double(), want, **tol)
