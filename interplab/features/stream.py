@@ -237,14 +237,17 @@ class StreamingFeatureStats:
         upper.diagonal().add_(torch.from_numpy(np.bincount(f_idx, minlength=n)).to(upper.dtype))
         counts = np.bincount(t_idx, minlength=n_tok)
         start = np.cumsum(counts) - counts
+        # pair keys a * n + b in int32 where n * n fits (half the bytes of int64 to build and index with)
+        key_type = np.int32 if n * n < 2**31 else np.int64
+        ids_all = f_idx.astype(key_type)
         keys = []
         for size in np.unique(counts).tolist():
             if size < 2:
                 continue
             toks = np.flatnonzero(counts == size)
-            ids = f_idx[start[toks, None] + np.arange(size)]  # [tokens, size], ascending along a row
+            ids = ids_all[start[toks, None] + np.arange(size)]  # [tokens, size], ascending along a row
             a, b = _pairs(size)
-            keys.append((ids[:, a] * n + ids[:, b]).reshape(-1))
+            keys.append((ids[:, a] * key_type(n) + ids[:, b]).reshape(-1))
         if keys:
             pairs = torch.from_numpy(np.concatenate(keys))
             upper.view(-1).index_add_(0, pairs, torch.ones(len(pairs), dtype=upper.dtype))
