@@ -13,7 +13,6 @@ feature) ("bottom-k" sampling: a uniform sample without replacement of the featu
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -122,12 +121,6 @@ def _at_firings(grad: Tensor, directions: Tensor, t_idx: np.ndarray, f_t: Tensor
         return torch.sparse.sampled_addmm(mask, grad, directions.float().cpu().T, beta=0.0).values()
 
 
-@functools.lru_cache(maxsize=256)
-def _pairs(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The column pairs ``a < b`` of ``size`` columns (`numpy.triu_indices`, cached: a batch asks for ~100)."""
-    return np.triu_indices(size, 1)
-
-
 class StreamingFeatureStats:
     """Accumulates `FeatureStats` for ``d_sae`` features (optionally a range of them) over batches."""
 
@@ -227,30 +220,28 @@ class StreamingFeatureStats:
 
     def _cooccurrence(self, t_idx: np.ndarray, f_idx: np.ndarray, n_tok: int) -> None:
         """Count every pair of features firing on the same token (firings are grouped by token, features
-        ascending within a token), each unordered pair once: the tokens with the same number of firings ``l``
-        form one [tokens, l] matrix of feature ids, whose pairs are its columns ``a < b``. The diagonal is
-        each feature's firing count over the tokens counted (``cfg.cooc_max_tokens``)."""
+        ascending within a token), each unordered pair once (row < column), all of a batch's pairs in one
+        vectorised pass. The diagonal is each feature's firing count over the tokens counted
+        (``cfg.cooc_max_tokens``)."""
         upper = self._cooc_upper
         if len(t_idx) == 0 or upper is None:
             return
         n = len(self.features)
         upper.diagonal().add_(torch.from_numpy(np.bincount(f_idx, minlength=n)).to(upper.dtype))
+        # each firing pairs with the later firings of its token: the one at rank r of a token with c firings
+        # has c - 1 - r partners, the next ones in order (pair keys a * n + b in int32 where n * n fits)
         counts = np.bincount(t_idx, minlength=n_tok)
         start = np.cumsum(counts) - counts
-        # pair keys a * n + b in int32 where n * n fits (half the bytes of int64 to build and index with)
+        partners = (start + counts)[t_idx] - 1 - np.arange(len(t_idx))
+        total = int(partners.sum())
+        if total == 0:
+            return
+        first = np.repeat(np.arange(len(t_idx)), partners)
+        offset = np.arange(total) - np.repeat(np.cumsum(partners) - partners, partners) + 1
         key_type = np.int32 if n * n < 2**31 else np.int64
-        ids_all = f_idx.astype(key_type)
-        keys = []
-        for size in np.unique(counts).tolist():
-            if size < 2:
-                continue
-            toks = np.flatnonzero(counts == size)
-            ids = ids_all[start[toks, None] + np.arange(size)]  # [tokens, size], ascending along a row
-            a, b = _pairs(size)
-            keys.append((ids[:, a] * key_type(n) + ids[:, b]).reshape(-1))
-        if keys:
-            pairs = torch.from_numpy(np.concatenate(keys))
-            upper.view(-1).index_add_(0, pairs, torch.ones(len(pairs), dtype=upper.dtype))
+        ids = f_idx.astype(key_type)
+        pairs = torch.from_numpy(ids[first] * key_type(n) + ids[first + offset])
+        upper.view(-1).index_add_(0, pairs, torch.ones(total, dtype=upper.dtype))
 
     def _windows(
         self, dense: np.ndarray, feat: np.ndarray, local: np.ndarray, tokens: np.ndarray, p: int
