@@ -47,6 +47,23 @@ def test_progress_without_a_terminal_prints_periodic_lines():
     assert all(len(line) > 60 for line in lines[1:-1])  # never wrapped at the console width
 
 
+def test_an_update_before_the_job_starts_counts_from_its_creation():
+    """`interplab train` says "preparing data" before entering the display: that line showed the clock's
+    whole reading (the machine's uptime, "20.0 h elapsed") instead of the time since the job began."""
+    out, buf = _log_console()
+    clock = Clock()
+    clock.t = 72_000.0  # a monotonic clock reads the time since boot
+    bar = JobProgress("train", total=10, unit="steps", out=out, clock=clock)
+    clock.t += 3
+    bar.update(info="preparing data")
+    with bar:
+        clock.t += 12
+        bar(5, 10)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "[train] 3 s elapsed  preparing data"
+    assert lines[-1] == "[train] 5/10 steps (50%), done in 12 s  preparing data"
+
+
 def test_progress_lines_show_info_stages_and_unknown_totals():
     out, buf = _log_console()
     clock = Clock()

@@ -398,7 +398,8 @@ class JobProgress:
         self._stages: dict[str, dict[str, Any]] = {}
         self._stage = label
         self._bar: Any = None
-        self._start = self._last_line = 0.0
+        # the job's clock starts here (an update before `with` counts from here) and again on entering
+        self._start, self._last_line = self.clock(), 0.0
         self._printed = False
         self._new_stage(label, total)
 
