@@ -28,6 +28,7 @@ from interplab.cli.common import (
     out_folder,
     positive_float,
     positive_int,
+    print_command,
     seq_len_option,
     set_threads,
     split_option,
@@ -402,7 +403,16 @@ def _train(
         console.print(
             f"{name}: L0 {f.get('l0', 0):.1f}, FVU {f.get('fvu', 0):.4f}, dead {f.get('dead_fraction', 0):.1%}"
         )
-    console.print(f"SAEs in {out / SAES}/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL")
+    if model_path is not None:  # the command to evaluate them, as it runs: the same model and corpus
+        on = ["--corpus", corpus] if corpus != "python-stdlib" else []
+        print_command(f"SAEs in {out / SAES}/ ; next: ", "sae", "eval", out, "--model", model_path, *on)
+    else:
+        console.print(
+            f"SAEs in {out / SAES}/ ; next: {command_hint('sae', 'eval', out, '--model')} MODEL (the model the "
+            "cache was read from)",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("eval")
@@ -437,7 +447,7 @@ def evaluate(
         )
         reports = {}
         for name, sae in saes.items():
-            rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
+            rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter, targets=data.targets)
             rep.save(out / name)
             reports[name] = rep
             console.print(f"{name}: {rep!r}")
@@ -540,6 +550,7 @@ def bench(
             labellers={p: available[p] for p in wanted},
             extra=extra,
             cfg=cfg,
+            targets=data.targets,
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         fail(str(err).strip("'\""))

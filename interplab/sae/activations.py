@@ -218,6 +218,9 @@ class CorpusBatches:
     token_filter: TokenFilter
     source: dict[str, Any]
     """corpus, its content fingerprint, split, seq_len, batch_size, seed, n_batches"""
+    targets: list[tuple[Tensor, Tensor]] | None = None
+    """for a task, per batch its ``(targets, loss_mask)`` [batch pos]: the predictions its model is trained on,
+    where `evaluate_sae` measures the loss (None, a text corpus: every next token)"""
 
 
 TASK_PREFIX = "task:"
@@ -257,10 +260,12 @@ def task_token_batches(
         )
     total = max(1, TASK_TOKENS // (batch_size * task.seq_len)) if n_batches is None else n_batches
     base = (2 if split == "validation" else 1) * 1_000_000_007 + seed * 100_003
-    batches = [task.generate(batch_size, seed=(base + i) % 2**62).tokens for i in range(total)]
+    made = [task.generate(batch_size, seed=(base + i) % 2**62) for i in range(total)]
+    batches = [m.tokens for m in made]
     source = {"corpus": f"{TASK_PREFIX}{task.name}", "task": task.to_dict(), "split": split,
               "seq_len": task.seq_len, "batch_size": batch_size, "seed": seed, "n_batches": total}  # fmt: skip
-    return CorpusBatches(batches, TokenFilter(exclude_bos=True), source)
+    targets = [(m.targets, m.loss_mask) for m in made]
+    return CorpusBatches(batches, TokenFilter(exclude_bos=True), source, targets)
 
 
 def corpus_token_batches(

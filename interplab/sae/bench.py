@@ -434,10 +434,12 @@ def bench_sae(
     token_filter: TokenFilter = TokenFilter(),
     labellers: Mapping[str, Labeller] | None = None,
     cfg: BenchConfig = BenchConfig(),
+    targets: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Every metric of one SAE: the core metrics of `evaluate_sae` and, for each labeller ({property: [n]
-    token ids -> class labels, see `Labeller`}), sparse probing and absorption (`labelled_metrics`)."""
-    core = evaluate_sae(model, sae, token_batches, token_filter=token_filter)
+    """Every metric of one SAE: the core metrics of `evaluate_sae` (its losses at a task's ``targets`` where
+    given, `CorpusBatches.targets`) and, for each labeller ({property: [n] token ids -> class labels, see
+    `Labeller`}), sparse probing and absorption (`labelled_metrics`)."""
+    core = evaluate_sae(model, sae, token_batches, token_filter=token_filter, targets=targets)
     out = {m: float(getattr(core, m)) for m in CORE_METRICS}
     if labellers:
         x, acts, props = site_activations(model, sae, token_batches, token_filter, labellers, cfg.max_tokens)
@@ -578,6 +580,7 @@ def bench_saes(
     labellers: Mapping[str, Labeller] | None = None,
     extra: Mapping[str, ExtraMetric] | None = None,
     cfg: BenchConfig = BenchConfig(),
+    targets: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> BenchResult:
     """Bench every SAE of ``saes`` ({name: (group, SAE)}; SAEs of one group are reseeds of one
     configuration) and compute each group's reseed noise. ``extra`` plugs in more per-SAE metrics (e.g. the
@@ -585,7 +588,13 @@ def bench_saes(
     rows = []
     for name, (group, sae) in saes.items():
         metrics = bench_sae(
-            model, sae, token_batches, token_filter=token_filter, labellers=labellers, cfg=cfg
+            model,
+            sae,
+            token_batches,
+            token_filter=token_filter,
+            labellers=labellers,
+            cfg=cfg,
+            targets=targets,
         )
         for fn in (extra or {}).values():
             metrics.update({k: float(v) for k, v in fn(name, sae).items()})

@@ -4,12 +4,15 @@ a hook (cross-entropy loss recovered relative to zero- and mean-ablation, KL div
 
 CE loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 1 when the SAE is perfect, 0 when
 splicing it is as bad as ablating the site. Every position of the site is replaced (the SAE must handle BOS
-too); reconstruction and density statistics use the positions kept by the `TokenFilter`.
+too); reconstruction and density statistics use the positions kept by the `TokenFilter`. The losses are read
+at every next token of a text corpus, and for a task (``targets``: its targets and loss mask per batch) where
+its model is trained to predict: a task's other positions hold random inputs its model was never trained on
+(and modular addition's answer is not a next token at all), so a loss there says nothing about the task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +54,8 @@ class SAEEvalReport:
     dense_fraction: float
     density: Tensor = field(repr=False)
     """[d_sae] fraction of kept tokens on which each latent fired"""
+    loss_positions: str = "next_token"
+    """where the CE and KL were read: ``next_token`` (every next token) or ``task`` (the task's loss mask)"""
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "density"}
@@ -97,8 +102,11 @@ def evaluate_sae(
     *,
     token_filter: TokenFilter = TokenFilter(),
     dense_threshold: float = 0.1,
+    targets: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> SAEEvalReport:
-    """Evaluate ``sae`` at its hook(s) on ``model`` over ``token_batches`` ([batch, pos] token tensors)."""
+    """Evaluate ``sae`` at its hook(s) on ``model`` over ``token_batches`` ([batch, pos] token tensors).
+    ``targets``: per batch ``(targets, loss_mask)`` [batch pos] (a task's, `CorpusBatches.targets`): the losses
+    are read at the masked positions against those targets instead of at every next token."""
     hook_in = Site.parse(sae.cfg.hook_name).name if sae.cfg.hook_name else ""
     if not hook_in:
         raise ValueError("the SAE's cfg.hook_name is empty: set it to the site it was trained on")
@@ -107,8 +115,13 @@ def evaluate_sae(
         if h not in model.hook_points:
             model.hook_registry.resolve(h)
     acc = _Accumulator(sae.cfg.d_sae)
+    seen = 0
     for toks in token_batches:
         tokens = _as_batch(toks).to(sae.device)
+        if targets is not None and seen >= len(targets):
+            raise ValueError(f"more token batches than the {len(targets)} (targets, loss_mask) pairs")
+        read = None if targets is None else _task_targets(targets[seen], tokens)
+        seen += 1
         keep = token_filter.mask(tokens)
         _, cache = model.run_with_cache(tokens, names=list({hook_in, hook_out}))
         x, y = cache[hook_in], cache[hook_out]
@@ -129,9 +142,28 @@ def evaluate_sae(
             ),
         }
         acc.add(
-            tokens, logits, y[keep].flatten(1).float(), recon[keep].flatten(1).float(), out.feature_acts[keep]
+            tokens,
+            logits,
+            y[keep].flatten(1).float(),
+            recon[keep].flatten(1).float(),
+            out.feature_acts[keep],
+            read,
         )
-    return acc.report(hook_out, dense_threshold)
+    if targets is not None and seen != len(targets):
+        raise ValueError(f"{len(targets)} (targets, loss_mask) pairs for {seen} token batches")
+    return acc.report(hook_out, dense_threshold, "next_token" if targets is None else "task")
+
+
+def _task_targets(pair: tuple[Tensor, Tensor], tokens: Tensor) -> tuple[Tensor, Tensor]:
+    target, mask = (t.to(tokens.device) for t in pair)
+    if target.shape != tokens.shape or mask.shape != tokens.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"targets {tuple(target.shape)} and a bool loss mask {tuple(mask.shape)} {mask.dtype} must match the "
+            f"tokens {tuple(tokens.shape)}"
+        )
+    if not bool(mask.any()):
+        raise ValueError("a batch's loss mask selects no position")
+    return target, mask
 
 
 class _Accumulator:
@@ -147,14 +179,39 @@ class _Accumulator:
         self.cos = 0.0
         self.counts = torch.zeros(d_sae, dtype=torch.long)
 
-    def add(self, tokens: Tensor, logits: dict[str, Tensor], y: Tensor, recon: Tensor, acts: Tensor) -> None:
-        target = tokens[:, 1:].reshape(-1)
+    def add(
+        self,
+        tokens: Tensor,
+        logits: dict[str, Tensor],
+        y: Tensor,
+        recon: Tensor,
+        acts: Tensor,
+        read: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        if read is None:  # every next token
+
+            def rows(lg: Tensor) -> Tensor:
+                return lg[:, :-1].reshape(-1, lg.shape[-1])
+
+            target = tokens[:, 1:].reshape(-1)
+            width = next(iter(logits.values())).shape[-1]
+            if target.numel() and int(target.max()) >= width:
+                raise ValueError(
+                    f"the model predicts {width} classes but the tokens hold id {int(target.max())} as a next "
+                    "token: a task whose targets are not next tokens (modadd's answer); pass its targets and "
+                    "loss mask (targets=, `CorpusBatches.targets` of `corpus_token_batches('task:NAME')`)"
+                )
+        else:  # a task's targets where its loss mask is set
+            task_target, mask = read
+
+            def rows(lg: Tensor) -> Tensor:
+                return lg[mask]
+
+            target = task_target[mask]
         for key, lg in logits.items():
-            self.ce[key] += float(
-                F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]).float(), target, reduction="sum")
-            )
-        logp = logits["clean"][:, :-1].float().log_softmax(-1)
-        logq = logits["spliced"][:, :-1].float().log_softmax(-1)
+            self.ce[key] += float(F.cross_entropy(rows(lg).float(), target, reduction="sum"))
+        logp = rows(logits["clean"]).float().log_softmax(-1)
+        logq = rows(logits["spliced"]).float().log_softmax(-1)
         self.kl += float((logp.exp() * (logp - logq)).sum())
         self.n_pred += target.numel()
         self.n_tok += y.shape[0]
@@ -165,7 +222,7 @@ class _Accumulator:
         self.cos += float(F.cosine_similarity(recon, y, dim=-1).sum())
         self.counts += (acts != 0).sum(0).cpu()
 
-    def report(self, hook: str, dense_threshold: float) -> SAEEvalReport:
+    def report(self, hook: str, dense_threshold: float, loss_positions: str = "next_token") -> SAEEvalReport:
         if self.n_tok == 0:
             raise ValueError("no tokens were evaluated (empty corpus, or every position filtered out)")
         n, m = self.n_tok, self.n_pred
@@ -197,4 +254,5 @@ class _Accumulator:
             dead_fraction=float((density == 0).float().mean()),
             dense_fraction=float((density > dense_threshold).float().mean()),
             density=density,
+            loss_positions=loss_positions,
         )

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ from interplab.sae import create_sae
 from interplab.sae.activations import TokenFilter, corpus_token_batches, task_token_batches
 from interplab.sae.bench import BenchConfig, bench_sae, labelled_metrics, task_labellers
 from interplab.sae.config import Architecture, SAEConfig
+from interplab.sae.evaluate import evaluate_sae
 from interplab.tasks import get_task
 
 
@@ -205,3 +207,57 @@ def test_cli_bench_on_a_task(tmp_path):
         and "pads its examples" in bad.output
         and "induction, modadd, sorting" in bad.output
     )
+
+
+def test_task_losses_are_read_where_the_task_is_trained():
+    """On a task corpus the CE metrics are the task's loss (its targets at its loss mask), by hand: for modular
+    addition that is the answer at the `=` position, which is not a next token at all, so the next-token CE
+    (reading b from a and `=` from b) is a different number. Errors name the mismatch."""
+    task = get_task("modadd")
+    torch.manual_seed(0)
+    model = Transformer(task.model_config(d_model=32, n_layers=1, n_heads=2, d_mlp=64))
+    hook = "blocks.0.hook_resid_post"
+    sae = create_sae(SAEConfig(d_in=32, d_sae=16, architecture=Architecture.RELU, hook_name=hook))
+    data = corpus_token_batches(model, "task:modadd", split="validation", batch_size=8, n_batches=3)
+    assert data.targets is not None and len(data.targets) == 3
+    rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter, targets=data.targets)
+    assert rep.loss_positions == "task"
+    sums, n = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}, 0
+    with torch.no_grad():
+        for tokens, (target, mask) in zip(data.batches, data.targets, strict=True):
+            assert mask.sum() == len(tokens) and bool(mask[:, 2].all())  # one answer per example, at `=`
+            _, cache = model.run_with_cache(tokens, names=[hook])
+            recon = sae(cache[hook]).reconstruction
+            runs = {
+                "clean": model(tokens),
+                "spliced": model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, s, r=recon: r)]),
+                "zero": model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, s: torch.zeros_like(a))]),
+            }
+            for key, logits in runs.items():
+                sums[key] += float(F.cross_entropy(logits[mask], target[mask], reduction="sum"))
+            n += int(mask.sum())
+    assert_close(rep.ce_clean, sums["clean"] / n)
+    assert_close(rep.ce_spliced, sums["spliced"] / n)
+    assert_close(rep.ce_zero_ablation, sums["zero"] / n)
+    assert_close(rep.ce_loss_recovered, (sums["zero"] - sums["spliced"]) / (sums["zero"] - sums["clean"]))
+    with pytest.raises(ValueError, match="predicts 113 classes but the tokens hold id 113 as a next token"):
+        evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)  # `=` is no class
+    # induction: the next-token CE also reads the first copy, random tokens its model is never trained on
+    ind = get_task("induction")
+    model = Transformer(ind.model_config(d_model=32, n_layers=1, n_heads=2))
+    sae = create_sae(SAEConfig(d_in=32, d_sae=16, architecture=Architecture.RELU, hook_name=hook))
+    data = corpus_token_batches(model, "task:induction", split="validation", batch_size=4, n_batches=2)
+    task_rep = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter, targets=data.targets)
+    every = evaluate_sae(model, sae, data.batches, token_filter=data.token_filter)
+    assert every.loss_positions == "next_token" and abs(every.ce_clean - task_rep.ce_clean) > 1e-3
+    assert every.l0 == task_rep.l0 and every.fvu == task_rep.fvu  # reconstruction: the same positions
+    with torch.no_grad():
+        logits = torch.cat([model(t) for t in data.batches])
+    target, mask = (torch.cat(x) for x in zip(*data.targets, strict=True))
+    assert_close(task_rep.ce_clean, float(F.cross_entropy(logits[mask], target[mask])))
+    with pytest.raises(ValueError, match="2 \\(targets, loss_mask\\) pairs for 1 token batches"):
+        evaluate_sae(model, sae, data.batches[:1], targets=data.targets)
+    with pytest.raises(ValueError, match="more token batches than the 1"):
+        evaluate_sae(model, sae, data.batches, targets=data.targets[:1])
+    with pytest.raises(ValueError, match="must match the tokens"):
+        evaluate_sae(model, sae, data.batches[:1], targets=[(data.targets[0][0][:, :2], data.targets[0][1])])
