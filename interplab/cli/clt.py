@@ -384,7 +384,7 @@ def evaluate(
             data = corpus_token_batches(
                 model, corpus, split=split, seq_len=sl, batch_size=EVAL_BATCH_SEQS, n_batches=batches
             )
-            rep = evaluate_clt(model, clt, data.batches, token_filter=data.token_filter)
+            rep = evaluate_clt(model, clt, data.batches, token_filter=data.token_filter, targets=data.targets)
         except (ValueError, KeyError, FileNotFoundError) as err:
             fail(str(err).strip("'\""))
         rep.save(out / name if len(targets) > 1 else out)

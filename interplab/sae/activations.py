@@ -205,6 +205,36 @@ def _as_batch(tokens: Tensor) -> Tensor:
     return tokens.long()
 
 
+def loss_rows(
+    logits: Float[Tensor, "batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    read: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Float[Tensor, "n vocab"], Int[Tensor, " n"]]:
+    """The logit rows and targets where a model's loss is read: every next token (``read`` None, a text
+    corpus), or a task's ``(targets, loss_mask)`` [batch pos] (`CorpusBatches.targets`) at the masked positions,
+    where the task's model is trained. A next token that is no class of the model (modular addition's ``=``)
+    is an error naming the fix."""
+    if read is None:
+        target = tokens[:, 1:].reshape(-1)
+        width = logits.shape[-1]
+        if target.numel() and int(target.max()) >= width:
+            raise ValueError(
+                f"the model predicts {width} classes but the tokens hold id {int(target.max())} as a next "
+                "token: a task whose targets are not next tokens (modadd's answer); pass its targets and loss "
+                "mask (targets=, `CorpusBatches.targets` of `corpus_token_batches('task:NAME')`)"
+            )
+        return logits[:, :-1].reshape(-1, width), target
+    task_target, mask = (t.to(tokens.device) for t in read)
+    if task_target.shape != tokens.shape or mask.shape != tokens.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"targets {tuple(task_target.shape)} and a bool loss mask {tuple(mask.shape)} {mask.dtype} must "
+            f"match the tokens {tuple(tokens.shape)}"
+        )
+    if not bool(mask.any()):
+        raise ValueError("a batch's loss mask selects no position")
+    return logits[mask], task_target[mask]
+
+
 def _to(t: Tensor, device: torch.device | str | None) -> Tensor:
     return t if device is None else t.to(device, non_blocking=True)
 

@@ -75,6 +75,7 @@ from interplab.sae.activations import (
     TokenFilter,
     _as_batch,
     corpus_token_batches,
+    loss_rows,
 )
 from interplab.sae.clt import (
     CLTActivation,
@@ -763,8 +764,11 @@ def evaluate_clt(
     tokens: Tensor | Iterable[Tensor],
     *,
     token_filter: TokenFilter = TokenFilter(),
+    targets: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> CLTEval:
-    """Evaluate ``clt`` on ``model`` over ``tokens`` ([batch, pos], or an iterable of such batches).
+    """Evaluate ``clt`` on ``model`` over ``tokens`` ([batch, pos], or an iterable of such batches); the CE and
+    KL at every next token, or with ``targets`` (a task's, `CorpusBatches.targets`: per batch its targets and
+    loss mask) where the task is trained (`loss_rows`).
 
     Reconstruction statistics use the clean forward's ``hook_in``/``hook_out`` at the positions the
     ``token_filter`` keeps (BOS dropped by default); the replacement model (`replacement_logits`) replaces every
@@ -772,6 +776,8 @@ def evaluate_clt(
     clt.check_model(model)
     cfg = clt.cfg
     batches = [tokens] if isinstance(tokens, Tensor) else list(tokens)
+    if targets is not None and len(targets) != len(batches):
+        raise ValueError(f"{len(targets)} (targets, loss_mask) pairs for {len(batches)} token batches")
     L = cfg.n_layers
     sq_err = torch.zeros(L, dtype=torch.float64)
     sum_y = torch.zeros(L, cfg.d_model, dtype=torch.float64)
@@ -783,7 +789,7 @@ def evaluate_clt(
     ce_clean = ce_rep = kl = 0.0
     n_tok = n_pred = 0
     resid_hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(L)]
-    for toks in batches:
+    for i, toks in enumerate(batches):
         toks = _as_batch(toks).to(clt.device)
         keep = token_filter.mask(toks)
         logits, cache = model.run_with_cache(toks, names=[*cfg.hooks_in, *cfg.hooks_out, *resid_hooks])
@@ -801,9 +807,10 @@ def evaluate_clt(
         fired |= (out.acts != 0).any(0)
         n_tok += int(keep.sum())
         rep = replacement_logits(model, clt, toks)
-        target = toks[:, 1:].reshape(-1)
-        lp = logits[:, :-1].reshape(-1, logits.shape[-1]).double().log_softmax(-1)
-        lq = rep[:, :-1].reshape(-1, rep.shape[-1]).double().log_softmax(-1)
+        read = None if targets is None else targets[i]
+        clean_rows, target = loss_rows(logits, toks, read)
+        lp = clean_rows.double().log_softmax(-1)
+        lq = loss_rows(rep, toks, read)[0].double().log_softmax(-1)
         ce_clean += float(F.nll_loss(lp, target, reduction="sum"))
         ce_rep += float(F.nll_loss(lq, target, reduction="sum"))
         kl += float((lp.exp() * (lp - lq)).sum())

@@ -24,7 +24,7 @@ from torch import Tensor
 from interplab.hooks import Site
 from interplab.plots import save_figure
 from interplab.runs import REPORT, Kind, write_json
-from interplab.sae.activations import TokenFilter, _as_batch
+from interplab.sae.activations import TokenFilter, _as_batch, loss_rows
 from interplab.sae.base import SAE
 from interplab.sae.plots import density_histogram
 
@@ -120,7 +120,7 @@ def evaluate_sae(
         tokens = _as_batch(toks).to(sae.device)
         if targets is not None and seen >= len(targets):
             raise ValueError(f"more token batches than the {len(targets)} (targets, loss_mask) pairs")
-        read = None if targets is None else _task_targets(targets[seen], tokens)
+        read = None if targets is None else targets[seen]
         seen += 1
         keep = token_filter.mask(tokens)
         _, cache = model.run_with_cache(tokens, names=list({hook_in, hook_out}))
@@ -154,18 +154,6 @@ def evaluate_sae(
     return acc.report(hook_out, dense_threshold, "next_token" if targets is None else "task")
 
 
-def _task_targets(pair: tuple[Tensor, Tensor], tokens: Tensor) -> tuple[Tensor, Tensor]:
-    target, mask = (t.to(tokens.device) for t in pair)
-    if target.shape != tokens.shape or mask.shape != tokens.shape or mask.dtype != torch.bool:
-        raise ValueError(
-            f"targets {tuple(target.shape)} and a bool loss mask {tuple(mask.shape)} {mask.dtype} must match the "
-            f"tokens {tuple(tokens.shape)}"
-        )
-    if not bool(mask.any()):
-        raise ValueError("a batch's loss mask selects no position")
-    return target, mask
-
-
 class _Accumulator:
     def __init__(self, d_sae: int) -> None:
         self.ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0}
@@ -188,30 +176,12 @@ class _Accumulator:
         acts: Tensor,
         read: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        if read is None:  # every next token
-
-            def rows(lg: Tensor) -> Tensor:
-                return lg[:, :-1].reshape(-1, lg.shape[-1])
-
-            target = tokens[:, 1:].reshape(-1)
-            width = next(iter(logits.values())).shape[-1]
-            if target.numel() and int(target.max()) >= width:
-                raise ValueError(
-                    f"the model predicts {width} classes but the tokens hold id {int(target.max())} as a next "
-                    "token: a task whose targets are not next tokens (modadd's answer); pass its targets and "
-                    "loss mask (targets=, `CorpusBatches.targets` of `corpus_token_batches('task:NAME')`)"
-                )
-        else:  # a task's targets where its loss mask is set
-            task_target, mask = read
-
-            def rows(lg: Tensor) -> Tensor:
-                return lg[mask]
-
-            target = task_target[mask]
-        for key, lg in logits.items():
-            self.ce[key] += float(F.cross_entropy(rows(lg).float(), target, reduction="sum"))
-        logp = rows(logits["clean"]).float().log_softmax(-1)
-        logq = rows(logits["spliced"]).float().log_softmax(-1)
+        rows = {key: loss_rows(lg, tokens, read) for key, lg in logits.items()}
+        target = rows["clean"][1]
+        for key, (lg, _) in rows.items():
+            self.ce[key] += float(F.cross_entropy(lg.float(), target, reduction="sum"))
+        logp = rows["clean"][0].float().log_softmax(-1)
+        logq = rows["spliced"][0].float().log_softmax(-1)
         self.kl += float((logp.exp() * (logp - logq)).sum())
         self.n_pred += target.numel()
         self.n_tok += y.shape[0]

@@ -300,6 +300,28 @@ def test_eval_metrics_equal_hand_computations():
     assert rep.kl_div > 1e-3 and rep.ce_replaced != rep.ce_clean  # the replacement did change the model
 
 
+@torch.no_grad()
+def test_eval_on_a_task_reads_the_losses_where_the_task_is_trained():
+    """With a task's targets and loss mask the CE and KL are read at the masked positions only (by hand)."""
+    model = _tiny_model(1)
+    for block in model.blocks:
+        block.mlp.W_out.mul_(20)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=16, d_sae=24, activation="relu"), seed=3)
+    toks = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(5))
+    target = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[:, 6:9] = True
+    rep = evaluate_clt(model, clt, [toks], targets=[(target, mask)])
+    lp = model(toks)[mask].double().log_softmax(-1)
+    lq = replacement_logits(model, clt, toks)[mask].double().log_softmax(-1)
+    assert_close(rep.ce_clean, float(F.nll_loss(lp, target[mask])), rtol=1e-6, atol=1e-8)
+    assert_close(rep.ce_replaced, float(F.nll_loss(lq, target[mask])), rtol=1e-5, atol=1e-6)
+    assert_close(rep.kl_div, float((lp.exp() * (lp - lq)).sum(-1).mean()), rtol=1e-4, atol=1e-7)
+    assert rep.ce_clean != evaluate_clt(model, clt, [toks]).ce_clean
+    with pytest.raises(ValueError, match="2 \\(targets, loss_mask\\) pairs for 1 token batches"):
+        evaluate_clt(model, clt, [toks], targets=[(target, mask)] * 2)
+
+
 def test_eval_save_and_plot(tmp_path):
     model = _tiny_model()
     clt = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=16, d_sae=8, activation="topk", k=2))
