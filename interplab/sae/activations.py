@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interplab.data import build_token_store, open_corpus
@@ -205,25 +205,25 @@ def _as_batch(tokens: Tensor) -> Tensor:
     return tokens.long()
 
 
-def loss_rows(
-    logits: Float[Tensor, "batch pos vocab"],
-    tokens: Int[Tensor, "batch pos"],
-    read: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Float[Tensor, "n vocab"], Int[Tensor, " n"]]:
-    """The logit rows and targets where a model's loss is read: every next token (``read`` None, a text
-    corpus), or a task's ``(targets, loss_mask)`` [batch pos] (`CorpusBatches.targets`) at the masked positions,
-    where the task's model is trained. A next token that is no class of the model (modular addition's ``=``)
-    is an error naming the fix."""
+def loss_positions(
+    tokens: Int[Tensor, "batch pos"], read: tuple[Tensor, Tensor] | None = None, *, n_classes: int
+) -> tuple[Bool[Tensor, "batch pos"], Int[Tensor, " n"]]:
+    """Where a model's loss is read, and against what: ``(mask, targets)``, so that ``logits[mask]`` are the
+    rows to score against ``targets``. Every next token (``read`` None, a text corpus: every position but the
+    last, against the token after it), or a task's ``(targets, loss_mask)`` [batch pos]
+    (`CorpusBatches.targets`) at the masked positions, where the task's model is trained. A next token that is
+    no class of the model (``n_classes``; modular addition's ``=``) is an error naming the fix."""
     if read is None:
         target = tokens[:, 1:].reshape(-1)
-        width = logits.shape[-1]
-        if target.numel() and int(target.max()) >= width:
+        if target.numel() and int(target.max()) >= n_classes:
             raise ValueError(
-                f"the model predicts {width} classes but the tokens hold id {int(target.max())} as a next "
+                f"the model predicts {n_classes} classes but the tokens hold id {int(target.max())} as a next "
                 "token: a task whose targets are not next tokens (modadd's answer); pass its targets and loss "
                 "mask (targets=, `CorpusBatches.targets` of `corpus_token_batches('task:NAME')`)"
             )
-        return logits[:, :-1].reshape(-1, width), target
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[:, -1] = False
+        return mask, target
     task_target, mask = (t.to(tokens.device) for t in read)
     if task_target.shape != tokens.shape or mask.shape != tokens.shape or mask.dtype != torch.bool:
         raise ValueError(
@@ -232,7 +232,7 @@ def loss_rows(
         )
     if not bool(mask.any()):
         raise ValueError("a batch's loss mask selects no position")
-    return logits[mask], task_target[mask]
+    return mask, task_target[mask]
 
 
 def _to(t: Tensor, device: torch.device | str | None) -> Tensor:

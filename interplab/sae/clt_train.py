@@ -75,7 +75,7 @@ from interplab.sae.activations import (
     TokenFilter,
     _as_batch,
     corpus_token_batches,
-    loss_rows,
+    loss_positions,
 )
 from interplab.sae.clt import (
     CLTActivation,
@@ -768,7 +768,7 @@ def evaluate_clt(
 ) -> CLTEval:
     """Evaluate ``clt`` on ``model`` over ``tokens`` ([batch, pos], or an iterable of such batches); the CE and
     KL at every next token, or with ``targets`` (a task's, `CorpusBatches.targets`: per batch its targets and
-    loss mask) where the task is trained (`loss_rows`).
+    loss mask) where the task is trained (`loss_positions`).
 
     Reconstruction statistics use the clean forward's ``hook_in``/``hook_out`` at the positions the
     ``token_filter`` keeps (BOS dropped by default); the replacement model (`replacement_logits`) replaces every
@@ -807,10 +807,11 @@ def evaluate_clt(
         fired |= (out.acts != 0).any(0)
         n_tok += int(keep.sum())
         rep = replacement_logits(model, clt, toks)
-        read = None if targets is None else targets[i]
-        clean_rows, target = loss_rows(logits, toks, read)
-        lp = clean_rows.double().log_softmax(-1)
-        lq = loss_rows(rep, toks, read)[0].double().log_softmax(-1)
+        mask, target = loss_positions(
+            toks, None if targets is None else targets[i], n_classes=logits.shape[-1]
+        )
+        lp = logits[mask].double().log_softmax(-1)
+        lq = rep[mask].double().log_softmax(-1)
         ce_clean += float(F.nll_loss(lp, target, reduction="sum"))
         ce_rep += float(F.nll_loss(lq, target, reduction="sum"))
         kl += float((lp.exp() * (lp - lq)).sum())

@@ -24,7 +24,7 @@ from torch import Tensor
 from interplab.hooks import Site
 from interplab.plots import save_figure
 from interplab.runs import REPORT, Kind, write_json
-from interplab.sae.activations import TokenFilter, _as_batch, loss_rows
+from interplab.sae.activations import TokenFilter, _as_batch, loss_positions
 from interplab.sae.base import SAE
 from interplab.sae.plots import density_histogram
 
@@ -176,12 +176,11 @@ class _Accumulator:
         acts: Tensor,
         read: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        rows = {key: loss_rows(lg, tokens, read) for key, lg in logits.items()}
-        target = rows["clean"][1]
-        for key, (lg, _) in rows.items():
-            self.ce[key] += float(F.cross_entropy(lg.float(), target, reduction="sum"))
-        logp = rows["clean"][0].float().log_softmax(-1)
-        logq = rows["spliced"][0].float().log_softmax(-1)
+        mask, target = loss_positions(tokens, read, n_classes=logits["clean"].shape[-1])
+        for key, lg in logits.items():
+            self.ce[key] += float(F.cross_entropy(lg[mask].float(), target, reduction="sum"))
+        logp = logits["clean"][mask].float().log_softmax(-1)
+        logq = logits["spliced"][mask].float().log_softmax(-1)
         self.kl += float((logp.exp() * (logp - logq)).sum())
         self.n_pred += target.numel()
         self.n_tok += y.shape[0]

@@ -172,11 +172,6 @@ def web_setup(tmp_path_factory):
     built = _contents(root / "tiny.db")
     yield {"root": root, "db": root / "tiny.db", "model": model, "sae": sae, "runs": root / "runs"}
     now = _contents(root / "tiny.db")
-    for rows in (
-        built,
-        now,
-    ):  # the app caches the map's coordinates (derived from the SAE, not written by users)
-        rows["meta"] = [r for r in rows.get("meta", []) if not r.startswith("('feature_map',")]
     changed = {
         t: sorted(set(rows) ^ set(built.get(t, []))) for t, rows in now.items() if built.get(t) != rows
     }
@@ -186,16 +181,20 @@ def web_setup(tmp_path_factory):
     )
 
 
-def _contents(db: Path) -> dict[str, list[tuple]]:
-    """Every table's rows, sorted (the SQL dump's statements grouped by table)."""
+def _contents(db: Path) -> dict[str, list[str]]:
+    """Every table's rows (their ``repr``), sorted; without the map's coordinates, which the app caches in
+    ``meta`` (derived from the SAE, not written by a user)."""
     import sqlite3
 
     con = sqlite3.connect(db)
     try:
         tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"'))) for t in tables}
+        rows = {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"'))) for t in tables}
     finally:
         con.close()
+    if "meta" in rows:
+        rows["meta"] = [r for r in rows["meta"] if not r.startswith("('feature_map',")]
+    return rows
 
 
 @pytest.fixture(scope="session")
@@ -215,13 +214,16 @@ def hostile_db(web_setup) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def web_app(web_setup):
+def setup_app(web_setup: dict, db: Path | str):
+    """The app over database ``db`` with `web_setup`'s runs, model and SAE."""
     from interplab.web.app import create_app
 
-    return create_app(
-        [web_setup["db"]], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"]
-    )
+    return create_app([db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+
+
+@pytest.fixture(scope="session")
+def web_app(web_setup):
+    return setup_app(web_setup, web_setup["db"])
 
 
 def on_postgres(request, db: Path, name: str) -> str:
@@ -244,13 +246,9 @@ def writable_db(web_setup, tmp_path) -> Path:
 def backend_web_app(request, web_setup, tmp_path_factory):
     """The app of `web_app` on each backend, over copies of the tiny database (its tests write labels): one on
     SQLite, one on PostgreSQL."""
-    from interplab.web.app import create_app
-
     if request.param == "sqlite":
-        db: Path | str = copy_db(web_setup["db"], tmp_path_factory.mktemp("backend") / "tiny.db")
-    else:
-        db = on_postgres(request, web_setup["db"], "tiny")
-    return create_app([db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
+        return setup_app(web_setup, copy_db(web_setup["db"], tmp_path_factory.mktemp("backend") / "tiny.db"))
+    return setup_app(web_setup, on_postgres(request, web_setup["db"], "tiny"))
 
 
 def free_port() -> int:
@@ -293,10 +291,7 @@ def server_addr(web_app):
 def writable_server(web_setup, writable_db):
     """`web_app`'s app over a copy of the tiny database (`writable_db`) on a real server over loopback, for a
     test that writes to it: (host, port)."""
-    from interplab.web.app import create_app
-
-    app = create_app([writable_db], runs=[web_setup["runs"]], model=web_setup["model"], sae=web_setup["sae"])
-    with live_server(app) as addr:
+    with live_server(setup_app(web_setup, writable_db)) as addr:
         yield addr
 
 
