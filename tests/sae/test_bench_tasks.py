@@ -4,6 +4,8 @@ variable (k = 1 probe accuracy 1) against the same labels shuffled (chance), a h
 a tiny case, and the CLI end to end on a planted model and SAE."""
 
 import json
+import math
+import shlex
 
 import pytest
 import torch
@@ -261,3 +263,26 @@ def test_task_losses_are_read_where_the_task_is_trained():
         evaluate_sae(model, sae, data.batches, targets=data.targets[:1])
     with pytest.raises(ValueError, match="must match the tokens"):
         evaluate_sae(model, sae, data.batches[:1], targets=[(data.targets[0][0][:, :2], data.targets[0][1])])
+
+
+def test_sae_train_prints_an_eval_command_that_runs_on_the_task(tmp_path):
+    """`sae train --model M --corpus task:modadd` prints its next command with that model and corpus (it printed
+    a MODEL placeholder), and that command runs as printed: `sae eval` reads modular addition's answers at the
+    `=` position (it stopped with an IndexError) and its report says so."""
+    task = get_task("modadd")
+    torch.manual_seed(0)
+    Transformer(task.model_config(d_model=32, n_layers=1, n_heads=2, d_mlp=64)).save(tmp_path / "model dir")
+    runner = CliRunner()
+    res = runner.invoke(app, ["sae", "train", "--model", str(tmp_path / "model dir"), "--corpus", "task:modadd",
+                              "--hook", "blocks.0.hook_resid_post", "--steps", "2", "--batch", "64",
+                              "--out", str(tmp_path / "run")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "next: " in x)
+    printed = shlex.split(line.split("next: ", 1)[1])
+    assert printed[1:] == ["sae", "eval", str(tmp_path / "run"), "--model", str(tmp_path / "model dir"),
+                           "--corpus", "task:modadd"]  # fmt: skip
+    res = runner.invoke(app, printed[1:])
+    assert res.exit_code == 0, res.output
+    (report,) = (tmp_path / "run" / "eval").glob("*/report.json")
+    doc = json.loads(report.read_text())
+    assert doc["loss_positions"] == "task" and math.isfinite(doc["ce_loss_recovered"])
