@@ -212,7 +212,12 @@ class StreamingFeatureStats:
     def cooc(self) -> Tensor | None:
         """How often each pair of features fired on the same token (symmetric; the diagonal: firing counts)."""
         u = self._cooc_upper
-        return None if u is None else u + u.triu(1).T
+        if u is None:
+            return None
+        full = u.T.contiguous()  # the lower triangle; contiguous first: adding a transposed view is 6x slower
+        full.add_(u)
+        full.diagonal().sub_(u.diagonal())  # counted twice above
+        return full
 
     @cooc.setter
     def cooc(self, full: Tensor | None) -> None:
